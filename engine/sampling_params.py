@@ -1,0 +1,69 @@
+"""Per-request sampling parameters, validated at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pdserve.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request.
+
+    ``temperature == 0`` means greedy. ``top_k <= 0`` disables top-k. ``seed`` makes sampling
+    deterministic: the token at output position ``i`` depends only on (seed, i, logits), never on
+    which other requests share the batch. ``logprobs=None`` returns none; ``logprobs=k`` returns
+    the sampled token's logprob and the ``k`` most likely alternatives.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    min_tokens: int = 0
+
+    MAX_LOGPROBS = 20
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise InvalidRequestError(msg)
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            bad(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad(f"top_k must be an integer >= 0 (0 or -1 disables it), got {self.top_k!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (0.0 <= self.min_p <= 1.0):
+            bad(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            bad(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.logprobs is not None and not (0 <= self.logprobs <= self.MAX_LOGPROBS):
+            bad(f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs!r}")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")
+        if any(not s for s in self.stop):
+            bad("stop strings must be non-empty")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def greedy_params(cls, max_tokens: int = 16, **kw: object) -> SamplingParams:
+        return cls(max_tokens=max_tokens, temperature=0.0, **kw)  # type: ignore[arg-type]

@@ -1,0 +1,110 @@
+"""The one error vocabulary of pdserve.
+
+Every component raises a :class:`PdserveError` subclass; each carries an :class:`ErrorCode`.
+Service edges map ``ErrorCode`` to a gRPC status (``pdserve.status.to_grpc_code``) and the
+client SDK maps statuses back to these classes, so a user sees the same typed exception
+whether the failure happened in-process or across the cluster.
+
+This module is pure: it imports nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.Enum):
+    """Failure classes, named after (and mapped 1:1 onto) gRPC status codes."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    ABORTED = "ABORTED"
+    INTERNAL = "INTERNAL"
+
+
+class PdserveError(Exception):
+    """Base class. ``message`` must tell the user what to change."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequestError(PdserveError, ValueError):
+    """The request itself is wrong (empty prompt, bad sampling value, too long...)."""
+
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class ModelNotFoundError(PdserveError, FileNotFoundError):
+    """The named model, model path or adapter does not exist."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class RequestNotFoundError(PdserveError, KeyError):
+    """An operation named a request id that is not (or no longer) known."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class ResourceExhaustedError(PdserveError):
+    """No capacity now; ``retry_after_s`` says when trying again is sensible."""
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class LayoutMismatchError(PdserveError):
+    """KV blocks were produced with a different layout (model, heads, dtype, block size)."""
+
+    code = ErrorCode.FAILED_PRECONDITION
+
+
+class UnavailableError(PdserveError):
+    """A peer (worker, store node, router) cannot be reached."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class DeadlineExceededError(PdserveError):
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class CancelledError(PdserveError):
+    code = ErrorCode.CANCELLED
+
+
+class InternalError(PdserveError):
+    code = ErrorCode.INTERNAL
+
+
+_BY_CODE: dict[ErrorCode, type[PdserveError]] = {
+    ErrorCode.INVALID_ARGUMENT: InvalidRequestError,
+    ErrorCode.NOT_FOUND: ModelNotFoundError,
+    ErrorCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    ErrorCode.FAILED_PRECONDITION: LayoutMismatchError,
+    ErrorCode.UNAVAILABLE: UnavailableError,
+    ErrorCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    ErrorCode.CANCELLED: CancelledError,
+    ErrorCode.ABORTED: InternalError,
+    ErrorCode.INTERNAL: InternalError,
+}
+
+
+def error_class_for(code: ErrorCode) -> type[PdserveError]:
+    """The exception class the client raises for a status carrying ``code``."""
+    return _BY_CODE[code]
