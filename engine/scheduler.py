@@ -263,7 +263,7 @@ class Scheduler:
                 continue
             tok = sampled[req.request_id]
             req.output_token_ids.append(tok)
-            reason = self._check_stop(req, tok)
+            reason = self.check_stop(req, tok)
             if req.prefill_only:
                 self.running.remove(req)
                 req.status = RequestStatus.PREFILLED
@@ -274,7 +274,7 @@ class Scheduler:
                 done.append(req)
         return done
 
-    def _check_stop(self, req: Request, tok: int) -> FinishReason | None:
+    def check_stop(self, req: Request, tok: int) -> FinishReason | None:
         sp = req.sampling_params
         if req.num_output_tokens >= sp.min_tokens:
             if not sp.ignore_eos and tok in req.eos_token_ids:

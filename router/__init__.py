@@ -1,0 +1,1 @@
+"""Router: API frontends, placement policies (pure, in :mod:`router.policy`), admission, failover."""

@@ -1,0 +1,455 @@
+"""The engine loop (nano-vllm / vLLM v1 style): add_request / step / abort, plus role hooks.
+
+``step()`` = schedule -> one forward pass -> sample -> update scheduler -> detokenize. The same
+engine serves three roles:
+
+* whole: requests run from prompt to finish;
+* prefill: ``add_request(..., prefill_only=True)`` stops after the first sampled token and keeps
+  the request's KV; ``export_kv`` then returns its blocks and ``release`` frees them;
+* decode: ``import_kv`` adopts exported blocks plus the first token and continues decoding.
+
+Invariant: prefill -> export -> import -> decode yields exactly the tokens the whole engine yields.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.block_hash import BlockHash, chain_hashes
+from engine.block_manager import KVCacheManager
+from engine.config import EngineConfig
+from engine.model_runner import KVShape, ModelRunner
+from engine.models.config import ModelConfig
+from engine.models.loader import load_model, resolve_dtype
+from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from engine.request import FinishReason, Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.errors import InvalidRequestError, LayoutMismatchError, RequestNotFoundError, ResourceExhaustedError
+
+
+@dataclass
+class KVExport:
+    """A request's KV after prefill, ready to move to a decode engine.
+
+    ``block_hashes`` name every block (the last may be partial: see engine.block_hash);
+    ``blocks`` is ``[n_blocks, num_layers, 2, block_size, kvh, hd]``.
+    """
+
+    request_id: str
+    model_id: str
+    token_ids: list[int]  # the prompt tokens whose KV is in ``blocks``
+    first_token: int
+    block_hashes: list[BlockHash]
+    blocks: torch.Tensor
+    shape: KVShape
+    first_logprob: TokenLogprob | None = None
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    block_size: int
+    token_budget: int
+    prefill_tokens_computed: int
+    prefill_tokens_reused: int
+    decode_tokens: int
+    num_preemptions: int
+    num_steps: int
+
+
+@dataclass
+class _Tracked:
+    req: Request
+    detok: IncrementalDetokenizer | None
+    metrics: RequestMetrics
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    emitted_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model,
+        model_config: ModelConfig,
+        tokenizer: Tokenizer | None,
+        config: EngineConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.model_id = config.model_id or "model"
+        self.clock = clock
+        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
+                                 model_config.max_position_embeddings)
+        bs = config.block_size
+        shape = KVShape(model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim, bs, dtype)
+        nblocks = config.num_kv_blocks or max(1, config.kv_cache_memory_bytes // shape.block_nbytes)
+        self.kv = KVCacheManager(nblocks, bs, self.model_id, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_num_seqs=config.max_num_seqs,
+                long_prefill_token_threshold=config.long_prefill_token_threshold,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                policy=config.scheduling_policy,
+                max_model_len=self.max_model_len,
+            ),
+            self.kv,
+        )
+        self.runner = ModelRunner(model, self.kv, dtype, device)
+        self.eos_token_ids = tuple(model_config.eos_token_ids) or (
+            (tokenizer.eos_token_id,) if tokenizer and tokenizer.eos_token_id is not None else ()
+        )
+        self._tracked: dict[str, _Tracked] = {}
+        self._prefilled: dict[str, _Tracked] = {}
+        self._rng = random.Random(config.seed)
+        self.num_steps = 0
+        self.prefill_tokens_computed = 0
+        self.prefill_tokens_reused = 0
+        self.decode_tokens = 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
+        config = config or EngineConfig()
+        path = Path(path)
+        device = torch.device(config.device)
+        mcfg = ModelConfig.from_path(path)
+        dtype = resolve_dtype(config.dtype, mcfg, device)
+        max_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
+        model = load_model(path, dtype, device, max_positions=max_len)
+        tok = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
+        if config.model_id is None:
+            from dataclasses import replace
+
+            config = replace(config, model_id=path.name)
+        return cls(model, mcfg, tok, config, dtype, device)
+
+    @property
+    def kv_shape(self) -> KVShape:
+        return self.runner.shape
+
+    # ------------------------------------------------------------------ intake
+    def _validate_prompt(self, ids: Sequence[int]) -> None:
+        if len(ids) == 0:
+            raise InvalidRequestError("prompt is empty: send at least one token")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len}: "
+                "shorten it (at least one token must be left to generate)"
+            )
+        v = self.model_config.vocab_size
+        bad = [t for t in ids if not (0 <= t < v)]
+        if bad:
+            raise InvalidRequestError(f"token ids out of range [0, {v}): {bad[:5]}")
+
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this engine has no tokenizer: send prompt_token_ids")
+        return self.tokenizer.encode(prompt)
+
+    def _make_request(
+        self,
+        request_id: str | None,
+        prompt: str | Sequence[int] | None,
+        params: SamplingParams | None,
+        priority: int,
+        arrival_time: float | None,
+        adapter_id: str,
+        cache_salt: str,
+        prefill_only: bool,
+    ) -> Request:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty: send at least one token")
+            ids: list[int] = self.tokenize(prompt)
+        elif prompt is None:
+            raise InvalidRequestError("a prompt (text or token ids) is required")
+        else:
+            ids = [int(t) for t in prompt]
+        self._validate_prompt(ids)
+        params = params or SamplingParams()
+        rid = request_id or uuid.uuid4().hex
+        if rid in self._tracked or rid in self._prefilled:
+            raise InvalidRequestError(f"request id {rid!r} is already in use")
+        return Request(
+            request_id=rid,
+            prompt_token_ids=ids,
+            sampling_params=params,
+            arrival_time=self.clock() if arrival_time is None else arrival_time,
+            priority=priority,
+            eos_token_ids=self.eos_token_ids,
+            adapter_id=adapter_id,
+            cache_salt=cache_salt,
+            prefill_only=prefill_only,
+        )
+
+    def _track(self, req: Request) -> _Tracked:
+        p = req.sampling_params
+        self.runner.seeds[req.request_id] = p.seed if p.seed is not None else self._rng.getrandbits(63)
+        detok = IncrementalDetokenizer(self.tokenizer, p.stop) if self.tokenizer else None
+        tr = _Tracked(req, detok, RequestMetrics(req.arrival_time))
+        self._tracked[req.request_id] = tr
+        return tr
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | Sequence[int] | None,
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        arrival_time: float | None = None,
+        adapter_id: str = "",
+        cache_salt: str = "",
+        prefill_only: bool = False,
+    ) -> str:
+        """Queue a request; returns its id. Raises InvalidRequestError on bad input."""
+        req = self._make_request(request_id, prompt, params, priority, arrival_time, adapter_id, cache_salt, prefill_only)
+        if params is not None and params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer")
+        self.scheduler.add_request(req)
+        self._track(req)
+        return req.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks. Unknown ids raise RequestNotFoundError."""
+        if request_id in self._prefilled:
+            self.release(request_id)
+            return
+        if request_id not in self._tracked:
+            raise RequestNotFoundError(f"no request with id {request_id!r}")
+        self.scheduler.abort_request(request_id)
+        self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._tracked.pop(request_id, None)
+        self.runner.seeds.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ loop
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        now = self.clock()
+        for s in sched.scheduled:
+            tr = self._tracked[s.request.request_id]
+            if tr.metrics.first_scheduled_time is None:
+                tr.metrics.first_scheduled_time = now
+            if s.request.is_decoding:
+                self.decode_tokens += 1
+            else:
+                self.prefill_tokens_computed += s.num_new_tokens
+        results = self.runner.execute(sched)
+        self.num_steps += 1
+        finished = self.scheduler.update_from_output(sched, {k: v.token for k, v in results.items()})
+        finished_ids = {r.request_id for r in finished}
+        now = self.clock()
+        outputs: list[RequestOutput] = []
+        for s in sched.scheduled:
+            req = s.request
+            rid = req.request_id
+            if rid not in results or rid not in self._tracked:
+                continue
+            tr = self._tracked[rid]
+            res = results[rid]
+            tr.metrics.token_times.append(now)
+            if tr.metrics.first_token_time is None:
+                tr.metrics.first_token_time = now
+                self.prefill_tokens_reused += max(req.num_cached_tokens, 0)
+            if res.logprob is not None:
+                tr.logprobs.append(TokenLogprob(res.token, res.logprob, res.top_logprobs or []))
+            outputs.append(self._emit(tr, rid in finished_ids))
+        return outputs
+
+    def _emit(self, tr: _Tracked, finished: bool) -> RequestOutput:
+        req = tr.req
+        new = req.output_token_ids[tr.emitted_tokens :]
+        tr.emitted_tokens = len(req.output_token_ids)
+        delta = ""
+        if tr.detok is not None:
+            # eos / stop token ids are not rendered as text
+            visible = [t for t in new if not (finished and req.stop_reason == t)]
+            delta, matched = tr.detok.add(visible, final=finished)
+            if matched is not None and not finished:
+                self.scheduler.finish_request(req.request_id, FinishReason.STOP, matched)
+                finished = True
+                delta += tr.detok.add([], final=True)[0]
+        if finished:
+            tr.metrics.finished_time = self.clock()
+            if req.status is RequestStatus.PREFILLED:
+                self._prefilled[req.request_id] = tr
+                self._tracked.pop(req.request_id, None)
+            else:
+                self._forget(req.request_id)
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=new,
+            token_ids=list(req.output_token_ids),
+            text_delta=delta,
+            text=tr.detok.text if tr.detok else "",
+            finished=finished,
+            finish_reason=req.finish_reason if finished else None,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            logprobs=tr.logprobs[-len(new) :] if (tr.logprobs and new) else [],
+            metrics=tr.metrics,
+            stop_reason=req.stop_reason,
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion (offline batch); results in input order, logprobs cumulative."""
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        ids = [self.add_request(None, p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        final: dict[str, RequestOutput] = {}
+        lps: dict[str, list[TokenLogprob]] = {i: [] for i in ids}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate", unit="req")
+        while self.has_unfinished():
+            for o in self.step():
+                lps[o.request_id].extend(o.logprobs)
+                if o.finished:
+                    o.logprobs = lps[o.request_id]
+                    final[o.request_id] = o
+                    if bar:
+                        bar.update(1)
+        if bar:
+            bar.close()
+        return [final[i] for i in ids]
+
+    # ------------------------------------------------------------------ prefill role
+    def export_kv(self, request_id: str) -> KVExport:
+        """KV blocks of a prefilled (``prefill_only``) request. Blocks stay held until ``release``."""
+        tr = self._prefilled.get(request_id)
+        if tr is None:
+            raise RequestNotFoundError(f"request {request_id!r} has not finished a prefill-only run")
+        req = tr.req
+        n = req.num_prompt_tokens
+        table = self.kv.block_table(request_id)[: self.kv.blocks_needed(n)]
+        prompt = list(req.prompt_token_ids)
+        hashes = chain_hashes(prompt, self.kv.block_size, self.model_id, req.adapter_id, req.cache_salt,
+                              include_partial=True)
+        return KVExport(
+            request_id=request_id,
+            model_id=self.model_id,
+            token_ids=prompt,
+            first_token=req.output_token_ids[0],
+            block_hashes=hashes,
+            blocks=self.runner.export_blocks(table),
+            shape=self.kv_shape,
+            first_logprob=tr.logprobs[0] if tr.logprobs else None,
+        )
+
+    def release(self, request_id: str) -> None:
+        """Free a prefilled request's blocks (full blocks stay in the prefix cache)."""
+        if self._prefilled.pop(request_id, None) is None:
+            raise RequestNotFoundError(f"request {request_id!r} holds no exported KV")
+        self.scheduler.release_prefilled(request_id)
+        self.runner.seeds.pop(request_id, None)
+
+    # ------------------------------------------------------------------ decode role
+    def can_admit(self, num_tokens: int) -> bool:
+        """Whether blocks for ``num_tokens`` (+1 to decode into) are free now."""
+        return self.kv.blocks_needed(num_tokens + 1) <= self.kv.num_free_blocks
+
+    def import_kv(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        first_token: int,
+        blocks: torch.Tensor,
+        params: SamplingParams,
+        *,
+        shape: KVShape | None = None,
+        model_id: str | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+        first_logprob: TokenLogprob | None = None,
+        adapter_id: str = "",
+        cache_salt: str = "",
+    ) -> str:
+        """Adopt a prefilled request: copy its KV in, append its first token, keep decoding.
+
+        Raises ResourceExhaustedError when the pool lacks blocks (the caller retries later),
+        LayoutMismatchError when the KV was made by a different model/layout.
+        """
+        if model_id is not None and model_id != self.model_id:
+            raise LayoutMismatchError(f"KV made by model {model_id!r}, this engine serves {self.model_id!r}")
+        if shape is not None and shape != self.kv_shape:
+            raise LayoutMismatchError(f"KV layout {shape} does not match this engine's {self.kv_shape}")
+        req = self._make_request(
+            request_id, prompt_token_ids, params, priority, arrival_time, adapter_id, cache_salt, False
+        )
+        n = req.num_prompt_tokens
+        need = self.kv.blocks_needed(n)
+        if tuple(blocks.shape[1:]) != (self.kv_shape.num_layers, 2, self.kv.block_size,
+                                       self.kv_shape.num_kv_heads, self.kv_shape.head_dim) or blocks.shape[0] != need:
+            raise LayoutMismatchError(f"KV tensor of shape {tuple(blocks.shape)} does not fit {n} tokens in this layout")
+        if not self.can_admit(n):
+            raise ResourceExhaustedError(
+                f"decode engine has {self.kv.num_free_blocks} free KV blocks, needs {need + 1}", retry_after_s=0.05
+            )
+        ids = self.kv.adopt_blocks(req, n)
+        self.runner.import_blocks(ids, blocks)
+        req.num_computed_tokens = n
+        req.num_cached_tokens = 0
+        req.output_token_ids.append(int(first_token))
+        tr = self._track(req)
+        tr.metrics.first_token_time = self.clock()
+        tr.metrics.token_times.append(tr.metrics.first_token_time)
+        if first_logprob is not None:
+            tr.logprobs.append(first_logprob)
+        tr.emitted_tokens = 1
+        if tr.detok is not None:
+            tr.detok.add([int(first_token)])
+        stop = self.scheduler.check_stop(req, int(first_token))
+        self.scheduler.add_running(req)
+        self.kv.cache_blocks(req)
+        if stop is not None:
+            self.scheduler.finish_request(req.request_id, stop)
+            self._forget(req.request_id)
+        return req.request_id
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            kv_blocks_total=self.kv.num_blocks,
+            kv_blocks_used=self.kv.num_used_blocks,
+            kv_blocks_cached=self.kv.pool.num_cached_blocks,
+            block_size=self.kv.block_size,
+            token_budget=self.config.max_num_batched_tokens,
+            prefill_tokens_computed=self.prefill_tokens_computed,
+            prefill_tokens_reused=self.prefill_tokens_reused,
+            decode_tokens=self.decode_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.num_steps,
+        )

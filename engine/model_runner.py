@@ -1,0 +1,142 @@
+"""Turns a SchedulerOutput into one forward pass over the paged KV cache and samples tokens.
+
+Owns the model and the KV cache tensor ``[num_layers, 2, num_blocks, block_size, kvh, hd]``.
+Also implements the KV export/import used by the disaggregated roles: a block's bytes are, for
+each layer in order, K then V ``[block_size, kvh, hd]`` (``export_blocks`` returns
+``[n, num_layers, 2, block_size, kvh, hd]``, contiguous).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionMetadata, PrefillSlice
+from engine.block_manager import KVCacheManager
+from engine.models.llama import LlamaForCausalLM
+from engine.request import Request
+from engine.sampler import SampleRequest, SampleResult, sample
+from engine.scheduler import ScheduledRequest, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class KVShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv: KVCacheManager, dtype: torch.dtype, device: torch.device) -> None:
+        cfg = model.config
+        self.model = model
+        self.kv = kv
+        self.device = device
+        self.dtype = dtype
+        self.block_size = kv.block_size
+        self.shape = KVShape(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kv.block_size, dtype)
+        self.kv_cache = torch.zeros(
+            cfg.num_hidden_layers,
+            2,
+            kv.num_blocks,
+            kv.block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        self.seeds: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ step
+    def _metadata(self, items: list[ScheduledRequest]) -> tuple[list[int], list[int], AttentionMetadata]:
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        dec_tables: list[list[int]] = []
+        dec_lens: list[int] = []
+        prefills: list[PrefillSlice] = []
+        for s in items:
+            req = s.request
+            table = self.kv.block_table(req.request_id)
+            end = s.start + s.num_new_tokens
+            ids.extend(req.token_slice(s.start, end))
+            rng = range(s.start, end)
+            pos.extend(rng)
+            slots.extend(table[p // bs] * bs + p % bs for p in rng)
+            if s.num_new_tokens == 1 and s.start > 0:
+                dec_tables.append(table[: end // bs + (1 if end % bs else 0)])
+                dec_lens.append(end)
+            else:
+                bt = None
+                if s.start > 0:
+                    nblk = -(-end // bs)
+                    bt = torch.tensor(table[:nblk], dtype=torch.long, device=self.device)
+                prefills.append(PrefillSlice(len(ids) - s.num_new_tokens, s.num_new_tokens, s.start, bt))
+        dev = self.device
+        dtab = dmask = None
+        if dec_tables:
+            width = max(len(t) for t in dec_tables)
+            dtab = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.long, device=dev)
+            lens = torch.tensor(dec_lens, dtype=torch.long, device=dev)
+            dmask = (torch.arange(width * bs, device=dev).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+        md = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decodes=len(dec_tables),
+            decode_block_tables=dtab,
+            decode_mask=dmask,
+            prefills=prefills,
+            block_size=bs,
+        )
+        return ids, pos, md
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, SampleResult]:
+        """Run one forward pass; return the sampled result of every request that samples."""
+        if out.is_empty:
+            return {}
+        # decodes first (one token each, batched attention), then prefill chunks
+        items = sorted(out.scheduled, key=lambda s: 0 if (s.num_new_tokens == 1 and s.start > 0) else 1)
+        ids, pos, md = self._metadata(items)
+        dev = self.device
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(pos, dtype=torch.long, device=dev),
+            self.kv_cache,
+            md,
+        )
+        rows: list[int] = []
+        sreqs: list[SampleRequest] = []
+        names: list[str] = []
+        off = 0
+        for s in items:
+            off += s.num_new_tokens
+            if s.samples:
+                rows.append(off - 1)
+                sreqs.append(self._sample_request(s.request))
+                names.append(s.request.request_id)
+        if not rows:
+            return {}
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
+        return dict(zip(names, sample(logits, sreqs), strict=True))
+
+    def _sample_request(self, req: Request) -> SampleRequest:
+        p = req.sampling_params
+        hist = req.all_token_ids() if p.repetition_penalty != 1.0 else None
+        return SampleRequest(p, self.seeds.get(req.request_id, 0), req.num_output_tokens, hist)
+
+    # ------------------------------------------------------------------ KV export / import
+    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return self.kv_cache.index_select(2, idx).permute(2, 0, 1, 3, 4, 5).contiguous()
+
+    def import_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        self.kv_cache.index_copy_(2, idx, blocks.to(self.device, self.dtype).permute(1, 2, 0, 3, 4, 5))

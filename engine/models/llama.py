@@ -1,0 +1,144 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2 with QKV bias, SmolLM2) over a paged KV cache.
+
+Weights keep HF names so safetensors load directly; q/k/v and gate/up are fused at load time
+(``fuse_weights``) to cut per-step kernel launches. ``forward`` takes a flattened batch of
+tokens (see :mod:`engine.attention`) and returns final hidden states ``[T, hidden]``;
+``compute_logits`` projects only the rows that will be sampled.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.models.config import ModelConfig
+from engine.models.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dt)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.h, self.kvh, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.hd, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kvh * self.hd, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kvh * self.hd, bias=b)
+        self.o_proj = nn.Linear(self.h * self.hd, cfg.hidden_size, bias=False)
+        self.qkv: nn.Linear | None = None
+        self.scale = self.hd**-0.5
+
+    def fuse(self) -> None:
+        lin = nn.Linear(self.q_proj.in_features, (self.h + 2 * self.kvh) * self.hd, bias=self.q_proj.bias is not None)
+        lin = lin.to(self.q_proj.weight.dtype).to(self.q_proj.weight.device)
+        with torch.no_grad():
+            lin.weight.copy_(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+            if lin.bias is not None:
+                lin.bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
+        self.qkv = lin
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x, cos, sin, cache, md: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split([self.h * self.hd, self.kvh * self.hd, self.kvh * self.hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = apply_rotary(q.view(t, self.h, self.hd), cos, sin)
+        k = apply_rotary(k.view(t, self.kvh, self.hd), cos, sin)
+        v = v.view(t, self.kvh, self.hd)
+        o = paged_attention(q, k, v, cache, md, self.scale)
+        return self.o_proj(o.reshape(t, self.h * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up: nn.Linear | None = None
+
+    def fuse(self) -> None:
+        w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False).to(w.dtype).to(w.device)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        self.gate_up = lin
+        del self.gate_proj, self.up_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            g, u = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            g, u = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(g) * u)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, md):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, md)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_weights(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, kvh, hd]
+        md: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, kv_caches[i], md)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,78 @@
+"""Load an HF Llama-family folder (safetensors, single file or sharded) into our model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.models.config import ModelConfig
+from engine.models.llama import LlamaForCausalLM
+from engine.models.rope import RotaryEmbedding
+from pdserve.errors import ModelNotFoundError
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """``auto`` = float32 on CPU, the checkpoint's dtype on CUDA."""
+    if name == "auto":
+        return _DTYPES.get(cfg.torch_dtype, torch.float32) if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
+    return _DTYPES[name]
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ModelNotFoundError(f"no model.safetensors (or index) in {str(path)!r}")
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int | None = None,
+    fuse: bool = True,
+) -> LlamaForCausalLM:
+    path = Path(path)
+    cfg = ModelConfig.from_path(path)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions)
+    model = model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    for f in _weight_files(path):
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if name not in params:
+                    if "rotary_emb" in name:
+                        continue
+                    raise ValueError(f"unexpected weight {name!r} in {f.name}")
+                t = sf.get_tensor(name)
+                p = params[name]
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"weight {name}: shape {tuple(t.shape)} != expected {tuple(p.shape)}")
+                with torch.no_grad():
+                    p.copy_(t.to(p.dtype))
+                seen.add(name)
+    model.tie_weights()
+    missing = [n for n in params if n not in seen and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing:
+        raise ValueError(f"checkpoint is missing weights: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    model = model.to(dtype)
+    # rotary tables are buffers computed at init (on meta above): rebuild them, in float32
+    model.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope).to(device)
+    if fuse:
+        model.fuse_weights()
+    model.eval()
+    model.requires_grad_(False)
+    return model

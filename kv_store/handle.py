@@ -1,0 +1,77 @@
+"""Where KV blocks live and how a request's KV is handed over (pure value types).
+
+Mirrors proto ``pdserve.v1.BlockLocation`` and ``pdserve.v1.KVHandle``; conversion in
+:mod:`kv_store.convert`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.block_hash import KEY_BYTES, BlockHash
+from kv_store.layout import KVLayout
+from pdserve.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class BlockLocation:
+    """One store node as a source of blocks.
+
+    ``shm_name`` is empty when the node has no shared-memory arena; a reader whose own host id
+    equals ``host_id`` may read the arena directly (see :func:`kv_store.transport.choose_transport`).
+    """
+
+    node_id: str
+    address: str = ""  # host:port of the node's KVStore gRPC service
+    shm_name: str = ""
+    host_id: str = ""
+
+
+def check_hashes(hashes: object, what: str = "block_hashes") -> tuple[BlockHash, ...]:
+    """Validate a sequence of block keys (16 bytes each); returns them as a tuple of bytes."""
+    out = tuple(bytes(h) for h in hashes)  # type: ignore[attr-defined]
+    for i, h in enumerate(out):
+        if len(h) != KEY_BYTES:
+            raise InvalidRequestError(
+                f"{what}[{i}] is {len(h)} bytes; block hashes are {KEY_BYTES}-byte BLAKE2b keys "
+                "(engine/block_hash.py)"
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class KVHandle:
+    """A request's KV cache as published by a prefill worker.
+
+    ``locations`` is per block, parallel to ``block_hashes`` (same length). ``lease_id`` pins the
+    blocks on their node(s) until the consumer releases it (or it expires).
+    """
+
+    request_id: str
+    block_hashes: tuple[BlockHash, ...]
+    locations: tuple[BlockLocation, ...]
+    layout: KVLayout
+    num_tokens: int
+    lease_id: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_hashes", check_hashes(self.block_hashes, "KVHandle.block_hashes"))
+        object.__setattr__(self, "locations", tuple(self.locations))
+        if len(self.locations) != len(self.block_hashes):
+            raise InvalidRequestError(
+                f"KVHandle: {len(self.locations)} locations for {len(self.block_hashes)} blocks; "
+                "locations are per block (parallel to block_hashes)"
+            )
+        cap = len(self.block_hashes) * self.layout.block_size
+        if not (0 <= self.num_tokens <= cap) or (self.block_hashes and self.num_tokens <= cap - self.layout.block_size):
+            raise InvalidRequestError(
+                f"KVHandle: num_tokens={self.num_tokens} does not fit {len(self.block_hashes)} blocks "
+                f"of {self.layout.block_size} tokens"
+            )
+
+    def blocks_by_node(self) -> dict[str, list[int]]:
+        """Block indices grouped by node id, in order of first appearance."""
+        out: dict[str, list[int]] = {}
+        for i, loc in enumerate(self.locations):
+            out.setdefault(loc.node_id, []).append(i)
+        return out

@@ -1,0 +1,119 @@
+"""Cluster KV index: which store nodes hold which blocks (pure; storage-agnostic protocol).
+
+Store nodes :meth:`~KVIndex.register` blocks when stored and :meth:`~KVIndex.unregister` them when
+evicted or deleted; the router asks :meth:`~KVIndex.lookup` for the longest cached prefix of a
+request's block chain. :class:`InMemoryIndex` is the embedded implementation; a Redis one will
+implement the same protocol.
+
+Lookup contract: ``num_prefix_blocks`` is the largest ``n`` such that each of ``hashes[:n]`` is
+registered on at least one node (the chain is a prefix: a block after a miss is not counted even
+if present, because its KV depends on the missing one's). ``locations[i]`` lists every node
+holding ``hashes[i]``, ordered by ``node_id``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from engine.block_hash import BlockHash
+from kv_store.handle import BlockLocation
+from pdserve.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    num_prefix_blocks: int
+    locations: tuple[tuple[BlockLocation, ...], ...]  # one entry per prefix block
+
+    def nodes_with_whole_prefix(self) -> list[str]:
+        """Node ids holding every prefix block (candidates for a single-source pull)."""
+        if not self.locations:
+            return []
+        common = {loc.node_id for loc in self.locations[0]}
+        for locs in self.locations[1:]:
+            common &= {loc.node_id for loc in locs}
+        return sorted(common)
+
+
+class KVIndex(Protocol):
+    def add_node(self, location: BlockLocation) -> None:
+        """Announce a node (or update its address); required before :meth:`register`."""
+        ...
+
+    def register(self, node_id: str, hashes: Iterable[BlockHash]) -> None:
+        """Record that ``node_id`` stores ``hashes`` (idempotent)."""
+        ...
+
+    def unregister(self, node_id: str, hashes: Iterable[BlockHash]) -> None:
+        """Record that ``node_id`` no longer stores ``hashes`` (unknown pairs are ignored)."""
+        ...
+
+    def drop_node(self, node_id: str) -> None:
+        """Forget a node and all its blocks (node left or failed). Unknown ids are ignored."""
+        ...
+
+    def lookup(self, hashes: Sequence[BlockHash]) -> LookupResult:
+        """Longest registered prefix of the chain ``hashes`` and where its blocks are."""
+        ...
+
+
+class InMemoryIndex:
+    """:class:`KVIndex` in process memory. Not thread-safe; callers serialise (BlockStore does)."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, BlockLocation] = {}
+        self._where: dict[BlockHash, set[str]] = {}
+        self._blocks: dict[str, set[BlockHash]] = {}
+
+    def add_node(self, location: BlockLocation) -> None:
+        if not location.node_id:
+            raise InvalidRequestError("index: a node needs a non-empty node_id")
+        self._nodes[location.node_id] = location
+        self._blocks.setdefault(location.node_id, set())
+
+    def nodes(self) -> list[BlockLocation]:
+        return [self._nodes[k] for k in sorted(self._nodes)]
+
+    def register(self, node_id: str, hashes: Iterable[BlockHash]) -> None:
+        blocks = self._blocks.get(node_id)
+        if blocks is None:
+            raise InvalidRequestError(f"index: node {node_id!r} is not known; call add_node first")
+        for h in hashes:
+            self._where.setdefault(h, set()).add(node_id)
+            blocks.add(h)
+
+    def unregister(self, node_id: str, hashes: Iterable[BlockHash]) -> None:
+        blocks = self._blocks.get(node_id)
+        if blocks is None:
+            return
+        for h in hashes:
+            blocks.discard(h)
+            holders = self._where.get(h)
+            if holders is not None:
+                holders.discard(node_id)
+                if not holders:
+                    del self._where[h]
+
+    def drop_node(self, node_id: str) -> None:
+        blocks = self._blocks.get(node_id)
+        if blocks:
+            self.unregister(node_id, list(blocks))
+        self._blocks.pop(node_id, None)
+        self._nodes.pop(node_id, None)
+
+    def lookup(self, hashes: Sequence[BlockHash]) -> LookupResult:
+        locs: list[tuple[BlockLocation, ...]] = []
+        for h in hashes:
+            holders = self._where.get(h)
+            if not holders:
+                break
+            locs.append(tuple(self._nodes[n] for n in sorted(holders)))
+        return LookupResult(len(locs), tuple(locs))
+
+    def num_blocks(self, node_id: str | None = None) -> int:
+        """Distinct blocks registered (on ``node_id``, or anywhere)."""
+        if node_id is None:
+            return len(self._where)
+        return len(self._blocks.get(node_id, ()))

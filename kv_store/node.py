@@ -1,0 +1,377 @@
+"""Store node bookkeeping (pure policy, injected clock): which block is in which slot, and which
+block may be evicted.
+
+Contracts:
+
+* A block is *stored* once :meth:`StoreNode.commit_put` ran for it; only stored blocks are
+  visible to :meth:`get`, :meth:`pin`, :meth:`lease`, :meth:`exists`.
+* A block is *pinned* while a put of it is in flight, while a reader holds a pin
+  (:meth:`pin` / :meth:`unpin`), or while an unexpired lease names it. A pinned block is never
+  evicted or deleted, so its slot's bytes stay valid.
+* At capacity, a new put evicts the least recently used unpinned block. If every block is pinned
+  the put fails with :class:`ResourceExhaustedError` (``retry_after_s`` = time until the earliest
+  lease expires).
+* Putting a stored (or in-flight) block is idempotent: no new slot, no data to write.
+* Leases expire at ``now + ttl``; expired leases are reaped at the start of every operation.
+
+Not thread-safe: :class:`kv_store.store.BlockStore` serialises access with a lock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from engine.block_hash import BlockHash
+from kv_store.slots import SlotAllocator, SlotPool
+from pdserve.errors import InvalidRequestError, RequestNotFoundError, ResourceExhaustedError
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    capacity_blocks: int
+    block_nbytes: int
+    default_lease_ttl_s: float = 30.0
+    max_lease_ttl_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.capacity_blocks < 1:
+            raise ValueError(f"capacity_blocks must be >= 1, got {self.capacity_blocks}")
+        if self.block_nbytes < 1:
+            raise ValueError(f"block_nbytes must be >= 1, got {self.block_nbytes}")
+        if not (0 < self.default_lease_ttl_s <= self.max_lease_ttl_s):
+            raise ValueError("need 0 < default_lease_ttl_s <= max_lease_ttl_s")
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    capacity_blocks: int
+    num_blocks: int  # stored (committed) blocks
+    num_pending: int  # puts in flight
+    num_pinned: int  # stored blocks that cannot be evicted now
+    bytes_used: int
+    capacity_bytes: int
+    num_leases: int
+    evictions: int
+    expired_leases: int
+    hits: int
+    misses: int
+    puts: int
+    put_dedups: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    lease_id: str
+    hashes: tuple[BlockHash, ...]
+    expires_at: float  # on the node's clock
+    ttl_s: float
+
+
+@dataclass(frozen=True)
+class PutTicket:
+    """Result of :meth:`StoreNode.begin_put`. Write ``slot`` then commit, only if ``is_new``."""
+
+    block_hash: BlockHash
+    slot: int
+    is_new: bool
+    evicted: tuple[BlockHash, ...] = ()  # blocks evicted to make room (unregister them)
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    deleted: tuple[BlockHash, ...]
+    num_missing: int
+    num_pinned: int
+
+
+@dataclass
+class _Entry:
+    slot: int
+    committed: bool = False
+    pins: int = 0
+    leases: int = 0
+
+
+@dataclass
+class _LeaseState:
+    hashes: list[BlockHash]
+    expires_at: float
+    ttl_s: float
+
+
+def _hex(h: BlockHash) -> str:
+    return h.hex()[:12]
+
+
+class StoreNode:
+    """Hash -> slot map with LRU eviction of unpinned blocks and leases (see module docstring)."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        slots: SlotAllocator | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        new_lease_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        self.config = config
+        self._slots = slots if slots is not None else SlotPool(config.capacity_blocks)
+        if self._slots.capacity != config.capacity_blocks:
+            raise ValueError(
+                f"slot allocator has {self._slots.capacity} slots, config says {config.capacity_blocks}"
+            )
+        self._clock = clock
+        self._new_lease_id = new_lease_id
+        self._entries: dict[BlockHash, _Entry] = {}
+        self._lru: OrderedDict[BlockHash, None] = OrderedDict()  # evictable blocks, oldest first
+        self._leases: dict[str, _LeaseState] = {}
+        self._expiry: list[tuple[float, str]] = []  # heap
+        self._evictions = self._expired = self._hits = self._misses = 0
+        self._puts = self._dedups = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _refresh(self, h: BlockHash, e: _Entry, touch: bool = False) -> None:
+        evictable = e.committed and e.pins == 0 and e.leases == 0
+        if evictable:
+            if h not in self._lru:
+                self._lru[h] = None
+            elif touch:
+                self._lru.move_to_end(h)
+        else:
+            self._lru.pop(h, None)
+
+    def _stored(self, h: BlockHash) -> _Entry | None:
+        e = self._entries.get(h)
+        return e if e is not None and e.committed else None
+
+    def _require(self, hashes: Iterable[BlockHash]) -> list[tuple[BlockHash, _Entry]]:
+        out, missing = [], []
+        for h in hashes:
+            e = self._stored(h)
+            if e is None:
+                missing.append(h)
+            else:
+                out.append((h, e))
+        if missing:
+            self._misses += len(missing)
+            raise RequestNotFoundError(
+                f"{len(missing)} of {len(out) + len(missing)} KV blocks are not stored on this node "
+                f"(evicted or never put), first missing: {_hex(missing[0])}...; "
+                "look the prefix up again or recompute it"
+            )
+        self._hits += len(out)
+        return out
+
+    def _retry_after(self) -> float:
+        if self._expiry:
+            return max(0.0, min(t for t, _ in self._expiry) - self._clock())
+        return 0.1
+
+    def reap(self) -> list[str]:
+        """Expire leases whose time has come; returns their ids. Called by every operation."""
+        now = self._clock()
+        out = []
+        while self._expiry and self._expiry[0][0] <= now:
+            t, lid = heapq.heappop(self._expiry)
+            st = self._leases.get(lid)
+            if st is not None and st.expires_at == t:
+                self._drop_lease(lid)
+                self._expired += 1
+                out.append(lid)
+        return out
+
+    def _drop_lease(self, lease_id: str) -> None:
+        st = self._leases.pop(lease_id)
+        for h in st.hashes:
+            e = self._entries.get(h)
+            if e is not None:
+                e.leases -= 1
+                self._refresh(h, e, touch=True)
+
+    def _ttl(self, ttl_s: float | None) -> float:
+        if ttl_s is None or ttl_s == 0:
+            return self.config.default_lease_ttl_s
+        if not math.isfinite(ttl_s) or ttl_s < 0 or ttl_s > self.config.max_lease_ttl_s:
+            raise InvalidRequestError(
+                f"lease ttl_s must be in (0, {self.config.max_lease_ttl_s}] (0 = default "
+                f"{self.config.default_lease_ttl_s}), got {ttl_s!r}"
+            )
+        return float(ttl_s)
+
+    # ------------------------------------------------------------------ queries
+    def exists(self, hashes: Iterable[BlockHash]) -> list[bool]:
+        self.reap()
+        return [self._stored(h) is not None for h in hashes]
+
+    def slot_of(self, h: BlockHash) -> int | None:
+        """Slot of a stored block (no LRU touch, no stats)."""
+        e = self._stored(h)
+        return e.slot if e is not None else None
+
+    def get(self, h: BlockHash) -> int | None:
+        """Slot of a stored block, counted as a hit and marked recently used; None (a miss) if absent."""
+        self.reap()
+        e = self._stored(h)
+        if e is None:
+            self._misses += 1
+            return None
+        self._hits += 1
+        self._refresh(h, e, touch=True)
+        return e.slot
+
+    def __len__(self) -> int:
+        return sum(1 for e in self._entries.values() if e.committed)
+
+    # ------------------------------------------------------------------ puts
+    def begin_put(self, h: BlockHash) -> PutTicket:
+        """Reserve a slot for ``h`` (evicting LRU blocks if needed), or report it already there."""
+        self.reap()
+        e = self._entries.get(h)
+        if e is not None:
+            self._dedups += 1
+            self._refresh(h, e, touch=True)
+            return PutTicket(h, e.slot, is_new=False)
+        evicted: list[BlockHash] = []
+        slot = self._slots.alloc()
+        while slot is None and self._lru:
+            victim, _ = self._lru.popitem(last=False)
+            ve = self._entries.pop(victim)
+            self._slots.free(ve.slot)
+            self._evictions += 1
+            evicted.append(victim)
+            slot = self._slots.alloc()
+        if slot is None:
+            raise ResourceExhaustedError(
+                f"KV store node is full: all {self.config.capacity_blocks} blocks are leased or being "
+                "read; release leases or add store capacity",
+                retry_after_s=self._retry_after(),
+            )
+        self._entries[h] = _Entry(slot=slot, pins=1)
+        return PutTicket(h, slot, is_new=True, evicted=tuple(evicted))
+
+    def commit_put(self, ticket: PutTicket) -> None:
+        """Make a written block visible (no-op for a dedup ticket)."""
+        if not ticket.is_new:
+            return
+        e = self._entries[ticket.block_hash]
+        if e.committed:
+            raise ValueError("put already committed")
+        e.committed = True
+        e.pins -= 1
+        self._puts += 1
+        self._refresh(ticket.block_hash, e)
+
+    def abort_put(self, ticket: PutTicket) -> None:
+        """Give back the slot of a put that will not complete (no-op for a dedup ticket)."""
+        if not ticket.is_new:
+            return
+        e = self._entries.get(ticket.block_hash)
+        if e is None or e.committed:
+            return
+        del self._entries[ticket.block_hash]
+        self._lru.pop(ticket.block_hash, None)
+        self._slots.free(e.slot)
+
+    # ------------------------------------------------------------------ pins (readers)
+    def pin(self, hashes: Iterable[BlockHash]) -> list[int]:
+        """Pin stored blocks for reading; returns their slots. All or nothing (NOT_FOUND)."""
+        self.reap()
+        found = self._require(list(hashes))
+        for h, e in found:
+            e.pins += 1
+            self._refresh(h, e)
+        return [e.slot for _, e in found]
+
+    def unpin(self, hashes: Iterable[BlockHash]) -> None:
+        for h in hashes:
+            e = self._entries.get(h)
+            if e is None or e.pins <= 0:
+                raise ValueError(f"block {_hex(h)} is not pinned")
+            e.pins -= 1
+            self._refresh(h, e, touch=True)
+
+    # ------------------------------------------------------------------ leases
+    def lease(self, hashes: Iterable[BlockHash], ttl_s: float | None = None) -> Lease:
+        """Pin stored blocks until :meth:`release` or ``ttl_s`` from now. All or nothing (NOT_FOUND)."""
+        self.reap()
+        ttl = self._ttl(ttl_s)
+        found = self._require(list(hashes))
+        lid = self._new_lease_id()
+        st = _LeaseState([h for h, _ in found], self._clock() + ttl, ttl)
+        self._leases[lid] = st
+        heapq.heappush(self._expiry, (st.expires_at, lid))
+        for h, e in found:
+            e.leases += 1
+            self._refresh(h, e)
+        return Lease(lid, tuple(st.hashes), st.expires_at, ttl)
+
+    def add_to_lease(self, lease_id: str, h: BlockHash) -> None:
+        """Add one stored (or in-flight) block to an existing lease (Put under a lease)."""
+        self.reap()
+        st = self._leases.get(lease_id)
+        if st is None:
+            raise RequestNotFoundError(f"lease {lease_id!r} is unknown or expired")
+        e = self._entries.get(h)
+        if e is None:
+            raise RequestNotFoundError(f"KV block {_hex(h)}... is not stored on this node")
+        st.hashes.append(h)
+        e.leases += 1
+        self._refresh(h, e)
+
+    def get_lease(self, lease_id: str) -> Lease | None:
+        self.reap()
+        st = self._leases.get(lease_id)
+        return None if st is None else Lease(lease_id, tuple(st.hashes), st.expires_at, st.ttl_s)
+
+    def release(self, lease_id: str) -> bool:
+        """Unpin a lease's blocks. False if unknown or already expired (idempotent)."""
+        self.reap()
+        if lease_id not in self._leases:
+            return False
+        self._drop_lease(lease_id)
+        return True
+
+    # ------------------------------------------------------------------ deletes
+    def delete(self, hashes: Iterable[BlockHash]) -> DeleteResult:
+        """Remove stored, unpinned blocks; pinned ones are kept and counted."""
+        self.reap()
+        deleted: list[BlockHash] = []
+        missing = pinned = 0
+        for h in hashes:
+            e = self._stored(h)
+            if e is None:
+                missing += 1
+            elif e.pins or e.leases:
+                pinned += 1
+            else:
+                del self._entries[h]
+                self._lru.pop(h, None)
+                self._slots.free(e.slot)
+                deleted.append(h)
+        return DeleteResult(tuple(deleted), missing, pinned)
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> NodeStats:
+        self.reap()
+        stored = sum(1 for e in self._entries.values() if e.committed)
+        cfg = self.config
+        return NodeStats(
+            capacity_blocks=cfg.capacity_blocks,
+            num_blocks=stored,
+            num_pending=len(self._entries) - stored,
+            num_pinned=sum(1 for e in self._entries.values() if e.committed and (e.pins or e.leases)),
+            bytes_used=stored * cfg.block_nbytes,
+            capacity_bytes=cfg.capacity_blocks * cfg.block_nbytes,
+            num_leases=len(self._leases),
+            evictions=self._evictions,
+            expired_leases=self._expired,
+            hits=self._hits,
+            misses=self._misses,
+            puts=self._puts,
+            put_dedups=self._dedups,
+        )

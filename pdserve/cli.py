@@ -1,0 +1,99 @@
+"""``pdserve`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from pdserve.errors import PdserveError
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF Llama-family folder (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--kv-blocks", type=int, default=None, help="KV pool size in blocks")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-chat", action="store_true", help="send the prompt raw, without the chat template")
+
+
+def _cmd_generate_embedded(a: argparse.Namespace) -> int:
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+    from pdserve.model_setup import resolve_model_path
+
+    path = resolve_model_path(a.model)
+    eng = LLMEngine.from_pretrained(path, EngineConfig(device=a.device, dtype=a.dtype, num_kv_blocks=a.kv_blocks))
+    params = SamplingParams(
+        max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed
+    )
+    if a.no_chat or eng.tokenizer is None or not eng.tokenizer.chat_template:
+        ids = eng.tokenize(a.prompt)
+    else:
+        ids = eng.tokenizer.encode_chat([{"role": "user", "content": a.prompt}])
+    t0 = time.monotonic()
+    eng.add_request("cli", ids, params)
+    first = None
+    n = 0
+    while eng.has_unfinished():
+        for o in eng.step():
+            if first is None:
+                first = time.monotonic() - t0
+            n += len(o.new_token_ids)
+            sys.stdout.write(o.text_delta)
+            sys.stdout.flush()
+    total = time.monotonic() - t0
+    sys.stdout.write("\n")
+    print(
+        f"[{path.name}: {n} tokens, TTFT {first * 1000:.0f} ms, {n / total:.1f} tok/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for a prompt")
+    g.add_argument("prompt")
+    g.add_argument("--embedded", action="store_true", help="run the engine in this process (no server)")
+    _engine_args(g)
+    _sampling_args(g)
+    g.set_defaults(func=_cmd_generate_embedded)
+
+    s = sub.add_parser("setup", help="convert the bundled default model once (into the cache)")
+    s.set_defaults(func=lambda a: (print(__import__("pdserve.model_setup").model_setup.ensure_default_model()), 0)[1])
+
+    try:
+        from simulator import cli as sim_cli
+    except ImportError:
+        sim_cli = None
+    if sim_cli is not None and hasattr(sim_cli, "register"):
+        sim_cli.register(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        return int(a.func(a) or 0)
+    except PdserveError as e:
+        print(f"pdserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

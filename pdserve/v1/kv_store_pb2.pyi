@@ -1,0 +1,182 @@
+from pdserve.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PutChunk(_message.Message):
+    __slots__ = ("layout", "lease_ttl_s", "block_hash", "total_bytes", "data")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    layout: _common_pb2.KVLayout
+    lease_ttl_s: float
+    block_hash: bytes
+    total_bytes: int
+    data: bytes
+    def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., lease_ttl_s: _Optional[float] = ..., block_hash: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PutResponse(_message.Message):
+    __slots__ = ("num_blocks", "num_stored", "num_existing", "lease_id", "lease_expires_at_unix_s", "location")
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_STORED_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXISTING_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    num_blocks: int
+    num_stored: int
+    num_existing: int
+    lease_id: str
+    lease_expires_at_unix_s: float
+    location: _common_pb2.BlockLocation
+    def __init__(self, num_blocks: _Optional[int] = ..., num_stored: _Optional[int] = ..., num_existing: _Optional[int] = ..., lease_id: _Optional[str] = ..., lease_expires_at_unix_s: _Optional[float] = ..., location: _Optional[_Union[_common_pb2.BlockLocation, _Mapping]] = ...) -> None: ...
+
+class GetRequest(_message.Message):
+    __slots__ = ("block_hashes", "layout")
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    layout: _common_pb2.KVLayout
+    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ...) -> None: ...
+
+class GetChunk(_message.Message):
+    __slots__ = ("block_index", "block_hash", "total_bytes", "data")
+    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    block_index: int
+    block_hash: bytes
+    total_bytes: int
+    data: bytes
+    def __init__(self, block_index: _Optional[int] = ..., block_hash: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ExistsRequest(_message.Message):
+    __slots__ = ("block_hashes",)
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ExistsResponse(_message.Message):
+    __slots__ = ("exists",)
+    EXISTS_FIELD_NUMBER: _ClassVar[int]
+    exists: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, exists: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("block_hashes",)
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("num_deleted", "num_missing", "num_pinned")
+    NUM_DELETED_FIELD_NUMBER: _ClassVar[int]
+    NUM_MISSING_FIELD_NUMBER: _ClassVar[int]
+    NUM_PINNED_FIELD_NUMBER: _ClassVar[int]
+    num_deleted: int
+    num_missing: int
+    num_pinned: int
+    def __init__(self, num_deleted: _Optional[int] = ..., num_missing: _Optional[int] = ..., num_pinned: _Optional[int] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("block_hashes",)
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class BlockLocations(_message.Message):
+    __slots__ = ("locations",)
+    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    locations: _containers.RepeatedCompositeFieldContainer[_common_pb2.BlockLocation]
+    def __init__(self, locations: _Optional[_Iterable[_Union[_common_pb2.BlockLocation, _Mapping]]] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("num_prefix_blocks", "blocks")
+    NUM_PREFIX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    num_prefix_blocks: int
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockLocations]
+    def __init__(self, num_prefix_blocks: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockLocations, _Mapping]]] = ...) -> None: ...
+
+class LeaseRequest(_message.Message):
+    __slots__ = ("block_hashes", "ttl_s", "layout")
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    ttl_s: float
+    layout: _common_pb2.KVLayout
+    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., ttl_s: _Optional[float] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ...) -> None: ...
+
+class LeaseResponse(_message.Message):
+    __slots__ = ("lease_id", "ttl_s", "expires_at_unix_s", "shm_name", "slot_nbytes", "slots", "location")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    SHM_NAME_FIELD_NUMBER: _ClassVar[int]
+    SLOT_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    ttl_s: float
+    expires_at_unix_s: float
+    shm_name: str
+    slot_nbytes: int
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    location: _common_pb2.BlockLocation
+    def __init__(self, lease_id: _Optional[str] = ..., ttl_s: _Optional[float] = ..., expires_at_unix_s: _Optional[float] = ..., shm_name: _Optional[str] = ..., slot_nbytes: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., location: _Optional[_Union[_common_pb2.BlockLocation, _Mapping]] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class KVStoreStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KVStoreStats(_message.Message):
+    __slots__ = ("location", "layout", "capacity_blocks", "num_blocks", "bytes_used", "capacity_bytes", "num_pinned", "num_leases", "evictions", "hits", "misses", "puts", "put_dedups", "expired_leases")
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_PINNED_FIELD_NUMBER: _ClassVar[int]
+    NUM_LEASES_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    PUTS_FIELD_NUMBER: _ClassVar[int]
+    PUT_DEDUPS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_LEASES_FIELD_NUMBER: _ClassVar[int]
+    location: _common_pb2.BlockLocation
+    layout: _common_pb2.KVLayout
+    capacity_blocks: int
+    num_blocks: int
+    bytes_used: int
+    capacity_bytes: int
+    num_pinned: int
+    num_leases: int
+    evictions: int
+    hits: int
+    misses: int
+    puts: int
+    put_dedups: int
+    expired_leases: int
+    def __init__(self, location: _Optional[_Union[_common_pb2.BlockLocation, _Mapping]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., capacity_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., num_pinned: _Optional[int] = ..., num_leases: _Optional[int] = ..., evictions: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., puts: _Optional[int] = ..., put_dedups: _Optional[int] = ..., expired_leases: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,42 @@
+"""Shared fixtures: the real default model and tiny random-weight HF models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(os.environ.get("PDSERVE_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="no CUDA device on this machine")
+    for it in items:
+        if "gpu" in it.keywords:
+            it.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    from pdserve.model_setup import ensure_default_model
+
+    return ensure_default_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Random-weight Llama / Qwen2 (QKV bias) / Mistral / Llama-3-rope models saved as HF folders."""
+    from tests.tiny_models import make_tiny_models
+
+    return make_tiny_models(tmp_path_factory.mktemp("tiny"))
