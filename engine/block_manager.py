@@ -227,7 +227,9 @@ class KVCacheManager:
         self._tables[req.request_id] = table
         self._num_registered.setdefault(req.request_id, 0)
         if cached:
-            self._num_registered[req.request_id] = max(self._num_registered[req.request_id], len(table) - need)
+            self._num_registered[req.request_id] = max(
+                self._num_registered[req.request_id], len(table) - need
+            )
         return True
 
     def cache_blocks(self, req: Request) -> None:

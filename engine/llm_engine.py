@@ -33,7 +33,12 @@ from engine.request import FinishReason, Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from pdserve.errors import InvalidRequestError, LayoutMismatchError, RequestNotFoundError, ResourceExhaustedError
+from pdserve.errors import (
+    InvalidRequestError,
+    LayoutMismatchError,
+    RequestNotFoundError,
+    ResourceExhaustedError,
+)
 
 
 @dataclass
@@ -95,10 +100,13 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.model_id = config.model_id or "model"
         self.clock = clock
-        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
-                                 model_config.max_position_embeddings)
+        self.max_model_len = min(
+            config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings
+        )
         bs = config.block_size
-        shape = KVShape(model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim, bs, dtype)
+        shape = KVShape(
+            model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim, bs, dtype
+        )
         nblocks = config.num_kv_blocks or max(1, config.kv_cache_memory_bytes // shape.block_nbytes)
         self.kv = KVCacheManager(nblocks, bs, self.model_id, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -221,7 +229,9 @@ class LLMEngine:
         prefill_only: bool = False,
     ) -> str:
         """Queue a request; returns its id. Raises InvalidRequestError on bad input."""
-        req = self._make_request(request_id, prompt, params, priority, arrival_time, adapter_id, cache_salt, prefill_only)
+        req = self._make_request(
+            request_id, prompt, params, priority, arrival_time, adapter_id, cache_salt, prefill_only
+        )
         if params is not None and params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer")
         self.scheduler.add_request(req)
@@ -354,8 +364,9 @@ class LLMEngine:
         n = req.num_prompt_tokens
         table = self.kv.block_table(request_id)[: self.kv.blocks_needed(n)]
         prompt = list(req.prompt_token_ids)
-        hashes = chain_hashes(prompt, self.kv.block_size, self.model_id, req.adapter_id, req.cache_salt,
-                              include_partial=True)
+        hashes = chain_hashes(
+            prompt, self.kv.block_size, self.model_id, req.adapter_id, req.cache_salt, include_partial=True
+        )
         return KVExport(
             request_id=request_id,
             model_id=self.model_id,
@@ -409,12 +420,24 @@ class LLMEngine:
         )
         n = req.num_prompt_tokens
         need = self.kv.blocks_needed(n)
-        if tuple(blocks.shape[1:]) != (self.kv_shape.num_layers, 2, self.kv.block_size,
-                                       self.kv_shape.num_kv_heads, self.kv_shape.head_dim) or blocks.shape[0] != need:
-            raise LayoutMismatchError(f"KV tensor of shape {tuple(blocks.shape)} does not fit {n} tokens in this layout")
+        if (
+            tuple(blocks.shape[1:])
+            != (
+                self.kv_shape.num_layers,
+                2,
+                self.kv.block_size,
+                self.kv_shape.num_kv_heads,
+                self.kv_shape.head_dim,
+            )
+            or blocks.shape[0] != need
+        ):
+            raise LayoutMismatchError(
+                f"KV tensor of shape {tuple(blocks.shape)} does not fit {n} tokens in this layout"
+            )
         if not self.can_admit(n):
             raise ResourceExhaustedError(
-                f"decode engine has {self.kv.num_free_blocks} free KV blocks, needs {need + 1}", retry_after_s=0.05
+                f"decode engine has {self.kv.num_free_blocks} free KV blocks, needs {need + 1}",
+                retry_after_s=0.05,
             )
         ids = self.kv.adopt_blocks(req, n)
         self.runner.import_blocks(ids, blocks)

@@ -34,14 +34,18 @@ class KVShape:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv: KVCacheManager, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, kv: KVCacheManager, dtype: torch.dtype, device: torch.device
+    ) -> None:
         cfg = model.config
         self.model = model
         self.kv = kv
         self.device = device
         self.dtype = dtype
         self.block_size = kv.block_size
-        self.shape = KVShape(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kv.block_size, dtype)
+        self.shape = KVShape(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kv.block_size, dtype
+        )
         self.kv_cache = torch.zeros(
             cfg.num_hidden_layers,
             2,
@@ -84,7 +88,9 @@ class ModelRunner:
         dtab = dmask = None
         if dec_tables:
             width = max(len(t) for t in dec_tables)
-            dtab = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.long, device=dev)
+            dtab = torch.tensor(
+                [t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.long, device=dev
+            )
             lens = torch.tensor(dec_lens, dtype=torch.long, device=dev)
             dmask = (torch.arange(width * bs, device=dev).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
         md = AttentionMetadata(

@@ -57,11 +57,10 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     start: int  # num_computed_tokens before this step
+    samples: bool = field(init=False)  # reaches the end of the request's tokens, so a token is sampled
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the request's tokens (so a token is sampled)."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_new_tokens == self.request.num_tokens
 
 
 @dataclass
@@ -127,7 +126,9 @@ class Scheduler:
         self._finish(req, FinishReason.ABORT)
         return req
 
-    def finish_request(self, request_id: str, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+    def finish_request(
+        self, request_id: str, reason: FinishReason, stop_reason: int | str | None = None
+    ) -> None:
         """Retire a request for a reason decided outside (e.g. a stop string matched)."""
         req = self.requests.get(request_id)
         if req is not None:

@@ -10,7 +10,9 @@ from pdserve.errors import PdserveError
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF Llama-family folder (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", default=None, help="HF Llama-family folder (default: bundled SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--kv-blocks", type=int, default=None, help="KV pool size in blocks")
@@ -32,7 +34,9 @@ def _cmd_generate_embedded(a: argparse.Namespace) -> int:
     from pdserve.model_setup import resolve_model_path
 
     path = resolve_model_path(a.model)
-    eng = LLMEngine.from_pretrained(path, EngineConfig(device=a.device, dtype=a.dtype, num_kv_blocks=a.kv_blocks))
+    eng = LLMEngine.from_pretrained(
+        path, EngineConfig(device=a.device, dtype=a.dtype, num_kv_blocks=a.kv_blocks)
+    )
     params = SamplingParams(
         max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed
     )
@@ -72,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate_embedded)
 
     s = sub.add_parser("setup", help="convert the bundled default model once (into the cache)")
-    s.set_defaults(func=lambda a: (print(__import__("pdserve.model_setup").model_setup.ensure_default_model()), 0)[1])
+    s.set_defaults(
+        func=lambda a: (print(__import__("pdserve.model_setup").model_setup.ensure_default_model()), 0)[1]
+    )
 
     try:
         from simulator import cli as sim_cli

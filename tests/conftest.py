@@ -9,7 +9,9 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(os.environ.get("PDSERVE_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("PDSERVE_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+)
 
 
 def pytest_collection_modifyitems(config, items):

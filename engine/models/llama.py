@@ -43,7 +43,9 @@ class Attention(nn.Module):
         self.scale = self.hd**-0.5
 
     def fuse(self) -> None:
-        lin = nn.Linear(self.q_proj.in_features, (self.h + 2 * self.kvh) * self.hd, bias=self.q_proj.bias is not None)
+        lin = nn.Linear(
+            self.q_proj.in_features, (self.h + 2 * self.kvh) * self.hd, bias=self.q_proj.bias is not None
+        )
         lin = lin.to(self.q_proj.weight.dtype).to(self.q_proj.weight.device)
         with torch.no_grad():
             lin.weight.copy_(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))

@@ -70,7 +70,9 @@ def load_model(
         raise ValueError(f"checkpoint is missing weights: {missing[:5]}{'...' if len(missing) > 5 else ''}")
     model = model.to(dtype)
     # rotary tables are buffers computed at init (on meta above): rebuild them, in float32
-    model.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope).to(device)
+    model.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope).to(
+        device
+    )
     if fuse:
         model.fuse_weights()
     model.eval()

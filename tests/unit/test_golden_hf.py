@@ -68,7 +68,9 @@ def test_chat_template_matches_hf(smollm_path):
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]
     ours = Tokenizer(smollm_path).apply_chat_template(msgs)
-    ref = AutoTokenizer.from_pretrained(smollm_path).apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    ref = AutoTokenizer.from_pretrained(smollm_path).apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True
+    )
     assert ours == ref
 
 

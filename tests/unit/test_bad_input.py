@@ -1,0 +1,85 @@
+"""Bad input gets a clear, typed error, never a crash."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from pdserve.errors import ErrorCode, InvalidRequestError, ModelNotFoundError, RequestNotFoundError
+
+
+@pytest.fixture(scope="module")
+def eng(tiny_models):
+    return LLMEngine.from_pretrained(tiny_models["llama"], EngineConfig(num_kv_blocks=64))
+
+
+def test_empty_prompt(eng):
+    with pytest.raises(InvalidRequestError, match="empty"):
+        eng.add_request(None, [], SamplingParams())
+    assert InvalidRequestError("x").code is ErrorCode.INVALID_ARGUMENT
+
+
+def test_prompt_longer_than_context(eng):
+    with pytest.raises(InvalidRequestError, match="context is 512"):
+        eng.add_request(None, [5] * 600, SamplingParams())
+
+
+def test_token_ids_out_of_vocab(eng):
+    with pytest.raises(InvalidRequestError, match="out of range"):
+        eng.add_request(None, [5, 99999], SamplingParams())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"seed": -1}, "seed"),
+        ({"logprobs": 99}, "logprobs"),
+        ({"stop": ("",)}, "stop"),
+    ],
+)
+def test_bad_sampling_values(kwargs, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_model_path():
+    from pdserve.model_setup import resolve_model_path
+
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model_path("/definitely/not/a/model")
+    with pytest.raises(ModelNotFoundError):
+        LLMEngine.from_pretrained("/definitely/not/a/model")
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    from pdserve.model_setup import resolve_model_path
+
+    with pytest.raises(ModelNotFoundError, match="missing config.json"):
+        resolve_model_path(tmp_path)
+
+
+def test_duplicate_and_unknown_request_ids(eng):
+    eng.add_request("dup", [1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        eng.add_request("dup", [1, 2, 3], SamplingParams(max_tokens=2))
+    eng.abort("dup")
+    with pytest.raises(RequestNotFoundError):
+        eng.abort("nope")
+
+
+def test_cli_reports_error_not_traceback(capsys):
+    from pdserve.cli import main
+
+    assert main(["generate", "--embedded", "--model", "/no/such/model", "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err
