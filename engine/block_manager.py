@@ -13,7 +13,7 @@ while its content is exactly the keyed tokens.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from engine.block_hash import BlockHash, chain_hashes
@@ -270,3 +270,29 @@ class KVCacheManager:
         self._tables[req.request_id] = blocks
         self._num_registered[req.request_id] = 0
         return [b.block_id for b in blocks]
+
+    def cached_prefix_len(self, hashes: list[BlockHash]) -> int:
+        """How many leading blocks of ``hashes`` are in this pool's prefix cache."""
+        n = 0
+        while n < len(hashes) and self.pool.lookup(hashes[n]) is not None:
+            n += 1
+        return n
+
+    def insert_cached(self, hashes: list[BlockHash], fill: Callable[[list[int]], None]) -> int:
+        """Add blocks fetched from elsewhere to the prefix cache.
+
+        Allocates one block per hash (as many as are free), lets ``fill(block_ids)`` write their KV,
+        registers the hashes and returns the blocks to the free queue (MRU end), where later
+        requests find them like any locally computed prefix. Returns how many were inserted.
+        """
+        n = min(len(hashes), self.pool.num_free_blocks)
+        if n == 0 or not self.enable_prefix_caching:
+            return 0
+        blocks = self.pool.allocate(n)
+        try:
+            fill([b.block_id for b in blocks])
+            for b, h in zip(blocks, hashes, strict=False):
+                self.pool.register(b, h)
+        finally:
+            self.pool.release(reversed(blocks))
+        return n

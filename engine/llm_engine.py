@@ -252,6 +252,9 @@ class LLMEngine:
         self._tracked.pop(request_id, None)
         self.runner.seeds.pop(request_id, None)
 
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._tracked
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -384,6 +387,24 @@ class LLMEngine:
             raise RequestNotFoundError(f"request {request_id!r} holds no exported KV")
         self.scheduler.release_prefilled(request_id)
         self.runner.seeds.pop(request_id, None)
+
+    def prefix_hashes(
+        self, prompt_token_ids: Sequence[int], adapter_id: str = "", cache_salt: str = ""
+    ) -> list[BlockHash]:
+        """Keys of the prompt's full blocks that a prefix cache could serve (all but the last token)."""
+        hashes = chain_hashes(
+            list(prompt_token_ids), self.kv.block_size, self.model_id, adapter_id, cache_salt
+        )
+        return hashes[: (len(prompt_token_ids) - 1) // self.kv.block_size]
+
+    def num_local_prefix_blocks(self, hashes: list[BlockHash]) -> int:
+        return self.kv.cached_prefix_len(hashes)
+
+    def insert_prefix_blocks(self, hashes: list[BlockHash], blocks: torch.Tensor) -> int:
+        """Put KV blocks fetched from the store into the local prefix cache (see KVCacheManager)."""
+        if blocks.shape[0] != len(hashes):
+            raise LayoutMismatchError(f"{blocks.shape[0]} blocks for {len(hashes)} hashes")
+        return self.kv.insert_cached(hashes, lambda ids: self.runner.import_blocks(ids, blocks[: len(ids)]))
 
     # ------------------------------------------------------------------ decode role
     def can_admit(self, num_tokens: int) -> bool:

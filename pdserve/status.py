@@ -198,6 +198,13 @@ def _wrap(fn: Callable[..., Any], client_streaming: bool, server_streaming: bool
     return unary_handler
 
 
+def _serializer(cls: Any) -> Callable[[Any], bytes]:
+    def serialize(msg: Any) -> bytes:
+        return msg if isinstance(msg, bytes) else cls.SerializeToString(msg)
+
+    return serialize
+
+
 _FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
@@ -212,7 +219,8 @@ def add_servicer(server: grpc.Server, service: _descriptor.ServiceDescriptor, se
     Unlike the generated ``add_XServicer_to_server``, every method is wrapped so that a raised
     exception becomes a status through :func:`status_for`, and an undecodable request (or stream
     message) becomes INVALID_ARGUMENT instead of INTERNAL. Methods the servicer lacks answer
-    UNIMPLEMENTED.
+    UNIMPLEMENTED. A method may return/yield already-serialised ``bytes`` of its response type
+    (hot paths that encode payloads without protobuf copies); they are sent as they are.
     """
     handlers = {}
     for m in service.methods:
@@ -225,6 +233,6 @@ def add_servicer(server: grpc.Server, service: _descriptor.ServiceDescriptor, se
         handlers[m.name] = factory(
             _wrap(fn, m.client_streaming, m.server_streaming),
             request_deserializer=_safe_deserializer(req_cls, m.full_name),
-            response_serializer=resp_cls.SerializeToString,
+            response_serializer=_serializer(resp_cls),
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

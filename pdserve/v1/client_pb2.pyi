@@ -1,9 +1,12 @@
-from pdserve.v1 import common_pb2 as _common_pb2
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from google.protobuf.internal import containers as _containers
+
+from pdserve.v1 import common_pb2 as _common_pb2
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -13,22 +16,34 @@ class ChatMessage(_message.Message):
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
-    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+    def __init__(self, role: str | None = ..., content: str | None = ...) -> None: ...
 
 class ChatMessages(_message.Message):
     __slots__ = ("messages",)
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+    def __init__(self, messages: _Iterable[ChatMessage | _Mapping] | None = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
     IDS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, ids: _Iterable[int] | None = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "prompt_token_ids", "chat", "sampling", "request_id", "priority", "slo", "tenant", "cache_salt", "adapter")
+    __slots__ = (
+        "model",
+        "prompt",
+        "prompt_token_ids",
+        "chat",
+        "sampling",
+        "request_id",
+        "priority",
+        "slo",
+        "tenant",
+        "cache_salt",
+        "adapter",
+    )
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -51,7 +66,20 @@ class GenerateRequest(_message.Message):
     tenant: str
     cache_salt: str
     adapter: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., slo: _Optional[_Union[_common_pb2.SLO, _Mapping]] = ..., tenant: _Optional[str] = ..., cache_salt: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
+    def __init__(
+        self,
+        model: str | None = ...,
+        prompt: str | None = ...,
+        prompt_token_ids: TokenIds | _Mapping | None = ...,
+        chat: ChatMessages | _Mapping | None = ...,
+        sampling: _common_pb2.SamplingParams | _Mapping | None = ...,
+        request_id: str | None = ...,
+        priority: int | None = ...,
+        slo: _common_pb2.SLO | _Mapping | None = ...,
+        tenant: str | None = ...,
+        cache_salt: str | None = ...,
+        adapter: str | None = ...,
+    ) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "logprobs", "finish")
@@ -65,7 +93,14 @@ class GenerateResponse(_message.Message):
     text: str
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     finish: _common_pb2.Finish
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., finish: _Optional[_Union[_common_pb2.Finish, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        request_id: str | None = ...,
+        token_ids: _Iterable[int] | None = ...,
+        text: str | None = ...,
+        logprobs: _Iterable[_common_pb2.TokenLogprob | _Mapping] | None = ...,
+        finish: _common_pb2.Finish | _Mapping | None = ...,
+    ) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("model", "prompt", "chat", "add_special_tokens")
@@ -77,7 +112,13 @@ class TokenizeRequest(_message.Message):
     prompt: str
     chat: ChatMessages
     add_special_tokens: bool
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
+    def __init__(
+        self,
+        model: str | None = ...,
+        prompt: str | None = ...,
+        chat: ChatMessages | _Mapping | None = ...,
+        add_special_tokens: bool | None = ...,
+    ) -> None: ...
 
 class TokenizeResponse(_message.Message):
     __slots__ = ("token_ids", "max_model_len")
@@ -85,7 +126,7 @@ class TokenizeResponse(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_model_len: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    def __init__(self, token_ids: _Iterable[int] | None = ..., max_model_len: int | None = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -101,10 +142,16 @@ class ModelInfo(_message.Message):
     max_model_len: int
     kv_layout: _common_pb2.KVLayout
     adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., max_model_len: _Optional[int] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(
+        self,
+        id: str | None = ...,
+        max_model_len: int | None = ...,
+        kv_layout: _common_pb2.KVLayout | _Mapping | None = ...,
+        adapters: _Iterable[str] | None = ...,
+    ) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    def __init__(self, models: _Iterable[ModelInfo | _Mapping] | None = ...) -> None: ...

@@ -1,9 +1,11 @@
-from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -13,13 +15,27 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_ABORT: _ClassVar[FinishReason]
+
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_ABORT: FinishReason
 
 class SamplingParams(_message.Message):
-    __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop_token_ids", "stop", "ignore_eos", "logprobs", "min_tokens")
+    __slots__ = (
+        "max_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "seed",
+        "stop_token_ids",
+        "stop",
+        "ignore_eos",
+        "logprobs",
+        "min_tokens",
+    )
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -44,7 +60,21 @@ class SamplingParams(_message.Message):
     ignore_eos: bool
     logprobs: int
     min_tokens: int
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[int] = ..., min_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(
+        self,
+        max_tokens: int | None = ...,
+        temperature: float | None = ...,
+        top_k: int | None = ...,
+        top_p: float | None = ...,
+        min_p: float | None = ...,
+        repetition_penalty: float | None = ...,
+        seed: int | None = ...,
+        stop_token_ids: _Iterable[int] | None = ...,
+        stop: _Iterable[str] | None = ...,
+        ignore_eos: bool | None = ...,
+        logprobs: int | None = ...,
+        min_tokens: int | None = ...,
+    ) -> None: ...
 
 class KVLayout(_message.Message):
     __slots__ = ("model_id", "num_layers", "num_kv_heads", "head_dim", "dtype", "block_size")
@@ -60,7 +90,15 @@ class KVLayout(_message.Message):
     head_dim: int
     dtype: str
     block_size: int
-    def __init__(self, model_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...
+    def __init__(
+        self,
+        model_id: str | None = ...,
+        num_layers: int | None = ...,
+        num_kv_heads: int | None = ...,
+        head_dim: int | None = ...,
+        dtype: str | None = ...,
+        block_size: int | None = ...,
+    ) -> None: ...
 
 class BlockLocation(_message.Message):
     __slots__ = ("node_id", "address", "shm_name", "host_id")
@@ -72,7 +110,13 @@ class BlockLocation(_message.Message):
     address: str
     shm_name: str
     host_id: str
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., shm_name: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
+    def __init__(
+        self,
+        node_id: str | None = ...,
+        address: str | None = ...,
+        shm_name: str | None = ...,
+        host_id: str | None = ...,
+    ) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("request_id", "block_hashes", "locations", "layout", "num_tokens", "lease_id")
@@ -88,7 +132,15 @@ class KVHandle(_message.Message):
     layout: KVLayout
     num_tokens: int
     lease_id: str
-    def __init__(self, request_id: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., locations: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., lease_id: _Optional[str] = ...) -> None: ...
+    def __init__(
+        self,
+        request_id: str | None = ...,
+        block_hashes: _Iterable[bytes] | None = ...,
+        locations: _Iterable[BlockLocation | _Mapping] | None = ...,
+        layout: KVLayout | _Mapping | None = ...,
+        num_tokens: int | None = ...,
+        lease_id: str | None = ...,
+    ) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob", "token")
@@ -98,7 +150,9 @@ class TopLogprob(_message.Message):
     token_id: int
     logprob: float
     token: str
-    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., token: _Optional[str] = ...) -> None: ...
+    def __init__(
+        self, token_id: int | None = ..., logprob: float | None = ..., token: str | None = ...
+    ) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob", "token", "top_logprobs")
@@ -110,7 +164,13 @@ class TokenLogprob(_message.Message):
     logprob: float
     token: str
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprob]
-    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., token: _Optional[str] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
+    def __init__(
+        self,
+        token_id: int | None = ...,
+        logprob: float | None = ...,
+        token: str | None = ...,
+        top_logprobs: _Iterable[TopLogprob | _Mapping] | None = ...,
+    ) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "total_tokens")
@@ -122,7 +182,13 @@ class Usage(_message.Message):
     completion_tokens: int
     cached_prompt_tokens: int
     total_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(
+        self,
+        prompt_tokens: int | None = ...,
+        completion_tokens: int | None = ...,
+        cached_prompt_tokens: int | None = ...,
+        total_tokens: int | None = ...,
+    ) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("ttft_s", "e2e_s", "token_times_s", "queue_s", "prefill_s", "transfer_s", "decode_s")
@@ -140,7 +206,16 @@ class Timing(_message.Message):
     prefill_s: float
     transfer_s: float
     decode_s: float
-    def __init__(self, ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., token_times_s: _Optional[_Iterable[float]] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., decode_s: _Optional[float] = ...) -> None: ...
+    def __init__(
+        self,
+        ttft_s: float | None = ...,
+        e2e_s: float | None = ...,
+        token_times_s: _Iterable[float] | None = ...,
+        queue_s: float | None = ...,
+        prefill_s: float | None = ...,
+        transfer_s: float | None = ...,
+        decode_s: float | None = ...,
+    ) -> None: ...
 
 class Finish(_message.Message):
     __slots__ = ("reason", "stop", "usage", "timing")
@@ -152,7 +227,13 @@ class Finish(_message.Message):
     stop: str
     usage: Usage
     timing: Timing
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., stop: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        reason: FinishReason | str | None = ...,
+        stop: str | None = ...,
+        usage: Usage | _Mapping | None = ...,
+        timing: Timing | _Mapping | None = ...,
+    ) -> None: ...
 
 class SLO(_message.Message):
     __slots__ = ("ttft_s", "tpot_s")
@@ -160,4 +241,4 @@ class SLO(_message.Message):
     TPOT_S_FIELD_NUMBER: _ClassVar[int]
     ttft_s: float
     tpot_s: float
-    def __init__(self, ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, ttft_s: float | None = ..., tpot_s: float | None = ...) -> None: ...

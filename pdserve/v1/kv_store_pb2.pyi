@@ -1,9 +1,12 @@
-from pdserve.v1 import common_pb2 as _common_pb2
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from google.protobuf.internal import containers as _containers
+
+from pdserve.v1 import common_pb2 as _common_pb2
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -19,10 +22,24 @@ class PutChunk(_message.Message):
     block_hash: bytes
     total_bytes: int
     data: bytes
-    def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., lease_ttl_s: _Optional[float] = ..., block_hash: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(
+        self,
+        layout: _common_pb2.KVLayout | _Mapping | None = ...,
+        lease_ttl_s: float | None = ...,
+        block_hash: bytes | None = ...,
+        total_bytes: int | None = ...,
+        data: bytes | None = ...,
+    ) -> None: ...
 
 class PutResponse(_message.Message):
-    __slots__ = ("num_blocks", "num_stored", "num_existing", "lease_id", "lease_expires_at_unix_s", "location")
+    __slots__ = (
+        "num_blocks",
+        "num_stored",
+        "num_existing",
+        "lease_id",
+        "lease_expires_at_unix_s",
+        "location",
+    )
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_STORED_FIELD_NUMBER: _ClassVar[int]
     NUM_EXISTING_FIELD_NUMBER: _ClassVar[int]
@@ -35,7 +52,15 @@ class PutResponse(_message.Message):
     lease_id: str
     lease_expires_at_unix_s: float
     location: _common_pb2.BlockLocation
-    def __init__(self, num_blocks: _Optional[int] = ..., num_stored: _Optional[int] = ..., num_existing: _Optional[int] = ..., lease_id: _Optional[str] = ..., lease_expires_at_unix_s: _Optional[float] = ..., location: _Optional[_Union[_common_pb2.BlockLocation, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        num_blocks: int | None = ...,
+        num_stored: int | None = ...,
+        num_existing: int | None = ...,
+        lease_id: str | None = ...,
+        lease_expires_at_unix_s: float | None = ...,
+        location: _common_pb2.BlockLocation | _Mapping | None = ...,
+    ) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("block_hashes", "layout")
@@ -43,7 +68,11 @@ class GetRequest(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     layout: _common_pb2.KVLayout
-    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        block_hashes: _Iterable[bytes] | None = ...,
+        layout: _common_pb2.KVLayout | _Mapping | None = ...,
+    ) -> None: ...
 
 class GetChunk(_message.Message):
     __slots__ = ("block_index", "block_hash", "total_bytes", "data")
@@ -55,25 +84,31 @@ class GetChunk(_message.Message):
     block_hash: bytes
     total_bytes: int
     data: bytes
-    def __init__(self, block_index: _Optional[int] = ..., block_hash: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(
+        self,
+        block_index: int | None = ...,
+        block_hash: bytes | None = ...,
+        total_bytes: int | None = ...,
+        data: bytes | None = ...,
+    ) -> None: ...
 
 class ExistsRequest(_message.Message):
     __slots__ = ("block_hashes",)
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    def __init__(self, block_hashes: _Iterable[bytes] | None = ...) -> None: ...
 
 class ExistsResponse(_message.Message):
     __slots__ = ("exists",)
     EXISTS_FIELD_NUMBER: _ClassVar[int]
     exists: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, exists: _Optional[_Iterable[bool]] = ...) -> None: ...
+    def __init__(self, exists: _Iterable[bool] | None = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("block_hashes",)
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    def __init__(self, block_hashes: _Iterable[bytes] | None = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("num_deleted", "num_missing", "num_pinned")
@@ -83,19 +118,21 @@ class DeleteResponse(_message.Message):
     num_deleted: int
     num_missing: int
     num_pinned: int
-    def __init__(self, num_deleted: _Optional[int] = ..., num_missing: _Optional[int] = ..., num_pinned: _Optional[int] = ...) -> None: ...
+    def __init__(
+        self, num_deleted: int | None = ..., num_missing: int | None = ..., num_pinned: int | None = ...
+    ) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("block_hashes",)
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    def __init__(self, block_hashes: _Iterable[bytes] | None = ...) -> None: ...
 
 class BlockLocations(_message.Message):
     __slots__ = ("locations",)
     LOCATIONS_FIELD_NUMBER: _ClassVar[int]
     locations: _containers.RepeatedCompositeFieldContainer[_common_pb2.BlockLocation]
-    def __init__(self, locations: _Optional[_Iterable[_Union[_common_pb2.BlockLocation, _Mapping]]] = ...) -> None: ...
+    def __init__(self, locations: _Iterable[_common_pb2.BlockLocation | _Mapping] | None = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("num_prefix_blocks", "blocks")
@@ -103,7 +140,9 @@ class LookupResponse(_message.Message):
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     num_prefix_blocks: int
     blocks: _containers.RepeatedCompositeFieldContainer[BlockLocations]
-    def __init__(self, num_prefix_blocks: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockLocations, _Mapping]]] = ...) -> None: ...
+    def __init__(
+        self, num_prefix_blocks: int | None = ..., blocks: _Iterable[BlockLocations | _Mapping] | None = ...
+    ) -> None: ...
 
 class LeaseRequest(_message.Message):
     __slots__ = ("block_hashes", "ttl_s", "layout")
@@ -113,7 +152,12 @@ class LeaseRequest(_message.Message):
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     ttl_s: float
     layout: _common_pb2.KVLayout
-    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., ttl_s: _Optional[float] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        block_hashes: _Iterable[bytes] | None = ...,
+        ttl_s: float | None = ...,
+        layout: _common_pb2.KVLayout | _Mapping | None = ...,
+    ) -> None: ...
 
 class LeaseResponse(_message.Message):
     __slots__ = ("lease_id", "ttl_s", "expires_at_unix_s", "shm_name", "slot_nbytes", "slots", "location")
@@ -131,26 +175,51 @@ class LeaseResponse(_message.Message):
     slot_nbytes: int
     slots: _containers.RepeatedScalarFieldContainer[int]
     location: _common_pb2.BlockLocation
-    def __init__(self, lease_id: _Optional[str] = ..., ttl_s: _Optional[float] = ..., expires_at_unix_s: _Optional[float] = ..., shm_name: _Optional[str] = ..., slot_nbytes: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., location: _Optional[_Union[_common_pb2.BlockLocation, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        lease_id: str | None = ...,
+        ttl_s: float | None = ...,
+        expires_at_unix_s: float | None = ...,
+        shm_name: str | None = ...,
+        slot_nbytes: int | None = ...,
+        slots: _Iterable[int] | None = ...,
+        location: _common_pb2.BlockLocation | _Mapping | None = ...,
+    ) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("lease_id",)
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
-    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, lease_id: str | None = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ("released",)
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: bool
-    def __init__(self, released: _Optional[bool] = ...) -> None: ...
+    def __init__(self, released: bool | None = ...) -> None: ...
 
 class KVStoreStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class KVStoreStats(_message.Message):
-    __slots__ = ("location", "layout", "capacity_blocks", "num_blocks", "bytes_used", "capacity_bytes", "num_pinned", "num_leases", "evictions", "hits", "misses", "puts", "put_dedups", "expired_leases")
+    __slots__ = (
+        "location",
+        "layout",
+        "capacity_blocks",
+        "num_blocks",
+        "bytes_used",
+        "capacity_bytes",
+        "num_pinned",
+        "num_leases",
+        "evictions",
+        "hits",
+        "misses",
+        "puts",
+        "put_dedups",
+        "expired_leases",
+        "num_pending",
+    )
     LOCATION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +234,7 @@ class KVStoreStats(_message.Message):
     PUTS_FIELD_NUMBER: _ClassVar[int]
     PUT_DEDUPS_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_LEASES_FIELD_NUMBER: _ClassVar[int]
+    NUM_PENDING_FIELD_NUMBER: _ClassVar[int]
     location: _common_pb2.BlockLocation
     layout: _common_pb2.KVLayout
     capacity_blocks: int
@@ -179,4 +249,22 @@ class KVStoreStats(_message.Message):
     puts: int
     put_dedups: int
     expired_leases: int
-    def __init__(self, location: _Optional[_Union[_common_pb2.BlockLocation, _Mapping]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., capacity_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., num_pinned: _Optional[int] = ..., num_leases: _Optional[int] = ..., evictions: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., puts: _Optional[int] = ..., put_dedups: _Optional[int] = ..., expired_leases: _Optional[int] = ...) -> None: ...
+    num_pending: int
+    def __init__(
+        self,
+        location: _common_pb2.BlockLocation | _Mapping | None = ...,
+        layout: _common_pb2.KVLayout | _Mapping | None = ...,
+        capacity_blocks: int | None = ...,
+        num_blocks: int | None = ...,
+        bytes_used: int | None = ...,
+        capacity_bytes: int | None = ...,
+        num_pinned: int | None = ...,
+        num_leases: int | None = ...,
+        evictions: int | None = ...,
+        hits: int | None = ...,
+        misses: int | None = ...,
+        puts: int | None = ...,
+        put_dedups: int | None = ...,
+        expired_leases: int | None = ...,
+        num_pending: int | None = ...,
+    ) -> None: ...

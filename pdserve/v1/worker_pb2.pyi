@@ -1,10 +1,13 @@
-from pdserve.v1 import common_pb2 as _common_pb2
-from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+
+from pdserve.v1 import common_pb2 as _common_pb2
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -14,13 +17,25 @@ class WorkerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORKER_ROLE_PREFILL: _ClassVar[WorkerRole]
     WORKER_ROLE_DECODE: _ClassVar[WorkerRole]
     WORKER_ROLE_MIXED: _ClassVar[WorkerRole]
+
 WORKER_ROLE_UNSPECIFIED: WorkerRole
 WORKER_ROLE_PREFILL: WorkerRole
 WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_MIXED: WorkerRole
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "adapter", "cache_salt", "tenant", "priority", "slo", "lease_ttl_s")
+    __slots__ = (
+        "request_id",
+        "model",
+        "prompt_token_ids",
+        "sampling",
+        "adapter",
+        "cache_salt",
+        "tenant",
+        "priority",
+        "slo",
+        "lease_ttl_s",
+    )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -41,10 +56,30 @@ class PrefillRequest(_message.Message):
     priority: int
     slo: _common_pb2.SLO
     lease_ttl_s: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., adapter: _Optional[str] = ..., cache_salt: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., slo: _Optional[_Union[_common_pb2.SLO, _Mapping]] = ..., lease_ttl_s: _Optional[float] = ...) -> None: ...
+    def __init__(
+        self,
+        request_id: str | None = ...,
+        model: str | None = ...,
+        prompt_token_ids: _Iterable[int] | None = ...,
+        sampling: _common_pb2.SamplingParams | _Mapping | None = ...,
+        adapter: str | None = ...,
+        cache_salt: str | None = ...,
+        tenant: str | None = ...,
+        priority: int | None = ...,
+        slo: _common_pb2.SLO | _Mapping | None = ...,
+        lease_ttl_s: float | None = ...,
+    ) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("request_id", "first_token", "first_token_logprob", "kv", "num_cached_tokens", "num_computed_tokens", "timing")
+    __slots__ = (
+        "request_id",
+        "first_token",
+        "first_token_logprob",
+        "kv",
+        "num_cached_tokens",
+        "num_computed_tokens",
+        "timing",
+    )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -59,10 +94,33 @@ class PrefillResponse(_message.Message):
     num_cached_tokens: int
     num_computed_tokens: int
     timing: _common_pb2.Timing
-    def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[int] = ..., first_token_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., kv: _Optional[_Union[_common_pb2.KVHandle, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        request_id: str | None = ...,
+        first_token: int | None = ...,
+        first_token_logprob: _common_pb2.TokenLogprob | _Mapping | None = ...,
+        kv: _common_pb2.KVHandle | _Mapping | None = ...,
+        num_cached_tokens: int | None = ...,
+        num_computed_tokens: int | None = ...,
+        timing: _common_pb2.Timing | _Mapping | None = ...,
+    ) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "adapter", "cache_salt", "tenant", "priority", "slo", "kv", "first_token", "first_token_logprob", "resume_token_ids")
+    __slots__ = (
+        "request_id",
+        "model",
+        "prompt_token_ids",
+        "sampling",
+        "adapter",
+        "cache_salt",
+        "tenant",
+        "priority",
+        "slo",
+        "kv",
+        "first_token",
+        "first_token_logprob",
+        "resume_token_ids",
+    )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -89,7 +147,22 @@ class DecodeRequest(_message.Message):
     first_token: int
     first_token_logprob: _common_pb2.TokenLogprob
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., adapter: _Optional[str] = ..., cache_salt: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., slo: _Optional[_Union[_common_pb2.SLO, _Mapping]] = ..., kv: _Optional[_Union[_common_pb2.KVHandle, _Mapping]] = ..., first_token: _Optional[int] = ..., first_token_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(
+        self,
+        request_id: str | None = ...,
+        model: str | None = ...,
+        prompt_token_ids: _Iterable[int] | None = ...,
+        sampling: _common_pb2.SamplingParams | _Mapping | None = ...,
+        adapter: str | None = ...,
+        cache_salt: str | None = ...,
+        tenant: str | None = ...,
+        priority: int | None = ...,
+        slo: _common_pb2.SLO | _Mapping | None = ...,
+        kv: _common_pb2.KVHandle | _Mapping | None = ...,
+        first_token: int | None = ...,
+        first_token_logprob: _common_pb2.TokenLogprob | _Mapping | None = ...,
+        resume_token_ids: _Iterable[int] | None = ...,
+    ) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "logprobs", "finish")
@@ -101,26 +174,50 @@ class DecodeResponse(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     finish: _common_pb2.Finish
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., finish: _Optional[_Union[_common_pb2.Finish, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        request_id: str | None = ...,
+        token_ids: _Iterable[int] | None = ...,
+        logprobs: _Iterable[_common_pb2.TokenLogprob | _Mapping] | None = ...,
+        finish: _common_pb2.Finish | _Mapping | None = ...,
+    ) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: str | None = ...) -> None: ...
 
 class AbortResponse(_message.Message):
     __slots__ = ("found",)
     FOUND_FIELD_NUMBER: _ClassVar[int]
     found: bool
-    def __init__(self, found: _Optional[bool] = ...) -> None: ...
+    def __init__(self, found: bool | None = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "num_waiting", "num_running", "num_preempted", "kv_blocks_total", "kv_blocks_used", "kv_blocks_cached", "token_budget", "prefill_tokens_computed_total", "prefill_tokens_reused_total", "decode_tokens_total", "requests_finished_total", "prefix_cache_hit_rate", "kv_layout", "store")
+    __slots__ = (
+        "worker_id",
+        "role",
+        "model",
+        "num_waiting",
+        "num_running",
+        "num_preempted",
+        "kv_blocks_total",
+        "kv_blocks_used",
+        "kv_blocks_cached",
+        "token_budget",
+        "prefill_tokens_computed_total",
+        "prefill_tokens_reused_total",
+        "decode_tokens_total",
+        "requests_finished_total",
+        "prefix_cache_hit_rate",
+        "kv_layout",
+        "store",
+    )
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -155,4 +252,23 @@ class WorkerStats(_message.Message):
     prefix_cache_hit_rate: float
     kv_layout: _common_pb2.KVLayout
     store: _common_pb2.BlockLocation
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_preempted: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., token_budget: _Optional[int] = ..., prefill_tokens_computed_total: _Optional[int] = ..., prefill_tokens_reused_total: _Optional[int] = ..., decode_tokens_total: _Optional[int] = ..., requests_finished_total: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., store: _Optional[_Union[_common_pb2.BlockLocation, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        worker_id: str | None = ...,
+        role: WorkerRole | str | None = ...,
+        model: str | None = ...,
+        num_waiting: int | None = ...,
+        num_running: int | None = ...,
+        num_preempted: int | None = ...,
+        kv_blocks_total: int | None = ...,
+        kv_blocks_used: int | None = ...,
+        kv_blocks_cached: int | None = ...,
+        token_budget: int | None = ...,
+        prefill_tokens_computed_total: int | None = ...,
+        prefill_tokens_reused_total: int | None = ...,
+        decode_tokens_total: int | None = ...,
+        requests_finished_total: int | None = ...,
+        prefix_cache_hit_rate: float | None = ...,
+        kv_layout: _common_pb2.KVLayout | _Mapping | None = ...,
+        store: _common_pb2.BlockLocation | _Mapping | None = ...,
+    ) -> None: ...

@@ -1,0 +1,6 @@
+import sys
+
+from pdserve.worker_base import Role
+from pdserve.worker_main import main
+
+sys.exit(main(Role.DECODE))

@@ -1,0 +1,120 @@
+"""Decode worker: the engine in decode role behind the Worker gRPC service.
+
+Decode(request, KVHandle, first token): wait for free blocks (backpressure, bounded by the call's
+deadline and ``admission_timeout_s``), pull the blocks, release the producer's lease, join the
+continuous batch and stream tokens. Abort, client disconnect and deadline all abort the request
+in the engine, which frees every block.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from decode_worker.puller import KVPuller
+from engine.llm_engine import LLMEngine
+from kv_store.convert import handle_from_proto
+from pdserve.errors import InvalidRequestError, ResourceExhaustedError
+from pdserve.proto_convert import finish_to_proto, logprob_from_proto, logprob_to_proto, sampling_from_proto
+from pdserve.v1 import common_pb2, worker_pb2
+from pdserve.worker_base import WorkerState
+
+
+class DecodeServicer:
+    def __init__(self, state: WorkerState, puller: KVPuller) -> None:
+        self.state = state
+        self.puller = puller
+
+    def _wait_for_blocks(self, num_tokens: int, ctx: grpc.ServicerContext) -> None:
+        limit = self.state.config.admission_timeout_s
+        remaining = ctx.time_remaining()
+        if remaining is not None:
+            limit = min(limit, remaining)
+        deadline = time.monotonic() + limit
+        while not self.state.loop.call(lambda e: e.can_admit(num_tokens)):
+            if time.monotonic() >= deadline or not ctx.is_active():
+                raise ResourceExhaustedError(
+                    f"decode worker {self.state.config.worker_id} has no free KV blocks for {num_tokens} tokens",
+                    retry_after_s=1.0,
+                )
+            time.sleep(0.01)
+
+    def Decode(
+        self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext
+    ) -> Iterator[worker_pb2.DecodeResponse]:
+        if not req.HasField("kv"):
+            raise InvalidRequestError("Decode needs the KVHandle returned by Prefill")
+        handle = handle_from_proto(req.kv)
+        self.state.layout.check_compatible(handle.layout, what="KV handle")
+        rid = req.request_id or handle.request_id
+        params = sampling_from_proto(req.sampling)
+        ids = list(req.prompt_token_ids)
+        if len(ids) != handle.num_tokens:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens but the KV handle holds {handle.num_tokens}"
+            )
+        self._wait_for_blocks(len(ids), ctx)
+        try:
+            blocks = self.puller.pull(handle)
+        finally:
+            self.puller.release(handle)
+        first_lp = (
+            logprob_from_proto(req.first_token_logprob) if req.HasField("first_token_logprob") else None
+        )
+
+        immediate = {"v": False}
+
+        def add(e: LLMEngine) -> None:
+            e.import_kv(
+                rid,
+                ids,
+                req.first_token,
+                blocks,
+                params,
+                priority=req.priority,
+                first_logprob=first_lp,
+                adapter_id=req.adapter,
+                cache_salt=req.cache_salt,
+            )
+            immediate["v"] = not e.has_request(rid)  # the first token already ended it
+
+        q = self.state.loop.add(rid, add)
+        finished = {"v": False}
+        ctx.add_callback(lambda: None if finished["v"] else self.state.loop.abort(rid))
+        if immediate["v"]:
+            # finished at once (first token was a stop); nothing will be queued
+            finished["v"] = True
+            self.state.loop.abort(rid)  # drops the unused output queue
+            yield worker_pb2.DecodeResponse(
+                request_id=rid, finish=common_pb2.Finish(reason=common_pb2.FINISH_REASON_STOP)
+            )
+            return
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            msg = worker_pb2.DecodeResponse(
+                request_id=rid,
+                token_ids=item.new_token_ids,
+                logprobs=[logprob_to_proto(lp) for lp in item.logprobs],
+            )
+            if item.finished:
+                finished["v"] = True
+                self.state.count_finished()
+                msg.finish.reason = finish_to_proto(item.finish_reason)
+                if item.stop_reason is not None:
+                    msg.finish.stop = str(item.stop_reason)
+            yield msg
+            if item.finished:
+                return
+
+    def Prefill(self, req, ctx):
+        raise InvalidRequestError("this is a decode worker: send Prefill to a prefill worker")
+
+    def Abort(self, req: worker_pb2.AbortRequest, ctx) -> worker_pb2.AbortResponse:
+        return worker_pb2.AbortResponse(found=self.state.abort(req.request_id))
+
+    def Stats(self, req, ctx) -> worker_pb2.WorkerStats:
+        return self.state.stats()

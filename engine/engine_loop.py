@@ -1,0 +1,140 @@
+"""A thread that owns an LLMEngine and serves many concurrent callers (workers wrap this).
+
+The engine is single-threaded by design. ``EngineLoop`` runs it on one background thread:
+callers hand it closures with :meth:`call` (executed between steps, result returned through a
+Future) and read a request's outputs from a per-request queue with :meth:`outputs`. The loop
+steps while there is work and sleeps on a condition otherwise.
+
+Contract: every request added through :meth:`add` gets exactly one terminal item on its queue:
+its final ``RequestOutput`` (``finished=True``) or an ``Exception`` (engine failure, abort).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from pdserve.errors import CancelledError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+OutputItem = RequestOutput | BaseException
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, name: str = "engine-loop") -> None:
+        self.engine = engine
+        self._cmds: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._queues: dict[str, queue.SimpleQueue[OutputItem]] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.on_step: Callable[[float, int], None] | None = None  # (seconds, tokens) hook for metrics
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API
+    def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread; re-raise its exception here."""
+        fut: Future = Future()
+        self._cmds.put((lambda: fn(self.engine), fut))
+        self._wake.set()
+        return fut.result()
+
+    def add(self, request_id: str, adder: Callable[[LLMEngine], Any]) -> queue.SimpleQueue[OutputItem]:
+        """Register an output queue for ``request_id`` and run ``adder`` (which adds it)."""
+        q: queue.SimpleQueue[OutputItem] = queue.SimpleQueue()
+        with self._lock:
+            self._queues[request_id] = q
+        try:
+            self.call(adder)
+        except BaseException:
+            with self._lock:
+                self._queues.pop(request_id, None)
+            raise
+        return q
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request if it is still known; its queue gets a CancelledError. Idempotent."""
+
+        def _abort(eng: LLMEngine) -> bool:
+            try:
+                eng.abort(request_id)
+                return True
+            except KeyError:
+                return False
+
+        found = self.call(_abort)
+        self._finish_queue(request_id, CancelledError(f"request {request_id} was aborted"))
+        return found
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ loop
+    def _finish_queue(self, request_id: str, item: OutputItem) -> None:
+        with self._lock:
+            q = self._queues.pop(request_id, None)
+        if q is not None:
+            q.put(item)
+
+    def _drain_cmds(self) -> None:
+        while True:
+            try:
+                fn, fut = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
+    def _run(self) -> None:
+        import time
+
+        while not self._stop.is_set():
+            self._drain_cmds()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+                continue
+            t = time.perf_counter()
+            try:
+                outs = self.engine.step()
+            except Exception as e:  # an engine failure fails every in-flight request, not the process
+                log.exception("engine step failed")
+                with self._lock:
+                    ids = list(self._queues)
+                for rid in ids:
+                    try:
+                        self.engine.abort(rid)
+                    except Exception:  # noqa: BLE001
+                        pass
+                    self._finish_queue(rid, e)
+                continue
+            if self.on_step is not None:
+                self.on_step(time.perf_counter() - t, sum(len(o.new_token_ids) for o in outs))
+            for o in outs:
+                if o.finished:
+                    self._finish_queue(o.request_id, o)
+                else:
+                    with self._lock:
+                        q = self._queues.get(o.request_id)
+                    if q is not None:
+                        q.put(o)
+        # shutting down: fail whatever is left
+        with self._lock:
+            ids = list(self._queues)
+        for rid in ids:
+            self._finish_queue(rid, CancelledError("engine is shutting down"))

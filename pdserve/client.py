@@ -1,0 +1,235 @@
+"""pdserve client SDK: sync :class:`Client` and asyncio :class:`AsyncClient`.
+
+Both stream :class:`Chunk` objects (new token ids, text delta, logprobs; the last one carries
+``finish`` with usage and timing), honour deadlines (``timeout`` seconds) and cancellation, and
+raise the typed exceptions of :mod:`pdserve.errors` (InvalidRequestError, ResourceExhaustedError
+with ``retry_after_s``, UnavailableError, DeadlineExceededError, ...).
+
+    from pdserve.client import Client
+    with Client("127.0.0.1:50051") as c:
+        for chunk in c.generate("Hello", max_tokens=32):
+            print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from engine.sampling_params import SamplingParams
+from pdserve.limits import grpc_options
+from pdserve.proto_convert import finish_from_proto, sampling_to_proto
+from pdserve.status import raise_from_rpc_error
+from pdserve.v1 import client_pb2, client_pb2_grpc, common_pb2
+
+
+@dataclass
+class Finish:
+    reason: str | None
+    stop: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    ttft_s: float
+    e2e_s: float
+    token_times_s: list[float]
+    phases: dict[str, float]
+
+
+@dataclass
+class Chunk:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[tuple[int, float]] = field(default_factory=list)
+    finish: Finish | None = None
+
+
+@dataclass
+class Completion:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish: Finish
+
+
+def _chunk(m: client_pb2.GenerateResponse) -> Chunk:
+    fin = None
+    if m.HasField("finish"):
+        f, t = m.finish, m.finish.timing
+        r = finish_from_proto(f.reason)
+        fin = Finish(
+            reason=r.value if r else None,
+            stop=f.stop,
+            prompt_tokens=f.usage.prompt_tokens,
+            completion_tokens=f.usage.completion_tokens,
+            cached_prompt_tokens=f.usage.cached_prompt_tokens,
+            ttft_s=t.ttft_s,
+            e2e_s=t.e2e_s,
+            token_times_s=list(t.token_times_s),
+            phases={
+                "queue": t.queue_s,
+                "prefill": t.prefill_s,
+                "transfer": t.transfer_s,
+                "decode": t.decode_s,
+            },
+        )
+    return Chunk(
+        m.request_id, list(m.token_ids), m.text, [(lp.token_id, lp.logprob) for lp in m.logprobs], fin
+    )
+
+
+def build_request(
+    prompt: str | list[int] | list[dict[str, str]],
+    params: SamplingParams | None = None,
+    *,
+    model: str = "",
+    request_id: str = "",
+    priority: int = 0,
+    tenant: str = "",
+    cache_salt: str = "",
+    ttft_s: float = 0.0,
+    tpot_s: float = 0.0,
+    **sampling: Any,
+) -> client_pb2.GenerateRequest:
+    """``prompt``: text, token ids, or chat messages ``[{"role", "content"}]``. Sampling keywords
+    (max_tokens=..., temperature=...) build a SamplingParams, validated here before any RPC."""
+    params = params or SamplingParams(**sampling)
+    req = client_pb2.GenerateRequest(
+        model=model,
+        sampling=sampling_to_proto(params),
+        request_id=request_id,
+        priority=priority,
+        tenant=tenant,
+        cache_salt=cache_salt,
+        slo=common_pb2.SLO(ttft_s=ttft_s, tpot_s=tpot_s),
+    )
+    if isinstance(prompt, str):
+        req.prompt = prompt
+    elif prompt and isinstance(prompt[0], dict):
+        req.chat.CopyFrom(client_pb2.ChatMessages(messages=[client_pb2.ChatMessage(**m) for m in prompt]))  # type: ignore[arg-type]
+    else:
+        req.prompt_token_ids.CopyFrom(client_pb2.TokenIds(ids=list(prompt)))  # type: ignore[arg-type]
+    return req
+
+
+class Stream:
+    """Iterator over a generation; ``cancel()`` stops it server-side (blocks are freed)."""
+
+    def __init__(self, call) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[Chunk]:
+        try:
+            for m in self._call:
+                yield _chunk(m)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and self._cancelled:
+                return
+            raise_from_rpc_error(e)
+
+    _cancelled = False
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+
+class Client:
+    def __init__(self, address: str, *, timeout: float | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=grpc_options())
+        self._stub = client_pb2_grpc.GenerateStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def generate(
+        self, prompt, params: SamplingParams | None = None, *, timeout: float | None = None, **kw
+    ) -> Stream:
+        req = build_request(prompt, params, **kw)
+        return Stream(self._stub.Generate(req, timeout=timeout if timeout is not None else self.timeout))
+
+    def complete(self, prompt, params: SamplingParams | None = None, **kw) -> Completion:
+        """Run a generation to the end and return it whole."""
+        ids: list[int] = []
+        text: list[str] = []
+        fin = None
+        rid = ""
+        for c in self.generate(prompt, params, **kw):
+            rid = c.request_id
+            ids += c.token_ids
+            text.append(c.text)
+            fin = c.finish or fin
+        assert fin is not None, "stream ended without a finish message"
+        return Completion(rid, ids, "".join(text), fin)
+
+    def tokenize(self, text: str) -> list[int]:
+        try:
+            return list(
+                self._stub.Tokenize(client_pb2.TokenizeRequest(prompt=text), timeout=self.timeout).token_ids
+            )
+        except grpc.RpcError as e:
+            raise_from_rpc_error(e)
+
+    def list_models(self) -> list[str]:
+        try:
+            return [
+                m.id
+                for m in self._stub.ListModels(client_pb2.ListModelsRequest(), timeout=self.timeout).models
+            ]
+        except grpc.RpcError as e:
+            raise_from_rpc_error(e)
+
+
+class AsyncClient:
+    def __init__(self, address: str, *, timeout: float | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(address, options=grpc_options())
+        self._stub = client_pb2_grpc.GenerateStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def generate(
+        self, prompt, params: SamplingParams | None = None, *, timeout: float | None = None, **kw
+    ) -> AsyncIterator[Chunk]:
+        req = build_request(prompt, params, **kw)
+        call = self._stub.Generate(req, timeout=timeout if timeout is not None else self.timeout)
+        try:
+            async for m in call:
+                yield _chunk(m)
+        except grpc.RpcError as e:
+            raise_from_rpc_error(e)
+        finally:
+            call.cancel()
+
+    async def complete(self, prompt, params: SamplingParams | None = None, **kw) -> Completion:
+        ids: list[int] = []
+        text: list[str] = []
+        fin = None
+        rid = ""
+        async for c in self.generate(prompt, params, **kw):
+            rid = c.request_id
+            ids += c.token_ids
+            text.append(c.text)
+            fin = c.finish or fin
+        assert fin is not None
+        return Completion(rid, ids, "".join(text), fin)

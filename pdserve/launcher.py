@@ -1,0 +1,199 @@
+"""Start the embedded default cluster as processes on 127.0.0.1: store, router, prefill, decode.
+
+``launch(model_path)`` returns a :class:`LocalCluster` once every process is serving (each prints
+a JSON line with its address) and every worker has registered with the router. ``stop()`` ends
+them all (SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.models.config import ModelConfig
+from pdserve.errors import UnavailableError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    model_path: str
+    num_prefill: int = 1
+    num_decode: int = 1
+    store_capacity_blocks: int = 4096
+    worker_kv_blocks: int = 2048
+    block_size: int = 16
+    router_port: int = 0
+    worker_args: tuple[str, ...] = ()
+    startup_timeout_s: float = 180.0
+
+
+@dataclass
+class LocalCluster:
+    spec: ClusterSpec
+    router_address: str = ""
+    store_address: str = ""
+    workers: dict[str, str] = field(default_factory=dict)  # worker_id -> address
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    logs: dict[str, list[str]] = field(default_factory=dict)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + grace_s
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def kill(self, name: str) -> None:
+        p = self.procs[name]
+        p.kill()
+        p.wait()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _spawn(cluster: LocalCluster, name: str, args: list[str], timeout_s: float) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    p = subprocess.Popen(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    cluster.procs[name] = p
+    lines: list[str] = []
+    cluster.logs[name] = lines
+    ready: dict = {}
+    got = threading.Event()
+
+    def pump() -> None:
+        assert p.stdout is not None
+        for line in p.stdout:
+            lines.append(line.rstrip())
+            if not got.is_set() and line.startswith("{"):
+                try:
+                    ready.update(json.loads(line))
+                    got.set()
+                except json.JSONDecodeError:
+                    pass
+        got.set()
+
+    threading.Thread(target=pump, daemon=True, name=f"log-{name}").start()
+    if not got.wait(timeout_s) or not ready:
+        cluster.stop()
+        tail = "\n".join(lines[-20:])
+        raise UnavailableError(f"{name} did not start within {timeout_s}s:\n{tail}")
+    return ready
+
+
+def launch(spec: ClusterSpec) -> LocalCluster:
+    from pdserve.v1 import router_pb2  # noqa: F401 - fail early if protos are missing
+
+    cl = LocalCluster(spec)
+    mc = ModelConfig.from_path(spec.model_path)
+    model_id = Path(spec.model_path).name
+    t = spec.startup_timeout_s
+    store = _spawn(
+        cl,
+        "store",
+        [
+            "-m",
+            "kv_store",
+            "--node-id",
+            "kv0",
+            "--capacity-blocks",
+            str(spec.store_capacity_blocks),
+            "--model-id",
+            model_id,
+            "--num-layers",
+            str(mc.num_hidden_layers),
+            "--num-kv-heads",
+            str(mc.num_key_value_heads),
+            "--head-dim",
+            str(mc.head_dim),
+            "--dtype",
+            "float32",
+            "--block-size",
+            str(spec.block_size),
+        ],
+        t,
+    )
+    cl.store_address = store["address"]
+    router = _spawn(
+        cl, "router", ["-m", "router", "--model", spec.model_path, "--port", str(spec.router_port)], t
+    )
+    cl.router_address = router["address"]
+    common = [
+        "--model",
+        spec.model_path,
+        "--store",
+        cl.store_address,
+        "--router",
+        cl.router_address,
+        "--kv-blocks",
+        str(spec.worker_kv_blocks),
+        "--block-size",
+        str(spec.block_size),
+        *spec.worker_args,
+    ]
+    for role, n in (("prefill", spec.num_prefill), ("decode", spec.num_decode)):
+        for i in range(n):
+            wid = f"{role}-{i}"
+            info = _spawn(cl, wid, ["-m", f"{role}_worker", "--worker-id", wid, *common], t)
+            cl.workers[wid] = info["address"]
+    wait_registered(cl, t)
+    return cl
+
+
+def wait_registered(cl: LocalCluster, timeout_s: float) -> None:
+    """Block until the router can place a request (one prefill and one decode registered)."""
+    import grpc
+
+    from pdserve.v1 import client_pb2, client_pb2_grpc, common_pb2
+
+    ch = grpc.insecure_channel(cl.router_address)
+    stub = client_pb2_grpc.GenerateStub(ch)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            try:
+                list(
+                    stub.Generate(
+                        client_pb2.GenerateRequest(
+                            prompt_token_ids=client_pb2.TokenIds(ids=[1, 2]),
+                            sampling=common_pb2.SamplingParams(
+                                max_tokens=2, temperature=0.0, ignore_eos=True
+                            ),
+                        ),
+                        timeout=30,
+                    )
+                )
+                return
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                time.sleep(0.2)
+        raise UnavailableError("workers did not register with the router in time")
+    finally:
+        ch.close()

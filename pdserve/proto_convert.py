@@ -1,0 +1,74 @@
+"""Converters between pdserve.v1 messages and engine types shared by router, workers and client.
+
+Protobuf types stay at service edges: services call these, nothing deeper sees a message.
+"""
+
+from __future__ import annotations
+
+from engine.outputs import TokenLogprob
+from engine.request import FinishReason
+from engine.sampling_params import SamplingParams
+from pdserve.v1 import common_pb2
+
+_FINISH_TO_PROTO = {
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+}
+_FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
+
+
+def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
+    m = common_pb2.SamplingParams(
+        max_tokens=p.max_tokens,
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty,
+        stop_token_ids=list(p.stop_token_ids),
+        stop=list(p.stop),
+        ignore_eos=p.ignore_eos,
+        min_tokens=p.min_tokens,
+    )
+    if p.seed is not None:
+        m.seed = p.seed
+    if p.logprobs is not None:
+        m.logprobs = p.logprobs
+    return m
+
+
+def sampling_from_proto(m: common_pb2.SamplingParams) -> SamplingParams:
+    """Unset optional fields take SamplingParams defaults; values are validated there."""
+    kw: dict = {
+        "top_k": m.top_k,
+        "min_p": m.min_p,
+        "stop_token_ids": tuple(m.stop_token_ids),
+        "stop": tuple(m.stop),
+        "ignore_eos": m.ignore_eos,
+        "min_tokens": m.min_tokens,
+    }
+    for name in ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs"):
+        if m.HasField(name):
+            kw[name] = getattr(m, name)
+    return SamplingParams(**kw)
+
+
+def logprob_to_proto(lp: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+    )
+
+
+def logprob_from_proto(m: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(m.token_id, m.logprob, [(t.token_id, t.logprob) for t in m.top_logprobs])
+
+
+def finish_to_proto(reason: FinishReason | None) -> int:
+    return _FINISH_TO_PROTO.get(reason, common_pb2.FINISH_REASON_STOP) if reason else 0
+
+
+def finish_from_proto(v: int) -> FinishReason | None:
+    return _FINISH_FROM_PROTO.get(v)

@@ -1,0 +1,68 @@
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+
+from pdserve.v1 import worker_pb2 as _worker_pb2
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("worker_id", "role", "address", "model", "stats")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    role: _worker_pb2.WorkerRole
+    address: str
+    model: str
+    stats: _worker_pb2.WorkerStats
+    def __init__(
+        self,
+        worker_id: str | None = ...,
+        role: _worker_pb2.WorkerRole | str | None = ...,
+        address: str | None = ...,
+        model: str | None = ...,
+        stats: _worker_pb2.WorkerStats | _Mapping | None = ...,
+    ) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("heartbeat_interval_s", "heartbeat_timeout_s")
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval_s: float
+    heartbeat_timeout_s: float
+    def __init__(
+        self, heartbeat_interval_s: float | None = ..., heartbeat_timeout_s: float | None = ...
+    ) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("worker_id", "stats")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    stats: _worker_pb2.WorkerStats
+    def __init__(
+        self, worker_id: str | None = ..., stats: _worker_pb2.WorkerStats | _Mapping | None = ...
+    ) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("known",)
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    def __init__(self, known: bool | None = ...) -> None: ...
+
+class DeregisterRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: str | None = ...) -> None: ...
+
+class DeregisterResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: bool | None = ...) -> None: ...

@@ -1,0 +1,161 @@
+"""What prefill and decode workers share: config, engine start-up, stats, router registration."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import grpc
+
+from engine.config import EngineConfig
+from engine.engine_loop import EngineLoop
+from engine.llm_engine import LLMEngine
+from kv_store.convert import layout_to_proto
+from kv_store.layout import KVLayout
+from pdserve.limits import grpc_options
+from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Role(enum.Enum):
+    PREFILL = worker_pb2.WORKER_ROLE_PREFILL
+    DECODE = worker_pb2.WORKER_ROLE_DECODE
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    role: Role
+    model_path: str
+    store_address: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    router_address: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    heartbeat_interval_s: float = 0.5
+    lease_ttl_s: float = 30.0
+    admission_timeout_s: float = 30.0  # decode: how long a handoff may wait for free blocks
+
+
+def engine_layout(engine: LLMEngine) -> KVLayout:
+    s = engine.kv_shape
+    return KVLayout(
+        model_id=engine.model_id,
+        num_layers=s.num_layers,
+        num_kv_heads=s.num_kv_heads,
+        head_dim=s.head_dim,
+        dtype=str(s.dtype).removeprefix("torch."),
+        block_size=s.block_size,
+    )
+
+
+class WorkerState:
+    """Engine + loop + counters of one worker process (I/O-free; services wrap it)."""
+
+    def __init__(self, config: WorkerConfig, engine: LLMEngine) -> None:
+        self.config = config
+        self.engine = engine
+        self.loop = EngineLoop(engine, name=f"engine-{config.worker_id}")
+        self.layout = engine_layout(engine)
+        self.finished_total = 0
+        self._lock = threading.Lock()
+        self.address = ""
+
+    @classmethod
+    def load(cls, config: WorkerConfig) -> WorkerState:
+        return cls(config, LLMEngine.from_pretrained(config.model_path, config.engine))
+
+    def count_finished(self) -> None:
+        with self._lock:
+            self.finished_total += 1
+
+    def stats(self) -> worker_pb2.WorkerStats:
+        s = self.loop.call(lambda e: e.stats())
+        hit = self.engine.kv.pool.stats.hit_rate
+        return worker_pb2.WorkerStats(
+            worker_id=self.config.worker_id,
+            role=self.config.role.value,
+            model=self.engine.model_id,
+            num_waiting=s.num_waiting,
+            num_running=s.num_running,
+            num_preempted=s.num_preemptions,
+            kv_blocks_total=s.kv_blocks_total,
+            kv_blocks_used=s.kv_blocks_used,
+            kv_blocks_cached=s.kv_blocks_cached,
+            token_budget=s.token_budget,
+            prefill_tokens_computed_total=s.prefill_tokens_computed,
+            prefill_tokens_reused_total=s.prefill_tokens_reused,
+            decode_tokens_total=s.decode_tokens,
+            requests_finished_total=self.finished_total,
+            prefix_cache_hit_rate=hit,
+            kv_layout=layout_to_proto(self.layout),
+        )
+
+    def abort(self, request_id: str) -> bool:
+        return self.loop.abort(request_id)
+
+    def close(self) -> None:
+        self.loop.stop()
+
+
+class Heartbeater:
+    """Registers with the router and heartbeats stats; re-registers when the router forgot us."""
+
+    def __init__(self, state: WorkerState, router_address: str) -> None:
+        self.state = state
+        self._ch = grpc.insecure_channel(router_address, options=grpc_options())
+        self._stub = router_pb2_grpc.RegistryStub(self._ch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _register(self) -> None:
+        c = self.state.config
+        self._stub.Register(
+            router_pb2.RegisterRequest(
+                worker_id=c.worker_id,
+                role=c.role.value,
+                address=self.state.address,
+                model=self.state.engine.model_id,
+                stats=self.state.stats(),
+            ),
+            timeout=5,
+        )
+
+    def _run(self) -> None:
+        registered = False
+        interval = self.state.config.heartbeat_interval_s
+        while not self._stop.is_set():
+            try:
+                if not registered:
+                    self._register()
+                    registered = True
+                else:
+                    r = self._stub.Heartbeat(
+                        router_pb2.HeartbeatRequest(
+                            worker_id=self.state.config.worker_id, stats=self.state.stats()
+                        ),
+                        timeout=5,
+                    )
+                    registered = r.known
+            except grpc.RpcError as e:
+                log.debug("router not reachable: %s", e.code())
+                registered = False
+            self._stop.wait(interval)
+
+    def stop(self, deregister: bool = True) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if deregister:
+            try:
+                self._stub.Deregister(
+                    router_pb2.DeregisterRequest(worker_id=self.state.config.worker_id), timeout=2
+                )
+            except grpc.RpcError:
+                pass
+        self._ch.close()

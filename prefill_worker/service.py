@@ -1,0 +1,137 @@
+"""Prefill worker: the engine in prefill role behind the Worker gRPC service.
+
+Prefill(request): pull any longer cached prefix from the store into the local prefix cache, run
+(chunked) prefill, sample the first token, publish the request's blocks to the store under a
+lease, free them locally (full blocks stay in the local prefix cache) and return the KVHandle.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+import torch
+
+from engine.llm_engine import LLMEngine
+from kv_store.client import KVStoreClient
+from kv_store.convert import handle_to_proto
+from kv_store.tensors import block_tensor
+from kv_store.transport import BlockTransport
+from pdserve.errors import CancelledError, InvalidRequestError
+from pdserve.proto_convert import logprob_to_proto, sampling_from_proto
+from pdserve.v1 import common_pb2, worker_pb2
+from pdserve.worker_base import WorkerState
+from prefill_worker.publisher import KVPublisher
+
+log = logging.getLogger(__name__)
+
+
+class PrefillServicer:
+    def __init__(
+        self,
+        state: WorkerState,
+        publisher: KVPublisher,
+        store: KVStoreClient | None,
+        transport: BlockTransport | None,
+    ) -> None:
+        self.state = state
+        self.publisher = publisher
+        self.store = store
+        self.transport = transport
+        self.store_prefix_tokens_total = 0
+
+    def _pull_prefix_from_store(self, ids: list[int], adapter: str, salt: str) -> int:
+        """Fetch prefix blocks that the store has and the local cache lacks; returns tokens added."""
+        if self.store is None or self.transport is None:
+            return 0
+        hashes = self.state.loop.call(lambda e: e.prefix_hashes(ids, adapter, salt))
+        local = self.state.loop.call(lambda e: e.num_local_prefix_blocks(hashes))
+        if local == len(hashes):
+            return 0
+        found = self.store.lookup(hashes)
+        if found.num_prefix_blocks <= local:
+            return 0
+        # pull from one node: the longest run of wanted blocks that the first one's node holds
+        loc = found.locations[local][0]
+        end = local
+        while end < found.num_prefix_blocks and any(x.node_id == loc.node_id for x in found.locations[end]):
+            end += 1
+        want = hashes[local:end]
+        layout = self.state.layout
+        with self.transport.fetch(loc, layout, want) as fetched:
+            t = torch.stack([block_tensor(v, layout) for v in fetched.views]).clone()
+        n = self.state.loop.call(lambda e: e.insert_prefix_blocks(want, t))
+        return n * layout.block_size
+
+    def Prefill(
+        self, req: worker_pb2.PrefillRequest, ctx: grpc.ServicerContext
+    ) -> worker_pb2.PrefillResponse:
+        t_arrive = time.monotonic()
+        rid = req.request_id or f"pf-{time.time_ns()}"
+        if req.model and req.model != self.state.engine.model_id:
+            raise InvalidRequestError(f"this worker serves {self.state.engine.model_id!r}, not {req.model!r}")
+        params = sampling_from_proto(req.sampling)
+        ids = list(req.prompt_token_ids)
+        try:
+            store_tokens = self._pull_prefix_from_store(ids, req.adapter, req.cache_salt) if ids else 0
+        except Exception as e:  # the store is an optimisation: recompute on any failure
+            log.warning("prefix pull from store failed (%s); recomputing", e)
+            store_tokens = 0
+        self.store_prefix_tokens_total += store_tokens
+
+        def add(e: LLMEngine) -> None:
+            e.add_request(
+                rid,
+                ids,
+                params,
+                priority=req.priority,
+                adapter_id=req.adapter,
+                cache_salt=req.cache_salt,
+                prefill_only=True,
+            )
+
+        q = self.state.loop.add(rid, add)
+        done = {"v": False}
+        ctx.add_callback(lambda: None if done["v"] else self.state.loop.abort(rid))
+        item = q.get()
+        if isinstance(item, BaseException):
+            raise item
+        if not ctx.is_active():
+            raise CancelledError("client went away during prefill")
+        t_prefilled = time.monotonic()
+        kv = self.state.loop.call(lambda e: e.export_kv(rid))
+        try:
+            handle = self.publisher.publish(
+                kv, self.state.layout, req.lease_ttl_s or self.state.config.lease_ttl_s
+            )
+        finally:
+            self.state.loop.call(lambda e: e.release(rid))
+            done["v"] = True
+        self.state.count_finished()
+        m = item.metrics
+        queue_s = (m.first_scheduled_time - m.arrival_time) if m and m.first_scheduled_time else 0.0
+        resp = worker_pb2.PrefillResponse(
+            request_id=rid,
+            first_token=kv.first_token,
+            kv=handle_to_proto(handle),
+            num_cached_tokens=item.num_cached_tokens,
+            num_computed_tokens=len(ids) - item.num_cached_tokens,
+            timing=common_pb2.Timing(
+                queue_s=queue_s,
+                prefill_s=(t_prefilled - t_arrive) - queue_s,
+                transfer_s=time.monotonic() - t_prefilled,
+            ),
+        )
+        if kv.first_logprob is not None:
+            resp.first_token_logprob.CopyFrom(logprob_to_proto(kv.first_logprob))
+        return resp
+
+    def Decode(self, req, ctx):
+        raise InvalidRequestError("this is a prefill worker: send Decode to a decode worker")
+
+    def Abort(self, req: worker_pb2.AbortRequest, ctx) -> worker_pb2.AbortResponse:
+        return worker_pb2.AbortResponse(found=self.state.abort(req.request_id))
+
+    def Stats(self, req, ctx) -> worker_pb2.WorkerStats:
+        return self.state.stats()

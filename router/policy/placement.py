@@ -1,0 +1,265 @@
+"""Placement policies: which instance prefills a request, which decodes it (pure).
+
+Every policy shares one template (:meth:`PlacementPolicy.place`):
+
+1. candidates = prefill-role instances, or mixed ones when the cluster has no prefill role;
+2. :meth:`choose_prefill` (the policy proper) picks one and may plan a prefix fetch;
+3. Splitwise overflow: when prefill instances exist *and* mixed ones do, and the pick's
+   predicted queueing exceeds ``overflow_queue_s`` (default: the request's TTFT SLO), the
+   request is re-placed on the mixed pool, which runs it whole;
+4. :meth:`admit` (early rejection): the admission hooks, in order; the first
+   :class:`Rejection` wins. A goodput-aware policy overrides :meth:`admit` or passes hooks.
+
+The decode side is chosen when the KV is ready (:meth:`choose_decode`), default least-loaded by
+free KV blocks, falling back to mixed instances when no decode instance has room.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+from router.policy.estimate import TtftEstimator, usable_prefix_blocks
+from router.policy.protocols import Clock, LatencyEstimator, MonotonicClock
+from router.policy.types import InstanceRole, Placement, Rejection, RejectReason, RequestInfo
+from router.policy.view import ClusterView, InstanceView
+
+
+class PolicyKind(enum.Enum):
+    RANDOM = "random"
+    ROUND_ROBIN = "round_robin"
+    LEAST_LOADED = "least_loaded"
+    LOCAL_CACHE_AWARE = "local_cache_aware"
+    GLOBAL_CACHE_AWARE = "global_cache_aware"
+
+
+AdmissionHook = Callable[[RequestInfo, Placement, ClusterView], Rejection | None]
+"""Early-rejection hook: return a :class:`Rejection` to refuse ``placement``, ``None`` to accept."""
+
+
+def _load_key(inst: InstanceView) -> tuple[int, int, int]:
+    return (inst.queued_tokens, inst.running_requests + inst.queued_requests, -inst.free_blocks)
+
+
+class PlacementPolicy(ABC):
+    """Base of all placement policies; see the module docstring for the contract.
+
+    ``clock`` and ``latency`` are injected (simulated time and a latency model in the simulator;
+    wall time and profiled models in the router). Policies that predict latency need ``latency``.
+    """
+
+    kind: ClassVar[PolicyKind]
+    needs_latency: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        latency: LatencyEstimator | None = None,
+        admission: Sequence[AdmissionHook] = (),
+        overflow_queue_s: float | None = None,
+    ) -> None:
+        if self.needs_latency and latency is None:
+            raise ValueError(f"{type(self).__name__} needs a latency estimator")
+        self.clock = clock or MonotonicClock()
+        self.latency = latency
+        self.estimator = TtftEstimator(latency) if latency is not None else None
+        self.admission = tuple(admission)
+        self.overflow_queue_s = overflow_queue_s
+
+    # ------------------------------------------------------------------ template
+    def place(self, req: RequestInfo, view: ClusterView) -> Placement | Rejection:
+        pool = view.with_role(InstanceRole.PREFILL) or view.with_role(InstanceRole.MIXED)
+        if not pool:
+            return Rejection(RejectReason.NO_INSTANCE, "no prefill or mixed instance is available")
+        placement = self.choose_prefill(req, pool, view)
+        placement = self._overflow(req, placement, view)
+        return self.admit(req, placement, view) or placement
+
+    def admit(self, req: RequestInfo, placement: Placement, view: ClusterView) -> Rejection | None:
+        """Early rejection: the first hook that refuses wins. Override to add policy-level checks."""
+        for hook in self.admission:
+            rej = hook(req, placement, view)
+            if rej is not None:
+                return rej
+        return None
+
+    @abstractmethod
+    def choose_prefill(
+        self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
+    ) -> Placement:
+        """Pick the instance that prefills ``req`` among ``candidates`` (non-empty)."""
+
+    def choose_decode(self, req: RequestInfo, view: ClusterView, num_blocks: int) -> str | None:
+        """Decode instance for a prefilled request needing ``num_blocks`` KV blocks.
+
+        Decode instances with room first (most free blocks), then mixed ones with room, then the
+        decode instance with the most free blocks (the request queues there). ``None``: none.
+        """
+        dec = view.with_role(InstanceRole.DECODE)
+        fits = [i for i in dec if i.free_blocks >= num_blocks]
+        if not fits:
+            fits = [i for i in view.with_role(InstanceRole.MIXED) if i.free_blocks >= num_blocks]
+        pool = fits or dec
+        if not pool:
+            return None
+        return self.pick_decode(pool, num_blocks).instance_id
+
+    def pick_decode(self, pool: list[InstanceView], num_blocks: int) -> InstanceView:
+        """Pick among decode candidates (non-empty). Default: least loaded."""
+        return min(pool, key=lambda i: (-i.free_blocks, i.running_requests + i.queued_requests))
+
+    # ------------------------------------------------------------------ helpers
+    def _overflow(self, req: RequestInfo, placement: Placement, view: ClusterView) -> Placement:
+        if self.estimator is None:
+            return placement
+        limit = self.overflow_queue_s
+        if limit is None and req.slo is not None:
+            limit = req.slo.ttft_s
+        if limit is None or not view.with_role(InstanceRole.PREFILL):
+            return placement
+        mixed = view.with_role(InstanceRole.MIXED)
+        if not mixed or self.estimator.queue_time(view.get(placement.instance_id)) <= limit:
+            return placement
+        return self.choose_prefill(req, mixed, view)
+
+    def _require_estimator(self) -> TtftEstimator:
+        assert self.estimator is not None
+        return self.estimator
+
+
+class RandomPolicy(PlacementPolicy):
+    """Uniformly random prefill and decode instances (seeded)."""
+
+    kind = PolicyKind.RANDOM
+
+    def __init__(self, *, seed: int = 0, **kw) -> None:
+        super().__init__(**kw)
+        self._rng = random.Random(seed)
+
+    def choose_prefill(
+        self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
+    ) -> Placement:
+        return Placement(self._rng.choice(candidates).instance_id)
+
+    def pick_decode(self, pool: list[InstanceView], num_blocks: int) -> InstanceView:
+        return self._rng.choice(pool)
+
+
+class RoundRobinPolicy(PlacementPolicy):
+    """Cycle through candidates (separate cycles for prefill and decode)."""
+
+    kind = PolicyKind.ROUND_ROBIN
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self._pre = itertools.count()
+        self._dec = itertools.count()
+
+    def choose_prefill(
+        self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
+    ) -> Placement:
+        return Placement(candidates[next(self._pre) % len(candidates)].instance_id)
+
+    def pick_decode(self, pool: list[InstanceView], num_blocks: int) -> InstanceView:
+        return pool[next(self._dec) % len(pool)]
+
+
+class LeastLoadedPolicy(PlacementPolicy):
+    """Fewest queued prompt tokens, then fewest requests, then most free blocks (load balance)."""
+
+    kind = PolicyKind.LEAST_LOADED
+
+    def choose_prefill(
+        self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
+    ) -> Placement:
+        return Placement(min(candidates, key=_load_key).instance_id)
+
+
+class LocalCacheAwarePolicy(PlacementPolicy):
+    """Minimise predicted TTFT = queue + prefill(tokens not cached *on that instance*)."""
+
+    kind = PolicyKind.LOCAL_CACHE_AWARE
+    needs_latency = True
+
+    def choose_prefill(
+        self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
+    ) -> Placement:
+        est = self._require_estimator()
+        best: Placement | None = None
+        for inst in candidates:
+            hit = usable_prefix_blocks(
+                inst.cached_prefix_blocks(req.block_hashes), req.num_prompt_tokens, inst.block_size
+            )
+            t = est.ttft(inst, req.num_prompt_tokens, hit)
+            if best is None or t < best.estimated_ttft_s:  # type: ignore[operator]
+                best = Placement(inst.instance_id, reused_blocks=hit, estimated_ttft_s=t)
+        assert best is not None
+        return best
+
+
+class GlobalCacheAwarePolicy(PlacementPolicy):
+    """Mooncake's Conductor: TTFT = queue + fetch(remote prefix) + prefill(uncached).
+
+    The longest cached prefix anywhere in the cluster may be pulled to the candidate; it is
+    pulled only when that is predicted faster than recomputing the extra blocks locally.
+    """
+
+    kind = PolicyKind.GLOBAL_CACHE_AWARE
+    needs_latency = True
+
+    def choose_prefill(
+        self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
+    ) -> Placement:
+        est = self._require_estimator()
+        p = req.num_prompt_tokens
+        hits = {
+            i.instance_id: usable_prefix_blocks(i.cached_prefix_blocks(req.block_hashes), p, i.block_size)
+            for i in view.instances
+        }
+        src = max(view.instances, key=lambda i: hits[i.instance_id])
+        remote = hits[src.instance_id]
+        best: Placement | None = None
+        for inst in candidates:
+            local = hits[inst.instance_id]
+            t = est.ttft(inst, p, local)
+            plan = Placement(inst.instance_id, reused_blocks=local, estimated_ttft_s=t)
+            if remote > local:
+                tf = est.ttft(inst, p, remote, fetched_blocks=remote - local)
+                if tf < t:
+                    plan = Placement(
+                        inst.instance_id,
+                        fetch_from=src.instance_id,
+                        fetch_blocks=remote,
+                        reused_blocks=remote,
+                        estimated_ttft_s=tf,
+                    )
+            if best is None or plan.estimated_ttft_s < best.estimated_ttft_s:  # type: ignore[operator]
+                best = plan
+        assert best is not None
+        return best
+
+
+_POLICIES: dict[PolicyKind, type[PlacementPolicy]] = {
+    cls.kind: cls
+    for cls in (
+        RandomPolicy,
+        RoundRobinPolicy,
+        LeastLoadedPolicy,
+        LocalCacheAwarePolicy,
+        GlobalCacheAwarePolicy,
+    )
+}
+
+
+def make_policy(kind: PolicyKind | str, **kw) -> PlacementPolicy:
+    """Build a policy by kind (``PolicyKind`` or its value); ``kw`` go to its constructor."""
+    kind = PolicyKind(kind)
+    cls = _POLICIES[kind]
+    if kind is not PolicyKind.RANDOM:
+        kw.pop("seed", None)
+    return cls(**kw)

@@ -1,0 +1,110 @@
+"""Worker registry of the router (pure: clock injected, no gRPC).
+
+Workers register, then heartbeat with their load; a worker silent for ``heartbeat_timeout_s`` is
+dropped. The router also counts requests it has in flight on each worker, because heartbeats lag.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class WorkerKind(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass
+class WorkerLoad:
+    num_waiting: int = 0
+    num_running: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass
+class WorkerEntry:
+    worker_id: str
+    kind: WorkerKind
+    address: str
+    model: str
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    last_seen: float = 0.0
+    inflight: int = 0
+    draining: bool = False
+
+
+class Registry:
+    def __init__(self, heartbeat_timeout_s: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.clock = clock
+        self._workers: dict[str, WorkerEntry] = {}
+        self._lock = threading.Lock()
+
+    def register(self, worker_id: str, kind: WorkerKind, address: str, model: str, load: WorkerLoad) -> None:
+        with self._lock:
+            old = self._workers.get(worker_id)
+            self._workers[worker_id] = WorkerEntry(
+                worker_id, kind, address, model, load, self.clock(), old.inflight if old else 0
+            )
+
+    def heartbeat(self, worker_id: str, load: WorkerLoad) -> bool:
+        """False when the worker is unknown (it must register again)."""
+        with self._lock:
+            w = self._workers.get(worker_id)
+            if w is None:
+                return False
+            w.load = load
+            w.last_seen = self.clock()
+            return True
+
+    def deregister(self, worker_id: str) -> bool:
+        with self._lock:
+            return self._workers.pop(worker_id, None) is not None
+
+    def drop(self, worker_id: str) -> None:
+        """Forget a worker now (e.g. after a call to it failed with UNAVAILABLE)."""
+        self.deregister(worker_id)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        dead = [k for k, w in self._workers.items() if now - w.last_seen > self.heartbeat_timeout_s]
+        for k in dead:
+            del self._workers[k]
+
+    def alive(self, kind: WorkerKind | None = None, model: str | None = None) -> list[WorkerEntry]:
+        with self._lock:
+            self._expire()
+            return [
+                w
+                for w in self._workers.values()
+                if (kind is None or w.kind is kind) and (model is None or w.model == model) and not w.draining
+            ]
+
+    def get(self, worker_id: str) -> WorkerEntry | None:
+        with self._lock:
+            return self._workers.get(worker_id)
+
+    def add_inflight(self, worker_id: str, delta: int) -> None:
+        with self._lock:
+            w = self._workers.get(worker_id)
+            if w is not None:
+                w.inflight = max(0, w.inflight + delta)
+
+
+def least_loaded(workers: list[WorkerEntry]) -> WorkerEntry | None:
+    """Fewest queued + running + router-inflight requests; ties by KV usage, then id."""
+    if not workers:
+        return None
+    return min(
+        workers,
+        key=lambda w: (w.load.num_waiting + w.load.num_running + w.inflight, w.load.kv_usage, w.worker_id),
+    )
