@@ -30,7 +30,7 @@ class DecodeServicer:
     def _wait_for_blocks(self, num_tokens: int, ctx: grpc.ServicerContext) -> None:
         limit = self.state.config.admission_timeout_s
         remaining = ctx.time_remaining()
-        if remaining is not None:
+        if remaining is not None and remaining < 1e7:
             limit = min(limit, remaining)
         deadline = time.monotonic() + limit
         while not self.state.loop.call(lambda e: e.can_admit(num_tokens)):

@@ -11,6 +11,7 @@ its final ``RequestOutput`` (``finished=True``) or an ``Exception`` (engine fail
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -117,10 +118,8 @@ class EngineLoop:
                 with self._lock:
                     ids = list(self._queues)
                 for rid in ids:
-                    try:
+                    with contextlib.suppress(Exception):
                         self.engine.abort(rid)
-                    except Exception:  # noqa: BLE001
-                        pass
                     self._finish_queue(rid, e)
                 continue
             if self.on_step is not None:

@@ -97,6 +97,7 @@ def _spawn(cluster: LocalCluster, name: str, args: list[str], timeout_s: float) 
                     got.set()
                 except json.JSONDecodeError:
                     pass
+        p.stdout.close()
         got.set()
 
     threading.Thread(target=pump, daemon=True, name=f"log-{name}").start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import threading
@@ -152,10 +153,8 @@ class Heartbeater:
         self._stop.set()
         self._thread.join(timeout=5)
         if deregister:
-            try:
+            with contextlib.suppress(grpc.RpcError):
                 self._stub.Deregister(
                     router_pb2.DeregisterRequest(worker_id=self.state.config.worker_id), timeout=2
                 )
-            except grpc.RpcError:
-                pass
         self._ch.close()

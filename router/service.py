@@ -42,6 +42,12 @@ class RouterConfig:
     heartbeat_timeout_s: float = 3.0
 
 
+def _remaining(ctx: grpc.ServicerContext) -> float | None:
+    """Seconds left of the caller's deadline; None when it has none (gRPC reports a huge number)."""
+    r = ctx.time_remaining()
+    return None if r is None or r > 1e7 else max(r, 0.0)
+
+
 def load_from_proto(s: worker_pb2.WorkerStats) -> WorkerLoad:
     return WorkerLoad(s.num_waiting, s.num_running, s.kv_blocks_total, s.kv_blocks_used)
 
@@ -206,7 +212,7 @@ class GenerateServicer:
         self.registry.add_inflight(pw.worker_id, 1)
         try:
             fut = self.stubs.worker(pw.address).Prefill.future(
-                worker_pb2.PrefillRequest(**common, slo=req.slo), timeout=ctx.time_remaining()
+                worker_pb2.PrefillRequest(**common, slo=req.slo), timeout=_remaining(ctx)
             )
             ctx.add_callback(fut.cancel)
             try:
@@ -254,7 +260,7 @@ class GenerateServicer:
                     if pre.HasField("first_token_logprob")
                     else None,
                 ),
-                timeout=ctx.time_remaining(),
+                timeout=_remaining(ctx),
             )
             ctx.add_callback(call.cancel)
             try:
