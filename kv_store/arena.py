@@ -21,6 +21,7 @@ where /dev/shm is too small.
 
 from __future__ import annotations
 
+import _posixshmem
 import contextlib
 import mmap
 import os
@@ -28,7 +29,6 @@ import socket
 import uuid
 from multiprocessing import resource_tracker
 
-import _posixshmem
 import numpy as np
 
 from kv_store.slots import SlotPool
@@ -41,9 +41,8 @@ def host_id() -> str:
     other's arenas (same kernel boot and same /dev/shm mount, so containers that do not share
     /dev/shm get different ids)."""
     boot = ""
-    with contextlib.suppress(OSError):
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()[:8]
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()[:8]
     dev = ""
     with contextlib.suppress(OSError):
         dev = str(os.stat("/dev/shm").st_dev)
@@ -58,13 +57,16 @@ class _Mapping:
         self.buf: memoryview | None = memoryview(mm)
         self.nbytes = len(mm)
 
-    def slot(self, slot: int, slot_nbytes: int) -> memoryview:
+    def slot(self, slot: int, slot_nbytes: int, count: int = 1) -> memoryview:
+        """View of ``count`` consecutive slots starting at ``slot``."""
         if self.buf is None:
             raise ValueError("arena is closed")
-        if slot < 0 or (slot + 1) * slot_nbytes > self.nbytes:
-            raise IndexError(f"slot {slot} out of range for an arena of {self.nbytes} bytes")
+        if slot < 0 or count < 1 or (slot + count) * slot_nbytes > self.nbytes:
+            raise IndexError(
+                f"slots [{slot}, {slot + count}) out of range for an arena of {self.nbytes} bytes"
+            )
         start = slot * slot_nbytes
-        return self.buf[start : start + slot_nbytes]
+        return self.buf[start : start + count * slot_nbytes]
 
     def close(self) -> bool:
         """Unmap; returns False if views are still alive (the mapping then lives until they die)."""
@@ -205,9 +207,10 @@ class ArenaReader:
         self.nbytes = size
         self._map = _Mapping(mm)
 
-    def view(self, slot: int, slot_nbytes: int) -> memoryview:
-        """Zero-copy view of one slot; valid while the slot is leased and the reader is open."""
-        return self._map.slot(slot, slot_nbytes)
+    def view(self, slot: int, slot_nbytes: int, count: int = 1) -> memoryview:
+        """Zero-copy view of ``count`` consecutive slots from ``slot``; valid while they are leased
+        and the reader is open."""
+        return self._map.slot(slot, slot_nbytes, count)
 
     def close(self) -> bool:
         """Unmap; False if views are still alive (then the mapping lives until they are dropped)."""

@@ -63,7 +63,9 @@ class KVHandle:
                 "locations are per block (parallel to block_hashes)"
             )
         cap = len(self.block_hashes) * self.layout.block_size
-        if not (0 <= self.num_tokens <= cap) or (self.block_hashes and self.num_tokens <= cap - self.layout.block_size):
+        if not (0 <= self.num_tokens <= cap) or (
+            self.block_hashes and self.num_tokens <= cap - self.layout.block_size
+        ):
             raise InvalidRequestError(
                 f"KVHandle: num_tokens={self.num_tokens} does not fit {len(self.block_hashes)} blocks "
                 f"of {self.layout.block_size} tokens"

@@ -8,7 +8,8 @@ Contracts:
 * A block is *pinned* while a put of it is in flight, while a reader holds a pin
   (:meth:`pin` / :meth:`unpin`), or while an unexpired lease names it. A pinned block is never
   evicted or deleted, so its slot's bytes stay valid.
-* At capacity, a new put evicts the least recently used unpinned block. If every block is pinned
+* At capacity, a new put evicts the least recently used unpinned block. Use = put, get, pin,
+  lease; a block whose last pin or lease ends counts as used at that moment. If every block is pinned
   the put fails with :class:`ResourceExhaustedError` (``retry_after_s`` = time until the earliest
   lease expires).
 * Putting a stored (or in-flight) block is idempotent: no new slot, no data to write.
@@ -100,9 +101,13 @@ class _Entry:
 
 @dataclass
 class _LeaseState:
-    hashes: list[BlockHash]
+    entries: list[tuple[BlockHash, _Entry]]  # the entry objects pinned (identity, not just hash)
     expires_at: float
     ttl_s: float
+
+    @property
+    def hashes(self) -> tuple[BlockHash, ...]:
+        return tuple(h for h, _ in self.entries)
 
 
 def _hex(h: BlockHash) -> str:
@@ -187,10 +192,9 @@ class StoreNode:
 
     def _drop_lease(self, lease_id: str) -> None:
         st = self._leases.pop(lease_id)
-        for h in st.hashes:
-            e = self._entries.get(h)
-            if e is not None:
-                e.leases -= 1
+        for h, e in st.entries:
+            e.leases -= 1
+            if self._entries.get(h) is e:  # the block may have been aborted and put again since
                 self._refresh(h, e, touch=True)
 
     def _ttl(self, ttl_s: float | None) -> float:
@@ -302,13 +306,13 @@ class StoreNode:
         ttl = self._ttl(ttl_s)
         found = self._require(list(hashes))
         lid = self._new_lease_id()
-        st = _LeaseState([h for h, _ in found], self._clock() + ttl, ttl)
+        st = _LeaseState(list(found), self._clock() + ttl, ttl)
         self._leases[lid] = st
         heapq.heappush(self._expiry, (st.expires_at, lid))
         for h, e in found:
             e.leases += 1
             self._refresh(h, e)
-        return Lease(lid, tuple(st.hashes), st.expires_at, ttl)
+        return Lease(lid, st.hashes, st.expires_at, ttl)
 
     def add_to_lease(self, lease_id: str, h: BlockHash) -> None:
         """Add one stored (or in-flight) block to an existing lease (Put under a lease)."""
@@ -319,14 +323,14 @@ class StoreNode:
         e = self._entries.get(h)
         if e is None:
             raise RequestNotFoundError(f"KV block {_hex(h)}... is not stored on this node")
-        st.hashes.append(h)
+        st.entries.append((h, e))
         e.leases += 1
         self._refresh(h, e)
 
     def get_lease(self, lease_id: str) -> Lease | None:
         self.reap()
         st = self._leases.get(lease_id)
-        return None if st is None else Lease(lease_id, tuple(st.hashes), st.expires_at, st.ttl_s)
+        return None if st is None else Lease(lease_id, st.hashes, st.expires_at, st.ttl_s)
 
     def release(self, lease_id: str) -> bool:
         """Unpin a lease's blocks. False if unknown or already expired (idempotent)."""

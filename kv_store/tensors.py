@@ -26,7 +26,9 @@ def block_tensor(buf: Any, layout: KVLayout) -> torch.Tensor:
     (a slot memoryview, bytes are copied by torch only if the buffer is read-only: avoid)."""
     mv = memoryview(buf)
     if mv.nbytes != layout.block_nbytes:
-        raise InvalidRequestError(f"buffer has {mv.nbytes} bytes, a block of this layout has {layout.block_nbytes}")
+        raise InvalidRequestError(
+            f"buffer has {mv.nbytes} bytes, a block of this layout has {layout.block_nbytes}"
+        )
     return torch.frombuffer(mv, dtype=torch_dtype(layout)).view(layout.block_shape)
 
 

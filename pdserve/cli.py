@@ -64,6 +64,73 @@ def _cmd_generate_embedded(a: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from pdserve.launcher import ClusterSpec, launch
+    from pdserve.model_setup import resolve_model_path
+
+    path = resolve_model_path(a.model)
+    host, _, port = a.address.rpartition(":")
+    if host not in ("127.0.0.1", "localhost"):
+        print("pdserve serve binds 127.0.0.1 only; use `pdserve up` for a cluster", file=sys.stderr)
+        return 2
+    print(f"pdserve: starting store, router, {a.prefill} prefill and {a.decode} decode worker(s) ...", file=sys.stderr)
+    cl = launch(
+        ClusterSpec(
+            model_path=str(path),
+            num_prefill=a.prefill,
+            num_decode=a.decode,
+            router_port=int(port),
+            worker_kv_blocks=a.kv_blocks or 2048,
+        )
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"pdserve: serving {path.name} on {cl.router_address} (Ctrl-C to stop)", file=sys.stderr)
+    for name, addr in sorted(cl.workers.items()):
+        print(f"  {name:<12} {addr}", file=sys.stderr)
+    print(f"  {'store':<12} {cl.store_address}", file=sys.stderr)
+    try:
+        while not stop.wait(1.0):
+            dead = [n for n, p in cl.procs.items() if p.poll() is not None]
+            if dead:
+                print(f"pdserve: {', '.join(dead)} exited; stopping", file=sys.stderr)
+                return 1
+    finally:
+        cl.stop()
+    return 0
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    if a.embedded:
+        return _cmd_generate_embedded(a)
+    from pdserve.client import Client
+
+    prompt = a.prompt if a.no_chat else [{"role": "user", "content": a.prompt}]
+    with Client(a.address, timeout=a.timeout) as c:
+        fin = None
+        for ch in c.generate(
+            prompt, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed
+        ):
+            sys.stdout.write(ch.text)
+            sys.stdout.flush()
+            fin = ch.finish or fin
+    sys.stdout.write("\n")
+    if fin is not None:
+        print(
+            f"[{fin.completion_tokens} tokens, TTFT {fin.ttft_s * 1000:.0f} ms, e2e {fin.e2e_s:.2f} s, "
+            f"cached prompt tokens {fin.cached_prompt_tokens}, finish {fin.reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -71,9 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text for a prompt")
     g.add_argument("prompt")
     g.add_argument("--embedded", action="store_true", help="run the engine in this process (no server)")
+    g.add_argument("--address", default=DEFAULT_ADDRESS, help="router address (see `pdserve serve`)")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     _engine_args(g)
     _sampling_args(g)
-    g.set_defaults(func=_cmd_generate_embedded)
+    g.set_defaults(func=_cmd_generate)
+
+    sv = sub.add_parser("serve", help="run router + prefill + decode + KV store on 127.0.0.1 (embedded default)")
+    sv.add_argument("--model", default=None, help="HF Llama-family folder (default: bundled SmolLM2-135M-Instruct)")
+    sv.add_argument("--address", default=DEFAULT_ADDRESS, help="router listen address (127.0.0.1:PORT)")
+    sv.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    sv.add_argument("--decode", type=int, default=1, help="decode workers")
+    sv.add_argument("--kv-blocks", type=int, default=None, help="KV pool size per worker, in blocks")
+    sv.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("setup", help="convert the bundled default model once (into the cache)")
     s.set_defaults(

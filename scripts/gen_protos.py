@@ -5,11 +5,17 @@ The one way the files under ``pdserve/v1/`` (``*_pb2.py``, ``*_pb2.pyi``, ``*_pb
 made. ``proto/`` is the include root, so ``proto/pdserve/v1/x.proto`` becomes ``pdserve/v1/x_pb2.py``
 and imports read ``from pdserve.v1 import common_pb2``. ``tests/unit/test_proto_drift.py`` runs
 :func:`generate` into a temporary directory and fails when the checked-in files differ.
+
+The ``.pyi`` stubs are passed through ``ruff check --fix`` and ``ruff format`` with the project's
+configuration, so that running ruff over the tree leaves them unchanged (protoc's stubs are not
+ruff-clean, and ruff would otherwise rewrite them and break the drift test). The ``.py`` files are
+excluded from ruff in pyproject.toml and left exactly as protoc writes them.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,7 +55,15 @@ def generate(out_root: Path) -> list[Path]:
     rc = protoc.main(args)
     if rc != 0:
         raise RuntimeError(f"protoc failed with exit code {rc} on {files}")
+    stubs = sorted(str(p) for p in (out_root / PACKAGE_DIR).glob("*_pb2.pyi"))
+    _ruff(["check", "--fix", "--exit-zero", "--quiet", *stubs])
+    _ruff(["format", "--quiet", *stubs])
     return sorted(p.relative_to(out_root) for p in (out_root / PACKAGE_DIR).iterdir() if is_generated(p.name))
+
+
+def _ruff(args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "ruff", *args[:1], "--config", str(ROOT / "pyproject.toml"), *args[1:]]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
 def main(argv: list[str] | None = None) -> int:

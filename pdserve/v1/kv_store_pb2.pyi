@@ -145,18 +145,21 @@ class LookupResponse(_message.Message):
     ) -> None: ...
 
 class LeaseRequest(_message.Message):
-    __slots__ = ("block_hashes", "ttl_s", "layout")
+    __slots__ = ("block_hashes", "ttl_s", "layout", "release_lease_ids")
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     ttl_s: float
     layout: _common_pb2.KVLayout
+    release_lease_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(
         self,
         block_hashes: _Iterable[bytes] | None = ...,
         ttl_s: float | None = ...,
         layout: _common_pb2.KVLayout | _Mapping | None = ...,
+        release_lease_ids: _Iterable[str] | None = ...,
     ) -> None: ...
 
 class LeaseResponse(_message.Message):

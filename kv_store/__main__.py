@@ -1,0 +1,66 @@
+"""Run one store node as its own process.
+
+    python -m kv_store --node-id kv0 --capacity-blocks 4096 --model-id smollm2-135m \
+        --num-layers 30 --num-kv-heads 3 --head-dim 64 --dtype float32 --block-size 16 --port 0
+
+Prints one JSON line ``{"node_id", "address", "port", "shm_name", "host_id"}`` on stdout once it
+accepts calls, then serves until SIGTERM/SIGINT (it then unlinks its shared memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kv_store.layout import KVLayout
+from kv_store.service import StoreServer, run_store_node
+from kv_store.store import StoreConfig
+
+
+def parse_config(argv: list[str] | None = None) -> StoreConfig:
+    ap = argparse.ArgumentParser(prog="python -m kv_store", description="pdserve KV store node")
+    ap.add_argument("--node-id", required=True)
+    ap.add_argument("--capacity-blocks", type=int, required=True)
+    ap.add_argument("--model-id", required=True)
+    ap.add_argument("--num-layers", type=int, required=True)
+    ap.add_argument("--num-kv-heads", type=int, required=True)
+    ap.add_argument("--head-dim", type=int, required=True)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--no-shm", action="store_true", help="private memory: no same-host zero-copy reads")
+    ap.add_argument("--no-prefault", action="store_true")
+    ap.add_argument("--default-lease-ttl-s", type=float, default=30.0)
+    ap.add_argument("--max-workers", type=int, default=8)
+    a = ap.parse_args(argv)
+    layout = KVLayout(a.model_id, a.num_layers, a.num_kv_heads, a.head_dim, a.dtype, a.block_size)
+    return StoreConfig(
+        node_id=a.node_id,
+        layout=layout,
+        capacity_blocks=a.capacity_blocks,
+        host=a.host,
+        port=a.port,
+        use_shm=not a.no_shm,
+        prefault=not a.no_prefault,
+        default_lease_ttl_s=a.default_lease_ttl_s,
+        max_workers=a.max_workers,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+
+    def ready(srv: StoreServer) -> None:
+        loc = srv.store.location
+        info = {"node_id": loc.node_id, "address": loc.address, "port": srv.port}
+        info |= {"shm_name": loc.shm_name, "host_id": loc.host_id}
+        print(json.dumps(info), flush=True)
+
+    run_store_node(config, on_ready=ready)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

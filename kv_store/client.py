@@ -1,0 +1,238 @@
+"""KVStoreClient: typed, chunked client of one store node's ``pdserve.v1.KVStore`` service.
+
+Every failure surfaces as a :mod:`pdserve.errors` exception (via
+:func:`pdserve.status.raise_from_rpc_error`): LayoutMismatchError, RequestNotFoundError (block not
+stored), ResourceExhaustedError (node full, with ``retry_after_s``), UnavailableError (node down),
+InvalidRequestError, DeadlineExceededError. Block payloads stream in chunks of at most
+``MAX_CHUNK_BYTES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from engine.block_hash import BlockHash
+from kv_store import convert
+from kv_store.handle import check_hashes
+from kv_store.index import LookupResult
+from kv_store.layout import KVLayout
+from kv_store.store import DeleteCounts, LeaseGrant, PutResult, StoreStats
+from kv_store.wire import decode_get_chunk, encode_chunk
+from pdserve.errors import InternalError, InvalidRequestError
+from pdserve.limits import MAX_CHUNK_BYTES, grpc_options
+from pdserve.status import raise_from_rpc_error
+from pdserve.v1 import kv_store_pb2, kv_store_pb2_grpc
+
+BlockData = Any  # bytes | bytearray | memoryview | numpy.ndarray | torch.Tensor (CPU)
+
+
+def as_block_bytes(block: BlockData) -> memoryview:
+    """A flat byte view of one block's data (zero copy for contiguous buffers and tensors)."""
+    if type(block).__module__.startswith("torch"):
+        from kv_store.tensors import tensor_bytes
+
+        return tensor_bytes(block)
+    mv = memoryview(block)
+    if not mv.c_contiguous:
+        mv = memoryview(bytes(mv))
+    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
+
+
+class KVStoreClient:
+    """Client of one store node at ``address`` ("host:port"). Thread-safe; reuse it.
+
+    ``timeout_s`` is the deadline of each call (None: no deadline).
+    """
+
+    def __init__(self, address: str, *, timeout_s: float | None = 60.0, channel: grpc.Channel | None = None):
+        self.address = address
+        self.timeout_s = timeout_s
+        self._own_channel = channel is None
+        self._channel = (
+            channel if channel is not None else grpc.insecure_channel(address, options=grpc_options())
+        )
+        self._stub = kv_store_pb2_grpc.KVStoreStub(self._channel)
+        # bulk paths: hand-encoded / zero-copy-decoded chunks (kv_store/wire.py), same wire format
+        self._put = self._channel.stream_unary(
+            "/pdserve.v1.KVStore/Put",
+            request_serializer=lambda m: m,
+            response_deserializer=kv_store_pb2.PutResponse.FromString,
+        )
+        self._get = self._channel.unary_stream(
+            "/pdserve.v1.KVStore/Get",
+            request_serializer=kv_store_pb2.GetRequest.SerializeToString,
+            response_deserializer=decode_get_chunk,
+        )
+
+    def close(self) -> None:
+        if self._own_channel:
+            self._channel.close()
+
+    def __enter__(self) -> KVStoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        """Block until the channel is connected (UnavailableError after ``timeout_s``)."""
+        from pdserve.errors import UnavailableError
+
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise UnavailableError(f"KV store at {self.address} not reachable within {timeout_s}s") from None
+
+    # ----------------------------------------------------------------- blocks
+    def put_blocks(
+        self,
+        layout: KVLayout,
+        hashes: Sequence[BlockHash],
+        blocks: Sequence[BlockData],
+        *,
+        lease_ttl_s: float = 0.0,
+    ) -> PutResult:
+        """Store blocks (idempotent per hash). ``lease_ttl_s > 0`` leases them all in the same call
+        (``PutResult.lease_id``), so none can be evicted before the consumer reads them."""
+        hashes = check_hashes(hashes)
+        if len(blocks) != len(hashes):
+            raise InvalidRequestError(f"put_blocks: {len(blocks)} blocks for {len(hashes)} hashes")
+        nbytes = layout.block_nbytes
+        views = [as_block_bytes(b) for b in blocks]
+        for i, v in enumerate(views):
+            if v.nbytes != nbytes:
+                raise InvalidRequestError(
+                    f"put_blocks: block {i} has {v.nbytes} bytes, the layout needs {nbytes}"
+                )
+
+        def chunks() -> Iterator[bytes]:
+            layout_msg = convert.layout_to_proto(layout)
+            first = True
+            for h, v in zip(hashes, views, strict=True):
+                for off in range(0, nbytes, MAX_CHUNK_BYTES):
+                    header = kv_store_pb2.PutChunk()
+                    if off == 0:
+                        header.block_hash = h
+                        header.total_bytes = nbytes
+                    if first:
+                        header.layout.CopyFrom(layout_msg)
+                        header.lease_ttl_s = lease_ttl_s
+                        first = False
+                    yield encode_chunk(header, v[off : off + MAX_CHUNK_BYTES])
+            if first:  # no blocks: still send the layout so the node validates it
+                yield kv_store_pb2.PutChunk(layout=layout_msg, lease_ttl_s=lease_ttl_s).SerializeToString()
+
+        try:
+            resp = self._put(chunks(), timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise_from_rpc_error(e)
+        return convert.put_result_from_proto(resp)
+
+    def iter_chunks(
+        self, layout: KVLayout, hashes: Sequence[BlockHash]
+    ) -> Iterator[tuple[int, int, memoryview]]:
+        """Raw Get stream: ``(block_index, offset, data)`` per chunk, in order. ``data`` is a view
+        of the received message (valid as long as you keep it)."""
+        hashes = check_hashes(hashes)
+        req = kv_store_pb2.GetRequest(block_hashes=list(hashes), layout=convert.layout_to_proto(layout))
+        nbytes = layout.block_nbytes
+        offset = expected = 0
+        try:
+            for chunk in self._get(req, timeout=self.timeout_s):
+                if chunk.block_hash:
+                    if offset not in (0, nbytes) or chunk.block_index != expected:
+                        raise InternalError(f"KV store {self.address} sent a malformed Get stream")
+                    if chunk.total_bytes != nbytes or chunk.block_hash != hashes[chunk.block_index]:
+                        raise InternalError(f"KV store {self.address} sent an unexpected block in Get")
+                    offset = 0
+                    expected += 1
+                elif chunk.block_index != expected - 1:
+                    raise InternalError(f"KV store {self.address} sent a malformed Get stream")
+                if offset + len(chunk.data) > nbytes:
+                    raise InternalError(
+                        f"KV store {self.address} sent too many bytes for block {chunk.block_index}"
+                    )
+                yield chunk.block_index, offset, chunk.data
+                offset += len(chunk.data)
+        except grpc.RpcError as e:
+            raise_from_rpc_error(e)
+        if expected != len(hashes) or (hashes and offset != nbytes):
+            raise InternalError(f"KV store {self.address} ended the Get stream early")
+
+    def get_blocks(self, layout: KVLayout, hashes: Sequence[BlockHash]) -> list[bytes]:
+        """Bytes of each block, in order (RequestNotFoundError if any is not stored)."""
+        nbytes = layout.block_nbytes
+        out: list[bytes] = []
+        parts: list[memoryview] = []
+        for _, off, data in self.iter_chunks(layout, hashes):
+            parts.append(data)
+            if off + len(data) == nbytes:
+                out.append(b"".join(parts))  # the one copy out of the received messages
+                parts = []
+        return out
+
+    def get_blocks_into(self, layout: KVLayout, hashes: Sequence[BlockHash], outs: Sequence[Any]) -> None:
+        """Copy each block into the writable buffer ``outs[i]`` (block_nbytes each; one copy)."""
+        if len(outs) != len(hashes):
+            raise InvalidRequestError(f"get_blocks_into: {len(outs)} buffers for {len(hashes)} hashes")
+        dst = [as_block_bytes(o) for o in outs]
+        for i, d in enumerate(dst):
+            if d.nbytes != layout.block_nbytes or d.readonly:
+                raise InvalidRequestError(
+                    f"get_blocks_into: buffer {i} must be writable with {layout.block_nbytes} bytes"
+                )
+        for i, off, data in self.iter_chunks(layout, hashes):
+            dst[i][off : off + len(data)] = data
+
+    # ----------------------------------------------------------------- small rpcs
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise_from_rpc_error(e)
+
+    def exists(self, hashes: Sequence[BlockHash]) -> list[bool]:
+        resp = self._call(
+            self._stub.Exists, kv_store_pb2.ExistsRequest(block_hashes=list(check_hashes(hashes)))
+        )
+        return list(resp.exists)
+
+    def delete(self, hashes: Sequence[BlockHash]) -> DeleteCounts:
+        resp = self._call(
+            self._stub.Delete, kv_store_pb2.DeleteRequest(block_hashes=list(check_hashes(hashes)))
+        )
+        return convert.delete_from_proto(resp)
+
+    def lookup(self, hashes: Sequence[BlockHash]) -> LookupResult:
+        resp = self._call(
+            self._stub.Lookup, kv_store_pb2.LookupRequest(block_hashes=list(check_hashes(hashes)))
+        )
+        return convert.lookup_from_proto(resp)
+
+    def lease(
+        self,
+        hashes: Sequence[BlockHash],
+        ttl_s: float = 0.0,
+        layout: KVLayout | None = None,
+        release_lease_ids: Sequence[str] = (),
+    ) -> LeaseGrant:
+        """Pin stored blocks (all or nothing) and learn their arena slots; ``ttl_s=0``: node default.
+
+        ``release_lease_ids`` are released first, in the same round trip (batched releases).
+        """
+        req = kv_store_pb2.LeaseRequest(
+            block_hashes=list(check_hashes(hashes)), ttl_s=ttl_s, release_lease_ids=list(release_lease_ids)
+        )
+        if layout is not None:
+            req.layout.CopyFrom(convert.layout_to_proto(layout))
+        return convert.lease_from_proto(self._call(self._stub.Lease, req))
+
+    def release(self, lease_id: str) -> bool:
+        """Unpin a lease; False if unknown or expired (idempotent)."""
+        return self._call(self._stub.Release, kv_store_pb2.ReleaseRequest(lease_id=lease_id)).released
+
+    def stats(self) -> StoreStats:
+        return convert.stats_from_proto(self._call(self._stub.Stats, kv_store_pb2.KVStoreStatsRequest()))

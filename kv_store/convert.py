@@ -1,0 +1,193 @@
+"""Protobuf <-> kv_store value types: the one converter module of this package.
+
+``*_from_proto`` functions validate: a malformed message raises :class:`InvalidRequestError`.
+"""
+
+from __future__ import annotations
+
+from kv_store.handle import BlockLocation, KVHandle
+from kv_store.index import LookupResult
+from kv_store.layout import KVLayout
+from kv_store.node import DeleteResult, NodeStats
+from kv_store.store import DeleteCounts, LeaseGrant, PutResult, StoreStats
+from pdserve.errors import InvalidRequestError
+from pdserve.v1 import common_pb2, kv_store_pb2
+
+
+def layout_to_proto(layout: KVLayout) -> common_pb2.KVLayout:
+    return common_pb2.KVLayout(
+        model_id=layout.model_id,
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        dtype=layout.dtype,
+        block_size=layout.block_size,
+    )
+
+
+def layout_from_proto(msg: common_pb2.KVLayout, what: str = "layout") -> KVLayout:
+    try:
+        return KVLayout(
+            model_id=msg.model_id,
+            num_layers=msg.num_layers,
+            num_kv_heads=msg.num_kv_heads,
+            head_dim=msg.head_dim,
+            dtype=msg.dtype,
+            block_size=msg.block_size,
+        )
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"{what}: {e.message}") from None
+
+
+def required_layout(msg: object, what: str) -> KVLayout:
+    """The ``layout`` field of a request message, which must be set."""
+    if not msg.HasField("layout"):  # type: ignore[attr-defined]
+        raise InvalidRequestError(f"{what}: layout is required (the KVLayout the blocks were produced with)")
+    return layout_from_proto(msg.layout, f"{what}.layout")  # type: ignore[attr-defined]
+
+
+def location_to_proto(loc: BlockLocation) -> common_pb2.BlockLocation:
+    return common_pb2.BlockLocation(
+        node_id=loc.node_id, address=loc.address, shm_name=loc.shm_name, host_id=loc.host_id
+    )
+
+
+def location_from_proto(msg: common_pb2.BlockLocation) -> BlockLocation:
+    return BlockLocation(node_id=msg.node_id, address=msg.address, shm_name=msg.shm_name, host_id=msg.host_id)
+
+
+def handle_to_proto(h: KVHandle) -> common_pb2.KVHandle:
+    return common_pb2.KVHandle(
+        request_id=h.request_id,
+        block_hashes=list(h.block_hashes),
+        locations=[location_to_proto(loc) for loc in h.locations],
+        layout=layout_to_proto(h.layout),
+        num_tokens=h.num_tokens,
+        lease_id=h.lease_id,
+    )
+
+
+def handle_from_proto(msg: common_pb2.KVHandle) -> KVHandle:
+    layout = required_layout(msg, "KVHandle")
+    locs = [location_from_proto(loc) for loc in msg.locations]
+    return KVHandle(
+        request_id=msg.request_id,
+        block_hashes=tuple(msg.block_hashes),
+        locations=tuple(locs),
+        layout=layout,
+        num_tokens=msg.num_tokens,
+        lease_id=msg.lease_id,
+    )
+
+
+def lookup_to_proto(r: LookupResult) -> kv_store_pb2.LookupResponse:
+    return kv_store_pb2.LookupResponse(
+        num_prefix_blocks=r.num_prefix_blocks,
+        blocks=[
+            kv_store_pb2.BlockLocations(locations=[location_to_proto(x) for x in locs])
+            for locs in r.locations
+        ],
+    )
+
+
+def lookup_from_proto(msg: kv_store_pb2.LookupResponse) -> LookupResult:
+    locs = tuple(tuple(location_from_proto(x) for x in b.locations) for b in msg.blocks)
+    return LookupResult(msg.num_prefix_blocks, locs)
+
+
+def lease_to_proto(g: LeaseGrant) -> kv_store_pb2.LeaseResponse:
+    return kv_store_pb2.LeaseResponse(
+        lease_id=g.lease_id,
+        ttl_s=g.ttl_s,
+        expires_at_unix_s=g.expires_at_unix_s,
+        shm_name=g.shm_name,
+        slot_nbytes=g.slot_nbytes,
+        slots=list(g.slots),
+        location=location_to_proto(g.location),
+    )
+
+
+def lease_from_proto(msg: kv_store_pb2.LeaseResponse) -> LeaseGrant:
+    return LeaseGrant(
+        lease_id=msg.lease_id,
+        ttl_s=msg.ttl_s,
+        expires_at_unix_s=msg.expires_at_unix_s,
+        shm_name=msg.shm_name,
+        slot_nbytes=msg.slot_nbytes,
+        slots=tuple(msg.slots),
+        location=location_from_proto(msg.location),
+    )
+
+
+def put_result_to_proto(r: PutResult) -> kv_store_pb2.PutResponse:
+    msg = kv_store_pb2.PutResponse(
+        num_blocks=r.num_blocks,
+        num_stored=r.num_stored,
+        num_existing=r.num_existing,
+        lease_id=r.lease_id,
+        lease_expires_at_unix_s=r.lease_expires_at_unix_s,
+    )
+    if r.location is not None:
+        msg.location.CopyFrom(location_to_proto(r.location))
+    return msg
+
+
+def put_result_from_proto(msg: kv_store_pb2.PutResponse) -> PutResult:
+    return PutResult(
+        num_blocks=msg.num_blocks,
+        num_stored=msg.num_stored,
+        num_existing=msg.num_existing,
+        lease_id=msg.lease_id,
+        lease_expires_at_unix_s=msg.lease_expires_at_unix_s,
+        location=location_from_proto(msg.location) if msg.HasField("location") else None,
+    )
+
+
+def delete_to_proto(r: DeleteResult) -> kv_store_pb2.DeleteResponse:
+    return kv_store_pb2.DeleteResponse(
+        num_deleted=len(r.deleted), num_missing=r.num_missing, num_pinned=r.num_pinned
+    )
+
+
+def delete_from_proto(msg: kv_store_pb2.DeleteResponse) -> DeleteCounts:
+    return DeleteCounts(msg.num_deleted, msg.num_missing, msg.num_pinned)
+
+
+def stats_to_proto(s: StoreStats) -> kv_store_pb2.KVStoreStats:
+    n = s.node
+    return kv_store_pb2.KVStoreStats(
+        location=location_to_proto(s.location),
+        layout=layout_to_proto(s.layout),
+        capacity_blocks=n.capacity_blocks,
+        num_blocks=n.num_blocks,
+        bytes_used=n.bytes_used,
+        capacity_bytes=n.capacity_bytes,
+        num_pinned=n.num_pinned,
+        num_leases=n.num_leases,
+        evictions=n.evictions,
+        hits=n.hits,
+        misses=n.misses,
+        puts=n.puts,
+        put_dedups=n.put_dedups,
+        expired_leases=n.expired_leases,
+        num_pending=n.num_pending,
+    )
+
+
+def stats_from_proto(msg: kv_store_pb2.KVStoreStats) -> StoreStats:
+    node = NodeStats(
+        capacity_blocks=msg.capacity_blocks,
+        num_blocks=msg.num_blocks,
+        num_pending=msg.num_pending,
+        num_pinned=msg.num_pinned,
+        bytes_used=msg.bytes_used,
+        capacity_bytes=msg.capacity_bytes,
+        num_leases=msg.num_leases,
+        evictions=msg.evictions,
+        expired_leases=msg.expired_leases,
+        hits=msg.hits,
+        misses=msg.misses,
+        puts=msg.puts,
+        put_dedups=msg.put_dedups,
+    )
+    return StoreStats(location_from_proto(msg.location), layout_from_proto(msg.layout), node)

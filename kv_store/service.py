@@ -1,0 +1,258 @@
+"""gRPC edge of a store node: the KVStore servicer and :func:`serve`.
+
+Servicer methods validate every request and raise pdserve errors; :func:`pdserve.status.add_servicer`
+turns those (and undecodable messages) into statuses, so a bad request never takes the server
+down. The server also serves gRPC health (``grpc.health.v1``; "" and "pdserve.v1.KVStore") and
+reflection.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kv_store import convert
+from kv_store.index import KVIndex
+from kv_store.layout import KVLayout
+from kv_store.node import PutTicket
+from kv_store.store import BlockStore, PutResult, StoreConfig, check_hash_list
+from kv_store.wire import encode_chunk
+from pdserve.errors import InvalidRequestError
+from pdserve.limits import MAX_CHUNK_BYTES, grpc_options
+from pdserve.status import add_servicer
+from pdserve.v1 import kv_store_pb2
+
+SERVICE = kv_store_pb2.DESCRIPTOR.services_by_name["KVStore"]
+
+
+class KVStoreServicer:
+    """Implements ``pdserve.v1.KVStore`` over a :class:`BlockStore` (see kv_store.proto)."""
+
+    def __init__(self, store: BlockStore) -> None:
+        self.store = store
+
+    # ----------------------------------------------------------------- Put
+    def Put(
+        self, requests: Iterator[kv_store_pb2.PutChunk], context: grpc.ServicerContext
+    ) -> kv_store_pb2.PutResponse:
+        store = self.store
+        nbytes = store.layout.block_nbytes
+        lease_id = ""
+        ticket: PutTicket | None = None
+        received = 0
+        n_blocks = n_new = 0
+        first = True
+        try:
+            for chunk in requests:
+                if first:
+                    first = False
+                    layout = convert.required_layout(chunk, "Put (first chunk)")
+                    store.check_layout(layout, what="Put blocks")
+                    if chunk.lease_ttl_s:
+                        lease_id = store.lease([], chunk.lease_ttl_s).lease_id
+                elif chunk.HasField("layout"):
+                    store.check_layout(
+                        convert.layout_from_proto(chunk.layout, "Put.layout"), what="Put blocks"
+                    )
+                if len(chunk.data) > MAX_CHUNK_BYTES:
+                    raise InvalidRequestError(
+                        f"Put: chunk of {len(chunk.data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte chunk limit"
+                    )
+                if chunk.block_hash:
+                    if ticket is not None:
+                        raise InvalidRequestError(
+                            f"Put: block {n_blocks - 1} ended after {received} of {nbytes} bytes "
+                            "(a new block_hash arrived early)"
+                        )
+                    (h,) = check_hash_list([chunk.block_hash], "Put.block_hash")
+                    if chunk.total_bytes != nbytes:
+                        raise InvalidRequestError(
+                            f"Put: block {n_blocks} declares total_bytes={chunk.total_bytes}, "
+                            f"but a block of this layout is {nbytes} bytes"
+                        )
+                    ticket = store.begin_put(h)
+                    received = 0
+                    n_blocks += 1
+                elif ticket is None:
+                    if not chunk.data:
+                        continue  # an empty keep-alive / layout-only chunk
+                    raise InvalidRequestError(
+                        "Put: data chunk before any block_hash (each block starts with one)"
+                    )
+                data = chunk.data
+                if received + len(data) > nbytes:
+                    raise InvalidRequestError(f"Put: block {n_blocks - 1} got more than its {nbytes} bytes")
+                if ticket.is_new and data:
+                    store.write(ticket, received, data)
+                received += len(data)
+                if received == nbytes:
+                    store.commit(ticket, lease_id)
+                    n_new += ticket.is_new
+                    ticket = None
+            if first:
+                raise InvalidRequestError("Put: empty stream; send at least one chunk with a layout")
+            if ticket is not None:
+                raise InvalidRequestError(
+                    f"Put: stream ended inside block {n_blocks - 1} ({received} of {nbytes} bytes)"
+                )
+        except BaseException:
+            if ticket is not None:
+                store.abort(ticket)
+            if lease_id:
+                store.release(lease_id)
+            raise
+        result = PutResult(
+            num_blocks=n_blocks,
+            num_stored=n_new,
+            num_existing=n_blocks - n_new,
+            lease_id=lease_id,
+            lease_expires_at_unix_s=store.lease_expires_at_unix(lease_id) if lease_id else 0.0,
+            location=store.location,
+        )
+        return convert.put_result_to_proto(result)
+
+    # ----------------------------------------------------------------- Get
+    def Get(
+        self, request: kv_store_pb2.GetRequest, context: grpc.ServicerContext
+    ) -> Iterator[kv_store_pb2.GetChunk]:
+        store = self.store
+        self._check_layout(request, "Get", required=True)
+        hashes = check_hash_list(request.block_hashes, "Get.block_hashes")
+        nbytes = store.layout.block_nbytes
+        with store.pinned_views(hashes) as views:
+            for i, (h, view) in enumerate(zip(hashes, views, strict=True)):
+                for off in range(0, nbytes, MAX_CHUNK_BYTES):
+                    if off == 0:
+                        header = kv_store_pb2.GetChunk(block_index=i, block_hash=h, total_bytes=nbytes)
+                    else:
+                        header = kv_store_pb2.GetChunk(block_index=i)
+                    # one copy: arena slot -> serialised message (kv_store/wire.py)
+                    yield encode_chunk(header, view[off : off + MAX_CHUNK_BYTES])
+
+    # ----------------------------------------------------------------- small rpcs
+    def Exists(
+        self, request: kv_store_pb2.ExistsRequest, context: grpc.ServicerContext
+    ) -> kv_store_pb2.ExistsResponse:
+        hashes = check_hash_list(request.block_hashes, "Exists.block_hashes")
+        return kv_store_pb2.ExistsResponse(exists=self.store.exists(hashes))
+
+    def Delete(
+        self, request: kv_store_pb2.DeleteRequest, context: grpc.ServicerContext
+    ) -> kv_store_pb2.DeleteResponse:
+        hashes = check_hash_list(request.block_hashes, "Delete.block_hashes")
+        return convert.delete_to_proto(self.store.delete(hashes))
+
+    def Lookup(
+        self, request: kv_store_pb2.LookupRequest, context: grpc.ServicerContext
+    ) -> kv_store_pb2.LookupResponse:
+        hashes = check_hash_list(request.block_hashes, "Lookup.block_hashes")
+        return convert.lookup_to_proto(self.store.lookup(hashes))
+
+    def Lease(
+        self, request: kv_store_pb2.LeaseRequest, context: grpc.ServicerContext
+    ) -> kv_store_pb2.LeaseResponse:
+        self._check_layout(request, "Lease", required=False)
+        hashes = check_hash_list(request.block_hashes, "Lease.block_hashes")
+        for lease_id in request.release_lease_ids:
+            self.store.release(lease_id)
+        if not hashes:
+            return convert.lease_to_proto(self.store.no_lease())
+        return convert.lease_to_proto(self.store.lease(hashes, request.ttl_s))
+
+    def Release(
+        self, request: kv_store_pb2.ReleaseRequest, context: grpc.ServicerContext
+    ) -> kv_store_pb2.ReleaseResponse:
+        return kv_store_pb2.ReleaseResponse(released=self.store.release(request.lease_id))
+
+    def Stats(
+        self, request: kv_store_pb2.KVStoreStatsRequest, context: grpc.ServicerContext
+    ) -> kv_store_pb2.KVStoreStats:
+        return convert.stats_to_proto(self.store.stats())
+
+    def _check_layout(self, request: object, what: str, *, required: bool) -> KVLayout | None:
+        if not required and not request.HasField("layout"):  # type: ignore[attr-defined]
+            return None
+        layout = convert.required_layout(request, what)
+        self.store.check_layout(layout, what=f"{what} blocks")
+        return layout
+
+
+@dataclass
+class StoreServer:
+    """A running store node: its :class:`BlockStore` and gRPC server."""
+
+    store: BlockStore
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+
+    @property
+    def address(self) -> str:
+        return self.store.location.address
+
+    def stop(self, grace_s: float | None = 1.0) -> None:
+        """Stop serving (in-flight calls get ``grace_s``), then free the store (unlinks shm)."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+        self.store.close()
+
+    def __enter__(self) -> StoreServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(0)
+
+
+def serve(
+    config: StoreConfig, index: KVIndex | None = None, *, store: BlockStore | None = None
+) -> StoreServer:
+    """Start a store node's gRPC server on ``config.host:config.port`` (port 0: any free port).
+
+    Returns once the server accepts calls; ``StoreServer.port`` is the bound port.
+    """
+    store = store if store is not None else BlockStore(config, index)
+    try:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=config.max_workers, thread_name_prefix=f"kvstore-{config.node_id}"
+            ),
+            options=grpc_options(),
+        )
+        add_servicer(server, SERVICE, KVStoreServicer(store))
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in ("", SERVICE.full_name):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection(
+            (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if port == 0:
+            raise OSError(f"could not bind {config.host}:{config.port}")
+        server.start()
+    except BaseException:
+        store.close()
+        raise
+    store.set_address(f"{config.host}:{port}")
+    return StoreServer(store, server, port, health_servicer)
+
+
+def run_store_node(config: StoreConfig, index: KVIndex | None = None, *, on_ready=None) -> None:
+    """Run a store node in this process until SIGTERM/SIGINT; ``on_ready(StoreServer)`` once bound."""
+    srv = serve(config, index)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        if on_ready is not None:
+            on_ready(srv)
+        stop.wait()
+    finally:
+        srv.stop(1.0)

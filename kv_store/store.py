@@ -1,0 +1,277 @@
+"""BlockStore: one store node's blocks in memory, usable in-process and behind the gRPC service.
+
+Composes the pure bookkeeping (:class:`kv_store.node.StoreNode`), the memory
+(:class:`kv_store.arena.ShmArena`, or :class:`~kv_store.arena.HeapArena` without shm) and the
+index the node reports to (:class:`kv_store.index.KVIndex`). Thread-safe: one lock around
+bookkeeping; block bytes are copied outside the lock (a slot being written is pinned, and a
+pinned slot is never reused).
+
+A prefill worker embedding its store node writes blocks with :meth:`BlockStore.put_block` (one
+copy into the arena); remote writers go through the gRPC Put, which uses the same
+begin/write/commit steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from engine.block_hash import BlockHash
+from kv_store.arena import HeapArena, ShmArena, host_id
+from kv_store.handle import BlockLocation, check_hashes
+from kv_store.index import InMemoryIndex, KVIndex, LookupResult
+from kv_store.layout import KVLayout
+from kv_store.node import DeleteResult, NodeConfig, NodeStats, PutTicket, StoreNode
+from pdserve.errors import InvalidRequestError
+from pdserve.limits import MAX_BLOCKS_PER_CALL
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """A store node: identity, the one layout it serves, capacity, network and lease defaults."""
+
+    node_id: str
+    layout: KVLayout
+    capacity_blocks: int
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port (serve() reports the bound one)
+    use_shm: bool = True  # False: private memory, no same-host zero-copy reads
+    prefault: bool = True
+    default_lease_ttl_s: float = 30.0
+    max_lease_ttl_s: float = 600.0
+    max_workers: int = 8  # gRPC server threads
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            raise ValueError("node_id must be non-empty")
+        if self.capacity_blocks < 1:
+            raise ValueError(f"capacity_blocks must be >= 1, got {self.capacity_blocks}")
+
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    """A lease on blocks, and where their bytes are (slot i at ``slots[i] * slot_nbytes``)."""
+
+    lease_id: str
+    ttl_s: float
+    expires_at_unix_s: float
+    shm_name: str
+    slot_nbytes: int
+    slots: tuple[int, ...]
+    location: BlockLocation
+
+
+@dataclass(frozen=True)
+class PutResult:
+    num_blocks: int
+    num_stored: int
+    num_existing: int
+    lease_id: str = ""
+    lease_expires_at_unix_s: float = 0.0
+    location: BlockLocation | None = None
+
+
+@dataclass(frozen=True)
+class DeleteCounts:
+    num_deleted: int
+    num_missing: int
+    num_pinned: int
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    location: BlockLocation
+    layout: KVLayout
+    node: NodeStats
+
+
+def check_hash_list(hashes: Sequence[bytes], what: str = "block_hashes") -> tuple[BlockHash, ...]:
+    """Validate a request's hash list: count within MAX_BLOCKS_PER_CALL, 16 bytes each."""
+    if len(hashes) > MAX_BLOCKS_PER_CALL:
+        raise InvalidRequestError(
+            f"{what}: {len(hashes)} blocks in one call, at most {MAX_BLOCKS_PER_CALL}; split the request"
+        )
+    return check_hashes(hashes, what)
+
+
+class BlockStore:
+    def __init__(
+        self,
+        config: StoreConfig,
+        index: KVIndex | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.layout = config.layout
+        nbytes = config.layout.block_nbytes
+        self.arena: ShmArena | HeapArena
+        if config.use_shm:
+            self.arena = ShmArena(nbytes, config.capacity_blocks, prefault=config.prefault)
+        else:
+            self.arena = HeapArena(nbytes, config.capacity_blocks)
+        self.node = StoreNode(
+            NodeConfig(config.capacity_blocks, nbytes, config.default_lease_ttl_s, config.max_lease_ttl_s),
+            slots=self.arena,
+            clock=clock,
+        )
+        self._clock = clock
+        self._wall = wall_clock
+        self._lock = threading.Lock()
+        self.index: KVIndex = index if index is not None else InMemoryIndex()
+        self.location = BlockLocation(
+            config.node_id, "", self.arena.name, host_id() if config.use_shm else ""
+        )
+        self.index.add_node(self.location)
+        self._closed = False
+
+    # ------------------------------------------------------------------ identity
+    def set_address(self, address: str) -> None:
+        """Record the bound gRPC address (host:port) and re-announce the node to the index."""
+        with self._lock:
+            self.location = BlockLocation(
+                self.location.node_id, address, self.location.shm_name, self.location.host_id
+            )
+            self.index.add_node(self.location)
+
+    def check_layout(self, layout: KVLayout, what: str = "KV blocks") -> None:
+        """LayoutMismatchError (FAILED_PRECONDITION) unless ``layout`` is this node's layout."""
+        self.layout.check_compatible(layout, what=what)
+
+    def _unix(self, t_mono: float) -> float:
+        return self._wall() + (t_mono - self._clock())
+
+    # ------------------------------------------------------------------ puts
+    def begin_put(self, h: BlockHash) -> PutTicket:
+        with self._lock:
+            ticket = self.node.begin_put(h)
+            if ticket.evicted:
+                self.index.unregister(self.location.node_id, ticket.evicted)
+            return ticket
+
+    def write(self, ticket: PutTicket, offset: int, data: bytes | memoryview) -> None:
+        """Copy ``data`` into the reserved slot at ``offset`` (outside the lock; slot is pinned)."""
+        n = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
+        if offset < 0 or offset + n > self.arena.slot_nbytes:
+            raise InvalidRequestError(
+                f"block data out of range: bytes [{offset}, {offset + n}) of a {self.arena.slot_nbytes}-byte block"
+            )
+        self.arena.view(ticket.slot)[offset : offset + n] = data
+
+    def commit(self, ticket: PutTicket, lease_id: str = "") -> None:
+        """Make the block visible, register it in the index, optionally add it to a lease."""
+        with self._lock:
+            self.node.commit_put(ticket)
+            if lease_id:
+                self.node.add_to_lease(lease_id, ticket.block_hash)
+            if ticket.is_new:
+                self.index.register(self.location.node_id, (ticket.block_hash,))
+
+    def abort(self, ticket: PutTicket) -> None:
+        with self._lock:
+            self.node.abort_put(ticket)
+
+    def put_block(self, h: BlockHash, data: bytes | memoryview, lease_id: str = "") -> bool:
+        """In-process put of one whole block; True if newly stored, False if already there."""
+        (h,) = check_hashes((h,))
+        n = memoryview(data).nbytes
+        if n != self.arena.slot_nbytes:
+            raise InvalidRequestError(
+                f"block has {n} bytes, this node's layout needs {self.arena.slot_nbytes}"
+            )
+        ticket = self.begin_put(h)
+        try:
+            if ticket.is_new:
+                self.write(ticket, 0, data)
+            self.commit(ticket, lease_id)
+        except BaseException:
+            self.abort(ticket)
+            raise
+        return ticket.is_new
+
+    # ------------------------------------------------------------------ reads
+    @contextlib.contextmanager
+    def pinned_views(self, hashes: Sequence[BlockHash]) -> Iterator[list[memoryview]]:
+        """Zero-copy views of stored blocks, pinned for the duration of the ``with`` (NOT_FOUND
+        if any is missing). Views must not be used after the block exits."""
+        hashes = list(hashes)
+        with self._lock:
+            slots = self.node.pin(hashes)
+        try:
+            yield [self.arena.view(s) for s in slots]
+        finally:
+            with self._lock:
+                self.node.unpin(hashes)
+
+    def get_block(self, h: BlockHash) -> bytes:
+        """A copy of one stored block's bytes."""
+        with self.pinned_views([h]) as (view,):
+            return bytes(view)
+
+    # ------------------------------------------------------------------ leases
+    def lease(self, hashes: Sequence[BlockHash], ttl_s: float | None = None) -> LeaseGrant:
+        with self._lock:
+            lease = self.node.lease(hashes, ttl_s)
+            slots = tuple(self.node.slot_of(h) for h in lease.hashes)
+            loc = self.location
+        return LeaseGrant(
+            lease.lease_id,
+            lease.ttl_s,
+            self._unix(lease.expires_at),
+            self.arena.name,
+            self.arena.slot_nbytes,
+            slots,  # type: ignore[arg-type]  # leased blocks are stored: never None
+            loc,
+        )
+
+    def no_lease(self) -> LeaseGrant:
+        """The answer to a Lease of no blocks: where the arena is, no lease id."""
+        return LeaseGrant("", 0.0, 0.0, self.arena.name, self.arena.slot_nbytes, (), self.location)
+
+    def release(self, lease_id: str) -> bool:
+        with self._lock:
+            return self.node.release(lease_id)
+
+    def lease_expires_at_unix(self, lease_id: str) -> float:
+        with self._lock:
+            lease = self.node.get_lease(lease_id)
+        return self._unix(lease.expires_at) if lease else 0.0
+
+    # ------------------------------------------------------------------ misc
+    def exists(self, hashes: Sequence[BlockHash]) -> list[bool]:
+        with self._lock:
+            return self.node.exists(hashes)
+
+    def delete(self, hashes: Sequence[BlockHash]) -> DeleteResult:
+        with self._lock:
+            res = self.node.delete(hashes)
+            if res.deleted:
+                self.index.unregister(self.location.node_id, res.deleted)
+            return res
+
+    def lookup(self, hashes: Sequence[BlockHash]) -> LookupResult:
+        with self._lock:
+            return self.index.lookup(hashes)
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(self.location, self.layout, self.node.stats())
+
+    def close(self) -> None:
+        """Drop this node from the index and free the arena (unlinks the shm segment). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.index.drop_node(self.location.node_id)
+        self.arena.close()
+
+    def __enter__(self) -> BlockStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

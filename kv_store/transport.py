@@ -1,0 +1,365 @@
+"""Block transports: how a consumer (decode worker, migration) reads KV blocks from a store node.
+
+:class:`BlockTransport` is the seam; implementations:
+
+* :class:`GrpcTransport` - any host: the node's Get stream (chunks of <= 1 MiB).
+* :class:`ShmTransport` - same host: zero-copy views straight into the node's shared-memory arena.
+  Protocol: one ``Lease`` rpc pins the blocks (short ttl) and returns their arena slots
+  (``LeaseResponse.shm_name/slot_nbytes/slots``); the transport maps the arena once per node
+  (cached) and hands out ``memoryview`` slices of the slots. A pinned slot is never reused, so the
+  views stay valid until :meth:`FetchedBlocks.release`. No payload crosses gRPC. The release is
+  deferred: it rides on the next ``Lease`` to the same node (``LeaseRequest.release_lease_ids``)
+  or, if none comes within ``release_delay_s``, goes out as a batch from a background thread;
+  so a steady stream of reads costs one round trip each. ``release_delay_s=0`` releases
+  synchronously.
+* :class:`FakeTransport` - in memory, for tests of callers.
+* :class:`AutoTransport` - picks per location with :func:`choose_transport` and falls back from
+  shm to gRPC when the arena cannot be attached.
+
+Usage::
+
+    with transport.fetch(location, layout, hashes) as blocks:
+        for view, block_id in zip(blocks.views, my_block_ids):
+            scatter_block(block_tensor(view, layout), caches, block_id)   # the one copy
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from engine.block_hash import BlockHash
+from kv_store.arena import ArenaReader
+from kv_store.client import KVStoreClient
+from kv_store.handle import BlockLocation, check_hashes
+from kv_store.layout import KVLayout
+from pdserve.errors import InvalidRequestError, PdserveError, RequestNotFoundError, UnavailableError
+
+
+class FetchedBlocks:
+    """Blocks read by a transport: ``views[i]`` holds ``hashes[i]`` (block_nbytes bytes each).
+
+    Views are valid until :meth:`release` (use as a context manager). For shm they alias the
+    node's arena: read them (copy into your KV cache), never write, never keep them.
+    """
+
+    def __init__(
+        self,
+        views: list[memoryview],
+        on_release: Callable[[], None] | None = None,
+        spans: list[tuple[int, memoryview]] | None = None,
+    ) -> None:
+        self.views = views
+        # (first block index, view of consecutive blocks): blocks adjacent in the source memory
+        # merged, so that copy_into does few large copies (large memcpy is much faster)
+        self.spans = spans if spans is not None else list(enumerate(views))
+        self._on_release = on_release
+        self._released = False
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def copy_into(self, dst: object) -> None:
+        """Copy all blocks, in order, into one writable buffer of ``len(self) * block_nbytes``
+        bytes (e.g. a pinned staging buffer), one copy per span of adjacent blocks."""
+        out = np.frombuffer(memoryview(dst).cast("B"), dtype=np.uint8)  # type: ignore[arg-type]
+        nb = self.views[0].nbytes if self.views else 0
+        if out.nbytes != nb * len(self.views) or not out.flags.writeable:
+            raise InvalidRequestError(f"copy_into needs a writable buffer of {nb * len(self.views)} bytes")
+        for start, span in self.spans:
+            np.copyto(out[start * nb : start * nb + span.nbytes], np.frombuffer(span, dtype=np.uint8))
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        for _, v in self.spans:
+            with contextlib.suppress(BufferError):
+                v.release()
+        self.spans = []
+        for v in self.views:
+            # a caller still holding an export (e.g. a tensor) keeps its bytes mapped
+            with contextlib.suppress(BufferError):
+                v.release()
+        self.views = []
+        if self._on_release is not None:
+            self._on_release()
+
+    def __enter__(self) -> FetchedBlocks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class BlockTransport(Protocol):
+    def fetch(self, location: BlockLocation, layout: KVLayout, hashes: Sequence[BlockHash]) -> FetchedBlocks:
+        """Read blocks held by ``location``. RequestNotFoundError if one is not stored there,
+        LayoutMismatchError if the node serves another layout, UnavailableError if unreachable."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class TransportKind(enum.Enum):
+    GRPC = "grpc"
+    SHM = "shm"
+
+
+def choose_transport(location: BlockLocation, my_host_id: str) -> TransportKind:
+    """SHM when the node advertises an arena and shares our shared-memory domain, else GRPC."""
+    if location.shm_name and my_host_id and location.host_id == my_host_id:
+        return TransportKind.SHM
+    return TransportKind.GRPC
+
+
+class _Clients:
+    """One KVStoreClient per address, created on first use."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self._timeout_s = timeout_s
+        self._clients: dict[str, KVStoreClient] = {}
+        self._lock = threading.Lock()
+
+    def get(self, location: BlockLocation) -> KVStoreClient:
+        if not location.address:
+            raise InvalidRequestError(f"store node {location.node_id!r} has no gRPC address")
+        return self.by_address(location.address)
+
+    def by_address(self, address: str) -> KVStoreClient:
+        with self._lock:
+            c = self._clients.get(address)
+            if c is None:
+                c = self._clients[address] = KVStoreClient(address, timeout_s=self._timeout_s)
+            return c
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._clients.values():
+                c.close()
+            self._clients.clear()
+
+
+class GrpcTransport:
+    """Reads blocks through the node's Get stream; views are of private copies (no lease)."""
+
+    def __init__(self, timeout_s: float | None = 60.0) -> None:
+        self._clients = _Clients(timeout_s)
+
+    def fetch(self, location: BlockLocation, layout: KVLayout, hashes: Sequence[BlockHash]) -> FetchedBlocks:
+        data = self._clients.get(location).get_blocks(layout, hashes)
+        return FetchedBlocks([memoryview(b) for b in data])
+
+    def close(self) -> None:
+        self._clients.close()
+
+
+class _DeferredReleases:
+    """Lease ids waiting to be released, per node address (see ShmTransport)."""
+
+    def __init__(self, delay_s: float, clients: _Clients) -> None:
+        self._delay_s = delay_s
+        self._clients = clients
+        self._pending: dict[str, list[tuple[float, str]]] = {}  # address -> [(due, lease_id)]
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    def add(self, address: str, lease_ids: Sequence[str]) -> None:
+        due = time.monotonic() + self._delay_s
+        with self._cond:
+            self._pending.setdefault(address, []).extend((due, lid) for lid in lease_ids)
+            if self._thread is None and not self._stop:
+                self._thread = threading.Thread(target=self._run, name="kv-shm-release", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def take(self, address: str) -> list[str]:
+        """Pending ids for ``address``, to send with the next Lease there."""
+        with self._cond:
+            return [lid for _, lid in self._pending.pop(address, [])]
+
+    def _send(self, batch: dict[str, list[str]]) -> None:
+        for address, ids in batch.items():
+            with contextlib.suppress(PdserveError):  # node gone or busy: the leases expire on their own
+                self._clients.by_address(address).lease([], release_lease_ids=ids)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._pending:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                now = time.monotonic()
+                due = min(items[0][0] for items in self._pending.values())
+                if due > now:
+                    self._cond.wait(due - now)
+                    continue
+                ready = [a for a, items in self._pending.items() if items[0][0] <= now]
+                batch = {a: [lid for _, lid in self._pending.pop(a)] for a in ready}
+            self._send(batch)
+
+    def flush(self) -> None:
+        """Release everything pending now (synchronously)."""
+        with self._cond:
+            batch = {a: [lid for _, lid in items] for a, items in self._pending.items()}
+            self._pending.clear()
+        self._send(batch)
+
+    def close(self) -> None:
+        self.flush()
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=5)
+
+
+class ShmTransport:
+    """Zero-copy reads from a same-host node's arena, pinned by a short lease (module docstring)."""
+
+    def __init__(
+        self, lease_ttl_s: float = 30.0, timeout_s: float | None = 60.0, release_delay_s: float = 0.05
+    ) -> None:
+        self.lease_ttl_s = lease_ttl_s
+        self.release_delay_s = release_delay_s
+        self._clients = _Clients(timeout_s)
+        self._readers: dict[str, ArenaReader] = {}
+        self._lock = threading.Lock()
+        self._deferred = _DeferredReleases(release_delay_s, self._clients)
+
+    def _reader(self, shm_name: str) -> ArenaReader:
+        with self._lock:
+            r = self._readers.get(shm_name)
+            if r is None:
+                try:
+                    r = self._readers[shm_name] = ArenaReader(shm_name)
+                except FileNotFoundError:
+                    raise UnavailableError(
+                        f"shared-memory arena {shm_name!r} cannot be attached (not on this host, or "
+                        "the node restarted); use the gRPC transport"
+                    ) from None
+            return r
+
+    def fetch(self, location: BlockLocation, layout: KVLayout, hashes: Sequence[BlockHash]) -> FetchedBlocks:
+        hashes = check_hashes(hashes)
+        client = self._clients.get(location)
+        address = location.address
+        piggyback = self._deferred.take(address)
+        try:
+            grant = client.lease(hashes, ttl_s=self.lease_ttl_s, layout=layout, release_lease_ids=piggyback)
+        except BaseException:
+            if piggyback:
+                self._deferred.add(address, piggyback)  # maybe not released: retry (idempotent)
+            raise
+        try:
+            if not grant.shm_name:
+                raise UnavailableError(f"store node {location.node_id!r} has no shared-memory arena")
+            if grant.shm_name != location.shm_name and location.shm_name:
+                self._drop_reader(location.shm_name)  # node restarted with a new arena
+            reader = self._reader(grant.shm_name)
+            nb, slots = grant.slot_nbytes, grant.slots
+            views = [reader.view(s, nb) for s in slots]
+            spans, i = [], 0
+            while i < len(slots):
+                j = i
+                while j + 1 < len(slots) and slots[j + 1] == slots[j] + 1:
+                    j += 1
+                spans.append((i, reader.view(slots[i], nb, j - i + 1)))
+                i = j + 1
+        except BaseException:
+            client.release(grant.lease_id)
+            raise
+        if self.release_delay_s > 0:
+            return FetchedBlocks(views, lambda: self._deferred.add(address, [grant.lease_id]), spans)
+        return FetchedBlocks(views, lambda: client.release(grant.lease_id), spans)
+
+    def flush(self) -> None:
+        """Send every deferred release now."""
+        self._deferred.flush()
+
+    def _drop_reader(self, shm_name: str) -> None:
+        with self._lock:
+            r = self._readers.pop(shm_name, None)
+        if r is not None:
+            r.close()
+
+    def close(self) -> None:
+        """Flush deferred releases, unmap arenas, close channels."""
+        self._deferred.close()
+        with self._lock:
+            readers, self._readers = list(self._readers.values()), {}
+        for r in readers:
+            r.close()
+        self._clients.close()
+
+
+class AutoTransport:
+    """Dispatches each fetch with :func:`choose_transport`; shm failures fall back to gRPC."""
+
+    def __init__(
+        self, my_host_id: str, grpc: BlockTransport | None = None, shm: BlockTransport | None = None
+    ):
+        self.my_host_id = my_host_id
+        self.grpc = grpc if grpc is not None else GrpcTransport()
+        self.shm = shm if shm is not None else ShmTransport()
+        self.fallbacks = 0
+
+    def fetch(self, location: BlockLocation, layout: KVLayout, hashes: Sequence[BlockHash]) -> FetchedBlocks:
+        if choose_transport(location, self.my_host_id) is TransportKind.SHM:
+            try:
+                return self.shm.fetch(location, layout, hashes)
+            except UnavailableError:
+                self.fallbacks += 1
+        return self.grpc.fetch(location, layout, hashes)
+
+    def close(self) -> None:
+        self.grpc.close()
+        self.shm.close()
+
+
+class FakeTransport:
+    """In-memory transport for tests of callers: ``blocks[node_id][hash] = bytes``.
+
+    Records every fetch in ``calls`` and counts outstanding (unreleased) fetches in ``open``.
+    """
+
+    def __init__(self) -> None:
+        self.blocks: dict[str, dict[BlockHash, bytes]] = {}
+        self.calls: list[tuple[str, tuple[BlockHash, ...]]] = []
+        self.open = 0
+
+    def put(self, node_id: str, h: BlockHash, data: bytes) -> None:
+        self.blocks.setdefault(node_id, {})[bytes(h)] = bytes(data)
+
+    def fetch(self, location: BlockLocation, layout: KVLayout, hashes: Sequence[BlockHash]) -> FetchedBlocks:
+        hashes = check_hashes(hashes)
+        self.calls.append((location.node_id, hashes))
+        store = self.blocks.get(location.node_id, {})
+        missing = [h for h in hashes if h not in store]
+        if missing:
+            raise RequestNotFoundError(f"{len(missing)} blocks not stored on {location.node_id}")
+        views = []
+        for h in hashes:
+            if len(store[h]) != layout.block_nbytes:
+                raise InvalidRequestError(
+                    f"fake block has {len(store[h])} bytes, layout needs {layout.block_nbytes}"
+                )
+            views.append(memoryview(store[h]))
+        self.open += 1
+
+        def done() -> None:
+            self.open -= 1
+
+        return FetchedBlocks(views, done)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,106 @@
+"""Hand-rolled protobuf encoding of the bulk KV messages (GetChunk, PutChunk), zero-copy.
+
+The generic protobuf runtime copies a chunk's payload several times (into the message, into the
+serialized bytes, out again on parse). For the two messages that carry block bytes this module
+produces and reads the *same wire format* with one copy on each side:
+
+* :func:`encode_chunk` serialises the small header fields with protobuf and appends the payload
+  field (``data``) by hand: ``header + tag + varint(len) + payload`` in one ``bytes.join``.
+* :func:`decode_get_chunk` walks the wire format and returns the payload as a ``memoryview`` of
+  the received message (no copy); unknown fields are skipped as protobuf would.
+
+Protobuf semantics make this exact: a message's serialisation is the concatenation of its fields,
+in any order. ``tests/unit/test_kv_wire.py`` checks equivalence with the protobuf runtime.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from pdserve.v1 import kv_store_pb2
+
+_GET_FIELDS = kv_store_pb2.GetChunk.DESCRIPTOR.fields_by_name
+_GET_INDEX = _GET_FIELDS["block_index"].number
+_GET_HASH = _GET_FIELDS["block_hash"].number
+_GET_TOTAL = _GET_FIELDS["total_bytes"].number
+_GET_DATA = _GET_FIELDS["data"].number
+_PUT_DATA = kv_store_pb2.PutChunk.DESCRIPTOR.fields_by_name["data"].number
+_LEN = 2  # wire type of length-delimited fields
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def encode_chunk(header: Any, payload: Any) -> bytes:
+    """Serialise ``header`` (a GetChunk/PutChunk without ``data``) plus ``payload`` as its data."""
+    field = _GET_DATA if isinstance(header, kv_store_pb2.GetChunk) else _PUT_DATA
+    n = memoryview(payload).nbytes
+    if not n:
+        return header.SerializeToString()
+    return b"".join((header.SerializeToString(), _varint(field << 3 | _LEN), _varint(n), payload))
+
+
+class GetChunkView(NamedTuple):
+    block_index: int
+    block_hash: bytes
+    total_bytes: int
+    data: memoryview  # aliases the received message
+
+
+def decode_get_chunk(raw: bytes) -> GetChunkView:
+    """Parse a serialised GetChunk without copying ``data``. ValueError on malformed input."""
+    buf = memoryview(raw)
+    pos = 0
+    block_index = total = 0
+    block_hash = b""
+    data = buf[0:0]
+    end = len(buf)
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            val, pos = _read_varint(buf, pos)
+            if num == _GET_INDEX:
+                block_index = val
+            elif num == _GET_TOTAL:
+                total = val
+        elif wt == _LEN:
+            n, pos = _read_varint(buf, pos)
+            if pos + n > end:
+                raise ValueError("truncated length-delimited field")
+            if num == _GET_HASH:
+                block_hash = bytes(buf[pos : pos + n])
+            elif num == _GET_DATA:
+                data = buf[pos : pos + n]
+            pos += n
+        elif wt == 1:
+            pos += 8
+        elif wt == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wt}")
+        if pos > end:
+            raise ValueError("truncated field")
+    return GetChunkView(block_index, block_hash, total, data)
