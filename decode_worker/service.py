@@ -8,6 +8,7 @@ in the engine, which frees every block.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
@@ -18,8 +19,11 @@ from engine.llm_engine import LLMEngine
 from kv_store.convert import handle_from_proto
 from pdserve.errors import InvalidRequestError, ResourceExhaustedError
 from pdserve.proto_convert import finish_to_proto, logprob_from_proto, logprob_to_proto, sampling_from_proto
+from pdserve.tracing import log_event, request_scope
 from pdserve.v1 import common_pb2, worker_pb2
 from pdserve.worker_base import WorkerState
+
+log = logging.getLogger(__name__)
 
 
 class DecodeServicer:
@@ -42,6 +46,26 @@ class DecodeServicer:
             time.sleep(0.01)
 
     def Decode(
+        self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext
+    ) -> Iterator[worker_pb2.DecodeResponse]:
+        """Traced entry: the request id is bound for every log line and store call of the decode."""
+        with request_scope(req.request_id or req.kv.request_id):
+            tokens, finish = 0, ""
+            try:
+                for msg in self._decode(req, ctx):
+                    tokens += len(msg.token_ids)
+                    if msg.HasField("finish"):
+                        finish = common_pb2.FinishReason.Name(msg.finish.reason)
+                    yield msg
+            except GeneratorExit:  # the caller went away (after the finish message: it was done)
+                log_event(log, "decode done" if finish else "decode cancelled", tokens=tokens, finish=finish)
+                raise
+            except Exception as e:
+                log_event(log, "decode failed", error=type(e).__name__, tokens=tokens)
+                raise
+            log_event(log, "decode done", tokens=tokens, finish=finish)
+
+    def _decode(
         self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext
     ) -> Iterator[worker_pb2.DecodeResponse]:
         if not req.HasField("kv"):

@@ -52,6 +52,24 @@ def _gather(cache: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, tor
     return k.flatten(-4, -3), v.flatten(-4, -3)
 
 
+def _grouped(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """GQA attention with the query heads of each KV group stacked as extra query rows.
+
+    q ``[B, n, H, hd]``, k/v ``[B, L, KVH, hd]``, mask ``[B, n, L]`` (True = attend). Avoids both
+    expanding K/V per query head and SDPA's slow masked-GQA path on CPU (measured ~6x faster for
+    decode). Returns ``[B, n, H, hd]``.
+    """
+    b, n, h, hd = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    qq = q.view(b, n, kvh, g, hd).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * n, hd)
+    m = mask.unsqueeze(1).repeat(1, 1, g, 1) if g > 1 else mask.unsqueeze(1)  # [B, 1, g*n, L]
+    o = F.scaled_dot_product_attention(qq, k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, scale=scale)
+    return o.view(b, kvh, g, n, hd).permute(0, 3, 1, 2, 4).reshape(b, n, h, hd)
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, H, hd]
     k: torch.Tensor,  # [T, KVH, hd]
@@ -66,30 +84,26 @@ def paged_attention(
     d = md.num_decodes
     if d:
         kk, vv = _gather(cache, md.decode_block_tables)  # [D, L, KVH, hd]
-        o = F.scaled_dot_product_attention(
-            q[:d].unsqueeze(2),  # [D, H, 1, hd]
-            kk.transpose(1, 2),
-            vv.transpose(1, 2),
-            attn_mask=md.decode_mask,
-            scale=scale,
-            enable_gqa=gqa,
-        )
-        out[:d] = o.squeeze(2)
+        mask = md.decode_mask.view(d, 1, -1)  # [D, 1, L]
+        out[:d] = _grouped(q[:d].unsqueeze(1), kk, vv, mask, scale).squeeze(1)
     for p in md.prefills:
-        qs = q[p.start : p.start + p.length].transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
+        sl = slice(p.start, p.start + p.length)
         if p.context == 0:
-            ks = k[p.start : p.start + p.length].transpose(0, 1).unsqueeze(0)
-            vs = v[p.start : p.start + p.length].transpose(0, 1).unsqueeze(0)
+            qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
+            ks = k[sl].transpose(0, 1).unsqueeze(0)
+            vs = v[sl].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            out[sl] = o.squeeze(0).transpose(0, 1)
         else:
             total = p.context + p.length
             kk, vv = _gather(cache, p.block_table)
-            ks = kk[:total].transpose(0, 1).unsqueeze(0)
-            vs = vv[:total].transpose(0, 1).unsqueeze(0)
             qpos = torch.arange(p.context, total, device=q.device).unsqueeze(1)
             kpos = torch.arange(total, device=q.device).unsqueeze(0)
-            o = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=(kpos <= qpos), scale=scale, enable_gqa=gqa
-            )
-        out[p.start : p.start + p.length] = o.squeeze(0).transpose(0, 1)
+            out[sl] = _grouped(
+                q[sl].unsqueeze(0),
+                kk[:total].unsqueeze(0),
+                vv[:total].unsqueeze(0),
+                (kpos <= qpos).unsqueeze(0),
+                scale,
+            ).squeeze(0)
     return out

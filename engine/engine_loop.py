@@ -42,12 +42,13 @@ class EngineLoop:
         self._thread.start()
 
     # ------------------------------------------------------------------ API
-    def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run ``fn(engine)`` on the engine thread; re-raise its exception here."""
+    def call(self, fn: Callable[[LLMEngine], T], timeout_s: float | None = None) -> T:
+        """Run ``fn(engine)`` on the engine thread; re-raise its exception here. With ``timeout_s``,
+        raise TimeoutError if it has not run by then (it may still run later)."""
         fut: Future = Future()
         self._cmds.put((lambda: fn(self.engine), fut))
         self._wake.set()
-        return fut.result()
+        return fut.result(timeout_s)
 
     def add(self, request_id: str, adder: Callable[[LLMEngine], Any]) -> queue.SimpleQueue[OutputItem]:
         """Register an output queue for ``request_id`` and run ``adder`` (which adds it)."""

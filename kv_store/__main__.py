@@ -3,8 +3,10 @@
     python -m kv_store --node-id kv0 --capacity-blocks 4096 --model-id smollm2-135m \
         --num-layers 30 --num-kv-heads 3 --head-dim 64 --dtype float32 --block-size 16 --port 0
 
-Prints one JSON line ``{"node_id", "address", "port", "shm_name", "host_id"}`` on stdout once it
-accepts calls, then serves until SIGTERM/SIGINT (it then unlinks its shared memory).
+Prints one JSON line ``{"node_id", "address", "port", "shm_name", "host_id", "metrics"}`` on stdout
+once it accepts calls (``metrics``: host:port of its Prometheus /metrics, ``--metrics-port``, 0 =
+any free port), then serves until SIGTERM/SIGINT (it then unlinks its shared memory). Logs are JSON
+lines on stderr.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import argparse
 import json
 import sys
 
+from prometheus_client import REGISTRY
+
 from kv_store.layout import KVLayout
 from kv_store.service import StoreServer, run_store_node
 from kv_store.store import StoreConfig
+from pdserve.metrics import StoreMetrics, serve_metrics
+from pdserve.tracing import configure_logging
 
 
 def parse_config(argv: list[str] | None = None) -> StoreConfig:
@@ -34,6 +40,7 @@ def parse_config(argv: list[str] | None = None) -> StoreConfig:
     ap.add_argument("--no-prefault", action="store_true")
     ap.add_argument("--default-lease-ttl-s", type=float, default=30.0)
     ap.add_argument("--max-workers", type=int, default=8)
+    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
     a = ap.parse_args(argv)
     layout = KVLayout(a.model_id, a.num_layers, a.num_kv_heads, a.head_dim, a.dtype, a.block_size)
     return StoreConfig(
@@ -49,16 +56,25 @@ def parse_config(argv: list[str] | None = None) -> StoreConfig:
     )
 
 
+def _metrics_port(argv: list[str] | None) -> int:
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--metrics-port", type=int, default=0)
+    return ap.parse_known_args(argv)[0].metrics_port
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
+    configure_logging(config.node_id)
+    metrics = StoreMetrics(REGISTRY, config.node_id)
+    metrics_port = serve_metrics(_metrics_port(argv))
 
     def ready(srv: StoreServer) -> None:
         loc = srv.store.location
         info = {"node_id": loc.node_id, "address": loc.address, "port": srv.port}
-        info |= {"shm_name": loc.shm_name, "host_id": loc.host_id}
+        info |= {"shm_name": loc.shm_name, "host_id": loc.host_id, "metrics": f"127.0.0.1:{metrics_port}"}
         print(json.dumps(info), flush=True)
 
-    run_store_node(config, on_ready=ready)
+    run_store_node(config, on_ready=ready, metrics=metrics)
     return 0
 
 

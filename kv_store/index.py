@@ -2,8 +2,9 @@
 
 Store nodes :meth:`~KVIndex.register` blocks when stored and :meth:`~KVIndex.unregister` them when
 evicted or deleted; the router asks :meth:`~KVIndex.lookup` for the longest cached prefix of a
-request's block chain. :class:`InMemoryIndex` is the embedded implementation; a Redis one will
-implement the same protocol.
+request's block chain. :class:`InMemoryIndex` is the embedded implementation;
+:class:`kv_store.redis_index.RedisIndex` implements the same protocol on Redis (shared by routers
+and store nodes of a cluster). :func:`best_node_for_prefix` picks the node to route to.
 
 Lookup contract: ``num_prefix_blocks`` is the largest ``n`` such that each of ``hashes[:n]`` is
 registered on at least one node (the chain is a prefix: a block after a miss is not counted even
@@ -13,7 +14,7 @@ holding ``hashes[i]``, ordered by ``node_id``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,6 +36,42 @@ class LookupResult:
         for locs in self.locations[1:]:
             common &= {loc.node_id for loc in locs}
         return sorted(common)
+
+    def prefix_blocks_by_node(self) -> dict[str, int]:
+        """Per node, how many leading blocks of the prefix it holds contiguously from block 0
+        (what a single-source pull from that node would cover). Nodes holding none are absent."""
+        out: dict[str, int] = {}
+        alive: set[str] | None = None
+        for i, locs in enumerate(self.locations):
+            here = {loc.node_id for loc in locs}
+            alive = here if alive is None else alive & here
+            if not alive:
+                break
+            for n in alive:
+                out[n] = i + 1
+        return out
+
+    def best_node(self, load: Callable[[str], float] | None = None) -> tuple[BlockLocation, int] | None:
+        """See :func:`best_node_for_prefix`."""
+        return best_node_for_prefix(self, load)
+
+
+def best_node_for_prefix(
+    result: LookupResult, load: Callable[[str], float] | None = None
+) -> tuple[BlockLocation, int] | None:
+    """Global lookup: the node holding the longest cached prefix, and that prefix's length.
+
+    Pure. Ranks nodes by the number of leading blocks they hold contiguously (most first), then
+    by ``load(node_id)`` (least first; e.g. queue length or used fraction; default 0), then by
+    ``node_id``. Returns ``(location, n_blocks)``, or None when no block of the chain is cached.
+    """
+    counts = result.prefix_blocks_by_node()
+    if not counts:
+        return None
+    score = load if load is not None else (lambda _n: 0.0)
+    best = min(counts, key=lambda n: (-counts[n], score(n), n))
+    loc = next(loc for loc in result.locations[0] if loc.node_id == best)
+    return loc, counts[best]
 
 
 class KVIndex(Protocol):

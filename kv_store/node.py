@@ -12,6 +12,9 @@ Contracts:
   lease; a block whose last pin or lease ends counts as used at that moment. If every block is pinned
   the put fails with :class:`ResourceExhaustedError` (``retry_after_s`` = time until the earliest
   lease expires).
+* Watermarks: when more than ``high_water * capacity`` slots are in use,
+  :meth:`StoreNode.evict_to_low_water` evicts LRU unpinned blocks until at most
+  ``low_water * capacity`` are (best effort: pinned and protected blocks stay).
 * Putting a stored (or in-flight) block is idempotent: no new slot, no data to write.
 * Leases expire at ``now + ttl``; expired leases are reaped at the start of every operation.
 
@@ -25,7 +28,7 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from engine.block_hash import BlockHash
@@ -39,6 +42,10 @@ class NodeConfig:
     block_nbytes: int
     default_lease_ttl_s: float = 30.0
     max_lease_ttl_s: float = 600.0
+    # watermarks, fractions of capacity_blocks: once more than high_water * capacity slots are in
+    # use, evict LRU unpinned blocks down to low_water * capacity (1.0 / 1.0: only at capacity)
+    high_water: float = 1.0
+    low_water: float = 1.0
 
     def __post_init__(self) -> None:
         if self.capacity_blocks < 1:
@@ -47,6 +54,20 @@ class NodeConfig:
             raise ValueError(f"block_nbytes must be >= 1, got {self.block_nbytes}")
         if not (0 < self.default_lease_ttl_s <= self.max_lease_ttl_s):
             raise ValueError("need 0 < default_lease_ttl_s <= max_lease_ttl_s")
+        check_watermarks(self.high_water, self.low_water)
+
+    @property
+    def high_water_blocks(self) -> int:
+        return int(self.high_water * self.capacity_blocks)
+
+    @property
+    def low_water_blocks(self) -> int:
+        return int(self.low_water * self.capacity_blocks)
+
+
+def check_watermarks(high_water: float, low_water: float) -> None:
+    if not (0 < low_water <= high_water <= 1.0):
+        raise ValueError(f"need 0 < low_water <= high_water <= 1, got {low_water=}, {high_water=}")
 
 
 @dataclass(frozen=True)
@@ -358,6 +379,47 @@ class StoreNode:
                 self._slots.free(e.slot)
                 deleted.append(h)
         return DeleteResult(tuple(deleted), missing, pinned)
+
+    # ------------------------------------------------------------------ watermarks
+    def watermark_excess(self) -> int:
+        """Blocks to evict to get down to the low-water mark; 0 unless over the high-water mark."""
+        used = len(self._entries)
+        if used <= self.config.high_water_blocks:
+            return 0
+        return used - self.config.low_water_blocks
+
+    def evictable(self, limit: int | None = None) -> list[BlockHash]:
+        """Unpinned stored blocks, least recently used first (at most ``limit``)."""
+        out = []
+        for h in self._lru:
+            if limit is not None and len(out) >= limit:
+                break
+            out.append(h)
+        return out
+
+    def evict_to_low_water(self, protected: Collection[BlockHash] = ()) -> tuple[BlockHash, ...]:
+        """If over the high-water mark, evict LRU unpinned blocks not in ``protected`` until at the
+        low-water mark (or nothing evictable is left); returns the evicted blocks."""
+        self.reap()
+        need = self.watermark_excess()
+        evicted: list[BlockHash] = []
+        if need <= 0:
+            return ()
+        for h in list(self._lru):
+            if len(evicted) >= need:
+                break
+            if h in protected:
+                continue
+            del self._lru[h]
+            e = self._entries.pop(h)
+            self._slots.free(e.slot)
+            self._evictions += 1
+            evicted.append(h)
+        return tuple(evicted)
+
+    def stored_hashes(self) -> list[BlockHash]:
+        """Every stored (committed) block."""
+        return [h for h, e in self._entries.items() if e.committed]
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> NodeStats:

@@ -3,11 +3,14 @@
 Servicer methods validate every request and raise pdserve errors; :func:`pdserve.status.add_servicer`
 turns those (and undecodable messages) into statuses, so a bad request never takes the server
 down. The server also serves gRPC health (``grpc.health.v1``; "" and "pdserve.v1.KVStore") and
-reflection.
+reflection. Transfers (Put, Get, Lease for shm reads) and lookups are counted in a
+:class:`pdserve.metrics.StoreMetrics`; a ``pdserve-request-id`` call metadata is logged with puts
+and releases.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from kv_store import convert
 from kv_store.index import KVIndex
@@ -26,20 +30,60 @@ from kv_store.store import BlockStore, PutResult, StoreConfig, check_hash_list
 from kv_store.wire import encode_chunk
 from pdserve.errors import InvalidRequestError
 from pdserve.limits import MAX_CHUNK_BYTES, grpc_options
+from pdserve.metrics import StoreMetrics
 from pdserve.status import add_servicer
+from pdserve.tracing import log_event, request_id_from_context, request_scope
 from pdserve.v1 import kv_store_pb2
 
+log = logging.getLogger(__name__)
 SERVICE = kv_store_pb2.DESCRIPTOR.services_by_name["KVStore"]
 
 
 class KVStoreServicer:
     """Implements ``pdserve.v1.KVStore`` over a :class:`BlockStore` (see kv_store.proto)."""
 
-    def __init__(self, store: BlockStore) -> None:
+    def __init__(self, store: BlockStore, metrics: StoreMetrics | None = None) -> None:
         self.store = store
+        self.metrics = (
+            metrics if metrics is not None else StoreMetrics(CollectorRegistry(), store.config.node_id)
+        )
+        self.metrics.set_stats_source(lambda: store.stats().node)
+
+    # ----------------------------------------------------------------- measured entries
+    def Put(
+        self, requests: Iterator[kv_store_pb2.PutChunk], context: grpc.ServicerContext
+    ) -> kv_store_pb2.PutResponse:
+        """:meth:`_put`, counted as a gRPC transfer in, logged with the caller's request id."""
+        with request_scope(request_id_from_context(context)):
+            with self.metrics.transfer("grpc", "put", "in") as tally:
+                resp = self._put(requests, context)
+                tally.add(resp.num_blocks, resp.num_blocks * self.store.layout.block_nbytes)
+            log_event(log, "kv put", blocks=resp.num_blocks, stored=resp.num_stored, lease_id=resp.lease_id)
+        return resp
+
+    def Get(
+        self, request: kv_store_pb2.GetRequest, context: grpc.ServicerContext
+    ) -> Iterator[kv_store_pb2.GetChunk]:
+        """:meth:`_get`, counted as a gRPC transfer out once the whole stream is sent."""
+        with self.metrics.transfer("grpc", "get", "out") as tally:
+            yield from self._get(request, context)
+            n = len(request.block_hashes)
+            tally.add(n, n * self.store.layout.block_nbytes)
+
+    def Lease(
+        self, request: kv_store_pb2.LeaseRequest, context: grpc.ServicerContext
+    ) -> kv_store_pb2.LeaseResponse:
+        """:meth:`_lease`; a lease of blocks pins them for a zero-copy read: counted as shm out."""
+        n = len(request.block_hashes)
+        if not n:
+            return self._lease(request, context)
+        with self.metrics.transfer("shm", "lease", "out") as tally:
+            resp = self._lease(request, context)
+            tally.add(n, n * self.store.layout.block_nbytes)
+        return resp
 
     # ----------------------------------------------------------------- Put
-    def Put(
+    def _put(
         self, requests: Iterator[kv_store_pb2.PutChunk], context: grpc.ServicerContext
     ) -> kv_store_pb2.PutResponse:
         store = self.store
@@ -119,7 +163,7 @@ class KVStoreServicer:
         return convert.put_result_to_proto(result)
 
     # ----------------------------------------------------------------- Get
-    def Get(
+    def _get(
         self, request: kv_store_pb2.GetRequest, context: grpc.ServicerContext
     ) -> Iterator[kv_store_pb2.GetChunk]:
         store = self.store
@@ -153,9 +197,11 @@ class KVStoreServicer:
         self, request: kv_store_pb2.LookupRequest, context: grpc.ServicerContext
     ) -> kv_store_pb2.LookupResponse:
         hashes = check_hash_list(request.block_hashes, "Lookup.block_hashes")
-        return convert.lookup_to_proto(self.store.lookup(hashes))
+        found = self.store.lookup(hashes)
+        self.metrics.observe_lookup(len(hashes), found.num_prefix_blocks)
+        return convert.lookup_to_proto(found)
 
-    def Lease(
+    def _lease(
         self, request: kv_store_pb2.LeaseRequest, context: grpc.ServicerContext
     ) -> kv_store_pb2.LeaseResponse:
         self._check_layout(request, "Lease", required=False)
@@ -169,7 +215,10 @@ class KVStoreServicer:
     def Release(
         self, request: kv_store_pb2.ReleaseRequest, context: grpc.ServicerContext
     ) -> kv_store_pb2.ReleaseResponse:
-        return kv_store_pb2.ReleaseResponse(released=self.store.release(request.lease_id))
+        released = self.store.release(request.lease_id)
+        with request_scope(request_id_from_context(context)):
+            log_event(log, "kv release", lease_id=request.lease_id, released=released)
+        return kv_store_pb2.ReleaseResponse(released=released)
 
     def Stats(
         self, request: kv_store_pb2.KVStoreStatsRequest, context: grpc.ServicerContext
@@ -211,11 +260,16 @@ class StoreServer:
 
 
 def serve(
-    config: StoreConfig, index: KVIndex | None = None, *, store: BlockStore | None = None
+    config: StoreConfig,
+    index: KVIndex | None = None,
+    *,
+    store: BlockStore | None = None,
+    metrics: StoreMetrics | None = None,
 ) -> StoreServer:
     """Start a store node's gRPC server on ``config.host:config.port`` (port 0: any free port).
 
-    Returns once the server accepts calls; ``StoreServer.port`` is the bound port.
+    Returns once the server accepts calls; ``StoreServer.port`` is the bound port. ``metrics``:
+    where its transfers are counted (default: a private registry).
     """
     store = store if store is not None else BlockStore(config, index)
     try:
@@ -225,7 +279,7 @@ def serve(
             ),
             options=grpc_options(),
         )
-        add_servicer(server, SERVICE, KVStoreServicer(store))
+        add_servicer(server, SERVICE, KVStoreServicer(store, metrics))
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", SERVICE.full_name):
@@ -244,9 +298,11 @@ def serve(
     return StoreServer(store, server, port, health_servicer)
 
 
-def run_store_node(config: StoreConfig, index: KVIndex | None = None, *, on_ready=None) -> None:
+def run_store_node(
+    config: StoreConfig, index: KVIndex | None = None, *, on_ready=None, metrics: StoreMetrics | None = None
+) -> None:
     """Run a store node in this process until SIGTERM/SIGINT; ``on_ready(StoreServer)`` once bound."""
-    srv = serve(config, index)
+    srv = serve(config, index, metrics=metrics)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

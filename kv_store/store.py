@@ -23,8 +23,9 @@ from engine.block_hash import BlockHash
 from kv_store.arena import HeapArena, ShmArena, host_id
 from kv_store.handle import BlockLocation, check_hashes
 from kv_store.index import InMemoryIndex, KVIndex, LookupResult
+from kv_store.index_sync import IndexSyncer, SyncableIndex
 from kv_store.layout import KVLayout
-from kv_store.node import DeleteResult, NodeConfig, NodeStats, PutTicket, StoreNode
+from kv_store.node import DeleteResult, NodeConfig, NodeStats, PutTicket, StoreNode, check_watermarks
 from pdserve.errors import InvalidRequestError
 from pdserve.limits import MAX_BLOCKS_PER_CALL
 
@@ -43,12 +44,16 @@ class StoreConfig:
     default_lease_ttl_s: float = 30.0
     max_lease_ttl_s: float = 600.0
     max_workers: int = 8  # gRPC server threads
+    high_water: float = 1.0  # see NodeConfig: watermark eviction (1.0/1.0: only at capacity)
+    low_water: float = 1.0
+    index_sync_interval_s: float = 1.0  # re-registration probe, for indexes that can lose state
 
     def __post_init__(self) -> None:
         if not self.node_id:
             raise ValueError("node_id must be non-empty")
         if self.capacity_blocks < 1:
             raise ValueError(f"capacity_blocks must be >= 1, got {self.capacity_blocks}")
+        check_watermarks(self.high_water, self.low_water)
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,14 @@ class BlockStore:
         else:
             self.arena = HeapArena(nbytes, config.capacity_blocks)
         self.node = StoreNode(
-            NodeConfig(config.capacity_blocks, nbytes, config.default_lease_ttl_s, config.max_lease_ttl_s),
+            NodeConfig(
+                config.capacity_blocks,
+                nbytes,
+                config.default_lease_ttl_s,
+                config.max_lease_ttl_s,
+                high_water=config.high_water,
+                low_water=config.low_water,
+            ),
             slots=self.arena,
             clock=clock,
         )
@@ -128,6 +140,14 @@ class BlockStore:
         )
         self.index.add_node(self.location)
         self._closed = False
+        self.syncer: IndexSyncer | None = None
+        if isinstance(self.index, SyncableIndex) and config.index_sync_interval_s > 0:
+            self.syncer = IndexSyncer(
+                self.index,
+                self.resync_index,
+                interval_s=config.index_sync_interval_s,
+                name=f"kv-index-sync-{config.node_id}",
+            ).start()
 
     # ------------------------------------------------------------------ identity
     def set_address(self, address: str) -> None:
@@ -170,6 +190,21 @@ class BlockStore:
                 self.node.add_to_lease(lease_id, ticket.block_hash)
             if ticket.is_new:
                 self.index.register(self.location.node_id, (ticket.block_hash,))
+                self._evict_over_high_water()
+
+    def _evict_over_high_water(self) -> None:
+        """Watermark eviction (lock held): skips blocks the index reports leased, if it can."""
+        need = self.node.watermark_excess()
+        if need <= 0:
+            return
+        protected: set[BlockHash] = set()
+        leased = getattr(self.index, "leased", None)
+        if leased is not None:
+            cands = self.node.evictable(limit=2 * need + 16)
+            protected = {h for h, p in zip(cands, leased(self.location.node_id, cands), strict=True) if p}
+        evicted = self.node.evict_to_low_water(protected)
+        if evicted:
+            self.index.unregister(self.location.node_id, evicted)
 
     def abort(self, ticket: PutTicket) -> None:
         with self._lock:
@@ -257,12 +292,24 @@ class BlockStore:
         with self._lock:
             return self.index.lookup(hashes)
 
+    def resync_index(self) -> int:
+        """Make the index hold exactly this node's stored blocks (after the index lost state; see
+        :mod:`kv_store.index_sync`). Returns the number of blocks registered."""
+        with self._lock:
+            if self._closed:
+                return 0
+            hashes = self.node.stored_hashes()
+            self.index.sync_node(self.location, hashes)  # type: ignore[attr-defined]
+            return len(hashes)
+
     def stats(self) -> StoreStats:
         with self._lock:
             return StoreStats(self.location, self.layout, self.node.stats())
 
     def close(self) -> None:
         """Drop this node from the index and free the arena (unlinks the shm segment). Idempotent."""
+        if self.syncer is not None:
+            self.syncer.stop()
         with self._lock:
             if self._closed:
                 return

@@ -1,8 +1,9 @@
 """Start the embedded default cluster as processes on 127.0.0.1: store, router, prefill, decode.
 
 ``launch(model_path)`` returns a :class:`LocalCluster` once every process is serving (each prints
-a JSON line with its address) and every worker has registered with the router. ``stop()`` ends
-them all (SIGTERM, then SIGKILL after a grace period).
+a JSON line with its address and its Prometheus /metrics address) and every worker has registered
+with the router. ``stop()`` ends them all (SIGTERM, then SIGKILL after a grace period).
+``write_file_sd(path)`` writes a Prometheus file_sd target list of their /metrics endpoints.
 """
 
 from __future__ import annotations
@@ -43,6 +44,24 @@ class LocalCluster:
     workers: dict[str, str] = field(default_factory=dict)  # worker_id -> address
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, list[str]] = field(default_factory=dict)
+    metrics: dict[str, str] = field(default_factory=dict)  # process name -> /metrics host:port
+
+    def write_file_sd(self, path: str | Path) -> Path:
+        """Write (atomically replace) a Prometheus ``file_sd_configs`` JSON file: one target group
+        per process, labelled ``component`` (router | prefill | decode | kv_store) and ``process``
+        (its name here: router, store, prefill-0, ...). Returns the path."""
+        groups = [
+            {
+                "targets": [addr],
+                "labels": {"component": _COMPONENT.get(name.split("-")[0], name), "process": name},
+            }
+            for name, addr in sorted(self.metrics.items())
+        ]
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(groups, indent=2))
+        tmp.replace(path)
+        return path
 
     def stop(self, grace_s: float = 5.0) -> None:
         for p in self.procs.values():
@@ -68,6 +87,20 @@ class LocalCluster:
         self.stop()
 
 
+_COMPONENT = {"store": "kv_store", "router": "router", "prefill": "prefill", "decode": "decode"}
+
+
+def _ready_info(line: str) -> dict | None:
+    """The ready line's JSON object (it has "address"); None for anything else, JSON logs included."""
+    if not line.startswith("{"):
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) and "address" in obj and "msg" not in obj else None
+
+
 def _spawn(cluster: LocalCluster, name: str, args: list[str], timeout_s: float) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -91,12 +124,10 @@ def _spawn(cluster: LocalCluster, name: str, args: list[str], timeout_s: float) 
         assert p.stdout is not None
         for line in p.stdout:
             lines.append(line.rstrip())
-            if not got.is_set() and line.startswith("{"):
-                try:
-                    ready.update(json.loads(line))
-                    got.set()
-                except json.JSONDecodeError:
-                    pass
+            info = None if got.is_set() else _ready_info(line)
+            if info is not None:
+                ready.update(info)
+                got.set()
         p.stdout.close()
         got.set()
 
@@ -105,6 +136,8 @@ def _spawn(cluster: LocalCluster, name: str, args: list[str], timeout_s: float) 
         cluster.stop()
         tail = "\n".join(lines[-20:])
         raise UnavailableError(f"{name} did not start within {timeout_s}s:\n{tail}")
+    if "metrics" in ready:
+        cluster.metrics[name] = ready["metrics"]
     return ready
 
 

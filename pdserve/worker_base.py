@@ -16,6 +16,7 @@ from engine.llm_engine import LLMEngine
 from kv_store.convert import layout_to_proto
 from kv_store.layout import KVLayout
 from pdserve.limits import grpc_options
+from pdserve.metrics import WorkerMetrics, WorkerSnapshot
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class WorkerConfig:
     heartbeat_interval_s: float = 0.5
     lease_ttl_s: float = 30.0
     admission_timeout_s: float = 30.0  # decode: how long a handoff may wait for free blocks
+    metrics_port: int = 0  # /metrics on 127.0.0.1 (0: any free port)
 
 
 def engine_layout(engine: LLMEngine) -> KVLayout:
@@ -94,6 +96,43 @@ class WorkerState:
             prefix_cache_hit_rate=hit,
             kv_layout=layout_to_proto(self.layout),
         )
+
+    def metrics_snapshot(self, timeout_s: float = 2.0) -> WorkerSnapshot:
+        """Engine state for /metrics, read on the engine thread (TimeoutError if busy longer)."""
+
+        def read(e: LLMEngine) -> WorkerSnapshot:
+            s, p = e.stats(), e.kv.pool.stats
+            return WorkerSnapshot(
+                running=s.num_running,
+                waiting=s.num_waiting,
+                kv_blocks_total=s.kv_blocks_total,
+                kv_blocks_used=s.kv_blocks_used,
+                kv_blocks_cached=s.kv_blocks_cached,
+                token_budget=s.token_budget,
+                prefill_tokens_computed=s.prefill_tokens_computed,
+                prefill_tokens_reused=s.prefill_tokens_reused,
+                decode_tokens=s.decode_tokens,
+                preemptions=s.num_preemptions,
+                requests_finished=self.finished_total,
+                prefix_query_tokens=p.queries,
+                prefix_hit_tokens=p.hits,
+                prefix_evictions=p.evictions,
+            )
+
+        return self.loop.call(read, timeout_s=timeout_s)
+
+    def attach_metrics(self, metrics: WorkerMetrics) -> None:
+        """Feed ``metrics``: step time and tokens per step from the engine loop's ``on_step`` hook
+        (tokens = prefill + decode tokens the step processed, from the engine's counters)."""
+        e = self.engine
+        last = [e.prefill_tokens_computed + e.decode_tokens]
+
+        def on_step(seconds: float, _new_tokens: int) -> None:  # runs on the engine thread
+            now = e.prefill_tokens_computed + e.decode_tokens
+            metrics.observe_step(seconds, now - last[0])
+            last[0] = now
+
+        self.loop.on_step = on_step
 
     def abort(self, request_id: str) -> bool:
         return self.loop.abort(request_id)

@@ -1,21 +1,27 @@
 """Process entry of a prefill or decode worker (``python -m prefill_worker`` / ``python -m decode_worker``).
 
-Prints one JSON line ``{"worker_id", "role", "address"}`` once serving, then runs until SIGTERM.
+Prints one JSON line ``{"worker_id", "role", "address", "metrics"}`` once serving (``metrics``:
+host:port of its Prometheus /metrics), then runs until SIGTERM. Logs are JSON lines on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import signal
 import sys
 import threading
+
+import grpc
+from prometheus_client import REGISTRY
 
 from engine.config import EngineConfig
 from kv_store.arena import host_id
 from kv_store.client import KVStoreClient
 from kv_store.transport import AutoTransport
+from pdserve.limits import grpc_options
+from pdserve.metrics import WorkerMetrics, serve_metrics
+from pdserve.tracing import configure_logging, traced_channel
 from pdserve.v1 import worker_pb2
 from pdserve.worker_base import Heartbeater, Role, WorkerConfig, WorkerState
 
@@ -36,6 +42,7 @@ def parse(argv: list[str] | None, role: Role) -> WorkerConfig:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--admission-timeout-s", type=float, default=30.0)
+    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
     a = ap.parse_args(argv)
     eng = EngineConfig(
         num_kv_blocks=a.kv_blocks,
@@ -56,6 +63,7 @@ def parse(argv: list[str] | None, role: Role) -> WorkerConfig:
         router_address=a.router,
         engine=eng,
         admission_timeout_s=a.admission_timeout_s,
+        metrics_port=a.metrics_port,
     )
 
 
@@ -74,20 +82,33 @@ def build_service(state: WorkerState, store: KVStoreClient, transport: AutoTrans
 def main(role: Role, argv: list[str] | None = None) -> int:
     from pdserve.grpc_server import start_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = parse(argv, role)
+    configure_logging(cfg.worker_id)
     state = WorkerState.load(cfg)
-    store = KVStoreClient(cfg.store_address)
+    # store calls carry the request id as gRPC metadata (pdserve-request-id)
+    store_channel = traced_channel(grpc.insecure_channel(cfg.store_address, options=grpc_options()))
+    store = KVStoreClient(cfg.store_address, channel=store_channel)
     transport = AutoTransport(host_id())
     svc = build_service(state, store, transport)
     desc = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
     server, port, _ = start_server([(desc, svc)], cfg.host, cfg.port, name=cfg.worker_id)
     state.address = f"{cfg.host}:{port}"
+    state.attach_metrics(
+        WorkerMetrics(REGISTRY, cfg.worker_id, role.name.lower(), snapshot=state.metrics_snapshot)
+    )
+    metrics_port = serve_metrics(cfg.metrics_port)
     hb = Heartbeater(state, cfg.router_address) if cfg.router_address else None
     if hb:
         hb.start()
     print(
-        json.dumps({"worker_id": cfg.worker_id, "role": role.name.lower(), "address": state.address}),
+        json.dumps(
+            {
+                "worker_id": cfg.worker_id,
+                "role": role.name.lower(),
+                "address": state.address,
+                "metrics": f"127.0.0.1:{metrics_port}",
+            }
+        ),
         flush=True,
     )
     stop = threading.Event()
@@ -100,6 +121,7 @@ def main(role: Role, argv: list[str] | None = None) -> int:
     state.close()
     transport.close()
     store.close()
+    store_channel.close()
     return 0
 
 

@@ -20,6 +20,7 @@ from kv_store.tensors import block_tensor
 from kv_store.transport import BlockTransport
 from pdserve.errors import CancelledError, InvalidRequestError
 from pdserve.proto_convert import logprob_to_proto, sampling_from_proto
+from pdserve.tracing import log_event, request_scope
 from pdserve.v1 import common_pb2, worker_pb2
 from pdserve.worker_base import WorkerState
 from prefill_worker.publisher import KVPublisher
@@ -65,6 +66,30 @@ class PrefillServicer:
         return n * layout.block_size
 
     def Prefill(
+        self, req: worker_pb2.PrefillRequest, ctx: grpc.ServicerContext
+    ) -> worker_pb2.PrefillResponse:
+        """Traced entry: the request id is bound for every log line and store call of the prefill."""
+        with request_scope(req.request_id):
+            try:
+                resp = self._prefill(req, ctx)
+            except Exception as e:
+                log_event(log, "prefill failed", error=type(e).__name__)
+                raise
+            t = resp.timing
+            log_event(
+                log,
+                "prefill done",
+                request_id=resp.request_id,
+                prompt_tokens=len(req.prompt_token_ids),
+                cached_tokens=resp.num_cached_tokens,
+                blocks=len(resp.kv.block_hashes),
+                queue_s=round(t.queue_s, 6),
+                prefill_s=round(t.prefill_s, 6),
+                transfer_s=round(t.transfer_s, 6),
+            )
+            return resp
+
+    def _prefill(
         self, req: worker_pb2.PrefillRequest, ctx: grpc.ServicerContext
     ) -> worker_pb2.PrefillResponse:
         t_arrive = time.monotonic()

@@ -1,18 +1,22 @@
 """Router process: ``python -m router --model PATH [--port 0]``.
 
-Prints one JSON line ``{"address"}`` once serving; runs until SIGTERM.
+Prints one JSON line ``{"address", "metrics"}`` once serving (``metrics``: host:port of its
+Prometheus /metrics); runs until SIGTERM. Logs are JSON lines on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
+from pdserve.metrics import RouterMetrics, serve_metrics
+from pdserve.tracing import configure_logging
 from pdserve.v1 import client_pb2, router_pb2
 from router.registry import Registry
 from router.service import GenerateServicer, RegistryServicer, RouterConfig
@@ -27,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--heartbeat-timeout-s", type=float, default=3.0)
+    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging("router")
     cfg = RouterConfig(
         model_path=a.model,
         model_id=a.model_id or Path(a.model).name,
@@ -38,11 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     reg = Registry(cfg.heartbeat_timeout_s)
     services = [
-        (client_pb2.DESCRIPTOR.services_by_name["Generate"], GenerateServicer(reg, cfg)),
+        (
+            client_pb2.DESCRIPTOR.services_by_name["Generate"],
+            GenerateServicer(reg, cfg, RouterMetrics(REGISTRY)),
+        ),
         (router_pb2.DESCRIPTOR.services_by_name["Registry"], RegistryServicer(reg, cfg)),
     ]
     server, port, _ = start_server(services, cfg.host, cfg.port, name="router")
-    print(json.dumps({"address": f"{cfg.host}:{port}"}), flush=True)
+    metrics_port = serve_metrics(a.metrics_port)
+    print(json.dumps({"address": f"{cfg.host}:{port}", "metrics": f"127.0.0.1:{metrics_port}"}), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from engine.models.config import ModelConfig
 from engine.sampling_params import SamplingParams
@@ -24,8 +25,10 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kv_store.client import KVStoreClient
 from pdserve.errors import InvalidRequestError, UnavailableError
 from pdserve.limits import grpc_options
+from pdserve.metrics import FinishedRequest, RouterMetrics, outcome_for, slo_class
 from pdserve.proto_convert import finish_to_proto, sampling_from_proto
 from pdserve.status import raise_from_rpc_error
+from pdserve.tracing import log_event, request_scope, traced_channel
 from pdserve.v1 import client_pb2, common_pb2, router_pb2, worker_pb2, worker_pb2_grpc
 from router.registry import Registry, WorkerKind, WorkerLoad, least_loaded
 
@@ -102,14 +105,21 @@ class _Stubs:
     def store(self, address: str) -> KVStoreClient:
         c = self._stores.get(address)
         if c is None:
-            c = self._stores[address] = KVStoreClient(address, timeout_s=5)
+            ch = traced_channel(grpc.insecure_channel(address, options=grpc_options()))
+            c = self._stores[address] = KVStoreClient(address, timeout_s=5, channel=ch)
         return c
 
 
 class GenerateServicer:
-    def __init__(self, registry: Registry, config: RouterConfig) -> None:
+    def __init__(
+        self, registry: Registry, config: RouterConfig, metrics: RouterMetrics | None = None
+    ) -> None:
         self.registry = registry
         self.config = config
+        self.metrics = metrics if metrics is not None else RouterMetrics(CollectorRegistry())
+        self.metrics.track_workers(
+            lambda: {k.value: len(self.registry.alive(k, config.model_id)) for k in WorkerKind}
+        )
         path = Path(config.model_path)
         self.tokenizer = Tokenizer(path)
         self.model_config = ModelConfig.from_path(path)
@@ -189,14 +199,77 @@ class GenerateServicer:
     def Generate(
         self, req: client_pb2.GenerateRequest, ctx: grpc.ServicerContext
     ) -> Iterator[client_pb2.GenerateResponse]:
+        """Traced, measured entry: binds the request id (one is assigned if the client sent none),
+        records outcome, latencies, phases and SLO result (:class:`RouterMetrics`) and logs one
+        structured line per request."""
+        if not req.request_id:
+            req.request_id = uuid.uuid4().hex
+        cls = slo_class(req.slo.ttft_s, req.slo.tpot_s)
+        m = self.metrics
+        finish: common_pb2.Finish | None = None
+        with request_scope(req.request_id):
+            m.inflight.inc()
+            try:
+                for resp in self._generate(req, ctx):
+                    if resp.HasField("finish"):
+                        finish = resp.finish
+                    yield resp
+            except BaseException as e:
+                outcome = outcome_for(e)
+                m.observe_failed(cls, outcome)
+                log_event(log, "request failed", slo_class=cls, outcome=outcome, error=type(e).__name__)
+                raise
+            finally:
+                m.inflight.dec()
+            if finish is None:  # the stream ended without a result: the client went away
+                m.observe_failed(cls, "cancelled")
+                log_event(log, "request failed", slo_class=cls, outcome="cancelled", error="")
+                return
+            t = finish.timing
+            phases = {
+                "queue": t.queue_s,
+                "prefill": t.prefill_s,
+                "transfer": t.transfer_s,
+                "decode": t.decode_s,
+            }
+            rec = FinishedRequest(
+                ttft_s=t.ttft_s,
+                e2e_s=t.e2e_s,
+                token_times_s=list(t.token_times_s),
+                phases=phases,
+                prompt_tokens=finish.usage.prompt_tokens,
+                cached_prompt_tokens=finish.usage.cached_prompt_tokens,
+                completion_tokens=finish.usage.completion_tokens,
+            )
+            met = m.observe_finished(cls, req.slo.ttft_s, req.slo.tpot_s, rec)
+            log_event(
+                log,
+                "request done",
+                slo_class=cls,
+                outcome="ok",
+                slo_met=met,
+                prompt_tokens=rec.prompt_tokens,
+                cached_tokens=rec.cached_prompt_tokens,
+                completion_tokens=rec.completion_tokens,
+                ttft_s=round(rec.ttft_s, 6),
+                e2e_s=round(rec.e2e_s, 6),
+                **{f"{k}_s": round(v, 6) for k, v in phases.items()},
+            )
+
+    def _generate(
+        self, req: client_pb2.GenerateRequest, ctx: grpc.ServicerContext
+    ) -> Iterator[client_pb2.GenerateResponse]:
         t0 = time.monotonic()
         self._check_model(req.model)
         params = sampling_from_proto(req.sampling)
         ids = self._tokens(req)
         self._validate(ids, params)
         rid = req.request_id or uuid.uuid4().hex
+        t_route = time.perf_counter()
         pw = self._pick(WorkerKind.PREFILL)
         dw = self._pick(WorkerKind.DECODE)
+        self.metrics.routing.observe(time.perf_counter() - t_route)
+        log_event(log, "routed", prefill=pw.worker_id, decode=dw.worker_id)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         common = dict(
             request_id=rid,

@@ -1,0 +1,535 @@
+"""Every Prometheus metric of pdserve, defined in one place, and the ``/metrics`` HTTP server.
+
+Conventions: ``pdserve_`` prefix, base units (seconds, bytes, tokens, blocks), counters end in
+``_total``, latency histograms in ``_seconds``. Label values come from small fixed sets:
+
+* ``slo_class``  :data:`SLO_CLASSES` (see :func:`slo_class`)
+* ``outcome``    :data:`OUTCOMES` (see :func:`outcome_for`)
+* ``phase``      :data:`PHASES`
+* ``transport``  grpc | shm;  ``direction`` in | out;  ``op`` put | get | lease
+* ``worker_id``/``role`` (one pair per worker process), ``node_id`` (one per store process)
+
+Each component object (:class:`RouterMetrics`, :class:`WorkerMetrics`, :class:`StoreMetrics`)
+registers its metrics in the ``CollectorRegistry`` it is given. A process passes
+``prometheus_client.REGISTRY`` and serves it with :func:`serve_metrics`; tests pass a fresh
+``CollectorRegistry()`` each, so objects never collide. Known label combinations are created up
+front (value 0), so dashboards and alerts see series before the first event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pdserve.errors import ErrorCode
+from pdserve.status import from_grpc_code, status_for
+
+# counters get no extra ``*_created`` series (they double the series count for nothing here)
+prometheus_client.disable_created_metrics()
+
+SLO_CLASSES = ("default", "interactive", "standard", "batch")
+OUTCOMES = ("ok", "rejected", "invalid", "cancelled", "timeout", "error")
+PHASES = ("queue", "prefill", "transfer", "decode")
+TRANSPORTS = ("grpc", "shm")
+KV_OPS = (("grpc", "put", "in"), ("grpc", "get", "out"), ("shm", "lease", "out"))
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ROUTING_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+# SLO class boundaries (seconds): the tightest target a request sets decides its class
+INTERACTIVE_TTFT_S, INTERACTIVE_TPOT_S = 0.5, 0.05
+STANDARD_TTFT_S, STANDARD_TPOT_S = 5.0, 0.2
+
+
+# ---------------------------------------------------------------------------- pure helpers
+def slo_class(ttft_s: float, tpot_s: float) -> str:
+    """The bounded class label of a request's SLO (targets <= 0 mean "no target").
+
+    ``default``: no target at all. Otherwise the tightest target decides:
+    ``interactive`` if TTFT <= 0.5 s or TPOT <= 0.05 s; ``standard`` if TTFT <= 5 s or
+    TPOT <= 0.2 s; ``batch`` for anything looser.
+    """
+    ttft = ttft_s if ttft_s > 0 and math.isfinite(ttft_s) else math.inf
+    tpot = tpot_s if tpot_s > 0 and math.isfinite(tpot_s) else math.inf
+    if math.isinf(ttft) and math.isinf(tpot):
+        return "default"
+    if ttft <= INTERACTIVE_TTFT_S or tpot <= INTERACTIVE_TPOT_S:
+        return "interactive"
+    if ttft <= STANDARD_TTFT_S or tpot <= STANDARD_TPOT_S:
+        return "standard"
+    return "batch"
+
+
+def slo_met(target_ttft_s: float, target_tpot_s: float, ttft_s: float, tpot_s: float | None) -> bool:
+    """True when every target that is set (> 0) is met; ``tpot_s`` None (one token) meets any TPOT."""
+    if target_ttft_s > 0 and ttft_s > target_ttft_s:
+        return False
+    return not (target_tpot_s > 0 and tpot_s is not None and tpot_s > target_tpot_s)
+
+
+def tpot_of(token_times_s: Sequence[float]) -> float | None:
+    """Mean inter-token time after the first token; None with fewer than two tokens."""
+    if len(token_times_s) < 2:
+        return None
+    return (token_times_s[-1] - token_times_s[0]) / (len(token_times_s) - 1)
+
+
+_OUTCOME_BY_CODE = {
+    ErrorCode.RESOURCE_EXHAUSTED: "rejected",
+    ErrorCode.UNAVAILABLE: "rejected",
+    ErrorCode.INVALID_ARGUMENT: "invalid",
+    ErrorCode.NOT_FOUND: "invalid",
+    ErrorCode.FAILED_PRECONDITION: "invalid",
+    ErrorCode.CANCELLED: "cancelled",
+    ErrorCode.DEADLINE_EXCEEDED: "timeout",
+}
+
+
+def outcome_for(exc: BaseException | None) -> str:
+    """Outcome label of a finished request: ``ok`` without exception; otherwise by the status the
+    caller receives: RESOURCE_EXHAUSTED/UNAVAILABLE -> rejected (no capacity or no worker),
+    INVALID_ARGUMENT/NOT_FOUND/FAILED_PRECONDITION -> invalid (the caller's fault),
+    CANCELLED (or the stream closed by the client) -> cancelled, DEADLINE_EXCEEDED -> timeout,
+    anything else -> error."""
+    if exc is None:
+        return "ok"
+    if isinstance(exc, GeneratorExit):
+        return "cancelled"
+    return _OUTCOME_BY_CODE.get(from_grpc_code(status_for(exc).code), "error")
+
+
+# outcomes that count against the SLO (the server failed the request); invalid and cancelled
+# requests are the caller's doing and count neither as met nor as missed
+SLO_MISS_OUTCOMES = frozenset({"rejected", "timeout", "error"})
+
+
+# ---------------------------------------------------------------------------- router
+@dataclass(frozen=True)
+class FinishedRequest:
+    """What the router knows about a request that completed (plain values, no protobuf)."""
+
+    ttft_s: float
+    e2e_s: float
+    token_times_s: Sequence[float]
+    phases: Mapping[str, float]  # keys from PHASES
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+
+
+class RouterMetrics:
+    """Request-level metrics of the router: outcomes, latencies, SLO attainment, routing cost.
+
+    Goodput is ``rate(pdserve_router_slo_requests_total{result="met"})``; attainment is that over
+    the rate of all SLO-counted requests. A request counts as ``met`` when it completed (outcome
+    ok) within every target it set (a request with no target that completes is met); as
+    ``missed`` when it completed late or the server failed it (rejected, timeout, error).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.requests = Counter(
+            "pdserve_router_requests",
+            "Generate requests finished, by SLO class and outcome.",
+            ["slo_class", "outcome"],
+            registry=r,
+        )
+        self.slo = Counter(
+            "pdserve_router_slo_requests",
+            "Requests counted for SLO attainment, by class and result (met|missed).",
+            ["slo_class", "result"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "pdserve_router_ttft_seconds",
+            "Time to first token seen by the router (arrival -> first token).",
+            ["slo_class"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "pdserve_router_tpot_seconds",
+            "Time per output token after the first (mean inter-token gap of one request).",
+            ["slo_class"],
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pdserve_router_e2e_seconds",
+            "End-to-end request latency (arrival -> last token).",
+            ["slo_class"],
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.phase = Histogram(
+            "pdserve_request_phase_seconds",
+            "Per-request phase time: queue (before prefill), prefill, transfer (KV publish), decode.",
+            ["phase", "slo_class"],
+            buckets=PHASE_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "pdserve_router_prompt_tokens", "Prompt tokens of completed requests.", registry=r
+        )
+        self.prefix_hit_tokens = Counter(
+            "pdserve_router_prefix_hit_tokens",
+            "Prompt tokens served from a prefix cache (not recomputed).",
+            registry=r,
+        )
+        self.generation_tokens = Counter(
+            "pdserve_router_generation_tokens", "Output tokens of completed requests.", registry=r
+        )
+        self.routing = Histogram(
+            "pdserve_router_routing_seconds",
+            "Time to choose the (prefill, decode) pair of a request.",
+            buckets=ROUTING_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "pdserve_router_inflight_requests", "Generate requests in progress.", registry=r
+        )
+        for c in SLO_CLASSES:
+            for o in OUTCOMES:
+                self.requests.labels(c, o)
+            for res in ("met", "missed"):
+                self.slo.labels(c, res)
+            self.ttft.labels(c)
+            self.tpot.labels(c)
+            self.e2e.labels(c)
+            for p in PHASES:
+                self.phase.labels(p, c)
+
+    def track_workers(self, count: Callable[[], Mapping[str, int]]) -> None:
+        """Export ``pdserve_router_workers{role}``: live registered workers, read at scrape time
+        from ``count()`` (role -> number)."""
+        self.registry.register(_FnCollector(lambda: [_workers_family(count())], [_workers_family({})]))
+
+    def observe_finished(
+        self, cls: str, target_ttft_s: float, target_tpot_s: float, rec: FinishedRequest
+    ) -> bool:
+        """Record a completed request (outcome ok); returns whether it met its SLO."""
+        tpot = tpot_of(rec.token_times_s)
+        met = slo_met(target_ttft_s, target_tpot_s, rec.ttft_s, tpot)
+        self.requests.labels(cls, "ok").inc()
+        self.slo.labels(cls, "met" if met else "missed").inc()
+        self.ttft.labels(cls).observe(rec.ttft_s)
+        if tpot is not None:
+            self.tpot.labels(cls).observe(tpot)
+        self.e2e.labels(cls).observe(rec.e2e_s)
+        for p in PHASES:
+            self.phase.labels(p, cls).observe(max(0.0, rec.phases.get(p, 0.0)))
+        self.prompt_tokens.inc(rec.prompt_tokens)
+        self.prefix_hit_tokens.inc(rec.cached_prompt_tokens)
+        self.generation_tokens.inc(rec.completion_tokens)
+        return met
+
+    def observe_failed(self, cls: str, outcome: str) -> None:
+        """Record a request that ended without completing (``outcome`` from :func:`outcome_for`)."""
+        self.requests.labels(cls, outcome).inc()
+        if outcome in SLO_MISS_OUTCOMES:
+            self.slo.labels(cls, "missed").inc()
+
+
+def _workers_family(counts: Mapping[str, int]) -> Metric:
+    g = GaugeMetricFamily(
+        "pdserve_router_workers", "Workers registered with the router and alive, by role.", labels=["role"]
+    )
+    for role, n in sorted(counts.items()):
+        g.add_metric([role], n)
+    return g
+
+
+# ---------------------------------------------------------------------------- workers
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """A worker engine's state and cumulative counters at one instant."""
+
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    token_budget: int
+    prefill_tokens_computed: int
+    prefill_tokens_reused: int
+    decode_tokens: int
+    preemptions: int
+    requests_finished: int
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    prefix_evictions: int
+
+
+class WorkerMetrics:
+    """Engine metrics of one worker, labelled ``worker_id`` and ``role`` (prefill|decode).
+
+    Step time and tokens per step are observed by :meth:`observe_step` (the engine loop's
+    ``on_step`` hook). Gauges and cumulative counters are read from ``snapshot()`` at scrape
+    time; when it raises (e.g. the engine is busy past a timeout) the last good snapshot is
+    served, and nothing before the first one.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        worker_id: str,
+        role: str,
+        snapshot: Callable[[], WorkerSnapshot] | None = None,
+    ) -> None:
+        self.labels = (worker_id, role)
+        names = ["worker_id", "role"]
+        self.step_seconds = Histogram(
+            "pdserve_worker_step_seconds",
+            "Duration of one engine step (one batched forward pass).",
+            names,
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        ).labels(*self.labels)
+        self.step_tokens = Histogram(
+            "pdserve_worker_step_tokens",
+            "Tokens processed in one engine step (prefill + decode); compare with the token budget.",
+            names,
+            buckets=STEP_TOKEN_BUCKETS,
+            registry=registry,
+        ).labels(*self.labels)
+        self._snapshot = snapshot
+        self._last: WorkerSnapshot | None = None
+        registry.register(_FnCollector(self._collect, self._families(None)))
+
+    def observe_step(self, seconds: float, tokens: int) -> None:
+        self.step_seconds.observe(seconds)
+        self.step_tokens.observe(tokens)
+
+    def _collect(self) -> list[Metric]:
+        if self._snapshot is not None:
+            # on failure serve the last good values rather than fail the whole scrape
+            with contextlib.suppress(Exception):
+                self._last = self._snapshot()
+        return self._families(self._last)
+
+    def _families(self, s: WorkerSnapshot | None) -> list[Metric]:
+        lab = ["worker_id", "role"]
+        fams: list[tuple[type, str, str, list[str], Callable[[WorkerSnapshot], Iterable[tuple]]]] = [
+            (GaugeMetricFamily, "pdserve_worker_running_requests", "Requests in the running batch.", lab,
+             lambda s: [((), s.running)]),
+            (GaugeMetricFamily, "pdserve_worker_waiting_requests", "Requests queued, not yet scheduled.", lab,
+             lambda s: [((), s.waiting)]),
+            (GaugeMetricFamily, "pdserve_worker_kv_blocks",
+             "KV cache blocks by state: used (held by requests), free, cached (free or used, with a prefix hash).",
+             [*lab, "state"],
+             lambda s: [(("used",), s.kv_blocks_used), (("free",), s.kv_blocks_total - s.kv_blocks_used),
+                        (("cached",), s.kv_blocks_cached)]),
+            (GaugeMetricFamily, "pdserve_worker_kv_capacity_blocks", "KV cache blocks in the pool.", lab,
+             lambda s: [((), s.kv_blocks_total)]),
+            (GaugeMetricFamily, "pdserve_worker_token_budget_tokens", "Most tokens one engine step may process.",
+             lab, lambda s: [((), s.token_budget)]),
+            (CounterMetricFamily, "pdserve_worker_prefill_tokens",
+             "Prompt tokens prefilled, by source: computed, or reused from the prefix cache.", [*lab, "source"],
+             lambda s: [(("computed",), s.prefill_tokens_computed), (("reused",), s.prefill_tokens_reused)]),
+            (CounterMetricFamily, "pdserve_worker_decode_tokens", "Tokens produced by decode steps.", lab,
+             lambda s: [((), s.decode_tokens)]),
+            (CounterMetricFamily, "pdserve_worker_preemptions", "Requests preempted (blocks reclaimed).", lab,
+             lambda s: [((), s.preemptions)]),
+            (CounterMetricFamily, "pdserve_worker_requests_finished", "Requests this worker finished.", lab,
+             lambda s: [((), s.requests_finished)]),
+            (CounterMetricFamily, "pdserve_worker_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             lab, lambda s: [((), s.prefix_query_tokens)]),
+            (CounterMetricFamily, "pdserve_worker_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+             lab, lambda s: [((), s.prefix_hit_tokens)]),
+            (CounterMetricFamily, "pdserve_worker_prefix_cache_evictions", "Cached blocks overwritten.", lab,
+             lambda s: [((), s.prefix_evictions)]),
+        ]  # fmt: skip
+        out: list[Metric] = []
+        for kind, name, doc, labels, values in fams:
+            m = kind(name, doc, labels=labels)
+            if s is not None:
+                for extra, v in values(s):
+                    m.add_metric([*self.labels, *extra], v)
+            out.append(m)
+        return out
+
+
+# ---------------------------------------------------------------------------- KV store
+class NodeStatsLike(Protocol):
+    """The fields of ``kv_store.node.NodeStats`` read here."""
+
+    capacity_blocks: int
+    num_blocks: int
+    num_pending: int
+    num_pinned: int
+    bytes_used: int
+    capacity_bytes: int
+    num_leases: int
+    evictions: int
+    expired_leases: int
+    hits: int
+    misses: int
+    puts: int
+    put_dedups: int
+
+
+class TransferTally:
+    """Handed out by :meth:`StoreMetrics.transfer`; ``add`` what moved."""
+
+    def __init__(self) -> None:
+        self.blocks = 0
+        self.nbytes = 0
+
+    def add(self, blocks: int, nbytes: int) -> None:
+        self.blocks += blocks
+        self.nbytes += nbytes
+
+
+class StoreMetrics:
+    """Metrics of one KV store node, labelled ``node_id``.
+
+    Transfers are counted where the node sees them: a gRPC Put (transport grpc, direction in), a
+    gRPC Get (grpc, out), and a Lease that pins blocks for a same-host zero-copy read (shm, out:
+    the bytes are then read straight from shared memory; the latency is that of the Lease call).
+    ``pdserve_kv_transfer_seconds_count`` counts attempts, failed ones included.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, node_id: str, stats: Callable[[], NodeStatsLike] | None = None
+    ) -> None:
+        self.node_id = node_id
+        self.bytes = Counter(
+            "pdserve_kv_transfer_bytes",
+            "KV block bytes moved through this node, by transport and direction.",
+            ["node_id", "transport", "direction"],
+            registry=registry,
+        )
+        self.blocks = Counter(
+            "pdserve_kv_transfer_blocks",
+            "KV blocks moved through this node, by transport and direction.",
+            ["node_id", "transport", "direction"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "pdserve_kv_transfer_seconds",
+            "Duration of a transfer call on the node (put, get, or lease for an shm read).",
+            ["node_id", "transport", "op"],
+            buckets=TRANSFER_BUCKETS,
+            registry=registry,
+        )
+        self.failures = Counter(
+            "pdserve_kv_transfer_failures",
+            "Transfer calls that failed (missing block, bad request, node full, ...).",
+            ["node_id", "transport", "op"],
+            registry=registry,
+        )
+        self.lookup_blocks = Counter(
+            "pdserve_kv_lookup_blocks",
+            "Blocks asked for in prefix lookups: hit (in the cached prefix) or miss.",
+            ["node_id", "result"],
+            registry=registry,
+        )
+        for transport, op, direction in KV_OPS:
+            self.bytes.labels(node_id, transport, direction)
+            self.blocks.labels(node_id, transport, direction)
+            self.seconds.labels(node_id, transport, op)
+            self.failures.labels(node_id, transport, op)
+        for res in ("hit", "miss"):
+            self.lookup_blocks.labels(node_id, res)
+        self._stats = stats
+        registry.register(_FnCollector(self._collect, self._families(None)))
+
+    def set_stats_source(self, stats: Callable[[], NodeStatsLike]) -> None:
+        """Where scrape-time node state comes from (set once the node exists)."""
+        self._stats = stats
+
+    @contextlib.contextmanager
+    def transfer(self, transport: str, op: str, direction: str) -> Iterator[TransferTally]:
+        """Time one transfer call; count what was ``add``-ed on success, a failure on Exception.
+
+        A generator closed early (GeneratorExit: the caller went away) counts neither."""
+        tally = TransferTally()
+        t0 = time.perf_counter()
+        try:
+            yield tally
+        except Exception:
+            self.failures.labels(self.node_id, transport, op).inc()
+            self.seconds.labels(self.node_id, transport, op).observe(time.perf_counter() - t0)
+            raise
+        self.seconds.labels(self.node_id, transport, op).observe(time.perf_counter() - t0)
+        self.bytes.labels(self.node_id, transport, direction).inc(tally.nbytes)
+        self.blocks.labels(self.node_id, transport, direction).inc(tally.blocks)
+
+    def observe_lookup(self, asked: int, hit: int) -> None:
+        self.lookup_blocks.labels(self.node_id, "hit").inc(hit)
+        self.lookup_blocks.labels(self.node_id, "miss").inc(max(0, asked - hit))
+
+    def _collect(self) -> list[Metric]:
+        return self._families(self._stats() if self._stats is not None else None)
+
+    def _families(self, n: NodeStatsLike | None) -> list[Metric]:
+        lab = ["node_id"]
+        fams: list[tuple[type, str, str, list[str], Callable[[NodeStatsLike], Iterable[tuple]]]] = [
+            (GaugeMetricFamily, "pdserve_kv_capacity_blocks", "Blocks this node can hold.", lab,
+             lambda n: [((), n.capacity_blocks)]),
+            (GaugeMetricFamily, "pdserve_kv_capacity_bytes", "Bytes of block memory of this node.", lab,
+             lambda n: [((), n.capacity_bytes)]),
+            (GaugeMetricFamily, "pdserve_kv_used_bytes", "Bytes of stored blocks.", lab,
+             lambda n: [((), n.bytes_used)]),
+            (GaugeMetricFamily, "pdserve_kv_blocks",
+             "Blocks by state: stored (committed), pinned (stored and not evictable now), pending (puts in flight).",
+             [*lab, "state"],
+             lambda n: [(("stored",), n.num_blocks), (("pinned",), n.num_pinned), (("pending",), n.num_pending)]),
+            (GaugeMetricFamily, "pdserve_kv_leases", "Leases outstanding.", lab, lambda n: [((), n.num_leases)]),
+            (CounterMetricFamily, "pdserve_kv_evictions", "Blocks evicted (LRU) to make room.", lab,
+             lambda n: [((), n.evictions)]),
+            (CounterMetricFamily, "pdserve_kv_expired_leases", "Leases that expired unreleased.", lab,
+             lambda n: [((), n.expired_leases)]),
+            (CounterMetricFamily, "pdserve_kv_puts", "Blocks put (new or already stored).", lab,
+             lambda n: [((), n.puts)]),
+            (CounterMetricFamily, "pdserve_kv_put_dedups", "Puts of blocks already stored.", lab,
+             lambda n: [((), n.put_dedups)]),
+            (CounterMetricFamily, "pdserve_kv_block_reads", "Block reads (get, lease) by result: hit or miss.",
+             [*lab, "result"], lambda n: [(("hit",), n.hits), (("miss",), n.misses)]),
+        ]  # fmt: skip
+        out: list[Metric] = []
+        for kind, name, doc, labels, values in fams:
+            m = kind(name, doc, labels=labels)
+            if n is not None:
+                for extra, v in values(n):
+                    m.add_metric([self.node_id, *extra], v)
+            out.append(m)
+        return out
+
+
+# ---------------------------------------------------------------------------- plumbing
+class _FnCollector(Collector):
+    """A collector whose families come from a function; ``describe`` is fixed (empty families)."""
+
+    def __init__(self, collect: Callable[[], list[Metric]], described: list[Metric]) -> None:
+        self._collect_fn = collect
+        self._described = described
+
+    def describe(self) -> list[Metric]:
+        return self._described
+
+    def collect(self) -> list[Metric]:
+        return self._collect_fn()
+
+
+def serve_metrics(port: int = 0, registry: CollectorRegistry = prometheus_client.REGISTRY) -> int:
+    """Serve ``registry`` at ``http://127.0.0.1:PORT/metrics`` from a daemon thread; port 0 picks a
+    free port. Returns the bound port."""
+    server, _thread = prometheus_client.start_http_server(port, addr="127.0.0.1", registry=registry)
+    return int(server.server_port)

@@ -1,0 +1,349 @@
+"""``pdserve simulate | plan | profile``: argparse wiring only (the work is in the modules).
+
+``register(subparsers)`` adds the three subcommands; each sets ``func`` to a handler taking the
+parsed namespace and returning an exit status (the ``pdserve`` convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from router.policy import SLO, InstanceRole, PolicyKind
+from simulator.config import (
+    CacheConfig,
+    ClusterConfig,
+    HostPool,
+    InstanceGroup,
+    SchedulerPreset,
+    SimConfig,
+    sarathi_scheduler,
+    vllm_scheduler,
+)
+from simulator.latency import DistServeEngine, LatencySource, LatencySpec
+from simulator.workload import WORKLOAD_NAMES, RateSource, named_workload
+
+
+def _latency_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="model name (llama-2-7b, llama-3-8b, opt-13b, ...) or profile's model"
+    )
+    p.add_argument("--gpu", default="a100", choices=["a100", "h100"])
+    p.add_argument(
+        "--latency", default="auto", choices=[s.value for s in LatencySource], help="latency model source"
+    )
+    p.add_argument(
+        "--profile-file", default=None, help="profile JSON from `pdserve profile` (latency=profile)"
+    )
+    p.add_argument(
+        "--transfer-gbps", type=float, default=200.0, help="KV transfer bandwidth between instances, Gb/s"
+    )
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workload", default="sharegpt", help=f"{', '.join(WORKLOAD_NAMES)} or a .jsonl/.csv trace path"
+    )
+    p.add_argument("--num-requests", type=int, default=None, help="request count (synthetic) or trace prefix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ttft", type=float, default=0.25, help="TTFT SLO, seconds")
+    p.add_argument("--tpot", type=float, default=0.1, help="TPOT SLO, seconds")
+    p.add_argument("--target", type=float, default=0.9, help="SLO attainment target for goodput")
+
+
+def _latency_spec(a: argparse.Namespace) -> LatencySpec:
+    src = LatencySource(a.latency)
+    if a.profile_file and src is LatencySource.AUTO:
+        src = LatencySource.PROFILE
+    return LatencySpec(
+        model=a.model,
+        gpu=a.gpu,
+        source=src,
+        profile_path=a.profile_file,
+        transfer_bandwidth=a.transfer_gbps * 1e9 / 8,
+    )
+
+
+def _out_dir(a: argparse.Namespace) -> Path | None:
+    if not a.out:
+        return None
+    p = Path(a.out)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# --------------------------------------------------------------------------- simulate
+def _cluster(a: argparse.Namespace, lat: LatencySpec) -> ClusterConfig:
+    cache = CacheConfig(
+        enable_prefix_caching=not a.no_prefix_cache,
+        host_pool=HostPool(a.host_pool),
+        host_pool_tokens=a.host_pool_tokens,
+    )
+    kw = dict(
+        block_size=a.block_size,
+        max_model_len=a.max_model_len,
+        cache=cache,
+        policy=PolicyKind(a.policy),
+        seed=a.seed,
+    )
+    kw["kv_blocks"] = a.kv_blocks
+    probe = ClusterConfig(lat, (), **kw)
+    n = probe.model_len
+    mixed_sched = (
+        sarathi_scheduler(n, a.chunk) if a.scheduler == SchedulerPreset.SARATHI.value else vllm_scheduler(n)
+    )
+    if a.mode == "colocated":
+        groups = (InstanceGroup(InstanceRole.MIXED, a.instances, a.tp, mixed_sched),)
+    elif a.mode == "disaggregated":
+        groups = (
+            InstanceGroup(InstanceRole.PREFILL, a.prefill, a.tp_prefill or a.tp),
+            InstanceGroup(InstanceRole.DECODE, a.decode, a.tp_decode or a.tp),
+        )
+    else:
+        groups = (
+            InstanceGroup(InstanceRole.PREFILL, a.prefill, a.tp_prefill or a.tp),
+            InstanceGroup(InstanceRole.DECODE, a.decode, a.tp_decode or a.tp),
+            InstanceGroup(InstanceRole.MIXED, a.mixed, a.tp, mixed_sched),
+        )
+    return ClusterConfig(lat, groups, **kw)
+
+
+def cmd_simulate(a: argparse.Namespace) -> int:
+    from simulator.goodput import cluster_goodput
+    from simulator.metrics import format_summary
+    from simulator.plots import plot_attainment, plot_cdfs
+    from simulator.sim import Simulation
+
+    lat = _latency_spec(a)
+    cluster = _cluster(a, lat)
+    slo = SLO(a.ttft, a.tpot)
+    base = named_workload(a.workload, n=a.num_requests, rate=a.rate, seed=a.seed)
+    out = _out_dir(a)
+    sim = Simulation(cluster, SimConfig(slo=slo, attainment_target=a.target, progress=not a.quiet))
+    print(
+        f"cluster: {cluster.mode.value}, {cluster.num_gpus} GPUs, {lat.model} on {lat.gpu} ({lat.resolved_source().value})"
+    )
+    if a.rates:
+        rates = [float(x) for x in a.rates.split(",")]
+        curve = []
+        results = {}
+        for r in rates:
+            res = sim.run(base.with_rate(r))
+            curve.append((r, res.attainment(slo)))
+            results[f"{r:g} req/s"] = res
+            print(f"rate {r:g} req/s: attainment {100 * curve[-1][1]:.1f}%  wall {res.wall_time_s:.2f}s")
+        if out:
+            plot_attainment({cluster.mode.value: curve}, out / "attainment.png", a.target)
+            plot_cdfs(results, out / "latency_cdf.png")
+            (out / "attainment.json").write_text(json.dumps(curve))
+    else:
+        res = sim.run(base)
+        s = res.summary(slo)
+        print(format_summary(s))
+        if out:
+            res.write_csv(out / "requests.csv")
+            (out / "summary.json").write_text(
+                json.dumps({"summary": s, "instances": res.instance_stats}, indent=1)
+            )
+            plot_cdfs({cluster.mode.value: res}, out / "latency_cdf.png")
+    if a.goodput:
+        src = (
+            RateSource(duration_s=a.duration, seed=a.seed)
+            if a.workload == "sharegpt"
+            else RateSource(base=base, duration_s=a.duration)
+        )
+        g = cluster_goodput(cluster, src, slo, a.target)
+        print(
+            f"goodput: {g.rate:.3f} req/s ({g.per_gpu(cluster.num_gpus):.3f} per GPU) at {100 * a.target:.0f}% attainment"
+        )
+    if out:
+        print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- plan
+def cmd_plan(a: argparse.Namespace) -> int:
+    from simulator.planner import PlanSpec, plan
+
+    lat = _latency_spec(a)
+    if a.workload == "sharegpt":
+        src = RateSource(duration_s=a.duration, seed=a.seed)
+    else:
+        src = RateSource(
+            base=named_workload(a.workload, n=a.num_requests, seed=a.seed), duration_s=a.duration
+        )
+    col_lat = None
+    if a.baseline_engine == "vllm":
+        col_lat = LatencySpec(
+            lat.model,
+            lat.gpu,
+            LatencySource.DISTSERVE,
+            transfer_bandwidth=lat.transfer_bandwidth,
+            distserve_engine=DistServeEngine.VLLM,
+        )
+    spec = PlanSpec(
+        latency=lat,
+        num_gpus=a.gpus,
+        workload=src,
+        slo=SLO(a.ttft, a.tpot),
+        target=a.target,
+        tp_options=tuple(int(x) for x in a.tp.split(",")),
+        colocated_latency=col_lat,
+        policy=PolicyKind(a.policy),
+        verify_top=a.verify,
+        block_size=a.block_size,
+    )
+    rep = plan(spec, progress=not a.quiet)
+    print(
+        f"{lat.model} on {a.gpus} x {lat.gpu}, SLO TTFT {a.ttft}s TPOT {a.tpot}s at {100 * a.target:.0f}%, "
+        f"workload {a.workload}"
+    )
+    print(rep.table(a.top))
+    if a.out:
+        out = _out_dir(a)
+        assert out is not None
+        data = {
+            "phase_goodput": {f"{k}/tp{tp}": v for (k, tp), v in rep.phase_goodput.items()},
+            "disaggregated": [_entry(e) for e in rep.disaggregated[: a.top]],
+            "colocated": [_entry(e) for e in rep.colocated[: a.top]],
+            "advantage": rep.advantage,
+        }
+        (out / "plan.json").write_text(json.dumps(data, indent=1))
+        print(f"wrote {out / 'plan.json'}")
+    return 0
+
+
+def _entry(e) -> dict:
+    return {
+        "config": e.candidate.label,
+        "gpus": e.candidate.num_gpus,
+        "goodput": e.rate,
+        "per_gpu": e.per_gpu,
+        "verified": e.verified,
+    }
+
+
+# --------------------------------------------------------------------------- profile
+def cmd_profile(a: argparse.Namespace) -> int:
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from pdserve.model_setup import resolve_model_path
+    from simulator.profile import ProfileGrid, fit, holdout_error, measure_profile, save
+
+    path = resolve_model_path(a.model)
+    cfg = EngineConfig(device=a.device, dtype=a.dtype, num_kv_blocks=a.kv_blocks)
+    grid = (
+        ProfileGrid(
+            prefill_tokens=(16, 64, 256),
+            prefill_batches=(1, 2),
+            prefill_contexts=(0,),
+            decode_batches=(1, 4, 16),
+            decode_contexts=(64, 256),
+            repeats=2,
+        )
+        if a.quick
+        else ProfileGrid()
+    )
+    prof = measure_profile(
+        lambda: LLMEngine.from_pretrained(path, cfg),
+        grid,
+        progress=not a.quiet,
+        model=Path(path).name,
+        device=a.device,
+    )
+    save(prof, a.out)
+    f = fit(prof)
+    err = holdout_error(prof)
+    print(f"wrote {a.out}: {len(prof.points)} points")
+    print(f"prefill fit (s): a={f.prefill[0]:.4g} b={f.prefill[1]:.4g}/token c={f.prefill[2]:.4g}/token^2")
+    print(f"decode fit (s):  a={f.decode[0]:.4g} b={f.decode[1]:.4g}/ctx-token c={f.decode[2]:.4g}/request")
+    print(f"held-out relative error: mean {100 * err.mean:.1f}%  max {100 * err.max:.1f}%  ({err.n} points)")
+    return 0
+
+
+# --------------------------------------------------------------------------- wiring
+def register(subparsers) -> None:
+    """Add ``simulate``, ``plan`` and ``profile`` to a ``pdserve`` argparse sub-parser set."""
+    s = subparsers.add_parser(
+        "simulate", help="simulate a cluster on a workload (latency, SLO attainment, goodput)"
+    )
+    _latency_args(s)
+    _workload_args(s)
+    s.add_argument("--mode", default="colocated", choices=["colocated", "disaggregated", "splitwise"])
+    s.add_argument("--instances", type=int, default=1, help="colocated instances")
+    s.add_argument("--prefill", type=int, default=1)
+    s.add_argument("--decode", type=int, default=1)
+    s.add_argument("--mixed", type=int, default=1, help="splitwise mixed-pool instances")
+    s.add_argument("--tp", type=int, default=1)
+    s.add_argument("--tp-prefill", type=int, default=None)
+    s.add_argument("--tp-decode", type=int, default=None)
+    s.add_argument(
+        "--scheduler",
+        default="vllm",
+        choices=[p.value for p in SchedulerPreset],
+        help="colocated/mixed scheduling",
+    )
+    s.add_argument("--chunk", type=int, default=512, help="Sarathi chunk (token budget)")
+    s.add_argument("--policy", default=PolicyKind.LEAST_LOADED.value, choices=[p.value for p in PolicyKind])
+    s.add_argument("--no-prefix-cache", action="store_true")
+    s.add_argument(
+        "--host-pool", default="none", choices=[h.value for h in HostPool], help="per-instance host KV pool"
+    )
+    s.add_argument("--host-pool-tokens", type=int, default=0)
+    s.add_argument("--kv-blocks", type=int, default=None, help="override KV blocks per instance")
+    s.add_argument("--rate", type=float, default=None, help="rescale the workload to this mean rate (req/s)")
+    s.add_argument("--rates", default=None, help="comma-separated rates: attainment sweep and plots")
+    s.add_argument("--goodput", action="store_true", help="also binary-search goodput")
+    s.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per goodput simulation")
+    s.add_argument("--out", default=None, help="directory for requests.csv, summary.json and PNGs")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_simulate)
+
+    p = subparsers.add_parser(
+        "plan", help="search instance counts and TP per phase for the best goodput per GPU"
+    )
+    _latency_args(p)
+    _workload_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="GPU budget")
+    p.add_argument("--tp", default="1,2,4,8", help="TP degrees to consider")
+    p.add_argument("--policy", default=PolicyKind.LEAST_LOADED.value, choices=[x.value for x in PolicyKind])
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per simulation")
+    p.add_argument("--verify", type=int, default=2, help="top estimates of each kind to simulate whole")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument(
+        "--baseline-engine",
+        default="same",
+        choices=["same", "vllm"],
+        help="colocated baseline latency: same engine, or DistServe's vLLM fits (paper setup; OPT only)",
+    )
+    p.add_argument("--out", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    f = subparsers.add_parser(
+        "profile", help="time the real engine on a grid of batches and write a latency profile"
+    )
+    f.add_argument("--model", default=None, help="HF model folder (default: bundled SmolLM2-135M-Instruct)")
+    f.add_argument("--out", default="profile.json")
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--dtype", default="auto")
+    f.add_argument("--kv-blocks", type=int, default=None)
+    f.add_argument("--quick", action="store_true", help="a small grid (a minute on a CPU)")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=cmd_profile)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m simulator.cli``) until ``pdserve`` wires :func:`register`."""
+    ap = argparse.ArgumentParser(prog="pdserve")
+    register(ap.add_subparsers(dest="command", required=True))
+    a = ap.parse_args(argv)
+    return int(a.func(a) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

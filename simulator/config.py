@@ -1,0 +1,216 @@
+"""Frozen configuration of a simulated cluster and of a simulation run.
+
+A cluster is a tuple of :class:`InstanceGroup`s (role, count, TP). Its :class:`Mode` follows:
+only mixed instances = colocated (vLLM / Sarathi, by the scheduler config); prefill + decode =
+disaggregated (DistServe); prefill + decode + mixed = Splitwise (the mixed pool absorbs
+overflow). KV capacity per instance is derived from GPU memory::
+
+    blocks = floor((tp * gpu_memory * gpu_memory_utilization - weights - tp * activation_reserve)
+                   / (kv_bytes_per_token * block_size))
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from engine.scheduler import SchedulerConfig
+from router.policy import SLO, InstanceRole, PolicyKind
+from simulator.hardware import gpu_spec
+from simulator.latency import LatencySpec, make_latency_model
+from simulator.models import MODELS, model_spec
+
+
+class Mode(enum.Enum):
+    COLOCATED = "colocated"
+    DISAGGREGATED = "disaggregated"
+    SPLITWISE = "splitwise"
+
+
+class HostPool(enum.Enum):
+    """Per-instance host-memory KV pool (Mooncake): none, LRU-limited, or unlimited."""
+
+    NONE = "none"
+    LIMITED = "limited"
+    UNLIMITED = "unlimited"
+
+
+# ----------------------------------------------------------------------- scheduler presets
+def vllm_scheduler(max_model_len: int, max_num_seqs: int = 256) -> SchedulerConfig:
+    """vLLM-style: whole prompts (no chunking), budget = max(2048, context)."""
+    return SchedulerConfig(
+        max_num_batched_tokens=max(2048, max_model_len),
+        max_num_seqs=max_num_seqs,
+        long_prefill_token_threshold=0,
+        enable_chunked_prefill=False,
+        max_model_len=max_model_len,
+    )
+
+
+def sarathi_scheduler(max_model_len: int, chunk: int = 512, max_num_seqs: int = 256) -> SchedulerConfig:
+    """Sarathi-Serve: token budget = chunk (decodes included), prefills chunked to fill it."""
+    return SchedulerConfig(
+        max_num_batched_tokens=chunk,
+        max_num_seqs=max_num_seqs,
+        long_prefill_token_threshold=chunk,
+        max_model_len=max_model_len,
+    )
+
+
+def prefill_scheduler(max_model_len: int, budget: int = 2048, max_num_seqs: int = 64) -> SchedulerConfig:
+    """Prefill instances: batch prompts up to ``budget`` tokens, long prompts chunked by it."""
+    return SchedulerConfig(
+        max_num_batched_tokens=budget,
+        max_num_seqs=max_num_seqs,
+        long_prefill_token_threshold=budget,
+        max_model_len=max_model_len,
+    )
+
+
+def decode_scheduler(max_model_len: int, max_num_seqs: int = 256) -> SchedulerConfig:
+    """Decode instances: large batches; recomputation after preemption is chunked by 2048."""
+    return SchedulerConfig(
+        max_num_batched_tokens=max(2048, max_num_seqs),
+        max_num_seqs=max_num_seqs,
+        long_prefill_token_threshold=2048,
+        max_model_len=max_model_len,
+    )
+
+
+class SchedulerPreset(enum.Enum):
+    VLLM = "vllm"
+    SARATHI = "sarathi"
+
+
+# ----------------------------------------------------------------------- cluster
+@dataclass(frozen=True)
+class InstanceGroup:
+    """``count`` identical instances of ``role``, each on ``tp`` GPUs. ``scheduler`` None = role default."""
+
+    role: InstanceRole
+    count: int
+    tp: int = 1
+    scheduler: SchedulerConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.count < 0 or self.tp < 1:
+            raise ValueError("count must be >= 0 and tp >= 1")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    enable_prefix_caching: bool = True
+    host_pool: HostPool = HostPool.NONE
+    host_pool_tokens: int = 0  # capacity per instance for LIMITED
+    host_block_tokens: int = 512  # host-pool granularity (Mooncake's block)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    latency: LatencySpec
+    groups: tuple[InstanceGroup, ...]
+    block_size: int = 16
+    max_model_len: int | None = None  # None: the model's
+    gpu_memory_utilization: float = 0.9
+    activation_reserve_bytes: int = 2 * 2**30  # per GPU
+    kv_blocks: int | None = None  # override the derived per-instance capacity
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    policy: PolicyKind = PolicyKind.LEAST_LOADED
+    decode_watermark: float = 0.01  # share of blocks a decode instance keeps free when admitting
+    seed: int = 0
+
+    @property
+    def mode(self) -> Mode:
+        roles = {g.role for g in self.groups if g.count > 0}
+        if roles <= {InstanceRole.MIXED}:
+            return Mode.COLOCATED
+        if InstanceRole.MIXED in roles:
+            return Mode.SPLITWISE
+        return Mode.DISAGGREGATED
+
+    @property
+    def num_gpus(self) -> int:
+        return sum(g.count * g.tp for g in self.groups)
+
+    @property
+    def model_len(self) -> int:
+        if self.max_model_len is not None:
+            return self.max_model_len
+        if self.latency.model in MODELS:
+            return model_spec(self.latency.model).max_model_len
+        return 8192
+
+    def scheduler_for(self, group: InstanceGroup) -> SchedulerConfig:
+        if group.scheduler is not None:
+            return group.scheduler
+        n = self.model_len
+        if group.role is InstanceRole.PREFILL:
+            return prefill_scheduler(n)
+        if group.role is InstanceRole.DECODE:
+            return decode_scheduler(n)
+        return vllm_scheduler(n)
+
+    def kv_blocks_for(self, group: InstanceGroup) -> int:
+        """KV blocks of one instance of ``group`` (see the module docstring)."""
+        if self.kv_blocks is not None:
+            return self.kv_blocks
+        m = model_spec(self.latency.model)
+        g = gpu_spec(self.latency.gpu)
+        free = (
+            group.tp * (g.memory_bytes * self.gpu_memory_utilization - self.activation_reserve_bytes)
+            - m.weight_bytes
+        )
+        return max(0, math.floor(free / (m.kv_bytes_per_token * self.block_size)))
+
+    def fits(self, group: InstanceGroup) -> bool:
+        """Whether the model fits with room for one max-length request."""
+        return self.kv_blocks_for(group) * self.block_size >= self.model_len
+
+    def latency_model(self, tp: int):
+        return make_latency_model(self.latency, tp)
+
+
+def colocated(
+    latency: LatencySpec, count: int, tp: int = 1, scheduler: SchedulerConfig | None = None, **kw
+) -> ClusterConfig:
+    return ClusterConfig(latency, (InstanceGroup(InstanceRole.MIXED, count, tp, scheduler),), **kw)
+
+
+def disaggregated(
+    latency: LatencySpec, prefill: int, decode: int, tp_prefill: int = 1, tp_decode: int = 1, **kw
+) -> ClusterConfig:
+    groups = (
+        InstanceGroup(InstanceRole.PREFILL, prefill, tp_prefill),
+        InstanceGroup(InstanceRole.DECODE, decode, tp_decode),
+    )
+    return ClusterConfig(latency, groups, **kw)
+
+
+def splitwise(
+    latency: LatencySpec,
+    prefill: int,
+    decode: int,
+    mixed: int,
+    tp: int = 1,
+    mixed_scheduler: SchedulerConfig | None = None,
+    **kw,
+) -> ClusterConfig:
+    groups = (
+        InstanceGroup(InstanceRole.PREFILL, prefill, tp),
+        InstanceGroup(InstanceRole.DECODE, decode, tp),
+        InstanceGroup(InstanceRole.MIXED, mixed, tp, mixed_scheduler),
+    )
+    return ClusterConfig(latency, groups, **kw)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """What to measure. ``early_stop``: stop once the attainment target is out of reach (goodput search)."""
+
+    slo: SLO = field(default_factory=SLO)
+    attainment_target: float = 0.9
+    early_stop: bool = False
+    max_sim_time_s: float = math.inf
+    progress: bool = False
+    track_tbt: bool = False  # record each request's largest time between tokens (costs speed)

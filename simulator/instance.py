@@ -1,0 +1,268 @@
+"""One simulated engine instance: the real scheduler and KV manager driven by a latency model.
+
+Each step: ``out = scheduler.schedule()``; its duration is ``latency.step_time`` of the batch
+composition (prefill chunks with their contexts, decodes with their total context); at the end
+``scheduler.update_from_output(out, sampled)`` with a dummy token for every sampling request.
+The instance is also the router's :class:`router.policy.InstanceView` of itself.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from engine.block_hash import BlockHash
+from engine.block_manager import KVCacheManager
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from router.policy import InstanceRole
+from simulator.events import EventLoop
+from simulator.latency import LatencyModel
+from simulator.prefix_store import PrefixStore
+
+DUMMY_TOKEN = 0
+
+
+class _DummyTokens(dict):
+    """``sampled`` mapping for ``update_from_output``: every request samples ``DUMMY_TOKEN``."""
+
+    def __missing__(self, key: str) -> int:
+        return DUMMY_TOKEN
+
+
+_SAMPLED = _DummyTokens()
+
+
+@dataclass
+class StepReport:
+    """What one step did, handed to the cluster when it ends."""
+
+    instance: SimInstance
+    out: SchedulerOutput
+    start: float
+    end: float
+    started: list[Request]  # first scheduled in this step (queueing ends)
+    first_tokens: list[Request]  # produced their first output token
+    done: list[Request]  # finished, or prefilled (prefill-only)
+
+
+@dataclass
+class InstanceStats:
+    steps: int = 0
+    busy_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    imported_blocks: int = 0
+    import_failures: int = 0
+
+
+class SimInstance:
+    def __init__(
+        self,
+        instance_id: str,
+        role: InstanceRole,
+        scheduler: SchedulerConfig,
+        num_blocks: int,
+        block_size: int,
+        latency: LatencyModel,
+        loop: EventLoop,
+        on_step: Callable[[StepReport], Any],
+        *,
+        enable_prefix_caching: bool = True,
+        host_pool: PrefixStore | None = None,
+        tp: int = 1,
+    ) -> None:
+        self.instance_id = instance_id
+        self.role = role
+        self.tp = tp
+        self.kv = KVCacheManager(
+            num_blocks, block_size, model_id="sim", enable_prefix_caching=enable_prefix_caching
+        )
+        self.sched = Scheduler(scheduler, self.kv)
+        self.latency = latency
+        self.loop = loop
+        self.on_step = on_step
+        self.host_pool = host_pool
+        self.block_size = block_size
+        self.total_blocks = num_blocks
+        self.token_budget = scheduler.max_num_batched_tokens
+        self.queued_tokens = 0
+        self.busy = False
+        self.pending: deque[Any] = deque()  # decode handoffs waiting for blocks (owned by the cluster)
+        self.in_transfer = 0  # handoffs holding blocks here whose KV is still in flight
+        self.stats = InstanceStats()
+        self._started: set[str] = set()
+        self._loader_seq = 0
+        self._retry: list[tuple[Request, int]] = []
+
+    # ------------------------------------------------------------------ InstanceView
+    @property
+    def queued_requests(self) -> int:
+        return len(self.sched.waiting) + len(self.pending)
+
+    @property
+    def running_requests(self) -> int:
+        return len(self.sched.running)
+
+    @property
+    def free_blocks(self) -> int:
+        return self.kv.num_free_blocks
+
+    def hbm_prefix_blocks(self, hashes: Sequence[BlockHash]) -> int:
+        """Leading blocks of ``hashes`` in this instance's GPU prefix cache."""
+        if not self.kv.enable_prefix_caching or not self.kv.pool.num_cached_blocks:
+            return 0
+        lookup = self.kv.pool.lookup
+        n = 0
+        for h in hashes:
+            if lookup(h) is None:
+                break
+            n += 1
+        return n
+
+    def cached_prefix_blocks(self, hashes: Sequence[BlockHash]) -> int:
+        hbm = self.hbm_prefix_blocks(hashes)
+        if self.host_pool is None:
+            return hbm
+        return max(hbm, self.host_pool.contains_prefix(hashes))
+
+    # ------------------------------------------------------------------ intake
+    def submit(self, req: Request, fetched_blocks: int = 0) -> None:
+        """Queue a request (its prefix: ``fetched_blocks`` pulled from elsewhere, plus host-pool hits).
+
+        Raises ``InvalidRequestError`` when the request can never run here.
+        """
+        hashes = req.block_hashes
+        want = fetched_blocks
+        if self.host_pool is not None and hashes:
+            want = max(want, self.host_pool.prefix_blocks(hashes))
+        want = min(want, len(hashes), (req.num_prompt_tokens - 1) // self.block_size)
+        if want > 0 and not self._import_prefix(hashes[:want]):
+            self._retry.append((req, want))  # no room now: retry before each step while it waits
+        self.sched.add_request(req)
+        self.queued_tokens += req.num_prompt_tokens
+        self.kick()
+
+    def _import_prefix(self, hashes: Sequence[BlockHash]) -> bool:
+        """Load KV blocks keyed ``hashes`` into the GPU prefix cache (engine API only).
+
+        A loader request reuses what is already cached, allocates the rest, registers them and
+        frees: the blocks stay cached at the MRU end of the free queue, as after a real KV import.
+        """
+        k = len(hashes)
+        bs = self.block_size
+        self._loader_seq += 1
+        loader = Request(
+            f"__import-{self.instance_id}-{self._loader_seq}",
+            range(k * bs + 1),
+            _LOADER_PARAMS,
+            block_hashes=list(hashes),
+        )
+        cached = self.kv.find_cached_prefix(loader)
+        h = len(cached)
+        if h >= k:
+            return True
+        if not self.kv.allocate_slots(loader, (k - h) * bs, cached):
+            self.stats.import_failures += 1
+            return False
+        loader.num_computed_tokens = k * bs
+        self.kv.cache_blocks(loader)
+        self.kv.free(loader.request_id)
+        self.stats.imported_blocks += k - h
+        return True
+
+    def _retry_imports(self) -> None:
+        keep = []
+        for req, k in self._retry:
+            if req.status is RequestStatus.WAITING and not self._import_prefix(req.block_hashes[:k]):
+                keep.append((req, k))
+        self._retry = keep
+
+    def adopt(self, req: Request, num_tokens: int) -> bool:
+        """Reserve blocks for a prefilled request's ``num_tokens`` KV (decode side). False: no room."""
+        need = self.kv.blocks_needed(num_tokens + 1)
+        if self.kv.num_free_blocks < need:
+            return False
+        self.kv.adopt_blocks(req, num_tokens)
+        return True
+
+    def start_decoding(self, req: Request) -> None:
+        """Join the batch with KV in place (after ``adopt`` and the transfer)."""
+        self.sched.add_running(req)
+        self.kick()
+
+    def release_prefilled(self, request_id: str) -> None:
+        self.sched.release_prefilled(request_id)
+        self.kick()
+
+    # ------------------------------------------------------------------ steps
+    def kick(self) -> None:
+        if not self.busy:
+            self._start_step()
+
+    def _start_step(self) -> None:
+        sched = self.sched
+        if self._retry:
+            self._retry_imports()
+        out = sched.schedule()
+        if not out.scheduled:
+            self.busy = False
+            return
+        if out.preempted:
+            for rid in out.preempted:
+                r = sched.requests.get(rid)
+                if r is not None:
+                    self.queued_tokens += r.num_tokens
+                self._started.discard(rid)
+        pre_tok: list[int] = []
+        pre_ctx: list[int] = []
+        n_dec = 0
+        dec_ctx = 0
+        started: list[Request] = []
+        firsts: list[Request] = []
+        started_ids = self._started
+        q = 0
+        for s in out.scheduled:
+            n = s.num_new_tokens
+            req = s.request
+            if n == 1 and req.output_token_ids:
+                n_dec += 1
+                dec_ctx += s.start
+                continue
+            pre_tok.append(n)
+            pre_ctx.append(s.start)
+            q += n
+            rid = req.request_id
+            if rid not in started_ids:
+                started_ids.add(rid)
+                q += s.start
+                started.append(req)
+            if s.samples and not req.output_token_ids:
+                firsts.append(req)
+        self.queued_tokens -= q
+        dt = self.latency.step_time(pre_tok, pre_ctx, n_dec, dec_ctx)
+        st = self.stats
+        st.steps += 1
+        st.busy_s += dt
+        st.prefill_tokens += q
+        st.decode_tokens += n_dec
+        self.busy = True
+        now = self.loop.now()
+        self.loop.at(now + dt, self._end_step, out, now, started, firsts)
+
+    def _end_step(
+        self, out: SchedulerOutput, start: float, started: list[Request], firsts: list[Request]
+    ) -> None:
+        done = self.sched.update_from_output(out, _SAMPLED)
+        for r in firsts:
+            self._started.discard(r.request_id)
+        for r in done:
+            self._started.discard(r.request_id)
+        self.on_step(StepReport(self, out, start, self.loop.now(), started, firsts, done))
+        self._start_step()
+
+
+_LOADER_PARAMS = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)

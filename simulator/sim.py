@@ -1,0 +1,383 @@
+"""The discrete-event simulation of a cluster serving a workload.
+
+Request lifecycle (the same as the real cluster's, see DESIGN.md):
+
+1. arrival: the router policy (``router.policy``, unchanged) places the request on a prefill or
+   mixed instance, or rejects it; a planned remote-prefix fetch delays submission by its
+   transfer time and imports the blocks into the target's prefix cache;
+2. the instance's scheduler runs it (prefill-only on a prefill instance); the first token's
+   time is TTFT;
+3. disaggregated: the policy picks a decode instance; the handoff waits there until blocks are
+   free (watermark), reserves them, the KV transfer takes ``transfer_time``, then the prefill
+   instance releases its blocks and the request joins the decode batch;
+4. finish: the last token's time; TPOT = (finish - first token) / (output_len - 1).
+
+Phase studies: a cluster without decode-capable instances ends requests at their first token
+(prefill/TTFT study); one without prefill-capable instances starts requests at the decode side
+with their KV in place and TTFT 0 (decode/TPOT study).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+from collections.abc import Callable, Sequence
+
+from engine.block_hash import BlockHash
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from pdserve.errors import InvalidRequestError
+from router.policy import ClusterView, InstanceRole, PlacementPolicy, Rejection, RequestInfo, make_policy
+from simulator.config import ClusterConfig, HostPool, SimConfig
+from simulator.events import EventLoop
+from simulator.instance import DUMMY_TOKEN, SimInstance, StepReport
+from simulator.latency import LatencyModel
+from simulator.metrics import RequestRecord, SimResult
+from simulator.prefix_store import PrefixStore
+from simulator.workload import Workload, WorkloadRequest
+
+PolicyFactory = Callable[[EventLoop, LatencyModel, ClusterConfig], PlacementPolicy]
+LatencyFactory = Callable[[int], LatencyModel]  # TP degree -> model (default: the cluster's LatencySpec)
+
+
+def trace_block_keys(
+    hash_ids: Sequence[int], input_len: int, block_size: int, hash_block: int = 512
+) -> list[BlockHash]:
+    """KV-block keys of a trace prompt: each ``hash_block``-token id expands to sub-block keys.
+
+    Key of sub-block ``j`` of id ``h`` = 8 bytes of ``h * 1024 + j``: equal for equal prefixes
+    (trace ids are prefix hashes) and distinct from the engine's 16-byte chained keys. Only the
+    prompt's full blocks get keys; the KV manager extends the chain from there.
+    """
+    if hash_block % block_size:
+        raise ValueError(f"block_size {block_size} must divide the trace's {hash_block}-token blocks")
+    per = hash_block // block_size
+    n = min(input_len // block_size, len(hash_ids) * per)
+    if n <= 0:
+        return []
+    ints = [h * 1024 + j for h in hash_ids[: -(-n // per)] for j in range(per)][:n]
+    raw = struct.pack(f"<{n}Q", *ints)
+    return [raw[i : i + 8] for i in range(0, 8 * n, 8)]
+
+
+def default_policy_factory(loop: EventLoop, latency: LatencyModel, cluster: ClusterConfig) -> PlacementPolicy:
+    return make_policy(cluster.policy, clock=loop, latency=latency, seed=cluster.seed)
+
+
+class Simulation:
+    """Runs workloads on a cluster; every :meth:`run` starts from an empty cluster."""
+
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        config: SimConfig | None = None,
+        policy_factory: PolicyFactory | None = None,
+        latency_factory: LatencyFactory | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.config = config or SimConfig()
+        self.policy_factory = policy_factory or default_policy_factory
+        self.latency_factory = latency_factory or cluster.latency_model
+
+    def run(self, workload: Workload) -> SimResult:
+        t0 = time.perf_counter()
+        run = _Run(self.cluster, self.config, self.policy_factory, self.latency_factory, workload)
+        complete = run.execute()
+        return SimResult(
+            records=run.records,
+            sim_time_s=run.loop.now(),
+            wall_time_s=time.perf_counter() - t0,
+            complete=complete,
+            instance_stats=run.instance_stats(),
+            num_gpus=self.cluster.num_gpus,
+        )
+
+
+class _Run:
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        cfg: SimConfig,
+        policy_factory: PolicyFactory,
+        latency_factory: LatencyFactory,
+        workload: Workload,
+    ) -> None:
+        self.cluster = cluster
+        self.latency_factory = latency_factory
+        self.cfg = cfg
+        self.slo = cfg.slo
+        self.workload = workload.requests
+        self.loop = EventLoop()
+        self.instances = self._build()
+        self.by_id = {i.instance_id: i for i in self.instances}
+        self.view = ClusterView(self.instances)
+        pool = [i for i in self.instances if i.role is not InstanceRole.DECODE]
+        self.has_prefill = bool(pool)
+        self.has_decode = any(i.role is not InstanceRole.PREFILL for i in self.instances)
+        lat = (pool or self.instances)[0].latency
+        self.policy = policy_factory(self.loop, lat, cluster)
+        self.block_size = cluster.block_size
+        self.use_trace_keys = (
+            cluster.cache.enable_prefix_caching or cluster.cache.host_pool is not HostPool.NONE
+        )
+        self.records: list[RequestRecord] = []
+        self.rec: dict[str, RequestRecord] = {}
+        self._params: dict[int, SamplingParams] = {}
+        self._violated: set[str] = set()
+        n = len(self.workload)
+        self.budget = math.floor((1 - cfg.attainment_target) * n) if cfg.early_stop else None
+        self.stopped_early = False
+        self._bar = None
+
+    # ------------------------------------------------------------------ setup
+    def _build(self) -> list[SimInstance]:
+        c = self.cluster
+        out: list[SimInstance] = []
+        counters: dict[InstanceRole, int] = {}
+        stride = max(1, c.cache.host_block_tokens // c.block_size)
+        for g in c.groups:
+            sched = c.scheduler_for(g)
+            blocks = c.kv_blocks_for(g)
+            if g.count and blocks < 1:
+                raise ValueError(
+                    f"{c.latency.model} does not fit on {g.tp} x {c.latency.gpu} (no room for KV)"
+                )
+            lat = self.latency_factory(g.tp)
+            for _ in range(g.count):
+                k = counters.get(g.role, 0)
+                counters[g.role] = k + 1
+                host = None
+                if c.cache.host_pool is not HostPool.NONE and g.role is not InstanceRole.DECODE:
+                    cap = None
+                    if c.cache.host_pool is HostPool.LIMITED:
+                        cap = max(1, c.cache.host_pool_tokens // c.cache.host_block_tokens)
+                    host = PrefixStore(stride, cap)
+                out.append(
+                    SimInstance(
+                        f"{g.role.value}{k}",
+                        g.role,
+                        sched,
+                        blocks,
+                        c.block_size,
+                        lat,
+                        self.loop,
+                        self._on_step,
+                        enable_prefix_caching=c.cache.enable_prefix_caching
+                        and g.role is not InstanceRole.DECODE,
+                        host_pool=host,
+                        tp=g.tp,
+                    )
+                )
+        if not out:
+            raise ValueError("the cluster has no instances")
+        return out
+
+    def execute(self) -> bool:
+        if self.workload:
+            self.loop.at(self.workload[0].arrival_s, self._arrive, 0)
+        if self.cfg.progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=len(self.workload), desc="simulate", unit="req", leave=False)
+        self.loop.run(until=self.cfg.max_sim_time_s)
+        if self._bar is not None:
+            self._bar.close()
+        done = all(r.finished or r.rejected for r in self.records) and len(self.records) == len(self.workload)
+        return done and not self.stopped_early
+
+    def instance_stats(self) -> dict[str, dict[str, float]]:
+        t = max(self.loop.now(), 1e-12)
+        return {
+            i.instance_id: {
+                "role": i.role.value,
+                "tp": i.tp,
+                "steps": i.stats.steps,
+                "busy_s": i.stats.busy_s,
+                "utilization": i.stats.busy_s / t,
+                "prefill_tokens": i.stats.prefill_tokens,
+                "decode_tokens": i.stats.decode_tokens,
+                "preemptions": i.sched.num_preemptions,
+                "imported_blocks": i.stats.imported_blocks,
+                "kv_blocks": i.total_blocks,
+                "free_blocks_end": i.kv.num_free_blocks,
+            }
+            for i in self.instances
+        }
+
+    # ------------------------------------------------------------------ helpers
+    def _sp(self, n: int) -> SamplingParams:
+        p = self._params.get(n)
+        if p is None:
+            p = self._params[n] = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        return p
+
+    def _violation(self, rid: str) -> None:
+        if self.budget is None or rid in self._violated:
+            return
+        self._violated.add(rid)
+        if len(self._violated) > self.budget:
+            self.stopped_early = True
+            self.loop.stop()
+
+    def _keys(self, w: WorkloadRequest) -> list[BlockHash]:
+        if w.hash_ids is None or not self.use_trace_keys:
+            return []
+        return trace_block_keys(w.hash_ids, w.input_len, self.block_size, w.hash_block)
+
+    # ------------------------------------------------------------------ arrivals
+    def _arrive(self, i: int) -> None:
+        wl = self.workload
+        w = wl[i]
+        if i + 1 < len(wl):
+            self.loop.at(wl[i + 1].arrival_s, self._arrive, i + 1)
+        if self._bar is not None and i % 256 == 0:
+            self._bar.n = i
+            self._bar.refresh()
+        now = self.loop.now()
+        rid = str(i)
+        rec = RequestRecord(rid, now, w.input_len, w.output_len)
+        self.records.append(rec)
+        self.rec[rid] = rec
+        if not self.has_prefill:  # decode-phase study: KV already in place
+            rec.first_token = now
+            self._to_decode(rec, None)
+            return
+        hashes = self._keys(w)
+        info = RequestInfo(rid, w.input_len, hashes, w.output_len, self.slo, now)
+        d = self.policy.place(info, self.view)
+        if isinstance(d, Rejection):
+            rec.rejected = d.reason.value
+            self._violation(rid)
+            return
+        inst = self.by_id[d.instance_id]
+        rec.prefill_instance = inst.instance_id
+        req = Request(
+            rid,
+            range(w.input_len),
+            self._sp(w.output_len),
+            arrival_time=now,
+            cache_salt=rid,
+            prefill_only=inst.role is InstanceRole.PREFILL,
+            block_hashes=hashes,
+        )
+        if d.fetch_from is not None and d.fetch_blocks > 0:
+            local = inst.cached_prefix_blocks(hashes)
+            extra = d.fetch_blocks - local
+            if extra > 0:
+                dt = inst.latency.transfer_time(extra * self.block_size * inst.latency.kv_bytes_per_token)
+                rec.fetched_blocks = extra
+                rec.transfer_s += dt
+                self.loop.after(dt, self._submit, inst, req, rec, d.fetch_blocks)
+                return
+        self._submit(inst, req, rec, 0)
+
+    def _submit(self, inst: SimInstance, req: Request, rec: RequestRecord, fetched: int) -> None:
+        try:
+            inst.submit(req, fetched)
+        except InvalidRequestError as e:
+            rec.rejected = f"invalid: {e}"
+            self._violation(rec.request_id)
+
+    # ------------------------------------------------------------------ step results
+    def _on_step(self, rep: StepReport) -> None:
+        inst = rep.instance
+        t = rep.end
+        rec = self.rec
+        if self.cfg.track_tbt:
+            self._track_tbt(rep)
+        for r in rep.started:
+            x = rec[r.request_id]
+            if x.first_scheduled != x.first_scheduled:
+                x.first_scheduled = rep.start
+        if rep.first_tokens:
+            ttft_slo = self.slo.ttft_s
+            host = inst.host_pool
+            for r in rep.first_tokens:
+                x = rec[r.request_id]
+                x.first_token = t
+                x.cached_tokens = max(r.num_cached_tokens, 0)
+                if host is not None:
+                    host.add(r.block_hashes[: r.num_prompt_tokens // self.block_size])
+                if t - x.arrival > ttft_slo:
+                    self._violation(x.request_id)
+        for r in rep.done:
+            x = rec[r.request_id]
+            if r.status is RequestStatus.PREFILLED:
+                self._handoff(inst, r, x)
+            else:
+                x.finish = t
+                if not x.decode_instance:
+                    x.decode_instance = inst.instance_id
+                if x.output_len > 1 and (t - x.first_token) / (x.output_len - 1) > self.slo.tpot_s:
+                    self._violation(x.request_id)
+        if inst.pending:
+            self._pump(inst)
+
+    def _track_tbt(self, rep: StepReport) -> None:
+        t = rep.end
+        for s in rep.out.scheduled:
+            if not s.samples:
+                continue
+            x = self.rec[s.request.request_id]
+            last = x.last_token
+            if last == last and not (t - last <= x.max_tbt):  # NaN-safe max
+                x.max_tbt = t - last
+            x.last_token = t
+
+    # ------------------------------------------------------------------ disaggregation
+    def _handoff(self, src: SimInstance, r: Request, x: RequestRecord) -> None:
+        if x.output_len <= 1 or not self.has_decode:
+            src.release_prefilled(r.request_id)
+            x.finish = self.loop.now()
+            return
+        self._to_decode(x, src)
+
+    def _to_decode(self, x: RequestRecord, src: SimInstance | None) -> None:
+        info = RequestInfo(x.request_id, x.input_len, (), x.output_len, self.slo, x.arrival)
+        need = -(-(x.input_len + 1) // self.block_size)
+        did = self.policy.choose_decode(info, self.view, need)
+        dec = self.by_id[did] if did is not None else None
+        if dec is None or need > dec.total_blocks:
+            x.rejected = "no decode instance can hold the request's KV"
+            if src is not None:
+                src.release_prefilled(x.request_id)
+            self._violation(x.request_id)
+            return
+        dec.pending.append((x, src))
+        self._pump(dec)
+
+    def _pump(self, dec: SimInstance) -> None:
+        keep = int(dec.total_blocks * self.cluster.decode_watermark)
+        kv = dec.kv
+        max_seqs = dec.sched.config.max_num_seqs
+        while dec.pending:
+            x, src = dec.pending[0]
+            p = x.input_len
+            busy = len(dec.sched.running) + dec.in_transfer
+            if busy and (busy >= max_seqs or kv.num_free_blocks - kv.blocks_needed(p + 1) < keep):
+                break
+            req = Request(
+                x.request_id,
+                range(p),
+                self._sp(x.output_len),
+                arrival_time=x.arrival,
+                cache_salt=x.request_id,
+            )
+            if not dec.adopt(req, p):
+                break
+            dec.pending.popleft()
+            req.num_computed_tokens = p
+            req.num_cached_tokens = 0
+            req.output_token_ids.append(DUMMY_TOKEN)
+            x.decode_instance = dec.instance_id
+            dt = dec.latency.kv_transfer_time(p) if src is not None else 0.0
+            x.transfer_s += dt
+            dec.in_transfer += 1
+            self.loop.after(dt, self._transfer_done, dec, src, req)
+
+    def _transfer_done(self, dec: SimInstance, src: SimInstance | None, req: Request) -> None:
+        if src is not None:
+            src.release_prefilled(req.request_id)
+        dec.in_transfer -= 1
+        dec.start_decoding(req)

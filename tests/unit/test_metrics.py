@@ -1,0 +1,362 @@
+"""pdserve.metrics: label derivation, the router/worker/store metric objects, naming, /metrics."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry, Metric
+
+from kv_store.node import NodeStats
+from pdserve import metrics as M
+from pdserve.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    InternalError,
+    InvalidRequestError,
+    LayoutMismatchError,
+    ModelNotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+
+
+def value(reg: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return reg.get_sample_value(name, labels)
+
+
+# ---------------------------------------------------------------------------- pure helpers
+@pytest.mark.parametrize(
+    ("ttft", "tpot", "cls"),
+    [
+        (0.0, 0.0, "default"),
+        (-1.0, 0.0, "default"),
+        (float("inf"), float("nan"), "default"),
+        (0.5, 0.0, "interactive"),
+        (0.0, 0.05, "interactive"),
+        (30.0, 0.01, "interactive"),  # the tightest target decides
+        (0.51, 0.0, "standard"),
+        (5.0, 1.0, "standard"),
+        (0.0, 0.2, "standard"),
+        (5.01, 0.0, "batch"),
+        (60.0, 0.21, "batch"),
+    ],
+)
+def test_slo_class_is_bounded_and_picks_tightest_target(ttft, tpot, cls):
+    assert M.slo_class(ttft, tpot) == cls
+    assert cls in M.SLO_CLASSES
+
+
+def test_slo_met_checks_only_the_targets_that_are_set():
+    assert M.slo_met(0, 0, 100.0, 100.0)
+    assert M.slo_met(1.0, 0, 1.0, 9.0)
+    assert not M.slo_met(1.0, 0, 1.01, 0.0)
+    assert M.slo_met(0, 0.05, 99.0, 0.05)
+    assert not M.slo_met(0, 0.05, 0.1, 0.051)
+    assert M.slo_met(0.5, 0.05, 0.4, None)  # one token: no TPOT to miss
+
+
+def test_tpot_is_mean_gap_after_first_token():
+    assert M.tpot_of([]) is None
+    assert M.tpot_of([0.3]) is None
+    assert M.tpot_of([0.3, 0.4, 0.6]) == pytest.approx(0.15)
+
+
+class _RpcErr(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "x"
+
+    def trailing_metadata(self):
+        return ()
+
+
+@pytest.mark.parametrize(
+    ("exc", "outcome"),
+    [
+        (None, "ok"),
+        (ResourceExhaustedError("full", retry_after_s=1.0), "rejected"),
+        (UnavailableError("no worker"), "rejected"),
+        (InvalidRequestError("bad"), "invalid"),
+        (ModelNotFoundError("no model"), "invalid"),
+        (LayoutMismatchError("layout"), "invalid"),
+        (CancelledError("gone"), "cancelled"),
+        (GeneratorExit(), "cancelled"),
+        (DeadlineExceededError("late"), "timeout"),
+        (InternalError("bug"), "error"),
+        (RuntimeError("bug"), "error"),
+        (_RpcErr(grpc.StatusCode.RESOURCE_EXHAUSTED), "rejected"),
+        (_RpcErr(grpc.StatusCode.UNIMPLEMENTED), "error"),
+    ],
+)
+def test_outcome_for_maps_statuses_to_bounded_labels(exc, outcome):
+    assert M.outcome_for(exc) == outcome
+    assert outcome in M.OUTCOMES
+
+
+# ---------------------------------------------------------------------------- router
+def _finished(ttft=0.2, times=(0.2, 0.3, 0.4), prompt=40, cached=32, out=3) -> M.FinishedRequest:
+    return M.FinishedRequest(
+        ttft_s=ttft,
+        e2e_s=times[-1],
+        token_times_s=list(times),
+        phases={"queue": 0.01, "prefill": 0.15, "transfer": 0.02, "decode": 0.2},
+        prompt_tokens=prompt,
+        cached_prompt_tokens=cached,
+        completion_tokens=out,
+    )
+
+
+def test_router_series_exist_before_any_request():
+    reg = CollectorRegistry()
+    M.RouterMetrics(reg)
+    for cls in M.SLO_CLASSES:
+        for o in M.OUTCOMES:
+            assert value(reg, "pdserve_router_requests_total", slo_class=cls, outcome=o) == 0
+        for res in ("met", "missed"):
+            assert value(reg, "pdserve_router_slo_requests_total", slo_class=cls, result=res) == 0
+        for p in M.PHASES:
+            assert value(reg, "pdserve_request_phase_seconds_count", phase=p, slo_class=cls) == 0
+
+
+def test_router_observe_finished_records_latencies_phases_tokens_and_slo():
+    reg = CollectorRegistry()
+    m = M.RouterMetrics(reg)
+    assert m.observe_finished("interactive", 0.5, 0.2, _finished())
+    assert not m.observe_finished("interactive", 0.1, 0.0, _finished(ttft=0.2))  # TTFT missed
+    assert not m.observe_finished("interactive", 0.0, 0.05, _finished())  # TPOT 0.1 > 0.05
+    assert value(reg, "pdserve_router_requests_total", slo_class="interactive", outcome="ok") == 3
+    assert value(reg, "pdserve_router_slo_requests_total", slo_class="interactive", result="met") == 1
+    assert value(reg, "pdserve_router_slo_requests_total", slo_class="interactive", result="missed") == 2
+    assert value(reg, "pdserve_router_ttft_seconds_count", slo_class="interactive") == 3
+    assert value(reg, "pdserve_router_ttft_seconds_sum", slo_class="interactive") == pytest.approx(0.6)
+    assert value(reg, "pdserve_router_ttft_seconds_bucket", slo_class="interactive", le="0.25") == 3
+    assert value(reg, "pdserve_router_tpot_seconds_sum", slo_class="interactive") == pytest.approx(0.3)
+    assert value(reg, "pdserve_router_e2e_seconds_sum", slo_class="interactive") == pytest.approx(1.2)
+    assert value(
+        reg, "pdserve_request_phase_seconds_sum", phase="prefill", slo_class="interactive"
+    ) == pytest.approx(0.45)
+    assert value(reg, "pdserve_router_prompt_tokens_total") == 120
+    assert value(reg, "pdserve_router_prefix_hit_tokens_total") == 96
+    assert value(reg, "pdserve_router_generation_tokens_total") == 9
+    # other classes untouched
+    assert value(reg, "pdserve_router_requests_total", slo_class="default", outcome="ok") == 0
+
+
+def test_single_token_request_has_no_tpot_sample():
+    reg = CollectorRegistry()
+    M.RouterMetrics(reg).observe_finished("default", 0, 0, _finished(times=(0.2,), out=1))
+    assert value(reg, "pdserve_router_tpot_seconds_count", slo_class="default") == 0
+    assert value(reg, "pdserve_router_slo_requests_total", slo_class="default", result="met") == 1
+
+
+@pytest.mark.parametrize(
+    ("outcome", "missed"),
+    [("rejected", 1), ("timeout", 1), ("error", 1), ("invalid", 0), ("cancelled", 0)],
+)
+def test_failed_requests_count_against_the_slo_only_when_the_server_failed(outcome, missed):
+    reg = CollectorRegistry()
+    M.RouterMetrics(reg).observe_failed("standard", outcome)
+    assert value(reg, "pdserve_router_requests_total", slo_class="standard", outcome=outcome) == 1
+    assert value(reg, "pdserve_router_slo_requests_total", slo_class="standard", result="missed") == missed
+    assert value(reg, "pdserve_router_slo_requests_total", slo_class="standard", result="met") == 0
+
+
+def test_router_workers_gauge_is_read_at_scrape_time():
+    reg = CollectorRegistry()
+    counts = {"prefill": 1, "decode": 2}
+    M.RouterMetrics(reg).track_workers(lambda: counts)
+    assert value(reg, "pdserve_router_workers", role="decode") == 2
+    counts["decode"] = 0
+    assert value(reg, "pdserve_router_workers", role="decode") == 0
+
+
+def test_components_in_separate_registries_do_not_collide():
+    regs = [CollectorRegistry(), CollectorRegistry()]
+    a, b = (M.RouterMetrics(r) for r in regs)
+    a.observe_failed("default", "rejected")
+    assert value(regs[0], "pdserve_router_requests_total", slo_class="default", outcome="rejected") == 1
+    assert value(regs[1], "pdserve_router_requests_total", slo_class="default", outcome="rejected") == 0
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        M.RouterMetrics(regs[0])  # one component per registry
+
+
+# ---------------------------------------------------------------------------- workers
+def _snap(**kw: int) -> M.WorkerSnapshot:
+    base = dict(
+        running=3,
+        waiting=2,
+        kv_blocks_total=100,
+        kv_blocks_used=40,
+        kv_blocks_cached=25,
+        token_budget=2048,
+        prefill_tokens_computed=500,
+        prefill_tokens_reused=300,
+        decode_tokens=70,
+        preemptions=1,
+        requests_finished=9,
+        prefix_query_tokens=800,
+        prefix_hit_tokens=300,
+        prefix_evictions=4,
+    )
+    base.update(kw)
+    return M.WorkerSnapshot(**base)
+
+
+def test_worker_metrics_from_snapshot_and_steps():
+    reg = CollectorRegistry()
+    m = M.WorkerMetrics(reg, "decode-7", "decode", snapshot=_snap)
+    m.observe_step(0.02, 16)
+    m.observe_step(0.04, 2048)
+    w = {"worker_id": "decode-7", "role": "decode"}
+    assert value(reg, "pdserve_worker_running_requests", **w) == 3
+    assert value(reg, "pdserve_worker_waiting_requests", **w) == 2
+    assert value(reg, "pdserve_worker_kv_blocks", state="used", **w) == 40
+    assert value(reg, "pdserve_worker_kv_blocks", state="free", **w) == 60
+    assert value(reg, "pdserve_worker_kv_blocks", state="cached", **w) == 25
+    assert value(reg, "pdserve_worker_kv_capacity_blocks", **w) == 100
+    assert value(reg, "pdserve_worker_token_budget_tokens", **w) == 2048
+    assert value(reg, "pdserve_worker_prefill_tokens_total", source="computed", **w) == 500
+    assert value(reg, "pdserve_worker_prefill_tokens_total", source="reused", **w) == 300
+    assert value(reg, "pdserve_worker_decode_tokens_total", **w) == 70
+    assert value(reg, "pdserve_worker_preemptions_total", **w) == 1
+    assert value(reg, "pdserve_worker_requests_finished_total", **w) == 9
+    assert value(reg, "pdserve_worker_prefix_cache_queries_total", **w) == 800
+    assert value(reg, "pdserve_worker_prefix_cache_hits_total", **w) == 300
+    assert value(reg, "pdserve_worker_prefix_cache_evictions_total", **w) == 4
+    assert value(reg, "pdserve_worker_step_seconds_count", **w) == 2
+    assert value(reg, "pdserve_worker_step_seconds_sum", **w) == pytest.approx(0.06)
+    assert value(reg, "pdserve_worker_step_tokens_sum", **w) == 2064
+    assert value(reg, "pdserve_worker_step_tokens_bucket", le="16.0", **w) == 1
+
+
+def test_worker_snapshot_failure_serves_last_good_values():
+    reg = CollectorRegistry()
+    calls = {"n": 0}
+
+    def snap() -> M.WorkerSnapshot:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TimeoutError("engine busy")
+        if calls["n"] == 2:
+            return _snap(running=5)
+        raise TimeoutError("engine busy")
+
+    M.WorkerMetrics(reg, "p0", "prefill", snapshot=snap)
+    w = {"worker_id": "p0", "role": "prefill"}
+    assert value(reg, "pdserve_worker_running_requests", **w) is None  # nothing good yet
+    assert value(reg, "pdserve_worker_running_requests", **w) == 5
+    assert value(reg, "pdserve_worker_running_requests", **w) == 5  # stale but served
+
+
+# ---------------------------------------------------------------------------- store
+def test_store_transfer_counts_success_failure_and_ignores_generator_exit():
+    reg = CollectorRegistry()
+    m = M.StoreMetrics(reg, "kv9")
+    with m.transfer("grpc", "put", "in") as t:
+        t.add(3, 3 * 1024)
+    with pytest.raises(RuntimeError), m.transfer("shm", "lease", "out") as t:
+        t.add(2, 2048)
+        raise RuntimeError("missing block")
+    with pytest.raises(GeneratorExit), m.transfer("grpc", "get", "out"):
+        raise GeneratorExit
+    n = {"node_id": "kv9"}
+    assert value(reg, "pdserve_kv_transfer_bytes_total", transport="grpc", direction="in", **n) == 3072
+    assert value(reg, "pdserve_kv_transfer_blocks_total", transport="grpc", direction="in", **n) == 3
+    assert value(reg, "pdserve_kv_transfer_bytes_total", transport="shm", direction="out", **n) == 0
+    assert value(reg, "pdserve_kv_transfer_failures_total", transport="shm", op="lease", **n) == 1
+    assert value(reg, "pdserve_kv_transfer_seconds_count", transport="shm", op="lease", **n) == 1
+    assert value(reg, "pdserve_kv_transfer_seconds_count", transport="grpc", op="put", **n) == 1
+    assert value(reg, "pdserve_kv_transfer_seconds_count", transport="grpc", op="get", **n) == 0
+    assert value(reg, "pdserve_kv_transfer_failures_total", transport="grpc", op="get", **n) == 0
+
+
+def test_store_node_stats_and_lookups():
+    reg = CollectorRegistry()
+    stats = NodeStats(
+        capacity_blocks=64,
+        num_blocks=10,
+        num_pending=1,
+        num_pinned=4,
+        bytes_used=10 * 512,
+        capacity_bytes=64 * 512,
+        num_leases=2,
+        evictions=7,
+        expired_leases=1,
+        hits=30,
+        misses=3,
+        puts=12,
+        put_dedups=2,
+    )
+    m = M.StoreMetrics(reg, "kv1")
+    n = {"node_id": "kv1"}
+    assert value(reg, "pdserve_kv_capacity_blocks", **n) is None  # no node yet
+    m.set_stats_source(lambda: stats)
+    m.observe_lookup(8, 5)
+    assert value(reg, "pdserve_kv_capacity_blocks", **n) == 64
+    assert value(reg, "pdserve_kv_capacity_bytes", **n) == 64 * 512
+    assert value(reg, "pdserve_kv_used_bytes", **n) == 5120
+    assert value(reg, "pdserve_kv_blocks", state="stored", **n) == 10
+    assert value(reg, "pdserve_kv_blocks", state="pinned", **n) == 4
+    assert value(reg, "pdserve_kv_blocks", state="pending", **n) == 1
+    assert value(reg, "pdserve_kv_leases", **n) == 2
+    assert value(reg, "pdserve_kv_evictions_total", **n) == 7
+    assert value(reg, "pdserve_kv_expired_leases_total", **n) == 1
+    assert value(reg, "pdserve_kv_puts_total", **n) == 12
+    assert value(reg, "pdserve_kv_put_dedups_total", **n) == 2
+    assert value(reg, "pdserve_kv_block_reads_total", result="hit", **n) == 30
+    assert value(reg, "pdserve_kv_block_reads_total", result="miss", **n) == 3
+    assert value(reg, "pdserve_kv_lookup_blocks_total", result="hit", **n) == 5
+    assert value(reg, "pdserve_kv_lookup_blocks_total", result="miss", **n) == 3
+
+
+# ---------------------------------------------------------------------------- conventions
+ALLOWED_LABELS = {"slo_class", "outcome", "result", "phase", "role", "worker_id", "state", "source"}
+ALLOWED_LABELS |= {"node_id", "transport", "direction", "op", "le"}
+
+
+def all_families() -> list[Metric]:
+    reg = CollectorRegistry()
+    rm = M.RouterMetrics(reg)
+    rm.track_workers(lambda: {"prefill": 1, "decode": 1})
+    M.WorkerMetrics(reg, "w", "decode", snapshot=_snap)
+    M.StoreMetrics(reg, "kv", stats=lambda: NodeStats(1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0))
+    return list(reg.collect())
+
+
+def test_naming_conventions_and_bounded_labels():
+    fams = all_families()
+    assert len(fams) >= 40
+    for f in fams:
+        assert f.name.startswith("pdserve_"), f.name
+        names = {s.name for s in f.samples}
+        if f.type == "counter":
+            assert names == {f.name + "_total"}, f.name
+        if f.type == "gauge":
+            assert not f.name.endswith("_total"), f.name
+        if f.type == "histogram":
+            assert f.name.endswith(("_seconds", "_tokens")), f.name
+        for s in f.samples:
+            assert set(s.labels) <= ALLOWED_LABELS, (f.name, s.labels)
+            assert not s.name.endswith("_created"), s.name
+
+
+def test_metric_names_are_unique_across_components():
+    names = [f.name for f in all_families()]
+    assert len(names) == len(set(names))
+
+
+def test_serve_metrics_binds_loopback_on_a_free_port():
+    reg = CollectorRegistry()
+    M.RouterMetrics(reg).observe_failed("batch", "rejected")
+    port = M.serve_metrics(0, registry=reg)
+    assert port > 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        body = r.read().decode()
+    assert 'pdserve_router_requests_total{outcome="rejected",slo_class="batch"} 1.0' in body

@@ -1,0 +1,287 @@
+"""Request ids and structured logs (pdserve.tracing), and the measured/traced service edges:
+the router's Generate wrapper and the KV store servicer (in-process gRPC on loopback)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from engine.block_hash import chain_hashes
+from kv_store.client import KVStoreClient
+from kv_store.handle import BlockLocation
+from kv_store.layout import KVLayout
+from kv_store.service import StoreServer, serve
+from kv_store.store import StoreConfig
+from kv_store.transport import ShmTransport
+from pdserve.errors import RequestNotFoundError, ResourceExhaustedError
+from pdserve.limits import grpc_options
+from pdserve.metrics import RouterMetrics, StoreMetrics
+from pdserve.tracing import (
+    JsonFormatter,
+    current_request_id,
+    log_event,
+    request_scope,
+    traced_channel,
+)
+from pdserve.v1 import client_pb2, common_pb2
+from router.service import GenerateServicer
+
+log = logging.getLogger("pdserve.test.tracing")
+
+
+# ---------------------------------------------------------------------------- tracing
+def test_request_scope_nests_and_restores():
+    assert current_request_id() == ""
+    with request_scope("outer"):
+        with request_scope("inner"):
+            assert current_request_id() == "inner"
+        assert current_request_id() == "outer"
+    assert current_request_id() == ""
+
+
+def test_request_scope_is_per_thread():
+    seen: list[str] = []
+    with request_scope("main"):
+        t = threading.Thread(target=lambda: seen.append(current_request_id()))
+        t.start()
+        t.join()
+    assert seen == [""]
+
+
+def test_request_scope_in_a_generator_closed_in_another_thread_does_not_raise():
+    def gen() -> Iterator[int]:
+        with request_scope("g"):
+            yield 1
+
+    g = gen()
+    started = threading.Thread(target=lambda: next(g))  # bound in that thread, not in ours
+    started.start()
+    started.join()
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            g.close()
+        except BaseException as e:  # noqa: BLE001 - the assertion below reports it
+            errors.append(e)
+
+    t = threading.Thread(target=close)
+    t.start()
+    t.join()
+    assert errors == [] and current_request_id() == ""
+
+
+def _format(record: logging.LogRecord, component: str = "router") -> dict:
+    return json.loads(JsonFormatter(component).format(record))
+
+
+def test_json_formatter_carries_request_id_and_fields(caplog):
+    caplog.set_level(logging.INFO, logger=log.name)
+    with request_scope("req-1"):
+        log_event(log, "prefill done", cached_tokens=16, queue_s=0.001)
+        log.info("plain %s", "line")
+    log_event(log, "explicit", request_id="req-2")
+    log_event(log, "no id")
+    done, plain, explicit, none = (_format(r) for r in caplog.records)
+    assert done == {
+        "ts": done["ts"],
+        "level": "info",
+        "component": "router",
+        "logger": log.name,
+        "msg": "prefill done",
+        "request_id": "req-1",
+        "cached_tokens": 16,
+        "queue_s": 0.001,
+    }
+    assert plain["msg"] == "plain line" and "request_id" not in plain  # formatted outside the scope
+    assert explicit["request_id"] == "req-2"
+    assert "request_id" not in none
+
+
+def test_json_formatter_reads_the_bound_id_when_formatting_in_scope():
+    rec = logging.LogRecord("x", logging.WARNING, __file__, 1, "hello", (), None)
+    with request_scope("req-9"):
+        out = _format(rec, "kv0")
+    assert out["request_id"] == "req-9" and out["level"] == "warning" and out["component"] == "kv0"
+
+
+def test_json_formatter_renders_exceptions_and_odd_values():
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    rec.obj = object()
+    out = _format(rec)
+    assert "ValueError: boom" in out["exc"] and out["obj"].startswith("<object")
+
+
+# ---------------------------------------------------------------------------- router edge
+def _servicer(gen) -> tuple[GenerateServicer, CollectorRegistry]:
+    reg = CollectorRegistry()
+    svc = GenerateServicer.__new__(GenerateServicer)  # only the Generate wrapper is exercised
+    svc.metrics = RouterMetrics(reg)
+    svc._generate = gen  # type: ignore[method-assign]
+    return svc, reg
+
+
+def _final(rid: str) -> client_pb2.GenerateResponse:
+    r = client_pb2.GenerateResponse(request_id=rid, token_ids=[7])
+    r.finish.usage.prompt_tokens = 33
+    r.finish.usage.cached_prompt_tokens = 16
+    r.finish.usage.completion_tokens = 3
+    t = r.finish.timing
+    t.ttft_s, t.e2e_s, t.queue_s, t.prefill_s, t.transfer_s, t.decode_s = 0.1, 0.3, 0.01, 0.08, 0.01, 0.2
+    t.token_times_s.extend([0.1, 0.2, 0.3])
+    return r
+
+
+def _req(ttft_s: float = 0.0, tpot_s: float = 0.0, request_id: str = "") -> client_pb2.GenerateRequest:
+    return client_pb2.GenerateRequest(request_id=request_id, slo=common_pb2.SLO(ttft_s=ttft_s, tpot_s=tpot_s))
+
+
+def test_generate_wrapper_records_a_completed_request(caplog):
+    caplog.set_level(logging.INFO, logger="router.service")
+    seen_ids: list[str] = []
+
+    def gen(req, ctx):
+        seen_ids.append(current_request_id())
+        yield client_pb2.GenerateResponse(request_id=req.request_id, token_ids=[5])
+        yield _final(req.request_id)
+
+    svc, reg = _servicer(gen)
+    req = _req(ttft_s=0.2, tpot_s=0.15)
+    out = list(svc.Generate(req, None))
+    assert len(out) == 2 and req.request_id and seen_ids == [req.request_id]  # id assigned and bound
+    g = reg.get_sample_value
+    assert g("pdserve_router_requests_total", {"slo_class": "interactive", "outcome": "ok"}) == 1
+    assert g("pdserve_router_slo_requests_total", {"slo_class": "interactive", "result": "met"}) == 1
+    assert g("pdserve_router_tpot_seconds_sum", {"slo_class": "interactive"}) == pytest.approx(0.1)
+    assert g("pdserve_request_phase_seconds_sum", {"phase": "decode", "slo_class": "interactive"}) == 0.2
+    assert g("pdserve_router_prefix_hit_tokens_total", {}) == 16
+    assert g("pdserve_router_inflight_requests", {}) == 0
+    (done,) = [r for r in caplog.records if r.getMessage() == "request done"]
+    assert done.request_id == req.request_id and done.slo_met is True and done.decode_s == 0.2
+
+
+def test_generate_wrapper_keeps_the_client_request_id():
+    def gen(req, ctx):
+        yield _final(req.request_id)
+
+    svc, _ = _servicer(gen)
+    req = _req(request_id="client-id-1")
+    assert [r.request_id for r in svc.Generate(req, None)] == ["client-id-1"]
+
+
+def test_generate_wrapper_records_a_rejection_as_slo_miss(caplog):
+    caplog.set_level(logging.INFO, logger="router.service")
+
+    def gen(req, ctx):
+        raise ResourceExhaustedError("no pair meets the SLO", retry_after_s=1.0)
+        yield  # pragma: no cover
+
+    svc, reg = _servicer(gen)
+    with pytest.raises(ResourceExhaustedError):
+        list(svc.Generate(_req(ttft_s=2.0), None))
+    g = reg.get_sample_value
+    assert g("pdserve_router_requests_total", {"slo_class": "standard", "outcome": "rejected"}) == 1
+    assert g("pdserve_router_slo_requests_total", {"slo_class": "standard", "result": "missed"}) == 1
+    assert g("pdserve_router_inflight_requests", {}) == 0
+    (failed,) = [r for r in caplog.records if r.getMessage() == "request failed"]
+    assert failed.outcome == "rejected" and failed.error == "ResourceExhaustedError"
+
+
+def test_generate_wrapper_counts_client_cancellation():
+    def ends_early(req, ctx):
+        yield client_pb2.GenerateResponse(request_id=req.request_id, token_ids=[5])
+
+    def long(req, ctx):
+        while True:
+            yield client_pb2.GenerateResponse(request_id=req.request_id, token_ids=[5])
+
+    svc, reg = _servicer(ends_early)
+    list(svc.Generate(_req(), None))  # stream ended without a finish: the client went away
+    svc2, reg2 = _servicer(long)
+    it = svc2.Generate(_req(), None)
+    next(it)
+    assert reg2.get_sample_value("pdserve_router_inflight_requests", {}) == 1
+    it.close()  # gRPC closes the generator when the client cancels
+    for r in (reg, reg2):
+        assert (
+            r.get_sample_value(
+                "pdserve_router_requests_total", {"slo_class": "default", "outcome": "cancelled"}
+            )
+            == 1
+        )
+        assert (
+            r.get_sample_value(
+                "pdserve_router_slo_requests_total", {"slo_class": "default", "result": "missed"}
+            )
+            == 0
+        )
+        assert r.get_sample_value("pdserve_router_inflight_requests", {}) == 0
+
+
+# ---------------------------------------------------------------------------- KV store edge
+L = KVLayout("m", num_layers=2, num_kv_heads=2, head_dim=4, dtype="float16", block_size=4)  # 256 B blocks
+
+
+@pytest.fixture
+def node() -> Iterator[tuple[StoreServer, CollectorRegistry, KVStoreClient]]:
+    reg = CollectorRegistry()
+    srv = serve(StoreConfig("node-m", L, capacity_blocks=8), metrics=StoreMetrics(reg, "node-m"))
+    ch = traced_channel(grpc.insecure_channel(srv.address, options=grpc_options()))
+    client = KVStoreClient(srv.address, timeout_s=10, channel=ch)
+    yield srv, reg, client
+    client.close()
+    ch.close()
+    srv.stop(0)
+
+
+def test_store_edge_counts_transfers_by_transport_and_logs_request_ids(node, caplog):
+    srv, reg, client = node
+    caplog.set_level(logging.INFO, logger="kv_store.service")
+    hs = chain_hashes(list(range(3 * L.block_size)), L.block_size, "m")
+    data = [os.urandom(L.block_nbytes) for _ in hs]
+    with request_scope("req-42"):
+        res = client.put_blocks(L, hs, data, lease_ttl_s=5.0)
+        assert client.release(res.lease_id)
+    assert client.get_blocks(L, hs[:2]) == data[:2]
+    assert client.lookup(hs + chain_hashes(list(range(99, 103)), L.block_size, "m")).num_prefix_blocks == 3
+    shm = ShmTransport(release_delay_s=0)
+    loc = srv.store.location
+    with shm.fetch(BlockLocation(loc.node_id, loc.address, loc.shm_name, loc.host_id), L, hs) as got:
+        assert [bytes(v) for v in got.views] == data
+    shm.close()
+    with pytest.raises(RequestNotFoundError):
+        client.get_blocks(L, chain_hashes(list(range(50, 54)), L.block_size, "m"))
+
+    g = reg.get_sample_value
+    n = {"node_id": "node-m"}
+    nb = L.block_nbytes
+    assert g("pdserve_kv_transfer_bytes_total", {**n, "transport": "grpc", "direction": "in"}) == 3 * nb
+    assert g("pdserve_kv_transfer_blocks_total", {**n, "transport": "grpc", "direction": "in"}) == 3
+    assert g("pdserve_kv_transfer_bytes_total", {**n, "transport": "grpc", "direction": "out"}) == 2 * nb
+    assert g("pdserve_kv_transfer_bytes_total", {**n, "transport": "shm", "direction": "out"}) == 3 * nb
+    assert g("pdserve_kv_transfer_seconds_count", {**n, "transport": "shm", "op": "lease"}) == 1
+    assert g("pdserve_kv_transfer_seconds_count", {**n, "transport": "grpc", "op": "get"}) == 2
+    assert g("pdserve_kv_transfer_failures_total", {**n, "transport": "grpc", "op": "get"}) == 1
+    assert g("pdserve_kv_transfer_failures_total", {**n, "transport": "grpc", "op": "put"}) == 0
+    assert g("pdserve_kv_lookup_blocks_total", {**n, "result": "hit"}) == 3
+    assert g("pdserve_kv_lookup_blocks_total", {**n, "result": "miss"}) == 1
+    assert g("pdserve_kv_blocks", {**n, "state": "stored"}) == 3  # node state read at scrape time
+    assert g("pdserve_kv_capacity_blocks", n) == 8
+    assert g("pdserve_kv_leases", n) == 0
+
+    put = [r for r in caplog.records if r.getMessage() == "kv put"]
+    rel = [r for r in caplog.records if r.getMessage() == "kv release"]
+    assert [(r.request_id, r.blocks, r.stored) for r in put] == [("req-42", 3, 3)]
+    assert [(r.request_id, r.released) for r in rel if r.lease_id == res.lease_id] == [("req-42", True)]
