@@ -4,11 +4,16 @@ Decode(request, KVHandle, first token): wait for free blocks (backpressure, boun
 deadline and ``admission_timeout_s``), pull the blocks, release the producer's lease, join the
 continuous batch and stream tokens. Abort, client disconnect and deadline all abort the request
 in the engine, which frees every block.
+
+Decode(request, ``local_prefill``) (conditional disaggregation, colocated serving): no handle;
+the engine runs the whole request here and every token is streamed, the first one included
+(the first message also carries ``num_cached_tokens``). Output equals the engine run whole.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from collections.abc import Iterator
 
@@ -68,8 +73,51 @@ class DecodeServicer:
     def _decode(
         self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext
     ) -> Iterator[worker_pb2.DecodeResponse]:
+        if req.local_prefill:
+            rid, q, immediate = self._admit_local(req, ctx)
+        else:
+            rid, q, immediate = self._admit_handoff(req, ctx)
+        finished = {"v": False}
+        ctx.add_callback(lambda: None if finished["v"] else self.state.loop.abort(rid))
+        if immediate:
+            # finished at once (first token was a stop); nothing will be queued
+            finished["v"] = True
+            self.state.loop.abort(rid)  # drops the unused output queue
+            yield worker_pb2.DecodeResponse(
+                request_id=rid, finish=common_pb2.Finish(reason=common_pb2.FINISH_REASON_STOP)
+            )
+            return
+        first = req.local_prefill
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            if not item.new_token_ids and not item.finished:
+                continue  # a prefill chunk of a local prefill: nothing to stream yet
+            msg = worker_pb2.DecodeResponse(
+                request_id=rid,
+                token_ids=item.new_token_ids,
+                logprobs=[logprob_to_proto(lp) for lp in item.logprobs],
+            )
+            if first:
+                msg.num_cached_tokens = max(0, item.num_cached_tokens)
+                first = False
+            if item.finished:
+                finished["v"] = True
+                self.state.count_finished()
+                msg.finish.reason = finish_to_proto(item.finish_reason)
+                if item.stop_reason is not None:
+                    msg.finish.stop = str(item.stop_reason)
+            yield msg
+            if item.finished:
+                return
+
+    def _admit_handoff(
+        self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext
+    ) -> tuple[str, queue.SimpleQueue, bool]:
+        """Pull the KV named by the handle and import it; (request id, output queue, done at once)."""
         if not req.HasField("kv"):
-            raise InvalidRequestError("Decode needs the KVHandle returned by Prefill")
+            raise InvalidRequestError("Decode needs the KVHandle returned by Prefill (or local_prefill)")
         handle = handle_from_proto(req.kv)
         self.state.layout.check_compatible(handle.layout, what="KV handle")
         rid = req.request_id or handle.request_id
@@ -105,34 +153,31 @@ class DecodeServicer:
             immediate["v"] = not e.has_request(rid)  # the first token already ended it
 
         q = self.state.loop.add(rid, add)
-        finished = {"v": False}
-        ctx.add_callback(lambda: None if finished["v"] else self.state.loop.abort(rid))
-        if immediate["v"]:
-            # finished at once (first token was a stop); nothing will be queued
-            finished["v"] = True
-            self.state.loop.abort(rid)  # drops the unused output queue
-            yield worker_pb2.DecodeResponse(
-                request_id=rid, finish=common_pb2.Finish(reason=common_pb2.FINISH_REASON_STOP)
+        return rid, q, immediate["v"]
+
+    def _admit_local(
+        self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext
+    ) -> tuple[str, queue.SimpleQueue, bool]:
+        """Conditional disaggregation: the engine runs the whole request (prompt included)."""
+        if req.HasField("kv") or req.first_token or req.HasField("first_token_logprob"):
+            raise InvalidRequestError("local_prefill runs the prompt here: send no kv and no first token")
+        if req.resume_token_ids:
+            raise InvalidRequestError("local_prefill cannot resume: send resume_token_ids with a KVHandle")
+        if req.model and req.model != self.state.engine.model_id:
+            raise InvalidRequestError(f"this worker serves {self.state.engine.model_id!r}, not {req.model!r}")
+        ids = list(req.prompt_token_ids)
+        if not ids:
+            raise InvalidRequestError("prompt is empty: send at least one token")
+        rid = req.request_id or f"lp-{time.time_ns()}"
+        params = sampling_from_proto(req.sampling)
+        self._wait_for_blocks(len(ids), ctx)
+
+        def add(e: LLMEngine) -> None:
+            e.add_request(
+                rid, ids, params, priority=req.priority, adapter_id=req.adapter, cache_salt=req.cache_salt
             )
-            return
-        while True:
-            item = q.get()
-            if isinstance(item, BaseException):
-                raise item
-            msg = worker_pb2.DecodeResponse(
-                request_id=rid,
-                token_ids=item.new_token_ids,
-                logprobs=[logprob_to_proto(lp) for lp in item.logprobs],
-            )
-            if item.finished:
-                finished["v"] = True
-                self.state.count_finished()
-                msg.finish.reason = finish_to_proto(item.finish_reason)
-                if item.stop_reason is not None:
-                    msg.finish.stop = str(item.stop_reason)
-            yield msg
-            if item.finished:
-                return
+
+        return rid, self.state.loop.add(rid, add), False
 
     def Prefill(self, req, ctx):
         raise InvalidRequestError("this is a decode worker: send Prefill to a prefill worker")

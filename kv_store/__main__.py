@@ -1,7 +1,12 @@
 """Run one store node as its own process.
 
     python -m kv_store --node-id kv0 --capacity-blocks 4096 --model-id smollm2-135m \
-        --num-layers 30 --num-kv-heads 3 --head-dim 64 --dtype float32 --block-size 16 --port 0
+        --num-layers 30 --num-kv-heads 3 --head-dim 64 --dtype float32 --block-size 16 --port 0 \
+        [--index memory | --index redis://127.0.0.1:6379/0?prefix=pdserve:kv:]
+
+``--index``: where the node registers its blocks (``memory``: a private in-process index, the
+embedded default; a ``redis://`` URL: the cluster index shared with other store nodes and
+routers, see :mod:`kv_store.redis_index`; the node re-registers its blocks when Redis lost them).
 
 Prints one JSON line ``{"node_id", "address", "port", "shm_name", "host_id", "metrics"}`` on stdout
 once it accepts calls (``metrics``: host:port of its Prometheus /metrics, ``--metrics-port``, 0 =
@@ -18,6 +23,7 @@ import sys
 from prometheus_client import REGISTRY
 
 from kv_store.layout import KVLayout
+from kv_store.redis_index import make_index
 from kv_store.service import StoreServer, run_store_node
 from kv_store.store import StoreConfig
 from pdserve.metrics import StoreMetrics, serve_metrics
@@ -41,6 +47,13 @@ def parse_config(argv: list[str] | None = None) -> StoreConfig:
     ap.add_argument("--default-lease-ttl-s", type=float, default=30.0)
     ap.add_argument("--max-workers", type=int, default=8)
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
+    ap.add_argument("--index", default="memory", help="'memory' or redis://host:port/db[?prefix=p]")
+    ap.add_argument("--high-water", type=float, default=1.0, help="evict above this fraction of capacity")
+    ap.add_argument("--low-water", type=float, default=1.0, help="... down to this fraction")
+    ap.add_argument("--index-sync-interval-s", type=float, default=1.0, help="re-registration probe period")
+    ap.add_argument(
+        "--replication-factor", type=int, default=1, help="copies per block across store nodes (best effort)"
+    )
     a = ap.parse_args(argv)
     layout = KVLayout(a.model_id, a.num_layers, a.num_kv_heads, a.head_dim, a.dtype, a.block_size)
     return StoreConfig(
@@ -53,20 +66,27 @@ def parse_config(argv: list[str] | None = None) -> StoreConfig:
         prefault=not a.no_prefault,
         default_lease_ttl_s=a.default_lease_ttl_s,
         max_workers=a.max_workers,
+        high_water=a.high_water,
+        low_water=a.low_water,
+        index_sync_interval_s=a.index_sync_interval_s,
+        replication_factor=a.replication_factor,
     )
 
 
-def _metrics_port(argv: list[str] | None) -> int:
+def _extra_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--metrics-port", type=int, default=0)
-    return ap.parse_known_args(argv)[0].metrics_port
+    ap.add_argument("--index", default="memory")
+    return ap.parse_known_args(argv)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
+    extra = _extra_args(argv)
     configure_logging(config.node_id)
+    index = make_index(extra.index)  # InvalidRequestError on a bad spec
     metrics = StoreMetrics(REGISTRY, config.node_id)
-    metrics_port = serve_metrics(_metrics_port(argv))
+    metrics_port = serve_metrics(extra.metrics_port)
 
     def ready(srv: StoreServer) -> None:
         loc = srv.store.location
@@ -74,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         info |= {"shm_name": loc.shm_name, "host_id": loc.host_id, "metrics": f"127.0.0.1:{metrics_port}"}
         print(json.dumps(info), flush=True)
 
-    run_store_node(config, on_ready=ready, metrics=metrics)
+    run_store_node(config, index, on_ready=ready, metrics=metrics)
     return 0
 
 

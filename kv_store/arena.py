@@ -39,7 +39,11 @@ _SHM_PREFIX = "pdkv_"
 def host_id() -> str:
     """Identity of this shared-memory domain: processes with equal host ids can attach each
     other's arenas (same kernel boot and same /dev/shm mount, so containers that do not share
-    /dev/shm get different ids)."""
+    /dev/shm get different ids). ``PDSERVE_HOST_ID`` overrides it (tests simulate several hosts on
+    one machine with it: see pdserve/ray_actors.py)."""
+    override = os.environ.get("PDSERVE_HOST_ID")
+    if override:
+        return override
     boot = ""
     with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
         boot = f.read().strip()[:8]

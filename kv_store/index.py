@@ -4,7 +4,8 @@ Store nodes :meth:`~KVIndex.register` blocks when stored and :meth:`~KVIndex.unr
 evicted or deleted; the router asks :meth:`~KVIndex.lookup` for the longest cached prefix of a
 request's block chain. :class:`InMemoryIndex` is the embedded implementation;
 :class:`kv_store.redis_index.RedisIndex` implements the same protocol on Redis (shared by routers
-and store nodes of a cluster). :func:`best_node_for_prefix` picks the node to route to.
+and store nodes of a cluster). :func:`best_node_for_prefix` picks the node to route to;
+:func:`locate_prefix` is the router's one-call global Lookup from prompt token ids.
 
 Lookup contract: ``num_prefix_blocks`` is the largest ``n`` such that each of ``hashes[:n]`` is
 registered on at least one node (the chain is a prefix: a block after a miss is not counted even
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine.block_hash import BlockHash
+from engine.block_hash import BlockHash, chain_hashes
 from kv_store.handle import BlockLocation
 from pdserve.errors import InvalidRequestError
 
@@ -72,6 +73,34 @@ def best_node_for_prefix(
     best = min(counts, key=lambda n: (-counts[n], score(n), n))
     loc = next(loc for loc in result.locations[0] if loc.node_id == best)
     return loc, counts[best]
+
+
+def prompt_prefix_hashes(
+    prompt_token_ids: Sequence[int], block_size: int, model_id: str, adapter_id: str = "", salt: str = ""
+) -> list[BlockHash]:
+    """Keys of the prompt's blocks a prefix cache can serve: every full block except one holding
+    the last prompt token (that token is always computed). Same as the engine's
+    ``LLMEngine.prefix_hashes``, so a router finds exactly what the prefill worker would pull."""
+    n = max(0, (len(prompt_token_ids) - 1) // block_size)
+    return chain_hashes(list(prompt_token_ids[: n * block_size]), block_size, model_id, adapter_id, salt)
+
+
+def locate_prefix(
+    index: KVIndex,
+    prompt_token_ids: Sequence[int],
+    block_size: int,
+    model_id: str,
+    adapter_id: str = "",
+    salt: str = "",
+    load: Callable[[str], float] | None = None,
+) -> tuple[BlockLocation, int] | None:
+    """Global Lookup for a router: the store node holding the longest cached prefix of the prompt
+    and that prefix's length in blocks (see :func:`best_node_for_prefix`), or None when nothing
+    is cached. With a Redis index every router sharing the URL gets the same answer."""
+    hashes = prompt_prefix_hashes(prompt_token_ids, block_size, model_id, adapter_id, salt)
+    if not hashes:
+        return None
+    return best_node_for_prefix(index.lookup(hashes), load)
 
 
 class KVIndex(Protocol):

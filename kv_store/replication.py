@@ -12,12 +12,19 @@ reports to the same index itself, the second registration is an idempotent no-op
 
 Failures (a target down, full of leased blocks, ...) are reported, not raised; the next ranked
 node is tried instead. Only a source that no longer holds the blocks stops the call early.
+
+:class:`ReplicationLoop` runs this inside a store node (``StoreConfig.replication_factor > 1``,
+``python -m kv_store --replication-factor N``): every newly stored block is queued and
+replicated in the background, in batches, reading the bytes locally. Best effort: a block
+evicted before its turn is skipped, a full queue drops work (counted), nothing blocks a put.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -125,9 +132,13 @@ class Replicator:
         layout: KVLayout,
         hashes: Sequence[BlockHash],
         factor: int | None = None,
+        *,
+        read: Callable[[Sequence[BlockHash]], list[bytes]] | None = None,
     ) -> ReplicationReport:
         """Copy ``hashes`` (stored on ``source``) until each has ``factor`` holders (default:
-        ``config.factor``). Best effort; see the module docstring."""
+        ``config.factor``). Best effort; see the module docstring. ``read``: how to get the
+        blocks' bytes (default: a Get from ``source``; a store node replicating its own blocks
+        reads them locally)."""
         hs = check_hashes(hashes)
         want = self.config.factor if factor is None else factor
         if want < 1:
@@ -155,7 +166,10 @@ class Replicator:
             try:
                 missing = [h for h in need if h not in data]
                 if missing:
-                    blobs = self.client(source.address).get_blocks(layout, missing)
+                    if read is not None:
+                        blobs = read(missing)
+                    else:
+                        blobs = self.client(source.address).get_blocks(layout, missing)
                     data.update(zip(missing, blobs, strict=True))
             except PdserveError as e:
                 failed[source.node_id] = f"read from source: {e}"
@@ -180,3 +194,128 @@ class Replicator:
             if all(len(h) >= want for h in holders):
                 break
         return ReplicationReport(copied, failed, tuple(len(h) for h in holders))
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    queued: int  # hashes waiting
+    batches: int  # replicate() calls made
+    copies: int  # block copies written to other nodes
+    skipped: int  # hashes no longer stored on the source when their turn came
+    dropped: int  # hashes not queued because the queue was full
+    failures: int  # per-node failures reported by replicate()
+
+
+class ReplicationLoop:
+    """Background replication of one store node's new blocks (see module docstring).
+
+    ``source()`` is the node's current location (its address is known once it serves; until
+    then the loop waits), ``stored(hashes)`` says which are still held, ``read(hashes)`` their
+    bytes. Thread-safe :meth:`submit`; :meth:`flush` waits until everything queued was handled.
+    """
+
+    def __init__(
+        self,
+        replicator: Replicator,
+        layout: KVLayout,
+        source: Callable[[], BlockLocation],
+        stored: Callable[[Sequence[BlockHash]], list[bool]],
+        read: Callable[[Sequence[BlockHash]], list[bytes]],
+        *,
+        batch_max: int = 256,
+        max_queued: int = 1 << 16,
+        idle_wait_s: float = 0.05,
+    ) -> None:
+        self.replicator = replicator
+        self.layout = layout
+        self._source = source
+        self._stored = stored
+        self._read = read
+        self.batch_max = batch_max
+        self.max_queued = max_queued
+        self.idle_wait_s = idle_wait_s
+        self._q: deque[BlockHash] = deque()
+        self._cv = threading.Condition()
+        self._busy = False
+        self._stop = False
+        self._batches = self._copies = self._skipped = self._dropped = self._failures = 0
+        self._thread: threading.Thread | None = None
+
+    def submit(self, hashes: Iterable[BlockHash]) -> None:
+        """Queue blocks for replication (never blocks; drops what does not fit, counted)."""
+        with self._cv:
+            for h in hashes:
+                if len(self._q) >= self.max_queued:
+                    self._dropped += 1
+                else:
+                    self._q.append(h)
+            self._cv.notify_all()
+
+    def stats(self) -> LoopStats:
+        with self._cv:
+            return LoopStats(
+                len(self._q), self._batches, self._copies, self._skipped, self._dropped, self._failures
+            )
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the queue is empty and no batch is in flight; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: (not self._q and not self._busy) or self._stop, timeout_s)
+
+    def _take(self) -> list[BlockHash] | None:
+        with self._cv:
+            while True:
+                if self._stop:
+                    return None
+                if self._q and self._source().address:
+                    batch = [self._q.popleft() for _ in range(min(self.batch_max, len(self._q)))]
+                    self._busy = True
+                    return batch
+                self._cv.wait(self.idle_wait_s)
+
+    def _done(self, batches: int, copies: int, skipped: int, failures: int) -> None:
+        with self._cv:
+            self._busy = False
+            self._batches += batches
+            self._copies += copies
+            self._skipped += skipped
+            self._failures += failures
+            self._cv.notify_all()
+
+    def run_once(self, batch: Sequence[BlockHash]) -> ReplicationReport | None:
+        """Replicate one batch now (the loop's step; tests may call it). None if none is held."""
+        here = [h for h, ok in zip(batch, self._stored(batch), strict=True) if ok]
+        if not here:
+            return None
+        return self.replicator.replicate(self._source(), self.layout, here, read=self._read)
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            copies = failures = 0
+            report = None
+            try:
+                report = self.run_once(batch)
+            except Exception:  # a bug must not kill the loop; the batch is given up
+                log.exception("replication batch failed")
+                failures = 1
+            if report is not None:
+                copies, failures = sum(report.copied.values()), failures + len(report.failed)
+                skipped = len(batch) - len(report.holders)
+            else:
+                skipped = len(batch) if failures == 0 else 0
+            self._done(1, copies, skipped, failures)
+
+    def start(self) -> ReplicationLoop:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="kv-replication", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+        self.replicator.close()

@@ -9,6 +9,10 @@ pinned slot is never reused).
 A prefill worker embedding its store node writes blocks with :meth:`BlockStore.put_block` (one
 copy into the arena); remote writers go through the gRPC Put, which uses the same
 begin/write/commit steps.
+
+With ``replication_factor > 1`` every newly stored block is also queued for background
+replication to other nodes of the (shared) index (:class:`kv_store.replication.ReplicationLoop`;
+best effort, never delays a put).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine.block_hash import BlockHash
 from kv_store.arena import HeapArena, ShmArena, host_id
@@ -28,6 +33,9 @@ from kv_store.layout import KVLayout
 from kv_store.node import DeleteResult, NodeConfig, NodeStats, PutTicket, StoreNode, check_watermarks
 from pdserve.errors import InvalidRequestError
 from pdserve.limits import MAX_BLOCKS_PER_CALL
+
+if TYPE_CHECKING:
+    from kv_store.replication import ReplicationLoop
 
 
 @dataclass(frozen=True)
@@ -47,10 +55,13 @@ class StoreConfig:
     high_water: float = 1.0  # see NodeConfig: watermark eviction (1.0/1.0: only at capacity)
     low_water: float = 1.0
     index_sync_interval_s: float = 1.0  # re-registration probe, for indexes that can lose state
+    replication_factor: int = 1  # holders wanted per block (this node included); best effort
 
     def __post_init__(self) -> None:
         if not self.node_id:
             raise ValueError("node_id must be non-empty")
+        if self.replication_factor < 1:
+            raise ValueError(f"replication_factor must be >= 1, got {self.replication_factor}")
         if self.capacity_blocks < 1:
             raise ValueError(f"capacity_blocks must be >= 1, got {self.capacity_blocks}")
         check_watermarks(self.high_water, self.low_water)
@@ -140,6 +151,7 @@ class BlockStore:
         )
         self.index.add_node(self.location)
         self._closed = False
+        self.replication = self._make_replication() if config.replication_factor > 1 else None
         self.syncer: IndexSyncer | None = None
         if isinstance(self.index, SyncableIndex) and config.index_sync_interval_s > 0:
             self.syncer = IndexSyncer(
@@ -148,6 +160,18 @@ class BlockStore:
                 interval_s=config.index_sync_interval_s,
                 name=f"kv-index-sync-{config.node_id}",
             ).start()
+
+    def _make_replication(self) -> ReplicationLoop:
+        from kv_store.replication import ReplicationConfig, ReplicationLoop, Replicator  # grpc client
+
+        replicator = Replicator(self.index, ReplicationConfig(factor=self.config.replication_factor))  # type: ignore[arg-type]
+        return ReplicationLoop(
+            replicator,
+            self.layout,
+            lambda: self.location,
+            self.exists,
+            lambda hs: [self.get_block(h) for h in hs],
+        ).start()
 
     # ------------------------------------------------------------------ identity
     def set_address(self, address: str) -> None:
@@ -191,6 +215,8 @@ class BlockStore:
             if ticket.is_new:
                 self.index.register(self.location.node_id, (ticket.block_hash,))
                 self._evict_over_high_water()
+                if self.replication is not None:
+                    self.replication.submit((ticket.block_hash,))
 
     def _evict_over_high_water(self) -> None:
         """Watermark eviction (lock held): skips blocks the index reports leased, if it can."""
@@ -310,6 +336,8 @@ class BlockStore:
         """Drop this node from the index and free the arena (unlinks the shm segment). Idempotent."""
         if self.syncer is not None:
             self.syncer.stop()
+        if self.replication is not None:
+            self.replication.stop()
         with self._lock:
             if self._closed:
                 return

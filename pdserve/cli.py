@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         func=lambda a: (print(__import__("pdserve.model_setup").model_setup.ensure_default_model()), 0)[1]
     )
 
+    from pdserve import ray_cli
+
+    ray_cli.register(sub)
     try:
         from simulator import cli as sim_cli
     except ImportError:

@@ -4,6 +4,14 @@
 a JSON line with its address and its Prometheus /metrics address) and every worker has registered
 with the router. ``stop()`` ends them all (SIGTERM, then SIGKILL after a grace period).
 ``write_file_sd(path)`` writes a Prometheus file_sd target list of their /metrics endpoints.
+
+``ClusterSpec.index_url``: where the store node registers its blocks. ``"memory"`` (default) is
+the store's private in-process index; a ``redis://host:port/db[?prefix=p]`` URL runs the cluster
+over a Redis index (:mod:`kv_store.redis_index`) that routers and other tools can open with the
+same URL (:func:`kv_store.redis_index.make_index`) for a global Lookup. ``store_args`` are extra
+``python -m kv_store`` options (e.g. ``--index-sync-interval-s 0.2``, ``--high-water 0.9``).
+``num_stores`` > 1 (Redis index only) starts store nodes kv0..kvN-1; workers use kv0, which with
+``replication_factor`` > 1 copies new blocks to the others in the background (best effort).
 """
 
 from __future__ import annotations
@@ -33,14 +41,27 @@ class ClusterSpec:
     block_size: int = 16
     router_port: int = 0
     worker_args: tuple[str, ...] = ()
+    router_args: tuple[str, ...] = ()  # extra ``python -m router`` flags, e.g. ("--policy", "goodput")
     startup_timeout_s: float = 180.0
+    index_url: str = "memory"  # the store's KV index: "memory" | "redis://host:port/db[?prefix=p]"
+    store_args: tuple[str, ...] = ()
+    num_stores: int = 1  # store nodes kv0..kvN-1; workers put to and pull through kv0
+    replication_factor: int = 1  # copies per block across the store nodes (needs a shared index)
+
+    def __post_init__(self) -> None:
+        if self.num_stores < 1:
+            raise ValueError(f"num_stores must be >= 1, got {self.num_stores}")
+        if self.num_stores > 1 and self.index_url == "memory":
+            raise ValueError("several store nodes need a shared index: set index_url to a redis:// URL")
 
 
 @dataclass
 class LocalCluster:
     spec: ClusterSpec
     router_address: str = ""
-    store_address: str = ""
+    store_address: str = ""  # kv0: the node the workers use
+    store_node_id: str = ""
+    store_addresses: dict[str, str] = field(default_factory=dict)  # node id -> address, every store
     workers: dict[str, str] = field(default_factory=dict)  # worker_id -> address
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, list[str]] = field(default_factory=dict)
@@ -148,34 +169,44 @@ def launch(spec: ClusterSpec) -> LocalCluster:
     mc = ModelConfig.from_path(spec.model_path)
     model_id = Path(spec.model_path).name
     t = spec.startup_timeout_s
-    store = _spawn(
-        cl,
-        "store",
-        [
-            "-m",
-            "kv_store",
-            "--node-id",
-            "kv0",
-            "--capacity-blocks",
-            str(spec.store_capacity_blocks),
-            "--model-id",
-            model_id,
-            "--num-layers",
-            str(mc.num_hidden_layers),
-            "--num-kv-heads",
-            str(mc.num_key_value_heads),
-            "--head-dim",
-            str(mc.head_dim),
-            "--dtype",
-            "float32",
-            "--block-size",
-            str(spec.block_size),
-        ],
-        t,
-    )
-    cl.store_address = store["address"]
+    for i in range(spec.num_stores):
+        store = _spawn(
+            cl,
+            "store" if i == 0 else f"store-{i}",
+            [
+                "-m",
+                "kv_store",
+                "--node-id",
+                f"kv{i}",
+                "--capacity-blocks",
+                str(spec.store_capacity_blocks),
+                "--model-id",
+                model_id,
+                "--num-layers",
+                str(mc.num_hidden_layers),
+                "--num-kv-heads",
+                str(mc.num_key_value_heads),
+                "--head-dim",
+                str(mc.head_dim),
+                "--dtype",
+                "float32",
+                "--block-size",
+                str(spec.block_size),
+                "--index",
+                spec.index_url,
+                "--replication-factor",
+                str(spec.replication_factor),
+                *spec.store_args,
+            ],
+            t,
+        )
+        cl.store_addresses[store["node_id"]] = store["address"]
+    cl.store_node_id, cl.store_address = next(iter(cl.store_addresses.items()))
     router = _spawn(
-        cl, "router", ["-m", "router", "--model", spec.model_path, "--port", str(spec.router_port)], t
+        cl,
+        "router",
+        ["-m", "router", "--model", spec.model_path, "--port", str(spec.router_port), *spec.router_args],
+        t,
     )
     cl.router_address = router["address"]
     common = [

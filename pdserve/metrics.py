@@ -14,15 +14,22 @@ registers its metrics in the ``CollectorRegistry`` it is given. A process passes
 ``prometheus_client.REGISTRY`` and serves it with :func:`serve_metrics`; tests pass a fresh
 ``CollectorRegistry()`` each, so objects never collide. Known label combinations are created up
 front (value 0), so dashboards and alerts see series before the first event.
+
+Prometheus finds the processes through a file_sd file (:func:`write_file_sd`, one
+:class:`ScrapeTarget` per process, labels ``component`` and ``process``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
+import itertools
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import prometheus_client
@@ -30,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pdserve.errors import ErrorCode
+from pdserve.errors import ErrorCode, InvalidRequestError
 from pdserve.status import from_grpc_code, status_for
 
 # counters get no extra ``*_created`` series (they double the series count for nothing here)
@@ -170,6 +177,14 @@ class RouterMetrics:
             buckets=TPOT_BUCKETS,
             registry=r,
         )
+        self.itl = Histogram(
+            "pdserve_router_inter_token_seconds",
+            "Gap between consecutive output tokens as the router relays them (TBT; tokens that arrive "
+            "in one message have gap 0). Its tail shows stalls that the per-request mean TPOT hides.",
+            ["slo_class"],
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
         self.e2e = Histogram(
             "pdserve_router_e2e_seconds",
             "End-to-end request latency (arrival -> last token).",
@@ -211,6 +226,7 @@ class RouterMetrics:
                 self.slo.labels(c, res)
             self.ttft.labels(c)
             self.tpot.labels(c)
+            self.itl.labels(c)
             self.e2e.labels(c)
             for p in PHASES:
                 self.phase.labels(p, c)
@@ -231,6 +247,9 @@ class RouterMetrics:
         self.ttft.labels(cls).observe(rec.ttft_s)
         if tpot is not None:
             self.tpot.labels(cls).observe(tpot)
+        itl = self.itl.labels(cls)
+        for prev, cur in itertools.pairwise(rec.token_times_s):
+            itl.observe(max(0.0, cur - prev))
         self.e2e.labels(cls).observe(rec.e2e_s)
         for p in PHASES:
             self.phase.labels(p, cls).observe(max(0.0, rec.phases.get(p, 0.0)))
@@ -526,6 +545,48 @@ class _FnCollector(Collector):
 
     def collect(self) -> list[Metric]:
         return self._collect_fn()
+
+
+# ---------------------------------------------------------------------------- service discovery
+class Component(enum.Enum):
+    """The ``component`` label of a scrape target (alerts and dashboards group by it)."""
+
+    ROUTER = "router"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    KV_STORE = "kv_store"
+
+
+@dataclass(frozen=True)
+class ScrapeTarget:
+    """One process's /metrics endpoint: ``process`` is its unique name (router, prefill-0, ...)."""
+
+    process: str
+    component: Component
+    address: str  # host:port
+
+
+def file_sd_groups(targets: Iterable[ScrapeTarget]) -> list[dict[str, object]]:
+    """Prometheus ``file_sd_configs`` content: one target group per process (sorted by name),
+    labelled ``component`` and ``process``. Process names must be unique."""
+    ts = sorted(targets, key=lambda t: t.process)
+    names = [t.process for t in ts]
+    if len(set(names)) != len(names):
+        raise InvalidRequestError(f"duplicate process names in scrape targets: {names}")
+    return [
+        {"targets": [t.address], "labels": {"component": t.component.value, "process": t.process}} for t in ts
+    ]
+
+
+def write_file_sd(path: str | Path, targets: Iterable[ScrapeTarget]) -> Path:
+    """Write (atomically replace, so Prometheus never reads half a file) a file_sd JSON file of
+    ``targets`` (see :func:`file_sd_groups`); returns the path. Used by launchers of a cluster:
+    point ``file_sd_configs`` of deploy/prometheus/prometheus.yml at it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(file_sd_groups(targets), indent=2))
+    tmp.replace(path)
+    return path
 
 
 def serve_metrics(port: int = 0, registry: CollectorRegistry = prometheus_client.REGISTRY) -> int:

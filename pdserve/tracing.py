@@ -4,7 +4,8 @@
   :func:`current_request_id` reads it.
 * :class:`JsonFormatter` renders each log record as one JSON object:
   ``{"ts", "level", "component", "logger", "msg", "request_id"?, ...extra fields}``; the request
-  id comes from ``extra={"request_id": ...}`` or else from the bound scope.
+  id comes from ``extra={"request_id": ...}`` or else from the bound scope. Extra fields named
+  ``_*`` are private and left out.
   :func:`log_event` logs a message with fields: ``log_event(log, "prefill done", cached_tokens=3)``.
 * :func:`configure_logging` installs it on the root logger of a process (stderr). Set
   ``PDSERVE_LOG_FORMAT=text`` for the classic one-line text format instead.
@@ -30,7 +31,9 @@ METADATA_KEY = "pdserve-request-id"
 
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("pdserve_request_id", default="")
 
-# attributes every LogRecord has; anything else on a record is an ``extra`` field
+# attributes every LogRecord has; anything else on a record is an ``extra`` field, except names
+# starting with "_": private attributes that libraries' record factories add to every record
+# (Ray's ``_ray_timestamp_ns`` once ``ray.init`` ran in the process)
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -74,7 +77,7 @@ class JsonFormatter(logging.Formatter):
         if rid:
             out["request_id"] = rid
         for k, v in vars(record).items():
-            if k not in _STANDARD and k not in out:
+            if k not in _STANDARD and k not in out and not k.startswith("_"):
                 out[k] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)

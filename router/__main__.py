@@ -1,4 +1,9 @@
-"""Router process: ``python -m router --model PATH [--port 0]``.
+"""Router process: ``python -m router --model PATH [--port 0] [--policy KIND]``.
+
+``--policy``: least_loaded (default), goodput, colocated, random, round_robin, cache_aware (=
+global_cache_aware), local_cache_aware. Goodput knobs: ``--latency-profile``, ``--slo-margin``,
+``--priority-margin-step``, ``--tenant-max-inflight``, ``--local-prefill-max-tokens``
+(0 disables conditional disaggregation), ``--store`` (KV store for prefix lookups).
 
 Prints one JSON line ``{"address", "metrics"}`` once serving (``metrics``: host:port of its
 Prometheus /metrics); runs until SIGTERM. Logs are JSON lines on stderr.
@@ -18,6 +23,8 @@ from prometheus_client import REGISTRY
 from pdserve.metrics import RouterMetrics, serve_metrics
 from pdserve.tracing import configure_logging
 from pdserve.v1 import client_pb2, router_pb2
+from router.policy import GoodputConfig, PolicyKind
+from router.policy_factory import parse_policy, policy_choices
 from router.registry import Registry
 from router.service import GenerateServicer, RegistryServicer, RouterConfig
 
@@ -32,7 +39,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--heartbeat-timeout-s", type=float, default=3.0)
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
+    ap.add_argument("--policy", default=PolicyKind.LEAST_LOADED.value, choices=policy_choices())
+    ap.add_argument(
+        "--latency-profile", default=None, help="pdserve profile JSON seeding latency predictions"
+    )
+    ap.add_argument("--store", default=None, help="KV store address for prefix lookups (default: learnt)")
+    g = GoodputConfig()
+    ap.add_argument("--slo-margin", type=float, default=g.slo_margin)
+    ap.add_argument("--priority-margin-step", type=float, default=g.priority_margin_step)
+    ap.add_argument("--tenant-max-inflight", type=int, default=None, help="per-tenant in-flight quota")
+    ap.add_argument("--local-prefill-max-tokens", type=int, default=g.local_prefill_max_tokens)
     a = ap.parse_args(argv)
+    goodput = GoodputConfig(
+        slo_margin=a.slo_margin,
+        priority_margin_step=a.priority_margin_step,
+        tenant_max_inflight=a.tenant_max_inflight,
+        local_prefill=a.local_prefill_max_tokens > 0,
+        local_prefill_max_tokens=max(0, a.local_prefill_max_tokens),
+    )
     configure_logging("router")
     cfg = RouterConfig(
         model_path=a.model,
@@ -40,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         host=a.host,
         port=a.port,
         heartbeat_timeout_s=a.heartbeat_timeout_s,
+        policy=parse_policy(a.policy),
+        goodput=goodput,
+        latency_profile=a.latency_profile,
+        store_address=a.store,
     )
     reg = Registry(cfg.heartbeat_timeout_s)
     services = [

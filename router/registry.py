@@ -20,10 +20,14 @@ class WorkerKind(enum.Enum):
 
 @dataclass
 class WorkerLoad:
+    """A worker's last reported load (heartbeat); ``block_size``/``token_budget``: 0 = not reported."""
+
     num_waiting: int = 0
     num_running: int = 0
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
+    block_size: int = 0
+    token_budget: int = 0
 
     @property
     def kv_usage(self) -> float:

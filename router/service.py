@@ -1,7 +1,12 @@
 """Router: the client-facing Generate API and the worker Registry (gRPC edge).
 
-Generate: tokenize and validate, pick a (prefill, decode) pair, call Prefill, stream the first
-token, call Decode with the KVHandle and relay its stream. Client cancellation and deadlines
+Generate: tokenize and validate, ask the placement policy (``RouterConfig.policy``, pure code in
+``router.policy``) for a (prefill, decode) pair over a view of the registry, or refuse the request
+at once (RESOURCE_EXHAUSTED with the policy's retry-after) before any compute is spent; call
+Prefill, stream the first token, call Decode with the KVHandle and relay its stream. A placement
+with ``local_prefill`` (conditional disaggregation, colocated serving) skips Prefill: the decode
+worker runs the whole request (``DecodeRequest.local_prefill``). Measured TTFT/TPOT and output
+length of every finished request go back to the policy (online correction, length predictor). Client cancellation and deadlines
 propagate downstream (the downstream calls are cancelled, which aborts the request in the
 workers and frees its blocks); a lease not consumed by a decode worker is released here.
 Every failure leaves as a gRPC status mapped by ``pdserve.status``.
@@ -12,27 +17,46 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from prometheus_client import CollectorRegistry
 
+from engine.block_hash import chain_hashes
 from engine.models.config import ModelConfig
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kv_store.client import KVStoreClient
-from pdserve.errors import InvalidRequestError, UnavailableError
+from pdserve.errors import InvalidRequestError, ResourceExhaustedError, UnavailableError
 from pdserve.limits import grpc_options
-from pdserve.metrics import FinishedRequest, RouterMetrics, outcome_for, slo_class
+from pdserve.metrics import FinishedRequest, RouterMetrics, outcome_for, slo_class, tpot_of
 from pdserve.proto_convert import finish_to_proto, sampling_from_proto
 from pdserve.status import raise_from_rpc_error
 from pdserve.tracing import log_event, request_scope, traced_channel
 from pdserve.v1 import client_pb2, common_pb2, router_pb2, worker_pb2, worker_pb2_grpc
-from router.registry import Registry, WorkerKind, WorkerLoad, least_loaded
+from router.cluster_view import OutstandingTokens, build_view
+from router.policy import (
+    SLO,
+    ClusterView,
+    GoodputAwarePolicy,
+    GoodputConfig,
+    InstanceRole,
+    Observation,
+    Phase,
+    Placement,
+    PolicyKind,
+    Rejection,
+    RejectReason,
+    RequestInfo,
+)
+from router.policy_factory import build_policy, uses_prefix_lookup
+from router.registry import Registry, WorkerEntry, WorkerKind, WorkerLoad
 
 log = logging.getLogger(__name__)
+
+LOOKUP_TIMEOUT_S = 0.5  # a placement-time prefix lookup gives up after this (then: no prefix)
 
 
 @dataclass(frozen=True)
@@ -43,6 +67,13 @@ class RouterConfig:
     port: int = 0
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 3.0
+    # Placement (router.policy). Default least_loaded: it needs no latency model and never
+    # refuses work; goodput predicts latency (seeded from ``latency_profile`` when given,
+    # corrected online) and refuses requests it predicts would miss their SLO.
+    policy: PolicyKind = PolicyKind.LEAST_LOADED
+    goodput: GoodputConfig = GoodputConfig()
+    latency_profile: str | None = None  # ``pdserve profile`` JSON seeding latency predictions
+    store_address: str | None = None  # KV store for prefix lookups (else learnt from KV handles)
 
 
 def _remaining(ctx: grpc.ServicerContext) -> float | None:
@@ -52,7 +83,14 @@ def _remaining(ctx: grpc.ServicerContext) -> float | None:
 
 
 def load_from_proto(s: worker_pb2.WorkerStats) -> WorkerLoad:
-    return WorkerLoad(s.num_waiting, s.num_running, s.kv_blocks_total, s.kv_blocks_used)
+    return WorkerLoad(
+        s.num_waiting,
+        s.num_running,
+        s.kv_blocks_total,
+        s.kv_blocks_used,
+        block_size=s.kv_layout.block_size,
+        token_budget=s.token_budget,
+    )
 
 
 class RegistryServicer:
@@ -109,6 +147,15 @@ class _Stubs:
             c = self._stores[address] = KVStoreClient(address, timeout_s=5, channel=ch)
         return c
 
+    def lookup(self, address: str) -> KVStoreClient:
+        """A store client for placement-time prefix lookups: a short timeout (they are optional)."""
+        key = "lookup:" + address
+        c = self._stores.get(key)
+        if c is None:
+            ch = traced_channel(grpc.insecure_channel(address, options=grpc_options()))
+            c = self._stores[key] = KVStoreClient(address, timeout_s=LOOKUP_TIMEOUT_S, channel=ch)
+        return c
+
 
 class GenerateServicer:
     def __init__(
@@ -128,6 +175,10 @@ class GenerateServicer:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
         self.stubs = _Stubs()
+        self.policy = build_policy(config.policy, profile_path=config.latency_profile, goodput=config.goodput)
+        self.outstanding = OutstandingTokens()  # prompt tokens sent, first token not back yet
+        self.kv_tokens = OutstandingTokens()  # KV tokens of requests in flight per decode worker
+        self._store_address = config.store_address
 
     # ----------------------------------------------------------------- helpers
     def _check_model(self, model: str) -> None:
@@ -162,13 +213,81 @@ class GenerateServicer:
                 f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len}: shorten it"
             )
 
-    def _pick(self, kind: WorkerKind):
-        w = least_loaded(self.registry.alive(kind, self.config.model_id))
+    def _worker(self, worker_id: str | None, kind: WorkerKind) -> WorkerEntry:
+        w = self.registry.get(worker_id) if worker_id else None
         if w is None:
             raise UnavailableError(
                 f"no {kind.value} worker is registered for {self.config.model_id!r}; retry shortly"
             )
         return w
+
+    def _prefix_blocks(self, ids: list[int], req: client_pb2.GenerateRequest, view: ClusterView) -> int:
+        """Leading prompt blocks the KV store holds (0 when unknown or the lookup fails)."""
+        addr = self._store_address
+        if not addr or not uses_prefix_lookup(self.config.policy) or len(ids) < 2:
+            return 0
+        bs = view.instances[0].block_size
+        hashes = chain_hashes(ids, bs, self.config.model_id, req.adapter, req.cache_salt)
+        hashes = hashes[: (len(ids) - 1) // bs]
+        if not hashes:
+            return 0
+        try:
+            return self.stubs.lookup(addr).lookup(hashes).num_prefix_blocks
+        except Exception as e:  # noqa: BLE001 - the lookup only sharpens an estimate
+            log.debug("prefix lookup at %s failed: %s", addr, e)
+            return 0
+
+    def _place(
+        self, rid: str, ids: list[int], params: SamplingParams, req: client_pb2.GenerateRequest
+    ) -> tuple[Placement, WorkerEntry, WorkerEntry, RequestInfo]:
+        """Ask the policy for (prefill, decode) workers, or refuse before any compute is spent.
+
+        Raises UnavailableError when a needed kind of worker is missing, ResourceExhaustedError
+        (with the policy's retry-after) when the policy rejects the request early.
+        """
+        view = build_view(self.registry, self.config.model_id, self.outstanding, self.kv_tokens)
+        colocated = self.config.policy is PolicyKind.COLOCATED
+        for role, kind in (
+            (InstanceRole.DECODE, WorkerKind.DECODE),
+            (InstanceRole.PREFILL, WorkerKind.PREFILL),
+        ):
+            if not view.with_role(role) and not (colocated and kind is WorkerKind.PREFILL):
+                raise UnavailableError(
+                    f"no {kind.value} worker is registered for {self.config.model_id!r}; retry shortly"
+                )
+        inf = float("inf")
+        slo = None
+        if req.slo.ttft_s > 0 or req.slo.tpot_s > 0:
+            slo = SLO(
+                req.slo.ttft_s if req.slo.ttft_s > 0 else inf, req.slo.tpot_s if req.slo.tpot_s > 0 else inf
+            )
+        info = RequestInfo(
+            rid,
+            len(ids),
+            max_output_tokens=params.max_tokens,
+            slo=slo,
+            arrival_time=self.policy.clock.now(),
+            priority=req.priority,
+            tenant=req.tenant,
+            predicted_output_tokens=req.predicted_output_tokens,
+            store_prefix_blocks=self._prefix_blocks(ids, req, view),
+        )
+        d = self.policy.place(info, view)
+        if isinstance(d, Rejection):
+            if d.reason is RejectReason.NO_INSTANCE:
+                raise UnavailableError(f"{d.message}; retry shortly")
+            raise ResourceExhaustedError(f"request refused ({d.reason.value}): {d.message}", d.retry_after_s)
+        try:
+            dec_id = d.decode_instance_id
+            if dec_id is None:
+                bs = view.instances[0].block_size
+                dec_id = self.policy.choose_decode(info, view, -(-(len(ids) + 1) // bs))
+            dw = self._worker(dec_id, WorkerKind.DECODE)
+            pw = dw if d.local_prefill else self._worker(d.instance_id, WorkerKind.PREFILL)
+        except BaseException:
+            self.policy.release(rid)  # placed, but the worker vanished meanwhile
+            raise
+        return d, pw, dw, info
 
     def _release_lease(self, kv: common_pb2.KVHandle) -> None:
         if kv.lease_id and kv.locations:
@@ -266,23 +385,132 @@ class GenerateServicer:
         self._validate(ids, params)
         rid = req.request_id or uuid.uuid4().hex
         t_route = time.perf_counter()
-        pw = self._pick(WorkerKind.PREFILL)
-        dw = self._pick(WorkerKind.DECODE)
+        placement, pw, dw, info = self._place(rid, ids, params, req)
         self.metrics.routing.observe(time.perf_counter() - t_route)
-        log_event(log, "routed", prefill=pw.worker_id, decode=dw.worker_id)
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
-        common = dict(
-            request_id=rid,
+        log_event(
+            log,
+            "routed",
+            prefill=pw.worker_id,
+            decode=dw.worker_id,
+            policy=self.config.policy.value,
+            local_prefill=placement.local_prefill,
+            store_prefix_blocks=info.store_prefix_blocks,
+            predicted_ttft_s=placement.estimated_ttft_s,
+            predicted_tpot_s=placement.estimated_tpot_s,
+            predicted_output_tokens=placement.predicted_output_tokens or None,
+        )
+        run = _Run(rid, ids, params, t0, IncrementalDetokenizer(self.tokenizer, params.stop))
+        done = False
+        try:
+            if placement.local_prefill:
+                stream = self._run_local(req, run, dw, ctx)
+            else:
+                stream = self._run_disaggregated(req, run, pw, dw, ctx)
+            for resp in stream:
+                if resp.HasField("finish"):
+                    done = True
+                    self._feedback(run, resp.finish)
+                yield resp
+        finally:
+            if not done:
+                self.policy.release(rid)
+
+    def _feedback(self, run: _Run, finish: common_pb2.Finish) -> None:
+        """Measured TTFT/TPOT and output length of a finished request, to the policy."""
+        t = finish.timing
+        self.policy.on_finished(
+            Observation(
+                run.rid,
+                ttft_s=t.ttft_s,
+                tpot_s=tpot_of(list(t.token_times_s)) or 0.0,
+                output_tokens=finish.usage.completion_tokens,
+                num_prompt_tokens=len(run.ids),
+                max_output_tokens=run.params.max_tokens,
+            )
+        )
+        if isinstance(self.policy, GoodputAwarePolicy):
+            c, acc = self.policy.corrected, self.policy.lengths.online
+            log_event(
+                log,
+                "policy feedback",
+                ttft_factor=round(c.factor(Phase.TTFT), 4),
+                tpot_factor=round(c.factor(Phase.TPOT), 4),
+                ttft_samples=c.samples(Phase.TTFT),
+                tpot_samples=c.samples(Phase.TPOT),
+                length_samples=self.policy.lengths.num_samples,
+                length_mae=round(acc.mae, 2) if acc.n else None,
+                length_within_2x=round(acc.within_2x, 3) if acc.n else None,
+            )
+
+    def _common(self, req: client_pb2.GenerateRequest, run: _Run) -> dict:
+        return dict(
+            request_id=run.rid,
             model=self.config.model_id,
-            prompt_token_ids=ids,
+            prompt_token_ids=run.ids,
             sampling=req.sampling,
             adapter=req.adapter,
             cache_salt=req.cache_salt,
             tenant=req.tenant,
             priority=req.priority,
         )
+
+    def _run_local(
+        self, req: client_pb2.GenerateRequest, run: _Run, dw: WorkerEntry, ctx: grpc.ServicerContext
+    ) -> Iterator[client_pb2.GenerateResponse]:
+        """Conditional disaggregation: the decode worker runs the whole request."""
+        self.registry.add_inflight(dw.worker_id, 1)
+        self.outstanding.add(dw.worker_id, len(run.ids))
+        self.kv_tokens.add(dw.worker_id, len(run.ids) + 1)
+        queued = [True]
+
+        def first_token() -> None:
+            if queued[0]:
+                queued[0] = False
+                self.outstanding.add(dw.worker_id, -len(run.ids))
+
+        try:
+            call = self.stubs.worker(dw.address).Decode(
+                worker_pb2.DecodeRequest(**self._common(req, run), slo=req.slo, local_prefill=True),
+                timeout=_remaining(ctx),
+            )
+            ctx.add_callback(call.cancel)
+            yield from self._relay(call, run, dw, ctx, on_first=first_token)
+        finally:
+            first_token()
+            self.kv_tokens.add(dw.worker_id, -(len(run.ids) + 1))
+            self.registry.add_inflight(dw.worker_id, -1)
+
+    def _run_disaggregated(
+        self,
+        req: client_pb2.GenerateRequest,
+        run: _Run,
+        pw: WorkerEntry,
+        dw: WorkerEntry,
+        ctx: grpc.ServicerContext,
+    ) -> Iterator[client_pb2.GenerateResponse]:
+        """Prefill on ``pw``, then decode on ``dw``; ``dw`` counts the request from placement on
+        (its KV is committed there), so a burst does not pile onto one decode worker."""
+        self.registry.add_inflight(dw.worker_id, 1)
+        self.kv_tokens.add(dw.worker_id, len(run.ids) + 1)
+        try:
+            yield from self._prefill_then_decode(req, run, pw, dw, ctx)
+        finally:
+            self.kv_tokens.add(dw.worker_id, -(len(run.ids) + 1))
+            self.registry.add_inflight(dw.worker_id, -1)
+
+    def _prefill_then_decode(
+        self,
+        req: client_pb2.GenerateRequest,
+        run: _Run,
+        pw: WorkerEntry,
+        dw: WorkerEntry,
+        ctx: grpc.ServicerContext,
+    ) -> Iterator[client_pb2.GenerateResponse]:
+        ids, params, rid, detok = run.ids, run.params, run.rid, run.detok
+        common = self._common(req, run)
         # ---- prefill
         self.registry.add_inflight(pw.worker_id, 1)
+        self.outstanding.add(pw.worker_id, len(ids))
         try:
             fut = self.stubs.worker(pw.address).Prefill.future(
                 worker_pb2.PrefillRequest(**common, slo=req.slo), timeout=_remaining(ctx)
@@ -295,12 +523,17 @@ class GenerateServicer:
                     self.registry.drop(pw.worker_id)
                 raise_from_rpc_error(e)
         finally:
+            self.outstanding.add(pw.worker_id, -len(ids))
             self.registry.add_inflight(pw.worker_id, -1)
+        if pre.kv.locations and not self._store_address:
+            self._store_address = pre.kv.locations[0].address  # the store prefix lookups go to
+        run.cached_tokens = pre.num_cached_tokens
+        run.pre_timing = pre.timing
         t_first = time.monotonic()
-        token_times = [t_first - t0]
+        run.token_times.append(t_first - run.t0)
         first = pre.first_token
         delta, matched = detok.add([first])
-        out_ids = [first]
+        run.out_ids.append(first)
         stop_now = matched is not None or first in params.stop_token_ids or params.max_tokens <= 1
         if not params.ignore_eos and first in self.eos and params.min_tokens == 0:
             stop_now = True
@@ -315,85 +548,109 @@ class GenerateServicer:
         if pre.HasField("first_token_logprob"):
             resp.logprobs.append(pre.first_token_logprob)
         if stop_now:
-            resp.finish.CopyFrom(self._finish(reason, matched, ids, out_ids, pre, t0, token_times, 0.0))
+            resp.finish.CopyFrom(self._finish(reason, matched, run, 0.0))
             yield resp
             return
         yield resp
         # ---- decode
-        self.registry.add_inflight(dw.worker_id, 1)
-        t_dec = time.monotonic()
-        try:
-            call = self.stubs.worker(dw.address).Decode(
-                worker_pb2.DecodeRequest(
-                    **common,
-                    slo=req.slo,
-                    kv=pre.kv,
-                    first_token=first,
-                    first_token_logprob=pre.first_token_logprob
-                    if pre.HasField("first_token_logprob")
-                    else None,
-                ),
-                timeout=_remaining(ctx),
-            )
-            ctx.add_callback(call.cancel)
-            try:
-                for d in call:
-                    now = time.monotonic() - t0
-                    token_times.extend([now] * len(d.token_ids))
-                    out_ids.extend(d.token_ids)
-                    visible = list(d.token_ids)
-                    final = d.HasField("finish")
-                    if final and visible and d.finish.stop == str(visible[-1]):
-                        visible = visible[:-1]  # the stop token that ended it is not rendered
-                    text, matched = detok.add(visible, final=final)
-                    r = client_pb2.GenerateResponse(
-                        request_id=rid, token_ids=d.token_ids, text=text, logprobs=d.logprobs
-                    )
-                    if final or matched is not None:
-                        if matched is not None and not final:
-                            call.cancel()
-                            text += detok.add([], final=True)[0]
-                            r.text = text
-                        fr = d.finish.reason if final else common_pb2.FINISH_REASON_STOP
-                        stop = matched if matched is not None else (d.finish.stop or None)
-                        r.finish.CopyFrom(
-                            self._finish(
-                                fr, stop, ids, out_ids, pre, t0, token_times, time.monotonic() - t_dec
-                            )
-                        )
-                        yield r
-                        return
-                    yield r
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    self.registry.drop(dw.worker_id)
-                if ctx.is_active():
-                    raise_from_rpc_error(e)
-                return
-        finally:
-            self.registry.add_inflight(dw.worker_id, -1)
+        call = self.stubs.worker(dw.address).Decode(
+            worker_pb2.DecodeRequest(
+                **common,
+                slo=req.slo,
+                kv=pre.kv,
+                first_token=first,
+                first_token_logprob=pre.first_token_logprob if pre.HasField("first_token_logprob") else None,
+            ),
+            timeout=_remaining(ctx),
+        )
+        ctx.add_callback(call.cancel)
+        yield from self._relay(call, run, dw, ctx)
 
-    def _finish(self, reason, stop, ids, out_ids, pre, t0, token_times, decode_s) -> common_pb2.Finish:
+    def _relay(
+        self,
+        call,
+        run: _Run,
+        dw: WorkerEntry,
+        ctx: grpc.ServicerContext,
+        on_first: Callable[[], None] | None = None,
+    ) -> Iterator[client_pb2.GenerateResponse]:
+        """Relay a Decode stream to the client (text deltas, stop strings, the finish message)."""
+        t_dec = time.monotonic()
+        detok = run.detok
+        try:
+            for d in call:
+                if on_first is not None:
+                    on_first()
+                    on_first = None
+                    run.cached_tokens = d.num_cached_tokens
+                now = time.monotonic() - run.t0
+                run.token_times.extend([now] * len(d.token_ids))
+                run.out_ids.extend(d.token_ids)
+                visible = list(d.token_ids)
+                final = d.HasField("finish")
+                if final and visible and d.finish.stop == str(visible[-1]):
+                    visible = visible[:-1]  # the stop token that ended it is not rendered
+                text, matched = detok.add(visible, final=final)
+                r = client_pb2.GenerateResponse(
+                    request_id=run.rid, token_ids=d.token_ids, text=text, logprobs=d.logprobs
+                )
+                if final or matched is not None:
+                    if matched is not None and not final:
+                        call.cancel()
+                        text += detok.add([], final=True)[0]
+                        r.text = text
+                    fr = d.finish.reason if final else common_pb2.FINISH_REASON_STOP
+                    stop = matched if matched is not None else (d.finish.stop or None)
+                    r.finish.CopyFrom(self._finish(fr, stop, run, time.monotonic() - t_dec))
+                    yield r
+                    return
+                yield r
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                self.registry.drop(dw.worker_id)
+            if ctx.is_active():
+                raise_from_rpc_error(e)
+            return
+
+    def _finish(self, reason, stop, run: _Run, decode_s: float) -> common_pb2.Finish:
         if isinstance(reason, int) and not isinstance(reason, bool):
             fr = reason
         else:
             fr = finish_to_proto(reason)
+        n_in, n_out = len(run.ids), len(run.out_ids)
+        e2e = time.monotonic() - run.t0
+        pre = run.pre_timing
         return common_pb2.Finish(
             reason=fr,
             stop="" if stop is None else str(stop),
             usage=common_pb2.Usage(
-                prompt_tokens=len(ids),
-                completion_tokens=len(out_ids),
-                cached_prompt_tokens=pre.num_cached_tokens,
-                total_tokens=len(ids) + len(out_ids),
+                prompt_tokens=n_in,
+                completion_tokens=n_out,
+                cached_prompt_tokens=run.cached_tokens,
+                total_tokens=n_in + n_out,
             ),
             timing=common_pb2.Timing(
-                ttft_s=token_times[0],
-                e2e_s=time.monotonic() - t0,
-                token_times_s=token_times,
-                queue_s=pre.timing.queue_s,
-                prefill_s=pre.timing.prefill_s,
-                transfer_s=pre.timing.transfer_s,
+                ttft_s=run.token_times[0] if run.token_times else e2e,
+                e2e_s=e2e,
+                token_times_s=run.token_times,
+                queue_s=pre.queue_s if pre is not None else 0.0,
+                prefill_s=pre.prefill_s if pre is not None else 0.0,
+                transfer_s=pre.transfer_s if pre is not None else 0.0,
                 decode_s=decode_s,
             ),
         )
+
+
+@dataclass
+class _Run:
+    """Per-request state shared by the prefill, relay and finish steps of one Generate."""
+
+    rid: str
+    ids: list[int]
+    params: SamplingParams
+    t0: float
+    detok: IncrementalDetokenizer
+    out_ids: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+    cached_tokens: int = 0
+    pre_timing: common_pb2.Timing | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from router.policy import SLO, InstanceRole, PolicyKind
@@ -131,15 +132,20 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         rates = [float(x) for x in a.rates.split(",")]
         curve = []
         results = {}
+        summaries = {}
         for r in rates:
             res = sim.run(base.with_rate(r))
             curve.append((r, res.attainment(slo)))
             results[f"{r:g} req/s"] = res
+            summaries[f"{r:g}"] = res.summary(slo)
             print(f"rate {r:g} req/s: attainment {100 * curve[-1][1]:.1f}%  wall {res.wall_time_s:.2f}s")
+            if out:
+                res.write_csv(out / f"requests_rate{r:g}.csv")
         if out:
             plot_attainment({cluster.mode.value: curve}, out / "attainment.png", a.target)
             plot_cdfs(results, out / "latency_cdf.png")
             (out / "attainment.json").write_text(json.dumps(curve))
+            (out / "summary.json").write_text(json.dumps({"by_rate": summaries}, indent=1))
     else:
         res = sim.run(base)
         s = res.summary(slo)
@@ -234,6 +240,10 @@ def cmd_profile(a: argparse.Namespace) -> int:
     from pdserve.model_setup import resolve_model_path
     from simulator.profile import ProfileGrid, fit, holdout_error, measure_profile, save
 
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     path = resolve_model_path(a.model)
     cfg = EngineConfig(device=a.device, dtype=a.dtype, num_kv_blocks=a.kv_blocks)
     grid = (
@@ -254,6 +264,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
         progress=not a.quiet,
         model=Path(path).name,
         device=a.device,
+        timer=time.process_time if a.cpu_time else time.perf_counter,
     )
     save(prof, a.out)
     f = fit(prof)
@@ -333,6 +344,12 @@ def register(subparsers) -> None:
     f.add_argument("--dtype", default="auto")
     f.add_argument("--kv-blocks", type=int, default=None)
     f.add_argument("--quick", action="store_true", help="a small grid (a minute on a CPU)")
+    f.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    f.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time steps by process CPU time instead of wall time (CPUs shared with other work)",
+    )
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=cmd_profile)
 

@@ -72,6 +72,7 @@ class SimResult:
     complete: bool  # False when stopped early (attainment target out of reach) or by the time limit
     instance_stats: dict[str, Any] = field(default_factory=dict)
     num_gpus: int = 0
+    num_events: int = 0  # discrete events the loop ran
 
     def __len__(self) -> int:
         return len(self.records)
@@ -116,6 +117,8 @@ class SimResult:
         for m in ("ttft", "tpot", "e2e", "queueing", "max_tbt"):
             a = self.array(m)
             a = a[~np.isnan(a)]
+            if m == "max_tbt" and not a.size:
+                continue  # not tracked (SimConfig.track_tbt off)
             for name, v in (
                 ("mean", a.mean() if a.size else NAN),
                 ("p50", _pct(a, 50)),

@@ -211,7 +211,7 @@ class ProfileGrid:
     decode_steps: int = 4  # decode steps timed per point (context reported at their middle)
     repeats: int = 3  # median of this many measurements
     token_budget: int = 2048  # skip prefill points above the engine's per-step budget
-    vocab_low: int = 100  # token ids are drawn from [vocab_low, vocab_high)
+    vocab_low: int = 100  # token ids are drawn from [vocab_low, vocab_high), capped at the vocabulary
     vocab_high: int = 5000
 
     def points(self) -> Iterator[tuple[PointKind, int, int, int]]:
@@ -250,7 +250,13 @@ def _drain(engine: _Engine, ids: _Ids) -> None:
 
 
 def _time_prefill(
-    engine: _Engine, ids: _Ids, params_factory: Callable[[int], Any], b: int, t: int, c: int
+    engine: _Engine,
+    ids: _Ids,
+    params_factory: Callable[[int], Any],
+    b: int,
+    t: int,
+    c: int,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> float:
     prefix = ids.tokens(c)
     if c:  # warm the prefix cache with the shared context
@@ -259,15 +265,21 @@ def _time_prefill(
             engine.step()
     for _ in range(b):
         engine.add_request(ids.rid(), prefix + ids.tokens(t), params_factory(1))
-    t0 = time.perf_counter()
+    t0 = timer()
     engine.step()
-    dt = time.perf_counter() - t0
+    dt = timer() - t0
     _drain(engine, ids)
     return dt
 
 
 def _time_decode(
-    engine: _Engine, ids: _Ids, params_factory: Callable[[int], Any], b: int, c: int, steps: int
+    engine: _Engine,
+    ids: _Ids,
+    params_factory: Callable[[int], Any],
+    b: int,
+    c: int,
+    steps: int,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> float:
     for _ in range(b):
         engine.add_request(ids.rid(), ids.tokens(c), params_factory(steps + 2))
@@ -275,10 +287,10 @@ def _time_decode(
         engine.step()
         if not _has_prefill_pending(engine):
             break
-    t0 = time.perf_counter()
+    t0 = timer()
     for _ in range(steps):
         engine.step()
-    dt = (time.perf_counter() - t0) / steps
+    dt = (timer() - t0) / steps
     _drain(engine, ids)
     return dt
 
@@ -301,14 +313,17 @@ def measure_profile(
     model: str = "model",
     device: str = "cpu",
     seed: int = 0,
+    timer: Callable[[], float] | None = None,
 ) -> Profile:
     """Time the real engine on every grid point (median of ``grid.repeats``) and return a Profile.
 
     ``engine_factory()`` builds one engine (``add_request / step / has_unfinished / abort``), used
     for all points; ``params_factory(max_tokens)`` makes its sampling params (default: greedy
     ``engine.sampling_params.SamplingParams`` with ``ignore_eos``). The engine's ``kv_shape``,
-    when present, gives ``kv_bytes_per_token``.
+    when present, gives ``kv_bytes_per_token``. ``timer`` reads the clock steps are timed by
+    (``time.perf_counter``, wall time, by default; ``time.process_time`` on a shared CPU).
     """
+    timer = timer or time.perf_counter
     grid = grid or ProfileGrid()
     if params_factory is None:
         from engine.sampling_params import SamplingParams
@@ -317,7 +332,12 @@ def measure_profile(
             return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
     engine = engine_factory()
-    ids = _Ids(random.Random(seed), grid.vocab_low, grid.vocab_high)
+    lo, hi = grid.vocab_low, grid.vocab_high
+    vocab = getattr(getattr(engine, "model_config", None), "vocab_size", None)
+    if isinstance(vocab, int) and vocab < hi:  # small vocabularies: stay inside them
+        hi = vocab
+        lo = min(lo, hi // 2)
+    ids = _Ids(random.Random(seed), lo, hi)
     todo = list(grid.points())
     bar = None
     if progress:
@@ -330,9 +350,9 @@ def measure_profile(
         samples = []
         for _ in range(grid.repeats):
             if kind is PointKind.PREFILL:
-                samples.append(_time_prefill(engine, ids, params_factory, b, t, c))
+                samples.append(_time_prefill(engine, ids, params_factory, b, t, c, timer))
             else:
-                samples.append(_time_decode(engine, ids, params_factory, b, c, grid.decode_steps))
+                samples.append(_time_decode(engine, ids, params_factory, b, c, grid.decode_steps, timer))
         ctx = c if kind is PointKind.PREFILL else c + grid.decode_steps // 2
         points.append(ProfilePoint(kind, b, t, ctx, statistics.median(samples)))
         if bar:

@@ -91,6 +91,7 @@ class Simulation:
             complete=complete,
             instance_stats=run.instance_stats(),
             num_gpus=self.cluster.num_gpus,
+            num_events=run.loop.num_events,
         )
 
 

@@ -43,6 +43,7 @@ class GenerateRequest(_message.Message):
         "tenant",
         "cache_salt",
         "adapter",
+        "predicted_output_tokens",
     )
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +56,7 @@ class GenerateRequest(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     prompt_token_ids: TokenIds
@@ -66,6 +68,7 @@ class GenerateRequest(_message.Message):
     tenant: str
     cache_salt: str
     adapter: str
+    predicted_output_tokens: int
     def __init__(
         self,
         model: str | None = ...,
@@ -79,6 +82,7 @@ class GenerateRequest(_message.Message):
         tenant: str | None = ...,
         cache_salt: str | None = ...,
         adapter: str | None = ...,
+        predicted_output_tokens: int | None = ...,
     ) -> None: ...
 
 class GenerateResponse(_message.Message):

@@ -120,6 +120,7 @@ class DecodeRequest(_message.Message):
         "first_token",
         "first_token_logprob",
         "resume_token_ids",
+        "local_prefill",
     )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +135,7 @@ class DecodeRequest(_message.Message):
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -147,6 +149,7 @@ class DecodeRequest(_message.Message):
     first_token: int
     first_token_logprob: _common_pb2.TokenLogprob
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    local_prefill: bool
     def __init__(
         self,
         request_id: str | None = ...,
@@ -162,24 +165,28 @@ class DecodeRequest(_message.Message):
         first_token: int | None = ...,
         first_token_logprob: _common_pb2.TokenLogprob | _Mapping | None = ...,
         resume_token_ids: _Iterable[int] | None = ...,
+        local_prefill: bool | None = ...,
     ) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "logprobs", "finish")
+    __slots__ = ("request_id", "token_ids", "logprobs", "finish", "num_cached_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     finish: _common_pb2.Finish
+    num_cached_tokens: int
     def __init__(
         self,
         request_id: str | None = ...,
         token_ids: _Iterable[int] | None = ...,
         logprobs: _Iterable[_common_pb2.TokenLogprob | _Mapping] | None = ...,
         finish: _common_pb2.Finish | _Mapping | None = ...,
+        num_cached_tokens: int | None = ...,
     ) -> None: ...
 
 class AbortRequest(_message.Message):

@@ -5,6 +5,20 @@ Entry points: :func:`make_policy` / the policy classes, :class:`ClusterView` ove
 """
 
 from router.policy.estimate import TtftEstimator, usable_prefix_blocks
+from router.policy.goodput import STORE_SOURCE, ColocatedPolicy, GoodputAwarePolicy, GoodputConfig
+from router.policy.latency import (
+    CorrectionConfig,
+    DecodeLatencyEstimator,
+    LinearLatency,
+    OnlineCorrectedLatency,
+    Phase,
+)
+from router.policy.length_predictor import (
+    LengthAccuracy,
+    LengthPredictor,
+    LengthPredictorConfig,
+    LengthSample,
+)
 from router.policy.placement import (
     AdmissionHook,
     GlobalCacheAwarePolicy,
@@ -17,11 +31,34 @@ from router.policy.placement import (
     make_policy,
 )
 from router.policy.protocols import Clock, LatencyEstimator, ManualClock, MonotonicClock
-from router.policy.types import SLO, Decision, InstanceRole, Placement, Rejection, RejectReason, RequestInfo
+from router.policy.types import (
+    SLO,
+    Decision,
+    InstanceRole,
+    Observation,
+    Placement,
+    Rejection,
+    RejectReason,
+    RequestInfo,
+)
 from router.policy.view import ClusterView, InstanceSnapshot, InstanceView
 
 __all__ = [
     "SLO",
+    "STORE_SOURCE",
+    "ColocatedPolicy",
+    "CorrectionConfig",
+    "DecodeLatencyEstimator",
+    "GoodputAwarePolicy",
+    "GoodputConfig",
+    "LengthAccuracy",
+    "LengthPredictor",
+    "LengthPredictorConfig",
+    "LengthSample",
+    "LinearLatency",
+    "Observation",
+    "OnlineCorrectedLatency",
+    "Phase",
     "AdmissionHook",
     "Clock",
     "ClusterView",

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from router.policy.estimate import TtftEstimator, usable_prefix_blocks
 from router.policy.protocols import Clock, LatencyEstimator, MonotonicClock
-from router.policy.types import InstanceRole, Placement, Rejection, RejectReason, RequestInfo
+from router.policy.types import InstanceRole, Observation, Placement, Rejection, RejectReason, RequestInfo
 from router.policy.view import ClusterView, InstanceView
 
 
@@ -35,6 +35,8 @@ class PolicyKind(enum.Enum):
     LEAST_LOADED = "least_loaded"
     LOCAL_CACHE_AWARE = "local_cache_aware"
     GLOBAL_CACHE_AWARE = "global_cache_aware"
+    GOODPUT = "goodput"  # SLO-predictive placement with early rejection (router.policy.goodput)
+    COLOCATED = "colocated"  # every request runs whole on a decode instance (router.policy.goodput)
 
 
 AdmissionHook = Callable[[RequestInfo, Placement, ClusterView], Rejection | None]
@@ -112,6 +114,15 @@ class PlacementPolicy(ABC):
     def pick_decode(self, pool: list[InstanceView], num_blocks: int) -> InstanceView:
         """Pick among decode candidates (non-empty). Default: least loaded."""
         return min(pool, key=lambda i: (-i.free_blocks, i.running_requests + i.queued_requests))
+
+    # ------------------------------------------------------------------ feedback
+    def on_finished(self, obs: Observation) -> None:
+        """A placed request finished with these measurements (no-op unless the policy learns)."""
+        return None
+
+    def release(self, request_id: str) -> None:
+        """A placed request ended without an observation (failure, cancel): forget it. No-op here."""
+        return None
 
     # ------------------------------------------------------------------ helpers
     def _overflow(self, req: RequestInfo, placement: Placement, view: ClusterView) -> Placement:
@@ -259,6 +270,10 @@ _POLICIES: dict[PolicyKind, type[PlacementPolicy]] = {
 def make_policy(kind: PolicyKind | str, **kw) -> PlacementPolicy:
     """Build a policy by kind (``PolicyKind`` or its value); ``kw`` go to its constructor."""
     kind = PolicyKind(kind)
+    if kind not in _POLICIES:
+        from router.policy.goodput import ColocatedPolicy, GoodputAwarePolicy  # imports this module
+
+        _POLICIES.update({c.kind: c for c in (GoodputAwarePolicy, ColocatedPolicy)})
     cls = _POLICIES[kind]
     if kind is not PolicyKind.RANDOM:
         kw.pop("seed", None)

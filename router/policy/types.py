@@ -41,6 +41,11 @@ class RequestInfo:
     ``block_hashes`` are the chained keys of the prompt's *full* blocks (block size of the
     instances); they are what cached-prefix lookups match. ``slo`` is the request's own SLO
     (``None``: best effort). ``max_output_tokens`` is a hint (0: unknown).
+
+    Goodput-aware placement also reads: ``priority`` (lower value = more important; shed last),
+    ``tenant`` (per-tenant quotas; "" = the anonymous tenant), ``predicted_output_tokens`` (0:
+    let the policy's length predictor guess) and ``store_prefix_blocks`` (leading prompt blocks
+    the cluster's KV store holds: reachable by any prefill instance at the price of a transfer).
     """
 
     request_id: str
@@ -49,6 +54,10 @@ class RequestInfo:
     max_output_tokens: int = 0
     slo: SLO | None = None
     arrival_time: float = 0.0
+    priority: int = 0
+    tenant: str = ""
+    predicted_output_tokens: int = 0
+    store_prefix_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,9 @@ class Placement:
     ``fetch_from``/``fetch_blocks``: pull the first ``fetch_blocks`` prompt blocks from that
     instance's cache before prefilling (global cache-aware placement). ``reused_blocks`` is the
     prefix the policy expects to reuse (local or fetched); ``estimated_ttft_s`` its TTFT estimate.
+    ``local_prefill``: conditional disaggregation, the decode instance ``instance_id`` (==
+    ``decode_instance_id``) runs the prompt itself, no KV handoff. ``estimated_tpot_s`` and
+    ``predicted_output_tokens``: the goodput policy's decode-side predictions (``None``/0: none).
     """
 
     instance_id: str
@@ -69,12 +81,16 @@ class Placement:
     fetch_blocks: int = 0
     reused_blocks: int = 0
     estimated_ttft_s: float | None = None
+    local_prefill: bool = False
+    estimated_tpot_s: float | None = None
+    predicted_output_tokens: int = 0
 
 
 class RejectReason(enum.Enum):
     NO_INSTANCE = "no_instance"  # no instance of a usable role
     SLO_UNATTAINABLE = "slo_unattainable"  # predicted latency misses the request's SLO
     OVERLOADED = "overloaded"  # load above a configured limit
+    QUOTA_EXCEEDED = "quota_exceeded"  # the tenant has its maximum of requests in flight
 
 
 @dataclass(frozen=True)
@@ -87,3 +103,19 @@ class Rejection:
 
 
 Decision = Placement | Rejection
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the router measured for one finished request (fed back to the policy).
+
+    ``tpot_s``: mean seconds per output token after the first (0 when one token was produced).
+    ``max_output_tokens``: the request's cap (0: unknown); the length predictor learns from it.
+    """
+
+    request_id: str
+    ttft_s: float
+    tpot_s: float
+    output_tokens: int
+    num_prompt_tokens: int = 0
+    max_output_tokens: int = 0

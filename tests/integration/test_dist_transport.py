@@ -1,4 +1,9 @@
-"""torch.distributed block transfer: two real processes (gloo on CPU; NCCL on GPU, marked)."""
+"""torch.distributed block transfer: two real processes (gloo on CPU; NCCL on GPU, marked).
+
+Also prefill -> decode directly over gloo: a prefill engine in one process exports each
+request's KV and sends it; a decode engine in the other receives it into a preallocated tensor,
+adopts it and decodes; the output equals the engine run whole.
+"""
 
 from __future__ import annotations
 
@@ -147,3 +152,91 @@ def test_header_round_trip_and_validation() -> None:
         TransferHeader("x", torch.float32, (1, 2)).encode()
     with pytest.raises(InvalidRequestError, match="malformed"):
         TransferHeader.decode(b"\0" * HEADER_BYTES)
+
+
+# ---------------------------------------------------------------------- engine to engine
+
+GREEDY_TOKENS = 12
+
+
+def engine_prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(3, 320, (k,), generator=g).tolist() for k in (5, 16, 17, 40, 70)]
+
+
+def engine_rank_main(rank: int, port: int, model_path: str, q: Any) -> None:
+    """Rank 0 prefills each prompt and sends its KV blocks (and, as the router would carry it
+    in the KVHandle, the first token); rank 1 receives, adopts the KV and decodes."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    try:
+        torch.set_num_threads(1)
+        device = init_process_group(DistConfig(rank, 2, f"tcp://127.0.0.1:{port}", timeout_s=60))
+        params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
+        eng = LLMEngine.from_pretrained(model_path, EngineConfig(num_kv_blocks=64, block_size=16))
+        first = torch.zeros(1, dtype=torch.int64)
+        out: dict[str, Any] = {}
+        if rank == 0:
+            tx = DistBlockSender(device)
+            for i, p in enumerate(engine_prompts()):
+                eng.add_request(f"r{i}", p, params, prefill_only=True)
+                while eng.has_unfinished():
+                    eng.step()
+                kv = eng.export_kv(f"r{i}")
+                first[0] = kv.first_token
+                torch.distributed.send(first, 1)
+                tx.send(1, f"r{i}", kv.blocks.contiguous())
+                eng.release(f"r{i}")  # the receiver holds the blocks once send returns
+            out["free_after"] = eng.kv.num_free_blocks == eng.kv.num_blocks
+        else:
+            rx = DistBlockReceiver(device)
+            shp = eng.kv_shape
+            buf = torch.empty(
+                (8, shp.num_layers, 2, shp.block_size, shp.num_kv_heads, shp.head_dim), dtype=shp.dtype
+            )
+            for i, p in enumerate(engine_prompts()):
+                torch.distributed.recv(first, 0)
+                h = rx.recv_into(0, buf)
+                assert h.request_id == f"r{i}"
+                eng.import_kv(h.request_id, p, int(first[0]), buf[: h.n_blocks], params, shape=shp)
+            while eng.has_unfinished():
+                for o in eng.step():
+                    if o.finished:
+                        out[o.request_id] = list(o.token_ids)
+        q.put((rank, "ok", out))
+    except BaseException:
+        q.put((rank, "error", traceback.format_exc()))
+    finally:
+        destroy_process_group()
+
+
+def test_gloo_prefill_to_decode_engines_equal_whole_engine(tiny_models) -> None:
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    path = str(tiny_models["llama"])
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=engine_rank_main, args=(r, port, path, q)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        results: dict[int, dict[str, Any]] = {}
+        for _ in procs:
+            rank, status, payload = q.get(timeout=120)
+            assert status == "ok", f"rank {rank} failed:\n{payload}"
+            results[rank] = payload
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    whole = LLMEngine.from_pretrained(path, EngineConfig(num_kv_blocks=64, block_size=16))
+    params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
+    ref = [o.token_ids for o in whole.generate(engine_prompts(), params)]
+    assert results[0]["free_after"] is True
+    assert [results[1][f"r{i}"] for i in range(len(ref))] == ref

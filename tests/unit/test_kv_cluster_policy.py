@@ -7,7 +7,13 @@ import pytest
 
 from engine.block_hash import chain_hashes
 from kv_store.handle import BlockLocation
-from kv_store.index import InMemoryIndex, LookupResult, best_node_for_prefix
+from kv_store.index import (
+    InMemoryIndex,
+    LookupResult,
+    best_node_for_prefix,
+    locate_prefix,
+    prompt_prefix_hashes,
+)
 from kv_store.index_sync import IndexSyncer, SyncState, needs_resync
 from kv_store.node import NodeConfig, StoreNode
 from kv_store.replication import NodeCapacity, choose_targets
@@ -39,6 +45,26 @@ def test_best_node_for_prefix_prefers_longest_contiguous_prefix() -> None:
     assert best_node_for_prefix(r) == (A, 3)
     assert best_node_for_prefix(r, load={"a": 0.9, "b": 0.1}.__getitem__) == (B, 3)
     assert best_node_for_prefix(LookupResult(0, ())) is None
+
+
+def test_locate_prefix_from_prompt_token_ids() -> None:
+    """The router's one-call Lookup: hashes of the blocks a prefix cache can serve (never the
+    block holding the last prompt token), then the node with the longest cached run."""
+    ids = list(range(4 * 3 + 1))  # 13 tokens, block size 4: 3 full blocks, all servable
+    hs = prompt_prefix_hashes(ids, 4, "m")
+    assert hs == chain_hashes(ids, 4, "m")[:3]
+    assert len(prompt_prefix_hashes(ids[:12], 4, "m")) == 2  # last token in block 3: not servable
+    assert prompt_prefix_hashes(ids[:4], 4, "m") == [] and prompt_prefix_hashes([], 4, "m") == []
+    assert prompt_prefix_hashes(ids, 4, "m", adapter_id="lora") != hs
+    idx = InMemoryIndex()
+    for loc in (A, B):
+        idx.add_node(loc)
+    assert locate_prefix(idx, ids, 4, "m") is None
+    idx.register("a", hs[:1])
+    idx.register("b", hs[:2])
+    assert locate_prefix(idx, ids, 4, "m") == (B, 2)
+    assert locate_prefix(idx, ids, 4, "m", salt="tenant2") is None  # another tenant's keys
+    assert locate_prefix(idx, ids[:4], 4, "m") is None  # no servable block
 
 
 def test_choose_targets_ranks_by_free_capacity() -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -149,10 +152,23 @@ def test_router_observe_finished_records_latencies_phases_tokens_and_slo():
     assert value(reg, "pdserve_router_requests_total", slo_class="default", outcome="ok") == 0
 
 
+def test_inter_token_gaps_are_observed_one_by_one():
+    reg = CollectorRegistry()
+    m = M.RouterMetrics(reg)
+    m.observe_finished("batch", 0, 0, _finished(times=(0.2, 0.21, 0.21, 0.9)))  # a stall, a 2-token message
+    assert value(reg, "pdserve_router_inter_token_seconds_count", slo_class="batch") == 3
+    assert value(reg, "pdserve_router_inter_token_seconds_sum", slo_class="batch") == pytest.approx(0.7)
+    assert value(reg, "pdserve_router_inter_token_seconds_bucket", slo_class="batch", le="0.01") == 2
+    assert value(reg, "pdserve_router_inter_token_seconds_bucket", slo_class="batch", le="0.5") == 2
+    # the mean hides the stall: TPOT is one sample of 0.7 / 3
+    assert value(reg, "pdserve_router_tpot_seconds_sum", slo_class="batch") == pytest.approx(0.7 / 3)
+
+
 def test_single_token_request_has_no_tpot_sample():
     reg = CollectorRegistry()
     M.RouterMetrics(reg).observe_finished("default", 0, 0, _finished(times=(0.2,), out=1))
     assert value(reg, "pdserve_router_tpot_seconds_count", slo_class="default") == 0
+    assert value(reg, "pdserve_router_inter_token_seconds_count", slo_class="default") == 0
     assert value(reg, "pdserve_router_slo_requests_total", slo_class="default", result="met") == 1
 
 
@@ -360,3 +376,41 @@ def test_serve_metrics_binds_loopback_on_a_free_port():
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         body = r.read().decode()
     assert 'pdserve_router_requests_total{outcome="rejected",slo_class="batch"} 1.0' in body
+
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def test_dashboards_and_alerts_reference_only_exported_series():
+    """Every ``pdserve_*`` series named in a Grafana dashboard or an alert rule is exported here
+    (a renamed metric would otherwise leave a silently empty panel or a dead alert)."""
+    fams = all_families()
+    exported = {s.name for f in fams for s in f.samples}
+    files = [
+        *sorted((DEPLOY / "grafana" / "dashboards").glob("*.json")),
+        DEPLOY / "prometheus" / "alerts.yml",
+    ]
+    assert len(files) >= 5
+    for path in files:
+        referenced = set(re.findall(r"\bpdserve_[a-z0-9_]+", path.read_text()))
+        assert referenced, path
+        assert referenced <= exported, f"{path.name}: unknown series {sorted(referenced - exported)}"
+
+
+def test_file_sd_file_lists_one_labelled_group_per_process(tmp_path):
+    targets = [
+        M.ScrapeTarget("router", M.Component.ROUTER, "127.0.0.1:9100"),
+        M.ScrapeTarget("decode-0", M.Component.DECODE, "127.0.0.1:9102"),
+        M.ScrapeTarget("store", M.Component.KV_STORE, "127.0.0.1:9103"),
+    ]
+    path = M.write_file_sd(tmp_path / "pdserve.json", targets)
+    assert json.loads(path.read_text()) == [
+        {"targets": ["127.0.0.1:9102"], "labels": {"component": "decode", "process": "decode-0"}},
+        {"targets": ["127.0.0.1:9100"], "labels": {"component": "router", "process": "router"}},
+        {"targets": ["127.0.0.1:9103"], "labels": {"component": "kv_store", "process": "store"}},
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["pdserve.json"]  # no temporary file left
+    M.write_file_sd(path, targets[:1])  # replaced, not appended
+    assert len(json.loads(path.read_text())) == 1
+    with pytest.raises(InvalidRequestError, match="duplicate"):
+        M.file_sd_groups([targets[0], targets[0]])

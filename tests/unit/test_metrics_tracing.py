@@ -84,12 +84,14 @@ def _format(record: logging.LogRecord, component: str = "router") -> dict:
 
 def test_json_formatter_carries_request_id_and_fields(caplog):
     caplog.set_level(logging.INFO, logger=log.name)
-    with request_scope("req-1"):
-        log_event(log, "prefill done", cached_tokens=16, queue_s=0.001)
-        log.info("plain %s", "line")
-    log_event(log, "explicit", request_id="req-2")
-    log_event(log, "no id")
-    done, plain, explicit, none = (_format(r) for r in caplog.records)
+    with request_scope(""):  # no id bound here, whatever an earlier test left in this thread
+        with request_scope("req-1"):
+            log_event(log, "prefill done", cached_tokens=16, queue_s=0.001)
+            log.info("plain %s", "line")
+        log_event(log, "explicit", request_id="req-2")
+        log_event(log, "no id")
+        # only this logger's records: threads left by other tests may log to the root logger meanwhile
+        done, plain, explicit, none = (_format(r) for r in caplog.records if r.name == log.name)
     assert done == {
         "ts": done["ts"],
         "level": "info",
@@ -103,6 +105,15 @@ def test_json_formatter_carries_request_id_and_fields(caplog):
     assert plain["msg"] == "plain line" and "request_id" not in plain  # formatted outside the scope
     assert explicit["request_id"] == "req-2"
     assert "request_id" not in none
+
+
+def test_json_formatter_leaves_out_private_attributes():
+    """Ray's record factory stamps ``_ray_timestamp_ns`` on every record once ray.init ran."""
+    rec = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", (), None)
+    rec._ray_timestamp_ns = 123
+    rec.tokens = 4
+    out = _format(rec)
+    assert out["tokens"] == 4 and not any(k.startswith("_") for k in out), out
 
 
 def test_json_formatter_reads_the_bound_id_when_formatting_in_scope():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 
 from engine.block_manager import KVCacheManager
@@ -102,12 +100,11 @@ class FakeEngine:
         self.scheduler.abort_request(request_id)
 
 
-def test_measure_profile_with_a_fake_engine(monkeypatch) -> None:
+def test_measure_profile_with_a_fake_engine() -> None:
     clock = [0.0]
-    monkeypatch.setattr(prof, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     grid = ProfileGrid(prefill_tokens=(32, 128), prefill_batches=(1, 2), prefill_contexts=(0, 64),
                        decode_batches=(1, 4), decode_contexts=(32, 128), repeats=1)  # fmt: skip
-    p = prof.measure_profile(lambda: FakeEngine(clock), grid, progress=False)
+    p = prof.measure_profile(lambda: FakeEngine(clock), grid, progress=False, timer=lambda: clock[0])
     assert len(p.points) == 12
     f = fit(p)
     assert f.prefill == pytest.approx(TRUE_PREFILL, rel=1e-3)

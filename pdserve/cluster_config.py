@@ -1,0 +1,264 @@
+"""Configuration of a pdserve cluster on Ray (``pdserve up --config cluster.yaml``).
+
+Pure: frozen dataclasses parsed from a YAML mapping, validated with messages that name the key
+to fix (:class:`InvalidRequestError`). No Ray import here.
+
+Example (every key but ``model`` has a default)::
+
+    model: /models/SmolLM2-135M-Instruct
+    prefill: {count: 1, num_cpus: 1, kv_blocks: 2048}
+    decode:  {count: 2, num_cpus: 1, device: cuda, tp: 1}   # cuda: num_gpus = tp per worker
+    store:   {capacity_blocks: 4096, num_cpus: 0}
+    router:  {port: 50051, heartbeat_timeout_s: 3.0}
+    index:   {kind: memory}                    # or {kind: redis, url: redis://host:6379/0}
+    host: node                                 # bind to the Ray node's IP ("127.0.0.1" in tests)
+    max_restarts: 3
+    drain_timeout_s: 120
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pdserve.errors import InvalidRequestError
+
+NODE_IP = "node"  # ``host`` value: bind each actor's servers to its Ray node's IP address
+
+
+class PoolRole(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class IndexKind(enum.Enum):
+    MEMORY = "memory"  # each store node keeps its own in-memory index
+    REDIS = "redis"  # one Redis index shared by every store node
+
+
+class Device(enum.Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One worker pool. ``num_gpus`` per worker is ``tp`` on cuda and 0 on cpu."""
+
+    count: int = 1
+    num_cpus: float = 1.0
+    device: Device = Device.CPU
+    tp: int = 1  # tensor-parallel size: GPUs one worker spans
+    kv_blocks: int = 2048
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 2048
+    chunk: int = 512  # prefill chunk (Sarathi) in tokens
+    dtype: str = "auto"
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp if self.device is Device.CUDA else 0
+
+    def bundle(self) -> dict[str, float]:
+        """Resources of one worker's placement-group bundle (empty: needs no placement group)."""
+        b: dict[str, float] = {}
+        if self.num_cpus > 0:
+            b["CPU"] = float(self.num_cpus)
+        if self.num_gpus > 0:
+            b["GPU"] = float(self.num_gpus)
+        return b
+
+
+@dataclass(frozen=True)
+class StorePoolConfig:
+    """One KV store node per Ray node."""
+
+    capacity_blocks: int = 4096
+    num_cpus: float = 0.0
+    use_shm: bool = True
+    port: int = 0  # 0: any free port
+    # Simulated hosts: give each Ray node's shared-memory domain its own host id, so that KV blocks
+    # crossing Ray nodes use the gRPC transport even when every raylet runs on one machine (tests).
+    host_id_per_node: bool = False
+
+
+@dataclass(frozen=True)
+class RouterPoolConfig:
+    port: int = 0  # 0: any free port (a restarted router then gets a new one: set it in production)
+    num_cpus: float = 0.0
+    # custom Ray resource that pins the router to the node(s) advertising it (e.g. the head, behind
+    # a Kubernetes Service); "" places it anywhere
+    node_resource: str = ""
+    heartbeat_timeout_s: float = 3.0
+    heartbeat_interval_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    kind: IndexKind = IndexKind.MEMORY
+    url: str = ""  # redis://host:port/db when kind is redis
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str
+    prefill: PoolConfig = field(default_factory=PoolConfig)
+    decode: PoolConfig = field(default_factory=PoolConfig)
+    store: StorePoolConfig = field(default_factory=StorePoolConfig)
+    router: RouterPoolConfig = field(default_factory=RouterPoolConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    host: str = NODE_IP  # "node" (the Ray node's IP) or a literal address such as 127.0.0.1
+    namespace: str = "pdserve"
+    max_restarts: int = 3  # per actor, on failure (not for scale-down or ``pdserve down``)
+    drain_timeout_s: float = 120.0  # scale-down: longest wait for a worker's requests to finish
+    drain_quiet_s: float = 1.0  # scale-down: how long a worker must stay idle before removal
+    startup_timeout_s: float = 300.0
+
+    def pool(self, role: PoolRole) -> PoolConfig:
+        return self.prefill if role is PoolRole.PREFILL else self.decode
+
+    def with_counts(self, prefill: int | None = None, decode: int | None = None) -> ClusterConfig:
+        """A copy with new pool sizes (None: unchanged)."""
+        from dataclasses import replace
+
+        return replace(
+            self,
+            prefill=self.prefill if prefill is None else replace(self.prefill, count=prefill),
+            decode=self.decode if decode is None else replace(self.decode, count=decode),
+        )
+
+
+# ---------------------------------------------------------------------------- parsing
+def _err(where: str, msg: str) -> InvalidRequestError:
+    return InvalidRequestError(f"cluster config: {where}: {msg}")
+
+
+def _section(cls: type, raw: Any, where: str):
+    """Build dataclass ``cls`` from mapping ``raw``: unknown keys and wrong types are errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _err(where, f"expected a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise _err(where, f"unknown key(s) {unknown}; known: {sorted(known)}")
+    kw: dict[str, Any] = {}
+    for k, v in raw.items():
+        kw[k] = _coerce(known[k].type, v, f"{where}.{k}")
+    return cls(**kw)
+
+
+_ENUMS = {"PoolRole": PoolRole, "IndexKind": IndexKind, "Device": Device}
+
+
+def _coerce(typ: Any, v: Any, where: str) -> Any:
+    t = str(typ)
+    if t in _ENUMS:
+        e = _ENUMS[t]
+        try:
+            return e(str(v).lower())
+        except ValueError:
+            raise _err(where, f"{v!r} is not one of {[m.value for m in e]}") from None
+    if t == "bool":
+        if not isinstance(v, bool):
+            raise _err(where, f"expected true/false, got {v!r}")
+        return v
+    if t == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _err(where, f"expected an integer, got {v!r}")
+        return v
+    if t == "float":
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise _err(where, f"expected a number, got {v!r}")
+        return float(v)
+    if t == "str":
+        if not isinstance(v, str):
+            raise _err(where, f"expected a string, got {v!r}")
+        return v
+    raise _err(where, f"unsupported type {t}")  # pragma: no cover - a new field without a coercion
+
+
+def _check_pool(p: PoolConfig, where: str) -> None:
+    if p.count < 0:
+        raise _err(f"{where}.count", f"must be >= 0, got {p.count}")
+    if p.num_cpus < 0:
+        raise _err(f"{where}.num_cpus", f"must be >= 0, got {p.num_cpus}")
+    if p.tp < 1:
+        raise _err(f"{where}.tp", f"must be >= 1, got {p.tp}")
+    if p.device is Device.CPU and p.tp != 1:
+        raise _err(f"{where}.tp", "tensor parallelism needs device: cuda (a cpu worker uses tp 1)")
+    for k in ("kv_blocks", "block_size", "max_num_seqs", "max_batched_tokens", "chunk"):
+        if getattr(p, k) < 1:
+            raise _err(f"{where}.{k}", f"must be >= 1, got {getattr(p, k)}")
+
+
+def validate(c: ClusterConfig) -> ClusterConfig:
+    """Raise :class:`InvalidRequestError` naming the first bad key; return ``c`` when valid."""
+    if not c.model:
+        raise _err("model", "set the path of the HF model folder on the cluster's nodes")
+    _check_pool(c.prefill, "prefill")
+    _check_pool(c.decode, "decode")
+    if c.prefill.block_size != c.decode.block_size:
+        raise _err("decode.block_size", "prefill and decode must use the same KV block size")
+    if c.store.capacity_blocks < 1:
+        raise _err("store.capacity_blocks", f"must be >= 1, got {c.store.capacity_blocks}")
+    for where, port in (("store.port", c.store.port), ("router.port", c.router.port)):
+        if not 0 <= port <= 65535:
+            raise _err(where, f"must be in [0, 65535], got {port}")
+    r = c.router
+    if r.heartbeat_interval_s <= 0 or r.heartbeat_timeout_s <= r.heartbeat_interval_s:
+        raise _err("router.heartbeat_timeout_s", "must exceed heartbeat_interval_s (both > 0)")
+    if c.index.kind is IndexKind.REDIS and not c.index.url.startswith(("redis://", "rediss://", "unix://")):
+        raise _err("index.url", "a redis index needs url: redis://HOST:PORT/DB")
+    if c.max_restarts < -1:
+        raise _err("max_restarts", "must be >= 0 (or -1: unlimited)")
+    if c.drain_timeout_s <= 0 or c.drain_quiet_s < 0:
+        raise _err("drain_timeout_s", "must be > 0 (and drain_quiet_s >= 0)")
+    if not c.namespace:
+        raise _err("namespace", "must be non-empty")
+    return c
+
+
+_SECTIONS = {
+    "prefill": PoolConfig,
+    "decode": PoolConfig,
+    "store": StorePoolConfig,
+    "router": RouterPoolConfig,
+    "index": IndexConfig,
+}
+
+
+def from_dict(raw: Any) -> ClusterConfig:
+    """Parse the YAML mapping of a cluster config (see module docstring)."""
+    if not isinstance(raw, dict):
+        raise _err("top level", f"expected a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(ClusterConfig)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise _err("top level", f"unknown key(s) {unknown}; known: {sorted(known)}")
+    if "model" not in raw:
+        raise _err("model", "missing: set the path of the HF model folder on the cluster's nodes")
+    kw: dict[str, Any] = {}
+    for k, v in raw.items():
+        kw[k] = _section(_SECTIONS[k], v, k) if k in _SECTIONS else _coerce(known[k].type, v, k)
+    return validate(ClusterConfig(**kw))
+
+
+def load(path: str | Path) -> ClusterConfig:
+    """Read and parse a cluster YAML file."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise InvalidRequestError(f"cluster config: cannot read {p}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InvalidRequestError(f"cluster config: {p} is not valid YAML: {e}") from None
+    return from_dict(raw)

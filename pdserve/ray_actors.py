@@ -1,0 +1,368 @@
+"""The pdserve roles as Ray actors: each runs the existing gRPC server in its actor process.
+
+* :class:`StoreActor`: one KV store node per Ray node (pinned there by node affinity; named
+  ``pdserve-store-<node id>`` so workers find the store of their node).
+* :class:`RouterActor`: the router (Generate + Registry services), and the drain hook scale-down
+  uses (mark a worker draining: the router stops routing to it but keeps counting its in-flight
+  requests).
+* :class:`WorkerActor`: a prefill or decode worker; it registers with the router through its
+  :class:`~pdserve.worker_base.Heartbeater`, so a restarted actor (``max_restarts``) registers again
+  under the same worker id at its new address.
+
+The classes are plain Python (``ray.remote(cls)`` is applied by :mod:`pdserve.ray_cluster`), so
+they import Ray only to learn their node. Contract of every actor: ``__init__`` returns once its
+server accepts calls; ``info()`` is its address card; ``stop()`` ends its servers and frees its
+memory (the store unlinks its shared memory) and is idempotent.
+
+Servers bind to ``ClusterConfig.host``: a literal address (``127.0.0.1`` in tests) or ``"node"``,
+the Ray node's IP. Simulated hosts (``store.host_id_per_node``): every actor sets
+``PDSERVE_HOST_ID`` to ``<machine host id>#<ray node id>`` before it builds anything, so that store
+locations and the decode workers' transport choice (shm on the same id, gRPC otherwise) treat each
+Ray node as its own machine even when all raylets share one (``ray.cluster_utils.Cluster``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from pdserve.cluster_config import NODE_IP, ClusterConfig, IndexKind, PoolRole
+
+STORE_PREFIX = "pdserve-store-"
+ROUTER_NAME = "pdserve-router"
+WORKER_PREFIX = "pdserve-"
+
+
+def store_actor_name(node_id: str) -> str:
+    return f"{STORE_PREFIX}{node_id}"
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _bind_host(config: ClusterConfig) -> str:
+    if config.host != NODE_IP:
+        return config.host
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def apply_host_id(config: ClusterConfig) -> str:
+    """Set this process's shared-memory host id (see module docstring); returns it."""
+    from kv_store.arena import host_id
+
+    if config.store.host_id_per_node:
+        os.environ.pop("PDSERVE_HOST_ID", None)
+        os.environ["PDSERVE_HOST_ID"] = f"{host_id()}#{_node_id()[:16]}"
+    return host_id()
+
+
+def kv_dtype(config: ClusterConfig) -> str:
+    """The KV dtype the store nodes are laid out for (the engine's ``auto`` on CPU is float32)."""
+    d = config.prefill.dtype
+    return "float32" if d == "auto" else d
+
+
+# ---------------------------------------------------------------------------- store
+class StoreActor:
+    """One KV store node (gRPC server + shared-memory arena) on this Ray node."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        from prometheus_client import REGISTRY
+
+        from engine.models.config import ModelConfig
+        from kv_store.layout import KVLayout
+        from kv_store.service import serve
+        from kv_store.store import StoreConfig
+        from pdserve.metrics import StoreMetrics, serve_metrics
+
+        self.node_id = _node_id()
+        self.host_id = apply_host_id(config)
+        mc = ModelConfig.from_path(config.model)
+        layout = KVLayout(
+            Path(config.model).name,
+            mc.num_hidden_layers,
+            mc.num_key_value_heads,
+            mc.head_dim,
+            kv_dtype(config),
+            config.prefill.block_size,
+        )
+        index = None
+        if config.index.kind is IndexKind.REDIS:
+            from kv_store.redis_index import RedisIndex
+
+            index = RedisIndex.from_url(config.index.url)
+        self._registry = REGISTRY
+        self._store_node = f"kv-{self.node_id[:8]}"
+        self.server = serve(
+            StoreConfig(
+                node_id=self._store_node,
+                layout=layout,
+                capacity_blocks=config.store.capacity_blocks,
+                host=_bind_host(config),
+                port=config.store.port,
+                use_shm=config.store.use_shm,
+            ),
+            index,
+            metrics=StoreMetrics(REGISTRY, self._store_node),
+        )
+        self.metrics_port = serve_metrics(0)
+        self._stopped = False
+
+    def address(self) -> str:
+        return self.server.address
+
+    def info(self) -> dict[str, Any]:
+        loc = self.server.store.location
+        return {
+            "node_id": self.node_id,
+            "store_node": loc.node_id,
+            "address": loc.address,
+            "host_id": loc.host_id,
+            "metrics": f"127.0.0.1:{self.metrics_port}",
+        }
+
+    def _transfer_blocks(self, transport: str, direction: str) -> int:
+        v = self._registry.get_sample_value(
+            "pdserve_kv_transfer_blocks_total",
+            {"node_id": self._store_node, "transport": transport, "direction": direction},
+        )
+        return int(v or 0)
+
+    def stats(self) -> dict[str, Any]:
+        """Usage and transfer counters: ``blocks_out_grpc`` are blocks read over gRPC (other hosts),
+        ``blocks_out_shm`` blocks read from shared memory (same host), ``blocks_in`` puts."""
+        n = self.server.store.stats().node
+        return {
+            **self.info(),
+            "capacity_blocks": n.capacity_blocks,
+            "num_blocks": n.num_blocks,
+            "num_leases": n.num_leases,
+            "bytes_used": n.bytes_used,
+            "capacity_bytes": n.capacity_bytes,
+            "kv_usage": n.num_blocks / n.capacity_blocks if n.capacity_blocks else 0.0,
+            "blocks_in": self._transfer_blocks("grpc", "in"),
+            "blocks_out_grpc": self._transfer_blocks("grpc", "out"),
+            "blocks_out_shm": self._transfer_blocks("shm", "out"),
+        }
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self.server.stop(1.0)
+
+
+# ---------------------------------------------------------------------------- router
+class RouterActor:
+    """The router's Generate and Registry services in this actor's process."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        from prometheus_client import REGISTRY
+
+        from pdserve.grpc_server import start_server
+        from pdserve.metrics import RouterMetrics, serve_metrics
+        from pdserve.v1 import client_pb2, router_pb2
+        from router.registry import Registry
+        from router.service import GenerateServicer, RegistryServicer, RouterConfig
+
+        r = config.router
+        cfg = RouterConfig(
+            model_path=config.model,
+            model_id=Path(config.model).name,
+            host=_bind_host(config),
+            port=r.port,
+            heartbeat_interval_s=r.heartbeat_interval_s,
+            heartbeat_timeout_s=r.heartbeat_timeout_s,
+        )
+        self.registry = Registry(cfg.heartbeat_timeout_s)
+        services = [
+            (
+                client_pb2.DESCRIPTOR.services_by_name["Generate"],
+                GenerateServicer(self.registry, cfg, RouterMetrics(REGISTRY)),
+            ),
+            (router_pb2.DESCRIPTOR.services_by_name["Registry"], RegistryServicer(self.registry, cfg)),
+        ]
+        self.server, port, _ = start_server(services, cfg.host, cfg.port, name="router")
+        self._address = f"{cfg.host}:{port}"
+        self.metrics_port = serve_metrics(0)
+        self._draining: set[str] = set()
+        self._stopped = False
+
+    def address(self) -> str:
+        return self._address
+
+    def info(self) -> dict[str, Any]:
+        return {"node_id": _node_id(), "address": self._address, "metrics": f"127.0.0.1:{self.metrics_port}"}
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every worker the router knows (silent ones expire here), draining ones included."""
+        ids = [w.worker_id for w in self.registry.alive()] + sorted(self._draining)
+        out, seen = [], set()
+        for wid in ids:
+            w = self.registry.get(wid)
+            if w is None or wid in seen:
+                continue
+            seen.add(wid)
+            out.append(
+                {
+                    "worker_id": w.worker_id,
+                    "role": w.kind.value,
+                    "address": w.address,
+                    "num_running": w.load.num_running,
+                    "num_waiting": w.load.num_waiting,
+                    "kv_usage": w.load.kv_usage,
+                    "inflight": w.inflight,
+                    "draining": w.draining,
+                }
+            )
+        return sorted(out, key=lambda d: (d["role"] != "prefill", d["worker_id"]))
+
+    def drain(self, worker_id: str) -> bool:
+        """Stop routing new requests to ``worker_id``; its in-flight count keeps being tracked.
+        False when the router does not know it."""
+        w = self.registry.get(worker_id)
+        if w is None:
+            return False
+        w.draining = True
+        self._draining.add(worker_id)
+        return True
+
+    def resume(self, worker_id: str) -> bool:
+        """Undo :meth:`drain`: route to ``worker_id`` again. False when the router does not know it."""
+        self._draining.discard(worker_id)
+        w = self.registry.get(worker_id)
+        if w is None:
+            return False
+        w.draining = False
+        return True
+
+    def inflight(self, worker_id: str) -> int:
+        """Requests the router has in flight on ``worker_id`` (0 when unknown)."""
+        w = self.registry.get(worker_id)
+        return w.inflight if w is not None else 0
+
+    def forget(self, worker_id: str) -> None:
+        self._draining.discard(worker_id)
+        self.registry.deregister(worker_id)
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self.server.stop(2).wait()
+
+
+# ---------------------------------------------------------------------------- workers
+class WorkerActor:
+    """A prefill or decode worker using the KV store node of its own Ray node."""
+
+    def __init__(self, config: ClusterConfig, role: PoolRole, worker_id: str, router_address: str) -> None:
+        import grpc
+        import ray
+        from prometheus_client import REGISTRY
+
+        from engine.config import EngineConfig
+        from kv_store.client import KVStoreClient
+        from kv_store.transport import AutoTransport
+        from pdserve.grpc_server import start_server
+        from pdserve.limits import grpc_options
+        from pdserve.metrics import WorkerMetrics, serve_metrics
+        from pdserve.tracing import traced_channel
+        from pdserve.v1 import worker_pb2
+        from pdserve.worker_base import Heartbeater, Role, WorkerConfig, WorkerState
+        from pdserve.worker_main import build_service
+
+        self.node_id = _node_id()
+        self.host_id = apply_host_id(config)
+        store = ray.get_actor(store_actor_name(self.node_id), namespace=config.namespace)
+        self.store_address = ray.get(store.address.remote(), timeout=60)
+        pool = config.pool(role)
+        wrole = Role.PREFILL if role is PoolRole.PREFILL else Role.DECODE
+        host = _bind_host(config)
+        cfg = WorkerConfig(
+            worker_id=worker_id,
+            role=wrole,
+            model_path=config.model,
+            store_address=self.store_address,
+            host=host,
+            router_address=router_address,
+            engine=EngineConfig(
+                num_kv_blocks=pool.kv_blocks,
+                block_size=pool.block_size,
+                max_num_seqs=pool.max_num_seqs,
+                max_num_batched_tokens=pool.max_batched_tokens,
+                long_prefill_token_threshold=pool.chunk,
+                device=pool.device.value,
+                dtype=pool.dtype,
+            ),
+            heartbeat_interval_s=config.router.heartbeat_interval_s,
+        )
+        self.worker_id = worker_id
+        self.role = role
+        self.state = WorkerState.load(cfg)
+        self._store_channel = traced_channel(
+            grpc.insecure_channel(self.store_address, options=grpc_options())
+        )
+        self._store = KVStoreClient(self.store_address, channel=self._store_channel)
+        self._transport = AutoTransport(self.host_id)
+        svc = build_service(self.state, self._store, self._transport)
+        desc = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
+        self.server, port, _ = start_server([(desc, svc)], host, 0, name=worker_id)
+        self.state.address = f"{host}:{port}"
+        self.state.attach_metrics(
+            WorkerMetrics(REGISTRY, worker_id, role.value, snapshot=self.state.metrics_snapshot)
+        )
+        self.metrics_port = serve_metrics(0)
+        self._hb = Heartbeater(self.state, router_address)
+        self._hb.start()
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "role": self.role.value,
+            "node_id": self.node_id,
+            "address": self.state.address,
+            "store": self.store_address,
+            "host_id": self.host_id,
+            "pid": os.getpid(),
+            "metrics": f"127.0.0.1:{self.metrics_port}",
+        }
+
+    def stats(self) -> dict[str, Any]:
+        s = self.state.stats()
+        return {
+            **self.info(),
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "kv_blocks_used": s.kv_blocks_used,
+            "kv_blocks_total": s.kv_blocks_total,
+            "requests_finished": s.requests_finished_total,
+            "kv_shm_fallbacks": self._transport.fallbacks,  # same-host reads that fell back to gRPC
+        }
+
+    def busy(self) -> int:
+        """Requests waiting or running in this worker's engine."""
+        s = self.state.stats()
+        return s.num_running + s.num_waiting
+
+    def stop(self) -> None:
+        """Deregister from the router, stop serving (in-flight calls get 2 s), free the engine."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._hb.stop(deregister=True)
+        self.server.stop(2).wait()
+        self.state.close()
+        with contextlib.suppress(Exception):
+            self._transport.close()
+        self._store.close()
+        self._store_channel.close()

@@ -1,0 +1,484 @@
+"""pdserve on Ray: the controller actor and the driver-side ``up`` / ``down`` / ``status`` / ``scale``.
+
+``up`` creates one detached actor, ``pdserve-controller`` in the config's namespace (default
+``pdserve``), and the controller creates and owns everything else: one :class:`StoreActor` per
+alive Ray node (node affinity), the :class:`RouterActor`, and the prefill and decode pools
+(:class:`WorkerActor`, one placement group of one bundle per worker: ``{"CPU": num_cpus, "GPU":
+tp}``). Actors are restarted on failure (``max_restarts``) and workers register again with the
+router. Because the controller owns them, ``down`` (which stops them, removes their placement
+groups and kills the controller) ends exactly what ``up`` started and nothing else.
+
+``scale`` resizes each pool independently: new workers are added (and must register), surplus
+workers are drained before removal: the router stops routing to them, then the controller waits
+until the router has nothing in flight on them and their engine is idle for ``drain_quiet_s``
+(bounded by ``drain_timeout_s``), then stops and kills them. The newest workers go first.
+
+The driver functions expect ``ray.init(address=..., namespace=config.namespace)`` to have run
+(:func:`connect` does it); with Ray token auth on, the driver must hold the cluster's token
+(``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``; see deploy/ray/README.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.cluster_config import ClusterConfig, PoolRole
+from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
+from pdserve.ray_actors import (
+    ROUTER_NAME,
+    WORKER_PREFIX,
+    RouterActor,
+    StoreActor,
+    WorkerActor,
+    store_actor_name,
+)
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_NAME = "pdserve-controller"
+DEFAULT_NAMESPACE = "pdserve"
+_CALL_TIMEOUT_S = 30.0
+
+
+def _index(worker_id: str) -> int:
+    return int(worker_id.rsplit("-", 1)[1])
+
+
+def plan_scale(
+    live: dict[PoolRole, list[str]], targets: dict[PoolRole, int | None]
+) -> tuple[list[PoolRole], list[str]]:
+    """Pure: which workers to add (one role per new worker) and which to remove (newest first,
+    by the number in ``<role>-<n>``) to bring each pool of ``live`` to its target (None: leave it)."""
+    add: list[PoolRole] = []
+    remove: list[str] = []
+    for role, n in targets.items():
+        if n is None:
+            continue
+        if n < 0:
+            raise InvalidRequestError(f"--{role.value} must be >= 0, got {n}")
+        cur = sorted(live.get(role, []), key=_index)
+        add += [role] * max(0, n - len(cur))
+        remove += cur[n:][::-1]
+    return add, remove
+
+
+@dataclass
+class _Worker:
+    worker_id: str
+    role: PoolRole
+    handle: Any
+    pg: Any  # placement group or None
+    info: dict[str, Any]
+
+
+class Controller:
+    """Owns the cluster's actors (run as the detached ``pdserve-controller`` actor; thread-safe:
+    ``status`` may run while ``scale`` drains)."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.stores: dict[str, Any] = {}  # ray node id -> StoreActor handle
+        self.store_info: dict[str, dict[str, Any]] = {}
+        self.router: Any = None
+        self.router_info: dict[str, Any] = {}
+        self.workers: dict[str, _Worker] = {}
+        self._next = {PoolRole.PREFILL: 0, PoolRole.DECODE: 0}
+        self._lock = threading.RLock()  # membership changes (up / scale / down) one at a time
+        self._down = False
+
+    # ------------------------------------------------------------------ helpers
+    def _opts(self, **kw: Any) -> dict[str, Any]:
+        return {"namespace": self.config.namespace, "max_restarts": self.config.max_restarts, **kw}
+
+    def _ensure_stores(self) -> None:
+        """One store node per alive Ray node that has none yet."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        new = {}
+        for node in nodes:
+            if node in self.stores:
+                continue
+            new[node] = (
+                ray.remote(StoreActor)
+                .options(
+                    **self._opts(
+                        name=store_actor_name(node),
+                        num_cpus=self.config.store.num_cpus,
+                        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                    )
+                )
+                .remote(self.config)
+            )
+        for node, h in new.items():
+            self.store_info[node] = _get(h.info.remote(), self.config.startup_timeout_s, f"store on {node}")
+            self.stores[node] = h
+
+    def _start_router(self) -> None:
+        import ray
+
+        r = self.config.router
+        opts = self._opts(name=ROUTER_NAME, num_cpus=r.num_cpus)
+        if r.node_resource:
+            opts["resources"] = {r.node_resource: 0.001}
+        h = ray.remote(RouterActor).options(**opts).remote(self.config)
+        self.router_info = _get(h.info.remote(), self.config.startup_timeout_s, "router")
+        self.router = h
+
+    def _create_worker(self, role: PoolRole) -> _Worker:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pool = self.config.pool(role)
+        wid = f"{role.value}-{self._next[role]}"
+        self._next[role] += 1
+        bundle = pool.bundle()
+        opts = self._opts(name=f"{WORKER_PREFIX}{wid}", num_cpus=pool.num_cpus, num_gpus=pool.num_gpus)
+        pg = None
+        if bundle:
+            pg = placement_group([bundle], strategy="STRICT_PACK", name=f"{WORKER_PREFIX}{wid}")
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+        h = (
+            ray.remote(WorkerActor)
+            .options(**opts)
+            .remote(self.config, role, wid, self.router_info["address"])
+        )
+        return _Worker(wid, role, h, pg, {})
+
+    def _start_workers(self, roles: list[PoolRole]) -> list[str]:
+        """Create workers for ``roles`` (in parallel), wait until each serves and the router lists it."""
+        import ray
+
+        made = [self._create_worker(r) for r in roles]
+        for w in made:
+            self.workers[w.worker_id] = w
+        for w in made:
+            if w.pg is not None:
+                ready = w.pg.ready()
+                try:
+                    ray.get(ready, timeout=self.config.startup_timeout_s)
+                except ray.exceptions.GetTimeoutError:
+                    raise UnavailableError(
+                        f"placement group of {w.worker_id} ({self.config.pool(w.role).bundle()}) was not "
+                        f"placed within {self.config.startup_timeout_s}s: the cluster lacks the resources"
+                    ) from None
+            w.info = _get(w.handle.info.remote(), self.config.startup_timeout_s, w.worker_id)
+        self._wait_listed({w.worker_id for w in made})
+        return [w.worker_id for w in made]
+
+    def _wait_listed(self, ids: set[str]) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while True:
+            listed = {w["worker_id"] for w in _get(self.router.workers.remote(), _CALL_TIMEOUT_S, "router")}
+            if ids <= listed:
+                return
+            if time.monotonic() > deadline:
+                raise UnavailableError(f"workers {sorted(ids - listed)} did not register with the router")
+            time.sleep(0.1)
+
+    def _live(self, role: PoolRole) -> list[_Worker]:
+        """Workers of ``role`` whose actor is alive (dead ones are forgotten), oldest first."""
+        import ray
+
+        out = []
+        for w in [w for w in self.workers.values() if w.role is role]:
+            try:
+                ray.get(w.handle.info.remote(), timeout=_CALL_TIMEOUT_S)
+            except ray.exceptions.ActorDiedError:  # for good (restarts spent, or killed)
+                self._forget(w)
+                continue
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass  # restarting: still a member of its pool
+            out.append(w)
+        return sorted(out, key=lambda w: _index(w.worker_id))
+
+    def _forget(self, w: _Worker) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        self.workers.pop(w.worker_id, None)
+        try:
+            ray.kill(w.handle, no_restart=True)
+        except Exception as e:  # noqa: BLE001 - already gone
+            log.debug("kill %s: %s", w.worker_id, e)
+        if w.pg is not None:
+            remove_placement_group(w.pg)
+        if self.router is not None:
+            try:
+                ray.get(self.router.forget.remote(w.worker_id), timeout=_CALL_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - the router drops it on its own by heartbeat
+                log.debug("forget %s: %s", w.worker_id, e)
+
+    def _drain_and_remove(self, w: _Worker) -> dict[str, Any]:
+        """Stop routing to ``w``, wait until it is idle (router in-flight 0 and engine idle for
+        ``drain_quiet_s``), then stop and kill it. Returns what it saw."""
+        import ray
+
+        c = self.config
+        t0 = time.monotonic()
+        busy_at_start = _get(w.handle.busy.remote(), _CALL_TIMEOUT_S, w.worker_id)
+        _get(self.router.drain.remote(w.worker_id), _CALL_TIMEOUT_S, "router")
+        quiet_since = None
+        drained = False
+        while time.monotonic() - t0 < c.drain_timeout_s:
+            try:
+                busy = ray.get(w.handle.busy.remote(), timeout=_CALL_TIMEOUT_S)
+            except ray.exceptions.RayActorError:
+                break  # it died meanwhile: nothing left to drain
+            busy += ray.get(self.router.inflight.remote(w.worker_id), timeout=_CALL_TIMEOUT_S)
+            now = time.monotonic()
+            if busy:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= c.drain_quiet_s:
+                drained = True
+                break
+            time.sleep(0.05)
+        try:
+            ray.get(w.handle.stop.remote(), timeout=_CALL_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - killed below anyway
+            log.debug("stop %s: %s", w.worker_id, e)
+        self._forget(w)
+        return {
+            "worker_id": w.worker_id,
+            "busy_at_drain": busy_at_start,
+            "drained": drained,
+            "drain_s": round(time.monotonic() - t0, 3),
+        }
+
+    # ------------------------------------------------------------------ api
+    def up(self) -> dict[str, Any]:
+        """Start stores, router and both pools; return :meth:`addresses` once a request can be placed."""
+        with self._lock:
+            if self.router is not None:
+                return self.addresses()
+            self._ensure_stores()
+            self._start_router()
+            roles = [PoolRole.PREFILL] * self.config.prefill.count + [
+                PoolRole.DECODE
+            ] * self.config.decode.count
+            self._start_workers(roles)
+            return self.addresses()
+
+    def addresses(self) -> dict[str, Any]:
+        return {
+            "router": self.router_info.get("address", ""),
+            "stores": {n: i["address"] for n, i in self.store_info.items()},
+            "workers": {wid: w.info.get("address", "") for wid, w in sorted(self.workers.items())},
+        }
+
+    def scale(self, prefill: int | None = None, decode: int | None = None) -> dict[str, Any]:
+        """Resize the pools (None: unchanged). Adds first, then drains and removes the surplus."""
+        for name, n in (("prefill", prefill), ("decode", decode)):
+            if n is not None and n < 0:
+                raise InvalidRequestError(f"--{name} must be >= 0, got {n}")
+        with self._lock:
+            if self.router is None:
+                raise UnavailableError("the cluster is not up")
+            self._ensure_stores()  # nodes may have joined since
+            live = {r: self._live(r) for r in PoolRole}
+            add, remove_ids = plan_scale(
+                {r: [w.worker_id for w in ws] for r, ws in live.items()},
+                {PoolRole.PREFILL: prefill, PoolRole.DECODE: decode},
+            )
+            remove = [self.workers[wid] for wid in remove_ids]
+            added = self._start_workers(add) if add else []
+            removed = []
+            if remove:
+                with ThreadPoolExecutor(max_workers=len(remove)) as ex:
+                    removed = list(ex.map(self._drain_and_remove, remove))
+            counts = {r.value: len(self._live(r)) for r in PoolRole}
+            return {"added": added, "removed": removed, "counts": counts}
+
+    def status(self) -> dict[str, Any]:
+        """Pools (per worker: node, address, alive, load, KV use), store nodes (KV use, transfer
+        counters) and the router's view (which workers it routes to)."""
+        import ray
+
+        workers = []
+        for w in sorted(list(self.workers.values()), key=lambda w: w.worker_id):
+            row: dict[str, Any] = {"worker_id": w.worker_id, "role": w.role.value}
+            try:
+                row |= ray.get(w.handle.stats.remote(), timeout=_CALL_TIMEOUT_S)
+                row["alive"] = True
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                row |= {"alive": False, "error": type(e).__name__}
+            workers.append(row)
+        stores = []
+        for node, h in sorted(self.stores.items()):
+            try:
+                stores.append({**ray.get(h.stats.remote(), timeout=_CALL_TIMEOUT_S), "alive": True})
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                stores.append({"node_id": node, "alive": False, "error": type(e).__name__})
+        routed: list[dict[str, Any]] = []
+        if self.router is not None:
+            try:
+                routed = ray.get(self.router.workers.remote(), timeout=_CALL_TIMEOUT_S)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                routed = []
+        return {
+            "router": self.router_info.get("address", ""),
+            "pools": {r.value: [x for x in workers if x["role"] == r.value] for r in PoolRole},
+            "stores": stores,
+            "routed": routed,
+        }
+
+    def shutdown(self) -> dict[str, int]:
+        """Stop every actor this controller started and remove their placement groups."""
+        import ray
+
+        with self._lock:
+            self._down = True
+            n_workers = len(self.workers)
+            for w in list(self.workers.values()):
+                try:
+                    ray.get(w.handle.stop.remote(), timeout=10)
+                except Exception as e:  # noqa: BLE001 - killed below anyway
+                    log.debug("stop %s: %s", w.worker_id, e)
+                self._forget(w)
+            others = ([self.router] if self.router is not None else []) + list(self.stores.values())
+            for h in others:
+                try:
+                    ray.get(h.stop.remote(), timeout=10)
+                except Exception as e:  # noqa: BLE001
+                    log.debug("stop: %s", e)
+                ray.kill(h, no_restart=True)
+            n_stores = len(self.stores)
+            self.router, self.stores, self.store_info = None, {}, {}
+            return {"workers": n_workers, "stores": n_stores, "routers": 1 if others else 0}
+
+
+def _get(ref: Any, timeout_s: float, what: str) -> Any:
+    import ray
+
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise UnavailableError(f"{what} did not answer within {timeout_s}s") from None
+    except ray.exceptions.RayActorError as e:
+        raise UnavailableError(f"{what} failed to start or died: {e}") from None
+
+
+# ---------------------------------------------------------------------------- driver side
+def connect(address: str | None = "auto", namespace: str = DEFAULT_NAMESPACE) -> None:
+    """``ray.init`` this driver into the cluster at ``address`` (``auto``: the local one)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, namespace=namespace, log_to_driver=False)
+    except ray.exceptions.AuthenticationError as e:
+        raise UnavailableError(
+            f"the Ray cluster at {address!r} refused this driver's token ({e}); set RAY_AUTH_MODE=token "
+            "and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token: see deploy/ray/README.md"
+        ) from None
+    except ConnectionError as e:
+        if _auth_failure(e):
+            raise UnavailableError(
+                f"the Ray cluster at {address!r} refused this driver's token; set RAY_AUTH_MODE=token and "
+                "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token: see deploy/ray/README.md"
+            ) from None
+        raise UnavailableError(
+            f"cannot reach a Ray cluster at {address!r}: {e}. Start one (`ray start --head`) or pass --address"
+        ) from None
+
+
+def _auth_failure(e: BaseException | None) -> bool:
+    """Whether a failed ``ray.init`` (or its causes) was an authentication failure."""
+    while e is not None:
+        if "InvalidAuthToken" in str(e) or type(e).__name__ == "AuthenticationError":
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def controller(namespace: str = DEFAULT_NAMESPACE) -> Any | None:
+    """The running controller actor's handle, or None."""
+    import ray
+
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def up(config: ClusterConfig) -> dict[str, Any]:
+    """Start the cluster described by ``config`` (error if one is up in that namespace)."""
+    import ray
+
+    if controller(config.namespace) is not None:
+        raise InvalidRequestError(
+            f"pdserve is already up in Ray namespace {config.namespace!r}: run `pdserve down` first"
+        )
+    h = (
+        ray.remote(Controller)
+        .options(
+            name=CONTROLLER_NAME,
+            namespace=config.namespace,
+            lifetime="detached",
+            num_cpus=0,
+            max_concurrency=8,
+            max_restarts=0,
+        )
+        .remote(config)
+    )
+    try:
+        return _unwrap(h.up.remote(), config.startup_timeout_s * 3)
+    except BaseException:
+        _stop(h)
+        raise
+
+
+def _require(namespace: str) -> Any:
+    h = controller(namespace)
+    if h is None:
+        raise UnavailableError(f"pdserve is not up in Ray namespace {namespace!r}: run `pdserve up`")
+    return h
+
+
+def _unwrap(ref: Any, timeout_s: float | None = None) -> Any:
+    """ray.get, re-raising a pdserve error raised inside the controller as itself."""
+    import ray
+
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise UnavailableError(f"the pdserve controller did not answer within {timeout_s}s") from None
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, PdserveError):
+            raise type(e.cause)(e.cause.message) from None
+        raise
+
+
+def status(namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:
+    return _unwrap(_require(namespace).status.remote(), 120)
+
+
+def scale(prefill: int | None = None, decode: int | None = None, namespace: str = DEFAULT_NAMESPACE) -> dict:
+    return _unwrap(_require(namespace).scale.remote(prefill, decode))
+
+
+def _stop(h: Any) -> dict[str, int]:
+    import ray
+
+    try:
+        out = ray.get(h.shutdown.remote(), timeout=300)
+    except Exception as e:  # noqa: BLE001 - its children die with it (they are owned by it)
+        log.warning("controller shutdown failed (%s); killing it", e)
+        out = {}
+    ray.kill(h, no_restart=True)
+    return out
+
+
+def down(namespace: str = DEFAULT_NAMESPACE) -> dict[str, int]:
+    """Stop everything ``up`` started in ``namespace`` (only that): returns the counts stopped."""
+    return _stop(_require(namespace))

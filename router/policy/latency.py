@@ -1,0 +1,208 @@
+"""Latency predictions for goodput-aware placement: a linear seed model and its online correction.
+
+:class:`LinearLatency` is the default seed (DistServe's functional forms, linear parts only)::
+
+    prefill(tokens, contexts) = p0 + p1 * sum(tokens) + p2 * sum(tokens * contexts)
+    decode(batch, context)    = d0 + d1 * batch + d2 * context
+    transfer(nbytes)          = t0 + nbytes / bandwidth
+
+:meth:`LinearLatency.from_model` seeds it from any model with ``prefill_time``/``decode_time``
+(e.g. the simulator's profiled model) by sampling it. :class:`OnlineCorrectedLatency` wraps any
+:class:`DecodeLatencyEstimator` and scales its predictions by EWMAs of measured/predicted ratios
+fed from finished requests: one for the TTFT side (prefill + transfer), one for the TPOT side.
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class DecodeLatencyEstimator(Protocol):
+    """:class:`~router.policy.protocols.LatencyEstimator` plus decode steps (``LatencyModel`` fits)."""
+
+    kv_bytes_per_token: int
+
+    def prefill_time(self, tokens: Sequence[int], contexts: Sequence[int] | None = None) -> float: ...
+
+    def decode_time(self, batch_size: int, total_context: int) -> float: ...
+
+    def transfer_time(self, nbytes: float) -> float: ...
+
+
+@dataclass(frozen=True)
+class LinearLatency:
+    """The seed model (see module docstring). Defaults: roughly SmolLM2-135M on 1-2 CPU cores as the
+    live router sees it (request overheads included); online correction absorbs the rest."""
+
+    kv_bytes_per_token: int = 18432
+    prefill_base_s: float = 5e-2
+    prefill_per_token_s: float = 3e-4
+    prefill_per_token_ctx_s: float = 1e-8
+    decode_base_s: float = 4e-2
+    decode_per_seq_s: float = 2e-3
+    decode_per_ctx_token_s: float = 2e-7
+    transfer_latency_s: float = 1e-3
+    transfer_bandwidth: float = 1e9
+
+    def __post_init__(self) -> None:
+        coeffs = (
+            self.prefill_base_s,
+            self.prefill_per_token_s,
+            self.prefill_per_token_ctx_s,
+            self.decode_base_s,
+            self.decode_per_seq_s,
+            self.decode_per_ctx_token_s,
+            self.transfer_latency_s,
+        )
+        if any(c < 0 for c in coeffs) or self.transfer_bandwidth <= 0 or self.kv_bytes_per_token <= 0:
+            raise ValueError("latency coefficients must be >= 0 and bandwidth, kv bytes > 0")
+
+    def prefill_time(self, tokens: Sequence[int], contexts: Sequence[int] | None = None) -> float:
+        if not tokens:
+            return 0.0
+        ctx = contexts if contexts is not None else [0] * len(tokens)
+        return (
+            self.prefill_base_s
+            + self.prefill_per_token_s * sum(tokens)
+            + self.prefill_per_token_ctx_s * sum(t * c for t, c in zip(tokens, ctx, strict=True))
+        )
+
+    def decode_time(self, batch_size: int, total_context: int) -> float:
+        if batch_size <= 0:
+            return 0.0
+        return (
+            self.decode_base_s
+            + self.decode_per_seq_s * batch_size
+            + self.decode_per_ctx_token_s * total_context
+        )
+
+    def transfer_time(self, nbytes: float) -> float:
+        if nbytes <= 0:
+            return 0.0
+        return self.transfer_latency_s + nbytes / self.transfer_bandwidth
+
+    @classmethod
+    def from_model(cls, model: DecodeLatencyEstimator, *, token_budget: int = 2048) -> LinearLatency:
+        """Seed from a richer model (e.g. ``simulator.latency.ProfiledLatencyModel``) by sampling it:
+        prefill slope over ``[1, token_budget]`` new tokens, decode slopes over batch and context."""
+        n = max(2, token_budget)
+        p1, pn = model.prefill_time([1]), model.prefill_time([n])
+        per_tok = max(0.0, (pn - p1) / (n - 1))
+        pc = model.prefill_time([1], [n])
+        per_ctx = max(0.0, pc - p1) / n
+        d1, db, dc = model.decode_time(1, 0), model.decode_time(33, 0), model.decode_time(1, 32768)
+        per_seq = max(0.0, (db - d1) / 32)
+        per_ctx_tok = max(0.0, (dc - d1) / 32768)
+        t_small, t_big = model.transfer_time(1.0), model.transfer_time(1e9 + 1.0)
+        bw = 1e9 / (t_big - t_small) if t_big > t_small else 1e12
+        return cls(
+            kv_bytes_per_token=int(model.kv_bytes_per_token),
+            prefill_base_s=max(0.0, p1 - per_tok),
+            prefill_per_token_s=per_tok,
+            prefill_per_token_ctx_s=per_ctx,
+            decode_base_s=max(0.0, d1 - per_seq),
+            decode_per_seq_s=per_seq,
+            decode_per_ctx_token_s=per_ctx_tok,
+            transfer_latency_s=max(0.0, t_small),
+            transfer_bandwidth=bw,
+        )
+
+
+class Phase(enum.Enum):
+    """Which side of a request a correction applies to."""
+
+    TTFT = "ttft"  # queueing + prefill + prefix fetch
+    TPOT = "tpot"  # decode steps
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    """EWMA weight of a new sample, and the clamp on one sample's measured/predicted ratio."""
+
+    alpha: float = 0.2
+    min_ratio: float = 0.05
+    max_ratio: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha <= 1 or not 0 < self.min_ratio <= 1 <= self.max_ratio:
+            raise ValueError("need 0 < alpha <= 1 and 0 < min_ratio <= 1 <= max_ratio")
+
+
+class OnlineCorrectedLatency:
+    """A latency model whose predictions are multiplied by learnt correction factors.
+
+    ``prefill_time``/``transfer_time`` are scaled by the TTFT factor, ``decode_time`` by the TPOT
+    factor; both start at 1. :meth:`observe` folds in one measured/base-predicted ratio (clamped)
+    with an EWMA. Thread-safe (the router observes from many request threads).
+    """
+
+    def __init__(self, base: DecodeLatencyEstimator, config: CorrectionConfig | None = None) -> None:
+        self.base = base
+        self.config = config or CorrectionConfig()
+        self.kv_bytes_per_token = base.kv_bytes_per_token
+        self._factor = {p: 1.0 for p in Phase}
+        self._samples = {p: 0 for p in Phase}
+        self._lock = threading.Lock()
+
+    def factor(self, phase: Phase) -> float:
+        return self._factor[phase]
+
+    def samples(self, phase: Phase) -> int:
+        """How many measurements have corrected ``phase`` so far."""
+        return self._samples[phase]
+
+    def observe(self, phase: Phase, base_predicted_s: float, measured_s: float) -> bool:
+        """Fold in one sample: ``base_predicted_s`` is the *uncorrected* model's prediction.
+
+        The sample's own factor ``measured / base_predicted`` (clamped to the config's ratio
+        bounds) moves the phase's factor by ``alpha``. Returns False (and learns nothing) for
+        non-positive or non-finite values.
+        """
+        if not (
+            base_predicted_s > 0
+            and measured_s > 0
+            and math.isfinite(base_predicted_s)
+            and math.isfinite(measured_s)
+        ):
+            return False
+        c = self.config
+        f = min(c.max_ratio, max(c.min_ratio, measured_s / base_predicted_s))
+        with self._lock:
+            self._factor[phase] += c.alpha * (f - self._factor[phase])
+            self._samples[phase] += 1
+        return True
+
+    def prefill_time(self, tokens: Sequence[int], contexts: Sequence[int] | None = None) -> float:
+        return self._factor[Phase.TTFT] * self.base.prefill_time(tokens, contexts)
+
+    def transfer_time(self, nbytes: float) -> float:
+        return self._factor[Phase.TTFT] * self.base.transfer_time(nbytes)
+
+    def decode_time(self, batch_size: int, total_context: int) -> float:
+        return self._factor[Phase.TPOT] * self.base.decode_time(batch_size, total_context)
+
+
+class WithDecode:
+    """Completes a prefill-only :class:`~router.policy.protocols.LatencyEstimator` with the decode
+    side of another model (default: :class:`LinearLatency`'s seed coefficients)."""
+
+    def __init__(self, prefill: object, decode: DecodeLatencyEstimator | None = None) -> None:
+        self.prefill = prefill
+        self.decode = decode or LinearLatency()
+        self.kv_bytes_per_token = int(prefill.kv_bytes_per_token)  # type: ignore[attr-defined]
+
+    def prefill_time(self, tokens: Sequence[int], contexts: Sequence[int] | None = None) -> float:
+        return self.prefill.prefill_time(tokens, contexts)  # type: ignore[attr-defined]
+
+    def transfer_time(self, nbytes: float) -> float:
+        return self.prefill.transfer_time(nbytes)  # type: ignore[attr-defined]
+
+    def decode_time(self, batch_size: int, total_context: int) -> float:
+        return self.decode.decode_time(batch_size, total_context)

@@ -1,0 +1,397 @@
+"""pdserve on Ray: a 2-node ``ray.cluster_utils.Cluster`` (two raylets on 127.0.0.1) with token auth on.
+
+``pdserve up`` (the CLI, as its own driver process) starts 1 prefill + 2 decode workers (CPU, one
+placement group each), a router and one KV store per Ray node. Each Ray node is its own simulated
+host (``store.host_id_per_node``), so KV blocks crossing nodes go through the gRPC transport and
+same-node pulls through shared memory. The tests run in order on that one deployment: outputs
+equal the whole engine's, a SIGKILLed worker is restarted and registers again, a killed decode
+actor is dropped by the router within the heartbeat timeout, the pools scale both ways without
+dropping a streaming request, ``status`` works through the CLI, ``down`` ends only what ``up``
+started.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from pdserve.client import Client
+from pdserve.errors import PdserveError
+from pdserve.ray_cli import format_status
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+NS = "pdserve-test"
+HEARTBEAT_TIMEOUT_S = 2.0
+MB = 1024 * 1024
+
+BASE = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away,",
+    "1, 2, 3, 4,",
+    "The three primary colors are",
+    "To make a cup of tea, first",
+    "import numpy as np\n\n# compute the mean of",
+    "Water boils at a temperature of",
+    "The largest planet in the solar system is",
+    "Write a haiku about the sea:",
+    "SELECT name FROM users WHERE",
+    "The quick brown fox",
+    "In 1492, Columbus",
+    "A list of fruits: apple, banana,",
+    "HTTP status code 404 means",
+    "Photosynthesis is the process by which",
+]
+PROMPTS = BASE + [f"Question: {p} Answer:" for p in BASE]  # 32 distinct prompts
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def _env(token: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        # keep Ray's driver-side address resolution on loopback (the raylets bind 127.0.0.1 only)
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        # the machine is shared with other test runs: Ray's OOM killer must not pick our actors
+        RAY_memory_monitor_refresh_ms="0",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+def _cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pdserve.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Two raylets on 127.0.0.1 with token auth; this test process joins as a driver."""
+    import ray._private.ray_constants as ray_constants
+    from ray._private.authentication_test_utils import reset_auth_token_state
+    from ray.cluster_utils import Cluster
+
+    token = secrets.token_hex(16)
+    env = _env(token)
+    with pytest.MonkeyPatch.context() as mp:
+        for k in (
+            "RAY_AUTH_MODE",
+            "RAY_AUTH_TOKEN",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+            "RAY_memory_monitor_refresh_ms",
+            "OMP_NUM_THREADS",
+        ):
+            mp.setenv(k, env[k])
+        mp.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        reset_auth_token_state()  # this process imported ray before token mode was set: re-read it
+        node = dict(num_cpus=2, node_ip_address="127.0.0.1", object_store_memory=200 * MB)
+        c = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+        try:
+            c.add_node(**node)
+            ray.init(address=c.address, namespace=NS, log_to_driver=False)
+            yield c, env
+        finally:
+            ray.shutdown()
+            c.shutdown()
+    reset_auth_token_state()
+
+
+@pytest.fixture(scope="module")
+def config_file(smollm_path, tmp_path_factory) -> Path:
+    cfg = {
+        "model": str(smollm_path),
+        "host": "127.0.0.1",
+        "namespace": NS,
+        "prefill": {"count": 1, "num_cpus": 1, "kv_blocks": 256},
+        "decode": {"count": 2, "num_cpus": 1, "kv_blocks": 256},
+        "store": {"capacity_blocks": 512, "host_id_per_node": True},
+        "router": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S, "heartbeat_interval_s": 0.25},
+        "max_restarts": 2,
+        "drain_quiet_s": 0.5,
+        "startup_timeout_s": 300,
+    }
+    p = tmp_path_factory.mktemp("ray") / "cluster.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.fixture(scope="module")
+def deployment(cluster, config_file):
+    """``pdserve up`` through the CLI (its own driver process); ``pdserve down`` at the end."""
+    c, env = cluster
+    r = _cli(["up", "--config", str(config_file), "--address", c.address, "--json"], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    yield info
+    from pdserve import ray_cluster
+
+    if ray_cluster.controller(NS) is not None:
+        ray_cluster.down(NS)
+
+
+@pytest.fixture(scope="module")
+def client(deployment):
+    with Client(deployment["router"], timeout=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def whole(smollm_path):
+    return LLMEngine.from_pretrained(smollm_path, EngineConfig(num_kv_blocks=512))
+
+
+def _router_workers() -> list[dict]:
+    return ray.get(ray.get_actor("pdserve-router", namespace=NS).workers.remote(), timeout=30)
+
+
+def _status() -> dict:
+    from pdserve import ray_cluster
+
+    return ray_cluster.status(NS)
+
+
+def test_up_places_one_store_per_node_and_pools(deployment):
+    st = _status()
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert {s["node_id"] for s in st["stores"]} == nodes and len(nodes) == 2
+    assert len({s["host_id"] for s in st["stores"]}) == 2  # simulated hosts
+    assert [w["worker_id"] for w in st["pools"]["prefill"]] == ["prefill-0"]
+    assert [w["worker_id"] for w in st["pools"]["decode"]] == ["decode-0", "decode-1"]
+    for w in st["pools"]["prefill"] + st["pools"]["decode"]:
+        assert w["alive"] and w["address"].startswith("127.0.0.1:")
+        store = next(s for s in st["stores"] if s["node_id"] == w["node_id"])
+        assert w["store"] == store["address"] and w["host_id"] == store["host_id"]
+    assert {w["worker_id"] for w in st["routed"]} == {"prefill-0", "decode-0", "decode-1"}
+    # each worker holds its own placement group bundle of 1 CPU: 3 of the 4 CPUs are taken
+    assert ray.available_resources().get("CPU", 0) == pytest.approx(1.0)
+
+
+def _router():
+    return ray.get_actor("pdserve-router", namespace=NS)
+
+
+@contextlib.contextmanager
+def _only_decode(worker_id: str):
+    """Route decodes to ``worker_id`` alone (the others are marked draining in the router)."""
+    others = [
+        w["worker_id"] for w in _router_workers() if w["role"] == "decode" and w["worker_id"] != worker_id
+    ]
+    for o in others:
+        assert ray.get(_router().drain.remote(o), timeout=30)
+    try:
+        yield
+    finally:
+        for o in others:
+            ray.get(_router().resume.remote(o), timeout=30)
+
+
+def test_32_concurrent_requests_equal_whole_engine_and_cross_nodes(deployment, client, whole):
+    ref = whole.generate(PROMPTS, GREEDY)
+    with cf.ThreadPoolExecutor(32) as ex:
+        got = list(ex.map(lambda p: client.complete(p, GREEDY), PROMPTS))
+    for p, r, g in zip(PROMPTS, ref, got, strict=True):
+        assert g.token_ids == r.token_ids, p
+        assert g.text == r.text
+    # then a handoff to each decode worker in turn: the prefill node's store serves the one on the
+    # other node over gRPC and (when one shares its node) the local one from shared memory
+    st = _status()
+    pre = st["pools"]["prefill"][0]
+    stores = {s["node_id"]: s for s in st["stores"]}
+    # 2 CPUs per node: the 3 one-CPU workers cannot share one node
+    assert {w["node_id"] for w in st["pools"]["decode"]} - {pre["node_id"]}
+    for w in st["pools"]["decode"]:
+        before = stores[pre["node_id"]]
+        with _only_decode(w["worker_id"]):
+            g = client.complete(PROMPTS[0], GREEDY)
+        assert g.token_ids == ref[0].token_ids
+        after = next(s for s in _status()["stores"] if s["node_id"] == pre["node_id"])
+        grpc_out = after["blocks_out_grpc"] - before["blocks_out_grpc"]
+        shm_out = after["blocks_out_shm"] - before["blocks_out_shm"]
+        if w["node_id"] == pre["node_id"]:
+            assert shm_out > 0 and grpc_out == 0, (w["worker_id"], after)
+        else:
+            assert grpc_out > 0 and shm_out == 0, (w["worker_id"], after)
+        stores[pre["node_id"]] = after
+    assert all(w["kv_shm_fallbacks"] == 0 for w in _status()["pools"]["decode"])
+
+
+def test_sigkilled_worker_restarts_and_registers_again(deployment, client, whole):
+    st = _status()
+    old = st["pools"]["prefill"][0]
+    os.kill(old["pid"], signal.SIGKILL)  # a crash: Ray restarts the actor (max_restarts)
+    deadline = time.monotonic() + 300
+    new = None
+    while time.monotonic() < deadline:
+        try:
+            new = ray.get(ray.get_actor("pdserve-prefill-0", namespace=NS).info.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            new = None
+        if new and new["pid"] != old["pid"]:
+            routed = {w["worker_id"]: w for w in _router_workers()}
+            if routed.get("prefill-0", {}).get("address") == new["address"]:
+                break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"prefill-0 was not restarted and re-registered: {new}")
+    assert new["worker_id"] == "prefill-0"
+    ref = whole.generate(PROMPTS[:4], GREEDY)
+    for p, r in zip(PROMPTS[:4], ref, strict=True):
+        assert client.complete(p, GREEDY).token_ids == r.token_ids
+
+
+def test_killed_decode_actor_is_dropped_and_new_requests_succeed(deployment, client, whole):
+    long = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+
+    def run(p):
+        try:
+            return client.complete(p, long)
+        except PdserveError as e:
+            return e
+
+    def decode_running(wid: str) -> int:
+        return next(w["num_running"] for w in _status()["pools"]["decode"] if w["worker_id"] == wid)
+
+    with cf.ThreadPoolExecutor(8) as ex:
+        with _only_decode("decode-1"):  # half the requests run on the worker about to die
+            futs = [ex.submit(run, p) for p in PROMPTS[:4]]
+            deadline = time.monotonic() + 120
+            while not decode_running("decode-1"):
+                assert time.monotonic() < deadline, "no request reached decode-1"
+                time.sleep(0.05)
+        futs += [ex.submit(run, p) for p in PROMPTS[4:8]]
+        victim = ray.get_actor("pdserve-decode-1", namespace=NS)
+        ray.kill(victim, no_restart=True)
+        t_kill = time.monotonic()
+        while "decode-1" in {w["worker_id"] for w in _router_workers()}:
+            time.sleep(0.05)
+        dropped_after = time.monotonic() - t_kill
+        results = [f.result(timeout=300) for f in futs]
+    assert dropped_after <= HEARTBEAT_TIMEOUT_S + 1.0, dropped_after
+    ref = whole.generate(PROMPTS[:8], long)
+    for p, r, g in zip(PROMPTS[:8], ref, results, strict=True):
+        if not isinstance(g, Exception):  # requests on the killed worker may fail; others are exact
+            assert g.token_ids == r.token_ids, p
+    assert sum(not isinstance(g, Exception) for g in results) >= 1
+    # new requests all land on the surviving decode worker and succeed
+    with cf.ThreadPoolExecutor(8) as ex:
+        fresh = list(ex.map(lambda p: client.complete(p, GREEDY), PROMPTS[8:16]))
+    for r, g in zip(whole.generate(PROMPTS[8:16], GREEDY), fresh, strict=True):
+        assert g.token_ids == r.token_ids
+    st = _status()
+    dead = [w for w in st["pools"]["decode"] if w["worker_id"] == "decode-1"]
+    assert dead and not dead[0]["alive"]
+
+
+def test_scale_up_then_down_drains_streaming_requests(deployment, client, whole):
+    from pdserve import ray_cluster
+
+    out = ray_cluster.scale(prefill=2, decode=2, namespace=NS)
+    assert out["counts"] == {"prefill": 2, "decode": 2}
+    assert sorted(out["added"]) == ["decode-2", "prefill-1"]  # decode-1 (dead) was pruned
+    assert {w["worker_id"] for w in _router_workers()} == {"prefill-0", "prefill-1", "decode-0", "decode-2"}
+
+    long = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    prompts = PROMPTS[16:20]
+    ref = whole.generate(prompts, long)
+    with _only_decode("decode-2"):  # the streams run on the worker that scale-down removes
+        streams = [client.generate(p, long) for p in prompts]
+        its = [iter(s) for s in streams]
+        firsts = [next(it) for it in its]  # every request is streaming
+    deadline = time.monotonic() + 60
+    while sum(w["num_running"] for w in _status()["pools"]["decode"]) < len(prompts):
+        assert time.monotonic() < deadline, "streams did not all reach decode"
+        time.sleep(0.05)
+    with cf.ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(ray_cluster.scale, 1, 1, NS)
+        got = []
+        for first, it in zip(firsts, its, strict=True):
+            ids = list(first.token_ids)
+            for ch in it:
+                ids.extend(ch.token_ids)
+            got.append(ids)
+        res = fut.result(timeout=300)
+    for r, g in zip(ref, got, strict=True):
+        assert g == r.token_ids  # no streaming request was dropped by the scale-down
+    removed = {r["worker_id"]: r for r in res["removed"]}
+    assert set(removed) == {"prefill-1", "decode-2"}  # newest first
+    assert removed["decode-2"]["drained"]
+    assert removed["decode-2"]["busy_at_drain"] > 0, "decode-2 held no request when drained"
+    assert res["counts"] == {"prefill": 1, "decode": 1}
+    assert {w["worker_id"] for w in _router_workers()} == {"prefill-0", "decode-0"}
+    assert client.complete(PROMPTS[0], GREEDY).token_ids == whole.generate([PROMPTS[0]], GREEDY)[0].token_ids
+
+
+def test_cli_status_joins_with_token_and_rejects_without(cluster, deployment):
+    c, env = cluster
+    r = _cli(["status", "--address", c.address, "--namespace", NS, "--json"], env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    st = json.loads(r.stdout)
+    assert [w["worker_id"] for w in st["pools"]["prefill"] if w["alive"]] == ["prefill-0"]
+    assert st["router"] == deployment["router"]
+    table = format_status(st)
+    assert "prefill pool: 1 worker(s)" in table and "kv store nodes: 2" in table
+    assert "decode-0" in table and "decode-1" not in table  # the dead one was pruned by scale
+    # a driver with another token is refused, with a message saying how to join
+    r = _cli(
+        ["status", "--address", c.address, "--namespace", NS],
+        {**env, "RAY_AUTH_TOKEN": "0" * 32, "RAY_NUM_REDIS_GET_RETRIES": "2"},
+        120,
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "refused this driver's token" in r.stderr and "RAY_AUTH_TOKEN" in r.stderr
+
+
+def test_down_stops_only_what_up_started(deployment):
+    from pdserve import ray_cluster
+
+    @ray.remote(num_cpus=0)
+    class Bystander:
+        def ping(self) -> str:
+            return "ok"
+
+    by = Bystander.options(name="bystander", namespace=NS).remote()
+    assert ray.get(by.ping.remote(), timeout=60) == "ok"
+    out = ray_cluster.down(NS)
+    assert out["workers"] == 2 and out["stores"] == 2
+    assert ray_cluster.controller(NS) is None
+    deadline = time.monotonic() + 30
+    while True:
+        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NS}
+        if names == {"bystander"}:
+            break
+        assert time.monotonic() < deadline, names
+        time.sleep(0.2)
+    assert ray.get(by.ping.remote(), timeout=60) == "ok"
+    while ray.available_resources().get("CPU", 0) < 4:  # placement groups removed
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.2)
+    with pytest.raises(PdserveError, match="not up"):
+        ray_cluster.status(NS)
+    ray.kill(by)

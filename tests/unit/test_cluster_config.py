@@ -1,0 +1,108 @@
+"""pdserve.cluster_config: YAML -> frozen dataclasses, with errors that name the key to fix."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pdserve.cluster_config import (
+    ClusterConfig,
+    Device,
+    IndexKind,
+    PoolConfig,
+    PoolRole,
+    from_dict,
+    load,
+)
+from pdserve.errors import InvalidRequestError
+
+
+def test_minimal_config_gets_defaults():
+    c = from_dict({"model": "/m"})
+    assert c.model == "/m" and c.prefill.count == 1 and c.decode.count == 1
+    assert c.index.kind is IndexKind.MEMORY and c.namespace == "pdserve" and c.host == "node"
+    assert c.prefill.bundle() == {"CPU": 1.0} and c.prefill.num_gpus == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.model = "/x"  # type: ignore[misc]
+
+
+def test_full_config_parses_sections_and_enums():
+    c = from_dict(
+        {
+            "model": "/m",
+            "prefill": {"count": 2, "num_cpus": 4, "kv_blocks": 512, "chunk": 256},
+            "decode": {"count": 3, "num_cpus": 2, "device": "CUDA", "tp": 2},
+            "store": {"capacity_blocks": 100, "host_id_per_node": True},
+            "router": {"port": 50051, "heartbeat_timeout_s": 5, "node_resource": "head"},
+            "index": {"kind": "redis", "url": "redis://r:6379/0"},
+            "max_restarts": -1,
+        }
+    )
+    assert c.pool(PoolRole.PREFILL).count == 2 and c.prefill.chunk == 256
+    assert c.decode.device is Device.CUDA and c.decode.num_gpus == 2
+    assert c.decode.bundle() == {"CPU": 2.0, "GPU": 2.0}
+    assert c.router.heartbeat_timeout_s == 5.0 and isinstance(c.router.heartbeat_timeout_s, float)
+    assert c.index.kind is IndexKind.REDIS and c.store.host_id_per_node
+
+
+def test_cpu_only_zero_cpus_needs_no_placement_group():
+    assert PoolConfig(num_cpus=0).bundle() == {}
+
+
+def test_with_counts_replaces_only_given_pools():
+    c = from_dict({"model": "/m", "decode": {"count": 2, "kv_blocks": 64}})
+    d = c.with_counts(decode=5)
+    assert d.decode.count == 5 and d.decode.kv_blocks == 64 and d.prefill == c.prefill
+    assert c.decode.count == 2
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({}, r"model: missing"),
+        ({"model": ""}, r"model: set the path"),
+        ({"model": "/m", "prefil": {}}, r"unknown key\(s\) \['prefil'\]"),
+        ({"model": "/m", "decode": {"cout": 1}}, r"decode: unknown key\(s\) \['cout'\]"),
+        ({"model": "/m", "decode": {"count": "two"}}, r"decode.count: expected an integer"),
+        ({"model": "/m", "decode": {"count": -1}}, r"decode.count: must be >= 0"),
+        ({"model": "/m", "decode": {"tp": 2}}, r"decode.tp: tensor parallelism needs device: cuda"),
+        ({"model": "/m", "decode": {"device": "tpu"}}, r"decode.device: 'tpu' is not one of"),
+        ({"model": "/m", "decode": {"block_size": 32}}, r"decode.block_size: prefill and decode"),
+        ({"model": "/m", "router": {"port": 70000}}, r"router.port: must be in"),
+        ({"model": "/m", "router": {"heartbeat_timeout_s": 0.1}}, r"router.heartbeat_timeout_s"),
+        ({"model": "/m", "index": {"kind": "redis"}}, r"index.url: a redis index needs url"),
+        ({"model": "/m", "store": {"host_id_per_node": "yes"}}, r"store.host_id_per_node: expected true"),
+        ({"model": "/m", "store": {"capacity_blocks": 0}}, r"store.capacity_blocks: must be >= 1"),
+        ({"model": "/m", "prefill": [1]}, r"prefill: expected a mapping"),
+        (["model"], r"top level: expected a mapping"),
+    ],
+)
+def test_bad_configs_name_the_key(raw, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        from_dict(raw)
+
+
+def test_load_reads_yaml_and_reports_file_errors(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: /m\ndecode: {count: 4}\n")
+    assert load(p) == dataclasses.replace(ClusterConfig(model="/m"), decode=PoolConfig(count=4))
+    with pytest.raises(InvalidRequestError, match="cannot read"):
+        load(tmp_path / "missing.yaml")
+    p.write_text("model: [unclosed\n")
+    with pytest.raises(InvalidRequestError, match="not valid YAML"):
+        load(p)
+
+
+# ---------------------------------------------------------------------------- scale planning
+def test_plan_scale_adds_and_removes_newest_first():
+    from pdserve.ray_cluster import plan_scale
+
+    live = {PoolRole.PREFILL: ["prefill-0"], PoolRole.DECODE: ["decode-10", "decode-2", "decode-0"]}
+    add, remove = plan_scale(live, {PoolRole.PREFILL: 3, PoolRole.DECODE: 1})
+    assert add == [PoolRole.PREFILL, PoolRole.PREFILL]
+    assert remove == ["decode-10", "decode-2"]  # by number, not by string order
+    assert plan_scale(live, {PoolRole.PREFILL: None, PoolRole.DECODE: 3}) == ([], [])
+    assert plan_scale(live, {PoolRole.PREFILL: 0, PoolRole.DECODE: None}) == ([], ["prefill-0"])
+    with pytest.raises(InvalidRequestError, match="--decode must be >= 0"):
+        plan_scale(live, {PoolRole.DECODE: -1})

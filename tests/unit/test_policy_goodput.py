@@ -1,0 +1,343 @@
+"""Goodput-aware placement on hand-built cluster states with a fake clock (pure, no simulator).
+
+The latency model is exact arithmetic: prefill 1 ms per new token, decode step 10 ms + 1 ms per
+request in the batch, transfer 1000 bytes/token at ``bw`` bytes/s; token budget 2048.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from router.policy import (
+    SLO,
+    STORE_SOURCE,
+    ClusterView,
+    ColocatedPolicy,
+    GoodputAwarePolicy,
+    GoodputConfig,
+    InstanceRole,
+    InstanceSnapshot,
+    LinearLatency,
+    ManualClock,
+    Observation,
+    Phase,
+    Placement,
+    PolicyKind,
+    Rejection,
+    RejectReason,
+    RequestInfo,
+    make_policy,
+)
+
+P, D, M = InstanceRole.PREFILL, InstanceRole.DECODE, InstanceRole.MIXED
+KEYS = [bytes([i]) * 8 for i in range(64)]
+MS = 1e-3
+
+
+def lat(bw: float = 1e9) -> LinearLatency:
+    return LinearLatency(
+        kv_bytes_per_token=1000,
+        prefill_base_s=0.0,
+        prefill_per_token_s=MS,
+        prefill_per_token_ctx_s=0.0,
+        decode_base_s=10 * MS,
+        decode_per_seq_s=MS,
+        decode_per_ctx_token_s=0.0,
+        transfer_latency_s=0.0,
+        transfer_bandwidth=bw,
+    )
+
+
+def snap(
+    i: str, role: InstanceRole, q: int = 0, cached: int = 0, free: int = 1000, running: int = 0
+) -> InstanceSnapshot:
+    return InstanceSnapshot(
+        i,
+        role,
+        queued_tokens=q,
+        running_requests=running,
+        free_blocks=free,
+        total_blocks=1000,
+        block_size=16,
+        token_budget=2048,
+        cached=frozenset(KEYS[:cached]),
+    )
+
+
+def req(
+    rid: str = "r",
+    n: int = 100,
+    slo: SLO | None = None,
+    priority: int = 0,
+    tenant: str = "",
+    out: int = 10,
+    store: int = 0,
+    max_tokens: int = 0,
+) -> RequestInfo:
+    return RequestInfo(
+        rid,
+        n,
+        KEYS[: n // 16],
+        max_output_tokens=max_tokens,
+        slo=slo,
+        priority=priority,
+        tenant=tenant,
+        predicted_output_tokens=out,
+        store_prefix_blocks=store,
+    )
+
+
+def policy(clock: ManualClock | None = None, bw: float = 1e9, **cfg) -> GoodputAwarePolicy:
+    return GoodputAwarePolicy(clock=clock or ManualClock(), latency=lat(bw), config=GoodputConfig(**cfg))
+
+
+def placed(d: Placement | Rejection) -> Placement:
+    assert isinstance(d, Placement), d
+    return d
+
+
+def rejected(d: Placement | Rejection) -> Rejection:
+    assert isinstance(d, Rejection), d
+    return d
+
+
+# ---------------------------------------------------------------- prefill choice (Conductor)
+def test_prefill_minimises_queue_plus_uncached_prefill() -> None:
+    view = ClusterView([snap("p0", P, q=300), snap("p1", P, q=100, cached=0), snap("d0", D)])
+    # p0: 300 ms queue + 640 ms; p1: 100 ms + 640 ms -> p1 wins
+    d = placed(policy(local_prefill=False).place(req(n=640), view))
+    assert (d.instance_id, d.decode_instance_id, d.local_prefill) == ("p1", "d0", False)
+    assert d.estimated_ttft_s == pytest.approx(0.740)
+    # a local cache on p0 (32 of 39 usable blocks) outweighs its longer queue
+    view = ClusterView([snap("p0", P, q=300, cached=32), snap("p1", P, q=100), snap("d0", D)])
+    d = placed(policy(local_prefill=False, bw=1e3).place(req(n=640), view))
+    assert d.instance_id == "p0" and d.reused_blocks == 32 and d.fetch_from is None
+    assert d.estimated_ttft_s == pytest.approx(0.300 + (640 - 512) * MS)
+
+
+def test_remote_prefix_fetched_only_when_it_beats_recompute() -> None:
+    view = ClusterView([snap("p0", P), snap("p1", P, q=5000, cached=32), snap("d0", D)])
+    fast = placed(policy(local_prefill=False, bw=1e9).place(req(n=640), view))
+    # fetching 512 tokens of KV (0.5 ms at 1 GB/s) beats recomputing them (512 ms)
+    assert (fast.instance_id, fast.fetch_from, fast.fetch_blocks) == ("p0", "p1", 32)
+    assert fast.estimated_ttft_s == pytest.approx(512_000 / 1e9 + 128 * MS)
+    slow = placed(policy(local_prefill=False, bw=1e5).place(req(n=640), view))
+    # at 100 kB/s the fetch takes 5.1 s: recompute on p0 instead
+    assert (slow.instance_id, slow.fetch_from, slow.reused_blocks) == ("p0", None, 0)
+
+
+def test_kv_store_prefix_is_a_fetch_source() -> None:
+    view = ClusterView([snap("p0", P), snap("d0", D)])
+    d = placed(policy(local_prefill=False).place(req(n=640, store=20), view))
+    assert (d.fetch_from, d.fetch_blocks, d.reused_blocks) == (STORE_SOURCE, 20, 20)
+
+
+# ---------------------------------------------------------------- decode choice
+def test_decode_picks_lowest_predicted_tpot_with_room() -> None:
+    view = ClusterView([snap("p0", P), snap("d0", D, running=20), snap("d1", D, running=2)])
+    d = placed(policy().place(req(n=400), view))
+    assert d.decode_instance_id == "d1"
+    assert d.estimated_tpot_s == pytest.approx(10 * MS + 3 * MS)
+    # d1 has no room for the prompt's 26 blocks (Llumnix freeness < 0): d0 although slower
+    view = ClusterView([snap("p0", P), snap("d0", D, running=20), snap("d1", D, running=2, free=10)])
+    assert placed(policy().place(req(n=400), view)).decode_instance_id == "d0"
+
+
+def test_long_outputs_are_spread_over_decode_instances() -> None:
+    pol = policy(long_output_tokens=256)
+    view = ClusterView([snap("p0", P), snap("d0", D), snap("d1", D), snap("d2", D)])
+    longs = [placed(pol.place(req(f"L{i}", n=400, out=1000), view)).decode_instance_id for i in range(3)]
+    assert sorted(longs) == ["d0", "d1", "d2"]  # one long request per instance
+    # short requests are not spread by length: they go to the best TPOT (ties: first)
+    shorts = {placed(pol.place(req(f"S{i}", n=400, out=8), view)).decode_instance_id for i in range(3)}
+    assert shorts == {"d0"}
+    # a finished long request frees its instance for the next long one
+    pol.on_finished(Observation("L1", 0.5, 0.02, 1000))
+    assert placed(pol.place(req("L3", n=400, out=1000), view)).decode_instance_id == longs[1]
+
+
+def test_length_predictor_supplies_missing_output_length() -> None:
+    pol = policy()
+    view = ClusterView([snap("p0", P), snap("d0", D)])
+    d = placed(pol.place(req("a", n=400, out=0, max_tokens=5), view))
+    assert d.predicted_output_tokens == 5  # the prior (128) clamped to max_tokens
+
+
+# ---------------------------------------------------------------- early rejection
+def test_impossible_slo_rejected_with_reason_and_retry_after() -> None:
+    pol = policy()
+    view = ClusterView([snap("p0", P), snap("d0", D)])
+    r = rejected(pol.place(req(n=400, slo=SLO(ttft_s=1e-3)), view))
+    assert r.reason is RejectReason.SLO_UNATTAINABLE
+    assert "TTFT" in r.message and r.retry_after_s is not None and r.retry_after_s > 0
+    r = rejected(pol.place(req(n=400, slo=SLO(tpot_s=5e-3)), view))
+    assert r.reason is RejectReason.SLO_UNATTAINABLE and "TPOT" in r.message
+    assert pol.inflight() == 0  # nothing reserved for a rejected request
+    assert pol.stats.rejected[RejectReason.SLO_UNATTAINABLE] == 2
+
+
+def test_retry_after_is_the_predicted_excess() -> None:
+    pol = policy(local_prefill=False, slo_margin=0.0)
+    view = ClusterView([snap("p0", P, q=3000), snap("d0", D)])
+    # TTFT = 3.0 s queue + 0.4 s prefill; SLO 1 s -> retry in ~2.4 s
+    r = rejected(pol.place(req(n=400, slo=SLO(ttft_s=1.0)), view))
+    assert r.retry_after_s == pytest.approx(2.4)
+    huge = ClusterView([snap("p0", P, q=10**6), snap("d0", D)])
+    assert rejected(pol.place(req(n=400, slo=SLO(ttft_s=1.0)), huge)).retry_after_s == 30.0
+
+
+def test_margin_applies_and_generous_slo_passes() -> None:
+    view = ClusterView([snap("p0", P), snap("d0", D)])
+    # predicted TTFT 0.4 s: within a 0.5 s SLO, but not within 0.5 * (1 - 0.25)
+    assert isinstance(policy(local_prefill=False).place(req(n=400, slo=SLO(0.5, 1.0)), view), Placement)
+    tight = policy(local_prefill=False, slo_margin=0.25)
+    assert isinstance(tight.place(req(n=400, slo=SLO(0.5, 1.0)), view), Rejection)
+
+
+def test_lower_priority_is_shed_first_under_pressure() -> None:
+    pol = policy(local_prefill=False, slo_margin=0.1, priority_margin_step=0.1)
+    slo = SLO(ttft_s=1.0)
+    shed_at: dict[int, int] = {}
+    for q in range(0, 1000, 50):  # growing prefill queue: TTFT = q ms + 100 ms
+        view = ClusterView([snap("p0", P, q=q), snap("d0", D)])
+        for prio in (0, 1, 3):
+            d = pol.place(req(f"{q}-{prio}", n=100, slo=slo, priority=prio), view)
+            if isinstance(d, Rejection) and prio not in shed_at:
+                shed_at[prio] = q
+    # priority 3 (least important) is shed first, then 1, then 0
+    assert shed_at[3] < shed_at[1] < shed_at[0]
+    assert (shed_at[3], shed_at[1], shed_at[0]) == (550, 750, 850)
+
+
+def test_tenant_quota_and_release() -> None:
+    clock = ManualClock()
+    pol = policy(clock, tenant_max_inflight=2, tenant_quotas=(("vip", 3),), ledger_grace_s=5.0)
+    view = ClusterView([snap("p0", P), snap("d0", D)])
+    for i in range(2):
+        placed(pol.place(req(f"a{i}", tenant="acme"), view))
+    r = rejected(pol.place(req("a2", tenant="acme"), view))
+    assert r.reason is RejectReason.QUOTA_EXCEEDED and "acme" in r.message
+    assert r.retry_after_s is not None and r.retry_after_s > 0
+    # other tenants are not affected; "vip" has its own quota of 3
+    placed(pol.place(req("b0", tenant="other"), view))
+    for i in range(3):
+        placed(pol.place(req(f"v{i}", tenant="vip"), view))
+    assert isinstance(pol.place(req("v3", tenant="vip"), view), Rejection)
+    # a finished request frees a slot
+    pol.on_finished(Observation("a0", 0.1, 0.01, 10, num_prompt_tokens=100))
+    placed(pol.place(req("a3", tenant="acme"), view))
+    # a release (failure) frees one too; and unreported requests expire after finish + grace
+    pol.release("a1")
+    placed(pol.place(req("a4", tenant="acme"), view))
+    assert pol.inflight("acme") == 2
+    clock.advance(60.0)
+    assert pol.inflight("acme") == 0
+
+
+# ---------------------------------------------------------------- conditional disaggregation
+def test_short_uncached_prompt_prefilled_locally_when_faster() -> None:
+    pol = policy(local_prefill_max_tokens=256)
+    busy = ClusterView([snap("p0", P, q=2000), snap("d0", D)])
+    d = placed(pol.place(req("a", n=100), busy))
+    assert (d.instance_id, d.decode_instance_id, d.local_prefill) == ("d0", "d0", True)
+    assert d.estimated_ttft_s == pytest.approx(0.100)
+    # a long prompt is never prefilled on the decode worker
+    d = placed(pol.place(req("b", n=640), busy))
+    assert (d.instance_id, d.local_prefill) == ("p0", False)
+    # an idle prefill worker vs a decode worker busy with 10 requests: disaggregate
+    idle = ClusterView([snap("p0", P), snap("d0", D, running=10)])
+    d = placed(pol.place(req("c", n=100), idle))
+    assert (d.instance_id, d.local_prefill) == ("p0", False)
+    # the feature can be switched off
+    d = placed(policy(local_prefill=False).place(req("e", n=100), busy))
+    assert d.instance_id == "p0"
+
+
+def test_without_prefill_instances_everything_runs_locally() -> None:
+    d = placed(policy().place(req(n=1000), ClusterView([snap("m0", M)])))
+    assert d.local_prefill and d.instance_id == "m0"
+    r = rejected(policy().place(req(), ClusterView([snap("p0", P)])))
+    assert r.reason is RejectReason.NO_INSTANCE
+
+
+# ---------------------------------------------------------------- online correction
+def test_online_correction_learns_measured_latency() -> None:
+    pol = policy(local_prefill=False)
+    view = ClusterView([snap("p0", P), snap("d0", D)])
+    slo = SLO(ttft_s=0.6, tpot_s=1.0)  # 0.4 s predicted by the seed: within 0.6 * 0.9
+    first = placed(pol.place(req("r0", n=400, slo=slo), view))
+    assert first.estimated_ttft_s == pytest.approx(0.4)
+    for i in range(40):  # the cluster is 2x slower on prefill, 3x on decode than the seed says
+        d = placed(pol.place(req(f"r{i}", n=400, slo=SLO(10.0, 10.0)), view))
+        base_ttft = 0.4
+        base_tpot = 10 * MS + 1 * MS
+        pol.on_finished(Observation(f"r{i}", 2 * base_ttft, 3 * base_tpot, 10, num_prompt_tokens=400))
+        assert d.estimated_ttft_s is not None
+    assert pol.corrected.samples(Phase.TTFT) == 40 and pol.corrected.samples(Phase.TPOT) == 40
+    assert pol.corrected.factor(Phase.TTFT) == pytest.approx(2.0, rel=1e-3)
+    assert pol.corrected.factor(Phase.TPOT) == pytest.approx(3.0, rel=1e-3)
+    # the corrected prediction now rejects what the seed accepted
+    assert isinstance(pol.place(req("x", n=400, slo=slo), view), Rejection)
+    assert placed(pol.place(req("y", n=400, slo=SLO(2.0, 1.0)), view)).estimated_ttft_s == pytest.approx(
+        0.8, rel=1e-3
+    )
+    # the length predictor learnt from the same observations
+    assert pol.lengths.num_samples == 40
+
+
+def test_one_token_requests_do_not_correct_tpot() -> None:
+    pol = policy()
+    view = ClusterView([snap("p0", P), snap("d0", D)])
+    placed(pol.place(req("a"), view))
+    pol.on_finished(Observation("a", 0.2, 0.0, 1, num_prompt_tokens=100))
+    assert pol.corrected.samples(Phase.TTFT) == 1 and pol.corrected.samples(Phase.TPOT) == 0
+
+
+# ---------------------------------------------------------------- colocated + factory
+def test_colocated_policy_runs_every_request_on_least_loaded_decode() -> None:
+    pol = make_policy(PolicyKind.COLOCATED)
+    assert isinstance(pol, ColocatedPolicy)
+    view = ClusterView([snap("p0", P), snap("d0", D, running=3), snap("d1", D, running=1)])
+    d = placed(pol.place(req(n=2000), view))
+    assert (d.instance_id, d.decode_instance_id, d.local_prefill) == ("d1", "d1", True)
+    assert rejected(pol.place(req(), ClusterView([snap("p0", P)]))).reason is RejectReason.NO_INSTANCE
+
+
+def test_make_goodput_with_prefill_only_estimator_and_best_effort() -> None:
+    class PrefillOnly:
+        kv_bytes_per_token = 1000
+
+        def prefill_time(self, tokens, contexts=None) -> float:
+            return 1e-3 * sum(tokens)
+
+        def transfer_time(self, nbytes: float) -> float:
+            return nbytes / 1e9
+
+    pol = make_policy("goodput", latency=PrefillOnly(), clock=ManualClock(), seed=1)
+    assert isinstance(pol, GoodputAwarePolicy)
+    # best effort (no SLO): accepted even when the decode instance has no room (it queues)
+    view = ClusterView([snap("p0", P, q=10**6), snap("d0", D, free=0)])
+    d = placed(pol.place(req(n=400), view))
+    assert d.decode_instance_id == "d0" and not math.isinf(d.estimated_ttft_s or 0.0)
+
+
+def test_linear_latency_from_model_recovers_coefficients() -> None:
+    src = LinearLatency(
+        kv_bytes_per_token=2048,
+        prefill_base_s=3e-3,
+        prefill_per_token_s=2e-4,
+        prefill_per_token_ctx_s=1e-8,
+        decode_base_s=8e-3,
+        decode_per_seq_s=5e-4,
+        decode_per_ctx_token_s=1e-7,
+        transfer_latency_s=1e-3,
+        transfer_bandwidth=2e9,
+    )
+    got = LinearLatency.from_model(src)
+    for n, ctx in ((1, 0), (512, 0), (100, 1000)):
+        assert got.prefill_time([n], [ctx]) == pytest.approx(src.prefill_time([n], [ctx]), rel=1e-6)
+    for b, c in ((1, 0), (16, 4096)):
+        assert got.decode_time(b, c) == pytest.approx(src.decode_time(b, c), rel=1e-6)
+    assert got.transfer_time(1e6) == pytest.approx(src.transfer_time(1e6), rel=1e-6)

@@ -1,0 +1,87 @@
+"""``pdserve simulate | plan | profile`` end to end through the real argument parser (tiny inputs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from pdserve.cli import main
+from simulator.latency import ProfiledLatencyModel
+from simulator.profile import PointKind, load
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_simulate_writes_csv_summary_and_plots(tmp_path, capsys) -> None:
+    out = tmp_path / "one"
+    base = ["simulate", "--model", "llama-2-7b", "--workload", "sharegpt", "--num-requests", "40", "--quiet"]
+    assert main([*base, "--mode", "disaggregated", "--rate", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "cluster: disaggregated, 2 GPUs, llama-2-7b on a100 (vidur)" in text
+    rows = _rows(out / "requests.csv")
+    assert len(rows) == 40
+    assert all(float(r["ttft"]) > 0 and float(r["tpot"]) > 0 for r in rows)
+    assert {r["prefill_instance"] for r in rows} == {"prefill0"}
+    assert {r["decode_instance"] for r in rows} == {"decode0"}
+    s = json.loads((out / "summary.json").read_text())
+    assert s["summary"]["requests"] == 40 and s["summary"]["finished"] == 40
+    assert set(s["instances"]) == {"prefill0", "decode0"}
+    assert (out / "latency_cdf.png").read_bytes()[:8] == PNG
+
+    sweep = tmp_path / "sweep"
+    argv = [*base, "--mode", "colocated", "--instances", "2", "--scheduler", "sarathi", "--rates", "1,50"]
+    assert main([*argv, "--out", str(sweep)]) == 0
+    curve = json.loads((sweep / "attainment.json").read_text())
+    assert [r for r, _ in curve] == [1.0, 50.0]
+    assert curve[0][1] >= curve[1][1]  # more load, no better attainment
+    for name in ("attainment.png", "latency_cdf.png"):
+        assert (sweep / name).read_bytes()[:8] == PNG
+    assert len(_rows(sweep / "requests_rate50.csv")) == 40
+    assert set(json.loads((sweep / "summary.json").read_text())["by_rate"]) == {"1", "50"}
+
+
+def test_plan_prints_and_writes_ranked_configs(tmp_path, capsys) -> None:
+    argv = ["plan", "--model", "opt-13b", "--gpu", "a100", "--gpus", "2", "--tp", "1"]
+    argv += ["--workload", "sharegpt", "--ttft", "0.25", "--tpot", "0.1", "--duration", "5"]
+    assert main([*argv, "--verify", "1", "--quiet", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "-- disaggregated" in text and "-- colocated" in text
+    assert "1xP(TP1) + 1xD(TP1)" in text and "2xM(TP1)" in text
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["disaggregated"][0]["config"] == "1xP(TP1) + 1xD(TP1)"
+    assert plan["colocated"][0]["config"] == "2xM(TP1)"
+    for e in (plan["disaggregated"][0], plan["colocated"][0]):
+        assert e["verified"] and e["goodput"] > 0 and e["per_gpu"] == pytest.approx(e["goodput"] / 2)
+    adv = plan["disaggregated"][0]["per_gpu"] / plan["colocated"][0]["per_gpu"]
+    assert plan["advantage"] == pytest.approx(adv)
+
+
+def test_profile_writes_a_file_the_simulator_loads(tmp_path, smollm_path, capsys) -> None:
+    from tests.tiny_models import make_tiny_models
+
+    model = make_tiny_models(tmp_path / "m", tokenizer_from=smollm_path)["llama"]
+    prof_file = tmp_path / "p.json"
+    argv = ["profile", "--model", str(model), "--quick", "--quiet", "--threads", "1", "--out", str(prof_file)]
+    assert main(argv) == 0
+    assert "held-out relative error" in capsys.readouterr().out
+    prof = load(prof_file)
+    assert prof.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # K+V x layers x kv heads x head dim x fp32
+    assert {p.kind for p in prof.points} == {PointKind.PREFILL, PointKind.DECODE}
+    assert all(p.seconds > 0 for p in prof.points)
+    lat = ProfiledLatencyModel(prof_file)
+    assert lat.decode_time(4, 400) > 0 and lat.prefill_time([64]) > 0
+
+    out = tmp_path / "sim"
+    argv = ["simulate", "--model", prof.model, "--profile-file", str(prof_file), "--kv-blocks", "256"]
+    argv += ["--max-model-len", "512", "--workload", "sharegpt", "--num-requests", "10", "--rate", "1"]
+    assert main([*argv, "--quiet", "--out", str(out)]) == 0
+    assert "(profile)" in capsys.readouterr().out
+    assert len(_rows(out / "requests.csv")) == 10
