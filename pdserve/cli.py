@@ -79,7 +79,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     if host not in ("127.0.0.1", "localhost"):
         print("pdserve serve binds 127.0.0.1 only; use `pdserve up` for a cluster", file=sys.stderr)
         return 2
-    print(f"pdserve: starting store, router, {a.prefill} prefill and {a.decode} decode worker(s) ...", file=sys.stderr)
+    print(
+        f"pdserve: starting store, router, {a.prefill} prefill and {a.decode} decode worker(s) ...",
+        file=sys.stderr,
+    )
     cl = launch(
         ClusterSpec(
             model_path=str(path),
@@ -87,6 +90,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             num_decode=a.decode,
             router_port=int(port),
             worker_kv_blocks=a.kv_blocks or 2048,
+            router_args=("--policy", a.policy) if a.policy else (),
+            index_url=a.index,
         )
     )
     stop = threading.Event()
@@ -116,7 +121,12 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     with Client(a.address, timeout=a.timeout) as c:
         fin = None
         for ch in c.generate(
-            prompt, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed
+            prompt,
+            max_tokens=a.max_tokens,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            top_k=a.top_k,
+            seed=a.seed,
         ):
             sys.stdout.write(ch.text)
             sys.stdout.flush()
@@ -144,12 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(g)
     g.set_defaults(func=_cmd_generate)
 
-    sv = sub.add_parser("serve", help="run router + prefill + decode + KV store on 127.0.0.1 (embedded default)")
-    sv.add_argument("--model", default=None, help="HF Llama-family folder (default: bundled SmolLM2-135M-Instruct)")
+    sv = sub.add_parser(
+        "serve", help="run router + prefill + decode + KV store on 127.0.0.1 (embedded default)"
+    )
+    sv.add_argument(
+        "--model", default=None, help="HF Llama-family folder (default: bundled SmolLM2-135M-Instruct)"
+    )
     sv.add_argument("--address", default=DEFAULT_ADDRESS, help="router listen address (127.0.0.1:PORT)")
     sv.add_argument("--prefill", type=int, default=1, help="prefill workers")
     sv.add_argument("--decode", type=int, default=1, help="decode workers")
     sv.add_argument("--kv-blocks", type=int, default=None, help="KV pool size per worker, in blocks")
+    sv.add_argument(
+        "--policy",
+        default="",
+        help="router placement: least_loaded (default) | goodput | random | round_robin | cache_aware | colocated",
+    )
+    sv.add_argument("--index", default="memory", help="KV index: memory | redis://127.0.0.1:PORT/0")
     sv.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("setup", help="convert the bundled default model once (into the cache)")
@@ -157,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
         func=lambda a: (print(__import__("pdserve.model_setup").model_setup.ensure_default_model()), 0)[1]
     )
 
-    from pdserve import ray_cli
+    from pdserve import bench_cli, ray_cli
 
     ray_cli.register(sub)
+    bench_cli.register(sub)
     try:
         from simulator import cli as sim_cli
     except ImportError:

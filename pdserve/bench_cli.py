@@ -1,0 +1,129 @@
+"""``pdserve bench``: replay a workload open-loop against a cluster and write a report.
+
+Either against a running cluster (``--address``) or an embedded one it launches on 127.0.0.1
+(``--embedded``, optional ``--policy`` passed to the router). For each ``--rates`` value the
+workload is rescaled to that mean rate, materialised to tokens (:func:`pdserve.loadgen.materialize`:
+lengths divided by ``--length-scale``; Mooncake hash_ids become shared token prefixes), replayed,
+and summarised (TTFT/TPOT/e2e p50/p90/p99, SLO attainment, goodput, rejections, prefix hit rate).
+Writes ``report.json``, ``requests_rate<r>.csv`` and PNG plots (attainment vs rate, latency CDFs)
+into ``--out``; the goodput over the sweep is the largest rate whose attainment reaches
+``--target``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from pdserve import loadgen
+
+
+def register(subparsers) -> None:
+    b = subparsers.add_parser("bench", help="replay a trace open-loop against a cluster; JSON + PNG report")
+    b.add_argument("--address", default="", help="router address of a running cluster")
+    b.add_argument("--embedded", action="store_true", help="launch the embedded cluster for the run")
+    b.add_argument("--model", default=None, help="model folder (embedded; default: bundled SmolLM2)")
+    b.add_argument("--policy", default="", help="router placement policy (embedded), e.g. goodput")
+    b.add_argument("--workload", default="mooncake", help="mooncake | azure-code | sharegpt | PATH")
+    b.add_argument("-n", "--num-requests", type=int, default=32)
+    b.add_argument("--rates", default="0.5", help="comma-separated request rates (req/s) to sweep")
+    b.add_argument("--length-scale", type=int, default=16, help="divide trace lengths by this")
+    b.add_argument("--max-input", type=int, default=512)
+    b.add_argument("--max-output", type=int, default=32)
+    b.add_argument("--ttft", type=float, default=2.0, help="TTFT SLO (s)")
+    b.add_argument("--tpot", type=float, default=0.2, help="TPOT SLO (s)")
+    b.add_argument("--target", type=float, default=0.9, help="attainment target for goodput")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", default="pdserve-bench", help="output folder")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=run)
+
+
+def _rates(s: str) -> list[float]:
+    try:
+        rates = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--rates: expected comma-separated numbers, got {s!r}") from None
+    if not rates or any(r <= 0 for r in rates):
+        raise SystemExit(f"--rates: need positive rates, got {s!r}")
+    return rates
+
+
+def at_rate(w, rate: float, seed: int = 0):
+    """``w`` arriving at mean ``rate`` req/s: its own arrival pattern rescaled, or, when the trace
+    slice has no spread (all arrivals equal), Poisson arrivals at ``rate`` in trace order."""
+    import math
+    from dataclasses import replace
+
+    import numpy as np
+
+    from simulator.workload import Workload
+
+    if len(w) >= 2 and math.isfinite(w.rate):
+        return w.with_rate(rate)
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(w))
+    gaps[0] = 0.0
+    t = np.cumsum(gaps)
+    return Workload(w.name, tuple(replace(r, arrival_s=float(x)) for r, x in zip(w.requests, t, strict=True)))
+
+
+def run(a: argparse.Namespace) -> int:
+    from engine.models.config import ModelConfig
+    from pdserve.model_setup import resolve_model_path
+    from simulator.workload import named_workload
+
+    if bool(a.address) == bool(a.embedded):
+        print("pdserve bench: give exactly one of --address or --embedded", file=sys.stderr)
+        return 2
+    rates = _rates(a.rates)
+    if a.num_requests < 1 or a.length_scale < 1:
+        print("pdserve bench: --num-requests and --length-scale must be >= 1", file=sys.stderr)
+        return 2
+    path = resolve_model_path(a.model)
+    vocab = ModelConfig.from_path(path).vocab_size
+    slo = loadgen.SLO(a.ttft, a.tpot)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cluster = None
+    address = a.address
+    if a.embedded:
+        from pdserve.launcher import ClusterSpec, launch
+
+        router_args = ("--policy", a.policy) if a.policy else ()
+        cluster = launch(ClusterSpec(model_path=str(path), router_args=router_args))
+        address = cluster.router_address
+    reports, all_results = [], []
+    try:
+        for rate in rates:
+            w = at_rate(named_workload(a.workload, n=a.num_requests, seed=a.seed), rate, a.seed)
+            reqs = loadgen.materialize(w, a.length_scale, vocab, a.max_input, a.max_output, a.seed)
+            res = loadgen.replay(address, reqs, slo, progress=not a.no_progress)
+            rep = loadgen.summarize(res, slo, rate)
+            reports.append(rep)
+            all_results.append(res)
+            print(loadgen.format_report(rep))
+            with open(out / f"requests_rate{rate:g}.csv", "w", newline="") as f:
+                wr = csv.DictWriter(f, fieldnames=list(asdict(res[0]).keys()))
+                wr.writeheader()
+                wr.writerows(asdict(r) for r in res)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    goodput = loadgen.goodput_from_sweep(reports, a.target)
+    pngs = loadgen.plot(reports, all_results, str(out / "bench"))
+    report = {
+        "workload": a.workload,
+        "policy": a.policy or "default",
+        "slo": asdict(slo),
+        "target": a.target,
+        "goodput_rps": goodput,
+        "sweep": [r.to_dict() for r in reports],
+        "plots": pngs,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    print(f"goodput (attainment >= {a.target:.0%}): {goodput:.2f} req/s; report in {out}/report.json")
+    return 0
