@@ -42,6 +42,8 @@ def _cmd_up(a: argparse.Namespace) -> int:
     ray_cluster.connect(a.address, cfg.namespace)
     t0 = time.monotonic()
     info = ray_cluster.up(cfg)
+    if a.file_sd:
+        _write_file_sd(a.file_sd, ray_cluster.status(cfg.namespace))
     if a.json:
         print(json.dumps({**info, "startup_s": round(time.monotonic() - t0, 3)}))
     else:
@@ -92,6 +94,32 @@ def format_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def scrape_targets(st: dict[str, Any]) -> list:
+    """Prometheus scrape targets (:class:`pdserve.metrics.ScrapeTarget`) of every live process in a
+    :func:`pdserve.ray_cluster.status` result: the router, each worker, each store node."""
+    from pdserve.metrics import Component, ScrapeTarget
+
+    out = []
+    if st.get("router_metrics"):
+        out.append(ScrapeTarget("router", Component.ROUTER, st["router_metrics"]))
+    for role, rows in st["pools"].items():
+        for w in rows:
+            if w.get("alive") and w.get("metrics"):
+                out.append(ScrapeTarget(w["worker_id"], Component(role), w["metrics"]))
+    for i, s in enumerate(st["stores"]):
+        if s.get("alive") and s.get("metrics"):
+            out.append(ScrapeTarget(f"store-{s.get('store_node') or i}", Component.KV_STORE, s["metrics"]))
+    return out
+
+
+def _write_file_sd(path: str, st: dict[str, Any]) -> None:
+    from pdserve.metrics import write_file_sd
+
+    targets = scrape_targets(st)
+    write_file_sd(path, targets)
+    print(f"pdserve: wrote {len(targets)} Prometheus scrape targets to {path}", file=sys.stderr)
+
+
 def _cmd_status(a: argparse.Namespace) -> int:
     from pdserve import ray_cluster
 
@@ -99,6 +127,8 @@ def _cmd_status(a: argparse.Namespace) -> int:
     ray_cluster.connect(a.address, ns)
     st = ray_cluster.status(ns)
     print(json.dumps(st, indent=2) if a.json else format_status(st))
+    if a.file_sd:
+        _write_file_sd(a.file_sd, st)
     return 0
 
 
@@ -126,6 +156,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--config", required=True, help="cluster YAML (see deploy/ray/pdserve.yaml)")
     u.add_argument("--prefill", type=int, default=None, help="override the prefill pool size")
     u.add_argument("--decode", type=int, default=None, help="override the decode pool size")
+    u.add_argument("--file-sd", default="", help="write a Prometheus file_sd JSON of every /metrics here")
     _common(u)
     u.set_defaults(func=_cmd_up)
 
@@ -134,6 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_cmd_down)
 
     s = sub.add_parser("status", help="pools, load and KV usage of the Ray deployment")
+    s.add_argument("--file-sd", default="", help="write a Prometheus file_sd JSON of every /metrics here")
     _common(s)
     s.set_defaults(func=_cmd_status)
 

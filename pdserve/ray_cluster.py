@@ -326,6 +326,7 @@ class Controller:
                 routed = []
         return {
             "router": self.router_info.get("address", ""),
+            "router_metrics": self.router_info.get("metrics", ""),
             "pools": {r.value: [x for x in workers if x["role"] == r.value] for r in PoolRole},
             "stores": stores,
             "routed": routed,

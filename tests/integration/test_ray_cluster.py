@@ -193,6 +193,23 @@ def test_up_places_one_store_per_node_and_pools(deployment):
     assert ray.available_resources().get("CPU", 0) == pytest.approx(1.0)
 
 
+def test_status_gives_every_process_as_a_scrape_target(deployment, tmp_path):
+    import json
+    import urllib.request
+
+    from pdserve.metrics import write_file_sd
+    from pdserve.ray_cli import scrape_targets
+
+    targets = scrape_targets(_status())
+    assert sorted(t.process for t in targets)[:4] == ["decode-0", "decode-1", "prefill-0", "router"]
+    assert sum(t.component.value == "kv_store" for t in targets) == 2
+    groups = json.loads(write_file_sd(tmp_path / "sd.json", targets).read_text())
+    assert len(groups) == len(targets) == 6
+    for t in targets:  # each really serves Prometheus text
+        body = urllib.request.urlopen(f"http://{t.address}/metrics", timeout=10).read().decode()
+        assert "pdserve_" in body, t
+
+
 def _router():
     return ray.get_actor("pdserve-router", namespace=NS)
 
