@@ -71,18 +71,15 @@ class LocalCluster:
         """Write (atomically replace) a Prometheus ``file_sd_configs`` JSON file: one target group
         per process, labelled ``component`` (router | prefill | decode | kv_store) and ``process``
         (its name here: router, store, prefill-0, ...). Returns the path."""
-        groups = [
-            {
-                "targets": [addr],
-                "labels": {"component": _COMPONENT.get(name.split("-")[0], name), "process": name},
-            }
-            for name, addr in sorted(self.metrics.items())
-        ]
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(groups, indent=2))
-        tmp.replace(path)
-        return path
+        from pdserve.metrics import Component, ScrapeTarget, write_file_sd
+
+        return write_file_sd(
+            path,
+            (
+                ScrapeTarget(name, Component(_COMPONENT[name.split("-")[0]]), addr)
+                for name, addr in self.metrics.items()
+            ),
+        )
 
     def stop(self, grace_s: float = 5.0) -> None:
         for p in self.procs.values():
