@@ -14,6 +14,7 @@ Every failure leaves as a gRPC status mapped by ``pdserve.status``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -458,9 +459,13 @@ class GenerateServicer:
         self, req: client_pb2.GenerateRequest, run: _Run, dw: WorkerEntry, ctx: grpc.ServicerContext
     ) -> Iterator[client_pb2.GenerateResponse]:
         """Conditional disaggregation: the decode worker runs the whole request."""
-        self.registry.add_inflight(dw.worker_id, 1)
+        with self._committed(dw, run):
+            yield from self._local_decode(req, run, dw, ctx)
+
+    def _local_decode(
+        self, req: client_pb2.GenerateRequest, run: _Run, dw: WorkerEntry, ctx: grpc.ServicerContext
+    ) -> Iterator[client_pb2.GenerateResponse]:
         self.outstanding.add(dw.worker_id, len(run.ids))
-        self.kv_tokens.add(dw.worker_id, len(run.ids) + 1)
         queued = [True]
 
         def first_token() -> None:
@@ -477,8 +482,6 @@ class GenerateServicer:
             yield from self._relay(call, run, dw, ctx, on_first=first_token)
         finally:
             first_token()
-            self.kv_tokens.add(dw.worker_id, -(len(run.ids) + 1))
-            self.registry.add_inflight(dw.worker_id, -1)
 
     def _run_disaggregated(
         self,
@@ -490,10 +493,17 @@ class GenerateServicer:
     ) -> Iterator[client_pb2.GenerateResponse]:
         """Prefill on ``pw``, then decode on ``dw``; ``dw`` counts the request from placement on
         (its KV is committed there), so a burst does not pile onto one decode worker."""
+        with self._committed(dw, run):
+            yield from self._prefill_then_decode(req, run, pw, dw, ctx)
+
+    @contextlib.contextmanager
+    def _committed(self, dw: WorkerEntry, run: _Run) -> Iterator[None]:
+        """Count the request on decode worker ``dw`` (in flight, and its prompt + first token of KV)
+        from placement until it ends, however it ends."""
         self.registry.add_inflight(dw.worker_id, 1)
         self.kv_tokens.add(dw.worker_id, len(run.ids) + 1)
         try:
-            yield from self._prefill_then_decode(req, run, pw, dw, ctx)
+            yield
         finally:
             self.kv_tokens.add(dw.worker_id, -(len(run.ids) + 1))
             self.registry.add_inflight(dw.worker_id, -1)
