@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -39,6 +39,9 @@ from prometheus_client.registry import Collector
 
 from pdserve.errors import ErrorCode, InvalidRequestError
 from pdserve.status import from_grpc_code, status_for
+
+if TYPE_CHECKING:
+    from kv_store.node import NodeStats
 
 # counters get no extra ``*_created`` series (they double the series count for nothing here)
 prometheus_client.disable_created_metrics()
@@ -385,22 +388,6 @@ class WorkerMetrics:
 
 
 # ---------------------------------------------------------------------------- KV store
-class NodeStatsLike(Protocol):
-    """The fields of ``kv_store.node.NodeStats`` read here."""
-
-    capacity_blocks: int
-    num_blocks: int
-    num_pending: int
-    num_pinned: int
-    bytes_used: int
-    capacity_bytes: int
-    num_leases: int
-    evictions: int
-    expired_leases: int
-    hits: int
-    misses: int
-    puts: int
-    put_dedups: int
 
 
 class TransferTally:
@@ -425,7 +412,7 @@ class StoreMetrics:
     """
 
     def __init__(
-        self, registry: CollectorRegistry, node_id: str, stats: Callable[[], NodeStatsLike] | None = None
+        self, registry: CollectorRegistry, node_id: str, stats: Callable[[], NodeStats] | None = None
     ) -> None:
         self.node_id = node_id
         self.bytes = Counter(
@@ -469,7 +456,7 @@ class StoreMetrics:
         self._stats = stats
         registry.register(_FnCollector(self._collect, self._families(None)))
 
-    def set_stats_source(self, stats: Callable[[], NodeStatsLike]) -> None:
+    def set_stats_source(self, stats: Callable[[], NodeStats]) -> None:
         """Where scrape-time node state comes from (set once the node exists)."""
         self._stats = stats
 
@@ -497,9 +484,9 @@ class StoreMetrics:
     def _collect(self) -> list[Metric]:
         return self._families(self._stats() if self._stats is not None else None)
 
-    def _families(self, n: NodeStatsLike | None) -> list[Metric]:
+    def _families(self, n: NodeStats | None) -> list[Metric]:
         lab = ["node_id"]
-        fams: list[tuple[type, str, str, list[str], Callable[[NodeStatsLike], Iterable[tuple]]]] = [
+        fams: list[tuple[type, str, str, list[str], Callable[[NodeStats], Iterable[tuple]]]] = [
             (GaugeMetricFamily, "pdserve_kv_capacity_blocks", "Blocks this node can hold.", lab,
              lambda n: [((), n.capacity_blocks)]),
             (GaugeMetricFamily, "pdserve_kv_capacity_bytes", "Bytes of block memory of this node.", lab,
