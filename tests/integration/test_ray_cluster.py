@@ -33,6 +33,7 @@ from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.errors import PdserveError
 from pdserve.ray_cli import format_status
+from tests.prompts import PROMPTS as PROMPTS_16
 
 pytestmark = pytest.mark.slow
 
@@ -41,24 +42,7 @@ NS = "pdserve-test"
 HEARTBEAT_TIMEOUT_S = 2.0
 MB = 1024 * 1024
 
-BASE = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a land far away,",
-    "1, 2, 3, 4,",
-    "The three primary colors are",
-    "To make a cup of tea, first",
-    "import numpy as np\n\n# compute the mean of",
-    "Water boils at a temperature of",
-    "The largest planet in the solar system is",
-    "Write a haiku about the sea:",
-    "SELECT name FROM users WHERE",
-    "The quick brown fox",
-    "In 1492, Columbus",
-    "A list of fruits: apple, banana,",
-    "HTTP status code 404 means",
-    "Photosynthesis is the process by which",
-]
+BASE = PROMPTS_16
 PROMPTS = BASE + [f"Question: {p} Answer:" for p in BASE]  # 32 distinct prompts
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
