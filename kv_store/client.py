@@ -96,7 +96,11 @@ class KVStoreClient:
         lease_ttl_s: float = 0.0,
     ) -> PutResult:
         """Store blocks (idempotent per hash). ``lease_ttl_s > 0`` leases them all in the same call
-        (``PutResult.lease_id``), so none can be evicted before the consumer reads them."""
+        (``PutResult.lease_id``), so none can be evicted before the consumer reads them; then, on a
+        node with a shared-memory arena, ``PutResult.slots`` (parallel to ``hashes``),
+        ``slot_nbytes`` and ``shm_name`` say where the leased blocks are, for zero-rpc same-host
+        reads (:meth:`kv_store.transport.ShmTransport.read_leased`) until
+        ``lease_expires_at_unix_s``."""
         hashes = check_hashes(hashes)
         if len(blocks) != len(hashes):
             raise InvalidRequestError(f"put_blocks: {len(blocks)} blocks for {len(hashes)} hashes")
@@ -230,9 +234,12 @@ class KVStoreClient:
             req.layout.CopyFrom(convert.layout_to_proto(layout))
         return convert.lease_from_proto(self._call(self._stub.Lease, req))
 
-    def release(self, lease_id: str) -> bool:
-        """Unpin a lease; False if unknown or expired (idempotent)."""
-        return self._call(self._stub.Release, kv_store_pb2.ReleaseRequest(lease_id=lease_id)).released
+    def release(self, lease_id: str, *, shm_read_blocks: int = 0) -> bool:
+        """Unpin a lease; False if unknown or expired (idempotent). ``shm_read_blocks``: how many of
+        its blocks the caller read from the arena with no rpc (``ShmTransport.read_leased``), so
+        the node counts them as shared-memory transfers out."""
+        req = kv_store_pb2.ReleaseRequest(lease_id=lease_id, shm_read_blocks=shm_read_blocks)
+        return self._call(self._stub.Release, req).released
 
     def stats(self) -> StoreStats:
         return convert.stats_from_proto(self._call(self._stub.Stats, kv_store_pb2.KVStoreStatsRequest()))

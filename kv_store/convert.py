@@ -64,6 +64,8 @@ def handle_to_proto(h: KVHandle) -> common_pb2.KVHandle:
         layout=layout_to_proto(h.layout),
         num_tokens=h.num_tokens,
         lease_id=h.lease_id,
+        shm_slots=list(h.shm_slots),
+        lease_expires_at_unix_s=h.lease_expires_at_unix_s,
     )
 
 
@@ -77,6 +79,8 @@ def handle_from_proto(msg: common_pb2.KVHandle) -> KVHandle:
         layout=layout,
         num_tokens=msg.num_tokens,
         lease_id=msg.lease_id,
+        shm_slots=tuple(msg.shm_slots),
+        lease_expires_at_unix_s=msg.lease_expires_at_unix_s,
     )
 
 
@@ -126,6 +130,9 @@ def put_result_to_proto(r: PutResult) -> kv_store_pb2.PutResponse:
         num_existing=r.num_existing,
         lease_id=r.lease_id,
         lease_expires_at_unix_s=r.lease_expires_at_unix_s,
+        slots=list(r.slots),
+        slot_nbytes=r.slot_nbytes,
+        shm_name=r.shm_name,
     )
     if r.location is not None:
         msg.location.CopyFrom(location_to_proto(r.location))
@@ -140,6 +147,9 @@ def put_result_from_proto(msg: kv_store_pb2.PutResponse) -> PutResult:
         lease_id=msg.lease_id,
         lease_expires_at_unix_s=msg.lease_expires_at_unix_s,
         location=location_from_proto(msg.location) if msg.HasField("location") else None,
+        slots=tuple(msg.slots),
+        slot_nbytes=msg.slot_nbytes,
+        shm_name=msg.shm_name,
     )
 
 

@@ -6,6 +6,7 @@ Mirrors proto ``pdserve.v1.BlockLocation`` and ``pdserve.v1.KVHandle``; conversi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from engine.block_hash import KEY_BYTES, BlockHash
@@ -44,7 +45,13 @@ class KVHandle:
     """A request's KV cache as published by a prefill worker.
 
     ``locations`` is per block, parallel to ``block_hashes`` (same length). ``lease_id`` pins the
-    blocks on their node(s) until the consumer releases it (or it expires).
+    blocks on their node(s) until the consumer releases it (or it expires at
+    ``lease_expires_at_unix_s``, unix seconds; 0.0 = unknown).
+
+    ``shm_slots`` is empty (slots unknown) or parallel to ``block_hashes``: ``shm_slots[i]`` is the
+    arena slot of block i in the shared-memory arena ``locations[i].shm_name``, valid while
+    ``lease_id`` holds. A same-host consumer reads those slots directly, with no rpc
+    (:meth:`kv_store.transport.ShmTransport.read_leased`).
     """
 
     request_id: str
@@ -53,6 +60,8 @@ class KVHandle:
     layout: KVLayout
     num_tokens: int
     lease_id: str = ""
+    shm_slots: tuple[int, ...] = ()
+    lease_expires_at_unix_s: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_hashes", check_hashes(self.block_hashes, "KVHandle.block_hashes"))
@@ -62,6 +71,21 @@ class KVHandle:
                 f"KVHandle: {len(self.locations)} locations for {len(self.block_hashes)} blocks; "
                 "locations are per block (parallel to block_hashes)"
             )
+        slots = tuple(int(s) for s in self.shm_slots)
+        object.__setattr__(self, "shm_slots", slots)
+        if slots and len(slots) != len(self.block_hashes):
+            raise InvalidRequestError(
+                f"KVHandle: {len(slots)} shm_slots for {len(self.block_hashes)} blocks; shm_slots is "
+                "empty or per block (parallel to block_hashes)"
+            )
+        if any(s < 0 for s in slots):
+            raise InvalidRequestError("KVHandle: shm_slots must be >= 0")
+        exp = float(self.lease_expires_at_unix_s)
+        if not math.isfinite(exp) or exp < 0:
+            raise InvalidRequestError(
+                f"KVHandle: lease_expires_at_unix_s must be finite and >= 0, got {self.lease_expires_at_unix_s!r}"
+            )
+        object.__setattr__(self, "lease_expires_at_unix_s", exp)
         cap = len(self.block_hashes) * self.layout.block_size
         if not (0 <= self.num_tokens <= cap) or (
             self.block_hashes and self.num_tokens <= cap - self.layout.block_size

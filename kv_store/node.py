@@ -238,6 +238,10 @@ class StoreNode:
         e = self._stored(h)
         return e.slot if e is not None else None
 
+    def count_read_hits(self, n: int) -> None:
+        """Count ``n`` block reads served without a lookup here (zero-rpc arena reads of a lease)."""
+        self._hits += n
+
     def get(self, h: BlockHash) -> int | None:
         """Slot of a stored block, counted as a hit and marked recently used; None (a miss) if absent."""
         self.reap()

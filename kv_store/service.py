@@ -3,7 +3,8 @@
 Servicer methods validate every request and raise pdserve errors; :func:`pdserve.status.add_servicer`
 turns those (and undecodable messages) into statuses, so a bad request never takes the server
 down. The server also serves gRPC health (``grpc.health.v1``; "" and "pdserve.v1.KVStore") and
-reflection. Transfers (Put, Get, Lease for shm reads) and lookups are counted in a
+reflection. Transfers (Put, Get, Lease for shm reads, and the zero-rpc shm reads of a leased
+Put's slots that a Release reports in ``shm_read_blocks``) and lookups are counted in a
 :class:`pdserve.metrics.StoreMetrics`; a ``pdserve-request-id`` call metadata is logged with puts
 and releases.
 """
@@ -92,6 +93,8 @@ class KVStoreServicer:
         ticket: PutTicket | None = None
         received = 0
         n_blocks = n_new = 0
+        put_hashes: list[bytes] = []  # per block of the call, with the slot its ticket named
+        put_slots: list[int] = []
         first = True
         try:
             for chunk in requests:
@@ -122,6 +125,8 @@ class KVStoreServicer:
                             f"but a block of this layout is {nbytes} bytes"
                         )
                     ticket = store.begin_put(h)
+                    put_hashes.append(h)
+                    put_slots.append(ticket.slot)
                     received = 0
                     n_blocks += 1
                 elif ticket is None:
@@ -152,6 +157,9 @@ class KVStoreServicer:
             if lease_id:
                 store.release(lease_id)
             raise
+        # leased blocks: tell the caller their arena slots (zero-rpc same-host reads while the
+        # lease holds); empty if any block is not (yet) stored in the slot its ticket named
+        slots = store.leased_slots(lease_id, put_hashes, put_slots) if lease_id else ()
         result = PutResult(
             num_blocks=n_blocks,
             num_stored=n_new,
@@ -159,6 +167,9 @@ class KVStoreServicer:
             lease_id=lease_id,
             lease_expires_at_unix_s=store.lease_expires_at_unix(lease_id) if lease_id else 0.0,
             location=store.location,
+            slots=slots,
+            slot_nbytes=store.arena.slot_nbytes if slots else 0,
+            shm_name=store.arena.name,
         )
         return convert.put_result_to_proto(result)
 
@@ -215,9 +226,18 @@ class KVStoreServicer:
     def Release(
         self, request: kv_store_pb2.ReleaseRequest, context: grpc.ServicerContext
     ) -> kv_store_pb2.ReleaseResponse:
-        released = self.store.release(request.lease_id)
+        released, held = self.store.release_counted(request.lease_id, request.shm_read_blocks)
+        shm_read = min(request.shm_read_blocks, held)
+        if shm_read:
+            # blocks the consumer read from the arena with no rpc (the handoff's leased slots):
+            # shm transfers out the node saw no Lease for; counted, no latency (none was measured)
+            m, nb = self.metrics, self.store.layout.block_nbytes
+            m.blocks.labels(m.node_id, "shm", "out").inc(shm_read)
+            m.bytes.labels(m.node_id, "shm", "out").inc(shm_read * nb)
         with request_scope(request_id_from_context(context)):
-            log_event(log, "kv release", lease_id=request.lease_id, released=released)
+            log_event(
+                log, "kv release", lease_id=request.lease_id, released=released, shm_read_blocks=shm_read
+            )
         return kv_store_pb2.ReleaseResponse(released=released)
 
     def Stats(

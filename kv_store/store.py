@@ -82,12 +82,33 @@ class LeaseGrant:
 
 @dataclass(frozen=True)
 class PutResult:
+    """Outcome of one Put call.
+
+    With a lease (``lease_id``) on a node with a shared-memory arena, ``slots`` are the arena slots
+    of the blocks of the call (parallel to them, in the order sent; slot i at
+    ``slots[i] * slot_nbytes`` of the arena ``shm_name``), pinned until the lease is released or
+    expires at ``lease_expires_at_unix_s``. Otherwise (or if a block of the call was not yet stored
+    when the call ended, e.g. a concurrent writer's in-flight put) ``slots`` is empty and
+    ``slot_nbytes`` 0.
+    """
+
     num_blocks: int
     num_stored: int
     num_existing: int
     lease_id: str = ""
     lease_expires_at_unix_s: float = 0.0
     location: BlockLocation | None = None
+    slots: tuple[int, ...] = ()
+    slot_nbytes: int = 0
+    shm_name: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slots", tuple(int(s) for s in self.slots))
+        if self.slots and len(self.slots) != self.num_blocks:
+            raise InvalidRequestError(
+                f"PutResult: {len(self.slots)} slots for {self.num_blocks} blocks; slots are empty "
+                "or per block of the call"
+            )
 
 
 @dataclass(frozen=True)
@@ -296,6 +317,42 @@ class BlockStore:
     def release(self, lease_id: str) -> bool:
         with self._lock:
             return self.node.release(lease_id)
+
+    def release_counted(self, lease_id: str, blocks_read: int = 0) -> tuple[bool, int]:
+        """Release a lease: (released, how many blocks it held); (False, 0) if unknown or expired.
+        ``blocks_read`` (capped at the lease's size): blocks the holder read from the arena without
+        an rpc; they count as read hits, as a Lease or Get of them would have."""
+        with self._lock:
+            lease = self.node.get_lease(lease_id)
+            if lease is None or not self.node.release(lease_id):
+                return False, 0
+            self.node.count_read_hits(min(max(0, blocks_read), len(lease.hashes)))
+            return True, len(lease.hashes)
+
+    def leased_slots(
+        self, lease_id: str, hashes: Sequence[BlockHash], expected: Sequence[int] | None = None
+    ) -> tuple[int, ...]:
+        """Arena slots of ``hashes`` (in order) if this node has a shared-memory arena, ``lease_id``
+        is live, and every block is stored (committed), on that lease and (when ``expected`` is
+        given, parallel to ``hashes``) still in the slot its put ticket named; else ``()``. The
+        slots stay valid while the lease holds: a leased slot is never reused. Tells a Put's caller
+        where its leased blocks are (zero-rpc same-host reads)."""
+        if not self.arena.name or not hashes:
+            return ()
+        if expected is not None and len(expected) != len(hashes):
+            raise ValueError(f"leased_slots: {len(expected)} expected slots for {len(hashes)} hashes")
+        with self._lock:
+            lease = self.node.get_lease(lease_id)
+            if lease is None:
+                return ()
+            held = set(lease.hashes)
+            slots = []
+            for i, h in enumerate(hashes):
+                s = self.node.slot_of(h)
+                if s is None or h not in held or (expected is not None and s != expected[i]):
+                    return ()
+                slots.append(s)
+        return tuple(slots)
 
     def lease_expires_at_unix(self, lease_id: str) -> float:
         with self._lock:

@@ -12,6 +12,14 @@
   or, if none comes within ``release_delay_s``, goes out as a batch from a background thread;
   so a steady stream of reads costs one round trip each. ``release_delay_s=0`` releases
   synchronously.
+
+  Pre-leased reads (the prefill -> decode handoff): :meth:`ShmTransport.read_leased` takes arena
+  slots the consumer already holds a lease on (a Put under a lease returns them:
+  ``PutResult.slots``, carried by ``KVHandle.shm_slots``) and returns views with **no rpc** at all;
+  the handle's lease owns the pin and its holder releases it after the copy. It refuses (raises
+  UnavailableError, so the caller falls back to :meth:`ShmTransport.fetch` or gRPC) when the lease
+  has less than ``lease_margin_s`` left, the location has no arena or is on another host, the arena
+  cannot be attached, or the slots are not inside it.
 * :class:`FakeTransport` - in memory, for tests of callers.
 * :class:`AutoTransport` - picks per location with :func:`choose_transport` and falls back from
   shm to gRPC when the arena cannot be attached.
@@ -21,6 +29,10 @@ Usage::
     with transport.fetch(location, layout, hashes) as blocks:
         for view, block_id in zip(blocks.views, my_block_ids):
             scatter_block(block_tensor(view, layout), caches, block_id)   # the one copy
+
+    # holding a lease whose slots came with the put (KVHandle.shm_slots):
+    with shm.read_leased(location, layout, slots, handle.lease_expires_at_unix_s) as blocks:
+        blocks.copy_into(staging)
 """
 
 from __future__ import annotations
@@ -105,6 +117,26 @@ class BlockTransport(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class LeasedReader(Protocol):
+    """A transport that can read blocks the caller already holds a lease on, with no rpc."""
+
+    def chooses_shm(self, location: BlockLocation) -> bool:
+        """True if reads from ``location`` would go through shared memory (worth trying
+        :meth:`read_leased`)."""
+        ...
+
+    def read_leased(
+        self,
+        location: BlockLocation,
+        layout: KVLayout,
+        slots: Sequence[int],
+        lease_expires_at_unix_s: float,
+        slot_nbytes: int = 0,
+    ) -> FetchedBlocks:
+        """Views of the given leased arena slots; UnavailableError when it cannot (fall back)."""
+        ...
 
 
 class TransportKind(enum.Enum):
@@ -223,14 +255,44 @@ class _DeferredReleases:
             thread.join(timeout=5)
 
 
+def _slot_views(
+    reader: ArenaReader, slots: Sequence[int], nb: int
+) -> tuple[list[memoryview], list[tuple[int, memoryview]]]:
+    """Per-slot views, and spans merging runs of consecutive slots (for few large copies)."""
+    views = [reader.view(s, nb) for s in slots]
+    spans, i = [], 0
+    while i < len(slots):
+        j = i
+        while j + 1 < len(slots) and slots[j + 1] == slots[j] + 1:
+            j += 1
+        spans.append((i, reader.view(slots[i], nb, j - i + 1)))
+        i = j + 1
+    return views, spans
+
+
 class ShmTransport:
-    """Zero-copy reads from a same-host node's arena, pinned by a short lease (module docstring)."""
+    """Zero-copy reads from a same-host node's arena, pinned by a short lease (module docstring).
+
+    ``lease_margin_s``: :meth:`read_leased` refuses a lease with less time than this left (the
+    copy must end well before the node may reuse the slots). ``my_host_id``: when set,
+    :meth:`read_leased` refuses locations of other hosts. ``wall_clock``: unix time (tests).
+    """
 
     def __init__(
-        self, lease_ttl_s: float = 30.0, timeout_s: float | None = 60.0, release_delay_s: float = 0.05
+        self,
+        lease_ttl_s: float = 30.0,
+        timeout_s: float | None = 60.0,
+        release_delay_s: float = 0.05,
+        *,
+        lease_margin_s: float = 2.0,
+        my_host_id: str = "",
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.lease_ttl_s = lease_ttl_s
         self.release_delay_s = release_delay_s
+        self.lease_margin_s = lease_margin_s
+        self.my_host_id = my_host_id
+        self._wall = wall_clock
         self._clients = _Clients(timeout_s)
         self._readers: dict[str, ArenaReader] = {}
         self._lock = threading.Lock()
@@ -266,21 +328,69 @@ class ShmTransport:
             if grant.shm_name != location.shm_name and location.shm_name:
                 self._drop_reader(location.shm_name)  # node restarted with a new arena
             reader = self._reader(grant.shm_name)
-            nb, slots = grant.slot_nbytes, grant.slots
-            views = [reader.view(s, nb) for s in slots]
-            spans, i = [], 0
-            while i < len(slots):
-                j = i
-                while j + 1 < len(slots) and slots[j + 1] == slots[j] + 1:
-                    j += 1
-                spans.append((i, reader.view(slots[i], nb, j - i + 1)))
-                i = j + 1
+            views, spans = _slot_views(reader, grant.slots, grant.slot_nbytes)
         except BaseException:
             client.release(grant.lease_id)
             raise
         if self.release_delay_s > 0:
             return FetchedBlocks(views, lambda: self._deferred.add(address, [grant.lease_id]), spans)
         return FetchedBlocks(views, lambda: client.release(grant.lease_id), spans)
+
+    def chooses_shm(self, location: BlockLocation) -> bool:
+        """Whether :meth:`read_leased` may serve ``location``: it has an arena, on our host (when
+        ``my_host_id`` is set)."""
+        if not location.shm_name:
+            return False
+        return not self.my_host_id or location.host_id == self.my_host_id
+
+    def read_leased(
+        self,
+        location: BlockLocation,
+        layout: KVLayout,
+        slots: Sequence[int],
+        lease_expires_at_unix_s: float,
+        slot_nbytes: int = 0,
+    ) -> FetchedBlocks:
+        """Zero-rpc read of blocks the caller already holds a lease on.
+
+        ``slots`` are the blocks' arena slots in ``location.shm_name`` (``PutResult.slots`` /
+        ``KVHandle.shm_slots``), ``lease_expires_at_unix_s`` the lease's expiry, ``slot_nbytes``
+        the arena slot size (0: ``layout.block_nbytes``; anything else must equal it). The views
+        alias the arena; the returned :class:`FetchedBlocks` releases nothing (the caller's lease
+        owns the pin: keep it until the views are released, then release it).
+
+        Raises UnavailableError - nothing read, fall back to :meth:`fetch` (or gRPC) - if the lease
+        expiry is unknown or less than ``lease_margin_s`` away, the location has no arena or is on
+        another host, the arena cannot be attached, or the slots are not inside it.
+        """
+        nb = slot_nbytes or layout.block_nbytes
+        slots = [int(x) for x in slots]
+        where = f"store node {location.node_id!r}"
+        if nb != layout.block_nbytes:
+            raise UnavailableError(
+                f"{where}: leased slots of {nb} bytes, but the layout's blocks are {layout.block_nbytes}"
+            )
+        if not self.chooses_shm(location):
+            raise UnavailableError(f"{where} has no shared-memory arena on this host ({location.host_id!r})")
+        left = lease_expires_at_unix_s - self._wall()
+        if lease_expires_at_unix_s <= 0 or left < self.lease_margin_s:
+            raise UnavailableError(
+                f"{where}: the lease has {left:.3f}s left (expiry {lease_expires_at_unix_s}), under the "
+                f"{self.lease_margin_s}s margin; lease the blocks again"
+            )
+        if not slots:
+            return FetchedBlocks([])
+        reader = self._reader(location.shm_name)
+        if reader.nbytes % nb or min(slots) < 0 or (max(slots) + 1) * nb > reader.nbytes:
+            raise UnavailableError(
+                f"{where}: leased slots [{min(slots)}, {max(slots)}] of {nb} bytes are not inside arena "
+                f"{location.shm_name!r} ({reader.nbytes} bytes)"
+            )
+        try:
+            views, spans = _slot_views(reader, slots, nb)
+        except (IndexError, ValueError) as e:  # the reader was closed concurrently
+            raise UnavailableError(f"{where}: cannot map leased slots: {e}") from None
+        return FetchedBlocks(views, None, spans)
 
     def flush(self) -> None:
         """Send every deferred release now."""
@@ -310,8 +420,34 @@ class AutoTransport:
     ):
         self.my_host_id = my_host_id
         self.grpc = grpc if grpc is not None else GrpcTransport()
-        self.shm = shm if shm is not None else ShmTransport()
+        self.shm = shm if shm is not None else ShmTransport(my_host_id=my_host_id)
         self.fallbacks = 0
+
+    def chooses_shm(self, location: BlockLocation) -> bool:
+        """True when :meth:`fetch` would try shm for ``location`` and the shm transport can read
+        pre-leased slots (:meth:`read_leased`)."""
+        return choose_transport(location, self.my_host_id) is TransportKind.SHM and hasattr(
+            self.shm, "read_leased"
+        )
+
+    def read_leased(
+        self,
+        location: BlockLocation,
+        layout: KVLayout,
+        slots: Sequence[int],
+        lease_expires_at_unix_s: float,
+        slot_nbytes: int = 0,
+    ) -> FetchedBlocks:
+        """:meth:`ShmTransport.read_leased` when the location is ours to read by shm; else (or on
+        its refusal) UnavailableError - the caller then uses :meth:`fetch`, which keeps the
+        shm -> gRPC fallback."""
+        if not self.chooses_shm(location):
+            raise UnavailableError(
+                f"store node {location.node_id!r} is not readable by shared memory from host {self.my_host_id!r}"
+            )
+        return self.shm.read_leased(  # type: ignore[attr-defined]
+            location, layout, slots, lease_expires_at_unix_s, slot_nbytes
+        )
 
     def fetch(self, location: BlockLocation, layout: KVLayout, hashes: Sequence[BlockHash]) -> FetchedBlocks:
         if choose_transport(location, self.my_host_id) is TransportKind.SHM:

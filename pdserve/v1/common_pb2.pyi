@@ -119,19 +119,32 @@ class BlockLocation(_message.Message):
     ) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("request_id", "block_hashes", "locations", "layout", "num_tokens", "lease_id")
+    __slots__ = (
+        "request_id",
+        "block_hashes",
+        "locations",
+        "layout",
+        "num_tokens",
+        "lease_id",
+        "shm_slots",
+        "lease_expires_at_unix_s",
+    )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     LOCATIONS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHM_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     locations: _containers.RepeatedCompositeFieldContainer[BlockLocation]
     layout: KVLayout
     num_tokens: int
     lease_id: str
+    shm_slots: _containers.RepeatedScalarFieldContainer[int]
+    lease_expires_at_unix_s: float
     def __init__(
         self,
         request_id: str | None = ...,
@@ -140,6 +153,8 @@ class KVHandle(_message.Message):
         layout: KVLayout | _Mapping | None = ...,
         num_tokens: int | None = ...,
         lease_id: str | None = ...,
+        shm_slots: _Iterable[int] | None = ...,
+        lease_expires_at_unix_s: float | None = ...,
     ) -> None: ...
 
 class TopLogprob(_message.Message):
@@ -191,7 +206,16 @@ class Usage(_message.Message):
     ) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("ttft_s", "e2e_s", "token_times_s", "queue_s", "prefill_s", "transfer_s", "decode_s")
+    __slots__ = (
+        "ttft_s",
+        "e2e_s",
+        "token_times_s",
+        "queue_s",
+        "prefill_s",
+        "transfer_s",
+        "decode_s",
+        "kv_pull_s",
+    )
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     E2E_S_FIELD_NUMBER: _ClassVar[int]
     TOKEN_TIMES_S_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +223,7 @@ class Timing(_message.Message):
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    KV_PULL_S_FIELD_NUMBER: _ClassVar[int]
     ttft_s: float
     e2e_s: float
     token_times_s: _containers.RepeatedScalarFieldContainer[float]
@@ -206,6 +231,7 @@ class Timing(_message.Message):
     prefill_s: float
     transfer_s: float
     decode_s: float
+    kv_pull_s: float
     def __init__(
         self,
         ttft_s: float | None = ...,
@@ -215,6 +241,7 @@ class Timing(_message.Message):
         prefill_s: float | None = ...,
         transfer_s: float | None = ...,
         decode_s: float | None = ...,
+        kv_pull_s: float | None = ...,
     ) -> None: ...
 
 class Finish(_message.Message):

@@ -39,6 +39,9 @@ class PutResponse(_message.Message):
         "lease_id",
         "lease_expires_at_unix_s",
         "location",
+        "slots",
+        "slot_nbytes",
+        "shm_name",
     )
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_STORED_FIELD_NUMBER: _ClassVar[int]
@@ -46,12 +49,18 @@ class PutResponse(_message.Message):
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     LOCATION_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     num_stored: int
     num_existing: int
     lease_id: str
     lease_expires_at_unix_s: float
     location: _common_pb2.BlockLocation
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    slot_nbytes: int
+    shm_name: str
     def __init__(
         self,
         num_blocks: int | None = ...,
@@ -60,6 +69,9 @@ class PutResponse(_message.Message):
         lease_id: str | None = ...,
         lease_expires_at_unix_s: float | None = ...,
         location: _common_pb2.BlockLocation | _Mapping | None = ...,
+        slots: _Iterable[int] | None = ...,
+        slot_nbytes: int | None = ...,
+        shm_name: str | None = ...,
     ) -> None: ...
 
 class GetRequest(_message.Message):
@@ -190,10 +202,12 @@ class LeaseResponse(_message.Message):
     ) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("lease_id",)
+    __slots__ = ("lease_id", "shm_read_blocks")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHM_READ_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
-    def __init__(self, lease_id: str | None = ...) -> None: ...
+    shm_read_blocks: int
+    def __init__(self, lease_id: str | None = ..., shm_read_blocks: int | None = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ("released",)

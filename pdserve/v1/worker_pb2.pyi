@@ -169,17 +169,19 @@ class DecodeRequest(_message.Message):
     ) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "logprobs", "finish", "num_cached_tokens")
+    __slots__ = ("request_id", "token_ids", "logprobs", "finish", "num_cached_tokens", "kv_pull_s")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_PULL_S_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     finish: _common_pb2.Finish
     num_cached_tokens: int
+    kv_pull_s: float
     def __init__(
         self,
         request_id: str | None = ...,
@@ -187,6 +189,7 @@ class DecodeResponse(_message.Message):
         logprobs: _Iterable[_common_pb2.TokenLogprob | _Mapping] | None = ...,
         finish: _common_pb2.Finish | _Mapping | None = ...,
         num_cached_tokens: int | None = ...,
+        kv_pull_s: float | None = ...,
     ) -> None: ...
 
 class AbortRequest(_message.Message):
