@@ -8,21 +8,32 @@ in the engine, which frees every block.
 Decode(request, ``local_prefill``) (conditional disaggregation, colocated serving): no handle;
 the engine runs the whole request here and every token is streamed, the first one included
 (the first message also carries ``num_cached_tokens``). Output equals the engine run whole.
+
+KV pull accounting: the first message of a handoff carries ``kv_pull_s`` (the time spent in the
+puller, the decode side of the handoff's ``Timing.transfer_s``), the "decode done" log line of
+the request carries it too, and every pull is timed and its failures counted in
+:class:`pdserve.metrics.KVPullMetrics` (shared-memory reads that fell back to gRPC included).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections.abc import Iterator
 
 import grpc
+import prometheus_client
+import torch
 
 from decode_worker.puller import KVPuller
 from engine.llm_engine import LLMEngine
 from kv_store.convert import handle_from_proto
+from kv_store.handle import KVHandle
+from kv_store.transport import choose_transport
 from pdserve.errors import InvalidRequestError, ResourceExhaustedError
+from pdserve.metrics import KVPullMetrics
 from pdserve.proto_convert import finish_to_proto, logprob_from_proto, logprob_to_proto, sampling_from_proto
 from pdserve.tracing import log_event, request_scope
 from pdserve.v1 import common_pb2, worker_pb2
@@ -32,9 +43,51 @@ log = logging.getLogger(__name__)
 
 
 class DecodeServicer:
-    def __init__(self, state: WorkerState, puller: KVPuller) -> None:
+    def __init__(
+        self, state: WorkerState, puller: KVPuller, pull_metrics: KVPullMetrics | None = None
+    ) -> None:
+        """``pull_metrics`` defaults to one in the process's default Prometheus registry (the one
+        the worker serves at /metrics), labelled with this worker's id and role."""
         self.state = state
         self.puller = puller
+        if pull_metrics is None:
+            c = state.config
+            pull_metrics = KVPullMetrics(prometheus_client.REGISTRY, c.worker_id, c.role.name.lower())
+        self.pull_metrics = pull_metrics
+        self._fallbacks_lock = threading.Lock()
+        self._fallbacks_seen = self._transport_fallbacks()
+
+    def _transport_fallbacks(self) -> int:
+        """Shared-memory reads of the puller's transport that fell back to gRPC so far
+        (``AutoTransport.fallbacks``; 0 for transports that never fall back)."""
+        return int(getattr(getattr(self.puller, "transport", None), "fallbacks", 0) or 0)
+
+    def _pull_transport(self, handle: KVHandle) -> str:
+        """``transport`` label of a pull: the transport chosen for the handle's first block (a
+        handle names the one node its prefill worker published to): shm when the puller's
+        transport shares that node's host (``my_host_id``), else grpc."""
+        if not handle.locations:
+            return "grpc"
+        host = getattr(getattr(self.puller, "transport", None), "my_host_id", "") or ""
+        return choose_transport(handle.locations[0], host).value
+
+    def _pull(self, handle: KVHandle) -> tuple[torch.Tensor, float]:
+        """Pull the handle's blocks, then release its lease (also on failure); returns the blocks
+        and the seconds the pull took. The pull is timed, a failure counted (and re-raised), and
+        shm->gRPC fallbacks of the transport since the last pull are counted (totals are exact;
+        with concurrent pulls one may be counted on a neighbour's pull)."""
+        transport = self._pull_transport(handle)
+        t0 = time.monotonic()
+        try:
+            with self.pull_metrics.pull(transport):
+                blocks = self.puller.pull(handle)
+            return blocks, time.monotonic() - t0
+        finally:
+            with self._fallbacks_lock:
+                now = self._transport_fallbacks()
+                new, self._fallbacks_seen = now - self._fallbacks_seen, now
+            self.pull_metrics.count_shm_fallbacks(new)
+            self.puller.release(handle)
 
     def _wait_for_blocks(self, num_tokens: int, ctx: grpc.ServicerContext) -> None:
         limit = self.state.config.admission_timeout_s
@@ -53,30 +106,42 @@ class DecodeServicer:
     def Decode(
         self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext
     ) -> Iterator[worker_pb2.DecodeResponse]:
-        """Traced entry: the request id is bound for every log line and store call of the decode."""
+        """Traced entry: the request id is bound for every log line and store call of the decode.
+        Its one closing log line ("decode done", "decode cancelled" or "decode failed") carries
+        the tokens streamed and ``kv_pull_s`` (0 before/without a pull)."""
         with request_scope(req.request_id or req.kv.request_id):
-            tokens, finish = 0, ""
+            tokens, finish, pull_s = 0, "", 0.0
             try:
                 for msg in self._decode(req, ctx):
                     tokens += len(msg.token_ids)
+                    pull_s = pull_s or msg.kv_pull_s
                     if msg.HasField("finish"):
                         finish = common_pb2.FinishReason.Name(msg.finish.reason)
                     yield msg
             except GeneratorExit:  # the caller went away (after the finish message: it was done)
-                log_event(log, "decode done" if finish else "decode cancelled", tokens=tokens, finish=finish)
+                log_event(
+                    log,
+                    "decode done" if finish else "decode cancelled",
+                    tokens=tokens,
+                    finish=finish,
+                    kv_pull_s=round(pull_s, 6),
+                )
                 raise
             except Exception as e:
-                log_event(log, "decode failed", error=type(e).__name__, tokens=tokens)
+                log_event(
+                    log, "decode failed", error=type(e).__name__, tokens=tokens, kv_pull_s=round(pull_s, 6)
+                )
                 raise
-            log_event(log, "decode done", tokens=tokens, finish=finish)
+            log_event(log, "decode done", tokens=tokens, finish=finish, kv_pull_s=round(pull_s, 6))
 
     def _decode(
         self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext
     ) -> Iterator[worker_pb2.DecodeResponse]:
+        pull_s = 0.0
         if req.local_prefill:
             rid, q, immediate = self._admit_local(req, ctx)
         else:
-            rid, q, immediate = self._admit_handoff(req, ctx)
+            rid, q, immediate, pull_s = self._admit_handoff(req, ctx)
         finished = {"v": False}
         ctx.add_callback(lambda: None if finished["v"] else self.state.loop.abort(rid))
         if immediate:
@@ -84,10 +149,12 @@ class DecodeServicer:
             finished["v"] = True
             self.state.loop.abort(rid)  # drops the unused output queue
             yield worker_pb2.DecodeResponse(
-                request_id=rid, finish=common_pb2.Finish(reason=common_pb2.FINISH_REASON_STOP)
+                request_id=rid,
+                finish=common_pb2.Finish(reason=common_pb2.FINISH_REASON_STOP),
+                kv_pull_s=pull_s,
             )
             return
-        first = req.local_prefill
+        first = True
         while True:
             item = q.get()
             if isinstance(item, BaseException):
@@ -100,7 +167,9 @@ class DecodeServicer:
                 logprobs=[logprob_to_proto(lp) for lp in item.logprobs],
             )
             if first:
-                msg.num_cached_tokens = max(0, item.num_cached_tokens)
+                if req.local_prefill:
+                    msg.num_cached_tokens = max(0, item.num_cached_tokens)
+                msg.kv_pull_s = pull_s
                 first = False
             if item.finished:
                 finished["v"] = True
@@ -114,8 +183,9 @@ class DecodeServicer:
 
     def _admit_handoff(
         self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext
-    ) -> tuple[str, queue.SimpleQueue, bool]:
-        """Pull the KV named by the handle and import it; (request id, output queue, done at once)."""
+    ) -> tuple[str, queue.SimpleQueue, bool, float]:
+        """Pull the KV named by the handle and import it; (request id, output queue, done at once,
+        seconds the pull took)."""
         if not req.HasField("kv"):
             raise InvalidRequestError("Decode needs the KVHandle returned by Prefill (or local_prefill)")
         handle = handle_from_proto(req.kv)
@@ -128,10 +198,7 @@ class DecodeServicer:
                 f"prompt has {len(ids)} tokens but the KV handle holds {handle.num_tokens}"
             )
         self._wait_for_blocks(len(ids), ctx)
-        try:
-            blocks = self.puller.pull(handle)
-        finally:
-            self.puller.release(handle)
+        blocks, pull_s = self._pull(handle)
         first_lp = (
             logprob_from_proto(req.first_token_logprob) if req.HasField("first_token_logprob") else None
         )
@@ -153,7 +220,7 @@ class DecodeServicer:
             immediate["v"] = not e.has_request(rid)  # the first token already ended it
 
         q = self.state.loop.add(rid, add)
-        return rid, q, immediate["v"]
+        return rid, q, immediate["v"], pull_s
 
     def _admit_local(
         self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext

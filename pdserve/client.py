@@ -36,7 +36,8 @@ class Finish:
     ttft_s: float
     e2e_s: float
     token_times_s: list[float]
-    phases: dict[str, float]
+    phases: dict[str, float]  # queue, prefill, transfer (KV publish + pull), decode
+    kv_pull_s: float = 0.0  # the decode-side part of phases["transfer"]
 
 
 @dataclass
@@ -76,6 +77,7 @@ def _chunk(m: client_pb2.GenerateResponse) -> Chunk:
                 "transfer": t.transfer_s,
                 "decode": t.decode_s,
             },
+            kv_pull_s=t.kv_pull_s,
         )
     return Chunk(
         m.request_id, list(m.token_ids), m.text, [(lp.token_id, lp.logprob) for lp in m.logprobs], fin

@@ -5,12 +5,13 @@ Conventions: ``pdserve_`` prefix, base units (seconds, bytes, tokens, blocks), c
 
 * ``slo_class``  :data:`SLO_CLASSES` (see :func:`slo_class`)
 * ``outcome``    :data:`OUTCOMES` (see :func:`outcome_for`)
-* ``phase``      :data:`PHASES`
+* ``phase``      :data:`PHASES` (:data:`REDISPATCH_PHASES` for re-dispatches)
 * ``transport``  grpc | shm;  ``direction`` in | out;  ``op`` put | get | lease
+* ``reason``     :data:`PULL_FAILURE_REASONS` (see :func:`pull_failure_reason`)
 * ``worker_id``/``role`` (one pair per worker process), ``node_id`` (one per store process)
 
-Each component object (:class:`RouterMetrics`, :class:`WorkerMetrics`, :class:`StoreMetrics`)
-registers its metrics in the ``CollectorRegistry`` it is given. A process passes
+Each component object (:class:`RouterMetrics`, :class:`WorkerMetrics`, :class:`KVPullMetrics`,
+:class:`StoreMetrics`) registers its metrics in the ``CollectorRegistry`` it is given. A process passes
 ``prometheus_client.REGISTRY`` and serves it with :func:`serve_metrics`; tests pass a fresh
 ``CollectorRegistry()`` each, so objects never collide. Known label combinations are created up
 front (value 0), so dashboards and alerts see series before the first event.
@@ -26,7 +27,9 @@ import enum
 import itertools
 import json
 import math
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +52,12 @@ prometheus_client.disable_created_metrics()
 SLO_CLASSES = ("default", "interactive", "standard", "batch")
 OUTCOMES = ("ok", "rejected", "invalid", "cancelled", "timeout", "error")
 PHASES = ("queue", "prefill", "transfer", "decode")
+REDISPATCH_PHASES = ("prefill", "decode")
 TRANSPORTS = ("grpc", "shm")
 KV_OPS = (("grpc", "put", "in"), ("grpc", "get", "out"), ("shm", "lease", "out"))
+# why a decode worker's KV pull failed (consumer side); shm_fallback: the same-host shared-memory
+# read could not attach the node's arena and the blocks came through gRPC instead
+PULL_FAILURE_REASONS = ("unavailable", "not_found", "timeout", "error", "shm_fallback")
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
@@ -197,7 +204,8 @@ class RouterMetrics:
         )
         self.phase = Histogram(
             "pdserve_request_phase_seconds",
-            "Per-request phase time: queue (before prefill), prefill, transfer (KV publish), decode.",
+            "Per-request phase time: queue (before prefill), prefill, transfer (KV handoff: the prefill "
+            "worker's publish plus the decode worker's pull), decode (after the pull).",
             ["phase", "slo_class"],
             buckets=PHASE_BUCKETS,
             registry=r,
@@ -222,6 +230,15 @@ class RouterMetrics:
         self.inflight = Gauge(
             "pdserve_router_inflight_requests", "Generate requests in progress.", registry=r
         )
+        self.redispatches = Counter(
+            "pdserve_router_redispatches",
+            "Requests re-dispatched to another worker after theirs was lost (UNAVAILABLE), by the "
+            "phase the lost worker served (prefill|decode).",
+            ["phase"],
+            registry=r,
+        )
+        for p in REDISPATCH_PHASES:
+            self.redispatches.labels(p)
         for c in SLO_CLASSES:
             for o in OUTCOMES:
                 self.requests.labels(c, o)
@@ -387,6 +404,97 @@ class WorkerMetrics:
         return out
 
 
+_PULL_REASON_BY_CODE = {
+    ErrorCode.UNAVAILABLE: "unavailable",
+    ErrorCode.NOT_FOUND: "not_found",
+    ErrorCode.DEADLINE_EXCEEDED: "timeout",
+}
+
+
+def pull_failure_reason(exc: BaseException) -> str:
+    """``reason`` label of a failed KV pull, by the status the exception stands for:
+    UNAVAILABLE -> unavailable (store node unreachable), NOT_FOUND -> not_found (blocks evicted,
+    lease gone), DEADLINE_EXCEEDED -> timeout, anything else -> error. (``shm_fallback`` is not
+    an exception: see :meth:`KVPullMetrics.count_shm_fallbacks`.)"""
+    return _PULL_REASON_BY_CODE.get(from_grpc_code(status_for(exc).code), "error")
+
+
+# (histogram, counter) of the KV pull families per registry: several decode servicers of one
+# process (one registry) share them, each with its own worker_id label values
+_PULL_FAMILIES: weakref.WeakKeyDictionary[CollectorRegistry, tuple[Histogram, Counter]] = (
+    weakref.WeakKeyDictionary()
+)
+_PULL_FAMILIES_LOCK = threading.Lock()
+
+
+def _pull_families(registry: CollectorRegistry) -> tuple[Histogram, Counter]:
+    with _PULL_FAMILIES_LOCK:
+        fams = _PULL_FAMILIES.get(registry)
+        if fams is None:
+            names = ["worker_id", "role", "transport"]
+            fams = _PULL_FAMILIES[registry] = (
+                Histogram(
+                    "pdserve_worker_kv_pull_seconds",
+                    "Duration of a decode worker's pull of a request's KV blocks from the store "
+                    "(consumer side of the handoff), by the transport chosen for it; failed pulls included.",
+                    names,
+                    buckets=TRANSFER_BUCKETS,
+                    registry=registry,
+                ),
+                Counter(
+                    "pdserve_worker_kv_pull_failures",
+                    "KV pulls that failed on the decode worker, by transport and reason; "
+                    "shm_fallback: a shared-memory read fell back to gRPC (the pull went on).",
+                    [*names, "reason"],
+                    registry=registry,
+                ),
+            )
+        return fams
+
+
+class KVPullMetrics:
+    """Consumer-side KV transfer metrics of one decode worker, labelled ``worker_id``, ``role``
+    and ``transport`` (the transport chosen for the pull: shm on the store's host, else grpc).
+
+    ``pdserve_worker_kv_pull_seconds`` times every pull (its ``_count`` counts attempts, failed
+    ones included); ``pdserve_worker_kv_pull_failures_total{reason}`` counts the failed ones
+    (:func:`pull_failure_reason`) and the shared-memory reads that fell back to gRPC
+    (``transport="shm", reason="shm_fallback"``: that pull still succeeded). The store counts
+    the same transfers on its side (:class:`StoreMetrics`); this side also sees failures the
+    store never does (node unreachable, arena not attachable). Every (transport, reason) series
+    exists from construction at 0. Objects on one registry share its metric families, so one
+    process may hold several (distinct ``worker_id``).
+    """
+
+    def __init__(self, registry: CollectorRegistry, worker_id: str, role: str = "decode") -> None:
+        self.labels = (worker_id, role)
+        self.seconds, self.failures = _pull_families(registry)
+        for t in TRANSPORTS:
+            self.seconds.labels(*self.labels, t)
+            for reason in PULL_FAILURE_REASONS:
+                if reason != "shm_fallback" or t == "shm":
+                    self.failures.labels(*self.labels, t, reason)
+
+    @contextlib.contextmanager
+    def pull(self, transport: str) -> Iterator[None]:
+        """Time one pull over ``transport``; on Exception count a failure (reason from
+        :func:`pull_failure_reason`) and re-raise. A generator closed early (GeneratorExit)
+        counts neither."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        except Exception as e:
+            self.failures.labels(*self.labels, transport, pull_failure_reason(e)).inc()
+            self.seconds.labels(*self.labels, transport).observe(time.perf_counter() - t0)
+            raise
+        self.seconds.labels(*self.labels, transport).observe(time.perf_counter() - t0)
+
+    def count_shm_fallbacks(self, n: int) -> None:
+        """Count ``n`` (>= 0) shared-memory reads that fell back to gRPC."""
+        if n > 0:
+            self.failures.labels(*self.labels, "shm", "shm_fallback").inc(n)
+
+
 # ---------------------------------------------------------------------------- KV store
 
 
@@ -406,8 +514,10 @@ class StoreMetrics:
     """Metrics of one KV store node, labelled ``node_id``.
 
     Transfers are counted where the node sees them: a gRPC Put (transport grpc, direction in), a
-    gRPC Get (grpc, out), and a Lease that pins blocks for a same-host zero-copy read (shm, out:
-    the bytes are then read straight from shared memory; the latency is that of the Lease call).
+    gRPC Get (grpc, out), a Lease that pins blocks for a same-host zero-copy read (shm, out:
+    the bytes are then read straight from shared memory; the latency is that of the Lease call),
+    and a Release reporting ``shm_read_blocks`` read from a handoff lease with no rpc at all (shm,
+    out; counted, no latency observed: the consumer's side is ``pdserve_worker_kv_pull_seconds``).
     ``pdserve_kv_transfer_seconds_count`` counts attempts, failed ones included.
     """
 
@@ -506,7 +616,7 @@ class StoreMetrics:
              lambda n: [((), n.puts)]),
             (CounterMetricFamily, "pdserve_kv_put_dedups", "Puts of blocks already stored.", lab,
              lambda n: [((), n.put_dedups)]),
-            (CounterMetricFamily, "pdserve_kv_block_reads", "Block reads (get, lease) by result: hit or miss.",
+            (CounterMetricFamily, "pdserve_kv_block_reads", "Block reads (get, lease, zero-rpc handoff reads reported on release) by result: hit or miss.",
              [*lab, "result"], lambda n: [(("hit",), n.hits), (("miss",), n.misses)]),
         ]  # fmt: skip
         out: list[Metric] = []

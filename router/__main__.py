@@ -3,7 +3,9 @@
 ``--policy``: least_loaded (default), goodput, colocated, random, round_robin, cache_aware (=
 global_cache_aware), local_cache_aware. Goodput knobs: ``--latency-profile``, ``--slo-margin``,
 ``--priority-margin-step``, ``--tenant-max-inflight``, ``--local-prefill-max-tokens``
-(0 disables conditional disaggregation), ``--store`` (KV store for prefix lookups).
+(0 disables conditional disaggregation), ``--store`` (KV store for prefix lookups), ``--index``
+(the cluster's shared redis:// KV index: prefix lookups read it directly instead of asking a store).
+Failover: ``--max-redispatches`` (re-dispatches of one request after lost workers; default 2).
 
 Prints one JSON line ``{"address", "metrics"}`` once serving (``metrics``: host:port of its
 Prometheus /metrics); runs until SIGTERM. Logs are JSON lines on stderr.
@@ -44,6 +46,18 @@ def main(argv: list[str] | None = None) -> int:
         "--latency-profile", default=None, help="pdserve profile JSON seeding latency predictions"
     )
     ap.add_argument("--store", default=None, help="KV store address for prefix lookups (default: learnt)")
+    ap.add_argument(
+        "--index",
+        default=None,
+        metavar="URL",
+        help="shared KV index (redis://host:port/db[?prefix=p]) the router reads for prefix lookups",
+    )
+    ap.add_argument(
+        "--max-redispatches",
+        type=int,
+        default=RouterConfig.max_redispatches,
+        help="re-dispatches of one request after its workers are lost (then UNAVAILABLE)",
+    )
     g = GoodputConfig()
     ap.add_argument("--slo-margin", type=float, default=g.slo_margin)
     ap.add_argument("--priority-margin-step", type=float, default=g.priority_margin_step)
@@ -58,23 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         local_prefill_max_tokens=max(0, a.local_prefill_max_tokens),
     )
     configure_logging("router")
-    cfg = RouterConfig(
-        model_path=a.model,
-        model_id=a.model_id or Path(a.model).name,
-        host=a.host,
-        port=a.port,
-        heartbeat_timeout_s=a.heartbeat_timeout_s,
-        policy=parse_policy(a.policy),
-        goodput=goodput,
-        latency_profile=a.latency_profile,
-        store_address=a.store,
-    )
-    reg = Registry(cfg.heartbeat_timeout_s)
+    try:
+        cfg = _config(a, goodput)
+        reg = Registry(cfg.heartbeat_timeout_s)
+        generate = GenerateServicer(reg, cfg, RouterMetrics(REGISTRY))  # opens the --index
+    except ValueError as e:  # a bad option value (InvalidRequestError included)
+        ap.error(str(e))
     services = [
-        (
-            client_pb2.DESCRIPTOR.services_by_name["Generate"],
-            GenerateServicer(reg, cfg, RouterMetrics(REGISTRY)),
-        ),
+        (client_pb2.DESCRIPTOR.services_by_name["Generate"], generate),
         (router_pb2.DESCRIPTOR.services_by_name["Registry"], RegistryServicer(reg, cfg)),
     ]
     server, port, _ = start_server(services, cfg.host, cfg.port, name="router")
@@ -86,6 +91,23 @@ def main(argv: list[str] | None = None) -> int:
     stop.wait()
     server.stop(2).wait()
     return 0
+
+
+def _config(a: argparse.Namespace, goodput: GoodputConfig) -> RouterConfig:
+    """RouterConfig from parsed options (``ValueError`` names a bad value)."""
+    return RouterConfig(
+        model_path=a.model,
+        model_id=a.model_id or Path(a.model).name,
+        host=a.host,
+        port=a.port,
+        heartbeat_timeout_s=a.heartbeat_timeout_s,
+        policy=parse_policy(a.policy),
+        goodput=goodput,
+        latency_profile=a.latency_profile,
+        store_address=a.store,
+        index_url=a.index,
+        max_redispatches=a.max_redispatches,
+    )
 
 
 if __name__ == "__main__":

@@ -9,16 +9,20 @@ worker runs the whole request (``DecodeRequest.local_prefill``). Measured TTFT/T
 length of every finished request go back to the policy (online correction, length predictor). Client cancellation and deadlines
 propagate downstream (the downstream calls are cancelled, which aborts the request in the
 workers and frees its blocks); a lease not consumed by a decode worker is released here.
+A worker lost mid-request (its call fails UNAVAILABLE) is dropped and the request re-dispatched,
+at most ``RouterConfig.max_redispatches`` times, without losing or repeating a token
+(:mod:`router.failover`, :meth:`GenerateServicer._serve`).
 Every failure leaves as a gRPC status mapped by ``pdserve.status``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from engine.models.config import ModelConfig
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kv_store.client import KVStoreClient
+from kv_store.index import KVIndex, locate_prefix
 from pdserve.errors import InvalidRequestError, ResourceExhaustedError, UnavailableError
 from pdserve.limits import grpc_options
 from pdserve.metrics import FinishedRequest, RouterMetrics, outcome_for, slo_class, tpot_of
@@ -38,6 +43,7 @@ from pdserve.status import raise_from_rpc_error
 from pdserve.tracing import log_event, request_scope, traced_channel
 from pdserve.v1 import client_pb2, common_pb2, router_pb2, worker_pb2, worker_pb2_grpc
 from router.cluster_view import OutstandingTokens, build_view
+from router.failover import LostPhase, LostWorker, Redispatches, TokenStop, check_stop, resume_limits
 from router.policy import (
     SLO,
     ClusterView,
@@ -75,6 +81,20 @@ class RouterConfig:
     goodput: GoodputConfig = GoodputConfig()
     latency_profile: str | None = None  # ``pdserve profile`` JSON seeding latency predictions
     store_address: str | None = None  # KV store for prefix lookups (else learnt from KV handles)
+    # The cluster's shared KV index (a redis:// URL, as the store nodes use): when set, the router
+    # finds cached prefixes there itself (kv_store.index.locate_prefix) instead of a store Lookup.
+    index_url: str | None = None
+    # A request whose worker dies (a call fails UNAVAILABLE) is re-dispatched to another worker at
+    # most this many times (router.failover); then it fails UNAVAILABLE naming the lost workers.
+    max_redispatches: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_redispatches < 0:
+            raise ValueError(f"max_redispatches must be >= 0, got {self.max_redispatches}")
+        if self.index_url == "memory":
+            raise ValueError(
+                "index_url 'memory' would be a private, empty index: give the cluster's redis:// URL"
+            )
 
 
 def _remaining(ctx: grpc.ServicerContext) -> float | None:
@@ -160,8 +180,14 @@ class _Stubs:
 
 class GenerateServicer:
     def __init__(
-        self, registry: Registry, config: RouterConfig, metrics: RouterMetrics | None = None
+        self,
+        registry: Registry,
+        config: RouterConfig,
+        metrics: RouterMetrics | None = None,
+        index: KVIndex | None = None,
     ) -> None:
+        """``index``: the KV index for prefix lookups (default: opened from ``config.index_url``;
+        none: ask a store node's Lookup)."""
         self.registry = registry
         self.config = config
         self.metrics = metrics if metrics is not None else RouterMetrics(CollectorRegistry())
@@ -180,6 +206,11 @@ class GenerateServicer:
         self.outstanding = OutstandingTokens()  # prompt tokens sent, first token not back yet
         self.kv_tokens = OutstandingTokens()  # KV tokens of requests in flight per decode worker
         self._store_address = config.store_address
+        if index is None and config.index_url:
+            from kv_store.redis_index import make_index  # redis only when an index URL is given
+
+            index = make_index(config.index_url)
+        self.index = index
 
     # ----------------------------------------------------------------- helpers
     def _check_model(self, model: str) -> None:
@@ -223,11 +254,22 @@ class GenerateServicer:
         return w
 
     def _prefix_blocks(self, ids: list[int], req: client_pb2.GenerateRequest, view: ClusterView) -> int:
-        """Leading prompt blocks the KV store holds (0 when unknown or the lookup fails)."""
-        addr = self._store_address
-        if not addr or not uses_prefix_lookup(self.config.policy) or len(ids) < 2:
+        """Leading prompt blocks the KV store holds (0 when unknown or the lookup fails): from the
+        shared index when the router has one (the longest prefix one store node holds, what a
+        prefill worker pulls), else from a store node's Lookup."""
+        if not uses_prefix_lookup(self.config.policy) or len(ids) < 2:
             return 0
         bs = view.instances[0].block_size
+        if self.index is not None:
+            try:
+                found = locate_prefix(self.index, ids, bs, self.config.model_id, req.adapter, req.cache_salt)
+            except Exception as e:  # noqa: BLE001 - the lookup only sharpens an estimate
+                log.debug("prefix lookup in the KV index failed: %s", e)
+                return 0
+            return found[1] if found is not None else 0
+        addr = self._store_address
+        if not addr:
+            return 0
         hashes = chain_hashes(ids, bs, self.config.model_id, req.adapter, req.cache_salt)
         hashes = hashes[: (len(ids) - 1) // bs]
         if not hashes:
@@ -374,6 +416,7 @@ class GenerateServicer:
                 ttft_s=round(rec.ttft_s, 6),
                 e2e_s=round(rec.e2e_s, 6),
                 **{f"{k}_s": round(v, 6) for k, v in phases.items()},
+                kv_pull_s=round(t.kv_pull_s, 6),  # the decode-side part of transfer_s
             )
 
     def _generate(
@@ -403,11 +446,7 @@ class GenerateServicer:
         run = _Run(rid, ids, params, t0, IncrementalDetokenizer(self.tokenizer, params.stop))
         done = False
         try:
-            if placement.local_prefill:
-                stream = self._run_local(req, run, dw, ctx)
-            else:
-                stream = self._run_disaggregated(req, run, pw, dw, ctx)
-            for resp in stream:
+            for resp in self._serve(req, run, placement, pw, dw, info, ctx):
                 if resp.HasField("finish"):
                     done = True
                     self._feedback(run, resp.finish)
@@ -455,51 +494,181 @@ class GenerateServicer:
             priority=req.priority,
         )
 
-    def _run_local(
-        self, req: client_pb2.GenerateRequest, run: _Run, dw: WorkerEntry, ctx: grpc.ServicerContext
+    def _serve(
+        self,
+        req: client_pb2.GenerateRequest,
+        run: _Run,
+        placement: Placement,
+        pw: WorkerEntry,
+        dw: WorkerEntry,
+        info: RequestInfo,
+        ctx: grpc.ServicerContext,
     ) -> Iterator[client_pb2.GenerateResponse]:
-        """Conditional disaggregation: the decode worker runs the whole request."""
-        with self._committed(dw, run):
-            yield from self._local_decode(req, run, dw, ctx)
+        """Serve ``run`` on its placement, re-dispatching it when a worker is lost (DESIGN
+        lifecycle step 5, :mod:`router.failover`).
+
+        Contract: every output token reaches the client exactly once, in order, whatever fails. A
+        worker whose call fails UNAVAILABLE is dropped from the registry and never used again by
+        this request; a lost prefill is sent to another prefill worker, a decode lost before its
+        first token hands the same KV (re-leased) to another decode worker, a decode lost
+        mid-stream is resumed from prompt + tokens so far. At most ``config.max_redispatches``
+        re-dispatches, then :class:`UnavailableError` naming the lost workers. Nothing is
+        re-dispatched once the client has gone or its deadline passed (``ctx`` inactive).
+        """
+        budget = Redispatches(run.rid, self.config.max_redispatches)
+        local = placement.local_prefill
+        handoff: _Handoff | None = None  # the prefilled state a decode worker takes over
+        while True:
+            produced = len(run.out_ids)
+            try:
+                with self._committed(dw, run):
+                    if local:
+                        yield from self._local_decode(req, run, dw, ctx)
+                    else:
+                        if handoff is None:
+                            handoff = yield from self._prefill(req, run, pw, ctx)
+                            if handoff is None:
+                                return  # its first token ended it
+                        produced = len(run.out_ids)  # relayed before this decode
+                        yield from self._decode(req, run, handoff, dw, ctx)
+                return
+            except _WorkerLost as e:
+                lost = e.lost
+            self.registry.drop(lost.worker_id)
+            reuse = lost.phase is LostPhase.DECODE and len(run.out_ids) == produced
+            try:
+                if not ctx.is_active():  # cancelled or past its deadline: the client is not waiting
+                    if handoff is not None:
+                        self._release_lease(handoff.kv)
+                    return
+                budget.record(lost)  # raises once over the bound
+                if lost.phase is LostPhase.DECODE and handoff is not None:
+                    relet = self._relet(handoff) if reuse else None
+                    if relet is None:
+                        self._release_lease(handoff.kv)
+                    handoff = relet  # None: prefill prompt + tokens so far again
+                n_ctx = len(run.ids) + len(run.out_ids)
+                if lost.phase is LostPhase.PREFILL or (not local and handoff is None):
+                    pw = self._replacement(WorkerKind.PREFILL, info, n_ctx, budget)
+                if lost.phase is LostPhase.DECODE:
+                    dw = self._replacement(WorkerKind.DECODE, info, n_ctx, budget)
+            except BaseException:
+                if handoff is not None:
+                    self._release_lease(handoff.kv)
+                raise
+            self.metrics.redispatches.labels(lost.phase.value).inc()
+            log_event(
+                log,
+                "redispatch",
+                logging.WARNING,
+                request_id=run.rid,
+                lost_phase=lost.phase.value,
+                lost_worker=lost.worker_id,
+                error=lost.detail,
+                redispatch=budget.count,
+                produced_tokens=len(run.out_ids),
+                kv_reused=handoff is not None,
+                prefill=None if local else pw.worker_id,
+                decode=dw.worker_id,
+            )
+
+    def _replacement(
+        self, kind: WorkerKind, info: RequestInfo, n_ctx: int, budget: Redispatches
+    ) -> WorkerEntry:
+        """A ``kind`` worker for a re-dispatch, chosen by the placement policy among the live
+        workers this request has not lost (no admission check: the request is already accepted).
+        Raises the budget's UnavailableError when there is none."""
+        full = build_view(self.registry, self.config.model_id, self.outstanding, self.kv_tokens)
+        view = ClusterView(i for i in full.instances if i.instance_id not in budget.excluded)
+        info = dataclasses.replace(info, num_prompt_tokens=n_ctx)
+        wid: str | None = None
+        if kind is WorkerKind.PREFILL:
+            pool = view.with_role(InstanceRole.PREFILL)
+            if pool:
+                wid = self.policy.choose_prefill(info, pool, view).instance_id
+        elif view.with_role(InstanceRole.DECODE):
+            bs = view.instances[0].block_size
+            wid = self.policy.choose_decode(info, view, -(-(n_ctx + 1) // bs))
+        w = self.registry.get(wid) if wid else None
+        if w is None or w.kind is not kind:
+            raise budget.exhausted(f"no other {kind.value} worker is available")
+        return w
+
+    def _relet(self, h: _Handoff) -> _Handoff | None:
+        """``h`` under a fresh store lease: the lost decode worker may have released the old one
+        after its pull (the blocks are then unpinned) or never released it (its TTL keeps running).
+        The old lease is released. None when the store no longer holds every block (or the
+        handle spans several nodes): the caller then prefills again."""
+        kv = h.kv
+        if not kv.locations or len({loc.node_id for loc in kv.locations}) != 1:
+            return None
+        store = self.stubs.store(kv.locations[0].address)
+        try:
+            grant = store.lease(list(kv.block_hashes))
+        except Exception as e:  # noqa: BLE001 - evicted or store trouble: prefill again
+            log.info("could not re-lease the KV of %s (%s); prefilling again", kv.request_id, e)
+            return None
+        new = common_pb2.KVHandle()
+        new.CopyFrom(kv)
+        new.lease_id = grant.lease_id
+        del new.shm_slots[:]
+        if len(grant.slots) == len(kv.block_hashes):
+            new.shm_slots.extend(grant.slots)
+        self._release_lease(kv)
+        return dataclasses.replace(h, kv=new)
+
+    def _leg_input(
+        self, req: client_pb2.GenerateRequest, run: _Run
+    ) -> tuple[list[int], common_pb2.SamplingParams]:
+        """Prompt and sampling of the next call for ``run``: the client's, or after ``k`` output
+        tokens (a resumed request) prompt + those tokens with max/min_tokens reduced by ``k``."""
+        k = len(run.out_ids)
+        if k == 0:
+            return run.ids, req.sampling
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(req.sampling)
+        sampling.max_tokens, sampling.min_tokens = resume_limits(
+            run.params.max_tokens, run.params.min_tokens, k
+        )
+        return run.ids + run.out_ids, sampling
+
+    def _leg_request(self, req: client_pb2.GenerateRequest, run: _Run) -> dict:
+        """Fields common to the Prefill/Decode request of the next call (see :meth:`_leg_input`)."""
+        prompt, sampling = self._leg_input(req, run)
+        return {**self._common(req, run), "prompt_token_ids": prompt, "sampling": sampling}
 
     def _local_decode(
         self, req: client_pb2.GenerateRequest, run: _Run, dw: WorkerEntry, ctx: grpc.ServicerContext
     ) -> Iterator[client_pb2.GenerateResponse]:
-        self.outstanding.add(dw.worker_id, len(run.ids))
+        """Conditional disaggregation: the decode worker runs the whole request (or, resumed, the
+        prompt + tokens so far) and streams every token, its first included."""
+        common = self._leg_request(req, run)
+        n = len(common["prompt_token_ids"])
+        resumed = bool(run.out_ids)
+        self.outstanding.add(dw.worker_id, n)
         queued = [True]
 
         def first_token() -> None:
             if queued[0]:
                 queued[0] = False
-                self.outstanding.add(dw.worker_id, -len(run.ids))
+                self.outstanding.add(dw.worker_id, -n)
 
         try:
             call = self.stubs.worker(dw.address).Decode(
-                worker_pb2.DecodeRequest(**self._common(req, run), slo=req.slo, local_prefill=True),
+                worker_pb2.DecodeRequest(**common, slo=req.slo, local_prefill=True),
                 timeout=_remaining(ctx),
             )
             ctx.add_callback(call.cancel)
-            yield from self._relay(call, run, dw, ctx, on_first=first_token)
+            guarded = _Guarded(call, dw, keep_cached=run.cached_tokens if resumed else None)
+            yield from self._relay(guarded, run, dw, ctx, on_first=first_token)
         finally:
             first_token()
-
-    def _run_disaggregated(
-        self,
-        req: client_pb2.GenerateRequest,
-        run: _Run,
-        pw: WorkerEntry,
-        dw: WorkerEntry,
-        ctx: grpc.ServicerContext,
-    ) -> Iterator[client_pb2.GenerateResponse]:
-        """Prefill on ``pw``, then decode on ``dw``; ``dw`` counts the request from placement on
-        (its KV is committed there), so a burst does not pile onto one decode worker."""
-        with self._committed(dw, run):
-            yield from self._prefill_then_decode(req, run, pw, dw, ctx)
 
     @contextlib.contextmanager
     def _committed(self, dw: WorkerEntry, run: _Run) -> Iterator[None]:
         """Count the request on decode worker ``dw`` (in flight, and its prompt + first token of KV)
-        from placement until it ends, however it ends."""
+        from placement until it ends (or leaves ``dw``), however it ends; so a burst does not pile
+        onto one decode worker before heartbeats report it."""
         self.registry.add_inflight(dw.worker_id, 1)
         self.kv_tokens.add(dw.worker_id, len(run.ids) + 1)
         try:
@@ -508,19 +677,19 @@ class GenerateServicer:
             self.kv_tokens.add(dw.worker_id, -(len(run.ids) + 1))
             self.registry.add_inflight(dw.worker_id, -1)
 
-    def _prefill_then_decode(
-        self,
-        req: client_pb2.GenerateRequest,
-        run: _Run,
-        pw: WorkerEntry,
-        dw: WorkerEntry,
-        ctx: grpc.ServicerContext,
-    ) -> Iterator[client_pb2.GenerateResponse]:
-        ids, params, rid, detok = run.ids, run.params, run.rid, run.detok
-        common = self._common(req, run)
-        # ---- prefill
+    def _prefill(
+        self, req: client_pb2.GenerateRequest, run: _Run, pw: WorkerEntry, ctx: grpc.ServicerContext
+    ) -> Generator[client_pb2.GenerateResponse, None, _Handoff | None]:
+        """Prefill the request's known tokens on ``pw`` (the prompt, or resumed: prompt + output so
+        far) and relay the token it samples: the next output token. Returns what a decode worker
+        needs to continue, or None when that token ended the request (its lease released then).
+        Raises :class:`_WorkerLost` when ``pw`` is unreachable (UNAVAILABLE)."""
+        params, rid, detok = run.params, run.rid, run.detok
+        common = self._leg_request(req, run)
+        prompt = common["prompt_token_ids"]
+        resumed = bool(run.out_ids)
         self.registry.add_inflight(pw.worker_id, 1)
-        self.outstanding.add(pw.worker_id, len(ids))
+        self.outstanding.add(pw.worker_id, len(prompt))
         try:
             fut = self.stubs.worker(pw.address).Prefill.future(
                 worker_pb2.PrefillRequest(**common, slo=req.slo), timeout=_remaining(ctx)
@@ -530,27 +699,40 @@ class GenerateServicer:
                 pre: worker_pb2.PrefillResponse = fut.result()
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    self.registry.drop(pw.worker_id)
+                    lost = LostWorker(pw.worker_id, LostPhase.PREFILL, e.details() or "")
+                    raise _WorkerLost(lost) from None
                 raise_from_rpc_error(e)
         finally:
-            self.outstanding.add(pw.worker_id, -len(ids))
+            self.outstanding.add(pw.worker_id, -len(prompt))
             self.registry.add_inflight(pw.worker_id, -1)
         if pre.kv.locations and not self._store_address:
             self._store_address = pre.kv.locations[0].address  # the store prefix lookups go to
-        run.cached_tokens = pre.num_cached_tokens
-        run.pre_timing = pre.timing
+        if not resumed:  # usage and phases describe the client's prompt, not a resumed one
+            run.cached_tokens = pre.num_cached_tokens
+            run.pre_timing = pre.timing
         t_first = time.monotonic()
         run.token_times.append(t_first - run.t0)
         first = pre.first_token
         delta, matched = detok.add([first])
         run.out_ids.append(first)
-        stop_now = matched is not None or first in params.stop_token_ids or params.max_tokens <= 1
-        if not params.ignore_eos and first in self.eos and params.min_tokens == 0:
-            stop_now = True
-        reason = common_pb2.FINISH_REASON_LENGTH if params.max_tokens <= 1 else common_pb2.FINISH_REASON_STOP
+        hit = check_stop(
+            first,
+            len(run.out_ids),
+            max_tokens=params.max_tokens,
+            min_tokens=params.min_tokens,
+            stop_token_ids=params.stop_token_ids,
+            eos_token_ids=self.eos,
+            ignore_eos=params.ignore_eos,
+        )
+        stop_now = matched is not None or hit is not None
+        reason = (
+            common_pb2.FINISH_REASON_LENGTH
+            if matched is None and hit is TokenStop.LENGTH
+            else common_pb2.FINISH_REASON_STOP
+        )
         if stop_now:
             self._release_lease(pre.kv)
-            if matched is None and (first in self.eos or first in params.stop_token_ids):
+            if matched is None and hit is TokenStop.STOP:
                 delta = ""  # a stop token is not rendered
             else:
                 delta += detok.add([], final=True)[0]
@@ -560,21 +742,38 @@ class GenerateServicer:
         if stop_now:
             resp.finish.CopyFrom(self._finish(reason, matched, run, 0.0))
             yield resp
-            return
+            return None
         yield resp
-        # ---- decode
+        return _Handoff(
+            prompt=list(prompt),
+            sampling=common["sampling"],
+            kv=pre.kv,
+            first_token=first,
+            first_logprob=pre.first_token_logprob if pre.HasField("first_token_logprob") else None,
+        )
+
+    def _decode(
+        self,
+        req: client_pb2.GenerateRequest,
+        run: _Run,
+        h: _Handoff,
+        dw: WorkerEntry,
+        ctx: grpc.ServicerContext,
+    ) -> Iterator[client_pb2.GenerateResponse]:
+        """Hand ``h`` to decode worker ``dw`` and relay its stream; raises :class:`_WorkerLost`
+        when ``dw`` is unreachable (UNAVAILABLE), before or during the stream."""
         call = self.stubs.worker(dw.address).Decode(
             worker_pb2.DecodeRequest(
-                **common,
+                **{**self._common(req, run), "prompt_token_ids": h.prompt, "sampling": h.sampling},
                 slo=req.slo,
-                kv=pre.kv,
-                first_token=first,
-                first_token_logprob=pre.first_token_logprob if pre.HasField("first_token_logprob") else None,
+                kv=h.kv,
+                first_token=h.first_token,
+                first_token_logprob=h.first_logprob,
             ),
             timeout=_remaining(ctx),
         )
         ctx.add_callback(call.cancel)
-        yield from self._relay(call, run, dw, ctx)
+        yield from self._relay(_Guarded(call, dw), run, dw, ctx)
 
     def _relay(
         self,
@@ -584,11 +783,18 @@ class GenerateServicer:
         ctx: grpc.ServicerContext,
         on_first: Callable[[], None] | None = None,
     ) -> Iterator[client_pb2.GenerateResponse]:
-        """Relay a Decode stream to the client (text deltas, stop strings, the finish message)."""
+        """Relay a Decode stream to the client (text deltas, stop strings, the finish message).
+
+        The worker's KV pull time (``kv_pull_s`` of its first message) is added to
+        ``run.kv_pull_s`` (transfer) and left out of this call's decode time."""
         t_dec = time.monotonic()
+        pull_s = 0.0
         detok = run.detok
         try:
             for d in call:
+                if d.kv_pull_s > 0:
+                    pull_s += d.kv_pull_s
+                    run.kv_pull_s += d.kv_pull_s
                 if on_first is not None:
                     on_first()
                     on_first = None
@@ -611,7 +817,8 @@ class GenerateServicer:
                         r.text = text
                     fr = d.finish.reason if final else common_pb2.FINISH_REASON_STOP
                     stop = matched if matched is not None else (d.finish.stop or None)
-                    r.finish.CopyFrom(self._finish(fr, stop, run, time.monotonic() - t_dec))
+                    decode_s = max(0.0, time.monotonic() - t_dec - pull_s)
+                    r.finish.CopyFrom(self._finish(fr, stop, run, decode_s))
                     yield r
                     return
                 yield r
@@ -623,6 +830,9 @@ class GenerateServicer:
             return
 
     def _finish(self, reason, stop, run: _Run, decode_s: float) -> common_pb2.Finish:
+        """The closing Finish of ``run``. Timing: queue/prefill from the prefill worker; transfer =
+        the prefill worker's KV publish + ``run.kv_pull_s`` (the decode workers' pulls, also
+        reported alone as ``kv_pull_s``); ``decode_s`` as measured by the relay (pull excluded)."""
         if isinstance(reason, int) and not isinstance(reason, bool):
             fr = reason
         else:
@@ -645,8 +855,9 @@ class GenerateServicer:
                 token_times_s=run.token_times,
                 queue_s=pre.queue_s if pre is not None else 0.0,
                 prefill_s=pre.prefill_s if pre is not None else 0.0,
-                transfer_s=pre.transfer_s if pre is not None else 0.0,
+                transfer_s=(pre.transfer_s if pre is not None else 0.0) + run.kv_pull_s,
                 decode_s=decode_s,
+                kv_pull_s=run.kv_pull_s,
             ),
         )
 
@@ -664,3 +875,55 @@ class _Run:
     token_times: list[float] = field(default_factory=list)
     cached_tokens: int = 0
     pre_timing: common_pb2.Timing | None = None
+    kv_pull_s: float = 0.0  # decode workers' KV pull time (DecodeResponse.kv_pull_s), summed
+
+
+@dataclass(frozen=True)
+class _Handoff:
+    """A prefilled request as a decode worker takes it over: ``prompt`` (the tokens the KV covers:
+    the client's prompt, or resumed, prompt + output before ``first_token``), the sampling of
+    this leg, the KV handle and the token the prefill sampled (already relayed to the client)."""
+
+    prompt: list[int]
+    sampling: common_pb2.SamplingParams
+    kv: common_pb2.KVHandle
+    first_token: int
+    first_logprob: common_pb2.TokenLogprob | None = None
+
+
+class _WorkerLost(Exception):
+    """A worker call failed UNAVAILABLE: the worker is presumed dead and the request is
+    re-dispatched (internal to the router; never leaves :meth:`GenerateServicer._serve`)."""
+
+    def __init__(self, lost: LostWorker) -> None:
+        super().__init__(lost.describe())
+        self.lost = lost
+
+
+class _Guarded:
+    """A Decode call as :meth:`GenerateServicer._relay` consumes it (iterate, ``cancel``), whose
+    UNAVAILABLE failure is raised as :class:`_WorkerLost` instead of ending the request.
+
+    ``keep_cached``: a resumed local-prefill leg reports the cached tokens of its extended prompt;
+    the request keeps the count of its first leg (its usage describes the client's prompt)."""
+
+    def __init__(self, call, worker: WorkerEntry, keep_cached: int | None = None) -> None:
+        self._call = call
+        self._worker = worker
+        self._keep_cached = keep_cached
+
+    def __iter__(self) -> Iterator[worker_pb2.DecodeResponse]:
+        try:
+            for d in self._call:
+                if self._keep_cached is not None:
+                    d.num_cached_tokens = self._keep_cached
+                yield d
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise _WorkerLost(
+                    LostWorker(self._worker.worker_id, LostPhase.DECODE, e.details() or "")
+                ) from None
+            raise
+
+    def cancel(self) -> bool:
+        return self._call.cancel()

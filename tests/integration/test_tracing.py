@@ -1,6 +1,7 @@
 """Request tracing over real processes (embedded cluster, real SmolLM2-135M): one request id in
 the JSON logs of router, prefill worker, KV store and decode worker; phase timings returned to the
-client in the final message, logged by the router and exported as histograms.
+client in the final message (transfer = the prefill worker's KV publish + the decode worker's
+pull), logged by the router and exported as histograms.
 
 Each process logs JSON lines on stderr, which the launcher merges into stdout and keeps in
 ``LocalCluster.logs[name]``.
@@ -102,6 +103,7 @@ def test_one_request_id_appears_in_router_prefill_store_and_decode_logs(cluster,
     dec = wait_logged(cluster, "decode-0", rid, "decode done")
     assert dec["component"] == "decode-0" and dec["tokens"] == 5  # the first token came from prefill
     assert dec["finish"] == "FINISH_REASON_LENGTH"
+    assert dec["kv_pull_s"] > 0  # the decode worker's side of the KV handoff
     for rec in (routed, done, pre, put, release, dec):
         assert rec["level"] == "info" and rec["ts"] > 0
 
@@ -131,16 +133,24 @@ def test_phase_timings_return_to_the_client_and_are_exported(cluster, client):
     assert set(f.phases) == set(PHASES)
     assert all(v >= 0 for v in f.phases.values()), f.phases
     assert f.phases["prefill"] > 0 and f.phases["transfer"] > 0 and f.phases["decode"] > 0, f.phases
-    # queue, prefill and KV publish happen before the first token; decode after it
+    # transfer is the whole KV handoff: the prefill worker's publish (before the first token)
+    # plus the decode worker's pull (after it, split out as Timing.kv_pull_s and logged by both
+    # the decode worker and the router); decode is what follows the pull
+    done = wait_logged(cluster, "router", rid, "request done")
+    pre = wait_logged(cluster, "prefill-0", rid, "prefill done")
+    dec = wait_logged(cluster, "decode-0", rid, "decode done")
+    pull = dec["kv_pull_s"]
+    assert 0 < pull < f.phases["transfer"] and done["kv_pull_s"] == pull, (pull, done, f.phases)
+    assert f.kv_pull_s == pytest.approx(pull, abs=1e-6)  # the SDK hands the split to the user
+    publish = f.phases["transfer"] - pull
+    assert publish == pytest.approx(pre["transfer_s"], abs=1e-5)  # the prefill side, as logged there
     tol = 0.05
-    assert f.phases["queue"] + f.phases["prefill"] + f.phases["transfer"] <= f.ttft_s + tol, (
-        f.phases,
-        f.ttft_s,
-    )
-    assert f.ttft_s + f.phases["decode"] <= f.e2e_s + tol, (f.phases, f.ttft_s, f.e2e_s)
+    before_first = f.phases["queue"] + f.phases["prefill"] + publish
+    assert before_first <= f.ttft_s + tol, (f.phases, pull, f.ttft_s)
+    assert f.ttft_s + pull + f.phases["decode"] <= f.e2e_s + tol, (f.phases, pull, f.ttft_s, f.e2e_s)
+    assert sum(f.phases.values()) <= f.e2e_s + tol, (f.phases, f.e2e_s)
     assert len(f.token_times_s) == 8 and f.token_times_s[0] == pytest.approx(f.ttft_s)
     # the router logs the same timings with the request id
-    done = wait_logged(cluster, "router", rid, "request done")
     for p in PHASES:
         assert done[f"{p}_s"] == pytest.approx(f.phases[p], abs=1e-5)
     assert done["ttft_s"] == pytest.approx(f.ttft_s, abs=1e-5)

@@ -20,6 +20,7 @@ from pdserve.errors import (
     InvalidRequestError,
     LayoutMismatchError,
     ModelNotFoundError,
+    RequestNotFoundError,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -271,6 +272,83 @@ def test_worker_snapshot_failure_serves_last_good_values():
     assert value(reg, "pdserve_worker_running_requests", **w) == 5  # stale but served
 
 
+# ---------------------------------------------------------------------------- worker KV pulls
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (UnavailableError("store node kv0 unreachable"), "unavailable"),
+        (RequestNotFoundError("2 blocks not stored on kv0"), "not_found"),
+        (DeadlineExceededError("pull took too long"), "timeout"),
+        (InvalidRequestError("bad block size"), "error"),
+        (RuntimeError("bug"), "error"),
+        (_RpcErr(grpc.StatusCode.UNAVAILABLE), "unavailable"),
+    ],
+)
+def test_pull_failure_reason_is_bounded(exc, reason):
+    assert M.pull_failure_reason(exc) == reason
+    assert reason in M.PULL_FAILURE_REASONS
+
+
+def test_kv_pull_series_exist_before_any_pull():
+    reg = CollectorRegistry()
+    M.KVPullMetrics(reg, "decode-3")
+    w = {"worker_id": "decode-3", "role": "decode"}
+    for t in M.TRANSPORTS:
+        assert value(reg, "pdserve_worker_kv_pull_seconds_count", transport=t, **w) == 0
+        for r in M.PULL_FAILURE_REASONS:
+            want = None if (t, r) == ("grpc", "shm_fallback") else 0  # gRPC has nothing to fall back from
+            assert value(reg, "pdserve_worker_kv_pull_failures_total", transport=t, reason=r, **w) == want
+
+
+def test_kv_pull_times_every_pull_and_counts_failures_and_fallbacks():
+    reg = CollectorRegistry()
+    m = M.KVPullMetrics(reg, "decode-3")
+    with m.pull("shm"):
+        pass
+    with pytest.raises(UnavailableError), m.pull("grpc"):
+        raise UnavailableError("store node unreachable")
+    with pytest.raises(GeneratorExit), m.pull("grpc"):
+        raise GeneratorExit
+    m.count_shm_fallbacks(2)
+    m.count_shm_fallbacks(0)
+    w = {"worker_id": "decode-3", "role": "decode"}
+    assert value(reg, "pdserve_worker_kv_pull_seconds_count", transport="shm", **w) == 1
+    assert value(reg, "pdserve_worker_kv_pull_seconds_count", transport="grpc", **w) == 1  # failed one too
+    assert (
+        value(reg, "pdserve_worker_kv_pull_failures_total", transport="grpc", reason="unavailable", **w) == 1
+    )
+    assert (
+        value(reg, "pdserve_worker_kv_pull_failures_total", transport="shm", reason="shm_fallback", **w) == 2
+    )
+    assert value(reg, "pdserve_worker_kv_pull_failures_total", transport="grpc", reason="error", **w) == 0
+
+
+def test_kv_pull_metrics_of_two_workers_share_one_registry():
+    reg = CollectorRegistry()
+    a, b = M.KVPullMetrics(reg, "decode-0"), M.KVPullMetrics(reg, "decode-1")
+    a.count_shm_fallbacks(1)
+    with b.pull("grpc"):
+        pass
+    g = reg.get_sample_value
+    fb = {"transport": "shm", "reason": "shm_fallback", "role": "decode"}
+    assert g("pdserve_worker_kv_pull_failures_total", {**fb, "worker_id": "decode-0"}) == 1
+    assert g("pdserve_worker_kv_pull_failures_total", {**fb, "worker_id": "decode-1"}) == 0
+    assert (
+        g(
+            "pdserve_worker_kv_pull_seconds_count",
+            {"worker_id": "decode-1", "role": "decode", "transport": "grpc"},
+        )
+        == 1
+    )
+    assert (
+        g(
+            "pdserve_worker_kv_pull_seconds_count",
+            {"worker_id": "decode-0", "role": "decode", "transport": "grpc"},
+        )
+        == 0
+    )
+
+
 # ---------------------------------------------------------------------------- store
 def test_store_transfer_counts_success_failure_and_ignores_generator_exit():
     reg = CollectorRegistry()
@@ -334,7 +412,7 @@ def test_store_node_stats_and_lookups():
 
 # ---------------------------------------------------------------------------- conventions
 ALLOWED_LABELS = {"slo_class", "outcome", "result", "phase", "role", "worker_id", "state", "source"}
-ALLOWED_LABELS |= {"node_id", "transport", "direction", "op", "le"}
+ALLOWED_LABELS |= {"node_id", "transport", "direction", "op", "le", "reason"}
 
 
 def all_families() -> list[Metric]:
@@ -342,6 +420,7 @@ def all_families() -> list[Metric]:
     rm = M.RouterMetrics(reg)
     rm.track_workers(lambda: {"prefill": 1, "decode": 1})
     M.WorkerMetrics(reg, "w", "decode", snapshot=_snap)
+    M.KVPullMetrics(reg, "w")
     M.StoreMetrics(reg, "kv", stats=lambda: NodeStats(1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0))
     return list(reg.collect())
 

@@ -1,28 +1,42 @@
 """Request ids and structured logs (pdserve.tracing), and the measured/traced service edges:
-the router's Generate wrapper and the KV store servicer (in-process gRPC on loopback)."""
+the router's Generate wrapper and relay, the KV store servicer (in-process gRPC on loopback) and
+the decode worker's KV pull (fake engine loop and transports)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import queue
 import threading
+import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from decode_worker.puller import StorePuller
+from decode_worker.service import DecodeServicer
 from engine.block_hash import chain_hashes
+from engine.outputs import RequestOutput
+from engine.request import FinishReason
 from kv_store.client import KVStoreClient
-from kv_store.handle import BlockLocation
+from kv_store.convert import handle_to_proto
+from kv_store.handle import BlockLocation, KVHandle
 from kv_store.layout import KVLayout
 from kv_store.service import StoreServer, serve
 from kv_store.store import StoreConfig
-from kv_store.transport import ShmTransport
-from pdserve.errors import RequestNotFoundError, ResourceExhaustedError
+from kv_store.transport import AutoTransport, FakeTransport, ShmTransport
+from pdserve.errors import (
+    DeadlineExceededError,
+    RequestNotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from pdserve.limits import grpc_options
-from pdserve.metrics import RouterMetrics, StoreMetrics
+from pdserve.metrics import PULL_FAILURE_REASONS, KVPullMetrics, RouterMetrics, StoreMetrics
 from pdserve.tracing import (
     JsonFormatter,
     current_request_id,
@@ -30,8 +44,9 @@ from pdserve.tracing import (
     request_scope,
     traced_channel,
 )
-from pdserve.v1 import client_pb2, common_pb2
-from router.service import GenerateServicer
+from pdserve.v1 import client_pb2, common_pb2, worker_pb2
+from pdserve.worker_base import Role
+from router.service import GenerateServicer, _Run
 
 log = logging.getLogger("pdserve.test.tracing")
 
@@ -151,6 +166,7 @@ def _final(rid: str) -> client_pb2.GenerateResponse:
     r.finish.usage.completion_tokens = 3
     t = r.finish.timing
     t.ttft_s, t.e2e_s, t.queue_s, t.prefill_s, t.transfer_s, t.decode_s = 0.1, 0.3, 0.01, 0.08, 0.01, 0.2
+    t.kv_pull_s = 0.004  # the decode-side part of transfer_s
     t.token_times_s.extend([0.1, 0.2, 0.3])
     return r
 
@@ -177,10 +193,13 @@ def test_generate_wrapper_records_a_completed_request(caplog):
     assert g("pdserve_router_slo_requests_total", {"slo_class": "interactive", "result": "met"}) == 1
     assert g("pdserve_router_tpot_seconds_sum", {"slo_class": "interactive"}) == pytest.approx(0.1)
     assert g("pdserve_request_phase_seconds_sum", {"phase": "decode", "slo_class": "interactive"}) == 0.2
+    # transfer is observed as the whole handoff (publish + pull), as the final message carries it
+    assert g("pdserve_request_phase_seconds_sum", {"phase": "transfer", "slo_class": "interactive"}) == 0.01
     assert g("pdserve_router_prefix_hit_tokens_total", {}) == 16
     assert g("pdserve_router_inflight_requests", {}) == 0
     (done,) = [r for r in caplog.records if r.getMessage() == "request done"]
     assert done.request_id == req.request_id and done.slo_met is True and done.decode_s == 0.2
+    assert done.transfer_s == 0.01 and done.kv_pull_s == 0.004
 
 
 def test_generate_wrapper_keeps_the_client_request_id():
@@ -296,3 +315,238 @@ def test_store_edge_counts_transfers_by_transport_and_logs_request_ids(node, cap
     rel = [r for r in caplog.records if r.getMessage() == "kv release"]
     assert [(r.request_id, r.blocks, r.stored) for r in put] == [("req-42", 3, 3)]
     assert [(r.request_id, r.released) for r in rel if r.lease_id == res.lease_id] == [("req-42", True)]
+
+
+# ---------------------------------------------------------------------------- router relay
+class _Detok:
+    """Stands in for IncrementalDetokenizer: renders nothing, matches no stop string."""
+
+    def add(self, ids, final=False):
+        return "", None
+
+
+def _decode_stream(pull_s: float, gap_s: float) -> Iterator[worker_pb2.DecodeResponse]:
+    """A decode worker's stream: the KV pull (``pull_s``, reported on the first message), then
+    two messages ``gap_s`` apart, the last one finishing."""
+    time.sleep(pull_s)
+    yield worker_pb2.DecodeResponse(request_id="r", token_ids=[5], kv_pull_s=pull_s)
+    time.sleep(gap_s)
+    last = worker_pb2.DecodeResponse(request_id="r", token_ids=[6])
+    last.finish.reason = common_pb2.FINISH_REASON_LENGTH
+    yield last
+
+
+def test_relay_adds_the_decode_side_pull_to_transfer_and_leaves_it_out_of_decode():
+    svc = GenerateServicer.__new__(GenerateServicer)  # only _relay/_finish are exercised
+    run = _Run("r", [1, 2, 3], None, time.monotonic(), _Detok())  # type: ignore[arg-type]
+    run.pre_timing = common_pb2.Timing(queue_s=0.001, prefill_s=0.02, transfer_s=0.003)
+    run.token_times.append(0.03)  # the first token, sampled by the prefill worker
+    run.out_ids.append(4)
+    t0 = time.monotonic()
+    out = list(svc._relay(_decode_stream(0.2, 0.05), run, None, None))  # type: ignore[arg-type]
+    wall = time.monotonic() - t0
+    t = out[-1].finish.timing
+    assert t.kv_pull_s == pytest.approx(0.2)
+    assert t.transfer_s == pytest.approx(0.003 + 0.2)  # publish + pull: the whole handoff
+    assert 0.05 <= t.decode_s <= wall - 0.2 + 1e-6  # the relay's time without the pull
+    assert (t.queue_s, t.prefill_s) == pytest.approx((0.001, 0.02))
+    assert out[-1].finish.usage.completion_tokens == 3
+
+
+def test_relay_without_handoff_reports_no_pull():
+    svc = GenerateServicer.__new__(GenerateServicer)
+    run = _Run("r", [1, 2, 3], None, time.monotonic(), _Detok())  # type: ignore[arg-type]
+    out = list(svc._relay(_decode_stream(0.0, 0.0), run, None, None))  # type: ignore[arg-type]
+    t = out[-1].finish.timing
+    assert t.kv_pull_s == 0 and t.transfer_s == 0 and t.decode_s >= 0
+
+
+# ---------------------------------------------------------------------------- decode worker edge
+HOST = "host-a"
+
+
+class _Engine:
+    """The engine calls a handoff decode makes, recorded."""
+
+    def __init__(self) -> None:
+        self.imported: list[tuple[str, int]] = []
+
+    def can_admit(self, num_tokens: int) -> bool:
+        return True
+
+    def import_kv(self, rid, ids, first_token, blocks, params, **kw) -> None:
+        self.imported.append((rid, int(blocks.shape[0])))
+
+    def has_request(self, rid: str) -> bool:
+        return True
+
+
+class _Loop:
+    """Runs engine calls inline; each added request's queue holds its one (finishing) output."""
+
+    def __init__(self) -> None:
+        self.engine = _Engine()
+        self.aborted: list[str] = []
+
+    def call(self, fn, timeout_s=None):
+        return fn(self.engine)
+
+    def add(self, rid, adder) -> queue.SimpleQueue:
+        adder(self.engine)
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        q.put(RequestOutput(rid, [9], [9], "", "", True, FinishReason.LENGTH, 8, 0))
+        return q
+
+    def abort(self, rid: str) -> bool:
+        self.aborted.append(rid)
+        return True
+
+
+class _Ctx:
+    def time_remaining(self):
+        return None
+
+    def is_active(self) -> bool:
+        return True
+
+    def add_callback(self, fn) -> None:
+        pass
+
+
+class _Store:
+    """The KVStoreClient calls of a puller (lease release), recorded."""
+
+    def __init__(self) -> None:
+        self.released: list[str] = []
+
+    def release(self, lease_id: str) -> bool:
+        self.released.append(lease_id)
+        return True
+
+
+class _Failing:
+    """A transport whose every fetch raises ``exc`` (an unreachable node, an arena not attachable...)."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def fetch(self, location, layout, hashes):
+        raise self.exc
+
+    def close(self) -> None:
+        pass
+
+
+def _state() -> SimpleNamespace:
+    return SimpleNamespace(
+        config=SimpleNamespace(worker_id="decode-9", role=Role.DECODE, admission_timeout_s=1.0),
+        layout=L,
+        loop=_Loop(),
+        count_finished=lambda: None,
+    )
+
+
+def _handoff(host_id: str) -> tuple[worker_pb2.DecodeRequest, KVHandle]:
+    ids = list(range(2 * L.block_size))
+    loc = BlockLocation("kv0", "kv0:1", shm_name="arena-kv0", host_id=host_id)
+    h = KVHandle(
+        "r1", tuple(chain_hashes(ids, L.block_size, "m")), (loc, loc), L, len(ids), lease_id="lease-1"
+    )
+    req = worker_pb2.DecodeRequest(
+        request_id="r1", prompt_token_ids=ids, kv=handle_to_proto(h), first_token=3
+    )
+    return req, h
+
+
+def _decoder(grpc_t, shm_t) -> tuple[DecodeServicer, CollectorRegistry, _Store, AutoTransport]:
+    reg, store = CollectorRegistry(), _Store()
+    transport = AutoTransport(HOST, grpc=grpc_t, shm=shm_t)
+    svc = DecodeServicer(
+        _state(),  # type: ignore[arg-type]
+        StorePuller(transport, {"kv0:1": store}),  # type: ignore[dict-item]
+        KVPullMetrics(reg, "decode-9"),
+    )
+    return svc, reg, store, transport
+
+
+def _pull_failures(reg: CollectorRegistry) -> dict[tuple[str, str], float]:
+    """Non-zero ``pdserve_worker_kv_pull_failures_total`` by (transport, reason)."""
+    out = {}
+    for t in ("grpc", "shm"):
+        for r in PULL_FAILURE_REASONS:
+            v = reg.get_sample_value(
+                "pdserve_worker_kv_pull_failures_total",
+                {"worker_id": "decode-9", "role": "decode", "transport": t, "reason": r},
+            )
+            if v:
+                out[(t, r)] = v
+    return out
+
+
+def _pulls(reg: CollectorRegistry, transport: str) -> float | None:
+    return reg.get_sample_value(
+        "pdserve_worker_kv_pull_seconds_count",
+        {"worker_id": "decode-9", "role": "decode", "transport": transport},
+    )
+
+
+def test_decode_reports_its_pull_time_and_counts_an_shm_fallback(caplog):
+    """Same host: shm is chosen, the arena cannot be attached, the blocks come through gRPC. The
+    pull succeeds; the fallback is counted as a consumer-side failure the store never sees."""
+    caplog.set_level(logging.INFO, logger="decode_worker.service")
+    fake = FakeTransport()
+    req, h = _handoff(HOST)
+    for hh in h.block_hashes:
+        fake.put("kv0", hh, os.urandom(L.block_nbytes))
+    svc, reg, store, transport = _decoder(fake, _Failing(UnavailableError("arena-kv0 cannot be attached")))
+    out = list(svc.Decode(req, _Ctx()))
+    assert transport.fallbacks == 1 and fake.open == 0
+    assert [list(m.token_ids) for m in out] == [[9]] and out[0].HasField("finish")
+    assert out[0].kv_pull_s > 0  # the first (here: only) message carries the pull time
+    assert svc.state.loop.engine.imported == [("r1", 2)]
+    assert store.released == ["lease-1"]
+    assert _pull_failures(reg) == {("shm", "shm_fallback"): 1}
+    assert _pulls(reg, "shm") == 1 and _pulls(reg, "grpc") == 0
+    (done,) = [r for r in caplog.records if r.getMessage() == "decode done"]
+    assert done.request_id == "r1" and done.tokens == 1 and done.kv_pull_s == round(out[0].kv_pull_s, 6)
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (UnavailableError("store node kv0 is unreachable"), "unavailable"),
+        (RequestNotFoundError("2 blocks not stored on kv0"), "not_found"),
+        (DeadlineExceededError("pull timed out"), "timeout"),
+        (RuntimeError("bug"), "error"),
+    ],
+)
+def test_a_failed_pull_is_counted_on_the_decode_worker(caplog, exc, reason):
+    """Another host (gRPC): the pull fails; the decode fails with it, the lease is still
+    released, and the worker counts the failure by transport and reason."""
+    caplog.set_level(logging.INFO, logger="decode_worker.service")
+    req, _ = _handoff("host-b")
+    svc, reg, store, _t = _decoder(_Failing(exc), _Failing(AssertionError("shm must not be tried")))
+    with pytest.raises(type(exc)):
+        list(svc.Decode(req, _Ctx()))
+    assert _pull_failures(reg) == {("grpc", reason): 1}
+    assert _pulls(reg, "grpc") == 1  # failed attempts are timed too
+    assert store.released == ["lease-1"]
+    assert svc.state.loop.engine.imported == []
+    (failed,) = [r for r in caplog.records if r.getMessage() == "decode failed"]
+    assert failed.error == type(exc).__name__ and failed.kv_pull_s == 0
+
+
+def test_decode_servicer_exports_pull_metrics_in_the_default_registry():
+    import prometheus_client
+
+    state = _state()
+    state.config.worker_id = "decode-default-registry"
+    DecodeServicer(state, StorePuller(FakeTransport()))  # type: ignore[arg-type]
+    DecodeServicer(state, StorePuller(FakeTransport()))  # type: ignore[arg-type]  # shares the families
+    labels = {
+        "worker_id": "decode-default-registry",
+        "role": "decode",
+        "transport": "shm",
+        "reason": "shm_fallback",
+    }
+    assert prometheus_client.REGISTRY.get_sample_value("pdserve_worker_kv_pull_failures_total", labels) == 0

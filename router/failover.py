@@ -1,0 +1,119 @@
+"""Re-dispatch bookkeeping of the router (pure: no gRPC, no I/O).
+
+When a worker call fails with UNAVAILABLE the worker is presumed dead and the router re-dispatches
+the request (DESIGN "request lifecycle" step 5):
+
+* a prefill worker lost before its response: the same prefill goes to another prefill worker;
+* a decode worker lost before it streamed a token: the same KV handle (re-leased in the store)
+  goes to another decode worker;
+* a decode worker lost after ``k`` tokens were relayed: the prompt plus the ``k`` generated tokens
+  is prefilled again (:func:`resume_limits` shrinks ``max_tokens``/``min_tokens`` by ``k``) and
+  decoding continues on another decode worker; only new tokens reach the client. The extended
+  prefill's first token is output token ``k`` (the next one), so greedy output equals the
+  uninterrupted run token for token. Seeded sampling draws output position ``i`` from
+  ``mix(seed, i)`` counted from the start of *its* leg, so after a mid-stream failover it continues
+  with a different (still seeded) draw: it is not identical to an uninterrupted run.
+
+:class:`Redispatches` bounds the re-dispatches of one request (``RouterConfig.max_redispatches``)
+and names the lost workers in the final UNAVAILABLE error.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from pdserve.errors import UnavailableError
+
+
+class LostPhase(enum.Enum):
+    """Where a request was when its worker was lost (the ``phase`` label of the metric)."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class LostWorker:
+    worker_id: str
+    phase: LostPhase
+    detail: str = ""  # the failed call's status details
+
+    def describe(self) -> str:
+        d = f": {self.detail}" if self.detail else ""
+        return f"{self.phase.value} worker {self.worker_id}{d}"
+
+
+@dataclass
+class Redispatches:
+    """Workers lost by one request, and whether it may be re-dispatched once more.
+
+    Contract: :meth:`record` is called once per lost worker; it returns normally while the number
+    of lost workers is at most ``limit`` (each such loss is one re-dispatch) and raises
+    :class:`UnavailableError` naming every lost worker once it exceeds ``limit``.
+    """
+
+    request_id: str
+    limit: int
+    lost: list[LostWorker] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.limit < 0:
+            raise ValueError(f"limit must be >= 0, got {self.limit}")
+
+    @property
+    def count(self) -> int:
+        """Re-dispatches granted so far."""
+        return min(len(self.lost), self.limit)
+
+    @property
+    def excluded(self) -> frozenset[str]:
+        """Ids of the workers this request lost: never placed on again."""
+        return frozenset(w.worker_id for w in self.lost)
+
+    def record(self, lost: LostWorker) -> None:
+        self.lost.append(lost)
+        if len(self.lost) > self.limit:
+            raise self.exhausted(f"it was re-dispatched {self.limit} times (the limit)")
+
+    def exhausted(self, why: str) -> UnavailableError:
+        """The error ending the request: ``why`` and every lost worker named."""
+        names = "; ".join(w.describe() for w in self.lost) or "none"
+        return UnavailableError(
+            f"request {self.request_id} failed: {why}; workers lost: {names}; retry shortly"
+        )
+
+
+def resume_limits(max_tokens: int, min_tokens: int, produced: int) -> tuple[int, int]:
+    """``(max_tokens, min_tokens)`` of the leg that continues a request after ``produced`` output
+    tokens (they become part of its prompt). Requires ``0 <= produced < max_tokens`` (a request
+    that produced ``max_tokens`` is finished)."""
+    if not 0 <= produced < max_tokens:
+        raise ValueError(f"cannot resume after {produced} of {max_tokens} tokens")
+    return max_tokens - produced, max(0, min_tokens - produced)
+
+
+class TokenStop(enum.Enum):
+    STOP = "stop"  # a stop token / EOS
+    LENGTH = "length"
+
+
+def check_stop(
+    token: int,
+    num_output: int,
+    *,
+    max_tokens: int,
+    min_tokens: int,
+    stop_token_ids: tuple[int, ...] | frozenset[int],
+    eos_token_ids: set[int] | frozenset[int],
+    ignore_eos: bool,
+) -> TokenStop | None:
+    """Whether output token ``token`` (the ``num_output``-th, counting it) ends the request; the
+    engine's rule (``engine.scheduler.Scheduler.check_stop``): stop tokens and EOS count once at
+    least ``min_tokens`` tokens are out, and win over the length limit."""
+    stop_token = (not ignore_eos and token in eos_token_ids) or token in stop_token_ids
+    if stop_token and num_output >= min_tokens:
+        return TokenStop.STOP
+    if num_output >= max_tokens:
+        return TokenStop.LENGTH
+    return None
