@@ -199,7 +199,12 @@ class RouterActor:
         return self._address
 
     def info(self) -> dict[str, Any]:
-        return {"node_id": _node_id(), "address": self._address, "metrics": f"127.0.0.1:{self.metrics_port}"}
+        return {
+            "node_id": _node_id(),
+            "address": self._address,
+            "metrics": f"127.0.0.1:{self.metrics_port}",
+            "pid": os.getpid(),
+        }
 
     def workers(self) -> list[dict[str, Any]]:
         """Every worker the router knows (silent ones expire here), draining ones included."""
@@ -319,7 +324,13 @@ class WorkerActor:
             WorkerMetrics(REGISTRY, worker_id, role.value, snapshot=self.state.metrics_snapshot)
         )
         self.metrics_port = serve_metrics(0)
-        self._hb = Heartbeater(self.state, router_address)
+        namespace = config.namespace
+
+        def router_now() -> str:  # a restarted router actor may listen on a new port
+            router = ray.get_actor(ROUTER_NAME, namespace=namespace)
+            return ray.get(router.address.remote(), timeout=10)
+
+        self._hb = Heartbeater(self.state, router_address, resolve=router_now)
         self._hb.start()
         self._lock = threading.Lock()
         self._stopped = False

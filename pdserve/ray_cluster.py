@@ -321,6 +321,8 @@ class Controller:
         routed: list[dict[str, Any]] = []
         if self.router is not None:
             try:
+                # a restarted router actor listens on a new port: report where it is now
+                self.router_info = ray.get(self.router.info.remote(), timeout=_CALL_TIMEOUT_S)
                 routed = ray.get(self.router.workers.remote(), timeout=_CALL_TIMEOUT_S)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 routed = []

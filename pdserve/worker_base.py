@@ -6,6 +6,7 @@ import contextlib
 import enum
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -142,10 +143,19 @@ class WorkerState:
 
 
 class Heartbeater:
-    """Registers with the router and heartbeats stats; re-registers when the router forgot us."""
+    """Registers with the router and heartbeats stats; re-registers when the router forgot us.
 
-    def __init__(self, state: WorkerState, router_address: str) -> None:
+    ``resolve`` (optional) returns the router's current address. It is called after a heartbeat
+    finds the router unreachable; when the address changed (a restarted router actor bound a new
+    port) the heartbeater reconnects there and registers again. Without it the address is fixed.
+    """
+
+    def __init__(
+        self, state: WorkerState, router_address: str, resolve: Callable[[], str] | None = None
+    ) -> None:
         self.state = state
+        self.router_address = router_address
+        self._resolve = resolve
         self._ch = grpc.insecure_channel(router_address, options=grpc_options())
         self._stub = router_pb2_grpc.RegistryStub(self._ch)
         self._stop = threading.Event()
@@ -167,6 +177,23 @@ class Heartbeater:
             timeout=5,
         )
 
+    def _rediscover(self) -> None:
+        """Ask ``resolve`` where the router is now; reconnect if it moved (errors: keep the old)."""
+        if self._resolve is None:
+            return
+        try:
+            address = self._resolve()
+        except Exception as e:  # the router actor may be restarting: try again next beat
+            log.debug("router address not resolvable: %s", e)
+            return
+        if address and address != self.router_address:
+            log.info("router moved", extra={"old": self.router_address, "new": address})
+            old = self._ch
+            self.router_address = address
+            self._ch = grpc.insecure_channel(address, options=grpc_options())
+            self._stub = router_pb2_grpc.RegistryStub(self._ch)
+            old.close()
+
     def _run(self) -> None:
         registered = False
         interval = self.state.config.heartbeat_interval_s
@@ -186,6 +213,8 @@ class Heartbeater:
             except grpc.RpcError as e:
                 log.debug("router not reachable: %s", e.code())
                 registered = False
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self._rediscover()
             self._stop.wait(interval)
 
     def stop(self, deregister: bool = True) -> None:

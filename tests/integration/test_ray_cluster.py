@@ -369,6 +369,31 @@ def test_cli_status_joins_with_token_and_rejects_without(cluster, deployment):
     assert "refused this driver's token" in r.stderr and "RAY_AUTH_TOKEN" in r.stderr
 
 
+def test_sigkilled_router_restarts_and_workers_follow_it_to_its_new_port(deployment, whole):
+    old = ray.get(_router().info.remote(), timeout=30)
+    live = {w["worker_id"] for w in _router_workers()}
+    os.kill(old["pid"], signal.SIGKILL)  # the router actor crashes; Ray restarts it on a new port
+    deadline = time.monotonic() + 300
+    new, routed = None, set()
+    while time.monotonic() < deadline:
+        try:
+            new = ray.get(_router().info.remote(), timeout=30)
+            routed = {w["worker_id"] for w in _router_workers()}
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            new = None
+        if new and new["pid"] != old["pid"] and routed == live:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"router not restarted or workers not re-registered: {new} {routed} != {live}")
+    assert new["address"] != old["address"]  # port 0: the workers had to rediscover it
+    assert _status()["router"] == new["address"]
+    ref = whole.generate(PROMPTS[:2], GREEDY)
+    with Client(new["address"], timeout=300) as c:
+        for p, r in zip(PROMPTS[:2], ref, strict=True):
+            assert c.complete(p, GREEDY).token_ids == r.token_ids
+
+
 def test_down_stops_only_what_up_started(deployment):
     from pdserve import ray_cluster
 
