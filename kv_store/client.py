@@ -9,7 +9,9 @@ InvalidRequestError, DeadlineExceededError. Block payloads stream in chunks of a
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -21,10 +23,12 @@ from kv_store.index import LookupResult
 from kv_store.layout import KVLayout
 from kv_store.store import DeleteCounts, LeaseGrant, PutResult, StoreStats
 from kv_store.wire import decode_get_chunk, encode_chunk
-from pdserve.errors import InternalError, InvalidRequestError
+from pdserve.errors import InternalError, InvalidRequestError, UnavailableError
 from pdserve.limits import MAX_CHUNK_BYTES, grpc_options
 from pdserve.status import raise_from_rpc_error
 from pdserve.v1 import kv_store_pb2, kv_store_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 BlockData = Any  # bytes | bytearray | memoryview | numpy.ndarray | torch.Tensor (CPU)
 
@@ -47,10 +51,19 @@ class KVStoreClient:
     ``timeout_s`` is the deadline of each call (None: no deadline).
     """
 
-    def __init__(self, address: str, *, timeout_s: float | None = 60.0, channel: grpc.Channel | None = None):
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float | None = 60.0,
+        channel: grpc.Channel | None = None,
+        own_channel: bool | None = None,
+    ):
+        """``channel``: use this channel (e.g. a traced one); :meth:`close` closes it only when
+        ``own_channel`` is True (default: only a channel the client made itself)."""
         self.address = address
         self.timeout_s = timeout_s
-        self._own_channel = channel is None
+        self._own_channel = channel is None if own_channel is None else own_channel
         self._channel = (
             channel if channel is not None else grpc.insecure_channel(address, options=grpc_options())
         )
@@ -243,3 +256,64 @@ class KVStoreClient:
 
     def stats(self) -> StoreStats:
         return convert.stats_from_proto(self._call(self._stub.Stats, kv_store_pb2.KVStoreStatsRequest()))
+
+
+class FollowingStoreClient:
+    """A :class:`KVStoreClient` that follows its store node when it moves to a new address.
+
+    A restarted store actor (Ray ``max_restarts``) binds a new port. When a call fails with
+    UnavailableError, ``resolve()`` is asked where the node is now; if the address changed, a
+    client for it is made with ``connect(address)``, the old one is closed, and the call is retried
+    once there (every unary call here is idempotent; a Put of the same blocks is deduplicated).
+    Generators (``iter_chunks``) are not retried: a stream broken mid-way raises, the caller
+    retries. The restarted node starts empty: blocks it held before are gone (callers see
+    RequestNotFoundError and recompute). Thread-safe.
+    """
+
+    def __init__(self, resolve: Callable[[], str], connect: Callable[[str], KVStoreClient], address: str):
+        self._resolve = resolve
+        self._connect = connect
+        self._client = connect(address)
+        self._lock = threading.Lock()
+        self.moves = 0  # how often the node was followed to a new address
+
+    @property
+    def address(self) -> str:
+        return self._client.address
+
+    def _follow(self, failed: KVStoreClient) -> bool:
+        """Point at the node's current address; True when the retry should go to a new client."""
+        with self._lock:
+            if self._client is not failed:  # another thread already followed it
+                return True
+            try:
+                address = self._resolve()
+            except Exception as e:  # the node is still restarting: the caller sees the first error
+                log.debug("store address not resolvable: %s", e)
+                return False
+            if not address or address == failed.address:
+                return False
+            self._client = self._connect(address)
+            self.moves += 1
+        log.info("store node moved", extra={"old": failed.address, "new": address})
+        failed.close()
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr) or name in ("close", "iter_chunks", "wait_ready"):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            client = self._client
+            try:
+                return getattr(client, name)(*args, **kwargs)
+            except UnavailableError:
+                if not self._follow(client):
+                    raise
+            return getattr(self._client, name)(*args, **kwargs)
+
+        return call
+
+    def close(self) -> None:
+        self._client.close()

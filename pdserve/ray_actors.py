@@ -127,6 +127,7 @@ class StoreActor:
             "address": loc.address,
             "host_id": loc.host_id,
             "metrics": f"127.0.0.1:{self.metrics_port}",
+            "pid": os.getpid(),
         }
 
     def _transfer_blocks(self, transport: str, direction: str) -> int:
@@ -273,7 +274,7 @@ class WorkerActor:
         from prometheus_client import REGISTRY
 
         from engine.config import EngineConfig
-        from kv_store.client import KVStoreClient
+        from kv_store.client import FollowingStoreClient, KVStoreClient
         from kv_store.transport import AutoTransport
         from pdserve.grpc_server import start_server
         from pdserve.limits import grpc_options
@@ -311,10 +312,17 @@ class WorkerActor:
         self.worker_id = worker_id
         self.role = role
         self.state = WorkerState.load(cfg)
-        self._store_channel = traced_channel(
-            grpc.insecure_channel(self.store_address, options=grpc_options())
-        )
-        self._store = KVStoreClient(self.store_address, channel=self._store_channel)
+        namespace = config.namespace
+        store_name = store_actor_name(self.node_id)
+
+        def store_now() -> str:  # a restarted store actor listens on a new port
+            return ray.get(ray.get_actor(store_name, namespace=namespace).address.remote(), timeout=10)
+
+        def connect(address: str) -> KVStoreClient:
+            channel = traced_channel(grpc.insecure_channel(address, options=grpc_options()))
+            return KVStoreClient(address, channel=channel, own_channel=True)
+
+        self._store = FollowingStoreClient(store_now, connect, self.store_address)
         self._transport = AutoTransport(self.host_id)
         svc = build_service(self.state, self._store, self._transport)
         desc = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
@@ -324,8 +332,6 @@ class WorkerActor:
             WorkerMetrics(REGISTRY, worker_id, role.value, snapshot=self.state.metrics_snapshot)
         )
         self.metrics_port = serve_metrics(0)
-        namespace = config.namespace
-
         def router_now() -> str:  # a restarted router actor may listen on a new port
             router = ray.get_actor(ROUTER_NAME, namespace=namespace)
             return ray.get(router.address.remote(), timeout=10)
@@ -341,7 +347,7 @@ class WorkerActor:
             "role": self.role.value,
             "node_id": self.node_id,
             "address": self.state.address,
-            "store": self.store_address,
+            "store": self._store.address,  # where the node is now (it may have restarted)
             "host_id": self.host_id,
             "pid": os.getpid(),
             "metrics": f"127.0.0.1:{self.metrics_port}",
@@ -376,4 +382,3 @@ class WorkerActor:
         with contextlib.suppress(Exception):
             self._transport.close()
         self._store.close()
-        self._store_channel.close()

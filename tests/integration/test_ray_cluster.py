@@ -394,6 +394,35 @@ def test_sigkilled_router_restarts_and_workers_follow_it_to_its_new_port(deploym
             assert c.complete(p, GREEDY).token_ids == r.token_ids
 
 
+def test_sigkilled_store_restarts_and_workers_follow_it_to_its_new_port(deployment, whole):
+    from pdserve.ray_actors import store_actor_name
+
+    pre = _status()["pools"]["prefill"][0]
+    store = ray.get_actor(store_actor_name(pre["node_id"]), namespace=NS)
+    old = ray.get(store.info.remote(), timeout=30)
+    os.kill(old["pid"], signal.SIGKILL)  # the store actor crashes; Ray restarts it, empty, on a new port
+    deadline = time.monotonic() + 300
+    new = None
+    while time.monotonic() < deadline:
+        try:
+            new = ray.get(store.info.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            new = None
+        if new and new["pid"] != old["pid"]:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"store on {pre['node_id']} was not restarted: {new}")
+    assert new["address"] != old["address"]
+    ref = whole.generate(PROMPTS[:2], GREEDY)
+    router = ray.get(_router().info.remote(), timeout=30)["address"]
+    with Client(router, timeout=300) as c:  # the prefill worker publishes to the restarted node
+        for p, r in zip(PROMPTS[:2], ref, strict=True):
+            assert c.complete(p, GREEDY).token_ids == r.token_ids
+    info = ray.get(ray.get_actor(f"pdserve-{pre['worker_id']}", namespace=NS).info.remote(), timeout=30)
+    assert info["store"] == new["address"]
+
+
 def test_down_stops_only_what_up_started(deployment):
     from pdserve import ray_cluster
 
