@@ -136,7 +136,8 @@ class ModelRunner:
     def _sample_request(self, req: Request) -> SampleRequest:
         p = req.sampling_params
         hist = req.all_token_ids() if p.repetition_penalty != 1.0 else None
-        return SampleRequest(p, self.seeds.get(req.request_id, 0), req.num_output_tokens, hist)
+        index = req.num_output_tokens + p.seed_position_offset  # the request's output position
+        return SampleRequest(p, self.seeds.get(req.request_id, 0), index, hist)
 
     # ------------------------------------------------------------------ KV export / import
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:

@@ -14,7 +14,9 @@ class SamplingParams:
 
     ``temperature == 0`` means greedy. ``top_k <= 0`` disables top-k. ``seed`` makes sampling
     deterministic: the token at output position ``i`` depends only on (seed, i, logits), never on
-    which other requests share the batch. ``logprobs=None`` returns none; ``logprobs=k`` returns
+    which other requests share the batch. ``seed_position_offset`` shifts those positions: a
+    request resumed after ``k`` tokens were produced elsewhere passes ``k`` so that its sampling
+    continues where the first run stopped. ``logprobs=None`` returns none; ``logprobs=k`` returns
     the sampled token's logprob and the ``k`` most likely alternatives.
     """
 
@@ -30,6 +32,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     min_tokens: int = 0
+    seed_position_offset: int = 0
 
     MAX_LOGPROBS = 20
 
@@ -55,6 +58,8 @@ class SamplingParams:
             bad(f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs!r}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")
+        if not isinstance(self.seed_position_offset, int) or self.seed_position_offset < 0:
+            bad(f"seed_position_offset must be an integer >= 0, got {self.seed_position_offset!r}")
         if any(not s for s in self.stop):
             bad("stop strings must be non-empty")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))

@@ -30,6 +30,7 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         stop=list(p.stop),
         ignore_eos=p.ignore_eos,
         min_tokens=p.min_tokens,
+        seed_position_offset=p.seed_position_offset,
     )
     if p.seed is not None:
         m.seed = p.seed
@@ -47,6 +48,7 @@ def sampling_from_proto(m: common_pb2.SamplingParams) -> SamplingParams:
         "stop": tuple(m.stop),
         "ignore_eos": m.ignore_eos,
         "min_tokens": m.min_tokens,
+        "seed_position_offset": m.seed_position_offset,
     }
     for name in ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs"):
         if m.HasField(name):

@@ -11,8 +11,9 @@ the request (DESIGN "request lifecycle" step 5):
   decoding continues on another decode worker; only new tokens reach the client. The extended
   prefill's first token is output token ``k`` (the next one), so greedy output equals the
   uninterrupted run token for token. Seeded sampling draws output position ``i`` from
-  ``mix(seed, i)`` counted from the start of *its* leg, so after a mid-stream failover it continues
-  with a different (still seeded) draw: it is not identical to an uninterrupted run.
+  ``mix(seed, i)``; the resumed leg's sampling carries ``seed_position_offset = k`` so its
+  positions continue at ``k`` and the draw is the uninterrupted run's (the ``k`` tokens are in its
+  prompt, so a repetition penalty sees the same history too).
 
 :class:`Redispatches` bounds the re-dispatches of one request (``RouterConfig.max_redispatches``)
 and names the lost workers in the final UNAVAILABLE error.

@@ -621,7 +621,8 @@ class GenerateServicer:
         self, req: client_pb2.GenerateRequest, run: _Run
     ) -> tuple[list[int], common_pb2.SamplingParams]:
         """Prompt and sampling of the next call for ``run``: the client's, or after ``k`` output
-        tokens (a resumed request) prompt + those tokens with max/min_tokens reduced by ``k``."""
+        tokens (a resumed request) prompt + those tokens with max/min_tokens reduced by ``k`` and
+        sampling positions shifted by ``k`` (so a seeded request samples as if never moved)."""
         k = len(run.out_ids)
         if k == 0:
             return run.ids, req.sampling
@@ -630,6 +631,7 @@ class GenerateServicer:
         sampling.max_tokens, sampling.min_tokens = resume_limits(
             run.params.max_tokens, run.params.min_tokens, k
         )
+        sampling.seed_position_offset = req.sampling.seed_position_offset + k  # seeded: continues exactly
         return run.ids + run.out_ids, sampling
 
     def _leg_request(self, req: client_pb2.GenerateRequest, run: _Run) -> dict:

@@ -35,6 +35,7 @@ class SamplingParams(_message.Message):
         "ignore_eos",
         "logprobs",
         "min_tokens",
+        "seed_position_offset",
     )
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +49,7 @@ class SamplingParams(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEED_POSITION_OFFSET_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     top_k: int
@@ -60,6 +62,7 @@ class SamplingParams(_message.Message):
     ignore_eos: bool
     logprobs: int
     min_tokens: int
+    seed_position_offset: int
     def __init__(
         self,
         max_tokens: int | None = ...,
@@ -74,6 +77,7 @@ class SamplingParams(_message.Message):
         ignore_eos: bool | None = ...,
         logprobs: int | None = ...,
         min_tokens: int | None = ...,
+        seed_position_offset: int | None = ...,
     ) -> None: ...
 
 class KVLayout(_message.Message):
@@ -128,6 +132,8 @@ class KVHandle(_message.Message):
         "lease_id",
         "shm_slots",
         "lease_expires_at_unix_s",
+        "dist_address",
+        "dist_rank",
     )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +143,8 @@ class KVHandle(_message.Message):
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SHM_SLOTS_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    DIST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DIST_RANK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     locations: _containers.RepeatedCompositeFieldContainer[BlockLocation]
@@ -145,6 +153,8 @@ class KVHandle(_message.Message):
     lease_id: str
     shm_slots: _containers.RepeatedScalarFieldContainer[int]
     lease_expires_at_unix_s: float
+    dist_address: str
+    dist_rank: int
     def __init__(
         self,
         request_id: str | None = ...,
@@ -155,6 +165,8 @@ class KVHandle(_message.Message):
         lease_id: str | None = ...,
         shm_slots: _Iterable[int] | None = ...,
         lease_expires_at_unix_s: float | None = ...,
+        dist_address: str | None = ...,
+        dist_rank: int | None = ...,
     ) -> None: ...
 
 class TopLogprob(_message.Message):

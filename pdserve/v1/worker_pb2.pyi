@@ -18,10 +18,19 @@ class WorkerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORKER_ROLE_DECODE: _ClassVar[WorkerRole]
     WORKER_ROLE_MIXED: _ClassVar[WorkerRole]
 
+class PushKVPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PUSH_KV_PHASE_UNSPECIFIED: _ClassVar[PushKVPhase]
+    PUSH_KV_PHASE_ACCEPTED: _ClassVar[PushKVPhase]
+    PUSH_KV_PHASE_DONE: _ClassVar[PushKVPhase]
+
 WORKER_ROLE_UNSPECIFIED: WorkerRole
 WORKER_ROLE_PREFILL: WorkerRole
 WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_MIXED: WorkerRole
+PUSH_KV_PHASE_UNSPECIFIED: PushKVPhase
+PUSH_KV_PHASE_ACCEPTED: PushKVPhase
+PUSH_KV_PHASE_DONE: PushKVPhase
 
 class PrefillRequest(_message.Message):
     __slots__ = (
@@ -281,4 +290,33 @@ class WorkerStats(_message.Message):
         prefix_cache_hit_rate: float | None = ...,
         kv_layout: _common_pb2.KVLayout | _Mapping | None = ...,
         store: _common_pb2.BlockLocation | _Mapping | None = ...,
+    ) -> None: ...
+
+class PushKVRequest(_message.Message):
+    __slots__ = ("request_id", "dst_rank")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DST_RANK_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    dst_rank: int
+    def __init__(self, request_id: str | None = ..., dst_rank: int | None = ...) -> None: ...
+
+class PushKVResponse(_message.Message):
+    __slots__ = ("phase", "request_id", "src_rank", "num_blocks", "nbytes")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SRC_RANK_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    phase: PushKVPhase
+    request_id: str
+    src_rank: int
+    num_blocks: int
+    nbytes: int
+    def __init__(
+        self,
+        phase: PushKVPhase | str | None = ...,
+        request_id: str | None = ...,
+        src_rank: int | None = ...,
+        num_blocks: int | None = ...,
+        nbytes: int | None = ...,
     ) -> None: ...

@@ -227,3 +227,90 @@ class Worker:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class KVPeerStub:
+    """Direct KV handoff between workers of one torch.distributed process group (gloo on CPU, NCCL
+    on GPU; kv_store/dist_transport.py). Served by prefill workers started with --dist-init, on
+    the same gRPC server as Worker; a decode worker calls it for a KVHandle with dist_address.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.PushKV = channel.unary_stream(
+                '/pdserve.v1.KVPeer/PushKV',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.PushKVRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.PushKVResponse.FromString,
+                _registered_method=True)
+
+
+class KVPeerServicer:
+    """Direct KV handoff between workers of one torch.distributed process group (gloo on CPU, NCCL
+    on GPU; kv_store/dist_transport.py). Served by prefill workers started with --dist-init, on
+    the same gRPC server as Worker; a decode worker calls it for a KVHandle with dist_address.
+    """
+
+    def PushKV(self, request, context):
+        """Sends the outbox entry of request_id to rank dst_rank over the process group and removes it
+        from the outbox. Streams exactly two messages: PUSH_KV_PHASE_ACCEPTED once the entry is
+        taken (before any byte moves: the caller posts its receive from src_rank only then), and
+        PUSH_KV_PHASE_DONE once the receiver confirmed it holds the blocks. NOT_FOUND when the
+        outbox has no such entry (expired, evicted or already pushed), INVALID_ARGUMENT for a bad
+        dst_rank, UNAVAILABLE when the process group is not (or no longer) usable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KVPeerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'PushKV': grpc.unary_stream_rpc_method_handler(
+                    servicer.PushKV,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.PushKVRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.PushKVResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pdserve.v1.KVPeer', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pdserve.v1.KVPeer', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KVPeer:
+    """Direct KV handoff between workers of one torch.distributed process group (gloo on CPU, NCCL
+    on GPU; kv_store/dist_transport.py). Served by prefill workers started with --dist-init, on
+    the same gRPC server as Worker; a decode worker calls it for a KVHandle with dist_address.
+    """
+
+    @staticmethod
+    def PushKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdserve.v1.KVPeer/PushKV',
+            pdserve_dot_v1_dot_worker__pb2.PushKVRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.PushKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -126,11 +126,20 @@ def _wait_baseline(cluster: LocalCluster, timeout: float = 20.0) -> None:
         store.close()
 
 
-def test_decode_worker_killed_mid_stream(cluster, client, whole):
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=64, temperature=0.8, top_p=0.95, seed=11, ignore_eos=True),
+    ],
+    ids=["greedy", "seeded"],
+)
+def test_decode_worker_killed_mid_stream(cluster, client, whole, params):
+    """The client's output equals the uninterrupted run: greedy, and seeded too (the resumed leg
+    samples with seed_position_offset = tokens already produced)."""
     prompt = "Tell me a long story about a lighthouse keeper and the sea."
-    params = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
     ref = whole.generate([prompt], params)[0]
-    victim = "decode-mid"
+    victim = f"decode-mid-{'greedy' if params.greedy else 'seeded'}"
     _add_big_decode_worker(cluster, victim)
     before = _redispatches(cluster)
     ids: list[int] = []

@@ -322,6 +322,10 @@ def test_decode_lost_mid_stream_resumes_without_losing_or_duplicating(model_path
     re = w["p0"].calls[1]
     assert list(re.prompt_token_ids) == PROMPT + ref_ids[: k + 1]
     assert re.sampling.max_tokens == 12 - (k + 1) and re.sampling.min_tokens == max(0, 5 - (k + 1))
+    assert re.sampling.seed_position_offset == k + 1  # seeded sampling continues at position k + 1
+    if w["d1"].calls:
+        assert w["d1"].calls[0].sampling.seed_position_offset == k + 1
+    assert w["p0"].calls[0].sampling.seed_position_offset == 0
     # k=10: the resumed prefill samples the 12th (last) token itself: no decode is needed
     assert len(w["d1"].calls) == (1 if k + 2 < 12 else 0) and svc.registry.get("d0") is None
     assert _redispatches(reg, "decode") == 1 and _redispatches(reg, "prefill") == 0
@@ -410,5 +414,5 @@ def test_colocated_decode_lost_mid_stream_resumes_on_another_decode_worker(model
     assert last.finish.usage.completion_tokens == 10
     resumed = w["d1"].calls[0]
     assert resumed.local_prefill and list(resumed.prompt_token_ids) == PROMPT + ids[:4]
-    assert resumed.sampling.max_tokens == 6
+    assert resumed.sampling.max_tokens == 6 and resumed.sampling.seed_position_offset == 4
     assert _redispatches(reg, "decode") == 1
