@@ -1,6 +1,52 @@
+"""``python -m prefill_worker``: the common worker flags (:mod:`pdserve.worker_main`) plus the
+fetch-or-recompute policy of store prefixes (:mod:`prefill_worker.prefix_policy`):
+
+``--prefix-fetch {auto,always,never}``, ``--prefix-bandwidth`` (bytes/s seed),
+``--prefix-call-latency-s`` (seed), ``--prefill-tokens-per-s`` (seed), ``--prefix-ewma-alpha``.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
 
 from pdserve.worker_base import Role
 from pdserve.worker_main import main
+from prefill_worker.prefix_policy import FetchMode, PrefixFetchConfig, set_process_default
 
-sys.exit(main(Role.PREFILL))
+
+def _parser() -> argparse.ArgumentParser:
+    d = PrefixFetchConfig()
+    ap = argparse.ArgumentParser(prog="python -m prefill_worker", add_help=False, usage=argparse.SUPPRESS)
+    ap.add_argument("--prefix-fetch", default=d.mode.value, choices=[m.value for m in FetchMode])
+    ap.add_argument("--prefix-bandwidth", type=float, default=d.bandwidth_bytes_per_s)
+    ap.add_argument("--prefix-call-latency-s", type=float, default=d.call_latency_s)
+    ap.add_argument("--prefill-tokens-per-s", type=float, default=d.prefill_tokens_per_s)
+    ap.add_argument("--prefix-ewma-alpha", type=float, default=d.alpha)
+    return ap
+
+
+def parse_prefix_args(argv: list[str]) -> tuple[PrefixFetchConfig, list[str]]:
+    """Split the prefix-policy flags off ``argv``: (their config, the remaining arguments)."""
+    ap = _parser()
+    a, rest = ap.parse_known_args(argv)
+    try:
+        cfg = PrefixFetchConfig(
+            mode=FetchMode(a.prefix_fetch),
+            bandwidth_bytes_per_s=a.prefix_bandwidth,
+            call_latency_s=a.prefix_call_latency_s,
+            prefill_tokens_per_s=a.prefill_tokens_per_s,
+            alpha=a.prefix_ewma_alpha,
+        )
+    except ValueError as e:
+        ap.error(str(e))
+    return cfg, rest
+
+
+if __name__ == "__main__":
+    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+        print("fetch-or-recompute of store prefixes (prefill_worker.prefix_policy):")
+        print(_parser().format_help())
+    cfg, rest = parse_prefix_args(sys.argv[1:])
+    set_process_default(cfg)
+    sys.exit(main(Role.PREFILL, rest))

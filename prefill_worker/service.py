@@ -1,7 +1,8 @@
 """Prefill worker: the engine in prefill role behind the Worker gRPC service.
 
-Prefill(request): pull any longer cached prefix from the store into the local prefix cache, run
-(chunked) prefill, sample the first token, publish the request's blocks to the store under a
+Prefill(request): pull any longer cached prefix from the store into the local prefix cache when
+that is predicted faster than recomputing it (:mod:`prefill_worker.prefix_policy`), run (chunked)
+prefill, sample the first token, publish the request's blocks to the store under a
 lease, free them locally (full blocks stay in the local prefix cache) and return the KVHandle.
 """
 
@@ -23,24 +24,37 @@ from pdserve.proto_convert import logprob_to_proto, sampling_from_proto
 from pdserve.tracing import log_event, request_scope
 from pdserve.v1 import common_pb2, worker_pb2
 from pdserve.worker_base import WorkerState
+from prefill_worker.prefix_policy import PrefixDecision, PrefixFetchPolicy, process_default
 from prefill_worker.publisher import KVPublisher
 
 log = logging.getLogger(__name__)
 
 
 class PrefillServicer:
+    """The Worker service in prefill role.
+
+    ``prefix_policy`` decides, per request, whether a prefix found in the store is pulled or
+    recomputed (default: one built from :func:`prefill_worker.prefix_policy.process_default`);
+    it learns from this servicer's store round trips, pulls and engine throughput. Counters:
+    ``store_prefix_tokens_total`` (tokens pulled from the store), ``prefix_recomputed_tokens_total``
+    (store-held tokens recomputed instead), and ``prefix_policy.counts`` (decisions).
+    """
+
     def __init__(
         self,
         state: WorkerState,
         publisher: KVPublisher,
         store: KVStoreClient | None,
         transport: BlockTransport | None,
+        prefix_policy: PrefixFetchPolicy | None = None,
     ) -> None:
         self.state = state
         self.publisher = publisher
         self.store = store
         self.transport = transport
+        self.prefix_policy = prefix_policy or PrefixFetchPolicy(process_default())
         self.store_prefix_tokens_total = 0
+        self.prefix_recomputed_tokens_total = 0
 
     def _pull_prefix_from_store(self, ids: list[int], adapter: str, salt: str) -> int:
         """Fetch prefix blocks that the store has and the local cache lacks; returns tokens added."""
@@ -50,7 +64,9 @@ class PrefillServicer:
         local = self.state.loop.call(lambda e: e.num_local_prefix_blocks(hashes))
         if local == len(hashes):
             return 0
+        t0 = time.monotonic()
         found = self.store.lookup(hashes)
+        self.prefix_policy.observe_call(time.monotonic() - t0)
         if found.num_prefix_blocks <= local:
             return 0
         # pull from one node: the longest run of wanted blocks that the first one's node holds
@@ -60,8 +76,27 @@ class PrefillServicer:
             end += 1
         want = hashes[local:end]
         layout = self.state.layout
+        nbytes = len(want) * layout.block_nbytes
+        est = self.prefix_policy.decide(len(want) * layout.block_size, nbytes)
+        log_event(
+            log,
+            "store prefix decision",
+            decision=est.decision.value,
+            blocks=len(want),
+            fetch_s=round(est.fetch_s, 6),
+            recompute_s=round(est.recompute_s, 6),
+            bandwidth_bytes_per_s=round(self.prefix_policy.bandwidth_bytes_per_s),
+            call_latency_s=round(self.prefix_policy.call_latency_s, 6),
+            prefill_tokens_per_s=round(self.prefix_policy.prefill_tokens_per_s, 1),
+        )
+        if est.decision is PrefixDecision.RECOMPUTE:
+            self.prefix_recomputed_tokens_total += len(want) * layout.block_size
+            return 0
+        t0 = time.monotonic()
         with self.transport.fetch(loc, layout, want) as fetched:
             t = torch.stack([block_tensor(v, layout) for v in fetched.views]).clone()
+        # the bytes' cost only: inserting waits for the engine loop, as a recompute would
+        self.prefix_policy.observe_fetch(nbytes, time.monotonic() - t0)
         n = self.state.loop.call(lambda e: e.insert_prefix_blocks(want, t))
         return n * layout.block_size
 
@@ -116,12 +151,17 @@ class PrefillServicer:
                 prefill_only=True,
             )
 
+        # engine throughput while this request is in it: the engine is busy throughout (ours or others')
+        c0, t_added = self.state.engine.prefill_tokens_computed, time.monotonic()
         q = self.state.loop.add(rid, add)
         done = {"v": False}
         ctx.add_callback(lambda: None if done["v"] else self.state.loop.abort(rid))
         item = q.get()
         if isinstance(item, BaseException):
             raise item
+        self.prefix_policy.observe_prefill(
+            self.state.engine.prefill_tokens_computed - c0, time.monotonic() - t_added
+        )
         if not ctx.is_active():
             raise CancelledError("client went away during prefill")
         t_prefilled = time.monotonic()
