@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
@@ -205,6 +206,9 @@ class GenerateServicer:
         self.policy = build_policy(config.policy, profile_path=config.latency_profile, goodput=config.goodput)
         self.outstanding = OutstandingTokens()  # prompt tokens sent, first token not back yet
         self.kv_tokens = OutstandingTokens()  # KV tokens of requests in flight per decode worker
+        # placement + reserving the chosen worker's queue is atomic, so that requests arriving
+        # together each see the ones placed just before them (else a burst lands on one worker)
+        self._place_lock = threading.Lock()
         self._store_address = config.store_address
         if index is None and config.index_url:
             from kv_store.redis_index import make_index  # redis only when an index URL is given
@@ -429,7 +433,13 @@ class GenerateServicer:
         self._validate(ids, params)
         rid = req.request_id or uuid.uuid4().hex
         t_route = time.perf_counter()
-        placement, pw, dw, info = self._place(rid, ids, params, req)
+        run = _Run(rid, ids, params, t0, IncrementalDetokenizer(self.tokenizer, params.stop))
+        with self._place_lock:
+            placement, pw, dw, info = self._place(rid, ids, params, req)
+            # the prompt is queued on the worker that prefills it from now on, not from when its
+            # Prefill call starts: the next placement must see it
+            run.reserved = (dw if placement.local_prefill else pw).worker_id, len(ids)
+            self.outstanding.add(*run.reserved)
         self.metrics.routing.observe(time.perf_counter() - t_route)
         log_event(
             log,
@@ -443,7 +453,6 @@ class GenerateServicer:
             predicted_tpot_s=placement.estimated_tpot_s,
             predicted_output_tokens=placement.predicted_output_tokens or None,
         )
-        run = _Run(rid, ids, params, t0, IncrementalDetokenizer(self.tokenizer, params.stop))
         done = False
         try:
             for resp in self._serve(req, run, placement, pw, dw, info, ctx):
@@ -452,8 +461,17 @@ class GenerateServicer:
                     self._feedback(run, resp.finish)
                 yield resp
         finally:
+            self._unreserve(run)
             if not done:
                 self.policy.release(rid)
+
+    def _unreserve(self, run: _Run) -> None:
+        """Drop the placement-time queue reservation of ``run`` (once; its first call's own
+        accounting has taken over, or it never started)."""
+        if run.reserved is not None:
+            worker_id, n = run.reserved
+            run.reserved = None
+            self.outstanding.add(worker_id, -n)
 
     def _feedback(self, run: _Run, finish: common_pb2.Finish) -> None:
         """Measured TTFT/TPOT and output length of a finished request, to the policy."""
@@ -648,6 +666,7 @@ class GenerateServicer:
         n = len(common["prompt_token_ids"])
         resumed = bool(run.out_ids)
         self.outstanding.add(dw.worker_id, n)
+        self._unreserve(run)
         queued = [True]
 
         def first_token() -> None:
@@ -692,6 +711,7 @@ class GenerateServicer:
         resumed = bool(run.out_ids)
         self.registry.add_inflight(pw.worker_id, 1)
         self.outstanding.add(pw.worker_id, len(prompt))
+        self._unreserve(run)
         try:
             fut = self.stubs.worker(pw.address).Prefill.future(
                 worker_pb2.PrefillRequest(**common, slo=req.slo), timeout=_remaining(ctx)
@@ -880,6 +900,7 @@ class _Run:
     cached_tokens: int = 0
     pre_timing: common_pb2.Timing | None = None
     kv_pull_s: float = 0.0  # decode workers' KV pull time (DecodeResponse.kv_pull_s), summed
+    reserved: tuple[str, int] | None = None  # (worker id, prompt tokens) queued at placement
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ chosen point, and a fake KV store that grants and releases leases. No gRPC serve
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -416,3 +418,45 @@ def test_colocated_decode_lost_mid_stream_resumes_on_another_decode_worker(model
     assert resumed.local_prefill and list(resumed.prompt_token_ids) == PROMPT + ids[:4]
     assert resumed.sampling.max_tokens == 6 and resumed.sampling.seed_position_offset == 4
     assert _redispatches(reg, "decode") == 1
+
+
+def test_concurrent_placements_each_see_the_ones_placed_before(model_path) -> None:
+    """Requests arriving together (a burst) spread over the prefill workers: placement and the
+    reservation of the chosen worker's queue are one step, so the second placement sees the first
+    even though neither has started its Prefill call yet."""
+    svc, w, _, _ = _cluster(model_path, {"p0": None, "p1": None}, {"d0": None})
+    place = svc.policy.place
+    gate = threading.Barrier(2, timeout=10)
+    entered: list[str] = []
+
+    def slow_place(info, view):  # widen the window between reading the cluster and committing
+        entered.append(info.request_id)
+        d = place(info, view)
+        time.sleep(0.2)
+        return d
+
+    svc.policy.place = slow_place  # type: ignore[method-assign]
+    both_prefilling = threading.Barrier(2, timeout=10)  # no prefill ends before both are placed
+    for wid in ("p0", "p1"):
+        real = w[wid]._prefill
+
+        def held(req, real=real):
+            both_prefilling.wait()
+            return real(req)
+
+        w[wid]._prefill = held  # type: ignore[method-assign]
+
+    def one(i: int) -> None:
+        req = _request(max_tokens=2)
+        req.request_id = f"burst-{i}"
+        gate.wait()
+        _run(svc, req)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(entered) == 2
+    assert len(w["p0"].calls) == 1 and len(w["p1"].calls) == 1, "both requests went to one prefill worker"
+    assert svc.outstanding.get("p0") == svc.outstanding.get("p1") == 0  # every reservation dropped
