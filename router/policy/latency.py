@@ -140,7 +140,9 @@ class OnlineCorrectedLatency:
 
     ``prefill_time``/``transfer_time`` are scaled by the TTFT factor, ``decode_time`` by the TPOT
     factor; both start at 1. :meth:`observe` folds in one measured/base-predicted ratio (clamped)
-    with an EWMA. Thread-safe (the router observes from many request threads).
+    with an EWMA of its logarithm (a geometric mean: errors are multiplicative, and a few requests
+    caught in a burst, 10x late, must not multiply every later prediction by several times).
+    Thread-safe (the router observes from many request threads).
     """
 
     def __init__(self, base: DecodeLatencyEstimator, config: CorrectionConfig | None = None) -> None:
@@ -162,7 +164,7 @@ class OnlineCorrectedLatency:
         """Fold in one sample: ``base_predicted_s`` is the *uncorrected* model's prediction.
 
         The sample's own factor ``measured / base_predicted`` (clamped to the config's ratio
-        bounds) moves the phase's factor by ``alpha``. Returns False (and learns nothing) for
+        bounds) moves the log of the phase's factor by ``alpha`` towards its log. Returns False (and learns nothing) for
         non-positive or non-finite values.
         """
         if not (
@@ -175,7 +177,8 @@ class OnlineCorrectedLatency:
         c = self.config
         f = min(c.max_ratio, max(c.min_ratio, measured_s / base_predicted_s))
         with self._lock:
-            self._factor[phase] += c.alpha * (f - self._factor[phase])
+            log_f = math.log(self._factor[phase])
+            self._factor[phase] = math.exp(log_f + c.alpha * (math.log(f) - log_f))
             self._samples[phase] += 1
         return True
 

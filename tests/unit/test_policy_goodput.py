@@ -287,6 +287,22 @@ def test_online_correction_learns_measured_latency() -> None:
     assert pol.lengths.num_samples == 40
 
 
+def test_correction_is_a_geometric_ewma_robust_to_a_burst_of_outliers() -> None:
+    from router.policy.latency import CorrectionConfig, OnlineCorrectedLatency
+
+    pol = policy(local_prefill=False)
+    c = OnlineCorrectedLatency(pol.corrected.base, CorrectionConfig(alpha=0.2))
+    for _ in range(3):  # three requests caught in a burst: 10x slower than predicted
+        assert c.observe(Phase.TTFT, 0.1, 1.0)
+    # log-space EWMA: 10 ** (1 - 0.8 ** 3) = 3.4x, not the 5.9x a linear EWMA of ratios gives
+    assert c.factor(Phase.TTFT) == pytest.approx(10 ** (1 - 0.8**3), rel=1e-9)
+    for _ in range(8):  # then the cluster answers as predicted: back within 30% of 1
+        c.observe(Phase.TTFT, 0.1, 0.1)
+    assert c.factor(Phase.TTFT) < 1.3
+    assert not c.observe(Phase.TTFT, 0.0, 1.0) and not c.observe(Phase.TTFT, 0.1, math.nan)
+    assert c.samples(Phase.TTFT) == 11 and c.factor(Phase.TPOT) == 1.0
+
+
 def test_one_token_requests_do_not_correct_tpot() -> None:
     pol = policy()
     view = ClusterView([snap("p0", P), snap("d0", D)])
