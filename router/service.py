@@ -440,6 +440,10 @@ class GenerateServicer:
             # Prefill call starts: the next placement must see it
             run.reserved = (dw if placement.local_prefill else pw).worker_id, len(ids)
             self.outstanding.add(*run.reserved)
+            # and it is in flight on its decode worker from now on: a drain (scale down) that
+            # waits for the worker to be idle cannot remove it before the request commits there
+            run.reserved_decode = dw.worker_id
+            self.registry.add_inflight(dw.worker_id, 1)
         self.metrics.routing.observe(time.perf_counter() - t_route)
         log_event(
             log,
@@ -472,6 +476,9 @@ class GenerateServicer:
             worker_id, n = run.reserved
             run.reserved = None
             self.outstanding.add(worker_id, -n)
+        if run.reserved_decode is not None:
+            worker_id, run.reserved_decode = run.reserved_decode, None
+            self.registry.add_inflight(worker_id, -1)
 
     def _feedback(self, run: _Run, finish: common_pb2.Finish) -> None:
         """Measured TTFT/TPOT and output length of a finished request, to the policy."""
@@ -901,6 +908,7 @@ class _Run:
     pre_timing: common_pb2.Timing | None = None
     kv_pull_s: float = 0.0  # decode workers' KV pull time (DecodeResponse.kv_pull_s), summed
     reserved: tuple[str, int] | None = None  # (worker id, prompt tokens) queued at placement
+    reserved_decode: str | None = None  # decode worker counted in flight at placement
 
 
 @dataclass(frozen=True)

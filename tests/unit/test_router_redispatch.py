@@ -460,3 +460,19 @@ def test_concurrent_placements_each_see_the_ones_placed_before(model_path) -> No
     assert len(entered) == 2
     assert len(w["p0"].calls) == 1 and len(w["p1"].calls) == 1, "both requests went to one prefill worker"
     assert svc.outstanding.get("p0") == svc.outstanding.get("p1") == 0  # every reservation dropped
+    assert svc.registry.get("d0").inflight == 0
+
+
+def test_a_placed_request_is_in_flight_on_its_decode_worker_before_its_prefill(model_path) -> None:
+    """A drain waits for the decode worker to be idle: the request counts there from placement."""
+    svc, w, _, _ = _cluster(model_path, {"p0": None}, {"d0": None})
+    seen: list[int] = []
+    real = w["p0"]._prefill
+
+    def spy(req):
+        seen.append(svc.registry.get("d0").inflight)
+        return real(req)
+
+    w["p0"]._prefill = spy  # type: ignore[method-assign]
+    _run(svc, _request(max_tokens=3))
+    assert seen == [1] and svc.registry.get("d0").inflight == 0
