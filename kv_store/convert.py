@@ -66,6 +66,8 @@ def handle_to_proto(h: KVHandle) -> common_pb2.KVHandle:
         lease_id=h.lease_id,
         shm_slots=list(h.shm_slots),
         lease_expires_at_unix_s=h.lease_expires_at_unix_s,
+        dist_address=h.dist_address,
+        dist_rank=h.dist_rank,
     )
 
 
@@ -81,6 +83,8 @@ def handle_from_proto(msg: common_pb2.KVHandle) -> KVHandle:
         lease_id=msg.lease_id,
         shm_slots=tuple(msg.shm_slots),
         lease_expires_at_unix_s=msg.lease_expires_at_unix_s,
+        dist_address=msg.dist_address,
+        dist_rank=msg.dist_rank,
     )
 
 

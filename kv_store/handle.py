@@ -52,6 +52,13 @@ class KVHandle:
     arena slot of block i in the shared-memory arena ``locations[i].shm_name``, valid while
     ``lease_id`` holds. A same-host consumer reads those slots directly, with no rpc
     (:meth:`kv_store.transport.ShmTransport.read_leased`).
+
+    Direct handoff (:attr:`is_direct`, ``dist_address`` non-empty): the blocks are not in a
+    store but in the outbox of the prefill worker at ``dist_address`` (its ``KVPeer`` service),
+    which pushes them from rank ``dist_rank`` of the workers' torch.distributed process group
+    (:mod:`prefill_worker.dist_outbox`, :mod:`decode_worker.dist_puller`). Such a handle has no
+    lease and no shm slots; its locations name that rank (:func:`dist_location`). Otherwise
+    ``dist_rank`` is 0.
     """
 
     request_id: str
@@ -62,6 +69,13 @@ class KVHandle:
     lease_id: str = ""
     shm_slots: tuple[int, ...] = ()
     lease_expires_at_unix_s: float = 0.0
+    dist_address: str = ""
+    dist_rank: int = 0
+
+    @property
+    def is_direct(self) -> bool:
+        """True when the blocks come straight from a prefill worker's rank (no store)."""
+        return bool(self.dist_address)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_hashes", check_hashes(self.block_hashes, "KVHandle.block_hashes"))
@@ -86,6 +100,19 @@ class KVHandle:
                 f"KVHandle: lease_expires_at_unix_s must be finite and >= 0, got {self.lease_expires_at_unix_s!r}"
             )
         object.__setattr__(self, "lease_expires_at_unix_s", exp)
+        rank = int(self.dist_rank)
+        object.__setattr__(self, "dist_rank", rank)
+        if rank < 0:
+            raise InvalidRequestError(f"KVHandle: dist_rank must be >= 0, got {rank}")
+        if self.dist_address:
+            if self.lease_id or slots:
+                raise InvalidRequestError(
+                    "KVHandle: a direct handle (dist_address set) has no store lease and no shm_slots"
+                )
+        elif rank:
+            raise InvalidRequestError(
+                f"KVHandle: dist_rank={rank} without dist_address; set both for a direct handoff"
+            )
         cap = len(self.block_hashes) * self.layout.block_size
         if not (0 <= self.num_tokens <= cap) or (
             self.block_hashes and self.num_tokens <= cap - self.layout.block_size
@@ -101,3 +128,9 @@ class KVHandle:
         for i, loc in enumerate(self.locations):
             out.setdefault(loc.node_id, []).append(i)
         return out
+
+
+def dist_location(rank: int, address: str) -> BlockLocation:
+    """The location of blocks held for a direct handoff by process-group rank ``rank``, whose
+    ``KVPeer`` service is at ``address`` (no store node, no arena: a store client cannot read it)."""
+    return BlockLocation(node_id=f"dist-rank-{rank}", address=address)

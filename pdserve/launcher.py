@@ -12,12 +12,19 @@ same URL (:func:`kv_store.redis_index.make_index`) for a global Lookup. ``store_
 ``python -m kv_store`` options (e.g. ``--index-sync-interval-s 0.2``, ``--high-water 0.9``).
 ``num_stores`` > 1 (Redis index only) starts store nodes kv0..kvN-1; workers use kv0, which with
 ``replication_factor`` > 1 copies new blocks to the others in the background (best effort).
+
+``ClusterSpec.kv_transport``: how KV moves from prefill to decode. ``store`` (default): through
+the store node. ``dist``: directly, over one torch.distributed process group that every worker
+joins (``dist_backend`` gloo | nccl; a free loopback port is allocated for its TCP store;
+prefill-i is rank i, decode-i rank ``num_prefill + i``; see :mod:`pdserve.worker_main`).
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -27,8 +34,23 @@ from pathlib import Path
 
 from engine.models.config import ModelConfig
 from pdserve.errors import UnavailableError
+from pdserve.worker_main import DistBackend
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class KVTransport(enum.Enum):
+    """How a cluster's KV moves from prefill to decode workers."""
+
+    STORE = "store"  # published to the store node, pulled from it (shm same host, else gRPC)
+    DIST = "dist"  # directly between worker processes over torch.distributed (gloo | nccl)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (another process may still take it before it is used)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -47,8 +69,18 @@ class ClusterSpec:
     store_args: tuple[str, ...] = ()
     num_stores: int = 1  # store nodes kv0..kvN-1; workers put to and pull through kv0
     replication_factor: int = 1  # copies per block across the store nodes (needs a shared index)
+    kv_transport: KVTransport = KVTransport.STORE  # "store" | "dist" (strings are accepted)
+    dist_backend: DistBackend = DistBackend.GLOO  # kv_transport "dist": "gloo" (CPU) | "nccl" (GPU)
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "kv_transport", KVTransport(self.kv_transport))
+            object.__setattr__(self, "dist_backend", DistBackend(self.dist_backend))
+        except ValueError as e:
+            raise ValueError(
+                f"{e}: kv_transport is one of {[t.value for t in KVTransport]}, "
+                f"dist_backend one of {[b.value for b in DistBackend]}"
+            ) from None
         if self.num_stores < 1:
             raise ValueError(f"num_stores must be >= 1, got {self.num_stores}")
         if self.num_stores > 1 and self.index_url == "memory":
@@ -199,10 +231,22 @@ def launch(spec: ClusterSpec) -> LocalCluster:
         )
         cl.store_addresses[store["node_id"]] = store["address"]
     cl.store_node_id, cl.store_address = next(iter(cl.store_addresses.items()))
+    # direct handoff: KV handles name prefill workers, not the store; tell the router where the
+    # store is for its prefix lookups (it would otherwise learn it from the handles)
+    store_flag = ["--store", cl.store_address] if spec.kv_transport is KVTransport.DIST else []
     router = _spawn(
         cl,
         "router",
-        ["-m", "router", "--model", spec.model_path, "--port", str(spec.router_port), *spec.router_args],
+        [
+            "-m",
+            "router",
+            "--model",
+            spec.model_path,
+            "--port",
+            str(spec.router_port),
+            *store_flag,
+            *spec.router_args,
+        ],
         t,
     )
     cl.router_address = router["address"]
@@ -219,11 +263,28 @@ def launch(spec: ClusterSpec) -> LocalCluster:
         str(spec.block_size),
         *spec.worker_args,
     ]
+    world = spec.num_prefill + spec.num_decode
+    dist_init = f"tcp://127.0.0.1:{free_port()}" if spec.kv_transport is KVTransport.DIST else ""
+    rank = 0  # prefill ranks 0..P-1, decode ranks P..P+D-1
     for role, n in (("prefill", spec.num_prefill), ("decode", spec.num_decode)):
         for i in range(n):
             wid = f"{role}-{i}"
-            info = _spawn(cl, wid, ["-m", f"{role}_worker", "--worker-id", wid, *common], t)
+            dist: list[str] = []
+            if dist_init:
+                dist = [
+                    "--dist-init",
+                    dist_init,
+                    "--dist-rank",
+                    str(rank),
+                    "--dist-world",
+                    str(world),
+                    "--dist-backend",
+                    spec.dist_backend.value,
+                ]
+            # the workers join the group in the background: spawning them one by one is fine
+            info = _spawn(cl, wid, ["-m", f"{role}_worker", "--worker-id", wid, *common, *dist], t)
             cl.workers[wid] = info["address"]
+            rank += 1
     wait_registered(cl, t)
     return cl
 

@@ -2,28 +2,198 @@
 
 Prints one JSON line ``{"worker_id", "role", "address", "metrics"}`` once serving (``metrics``:
 host:port of its Prometheus /metrics), then runs until SIGTERM. Logs are JSON lines on stderr.
+
+Direct KV handoff (``--dist-init tcp://HOST:PORT --dist-rank R --dist-world W
+[--dist-backend gloo|nccl]``): every prefill and decode worker of the cluster joins one
+torch.distributed process group (prefill ranks ``0..P-1``, decode ranks ``P..P+D-1``; rank 0
+hosts the TCP store). The group forms in a background thread (:class:`DistGroup`), so workers
+start serving in any order; a transfer waits for it (``--dist-timeout-s``) and fails with a
+clear UNAVAILABLE error if it never forms. A prefill worker then keeps its KV in an outbox
+(:class:`prefill_worker.dist_outbox.DistPublisher`, ``--dist-outbox-bytes``) and serves the
+``KVPeer`` service next to ``Worker``; a decode worker pulls direct handles with
+:class:`decode_worker.dist_puller.DistPuller` (store handles still through the store).
+gloo moves CPU tensors, nccl CUDA tensors (same code path; the device follows the backend).
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import json
+import logging
 import signal
 import sys
 import threading
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
+import torch
 from prometheus_client import REGISTRY
 
 from engine.config import EngineConfig
 from kv_store.arena import host_id
 from kv_store.client import KVStoreClient
+from kv_store.dist_transport import DistConfig, destroy_process_group, device_for, init_process_group
 from kv_store.transport import AutoTransport
+from pdserve.errors import UnavailableError
 from pdserve.limits import grpc_options
 from pdserve.metrics import WorkerMetrics, serve_metrics
 from pdserve.tracing import configure_logging, traced_channel
 from pdserve.v1 import worker_pb2
 from pdserve.worker_base import Heartbeater, Role, WorkerConfig, WorkerState
+
+log = logging.getLogger(__name__)
+
+
+class DistBackend(enum.Enum):
+    """torch.distributed backend of the direct handoff."""
+
+    GLOO = "gloo"  # CPU tensors over TCP (tested in CI)
+    NCCL = "nccl"  # CUDA tensors, GPU to GPU (same code path; needs GPUs)
+
+
+DEFAULT_DIST_TIMEOUT_S = 180.0
+DEFAULT_OUTBOX_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class DistOptions:
+    """The ``--dist-*`` flags: this worker's place in the workers' process group."""
+
+    init_method: str  # tcp://HOST:PORT (rank 0 hosts the TCP store there)
+    rank: int
+    world_size: int
+    backend: DistBackend = DistBackend.GLOO
+    timeout_s: float = DEFAULT_DIST_TIMEOUT_S  # forming the group, and each transfer
+    outbox_bytes: int = DEFAULT_OUTBOX_BYTES  # prefill: KV held for pushes, at most
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backend, DistBackend):
+            object.__setattr__(self, "backend", DistBackend(self.backend))
+        if self.timeout_s <= 0:
+            raise ValueError(f"--dist-timeout-s must be > 0, got {self.timeout_s}")
+        if self.outbox_bytes <= 0:
+            raise ValueError(f"--dist-outbox-bytes must be > 0, got {self.outbox_bytes}")
+        self.dist_config()  # validates rank, world size and init method
+
+    def dist_config(self) -> DistConfig:
+        return DistConfig(
+            rank=self.rank,
+            world_size=self.world_size,
+            init_method=self.init_method,
+            backend=self.backend.value,
+            timeout_s=self.timeout_s,
+        )
+
+
+class DistGroup:
+    """Joins the default process group on a background thread (:meth:`start`), so that the
+    worker serves while the other ranks start; :meth:`wait_ready` blocks until it is formed.
+
+    ``device`` (gloo: cpu; nccl: cuda) is known at once. A failure to form (a rank never came,
+    bad address) is logged and kept: :meth:`wait_ready` raises it as UnavailableError, and
+    :attr:`failed` turns True (the prefill side then publishes to the store instead).
+    """
+
+    def __init__(self, options: DistOptions) -> None:
+        self.options = options
+        self.rank = options.rank
+        self.world_size = options.world_size
+        cfg = options.dist_config()
+        self.device = device_for(cfg.backend, cfg.rank, cfg.cuda_device)
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> DistGroup:
+        def run() -> None:
+            o = self.options
+            try:
+                self.device = init_process_group(o.dist_config())
+                log.info(
+                    "process group formed (rank %d of %d, %s, %s)",
+                    o.rank,
+                    o.world_size,
+                    o.backend.value,
+                    self.device,
+                )
+            except BaseException as e:  # noqa: BLE001 - reported by wait_ready
+                self._error = e
+                log.error(
+                    "process group %s (rank %d of %d, %s) failed to form: %s",
+                    o.init_method,
+                    o.rank,
+                    o.world_size,
+                    o.backend.value,
+                    e,
+                )
+            finally:
+                self._done.set()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="dist-init")
+        self._thread.start()
+        return self
+
+    @property
+    def failed(self) -> bool:
+        return self._done.is_set() and self._error is not None
+
+    @property
+    def ready(self) -> bool:
+        return self._done.is_set() and self._error is None
+
+    def wait_ready(self, timeout_s: float) -> torch.device:
+        """The group's device once formed; UnavailableError if it failed or is not formed within
+        ``timeout_s`` seconds."""
+        o = self.options
+        if not self._done.wait(timeout_s):
+            raise UnavailableError(
+                f"process group {o.init_method} not formed after {timeout_s:.0f}s (rank {o.rank} of "
+                f"{o.world_size}): are all {o.world_size} workers started with the same --dist-init?"
+            )
+        if self._error is not None:
+            raise UnavailableError(
+                f"process group {o.init_method} (rank {o.rank} of {o.world_size}, {o.backend.value}) "
+                f"failed to form: {self._error}"
+            )
+        return self.device
+
+    def close(self) -> None:
+        if self.ready:
+            try:
+                destroy_process_group()
+            except Exception as e:  # noqa: BLE001 - shutting down anyway
+                log.warning("destroying the process group failed: %s", e)
+
+
+def parse_dist_args(argv: list[str]) -> tuple[DistOptions | None, list[str]]:
+    """Split the ``--dist-*`` flags off ``argv``: (their options, None without ``--dist-init``;
+    the remaining arguments)."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--dist-init", default=None, help="tcp://HOST:PORT of the workers' process group")
+    ap.add_argument("--dist-rank", type=int, default=None)
+    ap.add_argument("--dist-world", type=int, default=None)
+    ap.add_argument("--dist-backend", default=DistBackend.GLOO.value, choices=[b.value for b in DistBackend])
+    ap.add_argument("--dist-timeout-s", type=float, default=DEFAULT_DIST_TIMEOUT_S)
+    ap.add_argument("--dist-outbox-bytes", type=int, default=DEFAULT_OUTBOX_BYTES)
+    a, rest = ap.parse_known_args(argv)
+    if a.dist_init is None:
+        return None, rest
+    if a.dist_rank is None or a.dist_world is None:
+        ap.error("--dist-init needs --dist-rank and --dist-world")
+    try:
+        opts = DistOptions(
+            init_method=a.dist_init,
+            rank=a.dist_rank,
+            world_size=a.dist_world,
+            backend=DistBackend(a.dist_backend),
+            timeout_s=a.dist_timeout_s,
+            outbox_bytes=a.dist_outbox_bytes,
+        )
+    except ValueError as e:
+        ap.error(str(e))
+    return opts, rest
 
 
 def parse(argv: list[str] | None, role: Role) -> WorkerConfig:
@@ -67,31 +237,66 @@ def parse(argv: list[str] | None, role: Role) -> WorkerConfig:
     )
 
 
-def build_service(state: WorkerState, store: KVStoreClient, transport: AutoTransport):
+def build_service(
+    state: WorkerState,
+    store: KVStoreClient,
+    transport: AutoTransport,
+    dist: DistGroup | None = None,
+    outbox_bytes: int = DEFAULT_OUTBOX_BYTES,
+) -> Any:
+    """The Worker servicer of ``state``'s role. With ``dist`` (a direct-handoff worker) a prefill
+    servicer publishes to an outbox (store as fallback) and a decode servicer pulls direct
+    handles over the process group (store handles through the store); see :func:`build_peer`."""
     if state.config.role is Role.PREFILL:
         from prefill_worker.publisher import StorePublisher
         from prefill_worker.service import PrefillServicer
 
-        return PrefillServicer(state, StorePublisher(store), store, transport)
+        publisher: Any = StorePublisher(store)
+        if dist is not None:
+            from prefill_worker.dist_outbox import DistOutbox, DistPublisher
+
+            outbox = DistOutbox(outbox_bytes)
+            outbox.start_sweeper()
+            publisher = DistPublisher(outbox, dist, lambda: state.address, fallback=publisher)
+        return PrefillServicer(state, publisher, store, transport)
     from decode_worker.puller import StorePuller
     from decode_worker.service import DecodeServicer
 
-    return DecodeServicer(state, StorePuller(transport, {store.address: store}))
+    puller: Any = StorePuller(transport, {store.address: store})
+    if dist is not None:
+        from decode_worker.dist_puller import DistPuller
+
+        puller = DistPuller(dist, puller, timeout_s=dist.options.timeout_s)
+    return DecodeServicer(state, puller)
+
+
+def build_peer(svc: Any, dist: DistGroup) -> Any:
+    """The KVPeer servicer of a direct-handoff prefill worker (shares ``svc``'s outbox)."""
+    from prefill_worker.dist_outbox import KVPeerServicer
+
+    return KVPeerServicer(svc.publisher.outbox, dist, ready_timeout_s=dist.options.timeout_s)
 
 
 def main(role: Role, argv: list[str] | None = None) -> int:
     from pdserve.grpc_server import start_server
 
-    cfg = parse(argv, role)
+    dist_opts, rest = parse_dist_args(list(sys.argv[1:] if argv is None else argv))
+    cfg = parse(rest, role)
     configure_logging(cfg.worker_id)
+    # join the process group while the model loads (the other ranks may start later)
+    dist = DistGroup(dist_opts).start() if dist_opts is not None else None
     state = WorkerState.load(cfg)
     # store calls carry the request id as gRPC metadata (pdserve-request-id)
     store_channel = traced_channel(grpc.insecure_channel(cfg.store_address, options=grpc_options()))
     store = KVStoreClient(cfg.store_address, channel=store_channel)
     transport = AutoTransport(host_id())
-    svc = build_service(state, store, transport)
-    desc = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
-    server, port, _ = start_server([(desc, svc)], cfg.host, cfg.port, name=cfg.worker_id)
+    svc = build_service(
+        state, store, transport, dist, dist_opts.outbox_bytes if dist_opts else DEFAULT_OUTBOX_BYTES
+    )
+    services: list[tuple[Any, Any]] = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], svc)]
+    if dist is not None and role is Role.PREFILL:
+        services.append((worker_pb2.DESCRIPTOR.services_by_name["KVPeer"], build_peer(svc, dist)))
+    server, port, _ = start_server(services, cfg.host, cfg.port, name=cfg.worker_id)
     state.address = f"{cfg.host}:{port}"
     state.attach_metrics(
         WorkerMetrics(REGISTRY, cfg.worker_id, role.name.lower(), snapshot=state.metrics_snapshot)
@@ -122,6 +327,8 @@ def main(role: Role, argv: list[str] | None = None) -> int:
     transport.close()
     store.close()
     store_channel.close()
+    if dist is not None:
+        dist.close()
     return 0
 
 

@@ -1,0 +1,232 @@
+"""Decode side of the direct KV handoff over torch.distributed (gloo on CPU, NCCL on GPU).
+
+:class:`DistPuller` is a :class:`~decode_worker.puller.KVPuller` for a worker that joined the
+workers' process group (``--dist-init``). A direct handle (``KVHandle.is_direct``: the prefill
+worker kept the blocks in its outbox, :mod:`prefill_worker.dist_outbox`) is pulled like this,
+under a lock per source rank (so that the P2P transfers between one pair of ranks never
+interleave):
+
+1. call ``KVPeer.PushKV(request_id, my rank)`` on the prefill worker at ``handle.dist_address``
+   (a server stream);
+2. on its first message (ACCEPTED: the prefill worker took the entry and is sending), receive
+   the transfer from ``handle.dist_rank`` into a tensor sized from the handle
+   (:meth:`kv_store.dist_transport.DistBlockReceiver.recv_into`);
+3. read its second message (DONE) and return the blocks.
+
+Nothing is posted to the process group before ACCEPTED, so a refused push (NOT_FOUND: the
+outbox entry expired, was evicted or already pushed) leaves the pair in step; it raises
+:class:`~pdserve.errors.RequestNotFoundError` with a message naming the cause (the router
+returns it to the client, which may submit the request again). A transfer of another request
+arriving first (left over by an earlier pull that gave up after ACCEPTED) is received, counted in
+``stale_discarded`` and dropped, up to ``max_stale`` times.
+
+Every other handle goes to the wrapped ``fallback`` puller (the store path). ``release`` of a
+direct handle is a no-op: the push removed the outbox entry, and one never pulled expires there.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import grpc
+import torch
+
+from decode_worker.puller import KVPuller
+from kv_store.dist_transport import DistBlockReceiver, TransferHeader
+from kv_store.handle import KVHandle
+from pdserve.errors import (
+    InvalidRequestError,
+    LayoutMismatchError,
+    PdserveError,
+    RequestNotFoundError,
+    UnavailableError,
+)
+from pdserve.limits import grpc_options
+from pdserve.status import error_from_rpc_error
+from pdserve.tracing import log_event
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class PeerGroup(Protocol):
+    """This process's place in the workers' process group (``pdserve.worker_main.DistGroup``)."""
+
+    rank: int
+    world_size: int
+
+    def wait_ready(self, timeout_s: float) -> torch.device:
+        """Block until the group is formed; UnavailableError when it failed or took too long."""
+        ...
+
+
+class BlockReceiver(Protocol):
+    def recv_into(self, src: int, out: torch.Tensor) -> TransferHeader: ...
+
+
+class KVPeerStub(Protocol):
+    """What :class:`DistPuller` calls: ``worker_pb2_grpc.KVPeerStub`` or a fake."""
+
+    def PushKV(self, request: worker_pb2.PushKVRequest, timeout: float | None = None) -> Any: ...
+
+
+class DistPuller:
+    """:class:`~decode_worker.puller.KVPuller` for direct handles; others go to ``fallback``.
+
+    ``stub_for(address)`` returns the KVPeer stub of a prefill worker (default: a cached gRPC
+    channel per address); ``receiver`` defaults to a
+    :class:`~kv_store.dist_transport.DistBlockReceiver` on the group's device. ``timeout_s``
+    bounds the wait for the group and the PushKV call. Counters: ``direct_pulls``,
+    ``direct_failures``, ``stale_discarded``.
+    """
+
+    def __init__(
+        self,
+        group: PeerGroup,
+        fallback: KVPuller,
+        stub_for: Callable[[str], KVPeerStub] | None = None,
+        receiver: BlockReceiver | None = None,
+        timeout_s: float = 120.0,
+        max_stale: int = 4,
+    ) -> None:
+        self.group = group
+        self.fallback = fallback
+        self._stub_for = stub_for or self._grpc_stub
+        self._receiver = receiver
+        self.timeout_s = timeout_s
+        self.max_stale = max_stale
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, KVPeerStub] = {}
+        self._guard = threading.Lock()
+        self._locks: dict[int, threading.Lock] = {}
+        self.direct_pulls = 0
+        self.direct_failures = 0
+        self.stale_discarded = 0
+
+    @property
+    def transport(self) -> Any:
+        """The fallback puller's block transport (the decode service reads its counters)."""
+        return getattr(self.fallback, "transport", None)
+
+    def _grpc_stub(self, address: str) -> KVPeerStub:
+        with self._guard:
+            stub = self._stubs.get(address)
+            if stub is None:
+                ch = self._channels[address] = grpc.insecure_channel(address, options=grpc_options())
+                stub = self._stubs[address] = worker_pb2_grpc.KVPeerStub(ch)
+            return stub
+
+    def _lock_for(self, src: int) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(src, threading.Lock())
+
+    def _count(self, name: str) -> None:
+        with self._guard:
+            setattr(self, name, getattr(self, name) + 1)
+
+    def pull(self, handle: KVHandle) -> torch.Tensor:
+        """``[n_blocks, num_layers, 2, block_size, kvh, hd]`` in handle order (on the group's
+        device for a direct handle: CPU with gloo, CUDA with NCCL)."""
+        if not handle.is_direct:
+            return self.fallback.pull(handle)
+        try:
+            out = self._pull_direct(handle)
+        except Exception:
+            self._count("direct_failures")
+            raise
+        self._count("direct_pulls")
+        return out
+
+    def release(self, handle: KVHandle) -> None:
+        """No-op for a direct handle (no lease; see module docstring); else the fallback's."""
+        if not handle.is_direct:
+            self.fallback.release(handle)
+
+    def _pull_direct(self, handle: KVHandle) -> torch.Tensor:
+        src, me = handle.dist_rank, self.group.rank
+        if not (0 <= src < self.group.world_size) or src == me:
+            raise InvalidRequestError(
+                f"KV handle of {handle.request_id!r} names rank {src}, not another rank of this decode "
+                f"worker's process group (world size {self.group.world_size}, this worker is rank {me})"
+            )
+        device = self.group.wait_ready(self.timeout_s)
+        receiver = self._receiver
+        if receiver is None:
+            receiver = self._receiver = DistBlockReceiver(device)
+        layout = handle.layout
+        n = len(handle.block_hashes)
+        out = torch.empty((n, *layout.block_shape), dtype=getattr(torch, layout.dtype), device=device)
+        where = f"prefill worker {handle.dist_address} (rank {src})"
+        with self._lock_for(src):
+            call = self._stub_for(handle.dist_address).PushKV(
+                worker_pb2.PushKVRequest(request_id=handle.request_id, dst_rank=me), timeout=self.timeout_s
+            )
+            try:
+                first = self._next(call, handle, where)
+                if first.phase != worker_pb2.PUSH_KV_PHASE_ACCEPTED:
+                    raise UnavailableError(f"PushKV to {where}: expected ACCEPTED, got phase {first.phase}")
+                self._receive(receiver, src, out, handle)
+                last = self._next(call, handle, where)
+                if last.phase != worker_pb2.PUSH_KV_PHASE_DONE:
+                    raise UnavailableError(f"PushKV to {where}: expected DONE, got phase {last.phase}")
+            except BaseException:
+                cancel = getattr(call, "cancel", None)
+                if cancel is not None:
+                    cancel()
+                raise
+        return out
+
+    def _receive(self, receiver: BlockReceiver, src: int, out: torch.Tensor, handle: KVHandle) -> None:
+        """Receive this handle's transfer into ``out``, dropping stale transfers of other requests."""
+        n = out.shape[0]
+        for _ in range(self.max_stale + 1):
+            header = receiver.recv_into(src, out)
+            if header.request_id == handle.request_id:
+                if header.n_blocks != n:
+                    raise LayoutMismatchError(
+                        f"direct transfer of {handle.request_id!r} from rank {src} carried {header.n_blocks} "
+                        f"blocks; its KV handle names {n}"
+                    )
+                return
+            self._count("stale_discarded")
+            log_event(
+                log,
+                "stale direct transfer discarded",
+                logging.WARNING,
+                request_id=handle.request_id,
+                stale_request_id=header.request_id,
+                src_rank=src,
+            )
+        raise UnavailableError(
+            f"direct transfer from rank {src}: {self.max_stale + 1} transfers of other requests arrived "
+            f"instead of {handle.request_id!r}; the pair of ranks is out of step (restart the workers)"
+        )
+
+    @staticmethod
+    def _next(call: Any, handle: KVHandle, where: str) -> worker_pb2.PushKVResponse:
+        """The next message of a PushKV stream, its failure as a typed error naming the cause."""
+        try:
+            return next(call)
+        except StopIteration:
+            raise UnavailableError(f"PushKV to {where} ended early for {handle.request_id!r}") from None
+        except grpc.RpcError as e:
+            err: PdserveError = error_from_rpc_error(e)
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                raise RequestNotFoundError(
+                    f"the KV of request {handle.request_id!r} is no longer held by {where}: its outbox "
+                    f"entry expired (lease TTL) or was evicted before this decode worker pulled it; "
+                    f"submit the request again ({err.message})"
+                ) from None
+            raise type(err)(f"PushKV to {where} for {handle.request_id!r} failed: {err.message}") from None
+
+    def close(self) -> None:
+        """Close the gRPC channels this puller opened."""
+        with self._guard:
+            chans = list(self._channels.values())
+            self._channels.clear()
+            self._stubs.clear()
+        for ch in chans:
+            ch.close()
