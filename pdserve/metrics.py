@@ -52,7 +52,7 @@ prometheus_client.disable_created_metrics()
 SLO_CLASSES = ("default", "interactive", "standard", "batch")
 OUTCOMES = ("ok", "rejected", "invalid", "cancelled", "timeout", "error")
 PHASES = ("queue", "prefill", "transfer", "decode")
-REDISPATCH_PHASES = ("prefill", "decode")
+REDISPATCH_PHASES = ("prefill", "decode", "kv")
 TRANSPORTS = ("grpc", "shm")
 KV_OPS = (("grpc", "put", "in"), ("grpc", "get", "out"), ("shm", "lease", "out"))
 # why a decode worker's KV pull failed (consumer side); shm_fallback: the same-host shared-memory

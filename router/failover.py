@@ -32,6 +32,9 @@ class LostPhase(enum.Enum):
 
     PREFILL = "prefill"
     DECODE = "decode"
+    # the handed-off KV was gone before the decode worker pulled it (blocks evicted, lease or
+    # direct-transfer outbox entry expired): that worker is fine; the request is prefilled again
+    KV = "kv"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class LostWorker:
 
     def describe(self) -> str:
         d = f": {self.detail}" if self.detail else ""
+        if self.phase is LostPhase.KV:
+            return f"KV handed to decode worker {self.worker_id} was gone{d}"
         return f"{self.phase.value} worker {self.worker_id}{d}"
 
 
@@ -69,8 +74,9 @@ class Redispatches:
 
     @property
     def excluded(self) -> frozenset[str]:
-        """Ids of the workers this request lost: never placed on again."""
-        return frozenset(w.worker_id for w in self.lost)
+        """Ids of the workers this request lost: never placed on again (a lost KV handoff
+        excludes no worker)."""
+        return frozenset(w.worker_id for w in self.lost if w.phase is not LostPhase.KV)
 
     def record(self, lost: LostWorker) -> None:
         self.lost.append(lost)

@@ -559,7 +559,8 @@ class GenerateServicer:
                 return
             except _WorkerLost as e:
                 lost = e.lost
-            self.registry.drop(lost.worker_id)
+            if lost.phase is not LostPhase.KV:  # a worker whose KV handoff was gone is alive
+                self.registry.drop(lost.worker_id)
             reuse = lost.phase is LostPhase.DECODE and len(run.out_ids) == produced
             try:
                 if not ctx.is_active():  # cancelled or past its deadline: the client is not waiting
@@ -567,6 +568,9 @@ class GenerateServicer:
                         self._release_lease(handoff.kv)
                     return
                 budget.record(lost)  # raises once over the bound
+                if lost.phase is LostPhase.KV and handoff is not None:
+                    self._release_lease(handoff.kv)
+                    handoff = None  # prefill prompt + tokens so far again, same decode worker
                 if lost.phase is LostPhase.DECODE and handoff is not None:
                     relet = self._relet(handoff) if reuse else None
                     if relet is None:
@@ -935,7 +939,8 @@ class _WorkerLost(Exception):
 
 class _Guarded:
     """A Decode call as :meth:`GenerateServicer._relay` consumes it (iterate, ``cancel``), whose
-    UNAVAILABLE failure is raised as :class:`_WorkerLost` instead of ending the request.
+    UNAVAILABLE failure is raised as :class:`_WorkerLost` instead of ending the request, and so
+    is a NOT_FOUND before the first message (the KV it was handed was gone: ``LostPhase.KV``).
 
     ``keep_cached``: a resumed local-prefill leg reports the cached tokens of its extended prompt;
     the request keeps the count of its first leg (its usage describes the client's prompt)."""
@@ -946,16 +951,20 @@ class _Guarded:
         self._keep_cached = keep_cached
 
     def __iter__(self) -> Iterator[worker_pb2.DecodeResponse]:
+        started = False
         try:
             for d in self._call:
                 if self._keep_cached is not None:
                     d.num_cached_tokens = self._keep_cached
+                started = True
                 yield d
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise _WorkerLost(
                     LostWorker(self._worker.worker_id, LostPhase.DECODE, e.details() or "")
                 ) from None
+            if e.code() == grpc.StatusCode.NOT_FOUND and not started:  # its KV was gone
+                raise _WorkerLost(LostWorker(self._worker.worker_id, LostPhase.KV, e.details() or "")) from None
             raise
 
     def cancel(self) -> bool:

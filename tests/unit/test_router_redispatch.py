@@ -476,3 +476,42 @@ def test_a_placed_request_is_in_flight_on_its_decode_worker_before_its_prefill(m
     w["p0"]._prefill = spy  # type: ignore[method-assign]
     _run(svc, _request(max_tokens=3))
     assert seen == [1] and svc.registry.get("d0").inflight == 0
+
+
+def test_kv_gone_before_the_pull_is_prefilled_again_for_the_same_decode_worker(model_path) -> None:
+    """NOT_FOUND from a Decode before its first message: the handed-off KV was evicted (or a direct
+    transfer's outbox entry expired). The decode worker is fine: the request is prefilled again and
+    goes back to it; counted as a ``kv`` re-dispatch, no worker dropped."""
+    svc, w, store, reg = _cluster(model_path, {"p0": None}, {"d0": None})
+    real = w["d0"]._decode
+    calls = {"n": 0}
+
+    def evicted_once(req):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise FakeRpcError(grpc.StatusCode.NOT_FOUND, "3 of 3 KV blocks are not stored on this node")
+        yield from real(req)
+
+    w["d0"]._decode = evicted_once  # type: ignore[method-assign]
+    ids, _, last = _run(svc, _request())
+    assert ids == reference(PROMPT, 12) and last.finish.usage.completion_tokens == 12
+    assert len(w["p0"].calls) == 2 and len(w["d0"].calls) == 2
+    assert list(w["p0"].calls[1].prompt_token_ids) == PROMPT + ids[:1]  # first token kept, not re-sent
+    assert svc.registry.get("d0") is not None  # not dropped
+    assert _redispatches(reg, "kv") == 1 and _redispatches(reg, "decode") == 0
+    assert store.leases == set()
+
+
+def test_not_found_after_tokens_streamed_is_not_retried(model_path) -> None:
+    svc, w, _, reg = _cluster(model_path, {"p0": None}, {"d0": None})
+    real = w["d0"]._decode
+
+    def fails_mid_stream(req):
+        it = real(req)
+        yield next(it)
+        raise FakeRpcError(grpc.StatusCode.NOT_FOUND, "request vanished")
+
+    w["d0"]._decode = fails_mid_stream  # type: ignore[method-assign]
+    with pytest.raises(Exception, match="vanished"):
+        _run(svc, _request())
+    assert _redispatches(reg, "kv") == 0
