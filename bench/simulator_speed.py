@@ -14,7 +14,7 @@ meets it; the target is for the first two scenarios, mooncake is a heavier extra
 simulator events/s against a bare ``heapq`` event loop (no-op callbacks) measured in the same run
 with the same event count (the baseline: the cost of the event queue alone).
 
-Usage: python bench/simulator_speed.py [--requests 10000]
+Usage: python bench/simulator_speed.py [--requests 10000] [--only disaggregated,colocated]
 """
 
 from __future__ import annotations
@@ -73,15 +73,27 @@ def run(name: str, cluster: ClusterConfig, wl, slo: SLO) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=10_000)
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated scenarios (disaggregated, colocated, mooncake); default all",
+    )
     a = ap.parse_args()
     n = a.requests
+    only = {x.strip() for x in a.only.split(",") if x.strip()}
+    unknown = only - {"disaggregated", "colocated", "mooncake"}
+    if unknown:
+        ap.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     slo = SLO(0.25, 0.1)
     l7 = LatencySpec("llama-2-7b", "a100")
-    run("disaggregated", disaggregated(l7, 4, 4), sharegpt(n, rate=40.0), slo)
-    run("colocated", colocated(l7, 8), sharegpt(n, rate=60.0), slo)
-    groups = (InstanceGroup(InstanceRole.PREFILL, 16, 1), InstanceGroup(InstanceRole.DECODE, 8, 1))
-    moon = ClusterConfig(LatencySpec("llama-3-8b", "a100"), groups, policy=PolicyKind.GLOBAL_CACHE_AWARE)
-    run("mooncake", moon, load_mooncake(limit=n), SLO(30.0, 0.1))
+    if not only or "disaggregated" in only:
+        run("disaggregated", disaggregated(l7, 4, 4), sharegpt(n, rate=40.0), slo)
+    if not only or "colocated" in only:
+        run("colocated", colocated(l7, 8), sharegpt(n, rate=60.0), slo)
+    if not only or "mooncake" in only:
+        groups = (InstanceGroup(InstanceRole.PREFILL, 16, 1), InstanceGroup(InstanceRole.DECODE, 8, 1))
+        moon = ClusterConfig(LatencySpec("llama-3-8b", "a100"), groups, policy=PolicyKind.GLOBAL_CACHE_AWARE)
+        run("mooncake", moon, load_mooncake(limit=n), SLO(30.0, 0.1))
     return 0
 
 

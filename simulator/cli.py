@@ -92,6 +92,7 @@ def _cluster(a: argparse.Namespace, lat: LatencySpec) -> ClusterConfig:
         seed=a.seed,
     )
     kw["kv_blocks"] = a.kv_blocks
+    kw["dispatch_overhead_s"] = getattr(a, "dispatch_overhead_ms", 0.0) / 1e3
     probe = ClusterConfig(lat, (), **kw)
     n = probe.model_len
     mixed_sched = (
@@ -306,6 +307,12 @@ def register(subparsers) -> None:
     )
     s.add_argument("--host-pool-tokens", type=int, default=0)
     s.add_argument("--kv-blocks", type=int, default=None, help="override KV blocks per instance")
+    s.add_argument(
+        "--dispatch-overhead-ms",
+        type=float,
+        default=0.0,
+        help="fixed per-request serving overhead (router/RPC), added between arrival and submission",
+    )
     s.add_argument("--rate", type=float, default=None, help="rescale the workload to this mean rate (req/s)")
     s.add_argument("--rates", default=None, help="comma-separated rates: attainment sweep and plots")
     s.add_argument("--goodput", action="store_true", help="also binary-search goodput")

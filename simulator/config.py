@@ -119,6 +119,10 @@ class ClusterConfig:
     policy: PolicyKind = PolicyKind.LEAST_LOADED
     decode_watermark: float = 0.01  # share of blocks a decode instance keeps free when admitting
     seed: int = 0
+    # Fixed delay (s) between a request's arrival and its submission to the placed instance:
+    # the serving path the latency model does not cover (client -> router -> worker RPCs, the
+    # first token's way back). 0 = none (the default; no extra events are scheduled).
+    dispatch_overhead_s: float = 0.0
 
     @property
     def mode(self) -> Mode:

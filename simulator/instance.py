@@ -27,13 +27,16 @@ DUMMY_TOKEN = 0
 
 
 class _DummyTokens(dict):
-    """``sampled`` mapping for ``update_from_output``: every request samples ``DUMMY_TOKEN``."""
+    """``sampled`` mapping for ``update_from_output``: every request samples ``DUMMY_TOKEN``.
+
+    A missing id is stored on first lookup, so later steps of the request hit the dict in C
+    instead of calling ``__missing__``; each instance has its own (one entry per request that
+    ran there, dropped with the instance at the end of a run).
+    """
 
     def __missing__(self, key: str) -> int:
+        self[key] = DUMMY_TOKEN
         return DUMMY_TOKEN
-
-
-_SAMPLED = _DummyTokens()
 
 
 @dataclass
@@ -97,6 +100,7 @@ class SimInstance:
         self._started: set[str] = set()
         self._loader_seq = 0
         self._retry: list[tuple[Request, int]] = []
+        self._sampled = _DummyTokens()
 
     # ------------------------------------------------------------------ InstanceView
     @property
@@ -256,7 +260,7 @@ class SimInstance:
     def _end_step(
         self, out: SchedulerOutput, start: float, started: list[Request], firsts: list[Request]
     ) -> None:
-        done = self.sched.update_from_output(out, _SAMPLED)
+        done = self.sched.update_from_output(out, self._sampled)
         for r in firsts:
             self._started.discard(r.request_id)
         for r in done:

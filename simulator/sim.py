@@ -61,6 +61,23 @@ def trace_block_keys(
     return [raw[i : i + 8] for i in range(0, 8 * n, 8)]
 
 
+def request_block_keys(index: int, start: int, end: int) -> list[BlockHash]:
+    """Stand-in KV-block keys for blocks ``[start, end)`` of workload request ``index``.
+
+    Contract: key = 12 little-endian bytes of ``index * 2**32 + block``, so two keys are equal
+    iff they name the same block of the same request, and no key equals a trace key (8 bytes,
+    :func:`trace_block_keys`) or an engine key (16 bytes, :mod:`engine.block_hash`).
+
+    Why this is exact: the simulator salts every request with its own id (``cache_salt``), so
+    the engine's own keys for blocks past the trace keys are unique per (request, block) too;
+    keys are only ever compared for equality (dict/set membership), so replacing them by other
+    keys with the same equality pattern cannot change any cache hit, eviction or timing, and it
+    saves hashing every block with BLAKE2b (the KV manager only hashes blocks that have no key).
+    """
+    base = index << 32
+    return [(base + j).to_bytes(12, "little") for j in range(start, end)]
+
+
 def default_policy_factory(loop: EventLoop, latency: LatencyModel, cluster: ClusterConfig) -> PlacementPolicy:
     return make_policy(cluster.policy, clock=loop, latency=latency, seed=cluster.seed)
 
@@ -226,6 +243,21 @@ class _Run:
             return []
         return trace_block_keys(w.hash_ids, w.input_len, self.block_size, w.hash_block)
 
+    def _request_keys(
+        self, inst: SimInstance, index: int, prefix: list[BlockHash], num_tokens: int
+    ) -> list[BlockHash]:
+        """``Request.block_hashes`` for request ``index`` on ``inst``: ``prefix`` (trace keys) then
+        :func:`request_block_keys` for every further full block of its ``num_tokens`` (prompt +
+        output), so the KV manager never hashes. Without a prefix cache on ``inst`` the engine
+        computes no keys, so neither do we (its host pool must see the same keys as before).
+        """
+        if not inst.kv.enable_prefix_caching:
+            return prefix
+        n_full = num_tokens // self.block_size
+        if len(prefix) >= n_full:
+            return prefix
+        return prefix + request_block_keys(index, len(prefix), n_full)
+
     # ------------------------------------------------------------------ arrivals
     def _arrive(self, i: int) -> None:
         wl = self.workload
@@ -260,8 +292,9 @@ class _Run:
             arrival_time=now,
             cache_salt=rid,
             prefill_only=inst.role is InstanceRole.PREFILL,
-            block_hashes=hashes,
+            block_hashes=self._request_keys(inst, i, hashes, w.input_len + w.output_len),
         )
+        delay = self.cluster.dispatch_overhead_s
         if d.fetch_from is not None and d.fetch_blocks > 0:
             local = inst.cached_prefix_blocks(hashes)
             extra = d.fetch_blocks - local
@@ -269,8 +302,11 @@ class _Run:
                 dt = inst.latency.transfer_time(extra * self.block_size * inst.latency.kv_bytes_per_token)
                 rec.fetched_blocks = extra
                 rec.transfer_s += dt
-                self.loop.after(dt, self._submit, inst, req, rec, d.fetch_blocks)
+                self.loop.after(dt + delay, self._submit, inst, req, rec, d.fetch_blocks)
                 return
+        if delay > 0:
+            self.loop.after(delay, self._submit, inst, req, rec, 0)
+            return
         self._submit(inst, req, rec, 0)
 
     def _submit(self, inst: SimInstance, req: Request, rec: RequestRecord, fetched: int) -> None:
@@ -364,6 +400,7 @@ class _Run:
                 self._sp(x.output_len),
                 arrival_time=x.arrival,
                 cache_salt=x.request_id,
+                block_hashes=self._request_keys(dec, int(x.request_id), [], p + x.output_len),
             )
             if not dec.adopt(req, p):
                 break

@@ -187,3 +187,15 @@ def test_simulator_runs_the_shared_policy_and_scheduler_code() -> None:
              lambda tp: TokenLatency(), Workload("t", ()))  # fmt: skip
     assert isinstance(r.policy, PlacementPolicy)
     assert all(type(i.sched) is Scheduler for i in r.instances)
+
+
+def test_dispatch_overhead_delays_submission() -> None:
+    reqs = [WorkloadRequest(0.0, 100, 5), WorkloadRequest(0.05, 100, 5)]
+    base = run(colocated(SPEC, 1, **KW), reqs)
+    res = run(colocated(SPEC, 1, dispatch_overhead_s=0.2, **KW), reqs)
+    a, b = res.records
+    assert a.ttft == pytest.approx(0.3)  # 0.2 s on the way in + the 100-token prefill
+    assert a.queueing == pytest.approx(0.2)
+    assert b.ttft > base.records[1].ttft  # still queues behind the first request's step
+    assert res.num_events == base.num_events + 2  # one submission event per request
+    assert res.complete and no_leaks(res)
