@@ -209,6 +209,14 @@ class KVCacheManager:
         Returns False, changing nothing, when the pool cannot supply the blocks.
         """
         table = self._tables.get(req.request_id)
+        if not cached and table is not None:
+            # fast path (a running request's next tokens): no cached prefix to reuse
+            need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - len(table)
+            if need > 0:
+                if need > self.pool.num_free_blocks:
+                    return False
+                table.extend(self.pool.allocate(need))
+            return True
         if table is None:
             table = []
         cached = cached or []
@@ -236,11 +244,14 @@ class KVCacheManager:
         """Register the request's newly completed full blocks in the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        table = self._tables.get(req.request_id)
+        rid = req.request_id
+        done = self._num_registered.get(rid, 0)
+        if req.num_computed_tokens // self.block_size <= done:
+            return  # no newly completed block (the common case: checked before the table)
+        table = self._tables.get(rid)
         if not table:
             return
         n_full = min(req.num_computed_tokens // self.block_size, len(table))
-        done = self._num_registered.get(req.request_id, 0)
         if n_full <= done:
             return
         self.update_hashes(req)

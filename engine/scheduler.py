@@ -22,10 +22,22 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from engine.block_manager import KVCacheManager
 from engine.request import FinishReason, Request, RequestStatus
 from pdserve.errors import InvalidRequestError, RequestNotFoundError
+
+_SORT_KEY = attrgetter("priority", "arrival_time", "seq_no")
+
+
+def _remove_identical(reqs: list[Request], req: Request) -> bool:
+    """Remove ``req`` itself from ``reqs`` (by identity, not the dataclass's field-wise ``==``)."""
+    for i, r in enumerate(reqs):
+        if r is req:
+            del reqs[i]
+            return True
+    return False
 
 
 class SchedulingPolicy(enum.Enum):
@@ -52,15 +64,18 @@ class SchedulerConfig:
             )
 
 
-@dataclass
+@dataclass(init=False, slots=True)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
     start: int  # num_computed_tokens before this step
-    samples: bool = field(init=False)  # reaches the end of the request's tokens, so a token is sampled
+    samples: bool  # reaches the end of the request's tokens, so a token is sampled (derived)
 
-    def __post_init__(self) -> None:
-        self.samples = self.start + self.num_new_tokens == self.request.num_tokens
+    def __init__(self, request: Request, num_new_tokens: int, start: int) -> None:
+        self.request = request
+        self.num_new_tokens = num_new_tokens
+        self.start = start
+        self.samples = start + num_new_tokens == len(request.prompt_token_ids) + len(request.output_token_ids)
 
 
 @dataclass
@@ -157,7 +172,7 @@ class Scheduler:
     # ----------------------------------------------------------------- schedule
     def _order(self, reqs: list[Request]) -> list[Request]:
         if self.config.policy is SchedulingPolicy.PRIORITY:
-            return sorted(reqs, key=Request.sort_key)
+            return sorted(reqs, key=_SORT_KEY)  # == Request.sort_key, without a Python call each
         return sorted(reqs, key=lambda r: (r.arrival_time, r.seq_no))
 
     def _chunk(self, pending: int, budget: int) -> int:
@@ -176,7 +191,8 @@ class Scheduler:
         return max(cands, key=Request.sort_key)
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
-        self.running.remove(req)
+        if not _remove_identical(self.running, req):
+            raise ValueError("list.remove(x): x not in list")
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
@@ -190,19 +206,29 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
         self.running = self._order(self.running)
+        kv = self.kv
+        running_status = RequestStatus.RUNNING
+        scheduled = out.scheduled
 
         # 1+2: running requests, decodes before partial prefills.
-        decodes = [r for r in self.running if r.num_pending_tokens == 1]
-        prefills = [r for r in self.running if r.num_pending_tokens > 1]
-        for req in decodes + prefills:
+        # (request, pending tokens); a request's own pending count cannot change before its turn
+        decodes: list[tuple[Request, int]] = []
+        prefills: list[tuple[Request, int]] = []
+        for r in self.running:
+            pend = len(r.prompt_token_ids) + len(r.output_token_ids) - r.num_computed_tokens
+            if pend == 1:
+                decodes.append((r, 1))
+            elif pend > 1:
+                prefills.append((r, pend))
+        for req, pend in decodes + prefills:
             if budget <= 0:
                 break
-            if req.status is not RequestStatus.RUNNING:
+            if req.status is not running_status:
                 continue  # preempted earlier in this loop
-            n = 1 if req.num_pending_tokens == 1 else self._chunk(req.num_pending_tokens, budget)
+            n = 1 if pend == 1 else self._chunk(pend, budget)
             if n == 0:
                 continue
-            ok = self.kv.allocate_slots(req, n)
+            ok = kv.allocate_slots(req, n)
             while not ok:
                 victim = self._preempt_victim(scheduled_ids)
                 if victim is None:
@@ -210,10 +236,10 @@ class Scheduler:
                 self._preempt(victim, out)
                 if victim is req:
                     break
-                ok = self.kv.allocate_slots(req, n)
+                ok = kv.allocate_slots(req, n)
             if not ok:
                 continue
-            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
+            scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
             scheduled_ids.add(req.request_id)
             budget -= n
 
@@ -254,19 +280,35 @@ class Scheduler:
         in this step; stop strings are the caller's (see :meth:`finish_request`).
         """
         done: list[Request] = []
+        running_status = RequestStatus.RUNNING
+        cache_blocks = self.kv.cache_blocks if self.kv.enable_prefix_caching else None
+        max_len = self.config.max_model_len
         for s in out.scheduled:
             req = s.request
-            if req.status is not RequestStatus.RUNNING:
+            if req.status is not running_status:
                 continue  # aborted while the step ran
             req.num_computed_tokens = s.start + s.num_new_tokens
-            self.kv.cache_blocks(req)
+            if cache_blocks is not None:
+                cache_blocks(req)
             if not s.samples:
                 continue
             tok = sampled[req.request_id]
-            req.output_token_ids.append(tok)
-            reason = self.check_stop(req, tok)
+            out_ids = req.output_token_ids
+            out_ids.append(tok)
+            sp = req.sampling_params
+            n_out = len(out_ids)
+            # check_stop's decision; inlined when no EOS/stop token can end the request here
+            if n_out >= sp.min_tokens and (
+                (not sp.ignore_eos and req.eos_token_ids) or sp.stop_token_ids
+            ):
+                reason = self.check_stop(req, tok)
+            elif n_out >= sp.max_tokens or len(req.prompt_token_ids) + n_out >= max_len:
+                reason = FinishReason.LENGTH
+            else:
+                reason = None
             if req.prefill_only:
-                self.running.remove(req)
+                if not _remove_identical(self.running, req):
+                    raise ValueError("list.remove(x): x not in list")
                 req.status = RequestStatus.PREFILLED
                 req.finish_reason = FinishReason.PREFILLED
                 done.append(req)
@@ -289,10 +331,8 @@ class Scheduler:
         return None
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
+        if not _remove_identical(self.running, req):
+            _remove_identical(self.waiting, req)
         self.kv.free(req.request_id)
         self.requests.pop(req.request_id, None)
         req.finish_reason = reason
