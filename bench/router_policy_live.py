@@ -21,7 +21,8 @@ least_loaded measured in the same run. Then PASS/FAIL of the issue's two targets
 
 The goodput policy is seeded with a latency profile of this machine (``--latency-profile``; by
 default measured once with ``pdserve profile --quick --threads 1`` and cached under
-``~/.cache/pdserve/profiles/``). Writes a JSON report (``--out``) and, with ``--png``, a chart.
+``~/.cache/pdserve/profiles/``) and told that every worker shares this host's cores
+(``--shared-cores``: predictions grow with busy workers per core). Writes a JSON report (``--out``) and, with ``--png``, a chart.
 
 Cluster defaults, the same for every policy: 2 prefill + 2 decode workers, 512 KV blocks each, a
 512-token step budget (prefill runs one chunk at a time, first come first served, instead of
@@ -255,6 +256,10 @@ def run_policy(
     router_args: tuple[str, ...] = ("--policy", policy, "--heartbeat-timeout-s", str(cfg.heartbeat_timeout_s))
     if profile is not None:
         router_args += ("--latency-profile", str(profile))
+    if policy == "goodput":
+        # every worker (1 torch thread each) runs on this host's cores: the policy's predictions
+        # include the contention of busy workers per core
+        router_args += ("--shared-cores", str(os.cpu_count() or 1))
     spec = ClusterSpec(
         model_path=cfg.model,
         num_prefill=cfg.num_prefill,

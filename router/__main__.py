@@ -3,7 +3,7 @@
 ``--policy``: least_loaded (default), goodput, colocated, random, round_robin, cache_aware (=
 global_cache_aware), local_cache_aware. Goodput knobs: ``--latency-profile``, ``--slo-margin``,
 ``--priority-margin-step``, ``--tenant-max-inflight``, ``--local-prefill-max-tokens``
-(0 disables conditional disaggregation), ``--store`` (KV store for prefix lookups), ``--index``
+(0 disables conditional disaggregation), ``--shared-cores N`` (all workers on one N-core host), ``--store`` (KV store for prefix lookups), ``--index``
 (the cluster's shared redis:// KV index: prefix lookups read it directly instead of asking a store).
 Failover: ``--max-redispatches`` (re-dispatches of one request after lost workers; default 2).
 
@@ -63,16 +63,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--priority-margin-step", type=float, default=g.priority_margin_step)
     ap.add_argument("--tenant-max-inflight", type=int, default=None, help="per-tenant in-flight quota")
     ap.add_argument("--local-prefill-max-tokens", type=int, default=g.local_prefill_max_tokens)
-    a = ap.parse_args(argv)
-    goodput = GoodputConfig(
-        slo_margin=a.slo_margin,
-        priority_margin_step=a.priority_margin_step,
-        tenant_max_inflight=a.tenant_max_inflight,
-        local_prefill=a.local_prefill_max_tokens > 0,
-        local_prefill_max_tokens=max(0, a.local_prefill_max_tokens),
+    ap.add_argument(
+        "--shared-cores",
+        type=int,
+        default=None,
+        help="goodput policy: every worker runs on one host with this many cores (CPU serving); "
+        "predictions grow with busy workers / cores. Default: each worker has its own device",
     )
+    a = ap.parse_args(argv)
     configure_logging("router")
     try:
+        goodput = GoodputConfig(
+            slo_margin=a.slo_margin,
+            priority_margin_step=a.priority_margin_step,
+            tenant_max_inflight=a.tenant_max_inflight,
+            local_prefill=a.local_prefill_max_tokens > 0,
+            local_prefill_max_tokens=max(0, a.local_prefill_max_tokens),
+            shared_cores=a.shared_cores,
+        )
         cfg = _config(a, goodput)
         reg = Registry(cfg.heartbeat_timeout_s)
         generate = GenerateServicer(reg, cfg, RouterMetrics(REGISTRY))  # opens the --index

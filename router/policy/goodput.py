@@ -18,7 +18,12 @@
 5. **SLO check with margin**: a (prefill, decode) pair is feasible when predicted TTFT and TPOT
    are within ``(1 - margin)`` of the request's SLO and the decode instance has room. The margin
    grows with the priority value (``priority_margin_step`` per level above 0), so as load grows
-   the least important requests fail the check first (priority shedding).
+   the least important requests fail the check first (priority shedding). With
+   ``shared_cores`` set (all instances on one host's cores), every prediction is first multiplied
+   by the contention factor busy instances / cores (>= 1; :meth:`GoodputConfig.contention`).
+   The check uses the upper quantile of each prediction (``OnlineCorrectedLatency.spread``: the
+   measured log-error spread, 90th percentile by default), so the admitted requests meet the SLO
+   with that probability, not just on average.
 6. **Choice**: the decode instance first (length-aware, TetriInfer: a request predicted long goes
    where the fewest long requests are in flight; then lowest predicted TPOT; then most free
    blocks), then on it the mode (local or the best prefill instance) with the lower TTFT.
@@ -36,6 +41,7 @@ predictor) or :meth:`release`, and otherwise expired at their predicted finish +
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from dataclasses import dataclass, field
@@ -82,6 +88,11 @@ class GoodputConfig:
     max_retry_after_s: float = 30.0
     default_slo: SLO | None = None  # applied to requests that carry none
     ledger_grace_s: float = 30.0
+    # Instances sharing this many cores (one host running every worker, e.g. CPU serving): while
+    # more instances than cores are busy, each step takes proportionally longer, so predictions
+    # are multiplied by busy / shared_cores (the placed request's instance counted busy).
+    # None: every instance has its own device (GPUs), no contention term.
+    shared_cores: int | None = None
 
     def __post_init__(self) -> None:
         if not (0 <= self.slo_margin < 1 and self.priority_margin_step >= 0 and 0 <= self.max_margin < 1):
@@ -90,6 +101,16 @@ class GoodputConfig:
             raise ValueError("tenant_max_inflight must be >= 1 (None: unlimited)")
         if not 0 < self.min_retry_after_s <= self.max_retry_after_s:
             raise ValueError("need 0 < min_retry_after_s <= max_retry_after_s")
+        if self.shared_cores is not None and self.shared_cores < 1:
+            raise ValueError("shared_cores must be >= 1 (None: no shared cores)")
+
+    def contention(self, view: ClusterView) -> float:
+        """Slow-down of every instance's steps when they share ``shared_cores`` cores: busy
+        instances (queued or running work, plus one for the request being placed) / cores, >= 1."""
+        if self.shared_cores is None:
+            return 1.0
+        busy = sum(1 for i in view.instances if i.running_requests or i.queued_requests or i.queued_tokens)
+        return max(1.0, min(len(view.instances), busy + 1) / self.shared_cores)
 
     def margin(self, priority: int) -> float:
         """Required headroom below the SLO for a request of ``priority`` (lower = more important)."""
@@ -251,10 +272,24 @@ class GoodputAwarePolicy(PlacementPolicy):
                 options.append(_Option(local, de, local.estimated_ttft_s or 0.0))
         if not options:
             return Rejection(RejectReason.NO_INSTANCE, "no prefill instance is available")
+        contention = cfg.contention(view)
+        if contention != 1.0:  # every step slower while the shared cores are oversubscribed
+            options = [
+                _Option(
+                    o.plan,
+                    dataclasses.replace(o.decode, tpot_s=o.decode.tpot_s * contention),
+                    o.ttft_s * contention,
+                )
+                for o in options
+            ]
         slo = req.slo or cfg.default_slo
         margin = cfg.margin(req.priority)
         lim_ttft = (1 - margin) * slo.ttft_s if slo else math.inf
         lim_tpot = (1 - margin) * slo.tpot_s if slo else math.inf
+        # admit on the upper quantile of the corrected prediction (its measured error spread), so
+        # that the admitted requests meet the SLO with that probability, not just on average
+        q_ttft, q_tpot = self.corrected.spread(Phase.TTFT), self.corrected.spread(Phase.TPOT)
+        lim_ttft, lim_tpot = lim_ttft / q_ttft, lim_tpot / q_tpot
         feasible = [
             o for o in options if o.decode.fits and o.ttft_s <= lim_ttft and o.decode.tpot_s <= lim_tpot
         ]
@@ -296,8 +331,8 @@ class GoodputAwarePolicy(PlacementPolicy):
             req.tenant,
             best_d,
             is_long,
-            choice.ttft_s / ft,
-            choice.decode.tpot_s / fd,
+            choice.ttft_s / ft / contention,  # the model's own prediction: what correction learns
+            choice.decode.tpot_s / fd / contention,
             finish,
             finish + cfg.ledger_grace_s,
         )

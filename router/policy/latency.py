@@ -124,15 +124,22 @@ class Phase(enum.Enum):
 
 @dataclass(frozen=True)
 class CorrectionConfig:
-    """EWMA weight of a new sample, and the clamp on one sample's measured/predicted ratio."""
+    """EWMA weight of a new sample, the clamp on one sample's measured/predicted ratio, and how
+    far above the corrected mean an admission check looks (``quantile_z`` standard deviations of
+    the log error: 1.2816 = the 90th percentile of a log-normal error) once ``min_spread_samples``
+    samples were seen."""
 
     alpha: float = 0.2
     min_ratio: float = 0.05
     max_ratio: float = 20.0
+    quantile_z: float = 1.2816
+    min_spread_samples: int = 5
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha <= 1 or not 0 < self.min_ratio <= 1 <= self.max_ratio:
             raise ValueError("need 0 < alpha <= 1 and 0 < min_ratio <= 1 <= max_ratio")
+        if self.quantile_z < 0 or self.min_spread_samples < 1:
+            raise ValueError("need quantile_z >= 0 and min_spread_samples >= 1")
 
 
 class OnlineCorrectedLatency:
@@ -150,11 +157,21 @@ class OnlineCorrectedLatency:
         self.config = config or CorrectionConfig()
         self.kv_bytes_per_token = base.kv_bytes_per_token
         self._factor = {p: 1.0 for p in Phase}
+        self._var = {p: 0.0 for p in Phase}  # EWMA of the squared log error around the factor
         self._samples = {p: 0 for p in Phase}
         self._lock = threading.Lock()
 
     def factor(self, phase: Phase) -> float:
         return self._factor[phase]
+
+    def spread(self, phase: Phase) -> float:
+        """Multiplier from the corrected (mean) prediction to its ``quantile_z`` upper quantile:
+        ``exp(z * std of the log error)``; 1 until ``min_spread_samples`` samples. An admission
+        check on ``prediction * spread`` keeps that share of admitted requests within the SLO."""
+        c = self.config
+        if self._samples[phase] < c.min_spread_samples:
+            return 1.0
+        return math.exp(c.quantile_z * math.sqrt(self._var[phase]))
 
     def samples(self, phase: Phase) -> int:
         """How many measurements have corrected ``phase`` so far."""
@@ -178,7 +195,9 @@ class OnlineCorrectedLatency:
         f = min(c.max_ratio, max(c.min_ratio, measured_s / base_predicted_s))
         with self._lock:
             log_f = math.log(self._factor[phase])
-            self._factor[phase] = math.exp(log_f + c.alpha * (math.log(f) - log_f))
+            err = math.log(f) - log_f  # this sample's log error against the current correction
+            self._var[phase] += c.alpha * (err * err - self._var[phase])
+            self._factor[phase] = math.exp(log_f + c.alpha * err)
             self._samples[phase] += 1
         return True
 

@@ -357,3 +357,47 @@ def test_linear_latency_from_model_recovers_coefficients() -> None:
     for b, c in ((1, 0), (16, 4096)):
         assert got.decode_time(b, c) == pytest.approx(src.decode_time(b, c), rel=1e-6)
     assert got.transfer_time(1e6) == pytest.approx(src.transfer_time(1e6), rel=1e-6)
+
+
+def test_shared_cores_scale_predictions_by_busy_instances_per_core() -> None:
+    """Four instances on two cores: with three busy, a new request's steps run 2x slower."""
+    busy = dict(running=1)
+    quiet = ClusterView([snap("p0", P), snap("p1", P), snap("d0", D), snap("d1", D)])
+    loaded = ClusterView([snap("p0", P), snap("p1", P, **busy), snap("d0", D, **busy), snap("d1", D, **busy)])
+    cfg = GoodputConfig(local_prefill=False, shared_cores=2)
+    assert cfg.contention(quiet) == 1.0 and cfg.contention(loaded) == 2.0
+    assert GoodputConfig().contention(loaded) == 1.0  # own devices: no contention term
+    alone = placed(policy(local_prefill=False).place(req("a", n=400), loaded))
+    shared = placed(policy(local_prefill=False, shared_cores=2).place(req("b", n=400), loaded))
+    assert shared.estimated_ttft_s == pytest.approx(2 * alone.estimated_ttft_s)
+    assert shared.estimated_tpot_s == pytest.approx(2 * alone.estimated_tpot_s)
+    # an SLO the uncontended prediction meets is refused once the cores are oversubscribed
+    slo = SLO(ttft_s=alone.estimated_ttft_s * 1.5, tpot_s=10.0)
+    assert placed(policy(local_prefill=False, shared_cores=2).place(req("c", n=400, slo=slo), quiet))
+    assert isinstance(policy(local_prefill=False, shared_cores=2).place(req("d", n=400, slo=slo), loaded), Rejection)
+    with pytest.raises(ValueError):
+        GoodputConfig(shared_cores=0)
+
+
+def test_admission_uses_the_upper_quantile_of_the_prediction_error() -> None:
+    from router.policy.latency import CorrectionConfig, OnlineCorrectedLatency
+
+    pol = policy(local_prefill=False)
+    c = OnlineCorrectedLatency(pol.corrected.base, CorrectionConfig(alpha=0.2, min_spread_samples=5))
+    for _ in range(4):
+        c.observe(Phase.TTFT, 0.1, 0.1)
+    assert c.spread(Phase.TTFT) == 1.0  # too few samples
+    for i in range(40):  # measured alternates 0.5x / 2x the prediction: mean right, spread wide
+        c.observe(Phase.TTFT, 0.1, 0.05 if i % 2 else 0.2)
+    assert 0.6 < c.factor(Phase.TTFT) < 1.6
+    assert c.spread(Phase.TTFT) > 2.0  # exp(1.28 * ~0.69)
+    assert c.spread(Phase.TPOT) == 1.0
+    # the policy: an SLO its mean prediction meets is refused while the error spread is that wide
+    view = ClusterView([snap("p0", P), snap("d0", D)])
+    slo = SLO(ttft_s=0.6, tpot_s=10.0)  # the seed predicts 0.4 s: within 0.6 * 0.9
+    assert placed(pol.place(req("a", n=400, slo=slo), view))
+    for i in range(40):
+        placed(pol.place(req(f"r{i}", n=400, slo=SLO(10.0, 10.0)), view))
+        pol.on_finished(Observation(f"r{i}", 0.2 if i % 2 else 0.8, 0.011, 10, num_prompt_tokens=400))
+    assert pol.corrected.spread(Phase.TTFT) > 2.0
+    assert isinstance(pol.place(req("b", n=400, slo=slo), view), Rejection)
