@@ -178,9 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     from pdserve import bench_cli, ray_cli
+    from pdserve.openai_api import cli as openai_cli
 
     ray_cli.register(sub)
     bench_cli.register(sub)
+    openai_cli.register(sub)
     try:
         from simulator import cli as sim_cli
     except ImportError:

@@ -1,0 +1,66 @@
+"""OpenAI-compatible HTTP front end for a pdserve router (standard library HTTP server).
+
+Run it with ``pdserve openai --router HOST:PORT --host 127.0.0.1 --port 8000`` or
+``python -m pdserve.openai_api ...``; embed it with
+``OpenAIServer(ServerConfig(router=...)).start()`` (:mod:`pdserve.openai_api.server`).
+Requests reach the router through the gRPC client SDK (:class:`pdserve.client.Client`).
+
+Modules: :mod:`.translate` (pure: OpenAI JSON <-> SDK arguments and results, SSE framing),
+:mod:`.errors` (pure: the one exception -> HTTP status / OpenAI error table), :mod:`.server`
+(HTTP I/O), :mod:`.cli`.
+
+Endpoints
+---------
+``GET /health``            200 ``{"status": "ok"}`` when the router answers ListModels, else 503.
+``GET /v1/models``         the router's models; ``GET /v1/models/{id}`` one of them (404 if unknown).
+``POST /v1/completions``   ``prompt`` (string, token-id list, or a list holding one of those;
+                           several prompts -> 400), ``max_tokens`` (default 16).
+``POST /v1/chat/completions``  ``messages`` [{role: system|developer|user|assistant|tool,
+                           content: string | [{"type": "text", "text"}]}] rendered by the router
+                           with the model's chat template; ``max_tokens`` or its alias
+                           ``max_completion_tokens`` (default ``Defaults.chat_max_tokens`` = 512);
+                           ``logprobs`` (bool) + ``top_logprobs``.
+
+Shared body fields: ``model`` (optional: default = the router's first model; unknown -> 404
+``model_not_found``), ``temperature`` (0 = greedy), ``top_p``, ``n`` (only 1), ``stop`` (string or
+list), ``seed``, ``stream``, ``stream_options.include_usage``, ``user`` (-> the request's tenant).
+Completions ``logprobs`` is an integer (0..20). Refused with 400 unless neutral: ``n``/``best_of``
+> 1, ``echo``, ``suffix``, ``logit_bias``, non-zero ``presence_penalty``/``frequency_penalty``,
+``tools``/``functions``, non-text ``response_format``. Unknown fields are ignored.
+
+pdserve extensions (request body): ``ttft_slo_s`` and ``tpot_slo_s`` (seconds; the request's SLO,
+which a goodput-aware router may refuse early with 429 + Retry-After), ``priority`` (int, lower
+= more important), and the engine's sampling knobs ``top_k``, ``min_p``, ``repetition_penalty``,
+``ignore_eos``, ``min_tokens``, ``stop_token_ids``.
+pdserve extensions (response): a ``pdserve`` object — ``request_id`` (router's), ``ttft_s``,
+``e2e_s``, ``phases`` {queue, prefill, transfer, decode}, ``kv_pull_s``, ``cached_prompt_tokens``,
+``matched_stop`` — on a whole response and on the streamed chunk that carries ``finish_reason``;
+``usage.prompt_tokens_details.cached_tokens``; an ``X-Request-Id`` header.
+Logprobs name tokens ``"token_id:N"`` (the SDK streams ids); alternatives are not available
+(``top_logprobs`` null / empty); ``text_offset`` is the offset of the token's streamed chunk.
+
+Streaming: ``data: {json}\\n\\n`` Server-Sent Events, then ``data: [DONE]``. Chat streams start with
+a ``{"role": "assistant"}`` delta; the last content chunk is followed by one with an empty
+delta/text and ``finish_reason`` ("stop" | "length"); with ``include_usage`` a final chunk has
+``choices: []`` and ``usage``. Errors before the first token are real HTTP statuses; later ones
+are one ``data: {"error": ...}`` event before ``[DONE]``. A client disconnect cancels the
+generation in the cluster.
+
+Errors: ``{"error": {"message", "type", "param", "code"}}``; 400 invalid request / malformed
+JSON, 404 unknown model or URL, 405 wrong method, 411 chunked body, 413 body too large,
+429 resource exhausted (``Retry-After``), 503 unavailable, 504 deadline exceeded, 500 otherwise
+(:data:`pdserve.openai_api.errors.ERROR_TABLE`).
+"""
+
+from __future__ import annotations
+
+__all__ = ["OpenAIServer", "ServerConfig"]
+
+
+def __getattr__(name: str) -> object:
+    # Lazy: importing the package (e.g. for the CLI's subcommand registration) pulls in no grpc.
+    if name in __all__:
+        from pdserve.openai_api import server
+
+        return getattr(server, name)
+    raise AttributeError(name)

@@ -1,0 +1,91 @@
+"""``pdserve openai`` / ``python -m pdserve.openai_api``: run the OpenAI-compatible HTTP front end.
+
+    pdserve serve &                                   # router on 127.0.0.1:50051
+    pdserve openai --router 127.0.0.1:50051 --port 8000
+    curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+
+Importing this module is cheap (no grpc); the server is imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+DEFAULT_ROUTER = "127.0.0.1:50051"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--router", default=DEFAULT_ROUTER, help="router gRPC address HOST:PORT")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP listen address")
+    p.add_argument("--port", type=int, default=8000, help="HTTP listen port (0: any free port)")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="deadline per generation in seconds (504 after it)"
+    )
+    p.add_argument(
+        "--chat-max-tokens",
+        type=int,
+        default=512,
+        help="max_tokens of a chat completion that does not set it",
+    )
+
+
+def run(a: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM; returns the exit status."""
+    from pdserve.openai_api.server import OpenAIServer, ServerConfig
+    from pdserve.openai_api.translate import Defaults
+
+    cfg = ServerConfig(
+        router=a.router,
+        host=a.host,
+        port=a.port,
+        max_body_bytes=a.max_body_bytes,
+        request_timeout_s=a.timeout if a.timeout and a.timeout > 0 else None,
+        defaults=Defaults(chat_max_tokens=a.chat_max_tokens),
+    )
+    if a.host not in _LOOPBACK:
+        print(f"pdserve openai: warning: listening on {a.host} without authentication", file=sys.stderr)
+    try:
+        srv = OpenAIServer(cfg)
+    except OSError as e:
+        print(f"pdserve openai: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    srv.start()
+    print(f"pdserve openai: serving {srv.url}/v1 for router {a.router} (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        srv.close()
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``openai`` subcommand to the ``pdserve`` CLI."""
+    p = subparsers.add_parser("openai", help="OpenAI-compatible HTTP front end for a router")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pdserve.errors import PdserveError
+
+    ap = argparse.ArgumentParser(
+        prog="python -m pdserve.openai_api", description="OpenAI-compatible HTTP front end for pdserve"
+    )
+    add_arguments(ap)
+    a = ap.parse_args(argv)
+    try:
+        return run(a)
+    except PdserveError as e:
+        print(f"pdserve openai: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

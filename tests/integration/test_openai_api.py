@@ -1,0 +1,453 @@
+"""The OpenAI-compatible HTTP front end over the real embedded cluster (SmolLM2-135M, loopback).
+
+One cluster (store, router, 1 prefill, 1 decode) and one HTTP server on 127.0.0.1:0 serve the
+module; requests go over urllib / http.client (standard library). Greedy output through HTTP is
+compared with ``Client.complete`` of the same prompt.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.error
+import urllib.request
+from email.message import Message
+from typing import Any
+
+import grpc
+import pytest
+
+from kv_store.client import KVStoreClient
+from pdserve.client import Client
+from pdserve.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from pdserve.launcher import ClusterSpec, launch
+from pdserve.openai_api.server import OpenAIServer, ServerConfig
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
+
+MAX_BODY = 64 << 10
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def cluster(smollm_path):
+    cl = launch(ClusterSpec(model_path=str(smollm_path), worker_kv_blocks=512, store_capacity_blocks=1024))
+    yield cl
+    cl.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with Client(cluster.router_address, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def server(cluster):
+    srv = OpenAIServer(
+        ServerConfig(router=cluster.router_address, port=0, max_body_bytes=MAX_BODY, request_timeout_s=60)
+    ).start()
+    yield srv
+    srv.close()
+
+
+def _request(
+    method: str, url: str, body: Any = None, *, raw: bytes | None = None
+) -> tuple[int, Message, bytes]:
+    """(status, headers, body bytes) of one request; HTTP errors are returned, not raised."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.headers, e.read()
+
+
+def _post(server: OpenAIServer, path: str, body: Any) -> tuple[int, Message, Any]:
+    status, headers, data = _request("POST", server.url + path, body)
+    return status, headers, json.loads(data)
+
+
+def _events(raw: bytes) -> list[dict[str, Any]]:
+    """The JSON events of an SSE body, checking the framing and the final ``[DONE]``."""
+    parts = raw.split(b"\n\n")
+    assert parts[-1] == b"", "the stream must end with a blank line"
+    assert parts[-2] == b"data: [DONE]"
+    out = []
+    for p in parts[:-2]:
+        assert p.startswith(b"data: "), p
+        out.append(json.loads(p[len(b"data: ") :]))
+    return out
+
+
+def _stream(server: OpenAIServer, path: str, body: dict[str, Any]) -> tuple[Message, list[dict[str, Any]]]:
+    status, headers, data = _request("POST", server.url + path, body)
+    assert status == 200, data
+    assert headers["Content-Type"].startswith("text/event-stream")
+    return headers, _events(data)
+
+
+def _assert_error(status: int, body: Any, want_status: int) -> dict[str, Any]:
+    assert status == want_status, body
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+# ------------------------------------------------------------------------------ models, health
+
+
+def test_models_and_health(server, client):
+    status, _, body = _request("GET", server.url + "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, _, body = _request("GET", server.url + "/v1/models")
+    models = json.loads(body)
+    assert status == 200 and models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == client.list_models()
+    assert all(m["object"] == "model" and m["owned_by"] == "pdserve" for m in models["data"])
+    mid = models["data"][0]["id"]
+    status, _, body = _request("GET", f"{server.url}/v1/models/{mid}")
+    assert status == 200 and json.loads(body)["id"] == mid
+    status, _, body = _request("GET", server.url + "/v1/models/no-such-model")
+    _assert_error(status, json.loads(body), 404)
+
+
+# ------------------------------------------------------------------------------ completions
+
+
+def test_greedy_completion_equals_sdk(server, client):
+    ref = client.complete(PROMPT, max_tokens=12, temperature=0.0)
+    model = client.list_models()[0]
+    status, headers, r = _post(
+        server,
+        "/v1/completions",
+        {"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "user": "t1", "priority": 1},
+    )
+    assert status == 200, r
+    assert r["object"] == "text_completion" and r["id"].startswith("cmpl-") and r["model"] == model
+    (choice,) = r["choices"]
+    assert choice["text"] == ref.text and choice["index"] == 0
+    assert choice["finish_reason"] == ref.finish.reason and choice["logprobs"] is None
+    u = r["usage"]
+    assert u["completion_tokens"] == len(ref.token_ids) and u["prompt_tokens"] == ref.finish.prompt_tokens
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    px = r["pdserve"]
+    assert px["ttft_s"] > 0 and set(px["phases"]) == {"queue", "prefill", "transfer", "decode"}
+    assert px["cached_prompt_tokens"] == u["prompt_tokens_details"]["cached_tokens"] >= 0
+    assert headers["X-Request-Id"] == px["request_id"] == r["id"][len("cmpl-") :]
+
+
+def test_token_id_prompt_and_logprobs(server, client):
+    ids = client.tokenize(PROMPT)
+    ref = client.complete(ids, max_tokens=6, temperature=0.0, logprobs=1)
+    status, _, r = _post(
+        server, "/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0, "logprobs": 1}
+    )
+    assert status == 200, r
+    (choice,) = r["choices"]
+    assert choice["text"] == ref.text
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [f"token_id:{t}" for t in ref.token_ids]
+    assert len(lp["token_logprobs"]) == len(ref.token_ids) and all(x <= 0 for x in lp["token_logprobs"])
+
+
+def test_streamed_completion_equals_sdk(server, client):
+    ref = client.complete(PROMPT, max_tokens=12, temperature=0.0)
+    headers, evs = _stream(
+        server,
+        "/v1/completions",
+        {
+            "prompt": PROMPT,
+            "max_tokens": 12,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert headers["Transfer-Encoding"] == "chunked"
+    assert all(e["object"] == "text_completion" and e["id"] == evs[0]["id"] for e in evs)
+    with_choices = [e for e in evs if e["choices"]]
+    assert "".join(e["choices"][0]["text"] for e in with_choices) == ref.text
+    assert with_choices[-1]["choices"][0]["finish_reason"] == ref.finish.reason
+    assert all(e["choices"][0]["finish_reason"] is None for e in with_choices[:-1])
+    assert "pdserve" in with_choices[-1]
+    usage = evs[-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == len(ref.token_ids)
+    assert all(e["usage"] is None for e in evs[:-1])
+
+
+# ------------------------------------------------------------------------------ chat
+
+
+def test_chat_completion_equals_sdk(server, client):
+    ref = client.complete(CHAT, max_tokens=24, temperature=0.0)
+    status, _, r = _post(
+        server, "/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 24, "temperature": 0}
+    )
+    assert status == 200, r
+    assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
+    (choice,) = r["choices"]
+    assert choice["message"] == {"role": "assistant", "content": ref.text}
+    assert choice["finish_reason"] == ref.finish.reason
+    assert r["usage"]["completion_tokens"] == len(ref.token_ids)
+
+
+def test_streamed_chat_equals_sdk(server, client):
+    ref = client.complete(CHAT, max_tokens=24, temperature=0.0)
+    _, evs = _stream(
+        server, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 24, "temperature": 0, "stream": True}
+    )
+    assert all(e["object"] == "chat.completion.chunk" for e in evs)
+    assert evs[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in evs)
+    assert text == ref.text
+    assert evs[-1]["choices"][0]["finish_reason"] == ref.finish.reason
+    assert "usage" not in evs[-1]
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_bad_requests_get_openai_errors(server):
+    status, _, r = _post(server, "/v1/completions", {"prompt": PROMPT, "temperature": "hot"})
+    err = _assert_error(status, r, 400)
+    assert err["type"] == "invalid_request_error" and err["param"] == "temperature"
+
+    status, _, r = _post(server, "/v1/completions", {"prompt": PROMPT, "n": 2})
+    assert _assert_error(status, r, 400)["param"] == "n"
+
+    status, _, r = _post(server, "/v1/chat/completions", {"messages": CHAT, "model": "gpt-4o"})
+    assert _assert_error(status, r, 404)["code"] == "model_not_found"
+
+    status, _, r = _post(server, "/v1/completions", {"prompt": ["a", "b"]})
+    assert _assert_error(status, r, 400)["param"] == "prompt"
+
+    status, _, raw = _request("POST", server.url + "/v1/completions", raw=b"{not json")
+    assert "not valid JSON" in _assert_error(status, json.loads(raw), 400)["message"]
+
+    status, _, raw = _request("POST", server.url + "/v1/completions", raw=b"[1, 2]")
+    _assert_error(status, json.loads(raw), 400)
+
+    # the router's own validation (an out-of-vocabulary token id) comes back as 400 too
+    status, _, r = _post(server, "/v1/completions", {"prompt": [10**9], "max_tokens": 2})
+    assert "out of range" in _assert_error(status, r, 400)["message"]
+
+    status, _, raw = _request("POST", server.url + "/v1/nothing", {"a": 1})
+    assert _assert_error(status, json.loads(raw), 404)["code"] == "unknown_url"
+
+    status, headers, raw = _request("GET", server.url + "/v1/completions")
+    _assert_error(status, json.loads(raw), 405)
+    assert headers["Allow"] == "POST"
+
+    status, _, raw = _request("POST", server.url + "/v1/completions", raw=b" " * (MAX_BODY + 1))
+    _assert_error(status, json.loads(raw), 413)
+
+    status, _, _ = _request("GET", server.url + "/health")  # still serving
+    assert status == 200
+
+
+def test_impossible_slo_is_429_when_the_policy_refuses(server):
+    """The default policy (least_loaded) never refuses work: then there is no 429 to see."""
+    status, headers, r = _post(
+        server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "ttft_slo_s": 1e-6, "tpot_slo_s": 1e-6}
+    )
+    if status == 200:
+        pytest.skip("the router's default placement policy accepted an impossible SLO (it never refuses)")
+    err = _assert_error(status, r, 429)
+    assert err["type"] == "rate_limit_error"
+    assert int(headers["Retry-After"]) >= 1
+
+
+# ------------------------------------------------------------------------------ disconnect
+
+
+def _kv_in_use(cluster) -> tuple[int, int, int]:
+    """(decode blocks used, prefill blocks used, store leases)."""
+    used = []
+    for name in ("decode-0", "prefill-0"):
+        with grpc.insecure_channel(cluster.workers[name]) as ch:
+            stats = worker_pb2_grpc.WorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=10)
+            used.append(stats.kv_blocks_used)
+    store = KVStoreClient(cluster.store_address)
+    try:
+        leases = store.stats().node.num_leases
+    finally:
+        store.close()
+    return used[0], used[1], leases
+
+
+def test_client_disconnect_cancels_the_generation(server, cluster):
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    body = {
+        "prompt": "Count to ten thousand:",
+        "max_tokens": 2000,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    buf = b""
+    while buf.count(b"\n\n") < 4:
+        got = resp.read1(4096)
+        assert got, "stream ended early"
+        buf += got
+    assert _kv_in_use(cluster)[0] > 0  # decoding now
+    t0 = time.monotonic()
+    resp.close()
+    conn.close()
+    while _kv_in_use(cluster) != (0, 0, 0):
+        assert time.monotonic() - t0 < 10, f"generation not cancelled: {_kv_in_use(cluster)}"
+        time.sleep(0.1)
+    status, _, _ = _request("GET", server.url + "/health")
+    assert status == 200
+
+
+# ------------------------------------------------------------------------------ openai SDK
+
+
+def test_with_openai_package_if_installed(server, client):
+    openai = pytest.importorskip("openai")
+    ref = client.complete(CHAT, max_tokens=16, temperature=0.0)
+    oa = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    try:
+        model = oa.models.list().data[0].id
+        r = oa.chat.completions.create(model=model, messages=CHAT, max_tokens=16, temperature=0)
+        assert r.choices[0].message.content == ref.text
+        parts = oa.chat.completions.create(
+            model=model, messages=CHAT, max_tokens=16, temperature=0, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in parts if c.choices) == ref.text
+        with pytest.raises(openai.NotFoundError):
+            oa.chat.completions.create(model="nope", messages=CHAT)
+        with pytest.raises(openai.BadRequestError):
+            oa.completions.create(model=model, prompt=PROMPT, n=2)
+    finally:
+        oa.close()
+
+
+# ------------------------------------------------------------------------------ HTTP layer, scripted SDK
+# The HTTP I/O around SDK failures the live cluster cannot be made to produce on demand: a scripted
+# stand-in for pdserve.client.Client (same generate()/list_models() surface) feeds the real server.
+
+
+class _ScriptedStream:
+    def __init__(self, script: list[Any]) -> None:
+        self.script = script
+        self.cancelled = False
+
+    def __iter__(self):
+        for item in self.script:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _ScriptedClient:
+    def __init__(self) -> None:
+        self.script: list[Any] = []
+        self.calls: list[dict[str, Any]] = []
+
+    def list_models(self) -> list[str]:
+        return ["fake-model"]
+
+    def generate(self, prompt, params=None, *, timeout=None, **kw) -> _ScriptedStream:
+        self.calls.append({"prompt": prompt, "params": params, "timeout": timeout, **kw})
+        return _ScriptedStream(list(self.script))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    c = _ScriptedClient()
+    srv = OpenAIServer(ServerConfig(router="unused:1", port=0), client=c).start()  # type: ignore[arg-type]
+    yield srv, c
+    srv.close()
+
+
+def _finish_chunk(text: str) -> Any:
+    from pdserve.client import Chunk, Finish
+
+    phases = {"queue": 0.0, "prefill": 0.0, "transfer": 0.0, "decode": 0.0}
+    fin = Finish("stop", "", 3, 1, 0, 0.01, 0.02, [0.01], phases)
+    return Chunk("rid", [7], text, [], fin)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (ResourceExhaustedError("request refused (slo): busy", 1.5), 429),
+        (UnavailableError("no decode worker"), 503),
+        (DeadlineExceededError("deadline exceeded"), 504),
+        (InvalidRequestError("prompt is empty"), 400),
+    ],
+)
+def test_sdk_errors_map_to_http_statuses(scripted, exc, status, stream):
+    srv, c = scripted
+    c.script = [exc]
+    st, headers, raw = _request(
+        "POST", srv.url + "/v1/chat/completions", {"messages": CHAT, "stream": stream, "ttft_slo_s": 0.2}
+    )
+    err = _assert_error(st, json.loads(raw), status)
+    assert err["message"] == exc.message
+    if status == 429:
+        assert headers["Retry-After"] == "2" and err["type"] == "rate_limit_error"
+    assert c.calls[-1]["ttft_s"] == 0.2 and c.calls[-1]["model"] == "fake-model"
+
+
+def test_error_after_first_token_is_an_sse_error_event(scripted):
+    srv, c = scripted
+    from pdserve.client import Chunk
+
+    c.script = [Chunk("rid", [5], "Hi", []), UnavailableError("decode worker lost")]
+    _, evs = _stream(srv, "/v1/completions", {"prompt": "x", "stream": True})
+    assert evs[0]["choices"][0]["text"] == "Hi"
+    assert evs[-1]["error"]["message"] == "decode worker lost" and evs[-1]["error"]["code"] == "unavailable"
+
+
+def test_scripted_success_and_keepalive(scripted):
+    srv, c = scripted
+    c.script = [_finish_chunk("ok")]
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
+    try:
+        for stream in (False, True, False):  # one connection: chunked streams keep it reusable
+            conn.request(
+                "POST",
+                "/v1/completions",
+                json.dumps({"prompt": "x", "stream": stream}),
+                {"Content-Type": "application/json"},
+            )
+            resp = conn.getresponse()
+            data = resp.read()
+            assert resp.status == 200
+            if stream:
+                assert _events(data)[0]["choices"][0]["text"] == "ok"
+            else:
+                assert json.loads(data)["choices"][0]["text"] == "ok"
+    finally:
+        conn.close()
+
+
+def test_router_down_is_503():
+    from pdserve.launcher import free_port
+
+    with OpenAIServer(ServerConfig(router=f"127.0.0.1:{free_port()}", port=0)).start() as srv:
+        st, _, raw = _request("GET", srv.url + "/health")
+        _assert_error(st, json.loads(raw), 503)
+        st, _, raw = _request("POST", srv.url + "/v1/completions", {"prompt": "x"})
+        _assert_error(st, json.loads(raw), 503)
