@@ -37,7 +37,16 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def cluster(smollm_path):
-    cl = launch(ClusterSpec(model_path=str(smollm_path), worker_kv_blocks=512, store_capacity_blocks=1024))
+    # the goodput policy: requests without an SLO are served best effort as with the default
+    # policy, and an impossible SLO is refused early (RESOURCE_EXHAUSTED -> HTTP 429)
+    cl = launch(
+        ClusterSpec(
+            model_path=str(smollm_path),
+            worker_kv_blocks=512,
+            store_capacity_blocks=1024,
+            router_args=("--policy", "goodput"),
+        )
+    )
     yield cl
     cl.stop()
 
@@ -254,13 +263,11 @@ def test_bad_requests_get_openai_errors(server):
     assert status == 200
 
 
-def test_impossible_slo_is_429_when_the_policy_refuses(server):
-    """The default policy (least_loaded) never refuses work: then there is no 429 to see."""
+def test_impossible_slo_is_429_with_retry_after(server):
+    """The cluster's goodput policy refuses an SLO it cannot meet before any compute is spent."""
     status, headers, r = _post(
         server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "ttft_slo_s": 1e-6, "tpot_slo_s": 1e-6}
     )
-    if status == 200:
-        pytest.skip("the router's default placement policy accepted an impossible SLO (it never refuses)")
     err = _assert_error(status, r, 429)
     assert err["type"] == "rate_limit_error"
     assert int(headers["Retry-After"]) >= 1
