@@ -23,6 +23,7 @@ from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, KVTransport, launch
 from pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.prompts import PROMPTS
+from tests.workers import worker_stats
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +51,6 @@ def client(cluster):
 @pytest.fixture(scope="module")
 def whole(smollm_path):
     return LLMEngine.from_pretrained(smollm_path, EngineConfig(num_kv_blocks=512))
-
-
-def _stats(address: str) -> worker_pb2.WorkerStats:
-    with grpc.insecure_channel(address) as ch:
-        return worker_pb2_grpc.WorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=10)
 
 
 def _store_stats(cluster):
@@ -89,7 +85,9 @@ def test_greedy_over_gloo_equals_whole_engine_and_skips_the_store(cluster, clien
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     prompts = PROMPTS[:8]
     ref = whole.generate(prompts, params)
-    before = {w: _stats(a).decode_tokens_total for w, a in cluster.workers.items() if w.startswith("decode")}
+    before = {
+        w: worker_stats(a).decode_tokens_total for w, a in cluster.workers.items() if w.startswith("decode")
+    }
     with cf.ThreadPoolExecutor(8) as ex:  # concurrent: transfers to both decode ranks overlap
         got = list(ex.map(lambda p: client.complete(p, params), prompts))
     for p, r, g in zip(prompts, ref, got, strict=True):
@@ -101,7 +99,9 @@ def test_greedy_over_gloo_equals_whole_engine_and_skips_the_store(cluster, clien
         assert client.complete(p, params).token_ids == r.token_ids
     node = _store_stats(cluster)
     assert node.puts == 0 and node.num_blocks == 0 and node.num_leases == 0, node
-    after = {w: _stats(a).decode_tokens_total for w, a in cluster.workers.items() if w.startswith("decode")}
+    after = {
+        w: worker_stats(a).decode_tokens_total for w, a in cluster.workers.items() if w.startswith("decode")
+    }
     assert sum(after[w] - before[w] for w in after) >= 11 * 15  # every decode went through the workers
     # the prefill's KVPeer service pushed every request, to both decode ranks (1 and 2)
     pushes = _push_ranks(cluster)
@@ -146,6 +146,6 @@ def test_expired_outbox_entry_is_a_clear_not_found(cluster, whole):
     assert "expired" in ei.value.details() and "expire-me" in ei.value.details()
     # nothing leaked on the decode side
     deadline = time.monotonic() + 10
-    while _stats(cluster.workers["decode-0"]).kv_blocks_used and time.monotonic() < deadline:
+    while worker_stats(cluster.workers["decode-0"]).kv_blocks_used and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _stats(cluster.workers["decode-0"]).kv_blocks_used == 0
+    assert worker_stats(cluster.workers["decode-0"]).kv_blocks_used == 0

@@ -20,7 +20,6 @@ import re
 import time
 import urllib.request
 
-import grpc
 import pytest
 
 from engine.config import EngineConfig
@@ -29,7 +28,7 @@ from engine.sampling_params import SamplingParams
 from kv_store.client import KVStoreClient
 from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, LocalCluster, _spawn, launch
-from pdserve.v1 import worker_pb2, worker_pb2_grpc
+from tests.workers import worker_stats
 
 SMALL_KV_BLOCKS = 128  # decode-0 (and the prefill worker)
 BIG_KV_BLOCKS = 256  # the decode workers that get killed: preferred by placement (more free blocks)
@@ -73,11 +72,6 @@ def _redispatches(cluster: LocalCluster) -> float:
     return _router_metric(cluster, "pdserve_router_redispatches_total", 'phase="decode"')
 
 
-def _stats(address: str) -> worker_pb2.WorkerStats:
-    with grpc.insecure_channel(address) as ch:
-        return worker_pb2_grpc.WorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=10)
-
-
 def _add_big_decode_worker(cluster: LocalCluster, name: str) -> str:
     """Start decode worker ``name`` with BIG_KV_BLOCKS and wait until the router counts it."""
     before = _router_metric(cluster, "pdserve_router_workers", 'role="decode"')
@@ -116,7 +110,7 @@ def _wait_baseline(cluster: LocalCluster, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     try:
         while True:
-            used = _stats(cluster.workers["decode-0"]).kv_blocks_used
+            used = worker_stats(cluster.workers["decode-0"]).kv_blocks_used
             leases = store.stats().node.num_leases
             if used == 0 and leases == 0:
                 return
@@ -152,7 +146,7 @@ def test_decode_worker_killed_mid_stream(cluster, client, whole, params):
         fin = c.finish or fin
         if killed_at is None and len(ids) >= K:
             # the request streams through the big worker (placement prefers it)
-            assert _stats(cluster.workers[victim]).num_running == 1
+            assert worker_stats(cluster.workers[victim]).num_running == 1
             cluster.kill(victim)
             killed_at = len(ids)
     assert killed_at is not None and killed_at < params.max_tokens  # it died mid-stream
@@ -171,11 +165,11 @@ def test_decode_worker_killed_before_decoding(cluster, client, whole):
     _add_big_decode_worker(cluster, victim)
     cluster.kill(victim)  # still registered: the router sends it the Decode, which fails at once
     before = _redispatches(cluster)
-    prefills = _stats(cluster.workers["prefill-0"]).requests_finished_total
+    prefills = worker_stats(cluster.workers["prefill-0"]).requests_finished_total
     got = client.complete(prompt, params)
     assert got.token_ids == ref.token_ids and got.text == ref.text
     # the same KV went to decode-0 (re-leased): no second prefill
-    assert _stats(cluster.workers["prefill-0"]).requests_finished_total == prefills + 1
+    assert worker_stats(cluster.workers["prefill-0"]).requests_finished_total == prefills + 1
     assert got.finish.reason == "length" and got.finish.completion_tokens == params.max_tokens
     assert _redispatches(cluster) == before + 1
     _wait_baseline(cluster)

@@ -20,6 +20,7 @@ from pdserve.client import Client
 from pdserve.errors import ResourceExhaustedError
 from pdserve.launcher import ClusterSpec, launch
 from pdserve.v1 import client_pb2, client_pb2_grpc, common_pb2, worker_pb2, worker_pb2_grpc
+from tests.workers import worker_stats
 
 PROMPTS = [
     "The capital of France is",
@@ -65,11 +66,6 @@ def whole(smollm_path):
     return LLMEngine.from_pretrained(smollm_path, EngineConfig(num_kv_blocks=1024))
 
 
-def _stats(address: str) -> worker_pb2.WorkerStats:
-    with grpc.insecure_channel(address) as ch:
-        return worker_pb2_grpc.WorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=10)
-
-
 def _work(s: worker_pb2.WorkerStats) -> tuple[int, int, int, int]:
     return (
         s.prefill_tokens_computed_total,
@@ -104,13 +100,13 @@ def _event(cluster, msg: str, request_id: str, timeout: float = 5.0) -> dict:
 
 
 def test_impossible_slo_rejected_before_any_compute(goodput):
-    before = {w: _work(_stats(a)) for w, a in goodput.workers.items()}
+    before = {w: _work(worker_stats(a)) for w, a in goodput.workers.items()}
     with Client(goodput.router_address, timeout=60) as c, pytest.raises(ResourceExhaustedError) as ei:
         c.complete("The capital of France is", max_tokens=8, temperature=0.0, ttft_s=0.001)
     assert ei.value.retry_after_s is not None and ei.value.retry_after_s > 0
     assert "TTFT" in ei.value.message
     time.sleep(0.2)
-    after = {w: _work(_stats(a)) for w, a in goodput.workers.items()}
+    after = {w: _work(worker_stats(a)) for w, a in goodput.workers.items()}
     assert after == before  # neither worker computed a token for it
 
 
@@ -220,7 +216,7 @@ def test_colocated_output_equals_whole_engine(colocated, whole):
         fin = c.complete(PROMPTS[4], params).finish
         assert fin.cached_prompt_tokens > 0  # the decode worker's own prefix cache
         assert 0 < fin.ttft_s <= fin.e2e_s and len(fin.token_times_s) == 16
-    st = _stats(colocated.workers["decode-0"])
+    st = worker_stats(colocated.workers["decode-0"])
     assert st.prefill_tokens_computed_total > 0 and st.kv_blocks_used == 0
 
 

@@ -200,15 +200,33 @@ def test_seeded_sampling_resumes_exactly_with_a_position_offset(llama, k):
     p = _prompts()[3]
     whole = _engine(llama).generate([p], sp)[0].token_ids
     resumed_sp = SamplingParams(
-        max_tokens=16 - k, temperature=1.0, min_p=0.05, repetition_penalty=1.2, seed=5, ignore_eos=True,
+        max_tokens=16 - k,
+        temperature=1.0,
+        min_p=0.05,
+        repetition_penalty=1.2,
+        seed=5,
+        ignore_eos=True,
         seed_position_offset=k,
     )
     rest = _engine(llama).generate([list(p) + whole[:k]], resumed_sp)[0].token_ids
     assert whole[:k] + rest == whole
-    unshifted = _engine(llama).generate([list(p) + whole[:k]], SamplingParams(**{
-        **{f: getattr(resumed_sp, f) for f in ("max_tokens", "temperature", "min_p", "repetition_penalty")},
-        "seed": 5, "ignore_eos": True,
-    }))[0].token_ids
+    unshifted = (
+        _engine(llama)
+        .generate(
+            [list(p) + whole[:k]],
+            SamplingParams(
+                **{
+                    **{
+                        f: getattr(resumed_sp, f)
+                        for f in ("max_tokens", "temperature", "min_p", "repetition_penalty")
+                    },
+                    "seed": 5,
+                    "ignore_eos": True,
+                }
+            ),
+        )[0]
+        .token_ids
+    )
     assert unshifted != rest  # without the offset the positions restart: a different sample
 
 

@@ -374,7 +374,9 @@ def test_shared_cores_scale_predictions_by_busy_instances_per_core() -> None:
     # an SLO the uncontended prediction meets is refused once the cores are oversubscribed
     slo = SLO(ttft_s=alone.estimated_ttft_s * 1.5, tpot_s=10.0)
     assert placed(policy(local_prefill=False, shared_cores=2).place(req("c", n=400, slo=slo), quiet))
-    assert isinstance(policy(local_prefill=False, shared_cores=2).place(req("d", n=400, slo=slo), loaded), Rejection)
+    assert isinstance(
+        policy(local_prefill=False, shared_cores=2).place(req("d", n=400, slo=slo), loaded), Rejection
+    )
     with pytest.raises(ValueError):
         GoodputConfig(shared_cores=0)
 
