@@ -298,9 +298,7 @@ class Scheduler:
             sp = req.sampling_params
             n_out = len(out_ids)
             # check_stop's decision; inlined when no EOS/stop token can end the request here
-            if n_out >= sp.min_tokens and (
-                (not sp.ignore_eos and req.eos_token_ids) or sp.stop_token_ids
-            ):
+            if n_out >= sp.min_tokens and ((not sp.ignore_eos and req.eos_token_ids) or sp.stop_token_ids):
                 reason = self.check_stop(req, tok)
             elif n_out >= sp.max_tokens or len(req.prompt_token_ids) + n_out >= max_len:
                 reason = FinishReason.LENGTH

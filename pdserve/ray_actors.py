@@ -332,6 +332,7 @@ class WorkerActor:
             WorkerMetrics(REGISTRY, worker_id, role.value, snapshot=self.state.metrics_snapshot)
         )
         self.metrics_port = serve_metrics(0)
+
         def router_now() -> str:  # a restarted router actor may listen on a new port
             router = ray.get_actor(ROUTER_NAME, namespace=namespace)
             return ray.get(router.address.remote(), timeout=10)

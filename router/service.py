@@ -964,7 +964,9 @@ class _Guarded:
                     LostWorker(self._worker.worker_id, LostPhase.DECODE, e.details() or "")
                 ) from None
             if e.code() == grpc.StatusCode.NOT_FOUND and not started:  # its KV was gone
-                raise _WorkerLost(LostWorker(self._worker.worker_id, LostPhase.KV, e.details() or "")) from None
+                raise _WorkerLost(
+                    LostWorker(self._worker.worker_id, LostPhase.KV, e.details() or "")
+                ) from None
             raise
 
     def cancel(self) -> bool:
