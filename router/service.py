@@ -640,6 +640,7 @@ class GenerateServicer:
         new = common_pb2.KVHandle()
         new.CopyFrom(kv)
         new.lease_id = grant.lease_id
+        new.lease_expires_at_unix_s = grant.expires_at_unix_s  # the shm slots' validity: the new lease's
         del new.shm_slots[:]
         if len(grant.slots) == len(kv.block_hashes):
             new.shm_slots.extend(grant.slots)

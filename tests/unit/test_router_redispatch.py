@@ -133,6 +133,7 @@ class FakeStore:
         class Grant:
             lease_id: str
             slots: tuple[int, ...] = ()
+            expires_at_unix_s: float = 4242.0
 
         return Grant(lease)
 
@@ -345,6 +346,7 @@ def test_decode_lost_before_a_token_reuses_the_kv_under_a_fresh_lease(model_path
     first, second = w["d0"].calls[0], w["d1"].calls[0]
     assert second.kv.block_hashes == first.kv.block_hashes and second.first_token == first.first_token
     assert second.kv.lease_id != first.kv.lease_id and second.kv.lease_id.startswith("relet")
+    assert second.kv.lease_expires_at_unix_s == 4242.0  # the new lease's expiry, not the old one's
     assert first.kv.lease_id in store.released  # the old lease does not linger until its TTL
     assert store.leases == set()
     assert _redispatches(reg, "decode") == 1
