@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
@@ -42,6 +42,9 @@ from pdserve.metrics import WorkerMetrics, serve_metrics
 from pdserve.tracing import configure_logging, traced_channel
 from pdserve.v1 import worker_pb2
 from pdserve.worker_base import Heartbeater, Role, WorkerConfig, WorkerState
+
+if TYPE_CHECKING:
+    from prefill_worker.prefix_policy import PrefixFetchConfig
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +246,13 @@ def build_service(
     transport: AutoTransport,
     dist: DistGroup | None = None,
     outbox_bytes: int = DEFAULT_OUTBOX_BYTES,
+    prefix_fetch: PrefixFetchConfig | None = None,
 ) -> Any:
     """The Worker servicer of ``state``'s role. With ``dist`` (a direct-handoff worker) a prefill
     servicer publishes to an outbox (store as fallback) and a decode servicer pulls direct
-    handles over the process group (store handles through the store); see :func:`build_peer`."""
+    handles over the process group (store handles through the store); see :func:`build_peer`.
+    ``prefix_fetch``: the prefill servicer's :class:`prefill_worker.prefix_policy.PrefixFetchConfig`
+    (None: its defaults)."""
     if state.config.role is Role.PREFILL:
         from prefill_worker.publisher import StorePublisher
         from prefill_worker.service import PrefillServicer
@@ -258,7 +264,9 @@ def build_service(
             outbox = DistOutbox(outbox_bytes)
             outbox.start_sweeper()
             publisher = DistPublisher(outbox, dist, lambda: state.address, fallback=publisher)
-        return PrefillServicer(state, publisher, store, transport)
+        from prefill_worker.prefix_policy import PrefixFetchPolicy
+
+        return PrefillServicer(state, publisher, store, transport, PrefixFetchPolicy(prefix_fetch))
     from decode_worker.puller import StorePuller
     from decode_worker.service import DecodeServicer
 
@@ -277,7 +285,9 @@ def build_peer(svc: Any, dist: DistGroup) -> Any:
     return KVPeerServicer(svc.publisher.outbox, dist, ready_timeout_s=dist.options.timeout_s)
 
 
-def main(role: Role, argv: list[str] | None = None) -> int:
+def main(role: Role, argv: list[str] | None = None, *, prefix_fetch: PrefixFetchConfig | None = None) -> int:
+    """Run a worker process. ``prefix_fetch``: a prefill worker's
+    :class:`prefill_worker.prefix_policy.PrefixFetchConfig` (``python -m prefill_worker`` flags)."""
     from pdserve.grpc_server import start_server
 
     dist_opts, rest = parse_dist_args(list(sys.argv[1:] if argv is None else argv))
@@ -291,7 +301,12 @@ def main(role: Role, argv: list[str] | None = None) -> int:
     store = KVStoreClient(cfg.store_address, channel=store_channel)
     transport = AutoTransport(host_id())
     svc = build_service(
-        state, store, transport, dist, dist_opts.outbox_bytes if dist_opts else DEFAULT_OUTBOX_BYTES
+        state,
+        store,
+        transport,
+        dist,
+        dist_opts.outbox_bytes if dist_opts else DEFAULT_OUTBOX_BYTES,
+        prefix_fetch=prefix_fetch,
     )
     services: list[tuple[Any, Any]] = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], svc)]
     if dist is not None and role is Role.PREFILL:

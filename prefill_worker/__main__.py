@@ -12,7 +12,7 @@ import sys
 
 from pdserve.worker_base import Role
 from pdserve.worker_main import main
-from prefill_worker.prefix_policy import FetchMode, PrefixFetchConfig, set_process_default
+from prefill_worker.prefix_policy import FetchMode, PrefixFetchConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,5 +48,4 @@ if __name__ == "__main__":
         print("fetch-or-recompute of store prefixes (prefill_worker.prefix_policy):")
         print(_parser().format_help())
     cfg, rest = parse_prefix_args(sys.argv[1:])
-    set_process_default(cfg)
-    sys.exit(main(Role.PREFILL, rest))
+    sys.exit(main(Role.PREFILL, rest, prefix_fetch=cfg))

@@ -119,20 +119,6 @@ def decide(
     return PrefixEstimate(d, f, r)
 
 
-_process_default = PrefixFetchConfig()
-
-
-def set_process_default(config: PrefixFetchConfig) -> None:
-    """Config used by prefill servicers built without one (set by ``python -m prefill_worker``
-    flags before the servicer is built)."""
-    global _process_default
-    _process_default = config
-
-
-def process_default() -> PrefixFetchConfig:
-    return _process_default
-
-
 class PrefixFetchPolicy:
     """:func:`decide` over EWMAs of the worker's own measurements (see the module docstring).
 

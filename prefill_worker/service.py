@@ -24,7 +24,7 @@ from pdserve.proto_convert import logprob_to_proto, sampling_from_proto
 from pdserve.tracing import log_event, request_scope
 from pdserve.v1 import common_pb2, worker_pb2
 from pdserve.worker_base import WorkerState
-from prefill_worker.prefix_policy import PrefixDecision, PrefixFetchPolicy, process_default
+from prefill_worker.prefix_policy import PrefixDecision, PrefixFetchPolicy
 from prefill_worker.publisher import KVPublisher
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class PrefillServicer:
     """The Worker service in prefill role.
 
     ``prefix_policy`` decides, per request, whether a prefix found in the store is pulled or
-    recomputed (default: one built from :func:`prefill_worker.prefix_policy.process_default`);
+    recomputed (default: one with :class:`~prefill_worker.prefix_policy.PrefixFetchConfig` defaults);
     it learns from this servicer's store round trips, pulls and engine throughput. Counters:
     ``store_prefix_tokens_total`` (tokens pulled from the store), ``prefix_recomputed_tokens_total``
     (store-held tokens recomputed instead), and ``prefix_policy.counts`` (decisions).
@@ -52,7 +52,7 @@ class PrefillServicer:
         self.publisher = publisher
         self.store = store
         self.transport = transport
-        self.prefix_policy = prefix_policy or PrefixFetchPolicy(process_default())
+        self.prefix_policy = prefix_policy or PrefixFetchPolicy()
         self.store_prefix_tokens_total = 0
         self.prefix_recomputed_tokens_total = 0
 
