@@ -20,8 +20,11 @@ returns it to the client, which may submit the request again). A transfer of ano
 arriving first (left over by an earlier pull that gave up after ACCEPTED) is received, counted in
 ``stale_discarded`` and dropped, up to ``max_stale`` times.
 
-Every other handle goes to the wrapped ``fallback`` puller (the store path). ``release`` of a
-direct handle is a no-op: the push removed the outbox entry, and one never pulled expires there.
+Every other handle goes to the wrapped ``fallback`` puller (the store path), and so do direct
+handles once this worker's process group failed to form: a
+:class:`~decode_worker.spill_puller.SpillPuller` fallback then has the prefill worker spill them
+to its store. ``release`` of a direct handle is passed to the fallback (a no-op unless it spilled
+it): the push removed the outbox entry, and one never pulled expires there.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any, Protocol
 import grpc
 import torch
 
+from decode_worker.peer_stubs import PeerStubs
 from decode_worker.puller import KVPuller
 from kv_store.dist_transport import DistBlockReceiver, TransferHeader
 from kv_store.handle import KVHandle
@@ -44,10 +48,9 @@ from pdserve.errors import (
     RequestNotFoundError,
     UnavailableError,
 )
-from pdserve.limits import grpc_options
 from pdserve.status import error_from_rpc_error
 from pdserve.tracing import log_event
-from pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,11 @@ class PeerGroup(Protocol):
 
     def wait_ready(self, timeout_s: float) -> torch.device:
         """Block until the group is formed; UnavailableError when it failed or took too long."""
+        ...
+
+    @property
+    def failed(self) -> bool:
+        """True once forming the group failed (it never becomes usable)."""
         ...
 
 
@@ -94,12 +102,11 @@ class DistPuller:
     ) -> None:
         self.group = group
         self.fallback = fallback
-        self._stub_for = stub_for or self._grpc_stub
+        self._stubs = PeerStubs() if stub_for is None else None
+        self._stub_for = stub_for or self._stubs.stub  # type: ignore[union-attr]
         self._receiver = receiver
         self.timeout_s = timeout_s
         self.max_stale = max_stale
-        self._channels: dict[str, grpc.Channel] = {}
-        self._stubs: dict[str, KVPeerStub] = {}
         self._guard = threading.Lock()
         self._locks: dict[int, threading.Lock] = {}
         self.direct_pulls = 0
@@ -110,14 +117,6 @@ class DistPuller:
     def transport(self) -> Any:
         """The fallback puller's block transport (the decode service reads its counters)."""
         return getattr(self.fallback, "transport", None)
-
-    def _grpc_stub(self, address: str) -> KVPeerStub:
-        with self._guard:
-            stub = self._stubs.get(address)
-            if stub is None:
-                ch = self._channels[address] = grpc.insecure_channel(address, options=grpc_options())
-                stub = self._stubs[address] = worker_pb2_grpc.KVPeerStub(ch)
-            return stub
 
     def _lock_for(self, src: int) -> threading.Lock:
         with self._guard:
@@ -130,7 +129,7 @@ class DistPuller:
     def pull(self, handle: KVHandle) -> torch.Tensor:
         """``[n_blocks, num_layers, 2, block_size, kvh, hd]`` in handle order (on the group's
         device for a direct handle: CPU with gloo, CUDA with NCCL)."""
-        if not handle.is_direct:
+        if not handle.is_direct or self.group.failed:
             return self.fallback.pull(handle)
         try:
             out = self._pull_direct(handle)
@@ -141,9 +140,9 @@ class DistPuller:
         return out
 
     def release(self, handle: KVHandle) -> None:
-        """No-op for a direct handle (no lease; see module docstring); else the fallback's."""
-        if not handle.is_direct:
-            self.fallback.release(handle)
+        """The fallback's release (for a direct handle pulled over the group it has nothing to
+        release: no lease; see module docstring)."""
+        self.fallback.release(handle)
 
     def _pull_direct(self, handle: KVHandle) -> torch.Tensor:
         src, me = handle.dist_rank, self.group.rank
@@ -223,10 +222,9 @@ class DistPuller:
             raise type(err)(f"PushKV to {where} for {handle.request_id!r} failed: {err.message}") from None
 
     def close(self) -> None:
-        """Close the gRPC channels this puller opened."""
-        with self._guard:
-            chans = list(self._channels.values())
-            self._channels.clear()
-            self._stubs.clear()
-        for ch in chans:
-            ch.close()
+        """Close the gRPC channels this puller (and its fallback) opened."""
+        if self._stubs is not None:
+            self._stubs.close()
+        close = getattr(self.fallback, "close", None)
+        if close is not None:
+            close()

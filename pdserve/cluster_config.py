@@ -9,8 +9,9 @@ Example (every key but ``model`` has a default)::
     prefill: {count: 1, num_cpus: 1, kv_blocks: 2048}
     decode:  {count: 2, num_cpus: 1, device: cuda, tp: 1}   # cuda: num_gpus = tp per worker
     store:   {capacity_blocks: 4096, num_cpus: 0}
-    router:  {port: 50051, heartbeat_timeout_s: 3.0}
+    router:  {port: 50051, heartbeat_timeout_s: 3.0, policy: goodput}
     index:   {kind: memory}                    # or {kind: redis, url: redis://host:6379/0}
+    kv_transfer: {kind: store}                 # or {kind: dist, backend: gloo|nccl} (direct)
     host: node                                 # bind to the Ray node's IP ("127.0.0.1" in tests)
     max_restarts: 3
     drain_timeout_s: 120
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.errors import InvalidRequestError
+from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend, KVTransport
+from router.policy.placement import PolicyKind
 
 NODE_IP = "node"  # ``host`` value: bind each actor's servers to its Ray node's IP address
 
@@ -94,12 +97,42 @@ class RouterPoolConfig:
     node_resource: str = ""
     heartbeat_timeout_s: float = 3.0
     heartbeat_interval_s: float = 0.5
+    # placement (``python -m router --policy``): least_loaded needs no latency model and never
+    # refuses work; goodput places by predicted TTFT/TPOT and refuses what would miss its SLO
+    policy: PolicyKind = PolicyKind.LEAST_LOADED
+    latency_profile: str = ""  # ``pdserve profile`` JSON seeding goodput's predictions ("": none)
+    max_redispatches: int = 2  # re-dispatches of a request whose worker was lost
+    shared_cores: int = 0  # goodput: every worker on one CPU host of this many cores (0: own devices)
 
 
 @dataclass(frozen=True)
 class IndexConfig:
     kind: IndexKind = IndexKind.MEMORY
     url: str = ""  # redis://host:port/db when kind is redis
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """How KV moves from prefill to decode workers.
+
+    ``kind: store`` (default): through the store node of the prefill worker's Ray node (shared
+    memory on the same node, gRPC across nodes). ``kind: dist``: directly, over one
+    torch.distributed process group of the workers started by ``pdserve up`` (``backend`` gloo on
+    CPU, nccl on GPU; rank 0 is the first prefill worker, whose node hosts the group's TCP store
+    on ``port``, 0: a free one). A group has a fixed membership: workers added later by ``pdserve
+    scale``, or restarted after a failure, are not in it; a prefill worker outside it publishes to
+    its store, and a decode worker outside it has direct handles spilled to the prefill worker's
+    store (``KVPeer.SpillKV``), so nothing is lost, only the direct path is not taken.
+    ``socket_ifname``: the network interface gloo/NCCL use between nodes (sets
+    GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME in the workers; "" leaves them to choose).
+    """
+
+    kind: KVTransport = KVTransport.STORE
+    backend: DistBackend = DistBackend.GLOO
+    port: int = 0
+    timeout_s: float = DEFAULT_DIST_TIMEOUT_S
+    outbox_bytes: int = DEFAULT_OUTBOX_BYTES
+    socket_ifname: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,6 +143,7 @@ class ClusterConfig:
     store: StorePoolConfig = field(default_factory=StorePoolConfig)
     router: RouterPoolConfig = field(default_factory=RouterPoolConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     host: str = NODE_IP  # "node" (the Ray node's IP) or a literal address such as 127.0.0.1
     namespace: str = "pdserve"
     max_restarts: int = 3  # per actor, on failure (not for scale-down or ``pdserve down``)
@@ -152,7 +186,14 @@ def _section(cls: type, raw: Any, where: str):
     return cls(**kw)
 
 
-_ENUMS = {"PoolRole": PoolRole, "IndexKind": IndexKind, "Device": Device}
+_ENUMS = {
+    "PoolRole": PoolRole,
+    "IndexKind": IndexKind,
+    "Device": Device,
+    "KVTransport": KVTransport,
+    "DistBackend": DistBackend,
+    "PolicyKind": PolicyKind,
+}
 
 
 def _coerce(typ: Any, v: Any, where: str) -> Any:
@@ -212,8 +253,28 @@ def validate(c: ClusterConfig) -> ClusterConfig:
     r = c.router
     if r.heartbeat_interval_s <= 0 or r.heartbeat_timeout_s <= r.heartbeat_interval_s:
         raise _err("router.heartbeat_timeout_s", "must exceed heartbeat_interval_s (both > 0)")
+    if r.max_redispatches < 0:
+        raise _err("router.max_redispatches", f"must be >= 0, got {r.max_redispatches}")
+    if r.shared_cores < 0:
+        raise _err(
+            "router.shared_cores", f"must be >= 0 (0: workers have their own devices), got {r.shared_cores}"
+        )
     if c.index.kind is IndexKind.REDIS and not c.index.url.startswith(("redis://", "rediss://", "unix://")):
         raise _err("index.url", "a redis index needs url: redis://HOST:PORT/DB")
+    t = c.kv_transfer
+    if not 0 <= t.port <= 65535:
+        raise _err("kv_transfer.port", f"must be in [0, 65535], got {t.port}")
+    if t.timeout_s <= 0:
+        raise _err("kv_transfer.timeout_s", f"must be > 0, got {t.timeout_s}")
+    if t.outbox_bytes < 1:
+        raise _err("kv_transfer.outbox_bytes", f"must be >= 1, got {t.outbox_bytes}")
+    if t.kind is KVTransport.DIST and t.backend is DistBackend.NCCL:
+        for role, p in (("prefill", c.prefill), ("decode", c.decode)):
+            if p.device is not Device.CUDA:
+                raise _err(
+                    "kv_transfer.backend",
+                    f"nccl moves CUDA tensors: set {role}.device: cuda (or backend: gloo)",
+                )
     if c.max_restarts < -1:
         raise _err("max_restarts", "must be >= 0 (or -1: unlimited)")
     if c.drain_timeout_s <= 0 or c.drain_quiet_s < 0:
@@ -229,6 +290,7 @@ _SECTIONS = {
     "store": StorePoolConfig,
     "router": RouterPoolConfig,
     "index": IndexConfig,
+    "kv_transfer": KVTransferConfig,
 }
 
 

@@ -8,7 +8,8 @@ with the router. ``stop()`` ends them all (SIGTERM, then SIGKILL after a grace p
 ``ClusterSpec.index_url``: where the store node registers its blocks. ``"memory"`` (default) is
 the store's private in-process index; a ``redis://host:port/db[?prefix=p]`` URL runs the cluster
 over a Redis index (:mod:`kv_store.redis_index`) that routers and other tools can open with the
-same URL (:func:`kv_store.redis_index.make_index`) for a global Lookup. ``store_args`` are extra
+same URL (:func:`kv_store.redis_index.make_index`) for a global Lookup; the launched router gets
+it (``--index URL``) and finds cached prefixes there itself. ``store_args`` are extra
 ``python -m kv_store`` options (e.g. ``--index-sync-interval-s 0.2``, ``--high-water 0.9``).
 ``num_stores`` > 1 (Redis index only) starts store nodes kv0..kvN-1; workers use kv0, which with
 ``replication_factor`` > 1 copies new blocks to the others in the background (best effort).
@@ -21,7 +22,6 @@ prefill-i is rank i, decode-i rank ``num_prefill + i``; see :mod:`pdserve.worker
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 import socket
@@ -34,16 +34,9 @@ from pathlib import Path
 
 from engine.models.config import ModelConfig
 from pdserve.errors import UnavailableError
-from pdserve.worker_main import DistBackend
+from pdserve.kv_transfer import DistBackend, KVTransport
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class KVTransport(enum.Enum):
-    """How a cluster's KV moves from prefill to decode workers."""
-
-    STORE = "store"  # published to the store node, pulled from it (shm same host, else gRPC)
-    DIST = "dist"  # directly between worker processes over torch.distributed (gloo | nccl)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -191,6 +184,13 @@ def _spawn(cluster: LocalCluster, name: str, args: list[str], timeout_s: float) 
     return ready
 
 
+def router_index_args(index_url: str) -> list[str]:
+    """The ``python -m router`` options that make it read the cluster's KV index: ``--index URL``
+    for a shared index (any URL but ``"memory"``, e.g. ``redis://host:port/db?prefix=p``), none for
+    ``"memory"`` (the store's private in-process index, which only a store Lookup can read)."""
+    return [] if index_url == "memory" else ["--index", index_url]
+
+
 def launch(spec: ClusterSpec) -> LocalCluster:
     from pdserve.v1 import router_pb2  # noqa: F401 - fail early if protos are missing
 
@@ -234,6 +234,9 @@ def launch(spec: ClusterSpec) -> LocalCluster:
     # direct handoff: KV handles name prefill workers, not the store; tell the router where the
     # store is for its prefix lookups (it would otherwise learn it from the handles)
     store_flag = ["--store", cl.store_address] if spec.kv_transport is KVTransport.DIST else []
+    # a shared (redis) index: the router finds cached prefixes there itself, as the store nodes see
+    # them; the "memory" index is private to the store process, so the router asks the store
+    index_flag = router_index_args(spec.index_url)
     router = _spawn(
         cl,
         "router",
@@ -245,6 +248,7 @@ def launch(spec: ClusterSpec) -> LocalCluster:
             "--port",
             str(spec.router_port),
             *store_flag,
+            *index_flag,
             *spec.router_args,
         ],
         t,

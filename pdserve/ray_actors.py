@@ -7,7 +7,10 @@
   requests).
 * :class:`WorkerActor`: a prefill or decode worker; it registers with the router through its
   :class:`~pdserve.worker_base.Heartbeater`, so a restarted actor (``max_restarts``) registers again
-  under the same worker id at its new address.
+  under the same worker id at its new address. With ``kv_transfer: {kind: dist}`` the workers
+  ``up`` starts are given a :class:`DistSeat` and join one torch.distributed process group for
+  direct KV handoff (see :class:`~pdserve.cluster_config.KVTransferConfig`); a restarted actor does
+  not rejoin it (the group's membership is fixed) and uses the store path instead.
 
 The classes are plain Python (``ray.remote(cls)`` is applied by :mod:`pdserve.ray_cluster`), so
 they import Ray only to learn their node. Contract of every actor: ``__init__`` returns once its
@@ -26,14 +29,42 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdserve.cluster_config import NODE_IP, ClusterConfig, IndexKind, PoolRole
+
+if TYPE_CHECKING:
+    from router.service import RouterConfig
 
 STORE_PREFIX = "pdserve-store-"
 ROUTER_NAME = "pdserve-router"
 WORKER_PREFIX = "pdserve-"
+
+
+@dataclass(frozen=True)
+class DistSeat:
+    """A worker's place in the process group of the direct KV handoff: ``rank`` of
+    ``world_size``; ``init_method`` ``tcp://HOST:PORT`` of rank 0's TCP store ("" for rank 0
+    itself: it picks ``HOST:PORT`` on its node, see :meth:`WorkerActor.dist_init_method`)."""
+
+    rank: int
+    world_size: int
+    init_method: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"dist rank {self.rank} not in [0, {self.world_size})")
+        if (self.rank == 0) != (not self.init_method):
+            raise ValueError("rank 0 picks the init method; every other rank must be given it")
+
+
+def _reconstructed() -> bool:
+    """Whether this actor is a restart (Ray ran ``__init__`` again after a failure)."""
+    import ray
+
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def store_actor_name(node_id: str) -> str:
@@ -161,6 +192,31 @@ class StoreActor:
 
 
 # ---------------------------------------------------------------------------- router
+def router_config(config: ClusterConfig) -> RouterConfig:
+    """The router's :class:`~router.service.RouterConfig` for this cluster: model, bind host (Ray
+    is asked only when ``config.host`` is ``"node"``), port, heartbeats and placement policy from
+    ``config.router``, and ``index_url`` set to ``config.index.url`` when the index is Redis (the
+    router then finds cached prefixes in the shared index itself); None for the memory index,
+    which is private to each store node."""
+    from router.policy import GoodputConfig
+    from router.service import RouterConfig
+
+    r = config.router
+    return RouterConfig(
+        model_path=config.model,
+        model_id=Path(config.model).name,
+        host=_bind_host(config),
+        port=r.port,
+        heartbeat_interval_s=r.heartbeat_interval_s,
+        heartbeat_timeout_s=r.heartbeat_timeout_s,
+        policy=r.policy,
+        goodput=GoodputConfig(shared_cores=r.shared_cores or None),
+        latency_profile=r.latency_profile or None,
+        index_url=config.index.url if config.index.kind is IndexKind.REDIS else None,
+        max_redispatches=r.max_redispatches,
+    )
+
+
 class RouterActor:
     """The router's Generate and Registry services in this actor's process."""
 
@@ -171,17 +227,9 @@ class RouterActor:
         from pdserve.metrics import RouterMetrics, serve_metrics
         from pdserve.v1 import client_pb2, router_pb2
         from router.registry import Registry
-        from router.service import GenerateServicer, RegistryServicer, RouterConfig
+        from router.service import GenerateServicer, RegistryServicer
 
-        r = config.router
-        cfg = RouterConfig(
-            model_path=config.model,
-            model_id=Path(config.model).name,
-            host=_bind_host(config),
-            port=r.port,
-            heartbeat_interval_s=r.heartbeat_interval_s,
-            heartbeat_timeout_s=r.heartbeat_timeout_s,
-        )
+        cfg = router_config(config)
         self.registry = Registry(cfg.heartbeat_timeout_s)
         services = [
             (
@@ -268,7 +316,14 @@ class RouterActor:
 class WorkerActor:
     """A prefill or decode worker using the KV store node of its own Ray node."""
 
-    def __init__(self, config: ClusterConfig, role: PoolRole, worker_id: str, router_address: str) -> None:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        role: PoolRole,
+        worker_id: str,
+        router_address: str,
+        seat: DistSeat | None = None,
+    ) -> None:
         import grpc
         import ray
         from prometheus_client import REGISTRY
@@ -282,15 +337,19 @@ class WorkerActor:
         from pdserve.tracing import traced_channel
         from pdserve.v1 import worker_pb2
         from pdserve.worker_base import Heartbeater, Role, WorkerConfig, WorkerState
-        from pdserve.worker_main import build_service
+        from pdserve.worker_main import build_peer, build_service
 
         self.node_id = _node_id()
         self.host_id = apply_host_id(config)
+        host = _bind_host(config)
+        # join the direct-handoff group while the model loads (the other ranks may start later)
+        self.dist = (
+            self._join_group(config, seat, host) if seat is not None and not _reconstructed() else None
+        )
         store = ray.get_actor(store_actor_name(self.node_id), namespace=config.namespace)
         self.store_address = ray.get(store.address.remote(), timeout=60)
         pool = config.pool(role)
         wrole = Role.PREFILL if role is PoolRole.PREFILL else Role.DECODE
-        host = _bind_host(config)
         cfg = WorkerConfig(
             worker_id=worker_id,
             role=wrole,
@@ -324,9 +383,15 @@ class WorkerActor:
 
         self._store = FollowingStoreClient(store_now, connect, self.store_address)
         self._transport = AutoTransport(self.host_id)
-        svc = build_service(self.state, self._store, self._transport)
-        desc = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
-        self.server, port, _ = start_server([(desc, svc)], host, 0, name=worker_id)
+        self._svc = svc = build_service(
+            self.state, self._store, self._transport, self.dist, config.kv_transfer.outbox_bytes
+        )
+        services: list[tuple[Any, Any]] = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], svc)]
+        self._peer = None
+        if self.dist is not None and role is PoolRole.PREFILL:
+            self._peer = build_peer(svc, self.dist)
+            services.append((worker_pb2.DESCRIPTOR.services_by_name["KVPeer"], self._peer))
+        self.server, port, _ = start_server(services, host, 0, name=worker_id)
         self.state.address = f"{host}:{port}"
         self.state.attach_metrics(
             WorkerMetrics(REGISTRY, worker_id, role.value, snapshot=self.state.metrics_snapshot)
@@ -342,6 +407,54 @@ class WorkerActor:
         self._lock = threading.Lock()
         self._stopped = False
 
+    @staticmethod
+    def _join_group(config: ClusterConfig, seat: DistSeat, host: str) -> Any:
+        """Start joining the direct-handoff process group (in the background); rank 0 picks
+        ``host:port`` for its TCP store here."""
+        from pdserve.kv_transfer import DistBackend
+        from pdserve.launcher import free_port
+        from pdserve.worker_main import DistGroup, DistOptions
+
+        t = config.kv_transfer
+        if t.socket_ifname:
+            os.environ["GLOO_SOCKET_IFNAME"] = t.socket_ifname
+            os.environ["NCCL_SOCKET_IFNAME"] = t.socket_ifname
+        init = seat.init_method or f"tcp://{host}:{t.port or free_port(host)}"
+        options = DistOptions(
+            init_method=init,
+            rank=seat.rank,
+            world_size=seat.world_size,
+            backend=t.backend,
+            timeout_s=t.timeout_s,
+            outbox_bytes=t.outbox_bytes,
+            # Ray shows an actor only its own GPUs: its first visible one is its device
+            cuda_device=0 if t.backend is DistBackend.NCCL else None,
+        )
+        return DistGroup(options).start()
+
+    def dist_init_method(self) -> str:
+        """``tcp://HOST:PORT`` of this worker's process group ("" when it is in none)."""
+        return self.dist.options.init_method if self.dist is not None else ""
+
+    def dist_state(self) -> dict[str, Any]:
+        """This worker's place in the direct-handoff group: rank (-1: not in one), world size,
+        whether it formed / failed; plus its direct-handoff counters."""
+        d = self.dist
+        puller = getattr(self._svc, "puller", None)
+        # a SpillPuller, or a DistPuller wrapping one
+        spill = puller if hasattr(puller, "spills") else getattr(puller, "fallback", None)
+        return {
+            "rank": d.rank if d is not None else -1,
+            "world_size": d.world_size if d is not None else 0,
+            "ready": bool(d is not None and d.ready),
+            "failed": bool(d is not None and d.failed),
+            "direct_pulls": int(getattr(puller, "direct_pulls", 0)),
+            "spilled_pulls": int(getattr(spill, "spills", 0)),
+            "pushes": int(getattr(self._peer, "pushes", 0)),
+            "spills_served": int(getattr(self._peer, "spills", 0)),
+            "store_fallbacks": int(getattr(getattr(self._svc, "publisher", None), "fallbacks", 0)),
+        }
+
     def info(self) -> dict[str, Any]:
         return {
             "worker_id": self.worker_id,
@@ -352,6 +465,7 @@ class WorkerActor:
             "host_id": self.host_id,
             "pid": os.getpid(),
             "metrics": f"127.0.0.1:{self.metrics_port}",
+            "dist_rank": self.dist.rank if self.dist is not None else -1,
         }
 
     def stats(self) -> dict[str, Any]:
@@ -364,6 +478,7 @@ class WorkerActor:
             "kv_blocks_total": s.kv_blocks_total,
             "requests_finished": s.requests_finished_total,
             "kv_shm_fallbacks": self._transport.fallbacks,  # same-host reads that fell back to gRPC
+            "kv_transfer": self.dist_state(),
         }
 
     def busy(self) -> int:
@@ -383,3 +498,5 @@ class WorkerActor:
         with contextlib.suppress(Exception):
             self._transport.close()
         self._store.close()
+        if self.dist is not None:
+            self.dist.close()

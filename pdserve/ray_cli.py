@@ -77,9 +77,14 @@ def format_status(st: dict[str, Any]) -> str:
                 continue
             rt = routed.get(r["worker_id"])
             state = "routed" if rt and not rt["draining"] else ("draining" if rt else "not routed")
+            kt = r.get("kv_transfer") or {}
+            direct = ""
+            if kt.get("rank", -1) >= 0:
+                formed = "ready" if kt["ready"] else ("FAILED" if kt["failed"] else "forming")
+                direct = f" dist rank {kt['rank']}/{kt['world_size']} {formed}"
             lines.append(
                 f"  {r['worker_id']:<12} {r['address']:<22} node {r['node_id'][:8]} running {r['num_running']:>3} "
-                f"waiting {r['num_waiting']:>3} kv {r['kv_blocks_used']}/{r['kv_blocks_total']} {state}"
+                f"waiting {r['num_waiting']:>3} kv {r['kv_blocks_used']}/{r['kv_blocks_total']} {state}{direct}"
             )
     lines.append(f"kv store nodes: {len(st['stores'])}")
     for s in st["stores"]:

@@ -8,6 +8,12 @@ tp}``). Actors are restarted on failure (``max_restarts``) and workers register 
 router. Because the controller owns them, ``down`` (which stops them, removes their placement
 groups and kills the controller) ends exactly what ``up`` started and nothing else.
 
+Direct KV handoff (``kv_transfer: {kind: dist}``): the workers ``up`` starts form one
+torch.distributed process group (prefill-i rank i, decode-j rank ``P + j``); the first one is
+started first and picks the group's TCP store address on its node, the others are then started
+with it. Workers added later by ``scale`` (and restarted ones) are not in the group: they use the
+store path (a decode worker has direct handles spilled to the prefill worker's store).
+
 ``scale`` resizes each pool independently: new workers are added (and must register), surplus
 workers are drained before removal: the router stops routing to them, then the controller waits
 until the router has nothing in flight on them and their engine is idle for ``drain_quiet_s``
@@ -29,9 +35,11 @@ from typing import Any
 
 from pdserve.cluster_config import ClusterConfig, PoolRole
 from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
+from pdserve.kv_transfer import KVTransport
 from pdserve.ray_actors import (
     ROUTER_NAME,
     WORKER_PREFIX,
+    DistSeat,
     RouterActor,
     StoreActor,
     WorkerActor,
@@ -131,7 +139,7 @@ class Controller:
         self.router_info = _get(h.info.remote(), self.config.startup_timeout_s, "router")
         self.router = h
 
-    def _create_worker(self, role: PoolRole) -> _Worker:
+    def _create_worker(self, role: PoolRole, seat: DistSeat | None = None) -> _Worker:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -148,28 +156,43 @@ class Controller:
         h = (
             ray.remote(WorkerActor)
             .options(**opts)
-            .remote(self.config, role, wid, self.router_info["address"])
+            .remote(self.config, role, wid, self.router_info["address"], seat)
         )
-        return _Worker(wid, role, h, pg, {})
+        w = _Worker(wid, role, h, pg, {})
+        self.workers[wid] = w
+        return w
 
-    def _start_workers(self, roles: list[PoolRole]) -> list[str]:
-        """Create workers for ``roles`` (in parallel), wait until each serves and the router lists it."""
+    def _wait_started(self, w: _Worker) -> None:
+        """Wait until ``w``'s placement group is placed and the actor serves (its info is kept)."""
         import ray
 
-        made = [self._create_worker(r) for r in roles]
+        if w.pg is not None:
+            try:
+                ray.get(w.pg.ready(), timeout=self.config.startup_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise UnavailableError(
+                    f"placement group of {w.worker_id} ({self.config.pool(w.role).bundle()}) was not "
+                    f"placed within {self.config.startup_timeout_s}s: the cluster lacks the resources"
+                ) from None
+        w.info = _get(w.handle.info.remote(), self.config.startup_timeout_s, w.worker_id)
+
+    def _start_workers(self, roles: list[PoolRole], group: bool = False) -> list[str]:
+        """Create workers for ``roles`` (in parallel), wait until each serves and the router lists
+        it. ``group``: they form the direct-handoff process group (rank = position in ``roles``;
+        the first is started first, to learn the group's address)."""
+        made: list[_Worker] = []
+        if group and len(roles) >= 2:
+            world = len(roles)
+            first = self._create_worker(roles[0], DistSeat(0, world))
+            made.append(first)
+            self._wait_started(first)
+            init = _get(first.handle.dist_init_method.remote(), _CALL_TIMEOUT_S, first.worker_id)
+            made += [self._create_worker(r, DistSeat(i, world, init)) for i, r in enumerate(roles[1:], 1)]
+        else:
+            made += [self._create_worker(r) for r in roles]
         for w in made:
-            self.workers[w.worker_id] = w
-        for w in made:
-            if w.pg is not None:
-                ready = w.pg.ready()
-                try:
-                    ray.get(ready, timeout=self.config.startup_timeout_s)
-                except ray.exceptions.GetTimeoutError:
-                    raise UnavailableError(
-                        f"placement group of {w.worker_id} ({self.config.pool(w.role).bundle()}) was not "
-                        f"placed within {self.config.startup_timeout_s}s: the cluster lacks the resources"
-                    ) from None
-            w.info = _get(w.handle.info.remote(), self.config.startup_timeout_s, w.worker_id)
+            if not w.info:
+                self._wait_started(w)
         self._wait_listed({w.worker_id for w in made})
         return [w.worker_id for w in made]
 
@@ -265,7 +288,7 @@ class Controller:
             roles = [PoolRole.PREFILL] * self.config.prefill.count + [
                 PoolRole.DECODE
             ] * self.config.decode.count
-            self._start_workers(roles)
+            self._start_workers(roles, group=self.config.kv_transfer.kind is KVTransport.DIST)
             return self.addresses()
 
     def addresses(self) -> dict[str, Any]:

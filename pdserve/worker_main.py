@@ -18,7 +18,6 @@ gloo moves CPU tensors, nccl CUDA tensors (same code path; the device follows th
 from __future__ import annotations
 
 import argparse
-import enum
 import json
 import logging
 import signal
@@ -37,6 +36,7 @@ from kv_store.client import KVStoreClient
 from kv_store.dist_transport import DistConfig, destroy_process_group, device_for, init_process_group
 from kv_store.transport import AutoTransport
 from pdserve.errors import UnavailableError
+from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend
 from pdserve.limits import grpc_options
 from pdserve.metrics import WorkerMetrics, serve_metrics
 from pdserve.tracing import configure_logging, traced_channel
@@ -49,17 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class DistBackend(enum.Enum):
-    """torch.distributed backend of the direct handoff."""
-
-    GLOO = "gloo"  # CPU tensors over TCP (tested in CI)
-    NCCL = "nccl"  # CUDA tensors, GPU to GPU (same code path; needs GPUs)
-
-
-DEFAULT_DIST_TIMEOUT_S = 180.0
-DEFAULT_OUTBOX_BYTES = 1 << 30
-
-
 @dataclass(frozen=True)
 class DistOptions:
     """The ``--dist-*`` flags: this worker's place in the workers' process group."""
@@ -70,6 +59,7 @@ class DistOptions:
     backend: DistBackend = DistBackend.GLOO
     timeout_s: float = DEFAULT_DIST_TIMEOUT_S  # forming the group, and each transfer
     outbox_bytes: int = DEFAULT_OUTBOX_BYTES  # prefill: KV held for pushes, at most
+    cuda_device: int | None = None  # nccl: this process's CUDA device (None: rank % device count)
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, DistBackend):
@@ -87,6 +77,7 @@ class DistOptions:
             init_method=self.init_method,
             backend=self.backend.value,
             timeout_s=self.timeout_s,
+            cuda_device=self.cuda_device,
         )
 
 
@@ -251,6 +242,8 @@ def build_service(
     """The Worker servicer of ``state``'s role. With ``dist`` (a direct-handoff worker) a prefill
     servicer publishes to an outbox (store as fallback) and a decode servicer pulls direct
     handles over the process group (store handles through the store); see :func:`build_peer`.
+    A decode servicer outside a group (or whose group failed) has direct handles spilled to the
+    prefill worker's store (:class:`decode_worker.spill_puller.SpillPuller`).
     ``prefix_fetch``: the prefill servicer's :class:`prefill_worker.prefix_policy.PrefixFetchConfig`
     (None: its defaults)."""
     if state.config.role is Role.PREFILL:
@@ -269,8 +262,9 @@ def build_service(
         return PrefillServicer(state, publisher, store, transport, PrefixFetchPolicy(prefix_fetch))
     from decode_worker.puller import StorePuller
     from decode_worker.service import DecodeServicer
+    from decode_worker.spill_puller import SpillPuller
 
-    puller: Any = StorePuller(transport, {store.address: store})
+    puller: Any = SpillPuller(StorePuller(transport, {store.address: store}))
     if dist is not None:
         from decode_worker.dist_puller import DistPuller
 
@@ -279,10 +273,16 @@ def build_service(
 
 
 def build_peer(svc: Any, dist: DistGroup) -> Any:
-    """The KVPeer servicer of a direct-handoff prefill worker (shares ``svc``'s outbox)."""
+    """The KVPeer servicer of a direct-handoff prefill worker (shares ``svc``'s outbox; spills
+    to the store ``svc``'s publisher falls back to)."""
     from prefill_worker.dist_outbox import KVPeerServicer
 
-    return KVPeerServicer(svc.publisher.outbox, dist, ready_timeout_s=dist.options.timeout_s)
+    return KVPeerServicer(
+        svc.publisher.outbox,
+        dist,
+        ready_timeout_s=dist.options.timeout_s,
+        spill_to=svc.publisher.fallback,
+    )
 
 
 def main(role: Role, argv: list[str] | None = None, *, prefix_fetch: PrefixFetchConfig | None = None) -> int:

@@ -22,6 +22,10 @@ Contracts:
   confirmed it holds the blocks. Sends to one destination rank are serialized (a lock per rank).
 * When the process group failed to form, or an entry can never fit the outbox, the publisher
   falls back to its ``fallback`` publisher (the store) when it has one.
+* ``SpillKV`` serves a decode worker outside the process group (it joined the cluster later, was
+  restarted, or its group failed to form): the entry is taken out of the outbox and put on this
+  worker's store node through the same fallback publisher, and the store handle is returned (the
+  caller pulls and releases it like any store handle). Without a fallback: UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import grpc
 import torch
 
 from engine.llm_engine import KVExport
+from kv_store.convert import handle_to_proto
 from kv_store.dist_transport import DistBlockSender, TransferHeader
 from kv_store.handle import KVHandle, dist_location
 from kv_store.layout import KVLayout
@@ -92,11 +97,22 @@ class OutboxStats:
     replaced: int  # a put for a request id that already had an entry (the old one dropped)
 
 
+@dataclass(frozen=True)
+class SpillInfo:
+    """What publishing an outbox entry to the store needs besides its blocks: the export's
+    metadata (its ``blocks`` field is left empty: the entry holds them), layout and lease TTL."""
+
+    kv: KVExport
+    layout: KVLayout
+    lease_ttl_s: float
+
+
 @dataclass
 class _Entry:
     blocks: torch.Tensor
     nbytes: int
     expires_at: float  # monotonic seconds
+    spill: SpillInfo | None = None
 
 
 class DistOutbox:
@@ -134,8 +150,11 @@ class DistOutbox:
         self._expired += len(dead)
         return len(dead)
 
-    def put(self, request_id: str, blocks: torch.Tensor, ttl_s: float) -> None:
-        """Hold ``blocks`` for ``ttl_s`` seconds under ``request_id`` (replacing an older entry)."""
+    def put(
+        self, request_id: str, blocks: torch.Tensor, ttl_s: float, spill: SpillInfo | None = None
+    ) -> None:
+        """Hold ``blocks`` for ``ttl_s`` seconds under ``request_id`` (replacing an older entry);
+        ``spill``: what :meth:`take_entry` hands back so that the entry can go to a store instead."""
         if not ttl_s > 0:
             raise InvalidRequestError(f"outbox TTL must be > 0 seconds, got {ttl_s}")
         nbytes = blocks.numel() * blocks.element_size()
@@ -155,12 +174,17 @@ class DistOutbox:
                 self._drop(oldest)
                 self._evicted += 1
                 log_event(log, "outbox eviction", logging.WARNING, evicted_request_id=oldest)
-            self._entries[request_id] = _Entry(blocks, nbytes, now + ttl_s)
+            self._entries[request_id] = _Entry(blocks, nbytes, now + ttl_s, spill)
             self._bytes += nbytes
             self._puts += 1
 
     def take(self, request_id: str) -> torch.Tensor | None:
         """Remove and return the entry's blocks; None when there is no live entry."""
+        got = self.take_entry(request_id)
+        return None if got is None else got[0]
+
+    def take_entry(self, request_id: str) -> tuple[torch.Tensor, SpillInfo | None] | None:
+        """Remove and return the entry's blocks and spill info; None when there is no live entry."""
         with self._lock:
             self._sweep_locked(self._clock())
             e = self._entries.pop(request_id, None)
@@ -168,7 +192,7 @@ class DistOutbox:
                 return None
             self._bytes -= e.nbytes
             self._taken += 1
-            return e.blocks
+            return e.blocks, e.spill
 
     def sweep(self) -> int:
         """Drop expired entries now; returns how many."""
@@ -264,7 +288,8 @@ class DistPublisher:
         blocks = blocks.contiguous()
         try:  # everything the transfer header checks, before a decode worker is told to expect it
             TransferHeader(kv.request_id, blocks.dtype, tuple(blocks.shape)).encode()
-            self.outbox.put(kv.request_id, blocks, lease_ttl_s)
+            spill = SpillInfo(replace(kv, blocks=blocks[:0]), layout, lease_ttl_s)
+            self.outbox.put(kv.request_id, blocks, lease_ttl_s, spill)
         except (InvalidRequestError, ResourceExhaustedError) as e:
             return self._fall_back(kv, layout, lease_ttl_s, e)
         rank = self.group.rank
@@ -285,8 +310,9 @@ class KVPeerServicer:
 
     ``sender`` defaults to a :class:`~kv_store.dist_transport.DistBlockSender` on the group's
     device, made once the group is ready. ``ready_timeout_s`` bounds the wait for the group.
-    Counters: ``pushes`` (completed), ``push_failures`` (failed after the entry was taken: the
-    entry is gone, the decode side gets the error).
+    ``spill_to`` (the store publisher) serves ``SpillKV``. Counters: ``pushes`` (completed),
+    ``push_failures`` (failed after the entry was taken: the entry is gone, the decode side gets
+    the error), ``spills`` (entries handed to the store by SpillKV).
     """
 
     def __init__(
@@ -295,11 +321,14 @@ class KVPeerServicer:
         group: PeerGroup,
         sender: BlockSender | None = None,
         ready_timeout_s: float = 60.0,
+        spill_to: KVPublisher | None = None,
     ) -> None:
         self.outbox = outbox
         self.group = group
         self._sender = sender
         self.ready_timeout_s = ready_timeout_s
+        self.spill_to = spill_to
+        self.spills = 0
         self._locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._count_lock = threading.Lock()
@@ -360,3 +389,35 @@ class KVPeerServicer:
             seconds=round(time.monotonic() - t0, 6),
         )
         yield worker_pb2.PushKVResponse(phase=worker_pb2.PUSH_KV_PHASE_DONE, **base)
+
+    def SpillKV(
+        self, req: worker_pb2.SpillKVRequest, ctx: grpc.ServicerContext
+    ) -> worker_pb2.SpillKVResponse:
+        rid, me = req.request_id, self.group.rank
+        if not rid:
+            raise InvalidRequestError("SpillKV: request_id is required")
+        if self.spill_to is None:
+            raise UnavailableError(
+                f"SpillKV: prefill worker rank {me} has no store to spill to; the decode worker must "
+                "join the process group to pull direct KV handles"
+            )
+        got = self.outbox.take_entry(rid)
+        if got is None:
+            raise RequestNotFoundError(
+                f"request {rid!r} has no KV in the outbox of rank {me}: it expired (TTL), was evicted "
+                "to make room, or was already pushed"
+            )
+        blocks, info = got
+        if info is None:
+            raise UnavailableError(f"SpillKV: the outbox entry of {rid!r} carries no metadata to store it")
+        t0 = time.monotonic()
+        handle = self.spill_to.publish(replace(info.kv, blocks=blocks.cpu()), info.layout, info.lease_ttl_s)
+        self._count("spills")
+        log_event(
+            log,
+            "outbox entry spilled to store",
+            request_id=rid,
+            blocks=blocks.shape[0],
+            seconds=round(time.monotonic() - t0, 6),
+        )
+        return worker_pb2.SpillKVResponse(handle=handle_to_proto(handle))

@@ -739,9 +739,9 @@ class GenerateServicer:
         finally:
             self.outstanding.add(pw.worker_id, -len(prompt))
             self.registry.add_inflight(pw.worker_id, -1)
-        if pre.kv.locations and not self.config.store_address:
+        if pre.kv.locations and not pre.kv.dist_address and not self.config.store_address:
             # the store prefix lookups go to: where the last handoff was published (follows a
-            # store node that restarted on a new port)
+            # store node that restarted on a new port); a direct handle names a prefill worker
             self._store_address = pre.kv.locations[0].address
         if not resumed:  # usage and phases describe the client's prompt, not a resumed one
             run.cached_tokens = pre.num_cached_tokens

@@ -292,6 +292,18 @@ class WorkerStats(_message.Message):
         store: _common_pb2.BlockLocation | _Mapping | None = ...,
     ) -> None: ...
 
+class SpillKVRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: str | None = ...) -> None: ...
+
+class SpillKVResponse(_message.Message):
+    __slots__ = ("handle",)
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    handle: _common_pb2.KVHandle
+    def __init__(self, handle: _common_pb2.KVHandle | _Mapping | None = ...) -> None: ...
+
 class PushKVRequest(_message.Message):
     __slots__ = ("request_id", "dst_rank")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -246,6 +246,11 @@ class KVPeerStub:
                 request_serializer=pdserve_dot_v1_dot_worker__pb2.PushKVRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_worker__pb2.PushKVResponse.FromString,
                 _registered_method=True)
+        self.SpillKV = channel.unary_unary(
+                '/pdserve.v1.KVPeer/SpillKV',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.SpillKVRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.SpillKVResponse.FromString,
+                _registered_method=True)
 
 
 class KVPeerServicer:
@@ -266,6 +271,16 @@ class KVPeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SpillKV(self, request, context):
+        """For a caller outside the process group (a decode worker that joined the cluster later, was
+        restarted, or whose group failed to form): takes the outbox entry of request_id and puts it
+        on this worker's store node under a lease, returning that store handle (no transfer over the
+        group). NOT_FOUND as for PushKV; UNAVAILABLE when there is no store or it cannot take it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -273,6 +288,11 @@ def add_KVPeerServicer_to_server(servicer, server):
                     servicer.PushKV,
                     request_deserializer=pdserve_dot_v1_dot_worker__pb2.PushKVRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_worker__pb2.PushKVResponse.SerializeToString,
+            ),
+            'SpillKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpillKV,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.SpillKVRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.SpillKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +325,33 @@ class KVPeer:
             '/pdserve.v1.KVPeer/PushKV',
             pdserve_dot_v1_dot_worker__pb2.PushKVRequest.SerializeToString,
             pdserve_dot_v1_dot_worker__pb2.PushKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SpillKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.KVPeer/SpillKV',
+            pdserve_dot_v1_dot_worker__pb2.SpillKVRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.SpillKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

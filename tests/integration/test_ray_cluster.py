@@ -16,10 +16,7 @@ import concurrent.futures as cf
 import contextlib
 import json
 import os
-import secrets
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,77 +31,24 @@ from pdserve.client import Client
 from pdserve.errors import PdserveError
 from pdserve.ray_cli import format_status
 from tests.prompts import PROMPTS as PROMPTS_16
+from tests.ray_harness import run_cli as _cli
+from tests.ray_harness import two_node_cluster
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 NS = "pdserve-test"
 HEARTBEAT_TIMEOUT_S = 2.0
-MB = 1024 * 1024
 
 BASE = PROMPTS_16
 PROMPTS = BASE + [f"Question: {p} Answer:" for p in BASE]  # 32 distinct prompts
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-def _env(token: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=token,
-        # keep Ray's driver-side address resolution on loopback (the raylets bind 127.0.0.1 only)
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        OMP_NUM_THREADS="1",
-        # the machine is shared with other test runs: Ray's OOM killer must not pick our actors
-        RAY_memory_monitor_refresh_ms="0",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    return env
-
-
-def _cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pdserve.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     """Two raylets on 127.0.0.1 with token auth; this test process joins as a driver."""
-    import ray._private.ray_constants as ray_constants
-    from ray._private.authentication_test_utils import reset_auth_token_state
-    from ray.cluster_utils import Cluster
-
-    token = secrets.token_hex(16)
-    env = _env(token)
-    with pytest.MonkeyPatch.context() as mp:
-        for k in (
-            "RAY_AUTH_MODE",
-            "RAY_AUTH_TOKEN",
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-            "RAY_memory_monitor_refresh_ms",
-            "OMP_NUM_THREADS",
-        ):
-            mp.setenv(k, env[k])
-        mp.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-        reset_auth_token_state()  # this process imported ray before token mode was set: re-read it
-        node = dict(num_cpus=2, node_ip_address="127.0.0.1", object_store_memory=200 * MB)
-        c = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
-        try:
-            c.add_node(**node)
-            ray.init(address=c.address, namespace=NS, log_to_driver=False)
-            yield c, env
-        finally:
-            ray.shutdown()
-            c.shutdown()
-    reset_auth_token_state()
+    with two_node_cluster(NS) as c_env:
+        yield c_env
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from decode_worker.dist_puller import DistPuller
+from decode_worker.spill_puller import SpillPuller
 from engine.block_hash import chain_hashes
 from engine.llm_engine import KVExport
 from engine.model_runner import KVShape
@@ -317,11 +318,11 @@ def test_push_pull_moves_the_blocks_and_empties_the_outbox() -> None:
     for kv, h in zip(kvs, handles, strict=True):
         got = puller.pull(h)
         assert torch.equal(got, kv.blocks)
-        puller.release(h)  # no-op for a direct handle
+        puller.release(h)  # passed on: the fallback has nothing to release for it
     assert [c.dst_rank for c in stub.calls] == [1, 1, 1]
     assert ob.stats().entries == 0 and ob.stats().taken == 3
     assert peer.pushes == 3 and puller.direct_pulls == 3
-    assert fb.pulled == [] and fb.released == []
+    assert fb.pulled == [] and fb.released == ["r1", "r3", "r2"]
     assert puller.transport is fb.transport
 
 
@@ -438,3 +439,108 @@ def test_dist_group_that_cannot_form_reports_a_clear_error() -> None:
     with pytest.raises(UnavailableError, match="failed to form"):
         g.wait_ready(60)
     assert g.failed and not g.ready
+
+
+# ------------------------------------------------------------------ spill (decode worker outside the group)
+
+
+class SpillStub:
+    """KVPeer stub calling the servicer's SpillKV in process; its errors as gRPC errors."""
+
+    def __init__(self, servicer: KVPeerServicer) -> None:
+        self.servicer = servicer
+        self.calls: list[str] = []
+
+    def SpillKV(self, request: worker_pb2.SpillKVRequest, timeout: float | None = None) -> Any:
+        self.calls.append(request.request_id)
+        try:
+            return self.servicer.SpillKV(request, None)  # type: ignore[arg-type]
+        except PdserveError as e:
+            raise FakeRpcError(e) from None
+
+
+class RecordingStore(FakeFallback):
+    """Publisher + puller of a fake store: what was published is what is pulled back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks: dict[str, torch.Tensor] = {}
+
+    def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float) -> KVHandle:
+        self.blocks[kv.request_id] = kv.blocks.clone()
+        return super().publish(kv, layout, lease_ttl_s)
+
+    def pull(self, handle: KVHandle) -> torch.Tensor:
+        self.pulled.append(handle.request_id)
+        assert handle.lease_id == "lease-1" and not handle.is_direct
+        return self.blocks[handle.request_id]
+
+
+def _spill_wired(clock: Clock | None = None):
+    ob = DistOutbox(64 * BLOCK_BYTES, clock=clock or Clock())
+    store = RecordingStore()
+    pre = FakeGroup(0)
+    pub = DistPublisher(ob, pre, lambda: "127.0.0.1:7001", fallback=store)  # type: ignore[arg-type]
+    peer = KVPeerServicer(ob, pre, sender=Pipe(), spill_to=store)  # type: ignore[arg-type]
+    stub = SpillStub(peer)
+    return ob, store, pub, peer, stub
+
+
+def test_spill_puller_pulls_a_direct_handle_through_the_store_and_releases_its_lease() -> None:
+    ob, store, pub, peer, stub = _spill_wired()
+    puller = SpillPuller(store, stub_for=lambda addr: stub)  # type: ignore[arg-type]
+    kv = export(3, "r1", seed=4)
+    h = pub.publish(kv, L, 30.0)
+    assert h.is_direct and store.published == []
+    got = puller.pull(h)
+    assert torch.equal(got, kv.blocks)
+    assert stub.calls == ["r1"] and store.published == ["r1"] and store.pulled == ["r1"]
+    assert ob.stats().entries == 0 and peer.spills == 1 and puller.spills == 1
+    puller.release(h)
+    puller.release(h)  # once only
+    assert store.released == ["r1"]
+    # store handles pass straight through
+    s = store.publish(export(1, "s1"), L, 30.0)
+    assert torch.equal(puller.pull(s), store.blocks["s1"])
+    puller.release(s)
+    assert store.released == ["r1", "s1"] and stub.calls == ["r1"]
+    # a direct handle never pulled: release does nothing
+    puller.release(pub.publish(export(1, "r9"), L, 30.0))
+    assert store.released == ["r1", "s1"]
+
+
+def test_spill_of_an_expired_entry_is_not_found_naming_the_cause() -> None:
+    clock = Clock()
+    ob, store, pub, _peer, stub = _spill_wired(clock)
+    puller = SpillPuller(store, stub_for=lambda addr: stub)  # type: ignore[arg-type]
+    h = pub.publish(export(2, "r1"), L, 5.0)
+    clock.t += 6
+    with pytest.raises(RequestNotFoundError, match="expired"):
+        puller.pull(h)
+    puller.release(h)
+    assert store.published == [] and store.released == []
+
+
+def test_spill_without_a_store_is_unavailable() -> None:
+    ob = DistOutbox(64 * BLOCK_BYTES)
+    pre = FakeGroup(0)
+    pub = DistPublisher(ob, pre, lambda: "127.0.0.1:7001")  # type: ignore[arg-type]
+    peer = KVPeerServicer(ob, pre, sender=Pipe())  # type: ignore[arg-type]
+    puller = SpillPuller(FakeFallback(), stub_for=lambda addr: SpillStub(peer))  # type: ignore[arg-type]
+    h = pub.publish(export(1, "r1"), L, 30.0)
+    with pytest.raises(UnavailableError, match="no store to spill to"):
+        puller.pull(h)
+    assert "r1" in ob  # refused before the entry was taken
+    with pytest.raises(InvalidRequestError, match="request_id"):
+        peer.SpillKV(worker_pb2.SpillKVRequest(), None)  # type: ignore[arg-type]
+
+
+def test_dist_puller_with_a_failed_group_spills_direct_handles() -> None:
+    ob, store, pub, _peer, stub = _spill_wired()
+    spill = SpillPuller(store, stub_for=lambda addr: stub)  # type: ignore[arg-type]
+    puller = DistPuller(FakeGroup(1, failed=True), spill, stub_for=lambda a: pytest.fail("no push"))  # type: ignore[arg-type]
+    kv = export(2, "r1", seed=7)
+    h = pub.publish(kv, L, 30.0)
+    assert torch.equal(puller.pull(h), kv.blocks)
+    puller.release(h)
+    assert stub.calls == ["r1"] and store.released == ["r1"] and puller.direct_pulls == 0

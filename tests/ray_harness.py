@@ -1,0 +1,81 @@
+"""A 2-raylet Ray cluster on 127.0.0.1 with token auth on, for the Ray integration tests, and the
+``pdserve`` CLI run as its own driver process against it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MB = 1024 * 1024
+
+
+def ray_env(token: str) -> dict[str, str]:
+    """The environment of a driver holding the cluster's ``token``."""
+    env = dict(os.environ)
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        # keep Ray's driver-side address resolution on loopback (the raylets bind 127.0.0.1 only)
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        # the machine is shared with other test runs: Ray's OOM killer must not pick our actors
+        RAY_memory_monitor_refresh_ms="0",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m pdserve.cli ARGS`` as its own process (a separate Ray driver)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pdserve.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+@contextlib.contextmanager
+def two_node_cluster(namespace: str, cpus_per_node: int = 2) -> Iterator[tuple[Any, dict[str, str]]]:
+    """Two raylets on 127.0.0.1 with token auth; this process joins as a driver in ``namespace``.
+    Yields ``(cluster, env)``: ``env`` is what another driver process needs to join."""
+    import ray
+    import ray._private.ray_constants as ray_constants
+    from ray._private.authentication_test_utils import reset_auth_token_state
+    from ray.cluster_utils import Cluster
+
+    env = ray_env(secrets.token_hex(16))
+    with pytest.MonkeyPatch.context() as mp:
+        for k in (
+            "RAY_AUTH_MODE",
+            "RAY_AUTH_TOKEN",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+            "RAY_memory_monitor_refresh_ms",
+            "OMP_NUM_THREADS",
+        ):
+            mp.setenv(k, env[k])
+        mp.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        reset_auth_token_state()  # this process imported ray before token mode was set: re-read it
+        node = dict(num_cpus=cpus_per_node, node_ip_address="127.0.0.1", object_store_memory=200 * MB)
+        c = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+        try:
+            c.add_node(**node)
+            ray.init(address=c.address, namespace=namespace, log_to_driver=False)
+            yield c, env
+        finally:
+            ray.shutdown()
+            c.shutdown()
+    reset_auth_token_state()
