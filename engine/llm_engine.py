@@ -84,6 +84,15 @@ class _Tracked:
     emitted_tokens: int = 0
 
 
+def num_kv_blocks(config: EngineConfig, shape: KVShape) -> int:
+    """The KV pool's size in blocks: ``config.num_kv_blocks``, else as many as
+    ``kv_cache_memory_bytes`` holds on one rank (a tensor-parallel rank holds ``1/tp`` of a block)."""
+    if config.num_kv_blocks:
+        return config.num_kv_blocks
+    per_rank = max(1, shape.block_nbytes // config.tensor_parallel_size)
+    return max(1, config.kv_cache_memory_bytes // per_rank)
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -94,7 +103,11 @@ class LLMEngine:
         dtype: torch.dtype,
         device: torch.device,
         clock: Callable[[], float] = time.monotonic,
+        runner_factory: Callable[[KVCacheManager], ModelRunner] | None = None,
     ) -> None:
+        """``runner_factory(kv)`` builds the model runner (default: a single-device
+        :class:`~engine.model_runner.ModelRunner` of ``model``; a tensor-parallel engine passes
+        one building rank 0's :class:`~engine.tp_runner.TPModelRunner`)."""
         self.config = config
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -107,7 +120,7 @@ class LLMEngine:
         shape = KVShape(
             model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim, bs, dtype
         )
-        nblocks = config.num_kv_blocks or max(1, config.kv_cache_memory_bytes // shape.block_nbytes)
+        nblocks = num_kv_blocks(config, shape)
         self.kv = KVCacheManager(nblocks, bs, self.model_id, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -120,7 +133,9 @@ class LLMEngine:
             ),
             self.kv,
         )
-        self.runner = ModelRunner(model, self.kv, dtype, device)
+        self.runner = (
+            runner_factory(self.kv) if runner_factory else ModelRunner(model, self.kv, dtype, device)
+        )
         self.eos_token_ids = tuple(model_config.eos_token_ids) or (
             (tokenizer.eos_token_id,) if tokenizer and tokenizer.eos_token_id is not None else ()
         )
@@ -141,13 +156,78 @@ class LLMEngine:
         mcfg = ModelConfig.from_path(path)
         dtype = resolve_dtype(config.dtype, mcfg, device)
         max_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
-        model = load_model(path, dtype, device, max_positions=max_len)
         tok = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
         if config.model_id is None:
             from dataclasses import replace
 
             config = replace(config, model_id=path.name)
+        if config.tensor_parallel_size > 1:
+            return cls._tensor_parallel(path, mcfg, tok, config, dtype, device, max_len)
+        model = load_model(path, dtype, device, max_positions=max_len)
         return cls(model, mcfg, tok, config, dtype, device)
+
+    @classmethod
+    def _tensor_parallel(
+        cls,
+        path: Path,
+        mcfg: ModelConfig,
+        tok: Tokenizer | None,
+        config: EngineConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_len: int,
+    ) -> LLMEngine:
+        """Rank 0 of a tensor-parallel engine: open the group, spawn the followers, shard."""
+        from engine.models.tp_shard import check_divisible, shard_model
+        from engine.tp_group import TPGroup
+        from engine.tp_runner import FollowerSpec, TPModelRunner, cpu_threads_per_rank, start_followers
+
+        tp = config.tensor_parallel_size
+        check_divisible(mcfg, tp)
+        if device.type == "cuda" and torch.cuda.device_count() < tp:
+            raise InvalidRequestError(
+                f"tensor_parallel_size {tp} needs {tp} CUDA devices; {torch.cuda.device_count()} visible"
+            )
+        if device.type == "cpu":
+            torch.set_num_threads(cpu_threads_per_rank(tp))
+        shape = KVShape(
+            mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim, config.block_size, dtype
+        )
+        group = TPGroup(0, tp, device)
+        spec = FollowerSpec(
+            model_path=str(path),
+            world_size=tp,
+            host=group.host,
+            port=group.port,
+            num_blocks=num_kv_blocks(config, shape),
+            block_size=config.block_size,
+            dtype=str(dtype).removeprefix("torch."),
+            device=device.type,
+            max_positions=max_len,
+        )
+        followers = start_followers(spec)
+        try:
+            group.connect()
+            model = shard_model(
+                load_model(path, dtype, device, max_positions=max_len), 0, tp, group.all_reduce
+            )
+        except BaseException:
+            for p in followers:
+                p.terminate()
+            raise
+        return cls(
+            model,
+            mcfg,
+            tok,
+            config,
+            dtype,
+            device,
+            runner_factory=lambda kv: TPModelRunner(model, kv, dtype, device, group, followers),
+        )
+
+    def close(self) -> None:
+        """Release what the engine holds beyond memory (a tensor-parallel engine's followers)."""
+        self.runner.close()
 
     @property
     def kv_shape(self) -> KVShape:

@@ -34,8 +34,17 @@ class KVShape:
 
 
 class ModelRunner:
+    """One device's model and KV cache. ``shape`` is the KV layout of the whole model (what
+    export/import exchange); ``local_kv_heads`` the heads this runner's cache holds (a tensor-
+    parallel shard holds ``num_key_value_heads / tp``; default: all)."""
+
     def __init__(
-        self, model: LlamaForCausalLM, kv: KVCacheManager, dtype: torch.dtype, device: torch.device
+        self,
+        model: LlamaForCausalLM,
+        kv: KVCacheManager,
+        dtype: torch.dtype,
+        device: torch.device,
+        local_kv_heads: int | None = None,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -46,12 +55,13 @@ class ModelRunner:
         self.shape = KVShape(
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kv.block_size, dtype
         )
+        self.local_kv_heads = local_kv_heads or cfg.num_key_value_heads
         self.kv_cache = torch.zeros(
             cfg.num_hidden_layers,
             2,
             kv.num_blocks,
             kv.block_size,
-            cfg.num_key_value_heads,
+            self.local_kv_heads,
             cfg.head_dim,
             dtype=dtype,
             device=device,
@@ -112,12 +122,7 @@ class ModelRunner:
         items = sorted(out.scheduled, key=lambda s: 0 if (s.num_new_tokens == 1 and s.start > 0) else 1)
         ids, pos, md = self._metadata(items)
         dev = self.device
-        hidden = self.model(
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(pos, dtype=torch.long, device=dev),
-            self.kv_cache,
-            md,
-        )
+        hidden = self.forward(ids, pos, md)
         rows: list[int] = []
         sreqs: list[SampleRequest] = []
         names: list[str] = []
@@ -132,6 +137,19 @@ class ModelRunner:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
         return dict(zip(names, sample(logits, sreqs), strict=True))
+
+    def forward(self, ids: list[int], pos: list[int], md: AttentionMetadata) -> torch.Tensor:
+        """One forward pass over the flattened batch: hidden states ``[T, hidden]``."""
+        dev = self.device
+        return self.model(
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(pos, dtype=torch.long, device=dev),
+            self.kv_cache,
+            md,
+        )
+
+    def close(self) -> None:
+        """Free what the runner holds beyond memory (nothing for a single-device runner)."""
 
     def _sample_request(self, req: Request) -> SampleRequest:
         p = req.sampling_params

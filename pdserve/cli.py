@@ -16,6 +16,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--kv-blocks", type=int, default=None, help="KV pool size in blocks")
+    p.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel size (processes the model is split over)"
+    )
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -35,7 +38,8 @@ def _cmd_generate_embedded(a: argparse.Namespace) -> int:
 
     path = resolve_model_path(a.model)
     eng = LLMEngine.from_pretrained(
-        path, EngineConfig(device=a.device, dtype=a.dtype, num_kv_blocks=a.kv_blocks)
+        path,
+        EngineConfig(device=a.device, dtype=a.dtype, num_kv_blocks=a.kv_blocks, tensor_parallel_size=a.tp),
     )
     params = SamplingParams(
         max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed
@@ -61,6 +65,7 @@ def _cmd_generate_embedded(a: argparse.Namespace) -> int:
         f"[{path.name}: {n} tokens, TTFT {first * 1000:.0f} ms, {n / total:.1f} tok/s]",
         file=sys.stderr,
     )
+    eng.close()
     return 0
 
 

@@ -48,7 +48,9 @@ class Device(enum.Enum):
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """One worker pool. ``num_gpus`` per worker is ``tp`` on cuda and 0 on cpu."""
+    """One worker pool. ``tp``: tensor-parallel size, the processes one worker's model is split
+    over (:mod:`engine.tp_runner`); ``num_gpus`` per worker is ``tp`` on cuda and 0 on cpu (a CPU
+    worker's ranks share its ``num_cpus``)."""
 
     count: int = 1
     num_cpus: float = 1.0
@@ -230,8 +232,6 @@ def _check_pool(p: PoolConfig, where: str) -> None:
         raise _err(f"{where}.num_cpus", f"must be >= 0, got {p.num_cpus}")
     if p.tp < 1:
         raise _err(f"{where}.tp", f"must be >= 1, got {p.tp}")
-    if p.device is Device.CPU and p.tp != 1:
-        raise _err(f"{where}.tp", "tensor parallelism needs device: cuda (a cpu worker uses tp 1)")
     for k in ("kv_blocks", "block_size", "max_num_seqs", "max_batched_tokens", "chunk"):
         if getattr(p, k) < 1:
             raise _err(f"{where}.{k}", f"must be >= 1, got {getattr(p, k)}")

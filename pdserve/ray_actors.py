@@ -365,6 +365,7 @@ class WorkerActor:
                 long_prefill_token_threshold=pool.chunk,
                 device=pool.device.value,
                 dtype=pool.dtype,
+                tensor_parallel_size=pool.tp,
             ),
             heartbeat_interval_s=config.router.heartbeat_interval_s,
         )
@@ -466,6 +467,9 @@ class WorkerActor:
             "pid": os.getpid(),
             "metrics": f"127.0.0.1:{self.metrics_port}",
             "dist_rank": self.dist.rank if self.dist is not None else -1,
+            "tp": self.state.engine.config.tensor_parallel_size,
+            # pids of the tensor-parallel follower processes (ranks 1..tp-1)
+            "tp_followers": [p.pid for p in getattr(self.state.engine.runner, "followers", [])],
         }
 
     def stats(self) -> dict[str, Any]:

@@ -139,7 +139,9 @@ class WorkerState:
         return self.loop.abort(request_id)
 
     def close(self) -> None:
+        """Stop the engine loop, then release the engine (a tensor-parallel engine's followers)."""
         self.loop.stop()
+        self.engine.close()
 
 
 class Heartbeater:

@@ -204,6 +204,12 @@ def parse(argv: list[str] | None, role: Role) -> WorkerConfig:
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk (Sarathi) in tokens")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel size: processes (cuda:0..N-1 on GPU) the model is split over",
+    )
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--admission-timeout-s", type=float, default=30.0)
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
@@ -216,6 +222,7 @@ def parse(argv: list[str] | None, role: Role) -> WorkerConfig:
         long_prefill_token_threshold=a.chunk,
         device=a.device,
         dtype=a.dtype,
+        tensor_parallel_size=a.tp,
     )
     return WorkerConfig(
         worker_id=a.worker_id,

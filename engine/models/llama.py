@@ -4,9 +4,15 @@ Weights keep HF names so safetensors load directly; q/k/v and gate/up are fused 
 (``fuse_weights``) to cut per-step kernel launches. ``forward`` takes a flattened batch of
 tokens (see :mod:`engine.attention`) and returns final hidden states ``[T, hidden]``;
 ``compute_logits`` projects only the rows that will be sampled.
+
+Tensor parallelism (:mod:`engine.models.tp_shard`): a shard holds ``1/tp`` of the attention heads
+and of the MLP's intermediate columns; ``o_proj`` and ``down_proj`` then produce partial sums,
+which the modules' ``all_reduce`` hook (None when unsharded) sums across the ranks in place.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +47,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.hd, cfg.hidden_size, bias=False)
         self.qkv: nn.Linear | None = None
         self.scale = self.hd**-0.5
+        self.all_reduce: Callable[[torch.Tensor], None] | None = None  # set on a TP shard
 
     def fuse(self) -> None:
         lin = nn.Linear(
@@ -64,7 +71,10 @@ class Attention(nn.Module):
         k = apply_rotary(k.view(t, self.kvh, self.hd), cos, sin)
         v = v.view(t, self.kvh, self.hd)
         o = paged_attention(q, k, v, cache, md, self.scale)
-        return self.o_proj(o.reshape(t, self.h * self.hd))
+        out = self.o_proj(o.reshape(t, self.h * self.hd))
+        if self.all_reduce is not None:
+            self.all_reduce(out)
+        return out
 
 
 class MLP(nn.Module):
@@ -74,6 +84,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gate_up: nn.Linear | None = None
+        self.all_reduce: Callable[[torch.Tensor], None] | None = None  # set on a TP shard
 
     def fuse(self) -> None:
         w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
@@ -88,7 +99,10 @@ class MLP(nn.Module):
             g, u = self.gate_up(x).chunk(2, dim=-1)
         else:
             g, u = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(g) * u)
+        out = self.down_proj(F.silu(g) * u)
+        if self.all_reduce is not None:
+            self.all_reduce(out)
+        return out
 
 
 class DecoderLayer(nn.Module):

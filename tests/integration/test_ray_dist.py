@@ -1,7 +1,8 @@
 """``pdserve up`` with the direct KV handoff (``kv_transfer: {kind: dist, backend: gloo}``) on a
 2-node ``ray.cluster_utils.Cluster`` (two raylets on 127.0.0.1, token auth on).
 
-1 prefill + 2 decode workers form one gloo process group (ranks 0, 1, 2) across the two Ray nodes.
+1 prefill + 2 decode workers form one gloo process group (ranks 0, 1, 2) across the two Ray nodes;
+the prefill worker is itself tensor parallel (``tp: 3``: two follower processes of its actor).
 The tests run in order on that one deployment: every output equals the whole engine's and the KV
 moved over the group (no store put, a push per request); a killed decode worker leaves the group
 usable for the others; a decode worker added by ``scale`` (not in the group) gets direct handles
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 import pytest
 import ray
 
@@ -46,7 +48,8 @@ def deployment(smollm_path):
             "model": str(smollm_path),
             "host": "127.0.0.1",
             "namespace": NS,
-            "prefill": {"count": 1, "num_cpus": 1, "kv_blocks": 256},
+            # the prefill worker is itself split over 3 processes (tensor parallel, gloo)
+            "prefill": {"count": 1, "num_cpus": 1, "kv_blocks": 256, "tp": 3},
             "decode": {"count": 2, "num_cpus": 1, "kv_blocks": 256},
             "store": {"capacity_blocks": 512, "host_id_per_node": True},
             "router": {"heartbeat_timeout_s": 2.0, "heartbeat_interval_s": 0.25},
@@ -91,6 +94,13 @@ def _stores_in() -> int:
     return sum(s["blocks_in"] for s in _status()["stores"] if s["alive"])
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _router() -> Any:
     return ray.get_actor("pdserve-router", namespace=NS)
 
@@ -126,6 +136,10 @@ def test_up_forms_one_process_group_across_nodes(deployment):
     assert ranks == {"prefill-0": 0, "decode-0": 1, "decode-1": 2}
     assert all(w["kv_transfer"]["world_size"] == 3 for w in ws.values())
     assert len({w["node_id"] for w in ws.values()}) == 2  # the group spans both Ray nodes
+    pre = ws["prefill-0"]
+    assert pre["tp"] == 3 and len(pre["tp_followers"]) == 2  # its own tensor-parallel ranks
+    assert all(psutil.pid_exists(p) for p in pre["tp_followers"])
+    assert all(w["tp"] == 1 and w["tp_followers"] == [] for wid, w in ws.items() if wid != "prefill-0")
     from pdserve.ray_cli import format_status
 
     assert "dist rank 0/3 ready" in format_status(_status())
@@ -199,7 +213,11 @@ def test_restarted_prefill_worker_publishes_to_its_store(deployment, client, who
         return info["pid"] != old["pid"] and routed.get("prefill-0", {}).get("address") == info["address"]
 
     _wait(back, "prefill-0 was not restarted and re-registered")
-    assert _workers()["prefill-0"]["kv_transfer"]["rank"] == -1
+    new = _workers()["prefill-0"]
+    assert new["kv_transfer"]["rank"] == -1
+    # the killed worker's tensor-parallel followers exited with it; the restart has its own
+    _wait(lambda: not any(_running(p) for p in old["tp_followers"]), "followers outlived their worker", 30)
+    assert len(new["tp_followers"]) == 2 and all(_running(p) for p in new["tp_followers"])
     in_before = _stores_in()
     pulls_before = _workers()["decode-0"]["kv_transfer"]["direct_pulls"]
     prompts = PROMPTS[23:26]

@@ -66,7 +66,7 @@ def test_with_counts_replaces_only_given_pools():
         ({"model": "/m", "decode": {"cout": 1}}, r"decode: unknown key\(s\) \['cout'\]"),
         ({"model": "/m", "decode": {"count": "two"}}, r"decode.count: expected an integer"),
         ({"model": "/m", "decode": {"count": -1}}, r"decode.count: must be >= 0"),
-        ({"model": "/m", "decode": {"tp": 2}}, r"decode.tp: tensor parallelism needs device: cuda"),
+        ({"model": "/m", "decode": {"tp": 0}}, r"decode.tp: must be >= 1"),
         ({"model": "/m", "decode": {"device": "tpu"}}, r"decode.device: 'tpu' is not one of"),
         ({"model": "/m", "decode": {"block_size": 32}}, r"decode.block_size: prefill and decode"),
         ({"model": "/m", "router": {"port": 70000}}, r"router.port: must be in"),

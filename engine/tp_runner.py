@@ -1,0 +1,244 @@
+"""Tensor-parallel execution of one engine: rank 0 drives, followers mirror (I/O seam).
+
+The engine (scheduler, KV block manager, sampler) lives on rank 0 only. Its
+:class:`TPModelRunner` holds rank 0's shard (:func:`engine.models.tp_shard.shard_model`) and,
+before each collective step, sends the followers the command they must mirror over
+:class:`~engine.tp_group.TPGroup`'s control channel:
+
+* ``step``: the flattened batch (token ids, positions, attention metadata); every rank runs the
+  forward on its shard and the sharded layers all-reduce their partial sums. Only rank 0
+  computes logits and samples (embeddings and ``lm_head`` are replicated).
+* ``export``: block ids; every rank takes its KV heads of those blocks and they are all-gathered
+  into whole blocks (``[n, L, 2, block_size, kvh, hd]``, heads in rank order) on rank 0.
+* ``import``: block ids and whole blocks, broadcast; every rank keeps its heads.
+* ``noop``: nothing (sent when the engine has been idle for ``KEEPALIVE_S``, so that a
+  follower's wait for the next command never reaches the group's op timeout).
+* ``stop``: the followers exit.
+
+Each command and its collectives run under one lock, so the keep-alive never interleaves.
+
+Followers are ``spawn``ed child processes of rank 0 (:func:`start_followers`); rank ``r`` uses
+``cuda:r`` on GPU (the first ``tp`` visible devices: under Ray, the worker's own GPUs) or the CPU.
+A follower exits when its parent dies (checked every second), so a killed worker leaves nothing
+behind. The KV layout every other component sees (handles, store, transfers) is the whole
+model's: a TP prefill worker hands off to a decode worker of any TP size.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.block_manager import KVCacheManager
+from engine.model_runner import ModelRunner
+from engine.models.llama import LlamaForCausalLM
+from engine.tp_group import TPGroup
+
+log = logging.getLogger(__name__)
+
+CPU = torch.device("cpu")
+KEEPALIVE_S = 300.0  # well under tp_group.DEFAULT_TIMEOUT_S
+
+
+def md_to(md: AttentionMetadata, device: torch.device) -> AttentionMetadata:
+    """``md`` with every tensor on ``device``."""
+
+    def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    return replace(
+        md,
+        slot_mapping=md.slot_mapping.to(device),
+        decode_block_tables=mv(md.decode_block_tables),
+        decode_mask=mv(md.decode_mask),
+        prefills=[replace(p, block_table=mv(p.block_table)) for p in md.prefills],
+    )
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank ``rank``'s device: ``cuda:rank`` on GPU, else ``device``."""
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def cpu_threads_per_rank(world_size: int) -> int:
+    """On CPU the ranks share the host's cores: each gets an equal part."""
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
+@dataclass(frozen=True)
+class FollowerSpec:
+    """What a follower needs to build its shard (picklable: passed to a spawned process)."""
+
+    model_path: str
+    world_size: int
+    host: str
+    port: int
+    num_blocks: int
+    block_size: int
+    dtype: str  # torch dtype name, e.g. "float32"
+    device: str  # rank 0's device type: "cpu" | "cuda"
+    max_positions: int | None
+
+
+def _local_heads(blocks: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    kvh = blocks.shape[4] // world
+    return blocks[:, :, :, :, rank * kvh : (rank + 1) * kvh].contiguous()
+
+
+class TPModelRunner(ModelRunner):
+    """Rank 0's :class:`~engine.model_runner.ModelRunner` of a tensor-parallel engine."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv: KVCacheManager,
+        dtype: torch.dtype,
+        device: torch.device,
+        group: TPGroup,
+        followers: list[Any],
+    ) -> None:
+        super().__init__(
+            model, kv, dtype, device, local_kv_heads=model.config.num_key_value_heads // group.world_size
+        )
+        self.group = group
+        self.followers = followers
+        self._closed = False
+        self._lock = threading.Lock()  # one command (and its collectives) at a time
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        threading.Thread(target=self._keepalive, daemon=True, name="tp-keepalive").start()
+        atexit.register(self.close)
+
+    def _send(self, cmd: tuple) -> None:
+        self.group.send_obj(cmd)
+        self._last = time.monotonic()
+
+    def _keepalive(self) -> None:
+        while not self._stop.wait(KEEPALIVE_S / 4):
+            with self._lock:
+                if not self._closed and time.monotonic() - self._last >= KEEPALIVE_S:
+                    self._send(("noop",))
+
+    def forward(self, ids: list[int], pos: list[int], md: AttentionMetadata) -> torch.Tensor:
+        with self._lock:
+            self._send(("step", ids, pos, md_to(md, CPU)))
+            return super().forward(ids, pos, md)
+
+    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        with self._lock:
+            self._send(("export", list(block_ids)))
+            local = super().export_blocks(block_ids)
+            return torch.cat(self.group.all_gather(local), dim=4).contiguous()
+
+    def import_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        whole = blocks.to(self.device, self.dtype).contiguous()
+        with self._lock:
+            self._send(("import", list(block_ids), tuple(whole.shape)))
+            self.group.broadcast(whole)
+            super().import_blocks(block_ids, _local_heads(whole, 0, self.group.world_size))
+
+    def close(self) -> None:
+        """Stop the followers (idempotent)."""
+        self._stop.set()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._send(("stop",))
+            except Exception as e:  # noqa: BLE001 - a follower died: terminate the rest below
+                log.warning("tensor-parallel stop failed: %s", e)
+        for p in self.followers:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+
+
+def start_followers(spec: FollowerSpec) -> list[Any]:
+    """Spawn ranks ``1..world_size-1`` (they connect to rank 0's store at ``spec.host:port``)."""
+    ctx = mp.get_context("spawn")
+    procs = []
+    for rank in range(1, spec.world_size):
+        p = ctx.Process(target=follower_main, args=(rank, spec), name=f"tp-rank-{rank}", daemon=True)
+        p.start()
+        procs.append(p)
+    return procs
+
+
+def _exit_with_parent() -> None:
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            threading.Event().wait(1.0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="tp-parent-watch").start()
+
+
+def follower_main(rank: int, spec: FollowerSpec) -> None:
+    """A follower rank: build the shard, then mirror rank 0's commands until ``stop``."""
+    from engine.models.loader import load_model
+    from engine.models.tp_shard import shard_model
+
+    _exit_with_parent()
+    device = rank_device(torch.device(spec.device), rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(cpu_threads_per_rank(spec.world_size))
+    dtype = getattr(torch, spec.dtype)
+    group = TPGroup(rank, spec.world_size, device, spec.host, spec.port).connect()
+    model = load_model(Path(spec.model_path), dtype, device, max_positions=spec.max_positions)
+    shard_model(model, rank, spec.world_size, group.all_reduce)
+    kv = KVCacheManager(spec.num_blocks, spec.block_size, "tp-follower", False)
+    runner = ModelRunner(
+        model, kv, dtype, device, local_kv_heads=model.config.num_key_value_heads // spec.world_size
+    )
+    try:
+        _mirror(group, runner, rank, spec, dtype, device)
+    except RuntimeError as e:  # gloo/NCCL: a peer closed its connection (rank 0 died or stopped)
+        log.warning("tensor-parallel rank %d: the group broke (%s); exiting", rank, e)
+
+
+def _mirror(
+    group: TPGroup,
+    runner: ModelRunner,
+    rank: int,
+    spec: FollowerSpec,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Run rank 0's commands on this follower's shard until ``stop``."""
+    with torch.inference_mode():
+        while True:
+            cmd = group.recv_obj()
+            op = cmd[0]
+            if op == "step":
+                _, ids, pos, md = cmd
+                runner.forward(ids, pos, md_to(md, device))
+            elif op == "export":
+                group.all_gather(runner.export_blocks(cmd[1]))
+            elif op == "import":
+                _, ids, shape = cmd
+                whole = torch.empty(shape, dtype=dtype, device=device)
+                group.broadcast(whole)
+                runner.import_blocks(ids, _local_heads(whole, rank, spec.world_size))
+            elif op == "stop":
+                return
+            elif op == "noop":
+                continue
+            else:  # pragma: no cover - a newer rank 0 than this follower
+                raise RuntimeError(f"unknown tensor-parallel command {op!r}")

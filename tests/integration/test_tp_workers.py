@@ -1,0 +1,53 @@
+"""Tensor-parallel workers end to end: a launched cluster whose prefill and decode workers each
+split SmolLM2-135M over 3 processes (``--tp 3``, gloo on CPU) serves concurrent requests with
+the whole engine's greedy output; each worker really runs 2 follower processes, and stopping the
+cluster leaves none behind."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import psutil
+import pytest
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from pdserve.client import Client
+from pdserve.launcher import ClusterSpec, launch
+from tests.prompts import PROMPTS
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def test_tp3_workers_serve_the_whole_engines_output_and_leave_nothing_behind(smollm_path) -> None:
+    cl = launch(
+        ClusterSpec(
+            model_path=str(smollm_path),
+            worker_kv_blocks=256,
+            store_capacity_blocks=512,
+            worker_args=("--tp", "3"),
+        )
+    )
+    followers: list[psutil.Process] = []
+    try:
+        for wid in ("prefill-0", "decode-0"):
+            kids = psutil.Process(cl.procs[wid].pid).children()
+            tp_kids = [k for k in kids if "spawn_main" in " ".join(k.cmdline())]  # not the resource tracker
+            assert len(tp_kids) == 2, (wid, [k.cmdline() for k in kids])
+            followers += tp_kids
+        prompts = PROMPTS[:8]
+        with Client(cl.router_address, timeout=300) as c, cf.ThreadPoolExecutor(8) as ex:
+            got = list(ex.map(lambda p: c.complete(p, GREEDY), prompts))
+    finally:
+        cl.stop()
+    whole = LLMEngine.from_pretrained(smollm_path, EngineConfig(num_kv_blocks=256))
+    for p, r, g in zip(prompts, whole.generate(prompts, GREEDY), got, strict=True):
+        assert g.token_ids == r.token_ids, p
+    deadline = time.monotonic() + 20
+    while any(f.is_running() and f.status() != psutil.STATUS_ZOMBIE for f in followers):
+        assert time.monotonic() < deadline, "tensor-parallel followers outlived their workers"
+        time.sleep(0.2)
