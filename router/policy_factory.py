@@ -41,9 +41,13 @@ def policy_choices() -> list[str]:
     return [k.value for k in PolicyKind] + list(CLI_ALIASES)
 
 
+_READS_STORE_PREFIX = frozenset({PolicyKind.GOODPUT, PolicyKind.GLOBAL_CACHE_AWARE})
+
+
 def uses_prefix_lookup(kind: PolicyKind) -> bool:
-    """Whether placement benefits from the prompt's cached-prefix length (a KV store lookup)."""
-    return _NEEDS.get(kind) is _Needs.LATENCY
+    """Whether placement reads the prompt's prefix in the KV store (``RequestInfo.store_prefix_blocks``,
+    a lookup per request): the policies that weigh fetching a prefix from anywhere in the cluster."""
+    return kind in _READS_STORE_PREFIX
 
 
 def seed_latency(profile_path: str | None, token_budget: int = 2048) -> LinearLatency:

@@ -257,11 +257,15 @@ class GenerateServicer:
             )
         return w
 
-    def _prefix_blocks(self, ids: list[int], req: client_pb2.GenerateRequest, view: ClusterView) -> int:
-        """Leading prompt blocks the KV store holds (0 when unknown or the lookup fails): from the
-        shared index when the router has one (the longest prefix one store node holds, what a
-        prefill worker pulls), else from a store node's Lookup."""
+    def _prefix_blocks(self, ids: list[int], req: client_pb2.GenerateRequest) -> int:
+        """Leading prompt blocks the KV store holds (0 when unknown, not needed by the policy, or
+        the lookup fails): from the shared index when the router has one (the longest prefix one
+        store node holds, what a prefill worker pulls), else from a store node's Lookup. Runs
+        outside the placement lock (a lookup may take up to ``LOOKUP_TIMEOUT_S``)."""
         if not uses_prefix_lookup(self.config.policy) or len(ids) < 2:
+            return 0
+        view = build_view(self.registry, self.config.model_id, self.outstanding)
+        if not view.instances:
             return 0
         bs = view.instances[0].block_size
         if self.index is not None:
@@ -285,9 +289,15 @@ class GenerateServicer:
             return 0
 
     def _place(
-        self, rid: str, ids: list[int], params: SamplingParams, req: client_pb2.GenerateRequest
+        self,
+        rid: str,
+        ids: list[int],
+        params: SamplingParams,
+        req: client_pb2.GenerateRequest,
+        store_prefix_blocks: int | None = None,
     ) -> tuple[Placement, WorkerEntry, WorkerEntry, RequestInfo]:
         """Ask the policy for (prefill, decode) workers, or refuse before any compute is spent.
+        ``store_prefix_blocks``: the prompt's prefix in the KV store (None: looked up here).
 
         Raises UnavailableError when a needed kind of worker is missing, ResourceExhaustedError
         (with the policy's retry-after) when the policy rejects the request early.
@@ -317,7 +327,9 @@ class GenerateServicer:
             priority=req.priority,
             tenant=req.tenant,
             predicted_output_tokens=req.predicted_output_tokens,
-            store_prefix_blocks=self._prefix_blocks(ids, req, view),
+            store_prefix_blocks=(
+                self._prefix_blocks(ids, req) if store_prefix_blocks is None else store_prefix_blocks
+            ),
         )
         d = self.policy.place(info, view)
         if isinstance(d, Rejection):
@@ -434,8 +446,9 @@ class GenerateServicer:
         rid = req.request_id or uuid.uuid4().hex
         t_route = time.perf_counter()
         run = _Run(rid, ids, params, t0, IncrementalDetokenizer(self.tokenizer, params.stop))
+        stored = self._prefix_blocks(ids, req)  # I/O: before the placement lock
         with self._place_lock:
-            placement, pw, dw, info = self._place(rid, ids, params, req)
+            placement, pw, dw, info = self._place(rid, ids, params, req, stored)
             # the prompt is queued on the worker that prefills it from now on, not from when its
             # Prefill call starts: the next placement must see it
             run.reserved = (dw if placement.local_prefill else pw).worker_id, len(ids)

@@ -5,7 +5,7 @@ Entry points: :func:`make_policy` / the policy classes, :class:`ClusterView` ove
 """
 
 from router.policy.estimate import TtftEstimator, usable_prefix_blocks
-from router.policy.goodput import STORE_SOURCE, ColocatedPolicy, GoodputAwarePolicy, GoodputConfig
+from router.policy.goodput import ColocatedPolicy, GoodputAwarePolicy, GoodputConfig
 from router.policy.latency import (
     CorrectionConfig,
     DecodeLatencyEstimator,
@@ -20,6 +20,7 @@ from router.policy.length_predictor import (
     LengthSample,
 )
 from router.policy.placement import (
+    STORE_SOURCE,
     AdmissionHook,
     GlobalCacheAwarePolicy,
     LeastLoadedPolicy,

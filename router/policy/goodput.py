@@ -55,7 +55,7 @@ from router.policy.latency import (
     WithDecode,
 )
 from router.policy.length_predictor import LengthPredictor, LengthSample
-from router.policy.placement import PlacementPolicy, PolicyKind
+from router.policy.placement import PlacementPolicy, PolicyKind, best_remote_prefix
 from router.policy.protocols import Clock, LatencyEstimator
 from router.policy.types import (
     SLO,
@@ -67,9 +67,6 @@ from router.policy.types import (
     RequestInfo,
 )
 from router.policy.view import ClusterView, InstanceView
-
-STORE_SOURCE = "kv_store"
-"""``Placement.fetch_from`` when the prefix comes from the cluster's KV store, not an instance."""
 
 
 @dataclass(frozen=True)
@@ -346,13 +343,7 @@ class GoodputAwarePolicy(PlacementPolicy):
         local = usable_prefix_blocks(inst.cached_prefix_blocks(req.block_hashes), p, bs)
         t = est.ttft(inst, p, local)
         plan = Placement(inst.instance_id, reused_blocks=local, estimated_ttft_s=t)
-        src, remote = STORE_SOURCE, usable_prefix_blocks(req.store_prefix_blocks, p, bs)
-        for other in view.instances:
-            if other.instance_id == inst.instance_id:
-                continue
-            h = usable_prefix_blocks(other.cached_prefix_blocks(req.block_hashes), p, bs)
-            if h > remote:
-                src, remote = other.instance_id, h
+        src, remote = best_remote_prefix(req, inst, view)
         if remote > local:
             tf = est.ttft(inst, p, remote, fetched_blocks=remote - local)
             if tf < t:

@@ -28,6 +28,24 @@ from router.policy.protocols import Clock, LatencyEstimator, MonotonicClock
 from router.policy.types import InstanceRole, Observation, Placement, Rejection, RejectReason, RequestInfo
 from router.policy.view import ClusterView, InstanceView
 
+STORE_SOURCE = "kv_store"
+"""``Placement.fetch_from`` when the prefix comes from the cluster's KV store, not an instance."""
+
+
+def best_remote_prefix(req: RequestInfo, inst: InstanceView, view: ClusterView) -> tuple[str, int]:
+    """Where ``inst`` could fetch the longest usable prefix of ``req`` from, and its length in
+    blocks: the KV store (``req.store_prefix_blocks``, :data:`STORE_SOURCE`) or another
+    instance's cache, whichever holds more (the store on a tie). ``(STORE_SOURCE, 0)``: none."""
+    p, bs = req.num_prompt_tokens, inst.block_size
+    src, remote = STORE_SOURCE, usable_prefix_blocks(req.store_prefix_blocks, p, bs)
+    for other in view.instances:
+        if other.instance_id == inst.instance_id:
+            continue
+        h = usable_prefix_blocks(other.cached_prefix_blocks(req.block_hashes), p, bs)
+        if h > remote:
+            src, remote = other.instance_id, h
+    return src, remote
+
 
 class PolicyKind(enum.Enum):
     RANDOM = "random"
@@ -216,8 +234,9 @@ class LocalCacheAwarePolicy(PlacementPolicy):
 class GlobalCacheAwarePolicy(PlacementPolicy):
     """Mooncake's Conductor: TTFT = queue + fetch(remote prefix) + prefill(uncached).
 
-    The longest cached prefix anywhere in the cluster may be pulled to the candidate; it is
-    pulled only when that is predicted faster than recomputing the extra blocks locally.
+    The longest cached prefix anywhere in the cluster (another instance's cache, or the KV store:
+    ``req.store_prefix_blocks``) may be pulled to the candidate; it is pulled only when that is
+    predicted faster than recomputing the extra blocks locally.
     """
 
     kind = PolicyKind.GLOBAL_CACHE_AWARE
@@ -228,15 +247,10 @@ class GlobalCacheAwarePolicy(PlacementPolicy):
     ) -> Placement:
         est = self._require_estimator()
         p = req.num_prompt_tokens
-        hits = {
-            i.instance_id: usable_prefix_blocks(i.cached_prefix_blocks(req.block_hashes), p, i.block_size)
-            for i in view.instances
-        }
-        src = max(view.instances, key=lambda i: hits[i.instance_id])
-        remote = hits[src.instance_id]
         best: Placement | None = None
         for inst in candidates:
-            local = hits[inst.instance_id]
+            local = usable_prefix_blocks(inst.cached_prefix_blocks(req.block_hashes), p, inst.block_size)
+            src, remote = best_remote_prefix(req, inst, view)
             t = est.ttft(inst, p, local)
             plan = Placement(inst.instance_id, reused_blocks=local, estimated_ttft_s=t)
             if remote > local:
@@ -244,7 +258,7 @@ class GlobalCacheAwarePolicy(PlacementPolicy):
                 if tf < t:
                     plan = Placement(
                         inst.instance_id,
-                        fetch_from=src.instance_id,
+                        fetch_from=src,
                         fetch_blocks=remote,
                         reused_blocks=remote,
                         estimated_ttft_s=tf,

@@ -139,6 +139,30 @@ def test_global_cache_aware_prefers_local_hit_over_fetch() -> None:
     assert d.instance_id == "p0" and d.fetch_from is None
 
 
+def test_global_cache_aware_fetches_from_the_kv_store_when_it_holds_the_longest_prefix() -> None:
+    from dataclasses import replace
+
+    from router.policy import STORE_SOURCE
+    from router.policy_factory import uses_prefix_lookup
+
+    # p0 caches 16 blocks, the store 48 (more): idle p1 pulls the store's prefix
+    view = ClusterView([snap("p0", q=20000, cached=16), snap("p1")])
+    d = GlobalCacheAwarePolicy(latency=LinearLatency(bw=1e10)).place(
+        replace(req(), store_prefix_blocks=48), view
+    )
+    assert isinstance(d, Placement)
+    assert (d.instance_id, d.fetch_from, d.fetch_blocks) == ("p1", STORE_SOURCE, 48)
+    # an instance holding more than the store wins as the source
+    d = GlobalCacheAwarePolicy(latency=LinearLatency(bw=1e10)).place(
+        replace(req(), store_prefix_blocks=8), view
+    )
+    assert (d.fetch_from, d.fetch_blocks) == ("p0", 16)
+    # only the policies that read it pay for a store lookup per request
+    assert uses_prefix_lookup(PolicyKind.GLOBAL_CACHE_AWARE) and uses_prefix_lookup(PolicyKind.GOODPUT)
+    assert not uses_prefix_lookup(PolicyKind.LOCAL_CACHE_AWARE)
+    assert not uses_prefix_lookup(PolicyKind.LEAST_LOADED)
+
+
 def test_admission_hook_rejects_early() -> None:
     def too_slow(r: RequestInfo, p: Placement, v: ClusterView) -> Rejection | None:
         if r.slo is not None and p.estimated_ttft_s is not None and p.estimated_ttft_s > r.slo.ttft_s:
