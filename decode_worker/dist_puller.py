@@ -37,18 +37,15 @@ from typing import Any, Protocol
 import grpc
 import torch
 
-from decode_worker.peer_stubs import PeerStubs
+from decode_worker.peer_stubs import PeerStubs, peer_error
 from decode_worker.puller import KVPuller
 from kv_store.dist_transport import DistBlockReceiver, TransferHeader
 from kv_store.handle import KVHandle
 from pdserve.errors import (
     InvalidRequestError,
     LayoutMismatchError,
-    PdserveError,
-    RequestNotFoundError,
     UnavailableError,
 )
-from pdserve.status import error_from_rpc_error
 from pdserve.tracing import log_event
 from pdserve.v1 import worker_pb2
 
@@ -212,14 +209,7 @@ class DistPuller:
         except StopIteration:
             raise UnavailableError(f"PushKV to {where} ended early for {handle.request_id!r}") from None
         except grpc.RpcError as e:
-            err: PdserveError = error_from_rpc_error(e)
-            if e.code() == grpc.StatusCode.NOT_FOUND:
-                raise RequestNotFoundError(
-                    f"the KV of request {handle.request_id!r} is no longer held by {where}: its outbox "
-                    f"entry expired (lease TTL) or was evicted before this decode worker pulled it; "
-                    f"submit the request again ({err.message})"
-                ) from None
-            raise type(err)(f"PushKV to {where} for {handle.request_id!r} failed: {err.message}") from None
+            raise peer_error(e, "PushKV", handle, where) from None
 
     def close(self) -> None:
         """Close the gRPC channels this puller (and its fallback) opened."""

@@ -1,4 +1,5 @@
-"""A cache of ``KVPeer`` stubs of prefill workers, one gRPC channel per address (I/O seam)."""
+"""A cache of ``KVPeer`` stubs of prefill workers, one gRPC channel per address, and the typed
+error of a failed ``KVPeer`` call (I/O seam)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,25 @@ import threading
 
 import grpc
 
+from kv_store.handle import KVHandle
+from pdserve.errors import PdserveError, RequestNotFoundError
 from pdserve.limits import grpc_options
+from pdserve.status import error_from_rpc_error
 from pdserve.v1 import worker_pb2_grpc
+
+
+def peer_error(e: grpc.RpcError, rpc: str, handle: KVHandle, where: str) -> PdserveError:
+    """The typed error of ``rpc`` (``PushKV`` / ``SpillKV``) failing for ``handle`` at ``where``:
+    NOT_FOUND (the outbox entry is gone) as a RequestNotFoundError naming the likely cause,
+    anything else as its own type with the call named."""
+    err: PdserveError = error_from_rpc_error(e)
+    if e.code() == grpc.StatusCode.NOT_FOUND:
+        return RequestNotFoundError(
+            f"the KV of request {handle.request_id!r} is no longer held by {where}: its outbox "
+            f"entry expired (lease TTL) or was evicted before this decode worker pulled it; "
+            f"submit the request again ({err.message})"
+        )
+    return type(err)(f"{rpc} to {where} for {handle.request_id!r} failed: {err.message}")
 
 
 class PeerStubs:

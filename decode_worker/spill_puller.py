@@ -25,12 +25,10 @@ from typing import Any, Protocol
 import grpc
 import torch
 
-from decode_worker.peer_stubs import PeerStubs
+from decode_worker.peer_stubs import PeerStubs, peer_error
 from decode_worker.puller import KVPuller
 from kv_store.convert import handle_from_proto
 from kv_store.handle import KVHandle
-from pdserve.errors import PdserveError, RequestNotFoundError
-from pdserve.status import error_from_rpc_error
 from pdserve.tracing import log_event
 from pdserve.v1 import worker_pb2
 
@@ -92,14 +90,7 @@ class SpillPuller:
                 worker_pb2.SpillKVRequest(request_id=handle.request_id), timeout=self.timeout_s
             )
         except grpc.RpcError as e:
-            err: PdserveError = error_from_rpc_error(e)
-            if e.code() == grpc.StatusCode.NOT_FOUND:
-                raise RequestNotFoundError(
-                    f"the KV of request {handle.request_id!r} is no longer held by {where}: its outbox "
-                    f"entry expired (lease TTL) or was evicted before this decode worker pulled it; "
-                    f"submit the request again ({err.message})"
-                ) from None
-            raise type(err)(f"SpillKV to {where} for {handle.request_id!r} failed: {err.message}") from None
+            raise peer_error(e, "SpillKV", handle, where) from None
         stored = handle_from_proto(res.handle)
         log_event(log, "direct handle spilled to store", request_id=handle.request_id, source=where)
         return stored

@@ -188,7 +188,8 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"tensor_parallel_size {tp} needs {tp} CUDA devices; {torch.cuda.device_count()} visible"
             )
-        if device.type == "cpu":
+        threads = torch.get_num_threads()
+        if device.type == "cpu":  # the ranks share the host's cores (restored by close())
             torch.set_num_threads(cpu_threads_per_rank(tp))
         shape = KVShape(
             mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim, config.block_size, dtype
@@ -214,6 +215,7 @@ class LLMEngine:
         except BaseException:
             for p in followers:
                 p.terminate()
+            torch.set_num_threads(threads)
             raise
         return cls(
             model,
@@ -222,7 +224,9 @@ class LLMEngine:
             config,
             dtype,
             device,
-            runner_factory=lambda kv: TPModelRunner(model, kv, dtype, device, group, followers),
+            runner_factory=lambda kv: TPModelRunner(
+                model, kv, dtype, device, group, followers, restore_threads=threads
+            ),
         )
 
     def close(self) -> None:

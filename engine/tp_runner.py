@@ -106,12 +106,16 @@ class TPModelRunner(ModelRunner):
         device: torch.device,
         group: TPGroup,
         followers: list[Any],
+        restore_threads: int | None = None,
     ) -> None:
+        """``restore_threads``: torch's intra-op thread count to set back on :meth:`close` (the
+        engine lowered it so that the ranks share the CPU)."""
         super().__init__(
             model, kv, dtype, device, local_kv_heads=model.config.num_key_value_heads // group.world_size
         )
         self.group = group
         self.followers = followers
+        self._restore_threads = restore_threads
         self._closed = False
         self._lock = threading.Lock()  # one command (and its collectives) at a time
         self._last = time.monotonic()
@@ -163,6 +167,8 @@ class TPModelRunner(ModelRunner):
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
+        if self._restore_threads is not None:
+            torch.set_num_threads(self._restore_threads)
 
 
 def start_followers(spec: FollowerSpec) -> list[Any]:

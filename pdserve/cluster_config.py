@@ -167,6 +167,33 @@ class ClusterConfig:
         )
 
 
+def capacity_shortfall(c: ClusterConfig, total: dict[str, float], num_nodes: int) -> str | None:
+    """Pure: why a Ray cluster with ``total`` resources (``ray.cluster_resources()``) over
+    ``num_nodes`` nodes can never hold ``c``'s pools, store nodes and router (a message naming
+    what is missing), or None when it can. Only totals are compared: resources other jobs hold
+    now still make a placement wait (``startup_timeout_s``)."""
+    need: dict[str, float] = {}
+    why: dict[str, list[str]] = {}
+    for role in PoolRole:
+        p = c.pool(role)
+        for k, v in p.bundle().items():
+            if p.count:
+                need[k] = need.get(k, 0.0) + v * p.count
+                per = f"{v:g} {k}" + (f" (tp {p.tp})" if k == "GPU" else "")
+                why.setdefault(k, []).append(f"{role.value}: {p.count} x {per}")
+    for what, n in (("store nodes", c.store.num_cpus * num_nodes), ("router", c.router.num_cpus)):
+        if n:
+            need["CPU"] = need.get("CPU", 0.0) + n
+            why.setdefault("CPU", []).append(f"{what}: {n:g} CPU")
+    short = [k for k, v in need.items() if v > total.get(k, 0.0) + 1e-9]
+    if not short:
+        return None
+    parts = [
+        f"{need[k]:g} {k} ({', '.join(why[k])}) but the Ray cluster has {total.get(k, 0.0):g}" for k in short
+    ]
+    return "cluster config needs " + "; ".join(parts) + ": lower the counts (or tp), or add nodes"
+
+
 # ---------------------------------------------------------------------------- parsing
 def _err(where: str, msg: str) -> InvalidRequestError:
     return InvalidRequestError(f"cluster config: {where}: {msg}")

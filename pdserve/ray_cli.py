@@ -82,6 +82,8 @@ def format_status(st: dict[str, Any]) -> str:
             if kt.get("rank", -1) >= 0:
                 formed = "ready" if kt["ready"] else ("FAILED" if kt["failed"] else "forming")
                 direct = f" dist rank {kt['rank']}/{kt['world_size']} {formed}"
+            if r.get("tp", 1) > 1:
+                direct += f" tp {r['tp']}"
             lines.append(
                 f"  {r['worker_id']:<12} {r['address']:<22} node {r['node_id'][:8]} running {r['num_running']:>3} "
                 f"waiting {r['num_waiting']:>3} kv {r['kv_blocks_used']}/{r['kv_blocks_total']} {state}{direct}"

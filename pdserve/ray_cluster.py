@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.cluster_config import ClusterConfig, PoolRole
+from pdserve.cluster_config import ClusterConfig, PoolRole, capacity_shortfall
 from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
 from pdserve.kv_transfer import KVTransport
 from pdserve.ray_actors import (
@@ -102,6 +102,16 @@ class Controller:
     # ------------------------------------------------------------------ helpers
     def _opts(self, **kw: Any) -> dict[str, Any]:
         return {"namespace": self.config.namespace, "max_restarts": self.config.max_restarts, **kw}
+
+    def _check_capacity(self, config: ClusterConfig) -> None:
+        """InvalidRequestError at once when the Ray cluster can never hold ``config`` (instead of
+        a placement group waiting ``startup_timeout_s`` for resources that do not exist)."""
+        import ray
+
+        nodes = sum(1 for n in ray.nodes() if n["Alive"])
+        why = capacity_shortfall(config, ray.cluster_resources(), nodes)
+        if why:
+            raise InvalidRequestError(why)
 
     def _ensure_stores(self) -> None:
         """One store node per alive Ray node that has none yet."""
@@ -283,6 +293,7 @@ class Controller:
         with self._lock:
             if self.router is not None:
                 return self.addresses()
+            self._check_capacity(self.config)
             self._ensure_stores()
             self._start_router()
             roles = [PoolRole.PREFILL] * self.config.prefill.count + [
@@ -308,6 +319,12 @@ class Controller:
                 raise UnavailableError("the cluster is not up")
             self._ensure_stores()  # nodes may have joined since
             live = {r: self._live(r) for r in PoolRole}
+            self._check_capacity(
+                self.config.with_counts(
+                    len(live[PoolRole.PREFILL]) if prefill is None else prefill,
+                    len(live[PoolRole.DECODE]) if decode is None else decode,
+                )
+            )
             add, remove_ids = plan_scale(
                 {r: [w.worker_id for w in ws] for r, ws in live.items()},
                 {PoolRole.PREFILL: prefill, PoolRole.DECODE: decode},

@@ -142,7 +142,7 @@ def test_up_forms_one_process_group_across_nodes(deployment):
     assert all(w["tp"] == 1 and w["tp_followers"] == [] for wid, w in ws.items() if wid != "prefill-0")
     from pdserve.ray_cli import format_status
 
-    assert "dist rank 0/3 ready" in format_status(_status())
+    assert "dist rank 0/3 ready tp 3" in format_status(_status())
 
 
 def test_concurrent_requests_equal_whole_engine_and_move_kv_directly(deployment, client, whole):
@@ -227,6 +227,27 @@ def test_restarted_prefill_worker_publishes_to_its_store(deployment, client, who
         assert g.token_ids == r.token_ids
     assert _stores_in() > in_before
     assert _workers()["decode-0"]["kv_transfer"]["direct_pulls"] == pulls_before
+
+
+def test_up_refuses_at_once_what_the_ray_cluster_can_never_hold(deployment, smollm_path):
+    from pdserve import ray_cluster
+    from pdserve.errors import InvalidRequestError
+
+    gpu = from_dict(
+        {
+            "model": str(smollm_path),
+            "host": "127.0.0.1",
+            "namespace": "pdserve-gpu-test",
+            "decode": {"count": 1, "device": "cuda", "tp": 2},
+        }
+    )
+    t0 = time.monotonic()
+    with pytest.raises(
+        InvalidRequestError, match=r"needs 2 GPU \(decode: 1 x 2 GPU \(tp 2\)\) but the Ray cluster has 0"
+    ):
+        ray_cluster.up(gpu)
+    assert time.monotonic() - t0 < 60  # not after startup_timeout_s
+    assert ray_cluster.controller("pdserve-gpu-test") is None
 
 
 def test_down_ends_the_deployment(deployment):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -32,6 +32,7 @@ from kv_store.redis_index import RedisIndex, make_index
 from kv_store.redis_server import RedisServer, find_redis_server, start_redis
 from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, LocalCluster, launch
+from tests.polling import wait_for
 
 BINARY = find_redis_server()
 pytestmark = [
@@ -47,15 +48,6 @@ SHARED = "You are a careful assistant who answers in one short sentence. " * 8
 SUFFIXES = ["Name a colour.", "Name a fruit.", "Name a city.", "Name an animal.", "Name a number."]
 BEFORE_ONLY = "Here is a list of rivers that flow through Europe, from west to east: " * 3 + "Name one."
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout_s:
-            pytest.fail(f"{what}: not within {timeout_s}s")
-        time.sleep(0.05)
-    return time.monotonic() - t0
 
 
 def replicated(index: RedisIndex, hashes: list[bytes]) -> bool:

@@ -29,7 +29,7 @@ import socket
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -46,6 +46,7 @@ from kv_store.redis_index import RedisIndex, make_index
 from kv_store.redis_server import find_redis_server, start_redis
 from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, LocalCluster, launch
+from tests.polling import wait_for
 
 SHARED_URL = os.environ.get("PDSERVE_TEST_REDIS", "")
 pytestmark = [
@@ -60,16 +61,6 @@ BLOCK_SIZE = 16
 PROMPT = "You are a careful assistant who answers every question in one short sentence. " * 8
 EXTENSION = " Which colour is the sky on a clear day?"
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll ``cond`` until true; returns the seconds it took (fails naming ``what``)."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout_s:
-            pytest.fail(f"{what}: not within {timeout_s}s")
-        time.sleep(0.05)
-    return time.monotonic() - t0
 
 
 @pytest.fixture(scope="module")

@@ -106,3 +106,27 @@ def test_plan_scale_adds_and_removes_newest_first():
     assert plan_scale(live, {PoolRole.PREFILL: 0, PoolRole.DECODE: None}) == ([], ["prefill-0"])
     with pytest.raises(InvalidRequestError, match="--decode must be >= 0"):
         plan_scale(live, {PoolRole.DECODE: -1})
+
+
+def test_capacity_shortfall_names_what_the_ray_cluster_lacks() -> None:
+    from pdserve.cluster_config import capacity_shortfall
+
+    gpu = from_dict(
+        {
+            "model": "/m",
+            "prefill": {"count": 1, "num_cpus": 1, "device": "cuda", "tp": 2},
+            "decode": {"count": 2, "num_cpus": 1, "device": "cuda", "tp": 1},
+            "store": {"num_cpus": 0.5},
+        }
+    )
+    msg = capacity_shortfall(gpu, {"CPU": 16.0}, num_nodes=2)
+    assert msg is not None
+    assert "4 GPU (prefill: 1 x 2 GPU (tp 2), decode: 2 x 1 GPU (tp 1)) but the Ray cluster has 0" in msg
+    assert capacity_shortfall(gpu, {"CPU": 16.0, "GPU": 4.0}, num_nodes=2) is None
+    # CPUs: 3 workers + a half-CPU store node on each of 4 nodes = 5
+    msg = capacity_shortfall(gpu, {"CPU": 4.0, "GPU": 8.0}, num_nodes=4)
+    assert (
+        msg is not None and "5 CPU" in msg and "store nodes: 2 CPU" in msg and "GPU" not in msg.split(":")[0]
+    )
+    assert capacity_shortfall(from_dict({"model": "/m"}), {"CPU": 2.0}, 1) is None
+    assert capacity_shortfall(from_dict({"model": "/m", "decode": {"count": 0}}), {"CPU": 1.0}, 1) is None
