@@ -20,7 +20,10 @@ Each command and its collectives run under one lock, so the keep-alive never int
 Followers are ``spawn``ed child processes of rank 0 (:func:`start_followers`); rank ``r`` uses
 ``cuda:r`` on GPU (the first ``tp`` visible devices: under Ray, the worker's own GPUs) or the CPU.
 A follower exits when its parent dies (checked every second), so a killed worker leaves nothing
-behind. The KV layout every other component sees (handles, store, transfers) is the whole
+behind. A follower that dies first breaks the engine for good: rank 0 notices within a second
+(or at once, when a collective fails), every later call raises
+:class:`~pdserve.errors.UnavailableError` naming the rank, and ``on_broken(reason)`` is called
+once (a worker process uses it to exit, so that its supervisor restarts it whole). The KV layout every other component sees (handles, store, transfers) is the whole
 model's: a TP prefill worker hands off to a decode worker of any TP size.
 """
 
@@ -32,6 +35,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,7 @@ from engine.block_manager import KVCacheManager
 from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaForCausalLM
 from engine.tp_group import TPGroup
+from pdserve.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +112,22 @@ class TPModelRunner(ModelRunner):
         group: TPGroup,
         followers: list[Any],
         restore_threads: int | None = None,
+        on_broken: Callable[[str], None] | None = None,
     ) -> None:
         """``restore_threads``: torch's intra-op thread count to set back on :meth:`close` (the
-        engine lowered it so that the ranks share the CPU)."""
+        engine lowered it so that the ranks share the CPU). ``on_broken``: see module docstring
+        (settable later, as an attribute)."""
         super().__init__(
             model, kv, dtype, device, local_kv_heads=model.config.num_key_value_heads // group.world_size
         )
         self.group = group
         self.followers = followers
         self._restore_threads = restore_threads
+        self.on_broken = on_broken
+        self.broken: str | None = None  # why the group is unusable, once it is
         self._closed = False
         self._lock = threading.Lock()  # one command (and its collectives) at a time
+        self._state_lock = threading.Lock()
         self._last = time.monotonic()
         self._stop = threading.Event()
         threading.Thread(target=self._keepalive, daemon=True, name="tp-keepalive").start()
@@ -128,28 +138,70 @@ class TPModelRunner(ModelRunner):
         self._last = time.monotonic()
 
     def _keepalive(self) -> None:
-        while not self._stop.wait(KEEPALIVE_S / 4):
-            with self._lock:
-                if not self._closed and time.monotonic() - self._last >= KEEPALIVE_S:
-                    self._send(("noop",))
+        """Every second: notice a dead follower; when idle long enough, send a no-op."""
+        last_noop_check = time.monotonic()
+        while not self._stop.wait(1.0):
+            dead = [(r, p) for r, p in enumerate(self.followers, 1) if not p.is_alive()]
+            if dead and not self._closed:
+                r, p = dead[0]
+                self._break(f"tensor-parallel rank {r} of {self.group.world_size} exited (code {p.exitcode})")
+                return
+            if time.monotonic() - last_noop_check >= KEEPALIVE_S / 4:
+                last_noop_check = time.monotonic()
+                with self._lock:
+                    if (
+                        not self._closed
+                        and self.broken is None
+                        and time.monotonic() - self._last >= KEEPALIVE_S
+                    ):
+                        self._send(("noop",))
+
+    def _break(self, why: str) -> None:
+        """Mark the group unusable (once) and tell ``on_broken``."""
+        with self._state_lock:
+            if self.broken is not None:
+                return
+            self.broken = why
+        log.error("%s: the engine cannot run any more; restart the worker", why)
+        if self.on_broken is not None:
+            self.on_broken(why)
+
+    def _collective(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (a command and its collectives) under the lock; a broken group raises
+        UnavailableError (and a failing collective breaks it)."""
+        with self._lock:
+            if self.broken is not None:
+                raise UnavailableError(f"{self.broken}; this worker must be restarted")
+            try:
+                return fn()
+            except RuntimeError as e:  # gloo/NCCL: a peer is gone
+                self._break(f"tensor-parallel collective failed: {e}")
+                raise UnavailableError(f"{self.broken}; this worker must be restarted") from None
 
     def forward(self, ids: list[int], pos: list[int], md: AttentionMetadata) -> torch.Tensor:
-        with self._lock:
+        def run() -> torch.Tensor:
             self._send(("step", ids, pos, md_to(md, CPU)))
-            return super().forward(ids, pos, md)
+            return ModelRunner.forward(self, ids, pos, md)
+
+        return self._collective(run)
 
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        with self._lock:
+        def run() -> torch.Tensor:
             self._send(("export", list(block_ids)))
-            local = super().export_blocks(block_ids)
+            local = ModelRunner.export_blocks(self, block_ids)
             return torch.cat(self.group.all_gather(local), dim=4).contiguous()
+
+        return self._collective(run)
 
     def import_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         whole = blocks.to(self.device, self.dtype).contiguous()
-        with self._lock:
+
+        def run() -> None:
             self._send(("import", list(block_ids), tuple(whole.shape)))
             self.group.broadcast(whole)
-            super().import_blocks(block_ids, _local_heads(whole, 0, self.group.world_size))
+            ModelRunner.import_blocks(self, block_ids, _local_heads(whole, 0, self.group.world_size))
+
+        self._collective(run)
 
     def close(self) -> None:
         """Stop the followers (idempotent)."""
@@ -158,10 +210,11 @@ class TPModelRunner(ModelRunner):
             if self._closed:
                 return
             self._closed = True
-            try:
-                self._send(("stop",))
-            except Exception as e:  # noqa: BLE001 - a follower died: terminate the rest below
-                log.warning("tensor-parallel stop failed: %s", e)
+            if self.broken is None:
+                try:
+                    self._send(("stop",))
+                except Exception as e:  # noqa: BLE001 - a follower died: terminate the rest below
+                    log.warning("tensor-parallel stop failed: %s", e)
         for p in self.followers:
             p.join(timeout=10)
             if p.is_alive():

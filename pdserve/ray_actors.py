@@ -372,6 +372,8 @@ class WorkerActor:
         self.worker_id = worker_id
         self.role = role
         self.state = WorkerState.load(cfg)
+        # a dead tensor-parallel rank breaks the engine for good: end the actor, Ray restarts it
+        self.state.on_engine_broken(lambda why: os._exit(1))
         namespace = config.namespace
         store_name = store_actor_name(self.node_id)
 

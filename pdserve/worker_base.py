@@ -138,6 +138,13 @@ class WorkerState:
     def abort(self, request_id: str) -> bool:
         return self.loop.abort(request_id)
 
+    def on_engine_broken(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` once if the engine breaks for good (a tensor-parallel
+        follower died: :class:`engine.tp_runner.TPModelRunner`); engines that cannot break
+        ignore it."""
+        if hasattr(self.engine.runner, "on_broken"):
+            self.engine.runner.on_broken = callback
+
     def close(self) -> None:
         """Stop the engine loop, then release the engine (a tensor-parallel engine's followers)."""
         self.loop.stop()

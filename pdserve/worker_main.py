@@ -339,6 +339,13 @@ def main(role: Role, argv: list[str] | None = None, *, prefix_fetch: PrefixFetch
         flush=True,
     )
     stop = threading.Event()
+    broken: list[str] = []
+
+    def engine_broken(why: str) -> None:  # a tensor-parallel rank died: exit, to be restarted whole
+        broken.append(why)
+        stop.set()
+
+    state.on_engine_broken(engine_broken)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
@@ -351,6 +358,9 @@ def main(role: Role, argv: list[str] | None = None, *, prefix_fetch: PrefixFetch
     store_channel.close()
     if dist is not None:
         dist.close()
+    if broken:
+        log.error("worker %s exits: %s", cfg.worker_id, broken[0])
+        return 1
     return 0
 
 

@@ -7,7 +7,9 @@ The tests run in order on that one deployment: every output equals the whole eng
 moved over the group (no store put, a push per request); a killed decode worker leaves the group
 usable for the others; a decode worker added by ``scale`` (not in the group) gets direct handles
 spilled to the prefill worker's store; a restarted prefill worker (not in the group either)
-publishes to its store, which the grouped decode worker reads; ``down`` ends it all.
+publishes to its store, which the grouped decode worker reads; a dead tensor-parallel rank makes
+its worker exit and Ray restart it whole; a config the cluster can never hold is refused at once;
+``down`` ends it all.
 """
 
 from __future__ import annotations
@@ -227,6 +229,30 @@ def test_restarted_prefill_worker_publishes_to_its_store(deployment, client, who
         assert g.token_ids == r.token_ids
     assert _stores_in() > in_before
     assert _workers()["decode-0"]["kv_transfer"]["direct_pulls"] == pulls_before
+
+
+def test_a_dead_tensor_parallel_rank_restarts_its_worker(deployment, client, whole):
+    old = _workers()["prefill-0"]
+    os.kill(old["tp_followers"][1], signal.SIGKILL)  # rank 2 of the prefill worker dies
+
+    def back() -> bool:
+        try:
+            info = ray.get(ray.get_actor("pdserve-prefill-0", namespace=NS).info.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+        routed = {w["worker_id"]: w for w in ray.get(_router().workers.remote(), timeout=30)}
+        return info["pid"] != old["pid"] and routed.get("prefill-0", {}).get("address") == info["address"]
+
+    _wait(back, "prefill-0 did not exit and come back after its tensor-parallel rank died")
+    _wait(
+        lambda: not any(_running(p) for p in old["tp_followers"]), "the old ranks outlived their worker", 30
+    )
+    new = _workers()["prefill-0"]
+    assert len(new["tp_followers"]) == 2 and all(_running(p) for p in new["tp_followers"])
+    prompts = PROMPTS[26:28]
+    got = [client.complete(p, GREEDY) for p in prompts]
+    for r, g in zip(whole.generate(prompts, GREEDY), got, strict=True):
+        assert g.token_ids == r.token_ids
 
 
 def test_up_refuses_at_once_what_the_ray_cluster_can_never_hold(deployment, smollm_path):

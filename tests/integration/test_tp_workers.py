@@ -1,7 +1,7 @@
 """Tensor-parallel workers end to end: a launched cluster whose prefill and decode workers each
 split SmolLM2-135M over 3 processes (``--tp 3``, gloo on CPU) serves concurrent requests with
-the whole engine's greedy output; each worker really runs 2 follower processes, and stopping the
-cluster leaves none behind."""
+the whole engine's greedy output; each worker really runs 2 follower processes; a worker whose rank
+dies exits with status 1; stopping the cluster leaves no rank behind."""
 
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ def test_tp3_workers_serve_the_whole_engines_output_and_leave_nothing_behind(smo
         prompts = PROMPTS[:8]
         with Client(cl.router_address, timeout=300) as c, cf.ThreadPoolExecutor(8) as ex:
             got = list(ex.map(lambda p: c.complete(p, GREEDY), prompts))
+        # a rank of the prefill worker dies: the worker exits non-zero (to be restarted whole)
+        followers[0].kill()
+        deadline = time.monotonic() + 30
+        while cl.procs["prefill-0"].poll() is None:
+            assert time.monotonic() < deadline, "the prefill worker kept running without its rank 1"
+            time.sleep(0.2)
+        assert cl.procs["prefill-0"].returncode == 1
     finally:
         cl.stop()
     whole = LLMEngine.from_pretrained(smollm_path, EngineConfig(num_kv_blocks=256))

@@ -176,6 +176,28 @@ def test_tp2_engine_matches_tp1_and_hands_kv_to_any_tp(tiny_models, arch) -> Non
     assert all(not p.is_alive() for p in two.runner.followers)
 
 
+def test_a_dead_follower_breaks_the_engine_with_a_clear_error(tiny_models) -> None:
+    from pdserve.errors import UnavailableError
+
+    eng = _engine(tiny_models["llama"], 2)
+    calls: list[str] = []
+    eng.runner.on_broken = calls.append
+    try:
+        assert eng.generate([_prompts(1)[0]], GREEDY)[0].token_ids
+        follower = eng.runner.followers[0]
+        os.kill(follower.pid, signal.SIGKILL)
+        follower.join(timeout=10)
+        with pytest.raises(UnavailableError, match=r"tensor-parallel rank 1 of 2 exited|collective failed"):
+            for _ in range(50):  # the watchdog or the next collective notices
+                eng.generate([_prompts(1)[0]], GREEDY)
+                time.sleep(0.1)
+        assert len(calls) == 1 and eng.runner.broken == calls[0]
+        with pytest.raises(UnavailableError, match="must be restarted"):
+            eng.runner.export_blocks([0])
+    finally:
+        eng.close()
+
+
 _KILL_SCRIPT = """
 import json, sys
 sys.path.insert(0, {root!r})
