@@ -103,6 +103,20 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _restarted(worker_id: str, old_pid: int) -> Callable[[], bool]:
+    """Whether ``worker_id``'s actor runs in a new process and the router routes to its new address."""
+
+    def check() -> bool:
+        try:
+            info = ray.get(ray.get_actor(f"pdserve-{worker_id}", namespace=NS).info.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+        routed = {w["worker_id"]: w for w in ray.get(_router().workers.remote(), timeout=30)}
+        return info["pid"] != old_pid and routed.get(worker_id, {}).get("address") == info["address"]
+
+    return check
+
+
 def _router() -> Any:
     return ray.get_actor("pdserve-router", namespace=NS)
 
@@ -206,15 +220,7 @@ def test_restarted_prefill_worker_publishes_to_its_store(deployment, client, who
     old = _workers()["prefill-0"]
     os.kill(old["pid"], signal.SIGKILL)  # Ray restarts it; a restart does not rejoin the group
 
-    def back() -> bool:
-        try:
-            info = ray.get(ray.get_actor("pdserve-prefill-0", namespace=NS).info.remote(), timeout=30)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return False
-        routed = {w["worker_id"]: w for w in ray.get(_router().workers.remote(), timeout=30)}
-        return info["pid"] != old["pid"] and routed.get("prefill-0", {}).get("address") == info["address"]
-
-    _wait(back, "prefill-0 was not restarted and re-registered")
+    _wait(_restarted("prefill-0", old["pid"]), "prefill-0 was not restarted and re-registered")
     new = _workers()["prefill-0"]
     assert new["kv_transfer"]["rank"] == -1
     # the killed worker's tensor-parallel followers exited with it; the restart has its own
@@ -235,15 +241,10 @@ def test_a_dead_tensor_parallel_rank_restarts_its_worker(deployment, client, who
     old = _workers()["prefill-0"]
     os.kill(old["tp_followers"][1], signal.SIGKILL)  # rank 2 of the prefill worker dies
 
-    def back() -> bool:
-        try:
-            info = ray.get(ray.get_actor("pdserve-prefill-0", namespace=NS).info.remote(), timeout=30)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return False
-        routed = {w["worker_id"]: w for w in ray.get(_router().workers.remote(), timeout=30)}
-        return info["pid"] != old["pid"] and routed.get("prefill-0", {}).get("address") == info["address"]
-
-    _wait(back, "prefill-0 did not exit and come back after its tensor-parallel rank died")
+    _wait(
+        _restarted("prefill-0", old["pid"]),
+        "prefill-0 did not exit and come back after its tensor-parallel rank died",
+    )
     _wait(
         lambda: not any(_running(p) for p in old["tp_followers"]), "the old ranks outlived their worker", 30
     )
