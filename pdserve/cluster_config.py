@@ -105,6 +105,9 @@ class RouterPoolConfig:
     latency_profile: str = ""  # ``pdserve profile`` JSON seeding goodput's predictions ("": none)
     max_redispatches: int = 2  # re-dispatches of a request whose worker was lost
     shared_cores: int = 0  # goodput: every worker on one CPU host of this many cores (0: own devices)
+    slo_margin: float = 0.1  # goodput: headroom kept below a request's SLO
+    tenant_max_inflight: int = 0  # goodput: per-tenant in-flight quota (0: none)
+    local_prefill_max_tokens: int = 256  # goodput: uncached tokens a decode worker may prefill (0: never)
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,12 @@ def validate(c: ClusterConfig) -> ClusterConfig:
         raise _err("router.heartbeat_timeout_s", "must exceed heartbeat_interval_s (both > 0)")
     if r.max_redispatches < 0:
         raise _err("router.max_redispatches", f"must be >= 0, got {r.max_redispatches}")
+    if not 0 <= r.slo_margin < 1:
+        raise _err("router.slo_margin", f"must be in [0, 1), got {r.slo_margin}")
+    if r.tenant_max_inflight < 0 or r.local_prefill_max_tokens < 0:
+        raise _err(
+            "router.tenant_max_inflight", "tenant_max_inflight and local_prefill_max_tokens must be >= 0"
+        )
     if r.shared_cores < 0:
         raise _err(
             "router.shared_cores", f"must be >= 0 (0: workers have their own devices), got {r.shared_cores}"

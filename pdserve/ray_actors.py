@@ -210,7 +210,13 @@ def router_config(config: ClusterConfig) -> RouterConfig:
         heartbeat_interval_s=r.heartbeat_interval_s,
         heartbeat_timeout_s=r.heartbeat_timeout_s,
         policy=r.policy,
-        goodput=GoodputConfig(shared_cores=r.shared_cores or None),
+        goodput=GoodputConfig(
+            slo_margin=r.slo_margin,
+            tenant_max_inflight=r.tenant_max_inflight or None,
+            local_prefill=r.local_prefill_max_tokens > 0,
+            local_prefill_max_tokens=r.local_prefill_max_tokens,
+            shared_cores=r.shared_cores or None,
+        ),
         latency_profile=r.latency_profile or None,
         index_url=config.index.url if config.index.kind is IndexKind.REDIS else None,
         max_redispatches=r.max_redispatches,
@@ -240,6 +246,8 @@ class RouterActor:
         ]
         self.server, port, _ = start_server(services, cfg.host, cfg.port, name="router")
         self._address = f"{cfg.host}:{port}"
+        self._policy = cfg.policy.value
+        self._index = bool(cfg.index_url)
         self.metrics_port = serve_metrics(0)
         self._draining: set[str] = set()
         self._stopped = False
@@ -253,6 +261,8 @@ class RouterActor:
             "address": self._address,
             "metrics": f"127.0.0.1:{self.metrics_port}",
             "pid": os.getpid(),
+            "policy": self._policy,  # placement policy
+            "index": self._index,  # whether it reads a shared (Redis) KV index
         }
 
     def workers(self) -> list[dict[str, Any]]:

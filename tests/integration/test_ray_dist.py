@@ -2,7 +2,8 @@
 2-node ``ray.cluster_utils.Cluster`` (two raylets on 127.0.0.1, token auth on).
 
 1 prefill + 2 decode workers form one gloo process group (ranks 0, 1, 2) across the two Ray nodes;
-the prefill worker is itself tensor parallel (``tp: 3``: two follower processes of its actor).
+the prefill worker is itself tensor parallel (``tp: 3``: two follower processes of its actor), and
+the router places with the goodput policy.
 The tests run in order on that one deployment: every output equals the whole engine's and the KV
 moved over the group (no store put, a push per request); a killed decode worker leaves the group
 usable for the others; a decode worker added by ``scale`` (not in the group) gets direct handles
@@ -54,7 +55,14 @@ def deployment(smollm_path):
             "prefill": {"count": 1, "num_cpus": 1, "kv_blocks": 256, "tp": 3},
             "decode": {"count": 2, "num_cpus": 1, "kv_blocks": 256},
             "store": {"capacity_blocks": 512, "host_id_per_node": True},
-            "router": {"heartbeat_timeout_s": 2.0, "heartbeat_interval_s": 0.25},
+            # goodput placement (no SLO on these requests: it refuses none); every prompt through
+            # the prefill worker, so that each request makes one handoff
+            "router": {
+                "heartbeat_timeout_s": 2.0,
+                "heartbeat_interval_s": 0.25,
+                "policy": "goodput",
+                "local_prefill_max_tokens": 0,
+            },
             "kv_transfer": {"kind": "dist", "backend": "gloo", "timeout_s": 120},
             "max_restarts": 2,
             "drain_quiet_s": 0.5,
@@ -152,6 +160,7 @@ def test_up_forms_one_process_group_across_nodes(deployment):
     assert ranks == {"prefill-0": 0, "decode-0": 1, "decode-1": 2}
     assert all(w["kv_transfer"]["world_size"] == 3 for w in ws.values())
     assert len({w["node_id"] for w in ws.values()}) == 2  # the group spans both Ray nodes
+    assert ray.get(_router().info.remote(), timeout=30)["policy"] == "goodput"
     pre = ws["prefill-0"]
     assert pre["tp"] == 3 and len(pre["tp_followers"]) == 2  # its own tensor-parallel ranks
     assert all(psutil.pid_exists(p) for p in pre["tp_followers"])

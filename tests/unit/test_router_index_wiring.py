@@ -68,15 +68,23 @@ def test_ray_router_takes_its_placement_settings_from_the_config() -> None:
                 "shared_cores": 16,
                 "max_redispatches": 5,
                 "latency_profile": "/p.json",
+                "slo_margin": 0.2,
+                "tenant_max_inflight": 8,
+                "local_prefill_max_tokens": 0,
             },
         }
     )
     cfg = router_config(c)
     assert cfg.policy is PolicyKind.GOODPUT and cfg.goodput.shared_cores == 16
+    g = cfg.goodput
+    assert (g.slo_margin, g.tenant_max_inflight, g.local_prefill) == (0.2, 8, False)
     assert (cfg.max_redispatches, cfg.latency_profile) == (5, "/p.json")
     default = router_config(from_dict({"model": "/m", "host": "127.0.0.1"}))
     assert default.policy is PolicyKind.LEAST_LOADED and default.goodput.shared_cores is None
     assert default.latency_profile is None and default.max_redispatches == 2
+    assert default.goodput.local_prefill and default.goodput.tenant_max_inflight is None
+    with pytest.raises(ValueError, match=r"router\.slo_margin: must be in \[0, 1\)"):
+        from_dict({"model": "/m", "router": {"slo_margin": 1.0}})
     with pytest.raises(ValueError, match=r"router\.policy: 'fastest' is not one of"):
         from_dict({"model": "/m", "router": {"policy": "fastest"}})
     with pytest.raises(ValueError, match=r"router\.shared_cores: must be >= 0"):
