@@ -212,6 +212,14 @@ class LLMEngine:
             model = shard_model(
                 load_model(path, dtype, device, max_positions=max_len), 0, tp, group.all_reduce
             )
+            try:
+                group.barrier()  # every follower built its shard
+            except RuntimeError as e:
+                codes = [p.exitcode for p in followers]
+                raise RuntimeError(
+                    f"a tensor-parallel rank failed to start (exit codes of ranks 1..{tp - 1}: {codes}); "
+                    f"see its log: {e}"
+                ) from None
         except BaseException:
             for p in followers:
                 p.terminate()

@@ -78,6 +78,10 @@ class TPGroup:
         self.data.allgather([outs], [t.contiguous()]).wait()
         return outs
 
+    def barrier(self) -> None:
+        """Return once every rank got here (a rank that died instead makes it raise)."""
+        self.ctrl.allreduce([torch.zeros(1)]).wait()
+
     def send_obj(self, obj: Any) -> None:
         """Rank 0: broadcast a picklable command (CPU tensors inside are fine)."""
         data = torch.frombuffer(

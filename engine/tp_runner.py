@@ -123,7 +123,7 @@ class TPModelRunner(ModelRunner):
         self.group = group
         self.followers = followers
         self._restore_threads = restore_threads
-        self.on_broken = on_broken
+        self._on_broken = on_broken
         self.broken: str | None = None  # why the group is unusable, once it is
         self._closed = False
         self._lock = threading.Lock()  # one command (and its collectives) at a time
@@ -156,15 +156,29 @@ class TPModelRunner(ModelRunner):
                     ):
                         self._send(("noop",))
 
+    @property
+    def on_broken(self) -> Callable[[str], None] | None:
+        return self._on_broken
+
+    @on_broken.setter
+    def on_broken(self, callback: Callable[[str], None] | None) -> None:
+        """Set the callback; called at once when the group already broke."""
+        with self._state_lock:
+            self._on_broken = callback
+            why = self.broken
+        if why is not None and callback is not None:
+            callback(why)
+
     def _break(self, why: str) -> None:
         """Mark the group unusable (once) and tell ``on_broken``."""
         with self._state_lock:
             if self.broken is not None:
                 return
             self.broken = why
+            callback = self._on_broken
         log.error("%s: the engine cannot run any more; restart the worker", why)
-        if self.on_broken is not None:
-            self.on_broken(why)
+        if callback is not None:
+            callback(why)
 
     def _collective(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (a command and its collectives) under the lock; a broken group raises
@@ -266,6 +280,7 @@ def follower_main(rank: int, spec: FollowerSpec) -> None:
     runner = ModelRunner(
         model, kv, dtype, device, local_kv_heads=model.config.num_key_value_heads // spec.world_size
     )
+    group.barrier()  # ready: rank 0 waits for every shard before it serves
     try:
         _mirror(group, runner, rank, spec, dtype, device)
     except RuntimeError as e:  # gloo/NCCL: a peer closed its connection (rank 0 died or stopped)

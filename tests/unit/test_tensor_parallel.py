@@ -192,6 +192,9 @@ def test_a_dead_follower_breaks_the_engine_with_a_clear_error(tiny_models) -> No
                 eng.generate([_prompts(1)[0]], GREEDY)
                 time.sleep(0.1)
         assert len(calls) == 1 and eng.runner.broken == calls[0]
+        late: list[str] = []
+        eng.runner.on_broken = late.append  # set after the break (a worker wiring up late): told at once
+        assert late == calls
         with pytest.raises(UnavailableError, match="must be restarted"):
             eng.runner.export_blocks([0])
     finally:
