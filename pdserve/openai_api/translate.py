@@ -11,8 +11,8 @@ Responses: :func:`build_response` turns the SDK chunks of a finished generation 
 into ``text_completion`` / ``chat.completion.chunk`` objects; :func:`sse_event` frames one as a
 Server-Sent Event and :data:`SSE_DONE` ends the stream. :func:`models_response` builds /v1/models.
 
-Chunks are duck-typed (:class:`ChunkLike`, :class:`FinishLike`) after :class:`pdserve.client.Chunk`
-and :class:`pdserve.client.Finish`, so this module never imports grpc.
+Chunks are the SDK's :class:`pdserve.client.Chunk` / :class:`pdserve.client.Finish`, imported for
+type checking only, so this module never imports grpc.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from engine.sampling_params import SamplingParams
 from pdserve.errors import InternalError, InvalidRequestError
 from pdserve.openai_api.errors import FieldError, UnknownModelError
+
+if TYPE_CHECKING:  # the SDK's types; at run time this module imports no grpc
+    from pdserve.client import Chunk, Finish
 
 INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
@@ -88,29 +91,6 @@ class FinishReason(enum.Enum):
             return cls(reason)
         except ValueError:
             return cls.STOP
-
-
-# ---------------------------------------------------------------------- SDK shapes (duck-typed)
-
-
-class FinishLike(Protocol):
-    reason: str | None
-    stop: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
-    ttft_s: float
-    e2e_s: float
-    phases: dict[str, float]
-    kv_pull_s: float
-
-
-class ChunkLike(Protocol):
-    request_id: str
-    token_ids: list[int]
-    text: str
-    logprobs: list[tuple[int, float]]
-    finish: FinishLike | None
 
 
 # ------------------------------------------------------------------------------ request side
@@ -484,7 +464,7 @@ def token_label(token_id: int) -> str:
     return f"token_id:{token_id}"
 
 
-def usage_dict(fin: FinishLike) -> dict[str, Any]:
+def usage_dict(fin: Finish) -> dict[str, Any]:
     """OpenAI ``usage`` (with ``prompt_tokens_details.cached_tokens``) from the SDK's Finish."""
     return {
         "prompt_tokens": fin.prompt_tokens,
@@ -494,7 +474,7 @@ def usage_dict(fin: FinishLike) -> dict[str, Any]:
     }
 
 
-def pdserve_dict(request_id: str, fin: FinishLike) -> dict[str, Any]:
+def pdserve_dict(request_id: str, fin: Finish) -> dict[str, Any]:
     """The ``pdserve`` extension object: router request id, timing and prefix-cache reuse."""
     return {
         "request_id": request_id,
@@ -514,7 +494,7 @@ class _TokenLp:
     offset: int
 
 
-def _token_logprobs(chunk: ChunkLike, offset: int) -> list[_TokenLp]:
+def _token_logprobs(chunk: Chunk, offset: int) -> list[_TokenLp]:
     """Logprobs of one chunk's tokens; every token gets the text offset where its chunk starts."""
     return [_TokenLp(int(t), float(lp), offset) for t, lp in chunk.logprobs]
 
@@ -544,12 +524,12 @@ def _logprobs_obj(kind: ApiKind, lps: Sequence[_TokenLp]) -> dict[str, Any]:
     return _completion_logprobs(lps) if kind is ApiKind.COMPLETION else _chat_logprobs(lps)
 
 
-def build_response(meta: ResponseMeta, chunks: Iterable[ChunkLike]) -> dict[str, Any]:
+def build_response(meta: ResponseMeta, chunks: Iterable[Chunk]) -> dict[str, Any]:
     """The non-streamed response of a finished generation (``text_completion`` or
     ``chat.completion``). Raises InternalError when no chunk carries a finish."""
     text: list[str] = []
     lps: list[_TokenLp] = []
-    fin: FinishLike | None = None
+    fin: Finish | None = None
     rid = ""
     offset = 0
     for c in chunks:
@@ -592,7 +572,7 @@ class StreamTranslator:
     def __init__(self, meta: ResponseMeta) -> None:
         self.meta = meta
         self._offset = 0
-        self._finish: FinishLike | None = None
+        self._finish: Finish | None = None
         self._rid = ""
 
     def _obj(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -631,7 +611,7 @@ class StreamTranslator:
             return [self._obj([self._choice(None, role=True)])]
         return []
 
-    def chunk(self, c: ChunkLike) -> list[dict[str, Any]]:
+    def chunk(self, c: Chunk) -> list[dict[str, Any]]:
         """Chunks for one SDK chunk (zero, one or two)."""
         out: list[dict[str, Any]] = []
         self._rid = c.request_id or self._rid
