@@ -13,7 +13,6 @@ started.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import json
 import os
 import signal
@@ -31,8 +30,8 @@ from pdserve.client import Client
 from pdserve.errors import PdserveError
 from pdserve.ray_cli import format_status
 from tests.prompts import PROMPTS as PROMPTS_16
+from tests.ray_harness import only_decode, two_node_cluster
 from tests.ray_harness import run_cli as _cli
-from tests.ray_harness import two_node_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -142,19 +141,8 @@ def _router():
     return ray.get_actor("pdserve-router", namespace=NS)
 
 
-@contextlib.contextmanager
 def _only_decode(worker_id: str):
-    """Route decodes to ``worker_id`` alone (the others are marked draining in the router)."""
-    others = [
-        w["worker_id"] for w in _router_workers() if w["role"] == "decode" and w["worker_id"] != worker_id
-    ]
-    for o in others:
-        assert ray.get(_router().drain.remote(o), timeout=30)
-    try:
-        yield
-    finally:
-        for o in others:
-            ray.get(_router().resume.remote(o), timeout=30)
+    return only_decode(NS, worker_id)
 
 
 def test_32_concurrent_requests_equal_whole_engine_and_cross_nodes(deployment, client, whole):

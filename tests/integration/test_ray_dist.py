@@ -16,7 +16,6 @@ its worker exit and Ray restart it whole; a config the cluster can never hold is
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import os
 import signal
 import time
@@ -33,7 +32,7 @@ from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.cluster_config import from_dict
 from tests.prompts import PROMPTS as BASE
-from tests.ray_harness import two_node_cluster
+from tests.ray_harness import only_decode, two_node_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -136,18 +135,8 @@ def _wait(cond: Callable[[], bool], what: str, timeout_s: float = 300) -> None:
         time.sleep(0.25)
 
 
-@contextlib.contextmanager
 def _only_decode(worker_id: str):
-    """Route decodes to ``worker_id`` alone (the other decode workers marked draining)."""
-    routed = ray.get(_router().workers.remote(), timeout=30)
-    others = [w["worker_id"] for w in routed if w["role"] == "decode" and w["worker_id"] != worker_id]
-    for o in others:
-        assert ray.get(_router().drain.remote(o), timeout=30)
-    try:
-        yield
-    finally:
-        for o in others:
-            ray.get(_router().resume.remote(o), timeout=30)
+    return only_decode(NS, worker_id)
 
 
 def test_up_forms_one_process_group_across_nodes(deployment):
