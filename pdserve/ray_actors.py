@@ -345,9 +345,8 @@ class WorkerActor:
         from pdserve.limits import grpc_options
         from pdserve.metrics import WorkerMetrics, serve_metrics
         from pdserve.tracing import traced_channel
-        from pdserve.v1 import worker_pb2
         from pdserve.worker_base import Heartbeater, Role, WorkerConfig, WorkerState
-        from pdserve.worker_main import build_peer, build_service
+        from pdserve.worker_main import build_service, worker_services
 
         self.node_id = _node_id()
         self.host_id = apply_host_id(config)
@@ -399,11 +398,7 @@ class WorkerActor:
         self._svc = svc = build_service(
             self.state, self._store, self._transport, self.dist, config.kv_transfer.outbox_bytes
         )
-        services: list[tuple[Any, Any]] = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], svc)]
-        self._peer = None
-        if self.dist is not None and role is PoolRole.PREFILL:
-            self._peer = build_peer(svc, self.dist)
-            services.append((worker_pb2.DESCRIPTOR.services_by_name["KVPeer"], self._peer))
+        services, self._peer = worker_services(svc, wrole, self.dist)
         self.server, port, _ = start_server(services, host, 0, name=worker_id)
         self.state.address = f"{host}:{port}"
         self.state.attach_metrics(

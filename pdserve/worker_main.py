@@ -248,7 +248,7 @@ def build_service(
 ) -> Any:
     """The Worker servicer of ``state``'s role. With ``dist`` (a direct-handoff worker) a prefill
     servicer publishes to an outbox (store as fallback) and a decode servicer pulls direct
-    handles over the process group (store handles through the store); see :func:`build_peer`.
+    handles over the process group (store handles through the store); see :func:`worker_services`.
     A decode servicer outside a group (or whose group failed) has direct handles spilled to the
     prefill worker's store (:class:`decode_worker.spill_puller.SpillPuller`).
     ``prefix_fetch``: the prefill servicer's :class:`prefill_worker.prefix_policy.PrefixFetchConfig`
@@ -279,17 +279,23 @@ def build_service(
     return DecodeServicer(state, puller)
 
 
-def build_peer(svc: Any, dist: DistGroup) -> Any:
-    """The KVPeer servicer of a direct-handoff prefill worker (shares ``svc``'s outbox; spills
-    to the store ``svc``'s publisher falls back to)."""
+def worker_services(svc: Any, role: Role, dist: DistGroup | None) -> tuple[list[tuple[Any, Any]], Any]:
+    """The gRPC services a worker serves, and its KVPeer servicer (None unless it has one):
+    ``Worker`` (``svc``, from :func:`build_service`), plus for a direct-handoff prefill worker
+    ``KVPeer``, sharing ``svc``'s outbox and spilling to the store ``svc``'s publisher falls back to."""
+    services: list[tuple[Any, Any]] = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], svc)]
+    if dist is None or role is not Role.PREFILL:
+        return services, None
     from prefill_worker.dist_outbox import KVPeerServicer
 
-    return KVPeerServicer(
+    peer = KVPeerServicer(
         svc.publisher.outbox,
         dist,
         ready_timeout_s=dist.options.timeout_s,
         spill_to=svc.publisher.fallback,
     )
+    services.append((worker_pb2.DESCRIPTOR.services_by_name["KVPeer"], peer))
+    return services, peer
 
 
 def main(role: Role, argv: list[str] | None = None, *, prefix_fetch: PrefixFetchConfig | None = None) -> int:
@@ -315,9 +321,7 @@ def main(role: Role, argv: list[str] | None = None, *, prefix_fetch: PrefixFetch
         dist_opts.outbox_bytes if dist_opts else DEFAULT_OUTBOX_BYTES,
         prefix_fetch=prefix_fetch,
     )
-    services: list[tuple[Any, Any]] = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], svc)]
-    if dist is not None and role is Role.PREFILL:
-        services.append((worker_pb2.DESCRIPTOR.services_by_name["KVPeer"], build_peer(svc, dist)))
+    services, _ = worker_services(svc, role, dist)
     server, port, _ = start_server(services, cfg.host, cfg.port, name=cfg.worker_id)
     state.address = f"{cfg.host}:{port}"
     state.attach_metrics(
