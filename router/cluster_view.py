@@ -42,11 +42,16 @@ class OutstandingTokens:
             return self._tokens.get(worker_id, 0)
 
 
+def block_size(w: WorkerEntry) -> int:
+    """The KV block size ``w`` reported (the default until it has)."""
+    return w.load.block_size or DEFAULT_BLOCK_SIZE
+
+
 def snapshot(
     w: WorkerEntry, queued: OutstandingTokens, kv: OutstandingTokens | None = None
 ) -> InstanceSnapshot:
     ld = w.load
-    bs = ld.block_size or DEFAULT_BLOCK_SIZE
+    bs = block_size(w)
     used = ld.kv_blocks_used
     if kv is not None:
         used = max(used, -(-kv.get(w.worker_id) // bs))
@@ -68,3 +73,12 @@ def build_view(
 ) -> ClusterView:
     """Alive workers serving ``model_id``, prefill ones first, each in registration order."""
     return ClusterView(snapshot(w, queued, kv) for kind in WorkerKind for w in registry.alive(kind, model_id))
+
+
+def first_block_size(registry: Registry, model_id: str) -> int | None:
+    """The block size of the first instance :func:`build_view` would list (None: no worker),
+    without building the view."""
+    for kind in WorkerKind:
+        for w in registry.alive(kind, model_id):
+            return block_size(w)
+    return None

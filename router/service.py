@@ -43,7 +43,7 @@ from pdserve.proto_convert import finish_to_proto, sampling_from_proto
 from pdserve.status import raise_from_rpc_error
 from pdserve.tracing import log_event, request_scope, traced_channel
 from pdserve.v1 import client_pb2, common_pb2, router_pb2, worker_pb2, worker_pb2_grpc
-from router.cluster_view import OutstandingTokens, build_view
+from router.cluster_view import OutstandingTokens, build_view, first_block_size
 from router.failover import LostPhase, LostWorker, Redispatches, TokenStop, check_stop, resume_limits
 from router.policy import (
     SLO,
@@ -264,10 +264,9 @@ class GenerateServicer:
         outside the placement lock (a lookup may take up to ``LOOKUP_TIMEOUT_S``)."""
         if not uses_prefix_lookup(self.config.policy) or len(ids) < 2:
             return 0
-        view = build_view(self.registry, self.config.model_id, self.outstanding)
-        if not view.instances:
+        bs = first_block_size(self.registry, self.config.model_id)
+        if bs is None:
             return 0
-        bs = view.instances[0].block_size
         if self.index is not None:
             try:
                 found = locate_prefix(self.index, ids, bs, self.config.model_id, req.adapter, req.cache_salt)
