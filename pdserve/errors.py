@@ -25,6 +25,9 @@ class ErrorCode(enum.Enum):
     CANCELLED = "CANCELLED"
     ABORTED = "ABORTED"
     INTERNAL = "INTERNAL"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
 
 
 class PdserveError(Exception):
@@ -92,6 +95,25 @@ class InternalError(PdserveError):
     code = ErrorCode.INTERNAL
 
 
+class UnauthenticatedError(PdserveError):
+    """No credentials, or credentials that are wrong, unknown or revoked (gRPC UNAUTHENTICATED,
+    HTTP 401). The message never says which of these it was beyond what the caller sent."""
+
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(PdserveError):
+    """The caller is known but may not do this (e.g. deregister a worker it is not)."""
+
+    code = ErrorCode.PERMISSION_DENIED
+
+
+class AlreadyExistsError(PdserveError):
+    """The named thing exists already (e.g. a request id still in flight; HTTP 409)."""
+
+    code = ErrorCode.ALREADY_EXISTS
+
+
 _BY_CODE: dict[ErrorCode, type[PdserveError]] = {
     ErrorCode.INVALID_ARGUMENT: InvalidRequestError,
     ErrorCode.NOT_FOUND: ModelNotFoundError,
@@ -102,6 +124,9 @@ _BY_CODE: dict[ErrorCode, type[PdserveError]] = {
     ErrorCode.CANCELLED: CancelledError,
     ErrorCode.ABORTED: InternalError,
     ErrorCode.INTERNAL: InternalError,
+    ErrorCode.UNAUTHENTICATED: UnauthenticatedError,
+    ErrorCode.PERMISSION_DENIED: PermissionDeniedError,
+    ErrorCode.ALREADY_EXISTS: AlreadyExistsError,
 }
 
 
