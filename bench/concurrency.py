@@ -1,0 +1,303 @@
+"""Router concurrency: N concurrent Generate streams against the embedded cluster (tiny model).
+
+One embedded cluster (store, router, 1 prefill + 2 decode worker processes on 127.0.0.1, a tiny
+random-weight Llama from :mod:`tests.tiny_models` with SmolLM2's tokenizer) receives, for each N of
+the sweep (default 100 and 1,000; ``--sweep 100,1000,10000``), N Generate streams opened at once
+(greedy, ``--max-tokens`` tokens each, prompt token ids). Printed per N:
+
+* success rate (and the failures by status code);
+* router CPU seconds (user + system, read from ``/proc/<router pid>/stat``) per relayed token and
+  per request, over the N streams;
+* the least number of registered workers seen during the run (the router's
+  ``pdserve_router_workers`` gauge, polled every 0.25 s: a starved control plane drops them);
+* p50 / p99 TTFT through the cluster, the same N requests' p99 TTFT on one engine alone (the same
+  model and engine config, in this process, all N submitted at once), and the difference (the
+  overhead of the router, the network hops and the KV handoff).
+
+Usage: python bench/concurrency.py [--sweep 100,1000] [--max-tokens 4] [--prompt-len 8] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from pdserve.limits import grpc_options  # noqa: E402
+from pdserve.v1 import client_pb2, client_pb2_grpc, common_pb2  # noqa: E402
+
+CHANNELS = 8  # client connections the streams are spread over
+VOCAB = 320  # tests.tiny_models vocabulary
+
+
+@dataclass
+class StreamOutcome:
+    """One stream: its status code name ("OK" on success), tokens received, TTFT (s, or None)."""
+
+    code: str
+    tokens: int = 0
+    ttft_s: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class SweepResult:
+    n: int
+    ok: int
+    failures: dict[str, int]
+    wall_s: float
+    tokens: int
+    router_cpu_s: float | None = None
+    min_workers: dict[str, int] = field(default_factory=dict)
+    ttft_p50_s: float | None = None
+    ttft_p99_s: float | None = None
+    engine_ttft_p99_s: float | None = None
+    first_failure: str = ""
+
+    @property
+    def success_rate(self) -> float:
+        return self.ok / self.n if self.n else 0.0
+
+
+def prompt_ids(i: int, length: int) -> list[int]:
+    """A distinct prompt of ``length`` token ids for stream ``i`` (no shared prefix between streams)."""
+    return [3 + (i * 7 + j * 13) % (VOCAB - 3) for j in range(length)]
+
+
+def request(i: int, max_tokens: int, prompt_len: int) -> client_pb2.GenerateRequest:
+    return client_pb2.GenerateRequest(
+        request_id=f"load-{i}-{time.monotonic_ns()}",
+        prompt_token_ids=client_pb2.TokenIds(ids=prompt_ids(i, prompt_len)),
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+    )
+
+
+async def _one(stub, req: client_pb2.GenerateRequest, timeout_s: float) -> StreamOutcome:
+    t0 = time.monotonic()
+    out = StreamOutcome("OK")
+    finished = False
+    try:
+        async for m in stub.Generate(req, timeout=timeout_s):
+            if m.token_ids and out.ttft_s is None:
+                out.ttft_s = time.monotonic() - t0
+            out.tokens += len(m.token_ids)
+            finished = finished or m.HasField("finish")
+    except grpc.aio.AioRpcError as e:
+        return StreamOutcome(e.code().name, out.tokens, out.ttft_s, e.details() or "")
+    if not finished:
+        return StreamOutcome("NO_FINISH", out.tokens, out.ttft_s)
+    return out
+
+
+async def run_streams_async(
+    address: str, n: int, max_tokens: int, prompt_len: int = 8, timeout_s: float = 300.0
+) -> list[StreamOutcome]:
+    """Open ``n`` Generate streams at once (spread over :data:`CHANNELS` connections) and read each
+    to its end; one outcome per stream, in order."""
+    channels = [grpc.aio.insecure_channel(address, options=grpc_options()) for _ in range(CHANNELS)]
+    try:
+        stubs = [client_pb2_grpc.GenerateStub(c) for c in channels]
+        return list(
+            await asyncio.gather(
+                *(_one(stubs[i % CHANNELS], request(i, max_tokens, prompt_len), timeout_s) for i in range(n))
+            )
+        )
+    finally:
+        for c in channels:
+            await c.close()
+
+
+def run_streams(
+    address: str, n: int, max_tokens: int, prompt_len: int = 8, timeout_s: float = 300.0
+) -> list[StreamOutcome]:
+    """:func:`run_streams_async` on a fresh event loop (callable from synchronous code)."""
+    return asyncio.run(run_streams_async(address, n, max_tokens, prompt_len, timeout_s))
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (``/proc/<pid>/stat`` fields 14, 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def registered_workers(metrics_address: str) -> dict[str, int]:
+    """The router's live registered workers by role (its ``pdserve_router_workers`` gauge)."""
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5) as r:
+        body = r.read().decode()
+    return {
+        m.group(1): int(float(m.group(2)))
+        for m in re.finditer(r'^pdserve_router_workers\{role="(\w+)"\} (\S+)$', body, re.M)
+    }
+
+
+class WorkerWatch:
+    """Polls :func:`registered_workers` every ``interval_s`` on a thread; ``minimum`` is the least
+    count per role seen (a role missing from a scrape counts 0; a failed scrape is recorded)."""
+
+    def __init__(self, metrics_address: str, interval_s: float = 0.25) -> None:
+        self.metrics_address = metrics_address
+        self.interval_s = interval_s
+        self.minimum: dict[str, int] = {}
+        self.samples = 0
+        self.scrape_errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="worker-watch")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                now = registered_workers(self.metrics_address)
+            except OSError:
+                self.scrape_errors += 1
+            else:
+                self.samples += 1
+                for role in set(now) | set(self.minimum):
+                    self.minimum[role] = min(self.minimum.get(role, now.get(role, 0)), now.get(role, 0))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> WorkerWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def engine_ttfts(model_path: str, n: int, max_tokens: int, prompt_len: int, kv_blocks: int) -> list[float]:
+    """TTFT of the same ``n`` requests on one engine alone (all submitted at once, stepped here)."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    eng = LLMEngine.from_pretrained(model_path, EngineConfig(num_kv_blocks=kv_blocks, block_size=16))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    t0 = time.monotonic()
+    first: dict[str, float] = {}
+    for i in range(n):
+        eng.add_request(f"e{i}", prompt_ids(i, prompt_len), params)
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.new_token_ids and out.request_id not in first:
+                first[out.request_id] = time.monotonic() - t0
+    eng.close()
+    return list(first.values())
+
+
+def sweep_one(cl, n: int, max_tokens: int, prompt_len: int, timeout_s: float) -> SweepResult:
+    router_pid = cl.procs["router"].pid
+    cpu0 = process_cpu_s(router_pid)
+    t0 = time.monotonic()
+    with WorkerWatch(cl.metrics["router"]) as watch:
+        outs = run_streams(cl.router_address, n, max_tokens, prompt_len, timeout_s)
+    wall = time.monotonic() - t0
+    cpu = process_cpu_s(router_pid) - cpu0
+    ok = [o for o in outs if o.code == "OK"]
+    bad = [o for o in outs if o.code != "OK"]
+    ttfts = [o.ttft_s for o in ok if o.ttft_s is not None]
+    return SweepResult(
+        n=n,
+        ok=len(ok),
+        failures=dict(Counter(o.code for o in bad)),
+        wall_s=wall,
+        tokens=sum(o.tokens for o in outs),
+        router_cpu_s=cpu,
+        min_workers=dict(watch.minimum),
+        ttft_p50_s=percentile(ttfts, 0.5),
+        ttft_p99_s=percentile(ttfts, 0.99),
+        first_failure=f"{bad[0].code}: {bad[0].detail}" if bad else "",
+    )
+
+
+def tiny_model(root: Path) -> Path:
+    """The tiny Llama of :mod:`tests.tiny_models` with the default model's tokenizer (the router
+    tokenizes and detokenizes), built under ``root``."""
+    from pdserve.model_setup import ensure_default_model
+    from tests.tiny_models import make_tiny_models
+
+    return make_tiny_models(root, tokenizer_from=ensure_default_model(progress=False))["llama"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python bench/concurrency.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--sweep", default="100,1000", help="comma-separated stream counts (e.g. 100,1000,10000)")
+    ap.add_argument("--max-tokens", type=int, default=4, help="tokens generated per stream")
+    ap.add_argument("--prompt-len", type=int, default=8, help="prompt tokens per stream")
+    ap.add_argument("--timeout-s", type=float, default=600.0, help="deadline of each stream")
+    ap.add_argument("--no-engine", action="store_true", help="skip the engine-alone TTFT reference")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    a = ap.parse_args(argv)
+    from pdserve.launcher import ClusterSpec, launch
+
+    sizes = [int(x) for x in a.sweep.split(",") if x]
+    results: list[SweepResult] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = tiny_model(Path(tmp))
+        kv_blocks = 2048
+        spec = ClusterSpec(model_path=str(model), num_prefill=1, num_decode=2, worker_kv_blocks=kv_blocks)
+        with launch(spec) as cl:
+            for n in sizes:
+                r = sweep_one(cl, n, a.max_tokens, a.prompt_len, a.timeout_s)
+                results.append(r)
+        if not a.no_engine:
+            for r in results:
+                r.engine_ttft_p99_s = percentile(
+                    engine_ttfts(str(model), r.n, a.max_tokens, a.prompt_len, kv_blocks), 0.99
+                )
+    print(
+        f"{'streams':>8} {'success':>8} {'wall s':>7} {'tokens':>7} {'cpu s/token':>12} {'cpu s/req':>10} "
+        f"{'min workers':>14} {'ttft p50':>9} {'ttft p99':>9} {'engine p99':>10} {'overhead p99':>12}"
+    )
+    for r in results:
+        cpu_tok = r.router_cpu_s / r.tokens if r.tokens and r.router_cpu_s is not None else float("nan")
+        cpu_req = r.router_cpu_s / r.n if r.router_cpu_s is not None else float("nan")
+        mw = "/".join(f"{r.min_workers.get(k, 0)}" for k in ("prefill", "decode"))
+        over = (
+            r.ttft_p99_s - r.engine_ttft_p99_s
+            if r.ttft_p99_s is not None and r.engine_ttft_p99_s is not None
+            else None
+        )
+
+        def f(x: float | None) -> str:
+            return "-" if x is None else f"{x:.3f}"
+
+        print(
+            f"{r.n:>8} {r.success_rate:>8.1%} {r.wall_s:>7.1f} {r.tokens:>7} {cpu_tok:>12.6f} {cpu_req:>10.5f} "
+            f"{mw + ' (P/D)':>14} {f(r.ttft_p50_s):>9} {f(r.ttft_p99_s):>9} {f(r.engine_ttft_p99_s):>10} "
+            f"{f(over):>12}"
+        )
+        if r.failures:
+            print(f"{'':>8} failures: {r.failures}; first: {r.first_failure[:200]}")
+    if a.out:
+        Path(a.out).write_text(
+            json.dumps([{**asdict(r), "success_rate": r.success_rate} for r in results], indent=2)
+        )
+    return 0 if all(r.ok == r.n for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
