@@ -250,7 +250,9 @@ def cluster(smollm_path) -> Iterator[LocalCluster]:
 def prom(cluster, tmp_path_factory) -> Iterator[Prom]:
     binary = shutil.which("prometheus")
     if binary is None:
-        pytest.fail("prometheus is not on PATH: install the Debian package `prometheus` (.ci/run does)")
+        pytest.fail(
+            "prometheus is not on PATH: install the Debian package `prometheus` (`./dev test` does when run as root)"
+        )
     d = tmp_path_factory.mktemp("prometheus")
     (d / "targets").mkdir()
     cluster.write_file_sd(d / "targets" / "pdserve.json")

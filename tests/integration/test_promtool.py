@@ -2,7 +2,7 @@
 
 ``check config`` and ``check rules`` validate the shipped scrape config and alert rules;
 ``test rules`` runs the alert unit tests of alerts_test.yml. promtool missing is a failure, not
-a skip: .ci/run installs it (``apt-get install prometheus``).
+a skip: ``./dev test`` installs it (``apt-get install prometheus``) when run as root.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ RULE_TESTS = PROM_DIR / "alerts_test.yml"
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.fail("promtool is not on PATH: install the Debian package `prometheus` (.ci/run does)")
+        pytest.fail(
+            "promtool is not on PATH: install the Debian package `prometheus` (`./dev test` does when run as root)"
+        )
     return path
 
 

