@@ -11,11 +11,19 @@ tokens contiguously. Each layer first writes the batch's new K/V into their slot
 * a prefill chunk with no earlier context attends causally to its own fresh K/V;
 * a prefill chunk that continues a sequence (chunked prefill, prefix-cache hit) attends to the
   gathered blocks with a causal mask offset by the context length.
+
+Sliding window (``window`` = W, per layer): a query at position ``i`` attends to keys ``j`` with
+``j <= i`` and ``i - j < W`` (transformers' ``sliding_window_overlay``: ``kv_idx > q_idx - W``).
+When every layer is windowed the KV manager frees blocks no query can reach any more; the model
+runner then passes block tables that start at the first block still needed (``table_start`` /
+``decode_table_start`` > 0, ``AttentionMetadata.trimmed``), so a freed block is never gathered.
+A full-attention layer refuses trimmed tables (it would silently lose context). Every query
+sees at least its own key, so no softmax row is fully masked.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +35,7 @@ class PrefillSlice:
     length: int  # query tokens
     context: int  # tokens already in cache before this chunk
     block_table: torch.Tensor | None  # [n_blocks] long; None when context == 0
+    table_start: int = 0  # absolute position of block_table's first slot (> 0: trimmed to a window)
 
 
 @dataclass
@@ -37,6 +46,9 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [D, 1, 1, max_blocks * block_size] bool (True = attend)
     prefills: list[PrefillSlice]
     block_size: int
+    # window -> decode mask of the layers with that sliding window (same shape as decode_mask)
+    decode_window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    trimmed: bool = False  # some table starts past position 0 (out-of-window blocks were freed)
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -77,33 +89,46 @@ def paged_attention(
     cache: torch.Tensor,
     md: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
+    """Attention of the batch's queries over the paged cache; ``window`` is the layer's sliding
+    window (None: full causal attention)."""
+    if window is None and md.trimmed:
+        raise RuntimeError(
+            "a full-attention layer was given block tables trimmed to a sliding window: "
+            "blocks are freed only when every layer is windowed"
+        )
     write_kv(cache, k, v, md.slot_mapping)
     gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
     d = md.num_decodes
     if d:
         kk, vv = _gather(cache, md.decode_block_tables)  # [D, L, KVH, hd]
-        mask = md.decode_mask.view(d, 1, -1)  # [D, 1, L]
-        out[:d] = _grouped(q[:d].unsqueeze(1), kk, vv, mask, scale).squeeze(1)
+        m = md.decode_mask if window is None else md.decode_window_masks[window]
+        out[:d] = _grouped(q[:d].unsqueeze(1), kk, vv, m.view(d, 1, -1), scale).squeeze(1)
     for p in md.prefills:
         sl = slice(p.start, p.start + p.length)
-        if p.context == 0:
+        if p.context == 0 and (window is None or p.length <= window):
+            # every key of the chunk is inside the window: plain causal attention
             qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
             ks = k[sl].transpose(0, 1).unsqueeze(0)
             vs = v[sl].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
             out[sl] = o.squeeze(0).transpose(0, 1)
+            continue
+        total = p.context + p.length
+        if p.context == 0:
+            kk, vv, first = k[sl], v[sl], 0
         else:
-            total = p.context + p.length
             kk, vv = _gather(cache, p.block_table)
-            qpos = torch.arange(p.context, total, device=q.device).unsqueeze(1)
-            kpos = torch.arange(total, device=q.device).unsqueeze(0)
-            out[sl] = _grouped(
-                q[sl].unsqueeze(0),
-                kk[:total].unsqueeze(0),
-                vv[:total].unsqueeze(0),
-                (kpos <= qpos).unsqueeze(0),
-                scale,
-            ).squeeze(0)
+            first = p.table_start
+            kk, vv = kk[: total - first], vv[: total - first]
+        qpos = torch.arange(p.context, total, device=q.device).unsqueeze(1)
+        kpos = torch.arange(first, total, device=q.device).unsqueeze(0)
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        out[sl] = _grouped(
+            q[sl].unsqueeze(0), kk.unsqueeze(0), vv.unsqueeze(0), mask.unsqueeze(0), scale
+        ).squeeze(0)
     return out

@@ -8,6 +8,20 @@ tables, reuses cached prefixes and registers newly filled blocks.
 Invariants (checked by tests): every block is either referenced (``ref_cnt > 0``) or in the free
 queue, never both; ``num_free_blocks + sum(referenced) == num_blocks``; a block's hash is set only
 while its content is exactly the keyed tokens.
+
+Sliding window (``sliding_window`` = W, set only when **every** layer of the model is windowed:
+a full-attention layer still reads every block, so a model with any global layer keeps them
+all): once ``N`` tokens of a request are in cache, its next queries (positions ``>= N``) attend
+only to keys ``> N - W``, so its leading ``max(0, N - W + 1) // block_size`` blocks are never
+read again. They are dropped from the request (vLLM's sliding-window manager) when it is next
+allocated: the table keeps a hole (``None``; :data:`NULL_BLOCK` in :meth:`block_table`), and the
+block loses this request's reference: a block another request shares stays; one reaching zero
+goes to the free queue, still findable by its hash (prefix cache, LRU) until reused. A
+sequence therefore holds at most ``W // block_size + 2`` blocks while it decodes. Requests with
+``prefill_only`` keep every block until export (the handoff ships the whole prompt's KV); the
+decode side adopts only the blocks still inside the window. A windowed prefix-cache lookup needs
+only the blocks a continuation can attend to (the window before the hit point), not the whole
+prefix.
 """
 
 from __future__ import annotations
@@ -18,6 +32,8 @@ from dataclasses import dataclass
 
 from engine.block_hash import BlockHash, chain_hashes
 from engine.request import Request
+
+NULL_BLOCK = -1  # block_table() entry of a block dropped out of the sliding window (never read)
 
 
 @dataclass
@@ -124,6 +140,7 @@ class KVCacheManager:
     """Block tables for requests; prefix reuse by chained block hashes.
 
     ``model_id`` is mixed into every block key (see :mod:`engine.block_hash`).
+    ``sliding_window``: see the module docstring (None: keep every block).
     """
 
     def __init__(
@@ -132,15 +149,20 @@ class KVCacheManager:
         block_size: int,
         model_id: str = "",
         enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
         self.block_size = block_size
         self.model_id = model_id
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks)
-        self._tables: dict[str, list[Block]] = {}
+        self._tables: dict[str, list[Block | None]] = {}
         self._num_registered: dict[str, int] = {}
+        self._num_skipped: dict[str, int] = {}  # leading blocks dropped out of the window
 
     # ---------------------------------------------------------------- queries
     @property
@@ -163,10 +185,36 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def block_table(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._tables.get(request_id, ())]
+        """Block ids of the request's logical blocks; :data:`NULL_BLOCK` for dropped ones."""
+        return [NULL_BLOCK if b is None else b.block_id for b in self._tables.get(request_id, ())]
+
+    def num_held_blocks(self, request_id: str) -> int:
+        """Blocks the request references now (its table minus dropped out-of-window blocks)."""
+        return sum(1 for b in self._tables.get(request_id, ()) if b is not None)
 
     def has(self, request_id: str) -> bool:
         return request_id in self._tables
+
+    # ---------------------------------------------------------------- sliding window
+    def num_skippable_blocks(self, num_computed: int, prefill_only: bool = False) -> int:
+        """Leading blocks no query at a position ``>= num_computed`` can attend to (0 without a
+        window, and for prefill-only requests, which keep their blocks for export)."""
+        if self.sliding_window is None or prefill_only:
+            return 0
+        return max(0, num_computed - self.sliding_window + 1) // self.block_size
+
+    def _drop_out_of_window(self, req: Request, table: list[Block | None], num_computed: int) -> None:
+        """Release the request's blocks that fell wholly out of the window (see module doc)."""
+        skip = self.num_skippable_blocks(num_computed, req.prefill_only)
+        done = self._num_skipped.get(req.request_id, 0)
+        if skip <= done:
+            return
+        freed = [b for b in table[done:skip] if b is not None]
+        for i in range(done, skip):
+            table[i] = None
+        self._num_skipped[req.request_id] = skip
+        if freed:
+            self.pool.release(reversed(freed))
 
     # ---------------------------------------------------------------- hashing
     def update_hashes(self, req: Request) -> None:
@@ -187,30 +235,52 @@ class KVCacheManager:
 
         At most ``(num_tokens - 1) // block_size`` blocks are returned so that at least one
         token is always computed (its logits are needed) and cached blocks are never written.
+        With a sliding window, a hit of ``k`` blocks needs only the blocks the continuation can
+        attend to (from ``num_skippable_blocks(k * block_size)``); the leading ones are returned
+        as ``None`` (never read, never referenced).
         """
         if not self.enable_prefix_caching:
             return []
         self.update_hashes(req)
         limit = (req.num_tokens - 1) // self.block_size
-        hit: list[Block] = []
-        for h in req.block_hashes[:limit]:
-            blk = self.pool.lookup(h)
-            if blk is None:
-                break
-            hit.append(blk)
+        hit: list[Block | None] = []
+        if self.sliding_window is None or req.prefill_only:
+            for h in req.block_hashes[:limit]:
+                blk = self.pool.lookup(h)
+                if blk is None:
+                    break
+                hit.append(blk)
+        else:
+            found: list[Block | None] = []
+            run_start = best = 0  # run_start: first block of the current run of cached blocks
+            for i, h in enumerate(req.block_hashes[:limit]):
+                blk = self.pool.lookup(h)
+                found.append(blk)
+                if blk is None:
+                    run_start = i + 1
+                elif run_start <= self.num_skippable_blocks((i + 1) * self.block_size):
+                    best = i + 1
+            skip = self.num_skippable_blocks(best * self.block_size)
+            hit = [None] * skip + found[skip:best]
         self.pool.stats.queries += req.num_tokens
         self.pool.stats.hits += len(hit) * self.block_size
         return hit
 
     # ---------------------------------------------------------------- allocation
-    def allocate_slots(self, req: Request, num_new_tokens: int, cached: list[Block] | None = None) -> bool:
-        """Make room for ``num_new_tokens`` more tokens of ``req`` (after any ``cached`` prefix).
+    def allocate_slots(
+        self, req: Request, num_new_tokens: int, cached: list[Block | None] | None = None
+    ) -> bool:
+        """Make room for ``num_new_tokens`` more tokens of ``req`` (after any ``cached`` prefix),
+        first dropping the blocks that fell out of the sliding window.
 
-        Returns False, changing nothing, when the pool cannot supply the blocks.
+        Returns False when the pool cannot supply the blocks (having changed nothing but the
+        dropping of out-of-window blocks, which is due anyway).
         """
         table = self._tables.get(req.request_id)
         if not cached and table is not None:
             # fast path (a running request's next tokens): no cached prefix to reuse
+            if self.sliding_window is not None:
+                self._drop_out_of_window(req, table, req.num_computed_tokens)
             need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - len(table)
             if need > 0:
                 if need > self.pool.num_free_blocks:
@@ -223,12 +293,13 @@ class KVCacheManager:
         have = len(table) + len(cached)
         num_computed = req.num_computed_tokens + len(cached) * self.block_size
         need = self.blocks_needed(num_computed + num_new_tokens) - have
+        live = [b for b in cached if b is not None]  # None: out of the window (see find_cached_prefix)
         # Cached blocks that are currently free will leave the free queue when touched.
-        reclaim = sum(1 for b in cached if b.ref_cnt == 0)
+        reclaim = sum(1 for b in live if b.ref_cnt == 0)
         if need > self.pool.num_free_blocks - reclaim:
             return False
         if cached:
-            self.pool.touch(cached)
+            self.pool.touch(live)
             table.extend(cached)
         if need > 0:
             table.extend(self.pool.allocate(need))
@@ -238,6 +309,9 @@ class KVCacheManager:
             self._num_registered[req.request_id] = max(
                 self._num_registered[req.request_id], len(table) - need
             )
+            self._num_skipped.setdefault(req.request_id, len(cached) - len(live))
+        if self.sliding_window is not None:
+            self._drop_out_of_window(req, table, num_computed)
         return True
 
     def cache_blocks(self, req: Request) -> None:
@@ -256,30 +330,37 @@ class KVCacheManager:
             return
         self.update_hashes(req)
         for i in range(done, n_full):
-            self.pool.register(table[i], req.block_hashes[i])
+            blk = table[i]
+            if blk is not None:  # None: dropped out of the window
+                self.pool.register(blk, req.block_hashes[i])
         self._num_registered[req.request_id] = n_full
 
     def free(self, request_id: str) -> None:
         """Release every block of the request (tail first). Unknown ids are a no-op."""
         table = self._tables.pop(request_id, None)
         self._num_registered.pop(request_id, None)
+        self._num_skipped.pop(request_id, None)
         if table:
-            self.pool.release(reversed(table))
+            self.pool.release(b for b in reversed(table) if b is not None)
 
     def adopt_blocks(self, req: Request, num_tokens: int) -> list[int]:
         """Allocate fresh blocks to hold ``num_tokens`` imported tokens; return their ids.
 
         Used by the decode role: the caller copies KV bytes into the returned blocks and then
-        sets ``req.num_computed_tokens = num_tokens``. Raises if the pool is short.
+        sets ``req.num_computed_tokens = num_tokens``. Raises if the pool is short. With a
+        sliding window only the logical blocks ``[num_skippable_blocks(num_tokens), n)`` are
+        allocated (and returned, in order): the leading ones are out of the window already.
         """
         if req.request_id in self._tables:
             raise RuntimeError(f"request {req.request_id} already holds blocks")
         n = self.blocks_needed(num_tokens)
-        if n > self.pool.num_free_blocks:
-            raise RuntimeError(f"need {n} blocks, {self.pool.num_free_blocks} free")
-        blocks = self.pool.allocate(n)
-        self._tables[req.request_id] = blocks
+        skip = self.num_skippable_blocks(num_tokens, req.prefill_only)
+        if n - skip > self.pool.num_free_blocks:
+            raise RuntimeError(f"need {n - skip} blocks, {self.pool.num_free_blocks} free")
+        blocks = self.pool.allocate(n - skip)
+        self._tables[req.request_id] = [None] * skip + blocks
         self._num_registered[req.request_id] = 0
+        self._num_skipped[req.request_id] = skip
         return [b.block_id for b in blocks]
 
     def cached_prefix_len(self, hashes: list[BlockHash]) -> int:

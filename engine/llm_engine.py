@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from engine.block_hash import BlockHash, chain_hashes
-from engine.block_manager import KVCacheManager
+from engine.block_manager import NULL_BLOCK, KVCacheManager
 from engine.config import EngineConfig
 from engine.model_runner import KVShape, ModelRunner
 from engine.models.config import ModelConfig
@@ -121,7 +121,10 @@ class LLMEngine:
             model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim, bs, dtype
         )
         nblocks = num_kv_blocks(config, shape)
-        self.kv = KVCacheManager(nblocks, bs, self.model_id, config.enable_prefix_caching)
+        # blocks out of the sliding window are freed only when every layer is windowed
+        self.kv = KVCacheManager(
+            nblocks, bs, self.model_id, config.enable_prefix_caching, sliding_window=model_config.kv_window
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_batched_tokens=config.max_num_batched_tokens,
@@ -451,13 +454,18 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ prefill role
     def export_kv(self, request_id: str) -> KVExport:
-        """KV blocks of a prefilled (``prefill_only``) request. Blocks stay held until ``release``."""
+        """KV blocks of a prefilled (``prefill_only``) request. Blocks stay held until ``release``.
+
+        Always the whole prompt's KV, also for a sliding-window model: a prefill-only request
+        keeps every block until export (the decode side drops what is out of its window)."""
         tr = self._prefilled.get(request_id)
         if tr is None:
             raise RequestNotFoundError(f"request {request_id!r} has not finished a prefill-only run")
         req = tr.req
         n = req.num_prompt_tokens
         table = self.kv.block_table(request_id)[: self.kv.blocks_needed(n)]
+        if NULL_BLOCK in table:
+            raise RuntimeError(f"request {request_id!r} lost blocks before export")
         prompt = list(req.prompt_token_ids)
         hashes = chain_hashes(
             prompt, self.kv.block_size, self.model_id, req.adapter_id, req.cache_salt, include_partial=True
@@ -500,8 +508,12 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ decode role
     def can_admit(self, num_tokens: int) -> bool:
-        """Whether blocks for ``num_tokens`` (+1 to decode into) are free now."""
-        return self.kv.blocks_needed(num_tokens + 1) <= self.kv.num_free_blocks
+        """Whether blocks for ``num_tokens`` (+1 to decode into) are free now (with a sliding
+        window, only the blocks still inside it are needed)."""
+        return self._import_need(num_tokens) <= self.kv.num_free_blocks
+
+    def _import_need(self, num_tokens: int) -> int:
+        return self.kv.blocks_needed(num_tokens + 1) - self.kv.num_skippable_blocks(num_tokens)
 
     def import_kv(
         self,
@@ -521,7 +533,8 @@ class LLMEngine:
     ) -> str:
         """Adopt a prefilled request: copy its KV in, append its first token, keep decoding.
 
-        Raises ResourceExhaustedError when the pool lacks blocks (the caller retries later),
+        ``blocks`` holds the whole prompt's KV; with a sliding window only the blocks still
+        inside the window are kept (see ``KVCacheManager.adopt_blocks``). Raises ResourceExhaustedError when the pool lacks blocks (the caller retries later),
         LayoutMismatchError when the KV was made by a different model/layout.
         """
         if model_id is not None and model_id != self.model_id:
@@ -549,11 +562,12 @@ class LLMEngine:
             )
         if not self.can_admit(n):
             raise ResourceExhaustedError(
-                f"decode engine has {self.kv.num_free_blocks} free KV blocks, needs {need + 1}",
+                f"decode engine has {self.kv.num_free_blocks} free KV blocks, needs {self._import_need(n)}",
                 retry_after_s=0.05,
             )
+        skip = self.kv.num_skippable_blocks(n)
         ids = self.kv.adopt_blocks(req, n)
-        self.runner.import_blocks(ids, blocks)
+        self.runner.import_blocks(ids, blocks[skip:])
         req.num_computed_tokens = n
         req.num_cached_tokens = 0
         req.output_token_ids.append(int(first_token))

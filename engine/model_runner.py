@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata, PrefillSlice
-from engine.block_manager import KVCacheManager
+from engine.block_manager import NULL_BLOCK, KVCacheManager
 from engine.models.llama import LlamaForCausalLM
 from engine.request import Request
 from engine.sampler import SampleRequest, SampleResult, sample
@@ -67,42 +67,69 @@ class ModelRunner:
             device=device,
         )
         self.seeds: dict[str, int] = {}
+        self.windows = sorted(cfg.windows)  # the layers' distinct sliding windows
 
     # ------------------------------------------------------------------ step
     def _metadata(self, items: list[ScheduledRequest]) -> tuple[list[int], list[int], AttentionMetadata]:
+        """Token ids, positions and attention metadata of the batch.
+
+        Block tables start at the request's first block still in use: past the blocks the KV
+        manager dropped out of the sliding window (``num_skippable_blocks``, the same rule it
+        frees by), so a freed block is never gathered; a table that would reach one raises.
+        """
         bs = self.block_size
+        kv = self.kv
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
         dec_tables: list[list[int]] = []
         dec_lens: list[int] = []
+        dec_starts: list[int] = []
         prefills: list[PrefillSlice] = []
+        trimmed = False
         for s in items:
             req = s.request
-            table = self.kv.block_table(req.request_id)
+            table = kv.block_table(req.request_id)
             end = s.start + s.num_new_tokens
             ids.extend(req.token_slice(s.start, end))
             rng = range(s.start, end)
             pos.extend(rng)
+            first = kv.num_skippable_blocks(s.start, req.prefill_only) if kv.sliding_window else 0
+            if first:
+                trimmed = True
+            if table[first] == NULL_BLOCK:
+                raise RuntimeError(
+                    f"request {req.request_id}: block {first} was freed but is still in the window"
+                )
             slots.extend(table[p // bs] * bs + p % bs for p in rng)
             if s.num_new_tokens == 1 and s.start > 0:
-                dec_tables.append(table[: end // bs + (1 if end % bs else 0)])
+                dec_tables.append(table[first : end // bs + (1 if end % bs else 0)])
                 dec_lens.append(end)
+                dec_starts.append(first * bs)
             else:
                 bt = None
                 if s.start > 0:
                     nblk = -(-end // bs)
-                    bt = torch.tensor(table[:nblk], dtype=torch.long, device=self.device)
-                prefills.append(PrefillSlice(len(ids) - s.num_new_tokens, s.num_new_tokens, s.start, bt))
+                    bt = torch.tensor(table[first:nblk], dtype=torch.long, device=self.device)
+                prefills.append(
+                    PrefillSlice(len(ids) - s.num_new_tokens, s.num_new_tokens, s.start, bt, first * bs)
+                )
         dev = self.device
         dtab = dmask = None
+        wmasks: dict[int, torch.Tensor] = {}
         if dec_tables:
             width = max(len(t) for t in dec_tables)
             dtab = torch.tensor(
                 [t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.long, device=dev
             )
-            lens = torch.tensor(dec_lens, dtype=torch.long, device=dev)
-            dmask = (torch.arange(width * bs, device=dev).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+            lens = torch.tensor(dec_lens, dtype=torch.long, device=dev).unsqueeze(1)
+            kpos = torch.arange(width * bs, device=dev).unsqueeze(0)  # key position of each column
+            if trimmed:
+                kpos = kpos + torch.tensor(dec_starts, dtype=torch.long, device=dev).unsqueeze(1)
+            full = kpos < lens  # key <= query (= len - 1)
+            dmask = full[:, None, None, :]
+            for w in self.windows:  # and query - key < w
+                wmasks[w] = (full & (kpos >= lens - w))[:, None, None, :]
         md = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decodes=len(dec_tables),
@@ -110,6 +137,8 @@ class ModelRunner:
             decode_mask=dmask,
             prefills=prefills,
             block_size=bs,
+            decode_window_masks=wmasks,
+            trimmed=trimmed,
         )
         return ids, pos, md
 

@@ -66,6 +66,7 @@ def md_to(md: AttentionMetadata, device: torch.device) -> AttentionMetadata:
         slot_mapping=md.slot_mapping.to(device),
         decode_block_tables=mv(md.decode_block_tables),
         decode_mask=mv(md.decode_mask),
+        decode_window_masks={w: m.to(device) for w, m in md.decode_window_masks.items()},
         prefills=[replace(p, block_table=mv(p.block_table)) for p in md.prefills],
     )
 

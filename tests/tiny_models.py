@@ -38,7 +38,30 @@ def _configs():
         ),
         "qwen2": Qwen2Config(**COMMON, tie_word_embeddings=False, rope_theta=1000000.0),
         "mistral": MistralConfig(**COMMON, sliding_window=None, tie_word_embeddings=False),
+        # every layer windowed: out-of-window KV blocks are freed (window < most test prompts)
+        "mistral_swa": MistralConfig(**COMMON, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False),
+        # Qwen2 mixed layers: layer 0 full attention, layer 1 windowed (max_window_layers=1)
+        "qwen2_swa": Qwen2Config(
+            **COMMON,
+            use_sliding_window=True,
+            sliding_window=SLIDING_WINDOW,
+            max_window_layers=1,
+            tie_word_embeddings=False,
+        ),
+        # another activation and every Llama bias (q/k/v/o_proj and gate/up/down)
+        "llama_gelu_bias": LlamaConfig(
+            **COMMON,
+            hidden_act="gelu_pytorch_tanh",
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=False,
+        ),
     }
+
+
+SLIDING_WINDOW = 24
+# models whose biases get random values too (HF initialises biases to zero, which would hide them)
+RANDOM_BIAS = {"mistral_swa", "qwen2_swa", "llama_gelu_bias"}
 
 
 def make_tiny_models(root: Path, tokenizer_from: Path | None = None) -> dict[str, Path]:
@@ -49,9 +72,11 @@ def make_tiny_models(root: Path, tokenizer_from: Path | None = None) -> dict[str
         torch.manual_seed(1234)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         with torch.no_grad():  # larger weights -> peaky logits -> fewer near-ties in greedy tests
-            for p in model.parameters():
+            for pname, p in model.named_parameters():
                 if p.dim() > 1:
                     p.normal_(0, 0.08)
+                elif name in RANDOM_BIAS and pname.endswith(".bias"):
+                    p.normal_(0, 0.1)
         d = root / name
         model.save_pretrained(d, safe_serialization=True)
         if tokenizer_from is not None:

@@ -1,8 +1,40 @@
-"""Model configuration parsed from an HF ``config.json`` (Llama family)."""
+"""Model configuration parsed from an HF ``config.json`` (Llama family: llama, mistral, qwen2).
+
+The rule: **every key of config.json is classified** for its architecture, and a key that could
+change the computation is either implemented or refused. :func:`classify_keys` sorts each key
+into one :class:`KeyRole`:
+
+* ``USED``: implemented and read here (sizes, norms, RoPE, activation, biases, sliding window...);
+  an unsupported *value* of such a key (``hidden_act="relu2"``, ``rope_type="yarn"``) is refused.
+* ``INERT``: cannot change the forward pass at inference: metadata (``architectures``,
+  ``transformers_version``, ``_name_or_path`` and any other ``_``-prefixed bookkeeping key),
+  token ids other than EOS, training-only settings (``initializer_range``, ``attention_dropout``:
+  HF applies dropout only in training), HF runtime switches (``use_cache``, ``return_dict``...),
+  generation defaults (``temperature``, ``top_p``...: pdserve takes sampling from the request,
+  never from config.json), and ``pretraining_tp`` (HF 5.x ignores it; older versions only split
+  the same matmuls into slices, the same math).
+* ``DEFAULT_ONLY``: accepted only with the value that leaves the math unchanged (for example
+  ``quantization_config``: absent/null; ``mlp_bias``: false on Mistral/Qwen2, whose HF modules
+  have no MLP bias; ``is_encoder_decoder``: false).
+
+Any other key is unknown and refused: :class:`UnsupportedModelConfigError` names the key and its
+value. Supported values: ``hidden_act`` in :data:`SUPPORTED_ACTIVATIONS`; RoPE ``default``,
+``linear``, ``llama3``; Llama ``attention_bias`` (q/k/v **and** o_proj, as HF) and ``mlp_bias``
+(gate/up/down); Qwen2 has q/k/v bias always and no o_proj bias; sliding windows per layer.
+
+Sliding windows (HF semantics, ``transformers.masking_utils.sliding_window_overlay``): a query at
+position ``i`` of a windowed layer attends to keys ``j`` with ``j <= i`` and ``i - j < window``.
+Mistral: every layer uses ``sliding_window`` (null = full attention). Qwen2: the window is
+``sliding_window`` only when ``use_sliding_window`` is true; layer ``i`` is windowed when
+``layer_types[i] == "sliding_attention"``, and without ``layer_types`` when ``i >=
+max_window_layers`` (transformers 5.23 ``Qwen2Config.__post_init__``).
+"""
 
 from __future__ import annotations
 
+import enum
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +42,32 @@ from typing import Any
 from pdserve.errors import InvalidRequestError, ModelNotFoundError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# HF ACT2FN names implemented by engine.models.llama.activation (bit-identical to HF's modules)
+SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
+
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+_LAYER_TYPE_ALIASES = {"attention": FULL_ATTENTION}  # transformers' legacy remap
+
+
+class UnsupportedModelConfigError(InvalidRequestError):
+    """config.json has a key (or a value of a key) this engine does not implement.
+
+    ``key`` names the field (dotted for nested keys, e.g. ``rope_parameters.rope_type``);
+    ``value`` is the offending value.
+    """
+
+    def __init__(self, model_type: str, key: str, value: Any, why: str) -> None:
+        super().__init__(f"{model_type} config field {key!r} = {value!r} is not supported: {why}")
+        self.key = key
+        self.value = value
+
+
+class KeyRole(enum.Enum):
+    USED = "used"  # implemented: read and applied
+    INERT = "inert"  # cannot change the computation at inference
+    DEFAULT_ONLY = "default_only"  # accepted only with its math-neutral value
 
 
 @dataclass(frozen=True)
@@ -20,6 +78,313 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+# ------------------------------------------------------------------ key tables
+
+# keys every architecture reads
+_USED_COMMON = frozenset(
+    {
+        "model_type",
+        "architectures",  # checked: a *ForCausalLM head
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_parameters",
+        "rope_scaling",
+        "rope_theta",
+        "tie_word_embeddings",
+        "eos_token_id",
+        "bos_token_id",
+        "torch_dtype",
+        "dtype",
+    }
+)
+_USED_BY_ARCH: dict[str, frozenset[str]] = {
+    "llama": _USED_COMMON | {"attention_bias", "mlp_bias"},
+    # layer_types on Mistral: HF ignores it; read only to refuse one that disagrees with sliding_window
+    "mistral": _USED_COMMON | {"sliding_window", "layer_types"},
+    "qwen2": _USED_COMMON | {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
+}
+
+# generation defaults (transformers GenerationConfig._get_default_generation_params): HF pops them
+# from the model config; pdserve takes sampling from each request
+_GENERATION_KEYS = frozenset(
+    {
+        "assistant_confidence_threshold",
+        "assistant_lookbehind",
+        "bad_words_ids",
+        "begin_suppress_tokens",
+        "diversity_penalty",
+        "do_sample",
+        "early_stopping",
+        "encoder_no_repeat_ngram_size",
+        "encoder_repetition_penalty",
+        "epsilon_cutoff",
+        "eta_cutoff",
+        "exponential_decay_length_penalty",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "length_penalty",
+        "max_length",
+        "min_length",
+        "no_repeat_ngram_size",
+        "num_assistant_tokens",
+        "num_assistant_tokens_schedule",
+        "num_beam_groups",
+        "num_beams",
+        "num_return_sequences",
+        "output_scores",
+        "remove_invalid_values",
+        "repetition_penalty",
+        "return_dict_in_generate",
+        "suppress_tokens",
+        "target_lookbehind",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+        "use_cache",
+    }
+)
+INERT_KEYS = _GENERATION_KEYS | frozenset(
+    {
+        "transformers_version",
+        "name_or_path",
+        "initializer_range",
+        "attention_dropout",
+        "pretraining_tp",
+        "pad_token_id",
+        "unk_token_id",
+        "sep_token_id",
+        "cls_token_id",
+        "mask_token_id",
+        "decoder_start_token_id",
+        "id2label",
+        "label2id",
+        "num_labels",
+        "problem_type",
+        "finetuning_task",
+        "task_specific_params",
+        "tokenizer_class",
+        "prefix",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "use_return_dict",
+        "torchscript",
+        "chunk_size_feed_forward",  # HF chunks the FFN over the sequence: the same math
+        "attn_implementation",
+        "is_decoder",
+    }
+)
+
+
+def _is_false(v: Any) -> bool:
+    return v is False or v is None or v == 0
+
+
+def _is_empty(v: Any) -> bool:
+    return v is None or v == {} or v == []
+
+
+def _is_one(v: Any) -> bool:
+    return v is None or v == 1 or v == 1.0
+
+
+# key -> (accepts value?, what the accepted value is) for every architecture
+_DEFAULT_ONLY_COMMON: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "quantization_config": (_is_empty, "quantized checkpoints are not supported (absent or null only)"),
+    "is_encoder_decoder": (_is_false, "only decoder-only models are supported (false only)"),
+    "add_cross_attention": (_is_false, "cross-attention is not supported (false only)"),
+    "tie_encoder_decoder": (_is_false, "only decoder-only models are supported (false only)"),
+    "cross_attention_hidden_size": (_is_empty, "cross-attention is not supported (null only)"),
+    "pruned_heads": (_is_empty, "pruned attention heads are not supported (empty only)"),
+    "partial_rotary_factor": (_is_one, "partial rotary embeddings are not supported (1.0 only)"),
+    "auto_map": (
+        _is_empty,
+        "custom modeling code is not run (remove auto_map to use the built-in architecture)",
+    ),
+}
+_DEFAULT_ONLY_BY_ARCH: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "llama": {
+        "sliding_window": (_is_empty, "HF Llama has no sliding window (null only; use model_type mistral)"),
+    },
+    "mistral": {
+        "attention_bias": (_is_false, "HF Mistral has no attention bias (false only)"),
+        "mlp_bias": (_is_false, "HF Mistral has no MLP bias (false only)"),
+    },
+    "qwen2": {
+        "mlp_bias": (_is_false, "HF Qwen2 has no MLP bias (false only)"),
+    },
+}
+
+# transformers 5.23 defaults where the three architectures differ (used when the key is absent)
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"num_key_value_heads": None, "max_position_embeddings": 2048},
+    "mistral": {"num_key_value_heads": 8, "max_position_embeddings": 4096 * 32},
+    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768},
+}
+
+# RoPE parameters per rope type: required keys (beyond rope_type/type and rope_theta)
+_ROPE_KEYS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def key_role(model_type: str, key: str) -> KeyRole | None:
+    """How ``key`` of a ``model_type`` config is treated; None = unknown (refused)."""
+    if key in _USED_BY_ARCH[model_type]:
+        return KeyRole.USED
+    if key in INERT_KEYS or key.startswith("_"):  # "_name_or_path", "_commit_hash"...: bookkeeping
+        return KeyRole.INERT
+    if key in _DEFAULT_ONLY_COMMON or key in _DEFAULT_ONLY_BY_ARCH[model_type]:
+        return KeyRole.DEFAULT_ONLY
+    return None
+
+
+def classify_keys(d: Mapping[str, Any]) -> dict[str, KeyRole]:
+    """Role of every key of the raw config ``d``; raises UnsupportedModelConfigError on an unknown
+    key or a DEFAULT_ONLY key with another value."""
+    mt = _model_type(d)
+    roles: dict[str, KeyRole] = {}
+    for key in sorted(d):
+        role = key_role(mt, key)
+        if role is None:
+            raise UnsupportedModelConfigError(
+                mt, key, d[key], "unknown field; it could change the computation, so the model is refused"
+            )
+        if role is KeyRole.DEFAULT_ONLY:
+            ok, why = _DEFAULT_ONLY_BY_ARCH[mt].get(key) or _DEFAULT_ONLY_COMMON[key]
+            if not ok(d[key]):
+                raise UnsupportedModelConfigError(mt, key, d[key], why)
+        roles[key] = role
+    return roles
+
+
+def _model_type(d: Mapping[str, Any]) -> str:
+    mt = d.get("model_type", "llama")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise InvalidRequestError(
+            f"model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    return mt
+
+
+def _rope(mt: str, d: Mapping[str, Any]) -> RopeConfig:
+    """HF's precedence: ``rope_scaling`` (legacy) over ``rope_parameters``; top-level
+    ``rope_theta`` fills in a missing theta."""
+    src = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    if not isinstance(d.get(src) or {}, dict):
+        raise UnsupportedModelConfigError(mt, src, d.get(src), "expected an object")
+    rp = dict(d.get(src) or {})
+    if any(isinstance(v, dict) for v in rp.values()):
+        raise UnsupportedModelConfigError(mt, src, rp, "per-layer-type RoPE parameters are not supported")
+    kind = rp.pop("rope_type", None) or rp.pop("type", None) or "default"
+    rp.pop("type", None)
+    if kind not in _ROPE_KEYS:
+        raise UnsupportedModelConfigError(
+            mt, f"{src}.rope_type", kind, f"supported RoPE types: {', '.join(_ROPE_KEYS)}"
+        )
+    theta = float(rp.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    need = _ROPE_KEYS[kind]
+    for k in need:
+        if k not in rp:
+            raise UnsupportedModelConfigError(mt, f"{src}.{k}", None, f"RoPE type {kind!r} requires it")
+    for k, v in rp.items():
+        if k not in need:
+            raise UnsupportedModelConfigError(
+                mt,
+                f"{src}.{k}",
+                v,
+                f"unknown parameter for RoPE type {kind!r} (known: {', '.join(need) or 'none'})",
+            )
+    return RopeConfig(
+        theta=theta,
+        kind=kind,
+        factor=float(rp.get("factor", 1.0)),
+        low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(rp.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def _layer_types(mt: str, raw: Any, n_layers: int) -> tuple[str, ...]:
+    if not isinstance(raw, list) or len(raw) != n_layers:
+        raise UnsupportedModelConfigError(
+            mt, "layer_types", raw, f"expected a list of {n_layers} entries (one per layer)"
+        )
+    out = tuple(_LAYER_TYPE_ALIASES.get(t, t) for t in raw)
+    bad = sorted({t for t in out if t not in (FULL_ATTENTION, SLIDING_ATTENTION)})
+    if bad:
+        raise UnsupportedModelConfigError(
+            mt,
+            "layer_types",
+            raw,
+            f"layer types {bad} are not supported ({FULL_ATTENTION}, {SLIDING_ATTENTION})",
+        )
+    return out
+
+
+def _window_value(mt: str, key: str, v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise UnsupportedModelConfigError(mt, key, v, "expected a positive integer or null")
+    return v
+
+
+def _layer_windows(mt: str, d: Mapping[str, Any], n_layers: int) -> tuple[int | None, ...]:
+    """Per-layer attention window (None = full attention), as transformers 5.23 decides it."""
+    if mt == "llama":
+        return (None,) * n_layers
+    if mt == "mistral":
+        w = _window_value(mt, "sliding_window", d.get("sliding_window", 4096))
+        if "layer_types" in d and d["layer_types"] is not None:
+            # HF Mistral ignores layer_types: accept it only when it says the same thing
+            want = SLIDING_ATTENTION if w is not None else FULL_ATTENTION
+            got = _layer_types(mt, d["layer_types"], n_layers)
+            if any(t != want for t in got):
+                raise UnsupportedModelConfigError(
+                    mt,
+                    "layer_types",
+                    d["layer_types"],
+                    f"HF Mistral applies sliding_window={w} to every layer and ignores layer_types; "
+                    "per-layer types on Mistral are refused",
+                )
+        return (w,) * n_layers
+    # qwen2
+    use = d.get("use_sliding_window", False)
+    if not isinstance(use, bool):
+        raise UnsupportedModelConfigError(mt, "use_sliding_window", use, "expected true or false")
+    w = _window_value(mt, "sliding_window", d.get("sliding_window", 4096)) if use else None
+    if d.get("layer_types") is not None:
+        types = _layer_types(mt, d["layer_types"], n_layers)
+        if w is None and SLIDING_ATTENTION in types:
+            raise UnsupportedModelConfigError(
+                mt,
+                "layer_types",
+                d["layer_types"],
+                "names sliding_attention layers but no window is set (use_sliding_window is false "
+                "or sliding_window is null)",
+            )
+    else:
+        mwl = d.get("max_window_layers", 28)
+        if isinstance(mwl, bool) or not isinstance(mwl, int) or mwl < 0:
+            raise UnsupportedModelConfigError(mt, "max_window_layers", mwl, "expected an integer >= 0")
+        types = tuple(
+            SLIDING_ATTENTION if w is not None and i >= mwl else FULL_ATTENTION for i in range(n_layers)
+        )
+    return tuple(w if t == SLIDING_ATTENTION else None for t in types)
 
 
 @dataclass(frozen=True)
@@ -35,50 +400,97 @@ class ModelConfig:
     max_position_embeddings: int
     rms_norm_eps: float
     rope: RopeConfig = field(default_factory=RopeConfig)
-    attention_bias: bool = False
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2 always, Llama attention_bias)
+    o_proj_bias: bool = False  # o_proj carries a bias (Llama attention_bias; never Qwen2)
+    mlp_bias: bool = False  # gate/up/down carry a bias (Llama mlp_bias)
+    hidden_act: str = "silu"
+    layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window in tokens, None = full
     tie_word_embeddings: bool = False
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise UnsupportedModelConfigError(
+                self.model_type,
+                "hidden_act",
+                self.hidden_act,
+                f"supported activations: {', '.join(SUPPORTED_ACTIVATIONS)}",
+            )
+        if not self.layer_windows:
+            object.__setattr__(self, "layer_windows", (None,) * self.num_hidden_layers)
+        if len(self.layer_windows) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_windows has {len(self.layer_windows)} entries for {self.num_hidden_layers} layers"
+            )
+
+    # ------------------------------------------------------------------ windows
+    @property
+    def attention_bias(self) -> bool:
+        """Whether q/k/v carry a bias (kept for callers of the old field)."""
+        return self.qkv_bias
+
+    @property
+    def windows(self) -> frozenset[int]:
+        """The distinct sliding windows of the model's layers (empty: no windowed layer)."""
+        return frozenset(w for w in self.layer_windows if w is not None)
+
+    @property
+    def kv_window(self) -> int | None:
+        """The window the KV cache may trim to: set only when **every** layer is windowed (then
+        KV older than the largest window is never read again); None when any layer attends to
+        the whole sequence, since that layer still needs every block."""
+        if not self.layer_windows or any(w is None for w in self.layer_windows):
+            return None
+        return max(self.layer_windows)  # type: ignore[type-var]
+
+    # ------------------------------------------------------------------ parsing
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        mt = d.get("model_type", "llama")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise InvalidRequestError(
-                f"model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        """Parse a raw config.json dict; refuses (naming the field and value) whatever could make
+        the output differ from transformers' (see the module docstring)."""
+        mt = _model_type(d)
+        classify_keys(d)
+        arch = d.get("architectures")
+        if arch is not None and (
+            not isinstance(arch, list) or any(not str(a).endswith("ForCausalLM") for a in arch)
+        ):
+            raise UnsupportedModelConfigError(
+                mt, "architectures", arch, "only *ForCausalLM checkpoints are supported"
             )
+        hf = _HF_DEFAULTS[mt]
         heads = int(d["num_attention_heads"])
         hidden = int(d["hidden_size"])
-        rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        theta = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
-        kind = rp.get("rope_type", rp.get("type", "default")) or "default"
-        if kind not in ("default", "linear", "llama3"):
-            raise InvalidRequestError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
-        rope = RopeConfig(
-            theta=theta,
-            kind=kind,
-            factor=float(rp.get("factor", 1.0)),
-            low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(rp.get("original_max_position_embeddings", 8192)),
-        )
+        n_layers = int(d["num_hidden_layers"])
         eos = d.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        bias = bool(d.get("attention_bias", mt == "qwen2"))
+        eos_ids = (
+            tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        )
+        if mt == "llama":
+            attn_bias, mlp_bias = bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False))
+            qkv_bias, o_bias = attn_bias, attn_bias  # HF Llama: q, k, v and o_proj
+        elif mt == "qwen2":
+            qkv_bias, o_bias, mlp_bias = True, False, False  # HF Qwen2: q/k/v bias=True, o_proj False
+        else:
+            qkv_bias = o_bias = mlp_bias = False
         return cls(
             model_type=mt,
             vocab_size=int(d["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_hidden_layers=n_layers,
             num_attention_heads=heads,
-            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            num_key_value_heads=int(d.get("num_key_value_heads", hf["num_key_value_heads"]) or heads),
             head_dim=int(d.get("head_dim") or hidden // heads),
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            max_position_embeddings=int(d.get("max_position_embeddings", hf["max_position_embeddings"])),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope=rope,
-            attention_bias=bias,
+            rope=_rope(mt, d),
+            qkv_bias=qkv_bias,
+            o_proj_bias=o_bias,
+            mlp_bias=mlp_bias,
+            hidden_act=str(d.get("hidden_act", "silu")),
+            layer_windows=_layer_windows(mt, d, n_layers),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
             bos_token_id=d.get("bos_token_id"),

@@ -1,5 +1,10 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2 with QKV bias, SmolLM2) over a paged KV cache.
 
+What the config selects (engine.models.config parses and refuses the rest): the gated MLP's
+activation (``hidden_act``, computed exactly as HF's ``ACT2FN``), biases (q/k/v, o_proj, MLP),
+and each layer's sliding window (``ModelConfig.layer_windows``; the mask is in
+:mod:`engine.attention`).
+
 Weights keep HF names so safetensors load directly; q/k/v and gate/up are fused at load time
 (``fuse_weights``) to cut per-step kernel launches. ``forward`` takes a flattened batch of
 tokens (see :mod:`engine.attention`) and returns final hidden states ``[T, hidden]``;
@@ -12,6 +17,7 @@ which the modules' ``all_reduce`` hook (None when unsharded) sums across the ran
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -21,6 +27,32 @@ from torch import nn
 from engine.attention import AttentionMetadata, paged_attention
 from engine.models.config import ModelConfig
 from engine.models.rope import RotaryEmbedding, apply_rotary
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """HF ``NewGELUActivation`` (the tanh formula spelled out, as HF computes it)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# the same functions HF's ACT2FN[name] applies (tests compare them bit for bit)
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_new": _gelu_new,
+    "relu": F.relu,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation HF's ``ACT2FN[name]`` computes; KeyError for names not implemented (the
+    config parser refuses those first)."""
+    return ACTIVATIONS[name]
 
 
 class RMSNorm(nn.Module):
@@ -37,14 +69,15 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.h, self.kvh, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        b = cfg.attention_bias
+        b = cfg.qkv_bias
         self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.hd, bias=b)
         self.k_proj = nn.Linear(cfg.hidden_size, self.kvh * self.hd, bias=b)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kvh * self.hd, bias=b)
-        self.o_proj = nn.Linear(self.h * self.hd, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.h * self.hd, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.window: int | None = cfg.layer_windows[layer_idx]  # sliding window; None = full
         self.qkv: nn.Linear | None = None
         self.scale = self.hd**-0.5
         self.all_reduce: Callable[[torch.Tensor], None] | None = None  # set on a TP shard
@@ -70,7 +103,7 @@ class Attention(nn.Module):
         q = apply_rotary(q.view(t, self.h, self.hd), cos, sin)
         k = apply_rotary(k.view(t, self.kvh, self.hd), cos, sin)
         v = v.view(t, self.kvh, self.hd)
-        o = paged_attention(q, k, v, cache, md, self.scale)
+        o = paged_attention(q, k, v, cache, md, self.scale, self.window)
         out = self.o_proj(o.reshape(t, self.h * self.hd))
         if self.all_reduce is not None:
             self.all_reduce(out)
@@ -80,17 +113,22 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        b = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+        self.act = activation(cfg.hidden_act)
         self.gate_up: nn.Linear | None = None
         self.all_reduce: Callable[[torch.Tensor], None] | None = None  # set on a TP shard
 
     def fuse(self) -> None:
         w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=False).to(w.dtype).to(w.device)
+        has_bias = self.gate_proj.bias is not None
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=has_bias).to(w.dtype).to(w.device)
         with torch.no_grad():
             lin.weight.copy_(w)
+            if has_bias:
+                lin.bias.copy_(torch.cat([self.gate_proj.bias, self.up_proj.bias]))
         self.gate_up = lin
         del self.gate_proj, self.up_proj
 
@@ -99,16 +137,16 @@ class MLP(nn.Module):
             g, u = self.gate_up(x).chunk(2, dim=-1)
         else:
             g, u = self.gate_proj(x), self.up_proj(x)
-        out = self.down_proj(F.silu(g) * u)
+        out = self.down_proj(self.act(g) * u)
         if self.all_reduce is not None:
             self.all_reduce(out)
         return out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -122,7 +160,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 

@@ -3,9 +3,11 @@
 Rank ``r`` of ``tp`` keeps query heads ``[r*h/tp, (r+1)*h/tp)``, KV heads ``[r*kvh/tp, ...)``
 (column-parallel ``qkv``, with its bias), the matching input columns of ``o_proj`` (row
 parallel), intermediate columns ``[r*I/tp, ...)`` of ``gate_up`` (column parallel) and the
-matching input columns of ``down_proj`` (row parallel). ``o_proj`` and ``down_proj`` carry no
-bias, so the ranks' outputs are partial sums that ``all_reduce`` adds up (set on every attention
-and MLP module). Embeddings, norms and ``lm_head`` stay whole (replicated).
+matching input columns of ``down_proj`` (row parallel). Column-parallel biases (q/k/v, and
+gate/up with ``mlp_bias``) are split like their output rows. A row-parallel bias (``o_proj``
+with Llama's ``attention_bias``, ``down_proj`` with ``mlp_bias``) is kept on rank 0 only, so
+the ranks' outputs are partial sums that ``all_reduce`` adds up (set on every attention and MLP
+module) with the bias counted once. Embeddings, norms and ``lm_head`` stay whole (replicated).
 
 Contract: ``h``, ``kvh`` and ``intermediate_size`` must divide by ``tp`` (a clear ValueError
 otherwise, naming the model's sizes); a shard's KV cache then holds ``kvh/tp`` heads per layer.
@@ -71,7 +73,8 @@ def shard_model(
             w = torch.cat([a.qkv.weight[q], a.qkv.weight[k], a.qkv.weight[v]])
             b = None if a.qkv.bias is None else torch.cat([a.qkv.bias[q], a.qkv.bias[k], a.qkv.bias[v]])
             a.qkv = _linear(w, b)
-            a.o_proj = _linear(a.o_proj.weight[:, q], None)
+            o_bias = a.o_proj.bias if rank == 0 else None  # row parallel: added once
+            a.o_proj = _linear(a.o_proj.weight[:, q], o_bias)
             a.h, a.kvh = h, kvh
             a.all_reduce = all_reduce
             m = layer.mlp
@@ -79,7 +82,12 @@ def shard_model(
                 raise ValueError("shard_model expects a fused model (load_model(..., fuse=True))")
             cols = slice(rank * inter, (rank + 1) * inter)
             gate, up = m.gate_up.weight.chunk(2, dim=0)
-            m.gate_up = _linear(torch.cat([gate[cols], up[cols]]), None)
-            m.down_proj = _linear(m.down_proj.weight[:, cols], None)
+            gu_bias = None
+            if m.gate_up.bias is not None:  # column parallel: split like the rows
+                gb, ub = m.gate_up.bias.chunk(2, dim=0)
+                gu_bias = torch.cat([gb[cols], ub[cols]])
+            m.gate_up = _linear(torch.cat([gate[cols], up[cols]]), gu_bias)
+            down_bias = m.down_proj.bias if rank == 0 else None  # row parallel: added once
+            m.down_proj = _linear(m.down_proj.weight[:, cols], down_bias)
             m.all_reduce = all_reduce
     return model

@@ -74,8 +74,11 @@ def test_chat_template_matches_hf(smollm_path):
     assert ours == ref
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3_rope", "qwen2", "mistral"])
+@pytest.mark.parametrize(
+    "arch", ["llama", "llama3_rope", "qwen2", "mistral", "mistral_swa", "qwen2_swa", "llama_gelu_bias"]
+)
 def test_tiny_random_models_match_hf(tiny_models, arch):
+    """Prompts of 5..200 tokens: longer than the sliding window (24) of the *_swa models."""
     from transformers import AutoModelForCausalLM
 
     path = tiny_models[arch]
