@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import json
+import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,59 @@ def _token_str(v: Any) -> str | None:
     if isinstance(v, dict):
         return v.get("content")
     return v
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet inverted: the printable character each byte is written as
+    in a byte-level vocabulary -> that byte (the ``bytes_to_unicode`` table of GPT-2/tiktoken)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+_BYTE_LEVEL = _byte_level_decoder()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class PieceEncoding(enum.Enum):
+    """How a vocabulary piece (``id_to_token``) spells its bytes, read from tokenizer.json's
+    ``decoder``: byte-level BPE (GPT-2 alphabet), SentencePiece style (``▁`` for a space, with or
+    without ``<0xNN>`` byte-fallback pieces), or anything else (the decoder's own text)."""
+
+    BYTE_LEVEL = "byte_level"
+    METASPACE = "metaspace"
+    OTHER = "other"
+
+
+def _decoder_types(d: Any) -> list[dict[str, Any]]:
+    if not isinstance(d, dict):
+        return []
+    if d.get("type") == "Sequence":
+        return [x for sub in d.get("decoders", []) for x in _decoder_types(sub)]
+    return [d]
+
+
+def piece_encoding(decoder: Any) -> tuple[PieceEncoding, str]:
+    """(encoding, the SentencePiece space marker) of a tokenizer.json ``decoder`` object."""
+    parts = _decoder_types(decoder)
+    types = {p.get("type") for p in parts}
+    if "ByteLevel" in types:
+        return PieceEncoding.BYTE_LEVEL, ""
+    for p in parts:
+        if p.get("type") == "Metaspace":
+            return PieceEncoding.METASPACE, str(p.get("replacement", "\u2581"))
+        pat = p.get("pattern")
+        if p.get("type") == "Replace" and isinstance(pat, dict) and p.get("content") == " ":
+            return PieceEncoding.METASPACE, str(pat.get("String", "\u2581"))
+    if "ByteFallback" in types:
+        return PieceEncoding.METASPACE, "\u2581"
+    return PieceEncoding.OTHER, ""
 
 
 class Tokenizer:
@@ -43,6 +99,11 @@ class Tokenizer:
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.vocab_size = self._tok.get_vocab_size()
+        decoder = json.loads(tj.read_text()).get("decoder")
+        self._pieces, self._space = piece_encoding(decoder)
+        self._added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
+        self._bytes_cache: dict[int, bytes] = {}
+        self._cache_lock = threading.Lock()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -57,6 +118,47 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes token ``token_id`` stands for on its own, exactly.
+
+        Byte-level BPE pieces map back through the GPT-2 byte alphabet (a piece may hold part of
+        a UTF-8 character); a byte-fallback piece ``<0xNN>`` is the single byte NN; a
+        SentencePiece piece has its space marker turned into a space (its leading space kept, as
+        it is part of the token); an added/special token is its content in UTF-8 (e.g.
+        ``<|im_end|>``). Other vocabularies: the UTF-8 of the decoder's text of the token.
+        Raises InvalidRequestError for an id outside the vocabulary.
+        """
+        b = self._bytes_cache.get(token_id)
+        if b is None:
+            b = self._compute_bytes(token_id)
+            with self._cache_lock:
+                self._bytes_cache[token_id] = b
+        return b
+
+    def token_text(self, token_id: int) -> str:
+        """The text of token ``token_id`` on its own: :meth:`token_bytes` decoded as UTF-8, with
+        U+FFFD for an incomplete character (what ``decode([token_id])`` gives for a byte-level
+        vocabulary, special tokens included)."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def _compute_bytes(self, token_id: int) -> bytes:
+        added = self._added.get(token_id)
+        if added is not None:
+            return added.encode()
+        piece = self._tok.id_to_token(token_id) if token_id >= 0 else None
+        if piece is None:
+            raise InvalidRequestError(
+                f"token id {token_id} is not in the vocabulary (size {self.vocab_size})"
+            )
+        if self._pieces is PieceEncoding.BYTE_LEVEL and all(c in _BYTE_LEVEL for c in piece):
+            return bytes(_BYTE_LEVEL[c] for c in piece)
+        if self._pieces is PieceEncoding.METASPACE:
+            m = _BYTE_FALLBACK.fullmatch(piece)
+            if m:
+                return bytes([int(m.group(1), 16)])
+            return piece.replace(self._space, " ").encode()
+        return self._tok.decode([token_id], skip_special_tokens=False).encode()
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:

@@ -13,11 +13,13 @@ with ``retry_after_s``, UnavailableError, DeadlineExceededError, ...).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.sampling_params import SamplingParams
 from pdserve.limits import grpc_options
@@ -40,13 +42,68 @@ class Finish:
     kv_pull_s: float = 0.0  # the decode-side part of phases["transfer"]
 
 
+@dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at an output position. ``token``: the token's own text
+    (U+FFFD where it holds part of a UTF-8 character); ``token_bytes``: its exact bytes."""
+
+    token_id: int
+    logprob: float
+    token: str = ""
+    token_bytes: bytes = b""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Logprob of a sampled token (``token``/``token_bytes`` as in :class:`TopLogprob`) and the
+    ``top`` alternatives asked for (most likely first; the sampled token is among them when it
+    ranks there)."""
+
+    token_id: int
+    logprob: float
+    token: str = ""
+    token_bytes: bytes = b""
+    top: tuple[TopLogprob, ...] = ()
+
+
 @dataclass
 class Chunk:
+    """``logprobs``: parallel to ``token_ids`` when logprobs were requested, else empty."""
+
     request_id: str
     token_ids: list[int]
     text: str
-    logprobs: list[tuple[int, float]] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: Finish | None = None
+
+
+class ServingStatus(enum.Enum):
+    """A router's grpc.health.v1 answer for its Generate service (:meth:`Client.health`)."""
+
+    SERVING = "SERVING"
+    NOT_SERVING = "NOT_SERVING"
+    UNKNOWN = "UNKNOWN"
+
+
+GENERATE_SERVICE = client_pb2.DESCRIPTOR.services_by_name["Generate"].full_name
+
+
+def _logprob(m: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(
+        m.token_id,
+        m.logprob,
+        m.token,
+        m.token_bytes,
+        tuple(TopLogprob(t.token_id, t.logprob, t.token, t.token_bytes) for t in m.top_logprobs),
+    )
+
+
+def _serving(resp: health_pb2.HealthCheckResponse) -> ServingStatus:
+    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+        return ServingStatus.SERVING
+    if resp.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+        return ServingStatus.NOT_SERVING
+    return ServingStatus.UNKNOWN
 
 
 @dataclass
@@ -79,9 +136,7 @@ def _chunk(m: client_pb2.GenerateResponse) -> Chunk:
             },
             kv_pull_s=t.kv_pull_s,
         )
-    return Chunk(
-        m.request_id, list(m.token_ids), m.text, [(lp.token_id, lp.logprob) for lp in m.logprobs], fin
-    )
+    return Chunk(m.request_id, list(m.token_ids), m.text, [_logprob(lp) for lp in m.logprobs], fin)
 
 
 def build_request(
@@ -93,12 +148,15 @@ def build_request(
     priority: int = 0,
     tenant: str = "",
     cache_salt: str = "",
+    adapter: str = "",
     ttft_s: float = 0.0,
     tpot_s: float = 0.0,
     **sampling: Any,
 ) -> client_pb2.GenerateRequest:
     """``prompt``: text, token ids, or chat messages ``[{"role", "content"}]``. Sampling keywords
-    (max_tokens=..., temperature=...) build a SamplingParams, validated here before any RPC."""
+    (max_tokens=..., temperature=...) build a SamplingParams, validated here before any RPC.
+    ``adapter``: a LoRA adapter id (empty: the base model; the router refuses any other with
+    NOT_FOUND until adapters are served)."""
     params = params or SamplingParams(**sampling)
     req = client_pb2.GenerateRequest(
         model=model,
@@ -107,6 +165,7 @@ def build_request(
         priority=priority,
         tenant=tenant,
         cache_salt=cache_salt,
+        adapter=adapter,
         slo=common_pb2.SLO(ttft_s=ttft_s, tpot_s=tpot_s),
     )
     if isinstance(prompt, str):
@@ -146,9 +205,21 @@ class Client:
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=grpc_options())
         self._stub = client_pb2_grpc.GenerateStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
+
+    def health(self, service: str = GENERATE_SERVICE) -> ServingStatus:
+        """The router's grpc.health.v1 status of ``service`` (default: Generate): NOT_SERVING
+        while it has no worker to place a request on. Raises UnavailableError when the router
+        cannot be reached."""
+        try:
+            return _serving(
+                self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+            )
+        except grpc.RpcError as e:
+            raise_from_rpc_error(e)
 
     def __enter__(self) -> Client:
         return self

@@ -5,6 +5,8 @@ Protobuf types stay at service edges: services call these, nothing deeper sees a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from engine.outputs import TokenLogprob
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
@@ -66,6 +68,18 @@ def logprob_to_proto(lp: TokenLogprob) -> common_pb2.TokenLogprob:
 
 def logprob_from_proto(m: common_pb2.TokenLogprob) -> TokenLogprob:
     return TokenLogprob(m.token_id, m.logprob, [(t.token_id, t.logprob) for t in m.top_logprobs])
+
+
+def name_logprob_tokens(lps: Iterable[common_pb2.TokenLogprob], token_bytes: Callable[[int], bytes]) -> None:
+    """Fill ``token_bytes`` and ``token`` (those bytes as UTF-8, U+FFFD for an incomplete
+    character) of every sampled token and alternative in ``lps``, in place. ``token_bytes``: the
+    raw bytes of one token id (:meth:`engine.tokenizer.Tokenizer.token_bytes`)."""
+    for lp in lps:
+        b = token_bytes(lp.token_id)
+        lp.token_bytes, lp.token = b, b.decode("utf-8", errors="replace")
+        for t in lp.top_logprobs:
+            tb = token_bytes(t.token_id)
+            t.token_bytes, t.token = tb, tb.decode("utf-8", errors="replace")
 
 
 def finish_to_proto(reason: FinishReason | None) -> int:

@@ -232,6 +232,7 @@ class RouterActor:
         from pdserve.grpc_server import start_server
         from pdserve.metrics import RouterMetrics, serve_metrics
         from pdserve.v1 import client_pb2, router_pb2
+        from router.health import HEALTH_SERVICES, start_router_health
         from router.registry import Registry
         from router.service import GenerateServicer, RegistryServicer
 
@@ -244,7 +245,10 @@ class RouterActor:
             ),
             (router_pb2.DESCRIPTOR.services_by_name["Registry"], RegistryServicer(self.registry, cfg)),
         ]
-        self.server, port, _ = start_server(services, cfg.host, cfg.port, name="router")
+        self.server, port, hs = start_server(
+            services, cfg.host, cfg.port, name="router", not_serving=HEALTH_SERVICES
+        )
+        self._health = start_router_health(self.registry, cfg, hs)  # NOT_SERVING until it can place
         self._address = f"{cfg.host}:{port}"
         self._policy = cfg.policy.value
         self._index = bool(cfg.index_url)
@@ -319,6 +323,7 @@ class RouterActor:
     def stop(self) -> None:
         if not self._stopped:
             self._stopped = True
+            self._health.stop()
             self.server.stop(2).wait()
 
 

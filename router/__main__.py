@@ -25,6 +25,7 @@ from prometheus_client import REGISTRY
 from pdserve.metrics import RouterMetrics, serve_metrics
 from pdserve.tracing import configure_logging
 from pdserve.v1 import client_pb2, router_pb2
+from router.health import HEALTH_SERVICES, start_router_health
 from router.policy import GoodputConfig, PolicyKind
 from router.policy_factory import parse_policy, policy_choices
 from router.registry import Registry
@@ -90,13 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         (client_pb2.DESCRIPTOR.services_by_name["Generate"], generate),
         (router_pb2.DESCRIPTOR.services_by_name["Registry"], RegistryServicer(reg, cfg)),
     ]
-    server, port, _ = start_server(services, cfg.host, cfg.port, name="router")
+    server, port, hs = start_server(services, cfg.host, cfg.port, name="router", not_serving=HEALTH_SERVICES)
+    health = start_router_health(reg, cfg, hs)  # NOT_SERVING until it can place a request
     metrics_port = serve_metrics(a.metrics_port)
     print(json.dumps({"address": f"{cfg.host}:{port}", "metrics": f"127.0.0.1:{metrics_port}"}), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    health.stop()
     server.stop(2).wait()
     return 0
 

@@ -2,6 +2,8 @@
 
 Workers register, then heartbeat with their load; a worker silent for ``heartbeat_timeout_s`` is
 dropped. The router also counts requests it has in flight on each worker, because heartbeats lag.
+Listeners (:meth:`Registry.add_listener`) hear of every change of the set of workers (the
+router's health follows it).
 """
 
 from __future__ import annotations
@@ -52,6 +54,17 @@ class Registry:
         self.clock = clock
         self._workers: dict[str, WorkerEntry] = {}
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` after every change of the set of workers: a registration, a deregistration
+        or drop, an expiry (seen when :meth:`alive` runs). It runs in the changing thread, outside
+        the registry's lock (so it may read the registry), and must not raise."""
+        self._listeners.append(fn)
+
+    def _changed(self) -> None:
+        for fn in list(self._listeners):
+            fn()
 
     def register(self, worker_id: str, kind: WorkerKind, address: str, model: str, load: WorkerLoad) -> None:
         with self._lock:
@@ -59,6 +72,7 @@ class Registry:
             self._workers[worker_id] = WorkerEntry(
                 worker_id, kind, address, model, load, self.clock(), old.inflight if old else 0
             )
+        self._changed()
 
     def heartbeat(self, worker_id: str, load: WorkerLoad) -> bool:
         """False when the worker is unknown (it must register again)."""
@@ -72,26 +86,34 @@ class Registry:
 
     def deregister(self, worker_id: str) -> bool:
         with self._lock:
-            return self._workers.pop(worker_id, None) is not None
+            found = self._workers.pop(worker_id, None) is not None
+        if found:
+            self._changed()
+        return found
 
     def drop(self, worker_id: str) -> None:
         """Forget a worker now (e.g. after a call to it failed with UNAVAILABLE)."""
         self.deregister(worker_id)
 
-    def _expire(self) -> None:
+    def _expire(self) -> bool:
+        """Drop workers silent for longer than the timeout (under the lock); whether any was."""
         now = self.clock()
         dead = [k for k, w in self._workers.items() if now - w.last_seen > self.heartbeat_timeout_s]
         for k in dead:
             del self._workers[k]
+        return bool(dead)
 
     def alive(self, kind: WorkerKind | None = None, model: str | None = None) -> list[WorkerEntry]:
         with self._lock:
-            self._expire()
-            return [
+            expired = self._expire()
+            out = [
                 w
                 for w in self._workers.values()
                 if (kind is None or w.kind is kind) and (model is None or w.model == model) and not w.draining
             ]
+        if expired:
+            self._changed()
+        return out
 
     def get(self, worker_id: str) -> WorkerEntry | None:
         with self._lock:

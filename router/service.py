@@ -36,15 +36,21 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kv_store.client import KVStoreClient
 from kv_store.index import KVIndex, locate_prefix
-from pdserve.errors import InvalidRequestError, ResourceExhaustedError, UnavailableError
+from pdserve.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from pdserve.limits import grpc_options
 from pdserve.metrics import FinishedRequest, RouterMetrics, outcome_for, slo_class, tpot_of
-from pdserve.proto_convert import finish_to_proto, sampling_from_proto
-from pdserve.status import raise_from_rpc_error
+from pdserve.proto_convert import finish_to_proto, name_logprob_tokens, sampling_from_proto
+from pdserve.status import MD_ERROR_CLASS, raise_from_rpc_error
 from pdserve.tracing import log_event, request_scope, traced_channel
 from pdserve.v1 import client_pb2, common_pb2, router_pb2, worker_pb2, worker_pb2_grpc
 from router.cluster_view import OutstandingTokens, build_view, first_block_size
 from router.failover import LostPhase, LostWorker, Redispatches, TokenStop, check_stop, resume_limits
+from router.health import needed_kinds
 from router.policy import (
     SLO,
     ClusterView,
@@ -218,9 +224,18 @@ class GenerateServicer:
 
     # ----------------------------------------------------------------- helpers
     def _check_model(self, model: str) -> None:
+        """Raises ModelNotFoundError (NOT_FOUND) when ``model`` names a model this router does not
+        serve (empty = the served one)."""
         if model and model != self.config.model_id:
-            raise InvalidRequestError(
-                f"unknown model {model!r}; this cluster serves {self.config.model_id!r}"
+            raise ModelNotFoundError(f"unknown model {model!r}; this cluster serves {self.config.model_id!r}")
+
+    def _check_adapter(self, adapter: str) -> None:
+        """LoRA adapters are not served yet: a request naming one is refused (NOT_FOUND) rather than
+        silently answered by the base model."""
+        if adapter:
+            raise ModelNotFoundError(
+                f"LoRA adapter {adapter!r} is not served: this cluster serves only the base model "
+                f"{self.config.model_id!r} (send an empty adapter)"
             )
 
     def _tokens(self, req) -> list[int]:
@@ -242,11 +257,14 @@ class GenerateServicer:
         raise InvalidRequestError("set one of prompt, prompt_token_ids or chat")
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        """Refuses (INVALID_ARGUMENT) an empty prompt, and a prompt whose tokens plus
+        ``max_tokens`` do not fit the model's context (as OpenAI and vLLM do: no silent cut)."""
         if not ids:
             raise InvalidRequestError("prompt is empty: send at least one token")
-        if len(ids) >= self.max_model_len:
+        if len(ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
-                f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len}: shorten it"
+                f"prompt has {len(ids)} tokens + max_tokens {params.max_tokens} > context "
+                f"{self.max_model_len}: shorten the prompt or lower max_tokens"
             )
 
     def _worker(self, worker_id: str | None, kind: WorkerKind) -> WorkerEntry:
@@ -302,12 +320,9 @@ class GenerateServicer:
         (with the policy's retry-after) when the policy rejects the request early.
         """
         view = build_view(self.registry, self.config.model_id, self.outstanding, self.kv_tokens)
-        colocated = self.config.policy is PolicyKind.COLOCATED
-        for role, kind in (
-            (InstanceRole.DECODE, WorkerKind.DECODE),
-            (InstanceRole.PREFILL, WorkerKind.PREFILL),
-        ):
-            if not view.with_role(role) and not (colocated and kind is WorkerKind.PREFILL):
+        roles = {WorkerKind.DECODE: InstanceRole.DECODE, WorkerKind.PREFILL: InstanceRole.PREFILL}
+        for kind in needed_kinds(self.config.policy):  # the condition the router's health reports
+            if not view.with_role(roles[kind]):
                 raise UnavailableError(
                     f"no {kind.value} worker is registered for {self.config.model_id!r}; retry shortly"
                 )
@@ -439,6 +454,7 @@ class GenerateServicer:
     ) -> Iterator[client_pb2.GenerateResponse]:
         t0 = time.monotonic()
         self._check_model(req.model)
+        self._check_adapter(req.adapter)
         params = sampling_from_proto(req.sampling)
         ids = self._tokens(req)
         self._validate(ids, params)
@@ -787,8 +803,10 @@ class GenerateServicer:
         resp = client_pb2.GenerateResponse(request_id=rid, token_ids=[first], text=delta)
         if pre.HasField("first_token_logprob"):
             resp.logprobs.append(pre.first_token_logprob)
+            name_logprob_tokens(resp.logprobs, self.tokenizer.token_bytes)
         if stop_now:
-            resp.finish.CopyFrom(self._finish(reason, matched, run, 0.0))
+            stop = str(first) if matched is None and hit is TokenStop.STOP else matched
+            resp.finish.CopyFrom(self._finish(reason, stop, run, 0.0))
             yield resp
             return None
         yield resp
@@ -858,6 +876,8 @@ class GenerateServicer:
                 r = client_pb2.GenerateResponse(
                     request_id=run.rid, token_ids=d.token_ids, text=text, logprobs=d.logprobs
                 )
+                if r.logprobs:
+                    name_logprob_tokens(r.logprobs, self.tokenizer.token_bytes)
                 if final or matched is not None:
                     if matched is not None and not final:
                         call.cancel()
@@ -950,6 +970,13 @@ class _WorkerLost(Exception):
         self.lost = lost
 
 
+def _refused_model(e: grpc.RpcError) -> bool:
+    """A NOT_FOUND that names the request's model or adapter (ModelNotFoundError), which no
+    re-dispatch can cure, as opposed to KV blocks that were gone."""
+    md = e.trailing_metadata() or () if callable(getattr(e, "trailing_metadata", None)) else ()
+    return any(k == MD_ERROR_CLASS and v == ModelNotFoundError.__name__ for k, v in md)
+
+
 class _Guarded:
     """A Decode call as :meth:`GenerateServicer._relay` consumes it (iterate, ``cancel``), whose
     UNAVAILABLE failure is raised as :class:`_WorkerLost` instead of ending the request, and so
@@ -976,7 +1003,8 @@ class _Guarded:
                 raise _WorkerLost(
                     LostWorker(self._worker.worker_id, LostPhase.DECODE, e.details() or "")
                 ) from None
-            if e.code() == grpc.StatusCode.NOT_FOUND and not started:  # its KV was gone
+            if e.code() == grpc.StatusCode.NOT_FOUND and not started and not _refused_model(e):
+                # its KV was gone (not: the worker refused the request's model or adapter)
                 raise _WorkerLost(
                     LostWorker(self._worker.worker_id, LostPhase.KV, e.details() or "")
                 ) from None

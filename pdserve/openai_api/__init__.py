@@ -11,7 +11,9 @@ Modules: :mod:`.translate` (pure: OpenAI JSON <-> SDK arguments and results, SSE
 
 Endpoints
 ---------
-``GET /health``            200 ``{"status": "ok"}`` when the router answers ListModels, else 503.
+``GET /health``            200 ``{"status": "ok"}`` when the router's grpc.health.v1 status of its
+                           Generate service is SERVING; 503 (OpenAI error body) while it is
+                           NOT_SERVING (no prefill or no decode worker registered) or unreachable.
 ``GET /v1/models``         the router's models; ``GET /v1/models/{id}`` one of them (404 if unknown).
 ``POST /v1/completions``   ``prompt`` (string, token-id list, or a list holding one of those;
                            several prompts -> 400), ``max_tokens`` (default 16).
@@ -21,12 +23,12 @@ Endpoints
                            ``max_completion_tokens`` (default ``Defaults.chat_max_tokens`` = 512);
                            ``logprobs`` (bool) + ``top_logprobs``.
 
-Shared body fields: ``model`` (optional: default = the router's first model; unknown -> 404
-``model_not_found``), ``temperature`` (0 = greedy), ``top_p``, ``n`` (only 1), ``stop`` (string or
-list), ``seed``, ``stream``, ``stream_options.include_usage``, ``user`` (-> the request's tenant).
+Shared body fields: ``model`` (optional: default = the router's first model; any other name,
+e.g. a LoRA adapter's, -> 404 ``model_not_found``: adapters are not served yet), ``temperature``
+(0 = greedy), ``top_p``, ``n`` (only 1), ``stop`` (string or list), ``seed``, ``stream``, ``stream_options.include_usage``, ``user`` (-> the request's tenant).
 Completions ``logprobs`` is an integer (0..20). Refused with 400 unless neutral: ``n``/``best_of``
-> 1, ``echo``, ``suffix``, ``logit_bias``, non-zero ``presence_penalty``/``frequency_penalty``,
-``tools``/``functions``, non-text ``response_format``. Unknown fields are ignored.
+> 1 (until parallel sampling is supported), ``echo``, ``suffix``, ``logit_bias``, non-zero
+``presence_penalty``/``frequency_penalty``, ``tools``/``functions``, non-text ``response_format``. Unknown fields are ignored.
 
 pdserve extensions (request body): ``ttft_slo_s`` and ``tpot_slo_s`` (seconds; the request's SLO,
 which a goodput-aware router may refuse early with 429 + Retry-After), ``priority`` (int, lower
@@ -36,11 +38,17 @@ pdserve extensions (response): a ``pdserve`` object — ``request_id`` (router's
 ``e2e_s``, ``phases`` {queue, prefill, transfer, decode}, ``kv_pull_s``, ``cached_prompt_tokens``,
 ``matched_stop`` — on a whole response and on the streamed chunk that carries ``finish_reason``;
 ``usage.prompt_tokens_details.cached_tokens``; an ``X-Request-Id`` header.
-Logprobs name tokens ``"token_id:N"`` (the SDK streams ids); alternatives are not available
-(``top_logprobs`` null / empty); ``text_offset`` is the offset of the token's streamed chunk.
+Logprobs carry each token's own text (``token``; U+FFFD where a token holds part of a UTF-8
+character) and, in chat, its exact ``bytes``; ``top_logprobs`` lists the alternatives asked for
+(chat: ``top_logprobs`` objects; completions: ``{text: logprob}`` per position). The stop token
+that ended a request (EOS) is not listed, so the listed tokens spell the text;
+``text_offset`` is where a token's text starts. Logprobs below -9999 are sent as -9999.
+Prompt tokens + ``max_tokens`` beyond the model's context -> 400 naming the numbers (a chat
+request without ``max_tokens`` asks for ``--chat-max-tokens``, default 512).
 
 Streaming: ``data: {json}\\n\\n`` Server-Sent Events, then ``data: [DONE]``. Chat streams start with
-a ``{"role": "assistant"}`` delta; the last content chunk is followed by one with an empty
+a ``{"role": "assistant"}`` delta; every content chunk carries text (a token without text of its
+own, such as EOS, makes no empty chunk); the last content chunk is followed by one with an empty
 delta/text and ``finish_reason`` ("stop" | "length"); with ``include_usage`` a final chunk has
 ``choices: []`` and ``usage``. Errors before the first token are real HTTP statuses; later ones
 are one ``data: {"error": ...}`` event before ``[DONE]``. A client disconnect cancels the

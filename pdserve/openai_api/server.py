@@ -35,7 +35,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from pdserve.client import Chunk, Client, Stream
+from pdserve.client import Chunk, Client, ServingStatus, Stream
+from pdserve.errors import UnavailableError
 from pdserve.openai_api.errors import (
     ErrorCodeStr,
     ErrorResponse,
@@ -245,7 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
         if method != allowed.value:
             self._refuse_method(path, (allowed.value,))
         if route is Route.HEALTH:
-            app.models(refresh=True)
+            app.check_health()
             self._send_json(HTTPStatus.OK, {"status": "ok", "router": app.config.router})
         elif route is Route.MODELS:
             self._send_json(HTTPStatus.OK, models_response(app.models(refresh=True), app.created))
@@ -448,6 +449,17 @@ class OpenAIServer:
                 self._models = tuple(self.client.list_models())
                 self._models_at = now
             return self._models
+
+    def check_health(self) -> None:
+        """Returns when the router's grpc.health.v1 status of its Generate service is SERVING;
+        raises UnavailableError (503) when it is not (no prefill or no decode worker registered)
+        or the router cannot be reached."""
+        status = self.client.health()
+        if status is not ServingStatus.SERVING:
+            raise UnavailableError(
+                f"the router at {self.config.router} is {status.value}: it has no worker to place a "
+                "request on (a prefill or decode worker is missing); retry shortly"
+            )
 
     def resolve(self, requested: str | None) -> str:
         """The model id a request runs on (see :func:`translate.resolve_model`); a name missing

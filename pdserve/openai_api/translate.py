@@ -29,13 +29,14 @@ from pdserve.errors import InternalError, InvalidRequestError
 from pdserve.openai_api.errors import FieldError, UnknownModelError
 
 if TYPE_CHECKING:  # the SDK's types; at run time this module imports no grpc
-    from pdserve.client import Chunk, Finish
+    from pdserve.client import Chunk, Finish, TokenLogprob
 
 INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
 INT64_MAX = 2**63 - 1
 UINT64_MAX = 2**64 - 1
 MAX_STOP_SEQUENCES = 16
+MIN_LOGPROB = -9999.0  # a -inf logprob is sent as this (JSON has no infinity), as vLLM does
 
 
 # ---------------------------------------------------------------------------------------- enums
@@ -237,10 +238,17 @@ def _refuse_unsupported(body: Mapping[str, Any], kind: ApiKind) -> None:
     """Fields pdserve does not implement: refused (400) unless they carry their neutral value."""
     n = _int(body, "n", lo=1)
     if n is not None and n != 1:
-        raise FieldError(f"'n' must be 1: pdserve returns one choice per request (got {n})", "n")
+        raise FieldError(
+            f"'n' must be 1: pdserve returns one choice per request until parallel sampling is "
+            f"supported (got {n}); send {n} requests instead",
+            "n",
+        )
     best_of = _int(body, "best_of", lo=1)
     if best_of is not None and best_of != 1:
-        raise FieldError(f"'best_of' must be 1: not supported by pdserve (got {best_of})", "best_of")
+        raise FieldError(
+            f"'best_of' must be 1: not supported by pdserve until parallel sampling is (got {best_of})",
+            "best_of",
+        )
     for key in ("presence_penalty", "frequency_penalty"):
         v = _number(body, key)
         if v:
@@ -432,7 +440,8 @@ def parse_chat(body: Mapping[str, Any], defaults: Defaults = Defaults()) -> Gene
 
 def resolve_model(requested: str | None, served: Sequence[str]) -> str:
     """The model id to use: ``requested`` if the router serves it, the first served one when the
-    body named none. Raises UnknownModelError (404) for any other name."""
+    body named none. Raises UnknownModelError (404) for any other name (a LoRA adapter's too:
+    adapters are not served yet, and a request for one must not get the base model)."""
     if not served:
         raise InternalError("the router lists no models")
     if requested is None:
@@ -440,7 +449,8 @@ def resolve_model(requested: str | None, served: Sequence[str]) -> str:
     if requested in served:
         return requested
     raise UnknownModelError(
-        f"The model '{requested}' does not exist; this server serves: {', '.join(served)}"
+        f"The model '{requested}' does not exist; this server serves: {', '.join(served)} "
+        f"(LoRA adapters are not served: '{requested}' cannot name one)"
     )
 
 
@@ -457,11 +467,6 @@ class ResponseMeta:
     model: str
     include_usage: bool = False
     logprobs: bool = False
-
-
-def token_label(token_id: int) -> str:
-    """How a token is named in logprobs: the SDK streams ids, not per-token strings."""
-    return f"token_id:{token_id}"
 
 
 def usage_dict(fin: Finish) -> dict[str, Any]:
@@ -489,32 +494,71 @@ def pdserve_dict(request_id: str, fin: Finish) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class _TokenLp:
-    token_id: int
-    logprob: float
+    """A sampled token's logprob (the SDK's, with token text and bytes) and the offset of its text
+    in the generated text."""
+
+    lp: TokenLogprob
     offset: int
 
 
+def _finite(v: float) -> float:
+    return max(float(v), MIN_LOGPROB)
+
+
+def _unrendered_stop(c: Chunk) -> bool:
+    """Whether ``c``'s last token is the stop token (EOS or a stop token id) that ended the request:
+    it has no text in the response, so its logprob is not listed (the listed tokens spell the
+    text, as in OpenAI's responses; ``usage.completion_tokens`` still counts it)."""
+    f = c.finish
+    return (
+        f is not None
+        and FinishReason.from_sdk(f.reason) is FinishReason.STOP
+        and bool(c.token_ids)
+        and bool(c.logprobs)
+        and f.stop == str(c.token_ids[-1])
+        and c.logprobs[-1].token_id == c.token_ids[-1]
+    )
+
+
 def _token_logprobs(chunk: Chunk, offset: int) -> list[_TokenLp]:
-    """Logprobs of one chunk's tokens; every token gets the text offset where its chunk starts."""
-    return [_TokenLp(int(t), float(lp), offset) for t, lp in chunk.logprobs]
+    """Logprobs of one chunk's tokens; the chunk's text starts at ``offset`` of the generated text.
+    A token's offset is where its text starts (offset + the lengths of the chunk's tokens before
+    it, at most the chunk's end)."""
+    lps = chunk.logprobs[:-1] if _unrendered_stop(chunk) else chunk.logprobs
+    end = offset + len(chunk.text)
+    out: list[_TokenLp] = []
+    at = offset
+    for lp in lps:
+        out.append(_TokenLp(lp, min(at, end)))
+        at += len(lp.token)
+    return out
 
 
 def _completion_logprobs(lps: Sequence[_TokenLp]) -> dict[str, Any]:
-    """Legacy completions ``logprobs`` object. ``top_logprobs`` is null: the SDK does not carry the
-    alternatives."""
+    """Legacy completions ``logprobs`` object: per token its text, logprob, the ``logprobs``
+    most likely alternatives as ``{text: logprob}`` and its ``text_offset``."""
     return {
-        "tokens": [token_label(x.token_id) for x in lps],
-        "token_logprobs": [x.logprob for x in lps],
-        "top_logprobs": None,
+        "tokens": [x.lp.token for x in lps],
+        "token_logprobs": [_finite(x.lp.logprob) for x in lps],
+        "top_logprobs": [{t.token: _finite(t.logprob) for t in x.lp.top} for x in lps],
         "text_offset": [x.offset for x in lps],
     }
 
 
 def _chat_logprobs(lps: Sequence[_TokenLp]) -> dict[str, Any]:
-    """Chat ``logprobs`` object (``content`` entries; ``top_logprobs`` empty, see above)."""
+    """Chat ``logprobs`` object: ``content`` entries with token text, logprob, UTF-8 ``bytes`` and
+    the ``top_logprobs`` alternatives (the same fields)."""
     return {
         "content": [
-            {"token": token_label(x.token_id), "logprob": x.logprob, "bytes": None, "top_logprobs": []}
+            {
+                "token": x.lp.token,
+                "logprob": _finite(x.lp.logprob),
+                "bytes": list(x.lp.token_bytes),
+                "top_logprobs": [
+                    {"token": t.token, "logprob": _finite(t.logprob), "bytes": list(t.token_bytes)}
+                    for t in x.lp.top
+                ],
+            }
             for x in lps
         ]
     }
@@ -563,10 +607,13 @@ class StreamTranslator:
     """SDK chunks -> streamed OpenAI chunk objects, in order.
 
     Call :meth:`start` once (chat: the ``{"role": "assistant"}`` chunk), :meth:`chunk` for every SDK
-    chunk (a content chunk when it has text or tokens; then, on the SDK's finish, a chunk with an
-    empty delta, ``finish_reason`` and the ``pdserve`` timing object), and :meth:`end` once (the
-    ``usage`` chunk with ``choices: []`` when ``include_usage``; raises InternalError if no finish
-    was seen). With ``include_usage`` every other chunk has ``"usage": null``, as OpenAI sends.
+    chunk (a content chunk only when it has text: a token without text of its own, such as the
+    end-of-sequence token or part of a UTF-8 character, makes no empty chunk; then, on the SDK's
+    finish, a chunk with an empty delta, ``finish_reason`` and the ``pdserve`` timing object), and
+    :meth:`end` once (the ``usage`` chunk with ``choices: []`` when ``include_usage``; raises
+    InternalError if no finish was seen). With ``include_usage`` every other chunk has
+    ``"usage": null``, as OpenAI sends. Logprobs of tokens whose chunk had no text ride on the
+    next content chunk (or the finish chunk), so every listed token is sent exactly once.
     """
 
     def __init__(self, meta: ResponseMeta) -> None:
@@ -574,6 +621,7 @@ class StreamTranslator:
         self._offset = 0
         self._finish: Finish | None = None
         self._rid = ""
+        self._pending: list[_TokenLp] = []  # logprobs of tokens not yet sent
 
     def _obj(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         o: dict[str, Any] = {
@@ -615,18 +663,26 @@ class StreamTranslator:
         """Chunks for one SDK chunk (zero, one or two)."""
         out: list[dict[str, Any]] = []
         self._rid = c.request_id or self._rid
-        if c.text or c.token_ids:
-            lp = None
-            if self.meta.logprobs:
-                lp = _logprobs_obj(self.meta.kind, _token_logprobs(c, self._offset))
-            out.append(self._obj([self._choice(c.text, logprobs=lp)]))
+        if self.meta.logprobs:
+            self._pending += _token_logprobs(c, self._offset)
+        if c.text:
+            out.append(self._obj([self._choice(c.text, logprobs=self._take_logprobs())]))
             self._offset += len(c.text)
         if c.finish is not None:
             self._finish = c.finish
-            last = self._obj([self._choice(None, finish=FinishReason.from_sdk(c.finish.reason).value)])
+            fr = FinishReason.from_sdk(c.finish.reason).value
+            last = self._obj([self._choice(None, logprobs=self._take_logprobs(), finish=fr)])
             last["pdserve"] = pdserve_dict(self._rid, c.finish)
             out.append(last)
         return out
+
+    def _take_logprobs(self) -> dict[str, Any] | None:
+        """The logprobs object of the pending tokens (None when there are none), emptying them."""
+        if not self._pending:
+            return None
+        lp = _logprobs_obj(self.meta.kind, self._pending)
+        self._pending = []
+        return lp
 
     @property
     def finished(self) -> bool:

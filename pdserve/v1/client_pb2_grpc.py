@@ -56,8 +56,12 @@ class GenerateServicer:
 
     def Generate(self, request, context):
         """Streams the output of one request: zero or more deltas, then exactly one message whose
-        `finish` is set. Errors arrive as a gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED with
-        metadata pdserve-retry-after-s, ...).
+        `finish` is set. Errors arrive as a gRPC status (INVALID_ARGUMENT, e.g. prompt tokens +
+        max_tokens beyond the model's context; NOT_FOUND for a model or adapter not served;
+        RESOURCE_EXHAUSTED with metadata pdserve-retry-after-s, ...).
+        grpc.health.v1.Health for "" and "pdserve.v1.Generate" is NOT_SERVING while the router
+        cannot place a request (no decode worker, or no prefill worker unless the policy is
+        colocated), SERVING otherwise.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -134,6 +134,7 @@ class KVHandle(_message.Message):
         "lease_expires_at_unix_s",
         "dist_address",
         "dist_rank",
+        "block_checksums",
     )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +146,7 @@ class KVHandle(_message.Message):
     LEASE_EXPIRES_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     DIST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DIST_RANK_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     locations: _containers.RepeatedCompositeFieldContainer[BlockLocation]
@@ -155,6 +157,7 @@ class KVHandle(_message.Message):
     lease_expires_at_unix_s: float
     dist_address: str
     dist_rank: int
+    block_checksums: _containers.RepeatedScalarFieldContainer[int]
     def __init__(
         self,
         request_id: str | None = ...,
@@ -167,36 +170,46 @@ class KVHandle(_message.Message):
         lease_expires_at_unix_s: float | None = ...,
         dist_address: str | None = ...,
         dist_rank: int | None = ...,
+        block_checksums: _Iterable[int] | None = ...,
     ) -> None: ...
 
 class TopLogprob(_message.Message):
-    __slots__ = ("token_id", "logprob", "token")
+    __slots__ = ("token_id", "logprob", "token", "token_bytes")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     logprob: float
     token: str
+    token_bytes: bytes
     def __init__(
-        self, token_id: int | None = ..., logprob: float | None = ..., token: str | None = ...
+        self,
+        token_id: int | None = ...,
+        logprob: float | None = ...,
+        token: str | None = ...,
+        token_bytes: bytes | None = ...,
     ) -> None: ...
 
 class TokenLogprob(_message.Message):
-    __slots__ = ("token_id", "logprob", "token", "top_logprobs")
+    __slots__ = ("token_id", "logprob", "token", "top_logprobs", "token_bytes")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     logprob: float
     token: str
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprob]
+    token_bytes: bytes
     def __init__(
         self,
         token_id: int | None = ...,
         logprob: float | None = ...,
         token: str | None = ...,
         top_logprobs: _Iterable[TopLogprob | _Mapping] | None = ...,
+        token_bytes: bytes | None = ...,
     ) -> None: ...
 
 class Usage(_message.Message):

@@ -3,12 +3,13 @@ the exception -> HTTP error mapping, on hand-built inputs (no server, no cluster
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from http import HTTPStatus
 
 import pytest
 
-from pdserve.client import Chunk, Finish, build_request
+from pdserve.client import Chunk, Finish, TokenLogprob, TopLogprob, build_request
 from pdserve.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -276,11 +277,31 @@ def _finish(reason="length", completion_tokens=3) -> Finish:
     )
 
 
+def _lp(token_id: int, logprob: float, raw: bytes, top: tuple[TopLogprob, ...] = ()) -> TokenLogprob:
+    """A logprob as the SDK delivers it: the router names each token (text and exact bytes)."""
+    return TokenLogprob(token_id, logprob, raw.decode("utf-8", errors="replace"), raw, top)
+
+
+_TOP = (TopLogprob(10, -0.5, "Hel", b"Hel"), TopLogprob(20, -1.5, "Help", b"Help"))
+
+
 def _chunks(reason="length") -> list[Chunk]:
     return [
-        Chunk("r1", [10], "Hel", [(10, -0.5)]),
-        Chunk("r1", [11], "", [(11, -1.0)]),  # a token whose text is held back
-        Chunk("r1", [12], "lo!", [(12, -0.25)], _finish(reason)),
+        Chunk("r1", [10], "Hel", [_lp(10, -0.5, b"Hel", _TOP)]),
+        # the first two bytes of U+2014: no text of its own yet (held back)
+        Chunk("r1", [11], "", [_lp(11, -1.0, b"\xe2\x80")]),
+        Chunk("r1", [12, 13], "\u2014!", [_lp(12, -0.25, b"\x94"), _lp(13, -0.125, b"!")], _finish(reason)),
+    ]
+
+
+def _eos_chunks() -> list[Chunk]:
+    """Ends with the end-of-sequence token (id 2), which has no text: the router sends it in the
+    last message, with finish.stop naming it."""
+    fin = dataclasses.replace(_finish("stop", completion_tokens=5), stop="2")
+    return [
+        *_chunks()[:2],
+        Chunk("r1", [12, 13], "\u2014!", [_lp(12, -0.25, b"\x94"), _lp(13, -0.125, b"!")]),
+        Chunk("r1", [2], "", [_lp(2, -0.01, b"<|im_end|>")], fin),
     ]
 
 
@@ -289,13 +310,14 @@ def test_build_completion_response():
     r = build_response(meta, _chunks())
     assert (r["id"], r["object"], r["created"], r["model"]) == ("cmpl-x", "text_completion", 1700, "m")
     (c,) = r["choices"]
-    assert c["index"] == 0 and c["text"] == "Hello!" and c["finish_reason"] == "length"
+    assert c["index"] == 0 and c["text"] == "Hel\u2014!" and c["finish_reason"] == "length"
     assert c["logprobs"] == {
-        "tokens": ["token_id:10", "token_id:11", "token_id:12"],
-        "token_logprobs": [-0.5, -1.0, -0.25],
-        "top_logprobs": None,
-        "text_offset": [0, 3, 3],
+        "tokens": ["Hel", "\ufffd", "\ufffd", "!"],
+        "token_logprobs": [-0.5, -1.0, -0.25, -0.125],
+        "top_logprobs": [{"Hel": -0.5, "Help": -1.5}, {}, {}, {}],
+        "text_offset": [0, 3, 3, 4],  # "!" starts after "Hel" + U+2014
     }
+    assert c["text"][c["logprobs"]["text_offset"][3]] == "!"
     assert r["usage"] == {
         "prompt_tokens": 5,
         "completion_tokens": 3,
@@ -313,17 +335,49 @@ def test_build_chat_response():
     r = build_response(meta, _chunks("stop"))
     assert r["object"] == "chat.completion"
     (c,) = r["choices"]
-    assert c["message"] == {"role": "assistant", "content": "Hello!"}
+    assert c["message"] == {"role": "assistant", "content": "Hel\u2014!"}
     assert c["finish_reason"] == "stop" and c["logprobs"] is None
     with pytest.raises(InternalError):
         build_response(meta, _chunks()[:2])
 
 
-def test_chat_logprobs_shape():
+def test_chat_logprobs_have_token_text_bytes_and_alternatives():
     meta = ResponseMeta(ApiKind.CHAT, "c", 1, "m", logprobs=True)
     lp = build_response(meta, _chunks())["choices"][0]["logprobs"]
-    assert [e["token"] for e in lp["content"]] == ["token_id:10", "token_id:11", "token_id:12"]
-    assert lp["content"][0] == {"token": "token_id:10", "logprob": -0.5, "bytes": None, "top_logprobs": []}
+    assert [e["token"] for e in lp["content"]] == ["Hel", "\ufffd", "\ufffd", "!"]
+    assert lp["content"][0] == {
+        "token": "Hel",
+        "logprob": -0.5,
+        "bytes": [72, 101, 108],
+        "top_logprobs": [
+            {"token": "Hel", "logprob": -0.5, "bytes": [72, 101, 108]},
+            {"token": "Help", "logprob": -1.5, "bytes": [72, 101, 108, 112]},
+        ],
+    }
+    # the bytes of the tokens spell the text exactly, even where a token splits a character
+    raw = b"".join(bytes(e["bytes"]) for e in lp["content"])
+    assert raw.decode() == "Hel\u2014!"
+
+
+def test_eos_token_is_not_listed_and_makes_no_empty_chunk():
+    meta = ResponseMeta(ApiKind.CHAT, "c", 1, "m", logprobs=True)
+    r = build_response(meta, _eos_chunks())
+    (c,) = r["choices"]
+    assert c["message"]["content"] == "Hel\u2014!" and c["finish_reason"] == "stop"
+    assert [e["token"] for e in c["logprobs"]["content"]] == ["Hel", "\ufffd", "\ufffd", "!"]
+    assert r["usage"]["completion_tokens"] == 5  # the EOS token is still counted
+    tr = StreamTranslator(meta)
+    out = tr.start()
+    for ch in _eos_chunks():
+        out += tr.chunk(ch)
+    out += tr.end()
+    content = [o["choices"][0] for o in out[1:] if "content" in o["choices"][0]["delta"]]
+    assert all(ch["delta"]["content"] for ch in content), "a chunk without text was sent"
+    assert [ch["delta"]["content"] for ch in content] == ["Hel", "\u2014!"]
+    last = out[-1]["choices"][0]
+    assert last["delta"] == {} and last["finish_reason"] == "stop" and last["logprobs"] is None
+    streamed = [e["token"] for ch in content for e in ch["logprobs"]["content"]]
+    assert streamed == ["Hel", "\ufffd", "\ufffd", "!"]  # each listed once, the EOS not at all
 
 
 def test_stream_chat_chunks():
@@ -337,7 +391,7 @@ def test_stream_chat_chunks():
     assert out[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert out[0]["choices"][0]["finish_reason"] is None
     body = [o for o in out[1:] if o["choices"] and "content" in o["choices"][0]["delta"]]
-    assert "".join(o["choices"][0]["delta"]["content"] for o in body) == "Hello!"
+    assert [o["choices"][0]["delta"]["content"] for o in body] == ["Hel", "\u2014!"]  # no empty chunk
     with_choices = [o for o in out if o["choices"]]
     last = with_choices[-1]
     assert last["choices"][0]["finish_reason"] == "stop" and last["choices"][0]["delta"] == {}
@@ -355,10 +409,21 @@ def test_stream_completion_chunks_without_usage():
         out += tr.chunk(c)
     out += tr.end()
     assert all(o["object"] == "text_completion" and "usage" not in o for o in out)
-    assert "".join(o["choices"][0]["text"] for o in out) == "Hello!"
+    assert [o["choices"][0]["text"] for o in out] == ["Hel", "\u2014!", ""]  # the last: finish only
     assert out[-1]["choices"][0]["finish_reason"] == "length"
-    assert out[1]["choices"][0]["logprobs"]["tokens"] == ["token_id:11"]  # a token with empty text
-    assert out[2]["choices"][0]["logprobs"]["text_offset"] == [3]
+    # the token with no text of its own rides on the next chunk that has text
+    assert out[1]["choices"][0]["logprobs"]["tokens"] == ["\ufffd", "\ufffd", "!"]
+    assert out[1]["choices"][0]["logprobs"]["text_offset"] == [3, 3, 4]
+    assert out[1]["choices"][0]["logprobs"]["top_logprobs"] == [{}, {}, {}]
+
+
+def test_minus_infinity_logprob_is_finite_json():
+    meta = ResponseMeta(ApiKind.COMPLETION, "x", 1, "m", logprobs=True)
+    top = (TopLogprob(5, float("-inf"), "a", b"a"),)
+    chunks = [Chunk("r", [5], "a", [_lp(5, float("-inf"), b"a", top)], _finish())]
+    lp = build_response(meta, chunks)["choices"][0]["logprobs"]
+    assert lp["token_logprobs"] == [-9999.0] and lp["top_logprobs"] == [{"a": -9999.0}]
+    json.loads(json.dumps(lp, allow_nan=False))
 
 
 def test_stream_without_finish_is_an_error():
