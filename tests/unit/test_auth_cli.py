@@ -1,0 +1,63 @@
+"""``pdserve keys`` (pdserve.keys_cli) on a key file: add prints the key once and stores only its
+hash; list never shows keys; revoke applies to a running server's store at once; tenant limits."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from pdserve.auth.keys import FileKeyStore, authenticate, key_id_of
+from pdserve.auth.tenants import TenantPolicy
+from pdserve.errors import InvalidRequestError, ModelNotFoundError, UnauthenticatedError
+from pdserve.keys_cli import ENV_STORE, register
+
+
+def run(*argv: str) -> int:
+    ap = argparse.ArgumentParser(prog="pdserve")
+    register(ap.add_subparsers(dest="command", required=True))
+    a = ap.parse_args(list(argv))
+    return a.func(a)
+
+
+def test_add_list_revoke_tenant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_path / "keys.yaml")
+    assert run("keys", "--store", path, "add", "--tenant", "acme") == 0
+    out, err = capsys.readouterr()
+    key = out.strip()
+    kid = key_id_of(key)
+    assert kid is not None and "shown only now" in err
+    text = Path(path).read_text()
+    assert key not in text and kid in text
+
+    server = FileKeyStore(path)
+    assert authenticate(server, key).tenant == "acme"
+
+    assert run("keys", "--store", path, "list") == 0
+    listing = capsys.readouterr().out
+    assert kid in listing and "active" in listing and key not in listing
+
+    assert run("keys", "--store", path, "tenant", "acme", "--max-inflight", "3", "--rate", "2") == 0
+    assert run("keys", "--store", path, "tenant", "acme", "--salt-group", "pub") == 0  # keeps the rest
+    assert "salt_group='pub'" in capsys.readouterr().out
+    assert authenticate(server, key).policy == TenantPolicy(max_inflight=3, rate_per_s=2.0, salt_group="pub")
+
+    assert run("keys", "--store", path, "revoke", kid) == 0
+    with pytest.raises(UnauthenticatedError, match="revoked"):
+        authenticate(server, key)
+    run("keys", "--store", path, "list")
+    assert "revoked" in capsys.readouterr().out
+
+
+def test_errors_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_STORE, raising=False)
+    with pytest.raises(InvalidRequestError, match="--store"):
+        run("keys", "list")
+    monkeypatch.setenv(ENV_STORE, str(tmp_path / "k.json"))
+    with pytest.raises(ModelNotFoundError, match="no API key"):
+        run("keys", "revoke", "pdsk_000000000000")
+    with pytest.raises(InvalidRequestError, match="tenant name"):
+        run("keys", "add", "--tenant", "no spaces")
+    with pytest.raises(InvalidRequestError, match="max_inflight"):
+        run("keys", "tenant", "acme", "--max-inflight", "0")
