@@ -83,6 +83,12 @@ class UnavailableError(PdserveError):
     code = ErrorCode.UNAVAILABLE
 
 
+class StoreUnavailableError(UnavailableError):
+    """A KV store node cannot be reached. Raised by the store's clients (the worker or router
+    that called it is healthy): the router fails the request naming the store and keeps the
+    worker registered, instead of treating the worker as lost."""
+
+
 class DeadlineExceededError(PdserveError):
     code = ErrorCode.DEADLINE_EXCEEDED
 

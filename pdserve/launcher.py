@@ -18,12 +18,22 @@ it (``--index URL``) and finds cached prefixes there itself. ``store_args`` are 
 the store node. ``dist``: directly, over one torch.distributed process group that every worker
 joins (``dist_backend`` gloo | nccl; a free loopback port is allocated for its TCP store;
 prefill-i is rank i, decode-i rank ``num_prefill + i``; see :mod:`pdserve.worker_main`).
+
+``ClusterSpec.tls``: run every process with TLS, mutual TLS between them and a cluster token
+(:mod:`pdserve.security`). ``pki_dir`` names a ``pdserve certs`` folder to use; without one a
+development CA, certificates and token are made in a temporary folder that ``stop()`` removes.
+``LocalCluster.pki`` names the files (``pki.ca`` is what a client needs:
+``Client(cl.router_address, ca=cl.pki.ca)``). Without ``tls`` every process serves plaintext on
+127.0.0.1 (the development mode; flags and ``PDSERVE_*`` variables of this process still reach
+the children through their environment).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,10 +41,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.models.config import ModelConfig
 from pdserve.errors import UnavailableError
 from pdserve.kv_transfer import DistBackend, KVTransport
+from pdserve.security import SecurityConfig, TLSMode
+
+if TYPE_CHECKING:
+    from pdserve.certs import PkiPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +79,8 @@ class ClusterSpec:
     replication_factor: int = 1  # copies per block across the store nodes (needs a shared index)
     kv_transport: KVTransport = KVTransport.STORE  # "store" | "dist" (strings are accepted)
     dist_backend: DistBackend = DistBackend.GLOO  # kv_transport "dist": "gloo" (CPU) | "nccl" (GPU)
+    tls: bool = False  # TLS + mTLS + cluster token on every process (see module docstring)
+    pki_dir: str = ""  # with tls: a `pdserve certs` folder ("": a fresh dev CA in a temp folder)
 
     def __post_init__(self) -> None:
         try:
@@ -83,7 +100,8 @@ class ClusterSpec:
 @dataclass
 class LocalCluster:
     spec: ClusterSpec
-    router_address: str = ""
+    router_address: str = ""  # the router's data plane (Generate): what clients use
+    control_address: str = ""  # the router's control plane (Registry): what workers register at
     store_address: str = ""  # kv0: the node the workers use
     store_node_id: str = ""
     store_addresses: dict[str, str] = field(default_factory=dict)  # node id -> address, every store
@@ -91,6 +109,10 @@ class LocalCluster:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, list[str]] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)  # process name -> /metrics host:port
+    pki: PkiPaths | None = None  # tls: the certificates and tokens every process uses
+    security: SecurityConfig | None = None  # tls: what the processes run with (client side too)
+    _tmp: str = ""  # a dev PKI folder made for this cluster, removed by stop()
+    argv: dict[str, list[str]] = field(default_factory=dict)  # process name -> its python arguments
 
     def write_file_sd(self, path: str | Path) -> Path:
         """Write (atomically replace) a Prometheus ``file_sd_configs`` JSON file: one target group
@@ -117,17 +139,50 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = ""
 
     def kill(self, name: str) -> None:
         p = self.procs[name]
         p.kill()
         p.wait()
 
+    def restart(self, name: str, timeout_s: float | None = None) -> dict:
+        """Start process ``name`` again (after :meth:`kill` or a crash) with its arguments, on the
+        port it served before (``--port``), so that its peers find it where they left it; returns
+        its ready line. Raises RuntimeError while it still runs."""
+        p = self.procs[name]
+        if p.poll() is None:
+            raise RuntimeError(f"{name} is still running: kill it first")
+        stores = {
+            ("store" if i == 0 else f"store-{i}"): a for i, a in enumerate(self.store_addresses.values())
+        }
+        known = {**stores, **self.workers, "router": self.router_address}
+        if not known.get(name):
+            raise RuntimeError(f"no address known for {name}")
+        args = _pin(list(self.argv[name]), "--port", _port(known[name]))
+        if name == "router" and self.control_address:
+            args = _pin(args, "--control-port", _port(self.control_address))
+        return _spawn(self, name, args, timeout_s or self.spec.startup_timeout_s)
+
     def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _port(address: str) -> str:
+    return address.rsplit(":", 1)[1]
+
+
+def _pin(args: list[str], flag: str, value: str) -> list[str]:
+    """``args`` with ``flag value`` (replacing the flag's value when it is there)."""
+    if flag in args:
+        args[args.index(flag) + 1] = value
+        return args
+    return [*args, flag, value]
 
 
 _COMPONENT = {"store": "kv_store", "router": "router", "prefill": "prefill", "decode": "decode"}
@@ -144,6 +199,31 @@ def _ready_info(line: str) -> dict | None:
     return obj if isinstance(obj, dict) and "address" in obj and "msg" not in obj else None
 
 
+def _wait_ready(p: subprocess.Popen, got: threading.Event, timeout_s: float) -> int | None:
+    """Wait for the ready line (``got``) for at most ``timeout_s``; returns the child's exit status
+    as soon as it has exited without one, None otherwise (ready, or still running at the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while not got.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+        if p.poll() is not None:
+            return p.returncode
+        if time.monotonic() >= deadline:
+            return None
+    return None
+
+
+def _error_line(lines: list[str]) -> str:
+    """The child's own account of its failure: the last ``<prog>: error: ...`` line it printed
+    (argparse and the workers' start-up failures), else the last exception line of a traceback,
+    else its last line."""
+    for line in reversed(lines):
+        if ": error: " in line and not line.startswith("{"):
+            return line
+    for line in reversed(lines):
+        if line and not line[0].isspace() and ("Error" in line or "Exception" in line) and ": " in line:
+            return line
+    return lines[-1] if lines else "(no output)"
+
+
 def _spawn(cluster: LocalCluster, name: str, args: list[str], timeout_s: float) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -158,6 +238,7 @@ def _spawn(cluster: LocalCluster, name: str, args: list[str], timeout_s: float) 
         cwd=ROOT,
     )
     cluster.procs[name] = p
+    cluster.argv[name] = list(args)
     lines: list[str] = []
     cluster.logs[name] = lines
     ready: dict = {}
@@ -174,10 +255,22 @@ def _spawn(cluster: LocalCluster, name: str, args: list[str], timeout_s: float) 
         p.stdout.close()
         got.set()
 
-    threading.Thread(target=pump, daemon=True, name=f"log-{name}").start()
-    if not got.wait(timeout_s) or not ready:
+    pumper = threading.Thread(target=pump, daemon=True, name=f"log-{name}")
+    pumper.start()
+    exit_code = _wait_ready(p, got, timeout_s)
+    if exit_code is not None or not ready:
+        if exit_code is not None:
+            pumper.join(2.0)  # the rest of what it wrote (a grandchild may hold the pipe open)
+        elif got.is_set():  # its output ended without a ready line: it is exiting
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                exit_code = p.wait(5.0)
         cluster.stop()
         tail = "\n".join(lines[-20:])
+        if exit_code is not None:
+            raise UnavailableError(
+                f"{name} exited with status {exit_code} before it was ready: {_error_line(lines)}\n"
+                f"its last output:\n{tail}"
+            )
         raise UnavailableError(f"{name} did not start within {timeout_s}s:\n{tail}")
     if "metrics" in ready:
         cluster.metrics[name] = ready["metrics"]
@@ -191,10 +284,44 @@ def router_index_args(index_url: str) -> list[str]:
     return [] if index_url == "memory" else ["--index", index_url]
 
 
+def _setup_security(cl: LocalCluster) -> list[str]:
+    """With ``spec.tls``: the PKI (``pki_dir``, else a dev CA made in a temp folder owned by
+    ``cl``) and the flags that run a process with TLS, mTLS and the cluster token; else []."""
+    spec = cl.spec
+    if not spec.tls:
+        if spec.pki_dir:
+            raise ValueError("ClusterSpec.pki_dir is only used with tls=True")
+        return []
+    import tempfile
+
+    from pdserve.certs import PkiPaths, write_dev_pki
+
+    if spec.pki_dir:
+        d = Path(spec.pki_dir)
+        cl.pki = PkiPaths(
+            *(d / n for n in ("ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key")),
+            d / "cluster-token",
+            d / "metrics-token",
+        )
+    else:
+        cl._tmp = tempfile.mkdtemp(prefix="pdserve-pki-")
+        cl.pki = write_dev_pki(cl._tmp)
+    p = cl.pki
+    cl.security = SecurityConfig(
+        tls=TLSMode.ON,
+        ca_file=str(p.ca),
+        cert_file=str(p.server_cert),
+        key_file=str(p.server_key),
+        cluster_token_file=str(p.cluster_token),
+    )  # reads the files: a missing one fails here, naming it
+    return cl.security.to_args()
+
+
 def launch(spec: ClusterSpec) -> LocalCluster:
     from pdserve.v1 import router_pb2  # noqa: F401 - fail early if protos are missing
 
     cl = LocalCluster(spec)
+    sec = _setup_security(cl)  # the security flags of every process ([] without tls)
     mc = ModelConfig.from_path(spec.model_path)
     model_id = Path(spec.model_path).name
     t = spec.startup_timeout_s
@@ -225,6 +352,7 @@ def launch(spec: ClusterSpec) -> LocalCluster:
                 spec.index_url,
                 "--replication-factor",
                 str(spec.replication_factor),
+                *sec,
                 *spec.store_args,
             ],
             t,
@@ -249,22 +377,27 @@ def launch(spec: ClusterSpec) -> LocalCluster:
             str(spec.router_port),
             *store_flag,
             *index_flag,
+            *sec,
             *spec.router_args,
         ],
         t,
     )
     cl.router_address = router["address"]
+    # workers register and heartbeat on the router's control port (its own server and threads:
+    # client load cannot delay heartbeats); a router without one serves Registry on its address
+    cl.control_address = router.get("control") or cl.router_address
     common = [
         "--model",
         spec.model_path,
         "--store",
         cl.store_address,
         "--router",
-        cl.router_address,
+        cl.control_address,
         "--kv-blocks",
         str(spec.worker_kv_blocks),
         "--block-size",
         str(spec.block_size),
+        *sec,
         *spec.worker_args,
     ]
     world = spec.num_prefill + spec.num_decode
@@ -299,7 +432,12 @@ def wait_registered(cl: LocalCluster, timeout_s: float) -> None:
 
     from pdserve.v1 import client_pb2, client_pb2_grpc, common_pb2
 
-    ch = grpc.insecure_channel(cl.router_address)
+    if cl.pki is not None:  # the client API: TLS, verified against the cluster CA, no token
+        from pdserve.security import client_credentials
+
+        ch = grpc.secure_channel(cl.router_address, client_credentials(ca=str(cl.pki.ca)))
+    else:
+        ch = grpc.insecure_channel(cl.router_address)
     stub = client_pb2_grpc.GenerateStub(ch)
     deadline = time.monotonic() + timeout_s
     try:

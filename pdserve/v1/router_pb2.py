@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import worker_pb2 as pdserve_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/router.proto\x12\npdserve.v1\x1a\x17pdserve/v1/worker.proto\"\x92\x01\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12&\n\x05stats\x18\x05 \x01(\x0b\x32\x17.pdserve.v1.WorkerStats\"M\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x02 \x01(\x01\"M\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.pdserve.v1.WorkerStats\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"#\n\x12\x44\x65registerResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xe8\x01\n\x08Registry\x12\x45\n\x08Register\x12\x1b.pdserve.v1.RegisterRequest\x1a\x1c.pdserve.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1d.pdserve.v1.HeartbeatResponse\x12K\n\nDeregister\x12\x1d.pdserve.v1.DeregisterRequest\x1a\x1e.pdserve.v1.DeregisterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/router.proto\x12\npdserve.v1\x1a\x17pdserve/v1/worker.proto\"\x92\x01\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12&\n\x05stats\x18\x05 \x01(\x0b\x32\x17.pdserve.v1.WorkerStats\"f\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x02 \x01(\x01\x12\x17\n\x0f\x63ontrol_address\x18\x03 \x01(\t\"M\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.pdserve.v1.WorkerStats\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"#\n\x12\x44\x65registerResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xe8\x01\n\x08Registry\x12\x45\n\x08Register\x12\x1b.pdserve.v1.RegisterRequest\x1a\x1c.pdserve.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1d.pdserve.v1.HeartbeatResponse\x12K\n\nDeregister\x12\x1d.pdserve.v1.DeregisterRequest\x1a\x1e.pdserve.v1.DeregisterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_start=65
   _globals['_REGISTERREQUEST']._serialized_end=211
   _globals['_REGISTERRESPONSE']._serialized_start=213
-  _globals['_REGISTERRESPONSE']._serialized_end=290
-  _globals['_HEARTBEATREQUEST']._serialized_start=292
-  _globals['_HEARTBEATREQUEST']._serialized_end=369
-  _globals['_HEARTBEATRESPONSE']._serialized_start=371
-  _globals['_HEARTBEATRESPONSE']._serialized_end=405
-  _globals['_DEREGISTERREQUEST']._serialized_start=407
-  _globals['_DEREGISTERREQUEST']._serialized_end=445
-  _globals['_DEREGISTERRESPONSE']._serialized_start=447
-  _globals['_DEREGISTERRESPONSE']._serialized_end=482
-  _globals['_REGISTRY']._serialized_start=485
-  _globals['_REGISTRY']._serialized_end=717
+  _globals['_REGISTERRESPONSE']._serialized_end=315
+  _globals['_HEARTBEATREQUEST']._serialized_start=317
+  _globals['_HEARTBEATREQUEST']._serialized_end=394
+  _globals['_HEARTBEATRESPONSE']._serialized_start=396
+  _globals['_HEARTBEATRESPONSE']._serialized_end=430
+  _globals['_DEREGISTERREQUEST']._serialized_start=432
+  _globals['_DEREGISTERREQUEST']._serialized_end=470
+  _globals['_DEREGISTERRESPONSE']._serialized_start=472
+  _globals['_DEREGISTERRESPONSE']._serialized_end=507
+  _globals['_REGISTRY']._serialized_start=510
+  _globals['_REGISTRY']._serialized_end=742
 # @@protoc_insertion_point(module_scope)

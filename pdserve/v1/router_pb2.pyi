@@ -30,13 +30,18 @@ class RegisterRequest(_message.Message):
     ) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_s", "heartbeat_timeout_s")
+    __slots__ = ("heartbeat_interval_s", "heartbeat_timeout_s", "control_address")
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
+    control_address: str
     def __init__(
-        self, heartbeat_interval_s: float | None = ..., heartbeat_timeout_s: float | None = ...
+        self,
+        heartbeat_interval_s: float | None = ...,
+        heartbeat_timeout_s: float | None = ...,
+        control_address: str | None = ...,
     ) -> None: ...
 
 class HeartbeatRequest(_message.Message):

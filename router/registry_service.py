@@ -1,0 +1,103 @@
+"""The router's control plane: the worker Registry service and its own gRPC server.
+
+Workers register and heartbeat here (:class:`RegistryServicer` over :class:`router.registry.Registry`).
+The control plane is isolated from the Generate data plane (DESIGN, issue #12): it has its own
+server, port and thread pool (:func:`start_control_server`), so no number of client streams, nor
+clients that stop reading, delays a heartbeat past its timeout and makes the router drop healthy
+workers.
+
+Addresses: the router serves Registry on the control port and, for compatibility, on the data
+port too. ``RegisterResponse.control_address`` names the control port, so a worker that was only
+given the router's (data) address registers there once and then heartbeats on the control port
+(:class:`pdserve.worker_base.Heartbeater`); a worker given the control address uses it throughout.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health
+
+from pdserve.errors import InvalidRequestError
+from pdserve.v1 import router_pb2, worker_pb2
+from router.registry import Registry, WorkerKind, WorkerLoad
+
+if TYPE_CHECKING:
+    from router.service import RouterConfig
+
+log = logging.getLogger(__name__)
+
+CONTROL_THREADS = 4  # the control server's own pool: Register / Heartbeat / Deregister are short
+
+_KINDS = {
+    worker_pb2.WORKER_ROLE_PREFILL: WorkerKind.PREFILL,
+    worker_pb2.WORKER_ROLE_DECODE: WorkerKind.DECODE,
+}
+
+
+def load_from_proto(s: worker_pb2.WorkerStats) -> WorkerLoad:
+    """A heartbeat's stats as the registry keeps them."""
+    return WorkerLoad(
+        s.num_waiting,
+        s.num_running,
+        s.kv_blocks_total,
+        s.kv_blocks_used,
+        block_size=s.kv_layout.block_size,
+        token_budget=s.token_budget,
+    )
+
+
+class RegistryServicer:
+    """The Registry service. Every method is short and non-blocking (a dict update under the
+    registry's lock), so the same instance may serve on a thread pool or an asyncio loop.
+
+    ``config``: the router's (its heartbeat interval and timeout are told to every worker).
+    ``control_address``: answered in every RegisterResponse (set it once the control server has
+    bound its port); empty means "heartbeat where you registered".
+    """
+
+    def __init__(self, registry: Registry, config: RouterConfig, control_address: str = "") -> None:
+        self.registry = registry
+        self.config = config
+        self.control_address = control_address
+
+    def Register(self, req: router_pb2.RegisterRequest, ctx) -> router_pb2.RegisterResponse:
+        if req.role not in _KINDS:
+            raise InvalidRequestError("role must be PREFILL or DECODE")
+        if not req.worker_id or not req.address:
+            raise InvalidRequestError("worker_id and address are required")
+        kind = _KINDS[req.role]
+        self.registry.register(req.worker_id, kind, req.address, req.model, load_from_proto(req.stats))
+        log.info("registered %s worker %s at %s", kind.value, req.worker_id, req.address)
+        return router_pb2.RegisterResponse(
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            heartbeat_timeout_s=self.config.heartbeat_timeout_s,
+            control_address=self.control_address,
+        )
+
+    def Heartbeat(self, req: router_pb2.HeartbeatRequest, ctx) -> router_pb2.HeartbeatResponse:
+        return router_pb2.HeartbeatResponse(
+            known=self.registry.heartbeat(req.worker_id, load_from_proto(req.stats))
+        )
+
+    def Deregister(self, req: router_pb2.DeregisterRequest, ctx) -> router_pb2.DeregisterResponse:
+        return router_pb2.DeregisterResponse(found=self.registry.deregister(req.worker_id))
+
+
+REGISTRY_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Registry"]
+
+
+def start_control_server(
+    servicer: RegistryServicer, host: str, port: int = 0
+) -> tuple[grpc.Server, str, health.HealthServicer]:
+    """Serve ``servicer`` on its own server and thread pool at host:port (0: any free port);
+    returns (server, "host:port", health). Sets ``servicer.control_address`` to that address."""
+    from pdserve.grpc_server import start_server
+
+    server, bound, hs = start_server(
+        [(REGISTRY_SERVICE, servicer)], host, port, max_workers=CONTROL_THREADS, name="router-control"
+    )
+    servicer.control_address = f"{host}:{bound}"
+    return server, servicer.control_address, hs
