@@ -41,6 +41,11 @@ class OutstandingTokens:
         with self._lock:
             return self._tokens.get(worker_id, 0)
 
+    def copy(self) -> dict[str, int]:
+        """Every worker's count at one instant (workers with none are absent)."""
+        with self._lock:
+            return dict(self._tokens)
+
 
 def block_size(w: WorkerEntry) -> int:
     """The KV block size ``w`` reported (the default until it has)."""
@@ -50,15 +55,20 @@ def block_size(w: WorkerEntry) -> int:
 def snapshot(
     w: WorkerEntry, queued: OutstandingTokens, kv: OutstandingTokens | None = None
 ) -> InstanceSnapshot:
+    return _snapshot(w, queued.get(w.worker_id), None if kv is None else kv.get(w.worker_id))
+
+
+def _snapshot(w: WorkerEntry, queued_tokens: int, kv_tokens: int | None) -> InstanceSnapshot:
+    """``w``'s snapshot given its outstanding prompt tokens and KV tokens (None: not tracked)."""
     ld = w.load
     bs = block_size(w)
     used = ld.kv_blocks_used
-    if kv is not None:
-        used = max(used, -(-kv.get(w.worker_id) // bs))
+    if kv_tokens is not None:
+        used = max(used, -(-kv_tokens // bs))
     return InstanceSnapshot(
         w.worker_id,
         _ROLE[w.kind],
-        queued_tokens=queued.get(w.worker_id),
+        queued_tokens=queued_tokens,
         queued_requests=ld.num_waiting,
         running_requests=ld.num_running + w.inflight,
         free_blocks=max(0, ld.kv_blocks_total - used),
@@ -73,6 +83,57 @@ def build_view(
 ) -> ClusterView:
     """Alive workers serving ``model_id``, prefill ones first, each in registration order."""
     return ClusterView(snapshot(w, queued, kv) for kind in WorkerKind for w in registry.alive(kind, model_id))
+
+
+class ViewBuilder:
+    """:func:`build_view` for a router that builds a view per request: a worker's
+    :class:`InstanceSnapshot` is reused while everything it is made from (kind, reported load,
+    router in-flight count, outstanding prompt and KV tokens) is unchanged, so a request costs a
+    tuple comparison per worker instead of a new snapshot per worker. Departed workers are
+    forgotten at the next build. Thread-safe; the views are equal to :func:`build_view`'s."""
+
+    def __init__(self) -> None:
+        self._snaps: dict[str, tuple[tuple, InstanceSnapshot]] = {}
+        self._lock = threading.Lock()
+
+    def build(
+        self,
+        registry: Registry,
+        model_id: str,
+        queued: OutstandingTokens,
+        kv: OutstandingTokens | None = None,
+    ) -> ClusterView:
+        q = queued.copy()
+        k = kv.copy() if kv is not None else None
+        with self._lock:
+            old = self._snaps
+            new: dict[str, tuple[tuple, InstanceSnapshot]] = {}
+            out: list[InstanceSnapshot] = []
+            for kind in WorkerKind:
+                for w in registry.alive(kind, model_id):
+                    wid = w.worker_id
+                    ld = w.load
+                    key = (
+                        w.kind,
+                        ld.num_waiting,
+                        ld.num_running,
+                        ld.kv_blocks_total,
+                        ld.kv_blocks_used,
+                        ld.block_size,
+                        ld.token_budget,
+                        w.inflight,
+                        q.get(wid, 0),
+                        None if k is None else k.get(wid, 0),
+                    )
+                    hit = old.get(wid)
+                    if hit is not None and hit[0] == key:
+                        s = hit[1]
+                    else:
+                        s = _snapshot(w, key[8], key[9])
+                    new[wid] = (key, s)
+                    out.append(s)
+            self._snaps = new
+        return ClusterView(out)
 
 
 def first_block_size(registry: Registry, model_id: str) -> int | None:

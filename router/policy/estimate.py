@@ -59,3 +59,55 @@ class TtftEstimator:
             + self.fetch_time(fetched_blocks, bs)
             + self.prefill_time(num_prompt_tokens, reused_blocks * bs)
         )
+
+
+class TtftTable:
+    """One decision's memo of a :class:`TtftEstimator`'s terms for a prompt of ``num_prompt_tokens``.
+
+    Queue times are keyed by (queued tokens, token budget), prefill times by reused tokens, fetch
+    times by (blocks, block size): instances in the same state cost one latency-model call per
+    decision. Each value is the estimator's own, so :meth:`ttft` equals ``est.ttft`` exactly
+    (the same terms added in the same order). Valid for one decision only: an online-corrected
+    model changes between decisions.
+    """
+
+    __slots__ = ("est", "p", "_queue", "_prefill", "_fetch")
+
+    def __init__(self, est: TtftEstimator, num_prompt_tokens: int) -> None:
+        self.est = est
+        self.p = num_prompt_tokens
+        self._queue: dict[tuple[int, int], float] = {}
+        self._prefill: dict[int, float] = {}
+        self._fetch: dict[tuple[int, int], float] = {}
+
+    def queue(self, inst: InstanceView) -> float:
+        """``est.queue_time(inst)``."""
+        q = inst.queued_tokens
+        if q <= 0:
+            return 0.0
+        key = (q, inst.token_budget)
+        t = self._queue.get(key)
+        if t is None:
+            t = self._queue[key] = self.est.queue_time(inst)
+        return t
+
+    def prefill(self, reused_tokens: int) -> float:
+        """``est.prefill_time(num_prompt_tokens, reused_tokens)``."""
+        t = self._prefill.get(reused_tokens)
+        if t is None:
+            t = self._prefill[reused_tokens] = self.est.prefill_time(self.p, reused_tokens)
+        return t
+
+    def fetch(self, num_blocks: int, block_size: int) -> float:
+        """``est.fetch_time(num_blocks, block_size)``."""
+        if num_blocks <= 0:
+            return 0.0
+        key = (num_blocks, block_size)
+        t = self._fetch.get(key)
+        if t is None:
+            t = self._fetch[key] = self.est.fetch_time(num_blocks, block_size)
+        return t
+
+    def ttft(self, queue_s: float, block_size: int, reused_blocks: int, fetched_blocks: int = 0) -> float:
+        """``est.ttft(inst, p, reused_blocks, fetched_blocks)`` given ``queue_s = queue(inst)``."""
+        return queue_s + self.fetch(fetched_blocks, block_size) + self.prefill(reused_blocks * block_size)

@@ -41,12 +41,12 @@ predictor) or :meth:`release`, and otherwise expired at their predicted finish +
 
 from __future__ import annotations
 
-import dataclasses
+import heapq
 import math
 import threading
 from dataclasses import dataclass, field
 
-from router.policy.estimate import TtftEstimator, usable_prefix_blocks
+from router.policy.estimate import TtftEstimator, TtftTable
 from router.policy.latency import (
     DecodeLatencyEstimator,
     LinearLatency,
@@ -55,7 +55,7 @@ from router.policy.latency import (
     WithDecode,
 )
 from router.policy.length_predictor import LengthPredictor, LengthSample
-from router.policy.placement import PlacementPolicy, PolicyKind, best_remote_prefix
+from router.policy.placement import PlacementPolicy, PolicyKind, best_prefill_plan
 from router.policy.protocols import Clock, LatencyEstimator
 from router.policy.types import (
     SLO,
@@ -66,7 +66,7 @@ from router.policy.types import (
     RejectReason,
     RequestInfo,
 )
-from router.policy.view import ClusterView, InstanceView
+from router.policy.view import ClusterView, InstanceView, PrefixHits
 
 
 @dataclass(frozen=True)
@@ -130,23 +130,90 @@ class _Inflight:
     tpot_base_s: float
     predicted_finish: float
     expires_at: float
+    seq: int = 0  # this entry's heap key (a re-placed id gets a new entry and seq)
 
 
-@dataclass(frozen=True)
-class _DecodeEstimate:
-    inst: InstanceView
-    tpot_s: float
-    fits: bool
-    freeness: int
+class _Ledger:
+    """The in-flight requests of :class:`GoodputAwarePolicy`, with per-decision upkeep that does
+    not grow with the ledger: expiry and the earliest predicted finish come from heaps (stale
+    items of removed entries are skipped, and the heaps are rebuilt when mostly stale), per-tenant
+    entries and per-decode counts of long requests are kept as entries come and go."""
 
+    def __init__(self) -> None:
+        self.entries: dict[str, _Inflight] = {}
+        self._by_expiry: list[tuple[float, int, str]] = []
+        self._by_finish: list[tuple[float, int, str]] = []
+        self._tenants: dict[str, dict[str, _Inflight]] = {}
+        self.longs: dict[str, int] = {}  # decode instance -> long requests in flight there
+        self._seq = 0
 
-@dataclass(frozen=True)
-class _Option:
-    """One feasible-or-not (prefill plan, decode instance) pair."""
+    def __len__(self) -> int:
+        return len(self.entries)
 
-    plan: Placement
-    decode: _DecodeEstimate
-    ttft_s: float
+    def add(self, e: _Inflight) -> None:
+        self.pop(e.request_id)
+        self._seq += 1
+        e.seq = self._seq
+        self.entries[e.request_id] = e
+        self._tenants.setdefault(e.tenant, {})[e.request_id] = e
+        if e.long:
+            self.longs[e.decode_id] = self.longs.get(e.decode_id, 0) + 1
+        heapq.heappush(self._by_expiry, (e.expires_at, e.seq, e.request_id))
+        heapq.heappush(self._by_finish, (e.predicted_finish, e.seq, e.request_id))
+
+    def pop(self, request_id: str) -> _Inflight | None:
+        e = self.entries.pop(request_id, None)
+        if e is None:
+            return None
+        mine = self._tenants[e.tenant]
+        del mine[request_id]
+        if not mine:
+            del self._tenants[e.tenant]
+        if e.long:
+            n = self.longs[e.decode_id] - 1
+            if n:
+                self.longs[e.decode_id] = n
+            else:
+                del self.longs[e.decode_id]
+        return e
+
+    def _live(self, item: tuple[float, int, str]) -> bool:
+        e = self.entries.get(item[2])
+        return e is not None and e.seq == item[1]
+
+    def expire(self, now: float) -> None:
+        """Drop every entry with ``expires_at <= now``."""
+        h = self._by_expiry
+        while h and h[0][0] <= now:
+            _, seq, rid = heapq.heappop(h)
+            e = self.entries.get(rid)
+            if e is not None and e.seq == seq:
+                self.pop(rid)
+        f = self._by_finish
+        while f and not self._live(f[0]):
+            heapq.heappop(f)
+        limit = 2 * len(self.entries) + 64
+        if len(h) > limit:
+            self._by_expiry = [i for i in h if self._live(i)]
+            heapq.heapify(self._by_expiry)
+        if len(f) > limit:
+            self._by_finish = [i for i in f if self._live(i)]
+            heapq.heapify(self._by_finish)
+
+    def earliest_finish(self) -> float | None:
+        """The earliest predicted finish of an entry (None: empty)."""
+        f = self._by_finish
+        while f and not self._live(f[0]):
+            heapq.heappop(f)
+        return f[0][0] if f else None
+
+    def of_tenant(self, tenant: str) -> list[_Inflight]:
+        return list(self._tenants.get(tenant, {}).values())
+
+    def count(self, tenant: str | None = None) -> int:
+        if tenant is None:
+            return len(self.entries)
+        return len(self._tenants.get(tenant, ()))
 
 
 class _FreshTtft(TtftEstimator):
@@ -171,6 +238,11 @@ class GoodputAwarePolicy(PlacementPolicy):
     ``latency``: the seed model (default :class:`LinearLatency`); one without ``decode_time``
     gets the seed's decode side. It is wrapped in :class:`OnlineCorrectedLatency` (``corrected``)
     unless it is one already. ``length_predictor`` defaults to a fresh :class:`LengthPredictor`.
+
+    Cost per decision: one cached-prefix walk per instance (:meth:`ClusterView.prefix_hits`),
+    then O(1) latency-model work per prefill candidate (the remote prefix is not searched per
+    candidate) and per decode instance; the pair search is O(decode instances), because every
+    (prefill, decode) pair shares the one best prefill plan; ledger upkeep is O(log in-flight).
     """
 
     kind = PolicyKind.GOODPUT
@@ -194,14 +266,14 @@ class GoodputAwarePolicy(PlacementPolicy):
         self.config = config or GoodputConfig()
         self.lengths = length_predictor or LengthPredictor()
         self.stats = GoodputStats()
-        self._ledger: dict[str, _Inflight] = {}
+        self._ledger = _Ledger()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ feedback
     def on_finished(self, obs: Observation) -> None:
         """A request finished: release it, correct the latency model, teach the length predictor."""
         with self._lock:
-            e = self._ledger.pop(obs.request_id, None)
+            e = self._ledger.pop(obs.request_id)
         if obs.num_prompt_tokens > 0:
             self.lengths.observe(
                 LengthSample(obs.num_prompt_tokens, obs.max_output_tokens, obs.output_tokens)
@@ -214,29 +286,27 @@ class GoodputAwarePolicy(PlacementPolicy):
 
     def release(self, request_id: str) -> None:
         with self._lock:
-            self._ledger.pop(request_id, None)
+            self._ledger.pop(request_id)
 
     def inflight(self, tenant: str | None = None) -> int:
         """Requests in the ledger (of ``tenant`` when given)."""
         with self._lock:
-            self._expire(self.clock.now())
-            return sum(1 for e in self._ledger.values() if tenant is None or e.tenant == tenant)
+            self._ledger.expire(self.clock.now())
+            return self._ledger.count(tenant)
 
     # ------------------------------------------------------------------ decision
     def choose_prefill(
         self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
     ) -> Placement:
         """Best TTFT among ``candidates`` (global cache-aware, KV store included as a source)."""
-        return min(
-            (self._prefill_plan(req, i, view) for i in candidates),
-            key=lambda pl: pl.estimated_ttft_s or 0.0,
-        )
+        table = TtftTable(self.estimator, req.num_prompt_tokens)
+        return best_prefill_plan(req, candidates, view.prefix_hits(req.block_hashes), table, remote=True)
 
     def place(self, req: RequestInfo, view: ClusterView) -> Placement | Rejection:
         with self._lock:
             now = self.clock.now()
-            self._expire(now)
-            self._ledger.pop(req.request_id, None)  # a retried id replaces its old entry
+            self._ledger.expire(now)
+            self._ledger.pop(req.request_id)  # a retried id replaces its old entry
             d = self._decide(req, view, now)
             if isinstance(d, Rejection):
                 self.stats.rejected[d.reason] = self.stats.rejected.get(d.reason, 0) + 1
@@ -254,31 +324,29 @@ class GoodputAwarePolicy(PlacementPolicy):
         prefill_pool = view.with_role(InstanceRole.PREFILL)
         if not decode_pool:
             return Rejection(RejectReason.NO_INSTANCE, "no decode or mixed instance is available")
-        out = req.predicted_output_tokens or self.lengths.predict(
-            req.num_prompt_tokens, req.max_output_tokens
-        )
+        p = req.num_prompt_tokens
+        out = req.predicted_output_tokens or self.lengths.predict(p, req.max_output_tokens)
         is_long = out >= cfg.long_output_tokens
-        decodes = [self._decode_estimate(req, d, out) for d in decode_pool]
-        options: list[_Option] = []
-        remote_plan = self.choose_prefill(req, prefill_pool, view) if prefill_pool else None
-        for de in decodes:
-            if remote_plan is not None:
-                options.append(_Option(remote_plan, de, remote_plan.estimated_ttft_s or 0.0))
-            local = self._local_plan(req, de, view)
-            if local is not None:
-                options.append(_Option(local, de, local.estimated_ttft_s or 0.0))
-        if not options:
+        hits = view.prefix_hits(req.block_hashes)
+        table = TtftTable(self.estimator, p)
+        remote_plan = best_prefill_plan(req, prefill_pool, hits, table, remote=True) if prefill_pool else None
+        # Options, in the order of the decode pool: (remote plan, d) then (d prefills locally, d).
+        # Every remote option shares one TTFT, so the pair search is linear in decode instances.
+        rows = self._decode_rows(req, decode_pool, out, hits, table)
+        if remote_plan is None and all(r.local_ttft_s is None for r in rows):
             return Rejection(RejectReason.NO_INSTANCE, "no prefill instance is available")
         contention = cfg.contention(view)
-        if contention != 1.0:  # every step slower while the shared cores are oversubscribed
-            options = [
-                _Option(
-                    o.plan,
-                    dataclasses.replace(o.decode, tpot_s=o.decode.tpot_s * contention),
-                    o.ttft_s * contention,
-                )
-                for o in options
-            ]
+        scaled = contention != 1.0  # every step slower while the shared cores are oversubscribed
+        remote_ttft = None
+        if remote_plan is not None:
+            remote_ttft = remote_plan.estimated_ttft_s or 0.0
+            if scaled:
+                remote_ttft = remote_ttft * contention
+        if scaled:
+            for r in rows:
+                r.tpot_s = r.tpot_s * contention
+                if r.local_ttft_s is not None:
+                    r.local_ttft_s = r.local_ttft_s * contention
         slo = req.slo or cfg.default_slo
         margin = cfg.margin(req.priority)
         lim_ttft = (1 - margin) * slo.ttft_s if slo else math.inf
@@ -287,117 +355,128 @@ class GoodputAwarePolicy(PlacementPolicy):
         # that the admitted requests meet the SLO with that probability, not just on average
         q_ttft, q_tpot = self.corrected.spread(Phase.TTFT), self.corrected.spread(Phase.TPOT)
         lim_ttft, lim_tpot = lim_ttft / q_ttft, lim_tpot / q_tpot
-        feasible = [
-            o for o in options if o.decode.fits and o.ttft_s <= lim_ttft and o.decode.tpot_s <= lim_tpot
-        ]
-        if not feasible:
+        remote_ok = remote_ttft is not None and remote_ttft <= lim_ttft
+        any_feasible = False
+        for r in rows:
+            if r.fits and r.tpot_s <= lim_tpot:
+                r.remote_ok = remote_ok
+                r.local_ok = r.local_ttft_s is not None and r.local_ttft_s <= lim_ttft
+                any_feasible = any_feasible or r.remote_ok or r.local_ok
+        if not any_feasible:
             if slo is not None:
-                return self._reject(req, options, lim_ttft, lim_tpot, margin, now)
+                return self._reject(req, rows, remote_ttft, lim_ttft, lim_tpot, margin, now)
             # best effort: queue on the decode instance with the most room, fastest start
-            feasible = options
-        longs = self._long_counts()
-
-        def decode_key(o: _Option) -> tuple[int, int, float, int]:
-            return (
-                -int(o.decode.fits),
-                longs.get(o.decode.inst.instance_id, 0) if is_long else 0,
-                o.decode.tpot_s,
-                -o.decode.freeness,
-            )
-
-        best_d = min(feasible, key=decode_key).decode.inst.instance_id
-        choice = min((o for o in feasible if o.decode.inst.instance_id == best_d), key=lambda o: o.ttft_s)
-        plan = Placement(
-            choice.plan.instance_id,
-            decode_instance_id=best_d,
-            fetch_from=choice.plan.fetch_from,
-            fetch_blocks=choice.plan.fetch_blocks,
-            reused_blocks=choice.plan.reused_blocks,
-            estimated_ttft_s=choice.ttft_s,
-            local_prefill=choice.plan.local_prefill,
-            estimated_tpot_s=choice.decode.tpot_s,
-            predicted_output_tokens=out,
+            for r in rows:
+                r.remote_ok = remote_ttft is not None
+                r.local_ok = r.local_ttft_s is not None
+        longs = self._ledger.longs if is_long else {}
+        best: _DecodeRow | None = None
+        best_key: tuple[int, int, float, int] | None = None
+        for r in rows:  # the first decode instance with a feasible option and the least key
+            if not (r.remote_ok or r.local_ok):
+                continue
+            key = (-int(r.fits), longs.get(r.inst.instance_id, 0), r.tpot_s, -r.freeness)
+            if best_key is None or key < best_key:
+                best, best_key = r, key
+        assert best is not None
+        best_d = best.inst.instance_id
+        # on it, the remote option unless the local one is strictly faster
+        local_pick = best.local_ok and (
+            not best.remote_ok or best.local_ttft_s < remote_ttft  # type: ignore[operator]
         )
+        if local_pick:
+            ttft = best.local_ttft_s
+            plan = Placement(
+                best_d,
+                decode_instance_id=best_d,
+                reused_blocks=best.local_reused,
+                estimated_ttft_s=ttft,
+                local_prefill=True,
+                estimated_tpot_s=best.tpot_s,
+                predicted_output_tokens=out,
+            )
+        else:
+            assert remote_plan is not None
+            ttft = remote_ttft
+            plan = Placement(
+                remote_plan.instance_id,
+                decode_instance_id=best_d,
+                fetch_from=remote_plan.fetch_from,
+                fetch_blocks=remote_plan.fetch_blocks,
+                reused_blocks=remote_plan.reused_blocks,
+                estimated_ttft_s=ttft,
+                local_prefill=False,
+                estimated_tpot_s=best.tpot_s,
+                predicted_output_tokens=out,
+            )
+        assert ttft is not None
         rej = self.admit(req, plan, view)
         if rej is not None:
             return rej
         ft, fd = self.corrected.factor(Phase.TTFT), self.corrected.factor(Phase.TPOT)
-        finish = now + choice.ttft_s + out * choice.decode.tpot_s
-        self._ledger[req.request_id] = _Inflight(
-            req.request_id,
-            req.tenant,
-            best_d,
-            is_long,
-            choice.ttft_s / ft / contention,  # the model's own prediction: what correction learns
-            choice.decode.tpot_s / fd / contention,
-            finish,
-            finish + cfg.ledger_grace_s,
+        finish = now + ttft + out * best.tpot_s
+        self._ledger.add(
+            _Inflight(
+                req.request_id,
+                req.tenant,
+                best_d,
+                is_long,
+                ttft / ft / contention,  # the model's own prediction: what correction learns
+                best.tpot_s / fd / contention,
+                finish,
+                finish + cfg.ledger_grace_s,
+            )
         )
         return plan
 
     # ------------------------------------------------------------------ parts
-    def _prefill_plan(self, req: RequestInfo, inst: InstanceView, view: ClusterView) -> Placement:
-        est = self.estimator
-        assert est is not None
-        p, bs = req.num_prompt_tokens, inst.block_size
-        local = usable_prefix_blocks(inst.cached_prefix_blocks(req.block_hashes), p, bs)
-        t = est.ttft(inst, p, local)
-        plan = Placement(inst.instance_id, reused_blocks=local, estimated_ttft_s=t)
-        src, remote = best_remote_prefix(req, inst, view)
-        if remote > local:
-            tf = est.ttft(inst, p, remote, fetched_blocks=remote - local)
-            if tf < t:
-                plan = Placement(
-                    inst.instance_id,
-                    fetch_from=src,
-                    fetch_blocks=remote,
-                    reused_blocks=remote,
-                    estimated_ttft_s=tf,
-                )
-        return plan
-
-    def _local_plan(self, req: RequestInfo, de: _DecodeEstimate, view: ClusterView) -> Placement | None:
-        """The decode instance prefills the prompt itself (conditional disaggregation), or None."""
-        inst = de.inst
-        p, bs = req.num_prompt_tokens, inst.block_size
-        local = usable_prefix_blocks(inst.cached_prefix_blocks(req.block_hashes), p, bs)
-        if inst.role is InstanceRole.DECODE and (
-            not self.config.local_prefill or p - local * bs > self.config.local_prefill_max_tokens
-        ):
-            return None
-        est = self.estimator
-        assert est is not None
-        batch = inst.running_requests + inst.queued_requests
-        cotenant = self.corrected.decode_time(batch, _context_tokens(inst)) if batch else 0.0
-        t = est.ttft(inst, p, local) + cotenant
-        return Placement(
-            inst.instance_id,
-            decode_instance_id=inst.instance_id,
-            reused_blocks=local,
-            estimated_ttft_s=t,
-            local_prefill=True,
-        )
-
-    def _decode_estimate(self, req: RequestInfo, inst: InstanceView, out: int) -> _DecodeEstimate:
-        bs = max(1, inst.block_size)
-        need = -(-(req.num_prompt_tokens + 1) // bs)
-        batch = inst.running_requests + inst.queued_requests
-        ctx = _context_tokens(inst) + req.num_prompt_tokens + out // 2
-        tpot = self.corrected.decode_time(batch + 1, ctx)
-        freeness = inst.free_blocks - need
-        return _DecodeEstimate(inst, tpot, freeness >= 0 and need <= inst.total_blocks, freeness)
+    def _decode_rows(
+        self,
+        req: RequestInfo,
+        pool: list[InstanceView],
+        out: int,
+        hits: PrefixHits,
+        table: TtftTable,
+    ) -> list[_DecodeRow]:
+        """Per decode instance: predicted TPOT after admission, room, freeness, and the TTFT of
+        prefilling the prompt there itself (conditional disaggregation; None: not allowed)."""
+        cfg = self.config
+        decode_time = self.corrected.decode_time
+        p = req.num_prompt_tokens
+        half_out = out // 2
+        no_local_decode = not cfg.local_prefill
+        max_local = cfg.local_prefill_max_tokens
+        rows: list[_DecodeRow] = []
+        for inst in pool:
+            bs = inst.block_size
+            total, free = inst.total_blocks, inst.free_blocks
+            batch = inst.running_requests + inst.queued_requests
+            need = -(-(p + 1) // max(1, bs))
+            ctx_held = max(0, total - free) * bs  # _context_tokens(inst)
+            tpot = decode_time(batch + 1, ctx_held + p + half_out)
+            freeness = free - need
+            row = _DecodeRow(inst, tpot, freeness >= 0 and need <= total, freeness)
+            cap = (p - 1) // bs
+            h = hits.local(inst)
+            local = max(0, h if h < cap else cap)
+            if not (inst.role is InstanceRole.DECODE and (no_local_decode or p - local * bs > max_local)):
+                cotenant = decode_time(batch, ctx_held) if batch else 0.0
+                row.local_ttft_s = table.ttft(table.queue(inst), bs, local) + cotenant
+                row.local_reused = local
+            rows.append(row)
+        return rows
 
     def _quota(self, req: RequestInfo, now: float) -> Rejection | None:
         limit = self.config.quota(req.tenant)
         if limit is None:
             return None
-        mine = [e for e in self._ledger.values() if e.tenant == req.tenant]
-        if len(mine) < limit:
+        n = self._ledger.count(req.tenant)
+        if n < limit:
             return None
-        wait = min(e.predicted_finish for e in mine) - now
+        wait = min(e.predicted_finish for e in self._ledger.of_tenant(req.tenant)) - now
         return Rejection(
             RejectReason.QUOTA_EXCEEDED,
-            f"tenant {req.tenant or '(anonymous)'!r} already has {len(mine)} requests in flight "
+            f"tenant {req.tenant or '(anonymous)'!r} already has {n} requests in flight "
             f"(quota {limit}); retry when one finishes",
             self._retry(wait),
         )
@@ -405,15 +484,27 @@ class GoodputAwarePolicy(PlacementPolicy):
     def _reject(
         self,
         req: RequestInfo,
-        options: list[_Option],
+        rows: list[_DecodeRow],
+        remote_ttft: float | None,
         lim_ttft: float,
         lim_tpot: float,
         margin: float,
         now: float,
     ) -> Rejection:
-        best_ttft = min(o.ttft_s for o in options)
-        best_tpot = min(o.decode.tpot_s for o in options)
-        roomy = any(o.decode.fits for o in options)
+        """Why no option is feasible, over every (plan, decode) option (rows with no option left out)."""
+        ttfts: list[float] = []
+        tpots: list[float] = []
+        roomy = False
+        for r in rows:
+            if remote_ttft is not None:
+                ttfts.append(remote_ttft)
+            elif r.local_ttft_s is None:
+                continue  # no option on this decode instance
+            if r.local_ttft_s is not None:
+                ttfts.append(r.local_ttft_s)
+            tpots.append(r.tpot_s)
+            roomy = roomy or r.fits
+        best_ttft, best_tpot = min(ttfts), min(tpots)
         if best_ttft > lim_ttft:
             why = f"predicted TTFT {best_ttft * 1e3:.1f} ms exceeds {lim_ttft * 1e3:.1f} ms"
             wait = best_ttft - lim_ttft
@@ -433,25 +524,26 @@ class GoodputAwarePolicy(PlacementPolicy):
         )
 
     def _next_decode_finish(self, now: float) -> float:
-        if not self._ledger:
-            return 0.0
-        return min(e.predicted_finish for e in self._ledger.values()) - now
+        first = self._ledger.earliest_finish()
+        return 0.0 if first is None else first - now
 
     def _retry(self, wait_s: float) -> float:
         c = self.config
         return min(c.max_retry_after_s, max(c.min_retry_after_s, wait_s))
 
-    def _long_counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for e in self._ledger.values():
-            if e.long:
-                out[e.decode_id] = out.get(e.decode_id, 0) + 1
-        return out
 
-    def _expire(self, now: float) -> None:
-        dead = [k for k, e in self._ledger.items() if e.expires_at <= now]
-        for k in dead:
-            del self._ledger[k]
+@dataclass(slots=True)
+class _DecodeRow:
+    """One decode instance's side of a decision (mutable scratch of :meth:`GoodputAwarePolicy._decide`)."""
+
+    inst: InstanceView
+    tpot_s: float
+    fits: bool
+    freeness: int
+    local_ttft_s: float | None = None  # None: it may not prefill this prompt itself
+    local_reused: int = 0
+    remote_ok: bool = False  # feasible with the best prefill instance
+    local_ok: bool = False  # feasible prefilling locally
 
 
 def _context_tokens(inst: InstanceView) -> int:

@@ -23,28 +23,58 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
-from router.policy.estimate import TtftEstimator, usable_prefix_blocks
+from router.policy.estimate import TtftEstimator, TtftTable
 from router.policy.protocols import Clock, LatencyEstimator, MonotonicClock
 from router.policy.types import InstanceRole, Observation, Placement, Rejection, RejectReason, RequestInfo
-from router.policy.view import ClusterView, InstanceView
+from router.policy.view import ClusterView, InstanceView, PrefixHits
 
 STORE_SOURCE = "kv_store"
 """``Placement.fetch_from`` when the prefix comes from the cluster's KV store, not an instance."""
 
 
-def best_remote_prefix(req: RequestInfo, inst: InstanceView, view: ClusterView) -> tuple[str, int]:
-    """Where ``inst`` could fetch the longest usable prefix of ``req`` from, and its length in
-    blocks: the KV store (``req.store_prefix_blocks``, :data:`STORE_SOURCE`) or another
-    instance's cache, whichever holds more (the store on a tie). ``(STORE_SOURCE, 0)``: none."""
-    p, bs = req.num_prompt_tokens, inst.block_size
-    src, remote = STORE_SOURCE, usable_prefix_blocks(req.store_prefix_blocks, p, bs)
-    for other in view.instances:
-        if other.instance_id == inst.instance_id:
-            continue
-        h = usable_prefix_blocks(other.cached_prefix_blocks(req.block_hashes), p, bs)
-        if h > remote:
-            src, remote = other.instance_id, h
-    return src, remote
+def best_prefill_plan(
+    req: RequestInfo,
+    candidates: Sequence[InstanceView],
+    hits: PrefixHits,
+    table: TtftTable,
+    *,
+    remote: bool,
+) -> Placement:
+    """The candidate with the lowest predicted TTFT (the first in order among equals) and its plan.
+
+    TTFT on a candidate = queue + prefill(tokens not reused); the reused prefix is what the
+    candidate caches (``hits``), or with ``remote`` the longest prefix held anywhere else (another
+    instance's cache, or the KV store: ``req.store_prefix_blocks``; the store on a tie, else the
+    first instance in view order), fetched only when queue + fetch + prefill(rest) is strictly
+    faster. O(candidates) after the per-request ``hits``: the remote prefix is no scan per
+    candidate. ``candidates`` must be non-empty.
+    """
+    p = req.num_prompt_tokens
+    store = req.store_prefix_blocks
+    best: tuple[float, InstanceView, int, str | None, int] | None = None  # ttft, inst, reused, src, fetched
+    for inst in candidates:
+        bs = inst.block_size
+        cap = (p - 1) // bs
+        h = hits.local(inst)
+        local = max(0, h if h < cap else cap)
+        qs = table.queue(inst)
+        t = table.ttft(qs, bs, local)
+        reused, src, fetched = local, None, 0
+        if remote:
+            su = max(0, store if store < cap else cap)
+            rsrc, r = hits.best_remote(inst.instance_id, cap, su, STORE_SOURCE)
+            if r > local:
+                tf = table.ttft(qs, bs, r, r - local)
+                if tf < t:
+                    t, reused, src, fetched = tf, r, rsrc, r
+        if best is None or t < best[0]:
+            best = (t, inst, reused, src, fetched)
+    if best is None:
+        raise ValueError("best_prefill_plan needs at least one candidate")
+    t, inst, reused, src, fetched = best
+    return Placement(
+        inst.instance_id, fetch_from=src, fetch_blocks=fetched, reused_blocks=reused, estimated_ttft_s=t
+    )
 
 
 class PolicyKind(enum.Enum):
@@ -218,17 +248,8 @@ class LocalCacheAwarePolicy(PlacementPolicy):
     def choose_prefill(
         self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
     ) -> Placement:
-        est = self._require_estimator()
-        best: Placement | None = None
-        for inst in candidates:
-            hit = usable_prefix_blocks(
-                inst.cached_prefix_blocks(req.block_hashes), req.num_prompt_tokens, inst.block_size
-            )
-            t = est.ttft(inst, req.num_prompt_tokens, hit)
-            if best is None or t < best.estimated_ttft_s:  # type: ignore[operator]
-                best = Placement(inst.instance_id, reused_blocks=hit, estimated_ttft_s=t)
-        assert best is not None
-        return best
+        table = TtftTable(self._require_estimator(), req.num_prompt_tokens)
+        return best_prefill_plan(req, candidates, view.prefix_hits(req.block_hashes), table, remote=False)
 
 
 class GlobalCacheAwarePolicy(PlacementPolicy):
@@ -236,7 +257,8 @@ class GlobalCacheAwarePolicy(PlacementPolicy):
 
     The longest cached prefix anywhere in the cluster (another instance's cache, or the KV store:
     ``req.store_prefix_blocks``) may be pulled to the candidate; it is pulled only when that is
-    predicted faster than recomputing the extra blocks locally.
+    predicted faster than recomputing the extra blocks locally. Cost per decision: one cached-prefix
+    walk per instance plus O(1) per candidate (:func:`best_prefill_plan`).
     """
 
     kind = PolicyKind.GLOBAL_CACHE_AWARE
@@ -245,28 +267,8 @@ class GlobalCacheAwarePolicy(PlacementPolicy):
     def choose_prefill(
         self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
     ) -> Placement:
-        est = self._require_estimator()
-        p = req.num_prompt_tokens
-        best: Placement | None = None
-        for inst in candidates:
-            local = usable_prefix_blocks(inst.cached_prefix_blocks(req.block_hashes), p, inst.block_size)
-            src, remote = best_remote_prefix(req, inst, view)
-            t = est.ttft(inst, p, local)
-            plan = Placement(inst.instance_id, reused_blocks=local, estimated_ttft_s=t)
-            if remote > local:
-                tf = est.ttft(inst, p, remote, fetched_blocks=remote - local)
-                if tf < t:
-                    plan = Placement(
-                        inst.instance_id,
-                        fetch_from=src,
-                        fetch_blocks=remote,
-                        reused_blocks=remote,
-                        estimated_ttft_s=tf,
-                    )
-            if best is None or plan.estimated_ttft_s < best.estimated_ttft_s:  # type: ignore[operator]
-                best = plan
-        assert best is not None
-        return best
+        table = TtftTable(self._require_estimator(), req.num_prompt_tokens)
+        return best_prefill_plan(req, candidates, view.prefix_hits(req.block_hashes), table, remote=True)
 
 
 _POLICIES: dict[PolicyKind, type[PlacementPolicy]] = {

@@ -69,14 +69,84 @@ class InstanceSnapshot:
         return n
 
 
+class PrefixHits:
+    """How many leading blocks of one request's ``hashes`` each instance of a view caches,
+    computed once per request (:meth:`ClusterView.prefix_hits`): one walk per instance instead of
+    one per (candidate, instance) pair. Only holders (hit > 0) are stored, in view order.
+
+    :meth:`best_remote` answers "the longest usable prefix another instance holds" in O(1) per
+    candidate (the best two holders per prompt cap are kept, so excluding the candidate itself
+    costs nothing); it decides exactly as a scan of every other instance in view order would.
+    """
+
+    __slots__ = ("hashes", "holders", "_hits", "_members", "_tops")
+
+    def __init__(
+        self,
+        hashes: Sequence[BlockHash],
+        holders: list[tuple[str, int]],
+        members: dict[str, InstanceView],
+    ) -> None:
+        self.hashes = hashes
+        self.holders = holders  # (instance id, hit blocks > 0) in view order
+        self._hits = dict(holders)
+        self._members = members
+        self._tops: dict[int, tuple[str | None, int, str | None, int]] = {}
+
+    def local(self, inst: InstanceView) -> int:
+        """Leading blocks of the request ``inst`` caches (walked directly when ``inst`` is not the
+        view's instance of that id, e.g. a candidate from elsewhere)."""
+        iid = inst.instance_id
+        if self._members.get(iid) is inst:
+            return self._hits.get(iid, 0)
+        return inst.cached_prefix_blocks(self.hashes)
+
+    def _top(self, cap: int) -> tuple[str | None, int, str | None, int]:
+        """For prefixes clamped to ``cap`` blocks: the first holder with the longest one and its
+        length, and the first holder other than that one with the longest and its length."""
+        t = self._tops.get(cap)
+        if t is None:
+            m1, i1 = 0, None
+            for iid, h in self.holders:
+                u = h if h < cap else cap
+                if u > m1:
+                    m1, i1 = u, iid
+            m2, i2 = 0, None
+            for iid, h in self.holders:
+                u = h if h < cap else cap
+                if u > m2 and iid != i1:
+                    m2, i2 = u, iid
+            t = self._tops[cap] = (i1, m1, i2, m2)
+        return t
+
+    def best_remote(self, exclude: str, cap: int, store_blocks: int, store_source: str) -> tuple[str, int]:
+        """Where an instance ``exclude`` could fetch the longest prefix from and its length in
+        blocks: another instance's cache (each hit clamped to ``cap`` blocks, the usable part of
+        the prompt) or the KV store (``store_blocks``, already clamped), whichever holds more,
+        the store on a tie, the first instance in view order among equals."""
+        if cap <= 0 or not self.holders:
+            return store_source, store_blocks
+        i1, m1, i2, m2 = self._top(cap)
+        iid, m = (i2, m2) if exclude == i1 else (i1, m1)
+        if m > store_blocks and iid is not None:
+            return iid, m
+        return store_source, store_blocks
+
+
 class ClusterView:
-    """The instances a decision may use, in a stable order (ties break by this order)."""
+    """The instances a decision may use, in a stable order (ties break by this order).
+
+    Per-role lists are computed once per view. The view does not copy its instances: the
+    simulator's instances change between decisions, so nothing derived from their *state* (load,
+    caches) is kept across calls; :meth:`prefix_hits` is per request.
+    """
 
     def __init__(self, instances: Iterable[InstanceView]) -> None:
         self.instances: tuple[InstanceView, ...] = tuple(instances)
         self._by_id = {i.instance_id: i for i in self.instances}
         if len(self._by_id) != len(self.instances):
             raise ValueError("instance ids must be unique")
+        self._roles: dict[tuple[InstanceRole, ...], tuple[InstanceView, ...]] = {}
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -85,4 +155,31 @@ class ClusterView:
         return self._by_id[instance_id]
 
     def with_role(self, *roles: InstanceRole) -> list[InstanceView]:
-        return [i for i in self.instances if i.role in roles]
+        """Instances of any of ``roles``, in view order (a new list; roles are fixed per instance)."""
+        got = self._roles.get(roles)
+        if got is None:
+            got = self._roles[roles] = tuple(i for i in self.instances if i.role in roles)
+        return list(got)
+
+    def prefix_hits(self, hashes: Sequence[BlockHash]) -> PrefixHits:
+        """Each instance's cached prefix of ``hashes`` (one walk per instance, now)."""
+        holders: list[tuple[str, int]] = []
+        if hashes:
+            h0 = hashes[0]
+            rest = hashes[1:]
+            for inst in self.instances:
+                if type(inst) is InstanceSnapshot:  # inlined cached_prefix_blocks
+                    c = inst.cached
+                    if h0 not in c:
+                        continue
+                    n = 1
+                    for h in rest:
+                        if h not in c:
+                            break
+                        n += 1
+                else:
+                    n = inst.cached_prefix_blocks(hashes)
+                    if n <= 0:
+                        continue
+                holders.append((inst.instance_id, n))
+        return PrefixHits(hashes, holders, self._by_id)
