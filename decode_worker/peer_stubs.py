@@ -9,7 +9,7 @@ import grpc
 
 from kv_store.handle import KVHandle
 from pdserve.errors import PdserveError, RequestNotFoundError
-from pdserve.limits import grpc_options
+from pdserve.security import internal_channel
 from pdserve.status import error_from_rpc_error
 from pdserve.v1 import worker_pb2_grpc
 
@@ -41,7 +41,7 @@ class PeerStubs:
         with self._guard:
             stub = self._stubs.get(address)
             if stub is None:
-                ch = self._channels[address] = grpc.insecure_channel(address, options=grpc_options())
+                ch = self._channels[address] = internal_channel(address)
                 stub = self._stubs[address] = worker_pb2_grpc.KVPeerStub(ch)
             return stub
 

@@ -7,6 +7,13 @@ reflection. Transfers (Put, Get, Lease for shm reads, and the zero-rpc shm reads
 Put's slots that a Release reports in ``shm_read_blocks``) and lookups are counted in a
 :class:`pdserve.metrics.StoreMetrics`; a ``pdserve-request-id`` call metadata is logged with puts
 and releases.
+
+Access (:mod:`kv_store.auth`): every KVStore call asks the servicer's :class:`~kv_store.auth.Authorizer`
+first; a caller that is not a cluster member gets UNAUTHENTICATED (counted in
+``KVStoreStats.denied_calls``) before anything is read or changed. Health and reflection stay open.
+Integrity (:mod:`kv_store.checksum`): Put requires each block's checksum and verifies the bytes;
+Get sends each block's stored checksum; Lease returns them. Leases are charged to an owner:
+metadata ``x-pdserve-lease-owner``, else the caller's identity.
 """
 
 from __future__ import annotations
@@ -24,14 +31,16 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from kv_store import convert
+from kv_store.auth import LEASE_OWNER_METADATA_KEY, Authorizer, TokenAuthorizer, check_owner, metadata_value
 from kv_store.index import KVIndex
 from kv_store.layout import KVLayout
 from kv_store.node import PutTicket
 from kv_store.store import BlockStore, PutResult, StoreConfig, check_hash_list
 from kv_store.wire import encode_chunk
-from pdserve.errors import InvalidRequestError
+from pdserve.errors import InvalidRequestError, UnauthenticatedError
 from pdserve.limits import MAX_CHUNK_BYTES, grpc_options
 from pdserve.metrics import StoreMetrics
+from pdserve.security import SecurityConfig, bind, server_security
 from pdserve.status import add_servicer
 from pdserve.tracing import log_event, request_id_from_context, request_scope
 from pdserve.v1 import kv_store_pb2
@@ -43,29 +52,62 @@ SERVICE = kv_store_pb2.DESCRIPTOR.services_by_name["KVStore"]
 class KVStoreServicer:
     """Implements ``pdserve.v1.KVStore`` over a :class:`BlockStore` (see kv_store.proto)."""
 
-    def __init__(self, store: BlockStore, metrics: StoreMetrics | None = None) -> None:
+    def __init__(
+        self, store: BlockStore, metrics: StoreMetrics | None = None, authorizer: Authorizer | None = None
+    ) -> None:
+        """``authorizer``: who may call (default: open, :class:`~kv_store.auth.TokenAuthorizer`
+        without a token; :func:`serve` passes the node's)."""
         self.store = store
         self.metrics = (
             metrics if metrics is not None else StoreMetrics(CollectorRegistry(), store.config.node_id)
         )
         self.metrics.set_stats_source(lambda: store.stats().node)
+        self.authorizer: Authorizer = authorizer if authorizer is not None else TokenAuthorizer()
+
+    def _member(self, context: grpc.ServicerContext, what: str) -> str:
+        """The caller's identity if it is a cluster member; else UnauthenticatedError (counted)."""
+        caller = self.authorizer.authorize(context)
+        if not caller.allowed:
+            self.store.count_denied()
+            log_event(log, "kv call denied", logging.WARNING, rpc=what, peer=caller.identity, reason=caller.reason)
+            raise UnauthenticatedError(
+                f"KVStore.{what} is for pdserve cluster members only: {caller.reason}; give every "
+                "process the cluster token (--cluster-token-file or PDSERVE_CLUSTER_TOKEN)"
+            )
+        return caller.identity
+
+    def _owner(self, context: grpc.ServicerContext, identity: str) -> str:
+        """Who a lease is charged to: metadata x-pdserve-lease-owner, else the caller."""
+        return check_owner(metadata_value(context, LEASE_OWNER_METADATA_KEY) or identity)
 
     # ----------------------------------------------------------------- measured entries
     def Put(
         self, requests: Iterator[kv_store_pb2.PutChunk], context: grpc.ServicerContext
     ) -> kv_store_pb2.PutResponse:
         """:meth:`_put`, counted as a gRPC transfer in, logged with the caller's request id."""
+        owner = self._owner(context, self._member(context, "Put"))
         with request_scope(request_id_from_context(context)):
             with self.metrics.transfer("grpc", "put", "in") as tally:
-                resp = self._put(requests, context)
+                resp = self._put(requests, context, owner)
                 tally.add(resp.num_blocks, resp.num_blocks * self.store.layout.block_nbytes)
             log_event(log, "kv put", blocks=resp.num_blocks, stored=resp.num_stored, lease_id=resp.lease_id)
+            if resp.conflicts:
+                log_event(
+                    log,
+                    "kv put conflict",
+                    logging.WARNING,
+                    blocks=len(resp.conflicts),
+                    detail="keys already stored with other bytes; write-once: stored bytes kept",
+                )
+            if resp.lease_ttl_clamped:
+                log_event(log, "kv lease ttl clamped", ttl_s=resp.lease_ttl_s, owner=owner)
         return resp
 
     def Get(
         self, request: kv_store_pb2.GetRequest, context: grpc.ServicerContext
     ) -> Iterator[kv_store_pb2.GetChunk]:
         """:meth:`_get`, counted as a gRPC transfer out once the whole stream is sent."""
+        self._member(context, "Get")
         with self.metrics.transfer("grpc", "get", "out") as tally:
             yield from self._get(request, context)
             n = len(request.block_hashes)
@@ -75,21 +117,24 @@ class KVStoreServicer:
         self, request: kv_store_pb2.LeaseRequest, context: grpc.ServicerContext
     ) -> kv_store_pb2.LeaseResponse:
         """:meth:`_lease`; a lease of blocks pins them for a zero-copy read: counted as shm out."""
+        owner = self._owner(context, self._member(context, "Lease"))
         n = len(request.block_hashes)
         if not n:
-            return self._lease(request, context)
+            return self._lease(request, context, owner)
         with self.metrics.transfer("shm", "lease", "out") as tally:
-            resp = self._lease(request, context)
+            resp = self._lease(request, context, owner)
             tally.add(n, n * self.store.layout.block_nbytes)
         return resp
 
     # ----------------------------------------------------------------- Put
     def _put(
-        self, requests: Iterator[kv_store_pb2.PutChunk], context: grpc.ServicerContext
+        self, requests: Iterator[kv_store_pb2.PutChunk], context: grpc.ServicerContext, owner: str
     ) -> kv_store_pb2.PutResponse:
         store = self.store
         nbytes = store.layout.block_nbytes
         lease_id = ""
+        lease_ttl, lease_clamped = 0.0, False
+        conflicts: list[int] = []
         ticket: PutTicket | None = None
         received = 0
         n_blocks = n_new = 0
@@ -103,7 +148,8 @@ class KVStoreServicer:
                     layout = convert.required_layout(chunk, "Put (first chunk)")
                     store.check_layout(layout, what="Put blocks")
                     if chunk.lease_ttl_s:
-                        lease_id = store.lease([], chunk.lease_ttl_s).lease_id
+                        grant = store.lease([], chunk.lease_ttl_s, owner)
+                        lease_id, lease_ttl, lease_clamped = grant.lease_id, grant.ttl_s, grant.ttl_clamped
                 elif chunk.HasField("layout"):
                     store.check_layout(
                         convert.layout_from_proto(chunk.layout, "Put.layout"), what="Put blocks"
@@ -124,7 +170,14 @@ class KVStoreServicer:
                             f"Put: block {n_blocks} declares total_bytes={chunk.total_bytes}, "
                             f"but a block of this layout is {nbytes} bytes"
                         )
-                    ticket = store.begin_put(h)
+                    if not chunk.checksum:
+                        raise InvalidRequestError(
+                            f"Put: block {n_blocks} has no checksum (PutChunk.checksum, the XXH3-64 of "
+                            "its bytes, kv_store/checksum.py); every block must carry its writer's checksum"
+                        )
+                    ticket = store.begin_put(h, chunk.checksum)
+                    if ticket.conflict:
+                        conflicts.append(n_blocks)
                     put_hashes.append(h)
                     put_slots.append(ticket.slot)
                     received = 0
@@ -170,6 +223,9 @@ class KVStoreServicer:
             slots=slots,
             slot_nbytes=store.arena.slot_nbytes if slots else 0,
             shm_name=store.arena.name,
+            conflicts=tuple(conflicts),
+            lease_ttl_s=lease_ttl,
+            lease_ttl_clamped=lease_clamped,
         )
         return convert.put_result_to_proto(result)
 
@@ -182,10 +238,13 @@ class KVStoreServicer:
         hashes = check_hash_list(request.block_hashes, "Get.block_hashes")
         nbytes = store.layout.block_nbytes
         with store.pinned_views(hashes) as views:
+            sums = store.checksums(hashes)  # stable: the blocks are pinned
             for i, (h, view) in enumerate(zip(hashes, views, strict=True)):
                 for off in range(0, nbytes, MAX_CHUNK_BYTES):
                     if off == 0:
-                        header = kv_store_pb2.GetChunk(block_index=i, block_hash=h, total_bytes=nbytes)
+                        header = kv_store_pb2.GetChunk(
+                            block_index=i, block_hash=h, total_bytes=nbytes, checksum=sums[i]
+                        )
                     else:
                         header = kv_store_pb2.GetChunk(block_index=i)
                     # one copy: arena slot -> serialised message (kv_store/wire.py)
@@ -195,25 +254,28 @@ class KVStoreServicer:
     def Exists(
         self, request: kv_store_pb2.ExistsRequest, context: grpc.ServicerContext
     ) -> kv_store_pb2.ExistsResponse:
+        self._member(context, "Exists")
         hashes = check_hash_list(request.block_hashes, "Exists.block_hashes")
         return kv_store_pb2.ExistsResponse(exists=self.store.exists(hashes))
 
     def Delete(
         self, request: kv_store_pb2.DeleteRequest, context: grpc.ServicerContext
     ) -> kv_store_pb2.DeleteResponse:
+        self._member(context, "Delete")
         hashes = check_hash_list(request.block_hashes, "Delete.block_hashes")
         return convert.delete_to_proto(self.store.delete(hashes))
 
     def Lookup(
         self, request: kv_store_pb2.LookupRequest, context: grpc.ServicerContext
     ) -> kv_store_pb2.LookupResponse:
+        self._member(context, "Lookup")
         hashes = check_hash_list(request.block_hashes, "Lookup.block_hashes")
         found = self.store.lookup(hashes)
         self.metrics.observe_lookup(len(hashes), found.num_prefix_blocks)
         return convert.lookup_to_proto(found)
 
     def _lease(
-        self, request: kv_store_pb2.LeaseRequest, context: grpc.ServicerContext
+        self, request: kv_store_pb2.LeaseRequest, context: grpc.ServicerContext, owner: str
     ) -> kv_store_pb2.LeaseResponse:
         self._check_layout(request, "Lease", required=False)
         hashes = check_hash_list(request.block_hashes, "Lease.block_hashes")
@@ -221,11 +283,15 @@ class KVStoreServicer:
             self.store.release(lease_id)
         if not hashes:
             return convert.lease_to_proto(self.store.no_lease())
-        return convert.lease_to_proto(self.store.lease(hashes, request.ttl_s))
+        grant = self.store.lease(hashes, request.ttl_s, owner)
+        if grant.ttl_clamped:
+            log_event(log, "kv lease ttl clamped", asked_s=request.ttl_s, ttl_s=grant.ttl_s, owner=owner)
+        return convert.lease_to_proto(grant)
 
     def Release(
         self, request: kv_store_pb2.ReleaseRequest, context: grpc.ServicerContext
     ) -> kv_store_pb2.ReleaseResponse:
+        self._member(context, "Release")
         released, held = self.store.release_counted(request.lease_id, request.shm_read_blocks)
         shm_read = min(request.shm_read_blocks, held)
         if shm_read:
@@ -243,6 +309,7 @@ class KVStoreServicer:
     def Stats(
         self, request: kv_store_pb2.KVStoreStatsRequest, context: grpc.ServicerContext
     ) -> kv_store_pb2.KVStoreStats:
+        self._member(context, "Stats")
         return convert.stats_to_proto(self.store.stats())
 
     def _check_layout(self, request: object, what: str, *, required: bool) -> KVLayout | None:
@@ -285,12 +352,20 @@ def serve(
     *,
     store: BlockStore | None = None,
     metrics: StoreMetrics | None = None,
+    security: SecurityConfig | None = None,
 ) -> StoreServer:
     """Start a store node's gRPC server on ``config.host:config.port`` (port 0: any free port).
+
+    ``security`` (default :func:`pdserve.security.current`): TLS on the port, a client
+    certificate signed by the cluster CA required under mutual TLS, plaintext only on loopback
+    (:class:`pdserve.security.SecurityConfigError` otherwise, before anything is allocated).
 
     Returns once the server accepts calls; ``StoreServer.port`` is the bound port. ``metrics``:
     where its transfers are counted (default: a private registry).
     """
+    # transport only: the cluster-token check of KVStore calls is the store's own (kv_store/auth.py)
+    sec = server_security([SERVICE.full_name], security)
+    sec.config.check_bind(config.host)
     store = store if store is not None else BlockStore(config, index)
     try:
         server = grpc.server(
@@ -307,9 +382,7 @@ def serve(
         reflection.enable_server_reflection(
             (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
-        if port == 0:
-            raise OSError(f"could not bind {config.host}:{config.port}")
+        port = bind(server, config.host, config.port, sec)
         server.start()
     except BaseException:
         store.close()

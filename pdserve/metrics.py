@@ -686,8 +686,40 @@ def write_file_sd(path: str | Path, targets: Iterable[ScrapeTarget]) -> Path:
     return path
 
 
-def serve_metrics(port: int = 0, registry: CollectorRegistry = prometheus_client.REGISTRY) -> int:
+def serve_metrics(
+    port: int = 0, registry: CollectorRegistry = prometheus_client.REGISTRY, token: str | None = None
+) -> int:
     """Serve ``registry`` at ``http://127.0.0.1:PORT/metrics`` from a daemon thread; port 0 picks a
-    free port. Returns the bound port."""
-    server, _thread = prometheus_client.start_http_server(port, addr="127.0.0.1", registry=registry)
-    return int(server.server_port)
+    free port. Returns the bound port.
+
+    ``token``: a bearer token every scrape must send (``Authorization: Bearer <token>``; anything
+    else is answered 401). None: the process's ``--metrics-token-file`` / ``PDSERVE_METRICS_TOKEN``
+    (:func:`pdserve.security.current`); "": no token."""
+    if token is None:
+        from pdserve.security import current
+
+        token = current().metrics_token
+    if not token:
+        server, _thread = prometheus_client.start_http_server(port, addr="127.0.0.1", registry=registry)
+        return int(server.server_port)
+    from wsgiref.simple_server import make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+    from pdserve.security import bearer_ok
+
+    app = prometheus_client.make_wsgi_app(registry)
+    expected = token
+
+    def guarded(environ, start_response):
+        if bearer_ok(environ.get("HTTP_AUTHORIZATION", ""), expected):
+            return app(environ, start_response)
+        start_response(
+            "401 Unauthorized",
+            [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="pdserve-metrics"')],
+        )
+        return [b"pdserve /metrics needs Authorization: Bearer <metrics token>\n"]
+
+    httpd = make_server("127.0.0.1", port, guarded, ThreadingWSGIServer, handler_class=_SilentHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True, name="metrics-http").start()
+    return int(httpd.server_port)

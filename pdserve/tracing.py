@@ -130,6 +130,18 @@ class _Details(_CallDetails, grpc.ClientCallDetails):
     pass
 
 
+def with_metadata(d: grpc.ClientCallDetails, *items: tuple[str, str]) -> grpc.ClientCallDetails:
+    """``d`` with ``items`` appended to its metadata (for client interceptors)."""
+    return _Details(
+        d.method,
+        d.timeout,
+        [*(d.metadata or ()), *items],
+        d.credentials,
+        getattr(d, "wait_for_ready", None),
+        getattr(d, "compression", None),
+    )
+
+
 class RequestIdClientInterceptor(
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
@@ -143,17 +155,7 @@ class RequestIdClientInterceptor(
     @staticmethod
     def _details(d: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         rid = current_request_id()
-        if not rid:
-            return d
-        md = [*(d.metadata or ()), (METADATA_KEY, rid)]
-        return _Details(
-            d.method,
-            d.timeout,
-            md,
-            d.credentials,
-            getattr(d, "wait_for_ready", None),
-            getattr(d, "compression", None),
-        )
+        return with_metadata(d, (METADATA_KEY, rid)) if rid else d
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._details(client_call_details), request)
