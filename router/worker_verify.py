@@ -1,0 +1,286 @@
+"""Verifying workers that register with the router, and proving later calls come from them.
+
+Pure policy (no grpc; protobuf messages are read duck-typed) plus one seam, ``fetch_stats``, the
+worker's own ``Stats`` RPC at the address it registered (the servicer passes a function that
+calls it; tests pass a fake).
+
+Registration (:meth:`WorkerVerifier.verify_registration`), before the worker gets any traffic:
+
+1. the router calls the worker's ``Stats`` at the advertised address; no answer -> UNAVAILABLE
+   ("could not reach your Worker service to verify it"), so a process that only speaks the
+   Registry API (it saw prompts and injected text: issue #13) never gets in;
+2. what ``Stats`` reports must be what the registration advertised: worker id, role, model and
+   KV layout, and the capacity (``kv_blocks_total``, ``token_budget``); otherwise
+   PERMISSION_DENIED naming the field (a worker cannot claim more capacity than it runs with);
+3. the model id and KV geometry (layers, KV heads, head dim) must be the router's model's, and
+   dtype and block size those of the workers already registered for it (their blocks must be
+   interchangeable): otherwise FAILED_PRECONDITION (:class:`LayoutMismatchError`);
+4. capacity must be plausible: at most ``max_kv_blocks`` / ``max_token_budget`` when configured;
+5. a worker id that is registered and alive at another address cannot be taken over (its
+   worker token is required): ALREADY_EXISTS.
+
+Identity afterwards (:class:`WorkerTokens`): a successful registration issues a random worker
+token, returned in the Register call's trailing metadata :data:`WORKER_TOKEN_MD`; Heartbeat and
+Deregister must present it (metadata of the same name), so only the worker itself can report
+its load or remove itself; other callers get PERMISSION_DENIED and the worker is untouched.
+A heartbeat may not change the verified capacity or layout either (PERMISSION_DENIED).
+
+Transport identity (TLS, mutual TLS, the cluster token on the Registry service) is
+:mod:`pdserve.security`'s and is checked before any of this runs.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.errors import (
+    AlreadyExistsError,
+    InvalidRequestError,
+    LayoutMismatchError,
+    PermissionDeniedError,
+    UnavailableError,
+)
+
+WORKER_TOKEN_MD = "x-pdserve-worker-token"
+
+
+@dataclass(frozen=True)
+class LayoutView:
+    """The fields of a ``pdserve.v1.KVLayout`` that must agree."""
+
+    model_id: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    block_size: int
+
+    @classmethod
+    def of(cls, m: Any) -> LayoutView:
+        return cls(m.model_id, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, m.block_size)
+
+
+@dataclass(frozen=True)
+class WorkerFacts:
+    """What a worker says about itself: in its RegisterRequest or in its Stats answer."""
+
+    worker_id: str
+    role: int
+    model: str
+    kv_blocks_total: int
+    token_budget: int
+    layout: LayoutView
+
+    @classmethod
+    def from_register(cls, req: Any) -> WorkerFacts:
+        s = req.stats
+        return cls(
+            req.worker_id, req.role, req.model, s.kv_blocks_total, s.token_budget, LayoutView.of(s.kv_layout)
+        )
+
+    @classmethod
+    def from_stats(cls, s: Any) -> WorkerFacts:
+        return cls(
+            s.worker_id, s.role, s.model, s.kv_blocks_total, s.token_budget, LayoutView.of(s.kv_layout)
+        )
+
+
+@dataclass(frozen=True)
+class ExpectedModel:
+    """What the router serves: its model id and KV geometry (from its ModelConfig), and optional
+    plausibility bounds on a worker's capacity (None: no bound)."""
+
+    model_id: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_kv_blocks: int | None = None
+    max_token_budget: int | None = None
+
+
+def check_against_stats(adv: WorkerFacts, rep: WorkerFacts) -> None:
+    """Step 2: every advertised fact equals the one the worker's Stats reports."""
+    for name in ("worker_id", "role", "model", "kv_blocks_total", "token_budget", "layout"):
+        a, r = getattr(adv, name), getattr(rep, name)
+        if a != r:
+            raise PermissionDeniedError(
+                f"registration refused: the registration says {name}={a!r} but the worker's own Stats "
+                f"at its address reports {name}={r!r}; register with what the worker runs"
+            )
+
+
+def check_model(adv: WorkerFacts, exp: ExpectedModel, peers: Iterable[LayoutView]) -> None:
+    """Steps 3 and 4: the router's model, interchangeable blocks, plausible capacity."""
+    lay = adv.layout
+    if adv.model != exp.model_id or lay.model_id != exp.model_id:
+        raise LayoutMismatchError(
+            f"registration refused: worker {adv.worker_id!r} serves model {adv.model!r} "
+            f"(KV layout model {lay.model_id!r}); this router serves {exp.model_id!r}"
+        )
+    want = (exp.num_layers, exp.num_kv_heads, exp.head_dim)
+    got = (lay.num_layers, lay.num_kv_heads, lay.head_dim)
+    if got != want:
+        raise LayoutMismatchError(
+            f"registration refused: worker {adv.worker_id!r} has KV geometry (layers, kv heads, head dim) "
+            f"{got}; the router's model has {want}"
+        )
+    if lay.block_size < 1 or not lay.dtype:
+        raise LayoutMismatchError(f"registration refused: worker {adv.worker_id!r} reports no KV layout")
+    for p in peers:
+        if (p.dtype, p.block_size) != (lay.dtype, lay.block_size):
+            raise LayoutMismatchError(
+                f"registration refused: worker {adv.worker_id!r} has KV dtype {lay.dtype} and block size "
+                f"{lay.block_size}, the registered workers {p.dtype} and {p.block_size}: their blocks "
+                "would not be interchangeable; start it with the same settings"
+            )
+    if adv.kv_blocks_total < 1:
+        raise InvalidRequestError(f"registration refused: worker {adv.worker_id!r} reports no KV blocks")
+    if exp.max_kv_blocks is not None and adv.kv_blocks_total > exp.max_kv_blocks:
+        raise PermissionDeniedError(
+            f"registration refused: worker {adv.worker_id!r} claims {adv.kv_blocks_total} KV blocks; "
+            f"this router accepts at most {exp.max_kv_blocks} per worker (max_kv_blocks)"
+        )
+    if exp.max_token_budget is not None and adv.token_budget > exp.max_token_budget:
+        raise PermissionDeniedError(
+            f"registration refused: worker {adv.worker_id!r} claims a token budget of {adv.token_budget}; "
+            f"this router accepts at most {exp.max_token_budget} (max_token_budget)"
+        )
+
+
+def worker_token_from(metadata: Iterable[Any] | None) -> str | None:
+    """The worker token in gRPC metadata (invocation or trailing), or None."""
+    for item in metadata or ():
+        k, v = (item.key, item.value) if hasattr(item, "key") else (item[0], item[1])
+        if k == WORKER_TOKEN_MD:
+            return v.decode() if isinstance(v, bytes) else str(v)
+    return None
+
+
+def worker_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Metadata a worker sends with Heartbeat / Deregister (empty before it registered)."""
+    return ((WORKER_TOKEN_MD, token),) if token else ()
+
+
+def _describe(e: BaseException) -> str:
+    details = getattr(e, "details", None)
+    text = details() if callable(details) else None
+    return f"{type(e).__name__}: {text or e}"
+
+
+@dataclass(frozen=True)
+class _Issued:
+    token: str
+    address: str
+    facts: WorkerFacts
+
+
+class WorkerTokens:
+    """Worker id -> the token issued at its last successful registration (thread-safe)."""
+
+    def __init__(self, make_token: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> None:
+        self._make = make_token
+        self._lock = threading.Lock()
+        self._issued: dict[str, _Issued] = {}
+
+    def issue(self, worker_id: str, address: str, facts: WorkerFacts) -> str:
+        tok = self._make()
+        with self._lock:
+            self._issued[worker_id] = _Issued(tok, address, facts)
+        return tok
+
+    def holds(self, worker_id: str, token: str | None) -> bool:
+        """Whether ``token`` is ``worker_id``'s current token (constant-time compare)."""
+        with self._lock:
+            cur = self._issued.get(worker_id)
+        return cur is not None and token is not None and hmac.compare_digest(cur.token, token)
+
+    def address(self, worker_id: str) -> str | None:
+        with self._lock:
+            cur = self._issued.get(worker_id)
+        return cur.address if cur is not None else None
+
+    def facts(self, worker_id: str) -> WorkerFacts | None:
+        with self._lock:
+            cur = self._issued.get(worker_id)
+        return cur.facts if cur is not None else None
+
+    def forget(self, worker_id: str) -> None:
+        with self._lock:
+            self._issued.pop(worker_id, None)
+
+
+class WorkerVerifier:
+    """Registration checks and worker identity for one router (see the module doc).
+
+    ``fetch_stats(address)``: the worker's Stats at ``address`` (a ``WorkerStats``-like object);
+    it raises on failure. ``alive(worker_id)``: whether that id is registered and alive now.
+    ``peers(model)``: KV layouts of the workers registered for ``model``.
+    """
+
+    def __init__(
+        self,
+        expected: ExpectedModel,
+        fetch_stats: Callable[[str], Any],
+        alive: Callable[[str], bool],
+        peers: Callable[[str], Iterable[LayoutView]],
+        tokens: WorkerTokens | None = None,
+    ) -> None:
+        self.expected = expected
+        self._fetch = fetch_stats
+        self._alive = alive
+        self._peers = peers
+        self.tokens = tokens if tokens is not None else WorkerTokens()
+
+    def verify_registration(self, req: Any, metadata: Iterable[Any] | None) -> str:
+        """Verify a RegisterRequest (steps 1-5); returns the worker token to hand back."""
+        adv = WorkerFacts.from_register(req)
+        prev = self.tokens.address(adv.worker_id)
+        if (
+            prev is not None
+            and prev != req.address
+            and self._alive(adv.worker_id)
+            and not self.tokens.holds(adv.worker_id, worker_token_from(metadata))
+        ):
+            raise AlreadyExistsError(
+                f"worker id {adv.worker_id!r} is registered and alive at another address; choose another "
+                "id, or deregister that worker first"
+            )
+        check_model(adv, self.expected, [p for p in self._peers(adv.model) if p is not None])
+        try:
+            stats = self._fetch(req.address)
+        except Exception as e:  # noqa: BLE001 - any failure to verify refuses the registration
+            raise UnavailableError(
+                f"registration refused: the router could not reach the Worker service at {req.address} "
+                f"to verify it ({_describe(e)}); serve "
+                "the Worker API there before registering"
+            ) from None
+        check_against_stats(adv, WorkerFacts.from_stats(stats))
+        return self.tokens.issue(adv.worker_id, req.address, adv)
+
+    def check_identity(self, worker_id: str, metadata: Iterable[Any] | None, what: str) -> None:
+        """PERMISSION_DENIED unless the caller holds ``worker_id``'s token."""
+        if not self.tokens.holds(worker_id, worker_token_from(metadata)):
+            raise PermissionDeniedError(
+                f"{what} refused: only worker {worker_id!r} itself may do this (its worker token, "
+                f"issued at registration, is missing or wrong)"
+            )
+
+    def check_heartbeat(self, req: Any, metadata: Iterable[Any] | None) -> None:
+        """The caller is the worker, and its capacity and layout are the verified ones."""
+        self.check_identity(req.worker_id, metadata, "heartbeat")
+        facts = self.tokens.facts(req.worker_id)
+        if facts is None:
+            return
+        s = req.stats
+        now = (s.kv_blocks_total, s.token_budget, LayoutView.of(s.kv_layout))
+        was = (facts.kv_blocks_total, facts.token_budget, facts.layout)
+        if now != was:
+            raise PermissionDeniedError(
+                f"heartbeat refused: worker {req.worker_id!r} reports capacity/layout {now[:2]} {now[2]} "
+                f"but registered with {was[:2]} {was[2]}; register again to change them"
+            )
