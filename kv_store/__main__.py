@@ -27,6 +27,7 @@ from kv_store.redis_index import make_index
 from kv_store.service import StoreServer, run_store_node
 from kv_store.store import StoreConfig
 from pdserve.metrics import StoreMetrics, serve_metrics
+from pdserve.security import add_security_args, install_from_args
 from pdserve.tracing import configure_logging
 
 
@@ -54,6 +55,7 @@ def parse_config(argv: list[str] | None = None) -> StoreConfig:
     ap.add_argument(
         "--replication-factor", type=int, default=1, help="copies per block across store nodes (best effort)"
     )
+    add_security_args(ap)
     a = ap.parse_args(argv)
     layout = KVLayout(a.model_id, a.num_layers, a.num_kv_heads, a.head_dim, a.dtype, a.block_size)
     return StoreConfig(
@@ -83,6 +85,9 @@ def _extra_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     extra = _extra_args(argv)
+    sp = argparse.ArgumentParser(prog="python -m kv_store", add_help=False)
+    add_security_args(sp)
+    install_from_args(sp, sp.parse_known_args(argv)[0], config.host, ("pdserve.v1.KVStore",))
     configure_logging(config.node_id)
     index = make_index(extra.index)  # InvalidRequestError on a bad spec
     metrics = StoreMetrics(REGISTRY, config.node_id)

@@ -24,7 +24,8 @@ from kv_store.layout import KVLayout
 from kv_store.store import DeleteCounts, LeaseGrant, PutResult, StoreStats
 from kv_store.wire import decode_get_chunk, encode_chunk
 from pdserve.errors import InternalError, InvalidRequestError, UnavailableError
-from pdserve.limits import MAX_CHUNK_BYTES, grpc_options
+from pdserve.limits import MAX_CHUNK_BYTES
+from pdserve.security import internal_channel
 from pdserve.status import raise_from_rpc_error
 from pdserve.v1 import kv_store_pb2, kv_store_pb2_grpc
 
@@ -65,7 +66,7 @@ class KVStoreClient:
         self.timeout_s = timeout_s
         self._own_channel = channel is None if own_channel is None else own_channel
         self._channel = (
-            channel if channel is not None else grpc.insecure_channel(address, options=grpc_options())
+            channel if channel is not None else internal_channel(address)
         )
         self._stub = kv_store_pb2_grpc.KVStoreStub(self._channel)
         # bulk paths: hand-encoded / zero-copy-decoded chunks (kv_store/wire.py), same wire format

@@ -7,6 +7,7 @@ import sys
 import time
 
 from pdserve.errors import PdserveError
+from pdserve.security import add_client_tls_args, client_tls_kwargs
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +98,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             worker_kv_blocks=a.kv_blocks or 2048,
             router_args=("--policy", a.policy) if a.policy else (),
             index_url=a.index,
+            tls=a.tls,
+            pki_dir=a.pki_dir,
         )
     )
     stop = threading.Event()
@@ -106,6 +109,12 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     for name, addr in sorted(cl.workers.items()):
         print(f"  {name:<12} {addr}", file=sys.stderr)
     print(f"  {'store':<12} {cl.store_address}", file=sys.stderr)
+    if cl.pki is not None:
+        print(
+            f"pdserve: TLS + mTLS + cluster token on; connect with: pdserve generate --address "
+            f"{cl.router_address} --tls-ca {cl.pki.ca} PROMPT",
+            file=sys.stderr,
+        )
     try:
         while not stop.wait(1.0):
             dead = [n for n, p in cl.procs.items() if p.poll() is not None]
@@ -123,7 +132,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     from pdserve.client import Client
 
     prompt = a.prompt if a.no_chat else [{"role": "user", "content": a.prompt}]
-    with Client(a.address, timeout=a.timeout) as c:
+    with Client(a.address, timeout=a.timeout, **client_tls_kwargs(a)) as c:
         fin = None
         for ch in c.generate(
             prompt,
@@ -157,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     _engine_args(g)
     _sampling_args(g)
+    add_client_tls_args(g)
     g.set_defaults(func=_cmd_generate)
 
     sv = sub.add_parser(
@@ -175,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="router placement: least_loaded (default) | goodput | random | round_robin | cache_aware | colocated",
     )
     sv.add_argument("--index", default="memory", help="KV index: memory | redis://127.0.0.1:PORT/0")
+    sv.add_argument(
+        "--tls",
+        action="store_true",
+        help="run every process with TLS, mutual TLS between them and a cluster token; certificates "
+        "from --pki-dir, else a development CA made in a temporary folder (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--pki-dir",
+        default="",
+        help="with --tls: a `pdserve certs` folder to use (default: %(default)r: a fresh dev CA)",
+    )
     sv.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("setup", help="convert the bundled default model once (into the cache)")
@@ -182,9 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
         func=lambda a: (print(__import__("pdserve.model_setup").model_setup.ensure_default_model()), 0)[1]
     )
 
-    from pdserve import bench_cli, ray_cli
+    from pdserve import bench_cli, certs, ray_cli
     from pdserve.openai_api import cli as openai_cli
 
+    certs.register(sub)
     ray_cli.register(sub)
     bench_cli.register(sub)
     openai_cli.register(sub)

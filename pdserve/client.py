@@ -22,8 +22,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.sampling_params import SamplingParams
-from pdserve.limits import grpc_options
 from pdserve.proto_convert import finish_from_proto, sampling_to_proto
+from pdserve.security import sdk_channel
 from pdserve.status import raise_from_rpc_error
 from pdserve.v1 import client_pb2, client_pb2_grpc, common_pb2
 
@@ -200,10 +200,23 @@ class Stream:
 
 
 class Client:
-    def __init__(self, address: str, *, timeout: float | None = None) -> None:
+    """``tls``/``ca``/``cert``/``key``/``server_name``: TLS to the router (:func:`pdserve.security.sdk_channel`:
+    on when ``ca`` is given; plaintext only to a loopback address)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None = None,
+        tls: bool | None = None,
+        ca: str | bytes | None = None,
+        cert: str | bytes | None = None,
+        key: str | bytes | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=grpc_options())
+        self._channel = sdk_channel(address, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name)
         self._stub = client_pb2_grpc.GenerateStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -266,10 +279,24 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, address: str, *, timeout: float | None = None) -> None:
+    """TLS keywords as :class:`Client`."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None = None,
+        tls: bool | None = None,
+        ca: str | bytes | None = None,
+        cert: str | bytes | None = None,
+        key: str | bytes | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=grpc_options())
+        self._channel = sdk_channel(
+            address, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name, aio=True
+        )
         self._stub = client_pb2_grpc.GenerateStub(self._channel)
 
     async def close(self) -> None:

@@ -339,7 +339,6 @@ class WorkerActor:
         router_address: str,
         seat: DistSeat | None = None,
     ) -> None:
-        import grpc
         import ray
         from prometheus_client import REGISTRY
 
@@ -347,8 +346,8 @@ class WorkerActor:
         from kv_store.client import FollowingStoreClient, KVStoreClient
         from kv_store.transport import AutoTransport
         from pdserve.grpc_server import start_server
-        from pdserve.limits import grpc_options
         from pdserve.metrics import WorkerMetrics, serve_metrics
+        from pdserve.security import internal_channel
         from pdserve.tracing import traced_channel
         from pdserve.worker_base import Heartbeater, Role, WorkerConfig, WorkerState
         from pdserve.worker_main import build_service, worker_services
@@ -395,7 +394,7 @@ class WorkerActor:
             return ray.get(ray.get_actor(store_name, namespace=namespace).address.remote(), timeout=10)
 
         def connect(address: str) -> KVStoreClient:
-            channel = traced_channel(grpc.insecure_channel(address, options=grpc_options()))
+            channel = traced_channel(internal_channel(address))
             return KVStoreClient(address, channel=channel, own_channel=True)
 
         self._store = FollowingStoreClient(store_now, connect, self.store_address)

@@ -16,8 +16,8 @@ from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
 from kv_store.convert import layout_to_proto
 from kv_store.layout import KVLayout
-from pdserve.limits import grpc_options
 from pdserve.metrics import WorkerMetrics, WorkerSnapshot
+from pdserve.security import internal_channel
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class Heartbeater:
         self.state = state
         self.router_address = router_address
         self._resolve = resolve
-        self._ch = grpc.insecure_channel(router_address, options=grpc_options())
+        self._ch = internal_channel(router_address)
         self._stub = router_pb2_grpc.RegistryStub(self._ch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -199,7 +199,7 @@ class Heartbeater:
             log.info("router moved", extra={"old": self.router_address, "new": address})
             old = self._ch
             self.router_address = address
-            self._ch = grpc.insecure_channel(address, options=grpc_options())
+            self._ch = internal_channel(address)
             self._stub = router_pb2_grpc.RegistryStub(self._ch)
             old.close()
 

@@ -26,7 +26,6 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import grpc
 import torch
 from prometheus_client import REGISTRY
 
@@ -37,8 +36,8 @@ from kv_store.dist_transport import DistConfig, destroy_process_group, device_fo
 from kv_store.transport import AutoTransport
 from pdserve.errors import UnavailableError
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend
-from pdserve.limits import grpc_options
 from pdserve.metrics import WorkerMetrics, serve_metrics
+from pdserve.security import add_security_args, install_from_args, internal_channel
 from pdserve.tracing import configure_logging, traced_channel
 from pdserve.v1 import worker_pb2
 from pdserve.worker_base import Heartbeater, Role, WorkerConfig, WorkerState
@@ -213,7 +212,10 @@ def parse(argv: list[str] | None, role: Role) -> WorkerConfig:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--admission-timeout-s", type=float, default=30.0)
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
+    add_security_args(ap)
     a = ap.parse_args(argv)
+    # TLS / cluster token of this process's server and channels; refused here, before the model loads
+    install_from_args(ap, a, a.host, ("pdserve.v1.Worker", "pdserve.v1.KVPeer"))
     eng = EngineConfig(
         num_kv_blocks=a.kv_blocks,
         block_size=a.block_size,
@@ -310,7 +312,7 @@ def main(role: Role, argv: list[str] | None = None, *, prefix_fetch: PrefixFetch
     dist = DistGroup(dist_opts).start() if dist_opts is not None else None
     state = WorkerState.load(cfg)
     # store calls carry the request id as gRPC metadata (pdserve-request-id)
-    store_channel = traced_channel(grpc.insecure_channel(cfg.store_address, options=grpc_options()))
+    store_channel = traced_channel(internal_channel(cfg.store_address))
     store = KVStoreClient(cfg.store_address, channel=store_channel)
     transport = AutoTransport(host_id())
     svc = build_service(

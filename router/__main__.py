@@ -23,6 +23,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 
 from pdserve.metrics import RouterMetrics, serve_metrics
+from pdserve.security import add_security_args, install_from_args
 from pdserve.tracing import configure_logging
 from pdserve.v1 import client_pb2, router_pb2
 from router.health import HEALTH_SERVICES, start_router_health
@@ -71,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         help="goodput policy: every worker runs on one host with this many cores (CPU serving); "
         "predictions grow with busy workers / cores. Default: each worker has its own device",
     )
+    add_security_args(ap)
     a = ap.parse_args(argv)
+    install_from_args(ap, a, a.host, ("pdserve.v1.Generate", "pdserve.v1.Registry"))
     configure_logging("router")
     try:
         goodput = GoodputConfig(

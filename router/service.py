@@ -42,9 +42,9 @@ from pdserve.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from pdserve.limits import grpc_options
 from pdserve.metrics import FinishedRequest, RouterMetrics, outcome_for, slo_class, tpot_of
 from pdserve.proto_convert import finish_to_proto, name_logprob_tokens, sampling_from_proto
+from pdserve.security import internal_channel
 from pdserve.status import MD_ERROR_CLASS, raise_from_rpc_error
 from pdserve.tracing import log_event, request_scope, traced_channel
 from pdserve.v1 import client_pb2, common_pb2, router_pb2, worker_pb2, worker_pb2_grpc
@@ -163,15 +163,13 @@ class _Stubs:
     def worker(self, address: str) -> worker_pb2_grpc.WorkerStub:
         s = self._stubs.get(address)
         if s is None:
-            s = self._stubs[address] = worker_pb2_grpc.WorkerStub(
-                grpc.insecure_channel(address, options=grpc_options())
-            )
+            s = self._stubs[address] = worker_pb2_grpc.WorkerStub(internal_channel(address))
         return s
 
     def store(self, address: str) -> KVStoreClient:
         c = self._stores.get(address)
         if c is None:
-            ch = traced_channel(grpc.insecure_channel(address, options=grpc_options()))
+            ch = traced_channel(internal_channel(address))
             c = self._stores[address] = KVStoreClient(address, timeout_s=5, channel=ch)
         return c
 
@@ -180,7 +178,7 @@ class _Stubs:
         key = "lookup:" + address
         c = self._stores.get(key)
         if c is None:
-            ch = traced_channel(grpc.insecure_channel(address, options=grpc_options()))
+            ch = traced_channel(internal_channel(address))
             c = self._stores[key] = KVStoreClient(address, timeout_s=LOOKUP_TIMEOUT_S, channel=ch)
         return c
 
