@@ -242,7 +242,10 @@ def tiny_model(root: Path) -> Path:
     return make_tiny_models(root, tokenizer_from=ensure_default_model(progress=False))["llama"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(prog="python bench/concurrency.py", description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", default="100,1000", help="comma-separated stream counts (e.g. 100,1000,10000)")
     ap.add_argument("--max-tokens", type=int, default=4, help="tokens generated per stream")
@@ -250,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=600.0, help="deadline of each stream")
     ap.add_argument("--no-engine", action="store_true", help="skip the engine-alone TTFT reference")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    return cli_help.apply(ap)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     from pdserve.launcher import ClusterSpec, launch
 

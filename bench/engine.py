@@ -145,15 +145,25 @@ def throughput(path: Path, n: int, batch: int, scale: int) -> tuple[float, float
     return total_out / t_eng, total_out / t_hf, total_out
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--static-batch", type=int, default=16)
+    ap.add_argument("--model", default=None, help="model folder (default: bundled SmolLM2-135M-Instruct)")
+    ap.add_argument("--context", type=int, default=256, help="context length of the decode-step test, tokens")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size")
+    ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes of the decode-step test")
+    ap.add_argument("--requests", type=int, default=64, help="requests of the throughput test")
+    ap.add_argument(
+        "--static-batch", type=int, default=16, help="HF generate's static batch size in the throughput test"
+    )
     ap.add_argument("--quick", action="store_true", help="smaller run for a smoke test")
+    return cli_help.apply(ap)
+
+
+def main() -> int:
+    ap = build_parser()
     a = ap.parse_args()
     if a.quick:
         a.steps, a.batches, a.requests, a.context = 4, "1,8", 16, 64

@@ -104,11 +104,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    ap.add_argument("--quick", action="store_true", help="4 and 16 MiB only")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per size (median)")
+    ap.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="torch.distributed backend")
+    return cli_help.apply(ap)
+
+
+def main() -> int:
+    ap = build_parser()
     a = ap.parse_args()
     sizes = [4 * MiB, 16 * MiB] if a.quick else [16 * MiB, 64 * MiB, 256 * MiB]
     ctx = mp.get_context("spawn")

@@ -310,14 +310,24 @@ def report(rows: list[dict], layout: KVLayout) -> bool:
     return ok
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(description="KV block transfer throughput vs raw baselines")
     ap.add_argument("--quick", action="store_true", help="4 and 16 MiB, fewer repetitions")
-    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="llama8b")
+    ap.add_argument(
+        "--layout", choices=sorted(LAYOUTS), default="llama8b", help="KV block layout (model shape)"
+    )
     ap.add_argument("--sizes", type=int, nargs="*", help="KV sizes in MiB (default 16 64 256)")
     ap.add_argument("--reps", type=int, default=0, help="repetitions per cell (median)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--serve-raw", type=int, metavar="BYTES", help=argparse.SUPPRESS)
+    return cli_help.apply(ap)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     if a.serve_raw:
         _serve_raw(a.serve_raw)

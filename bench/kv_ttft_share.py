@@ -67,12 +67,20 @@ def measure(path: Path, transport: KVTransport, tokens: int, reps: int) -> list[
     return rows
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--model", default=None, help="model folder (default: bundled SmolLM2-135M-Instruct)")
+    ap.add_argument("--tokens", type=int, default=2048, help="uncached prompt length, tokens")
+    ap.add_argument("--reps", type=int, default=5, help="requests measured per transport")
     ap.add_argument("--transports", default="store,dist", help="comma-separated: store, dist")
+    return cli_help.apply(ap)
+
+
+def main() -> int:
+    ap = build_parser()
     a = ap.parse_args()
     try:
         transports = [KVTransport(t.strip()) for t in a.transports.split(",") if t.strip()]

@@ -44,18 +44,26 @@ def sweep(spec: ClusterSpec, rates, a, vocab, slo) -> list[loadgen.Report]:
         cl.stop()
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="model folder (default: bundled SmolLM2-135M-Instruct)")
     ap.add_argument("-n", "--num-requests", type=int, default=24, help="requests per rate")
-    ap.add_argument("--rates", default="0.5,1,2")
-    ap.add_argument("--length-scale", type=int, default=16)
-    ap.add_argument("--max-input", type=int, default=512)
-    ap.add_argument("--max-output", type=int, default=24)
-    ap.add_argument("--ttft", type=float, default=2.0)
-    ap.add_argument("--tpot", type=float, default=0.15)
-    ap.add_argument("--target", type=float, default=0.9)
-    ap.add_argument("--pd-policy", default="least_loaded")
+    ap.add_argument("--rates", default="0.5,1,2", help="comma-separated request rates (req/s)")
+    ap.add_argument("--length-scale", type=int, default=16, help="divide trace lengths by this")
+    ap.add_argument("--max-input", type=int, default=512, help="clip prompts to this many tokens")
+    ap.add_argument("--max-output", type=int, default=24, help="clip outputs to this many tokens")
+    ap.add_argument("--ttft", type=float, default=2.0, help="TTFT SLO (s)")
+    ap.add_argument("--tpot", type=float, default=0.15, help="TPOT SLO (s)")
+    ap.add_argument("--target", type=float, default=0.9, help="SLO attainment target for goodput")
+    ap.add_argument("--pd-policy", default="least_loaded", help="router policy of the disaggregated cluster")
+    return cli_help.apply(ap)
+
+
+def main() -> int:
+    ap = build_parser()
     a = ap.parse_args()
     path = resolve_model_path(a.model)
     vocab = ModelConfig.from_path(path).vocab_size

@@ -108,10 +108,18 @@ def bench_ray(model: Path, cfg_path: Path, address: str, env: dict[str, str]) ->
             print(f"pdserve down failed:\n{d.stderr[-2000:]}", file=sys.stderr)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--model", default=None, help="model folder (default: bundled SmolLM2-135M-Instruct)")
+    ap.add_argument("--reps", type=int, default=1, help="start-ups measured per way")
+    return cli_help.apply(ap)
+
+
+def main() -> int:
+    ap = build_parser()
     a = ap.parse_args()
     model = resolve_model_path(a.model)
 

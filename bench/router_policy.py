@@ -33,14 +33,22 @@ from simulator.workload import load_mooncake  # noqa: E402
 POLICIES = (PolicyKind.LEAST_LOADED, PolicyKind.GLOBAL_CACHE_AWARE, PolicyKind.GOODPUT)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(prog="bench/router_policy.py")
-    ap.add_argument("--requests", type=int, default=600)
+    ap.add_argument("--requests", type=int, default=600, help="Mooncake trace requests simulated")
     ap.add_argument("--rate", type=float, default=6.0, help="arrivals per second (trace rescaled)")
-    ap.add_argument("--prefill", type=int, default=2)
-    ap.add_argument("--decode", type=int, default=2)
-    ap.add_argument("--ttft", type=float, default=2.0)
-    ap.add_argument("--tpot", type=float, default=0.1)
+    ap.add_argument("--prefill", type=int, default=2, help="prefill instances")
+    ap.add_argument("--decode", type=int, default=2, help="decode instances")
+    ap.add_argument("--ttft", type=float, default=2.0, help="TTFT SLO (s)")
+    ap.add_argument("--tpot", type=float, default=0.1, help="TPOT SLO (s)")
+    return cli_help.apply(ap)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     wl = load_mooncake(limit=a.requests).clipped(max_input=3584, max_total=4096).with_rate(a.rate)
     slo = SLO(a.ttft, a.tpot)

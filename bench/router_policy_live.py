@@ -413,14 +413,17 @@ def plot(results: dict[str, dict[str, loadgen.Report]], path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- main
-def parse(argv: list[str] | None) -> tuple[argparse.Namespace, BenchConfig]:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(prog="bench/router_policy_live.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--model", default=None, help="model folder (default: bundled SmolLM2-135M)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 policies, short phases (~2 min)")
     ap.add_argument("--policies", default=None, help=f"comma-separated, default {','.join(POLICIES)}")
-    ap.add_argument("--prefill", type=int, default=2)
-    ap.add_argument("--decode", type=int, default=2)
+    ap.add_argument("--prefill", type=int, default=2, help="prefill workers per cluster")
+    ap.add_argument("--decode", type=int, default=2, help="decode workers per cluster")
     ap.add_argument("--kv-blocks", type=int, default=512, help="KV blocks per worker")
     ap.add_argument("--max-batched-tokens", type=int, default=512, help="workers' token budget per step")
     ap.add_argument("--store-blocks", type=int, default=1024, help="KV store capacity in blocks")
@@ -432,23 +435,38 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, BenchConfig]:
     ap.add_argument("--overload", type=float, default=2.0, help="overload phase rate / base rate")
     ap.add_argument("--window-s", type=float, default=None, help="arrival window per phase (20; quick 8)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up requests per cluster (8; quick 3)")
-    ap.add_argument("--length-scale", type=int, default=16)
-    ap.add_argument("--max-input", type=int, default=512)
-    ap.add_argument("--max-output", type=int, default=24)
+    ap.add_argument("--length-scale", type=int, default=16, help="divide trace lengths by this")
+    ap.add_argument("--max-input", type=int, default=512, help="clip prompts to this many tokens")
+    ap.add_argument("--max-output", type=int, default=24, help="clip outputs to this many tokens")
     ap.add_argument("--ttft", type=float, default=2.0, help="TTFT SLO (s)")
     ap.add_argument("--tpot", type=float, default=0.25, help="TPOT SLO (s)")
-    ap.add_argument("--admitted-target", type=float, default=0.9)
-    ap.add_argument("--collapse-below", type=float, default=0.5)
+    ap.add_argument(
+        "--admitted-target",
+        type=float,
+        default=0.9,
+        help="overload: goodput's attainment of admitted requests must reach this",
+    )
+    ap.add_argument(
+        "--collapse-below",
+        type=float,
+        default=0.5,
+        help="overload: other policies count as collapsed below this attainment",
+    )
     ap.add_argument(
         "--latency-profile", default=None, help="profile JSON, or 'none' (default: cached/measured)"
     )
     ap.add_argument("--refresh-profile", action="store_true", help="re-measure the cached profile")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the workload")
     ap.add_argument("--out", default="router_policy_live.json", help="JSON report path")
     ap.add_argument("--png", default=None, help="also write a chart here")
     ap.add_argument(
         "--logs", default=None, help="write each cluster process's log here (DIR/policy/name.log)"
     )
+    return cli_help.apply(ap)
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, BenchConfig]:
+    ap = build_parser()
     a = ap.parse_args(argv)
     pols = tuple(a.policies.split(",")) if a.policies else (QUICK_POLICIES if a.quick else POLICIES)
     bad = [p for p in pols if p not in POLICIES]

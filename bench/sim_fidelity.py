@@ -181,13 +181,16 @@ def run_cluster(
     )
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--model", default=None, help="model folder (default: bundled SmolLM2-135M-Instruct)")
+    ap.add_argument("--requests", type=int, default=32, help="requests of the measured workload")
     ap.add_argument("--rate", type=float, default=0.8, help="mean Poisson arrival rate, requests/s")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the workload")
     ap.add_argument(
         "--target",
         default="engine",
@@ -212,6 +215,11 @@ def main() -> int:
         default=4,
         help="cluster target: lone requests measuring the fixed per-request overhead (0 = off)",
     )
+    return cli_help.apply(ap)
+
+
+def main() -> int:
+    ap = build_parser()
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     path = resolve_model_path(a.model)

@@ -70,14 +70,22 @@ def run(name: str, cluster: ClusterConfig, wl, slo: SLO) -> None:
     )
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=10_000)
+    ap.add_argument("--requests", type=int, default=10_000, help="requests simulated per scenario")
     ap.add_argument(
         "--only",
         default="",
         help="comma-separated scenarios (disaggregated, colocated, mooncake); default all",
     )
+    return cli_help.apply(ap)
+
+
+def main() -> int:
+    ap = build_parser()
     a = ap.parse_args()
     n = a.requests
     only = {x.strip() for x in a.only.split(",") if x.strip()}

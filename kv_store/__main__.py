@@ -26,27 +26,36 @@ from kv_store.layout import KVLayout
 from kv_store.redis_index import make_index
 from kv_store.service import StoreServer, run_store_node
 from kv_store.store import StoreConfig
+from pdserve import cli_help
 from pdserve.metrics import StoreMetrics, serve_metrics
 from pdserve.security import add_security_args, install_from_args
 from pdserve.tracing import configure_logging
 
 
-def parse_config(argv: list[str] | None = None) -> StoreConfig:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m kv_store`` command line."""
     ap = argparse.ArgumentParser(prog="python -m kv_store", description="pdserve KV store node")
-    ap.add_argument("--node-id", required=True)
-    ap.add_argument("--capacity-blocks", type=int, required=True)
-    ap.add_argument("--model-id", required=True)
-    ap.add_argument("--num-layers", type=int, required=True)
-    ap.add_argument("--num-kv-heads", type=int, required=True)
-    ap.add_argument("--head-dim", type=int, required=True)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--node-id", required=True, help="this node's id (unique in the cluster)")
+    ap.add_argument("--capacity-blocks", type=int, required=True, help="KV blocks the node holds at most")
+    ap.add_argument("--model-id", required=True, help="model whose KV blocks the node stores")
+    ap.add_argument("--num-layers", type=int, required=True, help="the model's layer count (KV layout)")
+    ap.add_argument("--num-kv-heads", type=int, required=True, help="the model's KV heads (KV layout)")
+    ap.add_argument("--head-dim", type=int, required=True, help="the model's head dimension (KV layout)")
+    ap.add_argument("--dtype", default="float32", help="KV dtype (KV layout)")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block (KV layout)")
+    ap.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
+    ap.add_argument("--port", type=int, default=0, help="gRPC listen port (0: any free port)")
     ap.add_argument("--no-shm", action="store_true", help="private memory: no same-host zero-copy reads")
-    ap.add_argument("--no-prefault", action="store_true")
-    ap.add_argument("--default-lease-ttl-s", type=float, default=30.0)
-    ap.add_argument("--max-workers", type=int, default=8)
+    ap.add_argument(
+        "--no-prefault", action="store_true", help="do not touch every page of the arena at start-up"
+    )
+    ap.add_argument(
+        "--default-lease-ttl-s",
+        type=float,
+        default=30.0,
+        help="lease time of pinned blocks whose reader asked for none",
+    )
+    ap.add_argument("--max-workers", type=int, default=8, help="gRPC server threads")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
     ap.add_argument("--index", default="memory", help="'memory' or redis://host:port/db[?prefix=p]")
     ap.add_argument("--high-water", type=float, default=1.0, help="evict above this fraction of capacity")
@@ -56,7 +65,12 @@ def parse_config(argv: list[str] | None = None) -> StoreConfig:
         "--replication-factor", type=int, default=1, help="copies per block across store nodes (best effort)"
     )
     add_security_args(ap)
-    a = ap.parse_args(argv)
+    return cli_help.apply(ap)
+
+
+def parse_config(argv: list[str] | None = None) -> StoreConfig:
+    """The node's StoreConfig from ``argv`` (exits with usage on a bad flag)."""
+    a = build_parser().parse_args(argv)
     layout = KVLayout(a.model_id, a.num_layers, a.num_kv_heads, a.head_dim, a.dtype, a.block_size)
     return StoreConfig(
         node_id=a.node_id,

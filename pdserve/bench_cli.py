@@ -24,22 +24,22 @@ from pdserve import loadgen
 
 def register(subparsers) -> None:
     b = subparsers.add_parser("bench", help="replay a trace open-loop against a cluster; JSON + PNG report")
-    b.add_argument("--address", default="", help="router address of a running cluster")
+    b.add_argument("--address", default="", help="router address of a running cluster (or --embedded)")
     b.add_argument("--embedded", action="store_true", help="launch the embedded cluster for the run")
     b.add_argument("--model", default=None, help="model folder (embedded; default: bundled SmolLM2)")
     b.add_argument("--policy", default="", help="router placement policy (embedded), e.g. goodput")
     b.add_argument("--workload", default="mooncake", help="mooncake | azure-code | sharegpt | PATH")
-    b.add_argument("-n", "--num-requests", type=int, default=32)
+    b.add_argument("-n", "--num-requests", type=int, default=32, help="requests replayed per rate")
     b.add_argument("--rates", default="0.5", help="comma-separated request rates (req/s) to sweep")
     b.add_argument("--length-scale", type=int, default=16, help="divide trace lengths by this")
-    b.add_argument("--max-input", type=int, default=512)
-    b.add_argument("--max-output", type=int, default=32)
+    b.add_argument("--max-input", type=int, default=512, help="clip prompts to this many tokens")
+    b.add_argument("--max-output", type=int, default=32, help="clip outputs to this many tokens")
     b.add_argument("--ttft", type=float, default=2.0, help="TTFT SLO (s)")
     b.add_argument("--tpot", type=float, default=0.2, help="TPOT SLO (s)")
     b.add_argument("--target", type=float, default=0.9, help="attainment target for goodput")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="seed of the workload and its token contents")
     b.add_argument("--out", default="pdserve-bench", help="output folder")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run)
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from pdserve import cli_help
 from pdserve.errors import PdserveError
 from pdserve.security import add_client_tls_args, client_tls_kwargs
 
@@ -14,20 +15,33 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=None, help="HF Llama-family folder (default: bundled SmolLM2-135M-Instruct)"
     )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--kv-blocks", type=int, default=None, help="KV pool size in blocks")
+    p.add_argument("--device", default="cpu", help="--embedded: torch device (cpu, cuda, cuda:N)")
     p.add_argument(
-        "--tp", type=int, default=1, help="tensor-parallel size (processes the model is split over)"
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="--embedded: weight and KV dtype (auto: float32 on CPU, the checkpoint's on CUDA)",
+    )
+    p.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=None,
+        help="--embedded: KV pool size in blocks (default: as many as the KV memory budget holds)",
+    )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="--embedded: tensor-parallel size (processes the model is split over)",
     )
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--no-chat", action="store_true", help="send the prompt raw, without the chat template")
 
 
@@ -95,7 +109,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             num_prefill=a.prefill,
             num_decode=a.decode,
             router_port=int(port),
-            worker_kv_blocks=a.kv_blocks or 2048,
+            worker_kv_blocks=a.kv_blocks,
             router_args=("--policy", a.policy) if a.policy else (),
             index_url=a.index,
             tls=a.tls,
@@ -160,10 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text for a prompt")
-    g.add_argument("prompt")
+    g.add_argument("prompt", help="the prompt (sent through the chat template unless --no-chat)")
     g.add_argument("--embedded", action="store_true", help="run the engine in this process (no server)")
     g.add_argument("--address", default=DEFAULT_ADDRESS, help="router address (see `pdserve serve`)")
-    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
     _engine_args(g)
     _sampling_args(g)
     add_client_tls_args(g)
@@ -178,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--address", default=DEFAULT_ADDRESS, help="router listen address (127.0.0.1:PORT)")
     sv.add_argument("--prefill", type=int, default=1, help="prefill workers")
     sv.add_argument("--decode", type=int, default=1, help="decode workers")
-    sv.add_argument("--kv-blocks", type=int, default=None, help="KV pool size per worker, in blocks")
+    sv.add_argument("--kv-blocks", type=int, default=2048, help="KV pool size per worker, in blocks")
     sv.add_argument(
         "--policy",
         default="",
@@ -216,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         sim_cli = None
     if sim_cli is not None and hasattr(sim_cli, "register"):
         sim_cli.register(sub)
-    return ap
+    return cli_help.apply(ap)
 
 
 def main(argv: list[str] | None = None) -> int:

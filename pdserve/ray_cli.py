@@ -161,8 +161,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``up``, ``down``, ``status`` and ``scale`` to the ``pdserve`` command line."""
     u = sub.add_parser("up", help="start pdserve on a Ray cluster (router, pools, one KV store per node)")
     u.add_argument("--config", required=True, help="cluster YAML (see deploy/ray/pdserve.yaml)")
-    u.add_argument("--prefill", type=int, default=None, help="override the prefill pool size")
-    u.add_argument("--decode", type=int, default=None, help="override the decode pool size")
+    u.add_argument("--prefill", type=int, default=None, help="override the config's prefill pool size")
+    u.add_argument("--decode", type=int, default=None, help="override the config's decode pool size")
     u.add_argument("--file-sd", default="", help="write a Prometheus file_sd JSON of every /metrics here")
     _common(u)
     u.set_defaults(func=_cmd_up)
@@ -177,7 +177,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_cmd_status)
 
     sc = sub.add_parser("scale", help="resize the prefill / decode pools (drains before removal)")
-    sc.add_argument("--prefill", type=int, default=None)
-    sc.add_argument("--decode", type=int, default=None)
+    sc.add_argument("--prefill", type=int, default=None, help="new prefill pool size (default: unchanged)")
+    sc.add_argument("--decode", type=int, default=None, help="new decode pool size (default: unchanged)")
     _common(sc)
     sc.set_defaults(func=_cmd_scale)

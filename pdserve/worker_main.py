@@ -23,6 +23,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,8 @@ from kv_store.arena import host_id
 from kv_store.client import KVStoreClient
 from kv_store.dist_transport import DistConfig, destroy_process_group, device_for, init_process_group
 from kv_store.transport import AutoTransport
-from pdserve.errors import UnavailableError
+from pdserve import cli_help
+from pdserve.errors import PdserveError, UnavailableError
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend
 from pdserve.metrics import WorkerMetrics, serve_metrics
 from pdserve.security import add_security_args, install_from_args, internal_channel
@@ -160,16 +162,42 @@ class DistGroup:
                 log.warning("destroying the process group failed: %s", e)
 
 
+def dist_parser() -> argparse.ArgumentParser:
+    """The ``--dist-*`` flags (direct KV handoff), as a parent parser (no ``-h``)."""
+    ap = argparse.ArgumentParser(add_help=False)
+    g = ap.add_argument_group("direct KV handoff (one torch.distributed group of all workers)")
+    g.add_argument(
+        "--dist-init",
+        default=None,
+        help="tcp://HOST:PORT of the workers' process group (default: none, KV moves through the store)",
+    )
+    g.add_argument("--dist-rank", type=int, default=None, help="this worker's rank (with --dist-init)")
+    g.add_argument("--dist-world", type=int, default=None, help="ranks in the group (with --dist-init)")
+    g.add_argument(
+        "--dist-backend",
+        default=DistBackend.GLOO.value,
+        choices=[b.value for b in DistBackend],
+        help="gloo moves CPU tensors, nccl CUDA tensors",
+    )
+    g.add_argument(
+        "--dist-timeout-s",
+        type=float,
+        default=DEFAULT_DIST_TIMEOUT_S,
+        help="seconds to wait for the group to form, and for each transfer",
+    )
+    g.add_argument(
+        "--dist-outbox-bytes",
+        type=int,
+        default=DEFAULT_OUTBOX_BYTES,
+        help="prefill: KV bytes held for decode workers to pull, at most",
+    )
+    return ap
+
+
 def parse_dist_args(argv: list[str]) -> tuple[DistOptions | None, list[str]]:
     """Split the ``--dist-*`` flags off ``argv``: (their options, None without ``--dist-init``;
     the remaining arguments)."""
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--dist-init", default=None, help="tcp://HOST:PORT of the workers' process group")
-    ap.add_argument("--dist-rank", type=int, default=None)
-    ap.add_argument("--dist-world", type=int, default=None)
-    ap.add_argument("--dist-backend", default=DistBackend.GLOO.value, choices=[b.value for b in DistBackend])
-    ap.add_argument("--dist-timeout-s", type=float, default=DEFAULT_DIST_TIMEOUT_S)
-    ap.add_argument("--dist-outbox-bytes", type=int, default=DEFAULT_OUTBOX_BYTES)
+    ap = dist_parser()
     a, rest = ap.parse_known_args(argv)
     if a.dist_init is None:
         return None, rest
@@ -189,30 +217,51 @@ def parse_dist_args(argv: list[str]) -> tuple[DistOptions | None, list[str]]:
     return opts, rest
 
 
-def parse(argv: list[str] | None, role: Role) -> WorkerConfig:
-    ap = argparse.ArgumentParser(prog=f"python -m {role.name.lower()}_worker")
-    ap.add_argument("--worker-id", required=True)
+def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+    """The ``python -m {prefill,decode}_worker`` command line: the worker flags, the ``--dist-*``
+    flags (:func:`dist_parser`) and ``parents`` (e.g. the prefill worker's prefix-policy flags)."""
+    ap = argparse.ArgumentParser(
+        prog=f"python -m {role.name.lower()}_worker", parents=[dist_parser(), *parents]
+    )
+    ap.add_argument("--worker-id", required=True, help="this worker's id (unique in the cluster)")
     ap.add_argument("--model", required=True, help="HF model folder")
     ap.add_argument("--store", required=True, help="host:port of the local KV store node")
-    ap.add_argument("--router", default=None, help="host:port of the router's registry")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--kv-blocks", type=int, default=2048)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument(
+        "--router", default=None, help="host:port of the router's registry (default: none, not registered)"
+    )
+    ap.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
+    ap.add_argument("--port", type=int, default=0, help="gRPC listen port (0: any free port)")
+    ap.add_argument("--kv-blocks", type=int, default=2048, help="KV pool size in blocks")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    ap.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one engine step, at most")
+    ap.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens in one engine step, at most")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk (Sarathi) in tokens")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:N)")
     ap.add_argument(
         "--tp",
         type=int,
         default=1,
         help="tensor-parallel size: processes (cuda:0..N-1 on GPU) the model is split over",
     )
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--admission-timeout-s", type=float, default=30.0)
+    ap.add_argument(
+        "--dtype", default="auto", help="weight and KV dtype (auto: float32 on CPU, the checkpoint's on CUDA)"
+    )
+    ap.add_argument(
+        "--admission-timeout-s",
+        type=float,
+        default=30.0,
+        help="decode: how long a handed-off request may wait for free KV blocks",
+    )
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
     add_security_args(ap)
+    return cli_help.apply(ap)
+
+
+def parse(
+    argv: list[str] | None, role: Role, parents: Sequence[argparse.ArgumentParser] = ()
+) -> WorkerConfig:
+    """The worker's config from ``argv`` (see :func:`build_parser`; exits with usage on a bad flag)."""
+    ap = build_parser(role, parents)
     a = ap.parse_args(argv)
     # TLS / cluster token of this process's server and channels; refused here, before the model loads
     install_from_args(ap, a, a.host, ("pdserve.v1.Worker", "pdserve.v1.KVPeer"))
@@ -300,17 +349,34 @@ def worker_services(svc: Any, role: Role, dist: DistGroup | None) -> tuple[list[
     return services, peer
 
 
-def main(role: Role, argv: list[str] | None = None, *, prefix_fetch: PrefixFetchConfig | None = None) -> int:
+def main(
+    role: Role,
+    argv: list[str] | None = None,
+    *,
+    prefix_fetch: PrefixFetchConfig | None = None,
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> int:
     """Run a worker process. ``prefix_fetch``: a prefill worker's
-    :class:`prefill_worker.prefix_policy.PrefixFetchConfig` (``python -m prefill_worker`` flags)."""
+    :class:`prefill_worker.prefix_policy.PrefixFetchConfig` (``python -m prefill_worker`` flags,
+    whose parser is passed in ``parents`` so that ``--help`` lists them).
+
+    A model that cannot be loaded ends the process at once with status 1, before the ready line,
+    after one ``<prog>: error: cannot load model PATH: <the loader's message>`` line on stderr."""
     from pdserve.grpc_server import start_server
 
     dist_opts, rest = parse_dist_args(list(sys.argv[1:] if argv is None else argv))
-    cfg = parse(rest, role)
+    cfg = parse(rest, role, parents)
     configure_logging(cfg.worker_id)
     # join the process group while the model loads (the other ranks may start later)
     dist = DistGroup(dist_opts).start() if dist_opts is not None else None
-    state = WorkerState.load(cfg)
+    try:
+        state = WorkerState.load(cfg)
+    except Exception as e:  # noqa: BLE001 - whatever the loader raised ends the worker, named
+        why = str(e) if isinstance(e, PdserveError) else f"{type(e).__name__}: {e}"
+        msg = f"cannot load model {cfg.model_path!r}: {why}"
+        log.error(msg, exc_info=not isinstance(e, PdserveError))
+        print(f"python -m {role.name.lower()}_worker: error: {msg}", file=sys.stderr, flush=True)
+        return 1
     # store calls carry the request id as gRPC metadata (pdserve-request-id)
     store_channel = traced_channel(internal_channel(cfg.store_address))
     store = KVStoreClient(cfg.store_address, channel=store_channel)

@@ -31,7 +31,7 @@ def _latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", required=True, help="model name (llama-2-7b, llama-3-8b, opt-13b, ...) or profile's model"
     )
-    p.add_argument("--gpu", default="a100", choices=["a100", "h100"])
+    p.add_argument("--gpu", default="a100", choices=["a100", "h100"], help="GPU type of the latency model")
     p.add_argument(
         "--latency", default="auto", choices=[s.value for s in LatencySource], help="latency model source"
     )
@@ -41,8 +41,10 @@ def _latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--transfer-gbps", type=float, default=200.0, help="KV transfer bandwidth between instances, Gb/s"
     )
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="longest sequence in tokens (default: the model's)"
+    )
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
@@ -50,7 +52,7 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
         "--workload", default="sharegpt", help=f"{', '.join(WORKLOAD_NAMES)} or a .jsonl/.csv trace path"
     )
     p.add_argument("--num-requests", type=int, default=None, help="request count (synthetic) or trace prefix")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of synthetic workloads and arrivals")
     p.add_argument("--ttft", type=float, default=0.25, help="TTFT SLO, seconds")
     p.add_argument("--tpot", type=float, default=0.1, help="TPOT SLO, seconds")
     p.add_argument("--target", type=float, default=0.9, help="SLO attainment target for goodput")
@@ -285,14 +287,19 @@ def register(subparsers) -> None:
     )
     _latency_args(s)
     _workload_args(s)
-    s.add_argument("--mode", default="colocated", choices=["colocated", "disaggregated", "splitwise"])
+    s.add_argument(
+        "--mode",
+        default="colocated",
+        choices=["colocated", "disaggregated", "splitwise"],
+        help="cluster shape: one pool, prefill+decode pools, or Splitwise (prefill, decode, mixed)",
+    )
     s.add_argument("--instances", type=int, default=1, help="colocated instances")
-    s.add_argument("--prefill", type=int, default=1)
-    s.add_argument("--decode", type=int, default=1)
+    s.add_argument("--prefill", type=int, default=1, help="prefill instances (disaggregated, splitwise)")
+    s.add_argument("--decode", type=int, default=1, help="decode instances (disaggregated, splitwise)")
     s.add_argument("--mixed", type=int, default=1, help="splitwise mixed-pool instances")
-    s.add_argument("--tp", type=int, default=1)
-    s.add_argument("--tp-prefill", type=int, default=None)
-    s.add_argument("--tp-decode", type=int, default=None)
+    s.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of every instance")
+    s.add_argument("--tp-prefill", type=int, default=None, help="TP of prefill instances (default: --tp)")
+    s.add_argument("--tp-decode", type=int, default=None, help="TP of decode instances (default: --tp)")
     s.add_argument(
         "--scheduler",
         default="vllm",
@@ -300,12 +307,22 @@ def register(subparsers) -> None:
         help="colocated/mixed scheduling",
     )
     s.add_argument("--chunk", type=int, default=512, help="Sarathi chunk (token budget)")
-    s.add_argument("--policy", default=PolicyKind.LEAST_LOADED.value, choices=[p.value for p in PolicyKind])
-    s.add_argument("--no-prefix-cache", action="store_true")
+    s.add_argument(
+        "--policy",
+        default=PolicyKind.LEAST_LOADED.value,
+        choices=[p.value for p in PolicyKind],
+        help="router placement policy",
+    )
+    s.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching in the instances")
     s.add_argument(
         "--host-pool", default="none", choices=[h.value for h in HostPool], help="per-instance host KV pool"
     )
-    s.add_argument("--host-pool-tokens", type=int, default=0)
+    s.add_argument(
+        "--host-pool-tokens",
+        type=int,
+        default=0,
+        help="host KV pool capacity per instance (--host-pool limited)",
+    )
     s.add_argument("--kv-blocks", type=int, default=None, help="override KV blocks per instance")
     s.add_argument(
         "--dispatch-overhead-ms",
@@ -318,7 +335,7 @@ def register(subparsers) -> None:
     s.add_argument("--goodput", action="store_true", help="also binary-search goodput")
     s.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per goodput simulation")
     s.add_argument("--out", default=None, help="directory for requests.csv, summary.json and PNGs")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_simulate)
 
     p = subparsers.add_parser(
@@ -328,28 +345,37 @@ def register(subparsers) -> None:
     _workload_args(p)
     p.add_argument("--gpus", type=int, required=True, help="GPU budget")
     p.add_argument("--tp", default="1,2,4,8", help="TP degrees to consider")
-    p.add_argument("--policy", default=PolicyKind.LEAST_LOADED.value, choices=[x.value for x in PolicyKind])
+    p.add_argument(
+        "--policy",
+        default=PolicyKind.LEAST_LOADED.value,
+        choices=[x.value for x in PolicyKind],
+        help="router placement policy of the simulated clusters",
+    )
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per simulation")
     p.add_argument("--verify", type=int, default=2, help="top estimates of each kind to simulate whole")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=int, default=5, help="plans of each kind listed in the report")
     p.add_argument(
         "--baseline-engine",
         default="same",
         choices=["same", "vllm"],
         help="colocated baseline latency: same engine, or DistServe's vLLM fits (paper setup; OPT only)",
     )
-    p.add_argument("--out", default=None)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default=None, help="directory to write plan.json into")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_plan)
 
     f = subparsers.add_parser(
         "profile", help="time the real engine on a grid of batches and write a latency profile"
     )
     f.add_argument("--model", default=None, help="HF model folder (default: bundled SmolLM2-135M-Instruct)")
-    f.add_argument("--out", default="profile.json")
-    f.add_argument("--device", default="cpu")
-    f.add_argument("--dtype", default="auto")
-    f.add_argument("--kv-blocks", type=int, default=None)
+    f.add_argument("--out", default="profile.json", help="profile JSON to write")
+    f.add_argument("--device", default="cpu", help="torch device to time (cpu, cuda, cuda:N)")
+    f.add_argument(
+        "--dtype", default="auto", help="engine dtype (auto: float32 on CPU, the checkpoint's on CUDA)"
+    )
+    f.add_argument(
+        "--kv-blocks", type=int, default=None, help="KV pool in blocks (default: the memory budget's)"
+    )
     f.add_argument("--quick", action="store_true", help="a small grid (a minute on a CPU)")
     f.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     f.add_argument(
@@ -357,15 +383,22 @@ def register(subparsers) -> None:
         action="store_true",
         help="time steps by process CPU time instead of wall time (CPUs shared with other work)",
     )
-    f.add_argument("--quiet", action="store_true")
+    f.add_argument("--quiet", action="store_true", help="no progress output")
     f.set_defaults(func=cmd_profile)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The standalone command line: ``simulate``, ``plan`` and ``profile``."""
+    from pdserve import cli_help
+
+    ap = argparse.ArgumentParser(prog="python -m simulator.cli")
+    register(ap.add_subparsers(dest="command", required=True))
+    return cli_help.apply(ap)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (``python -m simulator.cli``) until ``pdserve`` wires :func:`register`."""
-    ap = argparse.ArgumentParser(prog="pdserve")
-    register(ap.add_subparsers(dest="command", required=True))
-    a = ap.parse_args(argv)
+    a = build_parser().parse_args(argv)
     return int(a.func(a) or 0)
 
 
