@@ -22,6 +22,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
+from pdserve import cli_help
 from pdserve.metrics import RouterMetrics, serve_metrics
 from pdserve.security import add_security_args, install_from_args
 from pdserve.tracing import configure_logging
@@ -33,19 +34,32 @@ from router.registry import Registry
 from router.service import GenerateServicer, RegistryServicer, RouterConfig
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pdserve.grpc_server import start_server
-
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m router`` command line."""
     ap = argparse.ArgumentParser(prog="python -m router")
     ap.add_argument("--model", required=True, help="HF model folder (tokenizer + config)")
-    ap.add_argument("--model-id", default=None)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--heartbeat-timeout-s", type=float, default=3.0)
-    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
-    ap.add_argument("--policy", default=PolicyKind.LEAST_LOADED.value, choices=policy_choices())
     ap.add_argument(
-        "--latency-profile", default=None, help="pdserve profile JSON seeding latency predictions"
+        "--model-id", default=None, help="model name clients ask for (default: the folder's name)"
+    )
+    ap.add_argument("--host", default="127.0.0.1", help="listen address of the data and control planes")
+    ap.add_argument("--port", type=int, default=0, help="gRPC listen port (0: any free port)")
+    ap.add_argument(
+        "--heartbeat-timeout-s",
+        type=float,
+        default=3.0,
+        help="a worker silent this long is taken out of routing",
+    )
+    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
+    ap.add_argument(
+        "--policy",
+        default=PolicyKind.LEAST_LOADED.value,
+        choices=policy_choices(),
+        help="placement policy of (prefill, decode) pairs",
+    )
+    ap.add_argument(
+        "--latency-profile",
+        default=None,
+        help="pdserve profile JSON seeding latency predictions (default: none, learnt online)",
     )
     ap.add_argument("--store", default=None, help="KV store address for prefix lookups (default: learnt)")
     ap.add_argument(
@@ -61,10 +75,28 @@ def main(argv: list[str] | None = None) -> int:
         help="re-dispatches of one request after its workers are lost (then UNAVAILABLE)",
     )
     g = GoodputConfig()
-    ap.add_argument("--slo-margin", type=float, default=g.slo_margin)
-    ap.add_argument("--priority-margin-step", type=float, default=g.priority_margin_step)
-    ap.add_argument("--tenant-max-inflight", type=int, default=None, help="per-tenant in-flight quota")
-    ap.add_argument("--local-prefill-max-tokens", type=int, default=g.local_prefill_max_tokens)
+    ap.add_argument(
+        "--slo-margin",
+        type=float,
+        default=g.slo_margin,
+        help="goodput policy: a placement must be predicted to meet the SLO with this fraction to spare",
+    )
+    ap.add_argument(
+        "--priority-margin-step",
+        type=float,
+        default=g.priority_margin_step,
+        help="goodput policy: margin added per priority level above 0 (shed first under load)",
+    )
+    ap.add_argument(
+        "--tenant-max-inflight", type=int, default=None, help="per-tenant in-flight quota (default: none)"
+    )
+    ap.add_argument(
+        "--local-prefill-max-tokens",
+        type=int,
+        default=g.local_prefill_max_tokens,
+        help="goodput policy: a decode worker may prefill prompts with at most this many uncached "
+        "tokens itself (0: always disaggregate)",
+    )
     ap.add_argument(
         "--shared-cores",
         type=int,
@@ -73,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         "predictions grow with busy workers / cores. Default: each worker has its own device",
     )
     add_security_args(ap)
+    return cli_help.apply(ap)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pdserve.grpc_server import start_server
+
+    ap = build_parser()
     a = ap.parse_args(argv)
     install_from_args(ap, a, a.host, ("pdserve.v1.Generate", "pdserve.v1.Registry"))
     configure_logging("router")
