@@ -74,14 +74,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=run)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pdserve.errors import PdserveError
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m pdserve.openai_api`` command line."""
+    from pdserve import cli_help
 
     ap = argparse.ArgumentParser(
         prog="python -m pdserve.openai_api", description="OpenAI-compatible HTTP front end for pdserve"
     )
     add_arguments(ap)
-    a = ap.parse_args(argv)
+    return cli_help.apply(ap)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pdserve.errors import PdserveError
+
+    a = build_parser().parse_args(argv)
     try:
         return run(a)
     except PdserveError as e:
