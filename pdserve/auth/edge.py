@@ -102,6 +102,16 @@ class EdgeRequest:
         self._admission = admission
         self._ticket = ticket
 
+    def apply_to(self, req: Any) -> str:
+        """Rewrite a ``GenerateRequest`` for the cluster, in place: ``tenant`` = the principal's,
+        ``cache_salt`` = the derived salt, ``request_id`` = the cluster id. Returns the id the
+        client should see in responses (its own when it sent one, else the cluster id)."""
+        client_id = req.request_id
+        req.tenant = self.principal.tenant
+        req.cache_salt = self.cache_salt
+        req.request_id = self.cluster_id
+        return client_id or self.cluster_id
+
     def close(self) -> None:
         self._ticket.finish()
         self._admission.release()
@@ -154,6 +164,17 @@ class EdgeAuth:
     def principal_from_metadata(self, metadata: Iterable[Any] | None, claimed_tenant: str = "") -> Principal:
         """:meth:`principal` with the ``authorization`` value read from gRPC metadata."""
         return self.principal(metadata_value(metadata, AUTH_METADATA), claimed_tenant)
+
+    def forward_http(self, authorization: str | None, user: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """For the HTTP front end: the ``tenant`` to put in the GenerateRequest and the gRPC
+        metadata to send with it. With a key store the key is checked here (401 before the router
+        is contacted) and the tenant is the key's; in dev mode the tenant is ``user``. The
+        caller's ``Authorization`` value is forwarded as is, so a router with keys checks it too."""
+        md = ((AUTH_METADATA, authorization),) if authorization is not None else ()
+        if self.store is None:
+            check_name_field(user, "user")
+            return user, md
+        return self.principal(authorization).tenant, md
 
     def begin(self, p: Principal, client_request_id: str, client_salt: str) -> EdgeRequest:
         """Admit one request of ``p`` (quota, then request-id claim) and derive its salt. Raises

@@ -476,3 +476,35 @@ def test_edge_dev_mode_tenant_is_the_request_field() -> None:
     assert ra.cache_salt != rb.cache_salt  # dev mode does not cross users either
     ra.close()
     rb.close()
+
+
+def test_apply_to_rewrites_tenant_salt_and_id() -> None:
+    store = MemoryKeyStore()
+    key, _ = issue_key(store, "acme")
+    edge = EdgeAuth(store)
+    req = gen(prompt="hi", request_id="mine", cache_salt="c")
+    with edge.admit_generate(req, (("authorization", f"Bearer {key}"),)) as er:
+        shown = er.apply_to(req)
+        assert (shown, req.request_id, req.tenant, req.cache_salt) == (
+            "mine",
+            er.cluster_id,
+            "acme",
+            er.cache_salt,
+        )
+        assert req.cache_salt != "c"
+    req2 = gen(prompt="hi")
+    with edge.admit_generate(req2, (("authorization", f"Bearer {key}"),)) as er2:
+        assert er2.apply_to(req2) == er2.cluster_id == req2.request_id
+
+
+def test_forward_http() -> None:
+    store = MemoryKeyStore()
+    key, _ = issue_key(store, "acme")
+    hdr = f"Bearer {key}"
+    assert EdgeAuth(store).forward_http(hdr, "end-user-7") == ("acme", (("authorization", hdr),))
+    with pytest.raises(UnauthenticatedError):
+        EdgeAuth(store).forward_http(None, "u")
+    assert EdgeAuth(None).forward_http(None, "u") == ("u", ())
+    assert EdgeAuth(None).forward_http("Bearer sk-x", "u") == ("u", (("authorization", "Bearer sk-x"),))
+    with pytest.raises(InvalidRequestError):
+        EdgeAuth(None).forward_http(None, "\ud800")
