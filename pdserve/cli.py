@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     ray_cli.register(sub)
     bench_cli.register(sub)
     openai_cli.register(sub)
+    from pdserve import keys_cli  # `pdserve keys`: API keys and tenant limits
+
+    keys_cli.register(sub)
     try:
         from simulator import cli as sim_cli
     except ImportError:

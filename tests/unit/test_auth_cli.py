@@ -61,3 +61,14 @@ def test_errors_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         run("keys", "add", "--tenant", "no spaces")
     with pytest.raises(InvalidRequestError, match="max_inflight"):
         run("keys", "tenant", "acme", "--max-inflight", "0")
+
+
+def test_pdserve_keys_through_the_main_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pdserve.cli import main
+
+    path = str(tmp_path / "k.yaml")
+    assert main(["keys", "--store", path, "add", "--tenant", "acme"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert authenticate(FileKeyStore(path), key).tenant == "acme"
+    assert main(["keys", "--store", path, "revoke", "pdsk_000000000000"]) == 2  # named error, exit 2
+    assert "no API key" in capsys.readouterr().err
