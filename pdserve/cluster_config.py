@@ -13,8 +13,21 @@ Example (every key but ``model`` has a default)::
     index:   {kind: memory}                    # or {kind: redis, url: redis://host:6379/0}
     kv_transfer: {kind: store}                 # or {kind: dist, backend: gloo|nccl} (direct)
     host: node                                 # bind to the Ray node's IP ("127.0.0.1" in tests)
+    security:                                  # files present at these paths on every node
+      ca: /etc/pdserve/tls/ca.pem              # (`pdserve certs --out DIR`, DIR copied to each node)
+      cert: /etc/pdserve/tls/server.pem
+      key: /etc/pdserve/tls/server.key
+      cluster_token_file: /etc/pdserve/tls/cluster-token
     max_restarts: 3
     drain_timeout_s: 120
+
+``security`` (:class:`SecuritySection`, checked by :func:`check_security` when ``pdserve up``
+starts a cluster): ``tls: auto`` (default) is on unless ``host`` is a loopback address; with TLS
+on the config must name the CA, the certificate and key every actor
+serves with (and presents to the others: mutual TLS), and a cluster token file (the router's
+Registry shares its port with the client API, so it authenticates workers by the token). Plaintext
+off loopback is refused (``tls: off`` with ``host: node`` is an error). The paths are read by each
+actor on its own node (:meth:`SecuritySection.security_config`), never shipped through Ray.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from typing import Any
 
 from pdserve.errors import InvalidRequestError
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend, KVTransport
+from pdserve.security import CLUSTER_SERVER_NAME, SecurityConfig, TLSMode, is_loopback
 from router.policy.placement import PolicyKind
 
 NODE_IP = "node"  # ``host`` value: bind each actor's servers to its Ray node's IP address
@@ -141,6 +155,44 @@ class KVTransferConfig:
 
 
 @dataclass(frozen=True)
+class SecuritySection:
+    """Transport security of every actor (see module docstring and :mod:`pdserve.security`).
+    ``ca``/``cert``/``key``/``*_file``: paths present on every Ray node (a mounted Secret, files
+    copied by the cluster launcher). ``metrics_token_file``: /metrics then requires the bearer
+    token."""
+
+    tls: TLSMode = TLSMode.AUTO  # auto: on unless ``host`` is loopback
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    mtls: bool = True  # workers and store nodes require a client certificate signed by ``ca``
+    server_name: str = CLUSTER_SERVER_NAME  # the name internal channels verify in certificates
+    cluster_token_file: str = ""
+    metrics_token_file: str = ""
+
+    def tls_on(self, host: str) -> bool:
+        """Whether the actors serve TLS when bound to ``host`` (``"node"``: the node's IP)."""
+        if self.tls is TLSMode.AUTO:
+            return host == NODE_IP or not is_loopback(host)
+        return self.tls is TLSMode.ON
+
+    def security_config(self, host: str) -> SecurityConfig:
+        """The :class:`~pdserve.security.SecurityConfig` of an actor (reads the files: run it on the
+        actor's node; a missing file is a SecurityConfigError naming it)."""
+        on = self.tls_on(host)
+        return SecurityConfig(
+            tls=TLSMode.ON if on else TLSMode.OFF,
+            ca_file=self.ca if on else "",
+            cert_file=self.cert if on else "",
+            key_file=self.key if on else "",
+            mtls=self.mtls,
+            server_name=self.server_name,
+            cluster_token_file=self.cluster_token_file,
+            metrics_token_file=self.metrics_token_file,
+        )
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     model: str
     prefill: PoolConfig = field(default_factory=PoolConfig)
@@ -149,6 +201,7 @@ class ClusterConfig:
     router: RouterPoolConfig = field(default_factory=RouterPoolConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    security: SecuritySection = field(default_factory=SecuritySection)
     host: str = NODE_IP  # "node" (the Ray node's IP) or a literal address such as 127.0.0.1
     namespace: str = "pdserve"
     max_restarts: int = 3  # per actor, on failure (not for scale-down or ``pdserve down``)
@@ -225,6 +278,7 @@ _ENUMS = {
     "KVTransport": KVTransport,
     "DistBackend": DistBackend,
     "PolicyKind": PolicyKind,
+    "TLSMode": TLSMode,
 }
 
 
@@ -232,6 +286,8 @@ def _coerce(typ: Any, v: Any, where: str) -> Any:
     t = str(typ)
     if t in _ENUMS:
         e = _ENUMS[t]
+        if e is TLSMode and isinstance(v, bool):  # YAML 1.1 reads a bare on/off as true/false
+            v = "on" if v else "off"
         try:
             return e(str(v).lower())
         except ValueError:
@@ -265,6 +321,37 @@ def _check_pool(p: PoolConfig, where: str) -> None:
     for k in ("kv_blocks", "block_size", "max_num_seqs", "max_batched_tokens", "chunk"):
         if getattr(p, k) < 1:
             raise _err(f"{where}.{k}", f"must be >= 1, got {getattr(p, k)}")
+
+
+def check_security(c: ClusterConfig) -> ClusterConfig:
+    """Raise :class:`InvalidRequestError` naming the key to set when ``c`` would serve off
+    loopback without TLS and a cluster token (``pdserve up`` checks this before starting
+    anything; paths only: the files live on the nodes, each actor reads them there). Returns
+    ``c``. Parsing (:func:`validate`) leaves this out, so that a config can be read and
+    inspected anywhere."""
+    s = c.security
+    where = "the node's IP" if c.host == NODE_IP else repr(c.host)
+    if not s.tls_on(c.host):
+        if c.host == NODE_IP or not is_loopback(c.host):
+            raise _err(
+                "security.tls",
+                f"off, but host binds {where}: plaintext is only served on loopback. Remove `tls: off` "
+                "and give security.ca/cert/key/cluster_token_file (`pdserve certs --out DIR`), or set "
+                "host: 127.0.0.1",
+            )
+        if s.ca or s.cert or s.key:
+            raise _err("security.tls", "off, but ca/cert/key given: drop them or set tls: on")
+        return c
+    missing = [k for k in ("ca", "cert", "key", "cluster_token_file") if not getattr(s, k)]
+    if missing:
+        raise _err(
+            f"security.{missing[0]}",
+            f"TLS is on (host binds {where}): set security.{', security.'.join(missing)} to files present "
+            "on every node. Make them with `pdserve certs --out DIR` (ca.pem, server.pem, server.key, "
+            "cluster-token) and copy DIR to each node (deploy/ray/README.md), or set host: 127.0.0.1 "
+            "for a one-machine cluster",
+        )
+    return c
 
 
 def validate(c: ClusterConfig) -> ClusterConfig:
@@ -327,6 +414,7 @@ _SECTIONS = {
     "router": RouterPoolConfig,
     "index": IndexConfig,
     "kv_transfer": KVTransferConfig,
+    "security": SecuritySection,
 }
 
 

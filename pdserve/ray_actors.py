@@ -22,6 +22,10 @@ the Ray node's IP. Simulated hosts (``store.host_id_per_node``): every actor set
 ``PDSERVE_HOST_ID`` to ``<machine host id>#<ray node id>`` before it builds anything, so that store
 locations and the decode workers' transport choice (shm on the same id, gRPC otherwise) treat each
 Ray node as its own machine even when all raylets share one (``ray.cluster_utils.Cluster``).
+
+Transport security: every actor installs ``config.security`` first (:func:`apply_security`: TLS
+with the node's certificate files off loopback, mutual TLS, the cluster token; see
+:class:`~pdserve.cluster_config.SecuritySection`), so its servers and channels use it.
 """
 
 from __future__ import annotations
@@ -95,6 +99,14 @@ def apply_host_id(config: ClusterConfig) -> str:
     return host_id()
 
 
+def apply_security(config: ClusterConfig) -> None:
+    """Install this actor's TLS / mTLS / cluster-token configuration (``config.security``; the
+    files are read here, on the actor's node) for its servers and channels."""
+    from pdserve.security import install
+
+    install(config.security.security_config(config.host))
+
+
 def kv_dtype(config: ClusterConfig) -> str:
     """The KV dtype the store nodes are laid out for (the engine's ``auto`` on CPU is float32)."""
     d = config.prefill.dtype
@@ -116,6 +128,7 @@ class StoreActor:
 
         self.node_id = _node_id()
         self.host_id = apply_host_id(config)
+        apply_security(config)
         mc = ModelConfig.from_path(config.model)
         layout = KVLayout(
             Path(config.model).name,
@@ -236,6 +249,7 @@ class RouterActor:
         from router.registry import Registry
         from router.service import GenerateServicer, RegistryServicer
 
+        apply_security(config)
         cfg = router_config(config)
         self.registry = Registry(cfg.heartbeat_timeout_s)
         services = [
@@ -354,6 +368,7 @@ class WorkerActor:
 
         self.node_id = _node_id()
         self.host_id = apply_host_id(config)
+        apply_security(config)
         host = _bind_host(config)
         # join the direct-handoff group while the model loads (the other ranks may start later)
         self.dist = (

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.cluster_config import ClusterConfig, PoolRole, capacity_shortfall
+from pdserve.cluster_config import ClusterConfig, PoolRole, capacity_shortfall, check_security
 from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
 from pdserve.kv_transfer import KVTransport
 from pdserve.ray_actors import (
@@ -455,8 +455,11 @@ def controller(namespace: str = DEFAULT_NAMESPACE) -> Any | None:
 
 
 def up(config: ClusterConfig) -> dict[str, Any]:
-    """Start the cluster described by ``config`` (error if one is up in that namespace)."""
+    """Start the cluster described by ``config`` (error if one is up in that namespace, or if it
+    would serve off loopback without TLS and a cluster token: :func:`check_security`)."""
     import ray
+
+    check_security(config)
 
     if controller(config.namespace) is not None:
         raise InvalidRequestError(

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=512,
         help="max_tokens of a chat completion that does not set it",
     )
+    from pdserve.security import add_client_tls_args
+
+    add_client_tls_args(p, prefix="router-")  # --router-tls-ca etc.: TLS of the channel to the router
 
 
 def run(a: argparse.Namespace) -> int:
@@ -50,7 +53,10 @@ def run(a: argparse.Namespace) -> int:
     if a.host not in _LOOPBACK:
         print(f"pdserve openai: warning: listening on {a.host} without authentication", file=sys.stderr)
     try:
-        srv = OpenAIServer(cfg)
+        from pdserve.client import Client
+        from pdserve.security import client_tls_kwargs
+
+        srv = OpenAIServer(cfg, Client(a.router, **client_tls_kwargs(a, "router-")))
     except OSError as e:
         print(f"pdserve openai: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
         return 2

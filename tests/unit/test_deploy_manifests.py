@@ -10,7 +10,8 @@ from pathlib import Path
 import yaml
 
 from pdserve.cli import build_parser
-from pdserve.cluster_config import from_dict, load
+from pdserve.cluster_config import ClusterConfig, check_security, from_dict, load
+from pdserve.security import TLSMode
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 IMAGE = "pdserve:0.1.0"
@@ -24,10 +25,21 @@ def _pdserve_up_args(cmd: str) -> list[str]:
     return words[1:]
 
 
+def _assert_tls_on(c: ClusterConfig) -> None:
+    """``c`` serves TLS with mutual TLS and a cluster token, from files under one folder."""
+    check_security(c)  # raises when it would serve off loopback without TLS and a token
+    s = c.security
+    assert s.tls_on(c.host) and s.tls in (TLSMode.AUTO, TLSMode.ON)
+    assert s.mtls and s.ca and s.cert and s.key and s.cluster_token_file
+    assert len({str(Path(p).parent) for p in (s.ca, s.cert, s.key, s.cluster_token_file)}) == 1
+
+
 def test_pdserve_config_is_valid():
     c = load(DEPLOY / "ray" / "pdserve.yaml")
     assert c.router.port == ROUTER_PORT and c.router.node_resource == "pdserve-router"
     assert c.prefill.count >= 1 and c.decode.count >= 1
+    assert c.host == "node"
+    _assert_tls_on(c)
 
 
 def test_ray_cluster_launcher_yaml_starts_ray_with_token_auth_then_pdserve_up():
@@ -44,6 +56,9 @@ def test_ray_cluster_launcher_yaml_starts_ray_with_token_auth_then_pdserve_up():
     assert a.command == "up" and a.config == "/etc/pdserve/cluster.yaml" and a.address == "auto"
     assert y["file_mounts"][a.config] == "deploy/ray/pdserve.yaml"
     assert any("auth_token" in k for k in y["file_mounts"])  # the token reaches every host
+    # pdserve's certificates and token reach every host where the pdserve config expects them
+    tls_dir = str(Path(load(DEPLOY / "ray" / "pdserve.yaml").security.ca).parent)
+    assert tls_dir in y["file_mounts"]
     assert all("RAY_AUTH_MODE=token" in c for c in y["worker_start_ray_commands"] if "ray start" in c)
 
 
@@ -76,6 +91,17 @@ def test_kuberay_manifest_runs_ray_nodes_and_a_pdserve_up_job():
     # the ConfigMap holds a valid pdserve config whose router listens on the Service's port
     c = from_dict(yaml.safe_load(kinds["ConfigMap"]["data"]["cluster.yaml"]))
     assert c.router.port == ROUTER_PORT and c.router.node_resource == "pdserve-router"
+    # TLS is on, from the pdserve-tls secret mounted on every Ray pod where the config reads it
+    _assert_tls_on(c)
+    tls_dir = str(Path(c.security.ca).parent)
+    pod_specs = [rc["spec"]["headGroupSpec"]["template"]["spec"]] + [
+        g["template"]["spec"] for g in rc["spec"]["workerGroupSpecs"]
+    ]
+    for spec in pod_specs:
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in spec["containers"]:
+            mount = next(m for m in container["volumeMounts"] if m["mountPath"] == tls_dir)
+            assert volumes[mount["name"]]["secret"]["secretName"] == "pdserve-tls"
 
 
 def test_dockerfile_installs_pdserve_and_exposes_ports():

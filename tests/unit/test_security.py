@@ -492,3 +492,24 @@ def test_metrics_endpoint_requires_the_bearer_token_when_one_is_set():
     with urllib.request.urlopen(req, timeout=5) as r:
         assert "pdserve_test_total 1.0" in r.read().decode()
     assert bearer_ok("bearer m-token", "m-token") and not bearer_ok("Bearer ", "") and not bearer_ok("", "x")
+
+
+# ---------------------------------------------------------------------------- Ray cluster config
+def test_a_cluster_config_off_loopback_needs_tls_and_a_token(pki):
+    from pdserve.cluster_config import check_security, from_dict
+
+    with pytest.raises(InvalidRequestError, match=r"security\.ca: TLS is on .*pdserve certs"):
+        check_security(from_dict({"model": "/m"}))  # host: node, no security section
+    with pytest.raises(InvalidRequestError, match=r"security\.tls: off, but host binds"):
+        check_security(from_dict({"model": "/m", "host": "10.0.0.5", "security": {"tls": False}}))
+    partial = {"ca": str(pki.ca), "cert": str(pki.server_cert), "key": str(pki.server_key)}
+    with pytest.raises(InvalidRequestError, match=r"security\.cluster_token_file"):
+        check_security(from_dict({"model": "/m", "security": partial}))
+    # loopback: plaintext, no token needed (the development mode; Ray tests run so)
+    local = check_security(from_dict({"model": "/m", "host": "127.0.0.1"}))
+    assert not local.security.security_config(local.host).tls_on
+    full = from_dict({"model": "/m", "security": {**partial, "cluster_token_file": str(pki.cluster_token)}})
+    cfg = check_security(full).security.security_config(full.host)  # what each actor installs
+    assert cfg.tls_on and cfg.mtls and cfg.cluster_token == pki.cluster_token.read_text().strip()
+    with pytest.raises(InvalidRequestError, match=r"security\.mtls: expected true/false"):
+        from_dict({"model": "/m", "security": {"mtls": "yes"}})
