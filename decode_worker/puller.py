@@ -60,12 +60,14 @@ class StorePuller:
         return chooses is not None and hasattr(self.transport, "read_leased") and bool(chooses(loc))
 
     def _read(self, handle: KVHandle, loc: BlockLocation, idxs: list[int]) -> FetchedBlocks:
-        """The blocks ``idxs`` of ``handle`` (all on ``loc``), by the cheapest path that works."""
+        """The blocks ``idxs`` of ``handle`` (all on ``loc``), by the cheapest path that works,
+        verified against the producer's checksums (``handle.block_checksums``) when it has them."""
         layout = handle.layout
+        sums = [handle.block_checksums[i] for i in idxs] if handle.block_checksums else []
         if self._can_read_leased(handle, loc):
             try:
                 got = self.transport.read_leased(  # type: ignore[attr-defined]
-                    loc, layout, [handle.shm_slots[i] for i in idxs], handle.lease_expires_at_unix_s
+                    loc, layout, [handle.shm_slots[i] for i in idxs], handle.lease_expires_at_unix_s, 0, sums
                 )
             except UnavailableError:
                 self._count("leased_refusals")
@@ -76,7 +78,10 @@ class StorePuller:
                     self._shm_read[key] = self._shm_read.get(key, 0) + len(idxs)
                 return got
         self._count("fetches")
-        return self.transport.fetch(loc, layout, [handle.block_hashes[i] for i in idxs])
+        hashes = [handle.block_hashes[i] for i in idxs]
+        if sums:
+            return self.transport.fetch(loc, layout, hashes, sums)  # type: ignore[call-arg]
+        return self.transport.fetch(loc, layout, hashes)
 
     def pull(self, handle: KVHandle) -> torch.Tensor:
         """``[n_blocks, num_layers, 2, block_size, kvh, hd]`` in handle order. Call before

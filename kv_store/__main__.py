@@ -55,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="lease time of pinned blocks whose reader asked for none",
     )
+    ap.add_argument(
+        "--max-lease-ttl-s",
+        type=float,
+        default=60.0,
+        help="longest a lease may pin blocks; longer asks are clamped to it (and say so)",
+    )
+    ap.add_argument(
+        "--max-leased-blocks-per-owner",
+        type=int,
+        default=None,
+        help="leased blocks one owner (tenant/client) may hold at once (default: half the capacity)",
+    )
     ap.add_argument("--max-workers", type=int, default=8, help="gRPC server threads")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
     ap.add_argument("--index", default="memory", help="'memory' or redis://host:port/db[?prefix=p]")
@@ -81,6 +93,8 @@ def parse_config(argv: list[str] | None = None) -> StoreConfig:
         use_shm=not a.no_shm,
         prefault=not a.no_prefault,
         default_lease_ttl_s=a.default_lease_ttl_s,
+        max_lease_ttl_s=a.max_lease_ttl_s,
+        max_leased_blocks_per_owner=a.max_leased_blocks_per_owner,
         max_workers=a.max_workers,
         high_water=a.high_water,
         low_water=a.low_water,

@@ -5,6 +5,13 @@ Every failure surfaces as a :mod:`pdserve.errors` exception (via
 stored), ResourceExhaustedError (node full, with ``retry_after_s``), UnavailableError (node down),
 InvalidRequestError, DeadlineExceededError. Block payloads stream in chunks of at most
 ``MAX_CHUNK_BYTES``.
+
+Cluster identity (:mod:`kv_store.auth`): every call carries the cluster token in metadata
+``x-pdserve-cluster-token`` when one is configured (``cluster_token=``, default: the
+``PDSERVE_CLUSTER_TOKEN_FILE`` / ``PDSERVE_CLUSTER_TOKEN`` environment), and the lease owner
+(``x-pdserve-lease-owner``) when given. Integrity (:mod:`kv_store.checksum`): Put sends each
+block's checksum; Get verifies every block it receives against the node's checksum (and the
+caller's, when given) and raises :class:`~kv_store.checksum.KVChecksumError` on a mismatch.
 """
 
 from __future__ import annotations
@@ -12,18 +19,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
 from engine.block_hash import BlockHash
 from kv_store import convert
+from kv_store.auth import check_owner, cluster_token_from_env, token_metadata
+from kv_store.checksum import KVChecksumError, StreamingChecksum, block_checksum, check_checksum_list
 from kv_store.handle import check_hashes
 from kv_store.index import LookupResult
 from kv_store.layout import KVLayout
 from kv_store.store import DeleteCounts, LeaseGrant, PutResult, StoreStats
 from kv_store.wire import decode_get_chunk, encode_chunk
-from pdserve.errors import InternalError, InvalidRequestError, UnavailableError
+from pdserve.errors import InternalError, InvalidRequestError, StoreUnavailableError, UnavailableError
 from pdserve.limits import MAX_CHUNK_BYTES
 from pdserve.security import internal_channel
 from pdserve.status import raise_from_rpc_error
@@ -59,15 +68,21 @@ class KVStoreClient:
         timeout_s: float | None = 60.0,
         channel: grpc.Channel | None = None,
         own_channel: bool | None = None,
+        cluster_token: str | None = None,
+        lease_owner: str = "",
     ):
         """``channel``: use this channel (e.g. a traced one); :meth:`close` closes it only when
-        ``own_channel`` is True (default: only a channel the client made itself)."""
+        ``own_channel`` is True (default: only a channel the client made itself).
+        ``cluster_token``: sent with every call (None: from the environment; "": none).
+        ``lease_owner``: whom this client's leases are charged to (default: the node decides,
+        by the caller's identity); ``put_blocks``/``lease`` may name another per call."""
         self.address = address
         self.timeout_s = timeout_s
+        self._token = cluster_token_from_env() if cluster_token is None else cluster_token
+        self.lease_owner = check_owner(lease_owner)
+        self._md = token_metadata(self._token, self.lease_owner)
         self._own_channel = channel is None if own_channel is None else own_channel
-        self._channel = (
-            channel if channel is not None else internal_channel(address)
-        )
+        self._channel = channel if channel is not None else internal_channel(address)
         self._stub = kv_store_pb2_grpc.KVStoreStub(self._channel)
         # bulk paths: hand-encoded / zero-copy-decoded chunks (kv_store/wire.py), same wire format
         self._put = self._channel.stream_unary(
@@ -92,13 +107,13 @@ class KVStoreClient:
         self.close()
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
-        """Block until the channel is connected (UnavailableError after ``timeout_s``)."""
-        from pdserve.errors import UnavailableError
-
+        """Block until the channel is connected (StoreUnavailableError after ``timeout_s``)."""
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
-            raise UnavailableError(f"KV store at {self.address} not reachable within {timeout_s}s") from None
+            raise StoreUnavailableError(
+                f"KV store at {self.address} not reachable within {timeout_s}s"
+            ) from None
 
     # ----------------------------------------------------------------- blocks
     def put_blocks(
@@ -108,13 +123,19 @@ class KVStoreClient:
         blocks: Sequence[BlockData],
         *,
         lease_ttl_s: float = 0.0,
+        owner: str | None = None,
+        checksums: Sequence[int] = (),
     ) -> PutResult:
         """Store blocks (idempotent per hash). ``lease_ttl_s > 0`` leases them all in the same call
         (``PutResult.lease_id``), so none can be evicted before the consumer reads them; then, on a
         node with a shared-memory arena, ``PutResult.slots`` (parallel to ``hashes``),
         ``slot_nbytes`` and ``shm_name`` say where the leased blocks are, for zero-rpc same-host
         reads (:meth:`kv_store.transport.ShmTransport.read_leased`) until
-        ``lease_expires_at_unix_s``."""
+        ``lease_expires_at_unix_s``. Each block goes with its checksum (:mod:`kv_store.checksum`);
+        ``PutResult.conflicts`` lists blocks whose key the node already held with other bytes
+        (write-once: kept). ``owner``: whom the lease is charged to (default: ``lease_owner``).
+        ``checksums``: the blocks' checksums when the caller computed them already (the node
+        verifies them against the bytes); default: computed here."""
         hashes = check_hashes(hashes)
         if len(blocks) != len(hashes):
             raise InvalidRequestError(f"put_blocks: {len(blocks)} blocks for {len(hashes)} hashes")
@@ -126,15 +147,19 @@ class KVStoreClient:
                     f"put_blocks: block {i} has {v.nbytes} bytes, the layout needs {nbytes}"
                 )
 
+        md = self._metadata(owner)
+        sums = check_checksum_list(checksums, len(hashes), "put_blocks checksums")
+
         def chunks() -> Iterator[bytes]:
             layout_msg = convert.layout_to_proto(layout)
             first = True
-            for h, v in zip(hashes, views, strict=True):
+            for i, (h, v) in enumerate(zip(hashes, views, strict=True)):
                 for off in range(0, nbytes, MAX_CHUNK_BYTES):
                     header = kv_store_pb2.PutChunk()
                     if off == 0:
                         header.block_hash = h
                         header.total_bytes = nbytes
+                        header.checksum = sums[i] if sums else block_checksum(v)
                     if first:
                         header.layout.CopyFrom(layout_msg)
                         header.lease_ttl_s = lease_ttl_s
@@ -144,27 +169,56 @@ class KVStoreClient:
                 yield kv_store_pb2.PutChunk(layout=layout_msg, lease_ttl_s=lease_ttl_s).SerializeToString()
 
         try:
-            resp = self._put(chunks(), timeout=self.timeout_s)
+            resp = self._put(chunks(), timeout=self.timeout_s, metadata=md)
         except grpc.RpcError as e:
-            raise_from_rpc_error(e)
+            self._raise(e)
         return convert.put_result_from_proto(resp)
 
+    def _metadata(self, owner: str | None = None) -> tuple[tuple[str, str], ...]:
+        if owner is None or owner == self.lease_owner:
+            return self._md
+        return token_metadata(self._token, check_owner(owner))
+
     def iter_chunks(
-        self, layout: KVLayout, hashes: Sequence[BlockHash]
+        self, layout: KVLayout, hashes: Sequence[BlockHash], checksums: Sequence[int] = ()
     ) -> Iterator[tuple[int, int, memoryview]]:
         """Raw Get stream: ``(block_index, offset, data)`` per chunk, in order. ``data`` is a view
-        of the received message (valid as long as you keep it)."""
+        of the received message (valid as long as you keep it).
+
+        Every block is verified once its last chunk was yielded: against the node's stored
+        checksum and, when given, ``checksums[i]`` (e.g. the writer's, from a KVHandle). A
+        mismatch raises :class:`KVChecksumError` (NOT_FOUND: a miss): discard what the stream
+        gave for the call."""
         hashes = check_hashes(hashes)
+        want = check_checksum_list(checksums, len(hashes), "Get checksums")
         req = kv_store_pb2.GetRequest(block_hashes=list(hashes), layout=convert.layout_to_proto(layout))
         nbytes = layout.block_nbytes
         offset = expected = 0
+        summer: StreamingChecksum | None = None
+        stored = 0
+
+        def check(i: int) -> None:
+            got = summer.value()  # type: ignore[union-attr]
+            for what, c in (
+                ("the node's checksum", stored),
+                ("the expected checksum", want[i] if want else got),
+            ):
+                if got != c:
+                    raise KVChecksumError(
+                        f"KV store {self.address}: block {i} of a Get does not match {what} "
+                        f"({got:016x} != {c:016x}); not served"
+                    )
+
         try:
-            for chunk in self._get(req, timeout=self.timeout_s):
+            for chunk in self._get(req, timeout=self.timeout_s, metadata=self._md):
                 if chunk.block_hash:
                     if offset not in (0, nbytes) or chunk.block_index != expected:
                         raise InternalError(f"KV store {self.address} sent a malformed Get stream")
                     if chunk.total_bytes != nbytes or chunk.block_hash != hashes[chunk.block_index]:
                         raise InternalError(f"KV store {self.address} sent an unexpected block in Get")
+                    if summer is not None:
+                        check(expected - 1)
+                    summer, stored = StreamingChecksum(), chunk.checksum
                     offset = 0
                     expected += 1
                 elif chunk.block_index != expected - 1:
@@ -173,27 +227,40 @@ class KVStoreClient:
                     raise InternalError(
                         f"KV store {self.address} sent too many bytes for block {chunk.block_index}"
                     )
+                summer.update(chunk.data)  # type: ignore[union-attr]
                 yield chunk.block_index, offset, chunk.data
                 offset += len(chunk.data)
         except grpc.RpcError as e:
-            raise_from_rpc_error(e)
+            self._raise(e)
         if expected != len(hashes) or (hashes and offset != nbytes):
             raise InternalError(f"KV store {self.address} ended the Get stream early")
+        if summer is not None:
+            check(expected - 1)
 
-    def get_blocks(self, layout: KVLayout, hashes: Sequence[BlockHash]) -> list[bytes]:
-        """Bytes of each block, in order (RequestNotFoundError if any is not stored)."""
+    def get_blocks(
+        self, layout: KVLayout, hashes: Sequence[BlockHash], checksums: Sequence[int] = ()
+    ) -> list[bytes]:
+        """Bytes of each block, in order (RequestNotFoundError if any is not stored,
+        KVChecksumError if one fails its checksum: see :meth:`iter_chunks`)."""
         nbytes = layout.block_nbytes
         out: list[bytes] = []
         parts: list[memoryview] = []
-        for _, off, data in self.iter_chunks(layout, hashes):
+        for _, off, data in self.iter_chunks(layout, hashes, checksums):
             parts.append(data)
             if off + len(data) == nbytes:
                 out.append(b"".join(parts))  # the one copy out of the received messages
                 parts = []
         return out
 
-    def get_blocks_into(self, layout: KVLayout, hashes: Sequence[BlockHash], outs: Sequence[Any]) -> None:
-        """Copy each block into the writable buffer ``outs[i]`` (block_nbytes each; one copy)."""
+    def get_blocks_into(
+        self,
+        layout: KVLayout,
+        hashes: Sequence[BlockHash],
+        outs: Sequence[Any],
+        checksums: Sequence[int] = (),
+    ) -> None:
+        """Copy each block into the writable buffer ``outs[i]`` (block_nbytes each; one copy).
+        On KVChecksumError (see :meth:`iter_chunks`) the buffers' contents are undefined."""
         if len(outs) != len(hashes):
             raise InvalidRequestError(f"get_blocks_into: {len(outs)} buffers for {len(hashes)} hashes")
         dst = [as_block_bytes(o) for o in outs]
@@ -202,15 +269,25 @@ class KVStoreClient:
                 raise InvalidRequestError(
                     f"get_blocks_into: buffer {i} must be writable with {layout.block_nbytes} bytes"
                 )
-        for i, off, data in self.iter_chunks(layout, hashes):
+        for i, off, data in self.iter_chunks(layout, hashes, checksums):
             dst[i][off : off + len(data)] = data
+
+    def _raise(self, e: grpc.RpcError) -> NoReturn:
+        """A failed call as its pdserve error; UNAVAILABLE (the node is down or unreachable) as
+        :class:`StoreUnavailableError` naming this node, so that callers up the chain (a worker,
+        then the router) blame the store, not the worker that called it."""
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            raise StoreUnavailableError(
+                f"KV store {self.address} is unavailable: {e.details() or 'no details'}"
+            ) from e
+        raise_from_rpc_error(e)
 
     # ----------------------------------------------------------------- small rpcs
     def _call(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout_s)
+            return method(request, timeout=self.timeout_s, metadata=self._md)
         except grpc.RpcError as e:
-            raise_from_rpc_error(e)
+            self._raise(e)
 
     def exists(self, hashes: Sequence[BlockHash]) -> list[bool]:
         resp = self._call(

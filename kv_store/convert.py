@@ -68,6 +68,7 @@ def handle_to_proto(h: KVHandle) -> common_pb2.KVHandle:
         lease_expires_at_unix_s=h.lease_expires_at_unix_s,
         dist_address=h.dist_address,
         dist_rank=h.dist_rank,
+        block_checksums=list(h.block_checksums),
     )
 
 
@@ -85,6 +86,7 @@ def handle_from_proto(msg: common_pb2.KVHandle) -> KVHandle:
         lease_expires_at_unix_s=msg.lease_expires_at_unix_s,
         dist_address=msg.dist_address,
         dist_rank=msg.dist_rank,
+        block_checksums=tuple(msg.block_checksums),
     )
 
 
@@ -112,6 +114,8 @@ def lease_to_proto(g: LeaseGrant) -> kv_store_pb2.LeaseResponse:
         slot_nbytes=g.slot_nbytes,
         slots=list(g.slots),
         location=location_to_proto(g.location),
+        checksums=list(g.checksums),
+        ttl_clamped=g.ttl_clamped,
     )
 
 
@@ -124,6 +128,8 @@ def lease_from_proto(msg: kv_store_pb2.LeaseResponse) -> LeaseGrant:
         slot_nbytes=msg.slot_nbytes,
         slots=tuple(msg.slots),
         location=location_from_proto(msg.location),
+        checksums=tuple(msg.checksums),
+        ttl_clamped=msg.ttl_clamped,
     )
 
 
@@ -137,6 +143,9 @@ def put_result_to_proto(r: PutResult) -> kv_store_pb2.PutResponse:
         slots=list(r.slots),
         slot_nbytes=r.slot_nbytes,
         shm_name=r.shm_name,
+        conflicts=list(r.conflicts),
+        lease_ttl_s=r.lease_ttl_s,
+        lease_ttl_clamped=r.lease_ttl_clamped,
     )
     if r.location is not None:
         msg.location.CopyFrom(location_to_proto(r.location))
@@ -154,6 +163,9 @@ def put_result_from_proto(msg: kv_store_pb2.PutResponse) -> PutResult:
         slots=tuple(msg.slots),
         slot_nbytes=msg.slot_nbytes,
         shm_name=msg.shm_name,
+        conflicts=tuple(msg.conflicts),
+        lease_ttl_s=msg.lease_ttl_s,
+        lease_ttl_clamped=msg.lease_ttl_clamped,
     )
 
 
@@ -185,6 +197,11 @@ def stats_to_proto(s: StoreStats) -> kv_store_pb2.KVStoreStats:
         put_dedups=n.put_dedups,
         expired_leases=n.expired_leases,
         num_pending=n.num_pending,
+        checksum_failures=n.checksum_failures,
+        put_conflicts=n.put_conflicts,
+        lease_ttl_clamps=n.lease_ttl_clamps,
+        lease_quota_refusals=n.lease_quota_refusals,
+        denied_calls=n.denied_calls,
     )
 
 
@@ -203,5 +220,10 @@ def stats_from_proto(msg: kv_store_pb2.KVStoreStats) -> StoreStats:
         misses=msg.misses,
         puts=msg.puts,
         put_dedups=msg.put_dedups,
+        checksum_failures=msg.checksum_failures,
+        put_conflicts=msg.put_conflicts,
+        lease_ttl_clamps=msg.lease_ttl_clamps,
+        lease_quota_refusals=msg.lease_quota_refusals,
+        denied_calls=msg.denied_calls,
     )
     return StoreStats(location_from_proto(msg.location), layout_from_proto(msg.layout), node)

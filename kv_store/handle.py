@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from engine.block_hash import KEY_BYTES, BlockHash
+from kv_store.checksum import check_checksum_list
 from kv_store.layout import KVLayout
 from pdserve.errors import InvalidRequestError
 
@@ -59,6 +60,10 @@ class KVHandle:
     (:mod:`prefill_worker.dist_outbox`, :mod:`decode_worker.dist_puller`). Such a handle has no
     lease and no shm slots; its locations name that rank (:func:`dist_location`). Otherwise
     ``dist_rank`` is 0.
+
+    ``block_checksums`` is empty (unknown) or parallel to ``block_hashes``: the checksum of each
+    block's bytes as the producer computed them (:mod:`kv_store.checksum`). A consumer verifies
+    what it read against these; a mismatch is a miss, never used.
     """
 
     request_id: str
@@ -71,6 +76,7 @@ class KVHandle:
     lease_expires_at_unix_s: float = 0.0
     dist_address: str = ""
     dist_rank: int = 0
+    block_checksums: tuple[int, ...] = ()
 
     @property
     def is_direct(self) -> bool:
@@ -94,6 +100,11 @@ class KVHandle:
             )
         if any(s < 0 for s in slots):
             raise InvalidRequestError("KVHandle: shm_slots must be >= 0")
+        object.__setattr__(
+            self,
+            "block_checksums",
+            check_checksum_list(self.block_checksums, len(self.block_hashes), "KVHandle.block_checksums"),
+        )
         exp = float(self.lease_expires_at_unix_s)
         if not math.isfinite(exp) or exp < 0:
             raise InvalidRequestError(

@@ -15,8 +15,20 @@ Contracts:
 * Watermarks: when more than ``high_water * capacity`` slots are in use,
   :meth:`StoreNode.evict_to_low_water` evicts LRU unpinned blocks until at most
   ``low_water * capacity`` are (best effort: pinned and protected blocks stay).
-* Putting a stored (or in-flight) block is idempotent: no new slot, no data to write.
-* Leases expire at ``now + ttl``; expired leases are reaped at the start of every operation.
+* Keys are write-once. Every block has a checksum (:mod:`kv_store.checksum`, given by its writer
+  at :meth:`StoreNode.begin_put`). Putting a stored (or in-flight) key with the same checksum is
+  a no-op (no new slot, no data to write); with a different checksum it is a *conflict*: also no
+  new slot and no write (the stored bytes are kept, never overwritten), and the ticket says so
+  (``PutTicket.conflict``) so that the caller can report it. Only :meth:`delete` (of an unpinned
+  block) or eviction frees a key for new bytes.
+* Leases expire at ``now + ttl``; expired leases are reaped at the start of every operation. A
+  ttl above ``max_lease_ttl_s`` is clamped to it (:attr:`Lease.ttl_clamped`), so no lease pins a
+  block for longer, and eviction is never blocked for longer than that (puts in flight and
+  readers' pins aside: they end with their call).
+* Every lease has an *owner* (a tenant or client identity, "" if none). An owner may hold leases
+  on at most ``max_leased_blocks_per_owner`` blocks at once (counted per lease and block); a
+  lease or a Put under a lease beyond that fails with :class:`ResourceExhaustedError` naming the
+  quota, so one client cannot pin the whole node.
 
 Not thread-safe: :class:`kv_store.store.BlockStore` serialises access with a lock.
 """
@@ -41,7 +53,9 @@ class NodeConfig:
     capacity_blocks: int
     block_nbytes: int
     default_lease_ttl_s: float = 30.0
-    max_lease_ttl_s: float = 600.0
+    max_lease_ttl_s: float = 60.0  # longer asks are clamped to this
+    # leased blocks one owner may hold at once (None: half the capacity, at least 1)
+    max_leased_blocks_per_owner: int | None = None
     # watermarks, fractions of capacity_blocks: once more than high_water * capacity slots are in
     # use, evict LRU unpinned blocks down to low_water * capacity (1.0 / 1.0: only at capacity)
     high_water: float = 1.0
@@ -54,6 +68,10 @@ class NodeConfig:
             raise ValueError(f"block_nbytes must be >= 1, got {self.block_nbytes}")
         if not (0 < self.default_lease_ttl_s <= self.max_lease_ttl_s):
             raise ValueError("need 0 < default_lease_ttl_s <= max_lease_ttl_s")
+        if self.max_leased_blocks_per_owner is not None and self.max_leased_blocks_per_owner < 1:
+            raise ValueError(
+                f"max_leased_blocks_per_owner must be >= 1 (or None), got {self.max_leased_blocks_per_owner}"
+            )
         check_watermarks(self.high_water, self.low_water)
 
     @property
@@ -63,6 +81,13 @@ class NodeConfig:
     @property
     def low_water_blocks(self) -> int:
         return int(self.low_water * self.capacity_blocks)
+
+    @property
+    def owner_quota_blocks(self) -> int:
+        """Leased blocks one owner may hold at once."""
+        if self.max_leased_blocks_per_owner is not None:
+            return self.max_leased_blocks_per_owner
+        return max(1, self.capacity_blocks // 2)
 
 
 def check_watermarks(high_water: float, low_water: float) -> None:
@@ -85,6 +110,11 @@ class NodeStats:
     misses: int
     puts: int
     put_dedups: int
+    checksum_failures: int = 0  # puts refused: bytes did not match the writer's checksum
+    put_conflicts: int = 0  # puts of a stored key with a different checksum (ignored)
+    lease_ttl_clamps: int = 0  # leases granted a shorter ttl than asked
+    lease_quota_refusals: int = 0  # leases refused by the per-owner quota
+    denied_calls: int = 0  # calls refused: the caller is not a cluster member
 
 
 @dataclass(frozen=True)
@@ -93,16 +123,23 @@ class Lease:
     hashes: tuple[BlockHash, ...]
     expires_at: float  # on the node's clock
     ttl_s: float
+    ttl_clamped: bool = False  # the asked ttl was above max_lease_ttl_s
+    owner: str = ""
 
 
 @dataclass(frozen=True)
 class PutTicket:
-    """Result of :meth:`StoreNode.begin_put`. Write ``slot`` then commit, only if ``is_new``."""
+    """Result of :meth:`StoreNode.begin_put`. Write ``slot`` then commit, only if ``is_new``.
+
+    ``conflict``: the key is already stored (or in flight) with another checksum; nothing is
+    written (write-once) and ``slot`` is the stored block's."""
 
     block_hash: BlockHash
     slot: int
     is_new: bool
     evicted: tuple[BlockHash, ...] = ()  # blocks evicted to make room (unregister them)
+    checksum: int = 0  # the writer's checksum of the bytes to write
+    conflict: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,6 +152,7 @@ class DeleteResult:
 @dataclass
 class _Entry:
     slot: int
+    checksum: int = 0
     committed: bool = False
     pins: int = 0
     leases: int = 0
@@ -125,6 +163,7 @@ class _LeaseState:
     entries: list[tuple[BlockHash, _Entry]]  # the entry objects pinned (identity, not just hash)
     expires_at: float
     ttl_s: float
+    owner: str = ""
 
     @property
     def hashes(self) -> tuple[BlockHash, ...]:
@@ -159,6 +198,9 @@ class StoreNode:
         self._expiry: list[tuple[float, str]] = []  # heap
         self._evictions = self._expired = self._hits = self._misses = 0
         self._puts = self._dedups = 0
+        self._checksum_failures = self._conflicts = self._ttl_clamps = 0
+        self._quota_refusals = self._denied = 0
+        self._owner_blocks: dict[str, int] = {}  # leased blocks held per owner
 
     # ------------------------------------------------------------------ helpers
     def _refresh(self, h: BlockHash, e: _Entry, touch: bool = False) -> None:
@@ -213,20 +255,58 @@ class StoreNode:
 
     def _drop_lease(self, lease_id: str) -> None:
         st = self._leases.pop(lease_id)
+        left = self._owner_blocks.get(st.owner, 0) - len(st.entries)
+        if left > 0:
+            self._owner_blocks[st.owner] = left
+        else:
+            self._owner_blocks.pop(st.owner, None)
         for h, e in st.entries:
             e.leases -= 1
             if self._entries.get(h) is e:  # the block may have been aborted and put again since
                 self._refresh(h, e, touch=True)
 
-    def _ttl(self, ttl_s: float | None) -> float:
+    def _ttl(self, ttl_s: float | None) -> tuple[float, bool]:
+        """(granted ttl, clamped): 0/None = the default; above ``max_lease_ttl_s`` = the max."""
         if ttl_s is None or ttl_s == 0:
-            return self.config.default_lease_ttl_s
-        if not math.isfinite(ttl_s) or ttl_s < 0 or ttl_s > self.config.max_lease_ttl_s:
+            return self.config.default_lease_ttl_s, False
+        if math.isnan(ttl_s) or ttl_s < 0:
             raise InvalidRequestError(
-                f"lease ttl_s must be in (0, {self.config.max_lease_ttl_s}] (0 = default "
-                f"{self.config.default_lease_ttl_s}), got {ttl_s!r}"
+                f"lease ttl_s must be > 0 (0 = default {self.config.default_lease_ttl_s}; longer than "
+                f"{self.config.max_lease_ttl_s} is clamped to it), got {ttl_s!r}"
             )
-        return float(ttl_s)
+        if ttl_s > self.config.max_lease_ttl_s:
+            self._ttl_clamps += 1
+            return self.config.max_lease_ttl_s, True
+        return float(ttl_s), False
+
+    def _charge_owner(self, owner: str, n: int) -> None:
+        """Count ``n`` more leased blocks against ``owner``; ResourceExhaustedError over quota."""
+        quota = self.config.owner_quota_blocks
+        held = self._owner_blocks.get(owner, 0)
+        if held + n > quota:
+            self._quota_refusals += 1
+            mine = [st.expires_at for st in self._leases.values() if st.owner == owner]
+            wait = max(0.0, min(mine) - self._clock()) if mine else 0.1
+            raise ResourceExhaustedError(
+                f"lease quota of owner {owner or '<anonymous>'!r} exceeded: it holds leases on {held} "
+                f"blocks and asks for {n} more, at most {quota} (max_leased_blocks_per_owner) on a node "
+                f"of {self.config.capacity_blocks} blocks; release leases first",
+                retry_after_s=wait,
+            )
+        self._owner_blocks[owner] = held + n
+
+    def count_checksum_failure(self) -> None:
+        """A put whose bytes did not match its writer's checksum (refused)."""
+        self._checksum_failures += 1
+
+    def count_denied(self) -> None:
+        """A call refused because its caller is not a cluster member."""
+        self._denied += 1
+
+    def checksum_of(self, h: BlockHash) -> int | None:
+        """Checksum of a stored block (None if not stored)."""
+        e = self._stored(h)
+        return e.checksum if e is not None else None
 
     # ------------------------------------------------------------------ queries
     def exists(self, hashes: Iterable[BlockHash]) -> list[bool]:
@@ -257,14 +337,19 @@ class StoreNode:
         return sum(1 for e in self._entries.values() if e.committed)
 
     # ------------------------------------------------------------------ puts
-    def begin_put(self, h: BlockHash) -> PutTicket:
-        """Reserve a slot for ``h`` (evicting LRU blocks if needed), or report it already there."""
+    def begin_put(self, h: BlockHash, checksum: int = 0) -> PutTicket:
+        """Reserve a slot for ``h`` whose bytes hash to ``checksum`` (evicting LRU blocks if
+        needed), or report it already there: same checksum, a dedup; another, a conflict
+        (write-once: nothing to write either way)."""
         self.reap()
         e = self._entries.get(h)
         if e is not None:
-            self._dedups += 1
             self._refresh(h, e, touch=True)
-            return PutTicket(h, e.slot, is_new=False)
+            if e.checksum != checksum:
+                self._conflicts += 1
+                return PutTicket(h, e.slot, is_new=False, checksum=checksum, conflict=True)
+            self._dedups += 1
+            return PutTicket(h, e.slot, is_new=False, checksum=checksum)
         evicted: list[BlockHash] = []
         slot = self._slots.alloc()
         while slot is None and self._lru:
@@ -280,8 +365,8 @@ class StoreNode:
                 "read; release leases or add store capacity",
                 retry_after_s=self._retry_after(),
             )
-        self._entries[h] = _Entry(slot=slot, pins=1)
-        return PutTicket(h, slot, is_new=True, evicted=tuple(evicted))
+        self._entries[h] = _Entry(slot=slot, checksum=checksum, pins=1)
+        return PutTicket(h, slot, is_new=True, evicted=tuple(evicted), checksum=checksum)
 
     def commit_put(self, ticket: PutTicket) -> None:
         """Make a written block visible (no-op for a dedup ticket)."""
@@ -325,22 +410,26 @@ class StoreNode:
             self._refresh(h, e, touch=True)
 
     # ------------------------------------------------------------------ leases
-    def lease(self, hashes: Iterable[BlockHash], ttl_s: float | None = None) -> Lease:
-        """Pin stored blocks until :meth:`release` or ``ttl_s`` from now. All or nothing (NOT_FOUND)."""
+    def lease(self, hashes: Iterable[BlockHash], ttl_s: float | None = None, owner: str = "") -> Lease:
+        """Pin stored blocks until :meth:`release` or ``ttl_s`` from now (clamped to
+        ``max_lease_ttl_s``), charged to ``owner``'s quota. All or nothing (NOT_FOUND,
+        RESOURCE_EXHAUSTED over the quota)."""
         self.reap()
-        ttl = self._ttl(ttl_s)
+        ttl, clamped = self._ttl(ttl_s)
         found = self._require(list(hashes))
+        self._charge_owner(owner, len(found))
         lid = self._new_lease_id()
-        st = _LeaseState(list(found), self._clock() + ttl, ttl)
+        st = _LeaseState(list(found), self._clock() + ttl, ttl, owner)
         self._leases[lid] = st
         heapq.heappush(self._expiry, (st.expires_at, lid))
         for h, e in found:
             e.leases += 1
             self._refresh(h, e)
-        return Lease(lid, st.hashes, st.expires_at, ttl)
+        return Lease(lid, st.hashes, st.expires_at, ttl, clamped, owner)
 
     def add_to_lease(self, lease_id: str, h: BlockHash) -> None:
-        """Add one stored (or in-flight) block to an existing lease (Put under a lease)."""
+        """Add one stored (or in-flight) block to an existing lease (Put under a lease), charged
+        to the lease owner's quota."""
         self.reap()
         st = self._leases.get(lease_id)
         if st is None:
@@ -348,6 +437,7 @@ class StoreNode:
         e = self._entries.get(h)
         if e is None:
             raise RequestNotFoundError(f"KV block {_hex(h)}... is not stored on this node")
+        self._charge_owner(st.owner, 1)
         st.entries.append((h, e))
         e.leases += 1
         self._refresh(h, e)
@@ -355,7 +445,7 @@ class StoreNode:
     def get_lease(self, lease_id: str) -> Lease | None:
         self.reap()
         st = self._leases.get(lease_id)
-        return None if st is None else Lease(lease_id, st.hashes, st.expires_at, st.ttl_s)
+        return None if st is None else Lease(lease_id, st.hashes, st.expires_at, st.ttl_s, owner=st.owner)
 
     def release(self, lease_id: str) -> bool:
         """Unpin a lease's blocks. False if unknown or already expired (idempotent)."""
@@ -444,4 +534,9 @@ class StoreNode:
             misses=self._misses,
             puts=self._puts,
             put_dedups=self._dedups,
+            checksum_failures=self._checksum_failures,
+            put_conflicts=self._conflicts,
+            lease_ttl_clamps=self._ttl_clamps,
+            lease_quota_refusals=self._quota_refusals,
+            denied_calls=self._denied,
         )

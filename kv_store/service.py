@@ -31,7 +31,15 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from kv_store import convert
-from kv_store.auth import LEASE_OWNER_METADATA_KEY, Authorizer, TokenAuthorizer, check_owner, metadata_value
+from kv_store.auth import (
+    LEASE_OWNER_METADATA_KEY,
+    Authorizer,
+    TokenAuthorizer,
+    authorizer_for,
+    check_owner,
+    cluster_token_from_env,
+    metadata_value,
+)
 from kv_store.index import KVIndex
 from kv_store.layout import KVLayout
 from kv_store.node import PutTicket
@@ -69,7 +77,9 @@ class KVStoreServicer:
         caller = self.authorizer.authorize(context)
         if not caller.allowed:
             self.store.count_denied()
-            log_event(log, "kv call denied", logging.WARNING, rpc=what, peer=caller.identity, reason=caller.reason)
+            log_event(
+                log, "kv call denied", logging.WARNING, rpc=what, peer=caller.identity, reason=caller.reason
+            )
             raise UnauthenticatedError(
                 f"KVStore.{what} is for pdserve cluster members only: {caller.reason}; give every "
                 "process the cluster token (--cluster-token-file or PDSERVE_CLUSTER_TOKEN)"
@@ -353,6 +363,7 @@ def serve(
     store: BlockStore | None = None,
     metrics: StoreMetrics | None = None,
     security: SecurityConfig | None = None,
+    authorizer: Authorizer | None = None,
 ) -> StoreServer:
     """Start a store node's gRPC server on ``config.host:config.port`` (port 0: any free port).
 
@@ -361,11 +372,15 @@ def serve(
     (:class:`pdserve.security.SecurityConfigError` otherwise, before anything is allocated).
 
     Returns once the server accepts calls; ``StoreServer.port`` is the bound port. ``metrics``:
-    where its transfers are counted (default: a private registry).
+    where its transfers are counted (default: a private registry). ``authorizer``: who may call
+    (default :func:`default_authorizer`: the cluster token; development mode on loopback without
+    one; :class:`kv_store.auth.AuthConfigError` off loopback without one).
     """
     # transport only: the cluster-token check of KVStore calls is the store's own (kv_store/auth.py)
     sec = server_security([SERVICE.full_name], security)
     sec.config.check_bind(config.host)
+    if authorizer is None:
+        authorizer = default_authorizer(config, sec.config)
     store = store if store is not None else BlockStore(config, index)
     try:
         server = grpc.server(
@@ -374,7 +389,7 @@ def serve(
             ),
             options=grpc_options(),
         )
-        add_servicer(server, SERVICE, KVStoreServicer(store, metrics))
+        add_servicer(server, SERVICE, KVStoreServicer(store, metrics, authorizer))
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", SERVICE.full_name):
@@ -389,6 +404,16 @@ def serve(
         raise
     store.set_address(f"{config.host}:{port}")
     return StoreServer(store, server, port, health_servicer)
+
+
+def default_authorizer(config: StoreConfig, security: SecurityConfig) -> Authorizer:
+    """The node's :class:`~kv_store.auth.TokenAuthorizer`: token from ``config.cluster_token``, else
+    the process's security configuration, else the environment. Under mutual TLS with required
+    client certificates every connected peer was verified at the handshake: no token needed."""
+    if security.require_client_certs(True):
+        return TokenAuthorizer("")
+    token = config.cluster_token or security.cluster_token or cluster_token_from_env()
+    return authorizer_for(config.host, token)
 
 
 def run_store_node(

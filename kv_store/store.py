@@ -10,6 +10,11 @@ A prefill worker embedding its store node writes blocks with :meth:`BlockStore.p
 copy into the arena); remote writers go through the gRPC Put, which uses the same
 begin/write/commit steps.
 
+Integrity (:mod:`kv_store.checksum`): every block is stored with its writer's checksum; a newly
+written block is verified against it at :meth:`BlockStore.commit` (a mismatch is refused and the
+slot given back) and readers get it back (:meth:`BlockStore.checksums`, ``LeaseGrant.checksums``).
+Keys are write-once (see :mod:`kv_store.node`).
+
 With ``replication_factor > 1`` every newly stored block is also queued for background
 replication to other nodes of the (shared) index (:class:`kv_store.replication.ReplicationLoop`;
 best effort, never delays a put).
@@ -21,17 +26,18 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.block_hash import BlockHash
 from kv_store.arena import HeapArena, ShmArena, host_id
+from kv_store.checksum import CHECKSUM_ALGORITHM, block_checksum
 from kv_store.handle import BlockLocation, check_hashes
 from kv_store.index import InMemoryIndex, KVIndex, LookupResult
 from kv_store.index_sync import IndexSyncer, SyncableIndex
 from kv_store.layout import KVLayout
 from kv_store.node import DeleteResult, NodeConfig, NodeStats, PutTicket, StoreNode, check_watermarks
-from pdserve.errors import InvalidRequestError
+from pdserve.errors import InvalidRequestError, RequestNotFoundError
 from pdserve.limits import MAX_BLOCKS_PER_CALL
 
 if TYPE_CHECKING:
@@ -50,12 +56,16 @@ class StoreConfig:
     use_shm: bool = True  # False: private memory, no same-host zero-copy reads
     prefault: bool = True
     default_lease_ttl_s: float = 30.0
-    max_lease_ttl_s: float = 600.0
+    max_lease_ttl_s: float = 60.0  # longer lease asks are clamped to this (NodeConfig)
+    max_leased_blocks_per_owner: int | None = None  # None: half the capacity (NodeConfig)
     max_workers: int = 8  # gRPC server threads
     high_water: float = 1.0  # see NodeConfig: watermark eviction (1.0/1.0: only at capacity)
     low_water: float = 1.0
     index_sync_interval_s: float = 1.0  # re-registration probe, for indexes that can lose state
     replication_factor: int = 1  # holders wanted per block (this node included); best effort
+    # who may call the node's KVStore service (kv_store/auth.py); "" = from the process's security
+    # configuration / environment; none at all: development mode, loopback only
+    cluster_token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -69,7 +79,10 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class LeaseGrant:
-    """A lease on blocks, and where their bytes are (slot i at ``slots[i] * slot_nbytes``)."""
+    """A lease on blocks, and where their bytes are (slot i at ``slots[i] * slot_nbytes``).
+
+    ``checksums`` (parallel to ``slots``): the stored checksum of each leased block, for the
+    reader to verify what it reads; ``ttl_clamped``: the asked ttl was above the node's max."""
 
     lease_id: str
     ttl_s: float
@@ -78,6 +91,8 @@ class LeaseGrant:
     slot_nbytes: int
     slots: tuple[int, ...]
     location: BlockLocation
+    checksums: tuple[int, ...] = ()
+    ttl_clamped: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,10 @@ class PutResult:
     expires at ``lease_expires_at_unix_s``. Otherwise (or if a block of the call was not yet stored
     when the call ended, e.g. a concurrent writer's in-flight put) ``slots`` is empty and
     ``slot_nbytes`` 0.
+
+    ``conflicts``: indices (in the call's order) of blocks whose key was already stored with a
+    different checksum; write-once, their bytes were dropped and the stored ones kept.
+    ``lease_ttl_s``: the granted lease ttl; ``lease_ttl_clamped``: it is lower than asked.
     """
 
     num_blocks: int
@@ -101,9 +120,13 @@ class PutResult:
     slots: tuple[int, ...] = ()
     slot_nbytes: int = 0
     shm_name: str = ""
+    conflicts: tuple[int, ...] = ()
+    lease_ttl_s: float = 0.0
+    lease_ttl_clamped: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slots", tuple(int(s) for s in self.slots))
+        object.__setattr__(self, "conflicts", tuple(int(i) for i in self.conflicts))
         if self.slots and len(self.slots) != self.num_blocks:
             raise InvalidRequestError(
                 f"PutResult: {len(self.slots)} slots for {self.num_blocks} blocks; slots are empty "
@@ -157,6 +180,7 @@ class BlockStore:
                 nbytes,
                 config.default_lease_ttl_s,
                 config.max_lease_ttl_s,
+                max_leased_blocks_per_owner=config.max_leased_blocks_per_owner,
                 high_water=config.high_water,
                 low_water=config.low_water,
             ),
@@ -211,9 +235,10 @@ class BlockStore:
         return self._wall() + (t_mono - self._clock())
 
     # ------------------------------------------------------------------ puts
-    def begin_put(self, h: BlockHash) -> PutTicket:
+    def begin_put(self, h: BlockHash, checksum: int) -> PutTicket:
+        """Reserve a slot for block ``h`` whose bytes hash to ``checksum`` (see StoreNode.begin_put)."""
         with self._lock:
-            ticket = self.node.begin_put(h)
+            ticket = self.node.begin_put(h, checksum)
             if ticket.evicted:
                 self.index.unregister(self.location.node_id, ticket.evicted)
             return ticket
@@ -227,8 +252,21 @@ class BlockStore:
             )
         self.arena.view(ticket.slot)[offset : offset + n] = data
 
-    def commit(self, ticket: PutTicket, lease_id: str = "") -> None:
-        """Make the block visible, register it in the index, optionally add it to a lease."""
+    def commit(self, ticket: PutTicket, lease_id: str = "", *, verify: bool = True) -> None:
+        """Make the block visible, register it in the index, optionally add it to a lease.
+
+        A newly written block is first verified (``verify``): its slot must hash to the ticket's
+        checksum, else InvalidRequestError and the caller aborts the ticket (nothing stored)."""
+        if ticket.is_new and verify:
+            got = block_checksum(self.arena.view(ticket.slot))
+            if got != ticket.checksum:
+                with self._lock:
+                    self.node.count_checksum_failure()
+                raise InvalidRequestError(
+                    f"Put: block {ticket.block_hash.hex()[:12]}... does not match its checksum "
+                    f"({CHECKSUM_ALGORITHM} of the received bytes {got:016x}, the writer's "
+                    f"{ticket.checksum:016x}): corrupted in transit or a bad writer; not stored"
+                )
         with self._lock:
             self.node.commit_put(ticket)
             if lease_id:
@@ -257,19 +295,24 @@ class BlockStore:
         with self._lock:
             self.node.abort_put(ticket)
 
-    def put_block(self, h: BlockHash, data: bytes | memoryview, lease_id: str = "") -> bool:
-        """In-process put of one whole block; True if newly stored, False if already there."""
+    def put_block(
+        self, h: BlockHash, data: bytes | memoryview, lease_id: str = "", checksum: int | None = None
+    ) -> bool:
+        """In-process put of one whole block; True if newly stored, False if already there (same
+        or - write-once - different bytes: see :meth:`checksum_of`). ``checksum``: the writer's
+        (verified against the stored copy); None: computed here from ``data``."""
         (h,) = check_hashes((h,))
         n = memoryview(data).nbytes
         if n != self.arena.slot_nbytes:
             raise InvalidRequestError(
                 f"block has {n} bytes, this node's layout needs {self.arena.slot_nbytes}"
             )
-        ticket = self.begin_put(h)
+        given = checksum is not None
+        ticket = self.begin_put(h, checksum if given else block_checksum(data))
         try:
             if ticket.is_new:
                 self.write(ticket, 0, data)
-            self.commit(ticket, lease_id)
+            self.commit(ticket, lease_id, verify=given)
         except BaseException:
             self.abort(ticket)
             raise
@@ -289,16 +332,35 @@ class BlockStore:
             with self._lock:
                 self.node.unpin(hashes)
 
+    def checksums(self, hashes: Sequence[BlockHash]) -> list[int]:
+        """Stored checksums of ``hashes`` (NOT_FOUND if one is not stored); stable while pinned."""
+        with self._lock:
+            out = [self.node.checksum_of(h) for h in hashes]
+        if any(c is None for c in out):
+            raise RequestNotFoundError("a KV block was evicted while being read; read it again")
+        return out  # type: ignore[return-value]
+
+    def checksum_of(self, h: BlockHash) -> int | None:
+        with self._lock:
+            return self.node.checksum_of(h)
+
+    def count_denied(self) -> None:
+        """Count a call refused because its caller is not a cluster member."""
+        with self._lock:
+            self.node.count_denied()
+
     def get_block(self, h: BlockHash) -> bytes:
         """A copy of one stored block's bytes."""
         with self.pinned_views([h]) as (view,):
             return bytes(view)
 
     # ------------------------------------------------------------------ leases
-    def lease(self, hashes: Sequence[BlockHash], ttl_s: float | None = None) -> LeaseGrant:
+    def lease(self, hashes: Sequence[BlockHash], ttl_s: float | None = None, owner: str = "") -> LeaseGrant:
+        """Pin blocks for ``owner`` (see StoreNode.lease: ttl clamped, per-owner quota)."""
         with self._lock:
-            lease = self.node.lease(hashes, ttl_s)
+            lease = self.node.lease(hashes, ttl_s, owner)
             slots = tuple(self.node.slot_of(h) for h in lease.hashes)
+            sums = tuple(self.node.checksum_of(h) for h in lease.hashes)
             loc = self.location
         return LeaseGrant(
             lease.lease_id,
@@ -308,6 +370,8 @@ class BlockStore:
             self.arena.slot_nbytes,
             slots,  # type: ignore[arg-type]  # leased blocks are stored: never None
             loc,
+            sums,  # type: ignore[arg-type]
+            lease.ttl_clamped,
         )
 
     def no_lease(self) -> LeaseGrant:

@@ -21,6 +21,14 @@
   has less than ``lease_margin_s`` left, the location has no arena or is on another host, the arena
   cannot be attached, or the slots are not inside it.
 * :class:`FakeTransport` - in memory, for tests of callers.
+
+Integrity (:mod:`kv_store.checksum`): every read is verified, and a block that fails is a miss
+(:class:`~kv_store.checksum.KVChecksumError`, NOT_FOUND), never served. ``fetch`` and
+``read_leased`` take the caller's expected checksums (``checksums``, e.g. the writer's from a
+KVHandle); ``fetch`` also checks the node's stored ones (the Get stream's, the Lease's). Over gRPC
+blocks are verified as they arrive; over shared memory :class:`FetchedBlocks` verifies the copy
+``copy_into`` made (so what was verified is exactly what the caller got, even if the arena were
+written meanwhile), or the views themselves before ``views`` is first handed out.
 * :class:`AutoTransport` - picks per location with :func:`choose_transport` and falls back from
   shm to gRPC when the arena cannot be attached.
 
@@ -42,12 +50,13 @@ import enum
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from engine.block_hash import BlockHash
 from kv_store.arena import ArenaReader
+from kv_store.checksum import KVChecksumError, check_checksum_list, verify_blocks
 from kv_store.client import KVStoreClient
 from kv_store.handle import BlockLocation, check_hashes
 from kv_store.layout import KVLayout
@@ -59,6 +68,10 @@ class FetchedBlocks:
 
     Views are valid until :meth:`release` (use as a context manager). For shm they alias the
     node's arena: read them (copy into your KV cache), never write, never keep them.
+
+    ``checksums`` (per block, or empty when already verified): what each block must hash to.
+    Then ``copy_into`` verifies its copy, and the first access to ``views`` verifies the views;
+    a mismatch raises :class:`KVChecksumError` (a miss) and counts in ``checksum_failures``.
     """
 
     def __init__(
@@ -66,26 +79,53 @@ class FetchedBlocks:
         views: list[memoryview],
         on_release: Callable[[], None] | None = None,
         spans: list[tuple[int, memoryview]] | None = None,
+        checksums: Sequence[int] = (),
+        where: str = "KV read",
+        on_mismatch: Callable[[], None] | None = None,
     ) -> None:
-        self.views = views
+        self._views = views
         # (first block index, view of consecutive blocks): blocks adjacent in the source memory
         # merged, so that copy_into does few large copies (large memcpy is much faster)
         self.spans = spans if spans is not None else list(enumerate(views))
         self._on_release = on_release
         self._released = False
+        self._checksums = check_checksum_list(checksums, len(views), where)
+        self._views_verified = not self._checksums
+        self._where = where
+        self._on_mismatch = on_mismatch
+
+    def _verify(self, blocks: Sequence[Any]) -> None:
+        try:
+            verify_blocks(blocks, self._checksums, self._where)
+        except KVChecksumError:
+            if self._on_mismatch is not None:
+                self._on_mismatch()
+            raise
+
+    @property
+    def views(self) -> list[memoryview]:
+        """The blocks' views, verified against ``checksums`` on first access."""
+        if not self._views_verified and self._views:
+            self._verify(self._views)
+            self._views_verified = True
+        return self._views
 
     def __len__(self) -> int:
-        return len(self.views)
+        return len(self._views)
 
     def copy_into(self, dst: object) -> None:
         """Copy all blocks, in order, into one writable buffer of ``len(self) * block_nbytes``
         bytes (e.g. a pinned staging buffer), one copy per span of adjacent blocks."""
         out = np.frombuffer(memoryview(dst).cast("B"), dtype=np.uint8)  # type: ignore[arg-type]
-        nb = self.views[0].nbytes if self.views else 0
-        if out.nbytes != nb * len(self.views) or not out.flags.writeable:
-            raise InvalidRequestError(f"copy_into needs a writable buffer of {nb * len(self.views)} bytes")
+        n = len(self._views)
+        nb = self._views[0].nbytes if self._views else 0
+        if out.nbytes != nb * n or not out.flags.writeable:
+            raise InvalidRequestError(f"copy_into needs a writable buffer of {nb * n} bytes")
         for start, span in self.spans:
             np.copyto(out[start * nb : start * nb + span.nbytes], np.frombuffer(span, dtype=np.uint8))
+        if self._checksums:  # verify the copy itself: what the caller got is what was verified
+            mv = memoryview(out)
+            self._verify([mv[i * nb : (i + 1) * nb] for i in range(n)])
 
     def release(self) -> None:
         if self._released:
@@ -95,11 +135,11 @@ class FetchedBlocks:
             with contextlib.suppress(BufferError):
                 v.release()
         self.spans = []
-        for v in self.views:
+        for v in self._views:
             # a caller still holding an export (e.g. a tensor) keeps its bytes mapped
             with contextlib.suppress(BufferError):
                 v.release()
-        self.views = []
+        self._views = []
         if self._on_release is not None:
             self._on_release()
 
@@ -111,9 +151,17 @@ class FetchedBlocks:
 
 
 class BlockTransport(Protocol):
-    def fetch(self, location: BlockLocation, layout: KVLayout, hashes: Sequence[BlockHash]) -> FetchedBlocks:
-        """Read blocks held by ``location``. RequestNotFoundError if one is not stored there,
-        LayoutMismatchError if the node serves another layout, UnavailableError if unreachable."""
+    def fetch(
+        self,
+        location: BlockLocation,
+        layout: KVLayout,
+        hashes: Sequence[BlockHash],
+        checksums: Sequence[int] = (),
+    ) -> FetchedBlocks:
+        """Read blocks held by ``location``, verified (against ``checksums`` when given, else the
+        node's). RequestNotFoundError if one is not stored there (KVChecksumError, a subclass, if
+        one fails its checksum), LayoutMismatchError if the node serves another layout,
+        UnavailableError if unreachable."""
         ...
 
     def close(self) -> None: ...
@@ -134,8 +182,10 @@ class LeasedReader(Protocol):
         slots: Sequence[int],
         lease_expires_at_unix_s: float,
         slot_nbytes: int = 0,
+        checksums: Sequence[int] = (),
     ) -> FetchedBlocks:
-        """Views of the given leased arena slots; UnavailableError when it cannot (fall back)."""
+        """Views of the given leased arena slots, verified against ``checksums`` (required);
+        UnavailableError when it cannot (fall back)."""
         ...
 
 
@@ -179,13 +229,25 @@ class _Clients:
 
 
 class GrpcTransport:
-    """Reads blocks through the node's Get stream; views are of private copies (no lease)."""
+    """Reads blocks through the node's Get stream; views are of private copies (no lease),
+    verified as they arrive (:meth:`KVStoreClient.iter_chunks`)."""
 
     def __init__(self, timeout_s: float | None = 60.0) -> None:
         self._clients = _Clients(timeout_s)
+        self.checksum_failures = 0
 
-    def fetch(self, location: BlockLocation, layout: KVLayout, hashes: Sequence[BlockHash]) -> FetchedBlocks:
-        data = self._clients.get(location).get_blocks(layout, hashes)
+    def fetch(
+        self,
+        location: BlockLocation,
+        layout: KVLayout,
+        hashes: Sequence[BlockHash],
+        checksums: Sequence[int] = (),
+    ) -> FetchedBlocks:
+        try:
+            data = self._clients.get(location).get_blocks(layout, hashes, checksums)
+        except KVChecksumError:
+            self.checksum_failures += 1
+            raise
         return FetchedBlocks([memoryview(b) for b in data])
 
     def close(self) -> None:
@@ -297,6 +359,11 @@ class ShmTransport:
         self._readers: dict[str, ArenaReader] = {}
         self._lock = threading.Lock()
         self._deferred = _DeferredReleases(release_delay_s, self._clients)
+        self.checksum_failures = 0  # reads refused because a block failed its checksum
+
+    def _count_mismatch(self) -> None:
+        with self._lock:
+            self.checksum_failures += 1
 
     def _reader(self, shm_name: str) -> ArenaReader:
         with self._lock:
@@ -311,8 +378,15 @@ class ShmTransport:
                     ) from None
             return r
 
-    def fetch(self, location: BlockLocation, layout: KVLayout, hashes: Sequence[BlockHash]) -> FetchedBlocks:
+    def fetch(
+        self,
+        location: BlockLocation,
+        layout: KVLayout,
+        hashes: Sequence[BlockHash],
+        checksums: Sequence[int] = (),
+    ) -> FetchedBlocks:
         hashes = check_hashes(hashes)
+        want = check_checksum_list(checksums, len(hashes), "fetch checksums")
         client = self._clients.get(location)
         address = location.address
         piggyback = self._deferred.take(address)
@@ -327,14 +401,32 @@ class ShmTransport:
                 raise UnavailableError(f"store node {location.node_id!r} has no shared-memory arena")
             if grant.shm_name != location.shm_name and location.shm_name:
                 self._drop_reader(location.shm_name)  # node restarted with a new arena
+            if len(grant.checksums) != len(hashes):
+                raise UnavailableError(
+                    f"store node {location.node_id!r} sent no block checksums with the lease"
+                )
+            if want and tuple(grant.checksums) != want:
+                # the node holds other bytes under these keys than the caller expects (write-once:
+                # a conflicting put kept the first bytes): a miss, nothing to read
+                self._count_mismatch()
+                bad = next(i for i, (a, b) in enumerate(zip(want, grant.checksums, strict=True)) if a != b)
+                raise KVChecksumError(
+                    f"store node {location.node_id!r}: block {bad} is stored with checksum "
+                    f"{grant.checksums[bad]:016x}, not the expected {want[bad]:016x} (other bytes under "
+                    "its key); not served"
+                )
             reader = self._reader(grant.shm_name)
             views, spans = _slot_views(reader, grant.slots, grant.slot_nbytes)
         except BaseException:
             client.release(grant.lease_id)
             raise
+        where = f"shm read from store node {location.node_id!r}"
+        sums, miss = grant.checksums, self._count_mismatch
         if self.release_delay_s > 0:
-            return FetchedBlocks(views, lambda: self._deferred.add(address, [grant.lease_id]), spans)
-        return FetchedBlocks(views, lambda: client.release(grant.lease_id), spans)
+            return FetchedBlocks(
+                views, lambda: self._deferred.add(address, [grant.lease_id]), spans, sums, where, miss
+            )
+        return FetchedBlocks(views, lambda: client.release(grant.lease_id), spans, sums, where, miss)
 
     def chooses_shm(self, location: BlockLocation) -> bool:
         """Whether :meth:`read_leased` may serve ``location``: it has an arena, on our host (when
@@ -350,8 +442,15 @@ class ShmTransport:
         slots: Sequence[int],
         lease_expires_at_unix_s: float,
         slot_nbytes: int = 0,
+        checksums: Sequence[int] = (),
     ) -> FetchedBlocks:
         """Zero-rpc read of blocks the caller already holds a lease on.
+
+        ``checksums`` (parallel to ``slots``, required): what each block must hash to, e.g. the
+        writer's (``KVHandle.block_checksums``); the returned blocks verify against them
+        (:class:`FetchedBlocks`). Without them the read is refused (UnavailableError: use
+        :meth:`fetch`, which verifies against the node's checksums), so nothing unverified is
+        ever served.
 
         ``slots`` are the blocks' arena slots in ``location.shm_name`` (``PutResult.slots`` /
         ``KVHandle.shm_slots``), ``lease_expires_at_unix_s`` the lease's expiry, ``slot_nbytes``
@@ -366,6 +465,12 @@ class ShmTransport:
         nb = slot_nbytes or layout.block_nbytes
         slots = [int(x) for x in slots]
         where = f"store node {location.node_id!r}"
+        if len(checksums) != len(slots):
+            raise UnavailableError(
+                f"{where}: a leased read needs one checksum per slot ({len(checksums)} for {len(slots)}); "
+                "read through fetch, which verifies against the node's checksums"
+            )
+        sums = check_checksum_list(checksums, len(slots), "read_leased checksums")
         if nb != layout.block_nbytes:
             raise UnavailableError(
                 f"{where}: leased slots of {nb} bytes, but the layout's blocks are {layout.block_nbytes}"
@@ -390,7 +495,7 @@ class ShmTransport:
             views, spans = _slot_views(reader, slots, nb)
         except (IndexError, ValueError) as e:  # the reader was closed concurrently
             raise UnavailableError(f"{where}: cannot map leased slots: {e}") from None
-        return FetchedBlocks(views, None, spans)
+        return FetchedBlocks(views, None, spans, sums, f"leased shm read from {where}", self._count_mismatch)
 
     def flush(self) -> None:
         """Send every deferred release now."""
@@ -437,6 +542,7 @@ class AutoTransport:
         slots: Sequence[int],
         lease_expires_at_unix_s: float,
         slot_nbytes: int = 0,
+        checksums: Sequence[int] = (),
     ) -> FetchedBlocks:
         """:meth:`ShmTransport.read_leased` when the location is ours to read by shm; else (or on
         its refusal) UnavailableError - the caller then uses :meth:`fetch`, which keeps the
@@ -446,16 +552,23 @@ class AutoTransport:
                 f"store node {location.node_id!r} is not readable by shared memory from host {self.my_host_id!r}"
             )
         return self.shm.read_leased(  # type: ignore[attr-defined]
-            location, layout, slots, lease_expires_at_unix_s, slot_nbytes
+            location, layout, slots, lease_expires_at_unix_s, slot_nbytes, checksums
         )
 
-    def fetch(self, location: BlockLocation, layout: KVLayout, hashes: Sequence[BlockHash]) -> FetchedBlocks:
+    def fetch(
+        self,
+        location: BlockLocation,
+        layout: KVLayout,
+        hashes: Sequence[BlockHash],
+        checksums: Sequence[int] = (),
+    ) -> FetchedBlocks:
+        sums = (checksums,) if checksums else ()  # transports that verify nothing take none
         if choose_transport(location, self.my_host_id) is TransportKind.SHM:
             try:
-                return self.shm.fetch(location, layout, hashes)
+                return self.shm.fetch(location, layout, hashes, *sums)
             except UnavailableError:
                 self.fallbacks += 1
-        return self.grpc.fetch(location, layout, hashes)
+        return self.grpc.fetch(location, layout, hashes, *sums)
 
     def close(self) -> None:
         self.grpc.close()
@@ -476,7 +589,13 @@ class FakeTransport:
     def put(self, node_id: str, h: BlockHash, data: bytes) -> None:
         self.blocks.setdefault(node_id, {})[bytes(h)] = bytes(data)
 
-    def fetch(self, location: BlockLocation, layout: KVLayout, hashes: Sequence[BlockHash]) -> FetchedBlocks:
+    def fetch(
+        self,
+        location: BlockLocation,
+        layout: KVLayout,
+        hashes: Sequence[BlockHash],
+        checksums: Sequence[int] = (),
+    ) -> FetchedBlocks:
         hashes = check_hashes(hashes)
         self.calls.append((location.node_id, hashes))
         store = self.blocks.get(location.node_id, {})
@@ -495,7 +614,7 @@ class FakeTransport:
         def done() -> None:
             self.open -= 1
 
-        return FetchedBlocks(views, done)
+        return FetchedBlocks(views, done, checksums=checksums, where=f"fake read from {location.node_id}")
 
     def close(self) -> None:
         pass

@@ -24,6 +24,7 @@ _GET_INDEX = _GET_FIELDS["block_index"].number
 _GET_HASH = _GET_FIELDS["block_hash"].number
 _GET_TOTAL = _GET_FIELDS["total_bytes"].number
 _GET_DATA = _GET_FIELDS["data"].number
+_GET_CHECKSUM = _GET_FIELDS["checksum"].number  # fixed64
 _PUT_DATA = kv_store_pb2.PutChunk.DESCRIPTOR.fields_by_name["data"].number
 _LEN = 2  # wire type of length-delimited fields
 
@@ -67,6 +68,7 @@ class GetChunkView(NamedTuple):
     block_hash: bytes
     total_bytes: int
     data: memoryview  # aliases the received message
+    checksum: int = 0  # on a block's first chunk: its stored XXH3-64
 
 
 def decode_get_chunk(raw: bytes) -> GetChunkView:
@@ -75,6 +77,7 @@ def decode_get_chunk(raw: bytes) -> GetChunkView:
     pos = 0
     block_index = total = 0
     block_hash = b""
+    checksum = 0
     data = buf[0:0]
     end = len(buf)
     while pos < end:
@@ -96,6 +99,8 @@ def decode_get_chunk(raw: bytes) -> GetChunkView:
                 data = buf[pos : pos + n]
             pos += n
         elif wt == 1:
+            if num == _GET_CHECKSUM and pos + 8 <= end:
+                checksum = int.from_bytes(buf[pos : pos + 8], "little")
             pos += 8
         elif wt == 5:
             pos += 4
@@ -103,4 +108,4 @@ def decode_get_chunk(raw: bytes) -> GetChunkView:
             raise ValueError(f"unsupported wire type {wt}")
         if pos > end:
             raise ValueError("truncated field")
-    return GetChunkView(block_index, block_hash, total, data)
+    return GetChunkView(block_index, block_hash, total, data, checksum)

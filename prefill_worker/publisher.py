@@ -2,33 +2,86 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Protocol
 
 from engine.llm_engine import KVExport
+from kv_store.checksum import block_checksum
 from kv_store.client import KVStoreClient
 from kv_store.handle import KVHandle
 from kv_store.layout import KVLayout
+from kv_store.store import PutResult
 from kv_store.tensors import tensor_bytes
+from pdserve.errors import InvalidRequestError
+from pdserve.tracing import log_event
+
+log = logging.getLogger(__name__)
+
+MAX_LEASE_TTL_S = 60.0  # the longest handoff lease a publisher asks for (the store caps it too)
 
 
 class KVPublisher(Protocol):
     def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float) -> KVHandle: ...
 
 
+def capped_lease_ttl(lease_ttl_s: float, max_lease_ttl_s: float) -> float:
+    """The handoff lease ttl to ask for: ``lease_ttl_s`` (e.g. a Prefill request's) at most
+    ``max_lease_ttl_s``; InvalidRequestError when it is not a positive finite number."""
+    if not math.isfinite(lease_ttl_s) or lease_ttl_s <= 0:
+        raise InvalidRequestError(f"lease_ttl_s must be a positive number of seconds, got {lease_ttl_s!r}")
+    return min(lease_ttl_s, max_lease_ttl_s)
+
+
 class StorePublisher:
     """Puts blocks on the worker's store node under a lease (one streamed Put call).
 
-    The returned handle carries the lease (id and expiry) and, when the node answered with the
-    leased blocks' arena slots, ``shm_slots``, so that a same-host decode worker reads the blocks
-    with no rpc (decode_worker/puller.py).
+    The returned handle carries the lease (id and expiry), the checksum of every block as computed
+    here (``block_checksums``: the decode worker verifies its copy against them, so bytes that are
+    not this worker's are never used) and, when the node answered with the leased blocks' arena
+    slots, ``shm_slots``, so that a same-host decode worker reads the blocks with no rpc
+    (decode_worker/puller.py).
+
+    The lease ttl is capped at ``max_lease_ttl_s`` (whatever a Prefill request asked for).
+
+    Write-once keys: when the node already held some keys with other bytes (``PutResult.conflicts``:
+    a racing writer whose KV differs in its last bits, or junk put under the prompt's keys before
+    it was sent), the publisher releases its lease, deletes those blocks (the node refuses to
+    delete pinned ones) and puts the request's blocks once more. Keys still held by other bytes
+    then are logged: the decode worker's checksum check turns them into a miss, never wrong KV.
     """
 
-    def __init__(self, client: KVStoreClient) -> None:
+    def __init__(self, client: KVStoreClient, max_lease_ttl_s: float = MAX_LEASE_TTL_S) -> None:
         self.client = client
+        self.max_lease_ttl_s = max_lease_ttl_s
+        self.conflicts_replaced = 0  # blocks deleted and put again after a conflict
+        self.conflicts_kept = 0  # blocks still held with other bytes after the retry
+
+    def _put(self, layout: KVLayout, kv: KVExport, blocks: list, sums: list[int], ttl: float) -> PutResult:
+        return self.client.put_blocks(layout, kv.block_hashes, blocks, lease_ttl_s=ttl, checksums=sums)
 
     def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float) -> KVHandle:
+        ttl = capped_lease_ttl(lease_ttl_s, self.max_lease_ttl_s)
         blocks = [tensor_bytes(kv.blocks[i]) for i in range(kv.blocks.shape[0])]
-        res = self.client.put_blocks(layout, kv.block_hashes, blocks, lease_ttl_s=lease_ttl_s)
+        sums = [block_checksum(b) for b in blocks]
+        res = self._put(layout, kv, blocks, sums, ttl)
+        if res.conflicts:
+            clash = [kv.block_hashes[i] for i in res.conflicts]
+            if res.lease_id:
+                self.client.release(res.lease_id)
+            deleted = self.client.delete(clash)
+            self.conflicts_replaced += deleted.num_deleted
+            res = self._put(layout, kv, blocks, sums, ttl)
+            self.conflicts_kept += len(res.conflicts)
+            log_event(
+                log,
+                "kv publish conflict",
+                logging.WARNING,
+                request_id=kv.request_id,
+                blocks=len(clash),
+                replaced=deleted.num_deleted,
+                still_conflicting=len(res.conflicts),
+            )
         assert res.location is not None
         # slots index the arena the handle's location names; anything else: leave them out
         same_arena = bool(res.shm_name) and res.shm_name == res.location.shm_name
@@ -47,4 +100,5 @@ class StorePublisher:
             lease_id=res.lease_id,
             shm_slots=res.slots if use_slots else (),
             lease_expires_at_unix_s=res.lease_expires_at_unix_s if res.lease_id else 0.0,
+            block_checksums=tuple(sums),
         )

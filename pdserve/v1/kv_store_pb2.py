@@ -25,47 +25,47 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdserve/v1/kv_store.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"|\n\x08PutChunk\x12$\n\x06layout\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x13\n\x0blease_ttl_s\x18\x02 \x01(\x01\x12\x12\n\nblock_hash\x18\x03 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\xe1\x01\n\x0bPutResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nnum_stored\x18\x02 \x01(\r\x12\x14\n\x0cnum_existing\x18\x03 \x01(\r\x12\x10\n\x08lease_id\x18\x04 \x01(\t\x12\x1f\n\x17lease_expires_at_unix_s\x18\x05 \x01(\x01\x12+\n\x08location\x18\x06 \x01(\x0b\x32\x19.pdserve.v1.BlockLocation\x12\r\n\x05slots\x18\x07 \x03(\x04\x12\x13\n\x0bslot_nbytes\x18\x08 \x01(\x04\x12\x10\n\x08shm_name\x18\t \x01(\t\"H\n\nGetRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\"V\n\x08GetChunk\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"%\n\rExistsRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\" \n\x0e\x45xistsResponse\x12\x0e\n\x06\x65xists\x18\x01 \x03(\x08\"%\n\rDeleteRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"N\n\x0e\x44\x65leteResponse\x12\x13\n\x0bnum_deleted\x18\x01 \x01(\r\x12\x13\n\x0bnum_missing\x18\x02 \x01(\r\x12\x12\n\nnum_pinned\x18\x03 \x01(\r\"%\n\rLookupRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\">\n\x0e\x42lockLocations\x12,\n\tlocations\x18\x01 \x03(\x0b\x32\x19.pdserve.v1.BlockLocation\"W\n\x0eLookupResponse\x12\x19\n\x11num_prefix_blocks\x18\x01 \x01(\r\x12*\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1a.pdserve.v1.BlockLocations\"t\n\x0cLeaseRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x19\n\x11release_lease_ids\x18\x04 \x03(\t\"\xae\x01\n\rLeaseResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\x12\x19\n\x11\x65xpires_at_unix_s\x18\x03 \x01(\x01\x12\x10\n\x08shm_name\x18\x04 \x01(\t\x12\x13\n\x0bslot_nbytes\x18\x05 \x01(\x04\x12\r\n\x05slots\x18\x06 \x03(\x04\x12+\n\x08location\x18\x07 \x01(\x0b\x32\x19.pdserve.v1.BlockLocation\";\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x17\n\x0fshm_read_blocks\x18\x02 \x01(\r\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x15\n\x13KVStoreStatsRequest\"\xe2\x02\n\x0cKVStoreStats\x12+\n\x08location\x18\x01 \x01(\x0b\x32\x19.pdserve.v1.BlockLocation\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x03 \x01(\x04\x12\x12\n\nnum_blocks\x18\x04 \x01(\x04\x12\x12\n\nbytes_used\x18\x05 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x06 \x01(\x04\x12\x12\n\nnum_pinned\x18\x07 \x01(\x04\x12\x12\n\nnum_leases\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\x12\x0c\n\x04hits\x18\n \x01(\x04\x12\x0e\n\x06misses\x18\x0b \x01(\x04\x12\x0c\n\x04puts\x18\x0c \x01(\x04\x12\x12\n\nput_dedups\x18\r \x01(\x04\x12\x16\n\x0e\x65xpired_leases\x18\x0e \x01(\x04\x12\x13\n\x0bnum_pending\x18\x0f \x01(\x04\x32\x81\x04\n\x07KVStore\x12\x36\n\x03Put\x12\x14.pdserve.v1.PutChunk\x1a\x17.pdserve.v1.PutResponse(\x01\x12\x35\n\x03Get\x12\x16.pdserve.v1.GetRequest\x1a\x14.pdserve.v1.GetChunk0\x01\x12?\n\x06\x45xists\x12\x19.pdserve.v1.ExistsRequest\x1a\x1a.pdserve.v1.ExistsResponse\x12?\n\x06\x44\x65lete\x12\x19.pdserve.v1.DeleteRequest\x1a\x1a.pdserve.v1.DeleteResponse\x12?\n\x06Lookup\x12\x19.pdserve.v1.LookupRequest\x1a\x1a.pdserve.v1.LookupResponse\x12<\n\x05Lease\x12\x18.pdserve.v1.LeaseRequest\x1a\x19.pdserve.v1.LeaseResponse\x12\x42\n\x07Release\x12\x1a.pdserve.v1.ReleaseRequest\x1a\x1b.pdserve.v1.ReleaseResponse\x12\x42\n\x05Stats\x12\x1f.pdserve.v1.KVStoreStatsRequest\x1a\x18.pdserve.v1.KVStoreStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdserve/v1/kv_store.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\x8e\x01\n\x08PutChunk\x12$\n\x06layout\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x13\n\x0blease_ttl_s\x18\x02 \x01(\x01\x12\x12\n\nblock_hash\x18\x03 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\x06\"\xa4\x02\n\x0bPutResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nnum_stored\x18\x02 \x01(\r\x12\x14\n\x0cnum_existing\x18\x03 \x01(\r\x12\x10\n\x08lease_id\x18\x04 \x01(\t\x12\x1f\n\x17lease_expires_at_unix_s\x18\x05 \x01(\x01\x12+\n\x08location\x18\x06 \x01(\x0b\x32\x19.pdserve.v1.BlockLocation\x12\r\n\x05slots\x18\x07 \x03(\x04\x12\x13\n\x0bslot_nbytes\x18\x08 \x01(\x04\x12\x10\n\x08shm_name\x18\t \x01(\t\x12\x11\n\tconflicts\x18\n \x03(\r\x12\x13\n\x0blease_ttl_s\x18\x0b \x01(\x01\x12\x19\n\x11lease_ttl_clamped\x18\x0c \x01(\x08\"H\n\nGetRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\"h\n\x08GetChunk\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\x06\"%\n\rExistsRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\" \n\x0e\x45xistsResponse\x12\x0e\n\x06\x65xists\x18\x01 \x03(\x08\"%\n\rDeleteRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"N\n\x0e\x44\x65leteResponse\x12\x13\n\x0bnum_deleted\x18\x01 \x01(\r\x12\x13\n\x0bnum_missing\x18\x02 \x01(\r\x12\x12\n\nnum_pinned\x18\x03 \x01(\r\"%\n\rLookupRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\">\n\x0e\x42lockLocations\x12,\n\tlocations\x18\x01 \x03(\x0b\x32\x19.pdserve.v1.BlockLocation\"W\n\x0eLookupResponse\x12\x19\n\x11num_prefix_blocks\x18\x01 \x01(\r\x12*\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1a.pdserve.v1.BlockLocations\"t\n\x0cLeaseRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x19\n\x11release_lease_ids\x18\x04 \x03(\t\"\xd6\x01\n\rLeaseResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\x12\x19\n\x11\x65xpires_at_unix_s\x18\x03 \x01(\x01\x12\x10\n\x08shm_name\x18\x04 \x01(\t\x12\x13\n\x0bslot_nbytes\x18\x05 \x01(\x04\x12\r\n\x05slots\x18\x06 \x03(\x04\x12+\n\x08location\x18\x07 \x01(\x0b\x32\x19.pdserve.v1.BlockLocation\x12\x11\n\tchecksums\x18\x08 \x03(\x06\x12\x13\n\x0bttl_clamped\x18\t \x01(\x08\";\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x17\n\x0fshm_read_blocks\x18\x02 \x01(\r\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x15\n\x13KVStoreStatsRequest\"\xe2\x03\n\x0cKVStoreStats\x12+\n\x08location\x18\x01 \x01(\x0b\x32\x19.pdserve.v1.BlockLocation\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x03 \x01(\x04\x12\x12\n\nnum_blocks\x18\x04 \x01(\x04\x12\x12\n\nbytes_used\x18\x05 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x06 \x01(\x04\x12\x12\n\nnum_pinned\x18\x07 \x01(\x04\x12\x12\n\nnum_leases\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\x12\x0c\n\x04hits\x18\n \x01(\x04\x12\x0e\n\x06misses\x18\x0b \x01(\x04\x12\x0c\n\x04puts\x18\x0c \x01(\x04\x12\x12\n\nput_dedups\x18\r \x01(\x04\x12\x16\n\x0e\x65xpired_leases\x18\x0e \x01(\x04\x12\x13\n\x0bnum_pending\x18\x0f \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x10 \x01(\x04\x12\x15\n\rput_conflicts\x18\x11 \x01(\x04\x12\x18\n\x10lease_ttl_clamps\x18\x12 \x01(\x04\x12\x1c\n\x14lease_quota_refusals\x18\x13 \x01(\x04\x12\x14\n\x0c\x64\x65nied_calls\x18\x14 \x01(\x04\x32\x81\x04\n\x07KVStore\x12\x36\n\x03Put\x12\x14.pdserve.v1.PutChunk\x1a\x17.pdserve.v1.PutResponse(\x01\x12\x35\n\x03Get\x12\x16.pdserve.v1.GetRequest\x1a\x14.pdserve.v1.GetChunk0\x01\x12?\n\x06\x45xists\x12\x19.pdserve.v1.ExistsRequest\x1a\x1a.pdserve.v1.ExistsResponse\x12?\n\x06\x44\x65lete\x12\x19.pdserve.v1.DeleteRequest\x1a\x1a.pdserve.v1.DeleteResponse\x12?\n\x06Lookup\x12\x19.pdserve.v1.LookupRequest\x1a\x1a.pdserve.v1.LookupResponse\x12<\n\x05Lease\x12\x18.pdserve.v1.LeaseRequest\x1a\x19.pdserve.v1.LeaseResponse\x12\x42\n\x07Release\x12\x1a.pdserve.v1.ReleaseRequest\x1a\x1b.pdserve.v1.ReleaseResponse\x12\x42\n\x05Stats\x12\x1f.pdserve.v1.KVStoreStatsRequest\x1a\x18.pdserve.v1.KVStoreStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.kv_store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PUTCHUNK']._serialized_start=66
-  _globals['_PUTCHUNK']._serialized_end=190
-  _globals['_PUTRESPONSE']._serialized_start=193
-  _globals['_PUTRESPONSE']._serialized_end=418
-  _globals['_GETREQUEST']._serialized_start=420
-  _globals['_GETREQUEST']._serialized_end=492
-  _globals['_GETCHUNK']._serialized_start=494
-  _globals['_GETCHUNK']._serialized_end=580
-  _globals['_EXISTSREQUEST']._serialized_start=582
-  _globals['_EXISTSREQUEST']._serialized_end=619
-  _globals['_EXISTSRESPONSE']._serialized_start=621
-  _globals['_EXISTSRESPONSE']._serialized_end=653
-  _globals['_DELETEREQUEST']._serialized_start=655
-  _globals['_DELETEREQUEST']._serialized_end=692
-  _globals['_DELETERESPONSE']._serialized_start=694
-  _globals['_DELETERESPONSE']._serialized_end=772
-  _globals['_LOOKUPREQUEST']._serialized_start=774
-  _globals['_LOOKUPREQUEST']._serialized_end=811
-  _globals['_BLOCKLOCATIONS']._serialized_start=813
-  _globals['_BLOCKLOCATIONS']._serialized_end=875
-  _globals['_LOOKUPRESPONSE']._serialized_start=877
-  _globals['_LOOKUPRESPONSE']._serialized_end=964
-  _globals['_LEASEREQUEST']._serialized_start=966
-  _globals['_LEASEREQUEST']._serialized_end=1082
-  _globals['_LEASERESPONSE']._serialized_start=1085
-  _globals['_LEASERESPONSE']._serialized_end=1259
-  _globals['_RELEASEREQUEST']._serialized_start=1261
-  _globals['_RELEASEREQUEST']._serialized_end=1320
-  _globals['_RELEASERESPONSE']._serialized_start=1322
-  _globals['_RELEASERESPONSE']._serialized_end=1357
-  _globals['_KVSTORESTATSREQUEST']._serialized_start=1359
-  _globals['_KVSTORESTATSREQUEST']._serialized_end=1380
-  _globals['_KVSTORESTATS']._serialized_start=1383
-  _globals['_KVSTORESTATS']._serialized_end=1737
-  _globals['_KVSTORE']._serialized_start=1740
-  _globals['_KVSTORE']._serialized_end=2253
+  _globals['_PUTCHUNK']._serialized_start=67
+  _globals['_PUTCHUNK']._serialized_end=209
+  _globals['_PUTRESPONSE']._serialized_start=212
+  _globals['_PUTRESPONSE']._serialized_end=504
+  _globals['_GETREQUEST']._serialized_start=506
+  _globals['_GETREQUEST']._serialized_end=578
+  _globals['_GETCHUNK']._serialized_start=580
+  _globals['_GETCHUNK']._serialized_end=684
+  _globals['_EXISTSREQUEST']._serialized_start=686
+  _globals['_EXISTSREQUEST']._serialized_end=723
+  _globals['_EXISTSRESPONSE']._serialized_start=725
+  _globals['_EXISTSRESPONSE']._serialized_end=757
+  _globals['_DELETEREQUEST']._serialized_start=759
+  _globals['_DELETEREQUEST']._serialized_end=796
+  _globals['_DELETERESPONSE']._serialized_start=798
+  _globals['_DELETERESPONSE']._serialized_end=876
+  _globals['_LOOKUPREQUEST']._serialized_start=878
+  _globals['_LOOKUPREQUEST']._serialized_end=915
+  _globals['_BLOCKLOCATIONS']._serialized_start=917
+  _globals['_BLOCKLOCATIONS']._serialized_end=979
+  _globals['_LOOKUPRESPONSE']._serialized_start=981
+  _globals['_LOOKUPRESPONSE']._serialized_end=1068
+  _globals['_LEASEREQUEST']._serialized_start=1070
+  _globals['_LEASEREQUEST']._serialized_end=1186
+  _globals['_LEASERESPONSE']._serialized_start=1189
+  _globals['_LEASERESPONSE']._serialized_end=1403
+  _globals['_RELEASEREQUEST']._serialized_start=1405
+  _globals['_RELEASEREQUEST']._serialized_end=1464
+  _globals['_RELEASERESPONSE']._serialized_start=1466
+  _globals['_RELEASERESPONSE']._serialized_end=1501
+  _globals['_KVSTORESTATSREQUEST']._serialized_start=1503
+  _globals['_KVSTORESTATSREQUEST']._serialized_end=1524
+  _globals['_KVSTORESTATS']._serialized_start=1527
+  _globals['_KVSTORESTATS']._serialized_end=2009
+  _globals['_KVSTORE']._serialized_start=2012
+  _globals['_KVSTORE']._serialized_end=2525
 # @@protoc_insertion_point(module_scope)

@@ -11,17 +11,19 @@ from pdserve.v1 import common_pb2 as _common_pb2
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PutChunk(_message.Message):
-    __slots__ = ("layout", "lease_ttl_s", "block_hash", "total_bytes", "data")
+    __slots__ = ("layout", "lease_ttl_s", "block_hash", "total_bytes", "data", "checksum")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     layout: _common_pb2.KVLayout
     lease_ttl_s: float
     block_hash: bytes
     total_bytes: int
     data: bytes
+    checksum: int
     def __init__(
         self,
         layout: _common_pb2.KVLayout | _Mapping | None = ...,
@@ -29,6 +31,7 @@ class PutChunk(_message.Message):
         block_hash: bytes | None = ...,
         total_bytes: int | None = ...,
         data: bytes | None = ...,
+        checksum: int | None = ...,
     ) -> None: ...
 
 class PutResponse(_message.Message):
@@ -42,6 +45,9 @@ class PutResponse(_message.Message):
         "slots",
         "slot_nbytes",
         "shm_name",
+        "conflicts",
+        "lease_ttl_s",
+        "lease_ttl_clamped",
     )
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_STORED_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +58,9 @@ class PutResponse(_message.Message):
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     SLOT_NBYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFLICTS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_CLAMPED_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     num_stored: int
     num_existing: int
@@ -61,6 +70,9 @@ class PutResponse(_message.Message):
     slots: _containers.RepeatedScalarFieldContainer[int]
     slot_nbytes: int
     shm_name: str
+    conflicts: _containers.RepeatedScalarFieldContainer[int]
+    lease_ttl_s: float
+    lease_ttl_clamped: bool
     def __init__(
         self,
         num_blocks: int | None = ...,
@@ -72,6 +84,9 @@ class PutResponse(_message.Message):
         slots: _Iterable[int] | None = ...,
         slot_nbytes: int | None = ...,
         shm_name: str | None = ...,
+        conflicts: _Iterable[int] | None = ...,
+        lease_ttl_s: float | None = ...,
+        lease_ttl_clamped: bool | None = ...,
     ) -> None: ...
 
 class GetRequest(_message.Message):
@@ -87,21 +102,24 @@ class GetRequest(_message.Message):
     ) -> None: ...
 
 class GetChunk(_message.Message):
-    __slots__ = ("block_index", "block_hash", "total_bytes", "data")
+    __slots__ = ("block_index", "block_hash", "total_bytes", "data", "checksum")
     BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     block_index: int
     block_hash: bytes
     total_bytes: int
     data: bytes
+    checksum: int
     def __init__(
         self,
         block_index: int | None = ...,
         block_hash: bytes | None = ...,
         total_bytes: int | None = ...,
         data: bytes | None = ...,
+        checksum: int | None = ...,
     ) -> None: ...
 
 class ExistsRequest(_message.Message):
@@ -175,7 +193,17 @@ class LeaseRequest(_message.Message):
     ) -> None: ...
 
 class LeaseResponse(_message.Message):
-    __slots__ = ("lease_id", "ttl_s", "expires_at_unix_s", "shm_name", "slot_nbytes", "slots", "location")
+    __slots__ = (
+        "lease_id",
+        "ttl_s",
+        "expires_at_unix_s",
+        "shm_name",
+        "slot_nbytes",
+        "slots",
+        "location",
+        "checksums",
+        "ttl_clamped",
+    )
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +211,8 @@ class LeaseResponse(_message.Message):
     SLOT_NBYTES_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     LOCATION_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    TTL_CLAMPED_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     ttl_s: float
     expires_at_unix_s: float
@@ -190,6 +220,8 @@ class LeaseResponse(_message.Message):
     slot_nbytes: int
     slots: _containers.RepeatedScalarFieldContainer[int]
     location: _common_pb2.BlockLocation
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    ttl_clamped: bool
     def __init__(
         self,
         lease_id: str | None = ...,
@@ -199,6 +231,8 @@ class LeaseResponse(_message.Message):
         slot_nbytes: int | None = ...,
         slots: _Iterable[int] | None = ...,
         location: _common_pb2.BlockLocation | _Mapping | None = ...,
+        checksums: _Iterable[int] | None = ...,
+        ttl_clamped: bool | None = ...,
     ) -> None: ...
 
 class ReleaseRequest(_message.Message):
@@ -236,6 +270,11 @@ class KVStoreStats(_message.Message):
         "put_dedups",
         "expired_leases",
         "num_pending",
+        "checksum_failures",
+        "put_conflicts",
+        "lease_ttl_clamps",
+        "lease_quota_refusals",
+        "denied_calls",
     )
     LOCATION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +291,11 @@ class KVStoreStats(_message.Message):
     PUT_DEDUPS_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_LEASES_FIELD_NUMBER: _ClassVar[int]
     NUM_PENDING_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    PUT_CONFLICTS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_CLAMPS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_QUOTA_REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    DENIED_CALLS_FIELD_NUMBER: _ClassVar[int]
     location: _common_pb2.BlockLocation
     layout: _common_pb2.KVLayout
     capacity_blocks: int
@@ -267,6 +311,11 @@ class KVStoreStats(_message.Message):
     put_dedups: int
     expired_leases: int
     num_pending: int
+    checksum_failures: int
+    put_conflicts: int
+    lease_ttl_clamps: int
+    lease_quota_refusals: int
+    denied_calls: int
     def __init__(
         self,
         location: _common_pb2.BlockLocation | _Mapping | None = ...,
@@ -284,4 +333,9 @@ class KVStoreStats(_message.Message):
         put_dedups: int | None = ...,
         expired_leases: int | None = ...,
         num_pending: int | None = ...,
+        checksum_failures: int | None = ...,
+        put_conflicts: int | None = ...,
+        lease_ttl_clamps: int | None = ...,
+        lease_quota_refusals: int | None = ...,
+        denied_calls: int | None = ...,
     ) -> None: ...

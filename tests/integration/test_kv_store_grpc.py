@@ -49,6 +49,9 @@ def payloads(n: int, layout: KVLayout) -> list[bytes]:
 
 
 def start(layout: KVLayout, capacity: int = 8, **kw: object) -> StoreServer:
+    """A node whose lease quota is its whole capacity (these tests are about eviction and
+    transfers; quotas: tests/integration/test_kv_security.py)."""
+    kw.setdefault("max_leased_blocks_per_owner", capacity)
     return serve(StoreConfig("node-a", layout, capacity_blocks=capacity, **kw))  # type: ignore[arg-type]
 
 
@@ -238,6 +241,7 @@ def _chunk(**kw: object) -> kv_store_pb2.PutChunk:
                     layout=convert.layout_to_proto(SMALL),
                     block_hash=b"\1" * 16,
                     total_bytes=256,
+                    checksum=1,
                     data=b"\0" * 100,
                 )
             ],
@@ -249,6 +253,7 @@ def _chunk(**kw: object) -> kv_store_pb2.PutChunk:
                     layout=convert.layout_to_proto(SMALL),
                     block_hash=b"\1" * 16,
                     total_bytes=256,
+                    checksum=1,
                     data=b"\0" * 200,
                 ),
                 _chunk(data=b"\0" * 100),
@@ -261,13 +266,30 @@ def _chunk(**kw: object) -> kv_store_pb2.PutChunk:
                     layout=convert.layout_to_proto(SMALL),
                     block_hash=b"\1" * 16,
                     total_bytes=256,
+                    checksum=1,
                     data=b"\0" * 100,
                 ),
-                _chunk(block_hash=b"\2" * 16, total_bytes=256, data=b"\0" * 256),
+                _chunk(block_hash=b"\2" * 16, total_bytes=256, checksum=1, data=b"\0" * 256),
             ],
             "new block_hash arrived early",
         ),
         ([_chunk(layout=convert.layout_to_proto(SMALL), lease_ttl_s=-3)], "ttl_s"),
+        (
+            [_chunk(layout=convert.layout_to_proto(SMALL), block_hash=b"\1" * 16, total_bytes=256)],
+            "has no checksum",
+        ),
+        (
+            [
+                _chunk(
+                    layout=convert.layout_to_proto(SMALL),
+                    block_hash=b"\1" * 16,
+                    total_bytes=256,
+                    checksum=12345,
+                    data=b"\0" * 256,
+                )
+            ],
+            "does not match its checksum",
+        ),
     ],
 )
 def test_malformed_put_streams(small: tuple[StoreServer, KVStoreClient], chunks: list, message: str) -> None:

@@ -21,6 +21,7 @@ from engine.llm_engine import KVExport
 from engine.model_runner import KVShape
 from kv_store import convert
 from kv_store.arena import host_id
+from kv_store.checksum import block_checksum
 from kv_store.client import KVStoreClient
 from kv_store.handle import BlockLocation, KVHandle
 from kv_store.layout import KVLayout
@@ -253,8 +254,9 @@ def test_read_leased_refusals(node: tuple[StoreServer, KVStoreClient]) -> None:
     now = [time.time()]
     shm = ShmTransport(my_host_id=loc.host_id, wall_clock=lambda: now[0])
     exp = r.lease_expires_at_unix_s
+    sums = [block_checksum(d) for d in data]
     try:
-        with shm.read_leased(loc, L, r.slots, exp, r.slot_nbytes) as got:
+        with shm.read_leased(loc, L, r.slots, exp, r.slot_nbytes, sums) as got:
             assert [bytes(v) for v in got.views] == data
             buf = bytearray(2 * L.block_nbytes)
             got.copy_into(buf)
@@ -263,7 +265,13 @@ def test_read_leased_refusals(node: tuple[StoreServer, KVStoreClient]) -> None:
             assert len(got) == 0
 
         def refused(match: str, **kw: object) -> None:
-            args = {"location": loc, "layout": L, "slots": r.slots, "lease_expires_at_unix_s": exp}
+            args = {
+                "location": loc,
+                "layout": L,
+                "slots": r.slots,
+                "lease_expires_at_unix_s": exp,
+                "checksums": sums,
+            }
             args.update(kw)
             with pytest.raises(UnavailableError, match=match):
                 shm.read_leased(**args)  # type: ignore[arg-type]
@@ -277,8 +285,9 @@ def test_read_leased_refusals(node: tuple[StoreServer, KVStoreClient]) -> None:
         refused("no shared-memory arena", location=BlockLocation(loc.node_id, loc.address, "", loc.host_id))
         refused("no shared-memory arena", location=BlockLocation(loc.node_id, loc.address, loc.shm_name, "x"))
         refused("cannot be attached", location=BlockLocation("n", loc.address, "pdkv_nosuch", loc.host_id))
-        refused("not inside", slots=[16])
-        refused("not inside", slots=[-1])
+        refused("not inside", slots=[16], checksums=sums[:1])
+        refused("not inside", slots=[-1], checksums=sums[:1])
+        refused("one checksum per slot", checksums=[])  # unverifiable: never read
         refused("bytes", slot_nbytes=L.block_nbytes // 2)
         assert srv.store.stats().node.num_leases == 1  # reads neither leased nor released
     finally:
@@ -295,11 +304,11 @@ class _RefusingShm:
     def __init__(self) -> None:
         self.read_leased_calls = 0
 
-    def read_leased(self, location, layout, slots, lease_expires_at_unix_s, slot_nbytes=0):  # type: ignore[no-untyped-def]
+    def read_leased(self, location, layout, slots, lease_expires_at_unix_s, slot_nbytes=0, checksums=()):  # type: ignore[no-untyped-def]
         self.read_leased_calls += 1
         raise UnavailableError("no arena")
 
-    def fetch(self, location, layout, hashes):  # type: ignore[no-untyped-def]
+    def fetch(self, location, layout, hashes, checksums=()):  # type: ignore[no-untyped-def]
         raise UnavailableError("no arena")
 
     def close(self) -> None:

@@ -23,11 +23,21 @@ def h(i: int) -> bytes:
     return i.to_bytes(16, "little")
 
 
-def make(capacity: int = 3, clock: FakeClock | None = None) -> tuple[StoreNode, FakeClock]:
+def make(
+    capacity: int = 3, clock: FakeClock | None = None, quota: int | None = 0
+) -> tuple[StoreNode, FakeClock]:
+    """``quota``: leased blocks per owner (0: the whole capacity, so that these tests of eviction
+    are not about quotas; None: the node's default, half the capacity)."""
     clock = clock or FakeClock()
     ids = iter(f"lease{i}" for i in range(1000))
     node = StoreNode(
-        NodeConfig(capacity, 100, default_lease_ttl_s=10, max_lease_ttl_s=60),
+        NodeConfig(
+            capacity,
+            100,
+            default_lease_ttl_s=10,
+            max_lease_ttl_s=60,
+            max_leased_blocks_per_owner=capacity if quota == 0 else quota,
+        ),
         clock=clock,
         new_lease_id=lambda: next(ids),
     )
@@ -109,7 +119,7 @@ def test_lease_expiry_reaped_on_access() -> None:
 
 
 def test_two_leases_on_one_block() -> None:
-    node, clock = make(capacity=1)
+    node, clock = make(capacity=1, quota=2)
     put(node, 1)
     a = node.lease([h(1)], ttl_s=5)
     node.lease([h(1)], ttl_s=20)
@@ -128,12 +138,24 @@ def test_lease_is_all_or_nothing() -> None:
     assert node.stats().num_leases == 0 and node.stats().num_pinned == 0
 
 
-@pytest.mark.parametrize("ttl", [-1.0, 61.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("ttl", [-1.0, float("nan")])
 def test_bad_lease_ttl(ttl: float) -> None:
     node, _ = make()
     put(node, 1)
     with pytest.raises(InvalidRequestError, match="ttl_s"):
         node.lease([h(1)], ttl_s=ttl)
+
+
+@pytest.mark.parametrize("ttl", [61.0, 1e9, float("inf")])
+def test_long_lease_ttl_is_clamped_to_the_max(ttl: float) -> None:
+    node, clock = make(capacity=1, quota=2)
+    put(node, 1)
+    lease = node.lease([h(1)], ttl_s=ttl)
+    assert lease.ttl_s == 60 and lease.ttl_clamped and lease.expires_at == pytest.approx(clock() + 60)
+    assert not node.lease([h(1)], ttl_s=60).ttl_clamped
+    assert node.stats().lease_ttl_clamps == 1
+    clock.advance(60.01)  # the block is evictable again after the max ttl, whatever was asked
+    assert put(node, 2) == (h(1),)
 
 
 def test_pins_block_eviction_and_delete() -> None:
