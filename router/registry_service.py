@@ -23,6 +23,7 @@ from grpc_health.v1 import health
 from pdserve.errors import InvalidRequestError
 from pdserve.v1 import router_pb2, worker_pb2
 from router.registry import Registry, WorkerKind, WorkerLoad
+from router.worker_verify import WORKER_TOKEN_MD, WorkerVerifier
 
 if TYPE_CHECKING:
     from router.service import RouterConfig
@@ -56,12 +57,24 @@ class RegistryServicer:
     ``config``: the router's (its heartbeat interval and timeout are told to every worker).
     ``control_address``: answered in every RegisterResponse (set it once the control server has
     bound its port); empty means "heartbeat where you registered".
+    ``verifier`` (:mod:`router.worker_verify`, issue #13): when set, a registration is verified
+    against the worker's own Stats and the router's model before the worker gets traffic (one
+    blocking Stats call: on an asyncio server run Register in an executor), the worker gets a
+    token in the trailing metadata ``x-pdserve-worker-token``, and Heartbeat/Deregister without
+    that token are refused (PERMISSION_DENIED). None: workers are trusted as they register.
     """
 
-    def __init__(self, registry: Registry, config: RouterConfig, control_address: str = "") -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        config: RouterConfig,
+        control_address: str = "",
+        verifier: WorkerVerifier | None = None,
+    ) -> None:
         self.registry = registry
         self.config = config
         self.control_address = control_address
+        self.verifier = verifier
 
     def Register(self, req: router_pb2.RegisterRequest, ctx) -> router_pb2.RegisterResponse:
         if req.role not in _KINDS:
@@ -69,6 +82,9 @@ class RegistryServicer:
         if not req.worker_id or not req.address:
             raise InvalidRequestError("worker_id and address are required")
         kind = _KINDS[req.role]
+        if self.verifier is not None:
+            token = self.verifier.verify_registration(req, ctx.invocation_metadata())
+            ctx.set_trailing_metadata(((WORKER_TOKEN_MD, token),))
         self.registry.register(req.worker_id, kind, req.address, req.model, load_from_proto(req.stats))
         log.info("registered %s worker %s at %s", kind.value, req.worker_id, req.address)
         return router_pb2.RegisterResponse(
@@ -78,12 +94,46 @@ class RegistryServicer:
         )
 
     def Heartbeat(self, req: router_pb2.HeartbeatRequest, ctx) -> router_pb2.HeartbeatResponse:
+        if self.verifier is not None and self.registry.get(req.worker_id) is not None:
+            self.verifier.check_heartbeat(req, ctx.invocation_metadata())
         return router_pb2.HeartbeatResponse(
             known=self.registry.heartbeat(req.worker_id, load_from_proto(req.stats))
         )
 
     def Deregister(self, req: router_pb2.DeregisterRequest, ctx) -> router_pb2.DeregisterResponse:
+        if self.verifier is not None:
+            self.verifier.check_identity(req.worker_id, ctx.invocation_metadata(), "deregister")
+            self.verifier.tokens.forget(req.worker_id)
         return router_pb2.DeregisterResponse(found=self.registry.deregister(req.worker_id))
+
+
+def worker_verifier(
+    registry: Registry, config: RouterConfig, timeout_s: float = 2.0, **bounds: int
+) -> WorkerVerifier:
+    """The verifier a router uses: its model's id and KV geometry (from ``config.model_path``),
+    the workers' Stats fetched over an internal channel (TLS / cluster token as configured by
+    :mod:`pdserve.security`), liveness and peer layouts from ``registry``. ``bounds``:
+    ``max_kv_blocks`` / ``max_token_budget`` (optional capacity caps)."""
+    from pathlib import Path
+
+    from engine.models.config import ModelConfig
+    from pdserve.security import internal_channel
+    from pdserve.v1 import worker_pb2_grpc
+    from router.worker_verify import ExpectedModel
+
+    mc = ModelConfig.from_path(Path(config.model_path))
+    expected = ExpectedModel(
+        config.model_id, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, **bounds
+    )
+
+    def fetch_stats(address: str) -> worker_pb2.WorkerStats:
+        ch = internal_channel(address)
+        try:
+            return worker_pb2_grpc.WorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=timeout_s)
+        finally:
+            ch.close()
+
+    return WorkerVerifier(expected, fetch_stats, alive=lambda wid: registry.get(wid) is not None)
 
 
 REGISTRY_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Registry"]

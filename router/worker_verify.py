@@ -209,6 +209,12 @@ class WorkerTokens:
             cur = self._issued.get(worker_id)
         return cur.facts if cur is not None else None
 
+    def layouts(self, model: str, exclude: str, alive: Callable[[str], bool]) -> list[LayoutView]:
+        """KV layouts of the verified workers of ``model`` that are alive, ``exclude`` left out."""
+        with self._lock:
+            items = list(self._issued.items())
+        return [i.facts.layout for w, i in items if w != exclude and i.facts.model == model and alive(w)]
+
     def forget(self, worker_id: str) -> None:
         with self._lock:
             self._issued.pop(worker_id, None)
@@ -218,8 +224,8 @@ class WorkerVerifier:
     """Registration checks and worker identity for one router (see the module doc).
 
     ``fetch_stats(address)``: the worker's Stats at ``address`` (a ``WorkerStats``-like object);
-    it raises on failure. ``alive(worker_id)``: whether that id is registered and alive now.
-    ``peers(model)``: KV layouts of the workers registered for ``model``.
+    it raises on failure. ``alive(worker_id)``: whether that id is registered and alive now (the
+    peers whose layout a newcomer must share are the verified workers alive now).
     """
 
     def __init__(
@@ -227,13 +233,11 @@ class WorkerVerifier:
         expected: ExpectedModel,
         fetch_stats: Callable[[str], Any],
         alive: Callable[[str], bool],
-        peers: Callable[[str], Iterable[LayoutView]],
         tokens: WorkerTokens | None = None,
     ) -> None:
         self.expected = expected
         self._fetch = fetch_stats
         self._alive = alive
-        self._peers = peers
         self.tokens = tokens if tokens is not None else WorkerTokens()
 
     def verify_registration(self, req: Any, metadata: Iterable[Any] | None) -> str:
@@ -250,7 +254,7 @@ class WorkerVerifier:
                 f"worker id {adv.worker_id!r} is registered and alive at another address; choose another "
                 "id, or deregister that worker first"
             )
-        check_model(adv, self.expected, [p for p in self._peers(adv.model) if p is not None])
+        check_model(adv, self.expected, self.tokens.layouts(adv.model, adv.worker_id, self._alive))
         try:
             stats = self._fetch(req.address)
         except Exception as e:  # noqa: BLE001 - any failure to verify refuses the registration

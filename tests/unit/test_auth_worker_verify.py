@@ -16,7 +16,6 @@ from pdserve.v1 import common_pb2, router_pb2, worker_pb2
 from router.worker_verify import (
     WORKER_TOKEN_MD,
     ExpectedModel,
-    LayoutView,
     WorkerVerifier,
     worker_metadata,
     worker_token_from,
@@ -53,13 +52,11 @@ class World:
     def __init__(self) -> None:
         self.at: dict[str, worker_pb2.WorkerStats] = {}
         self.alive: set[str] = set()
-        self.peers: list[LayoutView] = []
         n = iter(range(1000))
         self.v = WorkerVerifier(
             EXP,
             fetch_stats=self.fetch,
             alive=lambda w: w in self.alive,
-            peers=lambda model: list(self.peers),
         )
         self.v.tokens._make = lambda: f"tok{next(n)}"  # deterministic tokens
 
@@ -122,10 +119,19 @@ def test_model_layout_and_capacity_bounds() -> None:
     )
     with pytest.raises(LayoutMismatchError, match="KV geometry"):
         w.v.verify_registration(register(layout=geo), ())
-    w.peers = [LayoutView("m", 2, 2, 4, "float16", 4)]
+    # a verified, alive peer fixes dtype and block size for the model
+    w.at["p:1"] = stats("p1", role=worker_pb2.WORKER_ROLE_PREFILL)
+    w.v.verify_registration(register("p1", "p:1", role=worker_pb2.WORKER_ROLE_PREFILL), ())
+    w.alive.add("p1")
+    f16 = common_pb2.KVLayout(
+        model_id="m", num_layers=2, num_kv_heads=2, head_dim=4, dtype="float16", block_size=4
+    )
+    w.at["127.0.0.1:1"] = stats(layout=f16)
     with pytest.raises(LayoutMismatchError, match="interchangeable"):
-        w.v.verify_registration(register(), ())
-    w.peers = []
+        w.v.verify_registration(register(layout=f16), ())
+    w.alive.clear()  # once the peer is gone, nothing fixes them any more
+    assert w.v.verify_registration(register(layout=f16), ())
+    w.at["127.0.0.1:1"] = stats()
     with pytest.raises(PermissionDeniedError, match="max_kv_blocks"):
         w.v.verify_registration(register(kv_blocks_total=10_001), ())
     with pytest.raises(InvalidRequestError, match="no KV blocks"):
