@@ -20,12 +20,15 @@ from http import HTTPStatus
 from typing import Any
 
 from pdserve.errors import (
+    AlreadyExistsError,
     DeadlineExceededError,
     InvalidRequestError,
     ModelNotFoundError,
     PdserveError,
+    PermissionDeniedError,
     RequestNotFoundError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 
@@ -54,6 +57,9 @@ class ErrorCodeStr(enum.Enum):
     UNAVAILABLE = "unavailable"
     DEADLINE = "deadline_exceeded"
     INTERNAL = "internal_error"
+    INVALID_API_KEY = "invalid_api_key"
+    PERMISSION_DENIED = "permission_denied"
+    CONFLICT = "conflict"
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,13 @@ ERROR_TABLE: dict[type[PdserveError], ErrorRow] = {
         HTTPStatus.SERVICE_UNAVAILABLE, ErrorType.SERVICE_UNAVAILABLE, ErrorCodeStr.UNAVAILABLE
     ),
     DeadlineExceededError: ErrorRow(HTTPStatus.GATEWAY_TIMEOUT, ErrorType.TIMEOUT, ErrorCodeStr.DEADLINE),
+    UnauthenticatedError: ErrorRow(
+        HTTPStatus.UNAUTHORIZED, ErrorType.INVALID_REQUEST, ErrorCodeStr.INVALID_API_KEY
+    ),
+    PermissionDeniedError: ErrorRow(
+        HTTPStatus.FORBIDDEN, ErrorType.INVALID_REQUEST, ErrorCodeStr.PERMISSION_DENIED
+    ),
+    AlreadyExistsError: ErrorRow(HTTPStatus.CONFLICT, ErrorType.INVALID_REQUEST, ErrorCodeStr.CONFLICT),
     PdserveError: ErrorRow(HTTPStatus.INTERNAL_SERVER_ERROR, ErrorType.SERVER, ErrorCodeStr.INTERNAL),
 }
 
@@ -189,6 +202,8 @@ def error_response(exc: BaseException) -> ErrorResponse:
     if isinstance(exc, PdserveError):
         row = row_for(type(exc))
         hdrs: list[tuple[str, str]] = []
+        if row.status is HTTPStatus.UNAUTHORIZED:
+            hdrs.append(("WWW-Authenticate", "Bearer"))
         if row.status is HTTPStatus.TOO_MANY_REQUESTS:
             ra = retry_after_header(getattr(exc, "retry_after_s", None))
             if ra is not None:

@@ -508,3 +508,22 @@ def test_forward_http() -> None:
     assert EdgeAuth(None).forward_http("Bearer sk-x", "u") == ("u", (("authorization", "Bearer sk-x"),))
     with pytest.raises(InvalidRequestError):
         EdgeAuth(None).forward_http(None, "\ud800")
+
+
+def test_openai_error_shapes_for_auth_errors() -> None:
+    from http import HTTPStatus
+
+    from pdserve.openai_api.errors import error_response
+
+    r = error_response(UnauthenticatedError("API key pdsk_x is not valid"))
+    assert r.status is HTTPStatus.UNAUTHORIZED and ("WWW-Authenticate", "Bearer") in r.headers
+    assert r.body == {
+        "error": {
+            "message": "API key pdsk_x is not valid",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
+    assert error_response(AlreadyExistsError("in use")).status is HTTPStatus.CONFLICT
+    assert error_response(PermissionDeniedError("no")).status is HTTPStatus.FORBIDDEN
