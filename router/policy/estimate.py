@@ -9,6 +9,9 @@ overlapped with queueing (conservative).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from router.policy.latency import prefill_time_each
 from router.policy.protocols import LatencyEstimator
 from router.policy.view import InstanceView
 
@@ -64,32 +67,54 @@ class TtftEstimator:
 class TtftTable:
     """One decision's memo of a :class:`TtftEstimator`'s terms for a prompt of ``num_prompt_tokens``.
 
-    Queue times are keyed by (queued tokens, token budget), prefill times by reused tokens, fetch
-    times by (blocks, block size): instances in the same state cost one latency-model call per
-    decision. Each value is the estimator's own, so :meth:`ttft` equals ``est.ttft`` exactly
-    (the same terms added in the same order). Valid for one decision only: an online-corrected
-    model changes between decisions.
+    Step times are keyed by tokens (priced for many instances in one latency-model call,
+    :meth:`queues`), prefill times by reused tokens, fetch times by (blocks, block size). Each
+    value is what the estimator computes, by the same expression, so :meth:`ttft` equals
+    ``est.ttft`` bit for bit. Valid for one decision only: an online-corrected model changes
+    between decisions.
     """
 
-    __slots__ = ("est", "p", "_queue", "_prefill", "_fetch")
+    __slots__ = ("est", "p", "_step", "_prefill", "_fetch")
 
     def __init__(self, est: TtftEstimator, num_prompt_tokens: int) -> None:
         self.est = est
         self.p = num_prompt_tokens
-        self._queue: dict[tuple[int, int], float] = {}
+        self._step: dict[int, float] = {}
         self._prefill: dict[int, float] = {}
         self._fetch: dict[tuple[int, int], float] = {}
 
-    def queue(self, inst: InstanceView) -> float:
-        """``est.queue_time(inst)``."""
-        q = inst.queued_tokens
-        if q <= 0:
-            return 0.0
-        key = (q, inst.token_budget)
-        t = self._queue.get(key)
-        if t is None:
-            t = self._queue[key] = self.est.queue_time(inst)
-        return t
+    def queues(self, insts: Sequence[InstanceView]) -> list[float]:
+        """``[est.queue_time(i) for i in insts]``, the step times priced in one model call:
+        full * step(budget) + (step(rem) if rem else 0.0), 0.0 for an empty queue."""
+        if not insts:
+            return []
+        qs = [i.queued_tokens for i in insts]
+        budgets = [i.token_budget for i in insts]
+        b0 = budgets[0]
+        step = self._step
+        if b0 >= 1 and budgets.count(b0) == len(budgets):  # one token budget (the usual case)
+            rems = [q % b0 for q in qs]
+            self._price({*rems, b0})
+            s0 = step[b0]
+            return [
+                0.0 if q <= 0 else (q // b0) * s0 + (step[r] if r else 0.0)
+                for q, r in zip(qs, rems, strict=True)
+            ]
+        budgets = [b if b > 1 else 1 for b in budgets]
+        rems = [q % b for q, b in zip(qs, budgets, strict=True)]
+        self._price({*rems, *budgets})
+        return [
+            0.0 if q <= 0 else (q // b) * step[b] + (step[r] if r else 0.0)
+            for q, b, r in zip(qs, budgets, rems, strict=True)
+        ]
+
+    def _price(self, tokens: set[int]) -> None:
+        """Step times of ``tokens`` (> 0) not priced yet, in one model call."""
+        tokens.discard(0)
+        step = self._step
+        missing = [t for t in tokens if t not in step]
+        if missing:
+            step.update(zip(missing, prefill_time_each(self.est.latency, missing), strict=True))
 
     def prefill(self, reused_tokens: int) -> float:
         """``est.prefill_time(num_prompt_tokens, reused_tokens)``."""
@@ -109,5 +134,5 @@ class TtftTable:
         return t
 
     def ttft(self, queue_s: float, block_size: int, reused_blocks: int, fetched_blocks: int = 0) -> float:
-        """``est.ttft(inst, p, reused_blocks, fetched_blocks)`` given ``queue_s = queue(inst)``."""
+        """``est.ttft(inst, p, reused_blocks, fetched_blocks)`` given ``queue_s = est.queue_time(inst)``."""
         return queue_s + self.fetch(fetched_blocks, block_size) + self.prefill(reused_blocks * block_size)

@@ -53,6 +53,7 @@ from router.policy.latency import (
     OnlineCorrectedLatency,
     Phase,
     WithDecode,
+    decode_time_each,
 )
 from router.policy.length_predictor import LengthPredictor, LengthSample
 from router.policy.placement import PlacementPolicy, PolicyKind, best_prefill_plan
@@ -329,24 +330,28 @@ class GoodputAwarePolicy(PlacementPolicy):
         is_long = out >= cfg.long_output_tokens
         hits = view.prefix_hits(req.block_hashes)
         table = TtftTable(self.estimator, p)
-        remote_plan = best_prefill_plan(req, prefill_pool, hits, table, remote=True) if prefill_pool else None
-        # Options, in the order of the decode pool: (remote plan, d) then (d prefills locally, d).
-        # Every remote option shares one TTFT, so the pair search is linear in decode instances.
-        rows = self._decode_rows(req, decode_pool, out, hits, table)
-        if remote_plan is None and all(r.local_ttft_s is None for r in rows):
+        remote_plan = (
+            best_prefill_plan(req, prefill_pool, hits, table, remote=True, from_view=True)
+            if prefill_pool
+            else None
+        )
+        # Options, in decode-pool order: (remote plan, d), then (d prefills locally, d). Every
+        # remote option shares the one best prefill plan, so the pair search is linear in d.
+        d = _DecodeSide(self, req, decode_pool, out, hits, table)
+        n = len(decode_pool)
+        local_ttft = d.local_ttft
+        if remote_plan is None and all(t is None for t in local_ttft):
             return Rejection(RejectReason.NO_INSTANCE, "no prefill instance is available")
         contention = cfg.contention(view)
-        scaled = contention != 1.0  # every step slower while the shared cores are oversubscribed
-        remote_ttft = None
+        tpots = d.tpots
+        remote_ttft: float | None = None
         if remote_plan is not None:
             remote_ttft = remote_plan.estimated_ttft_s or 0.0
-            if scaled:
+        if contention != 1.0:  # every step slower while the shared cores are oversubscribed
+            if remote_ttft is not None:
                 remote_ttft = remote_ttft * contention
-        if scaled:
-            for r in rows:
-                r.tpot_s = r.tpot_s * contention
-                if r.local_ttft_s is not None:
-                    r.local_ttft_s = r.local_ttft_s * contention
+            tpots = [t * contention for t in tpots]
+            local_ttft = [None if t is None else t * contention for t in local_ttft]
         slo = req.slo or cfg.default_slo
         margin = cfg.margin(req.priority)
         lim_ttft = (1 - margin) * slo.ttft_s if slo else math.inf
@@ -355,48 +360,52 @@ class GoodputAwarePolicy(PlacementPolicy):
         # that the admitted requests meet the SLO with that probability, not just on average
         q_ttft, q_tpot = self.corrected.spread(Phase.TTFT), self.corrected.spread(Phase.TPOT)
         lim_ttft, lim_tpot = lim_ttft / q_ttft, lim_tpot / q_tpot
+        fits = d.fits
         remote_ok = remote_ttft is not None and remote_ttft <= lim_ttft
-        any_feasible = False
-        for r in rows:
-            if r.fits and r.tpot_s <= lim_tpot:
-                r.remote_ok = remote_ok
-                r.local_ok = r.local_ttft_s is not None and r.local_ttft_s <= lim_ttft
-                any_feasible = any_feasible or r.remote_ok or r.local_ok
-        if not any_feasible:
+        ok_remote = [False] * n  # option (remote plan, d) feasible
+        ok_local = [False] * n  # option (d prefills locally, d) feasible
+        feasible = False
+        for k in range(n):
+            if fits[k] and tpots[k] <= lim_tpot:
+                lt = local_ttft[k]
+                ok_remote[k] = remote_ok
+                ok_local[k] = lt is not None and lt <= lim_ttft
+                feasible = feasible or remote_ok or ok_local[k]
+        if not feasible:
             if slo is not None:
-                return self._reject(req, rows, remote_ttft, lim_ttft, lim_tpot, margin, now)
+                return self._reject(
+                    req, remote_ttft, local_ttft, tpots, fits, lim_ttft, lim_tpot, margin, now
+                )
             # best effort: queue on the decode instance with the most room, fastest start
-            for r in rows:
-                r.remote_ok = remote_ttft is not None
-                r.local_ok = r.local_ttft_s is not None
+            ok_remote = [remote_ttft is not None] * n
+            ok_local = [t is not None for t in local_ttft]
         longs = self._ledger.longs if is_long else {}
-        best: _DecodeRow | None = None
+        freeness = d.freeness
+        best = -1
         best_key: tuple[int, int, float, int] | None = None
-        for r in rows:  # the first decode instance with a feasible option and the least key
-            if not (r.remote_ok or r.local_ok):
-                continue
-            key = (-int(r.fits), longs.get(r.inst.instance_id, 0), r.tpot_s, -r.freeness)
-            if best_key is None or key < best_key:
-                best, best_key = r, key
-        assert best is not None
-        best_d = best.inst.instance_id
+        for k in range(n):  # the first decode instance with a feasible option and the least key
+            if ok_remote[k] or ok_local[k]:
+                key = (-int(fits[k]), longs.get(decode_pool[k].instance_id, 0), tpots[k], -freeness[k])
+                if best_key is None or key < best_key:
+                    best, best_key = k, key
+        best_d = decode_pool[best].instance_id
+        tpot = tpots[best]
         # on it, the remote option unless the local one is strictly faster
-        local_pick = best.local_ok and (
-            not best.remote_ok or best.local_ttft_s < remote_ttft  # type: ignore[operator]
-        )
-        if local_pick:
-            ttft = best.local_ttft_s
+        lt = local_ttft[best]
+        if ok_local[best] and (not ok_remote[best] or lt < remote_ttft):  # type: ignore[operator]
+            assert lt is not None
+            ttft = lt
             plan = Placement(
                 best_d,
                 decode_instance_id=best_d,
-                reused_blocks=best.local_reused,
+                reused_blocks=d.local_reused[best],
                 estimated_ttft_s=ttft,
                 local_prefill=True,
-                estimated_tpot_s=best.tpot_s,
+                estimated_tpot_s=tpot,
                 predicted_output_tokens=out,
             )
         else:
-            assert remote_plan is not None
+            assert remote_plan is not None and remote_ttft is not None
             ttft = remote_ttft
             plan = Placement(
                 remote_plan.instance_id,
@@ -405,16 +414,14 @@ class GoodputAwarePolicy(PlacementPolicy):
                 fetch_blocks=remote_plan.fetch_blocks,
                 reused_blocks=remote_plan.reused_blocks,
                 estimated_ttft_s=ttft,
-                local_prefill=False,
-                estimated_tpot_s=best.tpot_s,
+                estimated_tpot_s=tpot,
                 predicted_output_tokens=out,
             )
-        assert ttft is not None
         rej = self.admit(req, plan, view)
         if rej is not None:
             return rej
         ft, fd = self.corrected.factor(Phase.TTFT), self.corrected.factor(Phase.TPOT)
-        finish = now + ttft + out * best.tpot_s
+        finish = now + ttft + out * tpot
         self._ledger.add(
             _Inflight(
                 req.request_id,
@@ -422,7 +429,7 @@ class GoodputAwarePolicy(PlacementPolicy):
                 best_d,
                 is_long,
                 ttft / ft / contention,  # the model's own prediction: what correction learns
-                best.tpot_s / fd / contention,
+                tpot / fd / contention,
                 finish,
                 finish + cfg.ledger_grace_s,
             )
@@ -430,42 +437,6 @@ class GoodputAwarePolicy(PlacementPolicy):
         return plan
 
     # ------------------------------------------------------------------ parts
-    def _decode_rows(
-        self,
-        req: RequestInfo,
-        pool: list[InstanceView],
-        out: int,
-        hits: PrefixHits,
-        table: TtftTable,
-    ) -> list[_DecodeRow]:
-        """Per decode instance: predicted TPOT after admission, room, freeness, and the TTFT of
-        prefilling the prompt there itself (conditional disaggregation; None: not allowed)."""
-        cfg = self.config
-        decode_time = self.corrected.decode_time
-        p = req.num_prompt_tokens
-        half_out = out // 2
-        no_local_decode = not cfg.local_prefill
-        max_local = cfg.local_prefill_max_tokens
-        rows: list[_DecodeRow] = []
-        for inst in pool:
-            bs = inst.block_size
-            total, free = inst.total_blocks, inst.free_blocks
-            batch = inst.running_requests + inst.queued_requests
-            need = -(-(p + 1) // max(1, bs))
-            ctx_held = max(0, total - free) * bs  # _context_tokens(inst)
-            tpot = decode_time(batch + 1, ctx_held + p + half_out)
-            freeness = free - need
-            row = _DecodeRow(inst, tpot, freeness >= 0 and need <= total, freeness)
-            cap = (p - 1) // bs
-            h = hits.local(inst)
-            local = max(0, h if h < cap else cap)
-            if not (inst.role is InstanceRole.DECODE and (no_local_decode or p - local * bs > max_local)):
-                cotenant = decode_time(batch, ctx_held) if batch else 0.0
-                row.local_ttft_s = table.ttft(table.queue(inst), bs, local) + cotenant
-                row.local_reused = local
-            rows.append(row)
-        return rows
-
     def _quota(self, req: RequestInfo, now: float) -> Rejection | None:
         limit = self.config.quota(req.tenant)
         if limit is None:
@@ -484,27 +455,30 @@ class GoodputAwarePolicy(PlacementPolicy):
     def _reject(
         self,
         req: RequestInfo,
-        rows: list[_DecodeRow],
         remote_ttft: float | None,
+        local_ttft: list[float | None],
+        tpots: list[float],
+        fits: list[bool],
         lim_ttft: float,
         lim_tpot: float,
         margin: float,
         now: float,
     ) -> Rejection:
-        """Why no option is feasible, over every (plan, decode) option (rows with no option left out)."""
+        """Why no option is feasible, over every option: (remote plan, d) for each decode instance
+        ``d`` when there is a remote plan, and (d prefills locally, d) where allowed."""
         ttfts: list[float] = []
-        tpots: list[float] = []
+        tpot_opts: list[float] = []
         roomy = False
-        for r in rows:
+        for k, lt in enumerate(local_ttft):
             if remote_ttft is not None:
                 ttfts.append(remote_ttft)
-            elif r.local_ttft_s is None:
+            elif lt is None:
                 continue  # no option on this decode instance
-            if r.local_ttft_s is not None:
-                ttfts.append(r.local_ttft_s)
-            tpots.append(r.tpot_s)
-            roomy = roomy or r.fits
-        best_ttft, best_tpot = min(ttfts), min(tpots)
+            if lt is not None:
+                ttfts.append(lt)
+            tpot_opts.append(tpots[k])
+            roomy = roomy or fits[k]
+        best_ttft, best_tpot = min(ttfts), min(tpot_opts)
         if best_ttft > lim_ttft:
             why = f"predicted TTFT {best_ttft * 1e3:.1f} ms exceeds {lim_ttft * 1e3:.1f} ms"
             wait = best_ttft - lim_ttft
@@ -532,18 +506,80 @@ class GoodputAwarePolicy(PlacementPolicy):
         return min(c.max_retry_after_s, max(c.min_retry_after_s, wait_s))
 
 
-@dataclass(slots=True)
-class _DecodeRow:
-    """One decode instance's side of a decision (mutable scratch of :meth:`GoodputAwarePolicy._decide`)."""
+class _DecodeSide:
+    """The decode instances' side of one goodput decision, as parallel lists in pool order:
+    predicted TPOT after admission (``tpots``), room (``fits``, ``freeness``), and the TTFT of
+    prefilling the prompt there itself (``local_ttft``; None: not allowed, conditional
+    disaggregation) reusing ``local_reused`` cached blocks. The latency model prices all of them
+    in one call per term (:func:`decode_time_each`, :meth:`TtftTable.queues`). ``pool`` is one
+    role (decode, or mixed when there is no decode instance) of the view ``hits`` was made on."""
 
-    inst: InstanceView
-    tpot_s: float
-    fits: bool
-    freeness: int
-    local_ttft_s: float | None = None  # None: it may not prefill this prompt itself
-    local_reused: int = 0
-    remote_ok: bool = False  # feasible with the best prefill instance
-    local_ok: bool = False  # feasible prefilling locally
+    __slots__ = ("tpots", "fits", "freeness", "local_ttft", "local_reused")
+
+    def __init__(
+        self,
+        policy: GoodputAwarePolicy,
+        req: RequestInfo,
+        pool: list[InstanceView],
+        out: int,
+        hits: PrefixHits,
+        table: TtftTable,
+    ) -> None:
+        cfg = policy.config
+        model = policy.corrected
+        p = req.num_prompt_tokens
+        n = len(pool)
+        sizes = [i.block_size for i in pool]
+        totals = [i.total_blocks for i in pool]
+        frees = [i.free_blocks for i in pool]
+        batches = [i.running_requests + i.queued_requests for i in pool]
+        p1 = p + 1
+        needs = [-(-p1 // (bs if bs > 1 else 1)) for bs in sizes]
+        freeness = [f - nd for f, nd in zip(frees, needs, strict=True)]
+        self.freeness = freeness
+        self.fits = [fr >= 0 and nd <= t for fr, nd, t in zip(freeness, needs, totals, strict=True)]
+        held = [(t - f if t > f else 0) * bs for t, f, bs in zip(totals, frees, sizes, strict=True)]
+        extra = p + out // 2
+        self.tpots = decode_time_each(model, [b + 1 for b in batches], [c + extra for c in held])
+        self.local_ttft: list[float | None] = [None] * n
+        self.local_reused = [0] * n
+        # who may prefill the prompt itself: a mixed instance always; a decode instance when at
+        # most local_prefill_max_tokens tokens are uncached there (the pool is of one role)
+        max_local = cfg.local_prefill_max_tokens
+        decode_role = bool(pool) and pool[0].role is InstanceRole.DECODE
+        if decode_role and not cfg.local_prefill:
+            return
+        get = hits.by_id.get
+        if decode_role and p > max_local:  # only instances caching part of the prompt qualify
+            idx = [k for k, i in enumerate(pool) if i.instance_id in hits.by_id]
+        else:
+            idx = range(n)
+        chosen: list[tuple[int, int]] = []  # (index, usable cached blocks)
+        for k in idx:
+            inst = pool[k]
+            bs = sizes[k]
+            cap = (p - 1) // bs
+            h = get(inst.instance_id, 0)
+            local = h if h < cap else cap
+            if local < 0:
+                local = 0
+            if inst.role is InstanceRole.DECODE and p - local * bs > max_local:
+                continue
+            chosen.append((k, local))
+        if not chosen:
+            return
+        queues = table.queues([pool[k] for k, _ in chosen])
+        busy = [k for k, _ in chosen if batches[k]]
+        cotenant = dict(
+            zip(
+                busy,
+                decode_time_each(model, [batches[k] for k in busy], [held[k] for k in busy]),
+                strict=True,
+            )
+        )
+        for (k, local), qs in zip(chosen, queues, strict=True):
+            self.local_ttft[k] = table.ttft(qs, sizes[k], local) + cotenant.get(k, 0.0)
+            self.local_reused[k] = local
 
 
 def _context_tokens(inst: InstanceView) -> int:

@@ -83,6 +83,19 @@ class LinearLatency:
             + self.decode_per_ctx_token_s * total_context
         )
 
+    def prefill_time_each(self, tokens: Sequence[int], contexts: Sequence[int] | None = None) -> list[float]:
+        """``[prefill_time([t], [c]) for t, c in zip(tokens, contexts)]`` (one request per step),
+        bit for bit, without a call per item."""
+        b, k, kc = self.prefill_base_s, self.prefill_per_token_s, self.prefill_per_token_ctx_s
+        if contexts is None:
+            return [b + k * t + kc * 0 for t in tokens]
+        return [b + k * t + kc * (t * c) for t, c in zip(tokens, contexts, strict=True)]
+
+    def decode_time_each(self, batch_sizes: Sequence[int], contexts: Sequence[int]) -> list[float]:
+        """``[decode_time(b, c) for b, c in zip(batch_sizes, contexts)]``, bit for bit."""
+        d0, d1, d2 = self.decode_base_s, self.decode_per_seq_s, self.decode_per_ctx_token_s
+        return [0.0 if n <= 0 else d0 + d1 * n + d2 * c for n, c in zip(batch_sizes, contexts, strict=True)]
+
     def transfer_time(self, nbytes: float) -> float:
         if nbytes <= 0:
             return 0.0
@@ -210,6 +223,16 @@ class OnlineCorrectedLatency:
     def decode_time(self, batch_size: int, total_context: int) -> float:
         return self._factor[Phase.TPOT] * self.base.decode_time(batch_size, total_context)
 
+    def prefill_time_each(self, tokens: Sequence[int], contexts: Sequence[int] | None = None) -> list[float]:
+        """:func:`prefill_time_each` of the base model, corrected (equal to per-item calls)."""
+        f = self._factor[Phase.TTFT]
+        return [f * t for t in prefill_time_each(self.base, tokens, contexts)]
+
+    def decode_time_each(self, batch_sizes: Sequence[int], contexts: Sequence[int]) -> list[float]:
+        """:func:`decode_time_each` of the base model, corrected (equal to per-item calls)."""
+        f = self._factor[Phase.TPOT]
+        return [f * t for t in decode_time_each(self.base, batch_sizes, contexts)]
+
 
 class WithDecode:
     """Completes a prefill-only :class:`~router.policy.protocols.LatencyEstimator` with the decode
@@ -228,3 +251,34 @@ class WithDecode:
 
     def decode_time(self, batch_size: int, total_context: int) -> float:
         return self.decode.decode_time(batch_size, total_context)
+
+    def prefill_time_each(self, tokens: Sequence[int], contexts: Sequence[int] | None = None) -> list[float]:
+        return prefill_time_each(self.prefill, tokens, contexts)
+
+    def decode_time_each(self, batch_sizes: Sequence[int], contexts: Sequence[int]) -> list[float]:
+        return decode_time_each(self.decode, batch_sizes, contexts)
+
+
+def prefill_time_each(
+    model: object, tokens: Sequence[int], contexts: Sequence[int] | None = None
+) -> list[float]:
+    """``model.prefill_time([t], [c])`` for each ``t`` (and ``c``; None: no context): the model's
+    own ``prefill_time_each`` when it has one (it must equal the per-item calls), else a call per
+    item. Placement prices every instance's queue in one call per decision through this."""
+    each = getattr(model, "prefill_time_each", None)
+    if each is not None:
+        return each(tokens, contexts)
+    one = model.prefill_time  # type: ignore[attr-defined]
+    if contexts is None:
+        return [one([t]) for t in tokens]
+    return [one([t], [c]) for t, c in zip(tokens, contexts, strict=True)]
+
+
+def decode_time_each(model: object, batch_sizes: Sequence[int], contexts: Sequence[int]) -> list[float]:
+    """``model.decode_time(b, c)`` for each pair: the model's ``decode_time_each`` when it has one,
+    else a call per item."""
+    each = getattr(model, "decode_time_each", None)
+    if each is not None:
+        return each(batch_sizes, contexts)
+    one = model.decode_time  # type: ignore[attr-defined]
+    return [one(b, c) for b, c in zip(batch_sizes, contexts, strict=True)]

@@ -39,6 +39,7 @@ def best_prefill_plan(
     table: TtftTable,
     *,
     remote: bool,
+    from_view: bool = False,
 ) -> Placement:
     """The candidate with the lowest predicted TTFT (the first in order among equals) and its plan.
 
@@ -47,34 +48,100 @@ def best_prefill_plan(
     instance's cache, or the KV store: ``req.store_prefix_blocks``; the store on a tie, else the
     first instance in view order), fetched only when queue + fetch + prefill(rest) is strictly
     faster. O(candidates) after the per-request ``hits``: the remote prefix is no scan per
-    candidate. ``candidates`` must be non-empty.
+    candidate. ``from_view``: the candidates are the view's own instance objects (their hits are
+    looked up by id without checking). ``candidates`` must be non-empty.
     """
+    if not candidates:
+        raise ValueError("best_prefill_plan needs at least one candidate")
     p = req.num_prompt_tokens
     store = req.store_prefix_blocks
-    best: tuple[float, InstanceView, int, str | None, int] | None = None  # ttft, inst, reused, src, fetched
-    for inst in candidates:
-        bs = inst.block_size
+    n = len(candidates)
+    queues = table.queues(candidates)
+    by_id = hits.by_id
+    if from_view:
+        holding = [k for k, c in enumerate(candidates) if c.instance_id in by_id] if by_id else []
+        locs = {k: by_id[candidates[k].instance_id] for k in holding}
+    else:
+        every = [hits.local(c) for c in candidates]
+        locs = {k: h for k, h in enumerate(every) if h}
+    prefill, fetch, best_remote = table.prefill, table.fetch, hits.best_remote
+
+    def price(k: int, bs: int) -> tuple[float, tuple[int, str | None, int]]:
+        """TTFT on candidate ``k`` and its plan (reused, source, fetched blocks)."""
+        inst = candidates[k]
         cap = (p - 1) // bs
-        h = hits.local(inst)
-        local = max(0, h if h < cap else cap)
-        qs = table.queue(inst)
-        t = table.ttft(qs, bs, local)
-        reused, src, fetched = local, None, 0
+        h = locs.get(k, 0)
+        local = h if h < cap else cap
+        if local < 0:
+            local = 0
+        qs = queues[k]
+        t = qs + 0.0 + prefill(local * bs)  # table.ttft(qs, bs, local): no fetch
+        plan = (local, None, 0)
         if remote:
-            su = max(0, store if store < cap else cap)
-            rsrc, r = hits.best_remote(inst.instance_id, cap, su, STORE_SOURCE)
+            su = store if store < cap else cap
+            src, r = best_remote(inst.instance_id, cap, su if su > 0 else 0, STORE_SOURCE)
             if r > local:
-                tf = table.ttft(qs, bs, r, r - local)
+                tf = qs + fetch(r - local, bs) + prefill(r * bs)  # table.ttft(qs, bs, r, r - local)
                 if tf < t:
-                    t, reused, src, fetched = tf, r, rsrc, r
-        if best is None or t < best[0]:
-            best = (t, inst, reused, src, fetched)
-    if best is None:
-        raise ValueError("best_prefill_plan needs at least one candidate")
-    t, inst, reused, src, fetched = best
+                    t, plan = tf, (r, src, r)
+        return t, plan
+
+    sizes = [c.block_size for c in candidates]
+    bs0 = sizes[0]
+    if sizes.count(bs0) == n:
+        # One block size: every candidate caching nothing, other than the best holder, has the
+        # same options (prefill all, or fetch the best remote prefix): priced once, then a
+        # comprehension per term; holders (and the best holder) are priced one by one.
+        top, p0, f, pr, fplan = _common_options(req, bs0, hits, table, remote)
+        if fplan is None:
+            ts = [q + 0.0 + p0 for q in queues]
+        else:
+            # fetch only when strictly faster: tf if tf < t else t
+            ts = [tf if (tf := q + f + pr) < (t := q + 0.0 + p0) else t for q in queues]
+        special = set(locs)
+        if top is not None and not from_view:  # a foreign object with the best holder's id
+            special.update(k for k, c in enumerate(candidates) if c.instance_id == top)
+        plans: dict[int, tuple[int, str | None, int]] = {}
+        for k in special:
+            ts[k], plans[k] = price(k, bs0)
+        best = min(range(n), key=ts.__getitem__)
+        plan = plans.get(best)
+        if plan is None:
+            q = queues[best]
+            plan = fplan if fplan is not None and q + f + pr < q + 0.0 + p0 else (0, None, 0)
+        best_t = ts[best]
+    else:
+        best, best_t, plan = -1, 0.0, (0, None, 0)
+        for k in range(n):
+            t, pl = price(k, sizes[k])
+            if best < 0 or t < best_t:
+                best, best_t, plan = k, t, pl
+    reused, src, fetched = plan
     return Placement(
-        inst.instance_id, fetch_from=src, fetch_blocks=fetched, reused_blocks=reused, estimated_ttft_s=t
+        candidates[best].instance_id,
+        fetch_from=src,
+        fetch_blocks=fetched,
+        reused_blocks=reused,
+        estimated_ttft_s=best_t,
     )
+
+
+def _common_options(
+    req: RequestInfo, bs: int, hits: PrefixHits, table: TtftTable, remote: bool
+) -> tuple[str | None, float, float, float, tuple[int, str | None, int] | None]:
+    """For a candidate of block size ``bs`` caching none of the prompt and not its best holder:
+    (the best holder to exclude, prefill(all), and with ``remote`` the fetch time, prefill(rest)
+    and plan (reused, source, fetched) of the best remote prefix, None when there is none)."""
+    cap = (req.num_prompt_tokens - 1) // bs
+    top = hits.top_holder(cap)
+    p0 = table.prefill(0)
+    if not remote:
+        return top, p0, 0.0, 0.0, None
+    su = min(req.store_prefix_blocks, cap)
+    src, r = hits.best_remote(None, cap, su if su > 0 else 0, STORE_SOURCE)  # excluding anyone but top
+    if r <= 0:
+        return top, p0, 0.0, 0.0, None
+    return top, p0, table.fetch(r, bs), table.prefill(r * bs), (r, src, r)
 
 
 class PolicyKind(enum.Enum):

@@ -79,7 +79,7 @@ class PrefixHits:
     costs nothing); it decides exactly as a scan of every other instance in view order would.
     """
 
-    __slots__ = ("hashes", "holders", "_hits", "_members", "_tops")
+    __slots__ = ("hashes", "holders", "by_id", "_members", "_tops")
 
     def __init__(
         self,
@@ -89,7 +89,7 @@ class PrefixHits:
     ) -> None:
         self.hashes = hashes
         self.holders = holders  # (instance id, hit blocks > 0) in view order
-        self._hits = dict(holders)
+        self.by_id = dict(holders)  # valid for the view's own instance objects (see local())
         self._members = members
         self._tops: dict[int, tuple[str | None, int, str | None, int]] = {}
 
@@ -98,7 +98,7 @@ class PrefixHits:
         view's instance of that id, e.g. a candidate from elsewhere)."""
         iid = inst.instance_id
         if self._members.get(iid) is inst:
-            return self._hits.get(iid, 0)
+            return self.by_id.get(iid, 0)
         return inst.cached_prefix_blocks(self.hashes)
 
     def _top(self, cap: int) -> tuple[str | None, int, str | None, int]:
@@ -119,11 +119,21 @@ class PrefixHits:
             t = self._tops[cap] = (i1, m1, i2, m2)
         return t
 
-    def best_remote(self, exclude: str, cap: int, store_blocks: int, store_source: str) -> tuple[str, int]:
+    def top_holder(self, cap: int) -> str | None:
+        """The first instance in view order holding the longest prefix clamped to ``cap`` blocks
+        (None: nobody holds a usable block)."""
+        if cap <= 0 or not self.holders:
+            return None
+        return self._top(cap)[0]
+
+    def best_remote(
+        self, exclude: str | None, cap: int, store_blocks: int, store_source: str
+    ) -> tuple[str, int]:
         """Where an instance ``exclude`` could fetch the longest prefix from and its length in
         blocks: another instance's cache (each hit clamped to ``cap`` blocks, the usable part of
         the prompt) or the KV store (``store_blocks``, already clamped), whichever holds more,
-        the store on a tie, the first instance in view order among equals."""
+        the store on a tie, the first instance in view order among equals. ``exclude=None``:
+        the answer for any instance other than :meth:`top_holder`."""
         if cap <= 0 or not self.holders:
             return store_source, store_blocks
         i1, m1, i2, m2 = self._top(cap)
@@ -162,16 +172,19 @@ class ClusterView:
         return list(got)
 
     def prefix_hits(self, hashes: Sequence[BlockHash]) -> PrefixHits:
-        """Each instance's cached prefix of ``hashes`` (one walk per instance, now)."""
+        """Each instance's cached prefix of ``hashes`` (one walk per instance, now). Snapshots are
+        walked inline (their frozen ``cached`` sets); any other instance is asked through
+        ``cached_prefix_blocks``."""
         holders: list[tuple[str, int]] = []
         if hashes:
             h0 = hashes[0]
+            snap = InstanceSnapshot
+            # the common case, a snapshot that does not hold the first block, costs one set probe
+            maybe = [i for i in self.instances if type(i) is not snap or h0 in i.cached]
             rest = hashes[1:]
-            for inst in self.instances:
-                if type(inst) is InstanceSnapshot:  # inlined cached_prefix_blocks
+            for inst in maybe:
+                if type(inst) is snap:
                     c = inst.cached
-                    if h0 not in c:
-                        continue
                     n = 1
                     for h in rest:
                         if h not in c:
