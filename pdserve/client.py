@@ -14,7 +14,7 @@ with ``retry_after_s``, UnavailableError, DeadlineExceededError, ...).
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,6 +177,19 @@ def build_request(
     return req
 
 
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata carrying ``api_key`` (``authorization: Bearer <key>``); empty for None."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def _merge_md(
+    base: tuple[tuple[str, str], ...], extra: Sequence[tuple[str, str]]
+) -> tuple[tuple[str, str], ...]:
+    """``base`` with the keys ``extra`` sets replaced by ``extra``'s values."""
+    keys = {k for k, _ in extra}
+    return tuple(kv for kv in base if kv[0] not in keys) + tuple(extra)
+
+
 class Stream:
     """Iterator over a generation; ``cancel()`` stops it server-side (blocks are freed)."""
 
@@ -201,7 +214,9 @@ class Stream:
 
 class Client:
     """``tls``/``ca``/``cert``/``key``/``server_name``: TLS to the router (:func:`pdserve.security.sdk_channel`:
-    on when ``ca`` is given; plaintext only to a loopback address)."""
+    on when ``ca`` is given; plaintext only to a loopback address). ``api_key``: sent as
+    ``authorization: Bearer <api_key>`` with every call (a router with API keys requires it;
+    ``pdserve keys add`` makes one)."""
 
     def __init__(
         self,
@@ -213,9 +228,11 @@ class Client:
         cert: str | bytes | None = None,
         key: str | bytes | None = None,
         server_name: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
+        self._md = auth_metadata(api_key)
         self._channel = sdk_channel(address, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name)
         self._stub = client_pb2_grpc.GenerateStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -241,10 +258,21 @@ class Client:
         self.close()
 
     def generate(
-        self, prompt, params: SamplingParams | None = None, *, timeout: float | None = None, **kw
+        self,
+        prompt,
+        params: SamplingParams | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        **kw,
     ) -> Stream:
+        """``metadata``: extra gRPC metadata of this call (e.g. a forwarded ``authorization``,
+        which then replaces the client's own ``api_key``)."""
         req = build_request(prompt, params, **kw)
-        return Stream(self._stub.Generate(req, timeout=timeout if timeout is not None else self.timeout))
+        md = _merge_md(self._md, metadata)
+        return Stream(
+            self._stub.Generate(req, timeout=timeout if timeout is not None else self.timeout, metadata=md)
+        )
 
     def complete(self, prompt, params: SamplingParams | None = None, **kw) -> Completion:
         """Run a generation to the end and return it whole."""
@@ -263,7 +291,9 @@ class Client:
     def tokenize(self, text: str) -> list[int]:
         try:
             return list(
-                self._stub.Tokenize(client_pb2.TokenizeRequest(prompt=text), timeout=self.timeout).token_ids
+                self._stub.Tokenize(
+                    client_pb2.TokenizeRequest(prompt=text), timeout=self.timeout, metadata=self._md
+                ).token_ids
             )
         except grpc.RpcError as e:
             raise_from_rpc_error(e)
@@ -272,14 +302,16 @@ class Client:
         try:
             return [
                 m.id
-                for m in self._stub.ListModels(client_pb2.ListModelsRequest(), timeout=self.timeout).models
+                for m in self._stub.ListModels(
+                    client_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._md
+                ).models
             ]
         except grpc.RpcError as e:
             raise_from_rpc_error(e)
 
 
 class AsyncClient:
-    """TLS keywords as :class:`Client`."""
+    """TLS keywords and ``api_key`` as :class:`Client`."""
 
     def __init__(
         self,
@@ -291,9 +323,11 @@ class AsyncClient:
         cert: str | bytes | None = None,
         key: str | bytes | None = None,
         server_name: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
+        self._md = auth_metadata(api_key)
         self._channel = sdk_channel(
             address, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name, aio=True
         )
@@ -312,7 +346,9 @@ class AsyncClient:
         self, prompt, params: SamplingParams | None = None, *, timeout: float | None = None, **kw
     ) -> AsyncIterator[Chunk]:
         req = build_request(prompt, params, **kw)
-        call = self._stub.Generate(req, timeout=timeout if timeout is not None else self.timeout)
+        call = self._stub.Generate(
+            req, timeout=timeout if timeout is not None else self.timeout, metadata=self._md
+        )
         try:
             async for m in call:
                 yield _chunk(m)
