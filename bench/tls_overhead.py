@@ -1,0 +1,222 @@
+"""What TLS costs pdserve: the embedded cluster and KV transfer, with and without it, in one run.
+
+1. Serving (target: TLS / plaintext <= 1.05x). Two embedded clusters run side by side on
+   127.0.0.1 with the real SmolLM2-135M model: one plaintext (the development mode), one with
+   TLS on every port, mutual TLS between the processes and the cluster token (``ClusterSpec.tls``,
+   a dev CA made by the launcher). Requests alternate between them (so load from anything else
+   on the machine hits both alike); each is one greedy generation of ``--max-tokens`` tokens with
+   ignore_eos. Per cluster: median TTFT (first chunk at the client) and median relayed tokens/s
+   (tokens after the first / time after the first chunk). Ratios are TLS over plaintext for
+   TTFT and plaintext over TLS for tokens/s (> 1: TLS is slower).
+2. KV transfer (reported, no target): a store node process per mode (plaintext; TLS + mTLS +
+   token), blocks of the SmolLM2-135M layout; ``KVStoreClient.put_blocks`` and
+   ``get_blocks_into`` over the gRPC stream (no shared memory), GB/s = 1e9 bytes / s, median of
+   interleaved repetitions.
+
+Usage: python bench/tls_overhead.py [--quick] [--requests N] [--max-tokens N] [--kv-mib M ...]
+Prints a table and one JSON line of the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.block_hash import chain_hashes  # noqa: E402
+from kv_store.client import KVStoreClient  # noqa: E402
+from kv_store.layout import KVLayout  # noqa: E402
+from pdserve.certs import write_dev_pki  # noqa: E402
+from pdserve.client import Client  # noqa: E402
+from pdserve.launcher import ClusterSpec, LocalCluster, launch  # noqa: E402
+from pdserve.model_setup import resolve_model_path  # noqa: E402
+from pdserve.security import SecurityConfig, TLSMode, internal_channel  # noqa: E402
+
+MiB = 1 << 20
+TARGET = 1.05
+PROMPT = (
+    "Summarise the main trade-offs between disaggregated prefill and decode serving and "
+    "colocated serving of large language models, in three short points."
+)
+# SmolLM2-135M's KV layout (30 layers, 3 KV heads, head dim 64), float32 as the CPU workers store it
+LAYOUT = KVLayout("bench-tls", num_layers=30, num_kv_heads=3, head_dim=64, dtype="float32", block_size=16)
+
+
+# ---------------------------------------------------------------------------- serving
+def _one(client: Client, max_tokens: int) -> tuple[float, float]:
+    """(TTFT s, relayed tokens/s after the first chunk) of one streamed generation."""
+    t0 = time.perf_counter()
+    first = last = 0.0
+    n_first = n = 0
+    for ch in client.generate(PROMPT, max_tokens=max_tokens, temperature=0.0, ignore_eos=True):
+        now = time.perf_counter()
+        if not first and ch.token_ids:
+            first, n_first = now, len(ch.token_ids)
+        n += len(ch.token_ids)
+        last = now
+    if n != max_tokens or not first:
+        raise RuntimeError(f"expected {max_tokens} tokens, got {n}")
+    return first - t0, (n - n_first) / (last - first)
+
+
+def bench_serving(model: Path, requests: int, max_tokens: int) -> dict:
+    spec = {"model_path": str(model), "worker_kv_blocks": 512, "store_capacity_blocks": 1024}
+    clusters: dict[str, LocalCluster] = {}
+    try:
+        clusters["plaintext"] = launch(ClusterSpec(**spec))
+        clusters["tls"] = launch(ClusterSpec(**spec, tls=True))
+        clients = {
+            "plaintext": Client(clusters["plaintext"].router_address, timeout=300),
+            "tls": Client(clusters["tls"].router_address, timeout=300, ca=str(clusters["tls"].pki.ca)),
+        }
+        for c in clients.values():  # warm-up: first requests pay one-time costs (not timed)
+            _one(c, max_tokens)
+            _one(c, max_tokens)
+        got: dict[str, list[tuple[float, float]]] = {k: [] for k in clients}
+        for i in range(requests):
+            order = ("plaintext", "tls") if i % 2 == 0 else ("tls", "plaintext")
+            for k in order:
+                got[k].append(_one(clients[k], max_tokens))
+        for c in clients.values():
+            c.close()
+    finally:
+        for cl in clusters.values():
+            cl.stop()
+    out = {
+        k: {
+            "ttft_ms": statistics.median(t for t, _ in v) * 1000,
+            "tokens_per_s": statistics.median(r for _, r in v),
+        }
+        for k, v in got.items()
+    }
+    out["ttft_ratio"] = out["tls"]["ttft_ms"] / out["plaintext"]["ttft_ms"]
+    out["tokens_per_s_ratio"] = out["plaintext"]["tokens_per_s"] / out["tls"]["tokens_per_s"]
+    out["requests"], out["max_tokens"] = requests, max_tokens
+    return out
+
+
+# ---------------------------------------------------------------------------- KV transfer
+def _spawn_store(max_blocks: int, security_args: list[str]) -> tuple[subprocess.Popen, str]:
+    args = [sys.executable, "-m", "kv_store", "--node-id", "bench-tls", "--capacity-blocks", str(max_blocks)]
+    args += ["--model-id", LAYOUT.model_id, "--num-layers", str(LAYOUT.num_layers)]
+    args += ["--num-kv-heads", str(LAYOUT.num_kv_heads), "--head-dim", str(LAYOUT.head_dim)]
+    args += ["--dtype", LAYOUT.dtype, "--block-size", str(LAYOUT.block_size), "--max-workers", "4"]
+    args += ["--no-shm", *security_args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env
+    )
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    if not line:
+        p.wait(10)
+        raise RuntimeError(f"store exited {p.returncode} before serving")
+    return p, json.loads(line)["address"]
+
+
+def bench_kv(sizes_mib: list[int], reps: int) -> dict:
+    nb = LAYOUT.block_nbytes
+    max_blocks = max(-(-s * MiB // nb) for s in sizes_mib)
+    with tempfile.TemporaryDirectory(prefix="pdserve-bench-pki-") as d:
+        pki = write_dev_pki(d)
+        server_tls = SecurityConfig(
+            tls=TLSMode.ON,
+            ca_file=str(pki.ca),
+            cert_file=str(pki.server_cert),
+            key_file=str(pki.server_key),
+            cluster_token_file=str(pki.cluster_token),
+        )
+        modes = {
+            "plaintext": (SecurityConfig(tls=TLSMode.OFF), []),
+            "tls": (server_tls, server_tls.to_args()),
+        }
+        procs, clients = [], {}
+        try:
+            for name, (cfg, args) in modes.items():
+                p, addr = _spawn_store(max_blocks, args)
+                procs.append(p)
+                clients[name] = KVStoreClient(addr, timeout_s=300, channel=internal_channel(addr, cfg))
+            hashes = chain_hashes(
+                list(range(max_blocks * LAYOUT.block_size)), LAYOUT.block_size, LAYOUT.model_id
+            )
+            block = os.urandom(nb)
+            rows = []
+            for size in sizes_mib:
+                n = -(-size * MiB // nb)
+                hs = hashes[:n]
+                dst = np.zeros(n * nb, dtype=np.uint8)
+                outs = [memoryview(dst)[i * nb : (i + 1) * nb] for i in range(n)]
+                times: dict[str, dict[str, list[float]]] = {k: {"put": [], "get": []} for k in clients}
+                for r in range(reps):
+                    for k in clients if r % 2 == 0 else reversed(list(clients)):
+                        c = clients[k]
+                        t0 = time.perf_counter()
+                        c.put_blocks(LAYOUT, hs, [block] * n)  # idempotent: the same keys each rep
+                        t1 = time.perf_counter()
+                        c.get_blocks_into(LAYOUT, hs, outs)
+                        t2 = time.perf_counter()
+                        times[k]["put"].append(t1 - t0)
+                        times[k]["get"].append(t2 - t1)
+                row: dict = {"mib": round(n * nb / MiB, 1)}
+                for k, v in times.items():
+                    for op in ("put", "get"):
+                        row[f"{k}_{op}_gbps"] = n * nb / statistics.median(v[op]) / 1e9
+                for op in ("put", "get"):
+                    row[f"{op}_ratio"] = row[f"tls_{op}_gbps"] / row[f"plaintext_{op}_gbps"]
+                rows.append(row)
+        finally:
+            for c in clients.values():
+                c.close()
+            for p in procs:
+                p.terminate()
+                p.wait(10)
+    return {"reps": reps, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer requests and smaller KV sizes")
+    ap.add_argument("--requests", type=int, default=None, help="timed requests per cluster (default 12)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens per generation (default 32)")
+    ap.add_argument("--kv-mib", type=int, nargs="*", default=None, help="KV sizes in MiB (default 16 64)")
+    ap.add_argument("--kv-reps", type=int, default=5, help="repetitions per KV size (default 5)")
+    a = ap.parse_args(argv)
+    requests = a.requests or (6 if a.quick else 12)
+    sizes = a.kv_mib or ([8, 32] if a.quick else [16, 64])
+    model = resolve_model_path(None)
+    serving = bench_serving(model, requests, a.max_tokens)
+    kv = bench_kv(sizes, a.kv_reps)
+
+    print(f"serving: {model.name}, {requests} requests x {a.max_tokens} tokens per cluster, alternating")
+    print(f"  {'':<10} {'TTFT ms':>9} {'tok/s':>8}")
+    for k in ("plaintext", "tls"):
+        print(f"  {k:<10} {serving[k]['ttft_ms']:>9.1f} {serving[k]['tokens_per_s']:>8.1f}")
+    for what, key in (("TTFT", "ttft_ratio"), ("tokens/s", "tokens_per_s_ratio")):
+        r = serving[key]
+        print(f"  TLS cost, {what:<9} {r:.3f}x  (target <= {TARGET}x: {'met' if r <= TARGET else 'NOT met'})")
+    print(f"KV transfer over gRPC (store node process, no shm), GB/s, median of {a.kv_reps}")
+    print(
+        f"  {'MiB':>6} {'put plain':>10} {'put TLS':>9} {'ratio':>6} {'get plain':>10} {'get TLS':>9} {'ratio':>6}"
+    )
+    for r in kv["rows"]:
+        print(
+            f"  {r['mib']:>6} {r['plaintext_put_gbps']:>10.3f} {r['tls_put_gbps']:>9.3f} {r['put_ratio']:>6.2f}"
+            f" {r['plaintext_get_gbps']:>10.3f} {r['tls_get_gbps']:>9.3f} {r['get_ratio']:>6.2f}"
+        )
+    print(json.dumps({"serving": serving, "kv": kv}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
