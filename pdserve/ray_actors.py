@@ -399,7 +399,14 @@ class WorkerActor:
         )
         self.worker_id = worker_id
         self.role = role
-        self.state = WorkerState.load(cfg)
+        try:
+            self.state = WorkerState.load(cfg)
+        except Exception as e:  # noqa: BLE001 - the actor's creation fails naming the loader's error
+            from pdserve.errors import PdserveError, UnavailableError
+
+            why = str(e) if isinstance(e, PdserveError) else f"{type(e).__name__}: {e}"
+            # Ray does not restart an actor whose __init__ raised: `pdserve up` fails at once
+            raise UnavailableError(f"{worker_id} cannot load model {config.model!r}: {why}") from None
         # a dead tensor-parallel rank breaks the engine for good: end the actor, Ray restarts it
         self.state.on_engine_broken(lambda why: os._exit(1))
         namespace = config.namespace

@@ -407,7 +407,24 @@ def _get(ref: Any, timeout_s: float, what: str) -> Any:
     except ray.exceptions.GetTimeoutError:
         raise UnavailableError(f"{what} did not answer within {timeout_s}s") from None
     except ray.exceptions.RayActorError as e:
+        why = _init_failure(e)
+        if why is not None:  # its __init__ raised: Ray does not restart it, so this is final
+            log.warning("%s failed to start: %s", what, e)
+            raise UnavailableError(f"{what} failed to start: {why}") from None
         raise UnavailableError(f"{what} failed to start or died: {e}") from None
+
+
+def _init_failure(e: Any) -> str | None:
+    """What an actor's ``__init__`` raised: the last line of Ray's error (``Type: message``; a
+    pdserve error's bare message), the traceback being for the log; None when it died otherwise."""
+    if not getattr(e, "actor_init_failed", False):
+        return None
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return None
+    last = lines[-1]
+    # a pdserve error's message stands alone ("pdserve.errors.UnavailableError: msg" -> "msg")
+    return last.split(": ", 1)[1] if last.startswith("pdserve.errors.") and ": " in last else last
 
 
 # ---------------------------------------------------------------------------- driver side

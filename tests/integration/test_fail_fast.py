@@ -131,3 +131,41 @@ def test_pdserve_serve_with_corrupt_weights_exits_with_the_loaders_message(corru
     assert "prefill-0 exited with status 1 before it was ready" in first_error
     assert "cannot load model" in first_error and "SafetensorError" in first_error
     assert elapsed < STARTUP_TIMEOUT_S / 4, elapsed
+
+
+@pytest.mark.slow
+def test_pdserve_up_fails_at_once_when_a_worker_actor_cannot_load_the_model(corrupt_weights, tmp_path):
+    """``pdserve up`` (the CLI, its own Ray driver) on a model whose weights cannot be loaded:
+    stores and router start, the worker actors' construction fails, and ``up`` reports the
+    loader's message at once (Ray does not restart an actor whose ``__init__`` raised) instead of
+    waiting out ``startup_timeout_s``; it leaves no controller behind."""
+    import yaml
+
+    from pdserve import ray_cluster
+    from tests.ray_harness import run_cli, two_node_cluster
+
+    ns = "pdserve-fail-fast"
+    cfg = {
+        "model": str(corrupt_weights),
+        "host": "127.0.0.1",
+        "namespace": ns,
+        "prefill": {"count": 1, "num_cpus": 1, "kv_blocks": 16},
+        "decode": {"count": 1, "num_cpus": 1, "kv_blocks": 16},
+        "store": {"capacity_blocks": 16},
+        "startup_timeout_s": STARTUP_TIMEOUT_S,
+    }
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with two_node_cluster(ns) as (c, env):
+        t0 = time.monotonic()
+        r = run_cli(["up", "--config", str(path), "--address", c.address], env, timeout=STARTUP_TIMEOUT_S)
+        elapsed = time.monotonic() - t0
+        assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-3000:])
+        err = next(line for line in r.stderr.splitlines() if line.startswith("pdserve: error:"))
+        assert (
+            "prefill-0 failed to start: prefill-0 cannot load model" in err
+            or "decode-0 failed to start: decode-0 cannot load model" in err
+        ), err
+        assert "SafetensorError" in err and "pdserve.errors" not in err, err
+        assert elapsed < STARTUP_TIMEOUT_S / 4, elapsed
+        assert ray_cluster.controller(ns) is None
