@@ -181,13 +181,21 @@ def time_views(n: int, rounds: int, batch: int) -> tuple[float, float]:
     return res[0], res[1]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(prog="bench/placement.py")
-    ap.add_argument("--sizes", default="10,100,1000,2000")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--sizes", default="10,100,1000,2000", help="comma-separated instance counts")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds per (policy, size) (median)")
     ap.add_argument(
         "--old-budget-s", type=float, default=4.0, help="seconds per (policy, size) for the old code"
     )
+    return cli_help.apply(ap)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     sizes = [int(s) for s in a.sizes.split(",")]
     rng = random.Random(12)

@@ -120,12 +120,20 @@ def decode_times(path: Path, window: int, block_size: int, batch: int, steps: in
     return statistics.median(times[1]), statistics.median(times[4])
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--window", type=int, default=512, help="sliding window of the model, tokens")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    ap.add_argument("--batch", type=int, default=8, help="sequences decoded per step")
+    ap.add_argument("--steps", type=int, default=40, help="decode steps timed per context")
+    return cli_help.apply(ap)
+
+
+def main() -> None:
+    ap = build_parser()
     a = ap.parse_args()
     w, bs = a.window, a.block_size
     with tempfile.TemporaryDirectory() as tmp:

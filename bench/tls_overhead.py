@@ -184,13 +184,21 @@ def bench_kv(sizes_mib: list[int], reps: int) -> dict:
     return {"reps": reps, "rows": rows}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer requests and smaller KV sizes")
     ap.add_argument("--requests", type=int, default=None, help="timed requests per cluster (default 12)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per generation (default 32)")
     ap.add_argument("--kv-mib", type=int, nargs="*", default=None, help="KV sizes in MiB (default 16 64)")
     ap.add_argument("--kv-reps", type=int, default=5, help="repetitions per KV size (default 5)")
+    return cli_help.apply(ap)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     requests = a.requests or (6 if a.quick else 12)
     sizes = a.kv_mib or ([8, 32] if a.quick else [16, 64])
