@@ -807,7 +807,11 @@ class GenerateServicer:
             resp.finish.CopyFrom(self._finish(reason, stop, run, 0.0))
             yield resp
             return None
-        yield resp
+        try:
+            yield resp
+        except BaseException:  # the client went away (GeneratorExit) before a decode worker took the KV
+            self._release_lease(pre.kv)
+            raise
         return _Handoff(
             prompt=list(prompt),
             sampling=common["sampling"],
@@ -825,7 +829,12 @@ class GenerateServicer:
         ctx: grpc.ServicerContext,
     ) -> Iterator[client_pb2.GenerateResponse]:
         """Hand ``h`` to decode worker ``dw`` and relay its stream; raises :class:`_WorkerLost`
-        when ``dw`` is unreachable (UNAVAILABLE), before or during the stream."""
+        when ``dw`` is unreachable (UNAVAILABLE), before or during the stream.
+
+        The handoff lease: a decode worker releases it after its pull, before its first message.
+        When the call ends before any message (the client cancelled, the call was cancelled before
+        the worker ran it, the worker refused it), nobody took the KV: its lease is released here
+        (idempotent). A lost worker (:class:`_WorkerLost`) leaves it to :meth:`_serve`."""
         call = self.stubs.worker(dw.address).Decode(
             worker_pb2.DecodeRequest(
                 **{**self._common(req, run), "prompt_token_ids": h.prompt, "sampling": h.sampling},
@@ -837,7 +846,20 @@ class GenerateServicer:
             timeout=_remaining(ctx),
         )
         ctx.add_callback(call.cancel)
-        yield from self._relay(_Guarded(call, dw), run, dw, ctx)
+        taken = False  # a message came: the decode worker pulled the KV and released the lease
+        try:
+            for r in self._relay(_Guarded(call, dw), run, dw, ctx):
+                taken = True
+                yield r
+        except _WorkerLost:
+            raise  # _serve re-lets the KV for another decode worker or releases it
+        except BaseException:
+            if not taken:
+                call.cancel()
+                self._release_lease(h.kv)
+            raise
+        if not taken:
+            self._release_lease(h.kv)
 
     def _relay(
         self,
