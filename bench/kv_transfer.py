@@ -7,7 +7,8 @@ For 16 / 64 / 256 MiB of KV (``--quick``: 4 / 16 MiB) it times moving the blocks
              timed (the prefill worker does it): Put the blocks under a lease, which returns their
              arena slots (PutResponse.slots, carried by KVHandle.shm_slots). Timed, per repetition:
              ShmTransport.read_leased (no rpc: zero-copy views of the leased slots of the node's
-             arena) + FetchedBlocks.copy_into the destination (one copy per run of adjacent slots).
+             arena) + FetchedBlocks.copy_into the destination (one copy per run of adjacent slots)
+             + the XXH3-64 check of the copy against the writer's checksums (KVHandle.block_checksums).
   vs memcpy  numpy copy of the same number of bytes between two private buffers.      target >= 0.70x
 * shm+lease  context, no target: ShmTransport.fetch, the lookup-based read without a handle lease
              (one Lease rpc to pin the blocks and learn their slots + the same views and copy; the
@@ -46,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from engine.block_hash import chain_hashes  # noqa: E402
+from kv_store.checksum import block_checksum  # noqa: E402
 from kv_store.client import KVStoreClient  # noqa: E402
 from kv_store.handle import BlockLocation  # noqa: E402
 from kv_store.layout import KVLayout  # noqa: E402
@@ -64,7 +66,7 @@ LAYOUTS = {
     ),
 }
 RAW_SERVICE = "/bench.RawBytes/Stream"
-LEASE_TTL_S = 300.0  # the handoff lease of one size's blocks (the node's max is 600 s)
+LEASE_TTL_S = 60.0  # the handoff lease of one size's blocks (the node's max, the default 60 s)
 
 # ------------------------------------------------------------------ raw baselines (server side)
 
@@ -150,6 +152,9 @@ def run(sizes_mib: list[int], layout: KVLayout, reps: int) -> list[dict]:
     store_args += ["--model-id", layout.model_id, "--num-layers", str(layout.num_layers)]
     store_args += ["--num-kv-heads", str(layout.num_kv_heads), "--head-dim", str(layout.head_dim)]
     store_args += ["--dtype", layout.dtype, "--block-size", str(layout.block_size), "--max-workers", "4"]
+    # this one client (one lease owner) holds a size's handoff lease on all its blocks while the
+    # shm+lease path leases them again: lift the per-owner quota (default: half the capacity)
+    store_args += ["--max-leased-blocks-per-owner", str(4 * max_blocks)]
     store, info = _spawn(store_args)
     raw, ports = _spawn([str(Path(__file__).resolve()), "--serve-raw", str(max_blocks * nb)])
     rows = []
@@ -222,9 +227,10 @@ def _bench_size(
     if len(put.slots) != n_blocks or put.shm_name != loc.shm_name:
         raise RuntimeError(f"leased put returned no arena slots ({len(put.slots)} of {n_blocks})")
     slots, slot_nbytes, expires = put.slots, put.slot_nbytes, put.lease_expires_at_unix_s
+    sums = [block_checksum(block)] * n_blocks  # the writer's checksums, as a KVHandle carries them
 
     def shm_path() -> None:
-        with shm.read_leased(loc, layout, slots, expires, slot_nbytes) as got:
+        with shm.read_leased(loc, layout, slots, expires, slot_nbytes, sums) as got:
             got.copy_into(dst)
 
     def shm_lease_path() -> None:

@@ -616,6 +616,12 @@ class StoreMetrics:
              lambda n: [((), n.puts)]),
             (CounterMetricFamily, "pdserve_kv_put_dedups", "Puts of blocks already stored.", lab,
              lambda n: [((), n.put_dedups)]),
+            (CounterMetricFamily, "pdserve_kv_integrity_events",
+             "KV integrity and access events by reason (issue #13): checksum_failure (a Put whose bytes did not match its writer's checksum: refused), put_conflict (a Put of a stored key with other bytes: ignored, write-once), lease_ttl_clamp (a lease granted the node's max ttl instead of a longer ask), lease_quota_refusal (an owner's leased-block quota was full), denied_call (the caller is not a cluster member).",
+             [*lab, "reason"],
+             lambda n: [(("checksum_failure",), n.checksum_failures), (("put_conflict",), n.put_conflicts),
+                        (("lease_ttl_clamp",), n.lease_ttl_clamps), (("lease_quota_refusal",), n.lease_quota_refusals),
+                        (("denied_call",), n.denied_calls)]),
             (CounterMetricFamily, "pdserve_kv_block_reads", "Block reads (get, lease, zero-rpc handoff reads reported on release) by result: hit or miss.",
              [*lab, "result"], lambda n: [(("hit",), n.hits), (("miss",), n.misses)]),
         ]  # fmt: skip

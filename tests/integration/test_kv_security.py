@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from decode_worker.puller import StorePuller
 from engine.block_hash import chain_hashes
@@ -34,10 +35,17 @@ from kv_store.store import StoreConfig
 from kv_store.tensors import tensor_bytes
 from kv_store.transport import AutoTransport, GrpcTransport, ShmTransport
 from pdserve.errors import InvalidRequestError, ResourceExhaustedError, UnauthenticatedError
+from pdserve.metrics import StoreMetrics
 from prefill_worker.publisher import StorePublisher
 
 L = KVLayout("m", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_size=4)  # 1 KiB
 TOKEN = "cluster-secret-token"
+REG = CollectorRegistry()
+
+
+def integrity_events(event: str) -> float | None:
+    """The node's ``pdserve_kv_integrity_events_total{reason}`` as Prometheus would scrape it."""
+    return REG.get_sample_value("pdserve_kv_integrity_events_total", {"node_id": "sec-node", "reason": event})
 
 
 def prompt_keys(n_blocks: int, salt: str = "") -> list[bytes]:
@@ -65,6 +73,7 @@ def node() -> Iterator[StoreServer]:
     srv = serve(
         StoreConfig("sec-node", L, capacity_blocks=16, max_lease_ttl_s=60.0),
         authorizer=TokenAuthorizer(TOKEN),
+        metrics=StoreMetrics(REG, "sec-node"),
     )
     yield srv
     srv.stop(0)
@@ -126,7 +135,7 @@ def test_non_member_can_neither_read_nor_change_anything(
             with pytest.raises(UnauthenticatedError, match=f"KVStore.{name} is for pdserve cluster members"):
                 call()
     st = member.stats().node
-    assert st.denied_calls == denied0 + len(calls)
+    assert st.denied_calls == denied0 + len(calls) == integrity_events("denied_call")
     assert (st.num_blocks, st.num_leases) == (2, 0)
     assert member.get_blocks(L, hs) == data  # untouched
 
@@ -215,6 +224,7 @@ def test_long_leases_cannot_fill_the_store(node: StoreServer, member: KVStoreCli
         other.release(handle.lease_id)
     st = member.stats().node
     assert st.lease_quota_refusals == 2 and st.lease_ttl_clamps >= 1 and st.num_leases == 1
+    assert integrity_events("lease_quota_refusal") == 2
     member.release(g.lease_id)
 
 
@@ -261,3 +271,4 @@ def test_put_bytes_not_matching_their_checksum_are_refused(
         member.put_blocks(L, hs, [bad], checksums=[block_checksum(good)])
     st = member.stats().node
     assert st.checksum_failures == before + 1 and st.num_blocks == 0 and st.num_pending == 0
+    assert integrity_events("checksum_failure") == st.checksum_failures
