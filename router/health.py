@@ -69,7 +69,8 @@ class RouterHealth:
         self.servicer = servicer
         self.services = tuple(services)
         self.sweep_interval_s = sweep_interval_s
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._updating = False  # an update is running in the thread holding the lock
         self._serving: bool | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -83,9 +84,16 @@ class RouterHealth:
 
     def update(self) -> bool:
         """Recompute the status from the registry and set it (logged when it changes); returns
-        whether the router is serving."""
+        whether the router is serving. Reading the registry may expire workers, which calls this
+        again from inside: that nested call returns at once (the outer one reads after it)."""
         with self._lock:
-            alive = {k: len(self.registry.alive(k, self.model_id)) for k in WorkerKind}
+            if self._updating:
+                return self.serving
+            self._updating = True
+            try:
+                alive = {k: len(self.registry.alive(k, self.model_id)) for k in WorkerKind}
+            finally:
+                self._updating = False
             missing = missing_kinds(self.policy, alive)
             serving = not missing
             if serving != self._serving:

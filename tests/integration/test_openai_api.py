@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP front end over the real embedded cluster (SmolLM2-135M, loopback).
 
 One cluster (store, router, 1 prefill, 1 decode) and one HTTP server on 127.0.0.1:0 serve the
-module; requests go over urllib / http.client (standard library). Greedy output through HTTP is
-compared with ``Client.complete`` of the same prompt.
+module; requests go over urllib / http.client (standard library) and the official ``openai``
+client (a dev dependency). Greedy output through HTTP is compared with ``Client.complete`` of the
+same prompt, token strings and bytes with the model's tokenizer.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pdserve.client import Client
 from pdserve.errors import (
     DeadlineExceededError,
     InvalidRequestError,
+    ModelNotFoundError,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -55,6 +57,13 @@ def cluster(smollm_path):
 def client(cluster):
     with Client(cluster.router_address, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm_path):
+    from engine.tokenizer import Tokenizer
+
+    return Tokenizer(smollm_path)
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +163,20 @@ def test_greedy_completion_equals_sdk(server, client):
     assert headers["X-Request-Id"] == px["request_id"] == r["id"][len("cmpl-") :]
 
 
-def test_token_id_prompt_and_logprobs(server, client):
+def _sdk_logprobs(client, prompt, **kw) -> tuple[list[Any], Any]:
+    """(logprobs of every token, finish) of one generation through the SDK."""
+    lps, fin = [], None
+    for c in client.generate(prompt, **kw):
+        assert len(c.logprobs) == len(c.token_ids)
+        lps += c.logprobs
+        fin = c.finish or fin
+    return lps, fin
+
+
+def test_token_id_prompt_and_logprobs(server, client, tokenizer):
     ids = client.tokenize(PROMPT)
     ref = client.complete(ids, max_tokens=6, temperature=0.0, logprobs=1)
+    sdk, _ = _sdk_logprobs(client, ids, max_tokens=6, temperature=0.0, logprobs=1)
     status, _, r = _post(
         server, "/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0, "logprobs": 1}
     )
@@ -164,8 +184,9 @@ def test_token_id_prompt_and_logprobs(server, client):
     (choice,) = r["choices"]
     assert choice["text"] == ref.text
     lp = choice["logprobs"]
-    assert lp["tokens"] == [f"token_id:{t}" for t in ref.token_ids]
-    assert len(lp["token_logprobs"]) == len(ref.token_ids) and all(x <= 0 for x in lp["token_logprobs"])
+    assert lp["tokens"] == [tokenizer.token_text(t) for t in ref.token_ids]  # real token strings
+    assert lp["token_logprobs"] == [x.logprob for x in sdk] and all(x <= 0 for x in lp["token_logprobs"])
+    assert lp["top_logprobs"] == [{x.top[0].token: x.top[0].logprob} for x in sdk]
 
 
 def test_streamed_completion_equals_sdk(server, client):
@@ -322,24 +343,170 @@ def test_client_disconnect_cancels_the_generation(server, cluster):
 # ------------------------------------------------------------------------------ openai SDK
 
 
-def test_with_openai_package_if_installed(server, client):
-    openai = pytest.importorskip("openai")
+@pytest.fixture(scope="module")
+def oa(server):
+    import openai
+
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    yield c
+    c.close()
+
+
+def test_official_client_chat_and_stream(oa, client):
     ref = client.complete(CHAT, max_tokens=16, temperature=0.0)
-    oa = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
-    try:
-        model = oa.models.list().data[0].id
-        r = oa.chat.completions.create(model=model, messages=CHAT, max_tokens=16, temperature=0)
-        assert r.choices[0].message.content == ref.text
-        parts = oa.chat.completions.create(
-            model=model, messages=CHAT, max_tokens=16, temperature=0, stream=True
+    model = oa.models.list().data[0].id
+    r = oa.chat.completions.create(model=model, messages=CHAT, max_tokens=16, temperature=0)
+    assert r.choices[0].message.content == ref.text
+    parts = oa.chat.completions.create(model=model, messages=CHAT, max_tokens=16, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in parts if c.choices) == ref.text
+
+
+def test_official_client_chat_logprobs_with_alternatives(oa, client, tokenizer):
+    """Chat logprobs: each token's real text and bytes (as the tokenizer spells it), 3 alternatives
+    most likely first, the greedy pick the first of them; the bytes spell the content exactly."""
+    sdk, fin = _sdk_logprobs(client, CHAT, max_tokens=48, temperature=0.0, logprobs=3)
+    assert fin.reason == "stop" and fin.stop == str(tokenizer.eos_token_id)  # ended by EOS
+    r = oa.chat.completions.create(
+        model=client.list_models()[0],
+        messages=CHAT,
+        max_tokens=48,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    (choice,) = r.choices
+    content = choice.logprobs.content
+    shown = sdk[:-1]  # the EOS token that ended it has no text and is not listed
+    assert [e.token for e in content] == [tokenizer.token_text(x.token_id) for x in shown]
+    assert [bytes(e.bytes) for e in content] == [tokenizer.token_bytes(x.token_id) for x in shown]
+    assert b"".join(bytes(e.bytes) for e in content).decode() == choice.message.content
+    for e, x in zip(content, shown, strict=True):
+        assert len(e.top_logprobs) == 3
+        assert [t.logprob for t in e.top_logprobs] == sorted(
+            (t.logprob for t in e.top_logprobs), reverse=True
         )
-        assert "".join(c.choices[0].delta.content or "" for c in parts if c.choices) == ref.text
-        with pytest.raises(openai.NotFoundError):
-            oa.chat.completions.create(model="nope", messages=CHAT)
-        with pytest.raises(openai.BadRequestError):
-            oa.completions.create(model=model, prompt=PROMPT, n=2)
-    finally:
-        oa.close()
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob  # greedy
+        assert [t.token for t in e.top_logprobs] == [tokenizer.token_text(t.token_id) for t in x.top]
+        assert [bytes(t.bytes) for t in e.top_logprobs] == [tokenizer.token_bytes(t.token_id) for t in x.top]
+    assert r.usage.completion_tokens == len(sdk)  # the EOS token is counted
+
+
+def test_official_client_completion_logprobs(oa, client, tokenizer):
+    sdk, _ = _sdk_logprobs(client, PROMPT, max_tokens=6, temperature=0.0, logprobs=2)
+    r = oa.completions.create(
+        model=client.list_models()[0], prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2
+    )
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [tokenizer.token_text(x.token_id) for x in sdk]
+    assert lp.top_logprobs == [{tokenizer.token_text(t.token_id): t.logprob for t in x.top} for x in sdk]
+    assert all(len(x.top) == 2 for x in sdk)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+def test_streamed_chat_has_no_empty_content_chunk(oa, client):
+    """The EOS token that ends the answer makes no chunk of its own: every chunk after the role
+    chunk carries text, then one chunk carries finish_reason (and no content)."""
+    ref = client.complete(CHAT, max_tokens=48, temperature=0.0)
+    assert ref.finish.reason == "stop"
+    chunks = [
+        c
+        for c in oa.chat.completions.create(
+            model=client.list_models()[0], messages=CHAT, max_tokens=48, temperature=0, stream=True
+        )
+        if c.choices
+    ]
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    body, last = chunks[1:-1], chunks[-1]
+    assert body and all(c.choices[0].delta.content for c in body), "a chunk without text was sent"
+    assert all(c.choices[0].finish_reason is None for c in body)
+    assert last.choices[0].finish_reason == "stop" and last.choices[0].delta.content is None
+    assert "".join(c.choices[0].delta.content for c in body) == ref.text
+
+
+def test_official_client_refusals(oa, client):
+    import openai
+
+    model = client.list_models()[0]
+    with pytest.raises(openai.BadRequestError, match="parallel sampling"):
+        oa.completions.create(model=model, prompt=PROMPT, n=2)
+    with pytest.raises(openai.BadRequestError, match="parallel sampling"):
+        oa.chat.completions.create(model=model, messages=CHAT, n=3)
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        oa.completions.create(model=model, prompt=PROMPT, best_of=2)
+    with pytest.raises(openai.NotFoundError):
+        oa.chat.completions.create(model="nope", messages=CHAT)
+    # a LoRA adapter's name as the model: 404 naming it, never the base model's answer
+    with pytest.raises(openai.NotFoundError, match="my-lora") as ei:
+        oa.chat.completions.create(model="my-lora", messages=CHAT)
+    assert ei.value.body["code"] == "model_not_found" and ei.value.body["param"] == "model"
+
+
+def test_context_overflow_is_400_and_invalid_argument(oa, client, cluster):
+    import openai
+
+    from pdserve.v1 import client_pb2, client_pb2_grpc
+
+    with grpc.insecure_channel(cluster.router_address) as ch:
+        tok = client_pb2_grpc.GenerateStub(ch).Tokenize(client_pb2.TokenizeRequest(prompt=PROMPT), timeout=30)
+    ctx, n = tok.max_model_len, len(tok.token_ids)
+    want = f"prompt has {n} tokens + max_tokens {ctx} > context {ctx}"
+    with pytest.raises(InvalidRequestError) as ei:
+        client.complete(PROMPT, max_tokens=ctx, temperature=0.0)
+    assert ei.value.message.startswith(want)
+    with pytest.raises(openai.BadRequestError) as hi:
+        oa.completions.create(model=client.list_models()[0], prompt=PROMPT, max_tokens=ctx)
+    assert hi.value.status_code == 400 and want in hi.value.message
+
+
+def test_unknown_model_and_adapter_are_not_found_over_grpc(client, cluster):
+    with pytest.raises(ModelNotFoundError, match="gpt-17"):
+        client.complete(PROMPT, model="gpt-17", max_tokens=2)
+    with pytest.raises(ModelNotFoundError, match="LoRA adapter 'my-lora'"):
+        client.complete(PROMPT, adapter="my-lora", max_tokens=2)
+    from pdserve.client import build_request
+    from pdserve.v1 import client_pb2_grpc
+
+    with grpc.insecure_channel(cluster.router_address) as ch:
+        stub = client_pb2_grpc.GenerateStub(ch)
+        for kw in ({"model": "gpt-17"}, {"adapter": "my-lora"}):
+            with pytest.raises(grpc.RpcError) as ei:
+                list(stub.Generate(build_request(PROMPT, max_tokens=2, **kw), timeout=30))
+            assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_workers_refuse_adapters(cluster, client):
+    """Defence in depth: a Prefill or Decode call naming an adapter, sent straight to a worker, is
+    refused NOT_FOUND too."""
+    from pdserve.v1 import common_pb2
+
+    ids = client.tokenize(PROMPT)
+    sampling = common_pb2.SamplingParams(max_tokens=2, temperature=0.0)
+    calls = [
+        (
+            "prefill-0",
+            lambda s: s.Prefill(
+                worker_pb2.PrefillRequest(prompt_token_ids=ids, sampling=sampling, adapter="my-lora"),
+                timeout=30,
+            ),
+        ),
+        (
+            "decode-0",
+            lambda s: list(
+                s.Decode(
+                    worker_pb2.DecodeRequest(
+                        prompt_token_ids=ids, sampling=sampling, adapter="my-lora", local_prefill=True
+                    ),
+                    timeout=30,
+                )
+            ),
+        ),
+    ]
+    for name, call in calls:
+        with grpc.insecure_channel(cluster.workers[name]) as ch, pytest.raises(grpc.RpcError) as ei:
+            call(worker_pb2_grpc.WorkerStub(ch))
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND, name
+        assert "my-lora" in ei.value.details()
+    assert _kv_in_use(cluster)[:2] == (0, 0)
 
 
 # ------------------------------------------------------------------------------ HTTP layer, scripted SDK

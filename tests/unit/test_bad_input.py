@@ -83,3 +83,49 @@ def test_cli_reports_error_not_traceback(capsys):
 
     assert main(["generate", "--embedded", "--model", "/no/such/model", "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the router's Generate checks
+
+
+@pytest.fixture(scope="module")
+def router_svc(smollm_path):
+    """The router's Generate servicer with no worker registered: a request that passes its checks
+    is refused UNAVAILABLE at placement, so the checks' boundaries show."""
+    from prometheus_client import CollectorRegistry
+
+    from pdserve.metrics import RouterMetrics
+    from router.registry import Registry
+    from router.service import GenerateServicer, RouterConfig
+
+    cfg = RouterConfig(model_path=str(smollm_path), model_id="smol")
+    return GenerateServicer(Registry(heartbeat_timeout_s=1e9), cfg, RouterMetrics(CollectorRegistry()))
+
+
+def _generate(svc, **fields):
+    from pdserve.v1 import client_pb2, common_pb2
+
+    sampling = common_pb2.SamplingParams(max_tokens=fields.pop("max_tokens", 4))
+    req = client_pb2.GenerateRequest(sampling=sampling, **fields)
+    return list(svc.Generate(req, None))
+
+
+def test_router_refuses_prompt_plus_max_tokens_beyond_context(router_svc):
+    from pdserve.errors import UnavailableError
+    from pdserve.v1 import client_pb2
+
+    ctx = router_svc.max_model_len
+    ids = client_pb2.TokenIds(ids=[5] * 100)
+    with pytest.raises(InvalidRequestError) as ei:
+        _generate(router_svc, prompt_token_ids=ids, max_tokens=ctx - 99)
+    assert ei.value.message.startswith(f"prompt has 100 tokens + max_tokens {ctx - 99} > context {ctx}")
+    with pytest.raises(UnavailableError, match="no decode worker"):  # exactly fits: accepted
+        _generate(router_svc, prompt_token_ids=ids, max_tokens=ctx - 100)
+
+
+def test_router_refuses_unknown_model_and_any_adapter(router_svc):
+    with pytest.raises(ModelNotFoundError, match="unknown model 'gpt-17'") as ei:
+        _generate(router_svc, prompt="hi", model="gpt-17")
+    assert ei.value.code is ErrorCode.NOT_FOUND
+    with pytest.raises(ModelNotFoundError, match="LoRA adapter 'my-lora' is not served"):
+        _generate(router_svc, prompt="hi", model="smol", adapter="my-lora")
