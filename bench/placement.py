@@ -19,7 +19,8 @@ Also timed: building the router's view of the cluster (``router.cluster_view``) 
 scratch and through :class:`~router.cluster_view.ViewBuilder` (snapshots reused while a worker's
 state is unchanged), with one worker's state changed between requests.
 
-Timings on a shared machine are noisy; the ratios within one run are the comparison.
+Times are process CPU time (``time.process_time``): on a shared machine, wall time would count
+other processes' turns. They are still noisy there; the ratios within one run are the comparison.
 
 Usage: python bench/placement.py [--sizes 10,100,1000,2000] [--rounds 7] [--quick]
 """
@@ -145,13 +146,13 @@ def time_policy(
     samples = []
     k = 0
     for _ in range(rounds + 1):  # the first round warms up
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for _ in range(batch):
             pol.place(reqs[k % len(reqs)], ClusterView(insts))
             clock.advance(0.005)
             k += 1
-        samples.append((time.perf_counter() - t0) / batch * 1e6)
-    return statistics.median(samples[1:])
+        samples.append((time.process_time() - t0) / batch * 1e6)
+    return statistics.median(samples[1:] or samples)
 
 
 def time_views(n: int, rounds: int, batch: int) -> tuple[float, float]:
@@ -171,12 +172,12 @@ def time_views(n: int, rounds: int, batch: int) -> tuple[float, float]:
         samples = []
         k = 0
         for _ in range(rounds + 1):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for _ in range(batch):
                 queued.add(f"w{k % n}", 1)  # one worker's state changes per request
                 f()
                 k += 1
-            samples.append((time.perf_counter() - t0) / batch * 1e6)
+            samples.append((time.process_time() - t0) / batch * 1e6)
         res.append(statistics.median(samples[1:]))
     return res[0], res[1]
 

@@ -37,6 +37,16 @@ predictor) or :meth:`release`, and otherwise expired at their predicted finish +
 (a caller that never reports back, e.g. the simulator, leaves no permanent load behind).
 
 :class:`ColocatedPolicy` always prefills on the least-loaded decode instance (no handoff).
+
+**Cost per decision** (issue #12: placement under the router's lock must scale): the prompt's
+cached prefix is looked up once per request on every instance (:meth:`ClusterView.prefix_hits`),
+never once per (candidate, instance) pair; the best remote prefix of a candidate is the best
+holder's, or the second best's for the best holder itself (O(1)); queue, prefill and decode
+step times of all instances are priced in one latency-model call per term; the (prefill,
+decode) pair search is O(decode instances), because every pair shares the one best prefill
+plan; ledger upkeep is O(log in-flight requests). So a decision is O(instances) with a small
+constant. ``bench/placement.py`` times it; ``tests/unit/test_placement_equivalence.py`` checks
+it decides exactly as the quadratic search it replaced (``bench/placement_reference.py``).
 """
 
 from __future__ import annotations
@@ -362,16 +372,12 @@ class GoodputAwarePolicy(PlacementPolicy):
         lim_ttft, lim_tpot = lim_ttft / q_ttft, lim_tpot / q_tpot
         fits = d.fits
         remote_ok = remote_ttft is not None and remote_ttft <= lim_ttft
-        ok_remote = [False] * n  # option (remote plan, d) feasible
-        ok_local = [False] * n  # option (d prefills locally, d) feasible
-        feasible = False
-        for k in range(n):
-            if fits[k] and tpots[k] <= lim_tpot:
-                lt = local_ttft[k]
-                ok_remote[k] = remote_ok
-                ok_local[k] = lt is not None and lt <= lim_ttft
-                feasible = feasible or remote_ok or ok_local[k]
-        if not feasible:
+        ok = [f and tp <= lim_tpot for f, tp in zip(fits, tpots, strict=True)]
+        ok_remote = ok if remote_ok else [False] * n  # option (remote plan, d) feasible
+        ok_local = [  # option (d prefills locally, d) feasible
+            o and lt is not None and lt <= lim_ttft for o, lt in zip(ok, local_ttft, strict=True)
+        ]
+        if not ((remote_ok and any(ok)) or any(ok_local)):
             if slo is not None:
                 return self._reject(
                     req, remote_ttft, local_ttft, tpots, fits, lim_ttft, lim_tpot, margin, now
@@ -380,14 +386,14 @@ class GoodputAwarePolicy(PlacementPolicy):
             ok_remote = [remote_ttft is not None] * n
             ok_local = [t is not None for t in local_ttft]
         longs = self._ledger.longs if is_long else {}
-        freeness = d.freeness
-        best = -1
-        best_key: tuple[int, int, float, int] | None = None
-        for k in range(n):  # the first decode instance with a feasible option and the least key
-            if ok_remote[k] or ok_local[k]:
-                key = (-int(fits[k]), longs.get(decode_pool[k].instance_id, 0), tpots[k], -freeness[k])
-                if best_key is None or key < best_key:
-                    best, best_key = k, key
+        cand = [k for k, (r, lo) in enumerate(zip(ok_remote, ok_local, strict=True)) if r or lo]
+        best = _first_least(
+            cand,
+            fits,
+            [longs.get(decode_pool[k].instance_id, 0) for k in cand] if longs else None,
+            tpots,
+            d.freeness,
+        )
         best_d = decode_pool[best].instance_id
         tpot = tpots[best]
         # on it, the remote option unless the local one is strictly faster
@@ -506,6 +512,27 @@ class GoodputAwarePolicy(PlacementPolicy):
         return min(c.max_retry_after_s, max(c.min_retry_after_s, wait_s))
 
 
+def _first_least(
+    cand: list[int], fits: list[bool], longs: list[int] | None, tpots: list[float], freeness: list[int]
+) -> int:
+    """The first ``k`` of ``cand`` (non-empty) with the least key (-fits, longs, tpot, -freeness)
+    (``longs`` aligned with ``cand``; None: all 0): what ``min(cand, key=...)`` returns, found
+    one key component at a time (a pass each) instead of a tuple per candidate."""
+    lk = dict(zip(cand, longs, strict=True)) if longs is not None else None
+    tp = [tpots[k] for k in cand]
+    if any(t != t for t in tp):  # NaN: compare the tuples exactly as min() would
+        keys = [(-int(fits[k]), lk[k] if lk else 0, tpots[k], -freeness[k]) for k in cand]
+        return cand[min(range(len(cand)), key=keys.__getitem__)]
+    s = [k for k in cand if fits[k]] or cand
+    if lk is not None:
+        m = min([lk[k] for k in s])
+        s = [k for k in s if lk[k] == m]
+    m = min([tpots[k] for k in s])
+    s = [k for k in s if tpots[k] == m]
+    m = max([freeness[k] for k in s])
+    return next(k for k in s if freeness[k] == m)
+
+
 class _DecodeSide:
     """The decode instances' side of one goodput decision, as parallel lists in pool order:
     predicted TPOT after admission (``tpots``), room (``fits``, ``freeness``), and the TTFT of
@@ -533,13 +560,22 @@ class _DecodeSide:
         totals = [i.total_blocks for i in pool]
         frees = [i.free_blocks for i in pool]
         batches = [i.running_requests + i.queued_requests for i in pool]
-        p1 = p + 1
-        needs = [-(-p1 // (bs if bs > 1 else 1)) for bs in sizes]
-        freeness = [f - nd for f, nd in zip(frees, needs, strict=True)]
-        self.freeness = freeness
-        self.fits = [fr >= 0 and nd <= t for fr, nd, t in zip(freeness, needs, totals, strict=True)]
-        held = [(t - f if t > f else 0) * bs for t, f, bs in zip(totals, frees, sizes, strict=True)]
         extra = p + out // 2
+        bs0 = sizes[0] if sizes else 1
+        if sizes.count(bs0) == n:  # one block size (the usual case): fewer passes, same values
+            need = -(-(p + 1) // (bs0 if bs0 > 1 else 1))
+            freeness = [f - need for f in frees]
+            if need <= min(totals, default=0):
+                self.fits = [fr >= 0 for fr in freeness]
+            else:
+                self.fits = [fr >= 0 and need <= t for fr, t in zip(freeness, totals, strict=True)]
+            held = [(t - f) * bs0 if t > f else 0 for t, f in zip(totals, frees, strict=True)]
+        else:
+            needs = [-(-(p + 1) // (bs if bs > 1 else 1)) for bs in sizes]
+            freeness = [f - nd for f, nd in zip(frees, needs, strict=True)]
+            self.fits = [fr >= 0 and nd <= t for fr, nd, t in zip(freeness, needs, totals, strict=True)]
+            held = [(t - f if t > f else 0) * bs for t, f, bs in zip(totals, frees, sizes, strict=True)]
+        self.freeness = freeness  # held: KV tokens on each instance (used blocks x block size)
         self.tpots = decode_time_each(model, [b + 1 for b in batches], [c + extra for c in held])
         self.local_ttft: list[float | None] = [None] * n
         self.local_reused = [0] * n
@@ -549,27 +585,22 @@ class _DecodeSide:
         decode_role = bool(pool) and pool[0].role is InstanceRole.DECODE
         if decode_role and not cfg.local_prefill:
             return
-        get = hits.by_id.get
+        by_id = hits.by_id
         if decode_role and p > max_local:  # only instances caching part of the prompt qualify
-            idx = [k for k, i in enumerate(pool) if i.instance_id in hits.by_id]
+            ks = [k for k, i in enumerate(pool) if i.instance_id in by_id] if by_id else []
         else:
-            idx = range(n)
-        chosen: list[tuple[int, int]] = []  # (index, usable cached blocks)
-        for k in idx:
-            inst = pool[k]
-            bs = sizes[k]
-            cap = (p - 1) // bs
-            h = get(inst.instance_id, 0)
-            local = h if h < cap else cap
-            if local < 0:
-                local = 0
-            if inst.role is InstanceRole.DECODE and p - local * bs > max_local:
-                continue
-            chosen.append((k, local))
-        if not chosen:
+            ks = list(range(n))
+        pm1 = p - 1
+        hs = [by_id.get(pool[k].instance_id, 0) for k in ks] if by_id else [0] * len(ks)
+        caps = [pm1 // sizes[k] for k in ks]
+        locs = [(h if h < c else c) if c > 0 else 0 for h, c in zip(hs, caps, strict=True)]
+        if decode_role:
+            keep = [j for j, k in enumerate(ks) if p - locs[j] * sizes[k] <= max_local]
+            ks, locs = [ks[j] for j in keep], [locs[j] for j in keep]
+        if not ks:
             return
-        queues = table.queues([pool[k] for k, _ in chosen])
-        busy = [k for k, _ in chosen if batches[k]]
+        queues = table.queues([pool[k] for k in ks])
+        busy = [k for k in ks if batches[k]]
         cotenant = dict(
             zip(
                 busy,
@@ -577,14 +608,14 @@ class _DecodeSide:
                 strict=True,
             )
         )
-        for (k, local), qs in zip(chosen, queues, strict=True):
-            self.local_ttft[k] = table.ttft(qs, sizes[k], local) + cotenant.get(k, 0.0)
-            self.local_reused[k] = local
-
-
-def _context_tokens(inst: InstanceView) -> int:
-    """KV tokens held on ``inst`` (used blocks x block size; an upper bound on real context)."""
-    return max(0, inst.total_blocks - inst.free_blocks) * inst.block_size
+        reused = [lo * sizes[k] for k, lo in zip(ks, locs, strict=True)]
+        pf = {t: table.prefill(t) for t in set(reused)}
+        # table.ttft(queue, bs, local) = queue + fetch(0) + prefill(local x bs), plus the co-scheduled
+        # decode step of the instance's own batch (0.0 when it has none)
+        ttfts = [q + 0.0 + pf[r] + cotenant.get(k, 0.0) for q, r, k in zip(queues, reused, ks, strict=True)]
+        for k, lo, t in zip(ks, locs, ttfts, strict=True):
+            self.local_ttft[k] = t
+            self.local_reused[k] = lo
 
 
 class ColocatedPolicy(PlacementPolicy):

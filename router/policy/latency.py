@@ -10,7 +10,10 @@
 (e.g. the simulator's profiled model) by sampling it. :class:`OnlineCorrectedLatency` wraps any
 :class:`DecodeLatencyEstimator` and scales its predictions by EWMAs of measured/predicted ratios
 fed from finished requests: one for the TTFT side (prefill + transfer), one for the TPOT side.
-Pure: no I/O.
+:func:`prefill_time_each`/:func:`decode_time_each` price many one-request steps in one call
+(placement prices every instance of a cluster per decision): a model's own ``*_each`` method
+when it has one (these models do; it must equal the per-item calls bit for bit), else a call
+per item. Pure: no I/O.
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ class ClusterView:
         """Instances of any of ``roles``, in view order (a new list; roles are fixed per instance)."""
         got = self._roles.get(roles)
         if got is None:
-            got = self._roles[roles] = tuple(i for i in self.instances if i.role in roles)
+            got = self._roles[roles] = tuple([i for i in self.instances if i.role in roles])
         return list(got)
 
     def prefix_hits(self, hashes: Sequence[BlockHash]) -> PrefixHits:
