@@ -427,11 +427,6 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ windows
     @property
-    def attention_bias(self) -> bool:
-        """Whether q/k/v carry a bias (kept for callers of the old field)."""
-        return self.qkv_bias
-
-    @property
     def windows(self) -> frozenset[int]:
         """The distinct sliding windows of the model's layers (empty: no windowed layer)."""
         return frozenset(w for w in self.layer_windows if w is not None)

@@ -371,3 +371,22 @@ def test_mixed_layers_keep_every_block(tiny_models) -> None:
         if eng.kv.has("x"):
             assert NULL_BLOCK not in eng.kv.block_table("x")
     assert eng.kv.num_used_blocks == 0
+
+
+def test_tensor_parallel_windowed_engine_matches_tp1(tiny_models) -> None:
+    """TP=2 (a spawned follower mirrors each step, window masks included) == TP=1, with
+    out-of-window blocks freed on rank 0's manager."""
+    path = tiny_models["mistral_swa"]
+    prompts = _prompts((30, 77), seed=17)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
+    ref = _engine(path, block_size=8).generate(prompts, params)
+    two = _engine(path, block_size=8, tensor_parallel_size=2)
+    try:
+        assert two.kv.sliding_window == W
+        got = two.generate(prompts, params)
+    finally:
+        two.close()
+    for r, g in zip(ref, got, strict=True):
+        assert g.token_ids == r.token_ids
+        for lr, lg in zip(r.logprobs, g.logprobs, strict=True):
+            assert lg.logprob == pytest.approx(lr.logprob, abs=1e-4)
