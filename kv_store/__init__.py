@@ -8,6 +8,8 @@ Modules, one job each:
 * ``slots``  (pure)   slot allocation
 * ``node``   (pure)   StoreNode: hash -> slot, LRU eviction, pins, leases (injected clock)
 * ``index``  (pure)   KVIndex protocol + InMemoryIndex (longest-prefix lookup)
+* ``checksum``        XXH3-64 block checksums: written with every block, verified on Put and on read
+* ``auth``            who may call a node: Authorizer protocol, cluster-token check, dev mode
 * ``arena``           ShmArena / ArenaReader (shared memory), HeapArena (fake)
 * ``store``           BlockStore: node + arena + index, thread-safe, usable in-process
 * ``convert``         protobuf <-> the types above

@@ -18,6 +18,12 @@ ordered, so transfers never interleave)::
                                                  (a rejected payload goes to a scratch buffer)
     recv(reply: int64)               <-----    send(reply)    ACCEPT or a reject code
 
+Integrity: with CPU tensors (gloo) the header carries the XXH3-64 checksum of the payload bytes
+(:mod:`kv_store.checksum`), computed by the sender from the blocks it holds; the receiver
+verifies what it received and rejects a mismatch (``REJECT_CHECKSUM``: both sides raise
+:class:`~kv_store.checksum.KVChecksumError`, a miss; the received blocks are not used). With CUDA
+tensors (NCCL) no checksum is computed (hashing would need a copy to the host); the header says so.
+
 Header and payload are posted back to back (no round trip before the bulk bytes); the reply
 confirms delivery, so when :meth:`DistBlockSender.send` returns the receiver holds the blocks
 and the sender may free or reuse its tensor. A rejected transfer raises on both sides
@@ -46,15 +52,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kv_store.checksum import CHECKSUM_ALGORITHM, KVChecksumError, block_checksum
 from pdserve.errors import InvalidRequestError, LayoutMismatchError, ResourceExhaustedError, UnavailableError
 
 HEADER_BYTES = 256
 MAGIC = b"PDKV"
-VERSION = 1
-MAX_REQUEST_ID_BYTES = 192
+VERSION = 2  # 2: flags + payload checksum
+MAX_REQUEST_ID_BYTES = 184
 BLOCKS_NDIM = 6  # [n_blocks, L, 2, block_size, kv_heads, head_dim]
 
-ACCEPT, REJECT_DTYPE, REJECT_SHAPE, REJECT_CAPACITY, REJECT_HEADER = 0, 1, 2, 3, 4
+ACCEPT, REJECT_DTYPE, REJECT_SHAPE, REJECT_CAPACITY, REJECT_HEADER, REJECT_CHECKSUM = 0, 1, 2, 3, 4, 5
+_HAS_CHECKSUM = 1  # header flags bit
 
 # dtype <-> 1-byte code on the wire (append only)
 _DTYPES: tuple[torch.dtype, ...] = (
@@ -67,7 +75,8 @@ _DTYPES: tuple[torch.dtype, ...] = (
     torch.int8,
     torch.uint8,
 )
-_HEAD = struct.Struct("<4sHBB6QH")  # magic, version, dtype code, ndim, shape, len(request id)
+# magic, version, dtype code, ndim, flags, shape, payload checksum, len(request id)
+_HEAD = struct.Struct("<4sHBBB6QQH")
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ class TransferHeader:
     request_id: str
     dtype: torch.dtype
     shape: tuple[int, ...]  # [n_blocks, L, 2, block_size, kv_heads, head_dim]
+    checksum: int | None = None  # XXH3-64 of the payload bytes; None: not computed (CUDA tensors)
 
     @property
     def n_blocks(self) -> int:
@@ -119,19 +129,29 @@ class TransferHeader:
             raise InvalidRequestError(f"dtype {self.dtype} cannot be transferred; use one of {_DTYPES}")
         if len(self.shape) != BLOCKS_NDIM:
             raise InvalidRequestError(f"blocks tensor must be {BLOCKS_NDIM}-D, got shape {self.shape}")
-        head = _HEAD.pack(MAGIC, VERSION, _DTYPES.index(self.dtype), len(self.shape), *self.shape, len(rid))
+        flags = 0 if self.checksum is None else _HAS_CHECKSUM
+        head = _HEAD.pack(
+            MAGIC,
+            VERSION,
+            _DTYPES.index(self.dtype),
+            len(self.shape),
+            flags,
+            *self.shape,
+            self.checksum or 0,
+            len(rid),
+        )
         return (head + rid).ljust(HEADER_BYTES, b"\0")
 
     @classmethod
     def decode(cls, raw: bytes) -> TransferHeader:
         if len(raw) != HEADER_BYTES:
             raise InvalidRequestError(f"transfer header must be {HEADER_BYTES} bytes, got {len(raw)}")
-        magic, ver, code, ndim, *rest = _HEAD.unpack_from(raw)
-        shape, rid_len = tuple(rest[:BLOCKS_NDIM]), rest[BLOCKS_NDIM]
+        magic, ver, code, ndim, flags, *rest = _HEAD.unpack_from(raw)
+        shape, checksum, rid_len = tuple(rest[:BLOCKS_NDIM]), rest[BLOCKS_NDIM], rest[BLOCKS_NDIM + 1]
         if magic != MAGIC or ver != VERSION or code >= len(_DTYPES) or ndim != BLOCKS_NDIM:
             raise InvalidRequestError(f"malformed transfer header (magic={magic!r}, version={ver})")
         rid = raw[_HEAD.size : _HEAD.size + rid_len].decode()
-        return cls(rid, _DTYPES[code], shape)
+        return cls(rid, _DTYPES[code], shape, checksum if flags & _HAS_CHECKSUM else None)
 
 
 def device_for(backend: str, rank: int, cuda_device: int | None = None) -> torch.device:
@@ -183,7 +203,19 @@ def _check_blocks(t: torch.Tensor, device: torch.device, what: str) -> None:
         raise InvalidRequestError(f"{what} is on {t.device}, this transport moves {device.type} tensors")
 
 
+def _payload_checksum(t: torch.Tensor) -> int | None:
+    """XXH3-64 of a contiguous CPU tensor's bytes; None for device tensors (not computed)."""
+    if t.device.type != "cpu":
+        return None
+    return block_checksum(_bytes_of(t).numpy())
+
+
 def _reject_error(code: int, header: TransferHeader, out_desc: str) -> Exception:
+    if code == REJECT_CHECKSUM:
+        return KVChecksumError(
+            f"transfer {header.request_id!r}: the received blocks do not match the sender's "
+            f"{CHECKSUM_ALGORITHM} checksum ({out_desc}); corrupted in transit, not used"
+        )
     if code == REJECT_CAPACITY:
         return ResourceExhaustedError(
             f"transfer {header.request_id!r}: {header.n_blocks} blocks do not fit the receiver's "
@@ -222,7 +254,7 @@ class DistBlockSender(_P2P):
         """Send ``blocks`` to rank ``dst``; returns once the receiver confirmed it holds them.
         Raises the receiver's rejection (LayoutMismatchError / ResourceExhaustedError)."""
         _check_blocks(blocks, self.device, "blocks")
-        header = TransferHeader(request_id, blocks.dtype, tuple(blocks.shape))
+        header = TransferHeader(request_id, blocks.dtype, tuple(blocks.shape), _payload_checksum(blocks))
         raw = torch.frombuffer(bytearray(header.encode()), dtype=torch.uint8).to(self.device)
         reply = torch.zeros(1, dtype=torch.int64, device=self.device)
         try:
@@ -267,6 +299,10 @@ class DistBlockReceiver(_P2P):
             else:  # drain, so the pair stays in step
                 dst = torch.empty(header.nbytes, dtype=torch.uint8, device=self.device)
             self._recv(dst, src)
+        if code == ACCEPT and header.checksum is not None and header.n_blocks:
+            got = _payload_checksum(out[: header.n_blocks])
+            if got is not None and got != header.checksum:
+                code = REJECT_CHECKSUM
         self._reply(code, src)
         if code != ACCEPT:
             raise _reject_error(code, header, f"{out.dtype} {tuple(out.shape)}")

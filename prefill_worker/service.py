@@ -178,6 +178,15 @@ class PrefillServicer:
         finally:
             self.state.loop.call(lambda e: e.release(rid))
             done["v"] = True
+        if not ctx.is_active():
+            # the caller went away while the blocks were published: no one will ever learn this
+            # handle, so its lease is released now instead of pinning the blocks until its TTL
+            if handle.lease_id and self.store is not None:
+                try:
+                    self.store.release(handle.lease_id)
+                except Exception as e:  # noqa: BLE001 - the lease expires anyway
+                    log.warning("could not release the lease of cancelled %s: %s", rid, e)
+            raise CancelledError("client went away while the KV was published")
         self.state.count_finished()
         m = item.metrics
         queue_s = (m.first_scheduled_time - m.arrival_time) if m and m.first_scheduled_time else 0.0

@@ -7,6 +7,7 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from kv_store import convert
 from kv_store.auth import (
@@ -27,10 +28,12 @@ from kv_store.checksum import (
     check_checksum_list,
     verify_blocks,
 )
+from kv_store.dist_transport import ACCEPT, REJECT_CHECKSUM, DistBlockReceiver, TransferHeader
 from kv_store.handle import BlockLocation, KVHandle
 from kv_store.layout import KVLayout
 from kv_store.node import NodeConfig, StoreNode
 from kv_store.store import BlockStore, StoreConfig
+from kv_store.tensors import tensor_bytes
 from kv_store.transport import FakeTransport, FetchedBlocks
 from kv_store.wire import decode_get_chunk, encode_chunk
 from pdserve.errors import InvalidRequestError, RequestNotFoundError, ResourceExhaustedError
@@ -272,3 +275,41 @@ def test_fake_authorizer_records_decisions() -> None:
     assert fake.authorize(_ctx({"who": "worker"})).allowed
     assert not fake.authorize(_ctx({})).allowed
     assert fake.calls == [True, False]
+
+
+# ------------------------------------------------------------------ direct (gloo) transfers
+
+
+class _ScriptedReceiver(DistBlockReceiver):
+    """A receiver whose peer is a script: ``_recv`` fills the header, then the payload bytes."""
+
+    def __init__(self, header: bytes, payload: bytes) -> None:
+        super().__init__(torch.device("cpu"))
+        self._incoming = [header, payload]
+        self.replies: list[int] = []
+
+    def _recv(self, t: torch.Tensor, src: int) -> None:
+        data = self._incoming.pop(0)
+        t.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+    def _reply(self, code: int, dst: int) -> None:
+        self.replies.append(code)
+
+
+def test_direct_transfer_header_carries_the_payload_checksum() -> None:
+    blocks = torch.randn((2, 1, 2, 2, 1, 4))
+    header = TransferHeader("r", blocks.dtype, tuple(blocks.shape), block_checksum(tensor_bytes(blocks)))
+    assert TransferHeader.decode(header.encode()) == header
+    unchecked = TransferHeader("r", blocks.dtype, tuple(blocks.shape))  # CUDA tensors: none computed
+    assert TransferHeader.decode(unchecked.encode()).checksum is None
+    payload = bytes(tensor_bytes(blocks))
+    ok = _ScriptedReceiver(header.encode(), payload)
+    out = torch.empty_like(blocks)
+    ok.recv_into(0, out)
+    assert torch.equal(out, blocks) and ok.replies == [ACCEPT]
+    corrupted = bytearray(payload)
+    corrupted[17] ^= 0x10  # one bit flipped in transit
+    bad = _ScriptedReceiver(header.encode(), bytes(corrupted))
+    with pytest.raises(KVChecksumError, match="do not match the sender's"):
+        bad.recv_into(0, torch.empty_like(blocks))
+    assert bad.replies == [REJECT_CHECKSUM]  # the sender is told, and raises the same
