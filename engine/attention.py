@@ -15,8 +15,9 @@ tokens contiguously. Each layer first writes the batch's new K/V into their slot
 Sliding window (``window`` = W, per layer): a query at position ``i`` attends to keys ``j`` with
 ``j <= i`` and ``i - j < W`` (transformers' ``sliding_window_overlay``: ``kv_idx > q_idx - W``).
 When every layer is windowed the KV manager frees blocks no query can reach any more; the model
-runner then passes block tables that start at the first block still needed (``table_start`` /
-``decode_table_start`` > 0, ``AttentionMetadata.trimmed``), so a freed block is never gathered.
+runner then passes block tables that start at the first block still needed
+(``PrefillSlice.table_start`` > 0; decode masks are built from each table's start;
+``AttentionMetadata.trimmed``), so a freed block is never gathered.
 A full-attention layer refuses trimmed tables (it would silently lose context). Every query
 sees at least its own key, so no softmax row is fully masked.
 """
