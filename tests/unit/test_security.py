@@ -18,6 +18,7 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from pdserve.certs import PkiPaths, issue, make_ca, server_hosts, write_dev_pki
@@ -349,6 +350,9 @@ def test_internal_services_require_the_cluster_token(pki, serve, tls):
     )
     with chan(router, None) as ch:  # Generate is not internal
         assert client_pb2_grpc.GenerateStub(ch).ListModels(client_pb2.ListModelsRequest(), timeout=T).models
+    with chan(worker, None) as ch:  # health checking stays open (probes carry no token)
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=T)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_server_auth_policy_is_pure_and_constant_time_compared():
