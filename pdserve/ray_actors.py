@@ -244,20 +244,25 @@ class RouterActor:
 
         from pdserve.grpc_server import start_server
         from pdserve.metrics import RouterMetrics, serve_metrics
-        from pdserve.v1 import client_pb2, router_pb2
+        from pdserve.v1 import client_pb2
         from router.health import HEALTH_SERVICES, start_router_health
         from router.registry import Registry
-        from router.service import GenerateServicer, RegistryServicer
+        from router.registry_service import REGISTRY_SERVICE, RegistryServicer, start_control_server
+        from router.service import GenerateServicer
 
         apply_security(config)
         cfg = router_config(config)
         self.registry = Registry(cfg.heartbeat_timeout_s)
+        # the control plane (Registry) on its own server and threads; workers register at the
+        # data address (what ROUTER_NAME resolves to) and are told this one for their heartbeats
+        registry_servicer = RegistryServicer(self.registry, cfg)
+        self.control, self._control_address, _ = start_control_server(registry_servicer, cfg.host, 0)
         services = [
             (
                 client_pb2.DESCRIPTOR.services_by_name["Generate"],
                 GenerateServicer(self.registry, cfg, RouterMetrics(REGISTRY)),
             ),
-            (router_pb2.DESCRIPTOR.services_by_name["Registry"], RegistryServicer(self.registry, cfg)),
+            (REGISTRY_SERVICE, registry_servicer),
         ]
         self.server, port, hs = start_server(
             services, cfg.host, cfg.port, name="router", not_serving=HEALTH_SERVICES
@@ -277,6 +282,7 @@ class RouterActor:
         return {
             "node_id": _node_id(),
             "address": self._address,
+            "control": self._control_address,  # the Registry's own server (worker heartbeats)
             "metrics": f"127.0.0.1:{self.metrics_port}",
             "pid": os.getpid(),
             "policy": self._policy,  # placement policy
@@ -339,6 +345,7 @@ class RouterActor:
             self._stopped = True
             self._health.stop()
             self.server.stop(2).wait()
+            self.control.stop(1).wait()
 
 
 # ---------------------------------------------------------------------------- workers

@@ -154,6 +154,13 @@ class WorkerState:
 class Heartbeater:
     """Registers with the router and heartbeats stats; re-registers when the router forgot us.
 
+    ``router_address`` is where to register: the router's control address, or (compatibility)
+    its data address. The router answers with its control address
+    (``RegisterResponse.control_address``, :mod:`router.registry_service`) and heartbeats and the
+    final Deregister go there, to the control plane that client load cannot delay. When a
+    heartbeat finds the control address unreachable, the worker registers again at
+    ``router_address`` (which names the control address anew).
+
     ``resolve`` (optional) returns the router's current address. It is called after a heartbeat
     finds the router unreachable; when the address changed (a restarted router actor bound a new
     port) the heartbeater reconnects there and registers again. Without it the address is fixed.
@@ -167,6 +174,9 @@ class Heartbeater:
         self._resolve = resolve
         self._ch = internal_channel(router_address)
         self._stub = router_pb2_grpc.RegistryStub(self._ch)
+        self.control_address = router_address  # where heartbeats go (learnt on registration)
+        self._control_ch: grpc.Channel | None = None  # its channel, when it is not ``_ch``
+        self._control_stub = self._stub
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -175,7 +185,7 @@ class Heartbeater:
 
     def _register(self) -> None:
         c = self.state.config
-        self._stub.Register(
+        r = self._stub.Register(
             router_pb2.RegisterRequest(
                 worker_id=c.worker_id,
                 role=c.role.value,
@@ -185,6 +195,26 @@ class Heartbeater:
             ),
             timeout=5,
         )
+        self._use_control(r.control_address or self.router_address)
+
+    def _use_control(self, address: str) -> None:
+        """Heartbeat to ``address`` from now on (a channel of its own unless it is ``router_address``)."""
+        if address == self.control_address:
+            return
+        log.info("heartbeats to the router's control address", extra={"control": address})
+        self._close_control()
+        self.control_address = address
+        if address != self.router_address:
+            self._control_ch = internal_channel(address)
+            self._control_stub = router_pb2_grpc.RegistryStub(self._control_ch)
+
+    def _close_control(self) -> None:
+        """Back to heartbeating (and registering) at ``router_address``."""
+        if self._control_ch is not None:
+            self._control_ch.close()
+            self._control_ch = None
+        self.control_address = self.router_address
+        self._control_stub = self._stub
 
     def _rediscover(self) -> None:
         """Ask ``resolve`` where the router is now; reconnect if it moved (errors: keep the old)."""
@@ -198,9 +228,12 @@ class Heartbeater:
         if address and address != self.router_address:
             log.info("router moved", extra={"old": self.router_address, "new": address})
             old = self._ch
+            self._close_control()
             self.router_address = address
             self._ch = internal_channel(address)
             self._stub = router_pb2_grpc.RegistryStub(self._ch)
+            self.control_address = address
+            self._control_stub = self._stub
             old.close()
 
     def _run(self) -> None:
@@ -212,7 +245,7 @@ class Heartbeater:
                     self._register()
                     registered = True
                 else:
-                    r = self._stub.Heartbeat(
+                    r = self._control_stub.Heartbeat(
                         router_pb2.HeartbeatRequest(
                             worker_id=self.state.config.worker_id, stats=self.state.stats()
                         ),
@@ -223,6 +256,7 @@ class Heartbeater:
                 log.debug("router not reachable: %s", e.code())
                 registered = False
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self._close_control()  # register again where we were told to
                     self._rediscover()
             self._stop.wait(interval)
 
@@ -231,7 +265,8 @@ class Heartbeater:
         self._thread.join(timeout=5)
         if deregister:
             with contextlib.suppress(grpc.RpcError):
-                self._stub.Deregister(
+                self._control_stub.Deregister(
                     router_pb2.DeregisterRequest(worker_id=self.state.config.worker_id), timeout=2
                 )
+        self._close_control()
         self._ch.close()

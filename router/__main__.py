@@ -7,8 +7,14 @@ global_cache_aware), local_cache_aware. Goodput knobs: ``--latency-profile``, ``
 (the cluster's shared redis:// KV index: prefix lookups read it directly instead of asking a store).
 Failover: ``--max-redispatches`` (re-dispatches of one request after lost workers; default 2).
 
-Prints one JSON line ``{"address", "metrics"}`` once serving (``metrics``: host:port of its
-Prometheus /metrics); runs until SIGTERM. Logs are JSON lines on stderr.
+Control plane: the worker Registry has its own gRPC server, port (``--control-port``, default any
+free one) and threads (:mod:`router.registry_service`), so load on the Generate data plane never
+delays heartbeats. Registry is served on the data port too (a worker given only the router's
+address registers there and is told the control address for its heartbeats).
+
+Prints one JSON line ``{"address", "control", "metrics"}`` once serving (``address``: the data
+plane, Generate, for clients; ``control``: the Registry, for workers' ``--router``; ``metrics``:
+host:port of its Prometheus /metrics); runs until SIGTERM. Logs are JSON lines on stderr.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from pdserve import cli_help
 from pdserve.metrics import RouterMetrics, serve_metrics
 from pdserve.security import add_security_args, install_from_args
 from pdserve.tracing import configure_logging
-from pdserve.v1 import client_pb2, router_pb2
+from pdserve.v1 import client_pb2
 from router.health import HEALTH_SERVICES, start_router_health
 from router.policy import GoodputConfig, PolicyKind
 from router.policy_factory import parse_policy, policy_choices
 from router.registry import Registry
-from router.service import GenerateServicer, RegistryServicer, RouterConfig
+from router.registry_service import REGISTRY_SERVICE, RegistryServicer, start_control_server
+from router.service import GenerateServicer, RouterConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-id", default=None, help="model name clients ask for (default: the folder's name)"
     )
     ap.add_argument("--host", default="127.0.0.1", help="listen address of the data and control planes")
-    ap.add_argument("--port", type=int, default=0, help="gRPC listen port (0: any free port)")
+    ap.add_argument("--port", type=int, default=0, help="data plane (Generate) port (0: any free)")
+    ap.add_argument(
+        "--control-port",
+        type=int,
+        default=0,
+        help="control plane (worker Registry: register, heartbeats) port, served by its own threads "
+        "(0: any free)",
+    )
     ap.add_argument(
         "--heartbeat-timeout-s",
         type=float,
@@ -129,20 +143,32 @@ def main(argv: list[str] | None = None) -> int:
         generate = GenerateServicer(reg, cfg, RouterMetrics(REGISTRY))  # opens the --index
     except ValueError as e:  # a bad option value (InvalidRequestError included)
         ap.error(str(e))
+    registry_servicer = RegistryServicer(reg, cfg)
+    control, control_address, _ = start_control_server(registry_servicer, cfg.host, a.control_port)
     services = [
         (client_pb2.DESCRIPTOR.services_by_name["Generate"], generate),
-        (router_pb2.DESCRIPTOR.services_by_name["Registry"], RegistryServicer(reg, cfg)),
+        (REGISTRY_SERVICE, registry_servicer),  # compatibility: registering here names the control port
     ]
     server, port, hs = start_server(services, cfg.host, cfg.port, name="router", not_serving=HEALTH_SERVICES)
     health = start_router_health(reg, cfg, hs)  # NOT_SERVING until it can place a request
     metrics_port = serve_metrics(a.metrics_port)
-    print(json.dumps({"address": f"{cfg.host}:{port}", "metrics": f"127.0.0.1:{metrics_port}"}), flush=True)
+    print(
+        json.dumps(
+            {
+                "address": f"{cfg.host}:{port}",
+                "control": control_address,
+                "metrics": f"127.0.0.1:{metrics_port}",
+            }
+        ),
+        flush=True,
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     health.stop()
     server.stop(2).wait()
+    control.stop(1).wait()
     return 0
 
 

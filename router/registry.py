@@ -84,6 +84,14 @@ class Registry:
             w.last_seen = self.clock()
             return True
 
+    def seen(self, worker_id: str) -> None:
+        """Proof of life other than a heartbeat (the router got an answer or a streamed message
+        from the worker): it is not expired for silence meanwhile. Its load stays as reported."""
+        with self._lock:
+            w = self._workers.get(worker_id)
+            if w is not None:
+                w.last_seen = self.clock()
+
     def deregister(self, worker_id: str) -> bool:
         with self._lock:
             found = self._workers.pop(worker_id, None) is not None
