@@ -227,7 +227,10 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
     ap.add_argument("--model", required=True, help="HF model folder")
     ap.add_argument("--store", required=True, help="host:port of the local KV store node")
     ap.add_argument(
-        "--router", default=None, help="host:port of the router's registry (default: none, not registered)"
+        "--router",
+        default=None,
+        help="host:port of the router's control plane (its ready line's \"control\"; its data address "
+        "works too: the router then names its control address) (default: none, not registered)",
     )
     ap.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
     ap.add_argument("--port", type=int, default=0, help="gRPC listen port (0: any free port)")
