@@ -332,9 +332,19 @@ class AsyncClient:
             address, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name, aio=True
         )
         self._stub = client_pb2_grpc.GenerateStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()
+
+    async def health(self, service: str = GENERATE_SERVICE) -> ServingStatus:
+        """As :meth:`Client.health`."""
+        try:
+            return _serving(
+                await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+            )
+        except grpc.RpcError as e:
+            raise_from_rpc_error(e)
 
     async def __aenter__(self) -> AsyncClient:
         return self
