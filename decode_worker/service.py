@@ -17,17 +17,22 @@ the request carries it too, and every pull is timed and its failures counted in
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import prometheus_client
 import torch
 
 from decode_worker.puller import KVPuller
+from engine.engine_loop import OutputItem, OutputSink
 from engine.llm_engine import LLMEngine
 from kv_store.convert import handle_from_proto
 from kv_store.handle import KVHandle
@@ -161,36 +166,52 @@ class DecodeServicer:
             return
         first = True
         while True:
-            item = q.get()
-            if isinstance(item, BaseException):
-                raise item
-            if not item.new_token_ids and not item.finished:
-                continue  # a prefill chunk of a local prefill: nothing to stream yet
-            msg = worker_pb2.DecodeResponse(
-                request_id=rid,
-                token_ids=item.new_token_ids,
-                logprobs=[logprob_to_proto(lp) for lp in item.logprobs],
-            )
-            if first:
-                if req.local_prefill:
-                    msg.num_cached_tokens = max(0, item.num_cached_tokens)
-                msg.kv_pull_s = pull_s
+            batch = _ready([q.get()], q.get_nowait, queue.Empty)
+            msg, failure = self._message(rid, batch, req.local_prefill, pull_s if first else None)
+            if msg is not None:
                 first = False
-            if item.finished:
-                finished["v"] = True
-                self.state.count_finished()
-                msg.finish.reason = finish_to_proto(item.finish_reason)
-                if item.stop_reason is not None:
-                    msg.finish.stop = str(item.stop_reason)
-            yield msg
-            if item.finished:
+                if msg.HasField("finish"):
+                    finished["v"] = True
+                yield msg
+            if failure is not None:
+                raise failure
+            if msg is not None and msg.HasField("finish"):
                 return
 
+    def _message(
+        self, rid: str, batch: list[OutputItem], local_prefill: bool, pull_s: float | None
+    ) -> tuple[worker_pb2.DecodeResponse | None, BaseException | None]:
+        """One DecodeResponse for the engine outputs ``batch`` (every token that was ready: several
+        per message under load, so a slow reader costs fewer messages), and the failure that
+        ended the batch, if any. ``pull_s``: set on the request's first message (None: not the
+        first). None when the batch holds no token and no finish (a local prefill's chunk)."""
+        failure = next((i for i in batch if isinstance(i, BaseException)), None)
+        outs = [i for i in batch if not isinstance(i, BaseException)]
+        streamed = [o for o in outs if o.new_token_ids or o.finished]
+        if not streamed:
+            return None, failure
+        msg = worker_pb2.DecodeResponse(
+            request_id=rid,
+            token_ids=[t for o in streamed for t in o.new_token_ids],
+            logprobs=[logprob_to_proto(lp) for o in streamed for lp in o.logprobs],
+        )
+        if pull_s is not None:
+            if local_prefill:
+                msg.num_cached_tokens = max(0, streamed[0].num_cached_tokens)
+            msg.kv_pull_s = pull_s
+        last = streamed[-1]
+        if last.finished:
+            self.state.count_finished()
+            msg.finish.reason = finish_to_proto(last.finish_reason)
+            if last.stop_reason is not None:
+                msg.finish.stop = str(last.stop_reason)
+        return msg, failure
+
     def _admit_handoff(
-        self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext
-    ) -> tuple[str, queue.SimpleQueue, bool, float]:
+        self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext, out: OutputSink | None = None
+    ) -> tuple[str, OutputSink, bool, float]:
         """Pull the KV named by the handle and import it; (request id, output queue, done at once,
-        seconds the pull took)."""
+        seconds the pull took). ``out``: the output queue to use (default: a new one)."""
         if not req.HasField("kv"):
             raise InvalidRequestError("Decode needs the KVHandle returned by Prefill (or local_prefill)")
         handle = handle_from_proto(req.kv)
@@ -224,12 +245,12 @@ class DecodeServicer:
             )
             immediate["v"] = not e.has_request(rid)  # the first token already ended it
 
-        q = self.state.loop.add(rid, add)
+        q = self._add(rid, add, out)
         return rid, q, immediate["v"], pull_s
 
     def _admit_local(
-        self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext
-    ) -> tuple[str, queue.SimpleQueue, bool]:
+        self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext, out: OutputSink | None = None
+    ) -> tuple[str, OutputSink, bool]:
         """Conditional disaggregation: the engine runs the whole request (prompt included)."""
         if req.HasField("kv") or req.first_token or req.HasField("first_token_logprob"):
             raise InvalidRequestError("local_prefill runs the prompt here: send no kv and no first token")
@@ -249,7 +270,11 @@ class DecodeServicer:
                 rid, ids, params, priority=req.priority, adapter_id=req.adapter, cache_salt=req.cache_salt
             )
 
-        return rid, self.state.loop.add(rid, add), False
+        return rid, self._add(rid, add, out), False
+
+    def _add(self, rid: str, adder, out: OutputSink | None) -> OutputSink:
+        """``EngineLoop.add`` with the output queue ``out`` (None: the loop's own)."""
+        return self.state.loop.add(rid, adder) if out is None else self.state.loop.add(rid, adder, out)
 
     def Prefill(self, req, ctx):
         raise InvalidRequestError("this is a decode worker: send Prefill to a prefill worker")
@@ -259,3 +284,167 @@ class DecodeServicer:
 
     def Stats(self, req, ctx) -> worker_pb2.WorkerStats:
         return self.state.stats()
+
+
+def _ready(batch: list[OutputItem], get_nowait, empty: type[Exception]) -> list[OutputItem]:
+    """``batch`` plus every output already waiting (``get_nowait`` until ``empty`` is raised), up
+    to and including one that ends the request (finished, or a failure)."""
+    while not _ends(batch[-1]):
+        try:
+            batch.append(get_nowait())
+        except empty:
+            break
+    return batch
+
+
+def _ends(item: OutputItem) -> bool:
+    return isinstance(item, BaseException) or item.finished
+
+
+class _LoopQueue:
+    """A request's output queue read by an asyncio task: the engine thread's ``put`` hands the
+    item to the event loop (``call_soon_threadsafe``), never blocking the engine. Holds at most
+    the request's outputs (bounded by its ``max_tokens``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._q: asyncio.Queue[OutputItem] = asyncio.Queue()
+
+    def put(self, item: OutputItem) -> None:  # engine thread
+        with contextlib.suppress(RuntimeError):  # the loop closed (shutting down): nobody reads
+            self._loop.call_soon_threadsafe(self._q.put_nowait, item)
+
+    async def get(self) -> OutputItem:
+        return await self._q.get()
+
+    def get_nowait(self) -> OutputItem:
+        return self._q.get_nowait()
+
+
+class _AdmissionContext:
+    """What the blocking admission (:meth:`DecodeServicer._admit_handoff` / ``_admit_local``, on a
+    worker thread) reads of the call: its deadline, fixed at the start, and whether the caller
+    is still there (``gone`` is set by the call's task when it is cancelled)."""
+
+    def __init__(self, ctx: grpc.aio.ServicerContext) -> None:
+        r = ctx.time_remaining()
+        self._deadline = None if r is None or r > 1e7 else time.monotonic() + r
+        self.gone = threading.Event()
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def is_active(self) -> bool:
+        return not self.gone.is_set() and (self._deadline is None or time.monotonic() < self._deadline)
+
+
+class AsyncDecodeServicer(DecodeServicer):
+    """:class:`DecodeServicer` for a ``grpc.aio`` server (:func:`pdserve.grpc_server.start_aio_server`):
+    a Decode stream is a task on the event loop waiting on its output queue (:class:`_LoopQueue`),
+    so a worker's streams are not capped by a thread pool; a stream waiting on tokens costs memory.
+    Admission (waiting for free blocks, the KV pull, adding to the engine) blocks, so it runs on
+    ``admission_threads`` threads; many streams may wait there, each stream's tokens do not.
+    Every token ready when the stream is read goes in one message. A reader that does not keep
+    up pauses the stream (the write waits; outputs wait in the queue: at most ``max_tokens``);
+    cancellation (the router gave up on it) aborts the request in the engine.
+    Prefill/Abort/Stats stay synchronous (run on the server's thread pool)."""
+
+    def __init__(self, *args, admission_threads: int = 16, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="decode-admit")
+
+    async def Decode(  # type: ignore[override]
+        self, req: worker_pb2.DecodeRequest, ctx: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        """As :meth:`DecodeServicer.Decode` (the same closing log line), on the event loop."""
+        with request_scope(req.request_id or req.kv.request_id):
+            tokens, finish, pull_s = 0, "", 0.0
+            try:
+                async for msg in self._decode_async(req, ctx):
+                    tokens += len(msg.token_ids)
+                    pull_s = pull_s or msg.kv_pull_s
+                    if msg.HasField("finish"):
+                        finish = common_pb2.FinishReason.Name(msg.finish.reason)
+                    yield msg
+            except (GeneratorExit, asyncio.CancelledError):  # the caller went away
+                log_event(
+                    log,
+                    "decode done" if finish else "decode cancelled",
+                    tokens=tokens,
+                    finish=finish,
+                    kv_pull_s=round(pull_s, 6),
+                )
+                raise
+            except Exception as e:
+                log_event(
+                    log, "decode failed", error=type(e).__name__, tokens=tokens, kv_pull_s=round(pull_s, 6)
+                )
+                raise
+            log_event(log, "decode done", tokens=tokens, finish=finish, kv_pull_s=round(pull_s, 6))
+
+    def _admit(
+        self, req: worker_pb2.DecodeRequest, actx: _AdmissionContext, out: _LoopQueue
+    ) -> tuple[str, bool, float]:
+        """Blocking admission (worker thread): (request id, done at once, pull seconds)."""
+        if req.adapter:  # the router refuses these first; a direct caller is refused here too
+            raise ModelNotFoundError(
+                f"LoRA adapter {req.adapter!r} is not served: this worker serves only the base model "
+                f"{self.state.engine.model_id!r}"
+            )
+        if req.local_prefill:
+            rid, _, immediate = self._admit_local(req, actx, out)  # type: ignore[arg-type]
+            return rid, immediate, 0.0
+        rid, _, immediate, pull_s = self._admit_handoff(req, actx, out)  # type: ignore[arg-type]
+        return rid, immediate, pull_s
+
+    async def _decode_async(
+        self, req: worker_pb2.DecodeRequest, ctx: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        loop = asyncio.get_running_loop()
+        out = _LoopQueue(loop)
+        actx = _AdmissionContext(ctx)
+        admitted = loop.run_in_executor(
+            self._admission, contextvars.copy_context().run, self._admit, req, actx, out
+        )
+        try:
+            rid, immediate, pull_s = await asyncio.shield(admitted)
+        except asyncio.CancelledError:
+            actx.gone.set()  # a wait for blocks gives up; a request already added is aborted
+            admitted.add_done_callback(lambda f: self._abort_admitted(loop, f))
+            raise
+        finished = False
+        try:
+            if immediate:
+                # finished at once (first token was a stop); nothing will be queued
+                finished = True
+                await loop.run_in_executor(self._admission, self.state.loop.abort, rid)
+                yield worker_pb2.DecodeResponse(
+                    request_id=rid,
+                    finish=common_pb2.Finish(reason=common_pb2.FINISH_REASON_STOP),
+                    kv_pull_s=pull_s,
+                )
+                return
+            first = True
+            while True:
+                batch = _ready([await out.get()], out.get_nowait, asyncio.QueueEmpty)
+                msg, failure = self._message(rid, batch, req.local_prefill, pull_s if first else None)
+                if msg is not None:
+                    first = False
+                    finished = msg.HasField("finish")
+                    yield msg
+                if failure is not None:
+                    raise failure
+                if finished:
+                    return
+        finally:
+            if not finished:  # cancelled, or the reader went away: free its blocks
+                loop.run_in_executor(self._admission, self.state.loop.abort, rid)
+
+    def _abort_admitted(self, loop: asyncio.AbstractEventLoop, f: asyncio.Future) -> None:
+        """A request whose caller left during admission: abort it if admission added it."""
+        if f.cancelled() or f.exception() is not None:
+            return
+        loop.run_in_executor(self._admission, self.state.loop.abort, f.result()[0])
+
+    def close(self) -> None:
+        self._admission.shutdown(wait=False, cancel_futures=True)

@@ -17,7 +17,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -29,11 +29,17 @@ T = TypeVar("T")
 OutputItem = RequestOutput | BaseException
 
 
+class OutputSink(Protocol):
+    """Where a request's outputs go: ``put`` is called on the engine thread, never blocks."""
+
+    def put(self, item: OutputItem) -> None: ...
+
+
 class EngineLoop:
     def __init__(self, engine: LLMEngine, name: str = "engine-loop") -> None:
         self.engine = engine
         self._cmds: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
-        self._queues: dict[str, queue.SimpleQueue[OutputItem]] = {}
+        self._queues: dict[str, OutputSink] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -50,9 +56,13 @@ class EngineLoop:
         self._wake.set()
         return fut.result(timeout_s)
 
-    def add(self, request_id: str, adder: Callable[[LLMEngine], Any]) -> queue.SimpleQueue[OutputItem]:
-        """Register an output queue for ``request_id`` and run ``adder`` (which adds it)."""
-        q: queue.SimpleQueue[OutputItem] = queue.SimpleQueue()
+    def add(
+        self, request_id: str, adder: Callable[[LLMEngine], Any], out: OutputSink | None = None
+    ) -> OutputSink:
+        """Register an output queue for ``request_id`` and run ``adder`` (which adds it); returns
+        the queue. ``out``: the queue to use instead of a new ``queue.SimpleQueue`` (anything
+        with ``put(item)``, called on the engine thread: e.g. one that wakes an asyncio task)."""
+        q: OutputSink = queue.SimpleQueue() if out is None else out
         with self._lock:
             self._queues[request_id] = q
         try:

@@ -103,7 +103,9 @@ class AioServer:
         """Run ``coro`` on the server's loop and return its result (from any other thread)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
-    def stop(self, grace_s: float | None = 2.0) -> None:
+    def stop(self, grace_s: float | None = 2.0) -> threading.Event:
+        """Stop serving (calls in flight get ``grace_s`` seconds), then the loop. Returns a set
+        event, so that ``server.stop(grace).wait()`` reads as for a sync ``grpc.Server``."""
         if not self.loop.is_closed() and self.loop.is_running():
             if self.server is not None:
                 self.run(self.server.stop(grace_s))
@@ -111,6 +113,9 @@ class AioServer:
             self._thread.join(10)
         if not self.loop.is_running() and not self.loop.is_closed():
             self.loop.close()
+        done = threading.Event()
+        done.set()
+        return done
 
 
 def start_aio_server(

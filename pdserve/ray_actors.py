@@ -366,12 +366,11 @@ class WorkerActor:
         from engine.config import EngineConfig
         from kv_store.client import FollowingStoreClient, KVStoreClient
         from kv_store.transport import AutoTransport
-        from pdserve.grpc_server import start_server
         from pdserve.metrics import WorkerMetrics, serve_metrics
         from pdserve.security import internal_channel
         from pdserve.tracing import traced_channel
         from pdserve.worker_base import Heartbeater, Role, WorkerConfig, WorkerState
-        from pdserve.worker_main import build_service, worker_services
+        from pdserve.worker_main import build_service, serve_worker, worker_services
 
         self.node_id = _node_id()
         self.host_id = apply_host_id(config)
@@ -432,7 +431,7 @@ class WorkerActor:
             self.state, self._store, self._transport, self.dist, config.kv_transfer.outbox_bytes
         )
         services, self._peer = worker_services(svc, wrole, self.dist)
-        self.server, port, _ = start_server(services, host, 0, name=worker_id)
+        self.server, port = serve_worker(services, wrole, host, 0, worker_id)  # decode: grpc.aio
         self.state.address = f"{host}:{port}"
         self.state.attach_metrics(
             WorkerMetrics(REGISTRY, worker_id, role.value, snapshot=self.state.metrics_snapshot)

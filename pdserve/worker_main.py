@@ -322,7 +322,7 @@ def build_service(
 
         return PrefillServicer(state, publisher, store, transport, PrefixFetchPolicy(prefix_fetch))
     from decode_worker.puller import StorePuller
-    from decode_worker.service import DecodeServicer
+    from decode_worker.service import AsyncDecodeServicer
     from decode_worker.spill_puller import SpillPuller
 
     puller: Any = SpillPuller(StorePuller(transport, {store.address: store}))
@@ -330,7 +330,7 @@ def build_service(
         from decode_worker.dist_puller import DistPuller
 
         puller = DistPuller(dist, puller, timeout_s=dist.options.timeout_s)
-    return DecodeServicer(state, puller)
+    return AsyncDecodeServicer(state, puller)  # served on grpc.aio: see serve_worker
 
 
 def worker_services(svc: Any, role: Role, dist: DistGroup | None) -> tuple[list[tuple[Any, Any]], Any]:
@@ -352,6 +352,23 @@ def worker_services(svc: Any, role: Role, dist: DistGroup | None) -> tuple[list[
     return services, peer
 
 
+def serve_worker(
+    services: list[tuple[Any, Any]], role: Role, host: str, port: int, name: str
+) -> tuple[Any, int]:
+    """Serve a worker's ``services`` (from :func:`worker_services`); returns (server, bound port).
+    A decode worker serves on ``grpc.aio`` (:func:`pdserve.grpc_server.start_aio_server`): its
+    Decode streams wait on tokens as tasks of one event loop, not as threads of a pool, so its
+    concurrency is the engine's, not a thread cap. A prefill worker's calls compute (a thread
+    each, as many as its pool). Either server stops with ``server.stop(grace).wait()``."""
+    from pdserve.grpc_server import start_aio_server, start_server
+
+    if role is Role.DECODE:
+        server, bound, _ = start_aio_server(services, host, port, name=name)
+    else:
+        server, bound, _ = start_server(services, host, port, name=name)
+    return server, bound
+
+
 def main(
     role: Role,
     argv: list[str] | None = None,
@@ -365,8 +382,6 @@ def main(
 
     A model that cannot be loaded ends the process at once with status 1, before the ready line,
     after one ``<prog>: error: cannot load model PATH: <the loader's message>`` line on stderr."""
-    from pdserve.grpc_server import start_server
-
     dist_opts, rest = parse_dist_args(list(sys.argv[1:] if argv is None else argv))
     cfg = parse(rest, role, parents)
     configure_logging(cfg.worker_id)
@@ -393,7 +408,7 @@ def main(
         prefix_fetch=prefix_fetch,
     )
     services, _ = worker_services(svc, role, dist)
-    server, port, _ = start_server(services, cfg.host, cfg.port, name=cfg.worker_id)
+    server, port = serve_worker(services, role, cfg.host, cfg.port, cfg.worker_id)
     state.address = f"{cfg.host}:{port}"
     state.attach_metrics(
         WorkerMetrics(REGISTRY, cfg.worker_id, role.name.lower(), snapshot=state.metrics_snapshot)
@@ -427,6 +442,8 @@ def main(
     if hb:
         hb.stop()
     server.stop(2).wait()
+    if role is Role.DECODE:
+        svc.close()  # its admission threads (AsyncDecodeServicer)
     state.close()
     transport.close()
     store.close()

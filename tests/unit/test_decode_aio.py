@@ -1,0 +1,161 @@
+"""The decode worker's asynchronous Decode (decode_worker.service.AsyncDecodeServicer): streams are
+tasks of one event loop (no thread each), ready tokens go out in one message, and a stream whose
+caller goes away aborts its request in the engine. In process: a fake engine loop, no gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from types import SimpleNamespace
+
+from engine.outputs import RequestOutput
+from engine.request import FinishReason
+from pdserve.v1 import common_pb2, worker_pb2
+from pdserve.worker_base import Role
+
+
+class _Engine:
+    model_id = "m"
+
+    def can_admit(self, num_tokens: int) -> bool:
+        return True
+
+    def add_request(self, rid, ids, params, **kw) -> None:
+        pass
+
+
+class _Loop:
+    """EngineLoop's surface: ``add`` keeps each request's output queue (``out``) so the test can
+    play the engine thread; ``abort`` is recorded."""
+
+    def __init__(self) -> None:
+        self.engine = _Engine()
+        self.outs: dict[str, object] = {}
+        self.aborted: list[str] = []
+        self.added = threading.Event()
+
+    def call(self, fn, timeout_s=None):
+        return fn(self.engine)
+
+    def add(self, rid, adder, out=None):
+        adder(self.engine)
+        self.outs[rid] = out
+        self.added.set()
+        return out
+
+    def abort(self, rid: str) -> bool:
+        self.aborted.append(rid)
+        return True
+
+
+def _out(rid: str, token: int, finished: bool = False) -> RequestOutput:
+    return RequestOutput(
+        rid, [token], [token], "", "", finished, FinishReason.LENGTH if finished else None, 0, 0
+    )
+
+
+def _servicer():
+    from prometheus_client import CollectorRegistry
+
+    from decode_worker.service import AsyncDecodeServicer
+    from pdserve.metrics import KVPullMetrics
+
+    finished: list[int] = []
+    state = SimpleNamespace(
+        config=SimpleNamespace(worker_id="decode-9", role=Role.DECODE, admission_timeout_s=1.0),
+        engine=_Engine(),
+        loop=_Loop(),
+        count_finished=lambda: finished.append(1),
+    )
+    svc = AsyncDecodeServicer(state, None, KVPullMetrics(CollectorRegistry(), "decode-9"))  # type: ignore[arg-type]
+    return svc, state.loop, finished
+
+
+class _Ctx:
+    def time_remaining(self) -> None:
+        return None
+
+
+def _req(rid: str) -> worker_pb2.DecodeRequest:
+    return worker_pb2.DecodeRequest(
+        request_id=rid,
+        prompt_token_ids=[1, 2, 3],
+        sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0.0),
+        local_prefill=True,
+    )
+
+
+def test_tokens_ready_together_go_in_one_message() -> None:
+    svc, loop, finished = _servicer()
+
+    async def run() -> list[worker_pb2.DecodeResponse]:
+        stream = svc.Decode(_req("r1"), _Ctx())
+        first = asyncio.ensure_future(stream.__anext__())
+        while "r1" not in loop.outs:
+            await asyncio.sleep(0.001)
+        q = loop.outs["r1"]
+        for i, t in enumerate((11, 12, 13, 14)):  # the engine produced four steps meanwhile
+            q.put(_out("r1", t, finished=i == 3))
+        return [await first] + [m async for m in stream]
+
+    msgs = asyncio.run(run())
+    svc.close()
+    assert len(msgs) == 1
+    assert list(msgs[0].token_ids) == [11, 12, 13, 14]
+    assert msgs[0].finish.reason == common_pb2.FINISH_REASON_LENGTH
+    assert finished == [1] and loop.aborted == []
+
+
+def test_a_stream_whose_caller_leaves_aborts_its_request() -> None:
+    svc, loop, _ = _servicer()
+
+    async def run() -> None:
+        stream = svc.Decode(_req("r2"), _Ctx())
+
+        async def consume() -> None:
+            async for _ in stream:
+                pass
+
+        task = asyncio.ensure_future(consume())
+        while "r2" not in loop.outs:
+            await asyncio.sleep(0.001)
+        loop.outs["r2"].put(_out("r2", 5))
+        await asyncio.sleep(0.05)
+        task.cancel()  # grpc.aio cancels the handler's task when the caller cancels
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 5
+    while "r2" not in loop.aborted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    svc.close()
+    assert loop.aborted == ["r2"]
+
+
+def test_many_waiting_streams_hold_no_thread_each() -> None:
+    svc, loop, finished = _servicer()
+    n = 200
+
+    async def run() -> tuple[int, list[list[int]]]:
+        base = threading.active_count()
+        streams = [svc.Decode(_req(f"s{i}"), _Ctx()) for i in range(n)]
+
+        async def consume(s) -> list[int]:
+            return [t async for m in s for t in m.token_ids]
+
+        tasks = [asyncio.ensure_future(consume(s)) for s in streams]
+        while len(loop.outs) < n:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        grown = threading.active_count() - base  # every stream is waiting on its tokens now
+        for i in range(n):
+            loop.outs[f"s{i}"].put(_out(f"s{i}", i, finished=True))
+        return grown, list(await asyncio.gather(*tasks))
+
+    grown, got = asyncio.run(run())
+    svc.close()
+    assert grown <= 20, f"{grown} threads for {n} waiting streams"  # the admission pool at most
+    assert got == [[i] for i in range(n)] and len(finished) == n
