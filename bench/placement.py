@@ -5,15 +5,19 @@ view), with a realistic load spread and cached prefixes: a pool of shared "docum
 block hashes); every instance holds leading blocks of a few of them, so a request's prefix is
 cached on several instances at different lengths. Requests draw a document prefix plus a unique
 suffix, a mix of SLOs (none, loose, tight), priorities, tenants and KV-store prefixes. A fake clock
-advances 5 ms per decision, so the goodput policy's in-flight ledger reaches a steady state.
+advances 5 ms per decision, so the goodput policy's in-flight ledger fills as in a busy cluster.
+Each decision gets a fresh :class:`ClusterView` of the same snapshots, as the router builds one
+per request (its construction and role lists are in the time).
 
 Printed: a table of median microseconds per decision (median of ``--rounds`` rounds, each the
 mean over a batch of decisions) per policy and cluster size, the growth ratio per 10x instances
 (and 1,000 -> 2,000), and PASS/FAIL for the issue's targets: goodput <= 1 ms per decision at
 1,000 instances; growth linear or better (t(2000)/t(1000) <= 2.2 and t(1000)/t(100) <= 11).
-The pre-index implementations (:mod:`the classes below <bench.placement>`, kept verbatim as the
-oracle of ``tests/unit/test_placement_equivalence.py``) are timed in the same run for the ratio
-new/old (fewer decisions at the sizes where they are slow).
+The pre-#12 implementations (``bench/placement_reference.py``, kept verbatim as the oracle of
+``tests/unit/test_placement_equivalence.py``) are timed in the same run for the ratio new/old
+(fewer decisions, sized to ``--old-budget-s``, where they are slow). Also printed: one Python pass
+over the instances reading one attribute, and the goodput decision in such passes (the machine's
+speed factored out: comparable across machines and loads).
 
 Also timed: building the router's view of the cluster (``router.cluster_view``) per request from
 scratch and through :class:`~router.cluster_view.ViewBuilder` (snapshots reused while a worker's
@@ -21,8 +25,9 @@ state is unchanged), with one worker's state changed between requests.
 
 Times are process CPU time (``time.process_time``): on a shared machine, wall time would count
 other processes' turns. They are still noisy there; the ratios within one run are the comparison.
+Exit status 1 when a target fails.
 
-Usage: python bench/placement.py [--sizes 10,100,1000,2000] [--rounds 7] [--quick]
+Usage: python bench/placement.py [--sizes 10,100,1000,2000] [--rounds 7] [--old-budget-s 4]
 """
 
 from __future__ import annotations
@@ -195,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     return cli_help.apply(ap)
 
 
+def time_pass(insts: list[InstanceSnapshot], rounds: int) -> float:
+    """Microseconds of one Python pass over the instances reading one attribute (this machine's
+    speed right now: a decision's cost in such passes is comparable across machines)."""
+    samples = []
+    for _ in range(rounds + 1):
+        t0 = time.process_time()
+        for _ in range(200):
+            [i.queued_tokens for i in insts]  # noqa: B018
+        samples.append((time.process_time() - t0) / 200 * 1e6)
+    return statistics.median(samples[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -205,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     new_us: dict[tuple[PolicyKind, int], float] = {}
     old_us: dict[tuple[PolicyKind, int], float] = {}
     views: dict[int, tuple[float, float]] = {}
+    passes: dict[int, float] = {}
     for n in sizes:
         insts = make_instances(n, docs, random.Random(n))
+        passes[n] = time_pass(insts, a.rounds)
         for kind in POLICY_KINDS:
             batch = max(5, min(400, 40_000 // n))
             new_us[kind, n] = time_policy(kind, False, insts, reqs, a.rounds, batch)
@@ -227,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
             orow = [old_us[kind, n] for n in sizes]
             print(f"{'  old (pre-#12)':<20}" + "".join(f"{t:>11.1f}" for t in orow))
             print(f"{'  new/old':<20}" + "".join(f"{t / o:>11.3f}" for t, o in zip(row, orow, strict=True)))
+    print(f"{'one attribute pass':<20}" + "".join(f"{passes[n]:>11.1f}" for n in sizes))
+    print(
+        f"{'goodput in passes':<20}"
+        + "".join(f"{new_us[PolicyKind.GOODPUT, n] / passes[n]:>11.1f}" for n in sizes)
+    )
     print(f"{'view: build_view':<20}" + "".join(f"{views[n][0]:>11.1f}" for n in sizes))
     print(f"{'view: ViewBuilder':<20}" + "".join(f"{views[n][1]:>11.1f}" for n in sizes))
     ok = True

@@ -7,6 +7,10 @@ the requests it has in flight on a worker (``kv``): a worker's used blocks are t
 those, so a burst between two heartbeats does not all land on the same worker.
 Instances' local prefix caches are not reported by heartbeats: the view leaves them empty and
 the prefix the cluster can reuse comes from the KV store (``RequestInfo.store_prefix_blocks``).
+
+A router builds a view per request under its placement lock: :class:`ViewBuilder` makes that
+cost a comparison per worker (its snapshot is reused while nothing it is made from changed)
+instead of a new snapshot per worker; :func:`build_view` builds every snapshot afresh.
 """
 
 from __future__ import annotations
