@@ -17,6 +17,7 @@ type checking only, so this module never imports grpc.
 
 from __future__ import annotations
 
+import codecs
 import enum
 import json
 import math
@@ -520,18 +521,29 @@ def _unrendered_stop(c: Chunk) -> bool:
     )
 
 
-def _token_logprobs(chunk: Chunk, offset: int) -> list[_TokenLp]:
-    """Logprobs of one chunk's tokens; the chunk's text starts at ``offset`` of the generated text.
-    A token's offset is where its text starts (offset + the lengths of the chunk's tokens before
-    it, at most the chunk's end)."""
-    lps = chunk.logprobs[:-1] if _unrendered_stop(chunk) else chunk.logprobs
-    end = offset + len(chunk.text)
-    out: list[_TokenLp] = []
-    at = offset
-    for lp in lps:
-        out.append(_TokenLp(lp, min(at, end)))
-        at += len(lp.token)
-    return out
+class _Offsets:
+    """Text offsets of the listed tokens of one generation: a token's text starts where its chunk's
+    text does, plus the whole characters the chunk's earlier tokens complete (a character split
+    over tokens counts once, when its last byte comes, even from a chunk before), at most the
+    chunk's end (text the response leaves out, such as a stop string or a skipped special token,
+    cannot push an offset past its chunk). Approximate where the router held text back while it
+    could still be a stop string: in the chunk that releases it, offsets can point early by the
+    length of the held-back text."""
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def of_chunk(self, chunk: Chunk, offset: int) -> list[_TokenLp]:
+        """Logprobs of ``chunk``'s listed tokens (see :func:`_unrendered_stop`) with their
+        offsets; the chunk's text starts at ``offset`` of the generated text."""
+        lps = chunk.logprobs[:-1] if _unrendered_stop(chunk) else chunk.logprobs
+        end = offset + len(chunk.text)
+        out: list[_TokenLp] = []
+        within = 0
+        for lp in lps:
+            out.append(_TokenLp(lp, min(offset + within, end)))
+            within += len(self._utf8.decode(lp.token_bytes))
+        return out
 
 
 def _completion_logprobs(lps: Sequence[_TokenLp]) -> dict[str, Any]:
@@ -576,9 +588,10 @@ def build_response(meta: ResponseMeta, chunks: Iterable[Chunk]) -> dict[str, Any
     fin: Finish | None = None
     rid = ""
     offset = 0
+    offsets = _Offsets()
     for c in chunks:
         rid = c.request_id or rid
-        lps += _token_logprobs(c, offset)
+        lps += offsets.of_chunk(c, offset)
         text.append(c.text)
         offset += len(c.text)
         fin = c.finish or fin
@@ -619,6 +632,7 @@ class StreamTranslator:
     def __init__(self, meta: ResponseMeta) -> None:
         self.meta = meta
         self._offset = 0
+        self._offsets = _Offsets()
         self._finish: Finish | None = None
         self._rid = ""
         self._pending: list[_TokenLp] = []  # logprobs of tokens not yet sent
@@ -664,7 +678,7 @@ class StreamTranslator:
         out: list[dict[str, Any]] = []
         self._rid = c.request_id or self._rid
         if self.meta.logprobs:
-            self._pending += _token_logprobs(c, self._offset)
+            self._pending += self._offsets.of_chunk(c, self._offset)
         if c.text:
             out.append(self._obj([self._choice(c.text, logprobs=self._take_logprobs())]))
             self._offset += len(c.text)

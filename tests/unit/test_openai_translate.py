@@ -417,6 +417,21 @@ def test_stream_completion_chunks_without_usage():
     assert out[1]["choices"][0]["logprobs"]["top_logprobs"] == [{}, {}, {}]
 
 
+def test_text_offsets_skip_text_the_response_leaves_out():
+    """A special token generated with ignore_eos has bytes ("<|im_end|>") but no text in the
+    response: the next token's offset still points at its own text."""
+    meta = ResponseMeta(ApiKind.COMPLETION, "x", 1, "m", logprobs=True)
+    chunks = [
+        Chunk("r", [5], "A", [_lp(5, -0.1, b"A")]),
+        Chunk("r", [2], "", [_lp(2, -0.2, b"<|im_end|>")]),
+        Chunk("r", [6, 7], "BC", [_lp(6, -0.3, b"B"), _lp(7, -0.4, b"C")], _finish()),
+    ]
+    r = build_response(meta, chunks)
+    lp = r["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["A", "<|im_end|>", "B", "C"] and lp["text_offset"] == [0, 1, 1, 2]
+    assert [r["choices"][0]["text"][i] for i in (0, 1, 2)] == ["A", "B", "C"]
+
+
 def test_minus_infinity_logprob_is_finite_json():
     meta = ResponseMeta(ApiKind.COMPLETION, "x", 1, "m", logprobs=True)
     top = (TopLogprob(5, float("-inf"), "a", b"a"),)
