@@ -16,6 +16,7 @@ from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
 from kv_store.convert import layout_to_proto
 from kv_store.layout import KVLayout
+from pdserve.auth.worker_token import worker_metadata, worker_token_from
 from pdserve.metrics import WorkerMetrics, WorkerSnapshot
 from pdserve.security import internal_channel
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
@@ -161,6 +162,10 @@ class Heartbeater:
     heartbeat finds the control address unreachable, the worker registers again at
     ``router_address`` (which names the control address anew).
 
+    A router that verifies workers (issue #13) hands out a worker token with the Register answer
+    (:mod:`pdserve.auth.worker_token`); it is sent back with every Heartbeat, Deregister and
+    re-Register, so only this worker can report its load or remove it.
+
     ``resolve`` (optional) returns the router's current address. It is called after a heartbeat
     finds the router unreachable; when the address changed (a restarted router actor bound a new
     port) the heartbeater reconnects there and registers again. Without it the address is fixed.
@@ -177,6 +182,7 @@ class Heartbeater:
         self.control_address = router_address  # where heartbeats go (learnt on registration)
         self._control_ch: grpc.Channel | None = None  # its channel, when it is not ``_ch``
         self._control_stub = self._stub
+        self._token: str | None = None  # the router's worker token (none from a non-verifying router)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -185,7 +191,7 @@ class Heartbeater:
 
     def _register(self) -> None:
         c = self.state.config
-        r = self._stub.Register(
+        r, call = self._stub.Register.with_call(
             router_pb2.RegisterRequest(
                 worker_id=c.worker_id,
                 role=c.role.value,
@@ -194,7 +200,9 @@ class Heartbeater:
                 stats=self.state.stats(),
             ),
             timeout=5,
+            metadata=worker_metadata(self._token),
         )
+        self._token = worker_token_from(call.trailing_metadata())
         self._use_control(r.control_address or self.router_address)
 
     def _use_control(self, address: str) -> None:
@@ -250,6 +258,7 @@ class Heartbeater:
                             worker_id=self.state.config.worker_id, stats=self.state.stats()
                         ),
                         timeout=5,
+                        metadata=worker_metadata(self._token),
                     )
                     registered = r.known
             except grpc.RpcError as e:
@@ -266,7 +275,9 @@ class Heartbeater:
         if deregister:
             with contextlib.suppress(grpc.RpcError):
                 self._control_stub.Deregister(
-                    router_pb2.DeregisterRequest(worker_id=self.state.config.worker_id), timeout=2
+                    router_pb2.DeregisterRequest(worker_id=self.state.config.worker_id),
+                    timeout=2,
+                    metadata=worker_metadata(self._token),
                 )
         self._close_control()
         self._ch.close()

@@ -38,6 +38,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pdserve.auth.worker_token import (  # noqa: F401 - the wire format, re-exported here
+    WORKER_TOKEN_MD,
+    worker_metadata,
+    worker_token_from,
+)
 from pdserve.errors import (
     AlreadyExistsError,
     InvalidRequestError,
@@ -45,8 +50,6 @@ from pdserve.errors import (
     PermissionDeniedError,
     UnavailableError,
 )
-
-WORKER_TOKEN_MD = "x-pdserve-worker-token"
 
 
 @dataclass(frozen=True)
@@ -150,20 +153,6 @@ def check_model(adv: WorkerFacts, exp: ExpectedModel, peers: Iterable[LayoutView
             f"registration refused: worker {adv.worker_id!r} claims a token budget of {adv.token_budget}; "
             f"this router accepts at most {exp.max_token_budget} (max_token_budget)"
         )
-
-
-def worker_token_from(metadata: Iterable[Any] | None) -> str | None:
-    """The worker token in gRPC metadata (invocation or trailing), or None."""
-    for item in metadata or ():
-        k, v = (item.key, item.value) if hasattr(item, "key") else (item[0], item[1])
-        if k == WORKER_TOKEN_MD:
-            return v.decode() if isinstance(v, bytes) else str(v)
-    return None
-
-
-def worker_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """Metadata a worker sends with Heartbeat / Deregister (empty before it registered)."""
-    return ((WORKER_TOKEN_MD, token),) if token else ()
 
 
 def _describe(e: BaseException) -> str:

@@ -55,14 +55,14 @@ class FakeWorker:
 
 
 @pytest.fixture(scope="module")
-def router(smollm_path: Path) -> Iterator[tuple[Registry, router_pb2_grpc.RegistryStub]]:
+def router(smollm_path: Path) -> Iterator[tuple[Registry, router_pb2_grpc.RegistryStub, str]]:
     registry = Registry(heartbeat_timeout_s=30.0)
     cfg = RouterConfig(model_path=str(smollm_path), model_id=MODEL)
     servicer = RegistryServicer(registry, cfg, verifier=worker_verifier(registry, cfg))
     server, address, _ = start_control_server(servicer, "127.0.0.1", 0)
     ch = grpc.insecure_channel(address)
     try:
-        yield registry, router_pb2_grpc.RegistryStub(ch)
+        yield registry, router_pb2_grpc.RegistryStub(ch), address
     finally:
         ch.close()
         server.stop(0)
@@ -86,7 +86,7 @@ def reg(worker_id: str, address: str, **kw: object) -> router_pb2.RegisterReques
 
 
 def test_honest_worker_gets_a_token_and_only_it_may_heartbeat_or_deregister(router, worker) -> None:
-    registry, stub = router
+    registry, stub, _ = router
     address, fake = worker
     fake.s = stats("d-honest")
     _, call = stub.Register.with_call(reg("d-honest", address), timeout=10)
@@ -120,7 +120,7 @@ def test_honest_worker_gets_a_token_and_only_it_may_heartbeat_or_deregister(rout
 
 
 def test_rogue_registrations_are_refused(router, worker) -> None:
-    registry, stub = router
+    registry, stub, _ = router
     address, fake = worker
     # a process that speaks only the Registry API, claiming a huge capacity
     with pytest.raises(grpc.RpcError) as e:
@@ -141,3 +141,29 @@ def test_rogue_registrations_are_refused(router, worker) -> None:
         stub.Register(reg("rogue", address, kv_layout=layout(num_layers=2)), timeout=10)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert registry.get("rogue") is None
+
+
+def test_real_heartbeater_registers_heartbeats_and_deregisters_with_its_token(router, worker) -> None:
+    from types import SimpleNamespace
+
+    from pdserve.worker_base import Heartbeater, Role
+    from tests.polling import wait_for
+
+    registry, _, control = router
+    address, fake = worker
+    fake.s = stats("d-real")
+    state = SimpleNamespace(
+        config=SimpleNamespace(worker_id="d-real", role=Role.DECODE, heartbeat_interval_s=0.05),
+        address=address,
+        engine=SimpleNamespace(model_id=MODEL),
+        stats=lambda: fake.s,
+    )
+    hb = Heartbeater(state, router_address=control)  # type: ignore[arg-type]
+    hb.start()
+    try:
+        wait_for(lambda: registry.get("d-real") is not None, 10, "verified registration")
+        seen = registry.get("d-real").last_seen
+        wait_for(lambda: registry.get("d-real").last_seen > seen, 10, "an accepted heartbeat")
+    finally:
+        hb.stop(deregister=True)
+    assert registry.get("d-real") is None  # its own Deregister, with its token, is accepted
