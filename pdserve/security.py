@@ -684,7 +684,7 @@ def add_client_tls_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
         f"--{prefix}tls",
         dest=f"{prefix.replace('-', '_')}client_tls",
         action="store_true",
-        help="connect with TLS even without --tls-ca (system roots) (default: %(default)s)",
+        help=f"connect with TLS even without --{prefix}tls-ca (system roots) (default: %(default)s)",
     )
     g.add_argument(
         f"--{prefix}tls-ca",
@@ -712,6 +712,7 @@ def add_client_tls_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
         f"--{prefix}tls-server-name",
         dest=f"{prefix.replace('-', '_')}client_tls_server_name",
         default=None,
+        metavar="NAME",
         help="name to verify in the router's certificate instead of the address's host "
         "(default: %(default)s)",
     )
