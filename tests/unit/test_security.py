@@ -517,3 +517,26 @@ def test_a_cluster_config_off_loopback_needs_tls_and_a_token(pki):
     assert cfg.tls_on and cfg.mtls and cfg.cluster_token == pki.cluster_token.read_text().strip()
     with pytest.raises(InvalidRequestError, match=r"security\.mtls: expected true/false"):
         from_dict({"model": "/m", "security": {"mtls": "yes"}})
+
+
+def test_the_sdk_clients_connect_over_tls_with_the_ca_and_refuse_contradictions(pki, other_pki, serve):
+    import asyncio
+
+    from pdserve.client import AsyncClient, Client, ServingStatus
+    from pdserve.errors import UnavailableError
+
+    addr = serve([(GENERATE, FakeGenerate()), (REGISTRY, FakeRegistry())], tls_config(pki))
+    with Client(addr, timeout=T, ca=str(pki.ca)) as c:
+        assert c.list_models() == ["m"]
+    with Client(addr, timeout=T, ca=str(other_pki.ca)) as c, pytest.raises(UnavailableError):
+        c.list_models()
+
+    async def async_health() -> ServingStatus:
+        async with AsyncClient(addr, timeout=T, ca=pki.ca.read_bytes()) as c:
+            return await c.health()
+
+    assert asyncio.run(async_health()) is ServingStatus.SERVING
+    with pytest.raises(SecurityConfigError, match="tls=False but ca"):
+        Client(addr, tls=False, ca=str(pki.ca))
+    with pytest.raises(SecurityConfigError, match="both cert and key"):
+        Client(addr, ca=str(pki.ca), cert=str(pki.client_cert))
