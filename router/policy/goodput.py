@@ -54,6 +54,7 @@ from __future__ import annotations
 import heapq
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from router.policy.estimate import TtftEstimator, TtftTable
@@ -350,7 +351,7 @@ class GoodputAwarePolicy(PlacementPolicy):
         d = _DecodeSide(self, req, decode_pool, out, hits, table)
         n = len(decode_pool)
         local_ttft = d.local_ttft
-        if remote_plan is None and all(t is None for t in local_ttft):
+        if remote_plan is None and local_ttft.count(None) == n:
             return Rejection(RejectReason.NO_INSTANCE, "no prefill instance is available")
         contention = cfg.contention(view)
         tpots = d.tpots
@@ -372,21 +373,27 @@ class GoodputAwarePolicy(PlacementPolicy):
         lim_ttft, lim_tpot = lim_ttft / q_ttft, lim_tpot / q_tpot
         fits = d.fits
         remote_ok = remote_ttft is not None and remote_ttft <= lim_ttft
-        ok = [f and tp <= lim_tpot for f, tp in zip(fits, tpots, strict=True)]
-        ok_remote = ok if remote_ok else [False] * n  # option (remote plan, d) feasible
-        ok_local = [  # option (d prefills locally, d) feasible
-            o and lt is not None and lt <= lim_ttft for o, lt in zip(ok, local_ttft, strict=True)
-        ]
-        if not ((remote_ok and any(ok)) or any(ok_local)):
+        # decode instances with a feasible option: room, TPOT within the SLO, and the remote plan
+        # or their own prefill within the TTFT bound
+        if remote_ok:
+            cand = [k for k in range(n) if fits[k] and tpots[k] <= lim_tpot]
+        else:
+            cand = [
+                k
+                for k in range(n)
+                if fits[k] and tpots[k] <= lim_tpot and (lt := local_ttft[k]) is not None and lt <= lim_ttft
+            ]
+        if cand:
+            ok_remote, best_effort = remote_ok, False
+        else:
             if slo is not None:
                 return self._reject(
                     req, remote_ttft, local_ttft, tpots, fits, lim_ttft, lim_tpot, margin, now
                 )
             # best effort: queue on the decode instance with the most room, fastest start
-            ok_remote = [remote_ttft is not None] * n
-            ok_local = [t is not None for t in local_ttft]
+            ok_remote, best_effort = remote_ttft is not None, True
+            cand = list(range(n)) if ok_remote else [k for k in range(n) if local_ttft[k] is not None]
         longs = self._ledger.longs if is_long else {}
-        cand = [k for k, (r, lo) in enumerate(zip(ok_remote, ok_local, strict=True)) if r or lo]
         best = _first_least(
             cand,
             fits,
@@ -398,8 +405,8 @@ class GoodputAwarePolicy(PlacementPolicy):
         tpot = tpots[best]
         # on it, the remote option unless the local one is strictly faster
         lt = local_ttft[best]
-        if ok_local[best] and (not ok_remote[best] or lt < remote_ttft):  # type: ignore[operator]
-            assert lt is not None
+        ok_local = lt is not None and (best_effort or lt <= lim_ttft)
+        if ok_local and (not ok_remote or lt < remote_ttft):  # type: ignore[operator]
             ttft = lt
             plan = Placement(
                 best_d,
@@ -513,14 +520,18 @@ class GoodputAwarePolicy(PlacementPolicy):
 
 
 def _first_least(
-    cand: list[int], fits: list[bool], longs: list[int] | None, tpots: list[float], freeness: list[int]
+    cand: list[int],
+    fits: list[bool],
+    longs: list[int] | None,
+    tpots: list[float],
+    freeness: Sequence[int],
 ) -> int:
     """The first ``k`` of ``cand`` (non-empty) with the least key (-fits, longs, tpot, -freeness)
     (``longs`` aligned with ``cand``; None: all 0): what ``min(cand, key=...)`` returns, found
     one key component at a time (a pass each) instead of a tuple per candidate."""
     lk = dict(zip(cand, longs, strict=True)) if longs is not None else None
     tp = [tpots[k] for k in cand]
-    if any(t != t for t in tp):  # NaN: compare the tuples exactly as min() would
+    if any(map(math.isnan, tp)):  # NaN: compare the tuples exactly as min() would
         keys = [(-int(fits[k]), lk[k] if lk else 0, tpots[k], -freeness[k]) for k in cand]
         return cand[min(range(len(cand)), key=keys.__getitem__)]
     s = [k for k in cand if fits[k]] or cand
@@ -531,6 +542,21 @@ def _first_least(
     s = [k for k in s if tpots[k] == m]
     m = max([freeness[k] for k in s])
     return next(k for k in s if freeness[k] == m)
+
+
+class _Minus:
+    """``values[k] - offset`` on demand (a list nobody needs whole)."""
+
+    __slots__ = ("values", "offset")
+
+    def __init__(self, values: list[int], offset: int) -> None:
+        self.values, self.offset = values, offset
+
+    def __getitem__(self, k: int) -> int:
+        return self.values[k] - self.offset
+
+    def __len__(self) -> int:
+        return len(self.values)
 
 
 class _DecodeSide:
@@ -562,21 +588,24 @@ class _DecodeSide:
         batches = [i.running_requests + i.queued_requests for i in pool]
         extra = p + out // 2
         bs0 = sizes[0] if sizes else 1
+        self.freeness: Sequence[int]
         if sizes.count(bs0) == n:  # one block size (the usual case): fewer passes, same values
             need = -(-(p + 1) // (bs0 if bs0 > 1 else 1))
-            freeness = [f - need for f in frees]
+            self.freeness = _Minus(frees, need)  # free - need, read for a few instances only
             if need <= min(totals, default=0):
-                self.fits = [fr >= 0 for fr in freeness]
+                self.fits = [f >= need for f in frees]
             else:
-                self.fits = [fr >= 0 and need <= t for fr, t in zip(freeness, totals, strict=True)]
-            held = [(t - f) * bs0 if t > f else 0 for t, f in zip(totals, frees, strict=True)]
+                self.fits = [f >= need and need <= t for f, t in zip(frees, totals, strict=True)]
+            ctx = [(t - f) * bs0 + extra if t > f else extra for t, f in zip(totals, frees, strict=True)]
         else:
             needs = [-(-(p + 1) // (bs if bs > 1 else 1)) for bs in sizes]
-            freeness = [f - nd for f, nd in zip(frees, needs, strict=True)]
-            self.fits = [fr >= 0 and nd <= t for fr, nd, t in zip(freeness, needs, totals, strict=True)]
-            held = [(t - f if t > f else 0) * bs for t, f, bs in zip(totals, frees, sizes, strict=True)]
-        self.freeness = freeness  # held: KV tokens on each instance (used blocks x block size)
-        self.tpots = decode_time_each(model, [b + 1 for b in batches], [c + extra for c in held])
+            self.freeness = [f - nd for f, nd in zip(frees, needs, strict=True)]
+            self.fits = [f >= nd and nd <= t for f, nd, t in zip(frees, needs, totals, strict=True)]
+            ctx = [
+                (t - f if t > f else 0) * bs + extra for t, f, bs in zip(totals, frees, sizes, strict=True)
+            ]
+        # TPOT after admission: one more sequence, its prompt and half its output more context
+        self.tpots = decode_time_each(model, [b + 1 for b in batches], ctx)
         self.local_ttft: list[float | None] = [None] * n
         self.local_reused = [0] * n
         # who may prefill the prompt itself: a mixed instance always; a decode instance when at
@@ -601,13 +630,8 @@ class _DecodeSide:
             return
         queues = table.queues([pool[k] for k in ks])
         busy = [k for k in ks if batches[k]]
-        cotenant = dict(
-            zip(
-                busy,
-                decode_time_each(model, [batches[k] for k in busy], [held[k] for k in busy]),
-                strict=True,
-            )
-        )
+        held = [ctx[k] - extra for k in busy]  # KV tokens on the instance (used blocks x block size)
+        cotenant = dict(zip(busy, decode_time_each(model, [batches[k] for k in busy], held), strict=True))
         reused = [lo * sizes[k] for k, lo in zip(ks, locs, strict=True)]
         pf = {t: table.prefill(t) for t in set(reused)}
         # table.ttft(queue, bs, local) = queue + fetch(0) + prefill(local x bs), plus the co-scheduled

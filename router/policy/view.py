@@ -157,6 +157,7 @@ class ClusterView:
         if len(self._by_id) != len(self.instances):
             raise ValueError("instance ids must be unique")
         self._roles: dict[tuple[InstanceRole, ...], tuple[InstanceView, ...]] = {}
+        self._all_snapshots: bool | None = None  # every instance a plain InstanceSnapshot
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -180,7 +181,12 @@ class ClusterView:
             h0 = hashes[0]
             snap = InstanceSnapshot
             # the common case, a snapshot that does not hold the first block, costs one set probe
-            maybe = [i for i in self.instances if type(i) is not snap or h0 in i.cached]
+            if self._all_snapshots is None:
+                self._all_snapshots = set(map(type, self.instances)) <= {snap}
+            if self._all_snapshots:
+                maybe = [i for i in self.instances if h0 in i.cached]  # type: ignore[attr-defined]
+            else:
+                maybe = [i for i in self.instances if type(i) is not snap or h0 in i.cached]
             rest = hashes[1:]
             for inst in maybe:
                 if type(inst) is snap:
