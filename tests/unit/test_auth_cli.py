@@ -72,3 +72,28 @@ def test_pdserve_keys_through_the_main_cli(tmp_path: Path, capsys: pytest.Captur
     assert authenticate(FileKeyStore(path), key).tenant == "acme"
     assert main(["keys", "--store", path, "revoke", "pdsk_000000000000"]) == 2  # named error, exit 2
     assert "no API key" in capsys.readouterr().err
+
+
+def test_edge_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdserve.auth.cli_args import add_auth_args, edge_from_args
+    from pdserve.errors import UnavailableError
+
+    monkeypatch.delenv("PDSERVE_API_KEYS", raising=False)
+    ap = argparse.ArgumentParser()
+    add_auth_args(ap)
+    dev = edge_from_args(ap.parse_args([]), "127.0.0.1", "router")
+    assert dev.dev_mode
+    with pytest.raises(InvalidRequestError, match="without API keys"):
+        edge_from_args(ap.parse_args([]), "0.0.0.0", "router")
+    keys = tmp_path / "k.yaml"
+    run("keys", "--store", str(keys), "add", "--tenant", "acme")
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    e = edge_from_args(
+        ap.parse_args(["--api-keys", str(keys), "--salt-secret-file", str(secret)]), "0.0.0.0", "r"
+    )
+    assert not e.dev_mode and e.config.salt_secret == b"s3cret"
+    with pytest.raises(UnavailableError, match="does not exist"):
+        edge_from_args(ap.parse_args(["--api-keys", str(tmp_path / "none.yaml")]), "127.0.0.1", "r")
+    with pytest.raises(InvalidRequestError, match="salt-secret-file"):
+        edge_from_args(ap.parse_args(["--salt-secret-file", str(tmp_path / "nope")]), "127.0.0.1", "r")

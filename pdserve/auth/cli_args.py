@@ -1,0 +1,57 @@
+"""The edge-auth flags, the same on every front end (``python -m router``, ``pdserve openai``).
+
+--api-keys FILE|redis://...   the key store (default $PDSERVE_API_KEYS; none: dev mode, which
+                              is allowed only on a loopback listen address)
+--api-keys-redis-prefix P     key prefix in Redis
+--salt-secret-file FILE       a secret mixed into every cache salt (the same on all routers)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from pdserve.auth.edge import EdgeAuth, EdgeConfig, check_listen_address
+from pdserve.auth.keys import open_key_store
+from pdserve.errors import InvalidRequestError
+
+ENV_API_KEYS = "PDSERVE_API_KEYS"
+ENV_SALT_SECRET_FILE = "PDSERVE_SALT_SECRET_FILE"
+
+
+def add_auth_args(p: argparse.ArgumentParser) -> None:
+    """Add the edge-auth flags to ``p``."""
+    p.add_argument(
+        "--api-keys",
+        default=os.environ.get(ENV_API_KEYS) or None,
+        help=f"API key store: a YAML/JSON file or redis:// URL (`pdserve keys`); default ${ENV_API_KEYS}; "
+        "none: dev mode (no keys; tenant = the request's tenant/user field; loopback only)",
+    )
+    p.add_argument(
+        "--api-keys-redis-prefix", default="pdserve:auth:", help="key prefix of a redis:// key store"
+    )
+    p.add_argument(
+        "--salt-secret-file",
+        default=os.environ.get(ENV_SALT_SECRET_FILE) or None,
+        help="file holding a secret mixed into every cache salt (use the same on every router)",
+    )
+
+
+def edge_from_args(a: argparse.Namespace, host: str, what: str) -> EdgeAuth:
+    """The :class:`EdgeAuth` the flags describe for a front end listening on ``host``. Raises
+    InvalidRequestError (before anything is served) for a non-loopback ``host`` without a key
+    store, an unreadable secret file, or a key store that cannot be opened."""
+    store = open_key_store(a.api_keys, redis_prefix=a.api_keys_redis_prefix) if a.api_keys else None
+    check_listen_address(host, store, what)
+    secret = b""
+    if a.salt_secret_file:
+        try:
+            with open(a.salt_secret_file, "rb") as f:
+                secret = f.read().strip()
+        except OSError as e:
+            raise InvalidRequestError(
+                f"cannot read --salt-secret-file {a.salt_secret_file!r}: {e.strerror}"
+            ) from None
+        if not secret:
+            raise InvalidRequestError(f"--salt-secret-file {a.salt_secret_file!r} is empty")
+    return EdgeAuth(store, EdgeConfig(salt_secret=secret))
