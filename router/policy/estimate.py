@@ -34,6 +34,12 @@ class TtftEstimator:
             t = self._step[tokens] = self.latency.prefill_time([tokens])
         return t
 
+    def step_basis(self) -> tuple[float, dict[int, float], object]:
+        """``(scale, memo, model)`` with ``step time(t) == scale * memo[t]`` bit for bit, where
+        ``memo[t]`` is ``model.prefill_time([t])`` once filled (:class:`TtftTable` fills it; the
+        memo lives as long as it stays valid). Here: the memo of :meth:`_step_time`, scale 1."""
+        return 1.0, self._step, self.latency
+
     def queue_time(self, inst: InstanceView) -> float:
         """Seconds until a new prompt on ``inst`` would start prefilling."""
         q = inst.queued_tokens
@@ -67,54 +73,46 @@ class TtftEstimator:
 class TtftTable:
     """One decision's memo of a :class:`TtftEstimator`'s terms for a prompt of ``num_prompt_tokens``.
 
-    Step times are keyed by tokens (priced for many instances in one latency-model call,
-    :meth:`queues`), prefill times by reused tokens, fetch times by (blocks, block size). Each
+    Step times come from the estimator's memo (:meth:`TtftEstimator.step_basis`; missing ones
+    priced in one latency-model call, :meth:`queues`), prefill times are keyed by reused tokens,
+    fetch times by (blocks, block size). Each
     value is what the estimator computes, by the same expression, so :meth:`ttft` equals
     ``est.ttft`` bit for bit. Valid for one decision only: an online-corrected model changes
     between decisions.
     """
 
-    __slots__ = ("est", "p", "_step", "_prefill", "_fetch")
+    __slots__ = ("est", "p", "_prefill", "_fetch")
 
     def __init__(self, est: TtftEstimator, num_prompt_tokens: int) -> None:
         self.est = est
         self.p = num_prompt_tokens
-        self._step: dict[int, float] = {}
         self._prefill: dict[int, float] = {}
         self._fetch: dict[tuple[int, int], float] = {}
 
     def queues(self, insts: Sequence[InstanceView]) -> list[float]:
-        """``[est.queue_time(i) for i in insts]``, the step times priced in one model call:
-        full * step(budget) + (step(rem) if rem else 0.0), 0.0 for an empty queue."""
+        """``[est.queue_time(i) for i in insts]``: full * step(budget) + (step(rem) if rem else
+        0.0), 0.0 for an empty queue, every step time ``scale * memo[t]``
+        (:meth:`TtftEstimator.step_basis`; the memo's missing entries priced in one model call)."""
         if not insts:
             return []
         qs = [i.queued_tokens for i in insts]
         budgets = [i.token_budget for i in insts]
+        scale, memo, model = self.est.step_basis()
         b0 = budgets[0]
-        step = self._step
         if b0 >= 1 and budgets.count(b0) == len(budgets):  # one token budget (the usual case)
             rems = [q % b0 for q in qs]
-            self._price({*rems, b0})
-            s0 = step[b0]
-            return [
-                0.0 if q <= 0 else (q // b0) * s0 + (step[r] if r else 0.0)
-                for q, r in zip(qs, rems, strict=True)
-            ]
+            try:
+                return _queues_one_budget(qs, rems, b0, scale, memo)
+            except KeyError:  # step sizes not priced yet: price them all at once, once
+                _fill(memo, model, {*rems, b0})
+                return _queues_one_budget(qs, rems, b0, scale, memo)
         budgets = [b if b > 1 else 1 for b in budgets]
         rems = [q % b for q, b in zip(qs, budgets, strict=True)]
-        self._price({*rems, *budgets})
+        _fill(memo, model, {*rems, *budgets})
         return [
-            0.0 if q <= 0 else (q // b) * step[b] + (step[r] if r else 0.0)
+            0.0 if q <= 0 else (q // b) * (scale * memo[b]) + (scale * memo[r] if r else 0.0)
             for q, b, r in zip(qs, budgets, rems, strict=True)
         ]
-
-    def _price(self, tokens: set[int]) -> None:
-        """Step times of ``tokens`` (> 0) not priced yet, in one model call."""
-        tokens.discard(0)
-        step = self._step
-        missing = [t for t in tokens if t not in step]
-        if missing:
-            step.update(zip(missing, prefill_time_each(self.est.latency, missing), strict=True))
 
     def prefill(self, reused_tokens: int) -> float:
         """``est.prefill_time(num_prompt_tokens, reused_tokens)``."""
@@ -136,3 +134,21 @@ class TtftTable:
     def ttft(self, queue_s: float, block_size: int, reused_blocks: int, fetched_blocks: int = 0) -> float:
         """``est.ttft(inst, p, reused_blocks, fetched_blocks)`` given ``queue_s = est.queue_time(inst)``."""
         return queue_s + self.fetch(fetched_blocks, block_size) + self.prefill(reused_blocks * block_size)
+
+
+def _queues_one_budget(
+    qs: list[int], rems: list[int], budget: int, scale: float, memo: dict[int, float]
+) -> list[float]:
+    """Queue times for one token budget; ``KeyError`` when a step size is not in ``memo``."""
+    s0 = scale * memo[budget]
+    return [
+        0.0 if q <= 0 else (q // budget) * s0 + (scale * memo[r] if r else 0.0)
+        for q, r in zip(qs, rems, strict=True)
+    ]
+
+
+def _fill(memo: dict[int, float], model: object, tokens: set[int]) -> None:
+    """``memo[t] = model.prefill_time([t])`` for every ``t > 0`` of ``tokens`` not in it yet."""
+    missing = [t for t in tokens if t > 0 and t not in memo]
+    if missing:
+        memo.update(zip(missing, prefill_time_each(model, missing), strict=True))

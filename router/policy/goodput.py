@@ -229,10 +229,18 @@ class _Ledger:
 
 
 class _FreshTtft(TtftEstimator):
-    """TTFT estimator without step-time memo: the corrected latency model changes over time."""
+    """TTFT estimator over the online-corrected model, which changes over time: no memo of its
+    step times, but of its base model's (fixed), scaled by the current TTFT factor (exactly what
+    ``OnlineCorrectedLatency.prefill_time`` computes)."""
 
     def _step_time(self, tokens: int) -> float:
         return self.latency.prefill_time([tokens])
+
+    def step_basis(self) -> tuple[float, dict[int, float], object]:
+        lat = self.latency
+        if isinstance(lat, OnlineCorrectedLatency):
+            return lat.factor(Phase.TTFT), self._step, lat.base  # self._step: the base model's
+        return 1.0, {}, lat
 
 
 @dataclass
@@ -531,15 +539,25 @@ def _first_least(
     one key component at a time (a pass each) instead of a tuple per candidate."""
     lk = dict(zip(cand, longs, strict=True)) if longs is not None else None
     tp = [tpots[k] for k in cand]
-    if any(map(math.isnan, tp)):  # NaN: compare the tuples exactly as min() would
+    total = sum(tp)
+    if total != total:  # a NaN (or inf - inf): compare the tuples exactly as min() would
         keys = [(-int(fits[k]), lk[k] if lk else 0, tpots[k], -freeness[k]) for k in cand]
         return cand[min(range(len(cand)), key=keys.__getitem__)]
-    s = [k for k in cand if fits[k]] or cand
+    s = cand
+    fitting = [k for k in cand if fits[k]]
+    if fitting and len(fitting) < len(cand):
+        s = fitting
     if lk is not None:
         m = min([lk[k] for k in s])
         s = [k for k in s if lk[k] == m]
-    m = min([tpots[k] for k in s])
-    s = [k for k in s if tpots[k] == m]
+    if s is cand:
+        m = min(tp)
+        s = [k for k, t in zip(cand, tp, strict=True) if t == m]
+    else:
+        m = min([tpots[k] for k in s])
+        s = [k for k in s if tpots[k] == m]
+    if len(s) == 1:
+        return s[0]
     m = max([freeness[k] for k in s])
     return next(k for k in s if freeness[k] == m)
 
