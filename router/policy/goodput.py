@@ -655,6 +655,9 @@ class _DecodeSide:
         # table.ttft(queue, bs, local) = queue + fetch(0) + prefill(local x bs), plus the co-scheduled
         # decode step of the instance's own batch (0.0 when it has none)
         ttfts = [q + 0.0 + pf[r] + cotenant.get(k, 0.0) for q, r, k in zip(queues, reused, ks, strict=True)]
+        if len(ks) == n:  # every instance may prefill (ks is 0..n-1 in order)
+            self.local_ttft, self.local_reused = ttfts, locs  # type: ignore[assignment]
+            return
         for k, lo, t in zip(ks, locs, ttfts, strict=True):
             self.local_ttft[k] = t
             self.local_reused[k] = lo
