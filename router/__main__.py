@@ -37,7 +37,7 @@ from router.health import HEALTH_SERVICES, start_router_health
 from router.policy import GoodputConfig, PolicyKind
 from router.policy_factory import parse_policy, policy_choices
 from router.registry import Registry
-from router.registry_service import REGISTRY_SERVICE, RegistryServicer, start_control_server
+from router.registry_service import REGISTRY_SERVICE, RegistryServicer, start_control_server, worker_verifier
 from router.service import GenerateServicer, RouterConfig
 
 
@@ -64,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="a worker silent this long is taken out of routing",
     )
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
+    ap.add_argument(
+        "--verify-workers",
+        choices=["on", "off"],
+        default="on",
+        help="on: a registering worker is checked against its own Stats and this router's model before "
+        "it gets traffic, and only it (its worker token) may heartbeat or deregister; off: workers are "
+        "trusted as they register (tests with fake workers only)",
+    )
+    ap.add_argument(
+        "--max-worker-kv-blocks",
+        type=int,
+        default=None,
+        help="refuse a worker that reports more KV blocks than this (default: no bound)",
+    )
     ap.add_argument(
         "--policy",
         default=PolicyKind.LEAST_LOADED.value,
@@ -143,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         generate = GenerateServicer(reg, cfg, RouterMetrics(REGISTRY))  # opens the --index
     except ValueError as e:  # a bad option value (InvalidRequestError included)
         ap.error(str(e))
-    registry_servicer = RegistryServicer(reg, cfg)
+    verifier = (
+        worker_verifier(reg, cfg, max_kv_blocks=a.max_worker_kv_blocks) if a.verify_workers == "on" else None
+    )
+    registry_servicer = RegistryServicer(reg, cfg, verifier=verifier)
     control, control_address, _ = start_control_server(registry_servicer, cfg.host, a.control_port)
     services = [
         (client_pb2.DESCRIPTOR.services_by_name["Generate"], generate),
