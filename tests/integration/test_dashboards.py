@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from pdserve.client import Client
-from pdserve.errors import InvalidRequestError, ResourceExhaustedError, UnavailableError
+from pdserve.errors import InvalidRequestError, ModelNotFoundError, ResourceExhaustedError, UnavailableError
 from pdserve.launcher import ClusterSpec, LocalCluster, launch
 
 pytestmark = pytest.mark.slow
@@ -338,16 +338,16 @@ def traffic(cluster, prom) -> Traffic:
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda i: _one(client, i), range(n)))
         invalid = 0
-        for bad in (
-            dict(prompt=SYSTEM, model="no-such-model"),
-            dict(prompt=[10**9]),  # token id out of the vocabulary
-            dict(prompt=""),
-            dict(prompt=SYSTEM * 200),  # longer than the model's context
+        for bad, error in (
+            (dict(prompt=SYSTEM, model="no-such-model"), ModelNotFoundError),  # NOT_FOUND
+            (dict(prompt=[10**9]), InvalidRequestError),  # token id out of the vocabulary
+            (dict(prompt=""), InvalidRequestError),
+            (dict(prompt=SYSTEM * 200), InvalidRequestError),  # longer than the model's context
         ):
             prompt = bad.pop("prompt")
-            with pytest.raises(InvalidRequestError):
+            with pytest.raises(error):
                 client.complete(prompt, max_tokens=2, **bad)
-            invalid += 1
+            invalid += 1  # NOT_FOUND counts as outcome "invalid" too (pdserve.metrics.outcome_for)
     ok = {c: results.count((c, True)) for c in SLOS}
     rejected = {c: results.count((c, False)) for c in SLOS}
     # the traffic is over once Prometheus has scraped the router's final counts

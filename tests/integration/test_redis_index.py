@@ -290,8 +290,12 @@ def test_resync_removes_entries_of_blocks_evicted_during_an_outage(own_server: S
 @pytest.fixture
 def three_nodes(server: Server, connect) -> Iterator[tuple[list[StoreServer], RedisIndex]]:
     caps = {"n1": 16, "n2": 8, "n3": 16}
+    # one owner may lease a whole node here: a test below fills n2 with leases on purpose
     srvs = [
-        serve(StoreConfig(nid, LAYOUT, cap, use_shm=False, max_workers=2), connect(server))
+        serve(
+            StoreConfig(nid, LAYOUT, cap, use_shm=False, max_workers=2, max_leased_blocks_per_owner=cap),
+            connect(server),
+        )
         for nid, cap in caps.items()
     ]
     try:

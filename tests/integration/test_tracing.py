@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.client import Client
-from pdserve.errors import InvalidRequestError
+from pdserve.errors import ModelNotFoundError
 from pdserve.launcher import ClusterSpec, LocalCluster, launch
 
 pytestmark = pytest.mark.slow
@@ -118,10 +118,10 @@ def test_the_router_assigns_an_id_when_the_client_sends_none(cluster, client):
 
 def test_a_failed_request_is_logged_with_its_id_and_outcome(cluster, client):
     rid = f"bad-{uuid.uuid4().hex}"
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(ModelNotFoundError):
         client.complete(PROMPT, max_tokens=2, model="no-such-model", request_id=rid)
     rec = wait_logged(cluster, "router", rid, "request failed")
-    assert rec["outcome"] == "invalid" and rec["error"] == "InvalidRequestError"
+    assert rec["outcome"] == "invalid" and rec["error"] == "ModelNotFoundError"
     assert records(cluster, "prefill-0", rid) == []  # rejected at the router, never placed
 
 
