@@ -426,6 +426,20 @@ def launch(spec: ClusterSpec) -> LocalCluster:
     return cl
 
 
+def _generate_serving(ch) -> bool:
+    """Whether the router's grpc.health.v1 status of its Generate service is SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        r = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="pdserve.v1.Generate"), timeout=5
+        )
+    except grpc.RpcError:
+        return False
+    return r.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def wait_registered(cl: LocalCluster, timeout_s: float) -> None:
     """Block until the router can place a request (one prefill and one decode registered)."""
     import grpc
@@ -456,7 +470,10 @@ def wait_registered(cl: LocalCluster, timeout_s: float) -> None:
                 )
                 return
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # a router with API keys (--api-keys):
+                    if _generate_serving(ch):  # ready once its health says it can place a request
+                        return
+                elif e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 time.sleep(0.2)
         raise UnavailableError("workers did not register with the router in time")

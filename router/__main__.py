@@ -29,6 +29,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 
 from pdserve import cli_help
+from pdserve.auth.cli_args import add_auth_args, edge_from_args
 from pdserve.metrics import RouterMetrics, serve_metrics
 from pdserve.security import add_security_args, install_from_args
 from pdserve.tracing import configure_logging
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a worker silent this long is taken out of routing",
     )
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
+    add_auth_args(ap)
     ap.add_argument(
         "--verify-workers",
         choices=["on", "off"],
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         cfg = _config(a, goodput)
         reg = Registry(cfg.heartbeat_timeout_s)
-        generate = GenerateServicer(reg, cfg, RouterMetrics(REGISTRY))  # opens the --index
+        edge = edge_from_args(a, cfg.host, "router")  # API keys (none: loopback dev mode only)
+        generate = GenerateServicer(reg, cfg, RouterMetrics(REGISTRY), edge=edge)  # opens the --index
     except ValueError as e:  # a bad option value (InvalidRequestError included)
         ap.error(str(e))
     verifier = (

@@ -108,7 +108,7 @@ class RegistryServicer:
 
 
 def worker_verifier(
-    registry: Registry, config: RouterConfig, timeout_s: float = 2.0, **bounds: int
+    registry: Registry, config: RouterConfig, timeout_s: float = 4.0, **bounds: int
 ) -> WorkerVerifier:
     """The verifier a router uses: its model's id and KV geometry (from ``config.model_path``),
     the workers' Stats fetched over an internal channel (TLS / cluster token as configured by

@@ -36,6 +36,7 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kv_store.client import KVStoreClient
 from kv_store.index import KVIndex, locate_prefix
+from pdserve.auth import EdgeAuth
 from pdserve.errors import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -190,9 +191,12 @@ class GenerateServicer:
         config: RouterConfig,
         metrics: RouterMetrics | None = None,
         index: KVIndex | None = None,
+        edge: EdgeAuth | None = None,
     ) -> None:
         """``index``: the KV index for prefix lookups (default: opened from ``config.index_url``;
-        none: ask a store node's Lookup)."""
+        none: ask a store node's Lookup). ``edge``: API keys, tenants, quotas, request ids and
+        cache salts (:mod:`pdserve.auth`; default: dev mode, the tenant is the request's field)."""
+        self.edge = edge if edge is not None else EdgeAuth(None)
         self.registry = registry
         self.config = config
         self.metrics = metrics if metrics is not None else RouterMetrics(CollectorRegistry())
@@ -369,6 +373,7 @@ class GenerateServicer:
 
     # ----------------------------------------------------------------- rpcs
     def Tokenize(self, req: client_pb2.TokenizeRequest, ctx) -> client_pb2.TokenizeResponse:
+        self.edge.principal_from_metadata(ctx.invocation_metadata())  # a key store: needs a key
         self._check_model(req.model)
         which = req.WhichOneof("input")
         if which == "prompt":
@@ -389,20 +394,32 @@ class GenerateServicer:
     def Generate(
         self, req: client_pb2.GenerateRequest, ctx: grpc.ServicerContext
     ) -> Iterator[client_pb2.GenerateResponse]:
-        """Traced, measured entry: binds the request id (one is assigned if the client sent none),
-        records outcome, latencies, phases and SLO result (:class:`RouterMetrics`) and logs one
-        structured line per request."""
-        if not req.request_id:
-            req.request_id = uuid.uuid4().hex
+        """Traced, measured entry: authenticates and admits the request at the edge
+        (:meth:`pdserve.auth.EdgeAuth.admit_generate`: tenant, input limits, quota, the client's id
+        claimed as an idempotency key, the tenant's cache salt; the request runs under a cluster
+        id, and responses carry the client's own id when it sent one), records outcome,
+        latencies, phases and SLO result (:class:`RouterMetrics`) and logs one structured line per
+        request."""
+        admitted = self.edge.admit_generate(req, ctx.invocation_metadata())
+        try:
+            shown_id = admitted.apply_to(req)
+            yield from self._measured(req, ctx, shown_id, admitted.lease_ttl_s)
+        finally:
+            admitted.close()
+
+    def _measured(
+        self, req: client_pb2.GenerateRequest, ctx: grpc.ServicerContext, shown_id: str, lease_ttl_s: float
+    ) -> Iterator[client_pb2.GenerateResponse]:
         cls = slo_class(req.slo.ttft_s, req.slo.tpot_s)
         m = self.metrics
         finish: common_pb2.Finish | None = None
         with request_scope(req.request_id):
             m.inflight.inc()
             try:
-                for resp in self._generate(req, ctx):
+                for resp in self._generate(req, ctx, lease_ttl_s):
                     if resp.HasField("finish"):
                         finish = resp.finish
+                    resp.request_id = shown_id
                     yield resp
             except BaseException as e:
                 outcome = outcome_for(e)
@@ -448,7 +465,7 @@ class GenerateServicer:
             )
 
     def _generate(
-        self, req: client_pb2.GenerateRequest, ctx: grpc.ServicerContext
+        self, req: client_pb2.GenerateRequest, ctx: grpc.ServicerContext, lease_ttl_s: float = 0.0
     ) -> Iterator[client_pb2.GenerateResponse]:
         t0 = time.monotonic()
         self._check_model(req.model)
@@ -459,6 +476,7 @@ class GenerateServicer:
         rid = req.request_id or uuid.uuid4().hex
         t_route = time.perf_counter()
         run = _Run(rid, ids, params, t0, IncrementalDetokenizer(self.tokenizer, params.stop))
+        run.lease_ttl_s = lease_ttl_s
         stored = self._prefix_blocks(ids, req)  # I/O: before the placement lock
         with self._place_lock:
             placement, pw, dw, info = self._place(rid, ids, params, req, stored)
@@ -752,7 +770,8 @@ class GenerateServicer:
         self._unreserve(run)
         try:
             fut = self.stubs.worker(pw.address).Prefill.future(
-                worker_pb2.PrefillRequest(**common, slo=req.slo), timeout=_remaining(ctx)
+                worker_pb2.PrefillRequest(**common, slo=req.slo, lease_ttl_s=run.lease_ttl_s),
+                timeout=_remaining(ctx),
             )
             ctx.add_callback(fut.cancel)
             try:
@@ -966,6 +985,7 @@ class _Run:
     kv_pull_s: float = 0.0  # decode workers' KV pull time (DecodeResponse.kv_pull_s), summed
     reserved: tuple[str, int] | None = None  # (worker id, prompt tokens) queued at placement
     reserved_decode: str | None = None  # decode worker counted in flight at placement
+    lease_ttl_s: float = 0.0  # the tenant's KV lease TTL (0: the prefill worker's default)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import os
 
 from pdserve.auth.edge import EdgeAuth, EdgeConfig, check_listen_address
 from pdserve.auth.keys import open_key_store
-from pdserve.errors import InvalidRequestError
+from pdserve.errors import InvalidRequestError, UnavailableError
 
 ENV_API_KEYS = "PDSERVE_API_KEYS"
 ENV_SALT_SECRET_FILE = "PDSERVE_SALT_SECRET_FILE"
@@ -41,7 +41,12 @@ def edge_from_args(a: argparse.Namespace, host: str, what: str) -> EdgeAuth:
     """The :class:`EdgeAuth` the flags describe for a front end listening on ``host``. Raises
     InvalidRequestError (before anything is served) for a non-loopback ``host`` without a key
     store, an unreadable secret file, or a key store that cannot be opened."""
-    store = open_key_store(a.api_keys, redis_prefix=a.api_keys_redis_prefix) if a.api_keys else None
+    store = None
+    if a.api_keys:
+        try:
+            store = open_key_store(a.api_keys, redis_prefix=a.api_keys_redis_prefix)
+        except UnavailableError as e:  # a missing or broken key file: a configuration error at start
+            raise InvalidRequestError(f"--api-keys: {e.message}") from None
     check_listen_address(host, store, what)
     secret = b""
     if a.salt_secret_file:

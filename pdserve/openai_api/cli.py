@@ -10,12 +10,12 @@ Importing this module is cheap (no grpc); the server is imported when the comman
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 
 DEFAULT_ROUTER = "127.0.0.1:50051"
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     from pdserve.security import add_client_tls_args
 
+    p.add_argument(
+        "--api-keys",
+        default=os.environ.get("PDSERVE_API_KEYS") or None,
+        help="API key store (YAML/JSON file or redis:// URL; the router's): requests need "
+        "'Authorization: Bearer <key>'; default $PDSERVE_API_KEYS; none: dev mode, loopback only",
+    )
     add_client_tls_args(p, prefix="router-")  # --router-tls-ca etc.: TLS of the channel to the router
 
 
@@ -49,9 +55,8 @@ def run(a: argparse.Namespace) -> int:
         max_body_bytes=a.max_body_bytes,
         request_timeout_s=a.timeout if a.timeout and a.timeout > 0 else None,
         defaults=Defaults(chat_max_tokens=a.chat_max_tokens),
+        api_keys=a.api_keys,
     )
-    if a.host not in _LOOPBACK:
-        print(f"pdserve openai: warning: listening on {a.host} without authentication", file=sys.stderr)
     try:
         from pdserve.client import Client
         from pdserve.security import client_tls_kwargs

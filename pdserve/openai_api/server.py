@@ -35,6 +35,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from pdserve.auth.edge import EdgeAuth, check_listen_address
+from pdserve.auth.keys import open_key_store
+from pdserve.auth.validate import check_json_strings, check_request_id
 from pdserve.client import Chunk, Client, ServingStatus, Stream
 from pdserve.errors import UnavailableError
 from pdserve.openai_api.errors import (
@@ -73,7 +76,10 @@ class ServerConfig:
     :attr:`OpenAIServer.port`). ``max_body_bytes``: larger bodies get 413. ``request_timeout_s``:
     deadline of each generation (504 when exceeded; None = none). ``models_ttl_s``: how long the
     router's model list is cached for ``model`` checks. ``idle_timeout_s``: an idle keep-alive
-    connection is closed after this long."""
+    connection is closed after this long. ``api_keys``: the key store (a YAML/JSON file or
+    redis:// URL, :mod:`pdserve.auth.keys`; give the router the same): requests need
+    ``Authorization: Bearer <key>`` (401 otherwise) and run as the key's tenant; None: dev mode,
+    allowed only on a loopback ``host``, where a request's tenant is its ``user`` field."""
 
     router: str
     host: str = "127.0.0.1"
@@ -83,6 +89,7 @@ class ServerConfig:
     models_ttl_s: float = 10.0
     idle_timeout_s: float = 120.0
     defaults: Defaults = Defaults()
+    api_keys: str | None = None
 
 
 class Method(enum.Enum):
@@ -231,6 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith(_MODEL_PREFIX):
             if method != Method.GET.value:
                 self._refuse_method(path, (Method.GET.value,))
+            app.authorize(self.headers.get("Authorization"))
             model = path[len(_MODEL_PREFIX) :]
             app.resolve(model)
             self._send_json(HTTPStatus.OK, model_object(model, app.created))
@@ -249,9 +257,11 @@ class _Handler(BaseHTTPRequestHandler):
             app.check_health()
             self._send_json(HTTPStatus.OK, {"status": "ok", "router": app.config.router})
         elif route is Route.MODELS:
+            app.authorize(self.headers.get("Authorization"))
             self._send_json(HTTPStatus.OK, models_response(app.models(refresh=True), app.created))
         else:
             body = self._read_json()
+            check_json_strings(body)  # a lone surrogate anywhere: 400 here, not a 500 later
             d = app.config.defaults
             call = parse_completion(body, d) if route is Route.COMPLETIONS else parse_chat(body, d)
             self._generate(call)
@@ -332,8 +342,11 @@ class _Handler(BaseHTTPRequestHandler):
     # ---------------------------------------------------------------- generation
     def _generate(self, call: GenerateCall) -> None:
         app = self.server.app
+        tenant, auth_md = app.edge.forward_http(self.headers.get("Authorization"), call.tenant)
         model = app.resolve(call.model)
-        rid = uuid.uuid4().hex
+        # X-Request-Id: the client's idempotency key (a second request with it while the first runs
+        # is refused with 409); by default a fresh id
+        rid = check_request_id(self.headers.get("X-Request-Id") or "") or uuid.uuid4().hex
         meta = ResponseMeta(
             call.kind, call.kind.id_prefix + rid, int(time.time()), model, call.include_usage, call.logprobs
         )
@@ -341,7 +354,8 @@ class _Handler(BaseHTTPRequestHandler):
             call.sdk_prompt(),
             call.params,
             timeout=app.config.request_timeout_s,
-            **call.sdk_kwargs(model, rid),
+            metadata=auth_md,
+            **{**call.sdk_kwargs(model, rid), "tenant": tenant},
         )
         with _DisconnectWatcher(self.connection, stream.cancel) as watch:
             try:
@@ -413,6 +427,9 @@ class OpenAIServer:
 
     def __init__(self, config: ServerConfig, client: Client | None = None) -> None:
         self.config = config
+        store = open_key_store(config.api_keys) if config.api_keys else None
+        check_listen_address(config.host, store, "OpenAI HTTP server")
+        self.edge = EdgeAuth(store)
         self.client = client if client is not None else Client(config.router)
         self._own_client = client is None
         self.created = int(time.time())
@@ -460,6 +477,12 @@ class OpenAIServer:
                 f"the router at {self.config.router} is {status.value}: it has no worker to place a "
                 "request on (a prefill or decode worker is missing); retry shortly"
             )
+
+    def authorize(self, authorization: str | None) -> None:
+        """With a key store, raise UnauthenticatedError (401) unless ``authorization`` carries a
+        valid key; in dev mode everything is allowed."""
+        if not self.edge.dev_mode:
+            self.edge.principal(authorization)
 
     def resolve(self, requested: str | None) -> str:
         """The model id a request runs on (see :func:`translate.resolve_model`); a name missing

@@ -76,7 +76,6 @@ def test_pdserve_keys_through_the_main_cli(tmp_path: Path, capsys: pytest.Captur
 
 def test_edge_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pdserve.auth.cli_args import add_auth_args, edge_from_args
-    from pdserve.errors import UnavailableError
 
     monkeypatch.delenv("PDSERVE_API_KEYS", raising=False)
     ap = argparse.ArgumentParser()
@@ -93,7 +92,7 @@ def test_edge_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ap.parse_args(["--api-keys", str(keys), "--salt-secret-file", str(secret)]), "0.0.0.0", "r"
     )
     assert not e.dev_mode and e.config.salt_secret == b"s3cret"
-    with pytest.raises(UnavailableError, match="does not exist"):
+    with pytest.raises(InvalidRequestError, match="--api-keys: .* does not exist"):
         edge_from_args(ap.parse_args(["--api-keys", str(tmp_path / "none.yaml")]), "127.0.0.1", "r")
     with pytest.raises(InvalidRequestError, match="salt-secret-file"):
         edge_from_args(ap.parse_args(["--salt-secret-file", str(tmp_path / "nope")]), "127.0.0.1", "r")
