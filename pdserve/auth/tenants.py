@@ -31,7 +31,8 @@ class AuthMode(enum.Enum):
 class TenantPolicy:
     """Limits of one tenant. ``None`` means "no limit" for the optional ones.
 
-    ``max_inflight``: requests of the tenant running at once (more: RESOURCE_EXHAUSTED).
+    ``max_inflight``: requests of the tenant running at once (more: RESOURCE_EXHAUSTED; default
+    none: set one per tenant with ``pdserve keys tenant NAME --max-inflight N``).
     ``rate_per_s`` / ``burst``: a token bucket of requests (``burst`` = bucket size; default:
     ``max(1, ceil(rate_per_s))``). ``max_lease_ttl_s``: the TTL of the KV store lease taken for
     one of the tenant's requests (how long its handoff may pin store memory; None: the prefill
@@ -41,7 +42,7 @@ class TenantPolicy:
     group (e.g. a public system prompt), never with others.
     """
 
-    max_inflight: int | None = 64
+    max_inflight: int | None = None
     rate_per_s: float | None = None
     burst: int | None = None
     max_lease_ttl_s: float | None = None
