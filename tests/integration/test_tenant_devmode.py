@@ -22,7 +22,14 @@ LONG = " ".join(f"Entry {i}: a stitch in time saves nine, they said." for i in r
 
 @pytest.fixture(scope="module")
 def cluster(smollm_path: Path):
-    cl = launch(ClusterSpec(model_path=str(smollm_path), worker_kv_blocks=512, store_capacity_blocks=1024))
+    cl = launch(
+        ClusterSpec(
+            model_path=str(smollm_path),
+            worker_kv_blocks=512,
+            store_capacity_blocks=1024,
+            startup_timeout_s=600,
+        )
+    )
     yield cl
     cl.stop()
 

@@ -60,6 +60,7 @@ def cluster(smollm_path: Path, keys: dict[str, Any]):
             worker_kv_blocks=512,
             store_capacity_blocks=1024,
             router_args=("--api-keys", keys["path"]),
+            startup_timeout_s=600,  # a loaded shared machine starts workers slowly
         )
     )
     yield cl
