@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health
 
-from pdserve.errors import InvalidRequestError
+from pdserve.errors import InvalidRequestError, PdserveError, PermissionDeniedError
 from pdserve.v1 import router_pb2, worker_pb2
 from router.registry import Registry, WorkerKind, WorkerLoad
 from router.worker_verify import WORKER_TOKEN_MD, WorkerVerifier
@@ -83,7 +83,11 @@ class RegistryServicer:
             raise InvalidRequestError("worker_id and address are required")
         kind = _KINDS[req.role]
         if self.verifier is not None:
-            token = self.verifier.verify_registration(req, ctx.invocation_metadata())
+            try:
+                token = self.verifier.verify_registration(req, ctx.invocation_metadata())
+            except PdserveError as e:
+                log.warning("registration of %s at %s refused: %s", req.worker_id, req.address, e)
+                raise
             ctx.set_trailing_metadata(((WORKER_TOKEN_MD, token),))
         self.registry.register(req.worker_id, kind, req.address, req.model, load_from_proto(req.stats))
         log.info("registered %s worker %s at %s", kind.value, req.worker_id, req.address)
@@ -95,14 +99,22 @@ class RegistryServicer:
 
     def Heartbeat(self, req: router_pb2.HeartbeatRequest, ctx) -> router_pb2.HeartbeatResponse:
         if self.verifier is not None and self.registry.get(req.worker_id) is not None:
-            self.verifier.check_heartbeat(req, ctx.invocation_metadata())
+            try:
+                self.verifier.check_heartbeat(req, ctx.invocation_metadata())
+            except PermissionDeniedError as e:
+                log.warning("heartbeat refused: %s", e)
+                raise
         return router_pb2.HeartbeatResponse(
             known=self.registry.heartbeat(req.worker_id, load_from_proto(req.stats))
         )
 
     def Deregister(self, req: router_pb2.DeregisterRequest, ctx) -> router_pb2.DeregisterResponse:
         if self.verifier is not None:
-            self.verifier.check_identity(req.worker_id, ctx.invocation_metadata(), "deregister")
+            try:
+                self.verifier.check_identity(req.worker_id, ctx.invocation_metadata(), "deregister")
+            except PermissionDeniedError as e:
+                log.warning("deregister refused: %s", e)
+                raise
             self.verifier.tokens.forget(req.worker_id)
         return router_pb2.DeregisterResponse(found=self.registry.deregister(req.worker_id))
 
