@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -87,6 +88,13 @@ def _cmd_generate_embedded(a: argparse.Namespace) -> int:
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
+def _key_store_arg(store: str) -> str:
+    """A key file made absolute (the router runs in another working directory); URLs as given."""
+    from pathlib import Path
+
+    return store if "://" in store else str(Path(store).resolve())
+
+
 def _cmd_serve(a: argparse.Namespace) -> int:
     import signal
     import threading
@@ -110,7 +118,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             num_decode=a.decode,
             router_port=int(port),
             worker_kv_blocks=a.kv_blocks,
-            router_args=("--policy", a.policy) if a.policy else (),
+            router_args=(
+                *(("--policy", a.policy) if a.policy else ()),
+                *(("--api-keys", _key_store_arg(a.api_keys)) if a.api_keys else ()),
+            ),
             index_url=a.index,
             tls=a.tls,
             pki_dir=a.pki_dir,
@@ -146,7 +157,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     from pdserve.client import Client
 
     prompt = a.prompt if a.no_chat else [{"role": "user", "content": a.prompt}]
-    with Client(a.address, timeout=a.timeout, **client_tls_kwargs(a)) as c:
+    with Client(a.address, timeout=a.timeout, api_key=a.api_key or None, **client_tls_kwargs(a)) as c:
         fin = None
         for ch in c.generate(
             prompt,
@@ -181,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(g)
     _sampling_args(g)
     add_client_tls_args(g)
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("PDSERVE_API_KEY", ""),
+        help="API key for a router started with --api-keys (sent as `authorization: Bearer KEY`) "
+        "(default: $PDSERVE_API_KEY, else none)",
+    )
     g.set_defaults(func=_cmd_generate)
 
     sv = sub.add_parser(
@@ -209,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--pki-dir",
         default="",
         help="with --tls: a `pdserve certs` folder to use (default: %(default)r: a fresh dev CA)",
+    )
+    sv.add_argument(
+        "--api-keys",
+        default="",
+        help="API key store for the router (a `pdserve keys` YAML/JSON file or redis:// URL); clients "
+        "then need `authorization: Bearer KEY` (default: %(default)r: loopback dev mode, no keys)",
     )
     sv.set_defaults(func=_cmd_serve)
 
