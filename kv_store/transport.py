@@ -50,17 +50,30 @@ import enum
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
 
 from engine.block_hash import BlockHash
 from kv_store.arena import ArenaReader
-from kv_store.checksum import KVChecksumError, check_checksum_list, verify_blocks
+from kv_store.checksum import KVChecksumError, block_checksum, check_checksum_list, verify_blocks
 from kv_store.client import KVStoreClient
 from kv_store.handle import BlockLocation, check_hashes
 from kv_store.layout import KVLayout
 from pdserve.errors import InvalidRequestError, PdserveError, RequestNotFoundError, UnavailableError
+
+_CHECKSUM_POOL: ThreadPoolExecutor | None = None
+_CHECKSUM_POOL_LOCK = threading.Lock()
+
+
+def _checksum_pool() -> ThreadPoolExecutor:
+    """One process-wide thread that hashes copied blocks while the caller copies the next."""
+    global _CHECKSUM_POOL
+    with _CHECKSUM_POOL_LOCK:
+        if _CHECKSUM_POOL is None:
+            _CHECKSUM_POOL = ThreadPoolExecutor(1, thread_name_prefix="kv-checksum")
+        return _CHECKSUM_POOL
 
 
 class FetchedBlocks:
@@ -121,10 +134,22 @@ class FetchedBlocks:
         nb = self._views[0].nbytes if self._views else 0
         if out.nbytes != nb * n or not out.flags.writeable:
             raise InvalidRequestError(f"copy_into needs a writable buffer of {nb * n} bytes")
+        if not self._checksums:
+            for start, span in self.spans:
+                np.copyto(out[start * nb : start * nb + span.nbytes], np.frombuffer(span, dtype=np.uint8))
+            return
+        # Verify the copy itself (what the caller got is what was verified), pipelined: block i is
+        # hashed on the checksum thread (xxhash releases the GIL) while block i+1 is copied, so the
+        # check costs ~0.8x of a plain copy instead of ~0.55x for copy-then-hash (bench/kv_transfer.py).
+        mv = memoryview(out)
+        pending = []
         for start, span in self.spans:
-            np.copyto(out[start * nb : start * nb + span.nbytes], np.frombuffer(span, dtype=np.uint8))
-        if self._checksums:  # verify the copy itself: what the caller got is what was verified
-            mv = memoryview(out)
+            src = np.frombuffer(span, dtype=np.uint8)
+            for j in range(span.nbytes // nb):
+                i = start + j
+                np.copyto(out[i * nb : (i + 1) * nb], src[j * nb : (j + 1) * nb])
+                pending.append(_checksum_pool().submit(block_checksum, mv[i * nb : (i + 1) * nb]))
+        if [f.result() for f in pending] != list(self._checksums):  # raises naming the first bad block
             self._verify([mv[i * nb : (i + 1) * nb] for i in range(n)])
 
     def release(self) -> None:
