@@ -242,7 +242,7 @@ class RouterActor:
     def __init__(self, config: ClusterConfig) -> None:
         from prometheus_client import REGISTRY
 
-        from pdserve.grpc_server import start_server
+        from pdserve.grpc_server import start_aio_server
         from pdserve.metrics import RouterMetrics, serve_metrics
         from pdserve.v1 import client_pb2
         from router.health import HEALTH_SERVICES, start_router_health
@@ -264,7 +264,8 @@ class RouterActor:
             ),
             (REGISTRY_SERVICE, registry_servicer),
         ]
-        self.server, port, hs = start_server(
+        # the data plane on an event loop: a stream costs memory, not a thread (router.service)
+        self.server, port, hs = start_aio_server(
             services, cfg.host, cfg.port, name="router", not_serving=HEALTH_SERVICES
         )
         self._health = start_router_health(self.registry, cfg, hs)  # NOT_SERVING until it can place

@@ -6,6 +6,7 @@ global_cache_aware), local_cache_aware. Goodput knobs: ``--latency-profile``, ``
 (0 disables conditional disaggregation), ``--shared-cores N`` (all workers on one N-core host), ``--store`` (KV store for prefix lookups), ``--index``
 (the cluster's shared redis:// KV index: prefix lookups read it directly instead of asking a store).
 Failover: ``--max-redispatches`` (re-dispatches of one request after lost workers; default 2).
+Flow control: ``--stall-timeout-s`` (a client that reads nothing for this long is cancelled).
 
 Control plane: the worker Registry has its own gRPC server, port (``--control-port``, default any
 free one) and threads (:mod:`router.registry_service`), so load on the Generate data plane never
@@ -104,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=RouterConfig.max_redispatches,
         help="re-dispatches of one request after its workers are lost (then UNAVAILABLE)",
     )
+    ap.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        default=RouterConfig.stall_timeout_s,
+        help="flow control: a client that takes no response for this long (it does not read its "
+        "stream) is cancelled with RESOURCE_EXHAUSTED",
+    )
     g = GoodputConfig()
     ap.add_argument(
         "--slo-margin",
@@ -139,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pdserve.grpc_server import start_server
+    from pdserve.grpc_server import start_aio_server
 
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -169,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         (client_pb2.DESCRIPTOR.services_by_name["Generate"], generate),
         (REGISTRY_SERVICE, registry_servicer),  # compatibility: registering here names the control port
     ]
-    server, port, hs = start_server(services, cfg.host, cfg.port, name="router", not_serving=HEALTH_SERVICES)
+    # the data plane on an event loop: a stream costs memory, not a thread (router.service)
+    server, port, hs = start_aio_server(
+        services, cfg.host, cfg.port, name="router", not_serving=HEALTH_SERVICES
+    )
     health = start_router_health(reg, cfg, hs)  # NOT_SERVING until it can place a request
     metrics_port = serve_metrics(a.metrics_port)
     print(
@@ -206,6 +217,7 @@ def _config(a: argparse.Namespace, goodput: GoodputConfig) -> RouterConfig:
         store_address=a.store,
         index_url=a.index,
         max_redispatches=a.max_redispatches,
+        stall_timeout_s=a.stall_timeout_s,
     )
 
 

@@ -13,17 +13,34 @@ A worker lost mid-request (its call fails UNAVAILABLE) is dropped and the reques
 at most ``RouterConfig.max_redispatches`` times, without losing or repeating a token
 (:mod:`router.failover`, :meth:`GenerateServicer._serve`).
 Every failure leaves as a gRPC status mapped by ``pdserve.status``.
+
+Asynchronous data plane (issue #12): Generate runs on ``grpc.aio`` (the router serves it with
+:func:`pdserve.grpc_server.start_aio_server`): a request is a task on one event loop, and a
+stream waiting on tokens costs memory, not a thread. Worker calls use ``grpc.aio`` channels;
+store calls (lease release, re-lease, placement-time prefix lookups) run on worker threads
+(``asyncio.to_thread``) so they never block the loop. Flow control: a response is written only
+when the client's HTTP/2 window has room; while it has none, the relay stops reading the decode
+worker's stream (which backs up, to the worker), and a client that has not taken a response for
+``RouterConfig.stall_timeout_s`` is cancelled with RESOURCE_EXHAUSTED naming the stall. A
+worker's stream is also proof of life (:meth:`router.registry.Registry.seen`): a worker that
+streams is not dropped for a late heartbeat. A KV store failure reported by a worker
+(:class:`pdserve.errors.StoreUnavailableError`) fails the request naming the store; the worker
+is neither dropped nor blamed.
+
+The worker Registry (the control plane) is :mod:`router.registry_service`, on its own server
+(``RegistryServicer`` is importable from here for compatibility).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,14 +58,16 @@ from pdserve.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     ResourceExhaustedError,
+    StoreUnavailableError,
     UnavailableError,
 )
+from pdserve.limits import grpc_options
 from pdserve.metrics import FinishedRequest, RouterMetrics, outcome_for, slo_class, tpot_of
 from pdserve.proto_convert import finish_to_proto, name_logprob_tokens, sampling_from_proto
-from pdserve.security import internal_channel
-from pdserve.status import MD_ERROR_CLASS, raise_from_rpc_error
+from pdserve.security import TOKEN_METADATA_KEY, current, internal_channel
+from pdserve.status import MD_ERROR_CLASS, error_from_rpc_error, raise_from_rpc_error
 from pdserve.tracing import log_event, request_scope, traced_channel
-from pdserve.v1 import client_pb2, common_pb2, router_pb2, worker_pb2, worker_pb2_grpc
+from pdserve.v1 import client_pb2, common_pb2, worker_pb2, worker_pb2_grpc
 from router.cluster_view import OutstandingTokens, build_view, first_block_size
 from router.failover import LostPhase, LostWorker, Redispatches, TokenStop, check_stop, resume_limits
 from router.health import needed_kinds
@@ -67,7 +86,10 @@ from router.policy import (
     RequestInfo,
 )
 from router.policy_factory import build_policy, uses_prefix_lookup
-from router.registry import Registry, WorkerEntry, WorkerKind, WorkerLoad
+from router.registry import Registry, WorkerEntry, WorkerKind
+from router.registry_service import RegistryServicer, load_from_proto
+
+__all__ = ["GenerateServicer", "RegistryServicer", "RouterConfig", "load_from_proto"]
 
 log = logging.getLogger(__name__)
 
@@ -95,67 +117,51 @@ class RouterConfig:
     # A request whose worker dies (a call fails UNAVAILABLE) is re-dispatched to another worker at
     # most this many times (router.failover); then it fails UNAVAILABLE naming the lost workers.
     max_redispatches: int = 2
+    # Flow control: a client that has not taken a response for this long (its HTTP/2 window full:
+    # it does not read) is cancelled with RESOURCE_EXHAUSTED; meanwhile its stream is paused.
+    stall_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_redispatches < 0:
             raise ValueError(f"max_redispatches must be >= 0, got {self.max_redispatches}")
+        if self.stall_timeout_s <= 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
         if self.index_url == "memory":
             raise ValueError(
                 "index_url 'memory' would be a private, empty index: give the cluster's redis:// URL"
             )
 
 
-def _remaining(ctx: grpc.ServicerContext) -> float | None:
+def _remaining(ctx: grpc.aio.ServicerContext) -> float | None:
     """Seconds left of the caller's deadline; None when it has none (gRPC reports a huge number)."""
     r = ctx.time_remaining()
     return None if r is None or r > 1e7 else max(r, 0.0)
 
 
-def load_from_proto(s: worker_pb2.WorkerStats) -> WorkerLoad:
-    return WorkerLoad(
-        s.num_waiting,
-        s.num_running,
-        s.kv_blocks_total,
-        s.kv_blocks_used,
-        block_size=s.kv_layout.block_size,
-        token_budget=s.token_budget,
-    )
+def _gone(ctx: grpc.aio.ServicerContext) -> bool:
+    """The client is not waiting any more: it cancelled, or its deadline passed."""
+    r = _remaining(ctx)
+    return ctx.cancelled() or (r is not None and r <= 0)
 
 
-class RegistryServicer:
-    def __init__(self, registry: Registry, config: RouterConfig) -> None:
-        self.registry = registry
-        self.config = config
-
-    def Register(self, req: router_pb2.RegisterRequest, ctx) -> router_pb2.RegisterResponse:
-        kind = {
-            worker_pb2.WORKER_ROLE_PREFILL: WorkerKind.PREFILL,
-            worker_pb2.WORKER_ROLE_DECODE: WorkerKind.DECODE,
-        }
-        if req.role not in kind:
-            raise InvalidRequestError("role must be PREFILL or DECODE")
-        if not req.worker_id or not req.address:
-            raise InvalidRequestError("worker_id and address are required")
-        self.registry.register(
-            req.worker_id, kind[req.role], req.address, req.model, load_from_proto(req.stats)
-        )
-        log.info("registered %s worker %s at %s", kind[req.role].value, req.worker_id, req.address)
-        return router_pb2.RegisterResponse(
-            heartbeat_interval_s=self.config.heartbeat_interval_s,
-            heartbeat_timeout_s=self.config.heartbeat_timeout_s,
-        )
-
-    def Heartbeat(self, req: router_pb2.HeartbeatRequest, ctx) -> router_pb2.HeartbeatResponse:
-        return router_pb2.HeartbeatResponse(
-            known=self.registry.heartbeat(req.worker_id, load_from_proto(req.stats))
-        )
-
-    def Deregister(self, req: router_pb2.DeregisterRequest, ctx) -> router_pb2.DeregisterResponse:
-        return router_pb2.DeregisterResponse(found=self.registry.deregister(req.worker_id))
+async def write_or_cancel(ctx: grpc.aio.ServicerContext, msg: object, stall_timeout_s: float) -> None:
+    """Write ``msg`` to the client; the write waits while the client's window is full (it reads
+    slowly: the caller's stream pauses). A client that takes nothing for ``stall_timeout_s``
+    seconds is given up on: ResourceExhaustedError naming the stall (the request is cancelled
+    downstream as the caller unwinds)."""
+    try:
+        await asyncio.wait_for(ctx.write(msg), stall_timeout_s)
+    except TimeoutError:
+        raise ResourceExhaustedError(
+            f"the client did not read its stream for {stall_timeout_s:g}s (its flow-control window "
+            "stayed full): the request was cancelled; read responses as they come",
+            retry_after_s=None,
+        ) from None
 
 
 class _Stubs:
-    """One channel per worker address, reused."""
+    """One channel per worker address, reused: workers over ``grpc.aio`` (created on the event
+    loop that uses them), stores over sync clients (called from worker threads)."""
 
     def __init__(self) -> None:
         self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
@@ -164,7 +170,7 @@ class _Stubs:
     def worker(self, address: str) -> worker_pb2_grpc.WorkerStub:
         s = self._stubs.get(address)
         if s is None:
-            s = self._stubs[address] = worker_pb2_grpc.WorkerStub(internal_channel(address))
+            s = self._stubs[address] = worker_pb2_grpc.WorkerStub(_aio_internal_channel(address))
         return s
 
     def store(self, address: str) -> KVStoreClient:
@@ -364,7 +370,13 @@ class GenerateServicer:
             raise
         return d, pw, dw, info
 
-    def _release_lease(self, kv: common_pb2.KVHandle) -> None:
+    async def _release_lease(self, kv: common_pb2.KVHandle) -> None:
+        """Release the lease of ``kv`` at its store (on a worker thread; failures are logged: the
+        lease expires anyway)."""
+        if kv.lease_id and kv.locations:
+            await asyncio.to_thread(self._release_lease_now, kv)
+
+    def _release_lease_now(self, kv: common_pb2.KVHandle) -> None:
         if kv.lease_id and kv.locations:
             try:
                 self.stubs.store(kv.locations[0].address).release(kv.lease_id)
@@ -391,9 +403,7 @@ class GenerateServicer:
             models=[client_pb2.ModelInfo(id=self.config.model_id, max_model_len=self.max_model_len)]
         )
 
-    def Generate(
-        self, req: client_pb2.GenerateRequest, ctx: grpc.ServicerContext
-    ) -> Iterator[client_pb2.GenerateResponse]:
+    async def Generate(self, req: client_pb2.GenerateRequest, ctx: grpc.aio.ServicerContext) -> None:
         """Traced, measured entry: authenticates and admits the request at the edge
         (:meth:`pdserve.auth.EdgeAuth.admit_generate`: tenant, input limits, quota, the client's id
         claimed as an idempotency key, the tenant's cache salt; the request runs under a cluster
@@ -403,26 +413,36 @@ class GenerateServicer:
         admitted = self.edge.admit_generate(req, ctx.invocation_metadata())
         try:
             shown_id = admitted.apply_to(req)
-            yield from self._measured(req, ctx, shown_id, admitted.lease_ttl_s)
+            await self._measured(req, ctx, shown_id, admitted.lease_ttl_s)
         finally:
             admitted.close()
 
-    def _measured(
-        self, req: client_pb2.GenerateRequest, ctx: grpc.ServicerContext, shown_id: str, lease_ttl_s: float
-    ) -> Iterator[client_pb2.GenerateResponse]:
+    async def _measured(
+        self,
+        req: client_pb2.GenerateRequest,
+        ctx: grpc.aio.ServicerContext,
+        shown_id: str,
+        lease_ttl_s: float,
+    ) -> None:
+        """Write the responses of ``req`` (:func:`write_or_cancel`: flow control) and measure it."""
         cls = slo_class(req.slo.ttft_s, req.slo.tpot_s)
         m = self.metrics
         finish: common_pb2.Finish | None = None
-        with request_scope(req.request_id):
+        with request_scope(shown_id):  # logs name the id the client sees (workers get req's)
             m.inflight.inc()
             try:
-                for resp in self._generate(req, ctx, lease_ttl_s):
-                    if resp.HasField("finish"):
-                        finish = resp.finish
-                    resp.request_id = shown_id
-                    yield resp
+                async with contextlib.aclosing(self._generate(req, ctx, lease_ttl_s)) as responses:
+                    async for resp in responses:
+                        if resp.HasField("finish"):
+                            finish = resp.finish
+                        resp.request_id = shown_id
+                        await write_or_cancel(ctx, resp, self.config.stall_timeout_s)
             except BaseException as e:
-                outcome = outcome_for(e)
+                if isinstance(e, asyncio.CancelledError):  # the client went away, or its deadline
+                    r = _remaining(ctx)
+                    outcome = "timeout" if r is not None and r <= 0 else "cancelled"
+                else:
+                    outcome = outcome_for(e)
                 m.observe_failed(cls, outcome)
                 log_event(log, "request failed", slo_class=cls, outcome=outcome, error=type(e).__name__)
                 raise
@@ -464,9 +484,9 @@ class GenerateServicer:
                 kv_pull_s=round(t.kv_pull_s, 6),  # the decode-side part of transfer_s
             )
 
-    def _generate(
-        self, req: client_pb2.GenerateRequest, ctx: grpc.ServicerContext, lease_ttl_s: float = 0.0
-    ) -> Iterator[client_pb2.GenerateResponse]:
+    async def _generate(
+        self, req: client_pb2.GenerateRequest, ctx: grpc.aio.ServicerContext, lease_ttl_s: float = 0.0
+    ) -> AsyncIterator[client_pb2.GenerateResponse]:
         t0 = time.monotonic()
         self._check_model(req.model)
         self._check_adapter(req.adapter)
@@ -477,7 +497,9 @@ class GenerateServicer:
         t_route = time.perf_counter()
         run = _Run(rid, ids, params, t0, IncrementalDetokenizer(self.tokenizer, params.stop))
         run.lease_ttl_s = lease_ttl_s
-        stored = self._prefix_blocks(ids, req)  # I/O: before the placement lock
+        stored = 0
+        if uses_prefix_lookup(self.config.policy):  # I/O: off the loop, before the placement lock
+            stored = await asyncio.to_thread(self._prefix_blocks, ids, req)
         with self._place_lock:
             placement, pw, dw, info = self._place(rid, ids, params, req, stored)
             # the prompt is queued on the worker that prefills it from now on, not from when its
@@ -503,11 +525,12 @@ class GenerateServicer:
         )
         done = False
         try:
-            for resp in self._serve(req, run, placement, pw, dw, info, ctx):
-                if resp.HasField("finish"):
-                    done = True
-                    self._feedback(run, resp.finish)
-                yield resp
+            async with contextlib.aclosing(self._serve(req, run, placement, pw, dw, info, ctx)) as served:
+                async for resp in served:
+                    if resp.HasField("finish"):
+                        done = True
+                        self._feedback(run, resp.finish)
+                    yield resp
         finally:
             self._unreserve(run)
             if not done:
@@ -563,7 +586,7 @@ class GenerateServicer:
             priority=req.priority,
         )
 
-    def _serve(
+    async def _serve(
         self,
         req: client_pb2.GenerateRequest,
         run: _Run,
@@ -571,8 +594,8 @@ class GenerateServicer:
         pw: WorkerEntry,
         dw: WorkerEntry,
         info: RequestInfo,
-        ctx: grpc.ServicerContext,
-    ) -> Iterator[client_pb2.GenerateResponse]:
+        ctx: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[client_pb2.GenerateResponse]:
         """Serve ``run`` on its placement, re-dispatching it when a worker is lost (DESIGN
         lifecycle step 5, :mod:`router.failover`).
 
@@ -592,14 +615,24 @@ class GenerateServicer:
             try:
                 with self._committed(dw, run):
                     if local:
-                        yield from self._local_decode(req, run, dw, ctx)
+                        async with contextlib.aclosing(self._local_decode(req, run, dw, ctx)) as relayed:
+                            async for r in relayed:
+                                yield r
                     else:
                         if handoff is None:
-                            handoff = yield from self._prefill(req, run, pw, ctx)
+                            first, handoff = await self._prefill(req, run, pw, ctx)
+                            try:
+                                yield first
+                            except BaseException:  # the client went away before a decode worker took the KV
+                                if handoff is not None:
+                                    await asyncio.shield(self._release_lease(handoff.kv))
+                                raise
                             if handoff is None:
                                 return  # its first token ended it
                         produced = len(run.out_ids)  # relayed before this decode
-                        yield from self._decode(req, run, handoff, dw, ctx)
+                        async with contextlib.aclosing(self._decode(req, run, handoff, dw, ctx)) as relayed:
+                            async for r in relayed:
+                                yield r
                 return
             except _WorkerLost as e:
                 lost = e.lost
@@ -607,18 +640,18 @@ class GenerateServicer:
                 self.registry.drop(lost.worker_id)
             reuse = lost.phase is LostPhase.DECODE and len(run.out_ids) == produced
             try:
-                if not ctx.is_active():  # cancelled or past its deadline: the client is not waiting
+                if _gone(ctx):  # cancelled or past its deadline: the client is not waiting
                     if handoff is not None:
-                        self._release_lease(handoff.kv)
+                        await self._release_lease(handoff.kv)
                     return
                 budget.record(lost)  # raises once over the bound
                 if lost.phase is LostPhase.KV and handoff is not None:
-                    self._release_lease(handoff.kv)
+                    await self._release_lease(handoff.kv)
                     handoff = None  # prefill prompt + tokens so far again, same decode worker
                 if lost.phase is LostPhase.DECODE and handoff is not None:
-                    relet = self._relet(handoff) if reuse else None
+                    relet = await asyncio.to_thread(self._relet, handoff) if reuse else None
                     if relet is None:
-                        self._release_lease(handoff.kv)
+                        await self._release_lease(handoff.kv)
                     handoff = relet  # None: prefill prompt + tokens so far again
                 n_ctx = len(run.ids) + len(run.out_ids)
                 if lost.phase is LostPhase.PREFILL or (not local and handoff is None):
@@ -627,7 +660,7 @@ class GenerateServicer:
                     dw = self._replacement(WorkerKind.DECODE, info, n_ctx, budget)
             except BaseException:
                 if handoff is not None:
-                    self._release_lease(handoff.kv)
+                    await asyncio.shield(self._release_lease(handoff.kv))
                 raise
             self.metrics.redispatches.labels(lost.phase.value).inc()
             log_event(
@@ -671,7 +704,8 @@ class GenerateServicer:
         """``h`` under a fresh store lease: the lost decode worker may have released the old one
         after its pull (the blocks are then unpinned) or never released it (its TTL keeps running).
         The old lease is released. None when the store no longer holds every block (or the
-        handle spans several nodes): the caller then prefills again."""
+        handle spans several nodes): the caller then prefills again. Blocking (store calls): run
+        it on a worker thread."""
         kv = h.kv
         if not kv.locations or len({loc.node_id for loc in kv.locations}) != 1:
             return None
@@ -688,7 +722,7 @@ class GenerateServicer:
         del new.shm_slots[:]
         if len(grant.slots) == len(kv.block_hashes):
             new.shm_slots.extend(grant.slots)
-        self._release_lease(kv)
+        self._release_lease_now(kv)
         return dataclasses.replace(h, kv=new)
 
     def _leg_input(
@@ -713,9 +747,9 @@ class GenerateServicer:
         prompt, sampling = self._leg_input(req, run)
         return {**self._common(req, run), "prompt_token_ids": prompt, "sampling": sampling}
 
-    def _local_decode(
-        self, req: client_pb2.GenerateRequest, run: _Run, dw: WorkerEntry, ctx: grpc.ServicerContext
-    ) -> Iterator[client_pb2.GenerateResponse]:
+    async def _local_decode(
+        self, req: client_pb2.GenerateRequest, run: _Run, dw: WorkerEntry, ctx: grpc.aio.ServicerContext
+    ) -> AsyncIterator[client_pb2.GenerateResponse]:
         """Conditional disaggregation: the decode worker runs the whole request (or, resumed, the
         prompt + tokens so far) and streams every token, its first included."""
         common = self._leg_request(req, run)
@@ -730,15 +764,22 @@ class GenerateServicer:
                 queued[0] = False
                 self.outstanding.add(dw.worker_id, -n)
 
+        call = None
         try:
             call = self.stubs.worker(dw.address).Decode(
                 worker_pb2.DecodeRequest(**common, slo=req.slo, local_prefill=True),
                 timeout=_remaining(ctx),
+                metadata=_call_metadata(),
             )
-            ctx.add_callback(call.cancel)
             guarded = _Guarded(call, dw, keep_cached=run.cached_tokens if resumed else None)
-            yield from self._relay(guarded, run, dw, ctx, on_first=first_token)
+            async with contextlib.aclosing(
+                self._relay(guarded, run, dw, ctx, on_first=first_token)
+            ) as relayed:
+                async for r in relayed:
+                    yield r
         finally:
+            if call is not None:
+                call.cancel()  # the client went away (or the relay ended it): abort it downstream
             first_token()
 
     @contextlib.contextmanager
@@ -754,13 +795,14 @@ class GenerateServicer:
             self.kv_tokens.add(dw.worker_id, -(len(run.ids) + 1))
             self.registry.add_inflight(dw.worker_id, -1)
 
-    def _prefill(
-        self, req: client_pb2.GenerateRequest, run: _Run, pw: WorkerEntry, ctx: grpc.ServicerContext
-    ) -> Generator[client_pb2.GenerateResponse, None, _Handoff | None]:
+    async def _prefill(
+        self, req: client_pb2.GenerateRequest, run: _Run, pw: WorkerEntry, ctx: grpc.aio.ServicerContext
+    ) -> tuple[client_pb2.GenerateResponse, _Handoff | None]:
         """Prefill the request's known tokens on ``pw`` (the prompt, or resumed: prompt + output so
-        far) and relay the token it samples: the next output token. Returns what a decode worker
-        needs to continue, or None when that token ended the request (its lease released then).
-        Raises :class:`_WorkerLost` when ``pw`` is unreachable (UNAVAILABLE)."""
+        far); returns the response relaying the token it samples (the next output token) and what
+        a decode worker needs to continue, or None when that token ended the request (its lease
+        released then). Raises :class:`_WorkerLost` when ``pw`` is unreachable (UNAVAILABLE), and
+        :class:`StoreUnavailableError` when ``pw`` could not reach its KV store."""
         params, rid, detok = run.params, run.rid, run.detok
         common = self._leg_request(req, run)
         prompt = common["prompt_token_ids"]
@@ -769,21 +811,25 @@ class GenerateServicer:
         self.outstanding.add(pw.worker_id, len(prompt))
         self._unreserve(run)
         try:
-            fut = self.stubs.worker(pw.address).Prefill.future(
+            call = self.stubs.worker(pw.address).Prefill(
                 worker_pb2.PrefillRequest(**common, slo=req.slo, lease_ttl_s=run.lease_ttl_s),
                 timeout=_remaining(ctx),
+                metadata=_call_metadata(),
             )
-            ctx.add_callback(fut.cancel)
             try:
-                pre: worker_pb2.PrefillResponse = fut.result()
+                pre: worker_pb2.PrefillResponse = await call
             except grpc.RpcError as e:
+                _raise_store_failure(e)  # the worker is fine: its store is not
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     lost = LostWorker(pw.worker_id, LostPhase.PREFILL, e.details() or "")
                     raise _WorkerLost(lost) from None
                 raise_from_rpc_error(e)
+            finally:
+                call.cancel()  # the client went away meanwhile: abort the prefill (no-op when done)
         finally:
             self.outstanding.add(pw.worker_id, -len(prompt))
             self.registry.add_inflight(pw.worker_id, -1)
+        self.registry.seen(pw.worker_id)  # it answered: alive
         if pre.kv.locations and not pre.kv.dist_address and not self.config.store_address:
             # the store prefix lookups go to: where the last handoff was published (follows a
             # store node that restarted on a new port); a direct handle names a prefill worker
@@ -812,7 +858,7 @@ class GenerateServicer:
             else common_pb2.FINISH_REASON_STOP
         )
         if stop_now:
-            self._release_lease(pre.kv)
+            await self._release_lease(pre.kv)
             if matched is None and hit is TokenStop.STOP:
                 delta = ""  # a stop token is not rendered
             else:
@@ -824,14 +870,8 @@ class GenerateServicer:
         if stop_now:
             stop = str(first) if matched is None and hit is TokenStop.STOP else matched
             resp.finish.CopyFrom(self._finish(reason, stop, run, 0.0))
-            yield resp
-            return None
-        try:
-            yield resp
-        except BaseException:  # the client went away (GeneratorExit) before a decode worker took the KV
-            self._release_lease(pre.kv)
-            raise
-        return _Handoff(
+            return resp, None
+        return resp, _Handoff(
             prompt=list(prompt),
             sampling=common["sampling"],
             kv=pre.kv,
@@ -839,14 +879,14 @@ class GenerateServicer:
             first_logprob=pre.first_token_logprob if pre.HasField("first_token_logprob") else None,
         )
 
-    def _decode(
+    async def _decode(
         self,
         req: client_pb2.GenerateRequest,
         run: _Run,
         h: _Handoff,
         dw: WorkerEntry,
-        ctx: grpc.ServicerContext,
-    ) -> Iterator[client_pb2.GenerateResponse]:
+        ctx: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[client_pb2.GenerateResponse]:
         """Hand ``h`` to decode worker ``dw`` and relay its stream; raises :class:`_WorkerLost`
         when ``dw`` is unreachable (UNAVAILABLE), before or during the stream.
 
@@ -863,40 +903,48 @@ class GenerateServicer:
                 first_token_logprob=h.first_logprob,
             ),
             timeout=_remaining(ctx),
+            metadata=_call_metadata(),
         )
-        ctx.add_callback(call.cancel)
         taken = False  # a message came: the decode worker pulled the KV and released the lease
         try:
-            for r in self._relay(_Guarded(call, dw), run, dw, ctx):
-                taken = True
-                yield r
+            async with contextlib.aclosing(self._relay(_Guarded(call, dw), run, dw, ctx)) as relayed:
+                async for r in relayed:
+                    taken = True
+                    yield r
         except _WorkerLost:
             raise  # _serve re-lets the KV for another decode worker or releases it
         except BaseException:
             if not taken:
                 call.cancel()
-                self._release_lease(h.kv)
+                await asyncio.shield(self._release_lease(h.kv))
             raise
+        finally:
+            call.cancel()  # the client went away (or the relay ended it): abort it downstream
         if not taken:
-            self._release_lease(h.kv)
+            await self._release_lease(h.kv)
 
-    def _relay(
+    async def _relay(
         self,
         call,
         run: _Run,
         dw: WorkerEntry,
-        ctx: grpc.ServicerContext,
+        ctx: grpc.aio.ServicerContext,
         on_first: Callable[[], None] | None = None,
-    ) -> Iterator[client_pb2.GenerateResponse]:
+    ) -> AsyncIterator[client_pb2.GenerateResponse]:
         """Relay a Decode stream to the client (text deltas, stop strings, the finish message).
+        Each message the worker sends (one or several tokens) becomes one client message; the
+        next one is read only once the client took this one (flow control). Every message
+        counts as the worker's heartbeat (:meth:`Registry.seen`).
 
         The worker's KV pull time (``kv_pull_s`` of its first message) is added to
         ``run.kv_pull_s`` (transfer) and left out of this call's decode time."""
         t_dec = time.monotonic()
         pull_s = 0.0
         detok = run.detok
+        seen = self.registry.seen
         try:
-            for d in call:
+            async for d in call:
+                seen(dw.worker_id)
                 if d.kv_pull_s > 0:
                     pull_s += d.kv_pull_s
                     run.kv_pull_s += d.kv_pull_s
@@ -930,9 +978,10 @@ class GenerateServicer:
                     return
                 yield r
         except grpc.RpcError as e:
+            _raise_store_failure(e)  # the worker is fine: its store is not
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 self.registry.drop(dw.worker_id)
-            if ctx.is_active():
+            if not _gone(ctx):
                 raise_from_rpc_error(e)
             return
 
@@ -1017,6 +1066,30 @@ def _refused_model(e: grpc.RpcError) -> bool:
     return any(k == MD_ERROR_CLASS and v == ModelNotFoundError.__name__ for k, v in md)
 
 
+def _raise_store_failure(e: grpc.RpcError) -> None:
+    """Raise :class:`StoreUnavailableError` when the failed worker call says the worker's KV
+    store was unreachable (the worker is alive: it must not be dropped or re-dispatched from)."""
+    err = error_from_rpc_error(e)
+    if isinstance(err, StoreUnavailableError):
+        raise err from None
+
+
+def _aio_internal_channel(address: str) -> grpc.aio.Channel:
+    """:func:`pdserve.security.internal_channel` for ``grpc.aio``: TLS (and this process's client
+    certificate) when TLS is on; the cluster token goes with every call (:func:`_call_metadata`)."""
+    cfg = current()
+    opts = [*grpc_options(), *cfg.channel_options()]
+    if cfg.tls_on:
+        return grpc.aio.secure_channel(address, cfg.channel_credentials(), options=opts)
+    return grpc.aio.insecure_channel(address, options=opts)
+
+
+def _call_metadata() -> tuple[tuple[str, str], ...] | None:
+    """Metadata of every worker call: the cluster token when one is configured."""
+    token = current().cluster_token
+    return ((TOKEN_METADATA_KEY, token),) if token else None
+
+
 class _Guarded:
     """A Decode call as :meth:`GenerateServicer._relay` consumes it (iterate, ``cancel``), whose
     UNAVAILABLE failure is raised as :class:`_WorkerLost` instead of ending the request, and so
@@ -1030,15 +1103,16 @@ class _Guarded:
         self._worker = worker
         self._keep_cached = keep_cached
 
-    def __iter__(self) -> Iterator[worker_pb2.DecodeResponse]:
+    async def __aiter__(self) -> AsyncIterator[worker_pb2.DecodeResponse]:
         started = False
         try:
-            for d in self._call:
+            async for d in self._call:
                 if self._keep_cached is not None:
                     d.num_cached_tokens = self._keep_cached
                 started = True
                 yield d
         except grpc.RpcError as e:
+            _raise_store_failure(e)  # the worker is fine: its store is not
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise _WorkerLost(
                     LostWorker(self._worker.worker_id, LostPhase.DECODE, e.details() or "")

@@ -6,7 +6,10 @@ SmolLM2's tokenizer, router heartbeat timeout at its 3 s default) serves the mod
 * 1,000 concurrent Generate streams all succeed, and the router's registered workers never drop
   (its ``pdserve_router_workers`` gauge, polled throughout);
 * 40 streams a client opens and never reads do not hold up another client's request beyond a
-  bound (``UNREAD_BOUND_S``, generous: the machine is shared).
+  bound (``UNREAD_BOUND_S``, generous: the machine is shared; today's router blocks it until a
+  thread of its pool frees up);
+* the KV store SIGKILLed: requests fail naming the store, the workers stay registered, and
+  requests succeed again once the store is back on its port.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ import time
 import grpc
 import pytest
 
-from bench.concurrency import WorkerWatch, registered_workers, request, run_streams, tiny_model
+from bench.concurrency import WorkerWatch, prompt_ids, registered_workers, request, run_streams, tiny_model
+from engine.sampling_params import SamplingParams
+from pdserve.client import Client
+from pdserve.errors import StoreUnavailableError
 from pdserve.launcher import ClusterSpec, LocalCluster, launch
 from pdserve.limits import grpc_options
 from pdserve.v1 import client_pb2_grpc
+from tests.polling import wait_for
 
 STREAMS = 1000
 UNREAD = 40
@@ -76,3 +83,39 @@ def test_unread_streams_do_not_hold_up_others(cluster) -> None:
     took = asyncio.run(scenario())
     assert took < UNREAD_BOUND_S, f"a 4-token request took {took:.1f}s next to {UNREAD} unread streams"
     assert _workers(cluster) == {"prefill": 1, "decode": 2}
+
+
+def _complete(cl: LocalCluster, i: int) -> int:
+    """Tokens of one 4-token request (raises the client's typed error)."""
+    with Client(cl.router_address, timeout=60) as c:
+        return len(
+            c.complete(
+                prompt_ids(i, 8), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            ).token_ids
+        )
+
+
+def test_store_killed_is_blamed_and_workers_stay_registered(cluster) -> None:
+    """Runs last: it restarts the store."""
+    assert _complete(cluster, 1) == 4
+    cluster.kill("store")
+    try:
+        for i in range(3):
+            with pytest.raises(StoreUnavailableError) as ei:
+                _complete(cluster, 100 + i)
+            msg = str(ei.value)
+            assert f"KV store {cluster.store_address}" in msg, msg
+        time.sleep(2 * 3.0)  # past the router's heartbeat timeout: no worker may have been dropped
+        assert _workers(cluster) == {"prefill": 1, "decode": 2}
+    finally:
+        cluster.restart("store")
+    # service resumes once the store is back on its port (channels reconnect with backoff)
+    wait_for(lambda: _ok(cluster), 60, "a request succeeding after the store came back", interval_s=0.5)
+    assert _workers(cluster) == {"prefill": 1, "decode": 2}
+
+
+def _ok(cl: LocalCluster) -> bool:
+    try:
+        return _complete(cl, 200) == 4
+    except StoreUnavailableError:
+        return False

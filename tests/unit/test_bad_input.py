@@ -103,11 +103,27 @@ def router_svc(smollm_path):
 
 
 def _generate(svc, **fields):
+    """Run the router's (async) Generate on a fresh event loop; the responses it wrote."""
+    import asyncio
+
     from pdserve.v1 import client_pb2, common_pb2
 
     sampling = common_pb2.SamplingParams(max_tokens=fields.pop("max_tokens", 4))
     req = client_pb2.GenerateRequest(sampling=sampling, **fields)
-    return list(svc.Generate(req, None))
+    out: list[client_pb2.GenerateResponse] = []
+
+    class _Ctx:  # the part of grpc.aio.ServicerContext Generate uses
+        def time_remaining(self) -> None:
+            return None
+
+        def invocation_metadata(self) -> tuple:
+            return ()
+
+        async def write(self, msg: client_pb2.GenerateResponse) -> None:
+            out.append(msg)
+
+    asyncio.run(svc.Generate(req, _Ctx()))
+    return out
 
 
 def test_router_refuses_prompt_plus_max_tokens_beyond_context(router_svc):

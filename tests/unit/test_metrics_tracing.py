@@ -4,13 +4,14 @@ the decode worker's KV pull (fake engine loop and transports)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 
 import grpc
@@ -29,6 +30,7 @@ from kv_store.layout import KVLayout
 from kv_store.service import StoreServer, serve
 from kv_store.store import StoreConfig
 from kv_store.transport import AutoTransport, FakeTransport, ShmTransport
+from pdserve.auth import EdgeAuth
 from pdserve.errors import (
     DeadlineExceededError,
     RequestNotFoundError,
@@ -46,6 +48,7 @@ from pdserve.tracing import (
 )
 from pdserve.v1 import client_pb2, common_pb2, worker_pb2
 from pdserve.worker_base import Role
+from router.registry import Registry
 from router.service import GenerateServicer, _Run
 
 log = logging.getLogger("pdserve.test.tracing")
@@ -155,8 +158,33 @@ def _servicer(gen) -> tuple[GenerateServicer, CollectorRegistry]:
     reg = CollectorRegistry()
     svc = GenerateServicer.__new__(GenerateServicer)  # only the Generate wrapper is exercised
     svc.metrics = RouterMetrics(reg)
+    svc.config = SimpleNamespace(stall_timeout_s=30.0)  # type: ignore[assignment]
+    svc.edge = EdgeAuth(None)  # dev mode: no API keys
     svc._generate = gen  # type: ignore[method-assign]
     return svc, reg
+
+
+class _GenCtx:
+    """The part of ``grpc.aio.ServicerContext`` the Generate wrapper uses; ``written``: responses."""
+
+    def __init__(self) -> None:
+        self.written: list[client_pb2.GenerateResponse] = []
+
+    def time_remaining(self) -> None:
+        return None
+
+    def invocation_metadata(self) -> tuple:
+        return ()
+
+    async def write(self, msg: client_pb2.GenerateResponse) -> None:
+        self.written.append(msg)
+
+
+def _generate(svc: GenerateServicer, req: client_pb2.GenerateRequest) -> list[client_pb2.GenerateResponse]:
+    """Run the (async) Generate to its end on a fresh event loop; the responses it wrote."""
+    ctx = _GenCtx()
+    asyncio.run(svc.Generate(req, ctx))  # type: ignore[arg-type]
+    return ctx.written
 
 
 def _final(rid: str) -> client_pb2.GenerateResponse:
@@ -172,21 +200,25 @@ def _final(rid: str) -> client_pb2.GenerateResponse:
 
 
 def _req(ttft_s: float = 0.0, tpot_s: float = 0.0, request_id: str = "") -> client_pb2.GenerateRequest:
-    return client_pb2.GenerateRequest(request_id=request_id, slo=common_pb2.SLO(ttft_s=ttft_s, tpot_s=tpot_s))
+    return client_pb2.GenerateRequest(
+        request_id=request_id,
+        prompt_token_ids=client_pb2.TokenIds(ids=[1, 2, 3]),  # the edge admits only a real input
+        slo=common_pb2.SLO(ttft_s=ttft_s, tpot_s=tpot_s),
+    )
 
 
 def test_generate_wrapper_records_a_completed_request(caplog):
     caplog.set_level(logging.INFO, logger="router.service")
     seen_ids: list[str] = []
 
-    def gen(req, ctx):
+    async def gen(req, ctx, lease_ttl_s=0.0):
         seen_ids.append(current_request_id())
         yield client_pb2.GenerateResponse(request_id=req.request_id, token_ids=[5])
         yield _final(req.request_id)
 
     svc, reg = _servicer(gen)
     req = _req(ttft_s=0.2, tpot_s=0.15)
-    out = list(svc.Generate(req, None))
+    out = _generate(svc, req)
     assert len(out) == 2 and req.request_id and seen_ids == [req.request_id]  # id assigned and bound
     g = reg.get_sample_value
     assert g("pdserve_router_requests_total", {"slo_class": "interactive", "outcome": "ok"}) == 1
@@ -203,24 +235,24 @@ def test_generate_wrapper_records_a_completed_request(caplog):
 
 
 def test_generate_wrapper_keeps_the_client_request_id():
-    def gen(req, ctx):
+    async def gen(req, ctx, lease_ttl_s=0.0):
         yield _final(req.request_id)
 
     svc, _ = _servicer(gen)
     req = _req(request_id="client-id-1")
-    assert [r.request_id for r in svc.Generate(req, None)] == ["client-id-1"]
+    assert [r.request_id for r in _generate(svc, req)] == ["client-id-1"]
 
 
 def test_generate_wrapper_records_a_rejection_as_slo_miss(caplog):
     caplog.set_level(logging.INFO, logger="router.service")
 
-    def gen(req, ctx):
+    async def gen(req, ctx, lease_ttl_s=0.0):
         raise ResourceExhaustedError("no pair meets the SLO", retry_after_s=1.0)
         yield  # pragma: no cover
 
     svc, reg = _servicer(gen)
     with pytest.raises(ResourceExhaustedError):
-        list(svc.Generate(_req(ttft_s=2.0), None))
+        _generate(svc, _req(ttft_s=2.0))
     g = reg.get_sample_value
     assert g("pdserve_router_requests_total", {"slo_class": "standard", "outcome": "rejected"}) == 1
     assert g("pdserve_router_slo_requests_total", {"slo_class": "standard", "result": "missed"}) == 1
@@ -230,20 +262,29 @@ def test_generate_wrapper_records_a_rejection_as_slo_miss(caplog):
 
 
 def test_generate_wrapper_counts_client_cancellation():
-    def ends_early(req, ctx):
+    async def ends_early(req, ctx, lease_ttl_s=0.0):
         yield client_pb2.GenerateResponse(request_id=req.request_id, token_ids=[5])
 
-    def long(req, ctx):
+    async def long(req, ctx, lease_ttl_s=0.0):
         while True:
             yield client_pb2.GenerateResponse(request_id=req.request_id, token_ids=[5])
+            await asyncio.sleep(0.001)
 
     svc, reg = _servicer(ends_early)
-    list(svc.Generate(_req(), None))  # stream ended without a finish: the client went away
+    _generate(svc, _req())  # stream ended without a finish: the client went away
     svc2, reg2 = _servicer(long)
-    it = svc2.Generate(_req(), None)
-    next(it)
-    assert reg2.get_sample_value("pdserve_router_inflight_requests", {}) == 1
-    it.close()  # gRPC closes the generator when the client cancels
+
+    async def cancelled_after_one() -> None:
+        ctx = _GenCtx()
+        task = asyncio.ensure_future(svc2.Generate(_req(), ctx))  # type: ignore[arg-type]
+        while not ctx.written:
+            await asyncio.sleep(0.001)
+        assert reg2.get_sample_value("pdserve_router_inflight_requests", {}) == 1
+        task.cancel()  # grpc.aio cancels the handler's task when the client cancels
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled_after_one())
     for r in (reg, reg2):
         assert (
             r.get_sample_value(
@@ -325,25 +366,38 @@ class _Detok:
         return "", None
 
 
-def _decode_stream(pull_s: float, gap_s: float) -> Iterator[worker_pb2.DecodeResponse]:
-    """A decode worker's stream: the KV pull (``pull_s``, reported on the first message), then
-    two messages ``gap_s`` apart, the last one finishing."""
-    time.sleep(pull_s)
+async def _decode_stream(pull_s: float, gap_s: float) -> AsyncIterator[worker_pb2.DecodeResponse]:
+    """A decode worker's stream (async, as a ``grpc.aio`` call): the KV pull (``pull_s``,
+    reported on the first message), then two messages ``gap_s`` apart, the last one finishing."""
+    await asyncio.sleep(pull_s)
     yield worker_pb2.DecodeResponse(request_id="r", token_ids=[5], kv_pull_s=pull_s)
-    time.sleep(gap_s)
+    await asyncio.sleep(gap_s)
     last = worker_pb2.DecodeResponse(request_id="r", token_ids=[6])
     last.finish.reason = common_pb2.FINISH_REASON_LENGTH
     yield last
 
 
+def _relayed(
+    stream: AsyncIterator[worker_pb2.DecodeResponse], run: _Run
+) -> list[client_pb2.GenerateResponse]:
+    """Everything ``_relay`` sends the client for ``stream`` (only _relay/_finish are exercised)."""
+    svc = GenerateServicer.__new__(GenerateServicer)
+    svc.registry = Registry()  # the relay counts each message as the worker's proof of life
+
+    async def collect() -> list[client_pb2.GenerateResponse]:
+        worker = SimpleNamespace(worker_id="d0")
+        return [r async for r in svc._relay(stream, run, worker, None)]  # type: ignore[arg-type]
+
+    return asyncio.run(collect())
+
+
 def test_relay_adds_the_decode_side_pull_to_transfer_and_leaves_it_out_of_decode():
-    svc = GenerateServicer.__new__(GenerateServicer)  # only _relay/_finish are exercised
     run = _Run("r", [1, 2, 3], None, time.monotonic(), _Detok())  # type: ignore[arg-type]
     run.pre_timing = common_pb2.Timing(queue_s=0.001, prefill_s=0.02, transfer_s=0.003)
     run.token_times.append(0.03)  # the first token, sampled by the prefill worker
     run.out_ids.append(4)
     t0 = time.monotonic()
-    out = list(svc._relay(_decode_stream(0.2, 0.05), run, None, None))  # type: ignore[arg-type]
+    out = _relayed(_decode_stream(0.2, 0.05), run)
     wall = time.monotonic() - t0
     t = out[-1].finish.timing
     assert t.kv_pull_s == pytest.approx(0.2)
@@ -354,9 +408,8 @@ def test_relay_adds_the_decode_side_pull_to_transfer_and_leaves_it_out_of_decode
 
 
 def test_relay_without_handoff_reports_no_pull():
-    svc = GenerateServicer.__new__(GenerateServicer)
     run = _Run("r", [1, 2, 3], None, time.monotonic(), _Detok())  # type: ignore[arg-type]
-    out = list(svc._relay(_decode_stream(0.0, 0.0), run, None, None))  # type: ignore[arg-type]
+    out = _relayed(_decode_stream(0.0, 0.0), run)
     t = out[-1].finish.timing
     assert t.kv_pull_s == 0 and t.transfer_s == 0 and t.decode_s >= 0
 

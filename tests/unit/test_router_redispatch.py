@@ -1,12 +1,15 @@
 """Router re-dispatch when a worker is lost (router.failover + GenerateServicer._serve).
 
 The router runs in-process against fake workers: a deterministic "model" (the next token is a
-function of the whole sequence) behind fake Prefill/Decode stubs that can die (UNAVAILABLE) at a
-chosen point, and a fake KV store that grants and releases leases. No gRPC server, no torch.
+function of the whole sequence) behind fake Prefill/Decode stubs (shaped like ``grpc.aio`` stubs:
+an awaitable unary call, an async-iterable stream) that can die (UNAVAILABLE) at a chosen point,
+and a fake KV store that grants and releases leases. No gRPC server, no torch. Each request runs
+on its own event loop (``asyncio.run``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -144,24 +147,32 @@ class FakeStore:
         return found
 
 
-class _Future:
+class _Call:
+    """A unary call as a ``grpc.aio`` stub returns it: awaitable (runs ``fn``), cancellable."""
+
     def __init__(self, fn) -> None:
         self._fn = fn
 
-    def result(self):
+    def __await__(self):
+        return self._result().__await__()
+
+    async def _result(self):
         return self._fn()
 
     def cancel(self) -> bool:
-        return True
+        return False
 
 
 class _Stream:
+    """A server-streaming call as a ``grpc.aio`` stub returns it: async-iterable, cancellable."""
+
     def __init__(self, it: Iterator[worker_pb2.DecodeResponse]) -> None:
         self._it = it
         self.cancelled = False
 
-    def __iter__(self):
-        return self._it
+    async def __aiter__(self):
+        for m in self._it:
+            yield m
 
     def cancel(self) -> bool:
         self.cancelled = True
@@ -191,18 +202,11 @@ class FakeWorker:
             num_cached_tokens=0,
         )
 
-    @property
-    def Prefill(self):  # noqa: N802 - the stub's method name
-        worker = self
-
-        class _M:
-            def future(self, req, timeout=None):
-                return _Future(lambda: worker._prefill(req))
-
-        return _M()
+    def Prefill(self, req, timeout=None, metadata=None) -> _Call:  # noqa: N802 - the stub's method name
+        return _Call(lambda: self._prefill(req))
 
     # Decode
-    def Decode(self, req: worker_pb2.DecodeRequest, timeout=None) -> _Stream:  # noqa: N802
+    def Decode(self, req: worker_pb2.DecodeRequest, timeout=None, metadata=None) -> _Stream:  # noqa: N802
         self.calls.append(req)
         return _Stream(self._decode(req))
 
@@ -241,17 +245,27 @@ class FakeStubs:
 
 
 class FakeContext:
-    def __init__(self) -> None:
-        self.active = True
+    """The part of ``grpc.aio.ServicerContext`` Generate uses; ``written``: the responses.
+    ``leave_after``: the client goes away once it got that many responses."""
 
-    def is_active(self) -> bool:
-        return self.active
+    def __init__(self, leave_after: int | None = None) -> None:
+        self.active = True
+        self.written: list[client_pb2.GenerateResponse] = []
+        self.leave_after = leave_after
+
+    def cancelled(self) -> bool:
+        return not self.active
+
+    def invocation_metadata(self) -> tuple:
+        return ()
 
     def time_remaining(self) -> None:
         return None
 
-    def add_callback(self, cb) -> bool:
-        return True
+    async def write(self, msg: client_pb2.GenerateResponse) -> None:
+        self.written.append(msg)
+        if self.leave_after is not None and len(self.written) >= self.leave_after:
+            self.active = False
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +305,9 @@ def _request(max_tokens: int = 12, **sampling) -> client_pb2.GenerateRequest:
 
 
 def _run(svc: GenerateServicer, req: client_pb2.GenerateRequest, ctx=None):
-    out = list(svc.Generate(req, ctx or FakeContext()))
+    ctx = ctx or FakeContext()
+    asyncio.run(svc.Generate(req, ctx))
+    out = ctx.written
     ids = [t for r in out for t in r.token_ids]
     text = "".join(r.text for r in out)
     return ids, text, out[-1]
@@ -382,13 +398,9 @@ def test_no_other_decode_worker_fails_unavailable_naming_the_lost_one(model_path
 
 def test_no_redispatch_once_the_client_is_gone(model_path) -> None:
     svc, w, _, reg = _cluster(model_path, {"p0": None}, {"d0": 2, "d1": None})
-    ctx = FakeContext()
-    got = []
-    gen = svc.Generate(_request(), ctx)
-    for r in gen:
-        got.append(r)
-        if len(got) == 3:  # first token + 2 relayed; d0 dies on its next message
-            ctx.active = False
+    ctx = FakeContext(leave_after=3)  # first token + 2 relayed; d0 dies on its next message
+    asyncio.run(svc.Generate(_request(), ctx))
+    got = ctx.written
     assert [t for r in got for t in r.token_ids] == reference(PROMPT, 3)
     assert not w["d1"].calls and _redispatches(reg, "decode") == 0
 
