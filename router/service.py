@@ -66,7 +66,7 @@ from pdserve.metrics import FinishedRequest, RouterMetrics, outcome_for, slo_cla
 from pdserve.proto_convert import finish_to_proto, name_logprob_tokens, sampling_from_proto
 from pdserve.security import TOKEN_METADATA_KEY, current, internal_channel
 from pdserve.status import MD_ERROR_CLASS, error_from_rpc_error, raise_from_rpc_error
-from pdserve.tracing import log_event, request_scope, traced_channel
+from pdserve.tracing import current_request_id, log_event, request_scope, traced_channel
 from pdserve.v1 import client_pb2, common_pb2, worker_pb2, worker_pb2_grpc
 from router.cluster_view import OutstandingTokens, build_view, first_block_size
 from router.failover import LostPhase, LostWorker, Redispatches, TokenStop, check_stop, resume_limits
@@ -514,6 +514,7 @@ class GenerateServicer:
         log_event(
             log,
             "routed",
+            cluster_request_id=rid,  # the id the workers and the store log this request under
             prefill=pw.worker_id,
             decode=dw.worker_id,
             policy=self.config.policy.value,
@@ -607,7 +608,8 @@ class GenerateServicer:
         re-dispatches, then :class:`UnavailableError` naming the lost workers. Nothing is
         re-dispatched once the client has gone or its deadline passed (``ctx`` inactive).
         """
-        budget = Redispatches(run.rid, self.config.max_redispatches)
+        # errors name the id the client knows (bound by request_scope in _measured), not the cluster's
+        budget = Redispatches(current_request_id() or run.rid, self.config.max_redispatches)
         local = placement.local_prefill
         handoff: _Handoff | None = None  # the prefilled state a decode worker takes over
         while True:
@@ -667,7 +669,7 @@ class GenerateServicer:
                 log,
                 "redispatch",
                 logging.WARNING,
-                request_id=run.rid,
+                cluster_request_id=run.rid,  # the record's request_id is the client's (request_scope)
                 lost_phase=lost.phase.value,
                 lost_worker=lost.worker_id,
                 error=lost.detail,

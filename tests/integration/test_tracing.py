@@ -91,16 +91,21 @@ def test_one_request_id_appears_in_router_prefill_store_and_decode_logs(cluster,
     assert c.request_id == rid
     routed = wait_logged(cluster, "router", rid, "routed")
     assert (routed["prefill"], routed["decode"]) == ("prefill-0", "decode-0")
+    # the client's id is an idempotency key (#13): the cluster runs the request under its own id,
+    # which the router's "routed" line names and every other component logs
+    cid = routed["cluster_request_id"]
+    assert cid and cid != rid
     done = wait_logged(cluster, "router", rid, "request done")
     assert done["component"] == "router" and done["outcome"] == "ok"
     assert done["completion_tokens"] == 6
-    pre = wait_logged(cluster, "prefill-0", rid, "prefill done")
+    pre = wait_logged(cluster, "prefill-0", cid, "prefill done")
     assert pre["component"] == "prefill-0" and pre["blocks"] >= 1
-    put = wait_logged(cluster, "store", rid, "kv put")  # metadata pdserve-request-id from prefill
+    put = wait_logged(cluster, "store", cid, "kv put")  # metadata pdserve-request-id from prefill
     assert put["component"] == "kv0" and put["blocks"] == pre["blocks"] and put["lease_id"]
-    release = wait_logged(cluster, "store", rid, "kv release")  # from decode, after its pull
+    release = wait_logged(cluster, "store", cid, "kv release")  # from decode, after its pull
     assert release["lease_id"] == put["lease_id"] and release["released"] is True
-    dec = wait_logged(cluster, "decode-0", rid, "decode done")
+    assert records(cluster, "prefill-0", rid) == records(cluster, "decode-0", rid) == []
+    dec = wait_logged(cluster, "decode-0", cid, "decode done")
     assert dec["component"] == "decode-0" and dec["tokens"] == 5  # the first token came from prefill
     assert dec["finish"] == "FINISH_REASON_LENGTH"
     assert dec["kv_pull_s"] > 0  # the decode worker's side of the KV handoff
@@ -137,8 +142,9 @@ def test_phase_timings_return_to_the_client_and_are_exported(cluster, client):
     # plus the decode worker's pull (after it, split out as Timing.kv_pull_s and logged by both
     # the decode worker and the router); decode is what follows the pull
     done = wait_logged(cluster, "router", rid, "request done")
-    pre = wait_logged(cluster, "prefill-0", rid, "prefill done")
-    dec = wait_logged(cluster, "decode-0", rid, "decode done")
+    cid = wait_logged(cluster, "router", rid, "routed")["cluster_request_id"]
+    pre = wait_logged(cluster, "prefill-0", cid, "prefill done")
+    dec = wait_logged(cluster, "decode-0", cid, "decode done")
     pull = dec["kv_pull_s"]
     assert 0 < pull < f.phases["transfer"] and done["kv_pull_s"] == pull, (pull, done, f.phases)
     assert f.kv_pull_s == pytest.approx(pull, abs=1e-6)  # the SDK hands the split to the user
