@@ -68,7 +68,7 @@ from pdserve.security import TOKEN_METADATA_KEY, current, internal_channel
 from pdserve.status import MD_ERROR_CLASS, error_from_rpc_error, raise_from_rpc_error
 from pdserve.tracing import current_request_id, log_event, request_scope, traced_channel
 from pdserve.v1 import client_pb2, common_pb2, worker_pb2, worker_pb2_grpc
-from router.cluster_view import OutstandingTokens, build_view, first_block_size
+from router.cluster_view import OutstandingTokens, ViewBuilder, first_block_size
 from router.failover import LostPhase, LostWorker, Redispatches, TokenStop, check_stop, resume_limits
 from router.health import needed_kinds
 from router.policy import (
@@ -223,6 +223,7 @@ class GenerateServicer:
         # placement + reserving the chosen worker's queue is atomic, so that requests arriving
         # together each see the ones placed just before them (else a burst lands on one worker)
         self._place_lock = threading.Lock()
+        self._views = ViewBuilder()  # per-request cluster views, reusing unchanged workers' snapshots
         self._store_address = config.store_address
         if index is None and config.index_url:
             from kv_store.redis_index import make_index  # redis only when an index URL is given
@@ -327,7 +328,7 @@ class GenerateServicer:
         Raises UnavailableError when a needed kind of worker is missing, ResourceExhaustedError
         (with the policy's retry-after) when the policy rejects the request early.
         """
-        view = build_view(self.registry, self.config.model_id, self.outstanding, self.kv_tokens)
+        view = self._views.build(self.registry, self.config.model_id, self.outstanding, self.kv_tokens)
         roles = {WorkerKind.DECODE: InstanceRole.DECODE, WorkerKind.PREFILL: InstanceRole.PREFILL}
         for kind in needed_kinds(self.config.policy):  # the condition the router's health reports
             if not view.with_role(roles[kind]):
@@ -686,7 +687,7 @@ class GenerateServicer:
         """A ``kind`` worker for a re-dispatch, chosen by the placement policy among the live
         workers this request has not lost (no admission check: the request is already accepted).
         Raises the budget's UnavailableError when there is none."""
-        full = build_view(self.registry, self.config.model_id, self.outstanding, self.kv_tokens)
+        full = self._views.build(self.registry, self.config.model_id, self.outstanding, self.kv_tokens)
         view = ClusterView(i for i in full.instances if i.instance_id not in budget.excluded)
         info = dataclasses.replace(info, num_prompt_tokens=n_ctx)
         wid: str | None = None
