@@ -9,7 +9,7 @@ Example (every key but ``model`` has a default)::
     prefill: {count: 1, num_cpus: 1, kv_blocks: 2048}
     decode:  {count: 2, num_cpus: 1, device: cuda, tp: 1}   # cuda: num_gpus = tp per worker
     store:   {capacity_blocks: 4096, num_cpus: 0}
-    router:  {port: 50051, heartbeat_timeout_s: 3.0, policy: goodput}
+    router:  {port: 50051, heartbeat_timeout_s: 3.0, policy: goodput, api_keys: /etc/pdserve/api-keys.yaml}
     index:   {kind: memory}                    # or {kind: redis, url: redis://host:6379/0}
     kv_transfer: {kind: store}                 # or {kind: dist, backend: gloo|nccl} (direct)
     host: node                                 # bind to the Ray node's IP ("127.0.0.1" in tests)
@@ -122,6 +122,13 @@ class RouterPoolConfig:
     slo_margin: float = 0.1  # goodput: headroom kept below a request's SLO
     tenant_max_inflight: int = 0  # goodput: per-tenant in-flight quota (0: none)
     local_prefill_max_tokens: int = 256  # goodput: uncached tokens a decode worker may prefill (0: never)
+    # edge auth (``python -m router --api-keys``): a key file on the router's node or a redis:// URL;
+    # "" = dev mode, allowed only when ``host`` is loopback (check_security refuses it otherwise)
+    api_keys: str = ""
+    api_keys_redis_prefix: str = "pdserve:auth:"
+    salt_secret_file: str = ""  # a secret mixed into every cache salt ("": none)
+    verify_workers: bool = True  # registrations checked against the worker's own Stats
+    max_worker_kv_blocks: int = 0  # refuse a worker reporting more KV blocks (0: no bound)
 
 
 @dataclass(frozen=True)
@@ -325,8 +332,8 @@ def _check_pool(p: PoolConfig, where: str) -> None:
 
 def check_security(c: ClusterConfig) -> ClusterConfig:
     """Raise :class:`InvalidRequestError` naming the key to set when ``c`` would serve off
-    loopback without TLS and a cluster token (``pdserve up`` checks this before starting
-    anything; paths only: the files live on the nodes, each actor reads them there). Returns
+    loopback without TLS and a cluster token, or without API keys (``router.api_keys``)
+    (``pdserve up`` checks this before starting anything; paths only: the files live on the nodes, each actor reads them there). Returns
     ``c``. Parsing (:func:`validate`) leaves this out, so that a config can be read and
     inspected anywhere."""
     s = c.security
@@ -350,6 +357,14 @@ def check_security(c: ClusterConfig) -> ClusterConfig:
             "on every node. Make them with `pdserve certs --out DIR` (ca.pem, server.pem, server.key, "
             "cluster-token) and copy DIR to each node (deploy/ray/README.md), or set host: 127.0.0.1 "
             "for a one-machine cluster",
+        )
+    if not c.router.api_keys and (c.host == NODE_IP or not is_loopback(c.host)):
+        raise _err(
+            "router.api_keys",
+            f"not set, but host binds {where}: without API keys the router serves anyone (dev mode is "
+            "loopback only). Make a key file with `pdserve keys --store FILE add --tenant NAME`, put it "
+            "on the router's node and set router.api_keys to its path (or a redis:// key store), or "
+            "set host: 127.0.0.1",
         )
     return c
 

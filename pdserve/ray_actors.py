@@ -242,12 +242,18 @@ class RouterActor:
     def __init__(self, config: ClusterConfig) -> None:
         from prometheus_client import REGISTRY
 
+        from pdserve.auth.cli_args import edge_from_config
         from pdserve.grpc_server import start_aio_server
         from pdserve.metrics import RouterMetrics, serve_metrics
         from pdserve.v1 import client_pb2
         from router.health import HEALTH_SERVICES, start_router_health
         from router.registry import Registry
-        from router.registry_service import REGISTRY_SERVICE, RegistryServicer, start_control_server
+        from router.registry_service import (
+            REGISTRY_SERVICE,
+            RegistryServicer,
+            start_control_server,
+            worker_verifier,
+        )
         from router.service import GenerateServicer
 
         apply_security(config)
@@ -255,12 +261,31 @@ class RouterActor:
         self.registry = Registry(cfg.heartbeat_timeout_s)
         # the control plane (Registry) on its own server and threads; workers register at the
         # data address (what ROUTER_NAME resolves to) and are told this one for their heartbeats
-        registry_servicer = RegistryServicer(self.registry, cfg)
+        r = config.router
+        # API keys (router.api_keys; none: dev mode, which check_security allows on loopback only)
+        edge = edge_from_config(
+            r.api_keys,
+            r.api_keys_redis_prefix,
+            r.salt_secret_file,
+            cfg.host,
+            "router",
+            names=("router.api_keys", "router.salt_secret_file"),
+        )
+        verifier = (
+            worker_verifier(
+                self.registry,
+                cfg,
+                **({"max_kv_blocks": r.max_worker_kv_blocks} if r.max_worker_kv_blocks else {}),
+            )
+            if r.verify_workers
+            else None
+        )
+        registry_servicer = RegistryServicer(self.registry, cfg, verifier=verifier)
         self.control, self._control_address, _ = start_control_server(registry_servicer, cfg.host, 0)
         services = [
             (
                 client_pb2.DESCRIPTOR.services_by_name["Generate"],
-                GenerateServicer(self.registry, cfg, RouterMetrics(REGISTRY)),
+                GenerateServicer(self.registry, cfg, RouterMetrics(REGISTRY), edge=edge),
             ),
             (REGISTRY_SERVICE, registry_servicer),
         ]

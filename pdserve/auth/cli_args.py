@@ -38,25 +38,38 @@ def add_auth_args(p: argparse.ArgumentParser) -> None:
 
 
 def edge_from_args(a: argparse.Namespace, host: str, what: str) -> EdgeAuth:
-    """The :class:`EdgeAuth` the flags describe for a front end listening on ``host``. Raises
+    """The :class:`EdgeAuth` the flags describe for a front end listening on ``host``
+    (:func:`edge_from_config`)."""
+    return edge_from_config(a.api_keys, a.api_keys_redis_prefix, a.salt_secret_file, host, what)
+
+
+def edge_from_config(
+    api_keys: str | None,
+    redis_prefix: str,
+    salt_secret_file: str | None,
+    host: str,
+    what: str,
+    names: tuple[str, str] = ("--api-keys", "--salt-secret-file"),
+) -> EdgeAuth:
+    """The :class:`EdgeAuth` of a front end listening on ``host`` with key store ``api_keys``
+    (a file or redis:// URL; None/"": dev mode) and a cache-salt secret file. Raises
     InvalidRequestError (before anything is served) for a non-loopback ``host`` without a key
-    store, an unreadable secret file, or a key store that cannot be opened."""
+    store, an unreadable secret file, or a key store that cannot be opened; ``names`` are the
+    option names the messages use (flags, or cluster-config keys)."""
     store = None
-    if a.api_keys:
+    if api_keys:
         try:
-            store = open_key_store(a.api_keys, redis_prefix=a.api_keys_redis_prefix)
+            store = open_key_store(api_keys, redis_prefix=redis_prefix)
         except UnavailableError as e:  # a missing or broken key file: a configuration error at start
-            raise InvalidRequestError(f"--api-keys: {e.message}") from None
+            raise InvalidRequestError(f"{names[0]}: {e.message}") from None
     check_listen_address(host, store, what)
     secret = b""
-    if a.salt_secret_file:
+    if salt_secret_file:
         try:
-            with open(a.salt_secret_file, "rb") as f:
+            with open(salt_secret_file, "rb") as f:
                 secret = f.read().strip()
         except OSError as e:
-            raise InvalidRequestError(
-                f"cannot read --salt-secret-file {a.salt_secret_file!r}: {e.strerror}"
-            ) from None
+            raise InvalidRequestError(f"cannot read {names[1]} {salt_secret_file!r}: {e.strerror}") from None
         if not secret:
-            raise InvalidRequestError(f"--salt-secret-file {a.salt_secret_file!r} is empty")
+            raise InvalidRequestError(f"{names[1]} {salt_secret_file!r} is empty")
     return EdgeAuth(store, EdgeConfig(salt_secret=secret))

@@ -2,7 +2,8 @@
 token): a 2-raylet ``ray.cluster_utils.Cluster`` on 127.0.0.1, ``pdserve up`` through the CLI with
 ``tls: on`` and a ``pdserve certs`` folder (on one machine every "node" sees the same files). Each
 Ray node is its own simulated host, so KV blocks crossing nodes go over TLS gRPC. A client with
-the CA gets the whole engine's output; a plaintext client is refused; workers refuse a TLS client
+the CA and an API key gets the whole engine's output; one without a key is UNAUTHENTICATED (the
+Ray router takes ``router.api_keys``); a plaintext client is refused; workers refuse a TLS client
 without a cluster certificate."""
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import yaml
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from pdserve.auth.keys import FileKeyStore, issue_key
 from pdserve.certs import write_dev_pki
 from pdserve.client import Client
+from pdserve.errors import UnauthenticatedError
 from pdserve.security import CLUSTER_SERVER_NAME, client_credentials
 from pdserve.v1 import client_pb2, client_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.polling import wait_for
@@ -36,7 +39,13 @@ def pki(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def deployment(smollm_path, pki, tmp_path_factory):
+def api_key(pki):
+    key, _ = issue_key(FileKeyStore(str(pki.ca.parent / "api-keys.yaml"), create=True), "acme")
+    return key
+
+
+@pytest.fixture(scope="module")
+def deployment(smollm_path, pki, api_key, tmp_path_factory):
     cfg = {
         "model": str(smollm_path),
         "host": "127.0.0.1",
@@ -44,6 +53,7 @@ def deployment(smollm_path, pki, tmp_path_factory):
         "prefill": {"count": 1, "num_cpus": 1, "kv_blocks": 128},
         "decode": {"count": 1, "num_cpus": 1, "kv_blocks": 128},
         "store": {"capacity_blocks": 256, "host_id_per_node": True},
+        "router": {"api_keys": str(pki.ca.parent / "api-keys.yaml")},
         "security": {
             "tls": "on",
             "ca": str(pki.ca),
@@ -76,11 +86,13 @@ def deployment(smollm_path, pki, tmp_path_factory):
                 ray_cluster.down(NS)
 
 
-def test_a_tls_ray_cluster_serves_the_whole_engines_output(deployment, pki, smollm_path):
+def test_a_tls_ray_cluster_serves_the_whole_engines_output(deployment, pki, api_key, smollm_path):
+    with Client(deployment["router"], timeout=60, ca=str(pki.ca)) as c, pytest.raises(UnauthenticatedError):
+        c.complete(PROMPTS[0], GREEDY)  # no API key
     whole = LLMEngine.from_pretrained(smollm_path, EngineConfig(num_kv_blocks=256))
     try:
         want = whole.generate(PROMPTS[:3], GREEDY)
-        with Client(deployment["router"], timeout=300, ca=str(pki.ca)) as c:
+        with Client(deployment["router"], timeout=300, ca=str(pki.ca), api_key=api_key) as c:
             for prompt, ref in zip(PROMPTS[:3], want, strict=True):
                 got = c.complete(prompt, GREEDY)
                 assert got.token_ids == ref.token_ids and got.text == ref.text, prompt

@@ -512,7 +512,10 @@ def test_a_cluster_config_off_loopback_needs_tls_and_a_token(pki):
     # loopback: plaintext, no token needed (the development mode; Ray tests run so)
     local = check_security(from_dict({"model": "/m", "host": "127.0.0.1"}))
     assert not local.security.security_config(local.host).tls_on
-    full = from_dict({"model": "/m", "security": {**partial, "cluster_token_file": str(pki.cluster_token)}})
+    sec = {**partial, "cluster_token_file": str(pki.cluster_token)}
+    with pytest.raises(InvalidRequestError, match=r"router\.api_keys: not set, but host binds .*pdserve keys"):
+        check_security(from_dict({"model": "/m", "security": sec}))  # TLS alone: anyone may still call
+    full = from_dict({"model": "/m", "security": sec, "router": {"api_keys": "/etc/pdserve-tls/api-keys.yaml"}})
     cfg = check_security(full).security.security_config(full.host)  # what each actor installs
     assert cfg.tls_on and cfg.mtls and cfg.cluster_token == pki.cluster_token.read_text().strip()
     with pytest.raises(InvalidRequestError, match=r"security\.mtls: expected true/false"):
