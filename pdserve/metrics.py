@@ -112,6 +112,11 @@ _OUTCOME_BY_CODE = {
     ErrorCode.INVALID_ARGUMENT: "invalid",
     ErrorCode.NOT_FOUND: "invalid",
     ErrorCode.FAILED_PRECONDITION: "invalid",
+    # refused at the edge for the caller's own reasons (no/bad key, another tenant's, an id in use):
+    # never an SLO miss, or anyone could burn the SLO budget's alerts with bad keys
+    ErrorCode.UNAUTHENTICATED: "invalid",
+    ErrorCode.PERMISSION_DENIED: "invalid",
+    ErrorCode.ALREADY_EXISTS: "invalid",
     ErrorCode.CANCELLED: "cancelled",
     ErrorCode.DEADLINE_EXCEEDED: "timeout",
 }
@@ -120,7 +125,8 @@ _OUTCOME_BY_CODE = {
 def outcome_for(exc: BaseException | None) -> str:
     """Outcome label of a finished request: ``ok`` without exception; otherwise by the status the
     caller receives: RESOURCE_EXHAUSTED/UNAVAILABLE -> rejected (no capacity or no worker),
-    INVALID_ARGUMENT/NOT_FOUND/FAILED_PRECONDITION -> invalid (the caller's fault),
+    INVALID_ARGUMENT/NOT_FOUND/FAILED_PRECONDITION/UNAUTHENTICATED/PERMISSION_DENIED/ALREADY_EXISTS
+    -> invalid (the caller's fault),
     CANCELLED (or the stream closed by the client) -> cancelled, DEADLINE_EXCEEDED -> timeout,
     anything else -> error."""
     if exc is None:

@@ -411,7 +411,14 @@ class GenerateServicer:
         id, and responses carry the client's own id when it sent one), records outcome,
         latencies, phases and SLO result (:class:`RouterMetrics`) and logs one structured line per
         request."""
-        admitted = self.edge.admit_generate(req, ctx.invocation_metadata())
+        try:
+            admitted = self.edge.admit_generate(req, ctx.invocation_metadata())
+        except Exception as e:  # refused at the edge (key, limits, quota, id): counted like the rest
+            cls, outcome = slo_class(req.slo.ttft_s, req.slo.tpot_s), outcome_for(e)
+            self.metrics.observe_failed(cls, outcome)
+            with request_scope(req.request_id):
+                log_event(log, "request failed", slo_class=cls, outcome=outcome, error=type(e).__name__)
+            raise
         try:
             shown_id = admitted.apply_to(req)
             await self._measured(req, ctx, shown_id, admitted.lease_ttl_s)

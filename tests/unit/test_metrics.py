@@ -14,14 +14,17 @@ from prometheus_client import CollectorRegistry, Metric
 from kv_store.node import NodeStats
 from pdserve import metrics as M
 from pdserve.errors import (
+    AlreadyExistsError,
     CancelledError,
     DeadlineExceededError,
     InternalError,
     InvalidRequestError,
     LayoutMismatchError,
     ModelNotFoundError,
+    PermissionDeniedError,
     RequestNotFoundError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 
@@ -90,6 +93,9 @@ class _RpcErr(grpc.RpcError):
         (InvalidRequestError("bad"), "invalid"),
         (ModelNotFoundError("no model"), "invalid"),
         (LayoutMismatchError("layout"), "invalid"),
+        (UnauthenticatedError("no key"), "invalid"),
+        (PermissionDeniedError("not yours"), "invalid"),
+        (AlreadyExistsError("id in flight"), "invalid"),
         (CancelledError("gone"), "cancelled"),
         (GeneratorExit(), "cancelled"),
         (DeadlineExceededError("late"), "timeout"),
