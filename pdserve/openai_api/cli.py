@@ -40,6 +40,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="API key store (YAML/JSON file or redis:// URL; the router's): requests need "
         "'Authorization: Bearer <key>'; default $PDSERVE_API_KEYS; none: dev mode, loopback only",
     )
+    p.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="PEM",
+        help="serve HTTPS with this certificate chain (e.g. `pdserve certs`: server.pem); plain HTTP "
+        "only on loopback (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tls-key", default=None, metavar="PEM", help="private key of --tls-cert (default: %(default)s)"
+    )
     add_client_tls_args(p, prefix="router-")  # --router-tls-ca etc.: TLS of the channel to the router
 
 
@@ -56,6 +66,8 @@ def run(a: argparse.Namespace) -> int:
         request_timeout_s=a.timeout if a.timeout and a.timeout > 0 else None,
         defaults=Defaults(chat_max_tokens=a.chat_max_tokens),
         api_keys=a.api_keys,
+        tls_cert=a.tls_cert,
+        tls_key=a.tls_key,
     )
     try:
         from pdserve.client import Client

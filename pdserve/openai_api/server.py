@@ -25,6 +25,7 @@ import json
 import logging
 import select
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -39,7 +40,7 @@ from pdserve.auth.edge import EdgeAuth, check_listen_address
 from pdserve.auth.keys import open_key_store
 from pdserve.auth.validate import check_json_strings, check_request_id
 from pdserve.client import Chunk, Client, ServingStatus, Stream
-from pdserve.errors import UnavailableError
+from pdserve.errors import InvalidRequestError, UnavailableError
 from pdserve.openai_api.errors import (
     ErrorCodeStr,
     ErrorResponse,
@@ -79,7 +80,8 @@ class ServerConfig:
     connection is closed after this long. ``api_keys``: the key store (a YAML/JSON file or
     redis:// URL, :mod:`pdserve.auth.keys`; give the router the same): requests need
     ``Authorization: Bearer <key>`` (401 otherwise) and run as the key's tenant; None: dev mode,
-    allowed only on a loopback ``host``, where a request's tenant is its ``user`` field."""
+    allowed only on a loopback ``host``, where a request's tenant is its ``user`` field.
+    ``tls_cert``/``tls_key``: serve HTTPS (both or neither); plain HTTP only on loopback."""
 
     router: str
     host: str = "127.0.0.1"
@@ -90,6 +92,10 @@ class ServerConfig:
     idle_timeout_s: float = 120.0
     defaults: Defaults = Defaults()
     api_keys: str | None = None
+    # HTTPS: the certificate chain and private key (PEM) to serve with; None: plain HTTP, which is
+    # allowed only on a loopback ``host`` (keys and prompts would cross the network in clear text)
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 class Method(enum.Enum):
@@ -163,9 +169,18 @@ class _Http(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, addr: tuple[str, int], app: OpenAIServer) -> None:
+    def __init__(self, addr: tuple[str, int], app: OpenAIServer, tls: ssl.SSLContext | None = None) -> None:
         self.app = app
+        self.tls = tls
         super().__init__(addr, _Handler)
+
+    def get_request(self):  # type: ignore[no-untyped-def] - socketserver's signature
+        sock, addr = super().get_request()
+        if self.tls is not None:
+            # the handshake runs in the connection's own thread (_Handler.setup), so a slow or
+            # silent client cannot stall the accept loop
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -176,6 +191,9 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ plumbing
     def setup(self) -> None:
         self.timeout = self.server.app.config.idle_timeout_s
+        if self.server.tls is not None:
+            self.request.settimeout(self.timeout)
+            self.request.do_handshake()  # a failed handshake ends this connection only
         super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base-class signature
@@ -417,6 +435,30 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The server's TLS context, or None for plain HTTP; raises InvalidRequestError for half a
+    key pair, unreadable files, or plain HTTP on a non-loopback ``host``."""
+    from pdserve.security import is_loopback
+
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise InvalidRequestError("HTTPS needs both --tls-cert and --tls-key (or neither)")
+    if not config.tls_cert:
+        if not is_loopback(config.host):
+            raise InvalidRequestError(
+                f"the OpenAI HTTP server would listen on {config.host!r} in plain HTTP: API keys and "
+                "prompts would cross the network in clear text. Give --tls-cert/--tls-key (e.g. "
+                "`pdserve certs`: server.pem, server.key) or listen on 127.0.0.1"
+            )
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidRequestError(f"cannot load --tls-cert/--tls-key: {e}") from None
+    return ctx
+
+
 class OpenAIServer:
     """The OpenAI-compatible HTTP front end of one router.
 
@@ -429,6 +471,7 @@ class OpenAIServer:
         self.config = config
         store = open_key_store(config.api_keys) if config.api_keys else None
         check_listen_address(config.host, store, "OpenAI HTTP server")
+        tls = _tls_context(config)
         self.edge = EdgeAuth(store)
         self.client = client if client is not None else Client(config.router)
         self._own_client = client is None
@@ -437,7 +480,7 @@ class OpenAIServer:
         self._models_at = 0.0
         self._models_lock = threading.Lock()
         try:
-            self._http = _Http((config.host, config.port), self)
+            self._http = _Http((config.host, config.port), self, tls)
         except BaseException:
             if self._own_client:
                 self.client.close()
@@ -454,8 +497,9 @@ class OpenAIServer:
 
     @property
     def url(self) -> str:
-        """Base URL, e.g. ``http://127.0.0.1:8000`` (append ``/v1/...``)."""
-        return f"http://{self.host}:{self.port}"
+        """Base URL, e.g. ``http://127.0.0.1:8000`` (``https`` with TLS; append ``/v1/...``)."""
+        scheme = "https" if self._http.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def models(self, *, refresh: bool = False) -> tuple[str, ...]:
         """The router's model ids, cached ``models_ttl_s``; raises the SDK's typed errors
