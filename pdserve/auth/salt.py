@@ -35,9 +35,13 @@ def _field(s: str) -> bytes:
 
 def effective_salt(p: Principal, client_salt: str = "", secret: bytes = b"") -> str:
     """The salt for ``p``'s request carrying ``client_salt`` (see the module doc)."""
-    if p.policy.salt_group:
-        kind, scope = "group", p.policy.salt_group
-    else:
-        kind, scope = "tenant", p.tenant
+    return tenant_salt(p.tenant, client_salt, secret, p.policy.salt_group)
+
+
+def tenant_salt(tenant: str, client_salt: str = "", secret: bytes = b"", salt_group: str = "") -> str:
+    """The salt of ``tenant``'s requests (or of its ``salt_group``) carrying ``client_salt``: what
+    tools and tests use to compute a request's block keys as the router does (e.g. a dev-mode
+    request with no tenant: ``tenant_salt("")``)."""
+    kind, scope = ("group", salt_group) if salt_group else ("tenant", tenant)
     msg = _DOMAIN + _field(kind) + _field(scope) + _field(client_salt)
     return SALT_VERSION + hmac.new(secret, msg, hashlib.sha256).hexdigest()[:32]

@@ -30,6 +30,7 @@ from kv_store.client import KVStoreClient
 from kv_store.index import locate_prefix, prompt_prefix_hashes
 from kv_store.redis_index import RedisIndex, make_index
 from kv_store.redis_server import RedisServer, find_redis_server, start_redis
+from pdserve.auth.salt import tenant_salt
 from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, LocalCluster, launch
 from tests.polling import wait_for
@@ -48,6 +49,11 @@ SHARED = "You are a careful assistant who answers in one short sentence. " * 8
 SUFFIXES = ["Name a colour.", "Name a fruit.", "Name a city.", "Name an animal.", "Name a number."]
 BEFORE_ONLY = "Here is a list of rivers that flow through Europe, from west to east: " * 3 + "Name one."
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+# a dev-mode request without a tenant runs under this cache salt (tenant isolation, #13): the
+# block keys the cluster stores are made with it
+SALT = tenant_salt("")
 
 
 def replicated(index: RedisIndex, hashes: list[bytes]) -> bool:
@@ -112,9 +118,9 @@ def store(cluster: LocalCluster) -> Iterator[KVStoreClient]:
 def test_two_routers_share_prefix_locations(cluster, whole, routers, store) -> None:
     r1, r2 = routers
     ids = whole.tokenizer.encode(SHARED + "Say hello.")
-    hashes = prompt_prefix_hashes(ids, BLOCK_SIZE, whole.model_id)
-    assert hashes == whole.prefix_hashes(ids) and len(hashes) >= 5
-    assert locate_prefix(r1, ids, BLOCK_SIZE, whole.model_id) is None  # nothing served yet
+    hashes = prompt_prefix_hashes(ids, BLOCK_SIZE, whole.model_id, salt=SALT)
+    assert hashes == whole.prefix_hashes(ids, cache_salt=SALT) and len(hashes) >= 5
+    assert locate_prefix(r1, ids, BLOCK_SIZE, whole.model_id, salt=SALT) is None  # nothing served yet
 
     with Client(cluster.router_address, timeout=120) as c:
         got = c.complete(ids, PARAMS)
@@ -129,7 +135,7 @@ def test_two_routers_share_prefix_locations(cluster, whole, routers, store) -> N
         for locs in found.locations
     )
     assert found == r2.lookup(hashes) == store.lookup(hashes)  # the store's own Lookup too
-    seen = [locate_prefix(r, ids, BLOCK_SIZE, whole.model_id) for r in (r1, r2)]
+    seen = [locate_prefix(r, ids, BLOCK_SIZE, whole.model_id, salt=SALT) for r in (r1, r2)]
     assert seen[0] == seen[1]
     loc, n = seen[0]  # type: ignore[misc]
     assert (loc.node_id, loc.address, n) == ("kv0", cluster.store_address, len(hashes))
@@ -138,8 +144,8 @@ def test_two_routers_share_prefix_locations(cluster, whole, routers, store) -> N
         assert replica.get_blocks(layout, hashes) == store.get_blocks(layout, hashes)
     # a longer prompt on the same prefix: the shared blocks are found, the new tail is not
     longer = whole.tokenizer.encode(SHARED + "Say hello. " + "Then say goodbye, politely. " * 6)
-    _, n_longer = locate_prefix(r2, longer, BLOCK_SIZE, whole.model_id)  # type: ignore[misc]
-    assert len(hashes) <= n_longer < len(prompt_prefix_hashes(longer, BLOCK_SIZE, whole.model_id))
+    _, n_longer = locate_prefix(r2, longer, BLOCK_SIZE, whole.model_id, salt=SALT)  # type: ignore[misc]
+    assert len(hashes) <= n_longer < len(prompt_prefix_hashes(longer, BLOCK_SIZE, whole.model_id, salt=SALT))
 
 
 @dataclass
@@ -191,9 +197,11 @@ class ClientStream:
 def test_redis_restart_mid_run(cluster, whole, redis_srv, routers, store) -> None:
     router, _ = routers
     before_only = whole.tokenizer.encode(BEFORE_ONLY)
-    before_hashes = prompt_prefix_hashes(before_only, BLOCK_SIZE, whole.model_id)
+    before_hashes = prompt_prefix_hashes(before_only, BLOCK_SIZE, whole.model_id, salt=SALT)
     prompts = [whole.tokenizer.encode(SHARED + s) for s in SUFFIXES]
-    shared_hashes = prompt_prefix_hashes(whole.tokenizer.encode(SHARED), BLOCK_SIZE, whole.model_id)
+    shared_hashes = prompt_prefix_hashes(
+        whole.tokenizer.encode(SHARED), BLOCK_SIZE, whole.model_id, salt=SALT
+    )
     refs = [o.token_ids for o in whole.generate([*prompts, before_only], PARAMS)]
 
     with Client(cluster.router_address, timeout=120) as c:
@@ -242,7 +250,7 @@ def test_redis_restart_mid_run(cluster, whole, redis_srv, routers, store) -> Non
     assert all(len(locs) == 2 for locs in found.locations)  # on kv0 and its replica on kv1
     assert found.best_node()[0].address == cluster.store_address  # type: ignore[index]
     assert store.lookup(before_hashes).num_prefix_blocks == len(before_hashes)
-    loc, n = locate_prefix(router, prompts[0], BLOCK_SIZE, whole.model_id)  # type: ignore[misc]
+    loc, n = locate_prefix(router, prompts[0], BLOCK_SIZE, whole.model_id, salt=SALT)  # type: ignore[misc]
     assert (loc.node_id, n) == (cluster.store_node_id, len(whole.prefix_hashes(prompts[0])))
 
     # and the repeated prefix is served again, identically

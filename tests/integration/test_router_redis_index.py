@@ -44,6 +44,7 @@ from engine.tokenizer import Tokenizer
 from kv_store.index import locate_prefix, prompt_prefix_hashes
 from kv_store.redis_index import RedisIndex, make_index
 from kv_store.redis_server import find_redis_server, start_redis
+from pdserve.auth.salt import tenant_salt
 from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, LocalCluster, launch
 from tests.polling import wait_for
@@ -152,9 +153,13 @@ def redis_connections(pid: int, redis_url: str) -> int:
     )
 
 
+# a dev-mode request without a tenant runs under this cache salt (tenant isolation, #13)
+SALT = tenant_salt("")
+
+
 def stored_prefix(index: RedisIndex, ids: list[int], model_id: str) -> int:
     """Leading blocks of the prompt ``ids`` the index holds on one store node (what a router asks)."""
-    found = locate_prefix(index, ids, BLOCK_SIZE, model_id)
+    found = locate_prefix(index, ids, BLOCK_SIZE, model_id, salt=SALT)
     return 0 if found is None else found[1]
 
 
@@ -167,7 +172,7 @@ def test_router_places_with_the_prefix_the_store_registered_in_redis(
     tok = Tokenizer(smollm_path)  # the router's tokenization of a text prompt
     ids = tok.encode(PROMPT)
     with Client(cluster.router_address, timeout=120) as client:
-        n = len(prompt_prefix_hashes(ids, BLOCK_SIZE, model_id))
+        n = len(prompt_prefix_hashes(ids, BLOCK_SIZE, model_id, salt=SALT))
         assert n >= 4, "the prompt should span several full blocks"
         assert stored_prefix(index, ids, model_id) == 0  # nothing cached yet
 
@@ -177,7 +182,7 @@ def test_router_places_with_the_prefix_the_store_registered_in_redis(
 
         # the store node registered the prompt's blocks in Redis (under this cluster's prefix)
         wait_for(lambda: stored_prefix(index, ids, model_id) == n, 10.0, "the prompt's blocks in Redis")
-        found = locate_prefix(index, ids, BLOCK_SIZE, model_id)
+        found = locate_prefix(index, ids, BLOCK_SIZE, model_id, salt=SALT)
         assert found is not None
         assert (found[0].node_id, found[0].address) == (cluster.store_node_id, cluster.store_address)
 
