@@ -395,7 +395,7 @@ class WorkerActor:
         from pdserve.metrics import WorkerMetrics, serve_metrics
         from pdserve.security import internal_channel
         from pdserve.tracing import traced_channel
-        from pdserve.worker_base import Heartbeater, Role, WorkerConfig, WorkerState
+        from pdserve.worker_base import Role, RouterLinks, WorkerConfig, WorkerState
         from pdserve.worker_main import build_service, serve_worker, worker_services
 
         self.node_id = _node_id()
@@ -416,7 +416,7 @@ class WorkerActor:
             model_path=config.model,
             store_address=self.store_address,
             host=host,
-            router_address=router_address,
+            router_addresses=(router_address,),
             engine=EngineConfig(
                 num_kv_blocks=pool.kv_blocks,
                 block_size=pool.block_size,
@@ -468,7 +468,7 @@ class WorkerActor:
             router = ray.get_actor(ROUTER_NAME, namespace=namespace)
             return ray.get(router.address.remote(), timeout=10)
 
-        self._hb = Heartbeater(self.state, router_address, resolve=router_now)
+        self._hb = RouterLinks(self.state, (router_address,), resolvers=(router_now,))
         self._hb.start()
         self._lock = threading.Lock()
         self._stopped = False

@@ -6,7 +6,7 @@ import contextlib
 import enum
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -37,7 +37,8 @@ class WorkerConfig:
     store_address: str
     host: str = "127.0.0.1"
     port: int = 0
-    router_address: str | None = None
+    # every router to register with (README "Several routers"); empty: not registered anywhere
+    router_addresses: tuple[str, ...] = ()
     engine: EngineConfig = field(default_factory=EngineConfig)
     heartbeat_interval_s: float = 0.5
     lease_ttl_s: float = 30.0
@@ -184,7 +185,8 @@ class Heartbeater:
         self._control_stub = self._stub
         self._token: str | None = None  # the router's worker token (none from a non-verifying router)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self.registered = False  # whether the last Register/Heartbeat found us known to the router
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{router_address}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -262,12 +264,17 @@ class Heartbeater:
                     )
                     registered = r.known
             except grpc.RpcError as e:
-                log.debug("router not reachable: %s", e.code())
+                log.debug("router %s not reachable: %s", self.router_address, e.code())
                 registered = False
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self._close_control()  # register again where we were told to
                     self._rediscover()
+            self.registered = registered
             self._stop.wait(interval)
+
+    def request_stop(self) -> None:
+        """Stop heartbeating after the beat in progress (without waiting for it)."""
+        self._stop.set()
 
     def stop(self, deregister: bool = True) -> None:
         self._stop.set()
@@ -281,3 +288,46 @@ class Heartbeater:
                 )
         self._close_control()
         self._ch.close()
+
+
+class RouterLinks:
+    """The worker's registration with every router of the cluster: one :class:`Heartbeater` per
+    address, each on its own thread with its own channel and its own worker token (each router
+    issues its own at Register), so a router that is down or slow delays nobody's heartbeats but
+    its own. A router that comes back (restarted on its address) gets the registration again on
+    its heartbeater's next beat. ``resolvers`` (optional, parallel to ``addresses``): each router's
+    ``resolve`` (:class:`Heartbeater`; the Ray deployment, whose router actors may move), or None.
+    """
+
+    def __init__(
+        self,
+        state: WorkerState,
+        addresses: Sequence[str],
+        resolvers: Sequence[Callable[[], str] | None] = (),
+    ) -> None:
+        if resolvers and len(resolvers) != len(addresses):
+            raise ValueError(f"{len(resolvers)} resolvers for {len(addresses)} router addresses")
+        rs = list(resolvers) or [None] * len(addresses)
+        self.heartbeaters = [Heartbeater(state, a, resolve=r) for a, r in zip(addresses, rs, strict=True)]
+
+    def start(self) -> None:
+        for hb in self.heartbeaters:
+            hb.start()
+
+    def registered(self) -> dict[str, bool]:
+        """Router address -> whether that router knows this worker (as of its last beat)."""
+        return {hb.router_address: hb.registered for hb in self.heartbeaters}
+
+    def stop(self, deregister: bool = True) -> None:
+        """Stop every heartbeater and deregister from every router, all at once (a dead router
+        costs its own timeout, not one per router)."""
+        for hb in self.heartbeaters:
+            hb.request_stop()
+        threads = [
+            threading.Thread(target=hb.stop, args=(deregister,), name=f"deregister-{hb.router_address}")
+            for hb in self.heartbeaters
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()

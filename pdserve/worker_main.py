@@ -39,10 +39,11 @@ from pdserve import cli_help
 from pdserve.errors import PdserveError, UnavailableError
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend
 from pdserve.metrics import WorkerMetrics, serve_metrics
+from pdserve.router_addresses import parse_router_addresses
 from pdserve.security import add_security_args, install_from_args, internal_channel
 from pdserve.tracing import configure_logging, traced_channel
 from pdserve.v1 import worker_pb2
-from pdserve.worker_base import Heartbeater, Role, WorkerConfig, WorkerState
+from pdserve.worker_base import Role, RouterLinks, WorkerConfig, WorkerState
 
 if TYPE_CHECKING:
     from prefill_worker.prefix_policy import PrefixFetchConfig
@@ -228,9 +229,12 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
     ap.add_argument("--store", required=True, help="host:port of the local KV store node")
     ap.add_argument(
         "--router",
+        action="append",
         default=None,
-        help="host:port of the router's control plane (its ready line's \"control\"; its data address "
-        "works too: the router then names its control address) (default: none, not registered)",
+        help="host:port of a router's control plane (its ready line's \"control\"; its data address "
+        "works too: the router then names its control address). Several routers: a comma-separated "
+        "list or the flag repeated; the worker registers and heartbeats with each (default: none, "
+        "not registered)",
     )
     ap.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
     ap.add_argument("--port", type=int, default=0, help="gRPC listen port (0: any free port)")
@@ -266,6 +270,10 @@ def parse(
     """The worker's config from ``argv`` (see :func:`build_parser`; exits with usage on a bad flag)."""
     ap = build_parser(role, parents)
     a = ap.parse_args(argv)
+    try:
+        routers = parse_router_addresses(a.router, what="--router") if a.router else ()
+    except PdserveError as e:
+        ap.error(str(e))
     # TLS / cluster token of this process's server and channels; refused here, before the model loads
     install_from_args(ap, a, a.host, ("pdserve.v1.Worker", "pdserve.v1.KVPeer"))
     eng = EngineConfig(
@@ -285,7 +293,7 @@ def parse(
         store_address=a.store,
         host=a.host,
         port=a.port,
-        router_address=a.router,
+        router_addresses=routers,
         engine=eng,
         admission_timeout_s=a.admission_timeout_s,
         metrics_port=a.metrics_port,
@@ -414,7 +422,7 @@ def main(
         WorkerMetrics(REGISTRY, cfg.worker_id, role.name.lower(), snapshot=state.metrics_snapshot)
     )
     metrics_port = serve_metrics(cfg.metrics_port)
-    hb = Heartbeater(state, cfg.router_address) if cfg.router_address else None
+    hb = RouterLinks(state, cfg.router_addresses) if cfg.router_addresses else None
     if hb:
         hb.start()
     print(
