@@ -65,7 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-leased-blocks-per-owner",
         type=int,
         default=None,
-        help="leased blocks one owner (tenant/client) may hold at once (default: half the capacity)",
+        help="leased blocks one owner other than a tenant (a client identity) may hold at once "
+        "(default: half the capacity)",
+    )
+    ap.add_argument(
+        "--max-leased-blocks-per-tenant",
+        type=int,
+        default=None,
+        help="leased blocks one tenant's requests may hold at once (handoff leases, charged to the "
+        "tenant of the router's API key); more is RESOURCE_EXHAUSTED for that tenant only "
+        "(default: the --max-leased-blocks-per-owner value)",
     )
     ap.add_argument("--max-workers", type=int, default=8, help="gRPC server threads")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
@@ -95,6 +104,7 @@ def parse_config(argv: list[str] | None = None) -> StoreConfig:
         default_lease_ttl_s=a.default_lease_ttl_s,
         max_lease_ttl_s=a.max_lease_ttl_s,
         max_leased_blocks_per_owner=a.max_leased_blocks_per_owner,
+        max_leased_blocks_per_tenant=a.max_leased_blocks_per_tenant,
         max_workers=a.max_workers,
         high_water=a.high_water,
         low_water=a.low_water,

@@ -34,6 +34,8 @@ from pdserve.errors import InvalidRequestError
 
 TOKEN_METADATA_KEY = "x-pdserve-cluster-token"
 LEASE_OWNER_METADATA_KEY = "x-pdserve-lease-owner"  # who a lease is charged to (a tenant, a worker)
+TENANT_OWNER_PREFIX = "tenant:"  # a lease owner naming a tenant (quota: max_leased_blocks_per_tenant)
+MAX_OWNER_CHARS = 192  # "tenant:" + a 128-character tenant name fits
 ENV_TOKEN = "PDSERVE_CLUSTER_TOKEN"
 ENV_TOKEN_FILE = "PDSERVE_CLUSTER_TOKEN_FILE"
 
@@ -176,9 +178,22 @@ def token_metadata(token: str, lease_owner: str = "") -> tuple[tuple[str, str], 
 
 
 def check_owner(owner: str) -> str:
-    """A lease owner name: printable, at most 128 characters."""
-    if len(owner) > 128 or not owner.isprintable():
+    """A lease owner name: printable, at most :data:`MAX_OWNER_CHARS` characters."""
+    if len(owner) > MAX_OWNER_CHARS or not owner.isprintable():
         raise InvalidRequestError(
-            f"lease owner must be printable and at most 128 characters, got {owner[:40]!r}"
+            f"lease owner must be printable and at most {MAX_OWNER_CHARS} characters, got {owner[:40]!r}"
         )
     return owner
+
+
+def tenant_owner(tenant: str) -> str:
+    """The lease owner that charges a lease to ``tenant`` ("" = the anonymous dev-mode tenant):
+    ``tenant:<name>``, a namespace of its own, so a tenant never shares a quota with a caller
+    identity (a host) of the same spelling. The router sets the tenant from the authenticated
+    API key; the prefill worker passes it on with the handoff lease."""
+    return check_owner(TENANT_OWNER_PREFIX + tenant)
+
+
+def owner_tenant(owner: str) -> str | None:
+    """The tenant a lease owner names (:func:`tenant_owner`), None for any other owner."""
+    return owner[len(TENANT_OWNER_PREFIX) :] if owner.startswith(TENANT_OWNER_PREFIX) else None

@@ -25,10 +25,13 @@ Contracts:
   ttl above ``max_lease_ttl_s`` is clamped to it (:attr:`Lease.ttl_clamped`), so no lease pins a
   block for longer, and eviction is never blocked for longer than that (puts in flight and
   readers' pins aside: they end with their call).
-* Every lease has an *owner* (a tenant or client identity, "" if none). An owner may hold leases
-  on at most ``max_leased_blocks_per_owner`` blocks at once (counted per lease and block); a
-  lease or a Put under a lease beyond that fails with :class:`ResourceExhaustedError` naming the
-  quota, so one client cannot pin the whole node.
+* Every lease has an *owner*: a tenant (``tenant:<name>``, :func:`kv_store.auth.tenant_owner`:
+  the prefill worker charges a request's handoff lease to the request's tenant, which the router
+  took from its API key) or a caller identity ("" if none). A tenant may hold leases on at most
+  ``max_leased_blocks_per_tenant`` blocks at once, any other owner on at most
+  ``max_leased_blocks_per_owner`` (counted per lease and block); a lease or a Put under a lease
+  beyond that fails with :class:`ResourceExhaustedError` naming the tenant (or owner) and its
+  quota, so one tenant cannot pin the whole node and make other tenants' requests fail.
 
 Not thread-safe: :class:`kv_store.store.BlockStore` serialises access with a lock.
 """
@@ -44,6 +47,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from engine.block_hash import BlockHash
+from kv_store.auth import owner_tenant
 from kv_store.slots import SlotAllocator, SlotPool
 from pdserve.errors import InvalidRequestError, RequestNotFoundError, ResourceExhaustedError
 
@@ -56,6 +60,8 @@ class NodeConfig:
     max_lease_ttl_s: float = 60.0  # longer asks are clamped to this
     # leased blocks one owner may hold at once (None: half the capacity, at least 1)
     max_leased_blocks_per_owner: int | None = None
+    # leased blocks one tenant (owner ``tenant:<name>``) may hold at once (None: the owner quota)
+    max_leased_blocks_per_tenant: int | None = None
     # watermarks, fractions of capacity_blocks: once more than high_water * capacity slots are in
     # use, evict LRU unpinned blocks down to low_water * capacity (1.0 / 1.0: only at capacity)
     high_water: float = 1.0
@@ -68,10 +74,10 @@ class NodeConfig:
             raise ValueError(f"block_nbytes must be >= 1, got {self.block_nbytes}")
         if not (0 < self.default_lease_ttl_s <= self.max_lease_ttl_s):
             raise ValueError("need 0 < default_lease_ttl_s <= max_lease_ttl_s")
-        if self.max_leased_blocks_per_owner is not None and self.max_leased_blocks_per_owner < 1:
-            raise ValueError(
-                f"max_leased_blocks_per_owner must be >= 1 (or None), got {self.max_leased_blocks_per_owner}"
-            )
+        for name in ("max_leased_blocks_per_owner", "max_leased_blocks_per_tenant"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1 (or None), got {v}")
         check_watermarks(self.high_water, self.low_water)
 
     @property
@@ -88,6 +94,19 @@ class NodeConfig:
         if self.max_leased_blocks_per_owner is not None:
             return self.max_leased_blocks_per_owner
         return max(1, self.capacity_blocks // 2)
+
+    @property
+    def tenant_quota_blocks(self) -> int:
+        """Leased blocks one tenant may hold at once."""
+        if self.max_leased_blocks_per_tenant is not None:
+            return self.max_leased_blocks_per_tenant
+        return self.owner_quota_blocks
+
+    def quota_of(self, owner: str) -> tuple[int, str]:
+        """(leased blocks ``owner`` may hold, the setting that says so)."""
+        if owner_tenant(owner) is not None:
+            return self.tenant_quota_blocks, "max_leased_blocks_per_tenant"
+        return self.owner_quota_blocks, "max_leased_blocks_per_owner"
 
 
 def check_watermarks(high_water: float, low_water: float) -> None:
@@ -113,7 +132,7 @@ class NodeStats:
     checksum_failures: int = 0  # puts refused: bytes did not match the writer's checksum
     put_conflicts: int = 0  # puts of a stored key with a different checksum (ignored)
     lease_ttl_clamps: int = 0  # leases granted a shorter ttl than asked
-    lease_quota_refusals: int = 0  # leases refused by the per-owner quota
+    lease_quota_refusals: int = 0  # leases refused by a tenant's or owner's quota
     denied_calls: int = 0  # calls refused: the caller is not a cluster member
 
 
@@ -280,17 +299,24 @@ class StoreNode:
         return float(ttl_s), False
 
     def _charge_owner(self, owner: str, n: int) -> None:
-        """Count ``n`` more leased blocks against ``owner``; ResourceExhaustedError over quota."""
-        quota = self.config.owner_quota_blocks
+        """Count ``n`` more leased blocks against ``owner``; ResourceExhaustedError over its
+        quota (a tenant's or an owner's: :meth:`NodeConfig.quota_of`)."""
+        quota, setting = self.config.quota_of(owner)
         held = self._owner_blocks.get(owner, 0)
         if held + n > quota:
             self._quota_refusals += 1
             mine = [st.expires_at for st in self._leases.values() if st.owner == owner]
             wait = max(0.0, min(mine) - self._clock()) if mine else 0.1
+            tenant = owner_tenant(owner)
+            who = (
+                f"tenant {tenant or '<anonymous>'!r}"
+                if tenant is not None
+                else f"owner {owner or '<anonymous>'!r}"
+            )
             raise ResourceExhaustedError(
-                f"lease quota of owner {owner or '<anonymous>'!r} exceeded: it holds leases on {held} "
-                f"blocks and asks for {n} more, at most {quota} (max_leased_blocks_per_owner) on a node "
-                f"of {self.config.capacity_blocks} blocks; release leases first",
+                f"lease quota of {who} exceeded: it holds leases on {held} blocks and asks for {n} "
+                f"more, at most {quota} ({setting}) on a node of {self.config.capacity_blocks} "
+                "blocks; retry once its requests in flight finish (their leases are released)",
                 retry_after_s=wait,
             )
         self._owner_blocks[owner] = held + n

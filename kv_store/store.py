@@ -58,6 +58,7 @@ class StoreConfig:
     default_lease_ttl_s: float = 30.0
     max_lease_ttl_s: float = 60.0  # longer lease asks are clamped to this (NodeConfig)
     max_leased_blocks_per_owner: int | None = None  # None: half the capacity (NodeConfig)
+    max_leased_blocks_per_tenant: int | None = None  # None: the owner quota (NodeConfig)
     max_workers: int = 8  # gRPC server threads
     high_water: float = 1.0  # see NodeConfig: watermark eviction (1.0/1.0: only at capacity)
     low_water: float = 1.0
@@ -181,6 +182,7 @@ class BlockStore:
                 config.default_lease_ttl_s,
                 config.max_lease_ttl_s,
                 max_leased_blocks_per_owner=config.max_leased_blocks_per_owner,
+                max_leased_blocks_per_tenant=config.max_leased_blocks_per_tenant,
                 high_water=config.high_water,
                 low_water=config.low_water,
             ),
@@ -356,7 +358,7 @@ class BlockStore:
 
     # ------------------------------------------------------------------ leases
     def lease(self, hashes: Sequence[BlockHash], ttl_s: float | None = None, owner: str = "") -> LeaseGrant:
-        """Pin blocks for ``owner`` (see StoreNode.lease: ttl clamped, per-owner quota)."""
+        """Pin blocks for ``owner`` (see StoreNode.lease: ttl clamped, per-tenant / per-owner quota)."""
         with self._lock:
             lease = self.node.lease(hashes, ttl_s, owner)
             slots = tuple(self.node.slot_of(h) for h in lease.hashes)

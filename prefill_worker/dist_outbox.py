@@ -100,11 +100,13 @@ class OutboxStats:
 @dataclass(frozen=True)
 class SpillInfo:
     """What publishing an outbox entry to the store needs besides its blocks: the export's
-    metadata (its ``blocks`` field is left empty: the entry holds them), layout and lease TTL."""
+    metadata (its ``blocks`` field is left empty: the entry holds them), layout, lease TTL and
+    the tenant its store lease is charged to."""
 
     kv: KVExport
     layout: KVLayout
     lease_ttl_s: float
+    tenant: str = ""
 
 
 @dataclass
@@ -264,15 +266,18 @@ class DistPublisher:
         self.fallback = fallback
         self.fallbacks = 0
 
-    def _fall_back(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float, why: PdserveError) -> KVHandle:
+    def _fall_back(
+        self, kv: KVExport, layout: KVLayout, lease_ttl_s: float, why: PdserveError, tenant: str = ""
+    ) -> KVHandle:
         if self.fallback is None:
             raise why
         self.fallbacks += 1
         log_event(log, "direct handoff fallback to store", logging.WARNING, reason=why.message)
-        return self.fallback.publish(kv, layout, lease_ttl_s)
+        return self.fallback.publish(kv, layout, lease_ttl_s, tenant)
 
-    def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float) -> KVHandle:
-        """Hold ``kv.blocks`` in the outbox for ``lease_ttl_s`` seconds; returns a direct handle."""
+    def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float, tenant: str = "") -> KVHandle:
+        """Hold ``kv.blocks`` in the outbox for ``lease_ttl_s`` seconds; returns a direct handle.
+        ``tenant``: whom a store lease (fallback, spill) is charged to."""
         addr = self.address()
         if not addr:
             raise UnavailableError(
@@ -280,7 +285,11 @@ class DistPublisher:
             )
         if self.group.failed:
             return self._fall_back(
-                kv, layout, lease_ttl_s, UnavailableError("direct handoff: the process group failed to form")
+                kv,
+                layout,
+                lease_ttl_s,
+                UnavailableError("direct handoff: the process group failed to form"),
+                tenant,
             )
         blocks = kv.blocks
         if blocks.device != self.group.device:
@@ -288,10 +297,10 @@ class DistPublisher:
         blocks = blocks.contiguous()
         try:  # everything the transfer header checks, before a decode worker is told to expect it
             TransferHeader(kv.request_id, blocks.dtype, tuple(blocks.shape)).encode()
-            spill = SpillInfo(replace(kv, blocks=blocks[:0]), layout, lease_ttl_s)
+            spill = SpillInfo(replace(kv, blocks=blocks[:0]), layout, lease_ttl_s, tenant)
             self.outbox.put(kv.request_id, blocks, lease_ttl_s, spill)
         except (InvalidRequestError, ResourceExhaustedError) as e:
-            return self._fall_back(kv, layout, lease_ttl_s, e)
+            return self._fall_back(kv, layout, lease_ttl_s, e, tenant)
         rank = self.group.rank
         n = len(kv.block_hashes)
         return KVHandle(
@@ -411,7 +420,9 @@ class KVPeerServicer:
         if info is None:
             raise UnavailableError(f"SpillKV: the outbox entry of {rid!r} carries no metadata to store it")
         t0 = time.monotonic()
-        handle = self.spill_to.publish(replace(info.kv, blocks=blocks.cpu()), info.layout, info.lease_ttl_s)
+        handle = self.spill_to.publish(
+            replace(info.kv, blocks=blocks.cpu()), info.layout, info.lease_ttl_s, info.tenant
+        )
         self._count("spills")
         log_event(
             log,

@@ -7,6 +7,7 @@ import math
 from typing import Protocol
 
 from engine.llm_engine import KVExport
+from kv_store.auth import tenant_owner
 from kv_store.checksum import block_checksum
 from kv_store.client import KVStoreClient
 from kv_store.handle import KVHandle
@@ -22,7 +23,10 @@ MAX_LEASE_TTL_S = 60.0  # the longest handoff lease a publisher asks for (the st
 
 
 class KVPublisher(Protocol):
-    def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float) -> KVHandle: ...
+    def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float, tenant: str = "") -> KVHandle:
+        """Publish ``kv`` for a decode worker; a store lease is charged to ``tenant`` (the
+        request's tenant, set by the router from its API key; "" = the dev-mode anonymous one)."""
+        ...
 
 
 def capped_lease_ttl(lease_ttl_s: float, max_lease_ttl_s: float) -> float:
@@ -42,7 +46,10 @@ class StorePublisher:
     slots, ``shm_slots``, so that a same-host decode worker reads the blocks with no rpc
     (decode_worker/puller.py).
 
-    The lease ttl is capped at ``max_lease_ttl_s`` (whatever a Prefill request asked for).
+    The lease ttl is capped at ``max_lease_ttl_s`` (whatever a Prefill request asked for). The
+    lease is charged to the request's tenant (:func:`kv_store.auth.tenant_owner`), so the store's
+    per-tenant quota of leased blocks applies: one tenant's pinned handoffs cannot exhaust the
+    node for the others (a tenant over its quota gets RESOURCE_EXHAUSTED naming it).
 
     Write-once keys: when the node already held some keys with other bytes (``PutResult.conflicts``:
     a racing writer whose KV differs in its last bits, or junk put under the prompt's keys before
@@ -57,21 +64,26 @@ class StorePublisher:
         self.conflicts_replaced = 0  # blocks deleted and put again after a conflict
         self.conflicts_kept = 0  # blocks still held with other bytes after the retry
 
-    def _put(self, layout: KVLayout, kv: KVExport, blocks: list, sums: list[int], ttl: float) -> PutResult:
-        return self.client.put_blocks(layout, kv.block_hashes, blocks, lease_ttl_s=ttl, checksums=sums)
+    def _put(
+        self, layout: KVLayout, kv: KVExport, blocks: list, sums: list[int], ttl: float, owner: str
+    ) -> PutResult:
+        return self.client.put_blocks(
+            layout, kv.block_hashes, blocks, lease_ttl_s=ttl, checksums=sums, owner=owner
+        )
 
-    def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float) -> KVHandle:
+    def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float, tenant: str = "") -> KVHandle:
         ttl = capped_lease_ttl(lease_ttl_s, self.max_lease_ttl_s)
+        owner = tenant_owner(tenant)
         blocks = [tensor_bytes(kv.blocks[i]) for i in range(kv.blocks.shape[0])]
         sums = [block_checksum(b) for b in blocks]
-        res = self._put(layout, kv, blocks, sums, ttl)
+        res = self._put(layout, kv, blocks, sums, ttl, owner)
         if res.conflicts:
             clash = [kv.block_hashes[i] for i in res.conflicts]
             if res.lease_id:
                 self.client.release(res.lease_id)
             deleted = self.client.delete(clash)
             self.conflicts_replaced += deleted.num_deleted
-            res = self._put(layout, kv, blocks, sums, ttl)
+            res = self._put(layout, kv, blocks, sums, ttl, owner)
             self.conflicts_kept += len(res.conflicts)
             log_event(
                 log,

@@ -172,8 +172,8 @@ class PrefillServicer:
         t_prefilled = time.monotonic()
         kv = self.state.loop.call(lambda e: e.export_kv(rid))
         try:
-            handle = self.publisher.publish(
-                kv, self.state.layout, req.lease_ttl_s or self.state.config.lease_ttl_s
+            handle = self.publisher.publish(  # the lease is charged to the request's tenant
+                kv, self.state.layout, req.lease_ttl_s or self.state.config.lease_ttl_s, req.tenant
             )
         finally:
             self.state.loop.call(lambda e: e.release(rid))

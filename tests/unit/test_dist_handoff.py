@@ -155,6 +155,7 @@ class FakeFallback:
         self.pulled: list[str] = []
         self.released: list[str] = []
         self.published: list[str] = []
+        self.tenants: list[str] = []  # whom each published store lease is charged to
         self.transport = object()
 
     def pull(self, handle: KVHandle) -> torch.Tensor:
@@ -164,8 +165,9 @@ class FakeFallback:
     def release(self, handle: KVHandle) -> None:
         self.released.append(handle.request_id)
 
-    def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float) -> KVHandle:
+    def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float, tenant: str = "") -> KVHandle:
         self.published.append(kv.request_id)
+        self.tenants.append(tenant)
         loc = BlockLocation("kv0", "127.0.0.1:1")
         return KVHandle(
             kv.request_id,
@@ -283,8 +285,9 @@ def test_dist_publisher_returns_direct_handle_and_falls_back() -> None:
     assert h.block_hashes == tuple(kv.block_hashes) and h.num_tokens == len(kv.token_ids)
     assert "r1" in ob and fb.published == []
     # too big for the whole outbox: the store takes it
-    h2 = pub.publish(export(5, "big"), L, 30.0)
+    h2 = pub.publish(export(5, "big"), L, 30.0, "acme")
     assert not h2.is_direct and fb.published == ["big"] and pub.fallbacks == 1
+    assert fb.tenants == ["acme"]  # the store lease is charged to the request's tenant
     # the group failed: the store takes everything
     pub_failed = DistPublisher(ob, FakeGroup(0, failed=True), lambda: "a:1", fallback=fb)  # type: ignore[arg-type]
     assert not pub_failed.publish(export(1, "r2"), L, 30.0).is_direct
@@ -466,9 +469,9 @@ class RecordingStore(FakeFallback):
         super().__init__()
         self.blocks: dict[str, torch.Tensor] = {}
 
-    def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float) -> KVHandle:
+    def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float, tenant: str = "") -> KVHandle:
         self.blocks[kv.request_id] = kv.blocks.clone()
-        return super().publish(kv, layout, lease_ttl_s)
+        return super().publish(kv, layout, lease_ttl_s, tenant)
 
     def pull(self, handle: KVHandle) -> torch.Tensor:
         self.pulled.append(handle.request_id)
@@ -490,11 +493,12 @@ def test_spill_puller_pulls_a_direct_handle_through_the_store_and_releases_its_l
     ob, store, pub, peer, stub = _spill_wired()
     puller = SpillPuller(store, stub_for=lambda addr: stub)  # type: ignore[arg-type]
     kv = export(3, "r1", seed=4)
-    h = pub.publish(kv, L, 30.0)
+    h = pub.publish(kv, L, 30.0, "acme")
     assert h.is_direct and store.published == []
     got = puller.pull(h)
     assert torch.equal(got, kv.blocks)
     assert stub.calls == ["r1"] and store.published == ["r1"] and store.pulled == ["r1"]
+    assert store.tenants == ["acme"]  # the spilled lease too is the tenant's
     assert ob.stats().entries == 0 and peer.spills == 1 and puller.spills == 1
     puller.release(h)
     puller.release(h)  # once only

@@ -18,7 +18,9 @@ from kv_store.auth import (
     TokenAuthorizer,
     authorizer_for,
     cluster_token_from_env,
+    owner_tenant,
     peer_host,
+    tenant_owner,
     token_metadata,
 )
 from kv_store.checksum import (
@@ -186,6 +188,29 @@ def test_owner_quota_refuses_more_but_others_still_lease() -> None:
     n.abort_put(t)
     clock.t += 61  # the greedy owner's leases ran out (at most the max ttl): the quota frees itself
     assert n.lease([h(0), h(1)], owner="greedy").ttl_s == 5
+
+
+def test_tenant_quota_is_per_tenant_and_apart_from_caller_identities() -> None:
+    clock = Clock()
+    cfg = NodeConfig(8, 64, default_lease_ttl_s=5, max_lease_ttl_s=60, max_leased_blocks_per_tenant=3)
+    n = StoreNode(cfg, clock=clock)
+    assert (cfg.tenant_quota_blocks, cfg.owner_quota_blocks) == (3, 4)
+    for i in range(8):
+        put(n, i, i + 1)
+    a = tenant_owner("acme")
+    n.lease([h(0), h(1), h(2)], ttl_s=1e9, owner=a)  # tenant acme pins its whole quota
+    with pytest.raises(
+        ResourceExhaustedError, match="lease quota of tenant 'acme'.*at most 3 .max_leased_blocks_per_tenant"
+    ):
+        n.lease([h(3)], owner=a)
+    # other tenants, and a caller identity spelled like the tenant, have quotas of their own
+    n.lease([h(3), h(4), h(5)], owner=tenant_owner("bob"))
+    n.lease([h(6), h(7)], owner="acme")  # an owner that is not a tenant: the owner quota (4)
+    with pytest.raises(ResourceExhaustedError, match="lease quota of tenant '<anonymous>'"):
+        n.lease([h(0), h(1), h(2), h(3)], owner=tenant_owner(""))  # dev mode without a tenant
+    assert owner_tenant(a) == "acme" and owner_tenant("127.0.0.1") is None
+    with pytest.raises(InvalidRequestError, match="lease owner"):
+        tenant_owner("x" * 200)
 
 
 def test_prefill_lease_ttl_is_capped() -> None:
