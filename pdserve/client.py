@@ -9,12 +9,17 @@ with ``retry_after_s``, UnavailableError, DeadlineExceededError, ...).
     with Client("127.0.0.1:50051") as c:
         for chunk in c.generate("Hello", max_tokens=32):
             print(chunk.text, end="")
+
+Several routers of one cluster: ``Client("10.0.0.1:50051,10.0.0.2:50051")`` (or a list); a
+router that cannot be reached or goes away is replaced by the next one (see :class:`Client`).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Iterator, Sequence
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +27,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.sampling_params import SamplingParams
+from pdserve.errors import PdserveError, UnavailableError
 from pdserve.proto_convert import finish_from_proto, sampling_to_proto
+from pdserve.router_addresses import parse_router_addresses
 from pdserve.security import sdk_channel
-from pdserve.status import raise_from_rpc_error
+from pdserve.status import error_from_rpc_error, raise_from_rpc_error
 from pdserve.v1 import client_pb2, client_pb2_grpc, common_pb2
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -190,22 +199,192 @@ def _merge_md(
     return tuple(kv for kv in base if kv[0] not in keys) + tuple(extra)
 
 
-class Stream:
-    """Iterator over a generation; ``cancel()`` stops it server-side (blocks are freed)."""
+# ---------------------------------------------------------------- failover between routers (pure)
 
-    def __init__(self, call) -> None:
-        self._call = call
+
+def replayable(req: client_pb2.GenerateRequest) -> bool:
+    """Whether re-running ``req`` from the start yields the same tokens: greedy, or seeded (the
+    token at each position depends only on (seed, position, logits))."""
+    return req.sampling.temperature == 0.0 or req.sampling.HasField("seed")
+
+
+def _is_failover(e: grpc.RpcError) -> bool:
+    """A router that cannot be reached or went away (refused, reset, shut down): try the next."""
+    return e.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class Resume:
+    """What the caller has been given of one generation, across the streams that serve it.
+
+    A stream cut off by a router that went away is re-issued on another router with the same
+    request; for a :func:`replayable` request the new stream repeats the old one token for token
+    and text character for text character, so :meth:`trim` drops the first ``delivered`` tokens
+    and characters of the new stream and passes on the rest: the caller sees every token once,
+    in order. The request id the caller saw first is kept on every later chunk."""
+
+    def __init__(self) -> None:
+        self.tokens = 0  # token ids given to the caller
+        self.chars = 0  # text characters given to the caller
+        self.finished = False
+        self.request_id = ""
+        self._seen_tokens = 0  # of the current stream
+        self._seen_chars = 0
+
+    @property
+    def delivered(self) -> bool:
+        return self.tokens > 0 or self.chars > 0
+
+    def restart(self) -> None:
+        """A new stream of the same request begins (from its first token)."""
+        self._seen_tokens = self._seen_chars = 0
+
+    def trim(self, c: Chunk) -> Chunk | None:
+        """``c`` (the current stream's next chunk) less what the caller already has; None when
+        nothing of it is new."""
+        skip_t = max(0, min(len(c.token_ids), self.tokens - self._seen_tokens))
+        skip_c = max(0, min(len(c.text), self.chars - self._seen_chars))
+        self._seen_tokens += len(c.token_ids)
+        self._seen_chars += len(c.text)
+        c.request_id = self.request_id = self.request_id or c.request_id
+        if skip_t or skip_c:
+            c.token_ids = c.token_ids[skip_t:]
+            c.logprobs = c.logprobs[skip_t:] if c.logprobs else c.logprobs
+            c.text = c.text[skip_c:]
+        if not c.token_ids and not c.text and c.finish is None and (skip_t or skip_c):
+            return None
+        self.tokens += len(c.token_ids)
+        self.chars += len(c.text)
+        self.finished = self.finished or c.finish is not None
+        return c
+
+
+class _Attempt(enum.Enum):
+    """What to do after a stream failed."""
+
+    RAISE = "raise"  # the error stands
+    NEXT_ROUTER = "next_router"  # re-issue on the next router
+
+
+def after_failure(e: grpc.RpcError, resume: Resume, replay_ok: bool, routers_left: int) -> _Attempt:
+    """Pure: whether a failed stream moves to the next router (see :class:`Client`)."""
+    if not _is_failover(e) or routers_left <= 0 or resume.finished:
+        return _Attempt.RAISE
+    if resume.delivered and not replay_ok:
+        return _Attempt.RAISE
+    return _Attempt.NEXT_ROUTER
+
+
+def _failover_error(
+    e: grpc.RpcError, address: str, resume: Resume, replay_ok: bool, tried: list[tuple[str, str]]
+) -> PdserveError:
+    """The exception of a stream that cannot go on: the router's own error, or, for a router that
+    went away, an UnavailableError naming it (and every router tried before)."""
+    err = error_from_rpc_error(e)
+    if not _is_failover(e):
+        return err
+    why = f"router {address} unavailable: {err}"
+    if resume.delivered and not replay_ok and not resume.finished:
+        why += (
+            f" (after {resume.tokens} token(s) were delivered; an unseeded sampled generation cannot "
+            "be resumed on another router: set seed= or temperature=0 to make it resumable)"
+        )
+    if tried:
+        why += "; before it: " + "; ".join(f"router {a} unavailable: {d}" for a, d in tried)
+    return UnavailableError(why)
+
+
+class _Routers:
+    """The routers one client talks to, in its order, and the round-robin start of each request."""
+
+    def __init__(self, addresses: tuple[str, ...]) -> None:
+        self.addresses = addresses
+        self._next = itertools.count()
+
+    def order(self) -> list[int]:
+        """Router indices to try for a new request: the next in turn first, then the rest."""
+        n = len(self.addresses)
+        start = next(self._next) % n
+        return [(start + i) % n for i in range(n)]
+
+
+def _connect(
+    target: str | Sequence[str],
+    *,
+    aio: bool,
+    tls: bool | None,
+    ca: str | bytes | None,
+    cert: str | bytes | None,
+    key: str | bytes | None,
+    server_name: str | None,
+    api_key: str | None,
+) -> tuple[_Routers, list[Any], tuple[tuple[str, str], ...]]:
+    """What :class:`Client` and :class:`AsyncClient` are made of: the router list, one channel per
+    router (TLS as :func:`pdserve.security.sdk_channel`) and the auth metadata of every call."""
+    routers = _Routers(parse_router_addresses(target, what="router address"))
+    channels = [
+        sdk_channel(a, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name, aio=aio)
+        for a in routers.addresses
+    ]
+    return routers, channels, auth_metadata(api_key)
+
+
+def _all_unavailable(what: str, tried: list[tuple[str, str]]) -> UnavailableError:
+    return UnavailableError(f"{what}: no router reachable: " + "; ".join(f"{a}: {d}" for a, d in tried))
+
+
+# ---------------------------------------------------------------- sync
+
+
+class Stream:
+    """Iterator over a generation; ``cancel()`` stops it server-side (blocks are freed).
+
+    A router that goes away before or during the stream is replaced by the next one (see
+    :class:`Client`); the iterator goes on where it was."""
+
+    def __init__(
+        self,
+        start: Callable[[int], Any],
+        routers: _Routers,
+        replay_ok: bool,
+    ) -> None:
+        self._start = start
+        self._routers = routers
+        self._order = routers.order()
+        self._replay_ok = replay_ok
+        self._call: Any = None
+        self._cancelled = False
+        self.router = ""  # the address of the router serving (or that last served) the stream
+        self._call = self._open(0)
+
+    def _open(self, attempt: int) -> Any:
+        idx = self._order[attempt]
+        self.router = self._routers.addresses[idx]
+        return self._start(idx)
 
     def __iter__(self) -> Iterator[Chunk]:
-        try:
-            for m in self._call:
-                yield _chunk(m)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED and self._cancelled:
+        resume = Resume()
+        tried: list[tuple[str, str]] = []
+        attempt = 0
+        while True:
+            try:
+                for m in self._call:
+                    c = resume.trim(_chunk(m))
+                    if c is not None:
+                        yield c
                 return
-            raise_from_rpc_error(e)
-
-    _cancelled = False
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.CANCELLED and self._cancelled:
+                    return
+                left = len(self._order) - attempt - 1
+                if after_failure(e, resume, self._replay_ok, left) is _Attempt.RAISE:
+                    raise _failover_error(e, self.router, resume, self._replay_ok, tried) from e
+                tried.append((self.router, e.details() or str(e.code())))
+                log.warning("router %s unavailable: request goes on at the next router", self.router)
+            attempt += 1
+            resume.restart()
+            self._call = self._open(attempt)
+            if self._cancelled:
+                self._call.cancel()
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -213,14 +392,26 @@ class Stream:
 
 
 class Client:
-    """``tls``/``ca``/``cert``/``key``/``server_name``: TLS to the router (:func:`pdserve.security.sdk_channel`:
-    on when ``ca`` is given; plaintext only to a loopback address). ``api_key``: sent as
-    ``authorization: Bearer <api_key>`` with every call (a router with API keys requires it;
-    ``pdserve keys add`` makes one)."""
+    """A client of one or more routers of a cluster.
+
+    ``target``: ``"host:port"``, several as ``"h1:p1,h2:p2"``, or a sequence of them. Requests
+    start at the routers in turn (round-robin). A request whose router cannot be reached or goes
+    away (UNAVAILABLE: refused, reset, shutting down) is re-issued on the next router at once,
+    each router tried once per request: before any token arrived always; after tokens arrived only
+    when the request is :func:`replayable` (greedy or seeded), and then the tokens already given
+    are skipped (the caller sees each token once, identical to an uninterrupted run). An unseeded
+    sampled stream cut off after its first token fails with UnavailableError naming the router.
+    A re-issued request carries the same ``request_id``; the timing in its ``finish`` is the last
+    router's.
+
+    ``tls``/``ca``/``cert``/``key``/``server_name``: TLS to the routers
+    (:func:`pdserve.security.sdk_channel`: on when ``ca`` is given; plaintext only to a loopback
+    address). ``api_key``: sent as ``authorization: Bearer <api_key>`` with every call (a router
+    with API keys requires it; ``pdserve keys add`` makes one)."""
 
     def __init__(
         self,
-        address: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None = None,
         tls: bool | None = None,
@@ -230,26 +421,40 @@ class Client:
         server_name: str | None = None,
         api_key: str | None = None,
     ) -> None:
-        self.address = address
+        self._routers, self._channels, self._md = _connect(
+            target, aio=False, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name, api_key=api_key
+        )
+        self.addresses = self._routers.addresses
+        self.address = self.addresses[0]
         self.timeout = timeout
-        self._md = auth_metadata(api_key)
-        self._channel = sdk_channel(address, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name)
-        self._stub = client_pb2_grpc.GenerateStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._stubs = [client_pb2_grpc.GenerateStub(ch) for ch in self._channels]
+        self._health = [health_pb2_grpc.HealthStub(ch) for ch in self._channels]
 
     def close(self) -> None:
-        self._channel.close()
+        for ch in self._channels:
+            ch.close()
 
     def health(self, service: str = GENERATE_SERVICE) -> ServingStatus:
-        """The router's grpc.health.v1 status of ``service`` (default: Generate): NOT_SERVING
-        while it has no worker to place a request on. Raises UnavailableError when the router
-        cannot be reached."""
-        try:
-            return _serving(
-                self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
-            )
-        except grpc.RpcError as e:
-            raise_from_rpc_error(e)
+        """The cluster's grpc.health.v1 status of ``service`` (default: Generate), asking each
+        router in turn: SERVING as soon as one router is; else the last reachable router's answer
+        (NOT_SERVING while it has no worker to place a request on). Raises UnavailableError,
+        naming every router, when none can be reached."""
+        tried: list[tuple[str, str]] = []
+        answer: ServingStatus | None = None
+        for address, h in zip(self.addresses, self._health, strict=True):
+            try:
+                s = _serving(h.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout))
+            except grpc.RpcError as e:
+                if not _is_failover(e):
+                    raise_from_rpc_error(e)
+                tried.append((address, e.details() or str(e.code())))
+                continue
+            if s is ServingStatus.SERVING:
+                return s
+            answer = s
+        if answer is None:
+            raise _all_unavailable("health", tried)
+        return answer
 
     def __enter__(self) -> Client:
         return self
@@ -270,8 +475,9 @@ class Client:
         which then replaces the client's own ``api_key``)."""
         req = build_request(prompt, params, **kw)
         md = _merge_md(self._md, metadata)
+        t = timeout if timeout is not None else self.timeout
         return Stream(
-            self._stub.Generate(req, timeout=timeout if timeout is not None else self.timeout, metadata=md)
+            lambda i: self._stubs[i].Generate(req, timeout=t, metadata=md), self._routers, replayable(req)
         )
 
     def complete(self, prompt, params: SamplingParams | None = None, **kw) -> Completion:
@@ -288,34 +494,45 @@ class Client:
         assert fin is not None, "stream ended without a finish message"
         return Completion(rid, ids, "".join(text), fin)
 
+    def _unary(self, what: str, call: Callable[[Any], Any]) -> Any:
+        """``call(stub)`` at the routers in turn until one answers (UNAVAILABLE: the next)."""
+        tried: list[tuple[str, str]] = []
+        for i in self._routers.order():
+            try:
+                return call(self._stubs[i])
+            except grpc.RpcError as e:
+                if not _is_failover(e):
+                    raise_from_rpc_error(e)
+                tried.append((self.addresses[i], e.details() or str(e.code())))
+        raise _all_unavailable(what, tried)
+
     def tokenize(self, text: str) -> list[int]:
-        try:
-            return list(
-                self._stub.Tokenize(
-                    client_pb2.TokenizeRequest(prompt=text), timeout=self.timeout, metadata=self._md
-                ).token_ids
-            )
-        except grpc.RpcError as e:
-            raise_from_rpc_error(e)
+        r = self._unary(
+            "tokenize",
+            lambda s: s.Tokenize(
+                client_pb2.TokenizeRequest(prompt=text), timeout=self.timeout, metadata=self._md
+            ),
+        )
+        return list(r.token_ids)
 
     def list_models(self) -> list[str]:
-        try:
-            return [
-                m.id
-                for m in self._stub.ListModels(
-                    client_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._md
-                ).models
-            ]
-        except grpc.RpcError as e:
-            raise_from_rpc_error(e)
+        r = self._unary(
+            "list_models",
+            lambda s: s.ListModels(client_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._md),
+        )
+        return [m.id for m in r.models]
+
+
+# ---------------------------------------------------------------- asyncio
 
 
 class AsyncClient:
-    """TLS keywords and ``api_key`` as :class:`Client`."""
+    """:class:`Client` for asyncio: the same ``target`` (one router address, a comma-separated
+    list, or a sequence), failover rules, TLS keywords and ``api_key``."""
 
     def __init__(
         self,
-        address: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None = None,
         tls: bool | None = None,
@@ -325,26 +542,39 @@ class AsyncClient:
         server_name: str | None = None,
         api_key: str | None = None,
     ) -> None:
-        self.address = address
-        self.timeout = timeout
-        self._md = auth_metadata(api_key)
-        self._channel = sdk_channel(
-            address, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name, aio=True
+        self._routers, self._channels, self._md = _connect(
+            target, aio=True, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name, api_key=api_key
         )
-        self._stub = client_pb2_grpc.GenerateStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.addresses = self._routers.addresses
+        self.address = self.addresses[0]
+        self.timeout = timeout
+        self._stubs = [client_pb2_grpc.GenerateStub(ch) for ch in self._channels]
+        self._health = [health_pb2_grpc.HealthStub(ch) for ch in self._channels]
 
     async def close(self) -> None:
-        await self._channel.close()
+        for ch in self._channels:
+            await ch.close()
 
     async def health(self, service: str = GENERATE_SERVICE) -> ServingStatus:
         """As :meth:`Client.health`."""
-        try:
-            return _serving(
-                await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
-            )
-        except grpc.RpcError as e:
-            raise_from_rpc_error(e)
+        tried: list[tuple[str, str]] = []
+        answer: ServingStatus | None = None
+        for address, h in zip(self.addresses, self._health, strict=True):
+            try:
+                s = _serving(
+                    await h.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+                )
+            except grpc.RpcError as e:
+                if not _is_failover(e):
+                    raise_from_rpc_error(e)
+                tried.append((address, e.details() or str(e.code())))
+                continue
+            if s is ServingStatus.SERVING:
+                return s
+            answer = s
+        if answer is None:
+            raise _all_unavailable("health", tried)
+        return answer
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -353,19 +583,39 @@ class AsyncClient:
         await self.close()
 
     async def generate(
-        self, prompt, params: SamplingParams | None = None, *, timeout: float | None = None, **kw
+        self,
+        prompt,
+        params: SamplingParams | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        **kw,
     ) -> AsyncIterator[Chunk]:
+        """As :meth:`Client.generate` (failover included); closing the iterator cancels the call."""
         req = build_request(prompt, params, **kw)
-        call = self._stub.Generate(
-            req, timeout=timeout if timeout is not None else self.timeout, metadata=self._md
-        )
-        try:
-            async for m in call:
-                yield _chunk(m)
-        except grpc.RpcError as e:
-            raise_from_rpc_error(e)
-        finally:
-            call.cancel()
+        md = _merge_md(self._md, metadata)
+        t = timeout if timeout is not None else self.timeout
+        replay_ok = replayable(req)
+        order = self._routers.order()
+        resume = Resume()
+        tried: list[tuple[str, str]] = []
+        for attempt, i in enumerate(order):
+            resume.restart()
+            call = self._stubs[i].Generate(req, timeout=t, metadata=md)
+            try:
+                async for m in call:
+                    c = resume.trim(_chunk(m))
+                    if c is not None:
+                        yield c
+                return
+            except grpc.RpcError as e:
+                left = len(order) - attempt - 1
+                if after_failure(e, resume, replay_ok, left) is _Attempt.RAISE:
+                    raise _failover_error(e, self.addresses[i], resume, replay_ok, tried) from e
+                tried.append((self.addresses[i], e.details() or str(e.code())))
+                log.warning("router %s unavailable: request goes on at the next router", self.addresses[i])
+            finally:
+                call.cancel()
 
     async def complete(self, prompt, params: SamplingParams | None = None, **kw) -> Completion:
         ids: list[int] = []
@@ -379,3 +629,32 @@ class AsyncClient:
             fin = c.finish or fin
         assert fin is not None
         return Completion(rid, ids, "".join(text), fin)
+
+    async def _unary(self, what: str, call: Callable[[Any], Any]) -> Any:
+        tried: list[tuple[str, str]] = []
+        for i in self._routers.order():
+            try:
+                return await call(self._stubs[i])
+            except grpc.RpcError as e:
+                if not _is_failover(e):
+                    raise_from_rpc_error(e)
+                tried.append((self.addresses[i], e.details() or str(e.code())))
+        raise _all_unavailable(what, tried)
+
+    async def tokenize(self, text: str) -> list[int]:
+        """As :meth:`Client.tokenize`."""
+        r = await self._unary(
+            "tokenize",
+            lambda s: s.Tokenize(
+                client_pb2.TokenizeRequest(prompt=text), timeout=self.timeout, metadata=self._md
+            ),
+        )
+        return list(r.token_ids)
+
+    async def list_models(self) -> list[str]:
+        """As :meth:`Client.list_models`."""
+        r = await self._unary(
+            "list_models",
+            lambda s: s.ListModels(client_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._md),
+        )
+        return [m.id for m in r.models]
