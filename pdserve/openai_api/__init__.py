@@ -1,9 +1,10 @@
-"""OpenAI-compatible HTTP front end for a pdserve router (standard library HTTP server).
+"""OpenAI-compatible HTTP front end for a pdserve router (an ASGI app on uvicorn).
 
 Run it with ``pdserve openai --router HOST:PORT --host 127.0.0.1 --port 8000`` or
 ``python -m pdserve.openai_api ...``; embed it with
 ``OpenAIServer(ServerConfig(router=...)).start()`` (:mod:`pdserve.openai_api.server`).
-Requests reach the router through the gRPC client SDK (:class:`pdserve.client.Client`).
+Requests reach the router through the asyncio gRPC client SDK (:class:`pdserve.client.AsyncClient`);
+one event loop thread serves every connection (no thread per connection or request).
 
 Modules: :mod:`.translate` (pure: OpenAI JSON <-> SDK arguments and results, SSE framing),
 :mod:`.errors` (pure: the one exception -> HTTP status / OpenAI error table), :mod:`.server`
@@ -55,7 +56,8 @@ are one ``data: {"error": ...}`` event before ``[DONE]``. A client disconnect ca
 generation in the cluster.
 
 Errors: ``{"error": {"message", "type", "param", "code"}}``; 400 invalid request / malformed
-JSON, 404 unknown model or URL, 405 wrong method, 411 chunked body, 413 body too large,
+JSON or headers over ``--max-header-bytes``, 404 unknown model or URL, 405 wrong method, 411
+chunked body, 413 body too large, 431 more than 100 header fields,
 429 resource exhausted (``Retry-After``), 503 unavailable, 504 deadline exceeded, 500 otherwise
 (:data:`pdserve.openai_api.errors.ERROR_TABLE`).
 """

@@ -19,10 +19,21 @@ DEFAULT_ROUTER = "127.0.0.1:50051"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--router", default=DEFAULT_ROUTER, help="router gRPC address HOST:PORT")
+    p.add_argument(
+        "--router",
+        default=DEFAULT_ROUTER,
+        help="router gRPC address HOST:PORT, or several comma-separated (HOST:PORT,HOST:PORT) that "
+        "the client fails over between",
+    )
     p.add_argument("--host", default="127.0.0.1", help="HTTP listen address")
     p.add_argument("--port", type=int, default=8000, help="HTTP listen port (0: any free port)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    p.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=32 << 10,
+        help="request line + headers larger than this get 400 and the connection is closed",
+    )
     p.add_argument(
         "--timeout", type=float, default=600.0, help="deadline per generation in seconds (504 after it)"
     )
@@ -63,17 +74,17 @@ def run(a: argparse.Namespace) -> int:
         host=a.host,
         port=a.port,
         max_body_bytes=a.max_body_bytes,
+        max_header_bytes=a.max_header_bytes,
         request_timeout_s=a.timeout if a.timeout and a.timeout > 0 else None,
         defaults=Defaults(chat_max_tokens=a.chat_max_tokens),
         api_keys=a.api_keys,
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
     )
-    try:
-        from pdserve.client import Client
-        from pdserve.security import client_tls_kwargs
+    from pdserve.security import client_tls_kwargs
 
-        srv = OpenAIServer(cfg, Client(a.router, **client_tls_kwargs(a, "router-")))
+    try:
+        srv = OpenAIServer(cfg, client_options=client_tls_kwargs(a, "router-"))
     except OSError as e:
         print(f"pdserve openai: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
         return 2
@@ -81,7 +92,8 @@ def run(a: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     srv.start()
-    print(f"pdserve openai: serving {srv.url}/v1 for router {a.router} (Ctrl-C to stop)", file=sys.stderr)
+    routers = ", ".join(cfg.routers)
+    print(f"pdserve openai: serving {srv.url}/v1 for router {routers} (Ctrl-C to stop)", file=sys.stderr)
     try:
         while not stop.wait(1.0):
             pass

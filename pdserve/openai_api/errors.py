@@ -8,7 +8,7 @@ the :mod:`pdserve.errors` class and looked up along the exception's MRO, so a su
 :class:`UnknownModelError`) inherits its parent's row unless it has its own.
 
 Front-end-only conditions that are not pdserve errors (unknown URL, wrong method, body too large,
-missing Content-Length) are :class:`HttpError`, which carries its status itself.
+missing Content-Length, too many headers) are :class:`HttpError`, which carries its status itself.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class ErrorCodeStr(enum.Enum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     BODY_TOO_LARGE = "request_too_large"
     LENGTH_REQUIRED = "length_required"
+    HEADERS_TOO_LARGE = "request_header_fields_too_large"
     RATE_LIMIT = "rate_limit_exceeded"
     UNAVAILABLE = "unavailable"
     DEADLINE = "deadline_exceeded"
@@ -88,7 +89,7 @@ class UnknownModelError(ModelNotFoundError):
 
 
 class HttpError(Exception):
-    """A condition of the HTTP layer itself; carries its status (404 URL, 405, 411, 413)."""
+    """A condition of the HTTP layer itself; carries its status (404 URL, 405, 411, 413, 431)."""
 
     def __init__(
         self,

@@ -1,9 +1,14 @@
-"""The HTTP I/O of the OpenAI-compatible front end (standard library ``http.server`` only).
+"""The HTTP I/O of the OpenAI-compatible front end: an ASGI application served by uvicorn.
 
-:class:`OpenAIServer` listens on ``ServerConfig.host:port`` (a ThreadingHTTPServer: one thread per
-connection, HTTP/1.1 keep-alive) and forwards each request to the router through one shared
-:class:`pdserve.client.Client`. Everything that is not socket work (validation, response objects,
-error mapping) lives in :mod:`pdserve.openai_api.translate` and :mod:`pdserve.openai_api.errors`.
+:class:`OpenAIServer` binds ``ServerConfig.host:port`` and runs uvicorn (h11, HTTP/1.1 keep-alive)
+in ONE background thread with its own asyncio event loop. Every request is a coroutine on that
+loop and reaches the router through one shared asyncio SDK client
+(:func:`pdserve.openai_api.router_client.open_router_client`, ``grpc.aio``): there is no thread per
+connection or per request, so a waiting or streaming request costs memory, not a thread.
+Requests are read with Starlette's :class:`~starlette.requests.Request` and answered with its
+:class:`~starlette.responses.Response` (SSE streams are written as raw ASGI body messages so that
+each event leaves at once). Everything that is not I/O (validation, response objects, error
+mapping) lives in :mod:`pdserve.openai_api.translate` and :mod:`pdserve.openai_api.errors`.
 
 Contracts:
 
@@ -15,40 +20,53 @@ Contracts:
   chunked transfer encoding, so the connection stays reusable.
 * A client that disconnects (while streaming or while waiting for a whole response) cancels the
   gRPC call, which aborts the request in the cluster and frees its KV blocks.
+* Bounded input: the request line and headers together at most ``max_header_bytes`` (larger:
+  400 and the connection closed, by h11 before any header is parsed), at most
+  ``max_header_count`` header fields (431), a body of at most ``max_body_bytes`` (413; a larger
+  declared body up to 64 MiB is read away first so the client sees the answer, not a reset).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import json
 import logging
-import select
+import math
 import socket
 import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-from urllib.parse import unquote, urlsplit
+from typing import Any, TypeVar
+
+import h11
+import uvicorn
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pdserve.auth.edge import EdgeAuth, check_listen_address
 from pdserve.auth.keys import open_key_store
 from pdserve.auth.validate import check_json_strings, check_request_id
-from pdserve.client import Chunk, Client, ServingStatus, Stream
+from pdserve.client import Chunk, ServingStatus
 from pdserve.errors import InvalidRequestError, UnavailableError
 from pdserve.openai_api.errors import (
     ErrorCodeStr,
     ErrorResponse,
+    ErrorType,
     FieldError,
     HttpError,
     UnknownModelError,
+    error_body,
     error_response,
 )
+from pdserve.openai_api.router_client import RouterClient, open_router_client
 from pdserve.openai_api.translate import (
     SSE_DONE,
     Defaults,
@@ -66,36 +84,63 @@ from pdserve.openai_api.translate import (
 
 log = logging.getLogger(__name__)
 
-# Errors a socket write raises when the client has gone away.
-_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 _DRAIN_LIMIT = 64 << 20  # an oversized body up to this is read and dropped before the 413
+_T = TypeVar("_T")
+
+
+def parse_routers(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Router addresses from ``"a:1,b:2"`` (the CLI's ``--router``) or a sequence of them;
+    raises InvalidRequestError for none or an empty entry."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    out = tuple(p.strip() for p in parts)
+    if not out or any(not p for p in out):
+        raise InvalidRequestError(f"router: expected HOST:PORT[,HOST:PORT...], got {value!r}")
+    return out
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """``router``: the router's gRPC address. ``port`` 0 picks a free port (see
-    :attr:`OpenAIServer.port`). ``max_body_bytes``: larger bodies get 413. ``request_timeout_s``:
-    deadline of each generation (504 when exceeded; None = none). ``models_ttl_s``: how long the
-    router's model list is cached for ``model`` checks. ``idle_timeout_s``: an idle keep-alive
-    connection is closed after this long. ``api_keys``: the key store (a YAML/JSON file or
-    redis:// URL, :mod:`pdserve.auth.keys`; give the router the same): requests need
-    ``Authorization: Bearer <key>`` (401 otherwise) and run as the key's tenant; None: dev mode,
-    allowed only on a loopback ``host``, where a request's tenant is its ``user`` field.
-    ``tls_cert``/``tls_key``: serve HTTPS (both or neither); plain HTTP only on loopback."""
+    """``router``: the router's gRPC address, or several (``"a:1,b:2"`` or a tuple) that the
+    SDK client fails over between. ``port`` 0 picks a free port (see :attr:`OpenAIServer.port`).
+    ``max_body_bytes``: larger bodies get 413. ``max_header_bytes``: the request line and headers
+    together (larger: 400, connection closed); ``max_header_count``: more header fields get 431.
+    ``request_timeout_s``: deadline of each generation (504 when exceeded; None = none).
+    ``models_ttl_s``: how long the router's model list is cached for ``model`` checks.
+    ``idle_timeout_s``: an idle keep-alive connection is closed after this long.
+    ``shutdown_grace_s``: how long :meth:`OpenAIServer.close` lets running requests finish before
+    cancelling them. ``api_keys``: the key store (a YAML/JSON file or redis:// URL,
+    :mod:`pdserve.auth.keys`; give the router the same): requests need ``Authorization: Bearer
+    <key>`` (401 otherwise) and run as the key's tenant; None: dev mode, allowed only on a loopback
+    ``host``, where a request's tenant is its ``user`` field. ``tls_cert``/``tls_key``: serve
+    HTTPS (both or neither); plain HTTP only on loopback."""
 
-    router: str
+    router: str | tuple[str, ...]
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 4 << 20
+    max_header_bytes: int = 32 << 10
+    max_header_count: int = 100
     request_timeout_s: float | None = 600.0
     models_ttl_s: float = 10.0
     idle_timeout_s: float = 120.0
+    shutdown_grace_s: float = 5.0
     defaults: Defaults = Defaults()
     api_keys: str | None = None
     # HTTPS: the certificate chain and private key (PEM) to serve with; None: plain HTTP, which is
     # allowed only on a loopback ``host`` (keys and prompts would cross the network in clear text)
     tls_cert: str | None = None
     tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        parse_routers(self.router)
+        for name in ("max_body_bytes", "max_header_bytes", "max_header_count"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def routers(self) -> tuple[str, ...]:
+        """The router addresses, in the order given."""
+        return parse_routers(self.router)
 
 
 class Method(enum.Enum):
@@ -119,190 +164,125 @@ _METHODS: dict[Route, Method] = {
 _MODEL_PREFIX = Route.MODELS.value + "/"
 
 
-class _DisconnectWatcher:
-    """Calls ``on_gone`` once if the peer closes ``sock`` while a generation is running.
-
-    Polls the socket for readability; EOF (a zero-byte peek) means the client is gone. Bytes of a
-    pipelined next request mean it is still there, and watching stops.
-    """
-
-    POLL_S = 0.2
-
-    def __init__(self, sock: socket.socket, on_gone: Callable[[], None]) -> None:
-        self._sock = sock
-        self._on_gone = on_gone
-        self._stop = threading.Event()
-        self.fired = False
-        self._thread = threading.Thread(target=self._run, name="openai-disconnect-watch", daemon=True)
-
-    def __enter__(self) -> _DisconnectWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        # No join: the thread sees the flag within POLL_S and exits; waiting for it would add that
-        # much latency to every request. A late cancel() of a finished call is a no-op.
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                ready, _, _ = select.select([self._sock], [], [], self.POLL_S)
-                if not ready:
-                    continue
-                data = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                continue
-            except (OSError, ValueError):
-                data = b""
-            if data:
-                return  # a pipelined request: the client is alive
-            if not self._stop.is_set():
-                self.fired = True
-                log.info("client disconnected; cancelling its generation")
-                self._on_gone()
-            return
+class _ClientGone(Exception):
+    """The client disconnected; nothing more is sent on this request."""
 
 
-class _Http(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+class _Exchange:
+    """One HTTP request and its response (the per-request state of :class:`_App`)."""
 
-    def __init__(self, addr: tuple[str, int], app: OpenAIServer, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, app: OpenAIServer, scope: Scope, receive: Receive, send: Send) -> None:
         self.app = app
-        self.tls = tls
-        super().__init__(addr, _Handler)
-
-    def get_request(self):  # type: ignore[no-untyped-def] - socketserver's signature
-        sock, addr = super().get_request()
-        if self.tls is not None:
-            # the handshake runs in the connection's own thread (_Handler.setup), so a slow or
-            # silent client cannot stall the accept loop
-            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, addr
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "pdserve-openai"
-    server: _Http
+        self.scope = scope
+        self.req = Request(scope, receive)
+        self.receive = receive
+        self._send = send
+        self.method: str = scope["method"]
+        self.close_connection = False
+        self.started = False  # response headers sent
+        self.finishing = False  # the last body message is being sent: a disconnect now is moot
+        self.gone = False  # the client disconnected (set by the watcher)
 
     # ------------------------------------------------------------------ plumbing
-    def setup(self) -> None:
-        self.timeout = self.server.app.config.idle_timeout_s
-        if self.server.tls is not None:
-            self.request.settimeout(self.timeout)
-            self.request.do_handshake()  # a failed handshake ends this connection only
-        super().setup()
+    async def run(self) -> None:
+        try:
+            await self._route()
+        except _ClientGone:
+            log.debug("client disconnected: %s %s", self.method, self.scope["path"])
+        except Exception as e:  # noqa: BLE001 - every failure becomes an error response
+            if self.started:  # cannot happen by design; never leave a half response unexplained
+                log.exception("%s %s failed after the response started", self.method, self.scope["path"])
+                return
+            await self._send_error(error_response(e))
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base-class signature
-        log.debug("%s - %s", self.address_string(), format % args)
-
-    def do_GET(self) -> None:
-        self._dispatch(Method.GET.value)
-
-    def do_POST(self) -> None:
-        self._dispatch(Method.POST.value)
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
-
-    def _send_json(
-        self, status: HTTPStatus, obj: Any, headers: Iterable[tuple[str, str]] = (), *, head: bool = False
-    ) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in headers:
-            self.send_header(k, v)
+    async def _send_json(self, status: HTTPStatus, obj: Any, headers: Iterable[tuple[str, str]] = ()) -> None:
+        hdrs = dict(headers)
         if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if not head:
-            self.wfile.write(data)
+            hdrs["Connection"] = "close"
+        self.finishing = True
+        self.started = True
+        resp = Response(
+            json.dumps(obj).encode(), status_code=int(status), headers=hdrs, media_type="application/json"
+        )
+        await resp(self.scope, self.receive, self._send)
 
-    def _send_error(self, err: ErrorResponse) -> None:
+    async def _send_error(self, err: ErrorResponse) -> None:
         if err.close_connection:
             self.close_connection = True
         if err.status >= 500:
-            log.warning("%s %s -> %d: %s", self.command, self.path, err.status, err.body["error"]["message"])
-        with contextlib.suppress(*_GONE):
-            self._send_json(err.status, err.body, err.headers, head=self.command == "HEAD")
+            log.warning(
+                "%s %s -> %d: %s", self.method, self.scope["path"], err.status, err.body["error"]["message"]
+            )
+        await self._send_json(err.status, err.body, err.headers)
 
-    def _dispatch(self, method: str) -> None:
-        try:
-            self._route(method)
-        except _GONE:
-            self.close_connection = True
-        except Exception as e:  # noqa: BLE001 - every failure becomes an error response
-            self._send_error(error_response(e))
+    def _header(self, name: str) -> str | None:
+        return self.req.headers.get(name)
 
-    def _route(self, method: str) -> None:
-        path = unquote(urlsplit(self.path).path)
+    async def _route(self) -> None:
+        if len(self.scope["headers"]) > self.app.config.max_header_count:
+            raise HttpError(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                f"the request has {len(self.scope['headers'])} header fields; the limit is "
+                f"{self.app.config.max_header_count}",
+                ErrorCodeStr.HEADERS_TOO_LARGE,
+                close_connection=True,
+            )
+        path: str = self.scope["path"]  # already percent-decoded by the server
         if len(path) > 1:
             path = path.rstrip("/")
-        app = self.server.app
+        app = self.app
+        method = self.method
         if path.startswith(_MODEL_PREFIX):
             if method != Method.GET.value:
-                self._refuse_method(path, (Method.GET.value,))
-            app.authorize(self.headers.get("Authorization"))
+                await self._refuse_method(path, (Method.GET.value,))
+            await app.authorize(self._header("Authorization"))
             model = path[len(_MODEL_PREFIX) :]
-            app.resolve(model)
-            self._send_json(HTTPStatus.OK, model_object(model, app.created))
+            await app.resolve(model)
+            await self._send_json(HTTPStatus.OK, model_object(model, app.created))
             return
         try:
             route = Route(path)
         except ValueError:
-            self._discard_body()
+            await self._discard_body()
             raise HttpError(
                 HTTPStatus.NOT_FOUND, f"Invalid URL ({method} {path})", ErrorCodeStr.UNKNOWN_URL
             ) from None
         allowed = _METHODS[route]
         if method != allowed.value:
-            self._refuse_method(path, (allowed.value,))
+            await self._refuse_method(path, (allowed.value,))
         if route is Route.HEALTH:
-            app.check_health()
-            self._send_json(HTTPStatus.OK, {"status": "ok", "router": app.config.router})
+            await app.check_health()
+            await self._send_json(HTTPStatus.OK, {"status": "ok", "router": ",".join(app.config.routers)})
         elif route is Route.MODELS:
-            app.authorize(self.headers.get("Authorization"))
-            self._send_json(HTTPStatus.OK, models_response(app.models(refresh=True), app.created))
+            await app.authorize(self._header("Authorization"))
+            await self._send_json(HTTPStatus.OK, models_response(await app.models(refresh=True), app.created))
         else:
-            body = self._read_json()
+            body = await self._read_json()
             check_json_strings(body)  # a lone surrogate anywhere: 400 here, not a 500 later
             d = app.config.defaults
             call = parse_completion(body, d) if route is Route.COMPLETIONS else parse_chat(body, d)
-            self._generate(call)
+            await self._generate(call)
 
-    def _refuse_method(self, path: str, allowed: tuple[str, ...]) -> None:
-        self._discard_body()
+    async def _refuse_method(self, path: str, allowed: tuple[str, ...]) -> None:
+        await self._discard_body()
         raise HttpError(
             HTTPStatus.METHOD_NOT_ALLOWED,
-            f"{self.command} is not allowed on {path}; use {', '.join(allowed)}",
+            f"{self.method} is not allowed on {path}; use {', '.join(allowed)}",
             ErrorCodeStr.METHOD_NOT_ALLOWED,
             allow=allowed,
         )
 
-    def _body_length(self) -> int | None:
+    # ---------------------------------------------------------------- request body
+    async def _body_length(self) -> int | None:
         """Content-Length of the request (None when absent); refuses chunked/oversized bodies."""
-        if self.headers.get("Transfer-Encoding"):
+        if self._header("Transfer-Encoding"):
             raise HttpError(
                 HTTPStatus.LENGTH_REQUIRED,
                 "send the request body with a Content-Length header (chunked bodies are not supported)",
                 ErrorCodeStr.LENGTH_REQUIRED,
                 close_connection=True,
             )
-        raw = self.headers.get("Content-Length")
+        raw = self._header("Content-Length")
         if raw is None:
             return None
         try:
@@ -312,10 +292,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self.close_connection = True
             raise FieldError(f"invalid Content-Length header: {raw!r}") from None
-        limit = self.server.app.config.max_body_bytes
+        limit = self.app.config.max_body_bytes
         if n > limit:
             if n <= _DRAIN_LIMIT:  # read it away, so the client sees the 413 rather than a reset
-                self._drain(n)
+                await self._drain()
             raise HttpError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"request body is {n} bytes; the limit is {limit}",
@@ -324,33 +304,44 @@ class _Handler(BaseHTTPRequestHandler):
             )
         return n
 
-    def _drain(self, n: int) -> None:
-        while n > 0:
-            got = self.rfile.read(min(n, 1 << 16))
-            if not got:
-                return
-            n -= len(got)
+    async def _drain(self) -> None:
+        """Read the rest of the body and drop it (``_body_length`` bounds how much)."""
+        try:
+            async for _ in self.req.stream():
+                pass
+        except ClientDisconnect:
+            raise _ClientGone from None
 
-    def _discard_body(self) -> None:
+    async def _discard_body(self) -> None:
         """Read and drop a body we will not use, so the connection stays in sync."""
         try:
-            n = self._body_length()
+            n = await self._body_length()
+        except _ClientGone:
+            raise
         except Exception:  # noqa: BLE001 - any doubt: do not reuse the connection
             self.close_connection = True
             return
         if n:
-            self._drain(n)
+            await self._drain()
 
-    def _read_json(self) -> dict[str, Any]:
-        n = self._body_length()
+    async def _read_json(self) -> dict[str, Any]:
+        n = await self._body_length()
         if not n:
             raise FieldError("the request needs a JSON body (with a Content-Length header)")
-        raw = self.rfile.read(n)
-        if len(raw) < n:
-            self.close_connection = True
-            raise FieldError(f"request body ended after {len(raw)} of {n} bytes")
+        buf = bytearray()
         try:
-            body = json.loads(raw, parse_constant=_reject_constant)
+            async for part in self.req.stream():
+                buf += part
+                if len(buf) > n:  # the server enforces Content-Length; never trust it blindly
+                    self.close_connection = True
+                    raise FieldError(f"request body is longer than its Content-Length {n}")
+        except ClientDisconnect:
+            raise _ClientGone from None
+        if len(buf) < n:
+            self.close_connection = True
+            raise FieldError(f"request body ended after {len(buf)} of {n} bytes")
+        try:
+            body = json.loads(bytes(buf), parse_constant=_reject_constant)
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise FieldError(f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
@@ -358,13 +349,25 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     # ---------------------------------------------------------------- generation
-    def _generate(self, call: GenerateCall) -> None:
-        app = self.server.app
-        tenant, auth_md = app.edge.forward_http(self.headers.get("Authorization"), call.tenant)
-        model = app.resolve(call.model)
+    async def _watch_disconnect(self, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` (the request's handler) when the client disconnects before the
+        response is complete. The body has been read, so ``receive`` only reports the end."""
+        while True:
+            msg = await self.receive()
+            if msg["type"] == "http.disconnect":
+                if not self.finishing:
+                    self.gone = True
+                    log.info("client disconnected; cancelling its generation")
+                    task.cancel()
+                return
+
+    async def _generate(self, call: GenerateCall) -> None:
+        app = self.app
+        tenant, auth_md = await app.forward_http(self._header("Authorization"), call.tenant)
+        model = await app.resolve(call.model)
         # X-Request-Id: the client's idempotency key (a second request with it while the first runs
         # is refused with 409); by default a fresh id
-        rid = check_request_id(self.headers.get("X-Request-Id") or "") or uuid.uuid4().hex
+        rid = check_request_id(self._header("X-Request-Id") or "") or uuid.uuid4().hex
         meta = ResponseMeta(
             call.kind, call.kind.id_prefix + rid, int(time.time()), model, call.include_usage, call.logprobs
         )
@@ -375,60 +378,107 @@ class _Handler(BaseHTTPRequestHandler):
             metadata=auth_md,
             **{**call.sdk_kwargs(model, rid), "tenant": tenant},
         )
-        with _DisconnectWatcher(self.connection, stream.cancel) as watch:
-            try:
-                if call.stream:
-                    self._stream(meta, stream, watch)
-                else:
-                    chunks = list(stream)
-                    if watch.fired:
-                        self.close_connection = True
-                        return
-                    self._send_json(HTTPStatus.OK, build_response(meta, chunks), (("X-Request-Id", rid),))
-            except _GONE:
-                stream.cancel()
-                self.close_connection = True
+        me = asyncio.current_task()
+        assert me is not None
+        watcher = asyncio.create_task(self._watch_disconnect(me), name="openai-disconnect-watch")
+        try:
+            if call.stream:
+                await self._stream(meta, stream)
+            else:
+                chunks = [c async for c in stream]
+                await self._send_json(HTTPStatus.OK, build_response(meta, chunks), (("X-Request-Id", rid),))
+        except asyncio.CancelledError:
+            if not self.gone:
+                raise  # the server is shutting down
+            me.uncancel()
+            raise _ClientGone from None
+        finally:
+            watcher.cancel()
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()  # cancels the gRPC call if it is still running
 
-    def _stream(self, meta: ResponseMeta, stream: Stream, watch: _DisconnectWatcher) -> None:
-        it: Iterator[Chunk] = iter(stream)
-        first = next(it, None)  # errors here are still real HTTP statuses
-        if watch.fired:
-            self.close_connection = True
-            return
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("X-Request-Id", meta.id[len(meta.kind.id_prefix) :])
-        self.end_headers()
+    async def _stream(self, meta: ResponseMeta, stream: AsyncIterator[Chunk]) -> None:
+        first = await anext(stream, None)  # errors here are still real HTTP statuses
+        headers = [
+            (b"content-type", b"text/event-stream"),
+            (b"cache-control", b"no-cache"),
+            (b"x-request-id", meta.id[len(meta.kind.id_prefix) :].encode()),
+        ]
+        self.started = True
+        await self._send({"type": "http.response.start", "status": HTTPStatus.OK.value, "headers": headers})
         tr = StreamTranslator(meta)
         events = [sse_event(o) for o in tr.start()]
         chunk = first
         try:
             while chunk is not None:
                 events += [sse_event(o) for o in tr.chunk(chunk)]
-                self._write_chunk(b"".join(events))
+                if events:
+                    await self._send(
+                        {"type": "http.response.body", "body": b"".join(events), "more_body": True}
+                    )
                 events = []
-                chunk = next(it, None)
-            if watch.fired:
-                raise BrokenPipeError("client disconnected")
+                chunk = await anext(stream, None)
             events += [sse_event(o) for o in tr.end()]
-        except _GONE:
-            raise
         except Exception as e:  # noqa: BLE001 - a failure mid-stream: one error event, then [DONE]
             err = error_response(e)
             log.warning("stream %s failed after headers: %s", meta.id, err.body["error"]["message"])
             events.append(sse_event(err.body))
         events.append(SSE_DONE)
-        self._write_chunk(b"".join(events))
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
+        self.finishing = True
+        await self._send({"type": "http.response.body", "body": b"".join(events), "more_body": False})
 
-    def _write_chunk(self, data: bytes) -> None:
-        """One HTTP/1.1 chunk (chunked transfer encoding), flushed at once."""
-        if data:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
+
+class _App:
+    """The ASGI application: HTTP requests only (uvicorn runs it without lifespan/websockets)."""
+
+    def __init__(self, server: OpenAIServer) -> None:
+        self.server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # not reachable with lifespan="off", ws="none"
+            raise RuntimeError(f"unsupported ASGI scope type {scope['type']!r}")
+        await _Exchange(self.server, scope, receive, send).run()
+
+
+class _H11(H11Protocol):
+    """uvicorn's h11 protocol, answering a request it cannot parse (malformed, or request line +
+    headers over ``h11_max_incomplete_event_size``) with the OpenAI error JSON, not plain text."""
+
+    def send_400_response(self, msg: str) -> None:
+        limit = self.config.h11_max_incomplete_event_size
+        body = json.dumps(
+            error_body(
+                f"invalid HTTP request: malformed, or its request line and headers exceed {limit} bytes",
+                ErrorType.INVALID_REQUEST,
+                ErrorCodeStr.INVALID_VALUE,
+            )
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=HTTPStatus.BAD_REQUEST.value, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, reporting when it listens (``on_started``)."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self._on_started()
 
 
 def _reject_constant(name: str) -> Any:
@@ -459,104 +509,224 @@ def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-class OpenAIServer:
-    """The OpenAI-compatible HTTP front end of one router.
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A bound, listening TCP socket (IPv4 or IPv6 by ``host``); raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=backlog)
 
-    ``start()`` serves in a background thread (tests, embedding); ``serve_forever()`` in the
-    calling one; ``close()`` stops serving and closes the gRPC channel. ``port`` is the bound port
-    (useful with ``ServerConfig.port == 0``).
+
+class OpenAIServer:
+    """The OpenAI-compatible HTTP front end of one router (or of several, with failover).
+
+    The constructor validates the configuration and binds the socket (so ``port`` is known and a
+    busy port raises OSError here); ``start()`` serves in a background thread (one thread with an
+    asyncio loop for all connections) and returns once uvicorn is listening; ``serve_forever()``
+    blocks until ``shutdown()``/``close()``; ``close()`` stops serving (requests still running get
+    ``shutdown_grace_s`` to finish, then are cancelled, which cancels their gRPC calls) and closes
+    the gRPC channel it opened.
+
+    ``client``: a ready :class:`~pdserve.openai_api.router_client.RouterClient` (test doubles;
+    it is used on the server's own loop and not closed here). By default the server opens an
+    asyncio SDK client to ``config.routers`` on its loop with ``client_options`` (AsyncClient's
+    keywords: ``tls``, ``ca``, ``cert``, ``key``, ``server_name``, ``api_key``).
     """
 
-    def __init__(self, config: ServerConfig, client: Client | None = None) -> None:
+    BACKLOG = 1024
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        client: RouterClient | None = None,
+        *,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.config = config
         store = open_key_store(config.api_keys) if config.api_keys else None
         check_listen_address(config.host, store, "OpenAI HTTP server")
-        tls = _tls_context(config)
+        self._tls = _tls_context(config)
         self.edge = EdgeAuth(store)
-        self.client = client if client is not None else Client(config.router)
-        self._own_client = client is None
+        self._given_client = client
+        self._client_options = dict(client_options or {})
+        self._client: RouterClient | None = client
         self.created = int(time.time())
         self._models: tuple[str, ...] = ()
         self._models_at = 0.0
-        self._models_lock = threading.Lock()
-        try:
-            self._http = _Http((config.host, config.port), self, tls)
-        except BaseException:
-            if self._own_client:
-                self.client.close()
-            raise
+        self._models_lock = asyncio.Lock()  # binds to the server's loop on first use
+        self._sock = _listen(config.host, config.port, self.BACKLOG)
+        self._host, self._port = self._sock.getsockname()[:2]
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._uv: _Uvicorn | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._exit_requested = False
 
     @property
     def host(self) -> str:
-        return str(self._http.server_address[0])
+        return str(self._host)
 
     @property
     def port(self) -> int:
-        return int(self._http.server_address[1])
+        return int(self._port)
 
     @property
     def url(self) -> str:
         """Base URL, e.g. ``http://127.0.0.1:8000`` (``https`` with TLS; append ``/v1/...``)."""
-        scheme = "https" if self._http.tls is not None else "http"
-        return f"{scheme}://{self.host}:{self.port}"
+        scheme = "https" if self._tls is not None else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
 
-    def models(self, *, refresh: bool = False) -> tuple[str, ...]:
+    @property
+    def client(self) -> RouterClient:
+        """The router client (exists while the server runs)."""
+        if self._client is None:
+            raise UnavailableError("the OpenAI server is not running")
+        return self._client
+
+    # ------------------------------------------------------------------ request helpers
+    async def _blocking(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` for the key store: inline in dev mode (pure), in the loop's small
+        default executor otherwise (a file or Redis read must not stall every other request)."""
+        if self.edge.dev_mode:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
+
+    async def models(self, *, refresh: bool = False) -> tuple[str, ...]:
         """The router's model ids, cached ``models_ttl_s``; raises the SDK's typed errors
         (UnavailableError when the router cannot be reached)."""
-        with self._models_lock:
+        async with self._models_lock:
             now = time.monotonic()
             if refresh or not self._models or now - self._models_at > self.config.models_ttl_s:
-                self._models = tuple(self.client.list_models())
+                self._models = tuple(await self.client.list_models())
                 self._models_at = now
             return self._models
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         """Returns when the router's grpc.health.v1 status of its Generate service is SERVING;
         raises UnavailableError (503) when it is not (no prefill or no decode worker registered)
         or the router cannot be reached."""
-        status = self.client.health()
+        status = await self.client.health()
         if status is not ServingStatus.SERVING:
             raise UnavailableError(
-                f"the router at {self.config.router} is {status.value}: it has no worker to place a "
-                "request on (a prefill or decode worker is missing); retry shortly"
+                f"the router at {','.join(self.config.routers)} is {status.value}: it has no worker to "
+                "place a request on (a prefill or decode worker is missing); retry shortly"
             )
 
-    def authorize(self, authorization: str | None) -> None:
+    async def authorize(self, authorization: str | None) -> None:
         """With a key store, raise UnauthenticatedError (401) unless ``authorization`` carries a
         valid key; in dev mode everything is allowed."""
         if not self.edge.dev_mode:
-            self.edge.principal(authorization)
+            await self._blocking(self.edge.principal, authorization)
 
-    def resolve(self, requested: str | None) -> str:
+    async def forward_http(
+        self, authorization: str | None, user: str
+    ) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """:meth:`EdgeAuth.forward_http` off the event loop when a key store is read."""
+        return await self._blocking(self.edge.forward_http, authorization, user)
+
+    async def resolve(self, requested: str | None) -> str:
         """The model id a request runs on (see :func:`translate.resolve_model`); a name missing
         from the cached list is checked once more against a fresh one before the 404."""
         try:
-            return resolve_model(requested, self.models())
+            return resolve_model(requested, await self.models())
         except UnknownModelError:
-            return resolve_model(requested, self.models(refresh=True))
+            return resolve_model(requested, await self.models(refresh=True))
+
+    # ------------------------------------------------------------------ lifecycle
+    def _uvicorn_config(self) -> uvicorn.Config:
+        c = self.config
+        cfg = uvicorn.Config(
+            _App(self),
+            http=_H11,  # h11: bounded header parsing (h11_max_incomplete_event_size)
+            ws="none",
+            lifespan="off",
+            interface="asgi3",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            date_header=True,
+            headers=[("server", "pdserve-openai")],
+            proxy_headers=False,
+            backlog=self.BACKLOG,
+            timeout_keep_alive=max(1, math.ceil(c.idle_timeout_s)),
+            timeout_graceful_shutdown=max(1, math.ceil(c.shutdown_grace_s)),
+            h11_max_incomplete_event_size=c.max_header_bytes,
+        )
+        cfg.load()
+        cfg.ssl = self._tls  # our context (TLS >= 1.2, checked key pair), on the pre-bound socket
+        return cfg
+
+    async def _serve(self) -> None:
+        own = self._client is None
+        if own:
+            self._client = open_router_client(self.config.routers, **self._client_options)
+        try:
+            self._uv = _Uvicorn(self._uvicorn_config(), self._ready.set)
+            if self._exit_requested:
+                self._uv.should_exit = True
+            await self._uv.serve(sockets=[self._sock])
+            # connections uvicorn gave up on after the grace period: close their transports here,
+            # on the loop, so none is left for the garbage collector
+            for conn in list(self._uv.server_state.connections):
+                transport = getattr(conn, "transport", None)
+                if transport is not None:
+                    transport.abort()
+            await asyncio.sleep(0)
+        finally:
+            if own and self._client is not None:
+                await self._client.close()
+                self._client = None
+
+    def _run(self) -> None:
+        try:
+            with asyncio.Runner() as runner:
+                self._loop = runner.get_loop()
+                runner.run(self._serve())
+        except BaseException as e:  # noqa: BLE001 - reported by start() or logged
+            self._failure = e
+            if self._ready.is_set():
+                log.exception("the OpenAI HTTP server stopped with an error")
+        finally:
+            self._ready.set()
+            self._sock.close()
 
     def start(self) -> OpenAIServer:
-        self._thread = threading.Thread(target=self._http.serve_forever, name="openai-http", daemon=True)
+        """Serve in a background thread; returns once listening (raises what failed otherwise)."""
+        if self._thread is not None:
+            raise RuntimeError("OpenAIServer.start() called twice")
+        self._thread = threading.Thread(target=self._run, name="openai-http", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._failure is not None:
+            self._thread.join()
+            raise self._failure
         return self
 
     def serve_forever(self) -> None:
-        self._http.serve_forever()
-
-    def close(self) -> None:
-        """Stop accepting requests and release the socket and (if owned) the gRPC channel."""
-        if self._thread is not None:
-            self._http.shutdown()
-            self._thread.join(timeout=5)
-            self._thread = None
-        self._http.server_close()
-        if self._own_client:
-            self.client.close()
+        """Serve in the calling thread's stead until :meth:`shutdown` or :meth:`close`."""
+        if self._thread is None:
+            self.start()
+        assert self._thread is not None
+        self._thread.join()
 
     def shutdown(self) -> None:
-        """Make a ``serve_forever()`` running in another thread return."""
-        self._http.shutdown()
+        """Ask the server to stop (returns at once; :meth:`close` waits for it)."""
+        self._exit_requested = True
+        uv, loop = self._uv, self._loop
+        if uv is not None and loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already closed
+                loop.call_soon_threadsafe(setattr, uv, "should_exit", True)
+
+    def close(self) -> None:
+        """Stop accepting requests, let running ones finish (``shutdown_grace_s``, then cancelled)
+        and release the socket and (if opened here) the gRPC channel."""
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join(timeout=self.config.shutdown_grace_s + 30)
+            if self._thread.is_alive():
+                log.error("the OpenAI HTTP server thread did not stop")
+        else:
+            self._sock.close()
 
     def __enter__(self) -> OpenAIServer:
         return self

@@ -511,37 +511,46 @@ def test_workers_refuse_adapters(cluster, client):
 
 # ------------------------------------------------------------------------------ HTTP layer, scripted SDK
 # The HTTP I/O around SDK failures the live cluster cannot be made to produce on demand: a scripted
-# stand-in for pdserve.client.Client (same generate()/list_models() surface) feeds the real server.
+# stand-in for the asyncio router client (same generate()/list_models() surface) feeds the real server.
 
 
 class _ScriptedStream:
+    """An async iterator over a script of chunks and exceptions (AsyncClient.generate's shape)."""
+
     def __init__(self, script: list[Any]) -> None:
-        self.script = script
-        self.cancelled = False
+        self.script = list(script)
+        self.closed = False
 
-    def __iter__(self):
-        for item in self.script:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+    def __aiter__(self):
+        return self
 
-    def cancel(self) -> None:
-        self.cancelled = True
+    async def __anext__(self) -> Any:
+        if not self.script:
+            raise StopAsyncIteration
+        item = self.script.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        self.closed = True
 
 
 class _ScriptedClient:
     def __init__(self) -> None:
         self.script: list[Any] = []
         self.calls: list[dict[str, Any]] = []
+        self.streams: list[_ScriptedStream] = []
 
-    def list_models(self) -> list[str]:
+    async def list_models(self) -> list[str]:
         return ["fake-model"]
 
     def generate(self, prompt, params=None, *, timeout=None, **kw) -> _ScriptedStream:
         self.calls.append({"prompt": prompt, "params": params, "timeout": timeout, **kw})
-        return _ScriptedStream(list(self.script))
+        self.streams.append(_ScriptedStream(self.script))
+        return self.streams[-1]
 
-    def close(self) -> None:
+    async def close(self) -> None:
         pass
 
 
@@ -582,6 +591,7 @@ def test_sdk_errors_map_to_http_statuses(scripted, exc, status, stream):
     if status == 429:
         assert headers["Retry-After"] == "2" and err["type"] == "rate_limit_error"
     assert c.calls[-1]["ttft_s"] == 0.2 and c.calls[-1]["model"] == "fake-model"
+    assert c.streams[-1].closed  # the server closes the generation it opened (its gRPC call)
 
 
 def test_error_after_first_token_is_an_sse_error_event(scripted):
@@ -613,6 +623,7 @@ def test_scripted_success_and_keepalive(scripted):
                 assert _events(data)[0]["choices"][0]["text"] == "ok"
             else:
                 assert json.loads(data)["choices"][0]["text"] == "ok"
+        assert all(s.closed for s in c.streams)
     finally:
         conn.close()
 

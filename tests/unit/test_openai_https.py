@@ -28,15 +28,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 
 class _Router:
-    """The slice of pdserve.client.Client the server calls in these tests."""
+    """The slice of the asyncio router client the server calls in these tests."""
 
-    def health(self) -> ServingStatus:
+    async def health(self) -> ServingStatus:
         return ServingStatus.NOT_SERVING
 
-    def list_models(self) -> list[str]:
+    async def list_models(self) -> list[str]:
         return ["m"]
 
-    def close(self) -> None:
+    async def close(self) -> None:
         pass
 
 
