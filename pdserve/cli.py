@@ -107,6 +107,14 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     if host not in ("127.0.0.1", "localhost"):
         print("pdserve serve binds 127.0.0.1 only; use `pdserve up` for a cluster", file=sys.stderr)
         return 2
+    if a.tls not in ("on", "off"):
+        print(
+            "pdserve serve: choose the transport: --tls on (TLS, mutual TLS and a cluster token; "
+            "certificates from --pki-dir, else a throw-away development CA) or --tls off (plaintext "
+            "on 127.0.0.1, development only); or set PDSERVE_TLS=on|off",
+            file=sys.stderr,
+        )
+        return 2
     print(
         f"pdserve: starting store, router, {a.prefill} prefill and {a.decode} decode worker(s) ...",
         file=sys.stderr,
@@ -123,7 +131,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                 *(("--api-keys", _key_store_arg(a.api_keys)) if a.api_keys else ()),
             ),
             index_url=a.index,
-            tls=a.tls,
+            tls=a.tls == "on",
             pki_dir=a.pki_dir,
         )
     )
@@ -218,9 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--index", default="memory", help="KV index: memory | redis://127.0.0.1:PORT/0")
     sv.add_argument(
         "--tls",
-        action="store_true",
-        help="run every process with TLS, mutual TLS between them and a cluster token; certificates "
-        "from --pki-dir, else a development CA made in a temporary folder (default: %(default)s)",
+        nargs="?",
+        const="on",
+        choices=["on", "off"],
+        default=os.environ.get("PDSERVE_TLS") or None,
+        help="required choice: on (or a bare --tls): every process with TLS, mutual TLS between them "
+        "and a cluster token; certificates from --pki-dir, else a development CA made in a "
+        "temporary folder. off: plaintext on 127.0.0.1 (development only) (env PDSERVE_TLS) "
+        "(default: %(default)s)",
     )
     sv.add_argument(
         "--pki-dir",

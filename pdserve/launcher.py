@@ -23,9 +23,11 @@ prefill-i is rank i, decode-i rank ``num_prefill + i``; see :mod:`pdserve.worker
 (:mod:`pdserve.security`). ``pki_dir`` names a ``pdserve certs`` folder to use; without one a
 development CA, certificates and token are made in a temporary folder that ``stop()`` removes.
 ``LocalCluster.pki`` names the files (``pki.ca`` is what a client needs:
-``Client(cl.router_address, ca=cl.pki.ca)``). Without ``tls`` every process serves plaintext on
-127.0.0.1 (the development mode; flags and ``PDSERVE_*`` variables of this process still reach
-the children through their environment).
+``Client(cl.router_address, ca=cl.pki.ca)``). Without ``tls`` (``tls=False``: the launcher binds
+127.0.0.1 only) every process is started with an explicit ``--tls off``: plaintext on 127.0.0.1,
+the development mode (pdserve never picks plaintext by itself: ``--tls auto`` without certificates
+is refused, see :mod:`pdserve.security`). Other ``PDSERVE_*`` variables of this process still
+reach the children through their environment.
 """
 
 from __future__ import annotations
@@ -286,12 +288,13 @@ def router_index_args(index_url: str) -> list[str]:
 
 def _setup_security(cl: LocalCluster) -> list[str]:
     """With ``spec.tls``: the PKI (``pki_dir``, else a dev CA made in a temp folder owned by
-    ``cl``) and the flags that run a process with TLS, mTLS and the cluster token; else []."""
+    ``cl``) and the flags that run a process with TLS, mTLS and the cluster token; else the
+    explicit plaintext choice ``--tls off`` (every process binds 127.0.0.1)."""
     spec = cl.spec
     if not spec.tls:
         if spec.pki_dir:
             raise ValueError("ClusterSpec.pki_dir is only used with tls=True")
-        return []
+        return ["--tls", "off"]  # plaintext on loopback, asked for explicitly
     import tempfile
 
     from pdserve.certs import PkiPaths, write_dev_pki
