@@ -46,6 +46,7 @@ from kv_store.node import PutTicket
 from kv_store.store import BlockStore, PutResult, StoreConfig, check_hash_list
 from kv_store.wire import encode_chunk
 from pdserve.errors import InvalidRequestError, UnauthenticatedError
+from pdserve.keepalive import KEEPALIVE
 from pdserve.limits import MAX_CHUNK_BYTES, grpc_options
 from pdserve.metrics import StoreMetrics
 from pdserve.security import SecurityConfig, bind, server_security
@@ -387,7 +388,7 @@ def serve(
             futures.ThreadPoolExecutor(
                 max_workers=config.max_workers, thread_name_prefix=f"kvstore-{config.node_id}"
             ),
-            options=grpc_options(),
+            options=[*grpc_options(), *KEEPALIVE.server_options()],
         )
         add_servicer(server, SERVICE, KVStoreServicer(store, metrics, authorizer))
         health_servicer = health.HealthServicer()

@@ -22,6 +22,7 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve.keepalive import KEEPALIVE
 from pdserve.limits import grpc_options
 from pdserve.security import SecurityConfig, bind, server_security
 from pdserve.status import (
@@ -61,7 +62,7 @@ def start_server(
     sec.config.check_bind(host)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name),
-        options=grpc_options(),
+        options=[*grpc_options(), *KEEPALIVE.server_options()],
         interceptors=sec.interceptors,
     )
     for desc, impl in services:
@@ -138,7 +139,7 @@ def start_aio_server(
     async def build() -> tuple[grpc.aio.Server, int, health.HealthServicer]:
         server = grpc.aio.server(
             futures.ThreadPoolExecutor(max_workers=sync_threads, thread_name_prefix=f"{name}-sync"),
-            options=grpc_options(),
+            options=[*grpc_options(), *KEEPALIVE.server_options()],
             interceptors=[_AioInterceptor(i) for i in sec.interceptors],
         )
         for desc, impl in services:

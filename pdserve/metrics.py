@@ -262,6 +262,14 @@ class RouterMetrics:
         from ``count()`` (role -> number)."""
         self.registry.register(_FnCollector(lambda: [_workers_family(count())], [_workers_family({})]))
 
+    def track_quarantined(self, count: Callable[[], Mapping[str, int]]) -> None:
+        """Export ``pdserve_router_quarantined_workers{role}``: workers taken out of service
+        because a call to them stalled (hung, not dead), until they answer a health probe; read
+        at scrape time from ``count()`` (role -> number)."""
+        self.registry.register(
+            _FnCollector(lambda: [_quarantined_family(count())], [_quarantined_family({})])
+        )
+
     def observe_finished(
         self, cls: str, target_ttft_s: float, target_tpot_s: float, rec: FinishedRequest
     ) -> bool:
@@ -294,6 +302,17 @@ class RouterMetrics:
 def _workers_family(counts: Mapping[str, int]) -> Metric:
     g = GaugeMetricFamily(
         "pdserve_router_workers", "Workers registered with the router and alive, by role.", labels=["role"]
+    )
+    for role, n in sorted(counts.items()):
+        g.add_metric([role], n)
+    return g
+
+
+def _quarantined_family(counts: Mapping[str, int]) -> Metric:
+    g = GaugeMetricFamily(
+        "pdserve_router_quarantined_workers",
+        "Workers out of service because a call to them stalled, until they answer a health probe, by role.",
+        labels=["role"],
     )
     for role, n in sorted(counts.items()):
         g.add_metric([role], n)

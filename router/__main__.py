@@ -7,6 +7,12 @@ global_cache_aware), local_cache_aware. Goodput knobs: ``--latency-profile``, ``
 (the cluster's shared redis:// KV index: prefix lookups read it directly instead of asking a store).
 Failover: ``--max-redispatches`` (re-dispatches of one request after lost workers; default 2).
 Flow control: ``--stall-timeout-s`` (a client that reads nothing for this long is cancelled).
+Hung workers (:mod:`router.progress`, :mod:`router.quarantine`): ``--progress-timeout-s`` (a decode
+stream with no message for max(this, ``--progress-tpot-factor`` x predicted TPOT) is re-dispatched
+and its worker quarantined; 0 disables every progress deadline), ``--first-message-timeout-s``,
+``--prefill-timeout-s`` (bounds of a stream's first message and of a Prefill answer),
+``--quarantine-probe-interval-s`` / ``--quarantine-probe-timeout-s`` (health probes of
+quarantined workers).
 
 Control plane: the worker Registry has its own gRPC server, port (``--control-port``, default any
 free one) and threads (:mod:`router.registry_service`), so load on the Generate data plane never
@@ -38,6 +44,8 @@ from pdserve.v1 import client_pb2
 from router.health import HEALTH_SERVICES, start_router_health
 from router.policy import GoodputConfig, PolicyKind
 from router.policy_factory import parse_policy, policy_choices
+from router.progress import ProgressConfig
+from router.quarantine import QuarantineConfig
 from router.registry import Registry
 from router.registry_service import REGISTRY_SERVICE, RegistryServicer, start_control_server, worker_verifier
 from router.service import GenerateServicer, RouterConfig
@@ -112,6 +120,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="flow control: a client that takes no response for this long (it does not read its "
         "stream) is cancelled with RESOURCE_EXHAUSTED",
     )
+    pc, qc = ProgressConfig(), QuarantineConfig()
+    ap.add_argument(
+        "--progress-timeout-s",
+        type=float,
+        default=pc.floor_s,
+        help="hung workers: a decode stream that sends no message for max(this, "
+        "--progress-tpot-factor x predicted TPOT) seconds is cancelled, re-dispatched with the "
+        "tokens so far, and its worker quarantined until it answers a health probe "
+        "(0: no progress deadlines at all)",
+    )
+    ap.add_argument(
+        "--progress-tpot-factor",
+        type=float,
+        default=pc.tpot_factor,
+        help="hung workers: k of the stream deadline max(floor, k x predicted TPOT x tokens per message)",
+    )
+    ap.add_argument(
+        "--first-message-timeout-s",
+        type=float,
+        default=pc.first_message_s,
+        help="hung workers: bound on a decode stream's first message (KV pull, admission), plus "
+        "--prefill-s-per-token per prompt token it prefills itself",
+    )
+    ap.add_argument(
+        "--prefill-timeout-s",
+        type=float,
+        default=pc.prefill_floor_s,
+        help="hung workers: bound on a Prefill answer, at least (max with 5 x predicted TTFT), plus "
+        "--prefill-s-per-token per prompt token queued at the worker",
+    )
+    ap.add_argument(
+        "--prefill-s-per-token",
+        type=float,
+        default=pc.prefill_s_per_token,
+        help="hung workers: allowance per queued prompt token added to the prefill bounds",
+    )
+    ap.add_argument(
+        "--quarantine-probe-interval-s",
+        type=float,
+        default=qc.probe_interval_s,
+        help="a quarantined worker is probed (its Stats) this long after it stalled, then at a "
+        "doubling interval while probes fail",
+    )
+    ap.add_argument(
+        "--quarantine-probe-timeout-s",
+        type=float,
+        default=qc.probe_timeout_s,
+        help="deadline of one health probe of a quarantined worker",
+    )
     g = GoodputConfig()
     ap.add_argument(
         "--slo-margin",
@@ -163,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             shared_cores=a.shared_cores,
         )
         cfg = _config(a, goodput)
-        reg = Registry(cfg.heartbeat_timeout_s)
+        reg = Registry(cfg.heartbeat_timeout_s, quarantine=_quarantine_config(a))
         edge = edge_from_args(a, cfg.host, "router")  # API keys (none: loopback dev mode only)
         generate = GenerateServicer(reg, cfg, RouterMetrics(REGISTRY), edge=edge)  # opens the --index
     except ValueError as e:  # a bad option value (InvalidRequestError included)
@@ -218,6 +275,29 @@ def _config(a: argparse.Namespace, goodput: GoodputConfig) -> RouterConfig:
         index_url=a.index,
         max_redispatches=a.max_redispatches,
         stall_timeout_s=a.stall_timeout_s,
+        progress=_progress_config(a),
+    )
+
+
+def _progress_config(a: argparse.Namespace) -> ProgressConfig:
+    """The progress deadlines from parsed options (``--progress-timeout-s 0``: none)."""
+    if a.progress_timeout_s == 0:
+        return ProgressConfig(enabled=False)
+    return ProgressConfig(
+        floor_s=a.progress_timeout_s,
+        tpot_factor=a.progress_tpot_factor,
+        first_message_s=a.first_message_timeout_s,
+        prefill_floor_s=a.prefill_timeout_s,
+        prefill_s_per_token=a.prefill_s_per_token,
+    )
+
+
+def _quarantine_config(a: argparse.Namespace) -> QuarantineConfig:
+    interval = a.quarantine_probe_interval_s
+    return QuarantineConfig(
+        probe_interval_s=interval,
+        max_probe_interval_s=max(interval, QuarantineConfig.max_probe_interval_s),
+        probe_timeout_s=a.quarantine_probe_timeout_s,
     )
 
 

@@ -15,6 +15,13 @@ the request (DESIGN "request lifecycle" step 5):
   positions continue at ``k`` and the draw is the uninterrupted run's (the ``k`` tokens are in its
   prompt, so a repetition penalty sees the same history too).
 
+A worker that does not fail but stops making progress (its call misses its progress deadline,
+:mod:`router.progress`) is a lost worker too (``LostWorker.stalled``): the router cancels its
+call and re-dispatches the same way, and quarantines the worker (:mod:`router.quarantine`)
+instead of dropping it from the registry. A stalled worker is not excluded from the request for
+good: once it answers a health probe it may serve the request again (a slow worker is not a
+dead one; with one worker of a kind, the request waits briefly for it).
+
 :class:`Redispatches` bounds the re-dispatches of one request (``RouterConfig.max_redispatches``)
 and names the lost workers in the final UNAVAILABLE error.
 """
@@ -41,13 +48,15 @@ class LostPhase(enum.Enum):
 class LostWorker:
     worker_id: str
     phase: LostPhase
-    detail: str = ""  # the failed call's status details
+    detail: str = ""  # the failed call's status details (or the stall's description)
+    stalled: bool = False  # it missed its progress deadline (hung, not dead): quarantined
 
     def describe(self) -> str:
         d = f": {self.detail}" if self.detail else ""
         if self.phase is LostPhase.KV:
             return f"KV handed to decode worker {self.worker_id} was gone{d}"
-        return f"{self.phase.value} worker {self.worker_id}{d}"
+        how = " (stalled)" if self.stalled else ""
+        return f"{self.phase.value} worker {self.worker_id}{how}{d}"
 
 
 @dataclass
@@ -75,8 +84,9 @@ class Redispatches:
     @property
     def excluded(self) -> frozenset[str]:
         """Ids of the workers this request lost: never placed on again (a lost KV handoff
-        excludes no worker)."""
-        return frozenset(w.worker_id for w in self.lost if w.phase is not LostPhase.KV)
+        excludes no worker; a stalled worker is kept out by its quarantine instead, and may serve
+        the request again once it answers a probe)."""
+        return frozenset(w.worker_id for w in self.lost if w.phase is not LostPhase.KV and not w.stalled)
 
     def record(self, lost: LostWorker) -> None:
         self.lost.append(lost)

@@ -4,6 +4,11 @@ Workers register, then heartbeat with their load; a worker silent for ``heartbea
 dropped. The router also counts requests it has in flight on each worker, because heartbeats lag.
 Listeners (:meth:`Registry.add_listener`) hear of every change of the set of workers (the
 router's health follows it).
+
+Quarantine (:mod:`router.quarantine`): a worker whose call stalled is quarantined
+(:meth:`Registry.quarantine`); :meth:`Registry.alive` leaves it out (no new traffic) until
+:meth:`Registry.probe_result` reports that it answered a health probe. Heartbeats, expiry and
+re-registration do not lift a quarantine; the worker deregistering itself does.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from router.quarantine import QuarantineBook, QuarantineConfig, QuarantineReason, QuarantineRecord
 
 
 class WorkerKind(enum.Enum):
@@ -49,9 +56,15 @@ class WorkerEntry:
 
 
 class Registry:
-    def __init__(self, heartbeat_timeout_s: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        heartbeat_timeout_s: float = 3.0,
+        clock: Callable[[], float] = time.monotonic,
+        quarantine: QuarantineConfig | None = None,
+    ) -> None:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
+        self.quarantined = QuarantineBook(quarantine, clock)
         self._workers: dict[str, WorkerEntry] = {}
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
@@ -93,6 +106,11 @@ class Registry:
                 w.last_seen = self.clock()
 
     def deregister(self, worker_id: str) -> bool:
+        """The worker leaves (it said so): forgotten, its quarantine too."""
+        self.quarantined.forget(worker_id)
+        return self._remove(worker_id)
+
+    def _remove(self, worker_id: str) -> bool:
         with self._lock:
             found = self._workers.pop(worker_id, None) is not None
         if found:
@@ -100,8 +118,25 @@ class Registry:
         return found
 
     def drop(self, worker_id: str) -> None:
-        """Forget a worker now (e.g. after a call to it failed with UNAVAILABLE)."""
-        self.deregister(worker_id)
+        """Forget a worker now (e.g. after a call to it failed with UNAVAILABLE); a quarantine
+        stays (it registers again quarantined)."""
+        self._remove(worker_id)
+
+    def quarantine(self, worker_id: str, reason: QuarantineReason, detail: str = "") -> bool:
+        """Take ``worker_id`` out of :meth:`alive` until a probe succeeds; True when newly
+        quarantined (listeners are told)."""
+        new = self.quarantined.quarantine(worker_id, reason, detail)
+        if new:
+            self._changed()
+        return new
+
+    def probe_result(self, worker_id: str, ok: bool) -> QuarantineRecord | None:
+        """A health probe of a quarantined worker answered (``ok``) or not; returns the lifted
+        record when the worker is back in service (listeners are told)."""
+        lifted = self.quarantined.probe_result(worker_id, ok)
+        if lifted is not None:
+            self._changed()
+        return lifted
 
     def _expire(self) -> bool:
         """Drop workers silent for longer than the timeout (under the lock); whether any was."""
@@ -112,12 +147,16 @@ class Registry:
         return bool(dead)
 
     def alive(self, kind: WorkerKind | None = None, model: str | None = None) -> list[WorkerEntry]:
+        out_of_service = self.quarantined.ids()
         with self._lock:
             expired = self._expire()
             out = [
                 w
                 for w in self._workers.values()
-                if (kind is None or w.kind is kind) and (model is None or w.model == model) and not w.draining
+                if (kind is None or w.kind is kind)
+                and (model is None or w.model == model)
+                and not w.draining
+                and w.worker_id not in out_of_service
             ]
         if expired:
             self._changed()

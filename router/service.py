@@ -27,6 +27,14 @@ streams is not dropped for a late heartbeat. A KV store failure reported by a wo
 (:class:`pdserve.errors.StoreUnavailableError`) fails the request naming the store; the worker
 is neither dropped nor blamed.
 
+Hung (not dead) workers: every worker call has a progress deadline (:mod:`router.progress`,
+``RouterConfig.progress``): a Prefill that does not answer in time, a Decode stream whose next
+message does not come in time, is cancelled (the worker, should it wake up, aborts the request
+and frees its blocks) and re-dispatched like a lost worker. The worker is quarantined
+(:meth:`Registry.quarantine`: no new traffic, logged, ``pdserve_router_quarantined_workers``)
+until it answers a ``Stats`` probe with a short deadline; a task on the event loop probes the
+quarantined workers (off the data path) while there are any.
+
 The worker Registry (the control plane) is :mod:`router.registry_service`, on its own server
 (``RegistryServicer`` is importable from here for compatibility).
 """
@@ -86,6 +94,8 @@ from router.policy import (
     RequestInfo,
 )
 from router.policy_factory import build_policy, uses_prefix_lookup
+from router.progress import ProgressConfig, ProgressWatch
+from router.quarantine import QuarantineReason, QuarantineRecord
 from router.registry import Registry, WorkerEntry, WorkerKind
 from router.registry_service import RegistryServicer, load_from_proto
 
@@ -120,6 +130,9 @@ class RouterConfig:
     # Flow control: a client that has not taken a response for this long (its HTTP/2 window full:
     # it does not read) is cancelled with RESOURCE_EXHAUSTED; meanwhile its stream is paused.
     stall_timeout_s: float = 30.0
+    # Hung workers: progress deadlines of worker calls (router.progress); a call that misses its
+    # deadline is cancelled and re-dispatched, and its worker quarantined until a probe answers.
+    progress: ProgressConfig = ProgressConfig()
 
     def __post_init__(self) -> None:
         if self.max_redispatches < 0:
@@ -209,6 +222,8 @@ class GenerateServicer:
         self.metrics.track_workers(
             lambda: {k.value: len(self.registry.alive(k, config.model_id)) for k in WorkerKind}
         )
+        self.metrics.track_quarantined(self._quarantined_counts)
+        self._prober: asyncio.Task | None = None  # probes quarantined workers while there are any
         path = Path(config.model_path)
         self.tokenizer = Tokenizer(path)
         self.model_config = ModelConfig.from_path(path)
@@ -518,6 +533,8 @@ class GenerateServicer:
             # waits for the worker to be idle cannot remove it before the request commits there
             run.reserved_decode = dw.worker_id
             self.registry.add_inflight(dw.worker_id, 1)
+        run.predicted_ttft_s = placement.estimated_ttft_s
+        run.predicted_tpot_s = placement.estimated_tpot_s
         self.metrics.routing.observe(time.perf_counter() - t_route)
         log_event(
             log,
@@ -646,7 +663,9 @@ class GenerateServicer:
                 return
             except _WorkerLost as e:
                 lost = e.lost
-            if lost.phase is not LostPhase.KV:  # a worker whose KV handoff was gone is alive
+            if lost.stalled:  # hung, not dead: out of service until it answers a probe
+                self._quarantine(lost)
+            elif lost.phase is not LostPhase.KV:  # a worker whose KV handoff was gone is alive
                 self.registry.drop(lost.worker_id)
             reuse = lost.phase is LostPhase.DECODE and len(run.out_ids) == produced
             try:
@@ -665,9 +684,9 @@ class GenerateServicer:
                     handoff = relet  # None: prefill prompt + tokens so far again
                 n_ctx = len(run.ids) + len(run.out_ids)
                 if lost.phase is LostPhase.PREFILL or (not local and handoff is None):
-                    pw = self._replacement(WorkerKind.PREFILL, info, n_ctx, budget)
+                    pw = await self._replacement_or_wait(WorkerKind.PREFILL, info, n_ctx, budget, ctx)
                 if lost.phase is LostPhase.DECODE:
-                    dw = self._replacement(WorkerKind.DECODE, info, n_ctx, budget)
+                    dw = await self._replacement_or_wait(WorkerKind.DECODE, info, n_ctx, budget, ctx)
             except BaseException:
                 if handoff is not None:
                     await asyncio.shield(self._release_lease(handoff.kv))
@@ -680,6 +699,7 @@ class GenerateServicer:
                 cluster_request_id=run.rid,  # the record's request_id is the client's (request_scope)
                 lost_phase=lost.phase.value,
                 lost_worker=lost.worker_id,
+                stalled=lost.stalled,
                 error=lost.detail,
                 redispatch=budget.count,
                 produced_tokens=len(run.out_ids),
@@ -687,6 +707,118 @@ class GenerateServicer:
                 prefill=None if local else pw.worker_id,
                 decode=dw.worker_id,
             )
+
+    async def _replacement_or_wait(
+        self,
+        kind: WorkerKind,
+        info: RequestInfo,
+        n_ctx: int,
+        budget: Redispatches,
+        ctx: grpc.aio.ServicerContext,
+    ) -> WorkerEntry:
+        """:meth:`_replacement`; when there is none but a quarantined ``kind`` worker is
+        registered (it stalled: maybe slow, not hung), wait for the prober to restore it, for at
+        most two probe rounds (or until the client is gone), then give up as
+        :meth:`_replacement` does."""
+        qcfg = self.registry.quarantined.config
+        deadline = time.monotonic() + 2 * (qcfg.max_probe_interval_s + qcfg.probe_timeout_s)
+        while True:
+            try:
+                return self._replacement(kind, info, n_ctx, budget)
+            except UnavailableError:
+                waiting = any(
+                    (w := self.registry.get(wid)) is not None and w.kind is kind
+                    for wid in self.registry.quarantined.ids()
+                )
+                if not waiting or time.monotonic() >= deadline or _gone(ctx):
+                    raise
+            await asyncio.sleep(qcfg.probe_interval_s)
+
+    # ----------------------------------------------------------------- quarantine
+    def _quarantine(self, lost: LostWorker) -> None:
+        """Quarantine the stalled worker of ``lost`` (logged once) and make sure it is probed."""
+        reason = (
+            QuarantineReason.STALLED_PREFILL
+            if lost.phase is LostPhase.PREFILL
+            else QuarantineReason.STALLED_DECODE
+        )
+        if self.registry.quarantine(lost.worker_id, reason, lost.detail):
+            log_event(
+                log,
+                "worker quarantined",
+                logging.WARNING,
+                worker=lost.worker_id,
+                reason=reason.value,
+                detail=lost.detail,
+            )
+        self._ensure_prober()
+
+    def _ensure_prober(self) -> None:
+        """Start the probe task on the running loop unless one runs."""
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.get_running_loop().create_task(self._probe_quarantined())
+
+    async def _probe_quarantined(self) -> None:
+        """Probe quarantined workers as they fall due until none is left (the task then ends;
+        the next quarantine starts another)."""
+        book = self.registry.quarantined
+        while True:
+            wait = book.next_due_in()
+            if wait is None:
+                return
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            try:
+                await asyncio.gather(*(self._probe(r) for r in book.due()))
+            except Exception:  # noqa: BLE001 - the prober must outlive a bad moment
+                log.exception("quarantine probe failed")
+                await asyncio.sleep(book.config.probe_interval_s)
+
+    async def _probe(self, r: QuarantineRecord) -> None:
+        """One health probe of quarantined worker ``r``: its ``Stats`` within the probe timeout.
+        A worker not registered (it went silent and expired) fails the probe: it registers
+        again when it wakes up, and is probed then."""
+        w = self.registry.get(r.worker_id)
+        ok, why = False, "not registered"
+        if w is not None:
+            try:
+                await self.stubs.worker(w.address).Stats(
+                    worker_pb2.StatsRequest(),
+                    timeout=self.registry.quarantined.config.probe_timeout_s,
+                    metadata=_call_metadata(),
+                )
+                ok, why = True, ""
+            except grpc.RpcError as e:
+                why = f"{e.code().name}: {e.details() or ''}"
+        lifted = self.registry.probe_result(r.worker_id, ok)
+        if lifted is not None:
+            log_event(
+                log,
+                "worker restored",
+                worker=r.worker_id,
+                reason=lifted.reason.value,
+                quarantined_s=round(self.registry.clock() - lifted.since, 3),
+            )
+        elif not ok:
+            log.debug("quarantined worker %s failed its probe: %s", r.worker_id, why)
+
+    def _quarantined_counts(self) -> dict[str, int]:
+        """Quarantined workers by role (gauge); a worker not registered counts under its
+        quarantine's role guess: decode for a stalled stream, prefill for a stalled Prefill."""
+        out = {k.value: 0 for k in WorkerKind}
+        for rec in self.registry.quarantined.records():
+            w = self.registry.get(rec.worker_id)
+            if w is not None:
+                role = w.kind.value
+            else:
+                role = (
+                    WorkerKind.PREFILL
+                    if rec.reason is QuarantineReason.STALLED_PREFILL
+                    else WorkerKind.DECODE
+                ).value
+            out[role] += 1
+        return out
 
     def _replacement(
         self, kind: WorkerKind, info: RequestInfo, n_ctx: int, budget: Redispatches
@@ -781,7 +913,12 @@ class GenerateServicer:
                 timeout=_remaining(ctx),
                 metadata=_call_metadata(),
             )
-            guarded = _Guarded(call, dw, keep_cached=run.cached_tokens if resumed else None)
+            watch = ProgressWatch(
+                self.config.progress,
+                run.predicted_tpot_s,
+                first_message_tokens=self.outstanding.get(dw.worker_id),
+            )
+            guarded = _Guarded(call, dw, keep_cached=run.cached_tokens if resumed else None, watch=watch)
             async with contextlib.aclosing(
                 self._relay(guarded, run, dw, ctx, on_first=first_token)
             ) as relayed:
@@ -826,8 +963,17 @@ class GenerateServicer:
                 timeout=_remaining(ctx),
                 metadata=_call_metadata(),
             )
+            bound = self.config.progress.prefill_deadline_s(
+                run.predicted_ttft_s, self.outstanding.get(pw.worker_id)
+            )
+            t_call = time.monotonic()
             try:
-                pre: worker_pb2.PrefillResponse = await call
+                async with asyncio.timeout(bound):  # None: no progress deadline
+                    pre: worker_pb2.PrefillResponse = await call
+            except TimeoutError:
+                waited = time.monotonic() - t_call
+                detail = f"no progress: no Prefill answer after {waited:.1f}s (bound {bound or 0:.1f}s)"
+                raise _WorkerLost(LostWorker(pw.worker_id, LostPhase.PREFILL, detail, stalled=True)) from None
             except grpc.RpcError as e:
                 _raise_store_failure(e)  # the worker is fine: its store is not
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
@@ -917,7 +1063,9 @@ class GenerateServicer:
         )
         taken = False  # a message came: the decode worker pulled the KV and released the lease
         try:
-            async with contextlib.aclosing(self._relay(_Guarded(call, dw), run, dw, ctx)) as relayed:
+            watch = ProgressWatch(self.config.progress, run.predicted_tpot_s)
+            guarded = _Guarded(call, dw, watch=watch)
+            async with contextlib.aclosing(self._relay(guarded, run, dw, ctx)) as relayed:
                 async for r in relayed:
                     taken = True
                     yield r
@@ -1045,6 +1193,8 @@ class _Run:
     reserved: tuple[str, int] | None = None  # (worker id, prompt tokens) queued at placement
     reserved_decode: str | None = None  # decode worker counted in flight at placement
     lease_ttl_s: float = 0.0  # the tenant's KV lease TTL (0: the prefill worker's default)
+    predicted_ttft_s: float | None = None  # the placement's estimates (None: the policy has none)
+    predicted_tpot_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -1106,17 +1256,59 @@ class _Guarded:
     is a NOT_FOUND before the first message (the KV it was handed was gone: ``LostPhase.KV``).
 
     ``keep_cached``: a resumed local-prefill leg reports the cached tokens of its extended prompt;
-    the request keeps the count of its first leg (its usage describes the client's prompt)."""
+    the request keeps the count of its first leg (its usage describes the client's prompt).
 
-    def __init__(self, call, worker: WorkerEntry, keep_cached: int | None = None) -> None:
+    ``watch``: the stream's progress deadline (:class:`router.progress.ProgressWatch`): a message
+    that does not come within its bound (counted only while this iterator waits on the worker,
+    not while the consumer holds a message) cancels the call and raises :class:`_WorkerLost`
+    with ``stalled`` set. A message may carry several tokens."""
+
+    def __init__(
+        self,
+        call,
+        worker: WorkerEntry,
+        keep_cached: int | None = None,
+        watch: ProgressWatch | None = None,
+    ) -> None:
         self._call = call
         self._worker = worker
         self._keep_cached = keep_cached
+        self._watch = watch
+
+    async def _next(self, it: AsyncIterator[worker_pb2.DecodeResponse]) -> worker_pb2.DecodeResponse | None:
+        """The next message of ``it`` (the call's iterator; None at the end of the stream),
+        within the progress deadline."""
+        watch = self._watch
+        t = time.monotonic()
+        bound = watch.waiting(t) if watch is not None else None
+        try:
+            async with asyncio.timeout(bound):  # None: no deadline
+                d = await anext(it)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            assert watch is not None  # only a bound times out
+            detail = watch.describe(time.monotonic() - t)
+            self._call.cancel()  # the worker, should it wake up, aborts the request and frees its blocks
+            log_event(
+                log,
+                "stream stalled",
+                logging.WARNING,
+                worker=self._worker.worker_id,
+                waiting_for=watch.phase.value,
+                detail=detail,
+            )
+            lost = LostWorker(self._worker.worker_id, LostPhase.DECODE, detail, stalled=True)
+            raise _WorkerLost(lost) from None
+        if watch is not None:
+            watch.received(len(d.token_ids))
+        return d
 
     async def __aiter__(self) -> AsyncIterator[worker_pb2.DecodeResponse]:
         started = False
         try:
-            async for d in self._call:
+            it = aiter(self._call)
+            while (d := await self._next(it)) is not None:
                 if self._keep_cached is not None:
                     d.num_cached_tokens = self._keep_cached
                 started = True
