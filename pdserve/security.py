@@ -9,13 +9,17 @@ process installs it once (:func:`install`); servers (:func:`bind`, used by
 The rules
 ---------
 * **TLS.** ``--tls on`` serves every port with ``--tls-cert``/``--tls-key`` and verifies peers
-  against ``--tls-ca``; ``--tls auto`` (default) is ``on`` when a certificate is given and
-  ``off`` otherwise; ``--tls off`` is plaintext.
-* **Plaintext only on loopback.** A server without TLS binds only a loopback address
-  (127.0.0.0/8, ::1, ``localhost``): that is the local development mode (``pdserve serve``,
-  tests). Asked to bind any other address (``0.0.0.0``, a node IP) without TLS it refuses to
-  start with :class:`SecurityConfigError`, whose message says how to fix it. There is no
-  override.
+  against ``--tls-ca``; ``--tls auto`` (default) is ``on`` when a certificate is given; without
+  one it is *undecided*: a server refuses to start and an internal channel refuses to open
+  (:class:`SecurityConfigError` saying how to fix it: ``pdserve certs``, or ``--tls off`` on
+  loopback), never a silent fallback to plaintext. ``--tls off`` is plaintext.
+* **Plaintext only on loopback, and only when asked for.** Plaintext takes an explicit
+  ``--tls off`` (``PDSERVE_TLS=off``), and a server without TLS binds only a loopback address
+  (127.0.0.0/8, ::1, ``localhost``): that is the local development mode (``pdserve serve --tls
+  off``, the launcher's ``ClusterSpec(tls=False)``, tests: ``tests/conftest.py`` sets
+  ``PDSERVE_TLS=off``). Asked to bind any other address (``0.0.0.0``, a node IP) without TLS it
+  refuses to start with :class:`SecurityConfigError`, whose message says how to fix it. There is
+  no override.
 * **Internal services** (:data:`INTERNAL_SERVICES`: the router's ``Registry``, ``Worker``,
   ``KVPeer``, ``KVStore``) accept only cluster identities:
 
@@ -90,7 +94,7 @@ class SecurityConfigError(InvalidRequestError):
 
 
 class TLSMode(enum.Enum):
-    AUTO = "auto"  # on when a certificate is given
+    AUTO = "auto"  # on when a certificate is given; without one: undecided (refused where used)
     ON = "on"
     OFF = "off"
 
@@ -200,6 +204,24 @@ class SecurityConfig:
     def tls_on(self) -> bool:
         return bool(self._pem)
 
+    @property
+    def undecided(self) -> bool:
+        """``--tls auto`` without certificates: neither TLS (nothing to serve it with) nor
+        plaintext (never chosen silently); servers and internal channels refuse it."""
+        return self.tls is TLSMode.AUTO and not self.tls_on
+
+    def check_decided(self, what: str) -> None:
+        """:class:`SecurityConfigError` when :attr:`undecided`, naming ``what`` needs the choice
+        and both ways out."""
+        if self.undecided:
+            raise SecurityConfigError(
+                f"{what}: no TLS certificate and plaintext was not asked for (--tls auto, env "
+                f"{ENV_TLS} unset). Make certificates with `pdserve certs --out DIR` and pass --tls on "
+                "--tls-ca DIR/ca.pem --tls-cert DIR/server.pem --tls-key DIR/server.key "
+                "--cluster-token-file DIR/cluster-token (or the PDSERVE_TLS_* variables), or, for "
+                f"local development on a loopback address only, pass --tls off ({ENV_TLS}=off)"
+            )
+
     def describe(self) -> str:
         """A one-line summary without secrets (for logs)."""
         parts = [f"tls={'on' if self.tls_on else 'off'}"]
@@ -243,7 +265,9 @@ class SecurityConfig:
         return ServerAuthPolicy(token=self.cluster_token, peers_verified=verified)
 
     def check_bind(self, host: str) -> None:
-        """Refuse a plaintext server on a non-loopback address (:class:`SecurityConfigError`)."""
+        """Refuse (:class:`SecurityConfigError`) a server whose transport is :attr:`undecided`,
+        and a plaintext server on a non-loopback address."""
+        self.check_decided(f"refusing to serve gRPC on {host!r}")
         if self.tls_on or is_loopback(host):
             return
         raise SecurityConfigError(
@@ -273,9 +297,11 @@ class SecurityConfig:
 
     # ------------------------------------------------------------------ conversions
     def to_args(self) -> list[str]:
-        """The flags that give a child process this configuration (tokens travel as files or
-        through the inherited environment, never on a command line)."""
-        out = ["--tls", self.tls.value if self.tls is not TLSMode.AUTO else ("on" if self.tls_on else "off")]
+        """The flags that give a child process this configuration, the TLS choice always
+        explicit (tokens travel as files or through the inherited environment, never on a
+        command line). :class:`SecurityConfigError` when :attr:`undecided`."""
+        self.check_decided("cannot pass the TLS setting on to a child process")
+        out = ["--tls", "on" if self.tls_on else "off"]
         if self.tls_on:
             out += ["--tls-ca", self.ca_file, "--tls-cert", self.cert_file, "--tls-key", self.key_file]
             out += ["--mtls", "on" if self.mtls else "off", "--tls-server-name", self.server_name]
@@ -339,6 +365,25 @@ def _mode(v: str, where: str, enum_cls: type[enum.Enum]) -> str:
     return s
 
 
+TLS_FILE_FLAGS = ("ca", "cert", "key", "server-name")  # --[prefix]tls-<name>
+
+
+def _add_tls_file_args(
+    g: Any, dest: str, defaults: Mapping[str, Any], helps: Mapping[str, str], flag_prefix: str = ""
+) -> None:
+    """The ``--{flag_prefix}tls-{ca,cert,key,server-name}`` flags (dest ``{dest}_{name}``) of a
+    server (:func:`add_security_args`) or a client (:func:`add_client_tls_args`): the same
+    flags, with their own defaults and help texts."""
+    for name in TLS_FILE_FLAGS:
+        g.add_argument(
+            f"--{flag_prefix}tls-{name}",
+            dest=f"{dest}_{name.replace('-', '_')}",
+            default=defaults[name],
+            metavar="NAME" if name == "server-name" else "PEM",
+            help=f"{helps[name]} (default: %(default)r)",
+        )
+
+
 def add_security_args(p: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
     """The security flags every pdserve process takes (defaults from the environment)."""
     e = os.environ if env is None else env
@@ -347,27 +392,26 @@ def add_security_args(p: argparse.ArgumentParser, env: Mapping[str, str] | None 
         "--tls",
         default=e.get(ENV_TLS, TLSMode.AUTO.value),
         choices=[m.value for m in TLSMode],
-        help="TLS on every gRPC port: auto = on when --tls-cert is given; off = plaintext, allowed on "
-        f"loopback addresses only (env {ENV_TLS}) (default: %(default)s)",
+        help="TLS on every gRPC port: on; auto = on when --tls-cert is given, refused without one; "
+        f"off = plaintext, allowed on loopback addresses only (env {ENV_TLS}) (default: %(default)s)",
     )
-    g.add_argument(
-        "--tls-ca",
-        default=e.get(ENV_CA, ""),
-        metavar="PEM",
-        help=f"cluster CA certificate: verifies peers (env {ENV_CA}) (default: %(default)r)",
-    )
-    g.add_argument(
-        "--tls-cert",
-        default=e.get(ENV_CERT, ""),
-        metavar="PEM",
-        help="this process's certificate, served and presented to peers for mutual TLS "
-        f"(`pdserve certs` writes server.pem) (env {ENV_CERT}) (default: %(default)r)",
-    )
-    g.add_argument(
-        "--tls-key",
-        default=e.get(ENV_KEY, ""),
-        metavar="PEM",
-        help=f"private key of --tls-cert (env {ENV_KEY}) (default: %(default)r)",
+    _add_tls_file_args(
+        g,
+        dest="tls",
+        defaults={
+            "ca": e.get(ENV_CA, ""),
+            "cert": e.get(ENV_CERT, ""),
+            "key": e.get(ENV_KEY, ""),
+            "server-name": e.get(ENV_SERVER_NAME, CLUSTER_SERVER_NAME),
+        },
+        helps={
+            "ca": f"cluster CA certificate: verifies peers (env {ENV_CA})",
+            "cert": "this process's certificate, served and presented to peers for mutual TLS "
+            f"(`pdserve certs` writes server.pem) (env {ENV_CERT})",
+            "key": f"private key of --tls-cert (env {ENV_KEY})",
+            "server-name": "name internal channels verify in the peer's certificate; '' verifies the "
+            f"dialled host (env {ENV_SERVER_NAME})",
+        },
     )
     g.add_argument(
         "--mtls",
@@ -375,12 +419,6 @@ def add_security_args(p: argparse.ArgumentParser, env: Mapping[str, str] | None 
         choices=["on", "off"],
         help="with TLS, workers and store nodes require a client certificate signed by --tls-ca "
         f"(env {ENV_MTLS}) (default: %(default)s)",
-    )
-    g.add_argument(
-        "--tls-server-name",
-        default=e.get(ENV_SERVER_NAME, CLUSTER_SERVER_NAME),
-        help="name internal channels verify in the peer's certificate; '' verifies the dialled host "
-        f"(env {ENV_SERVER_NAME}) (default: %(default)s)",
     )
     g.add_argument(
         "--cluster-token-file",
@@ -615,6 +653,7 @@ def internal_channel(
     from pdserve.limits import grpc_options
 
     cfg = config if config is not None else current()
+    cfg.check_decided(f"refusing to open an internal channel to {address}")
     opts = [*(grpc_options() if options is None else options), *cfg.channel_options()]
     if cfg.tls_on:
         ch = grpc.secure_channel(address, cfg.channel_credentials(), options=opts)
@@ -686,35 +725,18 @@ def add_client_tls_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
         action="store_true",
         help=f"connect with TLS even without --{prefix}tls-ca (system roots) (default: %(default)s)",
     )
-    g.add_argument(
-        f"--{prefix}tls-ca",
-        dest=f"{prefix.replace('-', '_')}client_tls_ca",
-        default=None,
-        metavar="PEM",
-        help="CA that signed the router's certificate (`pdserve certs`: ca.pem); turns TLS on "
-        "(default: %(default)s: plaintext)",
-    )
-    g.add_argument(
-        f"--{prefix}tls-cert",
-        dest=f"{prefix.replace('-', '_')}client_tls_cert",
-        default=None,
-        metavar="PEM",
-        help="client certificate, if the router asks for one (default: %(default)s)",
-    )
-    g.add_argument(
-        f"--{prefix}tls-key",
-        dest=f"{prefix.replace('-', '_')}client_tls_key",
-        default=None,
-        metavar="PEM",
-        help="private key of the client certificate (default: %(default)s)",
-    )
-    g.add_argument(
-        f"--{prefix}tls-server-name",
-        dest=f"{prefix.replace('-', '_')}client_tls_server_name",
-        default=None,
-        metavar="NAME",
-        help="name to verify in the router's certificate instead of the address's host "
-        "(default: %(default)s)",
+    _add_tls_file_args(
+        g,
+        dest=f"{prefix.replace('-', '_')}client_tls",
+        defaults=dict.fromkeys(TLS_FILE_FLAGS),
+        helps={
+            "ca": "CA that signed the router's certificate (`pdserve certs`: ca.pem); turns TLS on "
+            "(none: plaintext)",
+            "cert": "client certificate, if the router asks for one",
+            "key": "private key of the client certificate",
+            "server-name": "name to verify in the router's certificate instead of the address's host",
+        },
+        flag_prefix=prefix,
     )
 
 

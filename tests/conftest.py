@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests' processes (in-process servers and channels, and the subprocesses they start) serve
+# plaintext on 127.0.0.1, chosen explicitly: pdserve never falls back to plaintext by itself
+# (pdserve/security.py). Tests of TLS pass their certificates as flags or explicit configs.
+os.environ["PDSERVE_TLS"] = "off"
 
 SHARED_DATA = Path(
     os.environ.get("PDSERVE_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")

@@ -307,7 +307,7 @@ def test_internal_services_require_the_cluster_token(pki, serve, tls):
         def chan(addr, tok):
             return with_token(internal_channel(addr, client), tok)
     else:
-        cfg = SecurityConfig(cluster_token=token)
+        cfg = SecurityConfig(tls=TLSMode.OFF, cluster_token=token)
 
         def chan(addr, tok):
             return with_token(grpc.insecure_channel(addr), tok)
@@ -370,7 +370,7 @@ def test_server_auth_policy_is_pure_and_constant_time_compared():
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::"])
 def test_a_plaintext_server_refuses_a_non_loopback_address(serve, host):
     with pytest.raises(SecurityConfigError, match="pdserve certs") as ei:
-        serve([(WORKER, FakeWorker())], SecurityConfig(), host=host)
+        serve([(WORKER, FakeWorker())], SecurityConfig(tls=TLSMode.OFF), host=host)
     assert "--tls on" in str(ei.value) and "127.0.0.1" in str(ei.value)
 
 
@@ -387,7 +387,37 @@ def test_the_kv_store_refuses_a_plaintext_non_loopback_address():
         use_shm=False,
     )
     with pytest.raises(SecurityConfigError, match="only loopback"):
-        serve_store(cfg, security=SecurityConfig())
+        serve_store(cfg, security=SecurityConfig(tls=TLSMode.OFF))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_auto_without_certificates_is_never_plaintext(serve, host):
+    """``--tls auto`` (the default) without certificates: servers (loopback too) and internal
+    channels refuse, saying both ways out; no child gets a silent ``--tls off``."""
+    undecided = SecurityConfig()
+    for call in (
+        lambda: serve([(WORKER, FakeWorker())], undecided, host=host),
+        lambda: internal_channel(f"{host}:1", undecided),
+        undecided.to_args,
+    ):
+        with pytest.raises(SecurityConfigError, match="plaintext was not asked for") as ei:
+            call()
+        assert "pdserve certs" in str(ei.value) and "--tls off" in str(ei.value)
+    assert SecurityConfig.from_env({"PDSERVE_TLS": "off"}).to_args() == ["--tls", "off"]
+
+
+def test_a_process_without_a_tls_choice_exits_with_the_fix():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PDSERVE_TLS")}
+    r = subprocess.run(
+        [sys.executable, "-m", "router", "--model", "/nonexistent"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "PYTHONPATH": str(ROOT)},
+    )
+    assert r.returncode == 2, r.stderr
+    assert "plaintext was not asked for" in r.stderr and "--tls off" in r.stderr
 
 
 def test_a_process_asked_to_bind_off_loopback_without_tls_exits_with_the_fix():
@@ -429,7 +459,8 @@ def test_tls_settings_that_cannot_be_honoured_name_the_flag(pki, tmp_path):
         SecurityConfig(cluster_token_file=str(tmp_path / "empty"))
     with pytest.raises(SecurityConfigError, match="must be one of"):
         SecurityConfig(tls="maybe")  # type: ignore[arg-type]
-    assert SecurityConfig().tls_on is False
+    assert SecurityConfig().tls_on is False and SecurityConfig().undecided
+    assert not SecurityConfig(tls=TLSMode.OFF).undecided
     assert SecurityConfig(
         ca_file=str(pki.ca), cert_file=str(pki.server_cert), key_file=str(pki.server_key)
     ).tls_on
@@ -466,7 +497,9 @@ def test_flags_environment_and_child_arguments_agree(pki):
     assert cfg.tls_on and not cfg.mtls and cfg.cluster_token == pki.cluster_token.read_text().strip()
     again = SecurityConfig.from_args(ap.parse_args(cfg.to_args()), env={})
     assert again == cfg
-    assert "tok" not in " ".join(SecurityConfig(cluster_token="tok").to_args())  # never on a command line
+    assert "tok" not in " ".join(
+        SecurityConfig(tls=TLSMode.OFF, cluster_token="tok").to_args()
+    )  # never on a command line
     # every flag's help shows its default
     for action in ap._actions:
         if action.option_strings and action.dest != "help":
@@ -513,9 +546,13 @@ def test_a_cluster_config_off_loopback_needs_tls_and_a_token(pki):
     local = check_security(from_dict({"model": "/m", "host": "127.0.0.1"}))
     assert not local.security.security_config(local.host).tls_on
     sec = {**partial, "cluster_token_file": str(pki.cluster_token)}
-    with pytest.raises(InvalidRequestError, match=r"router\.api_keys: not set, but host binds .*pdserve keys"):
+    with pytest.raises(
+        InvalidRequestError, match=r"router\.api_keys: not set, but host binds .*pdserve keys"
+    ):
         check_security(from_dict({"model": "/m", "security": sec}))  # TLS alone: anyone may still call
-    full = from_dict({"model": "/m", "security": sec, "router": {"api_keys": "/etc/pdserve-tls/api-keys.yaml"}})
+    full = from_dict(
+        {"model": "/m", "security": sec, "router": {"api_keys": "/etc/pdserve-tls/api-keys.yaml"}}
+    )
     cfg = check_security(full).security.security_config(full.host)  # what each actor installs
     assert cfg.tls_on and cfg.mtls and cfg.cluster_token == pki.cluster_token.read_text().strip()
     with pytest.raises(InvalidRequestError, match=r"security\.mtls: expected true/false"):
