@@ -290,10 +290,14 @@ class SecurityConfig:
         )
 
     def channel_options(self) -> list[tuple[str, Any]]:
-        """Channel options besides :func:`pdserve.limits.grpc_options`: the verified name."""
+        """Channel options besides :func:`pdserve.limits.grpc_options`: keepalive
+        (:data:`pdserve.keepalive.KEEPALIVE`) and the verified name."""
+        from pdserve.keepalive import KEEPALIVE
+
+        opts: list[tuple[str, Any]] = [*KEEPALIVE.channel_options()]
         if self.tls_on and self.server_name:
-            return [("grpc.ssl_target_name_override", self.server_name)]
-        return []
+            opts.append(("grpc.ssl_target_name_override", self.server_name))
+        return opts
 
     # ------------------------------------------------------------------ conversions
     def to_args(self) -> list[str]:
