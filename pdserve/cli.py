@@ -107,6 +107,9 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     if host not in ("127.0.0.1", "localhost"):
         print("pdserve serve binds 127.0.0.1 only; use `pdserve up` for a cluster", file=sys.stderr)
         return 2
+    if a.routers < 1:
+        print(f"pdserve serve: --routers must be >= 1, got {a.routers}", file=sys.stderr)
+        return 2
     if a.tls not in ("on", "off"):
         print(
             "pdserve serve: choose the transport: --tls on (TLS, mutual TLS and a cluster token; "
@@ -133,12 +136,15 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             index_url=a.index,
             tls=a.tls == "on",
             pki_dir=a.pki_dir,
+            num_routers=a.routers,
         )
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"pdserve: serving {path.name} on {cl.router_address} (Ctrl-C to stop)", file=sys.stderr)
+    print(
+        f"pdserve: serving {path.name} on {','.join(cl.router_addresses)} (Ctrl-C to stop)", file=sys.stderr
+    )
     for name, addr in sorted(cl.workers.items()):
         print(f"  {name:<12} {addr}", file=sys.stderr)
     print(f"  {'store':<12} {cl.store_address}", file=sys.stderr)
@@ -150,7 +156,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         )
     try:
         while not stop.wait(1.0):
-            dead = [n for n, p in cl.procs.items() if p.poll() is not None]
+            dead = cl.dead()  # a router that exited is being restarted: not dead
             if dead:
                 print(f"pdserve: {', '.join(dead)} exited; stopping", file=sys.stderr)
                 return 1
@@ -217,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--address", default=DEFAULT_ADDRESS, help="router listen address (127.0.0.1:PORT)")
     sv.add_argument("--prefill", type=int, default=1, help="prefill workers")
     sv.add_argument("--decode", type=int, default=1, help="decode workers")
+    sv.add_argument(
+        "--routers",
+        type=int,
+        default=1,
+        help="routers (the first on --address, the others on free ports); workers register with all, "
+        "a router that exits is restarted",
+    )
     sv.add_argument("--kv-blocks", type=int, default=2048, help="KV pool size per worker, in blocks")
     sv.add_argument(
         "--policy",

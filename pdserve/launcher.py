@@ -19,6 +19,14 @@ the store node. ``dist``: directly, over one torch.distributed process group tha
 joins (``dist_backend`` gloo | nccl; a free loopback port is allocated for its TCP store;
 prefill-i is rank i, decode-i rank ``num_prefill + i``; see :mod:`pdserve.worker_main`).
 
+``ClusterSpec.num_routers``: routers router, router-1, ... (the first on ``router_port``, the others
+on free ports); every worker registers with all of them (``--router a,b``) and
+``LocalCluster.router_addresses`` is what a client takes (``Client(cl.router_addresses)``).
+A supervisor thread restarts a router process that exits while the cluster runs, on the ports it
+had (so that workers and clients find it where they left it), at most ``router_restart_limit``
+times per ``router_restart_window_s`` (then it stays down and :meth:`LocalCluster.dead` names it);
+``LocalCluster.router_restarts`` records each restart. ``supervise_routers=False`` turns it off.
+
 ``ClusterSpec.tls``: run every process with TLS, mutual TLS between them and a cluster token
 (:mod:`pdserve.security`). ``pki_dir`` names a ``pdserve certs`` folder to use; without one a
 development CA, certificates and token are made in a temporary folder that ``stop()`` removes.
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -54,6 +63,7 @@ if TYPE_CHECKING:
     from pdserve.certs import PkiPaths
 
 ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -83,6 +93,10 @@ class ClusterSpec:
     dist_backend: DistBackend = DistBackend.GLOO  # kv_transport "dist": "gloo" (CPU) | "nccl" (GPU)
     tls: bool = False  # TLS + mTLS + cluster token on every process (see module docstring)
     pki_dir: str = ""  # with tls: a `pdserve certs` folder ("": a fresh dev CA in a temp folder)
+    num_routers: int = 1  # routers router, router-1, ...; every worker registers with each
+    supervise_routers: bool = True  # restart a router process that exits (see module docstring)
+    router_restart_limit: int = 5  # restarts of one router per window, at most
+    router_restart_window_s: float = 60.0
 
     def __post_init__(self) -> None:
         try:
@@ -95,6 +109,13 @@ class ClusterSpec:
             ) from None
         if self.num_stores < 1:
             raise ValueError(f"num_stores must be >= 1, got {self.num_stores}")
+        if self.num_routers < 1:
+            raise ValueError(f"num_routers must be >= 1, got {self.num_routers}")
+        if self.router_restart_limit < 0 or self.router_restart_window_s <= 0:
+            raise ValueError(
+                "router_restart_limit must be >= 0 and router_restart_window_s > 0, got "
+                f"{self.router_restart_limit} and {self.router_restart_window_s}"
+            )
         if self.num_stores > 1 and self.index_url == "memory":
             raise ValueError("several store nodes need a shared index: set index_url to a redis:// URL")
 
@@ -102,8 +123,11 @@ class ClusterSpec:
 @dataclass
 class LocalCluster:
     spec: ClusterSpec
-    router_address: str = ""  # the router's data plane (Generate): what clients use
-    control_address: str = ""  # the router's control plane (Registry): what workers register at
+    router_address: str = ""  # the first router's data plane (Generate): what clients use
+    control_address: str = ""  # the first router's control plane (Registry): what workers register at
+    router_addresses: list[str] = field(default_factory=list)  # every router's data plane, in order
+    control_addresses: list[str] = field(default_factory=list)  # every router's control plane
+    router_restarts: list[tuple[str, float, int]] = field(default_factory=list)  # (name, time, status)
     store_address: str = ""  # kv0: the node the workers use
     store_node_id: str = ""
     store_addresses: dict[str, str] = field(default_factory=dict)  # node id -> address, every store
@@ -115,6 +139,27 @@ class LocalCluster:
     security: SecurityConfig | None = None  # tls: what the processes run with (client side too)
     _tmp: str = ""  # a dev PKI folder made for this cluster, removed by stop()
     argv: dict[str, list[str]] = field(default_factory=dict)  # process name -> its python arguments
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _supervisor: threading.Thread | None = None
+    _lock: threading.RLock = field(default_factory=threading.RLock)  # procs/restarts vs the supervisor
+    _given_up: set[str] = field(default_factory=set)  # routers over their restart budget
+
+    @property
+    def router_names(self) -> list[str]:
+        """Process names of the routers, in ``router_addresses`` order."""
+        return [router_name(i) for i in range(len(self.router_addresses))]
+
+    def dead(self) -> list[str]:
+        """Processes that exited and will not be restarted (a supervised router that exited is
+        not dead until its restart budget is spent or its restart failed)."""
+        with self._lock:
+            supervised = self.spec.supervise_routers and not self._stopping.is_set()
+            return [
+                n
+                for n, p in self.procs.items()
+                if p.poll() is not None
+                and not (supervised and n in self.router_names and n not in self._given_up)
+            ]
 
     def write_file_sd(self, path: str | Path) -> Path:
         """Write (atomically replace) a Prometheus ``file_sd_configs`` JSON file: one target group
@@ -131,6 +176,9 @@ class LocalCluster:
         )
 
     def stop(self, grace_s: float = 5.0) -> None:
+        self._stopping.set()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join()
         for p in self.procs.values():
             if p.poll() is None:
                 p.terminate()
@@ -150,23 +198,70 @@ class LocalCluster:
         p.kill()
         p.wait()
 
-    def restart(self, name: str, timeout_s: float | None = None) -> dict:
+    def restart(self, name: str, timeout_s: float | None = None, stop_on_failure: bool = True) -> dict:
         """Start process ``name`` again (after :meth:`kill` or a crash) with its arguments, on the
         port it served before (``--port``), so that its peers find it where they left it; returns
-        its ready line. Raises RuntimeError while it still runs."""
+        its ready line. Raises RuntimeError while it still runs. A process that does not start
+        raises UnavailableError, after stopping the whole cluster unless ``stop_on_failure`` is off."""
+        with self._lock:
+            return self._restart(name, timeout_s, stop_on_failure)
+
+    def _restart(self, name: str, timeout_s: float | None, stop_on_failure: bool) -> dict:
         p = self.procs[name]
         if p.poll() is None:
             raise RuntimeError(f"{name} is still running: kill it first")
         stores = {
             ("store" if i == 0 else f"store-{i}"): a for i, a in enumerate(self.store_addresses.values())
         }
-        known = {**stores, **self.workers, "router": self.router_address}
+        routers = dict(zip(self.router_names, self.router_addresses, strict=True))
+        known = {**stores, **self.workers, **routers}
         if not known.get(name):
             raise RuntimeError(f"no address known for {name}")
         args = _pin(list(self.argv[name]), "--port", _port(known[name]))
-        if name == "router" and self.control_address:
-            args = _pin(args, "--control-port", _port(self.control_address))
-        return _spawn(self, name, args, timeout_s or self.spec.startup_timeout_s)
+        if name in routers:
+            control = self.control_addresses[self.router_names.index(name)]
+            if control != known[name]:
+                args = _pin(args, "--control-port", _port(control))
+        return _spawn(self, name, args, timeout_s or self.spec.startup_timeout_s, stop_on_failure)
+
+    def supervise(self, poll_s: float = 0.2) -> None:
+        """Start the router supervisor (``launch`` does, unless ``spec.supervise_routers`` is off)."""
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(
+                target=self._supervise, args=(poll_s,), name="router-supervisor", daemon=True
+            )
+            self._supervisor.start()
+
+    def _supervise(self, poll_s: float) -> None:
+        budgets = {
+            n: RestartBudget(self.spec.router_restart_limit, self.spec.router_restart_window_s)
+            for n in self.router_names
+        }
+        while not self._stopping.wait(poll_s):
+            for name in self.router_names:
+                p = self.procs[name]
+                if p.poll() is None or name in self._given_up or self._stopping.is_set():
+                    continue
+                now = time.monotonic()
+                if not budgets[name].allow(now):
+                    log.error(
+                        "router %s exited (status %s) and has been restarted %d times in %gs: left down",
+                        name, p.returncode, self.spec.router_restart_limit, self.spec.router_restart_window_s,
+                    )  # fmt: skip
+                    self._given_up.add(name)
+                    continue
+                log.warning("router %s exited unexpectedly (status %s): restarting it", name, p.returncode)
+                try:
+                    with self._lock:
+                        if self._stopping.is_set():
+                            return
+                        self.restart(name, stop_on_failure=False)
+                        self.router_restarts.append((name, now, p.returncode))
+                except Exception as e:  # noqa: BLE001 - a restart that failed: left down, named
+                    log.error("router %s could not be restarted: %s", name, e)
+                    self._given_up.add(name)
+                else:
+                    log.warning("router %s restarted", name)
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -185,6 +280,28 @@ def _pin(args: list[str], flag: str, value: str) -> list[str]:
         args[args.index(flag) + 1] = value
         return args
     return [*args, flag, value]
+
+
+def router_name(i: int) -> str:
+    """The process name of router ``i``: router, router-1, router-2, ..."""
+    return "router" if i == 0 else f"router-{i}"
+
+
+class RestartBudget:
+    """At most ``limit`` restarts in any ``window_s`` seconds (pure: the caller passes the time)."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._times: list[float] = []
+
+    def allow(self, now: float) -> bool:
+        """Whether a restart at ``now`` is within the budget (it is then counted)."""
+        self._times = [t for t in self._times if now - t < self.window_s]
+        if len(self._times) >= self.limit:
+            return False
+        self._times.append(now)
+        return True
 
 
 _COMPONENT = {"store": "kv_store", "router": "router", "prefill": "prefill", "decode": "decode"}
@@ -226,7 +343,9 @@ def _error_line(lines: list[str]) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def _spawn(cluster: LocalCluster, name: str, args: list[str], timeout_s: float) -> dict:
+def _spawn(
+    cluster: LocalCluster, name: str, args: list[str], timeout_s: float, stop_on_failure: bool = True
+) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -266,7 +385,11 @@ def _spawn(cluster: LocalCluster, name: str, args: list[str], timeout_s: float) 
         elif got.is_set():  # its output ended without a ready line: it is exiting
             with contextlib.suppress(subprocess.TimeoutExpired):
                 exit_code = p.wait(5.0)
-        cluster.stop()
+        if stop_on_failure:
+            cluster.stop()
+        elif p.poll() is None:
+            p.kill()
+            p.wait()
         tail = "\n".join(lines[-20:])
         if exit_code is not None:
             raise UnavailableError(
@@ -368,34 +491,36 @@ def launch(spec: ClusterSpec) -> LocalCluster:
     # a shared (redis) index: the router finds cached prefixes there itself, as the store nodes see
     # them; the "memory" index is private to the store process, so the router asks the store
     index_flag = router_index_args(spec.index_url)
-    router = _spawn(
-        cl,
-        "router",
-        [
-            "-m",
-            "router",
-            "--model",
-            spec.model_path,
-            "--port",
-            str(spec.router_port),
-            *store_flag,
-            *index_flag,
-            *sec,
-            *spec.router_args,
-        ],
-        t,
-    )
-    cl.router_address = router["address"]
-    # workers register and heartbeat on the router's control port (its own server and threads:
-    # client load cannot delay heartbeats); a router without one serves Registry on its address
-    cl.control_address = router.get("control") or cl.router_address
+    for i in range(spec.num_routers):
+        router = _spawn(
+            cl,
+            router_name(i),
+            [
+                "-m",
+                "router",
+                "--model",
+                spec.model_path,
+                "--port",
+                str(spec.router_port if i == 0 else 0),
+                *store_flag,
+                *index_flag,
+                *sec,
+                *spec.router_args,
+            ],
+            t,
+        )
+        cl.router_addresses.append(router["address"])
+        # workers register and heartbeat on the router's control port (its own server and threads:
+        # client load cannot delay heartbeats); a router without one serves Registry on its address
+        cl.control_addresses.append(router.get("control") or router["address"])
+    cl.router_address, cl.control_address = cl.router_addresses[0], cl.control_addresses[0]
     common = [
         "--model",
         spec.model_path,
         "--store",
         cl.store_address,
         "--router",
-        cl.control_address,
+        ",".join(cl.control_addresses),
         "--kv-blocks",
         str(spec.worker_kv_blocks),
         "--block-size",
@@ -426,6 +551,8 @@ def launch(spec: ClusterSpec) -> LocalCluster:
             cl.workers[wid] = info["address"]
             rank += 1
     wait_registered(cl, t)
+    if spec.supervise_routers:
+        cl.supervise()
     return cl
 
 
@@ -444,7 +571,15 @@ def _generate_serving(ch) -> bool:
 
 
 def wait_registered(cl: LocalCluster, timeout_s: float) -> None:
-    """Block until the router can place a request (one prefill and one decode registered)."""
+    """Block until every router can place a request (one prefill and one decode registered)."""
+    deadline = time.monotonic() + timeout_s
+    for address in cl.router_addresses or [cl.router_address]:
+        wait_router_ready(cl, address, max(0.0, deadline - time.monotonic()))
+
+
+def wait_router_ready(cl: LocalCluster, address: str, timeout_s: float) -> None:
+    """Block until the router at ``address`` can place a request (one prefill and one decode
+    registered with it); UnavailableError after ``timeout_s``."""
     import grpc
 
     from pdserve.v1 import client_pb2, client_pb2_grpc, common_pb2
@@ -452,9 +587,9 @@ def wait_registered(cl: LocalCluster, timeout_s: float) -> None:
     if cl.pki is not None:  # the client API: TLS, verified against the cluster CA, no token
         from pdserve.security import client_credentials
 
-        ch = grpc.secure_channel(cl.router_address, client_credentials(ca=str(cl.pki.ca)))
+        ch = grpc.secure_channel(address, client_credentials(ca=str(cl.pki.ca)))
     else:
-        ch = grpc.insecure_channel(cl.router_address)
+        ch = grpc.insecure_channel(address)
     stub = client_pb2_grpc.GenerateStub(ch)
     deadline = time.monotonic() + timeout_s
     try:
@@ -479,6 +614,6 @@ def wait_registered(cl: LocalCluster, timeout_s: float) -> None:
                 elif e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 time.sleep(0.2)
-        raise UnavailableError("workers did not register with the router in time")
+        raise UnavailableError(f"workers did not register with the router at {address} in time")
     finally:
         ch.close()
