@@ -150,6 +150,7 @@ def main() -> int:
     cfg = {
         "model": str(model),
         "host": "127.0.0.1",
+        "security": {"tls": "off"},  # plaintext on loopback: asked for explicitly
         "namespace": NS,
         "prefill": {"count": 1, "num_cpus": 1, "kv_blocks": 256},
         "decode": {"count": 1, "num_cpus": 1, "kv_blocks": 256},

@@ -10,6 +10,7 @@ Example (every key but ``model`` has a default)::
     decode:  {count: 2, num_cpus: 1, device: cuda, tp: 1}   # cuda: num_gpus = tp per worker
     store:   {capacity_blocks: 4096, num_cpus: 0}
     router:  {port: 50051, heartbeat_timeout_s: 3.0, policy: goodput, api_keys: /etc/pdserve/api-keys.yaml}
+    routers: 2                                 # router actors (ports port, port+1, ...); workers register with all
     index:   {kind: memory}                    # or {kind: redis, url: redis://host:6379/0}
     kv_transfer: {kind: store}                 # or {kind: dist, backend: gloo|nccl} (direct)
     host: node                                 # bind to the Ray node's IP ("127.0.0.1" in tests)
@@ -22,8 +23,9 @@ Example (every key but ``model`` has a default)::
     drain_timeout_s: 120
 
 ``security`` (:class:`SecuritySection`, checked by :func:`check_security` when ``pdserve up``
-starts a cluster): ``tls: auto`` (default) is on unless ``host`` is a loopback address; with TLS
-on the config must name the CA, the certificate and key every actor
+starts a cluster): ``tls: auto`` (default) is on when certificates are given or ``host`` is not
+a loopback address; on loopback without certificates it is refused (plaintext only when asked
+for: ``tls: off``, loopback only); with TLS on the config must name the CA, the certificate and key every actor
 serves with (and presents to the others: mutual TLS), and a cluster token file (the router's
 Registry shares its port with the client API, so it authenticates workers by the token). Plaintext
 off loopback is refused (``tls: off`` with ``host: node`` is an error). The paths are read by each
@@ -168,7 +170,7 @@ class SecuritySection:
     copied by the cluster launcher). ``metrics_token_file``: /metrics then requires the bearer
     token."""
 
-    tls: TLSMode = TLSMode.AUTO  # auto: on unless ``host`` is loopback
+    tls: TLSMode = TLSMode.AUTO  # auto: on with certificates or off loopback; else refused
     ca: str = ""
     cert: str = ""
     key: str = ""
@@ -178,17 +180,22 @@ class SecuritySection:
     metrics_token_file: str = ""
 
     def tls_on(self, host: str) -> bool:
-        """Whether the actors serve TLS when bound to ``host`` (``"node"``: the node's IP)."""
+        """Whether the actors serve TLS when bound to ``host`` (``"node"``: the node's IP).
+        ``auto`` without certificates on loopback is neither (:meth:`undecided`)."""
         if self.tls is TLSMode.AUTO:
-            return host == NODE_IP or not is_loopback(host)
+            return bool(self.ca or self.cert or self.key) or host == NODE_IP or not is_loopback(host)
         return self.tls is TLSMode.ON
+
+    def undecided(self, host: str) -> bool:
+        """``tls: auto`` on loopback without certificates: plaintext was not asked for."""
+        return self.tls is TLSMode.AUTO and not self.tls_on(host)
 
     def security_config(self, host: str) -> SecurityConfig:
         """The :class:`~pdserve.security.SecurityConfig` of an actor (reads the files: run it on the
         actor's node; a missing file is a SecurityConfigError naming it)."""
         on = self.tls_on(host)
         return SecurityConfig(
-            tls=TLSMode.ON if on else TLSMode.OFF,
+            tls=TLSMode.AUTO if self.undecided(host) else TLSMode.ON if on else TLSMode.OFF,
             ca_file=self.ca if on else "",
             cert_file=self.cert if on else "",
             key_file=self.key if on else "",
@@ -210,6 +217,9 @@ class ClusterConfig:
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     security: SecuritySection = field(default_factory=SecuritySection)
     host: str = NODE_IP  # "node" (the Ray node's IP) or a literal address such as 127.0.0.1
+    # router actors, each with router's settings (router i on port + i when port is set); every
+    # worker registers with all of them and clients fail over between them (README)
+    routers: int = 1
     namespace: str = "pdserve"
     max_restarts: int = 3  # per actor, on failure (not for scale-down or ``pdserve down``)
     drain_timeout_s: float = 120.0  # scale-down: longest wait for a worker's requests to finish
@@ -244,7 +254,10 @@ def capacity_shortfall(c: ClusterConfig, total: dict[str, float], num_nodes: int
                 need[k] = need.get(k, 0.0) + v * p.count
                 per = f"{v:g} {k}" + (f" (tp {p.tp})" if k == "GPU" else "")
                 why.setdefault(k, []).append(f"{role.value}: {p.count} x {per}")
-    for what, n in (("store nodes", c.store.num_cpus * num_nodes), ("router", c.router.num_cpus)):
+    for what, n in (
+        ("store nodes", c.store.num_cpus * num_nodes),
+        ("routers", c.router.num_cpus * c.routers),
+    ):
         if n:
             need["CPU"] = need.get("CPU", 0.0) + n
             why.setdefault("CPU", []).append(f"{what}: {n:g} CPU")
@@ -338,6 +351,13 @@ def check_security(c: ClusterConfig) -> ClusterConfig:
     inspected anywhere."""
     s = c.security
     where = "the node's IP" if c.host == NODE_IP else repr(c.host)
+    if s.undecided(c.host):
+        raise _err(
+            "security.tls",
+            f"auto, but no certificates and host binds {where}: plaintext must be asked for. Set "
+            "`security: {tls: off}` (plaintext on loopback, development), or give "
+            "security.ca/cert/key/cluster_token_file (`pdserve certs --out DIR`)",
+        )
     if not s.tls_on(c.host):
         if c.host == NODE_IP or not is_loopback(c.host):
             raise _err(
@@ -382,6 +402,10 @@ def validate(c: ClusterConfig) -> ClusterConfig:
     for where, port in (("store.port", c.store.port), ("router.port", c.router.port)):
         if not 0 <= port <= 65535:
             raise _err(where, f"must be in [0, 65535], got {port}")
+    if c.routers < 1:
+        raise _err("routers", f"must be >= 1, got {c.routers}")
+    if c.router.port and c.router.port + c.routers - 1 > 65535:
+        raise _err("routers", f"{c.routers} routers from router.port {c.router.port} run past port 65535")
     r = c.router
     if r.heartbeat_interval_s <= 0 or r.heartbeat_timeout_s <= r.heartbeat_interval_s:
         raise _err("router.heartbeat_timeout_s", "must exceed heartbeat_interval_s (both > 0)")

@@ -148,6 +148,7 @@ def test_pdserve_up_fails_at_once_when_a_worker_actor_cannot_load_the_model(corr
     cfg = {
         "model": str(corrupt_weights),
         "host": "127.0.0.1",
+        "security": {"tls": "off"},  # plaintext on loopback: asked for explicitly
         "namespace": ns,
         "prefill": {"count": 1, "num_cpus": 1, "kv_blocks": 16},
         "decode": {"count": 1, "num_cpus": 1, "kv_blocks": 16},

@@ -55,6 +55,7 @@ def config_file(smollm_path, tmp_path_factory) -> Path:
     cfg = {
         "model": str(smollm_path),
         "host": "127.0.0.1",
+        "security": {"tls": "off"},  # plaintext on loopback: asked for explicitly
         "namespace": NS,
         "prefill": {"count": 1, "num_cpus": 1, "kv_blocks": 256},
         "decode": {"count": 2, "num_cpus": 1, "kv_blocks": 256},

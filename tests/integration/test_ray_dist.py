@@ -49,6 +49,7 @@ def deployment(smollm_path):
         {
             "model": str(smollm_path),
             "host": "127.0.0.1",
+            "security": {"tls": "off"},  # plaintext on loopback: asked for explicitly
             "namespace": NS,
             # the prefill worker is itself split over 3 processes (tensor parallel, gloo)
             "prefill": {"count": 1, "num_cpus": 1, "kv_blocks": 256, "tp": 3},
@@ -262,6 +263,7 @@ def test_up_refuses_at_once_what_the_ray_cluster_can_never_hold(deployment, smol
         {
             "model": str(smollm_path),
             "host": "127.0.0.1",
+            "security": {"tls": "off"},  # plaintext on loopback: asked for explicitly
             "namespace": "pdserve-gpu-test",
             "decode": {"count": 1, "device": "cuda", "tp": 2},
         }

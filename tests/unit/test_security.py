@@ -542,8 +542,10 @@ def test_a_cluster_config_off_loopback_needs_tls_and_a_token(pki):
     partial = {"ca": str(pki.ca), "cert": str(pki.server_cert), "key": str(pki.server_key)}
     with pytest.raises(InvalidRequestError, match=r"security\.cluster_token_file"):
         check_security(from_dict({"model": "/m", "security": partial}))
-    # loopback: plaintext, no token needed (the development mode; Ray tests run so)
-    local = check_security(from_dict({"model": "/m", "host": "127.0.0.1"}))
+    # loopback without certificates: plaintext only when asked for (`tls: off`; Ray tests run so)
+    with pytest.raises(InvalidRequestError, match=r"security\.tls: auto, but no certificates.*tls: off"):
+        check_security(from_dict({"model": "/m", "host": "127.0.0.1"}))
+    local = check_security(from_dict({"model": "/m", "host": "127.0.0.1", "security": {"tls": "off"}}))
     assert not local.security.security_config(local.host).tls_on
     sec = {**partial, "cluster_token_file": str(pki.cluster_token)}
     with pytest.raises(
