@@ -5,7 +5,7 @@
 * :class:`RouterActor`: the router (Generate + Registry services), and the drain hook scale-down
   uses (mark a worker draining: the router stops routing to it but keeps counting its in-flight
   requests).
-* :class:`WorkerActor`: a prefill or decode worker; it registers with the router through its
+* :class:`WorkerActor`: a prefill or decode worker; it registers with every router (``routers``) through its
   :class:`~pdserve.worker_base.Heartbeater`, so a restarted actor (``max_restarts``) registers again
   under the same worker id at its new address. With ``kv_transfer: {kind: dist}`` the workers
   ``up`` starts are given a :class:`DistSeat` and join one torch.distributed process group for
@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,14 @@ if TYPE_CHECKING:
 
 STORE_PREFIX = "pdserve-store-"
 ROUTER_NAME = "pdserve-router"
+
+
+def router_actor_name(index: int) -> str:
+    """The Ray name of router ``index`` (``routers`` in the cluster config): pdserve-router,
+    pdserve-router-1, ..."""
+    return ROUTER_NAME if index == 0 else f"{ROUTER_NAME}-{index}"
+
+
 WORKER_PREFIX = "pdserve-"
 
 
@@ -205,12 +214,13 @@ class StoreActor:
 
 
 # ---------------------------------------------------------------------------- router
-def router_config(config: ClusterConfig) -> RouterConfig:
+def router_config(config: ClusterConfig, index: int = 0) -> RouterConfig:
     """The router's :class:`~router.service.RouterConfig` for this cluster: model, bind host (Ray
     is asked only when ``config.host`` is ``"node"``), port, heartbeats and placement policy from
     ``config.router``, and ``index_url`` set to ``config.index.url`` when the index is Redis (the
     router then finds cached prefixes in the shared index itself); None for the memory index,
-    which is private to each store node."""
+    which is private to each store node. ``index``: which of the ``routers`` (router ``i`` listens
+    on ``router.port + i`` when a port is set)."""
     from router.policy import GoodputConfig
     from router.service import RouterConfig
 
@@ -219,7 +229,7 @@ def router_config(config: ClusterConfig) -> RouterConfig:
         model_path=config.model,
         model_id=Path(config.model).name,
         host=_bind_host(config),
-        port=r.port,
+        port=r.port + index if r.port else 0,
         heartbeat_interval_s=r.heartbeat_interval_s,
         heartbeat_timeout_s=r.heartbeat_timeout_s,
         policy=r.policy,
@@ -239,7 +249,7 @@ def router_config(config: ClusterConfig) -> RouterConfig:
 class RouterActor:
     """The router's Generate and Registry services in this actor's process."""
 
-    def __init__(self, config: ClusterConfig) -> None:
+    def __init__(self, config: ClusterConfig, index: int = 0) -> None:
         from prometheus_client import REGISTRY
 
         from pdserve.auth.cli_args import edge_from_config
@@ -257,7 +267,7 @@ class RouterActor:
         from router.service import GenerateServicer
 
         apply_security(config)
-        cfg = router_config(config)
+        cfg = router_config(config, index)
         self.registry = Registry(cfg.heartbeat_timeout_s)
         # the control plane (Registry) on its own server and threads; workers register at the
         # data address (what ROUTER_NAME resolves to) and are told this one for their heartbeats
@@ -383,7 +393,7 @@ class WorkerActor:
         config: ClusterConfig,
         role: PoolRole,
         worker_id: str,
-        router_address: str,
+        router_addresses: tuple[str, ...],
         seat: DistSeat | None = None,
     ) -> None:
         import ray
@@ -416,7 +426,7 @@ class WorkerActor:
             model_path=config.model,
             store_address=self.store_address,
             host=host,
-            router_addresses=(router_address,),
+            router_addresses=tuple(router_addresses),
             engine=EngineConfig(
                 num_kv_blocks=pool.kv_blocks,
                 block_size=pool.block_size,
@@ -464,11 +474,19 @@ class WorkerActor:
         )
         self.metrics_port = serve_metrics(0)
 
-        def router_now() -> str:  # a restarted router actor may listen on a new port
-            router = ray.get_actor(ROUTER_NAME, namespace=namespace)
-            return ray.get(router.address.remote(), timeout=10)
+        def router_now(index: int) -> Callable[[], str]:
+            def resolve() -> str:  # a restarted router actor may listen on a new port
+                router = ray.get_actor(router_actor_name(index), namespace=namespace)
+                return ray.get(router.address.remote(), timeout=10)
 
-        self._hb = RouterLinks(self.state, (router_address,), resolvers=(router_now,))
+            return resolve
+
+        # registered with every router (``routers``), each heartbeat on its own thread
+        self._hb = RouterLinks(
+            self.state,
+            tuple(router_addresses),
+            resolvers=[router_now(i) for i in range(len(router_addresses))],
+        )
         self._hb.start()
         self._lock = threading.Lock()
         self._stopped = False

@@ -47,7 +47,8 @@ def _cmd_up(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps({**info, "startup_s": round(time.monotonic() - t0, 3)}))
     else:
-        print(f"pdserve: up in {time.monotonic() - t0:.1f} s; router {info['router']}")
+        routers = ",".join(info.get("routers") or [info["router"]])
+        print(f"pdserve: up in {time.monotonic() - t0:.1f} s; router(s) {routers}")
         for wid, addr in info["workers"].items():
             print(f"  {wid:<12} {addr}")
         for node, addr in info["stores"].items():
@@ -69,6 +70,8 @@ def format_status(st: dict[str, Any]) -> str:
     """A table of the pools, the store nodes and what the router routes to."""
     routed = {w["worker_id"]: w for w in st["routed"]}
     lines = [f"router {st['router']}"]
+    for r in st.get("routers", [])[1:]:  # more routers (``routers`` in the config)
+        lines.append(f"router {r['address']} ({r['name']}{'' if r.get('alive') else ', not answering'})")
     for role, rows in st["pools"].items():
         lines.append(f"{role} pool: {len(rows)} worker(s)")
         for r in rows:
@@ -109,6 +112,9 @@ def scrape_targets(st: dict[str, Any]) -> list:
     out = []
     if st.get("router_metrics"):
         out.append(ScrapeTarget("router", Component.ROUTER, st["router_metrics"]))
+    for i, r in enumerate(st.get("routers", [])[1:], 1):  # more routers (``routers`` in the config)
+        if r.get("alive") and r.get("metrics"):
+            out.append(ScrapeTarget(f"router-{i}", Component.ROUTER, r["metrics"]))
     for role, rows in st["pools"].items():
         for w in rows:
             if w.get("alive") and w.get("metrics"):

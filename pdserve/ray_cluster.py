@@ -37,12 +37,12 @@ from pdserve.cluster_config import ClusterConfig, PoolRole, capacity_shortfall, 
 from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
 from pdserve.kv_transfer import KVTransport
 from pdserve.ray_actors import (
-    ROUTER_NAME,
     WORKER_PREFIX,
     DistSeat,
     RouterActor,
     StoreActor,
     WorkerActor,
+    router_actor_name,
     store_actor_name,
 )
 
@@ -92,12 +92,21 @@ class Controller:
         self.config = config
         self.stores: dict[str, Any] = {}  # ray node id -> StoreActor handle
         self.store_info: dict[str, dict[str, Any]] = {}
-        self.router: Any = None
-        self.router_info: dict[str, Any] = {}
+        self.routers: list[Any] = []  # router actor handles (``routers`` of the config), in order
+        self.router_infos: list[dict[str, Any]] = []
         self.workers: dict[str, _Worker] = {}
         self._next = {PoolRole.PREFILL: 0, PoolRole.DECODE: 0}
         self._lock = threading.RLock()  # membership changes (up / scale / down) one at a time
         self._down = False
+
+    @property
+    def router(self) -> Any:
+        """The first router's handle (None before ``up``)."""
+        return self.routers[0] if self.routers else None
+
+    @property
+    def router_info(self) -> dict[str, Any]:
+        return self.router_infos[0] if self.router_infos else {}
 
     # ------------------------------------------------------------------ helpers
     def _opts(self, **kw: Any) -> dict[str, Any]:
@@ -138,16 +147,22 @@ class Controller:
             self.store_info[node] = _get(h.info.remote(), self.config.startup_timeout_s, f"store on {node}")
             self.stores[node] = h
 
-    def _start_router(self) -> None:
+    def _start_routers(self) -> None:
+        """Start the ``routers`` router actors (in parallel); Ray restarts each (``max_restarts``)."""
         import ray
 
         r = self.config.router
-        opts = self._opts(name=ROUTER_NAME, num_cpus=r.num_cpus)
-        if r.node_resource:
-            opts["resources"] = {r.node_resource: 0.001}
-        h = ray.remote(RouterActor).options(**opts).remote(self.config)
-        self.router_info = _get(h.info.remote(), self.config.startup_timeout_s, "router")
-        self.router = h
+        handles = []
+        for i in range(self.config.routers):
+            opts = self._opts(name=router_actor_name(i), num_cpus=r.num_cpus)
+            if r.node_resource:
+                opts["resources"] = {r.node_resource: 0.001}
+            handles.append(ray.remote(RouterActor).options(**opts).remote(self.config, i))
+        self.router_infos = [
+            _get(h.info.remote(), self.config.startup_timeout_s, router_actor_name(i))
+            for i, h in enumerate(handles)
+        ]
+        self.routers = handles
 
     def _create_worker(self, role: PoolRole, seat: DistSeat | None = None) -> _Worker:
         import ray
@@ -166,7 +181,7 @@ class Controller:
         h = (
             ray.remote(WorkerActor)
             .options(**opts)
-            .remote(self.config, role, wid, self.router_info["address"], seat)
+            .remote(self.config, role, wid, tuple(i["address"] for i in self.router_infos), seat)
         )
         w = _Worker(wid, role, h, pg, {})
         self.workers[wid] = w
@@ -207,14 +222,17 @@ class Controller:
         return [w.worker_id for w in made]
 
     def _wait_listed(self, ids: set[str]) -> None:
+        """Wait until every router lists every worker of ``ids``."""
         deadline = time.monotonic() + self.config.startup_timeout_s
-        while True:
-            listed = {w["worker_id"] for w in _get(self.router.workers.remote(), _CALL_TIMEOUT_S, "router")}
-            if ids <= listed:
-                return
-            if time.monotonic() > deadline:
-                raise UnavailableError(f"workers {sorted(ids - listed)} did not register with the router")
-            time.sleep(0.1)
+        for i, router in enumerate(self.routers):
+            name = router_actor_name(i)
+            while True:
+                listed = {w["worker_id"] for w in _get(router.workers.remote(), _CALL_TIMEOUT_S, name)}
+                if ids <= listed:
+                    break
+                if time.monotonic() > deadline:
+                    raise UnavailableError(f"workers {sorted(ids - listed)} did not register with {name}")
+                time.sleep(0.1)
 
     def _live(self, role: PoolRole) -> list[_Worker]:
         """Workers of ``role`` whose actor is alive (dead ones are forgotten), oldest first."""
@@ -243,9 +261,9 @@ class Controller:
             log.debug("kill %s: %s", w.worker_id, e)
         if w.pg is not None:
             remove_placement_group(w.pg)
-        if self.router is not None:
+        for router in self.routers:
             try:
-                ray.get(self.router.forget.remote(w.worker_id), timeout=_CALL_TIMEOUT_S)
+                ray.get(router.forget.remote(w.worker_id), timeout=_CALL_TIMEOUT_S)
             except Exception as e:  # noqa: BLE001 - the router drops it on its own by heartbeat
                 log.debug("forget %s: %s", w.worker_id, e)
 
@@ -257,7 +275,8 @@ class Controller:
         c = self.config
         t0 = time.monotonic()
         busy_at_start = _get(w.handle.busy.remote(), _CALL_TIMEOUT_S, w.worker_id)
-        _get(self.router.drain.remote(w.worker_id), _CALL_TIMEOUT_S, "router")
+        for i, router in enumerate(self.routers):  # no router routes to it from now on
+            _get(router.drain.remote(w.worker_id), _CALL_TIMEOUT_S, router_actor_name(i))
         quiet_since = None
         drained = False
         while time.monotonic() - t0 < c.drain_timeout_s:
@@ -265,7 +284,9 @@ class Controller:
                 busy = ray.get(w.handle.busy.remote(), timeout=_CALL_TIMEOUT_S)
             except ray.exceptions.RayActorError:
                 break  # it died meanwhile: nothing left to drain
-            busy += ray.get(self.router.inflight.remote(w.worker_id), timeout=_CALL_TIMEOUT_S)
+            busy += sum(
+                ray.get([r.inflight.remote(w.worker_id) for r in self.routers], timeout=_CALL_TIMEOUT_S)
+            )
             now = time.monotonic()
             if busy:
                 quiet_since = None
@@ -291,11 +312,11 @@ class Controller:
     def up(self) -> dict[str, Any]:
         """Start stores, router and both pools; return :meth:`addresses` once a request can be placed."""
         with self._lock:
-            if self.router is not None:
+            if self.routers:
                 return self.addresses()
             self._check_capacity(self.config)
             self._ensure_stores()
-            self._start_router()
+            self._start_routers()
             roles = [PoolRole.PREFILL] * self.config.prefill.count + [
                 PoolRole.DECODE
             ] * self.config.decode.count
@@ -305,6 +326,7 @@ class Controller:
     def addresses(self) -> dict[str, Any]:
         return {
             "router": self.router_info.get("address", ""),
+            "routers": [i.get("address", "") for i in self.router_infos],  # every router, in order
             "stores": {n: i["address"] for n, i in self.store_info.items()},
             "workers": {wid: w.info.get("address", "") for wid, w in sorted(self.workers.items())},
         }
@@ -315,7 +337,7 @@ class Controller:
             if n is not None and n < 0:
                 raise InvalidRequestError(f"--{name} must be >= 0, got {n}")
         with self._lock:
-            if self.router is None:
+            if not self.routers:
                 raise UnavailableError("the cluster is not up")
             self._ensure_stores()  # nodes may have joined since
             live = {r: self._live(r) for r in PoolRole}
@@ -359,16 +381,24 @@ class Controller:
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
                 stores.append({"node_id": node, "alive": False, "error": type(e).__name__})
         routed: list[dict[str, Any]] = []
-        if self.router is not None:
+        routers: list[dict[str, Any]] = []
+        for i, router in enumerate(self.routers):
+            row = {"name": router_actor_name(i), "alive": True}
             try:
                 # a restarted router actor listens on a new port: report where it is now
-                self.router_info = ray.get(self.router.info.remote(), timeout=_CALL_TIMEOUT_S)
-                routed = ray.get(self.router.workers.remote(), timeout=_CALL_TIMEOUT_S)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                routed = []
+                self.router_infos[i] = ray.get(router.info.remote(), timeout=_CALL_TIMEOUT_S)
+                view = ray.get(router.workers.remote(), timeout=_CALL_TIMEOUT_S)
+                row["workers"] = len(view)
+                if i == 0:
+                    routed = view
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                row |= {"alive": False, "error": type(e).__name__}
+            info = self.router_infos[i]
+            routers.append(row | {"address": info.get("address", ""), "metrics": info.get("metrics", "")})
         return {
             "router": self.router_info.get("address", ""),
             "router_metrics": self.router_info.get("metrics", ""),
+            "routers": routers,  # every router: name, address, metrics, alive, workers it lists
             "pools": {r.value: [x for x in workers if x["role"] == r.value] for r in PoolRole},
             "stores": stores,
             "routed": routed,
@@ -387,7 +417,8 @@ class Controller:
                 except Exception as e:  # noqa: BLE001 - killed below anyway
                     log.debug("stop %s: %s", w.worker_id, e)
                 self._forget(w)
-            others = ([self.router] if self.router is not None else []) + list(self.stores.values())
+            n_routers = len(self.routers)
+            others = list(self.routers) + list(self.stores.values())
             for h in others:
                 try:
                     ray.get(h.stop.remote(), timeout=10)
@@ -395,8 +426,8 @@ class Controller:
                     log.debug("stop: %s", e)
                 ray.kill(h, no_restart=True)
             n_stores = len(self.stores)
-            self.router, self.stores, self.store_info = None, {}, {}
-            return {"workers": n_workers, "stores": n_stores, "routers": 1 if others else 0}
+            self.routers, self.router_infos, self.stores, self.store_info = [], [], {}, {}
+            return {"workers": n_workers, "stores": n_stores, "routers": n_routers}
 
 
 def _get(ref: Any, timeout_s: float, what: str) -> Any:

@@ -61,6 +61,7 @@ def config_file(smollm_path, tmp_path_factory) -> Path:
         "decode": {"count": 2, "num_cpus": 1, "kv_blocks": 256},
         "store": {"capacity_blocks": 512, "host_id_per_node": True},
         "router": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S, "heartbeat_interval_s": 0.25},
+        "routers": 2,  # no single router: every worker registers with both, the client takes both
         "max_restarts": 2,
         "drain_quiet_s": 0.5,
         "startup_timeout_s": 300,
@@ -86,7 +87,7 @@ def deployment(cluster, config_file):
 
 @pytest.fixture(scope="module")
 def client(deployment):
-    with Client(deployment["router"], timeout=300) as c:
+    with Client(deployment["routers"], timeout=300) as c:
         yield c
 
 
@@ -117,6 +118,10 @@ def test_up_places_one_store_per_node_and_pools(deployment):
         store = next(s for s in st["stores"] if s["node_id"] == w["node_id"])
         assert w["store"] == store["address"] and w["host_id"] == store["host_id"]
     assert {w["worker_id"] for w in st["routed"]} == {"prefill-0", "decode-0", "decode-1"}
+    # two router actors, each with every worker registered
+    assert [r["name"] for r in st["routers"]] == ["pdserve-router", "pdserve-router-1"]
+    assert all(r["alive"] and r["workers"] == 3 for r in st["routers"]), st["routers"]
+    assert deployment["routers"] == [r["address"] for r in st["routers"]]
     # each worker holds its own placement group bundle of 1 CPU: 3 of the 4 CPUs are taken
     assert ray.available_resources().get("CPU", 0) == pytest.approx(1.0)
 
@@ -129,10 +134,16 @@ def test_status_gives_every_process_as_a_scrape_target(deployment, tmp_path):
     from pdserve.ray_cli import scrape_targets
 
     targets = scrape_targets(_status())
-    assert sorted(t.process for t in targets)[:4] == ["decode-0", "decode-1", "prefill-0", "router"]
+    assert sorted(t.process for t in targets)[:5] == [
+        "decode-0",
+        "decode-1",
+        "prefill-0",
+        "router",
+        "router-1",
+    ]
     assert sum(t.component.value == "kv_store" for t in targets) == 2
     groups = json.loads(write_file_sd(tmp_path / "sd.json", targets).read_text())
-    assert len(groups) == len(targets) == 6
+    assert len(groups) == len(targets) == 7
     for t in targets:  # each really serves Prometheus text
         body = urllib.request.urlopen(f"http://{t.address}/metrics", timeout=10).read().decode()
         assert "pdserve_" in body, t
@@ -367,7 +378,7 @@ def test_down_stops_only_what_up_started(deployment):
     by = Bystander.options(name="bystander", namespace=NS).remote()
     assert ray.get(by.ping.remote(), timeout=60) == "ok"
     out = ray_cluster.down(NS)
-    assert out["workers"] == 2 and out["stores"] == 2
+    assert out["workers"] == 2 and out["stores"] == 2 and out["routers"] == 2
     assert ray_cluster.controller(NS) is None
     deadline = time.monotonic() + 30
     while True:

@@ -1,0 +1,54 @@
+"""``routers`` in the Ray cluster config: several router actors (README, "Several routers")."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.cluster_config import capacity_shortfall, from_dict
+from pdserve.errors import InvalidRequestError
+from pdserve.ray_actors import router_actor_name, router_config
+
+
+def test_routers_default_one_and_parse() -> None:
+    assert from_dict({"model": "/m"}).routers == 1
+    assert from_dict({"model": "/m", "routers": 3}).routers == 3
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ({"routers": 0}, "routers: must be >= 1, got 0"),
+        ({"routers": "2"}, "routers: expected an integer"),
+        ({"routers": 2.0}, "routers: expected an integer"),
+        ({"routers": 3, "router": {"port": 65534}}, "routers: 3 routers from router.port 65534"),
+    ],
+)
+def test_bad_router_counts_are_refused_naming_the_key(raw, why) -> None:
+    with pytest.raises(InvalidRequestError, match=why):
+        from_dict({"model": "/m", **raw})
+
+
+def test_router_i_listens_on_port_plus_i_and_has_its_own_actor_name() -> None:
+    c = from_dict({"model": "/m", "host": "127.0.0.1", "routers": 2, "router": {"port": 50051}})
+    assert [router_config(c, i).port for i in range(2)] == [50051, 50052]
+    assert router_config(from_dict({"model": "/m", "host": "127.0.0.1"}), 1).port == 0  # any free port
+    assert [router_actor_name(i) for i in range(3)] == [
+        "pdserve-router",
+        "pdserve-router-1",
+        "pdserve-router-2",
+    ]
+
+
+def test_capacity_counts_every_router() -> None:
+    c = from_dict(
+        {
+            "model": "/m",
+            "routers": 3,
+            "router": {"num_cpus": 1},
+            "prefill": {"count": 0},
+            "decode": {"count": 0},
+        }
+    )
+    why = capacity_shortfall(c, {"CPU": 2.0}, 1)
+    assert why is not None and "routers: 3 CPU" in why
+    assert capacity_shortfall(c, {"CPU": 3.0}, 1) is None
