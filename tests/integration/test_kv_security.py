@@ -34,6 +34,7 @@ from kv_store.service import StoreServer, serve
 from kv_store.store import StoreConfig
 from kv_store.tensors import tensor_bytes
 from kv_store.transport import AutoTransport, GrpcTransport, ShmTransport
+from pdserve import security
 from pdserve.errors import InvalidRequestError, ResourceExhaustedError, UnauthenticatedError
 from pdserve.metrics import StoreMetrics
 from prefill_worker.publisher import StorePublisher
@@ -81,6 +82,7 @@ def node() -> Iterator[StoreServer]:
         del os.environ[ENV_TOKEN]
     else:
         os.environ[ENV_TOKEN] = old
+    security.reset()  # a configuration read from the environment above must not outlive this module
 
 
 def outsider_client(address: str, token: str) -> KVStoreClient:
