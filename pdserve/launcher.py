@@ -239,29 +239,34 @@ class LocalCluster:
         }
         while not self._stopping.wait(poll_s):
             for name in self.router_names:
-                p = self.procs[name]
-                if p.poll() is None or name in self._given_up or self._stopping.is_set():
-                    continue
-                now = time.monotonic()
-                if not budgets[name].allow(now):
-                    log.error(
-                        "router %s exited (status %s) and has been restarted %d times in %gs: left down",
-                        name, p.returncode, self.spec.router_restart_limit, self.spec.router_restart_window_s,
-                    )  # fmt: skip
-                    self._given_up.add(name)
-                    continue
-                log.warning("router %s exited unexpectedly (status %s): restarting it", name, p.returncode)
-                try:
-                    with self._lock:
-                        if self._stopping.is_set():
-                            return
+                with self._lock:  # a restart() called meanwhile by someone else is seen here
+                    if self._stopping.is_set():
+                        return
+                    p = self.procs[name]
+                    if p.poll() is None or name in self._given_up:
+                        continue
+                    now = time.monotonic()
+                    if not budgets[name].allow(now):
+                        log.error(
+                            "router %s exited (status %s); restarted %d times within %gs already: left down",
+                            name, p.returncode, self.spec.router_restart_limit, self.spec.router_restart_window_s,
+                        )  # fmt: skip
+                        self._given_up.add(name)
+                        continue
+                    log.warning(
+                        "router %s exited unexpectedly (status %s): restarting it", name, p.returncode
+                    )
+                    try:
                         self.restart(name, stop_on_failure=False)
-                        self.router_restarts.append((name, now, p.returncode))
-                except Exception as e:  # noqa: BLE001 - a restart that failed: left down, named
-                    log.error("router %s could not be restarted: %s", name, e)
-                    self._given_up.add(name)
-                else:
-                    log.warning("router %s restarted", name)
+                    except Exception as e:  # noqa: BLE001 - tried again next poll, within the budget
+                        log.error("router %s could not be restarted: %s", name, e)
+                        continue
+                    self.router_restarts.append((name, now, p.returncode))
+                    log.warning(
+                        "router %s restarted on %s",
+                        name,
+                        self.router_addresses[self.router_names.index(name)],
+                    )
 
     def __enter__(self) -> LocalCluster:
         return self
