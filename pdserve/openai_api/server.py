@@ -5,9 +5,8 @@ in ONE background thread with its own asyncio event loop. Every request is a cor
 loop and reaches the router through one shared asyncio SDK client
 (:func:`pdserve.openai_api.router_client.open_router_client`, ``grpc.aio``): there is no thread per
 connection or per request, so a waiting or streaming request costs memory, not a thread.
-Requests are read with Starlette's :class:`~starlette.requests.Request` and answered with its
-:class:`~starlette.responses.Response` (SSE streams are written as raw ASGI body messages so that
-each event leaves at once). Everything that is not I/O (validation, response objects, error
+Requests are read with Starlette's :class:`~starlette.requests.Request`; responses are raw ASGI
+messages (header names keep their usual casing; each SSE event leaves at once). Everything that is not I/O (validation, response objects, error
 mapping) lives in :mod:`pdserve.openai_api.translate` and :mod:`pdserve.openai_api.errors`.
 
 Contracts:
@@ -20,10 +19,11 @@ Contracts:
   chunked transfer encoding, so the connection stays reusable.
 * A client that disconnects (while streaming or while waiting for a whole response) cancels the
   gRPC call, which aborts the request in the cluster and frees its KV blocks.
-* Bounded input: the request line and headers together at most ``max_header_bytes`` (larger:
-  400 and the connection closed, by h11 before any header is parsed), at most
-  ``max_header_count`` header fields (431), a body of at most ``max_body_bytes`` (413; a larger
-  declared body up to 64 MiB is read away first so the client sees the answer, not a reset).
+* Bounded input: the request line and headers together at most ``max_header_bytes`` and at
+  most ``max_header_count`` header fields (431 and the connection closed; a header block still
+  incomplete past ``max_header_bytes`` is refused by h11 before it is parsed: 400, closed, so
+  memory stays bounded), a body of at most ``max_body_bytes`` (413; a larger declared body up to
+  64 MiB is read away first so the client sees the answer, not a reset).
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ from typing import Any, TypeVar
 import h11
 import uvicorn
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -103,7 +102,8 @@ class ServerConfig:
     """``router``: the router's gRPC address, or several (``"a:1,b:2"`` or a tuple) that the
     SDK client fails over between. ``port`` 0 picks a free port (see :attr:`OpenAIServer.port`).
     ``max_body_bytes``: larger bodies get 413. ``max_header_bytes``: the request line and headers
-    together (larger: 400, connection closed); ``max_header_count``: more header fields get 431.
+    together, ``max_header_count``: header fields (more: 431, or 400 from h11 for a header block
+    still incomplete past ``max_header_bytes``; the connection is closed).
     ``request_timeout_s``: deadline of each generation (504 when exceeded; None = none).
     ``models_ttl_s``: how long the router's model list is cached for ``model`` checks.
     ``idle_timeout_s``: an idle keep-alive connection is closed after this long.
@@ -196,15 +196,17 @@ class _Exchange:
             await self._send_error(error_response(e))
 
     async def _send_json(self, status: HTTPStatus, obj: Any, headers: Iterable[tuple[str, str]] = ()) -> None:
-        hdrs = dict(headers)
+        # raw ASGI messages rather than a Starlette Response, which lower-cases header names:
+        # clients that look headers up case-sensitively (a dict of them) see the usual casing
+        data = json.dumps(obj).encode()
+        hdrs = [(b"Content-Type", b"application/json"), (b"Content-Length", str(len(data)).encode())]
+        hdrs += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         if self.close_connection:
-            hdrs["Connection"] = "close"
+            hdrs.append((b"Connection", b"close"))
         self.finishing = True
         self.started = True
-        resp = Response(
-            json.dumps(obj).encode(), status_code=int(status), headers=hdrs, media_type="application/json"
-        )
-        await resp(self.scope, self.receive, self._send)
+        await self._send({"type": "http.response.start", "status": int(status), "headers": hdrs})
+        await self._send({"type": "http.response.body", "body": data, "more_body": False})
 
     async def _send_error(self, err: ErrorResponse) -> None:
         if err.close_connection:
@@ -218,15 +220,33 @@ class _Exchange:
     def _header(self, name: str) -> str | None:
         return self.req.headers.get(name)
 
+    def _check_header_bounds(self) -> None:
+        """431 for more than ``max_header_count`` fields or request line + fields over
+        ``max_header_bytes`` (h11 refuses headers that grow past it while incomplete; a block that
+        arrives whole is measured here)."""
+        cfg = self.app.config
+        fields = self.scope["headers"]
+        line = (
+            len(self.method)
+            + len(self.scope.get("raw_path") or b"")
+            + len(self.scope.get("query_string") or b"")
+        )
+        size = line + 12 + sum(len(k) + len(v) + 4 for k, v in fields)  # ": " and CRLF per field
+        if len(fields) > cfg.max_header_count:
+            problem = f"has {len(fields)} header fields; the limit is {cfg.max_header_count}"
+        elif size > cfg.max_header_bytes:
+            problem = f"line and headers are {size} bytes; the limit is {cfg.max_header_bytes}"
+        else:
+            return
+        raise HttpError(
+            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+            f"the request {problem}",
+            ErrorCodeStr.HEADERS_TOO_LARGE,
+            close_connection=True,
+        )
+
     async def _route(self) -> None:
-        if len(self.scope["headers"]) > self.app.config.max_header_count:
-            raise HttpError(
-                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                f"the request has {len(self.scope['headers'])} header fields; the limit is "
-                f"{self.app.config.max_header_count}",
-                ErrorCodeStr.HEADERS_TOO_LARGE,
-                close_connection=True,
-            )
+        self._check_header_bounds()
         path: str = self.scope["path"]  # already percent-decoded by the server
         if len(path) > 1:
             path = path.rstrip("/")
@@ -388,10 +408,10 @@ class _Exchange:
                 chunks = [c async for c in stream]
                 await self._send_json(HTTPStatus.OK, build_response(meta, chunks), (("X-Request-Id", rid),))
         except asyncio.CancelledError:
-            if not self.gone:
-                raise  # the server is shutting down
             me.uncancel()
-            raise _ClientGone from None
+            if self.gone:
+                raise _ClientGone from None
+            raise _shutting_down() from None  # close() ran out of grace: 503 for this request
         finally:
             watcher.cancel()
             aclose = getattr(stream, "aclose", None)
@@ -401,9 +421,9 @@ class _Exchange:
     async def _stream(self, meta: ResponseMeta, stream: AsyncIterator[Chunk]) -> None:
         first = await anext(stream, None)  # errors here are still real HTTP statuses
         headers = [
-            (b"content-type", b"text/event-stream"),
-            (b"cache-control", b"no-cache"),
-            (b"x-request-id", meta.id[len(meta.kind.id_prefix) :].encode()),
+            (b"Content-Type", b"text/event-stream"),
+            (b"Cache-Control", b"no-cache"),
+            (b"X-Request-Id", meta.id[len(meta.kind.id_prefix) :].encode()),
         ]
         self.started = True
         await self._send({"type": "http.response.start", "status": HTTPStatus.OK.value, "headers": headers})
@@ -420,13 +440,22 @@ class _Exchange:
                 events = []
                 chunk = await anext(stream, None)
             events += [sse_event(o) for o in tr.end()]
-        except Exception as e:  # noqa: BLE001 - a failure mid-stream: one error event, then [DONE]
+        except (Exception, asyncio.CancelledError) as e:  # a failure mid-stream: one error event, then [DONE]
+            if isinstance(e, asyncio.CancelledError):
+                if self.gone:
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                e = _shutting_down()  # noqa: PLW2901 - close() ran out of grace
             err = error_response(e)
             log.warning("stream %s failed after headers: %s", meta.id, err.body["error"]["message"])
             events.append(sse_event(err.body))
         events.append(SSE_DONE)
         self.finishing = True
         await self._send({"type": "http.response.body", "body": b"".join(events), "more_body": False})
+
+
+def _shutting_down() -> UnavailableError:
+    return UnavailableError("the OpenAI HTTP server is shutting down; retry the request")
 
 
 class _App:
@@ -455,9 +484,9 @@ class _H11(H11Protocol):
             )
         ).encode()
         headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", str(len(body)).encode()),
+            (b"Connection", b"close"),
         ]
         for event in (
             h11.Response(status_code=HTTPStatus.BAD_REQUEST.value, headers=headers, reason=b"Bad Request"),
@@ -665,13 +694,21 @@ class OpenAIServer:
             if self._exit_requested:
                 self._uv.should_exit = True
             await self._uv.serve(sockets=[self._sock])
-            # connections uvicorn gave up on after the grace period: close their transports here,
-            # on the loop, so none is left for the garbage collector
-            for conn in list(self._uv.server_state.connections):
-                transport = getattr(conn, "transport", None)
+            # requests cancelled after the grace period answer 503 / an error event: let them, then
+            # close what uvicorn left open, on the loop, so nothing is left for the collector
+            tasks = set(self._uv.server_state.tasks)
+            if tasks:
+                await asyncio.wait(tasks, timeout=2.0)
+            conns = [getattr(c, "transport", None) for c in self._uv.server_state.connections]
+            for transport in conns:
                 if transport is not None:
-                    transport.abort()
-            await asyncio.sleep(0)
+                    transport.close()  # flushes what was written
+            if conns:
+                await asyncio.sleep(0.1)
+                for transport in conns:
+                    if transport is not None:
+                        transport.abort()  # a peer that does not read: drop its buffer
+                await asyncio.sleep(0)
         finally:
             if own and self._client is not None:
                 await self._client.close()
@@ -694,7 +731,7 @@ class OpenAIServer:
         """Serve in a background thread; returns once listening (raises what failed otherwise)."""
         if self._thread is not None:
             raise RuntimeError("OpenAIServer.start() called twice")
-        self._thread = threading.Thread(target=self._run, name="openai-http", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"openai-http-{self.port}", daemon=True)
         self._thread.start()
         self._ready.wait()
         if self._failure is not None:
