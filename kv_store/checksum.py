@@ -79,3 +79,16 @@ def verify_blocks(views: Sequence[Any], expected: Sequence[int], where: str) -> 
                 f"{where}: block {i} failed its checksum ({CHECKSUM_ALGORITHM} {got:016x}, expected "
                 f"{want:016x}): corrupted or not the bytes its writer published; not served"
             )
+
+
+def check_expected(expected: Sequence[int], stored: Sequence[int], where: str) -> None:
+    """Raise :class:`KVChecksumError` naming the first block whose ``stored`` checksum (the
+    node's) is not the ``expected`` one (e.g. the writer's): the node holds other bytes under its
+    key (write-once keys keep the first bytes), so nothing is read. ``expected`` empty: no check."""
+    if not expected or tuple(expected) == tuple(stored):
+        return
+    bad = next(i for i, (a, b) in enumerate(zip(expected, stored, strict=True)) if a != b)
+    raise KVChecksumError(
+        f"{where}: block {bad} is stored with checksum {stored[bad]:016x}, not the expected "
+        f"{expected[bad]:016x} (other bytes under its key); not served"
+    )

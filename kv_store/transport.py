@@ -49,7 +49,7 @@ import contextlib
 import enum
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -57,7 +57,13 @@ import numpy as np
 
 from engine.block_hash import BlockHash
 from kv_store.arena import ArenaReader
-from kv_store.checksum import KVChecksumError, block_checksum, check_checksum_list, verify_blocks
+from kv_store.checksum import (
+    KVChecksumError,
+    block_checksum,
+    check_checksum_list,
+    check_expected,
+    verify_blocks,
+)
 from kv_store.client import KVStoreClient
 from kv_store.handle import BlockLocation, check_hashes
 from kv_store.layout import KVLayout
@@ -74,6 +80,28 @@ def _checksum_pool() -> ThreadPoolExecutor:
         if _CHECKSUM_POOL is None:
             _CHECKSUM_POOL = ThreadPoolExecutor(1, thread_name_prefix="kv-checksum")
         return _CHECKSUM_POOL
+
+
+class ChecksumFailures:
+    """A transport's count of reads refused because a block failed its checksum (thread-safe):
+    :meth:`add` one, or run a read in :meth:`counted` (a :class:`KVChecksumError` out of it is
+    counted, then raised). Every verified read path of this module counts through one of these."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self.count += 1
+
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        try:
+            yield
+        except KVChecksumError:
+            self.add()
+            raise
 
 
 class FetchedBlocks:
@@ -259,7 +287,12 @@ class GrpcTransport:
 
     def __init__(self, timeout_s: float | None = 60.0) -> None:
         self._clients = _Clients(timeout_s)
-        self.checksum_failures = 0
+        self.failures = ChecksumFailures()
+
+    @property
+    def checksum_failures(self) -> int:
+        """Reads refused because a block failed its checksum."""
+        return self.failures.count
 
     def fetch(
         self,
@@ -268,11 +301,8 @@ class GrpcTransport:
         hashes: Sequence[BlockHash],
         checksums: Sequence[int] = (),
     ) -> FetchedBlocks:
-        try:
+        with self.failures.counted():
             data = self._clients.get(location).get_blocks(layout, hashes, checksums)
-        except KVChecksumError:
-            self.checksum_failures += 1
-            raise
         return FetchedBlocks([memoryview(b) for b in data])
 
     def close(self) -> None:
@@ -384,11 +414,12 @@ class ShmTransport:
         self._readers: dict[str, ArenaReader] = {}
         self._lock = threading.Lock()
         self._deferred = _DeferredReleases(release_delay_s, self._clients)
-        self.checksum_failures = 0  # reads refused because a block failed its checksum
+        self.failures = ChecksumFailures()
 
-    def _count_mismatch(self) -> None:
-        with self._lock:
-            self.checksum_failures += 1
+    @property
+    def checksum_failures(self) -> int:
+        """Reads refused because a block failed its checksum."""
+        return self.failures.count
 
     def _reader(self, shm_name: str) -> ArenaReader:
         with self._lock:
@@ -430,23 +461,15 @@ class ShmTransport:
                 raise UnavailableError(
                     f"store node {location.node_id!r} sent no block checksums with the lease"
                 )
-            if want and tuple(grant.checksums) != want:
-                # the node holds other bytes under these keys than the caller expects (write-once:
-                # a conflicting put kept the first bytes): a miss, nothing to read
-                self._count_mismatch()
-                bad = next(i for i, (a, b) in enumerate(zip(want, grant.checksums, strict=True)) if a != b)
-                raise KVChecksumError(
-                    f"store node {location.node_id!r}: block {bad} is stored with checksum "
-                    f"{grant.checksums[bad]:016x}, not the expected {want[bad]:016x} (other bytes under "
-                    "its key); not served"
-                )
+            with self.failures.counted():  # other bytes under these keys than expected: a miss
+                check_expected(want, grant.checksums, f"store node {location.node_id!r}")
             reader = self._reader(grant.shm_name)
             views, spans = _slot_views(reader, grant.slots, grant.slot_nbytes)
         except BaseException:
             client.release(grant.lease_id)
             raise
         where = f"shm read from store node {location.node_id!r}"
-        sums, miss = grant.checksums, self._count_mismatch
+        sums, miss = grant.checksums, self.failures.add
         if self.release_delay_s > 0:
             return FetchedBlocks(
                 views, lambda: self._deferred.add(address, [grant.lease_id]), spans, sums, where, miss
@@ -520,7 +543,7 @@ class ShmTransport:
             views, spans = _slot_views(reader, slots, nb)
         except (IndexError, ValueError) as e:  # the reader was closed concurrently
             raise UnavailableError(f"{where}: cannot map leased slots: {e}") from None
-        return FetchedBlocks(views, None, spans, sums, f"leased shm read from {where}", self._count_mismatch)
+        return FetchedBlocks(views, None, spans, sums, f"leased shm read from {where}", self.failures.add)
 
     def flush(self) -> None:
         """Send every deferred release now."""
