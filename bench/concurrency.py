@@ -20,9 +20,7 @@ Usage: python bench/concurrency.py [--sweep 100,1000] [--max-tokens 4] [--prompt
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import re
 import sys
 import tempfile
@@ -36,23 +34,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
-
-from pdserve.limits import grpc_options  # noqa: E402
-from pdserve.v1 import client_pb2, client_pb2_grpc, common_pb2  # noqa: E402
-
-CHANNELS = 8  # client connections the streams are spread over
-VOCAB = 320  # tests.tiny_models vocabulary
-
-
-@dataclass
-class StreamOutcome:
-    """One stream: its status code name ("OK" on success), tokens received, TTFT (s, or None)."""
-
-    code: str
-    tokens: int = 0
-    ttft_s: float | None = None
-    detail: str = ""
+# shared with the other cluster benchmarks (and imported from here by tests)
+from bench.cluster_load import (  # noqa: E402, F401
+    CHANNELS,
+    VOCAB,
+    Progress,
+    StreamOutcome,
+    engine_ttfts,
+    load_avg,
+    percentile,
+    process_cpu_s,
+    prompt_ids,
+    request,
+    run_streams,
+    run_streams_async,
+    tiny_model,
+)
 
 
 @dataclass
@@ -68,73 +65,11 @@ class SweepResult:
     ttft_p99_s: float | None = None
     engine_ttft_p99_s: float | None = None
     first_failure: str = ""
+    load: str = ""  # the machine's load average when the sweep point ended
 
     @property
     def success_rate(self) -> float:
         return self.ok / self.n if self.n else 0.0
-
-
-def prompt_ids(i: int, length: int) -> list[int]:
-    """A distinct prompt of ``length`` token ids for stream ``i`` (no shared prefix between streams)."""
-    return [3 + (i * 7 + j * 13) % (VOCAB - 3) for j in range(length)]
-
-
-def request(i: int, max_tokens: int, prompt_len: int) -> client_pb2.GenerateRequest:
-    return client_pb2.GenerateRequest(
-        request_id=f"load-{i}-{time.monotonic_ns()}",
-        prompt_token_ids=client_pb2.TokenIds(ids=prompt_ids(i, prompt_len)),
-        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
-    )
-
-
-async def _one(stub, req: client_pb2.GenerateRequest, timeout_s: float) -> StreamOutcome:
-    t0 = time.monotonic()
-    out = StreamOutcome("OK")
-    finished = False
-    try:
-        async for m in stub.Generate(req, timeout=timeout_s):
-            if m.token_ids and out.ttft_s is None:
-                out.ttft_s = time.monotonic() - t0
-            out.tokens += len(m.token_ids)
-            finished = finished or m.HasField("finish")
-    except grpc.aio.AioRpcError as e:
-        return StreamOutcome(e.code().name, out.tokens, out.ttft_s, e.details() or "")
-    if not finished:
-        return StreamOutcome("NO_FINISH", out.tokens, out.ttft_s)
-    return out
-
-
-async def run_streams_async(
-    address: str, n: int, max_tokens: int, prompt_len: int = 8, timeout_s: float = 300.0
-) -> list[StreamOutcome]:
-    """Open ``n`` Generate streams at once (spread over :data:`CHANNELS` connections) and read each
-    to its end; one outcome per stream, in order."""
-    channels = [grpc.aio.insecure_channel(address, options=grpc_options()) for _ in range(CHANNELS)]
-    try:
-        stubs = [client_pb2_grpc.GenerateStub(c) for c in channels]
-        return list(
-            await asyncio.gather(
-                *(_one(stubs[i % CHANNELS], request(i, max_tokens, prompt_len), timeout_s) for i in range(n))
-            )
-        )
-    finally:
-        for c in channels:
-            await c.close()
-
-
-def run_streams(
-    address: str, n: int, max_tokens: int, prompt_len: int = 8, timeout_s: float = 300.0
-) -> list[StreamOutcome]:
-    """:func:`run_streams_async` on a fresh event loop (callable from synchronous code)."""
-    return asyncio.run(run_streams_async(address, n, max_tokens, prompt_len, timeout_s))
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (``/proc/<pid>/stat`` fields 14, 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def registered_workers(metrics_address: str) -> dict[str, int]:
@@ -181,39 +116,14 @@ class WorkerWatch:
         self._thread.join(10)
 
 
-def percentile(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
-def engine_ttfts(model_path: str, n: int, max_tokens: int, prompt_len: int, kv_blocks: int) -> list[float]:
-    """TTFT of the same ``n`` requests on one engine alone (all submitted at once, stepped here)."""
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.sampling_params import SamplingParams
-
-    eng = LLMEngine.from_pretrained(model_path, EngineConfig(num_kv_blocks=kv_blocks, block_size=16))
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    t0 = time.monotonic()
-    first: dict[str, float] = {}
-    for i in range(n):
-        eng.add_request(f"e{i}", prompt_ids(i, prompt_len), params)
-    while eng.has_unfinished():
-        for out in eng.step():
-            if out.new_token_ids and out.request_id not in first:
-                first[out.request_id] = time.monotonic() - t0
-    eng.close()
-    return list(first.values())
-
-
 def sweep_one(cl, n: int, max_tokens: int, prompt_len: int, timeout_s: float) -> SweepResult:
     router_pid = cl.procs["router"].pid
     cpu0 = process_cpu_s(router_pid)
     t0 = time.monotonic()
     with WorkerWatch(cl.metrics["router"]) as watch:
-        outs = run_streams(cl.router_address, n, max_tokens, prompt_len, timeout_s)
+        outs = run_streams(
+            cl.router_address, n, max_tokens, prompt_len, timeout_s, Progress(f"{n} streams", n)
+        )
     wall = time.monotonic() - t0
     cpu = process_cpu_s(router_pid) - cpu0
     ok = [o for o in outs if o.code == "OK"]
@@ -230,16 +140,8 @@ def sweep_one(cl, n: int, max_tokens: int, prompt_len: int, timeout_s: float) ->
         ttft_p50_s=percentile(ttfts, 0.5),
         ttft_p99_s=percentile(ttfts, 0.99),
         first_failure=f"{bad[0].code}: {bad[0].detail}" if bad else "",
+        load=load_avg(),
     )
-
-
-def tiny_model(root: Path) -> Path:
-    """The tiny Llama of :mod:`tests.tiny_models` with the default model's tokenizer (the router
-    tokenizes and detokenizes), built under ``root``."""
-    from pdserve.model_setup import ensure_default_model
-    from tests.tiny_models import make_tiny_models
-
-    return make_tiny_models(root, tokenizer_from=ensure_default_model(progress=False))["llama"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{mw + ' (P/D)':>14} {f(r.ttft_p50_s):>9} {f(r.ttft_p99_s):>9} {f(r.engine_ttft_p99_s):>10} "
             f"{f(over):>12}"
         )
+        print(f"{'':>8} [{r.load}]")
         if r.failures:
             print(f"{'':>8} failures: {r.failures}; first: {r.first_failure[:200]}")
     if a.out:

@@ -1,0 +1,204 @@
+"""Serving efficiency: the cluster's tokens/s against the same engine embedded, same cores (#12).
+
+For each concurrency C of ``--streams`` (default 64 and 256), in one run on one machine:
+
+* embedded: the engine the workers run (tiny Llama of :mod:`tests.tiny_models`, same block pool
+  and batch limit), in this process, continuous batching, C requests in flight, each finished
+  one replaced at once, ``--requests-per-stream`` x C requests of ``--max-tokens`` tokens;
+* cluster: router + 1 prefill + 1 decode worker (+ the KV store) launched as processes on
+  127.0.0.1 (:func:`pdserve.launcher.launch`), the same requests sent through the SDK's
+  :class:`pdserve.client.AsyncClient` from this process by C concurrent streams (closed loop).
+
+Printed: tokens/s of each, the ratio cluster / embedded (target >= 0.8: PASS/FAIL) and the CPU
+milliseconds per token of every process over the cluster run (router, prefill, decode, store and
+the client, this process; ``/proc/<pid>/stat``), with the router's target (<= 0.02 ms/token:
+PASS/FAIL), and the machine's load average beside each figure. Both runs use the cores this
+process may use (``--cpus`` pins this process and so every process it starts to a set).
+A progress line (requests done) goes to stderr.
+
+Usage: python bench/serving_efficiency.py [--streams 64,256] [--requests-per-stream 4]
+       [--max-tokens 32] [--prompt-len 8] [--cpus 0,1] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.cluster_load import (  # noqa: E402
+    CpuMeter,
+    Progress,
+    engine_closed_loop,
+    load_avg,
+    make_engine,
+    process_cpu_s,
+    sdk_closed_loop,
+    tiny_model,
+    torch_threads,
+)
+
+RATIO_TARGET = 0.8
+ROUTER_MS_PER_TOKEN_TARGET = 0.02
+KV_BLOCKS = 2048
+
+
+@dataclass
+class EfficiencyResult:
+    streams: int
+    requests: int
+    engine_tokens: int
+    engine_wall_s: float
+    engine_cpu_ms_per_token: float
+    cluster_tokens: int
+    cluster_wall_s: float
+    cluster_failures: dict[str, int]
+    cpu_ms_per_token: dict[str, float] = field(default_factory=dict)
+    load_engine: str = ""
+    load_cluster: str = ""
+
+    @property
+    def engine_tps(self) -> float:
+        return self.engine_tokens / self.engine_wall_s
+
+    @property
+    def cluster_tps(self) -> float:
+        return self.cluster_tokens / self.cluster_wall_s
+
+    @property
+    def ratio(self) -> float:
+        return self.cluster_tps / self.engine_tps
+
+
+def measure_engine(
+    model: str, c: int, n: int, max_tokens: int, prompt_len: int, threads: int
+) -> tuple[int, float, float]:
+    """(tokens, wall s, CPU ms per token) of the embedded run (warmed up first), on ``threads``
+    torch threads."""
+    with torch_threads(threads):
+        eng = make_engine(model, KV_BLOCKS)
+        try:
+            engine_closed_loop(eng, min(c, 16), min(c, 16), max_tokens, prompt_len, offset=10**6)  # warm-up
+            me = os.getpid()
+            cpu0 = process_cpu_s(me)
+            r = engine_closed_loop(eng, c, n, max_tokens, prompt_len, Progress(f"embedded, {c} streams", n))
+            cpu = process_cpu_s(me) - cpu0
+        finally:
+            eng.close()
+    return r.tokens, r.wall_s, cpu / max(r.tokens, 1) * 1e3
+
+
+def measure_cluster(cl, c: int, n: int, max_tokens: int, prompt_len: int):
+    """(LoadResult, CPU ms per token by process) of the cluster run (warmed up first)."""
+    asyncio.run(
+        sdk_closed_loop(cl.router_address, min(c, 16), min(c, 16), max_tokens, prompt_len, offset=10**6)
+    )
+    pids = {name: p.pid for name, p in cl.procs.items()}
+    pids["client"] = os.getpid()
+    meter = CpuMeter(pids).start()
+    r = asyncio.run(
+        sdk_closed_loop(
+            cl.router_address, c, n, max_tokens, prompt_len, progress=Progress(f"cluster, {c} streams", n)
+        )
+    )
+    cpu = meter.stop()
+    per_tok = {k: v / max(r.tokens, 1) * 1e3 for k, v in cpu.items()}
+    per_tok["all"] = sum(cpu.values()) / max(r.tokens, 1) * 1e3
+    return r, per_tok
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pdserve import cli_help
+
+    ap = argparse.ArgumentParser(
+        prog="python bench/serving_efficiency.py", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--streams", default="64,256", help="comma-separated concurrencies")
+    ap.add_argument("--requests-per-stream", type=int, default=4, help="requests per stream (closed loop)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
+    ap.add_argument("--prompt-len", type=int, default=8, help="prompt tokens per request")
+    ap.add_argument(
+        "--engine-threads",
+        type=int,
+        default=1,
+        help="torch threads of the embedded engine (default 1: as each worker runs, OMP_NUM_THREADS=1)",
+    )
+    ap.add_argument("--cpus", default="", help="pin to these CPUs (e.g. 0,1); default: as allowed now")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    return cli_help.apply(ap)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.cpus:
+        os.sched_setaffinity(0, {int(x) for x in a.cpus.split(",")})
+    cores = sorted(os.sched_getaffinity(0))
+    from pdserve.launcher import ClusterSpec, launch
+
+    sizes = [int(x) for x in a.streams.split(",") if x]
+    results: list[EfficiencyResult] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(tiny_model(Path(tmp)))
+        spec = ClusterSpec(model_path=model, num_prefill=1, num_decode=1, worker_kv_blocks=KV_BLOCKS)
+        with launch(spec) as cl:
+            for c in sizes:
+                n = c * a.requests_per_stream
+                load_e = load_avg()
+                e_tok, e_wall, e_cpu = measure_engine(
+                    model, c, n, a.max_tokens, a.prompt_len, a.engine_threads
+                )
+                load_c = load_avg()
+                r, per_tok = measure_cluster(cl, c, n, a.max_tokens, a.prompt_len)
+                results.append(
+                    EfficiencyResult(
+                        c, n, e_tok, e_wall, e_cpu, r.tokens, r.wall_s, r.failures, per_tok, load_e, load_c
+                    )
+                )
+    print(
+        f"tiny Llama, {a.max_tokens} tokens per request, prompt {a.prompt_len}, "
+        f"{a.requests_per_stream} requests per stream, cores {cores}, embedded engine on "
+        f"{a.engine_threads} torch thread(s) (each worker: 1)"
+    )
+    ok = True
+    for r in results:
+        verdict = "PASS" if r.ratio >= RATIO_TARGET else "FAIL"
+        rt = r.cpu_ms_per_token.get("router", float("nan"))
+        rverdict = "PASS" if rt <= ROUTER_MS_PER_TOKEN_TARGET else "FAIL"
+        ok = ok and verdict == "PASS" and rverdict == "PASS" and not r.cluster_failures
+        print(f"\n{r.streams} streams, {r.requests} requests:")
+        print(
+            f"  embedded: {r.engine_tps:9.0f} tokens/s  ({r.engine_tokens} tokens, {r.engine_wall_s:.2f} s; "
+            f"{r.engine_cpu_ms_per_token:.4f} ms CPU/token)  [{r.load_engine}]"
+        )
+        print(
+            f"  cluster:  {r.cluster_tps:9.0f} tokens/s  ({r.cluster_tokens} tokens, {r.cluster_wall_s:.2f} s)"
+            f"  [{r.load_cluster}]"
+        )
+        print(f"  ratio cluster/embedded: {r.ratio:.3f}  (target >= {RATIO_TARGET}: {verdict})")
+        if r.cluster_failures:
+            print(f"  cluster failures: {r.cluster_failures}")
+        per = "  ".join(f"{k} {v:.4f}" for k, v in r.cpu_ms_per_token.items())
+        print(f"  CPU ms per token: {per}")
+        print(f"  router CPU per token {rt:.4f} ms (target <= {ROUTER_MS_PER_TOKEN_TARGET}: {rverdict})")
+    if a.out:
+        Path(a.out).write_text(
+            json.dumps(
+                [
+                    {**asdict(r), "engine_tps": r.engine_tps, "cluster_tps": r.cluster_tps, "ratio": r.ratio}
+                    for r in results
+                ],
+                indent=2,
+            )
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
