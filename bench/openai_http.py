@@ -12,7 +12,7 @@ the sweep (default 200), in the same run:
   thread per request), the SSE events read to ``[DONE]``.
 
 Printed per N and per front: successes, requests/s (N / wall time of the wave), p50 / p99 TTFT
-(request sent -> first token: the first SSE event / SDK chunk carrying text or token ids), and the
+(request sent -> first token: the first SSE event of a choice / SDK chunk carrying token ids), and the
 HTTP / gRPC ratios; plus the most threads this process had while the HTTP wave ran (the
 front end spends no thread per connection). The waves alternate (gRPC, HTTP, gRPC, HTTP... with
 ``--rounds``) so machine noise hits both alike; each front's numbers are the median of its rounds.
@@ -129,7 +129,9 @@ def _event(out: HttpOutcome, ev: bytes, t0: float) -> None:
     if "error" in obj:
         out.detail = obj["error"]["message"]
         return
-    if out.ttft_s is None and any(c.get("text") or c.get("delta", {}).get("content") for c in obj["choices"]):
+    # the first token's event: a completion chunk (the first one; a token of a random model may
+    # have no text of its own), or a chat chunk past the role-only one
+    if out.ttft_s is None and any("text" in c or "content" in c.get("delta", {}) for c in obj["choices"]):
         out.ttft_s = time.monotonic() - t0
     if obj.get("usage"):
         out.tokens = obj["usage"]["completion_tokens"]
