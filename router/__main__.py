@@ -38,7 +38,7 @@ from prometheus_client import REGISTRY
 from pdserve import cli_help
 from pdserve.auth.cli_args import add_auth_args, edge_from_args
 from pdserve.metrics import RouterMetrics, serve_metrics
-from pdserve.security import add_security_args, install_from_args
+from pdserve.security import add_process_security_args, install_process_security
 from pdserve.tracing import configure_logging
 from pdserve.v1 import client_pb2
 from router.health import HEALTH_SERVICES, start_router_health
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="goodput policy: every worker runs on one host with this many cores (CPU serving); "
         "predictions grow with busy workers / cores. Default: each worker has its own device",
     )
-    add_security_args(ap)
+    add_process_security_args(ap, redis=True)  # TLS, cluster token; the --index / key store Redis
     return cli_help.apply(ap)
 
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = build_parser()
     a = ap.parse_args(argv)
-    install_from_args(ap, a, a.host, ("pdserve.v1.Generate", "pdserve.v1.Registry"))
+    install_process_security(ap, a, a.host, ("pdserve.v1.Generate", "pdserve.v1.Registry"), redis=True)
     configure_logging("router")
     try:
         goodput = GoodputConfig(

@@ -430,13 +430,11 @@ class RedisKeyStore:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "pdserve:auth:", **kw: Any) -> RedisKeyStore:
-        import redis
+        from pdserve.redis_access import connect, shown
 
-        client = redis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=True
-        )
-        shown = url.split("@")[-1]  # never print a password in messages
-        return cls(client, prefix, shown, **kw)
+        # password and TLS (rediss://) as pdserve.redis_access says; plaintext off loopback refused
+        client = connect(url, socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=True)
+        return cls(client, prefix, shown(url), **kw)  # never print a password in messages
 
     @contextlib.contextmanager
     def _io(self) -> Iterator[None]:
