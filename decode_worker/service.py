@@ -18,8 +18,8 @@ the request carries it too, and every pull is timed and its failures counted in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
+import enum
 import logging
 import queue
 import threading
@@ -45,6 +45,43 @@ from pdserve.v1 import common_pb2, worker_pb2
 from pdserve.worker_base import WorkerState
 
 log = logging.getLogger(__name__)
+
+
+class Outcome(enum.Enum):
+    """How a Decode stream ended, as its closing log line tells it."""
+
+    DONE = "done"  # it sent its finish message
+    GONE = "gone"  # the caller went away: "decode done" after the finish, else "decode cancelled"
+    FAILED = "failed"  # an error ended it
+
+
+class _StreamAccount:
+    """Per-stream accounting of a Decode call (sync and asyncio servicers alike): tokens sent,
+    the finish reason and the KV pull time, from the messages as they are sent
+    (:meth:`on_message`), and the one closing log line (:meth:`on_end`): "decode done",
+    "decode cancelled" or "decode failed" with ``tokens``, ``finish`` / ``error`` and
+    ``kv_pull_s`` (0 before/without a pull)."""
+
+    __slots__ = ("finish", "pull_s", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.finish = ""
+        self.pull_s = 0.0
+
+    def on_message(self, msg: worker_pb2.DecodeResponse) -> None:
+        self.tokens += len(msg.token_ids)
+        self.pull_s = self.pull_s or msg.kv_pull_s
+        if msg.HasField("finish"):
+            self.finish = common_pb2.FinishReason.Name(msg.finish.reason)
+
+    def on_end(self, outcome: Outcome, error: BaseException | None = None) -> None:
+        pull = round(self.pull_s, 6)
+        if outcome is Outcome.FAILED:
+            log_event(log, "decode failed", error=type(error).__name__, tokens=self.tokens, kv_pull_s=pull)
+            return
+        event = "decode done" if outcome is Outcome.DONE or self.finish else "decode cancelled"
+        log_event(log, event, tokens=self.tokens, finish=self.finish, kv_pull_s=pull)
 
 
 class DecodeServicer:
@@ -115,29 +152,18 @@ class DecodeServicer:
         Its one closing log line ("decode done", "decode cancelled" or "decode failed") carries
         the tokens streamed and ``kv_pull_s`` (0 before/without a pull)."""
         with request_scope(req.request_id or req.kv.request_id):
-            tokens, finish, pull_s = 0, "", 0.0
+            account = _StreamAccount()
             try:
                 for msg in self._decode(req, ctx):
-                    tokens += len(msg.token_ids)
-                    pull_s = pull_s or msg.kv_pull_s
-                    if msg.HasField("finish"):
-                        finish = common_pb2.FinishReason.Name(msg.finish.reason)
+                    account.on_message(msg)
                     yield msg
             except GeneratorExit:  # the caller went away (after the finish message: it was done)
-                log_event(
-                    log,
-                    "decode done" if finish else "decode cancelled",
-                    tokens=tokens,
-                    finish=finish,
-                    kv_pull_s=round(pull_s, 6),
-                )
+                account.on_end(Outcome.GONE)
                 raise
             except Exception as e:
-                log_event(
-                    log, "decode failed", error=type(e).__name__, tokens=tokens, kv_pull_s=round(pull_s, 6)
-                )
+                account.on_end(Outcome.FAILED, e)
                 raise
-            log_event(log, "decode done", tokens=tokens, finish=finish, kv_pull_s=round(pull_s, 6))
+            account.on_end(Outcome.DONE)
 
     def _decode(
         self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext
@@ -301,18 +327,50 @@ def _ends(item: OutputItem) -> bool:
     return isinstance(item, BaseException) or item.finished
 
 
-class _LoopQueue:
-    """A request's output queue read by an asyncio task: the engine thread's ``put`` hands the
-    item to the event loop (``call_soon_threadsafe``), never blocking the engine. Holds at most
-    the request's outputs (bounded by its ``max_tokens``)."""
+class _LoopInbox:
+    """Outputs handed from the engine thread to one event loop for many streams: the first
+    output of a burst schedules one drain on the loop (``call_soon_threadsafe``, a wake-up of the
+    loop), the rest of the burst (the other streams of the same engine step) join it, so a step
+    that produced a token for each of N streams costs one wake-up, not N. ``put`` never blocks
+    the engine (a short lock, never held while the loop runs a stream)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[OutputItem], OutputItem]] = []
+        self._scheduled = False
+
+    def put(self, q: asyncio.Queue[OutputItem], item: OutputItem) -> None:  # engine thread
+        with self._lock:
+            self._items.append((q, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop closed (shutting down): nobody reads
+            with self._lock:
+                self._scheduled = False
+
+    def _drain(self) -> None:  # event loop
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for q, item in items:
+            q.put_nowait(item)
+
+
+class _LoopQueue:
+    """A request's output queue read by an asyncio task: the engine thread's ``put`` hands the
+    item to the event loop through the loop's :class:`_LoopInbox`, never blocking the engine.
+    Holds at most the request's outputs (bounded by its ``max_tokens``)."""
+
+    def __init__(self, inbox: _LoopInbox) -> None:
+        self._inbox = inbox
         self._q: asyncio.Queue[OutputItem] = asyncio.Queue()
 
     def put(self, item: OutputItem) -> None:  # engine thread
-        with contextlib.suppress(RuntimeError):  # the loop closed (shutting down): nobody reads
-            self._loop.call_soon_threadsafe(self._q.put_nowait, item)
+        self._inbox.put(self._q, item)
 
     async def get(self) -> OutputItem:
         return await self._q.get()
@@ -352,35 +410,31 @@ class AsyncDecodeServicer(DecodeServicer):
     def __init__(self, *args, admission_threads: int = 16, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="decode-admit")
+        self._inboxes: dict[asyncio.AbstractEventLoop, _LoopInbox] = {}  # one per serving loop
+
+    def _inbox(self, loop: asyncio.AbstractEventLoop) -> _LoopInbox:
+        inbox = self._inboxes.get(loop)
+        if inbox is None:
+            inbox = self._inboxes[loop] = _LoopInbox(loop)
+        return inbox
 
     async def Decode(  # type: ignore[override]
         self, req: worker_pb2.DecodeRequest, ctx: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         """As :meth:`DecodeServicer.Decode` (the same closing log line), on the event loop."""
         with request_scope(req.request_id or req.kv.request_id):
-            tokens, finish, pull_s = 0, "", 0.0
+            account = _StreamAccount()
             try:
                 async for msg in self._decode_async(req, ctx):
-                    tokens += len(msg.token_ids)
-                    pull_s = pull_s or msg.kv_pull_s
-                    if msg.HasField("finish"):
-                        finish = common_pb2.FinishReason.Name(msg.finish.reason)
+                    account.on_message(msg)
                     yield msg
             except (GeneratorExit, asyncio.CancelledError):  # the caller went away
-                log_event(
-                    log,
-                    "decode done" if finish else "decode cancelled",
-                    tokens=tokens,
-                    finish=finish,
-                    kv_pull_s=round(pull_s, 6),
-                )
+                account.on_end(Outcome.GONE)
                 raise
             except Exception as e:
-                log_event(
-                    log, "decode failed", error=type(e).__name__, tokens=tokens, kv_pull_s=round(pull_s, 6)
-                )
+                account.on_end(Outcome.FAILED, e)
                 raise
-            log_event(log, "decode done", tokens=tokens, finish=finish, kv_pull_s=round(pull_s, 6))
+            account.on_end(Outcome.DONE)
 
     def _admit(
         self, req: worker_pb2.DecodeRequest, actx: _AdmissionContext, out: _LoopQueue
@@ -401,7 +455,7 @@ class AsyncDecodeServicer(DecodeServicer):
         self, req: worker_pb2.DecodeRequest, ctx: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         loop = asyncio.get_running_loop()
-        out = _LoopQueue(loop)
+        out = _LoopQueue(self._inbox(loop))
         actx = _AdmissionContext(ctx)
         admitted = loop.run_in_executor(
             self._admission, contextvars.copy_context().run, self._admit, req, actx, out

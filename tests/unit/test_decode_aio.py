@@ -159,3 +159,61 @@ def test_many_waiting_streams_hold_no_thread_each() -> None:
     svc.close()
     assert grown <= 20, f"{grown} threads for {n} waiting streams"  # the admission pool at most
     assert got == [[i] for i in range(n)] and len(finished) == n
+
+
+class _RecordingLoop:
+    """The event loop's ``call_soon_threadsafe`` as :class:`_LoopInbox` uses it: recorded, run later."""
+
+    def __init__(self) -> None:
+        self.scheduled: list = []
+
+    def call_soon_threadsafe(self, fn, *args) -> None:
+        self.scheduled.append((fn, args))
+
+
+def test_one_engine_step_for_many_streams_wakes_the_loop_once() -> None:
+    from decode_worker.service import _LoopInbox
+
+    loop = _RecordingLoop()
+    inbox = _LoopInbox(loop)  # type: ignore[arg-type]
+    queues = [asyncio.Queue() for _ in range(64)]
+    put = threading.Thread(target=lambda: [inbox.put(q, _out(f"r{i}", i)) for i, q in enumerate(queues)])
+    put.start()
+    put.join()
+    assert len(loop.scheduled) == 1  # 64 outputs of one step: one wake-up of the loop
+    fn, args = loop.scheduled.pop()
+    fn(*args)  # the loop drains: every stream has its output, in order
+    assert [q.get_nowait().new_token_ids for q in queues] == [[i] for i in range(64)]
+    inbox.put(queues[0], _out("r0", 99))  # the next step schedules the next drain
+    assert len(loop.scheduled) == 1
+
+
+def test_a_stream_logs_one_closing_line_for_each_way_it_ends(caplog) -> None:
+    import logging
+
+    from decode_worker.service import Outcome, _StreamAccount
+
+    caplog.set_level(logging.INFO, logger="decode_worker.service")
+    first = worker_pb2.DecodeResponse(token_ids=[1, 2], kv_pull_s=0.25)
+    last = worker_pb2.DecodeResponse(
+        token_ids=[3], finish=common_pb2.Finish(reason=common_pb2.FINISH_REASON_LENGTH)
+    )
+    cases = [
+        ([first, last], Outcome.DONE, None),
+        ([first, last], Outcome.GONE, None),  # left after its finish message: it was done
+        ([first], Outcome.GONE, None),
+        ([first], Outcome.FAILED, RuntimeError("engine")),
+    ]
+    for msgs, outcome, error in cases:
+        a = _StreamAccount()
+        for m in msgs:
+            a.on_message(m)
+        a.on_end(outcome, error)
+    lines = [(r.getMessage(), r.tokens, getattr(r, "finish", None), r.kv_pull_s) for r in caplog.records]
+    assert lines == [
+        ("decode done", 3, "FINISH_REASON_LENGTH", 0.25),
+        ("decode done", 3, "FINISH_REASON_LENGTH", 0.25),
+        ("decode cancelled", 2, "", 0.25),
+        ("decode failed", 2, None, 0.25),
+    ]
+    assert caplog.records[-1].error == "RuntimeError"
