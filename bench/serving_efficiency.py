@@ -76,6 +76,14 @@ class EfficiencyResult:
     def ratio(self) -> float:
         return self.cluster_tps / self.engine_tps
 
+    @property
+    def cpu_ratio(self) -> float:
+        """Engine CPU per token / the cluster's (all its processes): the tokens/s ratio the cluster
+        would reach on as many dedicated cores as it keeps busy; unlike wall-clock tokens/s it
+        does not move with other jobs' load on a shared machine."""
+        total = self.cpu_ms_per_token.get("all", 0.0)
+        return self.engine_cpu_ms_per_token / total if total > 0 else 0.0
+
 
 def measure_engine(
     model: str, c: int, n: int, max_tokens: int, prompt_len: int, threads: int
@@ -182,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             f"  [{r.load_cluster}]"
         )
         print(f"  ratio cluster/embedded: {r.ratio:.3f}  (target >= {RATIO_TARGET}: {verdict})")
+        print(
+            f"  CPU-normalised ratio (engine CPU/token / cluster CPU/token, all processes): "
+            f"{r.cpu_ratio:.3f}  (load-independent)"
+        )
         if r.cluster_failures:
             print(f"  cluster failures: {r.cluster_failures}")
         per = "  ".join(f"{k} {v:.4f}" for k, v in r.cpu_ms_per_token.items())
@@ -191,7 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.out).write_text(
             json.dumps(
                 [
-                    {**asdict(r), "engine_tps": r.engine_tps, "cluster_tps": r.cluster_tps, "ratio": r.ratio}
+                    {
+                        **asdict(r),
+                        "engine_tps": r.engine_tps,
+                        "cluster_tps": r.cluster_tps,
+                        "ratio": r.ratio,
+                        "cpu_ratio": r.cpu_ratio,
+                    }
                     for r in results
                 ],
                 indent=2,
