@@ -152,7 +152,7 @@ def bench_kv(sizes_mib: list[int], reps: int) -> dict:
             cluster_token_file=str(pki.cluster_token),
         )
         modes = {
-            "plaintext": (SecurityConfig(tls=TLSMode.OFF), []),
+            "plaintext": (SecurityConfig(tls=TLSMode.OFF), ["--tls", "off"]),  # asked for explicitly
             "tls": (server_tls, server_tls.to_args()),
         }
         procs, clients = [], {}
