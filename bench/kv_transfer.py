@@ -53,6 +53,7 @@ from kv_store.handle import BlockLocation  # noqa: E402
 from kv_store.layout import KVLayout  # noqa: E402
 from kv_store.transport import ShmTransport  # noqa: E402
 from pdserve.limits import MAX_CHUNK_BYTES, grpc_options  # noqa: E402
+from pdserve.security import SecurityConfig, TLSMode, install  # noqa: E402
 
 MiB = 1 << 20
 LAYOUTS = {
@@ -155,6 +156,10 @@ def run(sizes_mib: list[int], layout: KVLayout, reps: int) -> list[dict]:
     # this one client (one lease owner) holds a size's handoff lease on all its blocks while the
     # shm+lease path leases them again: lift the per-owner quota (default: half the capacity)
     store_args += ["--max-leased-blocks-per-owner", str(4 * max_blocks)]
+    # plaintext on 127.0.0.1, asked for explicitly (pdserve never picks it by itself): the store
+    # node and this process's own store channels
+    store_args += ["--tls", "off"]
+    install(SecurityConfig(tls=TLSMode.OFF))
     store, info = _spawn(store_args)
     raw, ports = _spawn([str(Path(__file__).resolve()), "--serve-raw", str(max_blocks * nb)])
     rows = []
