@@ -10,6 +10,8 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
+
 from engine.outputs import RequestOutput
 from engine.request import FinishReason
 from pdserve.v1 import common_pb2, worker_pb2
@@ -56,7 +58,7 @@ def _out(rid: str, token: int, finished: bool = False) -> RequestOutput:
     )
 
 
-def _servicer():
+def _servicer(**kw):
     from prometheus_client import CollectorRegistry
 
     from decode_worker.service import AsyncDecodeServicer
@@ -69,7 +71,7 @@ def _servicer():
         loop=_Loop(),
         count_finished=lambda: finished.append(1),
     )
-    svc = AsyncDecodeServicer(state, None, KVPullMetrics(CollectorRegistry(), "decode-9"))  # type: ignore[arg-type]
+    svc = AsyncDecodeServicer(state, None, KVPullMetrics(CollectorRegistry(), "decode-9"), **kw)  # type: ignore[arg-type]
     return svc, state.loop, finished
 
 
@@ -106,6 +108,38 @@ def test_tokens_ready_together_go_in_one_message() -> None:
     assert list(msgs[0].token_ids) == [11, 12, 13, 14]
     assert msgs[0].finish.reason == common_pb2.FINISH_REASON_LENGTH
     assert finished == [1] and loop.aborted == []
+
+
+def test_a_stream_interval_groups_tokens_after_the_first_message() -> None:
+    svc, loop, finished = _servicer(stream_interval=3)
+
+    async def run() -> list[list[int]]:
+        stream = svc.Decode(_req("r3"), _Ctx())
+        got: list[list[int]] = []
+
+        async def consume() -> None:
+            async for m in stream:
+                got.append(list(m.token_ids))
+
+        task = asyncio.ensure_future(consume())
+        while "r3" not in loop.outs:
+            await asyncio.sleep(0.001)
+        for i, t in enumerate((11, 12, 13, 14, 15, 16)):  # one engine step at a time
+            loop.outs["r3"].put(_out("r3", t, finished=i == 5))
+            await asyncio.sleep(0.02)  # a stream that sent whatever is ready would send it now
+        await task
+        return got
+
+    got = asyncio.run(run())
+    svc.close()
+    # the first at once; then three per message; the finish goes with what is left
+    assert got == [[11], [12, 13, 14], [15, 16]]
+    assert finished == [1] and loop.aborted == []
+
+
+def test_a_stream_interval_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="stream_interval"):
+        _servicer(stream_interval=0)
 
 
 def test_a_stream_whose_caller_leaves_aborts_its_request() -> None:
