@@ -43,6 +43,7 @@ class WorkerConfig:
     heartbeat_interval_s: float = 0.5
     lease_ttl_s: float = 30.0
     admission_timeout_s: float = 30.0  # decode: how long a handoff may wait for free blocks
+    stream_interval: int = 1  # decode: tokens per streamed message after the first (1: each at once)
     metrics_port: int = 0  # /metrics on 127.0.0.1 (0: any free port)
 
 
