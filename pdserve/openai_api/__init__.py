@@ -5,6 +5,8 @@ Run it with ``pdserve openai --router HOST:PORT --host 127.0.0.1 --port 8000`` o
 ``OpenAIServer(ServerConfig(router=...)).start()`` (:mod:`pdserve.openai_api.server`).
 Requests reach the router through the asyncio gRPC client SDK (:class:`pdserve.client.AsyncClient`);
 one event loop thread serves every connection (no thread per connection or request).
+``--router a:1,b:2`` names several routers: the SDK client starts requests round-robin and fails
+over between them (:mod:`pdserve.client`).
 
 Modules: :mod:`.translate` (pure: OpenAI JSON <-> SDK arguments and results, SSE framing),
 :mod:`.errors` (pure: the one exception -> HTTP status / OpenAI error table), :mod:`.server`
