@@ -40,7 +40,7 @@ from pdserve.errors import PdserveError, UnavailableError
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend
 from pdserve.metrics import WorkerMetrics, serve_metrics
 from pdserve.router_addresses import parse_router_addresses
-from pdserve.security import add_security_args, install_from_args, internal_channel
+from pdserve.security import add_process_security_args, install_process_security, internal_channel
 from pdserve.tracing import configure_logging, traced_channel
 from pdserve.v1 import worker_pb2
 from pdserve.worker_base import Role, RouterLinks, WorkerConfig, WorkerState
@@ -267,7 +267,7 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         "ready; N: messages of N tokens, about 1/N of the CPU per token at every hop, tokens in bursts)",
     )
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
-    add_security_args(ap)
+    add_process_security_args(ap)
     return cli_help.apply(ap)
 
 
@@ -284,7 +284,7 @@ def parse(
     except PdserveError as e:
         ap.error(str(e))
     # TLS / cluster token of this process's server and channels; refused here, before the model loads
-    install_from_args(ap, a, a.host, ("pdserve.v1.Worker", "pdserve.v1.KVPeer"))
+    install_process_security(ap, a, a.host, ("pdserve.v1.Worker", "pdserve.v1.KVPeer"))
     eng = EngineConfig(
         num_kv_blocks=a.kv_blocks,
         block_size=a.block_size,
