@@ -97,7 +97,13 @@ def run(a: argparse.Namespace) -> CeilingResult:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = str(tiny_model(Path(tmp)))
-        spec = ClusterSpec(model_path=model, num_prefill=1, num_decode=a.decode, worker_kv_blocks=4096)
+        spec = ClusterSpec(
+            model_path=model,
+            num_prefill=1,
+            num_decode=a.decode,
+            worker_kv_blocks=4096,
+            worker_args=("--stream-interval", str(a.stream_interval)),
+        )
         with launch(spec) as cl:
             decode = [addr for wid, addr in cl.workers.items() if wid.startswith("decode")]
             asyncio.run(sdk_closed_loop(cl.router_address, 8, 8, 8, a.prompt_len, offset=10**6))  # warm-up
@@ -154,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
     ap.add_argument("--prompt-len", type=int, default=8, help="prompt tokens per request")
     ap.add_argument("--decode", type=int, default=1, help="decode workers")
+    ap.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="the decode worker's --stream-interval (tokens per message after the first)",
+    )
     ap.add_argument("--poll-s", type=float, default=0.05, help="Stats polling interval of the decode workers")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     return cli_help.apply(ap)
@@ -165,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "PASS" if r.ratio >= TARGET else "FAIL"
     print(
         f"tiny Llama, {r.streams} streams, {r.requests} requests of {r.max_tokens} tokens, "
-        f"1 prefill + {r.decode_workers} decode"
+        f"1 prefill + {r.decode_workers} decode, --stream-interval {a.stream_interval}"
     )
     print(
         f"  decode workers produced: {r.produced_tps:9.0f} tokens/s  ({r.produced_tokens} tokens in "

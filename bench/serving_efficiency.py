@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch threads of the embedded engine (default 1: as each worker runs, OMP_NUM_THREADS=1)",
     )
+    ap.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="the decode worker's --stream-interval (tokens per message after the first)",
+    )
     ap.add_argument("--cpus", default="", help="pin to these CPUs (e.g. 0,1); default: as allowed now")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     return cli_help.apply(ap)
@@ -154,7 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     results: list[EfficiencyResult] = []
     with tempfile.TemporaryDirectory() as tmp:
         model = str(tiny_model(Path(tmp)))
-        spec = ClusterSpec(model_path=model, num_prefill=1, num_decode=1, worker_kv_blocks=KV_BLOCKS)
+        spec = ClusterSpec(
+            model_path=model,
+            num_prefill=1,
+            num_decode=1,
+            worker_kv_blocks=KV_BLOCKS,
+            worker_args=("--stream-interval", str(a.stream_interval)),
+        )
         with launch(spec) as cl:
             for c in sizes:
                 n = c * a.requests_per_stream
@@ -171,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
     print(
         f"tiny Llama, {a.max_tokens} tokens per request, prompt {a.prompt_len}, "
-        f"{a.requests_per_stream} requests per stream, cores {cores}, embedded engine on "
+        f"{a.requests_per_stream} requests per stream, decode --stream-interval {a.stream_interval}, "
+        f"cores {cores}, embedded engine on "
         f"{a.engine_threads} torch thread(s) (each worker: 1)"
     )
     ok = True
