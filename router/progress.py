@@ -43,7 +43,9 @@ class ProgressConfig:
 
     floor_s: float = 5.0  # a decode stream's next message, at least
     tpot_factor: float = 20.0  # k: next message within k x predicted TPOT (when above the floor)
-    first_message_s: float = 15.0  # a decode stream's first message
+    # a decode stream's first message: above a decode worker's admission wait for free blocks
+    # (its ``admission_timeout_s``, 30 s by default: backpressure, not a stall) plus the KV pull
+    first_message_s: float = 35.0
     prefill_floor_s: float = 15.0  # a Prefill answer, at least
     ttft_factor: float = 5.0  # a Prefill answer within this x predicted TTFT (when above the floor)
     prefill_s_per_token: float = 0.005  # allowance per prompt token queued at the worker

@@ -158,10 +158,10 @@ PROMPTS = [
     "Explain how a steam engine works, step by step.",
 ]
 PARAMS = [
-    SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True),
-    SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=7, ignore_eos=True),
-    SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True),
-    SamplingParams(max_tokens=48, temperature=0.7, seed=23, ignore_eos=True),
+    SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
+    SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=7, ignore_eos=True),
+    SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
+    SamplingParams(max_tokens=32, temperature=0.7, seed=23, ignore_eos=True),
 ]
 
 
@@ -205,7 +205,8 @@ def test_stopped_decode_worker_streams_resume_elsewhere_and_it_is_quarantined(cl
     _wait_baseline(cluster, (victim, other))
     assert _metric(cluster, "pdserve_router_workers", 'role="decode"') == 2  # back in placement
     finished = worker_stats(cluster.workers[victim]).requests_finished_total
-    _check_concurrent(cluster, whole, 4)  # least loaded spreads them: some land on the restored worker
+    # concurrent: each placement counts the ones before it, so some land on the restored worker
+    _check_concurrent(cluster, whole, 6, max_tokens=16)
     assert worker_stats(cluster.workers[victim]).requests_finished_total > finished, _events(cluster)
 
 
@@ -215,9 +216,9 @@ def _events(cluster: LocalCluster) -> str:
     return "\n".join(ln for ln in cluster.logs.get("router", []) if any(k in ln for k in keys))
 
 
-def _check_concurrent(cluster: LocalCluster, whole: LLMEngine, n: int) -> list[_Stream]:
+def _check_concurrent(cluster: LocalCluster, whole: LLMEngine, n: int, max_tokens: int = 6) -> list[_Stream]:
     """``n`` concurrent greedy requests, each equal to the engine run whole."""
-    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     streams = [_Stream(cluster.router_address, PROMPTS[i % len(PROMPTS)], params) for i in range(n)]
     for s in streams:
         s.start()
