@@ -278,7 +278,8 @@ def _failover_error(
     e: grpc.RpcError, address: str, resume: Resume, replay_ok: bool, tried: list[tuple[str, str]]
 ) -> PdserveError:
     """The exception of a stream that cannot go on: the router's own error, or, for a router that
-    went away, an UnavailableError naming it (and every router tried before)."""
+    went away or answered UNAVAILABLE, an UnavailableError naming it (and every router tried
+    before), of the class that router's error had (a StoreUnavailableError stays one)."""
     err = error_from_rpc_error(e)
     if not _is_failover(e):
         return err
@@ -290,7 +291,7 @@ def _failover_error(
         )
     if tried:
         why += "; before it: " + "; ".join(f"router {a} unavailable: {d}" for a, d in tried)
-    return UnavailableError(why)
+    return type(err)(why)  # the last router's class stands (e.g. StoreUnavailableError)
 
 
 class _Routers:

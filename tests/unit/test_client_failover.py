@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from pdserve.client import AsyncClient, Chunk, Client, Resume, ServingStatus
-from pdserve.errors import InvalidRequestError, UnavailableError
+from pdserve.errors import InvalidRequestError, StoreUnavailableError, UnavailableError
 from pdserve.grpc_server import start_server
 from pdserve.v1 import client_pb2, client_pb2_grpc, common_pb2
 
@@ -146,6 +146,23 @@ def test_an_error_of_the_request_is_not_retried_elsewhere(routers) -> None:
     with Client([routers(a), routers(b)], timeout=10) as c, pytest.raises(InvalidRequestError):
         c.complete("hi", max_tokens=2, temperature=0.0)
     assert b.calls() == 0
+
+
+class StoreDownRouter(client_pb2_grpc.GenerateServicer):
+    """A router whose KV store is down: UNAVAILABLE with the StoreUnavailableError class named."""
+
+    def Generate(self, req, ctx):
+        ctx.set_trailing_metadata((("pdserve-error", "StoreUnavailableError"),))
+        ctx.abort(grpc.StatusCode.UNAVAILABLE, "KV store 127.0.0.1:1 is unavailable")
+        yield  # pragma: no cover - a generator: the call is server-streaming
+
+
+def test_store_down_behind_every_router_stays_a_store_error(routers) -> None:
+    a, b = routers(StoreDownRouter()), routers(StoreDownRouter())
+    with Client([a, b], timeout=10) as c, pytest.raises(StoreUnavailableError) as ei:
+        c.complete("hi", max_tokens=2, temperature=0.0)
+    msg = str(ei.value)
+    assert "KV store 127.0.0.1:1" in msg and a in msg and b in msg, msg
 
 
 def test_every_router_down_names_them_all() -> None:
