@@ -2,7 +2,8 @@
 
 Latency seed, in order: a profile measured on this hardware (``pdserve profile``; read through
 ``simulator.latency.ProfiledLatencyModel`` and linearised by ``LinearLatency.from_model``), else
-:class:`LinearLatency`'s defaults. Goodput-aware placement corrects it online either way.
+(goodput) the first step-time profile a worker reports when it registers, else
+:class:`LinearLatency`'s defaults. Goodput also scales each worker's predictions by its own profile. Goodput-aware placement corrects it online either way.
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ def build_policy(
     kind: PolicyKind, *, profile_path: str | None = None, goodput: GoodputConfig | None = None, seed: int = 0
 ) -> PlacementPolicy:
     kw: dict = {"seed": seed}
-    if _NEEDS.get(kind) is _Needs.LATENCY:
+    if _NEEDS.get(kind) is _Needs.LATENCY and (profile_path or kind is not PolicyKind.GOODPUT):
         kw["latency"] = seed_latency(profile_path)
+    # goodput without an explicit profile: the seed's defaults until the first worker reports its
+    # start-up profile, which then becomes the model (``GoodputAwarePolicy``)
     if kind is PolicyKind.GOODPUT:
         kw["config"] = goodput or GoodputConfig()
     return make_policy(kind, **kw)

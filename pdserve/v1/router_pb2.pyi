@@ -9,17 +9,19 @@ from pdserve.v1 import worker_pb2 as _worker_pb2
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model", "stats")
+    __slots__ = ("worker_id", "role", "address", "model", "stats", "profile")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: _worker_pb2.WorkerRole
     address: str
     model: str
     stats: _worker_pb2.WorkerStats
+    profile: StepProfile
     def __init__(
         self,
         worker_id: str | None = ...,
@@ -27,6 +29,42 @@ class RegisterRequest(_message.Message):
         address: str | None = ...,
         model: str | None = ...,
         stats: _worker_pb2.WorkerStats | _Mapping | None = ...,
+        profile: StepProfile | _Mapping | None = ...,
+    ) -> None: ...
+
+class StepProfile(_message.Message):
+    __slots__ = (
+        "prefill_base_s",
+        "prefill_per_token_s",
+        "prefill_per_token_ctx_s",
+        "decode_base_s",
+        "decode_per_seq_s",
+        "decode_per_ctx_token_s",
+        "key",
+    )
+    PREFILL_BASE_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_PER_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_PER_TOKEN_CTX_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_BASE_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_PER_SEQ_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_PER_CTX_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    prefill_base_s: float
+    prefill_per_token_s: float
+    prefill_per_token_ctx_s: float
+    decode_base_s: float
+    decode_per_seq_s: float
+    decode_per_ctx_token_s: float
+    key: str
+    def __init__(
+        self,
+        prefill_base_s: float | None = ...,
+        prefill_per_token_s: float | None = ...,
+        prefill_per_token_ctx_s: float | None = ...,
+        decode_base_s: float | None = ...,
+        decode_per_seq_s: float | None = ...,
+        decode_per_ctx_token_s: float | None = ...,
+        key: str | None = ...,
     ) -> None: ...
 
 class RegisterResponse(_message.Message):

@@ -31,6 +31,16 @@
    reason and ``retry_after_s`` (the predicted TTFT excess, or the time until the earliest
    predicted decode finish), before any compute is spent.
 
+**Each worker's own speed** (issue #19): an instance whose view carries a step-time model
+(``InstanceSnapshot.latency``: the worker measured it at start-up and reported it when it
+registered) has its predictions scaled by its speed relative to the policy's model: TTFT terms by
+``own.prefill_time([256]) / model.prefill_time([256])``, TPOT terms by the same ratio of decode
+steps (batch 8, 512 tokens of context each), so a slow worker predicts slower and gets fewer
+requests, from the first request on. A policy built without an explicit ``latency`` adopts the
+first reported profile as its model (a homogeneous cluster is then predicted by its own measured
+model, not by the seed's defaults); the online correction then refines it (it learns the
+residual: the ledger keeps predictions with the instance factors divided out).
+
 Accepted requests are recorded in an in-flight ledger (tenant, decode instance, predictions),
 released by :meth:`on_finished` (which also feeds the online latency correction and the length
 predictor) or :meth:`release`, and otherwise expired at their predicted finish + a grace period
@@ -130,6 +140,11 @@ class GoodputConfig:
             if t == tenant:
                 return n
         return self.tenant_max_inflight
+
+
+_REF_TOKENS = 256  # operating point at which a worker's profile is compared to the policy's model
+_REF_BATCH = 8
+_REF_CTX = 512
 
 
 @dataclass
@@ -276,6 +291,8 @@ class GoodputAwarePolicy(PlacementPolicy):
         length_predictor: LengthPredictor | None = None,
         **kw,
     ) -> None:
+        self._adopt_profile = latency is None  # the first worker-reported profile becomes the model
+        self._speeds: dict[int, tuple[object, float, float]] = {}  # id(profile) -> (it, ttft x, tpot x)
         base = latency if latency is not None else LinearLatency()
         if not isinstance(base, DecodeLatencyEstimator):
             base = WithDecode(base)  # a prefill-only estimator: decode side from the seed model
@@ -320,7 +337,47 @@ class GoodputAwarePolicy(PlacementPolicy):
     ) -> Placement:
         """Best TTFT among ``candidates`` (global cache-aware, KV store included as a source)."""
         table = TtftTable(self.estimator, req.num_prompt_tokens)
-        return best_prefill_plan(req, candidates, view.prefix_hits(req.block_hashes), table, remote=True)
+        with self._lock:
+            scales = self._scales(candidates, view)
+        f = scales[0] if scales is not None else None
+        return best_prefill_plan(
+            req, candidates, view.prefix_hits(req.block_hashes), table, remote=True, scales=f
+        )
+
+    def _speed(self, inst: InstanceView) -> tuple[float, float]:
+        """(TTFT, TPOT) factors of ``inst``'s own step-time model relative to the policy's model
+        (1, 1 when it reported none). Memoised per profile object. Call under ``self._lock``."""
+        prof = getattr(inst, "latency", None)
+        if prof is None:
+            return 1.0, 1.0
+        hit = self._speeds.get(id(prof))
+        if hit is not None and hit[0] is prof:
+            return hit[1], hit[2]
+        base = self.corrected.base
+        bp, bd = base.prefill_time([_REF_TOKENS]), base.decode_time(_REF_BATCH, _REF_BATCH * _REF_CTX)
+        op = prof.prefill_time([_REF_TOKENS])  # type: ignore[attr-defined]
+        od = prof.decode_time(_REF_BATCH, _REF_BATCH * _REF_CTX)  # type: ignore[attr-defined]
+        ft = op / bp if bp > 0 and op > 0 else 1.0
+        fd = od / bd if bd > 0 and od > 0 else 1.0
+        self._speeds[id(prof)] = (prof, ft, fd)
+        return ft, fd
+
+    def _scales(
+        self, insts: Sequence[InstanceView], view: ClusterView
+    ) -> tuple[list[float], list[float]] | None:
+        """Per-instance (TTFT, TPOT) factors of ``insts`` (None: no instance of the view reported a
+        profile, all 1). Adopts the first reported profile as the model when the policy was built
+        without one. Call under ``self._lock``."""
+        profs = [p for i in view.instances if (p := getattr(i, "latency", None)) is not None]
+        if not profs:
+            return None
+        if self._adopt_profile:
+            self._adopt_profile = False
+            self.corrected.base = profs[0]  # type: ignore[assignment]
+            self.estimator._step.clear()  # the memo of the old model's step times
+            self._speeds.clear()
+        sp = [self._speed(i) for i in insts]
+        return [a for a, _ in sp], [b for _, b in sp]
 
     def place(self, req: RequestInfo, view: ClusterView) -> Placement | Rejection:
         with self._lock:
@@ -349,8 +406,18 @@ class GoodputAwarePolicy(PlacementPolicy):
         is_long = out >= cfg.long_output_tokens
         hits = view.prefix_hits(req.block_hashes)
         table = TtftTable(self.estimator, p)
+        pre_scales = self._scales(prefill_pool, view) if prefill_pool else None
+        dec_scales = self._scales(decode_pool, view)
         remote_plan = (
-            best_prefill_plan(req, prefill_pool, hits, table, remote=True, from_view=True)
+            best_prefill_plan(
+                req,
+                prefill_pool,
+                hits,
+                table,
+                remote=True,
+                from_view=True,
+                scales=pre_scales[0] if pre_scales is not None else None,
+            )
             if prefill_pool
             else None
         )
@@ -359,6 +426,11 @@ class GoodputAwarePolicy(PlacementPolicy):
         d = _DecodeSide(self, req, decode_pool, out, hits, table)
         n = len(decode_pool)
         local_ttft = d.local_ttft
+        if dec_scales is not None:  # each decode instance's own speed
+            d.tpots = [t * f for t, f in zip(d.tpots, dec_scales[1], strict=True)]
+            local_ttft = [
+                None if t is None else t * f for t, f in zip(local_ttft, dec_scales[0], strict=True)
+            ]
         if remote_plan is None and local_ttft.count(None) == n:
             return Rejection(RejectReason.NO_INSTANCE, "no prefill instance is available")
         contention = cfg.contention(view)
@@ -414,8 +486,10 @@ class GoodputAwarePolicy(PlacementPolicy):
         # on it, the remote option unless the local one is strictly faster
         lt = local_ttft[best]
         ok_local = lt is not None and (best_effort or lt <= lim_ttft)
+        inst_tpot = dec_scales[1][best] if dec_scales is not None else 1.0
         if ok_local and (not ok_remote or lt < remote_ttft):  # type: ignore[operator]
             ttft = lt
+            inst_ttft = dec_scales[0][best] if dec_scales is not None else 1.0
             plan = Placement(
                 best_d,
                 decode_instance_id=best_d,
@@ -428,6 +502,10 @@ class GoodputAwarePolicy(PlacementPolicy):
         else:
             assert remote_plan is not None and remote_ttft is not None
             ttft = remote_ttft
+            inst_ttft = 1.0
+            if pre_scales is not None:
+                ids = [i.instance_id for i in prefill_pool]
+                inst_ttft = pre_scales[0][ids.index(remote_plan.instance_id)]
             plan = Placement(
                 remote_plan.instance_id,
                 decode_instance_id=best_d,
@@ -449,8 +527,10 @@ class GoodputAwarePolicy(PlacementPolicy):
                 req.tenant,
                 best_d,
                 is_long,
-                ttft / ft / contention,  # the model's own prediction: what correction learns
-                tpot / fd / contention,
+                # the model's own prediction (instance speed and contention divided out): what
+                # the online correction learns from
+                ttft / ft / contention / inst_ttft,
+                tpot / fd / contention / inst_tpot,
                 finish,
                 finish + cfg.ledger_grace_s,
             )

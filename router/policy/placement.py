@@ -40,6 +40,7 @@ def best_prefill_plan(
     *,
     remote: bool,
     from_view: bool = False,
+    scales: Sequence[float] | None = None,
 ) -> Placement:
     """The candidate with the lowest predicted TTFT (the first in order among equals) and its plan.
 
@@ -49,7 +50,9 @@ def best_prefill_plan(
     first instance in view order), fetched only when queue + fetch + prefill(rest) is strictly
     faster. O(candidates) after the per-request ``hits``: the remote prefix is no scan per
     candidate. ``from_view``: the candidates are the view's own instance objects (their hits are
-    looked up by id without checking). ``candidates`` must be non-empty.
+    looked up by id without checking). ``candidates`` must be non-empty. ``scales`` (aligned with
+    ``candidates``; None: all 1): each candidate's TTFT is multiplied by its own factor (its speed
+    relative to the latency model, e.g. from its start-up profile) before the choice.
     """
     if not candidates:
         raise ValueError("best_prefill_plan needs at least one candidate")
@@ -104,6 +107,8 @@ def best_prefill_plan(
         plans: dict[int, tuple[int, str | None, int]] = {}
         for k in special:
             ts[k], plans[k] = price(k, bs0)
+        if scales is not None:
+            ts = [t * f for t, f in zip(ts, scales, strict=True)]
         best = min(range(n), key=ts.__getitem__)
         plan = plans.get(best)
         if plan is None:
@@ -114,6 +119,8 @@ def best_prefill_plan(
         best, best_t, plan = -1, 0.0, (0, None, 0)
         for k in range(n):
             t, pl = price(k, sizes[k])
+            if scales is not None:
+                t *= scales[k]
             if best < 0 or t < best_t:
                 best, best_t, plan = k, t, pl
     reused, src, fetched = plan

@@ -59,6 +59,10 @@ class InstanceSnapshot:
     block_size: int = 16
     token_budget: int = 2048
     cached: frozenset[BlockHash] = field(default_factory=frozenset)
+    # the worker's own step-time model, measured at its start-up and reported when it registered
+    # (a ``LinearLatency``; None: not reported). Goodput placement scales its predictions for this
+    # instance by it (``GoodputAwarePolicy``); other policies ignore it.
+    latency: object | None = None
 
     def cached_prefix_blocks(self, hashes: Sequence[BlockHash]) -> int:
         n = 0

@@ -1,0 +1,223 @@
+"""A worker's start-up step-time profile: measured once per (model, hardware, engine), then cached.
+
+:func:`load_or_measure` returns the :class:`~engine.profile_fit.StepModel` of an engine: read
+from ``<cache dir>/<key>.json`` when a profile of the same :class:`ProfileKey` is there, else
+measured (:func:`measure`: a small grid of real engine steps, a few seconds) and written. The
+key covers everything that changes step times: the model (resolved path + a hash of its
+``config.json``), dtype, tensor-parallel size, device, the hardware (GPU name, or CPU model and
+core count), the torch version and :data:`ENGINE_PROFILE_VERSION` (bump it when the engine's
+step cost changes, e.g. a new attention kernel): any change gives another file, so it is
+measured again. The cache dir is ``$PDSERVE_PROFILE_DIR`` or ``~/.cache/pdserve/profiles``.
+
+Fitting is pure (:mod:`engine.profile_fit`); this module does the I/O (timing, files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from engine.profile_fit import DecodeSample, PrefillSample, StepModel, fit_step_model
+
+log = logging.getLogger(__name__)
+
+ENGINE_PROFILE_VERSION = "1"
+"""Version of the engine's step cost; part of every profile key (bump it to re-measure)."""
+
+PREFILL_TOKENS = (16, 64, 256)
+"""Prompt lengths of the measured prefill steps (one request each, nothing cached)."""
+DECODE_GRID = ((1, 16), (4, 16), (4, 128))
+"""(batch, prompt tokens per sequence) of the measured decode steps."""
+DECODE_STEPS = 2  # timed decode steps per grid point (the median is kept)
+REPEATS = 2  # prefill repetitions (the fastest is kept: noise only adds time)
+
+
+@dataclass(frozen=True)
+class ProfileKey:
+    """What a cached profile is valid for (see the module docstring)."""
+
+    model_path: str
+    model_config_sha256: str
+    dtype: str
+    tensor_parallel_size: int
+    device: str
+    hardware: str
+    torch_version: str
+    engine_profile_version: str
+
+    def digest(self) -> str:
+        """File-name-safe hash of every field."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("PDSERVE_PROFILE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "pdserve" / "profiles"
+
+
+def hardware_name(device: str) -> str:
+    """The GPU's name on CUDA, else the CPU's model name and core count."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        idx = torch.device(device).index or 0
+        return f"cuda:{torch.cuda.get_device_name(idx)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"cpu:{cpu}:{cores} cores:{torch.get_num_threads()} threads"
+
+
+def profile_key(engine, model_path: str | Path) -> ProfileKey:
+    """The key of ``engine`` (an :class:`~engine.llm_engine.LLMEngine`) loaded from ``model_path``."""
+    import torch
+
+    path = Path(model_path).resolve()
+    cfg = path / "config.json"
+    sha = hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else "no-config"
+    c = engine.config
+    return ProfileKey(
+        model_path=str(path),
+        model_config_sha256=sha,
+        dtype=str(engine.runner.dtype) if hasattr(engine.runner, "dtype") else str(c.dtype),
+        tensor_parallel_size=c.tensor_parallel_size,
+        device=c.device,
+        hardware=hardware_name(c.device),
+        torch_version=torch.__version__,
+        engine_profile_version=ENGINE_PROFILE_VERSION,
+    )
+
+
+def _run_until_first_token(engine, ids: list[str]) -> None:
+    pending = set(ids)
+    while pending:
+        for out in engine.step():
+            if out.request_id in pending and out.token_ids:
+                pending.discard(out.request_id)
+
+
+def measure(engine) -> tuple[list[PrefillSample], list[DecodeSample]]:
+    """Time real engine steps on an idle ``engine``: prefills of :data:`PREFILL_TOKENS` tokens and
+    decode steps on the :data:`DECODE_GRID`. Prompts are random token ids with a fresh cache salt
+    (no prefix hit); every request is aborted afterwards (the engine is left idle and empty)."""
+    from engine.sampling_params import SamplingParams
+
+    if engine.has_unfinished():
+        raise RuntimeError("profile the engine before it serves requests (it has work in flight)")
+    vocab = engine.model_config.vocab_size
+    salt = uuid.uuid4().hex
+    rng_state = [12345]
+
+    def prompt(n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            rng_state[0] = (rng_state[0] * 1103515245 + 12345) % (1 << 31)
+            out.append(rng_state[0] % vocab)
+        return out
+
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    # warm-up: the first forward pass pays for allocations and kernel selection
+    _prefill_once(engine, prompt(16), one, salt)
+    prefill: list[PrefillSample] = []
+    for n in PREFILL_TOKENS:
+        best = min(_prefill_once(engine, prompt(n), one, salt) for _ in range(REPEATS))
+        prefill.append(PrefillSample(n, best))
+    decode: list[DecodeSample] = []
+    long = SamplingParams(max_tokens=DECODE_STEPS + 4, temperature=0.0, ignore_eos=True)
+    for batch, plen in DECODE_GRID:
+        ids = [
+            engine.add_request(None, prompt(plen), long, cache_salt=salt + str(time.monotonic_ns()))
+            for _ in range(batch)
+        ]
+        try:
+            _run_until_first_token(engine, ids)
+            times = []
+            for i in range(DECODE_STEPS):
+                t0 = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - t0)
+                context = batch * (plen + 1 + i)
+            times.sort()
+            decode.append(DecodeSample(batch, context, times[len(times) // 2]))
+        finally:
+            for rid in ids:
+                if engine.has_request(rid):
+                    engine.abort(rid)
+    return prefill, decode
+
+
+def _prefill_once(engine, ids: list[int], params, salt: str) -> float:
+    rid = engine.add_request(None, ids, params, cache_salt=salt + str(time.monotonic_ns()))
+    t0 = time.perf_counter()
+    try:
+        _run_until_first_token(engine, [rid])
+        return time.perf_counter() - t0
+    finally:
+        if engine.has_request(rid):
+            engine.abort(rid)
+
+
+@dataclass(frozen=True)
+class StartupProfile:
+    """A worker's step-time model and where it came from (``cached``: read, not measured)."""
+
+    key: ProfileKey
+    model: StepModel
+    cached: bool
+    path: Path
+
+
+def read_cached(key: ProfileKey, cache_dir: Path) -> StepModel | None:
+    """The cached model of ``key`` (None: absent, or unreadable, or of another key)."""
+    path = cache_dir / f"{key.digest()}.json"
+    try:
+        d = json.loads(path.read_text())
+        if d.get("key") != asdict(key):
+            return None
+        return StepModel.from_dict(d["model"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_cached(key: ProfileKey, model: StepModel, samples: dict, cache_dir: Path) -> Path:
+    """Write atomically (a temp file renamed) so a concurrent reader never sees half a file."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{key.digest()}.json"
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": asdict(key), "model": model.to_dict(), "samples": samples}, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load_or_measure(engine, model_path: str | Path, cache_dir: Path | None = None) -> StartupProfile:
+    """The cached profile of ``engine`` when there is one for its key, else measured and cached."""
+    key = profile_key(engine, model_path)
+    cache_dir = cache_dir or default_cache_dir()
+    path = cache_dir / f"{key.digest()}.json"
+    model = read_cached(key, cache_dir)
+    if model is not None:
+        return StartupProfile(key, model, True, path)
+    t0 = time.perf_counter()
+    prefill, decode = measure(engine)
+    model = fit_step_model(prefill, decode)
+    samples = {"prefill": [asdict(s) for s in prefill], "decode": [asdict(s) for s in decode]}
+    try:
+        path = write_cached(key, model, samples, cache_dir)
+    except OSError as e:  # a read-only home still serves, measured again next start
+        log.warning("could not cache the step-time profile in %s: %s", cache_dir, e)
+    log.info("measured the step-time profile in %.1f s: %s", time.perf_counter() - t0, model)
+    return StartupProfile(key, model, False, path)
