@@ -79,6 +79,7 @@ def _snapshot(w: WorkerEntry, queued_tokens: int, kv_tokens: int | None) -> Inst
         total_blocks=ld.kv_blocks_total,
         block_size=bs,
         token_budget=ld.token_budget or DEFAULT_TOKEN_BUDGET,
+        latency=w.profile,
     )
 
 
@@ -128,6 +129,7 @@ class ViewBuilder:
                         w.inflight,
                         q.get(wid, 0),
                         None if k is None else k.get(wid, 0),
+                        w.profile,
                     )
                     hit = old.get(wid)
                     if hit is not None and hit[0] == key:

@@ -53,6 +53,8 @@ class WorkerEntry:
     last_seen: float = 0.0
     inflight: int = 0
     draining: bool = False
+    # the worker's start-up step-time model (``router.policy.LinearLatency``; None: not reported)
+    profile: object | None = None
 
 
 class Registry:
@@ -79,11 +81,19 @@ class Registry:
         for fn in list(self._listeners):
             fn()
 
-    def register(self, worker_id: str, kind: WorkerKind, address: str, model: str, load: WorkerLoad) -> None:
+    def register(
+        self,
+        worker_id: str,
+        kind: WorkerKind,
+        address: str,
+        model: str,
+        load: WorkerLoad,
+        profile: object | None = None,
+    ) -> None:
         with self._lock:
             old = self._workers.get(worker_id)
             self._workers[worker_id] = WorkerEntry(
-                worker_id, kind, address, model, load, self.clock(), old.inflight if old else 0
+                worker_id, kind, address, model, load, self.clock(), old.inflight if old else 0, profile=profile
             )
         self._changed()
 

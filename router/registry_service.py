@@ -22,6 +22,7 @@ from grpc_health.v1 import health
 
 from pdserve.errors import InvalidRequestError, PdserveError, PermissionDeniedError
 from pdserve.v1 import router_pb2, worker_pb2
+from router.policy.latency import LinearLatency
 from router.registry import Registry, WorkerKind, WorkerLoad
 from router.worker_verify import WORKER_TOKEN_MD, WorkerVerifier
 
@@ -36,6 +37,27 @@ _KINDS = {
     worker_pb2.WORKER_ROLE_PREFILL: WorkerKind.PREFILL,
     worker_pb2.WORKER_ROLE_DECODE: WorkerKind.DECODE,
 }
+
+
+def profile_from_proto(p: router_pb2.StepProfile) -> LinearLatency:
+    """A worker's reported start-up step-time model as the goodput policy uses it; coefficients
+    that are negative or not finite are refused (``InvalidRequestError`` naming them)."""
+    import math
+
+    vals = {
+        "prefill_base_s": p.prefill_base_s,
+        "prefill_per_token_s": p.prefill_per_token_s,
+        "prefill_per_token_ctx_s": p.prefill_per_token_ctx_s,
+        "decode_base_s": p.decode_base_s,
+        "decode_per_seq_s": p.decode_per_seq_s,
+        "decode_per_ctx_token_s": p.decode_per_ctx_token_s,
+    }
+    bad = {k: v for k, v in vals.items() if not (math.isfinite(v) and v >= 0)}
+    if bad:
+        raise InvalidRequestError(f"step profile coefficients must be finite and >= 0: {bad}")
+    if p.prefill_base_s + p.prefill_per_token_s <= 0 or p.decode_base_s + p.decode_per_seq_s <= 0:
+        raise InvalidRequestError("step profile predicts zero-time steps (prefill and decode must cost time)")
+    return LinearLatency(**vals)
 
 
 def load_from_proto(s: worker_pb2.WorkerStats) -> WorkerLoad:
@@ -89,7 +111,14 @@ class RegistryServicer:
                 log.warning("registration of %s at %s refused: %s", req.worker_id, req.address, e)
                 raise
             ctx.set_trailing_metadata(((WORKER_TOKEN_MD, token),))
-        self.registry.register(req.worker_id, kind, req.address, req.model, load_from_proto(req.stats))
+        self.registry.register(
+            req.worker_id,
+            kind,
+            req.address,
+            req.model,
+            load_from_proto(req.stats),
+            profile=profile_from_proto(req.profile) if req.HasField("profile") else None,
+        )
         log.info("registered %s worker %s at %s", kind.value, req.worker_id, req.address)
         return router_pb2.RegisterResponse(
             heartbeat_interval_s=self.config.heartbeat_interval_s,
