@@ -59,6 +59,14 @@ def engine_layout(engine: LLMEngine) -> KVLayout:
     )
 
 
+def profile_proto(profile) -> router_pb2.StepProfile | None:
+    """A start-up profile (``engine.profile.StartupProfile``) as registration reports it (None:
+    not measured, e.g. a state built around an engine without ``WorkerState.load``)."""
+    if profile is None:
+        return None
+    return router_pb2.StepProfile(key=profile.key.digest(), **profile.model.to_dict())
+
+
 class WorkerState:
     """Engine + loop + counters of one worker process (I/O-free; services wrap it)."""
 
@@ -70,10 +78,18 @@ class WorkerState:
         self.finished_total = 0
         self._lock = threading.Lock()
         self.address = ""
+        self.profile = None  # engine.profile.StartupProfile: its step-time model (None: not measured)
 
     @classmethod
     def load(cls, config: WorkerConfig) -> WorkerState:
-        return cls(config, LLMEngine.from_pretrained(config.model_path, config.engine))
+        from engine.profile import load_or_measure
+
+        state = cls(config, LLMEngine.from_pretrained(config.model_path, config.engine))
+        # its own speed, known before its first request (cached per model/hardware/engine version)
+        state.profile = load_or_measure(state.engine, config.model_path)
+        return state
+
+
 
     def count_finished(self) -> None:
         with self._lock:
@@ -201,6 +217,7 @@ class Heartbeater:
                 address=self.state.address,
                 model=self.state.engine.model_id,
                 stats=self.state.stats(),
+                profile=profile_proto(getattr(self.state, "profile", None)),
             ),
             timeout=5,
             metadata=worker_metadata(self._token),
