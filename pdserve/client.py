@@ -263,10 +263,15 @@ class _Attempt(enum.Enum):
 
     RAISE = "raise"  # the error stands
     NEXT_ROUTER = "next_router"  # re-issue on the next router
+    DONE = "done"  # the caller has the whole generation, finish included: the stream just ends
 
 
 def after_failure(e: grpc.RpcError, resume: Resume, replay_ok: bool, routers_left: int) -> _Attempt:
-    """Pure: whether a failed stream moves to the next router (see :class:`Client`)."""
+    """Pure: whether a failed stream moves to the next router (see :class:`Client`). A router
+    that went away after it delivered the finish (before the call's closing status) fails
+    nothing: the generation is complete."""
+    if resume.finished and _is_failover(e):
+        return _Attempt.DONE
     if not _is_failover(e) or routers_left <= 0 or resume.finished:
         return _Attempt.RAISE
     if resume.delivered and not replay_ok:
@@ -377,7 +382,10 @@ class Stream:
                 if e.code() == grpc.StatusCode.CANCELLED and self._cancelled:
                     return
                 left = len(self._order) - attempt - 1
-                if after_failure(e, resume, self._replay_ok, left) is _Attempt.RAISE:
+                then = after_failure(e, resume, self._replay_ok, left)
+                if then is _Attempt.DONE:
+                    return
+                if then is _Attempt.RAISE:
                     raise _failover_error(e, self.router, resume, self._replay_ok, tried) from e
                 tried.append((self.router, e.details() or str(e.code())))
                 log.warning("router %s unavailable: request goes on at the next router", self.router)
@@ -611,7 +619,10 @@ class AsyncClient:
                 return
             except grpc.RpcError as e:
                 left = len(order) - attempt - 1
-                if after_failure(e, resume, replay_ok, left) is _Attempt.RAISE:
+                then = after_failure(e, resume, replay_ok, left)
+                if then is _Attempt.DONE:
+                    return
+                if then is _Attempt.RAISE:
                     raise _failover_error(e, self.addresses[i], resume, replay_ok, tried) from e
                 tried.append((self.addresses[i], e.details() or str(e.code())))
                 log.warning("router %s unavailable: request goes on at the next router", self.addresses[i])

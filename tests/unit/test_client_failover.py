@@ -148,6 +148,29 @@ def test_an_error_of_the_request_is_not_retried_elsewhere(routers) -> None:
     assert b.calls() == 0
 
 
+class FinishThenGoneRouter(FakeRouter):
+    """Delivers the whole generation, finish included, then goes away before the call's status
+    (a router killed right after its last message)."""
+
+    def Generate(self, req, ctx):
+        yield from super().Generate(req, ctx)
+        ctx.abort(grpc.StatusCode.UNAVAILABLE, "Stream removed")
+
+
+def test_router_gone_after_the_finish_fails_nothing(routers) -> None:
+    a, b = FinishThenGoneRouter(), FakeRouter()
+    with Client([routers(a), routers(b)], timeout=10) as c:
+        done = c.complete("hi", max_tokens=3, temperature=0.7)  # unseeded: not replayable
+    assert (done.token_ids, done.text) == _expected(3) and done.finish.completion_tokens == 3
+    assert b.calls() == 0  # not re-issued: it was complete
+
+    async def run() -> list[int]:
+        async with AsyncClient([routers(FinishThenGoneRouter()), routers(FakeRouter())], timeout=10) as ac:
+            return [t async for ch in ac.generate("hi", max_tokens=3, temperature=0.7) for t in ch.token_ids]
+
+    assert asyncio.run(run()) == _expected(3)[0]
+
+
 class StoreDownRouter(client_pb2_grpc.GenerateServicer):
     """A router whose KV store is down: UNAVAILABLE with the StoreUnavailableError class named."""
 
