@@ -35,15 +35,22 @@ class Keepalive:
     ``time_ms``: interval between pings on a connection; ``timeout_ms``: how long a ping may go
     unacknowledged before the connection is closed; ``permit_without_calls``: ping idle
     connections too; ``server_min_ping_interval_ms``: the most frequent client pings a server
-    accepts (must not exceed ``time_ms``, or servers would GOAWAY our own clients)."""
+    accepts (must not exceed ``time_ms``, or servers would GOAWAY our own clients).
+
+    ``max_reconnect_backoff_ms``: a channel whose peer went away retries the connection at most
+    this long apart (gRPC's default grows to 120 s). A peer restarted on its address (a worker,
+    the store, a router) is then reached within about this long: meanwhile every call on the
+    channel fails UNAVAILABLE at once, so with gRPC's default a router kept "losing" a restarted,
+    re-registered worker for many seconds (found by tests/integration/test_chaos.py)."""
 
     time_ms: int = 10_000
     timeout_ms: int = 10_000
     permit_without_calls: bool = True
     server_min_ping_interval_ms: int = 5_000
+    max_reconnect_backoff_ms: int = 1_000
 
     def __post_init__(self) -> None:
-        for name in ("time_ms", "timeout_ms", "server_min_ping_interval_ms"):
+        for name in ("time_ms", "timeout_ms", "server_min_ping_interval_ms", "max_reconnect_backoff_ms"):
             v = getattr(self, name)
             if v <= 0:
                 raise ValueError(f"keepalive {name} must be > 0, got {v}")
@@ -60,6 +67,8 @@ class Keepalive:
             ("grpc.keepalive_timeout_ms", self.timeout_ms),
             ("grpc.keepalive_permit_without_calls", int(self.permit_without_calls)),
             ("grpc.http2.max_pings_without_data", 0),  # 0: no limit on pings without data
+            ("grpc.initial_reconnect_backoff_ms", min(250, self.max_reconnect_backoff_ms)),
+            ("grpc.max_reconnect_backoff_ms", self.max_reconnect_backoff_ms),
         ]
 
     def server_options(self) -> list[tuple[str, int]]:
