@@ -8,6 +8,9 @@ key covers everything that changes step times: the model (resolved path + a hash
 core count), the torch version and :data:`ENGINE_PROFILE_VERSION` (bump it when the engine's
 step cost changes, e.g. a new attention kernel): any change gives another file, so it is
 measured again. The cache dir is ``$PDSERVE_PROFILE_DIR`` or ``~/.cache/pdserve/profiles``.
+Workers starting together on one host measure one at a time (a lock file next to the profile):
+the first measures, the others then read its result. ``PDSERVE_STARTUP_PROFILE=off`` skips the
+profile (the worker registers without one; the router predicts with its seed model).
 
 Fitting is pure (:mod:`engine.profile_fit`); this module does the I/O (timing, files).
 """
@@ -203,6 +206,15 @@ def write_cached(key: ProfileKey, model: StepModel, samples: dict, cache_dir: Pa
     return path
 
 
+def enabled() -> bool:
+    """Whether workers profile at start-up (``PDSERVE_STARTUP_PROFILE``: on (default) | off;
+    another value raises ``ValueError`` naming it)."""
+    v = os.environ.get("PDSERVE_STARTUP_PROFILE", "on").strip().lower()
+    if v not in ("on", "off"):
+        raise ValueError(f"PDSERVE_STARTUP_PROFILE must be on or off, got {v!r}")
+    return v == "on"
+
+
 def load_or_measure(engine, model_path: str | Path, cache_dir: Path | None = None) -> StartupProfile:
     """The cached profile of ``engine`` when there is one for its key, else measured and cached."""
     key = profile_key(engine, model_path)
@@ -211,6 +223,26 @@ def load_or_measure(engine, model_path: str | Path, cache_dir: Path | None = Non
     model = read_cached(key, cache_dir)
     if model is not None:
         return StartupProfile(key, model, True, path)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(cache_dir / f"{key.digest()}.lock", "w")  # noqa: SIM115 (held across the measure)
+    except OSError:
+        lock = None
+    try:
+        if lock is not None:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another worker of this key may be measuring
+            model = read_cached(key, cache_dir)
+            if model is not None:
+                return StartupProfile(key, model, True, path)
+        return _measure_and_cache(engine, key, cache_dir, path)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _measure_and_cache(engine, key: ProfileKey, cache_dir: Path, path: Path) -> StartupProfile:
     t0 = time.perf_counter()
     prefill, decode = measure(engine)
     model = fit_step_model(prefill, decode)

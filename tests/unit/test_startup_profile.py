@@ -1,0 +1,119 @@
+"""A worker's start-up step-time profile (issue #19): pure fitting, measured once then cached,
+re-measured when the engine version changes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine import profile
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.profile_fit import DecodeSample, PrefillSample, StepModel, fit_step_model
+
+
+def test_fit_recovers_linear_coefficients() -> None:
+    pre = [PrefillSample(t, 0.02 + 0.001 * t) for t in (16, 64, 256)]
+    dec = [DecodeSample(b, c, 0.01 + 0.002 * b + 1e-5 * c) for b, c in ((1, 20), (4, 80), (4, 600), (8, 200))]
+    m = fit_step_model(pre, dec)
+    assert m.prefill_base_s == pytest.approx(0.02) and m.prefill_per_token_s == pytest.approx(0.001)
+    assert m.decode_base_s == pytest.approx(0.01)
+    assert m.decode_per_seq_s == pytest.approx(0.002)
+    assert m.decode_per_ctx_token_s == pytest.approx(1e-5)
+    assert StepModel.from_dict(m.to_dict()) == m
+
+
+def test_fit_never_yields_a_negative_coefficient() -> None:
+    # a steep prefill line through the origin would need a negative base: it is 0, slope refitted
+    pre = [PrefillSample(32, 1.35), PrefillSample(128, 2.8), PrefillSample(384, 23.0)]
+    dec = [DecodeSample(1, 16, 0.5), DecodeSample(4, 64, 0.4)]  # noise: larger batch faster
+    m = fit_step_model(pre, dec)
+    assert m.prefill_base_s == 0.0 and m.prefill_per_token_s > 0
+    assert all(v >= 0 for v in m.to_dict().values())
+    assert m.decode_time(4, 64) > 0
+
+
+def test_fit_refuses_too_few_points() -> None:
+    with pytest.raises(ValueError, match="token counts"):
+        fit_step_model([PrefillSample(16, 0.1)], [DecodeSample(1, 1, 0.1), DecodeSample(2, 2, 0.1)])
+    with pytest.raises(ValueError, match="batch sizes"):
+        fit_step_model([PrefillSample(16, 0.1), PrefillSample(32, 0.2)], [DecodeSample(1, 1, 0.1)])
+    with pytest.raises(ValueError, match="positive"):
+        fit_step_model(
+            [PrefillSample(16, 0.0), PrefillSample(32, 0.2)],
+            [DecodeSample(1, 1, 0.1), DecodeSample(2, 2, 0.1)],
+        )
+    with pytest.raises(ValueError, match="unknown"):
+        StepModel.from_dict({"prefill_base_s": 1.0, "bogus": 2.0})
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    e = LLMEngine.from_pretrained(tiny_models["llama"], EngineConfig(num_kv_blocks=128))
+    yield e
+    e.close()
+
+
+class _Counting:
+    """Wraps :func:`engine.profile.measure` (the real one), counting calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.real = profile.measure
+
+    def __call__(self, eng):
+        self.calls += 1
+        return self.real(eng)
+
+
+def test_profile_measured_once_then_read_from_cache(engine, tiny_models, tmp_path, monkeypatch) -> None:
+    counting = _Counting()
+    monkeypatch.setattr(profile, "measure", counting)
+    first = profile.load_or_measure(engine, tiny_models["llama"], tmp_path)
+    assert not first.cached and counting.calls == 1
+    assert first.model.prefill_time(256) > 0 and first.model.decode_time(4, 64) > 0
+    assert not engine.has_unfinished()  # the measurement leaves the engine idle
+    saved = json.loads(first.path.read_text())
+    assert saved["key"]["engine_profile_version"] == profile.ENGINE_PROFILE_VERSION
+    assert len(saved["samples"]["prefill"]) == len(profile.PREFILL_TOKENS)
+    second = profile.load_or_measure(engine, tiny_models["llama"], tmp_path)
+    assert second.cached and counting.calls == 1  # read, not measured again
+    assert second.model == first.model and second.path == first.path
+
+
+def test_changed_engine_version_remeasures(engine, tiny_models, tmp_path, monkeypatch) -> None:
+    counting = _Counting()
+    monkeypatch.setattr(profile, "measure", counting)
+    a = profile.load_or_measure(engine, tiny_models["llama"], tmp_path)
+    monkeypatch.setattr(profile, "ENGINE_PROFILE_VERSION", profile.ENGINE_PROFILE_VERSION + "-next")
+    b = profile.load_or_measure(engine, tiny_models["llama"], tmp_path)
+    assert not b.cached and counting.calls == 2 and b.path != a.path
+    assert b.key.engine_profile_version.endswith("-next")
+    # another model (its config hash differs) is another key, too
+    other = profile.profile_key(engine, tiny_models["qwen2"])
+    assert other.digest() != b.key.digest()
+
+
+def test_a_corrupt_or_foreign_cache_file_is_measured_over(engine, tiny_models, tmp_path, monkeypatch) -> None:
+    key = profile.profile_key(engine, tiny_models["llama"])
+    (tmp_path / f"{key.digest()}.json").write_text("{not json")
+    monkeypatch.setattr(
+        profile,
+        "measure",
+        lambda e: (
+            [PrefillSample(8, 0.1), PrefillSample(64, 0.3)],
+            [DecodeSample(1, 8, 0.05), DecodeSample(4, 32, 0.08)],
+        ),
+    )
+    got = profile.load_or_measure(engine, tiny_models["llama"], tmp_path)
+    assert not got.cached and got.model.prefill_per_token_s == pytest.approx(0.2 / 56)
+    assert profile.read_cached(key, tmp_path) == got.model
+
+
+def test_startup_profile_switch(monkeypatch) -> None:
+    monkeypatch.setenv("PDSERVE_STARTUP_PROFILE", "off")
+    assert not profile.enabled()
+    monkeypatch.setenv("PDSERVE_STARTUP_PROFILE", "maybe")
+    with pytest.raises(ValueError, match="PDSERVE_STARTUP_PROFILE"):
+        profile.enabled()
