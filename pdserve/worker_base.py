@@ -82,11 +82,12 @@ class WorkerState:
 
     @classmethod
     def load(cls, config: WorkerConfig) -> WorkerState:
-        from engine.profile import load_or_measure
+        from engine import profile
 
         state = cls(config, LLMEngine.from_pretrained(config.model_path, config.engine))
         # its own speed, known before its first request (cached per model/hardware/engine version)
-        state.profile = load_or_measure(state.engine, config.model_path)
+        if profile.enabled():
+            state.profile = profile.load_or_measure(state.engine, config.model_path)
         return state
 
 
