@@ -8,6 +8,13 @@ and summarised (TTFT/TPOT/e2e p50/p90/p99, SLO attainment, goodput, rejections, 
 Writes ``report.json``, ``requests_rate<r>.csv`` and PNG plots (attainment vs rate, latency CDFs)
 into ``--out``; the goodput over the sweep is the largest rate whose attainment reaches
 ``--target``.
+
+Warm-up (``--warmup N``, default 8; 0: none): before the first measured rate, N requests of the
+same workload (another seed) are replayed at the lowest rate without an SLO (placed best effort,
+never refused), so the first measured rate does not pay for cold engines and the router's online
+correction has samples. Their summary is printed and reported (``warmup`` in ``report.json``)
+apart from the sweep. Each rate's summary states how many requests were rejected, why and the
+retry-after hints, and SLO attainment of all requests (a rejection is a miss) vs of the admitted.
 """
 
 from __future__ import annotations
@@ -39,6 +46,13 @@ def register(subparsers) -> None:
     b.add_argument("--target", type=float, default=0.9, help="attainment target for goodput")
     b.add_argument("--seed", type=int, default=0, help="seed of the workload and its token contents")
     b.add_argument("--out", default="pdserve-bench", help="output folder")
+    b.add_argument(
+        "--warmup",
+        type=int,
+        default=8,
+        help="warm-up requests replayed (no SLO, best effort) before the first measured rate and "
+        "reported apart (0: no warm-up)",
+    )
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run)
 
@@ -83,6 +97,9 @@ def run(a: argparse.Namespace) -> int:
     if a.num_requests < 1 or a.length_scale < 1:
         print("pdserve bench: --num-requests and --length-scale must be >= 1", file=sys.stderr)
         return 2
+    if a.warmup < 0:
+        print("pdserve bench: --warmup must be >= 0", file=sys.stderr)
+        return 2
     path = resolve_model_path(a.model)
     vocab = ModelConfig.from_path(path).vocab_size
     slo = loadgen.SLO(a.ttft, a.tpot)
@@ -97,7 +114,15 @@ def run(a: argparse.Namespace) -> int:
         cluster = launch(ClusterSpec(model_path=str(path), router_args=router_args))
         address = cluster.router_address
     reports, all_results = [], []
+    warm = None
     try:
+        if a.warmup:
+            ww = at_rate(named_workload(a.workload, n=a.warmup, seed=a.seed + 1), min(rates), a.seed + 1)
+            wreqs = loadgen.materialize(ww, a.length_scale, vocab, a.max_input, a.max_output, a.seed + 1)
+            wres = loadgen.replay(address, wreqs, None, progress=not a.no_progress)
+            warm = loadgen.summarize(wres, slo, min(rates))
+            print(f"warm-up ({a.warmup} requests, no SLO, not part of the sweep):")
+            print(loadgen.format_report(warm))
         for rate in rates:
             w = at_rate(named_workload(a.workload, n=a.num_requests, seed=a.seed), rate, a.seed)
             reqs = loadgen.materialize(w, a.length_scale, vocab, a.max_input, a.max_output, a.seed)
@@ -121,6 +146,7 @@ def run(a: argparse.Namespace) -> int:
         "slo": asdict(slo),
         "target": a.target,
         "goodput_rps": goodput,
+        "warmup": warm.to_dict() if warm is not None else None,
         "sweep": [r.to_dict() for r in reports],
         "plots": pngs,
     }

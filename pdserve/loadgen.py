@@ -14,6 +14,7 @@ RESOURCE_EXHAUSTED, error) and cached prompt tokens.
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
 import time
 from collections.abc import Sequence
@@ -50,6 +51,8 @@ class LoadResult:
     e2e_s: float = math.nan
     output_tokens: int = 0
     cached_tokens: int = 0
+    reject_reason: str = ""  # a RejectKind value when rejected
+    retry_after_s: float = math.nan  # the router's retry-after hint of a rejection (nan: none)
 
     def meets(self, slo: SLO) -> bool:
         if self.outcome != "ok":
@@ -93,6 +96,34 @@ def materialize(
     return out
 
 
+class RejectKind(enum.Enum):
+    """Why the router refused a request, from its message (``router.policy.goodput`` wording)."""
+
+    TTFT = "predicted TTFT over SLO"
+    TPOT = "predicted TPOT over SLO"
+    KV_FULL = "no free KV blocks"
+    PAIR = "no (prefill, decode) pair meets both"
+    QUOTA = "tenant quota"
+    OTHER = "other"
+
+
+_REJECT_MARKERS = (
+    ("predicted TTFT", RejectKind.TTFT),
+    ("predicted TPOT", RejectKind.TPOT),
+    ("free KV blocks", RejectKind.KV_FULL),
+    ("no single (prefill, decode) pair", RejectKind.PAIR),
+    ("requests in flight (quota", RejectKind.QUOTA),
+)
+
+
+def classify_rejection(message: str) -> RejectKind:
+    """The :class:`RejectKind` a rejection message states (OTHER: none of the known wordings)."""
+    for marker, kind in _REJECT_MARKERS:
+        if marker in message:
+            return kind
+    return RejectKind.OTHER
+
+
 async def _one(client, req: LoadRequest, t0: float, slo: SLO | None, res: LoadResult) -> None:
     from engine.sampling_params import SamplingParams
 
@@ -115,6 +146,9 @@ async def _one(client, req: LoadRequest, t0: float, slo: SLO | None, res: LoadRe
                 res.cached_tokens = ch.finish.cached_prompt_tokens
     except ResourceExhaustedError as e:
         res.outcome, res.error = "rejected", str(e)
+        res.reject_reason = classify_rejection(str(e)).value
+        if e.retry_after_s is not None:
+            res.retry_after_s = float(e.retry_after_s)
         return
     except PdserveError as e:
         res.outcome, res.error = "error", f"{type(e).__name__}: {e}"
@@ -180,6 +214,8 @@ class Report:
     goodput_rps: float  # requests/s meeting both SLOs over the replay span
     prefix_hit_rate: float  # cached prompt tokens / prompt tokens of ok requests
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    reject_reasons: dict[str, int] = field(default_factory=dict)  # RejectKind value -> count
+    retry_after_s: dict[str, float] = field(default_factory=dict)  # p50/max of rejections' hints
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -200,6 +236,13 @@ def summarize(results: Sequence[LoadResult], slo: SLO, rate: float) -> Report:
             "mean": _pct(xs, 50) * 0 + (float(np.nanmean(xs)) if xs else math.nan),
         }
     ptoks = sum(r.prompt_tokens for r in ok)
+    rejected = [r for r in results if r.outcome == "rejected"]
+    reasons: dict[str, int] = {}
+    for r in rejected:
+        reasons[r.reject_reason or RejectKind.OTHER.value] = (
+            reasons.get(r.reject_reason or RejectKind.OTHER.value, 0) + 1
+        )
+    hints = [r.retry_after_s for r in rejected]
     return Report(
         n=len(results),
         rate=rate,
@@ -211,6 +254,8 @@ def summarize(results: Sequence[LoadResult], slo: SLO, rate: float) -> Report:
         goodput_rps=len(met) / span if span > 0 else 0.0,
         prefix_hit_rate=sum(r.cached_tokens for r in ok) / ptoks if ptoks else 0.0,
         latency=lat,
+        reject_reasons=reasons,
+        retry_after_s={"p50": _pct(hints, 50), "max": _pct(hints, 100)} if rejected else {},
     )
 
 
@@ -235,9 +280,24 @@ def format_report(rep: Report) -> str:
         f"  TTFT p50/p90/p99 {L['ttft_s']['p50']:.3f}/{L['ttft_s']['p90']:.3f}/{L['ttft_s']['p99']:.3f} s   "
         f"TPOT p50/p90/p99 {L['tpot_s']['p50'] * 1e3:.1f}/{L['tpot_s']['p90'] * 1e3:.1f}/{L['tpot_s']['p99'] * 1e3:.1f} ms   "
         f"e2e p50/p99 {L['e2e_s']['p50']:.2f}/{L['e2e_s']['p99']:.2f} s\n"
-        f"  SLO attainment {rep.attainment:.1%} (of admitted {rep.attainment_admitted:.1%})  "
-        f"goodput {rep.goodput_rps:.2f} req/s  prefix hit {rep.prefix_hit_rate:.1%}"
+        f"  SLO attainment {rep.attainment:.1%} of all requests (a rejected one counts as a miss), "
+        f"{rep.attainment_admitted:.1%} of the {rep.n - rep.rejected} admitted  "
+        f"goodput {rep.goodput_rps:.2f} req/s  prefix hit {rep.prefix_hit_rate:.1%}" + format_rejections(rep)
     )
+
+
+def format_rejections(rep: Report) -> str:
+    """The rejection line of :func:`format_report` ('' when nothing was rejected)."""
+    if not rep.rejected:
+        return ""
+    why = ", ".join(f"{n} {k}" for k, n in sorted(rep.reject_reasons.items(), key=lambda kv: -kv[1]))
+    ra = rep.retry_after_s
+    hint = (
+        f"; retry-after p50 {ra['p50']:.2f} s, max {ra['max']:.2f} s"
+        if ra and not math.isnan(ra.get("p50", math.nan))
+        else "; no retry-after given"
+    )
+    return f"\n  rejected {rep.rejected}/{rep.n} before any compute ({why}){hint}"
 
 
 def plot(
@@ -249,14 +309,22 @@ def plot(
     import matplotlib.pyplot as plt
 
     paths = []
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r.rate for r in reports], [r.attainment for r in reports], "o-", label="all requests")
-    ax.plot([r.rate for r in reports], [r.attainment_admitted for r in reports], "s--", label="admitted")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    rates = [r.rate for r in reports]
+    ax.plot(rates, [r.attainment for r in reports], "o-", label="attainment, all requests")
+    ax.plot(rates, [r.attainment_admitted for r in reports], "s--", label="attainment, admitted")
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("SLO attainment")
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend()
+    gx = ax.twinx()  # goodput: requests/s meeting both SLOs (what placement is for)
+    gx.plot(rates, [r.goodput_rps for r in reports], "^:", color="tab:green", label="goodput (req/s)")
+    gx.plot(rates, rates, color="0.6", lw=0.8, label="offered rate")
+    gx.set_ylabel("goodput (req/s)")
+    gx.set_ylim(0, max(rates) * 1.1 if rates else 1)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = gx.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
     fig.tight_layout()
     p = f"{out_png_prefix}_attainment.png"
     fig.savefig(p, dpi=120)
