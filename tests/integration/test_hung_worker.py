@@ -56,6 +56,8 @@ def cluster(smollm_path):
             worker_kv_blocks=256,
             store_capacity_blocks=1024,
             router_args=(
+                "--policy",
+                "least_loaded",  # the placements the tests count on (fewest queued, most free blocks)
                 "--heartbeat-timeout-s",
                 "120",  # a stopped worker stays registered: only its quarantine keeps traffic off it
                 "--progress-timeout-s",
