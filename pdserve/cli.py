@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--policy",
         default="",
-        help="router placement: least_loaded (default) | goodput | random | round_robin | cache_aware | colocated",
+        help="router placement: goodput (default) | least_loaded | random | round_robin | cache_aware | colocated",
     )
     sv.add_argument("--index", default="memory", help="KV index: memory | redis://127.0.0.1:PORT/0")
     sv.add_argument(

@@ -115,9 +115,10 @@ class RouterPoolConfig:
     node_resource: str = ""
     heartbeat_timeout_s: float = 3.0
     heartbeat_interval_s: float = 0.5
-    # placement (``python -m router --policy``): least_loaded needs no latency model and never
+    # placement (``python -m router --policy``; default goodput, calibrated by each worker's
+    # start-up step-time profile): least_loaded needs no latency model and never
     # refuses work; goodput places by predicted TTFT/TPOT and refuses what would miss its SLO
-    policy: PolicyKind = PolicyKind.LEAST_LOADED
+    policy: PolicyKind = PolicyKind.GOODPUT
     latency_profile: str = ""  # ``pdserve profile`` JSON seeding goodput's predictions ("": none)
     max_redispatches: int = 2  # re-dispatches of a request whose worker was lost
     shared_cores: int = 0  # goodput: every worker on one CPU host of this many cores (0: own devices)

@@ -1,6 +1,7 @@
 """Router process: ``python -m router --model PATH [--port 0] [--policy KIND]``.
 
-``--policy``: least_loaded (default), goodput, colocated, random, round_robin, cache_aware (=
+``--policy``: goodput (default: each worker's start-up step-time profile calibrates it from the
+first request; requests without an SLO are placed best effort, never refused), least_loaded, colocated, random, round_robin, cache_aware (=
 global_cache_aware), local_cache_aware. Goodput knobs: ``--latency-profile``, ``--slo-margin``,
 ``--priority-margin-step``, ``--tenant-max-inflight``, ``--local-prefill-max-tokens``
 (0 disables conditional disaggregation), ``--shared-cores N`` (all workers on one N-core host), ``--store`` (KV store for prefix lookups), ``--index``
@@ -91,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--policy",
-        default=PolicyKind.LEAST_LOADED.value,
+        default=PolicyKind.GOODPUT.value,
         choices=policy_choices(),
-        help="placement policy of (prefill, decode) pairs",
+        help="placement policy of (prefill, decode) pairs (default goodput: SLO-aware, calibrated by "
+        "each worker's start-up profile; least_loaded never refuses work)",
     )
     ap.add_argument(
         "--latency-profile",
