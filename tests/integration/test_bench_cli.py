@@ -48,6 +48,34 @@ def test_summary_counts_and_goodput_sweep() -> None:
     assert loadgen.goodput_from_sweep([mk(1, 0.5)], 0.9) == 0.0
 
 
+def test_summary_explains_rejections() -> None:
+    slo = loadgen.SLO(ttft_s=0.5, tpot_s=0.1)
+    res = [_res("ok", 0.1, 0.05, 0.0)]
+    msgs = [
+        ("predicted TTFT 900.0 ms exceeds 450.0 ms (SLO with 10% margin at priority 0)", 0.45),
+        ("predicted TTFT 700.0 ms exceeds 450.0 ms (SLO with 10% margin at priority 0)", 0.25),
+        ("predicted TPOT 300.0 ms exceeds 90.0 ms (SLO with 10% margin at priority 0)", 2.0),
+        ("tenant 'a' already has 4 requests in flight (quota 4); retry when one finishes", None),
+    ]
+    for i, (m, ra) in enumerate(msgs):
+        r = _res("rejected", math.nan, math.nan, float(i + 1))
+        r.error, r.reject_reason = m, loadgen.classify_rejection(m).value
+        r.retry_after_s = math.nan if ra is None else ra
+        res.append(r)
+    rep = loadgen.summarize(res, slo, rate=1.0)
+    assert rep.reject_reasons == {
+        loadgen.RejectKind.TTFT.value: 2,
+        loadgen.RejectKind.TPOT.value: 1,
+        loadgen.RejectKind.QUOTA.value: 1,
+    }
+    assert rep.retry_after_s == {"p50": pytest.approx(0.45), "max": pytest.approx(2.0)}
+    text = loadgen.format_report(rep)
+    assert "rejected 4/5 before any compute (2 predicted TTFT over SLO" in text
+    assert "retry-after p50 0.45 s, max 2.00 s" in text
+    assert "20.0% of all requests (a rejected one counts as a miss), 100.0% of the 1 admitted" in text
+    assert loadgen.classify_rejection("something new") is loadgen.RejectKind.OTHER
+
+
 @pytest.mark.slow
 def test_bench_embedded_writes_report(tmp_path, smollm_path) -> None:
     out = tmp_path / "bench"
@@ -55,7 +83,7 @@ def test_bench_embedded_writes_report(tmp_path, smollm_path) -> None:
         [
             "bench", "--embedded", "--model", str(smollm_path), "--workload", "mooncake",
             "-n", "6", "--rates", "1,4", "--max-input", "128", "--max-output", "6",
-            "--ttft", "30", "--tpot", "5", "--out", str(out), "--no-progress",
+            "--ttft", "30", "--tpot", "5", "--out", str(out), "--no-progress", "--warmup", "2",
         ]
     )  # fmt: skip
     assert rc == 0
@@ -68,5 +96,6 @@ def test_bench_embedded_writes_report(tmp_path, smollm_path) -> None:
     # Mooncake hash_ids become shared prefixes: the second sweep point re-sends the same prompts
     assert report["sweep"][1]["prefix_hit_rate"] > 0.3
     assert report["goodput_rps"] == 4.0
+    assert report["warmup"]["n"] == 2 and report["warmup"]["errors"] == 0  # reported apart
     for name in ("bench_attainment.png", "bench_cdf.png", "requests_rate1.csv", "requests_rate4.csv"):
         assert (out / name).stat().st_size > 0
