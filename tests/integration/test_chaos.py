@@ -16,34 +16,42 @@ of them, is either
 * frozen (SIGSTOP) for ``HOLD_S`` seconds, then continued (SIGCONT): a hung process that
   keeps its connections open.
 
-At most one component per role is down or frozen at a time (the next fault on a role waits until
-the last one on it recovered), so one router, one prefill and one decode worker stay up; the
-store is one process, so while it is down or frozen, requests that need it fail (or wait). The
-routers run with short progress deadlines (hung workers are noticed in seconds).
+A fault is over once the cluster is whole again: every router that is up has every worker of
+the role registered and out of quarantine (for a router: its workers registered with it; for the
+store: a request gets through). At most one component per role is under a fault at a time (the
+next fault on a role waits for the last one on it to be over), so one router, one prefill and one
+decode worker stay up; the store is one process, so while it is down or frozen, requests that
+need it fail (or wait). The routers run with short progress deadlines (hung workers are noticed
+in seconds); a client thread pauses ``FAILED_PAUSE_S`` after a failure, as a client would.
 
 Documented outcomes of a request under these faults (README "Failover", "Holding under load",
 "Client SDK"; the mapping is pdserve/status.py), :data:`ALLOWED`: success; ``UnavailableError``
-(a worker lost past the re-dispatch bound, no router reachable, the store down:
-``StoreUnavailableError`` naming it); ``DeadlineExceededError`` (the client's deadline);
-``ResourceExhaustedError`` (no capacity now). Anything else (INTERNAL, UNKNOWN, a stream that
-ends without a finish, ...) fails the test with the request's error.
+(a worker lost past the re-dispatch bound, no router reachable or none with a worker registered;
+the store down: ``StoreUnavailableError`` naming it); ``DeadlineExceededError`` (the client's
+deadline); ``ResourceExhaustedError`` (no capacity now). Anything else (INTERNAL, UNKNOWN, a
+stream that ends without a finish, ...) fails the test with the request's error.
 
 Invariants checked at the end:
 
-* every request succeeded or failed with an ALLOWED status;
+* every request succeeded or failed with an ALLOWED status, and a failure overlaps in time a
+  fault that explains it (up to ``GRACE_S`` after it was over; a StoreUnavailableError, a fault of
+  the store); no request fails after its finish was delivered; no client request hangs;
 * every finished output is identical, token for token and in text, to the engine run whole
   (greedy, and seeded with the same seed);
-* at least ``MIN_SUCCESS`` of the requests during the chaos succeeded; once every component is
-  back, every router has every worker registered and none quarantined, and a final batch of
-  requests all succeed, identical to the engine;
+* at least ``MIN_SUCCESS`` of the requests during the chaos succeeded (observed on a loaded
+  2-core machine: 85-100% over seeds 20261205, 1, 2; the failures are mostly the store's
+  downtime); once every component is back, every router has every worker registered and none
+  quarantined, and a final batch of requests all succeed, identical to the engine;
 * no block or lease is left behind: every worker's ``kv_blocks_used`` (blocks referenced by a
   request; reusable prefix blocks are ``kv_blocks_cached``) returns to 0 and the store holds no
   lease within a bounded wait. The store caps lease TTLs at ``LEASE_TTL_S`` so the leases of a
   killed holder expire within the test; after the fault-free final batch, every lease must be
   released, not expire (the store's ``expired_leases`` does not move).
 
-A summary (seed, schedule as executed, outcome counts per status, success rate) is printed
-(``-s``) so that a failure can be reproduced with ``PDSERVE_CHAOS_SEED``.
+A summary (seed, schedule as executed, outcome counts per status, an example of each failure) is
+printed (``-s``) so that a failure can be reproduced with ``PDSERVE_CHAOS_SEED``; on a failure
+every process's log is written under the test's tmp_path and the notable lines are printed.
+The schedule is a function of the seed; the timing of the run (and so the outcome counts) is not.
 """
 
 from __future__ import annotations
@@ -97,7 +105,7 @@ NUM_PREFILL, NUM_DECODE, NUM_ROUTERS = 2, 2, 2
 ALL_WORKERS = {"prefill": NUM_PREFILL, "decode": NUM_DECODE}
 NUM_PROMPTS = 6
 SEEDS: tuple[int | None, ...] = (None, 7, 31)  # None: greedy
-ALLOWED = (UnavailableError, DeadlineExceededError, ResourceExhaustedError)  # StoreUnavailableError too
+ALLOWED = (UnavailableError, DeadlineExceededError, ResourceExhaustedError)  # + StoreUnavailableError
 
 PROMPTS = [prompt_ids(i, 12 + 7 * (i % 4)) for i in range(NUM_PROMPTS)]  # 1-2 full blocks, distinct
 
@@ -477,11 +485,10 @@ def _check_outcomes(outcomes: list[Outcome], refs, events: list[Event]) -> None:
     bad = [o for o in outcomes if o.error is not None and not isinstance(o.error, ALLOWED)]
     assert not bad, f"{len(bad)} request(s) failed with an undocumented status, e.g. {bad[0].error!r}"
     for o in outcomes:
+        assert not (o.finished and o.error), f"a request failed after its finish was delivered: {o.error!r}"
         if o.error is not None:
-            store_named = "KV store" in str(o.error)
-            assert store_named == isinstance(o.error, StoreUnavailableError), (
-                f"a store failure not reported as StoreUnavailableError (or the reverse): {o.error!r}"
-            )
+            store_named = isinstance(o.error, StoreUnavailableError)
+            assert not store_named or "KV store" in str(o.error), o.error
             near = [
                 ev
                 for ev in events
@@ -553,8 +560,9 @@ def test_chaos_under_load(cluster, references, caplog, tmp_path) -> None:
             rate = ok / len(outcomes) if outcomes else 0.0
             print(f"schedule as executed ({len(chaos.events)} faults):\n{chaos.summary()}")
             print(f"requests: {len(outcomes)} in {t_load_end:.1f}s, success {rate:.1%}: {dict(counts)}")
-            for o in [o for o in outcomes if o.error is not None][:3]:
-                print(f"  e.g. at {o.t0:.1f}-{o.t1:.1f}s {o.status}: {str(o.error)[:300]}")
+            examples = {o.status: o for o in outcomes if o.error is not None}  # the last of each
+            for st, o in sorted(examples.items()):
+                print(f"  e.g. at {o.t0:.1f}-{o.t1:.1f}s {st}: {str(o.error)[:400]}")
             assert not chaos.errors, chaos.errors
             assert load.stuck == 0, f"{load.stuck} client thread(s) stuck in a request"
             _check_outcomes(outcomes, references, chaos.events)
@@ -589,3 +597,12 @@ def test_chaos_under_load(cluster, references, caplog, tmp_path) -> None:
             (logs / f"{name}.log").write_text("\n".join(list(lines)) + "\n")
         print(f"seed {SEED}: schedule:\n{chaos.summary()}\nprocess logs (all in {logs}):\n{_diagnostics(cl)}")
         raise
+
+
+def test_schedule_is_a_function_of_the_seed() -> None:
+    comps = ["store", "router", "router-1", "decode-0", "prefill-0"]
+    a, b = chaos_schedule(5, 60, comps), chaos_schedule(5, 60, comps)
+    assert a == b and a != chaos_schedule(6, 60, comps)
+    assert 60 / GAP_S[1] - 1 <= len(a) <= 60 / GAP_S[0]
+    assert sum(f.gap_s for f in a) < 60 and {f.target for f in a} <= set(comps)
+    assert all(HOLD_S[0] <= f.hold_s <= HOLD_S[1] for f in a)
