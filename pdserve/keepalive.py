@@ -67,6 +67,13 @@ class Keepalive:
             ("grpc.keepalive_timeout_ms", self.timeout_ms),
             ("grpc.keepalive_permit_without_calls", int(self.permit_without_calls)),
             ("grpc.http2.max_pings_without_data", 0),  # 0: no limit on pings without data
+            *self.reconnect_options(),
+        ]
+
+    def reconnect_options(self) -> list[tuple[str, int]]:
+        """The reconnect backoff bound alone (the client SDK's channels to routers take it too:
+        a router restarted on its address is used again within about a second)."""
+        return [
             ("grpc.initial_reconnect_backoff_ms", min(250, self.max_reconnect_backoff_ms)),
             ("grpc.max_reconnect_backoff_ms", self.max_reconnect_backoff_ms),
         ]

@@ -734,10 +734,12 @@ def sdk_channel(
     system roots), ``cert``/``key`` an optional client certificate, ``server_name`` the name to
     verify instead of ``address``'s host. Without TLS: plaintext (a router serves plaintext only
     on loopback, see module docstring)."""
+    from pdserve.keepalive import KEEPALIVE
     from pdserve.limits import grpc_options
 
     on = (ca is not None) if tls is None else tls
-    opts = [*(grpc_options() if options is None else options)]
+    # a restarted router is tried again within about a second (gRPC's backoff grows to 120 s)
+    opts = [*(grpc_options() if options is None else options), *KEEPALIVE.reconnect_options()]
     mod: Any = grpc.aio if aio else grpc
     if not on:
         if ca is not None or cert is not None or key is not None or server_name is not None:
