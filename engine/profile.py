@@ -6,7 +6,7 @@ measured (:func:`measure`: a small grid of real engine steps, a few seconds) and
 key covers everything that changes step times: the model (resolved path + a hash of its
 ``config.json``), dtype, tensor-parallel size, device, the hardware (GPU name, or CPU model and
 core count), the torch version and :data:`ENGINE_PROFILE_VERSION` (bump it when the engine's
-step cost changes, e.g. a new attention kernel): any change gives another file, so it is
+step cost or the way it is measured changes, e.g. a new attention kernel): any change gives another file, so it is
 measured again. The cache dir is ``$PDSERVE_PROFILE_DIR`` or ``~/.cache/pdserve/profiles``.
 Workers starting together on one host measure one at a time (a lock file next to the profile):
 the first measures, the others then read its result. ``PDSERVE_STARTUP_PROFILE=off`` skips the
@@ -31,15 +31,18 @@ from engine.profile_fit import DecodeSample, PrefillSample, StepModel, fit_step_
 
 log = logging.getLogger(__name__)
 
-ENGINE_PROFILE_VERSION = "1"
+ENGINE_PROFILE_VERSION = "2"
 """Version of the engine's step cost; part of every profile key (bump it to re-measure)."""
 
-PREFILL_TOKENS = (16, 64, 256)
+PREFILL_TOKENS = (16, 64, 128, 256)
 """Prompt lengths of the measured prefill steps (one request each, nothing cached)."""
-DECODE_GRID = ((1, 16), (4, 16), (4, 128))
+DECODE_GRID = ((1, 16), (4, 16), (1, 192), (4, 96))
 """(batch, prompt tokens per sequence) of the measured decode steps."""
-DECODE_STEPS = 2  # timed decode steps per grid point (the median is kept)
-REPEATS = 2  # prefill repetitions (the fastest is kept: noise only adds time)
+DECODE_STEPS = 4  # timed decode steps per grid point (the fastest is kept)
+REPEATS = 3  # prefill repetitions (the fastest is kept)
+# The fastest of several timings, not the median: other load on the host (or a GC pause) only
+# ever adds time to a step, so the minimum is the engine's own speed; a profile measured while
+# the host was busy would otherwise be pessimistic for as long as it stays cached.
 
 
 @dataclass(frozen=True)
@@ -148,14 +151,15 @@ def measure(engine) -> tuple[list[PrefillSample], list[DecodeSample]]:
         ]
         try:
             _run_until_first_token(engine, ids)
-            times = []
+            best: tuple[float, int] | None = None
             for i in range(DECODE_STEPS):
                 t0 = time.perf_counter()
                 engine.step()
-                times.append(time.perf_counter() - t0)
-                context = batch * (plen + 1 + i)
-            times.sort()
-            decode.append(DecodeSample(batch, context, times[len(times) // 2]))
+                took = time.perf_counter() - t0
+                if best is None or took < best[0]:
+                    best = (took, batch * (plen + 1 + i))  # KV tokens the step attended over
+            assert best is not None
+            decode.append(DecodeSample(batch, best[1], best[0]))
         finally:
             for rid in ids:
                 if engine.has_request(rid):

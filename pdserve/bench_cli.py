@@ -10,9 +10,10 @@ into ``--out``; the goodput over the sweep is the largest rate whose attainment 
 ``--target``.
 
 Warm-up (``--warmup N``, default 8; 0: none): before the first measured rate, N requests of the
-same workload (another seed) are replayed at the lowest rate without an SLO (placed best effort,
-never refused), so the first measured rate does not pay for cold engines and the router's online
-correction has samples. Their summary is printed and reported (``warmup`` in ``report.json``)
+same workload (another seed) are sent one at a time without an SLO (placed best effort, never
+refused), so the first measured rate does not pay for cold engines and the router's online
+correction has samples of the cluster's own service times (one at a time: no queueing of
+warm-up requests behind each other, which only the cold start would cause). Their summary is printed and reported (``warmup`` in ``report.json``)
 apart from the sweep. Each rate's summary states how many requests were rejected, why and the
 retry-after hints, and SLO attainment of all requests (a rejection is a miss) vs of the admitted.
 """
@@ -23,7 +24,7 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from pdserve import loadgen
@@ -117,11 +118,15 @@ def run(a: argparse.Namespace) -> int:
     warm = None
     try:
         if a.warmup:
-            ww = at_rate(named_workload(a.workload, n=a.warmup, seed=a.seed + 1), min(rates), a.seed + 1)
+            ww = named_workload(a.workload, n=a.warmup, seed=a.seed + 1)
             wreqs = loadgen.materialize(ww, a.length_scale, vocab, a.max_input, a.max_output, a.seed + 1)
-            wres = loadgen.replay(address, wreqs, None, progress=not a.no_progress)
+            wres = [  # one at a time
+                r
+                for q in wreqs
+                for r in loadgen.replay(address, [replace(q, arrival_s=0.0)], None, progress=False)
+            ]
             warm = loadgen.summarize(wres, slo, min(rates))
-            print(f"warm-up ({a.warmup} requests, no SLO, not part of the sweep):")
+            print(f"warm-up ({a.warmup} requests one at a time, no SLO, not part of the sweep):")
             print(loadgen.format_report(warm))
         for rate in rates:
             w = at_rate(named_workload(a.workload, n=a.num_requests, seed=a.seed), rate, a.seed)
