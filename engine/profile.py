@@ -34,12 +34,16 @@ log = logging.getLogger(__name__)
 ENGINE_PROFILE_VERSION = "2"
 """Version of the engine's step cost; part of every profile key (bump it to re-measure)."""
 
-PREFILL_TOKENS = (16, 64, 128, 256)
+PREFILL_TOKENS = (16, 256, 64, 128)  # the first two always; the rest while the budget lasts
 """Prompt lengths of the measured prefill steps (one request each, nothing cached)."""
-DECODE_GRID = ((1, 16), (4, 16), (1, 192), (4, 96))
+DECODE_GRID = ((1, 16), (4, 16), (1, 192), (4, 96))  # likewise
 """(batch, prompt tokens per sequence) of the measured decode steps."""
 DECODE_STEPS = 4  # timed decode steps per grid point (the fastest is kept)
-REPEATS = 3  # prefill repetitions (the fastest is kept)
+REPEATS = 3  # prefill rounds over PREFILL_TOKENS (the fastest of each point is kept)
+BUDGET_S = 15.0
+"""Soft bound on a measurement: after the first two points of each grid, further points and
+rounds are measured only while this many seconds have not passed (a loaded host still starts
+its workers in time; a profile with fewer points is coarser, and online correction refines it)."""
 # The fastest of several timings, not the median: other load on the host (or a GC pause) only
 # ever adds time to a step, so the minimum is the engine's own speed; a profile measured while
 # the host was busy would otherwise be pessimistic for as long as it stays cached.
@@ -116,9 +120,10 @@ def _run_until_first_token(engine, ids: list[str]) -> None:
                 pending.discard(out.request_id)
 
 
-def measure(engine) -> tuple[list[PrefillSample], list[DecodeSample]]:
+def measure(engine, budget_s: float | None = None) -> tuple[list[PrefillSample], list[DecodeSample]]:
     """Time real engine steps on an idle ``engine``: prefills of :data:`PREFILL_TOKENS` tokens and
-    decode steps on the :data:`DECODE_GRID`. Prompts are random token ids with a fresh cache salt
+    decode steps on the :data:`DECODE_GRID`, within ``budget_s`` (default :data:`BUDGET_S`) after
+    the two required points of each. Prompts are random token ids with a fresh cache salt
     (no prefix hit); every request is aborted afterwards (the engine is left idle and empty)."""
     from engine.sampling_params import SamplingParams
 
@@ -135,16 +140,28 @@ def measure(engine) -> tuple[list[PrefillSample], list[DecodeSample]]:
             out.append(rng_state[0] % vocab)
         return out
 
+    budget = BUDGET_S if budget_s is None else budget_s
+    start = time.perf_counter()
+
+    def over() -> bool:
+        return time.perf_counter() - start > budget
+
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     # warm-up: the first forward pass pays for allocations and kernel selection
     _prefill_once(engine, prompt(16), one, salt)
-    prefill: list[PrefillSample] = []
-    for n in PREFILL_TOKENS:
-        best = min(_prefill_once(engine, prompt(n), one, salt) for _ in range(REPEATS))
-        prefill.append(PrefillSample(n, best))
+    fastest: dict[int, float] = {}
+    for r in range(REPEATS):
+        for k, n in enumerate(PREFILL_TOKENS):
+            if (r or k >= 2) and over():
+                break
+            t = _prefill_once(engine, prompt(n), one, salt)
+            fastest[n] = min(t, fastest.get(n, t))
+    prefill = [PrefillSample(n, t) for n, t in fastest.items()]
     decode: list[DecodeSample] = []
     long = SamplingParams(max_tokens=DECODE_STEPS + 4, temperature=0.0, ignore_eos=True)
-    for batch, plen in DECODE_GRID:
+    for k, (batch, plen) in enumerate(DECODE_GRID):
+        if k >= 2 and over():
+            break
         ids = [
             engine.add_request(None, prompt(plen), long, cache_salt=salt + str(time.monotonic_ns()))
             for _ in range(batch)
