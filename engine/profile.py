@@ -112,9 +112,20 @@ def profile_key(engine, model_path: str | Path) -> ProfileKey:
     )
 
 
+STEP_DEADLINE_S = 120.0  # one grid point's requests must have their first token by then
+
+
 def _run_until_first_token(engine, ids: list[str]) -> None:
+    """Step ``engine`` until every request of ``ids`` has a token. ``RuntimeError`` after
+    :data:`STEP_DEADLINE_S` (e.g. something else steps the engine and takes the outputs)."""
     pending = set(ids)
+    deadline = time.monotonic() + STEP_DEADLINE_S
     while pending:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"profiling: no first token for {sorted(pending)} within {STEP_DEADLINE_S:.0f} s "
+                "(is another thread stepping the engine?)"
+            )
         for out in engine.step():
             if out.request_id in pending and out.token_ids:
                 pending.discard(out.request_id)
@@ -129,6 +140,7 @@ def measure(engine, budget_s: float | None = None) -> tuple[list[PrefillSample],
 
     if engine.has_unfinished():
         raise RuntimeError("profile the engine before it serves requests (it has work in flight)")
+    # the caller owns the engine: nothing else may step it meanwhile (e.g. a started EngineLoop)
     vocab = engine.model_config.vocab_size
     salt = uuid.uuid4().hex
     rng_state = [12345]

@@ -125,3 +125,24 @@ def test_startup_profile_switch(monkeypatch) -> None:
     monkeypatch.setenv("PDSERVE_STARTUP_PROFILE", "maybe")
     with pytest.raises(ValueError, match="PDSERVE_STARTUP_PROFILE"):
         profile.enabled()
+
+
+def test_worker_state_load_profiles_its_engine_then_reports_it(tiny_models, tmp_path, monkeypatch) -> None:
+    """A worker's start-up: measured before its engine loop runs (the loop would take the
+    measurement's outputs), then sent in RegisterRequest.profile."""
+    from pdserve.worker_base import Role, WorkerConfig, WorkerState, profile_proto
+
+    monkeypatch.setenv("PDSERVE_PROFILE_DIR", str(tmp_path))
+    monkeypatch.setenv("PDSERVE_STARTUP_PROFILE", "on")
+    cfg = WorkerConfig(
+        "w0", Role.DECODE, str(tiny_models["llama"]), "", engine=EngineConfig(num_kv_blocks=128)
+    )
+    state = WorkerState.load(cfg)
+    try:
+        assert state.profile is not None and not state.profile.cached
+        msg = profile_proto(state.profile)
+        assert msg.key == state.profile.key.digest()
+        assert msg.decode_base_s == state.profile.model.decode_base_s
+        assert state.profile.path.is_file()
+    finally:
+        state.close()
