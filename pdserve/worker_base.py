@@ -84,10 +84,12 @@ class WorkerState:
     def load(cls, config: WorkerConfig) -> WorkerState:
         from engine import profile
 
-        state = cls(config, LLMEngine.from_pretrained(config.model_path, config.engine))
-        # its own speed, known before its first request (cached per model/hardware/engine version)
-        if profile.enabled():
-            state.profile = profile.load_or_measure(state.engine, config.model_path)
+        engine = LLMEngine.from_pretrained(config.model_path, config.engine)
+        # its own speed, known before its first request (cached per model/hardware/engine version);
+        # measured before the engine loop exists: the measurement steps the engine itself
+        prof = profile.load_or_measure(engine, config.model_path) if profile.enabled() else None
+        state = cls(config, engine)
+        state.profile = prof
         return state
 
 
