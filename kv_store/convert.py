@@ -144,6 +144,7 @@ def put_result_to_proto(r: PutResult) -> kv_store_pb2.PutResponse:
         slot_nbytes=r.slot_nbytes,
         shm_name=r.shm_name,
         conflicts=list(r.conflicts),
+        conflict_checksums=list(r.conflict_checksums),
         lease_ttl_s=r.lease_ttl_s,
         lease_ttl_clamped=r.lease_ttl_clamped,
     )
@@ -164,6 +165,7 @@ def put_result_from_proto(msg: kv_store_pb2.PutResponse) -> PutResult:
         slot_nbytes=msg.slot_nbytes,
         shm_name=msg.shm_name,
         conflicts=tuple(msg.conflicts),
+        conflict_checksums=tuple(msg.conflict_checksums),
         lease_ttl_s=msg.lease_ttl_s,
         lease_ttl_clamped=msg.lease_ttl_clamped,
     )

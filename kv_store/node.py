@@ -151,7 +151,7 @@ class PutTicket:
     """Result of :meth:`StoreNode.begin_put`. Write ``slot`` then commit, only if ``is_new``.
 
     ``conflict``: the key is already stored (or in flight) with another checksum; nothing is
-    written (write-once) and ``slot`` is the stored block's."""
+    written (write-once), ``slot`` is the stored block's and ``stored_checksum`` its checksum."""
 
     block_hash: BlockHash
     slot: int
@@ -159,6 +159,7 @@ class PutTicket:
     evicted: tuple[BlockHash, ...] = ()  # blocks evicted to make room (unregister them)
     checksum: int = 0  # the writer's checksum of the bytes to write
     conflict: bool = False
+    stored_checksum: int = 0  # set on a conflict: the kept bytes' checksum
 
 
 @dataclass(frozen=True)
@@ -373,7 +374,9 @@ class StoreNode:
             self._refresh(h, e, touch=True)
             if e.checksum != checksum:
                 self._conflicts += 1
-                return PutTicket(h, e.slot, is_new=False, checksum=checksum, conflict=True)
+                return PutTicket(
+                    h, e.slot, is_new=False, checksum=checksum, conflict=True, stored_checksum=e.checksum
+                )
             self._dedups += 1
             return PutTicket(h, e.slot, is_new=False, checksum=checksum)
         evicted: list[BlockHash] = []

@@ -146,6 +146,7 @@ class KVStoreServicer:
         lease_id = ""
         lease_ttl, lease_clamped = 0.0, False
         conflicts: list[int] = []
+        conflict_sums: list[int] = []
         ticket: PutTicket | None = None
         received = 0
         n_blocks = n_new = 0
@@ -189,6 +190,7 @@ class KVStoreServicer:
                     ticket = store.begin_put(h, chunk.checksum)
                     if ticket.conflict:
                         conflicts.append(n_blocks)
+                        conflict_sums.append(ticket.stored_checksum)
                     put_hashes.append(h)
                     put_slots.append(ticket.slot)
                     received = 0
@@ -235,6 +237,7 @@ class KVStoreServicer:
             slot_nbytes=store.arena.slot_nbytes if slots else 0,
             shm_name=store.arena.name,
             conflicts=tuple(conflicts),
+            conflict_checksums=tuple(conflict_sums),
             lease_ttl_s=lease_ttl,
             lease_ttl_clamped=lease_clamped,
         )

@@ -109,6 +109,8 @@ class PutResult:
 
     ``conflicts``: indices (in the call's order) of blocks whose key was already stored with a
     different checksum; write-once, their bytes were dropped and the stored ones kept.
+    ``conflict_checksums``: parallel to ``conflicts``, the kept bytes' checksums (empty from an
+    older node).
     ``lease_ttl_s``: the granted lease ttl; ``lease_ttl_clamped``: it is lower than asked.
     """
 
@@ -122,12 +124,19 @@ class PutResult:
     slot_nbytes: int = 0
     shm_name: str = ""
     conflicts: tuple[int, ...] = ()
+    conflict_checksums: tuple[int, ...] = ()
     lease_ttl_s: float = 0.0
     lease_ttl_clamped: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slots", tuple(int(s) for s in self.slots))
         object.__setattr__(self, "conflicts", tuple(int(i) for i in self.conflicts))
+        object.__setattr__(self, "conflict_checksums", tuple(int(c) for c in self.conflict_checksums))
+        if self.conflict_checksums and len(self.conflict_checksums) != len(self.conflicts):
+            raise InvalidRequestError(
+                f"PutResult: {len(self.conflict_checksums)} conflict checksums for "
+                f"{len(self.conflicts)} conflicts; they are parallel"
+            )
         if self.slots and len(self.slots) != self.num_blocks:
             raise InvalidRequestError(
                 f"PutResult: {len(self.slots)} slots for {self.num_blocks} blocks; slots are empty "

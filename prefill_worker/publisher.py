@@ -6,6 +6,8 @@ import logging
 import math
 from typing import Protocol
 
+import torch
+
 from engine.llm_engine import KVExport
 from kv_store.auth import tenant_owner
 from kv_store.checksum import block_checksum
@@ -13,8 +15,8 @@ from kv_store.client import KVStoreClient
 from kv_store.handle import KVHandle
 from kv_store.layout import KVLayout
 from kv_store.store import PutResult
-from kv_store.tensors import tensor_bytes
-from pdserve.errors import InvalidRequestError
+from kv_store.tensors import block_tensor, tensor_bytes
+from pdserve.errors import InvalidRequestError, RequestNotFoundError
 from pdserve.tracing import log_event
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,14 @@ class StorePublisher:
     a racing writer whose KV differs in its last bits, or junk put under the prompt's keys before
     it was sent), the publisher releases its lease, deletes those blocks (the node refuses to
     delete pinned ones) and puts the request's blocks once more. Keys still held by other bytes
-    then are logged: the decode worker's checksum check turns them into a miss, never wrong KV.
+    then are pinned by another request's lease. Two prefill workers prefilling the same prompt
+    (a re-dispatched request, twin requests) write such blocks: the same tokens' KV, differing in
+    its last bits. Each kept block is read back and compared with this worker's own; when it is
+    numerically the same KV (:func:`equivalent_kv`), the handle carries the stored bytes'
+    checksum (``PutResult.conflict_checksums``), so the decode worker uses it as it would a
+    prefix-cache hit. (Carrying this worker's checksum would turn every pull of it into a miss
+    and re-dispatch the request until its budget ran out.) Anything else (junk) keeps this
+    worker's checksum: the decode worker's check turns it into a miss, never wrong KV.
     """
 
     def __init__(self, client: KVStoreClient, max_lease_ttl_s: float = MAX_LEASE_TTL_S) -> None:
@@ -63,6 +72,7 @@ class StorePublisher:
         self.max_lease_ttl_s = max_lease_ttl_s
         self.conflicts_replaced = 0  # blocks deleted and put again after a conflict
         self.conflicts_kept = 0  # blocks still held with other bytes after the retry
+        self.conflicts_adopted = 0  # of which handed off as stored (equivalent KV)
 
     def _put(
         self, layout: KVLayout, kv: KVExport, blocks: list, sums: list[int], ttl: float, owner: str
@@ -70,6 +80,24 @@ class StorePublisher:
         return self.client.put_blocks(
             layout, kv.block_hashes, blocks, lease_ttl_s=ttl, checksums=sums, owner=owner
         )
+
+    def _adopt_equivalent(self, layout: KVLayout, kv: KVExport, res: PutResult, sums: list[int]) -> list[int]:
+        """``sums`` with each kept conflicting block that is equivalent KV given its stored
+        checksum (see the class docstring); unchanged when the node sent no stored checksums."""
+        if not res.conflicts or len(res.conflict_checksums) != len(res.conflicts):
+            return sums
+        keys = [kv.block_hashes[i] for i in res.conflicts]
+        try:
+            stored = self.client.get_blocks(layout, keys, res.conflict_checksums)
+        except RequestNotFoundError:  # KVChecksumError too
+            return sums  # gone or not the bytes the node reported: leave the miss
+        out = list(sums)
+        for i, raw, stored_sum in zip(res.conflicts, stored, res.conflict_checksums, strict=True):
+            theirs = block_tensor(bytearray(raw), layout)
+            if equivalent_kv(theirs, kv.blocks[i]):
+                out[i] = stored_sum
+                self.conflicts_adopted += 1
+        return out
 
     def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float, tenant: str = "") -> KVHandle:
         ttl = capped_lease_ttl(lease_ttl_s, self.max_lease_ttl_s)
@@ -94,6 +122,7 @@ class StorePublisher:
                 replaced=deleted.num_deleted,
                 still_conflicting=len(res.conflicts),
             )
+            sums = self._adopt_equivalent(layout, kv, res, sums)
         assert res.location is not None
         # slots index the arena the handle's location names; anything else: leave them out
         same_arena = bool(res.shm_name) and res.shm_name == res.location.shm_name
@@ -114,3 +143,20 @@ class StorePublisher:
             lease_expires_at_unix_s=res.lease_expires_at_unix_s if res.lease_id else 0.0,
             block_checksums=tuple(sums),
         )
+
+
+# Two computations of the same tokens' KV differ by float rounding (batch shape, kernel order):
+# within this share of the block's largest magnitude, elementwise. Junk (random bytes read as
+# floats) is far outside it, or not finite.
+KV_EQUIVALENCE_RTOL = 0.02
+
+
+def equivalent_kv(theirs: torch.Tensor, mine: torch.Tensor) -> bool:
+    """True if ``theirs`` is numerically the same KV block as ``mine`` (finite, and within
+    ``KV_EQUIVALENCE_RTOL`` of ``mine``'s largest magnitude everywhere)."""
+    a = theirs.detach().float().cpu().reshape(-1)
+    b = mine.detach().float().cpu().reshape(-1)
+    if a.shape != b.shape or not bool(torch.isfinite(a).all()):
+        return False
+    scale = max(float(b.abs().max()), 1e-6)
+    return float((a - b).abs().max()) <= KV_EQUIVALENCE_RTOL * scale

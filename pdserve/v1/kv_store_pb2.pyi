@@ -48,6 +48,7 @@ class PutResponse(_message.Message):
         "conflicts",
         "lease_ttl_s",
         "lease_ttl_clamped",
+        "conflict_checksums",
     )
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_STORED_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +62,7 @@ class PutResponse(_message.Message):
     CONFLICTS_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_CLAMPED_FIELD_NUMBER: _ClassVar[int]
+    CONFLICT_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     num_stored: int
     num_existing: int
@@ -73,6 +75,7 @@ class PutResponse(_message.Message):
     conflicts: _containers.RepeatedScalarFieldContainer[int]
     lease_ttl_s: float
     lease_ttl_clamped: bool
+    conflict_checksums: _containers.RepeatedScalarFieldContainer[int]
     def __init__(
         self,
         num_blocks: int | None = ...,
@@ -87,6 +90,7 @@ class PutResponse(_message.Message):
         conflicts: _Iterable[int] | None = ...,
         lease_ttl_s: float | None = ...,
         lease_ttl_clamped: bool | None = ...,
+        conflict_checksums: _Iterable[int] | None = ...,
     ) -> None: ...
 
 class GetRequest(_message.Message):

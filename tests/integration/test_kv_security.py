@@ -201,6 +201,28 @@ def test_write_once_keeps_the_first_bytes_and_pinned_junk_is_a_miss(
     member.release(handle.lease_id)
 
 
+def test_pinned_twin_of_the_same_kv_is_handed_off_as_stored(
+    node: StoreServer, member: KVStoreClient, clean: None
+) -> None:
+    """Two prefill workers prefilling one prompt (a re-dispatched request) write the same keys
+    with KV that differs in its last bits; the first one's blocks are pinned by its lease. The
+    second worker's handle carries the stored bytes' checksums: its decode worker gets the
+    stored KV (equivalent: as a prefix-cache hit), not a checksum miss on every pull."""
+    hs = prompt_keys(3, salt="twin")
+    blocks = kv_blocks(3, seed=4)
+    twin = blocks + 1e-4 * torch.randn_like(blocks)  # the other worker's rounding
+    first = member.put_blocks(L, hs, [tensor_bytes(b) for b in twin], lease_ttl_s=30)  # pinned
+    publisher = StorePublisher(member)
+    handle = publisher.publish(export(hs, blocks), L, 30.0)
+    assert (publisher.conflicts_kept, publisher.conflicts_adopted) == (3, 3)
+    assert handle.block_checksums == tuple(block_checksum(tensor_bytes(b)) for b in twin)
+    for transport in (AutoTransport(node.store.location.host_id), GrpcTransport()):
+        out = StorePuller(transport).pull(handle)
+        assert torch.equal(out, twin) and torch.allclose(out, blocks, atol=1e-3)
+    member.release(first.lease_id)
+    member.release(handle.lease_id)
+
+
 # ------------------------------------------------------------------ lease exhaustion
 
 
