@@ -69,6 +69,8 @@ class RouterHealth:
         self.servicer = servicer
         self.services = tuple(services)
         self.sweep_interval_s = sweep_interval_s
+        # a sweep late by a few intervals means the router itself stopped (Registry.tick)
+        registry.pause_threshold_s = max(registry.pause_threshold_s, 3 * sweep_interval_s)
         self._lock = threading.RLock()
         self._updating = False  # an update is running in the thread holding the lock
         self._serving: bool | None = None
@@ -129,8 +131,16 @@ class RouterHealth:
             self._thread = None
 
     def _run(self) -> None:
+        self.registry.tick()
         while not self._stop.wait(self.sweep_interval_s):
             try:
+                gap = self.registry.tick()
+                if gap:
+                    log.warning(
+                        "router was not running for %.1fs (paused or starved): workers' silence "
+                        "during it is not counted against them",
+                        gap,
+                    )
                 self.update()
             except Exception:  # noqa: BLE001 - the sweep must outlive a bad moment
                 log.exception("health sweep failed")

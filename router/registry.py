@@ -9,6 +9,12 @@ Quarantine (:mod:`router.quarantine`): a worker whose call stalled is quarantine
 (:meth:`Registry.quarantine`); :meth:`Registry.alive` leaves it out (no new traffic) until
 :meth:`Registry.probe_result` reports that it answered a health probe. Heartbeats, expiry and
 re-registration do not lift a quarantine; the worker deregistering itself does.
+
+The router's own pauses (SIGSTOP, a VM freeze, a starved process) are not the workers' silence: a
+periodic sweep calls :meth:`Registry.tick`; while the last tick is older than
+``pause_threshold_s`` nothing is expired (the router, not the workers, stopped), and a tick after
+such a gap moves every worker's ``last_seen`` forward by it, so workers get a whole timeout to be
+heard again. Without a sweep (no tick ever), expiry is judged on the clock alone.
 """
 
 from __future__ import annotations
@@ -63,8 +69,13 @@ class Registry:
         heartbeat_timeout_s: float = 3.0,
         clock: Callable[[], float] = time.monotonic,
         quarantine: QuarantineConfig | None = None,
+        pause_threshold_s: float | None = None,
     ) -> None:
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        # a sweep (tick) gap above this means the router itself was not running
+        self.pause_threshold_s = heartbeat_timeout_s / 2 if pause_threshold_s is None else pause_threshold_s
+        self._last_tick: float | None = None
+        self.pauses_forgiven = 0  # ticks that found the router had been paused
         self.clock = clock
         self.quarantined = QuarantineBook(quarantine, clock)
         self._workers: dict[str, WorkerEntry] = {}
@@ -93,7 +104,14 @@ class Registry:
         with self._lock:
             old = self._workers.get(worker_id)
             self._workers[worker_id] = WorkerEntry(
-                worker_id, kind, address, model, load, self.clock(), old.inflight if old else 0, profile=profile
+                worker_id,
+                kind,
+                address,
+                model,
+                load,
+                self.clock(),
+                old.inflight if old else 0,
+                profile=profile,
             )
         self._changed()
 
@@ -148,9 +166,27 @@ class Registry:
             self._changed()
         return lifted
 
+    def tick(self) -> float:
+        """The router's periodic sweep is running (call it at least every ``pause_threshold_s``).
+        After a longer gap (the router was paused or starved), every worker's ``last_seen`` moves
+        forward by the gap; returns the gap forgiven (0.0 when none)."""
+        with self._lock:
+            now = self.clock()
+            last, self._last_tick = self._last_tick, now
+            if last is None or now - last <= self.pause_threshold_s:
+                return 0.0
+            gap = now - last
+            for w in self._workers.values():
+                w.last_seen = min(now, w.last_seen + gap)
+            self.pauses_forgiven += 1
+            return gap
+
     def _expire(self) -> bool:
-        """Drop workers silent for longer than the timeout (under the lock); whether any was."""
+        """Drop workers silent for longer than the timeout (under the lock); whether any was.
+        Nothing is dropped while the sweep's last tick is stale (see the module docstring)."""
         now = self.clock()
+        if self._last_tick is not None and now - self._last_tick > self.pause_threshold_s:
+            return False
         dead = [k for k, w in self._workers.items() if now - w.last_seen > self.heartbeat_timeout_s]
         for k in dead:
             del self._workers[k]

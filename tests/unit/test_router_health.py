@@ -131,3 +131,43 @@ def test_grpc_check_and_watch():
     finally:
         h.stop()
         server.stop(0)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_paused_router_does_not_expire_its_workers_for_its_own_pause():
+    """SIGSTOP of the router (seen by the chaos test): on waking, the sweep's tick is stale, so
+    nothing expires before the sweep has run; the tick then forgives the pause, and workers get
+    a whole heartbeat timeout to be heard again. A worker that stays silent still expires."""
+    clock = _Clock()
+    reg = Registry(heartbeat_timeout_s=3.0, clock=clock)
+    for wid in ("p", "d"):
+        kind = WorkerKind.PREFILL if wid == "p" else WorkerKind.DECODE
+        reg.register(wid, kind, f"{wid}:1", "m", WorkerLoad())
+    reg.tick()
+    clock.t += 0.75
+    reg.tick()
+    clock.t += 6.0  # the router was stopped for 6 s: no tick, no heartbeat handled
+    assert {w.worker_id for w in reg.alive()} == {"p", "d"}  # a request handler runs first
+    assert reg.tick() == pytest.approx(6.0) and reg.pauses_forgiven == 1
+    assert {w.worker_id for w in reg.alive()} == {"p", "d"}
+    for _ in range(6):  # the sweep runs every 0.75 s again; p heartbeats, d stays silent
+        clock.t += 0.75
+        reg.tick()
+        reg.heartbeat("p", WorkerLoad())
+    assert reg.pauses_forgiven == 1
+    assert {w.worker_id for w in reg.alive()} == {"p"}
+
+
+def test_without_a_sweep_expiry_follows_the_clock_alone():
+    clock = _Clock()
+    reg = Registry(heartbeat_timeout_s=3.0, clock=clock)
+    reg.register("d", WorkerKind.DECODE, "d:1", "m", WorkerLoad())
+    clock.t += 10.0
+    assert reg.alive() == []
