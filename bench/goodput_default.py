@@ -64,12 +64,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=1800.0, help="per bench run")
     ap.add_argument("--work", default="", help="folder for each bench's own output (default: temp)")
     ap.add_argument("--out", default="", help="write the JSON report here")
+    ap.add_argument(
+        "--baseline",
+        default="",
+        help="least_loaded's report.json of an earlier run to compare with instead of running it "
+        "again (the comparison is then not from one run: say so when quoting it)",
+    )
     a = ap.parse_args(argv)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="goodput_default_"))
     load_before = os.getloadavg()
     print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} "
           f"on {os.cpu_count()} CPUs")  # fmt: skip
-    reports = {pol: run_bench(pol, a, work / pol) for pol in ("goodput", "least_loaded")}
+    reports = {"goodput": run_bench("goodput", a, work / "goodput")}
+    if a.baseline:
+        reports["least_loaded"] = json.loads(Path(a.baseline).read_text()) | {"wall_s": 0.0}
+        print(f"least_loaded: from {a.baseline} (an earlier run, not this one)")
+    else:
+        reports["least_loaded"] = run_bench("least_loaded", a, work / "least_loaded")
     load_after = os.getloadavg()
     g, ll = reports["goodput"]["sweep"], reports["least_loaded"]["sweep"]
     rows = []

@@ -173,7 +173,9 @@ class OnlineCorrectedLatency:
         self.config = config or CorrectionConfig()
         self.kv_bytes_per_token = base.kv_bytes_per_token
         self._factor = {p: 1.0 for p in Phase}
-        self._var = {p: 0.0 for p in Phase}  # EWMA of the squared log error around the factor
+        # EWMA of 2 x the squared *upward* log error around the factor (measured slower than
+        # predicted): the variance of the upper tail, as if the errors were symmetric
+        self._var = {p: 0.0 for p in Phase}
         self._samples = {p: 0 for p in Phase}
         self._lock = threading.Lock()
 
@@ -182,7 +184,10 @@ class OnlineCorrectedLatency:
 
     def spread(self, phase: Phase) -> float:
         """Multiplier from the corrected (mean) prediction to its ``quantile_z`` upper quantile:
-        ``exp(z * std of the log error)``; 1 until ``min_spread_samples`` samples. An admission
+        ``exp(z * upper std of the log error)``; 1 until ``min_spread_samples`` samples. Only
+        errors where the measurement was *slower* than the prediction widen it (as
+        ``sqrt(2 x EWMA of their squares)``: equal to the std for symmetric errors): a model that
+        over-predicts some requests (e.g. short prompts) must not make every admission stricter. An admission
         check on ``prediction * spread`` keeps that share of admitted requests within the SLO."""
         c = self.config
         if self._samples[phase] < c.min_spread_samples:
@@ -212,7 +217,8 @@ class OnlineCorrectedLatency:
         with self._lock:
             log_f = math.log(self._factor[phase])
             err = math.log(f) - log_f  # this sample's log error against the current correction
-            self._var[phase] += c.alpha * (err * err - self._var[phase])
+            up = err if err > 0 else 0.0  # only slower-than-predicted widens the upper quantile
+            self._var[phase] += c.alpha * (2 * up * up - self._var[phase])
             self._factor[phase] = math.exp(log_f + c.alpha * err)
             self._samples[phase] += 1
         return True

@@ -150,3 +150,17 @@ def test_default_policy_is_goodput_and_refuses_an_impossible_slo_before_placing(
     assert pol.inflight() == 0  # nothing placed, nothing booked
     # without an SLO the default policy places best effort (it never refuses such a request)
     assert isinstance(pol.place(_req(1), build_view(reg, "m", queued)), Placement)  # type: ignore[arg-type]
+
+
+def test_over_prediction_does_not_widen_the_admission_quantile() -> None:
+    """Requests faster than predicted (e.g. short prompts under a linear model) must not make every
+    later admission stricter; slower-than-predicted ones do."""
+    from router.policy.latency import CorrectionConfig, OnlineCorrectedLatency, Phase
+
+    c = OnlineCorrectedLatency(LinearLatency(**FAST), CorrectionConfig(min_spread_samples=5))
+    for i in range(40):  # measured 0.25x .. 1x the prediction: never slower
+        c.observe(Phase.TTFT, 1.0, 0.25 if i % 2 else 1.0 * c.factor(Phase.TTFT))
+    assert c.spread(Phase.TTFT) == pytest.approx(1.0, abs=0.05)
+    for i in range(40):  # now alternately 2x slower than the corrected prediction
+        c.observe(Phase.TTFT, 1.0, 2.0 * c.factor(Phase.TTFT) if i % 2 else c.factor(Phase.TTFT))
+    assert c.spread(Phase.TTFT) > 1.5
