@@ -313,17 +313,25 @@ class KVStoreClient:
         ttl_s: float = 0.0,
         layout: KVLayout | None = None,
         release_lease_ids: Sequence[str] = (),
+        owner: str | None = None,
     ) -> LeaseGrant:
         """Pin stored blocks (all or nothing) and learn their arena slots; ``ttl_s=0``: node default.
 
         ``release_lease_ids`` are released first, in the same round trip (batched releases).
+        ``owner``: whom the lease is charged to (default: ``lease_owner``).
         """
         req = kv_store_pb2.LeaseRequest(
             block_hashes=list(check_hashes(hashes)), ttl_s=ttl_s, release_lease_ids=list(release_lease_ids)
         )
         if layout is not None:
             req.layout.CopyFrom(convert.layout_to_proto(layout))
-        return convert.lease_from_proto(self._call(self._stub.Lease, req))
+        if owner is None or owner == self.lease_owner:
+            return convert.lease_from_proto(self._call(self._stub.Lease, req))
+        try:
+            resp = self._stub.Lease(req, timeout=self.timeout_s, metadata=self._metadata(owner))
+        except grpc.RpcError as e:
+            self._raise(e)
+        return convert.lease_from_proto(resp)
 
     def release(self, lease_id: str, *, shm_read_blocks: int = 0) -> bool:
         """Unpin a lease; False if unknown or expired (idempotent). ``shm_read_blocks``: how many of

@@ -59,6 +59,7 @@ from engine.block_hash import chain_hashes
 from engine.models.config import ModelConfig
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from kv_store.auth import tenant_owner
 from kv_store.client import KVStoreClient
 from kv_store.index import KVIndex, locate_prefix
 from pdserve.auth import EdgeAuth
@@ -682,7 +683,7 @@ class GenerateServicer:
                     await self._release_lease(handoff.kv)
                     handoff = None  # prefill prompt + tokens so far again, same decode worker
                 if lost.phase is LostPhase.DECODE and handoff is not None:
-                    relet = await asyncio.to_thread(self._relet, handoff) if reuse else None
+                    relet = await asyncio.to_thread(self._relet, handoff, req.tenant) if reuse else None
                     if relet is None:
                         await self._release_lease(handoff.kv)
                     handoff = relet  # None: prefill prompt + tokens so far again
@@ -846,18 +847,19 @@ class GenerateServicer:
             raise budget.exhausted(f"no other {kind.value} worker is available")
         return w
 
-    def _relet(self, h: _Handoff) -> _Handoff | None:
+    def _relet(self, h: _Handoff, tenant: str) -> _Handoff | None:
         """``h`` under a fresh store lease: the lost decode worker may have released the old one
         after its pull (the blocks are then unpinned) or never released it (its TTL keeps running).
         The old lease is released. None when the store no longer holds every block (or the
         handle spans several nodes): the caller then prefills again. Blocking (store calls): run
-        it on a worker thread."""
+        it on a worker thread. The new lease is charged to the request's ``tenant`` (its quota
+        of leased blocks, as the prefill worker's lease was)."""
         kv = h.kv
         if not kv.locations or len({loc.node_id for loc in kv.locations}) != 1:
             return None
         store = self.stubs.store(kv.locations[0].address)
         try:
-            grant = store.lease(list(kv.block_hashes))
+            grant = store.lease(list(kv.block_hashes), owner=tenant_owner(tenant))
         except Exception as e:  # noqa: BLE001 - evicted or store trouble: prefill again
             log.info("could not re-lease the KV of %s (%s); prefilling again", kv.request_id, e)
             return None

@@ -226,6 +226,23 @@ def test_pinned_twin_of_the_same_kv_is_handed_off_as_stored(
 # ------------------------------------------------------------------ lease exhaustion
 
 
+def test_a_lease_taken_for_a_tenant_counts_against_its_quota(
+    node: StoreServer, member: KVStoreClient, clean: None
+) -> None:
+    """The router re-leases a handoff's blocks after a lost decode worker for the request's
+    tenant (KVStoreClient.lease(owner=...)), not for itself."""
+    from kv_store.auth import tenant_owner
+
+    hs = prompt_keys(9, salt="relet")
+    member.put_blocks(L, hs, [os.urandom(L.block_nbytes) for _ in hs])
+    g = member.lease(hs[:8], ttl_s=30, owner=tenant_owner("acme"))
+    with pytest.raises(ResourceExhaustedError, match="acme"):
+        member.lease(hs[8:], ttl_s=30, owner=tenant_owner("acme"))
+    other = member.lease(hs[8:], ttl_s=30)  # the caller's own quota is apart
+    member.release(g.lease_id)
+    member.release(other.lease_id)
+
+
 def test_long_leases_cannot_fill_the_store(node: StoreServer, member: KVStoreClient, clean: None) -> None:
     hs = prompt_keys(12)  # capacity 16; default quota per owner: 8 leased blocks
     member.put_blocks(L, hs, [os.urandom(L.block_nbytes) for _ in hs])
