@@ -12,6 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # plaintext on 127.0.0.1, chosen explicitly: pdserve never falls back to plaintext by itself
 # (pdserve/security.py). Tests of TLS pass their certificates as flags or explicit configs.
 os.environ["PDSERVE_TLS"] = "off"
+# Workers launched by tests skip the start-up step-time profile (engine/profile.py: up to ~15 s per
+# worker and per model folder, and most tests' tiny models live in fresh temporary folders); its
+# tests (tests/unit/test_startup_profile.py, test_policy_worker_profile.py) turn it on themselves.
+os.environ.setdefault("PDSERVE_STARTUP_PROFILE", "off")
 
 SHARED_DATA = Path(
     os.environ.get("PDSERVE_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
