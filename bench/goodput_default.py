@@ -52,24 +52,47 @@ def run_bench(policy: str, a: argparse.Namespace, out: Path) -> dict:
     return rep
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", default="mooncake")
-    ap.add_argument("-n", "--num-requests", type=int, default=32)
-    ap.add_argument("--rates", default="0.5,1,2")
-    ap.add_argument("--ttft", type=float, default=2.0)
-    ap.add_argument("--tpot", type=float, default=0.2)
-    ap.add_argument("--admitted-target", type=float, default=0.9)
-    ap.add_argument("--max-low-reject", type=float, default=0.1)
-    ap.add_argument("--timeout-s", type=float, default=1800.0, help="per bench run")
-    ap.add_argument("--work", default="", help="folder for each bench's own output (default: temp)")
-    ap.add_argument("--out", default="", help="write the JSON report here")
+    ap.add_argument("--workload", default="mooncake", help="trace to replay (default: %(default)s)")
+    ap.add_argument(
+        "-n", "--num-requests", type=int, default=32, help="requests per rate (default: %(default)s)"
+    )
+    ap.add_argument("--rates", default="0.5,1,2", help="request rates, req/s (default: %(default)s)")
+    ap.add_argument("--ttft", type=float, default=2.0, help="TTFT SLO, s (default: %(default)s)")
+    ap.add_argument("--tpot", type=float, default=0.2, help="TPOT SLO, s (default: %(default)s)")
+    ap.add_argument(
+        "--admitted-target",
+        type=float,
+        default=0.9,
+        help="target: SLO attainment of admitted requests at every rate (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--max-low-reject",
+        type=float,
+        default=0.1,
+        help="target: largest share rejected at the lowest rate (default: %(default)s)",
+    )
+    ap.add_argument("--timeout-s", type=float, default=1800.0, help="per bench run (default: %(default)s)")
+    ap.add_argument(
+        "--work",
+        default="",
+        help="folder for each bench's own output (default: %(default)r: a temporary folder)",
+    )
+    ap.add_argument(
+        "--out", default="", help="write the JSON report here (default: %(default)r: not written)"
+    )
     ap.add_argument(
         "--baseline",
         default="",
         help="least_loaded's report.json of an earlier run to compare with instead of running it "
-        "again (the comparison is then not from one run: say so when quoting it)",
+        "again (the comparison is then not from one run: say so when quoting it) (default: %(default)r)",
     )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="goodput_default_"))
     load_before = os.getloadavg()

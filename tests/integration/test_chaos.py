@@ -85,6 +85,7 @@ from pdserve.errors import (
     StoreUnavailableError,
     UnavailableError,
 )
+from pdserve.keepalive import KEEPALIVE
 from pdserve.launcher import ClusterSpec, LocalCluster, launch
 from tests.polling import wait_for
 from tests.workers import worker_stats
@@ -579,7 +580,11 @@ def test_chaos_under_load(cluster, references, caplog, tmp_path) -> None:
                 took = _wait_baseline(cl, store, LEASE_TTL_S + 20, "after the chaos")
                 print(f"blocks and leases back to baseline {took:.1f}s after that")
                 expired = store.stats().node.expired_leases
-                # a final batch, fault-free: all succeed, identical to the engine, nothing left behind
+                # a final batch, fault-free: all succeed, identical to the engine, nothing left behind.
+                # It starts once every channel has had its reconnect attempt: a channel whose peer
+                # (the store, just restarted) went away retries at most max_reconnect_backoff_ms
+                # apart and fails calls fast until then (the README's "within about a second").
+                time.sleep(KEEPALIVE.max_reconnect_backoff_ms / 1000 + 0.5)
                 final = _final_batch(client, t_start)
                 fcounts = Counter(o.status for o in final)
                 print(f"final batch: {dict(fcounts)}")

@@ -36,6 +36,9 @@ def cluster(smollm_path):
             worker_kv_blocks=512,
             store_capacity_blocks=512,
             kv_transport="dist",
+            # every request through prefill -> push -> decode (the default goodput policy may
+            # prefill a short prompt on a decode worker instead: no push to count)
+            router_args=("--policy", "least_loaded"),
         )
     )
     yield cl

@@ -246,6 +246,8 @@ def test_a_lease_taken_for_a_tenant_counts_against_its_quota(
 def test_long_leases_cannot_fill_the_store(node: StoreServer, member: KVStoreClient, clean: None) -> None:
     hs = prompt_keys(12)  # capacity 16; default quota per owner: 8 leased blocks
     member.put_blocks(L, hs, [os.urandom(L.block_nbytes) for _ in hs])
+    refusals0 = member.stats().node.lease_quota_refusals  # the module's node: earlier tests' count
+    events0 = integrity_events("lease_quota_refusal") or 0.0
     with KVStoreClient(node.address, timeout_s=10, cluster_token=TOKEN, lease_owner="greedy") as greedy:
         g = greedy.lease(hs[:8], ttl_s=1e9)
         assert g.ttl_s == 60.0 and g.ttl_clamped and g.expires_at_unix_s < time.time() + 61
@@ -264,8 +266,8 @@ def test_long_leases_cannot_fill_the_store(node: StoreServer, member: KVStoreCli
         other.release(o.lease_id)
         other.release(handle.lease_id)
     st = member.stats().node
-    assert st.lease_quota_refusals == 2 and st.lease_ttl_clamps >= 1 and st.num_leases == 1
-    assert integrity_events("lease_quota_refusal") == 2
+    assert st.lease_quota_refusals - refusals0 == 2 and st.lease_ttl_clamps >= 1 and st.num_leases == 1
+    assert integrity_events("lease_quota_refusal") - events0 == 2
     member.release(g.lease_id)
 
 

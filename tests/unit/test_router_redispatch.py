@@ -112,6 +112,7 @@ class FakeStore:
     leases: set[str] = field(default_factory=set)
     granted: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    owners: list[str | None] = field(default_factory=list)
 
     def put(self, rid: str) -> common_pb2.KVHandle:
         lease = f"lease-{rid}-{len(self.granted)}"
@@ -125,9 +126,10 @@ class FakeStore:
             lease_id=lease,
         )
 
-    def lease(self, hashes, ttl_s: float = 0.0):
+    def lease(self, hashes, ttl_s: float = 0.0, owner: str | None = None):
         if not self.blocks_present:
             raise RuntimeError("blocks not found")
+        self.owners.append(owner)  # whom the router charged the lease to
         lease = f"relet-{len(self.granted)}"
         self.granted.append(lease)
         self.leases.add(lease)
@@ -365,6 +367,7 @@ def test_decode_lost_before_a_token_reuses_the_kv_under_a_fresh_lease(model_path
     assert second.kv.lease_expires_at_unix_s == 4242.0  # the new lease's expiry, not the old one's
     assert first.kv.lease_id in store.released  # the old lease does not linger until its TTL
     assert store.leases == set()
+    assert store.owners == ["tenant:"]  # charged to the request's (dev-mode, anonymous) tenant
     assert _redispatches(reg, "decode") == 1
 
 
