@@ -432,7 +432,7 @@ class GenerateServicer:
         latencies, phases and SLO result (:class:`RouterMetrics`) and logs one structured line per
         request."""
         try:
-            admitted = self.edge.admit_generate(req, ctx.invocation_metadata())
+            admitted = await self.edge.admit_generate_async(req, ctx.invocation_metadata())
         except Exception as e:  # refused at the edge (key, limits, quota, id): counted like the rest
             cls, outcome = slo_class(req.slo.ttft_s, req.slo.tpot_s), outcome_for(e)
             self.metrics.observe_failed(cls, outcome)

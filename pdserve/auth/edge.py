@@ -187,6 +187,24 @@ class EdgeAuth:
             raise
         return EdgeRequest(p, effective_salt(p, client_salt, self.config.salt_secret), admission, ticket)
 
+    async def begin_async(self, p: Principal, client_request_id: str, client_salt: str) -> EdgeRequest:
+        """:meth:`begin` on an event loop: the request-id claim may wait (without blocking the
+        loop) when the id is held by another router that may have died (shared state,
+        :mod:`pdserve.auth.shared_state`); on any refusal or cancellation nothing stays claimed."""
+        admission = self.gate.admit(p)
+        try:
+            ticket = await self.ids.begin_async(p.tenant, client_request_id)
+        except BaseException:
+            admission.release()
+            raise
+        return EdgeRequest(p, effective_salt(p, client_salt, self.config.salt_secret), admission, ticket)
+
+    async def admit_generate_async(self, req: Any, metadata: Iterable[Any] | None) -> EdgeRequest:
+        """:meth:`admit_generate` on an event loop (see :meth:`begin_async`)."""
+        p = self.principal_from_metadata(metadata, req.tenant)
+        validate_generate_request(req, p.policy)
+        return await self.begin_async(p, req.request_id, req.cache_salt)
+
     def admit_generate(self, req: Any, metadata: Iterable[Any] | None) -> EdgeRequest:
         """Everything for one ``pdserve.v1.GenerateRequest``: principal from ``metadata``, input
         limits, quota, request-id claim, salt. The caller closes the returned request."""

@@ -67,6 +67,12 @@ class IdempotencyTable:
             self._inflight[key] = cid
         return Ticket(self, key, cid)
 
+    async def begin_async(self, tenant: str, client_id: str) -> Ticket:
+        """:meth:`begin` for an event loop. In memory it never waits; a shared table
+        (:class:`pdserve.auth.shared_state.SharedIdempotency`) may wait, without blocking the
+        loop, for a claim held by another router that may have died."""
+        return self.begin(tenant, client_id)
+
     def _finish(self, key: tuple[str, str], cluster_id: str) -> None:
         with self._lock:
             if self._inflight.get(key) == cluster_id:
