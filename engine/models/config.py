@@ -1,4 +1,5 @@
-"""Model configuration parsed from an HF ``config.json`` (Llama family: llama, mistral, qwen2).
+"""Model configuration parsed from an HF ``config.json``: the Llama family (llama, mistral, qwen2),
+Qwen3 (qwen3), Phi-3 (phi3) and the mixtures of experts (mixtral, qwen2_moe, qwen3_moe).
 
 The rule: **every key of config.json is classified** for its architecture, and a key that could
 change the computation is either implemented or refused. :func:`classify_keys` sorts each key
@@ -41,7 +42,8 @@ from typing import Any
 
 from pdserve.errors import InvalidRequestError, ModelNotFoundError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 # HF ACT2FN names implemented by engine.models.llama.activation (bit-identical to HF's modules)
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
@@ -78,6 +80,32 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    partial_rotary_factor: float = 1.0  # share of head_dim that is rotated (Phi-3); 1.0 elsewhere
+
+    def rotary_dim(self, head_dim: int) -> int:
+        """How many leading dims of each head RoPE rotates (HF: ``int(head_dim * factor)``)."""
+        return int(head_dim * self.partial_rotary_factor)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A sparse mixture-of-experts MLP (HF ``*SparseMoeBlock``), for every layer whose
+    ``sparse_layers`` entry is true (the others have the dense MLP of ``intermediate_size``).
+
+    Routing (HF ``*TopKRouter``): ``softmax`` over ``num_experts`` router logits in float32, the
+    ``top_k`` largest, divided by their sum when ``norm_topk_prob``; ``fp32_weights``: the
+    weights stay float32 when scaling the expert outputs (Mixtral) instead of being cast to the
+    model dtype (Qwen). ``shared_expert_intermediate_size`` > 0: a dense shared expert added to
+    every token, scaled by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE).
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    norm_topk_prob: bool
+    sparse_layers: tuple[bool, ...]
+    shared_expert_intermediate_size: int = 0
+    fp32_weights: bool = False
 
 
 # ------------------------------------------------------------------ key tables
@@ -112,6 +140,53 @@ _USED_BY_ARCH: dict[str, frozenset[str]] = {
     # layer_types on Mistral: HF ignores it; read only to refuse one that disagrees with sliding_window
     "mistral": _USED_COMMON | {"sliding_window", "layer_types"},
     "qwen2": _USED_COMMON | {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
+    "qwen3": _USED_COMMON
+    | {"attention_bias", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
+    "phi3": _USED_COMMON | {"sliding_window", "partial_rotary_factor"},
+    "mixtral": _USED_COMMON | {"sliding_window", "num_local_experts", "num_experts", "num_experts_per_tok"},
+    "qwen2_moe": _USED_COMMON
+    | {
+        "sliding_window",
+        "use_sliding_window",
+        "max_window_layers",
+        "layer_types",
+        "qkv_bias",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "norm_topk_prob",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+    },
+    "qwen3_moe": _USED_COMMON
+    | {
+        "attention_bias",
+        "sliding_window",
+        "use_sliding_window",
+        "num_experts",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "norm_topk_prob",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+    },
+}
+_MOE_TRAINING_KEYS = frozenset({"router_aux_loss_coef", "output_router_logits", "router_jitter_noise"})
+# inert for one architecture only (training-only settings, or keys its HF model never reads)
+_INERT_BY_ARCH: dict[str, frozenset[str]] = {
+    "llama": frozenset(),
+    "mistral": frozenset(),
+    "qwen2": frozenset(),
+    "qwen3": frozenset(),
+    # dropout (training only); original_max_position_embeddings is read only by longrope (refused)
+    "phi3": frozenset({"resid_pdrop", "embd_pdrop", "original_max_position_embeddings"}),
+    # the router's load-balancing loss and its jitter noise apply only in training
+    "mixtral": _MOE_TRAINING_KEYS,
+    "qwen2_moe": _MOE_TRAINING_KEYS,
+    # Qwen3MoeConfig has no max_window_layers (real checkpoints carry it; transformers ignores it)
+    "qwen3_moe": _MOE_TRAINING_KEYS | {"max_window_layers"},
 }
 
 # generation defaults (transformers GenerationConfig._get_default_generation_params): HF pops them
@@ -187,6 +262,12 @@ INERT_KEYS = _GENERATION_KEYS | frozenset(
 )
 
 
+def _bool(mt: str, key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise UnsupportedModelConfigError(mt, key, v, "expected true or false")
+    return v
+
+
 def _is_false(v: Any) -> bool:
     return v is False or v is None or v == 0
 
@@ -224,14 +305,58 @@ _DEFAULT_ONLY_BY_ARCH: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] =
     "qwen2": {
         "mlp_bias": (_is_false, "HF Qwen2 has no MLP bias (false only)"),
     },
+    "qwen3": {
+        "mlp_bias": (_is_false, "HF Qwen3 has no MLP bias (false only)"),
+    },
+    "phi3": {
+        "attention_bias": (_is_false, "HF Phi-3 has no attention bias (false only)"),
+        "mlp_bias": (_is_false, "HF Phi-3 has no MLP bias (false only)"),
+    },
+    "mixtral": {
+        "attention_bias": (_is_false, "HF Mixtral has no attention bias (false only)"),
+        "mlp_bias": (_is_false, "HF Mixtral has no MLP bias (false only)"),
+    },
+    "qwen2_moe": {
+        "mlp_bias": (_is_false, "HF Qwen2-MoE has no MLP bias (false only)"),
+    },
+    "qwen3_moe": {
+        "mlp_bias": (_is_false, "HF Qwen3-MoE has no MLP bias (false only)"),
+    },
 }
 
-# transformers 5.23 defaults where the three architectures differ (used when the key is absent)
+# transformers 5.23 defaults where the architectures differ (used when the key is absent)
 _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"num_key_value_heads": None, "max_position_embeddings": 2048},
     "mistral": {"num_key_value_heads": 8, "max_position_embeddings": 4096 * 32},
     "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768},
+    "qwen3": {"num_key_value_heads": 32, "max_position_embeddings": 32768, "head_dim": 128},
+    "phi3": {"num_key_value_heads": None, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
+    "mixtral": {
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096 * 32,
+        "rms_norm_eps": 1e-5,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
+    "qwen2_moe": {
+        "num_key_value_heads": 16,
+        "max_position_embeddings": 32768,
+        "num_experts": 60,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+    },
+    "qwen3_moe": {
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+    },
 }
+
+# architectures whose HF RoPE reads partial_rotary_factor (elsewhere: DEFAULT_ONLY 1.0)
+_PARTIAL_ROTARY_ARCHS = ("phi3",)
 
 # RoPE parameters per rope type: required keys (beyond rope_type/type and rope_theta)
 _ROPE_KEYS: dict[str, tuple[str, ...]] = {
@@ -245,7 +370,9 @@ def key_role(model_type: str, key: str) -> KeyRole | None:
     """How ``key`` of a ``model_type`` config is treated; None = unknown (refused)."""
     if key in _USED_BY_ARCH[model_type]:
         return KeyRole.USED
-    if key in INERT_KEYS or key.startswith("_"):  # "_name_or_path", "_commit_hash"...: bookkeeping
+    if (
+        key in INERT_KEYS or key in _INERT_BY_ARCH[model_type] or key.startswith("_")
+    ):  # "_name_or_path", "_commit_hash"...: bookkeeping
         return KeyRole.INERT
     if key in _DEFAULT_ONLY_COMMON or key in _DEFAULT_ONLY_BY_ARCH[model_type]:
         return KeyRole.DEFAULT_ONLY
@@ -296,6 +423,12 @@ def _rope(mt: str, d: Mapping[str, Any]) -> RopeConfig:
             mt, f"{src}.rope_type", kind, f"supported RoPE types: {', '.join(_ROPE_KEYS)}"
         )
     theta = float(rp.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    # Phi3Config: rope_parameters.partial_rotary_factor, else the top-level key (setdefault)
+    prf: Any = 1.0
+    if mt in _PARTIAL_ROTARY_ARCHS:
+        prf = rp.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+        if isinstance(prf, bool) or not isinstance(prf, int | float) or not 0.0 < prf <= 1.0:
+            raise UnsupportedModelConfigError(mt, "partial_rotary_factor", prf, "expected a number in (0, 1]")
     need = _ROPE_KEYS[kind]
     for k in need:
         if k not in rp:
@@ -315,6 +448,7 @@ def _rope(mt: str, d: Mapping[str, Any]) -> RopeConfig:
         low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
         high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(rp.get("original_max_position_embeddings", 8192)),
+        partial_rotary_factor=float(prf),
     )
 
 
@@ -347,6 +481,17 @@ def _layer_windows(mt: str, d: Mapping[str, Any], n_layers: int) -> tuple[int | 
     """Per-layer attention window (None = full attention), as transformers 5.23 decides it."""
     if mt == "llama":
         return (None,) * n_layers
+    if mt in ("phi3", "mixtral"):  # every layer windowed by sliding_window (HF default: null)
+        return (_window_value(mt, "sliding_window", d.get("sliding_window")),) * n_layers
+    if mt == "qwen3_moe":  # every layer, only with use_sliding_window (Qwen3MoeConfig)
+        use = d.get("use_sliding_window", False)
+        if not isinstance(use, bool):
+            raise UnsupportedModelConfigError(mt, "use_sliding_window", use, "expected true or false")
+        return (
+            _window_value(mt, "sliding_window", d.get("sliding_window", 4096)) if use else None,
+        ) * n_layers
+    if mt == "qwen2_moe":
+        return _qwen2_moe_windows(d, n_layers)
     if mt == "mistral":
         w = _window_value(mt, "sliding_window", d.get("sliding_window", 4096))
         if "layer_types" in d and d["layer_types"] is not None:
@@ -362,7 +507,7 @@ def _layer_windows(mt: str, d: Mapping[str, Any], n_layers: int) -> tuple[int | 
                     "per-layer types on Mistral are refused",
                 )
         return (w,) * n_layers
-    # qwen2
+    # qwen2, qwen3
     use = d.get("use_sliding_window", False)
     if not isinstance(use, bool):
         raise UnsupportedModelConfigError(mt, "use_sliding_window", use, "expected true or false")
@@ -387,6 +532,87 @@ def _layer_windows(mt: str, d: Mapping[str, Any], n_layers: int) -> tuple[int | 
     return tuple(w if t == SLIDING_ATTENTION else None for t in types)
 
 
+def _qwen2_moe_windows(d: Mapping[str, Any], n_layers: int) -> tuple[int | None, ...]:
+    """Qwen2MoeConfig: the window applies only with ``use_sliding_window``; layer ``i`` is windowed
+    when ``layer_types[i]`` says so, else when ``i`` is even and ``i < max_window_layers``."""
+    mt = "qwen2_moe"
+    use = d.get("use_sliding_window", False)
+    if not isinstance(use, bool):
+        raise UnsupportedModelConfigError(mt, "use_sliding_window", use, "expected true or false")
+    w = _window_value(mt, "sliding_window", d.get("sliding_window", 4096)) if use else None
+    if d.get("layer_types") is not None:
+        types = _layer_types(mt, d["layer_types"], n_layers)
+        if w is None and SLIDING_ATTENTION in types:
+            raise UnsupportedModelConfigError(
+                mt,
+                "layer_types",
+                d["layer_types"],
+                "names sliding_attention layers but no window is set (use_sliding_window is false "
+                "or sliding_window is null)",
+            )
+    else:
+        mwl = d.get("max_window_layers", 28)
+        if isinstance(mwl, bool) or not isinstance(mwl, int) or mwl < 0:
+            raise UnsupportedModelConfigError(mt, "max_window_layers", mwl, "expected an integer >= 0")
+        types = tuple(
+            SLIDING_ATTENTION if w is not None and (i + 1) % 2 and i < mwl else FULL_ATTENTION
+            for i in range(n_layers)
+        )
+    return tuple(w if t == SLIDING_ATTENTION else None for t in types)
+
+
+def _pos_int(mt: str, key: str, v: Any, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise UnsupportedModelConfigError(mt, key, v, f"expected an integer >= {minimum}")
+    return v
+
+
+def _moe(mt: str, d: Mapping[str, Any], n_layers: int) -> MoEConfig | None:
+    """The MoE block of a mixtral / qwen2_moe / qwen3_moe config (None for dense families)."""
+    if mt not in MOE_MODEL_TYPES:
+        return None
+    hf = _HF_DEFAULTS[mt]
+    if mt == "mixtral" or "num_local_experts" in d:
+        # num_experts is an alias of num_local_experts (attribute_map) on Mixtral and Qwen3-MoE
+        n = d.get(
+            "num_local_experts", d.get("num_experts", hf.get("num_local_experts", hf.get("num_experts")))
+        )
+        if "num_experts" in d and "num_local_experts" in d and d["num_experts"] != d["num_local_experts"]:
+            raise UnsupportedModelConfigError(
+                mt,
+                "num_experts",
+                d["num_experts"],
+                f"disagrees with num_local_experts={d['num_local_experts']}",
+            )
+        n_key = "num_local_experts" if "num_local_experts" in d else "num_experts"
+    else:
+        n, n_key = d.get("num_experts", hf["num_experts"]), "num_experts"
+    n = _pos_int(mt, n_key, n)
+    k = _pos_int(mt, "num_experts_per_tok", d.get("num_experts_per_tok", hf["num_experts_per_tok"]))
+    if k > n:
+        raise UnsupportedModelConfigError(mt, "num_experts_per_tok", k, f"more than the {n} experts")
+    if mt == "mixtral":  # MixtralTopKRouter always renormalises; every layer is sparse
+        inter = _pos_int(mt, "intermediate_size", d["intermediate_size"])
+        return MoEConfig(n, k, inter, True, (True,) * n_layers, 0, fp32_weights=True)
+    inter = _pos_int(mt, "moe_intermediate_size", d.get("moe_intermediate_size", hf["moe_intermediate_size"]))
+    norm = d.get("norm_topk_prob", False)
+    if not isinstance(norm, bool):
+        raise UnsupportedModelConfigError(mt, "norm_topk_prob", norm, "expected true or false")
+    step = _pos_int(mt, "decoder_sparse_step", d.get("decoder_sparse_step", 1))
+    only = d.get("mlp_only_layers") or []
+    if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
+        raise UnsupportedModelConfigError(mt, "mlp_only_layers", only, "expected a list of layer indices")
+    sparse = tuple(i not in only and (i + 1) % step == 0 for i in range(n_layers))
+    shared = 0
+    if mt == "qwen2_moe":
+        shared = _pos_int(
+            mt,
+            "shared_expert_intermediate_size",
+            d.get("shared_expert_intermediate_size", hf["shared_expert_intermediate_size"]),
+        )
+    return MoEConfig(n, k, inter, norm, sparse, shared)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model_type: str
@@ -405,6 +631,8 @@ class ModelConfig:
     mlp_bias: bool = False  # gate/up/down carry a bias (Llama mlp_bias)
     hidden_act: str = "silu"
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window in tokens, None = full
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3, Qwen3-MoE)
+    moe: MoEConfig | None = None  # mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE)
     tie_word_embeddings: bool = False
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
@@ -467,8 +695,23 @@ class ModelConfig:
             qkv_bias, o_bias = attn_bias, attn_bias  # HF Llama: q, k, v and o_proj
         elif mt == "qwen2":
             qkv_bias, o_bias, mlp_bias = True, False, False  # HF Qwen2: q/k/v bias=True, o_proj False
+        elif mt in ("qwen3", "qwen3_moe"):  # HF Qwen3(-MoE): attention_bias on q, k, v and o_proj
+            qkv_bias = o_bias = _bool(mt, "attention_bias", d.get("attention_bias", False))
+            mlp_bias = False
+        elif mt == "qwen2_moe":  # HF Qwen2-MoE: q/k/v bias from qkv_bias (default true), no o_proj bias
+            qkv_bias, o_bias, mlp_bias = _bool(mt, "qkv_bias", d.get("qkv_bias", True)), False, False
         else:
             qkv_bias = o_bias = mlp_bias = False
+        head_dim = int(d.get("head_dim") or hf.get("head_dim") or hidden // heads)
+        rope = _rope(mt, d)
+        rd = rope.rotary_dim(head_dim)
+        if rd % 2 or rd < 2:
+            raise UnsupportedModelConfigError(
+                mt,
+                "partial_rotary_factor",
+                rope.partial_rotary_factor,
+                f"rotates {rd} of head_dim {head_dim} dims; an even number >= 2 is required",
+            )
         return cls(
             model_type=mt,
             vocab_size=int(d["vocab_size"]),
@@ -477,15 +720,17 @@ class ModelConfig:
             num_hidden_layers=n_layers,
             num_attention_heads=heads,
             num_key_value_heads=int(d.get("num_key_value_heads", hf["num_key_value_heads"]) or heads),
-            head_dim=int(d.get("head_dim") or hidden // heads),
+            head_dim=head_dim,
             max_position_embeddings=int(d.get("max_position_embeddings", hf["max_position_embeddings"])),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope=_rope(mt, d),
+            rms_norm_eps=float(d.get("rms_norm_eps", hf.get("rms_norm_eps", 1e-6))),
+            rope=rope,
             qkv_bias=qkv_bias,
             o_proj_bias=o_bias,
             mlp_bias=mlp_bias,
             hidden_act=str(d.get("hidden_act", "silu")),
             layer_windows=_layer_windows(mt, d, n_layers),
+            qk_norm=mt in ("qwen3", "qwen3_moe"),
+            moe=_moe(mt, d, n_layers),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
             bos_token_id=d.get("bos_token_id"),

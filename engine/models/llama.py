@@ -144,12 +144,21 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm residual block. Families that differ only in their attention or MLP module
+    (engine.models.qwen3, phi3, moe) subclass it and override ``make_attention``/``make_mlp``."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        self.self_attn = self.make_attention(cfg, layer_idx)
+        self.mlp = self.make_mlp(cfg, layer_idx)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def make_attention(self, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+        return Attention(cfg, layer_idx)
+
+    def make_mlp(self, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+        return MLP(cfg)
 
     def forward(self, x, cos, sin, cache, md):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, md)
@@ -157,18 +166,25 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_cls: type[DecoderLayer] = DecoderLayer) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(layer_cls(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
+    """The causal LM every supported family shares; a family's subclass sets ``layer_cls`` and,
+    where its checkpoint names differ from the modules', ``checkpoint_renames`` (substring ->
+    replacement, applied by the loader to each tensor name)."""
+
+    layer_cls: type[DecoderLayer] = DecoderLayer
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
+        self.model = Backbone(cfg, self.layer_cls)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope)
 

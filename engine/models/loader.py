@@ -1,4 +1,8 @@
-"""Load an HF Llama-family folder (safetensors, single file or sharded) into our model."""
+"""Load an HF checkpoint folder (safetensors, single file or sharded) into our model.
+
+:func:`model_class` maps each supported ``model_type`` to its module (engine.models.llama,
+qwen3, phi3, moe); a family's ``checkpoint_renames`` map its tensor names onto the modules'.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,32 @@ from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 from engine.models.rope import RotaryEmbedding
 from pdserve.errors import ModelNotFoundError
+
+
+def model_class(cfg: ModelConfig) -> type[LlamaForCausalLM]:
+    """The model class of ``cfg.model_type`` (every type engine.models.config accepts)."""
+    from engine.models.moe import MixtralForCausalLM, MoEForCausalLM
+    from engine.models.phi3 import Phi3ForCausalLM
+    from engine.models.qwen3 import Qwen3ForCausalLM
+
+    classes: dict[str, type[LlamaForCausalLM]] = {
+        "llama": LlamaForCausalLM,
+        "mistral": LlamaForCausalLM,
+        "qwen2": LlamaForCausalLM,
+        "qwen3": Qwen3ForCausalLM,
+        "phi3": Phi3ForCausalLM,
+        "mixtral": MixtralForCausalLM,
+        "qwen2_moe": MoEForCausalLM,
+        "qwen3_moe": MoEForCausalLM,
+    }
+    return classes[cfg.model_type]
+
+
+def _param_name(cls: type[LlamaForCausalLM], name: str) -> str:
+    for old, new in cls.checkpoint_renames:
+        name = name.replace(old, new)
+    return name
+
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -45,19 +75,23 @@ def load_model(
 ) -> LlamaForCausalLM:
     path = Path(path)
     cfg = ModelConfig.from_path(path)
+    cls = model_class(cfg)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions)
+        model = cls(cfg, max_positions)
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     seen: set[str] = set()
     for f in _weight_files(path):
         with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+            for ckpt_name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                name = _param_name(cls, ckpt_name)
                 if name not in params:
                     if "rotary_emb" in name:
                         continue
-                    raise ValueError(f"unexpected weight {name!r} in {f.name}")
-                t = sf.get_tensor(name)
+                    raise ValueError(f"unexpected weight {ckpt_name!r} in {f.name}")
+                if name in seen:
+                    raise ValueError(f"weight {ckpt_name!r} in {f.name} loads {name!r} a second time")
+                t = sf.get_tensor(ckpt_name)
                 p = params[name]
                 if tuple(t.shape) != tuple(p.shape):
                     raise ValueError(f"weight {name}: shape {tuple(t.shape)} != expected {tuple(p.shape)}")

@@ -1,4 +1,9 @@
-"""Rotary position embeddings (HF "rotate_half" convention), with linear and Llama-3 scaling."""
+"""Rotary position embeddings (HF "rotate_half" convention), with linear and Llama-3 scaling.
+
+Partial rotary (``RopeConfig.partial_rotary_factor`` < 1, Phi-3): the tables cover the first
+``rotary_dim`` dims of a head; :func:`apply_rotary` rotates those and passes the rest through,
+as HF's ``apply_rotary_pos_emb`` does.
+"""
 
 from __future__ import annotations
 
@@ -28,11 +33,12 @@ def inv_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Precomputed cos/sin tables indexed by absolute position."""
+    """Precomputed cos/sin tables indexed by absolute position, ``rope.rotary_dim(head_dim)``
+    wide."""
 
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig) -> None:
         super().__init__()
-        inv = inv_frequencies(head_dim, rope)
+        inv = inv_frequencies(rope.rotary_dim(head_dim), rope)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -45,6 +51,10 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of ``x`` (all of them unless partial rotary)."""
+    rd = cos.shape[-1]
+    if rd != x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rot * sin

@@ -9,6 +9,9 @@ with Llama's ``attention_bias``, ``down_proj`` with ``mlp_bias``) is kept on ran
 the ranks' outputs are partial sums that ``all_reduce`` adds up (set on every attention and MLP
 module) with the bias counted once. Embeddings, norms and ``lm_head`` stay whole (replicated).
 
+Qwen3's q/k norms act within a head and stay replicated; Phi-3's modules are built fused in this
+same layout. Mixture-of-experts models (``ModelConfig.moe``) are refused for ``tp > 1``.
+
 Contract: ``h``, ``kvh`` and ``intermediate_size`` must divide by ``tp`` (a clear ValueError
 otherwise, naming the model's sizes); a shard's KV cache then holds ``kvh/tp`` heads per layer.
 """
@@ -28,6 +31,11 @@ def check_divisible(cfg: ModelConfig, tp: int) -> None:
     """Raise ValueError when the model cannot be split ``tp`` ways."""
     if tp < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
+    if tp > 1 and cfg.moe is not None:
+        raise ValueError(
+            f"tensor_parallel_size {tp}: tensor parallelism is not implemented for mixture-of-experts "
+            f"models (model_type {cfg.model_type!r}); use tensor_parallel_size 1"
+        )
     sizes = {
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads,

