@@ -22,6 +22,15 @@ sequence therefore holds at most ``W // block_size + 2`` blocks while it decodes
 decode side adopts only the blocks still inside the window. A windowed prefix-cache lookup needs
 only the blocks a continuation can attend to (the window before the hit point), not the whole
 prefix.
+
+Swap (``num_host_blocks`` > 0, :mod:`engine.host_pool`): :meth:`KVCacheManager.swap_out` moves
+a preempted request's blocks to host slots and :meth:`KVCacheManager.swap_in` back to fresh
+device blocks, returning the ``(source, destination)`` block-id pairs the model runner copies
+(all swap-outs of a step before its swap-ins, both before the forward pass). Only blocks the
+request alone references move; a block shared with another request (prefix cache hit, ref
+count > 1) keeps the swapped-out request's reference and stays on device, so it is never
+duplicated on the host. A swapped-in block whose hash is still in the device prefix cache is
+re-used from there instead of copied.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from engine.block_hash import BlockHash, chain_hashes
+from engine.host_pool import HostBlockPool
 from engine.request import Request
 
 NULL_BLOCK = -1  # block_table() entry of a block dropped out of the sliding window (never read)
@@ -41,6 +51,26 @@ class Block:
     block_id: int
     ref_cnt: int = 0
     block_hash: BlockHash | None = None
+
+
+@dataclass(frozen=True)
+class HostBlock:
+    """A swapped-out request's block held in host slot ``host_id`` (``block_hash``: its prefix
+    cache key, if it had one, re-registered on swap-in)."""
+
+    host_id: int
+    block_hash: BlockHash | None = None
+
+
+SwappedEntry = Block | HostBlock | None  # device block kept (shared), host copy, window hole
+
+
+@dataclass
+class SwapStats:
+    blocks_out: int = 0  # device blocks copied to the host
+    blocks_in: int = 0  # host blocks copied back to the device
+    blocks_in_reused: int = 0  # host blocks not copied back: found in the device prefix cache
+    blocks_kept: int = 0  # shared blocks left on device at swap-out
 
 
 @dataclass
@@ -150,7 +180,10 @@ class KVCacheManager:
         model_id: str = "",
         enable_prefix_caching: bool = True,
         sliding_window: int | None = None,
+        num_host_blocks: int = 0,
     ) -> None:
+        if num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be >= 0, got {num_host_blocks}")
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         if sliding_window is not None and sliding_window < 1:
@@ -163,6 +196,9 @@ class KVCacheManager:
         self._tables: dict[str, list[Block | None]] = {}
         self._num_registered: dict[str, int] = {}
         self._num_skipped: dict[str, int] = {}  # leading blocks dropped out of the window
+        self.host: HostBlockPool | None = HostBlockPool(num_host_blocks) if num_host_blocks else None
+        self._swapped: dict[str, list[SwappedEntry]] = {}
+        self.swap_stats = SwapStats()
 
     # ---------------------------------------------------------------- queries
     @property
@@ -336,12 +372,134 @@ class KVCacheManager:
         self._num_registered[req.request_id] = n_full
 
     def free(self, request_id: str) -> None:
-        """Release every block of the request (tail first). Unknown ids are a no-op."""
+        """Release every block of the request (tail first), on device and, if it is swapped out,
+        on the host. Unknown ids are a no-op."""
         table = self._tables.pop(request_id, None)
         self._num_registered.pop(request_id, None)
         self._num_skipped.pop(request_id, None)
         if table:
             self.pool.release(b for b in reversed(table) if b is not None)
+        swapped = self._swapped.pop(request_id, None)
+        if swapped:
+            self.pool.release(b for b in reversed(swapped) if isinstance(b, Block))
+            if self.host is not None:
+                self.host.free(e.host_id for e in swapped if isinstance(e, HostBlock))
+
+    # ---------------------------------------------------------------- swap
+    @property
+    def num_host_blocks(self) -> int:
+        return self.host.num_blocks if self.host is not None else 0
+
+    @property
+    def num_free_host_blocks(self) -> int:
+        return self.host.num_free_blocks if self.host is not None else 0
+
+    def is_swapped(self, request_id: str) -> bool:
+        return request_id in self._swapped
+
+    def num_swap_out_blocks(self, request_id: str) -> int:
+        """Blocks a swap-out of the request would copy to the host (those it alone references)."""
+        return sum(1 for b in self._tables.get(request_id, ()) if b is not None and b.ref_cnt == 1)
+
+    def num_swap_in_blocks(self, request_id: str) -> int:
+        """Host blocks of a swapped-out request (at most this many are copied back)."""
+        return sum(1 for e in self._swapped.get(request_id, ()) if isinstance(e, HostBlock))
+
+    def swap_out(self, req: Request) -> list[tuple[int, int]]:
+        """Move the request's unshared blocks to host slots and release them on device.
+
+        Returns ``(device_block, host_block)`` pairs to copy; the caller must copy them before
+        anything writes the released device blocks (i.e. before the step's forward pass and its
+        swap-ins). Shared blocks keep this request's reference (they stay on device). Raises
+        RuntimeError when there is no host pool, the request holds no blocks, or the host pool
+        is short (nothing changed then).
+        """
+        if self.host is None:
+            raise RuntimeError("swap_out without a host block pool (num_host_blocks=0)")
+        rid = req.request_id
+        table = self._tables.get(rid)
+        if table is None:
+            raise RuntimeError(f"request {rid} holds no device blocks to swap out")
+        n = self.num_swap_out_blocks(rid)
+        host_ids = self.host.allocate(n)  # raises when short, before anything changes
+        entries: list[SwappedEntry] = []
+        pairs: list[tuple[int, int]] = []
+        moved: list[Block] = []
+        it = iter(host_ids)
+        for b in table:
+            if b is None or b.ref_cnt > 1:
+                entries.append(b)
+                if b is not None:
+                    self.swap_stats.blocks_kept += 1
+                continue
+            hid = next(it)
+            entries.append(HostBlock(hid, b.block_hash))
+            pairs.append((b.block_id, hid))
+            moved.append(b)
+        del self._tables[rid]
+        self._swapped[rid] = entries
+        self.pool.release(reversed(moved))
+        self.swap_stats.blocks_out += len(pairs)
+        return pairs
+
+    def swap_in_blocks_needed(self, req: Request, num_new_tokens: int) -> int:
+        """Free device blocks a swap-in plus ``num_new_tokens`` more tokens would take."""
+        entries = self._swapped.get(req.request_id)
+        if entries is None:
+            raise RuntimeError(f"request {req.request_id} is not swapped out")
+        need = 0
+        for e in entries:
+            if isinstance(e, HostBlock):
+                hit = self._reusable(e)
+                need += 1 if hit is None or hit.ref_cnt == 0 else 0
+        grow = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(entries)
+        return need + max(0, grow)
+
+    def _reusable(self, e: HostBlock) -> Block | None:
+        if e.block_hash is None or not self.enable_prefix_caching:
+            return None
+        return self.pool.lookup(e.block_hash)
+
+    def swap_in(self, req: Request) -> list[tuple[int, int]]:
+        """Bring a swapped-out request's blocks back to the device; returns ``(host_block,
+        device_block)`` pairs to copy (before the step's forward pass, after its swap-outs).
+
+        A host block whose hash is still in the device prefix cache takes a reference on that
+        device block instead (no copy). Raises RuntimeError when the request is not swapped out
+        or the device pool is short (check :meth:`swap_in_blocks_needed` first; nothing changed).
+        """
+        rid = req.request_id
+        entries = self._swapped.get(rid)
+        if entries is None or self.host is None:
+            raise RuntimeError(f"request {rid} is not swapped out")
+        need = self.swap_in_blocks_needed(req, 0)
+        if need > self.pool.num_free_blocks:
+            raise RuntimeError(f"swap-in of {rid} needs {need} blocks, {self.pool.num_free_blocks} free")
+        # take every prefix-cache hit first, so that allocating the copies cannot evict one
+        hits = [self._reusable(e) if isinstance(e, HostBlock) else None for e in entries]
+        self.pool.touch(h for h in hits if h is not None)
+        table: list[Block | None] = []
+        pairs: list[tuple[int, int]] = []
+        freed: list[int] = []
+        for e, hit in zip(entries, hits, strict=True):
+            if not isinstance(e, HostBlock):
+                table.append(e)
+                continue
+            freed.append(e.host_id)
+            if hit is not None:
+                table.append(hit)
+                self.swap_stats.blocks_in_reused += 1
+                continue
+            (blk,) = self.pool.allocate(1)
+            table.append(blk)
+            pairs.append((e.host_id, blk.block_id))
+            if e.block_hash is not None and self.enable_prefix_caching:
+                self.pool.register(blk, e.block_hash)
+        del self._swapped[rid]
+        self._tables[rid] = table
+        self.host.free(freed)
+        self.swap_stats.blocks_in += len(pairs)
+        return pairs
 
     def adopt_blocks(self, req: Request, num_tokens: int) -> list[int]:
         """Allocate fresh blocks to hold ``num_tokens`` imported tokens; return their ids.

@@ -17,6 +17,12 @@ class EngineConfig:
     ``tensor_parallel_size`` > 1 splits the model over that many processes (``cuda:0..tp-1`` on
     GPU, CPU cores on CPU; :mod:`engine.tp_runner`); each rank's KV cache holds ``1/tp`` of the
     heads, so ``kv_cache_memory_bytes`` (per rank) buys ``tp`` times the blocks.
+
+    ``swap_space_bytes`` (vLLM's ``--swap-space``) sizes a host-memory KV block pool behind the
+    device pool: a preempted request's KV is swapped there instead of recomputed when that is
+    cheaper (:mod:`engine.swap_policy`). 0 (default): recompute only. It must hold at least one
+    block (checked when the engine is built, which knows a block's size); not supported with
+    ``tensor_parallel_size`` > 1.
     """
 
     block_size: int = 16
@@ -34,6 +40,13 @@ class EngineConfig:
     model_id: str | None = None
     seed: int = 0
     tensor_parallel_size: int = 1
+    swap_space_bytes: int = 0
+    # SchedulingPolicy.MLFQ only (see engine.mlfq; validated by SchedulerConfig)
+    mlfq_num_levels: int = 4
+    mlfq_quantum_iters: int = 8
+    mlfq_base_prefill_s: float = 0.05
+    mlfq_starvation_s: float = 10.0
+    mlfq_swap_watermark: float = 0.9
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -42,3 +55,19 @@ class EngineConfig:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if isinstance(self.swap_space_bytes, bool) or not isinstance(self.swap_space_bytes, int):
+            raise ValueError(f"swap_space_bytes must be an integer, got {self.swap_space_bytes!r}")
+        if self.swap_space_bytes < 0:
+            raise ValueError(
+                f"swap_space_bytes must be >= 0 (0: recompute only), got {self.swap_space_bytes}"
+            )
+        if self.swap_space_bytes and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "swap_space_bytes > 0 is not supported with tensor_parallel_size > 1 "
+                "(the followers' KV shards have no host pool): set swap_space_bytes=0"
+            )
+        if not isinstance(self.scheduling_policy, SchedulingPolicy):
+            raise ValueError(
+                f"scheduling_policy must be one of {[p.value for p in SchedulingPolicy]}, "
+                f"got {self.scheduling_policy!r}"
+            )

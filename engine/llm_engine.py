@@ -31,7 +31,8 @@ from engine.models.loader import load_model, resolve_dtype
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.swap_policy import RateEstimator
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdserve.errors import (
     InvalidRequestError,
@@ -73,6 +74,13 @@ class EngineStats:
     decode_tokens: int
     num_preemptions: int
     num_steps: int
+    num_swapped: int = 0  # requests whose KV is in the host pool now
+    num_swap_outs: int = 0  # preemptions that swapped (cumulative, requests)
+    num_swap_ins: int = 0
+    swapped_out_blocks: int = 0  # blocks copied device -> host (cumulative)
+    swapped_in_blocks: int = 0  # blocks copied host -> device (cumulative)
+    host_blocks_total: int = 0
+    host_blocks_used: int = 0
 
 
 @dataclass
@@ -121,10 +129,24 @@ class LLMEngine:
             model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim, bs, dtype
         )
         nblocks = num_kv_blocks(config, shape)
+        nhost = config.swap_space_bytes // shape.block_nbytes
+        if config.swap_space_bytes and nhost < 1:
+            raise ValueError(
+                f"swap_space_bytes={config.swap_space_bytes} holds no KV block of {shape.block_nbytes} bytes: "
+                "set 0 (recompute only) or at least one block's size"
+            )
+        if nhost and runner_factory is not None:
+            raise ValueError("swap_space_bytes > 0 needs the default single-device model runner")
         # blocks out of the sliding window are freed only when every layer is windowed
         self.kv = KVCacheManager(
-            nblocks, bs, self.model_id, config.enable_prefix_caching, sliding_window=model_config.kv_window
+            nblocks,
+            bs,
+            self.model_id,
+            config.enable_prefix_caching,
+            sliding_window=model_config.kv_window,
+            num_host_blocks=nhost,
         )
+        self.rates = RateEstimator()
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_batched_tokens=config.max_num_batched_tokens,
@@ -133,12 +155,24 @@ class LLMEngine:
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 policy=config.scheduling_policy,
                 max_model_len=self.max_model_len,
+                mlfq_num_levels=config.mlfq_num_levels,
+                mlfq_quantum_iters=config.mlfq_quantum_iters,
+                mlfq_base_prefill_s=config.mlfq_base_prefill_s,
+                mlfq_starvation_s=config.mlfq_starvation_s,
+                mlfq_swap_watermark=config.mlfq_swap_watermark,
             ),
             self.kv,
+            clock=clock,
+            block_nbytes=shape.block_nbytes,
+            prefill_time=self._predict_prefill_s,
         )
         self.runner = (
-            runner_factory(self.kv) if runner_factory else ModelRunner(model, self.kv, dtype, device)
+            runner_factory(self.kv)
+            if runner_factory
+            else ModelRunner(model, self.kv, dtype, device, num_host_blocks=nhost)
         )
+        if nhost:
+            self._measure_swap_bandwidth()
         self.eos_token_ids = tuple(model_config.eos_token_ids) or (
             (tokenizer.eos_token_id,) if tokenizer and tokenizer.eos_token_id is not None else ()
         )
@@ -149,6 +183,39 @@ class LLMEngine:
         self.prefill_tokens_computed = 0
         self.prefill_tokens_reused = 0
         self.decode_tokens = 0
+
+    # ------------------------------------------------------------------ swap rates
+    def _predict_prefill_s(self, num_tokens: int) -> float:
+        """Predicted prefill time of a prompt (MLFQ skip-join): tokens over the measured prefill
+        rate; 0 (top level) until a prefill step was measured."""
+        tps = self.rates.prefill_tokens_per_s
+        return num_tokens / tps if tps else 0.0
+
+    def _measure_swap_bandwidth(self, max_blocks: int = 8) -> None:
+        """Seed the copy bandwidth: copy a few (still unused) blocks out to the host and back."""
+        hc = self.runner.host_cache
+        assert hc is not None
+        n = min(max_blocks, hc.num_blocks, self.kv.num_blocks)
+        pairs = [(i, i) for i in range(n)]
+        hc.swap(self.runner.kv_cache, pairs, pairs)
+        hc.synchronize()
+        for nbytes, secs in hc.take_timings():
+            self.rates.observe_copy(nbytes, secs)
+        self.scheduler.set_swap_rates(self.rates.rates)
+
+    def _observe_step(self, sched: SchedulerOutput, prefill_tokens: int, seconds: float) -> None:
+        """Feed the rate estimator: copy timings, and the step's prefill rate (its time minus
+        synchronous copy time; a mixed step's decodes make it a conservative estimate)."""
+        hc = self.runner.host_cache
+        copy_s = 0.0
+        if hc is not None:
+            for nbytes, secs in hc.take_timings():
+                self.rates.observe_copy(nbytes, secs)
+                if not hc.cuda:
+                    copy_s += secs
+        if prefill_tokens > 0:
+            self.rates.observe_prefill(prefill_tokens, seconds - copy_s)
+        self.scheduler.set_swap_rates(self.rates.rates)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -357,8 +424,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            self.runner.swap(sched)  # a step that only swapped out still copies
             return []
         now = self.clock()
+        prefill_tokens = 0
         for s in sched.scheduled:
             tr = self._tracked[s.request.request_id]
             if tr.metrics.first_scheduled_time is None:
@@ -366,8 +435,11 @@ class LLMEngine:
             if s.request.is_decoding:
                 self.decode_tokens += 1
             else:
-                self.prefill_tokens_computed += s.num_new_tokens
+                prefill_tokens += s.num_new_tokens
+        self.prefill_tokens_computed += prefill_tokens
+        t0 = time.perf_counter()
         results = self.runner.execute(sched)
+        self._observe_step(sched, prefill_tokens, time.perf_counter() - t0)
         self.num_steps += 1
         finished = self.scheduler.update_from_output(sched, {k: v.token for k, v in results.items()})
         finished_ids = {r.request_id for r in finished}
@@ -602,4 +674,11 @@ class LLMEngine:
             decode_tokens=self.decode_tokens,
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.num_steps,
+            num_swapped=self.scheduler.num_swapped,
+            num_swap_outs=self.scheduler.num_swap_outs,
+            num_swap_ins=self.scheduler.num_swap_ins,
+            swapped_out_blocks=self.kv.swap_stats.blocks_out,
+            swapped_in_blocks=self.kv.swap_stats.blocks_in,
+            host_blocks_total=self.kv.num_host_blocks,
+            host_blocks_used=self.kv.num_host_blocks - self.kv.num_free_host_blocks,
         )

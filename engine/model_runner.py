@@ -4,6 +4,10 @@ Owns the model and the KV cache tensor ``[num_layers, 2, num_blocks, block_size,
 Also implements the KV export/import used by the disaggregated roles: a block's bytes are, for
 each layer in order, K then V ``[block_size, kvh, hd]`` (``export_blocks`` returns
 ``[n, num_layers, 2, block_size, kvh, hd]``, contiguous).
+
+With a host block pool (``num_host_blocks`` > 0) the runner also owns its tensors
+(:class:`engine.swap_space.HostKVCache`) and, at the start of :meth:`ModelRunner.execute`, does
+the step's swap copies (``SchedulerOutput.swap_out`` then ``swap_in``) before the forward pass.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from engine.models.llama import LlamaForCausalLM
 from engine.request import Request
 from engine.sampler import SampleRequest, SampleResult, sample
 from engine.scheduler import ScheduledRequest, SchedulerOutput
+from engine.swap_space import HostKVCache
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         local_kv_heads: int | None = None,
+        num_host_blocks: int = 0,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -66,6 +72,7 @@ class ModelRunner:
             dtype=dtype,
             device=device,
         )
+        self.host_cache = HostKVCache(num_host_blocks, self.kv_cache) if num_host_blocks else None
         self.seeds: dict[str, int] = {}
         self.windows = sorted(cfg.windows)  # the layers' distinct sliding windows
 
@@ -144,7 +151,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, SampleResult]:
-        """Run one forward pass; return the sampled result of every request that samples."""
+        """Do the step's swap copies, run one forward pass; return the sampled result of every
+        request that samples."""
+        self.swap(out)
         if out.is_empty:
             return {}
         # decodes first (one token each, batched attention), then prefill chunks
@@ -166,6 +175,15 @@ class ModelRunner:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
         return dict(zip(names, sample(logits, sreqs), strict=True))
+
+    def swap(self, out: SchedulerOutput) -> None:
+        """Copy the step's swapped-out blocks to the host and swapped-in blocks back (in that
+        order). Raises if the step swaps and this runner has no host cache."""
+        if not out.swap_out and not out.swap_in:
+            return
+        if self.host_cache is None:
+            raise RuntimeError("the scheduler swapped blocks but this model runner has no host KV cache")
+        self.host_cache.swap(self.kv_cache, out.swap_out, out.swap_in)
 
     def forward(self, ids: list[int], pos: list[int], md: AttentionMetadata) -> torch.Tensor:
         """One forward pass over the flattened batch: hidden states ``[T, hidden]``."""

@@ -16,7 +16,8 @@ _seq = itertools.count()
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    PREEMPTED = "preempted"
+    PREEMPTED = "preempted"  # KV dropped: recomputed when it runs again
+    SWAPPED = "swapped"  # KV in the host block pool: copied back when it runs again
     PREFILLED = "prefilled"  # prefill-only request done: first token sampled, KV held for export
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
@@ -62,6 +63,11 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling (-1: not yet scheduled)
     num_preemptions: int = 0
+    num_swaps: int = 0  # preemptions that swapped the KV out (subset of num_preemptions)
+    # skip-join MLFQ state (engine.mlfq; used only by SchedulingPolicy.MLFQ)
+    mlfq_level: int = 0
+    mlfq_iters: int = 0  # iterations run at mlfq_level
+    last_served: float = 0.0  # scheduler clock when last scheduled (or added)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None

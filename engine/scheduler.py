@@ -11,6 +11,22 @@ decides which requests run in the next model step and how many tokens each compu
 3. Waiting requests are admitted in priority order (lowest ``priority`` value, then arrival),
    after their cached prefix is reused, while budget, ``max_num_seqs`` and blocks allow.
 
+Preemption (the victim is the least important running request) recomputes, or, with a host block
+pool (``KVCacheManager(num_host_blocks=...)``) and measured rates (:meth:`Scheduler.set_swap_rates`),
+swaps the victim's KV out when that is cheaper (:func:`engine.swap_policy.choose_preemption_mode`).
+Swapped requests come back before new ones are admitted (their KV is copied back the step they
+run again); the step's swap traffic is charged to its token budget
+(:func:`engine.swap_policy.swap_budget_tokens`). ``SchedulerOutput.swap_out`` / ``swap_in`` are
+the block copies the model runner does before the forward pass: every swap-out first, then every
+swap-in (the scheduler plans all swap-outs of a step before its swap-ins, so a block released by
+one is only reused after its copy).
+
+``SchedulingPolicy.MLFQ`` is FastServe's skip-join multi-level feedback queue
+(:mod:`engine.mlfq`): order by level, demotion after each level's quantum of iterations, a
+queued request of a higher level preempts (swapping out when cheaper) a running one of a lower
+level when the batch is full or the pool would pass ``mlfq_swap_watermark``, and a request
+queued past ``mlfq_starvation_s`` returns to level 0. It needs the scheduler's ``clock``.
+
 Chunks are bounded by ``long_prefill_token_threshold`` (Sarathi's chunk: 512 for strict SLOs,
 2048 relaxed) and the remaining budget. :meth:`update_from_output` applies the sampled tokens,
 checks token-level stop conditions and retires finished requests. The same class drives the
@@ -20,15 +36,19 @@ real engine and the simulator.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 
+from engine import mlfq
 from engine.block_manager import KVCacheManager
 from engine.request import FinishReason, Request, RequestStatus
+from engine.swap_policy import PreemptionMode, SwapRates, choose_preemption_mode, swap_budget_tokens
 from pdserve.errors import InvalidRequestError, RequestNotFoundError
 
 _SORT_KEY = attrgetter("priority", "arrival_time", "seq_no")
+_MLFQ_KEY = attrgetter("mlfq_level", "arrival_time", "seq_no")
 
 
 def _remove_identical(reqs: list[Request], req: Request) -> bool:
@@ -43,6 +63,7 @@ def _remove_identical(reqs: list[Request], req: Request) -> bool:
 class SchedulingPolicy(enum.Enum):
     FCFS = "fcfs"
     PRIORITY = "priority"
+    MLFQ = "mlfq"  # FastServe skip-join multi-level feedback queue (engine.mlfq)
 
 
 @dataclass(frozen=True)
@@ -53,10 +74,24 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     policy: SchedulingPolicy = SchedulingPolicy.PRIORITY
     max_model_len: int = 8192
+    # skip-join MLFQ (policy=MLFQ only; see engine.mlfq)
+    mlfq_num_levels: int = 4
+    mlfq_quantum_iters: int = 8  # level i: mlfq_quantum_iters * 2**i iterations, then demotion
+    mlfq_base_prefill_s: float = 0.05  # level i admits predicted prefill <= this * 2**i (skip-join)
+    mlfq_starvation_s: float = 10.0  # queued this long without service: back to level 0
+    mlfq_swap_watermark: float = 0.9  # preempt lower levels before the pool passes this fraction
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.mlfq_num_levels < 1 or self.mlfq_quantum_iters < 1:
+            raise ValueError("mlfq_num_levels and mlfq_quantum_iters must be >= 1")
+        if not (self.mlfq_base_prefill_s > 0 and math.isfinite(self.mlfq_base_prefill_s)):
+            raise ValueError(f"mlfq_base_prefill_s must be > 0, got {self.mlfq_base_prefill_s}")
+        if not self.mlfq_starvation_s > 0:
+            raise ValueError(f"mlfq_starvation_s must be > 0, got {self.mlfq_starvation_s}")
+        if not 0 < self.mlfq_swap_watermark <= 1:
+            raise ValueError(f"mlfq_swap_watermark must be in (0, 1], got {self.mlfq_swap_watermark}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 "without chunked prefill max_num_batched_tokens must be >= max_model_len "
@@ -80,8 +115,18 @@ class ScheduledRequest:
 
 @dataclass
 class SchedulerOutput:
+    """One step's plan. ``preempted``: every request preempted this step (recomputed or swapped);
+    ``swapped_out`` / ``swapped_in``: request ids; ``swap_out``: ``(device, host)`` and
+    ``swap_in``: ``(host, device)`` block pairs to copy before the forward pass, swap-outs first;
+    ``swap_budget_tokens``: token budget the copies displaced."""
+
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    swapped_out: list[str] = field(default_factory=list)
+    swapped_in: list[str] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
+    swap_budget_tokens: int = 0
 
     @property
     def num_batched_tokens(self) -> int:
@@ -101,13 +146,41 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        *,
+        clock: Callable[[], float] | None = None,
+        block_nbytes: int = 1,
+        prefill_time: Callable[[int], float] | None = None,
+    ) -> None:
+        """``clock``: the time MLFQ's starvation bound is measured in (required for MLFQ);
+        ``block_nbytes``: bytes of one KV block (swap cost); ``prefill_time(n)``: predicted
+        prefill seconds of an ``n``-token prompt for MLFQ's skip-join (default: ``n`` over the
+        measured prefill rate of :meth:`set_swap_rates`; top level while no rate is known)."""
+        if config.policy is SchedulingPolicy.MLFQ and clock is None:
+            raise ValueError("SchedulingPolicy.MLFQ needs a clock (Scheduler(..., clock=...))")
+        if block_nbytes < 1:
+            raise ValueError(f"block_nbytes must be >= 1, got {block_nbytes}")
         self.config = config
         self.kv = kv
+        self.clock = clock
+        self.block_nbytes = block_nbytes
+        self.prefill_time = prefill_time
+        self.rates: SwapRates | None = None
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.swapped: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_swap_outs = 0  # preemptions that swapped (requests)
+        self.num_swap_ins = 0
+        self.num_promotions = 0  # MLFQ anti-starvation promotions
+
+    def set_swap_rates(self, rates: SwapRates | None) -> None:
+        """The measured copy bandwidth and prefill rate the swap-or-recompute choice uses."""
+        self.rates = rates
 
     # ----------------------------------------------------------------- intake
     def add_request(self, req: Request) -> None:
@@ -123,14 +196,33 @@ class Scheduler:
                 f"({self.kv.num_blocks} x {self.kv.block_size} tokens)"
             )
         req.status = RequestStatus.WAITING
+        self._join(req)
         self.requests[req.request_id] = req
         self.waiting.append(req)
+
+    def _join(self, req: Request) -> None:
+        """Skip-join: the request's first MLFQ level, from its prompt's predicted prefill time."""
+        if self.config.policy is not SchedulingPolicy.MLFQ:
+            return
+        assert self.clock is not None
+        n = req.num_prompt_tokens
+        if self.prefill_time is not None:
+            pred = self.prefill_time(n)
+        elif self.rates is not None:
+            pred = self.rates.recompute_seconds(n)
+        else:
+            pred = 0.0
+        c = self.config
+        req.mlfq_level = mlfq.skip_join_level(pred, c.mlfq_base_prefill_s, c.mlfq_num_levels)
+        req.mlfq_iters = 0
+        req.last_served = self.clock()
 
     def add_running(self, req: Request) -> None:
         """Adopt a request whose KV is already in place (decode role / migration)."""
         if req.request_id in self.requests:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
         req.status = RequestStatus.RUNNING
+        self._join(req)
         self.requests[req.request_id] = req
         self.running.append(req)
 
@@ -160,19 +252,26 @@ class Scheduler:
     # ----------------------------------------------------------------- queries
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        """Queued requests, swapped-out ones included."""
+        return len(self.waiting) + len(self.swapped)
+
+    @property
+    def num_swapped(self) -> int:
+        return len(self.swapped)
 
     @property
     def num_running(self) -> int:
         return len(self.running)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     # ----------------------------------------------------------------- schedule
     def _order(self, reqs: list[Request]) -> list[Request]:
         if self.config.policy is SchedulingPolicy.PRIORITY:
             return sorted(reqs, key=_SORT_KEY)  # == Request.sort_key, without a Python call each
+        if self.config.policy is SchedulingPolicy.MLFQ:
+            return sorted(reqs, key=_MLFQ_KEY)
         return sorted(reqs, key=lambda r: (r.arrival_time, r.seq_no))
 
     def _chunk(self, pending: int, budget: int) -> int:
@@ -188,12 +287,34 @@ class Scheduler:
         cands = [r for r in self.running if r.request_id not in exclude]
         if not cands:
             return None
-        return max(cands, key=Request.sort_key)
+        return max(cands, key=_MLFQ_KEY if self.config.policy is SchedulingPolicy.MLFQ else _SORT_KEY)
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        """Take ``req`` out of the batch: swap its KV out when a host pool can take it and that
+        is cheaper than recomputing (``choose_preemption_mode``), else drop it (recompute)."""
         if not _remove_identical(self.running, req):
             raise ValueError("list.remove(x): x not in list")
-        self.kv.free(req.request_id)
+        kv = self.kv
+        if kv.host is not None and kv.has(req.request_id):
+            d = choose_preemption_mode(
+                blocks_to_copy=kv.num_swap_out_blocks(req.request_id),
+                block_nbytes=self.block_nbytes,
+                tokens_to_recompute=req.num_computed_tokens,
+                host_free_blocks=kv.num_free_host_blocks,
+                rates=self.rates,
+            )
+            if d.mode is PreemptionMode.SWAP:
+                out.swap_out.extend(kv.swap_out(req))
+                req.status = RequestStatus.SWAPPED
+                req.num_preemptions += 1
+                req.num_swaps += 1
+                self.num_preemptions += 1
+                self.num_swap_outs += 1
+                self.swapped.append(req)
+                out.preempted.append(req.request_id)
+                out.swapped_out.append(req.request_id)
+                return
+        kv.free(req.request_id)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
@@ -205,10 +326,18 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
+        mlfq_on = self.config.policy is SchedulingPolicy.MLFQ
+        now = 0.0
+        if mlfq_on:
+            assert self.clock is not None
+            now = self.clock()
+            self._promote_starving(now)
+            self._mlfq_preempt(out)
         self.running = self._order(self.running)
         kv = self.kv
         running_status = RequestStatus.RUNNING
         scheduled = out.scheduled
+        policy_preempted = len(out.preempted)
 
         # 1+2: running requests, decodes before partial prefills.
         # (request, pending tokens); a request's own pending count cannot change before its turn
@@ -243,13 +372,29 @@ class Scheduler:
             scheduled_ids.add(req.request_id)
             budget -= n
 
-        # 3: admit waiting requests.
-        if not out.preempted:
-            self.waiting = self._order(self.waiting)
+        # the step's swap-outs are copied before its forward pass: charge them to the budget
+        cost = swap_budget_tokens(len(out.swap_out), self.block_nbytes, self.rates)
+        out.swap_budget_tokens += cost
+        budget -= cost
+
+        # 3: swapped-out requests come back, then waiting requests are admitted (MLFQ: one queue
+        # by level). Not after a preemption for memory in this step (it would thrash).
+        if len(out.preempted) == policy_preempted:
+            if mlfq_on:
+                queue = self._order(self.swapped + self.waiting)
+            else:
+                queue = self._order(self.swapped) + self._order(self.waiting)
             admitted: list[Request] = []
-            for req in self.waiting:
+            for req in queue:
                 if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
                     break
+                if req.status is RequestStatus.SWAPPED:
+                    n = self._swap_in(req, budget, out)
+                    if n == 0:
+                        break  # head-of-line: keep the order, wait for blocks
+                    budget -= n
+                    admitted.append(req)
+                    continue
                 cached = self.kv.find_cached_prefix(req)
                 start = len(cached) * self.kv.block_size
                 n = self._chunk(req.num_tokens - start, budget)
@@ -268,9 +413,76 @@ class Scheduler:
             if admitted:
                 ids = {r.request_id for r in admitted}
                 self.waiting = [r for r in self.waiting if r.request_id not in ids]
+                self.swapped = [r for r in self.swapped if r.request_id not in ids]
                 self.running.extend(admitted)
+        if mlfq_on:
+            for sr in scheduled:
+                sr.request.last_served = now
         return out
 
+    def _swap_in(self, req: Request, budget: int, out: SchedulerOutput) -> int:
+        """Bring a swapped-out request back and schedule its next tokens; returns the budget it
+        took (its tokens plus its copies' share), 0 when it cannot run now (nothing changed)."""
+        kv = self.kv
+        cost = swap_budget_tokens(kv.num_swap_in_blocks(req.request_id), self.block_nbytes, self.rates)
+        if out.scheduled and cost >= budget:
+            return 0  # the copies alone fill the step; a step with nothing else takes them anyway
+        pend = req.num_pending_tokens
+        n = 1 if pend == 1 else self._chunk(pend, max(budget - cost, 1))
+        if n == 0 or kv.swap_in_blocks_needed(req, n) > kv.num_free_blocks:
+            return 0
+        out.swap_in.extend(kv.swap_in(req))
+        if not kv.allocate_slots(req, n):
+            raise RuntimeError(f"swap-in of {req.request_id}: blocks counted free were not")
+        req.status = RequestStatus.RUNNING
+        self.num_swap_ins += 1
+        out.swapped_in.append(req.request_id)
+        out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
+        out.swap_budget_tokens += cost
+        return n + cost
+
+    # ----------------------------------------------------------------- MLFQ
+    def _promote_starving(self, now: float) -> None:
+        """Anti-starvation: a queued request not served for ``mlfq_starvation_s`` -> level 0."""
+        bound = self.config.mlfq_starvation_s
+        for r in (*self.waiting, *self.swapped):
+            if r.mlfq_level > 0 and mlfq.is_starving(now, r.last_served, bound):
+                r.mlfq_level = 0
+                r.mlfq_iters = 0
+                self.num_promotions += 1
+
+    def _queued_need(self, req: Request) -> int:
+        """Device blocks a queued request needs to run its next step (upper bound for a waiting
+        one: no prefix-cache hit assumed)."""
+        if req.status is RequestStatus.SWAPPED:
+            pend = req.num_pending_tokens
+            return self.kv.swap_in_blocks_needed(
+                req, 1 if pend == 1 else self._chunk(pend, self.config.max_num_batched_tokens) or 1
+            )
+        n = self._chunk(req.num_tokens, self.config.max_num_batched_tokens) or req.num_tokens
+        return self.kv.blocks_needed(n)
+
+    def _mlfq_preempt(self, out: SchedulerOutput) -> None:
+        """Preemptive MLFQ with proactive swap-out: while the best queued request is at a higher
+        level than the worst running one and the batch is full or admitting it would take the
+        pool past ``mlfq_swap_watermark``, preempt that running request (swapping its KV to the
+        host pool when cheaper, see :meth:`_preempt`)."""
+        if not self.running or not (self.waiting or self.swapped):
+            return
+        kv = self.kv
+        reserve = (1 - self.config.mlfq_swap_watermark) * kv.num_blocks
+        for q in self._order(self.swapped + self.waiting):
+            while self.running:
+                worst = max(self.running, key=_MLFQ_KEY)
+                if q.mlfq_level >= worst.mlfq_level:
+                    return  # queue order: no later queued request is better either
+                full = len(self.running) >= self.config.max_num_seqs
+                tight = kv.num_free_blocks - self._queued_need(q) < reserve
+                if not (full or tight):
+                    break  # q fits: the admission phase takes it
+                self._preempt(worst, out)
+
+    # ----------------------------------------------------------------- results
     # ----------------------------------------------------------------- results
     def update_from_output(self, out: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
         """Advance computed counts, append sampled tokens, retire finished requests.
@@ -283,6 +495,8 @@ class Scheduler:
         running_status = RequestStatus.RUNNING
         cache_blocks = self.kv.cache_blocks if self.kv.enable_prefix_caching else None
         max_len = self.config.max_model_len
+        c = self.config
+        mlfq_on = c.policy is SchedulingPolicy.MLFQ
         for s in out.scheduled:
             req = s.request
             if req.status is not running_status:
@@ -292,6 +506,10 @@ class Scheduler:
                 cache_blocks(req)
             if not s.samples:
                 continue
+            if mlfq_on:  # one iteration at its level; demoted after the level's quantum
+                req.mlfq_level, req.mlfq_iters = mlfq.demote(
+                    req.mlfq_level, req.mlfq_iters, c.mlfq_quantum_iters, c.mlfq_num_levels
+                )
             tok = sampled[req.request_id]
             out_ids = req.output_token_ids
             out_ids.append(tok)
@@ -329,8 +547,8 @@ class Scheduler:
         return None
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
-        if not _remove_identical(self.running, req):
-            _remove_identical(self.waiting, req)
+        if not _remove_identical(self.running, req) and not _remove_identical(self.waiting, req):
+            _remove_identical(self.swapped, req)
         self.kv.free(req.request_id)
         self.requests.pop(req.request_id, None)
         req.finish_reason = reason

@@ -1,0 +1,48 @@
+"""Skip-join multi-level feedback queue (FastServe), the pure rules. No clock, no I/O.
+
+Levels ``0 .. num_levels-1``; 0 is served first. Level ``i`` has a time quantum
+``base_prefill_s * 2**i`` (for skip-join) and a quantum of ``quantum_iters * 2**i`` decode
+iterations (for demotion):
+
+* skip-join: a request enters the first level whose time quantum covers its predicted prefill
+  time (:func:`skip_join_level`), so a long prompt does not sit at the top ahead of short jobs;
+* demotion: after a level's quantum of iterations (steps that sampled a token) the request moves
+  down one level (:func:`demote`);
+* anti-starvation: a queued request that has not been served for ``starvation_s`` goes back to
+  level 0 (:func:`is_starving`).
+
+:class:`engine.scheduler.Scheduler` applies these with ``SchedulingPolicy.MLFQ``.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def skip_join_level(predicted_prefill_s: float, base_prefill_s: float, num_levels: int) -> int:
+    """The first level ``i`` with ``predicted_prefill_s <= base_prefill_s * 2**i`` (the last
+    level when none)."""
+    if num_levels < 1 or base_prefill_s <= 0:
+        raise ValueError("num_levels must be >= 1 and base_prefill_s > 0")
+    if not predicted_prefill_s > base_prefill_s:  # also NaN -> top level
+        return 0
+    i = math.ceil(math.log2(predicted_prefill_s / base_prefill_s) - 1e-12)
+    return min(max(i, 0), num_levels - 1)
+
+
+def quantum_iters(level: int, base_iters: int) -> int:
+    """Decode iterations a request gets at ``level`` before it is demoted."""
+    return base_iters << level
+
+
+def demote(level: int, iters: int, base_iters: int, num_levels: int) -> tuple[int, int]:
+    """``(level, iters)`` after one more iteration at ``level`` having run ``iters`` there."""
+    iters += 1
+    if iters >= quantum_iters(level, base_iters) and level < num_levels - 1:
+        return level + 1, 0
+    return level, iters
+
+
+def is_starving(now: float, last_served: float, starvation_s: float) -> bool:
+    """Whether a queued request last served at ``last_served`` has waited past the bound."""
+    return now - last_served >= starvation_s
