@@ -167,3 +167,104 @@ def test_golden_with_chunked_prefill_and_prefix_hits(models, hf, arch) -> None:
     for ids, out in zip(second, outs, strict=True):
         _check(out, _hf_ref(model, ids, GREEDY.max_tokens))
     assert eng.kv.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_moe_block_equals_hf_and_runs_each_expert_once_per_batch(models, hf, arch, monkeypatch) -> None:
+    """Layer 0's MoE block on 1 and 32 tokens equals HF's sparse block; over the 32-token batch
+    each expert with tokens runs exactly once (grouped by expert, not one token at a time)."""
+    from engine.models.loader import load_model
+    from engine.models.moe import SparseMoE
+
+    ours = load_model(models[arch], torch.float32, torch.device("cpu")).model.layers[0].mlp
+    ref = hf(arch).model.layers[0].mlp
+    assert isinstance(ours, SparseMoE) and ours.w13 is not None  # fused: stacked expert weights
+    calls: list[int] = []
+    run = SparseMoE._expert
+    monkeypatch.setattr(SparseMoE, "_expert", lambda self, e, x: calls.append(e) or run(self, e, x))
+    g = torch.Generator().manual_seed(3)
+    for t in (1, 32):
+        x = torch.randn(t, 64, generator=g)
+        calls.clear()
+        with torch.no_grad():
+            got, want = ours(x), ref(x.unsqueeze(0))[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        _, ids = ours.route(x)
+        assert sorted(calls) == sorted(set(ids.flatten().tolist()))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_disaggregated_equals_whole(models, arch) -> None:
+    """prefill_only + export_kv on one engine, import_kv on another, decode: the whole engine's
+    tokens and log-probs (block size 8; one prompt shorter than a block, one a multiple of it)."""
+    path = models[arch]
+    prompts = _prompts((5, 24, 61), seed=11)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    whole = _engine(path).generate(prompts, params)
+    pre, dec = _engine(path, long_prefill_token_threshold=16), _engine(path)
+    for i, p in enumerate(prompts):
+        pre.add_request(f"r{i}", p, params, prefill_only=True)
+    while pre.has_unfinished():
+        pre.step()
+    for i, p in enumerate(prompts):
+        kv = pre.export_kv(f"r{i}")
+        dec.import_kv(
+            f"r{i}",
+            p,
+            kv.first_token,
+            kv.blocks,
+            params,
+            shape=kv.shape,
+            model_id=kv.model_id,
+            first_logprob=kv.first_logprob,
+        )
+        pre.release(f"r{i}")
+    assert pre.kv.num_used_blocks == 0
+    got: dict[str, list] = {f"r{i}": [] for i in range(len(prompts))}
+    toks: dict[str, list[int]] = {}
+    while dec.has_unfinished():
+        for o in dec.step():
+            got[o.request_id].extend(o.logprobs)
+            if o.finished:
+                toks[o.request_id] = o.token_ids
+    for i, w in enumerate(whole):
+        assert toks[f"r{i}"] == w.token_ids
+        ours = torch.tensor([lp.logprob for lp in got[f"r{i}"]])  # tokens 2.. (1 came with the KV)
+        ref = torch.tensor([lp.logprob for lp in w.logprobs][1:])
+        assert torch.allclose(ours, ref, atol=1e-5)
+    assert dec.kv.num_used_blocks == 0
+
+
+def _perturb(arch: str, model) -> None:
+    """Switch off the feature the tiny config exercises, in HF's own model."""
+    with torch.no_grad():
+        if arch == "qwen3":  # q/k norms -> plain RMS normalisation (weights 1)
+            for lyr in model.model.layers:
+                lyr.self_attn.q_norm.weight.fill_(1.0)
+                lyr.self_attn.k_norm.weight.fill_(1.0)
+        elif arch == "phi3":  # the window off
+            model.config.sliding_window = None
+            for lyr in model.model.layers:
+                lyr.self_attn.sliding_window = None
+        elif arch == "qwen2_moe":  # the shared expert off
+            model.model.layers[0].mlp.shared_expert_gate.weight.fill_(-1e4)
+        elif arch == "qwen3_moe":  # no renormalisation of the top-k weights
+            model.model.layers[0].mlp.gate.norm_topk_prob = False
+            model.model.layers[1].mlp.gate.norm_topk_prob = False
+        else:  # mixtral: top-1 routing instead of top-2
+            for lyr in model.model.layers:
+                lyr.mlp.gate.top_k = 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_tiny_configs_exercise_their_feature(models, arch) -> None:
+    """The golden tests have power: without the family's feature transformers answers otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor(_prompts((60,), seed=9))
+    a = AutoModelForCausalLM.from_pretrained(models[arch], dtype=torch.float32).eval()
+    b = AutoModelForCausalLM.from_pretrained(models[arch], dtype=torch.float32).eval()
+    _perturb(arch, b)
+    with torch.no_grad():
+        la, lb = torch.log_softmax(a(ids).logits[0], -1), torch.log_softmax(b(ids).logits[0], -1)
+    assert (la - lb).abs().max() > 10 * TOL
