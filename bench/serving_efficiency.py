@@ -17,7 +17,8 @@ process may use (``--cpus`` pins this process and so every process it starts to 
 A progress line (requests done) goes to stderr.
 
 Usage: python bench/serving_efficiency.py [--streams 64,256] [--requests-per-stream 4]
-       [--max-tokens 32] [--prompt-len 8] [--cpus 0,1] [--out PATH]
+       [--max-tokens 32] [--prompt-len 8] [--stream-interval 1] [--stream-window-ms MS]
+       [--cpus 0,1] [--out PATH]
 """
 
 from __future__ import annotations
@@ -144,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="the decode worker's --stream-interval (tokens per message after the first)",
     )
+    ap.add_argument(
+        "--stream-window-ms",
+        type=float,
+        default=None,
+        help="the decode worker's --stream-window-ms (adaptive coalescing; default: the worker's default)",
+    )
     ap.add_argument("--cpus", default="", help="pin to these CPUs (e.g. 0,1); default: as allowed now")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     return cli_help.apply(ap)
@@ -155,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {int(x) for x in a.cpus.split(",")})
     cores = sorted(os.sched_getaffinity(0))
     from pdserve.launcher import ClusterSpec, launch
+    from pdserve.worker_base import DEFAULT_STREAM_WINDOW_S
 
+    window_ms = DEFAULT_STREAM_WINDOW_S * 1000.0 if a.stream_window_ms is None else a.stream_window_ms
+    worker_args = ("--stream-interval", str(a.stream_interval), "--stream-window-ms", f"{window_ms:g}")
     sizes = [int(x) for x in a.streams.split(",") if x]
     results: list[EfficiencyResult] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             num_prefill=1,
             num_decode=1,
             worker_kv_blocks=KV_BLOCKS,
-            worker_args=("--stream-interval", str(a.stream_interval)),
+            worker_args=worker_args,
         )
         with launch(spec) as cl:
             for c in sizes:
@@ -183,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
     print(
         f"tiny Llama, {a.max_tokens} tokens per request, prompt {a.prompt_len}, "
-        f"{a.requests_per_stream} requests per stream, decode --stream-interval {a.stream_interval}, "
+        f"{a.requests_per_stream} requests per stream, decode --stream-interval {a.stream_interval} "
+        f"--stream-window-ms {window_ms:g}, "
         f"cores {cores}, embedded engine on "
         f"{a.engine_threads} torch thread(s) (each worker: 1)"
     )

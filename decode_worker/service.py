@@ -221,6 +221,12 @@ class DecodeServicer:
             token_ids=[t for o in streamed for t in o.new_token_ids],
             logprobs=[logprob_to_proto(lp) for o in streamed for lp in o.logprobs],
         )
+        if getattr(self.state.engine, "tokenizer", None) is not None:
+            # the engine's incremental detokenizer already rendered these tokens (stop strings
+            # honoured, a stop token not rendered): the text delta goes with them, so the router
+            # relays it instead of detokenizing again (DecodeResponse.has_text)
+            msg.text = "".join(o.text_delta for o in streamed)
+            msg.has_text = True
         if pull_s is not None:
             if local_prefill:
                 msg.num_cached_tokens = max(0, streamed[0].num_cached_tokens)
@@ -417,13 +423,31 @@ class AsyncDecodeServicer(DecodeServicer):
     soon as it is ready. Every hop (this worker, the router, the client) pays per message, not per
     token, so N tokens per message cost about 1/N as much CPU per token, at the price of
     delivering tokens in bursts of N (a client sees a message every N decode steps). The tokens,
-    their order and the finish are the same for every interval."""
+    their order and the finish are the same for every interval.
 
-    def __init__(self, *args, admission_threads: int = 16, stream_interval: int = 1, **kwargs) -> None:
+    ``stream_window_s`` (>= 0; adaptive coalescing): after a stream's first message, a message
+    also waits until this long has passed since the previous one was taken (tokens ready
+    meanwhile join it), so a stream costs at most one message per window whatever the step time:
+    when the engine steps faster than the window (small model, fast device, light batch), tokens
+    go several to a message; when a step takes longer than the window, every token goes at once
+    as with no window. It adds at most the window to a token's delivery; 0 (default): none.
+    The first message (TTFT) and the finish are never held."""
+
+    def __init__(
+        self,
+        *args,
+        admission_threads: int = 16,
+        stream_interval: int = 1,
+        stream_window_s: float = 0.0,
+        **kwargs,
+    ) -> None:
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1 (tokens per message), got {stream_interval}")
+        if not stream_window_s >= 0:
+            raise ValueError(f"stream_window_s must be >= 0 seconds, got {stream_window_s}")
         super().__init__(*args, **kwargs)
         self.stream_interval = stream_interval
+        self.stream_window_s = stream_window_s
         self._admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="decode-admit")
         self._inboxes: dict[asyncio.AbstractEventLoop, _LoopInbox] = {}  # one per serving loop
 
@@ -494,17 +518,17 @@ class AsyncDecodeServicer(DecodeServicer):
                 )
                 return
             first = True
+            sent_at = 0.0  # loop time the last message was taken by the reader
             while True:
                 batch = _ready([await out.get()], out.get_nowait, asyncio.QueueEmpty)
-                if not first:  # later messages hold stream_interval tokens (or the end)
-                    while _num_tokens(batch) < self.stream_interval and not _ends(batch[-1]):
-                        batch.append(await out.get())
-                        batch = _ready(batch, out.get_nowait, asyncio.QueueEmpty)
+                if not first:  # later messages: stream_interval tokens and the window (or the end)
+                    batch = await self._coalesce(batch, out, sent_at)
                 msg, failure = self._message(rid, batch, req.local_prefill, pull_s if first else None)
                 if msg is not None:
                     first = False
                     finished = msg.HasField("finish")
                     yield msg
+                    sent_at = loop.time()
                 if failure is not None:
                     raise failure
                 if finished:
@@ -512,6 +536,29 @@ class AsyncDecodeServicer(DecodeServicer):
         finally:
             if not finished:  # cancelled, or the reader went away: free its blocks
                 loop.run_in_executor(self._admission, self.state.loop.abort, rid)
+
+    async def _coalesce(self, batch: list[OutputItem], out: _LoopQueue, sent_at: float) -> list[OutputItem]:
+        """``batch`` grown with the outputs that come until it may go out: it holds at least
+        ``stream_interval`` tokens and ``stream_window_s`` has passed since the previous message
+        was taken (``sent_at``, loop time), or it ends the request (finished, or a failure).
+        Tokens held for the window wait at most until it closes (a timer), not for the next
+        output: a request the engine pauses is not held back."""
+        loop = asyncio.get_running_loop()
+        while not _ends(batch[-1]):
+            if _num_tokens(batch) >= self.stream_interval:
+                wait = sent_at + self.stream_window_s - loop.time()
+                if wait <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(wait):
+                        item = await out.get()
+                except TimeoutError:
+                    break
+            else:
+                item = await out.get()
+            batch.append(item)
+            batch = _ready(batch, out.get_nowait, asyncio.QueueEmpty)
+        return batch
 
     def _abort_admitted(self, loop: asyncio.AbstractEventLoop, f: asyncio.Future) -> None:
         """A request whose caller left during admission: abort it if admission added it."""

@@ -29,6 +29,11 @@ class Role(enum.Enum):
     DECODE = worker_pb2.WORKER_ROLE_DECODE
 
 
+# decode: the default adaptive-coalescing window of a stream (seconds; chosen by measurement with
+# bench/serving_efficiency.py, README "Concurrency figures and the token path")
+DEFAULT_STREAM_WINDOW_S = 0.0
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     worker_id: str
@@ -44,6 +49,9 @@ class WorkerConfig:
     lease_ttl_s: float = 30.0
     admission_timeout_s: float = 30.0  # decode: how long a handoff may wait for free blocks
     stream_interval: int = 1  # decode: tokens per streamed message after the first (1: each at once)
+    # decode: after the first message, at most one message per this many seconds (tokens ready
+    # meanwhile go together; 0: none). See decode_worker.service.AsyncDecodeServicer.
+    stream_window_s: float = DEFAULT_STREAM_WINDOW_S
     metrics_port: int = 0  # /metrics on 127.0.0.1 (0: any free port)
 
 
@@ -91,8 +99,6 @@ class WorkerState:
         state = cls(config, engine)
         state.profile = prof
         return state
-
-
 
     def count_finished(self) -> None:
         with self._lock:

@@ -43,7 +43,7 @@ from pdserve.router_addresses import parse_router_addresses
 from pdserve.security import add_process_security_args, install_process_security, internal_channel
 from pdserve.tracing import configure_logging, traced_channel
 from pdserve.v1 import worker_pb2
-from pdserve.worker_base import Role, RouterLinks, WorkerConfig, WorkerState
+from pdserve.worker_base import DEFAULT_STREAM_WINDOW_S, Role, RouterLinks, WorkerConfig, WorkerState
 
 if TYPE_CHECKING:
     from prefill_worker.prefix_policy import PrefixFetchConfig
@@ -266,6 +266,14 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         help="decode: tokens per streamed message after the first (1: each token as soon as it is "
         "ready; N: messages of N tokens, about 1/N of the CPU per token at every hop, tokens in bursts)",
     )
+    ap.add_argument(
+        "--stream-window-ms",
+        type=float,
+        default=DEFAULT_STREAM_WINDOW_S * 1000.0,
+        help="decode: adaptive coalescing: after the first message, at most one message per this "
+        "many ms per stream (tokens ready meanwhile go together; a step slower than the window "
+        "sends each token at once; 0: off)",
+    )
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
     add_process_security_args(ap)
     return cli_help.apply(ap)
@@ -279,6 +287,8 @@ def parse(
     a = ap.parse_args(argv)
     if a.stream_interval < 1:
         ap.error(f"--stream-interval must be >= 1 (tokens per message), got {a.stream_interval}")
+    if not a.stream_window_ms >= 0:
+        ap.error(f"--stream-window-ms must be >= 0, got {a.stream_window_ms}")
     try:
         routers = parse_router_addresses(a.router, what="--router") if a.router else ()
     except PdserveError as e:
@@ -306,6 +316,7 @@ def parse(
         engine=eng,
         admission_timeout_s=a.admission_timeout_s,
         stream_interval=a.stream_interval,
+        stream_window_s=a.stream_window_ms / 1000.0,
         metrics_port=a.metrics_port,
     )
 
@@ -349,7 +360,10 @@ def build_service(
 
         puller = DistPuller(dist, puller, timeout_s=dist.options.timeout_s)
     # served on grpc.aio: see serve_worker
-    return AsyncDecodeServicer(state, puller, stream_interval=state.config.stream_interval)
+    c = state.config
+    return AsyncDecodeServicer(
+        state, puller, stream_interval=c.stream_interval, stream_window_s=c.stream_window_s
+    )
 
 
 def worker_services(svc: Any, role: Role, dist: DistGroup | None) -> tuple[list[tuple[Any, Any]], Any]:

@@ -926,7 +926,7 @@ class GenerateServicer:
             )
             guarded = _Guarded(call, dw, keep_cached=run.cached_tokens if resumed else None, watch=watch)
             async with contextlib.aclosing(
-                self._relay(guarded, run, dw, ctx, on_first=first_token)
+                self._relay(guarded, run, dw, ctx, on_first=first_token, worker_text=not resumed)
             ) as relayed:
                 async for r in relayed:
                     yield r
@@ -956,7 +956,7 @@ class GenerateServicer:
         a decode worker needs to continue, or None when that token ended the request (its lease
         released then). Raises :class:`_WorkerLost` when ``pw`` is unreachable (UNAVAILABLE), and
         :class:`StoreUnavailableError` when ``pw`` could not reach its KV store."""
-        params, rid, detok = run.params, run.rid, run.detok
+        params, rid, detok = run.params, run.rid, self._detok(run)
         common = self._leg_request(req, run)
         prompt = common["prompt_token_ids"]
         resumed = bool(run.out_ids)
@@ -1004,6 +1004,7 @@ class GenerateServicer:
         first = pre.first_token
         delta, matched = detok.add([first])
         run.out_ids.append(first)
+        run.detok_fed = len(run.out_ids)
         hit = check_stop(
             first,
             len(run.out_ids),
@@ -1025,6 +1026,7 @@ class GenerateServicer:
                 delta = ""  # a stop token is not rendered
             else:
                 delta += detok.add([], final=True)[0]
+        run.sent_chars += len(delta)
         resp = client_pb2.GenerateResponse(request_id=rid, token_ids=[first], text=delta)
         if pre.HasField("first_token_logprob"):
             resp.logprobs.append(pre.first_token_logprob)
@@ -1071,7 +1073,11 @@ class GenerateServicer:
         try:
             watch = ProgressWatch(self.config.progress, run.predicted_tpot_s)
             guarded = _Guarded(call, dw, watch=watch)
-            async with contextlib.aclosing(self._relay(guarded, run, dw, ctx)) as relayed:
+            # the decode engine's detokenizer has seen the request's whole output (the first
+            # token) unless this leg resumes it: then its text would lack the output before
+            fresh = len(h.prompt) == len(run.ids) and len(run.out_ids) == 1
+            relay = self._relay(guarded, run, dw, ctx, worker_text=fresh)
+            async with contextlib.aclosing(relay) as relayed:
                 async for r in relayed:
                     taken = True
                     yield r
@@ -1094,17 +1100,23 @@ class GenerateServicer:
         dw: WorkerEntry,
         ctx: grpc.aio.ServicerContext,
         on_first: Callable[[], None] | None = None,
+        worker_text: bool = False,
     ) -> AsyncIterator[client_pb2.GenerateResponse]:
         """Relay a Decode stream to the client (text deltas, stop strings, the finish message).
         Each message the worker sends (one or several tokens) becomes one client message; the
         next one is read only once the client took this one (flow control). Every message
         counts as the worker's heartbeat (:meth:`Registry.seen`).
 
+        Text: ``worker_text`` (the worker's engine rendered this leg from the request's first
+        output token, so its text continues the client's) and a message with ``has_text``: its
+        text delta is relayed as it is (the engine's detokenizer is the router's: same stop
+        strings, same hold-back; the engine ends the request on a stop string itself). Else the
+        router renders the tokens (:meth:`_detok`, caught up with the output so far).
+
         The worker's KV pull time (``kv_pull_s`` of its first message) is added to
         ``run.kv_pull_s`` (transfer) and left out of this call's decode time."""
         t_dec = time.monotonic()
         pull_s = 0.0
-        detok = run.detok
         seen = self.registry.seen
         try:
             async for d in call:
@@ -1118,12 +1130,18 @@ class GenerateServicer:
                     run.cached_tokens = d.num_cached_tokens
                 now = time.monotonic() - run.t0
                 run.token_times.extend([now] * len(d.token_ids))
-                run.out_ids.extend(d.token_ids)
-                visible = list(d.token_ids)
                 final = d.HasField("finish")
-                if final and visible and d.finish.stop == str(visible[-1]):
-                    visible = visible[:-1]  # the stop token that ended it is not rendered
-                text, matched = detok.add(visible, final=final)
+                if worker_text and d.has_text:
+                    text, matched = d.text, None
+                    run.out_ids.extend(d.token_ids)
+                else:
+                    detok = self._detok(run)
+                    visible = list(d.token_ids)
+                    if final and visible and d.finish.stop == str(visible[-1]):
+                        visible = visible[:-1]  # the stop token that ended it is not rendered
+                    text, matched = detok.add(visible, final=final)
+                    run.out_ids.extend(d.token_ids)
+                    run.detok_fed = len(run.out_ids)
                 r = client_pb2.GenerateResponse(
                     request_id=run.rid, token_ids=d.token_ids, text=text, logprobs=d.logprobs
                 )
@@ -1132,14 +1150,16 @@ class GenerateServicer:
                 if final or matched is not None:
                     if matched is not None and not final:
                         call.cancel()
-                        text += detok.add([], final=True)[0]
+                        text += run.detok.add([], final=True)[0]
                         r.text = text
+                    run.sent_chars += len(text)
                     fr = d.finish.reason if final else common_pb2.FINISH_REASON_STOP
                     stop = matched if matched is not None else (d.finish.stop or None)
                     decode_s = max(0.0, time.monotonic() - t_dec - pull_s)
                     r.finish.CopyFrom(self._finish(fr, stop, run, decode_s))
                     yield r
                     return
+                run.sent_chars += len(text)
                 yield r
         except grpc.RpcError as e:
             _raise_store_failure(e)  # the worker is fine: its store is not
@@ -1148,6 +1168,18 @@ class GenerateServicer:
             if not _gone(ctx):
                 raise_from_rpc_error(e)
             return
+
+    def _detok(self, run: _Run) -> IncrementalDetokenizer:
+        """``run``'s detokenizer, caught up with its output: when decode workers rendered part of
+        it (their text relayed as it was), a new one is fed the output so far and told how much
+        text the client already has (``sent_chars``), so what it renders next continues exactly
+        (a held-back stop-string prefix or incomplete character included)."""
+        if run.detok_fed != len(run.out_ids):
+            d = IncrementalDetokenizer(self.tokenizer, run.params.stop)
+            d.add(list(run.out_ids))
+            d.emitted = run.sent_chars
+            run.detok, run.detok_fed = d, len(run.out_ids)
+        return run.detok
 
     def _finish(self, reason, stop, run: _Run, decode_s: float) -> common_pb2.Finish:
         """The closing Finish of ``run``. Timing: queue/prefill from the prefill worker; transfer =
@@ -1192,6 +1224,10 @@ class _Run:
     t0: float
     detok: IncrementalDetokenizer
     out_ids: list[int] = field(default_factory=list)
+    # ``detok`` has rendered ``out_ids[:detok_fed]``; the text of the rest came from decode
+    # workers (DecodeResponse.text): :meth:`GenerateServicer._detok` catches it up when needed
+    detok_fed: int = 0
+    sent_chars: int = 0  # characters of output text sent to the client so far
     token_times: list[float] = field(default_factory=list)
     cached_tokens: int = 0
     pre_timing: common_pb2.Timing | None = None

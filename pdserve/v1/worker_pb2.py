@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xf5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x03\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x1c\n\x03slo\x18\t \x01(\x0b\x32\x0f.pdserve.v1.SLO\x12\x13\n\x0blease_ttl_s\x18\n \x01(\x01\"\xef\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x03\x12\x35\n\x13\x66irst_token_logprob\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12 \n\x02kv\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\r\x12\"\n\x06timing\x18\x07 \x01(\x0b\x32\x12.pdserve.v1.Timing\"\xfe\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x03\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x1c\n\x03slo\x18\t \x01(\x0b\x32\x0f.pdserve.v1.SLO\x12 \n\x02kv\x18\n \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12\x13\n\x0b\x66irst_token\x18\x0b \x01(\x03\x12\x35\n\x13\x66irst_token_logprob\x18\x0c \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x18\n\x10resume_token_ids\x18\r \x03(\x03\x12\x15\n\rlocal_prefill\x18\x0e \x01(\x08\"\xb5\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\"\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x12.pdserve.v1.Finish\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x11\n\tkv_pull_s\x18\x06 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xf3\x03\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x15\n\rnum_preempted\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x08 \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\t \x01(\r\x12\x14\n\x0ctoken_budget\x18\n \x01(\r\x12%\n\x1dprefill_tokens_computed_total\x18\x0b \x01(\x04\x12#\n\x1bprefill_tokens_reused_total\x18\x0c \x01(\x04\x12\x1b\n\x13\x64\x65\x63ode_tokens_total\x18\r \x01(\x04\x12\x1f\n\x17requests_finished_total\x18\x0e \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\x0f \x01(\x01\x12\'\n\tkv_layout\x18\x10 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12(\n\x05store\x18\x11 \x01(\x0b\x32\x19.pdserve.v1.BlockLocation\"$\n\x0eSpillKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"7\n\x0fSpillKVResponse\x12$\n\x06handle\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\"5\n\rPushKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x64st_rank\x18\x02 \x01(\x05\"\x82\x01\n\x0ePushKVResponse\x12&\n\x05phase\x18\x01 \x01(\x0e\x32\x17.pdserve.v1.PushKVPhase\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x08src_rank\x18\x03 \x01(\x05\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04*q\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x15\n\x11WORKER_ROLE_MIXED\x10\x03*`\n\x0bPushKVPhase\x12\x1d\n\x19PUSH_KV_PHASE_UNSPECIFIED\x10\x00\x12\x1a\n\x16PUSH_KV_PHASE_ACCEPTED\x10\x01\x12\x16\n\x12PUSH_KV_PHASE_DONE\x10\x02\x32\x89\x02\n\x06Worker\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x1a.pdserve.v1.DecodeResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12:\n\x05Stats\x12\x18.pdserve.v1.StatsRequest\x1a\x17.pdserve.v1.WorkerStats2\x8f\x01\n\x06KVPeer\x12\x41\n\x06PushKV\x12\x19.pdserve.v1.PushKVRequest\x1a\x1a.pdserve.v1.PushKVResponse0\x01\x12\x42\n\x07SpillKV\x12\x1a.pdserve.v1.SpillKVRequest\x1a\x1b.pdserve.v1.SpillKVResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xf5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x03\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x1c\n\x03slo\x18\t \x01(\x0b\x32\x0f.pdserve.v1.SLO\x12\x13\n\x0blease_ttl_s\x18\n \x01(\x01\"\xef\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x03\x12\x35\n\x13\x66irst_token_logprob\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12 \n\x02kv\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\r\x12\"\n\x06timing\x18\x07 \x01(\x0b\x32\x12.pdserve.v1.Timing\"\xfe\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x03\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x1c\n\x03slo\x18\t \x01(\x0b\x32\x0f.pdserve.v1.SLO\x12 \n\x02kv\x18\n \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12\x13\n\x0b\x66irst_token\x18\x0b \x01(\x03\x12\x35\n\x13\x66irst_token_logprob\x18\x0c \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x18\n\x10resume_token_ids\x18\r \x03(\x03\x12\x15\n\rlocal_prefill\x18\x0e \x01(\x08\"\xd5\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\"\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x12.pdserve.v1.Finish\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x11\n\tkv_pull_s\x18\x06 \x01(\x01\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x10\n\x08has_text\x18\x08 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xf3\x03\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x15\n\rnum_preempted\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x08 \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\t \x01(\r\x12\x14\n\x0ctoken_budget\x18\n \x01(\r\x12%\n\x1dprefill_tokens_computed_total\x18\x0b \x01(\x04\x12#\n\x1bprefill_tokens_reused_total\x18\x0c \x01(\x04\x12\x1b\n\x13\x64\x65\x63ode_tokens_total\x18\r \x01(\x04\x12\x1f\n\x17requests_finished_total\x18\x0e \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\x0f \x01(\x01\x12\'\n\tkv_layout\x18\x10 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12(\n\x05store\x18\x11 \x01(\x0b\x32\x19.pdserve.v1.BlockLocation\"$\n\x0eSpillKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"7\n\x0fSpillKVResponse\x12$\n\x06handle\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\"5\n\rPushKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x64st_rank\x18\x02 \x01(\x05\"\x82\x01\n\x0ePushKVResponse\x12&\n\x05phase\x18\x01 \x01(\x0e\x32\x17.pdserve.v1.PushKVPhase\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x08src_rank\x18\x03 \x01(\x05\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04*q\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x15\n\x11WORKER_ROLE_MIXED\x10\x03*`\n\x0bPushKVPhase\x12\x1d\n\x19PUSH_KV_PHASE_UNSPECIFIED\x10\x00\x12\x1a\n\x16PUSH_KV_PHASE_ACCEPTED\x10\x01\x12\x16\n\x12PUSH_KV_PHASE_DONE\x10\x02\x32\x89\x02\n\x06Worker\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x1a.pdserve.v1.DecodeResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12:\n\x05Stats\x12\x18.pdserve.v1.StatsRequest\x1a\x17.pdserve.v1.WorkerStats2\x8f\x01\n\x06KVPeer\x12\x41\n\x06PushKV\x12\x19.pdserve.v1.PushKVRequest\x1a\x1a.pdserve.v1.PushKVResponse0\x01\x12\x42\n\x07SpillKV\x12\x1a.pdserve.v1.SpillKVRequest\x1a\x1b.pdserve.v1.SpillKVResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=1992
-  _globals['_WORKERROLE']._serialized_end=2105
-  _globals['_PUSHKVPHASE']._serialized_start=2107
-  _globals['_PUSHKVPHASE']._serialized_end=2203
+  _globals['_WORKERROLE']._serialized_start=2024
+  _globals['_WORKERROLE']._serialized_end=2137
+  _globals['_PUSHKVPHASE']._serialized_start=2139
+  _globals['_PUSHKVPHASE']._serialized_end=2235
   _globals['_PREFILLREQUEST']._serialized_start=65
   _globals['_PREFILLREQUEST']._serialized_end=310
   _globals['_PREFILLRESPONSE']._serialized_start=313
@@ -43,25 +43,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_start=555
   _globals['_DECODEREQUEST']._serialized_end=937
   _globals['_DECODERESPONSE']._serialized_start=940
-  _globals['_DECODERESPONSE']._serialized_end=1121
-  _globals['_ABORTREQUEST']._serialized_start=1123
-  _globals['_ABORTREQUEST']._serialized_end=1157
-  _globals['_ABORTRESPONSE']._serialized_start=1159
-  _globals['_ABORTRESPONSE']._serialized_end=1189
-  _globals['_STATSREQUEST']._serialized_start=1191
-  _globals['_STATSREQUEST']._serialized_end=1205
-  _globals['_WORKERSTATS']._serialized_start=1208
-  _globals['_WORKERSTATS']._serialized_end=1707
-  _globals['_SPILLKVREQUEST']._serialized_start=1709
-  _globals['_SPILLKVREQUEST']._serialized_end=1745
-  _globals['_SPILLKVRESPONSE']._serialized_start=1747
-  _globals['_SPILLKVRESPONSE']._serialized_end=1802
-  _globals['_PUSHKVREQUEST']._serialized_start=1804
-  _globals['_PUSHKVREQUEST']._serialized_end=1857
-  _globals['_PUSHKVRESPONSE']._serialized_start=1860
-  _globals['_PUSHKVRESPONSE']._serialized_end=1990
-  _globals['_WORKER']._serialized_start=2206
-  _globals['_WORKER']._serialized_end=2471
-  _globals['_KVPEER']._serialized_start=2474
-  _globals['_KVPEER']._serialized_end=2617
+  _globals['_DECODERESPONSE']._serialized_end=1153
+  _globals['_ABORTREQUEST']._serialized_start=1155
+  _globals['_ABORTREQUEST']._serialized_end=1189
+  _globals['_ABORTRESPONSE']._serialized_start=1191
+  _globals['_ABORTRESPONSE']._serialized_end=1221
+  _globals['_STATSREQUEST']._serialized_start=1223
+  _globals['_STATSREQUEST']._serialized_end=1237
+  _globals['_WORKERSTATS']._serialized_start=1240
+  _globals['_WORKERSTATS']._serialized_end=1739
+  _globals['_SPILLKVREQUEST']._serialized_start=1741
+  _globals['_SPILLKVREQUEST']._serialized_end=1777
+  _globals['_SPILLKVRESPONSE']._serialized_start=1779
+  _globals['_SPILLKVRESPONSE']._serialized_end=1834
+  _globals['_PUSHKVREQUEST']._serialized_start=1836
+  _globals['_PUSHKVREQUEST']._serialized_end=1889
+  _globals['_PUSHKVRESPONSE']._serialized_start=1892
+  _globals['_PUSHKVRESPONSE']._serialized_end=2022
+  _globals['_WORKER']._serialized_start=2238
+  _globals['_WORKER']._serialized_end=2503
+  _globals['_KVPEER']._serialized_start=2506
+  _globals['_KVPEER']._serialized_end=2649
 # @@protoc_insertion_point(module_scope)

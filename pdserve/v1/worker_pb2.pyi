@@ -178,19 +178,32 @@ class DecodeRequest(_message.Message):
     ) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "logprobs", "finish", "num_cached_tokens", "kv_pull_s")
+    __slots__ = (
+        "request_id",
+        "token_ids",
+        "logprobs",
+        "finish",
+        "num_cached_tokens",
+        "kv_pull_s",
+        "text",
+        "has_text",
+    )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_PULL_S_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    HAS_TEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     finish: _common_pb2.Finish
     num_cached_tokens: int
     kv_pull_s: float
+    text: str
+    has_text: bool
     def __init__(
         self,
         request_id: str | None = ...,
@@ -199,6 +212,8 @@ class DecodeResponse(_message.Message):
         finish: _common_pb2.Finish | _Mapping | None = ...,
         num_cached_tokens: int | None = ...,
         kv_pull_s: float | None = ...,
+        text: str | None = ...,
+        has_text: bool | None = ...,
     ) -> None: ...
 
 class AbortRequest(_message.Message):

@@ -1,0 +1,187 @@
+"""The cheap token path (#12): the decode worker's adaptive coalescing window and its text deltas
+(DecodeResponse.text, rendered by the engine's detokenizer), and the router's catch-up of its own
+detokenizer after a leg whose text came from a worker. Text is checked on the real SmolLM2
+tokenizer, multi-byte characters split across tokens and stop strings included. In process: a
+fake engine loop, no gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from engine.outputs import RequestOutput
+from engine.request import FinishReason
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.v1 import worker_pb2
+from router.service import GenerateServicer, _Run
+from tests.unit.test_decode_aio import _Ctx, _req, _servicer
+
+TEXTS = (
+    "héllo wörld, naïve café: 世界你好 🎉🚀 ok",
+    "Ünïcødé ∑∫√ → ← ✓ 日本語のテキスト 😀 end.",
+    "plain ascii text with a STOP inside and more after it",
+)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    from pdserve.model_setup import ensure_default_model
+
+    return Tokenizer(ensure_default_model(progress=False))
+
+
+def _out(rid: str, token: int, finished: bool = False, text: str = "") -> RequestOutput:
+    return RequestOutput(
+        rid, [token], [token], text, "", finished, FinishReason.LENGTH if finished else None, 0, 0
+    )
+
+
+async def _play(svc, loop, rid: str, steps: list[tuple[int, bool]], pause_s: float = 0.005) -> list[list[int]]:
+    """Play the engine: one output per step (token, finished), ``pause_s`` apart; the token lists
+    of the messages the stream sent."""
+    stream = svc.Decode(_req(rid), _Ctx())
+    got: list[list[int]] = []
+
+    async def consume() -> None:
+        async for m in stream:
+            got.append(list(m.token_ids))
+
+    task = asyncio.ensure_future(consume())
+    while rid not in loop.outs:
+        await asyncio.sleep(0.001)
+    for t, fin in steps:
+        loop.outs[rid].put(_out(rid, t, finished=fin))
+        await asyncio.sleep(pause_s)
+    await asyncio.wait_for(task, 30)
+    return got
+
+
+def test_a_window_groups_tokens_that_come_faster_than_it() -> None:
+    svc, loop, finished = _servicer(stream_window_s=5.0)  # far longer than the run
+    steps = [(10 + i, i == 7) for i in range(8)]
+    got = asyncio.run(_play(svc, loop, "w1", steps))
+    svc.close()
+    # the first at once (TTFT); the rest wait for the window, and the finish is not held
+    assert got == [[10], [11, 12, 13, 14, 15, 16, 17]]
+    assert finished == [1]
+
+
+def test_held_tokens_go_when_the_window_closes_not_with_the_next_output() -> None:
+    svc, loop, _ = _servicer(stream_window_s=0.05)
+
+    async def run() -> list[list[int]]:
+        stream = svc.Decode(_req("w2"), _Ctx())
+        got: list[list[int]] = []
+
+        async def consume() -> None:
+            async for m in stream:
+                got.append(list(m.token_ids))
+
+        task = asyncio.ensure_future(consume())
+        while "w2" not in loop.outs:
+            await asyncio.sleep(0.001)
+        q = loop.outs["w2"]
+
+        async def sent(n: int) -> None:
+            for _ in range(3000):
+                if len(got) >= n:
+                    return
+                await asyncio.sleep(0.01)
+
+        q.put(_out("w2", 1))
+        await sent(1)
+        q.put(_out("w2", 2))  # held by the window: no output follows until it has been sent
+        await sent(2)
+        sent_before_next = [list(x) for x in got]
+        q.put(_out("w2", 3, finished=True))
+        await asyncio.wait_for(task, 30)
+        assert sent_before_next == [[1], [2]]
+        return got
+
+    got = asyncio.run(run())
+    svc.close()
+    assert got == [[1], [2], [3]]
+
+
+def test_no_window_sends_each_ready_token_and_a_negative_one_is_refused() -> None:
+    svc, loop, _ = _servicer(stream_window_s=0.0)
+    got = asyncio.run(_play(svc, loop, "w3", [(5, False), (6, False), (7, True)], pause_s=0.02))
+    svc.close()
+    assert got == [[5], [6], [7]]
+    with pytest.raises(ValueError, match="stream_window_s"):
+        _servicer(stream_window_s=-1.0)
+
+
+def test_messages_carry_the_engines_text_delta_when_it_has_a_tokenizer() -> None:
+    svc, _, _ = _servicer()
+    batch = [_out("t1", 5, text="he"), _out("t1", 6, text="llo"), _out("t1", 7, finished=True, text="!")]
+    msg, failure = svc._message("t1", batch, False, None)
+    assert failure is None and not msg.has_text and msg.text == ""  # the fake engine has none
+    svc.state.engine.tokenizer = object()
+    msg, _ = svc._message("t1", batch, False, None)
+    assert msg.has_text and msg.text == "hello!" and list(msg.token_ids) == [5, 6, 7]
+    svc.close()
+
+
+# --------------------------------------------------------------------- text on the real tokenizer
+def _router_deltas(tok: Tokenizer, ids: list[int], chunks: list[int], stop: tuple[str, ...]) -> list[str]:
+    """What the router alone sends: its detokenizer fed the first token, then message by message."""
+    d = IncrementalDetokenizer(tok, stop)
+    out = [d.add(ids[:1])[0]]
+    pos = 1
+    for i, n in enumerate(chunks):
+        final = i == len(chunks) - 1
+        out.append(d.add(ids[pos : pos + n], final=final)[0])
+        pos += n
+    return out
+
+
+def _mixed_deltas(
+    tok: Tokenizer, ids: list[int], chunks: list[int], stop: tuple[str, ...], switch: int
+) -> list[str]:
+    """A worker renders the first ``switch`` messages (its engine's detokenizer, one token per
+    step, seeded with the first token as ``import_kv`` does), then the router takes over with
+    :meth:`GenerateServicer._detok` (a resumed leg after a lost worker)."""
+    router = SimpleNamespace(tokenizer=tok)
+    params = SimpleNamespace(stop=stop)
+    run = _Run("r", [1], params, 0.0, IncrementalDetokenizer(tok, stop))  # type: ignore[arg-type]
+    first, _ = GenerateServicer._detok(router, run).add(ids[:1])  # type: ignore[arg-type]
+    run.out_ids.append(ids[0])
+    run.detok_fed = 1
+    run.sent_chars += len(first)
+    out = [first]
+    engine = IncrementalDetokenizer(tok, stop)
+    engine.add(ids[:1])
+    pos = 1
+    for i, n in enumerate(chunks):
+        final = i == len(chunks) - 1
+        part = ids[pos : pos + n]
+        if i < switch:
+            text = "".join(engine.add([t], final=final and j == n - 1)[0] for j, t in enumerate(part))
+            run.out_ids.extend(part)
+        else:
+            text, _ = GenerateServicer._detok(router, run).add(part, final=final)  # type: ignore[arg-type]
+            run.out_ids.extend(part)
+            run.detok_fed = len(run.out_ids)
+        run.sent_chars += len(text)
+        out.append(text)
+        pos += n
+    return out
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("stop", [(), ("STOP",), ("界你", "🚀")])
+def test_worker_text_then_router_text_is_the_routers_text_exactly(tok: Tokenizer, text, stop) -> None:
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any(tok.token_bytes(t).decode("utf-8", errors="replace").count("\ufffd") for t in ids) or (
+        text.isascii()
+    ), "the sample must split a character across tokens"
+    rest = len(ids) - 1
+    chunks = [1] * rest
+    three = [3] * (rest // 3) + ([rest % 3] if rest % 3 else [])
+    for ch in (chunks, three):
+        want = _router_deltas(tok, ids, ch, stop)
+        for switch in (0, 1, len(ch) // 2, len(ch)):
+            assert _mixed_deltas(tok, ids, ch, stop, switch) == want, (ch, switch)
