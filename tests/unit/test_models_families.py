@@ -268,3 +268,37 @@ def test_the_tiny_configs_exercise_their_feature(models, arch) -> None:
     with torch.no_grad():
         la, lb = torch.log_softmax(a(ids).logits[0], -1), torch.log_softmax(b(ids).logits[0], -1)
     assert (la - lb).abs().max() > 10 * TOL
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "phi3"])
+def test_tensor_parallel_shards_add_up(models, arch) -> None:
+    """Qwen3 (q/k norms, o_proj bias) and Phi-3 (built fused): two shards' attention and MLP
+    outputs sum to the whole model's (the engine all-reduces them)."""
+    import copy
+
+    from engine.attention import AttentionMetadata, PrefillSlice
+    from engine.models.loader import load_model
+    from engine.models.tp_shard import shard_model
+
+    whole = load_model(models[arch], torch.float32, torch.device("cpu"))
+    cfg = whole.config
+    tp, t = 2, 7
+    shards = [shard_model(copy.deepcopy(whole), r, tp, lambda x: None) for r in range(tp)]
+    for s in shards:
+        for lyr in s.model.layers:
+            lyr.self_attn.all_reduce = lyr.mlp.all_reduce = None
+    x = torch.randn(t, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    cos, sin = whole.rotary(torch.arange(t), x.dtype)
+    md = AttentionMetadata(torch.arange(t), 0, None, None, [PrefillSlice(0, t, 0, None)], 16)
+    kvh = cfg.num_key_value_heads
+    for li in range(cfg.num_hidden_layers):
+        want_attn = whole.model.layers[li].self_attn(
+            x, cos, sin, torch.zeros(2, 4, 16, kvh, cfg.head_dim), md
+        )
+        attn = sum(
+            s.model.layers[li].self_attn(x, cos, sin, torch.zeros(2, 4, 16, kvh // tp, cfg.head_dim), md)
+            for s in shards
+        )
+        torch.testing.assert_close(attn, want_attn, rtol=1e-5, atol=1e-5)
+        mlp = sum(s.model.layers[li].mlp(x) for s in shards)
+        torch.testing.assert_close(mlp, whole.model.layers[li].mlp(x), rtol=1e-5, atol=1e-5)
