@@ -31,11 +31,14 @@ from engine.profile_fit import DecodeSample, PrefillSample, StepModel, fit_step_
 
 log = logging.getLogger(__name__)
 
-ENGINE_PROFILE_VERSION = "2"
+ENGINE_PROFILE_VERSION = "3"
 """Version of the engine's step cost; part of every profile key (bump it to re-measure)."""
 
-PREFILL_TOKENS = (16, 256, 64, 128)  # the first two always; the rest while the budget lasts
-"""Prompt lengths of the measured prefill steps (one request each, nothing cached)."""
+PREFILL_TOKENS = (16, 512, 128, 256, 64)  # the first two always; the rest while the budget lasts
+"""Prompt lengths of the measured prefill steps (one request each, nothing cached), each capped
+at the engine's ``max_model_len - 16`` (:func:`prefill_grid`). The grid reaches 512 tokens: the
+fit is linear, and a grid up to 256 under-predicted prompts of 400-500 tokens by 10-25% on a CPU
+(attention grows with the prompt; issue #19), so admitted long prompts missed their SLO."""
 DECODE_GRID = ((1, 16), (4, 16), (1, 192), (4, 96))  # likewise
 """(batch, prompt tokens per sequence) of the measured decode steps."""
 DECODE_STEPS = 4  # timed decode steps per grid point (the fastest is kept)
@@ -131,6 +134,18 @@ def _run_until_first_token(engine, ids: list[str]) -> None:
                 pending.discard(out.request_id)
 
 
+def prefill_grid(max_model_len: int) -> tuple[int, ...]:
+    """:data:`PREFILL_TOKENS` capped at ``max_model_len - 16`` (at least 1), duplicates dropped,
+    in order."""
+    cap = max(1, max_model_len - 16)
+    out: list[int] = []
+    for n in PREFILL_TOKENS:
+        n = min(n, cap)
+        if n not in out:
+            out.append(n)
+    return tuple(out)
+
+
 def measure(engine, budget_s: float | None = None) -> tuple[list[PrefillSample], list[DecodeSample]]:
     """Time real engine steps on an idle ``engine``: prefills of :data:`PREFILL_TOKENS` tokens and
     decode steps on the :data:`DECODE_GRID`, within ``budget_s`` (default :data:`BUDGET_S`) after
@@ -162,8 +177,9 @@ def measure(engine, budget_s: float | None = None) -> tuple[list[PrefillSample],
     # warm-up: the first forward pass pays for allocations and kernel selection
     _prefill_once(engine, prompt(16), one, salt)
     fastest: dict[int, float] = {}
+    grid = prefill_grid(engine.max_model_len)
     for r in range(REPEATS):
-        for k, n in enumerate(PREFILL_TOKENS):
+        for k, n in enumerate(grid):
             if (r or k >= 2) and over():
                 break
             t = _prefill_once(engine, prompt(n), one, salt)

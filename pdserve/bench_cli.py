@@ -70,7 +70,13 @@ def _rates(s: str) -> list[float]:
 
 def at_rate(w, rate: float, seed: int = 0):
     """``w`` arriving at mean ``rate`` req/s: its own arrival pattern rescaled, or, when the trace
-    slice has no spread (all arrivals equal), Poisson arrivals at ``rate`` in trace order."""
+    slice has no spread (all arrivals equal), Poisson arrivals at ``rate`` in trace order.
+
+    A trace whose timestamps are coarse (the Mooncake conversation trace stamps requests in 3 s
+    buckets: 10 requests at 0 ms, 16 at 3000 ms, ...) is first de-quantised
+    (:func:`spread_ties`): requests sharing a timestamp arrived somewhere within its bucket, not
+    at one instant; replayed together, each bucket became a burst of up to 16 simultaneous
+    prompts, which no 2 s TTFT SLO can absorb on a small cluster at any mean rate (issue #19)."""
     import math
     from dataclasses import replace
 
@@ -79,11 +85,46 @@ def at_rate(w, rate: float, seed: int = 0):
     from simulator.workload import Workload
 
     if len(w) >= 2 and math.isfinite(w.rate):
-        return w.with_rate(rate)
+        return spread_ties(w, seed).with_rate(rate)
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(w))
     gaps[0] = 0.0
     t = np.cumsum(gaps)
     return Workload(w.name, tuple(replace(r, arrival_s=float(x)) for r, x in zip(w.requests, t, strict=True)))
+
+
+def spread_ties(w, seed: int = 0):
+    """``w`` (sorted by arrival, at least two distinct arrival times) with every group of requests
+    sharing one timestamp spread over that timestamp's bucket: uniform (seeded) times in
+    ``[t, next distinct t)``, sorted, trace order kept within the group; the last group over the
+    median bucket width. The first request stays at its time; a trace without ties is returned
+    as it is. Bucket counts (the trace's rate at its own resolution) are unchanged."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from simulator.workload import Workload
+
+    times = [r.arrival_s for r in w.requests]
+    distinct = sorted(set(times))
+    if len(distinct) == len(times) or len(distinct) < 2:
+        return w
+    widths = [b - a for a, b in zip(distinct, distinct[1:], strict=False)]
+    width_of = dict(zip(distinct, widths, strict=False))
+    width_of[distinct[-1]] = float(np.median(widths))
+    rng = np.random.default_rng(seed)
+    out = []
+    i = 0
+    while i < len(times):
+        j = i
+        while j < len(times) and times[j] == times[i]:
+            j += 1
+        t, k = times[i], j - i
+        offsets = np.sort(rng.uniform(0.0, width_of[t], k)) if k > 1 else np.zeros(1)
+        if i == 0:
+            offsets[0] = 0.0  # the replay starts with its first request
+        out.extend(replace(r, arrival_s=t + float(o)) for r, o in zip(w.requests[i:j], offsets, strict=True))
+        i = j
+    return Workload(w.name, tuple(out))
 
 
 def run(a: argparse.Namespace) -> int:

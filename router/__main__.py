@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="goodput policy: every worker runs on one host with this many cores (CPU serving); "
         "predictions grow with busy workers / cores. Default: each worker has its own device",
     )
+    ap.add_argument(
+        "--log-placement-terms",
+        action="store_true",
+        help="goodput policy: log each decision's predicted TTFT term by term (queue, fetch, prefill, "
+        "co-scheduled decode, speed, contention) with its admission limit ('placement terms' lines)",
+    )
     add_process_security_args(ap, redis=True)  # TLS, cluster token; the --index / key store Redis
     return cli_help.apply(ap)
 
@@ -225,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         reg = Registry(cfg.heartbeat_timeout_s, quarantine=_quarantine_config(a))
         edge = edge_from_args(a, cfg.host, "router")  # API keys (none: loopback dev mode only)
         generate = GenerateServicer(reg, cfg, RouterMetrics(REGISTRY), edge=edge)  # opens the --index
+        if a.log_placement_terms:
+            _log_placement_terms(generate)
     except ValueError as e:  # a bad option value (InvalidRequestError included)
         ap.error(str(e))
     verifier = (
@@ -260,6 +268,21 @@ def main(argv: list[str] | None = None) -> int:
     server.stop(2).wait()
     control.stop(1).wait()
     return 0
+
+
+def _log_placement_terms(generate: GenerateServicer) -> None:
+    """Log every goodput decision's :class:`~router.policy.goodput.DecisionTrace` (a JSON line
+    'placement terms'); ``ValueError`` when the policy is not goodput (it has no terms)."""
+    import logging
+
+    from pdserve.tracing import log_event
+    from router.policy import GoodputAwarePolicy
+
+    policy = generate.policy
+    if not isinstance(policy, GoodputAwarePolicy):
+        raise ValueError("--log-placement-terms needs --policy goodput")
+    log = logging.getLogger("router.placement")
+    policy.on_decision = lambda t: log_event(log, "placement terms", **t.to_dict())
 
 
 def _config(a: argparse.Namespace, goodput: GoodputConfig) -> RouterConfig:

@@ -41,6 +41,12 @@ first reported profile as its model (a homogeneous cluster is then predicted by 
 model, not by the seed's defaults); the online correction then refines it (it learns the
 residual: the ledger keeps predictions with the instance factors divided out).
 
+**Why a decision went as it did**: a TTFT refusal's message states the fastest option's terms
+(queue, fetch, prefill of the uncached tokens, co-scheduled decode step, instance speed,
+contention) and how the limit was made (``SLO x (1 - margin) / upper-quantile factor``); with
+``on_decision`` set, every decision's :class:`DecisionTrace` goes to that callback (the router's
+``--log-placement-terms`` logs it).
+
 Accepted requests are recorded in an in-flight ledger (tenant, decode instance, predictions),
 released by :meth:`on_finished` (which also feeds the online latency correction and the length
 predictor) or :meth:`release`, and otherwise expired at their predicted finish + a grace period
@@ -64,8 +70,8 @@ from __future__ import annotations
 import heapq
 import math
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 
 from router.policy.estimate import TtftEstimator, TtftTable
 from router.policy.latency import (
@@ -267,6 +273,84 @@ class GoodputStats:
     rejected: dict[RejectReason, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TtftTerms:
+    """One option's predicted TTFT, term by term, as the decision priced it (seconds; the online
+    TTFT correction ``ttft_factor`` is already inside every term):
+    ``predicted_s = (queue_s + fetch_s + prefill_s + cotenant_s) * speed * contention``.
+
+    ``queue_s``: prompt tokens queued ahead on the instance; ``fetch_s``: pulling
+    ``fetched_blocks`` of a remote prefix; ``prefill_s``: computing the ``prompt_tokens -
+    reused_tokens`` tokens not reused; ``cotenant_s``: the decode step of the instance's own batch
+    co-scheduled with a local prefill; ``speed``: the instance's own profile relative to the
+    policy's model; ``contention``: the shared-cores slow-down (1 without ``shared_cores``)."""
+
+    instance_id: str
+    local_prefill: bool
+    prompt_tokens: int
+    reused_tokens: int
+    fetched_blocks: int
+    queue_s: float
+    fetch_s: float
+    prefill_s: float
+    cotenant_s: float
+    speed: float
+    contention: float
+    ttft_factor: float
+
+    @property
+    def predicted_s(self) -> float:
+        return (self.queue_s + self.fetch_s + self.prefill_s + self.cotenant_s) * self.speed * self.contention
+
+    def describe(self) -> str:
+        """One line: every term in ms, what it is of, and the factors."""
+        parts = [f"queue {self.queue_s * 1e3:.0f}"]
+        if self.fetched_blocks:
+            parts.append(f"fetch {self.fetch_s * 1e3:.0f} ({self.fetched_blocks} blocks)")
+        parts.append(
+            f"prefill {self.prefill_s * 1e3:.0f} ({self.prompt_tokens - self.reused_tokens} of "
+            f"{self.prompt_tokens} tokens uncached)"
+        )
+        if self.cotenant_s:
+            parts.append(f"co-scheduled decode {self.cotenant_s * 1e3:.0f}")
+        where = f"{'local prefill on' if self.local_prefill else 'prefill on'} {self.instance_id}"
+        return (
+            f"{where}: {' + '.join(parts)} ms, x speed {self.speed:.2f} x contention "
+            f"{self.contention:.2f} (online TTFT factor {self.ttft_factor:.2f} included)"
+        )
+
+
+@dataclass(frozen=True)
+class DecisionTrace:
+    """Why one goodput decision went the way it did (``GoodputAwarePolicy(on_decision=...)``).
+
+    ``ttft``: the terms of the chosen option (placed) or of the fastest one (rejected; None when
+    the decision never priced an option, e.g. a quota refusal). The admission limit is
+    ``limit_ttft_s = slo_ttft_s * (1 - margin) / quantile_ttft``: a placement needs
+    ``ttft.predicted_s <= limit_ttft_s`` (likewise TPOT) unless the request has no SLO."""
+
+    request_id: str
+    placed: bool
+    ttft: TtftTerms | None
+    quantile_ttft: float
+    limit_ttft_s: float
+    slo_ttft_s: float | None
+    margin: float
+    predicted_tpot_s: float | None
+    quantile_tpot: float
+    limit_tpot_s: float
+    predicted_output_tokens: int
+    rejection: str = ""  # the rejection's message ("" when placed)
+
+    def to_dict(self) -> dict:
+        """Plain values (a log line's fields), the TTFT terms flattened with a ``ttft_`` prefix."""
+        d = {k: v for k, v in asdict(self).items() if k != "ttft"}
+        if self.ttft is not None:
+            d.update({f"ttft_{k}": v for k, v in asdict(self.ttft).items()})
+            d["predicted_ttft_s"] = self.ttft.predicted_s
+        return d
+
+
 class GoodputAwarePolicy(PlacementPolicy):
     """SLO-predictive placement with early rejection; see the module docstring for the contract.
 
@@ -289,8 +373,13 @@ class GoodputAwarePolicy(PlacementPolicy):
         latency: DecodeLatencyEstimator | LatencyEstimator | None = None,
         config: GoodputConfig | None = None,
         length_predictor: LengthPredictor | None = None,
+        on_decision: Callable[[DecisionTrace], None] | None = None,
         **kw,
     ) -> None:
+        # called with every decision's :class:`DecisionTrace` (outside the policy's lock) when
+        # set: pricing the terms costs a little, so only then (rejections always carry them)
+        self.on_decision = on_decision
+        self._trace: DecisionTrace | None = None
         self._adopt_profile = latency is None  # the first worker-reported profile becomes the model
         self._speeds: dict[int, tuple[object, float, float]] = {}  # id(profile) -> (it, ttft x, tpot x)
         base = latency if latency is not None else LinearLatency()
@@ -384,13 +473,18 @@ class GoodputAwarePolicy(PlacementPolicy):
             now = self.clock.now()
             self._ledger.expire(now)
             self._ledger.pop(req.request_id)  # a retried id replaces its old entry
+            self._trace = None
             d = self._decide(req, view, now)
             if isinstance(d, Rejection):
                 self.stats.rejected[d.reason] = self.stats.rejected.get(d.reason, 0) + 1
             else:
                 self.stats.placed += 1
                 self.stats.local_prefill += int(d.local_prefill)
-            return d
+            trace, self._trace = self._trace, None
+        hook = self.on_decision
+        if hook is not None and trace is not None:
+            hook(trace)
+        return d
 
     def _decide(self, req: RequestInfo, view: ClusterView, now: float) -> Placement | Rejection:
         cfg = self.config
@@ -467,9 +561,20 @@ class GoodputAwarePolicy(PlacementPolicy):
             ok_remote, best_effort = remote_ok, False
         else:
             if slo is not None:
-                return self._reject(
-                    req, remote_ttft, local_ttft, tpots, fits, lim_ttft, lim_tpot, margin, now
-                )
+                terms = self._fastest_terms(
+                    req, view, table, decode_pool, d, remote_plan, remote_ttft, local_ttft,
+                    pre_scales, dec_scales, contention,
+                )  # fmt: skip
+                rej = self._reject(
+                    req, remote_ttft, local_ttft, tpots, fits, lim_ttft, lim_tpot, margin, now,
+                    terms, slo, q_ttft,
+                )  # fmt: skip
+                if self.on_decision is not None:
+                    self._trace = DecisionTrace(
+                        req.request_id, False, terms, q_ttft, lim_ttft, slo.ttft_s, margin,
+                        min(tpots) if tpots else None, q_tpot, lim_tpot, out, rej.message,
+                    )  # fmt: skip
+                return rej
             # best effort: queue on the decode instance with the most room, fastest start
             ok_remote, best_effort = remote_ttft is not None, True
             cand = list(range(n)) if ok_remote else [k for k in range(n) if local_ttft[k] is not None]
@@ -535,7 +640,97 @@ class GoodputAwarePolicy(PlacementPolicy):
                 finish + cfg.ledger_grace_s,
             )
         )
+        if self.on_decision is not None:
+            if plan.local_prefill:
+                terms = self._terms(
+                    table, decode_pool[best], p, True, plan.reused_blocks, 0, inst_ttft, contention
+                )
+            else:
+                terms = self._terms(
+                    table, view.get(plan.instance_id), p, False, plan.reused_blocks,
+                    plan.fetch_blocks, inst_ttft, contention,
+                )  # fmt: skip
+            self._trace = DecisionTrace(
+                req.request_id, True, terms, q_ttft, lim_ttft, slo.ttft_s if slo else None, margin,
+                tpot, q_tpot, lim_tpot, out,
+            )  # fmt: skip
         return plan
+
+    def _terms(
+        self,
+        table: TtftTable,
+        inst: InstanceView,
+        p: int,
+        local: bool,
+        reused_blocks: int,
+        fetched_blocks: int,
+        speed: float,
+        contention: float,
+    ) -> TtftTerms:
+        """The TTFT terms of prefilling ``p`` prompt tokens on ``inst`` (``local``: a decode
+        instance prefilling the prompt itself, its own batch's decode step co-scheduled), reusing
+        ``reused_blocks`` blocks of which ``fetched_blocks`` are pulled, as the decision priced them."""
+        bs = inst.block_size
+        cot = 0.0
+        if local:
+            b = inst.running_requests + inst.queued_requests
+            if b:
+                held = (
+                    (inst.total_blocks - inst.free_blocks) * bs if inst.total_blocks > inst.free_blocks else 0
+                )
+                cot = decode_time_each(self.corrected, [b], [held])[0]
+        return TtftTerms(
+            inst.instance_id,
+            local,
+            p,
+            reused_blocks * bs,
+            fetched_blocks,
+            table.queues([inst])[0],
+            table.fetch(fetched_blocks, bs),
+            table.prefill(reused_blocks * bs),
+            cot,
+            speed,
+            contention,
+            self.corrected.factor(Phase.TTFT),
+        )
+
+    def _fastest_terms(
+        self,
+        req: RequestInfo,
+        view: ClusterView,
+        table: TtftTable,
+        decode_pool: list[InstanceView],
+        d: _DecodeSide,
+        remote_plan: Placement | None,
+        remote_ttft: float | None,
+        local_ttft: list[float | None],
+        pre_scales: tuple[list[float], list[float]] | None,
+        dec_scales: tuple[list[float], list[float]] | None,
+        contention: float,
+    ) -> TtftTerms | None:
+        """The terms of the option with the lowest predicted TTFT (the remote plan on a tie)."""
+        p = req.num_prompt_tokens
+        locs = [(t, k) for k, t in enumerate(local_ttft) if t is not None]
+        k_best = min(locs)[1] if locs else None
+        if (
+            remote_plan is not None
+            and remote_ttft is not None
+            and (
+                k_best is None or remote_ttft <= local_ttft[k_best]  # type: ignore[operator]
+            )
+        ):
+            inst = view.get(remote_plan.instance_id)
+            speed = 1.0
+            if pre_scales is not None:
+                ids = [i.instance_id for i in view.with_role(InstanceRole.PREFILL)]
+                speed = pre_scales[0][ids.index(inst.instance_id)]
+            return self._terms(
+                table, inst, p, False, remote_plan.reused_blocks, remote_plan.fetch_blocks, speed, contention
+            )
+        if k_best is None:
+            return None
+        speed = dec_scales[0][k_best] if dec_scales is not None else 1.0
+        return self._terms(table, decode_pool[k_best], p, True, d.local_reused[k_best], 0, speed, contention)
 
     # ------------------------------------------------------------------ parts
     def _quota(self, req: RequestInfo, now: float) -> Rejection | None:
@@ -564,9 +759,13 @@ class GoodputAwarePolicy(PlacementPolicy):
         lim_tpot: float,
         margin: float,
         now: float,
+        terms: TtftTerms | None = None,
+        slo: SLO | None = None,
+        quantile: float = 1.0,
     ) -> Rejection:
         """Why no option is feasible, over every option: (remote plan, d) for each decode instance
-        ``d`` when there is a remote plan, and (d prefills locally, d) where allowed."""
+        ``d`` when there is a remote plan, and (d prefills locally, d) where allowed. A TTFT
+        refusal states the fastest option's terms (``terms``) and how the limit was made."""
         ttfts: list[float] = []
         tpot_opts: list[float] = []
         roomy = False
@@ -582,6 +781,11 @@ class GoodputAwarePolicy(PlacementPolicy):
         best_ttft, best_tpot = min(ttfts), min(tpot_opts)
         if best_ttft > lim_ttft:
             why = f"predicted TTFT {best_ttft * 1e3:.1f} ms exceeds {lim_ttft * 1e3:.1f} ms"
+            if terms is not None and slo is not None:
+                why += (
+                    f" [{terms.describe()}; limit = SLO {slo.ttft_s * 1e3:.0f} ms x (1 - {margin:.2f}) / "
+                    f"upper-quantile factor {quantile:.2f}]"
+                )
             wait = best_ttft - lim_ttft
         elif best_tpot > lim_tpot:
             why = f"predicted TPOT {best_tpot * 1e3:.1f} ms exceeds {lim_tpot * 1e3:.1f} ms"

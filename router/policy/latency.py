@@ -140,22 +140,23 @@ class Phase(enum.Enum):
 
 @dataclass(frozen=True)
 class CorrectionConfig:
-    """EWMA weight of a new sample, the clamp on one sample's measured/predicted ratio, and how
-    far above the corrected mean an admission check looks (``quantile_z`` standard deviations of
-    the log error: 1.2816 = the 90th percentile of a log-normal error) once ``min_spread_samples``
-    samples were seen."""
+    """EWMA weight of a new sample, the clamp on one sample's measured/predicted ratio, and the
+    upper quantile of the prediction error an admission check looks at (``quantile``: 0.9 = the
+    90th percentile), tracked in steps of ``quantile_step`` (log units per sample) and used once
+    ``min_spread_samples`` samples were seen (:meth:`OnlineCorrectedLatency.spread`)."""
 
     alpha: float = 0.2
     min_ratio: float = 0.05
     max_ratio: float = 20.0
-    quantile_z: float = 1.2816
+    quantile: float = 0.9
+    quantile_step: float = 0.1
     min_spread_samples: int = 5
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha <= 1 or not 0 < self.min_ratio <= 1 <= self.max_ratio:
             raise ValueError("need 0 < alpha <= 1 and 0 < min_ratio <= 1 <= max_ratio")
-        if self.quantile_z < 0 or self.min_spread_samples < 1:
-            raise ValueError("need quantile_z >= 0 and min_spread_samples >= 1")
+        if not 0 < self.quantile < 1 or self.quantile_step <= 0 or self.min_spread_samples < 1:
+            raise ValueError("need 0 < quantile < 1, quantile_step > 0 and min_spread_samples >= 1")
 
 
 class OnlineCorrectedLatency:
@@ -164,7 +165,8 @@ class OnlineCorrectedLatency:
     ``prefill_time``/``transfer_time`` are scaled by the TTFT factor, ``decode_time`` by the TPOT
     factor; both start at 1. :meth:`observe` folds in one measured/base-predicted ratio (clamped)
     with an EWMA of its logarithm (a geometric mean: errors are multiplicative, and a few requests
-    caught in a burst, 10x late, must not multiply every later prediction by several times).
+    caught in a burst, 10x late, must not multiply every later prediction by several times), and
+    moves the tracked upper quantile of the log error (:meth:`spread`).
     Thread-safe (the router observes from many request threads).
     """
 
@@ -173,9 +175,8 @@ class OnlineCorrectedLatency:
         self.config = config or CorrectionConfig()
         self.kv_bytes_per_token = base.kv_bytes_per_token
         self._factor = {p: 1.0 for p in Phase}
-        # EWMA of 2 x the squared *upward* log error around the factor (measured slower than
-        # predicted): the variance of the upper tail, as if the errors were symmetric
-        self._var = {p: 0.0 for p in Phase}
+        # the tracked ``quantile`` of the log error around the factor, >= 0 (see spread())
+        self._upper = {p: 0.0 for p in Phase}
         self._samples = {p: 0 for p in Phase}
         self._lock = threading.Lock()
 
@@ -183,16 +184,31 @@ class OnlineCorrectedLatency:
         return self._factor[phase]
 
     def spread(self, phase: Phase) -> float:
-        """Multiplier from the corrected (mean) prediction to its ``quantile_z`` upper quantile:
-        ``exp(z * upper std of the log error)``; 1 until ``min_spread_samples`` samples. Only
-        errors where the measurement was *slower* than the prediction widen it (as
-        ``sqrt(2 x EWMA of their squares)``: equal to the std for symmetric errors): a model that
-        over-predicts some requests (e.g. short prompts) must not make every admission stricter. An admission
-        check on ``prediction * spread`` keeps that share of admitted requests within the SLO."""
+        """Multiplier from the corrected (mean) prediction to its ``quantile`` upper quantile,
+        ``exp(u)`` with ``u`` the tracked ``quantile`` of the log error ``log(measured /
+        corrected prediction)``, at least 1; 1 until ``min_spread_samples`` samples. An admission
+        check on ``prediction * spread`` keeps that share of admitted requests within the SLO.
+
+        ``u`` is tracked by stochastic approximation (the online quantile estimator): a sample
+        above it raises it by ``quantile_step * quantile``, one at or below lowers it by
+        ``quantile_step * (1 - quantile)``, so it settles where that share of errors lies above.
+        One sample moves it by a bounded step however far off it is: a single outlier (a request
+        caught behind a host stall, a cold first handoff) widens it by ``exp(0.09)`` at most, not
+        by its squared size (an EWMA of squared errors made one 2.4x-slow request halve the TTFT
+        admission limit of every later request, issue #19). Faster-than-predicted samples only
+        ever lower it (a model that over-predicts short prompts does not make admission stricter);
+        it never goes below 0 (the check never looks below the corrected mean). The first
+        ``min_spread_samples`` samples only calibrate the factor: their errors are mostly the
+        factor's own convergence from 1 (a profile 25% slow made the old spread 1.26 after the
+        bench's warm-up, every later limit 21% stricter), not the model's spread."""
         c = self.config
         if self._samples[phase] < c.min_spread_samples:
             return 1.0
-        return math.exp(c.quantile_z * math.sqrt(self._var[phase]))
+        return math.exp(self._upper[phase])
+
+    def upper_log_error(self, phase: Phase) -> float:
+        """The tracked upper quantile of the log error (``log(spread)`` once enough samples)."""
+        return self._upper[phase]
 
     def samples(self, phase: Phase) -> int:
         """How many measurements have corrected ``phase`` so far."""
@@ -217,8 +233,13 @@ class OnlineCorrectedLatency:
         with self._lock:
             log_f = math.log(self._factor[phase])
             err = math.log(f) - log_f  # this sample's log error against the current correction
-            up = err if err > 0 else 0.0  # only slower-than-predicted widens the upper quantile
-            self._var[phase] += c.alpha * (2 * up * up - self._var[phase])
+            if self._samples[phase] >= c.min_spread_samples:  # the first ones calibrate the factor
+                u = self._upper[phase]
+                if err > u:
+                    u += c.quantile_step * c.quantile
+                else:
+                    u -= c.quantile_step * (1 - c.quantile)
+                self._upper[phase] = u if u > 0 else 0.0
             self._factor[phase] = math.exp(log_f + c.alpha * err)
             self._samples[phase] += 1
         return True

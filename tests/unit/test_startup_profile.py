@@ -113,7 +113,9 @@ def test_a_corrupt_or_foreign_cache_file_is_measured_over(engine, tiny_models, t
 
 def test_a_spent_budget_still_measures_the_required_points(engine) -> None:
     pre, dec = profile.measure(engine, budget_s=0.0)
-    assert [s.tokens for s in pre] == list(profile.PREFILL_TOKENS[:2])  # one round, two points
+    # one round, two points (the long one capped below the tiny model's 512 positions)
+    assert [s.tokens for s in pre] == list(profile.prefill_grid(engine.max_model_len)[:2])
+    assert pre[1].tokens == min(512, engine.max_model_len - 16)
     assert [s.batch for s in dec] == [b for b, _ in profile.DECODE_GRID[:2]]
     assert fit_step_model(pre, dec).prefill_per_token_s >= 0
     assert not engine.has_unfinished()
@@ -146,3 +148,12 @@ def test_worker_state_load_profiles_its_engine_then_reports_it(tiny_models, tmp_
         assert state.profile.path.is_file()
     finally:
         state.close()
+
+
+def test_the_prefill_grid_reaches_long_prompts_within_the_model_length() -> None:
+    """The linear fit must see prompts as long as the ones served (up to 512 tokens), capped below
+    the model's length, without duplicates."""
+    assert profile.prefill_grid(2048) == (16, 512, 128, 256, 64)
+    assert profile.prefill_grid(512) == (16, 496, 128, 256, 64)
+    assert profile.prefill_grid(100) == (16, 84, 64)
+    assert profile.prefill_grid(10) == (1,)
