@@ -137,6 +137,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             tls=a.tls == "on",
             pki_dir=a.pki_dir,
             num_routers=a.routers,
+            openai_port=a.openai_port,
+            openai_args=("--api-keys", _key_store_arg(a.api_keys)) if a.api_keys else (),
         )
     )
     stop = threading.Event()
@@ -148,6 +150,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     for name, addr in sorted(cl.workers.items()):
         print(f"  {name:<12} {addr}", file=sys.stderr)
     print(f"  {'store':<12} {cl.store_address}", file=sys.stderr)
+    if cl.openai_url:
+        print(f"  {'openai':<12} {cl.openai_url}/v1", file=sys.stderr)
     if cl.pki is not None:
         print(
             f"pdserve: TLS + mTLS + cluster token on; connect with: pdserve generate --address "
@@ -258,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="API key store for the router (a `pdserve keys` YAML/JSON file or redis:// URL); clients "
         "then need `authorization: Bearer KEY` (default: %(default)r: loopback dev mode, no keys)",
+    )
+    sv.add_argument(
+        "--openai-port",
+        type=int,
+        default=None,
+        help="also serve the OpenAI HTTP API on this port (0: any free): HTTPS with the cluster's "
+        "certificate under --tls on, plain HTTP on 127.0.0.1 under --tls off (default: %(default)s: no)",
     )
     sv.set_defaults(func=_cmd_serve)
 

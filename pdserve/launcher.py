@@ -27,6 +27,11 @@ had (so that workers and clients find it where they left it), at most ``router_r
 times per ``router_restart_window_s`` (then it stays down and :meth:`LocalCluster.dead` names it);
 ``LocalCluster.router_restarts`` records each restart. ``supervise_routers=False`` turns it off.
 
+``ClusterSpec.openai_port``: also start ``pdserve openai`` in front of every router (``openai_url``
+names it), HTTPS with the cluster's certificate when ``tls``, else plain HTTP asked for explicitly
+(``--tls off``) on 127.0.0.1 (:func:`openai_args`). ``ClusterSpec.tenant_state``: the routers'
+``--tenant-state`` (per-tenant quotas and request ids; :func:`router_tenant_state_args`).
+
 ``ClusterSpec.tls``: run every process with TLS, mutual TLS between them and a cluster token
 (:mod:`pdserve.security`). ``pki_dir`` names a ``pdserve certs`` folder to use; without one a
 development CA, certificates and token are made in a temporary folder that ``stop()`` removes.
@@ -97,6 +102,12 @@ class ClusterSpec:
     supervise_routers: bool = True  # restart a router process that exits (see module docstring)
     router_restart_limit: int = 5  # restarts of one router per window, at most
     router_restart_window_s: float = 60.0
+    # per-tenant quotas and request ids of the routers (python -m router --tenant-state): "auto"
+    # shares them through a redis:// index_url with several routers; with several routers and no
+    # Redis index, "auto" runs them per router with a warning (see router_tenant_state_args)
+    tenant_state: str = "auto"
+    openai_port: int | None = None  # also start `pdserve openai` on this port (0: any free); None: not
+    openai_args: tuple[str, ...] = ()  # extra `pdserve openai` flags (e.g. ("--api-keys", FILE))
 
     def __post_init__(self) -> None:
         try:
@@ -136,6 +147,7 @@ class LocalCluster:
     logs: dict[str, list[str]] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)  # process name -> /metrics host:port
     pki: PkiPaths | None = None  # tls: the certificates and tokens every process uses
+    openai_url: str = ""  # with spec.openai_port: the OpenAI HTTP server's base URL (https with tls)
     security: SecurityConfig | None = None  # tls: what the processes run with (client side too)
     _tmp: str = ""  # a dev PKI folder made for this cluster, removed by stop()
     argv: dict[str, list[str]] = field(default_factory=dict)  # process name -> its python arguments
@@ -414,6 +426,37 @@ def router_index_args(index_url: str) -> list[str]:
     return [] if index_url == "memory" else ["--index", index_url]
 
 
+def router_tenant_state_args(spec: ClusterSpec) -> list[str]:
+    """The ``python -m router`` flags of the routers' tenant state: ``--cluster-routers N`` with
+    several routers, and ``--tenant-state``: what ``spec.tenant_state`` says; ``auto`` with several
+    routers and no Redis index (nothing to share through) becomes an explicit ``local``, logged as
+    a warning: each router then enforces every tenant's quota on its own (N x the quota)."""
+    out = [] if spec.num_routers == 1 else ["--cluster-routers", str(spec.num_routers)]
+    state = spec.tenant_state
+    if state == "auto" and spec.num_routers > 1 and spec.index_url == "memory":
+        log.warning(
+            "%d routers without a Redis index: tenant quotas, request rates and request ids are per "
+            "router (a tenant gets %d x its quota); set index_url (pdserve serve --index) to a redis:// "
+            "URL to share them",
+            spec.num_routers,
+            spec.num_routers,
+        )
+        state = "local"
+    return out if state == "auto" else [*out, "--tenant-state", state]
+
+
+def openai_args(cl: LocalCluster, port: int) -> list[str]:
+    """The ``python -m pdserve.openai_api`` flags of an OpenAI HTTP server in front of ``cl``'s
+    routers: HTTPS with the cluster's certificate and the router channel verified against its CA
+    when the cluster runs TLS, else the explicit plain-HTTP choice ``--tls off`` (127.0.0.1)."""
+    args = ["--router", ",".join(cl.router_addresses), "--host", "127.0.0.1", "--port", str(port)]
+    if cl.pki is None:
+        return [*args, "--tls", "off"]
+    p = cl.pki
+    tls = ["--tls", "on", "--tls-cert", str(p.server_cert), "--tls-key", str(p.server_key)]
+    return [*args, *tls, "--router-tls-ca", str(p.ca)]
+
+
 def _setup_security(cl: LocalCluster) -> list[str]:
     """With ``spec.tls``: the PKI (``pki_dir``, else a dev CA made in a temp folder owned by
     ``cl``) and the flags that run a process with TLS, mTLS and the cluster token; else the
@@ -509,6 +552,7 @@ def launch(spec: ClusterSpec) -> LocalCluster:
                 str(spec.router_port if i == 0 else 0),
                 *store_flag,
                 *index_flag,
+                *router_tenant_state_args(spec),
                 *sec,
                 *spec.router_args,
             ],
@@ -556,6 +600,9 @@ def launch(spec: ClusterSpec) -> LocalCluster:
             cl.workers[wid] = info["address"]
             rank += 1
     wait_registered(cl, t)
+    if spec.openai_port is not None:
+        argv = ["-m", "pdserve.openai_api", *openai_args(cl, spec.openai_port), "--ready-json"]
+        cl.openai_url = _spawn(cl, "openai", [*argv, *spec.openai_args], t)["url"]
     if spec.supervise_routers:
         cl.supervise()
     return cl

@@ -643,6 +643,53 @@ def bind(server: grpc.Server, host: str, port: int, sec: ServerSecurity) -> int:
     return bound
 
 
+def tls_mode_from_env(env: Mapping[str, str] | None = None) -> TLSMode:
+    """``PDSERVE_TLS`` (auto|on|off; unset: auto) as a :class:`TLSMode`."""
+    e = os.environ if env is None else env
+    return TLSMode(_mode(e.get(ENV_TLS, TLSMode.AUTO.value), ENV_TLS, TLSMode))
+
+
+def http_serves_tls(mode: TLSMode, cert: str | None, key: str | None, host: str, what: str) -> bool:
+    """Pure: whether an HTTP server (``what``, e.g. "the OpenAI HTTP server") on ``host`` serves
+    HTTPS, by the rules of the gRPC ports (module docstring): ``on`` needs ``cert`` and ``key``;
+    ``auto`` is on when they are given and *undecided* otherwise (refused: never a silent
+    fallback to plain HTTP); ``off`` is plain HTTP, on a loopback ``host`` only, without
+    certificates. Raises :class:`SecurityConfigError` naming the flags that fix it."""
+    if bool(cert) != bool(key):
+        raise SecurityConfigError(f"{what}: HTTPS needs both --tls-cert and --tls-key (or neither)")
+    if mode is TLSMode.OFF:
+        if cert:
+            raise SecurityConfigError(
+                f"{what}: --tls off but --tls-cert/--tls-key given: drop them, or use --tls on"
+            )
+        if not is_loopback(host):
+            raise SecurityConfigError(
+                f"{what} would listen on {host!r} in plain HTTP: API keys and prompts would cross "
+                "the network in clear text, and plain HTTP (--tls off) is for loopback addresses only. "
+                "Give --tls-cert/--tls-key (e.g. `pdserve certs --out DIR`: DIR/server.pem, "
+                "DIR/server.key) or listen on 127.0.0.1"
+            )
+        return False
+    if cert:
+        return True
+    if mode is TLSMode.ON:
+        raise SecurityConfigError(
+            f"{what}: --tls on needs --tls-cert and --tls-key (make them with `pdserve certs --out DIR`)"
+        )
+    if not is_loopback(host):
+        raise SecurityConfigError(
+            f"{what} would listen on {host!r} in plain HTTP: API keys and prompts would cross the "
+            "network in clear text. Give --tls-cert/--tls-key (e.g. `pdserve certs --out DIR`: "
+            "DIR/server.pem, DIR/server.key) or listen on 127.0.0.1"
+        )
+    raise SecurityConfigError(
+        f"{what}: no TLS certificate and plain HTTP was not asked for (--tls auto, env {ENV_TLS} "
+        "unset). Give --tls-cert/--tls-key (e.g. `pdserve certs --out DIR`: DIR/server.pem, "
+        f"DIR/server.key; env {ENV_CERT}/{ENV_KEY}), or, on a loopback address only, ask for plain "
+        f"HTTP with --tls off ({ENV_TLS}=off)"
+    )
+
+
 def bearer_ok(authorization: str, token: str) -> bool:
     """Pure: whether an HTTP ``Authorization`` header value carries ``Bearer <token>`` (constant
     time). An empty ``token`` accepts nothing."""

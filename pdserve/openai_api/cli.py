@@ -1,8 +1,13 @@
 """``pdserve openai`` / ``python -m pdserve.openai_api``: run the OpenAI-compatible HTTP front end.
 
-    pdserve serve &                                   # router on 127.0.0.1:50051
-    pdserve openai --router 127.0.0.1:50051 --port 8000
+    pdserve serve --tls off &                         # router on 127.0.0.1:50051, plaintext
+    pdserve openai --router 127.0.0.1:50051 --port 8000 --tls off
     curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+
+HTTPS: ``--tls-cert/--tls-key`` (``pdserve certs``: server.pem/server.key; env
+``PDSERVE_TLS_CERT``/``PDSERVE_TLS_KEY``, the cluster's). Plain HTTP must be asked for, ``--tls
+off`` (``PDSERVE_TLS=off``), and only on a loopback ``--host``; without a certificate and without
+that choice the server refuses to start (:func:`pdserve.security.http_serves_tls`).
 
 Importing this module is cheap (no grpc); the server is imported when the command runs.
 """
@@ -10,6 +15,7 @@ Importing this module is cheap (no grpc); the server is imported when the comman
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -43,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=512,
         help="max_tokens of a chat completion that does not set it",
     )
-    from pdserve.security import add_client_tls_args
+    from pdserve.security import ENV_CERT, ENV_KEY, ENV_TLS, TLSMode, add_client_tls_args
 
     p.add_argument(
         "--api-keys",
@@ -52,14 +58,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "'Authorization: Bearer <key>'; default $PDSERVE_API_KEYS; none: dev mode, loopback only",
     )
     p.add_argument(
-        "--tls-cert",
-        default=None,
-        metavar="PEM",
-        help="serve HTTPS with this certificate chain (e.g. `pdserve certs`: server.pem); plain HTTP "
-        "only on loopback (default: %(default)s)",
+        "--tls",
+        default=os.environ.get(ENV_TLS) or TLSMode.AUTO.value,
+        choices=[m.value for m in TLSMode],
+        help="HTTPS: on; auto = on when --tls-cert is given, refused without one; off = plain HTTP, "
+        f"allowed on a loopback --host only (env {ENV_TLS}, as the gRPC ports) (default: %(default)s)",
     )
     p.add_argument(
-        "--tls-key", default=None, metavar="PEM", help="private key of --tls-cert (default: %(default)s)"
+        "--tls-cert",
+        default=os.environ.get(ENV_CERT) or None,
+        metavar="PEM",
+        help="serve HTTPS with this certificate chain (e.g. `pdserve certs`: server.pem) "
+        f"(env {ENV_CERT}, the cluster's) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tls-key",
+        default=os.environ.get(ENV_KEY) or None,
+        metavar="PEM",
+        help=f"private key of --tls-cert (env {ENV_KEY}) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ready-json",
+        action="store_true",
+        help='print one JSON line {"address", "url"} on stdout once serving (for launchers)',
     )
     add_client_tls_args(p, prefix="router-")  # --router-tls-ca etc.: TLS of the channel to the router
 
@@ -80,6 +101,7 @@ def run(a: argparse.Namespace) -> int:
         api_keys=a.api_keys,
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
+        tls=a.tls,
     )
     from pdserve.security import client_tls_kwargs
 
@@ -92,6 +114,8 @@ def run(a: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     srv.start()
+    if a.ready_json:
+        print(json.dumps({"address": f"{srv.host}:{srv.port}", "url": srv.url}), flush=True)
     routers = ", ".join(cfg.routers)
     print(f"pdserve openai: serving {srv.url}/v1 for router {routers} (Ctrl-C to stop)", file=sys.stderr)
     try:

@@ -80,6 +80,7 @@ from pdserve.openai_api.translate import (
     resolve_model,
     sse_event,
 )
+from pdserve.security import SecurityConfigError, TLSMode, http_serves_tls, tls_mode_from_env
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,10 @@ class ServerConfig:
     :mod:`pdserve.auth.keys`; give the router the same): requests need ``Authorization: Bearer
     <key>`` (401 otherwise) and run as the key's tenant; None: dev mode, allowed only on a loopback
     ``host``, where a request's tenant is its ``user`` field. ``tls_cert``/``tls_key``: serve
-    HTTPS (both or neither); plain HTTP only on loopback."""
+    HTTPS (both or neither). ``tls``: on, off or auto (None: on with ``tls_cert``, else
+    ``$PDSERVE_TLS``, else auto): auto serves HTTPS when given a certificate and is refused
+    without one; plain HTTP must be asked for (``tls`` off) and only on a loopback ``host``
+    (:func:`pdserve.security.http_serves_tls`)."""
 
     router: str | tuple[str, ...]
     host: str = "127.0.0.1"
@@ -130,8 +134,21 @@ class ServerConfig:
     # allowed only on a loopback ``host`` (keys and prompts would cross the network in clear text)
     tls_cert: str | None = None
     tls_key: str | None = None
+    # on | off | auto (TLSMode or its value); None: on with tls_cert, else $PDSERVE_TLS (unset:
+    # auto). auto = HTTPS when a certificate is given, refused without one; off = plain HTTP,
+    # loopback only
+    tls: TLSMode | str | None = None
 
     def __post_init__(self) -> None:
+        if self.tls is None:  # a certificate given here wins over the environment's choice
+            object.__setattr__(self, "tls", TLSMode.ON if self.tls_cert else tls_mode_from_env())
+        elif not isinstance(self.tls, TLSMode):
+            try:
+                object.__setattr__(self, "tls", TLSMode(str(self.tls).lower()))
+            except ValueError:
+                raise SecurityConfigError(
+                    f"--tls must be one of {[m.value for m in TLSMode]}, got {self.tls!r}"
+                ) from None
         parse_routers(self.router)
         for name in ("max_body_bytes", "max_header_bytes", "max_header_count"):
             if getattr(self, name) < 1:
@@ -515,20 +532,15 @@ def _reject_constant(name: str) -> Any:
 
 
 def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
-    """The server's TLS context, or None for plain HTTP; raises InvalidRequestError for half a
-    key pair, unreadable files, or plain HTTP on a non-loopback ``host``."""
-    from pdserve.security import is_loopback
-
-    if bool(config.tls_cert) != bool(config.tls_key):
-        raise InvalidRequestError("HTTPS needs both --tls-cert and --tls-key (or neither)")
-    if not config.tls_cert:
-        if not is_loopback(config.host):
-            raise InvalidRequestError(
-                f"the OpenAI HTTP server would listen on {config.host!r} in plain HTTP: API keys and "
-                "prompts would cross the network in clear text. Give --tls-cert/--tls-key (e.g. "
-                "`pdserve certs`: server.pem, server.key) or listen on 127.0.0.1"
-            )
+    """The server's TLS context, or None for plain HTTP (:func:`pdserve.security.http_serves_tls`:
+    plain HTTP only when asked for, ``tls`` off, and only on a loopback ``host``); raises
+    InvalidRequestError for a refused choice, half a key pair or unreadable files."""
+    assert isinstance(config.tls, TLSMode)
+    if not http_serves_tls(
+        config.tls, config.tls_cert, config.tls_key, config.host, "the OpenAI HTTP server"
+    ):
         return None
+    assert config.tls_cert and config.tls_key
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
