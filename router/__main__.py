@@ -38,6 +38,8 @@ from prometheus_client import REGISTRY
 
 from pdserve import cli_help
 from pdserve.auth.cli_args import add_auth_args, edge_from_args
+from pdserve.auth.shared_state import SharedEdgeState, add_tenant_state_args, tenant_state_from_args
+from pdserve.errors import UnavailableError
 from pdserve.metrics import RouterMetrics, serve_metrics
 from pdserve.security import add_process_security_args, install_process_security
 from pdserve.tracing import configure_logging
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
     add_auth_args(ap)
+    add_tenant_state_args(ap)  # per-tenant quotas and request ids shared by several routers
     ap.add_argument(
         "--verify-workers",
         choices=["on", "off"],
@@ -230,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(a, goodput)
         reg = Registry(cfg.heartbeat_timeout_s, quarantine=_quarantine_config(a))
         edge = edge_from_args(a, cfg.host, "router")  # API keys (none: loopback dev mode only)
+        shared = _shared_tenant_state(ap, a)
+        if shared is not None:  # quotas and request ids shared with the cluster's other routers
+            edge.gate, edge.ids = shared.gate, shared.ids
         generate = GenerateServicer(reg, cfg, RouterMetrics(REGISTRY), edge=edge)  # opens the --index
         if a.log_placement_terms:
             _log_placement_terms(generate)
@@ -267,7 +273,18 @@ def main(argv: list[str] | None = None) -> int:
     health.stop()
     server.stop(2).wait()
     control.stop(1).wait()
+    if shared is not None:
+        shared.close()  # releases this router's slots and request ids at once
     return 0
+
+
+def _shared_tenant_state(ap: argparse.ArgumentParser, a: argparse.Namespace) -> SharedEdgeState | None:
+    """The started shared tenant state of ``--tenant-state`` (None: this router's memory); a
+    refused choice or an unreachable Redis exits through ``ap.error``."""
+    try:
+        return tenant_state_from_args(a)
+    except (ValueError, UnavailableError) as e:
+        ap.error(str(e))
 
 
 def _log_placement_terms(generate: GenerateServicer) -> None:

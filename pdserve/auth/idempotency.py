@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from pdserve.errors import AlreadyExistsError
 
@@ -23,10 +23,18 @@ def new_cluster_id() -> str:
     return uuid.uuid4().hex
 
 
+def id_in_use(client_id: str) -> AlreadyExistsError:
+    """The refusal of a client id its tenant has in flight (says nothing about that request)."""
+    return AlreadyExistsError(
+        f"request_id {client_id!r} is already in use by a request of yours that is still running; "
+        "use a new id, or retry once that request has finished"
+    )
+
+
 class Ticket:
     """A running request's claim on its (tenant, client id); :meth:`finish` releases it once."""
 
-    def __init__(self, table: IdempotencyTable | None, key: tuple[str, str] | None, cluster_id: str) -> None:
+    def __init__(self, table: IdempotencyTable | None, key: Hashable | None, cluster_id: str) -> None:
         self._table = table
         self._key = key
         self.cluster_id = cluster_id
@@ -44,12 +52,14 @@ class Ticket:
 
 
 class IdempotencyTable:
-    """In-flight (tenant, client id) -> cluster id. Thread-safe."""
+    """In-flight (tenant, client id) -> cluster id, in this process's memory (one router; several
+    routers share claims through Redis: :class:`pdserve.auth.shared_state.SharedIdempotency`).
+    Thread-safe."""
 
     def __init__(self, make_id: Callable[[], str] = new_cluster_id) -> None:
         self._make_id = make_id
         self._lock = threading.Lock()
-        self._inflight: dict[tuple[str, str], str] = {}
+        self._inflight: dict[Hashable, str] = {}
 
     def begin(self, tenant: str, client_id: str) -> Ticket:
         """Claim ``client_id`` for ``tenant`` and name the request. Raises AlreadyExistsError when
@@ -60,10 +70,7 @@ class IdempotencyTable:
         key = (tenant, client_id)
         with self._lock:
             if key in self._inflight:
-                raise AlreadyExistsError(
-                    f"request_id {client_id!r} is already in use by a request of yours that is still "
-                    "running; use a new id, or retry once that request has finished"
-                )
+                raise id_in_use(client_id)
             self._inflight[key] = cid
         return Ticket(self, key, cid)
 
@@ -73,7 +80,7 @@ class IdempotencyTable:
         loop, for a claim held by another router that may have died."""
         return self.begin(tenant, client_id)
 
-    def _finish(self, key: tuple[str, str], cluster_id: str) -> None:
+    def _finish(self, key: Hashable, cluster_id: str) -> None:
         with self._lock:
             if self._inflight.get(key) == cluster_id:
                 del self._inflight[key]

@@ -12,6 +12,7 @@ full bucket is indistinguishable from a new one, so such entries are pruned.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -56,17 +57,17 @@ class _TenantState:
 
 
 class Admission:
-    """One admitted request; :meth:`release` (or leaving the ``with`` block) frees its slot once."""
+    """One admitted request; :meth:`release` (or leaving the ``with`` block) frees its slot once.
+    ``release_fn``: what freeing the slot does (the gate that admitted it knows)."""
 
-    def __init__(self, gate: TenantGate, tenant: str) -> None:
-        self._gate = gate
+    def __init__(self, release_fn: Callable[[], None], tenant: str) -> None:
+        self._release_fn: Callable[[], None] | None = release_fn
         self.tenant = tenant
-        self._released = False
 
     def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._gate._release(self.tenant)
+        fn, self._release_fn = self._release_fn, None
+        if fn is not None:
+            fn()
 
     def __enter__(self) -> Admission:
         return self
@@ -75,8 +76,26 @@ class Admission:
         self.release()
 
 
+def inflight_refusal(tenant: str, inflight: int, limit: int) -> ResourceExhaustedError:
+    """The refusal of a request over its tenant's in-flight limit (no retry-after: a slot frees
+    when one of the tenant's requests ends)."""
+    return ResourceExhaustedError(
+        f"tenant {tenant!r} has {inflight} requests in flight, its limit (max_inflight {limit}); "
+        "retry when one finishes"
+    )
+
+
+def rate_refusal(tenant: str, rate: float, burst: int, wait_s: float) -> ResourceExhaustedError:
+    """The refusal of a request over its tenant's request rate, retry-after ``wait_s``."""
+    return ResourceExhaustedError(
+        f"tenant {tenant!r} is over its request rate ({rate:g}/s, burst {burst}); retry in {wait_s:.3f} s",
+        retry_after_s=wait_s,
+    )
+
+
 class TenantGate:
-    """Admission control per tenant. Thread-safe."""
+    """Admission control per tenant, in this process's memory (one router; several routers share
+    theirs through Redis: :class:`pdserve.auth.shared_state.SharedTenantGate`). Thread-safe."""
 
     PRUNE_AT = 4096  # tenants tracked before idle ones are pruned
 
@@ -96,23 +115,16 @@ class TenantGate:
                     self._prune(now)
                 st = self._tenants[p.tenant] = _TenantState()
             if pol.max_inflight is not None and st.inflight >= pol.max_inflight:
-                raise ResourceExhaustedError(
-                    f"tenant {p.tenant!r} has {st.inflight} requests in flight, its limit "
-                    f"(max_inflight {pol.max_inflight}); retry when one finishes"
-                )
+                raise inflight_refusal(p.tenant, st.inflight, pol.max_inflight)
             if pol.rate_per_s is not None:
                 key = (pol.rate_per_s, pol.bucket_size)
                 if st.bucket is None or st.bucket_key != key:  # new, or the policy changed
                     st.bucket, st.bucket_key = TokenBucket(key[0], key[1], now), key
                 wait = st.bucket.take(now)
                 if wait > 0:
-                    raise ResourceExhaustedError(
-                        f"tenant {p.tenant!r} is over its request rate ({pol.rate_per_s:g}/s, "
-                        f"burst {pol.bucket_size}); retry in {wait:.3f} s",
-                        retry_after_s=wait,
-                    )
+                    raise rate_refusal(p.tenant, pol.rate_per_s, pol.bucket_size, wait)
             st.inflight += 1
-        return Admission(self, p.tenant)
+        return Admission(functools.partial(self._release, p.tenant), p.tenant)
 
     def _release(self, tenant: str) -> None:
         with self._lock:
