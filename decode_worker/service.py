@@ -379,15 +379,34 @@ class _LoopQueue:
     def __init__(self, inbox: _LoopInbox) -> None:
         self._inbox = inbox
         self._q: asyncio.Queue[OutputItem] = asyncio.Queue()
+        self._end: asyncio.Future[None] | None = None  # a waiter for an item that ends the request
 
     def put(self, item: OutputItem) -> None:  # engine thread
-        self._inbox.put(self._q, item)
+        self._inbox.put(self, item)
+
+    def put_nowait(self, item: OutputItem) -> None:  # event loop (the inbox's drain)
+        self._q.put_nowait(item)
+        if self._end is not None and not self._end.done() and _ends(item):
+            self._end.set_result(None)
 
     async def get(self) -> OutputItem:
         return await self._q.get()
 
     def get_nowait(self) -> OutputItem:
         return self._q.get_nowait()
+
+    async def wait_end(self, timeout_s: float) -> None:
+        """Wait until an item that ends the request (finished, or a failure) is queued, or
+        ``timeout_s`` passed, whichever is first; other items do not wake the waiter (so a
+        stream holding tokens for its window costs one timer, not a wake-up per token)."""
+        self._end = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._end
+        except TimeoutError:
+            pass
+        finally:
+            self._end = None
 
 
 class _AdmissionContext:
@@ -549,14 +568,9 @@ class AsyncDecodeServicer(DecodeServicer):
                 wait = sent_at + self.stream_window_s - loop.time()
                 if wait <= 0:
                     break
-                try:
-                    async with asyncio.timeout(wait):
-                        item = await out.get()
-                except TimeoutError:
-                    break
-            else:
-                item = await out.get()
-            batch.append(item)
+                await out.wait_end(wait)  # the window closes, or the request ends
+                return _ready(batch, out.get_nowait, asyncio.QueueEmpty)
+            batch.append(await out.get())
             batch = _ready(batch, out.get_nowait, asyncio.QueueEmpty)
         return batch
 

@@ -78,6 +78,7 @@ from pdserve.status import MD_ERROR_CLASS, error_from_rpc_error, raise_from_rpc_
 from pdserve.tracing import current_request_id, log_event, request_scope, traced_channel
 from pdserve.v1 import client_pb2, common_pb2, worker_pb2, worker_pb2_grpc
 from router.cluster_view import OutstandingTokens, ViewBuilder, first_block_size
+from router.deadline import LazyDeadline
 from router.failover import LostPhase, LostWorker, Redispatches, TokenStop, check_stop, resume_limits
 from router.health import needed_kinds
 from router.policy import (
@@ -158,23 +159,46 @@ def _gone(ctx: grpc.aio.ServicerContext) -> bool:
     return ctx.cancelled() or (r is not None and r <= 0)
 
 
-async def write_or_cancel(ctx: grpc.aio.ServicerContext, msg: object, stall_timeout_s: float) -> None:
-    """Write ``msg`` to the client; the write waits while the client's window is full (it reads
-    slowly: the caller's stream pauses). A client that takes nothing for ``stall_timeout_s``
-    seconds is given up on: ResourceExhaustedError naming the stall (the request is cancelled
-    downstream as the caller unwinds).
+class _ClientWriter:
+    """Writes a request's responses to its client, in the request's task. A write waits while
+    the client's window is full (it reads slowly: the caller's stream pauses). A client that
+    takes nothing for ``stall_timeout_s`` seconds is given up on: ResourceExhaustedError naming
+    the stall (the request is cancelled downstream as the caller unwinds).
 
-    The write runs in the caller's task under ``asyncio.timeout`` (a timer, no task per
-    message: ``asyncio.wait_for`` made one, about 3x the CPU of the write's own bookkeeping)."""
-    try:
-        async with asyncio.timeout(stall_timeout_s):
-            await ctx.write(msg)
-    except TimeoutError:
-        raise ResourceExhaustedError(
-            f"the client did not read its stream for {stall_timeout_s:g}s (its flow-control window "
-            "stayed full): the request was cancelled; read responses as they come",
-            retry_after_s=None,
-        ) from None
+    The stall deadline is a :class:`router.deadline.LazyDeadline` (one timer per stream, not one
+    per message as ``asyncio.timeout`` would schedule: #12's token path). :meth:`close` at the
+    end of the request."""
+
+    __slots__ = ("_ctx", "_deadline", "_stall_timeout_s")
+
+    def __init__(self, ctx: grpc.aio.ServicerContext, stall_timeout_s: float) -> None:
+        self._ctx = ctx
+        self._stall_timeout_s = stall_timeout_s
+        self._deadline: LazyDeadline | None = None
+
+    async def write(self, msg: object) -> None:
+        dl = self._deadline
+        if dl is None:
+            dl = self._deadline = LazyDeadline()
+        dl.start(self._stall_timeout_s)
+        exc: BaseException | None = None
+        try:
+            await self._ctx.write(msg)
+        except BaseException as e:  # noqa: BLE001 - re-raised below unless it is the stall
+            exc = e
+        if dl.expired(exc):
+            raise ResourceExhaustedError(
+                f"the client did not read its stream for {self._stall_timeout_s:g}s (its "
+                "flow-control window stayed full): the request was cancelled; read responses as "
+                "they come",
+                retry_after_s=None,
+            ) from None
+        if exc is not None:
+            raise exc
+
+    def close(self) -> None:
+        if self._deadline is not None:
+            self._deadline.close()
 
 
 class _Stubs:
@@ -452,19 +476,20 @@ class GenerateServicer:
         shown_id: str,
         lease_ttl_s: float,
     ) -> None:
-        """Write the responses of ``req`` (:func:`write_or_cancel`: flow control) and measure it."""
+        """Write the responses of ``req`` (:class:`_ClientWriter`: flow control) and measure it."""
         cls = slo_class(req.slo.ttft_s, req.slo.tpot_s)
         m = self.metrics
         finish: common_pb2.Finish | None = None
         with request_scope(shown_id):  # logs name the id the client sees (workers get req's)
             m.inflight.inc()
+            writer = _ClientWriter(ctx, self.config.stall_timeout_s)
             try:
                 async with contextlib.aclosing(self._generate(req, ctx, lease_ttl_s)) as responses:
                     async for resp in responses:
                         if resp.HasField("finish"):
                             finish = resp.finish
                         resp.request_id = shown_id
-                        await write_or_cancel(ctx, resp, self.config.stall_timeout_s)
+                        await writer.write(resp)
             except BaseException as e:
                 if isinstance(e, asyncio.CancelledError):  # the client went away, or its deadline
                     r = _remaining(ctx)
@@ -475,6 +500,7 @@ class GenerateServicer:
                 log_event(log, "request failed", slo_class=cls, outcome=outcome, error=type(e).__name__)
                 raise
             finally:
+                writer.close()
                 m.inflight.dec()
             if finish is None:  # the stream ended without a result: the client went away
                 m.observe_failed(cls, "cancelled")
@@ -1316,20 +1342,26 @@ class _Guarded:
         self._worker = worker
         self._keep_cached = keep_cached
         self._watch = watch
+        self._deadline: LazyDeadline | None = None  # made in the consuming task
 
     async def _next(self, it: AsyncIterator[worker_pb2.DecodeResponse]) -> worker_pb2.DecodeResponse | None:
         """The next message of ``it`` (the call's iterator; None at the end of the stream),
-        within the progress deadline."""
+        within the progress deadline (a :class:`router.deadline.LazyDeadline`: one timer per
+        stream, not one per message)."""
         watch = self._watch
         t = time.monotonic()
         bound = watch.waiting(t) if watch is not None else None
+        dl = self._deadline
+        if dl is None:
+            dl = self._deadline = LazyDeadline()
+        dl.start(bound)  # None: no deadline
+        exc: BaseException | None = None
         try:
-            async with asyncio.timeout(bound):  # None: no deadline
-                d = await anext(it)
-        except StopAsyncIteration:
-            return None
-        except TimeoutError:
-            assert watch is not None  # only a bound times out
+            d = await anext(it)
+        except BaseException as e:  # noqa: BLE001 - re-raised below unless it is the deadline
+            exc = e
+        if dl.expired(exc):
+            assert watch is not None  # only a bound expires
             detail = watch.describe(time.monotonic() - t)
             self._call.cancel()  # the worker, should it wake up, aborts the request and frees its blocks
             log_event(
@@ -1342,6 +1374,10 @@ class _Guarded:
             )
             lost = LostWorker(self._worker.worker_id, LostPhase.DECODE, detail, stalled=True)
             raise _WorkerLost(lost) from None
+        if isinstance(exc, StopAsyncIteration):
+            return None
+        if exc is not None:
+            raise exc
         if watch is not None:
             watch.received(len(d.token_ids))
         return d
@@ -1367,6 +1403,9 @@ class _Guarded:
                     LostWorker(self._worker.worker_id, LostPhase.KV, e.details() or "")
                 ) from None
             raise
+        finally:
+            if self._deadline is not None:
+                self._deadline.close()
 
     def cancel(self) -> bool:
         return self._call.cancel()

@@ -185,3 +185,54 @@ def test_worker_text_then_router_text_is_the_routers_text_exactly(tok: Tokenizer
         want = _router_deltas(tok, ids, ch, stop)
         for switch in (0, 1, len(ch) // 2, len(ch)):
             assert _mixed_deltas(tok, ids, ch, stop, switch) == want, (ch, switch)
+
+
+# --------------------------------------------------------------------- the router's lazy deadline
+def test_a_lazy_deadline_cancels_only_a_wait_past_its_bound() -> None:
+    from router.deadline import LazyDeadline
+
+    async def run() -> list[str]:
+        dl = LazyDeadline()
+        seen: list[str] = []
+        for bound, sleep_s in ((5.0, 0.001), (5.0, 0.001), (0.02, 10.0), (5.0, 0.001)):
+            dl.start(bound)  # the second and fourth waits reuse the first wait's timer
+            exc: BaseException | None = None
+            try:
+                await asyncio.sleep(sleep_s)
+            except BaseException as e:  # noqa: BLE001
+                exc = e
+            seen.append("expired" if dl.expired(exc) else ("ok" if exc is None else type(exc).__name__))
+        dl.start(None)  # unbounded: never expires
+        await asyncio.sleep(0.05)
+        seen.append("expired" if dl.expired(None) else "ok")
+        dl.close()
+        return seen
+
+    # the 0.02 s bound is shorter than the armed 5 s timer: a timer is armed for it
+    assert asyncio.run(run()) == ["ok", "ok", "expired", "ok", "ok"]
+
+
+def test_a_cancellation_from_elsewhere_is_not_taken_for_the_deadline() -> None:
+    from router.deadline import LazyDeadline
+
+    async def waiter(out: list[str]) -> None:
+        dl = LazyDeadline()
+        dl.start(30.0)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError as e:
+            out.append("expired" if dl.expired(e) else "cancelled")
+            raise
+        finally:
+            dl.close()
+
+    async def run() -> list[str]:
+        out: list[str] = []
+        t = asyncio.ensure_future(waiter(out))
+        await asyncio.sleep(0.01)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        return out
+
+    assert asyncio.run(run()) == ["cancelled"]
