@@ -298,18 +298,19 @@ class SharedEdgeState:
                         del self.stale_claims[key]
         now = self.clock()
         if lapsed or self._dirty or now - self._last_sync >= cfg.entry_ttl_s / 3:
+            # under the lock: an admission or release between reading the counts and writing
+            # them would otherwise be overwritten (a slot counted until the next sync)
             with self.lock:
-                counts, claims = dict(self.counts), dict(self.claims)
+                try:
+                    self.backend.sync(self.router_id, dict(self.counts), dict(self.claims), cfg.entry_ttl_s)
+                except SharedStateError as e:
+                    self._dirty = True
+                    log.warning("shared tenant state (%s): renewal failed: %s", self.backend.name, e)
+                    return
                 self._dirty = False
-            try:
-                self.backend.sync(self.router_id, counts, claims, cfg.entry_ttl_s)
                 self._last_sync = now
-                with self.lock:  # tenants whose count reached 0 were written as such: forget them
-                    for t in [t for t, n in self.counts.items() if n == 0]:
-                        del self.counts[t]
-            except SharedStateError as e:
-                self._dirty = True
-                log.warning("shared tenant state (%s): renewal failed: %s", self.backend.name, e)
+                for t in [t for t, n in self.counts.items() if n == 0]:  # written as 0: forget them
+                    del self.counts[t]
 
     def start(self) -> SharedEdgeState:
         """Renew liveness now (a backend that cannot be reached is an UnavailableError here, at
