@@ -385,9 +385,12 @@ class Scheduler:
             else:
                 queue = self._order(self.swapped) + self._order(self.waiting)
             admitted: list[Request] = []
+            just_preempted = set(out.preempted)  # not back in the step that took them out
             for req in queue:
                 if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
                     break
+                if req.request_id in just_preempted:
+                    continue
                 if req.status is RequestStatus.SWAPPED:
                     n = self._swap_in(req, budget, out)
                     if n == 0:
