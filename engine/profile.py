@@ -31,7 +31,7 @@ from engine.profile_fit import DecodeSample, PrefillSample, StepModel, fit_step_
 
 log = logging.getLogger(__name__)
 
-ENGINE_PROFILE_VERSION = "3"
+ENGINE_PROFILE_VERSION = "4"
 """Version of the engine's step cost; part of every profile key (bump it to re-measure)."""
 
 PREFILL_TOKENS = (16, 512, 128, 256, 64)  # the first two always; the rest while the budget lasts
@@ -49,7 +49,37 @@ rounds are measured only while this many seconds have not passed (a loaded host 
 its workers in time; a profile with fewer points is coarser, and online correction refines it)."""
 # The fastest of several timings, not the median: other load on the host (or a GC pause) only
 # ever adds time to a step, so the minimum is the engine's own speed; a profile measured while
-# the host was busy would otherwise be pessimistic for as long as it stays cached.
+# the host was busy would otherwise be pessimistic for as long as it stays cached. On a CPU
+# device a step's time is also bounded by the CPU time the process spent on it per engine
+# thread (StepTimer): on a host where every repetition waits for a core (load 9-13 on 2 cores,
+# #19) the fastest wall time was still 5-7x the engine's speed (512 tokens: 11.1 s vs ~1.6 s).
+
+
+class StepTimer:
+    """Times engine steps: wall time, or on a CPU device ``min(wall, process CPU time /
+    threads)`` (``threads``: the engine's compute threads), the time the step would take with
+    its cores to itself. A process waiting for a core accrues wall time, not CPU time."""
+
+    def __init__(self, cpu_threads: int | None) -> None:
+        self.cpu_threads = cpu_threads  # None: not a CPU device (wall time only)
+
+    @classmethod
+    def for_engine(cls, engine) -> StepTimer:
+        if not str(engine.config.device).startswith("cpu"):
+            return cls(None)
+        import torch
+
+        return cls(max(1, torch.get_num_threads()))
+
+    def start(self) -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def elapsed(self, t0: tuple[float, float]) -> float:
+        wall = time.perf_counter() - t0[0]
+        if self.cpu_threads is None:
+            return wall
+        cpu = (time.process_time() - t0[1]) / self.cpu_threads
+        return cpu if 0 < cpu < wall else wall
 
 
 @dataclass(frozen=True)
@@ -174,15 +204,16 @@ def measure(engine, budget_s: float | None = None) -> tuple[list[PrefillSample],
         return time.perf_counter() - start > budget
 
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    timer = StepTimer.for_engine(engine)
     # warm-up: the first forward pass pays for allocations and kernel selection
-    _prefill_once(engine, prompt(16), one, salt)
+    _prefill_once(engine, prompt(16), one, salt, timer)
     fastest: dict[int, float] = {}
     grid = prefill_grid(engine.max_model_len)
     for r in range(REPEATS):
         for k, n in enumerate(grid):
             if (r or k >= 2) and over():
                 break
-            t = _prefill_once(engine, prompt(n), one, salt)
+            t = _prefill_once(engine, prompt(n), one, salt, timer)
             fastest[n] = min(t, fastest.get(n, t))
     prefill = [PrefillSample(n, t) for n, t in fastest.items()]
     decode: list[DecodeSample] = []
@@ -198,9 +229,9 @@ def measure(engine, budget_s: float | None = None) -> tuple[list[PrefillSample],
             _run_until_first_token(engine, ids)
             best: tuple[float, int] | None = None
             for i in range(DECODE_STEPS):
-                t0 = time.perf_counter()
+                t0 = timer.start()
                 engine.step()
-                took = time.perf_counter() - t0
+                took = timer.elapsed(t0)
                 if best is None or took < best[0]:
                     best = (took, batch * (plen + 1 + i))  # KV tokens the step attended over
             assert best is not None
@@ -212,12 +243,13 @@ def measure(engine, budget_s: float | None = None) -> tuple[list[PrefillSample],
     return prefill, decode
 
 
-def _prefill_once(engine, ids: list[int], params, salt: str) -> float:
+def _prefill_once(engine, ids: list[int], params, salt: str, timer: StepTimer | None = None) -> float:
     rid = engine.add_request(None, ids, params, cache_salt=salt + str(time.monotonic_ns()))
-    t0 = time.perf_counter()
+    timer = timer or StepTimer(None)
+    t0 = timer.start()
     try:
         _run_until_first_token(engine, [rid])
-        return time.perf_counter() - t0
+        return timer.elapsed(t0)
     finally:
         if engine.has_request(rid):
             engine.abort(rid)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import math
+import statistics
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -163,7 +164,8 @@ class OnlineCorrectedLatency:
     """A latency model whose predictions are multiplied by learnt correction factors.
 
     ``prefill_time``/``transfer_time`` are scaled by the TTFT factor, ``decode_time`` by the TPOT
-    factor; both start at 1. :meth:`observe` folds in one measured/base-predicted ratio (clamped)
+    factor; both start at 1 and are set by the median of the first samples (calibration).
+    :meth:`observe` then folds in one measured/base-predicted ratio (clamped)
     with an EWMA of its logarithm (a geometric mean: errors are multiplicative, and a few requests
     caught in a burst, 10x late, must not multiply every later prediction by several times), and
     moves the tracked upper quantile of the log error (:meth:`spread`).
@@ -178,6 +180,7 @@ class OnlineCorrectedLatency:
         # the tracked ``quantile`` of the log error around the factor, >= 0 (see spread())
         self._upper = {p: 0.0 for p in Phase}
         self._samples = {p: 0 for p in Phase}
+        self._first: dict[Phase, list[float]] = {p: [] for p in Phase}  # calibration log ratios
         self._lock = threading.Lock()
 
     def factor(self, phase: Phase) -> float:
@@ -218,8 +221,11 @@ class OnlineCorrectedLatency:
         """Fold in one sample: ``base_predicted_s`` is the *uncorrected* model's prediction.
 
         The sample's own factor ``measured / base_predicted`` (clamped to the config's ratio
-        bounds) moves the log of the phase's factor by ``alpha`` towards its log. Returns False (and learns nothing) for
-        non-positive or non-finite values.
+        bounds) moves the log of the phase's factor by ``alpha`` towards its log, once the phase
+        is calibrated: its first ``min_spread_samples`` samples set the factor to their median
+        (geometric), so a model 2x off is corrected by the warm-up's few samples (an EWMA from 1
+        was still 1.2x off after the bench's 8), and one outlier among them is ignored. Returns
+        False (and learns nothing) for non-positive or non-finite values.
         """
         if not (
             base_predicted_s > 0
@@ -233,14 +239,18 @@ class OnlineCorrectedLatency:
         with self._lock:
             log_f = math.log(self._factor[phase])
             err = math.log(f) - log_f  # this sample's log error against the current correction
-            if self._samples[phase] >= c.min_spread_samples:  # the first ones calibrate the factor
+            first = self._first[phase]
+            if len(first) < c.min_spread_samples:  # calibration: the median of the samples so far
+                first.append(math.log(f))
+                self._factor[phase] = math.exp(statistics.median(first))
+            else:
                 u = self._upper[phase]
                 if err > u:
                     u += c.quantile_step * c.quantile
                 else:
                     u -= c.quantile_step * (1 - c.quantile)
                 self._upper[phase] = u if u > 0 else 0.0
-            self._factor[phase] = math.exp(log_f + c.alpha * err)
+                self._factor[phase] = math.exp(log_f + c.alpha * err)
             self._samples[phase] += 1
         return True
 

@@ -291,7 +291,10 @@ def test_correction_is_a_geometric_ewma_robust_to_a_burst_of_outliers() -> None:
     from router.policy.latency import CorrectionConfig, OnlineCorrectedLatency
 
     pol = policy(local_prefill=False)
-    c = OnlineCorrectedLatency(pol.corrected.base, CorrectionConfig(alpha=0.2))
+    c = OnlineCorrectedLatency(pol.corrected.base, CorrectionConfig(alpha=0.2, min_spread_samples=5))
+    for _ in range(5):  # calibration: the cluster answers as predicted
+        assert c.observe(Phase.TTFT, 0.1, 0.1)
+    assert c.factor(Phase.TTFT) == pytest.approx(1.0)
     for _ in range(3):  # three requests caught in a burst: 10x slower than predicted
         assert c.observe(Phase.TTFT, 0.1, 1.0)
     # log-space EWMA: 10 ** (1 - 0.8 ** 3) = 3.4x, not the 5.9x a linear EWMA of ratios gives
@@ -300,7 +303,19 @@ def test_correction_is_a_geometric_ewma_robust_to_a_burst_of_outliers() -> None:
         c.observe(Phase.TTFT, 0.1, 0.1)
     assert c.factor(Phase.TTFT) < 1.3
     assert not c.observe(Phase.TTFT, 0.0, 1.0) and not c.observe(Phase.TTFT, 0.1, math.nan)
-    assert c.samples(Phase.TTFT) == 11 and c.factor(Phase.TPOT) == 1.0
+    assert c.samples(Phase.TTFT) == 16 and c.factor(Phase.TPOT) == 1.0
+
+
+def test_calibration_is_the_median_of_the_first_samples() -> None:
+    """A profile measured 2.3x pessimistic is corrected by the warm-up's first samples (their
+    median), one outlier among them ignored; an EWMA from 1 was still 1.2x off after 8."""
+    from router.policy.latency import CorrectionConfig, OnlineCorrectedLatency
+
+    c = OnlineCorrectedLatency(policy().corrected.base, CorrectionConfig(min_spread_samples=5))
+    for ratio in (0.44, 0.41, 3.5, 0.43, 0.45):
+        c.observe(Phase.TTFT, 1.0, ratio)
+    assert c.factor(Phase.TTFT) == pytest.approx(0.44)
+    assert c.spread(Phase.TTFT) == 1.0
 
 
 def test_one_token_requests_do_not_correct_tpot() -> None:
