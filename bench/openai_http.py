@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         model = tiny_model(Path(tmp))
         cl = launch(ClusterSpec(model_path=str(model), num_prefill=1, num_decode=1, worker_kv_blocks=4096))
         try:
-            srv = OpenAIServer(ServerConfig(router=cl.router_address, port=0, request_timeout_s=a.timeout_s))
+            cfg = ServerConfig(router=cl.router_address, port=0, request_timeout_s=a.timeout_s, tls="off")
+            srv = OpenAIServer(cfg)  # plain HTTP on 127.0.0.1, asked for (the cluster is plaintext too)
             with srv.start():
                 rows = [
                     asyncio.run(

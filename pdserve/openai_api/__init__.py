@@ -1,8 +1,9 @@
 """OpenAI-compatible HTTP front end for a pdserve router (an ASGI app on uvicorn).
 
-Run it with ``pdserve openai --router HOST:PORT --host 127.0.0.1 --port 8000`` or
+Run it with ``pdserve openai --router HOST:PORT --host 127.0.0.1 --port 8000 --tls off`` (plain
+HTTP, loopback only, asked for) or with ``--tls-cert/--tls-key`` (HTTPS), or
 ``python -m pdserve.openai_api ...``; embed it with
-``OpenAIServer(ServerConfig(router=...)).start()`` (:mod:`pdserve.openai_api.server`).
+``OpenAIServer(ServerConfig(router=..., tls="off")).start()`` (:mod:`pdserve.openai_api.server`).
 Requests reach the router through the asyncio gRPC client SDK (:class:`pdserve.client.AsyncClient`);
 one event loop thread serves every connection (no thread per connection or request).
 ``--router a:1,b:2`` names several routers: the SDK client starts requests round-robin and fails
