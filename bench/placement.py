@@ -7,7 +7,11 @@ cached on several instances at different lengths. Requests draw a document prefi
 suffix, a mix of SLOs (none, loose, tight), priorities, tenants and KV-store prefixes. A fake clock
 advances 5 ms per decision, so the goodput policy's in-flight ledger fills as in a busy cluster.
 Each decision gets a fresh :class:`ClusterView` of the same snapshots, as the router builds one
-per request (its construction and role lists are in the time).
+per request (its construction and role lists are in the time). The goodput policy keeps its
+pools' load columns (and queue prices) from one view to the next while the snapshot objects are
+the same (``router.policy.view.ColumnCache``), so it is also timed as the router sees it, with
+one instance's snapshot replaced before each decision ("goodput, 1 new snap"): its rows are
+re-read and re-priced, the others reused.
 
 Printed: a table of microseconds per decision (the best of ``--rounds`` rounds, each the mean
 over a batch of decisions: on a shared machine, other work only ever adds time, as ``timeit``
@@ -145,20 +149,39 @@ def time_policy(
     reqs: list[RequestInfo],
     rounds: int,
     batch: int,
+    churn: int = 0,
 ) -> float:
-    """Median over ``rounds`` of the mean microseconds per decision over ``batch`` decisions; each
-    decision on a fresh :class:`ClusterView` of the same snapshots (the router builds one per request)."""
+    """Best over ``rounds`` of the mean microseconds per decision over ``batch`` decisions; each
+    decision on a fresh :class:`ClusterView` (the router builds one per request). ``churn``: that
+    many instances get a new snapshot (one more queued token) before each decision, as the
+    router's view builder replaces the snapshot of a worker whose state changed (its time is
+    outside the measurement); 0: the same snapshots every time."""
+    import dataclasses
+
     clock = ManualClock()
     pol = build(kind, clock, old)
+    insts = list(insts)
     samples = []
     k = 0
     for _ in range(rounds + 1):  # the first round warms up
-        t0 = time.process_time()
-        for _ in range(batch):
+        spent = 0.0
+        if not churn:
+            t0 = time.process_time()
+            for _ in range(batch):
+                pol.place(reqs[k % len(reqs)], ClusterView(insts))
+                clock.advance(0.005)
+                k += 1
+            spent = time.process_time() - t0
+        for _ in range(batch if churn else 0):
+            for c in range(churn):
+                j = (k * 7919 + c * 104729) % len(insts)
+                insts[j] = dataclasses.replace(insts[j], queued_tokens=insts[j].queued_tokens + 1)
+            t0 = time.process_time()
             pol.place(reqs[k % len(reqs)], ClusterView(insts))
+            spent += time.process_time() - t0
             clock.advance(0.005)
             k += 1
-        samples.append((time.process_time() - t0) / batch * 1e6)
+        samples.append(spent / batch * 1e6)
     return min(samples[1:] or samples)
 
 
@@ -195,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="bench/placement.py")
     ap.add_argument("--sizes", default="10,100,1000,2000", help="comma-separated instance counts")
-    ap.add_argument("--rounds", type=int, default=7, help="timed rounds per (policy, size) (the best is kept)")
+    ap.add_argument(
+        "--rounds", type=int, default=7, help="timed rounds per (policy, size) (the best is kept)"
+    )
     ap.add_argument(
         "--old-budget-s", type=float, default=4.0, help="seconds per (policy, size) for the old code"
     )
@@ -224,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     new_us: dict[tuple[PolicyKind, int], float] = {}
     old_us: dict[tuple[PolicyKind, int], float] = {}
     views: dict[int, tuple[float, float]] = {}
+    churned: dict[int, float] = {}
     passes: dict[int, float] = {}
     for n in sizes:
         insts = make_instances(n, docs, random.Random(n))
@@ -236,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                 probe = time_policy(kind, True, insts, reqs, 0, 3)
                 ob = max(2, min(batch, int(a.old_budget_s / (a.rounds + 1) / (probe * 1e-6))))
                 old_us[kind, n] = time_policy(kind, True, insts, reqs, a.rounds, ob)
+            if kind is PolicyKind.GOODPUT:  # one worker's snapshot new per request (the router)
+                churned[n] = time_policy(kind, False, insts, reqs, a.rounds, batch, churn=1)
         views[n] = time_views(n, a.rounds, max(5, min(200, 20_000 // n)))
     print(f"microseconds per decision (best of {a.rounds} rounds); instances: half prefill, half decode")
     head = f"{'policy':<20}" + "".join(f"{n:>11}" for n in sizes) + "   growth per step"
@@ -248,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             orow = [old_us[kind, n] for n in sizes]
             print(f"{'  old (pre-#12)':<20}" + "".join(f"{t:>11.1f}" for t in orow))
             print(f"{'  new/old':<20}" + "".join(f"{t / o:>11.3f}" for t, o in zip(row, orow, strict=True)))
+    print(f"{'goodput, 1 new snap':<20}" + "".join(f"{churned[n]:>11.1f}" for n in sizes))
     print(f"{'one attribute pass':<20}" + "".join(f"{passes[n]:>11.1f}" for n in sizes))
     print(
         f"{'goodput in passes':<20}"
@@ -257,12 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'view: ViewBuilder':<20}" + "".join(f"{views[n][1]:>11.1f}" for n in sizes))
     ok = True
     if 1000 in sizes:
-        g = new_us[PolicyKind.GOODPUT, 1000]
-        v = g <= 1000.0
-        ok &= v
-        print(
-            f"{'PASS' if v else 'FAIL'}: goodput {g:.0f} us per decision at 1,000 instances (target <= 1000 us)"
-        )
+        for what, g in (
+            ("same snapshots", new_us[PolicyKind.GOODPUT, 1000]),
+            ("one new snapshot per decision", churned[1000]),
+        ):
+            v = g <= 1000.0
+            ok &= v
+            print(
+                f"{'PASS' if v else 'FAIL'}: goodput {g:.0f} us per decision at 1,000 instances, {what} "
+                "(target <= 1000 us)"
+            )
     for kind in POLICY_KINDS:
         for lo, hi, lim in ((100, 1000, 11.0), (1000, 2000, 2.2)):
             if lo in sizes and hi in sizes:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from router.policy.latency import prefill_time_each
 from router.policy.protocols import LatencyEstimator
-from router.policy.view import InstanceView
+from router.policy.view import InstanceView, RoleColumns
 
 
 def usable_prefix_blocks(hit_blocks: int, num_prompt_tokens: int, block_size: int) -> int:
@@ -81,13 +83,19 @@ class TtftTable:
     between decisions.
     """
 
-    __slots__ = ("est", "p", "_prefill", "_fetch")
+    __slots__ = ("est", "p", "_prefill", "_fetch", "_known")
 
     def __init__(self, est: TtftEstimator, num_prompt_tokens: int) -> None:
         self.est = est
         self.p = num_prompt_tokens
         self._prefill: dict[int, float] = {}
         self._fetch: dict[tuple[int, int], float] = {}
+        self._known: tuple[object, list[float]] | None = None
+
+    def know_queues(self, insts: Sequence[InstanceView], queues: list[float]) -> None:
+        """``queues`` is :meth:`queues` ``(insts)`` (priced elsewhere, e.g. by
+        :meth:`queues_array`): a later call with this very sequence object returns it."""
+        self._known = (insts, queues)
 
     def queues(self, insts: Sequence[InstanceView]) -> list[float]:
         """``[est.queue_time(i) for i in insts]``: full * step(budget) + (step(rem) if rem else
@@ -95,6 +103,9 @@ class TtftTable:
         (:meth:`TtftEstimator.step_basis`; the memo's missing entries priced in one model call)."""
         if not insts:
             return []
+        known = self._known
+        if known is not None and known[0] is insts:
+            return known[1]
         qs = [i.queued_tokens for i in insts]
         budgets = [i.token_budget for i in insts]
         scale, memo, model = self.est.step_basis()
@@ -113,6 +124,54 @@ class TtftTable:
             0.0 if q <= 0 else (q // b) * (scale * memo[b]) + (scale * memo[r] if r else 0.0)
             for q, b, r in zip(qs, budgets, rems, strict=True)
         ]
+
+    def pool_queues(self, cols: RoleColumns) -> tuple[np.ndarray, list[float]]:
+        """:meth:`queues` of the pool ``cols`` was read from (array and list), bit for bit (the
+        same step times and expression per item). Kept on ``cols`` for this step basis (scale
+        and model, :meth:`TtftEstimator.step_basis`): rows of a patched ``cols`` are re-priced
+        one by one, a new basis prices the pool at once (arrays)."""
+        scale, memo, model = self.est.step_basis()
+        got = cols.queue_cache
+        if got is not None and got[0] == scale and got[1] is model and got[2] is memo:
+            arr, lst, stale = got[3], got[4], got[5]
+            if stale:
+                qs, bs = cols.queued_tokens, cols.token_budget
+                for k in stale:
+                    q, b = int(qs[k]), int(bs[k])
+                    b = b if b > 1 else 1
+                    r = q % b
+                    _fill(memo, model, {b, r})
+                    v = 0.0 if q <= 0 else (q // b) * (scale * memo[b]) + (scale * memo[r] if r else 0.0)
+                    arr[k] = v
+                    lst[k] = v
+                cols.queue_cache = (scale, model, memo, arr, lst, ())
+            return arr, lst
+        arr = self._queues_array(cols.queued_tokens, cols.token_budget, scale, memo, model)
+        lst = arr.tolist()
+        cols.queue_cache = (scale, model, memo, arr, lst, ())
+        return arr, lst
+
+    @staticmethod
+    def _queues_array(
+        qs: np.ndarray, budgets: np.ndarray, scale: float, memo: dict[int, float], model: object
+    ) -> np.ndarray:
+        if not len(qs):
+            return np.zeros(0)
+        b = np.where(budgets > 1, budgets, 1)
+        rems = qs % b
+        ru, rinv = np.unique(rems, return_inverse=True)
+        b0 = int(b[0])
+        one = bool((b == b0).all())
+        bu = [b0] if one else [int(t) for t in np.unique(b)]
+        _fill(memo, model, {*ru.tolist(), *bu})
+        full = (qs // b).astype(np.float64)
+        if one:
+            step_b: np.ndarray | float = scale * memo[b0]
+        else:
+            bu_arr, binv = np.unique(b, return_inverse=True)
+            step_b = np.array([scale * memo[int(t)] for t in bu_arr])[binv]
+        step_r = np.array([scale * memo[t] if t else 0.0 for t in ru.tolist()])[rinv]
+        return np.where(qs <= 0, 0.0, full * step_b + step_r)
 
     def prefill(self, reused_tokens: int) -> float:
         """``est.prefill_time(num_prompt_tokens, reused_tokens)``."""

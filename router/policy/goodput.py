@@ -61,7 +61,11 @@ holder's, or the second best's for the best holder itself (O(1)); queue, prefill
 step times of all instances are priced in one latency-model call per term; the (prefill,
 decode) pair search is O(decode instances), because every pair shares the one best prefill
 plan; ledger upkeep is O(log in-flight requests). So a decision is O(instances) with a small
-constant. ``bench/placement.py`` times it; ``tests/unit/test_placement_equivalence.py`` checks
+constant. The decode pool is priced with numpy over its load columns
+(:class:`~router.policy.view.RoleColumns`, bit for bit the per-instance arithmetic), and the
+columns and the pools' queue prices are kept from one view to the next for the snapshot
+objects that did not change (:class:`~router.policy.view.ColumnCache`; a router reuses a
+worker's snapshot while its state is unchanged), so an unchanged instance is not re-read. ``bench/placement.py`` times it; ``tests/unit/test_placement_equivalence.py`` checks
 it decides exactly as the quadratic search it replaced (``bench/placement_reference.py``).
 """
 
@@ -73,6 +77,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from router.policy.estimate import TtftEstimator, TtftTable
 from router.policy.latency import (
     DecodeLatencyEstimator,
@@ -80,6 +86,7 @@ from router.policy.latency import (
     OnlineCorrectedLatency,
     Phase,
     WithDecode,
+    decode_time_array,
     decode_time_each,
 )
 from router.policy.length_predictor import LengthPredictor, LengthSample
@@ -94,7 +101,7 @@ from router.policy.types import (
     RejectReason,
     RequestInfo,
 )
-from router.policy.view import ClusterView, InstanceView, PrefixHits
+from router.policy.view import ClusterView, ColumnCache, InstanceView, PrefixHits, RoleColumns
 
 
 @dataclass(frozen=True)
@@ -394,6 +401,7 @@ class GoodputAwarePolicy(PlacementPolicy):
         self.stats = GoodputStats()
         self._ledger = _Ledger()
         self._lock = threading.Lock()
+        self._cols = ColumnCache()  # the pools' load columns, rows reused while unchanged
 
     # ------------------------------------------------------------------ feedback
     def on_finished(self, obs: Observation) -> None:
@@ -457,12 +465,12 @@ class GoodputAwarePolicy(PlacementPolicy):
         """Per-instance (TTFT, TPOT) factors of ``insts`` (None: no instance of the view reported a
         profile, all 1). Adopts the first reported profile as the model when the policy was built
         without one. Call under ``self._lock``."""
-        profs = [p for i in view.instances if (p := getattr(i, "latency", None)) is not None]
-        if not profs:
+        first = view.first_profile()
+        if first is None:
             return None
         if self._adopt_profile:
             self._adopt_profile = False
-            self.corrected.base = profs[0]  # type: ignore[assignment]
+            self.corrected.base = first  # type: ignore[assignment]
             self.estimator._step.clear()  # the memo of the old model's step times
             self._speeds.clear()
         sp = [self._speed(i) for i in insts]
@@ -502,6 +510,9 @@ class GoodputAwarePolicy(PlacementPolicy):
         table = TtftTable(self.estimator, p)
         pre_scales = self._scales(prefill_pool, view) if prefill_pool else None
         dec_scales = self._scales(decode_pool, view)
+        if prefill_pool:  # every candidate's queue priced over the pool's columns at once
+            pc = self._cols.columns(view, InstanceRole.PREFILL)
+            table.know_queues(prefill_pool, table.pool_queues(pc)[1])
         remote_plan = (
             best_prefill_plan(
                 req,
@@ -517,7 +528,10 @@ class GoodputAwarePolicy(PlacementPolicy):
         )
         # Options, in decode-pool order: (remote plan, d), then (d prefills locally, d). Every
         # remote option shares the one best prefill plan, so the pair search is linear in d.
-        d = _DecodeSide(self, req, decode_pool, out, hits, table)
+        dec_roles = (
+            (InstanceRole.DECODE,) if decode_pool[0].role is InstanceRole.DECODE else (InstanceRole.MIXED,)
+        )
+        d = _DecodeSide(self, req, decode_pool, out, hits, table, self._cols.columns(view, *dec_roles))
         n = len(decode_pool)
         local_ttft = d.local_ttft
         if dec_scales is not None:  # each decode instance's own speed
@@ -865,9 +879,12 @@ class _DecodeSide:
     """The decode instances' side of one goodput decision, as parallel lists in pool order:
     predicted TPOT after admission (``tpots``), room (``fits``, ``freeness``), and the TTFT of
     prefilling the prompt there itself (``local_ttft``; None: not allowed, conditional
-    disaggregation) reusing ``local_reused`` cached blocks. The latency model prices all of them
-    in one call per term (:func:`decode_time_each`, :meth:`TtftTable.queues`). ``pool`` is one
-    role (decode, or mixed when there is no decode instance) of the view ``hits`` was made on."""
+    disaggregation) reusing ``local_reused`` cached blocks. Priced as numpy arrays over the
+    pool's columns (:meth:`ClusterView.columns`: read once per view), in float64 elementwise
+    arithmetic in the same order as the per-instance expressions, so every value is bit for bit
+    what a loop over the instances computes (:func:`decode_time_array`,
+    :meth:`TtftTable.queues_array`). ``pool`` is one role (decode, or mixed when there is no
+    decode instance) of the view ``hits`` was made on, ``cols`` its columns."""
 
     __slots__ = ("tpots", "fits", "freeness", "local_ttft", "local_reused")
 
@@ -879,35 +896,30 @@ class _DecodeSide:
         out: int,
         hits: PrefixHits,
         table: TtftTable,
+        cols: RoleColumns,
     ) -> None:
         cfg = policy.config
         model = policy.corrected
         p = req.num_prompt_tokens
         n = len(pool)
-        sizes = [i.block_size for i in pool]
-        totals = [i.total_blocks for i in pool]
-        frees = [i.free_blocks for i in pool]
-        batches = [i.running_requests + i.queued_requests for i in pool]
+        sizes, totals, frees, batches = cols.block_size, cols.total_blocks, cols.free_blocks, cols.batch
         extra = p + out // 2
-        bs0 = sizes[0] if sizes else 1
-        self.freeness: Sequence[int]
-        if sizes.count(bs0) == n:  # one block size (the usual case): fewer passes, same values
+        used = cols.used
+        if cols.one_block_size:  # the usual case: one need for all, freeness read for a few only
+            bs0 = int(sizes[0])
             need = -(-(p + 1) // (bs0 if bs0 > 1 else 1))
-            self.freeness = _Minus(frees, need)  # free - need, read for a few instances only
-            if need <= min(totals, default=0):
-                self.fits = [f >= need for f in frees]
-            else:
-                self.fits = [f >= need and need <= t for f, t in zip(frees, totals, strict=True)]
-            ctx = [(t - f) * bs0 + extra if t > f else extra for t, f in zip(totals, frees, strict=True)]
+            self.freeness: Sequence[int] = _Minus(cols.free_list, need)
+            fits = frees >= need if need <= cols.min_total else (frees >= need) & (totals >= need)
+            held = used * bs0
         else:
-            needs = [-(-(p + 1) // (bs if bs > 1 else 1)) for bs in sizes]
-            self.freeness = [f - nd for f, nd in zip(frees, needs, strict=True)]
-            self.fits = [f >= nd and nd <= t for f, nd, t in zip(frees, needs, totals, strict=True)]
-            ctx = [
-                (t - f if t > f else 0) * bs + extra for t, f, bs in zip(totals, frees, sizes, strict=True)
-            ]
+            needs = -(-(p + 1) // np.where(sizes > 1, sizes, 1))
+            self.freeness = (frees - needs).tolist()
+            fits = (frees >= needs) & (needs <= totals)
+            held = used * sizes
+        self.fits: list[bool] = fits.tolist()
+        ctx = held + extra  # KV tokens after admission: held + the prompt + half the output
         # TPOT after admission: one more sequence, its prompt and half its output more context
-        self.tpots = decode_time_each(model, [b + 1 for b in batches], ctx)
+        self.tpots: list[float] = decode_time_array(model, batches + 1, ctx).tolist()
         self.local_ttft: list[float | None] = [None] * n
         self.local_reused = [0] * n
         # who may prefill the prompt itself: a mixed instance always; a decode instance when at
@@ -918,31 +930,44 @@ class _DecodeSide:
             return
         by_id = hits.by_id
         if decode_role and p > max_local:  # only instances caching part of the prompt qualify
-            ks = [k for k, i in enumerate(pool) if i.instance_id in by_id] if by_id else []
+            ix = cols.index
+            ks = np.array(sorted(ix[i] for i in by_id if i in ix), dtype=np.int64)
         else:
-            ks = list(range(n))
-        pm1 = p - 1
-        hs = [by_id.get(pool[k].instance_id, 0) for k in ks] if by_id else [0] * len(ks)
-        caps = [pm1 // sizes[k] for k in ks]
-        locs = [(h if h < c else c) if c > 0 else 0 for h, c in zip(hs, caps, strict=True)]
+            ks = np.arange(n)
+        if not len(ks):
+            return
+        hs = np.zeros(n, dtype=np.int64)
+        if by_id:
+            ix = cols.index
+            for iid, h in by_id.items():
+                k = ix.get(iid)
+                if k is not None:
+                    hs[k] = h
+        sz = sizes[ks]
+        caps = (p - 1) // sz
+        hk = hs[ks]
+        locs = np.where(caps > 0, np.minimum(hk, caps), 0)
         if decode_role:
-            keep = [j for j, k in enumerate(ks) if p - locs[j] * sizes[k] <= max_local]
-            ks, locs = [ks[j] for j in keep], [locs[j] for j in keep]
-        if not ks:
-            return
-        queues = table.queues([pool[k] for k in ks])
-        busy = [k for k in ks if batches[k]]
-        held = [ctx[k] - extra for k in busy]  # KV tokens on the instance (used blocks x block size)
-        cotenant = dict(zip(busy, decode_time_each(model, [batches[k] for k in busy], held), strict=True))
-        reused = [lo * sizes[k] for k, lo in zip(ks, locs, strict=True)]
-        pf = {t: table.prefill(t) for t in set(reused)}
-        # table.ttft(queue, bs, local) = queue + fetch(0) + prefill(local x bs), plus the co-scheduled
-        # decode step of the instance's own batch (0.0 when it has none)
-        ttfts = [q + 0.0 + pf[r] + cotenant.get(k, 0.0) for q, r, k in zip(queues, reused, ks, strict=True)]
+            keep = p - locs * sz <= max_local
+            ks, locs, sz = ks[keep], locs[keep], sz[keep]
+            if not len(ks):
+                return
+        queues = table.pool_queues(cols)[0][ks]
+        bk = batches[ks]
+        busy = bk > 0
+        # the co-scheduled decode step of the instance's own batch (0.0 when it has none)
+        cot = np.zeros(len(ks))
+        if busy.any():
+            cot[busy] = decode_time_array(model, bk[busy], held[ks][busy])
+        reused = locs * sz
+        ru, rinv = np.unique(reused, return_inverse=True)
+        pf = np.array([table.prefill(int(t)) for t in ru])[rinv]
+        # table.ttft(queue, bs, local) = queue + fetch(0) + prefill(local x bs), plus cot
+        ttfts = ((queues + 0.0) + pf) + cot
         if len(ks) == n:  # every instance may prefill (ks is 0..n-1 in order)
-            self.local_ttft, self.local_reused = ttfts, locs  # type: ignore[assignment]
+            self.local_ttft, self.local_reused = ttfts.tolist(), locs.tolist()
             return
-        for k, lo, t in zip(ks, locs, ttfts, strict=True):
+        for k, lo, t in zip(ks.tolist(), locs.tolist(), ttfts.tolist(), strict=True):
             self.local_ttft[k] = t
             self.local_reused[k] = lo
 

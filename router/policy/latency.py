@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 
 @runtime_checkable
 class DecodeLatencyEstimator(Protocol):
@@ -322,3 +324,27 @@ def decode_time_each(model: object, batch_sizes: Sequence[int], contexts: Sequen
         return each(batch_sizes, contexts)
     one = model.decode_time  # type: ignore[attr-defined]
     return [one(b, c) for b, c in zip(batch_sizes, contexts, strict=True)]
+
+
+def decode_time_array(model: object, batch_sizes: np.ndarray, contexts: np.ndarray) -> np.ndarray:
+    """:func:`decode_time_each` over numpy arrays, bit for bit (float64 elementwise arithmetic in
+    the same order as the per-item expression): vectorised for :class:`LinearLatency` and an
+    :class:`OnlineCorrectedLatency` of one, else the per-item values in an array. Placement
+    prices a whole decode pool per decision through this."""
+    if isinstance(model, OnlineCorrectedLatency):
+        base = model.base
+        if isinstance(base, LinearLatency):
+            return model.factor(Phase.TPOT) * _linear_decode(base, batch_sizes, contexts)
+    elif isinstance(model, LinearLatency):
+        return _linear_decode(model, batch_sizes, contexts)
+    return np.array(decode_time_each(model, batch_sizes.tolist(), contexts.tolist()), dtype=np.float64)
+
+
+def _linear_decode(m: LinearLatency, n: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``0.0 if n <= 0 else d0 + d1 * n + d2 * c`` per item."""
+    t = (
+        m.decode_base_s
+        + m.decode_per_seq_s * n.astype(np.float64)
+        + m.decode_per_ctx_token_s * c.astype(np.float64)
+    )
+    return np.where(n <= 0, 0.0, t)

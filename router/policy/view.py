@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import compress, repeat
+from operator import attrgetter, contains, is_, is_not
 from typing import Protocol
+
+import numpy as np
 
 from engine.block_hash import BlockHash
 from router.policy.types import InstanceRole
@@ -71,6 +76,14 @@ class InstanceSnapshot:
                 break
             n += 1
         return n
+
+
+_UNSET = object()
+_LATENCY = attrgetter("latency")
+_ID = attrgetter("instance_id")
+_ROLE = attrgetter("role")
+_CACHED = attrgetter("cached")
+_not_none = partial(is_not, None)
 
 
 class PrefixHits:
@@ -147,6 +160,111 @@ class PrefixHits:
         return store_source, store_blocks
 
 
+class RoleColumns:
+    """The load columns of one role's instances (in view order) as int64 numpy arrays, read once
+    per view (:meth:`ClusterView.columns`): a decision prices a whole pool with array arithmetic
+    instead of a Python pass per term. ``batch`` = running + queued requests; ``index``: instance
+    id -> position; ``free_list``: the free blocks as a list (read for a few instances);
+    ``one_block_size``: every instance has the first one's block size; ``min_total``: the least
+    ``total_blocks`` (0 when empty)."""
+
+    __slots__ = (
+        "index",
+        "block_size",
+        "total_blocks",
+        "free_blocks",
+        "free_list",
+        "batch",
+        "queued_tokens",
+        "token_budget",
+        "one_block_size",
+        "min_total",
+        "used",
+        "queue_cache",
+    )
+
+    def __init__(self, insts: Sequence[InstanceView]) -> None:
+        self.index = {i.instance_id: k for k, i in enumerate(insts)}
+        self.free_list = [i.free_blocks for i in insts]
+        i64 = np.int64
+        self.block_size = np.array([i.block_size for i in insts], dtype=i64)
+        self.total_blocks = np.array([i.total_blocks for i in insts], dtype=i64)
+        self.free_blocks = np.array(self.free_list, dtype=i64)
+        self.batch = np.array([i.running_requests + i.queued_requests for i in insts], dtype=i64)
+        self.queued_tokens = np.array([i.queued_tokens for i in insts], dtype=i64)
+        self.token_budget = np.array([i.token_budget for i in insts], dtype=i64)
+        self._derive()
+
+    def _derive(self) -> None:
+        bs = self.block_size
+        self.one_block_size = not len(bs) or bool((bs == bs[0]).all())
+        self.min_total = int(self.total_blocks.min()) if len(bs) else 0
+        t, f = self.total_blocks, self.free_blocks
+        self.used = np.where(t > f, t - f, 0)  # blocks in use
+        # (scale, model, memo, array, list, stale rows) of TtftTable.pool_queues, or None
+        self.queue_cache: tuple | None = None
+
+    def patched(self, insts: Sequence[InstanceView], changed: Sequence[int]) -> RoleColumns:
+        """These columns with the rows ``changed`` re-read from ``insts`` (the same instance ids
+        in the same order as the ones these were read from; the other rows unchanged)."""
+        new = RoleColumns.__new__(RoleColumns)
+        new.index = self.index
+        new.free_list = list(self.free_list)
+        cols = ("block_size", "total_blocks", "free_blocks", "batch", "queued_tokens", "token_budget")
+        for name in cols:
+            setattr(new, name, getattr(self, name).copy())
+        for k in changed:
+            i = insts[k]
+            new.free_list[k] = i.free_blocks
+            new.block_size[k] = i.block_size
+            new.total_blocks[k] = i.total_blocks
+            new.free_blocks[k] = i.free_blocks
+            new.batch[k] = i.running_requests + i.queued_requests
+            new.queued_tokens[k] = i.queued_tokens
+            new.token_budget[k] = i.token_budget
+        new._derive()
+        q = self.queue_cache
+        if q is not None:  # its rows of unchanged instances stay valid
+            new.queue_cache = (q[0], q[1], q[2], q[3].copy(), list(q[4]), tuple({*q[5], *changed}))
+        return new
+
+
+class ColumnCache:
+    """:class:`RoleColumns` kept from one view to the next (a router builds a view per request,
+    reusing a worker's frozen snapshot while its state is unchanged: ``router.cluster_view``):
+    rows of unchanged snapshot objects are reused, changed ones re-read, so a decision does not
+    re-read every instance. Only views of snapshots are cached (:meth:`ClusterView.snapshots_only`;
+    a simulator's instances change in place). Not thread-safe: its owner serialises calls."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[InstanceRole, ...], tuple[tuple[InstanceView, ...], RoleColumns]] = {}
+
+    def columns(self, view: ClusterView, *roles: InstanceRole) -> RoleColumns:
+        """``view.columns(*roles)``, from the previous view's columns where its rows are the same."""
+        if not view.snapshots_only():
+            return view.columns(*roles)
+        got = view._columns.get(roles)
+        if got is not None:
+            return got
+        pool = view._role_tuple(roles)
+        last = self._last.get(roles)
+        got = None
+        if last is not None and len(last[0]) == len(pool):
+            old, cols = last
+            changed = list(compress(range(len(pool)), map(is_not, pool, old)))
+            if not changed:
+                got = cols
+            elif len(changed) * 8 <= len(pool) and all(
+                pool[k].instance_id == old[k].instance_id for k in changed
+            ):
+                got = cols.patched(pool, changed)
+        if got is None:
+            got = RoleColumns(pool)
+        self._last[roles] = (pool, got)
+        view._columns[roles] = got
+        return got
+
+
 class ClusterView:
     """The instances a decision may use, in a stable order (ties break by this order).
 
@@ -157,11 +275,13 @@ class ClusterView:
 
     def __init__(self, instances: Iterable[InstanceView]) -> None:
         self.instances: tuple[InstanceView, ...] = tuple(instances)
-        self._by_id = {i.instance_id: i for i in self.instances}
+        self._by_id = dict(zip(map(_ID, self.instances), self.instances, strict=True))
         if len(self._by_id) != len(self.instances):
             raise ValueError("instance ids must be unique")
         self._roles: dict[tuple[InstanceRole, ...], tuple[InstanceView, ...]] = {}
         self._all_snapshots: bool | None = None  # every instance a plain InstanceSnapshot
+        self._columns: dict[tuple[InstanceRole, ...], RoleColumns] = {}
+        self._profile: object | None = _UNSET
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -169,12 +289,47 @@ class ClusterView:
     def get(self, instance_id: str) -> InstanceView:
         return self._by_id[instance_id]
 
+    def snapshots_only(self) -> bool:
+        """Whether every instance is a plain (frozen) :class:`InstanceSnapshot`: then what is
+        derived from their state may be kept for the view's life."""
+        if self._all_snapshots is None:
+            self._all_snapshots = set(map(type, self.instances)) <= {InstanceSnapshot}
+        return self._all_snapshots
+
+    def columns(self, *roles: InstanceRole) -> RoleColumns:
+        """:class:`RoleColumns` of :meth:`with_role` ``(*roles)``: read once per view of
+        snapshots, afresh per call otherwise (a simulator's instances change between calls)."""
+        got = self._columns.get(roles)
+        if got is None:
+            got = RoleColumns(self.with_role(*roles))
+            if self.snapshots_only():
+                self._columns[roles] = got
+        return got
+
+    def first_profile(self) -> object | None:
+        """The reported step-time model (``latency``) of the first instance in view order that
+        has one (None: none has); kept for the view's life when it holds snapshots only."""
+        if self._profile is not _UNSET:
+            return self._profile
+        if self.snapshots_only():
+            self._profile = next(filter(_not_none, map(_LATENCY, self.instances)), None)
+            return self._profile
+        return next((p for i in self.instances if (p := getattr(i, "latency", None)) is not None), None)
+
     def with_role(self, *roles: InstanceRole) -> list[InstanceView]:
         """Instances of any of ``roles``, in view order (a new list; roles are fixed per instance)."""
+        return list(self._role_tuple(roles))
+
+    def _role_tuple(self, roles: tuple[InstanceRole, ...]) -> tuple[InstanceView, ...]:
         got = self._roles.get(roles)
         if got is None:
-            got = self._roles[roles] = tuple([i for i in self.instances if i.role in roles])
-        return list(got)
+            insts = self.instances
+            if len(roles) == 1:  # one pass in C: role is roles[0]
+                got = tuple(compress(insts, map(is_, map(_ROLE, insts), repeat(roles[0]))))
+            else:
+                got = tuple([i for i in insts if i.role in roles])
+            self._roles[roles] = got
+        return got
 
     def prefix_hits(self, hashes: Sequence[BlockHash]) -> PrefixHits:
         """Each instance's cached prefix of ``hashes`` (one walk per instance, now). Snapshots are
@@ -185,10 +340,9 @@ class ClusterView:
             h0 = hashes[0]
             snap = InstanceSnapshot
             # the common case, a snapshot that does not hold the first block, costs one set probe
-            if self._all_snapshots is None:
-                self._all_snapshots = set(map(type, self.instances)) <= {snap}
-            if self._all_snapshots:
-                maybe = [i for i in self.instances if h0 in i.cached]  # type: ignore[attr-defined]
+            if self.snapshots_only():
+                insts = self.instances  # h0 in i.cached, one pass in C
+                maybe = list(compress(insts, map(contains, map(_CACHED, insts), repeat(h0))))
             else:
                 maybe = [i for i in self.instances if type(i) is not snap or h0 in i.cached]
             rest = hashes[1:]

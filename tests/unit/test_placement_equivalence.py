@@ -218,6 +218,46 @@ def test_goodput_decisions_identical_to_reference(chunk: int) -> None:
     assert decisions == 12 * len(SEEDS[chunk::4]) and placed > 0
 
 
+def test_goodput_decisions_identical_with_snapshots_reused_across_views() -> None:
+    """The router's views (``router.cluster_view.ViewBuilder``): each request's view keeps most
+    instances' snapshot objects and replaces a few with new ones of the same ids, so the policy's
+    column cache reuses rows and re-reads (and re-prices the queues of) the changed ones; the
+    online correction moves the queue prices' scale in between. Decisions as the reference's."""
+    decisions = 0
+    for seed in range(40):
+        rng = random.Random(5000 + seed)
+        n = rng.choice([16, 24, 40])
+        roles = rng.choice([(P, D), (P, D, M), (M,)])
+        insts = [
+            InstanceSnapshot(
+                f"i{i}", roles[i % len(roles)], cached=frozenset(_cached(rng)), **_state(rng, P, 16)
+            )
+            for i in range(n)
+        ]
+        lat, cfg = random_latency(rng), random_config(rng)
+        clocks = ManualClock(), ManualClock()
+        new = GoodputAwarePolicy(clock=clocks[0], latency=lat, config=cfg)
+        old = ref.RefGoodputAwarePolicy(clock=clocks[1], latency=lat, config=cfg)
+        for k in range(15):
+            for _ in range(rng.choice([0, 1, 1, 2, n])):  # a few workers' state changed (or all)
+                j = rng.randrange(n)
+                i = insts[j]
+                insts[j] = dataclasses.replace(i, **_state(rng, i.role, 16))
+            view = ClusterView(list(insts))
+            req = random_request(rng, k)
+            a, b = new.place(req, view), old.place(req, view)
+            assert _bare(a) == b, (seed, k, req)
+            decisions += 1
+            if isinstance(a, Placement) and rng.random() < 0.5:
+                obs = Observation(req.request_id, rng.uniform(0.01, 3.0), rng.uniform(0.005, 0.3), 20)
+                new.on_finished(obs)
+                old.on_finished(obs)
+            dt = rng.choice([0.0, 0.3])
+            for c in clocks:
+                c.advance(dt)
+    assert decisions == 40 * 15
+
+
 @pytest.mark.parametrize(
     ("new_cls", "old_cls"),
     [
