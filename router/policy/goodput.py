@@ -125,6 +125,13 @@ class GoodputConfig:
     # are multiplied by busy / shared_cores (the placed request's instance counted busy).
     # None: every instance has its own device (GPUs), no contention term.
     shared_cores: int | None = None
+    # A correction nobody confirms fades: once no request of a phase finished for
+    # ``correction_stale_s``, its online factor and error quantile decay toward the model
+    # (the workers' own profiles) with this half-life. Without it a cluster that was slow for a
+    # while (a busy host) refused every request with an SLO from then on, and refused requests
+    # bring no new measurement (#19). None: never fade.
+    correction_stale_s: float | None = 30.0
+    correction_half_life_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not (0 <= self.slo_margin < 1 and self.priority_margin_step >= 0 and 0 <= self.max_margin < 1):
@@ -135,6 +142,10 @@ class GoodputConfig:
             raise ValueError("need 0 < min_retry_after_s <= max_retry_after_s")
         if self.shared_cores is not None and self.shared_cores < 1:
             raise ValueError("shared_cores must be >= 1 (None: no shared cores)")
+        if (self.correction_stale_s is not None and self.correction_stale_s < 0) or not (
+            self.correction_half_life_s > 0
+        ):
+            raise ValueError("need correction_stale_s >= 0 (None: never fade) and correction_half_life_s > 0")
 
     def contention(self, view: ClusterView) -> float:
         """Slow-down of every instance's steps when they share ``shared_cores`` cores: busy
@@ -402,6 +413,7 @@ class GoodputAwarePolicy(PlacementPolicy):
         self._ledger = _Ledger()
         self._lock = threading.Lock()
         self._cols = ColumnCache()  # the pools' load columns, rows reused while unchanged
+        self._learned_at: dict[Phase, float] = {}  # when a sample last corrected each phase
 
     # ------------------------------------------------------------------ feedback
     def on_finished(self, obs: Observation) -> None:
@@ -414,9 +426,22 @@ class GoodputAwarePolicy(PlacementPolicy):
             )
         if e is None:
             return
-        self.corrected.observe(Phase.TTFT, e.ttft_base_s, obs.ttft_s)
-        if obs.output_tokens > 1:
-            self.corrected.observe(Phase.TPOT, e.tpot_base_s, obs.tpot_s)
+        now = self.clock.now()
+        if self.corrected.observe(Phase.TTFT, e.ttft_base_s, obs.ttft_s):
+            self._learned_at[Phase.TTFT] = now
+        if obs.output_tokens > 1 and self.corrected.observe(Phase.TPOT, e.tpot_base_s, obs.tpot_s):
+            self._learned_at[Phase.TPOT] = now
+
+    def _fade(self, now: float) -> None:
+        """Decay each phase's correction toward the model when no sample confirmed it for
+        ``correction_stale_s`` (:class:`GoodputConfig`). Call under ``self._lock``."""
+        cfg = self.config
+        if cfg.correction_stale_s is None:
+            return
+        for phase, t in self._learned_at.items():
+            idle = now - t - cfg.correction_stale_s
+            if idle > 0:
+                self.corrected.relax(phase, 0.5 ** (idle / cfg.correction_half_life_s))
 
     def release(self, request_id: str) -> None:
         with self._lock:
@@ -481,6 +506,7 @@ class GoodputAwarePolicy(PlacementPolicy):
             now = self.clock.now()
             self._ledger.expire(now)
             self._ledger.pop(req.request_id)  # a retried id replaces its old entry
+            self._fade(now)
             self._trace = None
             d = self._decide(req, view, now)
             if isinstance(d, Rejection):

@@ -183,6 +183,7 @@ class OnlineCorrectedLatency:
         self._upper = {p: 0.0 for p in Phase}
         self._samples = {p: 0 for p in Phase}
         self._first: dict[Phase, list[float]] = {p: [] for p in Phase}  # calibration log ratios
+        self._anchor = {p: (0.0, 0.0) for p in Phase}  # (log factor, quantile) after the last sample
         self._lock = threading.Lock()
 
     def factor(self, phase: Phase) -> float:
@@ -210,6 +211,16 @@ class OnlineCorrectedLatency:
         if self._samples[phase] < c.min_spread_samples:
             return 1.0
         return math.exp(self._upper[phase])
+
+    def relax(self, phase: Phase, weight: float) -> None:
+        """Set ``phase``'s log factor and tracked error quantile to ``weight`` (in [0, 1]) times
+        their values after its last sample (the model's own prediction at 0): a correction no
+        sample has confirmed for a while fades. The next sample goes on from the relaxed values."""
+        w = min(1.0, max(0.0, weight))
+        with self._lock:
+            log_f, u = self._anchor[phase]
+            self._factor[phase] = math.exp(log_f * w)
+            self._upper[phase] = u * w
 
     def upper_log_error(self, phase: Phase) -> float:
         """The tracked upper quantile of the log error (``log(spread)`` once enough samples)."""
@@ -254,6 +265,7 @@ class OnlineCorrectedLatency:
                 self._upper[phase] = u if u > 0 else 0.0
                 self._factor[phase] = math.exp(log_f + c.alpha * err)
             self._samples[phase] += 1
+            self._anchor[phase] = (math.log(self._factor[phase]), self._upper[phase])
         return True
 
     def prefill_time(self, tokens: Sequence[int], contexts: Sequence[int] | None = None) -> float:

@@ -134,3 +134,36 @@ def test_the_trace_counts_the_queue_ahead_and_is_off_by_default() -> None:
     quiet = GoodputAwarePolicy(clock=ManualClock())
     assert quiet.on_decision is None
     assert isinstance(quiet.place(_req("q", 300, slo), _view(queued=400)), Placement)
+
+
+def test_a_correction_no_sample_confirms_fades_and_admission_recovers() -> None:
+    """A busy host made the cluster 3.6x its profile during the warm-up; refused requests bring no
+    measurement, so without fading every later request with an SLO was refused for good. After
+    ``correction_stale_s`` without a sample the factor decays toward the profile (half-life)."""
+    clock = ManualClock()
+    pol = GoodputAwarePolicy(clock=clock, config=GoodputConfig())
+    _warm_up(pol, [3.6] * 8, n=256)
+    assert pol.corrected.factor(Phase.TTFT) == pytest.approx(3.6)
+    slo = SLO(ttft_s=2.0, tpot_s=10.0)
+    assert isinstance(pol.place(_req("a", 256, slo), _view()), Rejection)
+    clock.advance(29.0)  # not stale yet: nothing fades
+    assert isinstance(pol.place(_req("b", 256, slo), _view()), Rejection)
+    assert pol.corrected.factor(Phase.TTFT) == pytest.approx(3.6)
+    clock.advance(1.0 + 3 * 60.0)  # 3 half-lives past stale: 3.6 ** (1 / 8)
+    d = pol.place(_req("c", 256, slo), _view())
+    assert isinstance(d, Placement)
+    assert pol.corrected.factor(Phase.TTFT) == pytest.approx(3.6 ** (1 / 8))
+    # a new sample corrects from there (and stamps the phase as confirmed again)
+    base = d.estimated_ttft_s / pol.corrected.factor(Phase.TTFT)
+    pol.on_finished(Observation("c", 3.6 * base, 0.05, 30, num_prompt_tokens=256))
+    f = pol.corrected.factor(Phase.TTFT)
+    assert 3.6 ** (1 / 8) < f < 3.6
+    clock.advance(10.0)
+    pol.place(_req("d", 256, slo), _view())
+    assert pol.corrected.factor(Phase.TTFT) == pytest.approx(f)
+    with pytest.raises(ValueError):
+        GoodputConfig(correction_half_life_s=0.0)
+    never = GoodputAwarePolicy(clock=clock, config=GoodputConfig(correction_stale_s=None))
+    _warm_up(never, [3.6] * 5, n=256)
+    clock.advance(1e4)
+    assert isinstance(never.place(_req("e", 256, slo), _view()), Rejection)
