@@ -1,0 +1,178 @@
+"""Resume after preemption at a 2k-token context: swap-in vs recompute (issue #15).
+
+A random-weight Llama-like model (CPU-sized: 4 layers, hidden 256, 8 heads / 4 KV heads,
+fp32) runs two requests with ``--context``-token prompts on a KV pool that holds both prompts but
+not both grown past their next block: when the more important request (A) needs a block, the
+other (B) is preempted. B resumes after A finishes. Two engines, identical but for
+``swap_space_bytes``, run the same scenario in this run:
+
+* swap: B's KV goes to the host block pool and is copied back when B resumes;
+* recompute (``swap_space_bytes=0``, today's default): B's KV is dropped and its
+  ``context + generated`` tokens are prefilled again (chunked by the token budget).
+
+Resume time = the engine steps from B's first step after the preemption until B's next token
+(both include that token's decode). Prefix caching is off, so the recompute cannot reuse B's
+freed blocks. Each engine runs ``--repeats`` times, interleaved; medians are compared.
+Target: swap resume <= 0.5x recompute resume (PASS/FAIL). B's tokens must be identical in both.
+
+Usage: python bench/swap_resume.py [--context 2048] [--repeats 2] [--block-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.request import RequestStatus  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+TARGET = 0.5  # swap resume / recompute resume
+VOCAB = 1024
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--context", type=int, default=2048, help="prompt tokens of each request (default 2048)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per engine, interleaved (default 2)")
+    p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens each request generates (default 24)")
+    return p
+
+
+def make_model(root: Path, max_pos: int) -> Path:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    d = root / "llama"
+    model.save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+
+def _engine(path: Path, args: argparse.Namespace, swap: bool) -> LLMEngine:
+    bs = args.block_size
+    per_req = -(-(args.context + 1) // bs)  # blocks a request holds right after its prefill
+    blocks = 2 * per_req + 1  # both fit; the second to grow past its last block preempts the other
+    eng = LLMEngine.from_pretrained(
+        path,
+        EngineConfig(
+            block_size=bs,
+            num_kv_blocks=blocks,
+            max_num_batched_tokens=2048,
+            long_prefill_token_threshold=512,
+            enable_prefix_caching=False,
+            max_model_len=args.context + 2 * args.max_tokens + 64,
+            swap_space_bytes=(per_req + 8) * _block_nbytes(path, bs) if swap else 0,
+        ),
+    )
+    return eng
+
+
+def _block_nbytes(path: Path, block_size: int) -> int:
+    """Bytes of one fp32 KV block of the model (``KVShape.block_nbytes``)."""
+    from engine.models.config import ModelConfig
+
+    m = ModelConfig.from_path(path)
+    return m.num_hidden_layers * 2 * block_size * m.num_key_value_heads * m.head_dim * 4
+
+
+def run_once(eng: LLMEngine, args: argparse.Namespace, tag: str) -> tuple[float, list[int], int]:
+    """One scenario; returns (B's resume seconds, B's tokens, how B was preempted: swaps)."""
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    eng.add_request(f"A-{tag}", _prompt(args.context, 1), params, priority=0)
+    eng.add_request(f"B-{tag}", _prompt(args.context, 2), params, priority=1)
+    b = eng.scheduler.requests[f"B-{tag}"]
+    resume_s = 0.0
+    resuming = done = False
+    tokens: list[int] = []
+    while eng.has_unfinished():
+        before = b.status
+        n_out = b.num_output_tokens
+        t = time.perf_counter()
+        outs = eng.step()
+        dt = time.perf_counter() - t
+        for o in outs:
+            if o.request_id == f"B-{tag}" and o.finished:
+                tokens = o.token_ids
+        if (
+            not resuming
+            and b.num_preemptions > 0
+            and before in (RequestStatus.SWAPPED, RequestStatus.PREEMPTED)
+            and b.status is RequestStatus.RUNNING
+        ):
+            resuming = True
+        if resuming and not done:
+            resume_s += dt
+            done = b.num_output_tokens > n_out
+    if not done:
+        raise RuntimeError(f"request B was never preempted and resumed (run {tag}): check the pool size")
+    return resume_s, tokens, b.num_swaps
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    with tempfile.TemporaryDirectory() as td:
+        path = make_model(Path(td), args.context + 2 * args.max_tokens + 64)
+        swap_eng = _engine(path, args, swap=True)
+        rec_eng = _engine(path, args, swap=False)
+        # warm-up (first-call allocations), not timed
+        run_once(swap_eng, args, "warm-s")
+        run_once(rec_eng, args, "warm-r")
+        swap_t: list[float] = []
+        rec_t: list[float] = []
+        same = True
+        for i in range(args.repeats):
+            s, toks_s, swaps = run_once(swap_eng, args, f"s{i}")
+            r, toks_r, swaps_r = run_once(rec_eng, args, f"r{i}")
+            if swaps < 1 or swaps_r != 0:
+                raise RuntimeError(f"run {i}: swap engine swapped {swaps}x, recompute engine {swaps_r}x")
+            same &= toks_s == toks_r
+            swap_t.append(s)
+            rec_t.append(r)
+        st = swap_eng.stats()
+        bw = swap_eng.rates.swap_bytes_per_s or 0.0
+        tps = swap_eng.rates.prefill_tokens_per_s or 0.0
+    ms, mr = statistics.median(swap_t), statistics.median(rec_t)
+    ratio = ms / mr
+    print(f"context {args.context} tokens, block {args.block_size}, {args.repeats} runs per engine (CPU)")
+    print(f"  swap-in resume    median {ms * 1e3:8.2f} ms  runs {[round(x * 1e3, 2) for x in swap_t]}")
+    print(f"  recompute resume  median {mr * 1e3:8.2f} ms  runs {[round(x * 1e3, 2) for x in rec_t]}")
+    print(
+        f"  measured rates: copy {bw / 1e9:.2f} GB/s, prefill {tps:.0f} tokens/s; "
+        f"blocks swapped out {st.swapped_out_blocks}, in {st.swapped_in_blocks}"
+    )
+    print(f"  B's tokens identical (swap vs recompute): {same}")
+    ok = ratio <= TARGET and same
+    print(f"swap/recompute resume ratio {ratio:.3f} (target <= {TARGET}): {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
