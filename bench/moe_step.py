@@ -15,7 +15,8 @@ on CUDA the clock is wall time with synchronisation). Printed: the medians and t
 (target <= 1.15). Then, in a separate instrumented pass of
 our steps (timers around the MoE blocks would perturb the ratio), the share of the step spent in
 routing (``SparseMoE.route``: router matmul, softmax, top-k, renormalisation), in the experts'
-matmuls, and in grouping tokens by expert and scattering results back (the rest of the block).
+matmuls (``SparseMoE.run_experts``: grouped matmuls), in Qwen2-MoE's shared expert, and in
+grouping tokens by expert and scattering results back (the rest of the block).
 
 Usage: python bench/moe_step.py [--family qwen3_moe] [--batches 1,8,32] [--context 64] [--steps 30]
        [--threads 1] [--clock cpu|wall] [--device cpu|cuda]
@@ -158,7 +159,7 @@ def routing_share(
 ) -> tuple[float, float, float]:
     """Shares of our decode step in routing, expert matmuls, and grouping/scatter."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    acc = {"route": 0.0, "expert": 0.0, "block": 0.0}
+    acc = {"route": 0.0, "experts": 0.0, "shared": 0.0, "block": 0.0}
 
     def wrap(name: str, fn):
         def inner(*a, **k):
@@ -172,16 +173,17 @@ def routing_share(
         return inner
 
     ours = Ours(path, prompts, steps, device)
-    originals = (SparseMoE.route, SparseMoE._expert, SparseMoE.forward)
-    SparseMoE.route = wrap("route", SparseMoE.route)  # type: ignore[method-assign]
-    SparseMoE._expert = wrap("expert", SparseMoE._expert)  # type: ignore[method-assign]
-    SparseMoE.forward = wrap("block", SparseMoE.forward)  # type: ignore[method-assign]
+    names = {"route": "route", "experts": "run_experts", "shared": "shared", "block": "forward"}
+    originals = {k: getattr(SparseMoE, m) for k, m in names.items()}
+    for k, m in names.items():
+        setattr(SparseMoE, m, wrap(k, originals[k]))
     try:
         total = sum(_timed(ours.step, sync) for _ in range(steps))
     finally:
-        SparseMoE.route, SparseMoE._expert, SparseMoE.forward = originals  # type: ignore[method-assign]
-    rest = acc["block"] - acc["route"] - acc["expert"]
-    return acc["route"] / total, acc["expert"] / total, rest / total
+        for k, m in names.items():
+            setattr(SparseMoE, m, originals[k])
+    acc["grouping"] = acc["block"] - acc["route"] - acc["experts"] - acc["shared"]
+    return {k: v / total for k, v in acc.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,12 +235,13 @@ def main() -> None:
                 t_hf.append(_timed(theirs.step, sync))
             mo, mh = statistics.median(t_ours), statistics.median(t_hf)
             r = mo / mh
-            route, expert, group = routing_share(path, prompts, a.steps, a.device)
+            sh = routing_share(path, prompts, a.steps, a.device)
             print(
                 f"batch {b:>3}: engine step {mo * 1e3:7.2f} ms, transformers forward {mh * 1e3:7.2f} ms: "
                 f"ratio {r:.3f} (target <= {TARGET}) {'PASS' if r <= TARGET else 'FAIL'}; "
-                f"share of our step: routing {route:.1%}, expert matmuls {expert:.1%}, "
-                f"grouping/scatter {group:.1%}"
+                f"share of our step: routing {sh['route']:.1%}, expert matmuls {sh['experts']:.1%}, "
+                + (f"shared expert {sh['shared']:.1%}, " if a.family == "qwen2_moe" else "")
+                + f"grouping/scatter {sh['grouping']:.1%} (MoE blocks {sh['block']:.1%})"
             )
 
 

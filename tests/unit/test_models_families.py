@@ -169,28 +169,39 @@ def test_golden_with_chunked_prefill_and_prefix_hits(models, hf, arch) -> None:
     assert eng.kv.num_used_blocks == 0
 
 
+@pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_moe_block_equals_hf_and_runs_each_expert_once_per_batch(models, hf, arch, monkeypatch) -> None:
-    """Layer 0's MoE block on 1 and 32 tokens equals HF's sparse block; over the 32-token batch
-    each expert with tokens runs exactly once (grouped by expert, not one token at a time)."""
+def test_moe_block_equals_hf_and_groups_tokens_by_expert(models, hf, arch, grouped, monkeypatch) -> None:
+    """Layer 0's MoE block on 1 and 32 tokens equals HF's sparse block. Grouped path: each
+    projection is one grouped matmul for the whole batch; loop path: each expert that has
+    tokens runs exactly once per batch (never one token at a time)."""
+    import torch.nn.functional as F
+
     from engine.models.loader import load_model
     from engine.models.moe import SparseMoE
 
     ours = load_model(models[arch], torch.float32, torch.device("cpu")).model.layers[0].mlp
     ref = hf(arch).model.layers[0].mlp
-    assert isinstance(ours, SparseMoE) and ours.w13 is not None  # fused: stacked expert weights
-    calls: list[int] = []
-    run = SparseMoE._expert
-    monkeypatch.setattr(SparseMoE, "_expert", lambda self, e, x: calls.append(e) or run(self, e, x))
+    assert isinstance(ours, SparseMoE) and ours.w13t is not None  # fused: stacked expert weights
+    assert ours.grouped  # torch has grouped_mm
+    ours.grouped = grouped
+    experts: list[int] = []
+    grouped_calls: list[int] = []
+    run, gmm = SparseMoE._expert, F.grouped_mm
+    monkeypatch.setattr(SparseMoE, "_expert", lambda self, e, x: experts.append(e) or run(self, e, x))
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: grouped_calls.append(1) or gmm(*a, **k))
     g = torch.Generator().manual_seed(3)
     for t in (1, 32):
         x = torch.randn(t, 64, generator=g)
-        calls.clear()
+        experts.clear()
+        grouped_calls.clear()  # transformers' experts call grouped_mm too: ours are read before it runs
         with torch.no_grad():
-            got, want = ours(x), ref(x.unsqueeze(0))[0]
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            got = ours(x)
+            calls = (len(grouped_calls), list(experts))
+            want = ref(x.unsqueeze(0))[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         _, ids = ours.route(x)
-        assert sorted(calls) == sorted(set(ids.flatten().tolist()))
+        assert calls == ((2, []) if grouped else (0, sorted(set(ids.flatten().tolist()))))
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
