@@ -18,7 +18,7 @@ router that relays slower than its workers produce finishes after them: relayed/
 The machine's load average is printed beside the figures; progress (requests done) on stderr.
 
 Usage: python bench/relay_ceiling.py [--streams 64] [--requests 256] [--max-tokens 128]
-       [--decode 1] [--out PATH]
+       [--decode 1] [--stream-interval 1] [--stream-window-ms MS] [--out PATH]
 """
 
 from __future__ import annotations
@@ -102,7 +102,12 @@ def run(a: argparse.Namespace) -> CeilingResult:
             num_prefill=1,
             num_decode=a.decode,
             worker_kv_blocks=4096,
-            worker_args=("--stream-interval", str(a.stream_interval)),
+            worker_args=(
+                "--stream-interval",
+                str(a.stream_interval),
+                "--stream-window-ms",
+                f"{window_ms(a):g}",
+            ),
         )
         with launch(spec) as cl:
             decode = [addr for wid, addr in cl.workers.items() if wid.startswith("decode")]
@@ -151,6 +156,14 @@ def _decode_arrivals(arrivals: list[tuple[float, int, bool]]) -> list[tuple[floa
     return sorted((t, n) for t, n in out if n > 0)
 
 
+def window_ms(a: argparse.Namespace) -> float:
+    """The decode workers' coalescing window of this run (ms): ``--stream-window-ms`` or the
+    workers' default."""
+    from pdserve.worker_base import DEFAULT_STREAM_WINDOW_S
+
+    return DEFAULT_STREAM_WINDOW_S * 1000.0 if a.stream_window_ms is None else a.stream_window_ms
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pdserve import cli_help
 
@@ -166,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="the decode worker's --stream-interval (tokens per message after the first)",
     )
+    ap.add_argument(
+        "--stream-window-ms",
+        type=float,
+        default=None,
+        help="the decode worker's --stream-window-ms (adaptive coalescing; default: the worker's default)",
+    )
     ap.add_argument("--poll-s", type=float, default=0.05, help="Stats polling interval of the decode workers")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     return cli_help.apply(ap)
@@ -177,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "PASS" if r.ratio >= TARGET else "FAIL"
     print(
         f"tiny Llama, {r.streams} streams, {r.requests} requests of {r.max_tokens} tokens, "
-        f"1 prefill + {r.decode_workers} decode, --stream-interval {a.stream_interval}"
+        f"1 prefill + {r.decode_workers} decode, --stream-interval {a.stream_interval} "
+        f"--stream-window-ms {window_ms(a):g}"
     )
     print(
         f"  decode workers produced: {r.produced_tps:9.0f} tokens/s  ({r.produced_tokens} tokens in "
