@@ -12,7 +12,8 @@ For each concurrency C of ``--streams`` (default 64 and 256), in one run on one 
 Printed: tokens/s of each, the ratio cluster / embedded (target >= 0.8: PASS/FAIL) and the CPU
 milliseconds per token of every process over the cluster run (router, prefill, decode, store and
 the client, this process; ``/proc/<pid>/stat``), with the router's target (<= 0.02 ms/token:
-PASS/FAIL), and the machine's load average beside each figure. Both runs use the cores this
+PASS/FAIL), the tokens per message the clients received (the decode workers' coalescing:
+``--stream-interval`` / ``--stream-window-ms``), and the machine's load average beside each figure. Both runs use the cores this
 process may use (``--cpus`` pins this process and so every process it starts to a set).
 A progress line (requests done) goes to stderr.
 
@@ -61,6 +62,7 @@ class EfficiencyResult:
     cluster_tokens: int
     cluster_wall_s: float
     cluster_failures: dict[str, int]
+    cluster_messages: int = 0  # messages the clients received (tokens per message: coalescing)
     cpu_ms_per_token: dict[str, float] = field(default_factory=dict)
     load_engine: str = ""
     load_cluster: str = ""
@@ -114,7 +116,13 @@ def measure_cluster(cl, c: int, n: int, max_tokens: int, prompt_len: int):
     meter = CpuMeter(pids).start()
     r = asyncio.run(
         sdk_closed_loop(
-            cl.router_address, c, n, max_tokens, prompt_len, progress=Progress(f"cluster, {c} streams", n)
+            cl.router_address,
+            c,
+            n,
+            max_tokens,
+            prompt_len,
+            progress=Progress(f"cluster, {c} streams", n),
+            record_arrivals=True,
         )
     )
     cpu = meter.stop()
@@ -188,7 +196,18 @@ def main(argv: list[str] | None = None) -> int:
                 r, per_tok = measure_cluster(cl, c, n, a.max_tokens, a.prompt_len)
                 results.append(
                     EfficiencyResult(
-                        c, n, e_tok, e_wall, e_cpu, r.tokens, r.wall_s, r.failures, per_tok, load_e, load_c
+                        c,
+                        n,
+                        e_tok,
+                        e_wall,
+                        e_cpu,
+                        r.tokens,
+                        r.wall_s,
+                        r.failures,
+                        len(r.arrivals),
+                        per_tok,
+                        load_e,
+                        load_c,
                     )
                 )
     print(
@@ -210,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.engine_cpu_ms_per_token:.4f} ms CPU/token)  [{r.load_engine}]"
         )
         print(
-            f"  cluster:  {r.cluster_tps:9.0f} tokens/s  ({r.cluster_tokens} tokens, {r.cluster_wall_s:.2f} s)"
+            f"  cluster:  {r.cluster_tps:9.0f} tokens/s  ({r.cluster_tokens} tokens, {r.cluster_wall_s:.2f} s; "
+            f"{r.cluster_tokens / max(r.cluster_messages, 1):.2f} tokens per message)"
             f"  [{r.load_cluster}]"
         )
         print(f"  ratio cluster/embedded: {r.ratio:.3f}  (target >= {RATIO_TARGET}: {verdict})")
