@@ -1,0 +1,83 @@
+"""The engine's MLFQ scheduler inside the simulator's step loop (simulator/instance.py runs the
+engine Scheduler as-is). The simulator builds its Scheduler without a clock today, so MLFQ is
+refused there with an error naming the missing clock; given the simulated clock
+(``Scheduler(config, kv, clock=loop.now)``) the same code runs and short jobs overtake a long one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from engine.block_manager import KVCacheManager
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulingPolicy
+from router.policy import InstanceRole
+from simulator.events import EventLoop
+from simulator.instance import SimInstance
+from simulator.latency.base import LatencyModel
+
+
+class LinearLatency(LatencyModel):
+    """10 ms per step plus 1 ms per prefill token (a fake, monotone model)."""
+
+    def __init__(self) -> None:
+        super().__init__(kv_bytes_per_token=1024)
+
+    def step_time(
+        self,
+        prefill_tokens: Sequence[int],
+        prefill_contexts: Sequence[int],
+        num_decodes: int,
+        decode_context: int,
+    ) -> float:
+        return 0.01 + 1e-3 * sum(prefill_tokens) + 1e-4 * num_decodes
+
+
+CFG = SchedulerConfig(
+    max_num_batched_tokens=512,
+    max_num_seqs=1,
+    long_prefill_token_threshold=0,
+    max_model_len=2048,
+    policy=SchedulingPolicy.MLFQ,
+    mlfq_base_prefill_s=0.02,
+    mlfq_quantum_iters=2,
+)
+
+
+def _instance(loop: EventLoop, done: dict[str, float]) -> SimInstance:
+    def on_step(rep) -> None:
+        for r in rep.done:
+            done[r.request_id] = rep.end
+
+    return SimInstance("mixed0", InstanceRole.MIXED, CFG, 256, 16, LinearLatency(), loop, on_step)
+
+
+def test_simulator_as_is_refuses_mlfq_naming_the_clock():
+    with pytest.raises(ValueError, match="needs a clock"):
+        _instance(EventLoop(), {})
+
+
+def test_mlfq_runs_in_the_simulator_step_loop_with_its_clock(monkeypatch):
+    # what simulator/instance.py needs: Scheduler(scheduler, self.kv, clock=self.loop.now)
+    real = Scheduler
+
+    def clocked(cfg, kv: KVCacheManager) -> Scheduler:
+        return real(cfg, kv, clock=loop.now, prefill_time=lambda n: 1e-3 * n)
+
+    monkeypatch.setattr("simulator.instance.Scheduler", clocked)
+    loop = EventLoop()
+    done: dict[str, float] = {}
+    inst = _instance(loop, done)
+    sp = SamplingParams(max_tokens=30, ignore_eos=True)
+    inst.submit(Request("long", range(400), sp, arrival_time=0.0))  # 0.4 s -> level 3
+    for i in range(3):
+        t = 0.5 + 0.05 * i
+        loop.at(t, inst.submit, Request(f"short{i}", range(10), SamplingParams(max_tokens=3), arrival_time=t))
+    loop.run()
+    assert set(done) == {"long", "short0", "short1", "short2"}
+    # the short jobs arrived while the long one decoded: they preempt it and finish first
+    assert max(done[f"short{i}"] for i in range(3)) < done["long"]
+    assert inst.sched.num_preemptions >= 1
+    assert inst.kv.num_free_blocks == 256
