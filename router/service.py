@@ -358,6 +358,13 @@ class GenerateServicer:
             log.debug("prefix lookup at %s failed: %s", addr, e)
             return 0
 
+    def _may_hold_prefix(self, ids: list[int]) -> bool:
+        """Whether the KV store could hold a prefix of prompt ``ids``: it has a full block before
+        its last token (what :meth:`_prefix_blocks` looks up). A shorter prompt skips the lookup
+        and its thread hop (a request's router CPU, #12)."""
+        bs = first_block_size(self.registry, self.config.model_id)
+        return bs is not None and len(ids) - 1 >= bs
+
     def _place(
         self,
         rid: str,
@@ -552,7 +559,8 @@ class GenerateServicer:
         run = _Run(rid, ids, params, t0, IncrementalDetokenizer(self.tokenizer, params.stop))
         run.lease_ttl_s = lease_ttl_s
         stored = 0
-        if uses_prefix_lookup(self.config.policy):  # I/O: off the loop, before the placement lock
+        if uses_prefix_lookup(self.config.policy) and self._may_hold_prefix(ids):
+            # I/O: off the loop, before the placement lock
             stored = await asyncio.to_thread(self._prefix_blocks, ids, req)
         with self._place_lock:
             placement, pw, dw, info = self._place(rid, ids, params, req, stored)
