@@ -42,7 +42,17 @@ from typing import Any
 
 from pdserve.errors import InvalidRequestError, ModelNotFoundError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "gemma3_text",
+)
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 # HF ACT2FN names implemented by engine.models.llama.activation (bit-identical to HF's modules)
@@ -159,6 +169,17 @@ _USED_BY_ARCH: dict[str, frozenset[str]] = {
         "decoder_sparse_step",
         "mlp_only_layers",
     },
+    "gemma3_text": _USED_COMMON
+    | {
+        "hidden_activation",
+        "attention_bias",
+        "query_pre_attn_scalar",
+        "sliding_window",
+        "sliding_window_pattern",
+        "layer_types",
+        "rope_local_base_freq",
+        "final_logit_softcapping",
+    },
     "qwen3_moe": _USED_COMMON
     | {
         "attention_bias",
@@ -182,6 +203,7 @@ _INERT_BY_ARCH: dict[str, frozenset[str]] = {
     "qwen3": frozenset(),
     # dropout (training only); original_max_position_embeddings is read only by longrope (refused)
     "phi3": frozenset({"resid_pdrop", "embd_pdrop", "original_max_position_embeddings"}),
+    "gemma3_text": frozenset({"cache_implementation"}),  # transformers' choice of KV cache class
     # the router's load-balancing loss and its jitter noise apply only in training
     "mixtral": _MOE_TRAINING_KEYS,
     "qwen2_moe": _MOE_TRAINING_KEYS,
@@ -322,6 +344,11 @@ _DEFAULT_ONLY_BY_ARCH: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] =
     "qwen3_moe": {
         "mlp_bias": (_is_false, "HF Qwen3-MoE has no MLP bias (false only)"),
     },
+    "gemma3_text": {
+        "mlp_bias": (_is_false, "HF Gemma3 has no MLP bias (false only)"),
+        "attn_logit_softcapping": (_is_empty, "attention logit soft-capping is not implemented (null only)"),
+        "use_bidirectional_attention": (_is_false, "only causal attention is supported (false only)"),
+    },
 }
 
 # transformers 5.23 defaults where the architectures differ (used when the key is absent)
@@ -345,6 +372,13 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 4,
         "moe_intermediate_size": 1408,
         "shared_expert_intermediate_size": 5632,
+    },
+    "gemma3_text": {
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 131072,
+        "head_dim": 256,
+        "tie_word_embeddings": True,
+        "query_pre_attn_scalar": 256,
     },
     "qwen3_moe": {
         "num_key_value_heads": 4,
@@ -407,13 +441,15 @@ def _model_type(d: Mapping[str, Any]) -> str:
     return mt
 
 
-def _rope(mt: str, d: Mapping[str, Any]) -> RopeConfig:
+def _rope(mt: str, d: Mapping[str, Any], label: str | None = None) -> RopeConfig:
     """HF's precedence: ``rope_scaling`` (legacy) over ``rope_parameters``; top-level
-    ``rope_theta`` fills in a missing theta."""
+    ``rope_theta`` fills in a missing theta. ``label``: the field named in errors (default: the
+    key read)."""
     src = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
     if not isinstance(d.get(src) or {}, dict):
         raise UnsupportedModelConfigError(mt, src, d.get(src), "expected an object")
     rp = dict(d.get(src) or {})
+    src = label or src
     if any(isinstance(v, dict) for v in rp.values()):
         raise UnsupportedModelConfigError(mt, src, rp, "per-layer-type RoPE parameters are not supported")
     kind = rp.pop("rope_type", None) or rp.pop("type", None) or "default"
@@ -450,6 +486,56 @@ def _rope(mt: str, d: Mapping[str, Any]) -> RopeConfig:
         original_max_position_embeddings=int(rp.get("original_max_position_embeddings", 8192)),
         partial_rotary_factor=float(prf),
     )
+
+
+def _gemma3_ropes(d: Mapping[str, Any]) -> tuple[RopeConfig, RopeConfig]:
+    """RoPE of Gemma3's full-attention and sliding layers (``Gemma3TextConfig``): nested
+    ``rope_parameters`` per layer type; missing thetas from ``rope_theta`` (full, default 1e6) and
+    ``rope_local_base_freq`` (sliding, default 1e4); legacy ``rope_scaling`` applies to full only."""
+    mt = "gemma3_text"
+    rp = d.get("rope_parameters")
+    if rp is not None and (
+        not isinstance(rp, dict) or any(not isinstance(v, dict | None) for v in rp.values())
+    ):
+        raise UnsupportedModelConfigError(
+            mt,
+            "rope_parameters",
+            rp,
+            f"expected an object per layer type ({FULL_ATTENTION}, {SLIDING_ATTENTION})",
+        )
+    rp = dict(rp or {})
+    extra = sorted(set(rp) - {FULL_ATTENTION, SLIDING_ATTENTION})
+    if extra:
+        raise UnsupportedModelConfigError(mt, "rope_parameters", rp, f"unknown layer types {extra}")
+    full = dict(rp.get(FULL_ATTENTION) or {"rope_type": "default"})
+    scaling = d.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise UnsupportedModelConfigError(mt, "rope_scaling", scaling, "expected an object")
+    full.update(scaling or {})
+    full.setdefault("rope_theta", d.get("rope_theta", 1_000_000.0))
+    local = dict(rp.get(SLIDING_ATTENTION) or {"rope_type": "default"})
+    local.setdefault("rope_theta", d.get("rope_local_base_freq", 10_000.0))
+    return (
+        _rope(mt, {"rope_parameters": full}, f"rope_parameters.{FULL_ATTENTION}"),
+        _rope(mt, {"rope_parameters": local}, f"rope_parameters.{SLIDING_ATTENTION}"),
+    )
+
+
+def _gemma3_windows(d: Mapping[str, Any], n_layers: int) -> tuple[int | None, ...]:
+    """Gemma3: ``layer_types``, else every ``sliding_window_pattern``-th layer (default 6) is
+    full attention and the others are windowed by ``sliding_window`` (default 4096)."""
+    mt = "gemma3_text"
+    if d.get("layer_types") is not None:
+        types = _layer_types(mt, d["layer_types"], n_layers)
+    else:
+        pattern = _pos_int(mt, "sliding_window_pattern", d.get("sliding_window_pattern", 6))
+        types = tuple(SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(n_layers))
+    w = _window_value(mt, "sliding_window", d.get("sliding_window", 4096))
+    if w is None and SLIDING_ATTENTION in types:
+        raise UnsupportedModelConfigError(
+            mt, "sliding_window", None, "sliding_attention layers need a window"
+        )
+    return tuple(w if t == SLIDING_ATTENTION else None for t in types)
 
 
 def _layer_types(mt: str, raw: Any, n_layers: int) -> tuple[str, ...]:
@@ -492,6 +578,8 @@ def _layer_windows(mt: str, d: Mapping[str, Any], n_layers: int) -> tuple[int | 
         ) * n_layers
     if mt == "qwen2_moe":
         return _qwen2_moe_windows(d, n_layers)
+    if mt == "gemma3_text":
+        return _gemma3_windows(d, n_layers)
     if mt == "mistral":
         w = _window_value(mt, "sliding_window", d.get("sliding_window", 4096))
         if "layer_types" in d and d["layer_types"] is not None:
@@ -631,7 +719,10 @@ class ModelConfig:
     mlp_bias: bool = False  # gate/up/down carry a bias (Llama mlp_bias)
     hidden_act: str = "silu"
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window in tokens, None = full
-    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3, Qwen3-MoE)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3, Qwen3-MoE, Gemma3)
+    rope_local: RopeConfig | None = None  # RoPE of the sliding layers when it differs (Gemma3)
+    attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5 (Gemma3: query_pre_attn_scalar)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap) (Gemma3)
     moe: MoEConfig | None = None  # mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE)
     tie_word_embeddings: bool = False
     torch_dtype: str = "float32"
@@ -695,7 +786,7 @@ class ModelConfig:
             qkv_bias, o_bias = attn_bias, attn_bias  # HF Llama: q, k, v and o_proj
         elif mt == "qwen2":
             qkv_bias, o_bias, mlp_bias = True, False, False  # HF Qwen2: q/k/v bias=True, o_proj False
-        elif mt in ("qwen3", "qwen3_moe"):  # HF Qwen3(-MoE): attention_bias on q, k, v and o_proj
+        elif mt in ("qwen3", "qwen3_moe", "gemma3_text"):  # HF: attention_bias on q, k, v and o_proj
             qkv_bias = o_bias = _bool(mt, "attention_bias", d.get("attention_bias", False))
             mlp_bias = False
         elif mt == "qwen2_moe":  # HF Qwen2-MoE: q/k/v bias from qkv_bias (default true), no o_proj bias
@@ -703,7 +794,32 @@ class ModelConfig:
         else:
             qkv_bias = o_bias = mlp_bias = False
         head_dim = int(d.get("head_dim") or hf.get("head_dim") or hidden // heads)
-        rope = _rope(mt, d)
+        extra: dict[str, Any] = {}
+        act = str(d.get("hidden_act", "silu"))
+        if mt == "gemma3_text":
+            rope, extra["rope_local"] = _gemma3_ropes(d)
+            act = str(d.get("hidden_activation", "gelu_pytorch_tanh"))
+            if d.get("hidden_act") not in (None, act):  # Gemma3 reads hidden_activation only
+                raise UnsupportedModelConfigError(
+                    mt,
+                    "hidden_act",
+                    d["hidden_act"],
+                    f"Gemma3 uses hidden_activation ({act!r}); they disagree",
+                )
+            scalar = d.get("query_pre_attn_scalar", hf["query_pre_attn_scalar"])
+            if isinstance(scalar, bool) or not isinstance(scalar, int | float) or scalar <= 0:
+                raise UnsupportedModelConfigError(
+                    mt, "query_pre_attn_scalar", scalar, "expected a positive number"
+                )
+            extra["attn_scale"] = float(scalar) ** -0.5
+            cap = d.get("final_logit_softcapping")
+            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int | float) or cap <= 0):
+                raise UnsupportedModelConfigError(
+                    mt, "final_logit_softcapping", cap, "expected a positive number"
+                )
+            extra["final_logit_softcapping"] = None if cap is None else float(cap)
+        else:
+            rope = _rope(mt, d)
         rd = rope.rotary_dim(head_dim)
         if rd % 2 or rd < 2:
             raise UnsupportedModelConfigError(
@@ -727,14 +843,15 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_proj_bias=o_bias,
             mlp_bias=mlp_bias,
-            hidden_act=str(d.get("hidden_act", "silu")),
+            hidden_act=act,
             layer_windows=_layer_windows(mt, d, n_layers),
-            qk_norm=mt in ("qwen3", "qwen3_moe"),
+            qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text"),
             moe=_moe(mt, d, n_layers),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", hf.get("tie_word_embeddings", False))),
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **extra,
         )
 
     @classmethod

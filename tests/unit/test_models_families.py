@@ -1,4 +1,5 @@
-"""Qwen3, Phi-3 and the mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) against transformers.
+"""Qwen3, Phi-3, Gemma 3 and the mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) against
+transformers.
 
 Tiny random-weight checkpoints are built with transformers 5.23 (``save_pretrained``,
 safetensors) once per module; every 1-d weight (norms, q/k norms, biases) is randomised too, so
@@ -8,7 +9,7 @@ a missing norm or bias cannot hide behind HF's ones/zeros initialisation.
   chunked prefill (chunks of 16, block size 8) and a second round starting from prefix-cache hits.
 * The MoE block alone equals HF's sparse block on a batch, and runs each expert at most once
   per batch (grouped by expert, not per token).
-* Disaggregated == whole for a MoE model: prefill_only + export_kv on one engine, import_kv and
+* Disaggregated == whole for two MoE models and Gemma 3: prefill_only + export_kv on one engine, import_kv and
   decode on another, the whole engine's tokens and log-probs.
 """
 
@@ -41,7 +42,14 @@ WINDOW = 24
 
 
 def _configs() -> dict:
-    from transformers import MixtralConfig, Phi3Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import (
+        Gemma3TextConfig,
+        MixtralConfig,
+        Phi3Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     return {
         # head_dim 32 != hidden/heads (16); every q/k/v/o bias on
@@ -67,6 +75,23 @@ def _configs() -> dict:
             shared_expert_intermediate_size=80,
             mlp_only_layers=[1],
             norm_topk_prob=False,
+        ),
+        # local (windowed, theta 1e4) and global (theta 1e6, linear scaling) layers; logit cap;
+        # query_pre_attn_scalar != head_dim; tied embeddings
+        "gemma3": Gemma3TextConfig(
+            **{**COMMON, "tie_word_embeddings": True},
+            head_dim=32,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            },
+            query_pre_attn_scalar=20,
+            final_logit_softcapping=5.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
         ),
         "qwen3_moe": Qwen3MoeConfig(
             **COMMON,
@@ -101,7 +126,7 @@ def make_models(root: Path, names: list[str] | None = None) -> dict[str, Path]:
     return out
 
 
-ARCHS = ["qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"]
+ARCHS = ["qwen3", "phi3", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe"]
 MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
 
@@ -204,8 +229,8 @@ def test_moe_block_equals_hf_and_groups_tokens_by_expert(models, hf, arch, group
         assert calls == ((2, []) if grouped else (0, sorted(set(ids.flatten().tolist()))))
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-def test_moe_disaggregated_equals_whole(models, arch) -> None:
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gemma3"])
+def test_disaggregated_equals_whole(models, arch) -> None:
     """prefill_only + export_kv on one engine, import_kv on another, decode: the whole engine's
     tokens and log-probs (block size 8; one prompt shorter than a block, one a multiple of it)."""
     path = models[arch]
@@ -249,7 +274,12 @@ def test_moe_disaggregated_equals_whole(models, arch) -> None:
 def _perturb(arch: str, model) -> None:
     """Switch off the feature the tiny config exercises, in HF's own model."""
     with torch.no_grad():
-        if arch == "qwen3":  # q/k norms -> plain RMS normalisation (weights 1)
+        if arch == "gemma3":  # the sliding layers' own RoPE (theta 1e4) -> the global one
+            rot = model.model.rotary_emb
+            rot.sliding_attention_inv_freq.copy_(rot.full_attention_inv_freq)
+        elif arch == "gemma3_cap":  # no final logit soft-capping
+            model.config.final_logit_softcapping = None
+        elif arch == "qwen3":  # q/k norms -> plain RMS normalisation (weights 1)
             for lyr in model.model.layers:
                 lyr.self_attn.q_norm.weight.fill_(1.0)
                 lyr.self_attn.k_norm.weight.fill_(1.0)
@@ -267,24 +297,25 @@ def _perturb(arch: str, model) -> None:
                 lyr.mlp.gate.top_k = 1
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_the_tiny_configs_exercise_their_feature(models, arch) -> None:
+@pytest.mark.parametrize("feature", [*ARCHS, "gemma3_cap"])
+def test_the_tiny_configs_exercise_their_feature(models, feature) -> None:
     """The golden tests have power: without the family's feature transformers answers otherwise."""
     from transformers import AutoModelForCausalLM
 
+    arch = feature.split("_cap")[0]
     ids = torch.tensor(_prompts((60,), seed=9))
     a = AutoModelForCausalLM.from_pretrained(models[arch], dtype=torch.float32).eval()
     b = AutoModelForCausalLM.from_pretrained(models[arch], dtype=torch.float32).eval()
-    _perturb(arch, b)
+    _perturb(feature, b)
     with torch.no_grad():
         la, lb = torch.log_softmax(a(ids).logits[0], -1), torch.log_softmax(b(ids).logits[0], -1)
     assert (la - lb).abs().max() > 10 * TOL
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["qwen3", "phi3", "gemma3"])
 def test_tensor_parallel_shards_add_up(models, arch) -> None:
-    """Qwen3 (q/k norms, o_proj bias) and Phi-3 (built fused): two shards' attention and MLP
-    outputs sum to the whole model's (the engine all-reduces them)."""
+    """Qwen3 (q/k norms, o_proj bias), Phi-3 (built fused), Gemma3 (Gemma q/k norms): two
+    shards' attention and MLP outputs sum to the whole model's (the engine all-reduces them)."""
     import copy
 
     from engine.attention import AttentionMetadata, PrefillSlice
