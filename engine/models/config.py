@@ -799,6 +799,10 @@ class ModelConfig:
         if mt == "gemma3_text":
             rope, extra["rope_local"] = _gemma3_ropes(d)
             act = str(d.get("hidden_activation", "gelu_pytorch_tanh"))
+            if act not in SUPPORTED_ACTIVATIONS:
+                raise UnsupportedModelConfigError(
+                    mt, "hidden_activation", act, f"supported activations: {', '.join(SUPPORTED_ACTIVATIONS)}"
+                )
             if d.get("hidden_act") not in (None, act):  # Gemma3 reads hidden_activation only
                 raise UnsupportedModelConfigError(
                     mt,

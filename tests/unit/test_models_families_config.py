@@ -1,7 +1,7 @@
-"""config.json of Qwen3, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE (engine/models/config.py).
+"""config.json of Qwen3, Phi-3, Gemma 3, Mixtral, Qwen2-MoE and Qwen3-MoE (engine/models/config.py).
 
 * What transformers 5.23 writes (``XConfig().to_dict()``) and configs shaped like the published
-  checkpoints' (Qwen3-0.6B, Phi-3-mini-4k, Mixtral-8x7B, Qwen1.5-MoE-A2.7B, Qwen3-30B-A3B) load,
+  checkpoints' (Qwen3-0.6B, Phi-3-mini-4k, Gemma-3-1b, Mixtral-8x7B, Qwen1.5-MoE-A2.7B, Qwen3-30B-A3B) load,
   every key classified, and we read the same sizes, expert counts, top-k, renormalisation and
   per-layer windows as transformers' own config object.
 * A field that changes the math and is not implemented, or a bad value, is refused by name.
@@ -14,7 +14,7 @@ import pytest
 from engine.models.config import ModelConfig, UnsupportedModelConfigError, classify_keys
 from pdserve.errors import ErrorCode, InvalidRequestError
 
-ARCHS = ["qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"]
+ARCHS = ["qwen3", "phi3", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 def _hf_config(d: dict):
@@ -115,6 +115,38 @@ HUB = {
         use_cache=True,
         attention_bias=False,
         vocab_size=32064,
+    ),  # fmt: skip
+    "Gemma-3-1b": dict(
+        architectures=["Gemma3ForCausalLM"],
+        attention_bias=False,
+        attention_dropout=0.0,
+        attn_logit_softcapping=None,
+        bos_token_id=2,
+        cache_implementation="hybrid",
+        eos_token_id=[1, 106],
+        final_logit_softcapping=None,
+        head_dim=256,
+        hidden_activation="gelu_pytorch_tanh",
+        hidden_size=1152,
+        initializer_range=0.02,
+        intermediate_size=6912,
+        max_position_embeddings=32768,
+        model_type="gemma3_text",
+        num_attention_heads=4,
+        num_hidden_layers=26,
+        num_key_value_heads=1,
+        pad_token_id=0,
+        query_pre_attn_scalar=256,
+        rms_norm_eps=1e-06,
+        rope_local_base_freq=10000,
+        rope_scaling=None,
+        rope_theta=1000000,
+        sliding_window=512,
+        sliding_window_pattern=6,
+        torch_dtype="bfloat16",
+        transformers_version="4.50.0.dev0",
+        use_cache=True,
+        vocab_size=262144,
     ),  # fmt: skip
     "Mixtral-8x7B": dict(
         architectures=["MixtralForCausalLM"],
@@ -218,7 +250,7 @@ HUB = {
 def _hf_windows(hf) -> tuple:
     """Per-layer window as transformers' modeling code applies it."""
     n = hf.num_hidden_layers
-    if hf.model_type in ("qwen3", "qwen2_moe"):
+    if hf.model_type in ("qwen3", "qwen2_moe", "gemma3_text"):
         return tuple(hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types)
     return (hf.sliding_window,) * n  # phi3, mixtral, qwen3_moe: every layer (None = full)
 
@@ -234,9 +266,24 @@ def _agrees_with_hf(d: dict) -> ModelConfig:
     )
     assert cfg.max_position_embeddings == hf.max_position_embeddings
     assert cfg.layer_windows == _hf_windows(hf)
-    assert cfg.qk_norm == (d["model_type"] in ("qwen3", "qwen3_moe"))
+    assert cfg.qk_norm == (d["model_type"] in ("qwen3", "qwen3_moe", "gemma3_text"))
+    if d["model_type"] == "gemma3_text":
+        rp = hf.rope_parameters
+        assert cfg.rope_local is not None
+        assert (cfg.rope.theta, cfg.rope.kind) == (
+            rp["full_attention"]["rope_theta"],
+            rp["full_attention"]["rope_type"],
+        )
+        assert cfg.rope.factor == rp["full_attention"].get("factor", 1.0)
+        assert (cfg.rope_local.theta, cfg.rope_local.kind) == (
+            rp["sliding_attention"]["rope_theta"],
+            "default",
+        )
+        assert cfg.attn_scale == hf.query_pre_attn_scalar**-0.5
+        assert cfg.final_logit_softcapping == hf.final_logit_softcapping
+        assert (cfg.hidden_act, cfg.tie_word_embeddings) == (hf.hidden_activation, hf.tie_word_embeddings)
     if cfg.moe is None:
-        assert d["model_type"] in ("qwen3", "phi3")
+        assert d["model_type"] in ("qwen3", "phi3", "gemma3_text")
         return cfg
     m = cfg.moe
     assert (m.num_experts, m.top_k) == (hf.num_experts, hf.num_experts_per_tok)
@@ -313,6 +360,36 @@ def test_windows_follow_transformers(use, window, mwl) -> None:
     _agrees_with_hf(_small("phi3", sliding_window=window if use else None))
 
 
+def test_gemma3_rope_and_windows_follow_transformers() -> None:
+    legacy = _small("gemma3_text", rope_theta=5e5, rope_local_base_freq=2e4, sliding_window=32)
+    legacy.pop("rope_parameters")
+    legacy["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}  # the global layers only
+    legacy["sliding_window_pattern"] = 2
+    cfg = _agrees_with_hf(legacy)
+    assert cfg.layer_windows == (32, None, 32, None)
+    assert (cfg.rope.theta, cfg.rope.factor, cfg.rope_local.theta, cfg.rope_local.kind) == (
+        5e5,
+        4.0,
+        2e4,
+        "default",
+    )
+    types = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    assert _agrees_with_hf(_small("gemma3_text", layer_types=types, sliding_window=8)).layer_windows == (
+        None,
+        8,
+        8,
+        None,
+    )
+    cfg = _agrees_with_hf(_small("gemma3_text", final_logit_softcapping=30.0, query_pre_attn_scalar=144))
+    assert cfg.final_logit_softcapping == 30.0 and cfg.attn_scale == 144**-0.5
+
+
+def test_gemma2_and_gemma3_multimodal_are_not_supported() -> None:
+    for mt in ("gemma2", "gemma3", "gemma"):
+        with pytest.raises(InvalidRequestError, match=f"model_type '{mt}' is not supported"):
+            ModelConfig.from_dict({**_small("gemma3_text"), "model_type": mt})
+
+
 LONGROPE = {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
 
 
@@ -338,6 +415,15 @@ LONGROPE = {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] 
         ("qwen3_moe", "num_experts_per_tok", 0),
         ("qwen3_moe", "shared_expert_intermediate_size", 64),  # no shared expert in Qwen3-MoE
         ("qwen3_moe", "use_sliding_window", 1),
+        ("gemma3_text", "attn_logit_softcapping", 50.0),  # Gemma 2 style attention soft-capping
+        ("gemma3_text", "use_bidirectional_attention", True),
+        ("gemma3_text", "hidden_act", "silu"),  # disagrees with hidden_activation
+        ("gemma3_text", "hidden_activation", "relu2"),
+        ("gemma3_text", "final_logit_softcapping", 0),
+        ("gemma3_text", "query_pre_attn_scalar", -1),
+        ("gemma3_text", "sliding_window", None),  # sliding layers need a window
+        ("gemma3_text", "rope_parameters", {"chunked_attention": {"rope_type": "default"}}),
+        ("gemma3_text", "mlp_bias", True),
     ],
 )
 def test_unsupported_fields_and_values_are_refused_by_name(arch, key, value) -> None:
