@@ -1,5 +1,6 @@
 """Model configuration parsed from an HF ``config.json``: the Llama family (llama, mistral, qwen2),
-Qwen3 (qwen3), Phi-3 (phi3) and the mixtures of experts (mixtral, qwen2_moe, qwen3_moe).
+Qwen3 (qwen3), Phi-3 (phi3), Gemma 3 (gemma3_text) and the mixtures of experts (mixtral,
+qwen2_moe, qwen3_moe).
 
 The rule: **every key of config.json is classified** for its architecture, and a key that could
 change the computation is either implemented or refused. :func:`classify_keys` sorts each key
@@ -28,7 +29,30 @@ position ``i`` of a windowed layer attends to keys ``j`` with ``j <= i`` and ``i
 Mistral: every layer uses ``sliding_window`` (null = full attention). Qwen2: the window is
 ``sliding_window`` only when ``use_sliding_window`` is true; layer ``i`` is windowed when
 ``layer_types[i] == "sliding_attention"``, and without ``layer_types`` when ``i >=
-max_window_layers`` (transformers 5.23 ``Qwen2Config.__post_init__``).
+max_window_layers`` (transformers 5.23 ``Qwen2Config.__post_init__``); Qwen3 follows the same
+rule. Mixtral, Phi-3 and Qwen3-MoE window every layer with ``sliding_window`` (Qwen3-MoE only
+when ``use_sliding_window`` is true); Qwen2-MoE windows the layers ``layer_types`` names, else
+the even-numbered layers ``i < max_window_layers`` (its own ``__post_init__``); Gemma 3 windows
+its local layers.
+
+Newer families (see ``_USED_BY_ARCH``; each is golden-tested like the Llama family):
+
+* ``qwen3``: per-head RMSNorm of q and k (``ModelConfig.qk_norm``), ``head_dim`` defaults to 128
+  (not ``hidden/heads``), ``attention_bias`` gives q/k/v **and** o_proj a bias.
+* ``phi3``: fused ``qkv_proj`` / ``gate_up_proj`` checkpoint tensors (the model's own fused
+  layout), partial rotary (``partial_rotary_factor``, in ``rope_parameters`` or at the top level,
+  as ``Phi3Config`` reads it); RoPE ``longrope`` (and the legacy ``su``/``yarn`` names) is
+  refused; resid/embd dropout are inert.
+* ``gemma3_text`` (Gemma 3 text-only ``Gemma3ForCausalLM``): ``hidden_activation`` (not
+  ``hidden_act``), ``query_pre_attn_scalar`` (the softmax scale), ``final_logit_softcapping``,
+  local/global layers (``layer_types``, else every ``sliding_window_pattern``-th layer global),
+  RoPE per layer type (nested ``rope_parameters``, or ``rope_theta`` / ``rope_local_base_freq`` /
+  ``rope_scaling`` on the global layers); ``attn_logit_softcapping`` (Gemma 2) and
+  ``use_bidirectional_attention`` are refused. The model is engine.models.gemma3.
+* ``mixtral``, ``qwen2_moe``, ``qwen3_moe``: :class:`MoEConfig` (top-k of the softmax over the
+  experts, renormalised when ``norm_topk_prob``, always on Mixtral; Qwen2-MoE's shared expert
+  with its sigmoid gate and ``qkv_bias``; dense layers from ``mlp_only_layers`` /
+  ``decoder_sparse_step``); the router's training-only fields are inert.
 """
 
 from __future__ import annotations
