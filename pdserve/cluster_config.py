@@ -123,7 +123,12 @@ class RouterPoolConfig:
     max_redispatches: int = 2  # re-dispatches of a request whose worker was lost
     shared_cores: int = 0  # goodput: every worker on one CPU host of this many cores (0: own devices)
     slo_margin: float = 0.1  # goodput: headroom kept below a request's SLO
-    tenant_max_inflight: int = 0  # goodput: per-tenant in-flight quota (0: none)
+    tenant_max_inflight: int = 0  # goodput: per-tenant in-flight quota of each router (0: none)
+    # where per-tenant in-flight counts, request rates and client request ids live (``python -m
+    # router --tenant-state``): auto = the router's memory for one router, the Redis index for
+    # several (refused without one); local = each router's memory (several routers: a tenant gets
+    # N x its limits); or a redis:// URL shared by every router
+    tenant_state: str = "auto"
     local_prefill_max_tokens: int = 256  # goodput: uncached tokens a decode worker may prefill (0: never)
     # edge auth (``python -m router --api-keys``): a key file on the router's node or a redis:// URL;
     # "" = dev mode, allowed only when ``host`` is loopback (check_security refuses it otherwise)
@@ -418,6 +423,7 @@ def validate(c: ClusterConfig) -> ClusterConfig:
         raise _err(
             "router.tenant_max_inflight", "tenant_max_inflight and local_prefill_max_tokens must be >= 0"
         )
+    _check_tenant_state(c)
     if r.shared_cores < 0:
         raise _err(
             "router.shared_cores", f"must be >= 0 (0: workers have their own devices), got {r.shared_cores}"
@@ -456,6 +462,37 @@ _SECTIONS = {
     "kv_transfer": KVTransferConfig,
     "security": SecuritySection,
 }
+
+
+def _check_tenant_state(c: ClusterConfig) -> None:
+    """``router.tenant_state`` against ``routers`` and the index (pdserve.auth.shared_state's rule:
+    several routers keep per-tenant state in Redis unless ``local`` is asked for), and the goodput
+    policy's ``router.tenant_max_inflight``, which each router counts alone: refused with several
+    routers sharing state (per-key ``max_inflight`` is the cluster-wide quota)."""
+    from pdserve.auth.shared_state import choose_tenant_state
+
+    r = c.router
+    index_url = c.index.url if c.index.kind is IndexKind.REDIS else None
+    try:
+        choice = choose_tenant_state(r.tenant_state, index_url, c.routers)
+    except ValueError as e:
+        msg = str(getattr(e, "message", e)).replace("--tenant-state", "router.tenant_state")
+        msg = msg.replace("--index redis://...", "index: {kind: redis, url: redis://...}")
+        raise _err("router.tenant_state", msg) from None
+    if c.routers > 1 and choice.url and r.tenant_max_inflight:
+        raise _err(
+            "router.tenant_max_inflight",
+            f"is counted by each of the {c.routers} routers alone; set max_inflight on the tenants' API "
+            "keys instead (shared by the routers through Redis), or router.tenant_state: local",
+        )
+
+
+def router_tenant_state_url(c: ClusterConfig) -> str:
+    """The Redis URL the routers share per-tenant state through ("": each router's memory)."""
+    from pdserve.auth.shared_state import choose_tenant_state
+
+    index_url = c.index.url if c.index.kind is IndexKind.REDIS else None
+    return choose_tenant_state(c.router.tenant_state, index_url, c.routers).url
 
 
 def from_dict(raw: Any) -> ClusterConfig:

@@ -31,6 +31,7 @@ with the node's certificate files off loopback, mutual TLS, the cluster token; s
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -38,10 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pdserve.cluster_config import NODE_IP, ClusterConfig, IndexKind, PoolRole
+from pdserve.cluster_config import NODE_IP, ClusterConfig, IndexKind, PoolRole, router_tenant_state_url
 
 if TYPE_CHECKING:
     from router.service import RouterConfig
+
+log = logging.getLogger(__name__)
 
 STORE_PREFIX = "pdserve-store-"
 ROUTER_NAME = "pdserve-router"
@@ -281,6 +284,21 @@ class RouterActor:
             "router",
             names=("router.api_keys", "router.salt_secret_file"),
         )
+        # per-tenant quotas and request ids shared by the routers (router.tenant_state; several
+        # routers: the Redis index unless tenant_state is local, checked when the config loaded)
+        self._shared = None
+        shared_url = router_tenant_state_url(config)
+        if shared_url:
+            from pdserve.auth.shared_redis import RedisSharedBackend
+            from pdserve.auth.shared_state import SharedEdgeState
+
+            self._shared = SharedEdgeState(RedisSharedBackend.from_url(shared_url)).start()
+            edge.gate, edge.ids = self._shared.gate, self._shared.ids
+        elif config.routers > 1:
+            log.warning(
+                "%d routers each keep their own tenant quotas and request ids (router.tenant_state: local)",
+                config.routers,
+            )
         verifier = (
             worker_verifier(
                 self.registry,
@@ -382,6 +400,8 @@ class RouterActor:
             self._health.stop()
             self.server.stop(2).wait()
             self.control.stop(1).wait()
+            if self._shared is not None:
+                self._shared.close()  # releases this router's slots and request ids at once
 
 
 # ---------------------------------------------------------------------------- workers

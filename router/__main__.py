@@ -234,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         reg = Registry(cfg.heartbeat_timeout_s, quarantine=_quarantine_config(a))
         edge = edge_from_args(a, cfg.host, "router")  # API keys (none: loopback dev mode only)
         shared = _shared_tenant_state(ap, a)
+        if shared is not None and a.tenant_max_inflight:
+            ap.error(
+                f"--tenant-max-inflight is counted by each of the {a.cluster_routers} routers alone; set "
+                "max_inflight on the tenants' API keys instead (shared by the routers through Redis), or "
+                "--tenant-state local"
+            )
         if shared is not None:  # quotas and request ids shared with the cluster's other routers
             edge.gate, edge.ids = shared.gate, shared.ids
         generate = GenerateServicer(reg, cfg, RouterMetrics(REGISTRY), edge=edge)  # opens the --index

@@ -60,7 +60,12 @@ def config_file(smollm_path, tmp_path_factory) -> Path:
         "prefill": {"count": 1, "num_cpus": 1, "kv_blocks": 256},
         "decode": {"count": 2, "num_cpus": 1, "kv_blocks": 256},
         "store": {"capacity_blocks": 512, "host_id_per_node": True},
-        "router": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S, "heartbeat_interval_s": 0.25},
+        # the memory index: each router keeps its own tenant state (asked for explicitly)
+        "router": {
+            "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S,
+            "heartbeat_interval_s": 0.25,
+            "tenant_state": "local",
+        },
         "routers": 2,  # no single router: every worker registers with both, the client takes both
         "max_restarts": 2,
         "drain_quiet_s": 0.5,

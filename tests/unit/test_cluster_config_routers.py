@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from pdserve.cluster_config import capacity_shortfall, from_dict
+from pdserve.cluster_config import capacity_shortfall, from_dict, router_tenant_state_url
 from pdserve.errors import InvalidRequestError
 from pdserve.ray_actors import router_actor_name, router_config
 
 
 def test_routers_default_one_and_parse() -> None:
     assert from_dict({"model": "/m"}).routers == 1
-    assert from_dict({"model": "/m", "routers": 3}).routers == 3
+    assert from_dict({"model": "/m", "routers": 3, "router": {"tenant_state": "local"}}).routers == 3
 
 
 @pytest.mark.parametrize(
@@ -29,7 +31,9 @@ def test_bad_router_counts_are_refused_naming_the_key(raw, why) -> None:
 
 
 def test_router_i_listens_on_port_plus_i_and_has_its_own_actor_name() -> None:
-    c = from_dict({"model": "/m", "host": "127.0.0.1", "routers": 2, "router": {"port": 50051}})
+    c = from_dict(
+        {"model": "/m", "host": "127.0.0.1", "routers": 2, "router": {"port": 50051, "tenant_state": "local"}}
+    )
     assert [router_config(c, i).port for i in range(2)] == [50051, 50052]
     assert router_config(from_dict({"model": "/m", "host": "127.0.0.1"}), 1).port == 0  # any free port
     assert [router_actor_name(i) for i in range(3)] == [
@@ -44,7 +48,7 @@ def test_capacity_counts_every_router() -> None:
         {
             "model": "/m",
             "routers": 3,
-            "router": {"num_cpus": 1},
+            "router": {"num_cpus": 1, "tenant_state": "local"},
             "prefill": {"count": 0},
             "decode": {"count": 0},
         }
@@ -52,3 +56,39 @@ def test_capacity_counts_every_router() -> None:
     why = capacity_shortfall(c, {"CPU": 2.0}, 1)
     assert why is not None and "routers: 3 CPU" in why
     assert capacity_shortfall(c, {"CPU": 3.0}, 1) is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "msg"),
+    [
+        ({}, "router.tenant_state: with 2 routers each keeping its own tenant state"),
+        ({"router": {"tenant_state": "sometimes"}}, "router.tenant_state must be auto, local or a redis://"),
+        (
+            {
+                "index": {"kind": "redis", "url": "redis://127.0.0.1:6379/0"},
+                "router": {"tenant_max_inflight": 4},
+            },
+            "router.tenant_max_inflight: is counted by each of the 2 routers alone",
+        ),
+    ],
+)
+def test_several_routers_share_tenant_state_or_say_local(extra: dict, msg: str) -> None:
+    """Several routers keep tenant quotas and request ids in Redis (the index's by default); per-router
+    state must be asked for (router.tenant_state: local), and goodput's per-router quota is refused."""
+    with pytest.raises(InvalidRequestError, match=re.escape(msg)):
+        from_dict({"model": "/m", "routers": 2, **extra})
+
+
+def test_tenant_state_choices() -> None:
+    redis = {"kind": "redis", "url": "redis://127.0.0.1:6379/0"}
+    assert router_tenant_state_url(from_dict({"model": "/m"})) == ""  # one router: its memory
+    assert router_tenant_state_url(from_dict({"model": "/m", "routers": 2, "index": redis})) == redis["url"]
+    local = from_dict(
+        {"model": "/m", "routers": 2, "router": {"tenant_state": "local", "tenant_max_inflight": 4}}
+    )
+    assert router_tenant_state_url(local) == ""
+    url = "redis://10.0.0.9:6380/2"
+    assert (
+        router_tenant_state_url(from_dict({"model": "/m", "routers": 3, "router": {"tenant_state": url}}))
+        == url
+    )
