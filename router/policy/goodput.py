@@ -536,7 +536,7 @@ class GoodputAwarePolicy(PlacementPolicy):
         table = TtftTable(self.estimator, p)
         pre_scales = self._scales(prefill_pool, view) if prefill_pool else None
         dec_scales = self._scales(decode_pool, view)
-        if prefill_pool:  # every candidate's queue priced over the pool's columns at once
+        if len(prefill_pool) >= _NUMPY_MIN_POOL:  # every candidate's queue priced over its columns
             pc = self._cols.columns(view, InstanceRole.PREFILL)
             table.know_queues(prefill_pool, table.pool_queues(pc)[1])
         remote_plan = (
@@ -557,7 +557,10 @@ class GoodputAwarePolicy(PlacementPolicy):
         dec_roles = (
             (InstanceRole.DECODE,) if decode_pool[0].role is InstanceRole.DECODE else (InstanceRole.MIXED,)
         )
-        d = _DecodeSide(self, req, decode_pool, out, hits, table, self._cols.columns(view, *dec_roles))
+        big = len(decode_pool) >= _NUMPY_MIN_POOL
+        d = _DecodeSide(
+            self, req, decode_pool, out, hits, table, self._cols.columns(view, *dec_roles) if big else None
+        )
         n = len(decode_pool)
         local_ttft = d.local_ttft
         if dec_scales is not None:  # each decode instance's own speed
@@ -901,6 +904,11 @@ class _Minus:
         return len(self.values)
 
 
+_NUMPY_MIN_POOL = 64
+"""Pools of at least this many instances are priced with numpy over their columns (below:
+Python lists; both give the same values bit for bit)."""
+
+
 class _DecodeSide:
     """The decode instances' side of one goodput decision, as parallel lists in pool order:
     predicted TPOT after admission (``tpots``), room (``fits``, ``freeness``), and the TTFT of
@@ -922,8 +930,11 @@ class _DecodeSide:
         out: int,
         hits: PrefixHits,
         table: TtftTable,
-        cols: RoleColumns,
+        cols: RoleColumns | None,
     ) -> None:
+        if cols is None:  # a small pool: per-call numpy overheads would dominate
+            self._lists(policy, req, pool, out, hits, table)
+            return
         cfg = policy.config
         model = policy.corrected
         p = req.num_prompt_tokens
@@ -994,6 +1005,83 @@ class _DecodeSide:
             self.local_ttft, self.local_reused = ttfts.tolist(), locs.tolist()
             return
         for k, lo, t in zip(ks.tolist(), locs.tolist(), ttfts.tolist(), strict=True):
+            self.local_ttft[k] = t
+            self.local_reused[k] = lo
+
+    def _lists(
+        self,
+        policy: GoodputAwarePolicy,
+        req: RequestInfo,
+        pool: list[InstanceView],
+        out: int,
+        hits: PrefixHits,
+        table: TtftTable,
+    ) -> None:
+        """The same values, priced with Python lists (a pass per term): faster below
+        :data:`_NUMPY_MIN_POOL` instances."""
+        cfg = policy.config
+        model = policy.corrected
+        p = req.num_prompt_tokens
+        n = len(pool)
+        sizes = [i.block_size for i in pool]
+        totals = [i.total_blocks for i in pool]
+        frees = [i.free_blocks for i in pool]
+        batches = [i.running_requests + i.queued_requests for i in pool]
+        extra = p + out // 2
+        bs0 = sizes[0] if sizes else 1
+        self.freeness: Sequence[int]
+        if sizes.count(bs0) == n:  # one block size (the usual case): fewer passes, same values
+            need = -(-(p + 1) // (bs0 if bs0 > 1 else 1))
+            self.freeness = _Minus(frees, need)  # free - need, read for a few instances only
+            if need <= min(totals, default=0):
+                self.fits = [f >= need for f in frees]
+            else:
+                self.fits = [f >= need and need <= t for f, t in zip(frees, totals, strict=True)]
+            ctx = [(t - f) * bs0 + extra if t > f else extra for t, f in zip(totals, frees, strict=True)]
+        else:
+            needs = [-(-(p + 1) // (bs if bs > 1 else 1)) for bs in sizes]
+            self.freeness = [f - nd for f, nd in zip(frees, needs, strict=True)]
+            self.fits = [f >= nd and nd <= t for f, nd, t in zip(frees, needs, totals, strict=True)]
+            ctx = [
+                (t - f if t > f else 0) * bs + extra for t, f, bs in zip(totals, frees, sizes, strict=True)
+            ]
+        # TPOT after admission: one more sequence, its prompt and half its output more context
+        self.tpots = decode_time_each(model, [b + 1 for b in batches], ctx)
+        self.local_ttft: list[float | None] = [None] * n
+        self.local_reused = [0] * n
+        # who may prefill the prompt itself: a mixed instance always; a decode instance when at
+        # most local_prefill_max_tokens tokens are uncached there (the pool is of one role)
+        max_local = cfg.local_prefill_max_tokens
+        decode_role = bool(pool) and pool[0].role is InstanceRole.DECODE
+        if decode_role and not cfg.local_prefill:
+            return
+        by_id = hits.by_id
+        if decode_role and p > max_local:  # only instances caching part of the prompt qualify
+            ks = [k for k, i in enumerate(pool) if i.instance_id in by_id] if by_id else []
+        else:
+            ks = list(range(n))
+        pm1 = p - 1
+        hs = [by_id.get(pool[k].instance_id, 0) for k in ks] if by_id else [0] * len(ks)
+        caps = [pm1 // sizes[k] for k in ks]
+        locs = [(h if h < c else c) if c > 0 else 0 for h, c in zip(hs, caps, strict=True)]
+        if decode_role:
+            keep = [j for j, k in enumerate(ks) if p - locs[j] * sizes[k] <= max_local]
+            ks, locs = [ks[j] for j in keep], [locs[j] for j in keep]
+        if not ks:
+            return
+        queues = table.queues([pool[k] for k in ks])
+        busy = [k for k in ks if batches[k]]
+        held = [ctx[k] - extra for k in busy]  # KV tokens on the instance (used blocks x block size)
+        cotenant = dict(zip(busy, decode_time_each(model, [batches[k] for k in busy], held), strict=True))
+        reused = [lo * sizes[k] for k, lo in zip(ks, locs, strict=True)]
+        pf = {t: table.prefill(t) for t in set(reused)}
+        # table.ttft(queue, bs, local) = queue + fetch(0) + prefill(local x bs), plus the co-scheduled
+        # decode step of the instance's own batch (0.0 when it has none)
+        ttfts = [q + 0.0 + pf[r] + cotenant.get(k, 0.0) for q, r, k in zip(queues, reused, ks, strict=True)]
+        if len(ks) == n:  # every instance may prefill (ks is 0..n-1 in order)
+            self.local_ttft, self.local_reused = ttfts, locs  # type: ignore[assignment]
+            return
+        for k, lo, t in zip(ks, locs, ttfts, strict=True):
             self.local_ttft[k] = t
             self.local_reused[k] = lo
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from itertools import compress, repeat
+from itertools import compress, repeat, takewhile
 from operator import attrgetter, contains, is_, is_not
 from typing import Protocol
 
@@ -83,7 +82,6 @@ _LATENCY = attrgetter("latency")
 _ID = attrgetter("instance_id")
 _ROLE = attrgetter("role")
 _CACHED = attrgetter("cached")
-_not_none = partial(is_not, None)
 
 
 class PrefixHits:
@@ -312,7 +310,8 @@ class ClusterView:
         if self._profile is not _UNSET:
             return self._profile
         if self.snapshots_only():
-            self._profile = next(filter(_not_none, map(_LATENCY, self.instances)), None)
+            lat = list(map(_LATENCY, self.instances))  # C passes; the usual answer is "none"
+            self._profile = None if lat.count(None) == len(lat) else next(p for p in lat if p is not None)
             return self._profile
         return next((p for i in self.instances if (p := getattr(i, "latency", None)) is not None), None)
 
@@ -347,13 +346,8 @@ class ClusterView:
                 maybe = [i for i in self.instances if type(i) is not snap or h0 in i.cached]
             rest = hashes[1:]
             for inst in maybe:
-                if type(inst) is snap:
-                    c = inst.cached
-                    n = 1
-                    for h in rest:
-                        if h not in c:
-                            break
-                        n += 1
+                if type(inst) is snap:  # 1 + the leading run of rest in its cache, walked in C
+                    n = 1 + len(list(takewhile(inst.cached.__contains__, rest)))
                 else:
                     n = inst.cached_prefix_blocks(hashes)
                     if n <= 0:

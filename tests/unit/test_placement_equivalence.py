@@ -171,6 +171,17 @@ def _bare(d: object) -> object:
 SEEDS = range(200)
 
 
+@pytest.fixture(autouse=True, params=["lists", "numpy"])
+def pricing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: pools priced with Python lists (small pools, the default below 64
+    instances) and with numpy over load columns (every pool, threshold 1)."""
+    import router.policy.goodput as goodput
+
+    if request.param == "numpy":
+        monkeypatch.setattr(goodput, "_NUMPY_MIN_POOL", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("chunk", range(4))
 def test_goodput_decisions_identical_to_reference(chunk: int) -> None:
     decisions = placed = 0
