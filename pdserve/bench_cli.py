@@ -2,7 +2,8 @@
 
 Either against a running cluster (``--address``) or an embedded one it launches on 127.0.0.1
 (``--embedded``, optional ``--policy`` passed to the router). For each ``--rates`` value the
-workload is rescaled to that mean rate, materialised to tokens (:func:`pdserve.loadgen.materialize`:
+workload is rescaled to that mean rate (requests sharing a coarse trace timestamp spread over its
+bucket first: :func:`spread_ties`), materialised to tokens (:func:`pdserve.loadgen.materialize`:
 lengths divided by ``--length-scale``; Mooncake hash_ids become shared token prefixes), replayed,
 and summarised (TTFT/TPOT/e2e p50/p90/p99, SLO attainment, goodput, rejections, prefix hit rate).
 Writes ``report.json``, ``requests_rate<r>.csv`` and PNG plots (attainment vs rate, latency CDFs)
