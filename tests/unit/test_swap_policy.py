@@ -347,3 +347,89 @@ def test_abort_of_a_swapped_request_frees_host_blocks():
     assert not s.swapped and s.kv.num_free_host_blocks == 8
     s.abort_request("a")
     assert s.kv.num_free_blocks == 6 and not s.has_unfinished()
+
+
+# ----------------------------------------------------------------- randomized accounting check
+def _check_accounting(s: Scheduler) -> None:
+    """Every device reference is a table's or a swapped request's; every host slot one entry's."""
+    kv = s.kv
+    refs: dict[int, int] = {}
+    for table in kv._tables.values():
+        for b in table:
+            if b is not None:
+                refs[b.block_id] = refs.get(b.block_id, 0) + 1
+    host_used = 0
+    for entries in kv._swapped.values():
+        for e in entries:
+            if isinstance(e, HostBlock):
+                host_used += 1
+            elif e is not None:
+                refs[e.block_id] = refs.get(e.block_id, 0) + 1
+    for blk in kv.pool.blocks:
+        assert blk.ref_cnt == refs.get(blk.block_id, 0)
+        assert (blk.ref_cnt == 0) == (blk.block_id in kv.pool._free)
+    assert kv.host is not None and kv.host.num_used_blocks == host_used
+    assert {r.request_id for r in s.swapped} == set(kv._swapped)
+    for r in s.running:
+        assert r.status is RequestStatus.RUNNING and kv.has(r.request_id)
+
+
+@pytest.mark.parametrize("policy", ["priority", "fcfs", "mlfq"])
+def test_random_workload_with_aborts_keeps_both_pools_consistent(policy):
+    import random
+
+    from engine.scheduler import SchedulingPolicy
+
+    rng = random.Random(7)
+    t = [0.0]
+    cfg = SchedulerConfig(
+        max_num_batched_tokens=48,
+        long_prefill_token_threshold=16,
+        max_model_len=256,
+        max_num_seqs=6,
+        policy=SchedulingPolicy(policy),
+        mlfq_quantum_iters=2,
+        mlfq_starvation_s=15.0,
+        mlfq_swap_watermark=0.7,
+    )
+    s = Scheduler(
+        cfg,
+        KVCacheManager(24, 4, "m", num_host_blocks=10),
+        clock=lambda: t[0],
+        block_nbytes=100,
+        prefill_time=lambda n: n * 0.002,
+    )
+    s.set_swap_rates(FAST_COPY)
+    shared = list(range(12))
+    n = 0
+    swapped_any = False
+    for _ in range(400):
+        if n < 40 and rng.random() < 0.3:
+            k = rng.randint(2, 30)
+            toks = (shared if rng.random() < 0.5 else []) + [rng.randint(20, 300) for _ in range(k)]
+            s.add_request(
+                Request(
+                    f"r{n}",
+                    toks,
+                    SamplingParams(max_tokens=rng.randint(1, 12), ignore_eos=True),
+                    t[0],
+                    rng.randint(0, 3),
+                )
+            )
+            n += 1
+        if s.requests and rng.random() < 0.05:
+            s.abort_request(rng.choice(sorted(s.requests)))
+        out = s.schedule()
+        swapped_any |= bool(out.swapped_out)
+        # a swap-in never reuses a host slot swapped out in the same step, nor a request preempted in it
+        assert set(out.swapped_in).isdisjoint(out.preempted)
+        assert {h for _, h in out.swap_out}.isdisjoint({h for h, _ in out.swap_in})
+        s.update_from_output(out, {x.request.request_id: 7 for x in out.scheduled if x.samples})
+        _check_accounting(s)
+        t[0] += 1.0
+    while s.has_unfinished():
+        out = s.schedule()
+        s.update_from_output(out, {x.request.request_id: 7 for x in out.scheduled if x.samples})
+        _check_accounting(s)
+    assert swapped_any
+    assert s.kv.num_free_blocks == 24 and s.kv.num_free_host_blocks == 10
