@@ -592,7 +592,23 @@ class GoodputAwarePolicy(PlacementPolicy):
         remote_ok = remote_ttft is not None and remote_ttft <= lim_ttft
         # decode instances with a feasible option: room, TPOT within the SLO, and the remote plan
         # or their own prefill within the TTFT bound
-        if remote_ok:
+        best = -1
+        fast = (  # the tpots are d's own and no long request counts: decide over the arrays
+            remote_ok
+            and d.arrays is not None
+            and dec_scales is None
+            and contention == 1.0
+            and not (is_long and self._ledger.longs)
+        )
+        if fast:
+            fa, ta = d.arrays  # type: ignore[misc]
+            best = _first_least_arr(np.flatnonzero(fa & (ta <= lim_tpot)), ta, d.freeness)
+            if best == _UNDECIDED:
+                best, fast = -1, False
+            cand = [best] if best >= 0 else []
+        if fast:
+            pass
+        elif remote_ok:
             cand = [k for k in range(n) if fits[k] and tpots[k] <= lim_tpot]
         else:
             cand = [
@@ -622,13 +638,14 @@ class GoodputAwarePolicy(PlacementPolicy):
             ok_remote, best_effort = remote_ttft is not None, True
             cand = list(range(n)) if ok_remote else [k for k in range(n) if local_ttft[k] is not None]
         longs = self._ledger.longs if is_long else {}
-        best = _first_least(
-            cand,
-            fits,
-            [longs.get(decode_pool[k].instance_id, 0) for k in cand] if longs else None,
-            tpots,
-            d.freeness,
-        )
+        if best < 0 or best_effort:
+            best = _first_least(
+                cand,
+                fits,
+                [longs.get(decode_pool[k].instance_id, 0) for k in cand] if longs else None,
+                tpots,
+                d.freeness,
+            )
         best_d = decode_pool[best].instance_id
         tpot = tpots[best]
         # on it, the remote option unless the local one is strictly faster
@@ -889,6 +906,26 @@ def _first_least(
     return next(k for k in s if freeness[k] == m)
 
 
+_UNDECIDED = -2
+
+
+def _first_least_arr(cand: np.ndarray, tpots: np.ndarray, freeness: Sequence[int]) -> int:
+    """:func:`_first_least` over candidates that all fit, with no long requests to count: the
+    first of the least TPOT, then of those the most free; -1 when ``cand`` is empty;
+    :data:`_UNDECIDED` when a TPOT is NaN (then :func:`_first_least` decides, as ``min``
+    compares)."""
+    if not len(cand):
+        return -1
+    tp = tpots[cand]
+    if np.isnan(tp).any():
+        return _UNDECIDED
+    s = cand[tp == tp.min()].tolist()
+    if len(s) == 1:
+        return s[0]
+    m = max([freeness[k] for k in s])
+    return next(k for k in s if freeness[k] == m)
+
+
 class _Minus:
     """``values[k] - offset`` on demand (a list nobody needs whole)."""
 
@@ -920,7 +957,7 @@ class _DecodeSide:
     :meth:`TtftTable.queues_array`). ``pool`` is one role (decode, or mixed when there is no
     decode instance) of the view ``hits`` was made on, ``cols`` its columns."""
 
-    __slots__ = ("tpots", "fits", "freeness", "local_ttft", "local_reused")
+    __slots__ = ("tpots", "fits", "freeness", "local_ttft", "local_reused", "arrays")
 
     def __init__(
         self,
@@ -933,6 +970,7 @@ class _DecodeSide:
         cols: RoleColumns | None,
     ) -> None:
         if cols is None:  # a small pool: per-call numpy overheads would dominate
+            self.arrays = None
             self._lists(policy, req, pool, out, hits, table)
             return
         cfg = policy.config
@@ -954,9 +992,13 @@ class _DecodeSide:
             fits = (frees >= needs) & (needs <= totals)
             held = used * sizes
         self.fits: list[bool] = fits.tolist()
+        fits_arr = fits
         ctx = held + extra  # KV tokens after admission: held + the prompt + half the output
         # TPOT after admission: one more sequence, its prompt and half its output more context
-        self.tpots: list[float] = decode_time_array(model, batches + 1, ctx).tolist()
+        tpots_arr = decode_time_array(model, batches + 1, ctx)
+        self.tpots: list[float] = tpots_arr.tolist()
+        # (fits, tpots) as arrays (None on the list path): the pair search reads them
+        self.arrays: tuple[np.ndarray, np.ndarray] | None = (fits_arr, tpots_arr)
         self.local_ttft: list[float | None] = [None] * n
         self.local_reused = [0] * n
         # who may prefill the prompt itself: a mixed instance always; a decode instance when at
