@@ -27,10 +27,12 @@ Swap (``num_host_blocks`` > 0, :mod:`engine.host_pool`): :meth:`KVCacheManager.s
 a preempted request's blocks to host slots and :meth:`KVCacheManager.swap_in` back to fresh
 device blocks, returning the ``(source, destination)`` block-id pairs the model runner copies
 (all swap-outs of a step before its swap-ins, both before the forward pass). Only blocks the
-request alone references move; a block shared with another request (prefix cache hit, ref
-count > 1) keeps the swapped-out request's reference and stays on device, so it is never
-duplicated on the host. A swapped-in block whose hash is still in the device prefix cache is
-re-used from there instead of copied.
+request and other swapped-out requests reference move; a block shared with a request that
+still runs (prefix cache hit, ref count > 1) keeps the swapped-out request's reference and stays
+on device. When the last running holder of such a kept block is swapped out too, the block is
+copied to the host once and every swapped-out holder refers to that one host slot (host ref
+counts), so a block is never duplicated on the host. A swapped-in block whose hash is still in
+the device prefix cache is re-used from there instead of copied.
 """
 
 from __future__ import annotations
@@ -198,6 +200,7 @@ class KVCacheManager:
         self._num_skipped: dict[str, int] = {}  # leading blocks dropped out of the window
         self.host: HostBlockPool | None = HostBlockPool(num_host_blocks) if num_host_blocks else None
         self._swapped: dict[str, list[SwappedEntry]] = {}
+        self._kept: dict[int, set[str]] = {}  # device block -> swapped-out requests keeping it
         self.swap_stats = SwapStats()
 
     # ---------------------------------------------------------------- queries
@@ -381,9 +384,19 @@ class KVCacheManager:
             self.pool.release(b for b in reversed(table) if b is not None)
         swapped = self._swapped.pop(request_id, None)
         if swapped:
-            self.pool.release(b for b in reversed(swapped) if isinstance(b, Block))
+            kept = [b for b in reversed(swapped) if isinstance(b, Block)]
+            for b in kept:
+                self._unkeep(b, request_id)
+            self.pool.release(kept)
             if self.host is not None:
                 self.host.free(e.host_id for e in swapped if isinstance(e, HostBlock))
+
+    def _unkeep(self, b: Block, request_id: str) -> None:
+        holders = self._kept.get(b.block_id)
+        if holders is not None:
+            holders.discard(request_id)
+            if not holders:
+                del self._kept[b.block_id]
 
     # ---------------------------------------------------------------- swap
     @property
@@ -397,20 +410,27 @@ class KVCacheManager:
     def is_swapped(self, request_id: str) -> bool:
         return request_id in self._swapped
 
+    def _moves(self, b: Block) -> bool:
+        """Whether a swap-out moves ``b`` to the host: no running request but this one holds it
+        (its other references, if any, are swapped-out requests keeping it on device)."""
+        return b.ref_cnt == 1 + len(self._kept.get(b.block_id, ()))
+
     def num_swap_out_blocks(self, request_id: str) -> int:
-        """Blocks a swap-out of the request would copy to the host (those it alone references)."""
-        return sum(1 for b in self._tables.get(request_id, ()) if b is not None and b.ref_cnt == 1)
+        """Blocks a swap-out of the request would copy to the host (host slots it would take)."""
+        return sum(1 for b in self._tables.get(request_id, ()) if b is not None and self._moves(b))
 
     def num_swap_in_blocks(self, request_id: str) -> int:
         """Host blocks of a swapped-out request (at most this many are copied back)."""
         return sum(1 for e in self._swapped.get(request_id, ()) if isinstance(e, HostBlock))
 
     def swap_out(self, req: Request) -> list[tuple[int, int]]:
-        """Move the request's unshared blocks to host slots and release them on device.
+        """Move the request's blocks no running request shares to host slots (one slot per
+        block, shared with the swapped-out requests that kept it) and release them on device.
 
         Returns ``(device_block, host_block)`` pairs to copy; the caller must copy them before
         anything writes the released device blocks (i.e. before the step's forward pass and its
-        swap-ins). Shared blocks keep this request's reference (they stay on device). Raises
+        swap-ins). Blocks a running request shares keep this request's reference (they stay on
+        device). Raises
         RuntimeError when there is no host pool, the request holds no blocks, or the host pool
         is short (nothing changed then).
         """
@@ -424,21 +444,30 @@ class KVCacheManager:
         host_ids = self.host.allocate(n)  # raises when short, before anything changes
         entries: list[SwappedEntry] = []
         pairs: list[tuple[int, int]] = []
-        moved: list[Block] = []
+        released: list[Block] = []  # one item per device reference dropped
         it = iter(host_ids)
         for b in table:
-            if b is None or b.ref_cnt > 1:
-                entries.append(b)
-                if b is not None:
-                    self.swap_stats.blocks_kept += 1
+            if b is None:
+                entries.append(None)
                 continue
-            hid = next(it)
-            entries.append(HostBlock(hid, b.block_hash))
-            pairs.append((b.block_id, hid))
-            moved.append(b)
+            if not self._moves(b):
+                entries.append(b)  # a running request shares it: stays on device
+                self._kept.setdefault(b.block_id, set()).add(rid)
+                self.swap_stats.blocks_kept += 1
+                continue
+            hb = HostBlock(next(it), b.block_hash)
+            entries.append(hb)
+            pairs.append((b.block_id, hb.host_id))
+            released.append(b)
+            # swapped-out requests that kept this block now share the one host copy
+            for other in self._kept.pop(b.block_id, ()):
+                oe = self._swapped[other]
+                oe[next(i for i, e in enumerate(oe) if e is b)] = hb
+                self.host.incref(hb.host_id)
+                released.append(b)
         del self._tables[rid]
         self._swapped[rid] = entries
-        self.pool.release(reversed(moved))
+        self.pool.release(reversed(released))
         self.swap_stats.blocks_out += len(pairs)
         return pairs
 
@@ -483,6 +512,8 @@ class KVCacheManager:
         freed: list[int] = []
         for e, hit in zip(entries, hits, strict=True):
             if not isinstance(e, HostBlock):
+                if e is not None:
+                    self._unkeep(e, rid)
                 table.append(e)
                 continue
             freed.append(e.host_id)

@@ -192,6 +192,32 @@ def test_shared_prefix_blocks_stay_on_device_not_duplicated():
     assert kv.num_free_blocks == 16 and kv.num_free_host_blocks == 8
 
 
+def test_a_block_shared_only_by_swapped_requests_is_copied_to_the_host_once():
+    kv = KVCacheManager(16, 4, "m", num_host_blocks=8)
+    a = _req("a", 13, tokens=list(range(13)))
+    b = _req("b", 13, tokens=list(range(12)) + [99])
+    _fill(kv, a)
+    _fill(kv, b)
+    shared = kv.block_table("a")[:3]
+    kv.swap_out(b)  # a still runs: the 3 shared blocks stay on device, b's own block moves
+    pairs = kv.swap_out(a)  # the last running holder leaves: each shared block moves once
+    assert len(pairs) == 4 and {d for d, _ in pairs} >= set(shared)
+    assert kv.num_free_blocks == 16 and kv.num_free_host_blocks == 8 - 5
+    slots = {d: h for d, h in pairs}
+    assert [e.host_id for e in kv._swapped["b"][:3]] == [slots[d] for d in shared]
+    assert all(kv.host.ref_cnt(slots[d]) == 2 for d in shared)
+    kv.pool.evict_all_cached()
+    back_a = kv.swap_in(a)
+    assert len(back_a) == 4  # copied back (the device cache was evicted)
+    back_b = kv.swap_in(b)
+    assert len(back_b) == 1  # the shared blocks are found in the device prefix cache again
+    assert kv.block_table("b")[:3] == kv.block_table("a")[:3]
+    assert kv.num_free_host_blocks == 8
+    kv.free("a")
+    kv.free("b")
+    assert kv.num_free_blocks == 16
+
+
 def test_free_of_a_swapped_request_releases_host_and_kept_blocks():
     kv = KVCacheManager(16, 4, "m", num_host_blocks=8)
     a = _req("a", 13, tokens=list(range(13)))
@@ -358,17 +384,21 @@ def _check_accounting(s: Scheduler) -> None:
         for b in table:
             if b is not None:
                 refs[b.block_id] = refs.get(b.block_id, 0) + 1
-    host_used = 0
-    for entries in kv._swapped.values():
+    host_refs: dict[int, int] = {}
+    kept: dict[int, set[str]] = {}
+    for rid, entries in kv._swapped.items():
         for e in entries:
             if isinstance(e, HostBlock):
-                host_used += 1
+                host_refs[e.host_id] = host_refs.get(e.host_id, 0) + 1
             elif e is not None:
                 refs[e.block_id] = refs.get(e.block_id, 0) + 1
+                kept.setdefault(e.block_id, set()).add(rid)
     for blk in kv.pool.blocks:
         assert blk.ref_cnt == refs.get(blk.block_id, 0)
         assert (blk.ref_cnt == 0) == (blk.block_id in kv.pool._free)
-    assert kv.host is not None and kv.host.num_used_blocks == host_used
+    assert kv.host is not None and kv.host.num_used_blocks == len(host_refs)
+    assert all(kv.host.ref_cnt(h) == n for h, n in host_refs.items())
+    assert kv._kept == kept
     assert {r.request_id for r in s.swapped} == set(kv._swapped)
     for r in s.running:
         assert r.status is RequestStatus.RUNNING and kv.has(r.request_id)
@@ -394,19 +424,19 @@ def test_random_workload_with_aborts_keeps_both_pools_consistent(policy):
     )
     s = Scheduler(
         cfg,
-        KVCacheManager(24, 4, "m", num_host_blocks=10),
+        KVCacheManager(20, 4, "m", num_host_blocks=40),
         clock=lambda: t[0],
         block_nbytes=100,
         prefill_time=lambda n: n * 0.002,
     )
     s.set_swap_rates(FAST_COPY)
-    shared = list(range(12))
+    shared = list(range(24))  # 6 blocks most prompts share: kept, then copied once
     n = 0
     swapped_any = False
     for _ in range(400):
         if n < 40 and rng.random() < 0.3:
             k = rng.randint(2, 30)
-            toks = (shared if rng.random() < 0.5 else []) + [rng.randint(20, 300) for _ in range(k)]
+            toks = (shared if rng.random() < 0.8 else []) + [rng.randint(20, 300) for _ in range(k)]
             s.add_request(
                 Request(
                     f"r{n}",
@@ -432,4 +462,4 @@ def test_random_workload_with_aborts_keeps_both_pools_consistent(policy):
         s.update_from_output(out, {x.request.request_id: 7 for x in out.scheduled if x.samples})
         _check_accounting(s)
     assert swapped_any
-    assert s.kv.num_free_blocks == 24 and s.kv.num_free_host_blocks == 10
+    assert s.kv.num_free_blocks == 20 and s.kv.num_free_host_blocks == 40
