@@ -73,6 +73,7 @@ class SwapStats:
     blocks_in: int = 0  # host blocks copied back to the device
     blocks_in_reused: int = 0  # host blocks not copied back: found in the device prefix cache
     blocks_kept: int = 0  # shared blocks left on device at swap-out
+    host_refs_shared: int = 0  # kept references moved onto an already copied host slot
 
 
 @dataclass
@@ -464,6 +465,7 @@ class KVCacheManager:
                 oe = self._swapped[other]
                 oe[next(i for i, e in enumerate(oe) if e is b)] = hb
                 self.host.incref(hb.host_id)
+                self.swap_stats.host_refs_shared += 1
                 released.append(b)
         del self._tables[rid]
         self._swapped[rid] = entries

@@ -114,6 +114,8 @@ def test_mlfq_with_swap_identical(llama, reference):
     )
     outs = eng.generate(_prompts(), GREEDY)
     assert eng.stats().num_swap_outs > 0
+    # prompts sharing a prefix were all swapped out: their shared blocks went to the host once
+    assert eng.kv.swap_stats.host_refs_shared > 0
     assert [o.token_ids for o in outs] == reference
     _assert_no_leaks(eng, 24)
 

@@ -206,6 +206,7 @@ def test_a_block_shared_only_by_swapped_requests_is_copied_to_the_host_once():
     slots = {d: h for d, h in pairs}
     assert [e.host_id for e in kv._swapped["b"][:3]] == [slots[d] for d in shared]
     assert all(kv.host.ref_cnt(slots[d]) == 2 for d in shared)
+    assert kv.swap_stats.host_refs_shared == 3
     kv.pool.evict_all_cached()
     back_a = kv.swap_in(a)
     assert len(back_a) == 4  # copied back (the device cache was evicted)
