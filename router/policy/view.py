@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, repeat, takewhile
-from operator import attrgetter, contains, is_, is_not
+from itertools import compress, takewhile
+from operator import is_not
 from typing import Protocol
 
 import numpy as np
@@ -78,10 +78,6 @@ class InstanceSnapshot:
 
 
 _UNSET = object()
-_LATENCY = attrgetter("latency")
-_ID = attrgetter("instance_id")
-_ROLE = attrgetter("role")
-_CACHED = attrgetter("cached")
 
 
 class PrefixHits:
@@ -273,7 +269,7 @@ class ClusterView:
 
     def __init__(self, instances: Iterable[InstanceView]) -> None:
         self.instances: tuple[InstanceView, ...] = tuple(instances)
-        self._by_id = dict(zip(map(_ID, self.instances), self.instances, strict=True))
+        self._by_id = {i.instance_id: i for i in self.instances}
         if len(self._by_id) != len(self.instances):
             raise ValueError("instance ids must be unique")
         self._roles: dict[tuple[InstanceRole, ...], tuple[InstanceView, ...]] = {}
@@ -310,7 +306,7 @@ class ClusterView:
         if self._profile is not _UNSET:
             return self._profile
         if self.snapshots_only():
-            lat = list(map(_LATENCY, self.instances))  # C passes; the usual answer is "none"
+            lat = [i.latency for i in self.instances]  # type: ignore[attr-defined]
             self._profile = None if lat.count(None) == len(lat) else next(p for p in lat if p is not None)
             return self._profile
         return next((p for i in self.instances if (p := getattr(i, "latency", None)) is not None), None)
@@ -323,8 +319,9 @@ class ClusterView:
         got = self._roles.get(roles)
         if got is None:
             insts = self.instances
-            if len(roles) == 1:  # one pass in C: role is roles[0]
-                got = tuple(compress(insts, map(is_, map(_ROLE, insts), repeat(roles[0]))))
+            if len(roles) == 1:  # (an identity test is cheaper than a tuple's "in")
+                r = roles[0]
+                got = tuple([i for i in insts if i.role is r])
             else:
                 got = tuple([i for i in insts if i.role in roles])
             self._roles[roles] = got
@@ -340,8 +337,7 @@ class ClusterView:
             snap = InstanceSnapshot
             # the common case, a snapshot that does not hold the first block, costs one set probe
             if self.snapshots_only():
-                insts = self.instances  # h0 in i.cached, one pass in C
-                maybe = list(compress(insts, map(contains, map(_CACHED, insts), repeat(h0))))
+                maybe = [i for i in self.instances if h0 in i.cached]  # type: ignore[attr-defined]
             else:
                 maybe = [i for i in self.instances if type(i) is not snap or h0 in i.cached]
             rest = hashes[1:]
