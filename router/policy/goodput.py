@@ -620,15 +620,19 @@ class GoodputAwarePolicy(PlacementPolicy):
             ok_remote, best_effort = remote_ok, False
         else:
             if slo is not None:
-                terms = self._fastest_terms(
-                    req, view, table, decode_pool, d, remote_plan, remote_ttft, local_ttft,
-                    pre_scales, dec_scales, contention,
-                )  # fmt: skip
+
+                def terms_of() -> TtftTerms | None:
+                    return self._fastest_terms(
+                        req, view, table, decode_pool, d, remote_plan, remote_ttft, local_ttft,
+                        pre_scales, dec_scales, contention,
+                    )  # fmt: skip
+
                 rej = self._reject(
                     req, remote_ttft, local_ttft, tpots, fits, lim_ttft, lim_tpot, margin, now,
-                    terms, slo, q_ttft,
+                    terms_of, slo, q_ttft,
                 )  # fmt: skip
                 if self.on_decision is not None:
+                    terms = terms_of()
                     self._trace = DecisionTrace(
                         req.request_id, False, terms, q_ttft, lim_ttft, slo.ttft_s, margin,
                         min(tpots) if tpots else None, q_tpot, lim_tpot, out, rej.message,
@@ -819,13 +823,14 @@ class GoodputAwarePolicy(PlacementPolicy):
         lim_tpot: float,
         margin: float,
         now: float,
-        terms: TtftTerms | None = None,
+        terms: Callable[[], TtftTerms | None] | None = None,
         slo: SLO | None = None,
         quantile: float = 1.0,
     ) -> Rejection:
         """Why no option is feasible, over every option: (remote plan, d) for each decode instance
         ``d`` when there is a remote plan, and (d prefills locally, d) where allowed. A TTFT
-        refusal states the fastest option's terms (``terms``) and how the limit was made."""
+        refusal states the fastest option's terms (``terms()``, priced only then) and how the
+        limit was made."""
         ttfts: list[float] = []
         tpot_opts: list[float] = []
         roomy = False
@@ -841,9 +846,10 @@ class GoodputAwarePolicy(PlacementPolicy):
         best_ttft, best_tpot = min(ttfts), min(tpot_opts)
         if best_ttft > lim_ttft:
             why = f"predicted TTFT {best_ttft * 1e3:.1f} ms exceeds {lim_ttft * 1e3:.1f} ms"
-            if terms is not None and slo is not None:
+            tt = terms() if terms is not None else None
+            if tt is not None and slo is not None:
                 why += (
-                    f" [{terms.describe()}; limit = SLO {slo.ttft_s * 1e3:.0f} ms x (1 - {margin:.2f}) / "
+                    f" [{tt.describe()}; limit = SLO {slo.ttft_s * 1e3:.0f} ms x (1 - {margin:.2f}) / "
                     f"upper-quantile factor {quantile:.2f}]"
                 )
             wait = best_ttft - lim_ttft
