@@ -195,10 +195,33 @@ class Scheduler:
                 f"prompt of {req.num_tokens} tokens needs more KV blocks than this engine has "
                 f"({self.kv.num_blocks} x {self.kv.block_size} tokens)"
             )
+        peak = self._peak_blocks(req)
+        if peak > self.kv.num_blocks:
+            # alone in the pool it would still run out and preempt itself forever: refuse it now
+            raise InvalidRequestError(
+                f"prompt of {req.num_tokens} tokens plus max_tokens {req.sampling_params.max_tokens} needs "
+                f"{peak} KV blocks, more than this engine has ({self.kv.num_blocks} x {self.kv.block_size} "
+                "tokens): lower max_tokens"
+            )
         req.status = RequestStatus.WAITING
         self._join(req)
         self.requests[req.request_id] = req
         self.waiting.append(req)
+
+    def _peak_blocks(self, req: Request) -> int:
+        """The most KV blocks ``req`` can hold at once: its prompt plus ``max_tokens`` (at most the
+        context; a prefill-only request stops after one token), and with a sliding window over every
+        layer no more than the window's blocks plus the two partial ones at its edges."""
+        if req.prefill_only:
+            return self.kv.blocks_needed(req.num_tokens + 1)
+        tokens = min(req.num_prompt_tokens + req.sampling_params.max_tokens, self.config.max_model_len)
+        need = self.kv.blocks_needed(tokens)
+        window = self.kv.sliding_window
+        if window is not None:
+            need = min(
+                need, max(self.kv.blocks_needed(window) + 2, self.kv.blocks_needed(req.num_tokens + 1))
+            )
+        return need
 
     def _join(self, req: Request) -> None:
         """Skip-join: the request's first MLFQ level, from its prompt's predicted prefill time."""

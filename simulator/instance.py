@@ -84,7 +84,11 @@ class SimInstance:
         self.kv = KVCacheManager(
             num_blocks, block_size, model_id="sim", enable_prefix_caching=enable_prefix_caching
         )
-        self.sched = Scheduler(scheduler, self.kv)
+        # the simulated clock (MLFQ's starvation bound) and the latency model's prefill time (its
+        # skip-join level): the engine's scheduler runs here as is
+        self.sched = Scheduler(
+            scheduler, self.kv, clock=loop.now, prefill_time=lambda n: latency.prefill_time([n])
+        )
         self.latency = latency
         self.loop = loop
         self.on_step = on_step

@@ -1,18 +1,14 @@
 """The engine's MLFQ scheduler inside the simulator's step loop (simulator/instance.py runs the
-engine Scheduler as-is). The simulator builds its Scheduler without a clock today, so MLFQ is
-refused there with an error naming the missing clock; given the simulated clock
-(``Scheduler(config, kv, clock=loop.now)``) the same code runs and short jobs overtake a long one."""
+engine Scheduler as-is, on the simulated clock and with the latency model's prefill time for
+skip-join): short jobs overtake a long one."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pytest
-
-from engine.block_manager import KVCacheManager
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulingPolicy
+from engine.scheduler import SchedulerConfig, SchedulingPolicy
 from router.policy import InstanceRole
 from simulator.events import EventLoop
 from simulator.instance import SimInstance
@@ -54,19 +50,7 @@ def _instance(loop: EventLoop, done: dict[str, float]) -> SimInstance:
     return SimInstance("mixed0", InstanceRole.MIXED, CFG, 256, 16, LinearLatency(), loop, on_step)
 
 
-def test_simulator_as_is_refuses_mlfq_naming_the_clock():
-    with pytest.raises(ValueError, match="needs a clock"):
-        _instance(EventLoop(), {})
-
-
-def test_mlfq_runs_in_the_simulator_step_loop_with_its_clock(monkeypatch):
-    # what simulator/instance.py needs: Scheduler(scheduler, self.kv, clock=self.loop.now)
-    real = Scheduler
-
-    def clocked(cfg, kv: KVCacheManager) -> Scheduler:
-        return real(cfg, kv, clock=loop.now, prefill_time=lambda n: 1e-3 * n)
-
-    monkeypatch.setattr("simulator.instance.Scheduler", clocked)
+def test_mlfq_runs_in_the_simulator_step_loop_with_its_clock():
     loop = EventLoop()
     done: dict[str, float] = {}
     inst = _instance(loop, done)

@@ -137,3 +137,21 @@ def test_prefill_only_holds_blocks_until_released():
     assert s.kv.num_free_blocks == 64 - 3
     s.release_prefilled("p")
     assert s.kv.num_free_blocks == 64
+
+
+def test_request_that_cannot_fit_alone_is_refused_not_preempted_forever():
+    """A prompt that fits but whose prompt + max_tokens outgrows the whole pool would preempt
+    itself forever once alone: refused at admission, naming max_tokens. The context caps it."""
+    s = _sched(blocks=8, bs=4)  # 32 tokens of KV
+    with pytest.raises(InvalidRequestError, match=r"plus max_tokens 40 needs 13 KV blocks.*lower max_tokens"):
+        s.add_request(_req("a", 10, max_tokens=40))
+    s.add_request(_req("b", 10, max_tokens=22))  # exactly 32 tokens: fits alone
+    small_ctx = _sched(blocks=8, bs=4, max_model_len=32)
+    small_ctx.add_request(_req("c", 10, max_tokens=100))  # the context ends it at 32 tokens
+    done = []
+    for _ in range(100):
+        _, d = _run_step(s)
+        done += d
+        if s.requests == {} or not (s.waiting or s.running):
+            break
+    assert [r.request_id for r in done] == ["b"] and done[0].num_output_tokens == 22
