@@ -15,6 +15,13 @@ periodic sweep calls :meth:`Registry.tick`; while the last tick is older than
 ``pause_threshold_s`` nothing is expired (the router, not the workers, stopped), and a tick after
 such a gap moves every worker's ``last_seen`` forward by it, so workers get a whole timeout to be
 heard again. Without a sweep (no tick ever), expiry is judged on the clock alone.
+
+A worker with calls in flight from this router (:meth:`Registry.add_inflight`) is not dropped for
+a silent heartbeat until ``busy_timeout_s``: its calls watch it themselves (a dead worker's call
+fails UNAVAILABLE, a hung one misses its progress deadline and is quarantined), and a worker busy
+with a long prefill on a starved host may miss heartbeats while it is doing exactly its job
+(#12: "a worker that streams is alive"). Every answer or streamed message counts as heard
+(:meth:`Registry.seen`).
 """
 
 from __future__ import annotations
@@ -70,8 +77,17 @@ class Registry:
         clock: Callable[[], float] = time.monotonic,
         quarantine: QuarantineConfig | None = None,
         pause_threshold_s: float | None = None,
+        busy_timeout_s: float | None = None,
     ) -> None:
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        # the silence allowed to a worker with calls in flight (see the module docstring)
+        self.busy_timeout_s = (
+            max(10 * heartbeat_timeout_s, 30.0) if busy_timeout_s is None else busy_timeout_s
+        )
+        if self.busy_timeout_s < heartbeat_timeout_s:
+            raise ValueError(
+                f"busy_timeout_s ({self.busy_timeout_s}) must be >= heartbeat_timeout_s ({heartbeat_timeout_s})"
+            )
         # a sweep (tick) gap above this means the router itself was not running
         self.pause_threshold_s = heartbeat_timeout_s / 2 if pause_threshold_s is None else pause_threshold_s
         self._last_tick: float | None = None
@@ -182,12 +198,17 @@ class Registry:
             return gap
 
     def _expire(self) -> bool:
-        """Drop workers silent for longer than the timeout (under the lock); whether any was.
+        """Drop workers silent for longer than the timeout (``busy_timeout_s`` for one with calls in
+        flight) (under the lock); whether any was.
         Nothing is dropped while the sweep's last tick is stale (see the module docstring)."""
         now = self.clock()
         if self._last_tick is not None and now - self._last_tick > self.pause_threshold_s:
             return False
-        dead = [k for k, w in self._workers.items() if now - w.last_seen > self.heartbeat_timeout_s]
+        dead = [
+            k
+            for k, w in self._workers.items()
+            if now - w.last_seen > (self.busy_timeout_s if w.inflight > 0 else self.heartbeat_timeout_s)
+        ]
         for k in dead:
             del self._workers[k]
         return bool(dead)

@@ -171,3 +171,27 @@ def test_without_a_sweep_expiry_follows_the_clock_alone():
     reg.register("d", WorkerKind.DECODE, "d:1", "m", WorkerLoad())
     clock.t += 10.0
     assert reg.alive() == []
+
+
+def test_a_worker_busy_with_our_calls_is_not_dropped_for_a_late_heartbeat():
+    """A prefill worker in a long prefill on a starved host missed heartbeats for 3.4 s against a
+    3 s timeout and was dropped (#19 bench, load 14). With calls in flight from this router it gets
+    ``busy_timeout_s`` (the calls watch it themselves); idle again, the heartbeat timeout holds,
+    and a worker silent past busy_timeout_s is dropped even with calls in flight."""
+    clock = _Clock()
+    reg = Registry(heartbeat_timeout_s=3.0, clock=clock, busy_timeout_s=30.0)
+    reg.register("p", WorkerKind.PREFILL, "p:1", "m", WorkerLoad())
+    reg.register("q", WorkerKind.PREFILL, "q:1", "m", WorkerLoad())
+    reg.add_inflight("p", 1)
+    clock.t += 3.4
+    assert {w.worker_id for w in reg.alive()} == {"p"}  # q silent and idle: dropped
+    reg.seen("p")  # the prefill answered
+    reg.add_inflight("p", -1)
+    clock.t += 3.1
+    assert reg.alive() == []  # idle and silent past the heartbeat timeout
+    reg.register("p", WorkerKind.PREFILL, "p:1", "m", WorkerLoad())
+    reg.add_inflight("p", 1)
+    clock.t += 30.5
+    assert reg.alive() == []  # a call in flight does not keep a silent worker forever
+    with pytest.raises(ValueError, match="busy_timeout_s"):
+        Registry(heartbeat_timeout_s=3.0, busy_timeout_s=1.0)
