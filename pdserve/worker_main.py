@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -31,6 +32,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from engine.config import EngineConfig
+from engine.scheduler import SchedulingPolicy
 from kv_store.arena import host_id
 from kv_store.client import KVStoreClient
 from kv_store.dist_transport import DistConfig, destroy_process_group, device_for, init_process_group
@@ -274,6 +276,22 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         "many ms per stream (tokens ready meanwhile go together; a step slower than the window "
         "sends each token at once; 0: off)",
     )
+    ap.add_argument(
+        "--swap-space",
+        type=float,
+        default=0.0,
+        metavar="GIB",
+        help="host-memory KV pool in GiB behind the device pool (as vLLM's --swap-space): a preempted "
+        "request is swapped out and back when cheaper than recomputing it (0: always recompute; "
+        "not with --tp > 1) (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--scheduling-policy",
+        choices=[p.value for p in SchedulingPolicy],
+        default=SchedulingPolicy.PRIORITY.value,
+        help="engine queue order: priority (then arrival), fcfs, or mlfq (FastServe's skip-join "
+        "multi-level feedback queue) (default: %(default)s)",
+    )
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
     add_process_security_args(ap)
     return cli_help.apply(ap)
@@ -295,16 +313,23 @@ def parse(
         ap.error(str(e))
     # TLS / cluster token of this process's server and channels; refused here, before the model loads
     install_process_security(ap, a, a.host, ("pdserve.v1.Worker", "pdserve.v1.KVPeer"))
-    eng = EngineConfig(
-        num_kv_blocks=a.kv_blocks,
-        block_size=a.block_size,
-        max_num_seqs=a.max_num_seqs,
-        max_num_batched_tokens=a.max_batched_tokens,
-        long_prefill_token_threshold=a.chunk,
-        device=a.device,
-        dtype=a.dtype,
-        tensor_parallel_size=a.tp,
-    )
+    if not (a.swap_space >= 0 and math.isfinite(a.swap_space)):
+        ap.error(f"--swap-space must be >= 0 GiB, got {a.swap_space}")
+    try:
+        eng = EngineConfig(
+            swap_space_bytes=int(a.swap_space * (1 << 30)),
+            scheduling_policy=SchedulingPolicy(a.scheduling_policy),
+            num_kv_blocks=a.kv_blocks,
+            block_size=a.block_size,
+            max_num_seqs=a.max_num_seqs,
+            max_num_batched_tokens=a.max_batched_tokens,
+            long_prefill_token_threshold=a.chunk,
+            device=a.device,
+            dtype=a.dtype,
+            tensor_parallel_size=a.tp,
+        )
+    except ValueError as e:  # e.g. swap space with tensor parallelism
+        ap.error(str(e))
     return WorkerConfig(
         worker_id=a.worker_id,
         role=role,
