@@ -338,6 +338,14 @@ class WorkerSnapshot:
     prefix_query_tokens: int
     prefix_hit_tokens: int
     prefix_evictions: int
+    # swap-based preemption (EngineConfig.swap_space_bytes; all 0 without a host pool)
+    swapped_requests: int = 0  # requests whose KV is in the host pool now
+    swap_outs: int = 0  # preemptions that swapped (cumulative)
+    swap_ins: int = 0
+    swapped_out_blocks: int = 0  # blocks copied device -> host (cumulative)
+    swapped_in_blocks: int = 0
+    host_blocks_total: int = 0
+    host_blocks_used: int = 0
 
 
 class WorkerMetrics:
@@ -412,6 +420,15 @@ class WorkerMetrics:
              lambda s: [((), s.preemptions)]),
             (CounterMetricFamily, "pdserve_worker_requests_finished", "Requests this worker finished.", lab,
              lambda s: [((), s.requests_finished)]),
+            (GaugeMetricFamily, "pdserve_worker_swapped_requests",
+             "Preempted requests whose KV is in the host swap pool now.", lab, lambda s: [((), s.swapped_requests)]),
+            (CounterMetricFamily, "pdserve_worker_swaps", "Preemptions by swap, by direction: out, in.",
+             [*lab, "direction"], lambda s: [(("out",), s.swap_outs), (("in",), s.swap_ins)]),
+            (CounterMetricFamily, "pdserve_worker_swapped_blocks", "KV blocks copied by swapping, by direction.",
+             [*lab, "direction"], lambda s: [(("out",), s.swapped_out_blocks), (("in",), s.swapped_in_blocks)]),
+            (GaugeMetricFamily, "pdserve_worker_host_kv_blocks", "Host swap pool blocks by state: used, free.",
+             [*lab, "state"],
+             lambda s: [(("used",), s.host_blocks_used), (("free",), s.host_blocks_total - s.host_blocks_used)]),
             (CounterMetricFamily, "pdserve_worker_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
              lab, lambda s: [((), s.prefix_query_tokens)]),
             (CounterMetricFamily, "pdserve_worker_prefix_cache_hits", "Prompt tokens found in the prefix cache.",

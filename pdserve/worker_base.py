@@ -149,6 +149,13 @@ class WorkerState:
                 prefix_query_tokens=p.queries,
                 prefix_hit_tokens=p.hits,
                 prefix_evictions=p.evictions,
+                swapped_requests=s.num_swapped,
+                swap_outs=s.num_swap_outs,
+                swap_ins=s.num_swap_ins,
+                swapped_out_blocks=s.swapped_out_blocks,
+                swapped_in_blocks=s.swapped_in_blocks,
+                host_blocks_total=s.host_blocks_total,
+                host_blocks_used=s.host_blocks_used,
             )
 
         return self.loop.call(read, timeout_s=timeout_s)

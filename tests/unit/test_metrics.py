@@ -259,6 +259,22 @@ def test_worker_metrics_from_snapshot_and_steps():
     assert value(reg, "pdserve_worker_step_tokens_bucket", le="16.0", **w) == 1
 
 
+def test_worker_swap_metrics():
+    reg = CollectorRegistry()
+    swap = dict(swapped_requests=2, swap_outs=5, swap_ins=3, swapped_out_blocks=40, swapped_in_blocks=24)
+    M.WorkerMetrics(
+        reg, "decode-1", "decode", snapshot=lambda: _snap(**swap, host_blocks_total=64, host_blocks_used=16)
+    )
+    w = {"worker_id": "decode-1", "role": "decode"}
+    assert value(reg, "pdserve_worker_swapped_requests", **w) == 2
+    assert value(reg, "pdserve_worker_swaps_total", direction="out", **w) == 5
+    assert value(reg, "pdserve_worker_swaps_total", direction="in", **w) == 3
+    assert value(reg, "pdserve_worker_swapped_blocks_total", direction="out", **w) == 40
+    assert value(reg, "pdserve_worker_swapped_blocks_total", direction="in", **w) == 24
+    assert value(reg, "pdserve_worker_host_kv_blocks", state="used", **w) == 16
+    assert value(reg, "pdserve_worker_host_kv_blocks", state="free", **w) == 48
+
+
 def test_worker_snapshot_failure_serves_last_good_values():
     reg = CollectorRegistry()
     calls = {"n": 0}
