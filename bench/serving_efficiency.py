@@ -49,7 +49,17 @@ from bench.cluster_load import (  # noqa: E402
 
 RATIO_TARGET = 0.8
 ROUTER_MS_PER_TOKEN_TARGET = 0.02
-KV_BLOCKS = 2048
+KV_BLOCKS = 2048  # at least; more when the streams' contexts need them (kv_blocks_for)
+BLOCK_SIZE = 16  # bench.cluster_load.make_engine's and the workers' default
+
+
+def kv_blocks_for(streams: list[int], prompt_len: int, max_tokens: int) -> int:
+    """KV blocks of the engine and of each worker: every stream's whole context fits (at least
+    ``KV_BLOCKS``), so neither side preempts and the run measures the token path. (With fewer, the
+    decode worker preempts requests for long enough that the router's progress deadline takes a
+    preempted stream for a hung worker and quarantines it: see README, #12.)"""
+    per_request = -(-(prompt_len + max_tokens) // BLOCK_SIZE) + 1
+    return max(KV_BLOCKS, max(streams, default=0) * per_request)
 
 
 @dataclass
@@ -89,12 +99,12 @@ class EfficiencyResult:
 
 
 def measure_engine(
-    model: str, c: int, n: int, max_tokens: int, prompt_len: int, threads: int
+    model: str, c: int, n: int, max_tokens: int, prompt_len: int, threads: int, kv_blocks: int
 ) -> tuple[int, float, float]:
     """(tokens, wall s, CPU ms per token) of the embedded run (warmed up first), on ``threads``
-    torch threads."""
+    torch threads, with ``kv_blocks`` KV blocks (as each worker)."""
     with torch_threads(threads):
-        eng = make_engine(model, KV_BLOCKS)
+        eng = make_engine(model, kv_blocks)
         try:
             engine_closed_loop(eng, min(c, 16), min(c, 16), max_tokens, prompt_len, offset=10**6)  # warm-up
             me = os.getpid()
@@ -175,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     window_ms = DEFAULT_STREAM_WINDOW_S * 1000.0 if a.stream_window_ms is None else a.stream_window_ms
     worker_args = ("--stream-interval", str(a.stream_interval), "--stream-window-ms", f"{window_ms:g}")
     sizes = [int(x) for x in a.streams.split(",") if x]
+    kv_blocks = kv_blocks_for(sizes, a.prompt_len, a.max_tokens)
     results: list[EfficiencyResult] = []
     with tempfile.TemporaryDirectory() as tmp:
         model = str(tiny_model(Path(tmp)))
@@ -182,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             model_path=model,
             num_prefill=1,
             num_decode=1,
-            worker_kv_blocks=KV_BLOCKS,
+            worker_kv_blocks=kv_blocks,
             worker_args=worker_args,
         )
         with launch(spec) as cl:
@@ -190,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 n = c * a.requests_per_stream
                 load_e = load_avg()
                 e_tok, e_wall, e_cpu = measure_engine(
-                    model, c, n, a.max_tokens, a.prompt_len, a.engine_threads
+                    model, c, n, a.max_tokens, a.prompt_len, a.engine_threads, kv_blocks
                 )
                 load_c = load_avg()
                 r, per_tok = measure_cluster(cl, c, n, a.max_tokens, a.prompt_len)
@@ -213,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"tiny Llama, {a.max_tokens} tokens per request, prompt {a.prompt_len}, "
         f"{a.requests_per_stream} requests per stream, decode --stream-interval {a.stream_interval} "
-        f"--stream-window-ms {window_ms:g}, "
+        f"--stream-window-ms {window_ms:g}, {kv_blocks} KV blocks, "
         f"cores {cores}, embedded engine on "
         f"{a.engine_threads} torch thread(s) (each worker: 1)"
     )
