@@ -14,6 +14,7 @@ from elsewhere passes through untouched.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 
 class LazyDeadline:
@@ -22,11 +23,14 @@ class LazyDeadline:
     Protocol: :meth:`start` before a wait (``bound_s`` seconds from now; None: unbounded), then
     :meth:`expired` with the wait's exception (None when it returned) once it is over: True when
     the deadline cancelled it (the caller raises its timeout instead of the CancelledError).
-    :meth:`close` when the task is done with it (drops the timer)."""
+    :meth:`close` when the task is done with it (drops the timer).
 
-    __slots__ = ("_cancelling", "_due", "_fired", "_handle", "_loop", "_task")
+    ``spare``: asked when a wait reaches its deadline; True gives the wait another bound (counted
+    from then) instead of cancelling it (e.g. the worker it waits on is busy, not hung)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_bound", "_cancelling", "_due", "_fired", "_handle", "_loop", "_spare", "_task")
+
+    def __init__(self, spare: Callable[[], bool] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         if task is None:
@@ -36,6 +40,8 @@ class LazyDeadline:
         self._due: float | None = None  # the current wait's deadline (loop time); None: none
         self._fired = False
         self._cancelling = 0
+        self._bound = 0.0
+        self._spare = spare
 
     def start(self, bound_s: float | None) -> None:
         """A wait of at most ``bound_s`` seconds begins (None: no deadline)."""
@@ -43,7 +49,7 @@ class LazyDeadline:
             self._due = None
             return
         due = self._loop.time() + bound_s
-        self._due = due
+        self._due, self._bound = due, bound_s
         self._cancelling = self._task.cancelling()
         h = self._handle
         if h is None or h.when() > due:  # no timer, or one that would fire too late for this wait
@@ -71,7 +77,10 @@ class LazyDeadline:
         due = self._due
         if due is None:  # not waiting: the next start arms a timer
             return
-        if self._loop.time() >= due:
+        now = self._loop.time()
+        if now >= due and self._spare is not None and self._spare():
+            due = self._due = now + self._bound  # spared: another bound from now
+        if now >= due:
             self._fired = True
             self._task.cancel()
         else:

@@ -268,6 +268,9 @@ class GenerateServicer:
         # together each see the ones placed just before them (else a burst lands on one worker)
         self._place_lock = threading.Lock()
         self._views = ViewBuilder()  # per-request cluster views, reusing unchanged workers' snapshots
+        # when each decode worker last sent a message on any stream (monotonic): a stream past its
+        # progress deadline at a worker that streams others is queued or preempted there, not hung
+        self._streamed_at: dict[str, float] = {}
         self._store_address = config.store_address
         if index is None and config.index_url:
             from kv_store.redis_index import make_index  # redis only when an index URL is given
@@ -958,7 +961,13 @@ class GenerateServicer:
                 run.predicted_tpot_s,
                 first_message_tokens=self.outstanding.get(dw.worker_id),
             )
-            guarded = _Guarded(call, dw, keep_cached=run.cached_tokens if resumed else None, watch=watch)
+            guarded = _Guarded(
+                call,
+                dw,
+                keep_cached=run.cached_tokens if resumed else None,
+                watch=watch,
+                streamed=self._streamed_at,
+            )
             async with contextlib.aclosing(
                 self._relay(guarded, run, dw, ctx, on_first=first_token, worker_text=not resumed)
             ) as relayed:
@@ -1106,7 +1115,7 @@ class GenerateServicer:
         taken = False  # a message came: the decode worker pulled the KV and released the lease
         try:
             watch = ProgressWatch(self.config.progress, run.predicted_tpot_s)
-            guarded = _Guarded(call, dw, watch=watch)
+            guarded = _Guarded(call, dw, watch=watch, streamed=self._streamed_at)
             # the decode engine's detokenizer has seen the request's whole output (the first
             # token) unless this leg resumes it: then its text would lack the output before
             fresh = len(h.prompt) == len(run.ids) and len(run.out_ids) == 1
@@ -1152,9 +1161,11 @@ class GenerateServicer:
         t_dec = time.monotonic()
         pull_s = 0.0
         seen = self.registry.seen
+        streamed_at = self._streamed_at
         try:
             async for d in call:
                 seen(dw.worker_id)
+                streamed_at[dw.worker_id] = time.monotonic()
                 if d.kv_pull_s > 0:
                     pull_s += d.kv_pull_s
                     run.kv_pull_s += d.kv_pull_s
@@ -1337,7 +1348,11 @@ class _Guarded:
     ``watch``: the stream's progress deadline (:class:`router.progress.ProgressWatch`): a message
     that does not come within its bound (counted only while this iterator waits on the worker,
     not while the consumer holds a message) cancels the call and raises :class:`_WorkerLost`
-    with ``stalled`` set. A message may carry several tokens."""
+    with ``stalled`` set. A message may carry several tokens. ``streamed``: when each worker last
+    sent a message on any stream (the router's relays fill it in): a wait that reaches its bound
+    while its worker sent another stream a message within that bound goes on (the worker is busy,
+    the request queued or preempted there, e.g. under KV pressure; quarantining a busy worker
+    stopped all traffic to it), so only a worker silent on every stream is taken for hung."""
 
     def __init__(
         self,
@@ -1345,12 +1360,24 @@ class _Guarded:
         worker: WorkerEntry,
         keep_cached: int | None = None,
         watch: ProgressWatch | None = None,
+        streamed: dict[str, float] | None = None,
     ) -> None:
         self._call = call
         self._worker = worker
         self._keep_cached = keep_cached
         self._watch = watch
+        self._streamed = streamed
+        self._bound: float | None = None  # the current wait's bound
         self._deadline: LazyDeadline | None = None  # made in the consuming task
+
+    def _busy(self) -> bool:
+        """At the deadline: whether the worker sent a message on another stream within the
+        wait's bound (it is alive and decoding; this request waits in its queue, e.g. preempted
+        under KV pressure): then the wait goes on. A hung worker streams nothing."""
+        if self._streamed is None or self._bound is None:
+            return False
+        last = self._streamed.get(self._worker.worker_id)
+        return last is not None and time.monotonic() - last < self._bound
 
     async def _next(self, it: AsyncIterator[worker_pb2.DecodeResponse]) -> worker_pb2.DecodeResponse | None:
         """The next message of ``it`` (the call's iterator; None at the end of the stream),
@@ -1361,7 +1388,8 @@ class _Guarded:
         bound = watch.waiting(t) if watch is not None else None
         dl = self._deadline
         if dl is None:
-            dl = self._deadline = LazyDeadline()
+            dl = self._deadline = LazyDeadline(spare=self._busy)
+        self._bound = bound
         dl.start(bound)  # None: no deadline
         exc: BaseException | None = None
         try:

@@ -236,3 +236,71 @@ def test_a_cancellation_from_elsewhere_is_not_taken_for_the_deadline() -> None:
         return out
 
     assert asyncio.run(run()) == ["cancelled"]
+
+
+def test_a_spared_wait_goes_on_and_expires_once_not_spared() -> None:
+    from router.deadline import LazyDeadline
+
+    asks: list[int] = []
+
+    def spare() -> bool:  # busy for the first two deadlines, then silent
+        asks.append(1)
+        return len(asks) <= 2
+
+    async def run() -> str:
+        dl = LazyDeadline(spare=spare)
+        dl.start(0.02)
+        exc: BaseException | None = None
+        try:
+            await asyncio.sleep(30)
+        except BaseException as e:  # noqa: BLE001
+            exc = e
+        return "expired" if dl.expired(exc) else "ok"
+
+    assert asyncio.run(run()) == "expired" and len(asks) == 3
+
+
+def test_a_stream_at_a_worker_that_streams_others_is_not_stalled() -> None:
+    from router.service import _Guarded
+
+    class _Call:
+        def __init__(self, first_after_s: float) -> None:
+            self.first_after_s = first_after_s
+            self.cancelled = False
+
+        def __aiter__(self):
+            return self._gen()
+
+        async def _gen(self):
+            await asyncio.sleep(self.first_after_s)
+            yield worker_pb2.DecodeResponse(token_ids=[7])
+
+        def cancel(self) -> bool:
+            self.cancelled = True
+            return True
+
+    worker = SimpleNamespace(worker_id="decode-1")
+
+    async def relay(streamed: dict[str, float], busy: bool) -> str:
+        from router.progress import ProgressConfig, ProgressWatch
+
+        watch = ProgressWatch(ProgressConfig(first_message_s=0.05))
+        g = _Guarded(_Call(0.3), worker, watch=watch, streamed=streamed)  # type: ignore[arg-type]
+
+        async def other_streams() -> None:  # the worker keeps streaming other requests
+            while busy:
+                streamed["decode-1"] = __import__("time").monotonic()
+                await asyncio.sleep(0.01)
+
+        side = asyncio.ensure_future(other_streams())
+        try:
+            got = [list(d.token_ids) async for d in g]
+            return f"got {got}"
+        except Exception as e:  # noqa: BLE001
+            return type(e).__name__
+        finally:
+            busy = False
+            side.cancel()
+
+    assert asyncio.run(relay({}, busy=True)) == "got [[7]]"  # waited past its bound: spared
+    assert asyncio.run(relay({}, busy=False)) == "_WorkerLost"  # silent everywhere: stalled
