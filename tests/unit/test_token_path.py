@@ -38,7 +38,9 @@ def _out(rid: str, token: int, finished: bool = False, text: str = "") -> Reques
     )
 
 
-async def _play(svc, loop, rid: str, steps: list[tuple[int, bool]], pause_s: float = 0.005) -> list[list[int]]:
+async def _play(
+    svc, loop, rid: str, steps: list[tuple[int, bool]], pause_s: float = 0.005
+) -> list[list[int]]:
     """Play the engine: one output per step (token, finished), ``pause_s`` apart; the token lists
     of the messages the stream sent."""
     stream = svc.Decode(_req(rid), _Ctx())
