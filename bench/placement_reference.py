@@ -114,6 +114,7 @@ class _Inflight:
     tpot_base_s: float
     predicted_finish: float
     expires_at: float
+    ttft_slo_s: float = math.inf  # the request's TTFT SLO (inf: none)
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,10 @@ class RefGoodputAwarePolicy(PlacementPolicy):
             )
         if e is None:
             return
-        self.corrected.observe(Phase.TTFT, e.ttft_base_s, obs.ttft_s)
+        # the same learning floor as router.policy.goodput (GoodputConfig.ttft_learn_min_share)
+        share = self.config.ttft_learn_min_share
+        if not math.isfinite(e.ttft_slo_s) or e.ttft_base_s >= share * e.ttft_slo_s:
+            self.corrected.observe(Phase.TTFT, e.ttft_base_s, obs.ttft_s)
         if obs.output_tokens > 1:
             self.corrected.observe(Phase.TPOT, e.tpot_base_s, obs.tpot_s)
 
@@ -316,6 +320,7 @@ class RefGoodputAwarePolicy(PlacementPolicy):
             choice.decode.tpot_s / fd / contention,
             finish,
             finish + cfg.ledger_grace_s,
+            ttft_slo_s=slo.ttft_s if (slo := req.slo or cfg.default_slo) else math.inf,
         )
         return plan
 

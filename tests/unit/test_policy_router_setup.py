@@ -104,5 +104,7 @@ def test_view_from_registry_adds_router_side_load() -> None:
     assert build_view(reg, "m", out, kv).get("d0").free_blocks == 50
     kv.add("d0", -32 * 50 + 32 * 10)
     assert build_view(reg, "m", out, kv).get("d0").free_blocks == 60  # the report is larger
-    now[0] = 10.0  # silent workers expire
+    now[0] = 10.0  # silent workers expire; one with the router's calls in flight only after busy_timeout_s
+    assert [i.instance_id for i in build_view(reg, "m", out).instances] == ["d0"]
+    now[0] = 40.0
     assert len(build_view(reg, "m", out)) == 0
