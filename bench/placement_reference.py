@@ -197,7 +197,7 @@ class RefGoodputAwarePolicy(PlacementPolicy):
         share = self.config.ttft_learn_min_share
         if not math.isfinite(e.ttft_slo_s) or e.ttft_base_s >= share * e.ttft_slo_s:
             self.corrected.observe(Phase.TTFT, e.ttft_base_s, obs.ttft_s)
-        if obs.output_tokens > 1:
+        if obs.output_tokens >= self.config.tpot_learn_min_tokens:
             self.corrected.observe(Phase.TPOT, e.tpot_base_s, obs.tpot_s)
 
     def release(self, request_id: str) -> None:

@@ -139,6 +139,12 @@ class GoodputConfig:
     # admission: cached prompts predicted 0.1 s and measured 0.17 s made the factor 1.74, and
     # the next uncached prompts, 0.81 s in truth, were refused at a predicted 1.37 s (#19).
     ttft_learn_min_share: float = 0.25
+    # The online TPOT correction learns only from requests with at least this many output tokens:
+    # a request's measured TPOT includes its first decode step, which waits for the KV handoff
+    # (the decode worker's pull), a one-off cost the per-step model does not have; over 2-7 tokens
+    # it made the TPOT factor and spread refuse requests predicted at 134-168 ms against a 180 ms
+    # SLO while admitted ones measured p50 80 ms (#19).
+    tpot_learn_min_tokens: int = 8
 
     def __post_init__(self) -> None:
         if not (0 <= self.slo_margin < 1 and self.priority_margin_step >= 0 and 0 <= self.max_margin < 1):
@@ -153,6 +159,8 @@ class GoodputConfig:
             self.correction_half_life_s > 0
         ):
             raise ValueError("need correction_stale_s >= 0 (None: never fade) and correction_half_life_s > 0")
+        if self.tpot_learn_min_tokens < 2:
+            raise ValueError(f"tpot_learn_min_tokens must be >= 2, got {self.tpot_learn_min_tokens}")
         if not 0 <= self.ttft_learn_min_share < 1:
             raise ValueError(f"ttft_learn_min_share must be in [0, 1), got {self.ttft_learn_min_share}")
 
@@ -444,7 +452,8 @@ class GoodputAwarePolicy(PlacementPolicy):
         )
         if teaches and self.corrected.observe(Phase.TTFT, e.ttft_base_s, obs.ttft_s):
             self._learned_at[Phase.TTFT] = now
-        if obs.output_tokens > 1 and self.corrected.observe(Phase.TPOT, e.tpot_base_s, obs.tpot_s):
+        many = obs.output_tokens >= self.config.tpot_learn_min_tokens
+        if many and self.corrected.observe(Phase.TPOT, e.tpot_base_s, obs.tpot_s):
             self._learned_at[Phase.TPOT] = now
 
     def _fade(self, now: float) -> None:

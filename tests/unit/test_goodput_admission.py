@@ -194,3 +194,22 @@ def test_cached_prompts_far_below_the_slo_do_not_teach_the_ttft_factor() -> None
     assert pol.corrected.samples(Phase.TTFT) == 2
     with pytest.raises(ValueError, match="ttft_learn_min_share"):
         GoodputConfig(ttft_learn_min_share=1.0)
+
+
+def test_short_outputs_do_not_teach_the_tpot_factor() -> None:
+    """A request's measured TPOT includes its first decode step, which waits for the KV handoff:
+    over a few tokens that one-off cost dominates. Only outputs of ``tpot_learn_min_tokens`` or
+    more teach the TPOT correction."""
+    pol = GoodputAwarePolicy(clock=ManualClock(), config=GoodputConfig(tpot_learn_min_tokens=8))
+    tpot = PROFILE.decode_time(1, 100)
+    for i, n_out in enumerate((2, 4, 7)):  # 3x slow: the handoff in one of few intervals
+        assert isinstance(pol.place(_req(f"s{i}", 100, None, out=n_out), _view()), Placement)
+        pol.on_finished(
+            Observation(f"s{i}", PROFILE.prefill_time([100]), 3 * tpot, n_out, num_prompt_tokens=100)
+        )
+    assert pol.corrected.samples(Phase.TPOT) == 0 and pol.corrected.factor(Phase.TPOT) == 1.0
+    assert isinstance(pol.place(_req("long", 100, None, out=30), _view()), Placement)
+    pol.on_finished(Observation("long", PROFILE.prefill_time([100]), 1.2 * tpot, 30, num_prompt_tokens=100))
+    assert pol.corrected.samples(Phase.TPOT) == 1
+    with pytest.raises(ValueError, match="tpot_learn_min_tokens"):
+        GoodputConfig(tpot_learn_min_tokens=1)
