@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -155,9 +154,6 @@ def run(a: argparse.Namespace) -> int:
         from pdserve.launcher import ClusterSpec, launch
 
         router_args = ("--policy", a.policy) if a.policy else ()
-        # every process of the embedded cluster shares this host's cores: the goodput policy's
-        # predictions grow with busy workers / cores (a burst of prefills slows every decode step)
-        router_args += ("--shared-cores", str(os.cpu_count() or 1))
         cluster = launch(ClusterSpec(model_path=str(path), router_args=router_args))
         address = cluster.router_address
     reports, all_results = [], []
