@@ -383,6 +383,8 @@ def _relayed(
     """Everything ``_relay`` sends the client for ``stream`` (only _relay/_finish are exercised)."""
     svc = GenerateServicer.__new__(GenerateServicer)
     svc.registry = Registry()  # the relay counts each message as the worker's proof of life
+    svc._streamed_at = {}  # when each worker last streamed a message (stall sparing)
+    svc.tokenizer = None  # the fake messages carry no text: the router renders nothing
 
     async def collect() -> list[client_pb2.GenerateResponse]:
         worker = SimpleNamespace(worker_id="d0")
@@ -396,6 +398,7 @@ def test_relay_adds_the_decode_side_pull_to_transfer_and_leaves_it_out_of_decode
     run.pre_timing = common_pb2.Timing(queue_s=0.001, prefill_s=0.02, transfer_s=0.003)
     run.token_times.append(0.03)  # the first token, sampled by the prefill worker
     run.out_ids.append(4)
+    run.detok_fed = 1  # the router's detokenizer already has the first token
     t0 = time.monotonic()
     out = _relayed(_decode_stream(0.2, 0.05), run)
     wall = time.monotonic() - t0
@@ -491,10 +494,12 @@ class _Failing:
 
 
 def _state() -> SimpleNamespace:
+    loop = _Loop()
     return SimpleNamespace(
         config=SimpleNamespace(worker_id="decode-9", role=Role.DECODE, admission_timeout_s=1.0),
         layout=L,
-        loop=_Loop(),
+        loop=loop,
+        engine=loop.engine,  # no tokenizer: the worker sends tokens without text (has_text unset)
         count_finished=lambda: None,
     )
 
