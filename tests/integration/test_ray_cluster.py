@@ -65,6 +65,9 @@ def config_file(smollm_path, tmp_path_factory) -> Path:
             "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S,
             "heartbeat_interval_s": 0.25,
             "tenant_state": "local",
+            # every request handed off (goodput, the default, may prefill a short prompt on its
+            # decode worker: no KV moves, and the transport checks below see nothing)
+            "policy": "least_loaded",
         },
         "routers": 2,  # no single router: every worker registers with both, the client takes both
         "max_restarts": 2,

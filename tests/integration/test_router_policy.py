@@ -119,10 +119,13 @@ def test_generous_slo_succeeds_and_feeds_online_correction(goodput, whole):
         assert g.token_ids == r.token_ids, p  # exact, whichever mode the policy chose
     fb = [_event(goodput, "policy feedback", g.request_id) for g in got]
     last = fb[-1]
-    assert last["ttft_samples"] >= len(PROMPTS) and last["tpot_samples"] >= len(PROMPTS)
+    # 12 tokens each (>= tpot_learn_min_tokens): every request teaches the TPOT correction; their
+    # TTFT predictions are far under a quarter of the 60 s SLO, so they do not teach the TTFT
+    # factor (ttft_learn_min_share: such errors are per-request overhead, not prefill speed)
+    assert last["tpot_samples"] >= len(PROMPTS) and last["ttft_samples"] == fb[0]["ttft_samples"]
     assert last["length_samples"] >= len(PROMPTS)
     assert last["length_mae"] >= 0 and 0 <= last["length_within_2x"] <= 1  # predictor accuracy
-    assert last["ttft_factor"] != 1.0  # measured latencies moved the seed prediction
+    assert last["tpot_factor"] != 1.0  # measured latencies moved the seed prediction
     first = _event(goodput, "routed", got[0].request_id)
     assert first["policy"] == "goodput" and first["predicted_ttft_s"] > 0
     # the shared prefix of PROMPTS[4] is now in the KV store: placement sees it before prefill
