@@ -38,7 +38,12 @@ from prometheus_client import REGISTRY
 
 from pdserve import cli_help
 from pdserve.auth.cli_args import add_auth_args, edge_from_args
-from pdserve.auth.shared_state import SharedEdgeState, add_tenant_state_args, tenant_state_from_args
+from pdserve.auth.shared_state import (
+    SharedEdgeState,
+    add_tenant_state_args,
+    choose_tenant_state,
+    tenant_state_from_args,
+)
 from pdserve.errors import UnavailableError
 from pdserve.metrics import RouterMetrics, serve_metrics
 from pdserve.security import add_process_security_args, install_process_security
@@ -234,12 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         reg = Registry(cfg.heartbeat_timeout_s, quarantine=_quarantine_config(a))
         edge = edge_from_args(a, cfg.host, "router")  # API keys (none: loopback dev mode only)
         shared = _shared_tenant_state(ap, a)
-        if shared is not None and a.tenant_max_inflight:
-            ap.error(
-                f"--tenant-max-inflight is counted by each of the {a.cluster_routers} routers alone; set "
-                "max_inflight on the tenants' API keys instead (shared by the routers through Redis), or "
-                "--tenant-state local"
-            )
         if shared is not None:  # quotas and request ids shared with the cluster's other routers
             edge.gate, edge.ids = shared.gate, shared.ids
         generate = GenerateServicer(reg, cfg, RouterMetrics(REGISTRY), edge=edge)  # opens the --index
@@ -286,8 +285,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _shared_tenant_state(ap: argparse.ArgumentParser, a: argparse.Namespace) -> SharedEdgeState | None:
     """The started shared tenant state of ``--tenant-state`` (None: this router's memory); a
-    refused choice or an unreachable Redis exits through ``ap.error``."""
+    refused choice, goodput's per-router ``--tenant-max-inflight`` beside shared state, or an
+    unreachable Redis exits through ``ap.error`` (the first two before anything is started)."""
     try:
+        shared_url = choose_tenant_state(a.tenant_state, getattr(a, "index", None), a.cluster_routers).url
+        if shared_url and a.tenant_max_inflight:
+            ap.error(
+                f"--tenant-max-inflight is counted by each of the {a.cluster_routers} routers alone; set "
+                "max_inflight on the tenants' API keys instead (shared by the routers through Redis), or "
+                "--tenant-state local"
+            )
         return tenant_state_from_args(a)
     except (ValueError, UnavailableError) as e:
         ap.error(str(e))

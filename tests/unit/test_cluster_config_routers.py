@@ -92,3 +92,30 @@ def test_tenant_state_choices() -> None:
         router_tenant_state_url(from_dict({"model": "/m", "routers": 3, "router": {"tenant_state": url}}))
         == url
     )
+
+
+def test_router_cli_refuses_per_router_goodput_quota_beside_shared_state_before_starting_it(capsys) -> None:
+    """``python -m router``: shared tenant state (several routers, a Redis URL) with goodput's
+    per-router --tenant-max-inflight is refused before the shared state starts (the Redis named
+    here is unreachable: had it been opened, the error would name it instead)."""
+    import argparse
+
+    from router.__main__ import _shared_tenant_state, build_parser
+
+    ap = build_parser()
+    a = ap.parse_args(
+        [
+            "--model",
+            "/m",
+            "--cluster-routers",
+            "2",
+            "--tenant-state",
+            "redis://127.0.0.1:1/0",
+            "--tenant-max-inflight",
+            "3",
+        ]
+    )
+    assert isinstance(a, argparse.Namespace)
+    with pytest.raises(SystemExit):
+        _shared_tenant_state(ap, a)
+    assert "--tenant-max-inflight is counted by each of the 2 routers alone" in capsys.readouterr().err
