@@ -554,6 +554,22 @@ class KVCacheManager:
         self._num_skipped[req.request_id] = skip
         return [b.block_id for b in blocks]
 
+    def extend_blocks(self, request_id: str, n: int) -> list[int]:
+        """Append ``n`` fresh blocks to the request's table (creating it) for KV copied in from
+        elsewhere (live migration's destination, which allocates stage by stage before the
+        request is scheduled); returns their ids in order. Raises RuntimeError when fewer than
+        ``n`` blocks are free or a sliding window is set (nothing changed then).
+        :meth:`free` releases them."""
+        if self.sliding_window is not None:
+            raise RuntimeError("extend_blocks does not support a sliding window")
+        if n > self.pool.num_free_blocks:
+            raise RuntimeError(f"need {n} blocks, {self.pool.num_free_blocks} free")
+        blocks = self.pool.allocate(n)
+        self._tables.setdefault(request_id, []).extend(blocks)
+        self._num_registered.setdefault(request_id, 0)
+        self._num_skipped.setdefault(request_id, 0)
+        return [b.block_id for b in blocks]
+
     def cached_prefix_len(self, hashes: list[BlockHash]) -> int:
         """How many leading blocks of ``hashes`` are in this pool's prefix cache."""
         n = 0

@@ -173,6 +173,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.swapped: list[Request] = []
         self.requests: dict[str, Request] = {}
+        # live migration (engine.migration): running requests taken out of the batch, KV held
+        self.paused: dict[str, Request] = {}
         self.num_preemptions = 0
         self.num_swap_outs = 0  # preemptions that swapped (requests)
         self.num_swap_ins = 0
@@ -247,6 +249,28 @@ class Scheduler:
         req.status = RequestStatus.RUNNING
         self._join(req)
         self.requests[req.request_id] = req
+        self.running.append(req)
+
+    def pause_request(self, request_id: str) -> Request:
+        """Take a running request out of the batch, keeping its blocks and state (live
+        migration's stop-and-copy): it is not scheduled (nor preempted) until
+        :meth:`resume_request`; abort/finish still retire it. Raises RequestNotFoundError for an
+        unknown id, InvalidRequestError when it is not running."""
+        req = self.requests.get(request_id)
+        if req is None:
+            raise RequestNotFoundError(f"no request with id {request_id!r}")
+        if req.status is not RequestStatus.RUNNING or not _remove_identical(self.running, req):
+            raise InvalidRequestError(
+                f"request {request_id!r} is {req.status.value}, not running: only a running request can be paused"
+            )
+        self.paused[request_id] = req
+        return req
+
+    def resume_request(self, request_id: str) -> None:
+        """Put a paused request back into the batch (a migration that did not happen)."""
+        req = self.paused.pop(request_id, None)
+        if req is None:
+            raise RequestNotFoundError(f"no paused request with id {request_id!r}")
         self.running.append(req)
 
     def abort_request(self, request_id: str) -> Request:
@@ -573,8 +597,12 @@ class Scheduler:
         return None
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
-        if not _remove_identical(self.running, req) and not _remove_identical(self.waiting, req):
-            _remove_identical(self.swapped, req)
+        if (
+            not _remove_identical(self.running, req)
+            and not _remove_identical(self.waiting, req)
+            and not _remove_identical(self.swapped, req)
+        ):
+            self.paused.pop(req.request_id, None)
         self.kv.free(req.request_id)
         self.requests.pop(req.request_id, None)
         req.finish_reason = reason
