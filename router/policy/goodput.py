@@ -71,7 +71,6 @@ it decides exactly as the quadratic search it replaced (``bench/placement_refere
 
 from __future__ import annotations
 
-import heapq
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -79,16 +78,18 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from router.policy.decode_side import NUMPY_MIN_POOL, UNDECIDED, DecodeSide, first_least, first_least_arr
 from router.policy.estimate import TtftEstimator, TtftTable
+from router.policy.goodput_config import GoodputConfig
 from router.policy.latency import (
     DecodeLatencyEstimator,
     LinearLatency,
     OnlineCorrectedLatency,
     Phase,
     WithDecode,
-    decode_time_array,
     decode_time_each,
 )
+from router.policy.ledger import Inflight, Ledger
 from router.policy.length_predictor import LengthPredictor, LengthSample
 from router.policy.placement import PlacementPolicy, PolicyKind, best_prefill_plan
 from router.policy.protocols import Clock, LatencyEstimator
@@ -101,190 +102,11 @@ from router.policy.types import (
     RejectReason,
     RequestInfo,
 )
-from router.policy.view import ClusterView, ColumnCache, InstanceView, PrefixHits, RoleColumns
-
-
-@dataclass(frozen=True)
-class GoodputConfig:
-    """Knobs of :class:`GoodputAwarePolicy` (see its module docstring for their roles)."""
-
-    slo_margin: float = 0.1
-    priority_margin_step: float = 0.1
-    max_margin: float = 0.8
-    tenant_max_inflight: int | None = None  # None: no quota
-    tenant_quotas: tuple[tuple[str, int], ...] = ()  # per-tenant overrides of tenant_max_inflight
-    local_prefill: bool = True  # conditional disaggregation
-    local_prefill_max_tokens: int = 256  # uncached prompt tokens a decode instance may prefill
-    long_output_tokens: int = 256  # predicted outputs at least this long are spread (TetriInfer)
-    min_retry_after_s: float = 0.1
-    max_retry_after_s: float = 30.0
-    default_slo: SLO | None = None  # applied to requests that carry none
-    ledger_grace_s: float = 30.0
-    # Instances sharing this many cores (one host running every worker, e.g. CPU serving): while
-    # more instances than cores are busy, each step takes proportionally longer, so predictions
-    # are multiplied by busy / shared_cores (the placed request's instance counted busy).
-    # None: every instance has its own device (GPUs), no contention term.
-    shared_cores: int | None = None
-    # A correction nobody confirms fades: once no request of a phase finished for
-    # ``correction_stale_s``, its online factor and error quantile decay toward the model
-    # (the workers' own profiles) with this half-life. Without it a cluster that was slow for a
-    # while (a busy host) refused every request with an SLO from then on, and refused requests
-    # bring no new measurement (#19). None: never fade.
-    correction_stale_s: float | None = 30.0
-    correction_half_life_s: float = 60.0
-    # The online TTFT correction (a factor on the model's prediction) learns only from requests
-    # whose uncorrected TTFT prediction is at least this share of their TTFT SLO (requests with
-    # no finite TTFT SLO always teach it). Far below the SLO the error is mostly per-request
-    # overhead no factor models (RPCs, the KV publish, the relay) and errors there do not decide
-    # admission: cached prompts predicted 0.1 s and measured 0.17 s made the factor 1.74, and
-    # the next uncached prompts, 0.81 s in truth, were refused at a predicted 1.37 s (#19).
-    ttft_learn_min_share: float = 0.25
-    # The online TPOT correction learns only from requests with at least this many output tokens:
-    # a request's measured TPOT includes its first decode step, which waits for the KV handoff
-    # (the decode worker's pull), a one-off cost the per-step model does not have; over 2-7 tokens
-    # it made the TPOT factor and spread refuse requests predicted at 134-168 ms against a 180 ms
-    # SLO while admitted ones measured p50 80 ms (#19).
-    tpot_learn_min_tokens: int = 8
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.slo_margin < 1 and self.priority_margin_step >= 0 and 0 <= self.max_margin < 1):
-            raise ValueError("margins must be in [0, 1)")
-        if self.tenant_max_inflight is not None and self.tenant_max_inflight < 1:
-            raise ValueError("tenant_max_inflight must be >= 1 (None: unlimited)")
-        if not 0 < self.min_retry_after_s <= self.max_retry_after_s:
-            raise ValueError("need 0 < min_retry_after_s <= max_retry_after_s")
-        if self.shared_cores is not None and self.shared_cores < 1:
-            raise ValueError("shared_cores must be >= 1 (None: no shared cores)")
-        if (self.correction_stale_s is not None and self.correction_stale_s < 0) or not (
-            self.correction_half_life_s > 0
-        ):
-            raise ValueError("need correction_stale_s >= 0 (None: never fade) and correction_half_life_s > 0")
-        if self.tpot_learn_min_tokens < 2:
-            raise ValueError(f"tpot_learn_min_tokens must be >= 2, got {self.tpot_learn_min_tokens}")
-        if not 0 <= self.ttft_learn_min_share < 1:
-            raise ValueError(f"ttft_learn_min_share must be in [0, 1), got {self.ttft_learn_min_share}")
-
-    def contention(self, view: ClusterView) -> float:
-        """Slow-down of every instance's steps when they share ``shared_cores`` cores: busy
-        instances (queued or running work, plus one for the request being placed) / cores, >= 1."""
-        if self.shared_cores is None:
-            return 1.0
-        busy = sum(1 for i in view.instances if i.running_requests or i.queued_requests or i.queued_tokens)
-        return max(1.0, min(len(view.instances), busy + 1) / self.shared_cores)
-
-    def margin(self, priority: int) -> float:
-        """Required headroom below the SLO for a request of ``priority`` (lower = more important)."""
-        return min(self.max_margin, self.slo_margin + self.priority_margin_step * max(0, priority))
-
-    def quota(self, tenant: str) -> int | None:
-        for t, n in self.tenant_quotas:
-            if t == tenant:
-                return n
-        return self.tenant_max_inflight
-
+from router.policy.view import ClusterView, ColumnCache, InstanceView
 
 _REF_TOKENS = 256  # operating point at which a worker's profile is compared to the policy's model
 _REF_BATCH = 8
 _REF_CTX = 512
-
-
-@dataclass
-class _Inflight:
-    request_id: str
-    tenant: str
-    decode_id: str
-    long: bool
-    ttft_base_s: float  # uncorrected model predictions (online correction compares to these)
-    tpot_base_s: float
-    predicted_finish: float
-    expires_at: float
-    seq: int = 0
-    ttft_slo_s: float = (
-        math.inf
-    )  # the request's TTFT SLO (inf: none)  # this entry's heap key (a re-placed id gets a new entry and seq)
-
-
-class _Ledger:
-    """The in-flight requests of :class:`GoodputAwarePolicy`, with per-decision upkeep that does
-    not grow with the ledger: expiry and the earliest predicted finish come from heaps (stale
-    items of removed entries are skipped, and the heaps are rebuilt when mostly stale), per-tenant
-    entries and per-decode counts of long requests are kept as entries come and go."""
-
-    def __init__(self) -> None:
-        self.entries: dict[str, _Inflight] = {}
-        self._by_expiry: list[tuple[float, int, str]] = []
-        self._by_finish: list[tuple[float, int, str]] = []
-        self._tenants: dict[str, dict[str, _Inflight]] = {}
-        self.longs: dict[str, int] = {}  # decode instance -> long requests in flight there
-        self._seq = 0
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def add(self, e: _Inflight) -> None:
-        self.pop(e.request_id)
-        self._seq += 1
-        e.seq = self._seq
-        self.entries[e.request_id] = e
-        self._tenants.setdefault(e.tenant, {})[e.request_id] = e
-        if e.long:
-            self.longs[e.decode_id] = self.longs.get(e.decode_id, 0) + 1
-        heapq.heappush(self._by_expiry, (e.expires_at, e.seq, e.request_id))
-        heapq.heappush(self._by_finish, (e.predicted_finish, e.seq, e.request_id))
-
-    def pop(self, request_id: str) -> _Inflight | None:
-        e = self.entries.pop(request_id, None)
-        if e is None:
-            return None
-        mine = self._tenants[e.tenant]
-        del mine[request_id]
-        if not mine:
-            del self._tenants[e.tenant]
-        if e.long:
-            n = self.longs[e.decode_id] - 1
-            if n:
-                self.longs[e.decode_id] = n
-            else:
-                del self.longs[e.decode_id]
-        return e
-
-    def _live(self, item: tuple[float, int, str]) -> bool:
-        e = self.entries.get(item[2])
-        return e is not None and e.seq == item[1]
-
-    def expire(self, now: float) -> None:
-        """Drop every entry with ``expires_at <= now``."""
-        h = self._by_expiry
-        while h and h[0][0] <= now:
-            _, seq, rid = heapq.heappop(h)
-            e = self.entries.get(rid)
-            if e is not None and e.seq == seq:
-                self.pop(rid)
-        f = self._by_finish
-        while f and not self._live(f[0]):
-            heapq.heappop(f)
-        limit = 2 * len(self.entries) + 64
-        if len(h) > limit:
-            self._by_expiry = [i for i in h if self._live(i)]
-            heapq.heapify(self._by_expiry)
-        if len(f) > limit:
-            self._by_finish = [i for i in f if self._live(i)]
-            heapq.heapify(self._by_finish)
-
-    def earliest_finish(self) -> float | None:
-        """The earliest predicted finish of an entry (None: empty)."""
-        f = self._by_finish
-        while f and not self._live(f[0]):
-            heapq.heappop(f)
-        return f[0][0] if f else None
-
-    def of_tenant(self, tenant: str) -> list[_Inflight]:
-        return list(self._tenants.get(tenant, {}).values())
-
-    def count(self, tenant: str | None = None) -> int:
-        if tenant is None:
-            return len(self.entries)
-        return len(self._tenants.get(tenant, ()))
 
 
 class _FreshTtft(TtftEstimator):
@@ -430,7 +252,7 @@ class GoodputAwarePolicy(PlacementPolicy):
         self.config = config or GoodputConfig()
         self.lengths = length_predictor or LengthPredictor()
         self.stats = GoodputStats()
-        self._ledger = _Ledger()
+        self._ledger = Ledger()
         self._lock = threading.Lock()
         self._cols = ColumnCache()  # the pools' load columns, rows reused while unchanged
         self._learned_at: dict[Phase, float] = {}  # when a sample last corrected each phase
@@ -560,7 +382,7 @@ class GoodputAwarePolicy(PlacementPolicy):
         table = TtftTable(self.estimator, p)
         pre_scales = self._scales(prefill_pool, view) if prefill_pool else None
         dec_scales = self._scales(decode_pool, view)
-        if len(prefill_pool) >= _NUMPY_MIN_POOL:  # every candidate's queue priced over its columns
+        if len(prefill_pool) >= NUMPY_MIN_POOL:  # every candidate's queue priced over its columns
             pc = self._cols.columns(view, InstanceRole.PREFILL)
             table.know_queues(prefill_pool, table.pool_queues(pc)[1])
         remote_plan = (
@@ -581,9 +403,16 @@ class GoodputAwarePolicy(PlacementPolicy):
         dec_roles = (
             (InstanceRole.DECODE,) if decode_pool[0].role is InstanceRole.DECODE else (InstanceRole.MIXED,)
         )
-        big = len(decode_pool) >= _NUMPY_MIN_POOL
-        d = _DecodeSide(
-            self, req, decode_pool, out, hits, table, self._cols.columns(view, *dec_roles) if big else None
+        big = len(decode_pool) >= NUMPY_MIN_POOL
+        d = DecodeSide(
+            cfg,
+            self.corrected,
+            req,
+            decode_pool,
+            out,
+            hits,
+            table,
+            self._cols.columns(view, *dec_roles) if big else None,
         )
         n = len(decode_pool)
         local_ttft = d.local_ttft
@@ -626,8 +455,8 @@ class GoodputAwarePolicy(PlacementPolicy):
         )
         if fast:
             fa, ta = d.arrays  # type: ignore[misc]
-            best = _first_least_arr(np.flatnonzero(fa & (ta <= lim_tpot)), ta, d.freeness)
-            if best == _UNDECIDED:
+            best = first_least_arr(np.flatnonzero(fa & (ta <= lim_tpot)), ta, d.freeness)
+            if best == UNDECIDED:
                 best, fast = -1, False
             cand = [best] if best >= 0 else []
         if fast:
@@ -667,7 +496,7 @@ class GoodputAwarePolicy(PlacementPolicy):
             cand = list(range(n)) if ok_remote else [k for k in range(n) if local_ttft[k] is not None]
         longs = self._ledger.longs if is_long else {}
         if best < 0 or best_effort:
-            best = _first_least(
+            best = first_least(
                 cand,
                 fits,
                 [longs.get(decode_pool[k].instance_id, 0) for k in cand] if longs else None,
@@ -715,7 +544,7 @@ class GoodputAwarePolicy(PlacementPolicy):
         ft, fd = self.corrected.factor(Phase.TTFT), self.corrected.factor(Phase.TPOT)
         finish = now + ttft + out * tpot
         self._ledger.add(
-            _Inflight(
+            Inflight(
                 req.request_id,
                 req.tenant,
                 best_d,
@@ -789,7 +618,7 @@ class GoodputAwarePolicy(PlacementPolicy):
         view: ClusterView,
         table: TtftTable,
         decode_pool: list[InstanceView],
-        d: _DecodeSide,
+        d: DecodeSide,
         remote_plan: Placement | None,
         remote_ttft: float | None,
         local_ttft: list[float | None],
@@ -900,263 +729,6 @@ class GoodputAwarePolicy(PlacementPolicy):
     def _retry(self, wait_s: float) -> float:
         c = self.config
         return min(c.max_retry_after_s, max(c.min_retry_after_s, wait_s))
-
-
-def _first_least(
-    cand: list[int],
-    fits: list[bool],
-    longs: list[int] | None,
-    tpots: list[float],
-    freeness: Sequence[int],
-) -> int:
-    """The first ``k`` of ``cand`` (non-empty) with the least key (-fits, longs, tpot, -freeness)
-    (``longs`` aligned with ``cand``; None: all 0): what ``min(cand, key=...)`` returns, found
-    one key component at a time (a pass each) instead of a tuple per candidate."""
-    lk = dict(zip(cand, longs, strict=True)) if longs is not None else None
-    tp = [tpots[k] for k in cand]
-    total = sum(tp)
-    if total != total:  # a NaN (or inf - inf): compare the tuples exactly as min() would
-        keys = [(-int(fits[k]), lk[k] if lk else 0, tpots[k], -freeness[k]) for k in cand]
-        return cand[min(range(len(cand)), key=keys.__getitem__)]
-    s = cand
-    fitting = [k for k in cand if fits[k]]
-    if fitting and len(fitting) < len(cand):
-        s = fitting
-    if lk is not None:
-        m = min([lk[k] for k in s])
-        s = [k for k in s if lk[k] == m]
-    if s is cand:
-        m = min(tp)
-        s = [k for k, t in zip(cand, tp, strict=True) if t == m]
-    else:
-        m = min([tpots[k] for k in s])
-        s = [k for k in s if tpots[k] == m]
-    if len(s) == 1:
-        return s[0]
-    m = max([freeness[k] for k in s])
-    return next(k for k in s if freeness[k] == m)
-
-
-_UNDECIDED = -2
-
-
-def _first_least_arr(cand: np.ndarray, tpots: np.ndarray, freeness: Sequence[int]) -> int:
-    """:func:`_first_least` over candidates that all fit, with no long requests to count: the
-    first of the least TPOT, then of those the most free; -1 when ``cand`` is empty;
-    :data:`_UNDECIDED` when a TPOT is NaN (then :func:`_first_least` decides, as ``min``
-    compares)."""
-    if not len(cand):
-        return -1
-    tp = tpots[cand]
-    if np.isnan(tp).any():
-        return _UNDECIDED
-    s = cand[tp == tp.min()].tolist()
-    if len(s) == 1:
-        return s[0]
-    m = max([freeness[k] for k in s])
-    return next(k for k in s if freeness[k] == m)
-
-
-class _Minus:
-    """``values[k] - offset`` on demand (a list nobody needs whole)."""
-
-    __slots__ = ("values", "offset")
-
-    def __init__(self, values: list[int], offset: int) -> None:
-        self.values, self.offset = values, offset
-
-    def __getitem__(self, k: int) -> int:
-        return self.values[k] - self.offset
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-
-_NUMPY_MIN_POOL = 64
-"""Pools of at least this many instances are priced with numpy over their columns (below:
-Python lists; both give the same values bit for bit)."""
-
-
-class _DecodeSide:
-    """The decode instances' side of one goodput decision, as parallel lists in pool order:
-    predicted TPOT after admission (``tpots``), room (``fits``, ``freeness``), and the TTFT of
-    prefilling the prompt there itself (``local_ttft``; None: not allowed, conditional
-    disaggregation) reusing ``local_reused`` cached blocks. Priced as numpy arrays over the
-    pool's columns (:meth:`ClusterView.columns`: read once per view), in float64 elementwise
-    arithmetic in the same order as the per-instance expressions, so every value is bit for bit
-    what a loop over the instances computes (:func:`decode_time_array`,
-    :meth:`TtftTable.queues_array`). ``pool`` is one role (decode, or mixed when there is no
-    decode instance) of the view ``hits`` was made on, ``cols`` its columns."""
-
-    __slots__ = ("tpots", "fits", "freeness", "local_ttft", "local_reused", "arrays")
-
-    def __init__(
-        self,
-        policy: GoodputAwarePolicy,
-        req: RequestInfo,
-        pool: list[InstanceView],
-        out: int,
-        hits: PrefixHits,
-        table: TtftTable,
-        cols: RoleColumns | None,
-    ) -> None:
-        if cols is None:  # a small pool: per-call numpy overheads would dominate
-            self.arrays = None
-            self._lists(policy, req, pool, out, hits, table)
-            return
-        cfg = policy.config
-        model = policy.corrected
-        p = req.num_prompt_tokens
-        n = len(pool)
-        sizes, totals, frees, batches = cols.block_size, cols.total_blocks, cols.free_blocks, cols.batch
-        extra = p + out // 2
-        used = cols.used
-        if cols.one_block_size:  # the usual case: one need for all, freeness read for a few only
-            bs0 = int(sizes[0])
-            need = -(-(p + 1) // (bs0 if bs0 > 1 else 1))
-            self.freeness: Sequence[int] = _Minus(cols.free_list, need)
-            fits = frees >= need if need <= cols.min_total else (frees >= need) & (totals >= need)
-            held = used * bs0
-        else:
-            needs = -(-(p + 1) // np.where(sizes > 1, sizes, 1))
-            self.freeness = (frees - needs).tolist()
-            fits = (frees >= needs) & (needs <= totals)
-            held = used * sizes
-        self.fits: list[bool] = fits.tolist()
-        fits_arr = fits
-        ctx = held + extra  # KV tokens after admission: held + the prompt + half the output
-        # TPOT after admission: one more sequence, its prompt and half its output more context
-        tpots_arr = decode_time_array(model, batches + 1, ctx)
-        self.tpots: list[float] = tpots_arr.tolist()
-        # (fits, tpots) as arrays (None on the list path): the pair search reads them
-        self.arrays: tuple[np.ndarray, np.ndarray] | None = (fits_arr, tpots_arr)
-        self.local_ttft: list[float | None] = [None] * n
-        self.local_reused = [0] * n
-        # who may prefill the prompt itself: a mixed instance always; a decode instance when at
-        # most local_prefill_max_tokens tokens are uncached there (the pool is of one role)
-        max_local = cfg.local_prefill_max_tokens
-        decode_role = bool(pool) and pool[0].role is InstanceRole.DECODE
-        if decode_role and not cfg.local_prefill:
-            return
-        by_id = hits.by_id
-        if decode_role and p > max_local:  # only instances caching part of the prompt qualify
-            ix = cols.index
-            ks = np.array(sorted(ix[i] for i in by_id if i in ix), dtype=np.int64)
-        else:
-            ks = np.arange(n)
-        if not len(ks):
-            return
-        hs = np.zeros(n, dtype=np.int64)
-        if by_id:
-            ix = cols.index
-            for iid, h in by_id.items():
-                k = ix.get(iid)
-                if k is not None:
-                    hs[k] = h
-        sz = sizes[ks]
-        caps = (p - 1) // sz
-        hk = hs[ks]
-        locs = np.where(caps > 0, np.minimum(hk, caps), 0)
-        if decode_role:
-            keep = p - locs * sz <= max_local
-            ks, locs, sz = ks[keep], locs[keep], sz[keep]
-            if not len(ks):
-                return
-        queues = table.pool_queues(cols)[0][ks]
-        bk = batches[ks]
-        busy = bk > 0
-        # the co-scheduled decode step of the instance's own batch (0.0 when it has none)
-        cot = np.zeros(len(ks))
-        if busy.any():
-            cot[busy] = decode_time_array(model, bk[busy], held[ks][busy])
-        reused = locs * sz
-        ru, rinv = np.unique(reused, return_inverse=True)
-        pf = np.array([table.prefill(int(t)) for t in ru])[rinv]
-        # table.ttft(queue, bs, local) = queue + fetch(0) + prefill(local x bs), plus cot
-        ttfts = ((queues + 0.0) + pf) + cot
-        if len(ks) == n:  # every instance may prefill (ks is 0..n-1 in order)
-            self.local_ttft, self.local_reused = ttfts.tolist(), locs.tolist()
-            return
-        for k, lo, t in zip(ks.tolist(), locs.tolist(), ttfts.tolist(), strict=True):
-            self.local_ttft[k] = t
-            self.local_reused[k] = lo
-
-    def _lists(
-        self,
-        policy: GoodputAwarePolicy,
-        req: RequestInfo,
-        pool: list[InstanceView],
-        out: int,
-        hits: PrefixHits,
-        table: TtftTable,
-    ) -> None:
-        """The same values, priced with Python lists (a pass per term): faster below
-        :data:`_NUMPY_MIN_POOL` instances."""
-        cfg = policy.config
-        model = policy.corrected
-        p = req.num_prompt_tokens
-        n = len(pool)
-        sizes = [i.block_size for i in pool]
-        totals = [i.total_blocks for i in pool]
-        frees = [i.free_blocks for i in pool]
-        batches = [i.running_requests + i.queued_requests for i in pool]
-        extra = p + out // 2
-        bs0 = sizes[0] if sizes else 1
-        self.freeness: Sequence[int]
-        if sizes.count(bs0) == n:  # one block size (the usual case): fewer passes, same values
-            need = -(-(p + 1) // (bs0 if bs0 > 1 else 1))
-            self.freeness = _Minus(frees, need)  # free - need, read for a few instances only
-            if need <= min(totals, default=0):
-                self.fits = [f >= need for f in frees]
-            else:
-                self.fits = [f >= need and need <= t for f, t in zip(frees, totals, strict=True)]
-            ctx = [(t - f) * bs0 + extra if t > f else extra for t, f in zip(totals, frees, strict=True)]
-        else:
-            needs = [-(-(p + 1) // (bs if bs > 1 else 1)) for bs in sizes]
-            self.freeness = [f - nd for f, nd in zip(frees, needs, strict=True)]
-            self.fits = [f >= nd and nd <= t for f, nd, t in zip(frees, needs, totals, strict=True)]
-            ctx = [
-                (t - f if t > f else 0) * bs + extra for t, f, bs in zip(totals, frees, sizes, strict=True)
-            ]
-        # TPOT after admission: one more sequence, its prompt and half its output more context
-        self.tpots = decode_time_each(model, [b + 1 for b in batches], ctx)
-        self.local_ttft: list[float | None] = [None] * n
-        self.local_reused = [0] * n
-        # who may prefill the prompt itself: a mixed instance always; a decode instance when at
-        # most local_prefill_max_tokens tokens are uncached there (the pool is of one role)
-        max_local = cfg.local_prefill_max_tokens
-        decode_role = bool(pool) and pool[0].role is InstanceRole.DECODE
-        if decode_role and not cfg.local_prefill:
-            return
-        by_id = hits.by_id
-        if decode_role and p > max_local:  # only instances caching part of the prompt qualify
-            ks = [k for k, i in enumerate(pool) if i.instance_id in by_id] if by_id else []
-        else:
-            ks = list(range(n))
-        pm1 = p - 1
-        hs = [by_id.get(pool[k].instance_id, 0) for k in ks] if by_id else [0] * len(ks)
-        caps = [pm1 // sizes[k] for k in ks]
-        locs = [(h if h < c else c) if c > 0 else 0 for h, c in zip(hs, caps, strict=True)]
-        if decode_role:
-            keep = [j for j, k in enumerate(ks) if p - locs[j] * sizes[k] <= max_local]
-            ks, locs = [ks[j] for j in keep], [locs[j] for j in keep]
-        if not ks:
-            return
-        queues = table.queues([pool[k] for k in ks])
-        busy = [k for k in ks if batches[k]]
-        held = [ctx[k] - extra for k in busy]  # KV tokens on the instance (used blocks x block size)
-        cotenant = dict(zip(busy, decode_time_each(model, [batches[k] for k in busy], held), strict=True))
-        reused = [lo * sizes[k] for k, lo in zip(ks, locs, strict=True)]
-        pf = {t: table.prefill(t) for t in set(reused)}
-        # table.ttft(queue, bs, local) = queue + fetch(0) + prefill(local x bs), plus the co-scheduled
-        # decode step of the instance's own batch (0.0 when it has none)
-        ttfts = [q + 0.0 + pf[r] + cotenant.get(k, 0.0) for q, r, k in zip(queues, reused, ks, strict=True)]
-        if len(ks) == n:  # every instance may prefill (ks is 0..n-1 in order)
-            self.local_ttft, self.local_reused = ttfts, locs  # type: ignore[assignment]
-            return
-        for k, lo, t in zip(ks, locs, ttfts, strict=True):
-            self.local_ttft[k] = t
-            self.local_reused[k] = lo
 
 
 class ColocatedPolicy(PlacementPolicy):

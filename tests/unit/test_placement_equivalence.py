@@ -178,7 +178,7 @@ def pricing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     import router.policy.goodput as goodput
 
     if request.param == "numpy":
-        monkeypatch.setattr(goodput, "_NUMPY_MIN_POOL", 1)
+        monkeypatch.setattr(goodput, "NUMPY_MIN_POOL", 1)
     return request.param
 
 

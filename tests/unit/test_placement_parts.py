@@ -27,7 +27,7 @@ from router.policy import (
     TtftEstimator,
 )
 from router.policy.estimate import TtftTable
-from router.policy.goodput import _Inflight, _Ledger
+from router.policy.ledger import Inflight, Ledger
 from router.policy.latency import WithDecode, decode_time_each, prefill_time_each
 from router.registry import Registry, WorkerKind, WorkerLoad
 
@@ -144,15 +144,15 @@ def test_ttft_table_equals_the_estimator() -> None:
 
 def test_ledger_counts_and_expiry_equal_brute_force() -> None:
     rng = random.Random(9)
-    ledger = _Ledger()
-    model: dict[str, _Inflight] = {}
+    ledger = Ledger()
+    model: dict[str, Inflight] = {}
     now = 0.0
     for _ in range(3000):
         op = rng.random()
         rid = f"r{rng.randint(0, 60)}"
         if op < 0.5:
             finish = now + rng.uniform(0, 5)
-            e = _Inflight(
+            e = Inflight(
                 rid, rng.choice("abc"), rng.choice(["d0", "d1"]), rng.random() < 0.4, 1, 1, finish, finish + 1
             )
             ledger.add(e)
