@@ -25,6 +25,7 @@ import torch
 from engine.block_hash import BlockHash, chain_hashes
 from engine.block_manager import NULL_BLOCK, KVCacheManager
 from engine.config import EngineConfig
+from engine.lora import LoRAConfig, LoRAManager
 from engine.model_runner import KVShape, ModelRunner
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model, resolve_dtype
@@ -37,6 +38,7 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdserve.errors import (
     InvalidRequestError,
     LayoutMismatchError,
+    ModelNotFoundError,
     RequestNotFoundError,
     ResourceExhaustedError,
 )
@@ -112,10 +114,12 @@ class LLMEngine:
         device: torch.device,
         clock: Callable[[], float] = time.monotonic,
         runner_factory: Callable[[KVCacheManager], ModelRunner] | None = None,
+        lora: LoRAConfig | None = None,
     ) -> None:
         """``runner_factory(kv)`` builds the model runner (default: a single-device
         :class:`~engine.model_runner.ModelRunner` of ``model``; a tensor-parallel engine passes
-        one building rank 0's :class:`~engine.tp_runner.TPModelRunner`)."""
+        one building rank 0's :class:`~engine.tp_runner.TPModelRunner`). ``lora``: serve these
+        LoRA adapters (engine.lora; single-device runner only)."""
         self.config = config
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -173,6 +177,15 @@ class LLMEngine:
         )
         if nhost:
             self._measure_swap_bandwidth()
+        self.lora: LoRAManager | None = None
+        if lora is not None:
+            if runner_factory is not None:
+                raise InvalidRequestError(
+                    "LoRA adapters are not supported with tensor_parallel_size > 1 (or a custom model runner)"
+                )
+            self.lora = LoRAManager(self.runner.model, model_config.model_type, lora, dtype, device)
+        self._lora_pins: dict[str, str] = {}  # request id -> adapter whose slot it pins
+        self._lora_waiting: dict[str, Request] = {}  # admitted, waiting for an adapter slot
         self.eos_token_ids = tuple(model_config.eos_token_ids) or (
             (tokenizer.eos_token_id,) if tokenizer and tokenizer.eos_token_id is not None else ()
         )
@@ -219,7 +232,9 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
+    def from_pretrained(
+        cls, path: str | Path, config: EngineConfig | None = None, lora: LoRAConfig | None = None
+    ) -> LLMEngine:
         config = config or EngineConfig()
         path = Path(path)
         device = torch.device(config.device)
@@ -232,9 +247,11 @@ class LLMEngine:
 
             config = replace(config, model_id=path.name)
         if config.tensor_parallel_size > 1:
+            if lora is not None:
+                raise InvalidRequestError("LoRA adapters are not supported with tensor_parallel_size > 1")
             return cls._tensor_parallel(path, mcfg, tok, config, dtype, device, max_len)
         model = load_model(path, dtype, device, max_positions=max_len)
-        return cls(model, mcfg, tok, config, dtype, device)
+        return cls(model, mcfg, tok, config, dtype, device, lora=lora)
 
     @classmethod
     def _tensor_parallel(
@@ -310,6 +327,8 @@ class LLMEngine:
     def close(self) -> None:
         """Release what the engine holds beyond memory (a tensor-parallel engine's followers)."""
         self.runner.close()
+        if self.lora is not None:
+            self.lora.close()
 
     @property
     def kv_shape(self) -> KVShape:
@@ -354,6 +373,7 @@ class LLMEngine:
         else:
             ids = [int(t) for t in prompt]
         self._validate_prompt(ids)
+        self.check_adapter(adapter_id)
         params = params or SamplingParams()
         rid = request_id or uuid.uuid4().hex
         if rid in self._tracked or rid in self._prefilled:
@@ -370,7 +390,55 @@ class LLMEngine:
             prefill_only=prefill_only,
         )
 
-    def _track(self, req: Request) -> _Tracked:
+    # ------------------------------------------------------------------ LoRA adapters
+    def adapters(self) -> list[str]:
+        """Names of the LoRA adapters this engine serves."""
+        return self.lora.names() if self.lora is not None else []
+
+    def check_adapter(self, adapter_id: str) -> None:
+        """Raise ModelNotFoundError when ``adapter_id`` (non-empty) is not served here: a request
+        naming an adapter never runs on the base model."""
+        if not adapter_id:
+            return
+        if self.lora is None:
+            raise ModelNotFoundError(
+                f"LoRA adapter {adapter_id!r} is not served: this engine serves only the base model"
+            )
+        self.lora.check(adapter_id)
+
+    def _lora_pin(self, req: Request) -> bool:
+        """Pin the request's adapter slot (True; also for base requests); False when no slot is
+        free now or the adapter is being read from disk."""
+        if not req.adapter_id or req.request_id in self._lora_pins:
+            return True
+        assert self.lora is not None
+        if not self.lora.acquire(req.adapter_id):
+            return False
+        self._lora_pins[req.request_id] = req.adapter_id
+        return True
+
+    def _lora_unpin(self, request_id: str) -> None:
+        name = self._lora_pins.pop(request_id, None)
+        if name is not None and self.lora is not None:
+            self.lora.release(name)
+
+    def _admit_lora_waiting(self) -> None:
+        """Hand waiting adapter requests to the scheduler, in arrival order, while slots allow."""
+        for rid, req in list(self._lora_waiting.items()):
+            if not self._lora_pin(req):
+                continue
+            del self._lora_waiting[rid]
+            self.scheduler.add_request(req)  # validated when it arrived
+
+    def _track(self, req: Request, pin: bool = True) -> _Tracked:
+        """Track a request's outputs; ``pin``: pin its adapter's slot first (ResourceExhaustedError
+        when none is free)."""
+        if pin and not self._lora_pin(req):
+            raise ResourceExhaustedError(
+                f"no LoRA slot is free for adapter {req.adapter_id!r} now (all {self.lora.config.max_loras} "
+                "in use by running requests)",
+                retry_after_s=0.05,
+            )
         p = req.sampling_params
         self.runner.seeds[req.request_id] = p.seed if p.seed is not None else self._rng.getrandbits(63)
         detok = IncrementalDetokenizer(self.tokenizer, p.stop) if self.tokenizer else None
@@ -396,8 +464,20 @@ class LLMEngine:
         )
         if params is not None and params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer")
-        self.scheduler.add_request(req)
-        self._track(req)
+        if self._lora_pin(req):
+            try:
+                self.scheduler.add_request(req)
+            except BaseException:
+                self._lora_unpin(req.request_id)
+                raise
+        else:
+            # no slot for its adapter now: validate it as the scheduler would (add, then take it
+            # back out), and let it wait outside the scheduler until a slot frees up
+            self.scheduler.add_request(req)
+            self.scheduler.abort_request(req.request_id)
+            req.status, req.finish_reason = RequestStatus.WAITING, None
+            self._lora_waiting[req.request_id] = req
+        self._track(req, pin=False)
         return req.request_id
 
     def abort(self, request_id: str) -> None:
@@ -407,24 +487,30 @@ class LLMEngine:
             return
         if request_id not in self._tracked:
             raise RequestNotFoundError(f"no request with id {request_id!r}")
-        self.scheduler.abort_request(request_id)
+        if self._lora_waiting.pop(request_id, None) is None:
+            self.scheduler.abort_request(request_id)
         self._forget(request_id)
 
     def _forget(self, request_id: str) -> None:
         self._tracked.pop(request_id, None)
         self.runner.seeds.pop(request_id, None)
+        self._lora_unpin(request_id)
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self._tracked
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._lora_waiting)
 
     # ------------------------------------------------------------------ loop
     def step(self) -> list[RequestOutput]:
+        if self._lora_waiting:
+            self._admit_lora_waiting()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             self.runner.swap(sched)  # a step that only swapped out still copies
+            if self._lora_waiting and self.lora is not None:
+                self.lora.wait_for_loads(0.01)  # only adapter reads are pending: do not spin
             return []
         now = self.clock()
         prefill_tokens = 0
@@ -438,7 +524,14 @@ class LLMEngine:
                 prefill_tokens += s.num_new_tokens
         self.prefill_tokens_computed += prefill_tokens
         t0 = time.perf_counter()
-        results = self.runner.execute(sched)
+        if self.lora is not None:
+            self.lora.begin_step(sched.scheduled)
+            try:
+                results = self.runner.execute(sched)
+            finally:
+                self.lora.end_step()
+        else:
+            results = self.runner.execute(sched)
         self._observe_step(sched, prefill_tokens, time.perf_counter() - t0)
         self.num_steps += 1
         finished = self.scheduler.update_from_output(sched, {k: v.token for k, v in results.items()})
@@ -479,6 +572,7 @@ class LLMEngine:
             if req.status is RequestStatus.PREFILLED:
                 self._prefilled[req.request_id] = tr
                 self._tracked.pop(req.request_id, None)
+                self._lora_unpin(req.request_id)
             else:
                 self._forget(req.request_id)
         return RequestOutput(
@@ -611,6 +705,7 @@ class LLMEngine:
         """
         if model_id is not None and model_id != self.model_id:
             raise LayoutMismatchError(f"KV made by model {model_id!r}, this engine serves {self.model_id!r}")
+        self.check_adapter(adapter_id)
         if shape is not None and shape != self.kv_shape:
             raise LayoutMismatchError(f"KV layout {shape} does not match this engine's {self.kv_shape}")
         req = self._make_request(
@@ -635,6 +730,11 @@ class LLMEngine:
         if not self.can_admit(n):
             raise ResourceExhaustedError(
                 f"decode engine has {self.kv.num_free_blocks} free KV blocks, needs {self._import_need(n)}",
+                retry_after_s=0.05,
+            )
+        if not self._lora_pin(req):  # before any block is taken
+            raise ResourceExhaustedError(
+                f"no LoRA slot is free for adapter {adapter_id!r} now (all in use by running requests)",
                 retry_after_s=0.05,
             )
         skip = self.kv.num_skippable_blocks(n)
@@ -662,7 +762,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ stats
     def stats(self) -> EngineStats:
         return EngineStats(
-            num_waiting=self.scheduler.num_waiting,
+            num_waiting=self.scheduler.num_waiting + len(self._lora_waiting),
             num_running=self.scheduler.num_running,
             kv_blocks_total=self.kv.num_blocks,
             kv_blocks_used=self.kv.num_used_blocks,

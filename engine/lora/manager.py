@@ -1,0 +1,264 @@
+"""The engine's LoRA adapters: registry, host tier, device slots and the per-step batch context.
+
+Tiers (S-LoRA): disk (the PEFT folder) -> host memory (:class:`~engine.lora.peft_format.HostAdapter`,
+float32, at most ``max_cpu_loras``, LRU) -> engine slots (``max_loras`` fixed slots inside every
+wrapped projection, LRU over unpinned slots: :mod:`engine.lora.slots`). An adapter missing from
+host memory is read from disk on a background thread; requests that need it wait (they are not
+scheduled) while the batch keeps running; the host -> slot copy is a few small tensor copies.
+
+Module surgery: every projection a target of the model lives in (engine.lora.targets) is
+replaced by a :class:`~engine.lora.layers.LoRALinear` around the original ``nn.Linear``; the
+model code is unchanged. Before each forward the engine calls :meth:`LoRAManager.begin_step`
+with the step's scheduled requests; a pre-forward hook on the model checks that the forward it
+sees is that batch (same token ids in the same order) and raises otherwise, so a change of the
+runner's batch order can never apply an adapter to the wrong tokens silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.lora.config import AdapterSpec, LoRAConfig
+from engine.lora.layers import LoRABatchContext, LoRALinear
+from engine.lora.peft_format import AdapterError, HostAdapter, load_adapter
+from engine.lora.slots import SlotTable
+from engine.lora.targets import TargetMap, target_map
+from engine.scheduler import ScheduledRequest
+from pdserve.errors import ModelNotFoundError
+
+
+def forward_order(scheduled: Sequence[ScheduledRequest]) -> list[ScheduledRequest]:
+    """The order the model runner flattens a step's requests in: decodes first, then prefill
+    chunks (engine.model_runner.ModelRunner.execute; checked per forward by the model hook)."""
+    return sorted(scheduled, key=lambda s: 0 if (s.num_new_tokens == 1 and s.start > 0) else 1)
+
+
+@dataclass
+class LoRAStats:
+    slot_loads: int = 0  # host -> slot copies
+    slot_evictions: int = 0
+    disk_loads: int = 0  # disk -> host reads (registration included)
+    host_evictions: int = 0
+
+
+class LoRAManager:
+    def __init__(
+        self, model: nn.Module, model_type: str, config: LoRAConfig, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        """Validate and load ``config.adapters`` into host memory, then wrap the model's
+        projections with ``config.max_loras`` slots. Raises AdapterError / ModelNotFoundError
+        (naming the adapter and the field) for any adapter that cannot be served."""
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.targets: TargetMap = target_map(model, model_type)
+        self.stats = LoRAStats()
+        self._paths: dict[str, Path] = {}
+        self._host: OrderedDict[str, HostAdapter] = OrderedDict()
+        self._lock = threading.Lock()  # guards _host and _loading (the loader thread writes them)
+        self._loading: dict[str, Future] = {}
+        self._failed: dict[str, BaseException] = {}
+        loaded = [load_adapter(a.name, a.path, self.targets) for a in config.adapters]
+        self.stats.disk_loads += len(loaded)
+        self.rank = config.max_lora_rank or max(a.config.max_rank for a in loaded)
+        for a in loaded:
+            self._check_rank(a)
+        self.slots = SlotTable(config.max_loras)
+        self.ctx = LoRABatchContext()
+        self.modules: dict[str, LoRALinear] = {}
+        for path, group in self.targets.modules.items():
+            parent_path, leaf = path.rsplit(".", 1)
+            parent = model.get_submodule(parent_path)
+            wrapped = LoRALinear(
+                getattr(parent, leaf), self.ctx, config.max_loras, len(group), self.rank, dtype, device
+            )
+            setattr(parent, leaf, wrapped)
+            self.modules[path] = wrapped
+        model.register_forward_pre_hook(self._check_forward)
+        for spec, a in zip(config.adapters, loaded, strict=True):
+            self._paths[spec.name] = Path(spec.path)
+            self._host[spec.name] = a
+        self._evict_host()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
+
+    # ------------------------------------------------------------------ registry
+    def _check_rank(self, a: HostAdapter) -> None:
+        if a.config.max_rank > self.rank:
+            raise AdapterError(
+                f"LoRA adapter {a.name!r}: field 'r'/'rank_pattern' = {a.config.max_rank} is larger than this "
+                f"engine's max_lora_rank {self.rank} (raise --max-lora-rank)"
+            )
+
+    def register(self, spec: AdapterSpec) -> None:
+        """Add an adapter at run time (validated and read into host memory now)."""
+        if spec.name in self._paths:
+            raise AdapterError(f"LoRA adapter {spec.name!r} is already registered")
+        a = load_adapter(spec.name, spec.path, self.targets)
+        self._check_rank(a)
+        self.stats.disk_loads += 1
+        with self._lock:
+            self._paths[spec.name] = Path(spec.path)
+            self._host[spec.name] = a
+        self._evict_host()
+
+    def names(self) -> list[str]:
+        return sorted(self._paths)
+
+    def has(self, name: str) -> bool:
+        return name in self._paths
+
+    def check(self, name: str) -> None:
+        """Raise ModelNotFoundError unless ``name`` is a registered adapter."""
+        if name not in self._paths:
+            served = ", ".join(self.names()) or "none"
+            raise ModelNotFoundError(f"LoRA adapter {name!r} is not served by this engine (served: {served})")
+
+    def host_resident(self) -> list[str]:
+        with self._lock:
+            return list(self._host)
+
+    def slot_resident(self) -> list[str]:
+        return self.slots.resident()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ host tier
+    def _evict_host(self) -> None:
+        cap = self.config.max_cpu_loras
+        with self._lock:
+            while cap is not None and len(self._host) > cap:
+                self._host.popitem(last=False)
+                self.stats.host_evictions += 1
+
+    def _load_from_disk(self, name: str) -> None:
+        try:
+            a = load_adapter(name, self._paths[name], self.targets)
+            self._check_rank(a)
+        except BaseException as e:  # noqa: BLE001 - reported to the waiting requests
+            with self._lock:
+                self._failed[name] = e
+                self._loading.pop(name, None)
+            return
+        with self._lock:
+            self._host[name] = a
+            self._host.move_to_end(name)
+            self._loading.pop(name, None)
+            self.stats.disk_loads += 1
+        self._evict_host()
+
+    def _host_copy(self, name: str) -> HostAdapter | None:
+        """The host copy, or None after starting (or while waiting for) its background read.
+        Raises the read's error (the adapter changed on disk since registration)."""
+        with self._lock:
+            if name in self._failed:
+                raise self._failed.pop(name)
+            a = self._host.get(name)
+            if a is not None:
+                self._host.move_to_end(name)
+                return a
+            if name not in self._loading:
+                self._loading[name] = self._pool.submit(self._load_from_disk, name)
+            return None
+
+    def wait_for_loads(self, timeout_s: float) -> None:
+        """Block up to ``timeout_s`` for a background disk read (an idle engine's step)."""
+        with self._lock:
+            futs = list(self._loading.values())
+        if futs:
+            _wait(futs[0], timeout_s)
+
+    # ------------------------------------------------------------------ slots
+    def acquire(self, name: str) -> bool:
+        """Pin ``name`` in an engine slot for one request (writing it there if needed); False when
+        it cannot run now (every slot pinned, or its host copy is being read): try again later."""
+        self.check(name)
+        if not self.slots.can_acquire(name):
+            return False
+        if self.slots.slot_of(name) is None:
+            a = self._host_copy(name)
+            if a is None:
+                return False
+        else:
+            a = None
+        got = self.slots.acquire(name)
+        assert got is not None
+        if got.load:
+            assert a is not None
+            try:
+                self._write_slot(got.slot, a)
+            except BaseException:
+                self.slots.undo_place(name)
+                raise
+            self.stats.slot_loads += 1
+            if got.evicted is not None:
+                self.stats.slot_evictions += 1
+        return True
+
+    def release(self, name: str) -> None:
+        self.slots.release(name)
+
+    @torch.inference_mode()
+    def _write_slot(self, slot: int, a: HostAdapter) -> None:
+        r_cap = self.rank
+        for path, group in self.targets.modules.items():
+            m = self.modules[path]
+            m.lora_a[slot].zero_()
+            m.lora_b[slot].zero_()
+            for j, t in enumerate(group):
+                w = a.weights.get(t.hf_name)
+                if w is None:
+                    continue
+                wa, wb = w
+                r = wa.shape[0]
+                lo = j * r_cap
+                m.lora_a[slot, lo : lo + r].copy_(wa)
+                m.lora_b[slot, lo : lo + r, t.out_offset : t.out_offset + t.out_features].copy_(wb.t())
+
+    # ------------------------------------------------------------------ per step
+    def begin_step(self, scheduled: Sequence[ScheduledRequest]) -> None:
+        """Set the batch context for the step's forward: each token's slot (-1 = base model).
+        Every adapter named must be pinned (acquired) already."""
+        slot_per_token: list[int] = []
+        ids: list[int] = []
+        for s in forward_order(scheduled):
+            req = s.request
+            slot = -1
+            if req.adapter_id:
+                found = self.slots.slot_of(req.adapter_id)
+                if found is None or self.slots.pins(req.adapter_id) == 0:
+                    raise RuntimeError(f"request {req.request_id}: adapter {req.adapter_id!r} is not pinned")
+                slot = found
+            slot_per_token.extend([slot] * s.num_new_tokens)
+            ids.extend(req.token_slice(s.start, s.start + s.num_new_tokens))
+        self.ctx.set(slot_per_token, ids, self.device)
+
+    def end_step(self) -> None:
+        self.ctx.clear()
+
+    def _check_forward(self, _module: nn.Module, args: tuple) -> None:
+        if not self.ctx.active:
+            return
+        ids = args[0]
+        exp = self.ctx.expected_ids
+        if ids.shape[0] != len(exp) or not torch.equal(
+            ids, torch.tensor(exp, dtype=ids.dtype, device=ids.device)
+        ):
+            raise RuntimeError(
+                "LoRA batch context does not match the forward's tokens: the model runner's batch order "
+                "changed (engine.lora.manager.forward_order must follow it)"
+            )
+
+
+def _wait(fut: Future, timeout_s: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        fut.exception(timeout=timeout_s)
