@@ -115,6 +115,7 @@ class _Inflight:
     predicted_finish: float
     expires_at: float
     ttft_slo_s: float = math.inf  # the request's TTFT SLO (inf: none)
+    stall_left_s: float = math.inf  # seconds of stall it still absorbs within its TPOT limit (#19)
 
 
 @dataclass(frozen=True)
@@ -269,20 +270,28 @@ class RefGoodputAwarePolicy(PlacementPolicy):
             ]
         slo = req.slo or cfg.default_slo
         margin = cfg.margin(req.priority)
-        lim_ttft = (1 - margin) * slo.ttft_s if slo else math.inf
-        lim_tpot = (1 - margin) * slo.tpot_s if slo else math.inf
         # admit on the upper quantile of the corrected prediction (its measured error spread), so
-        # that the admitted requests meet the SLO with that probability, not just on average
+        # that the admitted requests meet the SLO with that probability, not just on average;
+        # the larger of that spread and the margin, not both (#19)
         q_ttft, q_tpot = self.corrected.spread(Phase.TTFT), self.corrected.spread(Phase.TPOT)
-        lim_ttft, lim_tpot = lim_ttft / q_ttft, lim_tpot / q_tpot
+        lim_ttft = cfg.limit(slo.ttft_s, req.priority, q_ttft) if slo else math.inf
+        lim_tpot = cfg.limit(slo.tpot_s, req.priority, q_tpot) if slo else math.inf
+
+        def allowed(o: _Option) -> bool:
+            """A local prefill stalls the requests decoding there: within what they absorb."""
+            return not o.plan.local_prefill or o.ttft_s <= self._stall_room(o.decode.inst.instance_id)
+
         feasible = [
-            o for o in options if o.decode.fits and o.ttft_s <= lim_ttft and o.decode.tpot_s <= lim_tpot
+            o
+            for o in options
+            if o.decode.fits and o.ttft_s <= lim_ttft and o.decode.tpot_s <= lim_tpot and allowed(o)
         ]
         if not feasible:
             if slo is not None:
-                return self._reject(req, options, lim_ttft, lim_tpot, margin, now)
-            # best effort: queue on the decode instance with the most room, fastest start
-            feasible = options
+                return self._reject(req, [o for o in options if allowed(o)], lim_ttft, lim_tpot, margin, now)
+            # best effort: queue on the decode instance with the most room, fastest start (a
+            # local prefill that stalls others only when there is no prefill instance)
+            feasible = [o for o in options if allowed(o) or remote_plan is None]
         longs = self._long_counts()
 
         def decode_key(o: _Option) -> tuple[int, int, float, int]:
@@ -311,6 +320,12 @@ class RefGoodputAwarePolicy(PlacementPolicy):
             return rej
         ft, fd = self.corrected.factor(Phase.TTFT), self.corrected.factor(Phase.TPOT)
         finish = now + choice.ttft_s + out * choice.decode.tpot_s
+        if plan.local_prefill:
+            for e in self._ledger.values():
+                if e.decode_id == best_d:
+                    e.stall_left_s -= choice.ttft_s
+        tp = choice.decode.tpot_s
+        budget = (lim_tpot - tp) * (out - 1) if out > 1 and math.isfinite(lim_tpot) else math.inf
         self._ledger[req.request_id] = _Inflight(
             req.request_id,
             req.tenant,
@@ -321,8 +336,14 @@ class RefGoodputAwarePolicy(PlacementPolicy):
             finish,
             finish + cfg.ledger_grace_s,
             ttft_slo_s=slo.ttft_s if (slo := req.slo or cfg.default_slo) else math.inf,
+            stall_left_s=max(0.0, budget),
         )
         return plan
+
+    def _stall_room(self, decode_id: str) -> float:
+        return min(
+            (e.stall_left_s for e in self._ledger.values() if e.decode_id == decode_id), default=math.inf
+        )
 
     # ------------------------------------------------------------------ parts
     def _prefill_plan(self, req: RequestInfo, inst: InstanceView, view: ClusterView) -> Placement:
@@ -400,6 +421,13 @@ class RefGoodputAwarePolicy(PlacementPolicy):
         margin: float,
         now: float,
     ) -> Rejection:
+        if not options:
+            return Rejection(
+                RejectReason.SLO_UNATTAINABLE,
+                "no prefill instance, and a prefill on any decode instance would stall the requests "
+                f"decoding there past their TPOT SLO (priority {req.priority}); retry later",
+                self._retry(self._next_decode_finish(now)),
+            )
         best_ttft = min(o.ttft_s for o in options)
         best_tpot = min(o.decode.tpot_s for o in options)
         roomy = any(o.decode.fits for o in options)

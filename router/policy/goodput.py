@@ -14,16 +14,20 @@
    (``req.store_prefix_blocks``) is fetched only when that beats recomputing it.
    **Conditional disaggregation**: a decode instance may prefill the prompt itself
    (``local_prefill``) when at most ``local_prefill_max_tokens`` tokens are uncached there; its
-   TTFT = its queue + one co-scheduled decode step + prefill(uncached), no KV handoff.
-5. **SLO check with margin**: a (prefill, decode) pair is feasible when predicted TTFT and TPOT
-   are within ``(1 - margin)`` of the request's SLO and the decode instance has room. The margin
-   grows with the priority value (``priority_margin_step`` per level above 0), so as load grows
-   the least important requests fail the check first (priority shedding). With
-   ``shared_cores`` set (all instances on one host's cores), every prediction is first multiplied
-   by the contention factor busy instances / cores (>= 1; :meth:`GoodputConfig.contention`).
-   The check uses the upper quantile of each prediction (``OnlineCorrectedLatency.spread``: the
-   measured log-error spread, 90th percentile by default), so the admitted requests meet the SLO
-   with that probability, not just on average.
+   TTFT = its queue + one co-scheduled decode step + prefill(uncached), no KV handoff. A local
+   prefill holds up every decode step there for its duration, so it is allowed only while the
+   requests decoding there absorb that stall within their TPOT limits (the ledger's stall room,
+   :mod:`router.policy.ledger`), unless a best-effort request has no other way.
+5. **SLO check**: a (prefill, decode) pair is feasible when predicted TTFT and TPOT are within
+   the request's limits (:meth:`GoodputConfig.limit`) and the decode instance has room. A limit
+   is the SLO divided by the upper quantile of the prediction's measured error
+   (``OnlineCorrectedLatency.spread``: 90th percentile by default, so the admitted requests
+   meet the SLO with that probability, not just on average), or by ``1 / (1 - slo_margin)``
+   when that is larger (the least headroom); then less a share growing with the priority value
+   (``priority_margin_step`` per level above 0), so as load grows the least important requests
+   fail the check first (priority shedding). With ``shared_cores`` set (all instances on one
+   host's cores), every prediction is first multiplied by the contention factor busy instances
+   / cores (>= 1; :meth:`GoodputConfig.contention`).
 6. **Choice**: the decode instance first (length-aware, TetriInfer: a request predicted long goes
    where the fewest long requests are in flight; then lowest predicted TPOT; then most free
    blocks), then on it the mode (local or the best prefill instance) with the lower TTFT.
@@ -43,7 +47,7 @@ residual: the ledger keeps predictions with the instance factors divided out).
 
 **Why a decision went as it did**: a TTFT refusal's message states the fastest option's terms
 (queue, fetch, prefill of the uncached tokens, co-scheduled decode step, instance speed,
-contention) and how the limit was made (``SLO x (1 - margin) / upper-quantile factor``); with
+contention) and how the limit was made (:meth:`GoodputConfig.limit`); with
 ``on_decision`` set, every decision's :class:`DecisionTrace` goes to that callback (the router's
 ``--log-placement-terms`` logs it).
 
@@ -186,7 +190,7 @@ class DecisionTrace:
 
     ``ttft``: the terms of the chosen option (placed) or of the fastest one (rejected; None when
     the decision never priced an option, e.g. a quota refusal). The admission limit is
-    ``limit_ttft_s = slo_ttft_s * (1 - margin) / quantile_ttft``: a placement needs
+    ``limit_ttft_s = GoodputConfig.limit(slo_ttft_s, priority, quantile_ttft)``: a placement needs
     ``ttft.predicted_s <= limit_ttft_s`` (likewise TPOT) unless the request has no SLO."""
 
     request_id: str
@@ -435,12 +439,12 @@ class GoodputAwarePolicy(PlacementPolicy):
             local_ttft = [None if t is None else t * contention for t in local_ttft]
         slo = req.slo or cfg.default_slo
         margin = cfg.margin(req.priority)
-        lim_ttft = (1 - margin) * slo.ttft_s if slo else math.inf
-        lim_tpot = (1 - margin) * slo.tpot_s if slo else math.inf
         # admit on the upper quantile of the corrected prediction (its measured error spread), so
         # that the admitted requests meet the SLO with that probability, not just on average
         q_ttft, q_tpot = self.corrected.spread(Phase.TTFT), self.corrected.spread(Phase.TPOT)
-        lim_ttft, lim_tpot = lim_ttft / q_ttft, lim_tpot / q_tpot
+        lim_ttft = cfg.limit(slo.ttft_s, req.priority, q_ttft) if slo else math.inf
+        lim_tpot = cfg.limit(slo.tpot_s, req.priority, q_tpot) if slo else math.inf
+        room = self._ledger.stall_room  # seconds of stall a decode instance's requests absorb
         fits = d.fits
         remote_ok = remote_ttft is not None and remote_ttft <= lim_ttft
         # decode instances with a feasible option: room, TPOT within the SLO, and the remote plan
@@ -467,7 +471,11 @@ class GoodputAwarePolicy(PlacementPolicy):
             cand = [
                 k
                 for k in range(n)
-                if fits[k] and tpots[k] <= lim_tpot and (lt := local_ttft[k]) is not None and lt <= lim_ttft
+                if fits[k]
+                and tpots[k] <= lim_tpot
+                and (lt := local_ttft[k]) is not None
+                and lt <= lim_ttft
+                and lt <= room(decode_pool[k].instance_id)
             ]
         if cand:
             ok_remote, best_effort = remote_ok, False
@@ -480,8 +488,12 @@ class GoodputAwarePolicy(PlacementPolicy):
                         pre_scales, dec_scales, contention,
                     )  # fmt: skip
 
+                allowed = [  # the local options that would not stall others past their TPOT
+                    None if t is None or t > room(decode_pool[k].instance_id) else t
+                    for k, t in enumerate(local_ttft)
+                ]
                 rej = self._reject(
-                    req, remote_ttft, local_ttft, tpots, fits, lim_ttft, lim_tpot, margin, now,
+                    req, remote_ttft, allowed, tpots, fits, lim_ttft, lim_tpot, margin, now,
                     terms_of, slo, q_ttft,
                 )  # fmt: skip
                 if self.on_decision is not None:
@@ -507,7 +519,12 @@ class GoodputAwarePolicy(PlacementPolicy):
         tpot = tpots[best]
         # on it, the remote option unless the local one is strictly faster
         lt = local_ttft[best]
-        ok_local = lt is not None and (best_effort or lt <= lim_ttft)
+        # a local prefill holds up every decode step on best_d for its duration: allowed while
+        # the requests decoding there absorb that stall within their TPOT limits (see
+        # router.policy.ledger), or when there is no other way to serve a best-effort request
+        ok_local = lt is not None and (
+            (best_effort and not ok_remote) or (lt <= room(best_d) and (best_effort or lt <= lim_ttft))
+        )
         inst_tpot = dec_scales[1][best] if dec_scales is not None else 1.0
         if ok_local and (not ok_remote or lt < remote_ttft):  # type: ignore[operator]
             ttft = lt
@@ -543,6 +560,10 @@ class GoodputAwarePolicy(PlacementPolicy):
             return rej
         ft, fd = self.corrected.factor(Phase.TTFT), self.corrected.factor(Phase.TPOT)
         finish = now + ttft + out * tpot
+        if plan.local_prefill:  # charged to the requests already decoding there, not to this one
+            self._ledger.stall(best_d, ttft)
+        # the stall this request absorbs within its TPOT limit (inf: no TPOT to protect)
+        budget = (lim_tpot - tpot) * (out - 1) if out > 1 and math.isfinite(lim_tpot) else math.inf
         self._ledger.add(
             Inflight(
                 req.request_id,
@@ -556,6 +577,7 @@ class GoodputAwarePolicy(PlacementPolicy):
                 finish,
                 finish + cfg.ledger_grace_s,
                 ttft_slo_s=slo.ttft_s if slo else math.inf,
+                stall_budget_s=max(0.0, budget),
             )
         )
         if self.on_decision is not None:
@@ -697,14 +719,22 @@ class GoodputAwarePolicy(PlacementPolicy):
                 ttfts.append(lt)
             tpot_opts.append(tpots[k])
             roomy = roomy or fits[k]
+        if not ttfts:  # no prefill instance, and every local prefill would stall others
+            return Rejection(
+                RejectReason.SLO_UNATTAINABLE,
+                "no prefill instance, and a prefill on any decode instance would stall the requests "
+                f"decoding there past their TPOT SLO (priority {req.priority}); retry later",
+                self._retry(self._next_decode_finish(now)),
+            )
         best_ttft, best_tpot = min(ttfts), min(tpot_opts)
         if best_ttft > lim_ttft:
             why = f"predicted TTFT {best_ttft * 1e3:.1f} ms exceeds {lim_ttft * 1e3:.1f} ms"
             tt = terms() if terms is not None else None
             if tt is not None and slo is not None:
                 why += (
-                    f" [{tt.describe()}; limit = SLO {slo.ttft_s * 1e3:.0f} ms x (1 - {margin:.2f}) / "
-                    f"upper-quantile factor {quantile:.2f}]"
+                    f" [{tt.describe()}; limit = SLO {slo.ttft_s * 1e3:.0f} ms x (1 - priority share "
+                    f"{max(0.0, margin - self.config.slo_margin):.2f}) x min(1 / upper-quantile factor "
+                    f"{quantile:.2f}, 1 - {self.config.slo_margin:.2f})]"
                 )
             wait = best_ttft - lim_ttft
         elif best_tpot > lim_tpot:

@@ -83,6 +83,20 @@ class GoodputConfig:
         """Required headroom below the SLO for a request of ``priority`` (lower = more important)."""
         return min(self.max_margin, self.slo_margin + self.priority_margin_step * max(0, priority))
 
+    def limit(self, slo_s: float, priority: int, spread: float) -> float:
+        """The admission limit for a prediction against an SLO of ``slo_s`` seconds:
+        ``slo_s x (1 - priority share) x min(1 / spread, 1 - slo_margin)``.
+
+        ``spread`` is the measured upper quantile of the prediction's error
+        (``OnlineCorrectedLatency.spread``, 90th percentile by default): the headroom the model's
+        error asks for. ``slo_margin`` is the least headroom, used until that spread is learned
+        and whenever it is narrower; the two are not stacked (a 10% margin on top of a 1.35
+        90th-percentile spread refused requests predicted at 146 ms against a 200 ms TPOT SLO
+        whose admitted peers measured p90 152 ms, #19). The priority share (``margin(priority) -
+        slo_margin``, >= 0) comes on top: less important requests are refused first."""
+        share = max(0.0, self.margin(priority) - self.slo_margin)
+        return slo_s * (1 - share) * min(1 / spread, 1 - self.slo_margin)
+
     def quota(self, tenant: str) -> int | None:
         for t, n in self.tenant_quotas:
             if t == tenant:

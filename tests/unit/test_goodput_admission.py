@@ -106,7 +106,8 @@ def test_a_servable_lone_request_is_admitted_after_a_noisy_warm_up() -> None:
     t = traces[-1]
     assert t.placed and t.request_id == "a" and t.ttft is not None
     assert t.ttft.predicted_s == pytest.approx(d.estimated_ttft_s)
-    assert t.limit_ttft_s == pytest.approx(2.0 * (1 - 0.1) / t.quantile_ttft)
+    # the larger of the learned spread and the 10% margin, not both (GoodputConfig.limit)
+    assert t.limit_ttft_s == pytest.approx(2.0 * min(1 / t.quantile_ttft, 0.9))
     assert t.ttft.queue_s == 0.0 and t.ttft.prompt_tokens == 300 and t.ttft.cotenant_s == 0.0
     assert t.ttft.prefill_s == pytest.approx(pol.corrected.factor(Phase.TTFT) * PROFILE.prefill_time([300]))
     # a prompt whose lone prefill exceeds the SLO is still refused, before any compute, and
@@ -114,7 +115,10 @@ def test_a_servable_lone_request_is_admitted_after_a_noisy_warm_up() -> None:
     r = pol.place(_req("b", 700, slo), _view())
     assert isinstance(r, Rejection)
     assert "predicted TTFT" in r.message and "prefill on p0" in r.message
-    assert "700 of 700 tokens uncached" in r.message and "limit = SLO 2000 ms x (1 - 0.10)" in r.message
+    assert (
+        "700 of 700 tokens uncached" in r.message
+        and "limit = SLO 2000 ms x (1 - priority share 0.00) x min(1 / upper-quantile" in r.message
+    )
     assert not traces[-1].placed and traces[-1].rejection == r.message
     assert traces[-1].ttft is not None and traces[-1].ttft.predicted_s > traces[-1].limit_ttft_s
 
