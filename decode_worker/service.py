@@ -31,6 +31,7 @@ import grpc
 import prometheus_client
 import torch
 
+from decode_worker.migration import DecodeMigration
 from decode_worker.puller import KVPuller
 from engine.engine_loop import OutputItem, OutputSink
 from engine.llm_engine import LLMEngine
@@ -469,6 +470,7 @@ class AsyncDecodeServicer(DecodeServicer):
         self.stream_window_s = stream_window_s
         self._admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="decode-admit")
         self._inboxes: dict[asyncio.AbstractEventLoop, _LoopInbox] = {}  # one per serving loop
+        self.migration = DecodeMigration(self.state, self._admission)  # live migration RPCs
 
     def _inbox(self, loop: asyncio.AbstractEventLoop) -> _LoopInbox:
         inbox = self._inboxes.get(loop)
@@ -580,5 +582,17 @@ class AsyncDecodeServicer(DecodeServicer):
             return
         loop.run_in_executor(self._admission, self.state.loop.abort, f.result()[0])
 
+    # live migration (decode_worker/migration.py; contracts in worker.proto)
+    def MigrateOut(self, req, ctx):
+        return self.migration.migrate_out(req, ctx)
+
+    def MigrateIn(self, chunks, ctx):
+        return self.migration.migrate_in(chunks, ctx)
+
+    async def ResumeStream(self, req, ctx):
+        async for msg in self.migration.resume_stream(req, ctx):
+            yield msg
+
     def close(self) -> None:
+        self.migration.close()
         self._admission.shutdown(wait=False, cancel_futures=True)

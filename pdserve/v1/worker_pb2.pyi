@@ -11,6 +11,17 @@ from pdserve.v1 import common_pb2 as _common_pb2
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class MigrationResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MIGRATION_RESULT_UNSPECIFIED: _ClassVar[MigrationResult]
+    MIGRATION_RESULT_MIGRATED: _ClassVar[MigrationResult]
+    MIGRATION_RESULT_ABORTED_DEST_FULL: _ClassVar[MigrationResult]
+    MIGRATION_RESULT_ABORTED_SOURCE_FINISHED: _ClassVar[MigrationResult]
+    MIGRATION_RESULT_ABORTED_CANCELLED: _ClassVar[MigrationResult]
+    MIGRATION_RESULT_ABORTED_PEER_DIED: _ClassVar[MigrationResult]
+    MIGRATION_RESULT_ABORTED_SOURCE_PREEMPTED: _ClassVar[MigrationResult]
+    MIGRATION_RESULT_ABORTED_REFUSED: _ClassVar[MigrationResult]
+
 class WorkerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     WORKER_ROLE_UNSPECIFIED: _ClassVar[WorkerRole]
@@ -24,6 +35,14 @@ class PushKVPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PUSH_KV_PHASE_ACCEPTED: _ClassVar[PushKVPhase]
     PUSH_KV_PHASE_DONE: _ClassVar[PushKVPhase]
 
+MIGRATION_RESULT_UNSPECIFIED: MigrationResult
+MIGRATION_RESULT_MIGRATED: MigrationResult
+MIGRATION_RESULT_ABORTED_DEST_FULL: MigrationResult
+MIGRATION_RESULT_ABORTED_SOURCE_FINISHED: MigrationResult
+MIGRATION_RESULT_ABORTED_CANCELLED: MigrationResult
+MIGRATION_RESULT_ABORTED_PEER_DIED: MigrationResult
+MIGRATION_RESULT_ABORTED_SOURCE_PREEMPTED: MigrationResult
+MIGRATION_RESULT_ABORTED_REFUSED: MigrationResult
 WORKER_ROLE_UNSPECIFIED: WorkerRole
 WORKER_ROLE_PREFILL: WorkerRole
 WORKER_ROLE_DECODE: WorkerRole
@@ -31,6 +50,179 @@ WORKER_ROLE_MIXED: WorkerRole
 PUSH_KV_PHASE_UNSPECIFIED: PushKVPhase
 PUSH_KV_PHASE_ACCEPTED: PushKVPhase
 PUSH_KV_PHASE_DONE: PushKVPhase
+
+class MigrateOutRequest(_message.Message):
+    __slots__ = ("request_id", "dest_address", "max_stages", "stop_blocks", "timeout_s")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STAGES_FIELD_NUMBER: _ClassVar[int]
+    STOP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    dest_address: str
+    max_stages: int
+    stop_blocks: int
+    timeout_s: float
+    def __init__(
+        self,
+        request_id: str | None = ...,
+        dest_address: str | None = ...,
+        max_stages: int | None = ...,
+        stop_blocks: int | None = ...,
+        timeout_s: float | None = ...,
+    ) -> None: ...
+
+class MigrateOutResponse(_message.Message):
+    __slots__ = (
+        "result",
+        "resume_token_index",
+        "num_stages",
+        "blocks_copied",
+        "bytes_copied",
+        "downtime_s",
+        "total_s",
+        "message",
+    )
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_COPIED_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_S_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    result: MigrationResult
+    resume_token_index: int
+    num_stages: int
+    blocks_copied: int
+    bytes_copied: int
+    downtime_s: float
+    total_s: float
+    message: str
+    def __init__(
+        self,
+        result: MigrationResult | str | None = ...,
+        resume_token_index: int | None = ...,
+        num_stages: int | None = ...,
+        blocks_copied: int | None = ...,
+        bytes_copied: int | None = ...,
+        downtime_s: float | None = ...,
+        total_s: float | None = ...,
+        message: str | None = ...,
+    ) -> None: ...
+
+class MigrationBegin(_message.Message):
+    __slots__ = (
+        "request_id",
+        "layout",
+        "prompt_token_ids",
+        "sampling",
+        "seed",
+        "priority",
+        "adapter",
+        "cache_salt",
+        "source_worker",
+    )
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_WORKER_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    layout: _common_pb2.KVLayout
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: _common_pb2.SamplingParams
+    seed: int
+    priority: int
+    adapter: str
+    cache_salt: str
+    source_worker: str
+    def __init__(
+        self,
+        request_id: str | None = ...,
+        layout: _common_pb2.KVLayout | _Mapping | None = ...,
+        prompt_token_ids: _Iterable[int] | None = ...,
+        sampling: _common_pb2.SamplingParams | _Mapping | None = ...,
+        seed: int | None = ...,
+        priority: int | None = ...,
+        adapter: str | None = ...,
+        cache_salt: str | None = ...,
+        source_worker: str | None = ...,
+    ) -> None: ...
+
+class MigrationBlocks(_message.Message):
+    __slots__ = ("first_block", "num_blocks", "data", "end_of_stage")
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    END_OF_STAGE_FIELD_NUMBER: _ClassVar[int]
+    first_block: int
+    num_blocks: int
+    data: bytes
+    end_of_stage: bool
+    def __init__(
+        self,
+        first_block: int | None = ...,
+        num_blocks: int | None = ...,
+        data: bytes | None = ...,
+        end_of_stage: bool | None = ...,
+    ) -> None: ...
+
+class MigrationFinal(_message.Message):
+    __slots__ = ("num_computed_tokens", "output_token_ids", "detok_text", "detok_emitted", "logprobs")
+    NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DETOK_TEXT_FIELD_NUMBER: _ClassVar[int]
+    DETOK_EMITTED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    num_computed_tokens: int
+    output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    detok_text: str
+    detok_emitted: int
+    logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
+    def __init__(
+        self,
+        num_computed_tokens: int | None = ...,
+        output_token_ids: _Iterable[int] | None = ...,
+        detok_text: str | None = ...,
+        detok_emitted: int | None = ...,
+        logprobs: _Iterable[_common_pb2.TokenLogprob | _Mapping] | None = ...,
+    ) -> None: ...
+
+class MigrationChunk(_message.Message):
+    __slots__ = ("begin", "blocks", "final")
+    BEGIN_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    begin: MigrationBegin
+    blocks: MigrationBlocks
+    final: MigrationFinal
+    def __init__(
+        self,
+        begin: MigrationBegin | _Mapping | None = ...,
+        blocks: MigrationBlocks | _Mapping | None = ...,
+        final: MigrationFinal | _Mapping | None = ...,
+    ) -> None: ...
+
+class MigrationAck(_message.Message):
+    __slots__ = ("blocks_held", "running")
+    BLOCKS_HELD_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    blocks_held: int
+    running: bool
+    def __init__(self, blocks_held: int | None = ..., running: bool | None = ...) -> None: ...
+
+class ResumeStreamRequest(_message.Message):
+    __slots__ = ("request_id", "start_index")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    START_INDEX_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    start_index: int
+    def __init__(self, request_id: str | None = ..., start_index: int | None = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = (

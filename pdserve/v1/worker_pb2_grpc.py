@@ -54,6 +54,21 @@ class WorkerStub:
                 request_serializer=pdserve_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_worker__pb2.WorkerStats.FromString,
                 _registered_method=True)
+        self.MigrateOut = channel.unary_unary(
+                '/pdserve.v1.Worker/MigrateOut',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.MigrateOutRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.MigrateOutResponse.FromString,
+                _registered_method=True)
+        self.MigrateIn = channel.stream_stream(
+                '/pdserve.v1.Worker/MigrateIn',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.MigrationChunk.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.MigrationAck.FromString,
+                _registered_method=True)
+        self.ResumeStream = channel.unary_stream(
+                '/pdserve.v1.Worker/ResumeStream',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.ResumeStreamRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -86,6 +101,48 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MigrateOut(self, request, context):
+        """Live migration between decode workers (Llumnix; decode_worker/migration.py). Called by the
+        router on the SOURCE: move the running request request_id to the decode worker at
+        dest_address. The source streams the request's KV to the destination (MigrateIn) in stages
+        while it keeps decoding, then takes it out of its batch for a short stop-and-copy of the
+        last blocks and its token state. Returns once the destination runs the request (MIGRATED:
+        the source's Decode stream of the request then ends with status ABORTED, "migrated"; open
+        the destination's stream with ResumeStream at resume_token_index) or the migration was given
+        up (every other result: nothing is left allocated on either side; the request keeps running
+        on the source unless it finished or was cancelled there). Cancelling this call gives the
+        migration up (ABORTED_CANCELLED) unless the destination already runs the request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrateIn(self, request_iterator, context):
+        """Worker -> worker (the source calls it on the destination): one migration. First message
+        `begin`, then `blocks` chunks (a stage ends with end_of_stage), then `final`. The destination
+        allocates blocks as chunks arrive and answers each stage with an ack (blocks_held), and the
+        final with running = true once the request is in its batch. RESOURCE_EXHAUSTED: out of KV
+        blocks; INVALID_ARGUMENT / FAILED_PRECONDITION: bad request id, model or layout. Any error or
+        a broken stream frees what the destination allocated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeStream(self, request, context):
+        """The token stream of a request migrated to this worker, from output token index start_index
+        (0 = the request's first output token; tokens generated on the source are replayed from the
+        migrated state): every token from start_index on, in order, no gap, no duplicate, then the
+        finish. Messages carry has_text = false (the caller renders the text of a resumed leg).
+        NOT_FOUND: no migrated request with this id here (never migrated here, already taken and
+        finished, or its stream was not opened within the worker's attach timeout and it was
+        aborted); FAILED_PRECONDITION: already taken by another ResumeStream call; INVALID_ARGUMENT:
+        start_index beyond the tokens known. Cancelling the call aborts the request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +165,21 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=pdserve_dot_v1_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_worker__pb2.WorkerStats.SerializeToString,
+            ),
+            'MigrateOut': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateOut,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.MigrateOutRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.MigrateOutResponse.SerializeToString,
+            ),
+            'MigrateIn': grpc.stream_stream_rpc_method_handler(
+                    servicer.MigrateIn,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.MigrationChunk.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.MigrationAck.SerializeToString,
+            ),
+            'ResumeStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ResumeStream,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.ResumeStreamRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +290,87 @@ class Worker:
             '/pdserve.v1.Worker/Stats',
             pdserve_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
             pdserve_dot_v1_dot_worker__pb2.WorkerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Worker/MigrateOut',
+            pdserve_dot_v1_dot_worker__pb2.MigrateOutRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.MigrateOutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateIn(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pdserve.v1.Worker/MigrateIn',
+            pdserve_dot_v1_dot_worker__pb2.MigrationChunk.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.MigrationAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdserve.v1.Worker/ResumeStream',
+            pdserve_dot_v1_dot_worker__pb2.ResumeStreamRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,212 @@
+"""Live migration between two decode workers over gRPC on 127.0.0.1 (decode_worker/migration.py,
+router/migration_client.py): a stream migrated mid-way goes on at the destination with no gap and
+no duplicate (greedy and seeded equal an unmigrated run), and aborts leave no block held."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from pdserve.proto_convert import sampling_to_proto
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.worker_base import Role, WorkerConfig, WorkerState
+from router.migration_client import MigrationResult, migrate, open_resumed_stream
+
+GREEDY = SamplingParams(max_tokens=160, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=160, temperature=0.8, seed=11, ignore_eos=True)
+PROMPT = [int(x) for x in range(5, 45)]
+
+
+class _Worker:
+    def __init__(self, path, name: str, blocks: int) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from decode_worker.service import AsyncDecodeServicer
+        from pdserve.metrics import KVPullMetrics
+        from pdserve.worker_main import serve_worker
+
+        eng = LLMEngine.from_pretrained(path, EngineConfig(num_kv_blocks=blocks, block_size=16))
+        cfg = WorkerConfig(worker_id=name, role=Role.DECODE, model_path=str(path), store_address="")
+        self.state = WorkerState(cfg, eng)
+        self.svc = AsyncDecodeServicer(
+            self.state, None, KVPullMetrics(CollectorRegistry(), name), stream_window_s=0.0
+        )
+        services = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], self.svc)]
+        self.server, port = serve_worker(services, Role.DECODE, "127.0.0.1", 0, name)
+        self.address = self.state.address = f"127.0.0.1:{port}"
+
+    def free_blocks(self) -> int:
+        return self.state.loop.call(lambda e: e.kv.num_free_blocks)
+
+    def idle(self) -> bool:
+        return self.state.loop.call(
+            lambda e: (
+                not e.has_unfinished() and not e.scheduler.paused and e.kv.num_free_blocks == e.kv.num_blocks
+            )
+        )
+
+    def stop(self) -> None:
+        self.server.stop(0).wait()
+        self.svc.close()
+        self.state.close()
+
+
+@pytest.fixture(scope="module")
+def workers(tiny_models):
+    path = tiny_models["llama"]
+    a, b = _Worker(path, "dec-a", 64), _Worker(path, "dec-b", 64)
+    small = _Worker(path, "dec-small", 3)
+    yield a, b, small
+    for w in (a, b, small):
+        w.stop()
+
+
+def _wait_idle(*ws: _Worker, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(w.idle() for w in ws):
+        assert time.monotonic() < deadline, "a worker still holds KV blocks"
+        time.sleep(0.02)
+
+
+def _decode_req(rid: str, params: SamplingParams) -> worker_pb2.DecodeRequest:
+    return worker_pb2.DecodeRequest(
+        request_id=rid, prompt_token_ids=PROMPT, sampling=sampling_to_proto(params), local_prefill=True
+    )
+
+
+async def _reference(w: _Worker, rid: str, params: SamplingParams) -> list[int]:
+    async with grpc.aio.insecure_channel(w.address) as ch:
+        toks: list[int] = []
+        async for m in worker_pb2_grpc.WorkerStub(ch).Decode(_decode_req(rid, params)):
+            toks.extend(m.token_ids)
+        return toks
+
+
+async def _migrated_run(
+    src: _Worker, dst: _Worker, rid: str, params: SamplingParams, after: int
+) -> tuple[list[int], MigrationResult, int]:
+    """Stream ``rid`` from ``src``; after ``after`` tokens migrate it to ``dst`` and follow it there.
+    Returns (every token the client saw, the result, the resume index)."""
+    async with grpc.aio.insecure_channel(src.address) as sch, grpc.aio.insecure_channel(dst.address) as dch:
+        sstub, dstub = worker_pb2_grpc.WorkerStub(sch), worker_pb2_grpc.WorkerStub(dch)
+        call = sstub.Decode(_decode_req(rid, params))
+        seen: list[int] = []
+        migration = None
+        status = None
+        try:
+            async for m in call:
+                seen.extend(m.token_ids)
+                if migration is None and len(seen) >= after:
+                    migration = asyncio.create_task(migrate(sstub, rid, dst.address, max_stages=3))
+        except grpc.aio.AioRpcError as e:
+            status = e
+        assert migration is not None
+        report = await migration
+        if report.result is not MigrationResult.MIGRATED:
+            assert status is None, report.message  # the source stream ran to its end
+            return seen, report.result, 0
+        assert (
+            status is not None and status.code() == grpc.StatusCode.ABORTED and "migrated" in status.details()
+        )
+        assert len(seen) <= report.resume_token_index
+        async for m in open_resumed_stream(dstub, rid, len(seen)):
+            seen.extend(m.token_ids)
+            assert not m.has_text
+        return seen, report.result, report.resume_token_index
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_stream_migrated_mid_way_has_no_gap_and_no_duplicate(workers, params):
+    a, b, _ = workers
+    ref = asyncio.run(_reference(a, "ref", params))
+    assert len(ref) == params.max_tokens
+    out, result, k = asyncio.run(_migrated_run(a, b, "mig", params, after=8))
+    assert result is MigrationResult.MIGRATED
+    assert 8 <= k < params.max_tokens
+    assert out == ref
+    _wait_idle(a, b)
+
+
+def test_resume_from_an_earlier_index_replays_the_source_tokens(workers):
+    a, b, _ = workers
+    ref = asyncio.run(_reference(a, "ref2", GREEDY))
+
+    async def run() -> list[int]:
+        async with grpc.aio.insecure_channel(a.address) as sch, grpc.aio.insecure_channel(b.address) as dch:
+            sstub, dstub = worker_pb2_grpc.WorkerStub(sch), worker_pb2_grpc.WorkerStub(dch)
+            call = sstub.Decode(_decode_req("early", GREEDY))
+            it = call.__aiter__()
+            first = await it.__anext__()
+            assert first.token_ids
+            report = await migrate(sstub, "early", b.address)
+            assert report.result is MigrationResult.MIGRATED and report.blocks_copied >= 3
+            call.cancel()  # the router drops the source's stream; tokens it missed are replayed
+            out: list[int] = []
+            async for m in open_resumed_stream(dstub, "early", 0):
+                out.extend(m.token_ids)
+            # a second stream of the same request is refused
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                async for _ in open_resumed_stream(dstub, "early", 0):
+                    pass
+            assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+            return out
+
+    assert asyncio.run(run()) == ref
+    _wait_idle(a, b)
+
+
+def test_destination_full_aborts_and_the_source_stream_completes(workers):
+    a, _, small = workers
+    ref = asyncio.run(_reference(a, "ref3", GREEDY))
+    out, result, _ = asyncio.run(_migrated_run(a, small, "full", GREEDY, after=4))
+    assert result is MigrationResult.ABORTED_DEST_FULL
+    assert out == ref
+    _wait_idle(a, small)
+
+
+def test_dead_destination_aborts_and_the_source_stream_completes(workers):
+    a, _, _ = workers
+    ref = asyncio.run(_reference(a, "ref4", GREEDY))
+
+    class _Gone:
+        address = "127.0.0.1:1"  # nothing listens there
+
+    out, result, _ = asyncio.run(_migrated_run(a, _Gone(), "dead", GREEDY, after=4))  # type: ignore[arg-type]
+    assert result is MigrationResult.ABORTED_PEER_DIED
+    assert out == ref
+    _wait_idle(a)
+
+
+def test_unknown_request_and_unopened_stream(workers):
+    a, b, _ = workers
+
+    async def unknown():
+        async with grpc.aio.insecure_channel(a.address) as ch:
+            return await migrate(worker_pb2_grpc.WorkerStub(ch), "nope", b.address)
+
+    assert asyncio.run(unknown()).result is MigrationResult.ABORTED_SOURCE_FINISHED
+    # a migrated request whose stream nobody opens is aborted after the attach timeout
+    b.svc.migration.attach_timeout_s = 0.3
+    try:
+
+        async def orphan():
+            async with grpc.aio.insecure_channel(a.address) as ch:
+                stub = worker_pb2_grpc.WorkerStub(ch)
+                call = stub.Decode(_decode_req("orphan", GREEDY))
+                it = call.__aiter__()
+                await it.__anext__()
+                report = await migrate(stub, "orphan", b.address)
+                call.cancel()
+                return report
+
+        assert asyncio.run(orphan()).result is MigrationResult.MIGRATED
+        _wait_idle(a, b)
+        assert b.svc.migration.pending() == []
+    finally:
+        b.svc.migration.attach_timeout_s = 30.0
