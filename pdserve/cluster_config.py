@@ -35,14 +35,19 @@ actor on its own node (:meth:`SecuritySection.security_config`), never shipped t
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from engine.scheduler import SchedulingPolicy
 from pdserve.errors import InvalidRequestError
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend, KVTransport
 from pdserve.security import CLUSTER_SERVER_NAME, SecurityConfig, TLSMode, is_loopback
 from router.policy.placement import PolicyKind
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
 
 NODE_IP = "node"  # ``host`` value: bind each actor's servers to its Ray node's IP address
 
@@ -78,10 +83,31 @@ class PoolConfig:
     max_batched_tokens: int = 2048
     chunk: int = 512  # prefill chunk (Sarathi) in tokens
     dtype: str = "auto"
+    # host-memory KV pool behind the engine's (vLLM's --swap-space): preempted requests are
+    # swapped out and back when cheaper than recomputing (0: always recompute; not with tp > 1)
+    swap_space_gib: float = 0.0
+    scheduling_policy: str = "priority"  # engine queue order: priority, fcfs or mlfq (FastServe)
 
     @property
     def num_gpus(self) -> int:
         return self.tp if self.device is Device.CUDA else 0
+
+    def engine_config(self) -> EngineConfig:
+        """The engine configuration of one worker of this pool."""
+        from engine.config import EngineConfig
+
+        return EngineConfig(
+            num_kv_blocks=self.kv_blocks,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_batched_tokens,
+            long_prefill_token_threshold=self.chunk,
+            device=self.device.value,
+            dtype=self.dtype,
+            tensor_parallel_size=self.tp,
+            swap_space_bytes=int(self.swap_space_gib * (1 << 30)),
+            scheduling_policy=SchedulingPolicy(self.scheduling_policy),
+        )
 
     def bundle(self) -> dict[str, float]:
         """Resources of one worker's placement-group bundle (empty: needs no placement group)."""
@@ -347,6 +373,16 @@ def _check_pool(p: PoolConfig, where: str) -> None:
     for k in ("kv_blocks", "block_size", "max_num_seqs", "max_batched_tokens", "chunk"):
         if getattr(p, k) < 1:
             raise _err(f"{where}.{k}", f"must be >= 1, got {getattr(p, k)}")
+    if not (p.swap_space_gib >= 0 and math.isfinite(p.swap_space_gib)):
+        raise _err(f"{where}.swap_space_gib", f"must be >= 0 GiB (0: recompute only), got {p.swap_space_gib}")
+    if p.swap_space_gib and p.tp > 1:
+        raise _err(
+            f"{where}.swap_space_gib",
+            f"swapping is not supported with tensor parallelism (tp: {p.tp}): set swap_space_gib: 0",
+        )
+    policies = [x.value for x in SchedulingPolicy]
+    if p.scheduling_policy not in policies:
+        raise _err(f"{where}.scheduling_policy", f"must be one of {policies}, got {p.scheduling_policy!r}")
 
 
 def check_security(c: ClusterConfig) -> ClusterConfig:

@@ -419,7 +419,6 @@ class WorkerActor:
         import ray
         from prometheus_client import REGISTRY
 
-        from engine.config import EngineConfig
         from kv_store.client import FollowingStoreClient, KVStoreClient
         from kv_store.transport import AutoTransport
         from pdserve.metrics import WorkerMetrics, serve_metrics
@@ -447,16 +446,7 @@ class WorkerActor:
             store_address=self.store_address,
             host=host,
             router_addresses=tuple(router_addresses),
-            engine=EngineConfig(
-                num_kv_blocks=pool.kv_blocks,
-                block_size=pool.block_size,
-                max_num_seqs=pool.max_num_seqs,
-                max_num_batched_tokens=pool.max_batched_tokens,
-                long_prefill_token_threshold=pool.chunk,
-                device=pool.device.value,
-                dtype=pool.dtype,
-                tensor_parallel_size=pool.tp,
-            ),
+            engine=pool.engine_config(),
             heartbeat_interval_s=config.router.heartbeat_interval_s,
         )
         self.worker_id = worker_id

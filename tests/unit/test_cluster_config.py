@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from engine.scheduler import SchedulingPolicy
 from pdserve.cluster_config import (
     ClusterConfig,
     Device,
@@ -46,6 +47,17 @@ def test_full_config_parses_sections_and_enums():
     assert c.index.kind is IndexKind.REDIS and c.store.host_id_per_node
 
 
+def test_pool_swap_space_and_scheduling_policy_reach_the_engine_config():
+    """The worker flags --swap-space/--scheduling-policy as pool keys (#15)."""
+    c = from_dict({"model": "/m", "decode": {"swap_space_gib": 0.5, "scheduling_policy": "mlfq"}})
+    assert c.decode.swap_space_gib == 0.5 and c.decode.scheduling_policy == "mlfq"
+    assert c.prefill.swap_space_gib == 0.0 and c.prefill.scheduling_policy == "priority"
+    e = c.decode.engine_config()  # what each decode worker's engine is built with
+    assert e.swap_space_bytes == 1 << 29 and e.scheduling_policy is SchedulingPolicy.MLFQ
+    assert e.num_kv_blocks == c.decode.kv_blocks and e.long_prefill_token_threshold == c.decode.chunk
+    assert c.prefill.engine_config().swap_space_bytes == 0
+
+
 def test_cpu_only_zero_cpus_needs_no_placement_group():
     assert PoolConfig(num_cpus=0).bundle() == {}
 
@@ -76,6 +88,12 @@ def test_with_counts_replaces_only_given_pools():
         ({"model": "/m", "store": {"capacity_blocks": 0}}, r"store.capacity_blocks: must be >= 1"),
         ({"model": "/m", "prefill": [1]}, r"prefill: expected a mapping"),
         (["model"], r"top level: expected a mapping"),
+        ({"model": "/m", "decode": {"swap_space_gib": -1}}, r"decode.swap_space_gib: must be >= 0"),
+        ({"model": "/m", "decode": {"swap_space_gib": 1, "tp": 2}}, r"decode.swap_space_gib: .*tensor"),
+        (
+            {"model": "/m", "decode": {"scheduling_policy": "sjf"}},
+            r"decode.scheduling_policy: must be one of",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(raw, match):
