@@ -30,8 +30,8 @@ hits) are only read: commit drops the request's reference, the other holders kee
 
 Threading: every method runs on the engine's thread, between steps (``EngineLoop.call``).
 Not supported (refused with InvalidRequestError naming it): sliding-window engines (blocks leave
-the window while stages are copied), requests that are not decoding (waiting, in prefill,
-preempted, swapped out, prefill-only).
+the window while stages are copied), LoRA requests (the destination's adapter is not checked),
+requests that are not decoding (waiting, in prefill, preempted, swapped out, prefill-only).
 """
 
 from __future__ import annotations
@@ -130,6 +130,11 @@ def _check_migratable(engine: LLMEngine, request_id: str) -> Request:
     if engine.kv.sliding_window is not None:
         raise InvalidRequestError("live migration of a sliding-window model is not supported")
     req = tr.req
+    if req.adapter_id:
+        # the destination would have to serve the same adapter: not checked yet, so refused
+        raise InvalidRequestError(
+            f"live migration of a LoRA request (adapter {req.adapter_id!r}) is not supported"
+        )
     if req.prefill_only or req.status is not RequestStatus.RUNNING or not req.is_decoding:
         raise InvalidRequestError(
             f"request {request_id!r} is not decoding (status {req.status.value}, "
@@ -286,6 +291,10 @@ class MigrationImport:
             )
         if engine.kv.sliding_window is not None:
             raise InvalidRequestError("live migration of a sliding-window model is not supported")
+        if header.adapter_id:
+            raise InvalidRequestError(
+                f"live migration of a LoRA request (adapter {header.adapter_id!r}) is not supported"
+            )
         rid = header.request_id
         if rid in engine._tracked or rid in engine._prefilled or engine.kv.has(rid):
             raise InvalidRequestError(f"request id {rid!r} is already in use on the destination")

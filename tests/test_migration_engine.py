@@ -17,7 +17,7 @@ from engine.migration import (
     migrate_in_process,
 )
 from engine.sampling_params import SamplingParams
-from pdserve.errors import InvalidRequestError, ResourceExhaustedError
+from pdserve.errors import InvalidRequestError, LayoutMismatchError, ResourceExhaustedError
 
 BLOCKS = 128
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
@@ -264,5 +264,11 @@ def test_refusals_name_the_problem(src, dst, llama):
     with pytest.raises(InvalidRequestError, match="already in use"):
         MigrationImport(dst, exp.header())
     dst.abort("waiting")
+    from dataclasses import replace
+
+    with pytest.raises(InvalidRequestError, match="LoRA"):
+        MigrationImport(dst, replace(exp.header(), request_id="lora", adapter_id="some-adapter"))
+    with pytest.raises(LayoutMismatchError, match="model"):
+        MigrationImport(dst, replace(exp.header(), request_id="other", model_id="another-model"))
     src.abort("waiting")
     _no_leaks(src, dst)
