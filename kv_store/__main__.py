@@ -4,6 +4,11 @@
         --num-layers 30 --num-kv-heads 3 --head-dim 64 --dtype float32 --block-size 16 --port 0 \
         [--index memory | --index redis://127.0.0.1:6379/0?prefix=pdserve:kv:]
 
+``--disk-tier PATH --disk-tier-gib N``: a local-disk tier behind the DRAM arena
+(:mod:`kv_store.disk_tier`): evicted blocks go to append-only segment files in PATH (created if
+missing), at most N GiB; a restarted node re-registers the blocks found there. Both flags go
+together; a bad value is refused naming the flag.
+
 ``--index``: where the node registers its blocks (``memory``: a private in-process index, the
 embedded default; a ``redis://`` URL: the cluster index shared with other store nodes and
 routers, see :mod:`kv_store.redis_index`; the node re-registers its blocks when Redis lost them).
@@ -18,12 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
 from prometheus_client import REGISTRY
 
+from kv_store.disk_metrics import register_disk_metrics
+from kv_store.disk_tier import GIB, DiskTierConfig, DiskTierOpenError
 from kv_store.layout import KVLayout
 from kv_store.redis_index import make_index
+from kv_store.segment import ForeignSegmentError
 from kv_store.service import StoreServer, run_store_node
 from kv_store.store import StoreConfig
 from pdserve import cli_help
@@ -86,13 +96,69 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--replication-factor", type=int, default=1, help="copies per block across store nodes (best effort)"
     )
+    ap.add_argument(
+        "--disk-tier",
+        metavar="PATH",
+        default=None,
+        help="directory of a local-disk tier for blocks evicted from DRAM (append-only segment "
+        "files; survives restarts); needs --disk-tier-gib",
+    )
+    ap.add_argument(
+        "--disk-tier-gib",
+        type=float,
+        default=None,
+        metavar="N",
+        help="size budget of --disk-tier in GiB (> 0)",
+    )
+    ap.add_argument(
+        "--disk-tier-segment-mib",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="segment file size in MiB (0: min(256, budget / 4))",
+    )
     add_process_security_args(ap, redis=True)
     return cli_help.apply(ap)
 
 
+def disk_tier_config(path: str | None, gib: float | None, segment_mib: float = 0.0) -> DiskTierConfig | None:
+    """The disk tier of ``--disk-tier PATH --disk-tier-gib N`` (None without both); ValueError
+    naming the flag on a bad value."""
+    if path is None and gib is None:
+        if segment_mib:
+            raise ValueError("--disk-tier-segment-mib needs --disk-tier PATH and --disk-tier-gib N")
+        return None
+    if path is None:
+        raise ValueError("--disk-tier-gib needs --disk-tier PATH (the directory of the disk tier)")
+    if gib is None:
+        raise ValueError("--disk-tier needs --disk-tier-gib N (the tier's size budget in GiB)")
+    if not path.strip():
+        raise ValueError("--disk-tier: the path is empty")
+    if not (math.isfinite(gib) and gib > 0):
+        raise ValueError(f"--disk-tier-gib must be a number > 0, got {gib}")
+    if not (math.isfinite(segment_mib) and segment_mib >= 0):
+        raise ValueError(f"--disk-tier-segment-mib must be a number >= 0, got {segment_mib}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--disk-tier {path}: exists and is not a directory")
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(os.path.abspath(probe))
+        if parent == probe:
+            break
+        probe = parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--disk-tier {path}: {probe} is not writable by this process")
+    return DiskTierConfig(path, int(gib * GIB), segment_bytes=int(segment_mib * (1 << 20)))
+
+
 def parse_config(argv: list[str] | None = None) -> StoreConfig:
     """The node's StoreConfig from ``argv`` (exits with usage on a bad flag)."""
-    a = build_parser().parse_args(argv)
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        disk = disk_tier_config(a.disk_tier, a.disk_tier_gib, a.disk_tier_segment_mib)
+    except ValueError as e:
+        ap.error(str(e))
     layout = KVLayout(a.model_id, a.num_layers, a.num_kv_heads, a.head_dim, a.dtype, a.block_size)
     return StoreConfig(
         node_id=a.node_id,
@@ -111,6 +177,7 @@ def parse_config(argv: list[str] | None = None) -> StoreConfig:
         low_water=a.low_water,
         index_sync_interval_s=a.index_sync_interval_s,
         replication_factor=a.replication_factor,
+        disk_tier=disk,
     )
 
 
@@ -138,12 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     metrics_port = serve_metrics(extra.metrics_port)
 
     def ready(srv: StoreServer) -> None:
+        if srv.store.disk is not None:
+            register_disk_metrics(REGISTRY, config.node_id, srv.store.stats)
         loc = srv.store.location
         info = {"node_id": loc.node_id, "address": loc.address, "port": srv.port}
         info |= {"shm_name": loc.shm_name, "host_id": loc.host_id, "metrics": f"127.0.0.1:{metrics_port}"}
         print(json.dumps(info), flush=True)
 
-    run_store_node(config, index, on_ready=ready, metrics=metrics)
+    try:
+        run_store_node(config, index, on_ready=ready, metrics=metrics)
+    except (ForeignSegmentError, DiskTierOpenError) as e:
+        sp.error(f"--disk-tier: {e}")
     return 0
 
 

@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
+from kv_store.disk_tier import DiskTierStats
 from kv_store.handle import BlockLocation, KVHandle
-from kv_store.index import LookupResult
+from kv_store.index import LookupResult, Tier
 from kv_store.layout import KVLayout
 from kv_store.node import DeleteResult, NodeStats
 from kv_store.store import DeleteCounts, LeaseGrant, PutResult, StoreStats
@@ -90,19 +91,43 @@ def handle_from_proto(msg: common_pb2.KVHandle) -> KVHandle:
     )
 
 
+_TIER_TO_PROTO = {Tier.DRAM: kv_store_pb2.STORAGE_TIER_DRAM, Tier.DISK: kv_store_pb2.STORAGE_TIER_DISK}
+_TIER_FROM_PROTO = {
+    kv_store_pb2.STORAGE_TIER_UNSPECIFIED: Tier.DRAM,
+    kv_store_pb2.STORAGE_TIER_DRAM: Tier.DRAM,
+    kv_store_pb2.STORAGE_TIER_DISK: Tier.DISK,
+}
+
+
 def lookup_to_proto(r: LookupResult) -> kv_store_pb2.LookupResponse:
+    tiers = r.tiers or tuple(() for _ in r.locations)
     return kv_store_pb2.LookupResponse(
         num_prefix_blocks=r.num_prefix_blocks,
         blocks=[
-            kv_store_pb2.BlockLocations(locations=[location_to_proto(x) for x in locs])
-            for locs in r.locations
+            kv_store_pb2.BlockLocations(
+                locations=[location_to_proto(x) for x in locs], tiers=[_TIER_TO_PROTO[t] for t in ts]
+            )
+            for locs, ts in zip(r.locations, tiers, strict=True)
         ],
     )
 
 
 def lookup_from_proto(msg: kv_store_pb2.LookupResponse) -> LookupResult:
     locs = tuple(tuple(location_from_proto(x) for x in b.locations) for b in msg.blocks)
-    return LookupResult(msg.num_prefix_blocks, locs)
+    tiers: tuple[tuple[Tier, ...], ...] = ()
+    if any(b.tiers for b in msg.blocks):
+        for i, b in enumerate(msg.blocks):
+            if b.tiers and len(b.tiers) != len(b.locations):
+                raise InvalidRequestError(
+                    f"LookupResponse.blocks[{i}]: {len(b.tiers)} tiers for {len(b.locations)} locations"
+                )
+        tiers = tuple(
+            tuple(_TIER_FROM_PROTO.get(t, Tier.DRAM) for t in b.tiers)
+            if b.tiers
+            else (Tier.DRAM,) * len(b.locations)
+            for b in msg.blocks
+        )
+    return LookupResult(msg.num_prefix_blocks, locs, tiers)
 
 
 def lease_to_proto(g: LeaseGrant) -> kv_store_pb2.LeaseResponse:
@@ -204,7 +229,28 @@ def stats_to_proto(s: StoreStats) -> kv_store_pb2.KVStoreStats:
         lease_ttl_clamps=n.lease_ttl_clamps,
         lease_quota_refusals=n.lease_quota_refusals,
         denied_calls=n.denied_calls,
+        **_disk_stats_fields(s),
     )
+
+
+def _disk_stats_fields(s: StoreStats) -> dict[str, object]:
+    d = s.disk
+    if d is None:
+        return {}
+    return {
+        "disk_tier_enabled": True,
+        "disk_capacity_bytes": d.capacity_bytes,
+        "disk_bytes_used": d.bytes_used,
+        "disk_blocks": d.num_blocks,
+        "disk_demotions": d.demotions,
+        "disk_promotions": s.promotions,
+        "disk_read_misses": d.read_misses,
+        "disk_checksum_failures": d.checksum_failures,
+        "disk_full": d.disk_full,
+        "disk_read_bytes_per_s": d.read_bytes_per_s,
+        "disk_segment_evictions": d.segment_evictions,
+        "disk_demotions_dropped": d.demotions_dropped,
+    }
 
 
 def stats_from_proto(msg: kv_store_pb2.KVStoreStats) -> StoreStats:
@@ -228,4 +274,31 @@ def stats_from_proto(msg: kv_store_pb2.KVStoreStats) -> StoreStats:
         lease_quota_refusals=msg.lease_quota_refusals,
         denied_calls=msg.denied_calls,
     )
-    return StoreStats(location_from_proto(msg.location), layout_from_proto(msg.layout), node)
+    disk = None
+    if msg.disk_tier_enabled:
+        # the wire carries the fields a client needs (KVStoreStats); the rest read 0 here
+        disk = DiskTierStats(
+            capacity_bytes=msg.disk_capacity_bytes,
+            bytes_used=msg.disk_bytes_used,
+            num_blocks=msg.disk_blocks,
+            num_pending=0,
+            num_segments=0,
+            demotions=msg.disk_demotions,
+            demotions_dropped=msg.disk_demotions_dropped,
+            promotion_reads=msg.disk_promotions,
+            read_misses=msg.disk_read_misses,
+            checksum_failures=msg.disk_checksum_failures,
+            missing_files=0,
+            write_errors=0,
+            full_events=0,
+            disk_full=msg.disk_full,
+            demotion_paused=msg.disk_full,
+            segment_evictions=msg.disk_segment_evictions,
+            recovered_blocks=0,
+            read_bytes=0,
+            read_seconds=0.0,
+            read_bytes_per_s=msg.disk_read_bytes_per_s,
+        )
+    return StoreStats(
+        location_from_proto(msg.location), layout_from_proto(msg.layout), node, disk, msg.disk_promotions
+    )

@@ -10,11 +10,14 @@ and store nodes of a cluster). :func:`best_node_for_prefix` picks the node to ro
 Lookup contract: ``num_prefix_blocks`` is the largest ``n`` such that each of ``hashes[:n]`` is
 registered on at least one node (the chain is a prefix: a block after a miss is not counted even
 if present, because its KV depends on the missing one's). ``locations[i]`` lists every node
-holding ``hashes[i]``, ordered by ``node_id``.
+holding ``hashes[i]``, ordered by ``node_id``; ``tiers[i]`` (parallel to ``locations[i]``) says
+in which of that node's tiers the block is (:class:`Tier`: DRAM arena or disk segments; a block
+in both is DRAM). An index that does not record tiers returns ``tiers`` empty (read: DRAM).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,10 +27,37 @@ from kv_store.handle import BlockLocation
 from pdserve.errors import InvalidRequestError
 
 
+class Tier(enum.Enum):
+    """Where a store node holds a block: its DRAM arena, or only its disk tier (a read of it
+    first promotes it to DRAM, at the disk's read bandwidth: ``KVStoreStats.disk_read_bytes_per_s``)."""
+
+    DRAM = "dram"
+    DISK = "disk"
+
+
 @dataclass(frozen=True)
 class LookupResult:
     num_prefix_blocks: int
     locations: tuple[tuple[BlockLocation, ...], ...]  # one entry per prefix block
+    # parallel to ``locations`` (per block, per holder); empty: not recorded (all DRAM)
+    tiers: tuple[tuple[Tier, ...], ...] = ()
+
+    def tier_of(self, i: int, node_id: str) -> Tier:
+        """Tier of prefix block ``i`` on ``node_id`` (DRAM when tiers are not recorded).
+        KeyError if that node does not hold the block."""
+        for j, loc in enumerate(self.locations[i]):
+            if loc.node_id == node_id:
+                return self.tiers[i][j] if self.tiers else Tier.DRAM
+        raise KeyError(f"node {node_id!r} does not hold prefix block {i}")
+
+    def disk_blocks_by_node(self) -> dict[str, int]:
+        """Per node, how many of the prefix blocks it holds only on disk (nodes with none absent)."""
+        out: dict[str, int] = {}
+        for locs, tiers in zip(self.locations, self.tiers, strict=False):
+            for loc, t in zip(locs, tiers, strict=True):
+                if t is Tier.DISK:
+                    out[loc.node_id] = out.get(loc.node_id, 0) + 1
+        return out
 
     def nodes_with_whole_prefix(self) -> list[str]:
         """Node ids holding every prefix block (candidates for a single-source pull)."""
@@ -108,8 +138,9 @@ class KVIndex(Protocol):
         """Announce a node (or update its address); required before :meth:`register`."""
         ...
 
-    def register(self, node_id: str, hashes: Iterable[BlockHash]) -> None:
-        """Record that ``node_id`` stores ``hashes`` (idempotent)."""
+    def register(self, node_id: str, hashes: Iterable[BlockHash], tier: Tier = Tier.DRAM) -> None:
+        """Record that ``node_id`` stores ``hashes`` in ``tier`` (idempotent; a later register
+        of the same block moves it to the new tier)."""
         ...
 
     def unregister(self, node_id: str, hashes: Iterable[BlockHash]) -> None:
@@ -132,6 +163,7 @@ class InMemoryIndex:
         self._nodes: dict[str, BlockLocation] = {}
         self._where: dict[BlockHash, set[str]] = {}
         self._blocks: dict[str, set[BlockHash]] = {}
+        self._disk: dict[str, set[BlockHash]] = {}  # per node: blocks held only on its disk tier
 
     def add_node(self, location: BlockLocation) -> None:
         if not location.node_id:
@@ -142,20 +174,28 @@ class InMemoryIndex:
     def nodes(self) -> list[BlockLocation]:
         return [self._nodes[k] for k in sorted(self._nodes)]
 
-    def register(self, node_id: str, hashes: Iterable[BlockHash]) -> None:
+    def register(self, node_id: str, hashes: Iterable[BlockHash], tier: Tier = Tier.DRAM) -> None:
         blocks = self._blocks.get(node_id)
         if blocks is None:
             raise InvalidRequestError(f"index: node {node_id!r} is not known; call add_node first")
+        tier = Tier(tier)
+        disk = self._disk.setdefault(node_id, set())
         for h in hashes:
             self._where.setdefault(h, set()).add(node_id)
             blocks.add(h)
+            if tier is Tier.DISK:
+                disk.add(h)
+            else:
+                disk.discard(h)
 
     def unregister(self, node_id: str, hashes: Iterable[BlockHash]) -> None:
         blocks = self._blocks.get(node_id)
         if blocks is None:
             return
+        disk = self._disk.get(node_id, set())
         for h in hashes:
             blocks.discard(h)
+            disk.discard(h)
             holders = self._where.get(h)
             if holders is not None:
                 holders.discard(node_id)
@@ -167,16 +207,37 @@ class InMemoryIndex:
         if blocks:
             self.unregister(node_id, list(blocks))
         self._blocks.pop(node_id, None)
+        self._disk.pop(node_id, None)
         self._nodes.pop(node_id, None)
 
     def lookup(self, hashes: Sequence[BlockHash]) -> LookupResult:
         locs: list[tuple[BlockLocation, ...]] = []
+        tiers: list[tuple[Tier, ...]] = []
+        any_disk = False
         for h in hashes:
             holders = self._where.get(h)
             if not holders:
                 break
-            locs.append(tuple(self._nodes[n] for n in sorted(holders)))
-        return LookupResult(len(locs), tuple(locs))
+            ns = sorted(holders)
+            locs.append(tuple(self._nodes[n] for n in ns))
+            t = tuple(Tier.DISK if h in self._disk.get(n, ()) else Tier.DRAM for n in ns)
+            any_disk |= Tier.DISK in t
+            tiers.append(t)
+        return LookupResult(len(locs), tuple(locs), tuple(tiers) if any_disk else ())
+
+    def sync_node(
+        self, location: BlockLocation, hashes: Sequence[BlockHash], disk_hashes: Sequence[BlockHash] = ()
+    ) -> int:
+        """Make the index hold exactly ``hashes`` (DRAM) and ``disk_hashes`` (disk tier) for
+        this node, announcing it too. Returns how many stale entries were removed."""
+        self.add_node(location)
+        nid = location.node_id
+        want = set(hashes) | set(disk_hashes)
+        stale = [h for h in self._blocks[nid] if h not in want]
+        self.unregister(nid, stale)
+        self.register(nid, hashes)
+        self.register(nid, [h for h in disk_hashes if h not in set(hashes)], Tier.DISK)
+        return len(stale)
 
     def num_blocks(self, node_id: str | None = None) -> int:
         """Distinct blocks registered (on ``node_id``, or anywhere)."""

@@ -203,8 +203,13 @@ class StoreNode:
         slots: SlotAllocator | None = None,
         clock: Callable[[], float] = time.monotonic,
         new_lease_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        on_evict: Callable[[BlockHash, int, int], None] | None = None,
     ) -> None:
+        """``on_evict(key, slot, checksum)``: called for each block evicted to make room (LRU or
+        watermark; not for deletes) just before its slot is freed, while its bytes are still in
+        the slot (a store with a disk tier copies them there)."""
         self.config = config
+        self._on_evict = on_evict
         self._slots = slots if slots is not None else SlotPool(config.capacity_blocks)
         if self._slots.capacity != config.capacity_blocks:
             raise ValueError(
@@ -237,7 +242,7 @@ class StoreNode:
         e = self._entries.get(h)
         return e if e is not None and e.committed else None
 
-    def _require(self, hashes: Iterable[BlockHash]) -> list[tuple[BlockHash, _Entry]]:
+    def _require(self, hashes: Iterable[BlockHash], count: bool = True) -> list[tuple[BlockHash, _Entry]]:
         out, missing = [], []
         for h in hashes:
             e = self._stored(h)
@@ -246,13 +251,13 @@ class StoreNode:
             else:
                 out.append((h, e))
         if missing:
-            self._misses += len(missing)
+            self._misses += len(missing) if count else 0
             raise RequestNotFoundError(
                 f"{len(missing)} of {len(out) + len(missing)} KV blocks are not stored on this node "
                 f"(evicted or never put), first missing: {_hex(missing[0])}...; "
                 "look the prefix up again or recompute it"
             )
-        self._hits += len(out)
+        self._hits += len(out) if count else 0
         return out
 
     def _retry_after(self) -> float:
@@ -384,6 +389,8 @@ class StoreNode:
         while slot is None and self._lru:
             victim, _ = self._lru.popitem(last=False)
             ve = self._entries.pop(victim)
+            if self._on_evict is not None:
+                self._on_evict(victim, ve.slot, ve.checksum)
             self._slots.free(ve.slot)
             self._evictions += 1
             evicted.append(victim)
@@ -421,10 +428,11 @@ class StoreNode:
         self._slots.free(e.slot)
 
     # ------------------------------------------------------------------ pins (readers)
-    def pin(self, hashes: Iterable[BlockHash]) -> list[int]:
-        """Pin stored blocks for reading; returns their slots. All or nothing (NOT_FOUND)."""
+    def pin(self, hashes: Iterable[BlockHash], *, count: bool = True) -> list[int]:
+        """Pin stored blocks for reading; returns their slots. All or nothing (NOT_FOUND).
+        ``count``: count them as read hits (False: an internal hold, not a read)."""
         self.reap()
-        found = self._require(list(hashes))
+        found = self._require(list(hashes), count)
         for h, e in found:
             e.pins += 1
             self._refresh(h, e)
@@ -535,6 +543,8 @@ class StoreNode:
                 continue
             del self._lru[h]
             e = self._entries.pop(h)
+            if self._on_evict is not None:
+                self._on_evict(h, e.slot, e.checksum)
             self._slots.free(e.slot)
             self._evictions += 1
             evicted.append(h)

@@ -7,6 +7,7 @@ block hashes are stored as raw 16-byte strings)::
     {p}nodes                 hash   node_id -> BlockLocation as JSON
     {p}b:<hash>              set    node ids holding the block (replicas)
     {p}n:<node_id>           set    hashes held by the node (for drop_node / resync)
+    {p}d:<node_id>           set    those of them held only on the node's disk tier (Tier.DISK)
     {p}generation            string random token; missing after a Redis restart (see below)
     {p}lease:<lease_id>      hash   {node, hashes}; PEXPIRE = the lease's ttl
     {p}pin:<node_id>:<hash>  zset   lease_id -> expiry (ms, Redis server clock); key TTL = max
@@ -54,7 +55,7 @@ from redis.retry import Retry
 
 from engine.block_hash import BlockHash
 from kv_store.handle import BlockLocation, check_hashes
-from kv_store.index import InMemoryIndex, KVIndex, LookupResult
+from kv_store.index import InMemoryIndex, KVIndex, LookupResult, Tier
 from pdserve.errors import InvalidRequestError, UnavailableError
 from pdserve.redis_access import connect
 
@@ -240,6 +241,9 @@ class RedisIndex:
     def _k_node(self, node_id: str) -> bytes:
         return self._p + b"n:" + node_id.encode()
 
+    def _k_disk(self, node_id: str) -> bytes:
+        return self._p + b"d:" + node_id.encode()
+
     def _k_lease(self, lease_id: str) -> bytes:
         return self._p + b"lease:" + lease_id.encode()
 
@@ -310,14 +314,20 @@ class RedisIndex:
         raw = self._guarded("nodes", lambda: self.client.hgetall(self._k_nodes), {}, write=False)
         return sorted((_loc_from_json(v) for v in raw.values()), key=lambda loc: loc.node_id)
 
-    def register(self, node_id: str, hashes: Iterable[BlockHash]) -> None:
+    def register(self, node_id: str, hashes: Iterable[BlockHash], tier: Tier = Tier.DRAM) -> None:
         hs = check_hashes(hashes)
+        tier = Tier(tier)
 
         def run() -> bool:
             known = True
             for part in _batches(hs):
                 keys = [self._k_nodes, self._k_node(node_id), *(self._k_block(h) for h in part)]
-                known &= bool(self._register(keys=keys, args=[node_id.encode(), *part]))
+                ok = bool(self._register(keys=keys, args=[node_id.encode(), *part]))
+                known &= ok
+                if ok and tier is Tier.DISK:
+                    self.client.sadd(self._k_disk(node_id), *part)
+                elif ok:
+                    self.client.srem(self._k_disk(node_id), *part)
             return known
 
         if hs and not self._guarded("register", run, True, write=True):
@@ -334,19 +344,17 @@ class RedisIndex:
             for h in hs:
                 pipe.srem(self._k_block(h), nid)
             pipe.srem(self._k_node(node_id), *hs)
+            pipe.srem(self._k_disk(node_id), *hs)
             pipe.execute()
 
         self._guarded("unregister", run, None, write=True)
 
     def drop_node(self, node_id: str) -> None:
-        self._guarded(
-            "drop_node",
-            lambda: self._drop_node(
-                keys=[self._k_nodes, self._k_node(node_id)], args=[node_id.encode(), self._p]
-            ),
-            None,
-            write=True,
-        )
+        def run() -> None:
+            self._drop_node(keys=[self._k_nodes, self._k_node(node_id)], args=[node_id.encode(), self._p])
+            self.client.delete(self._k_disk(node_id))
+
+        self._guarded("drop_node", run, None, write=True)
 
     def lookup(self, hashes: Sequence[BlockHash]) -> LookupResult:
         hs = check_hashes(hashes)
@@ -356,10 +364,23 @@ class RedisIndex:
         def run() -> LookupResult:
             holders, flat = self._lookup(keys=[self._k_nodes, *(self._k_block(h) for h in hs)])
             locs = {flat[i].decode(): _loc_from_json(flat[i + 1]) for i in range(0, len(flat), 2)}
-            per_block = tuple(tuple(locs[n] for n in sorted(x.decode() for x in block)) for block in holders)
-            return LookupResult(len(per_block), per_block)
+            names = [sorted(x.decode() for x in block) for block in holders]
+            per_block = tuple(tuple(locs[n] for n in ns) for ns in names)
+            return LookupResult(len(per_block), per_block, self._tiers(hs, names))
 
         return self._guarded("lookup", run, LookupResult(0, ()), write=False)
+
+    def _tiers(self, hs: Sequence[BlockHash], names: list[list[str]]) -> tuple[tuple[Tier, ...], ...]:
+        """Tiers parallel to a lookup's holders (one SMISMEMBER per holding node); () if all DRAM."""
+        if not names:
+            return ()
+        nodes = sorted({n for ns in names for n in ns})
+        pipe = self.client.pipeline(transaction=False)
+        for n in nodes:
+            pipe.smismember(self._k_disk(n), list(hs[: len(names)]))
+        disk = {n: [bool(x) for x in r] for n, r in zip(nodes, pipe.execute(), strict=True)}
+        out = tuple(tuple(Tier.DISK if disk[n][i] else Tier.DRAM for n in ns) for i, ns in enumerate(names))
+        return out if any(Tier.DISK in t for t in out) else ()
 
     # ------------------------------------------------------------------ resync (used by IndexSyncer)
     def ensure_generation(self) -> str:
@@ -374,13 +395,28 @@ class RedisIndex:
 
         return self._strict("ensure_generation", run)
 
-    def sync_node(self, location: BlockLocation, hashes: Sequence[BlockHash]) -> int:
-        """Make the index hold exactly ``hashes`` for this node (announcing it too), atomically.
-        Returns how many stale entries were removed. Raises :class:`UnavailableError`."""
+    def sync_node(
+        self, location: BlockLocation, hashes: Sequence[BlockHash], disk_hashes: Sequence[BlockHash] = ()
+    ) -> int:
+        """Make the index hold exactly ``hashes`` (DRAM) and ``disk_hashes`` (disk tier) for this
+        node (announcing it too). Returns how many stale entries were removed. Raises
+        :class:`UnavailableError`."""
         hs = check_hashes(hashes)
+        dram = set(hs)
+        disk = [h for h in check_hashes(disk_hashes, "disk_hashes") if h not in dram]
         keys = [self._k_nodes, self._k_node(location.node_id)]
-        args = [location.node_id.encode(), _loc_to_json(location), self._p, *hs]
-        return int(self._strict("sync_node", lambda: self._sync_node(keys=keys, args=args)))
+        args = [location.node_id.encode(), _loc_to_json(location), self._p, *hs, *disk]
+
+        def run() -> int:
+            removed = int(self._sync_node(keys=keys, args=args))
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(self._k_disk(location.node_id))
+            for part in _batches(disk):
+                pipe.sadd(self._k_disk(location.node_id), *part)
+            pipe.execute()
+            return removed
+
+        return self._strict("sync_node", run)
 
     # ------------------------------------------------------------------ leases
     def lease(self, node_id: str, hashes: Sequence[BlockHash], ttl_s: float) -> str:

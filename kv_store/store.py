@@ -15,6 +15,17 @@ written block is verified against it at :meth:`BlockStore.commit` (a mismatch is
 slot given back) and readers get it back (:meth:`BlockStore.checksums`, ``LeaseGrant.checksums``).
 Keys are write-once (see :mod:`kv_store.node`).
 
+Disk tier (``StoreConfig.disk_tier``, :mod:`kv_store.disk_tier`): a block evicted from the
+arena (LRU or watermark) is copied to the node's disk tier and stays registered in the index as
+:attr:`~kv_store.index.Tier.DISK`; a read of it (pin, lease, get, a conflicting put) first
+*promotes* it: a slot is reserved (pinned), the bytes are read from the segment into it and
+verified, and the block is committed and the read's pin or lease taken in one step under the
+lock, so a promoted block is pinned for as long as its reader holds it. A Lookup that finds
+blocks of this node on disk starts their promotion in the background. A disk block that fails its
+checksum, was truncated, or whose segment vanished is a miss (unregistered), never served. On
+start the node re-registers the blocks its segments hold (they survive restarts). Blocks this node
+deleted are forgotten by the disk tier too.
+
 With ``replication_factor > 1`` every newly stored block is also queued for background
 replication to other nodes of the (shared) index (:class:`kv_store.replication.ReplicationLoop`;
 best effort, never delays a put).
@@ -23,25 +34,35 @@ best effort, never delays a put).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from engine.block_hash import BlockHash
 from kv_store.arena import HeapArena, ShmArena, host_id
 from kv_store.checksum import CHECKSUM_ALGORITHM, block_checksum
+from kv_store.disk_tier import DiskTier, DiskTierConfig, DiskTierStats
 from kv_store.handle import BlockLocation, check_hashes
-from kv_store.index import InMemoryIndex, KVIndex, LookupResult
+from kv_store.index import InMemoryIndex, KVIndex, LookupResult, Tier
 from kv_store.index_sync import IndexSyncer, SyncableIndex
 from kv_store.layout import KVLayout
 from kv_store.node import DeleteResult, NodeConfig, NodeStats, PutTicket, StoreNode, check_watermarks
+from kv_store.segment import FileLayer, layout_fingerprint
 from pdserve.errors import InvalidRequestError, RequestNotFoundError
 from pdserve.limits import MAX_BLOCKS_PER_CALL
+from pdserve.tracing import log_event
 
 if TYPE_CHECKING:
     from kv_store.replication import ReplicationLoop
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+PROMOTION_WAIT_S = 30.0  # longest a read waits for another caller's promotion of the same block
 
 
 @dataclass(frozen=True)
@@ -67,6 +88,8 @@ class StoreConfig:
     # who may call the node's KVStore service (kv_store/auth.py); "" = from the process's security
     # configuration / environment; none at all: development mode, loopback only
     cluster_token: str = field(default="", repr=False)
+    # local-disk tier behind the arena (None: evicted blocks are forgotten); see kv_store.disk_tier
+    disk_tier: DiskTierConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -153,9 +176,20 @@ class DeleteCounts:
 
 @dataclass(frozen=True)
 class StoreStats:
+    """``disk``: the disk tier's state (None without one); ``promotions``: blocks read back from
+    it into the arena; ``promotion_misses``: disk blocks a read wanted that could not be used."""
+
     location: BlockLocation
     layout: KVLayout
     node: NodeStats
+    disk: DiskTierStats | None = None
+    promotions: int = 0
+    promotion_misses: int = 0
+
+
+def disk_fingerprint(layout: KVLayout) -> bytes:
+    """What a disk tier's segments record about the layout of their blocks."""
+    return layout_fingerprint(dataclasses.asdict(layout), layout.block_nbytes)
 
 
 def check_hash_list(hashes: Sequence[bytes], what: str = "block_hashes") -> tuple[BlockHash, ...]:
@@ -175,7 +209,9 @@ class BlockStore:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        disk_files: FileLayer | None = None,
     ) -> None:
+        """``disk_files``: the disk tier's file-system seam (tests inject faults; default the OS)."""
         self.config = config
         self.layout = config.layout
         nbytes = config.layout.block_nbytes
@@ -184,6 +220,19 @@ class BlockStore:
             self.arena = ShmArena(nbytes, config.capacity_blocks, prefault=config.prefault)
         else:
             self.arena = HeapArena(nbytes, config.capacity_blocks)
+        self.disk: DiskTier | None = None
+        recovered: list[tuple[BlockHash, int]] = []
+        if config.disk_tier is not None:
+            try:
+                fp = disk_fingerprint(config.layout)
+                self.disk, recovered = DiskTier.open(config.disk_tier, nbytes, fp, files=disk_files)
+            except BaseException:
+                self.arena.close()
+                raise
+        self._demoted: list[BlockHash] = []  # filled by _on_evict during one node call (lock held)
+        self._promoting: dict[BlockHash, threading.Event] = {}
+        self._promotions = self._promotion_misses = 0
+        self._prefetcher: ThreadPoolExecutor | None = None
         self.node = StoreNode(
             NodeConfig(
                 config.capacity_blocks,
@@ -197,6 +246,7 @@ class BlockStore:
             ),
             slots=self.arena,
             clock=clock,
+            on_evict=self._on_evict if self.disk is not None else None,
         )
         self._clock = clock
         self._wall = wall_clock
@@ -207,6 +257,12 @@ class BlockStore:
         )
         self.index.add_node(self.location)
         self._closed = False
+        if self.disk is not None:
+            self.disk.on_dropped = self._disk_dropped
+            if recovered:
+                self.index.register(self.location.node_id, [h for h, _ in recovered], Tier.DISK)
+                log_event(log, "kv disk tier recovered", blocks=len(recovered), path=config.disk_tier.path)  # type: ignore[union-attr]
+            self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix=f"kv-promote-{config.node_id}")
         self.replication = self._make_replication() if config.replication_factor > 1 else None
         self.syncer: IndexSyncer | None = None
         if isinstance(self.index, SyncableIndex) and config.index_sync_interval_s > 0:
@@ -247,12 +303,122 @@ class BlockStore:
 
     # ------------------------------------------------------------------ puts
     def begin_put(self, h: BlockHash, checksum: int) -> PutTicket:
-        """Reserve a slot for block ``h`` whose bytes hash to ``checksum`` (see StoreNode.begin_put)."""
+        """Reserve a slot for block ``h`` whose bytes hash to ``checksum`` (see StoreNode.begin_put).
+
+        A key held only on the disk tier with other bytes is promoted first, so that the
+        write-once rule reports the conflict and keeps the stored bytes."""
+        disk = self.disk
+        if disk is not None:
+            on_disk = disk.checksum_of(h)
+            if on_disk is not None and on_disk != checksum and self.checksum_of(h, dram_only=True) is None:
+                self._with_promoted([h], lambda: None)
         with self._lock:
             ticket = self.node.begin_put(h, checksum)
-            if ticket.evicted:
-                self.index.unregister(self.location.node_id, ticket.evicted)
+            self._after_evict(ticket.evicted)
             return ticket
+
+    # ------------------------------------------------------------------ disk tier
+    def _on_evict(self, h: BlockHash, slot: int, checksum: int) -> None:
+        """(lock held; StoreNode hook) Copy an evicted block to the disk tier."""
+        assert self.disk is not None
+        if self.disk.stage(h, checksum, self.arena.view(slot)):
+            self._demoted.append(h)
+
+    def _after_evict(self, evicted: Sequence[BlockHash]) -> None:
+        """(lock held) Index the blocks a node call evicted: on disk if demoted, else gone."""
+        if not evicted:
+            self._demoted.clear()
+            return
+        demoted = set(self._demoted)
+        self._demoted.clear()
+        if demoted:
+            self.index.register(self.location.node_id, [h for h in evicted if h in demoted], Tier.DISK)
+        gone = [h for h in evicted if h not in demoted]
+        if gone:
+            self.index.unregister(self.location.node_id, gone)
+
+    def _disk_dropped(self, hashes: Sequence[BlockHash]) -> None:
+        """The disk tier lost blocks (segment evicted, corrupt, deleted, write failed): those
+        not in the arena are no longer held by this node."""
+        with self._lock:
+            if self._closed:
+                return
+            gone = [h for h in hashes if self.node.slot_of(h) is None]
+            if gone:
+                self.index.unregister(self.location.node_id, gone)
+
+    def _with_promoted(self, hashes: Sequence[BlockHash], op: Callable[[], _T]) -> _T:
+        """Run ``op`` under the lock with every block of ``hashes`` that is on the disk tier
+        (and not in the arena) promoted into the arena first. Blocks of ``hashes`` already in
+        the arena are pinned meanwhile (a promotion's eviction cannot take them), and promoted
+        blocks are committed in the same critical section as ``op`` (nothing can evict them
+        before ``op`` pins or leases them). A disk block that cannot be read is simply absent
+        (``op`` then sees a miss, as for any missing block)."""
+        disk = self.disk
+        if disk is None:
+            with self._lock:
+                return op()
+        uniq = list(dict.fromkeys(hashes))
+        with self._lock:
+            self.node.reap()
+            present = [h for h in uniq if self.node.slot_of(h) is not None]
+            need = [h for h in uniq if self.node.slot_of(h) is None and disk.contains(h)]
+            if not need:
+                return op()
+            waits = [self._promoting[h] for h in need if h in self._promoting]
+            mine = [h for h in need if h not in self._promoting]
+            for h in mine:
+                self._promoting[h] = threading.Event()
+            self.node.pin(present, count=False)
+        tickets: list[PutTicket] = []
+        try:
+            for ev in waits:
+                ev.wait(PROMOTION_WAIT_S)
+            for h in mine:
+                cs = disk.checksum_of(h)
+                if cs is None:
+                    continue
+                with self._lock:
+                    ticket = self.node.begin_put(h, cs)
+                    self._after_evict(ticket.evicted)
+                if not ticket.is_new:
+                    continue  # put meanwhile by a writer: the node already has it
+                tickets.append(ticket)
+                if disk.read_into(h, self.arena.view(ticket.slot)) is None:
+                    tickets.pop()
+                    with self._lock:
+                        self.node.abort_put(ticket)
+                        self._promotion_misses += 1
+            with self._lock:
+                for t in tickets:
+                    self.node.commit_put(t)
+                self._promotions += len(tickets)
+                if tickets:
+                    self.index.register(self.location.node_id, [t.block_hash for t in tickets], Tier.DRAM)
+                tickets = []  # committed: nothing to abort below
+                return op()
+        finally:
+            with self._lock:
+                for t in tickets:  # not committed (an error on the way)
+                    self.node.abort_put(t)
+                self.node.unpin(present)
+                for h in mine:
+                    self._promoting.pop(h).set()
+
+    def prefetch(self, hashes: Sequence[BlockHash]) -> None:
+        """Start promoting those of ``hashes`` held only on this node's disk tier (background;
+        returns at once)."""
+        if self.disk is None or self._prefetcher is None or self._closed or not hashes:
+            return
+        hs = list(hashes)
+        with contextlib.suppress(RuntimeError):  # shut down meanwhile
+            self._prefetcher.submit(self._prefetch, hs)
+
+    def _prefetch(self, hashes: list[BlockHash]) -> None:
+        try:
+            self._with_promoted(hashes, lambda: None)
+        except Exception as e:  # e.g. the arena is full of pinned blocks: a later read retries
+            log_event(log, "kv disk prefetch failed", logging.INFO, error=str(e), blocks=len(hashes))
 
     def write(self, ticket: PutTicket, offset: int, data: bytes | memoryview) -> None:
         """Copy ``data`` into the reserved slot at ``offset`` (outside the lock; slot is pinned)."""
@@ -284,6 +450,8 @@ class BlockStore:
                 self.node.add_to_lease(lease_id, ticket.block_hash)
             if ticket.is_new:
                 self.index.register(self.location.node_id, (ticket.block_hash,))
+                if self.disk is not None:
+                    self.disk.forget_if_other(ticket.block_hash, ticket.checksum)
                 self._evict_over_high_water()
                 if self.replication is not None:
                     self.replication.submit((ticket.block_hash,))
@@ -299,8 +467,7 @@ class BlockStore:
             cands = self.node.evictable(limit=2 * need + 16)
             protected = {h for h, p in zip(cands, leased(self.location.node_id, cands), strict=True) if p}
         evicted = self.node.evict_to_low_water(protected)
-        if evicted:
-            self.index.unregister(self.location.node_id, evicted)
+        self._after_evict(evicted)
 
     def abort(self, ticket: PutTicket) -> None:
         with self._lock:
@@ -335,8 +502,7 @@ class BlockStore:
         """Zero-copy views of stored blocks, pinned for the duration of the ``with`` (NOT_FOUND
         if any is missing). Views must not be used after the block exits."""
         hashes = list(hashes)
-        with self._lock:
-            slots = self.node.pin(hashes)
+        slots = self._with_promoted(hashes, lambda: self.node.pin(hashes))
         try:
             yield [self.arena.view(s) for s in slots]
         finally:
@@ -344,16 +510,21 @@ class BlockStore:
                 self.node.unpin(hashes)
 
     def checksums(self, hashes: Sequence[BlockHash]) -> list[int]:
-        """Stored checksums of ``hashes`` (NOT_FOUND if one is not stored); stable while pinned."""
+        """Stored checksums of ``hashes`` in the arena (NOT_FOUND if one is not there); stable
+        while pinned."""
         with self._lock:
             out = [self.node.checksum_of(h) for h in hashes]
         if any(c is None for c in out):
             raise RequestNotFoundError("a KV block was evicted while being read; read it again")
         return out  # type: ignore[return-value]
 
-    def checksum_of(self, h: BlockHash) -> int | None:
+    def checksum_of(self, h: BlockHash, *, dram_only: bool = False) -> int | None:
+        """Checksum of block ``h`` in the arena, else on the disk tier (unless ``dram_only``)."""
         with self._lock:
-            return self.node.checksum_of(h)
+            c = self.node.checksum_of(h)
+        if c is None and self.disk is not None and not dram_only:
+            c = self.disk.checksum_of(h)
+        return c
 
     def count_denied(self) -> None:
         """Count a call refused because its caller is not a cluster member."""
@@ -368,11 +539,14 @@ class BlockStore:
     # ------------------------------------------------------------------ leases
     def lease(self, hashes: Sequence[BlockHash], ttl_s: float | None = None, owner: str = "") -> LeaseGrant:
         """Pin blocks for ``owner`` (see StoreNode.lease: ttl clamped, per-tenant / per-owner quota)."""
-        with self._lock:
+
+        def take() -> tuple:
             lease = self.node.lease(hashes, ttl_s, owner)
             slots = tuple(self.node.slot_of(h) for h in lease.hashes)
             sums = tuple(self.node.checksum_of(h) for h in lease.hashes)
-            loc = self.location
+            return lease, slots, sums, self.location
+
+        lease, slots, sums, loc = self._with_promoted(hashes, take)
         return LeaseGrant(
             lease.lease_id,
             lease.ttl_s,
@@ -436,19 +610,45 @@ class BlockStore:
 
     # ------------------------------------------------------------------ misc
     def exists(self, hashes: Sequence[BlockHash]) -> list[bool]:
+        """Per block: held by this node (in the arena or on its disk tier)."""
         with self._lock:
-            return self.node.exists(hashes)
+            out = self.node.exists(hashes)
+        if self.disk is not None:
+            out = [e or self.disk.contains(h) for e, h in zip(out, hashes, strict=True)]
+        return out
 
     def delete(self, hashes: Sequence[BlockHash]) -> DeleteResult:
+        """Delete unpinned blocks from the arena and the disk tier (a block only on disk counts
+        as deleted; a pinned one is kept on both)."""
         with self._lock:
             res = self.node.delete(hashes)
+            if self.disk is not None and res.num_missing:
+                pinned = {h for h in hashes if self.node.slot_of(h) is not None}
+                deleted = set(res.deleted)
+                disk_only = [h for h in dict.fromkeys(hashes) if h not in pinned and h not in deleted]
+                forgotten = [h for h in disk_only if self.disk.forget([h])]
+                res = DeleteResult(
+                    (*res.deleted, *forgotten), res.num_missing - len(forgotten), res.num_pinned
+                )
+            elif self.disk is not None:
+                self.disk.forget(res.deleted)
             if res.deleted:
                 self.index.unregister(self.location.node_id, res.deleted)
             return res
 
     def lookup(self, hashes: Sequence[BlockHash]) -> LookupResult:
+        """The index's answer; blocks it places on this node's disk tier start promoting."""
         with self._lock:
-            return self.index.lookup(hashes)
+            found = self.index.lookup(hashes)
+        if self.disk is not None and found.tiers:
+            me = self.location.node_id
+            on_disk = [
+                hashes[i]
+                for i in range(found.num_prefix_blocks)
+                if any(loc.node_id == me for loc in found.locations[i]) and found.tier_of(i, me) is Tier.DISK
+            ]
+            self.prefetch(on_disk)
+        return found
 
     def resync_index(self) -> int:
         """Make the index hold exactly this node's stored blocks (after the index lost state; see
@@ -457,12 +657,19 @@ class BlockStore:
             if self._closed:
                 return 0
             hashes = self.node.stored_hashes()
-            self.index.sync_node(self.location, hashes)  # type: ignore[attr-defined]
-            return len(hashes)
+            if self.disk is None:
+                self.index.sync_node(self.location, hashes)  # type: ignore[attr-defined]
+                return len(hashes)
+            disk = [h for h in self.disk.hashes() if self.node.slot_of(h) is None]
+            self.index.sync_node(self.location, hashes, disk)  # type: ignore[attr-defined]
+            return len(hashes) + len(disk)
 
     def stats(self) -> StoreStats:
+        disk = self.disk.stats() if self.disk is not None else None
         with self._lock:
-            return StoreStats(self.location, self.layout, self.node.stats())
+            return StoreStats(
+                self.location, self.layout, self.node.stats(), disk, self._promotions, self._promotion_misses
+            )
 
     def close(self) -> None:
         """Drop this node from the index and free the arena (unlinks the shm segment). Idempotent."""
@@ -470,6 +677,10 @@ class BlockStore:
             self.syncer.stop()
         if self.replication is not None:
             self.replication.stop()
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        if self.disk is not None:
+            self.disk.close()  # writes what is staged: it survives a restart
         with self._lock:
             if self._closed:
                 return

@@ -5,10 +5,21 @@ from typing import ClassVar as _ClassVar
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 
 from pdserve.v1 import common_pb2 as _common_pb2
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class StorageTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STORAGE_TIER_UNSPECIFIED: _ClassVar[StorageTier]
+    STORAGE_TIER_DRAM: _ClassVar[StorageTier]
+    STORAGE_TIER_DISK: _ClassVar[StorageTier]
+
+STORAGE_TIER_UNSPECIFIED: StorageTier
+STORAGE_TIER_DRAM: StorageTier
+STORAGE_TIER_DISK: StorageTier
 
 class PutChunk(_message.Message):
     __slots__ = ("layout", "lease_ttl_s", "block_hash", "total_bytes", "data", "checksum")
@@ -163,10 +174,16 @@ class LookupRequest(_message.Message):
     def __init__(self, block_hashes: _Iterable[bytes] | None = ...) -> None: ...
 
 class BlockLocations(_message.Message):
-    __slots__ = ("locations",)
+    __slots__ = ("locations", "tiers")
     LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     locations: _containers.RepeatedCompositeFieldContainer[_common_pb2.BlockLocation]
-    def __init__(self, locations: _Iterable[_common_pb2.BlockLocation | _Mapping] | None = ...) -> None: ...
+    tiers: _containers.RepeatedScalarFieldContainer[StorageTier]
+    def __init__(
+        self,
+        locations: _Iterable[_common_pb2.BlockLocation | _Mapping] | None = ...,
+        tiers: _Iterable[StorageTier | str] | None = ...,
+    ) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("num_prefix_blocks", "blocks")
@@ -279,6 +296,18 @@ class KVStoreStats(_message.Message):
         "lease_ttl_clamps",
         "lease_quota_refusals",
         "denied_calls",
+        "disk_tier_enabled",
+        "disk_capacity_bytes",
+        "disk_bytes_used",
+        "disk_blocks",
+        "disk_demotions",
+        "disk_promotions",
+        "disk_read_misses",
+        "disk_checksum_failures",
+        "disk_full",
+        "disk_read_bytes_per_s",
+        "disk_segment_evictions",
+        "disk_demotions_dropped",
     )
     LOCATION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +329,18 @@ class KVStoreStats(_message.Message):
     LEASE_TTL_CLAMPS_FIELD_NUMBER: _ClassVar[int]
     LEASE_QUOTA_REFUSALS_FIELD_NUMBER: _ClassVar[int]
     DENIED_CALLS_FIELD_NUMBER: _ClassVar[int]
+    DISK_TIER_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    DISK_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    DISK_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DISK_DEMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    DISK_PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    DISK_READ_MISSES_FIELD_NUMBER: _ClassVar[int]
+    DISK_CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    DISK_FULL_FIELD_NUMBER: _ClassVar[int]
+    DISK_READ_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DISK_SEGMENT_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    DISK_DEMOTIONS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     location: _common_pb2.BlockLocation
     layout: _common_pb2.KVLayout
     capacity_blocks: int
@@ -320,6 +361,18 @@ class KVStoreStats(_message.Message):
     lease_ttl_clamps: int
     lease_quota_refusals: int
     denied_calls: int
+    disk_tier_enabled: bool
+    disk_capacity_bytes: int
+    disk_bytes_used: int
+    disk_blocks: int
+    disk_demotions: int
+    disk_promotions: int
+    disk_read_misses: int
+    disk_checksum_failures: int
+    disk_full: bool
+    disk_read_bytes_per_s: float
+    disk_segment_evictions: int
+    disk_demotions_dropped: int
     def __init__(
         self,
         location: _common_pb2.BlockLocation | _Mapping | None = ...,
@@ -342,4 +395,16 @@ class KVStoreStats(_message.Message):
         lease_ttl_clamps: int | None = ...,
         lease_quota_refusals: int | None = ...,
         denied_calls: int | None = ...,
+        disk_tier_enabled: bool | None = ...,
+        disk_capacity_bytes: int | None = ...,
+        disk_bytes_used: int | None = ...,
+        disk_blocks: int | None = ...,
+        disk_demotions: int | None = ...,
+        disk_promotions: int | None = ...,
+        disk_read_misses: int | None = ...,
+        disk_checksum_failures: int | None = ...,
+        disk_full: bool | None = ...,
+        disk_read_bytes_per_s: float | None = ...,
+        disk_segment_evictions: int | None = ...,
+        disk_demotions_dropped: int | None = ...,
     ) -> None: ...
