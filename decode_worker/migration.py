@@ -551,8 +551,8 @@ class _OutRun:
                 stages += 1
             self._check_caller()
             self.resp.num_stages = stages
-            t_pause = time.monotonic()
             final = self.loop.call(lambda e: exp.stop_and_copy())
+            t_pause = exp.paused_at if exp.paused_at is not None else time.monotonic()
             self._send_stage(final.stage, False)
             self._q.put(worker_pb2.MigrationChunk(final=final_to_proto(final)))
             ack = next(call)

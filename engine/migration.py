@@ -37,10 +37,12 @@ requests that are not decoding (waiting, in prefill, preempted, swapped out, pre
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
 
+from engine.block_hash import BlockHash, chain_hashes
 from engine.block_manager import NULL_BLOCK
 from engine.llm_engine import LLMEngine
 from engine.model_runner import KVShape
@@ -155,6 +157,7 @@ class MigrationExport:
         self._table = engine.kv.block_table(request_id)
         self.blocks_sent = 0  # logical blocks copied so far
         self.paused = False
+        self.paused_at: float | None = None  # time.monotonic() when stop_and_copy paused it
         self.done = False
 
     # ------------------------------------------------------------- state checks
@@ -238,6 +241,7 @@ class MigrationExport:
         req = self.req
         e.scheduler.pause_request(self.request_id)
         self.paused = True
+        self.paused_at = time.monotonic()
         n = req.num_computed_tokens
         stage = self._copy(self.blocks_sent, e.kv.blocks_needed(n))
         tr = e._tracked[self.request_id]
@@ -301,6 +305,18 @@ class MigrationImport:
         engine._validate_prompt(list(header.prompt_token_ids))
         self.engine = engine
         self.header = header
+        # the prompt's block keys now, not in the stop-and-copy (O(context) hashing)
+        self._prompt_hashes: list[BlockHash] = (
+            chain_hashes(
+                list(header.prompt_token_ids),
+                engine.kv.block_size,
+                engine.kv.model_id,
+                header.adapter_id,
+                header.cache_salt,
+            )
+            if engine.kv.enable_prefix_caching
+            else []
+        )
         self.blocks_held = 0  # logical blocks written so far
         self.done = False
         self.aborted = False
@@ -369,6 +385,7 @@ class MigrationImport:
             cache_salt=h.cache_salt,
         )
         req.output_token_ids.extend(int(t) for t in final.output_token_ids)
+        req.block_hashes = list(self._prompt_hashes)  # the output's blocks are keyed as they fill
         req.num_computed_tokens = n
         req.num_cached_tokens = 0
         tr = e._track(req)

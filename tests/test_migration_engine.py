@@ -102,6 +102,10 @@ def test_staged_migration_mid_decode_matches_unmigrated_run(src, dst, params):
     assert len(exp.req.output_token_ids) == n_out
     imp.finish(final)
     exp.commit()
+    # the destination keys the migrated blocks as the source did (its prefix cache can serve them)
+    moved = dst.scheduler.requests["m1"].block_hashes
+    assert len(moved) >= 10 and moved == exp.req.block_hashes[: len(moved)]
+    assert dst.kv.pool.lookup(moved[-1]) is not None
     assert final.output_token_ids == ref[:n_out]
     assert _run(dst, "m1") == ref
     _no_leaks(src, dst)
