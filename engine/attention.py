@@ -20,6 +20,15 @@ runner then passes block tables that start at the first block still needed
 ``AttentionMetadata.trimmed``), so a freed block is never gathered.
 A full-attention layer refuses trimmed tables (it would silently lose context). Every query
 sees at least its own key, so no softmax row is fully masked.
+
+Decode backends. When the metadata carries the decodes' key ranges (``decode_rows``, built by the
+model runner) and the native kernel supports the tensors (fp32 on CPU,
+:mod:`engine.attention_native`), decodes read K/V in place through their block tables: no copy of
+the context, no mask. Otherwise (CUDA, fp16/bf16, no C compiler, ``PDSERVE_ATTENTION=torch``)
+they gather their blocks and attend with a length mask (``decode_mask``). Both compute the same
+attention (tests/unit/test_attention_native.py compares them). Prefill chunks that continue a
+sequence always use the gather path: they are compute-bound, and the gather is amortised over
+the chunk's queries.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine import attention_native
+
 
 @dataclass
 class PrefillSlice:
@@ -37,6 +48,61 @@ class PrefillSlice:
     context: int  # tokens already in cache before this chunk
     block_table: torch.Tensor | None  # [n_blocks] long; None when context == 0
     table_start: int = 0  # absolute position of block_table's first slot (> 0: trimmed to a window)
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """The decodes' key ranges for the in-place kernel: decode ``i`` attends to key positions
+    ``lo[window][i] <= p < hi[i]`` of block table ``tables[i]``, whose first slot is position
+    ``first[i]``. ``lo`` has an entry per sliding window of the model and ``None`` (full
+    attention, = ``first``). Validated when built (:func:`decode_rows`)."""
+
+    tables: torch.Tensor  # [D, W] int64
+    row: torch.Tensor  # [D] int64: arange(D)
+    hi: torch.Tensor  # [D] int64
+    first: torch.Tensor  # [D] int64
+    lo: dict[int | None, torch.Tensor]  # window (None: full) -> [D] int64
+
+    def to(self, device: torch.device) -> DecodeRows:
+        return DecodeRows(
+            self.tables.to(device),
+            self.row.to(device),
+            self.hi.to(device),
+            self.first.to(device),
+            {w: x.to(device) for w, x in self.lo.items()},
+        )
+
+
+def decode_rows(
+    tables: list[list[int]],
+    lens: list[int],
+    starts: list[int],
+    windows: list[int],
+    block_size: int,
+    num_blocks: int,
+    device: torch.device,
+) -> DecodeRows:
+    """:class:`DecodeRows` of decodes with block tables ``tables`` (each starting at position
+    ``starts[i]``) and ``lens[i]`` tokens (the new one included). Raises ValueError for a range the
+    kernel would read outside the tables or the pool with."""
+    width = max(len(t) for t in tables)
+    los: dict[int | None, list[int]] = {None: list(starts)}
+    for w in windows:
+        los[w] = [max(f, n - w) for f, n in zip(starts, lens, strict=True)]
+    row = list(range(len(tables)))
+    for lo in los.values():
+        attention_native.check_rows(tables, row, lo, lens, starts, block_size, num_blocks)
+
+    def t(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    return DecodeRows(
+        t([tb + [0] * (width - len(tb)) for tb in tables]),
+        t(row),
+        t(lens),
+        t(starts),
+        {w: t(lo) for w, lo in los.items()},
+    )
 
 
 @dataclass
@@ -50,6 +116,8 @@ class AttentionMetadata:
     # window -> decode mask of the layers with that sliding window (same shape as decode_mask)
     decode_window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     trimmed: bool = False  # some table starts past position 0 (out-of-window blocks were freed)
+    # the decodes' key ranges for the in-place kernel (None: decodes use the gather path)
+    decode_rows: DecodeRows | None = None
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -103,7 +171,15 @@ def paged_attention(
     gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
     d = md.num_decodes
-    if d:
+    if d and md.decode_rows is not None and attention_native.supports(q, cache):
+        r = md.decode_rows
+        qd = q[:d] if q.is_contiguous() else q[:d].contiguous()
+        attention_native.paged_attention_rows(
+            qd, cache[0], cache[1], r.tables, r.row, r.lo[window], r.hi, r.first, scale, out=out[:d]
+        )
+    elif d:
+        if md.decode_block_tables is None or md.decode_mask is None:
+            raise RuntimeError("decodes need block tables and masks for the gather path")
         kk, vv = _gather(cache, md.decode_block_tables)  # [D, L, KVH, hd]
         m = md.decode_mask if window is None else md.decode_window_masks[window]
         out[:d] = _grouped(q[:d].unsqueeze(1), kk, vv, m.view(d, 1, -1), scale).squeeze(1)

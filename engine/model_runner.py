@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionMetadata, PrefillSlice
+from engine import attention_native
+from engine.attention import AttentionMetadata, PrefillSlice, decode_rows
 from engine.block_manager import NULL_BLOCK, KVCacheManager
 from engine.models.llama import LlamaForCausalLM
 from engine.request import Request
@@ -75,6 +76,12 @@ class ModelRunner:
         self.host_cache = HostKVCache(num_host_blocks, self.kv_cache) if num_host_blocks else None
         self.seeds: dict[str, int] = {}
         self.windows = sorted(cfg.windows)  # the layers' distinct sliding windows
+        # decodes read the cache in place (engine.attention_native) when the kernel supports it
+        self.native_decode = (
+            device.type == "cpu"
+            and dtype == torch.float32
+            and attention_native.available(cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim)
+        )
 
     # ------------------------------------------------------------------ step
     def _metadata(self, items: list[ScheduledRequest]) -> tuple[list[int], list[int], AttentionMetadata]:
@@ -122,9 +129,11 @@ class ModelRunner:
                     PrefillSlice(len(ids) - s.num_new_tokens, s.num_new_tokens, s.start, bt, first * bs)
                 )
         dev = self.device
-        dtab = dmask = None
+        dtab = dmask = rows = None
         wmasks: dict[int, torch.Tensor] = {}
-        if dec_tables:
+        if dec_tables and self.native_decode:
+            rows = decode_rows(dec_tables, dec_lens, dec_starts, self.windows, bs, kv.num_blocks, dev)
+        elif dec_tables:
             width = max(len(t) for t in dec_tables)
             dtab = torch.tensor(
                 [t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.long, device=dev
@@ -146,6 +155,7 @@ class ModelRunner:
             block_size=bs,
             decode_window_masks=wmasks,
             trimmed=trimmed,
+            decode_rows=rows,
         )
         return ids, pos, md
 

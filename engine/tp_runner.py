@@ -68,6 +68,7 @@ def md_to(md: AttentionMetadata, device: torch.device) -> AttentionMetadata:
         decode_mask=mv(md.decode_mask),
         decode_window_masks={w: m.to(device) for w, m in md.decode_window_masks.items()},
         prefills=[replace(p, block_table=mv(p.block_table)) for p in md.prefills],
+        decode_rows=None if md.decode_rows is None else md.decode_rows.to(device),
     )
 
 

@@ -1,0 +1,272 @@
+"""A native CPU kernel for decode attention that reads the paged KV cache in place.
+
+The torch path of :mod:`engine.attention` gathers every sequence's blocks into a fresh tensor for
+every layer and step (a copy of the whole context, written and read again). This kernel walks the
+block table instead: for each (query, KV head) pair, in parallel over OpenMP threads (the same
+``libgomp`` torch loaded, so the two share one thread pool), it reads each key and value once,
+from its slot in the cache, in tiles of up to 128 keys with a two-pass softmax per tile and an
+online (flash-style) rescale between tiles. The query heads of a KV group share each key read.
+
+Contract of :func:`paged_attention_rows` (fp32 CPU tensors, contiguous):
+
+* ``q`` ``[T, H, hd]``, ``k_cache``/``v_cache`` ``[num_blocks, block_size, KVH, hd]`` (one layer),
+  ``tables`` ``[R, W]`` int64 block tables, ``row`` ``[T]`` int64: the table of each query,
+* ``lo``/``hi`` ``[T]`` int64: the query attends to key positions ``lo <= p < hi`` (``hi > lo``:
+  every query sees at least its own key), ``first`` ``[T]`` int64: the position of its table's first
+  slot (a table trimmed to a sliding window starts past 0);
+* returns ``[T, H, hd]``. No mask is built: the range *is* the mask (causal, windowed).
+
+The C source is compiled once per (source, compiler flags, CPU) with the system C compiler into
+``$PDSERVE_KERNEL_CACHE`` (default ``~/.cache/pdserve/kernels``). :func:`available` is False when
+no compiler is found or the build fails (the reason is in :func:`unavailable_reason`); the engine
+then uses the torch path, which computes the same attention (tests compare them).
+``PDSERVE_ATTENTION=torch`` forces the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <float.h>
+
+#define TILE 128
+
+/* see engine/attention_native.py for the contract; G_ and D_ are set at compile time */
+void paged_attention_rows_f32(
+    const float* q, const float* kc, const float* vc,
+    const int64_t* tables, int64_t tw, const int64_t* row,
+    const int64_t* lo, const int64_t* hi, const int64_t* first,
+    int64_t T, int64_t H, int64_t KVH, int64_t head_dim, int64_t bs, float scale, float* out)
+{
+    enum { G = G_, D = D_ };  /* compiled per (query heads per KV head, head dim) */
+    (void)H;
+    (void)head_dim;
+    const int64_t tok_stride = KVH * D;  /* floats between consecutive slots */
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t w = 0; w < T * KVH; w++) {
+        const int64_t t = w / KVH, kh = w % KVH;
+        const int64_t* tab = tables + row[t] * tw;
+        const float* qq = q + (t * H + kh * G) * D;
+        float qs[G][D];
+        float acc[G][D];
+        float m[G], l[G];
+        float s[G][TILE];
+        for (int64_t g = 0; g < G; g++) {
+            for (int64_t d = 0; d < D; d++) { qs[g][d] = qq[g * D + d] * scale; acc[g][d] = 0.f; }
+            l[g] = 0.f;
+            m[g] = 0.f;
+        }
+        const int64_t p_end = hi[t], base = first[t];
+        int started = 0;
+        for (int64_t p0 = lo[t]; p0 < p_end; p0 += TILE) {
+            const int64_t n = (p_end - p0) < TILE ? (p_end - p0) : TILE;
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t rel = p0 + i - base;
+                const float* k = kc + (tab[rel / bs] * bs + rel % bs) * tok_stride + kh * D;
+                float dot[G_];
+                for (int64_t g = 0; g < G; g++) dot[g] = 0.f;
+                for (int64_t d = 0; d < D; d++) {
+                    const float kd = k[d];
+                    for (int64_t g = 0; g < G; g++) dot[g] += qs[g][d] * kd;
+                }
+                for (int64_t g = 0; g < G; g++) s[g][i] = dot[g];
+            }
+            for (int64_t g = 0; g < G; g++) {
+                float mx = s[g][0];
+                for (int64_t i = 1; i < n; i++) mx = s[g][i] > mx ? s[g][i] : mx;
+                float m_new = (started && m[g] > mx) ? m[g] : mx;
+                float corr = started ? expf(m[g] - m_new) : 0.f;
+                float sum = 0.f;
+                for (int64_t i = 0; i < n; i++) { float e = expf(s[g][i] - m_new); s[g][i] = e; sum += e; }
+                l[g] = l[g] * corr + sum;
+                m[g] = m_new;
+                if (started) for (int64_t d = 0; d < D; d++) acc[g][d] *= corr;
+            }
+            started = 1;
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t rel = p0 + i - base;
+                const float* v = vc + (tab[rel / bs] * bs + rel % bs) * tok_stride + kh * D;
+                for (int64_t g = 0; g < G; g++) {
+                    const float e = s[g][i];
+                    for (int64_t d = 0; d < D; d++) acc[g][d] += e * v[d];
+                }
+            }
+        }
+        float* o = out + (t * H + kh * G) * D;
+        for (int64_t g = 0; g < G; g++) {
+            const float inv = 1.f / l[g];
+            for (int64_t d = 0; d < D; d++) o[g * D + d] = acc[g][d] * inv;
+        }
+    }
+}
+"""
+
+# no -ffast-math: it would assume no infinities/NaNs (a NaN in the cache must stay visible)
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=fast"]
+# the reduction loops vectorise only with reassociation; allowed without the no-NaN/no-inf assumptions
+_CFLAGS += ["-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+
+_libs: dict[tuple[int, int], ctypes.CDLL] = {}
+_reason: str | None = None
+_compiler_checked = False
+
+
+def _cpu_key() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = [platform.processor()]
+    return "".join(lines)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("PDSERVE_KERNEL_CACHE", Path.home() / ".cache" / "pdserve" / "kernels"))
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc/cc) on PATH")
+    return cc
+
+
+def _build(group: int, head_dim: int) -> ctypes.CDLL:
+    """Compile (or find in the cache) and load the kernel for ``group`` query heads per KV head
+    and ``head_dim``."""
+    cc = _compiler()
+    flags = [*_CFLAGS, f"-DG_={group}", f"-DD_={head_dim}"]
+    key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_key()]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"paged_attention_g{group}_d{head_dim}_{key}.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            src = Path(tmp) / "paged_attention.c"
+            src.write_text(_SOURCE)
+            tmp_so = Path(tmp) / out.name
+            r = subprocess.run(
+                [cc, *flags, str(src), "-o", str(tmp_so), "-lm"], capture_output=True, text=True, check=False
+            )
+            if r.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-400:]}")
+            os.replace(tmp_so, out)  # atomic: a concurrent builder sees the whole file or none
+    lib = ctypes.CDLL(str(out))
+    f = lib.paged_attention_rows_f32
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    f.argtypes = [p, p, p, p, i64, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, p]
+    f.restype = None
+    return lib
+
+
+def _kernel(group: int, head_dim: int) -> ctypes.CDLL | None:
+    global _reason, _compiler_checked
+    lib = _libs.get((group, head_dim))
+    if lib is not None or _reason is not None:
+        return lib
+    if os.environ.get("PDSERVE_ATTENTION", "") == "torch":
+        _reason = "PDSERVE_ATTENTION=torch"
+        return None
+    try:
+        lib = _libs[(group, head_dim)] = _build(group, head_dim)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _reason = str(e)
+        log.info("native paged attention unavailable (%s): using the torch path", e)
+    return lib
+
+
+def available(group: int = 1, head_dim: int = 64) -> bool:
+    """Whether the native kernel for this shape is built and loaded (builds it on first call)."""
+    return _kernel(group, head_dim) is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` returned False (None when nothing failed)."""
+    return _reason
+
+
+def supports(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether the kernel handles these tensors (fp32 on CPU, ``q`` ``[T, H, hd]``, a layer's cache
+    ``[2, nb, bs, KVH, hd]``) and is available."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or cache.dtype != torch.float32:
+        return False
+    return available(q.shape[1] // cache.shape[3], q.shape[2])
+
+
+def paged_attention_rows(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    row: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    first: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of each query row over its key range in the paged cache (see the module
+    docstring; the index tensors are trusted: :func:`check_rows` validates them). ``out``
+    (``[T, H, hd]``, contiguous fp32) is written and returned when given."""
+    t, h, d = q.shape
+    nb, bs, kvh, d2 = k_cache.shape
+    if d2 != d or h % kvh or v_cache.shape != k_cache.shape:
+        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":
+            raise ValueError(f"{name} must be a contiguous float32 CPU tensor")
+    for name, x in (("tables", tables), ("row", row), ("lo", lo), ("hi", hi), ("first", first)):
+        if x.dtype != torch.int64 or not x.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous int64 tensor")
+    if tables.dim() != 2 or any(x.shape != (t,) for x in (row, lo, hi, first)):
+        raise ValueError(f"tables must be [R, W] and row/lo/hi/first [{t}]")
+    lib = _kernel(h // kvh, d)
+    if lib is None:
+        raise RuntimeError(f"native paged attention is unavailable: {_reason}")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(q.shape)}")
+    lib.paged_attention_rows_f32(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        tables.data_ptr(), tables.shape[1], row.data_ptr(),
+        lo.data_ptr(), hi.data_ptr(), first.data_ptr(),
+        t, h, kvh, d, bs, float(scale), out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def check_rows(
+    tables: list[list[int]],
+    row: list[int],
+    lo: list[int],
+    hi: list[int],
+    first: list[int],
+    block_size: int,
+    num_blocks: int,
+) -> None:
+    """Refuse index data the kernel would read out of bounds with (it trusts them): every table
+    entry a block of the pool, ``first <= lo < hi`` and ``hi`` within the row's table."""
+    for r, a, b, f in zip(row, lo, hi, first, strict=True):
+        tab = tables[r]
+        if not (f <= a < b <= f + len(tab) * block_size):
+            raise ValueError(f"key range [{a}, {b}) outside table {r} (first {f}, {len(tab)} blocks)")
+        need = -(-(b - f) // block_size)
+        lo_blk = (a - f) // block_size
+        for blk in tab[lo_blk:need]:
+            if not 0 <= blk < num_blocks:
+                raise ValueError(f"block {blk} of table {r} is outside the pool of {num_blocks}")
