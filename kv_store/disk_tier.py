@@ -88,14 +88,20 @@ class DiskTierConfig:
     max_pending_blocks: int = 64  # staged blocks waiting for the writer; more are not demoted
     full_retry_s: float = 10.0  # after a full disk / write error, refuse staging this long
     bandwidth_window: int = 64  # reads averaged for read_bytes_per_s
+    read_threads: int = 4  # blocks of one promotion read in parallel (queue depth for the SSD)
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ValueError("disk tier path must be non-empty")
         if self.capacity_bytes < 1:
             raise ValueError(f"disk tier capacity must be > 0 bytes, got {self.capacity_bytes}")
-        if self.segment_bytes < 0 or self.max_pending_blocks < 1 or self.bandwidth_window < 1:
-            raise ValueError("segment_bytes must be >= 0, max_pending_blocks and bandwidth_window >= 1")
+        if (
+            self.segment_bytes < 0
+            or min(self.max_pending_blocks, self.bandwidth_window, self.read_threads) < 1
+        ):
+            raise ValueError(
+                "segment_bytes must be >= 0; max_pending_blocks, bandwidth_window, read_threads >= 1"
+            )
         if not (self.full_retry_s >= 0 and math.isfinite(self.full_retry_s)):
             raise ValueError(f"full_retry_s must be a finite number >= 0, got {self.full_retry_s}")
 

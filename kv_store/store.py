@@ -233,6 +233,7 @@ class BlockStore:
         self._promoting: dict[BlockHash, threading.Event] = {}
         self._promotions = self._promotion_misses = 0
         self._prefetcher: ThreadPoolExecutor | None = None
+        self._readers: ThreadPoolExecutor | None = None  # parallel disk reads of one promotion
         self.node = StoreNode(
             NodeConfig(
                 config.capacity_blocks,
@@ -262,7 +263,11 @@ class BlockStore:
             if recovered:
                 self.index.register(self.location.node_id, [h for h, _ in recovered], Tier.DISK)
                 log_event(log, "kv disk tier recovered", blocks=len(recovered), path=config.disk_tier.path)  # type: ignore[union-attr]
-            self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix=f"kv-promote-{config.node_id}")
+            self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix=f"kv-prefetch-{config.node_id}")
+            self._readers = ThreadPoolExecutor(
+                config.disk_tier.read_threads,  # type: ignore[union-attr]
+                thread_name_prefix=f"kv-disk-read-{config.node_id}",
+            )
         self.replication = self._make_replication() if config.replication_factor > 1 else None
         self.syncer: IndexSyncer | None = None
         if isinstance(self.index, SyncableIndex) and config.index_sync_interval_s > 0:
@@ -374,21 +379,27 @@ class BlockStore:
         try:
             for ev in waits:
                 ev.wait(PROMOTION_WAIT_S)
-            for h in mine:
-                cs = disk.checksum_of(h)
-                if cs is None:
-                    continue
-                with self._lock:
+            sums = [(h, disk.checksum_of(h)) for h in mine]
+            with self._lock:  # reserve every slot first (one lock round)
+                for h, cs in sums:
+                    if cs is None:
+                        continue
                     ticket = self.node.begin_put(h, cs)
                     self._after_evict(ticket.evicted)
-                if not ticket.is_new:
-                    continue  # put meanwhile by a writer: the node already has it
-                tickets.append(ticket)
-                if disk.read_into(h, self.arena.view(ticket.slot)) is None:
-                    tickets.pop()
-                    with self._lock:
-                        self.node.abort_put(ticket)
-                        self._promotion_misses += 1
+                    if ticket.is_new:  # else: put meanwhile by a writer, the node has it
+                        tickets.append(ticket)
+            # read into the reserved (pinned) slots, several at once: overlapping I/O
+            if len(tickets) > 1 and self._readers is not None:
+                got = list(self._readers.map(self._read_promoted, tickets))
+            else:
+                got = [self._read_promoted(t) for t in tickets]
+            bad = [t for t, ok in zip(tickets, got, strict=True) if not ok]
+            if bad:
+                tickets = [t for t, ok in zip(tickets, got, strict=True) if ok]
+                with self._lock:
+                    for t in bad:
+                        self.node.abort_put(t)
+                    self._promotion_misses += len(bad)
             with self._lock:
                 for t in tickets:
                     self.node.commit_put(t)
@@ -404,6 +415,10 @@ class BlockStore:
                 self.node.unpin(present)
                 for h in mine:
                     self._promoting.pop(h).set()
+
+    def _read_promoted(self, ticket: PutTicket) -> bool:
+        assert self.disk is not None
+        return self.disk.read_into(ticket.block_hash, self.arena.view(ticket.slot)) is not None
 
     def prefetch(self, hashes: Sequence[BlockHash]) -> None:
         """Start promoting those of ``hashes`` held only on this node's disk tier (background;
@@ -679,6 +694,8 @@ class BlockStore:
             self.replication.stop()
         if self._prefetcher is not None:
             self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
         if self.disk is not None:
             self.disk.close()  # writes what is staged: it survives a restart
         with self._lock:
