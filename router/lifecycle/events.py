@@ -94,11 +94,15 @@ class MigrationRequested:
 
 @dataclass(frozen=True)
 class MigrationCommitted:
-    """The destination holds the request's KV and resumes it: ``outputs`` are the output tokens
-    its KV covers (its stream's first token has index ``len(outputs)``)."""
+    """The destination resumed the request: its stream's first token has output index
+    ``first_index`` (it may replay tokens the client has: they are dropped by index);
+    ``outputs``, when given, are output tokens ``0..len(outputs)-1`` the destination holds (any
+    the source's stream had not brought yet are delivered from them). ``first_index`` must not
+    pass the tokens known then (else tokens would be lost)."""
 
     destination: str
-    outputs: tuple[int, ...]
+    first_index: int
+    outputs: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ class Transition:
 
 class RequestLifecycle:
     """The lifecycle of request ``request_id`` (``client_id``: the id its errors name), placed on
-    ``prefill_id`` (None: local prefill on the decode worker) and ``decode_id``."""
+    ``prefill_id`` (None: local prefill on the decode worker) and ``decode_id``, with a prompt of
+    ``prompt_tokens`` tokens."""
 
     def __init__(
         self,
@@ -60,8 +61,10 @@ class RequestLifecycle:
         clock: Callable[[], float],
         max_redispatches: int,
         client_id: str | None = None,
+        prompt_tokens: int = 0,
     ) -> None:
         self.request_id = request_id
+        self.prompt_tokens = prompt_tokens  # (a re-dispatch's context: prompt + output so far)
         self.clock = clock
         self.state = State.PLACED
         self.outcome: Outcome | None = None
@@ -339,7 +342,7 @@ class RequestLifecycle:
         return A.FindReplacement(
             prefill=need_prefill,
             decode=phase is LostPhase.DECODE,
-            num_context_tokens=len(self.output),
+            num_context_tokens=self.prompt_tokens + len(self.output),
             excluded=self.budget.excluded,
         )
 
@@ -390,6 +393,13 @@ class RequestLifecycle:
                 f"request {self.request_id}: the migration destination {ev.destination} holds an "
                 "output that differs from the one delivered"
             )
+        known = max(n, m)
+        if ev.first_index > known:
+            raise OutputMismatch(
+                f"request {self.request_id}: the migration destination {ev.destination} streams from "
+                f"token {ev.first_index} but only {known} are known: tokens {known}..{ev.first_index - 1} "
+                "would be lost"
+            )
         out: list[A.Action] = []
         source = self.decode_id
         out.append(A.CloseStream(source))
@@ -403,7 +413,7 @@ class RequestLifecycle:
         self.decode_id = ev.destination
         self._begin_leg(ev.destination, out)
         self.kv = None  # the handoff was consumed; a later loss resumes from the output
-        self.leg_start = m
+        self.leg_start = len(self.output)
         self._move(State.DECODING, ev)
         return out
 

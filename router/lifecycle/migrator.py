@@ -32,12 +32,18 @@ class MigrationTicket:
 
 @dataclass(frozen=True)
 class MigrationCommit:
-    """The destination took the request over: ``outputs`` are the output tokens its KV covers
-    (the source stopped after producing them); ``stream`` is the destination's stream, whose
-    first chunk is output token ``len(outputs)`` (or a repeat of earlier ones: deduplicated)."""
+    """The destination took the request over. ``stream``: its stream of chunks, whose first
+    chunk starts at output index ``first_index`` (at most the tokens known at the switch; it may
+    replay tokens the client already has: they are dropped by index, after a check that they
+    are the same). ``outputs``: output tokens ``0..len(outputs)-1`` the destination holds, when
+    the migrator knows them (then ``first_index`` may pass what the source's stream brought:
+    the missing tokens are delivered from ``outputs``). With the decode workers' RPCs: the
+    source's ``MigrateOut`` answers MIGRATED with ``resume_token_index``; ``ResumeStream`` on the
+    destination from ``ticket.from_index`` (never past what the client has) gives the stream."""
 
-    outputs: tuple[int, ...]
+    first_index: int
     stream: AsyncIterator[Chunk]
+    outputs: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

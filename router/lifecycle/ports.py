@@ -86,9 +86,14 @@ class Cluster(Protocol):
         """Account ``resource`` as held (a decode worker's in-flight slot)."""
         ...
 
-    async def release(self, release: Release) -> None:
-        """Release what ``release`` names (a lease at its store, a worker slot, the policy's
-        record, the placement reservation); failures are the implementation's to log."""
+    def release(self, release: Release) -> None:
+        """Release what ``release`` names (a worker slot, the policy's record, the placement
+        reservation): synchronous, so that a leg's own accounting follows with no gap."""
+        ...
+
+    async def release_lease(self, kv: KVRef) -> None:
+        """Release the store lease of ``kv``; failures are the implementation's to log (a lease
+        expires anyway)."""
         ...
 
     def drop(self, worker_id: str) -> None: ...

@@ -48,8 +48,10 @@ from pdserve.tracing import (
 )
 from pdserve.v1 import client_pb2, common_pb2, worker_pb2
 from pdserve.worker_base import Role
+from router.lifecycle.grpc_legs import GrpcLegs
+from router.lifecycle.grpc_legs import RequestRun as _Run
 from router.registry import Registry
-from router.service import GenerateServicer, _Run
+from router.service import GenerateServicer
 
 log = logging.getLogger("pdserve.test.tracing")
 
@@ -380,15 +382,23 @@ async def _decode_stream(pull_s: float, gap_s: float) -> AsyncIterator[worker_pb
 def _relayed(
     stream: AsyncIterator[worker_pb2.DecodeResponse], run: _Run
 ) -> list[client_pb2.GenerateResponse]:
-    """Everything ``_relay`` sends the client for ``stream`` (only _relay/_finish are exercised)."""
+    """Everything the relay (GrpcLegs.stream + render) sends the client for ``stream`` (only the
+    relay and its Finish are exercised)."""
     svc = GenerateServicer.__new__(GenerateServicer)
     svc.registry = Registry()  # the relay counts each message as the worker's proof of life
     svc._streamed_at = {}  # when each worker last streamed a message (stall sparing)
     svc.tokenizer = None  # the fake messages carry no text: the router renders nothing
+    legs = GrpcLegs(svc, None, run, None)  # type: ignore[arg-type]
 
     async def collect() -> list[client_pb2.GenerateResponse]:
         worker = SimpleNamespace(worker_id="d0")
-        return [r async for r in svc._relay(stream, run, worker, None)]  # type: ignore[arg-type]
+        out = []
+        async for chunk in legs.stream(stream, worker, len(run.out_ids)):  # type: ignore[arg-type]
+            resp, done = legs.render(chunk, 0)
+            out.append(resp)
+            if done:
+                break
+        return out
 
     return asyncio.run(collect())
 

@@ -33,7 +33,7 @@ ALL_EVENTS = (
     E.Cancelled(),
     E.Failed(RuntimeError("x")),
     E.MigrationRequested("d1"),
-    E.MigrationCommitted("d1", (7,)),
+    E.MigrationCommitted("d1", 1, (7,)),
     E.MigrationAborted("no room"),
 )
 
@@ -453,7 +453,9 @@ class FakeMigrator:
         return acts
 
     def commit(self, outputs: tuple[int, ...]) -> list[A.Action]:
-        return self.feed(self.m.handle(E.MigrationCommitted(self.started[-1].destination, outputs)))
+        return self.feed(
+            self.m.handle(E.MigrationCommitted(self.started[-1].destination, len(outputs), outputs))
+        )
 
 
 def test_migration_commits_on_the_destination_with_no_gap_and_no_duplicate() -> None:
@@ -494,14 +496,37 @@ def test_migration_destination_behind_the_client_is_deduplicated_by_index() -> N
         m.handle(E.Streamed("d1", 3, (99,)))
 
 
+def test_migration_resumed_from_the_tickets_index_replays_and_dedupes_without_tokens() -> None:
+    """The decode workers' RPCs: MigrateOut says MIGRATED, ResumeStream replays from the index
+    the migration started at; the router holds the tokens, the destination's repeats are dropped."""
+    m = machine()
+    to_decoding(m, (8, 9))  # 3 delivered
+    mig = FakeMigrator(m)
+    mig.feed(m.handle(E.MigrationRequested("d1")))
+    m.handle(E.Streamed("d0", 3, (10,)))  # 4 delivered while copying
+    acts = mig.feed(m.handle(E.MigrationCommitted("d1", mig.started[0].from_index)))
+    assert not delivered(acts) and m.decode_id == "d1"
+    assert m.handle(E.Streamed("d1", 3, (10, 11))) == [A.Deliver(4, (11,), skip=1)]
+    assert m.output == [7, 8, 9, 10, 11]
+
+
+def test_migration_streaming_past_the_known_tokens_is_refused() -> None:
+    m = machine()
+    to_decoding(m)  # 3 delivered
+    m.handle(E.MigrationRequested("d1"))
+    with pytest.raises(OutputMismatch, match="tokens 3..4 would be lost"):
+        m.handle(E.MigrationCommitted("d1", 5))
+    assert m.state is State.MIGRATING and m.decode_id == "d0"
+
+
 def test_migration_with_a_diverging_destination_is_refused() -> None:
     m = machine()
     to_decoding(m)
     FakeMigrator(m).feed(m.handle(E.MigrationRequested("d1")))
     with pytest.raises(OutputMismatch, match="differs"):
-        m.handle(E.MigrationCommitted("d1", (7, 99)))
+        m.handle(E.MigrationCommitted("d1", 2, (7, 99)))
     with pytest.raises(InvalidTransition, match="from worker 'd2'"):
-        m.handle(E.MigrationCommitted("d2", (7, 8)))
+        m.handle(E.MigrationCommitted("d2", 2, (7, 8)))
     assert m.state is State.MIGRATING
 
 
@@ -560,7 +585,7 @@ def test_a_migrated_request_lost_on_its_destination_resumes_from_its_output() ->
     m = machine()
     to_decoding(m)
     FakeMigrator(m).feed(m.handle(E.MigrationRequested("d1")))
-    m.handle(E.MigrationCommitted("d1", (7, 8, 9)))
+    m.handle(E.MigrationCommitted("d1", 3, (7, 8, 9)))
     acts = m.handle(E.Lost(LostWorker("d1", LostPhase.DECODE)))
     assert acts[-1] == A.FindReplacement(True, True, 3, frozenset({"d1"}))  # no KV to re-let
     assert {r.kind for r in m.ledger.held()} == {ResourceKind.POLICY_SLOT}  # until it ends

@@ -15,7 +15,8 @@ from engine.outputs import RequestOutput
 from engine.request import FinishReason
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdserve.v1 import worker_pb2
-from router.service import GenerateServicer, _Run
+from router.lifecycle.grpc_legs import RequestRun as _Run
+from router.lifecycle.grpc_legs import caught_up_detok
 from tests.unit.test_decode_aio import _Ctx, _req, _servicer
 
 TEXTS = (
@@ -145,11 +146,10 @@ def _mixed_deltas(
 ) -> list[str]:
     """A worker renders the first ``switch`` messages (its engine's detokenizer, one token per
     step, seeded with the first token as ``import_kv`` does), then the router takes over with
-    :meth:`GenerateServicer._detok` (a resumed leg after a lost worker)."""
-    router = SimpleNamespace(tokenizer=tok)
+    :func:`router.lifecycle.grpc_legs.caught_up_detok` (a resumed leg after a lost worker)."""
     params = SimpleNamespace(stop=stop)
     run = _Run("r", [1], params, 0.0, IncrementalDetokenizer(tok, stop))  # type: ignore[arg-type]
-    first, _ = GenerateServicer._detok(router, run).add(ids[:1])  # type: ignore[arg-type]
+    first, _ = caught_up_detok(tok, run).add(ids[:1])
     run.out_ids.append(ids[0])
     run.detok_fed = 1
     run.sent_chars += len(first)
@@ -164,7 +164,7 @@ def _mixed_deltas(
             text = "".join(engine.add([t], final=final and j == n - 1)[0] for j, t in enumerate(part))
             run.out_ids.extend(part)
         else:
-            text, _ = GenerateServicer._detok(router, run).add(part, final=final)  # type: ignore[arg-type]
+            text, _ = caught_up_detok(tok, run).add(part, final=final)
             run.out_ids.extend(part)
             run.detok_fed = len(run.out_ids)
         run.sent_chars += len(text)
@@ -263,7 +263,7 @@ def test_a_spared_wait_goes_on_and_expires_once_not_spared() -> None:
 
 
 def test_a_stream_at_a_worker_that_streams_others_is_not_stalled() -> None:
-    from router.service import _Guarded
+    from router.lifecycle.grpc_calls import Guarded as _Guarded
 
     class _Call:
         def __init__(self, first_after_s: float) -> None:
@@ -305,4 +305,4 @@ def test_a_stream_at_a_worker_that_streams_others_is_not_stalled() -> None:
             side.cancel()
 
     assert asyncio.run(relay({}, busy=True)) == "got [[7]]"  # waited past its bound: spared
-    assert asyncio.run(relay({}, busy=False)) == "_WorkerLost"  # silent everywhere: stalled
+    assert asyncio.run(relay({}, busy=False)) == "WorkerLostError"  # silent everywhere: stalled

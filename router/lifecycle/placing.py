@@ -1,0 +1,231 @@
+"""Placement of a request for the router's servicer: the first placement (the policy's pair or
+an early refusal, with the chosen workers' queues reserved), replacements for a re-dispatch,
+the KV store's prefix lookup that sharpens the policy's estimate, and the policy's feedback.
+
+Reads the servicer's registry, policy, counters and index at call time (tests replace parts of
+them); no gRPC (store lookups go through the servicer's store clients)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from engine.block_hash import chain_hashes
+from engine.sampling_params import SamplingParams
+from kv_store.index import locate_prefix
+from pdserve.errors import ResourceExhaustedError, UnavailableError
+from pdserve.metrics import tpot_of
+from pdserve.tracing import log_event
+from pdserve.v1 import client_pb2, common_pb2
+from router.cluster_view import first_block_size
+from router.failover import Redispatches
+from router.health import needed_kinds
+from router.lifecycle.grpc_calls import gone
+from router.policy import (
+    SLO,
+    ClusterView,
+    GoodputAwarePolicy,
+    InstanceRole,
+    Observation,
+    Phase,
+    Placement,
+    Rejection,
+    RejectReason,
+    RequestInfo,
+)
+from router.policy_factory import uses_prefix_lookup
+from router.registry import WorkerEntry, WorkerKind
+
+if TYPE_CHECKING:
+    from router.lifecycle.grpc_legs import RequestRun
+    from router.service import GenerateServicer
+
+log = logging.getLogger("router.service")  # the router's log records keep their logger name
+
+_ROLES = {WorkerKind.DECODE: InstanceRole.DECODE, WorkerKind.PREFILL: InstanceRole.PREFILL}
+
+
+class Placer:
+    def __init__(self, svc: GenerateServicer) -> None:
+        self.svc = svc
+
+    def worker(self, worker_id: str | None, kind: WorkerKind) -> WorkerEntry:
+        w = self.svc.registry.get(worker_id) if worker_id else None
+        if w is None:
+            raise UnavailableError(
+                f"no {kind.value} worker is registered for {self.svc.config.model_id!r}; retry shortly"
+            )
+        return w
+
+    def prefix_blocks(self, ids: list[int], req: client_pb2.GenerateRequest) -> int:
+        """Leading prompt blocks the KV store holds (0 when unknown, not needed by the policy, or
+        the lookup fails): from the shared index when the router has one (the longest prefix one
+        store node holds, what a prefill worker pulls), else from a store node's Lookup. Runs
+        outside the placement lock (a lookup may take up to ``LOOKUP_TIMEOUT_S``)."""
+        svc = self.svc
+        cfg = svc.config
+        if not uses_prefix_lookup(cfg.policy) or len(ids) < 2:
+            return 0
+        bs = first_block_size(svc.registry, cfg.model_id)
+        if bs is None:
+            return 0
+        if svc.index is not None:
+            try:
+                found = locate_prefix(svc.index, ids, bs, cfg.model_id, req.adapter, req.cache_salt)
+            except Exception as e:  # noqa: BLE001 - the lookup only sharpens an estimate
+                log.debug("prefix lookup in the KV index failed: %s", e)
+                return 0
+            return found[1] if found is not None else 0
+        addr = svc._store_address
+        if not addr:
+            return 0
+        hashes = chain_hashes(ids, bs, cfg.model_id, req.adapter, req.cache_salt)
+        hashes = hashes[: (len(ids) - 1) // bs]
+        if not hashes:
+            return 0
+        try:
+            return svc.stubs.lookup(addr).lookup(hashes).num_prefix_blocks
+        except Exception as e:  # noqa: BLE001 - the lookup only sharpens an estimate
+            log.debug("prefix lookup at %s failed: %s", addr, e)
+            return 0
+
+    def may_hold_prefix(self, ids: list[int]) -> bool:
+        """Whether the KV store could hold a prefix of prompt ``ids``: it has a full block before
+        its last token (what :meth:`prefix_blocks` looks up). A shorter prompt skips the lookup
+        and its thread hop (a request's router CPU, #12)."""
+        bs = first_block_size(self.svc.registry, self.svc.config.model_id)
+        return bs is not None and len(ids) - 1 >= bs
+
+    def place(
+        self,
+        rid: str,
+        ids: list[int],
+        params: SamplingParams,
+        req: client_pb2.GenerateRequest,
+        store_prefix_blocks: int | None = None,
+    ) -> tuple[Placement, WorkerEntry, WorkerEntry, RequestInfo]:
+        """Ask the policy for (prefill, decode) workers, or refuse before any compute is spent.
+        ``store_prefix_blocks``: the prompt's prefix in the KV store (None: looked up here).
+
+        Raises UnavailableError when a needed kind of worker is missing, ResourceExhaustedError
+        (with the policy's retry-after) when the policy rejects the request early.
+        """
+        svc = self.svc
+        cfg = svc.config
+        view = svc._views.build(svc.registry, cfg.model_id, svc.outstanding, svc.kv_tokens)
+        for kind in needed_kinds(cfg.policy):  # the condition the router's health reports
+            if not view.with_role(_ROLES[kind]):
+                raise UnavailableError(
+                    f"no {kind.value} worker is registered for {cfg.model_id!r}; retry shortly"
+                )
+        inf = float("inf")
+        slo = None
+        if req.slo.ttft_s > 0 or req.slo.tpot_s > 0:
+            slo = SLO(
+                req.slo.ttft_s if req.slo.ttft_s > 0 else inf, req.slo.tpot_s if req.slo.tpot_s > 0 else inf
+            )
+        info = RequestInfo(
+            rid,
+            len(ids),
+            max_output_tokens=params.max_tokens,
+            slo=slo,
+            arrival_time=svc.policy.clock.now(),
+            priority=req.priority,
+            tenant=req.tenant,
+            predicted_output_tokens=req.predicted_output_tokens,
+            store_prefix_blocks=(
+                self.prefix_blocks(ids, req) if store_prefix_blocks is None else store_prefix_blocks
+            ),
+        )
+        d = svc.policy.place(info, view)
+        if isinstance(d, Rejection):
+            if d.reason is RejectReason.NO_INSTANCE:
+                raise UnavailableError(f"{d.message}; retry shortly")
+            raise ResourceExhaustedError(f"request refused ({d.reason.value}): {d.message}", d.retry_after_s)
+        try:
+            dec_id = d.decode_instance_id
+            if dec_id is None:
+                bs = view.instances[0].block_size
+                dec_id = svc.policy.choose_decode(info, view, -(-(len(ids) + 1) // bs))
+            dw = self.worker(dec_id, WorkerKind.DECODE)
+            pw = dw if d.local_prefill else self.worker(d.instance_id, WorkerKind.PREFILL)
+        except BaseException:
+            svc.policy.release(rid)  # placed, but the worker vanished meanwhile
+            raise
+        return d, pw, dw, info
+
+    def replacement(
+        self, kind: WorkerKind, info: RequestInfo, n_ctx: int, budget: Redispatches
+    ) -> WorkerEntry:
+        """A ``kind`` worker for a re-dispatch, chosen by the placement policy among the live
+        workers this request has not lost (no admission check: the request is already accepted).
+        Raises the budget's UnavailableError when there is none."""
+        svc = self.svc
+        full = svc._views.build(svc.registry, svc.config.model_id, svc.outstanding, svc.kv_tokens)
+        view = ClusterView(i for i in full.instances if i.instance_id not in budget.excluded)
+        info = dataclasses.replace(info, num_prompt_tokens=n_ctx)
+        wid: str | None = None
+        if kind is WorkerKind.PREFILL:
+            pool = view.with_role(InstanceRole.PREFILL)
+            if pool:
+                wid = svc.policy.choose_prefill(info, pool, view).instance_id
+        elif view.with_role(InstanceRole.DECODE):
+            bs = view.instances[0].block_size
+            wid = svc.policy.choose_decode(info, view, -(-(n_ctx + 1) // bs))
+        w = svc.registry.get(wid) if wid else None
+        if w is None or w.kind is not kind:
+            raise budget.exhausted(f"no other {kind.value} worker is available")
+        return w
+
+    async def replacement_or_wait(
+        self, kind: WorkerKind, info: RequestInfo, n_ctx: int, budget: Redispatches, ctx: Any
+    ) -> WorkerEntry:
+        """:meth:`replacement`; when there is none but a quarantined ``kind`` worker is
+        registered (it stalled: maybe slow, not hung), wait for the prober to restore it, for at
+        most two probe rounds (or until the client is gone), then give up as
+        :meth:`replacement` does."""
+        registry = self.svc.registry
+        qcfg = registry.quarantined.config
+        deadline = time.monotonic() + 2 * (qcfg.max_probe_interval_s + qcfg.probe_timeout_s)
+        while True:
+            try:
+                return self.replacement(kind, info, n_ctx, budget)
+            except UnavailableError:
+                waiting = any(
+                    (w := registry.get(wid)) is not None and w.kind is kind
+                    for wid in registry.quarantined.ids()
+                )
+                if not waiting or time.monotonic() >= deadline or gone(ctx):
+                    raise
+            await asyncio.sleep(qcfg.probe_interval_s)
+
+    def feedback(self, run: RequestRun, finish: common_pb2.Finish) -> None:
+        """Measured TTFT/TPOT and output length of a finished request, to the policy."""
+        policy = self.svc.policy
+        t = finish.timing
+        policy.on_finished(
+            Observation(
+                run.rid,
+                ttft_s=t.ttft_s,
+                tpot_s=tpot_of(list(t.token_times_s)) or 0.0,
+                output_tokens=finish.usage.completion_tokens,
+                num_prompt_tokens=len(run.ids),
+                max_output_tokens=run.params.max_tokens,
+            )
+        )
+        if isinstance(policy, GoodputAwarePolicy):
+            c, acc = policy.corrected, policy.lengths.online
+            log_event(
+                log,
+                "policy feedback",
+                ttft_factor=round(c.factor(Phase.TTFT), 4),
+                tpot_factor=round(c.factor(Phase.TPOT), 4),
+                ttft_samples=c.samples(Phase.TTFT),
+                tpot_samples=c.samples(Phase.TPOT),
+                length_samples=policy.lengths.num_samples,
+                length_mae=round(acc.mae, 2) if acc.n else None,
+                length_within_2x=round(acc.within_2x, 3) if acc.n else None,
+            )
