@@ -104,6 +104,19 @@ class CacheConfig:
     host_pool: HostPool = HostPool.NONE
     host_pool_tokens: int = 0  # capacity per instance for LIMITED
     host_block_tokens: int = 512  # host-pool granularity (Mooncake's block)
+    # disk tier behind a LIMITED host pool (kv_store's --disk-tier): blocks evicted from the pool
+    # are kept on disk; a hit there costs its bytes / disk_gb_s before the request can start.
+    # 0: no disk tier; -1: unlimited
+    disk_pool_tokens: int = 0
+    disk_gb_s: float = 3.0  # disk read bandwidth, GB/s (assumed: one NVMe SSD)
+
+    def __post_init__(self) -> None:
+        if self.disk_pool_tokens < -1:
+            raise ValueError(f"disk_pool_tokens must be >= 0 (or -1: unlimited), got {self.disk_pool_tokens}")
+        if self.disk_pool_tokens and self.host_pool is not HostPool.LIMITED:
+            raise ValueError("a disk tier (disk_pool_tokens) needs a LIMITED host pool in front of it")
+        if not (self.disk_gb_s > 0 and math.isfinite(self.disk_gb_s)):
+            raise ValueError(f"disk_gb_s must be > 0, got {self.disk_gb_s}")
 
 
 @dataclass(frozen=True)

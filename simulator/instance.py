@@ -22,6 +22,7 @@ from router.policy import InstanceRole
 from simulator.events import EventLoop
 from simulator.latency import LatencyModel
 from simulator.prefix_store import PrefixStore
+from simulator.tiered_store import TieredPrefixStore
 
 DUMMY_TOKEN = 0
 
@@ -60,6 +61,7 @@ class InstanceStats:
     decode_tokens: int = 0
     imported_blocks: int = 0
     import_failures: int = 0
+    disk_blocks: int = 0  # KV blocks of host-pool hits read from its disk tier
 
 
 class SimInstance:
@@ -75,9 +77,14 @@ class SimInstance:
         on_step: Callable[[StepReport], Any],
         *,
         enable_prefix_caching: bool = True,
-        host_pool: PrefixStore | None = None,
+        host_pool: PrefixStore | TieredPrefixStore | None = None,
         tp: int = 1,
+        disk_bytes_per_s: float = 3e9,
     ) -> None:
+        """``host_pool``: the instance's host KV pool; a :class:`TieredPrefixStore` adds a disk
+        tier behind it, whose hits delay the request's start by their bytes / ``disk_bytes_per_s``
+        (host-pool DRAM hits are free, as before)."""
+        self.disk_bytes_per_s = disk_bytes_per_s
         self.instance_id = instance_id
         self.role = role
         self.tp = tp
@@ -145,13 +152,28 @@ class SimInstance:
         """
         hashes = req.block_hashes
         want = fetched_blocks
-        if self.host_pool is not None and hashes:
+        disk_s = 0.0
+        if isinstance(self.host_pool, TieredPrefixStore) and hashes:
+            hit = self.host_pool.lookup(hashes)
+            want = max(want, hit.blocks * self.host_pool.stride)
+            if hit.disk and want > fetched_blocks:
+                # blocks read from the disk tier before the request can start (Mooncake's SSD pool)
+                nbytes = hit.disk * self.host_pool.stride * self.block_size * self.latency.kv_bytes_per_token
+                disk_s = nbytes / self.disk_bytes_per_s
+                self.stats.disk_blocks += hit.disk * self.host_pool.stride
+        elif self.host_pool is not None and hashes:
             want = max(want, self.host_pool.prefix_blocks(hashes))
         want = min(want, len(hashes), (req.num_prompt_tokens - 1) // self.block_size)
-        if want > 0 and not self._import_prefix(hashes[:want]):
+        self.queued_tokens += req.num_prompt_tokens
+        if disk_s > 0:
+            self.loop.after(disk_s, self._enqueue, req, want)
+        else:
+            self._enqueue(req, want)
+
+    def _enqueue(self, req: Request, want: int) -> None:
+        if want > 0 and not self._import_prefix(req.block_hashes[:want]):
             self._retry.append((req, want))  # no room now: retry before each step while it waits
         self.sched.add_request(req)
-        self.queued_tokens += req.num_prompt_tokens
         self.kick()
 
     def _import_prefix(self, hashes: Sequence[BlockHash]) -> bool:

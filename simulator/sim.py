@@ -35,6 +35,7 @@ from simulator.instance import DUMMY_TOKEN, SimInstance, StepReport
 from simulator.latency import LatencyModel
 from simulator.metrics import RequestRecord, SimResult
 from simulator.prefix_store import PrefixStore
+from simulator.tiered_store import TieredPrefixStore
 from simulator.workload import Workload, WorkloadRequest
 
 PolicyFactory = Callable[[EventLoop, LatencyModel, ClusterConfig], PlacementPolicy]
@@ -165,12 +166,18 @@ class _Run:
             for _ in range(g.count):
                 k = counters.get(g.role, 0)
                 counters[g.role] = k + 1
-                host = None
+                host: PrefixStore | TieredPrefixStore | None = None
                 if c.cache.host_pool is not HostPool.NONE and g.role is not InstanceRole.DECODE:
                     cap = None
                     if c.cache.host_pool is HostPool.LIMITED:
                         cap = max(1, c.cache.host_pool_tokens // c.cache.host_block_tokens)
-                    host = PrefixStore(stride, cap)
+                    if c.cache.disk_pool_tokens and cap is not None:
+                        disk = None
+                        if c.cache.disk_pool_tokens > 0:
+                            disk = max(1, c.cache.disk_pool_tokens // c.cache.host_block_tokens)
+                        host = TieredPrefixStore(cap, disk, stride)
+                    else:
+                        host = PrefixStore(stride, cap)
                 out.append(
                     SimInstance(
                         f"{g.role.value}{k}",
@@ -185,6 +192,7 @@ class _Run:
                         and g.role is not InstanceRole.DECODE,
                         host_pool=host,
                         tp=g.tp,
+                        disk_bytes_per_s=c.cache.disk_gb_s * 1e9,
                     )
                 )
         if not out:
@@ -217,6 +225,7 @@ class _Run:
                 "decode_tokens": i.stats.decode_tokens,
                 "preemptions": i.sched.num_preemptions,
                 "imported_blocks": i.stats.imported_blocks,
+                "disk_blocks": i.stats.disk_blocks,
                 "kv_blocks": i.total_blocks,
                 "free_blocks_end": i.kv.num_free_blocks,
             }

@@ -116,6 +116,18 @@ class TieredPrefixStore:
             self._to_dram(h)
         return TierHit(tuple(tiers))
 
+    def contains_prefix(self, hashes: Sequence[BlockHash]) -> int:
+        """Leading KV blocks of ``hashes`` held in either tier (a multiple of ``stride``), without
+        touching anything (for the router's lookups; :class:`PrefixStore`'s interface)."""
+        n = 0
+        s = self.stride
+        for i in range(s - 1, len(hashes), s):
+            h = hashes[i]
+            if h not in self._dram and h not in self._disk:
+                break
+            n = i + 1
+        return n
+
     def add(self, hashes: Sequence[BlockHash]) -> None:
         """Store every whole block of the prefix ``hashes`` in DRAM (most recently used)."""
         for h in self._keys(hashes):

@@ -60,3 +60,47 @@ def test_tiered_ratio_matches_the_single_tier_study_at_the_extremes() -> None:
     assert t.ratio == pytest.approx(unlimited) and t.disk_tokens > 0
     assert t.dram_tokens + t.disk_tokens == sum(d + x for _, d, x, _ in t.per_request)
     assert all(run <= d for _, d, _, run in t.per_request)
+
+
+def _prefill_only(disk_pool_tokens: int):
+    from router.policy import InstanceRole
+    from simulator.config import CacheConfig, ClusterConfig, HostPool, InstanceGroup
+    from simulator.latency import LatencySpec
+
+    cache = CacheConfig(
+        host_pool=HostPool.LIMITED,
+        host_pool_tokens=1024,  # two 512-token host blocks
+        disk_pool_tokens=disk_pool_tokens,
+        disk_gb_s=1.0,
+    )
+    # 70 GPU KV blocks (one prompt): a later request's prompt evicts an earlier one's from the GPU
+    group = (InstanceGroup(InstanceRole.PREFILL, 1),)
+    return ClusterConfig(LatencySpec("llama-2-7b", "a100"), group, cache=cache, kv_blocks=70)
+
+
+def test_simulator_charges_a_disk_tier_hit_its_read_time() -> None:
+    from simulator.sim import Simulation
+
+    # A, then B and C (other prefixes) push A's two host blocks out of the 2-block DRAM pool; D
+    # reuses A's prefix: recomputed without a disk tier, read back from disk with one
+    reqs = [
+        WorkloadRequest(0.0, 1100, 1, (1, 2, 3)),
+        WorkloadRequest(5.0, 1100, 1, (4, 5, 6)),
+        WorkloadRequest(10.0, 1100, 1, (7, 8, 9)),
+        WorkloadRequest(15.0, 1100, 1, (1, 2, 3)),
+    ]
+    w = Workload("t", tuple(reqs))
+    plain = Simulation(_prefill_only(0)).run(w)
+    tiered = Simulation(_prefill_only(-1)).run(w)
+    assert plain.records[3].cached_tokens == 0
+    assert tiered.records[3].cached_tokens == 1024
+    (stats,) = tiered.instance_stats.values()
+    assert stats["disk_blocks"] == 64  # 1024 tokens / 16-token KV blocks
+    # the 1024 reused tokens' KV (512 KiB/token for Llama-2-7B) read at 1 GB/s before it starts
+    read_s = 1024 * 512 * 1024 / 1e9
+    t = tiered.records[3]
+    assert t.first_scheduled - t.arrival == pytest.approx(read_s, rel=1e-6)
+    with pytest.raises(ValueError, match="LIMITED host pool"):
+        from simulator.config import CacheConfig
+
+        CacheConfig(disk_pool_tokens=100)
