@@ -42,7 +42,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +54,12 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kv_store.index import KVIndex
 from pdserve.auth import EdgeAuth
-from pdserve.errors import InvalidRequestError, ModelNotFoundError, ResourceExhaustedError
+from pdserve.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    RequestNotFoundError,
+    ResourceExhaustedError,
+)
 from pdserve.metrics import FinishedRequest, RouterMetrics, outcome_for, slo_class
 from pdserve.proto_convert import sampling_from_proto
 from pdserve.tracing import current_request_id, log_event, request_scope
@@ -67,6 +72,7 @@ from router.lifecycle.events import Placed
 from router.lifecycle.grpc_calls import Stubs, remaining
 from router.lifecycle.grpc_legs import GrpcLegs, RequestRun
 from router.lifecycle.machine import RequestLifecycle
+from router.lifecycle.migrator import Migrator
 from router.lifecycle.placing import Placer
 from router.lifecycle.quarantine_probe import QuarantineProber
 from router.lifecycle.resources import OnceReleases, Resource, ResourceKind
@@ -79,6 +85,9 @@ from router.registry_service import RegistryServicer, load_from_proto
 __all__ = ["GenerateServicer", "RegistryServicer", "RouterConfig", "load_from_proto"]
 
 log = logging.getLogger(__name__)
+
+# makes a request's Migrator from its legs (which turn the destination's stream into chunks)
+MigratorFactory = Callable[[GrpcLegs], Migrator]
 
 
 @dataclass(frozen=True)
@@ -170,10 +179,15 @@ class GenerateServicer:
         metrics: RouterMetrics | None = None,
         index: KVIndex | None = None,
         edge: EdgeAuth | None = None,
+        migrator: MigratorFactory | None = None,
     ) -> None:
         """``index``: the KV index for prefix lookups (default: opened from ``config.index_url``;
         none: ask a store node's Lookup). ``edge``: API keys, tenants, quotas, request ids and
-        cache salts (:mod:`pdserve.auth`; default: dev mode, the tenant is the request's field)."""
+        cache salts (:mod:`pdserve.auth`; default: dev mode, the tenant is the request's field).
+        ``migrator``: makes the :class:`~router.lifecycle.migrator.Migrator` of a request from
+        its legs (live migration between decode workers, :meth:`migrate`; None: not served)."""
+        self.migrator = migrator
+        self._drivers: dict[str, LifecycleDriver] = {}  # running requests by cluster id
         self.edge = edge if edge is not None else EdgeAuth(None)
         self.registry = registry
         self.config = config
@@ -424,7 +438,10 @@ class GenerateServicer:
             prompt_tokens=len(ids),
         )
         cluster = RouterCluster(self, req, run, info, machine.budget, ctx)
-        driver = LifecycleDriver(machine, GrpcLegs(self, req, run, ctx), cluster)
+        legs = GrpcLegs(self, req, run, ctx)
+        migrator = self.migrator(legs) if self.migrator is not None else None
+        driver = LifecycleDriver(machine, legs, cluster, migrator)
+        self._drivers[rid] = driver
         async with contextlib.aclosing(driver.run(Placed(machine.prefill_id, dw.worker_id))) as served:
             self.metrics.routing.observe(time.perf_counter() - t_route)
             log_event(
@@ -440,5 +457,18 @@ class GenerateServicer:
                 predicted_tpot_s=placement.estimated_tpot_s,
                 predicted_output_tokens=placement.predicted_output_tokens or None,
             )
-            async for resp in served:
-                yield resp
+            try:
+                async for resp in served:
+                    yield resp
+            finally:
+                self._drivers.pop(rid, None)
+
+    def migrate(self, request_id: str, destination: str) -> None:
+        """Start moving running request ``request_id`` (its cluster id) to decode worker
+        ``destination`` (a migration policy's or a drain's call, on the servicer's event loop).
+        Raises RequestNotFoundError when no such request runs here, LifecycleError when no
+        migrator is configured, InvalidTransition when the request is not decoding."""
+        driver = self._drivers.get(request_id)
+        if driver is None:
+            raise RequestNotFoundError(f"no request {request_id!r} is running on this router")
+        driver.migrate(destination)
