@@ -38,7 +38,7 @@ from engine.llm_engine import LLMEngine
 from kv_store.convert import handle_from_proto
 from kv_store.handle import KVHandle
 from kv_store.transport import choose_transport
-from pdserve.errors import InvalidRequestError, ModelNotFoundError, ResourceExhaustedError
+from pdserve.errors import InvalidRequestError, ResourceExhaustedError
 from pdserve.metrics import KVPullMetrics
 from pdserve.proto_convert import finish_to_proto, logprob_from_proto, logprob_to_proto, sampling_from_proto
 from pdserve.tracing import log_event, request_scope
@@ -169,11 +169,8 @@ class DecodeServicer:
     def _decode(
         self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext
     ) -> Iterator[worker_pb2.DecodeResponse]:
-        if req.adapter:  # the router refuses these first; a direct caller is refused here too
-            raise ModelNotFoundError(
-                f"LoRA adapter {req.adapter!r} is not served: this worker serves only the base model "
-                f"{self.state.engine.model_id!r}"
-            )
+        # an adapter this worker does not serve: NOT_FOUND (the router refuses these first)
+        self.state.engine.check_adapter(req.adapter)
         pull_s = 0.0
         if req.local_prefill:
             rid, q, immediate = self._admit_local(req, ctx)
@@ -500,11 +497,8 @@ class AsyncDecodeServicer(DecodeServicer):
         self, req: worker_pb2.DecodeRequest, actx: _AdmissionContext, out: _LoopQueue
     ) -> tuple[str, bool, float]:
         """Blocking admission (worker thread): (request id, done at once, pull seconds)."""
-        if req.adapter:  # the router refuses these first; a direct caller is refused here too
-            raise ModelNotFoundError(
-                f"LoRA adapter {req.adapter!r} is not served: this worker serves only the base model "
-                f"{self.state.engine.model_id!r}"
-            )
+        # an adapter this worker does not serve: NOT_FOUND (the router refuses these first)
+        self.state.engine.check_adapter(req.adapter)
         if req.local_prefill:
             rid, _, immediate = self._admit_local(req, actx, out)  # type: ignore[arg-type]
             return rid, immediate, 0.0

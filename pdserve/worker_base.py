@@ -14,6 +14,7 @@ import grpc
 from engine.config import EngineConfig
 from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
+from engine.lora import LoRAConfig
 from kv_store.convert import layout_to_proto
 from kv_store.layout import KVLayout
 from pdserve.auth.worker_token import worker_metadata, worker_token_from
@@ -56,6 +57,7 @@ class WorkerConfig:
     # meanwhile go together; 0: none). See decode_worker.service.AsyncDecodeServicer.
     stream_window_s: float = DEFAULT_STREAM_WINDOW_S
     metrics_port: int = 0  # /metrics on 127.0.0.1 (0: any free port)
+    lora: LoRAConfig | None = None  # LoRA adapters served (--lora NAME=PATH); None: base model only
 
 
 def engine_layout(engine: LLMEngine) -> KVLayout:
@@ -78,6 +80,13 @@ def profile_proto(profile) -> router_pb2.StepProfile | None:
     return router_pb2.StepProfile(key=profile.key.digest(), **profile.model.to_dict())
 
 
+def served_adapters(engine) -> list[str]:
+    """The LoRA adapters ``engine`` serves, as registration reports them (an engine stand-in
+    without ``adapters``, as the registry tests use, serves none)."""
+    fn = getattr(engine, "adapters", None)
+    return list(fn()) if fn is not None else []
+
+
 class WorkerState:
     """Engine + loop + counters of one worker process (I/O-free; services wrap it)."""
 
@@ -95,7 +104,7 @@ class WorkerState:
     def load(cls, config: WorkerConfig) -> WorkerState:
         from engine import profile
 
-        engine = LLMEngine.from_pretrained(config.model_path, config.engine)
+        engine = LLMEngine.from_pretrained(config.model_path, config.engine, lora=config.lora)
         # its own speed, known before its first request (cached per model/hardware/engine version);
         # measured before the engine loop exists: the measurement steps the engine itself
         prof = profile.load_or_measure(engine, config.model_path) if profile.enabled() else None
@@ -237,6 +246,7 @@ class Heartbeater:
                 model=self.state.engine.model_id,
                 stats=self.state.stats(),
                 profile=profile_proto(getattr(self.state, "profile", None)),
+                adapters=served_adapters(self.state.engine),
             ),
             timeout=5,
             metadata=worker_metadata(self._token),

@@ -32,6 +32,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from engine.config import EngineConfig
+from engine.lora import AdapterSpec, LoRAConfig
 from engine.scheduler import SchedulingPolicy
 from kv_store.arena import host_id
 from kv_store.client import KVStoreClient
@@ -293,6 +294,35 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         "multi-level feedback queue) (default: %(default)s)",
     )
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
+    lg = ap.add_argument_group("LoRA adapters (multi-LoRA serving, PEFT format)")
+    lg.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve the PEFT LoRA adapter in folder PATH (adapter_config.json + "
+        "adapter_model.safetensors) under NAME: a request's adapter (OpenAI: its model field) names "
+        "it; repeatable. A bad adapter fails the start, naming it and the field",
+    )
+    lg.add_argument(
+        "--max-loras",
+        type=int,
+        default=8,
+        help="adapter slots in engine memory: distinct adapters running at once (LRU over idle "
+        "slots; more wait) (default: %(default)s)",
+    )
+    lg.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        help="rank each slot holds (default: the largest rank among --lora adapters)",
+    )
+    lg.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=None,
+        help="adapters kept in host memory (LRU; others re-read from disk when needed) (default: all)",
+    )
     add_process_security_args(ap)
     return cli_help.apply(ap)
 
@@ -330,6 +360,21 @@ def parse(
         )
     except ValueError as e:  # e.g. swap space with tensor parallelism
         ap.error(str(e))
+    lora = None
+    if a.lora:
+        if a.tp > 1:
+            ap.error("--lora is not supported with --tp > 1")
+        try:
+            lora = LoRAConfig(
+                tuple(AdapterSpec.parse(x) for x in a.lora),
+                max_loras=a.max_loras,
+                max_lora_rank=a.max_lora_rank,
+                max_cpu_loras=a.max_cpu_loras,
+            )
+        except ValueError as e:
+            ap.error(str(e))
+    elif a.max_lora_rank is not None or a.max_cpu_loras is not None:
+        ap.error("--max-lora-rank / --max-cpu-loras need at least one --lora NAME=PATH")
     return WorkerConfig(
         worker_id=a.worker_id,
         role=role,
@@ -343,6 +388,7 @@ def parse(
         stream_interval=a.stream_interval,
         stream_window_s=a.stream_window_ms / 1000.0,
         metrics_port=a.metrics_port,
+        lora=lora,
     )
 
 

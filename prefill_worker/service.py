@@ -19,7 +19,7 @@ from kv_store.client import KVStoreClient
 from kv_store.convert import handle_to_proto
 from kv_store.tensors import block_tensor
 from kv_store.transport import BlockTransport
-from pdserve.errors import CancelledError, InvalidRequestError, ModelNotFoundError
+from pdserve.errors import CancelledError, InvalidRequestError
 from pdserve.proto_convert import logprob_to_proto, sampling_from_proto
 from pdserve.tracing import log_event, request_scope
 from pdserve.v1 import common_pb2, worker_pb2
@@ -131,11 +131,8 @@ class PrefillServicer:
         rid = req.request_id or f"pf-{time.time_ns()}"
         if req.model and req.model != self.state.engine.model_id:
             raise InvalidRequestError(f"this worker serves {self.state.engine.model_id!r}, not {req.model!r}")
-        if req.adapter:  # the router refuses these first; a direct caller is refused here too
-            raise ModelNotFoundError(
-                f"LoRA adapter {req.adapter!r} is not served: this worker serves only the base model "
-                f"{self.state.engine.model_id!r}"
-            )
+        # an adapter this worker does not serve: NOT_FOUND (the router refuses these first)
+        self.state.engine.check_adapter(req.adapter)
         params = sampling_from_proto(req.sampling)
         ids = list(req.prompt_token_ids)
         try:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import worker_pb2 as pdserve_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/router.proto\x12\npdserve.v1\x1a\x17pdserve/v1/worker.proto\"\xbc\x01\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12&\n\x05stats\x18\x05 \x01(\x0b\x32\x17.pdserve.v1.WorkerStats\x12(\n\x07profile\x18\x06 \x01(\x0b\x32\x17.pdserve.v1.StepProfile\"\xc1\x01\n\x0bStepProfile\x12\x16\n\x0eprefill_base_s\x18\x01 \x01(\x01\x12\x1b\n\x13prefill_per_token_s\x18\x02 \x01(\x01\x12\x1f\n\x17prefill_per_token_ctx_s\x18\x03 \x01(\x01\x12\x15\n\rdecode_base_s\x18\x04 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_per_seq_s\x18\x05 \x01(\x01\x12\x1e\n\x16\x64\x65\x63ode_per_ctx_token_s\x18\x06 \x01(\x01\x12\x0b\n\x03key\x18\x07 \x01(\t\"f\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x02 \x01(\x01\x12\x17\n\x0f\x63ontrol_address\x18\x03 \x01(\t\"M\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.pdserve.v1.WorkerStats\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"#\n\x12\x44\x65registerResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xe8\x01\n\x08Registry\x12\x45\n\x08Register\x12\x1b.pdserve.v1.RegisterRequest\x1a\x1c.pdserve.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1d.pdserve.v1.HeartbeatResponse\x12K\n\nDeregister\x12\x1d.pdserve.v1.DeregisterRequest\x1a\x1e.pdserve.v1.DeregisterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/router.proto\x12\npdserve.v1\x1a\x17pdserve/v1/worker.proto\"\xce\x01\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12&\n\x05stats\x18\x05 \x01(\x0b\x32\x17.pdserve.v1.WorkerStats\x12(\n\x07profile\x18\x06 \x01(\x0b\x32\x17.pdserve.v1.StepProfile\x12\x10\n\x08\x61\x64\x61pters\x18\x07 \x03(\t\"\xc1\x01\n\x0bStepProfile\x12\x16\n\x0eprefill_base_s\x18\x01 \x01(\x01\x12\x1b\n\x13prefill_per_token_s\x18\x02 \x01(\x01\x12\x1f\n\x17prefill_per_token_ctx_s\x18\x03 \x01(\x01\x12\x15\n\rdecode_base_s\x18\x04 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_per_seq_s\x18\x05 \x01(\x01\x12\x1e\n\x16\x64\x65\x63ode_per_ctx_token_s\x18\x06 \x01(\x01\x12\x0b\n\x03key\x18\x07 \x01(\t\"f\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x02 \x01(\x01\x12\x17\n\x0f\x63ontrol_address\x18\x03 \x01(\t\"M\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.pdserve.v1.WorkerStats\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"#\n\x12\x44\x65registerResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xe8\x01\n\x08Registry\x12\x45\n\x08Register\x12\x1b.pdserve.v1.RegisterRequest\x1a\x1c.pdserve.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1d.pdserve.v1.HeartbeatResponse\x12K\n\nDeregister\x12\x1d.pdserve.v1.DeregisterRequest\x1a\x1e.pdserve.v1.DeregisterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.router_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERREQUEST']._serialized_start=65
-  _globals['_REGISTERREQUEST']._serialized_end=253
-  _globals['_STEPPROFILE']._serialized_start=256
-  _globals['_STEPPROFILE']._serialized_end=449
-  _globals['_REGISTERRESPONSE']._serialized_start=451
-  _globals['_REGISTERRESPONSE']._serialized_end=553
-  _globals['_HEARTBEATREQUEST']._serialized_start=555
-  _globals['_HEARTBEATREQUEST']._serialized_end=632
-  _globals['_HEARTBEATRESPONSE']._serialized_start=634
-  _globals['_HEARTBEATRESPONSE']._serialized_end=668
-  _globals['_DEREGISTERREQUEST']._serialized_start=670
-  _globals['_DEREGISTERREQUEST']._serialized_end=708
-  _globals['_DEREGISTERRESPONSE']._serialized_start=710
-  _globals['_DEREGISTERRESPONSE']._serialized_end=745
-  _globals['_REGISTRY']._serialized_start=748
-  _globals['_REGISTRY']._serialized_end=980
+  _globals['_REGISTERREQUEST']._serialized_end=271
+  _globals['_STEPPROFILE']._serialized_start=274
+  _globals['_STEPPROFILE']._serialized_end=467
+  _globals['_REGISTERRESPONSE']._serialized_start=469
+  _globals['_REGISTERRESPONSE']._serialized_end=571
+  _globals['_HEARTBEATREQUEST']._serialized_start=573
+  _globals['_HEARTBEATREQUEST']._serialized_end=650
+  _globals['_HEARTBEATRESPONSE']._serialized_start=652
+  _globals['_HEARTBEATRESPONSE']._serialized_end=686
+  _globals['_DEREGISTERREQUEST']._serialized_start=688
+  _globals['_DEREGISTERREQUEST']._serialized_end=726
+  _globals['_DEREGISTERRESPONSE']._serialized_start=728
+  _globals['_DEREGISTERRESPONSE']._serialized_end=763
+  _globals['_REGISTRY']._serialized_start=766
+  _globals['_REGISTRY']._serialized_end=998
 # @@protoc_insertion_point(module_scope)

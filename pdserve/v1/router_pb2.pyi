@@ -1,27 +1,31 @@
+from collections.abc import Iterable as _Iterable
 from collections.abc import Mapping as _Mapping
 from typing import ClassVar as _ClassVar
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 
 from pdserve.v1 import worker_pb2 as _worker_pb2
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model", "stats", "profile")
+    __slots__ = ("worker_id", "role", "address", "model", "stats", "profile", "adapters")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: _worker_pb2.WorkerRole
     address: str
     model: str
     stats: _worker_pb2.WorkerStats
     profile: StepProfile
+    adapters: _containers.RepeatedScalarFieldContainer[str]
     def __init__(
         self,
         worker_id: str | None = ...,
@@ -30,6 +34,7 @@ class RegisterRequest(_message.Message):
         model: str | None = ...,
         stats: _worker_pb2.WorkerStats | _Mapping | None = ...,
         profile: StepProfile | _Mapping | None = ...,
+        adapters: _Iterable[str] | None = ...,
     ) -> None: ...
 
 class StepProfile(_message.Message):
