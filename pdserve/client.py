@@ -164,8 +164,8 @@ def build_request(
 ) -> client_pb2.GenerateRequest:
     """``prompt``: text, token ids, or chat messages ``[{"role", "content"}]``. Sampling keywords
     (max_tokens=..., temperature=...) build a SamplingParams, validated here before any RPC.
-    ``adapter``: a LoRA adapter id (empty: the base model; the router refuses any other with
-    NOT_FOUND until adapters are served)."""
+    ``adapter``: a LoRA adapter the cluster serves (workers' ``--lora NAME=PATH``; listed by
+    ``list_adapters``); empty: the base model. Any other name is refused with NOT_FOUND."""
     params = params or SamplingParams(**sampling)
     req = client_pb2.GenerateRequest(
         model=model,
@@ -531,6 +531,14 @@ class Client:
         )
         return [m.id for m in r.models]
 
+    def list_adapters(self) -> dict[str, list[str]]:
+        """The LoRA adapters the cluster serves, by base model id (``generate(adapter=NAME)``)."""
+        r = self._unary(
+            "list_models",
+            lambda s: s.ListModels(client_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._md),
+        )
+        return {m.id: list(m.adapters) for m in r.models}
+
 
 # ---------------------------------------------------------------- asyncio
 
@@ -670,3 +678,11 @@ class AsyncClient:
             lambda s: s.ListModels(client_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._md),
         )
         return [m.id for m in r.models]
+
+    async def list_adapters(self) -> dict[str, list[str]]:
+        """As :meth:`Client.list_adapters`."""
+        r = await self._unary(
+            "list_models",
+            lambda s: s.ListModels(client_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._md),
+        )
+        return {m.id: list(m.adapters) for m in r.models}

@@ -68,6 +68,8 @@ class WorkerEntry:
     draining: bool = False
     # the worker's start-up step-time model (``router.policy.LinearLatency``; None: not reported)
     profile: object | None = None
+    # LoRA adapters the worker serves (registration's ``adapters``; router.adapters reads them)
+    adapters: tuple[str, ...] = ()
 
 
 class Registry:
@@ -116,6 +118,7 @@ class Registry:
         model: str,
         load: WorkerLoad,
         profile: object | None = None,
+        adapters: tuple[str, ...] = (),
     ) -> None:
         with self._lock:
             old = self._workers.get(worker_id)
@@ -128,6 +131,7 @@ class Registry:
                 self.clock(),
                 old.inflight if old else 0,
                 profile=profile,
+                adapters=tuple(adapters),
             )
         self._changed()
 

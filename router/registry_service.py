@@ -118,6 +118,7 @@ class RegistryServicer:
             req.model,
             load_from_proto(req.stats),
             profile=profile_from_proto(req.profile) if req.HasField("profile") else None,
+            adapters=tuple(req.adapters),
         )
         log.info("registered %s worker %s at %s", kind.value, req.worker_id, req.address)
         return router_pb2.RegisterResponse(

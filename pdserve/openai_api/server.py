@@ -77,7 +77,7 @@ from pdserve.openai_api.translate import (
     models_response,
     parse_chat,
     parse_completion,
-    resolve_model,
+    resolve_target,
     sse_event,
 )
 from pdserve.security import SecurityConfigError, TLSMode, http_serves_tls, tls_mode_from_env
@@ -274,8 +274,11 @@ class _Exchange:
                 await self._refuse_method(path, (Method.GET.value,))
             await app.authorize(self._header("Authorization"))
             model = path[len(_MODEL_PREFIX) :]
-            await app.resolve(model)
-            await self._send_json(HTTPStatus.OK, model_object(model, app.created))
+            base, adapter = await app.resolve(model)
+            obj = (
+                model_object(model, app.created, parent=base) if adapter else model_object(model, app.created)
+            )
+            await self._send_json(HTTPStatus.OK, obj)
             return
         try:
             route = Route(path)
@@ -292,7 +295,8 @@ class _Exchange:
             await self._send_json(HTTPStatus.OK, {"status": "ok", "router": ",".join(app.config.routers)})
         elif route is Route.MODELS:
             await app.authorize(self._header("Authorization"))
-            await self._send_json(HTTPStatus.OK, models_response(await app.models(refresh=True), app.created))
+            ids = await app.models(refresh=True)
+            await self._send_json(HTTPStatus.OK, models_response(ids, app.created, app.adapters()))
         else:
             body = await self._read_json()
             check_json_strings(body)  # a lone surrogate anywhere: 400 here, not a 500 later
@@ -401,19 +405,24 @@ class _Exchange:
     async def _generate(self, call: GenerateCall) -> None:
         app = self.app
         tenant, auth_md = await app.forward_http(self._header("Authorization"), call.tenant)
-        model = await app.resolve(call.model)
+        model, adapter = await app.resolve(call.model)
         # X-Request-Id: the client's idempotency key (a second request with it while the first runs
         # is refused with 409); by default a fresh id
         rid = check_request_id(self._header("X-Request-Id") or "") or uuid.uuid4().hex
         meta = ResponseMeta(
-            call.kind, call.kind.id_prefix + rid, int(time.time()), model, call.include_usage, call.logprobs
+            call.kind,
+            call.kind.id_prefix + rid,
+            int(time.time()),
+            adapter or model,  # the name the request used: an adapter's responses name the adapter
+            call.include_usage,
+            call.logprobs,
         )
         stream = app.client.generate(
             call.sdk_prompt(),
             call.params,
             timeout=app.config.request_timeout_s,
             metadata=auth_md,
-            **{**call.sdk_kwargs(model, rid), "tenant": tenant},
+            **{**call.sdk_kwargs(model, rid, adapter), "tenant": tenant},
         )
         me = asyncio.current_task()
         assert me is not None
@@ -591,6 +600,7 @@ class OpenAIServer:
         self._client: RouterClient | None = client
         self.created = int(time.time())
         self._models: tuple[str, ...] = ()
+        self._adapters: dict[str, tuple[str, ...]] = {}  # base model id -> its LoRA adapters
         self._models_at = 0.0
         self._models_lock = asyncio.Lock()  # binds to the server's loop on first use
         self._sock = _listen(config.host, config.port, self.BACKLOG)
@@ -639,8 +649,17 @@ class OpenAIServer:
             now = time.monotonic()
             if refresh or not self._models or now - self._models_at > self.config.models_ttl_s:
                 self._models = tuple(await self.client.list_models())
+                # a router client stand-in without list_adapters (tests' scripted SDKs) serves none
+                lister = getattr(self.client, "list_adapters", None)
+                self._adapters = (
+                    {m: tuple(a) for m, a in (await lister()).items()} if lister is not None else {}
+                )
                 self._models_at = now
             return self._models
+
+    def adapters(self) -> dict[str, tuple[str, ...]]:
+        """The LoRA adapters of each base model, as of the last :meth:`models` refresh."""
+        return self._adapters
 
     async def check_health(self) -> None:
         """Returns when the router's grpc.health.v1 status of its Generate service is SERVING;
@@ -665,13 +684,14 @@ class OpenAIServer:
         """:meth:`EdgeAuth.forward_http` off the event loop when a key store is read."""
         return await self._blocking(self.edge.forward_http, authorization, user)
 
-    async def resolve(self, requested: str | None) -> str:
-        """The model id a request runs on (see :func:`translate.resolve_model`); a name missing
-        from the cached list is checked once more against a fresh one before the 404."""
+    async def resolve(self, requested: str | None) -> tuple[str, str]:
+        """The (base model id, LoRA adapter) a request runs on (see
+        :func:`translate.resolve_target`); a name missing from the cached lists is checked once
+        more against fresh ones before the 404."""
         try:
-            return resolve_model(requested, await self.models())
+            return resolve_target(requested, await self.models(), self.adapters())
         except UnknownModelError:
-            return resolve_model(requested, await self.models(refresh=True))
+            return resolve_target(requested, await self.models(refresh=True), self.adapters())
 
     # ------------------------------------------------------------------ lifecycle
     def _uvicorn_config(self) -> uvicorn.Config:

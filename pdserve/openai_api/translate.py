@@ -3,8 +3,10 @@
 Requests: :func:`parse_completion` / :func:`parse_chat` validate a decoded JSON body and return a
 :class:`GenerateCall` (the SDK prompt, a validated :class:`SamplingParams`, the request's
 tenant/priority/SLO and streaming options) or raise :class:`~pdserve.openai_api.errors.FieldError`
-(HTTP 400) naming the offending field. :func:`resolve_model` checks the ``model`` field against
-the router's models (:class:`~pdserve.openai_api.errors.UnknownModelError`, HTTP 404).
+(HTTP 400) naming the offending field. :func:`resolve_target` checks the ``model`` field against
+the router's models and their LoRA adapters (the field may name an adapter: the request then runs
+on its base model with that adapter) and raises
+:class:`~pdserve.openai_api.errors.UnknownModelError` (HTTP 404) for any other name.
 
 Responses: :func:`build_response` turns the SDK chunks of a finished generation into a
 ``text_completion`` / ``chat.completion`` object; :class:`StreamTranslator` turns them one by one
@@ -149,9 +151,12 @@ class GenerateCall:
             ]
         return [int(t) for t in self.prompt]  # type: ignore[arg-type]
 
-    def sdk_kwargs(self, model: str, request_id: str) -> dict[str, Any]:
-        """Keyword arguments of ``Client.generate`` besides prompt and params."""
+    def sdk_kwargs(self, model: str, request_id: str, adapter: str = "") -> dict[str, Any]:
+        """Keyword arguments of ``Client.generate`` besides prompt and params (``adapter``: the
+        LoRA adapter the ``model`` field named, see :func:`resolve_target`)."""
+        kw: dict[str, Any] = {"adapter": adapter} if adapter else {}
         return {
+            **kw,
             "model": model,
             "request_id": request_id,
             "priority": self.priority,
@@ -440,18 +445,31 @@ def parse_chat(body: Mapping[str, Any], defaults: Defaults = Defaults()) -> Gene
 
 
 def resolve_model(requested: str | None, served: Sequence[str]) -> str:
-    """The model id to use: ``requested`` if the router serves it, the first served one when the
-    body named none. Raises UnknownModelError (404) for any other name (a LoRA adapter's too:
-    adapters are not served yet, and a request for one must not get the base model)."""
+    """The base model id to use: ``requested`` if the router serves it, the first served one when
+    the body named none. Raises UnknownModelError (404) for any other name."""
+    return resolve_target(requested, served, {})[0]
+
+
+def resolve_target(
+    requested: str | None, served: Sequence[str], adapters: Mapping[str, Sequence[str]]
+) -> tuple[str, str]:
+    """``(base model, adapter)`` a request runs on. ``requested`` may name a base model the router
+    serves (adapter ``""``), or one of the LoRA adapters in ``adapters`` (base model id -> its
+    adapters): then its base model and that adapter. None: the first served model. Raises
+    UnknownModelError (404) for any other name: a request never falls back to the base model."""
     if not served:
         raise InternalError("the router lists no models")
     if requested is None:
-        return served[0]
+        return served[0], ""
     if requested in served:
-        return requested
+        return requested, ""
+    for base in served:
+        if requested in adapters.get(base, ()):
+            return base, requested
+    names = [*served, *(a for base in served for a in adapters.get(base, ()))]
     raise UnknownModelError(
-        f"The model '{requested}' does not exist; this server serves: {', '.join(served)} "
-        f"(LoRA adapters are not served: '{requested}' cannot name one)"
+        f"The model '{requested}' does not exist; this server serves: {', '.join(names)} "
+        "(base models and LoRA adapters)"
     )
 
 
@@ -721,11 +739,21 @@ def sse_event(obj: Mapping[str, Any]) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def models_response(model_ids: Sequence[str], created: int) -> dict[str, Any]:
-    """/v1/models: ``{"object": "list", "data": [model objects]}``."""
-    return {"object": "list", "data": [model_object(m, created) for m in model_ids]}
+def models_response(
+    model_ids: Sequence[str], created: int, adapters: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, Any]:
+    """/v1/models: ``{"object": "list", "data": [model objects]}``: the base models, then each
+    one's LoRA adapters (``adapters``: base id -> adapter names) with ``parent`` = the base id."""
+    data = [model_object(m, created) for m in model_ids]
+    for m in model_ids:
+        data.extend(model_object(a, created, parent=m) for a in (adapters or {}).get(m, ()))
+    return {"object": "list", "data": data}
 
 
-def model_object(model_id: str, created: int) -> dict[str, Any]:
-    """One OpenAI model object."""
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "pdserve"}
+def model_object(model_id: str, created: int, parent: str | None = None) -> dict[str, Any]:
+    """One OpenAI model object; ``parent``: the base model of a LoRA adapter (as vLLM lists them)."""
+    obj: dict[str, Any] = {"id": model_id, "object": "model", "created": created, "owned_by": "pdserve"}
+    if parent is not None:
+        obj["parent"] = parent
+        obj["root"] = parent
+    return obj
