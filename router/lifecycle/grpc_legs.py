@@ -29,6 +29,7 @@ from router.failover import LostPhase, LostWorker, TokenStop, check_stop, resume
 from router.lifecycle.events import KVRef
 from router.lifecycle.grpc_calls import Guarded, call_metadata, gone, raise_store_failure, remaining
 from router.lifecycle.ports import Chunk, ClientGoneError, PrefillAnswer, WorkerLostError
+from router.lifecycle.states import LifecycleError
 from router.progress import ProgressWatch
 from router.registry import WorkerEntry
 
@@ -116,7 +117,7 @@ class GrpcLegs:
         run, req = self.run, self.req
         k = len(run.out_ids)
         if k != num_output:
-            raise AssertionError(
+            raise LifecycleError(
                 f"request {run.rid}: the lifecycle has {num_output} output tokens, the relay {k}"
             )
         if k == 0:
@@ -389,7 +390,7 @@ class GrpcLegs:
         them), rendered by the router."""
         run = self.run
         if first_index != len(run.out_ids):
-            raise AssertionError(f"request {run.rid}: tokens from {first_index} after {len(run.out_ids)}")
+            raise LifecycleError(f"request {run.rid}: tokens from {first_index} after {len(run.out_ids)}")
         run.token_times.extend([time.monotonic() - run.t0] * len(tokens))
         text, _ = self.detok().add(list(tokens))
         run.out_ids.extend(tokens)
