@@ -427,6 +427,20 @@ class GenerateServicer:
         run.predicted_ttft_s = placement.estimated_ttft_s
         run.predicted_tpot_s = placement.estimated_tpot_s
         local = placement.local_prefill
+        self.metrics.routing.observe(time.perf_counter() - t_route)
+        log_event(
+            log,
+            "routed",
+            cluster_request_id=rid,  # the id the workers and the store log this request under
+            prefill=pw.worker_id,
+            decode=dw.worker_id,
+            policy=self.config.policy.value,
+            local_prefill=local,
+            store_prefix_blocks=info.store_prefix_blocks,
+            predicted_ttft_s=placement.estimated_ttft_s,
+            predicted_tpot_s=placement.estimated_tpot_s,
+            predicted_output_tokens=placement.predicted_output_tokens or None,
+        )
         machine = RequestLifecycle(
             rid,
             prefill_id=None if local else pw.worker_id,
@@ -442,26 +456,12 @@ class GenerateServicer:
         migrator = self.migrator(legs) if self.migrator is not None else None
         driver = LifecycleDriver(machine, legs, cluster, migrator)
         self._drivers[rid] = driver
-        async with contextlib.aclosing(driver.run(Placed(machine.prefill_id, dw.worker_id))) as served:
-            self.metrics.routing.observe(time.perf_counter() - t_route)
-            log_event(
-                log,
-                "routed",
-                cluster_request_id=rid,  # the id the workers and the store log this request under
-                prefill=pw.worker_id,
-                decode=dw.worker_id,
-                policy=self.config.policy.value,
-                local_prefill=local,
-                store_prefix_blocks=info.store_prefix_blocks,
-                predicted_ttft_s=placement.estimated_ttft_s,
-                predicted_tpot_s=placement.estimated_tpot_s,
-                predicted_output_tokens=placement.predicted_output_tokens or None,
-            )
-            try:
+        try:
+            async with contextlib.aclosing(driver.run(Placed(machine.prefill_id, dw.worker_id))) as served:
                 async for resp in served:
                     yield resp
-            finally:
-                self._drivers.pop(rid, None)
+        finally:
+            self._drivers.pop(rid, None)
 
     def migrate(self, request_id: str, destination: str) -> None:
         """Start moving running request ``request_id`` (its cluster id) to decode worker
