@@ -29,6 +29,13 @@ the simulator's Vidur latency model (``--model``, A100, TP1, one request alone),
 overlapped with compute (conservative). Disk bandwidth: ``--disk-gb-s``, default the cold
 promotion bandwidth measured in part 1.
 
+Part 3, the same trace in the simulator (queueing included): 8 prefill instances with a
+per-instance DRAM host pool (LIMITED: 1000 blocks of 512 tokens, less than an instance's share
+of the working set; 3000, about all of it, as the reference) and the GPU prefix cache (~840 blocks),
+without and with an (unlimited) disk tier at the measured and at 3 GB/s (assumed NVMe); the
+simulator uses a disk hit only when its read time beats recomputing those tokens
+(:mod:`simulator.instance`). Mean and p90 TTFT.
+
 Usage: python bench/kv_disk_tier.py [--gib 1] [--dram-blocks 64] [--batch 16] [--repeats 2]
        [--skip-trace] [--model llama-3-8b] [--dram-gb-s 25] [--disk-gb-s X] [--disk-factor 4]
 """
@@ -75,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--disk-factor", type=float, default=4.0, help="bounded disk tier = this x DRAM (default 4)"
     )
+    p.add_argument("--sim-requests", type=int, default=1500, help="part 3: trace requests (default 1500)")
+    p.add_argument("--sim-rate", type=float, default=4.0, help="part 3: arrival rate, req/s (default 4)")
     return p
 
 
@@ -276,6 +285,49 @@ def part2(args: argparse.Namespace, disk_gb_s: float) -> None:
             )
 
 
+# ---------------------------------------------------------------------------- part 3
+def part3(args: argparse.Namespace, disk_gb_s: float) -> None:
+    import statistics as st
+
+    from router.policy import InstanceRole, PolicyKind
+    from simulator.config import CacheConfig, ClusterConfig, HostPool, InstanceGroup, SimConfig
+    from simulator.latency import LatencySpec
+    from simulator.sim import Simulation
+    from simulator.workload import load_mooncake
+
+    w = load_mooncake(limit=args.sim_requests).with_rate(args.sim_rate)
+    working = len({h for r in w.requests for h in r.hash_ids})
+    groups = (InstanceGroup(InstanceRole.PREFILL, 8, 1), InstanceGroup(InstanceRole.DECODE, 0, 1))
+    print(
+        f"\npart 3: simulator, Mooncake trace head ({len(w)} requests at {args.sim_rate:g} req/s, working set "
+        f"{working} blocks), 8 x {args.model} prefill instances (A100, Vidur), local cache-aware routing, "
+        "per-instance DRAM host pool (LIMITED) + GPU prefix cache; disk tier unlimited; a disk hit is used "
+        "only when its read beats recomputing"
+    )
+    print(f"{'pool/inst':>9} {'disk GB/s':>9} | {'hit':>6} {'disk blocks':>11} | {'mean TTFT':>9} {'p90':>7}")
+    for pool_blocks in (1000, 3000):
+        for disk in (None, disk_gb_s, 3.0):
+            cache = CacheConfig(
+                host_pool=HostPool.LIMITED,
+                host_pool_tokens=pool_blocks * 512,
+                disk_pool_tokens=0 if disk is None else -1,
+                disk_gb_s=disk or 1.0,
+            )
+            c = ClusterConfig(
+                LatencySpec(args.model, "a100"), groups, policy=PolicyKind.LOCAL_CACHE_AWARE, cache=cache
+            )
+            r = Simulation(c, SimConfig()).run(w)
+            done = [x for x in r.records if x.finished]
+            tt = [x.ttft for x in done]
+            hit = sum(x.cached_tokens for x in done) / sum(x.input_len for x in done)
+            dblocks = sum(int(s["disk_blocks"]) for s in r.instance_stats.values())
+            label = "none" if disk is None else f"{disk:.2f}"
+            print(
+                f"{pool_blocks:9d} {label:>9} | {hit:6.1%} {dblocks:11d} | {st.mean(tt):8.3f}s "
+                f"{st.quantiles(tt, n=10)[-1]:6.3f}s   ({len(done)} served, {len(w) - len(done)} refused: prompt > context)"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.gib <= 0 or args.dram_blocks < 1 or args.batch < 1 or args.repeats < 1:
@@ -298,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         if disk_gb_s is None:
             raise SystemExit("--trace-only needs --disk-gb-s")
         part2(args, disk_gb_s)
+        part3(args, disk_gb_s)
     return 0
 
 

@@ -105,8 +105,8 @@ class CacheConfig:
     host_pool_tokens: int = 0  # capacity per instance for LIMITED
     host_block_tokens: int = 512  # host-pool granularity (Mooncake's block)
     # disk tier behind a LIMITED host pool (kv_store's --disk-tier): blocks evicted from the pool
-    # are kept on disk; a hit there costs its bytes / disk_gb_s before the request can start.
-    # 0: no disk tier; -1: unlimited
+    # are kept on disk; a hit there costs its bytes / disk_gb_s before the request can start, and
+    # is used only when that beats recomputing those tokens. 0: no disk tier; -1: unlimited
     disk_pool_tokens: int = 0
     disk_gb_s: float = 3.0  # disk read bandwidth, GB/s (assumed: one NVMe SSD)
 

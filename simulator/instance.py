@@ -18,6 +18,7 @@ from engine.block_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from pdserve.errors import InvalidRequestError
 from router.policy import InstanceRole
 from simulator.events import EventLoop
 from simulator.latency import LatencyModel
@@ -145,35 +146,77 @@ class SimInstance:
         return max(hbm, self.host_pool.contains_prefix(hashes))
 
     # ------------------------------------------------------------------ intake
-    def submit(self, req: Request, fetched_blocks: int = 0) -> None:
+    def submit(
+        self,
+        req: Request,
+        fetched_blocks: int = 0,
+        on_invalid: Callable[[InvalidRequestError], Any] | None = None,
+    ) -> None:
         """Queue a request (its prefix: ``fetched_blocks`` pulled from elsewhere, plus host-pool hits).
 
-        Raises ``InvalidRequestError`` when the request can never run here.
+        Raises ``InvalidRequestError`` when the request can never run here; when its start waits
+        for a disk-tier read, that error is found after the read and goes to ``on_invalid``
+        instead (raised if None).
         """
         hashes = req.block_hashes
         want = fetched_blocks
         disk_s = 0.0
         if isinstance(self.host_pool, TieredPrefixStore) and hashes:
-            hit = self.host_pool.lookup(hashes)
-            want = max(want, hit.blocks * self.host_pool.stride)
-            if hit.disk and want > fetched_blocks:
-                # blocks read from the disk tier before the request can start (Mooncake's SSD pool)
-                nbytes = hit.disk * self.host_pool.stride * self.block_size * self.latency.kv_bytes_per_token
+            pool, stride = self.host_pool, self.host_pool.stride
+            hit = pool.peek(hashes)
+            use = hit.blocks
+            # disk-tier blocks the GPU prefix cache does not already hold must be read first
+            hbm = self.hbm_prefix_blocks(hashes)
+            reads = sum(1 for j, in_dram in enumerate(hit.tiers) if not in_dram and (j + 1) * stride > hbm)
+            if reads:
+                # reading them must beat recomputing them: else use the leading DRAM-resident run
+                # only (what a router's transfer-time model would choose)
+                nbytes = reads * stride * self.block_size * self.latency.kv_bytes_per_token
                 disk_s = nbytes / self.disk_bytes_per_s
-                self.stats.disk_blocks += hit.disk * self.host_pool.stride
+                cap = (req.num_prompt_tokens - 1) // self.block_size
+                with_disk = min(hit.blocks * stride, cap) * self.block_size
+                without = min(max(hit.dram_run * stride, fetched_blocks, hbm), cap) * self.block_size
+                n = req.num_prompt_tokens
+                saved = self.latency.prefill_time([n - without], [without]) - self.latency.prefill_time(
+                    [n - with_disk], [with_disk]
+                )
+                if disk_s >= saved or with_disk <= without:
+                    use, disk_s = hit.dram_run, 0.0
+                else:
+                    self.stats.disk_blocks += reads * stride
+            pool.lookup(hashes[: use * stride])
+            want = max(want, use * stride)
         elif self.host_pool is not None and hashes:
             want = max(want, self.host_pool.prefix_blocks(hashes))
         want = min(want, len(hashes), (req.num_prompt_tokens - 1) // self.block_size)
-        self.queued_tokens += req.num_prompt_tokens
         if disk_s > 0:
-            self.loop.after(disk_s, self._enqueue, req, want)
+            self.queued_tokens += req.num_prompt_tokens  # the router sees it queued meanwhile
+            self.loop.after(disk_s, self._enqueue, req, want, on_invalid, True)
         else:
-            self._enqueue(req, want)
+            self._enqueue(req, want, None)
 
-    def _enqueue(self, req: Request, want: int) -> None:
+    def _enqueue(
+        self,
+        req: Request,
+        want: int,
+        on_invalid: Callable[[InvalidRequestError], Any] | None,
+        counted: bool = False,
+    ) -> None:
+        """Import the prefix and queue ``req`` (``counted``: its tokens are already in
+        ``queued_tokens``, added when its disk read began)."""
         if want > 0 and not self._import_prefix(req.block_hashes[:want]):
             self._retry.append((req, want))  # no room now: retry before each step while it waits
-        self.sched.add_request(req)
+        try:
+            self.sched.add_request(req)
+        except InvalidRequestError as e:
+            if counted:
+                self.queued_tokens -= req.num_prompt_tokens
+            if on_invalid is None:
+                raise
+            on_invalid(e)
+            return
+        if not counted:
+            self.queued_tokens += req.num_prompt_tokens
         self.kick()
 
     def _import_prefix(self, hashes: Sequence[BlockHash]) -> bool:

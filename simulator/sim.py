@@ -319,11 +319,14 @@ class _Run:
         self._submit(inst, req, rec, 0)
 
     def _submit(self, inst: SimInstance, req: Request, rec: RequestRecord, fetched: int) -> None:
-        try:
-            inst.submit(req, fetched)
-        except InvalidRequestError as e:
+        def invalid(e: InvalidRequestError) -> None:
             rec.rejected = f"invalid: {e}"
             self._violation(rec.request_id)
+
+        try:
+            inst.submit(req, fetched, on_invalid=invalid)
+        except InvalidRequestError as e:
+            invalid(e)
 
     # ------------------------------------------------------------------ step results
     def _on_step(self, rep: StepReport) -> None:

@@ -95,26 +95,31 @@ class TieredPrefixStore:
             self.dram_evictions += 1
             self._to_disk(old)
 
-    def lookup(self, hashes: Sequence[BlockHash]) -> TierHit:
-        """Leading held blocks of the prefix ``hashes`` (KV-block keys) and their tiers; then
-        refresh them (disk hits are promoted)."""
+    def peek(self, hashes: Sequence[BlockHash]) -> TierHit:
+        """Leading held blocks of the prefix ``hashes`` (KV-block keys) and their tiers, touching
+        nothing."""
         tiers: list[bool] = []
-        keys = self._keys(hashes)
-        for h in keys:
+        for h in self._keys(hashes):
             if h in self._dram:
                 tiers.append(True)
             elif h in self._disk:
                 tiers.append(False)
             else:
                 break
-        run = keys[: len(tiers)]
+        return TierHit(tuple(tiers))
+
+    def lookup(self, hashes: Sequence[BlockHash]) -> TierHit:
+        """:meth:`peek`, then refresh the blocks found (disk hits are promoted)."""
+        hit = self.peek(hashes)
+        tiers = hit.tiers
+        run = self._keys(hashes)[: len(tiers)]
         for h, in_dram in zip(run, tiers, strict=True):
             if not in_dram:  # refresh the disk copies first: promoting may demote and evict
                 self.promotions += 1
                 self._disk.move_to_end(h)
         for h in run:
             self._to_dram(h)
-        return TierHit(tuple(tiers))
+        return hit
 
     def contains_prefix(self, hashes: Sequence[BlockHash]) -> int:
         """Leading KV blocks of ``hashes`` held in either tier (a multiple of ``stride``), without

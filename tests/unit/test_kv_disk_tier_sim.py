@@ -62,7 +62,7 @@ def test_tiered_ratio_matches_the_single_tier_study_at_the_extremes() -> None:
     assert all(run <= d for _, d, _, run in t.per_request)
 
 
-def _prefill_only(disk_pool_tokens: int):
+def _prefill_only(disk_pool_tokens: int, disk_gb_s: float = 100.0):
     from router.policy import InstanceRole
     from simulator.config import CacheConfig, ClusterConfig, HostPool, InstanceGroup
     from simulator.latency import LatencySpec
@@ -71,7 +71,7 @@ def _prefill_only(disk_pool_tokens: int):
         host_pool=HostPool.LIMITED,
         host_pool_tokens=1024,  # two 512-token host blocks
         disk_pool_tokens=disk_pool_tokens,
-        disk_gb_s=1.0,
+        disk_gb_s=disk_gb_s,
     )
     # 70 GPU KV blocks (one prompt): a later request's prompt evicts an earlier one's from the GPU
     group = (InstanceGroup(InstanceRole.PREFILL, 1),)
@@ -96,10 +96,14 @@ def test_simulator_charges_a_disk_tier_hit_its_read_time() -> None:
     assert tiered.records[3].cached_tokens == 1024
     (stats,) = tiered.instance_stats.values()
     assert stats["disk_blocks"] == 64  # 1024 tokens / 16-token KV blocks
-    # the 1024 reused tokens' KV (512 KiB/token for Llama-2-7B) read at 1 GB/s before it starts
-    read_s = 1024 * 512 * 1024 / 1e9
+    # the 1024 reused tokens' KV (512 KiB/token for Llama-2-7B) read at 100 GB/s before it starts
+    read_s = 1024 * 512 * 1024 / 100e9
     t = tiered.records[3]
     assert t.first_scheduled - t.arrival == pytest.approx(read_s, rel=1e-6)
+    # at 1 GB/s the read (0.54 s) would take longer than recomputing 1024 tokens: not used
+    slow = Simulation(_prefill_only(-1, disk_gb_s=1.0)).run(w)
+    assert slow.records[3].cached_tokens == 0
+    assert next(iter(slow.instance_stats.values()))["disk_blocks"] == 0
     with pytest.raises(ValueError, match="LIMITED host pool"):
         from simulator.config import CacheConfig
 
