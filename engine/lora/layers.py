@@ -1,4 +1,4 @@
-"""Batched multi-LoRA application (Punica's BGMV/SGMV semantics in torch).
+"""Batched multi-LoRA application (Punica's SGMV semantics in torch).
 
 A :class:`LoRALinear` wraps one engine ``nn.Linear`` (possibly fused: q/k/v, gate/up) and adds,
 to each token's base output, the low-rank update of *that token's* adapter:
@@ -7,12 +7,13 @@ to each token's base output, the low-rank update of *that token's* adapter:
 ``[S, n*R, in]``, ``lora_b`` ``[S, n*R, out]``: ``n`` targets of the fused module, rank padded to
 ``R`` with zeros; B carries the module's scale and sits in its target's output columns).
 
-One forward serves the whole mixed batch with a fixed number of kernels, whatever the mix:
-the ``K`` slots the batch uses are gathered once (``index_select``), the shrink ``x @ A^T``
-covers them all, each token keeps only its own slot's columns (``masked_fill``), and one expand
-matmul adds the update in place. Base weights are never modified. The batch's slot assignment
-is read from a shared :class:`LoRABatchContext` that the engine sets before each forward; an
-inactive context (no adapter in the batch) costs nothing beyond one attribute check.
+One forward serves the whole mixed batch: the batch's adapter tokens are grouped by slot once per
+step (:class:`LoRABatchContext`: a permutation and one segment per adapter, SGMV's segments), and
+each module does, per segment, a shrink ``x_seg @ A[s]^T`` and an expand ``@ B[s]`` on views of
+the slot buffers (nothing is copied or merged; each token computes only its own adapter), then
+adds the segments' updates back in place. When the adapter tokens are already grouped (e.g. the
+whole batch on one adapter) no permutation is made. Base weights are never modified; an inactive
+context (no adapter in the batch) costs one attribute check per module.
 """
 
 from __future__ import annotations
@@ -24,49 +25,54 @@ from torch import nn
 class LoRABatchContext:
     """The adapter slot of every token of the current forward (shared by all LoRALinear).
 
-    ``slots``: the ``K`` slot indices the batch uses ``[K]`` (long); ``drop``: ``[T, K, 1]`` bool,
-    False only where token ``t`` uses the batch's ``k``-th slot (a base token drops every slot);
-    ``mask_needed``: False when every token uses the single slot (the mask is then skipped).
+    ``segments``: ``(slot, lo, hi)`` per adapter of the batch: rows ``lo:hi`` of the grouped
+    adapter tokens use ``slot``. ``perm``: the batch rows of the grouped tokens, in segment order
+    (None when the segments are already row ranges of the batch: then ``lo:hi`` are batch rows).
     ``expected_ids`` (the batch's token ids, in forward order) lets the model's pre-forward hook
     check that the forward it sees is the batch the context was built for."""
 
     def __init__(self) -> None:
         self.active = False
-        self.slots: torch.Tensor | None = None
-        self.drop: torch.Tensor | None = None
-        self.mask_needed = True
+        self.segments: list[tuple[int, int, int]] = []
+        self.perm: torch.Tensor | None = None
         self.expected_ids: list[int] = []
 
     def set(self, slot_per_token: list[int], ids: list[int], device: torch.device) -> None:
         """Build the context from each token's slot (-1: base model)."""
-        used = sorted({s for s in slot_per_token if s >= 0})
+        self.clear()
         self.expected_ids = ids
-        if not used:
-            self.clear()
-            self.expected_ids = ids
+        runs: list[tuple[int, int, int]] = []  # maximal runs of one slot, in batch order
+        for i, s in enumerate(slot_per_token):
+            if s < 0:
+                continue
+            if runs and runs[-1][0] == s and runs[-1][2] == i:
+                runs[-1] = (s, runs[-1][1], i + 1)
+            else:
+                runs.append((s, i, i + 1))
+        if not runs:
             return
-        col = {s: k for k, s in enumerate(used)}
-        t = len(slot_per_token)
-        keep = torch.zeros(t, len(used), 1, dtype=torch.bool)
-        rows = [i for i, s in enumerate(slot_per_token) if s >= 0]
-        keep[rows, [col[slot_per_token[i]] for i in rows], 0] = True
-        self.slots = torch.tensor(used, dtype=torch.long, device=device)
-        self.drop = (~keep).to(device)
-        self.mask_needed = not (len(used) == 1 and len(rows) == t)
+        if len({s for s, _, _ in runs}) == len(runs):  # one run per adapter: rows as they are
+            self.segments = runs
+        else:
+            rows: list[int] = []
+            for s in sorted({s for s, _, _ in runs}):
+                lo = len(rows)
+                rows.extend(i for i, t in enumerate(slot_per_token) if t == s)
+                self.segments.append((s, lo, len(rows)))
+            self.perm = torch.tensor(rows, dtype=torch.long, device=device)
         self.active = True
 
     def clear(self) -> None:
         self.active = False
-        self.slots = None
-        self.drop = None
-        self.mask_needed = True
+        self.segments = []
+        self.perm = None
         self.expected_ids = []
 
 
 class LoRALinear(nn.Module):
     """``base`` plus the per-token LoRA update of the adapter slots (see module doc).
 
-    ``lora_a``/``lora_b`` are buffers written by the adapter cache (engine.lora.cache)."""
+    ``lora_a``/``lora_b`` are buffers written by the adapter manager (engine.lora.manager)."""
 
     def __init__(
         self,
@@ -106,11 +112,13 @@ class LoRALinear(nn.Module):
         ctx = self.ctx
         if not ctx.active:
             return out
-        slots = ctx.slots
-        k = slots.shape[0]
-        a = self.lora_a.index_select(0, slots).reshape(k * self.width, self.in_features)
-        h = x @ a.t()  # [T, K*n*R]: shrink for every slot of the batch
-        if ctx.mask_needed:
-            h = h.view(x.shape[0], k, self.width).masked_fill_(ctx.drop, 0).view(x.shape[0], k * self.width)
-        b = self.lora_b.index_select(0, slots).reshape(k * self.width, self.out_features)
-        return out.addmm_(h, b)
+        a, b = self.lora_a, self.lora_b
+        if ctx.perm is None:  # each adapter's tokens are one row range of the batch
+            for s, lo, hi in ctx.segments:
+                out[lo:hi].addmm_(x[lo:hi] @ a[s].t(), b[s])
+            return out
+        xs = x.index_select(0, ctx.perm)
+        ys = torch.empty(xs.shape[0], self.out_features, dtype=out.dtype, device=out.device)
+        for s, lo, hi in ctx.segments:
+            torch.mm(xs[lo:hi] @ a[s].t(), b[s], out=ys[lo:hi])
+        return out.index_add_(0, ctx.perm, ys)

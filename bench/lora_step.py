@@ -1,0 +1,212 @@
+"""Multi-LoRA serving cost (Punica/S-LoRA checks of issue #16), ratios measured in one run.
+
+Eight random rank-``--rank`` PEFT adapters on every projection (q/k/v/o/gate/up/down) of the
+model (default: SmolLM2-135M) are written to a temporary folder and served by one engine.
+
+1. Decode step, batch ``--batch`` (32) at context ``--context``: the same batch spread over 8
+   adapters (4 requests each) vs all on 1 adapter (Punica: nearly equal; target <= 1.2x) vs the
+   base model (its requests on the LoRA engine, and an engine without LoRA: reported). Each
+   configuration has its own engine with its batch prefilled; their decode steps are timed
+   interleaved (one step of each per round) so machine noise hits them alike; medians.
+2. Throughput: 8 adapters x ``--per-adapter`` requests (prompt ``--context`` tokens, ``--gen``
+   output tokens) served together in one engine vs one adapter at a time (each adapter's requests
+   run to completion before the next adapter's start: what a server that holds one adapter, or
+   one merged model, at a time can do). Target >= 3x.
+
+Timed as this process's CPU time (``time.process_time``) with ``--threads 1`` by default: on a
+shared machine wall time mostly measures the other tenants (``--clock wall`` to use it anyway).
+
+Usage: python bench/lora_step.py [--model PATH] [--batch 32] [--context 64] [--steps 30]
+       [--rank 16] [--per-adapter 4] [--gen 32] [--threads 1] [--clock cpu|wall]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.lora import AdapterSpec, LoRAConfig  # noqa: E402
+from engine.models.config import ModelConfig  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+STEP_TARGET = 1.2
+THROUGHPUT_TARGET = 3.0
+N_ADAPTERS = 8
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_adapter(out: Path, cfg: ModelConfig, rank: int, seed: int) -> Path:
+    """A PEFT-format LoRA adapter (random A and B, std 0.02) on every projection."""
+    g = torch.Generator().manual_seed(seed)
+    h, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    dims = {
+        "self_attn.q_proj": (cfg.hidden_size, h),
+        "self_attn.k_proj": (cfg.hidden_size, kv),
+        "self_attn.v_proj": (cfg.hidden_size, kv),
+        "self_attn.o_proj": (h, cfg.hidden_size),
+        "mlp.gate_proj": (cfg.hidden_size, cfg.intermediate_size),
+        "mlp.up_proj": (cfg.hidden_size, cfg.intermediate_size),
+        "mlp.down_proj": (cfg.intermediate_size, cfg.hidden_size),
+    }
+    tensors = {}
+    for i in range(cfg.num_hidden_layers):
+        for name, (fin, fout) in dims.items():
+            key = f"base_model.model.model.layers.{i}.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fin, generator=g) * 0.02
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fout, rank, generator=g) * 0.02
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    conf = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(TARGETS),
+    }
+    (out / "adapter_config.json").write_text(json.dumps(conf))
+    return out
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def prefill_batch(eng: LLMEngine, ps: list[list[int]], adapters: list[str], max_tokens: int) -> None:
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for p, a in zip(ps, adapters, strict=True):
+        eng.add_request(None, p, sp, adapter_id=a)
+    while eng.stats().num_waiting or any(not r.is_decoding for r in eng.scheduler.running):
+        eng.step()
+
+
+def run_all(eng: LLMEngine, reqs: list[tuple[list[int], str]], gen: int) -> None:
+    sp = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    for p, a in reqs:
+        eng.add_request(None, p, sp, adapter_id=a)
+    while eng.has_unfinished():
+        eng.step()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="HF model folder (default: SmolLM2-135M)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--per-adapter", type=int, default=4)
+    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    a = ap.parse_args()
+    if a.batch % N_ADAPTERS:
+        ap.error(f"--batch must be a multiple of {N_ADAPTERS}")
+    torch.set_num_threads(a.threads)
+    clock: Callable[[], float] = time.process_time if a.clock == "cpu" else time.perf_counter
+    if a.model is None:
+        from pdserve.model_setup import ensure_default_model
+
+        model = ensure_default_model(progress=False)
+    else:
+        model = Path(a.model)
+    mcfg = ModelConfig.from_path(model)
+    tmp = Path(tempfile.mkdtemp(prefix="lora_bench_"))
+    names = [f"lora{i}" for i in range(N_ADAPTERS)]
+    specs = tuple(AdapterSpec(n, str(write_adapter(tmp / n, mcfg, a.rank, i))) for i, n in enumerate(names))
+    lora = LoRAConfig(specs, max_loras=N_ADAPTERS)
+    need = (a.context + a.steps + a.gen + 32) * a.batch // 16 + 64
+    ecfg = EngineConfig(num_kv_blocks=need, max_num_seqs=a.batch, max_num_batched_tokens=4096)
+    print(
+        f"model {model.name}, {N_ADAPTERS} adapters of rank {a.rank} on {', '.join(TARGETS)}; "
+        f"threads {a.threads}, clock {a.clock}"
+    )
+
+    # 1. decode step
+    ps = prompts(a.batch, a.context, mcfg.vocab_size, 0)
+    configs = {
+        "8 adapters": (lora, [names[i % N_ADAPTERS] for i in range(a.batch)]),
+        "1 adapter": (lora, [names[0]] * a.batch),
+        "base on LoRA engine": (lora, [""] * a.batch),
+        "engine without LoRA": (None, [""] * a.batch),
+    }
+    engines = {}
+    for label, (lc, adapters) in configs.items():
+        eng = LLMEngine.from_pretrained(model, ecfg, lora=lc)
+        prefill_batch(eng, ps, adapters, a.steps + 8)
+        engines[label] = eng
+    times: dict[str, list[float]] = {k: [] for k in engines}
+    for _ in range(3):  # warm-up
+        for eng in engines.values():
+            eng.step()
+    for _ in range(a.steps):
+        for label, eng in engines.items():
+            t0 = clock()
+            outs = eng.step()
+            times[label].append(clock() - t0)
+            assert len(outs) == a.batch, f"{label}: {len(outs)} decodes in the step"
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(
+        f"\ndecode step, batch {a.batch}, context ~{a.context + 3}..{a.context + 3 + a.steps}, {a.steps} steps (median ms):"
+    )
+    for k, v in med.items():
+        print(f"  {k:22s} {v:8.2f}")
+    r8 = med["8 adapters"] / med["1 adapter"]
+    print(
+        f"  8 adapters / 1 adapter        = {r8:.3f}x  (target <= {STEP_TARGET}) "
+        f"{'MET' if r8 <= STEP_TARGET else 'NOT MET'}"
+    )
+    print(f"  1 adapter / base on LoRA engine = {med['1 adapter'] / med['base on LoRA engine']:.3f}x")
+    print(f"  1 adapter / engine without LoRA = {med['1 adapter'] / med['engine without LoRA']:.3f}x")
+    print(
+        f"  base on LoRA engine / engine without LoRA = {med['base on LoRA engine'] / med['engine without LoRA']:.3f}x"
+    )
+    for eng in engines.values():
+        eng.close()
+    del engines
+
+    # 2. throughput
+    eng = LLMEngine.from_pretrained(model, ecfg, lora=lora)
+    n = a.per_adapter
+    tp = prompts(N_ADAPTERS * n, a.context, mcfg.vocab_size, 1)
+    reqs = [(tp[i], names[i // n]) for i in range(N_ADAPTERS * n)]
+    run_all(eng, reqs[:n], 4)  # warm-up
+    t0 = clock()
+    run_all(eng, reqs, a.gen)
+    together = clock() - t0
+    eng = LLMEngine.from_pretrained(model, ecfg, lora=lora)  # fresh: no prefix cache from the run above
+    run_all(eng, reqs[:n], 4)
+    t0 = clock()
+    for k in range(N_ADAPTERS):
+        run_all(eng, reqs[k * n : (k + 1) * n], a.gen)
+    one_at_a_time = clock() - t0
+    toks = N_ADAPTERS * n * a.gen
+    ratio = one_at_a_time / together
+    print(
+        f"\nthroughput, {N_ADAPTERS} adapters x {n} requests, prompt {a.context}, {a.gen} output tokens each:"
+    )
+    print(f"  together (one engine, mixed batches)  {together:7.2f} s  {toks / together:8.1f} tok/s")
+    print(
+        f"  one adapter at a time                 {one_at_a_time:7.2f} s  {toks / one_at_a_time:8.1f} tok/s"
+    )
+    print(
+        f"  together / one at a time = {ratio:.2f}x  (target >= {THROUGHPUT_TARGET}) {'MET' if ratio >= THROUGHPUT_TARGET else 'NOT MET'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
