@@ -102,17 +102,27 @@ def run_all(eng: LLMEngine, reqs: list[tuple[list[int], str]], gen: int) -> None
         eng.step()
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF model folder (default: the bundled SmolLM2-135M)")
+    ap.add_argument(
+        "--batch", type=int, default=32, help="decode batch (a multiple of 8: 4 requests per adapter)"
+    )
+    ap.add_argument("--context", type=int, default=64, help="prompt tokens per request")
+    ap.add_argument("--steps", type=int, default=30, help="decode steps timed per configuration")
+    ap.add_argument("--rank", type=int, default=16, help="rank of every adapter")
+    ap.add_argument("--per-adapter", type=int, default=4, help="throughput: requests per adapter")
+    ap.add_argument("--gen", type=int, default=32, help="throughput: output tokens per request")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="process CPU time or wall time")
+    return cli_help.apply(ap)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="HF model folder (default: SmolLM2-135M)")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--context", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--per-adapter", type=int, default=4)
-    ap.add_argument("--gen", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap = build_parser()
     a = ap.parse_args()
     if a.batch % N_ADAPTERS:
         ap.error(f"--batch must be a multiple of {N_ADAPTERS}")

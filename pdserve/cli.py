@@ -53,9 +53,14 @@ def _cmd_generate_embedded(a: argparse.Namespace) -> int:
     from pdserve.model_setup import resolve_model_path
 
     path = resolve_model_path(a.model)
+    lora = _lora_config(a.lora)
+    if a.adapter and lora is None:
+        print("pdserve generate --embedded --adapter NAME needs --lora NAME=PATH", file=sys.stderr)
+        return 2
     eng = LLMEngine.from_pretrained(
         path,
         EngineConfig(device=a.device, dtype=a.dtype, num_kv_blocks=a.kv_blocks, tensor_parallel_size=a.tp),
+        lora=lora,
     )
     params = SamplingParams(
         max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed
@@ -65,7 +70,7 @@ def _cmd_generate_embedded(a: argparse.Namespace) -> int:
     else:
         ids = eng.tokenizer.encode_chat([{"role": "user", "content": a.prompt}])
     t0 = time.monotonic()
-    eng.add_request("cli", ids, params)
+    eng.add_request("cli", ids, params, adapter_id=a.adapter)
     first = None
     n = 0
     while eng.has_unfinished():
@@ -86,6 +91,24 @@ def _cmd_generate_embedded(a: argparse.Namespace) -> int:
 
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _lora_specs(values: list[str]) -> list[str]:
+    """``--lora NAME=PATH`` values with PATH made absolute (workers run in other directories);
+    raises ValueError naming a malformed one."""
+    from pathlib import Path
+
+    from engine.lora import AdapterSpec
+
+    specs = [AdapterSpec.parse(v) for v in values]
+    return [f"{s.name}={Path(s.path).resolve()}" for s in specs]
+
+
+def _lora_config(values: list[str]):
+    """The embedded engine's LoRA config from ``--lora`` flags (None without any)."""
+    from engine.lora import AdapterSpec, LoRAConfig
+
+    return LoRAConfig(tuple(AdapterSpec.parse(v) for v in _lora_specs(values))) if values else None
 
 
 def _key_store_arg(store: str) -> str:
@@ -122,9 +145,15 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         f"pdserve: starting store, router, {a.prefill} prefill and {a.decode} decode worker(s) ...",
         file=sys.stderr,
     )
+    try:
+        loras = _lora_specs(a.lora)
+    except ValueError as e:
+        print(f"pdserve serve: {e}", file=sys.stderr)
+        return 2
     cl = launch(
         ClusterSpec(
             model_path=str(path),
+            worker_args=tuple(x for spec in loras for x in ("--lora", spec)),
             num_prefill=a.prefill,
             num_decode=a.decode,
             router_port=int(port),
@@ -184,6 +213,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
             top_p=a.top_p,
             top_k=a.top_k,
             seed=a.seed,
+            adapter=a.adapter,
         ):
             sys.stdout.write(ch.text)
             sys.stdout.flush()
@@ -207,6 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embedded", action="store_true", help="run the engine in this process (no server)")
     g.add_argument("--address", default=DEFAULT_ADDRESS, help="router address (see `pdserve serve`)")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
+    g.add_argument(
+        "--adapter",
+        default="",
+        help="LoRA adapter to generate with (a name the cluster serves: `pdserve serve --lora NAME=PATH`; "
+        "with --embedded, give --lora NAME=PATH too) (default: the base model)",
+    )
+    g.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="with --embedded: serve this PEFT LoRA adapter folder under NAME (repeatable)",
+    )
     _engine_args(g)
     _sampling_args(g)
     add_client_tls_args(g)
@@ -235,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
         "a router that exits is restarted",
     )
     sv.add_argument("--kv-blocks", type=int, default=2048, help="KV pool size per worker, in blocks")
+    sv.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve the PEFT LoRA adapter folder PATH under NAME on every worker (repeatable); "
+        "requests name it as their adapter (OpenAI: model field)",
+    )
     sv.add_argument(
         "--policy",
         default="",
