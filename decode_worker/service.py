@@ -132,16 +132,19 @@ class DecodeServicer:
             self.pull_metrics.count_shm_fallbacks(new)
             self.puller.release(handle)
 
-    def _wait_for_blocks(self, num_tokens: int, ctx: grpc.ServicerContext) -> None:
+    def _wait_for_blocks(self, num_tokens: int, ctx: grpc.ServicerContext, adapter: str = "") -> None:
+        """Wait (up to the admission timeout) until the engine has blocks for ``num_tokens`` and,
+        with ``adapter``, a LoRA slot for it; ResourceExhaustedError after."""
         limit = self.state.config.admission_timeout_s
         remaining = ctx.time_remaining()
         if remaining is not None and remaining < 1e7:
             limit = min(limit, remaining)
         deadline = time.monotonic() + limit
-        while not self.state.loop.call(lambda e: e.can_admit(num_tokens)):
+        while not self.state.loop.call(lambda e: e.can_admit(num_tokens, adapter)):
             if time.monotonic() >= deadline or not ctx.is_active():
+                lora = f" or LoRA slot for adapter {adapter!r}" if adapter else ""
                 raise ResourceExhaustedError(
-                    f"decode worker {self.state.config.worker_id} has no free KV blocks for {num_tokens} tokens",
+                    f"decode worker {self.state.config.worker_id} has no free KV blocks{lora} for {num_tokens} tokens",
                     retry_after_s=1.0,
                 )
             time.sleep(0.01)
@@ -253,7 +256,7 @@ class DecodeServicer:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens but the KV handle holds {handle.num_tokens}"
             )
-        self._wait_for_blocks(len(ids), ctx)
+        self._wait_for_blocks(len(ids), ctx, req.adapter)
         blocks, pull_s = self._pull(handle)
         first_lp = (
             logprob_from_proto(req.first_token_logprob) if req.HasField("first_token_logprob") else None

@@ -673,10 +673,15 @@ class LLMEngine:
         return self.kv.insert_cached(hashes, lambda ids: self.runner.import_blocks(ids, blocks[: len(ids)]))
 
     # ------------------------------------------------------------------ decode role
-    def can_admit(self, num_tokens: int) -> bool:
+    def can_admit(self, num_tokens: int, adapter_id: str = "") -> bool:
         """Whether blocks for ``num_tokens`` (+1 to decode into) are free now (with a sliding
-        window, only the blocks still inside it are needed)."""
-        return self._import_need(num_tokens) <= self.kv.num_free_blocks
+        window, only the blocks still inside it are needed) and, with ``adapter_id``, whether its
+        LoRA slot can be taken now (an adapter not in host memory starts loading; unknown: False)."""
+        if self._import_need(num_tokens) > self.kv.num_free_blocks:
+            return False
+        if not adapter_id:
+            return True
+        return self.lora is not None and self.lora.has(adapter_id) and self.lora.ready(adapter_id)
 
     def _import_need(self, num_tokens: int) -> int:
         return self.kv.blocks_needed(num_tokens + 1) - self.kv.num_skippable_blocks(num_tokens)

@@ -178,6 +178,13 @@ class LoRAManager:
             _wait(futs[0], timeout_s)
 
     # ------------------------------------------------------------------ slots
+    def ready(self, name: str) -> bool:
+        """Whether :meth:`acquire` would succeed now (starts reading the adapter from disk when
+        it is not in host memory)."""
+        if self.slots.slot_of(name) is not None:
+            return True
+        return self.slots.can_acquire(name) and self._host_copy(name) is not None
+
     def acquire(self, name: str) -> bool:
         """Pin ``name`` in an engine slot for one request (writing it there if needed); False when
         it cannot run now (every slot pinned, or its host copy is being read): try again later."""

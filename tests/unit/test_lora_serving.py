@@ -209,3 +209,21 @@ def test_engine_refuses_unserved_adapter_before_any_work(tiny):
     with pytest.raises(ModelNotFoundError, match="'b2' is not served"):
         eng.import_kv("r", [1, 2, 3], 4, blocks, SamplingParams(), adapter_id="b2")
     assert eng.stats().kv_blocks_used == 0
+
+
+def test_decode_admission_waits_for_a_lora_slot(tiny, tmp_path):
+    """With one slot, a handoff for a second adapter is not admitted while the first runs
+    (the decode worker waits on can_admit instead of failing the import)."""
+    base, a1 = tiny
+    a2 = make_adapter(base, tmp_path / "a2", r=2, alpha=4, targets=["o_proj"], seed=6)
+    lora = LoRAConfig((AdapterSpec("a1", str(a1)), AdapterSpec("a2", str(a2))), max_loras=1)
+    eng = LLMEngine.from_pretrained(base, EngineConfig(num_kv_blocks=32), lora=lora)
+    assert eng.can_admit(4, "a1") and eng.can_admit(4, "a2") and not eng.can_admit(4, "zz")
+    eng.add_request("r1", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True), adapter_id="a1")
+    eng.add_request("r2", [4, 5, 6], SamplingParams(max_tokens=3, ignore_eos=True), adapter_id="a2")
+    assert not eng.can_admit(4, "a2") and eng.can_admit(4, "a1") and eng.can_admit(4)
+    assert eng.stats().num_waiting == 2  # r2 waits outside the scheduler for the slot
+    done = []
+    while eng.has_unfinished():
+        done += [o.request_id for o in eng.step() if o.finished]
+    assert done == ["r1", "r2"] and eng.can_admit(4, "a1")
