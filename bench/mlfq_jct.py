@@ -5,8 +5,9 @@ in the simulator: Llama-2-7B on one A100 (Vidur profiles from ../shared/data/vid
 The engine's own :class:`engine.scheduler.Scheduler` runs inside the simulator
 (:mod:`simulator.instance`) on the simulated clock, with the latency model's prefill time for
 skip-join; the two runs differ only in ``SchedulerConfig.policy`` (FCFS vs MLFQ, the engine's
-default MLFQ settings unless flags say otherwise). Preemption is by recomputation in both (the
-simulator does not model the host swap pool). Same requests, same arrival times (equal load).
+default MLFQ settings unless flags say otherwise). Preemption recomputes, or with ``--swap-gib``
+the scheduler swaps a victim's KV to a host pool when cheaper (copies at 25 GB/s, charged to the
+step). Same requests, same arrival times (equal load).
 
 Workload (seeded): Poisson arrivals; prompts lognormal (median ``--in-median`` tokens, sigma
 1.0, 8..2048); outputs heavy-tailed lognormal (median ``--out-median``, sigma ``--out-sigma``,
@@ -17,7 +18,7 @@ steady stream sustains, so 1.0 is not yet overload: queues build from about 1.1)
 JCT = finish - arrival. Prints mean and p90 JCT per policy and the MLFQ/FCFS ratios.
 Target: lower mean JCT with MLFQ than FCFS at equal load (PASS/FAIL per load).
 
-Usage: python bench/mlfq_jct.py [--requests 1500] [--loads 0.9,1.1,1.3] [--max-num-seqs 16] [--levels N]
+Usage: python bench/mlfq_jct.py [--requests 1500] [--loads 0.9,1.1,1.3] [--max-num-seqs 16] [--levels N] [--swap-gib G]
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base-prefill-s", type=float, default=None, help="MLFQ skip-join base (default: engine's)"
     )
+    p.add_argument(
+        "--swap-gib", type=float, default=0.0, help="host swap pool per instance, GiB (default 0: recompute)"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -87,15 +91,20 @@ def scheduler(args: argparse.Namespace, policy: SchedulingPolicy) -> SchedulerCo
     return dataclasses.replace(base, **kw)
 
 
-def run(args: argparse.Namespace, w: Workload, policy: SchedulingPolicy) -> tuple[list[float], float, int]:
+def run(args: argparse.Namespace, w: Workload, policy: SchedulingPolicy) -> tuple[list[float], float, str]:
     cluster = colocated(
-        LatencySpec("llama-2-7b", "a100"), 1, scheduler=scheduler(args, policy), max_model_len=MAX_LEN
+        LatencySpec("llama-2-7b", "a100"),
+        1,
+        scheduler=scheduler(args, policy),
+        max_model_len=MAX_LEN,
+        swap_space_gib=args.swap_gib,
     )
     res = Simulation(cluster).run(w)
     jct = [r.finish - r.arrival for r in res.records if r.finished]
     if len(jct) != len(w):
         raise SystemExit(f"{policy.value}: {len(w) - len(jct)} of {len(w)} requests did not finish")
-    pre = sum(int(s.get("preemptions", 0)) for s in res.instance_stats.values()) if res.instance_stats else 0
+    (st,) = res.instance_stats.values()
+    pre = f"{int(st['preemptions'])}/{int(st['swap_outs'])}/{st['swap_s']:.0f}s"
     return jct, res.sim_time_s, pre
 
 
@@ -125,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"MLFQ: {cfg.mlfq_num_levels} levels, quantum {cfg.mlfq_quantum_iters} x 2^level iterations, skip-join "
         f"base {cfg.mlfq_base_prefill_s * 1e3:.0f} ms, starvation {cfg.mlfq_starvation_s:g} s; "
-        f"burst throughput (FCFS) {capacity:.2f} req/s"
+        f"swap pool {args.swap_gib:g} GiB; burst throughput (FCFS) {capacity:.2f} req/s"
     )
     print(
         f"{'load':>5} {'rate':>6} | {'FCFS mean':>9} {'p90':>8} | {'MLFQ mean':>9} {'p90':>8} | "
@@ -135,14 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     for load in loads:
         rate = load * capacity
         w = workload(args, rate)
-        f, _, _ = run(args, w, SchedulingPolicy.FCFS)
-        m, _, _ = run(args, w, SchedulingPolicy.MLFQ)
+        f, _, fp = run(args, w, SchedulingPolicy.FCFS)
+        m, _, mp = run(args, w, SchedulingPolicy.MLFQ)
         fm, mm = statistics.mean(f), statistics.mean(m)
         good = mm < fm
         ok &= good
         print(
             f"{load:5.2f} {rate:6.2f} | {fm:8.2f}s {p90(f):7.2f}s | {mm:8.2f}s {p90(m):7.2f}s | "
-            f"{mm / fm:6.2f} {p90(m) / p90(f):6.2f} | {'PASS' if good else 'FAIL'}"
+            f"{mm / fm:6.2f} {p90(m) / p90(f):6.2f} | {'PASS' if good else 'FAIL'}   "
+            f"preemptions/swap-outs/swap time: FCFS {fp}, MLFQ {mp}"
         )
     print(
         f"target: MLFQ mean JCT < FCFS at equal load: {'PASS' if ok else 'FAIL'} ({time.perf_counter() - t0:.0f} s)"

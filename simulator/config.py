@@ -136,6 +136,18 @@ class ClusterConfig:
     # the serving path the latency model does not cover (client -> router -> worker RPCs, the
     # first token's way back). 0 = none (the default; no extra events are scheduled).
     dispatch_overhead_s: float = 0.0
+    # Swap-based preemption (the engine's host KV pool, issue #15): host memory per instance for
+    # swapped-out KV (0: preemption recomputes) and the device<->host copy bandwidth; the engine's
+    # scheduler picks swap or recompute per request by cost, and each step's copies add
+    # blocks * block bytes / bandwidth to the step's time.
+    swap_space_gib: float = 0.0
+    swap_gb_s: float = 25.0  # one direction (assumed: PCIe 4.0 x16)
+
+    def __post_init__(self) -> None:
+        if not (self.swap_space_gib >= 0 and math.isfinite(self.swap_space_gib)):
+            raise ValueError(f"swap_space_gib must be >= 0, got {self.swap_space_gib}")
+        if not (self.swap_gb_s > 0 and math.isfinite(self.swap_gb_s)):
+            raise ValueError(f"swap_gb_s must be > 0, got {self.swap_gb_s}")
 
     @property
     def mode(self) -> Mode:

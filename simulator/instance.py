@@ -18,6 +18,7 @@ from engine.block_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.swap_policy import SwapRates
 from pdserve.errors import InvalidRequestError
 from router.policy import InstanceRole
 from simulator.events import EventLoop
@@ -63,6 +64,7 @@ class InstanceStats:
     imported_blocks: int = 0
     import_failures: int = 0
     disk_blocks: int = 0  # KV blocks of host-pool hits read from its disk tier
+    swap_s: float = 0.0  # step time spent copying swapped KV blocks
 
 
 class SimInstance:
@@ -81,6 +83,8 @@ class SimInstance:
         host_pool: PrefixStore | TieredPrefixStore | None = None,
         tp: int = 1,
         disk_bytes_per_s: float = 3e9,
+        swap_space_bytes: int = 0,
+        swap_bytes_per_s: float = 25e9,
     ) -> None:
         """``host_pool``: the instance's host KV pool; a :class:`TieredPrefixStore` adds a disk
         tier behind it, whose hits delay the request's start by their bytes / ``disk_bytes_per_s``
@@ -89,14 +93,30 @@ class SimInstance:
         self.instance_id = instance_id
         self.role = role
         self.tp = tp
+        block_nbytes = max(1, block_size * latency.kv_bytes_per_token)
         self.kv = KVCacheManager(
-            num_blocks, block_size, model_id="sim", enable_prefix_caching=enable_prefix_caching
+            num_blocks,
+            block_size,
+            model_id="sim",
+            enable_prefix_caching=enable_prefix_caching,
+            num_host_blocks=swap_space_bytes // block_nbytes,
         )
+        self.block_nbytes = block_nbytes
+        self.swap_bytes_per_s = swap_bytes_per_s
         # the simulated clock (MLFQ's starvation bound) and the latency model's prefill time (its
         # skip-join level): the engine's scheduler runs here as is
         self.sched = Scheduler(
-            scheduler, self.kv, clock=loop.now, prefill_time=lambda n: latency.prefill_time([n])
+            scheduler,
+            self.kv,
+            clock=loop.now,
+            prefill_time=lambda n: latency.prefill_time([n]),
+            block_nbytes=block_nbytes,
         )
+        if swap_space_bytes >= block_nbytes:
+            # swap or recompute, chosen by the scheduler from these rates (the engine measures
+            # them; here: the copy bandwidth given and the model's prefill rate at the token budget)
+            budget = scheduler.max_num_batched_tokens
+            self.sched.set_swap_rates(SwapRates(swap_bytes_per_s, budget / latency.prefill_time([budget])))
         self.latency = latency
         self.loop = loop
         self.on_step = on_step
@@ -285,11 +305,12 @@ class SimInstance:
             self.busy = False
             return
         if out.preempted:
+            swapped = set(out.swapped_out)
             for rid in out.preempted:
                 r = sched.requests.get(rid)
-                if r is not None:
+                if r is not None and rid not in swapped:  # recomputed: its tokens are queued again
                     self.queued_tokens += r.num_tokens
-                self._started.discard(rid)
+                    self._started.discard(rid)
         pre_tok: list[int] = []
         pre_ctx: list[int] = []
         n_dec = 0
@@ -318,6 +339,10 @@ class SimInstance:
         self.queued_tokens -= q
         dt = self.latency.step_time(pre_tok, pre_ctx, n_dec, dec_ctx)
         st = self.stats
+        if out.swap_out or out.swap_in:  # the copies run before the forward pass
+            swap_s = (len(out.swap_out) + len(out.swap_in)) * self.block_nbytes / self.swap_bytes_per_s
+            dt += swap_s
+            st.swap_s += swap_s
         st.steps += 1
         st.busy_s += dt
         st.prefill_tokens += q

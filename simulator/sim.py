@@ -193,6 +193,8 @@ class _Run:
                         host_pool=host,
                         tp=g.tp,
                         disk_bytes_per_s=c.cache.disk_gb_s * 1e9,
+                        swap_space_bytes=int(c.swap_space_gib * 2**30),
+                        swap_bytes_per_s=c.swap_gb_s * 1e9,
                     )
                 )
         if not out:
@@ -224,6 +226,8 @@ class _Run:
                 "prefill_tokens": i.stats.prefill_tokens,
                 "decode_tokens": i.stats.decode_tokens,
                 "preemptions": i.sched.num_preemptions,
+                "swap_outs": i.sched.num_swap_outs,
+                "swap_s": i.stats.swap_s,
                 "imported_blocks": i.stats.imported_blocks,
                 "disk_blocks": i.stats.disk_blocks,
                 "kv_blocks": i.total_blocks,
