@@ -284,7 +284,9 @@ class MigrationImport:
 
     def __init__(self, engine: LLMEngine, header: MigrationHeader) -> None:
         """Check the header against this engine. Raises LayoutMismatchError (other model or KV
-        layout), InvalidRequestError (the id is in use here, or a sliding-window model)."""
+        layout), InvalidRequestError (the id is in use here, or a sliding-window model),
+        ResourceExhaustedError (the request's prompt plus max_tokens outgrows this whole pool).
+        Allocates nothing."""
         if header.model_id != engine.model_id:
             raise LayoutMismatchError(
                 f"request {header.request_id!r} runs model {header.model_id!r}, this engine serves {engine.model_id!r}"
@@ -303,6 +305,16 @@ class MigrationImport:
         if rid in engine._tracked or rid in engine._prefilled or engine.kv.has(rid):
             raise InvalidRequestError(f"request id {rid!r} is already in use on the destination")
         engine._validate_prompt(list(header.prompt_token_ids))
+        probe = Request(rid, header.prompt_token_ids, header.params)
+        peak = engine.scheduler._peak_blocks(probe)
+        if peak > engine.kv.num_blocks:
+            # it would preempt itself forever here (the scheduler refuses such a request at
+            # admission): the destination is too small for it
+            raise ResourceExhaustedError(
+                f"request {rid!r} (prompt {len(header.prompt_token_ids)} tokens, max_tokens "
+                f"{header.params.max_tokens}) needs up to {peak} KV blocks, the destination has "
+                f"{engine.kv.num_blocks} in all"
+            )
         self.engine = engine
         self.header = header
         # the prompt's block keys now, not in the stop-and-copy (O(context) hashing)
@@ -427,7 +439,10 @@ def migrate_in_process(
     raises MigrationAborted(DEST_FULL). Returns the final state (the resume index of the output
     stream is ``len(final.output_token_ids)``)."""
     exp = MigrationExport(src, request_id)
-    imp = MigrationImport(dst, exp.header())
+    try:
+        imp = MigrationImport(dst, exp.header())
+    except ResourceExhaustedError as e:
+        raise MigrationAborted(AbortReason.DEST_FULL, str(e)) from e
     try:
         imp.add_stage(exp.next_stage())
         for _ in range(max_stages - 1):

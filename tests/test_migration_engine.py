@@ -152,22 +152,41 @@ def test_destination_out_of_blocks_aborts_and_the_request_continues(src, llama):
 def test_destination_full_at_the_last_stage_frees_every_stage(src, llama):
     prompt = _prompt(30, seed=8)
     ref = _reference(src, prompt, GREEDY)
-    tight = _engine(llama, blocks=9)
+    tight = _engine(llama, blocks=20)  # holds the request alone (30 + 40 tokens: 18 blocks)
     src.add_request("late", prompt, GREEDY)
     _steps(src, 2)
     exp = MigrationExport(src, "late")
     imp = MigrationImport(tight, exp.header())
-    imp.add_stage(exp.next_stage())  # 7 full blocks fit
-    assert tight.kv.num_free_blocks == 2
-    _steps(src, 12)  # 3 more blocks filled: the rest no longer fits
+    imp.add_stage(exp.next_stage())  # 7 full blocks
+    # another request takes the destination's room meanwhile
+    tight.add_request(
+        "filler", _prompt(40, seed=15), SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    )
+    _steps(tight, 1)
+    assert tight.kv.num_free_blocks == 3  # 20 - 7 migrated - 10 of the filler
+    _steps(src, 12)  # 4 more blocks to copy: they no longer fit
     final = exp.stop_and_copy()
     with pytest.raises(ResourceExhaustedError):
         imp.finish(final)
     imp.abort()
     exp.resume()
+    tight.abort("filler")
     _no_leaks(tight)
     assert _run(src, "late") == ref
     _no_leaks(src)
+
+
+def test_destination_too_small_for_the_whole_request_is_refused_up_front(src, llama):
+    """Prompt + max_tokens outgrowing the destination's whole pool would preempt itself forever
+    there: refused before anything is copied."""
+    small = _engine(llama, blocks=12)
+    src.add_request("big", _prompt(20, seed=16), GREEDY)  # 60 tokens: 15 blocks
+    _steps(src, 2)
+    exp = MigrationExport(src, "big")
+    with pytest.raises(ResourceExhaustedError, match="in all"):
+        MigrationImport(small, exp.header())
+    src.abort("big")
+    _no_leaks(src, small)
 
 
 def test_source_finishing_mid_copy_aborts_cleanly(src, dst):
