@@ -30,7 +30,7 @@ import sys
 from prometheus_client import REGISTRY
 
 from kv_store.disk_metrics import register_disk_metrics
-from kv_store.disk_tier import GIB, DiskTierConfig, DiskTierOpenError
+from kv_store.disk_tier import GIB, DiskTierConfig, DiskTierOpenError, DiskTierSizeError
 from kv_store.layout import KVLayout
 from kv_store.redis_index import make_index
 from kv_store.segment import ForeignSegmentError
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="N",
-        help="segment file size in MiB (0: min(256, budget / 4))",
+        help="segment file size in MiB (0: min(256, budget / 2)); at most half the budget",
     )
     add_process_security_args(ap, redis=True)
     return cli_help.apply(ap)
@@ -148,6 +148,11 @@ def disk_tier_config(path: str | None, gib: float | None, segment_mib: float = 0
         probe = parent
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"--disk-tier {path}: {probe} is not writable by this process")
+    if segment_mib * (1 << 20) > gib * GIB / 2:
+        raise ValueError(
+            f"--disk-tier-segment-mib {segment_mib:g} must be at most half of --disk-tier-gib {gib:g} "
+            "(whole segments are evicted, the one being written never)"
+        )
     return DiskTierConfig(path, int(gib * GIB), segment_bytes=int(segment_mib * (1 << 20)))
 
 
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_store_node(config, index, on_ready=ready, metrics=metrics)
-    except (ForeignSegmentError, DiskTierOpenError) as e:
+    except (ForeignSegmentError, DiskTierOpenError, DiskTierSizeError) as e:
         sp.error(f"--disk-tier: {e}")
     return 0
 

@@ -74,12 +74,18 @@ class DiskTierOpenError(RuntimeError):
     """The disk tier's directory cannot be created, listed or read at start-up."""
 
 
+class DiskTierSizeError(ValueError):
+    """The disk tier's budget cannot hold what it must (two block records at least)."""
+
+
 @dataclass(frozen=True)
 class DiskTierConfig:
     """Where the tier lives and how big it may grow.
 
-    ``segment_bytes`` 0: ``min(256 MiB, capacity_bytes // 4)``, at least one block record.
-    The budget must hold at least two segments' worth of... at least 2 block records.
+    ``segment_bytes`` 0: ``min(256 MiB, capacity_bytes // 2)``, at least one block record; a
+    given one must be at most half the budget (whole segments are evicted, never the one being
+    written). The budget must hold two segments of one block record each at least
+    (:class:`DiskTierSizeError` when the tier is created).
     """
 
     path: str
@@ -102,12 +108,22 @@ class DiskTierConfig:
             raise ValueError(
                 "segment_bytes must be >= 0; max_pending_blocks, bandwidth_window, read_threads >= 1"
             )
+        if self.segment_bytes > self.capacity_bytes // 2:
+            raise ValueError(
+                f"segment_bytes {self.segment_bytes} must be at most half the capacity "
+                f"({self.capacity_bytes} bytes): whole segments are evicted, the active one never"
+            )
         if not (self.full_retry_s >= 0 and math.isfinite(self.full_retry_s)):
             raise ValueError(f"full_retry_s must be a finite number >= 0, got {self.full_retry_s}")
 
 
 @dataclass(frozen=True)
 class DiskTierStats:
+    """A disk tier's state and counters. ``read_bytes_per_s``: bytes / seconds of the individual
+    block reads over the last ``bandwidth_window`` reads (per read, whatever the page cache made of
+    it; promotions run ``read_threads`` reads at once, so their aggregate rate can differ).
+    Decoded from ``KVStoreStats`` (a client's view), the fields the wire does not carry are 0."""
+
     capacity_bytes: int
     bytes_used: int  # bytes of segment files (headers and dropped records included)
     num_blocks: int  # blocks readable from the tier (written or staged)
@@ -173,12 +189,12 @@ class DiskTier:
         self._header = encode_segment_header(fingerprint)
         self._fingerprint = fingerprint
         record = RECORD_HEADER_NBYTES + block_nbytes
-        if config.capacity_bytes < len(self._header) + 2 * record:
-            raise ValueError(
+        if config.capacity_bytes < 2 * (len(self._header) + record):
+            raise DiskTierSizeError(
                 f"disk tier capacity {config.capacity_bytes} bytes holds fewer than 2 KV blocks of "
                 f"{block_nbytes} bytes; give it more space"
             )
-        seg = config.segment_bytes or min(256 << 20, config.capacity_bytes // 4)
+        seg = config.segment_bytes or min(256 << 20, config.capacity_bytes // 2)
         self.segment_bytes = max(seg, len(self._header) + record)
         self.on_dropped: Callable[[Sequence[BlockHash]], None] = lambda _hs: None
         self._lock = threading.Lock()

@@ -19,7 +19,7 @@ from engine.block_hash import chain_hashes
 from kv_store.__main__ import disk_tier_config, parse_config
 from kv_store.convert import lookup_from_proto, lookup_to_proto, stats_from_proto, stats_to_proto
 from kv_store.disk_metrics import register_disk_metrics
-from kv_store.disk_tier import DiskTier, DiskTierConfig
+from kv_store.disk_tier import DiskTier, DiskTierConfig, DiskTierSizeError
 from kv_store.index import InMemoryIndex, LookupResult, Tier
 from kv_store.layout import KVLayout
 from kv_store.segment import (
@@ -564,6 +564,13 @@ def test_disk_tier_flags(tmp_path: Path, capsys) -> None:
         with pytest.raises(SystemExit):
             parse_config([*BASE, *extra])
         assert msg in capsys.readouterr().err
-    with pytest.raises(ValueError, match="holds fewer than 2 KV blocks"):
+    with pytest.raises(DiskTierSizeError, match="holds fewer than 2 KV blocks"):
         DiskTier(DiskTierConfig(str(tmp_path), 600), NB, disk_fingerprint(L))
+    with pytest.raises(ValueError, match="at most half the capacity"):
+        DiskTierConfig(str(tmp_path), 1000, segment_bytes=600)
+    with pytest.raises(SystemExit):
+        parse_config(
+            [*BASE, "--disk-tier", str(tmp_path), "--disk-tier-gib", "1", "--disk-tier-segment-mib", "600"]
+        )
+    assert "--disk-tier-segment-mib 600 must be at most half of --disk-tier-gib 1" in capsys.readouterr().err
     assert disk_tier_config(None, None) is None
