@@ -16,8 +16,8 @@ Contract of :func:`paged_attention_rows` (fp32 CPU tensors, contiguous):
   slot (a table trimmed to a sliding window starts past 0);
 * returns ``[T, H, hd]``. No mask is built: the range *is* the mask (causal, windowed).
 
-The C source is compiled once per (source, compiler flags, CPU) with the system C compiler into
-``$PDSERVE_KERNEL_CACHE`` (default ``~/.cache/pdserve/kernels``). :func:`available` is False when
+The C source is compiled once per (source, compiler flags, CPU) with the system C compiler
+(:mod:`engine.native_build`), specialised to the model's GQA group and head dim. :func:`available` is False when
 no compiler is found or the build fails (the reason is in :func:`unavailable_reason`); the engine
 then uses the torch path, which computes the same attention (tests compare them).
 ``PDSERVE_ATTENTION=torch`` forces the torch path.
@@ -26,16 +26,12 @@ then uses the torch path, which computes the same attention (tests compare them)
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
+
+from engine.native_build import NativeBuildError, build_library
 
 log = logging.getLogger(__name__)
 
@@ -116,56 +112,14 @@ void paged_attention_rows_f32(
 }
 """
 
-# no -ffast-math: it would assume no infinities/NaNs (a NaN in the cache must stay visible)
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=fast"]
-# the reduction loops vectorise only with reassociation; allowed without the no-NaN/no-inf assumptions
-_CFLAGS += ["-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
-
 _libs: dict[tuple[int, int], ctypes.CDLL] = {}
 _reason: str | None = None
-_compiler_checked = False
-
-
-def _cpu_key() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
-    except OSError:
-        lines = [platform.processor()]
-    return "".join(lines)
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("PDSERVE_KERNEL_CACHE", Path.home() / ".cache" / "pdserve" / "kernels"))
-
-
-def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        raise RuntimeError("no C compiler (gcc/cc) on PATH")
-    return cc
 
 
 def _build(group: int, head_dim: int) -> ctypes.CDLL:
     """Compile (or find in the cache) and load the kernel for ``group`` query heads per KV head
     and ``head_dim``."""
-    cc = _compiler()
-    flags = [*_CFLAGS, f"-DG_={group}", f"-DD_={head_dim}"]
-    key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_key()]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"paged_attention_g{group}_d{head_dim}_{key}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            src = Path(tmp) / "paged_attention.c"
-            src.write_text(_SOURCE)
-            tmp_so = Path(tmp) / out.name
-            r = subprocess.run(
-                [cc, *flags, str(src), "-o", str(tmp_so), "-lm"], capture_output=True, text=True, check=False
-            )
-            if r.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-400:]}")
-            os.replace(tmp_so, out)  # atomic: a concurrent builder sees the whole file or none
-    lib = ctypes.CDLL(str(out))
+    lib = build_library(f"paged_attention_g{group}_d{head_dim}", _SOURCE, [f"G_={group}", f"D_={head_dim}"])
     f = lib.paged_attention_rows_f32
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     f.argtypes = [p, p, p, p, i64, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, p]
@@ -174,7 +128,7 @@ def _build(group: int, head_dim: int) -> ctypes.CDLL:
 
 
 def _kernel(group: int, head_dim: int) -> ctypes.CDLL | None:
-    global _reason, _compiler_checked
+    global _reason
     lib = _libs.get((group, head_dim))
     if lib is not None or _reason is not None:
         return lib
@@ -183,7 +137,7 @@ def _kernel(group: int, head_dim: int) -> ctypes.CDLL | None:
         return None
     try:
         lib = _libs[(group, head_dim)] = _build(group, head_dim)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    except (OSError, NativeBuildError) as e:
         _reason = str(e)
         log.info("native paged attention unavailable (%s): using the torch path", e)
     return lib

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
+from engine.models.quant import WeightDType, check_weight_dtype, quantize_model
 from engine.models.rope import RotaryEmbedding
 from pdserve.errors import ModelNotFoundError
 
@@ -74,9 +75,15 @@ def load_model(
     device: torch.device,
     max_positions: int | None = None,
     fuse: bool = True,
+    weight_dtype: str | WeightDType = WeightDType.FLOAT32,
 ) -> LlamaForCausalLM:
+    """Load the checkpoint at ``path`` in ``dtype`` on ``device``; q/k/v and gate/up fused unless
+    ``fuse`` is False; projections quantised per ``weight_dtype`` (:mod:`engine.models.quant`,
+    which refuses what it does not implement before any weight is read)."""
+    wd = WeightDType.parse(weight_dtype)
     path = Path(path)
     cfg = ModelConfig.from_path(path)
+    check_weight_dtype(wd, cfg, dtype, device, fuse)
     cls = model_class(cfg)
     with torch.device("meta"):
         model = cls(cfg, max_positions)
@@ -115,4 +122,4 @@ def load_model(
         model.fuse_weights()
     model.eval()
     model.requires_grad_(False)
-    return model
+    return quantize_model(model, wd)

@@ -1,0 +1,224 @@
+"""Weight-only quantisation of a loaded model's projections (issue #17).
+
+:class:`WeightDType` names what the engine accepts for ``weight_dtype``:
+
+* ``float32`` / ``model`` (default): the weights stay in the model's dtype;
+* ``int8``: every projection of the decoder (fused ``qkv``, ``o_proj``, fused ``gate_up``,
+  ``down_proj``) and the ``lm_head`` become :class:`Int8Linear`: symmetric per-output-channel int8
+  weights (``scale = max|w_row| / 127``), activations stay fp32. Batches of up to
+  :data:`SKINNY_MAX_ROWS` rows use a native kernel that reads each int8 weight once and
+  dequantises it in registers (the decode path); larger batches dequantise the whole weight into
+  a reused fp32 buffer and call the BLAS GEMM (prefill is compute-bound). The embedding table is
+  not quantised (a lookup reads a few rows). Accuracy on SmolLM2 is stated in the README and
+  asserted by tests/unit/test_quant.py;
+* ``bfloat16``: refused on a CPU without native bf16 arithmetic (``avx512_bf16`` / ``amx_bf16``
+  in /proc/cpuinfo; torch then emulates it and is slower than fp32), and on every CPU for now
+  (:func:`quantize_model` names the reason).
+
+Refused with :class:`UnsupportedWeightDTypeError` (naming the value and why): unknown names,
+``int8`` on a mixture-of-experts model (its experts are stacked tensors, not projections), on a
+non-fp32 model, or on CUDA. The native kernel is built like the attention kernel
+(:mod:`engine.native_build`); without a C compiler every batch takes the dequantising path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.native_build import NativeBuildError, build_library
+
+log = logging.getLogger(__name__)
+
+SKINNY_MAX_ROWS = 16  # rows up to which the int8 kernel beats dequantise + GEMM on this class of CPU
+
+
+class UnsupportedWeightDTypeError(ValueError):
+    """A ``weight_dtype`` this engine does not implement for this model/device (message says why)."""
+
+
+class WeightDType(enum.Enum):
+    FLOAT32 = "float32"
+    INT8 = "int8"
+    BFLOAT16 = "bfloat16"
+
+    @staticmethod
+    def parse(name: str | WeightDType) -> WeightDType:
+        """The member named ``name``; UnsupportedWeightDTypeError naming the choices otherwise."""
+        if isinstance(name, WeightDType):
+            return name
+        try:
+            return WeightDType(name)
+        except ValueError:
+            choices = ", ".join(m.value for m in WeightDType)
+            raise UnsupportedWeightDTypeError(
+                f"weight_dtype must be one of {choices}; got {name!r}"
+            ) from None
+
+
+_SOURCE = r"""
+#include <stdint.h>
+
+/* out[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (+ bias[n]); x [M, K] f32, w [N, K] int8 */
+void int8_linear_f32(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
+                     const float* bias, int64_t N, float* out)
+{
+    #pragma omp parallel for schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += 16) {
+        float wf[K];
+        const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
+        for (int64_t n = n0; n < n1; n++) {
+            const int8_t* wr = w + n * K;
+            for (int64_t k = 0; k < K; k++) wf[k] = (float)wr[k];
+            const float s = scale[n], b = bias ? bias[n] : 0.f;
+            for (int64_t m = 0; m < M; m++) {
+                const float* xr = x + m * K;
+                float acc = 0.f;
+                for (int64_t k = 0; k < K; k++) acc += xr[k] * wf[k];
+                out[m * N + n] = acc * s + b;
+            }
+        }
+    }
+}
+"""
+
+_lib: ctypes.CDLL | None = None
+_lib_reason: str | None = None
+
+
+def _kernel() -> ctypes.CDLL | None:
+    global _lib, _lib_reason
+    if _lib is not None or _lib_reason is not None:
+        return _lib
+    if os.environ.get("PDSERVE_INT8_KERNEL", "") == "off":
+        _lib_reason = "PDSERVE_INT8_KERNEL=off"
+        return None
+    try:
+        lib = build_library("int8_linear", _SOURCE)
+    except (OSError, NativeBuildError) as e:
+        _lib_reason = str(e)
+        log.info("int8 kernel unavailable (%s): dequantising every batch", e)
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.int8_linear_f32.argtypes = [p, i64, i64, p, p, p, i64, p]
+    lib.int8_linear_f32.restype = None
+    _lib = lib
+    return lib
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``(q [N, K] int8, scale [N] fp32)`` with ``w ~= q * scale[:, None]``
+    (an all-zero row gets scale 1)."""
+    w = w.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear``'s interface (``in_features``, ``out_features``, ``weight``, ``bias``,
+    ``forward``) over int8 weights with per-output-channel scales. ``weight`` is the int8 tensor
+    ``[out, in]``; :meth:`dequantized` gives the fp32 weight it stands for."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self._buf: torch.Tensor | None = None  # reused fp32 weight of the dequantising path
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> Int8Linear:
+        q, s = quantize_int8(lin.weight)
+        return cls(q, s, lin.bias)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            raise TypeError(f"Int8Linear takes float32 activations, got {x2.dtype}")
+        m = x2.shape[0]
+        lib = _kernel() if m <= SKINNY_MAX_ROWS and x2.device.type == "cpu" else None
+        if lib is not None:
+            x2 = x2.contiguous()
+            out = torch.empty(m, self.out_features, dtype=torch.float32)
+            b = self.bias
+            lib.int8_linear_f32(
+                x2.data_ptr(), m, self.in_features, self.weight.data_ptr(), self.scale.data_ptr(),
+                None if b is None else b.data_ptr(), self.out_features, out.data_ptr(),
+            )  # fmt: skip
+        else:
+            if self._buf is None:
+                self._buf = torch.empty(self.out_features, self.in_features, dtype=torch.float32)
+            torch.mul(self.weight, self.scale[:, None], out=self._buf)
+            out = F.linear(x2, self._buf, self.bias)
+        return out.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_weight_dtype(
+    weight_dtype: str | WeightDType, cfg: object, dtype: torch.dtype, device: torch.device, fused: bool = True
+) -> WeightDType:
+    """Refuse (UnsupportedWeightDTypeError, naming why) a ``weight_dtype`` this engine does not
+    implement for a model of config ``cfg`` loaded in ``dtype`` on ``device``; the parsed value."""
+    wd = WeightDType.parse(weight_dtype)
+    if wd is WeightDType.FLOAT32:
+        return wd
+    if wd is WeightDType.BFLOAT16:
+        why = (
+            "this CPU has no native bf16 arithmetic (no avx512_bf16/amx_bf16 in /proc/cpuinfo)"
+            if not cpu_has_native_bf16()
+            else "bf16 weights with fp32 activations are not implemented yet"
+        )
+        raise UnsupportedWeightDTypeError(f"weight_dtype bfloat16 is refused: {why}; use float32 or int8")
+    if getattr(cfg, "moe", None) is not None:
+        raise UnsupportedWeightDTypeError(
+            f"weight_dtype int8 is not supported for mixture-of-experts models ({getattr(cfg, 'model_type', '?')})"
+        )
+    if device.type != "cpu" or dtype != torch.float32:
+        raise UnsupportedWeightDTypeError(
+            f"weight_dtype int8 needs a float32 model on CPU, got {dtype} on {device.type}"
+        )
+    if not fused:
+        raise UnsupportedWeightDTypeError("weight_dtype int8 needs the fused model (load_model(fuse=True))")
+    return wd
+
+
+def quantize_model(model: nn.Module, weight_dtype: str | WeightDType) -> nn.Module:
+    """Apply ``weight_dtype`` to a loaded, fused model in place (see the module docstring);
+    returns it. UnsupportedWeightDTypeError for what is not implemented here."""
+    p = model.lm_head.weight
+    wd = check_weight_dtype(weight_dtype, model.config, p.dtype, p.device)
+    if wd is WeightDType.FLOAT32:
+        return model
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, child in list(parent.named_children()):
+                    if type(child) is nn.Linear:
+                        setattr(parent, name, Int8Linear.from_linear(child))
+        model.lm_head = Int8Linear.from_linear(model.lm_head)
+    return model
