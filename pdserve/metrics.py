@@ -58,6 +58,25 @@ KV_OPS = (("grpc", "put", "in"), ("grpc", "get", "out"), ("shm", "lease", "out")
 # why a decode worker's KV pull failed (consumer side); shm_fallback: the same-host shared-memory
 # read could not attach the node's arena and the blocks came through gRPC instead
 PULL_FAILURE_REASONS = ("unavailable", "not_found", "timeout", "error", "shm_fallback")
+# live migration between decode workers (router/lifecycle/grpc_migrator.py): why the router moved
+# a request (router.policy.migration.MigrationReason values; manual: an operator's or a test's
+# direct call) and how it ended (migrated, or the decode workers' abort reason; unknown_worker: the
+# source or destination is not registered; error: the RPC failed otherwise; abandoned: the
+# request ended or the router gave the migration up before it finished)
+MIGRATION_REASONS = ("load_balance", "drain", "defragment", "priority", "manual")
+MIGRATION_RESULTS = (
+    "migrated",
+    "dest_full",
+    "source_finished",
+    "cancelled",
+    "peer_died",
+    "source_preempted",
+    "refused",
+    "unknown_worker",
+    "error",
+    "abandoned",
+)
+MIGRATION_DOWNTIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
@@ -245,6 +264,28 @@ class RouterMetrics:
         )
         for p in REDISPATCH_PHASES:
             self.redispatches.labels(p)
+        self.migrations = Counter(
+            "pdserve_router_migrations",
+            "Live migrations of running requests between decode workers, by why the router started "
+            "them (load_balance|drain|defragment|priority|manual) and how they ended.",
+            ["reason", "result"],
+            registry=r,
+        )
+        self.migration_downtime = Histogram(
+            "pdserve_router_migration_downtime_seconds",
+            "A migrated request's pause as the router sees it: its last token from the source "
+            "decode worker to its first new token from the destination.",
+            buckets=MIGRATION_DOWNTIME_BUCKETS,
+            registry=r,
+        )
+        self.migration_blocks = Counter(
+            "pdserve_router_migration_blocks_copied",
+            "KV blocks copied between decode workers by migrations that moved their request.",
+            registry=r,
+        )
+        for reason in MIGRATION_REASONS:
+            for res in MIGRATION_RESULTS:
+                self.migrations.labels(reason, res)
         for c in SLO_CLASSES:
             for o in OUTCOMES:
                 self.requests.labels(c, o)
@@ -297,6 +338,18 @@ class RouterMetrics:
         self.requests.labels(cls, outcome).inc()
         if outcome in SLO_MISS_OUTCOMES:
             self.slo.labels(cls, "missed").inc()
+
+    def observe_migration(self, reason: str, result: str, blocks_copied: int = 0) -> None:
+        """Record one ended migration: ``reason`` in :data:`MIGRATION_REASONS`, ``result`` in
+        :data:`MIGRATION_RESULTS` (anything else raises ValueError: the labels stay bounded);
+        ``blocks_copied`` counts only when the request moved (``result == "migrated"``)."""
+        if reason not in MIGRATION_REASONS:
+            raise ValueError(f"unknown migration reason {reason!r}; one of {MIGRATION_REASONS}")
+        if result not in MIGRATION_RESULTS:
+            raise ValueError(f"unknown migration result {result!r}; one of {MIGRATION_RESULTS}")
+        self.migrations.labels(reason, result).inc()
+        if result == "migrated" and blocks_copied > 0:
+            self.migration_blocks.inc(blocks_copied)
 
 
 def _workers_family(counts: Mapping[str, int]) -> Metric:

@@ -71,12 +71,15 @@ from router.lifecycle.driver import LifecycleDriver
 from router.lifecycle.events import Placed
 from router.lifecycle.grpc_calls import Stubs, remaining
 from router.lifecycle.grpc_legs import GrpcLegs, RequestRun
+from router.lifecycle.grpc_migrator import GrpcLegsMigrator, MigrationBook
 from router.lifecycle.machine import RequestLifecycle
 from router.lifecycle.migrator import Migrator
 from router.lifecycle.placing import Placer
 from router.lifecycle.quarantine_probe import QuarantineProber
 from router.lifecycle.resources import OnceReleases, Resource, ResourceKind
+from router.migration_client import GrpcMigrator
 from router.policy import GoodputConfig, Placement, PolicyKind, RequestInfo
+from router.policy.migration import MigrationReason
 from router.policy_factory import build_policy, uses_prefix_lookup
 from router.progress import ProgressConfig
 from router.registry import Registry, WorkerEntry, WorkerKind
@@ -117,8 +120,15 @@ class RouterConfig:
     # Hung workers: progress deadlines of worker calls (router.progress); a call that misses its
     # deadline is cancelled and re-dispatched, and its worker quarantined until a probe answers.
     progress: ProgressConfig = ProgressConfig()
+    # Live migration of running requests between decode workers (Llumnix; the workers' MigrateOut
+    # / ResumeStream): used by drains and the rebalancer (router.rebalancer). Off: a drain waits
+    # for its worker's requests to finish, and GenerateServicer.migrate is refused.
+    migration: bool = True
+    migration_timeout_s: float = 30.0  # one migration's MigrateOut, staged copy to switch
 
     def __post_init__(self) -> None:
+        if self.migration_timeout_s <= 0:
+            raise ValueError(f"migration_timeout_s must be > 0, got {self.migration_timeout_s}")
         if self.max_redispatches < 0:
             raise ValueError(f"max_redispatches must be >= 0, got {self.max_redispatches}")
         if self.stall_timeout_s <= 0:
@@ -185,13 +195,21 @@ class GenerateServicer:
         none: ask a store node's Lookup). ``edge``: API keys, tenants, quotas, request ids and
         cache salts (:mod:`pdserve.auth`; default: dev mode, the tenant is the request's field).
         ``migrator``: makes the :class:`~router.lifecycle.migrator.Migrator` of a request from
-        its legs (live migration between decode workers, :meth:`migrate`; None: not served)."""
-        self.migrator = migrator
+        its legs (live migration between decode workers, :meth:`migrate`; None: the decode
+        workers' migration RPCs when ``config.migration`` is on, else not served)."""
         self._drivers: dict[str, LifecycleDriver] = {}  # running requests by cluster id
         self.edge = edge if edge is not None else EdgeAuth(None)
         self.registry = registry
         self.config = config
         self.metrics = metrics if metrics is not None else RouterMetrics(CollectorRegistry())
+        self.migrations = MigrationBook(self.metrics)  # migrations in flight; their metrics
+        if migrator is None and config.migration:
+            rpcs = GrpcMigrator(timeout_s=config.migration_timeout_s)  # channels opened on the loop
+
+            def migrator(legs: GrpcLegs) -> Migrator:
+                return GrpcLegsMigrator(legs, rpcs, self.migrations)
+
+        self.migrator = migrator
         self.prober = QuarantineProber(self)  # probes quarantined workers while there are any
         self.placer = Placer(self)
         self.metrics.track_workers(
@@ -462,13 +480,30 @@ class GenerateServicer:
                     yield resp
         finally:
             self._drivers.pop(rid, None)
+            self.migrations.request_ended(rid)
 
-    def migrate(self, request_id: str, destination: str) -> None:
+    def migrate(
+        self, request_id: str, destination: str, reason: MigrationReason | None = None
+    ) -> asyncio.Future:
         """Start moving running request ``request_id`` (its cluster id) to decode worker
-        ``destination`` (a migration policy's or a drain's call, on the servicer's event loop).
-        Raises RequestNotFoundError when no such request runs here, LifecycleError when no
-        migrator is configured, InvalidTransition when the request is not decoding."""
+        ``destination`` for ``reason`` (a migration policy's or a drain's call; None: manual), on
+        the servicer's event loop. Returns a future of its
+        :class:`~router.lifecycle.grpc_migrator.MigrationOutcome` (never an exception; with a
+        migrator factory other than the default, it resolves when the request ends at the
+        latest). Raises RequestNotFoundError when no such request runs here, LifecycleError when
+        no migrator is configured, MigrationInFlightError when one runs for the request,
+        InvalidTransition when the request is not decoding."""
         driver = self._drivers.get(request_id)
         if driver is None:
             raise RequestNotFoundError(f"no request {request_id!r} is running on this router")
-        driver.migrate(destination)
+        fut = self.migrations.start(request_id, reason.value if reason is not None else "manual")
+        try:
+            driver.migrate(destination)
+        except BaseException:
+            self.migrations.discard(request_id)
+            raise
+        return fut
+
+    def running(self) -> dict[str, LifecycleDriver]:
+        """The requests running on this router by cluster id (a snapshot)."""
+        return dict(self._drivers)

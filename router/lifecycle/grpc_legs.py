@@ -95,6 +95,10 @@ class GrpcLegs:
         self._t_dec = 0.0  # the current decode leg's start (monotonic)
         self._pull_s = 0.0  # its KV pull time
         self._worker_text = False  # its worker's text is relayed as it is
+        # decode workers a live migration is moving this request off (set by the migrator,
+        # router.lifecycle.grpc_migrator): their stream ending ABORTED ("migrated to ...") is the
+        # switch, not a failure; the lifecycle goes on with the migration's result
+        self.migrating_from: set[str] = set()
 
     # ------------------------------------------------------------------ requests
     def _common(self) -> dict:
@@ -336,6 +340,8 @@ class GrpcLegs:
                 yield Chunk(index, tokens, d)
                 index += len(tokens)
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.ABORTED and dw.worker_id in self.migrating_from:
+                return  # the source handed the request over (live migration): the stream ends here
             raise_store_failure(e)  # the worker is fine: its store is not
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 self.svc.registry.drop(dw.worker_id)

@@ -89,6 +89,7 @@ def test_a_request_migrated_mid_stream_continues_on_the_destination(model_path, 
 
 def test_migrate_refuses_an_unknown_request_and_a_router_without_migrator(model_path) -> None:
     svc, _, _, _ = _cluster(model_path, {"p0": None}, {"d0": None, "d1": None})
+    svc.migrator = None  # a router with migration off (RouterConfig.migration)
     with pytest.raises(RequestNotFoundError, match="no request 'nope'"):
         svc.migrate("nope", "d1")
 
