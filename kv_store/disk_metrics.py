@@ -2,12 +2,13 @@
 
 Families (label ``node_id``; all absent on a node without a disk tier):
 
-* ``pdserve_kv_tier_hits_total{tier}``: block reads served from the DRAM arena (``dram``: the
+* ``pdserve_kv_tier_hits_total{source}``: block reads served from the DRAM arena (``dram``: the
   node's read hits) and blocks read back from the disk tier for a read (``disk``: promotions);
 * ``pdserve_kv_disk_promotions_total``: blocks promoted disk -> DRAM (reads and lookups' prefetch);
 * ``pdserve_kv_disk_demotions_total{result}``: evicted blocks ``written`` to disk, or ``dropped``
   (disk full, write error, writer queue full: forgotten as without a disk tier);
-* ``pdserve_kv_disk_bytes{kind}``: ``used`` (segment files) and ``capacity`` (the budget);
+* ``pdserve_kv_disk_used_bytes`` (segment files) and ``pdserve_kv_disk_capacity_bytes`` (the
+  budget, ``--disk-tier-gib``);
 * ``pdserve_kv_disk_blocks``: blocks readable from the disk tier;
 * ``pdserve_kv_disk_full``: 1 while demotion is paused because the disk is full (alert
   ``PdserveKVStoreDiskFull``), else 0;
@@ -59,8 +60,8 @@ class DiskTierCollector(Collector):
         fam(
             CounterMetricFamily,
             "pdserve_kv_tier_hits",
-            "Block reads served by tier: dram (arena hits) or disk (blocks read back from the disk tier).",
-            [*lab, "tier"],
+            "Block reads served by tier (source): dram (arena hits) or disk (blocks read back from the disk tier).",
+            [*lab, "source"],
             [(["dram"], s.node.hits), (["disk"], s.promotions)],
         )
         fam(
@@ -79,10 +80,17 @@ class DiskTierCollector(Collector):
         )
         fam(
             GaugeMetricFamily,
-            "pdserve_kv_disk_bytes",
-            "Disk tier bytes: used (segment files) and capacity (budget).",
-            [*lab, "kind"],
-            [(["used"], d.bytes_used), (["capacity"], d.capacity_bytes)],
+            "pdserve_kv_disk_used_bytes",
+            "Bytes of the disk tier's segment files.",
+            lab,
+            [([], d.bytes_used)],
+        )
+        fam(
+            GaugeMetricFamily,
+            "pdserve_kv_disk_capacity_bytes",
+            "Byte budget of the disk tier (--disk-tier-gib).",
+            lab,
+            [([], d.capacity_bytes)],
         )
         fam(
             GaugeMetricFamily,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import errno
 import logging
 import math
@@ -144,6 +145,12 @@ class DiskTierStats:
     read_bytes: int
     read_seconds: float
     read_bytes_per_s: float  # measured over the last reads (0: none yet)
+
+    @classmethod
+    def empty(cls, capacity_bytes: int = 0) -> DiskTierStats:
+        """A tier that has done nothing yet."""
+        zero = {f.name: 0 for f in dataclasses.fields(cls)}
+        return cls(**zero | {"capacity_bytes": capacity_bytes, "disk_full": False, "demotion_paused": False})
 
 
 @dataclass

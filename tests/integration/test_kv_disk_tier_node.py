@@ -71,7 +71,7 @@ def test_store_process_with_a_disk_tier_serves_evicted_blocks_and_survives_a_res
             assert s.disk.capacity_bytes == int(0.001 * (1 << 30))
         with urllib.request.urlopen(f"http://{info['metrics']}/metrics", timeout=10) as r:
             text = r.read().decode()
-        assert 'pdserve_kv_tier_hits_total{node_id="disk-node",tier="disk"} 2.0' in text
+        assert 'pdserve_kv_tier_hits_total{node_id="disk-node",source="disk"} 2.0' in text
         assert 'pdserve_kv_disk_full{node_id="disk-node"} 0.0' in text
     finally:
         if proc.poll() is None:

@@ -19,7 +19,7 @@ from engine.block_hash import chain_hashes
 from kv_store.__main__ import disk_tier_config, parse_config
 from kv_store.convert import lookup_from_proto, lookup_to_proto, stats_from_proto, stats_to_proto
 from kv_store.disk_metrics import register_disk_metrics
-from kv_store.disk_tier import DiskTier, DiskTierConfig, DiskTierSizeError
+from kv_store.disk_tier import DiskTier, DiskTierConfig, DiskTierSizeError, DiskTierStats
 from kv_store.index import InMemoryIndex, LookupResult, Tier
 from kv_store.layout import KVLayout
 from kv_store.segment import (
@@ -526,15 +526,16 @@ def test_stats_carry_the_disk_tier_and_its_read_bandwidth(tmp_path: Path) -> Non
         assert back.promotions == 1 and back.disk.demotions == s.disk.demotions
         reg = CollectorRegistry()
         register_disk_metrics(reg, "n0", store.stats)
-        assert reg.get_sample_value("pdserve_kv_tier_hits_total", {"node_id": "n0", "tier": "disk"}) == 1
+        assert reg.get_sample_value("pdserve_kv_tier_hits_total", {"node_id": "n0", "source": "disk"}) == 1
         assert (
             reg.get_sample_value("pdserve_kv_disk_demotions_total", {"node_id": "n0", "result": "written"})
             >= 2
         )
-        assert reg.get_sample_value("pdserve_kv_disk_bytes", {"node_id": "n0", "kind": "used"}) > 0
+        assert reg.get_sample_value("pdserve_kv_disk_used_bytes", {"node_id": "n0"}) > 0
         assert reg.get_sample_value("pdserve_kv_disk_read_bytes_per_second", {"node_id": "n0"}) > 0
     finally:
         store.close()
+    assert DiskTierStats.empty(7).capacity_bytes == 7 and not DiskTierStats.empty().disk_full
     plain = BlockStore(StoreConfig("p", L, 2, use_shm=False))
     try:
         assert stats_from_proto(stats_to_proto(plain.stats())).disk is None

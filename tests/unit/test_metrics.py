@@ -11,7 +11,12 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry, Metric
 
+from kv_store.disk_metrics import register_disk_metrics
+from kv_store.disk_tier import DiskTierStats
+from kv_store.handle import BlockLocation
+from kv_store.layout import KVLayout
 from kv_store.node import NodeStats
+from kv_store.store import StoreStats
 from pdserve import metrics as M
 from pdserve.errors import (
     AlreadyExistsError,
@@ -443,7 +448,12 @@ def all_families() -> list[Metric]:
     rm.track_workers(lambda: {"prefill": 1, "decode": 1})
     M.WorkerMetrics(reg, "w", "decode", snapshot=_snap)
     M.KVPullMetrics(reg, "w")
-    M.StoreMetrics(reg, "kv", stats=lambda: NodeStats(1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0))
+    node = NodeStats(1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0)
+    M.StoreMetrics(reg, "kv", stats=lambda: node)
+    # a store node's disk tier (kv_store/disk_metrics.py, #15): only on nodes run with --disk-tier
+    layout = KVLayout("m", 1, 1, 1, "float32", 1)
+    disk = StoreStats(BlockLocation("kv"), layout, node, DiskTierStats.empty(1))
+    register_disk_metrics(reg, "kv", lambda: disk)
     return list(reg.collect())
 
 
