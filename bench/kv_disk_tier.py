@@ -59,6 +59,7 @@ from kv_store.index import InMemoryIndex  # noqa: E402
 from kv_store.layout import KVLayout  # noqa: E402
 from kv_store.segment import segment_seq  # noqa: E402
 from kv_store.store import BlockStore, StoreConfig  # noqa: E402
+from pdserve import cli_help  # noqa: E402
 
 TARGET = 0.7  # promotion / raw sequential read
 SMOLLM2 = KVLayout("smollm2-135m", num_layers=30, num_kv_heads=3, head_dim=64, dtype="float32", block_size=16)
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sim-requests", type=int, default=1500, help="part 3: trace requests (default 1500)")
     p.add_argument("--sim-rate", type=float, default=4.0, help="part 3: arrival rate, req/s (default 4)")
-    return p
+    return cli_help.apply(p)
 
 
 # ---------------------------------------------------------------------------- part 1

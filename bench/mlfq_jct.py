@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.scheduler import SchedulerConfig, SchedulingPolicy  # noqa: E402
+from pdserve import cli_help  # noqa: E402
 from simulator.config import colocated  # noqa: E402
 from simulator.latency import LatencySpec  # noqa: E402
 from simulator.sim import Simulation  # noqa: E402
@@ -63,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--swap-gib", type=float, default=0.0, help="host swap pool per instance, GiB (default 0: recompute)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    return p
+    p.add_argument("--seed", type=int, default=0, help="workload seed")
+    return cli_help.apply(p)
 
 
 def workload(args: argparse.Namespace, rate: float) -> Workload:
