@@ -364,21 +364,29 @@ class BlockStore:
             with self._lock:
                 return op()
         uniq = list(dict.fromkeys(hashes))
-        with self._lock:
-            self.node.reap()
-            present = [h for h in uniq if self.node.slot_of(h) is not None]
-            need = [h for h in uniq if self.node.slot_of(h) is None and disk.contains(h)]
-            if not need:
-                return op()
-            waits = [self._promoting[h] for h in need if h in self._promoting]
-            mine = [h for h in need if h not in self._promoting]
-            for h in mine:
-                self._promoting[h] = threading.Event()
-            self.node.pin(present, count=False)
+        deadline = time.monotonic() + PROMOTION_WAIT_S
+        while True:
+            with self._lock:
+                self.node.reap()
+                present = [h for h in uniq if self.node.slot_of(h) is not None]
+                need = [h for h in uniq if self.node.slot_of(h) is None and disk.contains(h)]
+                if not need:
+                    return op()
+                waits = [self._promoting[h] for h in need if h in self._promoting]
+                if not waits or time.monotonic() >= deadline:
+                    # claim them (none is being promoted by another caller, or that one is stuck:
+                    # then only the blocks nobody claimed), holding what is in DRAM meanwhile
+                    mine = [h for h in need if h not in self._promoting]
+                    for h in mine:
+                        self._promoting[h] = threading.Event()
+                    self.node.pin(present, count=False)
+                    break
+            # another caller is promoting some of them: wait (claiming nothing, so no caller
+            # waits on one that waits on it), then look again
+            for ev in waits:
+                ev.wait(max(0.0, deadline - time.monotonic()))
         tickets: list[PutTicket] = []
         try:
-            for ev in waits:
-                ev.wait(PROMOTION_WAIT_S)
             sums = [(h, disk.checksum_of(h)) for h in mine]
             with self._lock:  # reserve every slot first (one lock round)
                 for h, cs in sums:

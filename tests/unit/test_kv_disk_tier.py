@@ -575,3 +575,40 @@ def test_disk_tier_flags(tmp_path: Path, capsys) -> None:
         )
     assert "--disk-tier-segment-mib 600 must be at most half of --disk-tier-gib 1" in capsys.readouterr().err
     assert disk_tier_config(None, None) is None
+
+
+def test_concurrent_reads_of_overlapping_disk_blocks_all_get_their_bytes(tmp_path: Path) -> None:
+    """Readers promoting overlapping sets in opposite orders wait for each other's promotions
+    without deadlock, and every read gets its block's bytes."""
+    import random
+    import threading
+
+    store = make_store(tmp_path, capacity_blocks=16)
+    try:
+        hs, data = blocks(40)
+        for h, d in zip(hs, data, strict=True):
+            store.put_block(h, d)
+        assert store.disk is not None and store.disk.flush()
+        errors: list[BaseException] = []
+
+        def reader(seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                for _ in range(25):
+                    i, j = rng.sample(range(24), 2)  # mostly disk-only blocks
+                    pair = [hs[i], hs[j]] if seed % 2 else [hs[j], hs[i]]
+                    with store.pinned_views(pair) as views:
+                        assert [bytes(v) for v in views] == [data[hs.index(h)] for h in pair]
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "readers hung"
+        assert not errors, errors[0]
+        assert store.stats().disk.checksum_failures == 0  # type: ignore[union-attr]
+    finally:
+        store.close()
