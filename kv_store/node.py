@@ -404,8 +404,9 @@ class StoreNode:
         self._entries[h] = _Entry(slot=slot, checksum=checksum, pins=1)
         return PutTicket(h, slot, is_new=True, evicted=tuple(evicted), checksum=checksum)
 
-    def commit_put(self, ticket: PutTicket) -> None:
-        """Make a written block visible (no-op for a dedup ticket)."""
+    def commit_put(self, ticket: PutTicket, *, count: bool = True) -> None:
+        """Make a written block visible (no-op for a dedup ticket). ``count``: count it as a
+        put (False: a block read back from the node's own disk tier, not a new block)."""
         if not ticket.is_new:
             return
         e = self._entries[ticket.block_hash]
@@ -413,7 +414,7 @@ class StoreNode:
             raise ValueError("put already committed")
         e.committed = True
         e.pins -= 1
-        self._puts += 1
+        self._puts += 1 if count else 0
         self._refresh(ticket.block_hash, e)
 
     def abort_put(self, ticket: PutTicket) -> None:

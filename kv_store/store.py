@@ -410,7 +410,7 @@ class BlockStore:
                     self._promotion_misses += len(bad)
             with self._lock:
                 for t in tickets:
-                    self.node.commit_put(t)
+                    self.node.commit_put(t, count=False)
                 self._promotions += len(tickets)
                 if tickets:
                     self.index.register(self.location.node_id, [t.block_hash for t in tickets], Tier.DRAM)

@@ -92,6 +92,7 @@ def test_evicted_blocks_go_to_disk_and_read_back_identical(tmp_path: Path) -> No
         assert store.get_block(hs[0]) == data[0]
         assert tiers_of(index, hs[:1]) == [Tier.DRAM]
         assert store.stats().promotions == 1
+        assert store.stats().node.puts == 10  # a promotion is not a put
         # every block, in any order, reads back identical (each read promotes, evicting others)
         for i in [9, 3, 1, 8, 2, 5, 0, 7, 4, 6]:
             assert store.get_block(hs[i]) == data[i]
