@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gen", type=int, default=32, help="throughput: output tokens per request")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="process CPU time or wall time")
+    ap.add_argument(
+        "--part", choices=("all", "step", "throughput"), default="all", help="which measurement(s) to run"
+    )
     return cli_help.apply(ap)
 
 
@@ -146,7 +149,22 @@ def main() -> None:
         f"threads {a.threads}, clock {a.clock}"
     )
 
-    # 1. decode step
+    if a.part in ("all", "step"):
+        decode_step(a, model, mcfg, names, lora, ecfg, clock)
+    if a.part in ("all", "throughput"):
+        throughput(a, model, mcfg, names, lora, ecfg, clock)
+
+
+def decode_step(
+    a: argparse.Namespace,
+    model: Path,
+    mcfg: ModelConfig,
+    names: list[str],
+    lora: LoRAConfig,
+    ecfg: EngineConfig,
+    clock: Callable[[], float],
+) -> None:
+    """Part 1: decode step of one batch spread over 8 adapters vs 1 adapter vs the base model."""
     ps = prompts(a.batch, a.context, mcfg.vocab_size, 0)
     configs = {
         "8 adapters": (lora, [names[i % N_ADAPTERS] for i in range(a.batch)]),
@@ -189,7 +207,17 @@ def main() -> None:
         eng.close()
     del engines
 
-    # 2. throughput
+
+def throughput(
+    a: argparse.Namespace,
+    model: Path,
+    mcfg: ModelConfig,
+    names: list[str],
+    lora: LoRAConfig,
+    ecfg: EngineConfig,
+    clock: Callable[[], float],
+) -> None:
+    """Part 2: 8 adapters served together vs one adapter at a time."""
     eng = LLMEngine.from_pretrained(model, ecfg, lora=lora)
     n = a.per_adapter
     tp = prompts(N_ADAPTERS * n, a.context, mcfg.vocab_size, 1)

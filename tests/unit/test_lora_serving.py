@@ -227,3 +227,38 @@ def test_decode_admission_waits_for_a_lora_slot(tiny, tmp_path):
     while eng.has_unfinished():
         done += [o.request_id for o in eng.step() if o.finished]
     assert done == ["r1", "r2"] and eng.can_admit(4, "a1")
+
+
+def test_adapter_read_from_disk_does_not_stall_other_requests(tiny, tmp_path, monkeypatch):
+    """An adapter dropped from host memory is re-read on a background thread; meanwhile the
+    base-model request keeps decoding to its end, then the adapter's request runs."""
+    import threading
+
+    import engine.lora.manager as manager
+
+    base, a1 = tiny
+    a2 = make_adapter(base, tmp_path / "a2", r=2, alpha=4, targets=["o_proj"], seed=7)
+    lora = LoRAConfig((AdapterSpec("a1", str(a1)), AdapterSpec("a2", str(a2))), max_cpu_loras=1)
+    eng = LLMEngine.from_pretrained(base, EngineConfig(num_kv_blocks=32), lora=lora)
+    assert eng.lora.host_resident() == ["a2"]  # a1 was dropped from host memory (cap 1)
+    gate = threading.Event()
+    real = manager.load_adapter
+
+    def slow_load(*args, **kw):
+        gate.wait(30)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(manager, "load_adapter", slow_load)
+    sp = SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.0)
+    eng.add_request("lora", [1, 2, 3], sp, adapter_id="a1")
+    eng.add_request("base", [4, 5, 6], sp)
+    done = []
+    for _ in range(50):
+        done += [o.request_id for o in eng.step() if o.finished]
+        if "base" in done:
+            break
+    assert done == ["base"] and eng.has_request("lora")  # the base request did not wait
+    gate.set()
+    while eng.has_unfinished():
+        done += [o.request_id for o in eng.step() if o.finished]
+    assert done == ["base", "lora"] and eng.lora.stats.disk_loads == 3
