@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve import keys_cli  # `pdserve keys`: API keys and tenant limits
 
     keys_cli.register(sub)
+    from pdserve import drain_cli  # `pdserve drain WORKER`: live-migrate a worker's requests off it
+
+    drain_cli.register(sub)
     try:
         from simulator import cli as sim_cli
     except ImportError:

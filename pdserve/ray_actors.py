@@ -310,10 +310,11 @@ class RouterActor:
         )
         registry_servicer = RegistryServicer(self.registry, cfg, verifier=verifier)
         self.control, self._control_address, _ = start_control_server(registry_servicer, cfg.host, 0)
+        self._generate = GenerateServicer(self.registry, cfg, RouterMetrics(REGISTRY), edge=edge)
         services = [
             (
                 client_pb2.DESCRIPTOR.services_by_name["Generate"],
-                GenerateServicer(self.registry, cfg, RouterMetrics(REGISTRY), edge=edge),
+                self._generate,
             ),
             (REGISTRY_SERVICE, registry_servicer),
         ]
@@ -327,6 +328,7 @@ class RouterActor:
         self._index = bool(cfg.index_url)
         self.metrics_port = serve_metrics(0)
         self._draining: set[str] = set()
+        self._drains: dict[str, Any] = {}  # decode worker id -> its migration drain (a Future)
         self._stopped = False
 
     def address(self) -> str:
@@ -366,19 +368,52 @@ class RouterActor:
             )
         return sorted(out, key=lambda d: (d["role"] != "prefill", d["worker_id"]))
 
-    def drain(self, worker_id: str) -> bool:
+    def drain(self, worker_id: str, timeout_s: float = 120.0) -> bool:
         """Stop routing new requests to ``worker_id``; its in-flight count keeps being tracked.
-        False when the router does not know it."""
+        A decode worker's running requests are moved off it by live migration when the router
+        has it on (:func:`router.drain.drain_decode_worker`, in the background: see
+        :meth:`drain_report`); the others finish there. False when the router does not know it."""
+        import asyncio
+
+        from router.drain import drain_decode_worker
+        from router.registry import WorkerKind
+
         w = self.registry.get(worker_id)
         if w is None:
             return False
         w.draining = True
         self._draining.add(worker_id)
+        prev = self._drains.get(worker_id)
+        if (
+            w.kind is WorkerKind.DECODE
+            and self._generate.migrator is not None
+            and (prev is None or prev.done())
+        ):
+            self._drains[worker_id] = asyncio.run_coroutine_threadsafe(
+                drain_decode_worker(self._generate, worker_id, timeout_s=timeout_s), self.server.loop
+            )
         return True
 
+    def drain_report(self, worker_id: str) -> dict[str, Any] | None:
+        """The migration drain of ``worker_id`` once it ended (:class:`router.drain.DrainReport`
+        as a dict; ``error`` when it failed), None while it runs or when there was none."""
+        f = self._drains.get(worker_id)
+        if f is None or not f.done():
+            return None
+        if f.cancelled():
+            return {"worker_id": worker_id, "error": "cancelled"}
+        e = f.exception()
+        if e is not None:
+            return {"worker_id": worker_id, "error": f"{type(e).__name__}: {e}"}
+        return f.result().to_dict()
+
     def resume(self, worker_id: str) -> bool:
-        """Undo :meth:`drain`: route to ``worker_id`` again. False when the router does not know it."""
+        """Undo :meth:`drain`: route to ``worker_id`` again (a migration drain in progress stops
+        starting migrations). False when the router does not know it."""
         self._draining.discard(worker_id)
+        f = self._drains.pop(worker_id, None)
+        if f is not None:
+            f.cancel()
         w = self.registry.get(worker_id)
         if w is None:
             return False

@@ -7,6 +7,11 @@ global_cache_aware), local_cache_aware. Goodput knobs: ``--latency-profile``, ``
 (0 disables conditional disaggregation), ``--shared-cores N`` (all workers on one N-core host), ``--store`` (KV store for prefix lookups), ``--index``
 (the cluster's shared redis:// KV index: prefix lookups read it directly instead of asking a store).
 Failover: ``--max-redispatches`` (re-dispatches of one request after lost workers; default 2).
+Live migration (Llumnix) between decode workers: ``--migration on|off`` (default on: drains move
+running requests off their worker); ``--rebalance-interval-s`` (seconds between rebalancing passes,
+0 = off, the default) with ``--rebalance-gap`` (freeness gap, KV blocks per batch slot, that
+triggers a load-balancing move), ``--rebalance-max-concurrent``, ``--priority-headroom-blocks``
+and ``--high-priority`` (:mod:`router.rebalancer`, :mod:`router.policy.migration`).
 Flow control: ``--stall-timeout-s`` (a client that reads nothing for this long is cancelled).
 Hung workers (:mod:`router.progress`, :mod:`router.quarantine`): ``--progress-timeout-s`` (a decode
 stream with no message for max(this, ``--progress-tpot-factor`` x predicted TPOT) is re-dispatched
@@ -51,9 +56,11 @@ from pdserve.tracing import configure_logging
 from pdserve.v1 import client_pb2
 from router.health import HEALTH_SERVICES, start_router_health
 from router.policy import GoodputConfig, PolicyKind
+from router.policy.migration import MigrationConfig
 from router.policy_factory import parse_policy, policy_choices
 from router.progress import ProgressConfig
 from router.quarantine import QuarantineConfig
+from router.rebalancer import RebalanceConfig, Rebalancer
 from router.registry import Registry
 from router.registry_service import REGISTRY_SERVICE, RegistryServicer, start_control_server, worker_verifier
 from router.service import GenerateServicer, RouterConfig
@@ -215,8 +222,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="goodput policy: log each decision's predicted TTFT term by term (queue, fetch, prefill, "
         "co-scheduled decode, speed, contention) with its admission limit ('placement terms' lines)",
     )
+    ap.add_argument(
+        "--migration",
+        default="on",
+        help="live migration of running requests between decode workers (drains, rebalancing): on "
+        "(default) or off",
+    )
+    ap.add_argument(
+        "--rebalance-interval-s",
+        type=float,
+        default=0.0,
+        help="seconds between two rebalancing passes that migrate requests between decode workers "
+        "(0: no rebalancing, the default)",
+    )
+    ap.add_argument(
+        "--rebalance-gap",
+        type=float,
+        default=MigrationConfig.balance_threshold,
+        help="rebalancing: freeness gap (free KV blocks per running request) between the least and "
+        "the most loaded decode worker that triggers a migration",
+    )
+    ap.add_argument(
+        "--rebalance-max-concurrent",
+        type=int,
+        default=RebalanceConfig.max_concurrent,
+        help="rebalancing: migrations in flight at once, at most",
+    )
+    ap.add_argument(
+        "--priority-headroom-blocks",
+        type=int,
+        default=0,
+        help="rebalancing: KV blocks kept free on a decode worker per high-priority request running "
+        "there (lower-priority requests migrate away to keep it)",
+    )
+    ap.add_argument(
+        "--high-priority",
+        type=int,
+        default=MigrationConfig.high_priority,
+        help="requests with priority <= this are high-priority (lower value = more important)",
+    )
     add_process_security_args(ap, redis=True)  # TLS, cluster token; the --index / key store Redis
     return cli_help.apply(ap)
+
+
+def _migration_on(value: str) -> bool:
+    """``--migration``: on or off (anything else is refused, naming the flag)."""
+    if value not in ("on", "off"):
+        raise ValueError(f"--migration must be on or off, got {value!r}")
+    return value == "on"
+
+
+def _rebalance_config(a: argparse.Namespace) -> RebalanceConfig:
+    """The rebalancing loop's settings (``ValueError`` names a bad value)."""
+    return RebalanceConfig(
+        interval_s=a.rebalance_interval_s,
+        max_concurrent=a.rebalance_max_concurrent,
+        policy=MigrationConfig(
+            balance_threshold=a.rebalance_gap,
+            high_priority=a.high_priority,
+            priority_headroom_blocks=a.priority_headroom_blocks,
+            max_decisions=a.rebalance_max_concurrent,
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
             shared_cores=a.shared_cores,
         )
         cfg = _config(a, goodput)
+        rebalance = _rebalance_config(a)
+        if rebalance.interval_s > 0 and not cfg.migration:
+            raise ValueError(
+                "--rebalance-interval-s > 0 moves requests by live migration: it needs --migration on"
+            )
         reg = Registry(cfg.heartbeat_timeout_s, quarantine=_quarantine_config(a))
         edge = edge_from_args(a, cfg.host, "router")  # API keys (none: loopback dev mode only)
         shared = _shared_tenant_state(ap, a)
@@ -244,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         generate = GenerateServicer(reg, cfg, RouterMetrics(REGISTRY), edge=edge)  # opens the --index
         if a.log_placement_terms:
             _log_placement_terms(generate)
+        rebalancer = Rebalancer(generate, rebalance)
     except ValueError as e:  # a bad option value (InvalidRequestError included)
         ap.error(str(e))
     verifier = (
@@ -260,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         services, cfg.host, cfg.port, name="router", not_serving=HEALTH_SERVICES
     )
     health = start_router_health(reg, cfg, hs)  # NOT_SERVING until it can place a request
+    rebalancer.start(server.loop)  # on the data plane's loop, beside the requests it moves
     metrics_port = serve_metrics(a.metrics_port)
     print(
         json.dumps(
@@ -275,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    rebalancer.stop()
     health.stop()
     server.stop(2).wait()
     control.stop(1).wait()
@@ -331,6 +406,7 @@ def _config(a: argparse.Namespace, goodput: GoodputConfig) -> RouterConfig:
         max_redispatches=a.max_redispatches,
         stall_timeout_s=a.stall_timeout_s,
         progress=_progress_config(a),
+        migration=_migration_on(a.migration),
     )
 
 
