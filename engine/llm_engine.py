@@ -13,6 +13,7 @@ Invariant: prefill -> export -> import -> decode yields exactly the tokens the w
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import uuid
@@ -39,9 +40,12 @@ from pdserve.errors import (
     InvalidRequestError,
     LayoutMismatchError,
     ModelNotFoundError,
+    PdserveError,
     RequestNotFoundError,
     ResourceExhaustedError,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -422,13 +426,24 @@ class LLMEngine:
         if name is not None and self.lora is not None:
             self.lora.release(name)
 
-    def _admit_lora_waiting(self) -> None:
-        """Hand waiting adapter requests to the scheduler, in arrival order, while slots allow."""
+    def _admit_lora_waiting(self) -> list[RequestOutput]:
+        """Hand waiting adapter requests to the scheduler, in arrival order, while slots allow.
+        A request whose adapter can no longer be read (its files changed since registration) is
+        finished as aborted (its output returned here; the error is logged), nothing else is."""
+        failed: list[RequestOutput] = []
         for rid, req in list(self._lora_waiting.items()):
-            if not self._lora_pin(req):
+            try:
+                if not self._lora_pin(req):
+                    continue
+            except PdserveError as e:
+                log.error("request %s aborted: %s", rid, e)
+                del self._lora_waiting[rid]
+                req.status, req.finish_reason = RequestStatus.FINISHED_ABORTED, FinishReason.ABORT
+                failed.append(self._emit(self._tracked[rid], True))
                 continue
             del self._lora_waiting[rid]
             self.scheduler.add_request(req)  # validated when it arrived
+        return failed
 
     def _track(self, req: Request, pin: bool = True) -> _Tracked:
         """Track a request's outputs; ``pin``: pin its adapter's slot first (ResourceExhaustedError
@@ -504,14 +519,13 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ loop
     def step(self) -> list[RequestOutput]:
-        if self._lora_waiting:
-            self._admit_lora_waiting()
+        failed = self._admit_lora_waiting() if self._lora_waiting else []
         sched = self.scheduler.schedule()
         if sched.is_empty:
             self.runner.swap(sched)  # a step that only swapped out still copies
             if self._lora_waiting and self.lora is not None:
                 self.lora.wait_for_loads(0.01)  # only adapter reads are pending: do not spin
-            return []
+            return failed
         now = self.clock()
         prefill_tokens = 0
         for s in sched.scheduled:
@@ -537,7 +551,7 @@ class LLMEngine:
         finished = self.scheduler.update_from_output(sched, {k: v.token for k, v in results.items()})
         finished_ids = {r.request_id for r in finished}
         now = self.clock()
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput] = failed
         for s in sched.scheduled:
             req = s.request
             rid = req.request_id

@@ -262,3 +262,23 @@ def test_adapter_read_from_disk_does_not_stall_other_requests(tiny, tmp_path, mo
     while eng.has_unfinished():
         done += [o.request_id for o in eng.step() if o.finished]
     assert done == ["base", "lora"] and eng.lora.stats.disk_loads == 3
+
+
+def test_adapter_gone_from_disk_aborts_only_its_request(tiny, tmp_path):
+    import shutil
+
+    base, a1 = tiny
+    a1_copy = tmp_path / "a1_copy"
+    shutil.copytree(a1, a1_copy)
+    a2 = make_adapter(base, tmp_path / "a2", r=2, alpha=4, targets=["o_proj"], seed=8)
+    lora = LoRAConfig((AdapterSpec("a1", str(a1_copy)), AdapterSpec("a2", str(a2))), max_cpu_loras=1)
+    eng = LLMEngine.from_pretrained(base, EngineConfig(num_kv_blocks=32), lora=lora)
+    shutil.rmtree(a1_copy)  # a1 is not in host memory (cap 1) and now cannot be re-read
+    sp = SamplingParams(max_tokens=3, ignore_eos=True)
+    eng.add_request("gone", [1, 2, 3], sp, adapter_id="a1")
+    eng.add_request("ok", [4, 5, 6], sp, adapter_id="a2")
+    fin = {}
+    while eng.has_unfinished():
+        fin.update({o.request_id: o for o in eng.step() if o.finished})
+    assert fin["gone"].finish_reason.value == "abort" and fin["gone"].token_ids == []
+    assert fin["ok"].finish_reason.value == "length" and len(fin["ok"].token_ids) == 3
