@@ -92,7 +92,8 @@ def decode_loads(svc: GenerateServicer, include: Iterable[str] = ()) -> list[Dec
     """The decode workers of ``svc``'s model as the migration policies see them: routable ones
     and those named in ``include`` (a draining worker; ``draining`` set from the registry).
     Workers that reported no KV capacity yet are left out. Running requests: those this router
-    decodes there (state DECODING), with the KV blocks their prompt + output fill."""
+    decodes there (state DECODING), with the KV blocks their prompt + output fill; a worker's
+    used blocks are at least theirs (its last heartbeat may predate them)."""
     reg = svc.registry
     workers = {w.worker_id: w for w in reg.alive(WorkerKind.DECODE, svc.config.model_id)}
     for wid in include:
@@ -117,7 +118,9 @@ def decode_loads(svc: GenerateServicer, include: Iterable[str] = ()) -> list[Dec
         total = w.load.kv_blocks_total
         if total < 1:
             continue
-        free = min(total, max(0, total - w.load.kv_blocks_used))
+        # the heartbeat's count lags: at least the blocks of the requests known to run there
+        used = max(w.load.kv_blocks_used, sum(r.num_blocks for r in running[wid]))
+        free = min(total, max(0, total - used))
         out.append(DecodeLoad(wid, total, free, tuple(running[wid]), 0, w.draining))
     return out
 

@@ -1,0 +1,268 @@
+"""Live migration end to end through the router (router/lifecycle/grpc_migrator.py,
+router/drain.py) with real decode workers on 127.0.0.1 (the tiny random Llama, SmolLM2's
+tokenizer for the router), a real gRPC client and the router's own MigrateOut / ResumeStream
+path.
+
+One cluster serves the module: an in-process router (colocated placement: each request runs
+whole on a decode worker, so no prefill worker or store is needed; the migration path is the
+same as after a handoff) and two in-process decode workers. The tests:
+
+* a stream migrated mid-way has greedy and seeded output (tokens and text) identical to an
+  unmigrated run, and the migration is counted with its downtime and blocks;
+* 32 concurrent streams with random migrations between the two workers are all identical to
+  their unmigrated runs, and afterwards neither worker holds a block (their Stats);
+* a drain empties a decode worker by migration while its streams continue, and they finish
+  identical to unmigrated runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from pdserve.client import Client
+from pdserve.metrics import RouterMetrics
+from pdserve.v1 import client_pb2, worker_pb2
+from pdserve.worker_base import Role, WorkerConfig, WorkerState
+from router.drain import drain_decode_worker
+from router.lifecycle.states import State
+from router.policy import PolicyKind
+from router.registry import Registry, WorkerKind, WorkerLoad
+from router.service import GenerateServicer, RouterConfig
+from tests.workers import worker_stats
+
+BLOCKS = 256
+BLOCK_SIZE = 16
+GREEDY = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=96, temperature=0.8, top_p=0.95, seed=11, ignore_eos=True)
+CALL_S = 120.0
+
+
+class _Worker:
+    """An in-process decode worker (its engine, gRPC server and migration service)."""
+
+    def __init__(self, path, name: str) -> None:
+        from decode_worker.service import AsyncDecodeServicer
+        from pdserve.metrics import KVPullMetrics
+        from pdserve.worker_main import serve_worker
+
+        eng = LLMEngine.from_pretrained(path, EngineConfig(num_kv_blocks=BLOCKS, block_size=BLOCK_SIZE))
+        cfg = WorkerConfig(worker_id=name, role=Role.DECODE, model_path=str(path), store_address="")
+        self.name = name
+        self.state = WorkerState(cfg, eng)
+        self.svc = AsyncDecodeServicer(
+            self.state, None, KVPullMetrics(CollectorRegistry(), name), stream_window_s=0.0
+        )
+        services = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], self.svc)]
+        self.server, port = serve_worker(services, Role.DECODE, "127.0.0.1", 0, name)
+        self.address = self.state.address = f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.stop(0).wait()
+        self.svc.close()
+        self.state.close()
+
+
+class _Cluster:
+    def __init__(self, path) -> None:
+        from pdserve.grpc_server import start_aio_server
+
+        self.workers = {n: _Worker(path, n) for n in ("dec-a", "dec-b")}
+        self.registry = Registry(heartbeat_timeout_s=1e9)  # no heartbeats here: never expire
+        for n, w in self.workers.items():
+            self.registry.register(
+                n, WorkerKind.DECODE, w.address, "llama", WorkerLoad(0, 0, BLOCKS, 0, block_size=BLOCK_SIZE)
+            )
+        self.metrics_registry = CollectorRegistry()
+        cfg = RouterConfig(model_path=str(path), model_id="llama", policy=PolicyKind.COLOCATED)
+        self.svc = GenerateServicer(self.registry, cfg, RouterMetrics(self.metrics_registry))
+        assert self.svc.migrator is not None  # migration is on by default
+        services = [(client_pb2.DESCRIPTOR.services_by_name["Generate"], self.svc)]
+        self.server, port, _ = start_aio_server(services, "127.0.0.1", 0, name="router")
+        self.address = f"127.0.0.1:{port}"
+
+    def on_loop(self, coro, timeout_s: float = CALL_S):
+        return asyncio.run_coroutine_threadsafe(coro, self.server.loop).result(timeout_s)
+
+    def metric(self, name: str, **labels) -> float:
+        return self.metrics_registry.get_sample_value(name, labels) or 0.0
+
+    def used_blocks(self) -> dict[str, int]:
+        return {n: worker_stats(w.address).kv_blocks_used for n, w in self.workers.items()}
+
+    def wait_no_blocks(self, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while any(self.used_blocks().values()):
+            assert time.monotonic() < deadline, f"blocks leaked: {self.used_blocks()}"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.stop(0)
+        for w in self.workers.values():
+            w.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, smollm_path):
+    from tests.tiny_models import make_tiny_models
+
+    path = make_tiny_models(tmp_path_factory.mktemp("mig"), tokenizer_from=smollm_path)["llama"]
+    cl = _Cluster(path)
+    yield cl
+    cl.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with Client(cluster.address, timeout=CALL_S) as c:
+        yield c
+
+
+def _prompt(i: int) -> list[int]:
+    rng = random.Random(1000 + i)
+    return [rng.randrange(5, 300) for _ in range(20 + (i * 7) % 40)]
+
+
+def _decoding(cluster: _Cluster, min_tokens: int) -> dict[str, str]:
+    """Requests decoding now with at least ``min_tokens`` output tokens: id -> decode worker."""
+    out = {}
+    for rid, d in cluster.svc.running().items():
+        if d.state is State.DECODING and len(d.legs.run.out_ids) >= min_tokens:
+            out[rid] = d.m.decode_id
+    return out
+
+
+def _migrate(cluster: _Cluster, rid: str, dest: str):
+    """Start migrating ``rid`` to ``dest`` on the router's loop and wait for its outcome."""
+
+    async def go():
+        return await cluster.svc.migrate(rid, dest)
+
+    return cluster.on_loop(go())
+
+
+def _other(worker: str) -> str:
+    return "dec-b" if worker == "dec-a" else "dec-a"
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_a_stream_migrated_mid_way_equals_the_unmigrated_run(cluster, client, params) -> None:
+    prompt = _prompt(1)
+    ref = client.complete(prompt, params)
+    assert len(ref.token_ids) == params.max_tokens
+    moved_before = cluster.metric("pdserve_router_migrations_total", reason="manual", result="migrated")
+    downtime_before = cluster.metric("pdserve_router_migration_downtime_seconds_count")
+    with ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(client.complete, prompt, params)
+        deadline = time.monotonic() + CALL_S
+        while not (running := _decoding(cluster, 8)):
+            assert not fut.done() and time.monotonic() < deadline, "the request never decoded"
+            time.sleep(0.001)
+        ((rid, src),) = running.items()
+        outcome = _migrate(cluster, rid, _other(src))
+        got = fut.result(CALL_S)
+    assert outcome.migrated, outcome
+    assert got.token_ids == ref.token_ids and got.text == ref.text
+    assert got.finish.reason == ref.finish.reason
+    assert (
+        cluster.metric("pdserve_router_migrations_total", reason="manual", result="migrated")
+        == moved_before + 1
+    )
+    assert cluster.metric("pdserve_router_migration_downtime_seconds_count") == downtime_before + 1
+    assert cluster.metric("pdserve_router_migration_blocks_copied_total") > 0
+    cluster.wait_no_blocks()
+
+
+def test_32_concurrent_streams_with_random_migrations(cluster, client) -> None:
+    n = 32
+    params = [GREEDY if i % 2 == 0 else SEEDED for i in range(n)]
+    prompts = [_prompt(10 + i) for i in range(n)]
+    with ThreadPoolExecutor(n) as ex:
+        refs = list(ex.map(lambda i: client.complete(prompts[i], params[i]), range(n)))
+    cluster.wait_no_blocks()
+    rng = random.Random(7)
+    outcomes = []
+    with ThreadPoolExecutor(n) as ex:
+        futs = [ex.submit(client.complete, prompts[i], params[i]) for i in range(n)]
+        deadline = time.monotonic() + CALL_S
+        tried: set[str] = set()
+        while not all(f.done() for f in futs) and time.monotonic() < deadline:
+            cands = {r: w for r, w in _decoding(cluster, 2).items() if r not in tried}
+            if cands:
+                picks = rng.sample(sorted(cands), k=min(len(cands), rng.randint(1, 4)))
+
+                async def start(picks=picks, cands=cands):
+                    futs_ = []
+                    for r in picks:
+                        try:
+                            futs_.append(cluster.svc.migrate(r, _other(cands[r])))
+                        except Exception as e:  # noqa: BLE001 - it finished or moved meanwhile
+                            futs_.append(asyncio.get_running_loop().create_future())
+                            futs_[-1].set_result(e)
+                    return await asyncio.gather(*futs_)
+
+                outcomes += cluster.on_loop(start())
+                tried.update(picks)
+            time.sleep(rng.uniform(0.0, 0.02))
+        got = [f.result(CALL_S) for f in futs]
+    for i, (r, g) in enumerate(zip(refs, got, strict=True)):
+        assert g.token_ids == r.token_ids, f"stream {i} differs from its unmigrated run"
+        assert g.text == r.text, f"stream {i}'s text differs"
+    moved = [o for o in outcomes if getattr(o, "migrated", False)]
+    assert len(moved) >= 4, [getattr(o, "result", o) for o in outcomes]
+    cluster.wait_no_blocks()
+    assert cluster.svc.migrations.in_flight() == frozenset()
+
+
+def test_drain_empties_a_decode_worker_while_its_streams_continue(cluster, client) -> None:
+    n = 6
+    params = SamplingParams(max_tokens=160, temperature=0.0, ignore_eos=True)
+    prompts = [_prompt(100 + i) for i in range(n)]
+    with ThreadPoolExecutor(n) as ex:
+        refs = list(ex.map(lambda p: client.complete(p, params), prompts))
+    drained_before = cluster.metric("pdserve_router_migrations_total", reason="drain", result="migrated")
+    with ThreadPoolExecutor(n) as ex:
+        futs = [ex.submit(client.complete, p, params) for p in prompts]
+        deadline = time.monotonic() + CALL_S
+        while len(running := _decoding(cluster, 4)) < n:
+            assert time.monotonic() < deadline and not any(f.done() for f in futs), "streams did not start"
+            time.sleep(0.002)
+        counts = {w: list(running.values()).count(w) for w in cluster.workers}
+        victim = max(counts, key=lambda w: counts[w])
+        assert counts[victim] >= 1
+        report = cluster.on_loop(drain_decode_worker(cluster.svc, victim, timeout_s=60, poll_s=0.01))
+        # drained while the streams still run: nothing of this router decodes there any more
+        still_running = sum(not f.done() for f in futs)
+        on_victim = [r for r, d in cluster.svc.running().items() if d.m.decode_id == victim]
+        got = [f.result(CALL_S) for f in futs]
+    assert report.drained and report.remaining == 0 and on_victim == [], report
+    assert report.migrated == counts[victim] and report.aborted == 0, report
+    assert still_running >= 1  # the drain did not wait for them to finish
+    assert cluster.used_blocks()[victim] == 0
+    for r, g in zip(refs, got, strict=True):
+        assert g.token_ids == r.token_ids and g.text == r.text
+    assert (
+        cluster.metric("pdserve_router_migrations_total", reason="drain", result="migrated")
+        == drained_before + counts[victim]
+    )
+    cluster.wait_no_blocks()
+    # the drained worker gets no new request
+    cluster.registry.get(victim).draining = True
+    with ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(client.complete, _prompt(999), GREEDY)
+        deadline = time.monotonic() + CALL_S
+        seen: set[str] = set()
+        while not fut.done() and time.monotonic() < deadline:
+            seen |= set(_decoding(cluster, 0).values())
+            time.sleep(0.002)
+        fut.result(CALL_S)
+    assert victim not in seen
+    cluster.registry.get(victim).draining = False
