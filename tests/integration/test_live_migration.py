@@ -266,3 +266,51 @@ def test_drain_empties_a_decode_worker_while_its_streams_continue(cluster, clien
         fut.result(CALL_S)
     assert victim not in seen
     cluster.registry.get(victim).draining = False
+
+
+def test_the_rebalancer_moves_streams_off_a_loaded_worker(cluster, client) -> None:
+    """The rebalancing loop on the router's event loop (as ``python -m router
+    --rebalance-interval-s`` runs it): dec-a reports most of its blocks used, dec-b none; it
+    moves streams to dec-b (reason load_balance) and they finish identical to unmigrated runs."""
+    from router.policy.migration import MigrationConfig
+    from router.rebalancer import RebalanceConfig, Rebalancer
+
+    n = 4
+    params = SamplingParams(max_tokens=160, temperature=0.0, ignore_eos=True)
+    prompts = [_prompt(200 + i) for i in range(n)]
+    with ThreadPoolExecutor(n) as ex:
+        refs = list(ex.map(lambda p: client.complete(p, params), prompts))
+    cluster.wait_no_blocks()
+    before = cluster.metric("pdserve_router_migrations_total", reason="load_balance", result="migrated")
+    a, b = cluster.registry.get("dec-a"), cluster.registry.get("dec-b")
+    b.draining = True  # every stream starts on dec-a
+    rb = Rebalancer(
+        cluster.svc,
+        RebalanceConfig(interval_s=0.01, max_concurrent=2, policy=MigrationConfig(balance_threshold=8.0)),
+    )
+    try:
+        with ThreadPoolExecutor(n) as ex:
+            futs = [ex.submit(client.complete, p, params) for p in prompts]
+            deadline = time.monotonic() + CALL_S
+            while len(_decoding(cluster, 2)) < n:
+                assert time.monotonic() < deadline and not any(f.done() for f in futs), (
+                    "streams did not start"
+                )
+                time.sleep(0.002)
+            assert set(_decoding(cluster, 0).values()) == {"dec-a"}
+            b.draining = False
+            a.load = WorkerLoad(n, 0, BLOCKS, 200, block_size=BLOCK_SIZE)  # as its heartbeat would say
+            rb.start(cluster.server.loop)
+            got = [f.result(CALL_S) for f in futs]
+    finally:
+        rb.stop()
+        a.load = WorkerLoad(0, 0, BLOCKS, 0, block_size=BLOCK_SIZE)
+        b.draining = False
+    for r, g in zip(refs, got, strict=True):
+        assert g.token_ids == r.token_ids and g.text == r.text
+    assert (
+        cluster.metric("pdserve_router_migrations_total", reason="load_balance", result="migrated")
+        >= before + 1
+    )
+    cluster.wait_no_blocks()
+    assert cluster.svc.migrations.in_flight() == frozenset()
