@@ -19,6 +19,7 @@ from engine.scheduler import SchedulerConfig
 from router.policy import SLO, InstanceRole, PolicyKind
 from simulator.hardware import gpu_spec
 from simulator.latency import LatencySpec, make_latency_model
+from simulator.migration import SimMigrationConfig
 from simulator.models import MODELS, model_spec
 
 
@@ -142,6 +143,9 @@ class ClusterConfig:
     # blocks * block bytes / bandwidth to the step's time.
     swap_space_gib: float = 0.0
     swap_gb_s: float = 25.0  # one direction (assumed: PCIe 4.0 x16)
+    # Live migration of decoding requests between decode-capable instances (Llumnix, issue #14):
+    # the router's migration policies run every SimMigrationConfig.interval_s. None: off.
+    migration: SimMigrationConfig | None = None
 
     def __post_init__(self) -> None:
         if not (self.swap_space_gib >= 0 and math.isfinite(self.swap_space_gib)):

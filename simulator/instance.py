@@ -19,7 +19,7 @@ from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.swap_policy import SwapRates
-from pdserve.errors import InvalidRequestError
+from pdserve.errors import InvalidRequestError, RequestNotFoundError
 from router.policy import InstanceRole
 from simulator.events import EventLoop
 from simulator.latency import LatencyModel
@@ -65,6 +65,9 @@ class InstanceStats:
     import_failures: int = 0
     disk_blocks: int = 0  # KV blocks of host-pool hits read from its disk tier
     swap_s: float = 0.0  # step time spent copying swapped KV blocks
+    migrations_out: int = 0  # live migrations that moved a request off this instance
+    migrations_in: int = 0
+    migrated_blocks: int = 0  # KV blocks copied out of this instance by migrations (re-sent ones too)
 
 
 class SimInstance:
@@ -133,6 +136,7 @@ class SimInstance:
         self._loader_seq = 0
         self._retry: list[tuple[Request, int]] = []
         self._sampled = _DummyTokens()
+        self._pause_q: list[tuple[str, Callable[[bool], Any]]] = []  # live migration's stop-and-copy
 
     # ------------------------------------------------------------------ InstanceView
     @property
@@ -291,6 +295,37 @@ class SimInstance:
         self.sched.release_prefilled(request_id)
         self.kick()
 
+    # ------------------------------------------------------------------ live migration
+    def pause_at_boundary(self, request_id: str, then: Callable[[bool], Any]) -> None:
+        """Take a decoding request out of the batch at the next step boundary (now when idle),
+        keeping its blocks (``Scheduler.pause_request``), then call ``then(paused)``; ``paused`` is
+        False when it is no longer a running decode here (finished, preempted) and nothing changed."""
+        if self.busy:
+            self._pause_q.append((request_id, then))
+        else:
+            then(self._pause(request_id))
+
+    def _pause(self, request_id: str) -> bool:
+        r = self.sched.requests.get(request_id)
+        if r is None or r.status is not RequestStatus.RUNNING or not r.is_decoding:
+            return False
+        try:
+            self.sched.pause_request(request_id)
+        except (InvalidRequestError, RequestNotFoundError):
+            return False
+        return True
+
+    def resume(self, request_id: str) -> None:
+        """Put a paused request back into the batch (its migration was aborted)."""
+        self.sched.resume_request(request_id)
+        self.kick()
+
+    def migrated_out(self, request_id: str) -> None:
+        """The paused request now runs elsewhere: retire it here and free its blocks."""
+        self.sched.abort_request(request_id)
+        self._started.discard(request_id)
+        self.kick()
+
     # ------------------------------------------------------------------ steps
     def kick(self) -> None:
         if not self.busy:
@@ -360,6 +395,10 @@ class SimInstance:
         for r in done:
             self._started.discard(r.request_id)
         self.on_step(StepReport(self, out, start, self.loop.now(), started, firsts, done))
+        if self._pause_q:
+            q, self._pause_q = self._pause_q, []
+            for rid, then in q:
+                then(self._pause(rid))
         self._start_step()
 
 

@@ -73,6 +73,7 @@ class SimResult:
     instance_stats: dict[str, Any] = field(default_factory=dict)
     num_gpus: int = 0
     num_events: int = 0  # discrete events the loop ran
+    migrations: list[Any] = field(default_factory=list)  # simulator.migration.MigrationRecord, in start order
 
     def __len__(self) -> int:
         return len(self.records)

@@ -29,11 +29,14 @@ from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from pdserve.errors import InvalidRequestError
 from router.policy import ClusterView, InstanceRole, PlacementPolicy, Rejection, RequestInfo, make_policy
+from router.policy import migration as mig_policy
+from router.policy.migration import MigrationDecision, MigrationReason
 from simulator.config import ClusterConfig, HostPool, SimConfig
 from simulator.events import EventLoop
 from simulator.instance import DUMMY_TOKEN, SimInstance, StepReport
 from simulator.latency import LatencyModel
 from simulator.metrics import RequestRecord, SimResult
+from simulator.migration import MigrationRecord, MigrationResult, decode_load
 from simulator.prefix_store import PrefixStore
 from simulator.tiered_store import TieredPrefixStore
 from simulator.workload import Workload, WorkloadRequest
@@ -104,12 +107,13 @@ class Simulation:
         complete = run.execute()
         return SimResult(
             records=run.records,
-            sim_time_s=run.loop.now(),
+            sim_time_s=run.end_time(),
             wall_time_s=time.perf_counter() - t0,
             complete=complete,
             instance_stats=run.instance_stats(),
             num_gpus=self.cluster.num_gpus,
             num_events=run.loop.num_events,
+            migrations=run.migrations,
         )
 
 
@@ -148,6 +152,13 @@ class _Run:
         self.budget = math.floor((1 - cfg.attainment_target) * n) if cfg.early_stop else None
         self.stopped_early = False
         self._bar = None
+        # live migration (ClusterConfig.migration): decode-capable instances, in-flight moves
+        self.migrations: list[MigrationRecord] = []
+        self._moving: dict[str, MigrationRecord] = {}
+        self._mig_busy: dict[str, int] = {}  # instance -> migrations it takes part in now
+        self._mig_pool = [i for i in self.instances if i.role is not InstanceRole.PREFILL]
+        self._arrived = 0
+        self._last_work_s = 0.0  # the last event that was not a migration-policy tick
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> list[SimInstance]:
@@ -204,6 +215,9 @@ class _Run:
     def execute(self) -> bool:
         if self.workload:
             self.loop.at(self.workload[0].arrival_s, self._arrive, 0)
+        m = self.cluster.migration
+        if m is not None and len(self._mig_pool) >= 2:
+            self.loop.after(m.interval_s, self._migration_tick)
         if self.cfg.progress:
             from tqdm import tqdm
 
@@ -214,8 +228,15 @@ class _Run:
         done = all(r.finished or r.rejected for r in self.records) and len(self.records) == len(self.workload)
         return done and not self.stopped_early
 
+    def end_time(self) -> float:
+        """Simulated end: the loop's clock, or with migration on, the last event that did work
+        (a policy tick that found the cluster idle does not extend the run)."""
+        if self.cluster.migration is None or self.loop.pending or self.stopped_early:
+            return self.loop.now()
+        return self._last_work_s
+
     def instance_stats(self) -> dict[str, dict[str, float]]:
-        t = max(self.loop.now(), 1e-12)
+        t = max(self.end_time(), 1e-12)
         return {
             i.instance_id: {
                 "role": i.role.value,
@@ -232,6 +253,9 @@ class _Run:
                 "disk_blocks": i.stats.disk_blocks,
                 "kv_blocks": i.total_blocks,
                 "free_blocks_end": i.kv.num_free_blocks,
+                "migrations_out": i.stats.migrations_out,
+                "migrations_in": i.stats.migrations_in,
+                "migrated_blocks": i.stats.migrated_blocks,
             }
             for i in self.instances
         }
@@ -275,6 +299,8 @@ class _Run:
     def _arrive(self, i: int) -> None:
         wl = self.workload
         w = wl[i]
+        self._arrived = i + 1
+        self._last_work_s = self.loop.now()
         if i + 1 < len(wl):
             self.loop.at(wl[i + 1].arrival_s, self._arrive, i + 1)
         if self._bar is not None and i % 256 == 0:
@@ -337,6 +363,7 @@ class _Run:
         inst = rep.instance
         t = rep.end
         rec = self.rec
+        self._last_work_s = t
         if self.cfg.track_tbt:
             self._track_tbt(rep)
         for r in rep.started:
@@ -435,3 +462,186 @@ class _Run:
             src.release_prefilled(req.request_id)
         dec.in_transfer -= 1
         dec.start_decoding(req)
+
+    # ------------------------------------------------------------------ live migration
+    def _mig_bytes_s(self, inst: SimInstance, blocks: int) -> float:
+        m = self.cluster.migration
+        assert m is not None
+        return blocks * inst.block_nbytes / (m.bandwidth_gb_s * 1e9)
+
+    def _outstanding(self) -> bool:
+        if self._arrived < len(self.workload):
+            return True
+        return any(
+            i.busy or i.pending or i.in_transfer or i.sched.has_unfinished() or i.sched.paused
+            for i in self.instances
+        )
+
+    def _migration_tick(self) -> None:
+        """Run the router's migration policies over the decode-capable instances and start the
+        moves they decide; again in ``interval_s`` while the cluster has work."""
+        m = self.cluster.migration
+        assert m is not None
+        if self.stopped_early:
+            return
+        cfg = m.policy
+        free = [i for i in self._mig_pool if self._mig_busy.get(i.instance_id, 0) < m.max_concurrent]
+        if len(free) >= 2:
+            moving = set(self._moving)
+            loads = [decode_load(i, moving) for i in free]
+            decisions: list[MigrationDecision] = []
+            if MigrationReason.PRIORITY in m.reasons:
+                decisions += mig_policy.protect_priority(loads, cfg)
+            if MigrationReason.LOAD_BALANCE in m.reasons and not decisions:
+                decisions += mig_policy.balance(loads, cfg)
+            for d in decisions:
+                self._start_migration(d)
+        if self._outstanding():
+            self.loop.after(m.interval_s, self._migration_tick)
+
+    def _start_migration(self, d: MigrationDecision) -> None:
+        m = self.cluster.migration
+        assert m is not None
+        busy = self._mig_busy
+        if d.request_id in self._moving or any(
+            busy.get(k, 0) >= m.max_concurrent for k in (d.source, d.destination)
+        ):
+            return  # a decision of this tick already took one of them
+        src, dst = self.by_id[d.source], self.by_id[d.destination]
+        req = src.sched.requests.get(d.request_id)
+        if req is None or req.status is not RequestStatus.RUNNING or not req.is_decoding:
+            return
+        now = self.loop.now()
+        rec = MigrationRecord(d.request_id, d.source, d.destination, d.reason, now)
+        self.migrations.append(rec)
+        self._moving[d.request_id] = rec
+        for k in (d.source, d.destination):
+            busy[k] = busy.get(k, 0) + 1
+        dst.in_transfer += 1  # a batch slot there from now on
+        self._stage(rec, src, dst, 0)
+
+    def _stage(self, rec: MigrationRecord, src: SimInstance, dst: SimInstance, sent_full: int) -> None:
+        """Copy, while the request decodes on ``src``, every block from its ``sent_full``-th on
+        (the full blocks before it were sent by earlier stages; a partial block is re-sent)."""
+        req = src.sched.requests.get(rec.request_id)
+        reason = self._abort_reason(req)
+        if reason is not None:
+            self._end_migration(rec, src, dst, reason)
+            return
+        assert req is not None
+        n = req.num_computed_tokens
+        blocks = dst.kv.blocks_needed(n)
+        if not self._reserve(dst, rec.request_id, blocks):
+            self._end_migration(rec, src, dst, MigrationResult.NO_ROOM)
+            return
+        send = blocks - sent_full
+        rec.stages += 1
+        rec.blocks_copied += send
+        self.loop.after(self._mig_bytes_s(src, send), self._stage_done, rec, src, dst, n // dst.block_size)
+
+    def _reserve(self, dst: SimInstance, rid: str, blocks: int) -> bool:
+        """Grow the destination's table for ``rid`` to ``blocks`` blocks; False when short."""
+        extra = blocks - dst.kv.num_held_blocks(rid)
+        if extra <= 0:
+            return True
+        if extra > dst.kv.num_free_blocks:
+            return False
+        dst.kv.extend_blocks(rid, extra)
+        return True
+
+    @staticmethod
+    def _abort_reason(req: Request | None) -> MigrationResult | None:
+        if req is None or req.status.name.startswith("FINISHED"):
+            return MigrationResult.FINISHED
+        if req.status is not RequestStatus.RUNNING:
+            return MigrationResult.PREEMPTED
+        return None
+
+    def _stage_done(self, rec: MigrationRecord, src: SimInstance, dst: SimInstance, sent_full: int) -> None:
+        m = self.cluster.migration
+        assert m is not None
+        self._last_work_s = self.loop.now()
+        req = src.sched.requests.get(rec.request_id)
+        reason = self._abort_reason(req)
+        if reason is not None:
+            self._end_migration(rec, src, dst, reason)
+            return
+        assert req is not None
+        left = dst.kv.blocks_needed(req.num_computed_tokens) - sent_full
+        if left > m.stop_blocks and rec.stages < m.max_stages:
+            self._stage(rec, src, dst, sent_full)
+            return
+        src.pause_at_boundary(rec.request_id, lambda ok: self._stop_and_copy(rec, src, dst, sent_full, ok))
+
+    def _stop_and_copy(
+        self, rec: MigrationRecord, src: SimInstance, dst: SimInstance, sent_full: int, paused: bool
+    ) -> None:
+        m = self.cluster.migration
+        assert m is not None
+        req = src.sched.requests.get(rec.request_id)
+        if not paused:
+            self._end_migration(rec, src, dst, self._abort_reason(req) or MigrationResult.PREEMPTED)
+            return
+        assert req is not None
+        blocks = dst.kv.blocks_needed(req.num_computed_tokens)
+        if not self._reserve(dst, rec.request_id, blocks):
+            src.resume(rec.request_id)
+            self._end_migration(rec, src, dst, MigrationResult.NO_ROOM)
+            return
+        send = blocks - sent_full
+        rec.stages += 1
+        rec.blocks_copied += send
+        down = m.stop_copy_s + self._mig_bytes_s(src, send)
+        rec.downtime_s = down
+        self.loop.after(down, self._switch, rec, src, dst, req)
+
+    def _switch(self, rec: MigrationRecord, src: SimInstance, dst: SimInstance, old: Request) -> None:
+        """The destination takes over: a new engine request with the source's tokens and state
+        (as ``engine.migration`` builds it), the source retires its copy and frees its blocks."""
+        self._last_work_s = self.loop.now()
+        req = Request(
+            old.request_id,
+            old.prompt_token_ids,
+            old.sampling_params,
+            arrival_time=old.arrival_time,
+            priority=old.priority,
+            cache_salt=old.cache_salt,
+            block_hashes=list(old.block_hashes),
+        )
+        req.output_token_ids.extend(old.output_token_ids)
+        req.num_computed_tokens = old.num_computed_tokens
+        req.num_cached_tokens = 0
+        src.migrated_out(rec.request_id)
+        dst.in_transfer -= 1
+        dst.sched.add_running(req)
+        dst.kv.cache_blocks(req)
+        src.stats.migrations_out += 1
+        src.stats.migrated_blocks += rec.blocks_copied
+        dst.stats.migrations_in += 1
+        x = self.rec[rec.request_id]
+        x.decode_instance = dst.instance_id
+        self._close(rec, src, dst, MigrationResult.DONE)
+        dst.kick()
+        if src.pending:
+            self._pump(src)
+
+    def _end_migration(
+        self, rec: MigrationRecord, src: SimInstance, dst: SimInstance, result: MigrationResult
+    ) -> None:
+        """Abort: the destination frees what it allocated; the request stays (or ended) on the source."""
+        self._last_work_s = self.loop.now()
+        dst.kv.free(rec.request_id)
+        dst.in_transfer -= 1
+        self._close(rec, src, dst, result)
+        if dst.pending:
+            self._pump(dst)
+        dst.kick()
+
+    def _close(
+        self, rec: MigrationRecord, src: SimInstance, dst: SimInstance, result: MigrationResult
+    ) -> None:
+        rec.end = self.loop.now()
+        rec.result = result
+        del self._moving[rec.request_id]
+        for k in (src.instance_id, dst.instance_id):
+            self._mig_busy[k] -= 1
