@@ -169,3 +169,25 @@ def test_drain_refuses_unknown_and_prefill_workers(model_path) -> None:
         asyncio.run(drain_decode_worker(svc, "nope"))
     with pytest.raises(InvalidRequestError, match="prefill worker"):
         asyncio.run(drain_decode_worker(svc, "p0"))
+
+
+def test_pdserve_drain_command_is_registered_and_reports(capsys) -> None:
+    from pdserve import cli, drain_cli
+
+    a = cli.build_parser().parse_args(["drain", "decode-3", "--timeout-s", "5", "--namespace", "ns"])
+    assert a.func is drain_cli._cmd_drain and a.worker == "decode-3" and a.timeout_s == 5.0
+    bad = cli.build_parser().parse_args(["drain", "decode-3", "--timeout-s", "0"])
+    assert drain_cli._cmd_drain(bad) == 2  # refused before any connection
+    assert "--timeout-s must be > 0" in capsys.readouterr().err
+    out = {
+        "worker_id": "decode-3",
+        "found": True,
+        "drained": True,
+        "inflight": 0,
+        "reports": [{"migrated": 3, "aborted": 1}, {"migrated": 2, "aborted": 0}],
+        "elapsed_s": 1.5,
+    }
+    line = drain_cli.format_result(out)
+    assert "decode-3 drained in 1.5s: 5 requests migrated off it, 1 migrations aborted" in line
+    assert "NOT drained (2 requests" in drain_cli.format_result({**out, "drained": False, "inflight": 2})
+    assert "no router knows worker 'x'" in drain_cli.format_result({"worker_id": "x", "found": False})
