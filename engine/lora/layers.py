@@ -35,6 +35,7 @@ class LoRABatchContext:
         self.active = False
         self.segments: list[tuple[int, int, int]] = []
         self.perm: torch.Tensor | None = None
+        self.whole = False  # one segment covering every row of the batch
         self.expected_ids: list[int] = []
 
     def set(self, slot_per_token: list[int], ids: list[int], device: torch.device) -> None:
@@ -53,6 +54,7 @@ class LoRABatchContext:
             return
         if len({s for s, _, _ in runs}) == len(runs):  # one run per adapter: rows as they are
             self.segments = runs
+            self.whole = len(runs) == 1 and runs[0][1:] == (0, len(slot_per_token))
         else:
             rows: list[int] = []
             for s in sorted({s for s, _, _ in runs}):
@@ -66,6 +68,7 @@ class LoRABatchContext:
         self.active = False
         self.segments = []
         self.perm = None
+        self.whole = False
         self.expected_ids = []
 
 
@@ -97,6 +100,18 @@ class LoRALinear(nn.Module):
         self.register_buffer(
             "lora_b", torch.zeros(num_slots, self.width, base.out_features, dtype=dtype, device=device)
         )
+        self._make_views()
+
+    def _make_views(self) -> None:
+        """Per-slot views (A^T ``[in, n*R]``, B ``[n*R, out]``), made once: the manager writes
+        the slot buffers in place; a ``.to()``/``_apply`` that replaces them remakes the views."""
+        self._at = [a.t() for a in self.lora_a]
+        self._b = list(self.lora_b)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        super()._apply(fn, recurse)
+        self._make_views()
+        return self
 
     @property
     def weight(self) -> torch.Tensor:
@@ -112,13 +127,16 @@ class LoRALinear(nn.Module):
         ctx = self.ctx
         if not ctx.active:
             return out
-        a, b = self.lora_a, self.lora_b
+        at, b = self._at, self._b
         if ctx.perm is None:  # each adapter's tokens are one row range of the batch
+            if ctx.whole:
+                s = ctx.segments[0][0]
+                return out.addmm_(x @ at[s], b[s])
             for s, lo, hi in ctx.segments:
-                out[lo:hi].addmm_(x[lo:hi] @ a[s].t(), b[s])
+                out[lo:hi].addmm_(x[lo:hi] @ at[s], b[s])
             return out
         xs = x.index_select(0, ctx.perm)
         ys = torch.empty(xs.shape[0], self.out_features, dtype=out.dtype, device=out.device)
         for s, lo, hi in ctx.segments:
-            torch.mm(xs[lo:hi] @ a[s].t(), b[s], out=ys[lo:hi])
+            torch.mm(xs[lo:hi] @ at[s], b[s], out=ys[lo:hi])
         return out.index_add_(0, ctx.perm, ys)

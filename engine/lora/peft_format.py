@@ -330,5 +330,12 @@ def load_adapter(name: str, path: str | Path, tm: TargetMap) -> HostAdapter:
                 f"LoRA adapter {name!r}: {t.hf_name}.lora_B has shape {tuple(b.shape)}, expected "
                 f"{(t.out_features, r)} (field 'r'/'rank_pattern' = {r}, the model's out_features = {t.out_features})"
             )
-        weights[t.hf_name] = (a.float().contiguous(), (b.float() * cfg.scales[t.hf_name]).contiguous())
+        af, bf = a.float().contiguous(), (b.float() * cfg.scales[t.hf_name]).contiguous()
+        for part, w in (("A", af), ("B", bf)):
+            if not torch.isfinite(w).all():
+                raise AdapterError(
+                    f"LoRA adapter {name!r}: {t.hf_name}.lora_{part} holds non-finite values (NaN/inf, "
+                    "or overflow once scaled by lora_alpha/r)"
+                )
+        weights[t.hf_name] = (af, bf)
     return HostAdapter(name, path, cfg, weights)

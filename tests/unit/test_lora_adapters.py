@@ -161,6 +161,12 @@ def test_bad_tensors_refused(env, tmp_path):
     with pytest.raises(AdapterError, match="'h'.*lm_head"):
         load_adapter("h", _rewrite(good, tmp_path / "h", lm_head), tm)
 
+    def nan(t):
+        t["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"][0, 0] = float("nan")
+
+    with pytest.raises(AdapterError, match="'n'.*layers.1.mlp.down_proj.lora_B holds non-finite"):
+        load_adapter("n", _rewrite(good, tmp_path / "n", nan), tm)
+
 
 def test_engine_start_and_runtime_registration(env, tmp_path):
     root, base, good, _ = env
@@ -235,3 +241,31 @@ def test_adapter_spec_parse():
         AdapterSpec("bad name", "/x")
     with pytest.raises(ValueError, match="unique"):
         LoRAConfig((AdapterSpec("a", "/x"), AdapterSpec("a", "/y")))
+
+
+def test_lora_linear_matches_per_token_reference():
+    """Every grouping path (one segment over the batch, row ranges, permuted segments, base rows)
+    == x @ W^T + b + x @ A[s]^T @ B[s] token by token; the views survive ``.to()``."""
+    from engine.lora.layers import LoRABatchContext, LoRALinear
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(8, 6)
+    ctx = LoRABatchContext()
+    m = LoRALinear(
+        base, ctx, num_slots=3, num_targets=1, rank=2, dtype=torch.float32, device=torch.device("cpu")
+    )
+    m = m.to(torch.float64).to(torch.float32)  # buffers replaced: the per-slot views follow
+    with torch.no_grad():
+        m.lora_a.copy_(torch.randn(3, 2, 8, generator=g))
+        m.lora_b.copy_(torch.randn(3, 2, 6, generator=g))
+    x = torch.randn(7, 8, generator=g)
+    for slots in ([1] * 7, [2, 2, 2, 0, 0, -1, -1], [0, 1, 0, -1, 2, 1, 0], [-1] * 7):
+        ctx.set(slots, list(range(7)), torch.device("cpu"))
+        got = m(x)
+        want = base(x)
+        for t, s in enumerate(slots):
+            if s >= 0:
+                want[t] += x[t] @ m.lora_a[s].t() @ m.lora_b[s]
+        assert torch.allclose(got, want, atol=1e-5), slots
+    ctx.clear()
+    assert torch.equal(m(x), base(x))
