@@ -28,8 +28,14 @@ with an error or a broken stream), the source resumes the request if it still ru
 destination inserted the request, the source keeps its copy (the result says PEER_DIED) and the
 destination's copy is aborted when nobody opens its stream (``attach_timeout_s``).
 
-Transport: direct gRPC between the two workers (any hosts). The KV store / shared-memory path
-and torch.distributed are not used for migration (see the README).
+Transports (``MigrateOutRequest.transport``): GRPC (default), the KV bytes in the MigrateIn
+messages, direct between the two workers (any hosts); STORE, each stage put on the source's KV
+store node under a lease with keys salted per migration (write-once keys never clash with
+another request's), the MigrateIn message carrying the handle, and the destination pulling it
+with its KV puller (shared memory on the store node's host, gRPC otherwise) and releasing the
+lease (a lease of a stage the destination never took is released by the source on abort, else
+expires with its TTL). A source needs a store publisher for STORE (``DecodeMigration.publisher``,
+set by the worker that has a store); torch.distributed is not used for migration.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -48,8 +55,10 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from decode_worker.puller import KVPuller
+from engine.block_hash import BlockHash, chain_hashes
 from engine.engine_loop import OutputItem
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import KVExport, LLMEngine
 from engine.migration import (
     AbortReason,
     FinalState,
@@ -61,6 +70,8 @@ from engine.migration import (
 )
 from engine.model_runner import KVShape
 from engine.outputs import TokenLogprob
+from kv_store.convert import handle_from_proto, handle_to_proto
+from kv_store.handle import KVHandle
 from kv_store.tensors import tensor_bytes
 from pdserve.errors import ErrorCode, InvalidRequestError, PdserveError, RequestNotFoundError
 from pdserve.limits import MAX_MESSAGE_BYTES
@@ -75,6 +86,7 @@ from pdserve.security import internal_channel
 from pdserve.tracing import log_event
 from pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from pdserve.worker_base import WorkerState
+from prefill_worker.publisher import KVPublisher
 
 log = logging.getLogger(__name__)
 
@@ -274,12 +286,25 @@ class DecodeMigration:
     ``attach_timeout_s``: how long a request migrated here waits for its ``ResumeStream`` before
     it is aborted. ``admission``: the executor blocking engine calls of ``ResumeStream`` run on."""
 
-    def __init__(self, state: WorkerState, admission: Executor, attach_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        state: WorkerState,
+        admission: Executor,
+        attach_timeout_s: float = 30.0,
+        *,
+        puller: KVPuller | None = None,
+        publisher: KVPublisher | None = None,
+    ) -> None:
+        """``puller``: reads STORE-transport stages (the decode servicer's KV puller);
+        ``publisher``: puts this worker's outgoing STORE-transport stages on its store node
+        (None: STORE is refused as a source)."""
         if not attach_timeout_s > 0:
             raise ValueError(f"attach_timeout_s must be > 0, got {attach_timeout_s}")
         self.state = state
         self.admission = admission
         self.attach_timeout_s = attach_timeout_s
+        self.puller = puller
+        self.publisher = publisher
         self._lock = threading.Lock()
         self._migrated: dict[str, _Migrated] = {}
         self._channels: dict[str, grpc.Channel] = {}
@@ -302,6 +327,10 @@ class DecodeMigration:
         if req.dest_address == self.state.address:
             raise InvalidRequestError(
                 f"dest_address {req.dest_address} is this worker: migrate to another one"
+            )
+        if req.transport == worker_pb2.MIGRATION_TRANSPORT_STORE and self.publisher is None:
+            raise InvalidRequestError(
+                "MIGRATION_TRANSPORT_STORE: this decode worker has no KV store publisher; use MIGRATION_TRANSPORT_GRPC"
             )
         loop = self.state.loop
         try:
@@ -350,7 +379,10 @@ class DecodeMigration:
                 if imp is None:
                     raise InvalidRequestError(f"MigrateIn: {kind} before begin")
                 if kind == "blocks":
-                    stage = stage_from_proto(c.blocks, imp.header.shape)
+                    if c.blocks.HasField("kv"):
+                        stage = self._pull_stage(c.blocks, imp.header.shape)
+                    else:
+                        stage = stage_from_proto(c.blocks, imp.header.shape)
                     loop.call(lambda e, s=stage, i=imp: i.add_stage(s))
                     if c.blocks.end_of_stage:
                         yield worker_pb2.MigrationAck(blocks_held=imp.blocks_held)
@@ -365,6 +397,26 @@ class DecodeMigration:
         finally:
             if not done and imp is not None:
                 loop.call(lambda e: imp.abort())
+
+    def _pull_stage(self, m: worker_pb2.MigrationBlocks, shape: KVShape) -> KVStage:
+        """A STORE-transport chunk: pull the blocks its handle names, then release the lease."""
+        handle = handle_from_proto(m.kv)
+        try:
+            if self.puller is None:
+                raise InvalidRequestError(
+                    "this decode worker has no KV puller: migrate with MIGRATION_TRANSPORT_GRPC"
+                )
+            self.state.layout.check_compatible(handle.layout, what="migration KV handle")
+            if len(handle.block_hashes) != m.num_blocks:
+                raise InvalidRequestError(
+                    f"migration KV handle names {len(handle.block_hashes)} blocks, the chunk {m.num_blocks}"
+                )
+            blocks = self.puller.pull(handle)
+        finally:
+            if self.puller is not None:
+                with contextlib.suppress(Exception):  # an expired lease: nothing to release
+                    self.puller.release(handle)
+        return KVStage(m.first_block, blocks.to(shape.dtype))
 
     def _start(self, imp: MigrationImport, final: FinalState) -> None:
         """Insert the migrated request as running, its outputs buffered for ResumeStream."""
@@ -503,6 +555,11 @@ class _OutRun:
         self.max_stages = req.max_stages or 4
         self.timeout_s = req.timeout_s or 30.0
         self.resp = worker_pb2.MigrateOutResponse()
+        self.store = req.transport == worker_pb2.MIGRATION_TRANSPORT_STORE
+        self._salt = f"migration/{exp.request_id}/{uuid.uuid4().hex}"  # keys unique to this migration
+        self._parent: BlockHash | None = None
+        self._leases: list[KVHandle] = []  # published stages the destination has not acked
+        self._header: MigrationHeader | None = None
         self._gone = threading.Event()  # the MigrateOut call ended (cancelled) before we answered
         ctx.add_callback(self._gone.set)
         self._q: queue.SimpleQueue[worker_pb2.MigrationChunk | None] = queue.SimpleQueue()
@@ -512,10 +569,59 @@ class _OutRun:
             yield c
 
     def _send_stage(self, stage: KVStage, end_of_stage: bool) -> None:
+        if self.store and stage.num_blocks:
+            self._publish_stage(stage, end_of_stage)
+            return
         for b in stage_chunks(stage, end_of_stage):
             self.resp.bytes_copied += len(b.data)
             self._q.put(worker_pb2.MigrationChunk(blocks=b))
         self.resp.blocks_copied += stage.num_blocks
+
+    def _publish_stage(self, stage: KVStage, end_of_stage: bool) -> None:
+        """STORE transport: put the stage on this worker's store node, send its handle."""
+        h = self._header
+        pub = self.mig.publisher
+        assert h is not None and pub is not None
+        keys = chain_hashes(
+            stage.token_ids,
+            h.shape.block_size,
+            h.model_id,
+            h.adapter_id,
+            self._salt,
+            include_partial=True,
+            parent=self._parent,
+        )
+        if len(keys) != stage.num_blocks:
+            raise RuntimeError(
+                f"{len(keys)} keys for {stage.num_blocks} blocks of {len(stage.token_ids)} tokens"
+            )
+        self._parent = keys[-1]
+        kv = KVExport(self.exp.request_id, h.model_id, stage.token_ids, 0, keys, stage.blocks, h.shape)
+        handle = pub.publish(kv, self.mig.state.layout, lease_ttl_s=self.timeout_s)
+        self._leases.append(handle)
+        self.resp.bytes_copied += stage.blocks.numel() * stage.blocks.element_size()
+        self.resp.blocks_copied += stage.num_blocks
+        self._q.put(
+            worker_pb2.MigrationChunk(
+                blocks=worker_pb2.MigrationBlocks(
+                    first_block=stage.first_block,
+                    num_blocks=stage.num_blocks,
+                    kv=handle_to_proto(handle),
+                    end_of_stage=end_of_stage,
+                )
+            )
+        )
+
+    def _acked(self) -> None:
+        self._leases.clear()  # the destination pulled and released them
+
+    def _release_leases(self) -> None:
+        client = getattr(self.mig.publisher, "client", None)
+        for handle in self._leases:
+            if client is not None and handle.lease_id:
+                with contextlib.suppress(Exception):
+                    client.release(handle.lease_id)
+        self._leases.clear()
 
     def _check_caller(self) -> None:
         remaining = self.ctx.time_remaining()
@@ -523,6 +629,7 @@ class _OutRun:
             raise MigrationAborted(AbortReason.CANCELLED, "the MigrateOut call was cancelled")
 
     def _abort(self, result: MigrationResult, why: str) -> worker_pb2.MigrateOutResponse:
+        self._release_leases()
         with contextlib.suppress(Exception):
             self.loop.call(lambda e: self.exp.resume())
         self.resp.result = result.value
@@ -535,12 +642,14 @@ class _OutRun:
         rid = exp.request_id
         stub = self.mig._stub(self.req.dest_address)
         header = self.loop.call(lambda e: exp.header())
+        self._header = header
         self._q.put(worker_pb2.MigrationChunk(begin=header_to_proto(header, self.mig.state.config.worker_id)))
         call = stub.MigrateIn(self._chunks(), timeout=self.timeout_s)
         try:
             stage = self.loop.call(lambda e: exp.next_stage())
             self._send_stage(stage, True)
             next(call)
+            self._acked()
             stages = 1
             while stages < self.max_stages:
                 self._check_caller()
@@ -548,6 +657,7 @@ class _OutRun:
                     break
                 self._send_stage(self.loop.call(lambda e: exp.next_stage()), True)
                 next(call)
+                self._acked()
                 stages += 1
             self._check_caller()
             self.resp.num_stages = stages
@@ -557,6 +667,7 @@ class _OutRun:
             self._q.put(worker_pb2.MigrationChunk(final=final_to_proto(final)))
             ack = next(call)
             t_running = time.monotonic()
+            self._acked()
             if not ack.running:
                 raise MigrationAborted(
                     AbortReason.PEER_DIED, "the destination did not confirm the request runs"
@@ -579,6 +690,7 @@ class _OutRun:
         except BaseException:
             self._q.put(None)
             call.cancel()
+            self._release_leases()
             with contextlib.suppress(Exception):
                 self.loop.call(lambda e: exp.resume())
             raise

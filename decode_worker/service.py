@@ -470,7 +470,7 @@ class AsyncDecodeServicer(DecodeServicer):
         self.stream_window_s = stream_window_s
         self._admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="decode-admit")
         self._inboxes: dict[asyncio.AbstractEventLoop, _LoopInbox] = {}  # one per serving loop
-        self.migration = DecodeMigration(self.state, self._admission)  # live migration RPCs
+        self.migration = DecodeMigration(self.state, self._admission, puller=self.puller)  # live migration
 
     def _inbox(self, loop: asyncio.AbstractEventLoop) -> _LoopInbox:
         inbox = self._inboxes.get(loop)

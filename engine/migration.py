@@ -97,10 +97,13 @@ class MigrationHeader:
 @dataclass
 class KVStage:
     """KV of the logical blocks ``[first_block, first_block + len(blocks))`` of the request,
-    ``blocks`` shaped ``[n, num_layers, 2, block_size, kvh, hd]`` (``n`` may be 0)."""
+    ``blocks`` shaped ``[n, num_layers, 2, block_size, kvh, hd]`` (``n`` may be 0).
+    ``token_ids``: the tokens whose KV the blocks hold (set by the source: a transport keying the
+    blocks needs them; the last block of the final stage may be partial)."""
 
     first_block: int
     blocks: torch.Tensor
+    token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_blocks(self) -> int:
@@ -192,7 +195,9 @@ class MigrationExport:
         if blocks.device.type != "cpu":
             blocks = blocks.cpu()
         self.blocks_sent = end
-        return KVStage(start, blocks)
+        bs = self.engine.kv.block_size
+        tokens = self.req.token_slice(start * bs, min(end * bs, self.req.num_computed_tokens))
+        return KVStage(start, blocks, tokens)
 
     def _block_shape(self) -> tuple[int, ...]:
         s = self.engine.kv_shape

@@ -63,6 +63,13 @@ class MigrationResult(enum.Enum):
         return self is MigrationResult.MIGRATED
 
 
+class MigrationTransport(enum.Enum):
+    """How the KV blocks travel between the two workers (worker.proto ``MigrationTransport``)."""
+
+    GRPC = worker_pb2.MIGRATION_TRANSPORT_GRPC  # in the worker-to-worker stream
+    STORE = worker_pb2.MIGRATION_TRANSPORT_STORE  # through the source's KV store node (shm on one host)
+
+
 @dataclass(frozen=True)
 class MigrationReport:
     """What :func:`migrate` returns. ``resume_token_index``: on MIGRATED, the output tokens the
@@ -105,11 +112,13 @@ async def migrate(
     max_stages: int = 4,
     stop_blocks: int = 0,
     timeout_s: float = 30.0,
+    transport: MigrationTransport = MigrationTransport.GRPC,
 ) -> MigrationReport:
     """Move ``request_id`` from the decode worker behind ``source`` (a ``grpc.aio`` stub) to the
     decode worker at ``dest_address``. ``max_stages``: stages copied while it decodes, at most;
     ``stop_blocks``: go to the stop-and-copy once at most this many full blocks are left;
-    ``timeout_s``: the whole migration. A source that cannot be reached (or fails the call)
+    ``timeout_s``: the whole migration; ``transport``: how the KV travels (STORE needs a source
+    with a KV store publisher, else INVALID_ARGUMENT). A source that cannot be reached (or fails the call)
     answers ABORTED_PEER_DIED; INVALID_ARGUMENT (the request is not decoding there yet, or a bad
     address) is raised as the typed error. Cancelling the coroutine cancels the call: the
     workers give the migration up unless the destination already runs the request."""
@@ -124,6 +133,7 @@ async def migrate(
                 max_stages=max_stages,
                 stop_blocks=stop_blocks,
                 timeout_s=timeout_s,
+                transport=transport.value,
             ),
             timeout=timeout_s + 5.0,
             metadata=_metadata(),
@@ -158,7 +168,14 @@ class GrpcMigrator:
     """:func:`migrate` and :func:`open_resumed_stream` by worker address, one ``grpc.aio``
     channel per address (opened on first use, closed by :meth:`close`). Use from one event loop."""
 
-    def __init__(self, max_stages: int = 4, stop_blocks: int = 0, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        max_stages: int = 4,
+        stop_blocks: int = 0,
+        timeout_s: float = 30.0,
+        transport: MigrationTransport = MigrationTransport.GRPC,
+    ) -> None:
+        self.transport = transport
         self.max_stages = max_stages
         self.stop_blocks = stop_blocks
         self.timeout_s = timeout_s
@@ -178,6 +195,7 @@ class GrpcMigrator:
             max_stages=self.max_stages,
             stop_blocks=self.stop_blocks,
             timeout_s=self.timeout_s,
+            transport=self.transport,
         )
 
     def resume(

@@ -13,10 +13,11 @@ import pytest
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from pdserve.errors import InvalidRequestError
 from pdserve.proto_convert import sampling_to_proto
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.worker_base import Role, WorkerConfig, WorkerState
-from router.migration_client import MigrationResult, migrate, open_resumed_stream
+from router.migration_client import MigrationResult, MigrationTransport, migrate, open_resumed_stream
 
 GREEDY = SamplingParams(max_tokens=160, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=160, temperature=0.8, seed=11, ignore_eos=True)
@@ -91,7 +92,12 @@ async def _reference(w: _Worker, rid: str, params: SamplingParams) -> list[int]:
 
 
 async def _migrated_run(
-    src: _Worker, dst: _Worker, rid: str, params: SamplingParams, after: int
+    src: _Worker,
+    dst: _Worker,
+    rid: str,
+    params: SamplingParams,
+    after: int,
+    transport: MigrationTransport = MigrationTransport.GRPC,
 ) -> tuple[list[int], MigrationResult, int]:
     """Stream ``rid`` from ``src``; after ``after`` tokens migrate it to ``dst`` and follow it there.
     Returns (every token the client saw, the result, the resume index)."""
@@ -105,7 +111,9 @@ async def _migrated_run(
             async for m in call:
                 seen.extend(m.token_ids)
                 if migration is None and len(seen) >= after:
-                    migration = asyncio.create_task(migrate(sstub, rid, dst.address, max_stages=3))
+                    migration = asyncio.create_task(
+                        migrate(sstub, rid, dst.address, max_stages=3, transport=transport)
+                    )
         except grpc.aio.AioRpcError as e:
             status = e
         assert migration is not None
@@ -215,3 +223,59 @@ def test_unknown_request_and_unopened_stream(workers):
             time.sleep(0.05)
     finally:
         b.svc.migration.attach_timeout_s = 30.0
+
+
+def test_store_transport_moves_the_kv_through_the_store_node(workers):
+    """MIGRATION_TRANSPORT_STORE: the source puts each stage on its store node (an in-process node
+    with a shared-memory arena), the destination pulls it (shm: same host) and releases the lease."""
+    from decode_worker.puller import StorePuller
+    from kv_store.arena import host_id
+    from kv_store.client import KVStoreClient
+    from kv_store.service import serve
+    from kv_store.store import StoreConfig
+    from kv_store.transport import AutoTransport
+    from prefill_worker.publisher import StorePublisher
+
+    a, b, _ = workers
+    node = serve(StoreConfig("mig-node", a.state.layout, capacity_blocks=64))
+    pub_client, pull_client = (
+        KVStoreClient(node.address, timeout_s=20),
+        KVStoreClient(node.address, timeout_s=20),
+    )
+    transport = AutoTransport(host_id())
+    a.svc.migration.publisher = StorePublisher(pub_client)
+    b.svc.migration.puller = StorePuller(transport, {node.address: pull_client})
+    try:
+        ref = asyncio.run(_reference(a, "ref5", SEEDED))
+        out, result, k = asyncio.run(
+            _migrated_run(a, b, "via-store", SEEDED, after=6, transport=MigrationTransport.STORE)
+        )
+        assert result is MigrationResult.MIGRATED and k >= 6
+        assert out == ref
+        _wait_idle(a, b)
+        node_stats = pub_client.stats().node
+        assert node_stats.num_leases == 0 and node_stats.num_pinned == 0  # every stage's lease released
+        assert b.svc.migration.puller.leased_reads >= 1  # read from the arena by shared memory, no rpc
+        # without a publisher the source refuses STORE, naming it
+        a.svc.migration.publisher = None
+
+        async def refused():
+            async with grpc.aio.insecure_channel(a.address) as ch:
+                stub = worker_pb2_grpc.WorkerStub(ch)
+                call = stub.Decode(_decode_req("no-store", GREEDY), timeout=CALL_S)
+                await call.__aiter__().__anext__()
+                try:
+                    return await migrate(stub, "no-store", b.address, transport=MigrationTransport.STORE)
+                finally:
+                    call.cancel()
+
+        with pytest.raises(InvalidRequestError, match="no KV store publisher"):
+            asyncio.run(refused())
+        _wait_idle(a, b)
+    finally:
+        a.svc.migration.publisher = None
+        b.svc.migration.puller = None
+        pub_client.close()
+        pull_client.close()
+        transport.close()
+        node.stop(0)

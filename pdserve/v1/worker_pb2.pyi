@@ -22,6 +22,12 @@ class MigrationResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MIGRATION_RESULT_ABORTED_SOURCE_PREEMPTED: _ClassVar[MigrationResult]
     MIGRATION_RESULT_ABORTED_REFUSED: _ClassVar[MigrationResult]
 
+class MigrationTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MIGRATION_TRANSPORT_UNSPECIFIED: _ClassVar[MigrationTransport]
+    MIGRATION_TRANSPORT_GRPC: _ClassVar[MigrationTransport]
+    MIGRATION_TRANSPORT_STORE: _ClassVar[MigrationTransport]
+
 class WorkerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     WORKER_ROLE_UNSPECIFIED: _ClassVar[WorkerRole]
@@ -43,6 +49,9 @@ MIGRATION_RESULT_ABORTED_CANCELLED: MigrationResult
 MIGRATION_RESULT_ABORTED_PEER_DIED: MigrationResult
 MIGRATION_RESULT_ABORTED_SOURCE_PREEMPTED: MigrationResult
 MIGRATION_RESULT_ABORTED_REFUSED: MigrationResult
+MIGRATION_TRANSPORT_UNSPECIFIED: MigrationTransport
+MIGRATION_TRANSPORT_GRPC: MigrationTransport
+MIGRATION_TRANSPORT_STORE: MigrationTransport
 WORKER_ROLE_UNSPECIFIED: WorkerRole
 WORKER_ROLE_PREFILL: WorkerRole
 WORKER_ROLE_DECODE: WorkerRole
@@ -52,17 +61,19 @@ PUSH_KV_PHASE_ACCEPTED: PushKVPhase
 PUSH_KV_PHASE_DONE: PushKVPhase
 
 class MigrateOutRequest(_message.Message):
-    __slots__ = ("request_id", "dest_address", "max_stages", "stop_blocks", "timeout_s")
+    __slots__ = ("request_id", "dest_address", "max_stages", "stop_blocks", "timeout_s", "transport")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MAX_STAGES_FIELD_NUMBER: _ClassVar[int]
     STOP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     dest_address: str
     max_stages: int
     stop_blocks: int
     timeout_s: float
+    transport: MigrationTransport
     def __init__(
         self,
         request_id: str | None = ...,
@@ -70,6 +81,7 @@ class MigrateOutRequest(_message.Message):
         max_stages: int | None = ...,
         stop_blocks: int | None = ...,
         timeout_s: float | None = ...,
+        transport: MigrationTransport | str | None = ...,
     ) -> None: ...
 
 class MigrateOutResponse(_message.Message):
@@ -155,21 +167,24 @@ class MigrationBegin(_message.Message):
     ) -> None: ...
 
 class MigrationBlocks(_message.Message):
-    __slots__ = ("first_block", "num_blocks", "data", "end_of_stage")
+    __slots__ = ("first_block", "num_blocks", "data", "end_of_stage", "kv")
     FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     END_OF_STAGE_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
     first_block: int
     num_blocks: int
     data: bytes
     end_of_stage: bool
+    kv: _common_pb2.KVHandle
     def __init__(
         self,
         first_block: int | None = ...,
         num_blocks: int | None = ...,
         data: bytes | None = ...,
         end_of_stage: bool | None = ...,
+        kv: _common_pb2.KVHandle | _Mapping | None = ...,
     ) -> None: ...
 
 class MigrationFinal(_message.Message):
