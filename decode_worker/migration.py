@@ -74,7 +74,7 @@ from kv_store.convert import handle_from_proto, handle_to_proto
 from kv_store.handle import KVHandle
 from kv_store.tensors import tensor_bytes
 from pdserve.errors import ErrorCode, InvalidRequestError, PdserveError, RequestNotFoundError
-from pdserve.limits import MAX_MESSAGE_BYTES
+from pdserve.limits import MAX_BLOCKS_PER_CALL, MAX_MESSAGE_BYTES
 from pdserve.proto_convert import (
     finish_to_proto,
     logprob_from_proto,
@@ -570,7 +570,14 @@ class _OutRun:
 
     def _send_stage(self, stage: KVStage, end_of_stage: bool) -> None:
         if self.store and stage.num_blocks:
-            self._publish_stage(stage, end_of_stage)
+            # one store Put per chunk: a call names at most MAX_BLOCKS_PER_CALL blocks
+            assert self._header is not None
+            bs = self._header.shape.block_size
+            n = stage.num_blocks
+            for s in range(0, n, MAX_BLOCKS_PER_CALL):
+                e = min(n, s + MAX_BLOCKS_PER_CALL)
+                part = KVStage(stage.first_block + s, stage.blocks[s:e], stage.token_ids[s * bs : e * bs])
+                self._publish_stage(part, end_of_stage and e == n)
             return
         for b in stage_chunks(stage, end_of_stage):
             self.resp.bytes_copied += len(b.data)
