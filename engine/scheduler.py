@@ -336,9 +336,26 @@ class Scheduler:
             return None
         return max(cands, key=_MLFQ_KEY if self.config.policy is SchedulingPolicy.MLFQ else _SORT_KEY)
 
-    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+    def _recompute_tokens(self, req: Request, for_memory: bool) -> int:
+        """Tokens whose KV a drop of ``req`` makes a re-admission compute again.
+
+        A preemption for memory hands the freed blocks to others at once: every computed token.
+        A preemption that only frees a batch slot (MLFQ, the pool below its watermark) frees
+        blocks nobody takes now: with prefix caching their full blocks stay registered on device
+        (the most recently freed, so the LRU evicts them last) and the re-admission reuses them
+        (``find_cached_prefix``), recomputing only the tokens past the last full block."""
+        n = req.num_computed_tokens
+        kv = self.kv
+        if for_memory or not kv.enable_prefix_caching or kv.sliding_window is not None:
+            return n
+        bs = kv.block_size
+        return n - min(n // bs, (req.num_tokens - 1) // bs) * bs
+
+    def _preempt(self, req: Request, out: SchedulerOutput, *, for_memory: bool = True) -> None:
         """Take ``req`` out of the batch: swap its KV out when a host pool can take it and that
-        is cheaper than recomputing (``choose_preemption_mode``), else drop it (recompute)."""
+        is cheaper than recomputing (``choose_preemption_mode``, the recompute counted by
+        :meth:`_recompute_tokens`), else drop it (recompute). ``for_memory``: the blocks are
+        needed now (False: MLFQ wants the batch slot only)."""
         if not _remove_identical(self.running, req):
             raise ValueError("list.remove(x): x not in list")
         kv = self.kv
@@ -346,7 +363,7 @@ class Scheduler:
             d = choose_preemption_mode(
                 blocks_to_copy=kv.num_swap_out_blocks(req.request_id),
                 block_nbytes=self.block_nbytes,
-                tokens_to_recompute=req.num_computed_tokens,
+                tokens_to_recompute=self._recompute_tokens(req, for_memory),
                 host_free_blocks=kv.num_free_host_blocks,
                 rates=self.rates,
             )
@@ -516,7 +533,8 @@ class Scheduler:
         """Preemptive MLFQ with proactive swap-out: while the best queued request is at a higher
         level than the worst running one and the batch is full or admitting it would take the
         pool past ``mlfq_swap_watermark``, preempt that running request (swapping its KV to the
-        host pool when cheaper, see :meth:`_preempt`)."""
+        host pool when cheaper, see :meth:`_preempt`; below the watermark a drop leaves its
+        blocks in the prefix cache, which is usually cheaper than two copies)."""
         if not self.running or not (self.waiting or self.swapped):
             return
         kv = self.kv
@@ -530,7 +548,7 @@ class Scheduler:
                 tight = kv.num_free_blocks - self._queued_need(q) < reserve
                 if not (full or tight):
                     break  # q fits: the admission phase takes it
-                self._preempt(worst, out)
+                self._preempt(worst, out, for_memory=tight)
 
     # ----------------------------------------------------------------- results
     # ----------------------------------------------------------------- results

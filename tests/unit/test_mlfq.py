@@ -73,7 +73,7 @@ def test_bad_settings_refused():
 
 
 # ----------------------------------------------------------------- scheduler
-def _sched(clock, blocks=64, host=0, **kw) -> Scheduler:
+def _sched(clock, blocks=64, host=0, caching=True, **kw) -> Scheduler:
     cfg = SchedulerConfig(
         **{
             "max_num_batched_tokens": 256,
@@ -87,7 +87,7 @@ def _sched(clock, blocks=64, host=0, **kw) -> Scheduler:
     )
     s = Scheduler(
         cfg,
-        KVCacheManager(blocks, 4, "m", num_host_blocks=host),
+        KVCacheManager(blocks, 4, "m", enable_prefix_caching=caching, num_host_blocks=host),
         clock=clock,
         block_nbytes=100,
         prefill_time=lambda n: n * 0.001,  # 1 ms per prompt token
@@ -110,7 +110,9 @@ def _step(s: Scheduler, clock: FakeClock | None = None):
 
 def test_skip_join_short_prompt_overtakes_long_one_and_long_is_swapped_not_recomputed():
     clock = FakeClock()
-    s = _sched(clock, host=64, max_num_seqs=1)
+    # no prefix cache: a drop would lose the long request's KV (with one, its blocks would stay
+    # cached on device and dropping would cost nothing: tests/unit/test_mlfq_swap_admission.py)
+    s = _sched(clock, host=64, max_num_seqs=1, caching=False)
     long = _req("long", 200, max_tokens=20, arrival=0.0)  # 0.2 s predicted -> level 2
     s.add_request(long)
     assert long.mlfq_level == 2
