@@ -33,6 +33,14 @@ on device. When the last running holder of such a kept block is swapped out too,
 copied to the host once and every swapped-out holder refers to that one host slot (host ref
 counts), so a block is never duplicated on the host. A swapped-in block whose hash is still in
 the device prefix cache is re-used from there instead of copied.
+
+Fork and copy-on-write (parallel sampling, :mod:`engine.parallel_sampling`): :meth:`KVCacheManager.fork`
+gives a new request the same block table as an existing one, taking one more reference on each
+block. Before a request writes a token into a block another holder references (ref count > 1:
+a sibling choice, or a swapped-out sibling keeping it on device), :meth:`KVCacheManager.allocate_slots`
+gives it a fresh block and records a ``(source, destination)`` copy; the caller copies those
+(:meth:`KVCacheManager.take_copies`) after the step's swap-outs and before its swap-ins and
+forward pass. Only a partial block can be written, so only partial blocks are ever copied.
 """
 
 from __future__ import annotations
@@ -203,6 +211,8 @@ class KVCacheManager:
         self._swapped: dict[str, list[SwappedEntry]] = {}
         self._kept: dict[int, set[str]] = {}  # device block -> swapped-out requests keeping it
         self.swap_stats = SwapStats()
+        self._copies: list[tuple[int, int]] = []  # copy-on-write (source, destination) pending
+        self.num_cow_copies = 0  # cumulative
 
     # ---------------------------------------------------------------- queries
     @property
@@ -322,9 +332,12 @@ class KVCacheManager:
             if self.sliding_window is not None:
                 self._drop_out_of_window(req, table, req.num_computed_tokens)
             need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - len(table)
+            cow = self._shared_write_block(req, table)
+            if max(need, 0) + (cow is not None) > self.pool.num_free_blocks:
+                return False
+            if cow is not None:
+                self._copy_on_write(table, cow)
             if need > 0:
-                if need > self.pool.num_free_blocks:
-                    return False
                 table.extend(self.pool.allocate(need))
             return True
         if table is None:
@@ -353,6 +366,52 @@ class KVCacheManager:
         if self.sliding_window is not None:
             self._drop_out_of_window(req, table, num_computed)
         return True
+
+    # ---------------------------------------------------------------- fork / copy-on-write
+    def _shared_write_block(self, req: Request, table: list[Block | None]) -> int | None:
+        """Index of the partial block ``req`` writes next when another holder references it."""
+        if req.num_computed_tokens % self.block_size == 0:
+            return None  # the next token starts a new block
+        i = req.num_computed_tokens // self.block_size
+        if i >= len(table):
+            return None
+        b = table[i]
+        return i if b is not None and b.ref_cnt > 1 else None
+
+    def _copy_on_write(self, table: list[Block | None], i: int) -> None:
+        src = table[i]
+        assert src is not None
+        (dst,) = self.pool.allocate(1)
+        self._copies.append((src.block_id, dst.block_id))
+        self.pool.release([src])
+        table[i] = dst
+        self.num_cow_copies += 1
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The copy-on-write ``(source, destination)`` block pairs recorded since the last call;
+        the caller must copy them after the step's swap-outs, before its swap-ins and forward."""
+        out, self._copies = self._copies, []
+        return out
+
+    def fork(self, parent_id: str, child: Request) -> None:
+        """Give ``child`` the parent's block table, sharing every block (one more reference
+        each); the child's first write into the shared partial block copies it (see the module
+        doc). ``child.num_computed_tokens`` must not exceed the parent's computed tokens. Raises
+        RuntimeError when the parent holds no blocks or the child already does."""
+        table = self._tables.get(parent_id)
+        if table is None:
+            raise RuntimeError(f"request {parent_id} holds no device blocks to fork")
+        if child.request_id in self._tables or child.request_id in self._swapped:
+            raise RuntimeError(f"request {child.request_id} already holds blocks")
+        live = [b for b in table if b is not None]
+        self.pool.touch(live)
+        self._tables[child.request_id] = list(table)
+        self._num_registered[child.request_id] = self._num_registered.get(parent_id, 0)
+        self._num_skipped[child.request_id] = self._num_skipped.get(parent_id, 0)
+
+    def ref_count(self, block_id: int) -> int:
+        """References on a device block (requests holding it, swapped-out keepers included)."""
+        return self.pool.blocks[block_id].ref_cnt
 
     def cache_blocks(self, req: Request) -> None:
         """Register the request's newly completed full blocks in the prefix cache."""
@@ -484,6 +543,11 @@ class KVCacheManager:
                 hit = self._reusable(e)
                 need += 1 if hit is None or hit.ref_cnt == 0 else 0
         grow = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(entries)
+        if num_new_tokens > 0 and req.num_computed_tokens % self.block_size:
+            i = req.num_computed_tokens // self.block_size
+            e = entries[i] if i < len(entries) else None
+            if isinstance(e, Block) and e.ref_cnt > 1:
+                need += 1  # its next write copies a block it shares (copy-on-write)
         return need + max(0, grow)
 
     def _reusable(self, e: HostBlock) -> Block | None:

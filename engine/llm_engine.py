@@ -18,7 +18,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from engine.model_runner import KVShape, ModelRunner
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model, resolve_dtype
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from engine.parallel_sampling import SampleGroup, is_internal_id
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -96,6 +97,8 @@ class _Tracked:
     metrics: RequestMetrics
     logprobs: list[TokenLogprob] = field(default_factory=list)
     emitted_tokens: int = 0
+    group: SampleGroup | None = None  # a parallel-sampling choice: its group, index ``choice``
+    choice: int = 0
 
 
 def num_kv_blocks(config: EngineConfig, shape: KVShape) -> int:
@@ -195,6 +198,11 @@ class LLMEngine:
         )
         self._tracked: dict[str, _Tracked] = {}
         self._prefilled: dict[str, _Tracked] = {}
+        # parallel sampling (engine.parallel_sampling): client id -> group; parent id -> group;
+        # client id -> (a template request: prompt, priority, arrival, salt; unfinished choice ids)
+        self._groups: dict[str, SampleGroup] = {}
+        self._group_parents: dict[str, SampleGroup] = {}
+        self._group_state: dict[str, tuple[Request, set[str]]] = {}
         self._rng = random.Random(config.seed)
         self.num_steps = 0
         self.prefill_tokens_computed = 0
@@ -380,8 +388,10 @@ class LLMEngine:
         self.check_adapter(adapter_id)
         params = params or SamplingParams()
         rid = request_id or uuid.uuid4().hex
-        if rid in self._tracked or rid in self._prefilled:
+        if rid in self._tracked or rid in self._prefilled or rid in self._groups:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
+        if is_internal_id(rid):
+            raise InvalidRequestError(f"request id {rid!r} contains a control character (\\x1f)")
         return Request(
             request_id=rid,
             prompt_token_ids=ids,
@@ -479,6 +489,8 @@ class LLMEngine:
         )
         if params is not None and params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer")
+        if req.sampling_params.num_candidates > 1:
+            return self._add_group(req)
         if self._lora_pin(req):
             try:
                 self.scheduler.add_request(req)
@@ -495,8 +507,128 @@ class LLMEngine:
         self._track(req, pin=False)
         return req.request_id
 
+    # ------------------------------------------------------------------ parallel sampling
+    def _add_group(self, req: Request) -> str:
+        """Queue a parallel-sampling request (``n``/``best_of`` > 1; see engine.parallel_sampling):
+        its parent prefills ``prompt[:-1]`` once; :meth:`_fork` starts the choices."""
+        p = req.sampling_params
+        name = f"n={p.n}, best_of={p.best_of}"
+        if req.prefill_only:
+            raise InvalidRequestError(
+                f"{name} is not supported for a prefill-only (disaggregated) request yet: send n=1"
+            )
+        if req.adapter_id:
+            raise InvalidRequestError(f"{name} is not supported with a LoRA adapter yet: send n=1")
+        if self.kv.sliding_window is not None:
+            raise InvalidRequestError(f"{name} is not supported for a sliding-window model yet: send n=1")
+        base = p.seed if p.seed is not None else self._rng.getrandbits(62)
+        g = SampleGroup(req.request_id, p, base)
+        # each choice alone must fit the pool: validate one as the scheduler would, then take it back
+        probe = replace(req, request_id=g.child_id(0), sampling_params=g.child_params(0), block_hashes=[])
+        self.scheduler.add_request(probe)
+        self.scheduler.abort_request(probe.request_id)
+        ids = list(req.prompt_token_ids)
+        live = {g.child_id(i) for i in range(g.num_candidates)}
+        self._groups[req.request_id] = g
+        self._group_state[req.request_id] = (req, live)
+        if len(ids) == 1:  # nothing to share: the choices prefill their one token each
+            self._fork(g, None)
+            return req.request_id
+        parent = replace(
+            req,
+            request_id=g.parent_id,
+            prompt_token_ids=ids[:-1],
+            sampling_params=g.parent_params(),
+            prefill_only=True,
+            block_hashes=[],
+            output_token_ids=[],
+        )
+        self.scheduler.add_request(parent)
+        self._group_parents[parent.request_id] = g
+        self._track(parent)
+        return req.request_id
+
+    def _fork(self, g: SampleGroup, parent_tr: _Tracked | None) -> None:
+        """Start the group's choices: sharing the prefilled parent's blocks (``parent_tr``), or
+        unforked (one-token prompt, ``None``); then release the parent."""
+        tmpl, _ = self._group_state[g.request_id]
+        parent = parent_tr.req if parent_tr is not None else None
+        for i in range(g.num_candidates):
+            child = Request(
+                request_id=g.child_id(i),
+                prompt_token_ids=tmpl.prompt_token_ids,
+                sampling_params=g.child_params(i),
+                arrival_time=tmpl.arrival_time,
+                priority=tmpl.priority,
+                eos_token_ids=tmpl.eos_token_ids,
+                cache_salt=tmpl.cache_salt,
+            )
+            if parent is None:
+                self.scheduler.add_request(child)
+            else:
+                child.num_computed_tokens = parent.num_computed_tokens
+                child.num_cached_tokens = max(parent.num_cached_tokens, 0)
+                # the parent's hashes of full prompt blocks only (its discarded token is no prompt)
+                child.block_hashes = list(
+                    parent.block_hashes[: parent.num_computed_tokens // self.kv.block_size]
+                )
+                self.kv.fork(parent.request_id, child)
+                self.scheduler.add_running(child)
+            tr = self._track(child)
+            tr.group, tr.choice = g, i
+            if parent_tr is not None:
+                tr.metrics.first_scheduled_time = parent_tr.metrics.first_scheduled_time
+        g.forked = True
+        if parent is not None:
+            self._group_parents.pop(parent.request_id, None)
+            self._forget(parent.request_id)
+            self.scheduler.release_prefilled(parent.request_id)
+
+    def _group_output(self, tr: _Tracked, out: RequestOutput) -> list[RequestOutput]:
+        g = tr.group
+        assert g is not None
+        outs = g.on_output(tr.choice, out)
+        if out.finished:
+            state = self._group_state.get(g.request_id)
+            if state is not None:
+                state[1].discard(tr.req.request_id)
+                if not state[1]:
+                    self._drop_group(g.request_id)
+        return outs
+
+    def _drop_group(self, request_id: str) -> None:
+        g = self._groups.pop(request_id, None)
+        self._group_state.pop(request_id, None)
+        if g is not None:
+            self._group_parents.pop(g.parent_id, None)
+
+    def _abort_group(self, request_id: str) -> None:
+        g = self._groups[request_id]
+        for rid in [g.parent_id] + [g.child_id(i) for i in range(g.num_candidates)]:
+            if rid in self._tracked:
+                self.scheduler.abort_request(rid)
+                self._forget(rid)
+        self._drop_group(request_id)
+
+    def _copy_on_write(self, sched: SchedulerOutput) -> None:
+        """Copy the step's copy-on-write blocks: after its swap-outs (done here first: a released
+        block being copied out may be a destination), before its swap-ins (a source released by
+        a swap-out may be a swap-in's destination) and forward pass."""
+        if sched.swap_out:
+            self.runner.swap(SchedulerOutput(swap_out=sched.swap_out))
+            sched.swap_out = []
+        src = [a for a, _ in sched.copy_blocks]
+        dst = [b for _, b in sched.copy_blocks]
+        self.runner.import_blocks(dst, self.runner.export_blocks(src))
+
     def abort(self, request_id: str) -> None:
-        """Stop a request and free its blocks. Unknown ids raise RequestNotFoundError."""
+        """Stop a request and free its blocks (a parallel-sampling request: every choice).
+        Unknown ids raise RequestNotFoundError."""
+        if request_id in self._groups:
+            self._abort_group(request_id)
+            return
+        if is_internal_id(request_id):
+            raise RequestNotFoundError(f"no request with id {request_id!r}")
         if request_id in self._prefilled:
             self.release(request_id)
             return
@@ -512,7 +644,7 @@ class LLMEngine:
         self._lora_unpin(request_id)
 
     def has_request(self, request_id: str) -> bool:
-        return request_id in self._tracked
+        return request_id in self._groups or (request_id in self._tracked and not is_internal_id(request_id))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._lora_waiting)
@@ -526,6 +658,8 @@ class LLMEngine:
             if self._lora_waiting and self.lora is not None:
                 self.lora.wait_for_loads(0.01)  # only adapter reads are pending: do not spin
             return failed
+        if sched.copy_blocks:
+            self._copy_on_write(sched)
         now = self.clock()
         prefill_tokens = 0
         for s in sched.scheduled:
@@ -558,6 +692,11 @@ class LLMEngine:
             if rid not in results or rid not in self._tracked:
                 continue
             tr = self._tracked[rid]
+            g = self._group_parents.get(rid)
+            if g is not None:  # a parallel-sampling parent: its token is discarded
+                if rid in finished_ids:
+                    self._fork(g, tr)
+                continue
             res = results[rid]
             tr.metrics.token_times.append(now)
             if tr.metrics.first_token_time is None:
@@ -565,7 +704,11 @@ class LLMEngine:
                 self.prefill_tokens_reused += max(req.num_cached_tokens, 0)
             if res.logprob is not None:
                 tr.logprobs.append(TokenLogprob(res.token, res.logprob, res.top_logprobs or []))
-            outputs.append(self._emit(tr, rid in finished_ids))
+            o = self._emit(tr, rid in finished_ids)
+            if tr.group is None:
+                outputs.append(o)
+            else:
+                outputs.extend(self._group_output(tr, o))
         return outputs
 
     def _emit(self, tr: _Tracked, finished: bool) -> RequestOutput:
@@ -590,7 +733,7 @@ class LLMEngine:
             else:
                 self._forget(req.request_id)
         return RequestOutput(
-            request_id=req.request_id,
+            request_id=req.request_id if tr.group is None else tr.group.request_id,
             new_token_ids=new,
             token_ids=list(req.output_token_ids),
             text_delta=delta,
@@ -602,6 +745,10 @@ class LLMEngine:
             logprobs=tr.logprobs[-len(new) :] if (tr.logprobs and new) else [],
             metrics=tr.metrics,
             stop_reason=req.stop_reason,
+            choice_index=tr.choice,
+            cumulative_logprob=(
+                sum(lp.logprob for lp in tr.logprobs) if req.sampling_params.logprobs is not None else None
+            ),
         )
 
     def generate(
@@ -612,6 +759,12 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         """Run prompts to completion (offline batch); results in input order, logprobs cumulative."""
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        for sp in plist:
+            if sp is not None and sp.num_candidates > 1:
+                raise InvalidRequestError(
+                    f"generate returns one output per prompt: n={sp.n}, best_of={sp.best_of} needs "
+                    "generate_choices (or add_request and step)"
+                )
         ids = [self.add_request(None, p, sp) for p, sp in zip(prompts, plist, strict=True)]
         final: dict[str, RequestOutput] = {}
         lps: dict[str, list[TokenLogprob]] = {i: [] for i in ids}
@@ -631,6 +784,24 @@ class LLMEngine:
         if bar:
             bar.close()
         return [final[i] for i in ids]
+
+    def generate_choices(self, prompt: str | Sequence[int], params: SamplingParams) -> list[RequestOutput]:
+        """Run one request to completion; its ``n`` final outputs by ``choice_index`` (logprobs
+        cumulative). Other queued requests run alongside."""
+        rid = self.add_request(None, prompt, params)
+        final: dict[int, RequestOutput] = {}
+        lps: dict[int, list[TokenLogprob]] = {}
+        while len(final) < params.n:
+            if not self.has_unfinished():
+                raise RuntimeError(f"request {rid} ended with {len(final)} of {params.n} choices")
+            for o in self.step():
+                if o.request_id != rid:
+                    continue
+                lps.setdefault(o.choice_index, []).extend(o.logprobs)
+                if o.finished:
+                    o.logprobs = lps[o.choice_index]
+                    final[o.choice_index] = o
+        return [final[i] for i in range(params.n)]
 
     # ------------------------------------------------------------------ prefill role
     def export_kv(self, request_id: str) -> KVExport:
@@ -722,6 +893,11 @@ class LLMEngine:
         inside the window are kept (see ``KVCacheManager.adopt_blocks``). Raises ResourceExhaustedError when the pool lacks blocks (the caller retries later),
         LayoutMismatchError when the KV was made by a different model/layout.
         """
+        if params.num_candidates > 1:
+            raise InvalidRequestError(
+                f"n={params.n}, best_of={params.best_of} is not supported for an imported (disaggregated) "
+                "request yet: send n=1"
+            )
         if model_id is not None and model_id != self.model_id:
             raise LayoutMismatchError(f"KV made by model {model_id!r}, this engine serves {self.model_id!r}")
         self.check_adapter(adapter_id)

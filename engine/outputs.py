@@ -34,7 +34,13 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """Delta for one request after one engine step (``token_ids``/``text`` are cumulative)."""
+    """Delta for one request after one engine step (``token_ids``/``text`` are cumulative).
+
+    ``choice_index``: which of a parallel-sampling request's choices this is (``SamplingParams.n
+    > 1``; 0 otherwise): the outputs of all its choices carry the request's id, each its own
+    index in ``[0, n)``. ``cumulative_logprob``: sum of the sampled tokens' logprobs so far (raw
+    model distribution), when the request asked for logprobs (always set for ``best_of > n``).
+    """
 
     request_id: str
     new_token_ids: list[int]
@@ -48,3 +54,5 @@ class RequestOutput:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     metrics: RequestMetrics | None = None
     stop_reason: int | str | None = None
+    choice_index: int = 0
+    cumulative_logprob: float | None = None

@@ -18,6 +18,14 @@ class SamplingParams:
     request resumed after ``k`` tokens were produced elsewhere passes ``k`` so that its sampling
     continues where the first run stopped. ``logprobs=None`` returns none; ``logprobs=k`` returns
     the sampled token's logprob and the ``k`` most likely alternatives.
+
+    Parallel sampling (``n > 1``, PagedAttention's fork; see :mod:`engine.parallel_sampling`):
+    ``best_of`` candidates (default ``n``) are sampled from one prefill and share the prompt's KV
+    blocks; candidate ``i`` is sampled with seed ``seed + i`` and is token for token the same
+    request run alone with ``n=1`` and that seed. With ``best_of > n`` the ``n`` candidates with
+    the highest cumulative logprob are returned (vLLM's legacy ``best_of``). As in vLLM, several
+    choices need random sampling: ``temperature == 0`` with ``n > 1`` or ``best_of > 1`` is
+    refused (greedy choices would all be identical).
     """
 
     max_tokens: int = 16
@@ -33,8 +41,11 @@ class SamplingParams:
     logprobs: int | None = None
     min_tokens: int = 0
     seed_position_offset: int = 0
+    n: int = 1
+    best_of: int | None = None
 
     MAX_LOGPROBS = 20
+    MAX_N = 64
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -60,10 +71,30 @@ class SamplingParams:
             bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")
         if not isinstance(self.seed_position_offset, int) or self.seed_position_offset < 0:
             bad(f"seed_position_offset must be an integer >= 0, got {self.seed_position_offset!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not (1 <= self.n <= self.MAX_N):
+            bad(f"n must be an integer in [1, {self.MAX_N}], got {self.n!r}")
+        if self.best_of is not None and (
+            isinstance(self.best_of, bool)
+            or not isinstance(self.best_of, int)
+            or not (self.n <= self.best_of <= self.MAX_N)
+        ):
+            bad(f"best_of must be an integer in [n, {self.MAX_N}] (n={self.n}), got {self.best_of!r}")
+        if self.temperature == 0.0 and self.num_candidates > 1:
+            bad(
+                f"n={self.n}, best_of={self.best_of} with temperature 0 (greedy): every choice would be "
+                "identical; use n=1 and best_of=1, or a temperature > 0"
+            )
+        if self.num_candidates > 1 and self.seed_position_offset:
+            bad("seed_position_offset is not supported with n > 1 or best_of > 1 (resume each choice alone)")
         if any(not s for s in self.stop):
             bad("stop strings must be non-empty")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def num_candidates(self) -> int:
+        """How many choices are sampled: ``best_of`` when set, else ``n``."""
+        return self.n if self.best_of is None else self.best_of
 
     @property
     def greedy(self) -> bool:

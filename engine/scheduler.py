@@ -118,7 +118,9 @@ class SchedulerOutput:
     """One step's plan. ``preempted``: every request preempted this step (recomputed or swapped);
     ``swapped_out`` / ``swapped_in``: request ids; ``swap_out``: ``(device, host)`` and
     ``swap_in``: ``(host, device)`` block pairs to copy before the forward pass, swap-outs first;
-    ``swap_budget_tokens``: token budget the copies displaced."""
+    ``swap_budget_tokens``: token budget the copies displaced; ``copy_blocks``: copy-on-write
+    ``(source, destination)`` device block pairs (a forked choice's first write into a shared
+    partial block), copied after the swap-outs and before the swap-ins and the forward pass."""
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
@@ -127,6 +129,7 @@ class SchedulerOutput:
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     swap_budget_tokens: int = 0
+    copy_blocks: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -485,6 +488,7 @@ class Scheduler:
         if mlfq_on:
             for sr in scheduled:
                 sr.request.last_served = now
+        out.copy_blocks = kv.take_copies()
         return out
 
     def _swap_in(self, req: Request, budget: int, out: SchedulerOutput) -> int:
