@@ -276,3 +276,55 @@ def test_copy_on_write_refused_when_no_block_is_free():
     for rid in ("p", "c"):
         kv.free(rid)
     assert kv.num_free_blocks == 3
+
+
+def test_swapping_one_choice_keeps_the_blocks_its_siblings_reference():
+    kv = KVCacheManager(16, 4, enable_prefix_caching=False, num_host_blocks=8)
+    sp = SamplingParams(max_tokens=4)
+    parent = Request("p", list(range(10)), sp)
+    assert kv.allocate_slots(parent, 10)
+    parent.num_computed_tokens = 10
+    kids = [Request(f"c{i}", list(range(11)), sp) for i in range(3)]
+    for c in kids:
+        c.num_computed_tokens = 10
+        kv.fork("p", c)
+    kv.free("p")
+    table = kv.block_table("c0")
+    assert kv.allocate_slots(kids[0], 1) and len(kv.take_copies()) == 1  # c0: own partial block
+    own = kv.block_table("c0")[2]
+    kids[0].num_computed_tokens = 11
+    pairs = kv.swap_out(kids[0])
+    assert pairs == [(own, pairs[0][1])]  # only c0's own block moves to the host
+    assert [kv.ref_count(b) for b in table] == [3, 3, 2]  # shared blocks stay, c0 keeps its refs
+    for c in kids[1:]:  # the siblings still decode over the shared blocks
+        assert kv.allocate_slots(c, 1)
+    assert len(kv.take_copies()) == 1  # c1 copies the partial block c2 still shares; c2 owns it
+    assert kv.swap_in_blocks_needed(kids[0], 1) == 1
+    kv.swap_in(kids[0])
+    assert kv.block_table("c0")[:2] == table[:2] and [kv.ref_count(b) for b in table[:2]] == [3, 3]
+    for rid in ("c1", "c0", "c2"):
+        kv.free(rid)
+    assert kv.num_free_blocks == 16 and kv.num_free_host_blocks == 8
+
+
+def test_a_swapped_choice_counts_its_copy_on_write_block_to_come_back():
+    kv = KVCacheManager(16, 4, enable_prefix_caching=False, num_host_blocks=8)
+    sp = SamplingParams(max_tokens=4)
+    parent = Request("p", list(range(10)), sp)
+    assert kv.allocate_slots(parent, 10)
+    parent.num_computed_tokens = 10
+    kids = [Request(f"c{i}", list(range(11)), sp) for i in range(2)]
+    for c in kids:
+        c.num_computed_tokens = 10
+        kv.fork("p", c)
+    kv.free("p")
+    table = kv.block_table("c0")
+    assert kv.swap_out(kids[0]) == []  # every block is shared with c1: all kept on device
+    assert [kv.ref_count(b) for b in table] == [2, 2, 2]
+    assert kv.swap_in_blocks_needed(kids[0], 1) == 1  # its next write copies the partial block
+    assert kv.swap_in(kids[0]) == []
+    assert kv.allocate_slots(kids[0], 1) and kv.take_copies() == [(table[2], kv.block_table("c0")[2])]
+    assert kv.ref_count(table[2]) == 1  # c1's, untouched
+    kv.free("c0")
+    kv.free("c1")
+    assert kv.num_free_blocks == 16 and kv.num_free_host_blocks == 8
