@@ -19,6 +19,7 @@ JCT = finish - arrival. Prints mean and p90 JCT per policy and the MLFQ/FCFS rat
 Target: lower mean JCT with MLFQ than FCFS at equal load (PASS/FAIL per load).
 
 Usage: python bench/mlfq_jct.py [--requests 1500] [--loads 0.9,1.1,1.3] [--max-num-seqs 16] [--levels N] [--swap-gib G]
+       [--kv-blocks N]   (a smaller pool than the A100's, so that memory binds and preemption swaps)
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--swap-gib", type=float, default=0.0, help="host swap pool per instance, GiB (default 0: recompute)"
     )
+    p.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=None,
+        help="KV blocks (16 tokens) of the instance (default: derived from the A100's memory)",
+    )
     p.add_argument("--seed", type=int, default=0, help="workload seed")
     return cli_help.apply(p)
 
@@ -99,6 +106,7 @@ def run(args: argparse.Namespace, w: Workload, policy: SchedulingPolicy) -> tupl
         scheduler=scheduler(args, policy),
         max_model_len=MAX_LEN,
         swap_space_gib=args.swap_gib,
+        kv_blocks=args.kv_blocks,
     )
     res = Simulation(cluster).run(w)
     jct = [r.finish - r.arrival for r in res.records if r.finished]
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"MLFQ: {cfg.mlfq_num_levels} levels, quantum {cfg.mlfq_quantum_iters} x 2^level iterations, skip-join "
         f"base {cfg.mlfq_base_prefill_s * 1e3:.0f} ms, starvation {cfg.mlfq_starvation_s:g} s; "
-        f"swap pool {args.swap_gib:g} GiB; burst throughput (FCFS) {capacity:.2f} req/s"
+        f"swap pool {args.swap_gib:g} GiB; KV blocks {args.kv_blocks or 'derived'}; burst throughput (FCFS) {capacity:.2f} req/s"
     )
     print(
         f"{'load':>5} {'rate':>6} | {'FCFS mean':>9} {'p90':>8} | {'MLFQ mean':>9} {'p90':>8} | "
