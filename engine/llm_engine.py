@@ -425,6 +425,7 @@ class LLMEngine:
         free now or the adapter is being read from disk."""
         if not req.adapter_id or req.request_id in self._lora_pins:
             return True
+        self.check_adapter(req.adapter_id)  # NOT_FOUND here too (migration adopts requests directly)
         assert self.lora is not None
         if not self.lora.acquire(req.adapter_id):
             return False
