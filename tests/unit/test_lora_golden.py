@@ -197,6 +197,39 @@ def test_prefill_then_decode_roles_with_adapter(tiny, tiny_engine):
     assert dec.lora.slots.pins("all") == 0
 
 
+@pytest.mark.parametrize("family", ["phi3", "qwen3"])
+def test_other_families_match_peft(family, tmp_path):
+    """Phi-3 (fused qkv_proj / gate_up_proj targets, PEFT's names for them) and Qwen3 (q/k norms
+    after the projections): engine with the adapter == peft."""
+    from transformers import AutoModelForCausalLM, Phi3Config, Qwen3Config
+
+    from tests.tiny_models import COMMON
+
+    if family == "phi3":
+        cfg = Phi3Config(**COMMON, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        targets: list[str] | str = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    else:
+        cfg = Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=False)
+        targets = "all-linear"
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    base = tmp_path / family
+    model.save_pretrained(base)
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, alpha=8, targets=targets, seed=3)
+    eng = LLMEngine.from_pretrained(base, EngineConfig(num_kv_blocks=64), lora=_lora({"a": adapter}))
+    ref = peft_reference(base, adapter)
+    p = list(range(5, 40))
+    out, base_out = _run(eng, [(p, "a"), (p, "")], PARAMS)
+    want = hf_greedy(ref, p, N_GEN)
+    assert out.token_ids == want
+    assert torch.allclose(_lp(out), hf_logprobs(ref, p, want), atol=LOGPROB_TOL)
+    assert out.token_ids != base_out.token_ids
+
+
 @pytest.mark.slow
 def test_smollm2_adapters_match_peft(smollm_path, tmp_path_factory):
     """Two adapters (attention r=8; MLP r=4 rsLoRA with a per-module rank) served together in
