@@ -197,20 +197,33 @@ def test_prefill_then_decode_roles_with_adapter(tiny, tiny_engine):
     assert dec.lora.slots.pins("all") == 0
 
 
-@pytest.mark.parametrize("family", ["phi3", "qwen3"])
+@pytest.mark.parametrize("family", ["phi3", "qwen3", "gemma3_text"])
 def test_other_families_match_peft(family, tmp_path):
-    """Phi-3 (fused qkv_proj / gate_up_proj targets, PEFT's names for them) and Qwen3 (q/k norms
-    after the projections): engine with the adapter == peft."""
-    from transformers import AutoModelForCausalLM, Phi3Config, Qwen3Config
+    """Phi-3 (fused qkv_proj / gate_up_proj targets, PEFT's names for them), Qwen3 (q/k norms
+    after the projections) and Gemma 3 text: engine with the adapter == peft."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, Phi3Config, Qwen3Config
 
     from tests.tiny_models import COMMON
 
     if family == "phi3":
         cfg = Phi3Config(**COMMON, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
         targets: list[str] | str = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    else:
+    elif family == "qwen3":
         cfg = Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=False)
         targets = "all-linear"
+    else:  # local/global layers, four norms, GeGLU, logit soft-capping
+        cfg = Gemma3TextConfig(
+            **{**COMMON, "tie_word_embeddings": True},
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=20,
+            final_logit_softcapping=5.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        )
+        targets = ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"]
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
