@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--swap-gib", type=float, default=0.0, help="host swap pool per instance, GiB (default 0: recompute)"
     )
     p.add_argument(
+        "--swap-watermark",
+        type=float,
+        default=None,
+        help="MLFQ: preempt lower levels before the pool passes this fraction (default: engine's; 1.0: "
+        "only when the queued request does not fit)",
+    )
+    p.add_argument(
         "--kv-blocks",
         type=int,
         default=None,
@@ -96,6 +103,8 @@ def scheduler(args: argparse.Namespace, policy: SchedulingPolicy) -> SchedulerCo
         kw["mlfq_quantum_iters"] = args.quantum
     if args.base_prefill_s is not None:
         kw["mlfq_base_prefill_s"] = args.base_prefill_s
+    if args.swap_watermark is not None:
+        kw["mlfq_swap_watermark"] = args.swap_watermark
     return dataclasses.replace(base, **kw)
 
 
@@ -142,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"MLFQ: {cfg.mlfq_num_levels} levels, quantum {cfg.mlfq_quantum_iters} x 2^level iterations, skip-join "
-        f"base {cfg.mlfq_base_prefill_s * 1e3:.0f} ms, starvation {cfg.mlfq_starvation_s:g} s; "
+        f"base {cfg.mlfq_base_prefill_s * 1e3:.0f} ms, starvation {cfg.mlfq_starvation_s:g} s, watermark "
+        f"{cfg.mlfq_swap_watermark:g}; "
         f"swap pool {args.swap_gib:g} GiB; KV blocks {args.kv_blocks or 'derived'}; burst throughput (FCFS) {capacity:.2f} req/s"
     )
     print(
