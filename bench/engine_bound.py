@@ -292,6 +292,38 @@ def run_peer(exe: Path, gguf: Path, batch: int, context: int, steps: int) -> flo
     return float(r.stdout.strip().splitlines()[-1]) / 1e3
 
 
+def attention_ab(path: Path, batch: int, context: int, steps: int, reps: int) -> tuple[float, float]:
+    """Median decode step (seconds) with the in-place kernel and with the gather path, on the same
+    engine and KV, alternating ``steps``-step runs ``reps`` times (a load change hits both)."""
+    extra = 2 * steps * reps + 8
+    eng = _engine(path, batch, context, extra)
+    if not eng.runner.native_decode:
+        raise RuntimeError("the native decode kernel is unavailable here: nothing to compare")
+    s = eng.kv_shape
+    g = torch.Generator().manual_seed(batch * 7919 + context)
+    blocks = torch.randn(
+        -(-context // s.block_size), s.num_layers, 2, s.block_size, s.num_kv_heads, s.head_dim, generator=g
+    )
+    sp = SamplingParams(max_tokens=extra + 4, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        eng.import_kv(
+            f"r{i}", torch.randint(10, 40000, (context,), generator=g).tolist(), 100 + i, blocks, sp
+        )
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for native in (True, False):
+        eng.runner.native_decode = native
+        eng.step()
+    for _ in range(reps):
+        for native in (True, False):
+            eng.runner.native_decode = native
+            for _ in range(steps):
+                t = time.perf_counter()
+                eng.step()
+                times[native].append(time.perf_counter() - t)
+    eng.close()
+    return statistics.median(times[True]), statistics.median(times[False])
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pdserve import cli_help
 
@@ -325,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "int8"],
         help="weights of pdserve's model (the bounds count their bytes; default: %(default)s)",
     )
+    ap.add_argument(
+        "--ab-attention",
+        action="store_true",
+        help="only compare decode attention backends (in-place kernel vs gather path), interleaved on one engine",
+    )
     ap.add_argument("--quick", action="store_true", help="small run for a smoke test")
     return cli_help.apply(ap)
 
@@ -346,6 +383,16 @@ def main() -> int:
         f"weights {a.weight_dtype}, decode attention "
         f"{'native in-place' if native else 'torch gather (' + str(attention_native.unavailable_reason()) + ')'}"
     )
+    if a.ab_attention:
+        print(
+            "decode step, in-place kernel vs gather path (the engine before #17), interleaved on one engine"
+        )
+        print(f"{'ctx':>5} {'batch':>5} {'in-place ms':>12} {'gather ms':>10} {'speedup':>8}")
+        for ctx in contexts:
+            for b in batches:
+                tn, tg = attention_ab(path, b, ctx, a.steps, a.reps)
+                print(f"{ctx:>5} {b:>5} {tn * 1e3:>12.2f} {tg * 1e3:>10.2f} {tg / tn:>8.2f}", flush=True)
+        return 0
     probe = _engine(path, 1, 16, 0)
     cfg = probe.runner.model.config
     probe.close()
