@@ -64,6 +64,7 @@ from pdserve.metrics import FinishedRequest, RouterMetrics, outcome_for, slo_cla
 from pdserve.proto_convert import sampling_from_proto
 from pdserve.tracing import current_request_id, log_event, request_scope
 from pdserve.v1 import client_pb2, common_pb2
+from router.adapters import AdapterCatalog, list_models_response
 from router.cluster_view import OutstandingTokens, ViewBuilder
 from router.deadline import LazyDeadline
 from router.lifecycle.cluster import RouterCluster
@@ -249,13 +250,10 @@ class GenerateServicer:
             raise ModelNotFoundError(f"unknown model {model!r}; this cluster serves {self.config.model_id!r}")
 
     def _check_adapter(self, adapter: str) -> None:
-        """LoRA adapters are not served yet: a request naming one is refused (NOT_FOUND) rather than
-        silently answered by the base model."""
+        """A request naming a LoRA adapter that no live prefill and decode worker serves (their
+        ``--lora``) is refused (NOT_FOUND) rather than silently answered by the base model."""
         if adapter:
-            raise ModelNotFoundError(
-                f"LoRA adapter {adapter!r} is not served: this cluster serves only the base model "
-                f"{self.config.model_id!r} (send an empty adapter)"
-            )
+            AdapterCatalog.from_registry(self.registry, model=self.config.model_id).check(adapter)
 
     def _tokens(self, req) -> list[int]:
         which = req.WhichOneof("input")
@@ -313,9 +311,9 @@ class GenerateServicer:
         return client_pb2.TokenizeResponse(token_ids=ids, max_model_len=self.max_model_len)
 
     def ListModels(self, req, ctx) -> client_pb2.ListModelsResponse:
-        return client_pb2.ListModelsResponse(
-            models=[client_pb2.ModelInfo(id=self.config.model_id, max_model_len=self.max_model_len)]
-        )
+        """The served model with the adapters its live workers serve."""
+        catalog = AdapterCatalog.from_registry(self.registry, model=self.config.model_id)
+        return list_models_response(self.config.model_id, self.max_model_len, catalog)
 
     async def Generate(self, req: client_pb2.GenerateRequest, ctx: grpc.aio.ServicerContext) -> None:
         """Traced, measured entry: authenticates and admits the request at the edge

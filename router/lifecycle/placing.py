@@ -20,6 +20,7 @@ from pdserve.errors import ResourceExhaustedError, UnavailableError
 from pdserve.metrics import tpot_of
 from pdserve.tracing import log_event
 from pdserve.v1 import client_pb2, common_pb2
+from router.adapters import AdapterCatalog, prefer_adapter
 from router.cluster_view import first_block_size
 from router.failover import Redispatches
 from router.health import needed_kinds
@@ -99,6 +100,16 @@ class Placer:
         bs = first_block_size(self.svc.registry, self.svc.config.model_id)
         return bs is not None and len(ids) - 1 >= bs
 
+    def serving(self, view: ClusterView, adapter: str) -> ClusterView:
+        """``view`` narrowed to the workers that serve LoRA ``adapter`` (their ``--lora``; a worker
+        refuses any other adapter with NOT_FOUND): adapter affinity. Unchanged for the base model.
+        Raises ModelNotFoundError when no worker of the view serves it."""
+        if not adapter:
+            return view
+        catalog = AdapterCatalog.from_registry(self.svc.registry, model=self.svc.config.model_id)
+        holders = catalog.serving(adapter, WorkerKind.PREFILL) | catalog.serving(adapter, WorkerKind.DECODE)
+        return ClusterView(prefer_adapter(view.instances, adapter, holders, lambda i: i.instance_id))
+
     def place(
         self,
         rid: str,
@@ -115,7 +126,9 @@ class Placer:
         """
         svc = self.svc
         cfg = svc.config
-        view = svc._views.build(svc.registry, cfg.model_id, svc.outstanding, svc.kv_tokens)
+        view = self.serving(
+            svc._views.build(svc.registry, cfg.model_id, svc.outstanding, svc.kv_tokens), req.adapter
+        )
         for kind in needed_kinds(cfg.policy):  # the condition the router's health reports
             if not view.with_role(_ROLES[kind]):
                 raise UnavailableError(
@@ -136,6 +149,7 @@ class Placer:
             priority=req.priority,
             tenant=req.tenant,
             predicted_output_tokens=req.predicted_output_tokens,
+            adapter=req.adapter,
             store_prefix_blocks=(
                 self.prefix_blocks(ids, req) if store_prefix_blocks is None else store_prefix_blocks
             ),
@@ -166,6 +180,8 @@ class Placer:
         svc = self.svc
         full = svc._views.build(svc.registry, svc.config.model_id, svc.outstanding, svc.kv_tokens)
         view = ClusterView(i for i in full.instances if i.instance_id not in budget.excluded)
+        if info.adapter:
+            view = self.serving(view, info.adapter)
         info = dataclasses.replace(info, num_prompt_tokens=n_ctx)
         wid: str | None = None
         if kind is WorkerKind.PREFILL:

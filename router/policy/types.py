@@ -46,6 +46,8 @@ class RequestInfo:
     ``tenant`` (per-tenant quotas; "" = the anonymous tenant), ``predicted_output_tokens`` (0:
     let the policy's length predictor guess) and ``store_prefix_blocks`` (leading prompt blocks
     the cluster's KV store holds: reachable by any prefill instance at the price of a transfer).
+    ``adapter``: the LoRA adapter the request names ("" = the base model); the router narrows the
+    view to the workers serving it before the policy decides.
     """
 
     request_id: str
@@ -58,6 +60,7 @@ class RequestInfo:
     tenant: str = ""
     predicted_output_tokens: int = 0
     store_prefix_blocks: int = 0
+    adapter: str = ""
 
 
 @dataclass(frozen=True)

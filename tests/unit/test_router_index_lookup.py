@@ -28,8 +28,12 @@ class _DownIndex(InMemoryIndex):
 
 def _servicer(model_path, index, policy=PolicyKind.GLOBAL_CACHE_AWARE) -> GenerateServicer:
     reg = Registry(heartbeat_timeout_s=1e9)
-    reg.register("p0", WorkerKind.PREFILL, "p0:1", "m", WorkerLoad(0, 0, 100, 0, block_size=BS))
-    reg.register("d0", WorkerKind.DECODE, "d0:1", "m", WorkerLoad(0, 0, 100, 0, block_size=BS))
+    reg.register(
+        "p0", WorkerKind.PREFILL, "p0:1", "m", WorkerLoad(0, 0, 100, 0, block_size=BS), adapters=("lora-x",)
+    )
+    reg.register(
+        "d0", WorkerKind.DECODE, "d0:1", "m", WorkerLoad(0, 0, 100, 0, block_size=BS), adapters=("lora-x",)
+    )
     cfg = RouterConfig(model_path=str(model_path), model_id="m", policy=policy)
     return GenerateServicer(reg, cfg, RouterMetrics(CollectorRegistry()), index=index)
 
