@@ -9,7 +9,11 @@ iterations (for demotion):
 * demotion: after a level's quantum of iterations (steps that sampled a token) the request moves
   down one level (:func:`demote`);
 * anti-starvation: a queued request that has not been served for ``starvation_s`` goes back to
-  level 0 (:func:`is_starving`).
+  level 0 (:func:`is_starving`);
+* preemption keeps the victim's KV (:func:`preemptible`): a higher-level job takes a lower
+  one's place only when the victim's KV is swapped out or stays in the prefix cache, never by
+  discarding computed KV (that is recomputed at everyone's expense and, with memory binding,
+  thrashes).
 
 :class:`engine.scheduler.Scheduler` applies these with ``SchedulingPolicy.MLFQ``.
 """
@@ -46,3 +50,19 @@ def demote(level: int, iters: int, base_iters: int, num_levels: int) -> tuple[in
 def is_starving(now: float, last_served: float, starvation_s: float) -> bool:
     """Whether a queued request last served at ``last_served`` has waited past the bound."""
     return now - last_served >= starvation_s
+
+
+def preemptible(tokens_lost: int, block_size: int) -> bool:
+    """Whether the policy may preempt a running request for a higher-level one, given the
+    tokens its re-admission would compute again (0 when its KV is swapped out): only when its
+    KV survives the preemption, on the host or in the device prefix cache (at most the partial
+    last block, ``< block_size`` tokens, is recomputed).
+
+    FastServe preempts by swapping KV out proactively, never by discarding it. A preemption
+    that drops a victim's KV is paid in GPU time by everyone (its prompt and output so far are
+    recomputed) and, with memory binding, the victim re-admitted for lack of anything better
+    is dropped again before it gets anywhere (thrash: each drop for a short job costs more
+    than the short job). Such a higher-level request waits for blocks instead, as under FCFS;
+    dropping a request because running ones need its blocks is not a policy choice and is not
+    governed by this rule."""
+    return tokens_lost < block_size

@@ -23,8 +23,9 @@ one is only reused after its copy).
 
 ``SchedulingPolicy.MLFQ`` is FastServe's skip-join multi-level feedback queue
 (:mod:`engine.mlfq`): order by level, demotion after each level's quantum of iterations, a
-queued request of a higher level preempts (swapping out when cheaper) a running one of a lower
-level when the batch is full or the pool would pass ``mlfq_swap_watermark``, and a request
+queued request of a higher level preempts a running one of a lower level when the batch is full
+or the pool would pass ``mlfq_swap_watermark``, only where the victim's KV survives (swapped out,
+or kept in the prefix cache: the policy never discards computed KV), and a request
 queued past ``mlfq_starvation_s`` returns to level 0. It needs the scheduler's ``clock``.
 
 Chunks are bounded by ``long_prefill_token_threshold`` (Sarathi's chunk: 512 for strict SLOs,
@@ -354,6 +355,21 @@ class Scheduler:
         bs = kv.block_size
         return n - min(n // bs, (req.num_tokens - 1) // bs) * bs
 
+    def _preemption_mode(self, req: Request, for_memory: bool) -> PreemptionMode:
+        """How :meth:`_preempt` would take ``req`` out: SWAP when a host pool can take its KV and
+        copying is cheaper than recomputing (``choose_preemption_mode``, the recompute counted by
+        :meth:`_recompute_tokens`), else RECOMPUTE."""
+        kv = self.kv
+        if kv.host is None or not kv.has(req.request_id):
+            return PreemptionMode.RECOMPUTE
+        return choose_preemption_mode(
+            blocks_to_copy=kv.num_swap_out_blocks(req.request_id),
+            block_nbytes=self.block_nbytes,
+            tokens_to_recompute=self._recompute_tokens(req, for_memory),
+            host_free_blocks=kv.num_free_host_blocks,
+            rates=self.rates,
+        ).mode
+
     def _preempt(self, req: Request, out: SchedulerOutput, *, for_memory: bool = True) -> None:
         """Take ``req`` out of the batch: swap its KV out when a host pool can take it and that
         is cheaper than recomputing (``choose_preemption_mode``, the recompute counted by
@@ -362,25 +378,17 @@ class Scheduler:
         if not _remove_identical(self.running, req):
             raise ValueError("list.remove(x): x not in list")
         kv = self.kv
-        if kv.host is not None and kv.has(req.request_id):
-            d = choose_preemption_mode(
-                blocks_to_copy=kv.num_swap_out_blocks(req.request_id),
-                block_nbytes=self.block_nbytes,
-                tokens_to_recompute=self._recompute_tokens(req, for_memory),
-                host_free_blocks=kv.num_free_host_blocks,
-                rates=self.rates,
-            )
-            if d.mode is PreemptionMode.SWAP:
-                out.swap_out.extend(kv.swap_out(req))
-                req.status = RequestStatus.SWAPPED
-                req.num_preemptions += 1
-                req.num_swaps += 1
-                self.num_preemptions += 1
-                self.num_swap_outs += 1
-                self.swapped.append(req)
-                out.preempted.append(req.request_id)
-                out.swapped_out.append(req.request_id)
-                return
+        if self._preemption_mode(req, for_memory) is PreemptionMode.SWAP:
+            out.swap_out.extend(kv.swap_out(req))
+            req.status = RequestStatus.SWAPPED
+            req.num_preemptions += 1
+            req.num_swaps += 1
+            self.num_preemptions += 1
+            self.num_swap_outs += 1
+            self.swapped.append(req)
+            out.preempted.append(req.request_id)
+            out.swapped_out.append(req.request_id)
+            return
         kv.free(req.request_id)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
@@ -536,23 +544,37 @@ class Scheduler:
     def _mlfq_preempt(self, out: SchedulerOutput) -> None:
         """Preemptive MLFQ with proactive swap-out: while the best queued request is at a higher
         level than the worst running one and the batch is full or admitting it would take the
-        pool past ``mlfq_swap_watermark``, preempt that running request (swapping its KV to the
-        host pool when cheaper, see :meth:`_preempt`; below the watermark a drop leaves its
-        blocks in the prefix cache, which is usually cheaper than two copies)."""
+        pool past ``mlfq_swap_watermark``, preempt the lowest-level running request whose KV the
+        preemption keeps (:func:`engine.mlfq.preemptible`): swapped to the host pool, or, when
+        only the batch slot is wanted, left in the prefix cache (usually cheaper than two
+        copies; see :meth:`_preempt`). None such: the queued request waits for blocks (a drop
+        would discard computed KV; with memory binding that thrashes)."""
         if not self.running or not (self.waiting or self.swapped):
             return
         kv = self.kv
         reserve = (1 - self.config.mlfq_swap_watermark) * kv.num_blocks
         for q in self._order(self.swapped + self.waiting):
-            while self.running:
-                worst = max(self.running, key=_MLFQ_KEY)
-                if q.mlfq_level >= worst.mlfq_level:
+            while True:
+                lower = [r for r in self.running if r.mlfq_level > q.mlfq_level]
+                if not lower:
                     return  # queue order: no later queued request is better either
                 full = len(self.running) >= self.config.max_num_seqs
                 tight = kv.num_free_blocks - self._queued_need(q) < reserve
                 if not (full or tight):
                     break  # q fits: the admission phase takes it
-                self._preempt(worst, out, for_memory=tight)
+                worst_first = sorted(lower, key=_MLFQ_KEY, reverse=True)
+                victim = next((r for r in worst_first if self._policy_may_preempt(r, tight)), None)
+                if victim is None:
+                    break  # preempting any of them would throw work away: q waits for blocks
+                self._preempt(victim, out, for_memory=tight)
+
+    def _policy_may_preempt(self, req: Request, for_memory: bool) -> bool:
+        """Whether MLFQ may preempt running ``req`` for a higher-level request
+        (:func:`engine.mlfq.preemptible`): the tokens its re-admission would compute again are 0
+        when :meth:`_preempt` would swap it out, else :meth:`_recompute_tokens`."""
+        swap = self._preemption_mode(req, for_memory) is PreemptionMode.SWAP
+        lost = 0 if swap else self._recompute_tokens(req, for_memory)
+        return mlfq.preemptible(lost, self.kv.block_size)
 
     # ----------------------------------------------------------------- results
     # ----------------------------------------------------------------- results

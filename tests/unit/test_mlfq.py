@@ -205,3 +205,45 @@ def test_proactive_swap_out_when_the_pool_passes_the_watermark():
     while s.has_unfinished():
         _step(s)
     assert low.num_output_tokens == 14 and s.kv.num_free_blocks == 10 and s.kv.num_free_host_blocks == 16
+
+
+# ----------------------------------------------------------------- thrash (memory binds, no swap)
+def test_policy_preemption_that_would_discard_kv_is_refused():
+    assert mlfq.preemptible(tokens_lost=0, block_size=16)  # swapped out: nothing recomputed
+    assert mlfq.preemptible(tokens_lost=15, block_size=16)  # only the partial last block
+    assert not mlfq.preemptible(tokens_lost=16, block_size=16)
+    assert not mlfq.preemptible(tokens_lost=2048, block_size=16)
+
+
+def _thrash_run(caching: bool):
+    """A long low-level prompt (chunked, 8 steps) while short level-0 jobs keep arriving into a
+    pool that is past the watermark; no host pool, so a preemption would recompute."""
+    clock = FakeClock()
+    s = _sched(
+        clock, blocks=48, host=0, caching=caching, long_prefill_token_threshold=16, mlfq_swap_watermark=0.5
+    )
+    long = _req("long", 128, max_tokens=4, arrival=0.0)  # 0.128 s predicted -> level 2
+    s.add_request(long)
+    assert long.mlfq_level == 2
+    progress = []  # the long prompt's computed tokens after each step it ran
+    for i in range(60):
+        if i % 2 == 0 and i < 40:
+            s.add_request(_req(f"s{i}", 8, max_tokens=2, arrival=clock.t))
+        out = _step(s, clock)
+        if any(x.request is long for x in out.scheduled):
+            progress.append(long.num_computed_tokens)
+        if not s.has_unfinished():
+            break
+    return s, long, progress
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_long_prompt_is_not_preempted_mid_recompute_by_short_jobs(caching):
+    s, long, progress = _thrash_run(caching)
+    # before the fix each arriving short job (level 0) dropped the long prompt's chunks for
+    # memory and its recompute restarted from 0, again and again (FastServe's thrash)
+    assert long.num_preemptions == 0
+    assert progress[:8] == [16 * k for k in range(1, 9)]  # chunk after chunk, never reset
+    assert long.num_output_tokens == 4 and not s.has_unfinished()
+    assert s.num_preemptions == 0
+    assert s.kv.num_free_blocks == 48
