@@ -481,17 +481,17 @@ class GoodputAwarePolicy(PlacementPolicy):
             ok_remote, best_effort = remote_ok, False
         else:
             if slo is not None:
-
-                def terms_of() -> TtftTerms | None:
-                    return self._fastest_terms(
-                        req, view, table, decode_pool, d, remote_plan, remote_ttft, local_ttft,
-                        pre_scales, dec_scales, contention,
-                    )  # fmt: skip
-
                 allowed = [  # the local options that would not stall others past their TPOT
                     None if t is None or t > room(decode_pool[k].instance_id) else t
                     for k, t in enumerate(local_ttft)
                 ]
+
+                def terms_of() -> TtftTerms | None:
+                    return self._fastest_terms(
+                        req, view, table, decode_pool, d, remote_plan, remote_ttft, allowed,
+                        pre_scales, dec_scales, contention,
+                    )  # fmt: skip
+
                 rej = self._reject(
                     req, remote_ttft, allowed, tpots, fits, lim_ttft, lim_tpot, margin, now,
                     terms_of, slo, q_ttft,
