@@ -60,11 +60,27 @@ REPREFILL_TARGET = 0.1  # downtime / re-prefill at --ratio-context
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--contexts", default="256,512,1024,2048,4096,8192", help="prompt lengths (tokens)")
+    p.add_argument(
+        "--contexts",
+        default="256,512,1024,2048,4096,8192",
+        help="prompt lengths (tokens) (default %(default)s)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="migrations per context (default 3); medians")
-    p.add_argument("--after", type=int, default=4, help="tokens streamed from the source before migrating")
-    p.add_argument("--max-tokens", type=int, default=48, help="tokens each request generates")
-    p.add_argument("--ratio-context", type=int, default=4096, help="context of the re-prefill comparison")
+    p.add_argument(
+        "--after",
+        type=int,
+        default=4,
+        help="tokens streamed from the source before migrating (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=48, help="tokens each request generates (default %(default)s)"
+    )
+    p.add_argument(
+        "--ratio-context",
+        type=int,
+        default=4096,
+        help="context of the re-prefill comparison (default %(default)s)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     return p
 

@@ -21,8 +21,12 @@ from pdserve.worker_base import Role
 class _Engine:
     model_id = "m"
 
-    def can_admit(self, num_tokens: int) -> bool:
+    def can_admit(self, num_tokens: int, adapter_id: str = "") -> bool:
         return True
+
+    def check_adapter(self, adapter_id: str) -> None:
+        """The base model only (as a worker started without --lora)."""
+        assert adapter_id == ""
 
     def add_request(self, rid, ids, params, **kw) -> None:
         pass
@@ -80,6 +84,18 @@ class _Ctx:
         return None
 
 
+async def _added(loop: _Loop, rid: str, task: asyncio.Future, timeout_s: float = 10.0) -> None:
+    """Wait until the servicer added ``rid`` to the engine loop; raise the stream's own error if it
+    failed first, and fail after ``timeout_s`` (never hang the suite)."""
+    deadline = time.monotonic() + timeout_s
+    while rid not in loop.outs:
+        if task.done():
+            task.result()  # the stream's exception, if any
+            raise AssertionError(f"the stream ended before {rid!r} was added")
+        assert time.monotonic() < deadline, f"{rid!r} was not added within {timeout_s} s"
+        await asyncio.sleep(0.001)
+
+
 def _req(rid: str) -> worker_pb2.DecodeRequest:
     return worker_pb2.DecodeRequest(
         request_id=rid,
@@ -95,8 +111,7 @@ def test_tokens_ready_together_go_in_one_message() -> None:
     async def run() -> list[worker_pb2.DecodeResponse]:
         stream = svc.Decode(_req("r1"), _Ctx())
         first = asyncio.ensure_future(stream.__anext__())
-        while "r1" not in loop.outs:
-            await asyncio.sleep(0.001)
+        await _added(loop, "r1", first)
         q = loop.outs["r1"]
         for i, t in enumerate((11, 12, 13, 14)):  # the engine produced four steps meanwhile
             q.put(_out("r1", t, finished=i == 3))
@@ -122,8 +137,7 @@ def test_a_stream_interval_groups_tokens_after_the_first_message() -> None:
                 got.append(list(m.token_ids))
 
         task = asyncio.ensure_future(consume())
-        while "r3" not in loop.outs:
-            await asyncio.sleep(0.001)
+        await _added(loop, "r3", task)
         for i, t in enumerate((11, 12, 13, 14, 15, 16)):  # one engine step at a time
             loop.outs["r3"].put(_out("r3", t, finished=i == 5))
             await asyncio.sleep(0.02)  # a stream that sent whatever is ready would send it now
@@ -153,8 +167,7 @@ def test_a_stream_whose_caller_leaves_aborts_its_request() -> None:
                 pass
 
         task = asyncio.ensure_future(consume())
-        while "r2" not in loop.outs:
-            await asyncio.sleep(0.001)
+        await _added(loop, "r2", task)
         loop.outs["r2"].put(_out("r2", 5))
         await asyncio.sleep(0.05)
         task.cancel()  # grpc.aio cancels the handler's task when the caller cancels
