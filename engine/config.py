@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from engine.scheduler import SchedulingPolicy
 
+WEIGHT_DTYPES = ("float32", "int8", "bfloat16")  # engine.models.quant.WeightDType values
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -23,6 +25,11 @@ class EngineConfig:
     cheaper (:mod:`engine.swap_policy`). 0 (default): recompute only. It must hold at least one
     block (checked when the engine is built, which knows a block's size); not supported with
     ``tensor_parallel_size`` > 1.
+
+    ``weight_dtype``: how the projections and lm_head are stored (:mod:`engine.models.quant`):
+    ``float32`` (as loaded), ``int8`` (weight-only, one scale per output row; fp32 CPU models, not
+    MoE, not with tensor parallelism or LoRA), ``bfloat16`` (only where the CPU has native bf16).
+    Refused at load, naming why, where it cannot run.
     """
 
     block_size: int = 16
@@ -41,6 +48,7 @@ class EngineConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     swap_space_bytes: int = 0
+    weight_dtype: str = "float32"
     # SchedulingPolicy.MLFQ only (see engine.mlfq; validated by SchedulerConfig)
     mlfq_num_levels: int = 4
     mlfq_quantum_iters: int = 8
@@ -60,6 +68,13 @@ class EngineConfig:
         if self.swap_space_bytes < 0:
             raise ValueError(
                 f"swap_space_bytes must be >= 0 (0: recompute only), got {self.swap_space_bytes}"
+            )
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {self.weight_dtype!r}")
+        if self.weight_dtype != "float32" and self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"weight_dtype {self.weight_dtype!r} is not supported with tensor_parallel_size > 1: "
+                "use weight_dtype='float32'"
             )
         if self.swap_space_bytes and self.tensor_parallel_size > 1:
             raise ValueError(

@@ -262,7 +262,12 @@ class LLMEngine:
             if lora is not None:
                 raise InvalidRequestError("LoRA adapters are not supported with tensor_parallel_size > 1")
             return cls._tensor_parallel(path, mcfg, tok, config, dtype, device, max_len)
-        model = load_model(path, dtype, device, max_positions=max_len)
+        if lora is not None and config.weight_dtype != "float32":
+            raise InvalidRequestError(
+                f"LoRA adapters are not supported with weight_dtype {config.weight_dtype!r} (the adapter "
+                "layers wrap float projections): use weight_dtype='float32'"
+            )
+        model = load_model(path, dtype, device, max_positions=max_len, weight_dtype=config.weight_dtype)
         return cls(model, mcfg, tok, config, dtype, device, lora=lora)
 
     @classmethod

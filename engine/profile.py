@@ -31,8 +31,9 @@ from engine.profile_fit import DecodeSample, PrefillSample, StepModel, fit_step_
 
 log = logging.getLogger(__name__)
 
-ENGINE_PROFILE_VERSION = "4"
-"""Version of the engine's step cost; part of every profile key (bump it to re-measure)."""
+ENGINE_PROFILE_VERSION = "5"
+"""Version of the engine's step cost; part of every profile key (bump it to re-measure). 5: decode
+attention reads the paged cache in place (engine.attention_native), int8 weights."""
 
 PREFILL_TOKENS = (16, 512, 128, 256, 64)  # the first two always; the rest while the budget lasts
 """Prompt lengths of the measured prefill steps (one request each, nothing cached), each capped
@@ -136,7 +137,11 @@ def profile_key(engine, model_path: str | Path) -> ProfileKey:
     return ProfileKey(
         model_path=str(path),
         model_config_sha256=sha,
-        dtype=str(engine.runner.dtype) if hasattr(engine.runner, "dtype") else str(c.dtype),
+        # the activation dtype, the weights' storage and the attention path: each changes step times
+        dtype=(
+            f"{engine.runner.dtype if hasattr(engine.runner, 'dtype') else c.dtype}"
+            f"|weights={c.weight_dtype}|attention={os.environ.get('PDSERVE_ATTENTION', 'auto')}"
+        ),
         tensor_parallel_size=c.tensor_parallel_size,
         device=c.device,
         hardware=hardware_name(c.device),

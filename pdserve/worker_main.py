@@ -293,6 +293,14 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         help="engine queue order: priority (then arrival), fcfs, or mlfq (FastServe's skip-join "
         "multi-level feedback queue) (default: %(default)s)",
     )
+    ap.add_argument(
+        "--weight-dtype",
+        choices=["float32", "int8", "bfloat16"],
+        default="float32",
+        help="how projection and lm_head weights are stored: float32 (as loaded), int8 (weight-only, "
+        "per output row; fp32 CPU models, not MoE, --tp 1, no --lora; accuracy: README), bfloat16 "
+        "(only on CPUs with native bf16) (default: %(default)s)",
+    )
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
     lg = ap.add_argument_group("LoRA adapters (multi-LoRA serving, PEFT format)")
     lg.add_argument(
@@ -357,6 +365,7 @@ def parse(
             device=a.device,
             dtype=a.dtype,
             tensor_parallel_size=a.tp,
+            weight_dtype=a.weight_dtype,
         )
     except ValueError as e:  # e.g. swap space with tensor parallelism
         ap.error(str(e))

@@ -113,3 +113,26 @@ def test_int8_smollm2_accuracy(smollm_path):
     )
     assert same >= INT8_MIN_IDENTICAL_PROMPTS
     assert delta <= INT8_MAX_LOGPROB_DELTA
+
+
+def test_engine_config_weight_dtype_reaches_the_model_and_is_refused_where_unsupported(tiny_models):
+    """EngineConfig.weight_dtype (workers: --weight-dtype) is what from_pretrained loads with."""
+    eng = LLMEngine.from_pretrained(tiny_models["llama"], EngineConfig(num_kv_blocks=32, weight_dtype="int8"))
+    assert any(isinstance(m, Int8Linear) for m in eng.runner.model.modules())
+    plain = LLMEngine.from_pretrained(tiny_models["llama"], EngineConfig(num_kv_blocks=32))
+    assert not any(isinstance(m, Int8Linear) for m in plain.runner.model.modules())
+    with pytest.raises(ValueError, match="weight_dtype must be one of"):
+        EngineConfig(weight_dtype="int4")
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig(weight_dtype="int8", tensor_parallel_size=2)
+
+
+def test_worker_flag_weight_dtype() -> None:
+    from pdserve.worker_base import Role
+    from pdserve.worker_main import parse
+
+    base = ["--model", "/m", "--worker-id", "d0", "--store", "127.0.0.1:1"]
+    assert parse([*base, "--weight-dtype", "int8"], Role.DECODE).engine.weight_dtype == "int8"
+    assert parse(base, Role.DECODE).engine.weight_dtype == "float32"
+    with pytest.raises(SystemExit):
+        parse([*base, "--weight-dtype", "int4"], Role.DECODE)
