@@ -7,6 +7,8 @@ Engine level: a tiny model's greedy tokens and log-probs with the kernel equal t
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -16,8 +18,11 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
+# Skipped only where no C compiler can build the kernel (./dev test installs gcc); under CI (.ci/run
+# sets PDSERVE_CI) a missing kernel is a failure, never a skip
 pytestmark = pytest.mark.skipif(
-    not attention_native.available(1, 8), reason=f"native kernel: {attention_native.unavailable_reason()}"
+    not attention_native.available(1, 8) and not os.environ.get("PDSERVE_CI"),
+    reason=f"native kernel: {attention_native.unavailable_reason()}",
 )
 
 
