@@ -441,9 +441,14 @@ def build_service(
         puller = DistPuller(dist, puller, timeout_s=dist.options.timeout_s)
     # served on grpc.aio: see serve_worker
     c = state.config
-    return AsyncDecodeServicer(
+    svc = AsyncDecodeServicer(
         state, puller, stream_interval=c.stream_interval, stream_window_s=c.stream_window_s
     )
+    from prefill_worker.publisher import StorePublisher
+
+    # live migration's STORE transport: this worker puts a migrating request's KV stages on its store
+    svc.migration.publisher = StorePublisher(store)
+    return svc
 
 
 def worker_services(svc: Any, role: Role, dist: DistGroup | None) -> tuple[list[tuple[Any, Any]], Any]:
