@@ -73,7 +73,7 @@ def test_bad_settings_refused():
 
 
 # ----------------------------------------------------------------- scheduler
-def _sched(clock, blocks=64, host=0, caching=True, **kw) -> Scheduler:
+def _sched(clock, blocks=64, host=0, caching=True, rates: SwapRates | None = None, **kw) -> Scheduler:
     cfg = SchedulerConfig(
         **{
             "max_num_batched_tokens": 256,
@@ -92,7 +92,7 @@ def _sched(clock, blocks=64, host=0, caching=True, **kw) -> Scheduler:
         block_nbytes=100,
         prefill_time=lambda n: n * 0.001,  # 1 ms per prompt token
     )
-    s.set_swap_rates(FAST_COPY)
+    s.set_swap_rates(rates or FAST_COPY)
     return s
 
 

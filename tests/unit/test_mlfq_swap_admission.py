@@ -6,11 +6,11 @@ scheduler compares is what a re-admission would really recompute)."""
 
 from __future__ import annotations
 
-from engine.block_manager import KVCacheManager
-from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulingPolicy
+from engine.request import RequestStatus
+from engine.scheduler import Scheduler
 from engine.swap_policy import SwapRates
+from tests.unit.test_mlfq import FakeClock, _req, _step
+from tests.unit.test_mlfq import _sched as _mlfq_sched
 
 FAST_COPY = SwapRates(swap_bytes_per_s=1e9, recompute_tokens_per_s=1e3)
 # copying a long request out and back (51 blocks x 100 B x 2 / 1e4 B/s = 1.02 s) beats recomputing
@@ -18,47 +18,9 @@ FAST_COPY = SwapRates(swap_bytes_per_s=1e9, recompute_tokens_per_s=1e3)
 SLOW_COPY = SwapRates(swap_bytes_per_s=1e4, recompute_tokens_per_s=100)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def _sched(clock, *, blocks=64, host=64, rates=FAST_COPY, caching=True, **kw) -> Scheduler:
-    cfg = SchedulerConfig(
-        **{
-            "max_num_batched_tokens": 256,
-            "long_prefill_token_threshold": 0,
-            "max_model_len": 1024,
-            "policy": SchedulingPolicy.MLFQ,
-            "mlfq_base_prefill_s": 0.05,
-            "mlfq_quantum_iters": 2,
-            **kw,
-        }
-    )
-    s = Scheduler(
-        cfg,
-        KVCacheManager(blocks, 4, "m", enable_prefix_caching=caching, num_host_blocks=host),
-        clock=clock,
-        block_nbytes=100,
-        prefill_time=lambda n: n * 0.001,  # 1 ms per prompt token
-    )
-    s.set_swap_rates(rates)
-    return s
-
-
-def _req(rid, n, max_tokens=4, arrival=0.0) -> Request:
-    return Request(rid, range(n), SamplingParams(max_tokens=max_tokens, ignore_eos=True), arrival)
-
-
-def _step(s: Scheduler, clock: FakeClock | None = None):
-    out = s.schedule()
-    s.update_from_output(out, {x.request.request_id: 7 for x in out.scheduled if x.samples})
-    if clock is not None:
-        clock.t += 1.0
-    return out
+    """test_mlfq's MLFQ scheduler (1 ms per prompt token, quantum 2), with a host pool by default."""
+    return _mlfq_sched(clock, blocks=blocks, host=host, caching=caching, rates=rates, **kw)
 
 
 def test_swapped_higher_level_comes_back_before_lower_level_waiting():
