@@ -4,46 +4,16 @@ pays its copies at the configured bandwidth."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerConfig, SchedulingPolicy
 from router.policy import InstanceRole
 from simulator.config import ClusterConfig
 from simulator.events import EventLoop
 from simulator.instance import SimInstance
 from simulator.latency import LatencySpec
-from simulator.latency.base import LatencyModel
-
-
-class LinearLatency(LatencyModel):
-    """10 ms per step plus 1 ms per prefill token (a fake, monotone model); 1 KiB of KV per token."""
-
-    def __init__(self) -> None:
-        super().__init__(kv_bytes_per_token=1024)
-
-    def step_time(
-        self,
-        prefill_tokens: Sequence[int],
-        prefill_contexts: Sequence[int],
-        num_decodes: int,
-        decode_context: int,
-    ) -> float:
-        return 0.01 + 1e-3 * sum(prefill_tokens) + 1e-4 * num_decodes
-
-
-CFG = SchedulerConfig(
-    max_num_batched_tokens=512,
-    max_num_seqs=1,
-    long_prefill_token_threshold=0,
-    max_model_len=2048,
-    policy=SchedulingPolicy.MLFQ,
-    mlfq_base_prefill_s=0.02,
-    mlfq_quantum_iters=2,
-)
+from tests.unit.test_mlfq_sim import CFG, LinearLatency
 
 
 def _run(swap_space_bytes: int) -> tuple[SimInstance, dict[str, float]]:
