@@ -83,17 +83,26 @@ def two_node_cluster(namespace: str, cpus_per_node: int = 2) -> Iterator[tuple[A
 
 @contextlib.contextmanager
 def only_decode(namespace: str, worker_id: str) -> Iterator[None]:
-    """Route decodes to ``worker_id`` alone while inside: the router of ``namespace`` marks the
-    other decode workers draining, and routes to them again on exit."""
+    """Route decodes to ``worker_id`` alone while inside: every router of ``namespace``
+    (pdserve-router, pdserve-router-1, ...: a client round-robins over them) marks the other decode
+    workers draining, and routes to them again on exit."""
     import ray
 
-    router = ray.get_actor("pdserve-router", namespace=namespace)
-    routed = ray.get(router.workers.remote(), timeout=30)
+    routers = []
+    for i in range(16):
+        try:
+            routers.append(ray.get_actor("pdserve-router" + (f"-{i}" if i else ""), namespace=namespace))
+        except ValueError:
+            break
+    assert routers, f"no router actor in namespace {namespace!r}"
+    routed = ray.get(routers[0].workers.remote(), timeout=30)
     others = [w["worker_id"] for w in routed if w["role"] == "decode" and w["worker_id"] != worker_id]
-    for o in others:
-        assert ray.get(router.drain.remote(o), timeout=30)
+    for router in routers:
+        for o in others:
+            assert ray.get(router.drain.remote(o), timeout=30)
     try:
         yield
     finally:
-        for o in others:
-            ray.get(router.resume.remote(o), timeout=30)
+        for router in routers:
+            for o in others:
+                ray.get(router.resume.remote(o), timeout=30)

@@ -238,8 +238,17 @@ def prometheus_config(targets_glob: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def cluster(smollm_path) -> Iterator[LocalCluster]:
-    cl = launch(ClusterSpec(model_path=str(smollm_path), worker_kv_blocks=256, store_capacity_blocks=512))
+def cluster(smollm_path, tmp_path_factory) -> Iterator[LocalCluster]:
+    # the store with a disk tier, so that its families (and the disk-full alert's operand) exist
+    disk = tmp_path_factory.mktemp("disk-tier")
+    cl = launch(
+        ClusterSpec(
+            model_path=str(smollm_path),
+            worker_kv_blocks=256,
+            store_capacity_blocks=512,
+            store_args=("--disk-tier", str(disk), "--disk-tier-gib", "1"),
+        )
+    )
     try:
         yield cl
     finally:

@@ -437,8 +437,12 @@ class _Engine:
     def __init__(self) -> None:
         self.imported: list[tuple[str, int]] = []
 
-    def can_admit(self, num_tokens: int) -> bool:
+    def can_admit(self, num_tokens: int, adapter_id: str = "") -> bool:
         return True
+
+    def check_adapter(self, adapter_id: str) -> None:
+        """The base model only (a worker started without --lora)."""
+        assert adapter_id == ""
 
     def import_kv(self, rid, ids, first_token, blocks, params, **kw) -> None:
         self.imported.append((rid, int(blocks.shape[0])))
