@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from decode_worker.messages import decode_message
 from decode_worker.puller import KVPuller
 from engine.block_hash import BlockHash, chain_hashes
 from engine.engine_loop import OutputItem
@@ -76,7 +77,6 @@ from kv_store.tensors import tensor_bytes
 from pdserve.errors import ErrorCode, InvalidRequestError, PdserveError, RequestNotFoundError
 from pdserve.limits import MAX_BLOCKS_PER_CALL, MAX_MESSAGE_BYTES
 from pdserve.proto_convert import (
-    finish_to_proto,
     logprob_from_proto,
     logprob_to_proto,
     sampling_from_proto,
@@ -491,7 +491,7 @@ class DecodeMigration:
                 items = m.take()
                 if not items:
                     continue
-                msg, failure = self._message(rid, items)
+                msg, failure = decode_message(rid, items, self.state.count_finished)
                 if msg is not None:
                     finished = msg.HasField("finish")
                     yield msg
@@ -505,27 +505,6 @@ class DecodeMigration:
                 self._migrated.pop(rid, None)
             if not finished:
                 aloop.run_in_executor(self.admission, self.state.loop.abort, rid)
-
-    def _message(
-        self, rid: str, items: list[OutputItem]
-    ) -> tuple[worker_pb2.DecodeResponse | None, BaseException | None]:
-        failure = next((i for i in items if isinstance(i, BaseException)), None)
-        outs = [i for i in items if not isinstance(i, BaseException)]
-        streamed = [o for o in outs if o.new_token_ids or o.finished]
-        if not streamed:
-            return None, failure
-        msg = worker_pb2.DecodeResponse(
-            request_id=rid,
-            token_ids=[t for o in streamed for t in o.new_token_ids],
-            logprobs=[logprob_to_proto(lp) for o in streamed for lp in o.logprobs],
-        )
-        last = streamed[-1]
-        if last.finished:
-            self.state.count_finished()
-            msg.finish.reason = finish_to_proto(last.finish_reason)
-            if last.stop_reason is not None:
-                msg.finish.stop = str(last.stop_reason)
-        return msg, failure
 
     def close(self) -> None:
         with self._lock:

@@ -31,6 +31,7 @@ import grpc
 import prometheus_client
 import torch
 
+from decode_worker.messages import decode_message
 from decode_worker.migration import DecodeMigration
 from decode_worker.puller import KVPuller
 from engine.engine_loop import OutputItem, OutputSink
@@ -40,7 +41,7 @@ from kv_store.handle import KVHandle
 from kv_store.transport import choose_transport
 from pdserve.errors import InvalidRequestError, ResourceExhaustedError
 from pdserve.metrics import KVPullMetrics
-from pdserve.proto_convert import finish_to_proto, logprob_from_proto, logprob_to_proto, sampling_from_proto
+from pdserve.proto_convert import logprob_from_proto, sampling_from_proto
 from pdserve.tracing import log_event, request_scope
 from pdserve.v1 import common_pb2, worker_pb2
 from pdserve.worker_base import WorkerState
@@ -208,36 +209,19 @@ class DecodeServicer:
     def _message(
         self, rid: str, batch: list[OutputItem], local_prefill: bool, pull_s: float | None
     ) -> tuple[worker_pb2.DecodeResponse | None, BaseException | None]:
-        """One DecodeResponse for the engine outputs ``batch`` (every token that was ready: several
-        per message under load, so a slow reader costs fewer messages), and the failure that
-        ended the batch, if any. ``pull_s``: set on the request's first message (None: not the
-        first). None when the batch holds no token and no finish (a local prefill's chunk)."""
-        failure = next((i for i in batch if isinstance(i, BaseException)), None)
-        outs = [i for i in batch if not isinstance(i, BaseException)]
-        streamed = [o for o in outs if o.new_token_ids or o.finished]
-        if not streamed:
-            return None, failure
-        msg = worker_pb2.DecodeResponse(
-            request_id=rid,
-            token_ids=[t for o in streamed for t in o.new_token_ids],
-            logprobs=[logprob_to_proto(lp) for o in streamed for lp in o.logprobs],
-        )
-        if getattr(self.state.engine, "tokenizer", None) is not None:
-            # the engine's incremental detokenizer already rendered these tokens (stop strings
-            # honoured, a stop token not rendered): the text delta goes with them, so the router
-            # relays it instead of detokenizing again (DecodeResponse.has_text)
-            msg.text = "".join(o.text_delta for o in streamed)
-            msg.has_text = True
-        if pull_s is not None:
+        """:func:`decode_worker.messages.decode_message` for the engine outputs ``batch`` (several
+        tokens per message under load, so a slow reader costs fewer messages), with the engine's
+        text delta when it has a tokenizer (stop strings honoured, a stop token not rendered).
+        ``pull_s``: set on the request's first message (None: not the first)."""
+        with_text = getattr(self.state.engine, "tokenizer", None) is not None
+        msg, failure = decode_message(rid, batch, self.state.count_finished, with_text=with_text)
+        if msg is not None and pull_s is not None:
             if local_prefill:
-                msg.num_cached_tokens = max(0, streamed[0].num_cached_tokens)
+                first = next(
+                    i for i in batch if not isinstance(i, BaseException) and (i.new_token_ids or i.finished)
+                )
+                msg.num_cached_tokens = max(0, first.num_cached_tokens)
             msg.kv_pull_s = pull_s
-        last = streamed[-1]
-        if last.finished:
-            self.state.count_finished()
-            msg.finish.reason = finish_to_proto(last.finish_reason)
-            if last.stop_reason is not None:
-                msg.finish.stop = str(last.stop_reason)
         return msg, failure
 
     def _admit_handoff(
