@@ -27,8 +27,8 @@ from router.policy import (
     TtftEstimator,
 )
 from router.policy.estimate import TtftTable
-from router.policy.ledger import Inflight, Ledger
 from router.policy.latency import WithDecode, decode_time_each, prefill_time_each
+from router.policy.ledger import Inflight, Ledger
 from router.registry import Registry, WorkerKind, WorkerLoad
 
 P, D = InstanceRole.PREFILL, InstanceRole.DECODE
