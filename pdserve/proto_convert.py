@@ -33,7 +33,10 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         ignore_eos=p.ignore_eos,
         min_tokens=p.min_tokens,
         seed_position_offset=p.seed_position_offset,
+        n=p.n,
     )
+    if p.best_of is not None:
+        m.best_of = p.best_of
     if p.seed is not None:
         m.seed = p.seed
     if p.logprobs is not None:
@@ -42,7 +45,8 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
 
 
 def sampling_from_proto(m: common_pb2.SamplingParams) -> SamplingParams:
-    """Unset optional fields take SamplingParams defaults; values are validated there."""
+    """Unset optional fields take SamplingParams defaults; values are validated there
+    (``n`` 0 means 1)."""
     kw: dict = {
         "top_k": m.top_k,
         "min_p": m.min_p,
@@ -51,8 +55,9 @@ def sampling_from_proto(m: common_pb2.SamplingParams) -> SamplingParams:
         "ignore_eos": m.ignore_eos,
         "min_tokens": m.min_tokens,
         "seed_position_offset": m.seed_position_offset,
+        "n": m.n or 1,
     }
-    for name in ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs"):
+    for name in ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs", "best_of"):
         if m.HasField(name):
             kw[name] = getattr(m, name)
     return SamplingParams(**kw)

@@ -86,17 +86,19 @@ class GenerateRequest(_message.Message):
     ) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "logprobs", "finish")
+    __slots__ = ("request_id", "token_ids", "text", "logprobs", "finish", "choice_index")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_INDEX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     finish: _common_pb2.Finish
+    choice_index: int
     def __init__(
         self,
         request_id: str | None = ...,
@@ -104,6 +106,7 @@ class GenerateResponse(_message.Message):
         text: str | None = ...,
         logprobs: _Iterable[_common_pb2.TokenLogprob | _Mapping] | None = ...,
         finish: _common_pb2.Finish | _Mapping | None = ...,
+        choice_index: int | None = ...,
     ) -> None: ...
 
 class TokenizeRequest(_message.Message):

@@ -36,6 +36,8 @@ class SamplingParams(_message.Message):
         "logprobs",
         "min_tokens",
         "seed_position_offset",
+        "n",
+        "best_of",
     )
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +52,8 @@ class SamplingParams(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SEED_POSITION_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    BEST_OF_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     top_k: int
@@ -63,6 +67,8 @@ class SamplingParams(_message.Message):
     logprobs: int
     min_tokens: int
     seed_position_offset: int
+    n: int
+    best_of: int
     def __init__(
         self,
         max_tokens: int | None = ...,
@@ -78,6 +84,8 @@ class SamplingParams(_message.Message):
         logprobs: int | None = ...,
         min_tokens: int | None = ...,
         seed_position_offset: int | None = ...,
+        n: int | None = ...,
+        best_of: int | None = ...,
     ) -> None: ...
 
 class KVLayout(_message.Message):

@@ -295,6 +295,7 @@ class PrefillResponse(_message.Message):
         "num_cached_tokens",
         "num_computed_tokens",
         "timing",
+        "prompt_tail_pending",
     )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +304,7 @@ class PrefillResponse(_message.Message):
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TAIL_PENDING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token: int
     first_token_logprob: _common_pb2.TokenLogprob
@@ -310,6 +312,7 @@ class PrefillResponse(_message.Message):
     num_cached_tokens: int
     num_computed_tokens: int
     timing: _common_pb2.Timing
+    prompt_tail_pending: bool
     def __init__(
         self,
         request_id: str | None = ...,
@@ -319,6 +322,7 @@ class PrefillResponse(_message.Message):
         num_cached_tokens: int | None = ...,
         num_computed_tokens: int | None = ...,
         timing: _common_pb2.Timing | _Mapping | None = ...,
+        prompt_tail_pending: bool | None = ...,
     ) -> None: ...
 
 class DecodeRequest(_message.Message):
@@ -337,6 +341,7 @@ class DecodeRequest(_message.Message):
         "first_token_logprob",
         "resume_token_ids",
         "local_prefill",
+        "prompt_tail_pending",
     )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -352,6 +357,7 @@ class DecodeRequest(_message.Message):
     FIRST_TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TAIL_PENDING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -366,6 +372,7 @@ class DecodeRequest(_message.Message):
     first_token_logprob: _common_pb2.TokenLogprob
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
     local_prefill: bool
+    prompt_tail_pending: bool
     def __init__(
         self,
         request_id: str | None = ...,
@@ -382,6 +389,7 @@ class DecodeRequest(_message.Message):
         first_token_logprob: _common_pb2.TokenLogprob | _Mapping | None = ...,
         resume_token_ids: _Iterable[int] | None = ...,
         local_prefill: bool | None = ...,
+        prompt_tail_pending: bool | None = ...,
     ) -> None: ...
 
 class DecodeResponse(_message.Message):
@@ -394,6 +402,7 @@ class DecodeResponse(_message.Message):
         "kv_pull_s",
         "text",
         "has_text",
+        "choice_index",
     )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -403,6 +412,7 @@ class DecodeResponse(_message.Message):
     KV_PULL_S_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     HAS_TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_INDEX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
@@ -411,6 +421,7 @@ class DecodeResponse(_message.Message):
     kv_pull_s: float
     text: str
     has_text: bool
+    choice_index: int
     def __init__(
         self,
         request_id: str | None = ...,
@@ -421,6 +432,7 @@ class DecodeResponse(_message.Message):
         kv_pull_s: float | None = ...,
         text: str | None = ...,
         has_text: bool | None = ...,
+        choice_index: int | None = ...,
     ) -> None: ...
 
 class AbortRequest(_message.Message):
