@@ -23,35 +23,36 @@ _sym_db = _symbol_database.Default()
 
 
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
+from pdserve.v1 import direct_pb2 as pdserve_dot_v1_dot_direct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/client.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xdf\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x1c\n\x03slo\x18\x08 \x01(\x0b\x32\x0f.pdserve.v1.SLO\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\x12\n\ncache_salt\x18\n \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x0b \x01(\t\x12\x1f\n\x17predicted_output_tokens\x18\x0c \x01(\rB\x07\n\x05input\"\xad\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\"\n\x06\x66inish\x18\x05 \x01(\x0b\x32\x12.pdserve.v1.Finish\x12\x14\n\x0c\x63hoice_index\x18\x06 \x01(\r\"\x81\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08\x42\x07\n\x05input\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"\x13\n\x11ListModelsRequest\"i\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\'\n\tkv_layout\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x03(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.ModelInfo2\xe7\x01\n\x08Generate\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.pdserve.v1.TokenizeRequest\x1a\x1c.pdserve.v1.TokenizeResponse\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/client.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\x1a\x17pdserve/v1/direct.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xf6\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x1c\n\x03slo\x18\x08 \x01(\x0b\x32\x0f.pdserve.v1.SLO\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\x12\n\ncache_salt\x18\n \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x0b \x01(\t\x12\x1f\n\x17predicted_output_tokens\x18\x0c \x01(\r\x12\x15\n\rdirect_stream\x18\x1e \x01(\x08\x42\x07\n\x05input\"\xd9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\"\n\x06\x66inish\x18\x05 \x01(\x0b\x32\x12.pdserve.v1.Finish\x12\x14\n\x0c\x63hoice_index\x18\x06 \x01(\r\x12*\n\x06\x64irect\x18\x1e \x01(\x0b\x32\x1a.pdserve.v1.DirectRedirect\"\x81\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08\x42\x07\n\x05input\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"\x13\n\x11ListModelsRequest\"i\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\'\n\tkv_layout\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x03(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.ModelInfo2\xe7\x01\n\x08Generate\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.pdserve.v1.TokenizeRequest\x1a\x1c.pdserve.v1.TokenizeResponse\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.client_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHATMESSAGE']._serialized_start=64
-  _globals['_CHATMESSAGE']._serialized_end=108
-  _globals['_CHATMESSAGES']._serialized_start=110
-  _globals['_CHATMESSAGES']._serialized_end=167
-  _globals['_TOKENIDS']._serialized_start=169
-  _globals['_TOKENIDS']._serialized_end=192
-  _globals['_GENERATEREQUEST']._serialized_start=195
-  _globals['_GENERATEREQUEST']._serialized_end=546
-  _globals['_GENERATERESPONSE']._serialized_start=549
-  _globals['_GENERATERESPONSE']._serialized_end=722
-  _globals['_TOKENIZEREQUEST']._serialized_start=725
-  _globals['_TOKENIZEREQUEST']._serialized_end=854
-  _globals['_TOKENIZERESPONSE']._serialized_start=856
-  _globals['_TOKENIZERESPONSE']._serialized_end=916
-  _globals['_LISTMODELSREQUEST']._serialized_start=918
-  _globals['_LISTMODELSREQUEST']._serialized_end=937
-  _globals['_MODELINFO']._serialized_start=939
-  _globals['_MODELINFO']._serialized_end=1044
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1046
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1105
-  _globals['_GENERATE']._serialized_start=1108
-  _globals['_GENERATE']._serialized_end=1339
+  _globals['_CHATMESSAGE']._serialized_start=89
+  _globals['_CHATMESSAGE']._serialized_end=133
+  _globals['_CHATMESSAGES']._serialized_start=135
+  _globals['_CHATMESSAGES']._serialized_end=192
+  _globals['_TOKENIDS']._serialized_start=194
+  _globals['_TOKENIDS']._serialized_end=217
+  _globals['_GENERATEREQUEST']._serialized_start=220
+  _globals['_GENERATEREQUEST']._serialized_end=594
+  _globals['_GENERATERESPONSE']._serialized_start=597
+  _globals['_GENERATERESPONSE']._serialized_end=814
+  _globals['_TOKENIZEREQUEST']._serialized_start=817
+  _globals['_TOKENIZEREQUEST']._serialized_end=946
+  _globals['_TOKENIZERESPONSE']._serialized_start=948
+  _globals['_TOKENIZERESPONSE']._serialized_end=1008
+  _globals['_LISTMODELSREQUEST']._serialized_start=1010
+  _globals['_LISTMODELSREQUEST']._serialized_end=1029
+  _globals['_MODELINFO']._serialized_start=1031
+  _globals['_MODELINFO']._serialized_end=1136
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1138
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1197
+  _globals['_GENERATE']._serialized_start=1200
+  _globals['_GENERATE']._serialized_end=1431
 # @@protoc_insertion_point(module_scope)

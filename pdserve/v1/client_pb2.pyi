@@ -7,6 +7,7 @@ from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 
 from pdserve.v1 import common_pb2 as _common_pb2
+from pdserve.v1 import direct_pb2 as _direct_pb2
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -44,6 +45,7 @@ class GenerateRequest(_message.Message):
         "cache_salt",
         "adapter",
         "predicted_output_tokens",
+        "direct_stream",
     )
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +59,7 @@ class GenerateRequest(_message.Message):
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_STREAM_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     prompt_token_ids: TokenIds
@@ -69,6 +72,7 @@ class GenerateRequest(_message.Message):
     cache_salt: str
     adapter: str
     predicted_output_tokens: int
+    direct_stream: bool
     def __init__(
         self,
         model: str | None = ...,
@@ -83,22 +87,25 @@ class GenerateRequest(_message.Message):
         cache_salt: str | None = ...,
         adapter: str | None = ...,
         predicted_output_tokens: int | None = ...,
+        direct_stream: bool | None = ...,
     ) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "logprobs", "finish", "choice_index")
+    __slots__ = ("request_id", "token_ids", "text", "logprobs", "finish", "choice_index", "direct")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
     CHOICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     finish: _common_pb2.Finish
     choice_index: int
+    direct: _direct_pb2.DirectRedirect
     def __init__(
         self,
         request_id: str | None = ...,
@@ -107,6 +114,7 @@ class GenerateResponse(_message.Message):
         logprobs: _Iterable[_common_pb2.TokenLogprob | _Mapping] | None = ...,
         finish: _common_pb2.Finish | _Mapping | None = ...,
         choice_index: int | None = ...,
+        direct: _direct_pb2.DirectRedirect | _Mapping | None = ...,
     ) -> None: ...
 
 class TokenizeRequest(_message.Message):

@@ -8,6 +8,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 
 from pdserve.v1 import common_pb2 as _common_pb2
+from pdserve.v1 import direct_pb2 as _direct_pb2
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -342,6 +343,7 @@ class DecodeRequest(_message.Message):
         "resume_token_ids",
         "local_prefill",
         "prompt_tail_pending",
+        "direct",
     )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -358,6 +360,7 @@ class DecodeRequest(_message.Message):
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TAIL_PENDING_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -373,6 +376,7 @@ class DecodeRequest(_message.Message):
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
     local_prefill: bool
     prompt_tail_pending: bool
+    direct: _direct_pb2.DirectGrant
     def __init__(
         self,
         request_id: str | None = ...,
@@ -390,6 +394,7 @@ class DecodeRequest(_message.Message):
         resume_token_ids: _Iterable[int] | None = ...,
         local_prefill: bool | None = ...,
         prompt_tail_pending: bool | None = ...,
+        direct: _direct_pb2.DirectGrant | _Mapping | None = ...,
     ) -> None: ...
 
 class DecodeResponse(_message.Message):
