@@ -7,6 +7,9 @@ steps while there is work and sleeps on a condition otherwise.
 
 Contract: every request added through :meth:`add` gets exactly one terminal item on its queue:
 its final ``RequestOutput`` (``finished=True``) or an ``Exception`` (engine failure, abort).
+A parallel-sampling request (``add(..., num_choices=n)``, ``SamplingParams.n > 1``) gets one
+finished output per choice (each with its ``choice_index``); the queue is closed after the
+``n``-th, which is then the terminal item (an exception still ends it at once).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class EngineLoop:
         self.engine = engine
         self._cmds: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._queues: dict[str, OutputSink] = {}
+        self._choices_left: dict[str, int] = {}  # parallel sampling: choices not finished yet
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -57,19 +61,30 @@ class EngineLoop:
         return fut.result(timeout_s)
 
     def add(
-        self, request_id: str, adder: Callable[[LLMEngine], Any], out: OutputSink | None = None
+        self,
+        request_id: str,
+        adder: Callable[[LLMEngine], Any],
+        out: OutputSink | None = None,
+        num_choices: int = 1,
     ) -> OutputSink:
         """Register an output queue for ``request_id`` and run ``adder`` (which adds it); returns
         the queue. ``out``: the queue to use instead of a new ``queue.SimpleQueue`` (anything
-        with ``put(item)``, called on the engine thread: e.g. one that wakes an asyncio task)."""
+        with ``put(item)``, called on the engine thread: e.g. one that wakes an asyncio task).
+        ``num_choices``: the request's ``SamplingParams.n`` (finished outputs before the queue
+        closes)."""
+        if num_choices < 1:
+            raise ValueError(f"num_choices must be >= 1, got {num_choices}")
         q: OutputSink = queue.SimpleQueue() if out is None else out
         with self._lock:
             self._queues[request_id] = q
+            if num_choices > 1:
+                self._choices_left[request_id] = num_choices
         try:
             self.call(adder)
         except BaseException:
             with self._lock:
                 self._queues.pop(request_id, None)
+                self._choices_left.pop(request_id, None)
             raise
         return q
 
@@ -96,8 +111,22 @@ class EngineLoop:
     def _finish_queue(self, request_id: str, item: OutputItem) -> None:
         with self._lock:
             q = self._queues.pop(request_id, None)
+            self._choices_left.pop(request_id, None)
         if q is not None:
             q.put(item)
+
+    def _last_choice(self, request_id: str) -> bool:
+        """A finished output of ``request_id`` arrived: whether it ends the request (its last
+        unfinished choice; always for ``n == 1``)."""
+        with self._lock:
+            left = self._choices_left.get(request_id)
+            if left is None:
+                return True
+            if left <= 1:
+                del self._choices_left[request_id]
+                return True
+            self._choices_left[request_id] = left - 1
+            return False
 
     def _drain_cmds(self) -> None:
         while True:
@@ -136,7 +165,7 @@ class EngineLoop:
             if self.on_step is not None:
                 self.on_step(time.perf_counter() - t, sum(len(o.new_token_ids) for o in outs))
             for o in outs:
-                if o.finished:
+                if o.finished and self._last_choice(o.request_id):
                     self._finish_queue(o.request_id, o)
                 else:
                     with self._lock:

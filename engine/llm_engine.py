@@ -30,6 +30,7 @@ from engine.lora import LoRAConfig, LoRAManager
 from engine.model_runner import KVShape, ModelRunner
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model, resolve_dtype
+from engine.offload import OffloadedWeights
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from engine.parallel_sampling import SampleGroup, is_internal_id
 from engine.request import FinishReason, Request, RequestStatus
@@ -122,12 +123,15 @@ class LLMEngine:
         clock: Callable[[], float] = time.monotonic,
         runner_factory: Callable[[KVCacheManager], ModelRunner] | None = None,
         lora: LoRAConfig | None = None,
+        weight_offload: OffloadedWeights | None = None,
     ) -> None:
         """``runner_factory(kv)`` builds the model runner (default: a single-device
         :class:`~engine.model_runner.ModelRunner` of ``model``; a tensor-parallel engine passes
         one building rank 0's :class:`~engine.tp_runner.TPModelRunner`). ``lora``: serve these
-        LoRA adapters (engine.lora; single-device runner only)."""
+        LoRA adapters (engine.lora; single-device runner only). ``weight_offload``: the model's
+        offloaded layers (engine.offload), closed with the engine."""
         self.config = config
+        self.weight_offload = weight_offload
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.model_id = config.model_id or "model"
@@ -268,7 +272,18 @@ class LLMEngine:
                 "layers wrap float projections): use weight_dtype='float32'"
             )
         model = load_model(path, dtype, device, max_positions=max_len, weight_dtype=config.weight_dtype)
-        return cls(model, mcfg, tok, config, dtype, device, lora=lora)
+        offload = None
+        if config.weight_memory_budget_bytes is not None:
+            if lora is not None:
+                raise InvalidRequestError(
+                    "LoRA adapters are not supported with weight offloading (weight_memory_budget_bytes)"
+                )
+            from engine.offload import offload_model
+
+            offload = offload_model(
+                model, config.weight_memory_budget_bytes, config.weight_host_budget_bytes, config.weight_offload_dir
+            )
+        return cls(model, mcfg, tok, config, dtype, device, lora=lora, weight_offload=offload)
 
     @classmethod
     def _tensor_parallel(
@@ -346,6 +361,8 @@ class LLMEngine:
         self.runner.close()
         if self.lora is not None:
             self.lora.close()
+        if self.weight_offload is not None:
+            self.weight_offload.close()
 
     @property
     def kv_shape(self) -> KVShape:
@@ -958,6 +975,101 @@ class LLMEngine:
         if stop is not None:
             self.scheduler.finish_request(req.request_id, stop)
             self._forget(req.request_id)
+        return req.request_id
+
+    def group_import_need(self, num_prefix_tokens: int, num_candidates: int) -> int:
+        """Blocks :meth:`import_kv_group` takes at once for a prefix of ``num_prefix_tokens``
+        and ``num_candidates`` choices: the prefix's blocks, shared, plus one per choice (its copy
+        of the shared partial block, or the block its last prompt token opens)."""
+        return self.kv.blocks_needed(num_prefix_tokens) + num_candidates
+
+    def can_admit_group(self, num_prefix_tokens: int, num_candidates: int) -> bool:
+        """Whether :meth:`group_import_need` blocks are free now."""
+        return self.group_import_need(num_prefix_tokens, num_candidates) <= self.kv.num_free_blocks
+
+    def import_kv_group(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        blocks: torch.Tensor,
+        params: SamplingParams,
+        *,
+        shape: KVShape | None = None,
+        model_id: str | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+        cache_salt: str = "",
+    ) -> str:
+        """Adopt a parallel-sampling request (``params.num_candidates > 1``) prefilled elsewhere:
+        ``blocks`` hold the KV of every prompt token but the last (the prefill worker's
+        ``prompt_tail_pending`` handoff). The choices are forked over those blocks, sharing them
+        by reference count, and each computes the last prompt token itself, exactly as the whole
+        engine's :meth:`add_request` does after its own prefill of ``prompt[:-1]``, so choice
+        ``i`` equals the request run alone with ``n=1`` and seed ``seed + i`` (the engine picks
+        a random base seed when ``params.seed`` is None). Outputs carry ``request_id`` and
+        ``choice_index``; :meth:`abort` frees every choice. Raises InvalidRequestError for
+        ``n == 1``, a prompt under two tokens, LoRA or a sliding window (as add_request),
+        ResourceExhaustedError when :meth:`can_admit_group` is False, LayoutMismatchError for KV
+        of another model/layout or of the wrong size."""
+        if params.num_candidates < 2:
+            raise InvalidRequestError("import_kv_group is for n > 1 or best_of > 1: use import_kv")
+        if model_id is not None and model_id != self.model_id:
+            raise LayoutMismatchError(f"KV made by model {model_id!r}, this engine serves {self.model_id!r}")
+        if shape is not None and shape != self.kv_shape:
+            raise LayoutMismatchError(f"KV layout {shape} does not match this engine's {self.kv_shape}")
+        req = self._make_request(
+            request_id, prompt_token_ids, params, priority, arrival_time, "", cache_salt, False
+        )
+        ids = list(req.prompt_token_ids)
+        n = len(ids) - 1
+        if n < 1:
+            raise InvalidRequestError(
+                "a parallel-sampling handoff needs a prompt of at least 2 tokens (a 1-token prompt has "
+                "no KV to share: run it with local_prefill)"
+            )
+        if self.kv.sliding_window is not None:
+            raise InvalidRequestError(
+                f"n={params.n}, best_of={params.best_of} is not supported for a sliding-window model yet: send n=1"
+            )
+        want = (
+            self.kv_shape.num_layers,
+            2,
+            self.kv.block_size,
+            self.kv_shape.num_kv_heads,
+            self.kv_shape.head_dim,
+        )
+        if tuple(blocks.shape[1:]) != want or blocks.shape[0] != self.kv.blocks_needed(n):
+            raise LayoutMismatchError(
+                f"KV tensor of shape {tuple(blocks.shape)} does not fit {n} tokens in this layout"
+            )
+        if not self.can_admit_group(n, params.num_candidates):
+            raise ResourceExhaustedError(
+                f"decode engine has {self.kv.num_free_blocks} free KV blocks, needs "
+                f"{self.group_import_need(n, params.num_candidates)}",
+                retry_after_s=0.05,
+            )
+        base = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        g = SampleGroup(req.request_id, params, base)
+        probe = replace(req, request_id=g.child_id(0), sampling_params=g.child_params(0), block_hashes=[])
+        self.scheduler.add_request(probe)  # each choice alone must fit, as add_request checks
+        self.scheduler.abort_request(probe.request_id)
+        parent = replace(
+            req,
+            request_id=g.parent_id,
+            prompt_token_ids=ids[:-1],
+            sampling_params=g.parent_params(),
+            prefill_only=True,
+            block_hashes=[],
+            output_token_ids=[],
+        )
+        table = self.kv.adopt_blocks(parent, n)
+        self.runner.import_blocks(table, blocks)
+        parent.num_computed_tokens = n
+        parent.num_cached_tokens = 0
+        self.kv.cache_blocks(parent)  # its full blocks join the prefix cache (and get their keys)
+        self._groups[req.request_id] = g
+        self._group_state[req.request_id] = (req, {g.child_id(i) for i in range(g.num_candidates)})
+        self._fork(g, self._track(parent, pin=False))
         return req.request_id
 
     # ------------------------------------------------------------------ stats
