@@ -31,6 +31,7 @@ import grpc
 import prometheus_client
 import torch
 
+from decode_worker.groups import admit_group_handoff, is_group, num_choices, stream_group
 from decode_worker.messages import decode_message
 from decode_worker.migration import DecodeMigration
 from decode_worker.puller import KVPuller
@@ -175,6 +176,10 @@ class DecodeServicer:
     ) -> Iterator[worker_pb2.DecodeResponse]:
         # an adapter this worker does not serve: NOT_FOUND (the router refuses these first)
         self.state.engine.check_adapter(req.adapter)
+        if is_group(req):
+            raise InvalidRequestError(
+                "n > 1 / best_of is served by the asyncio decode servicer only: send n=1"
+            )
         pull_s = 0.0
         if req.local_prefill:
             rid, q, immediate = self._admit_local(req, ctx)
@@ -229,6 +234,9 @@ class DecodeServicer:
     ) -> tuple[str, OutputSink, bool, float]:
         """Pull the KV named by the handle and import it; (request id, output queue, done at once,
         seconds the pull took). ``out``: the output queue to use (default: a new one)."""
+        if req.prompt_tail_pending:  # a parallel-sampling group (decode_worker.groups)
+            rid, q, pull_s = admit_group_handoff(self, req, ctx, out)
+            return rid, q, False, pull_s
         if not req.HasField("kv"):
             raise InvalidRequestError("Decode needs the KVHandle returned by Prefill (or local_prefill)")
         handle = handle_from_proto(req.kv)
@@ -287,10 +295,13 @@ class DecodeServicer:
                 rid, ids, params, priority=req.priority, adapter_id=req.adapter, cache_salt=req.cache_salt
             )
 
-        return rid, self._add(rid, add, out), False
+        return rid, self._add(rid, add, out, num_choices(req)), False
 
-    def _add(self, rid: str, adder, out: OutputSink | None) -> OutputSink:
-        """``EngineLoop.add`` with the output queue ``out`` (None: the loop's own)."""
+    def _add(self, rid: str, adder, out: OutputSink | None, choices: int = 1) -> OutputSink:
+        """``EngineLoop.add`` with the output queue ``out`` (None: the loop's own); ``choices``:
+        the request's ``n`` (parallel sampling)."""
+        if choices > 1:
+            return self.state.loop.add(rid, adder, out, num_choices=choices)
         return self.state.loop.add(rid, adder) if out is None else self.state.loop.add(rid, adder, out)
 
     def Prefill(self, req, ctx):
@@ -518,6 +529,27 @@ class AsyncDecodeServicer(DecodeServicer):
                     finish=common_pb2.Finish(reason=common_pb2.FINISH_REASON_STOP),
                     kv_pull_s=pull_s,
                 )
+                return
+            if is_group(req):  # parallel sampling: one message per choice (decode_worker.groups)
+
+                def first_message(m: worker_pb2.DecodeResponse, batch: list[OutputItem]) -> None:
+                    m.kv_pull_s = pull_s
+                    o = next((i for i in batch if not isinstance(i, BaseException)), None)
+                    if req.local_prefill and o is not None:
+                        m.num_cached_tokens = max(0, o.num_cached_tokens)
+
+                with_text = getattr(self.state.engine, "tokenizer", None) is not None
+                group = stream_group(
+                    out,
+                    rid,
+                    num_choices(req),
+                    with_text=with_text,
+                    count_finished=self.state.count_finished,
+                    first_message=first_message,
+                )
+                async for m in group:
+                    yield m
+                finished = True
                 return
             first = True
             sent_at = 0.0  # loop time the last message was taken by the reader

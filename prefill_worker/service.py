@@ -4,6 +4,11 @@ Prefill(request): pull any longer cached prefix from the store into the local pr
 that is predicted faster than recomputing it (:mod:`prefill_worker.prefix_policy`), run (chunked)
 prefill, sample the first token, publish the request's blocks to the store under a
 lease, free them locally (full blocks stay in the local prefix cache) and return the KVHandle.
+
+Parallel sampling (sampling ``n > 1`` or ``best_of > 1``): the prompt is prefilled once, all but
+its last token (:func:`prefill_worker.groups.group_prefix`), nothing is sampled, and the response
+says ``prompt_tail_pending``: the decode worker forks the choices over these blocks and each
+computes the last prompt token itself (``LLMEngine.import_kv_group``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pdserve.proto_convert import logprob_to_proto, sampling_from_proto
 from pdserve.tracing import log_event, request_scope
 from pdserve.v1 import common_pb2, worker_pb2
 from pdserve.worker_base import WorkerState
+from prefill_worker.groups import group_prefix
 from prefill_worker.prefix_policy import PrefixDecision, PrefixFetchPolicy
 from prefill_worker.publisher import KVPublisher
 
@@ -135,6 +141,8 @@ class PrefillServicer:
         self.state.engine.check_adapter(req.adapter)
         params = sampling_from_proto(req.sampling)
         ids = list(req.prompt_token_ids)
+        group = params.num_candidates > 1
+        run_ids, params = group_prefix(ids, params, req.adapter) if group else (ids, params)
         try:
             store_tokens = self._pull_prefix_from_store(ids, req.adapter, req.cache_salt) if ids else 0
         except Exception as e:  # the store is an optimisation: recompute on any failure
@@ -145,7 +153,7 @@ class PrefillServicer:
         def add(e: LLMEngine) -> None:
             e.add_request(
                 rid,
-                ids,
+                run_ids,
                 params,
                 priority=req.priority,
                 adapter_id=req.adapter,
@@ -189,17 +197,18 @@ class PrefillServicer:
         queue_s = (m.first_scheduled_time - m.arrival_time) if m and m.first_scheduled_time else 0.0
         resp = worker_pb2.PrefillResponse(
             request_id=rid,
-            first_token=kv.first_token,
+            first_token=0 if group else kv.first_token,  # a group's token is discarded
             kv=handle_to_proto(handle),
             num_cached_tokens=item.num_cached_tokens,
-            num_computed_tokens=len(ids) - item.num_cached_tokens,
+            num_computed_tokens=len(run_ids) - item.num_cached_tokens,
+            prompt_tail_pending=group,
             timing=common_pb2.Timing(
                 queue_s=queue_s,
                 prefill_s=(t_prefilled - t_arrive) - queue_s,
                 transfer_s=time.monotonic() - t_prefilled,
             ),
         )
-        if kv.first_logprob is not None:
+        if kv.first_logprob is not None and not group:
             resp.first_token_logprob.CopyFrom(logprob_to_proto(kv.first_logprob))
         return resp
 
