@@ -12,6 +12,11 @@ tokens contiguously. Each layer first writes the batch's new K/V into their slot
 * a prefill chunk that continues a sequence (chunked prefill, prefix-cache hit) attends to the
   gathered blocks with a causal mask offset by the context length.
 
+Soft-capping (``softcap`` = c, Gemma's ``attn_logit_softcapping``): every scaled score ``s``
+becomes ``c * tanh(s / c)`` before the mask and the softmax (transformers' eager attention);
+every path applies it (SDPA cannot, so capped prefills take the explicit-score path below, and
+the native decode kernel caps in C).
+
 Sliding window (``window`` = W, per layer): a query at position ``i`` attends to keys ``j`` with
 ``j <= i`` and ``i - j < W`` (transformers' ``sliding_window_overlay``: ``kv_idx > q_idx - W``).
 When every layer is windowed the KV manager frees blocks no query can reach any more; the model
@@ -134,19 +139,32 @@ def _gather(cache: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def _grouped(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """GQA attention with the query heads of each KV group stacked as extra query rows.
 
     q ``[B, n, H, hd]``, k/v ``[B, L, KVH, hd]``, mask ``[B, n, L]`` (True = attend). Avoids both
     expanding K/V per query head and SDPA's slow masked-GQA path on CPU (measured ~6x faster for
-    decode). Returns ``[B, n, H, hd]``.
+    decode). Returns ``[B, n, H, hd]``. ``softcap``: scores are soft-capped (explicit scores,
+    softmax in float32, as transformers' eager attention).
     """
     b, n, h, hd = q.shape
     kvh = k.shape[2]
     g = h // kvh
     qq = q.view(b, n, kvh, g, hd).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * n, hd)
     m = mask.unsqueeze(1).repeat(1, 1, g, 1) if g > 1 else mask.unsqueeze(1)  # [B, 1, g*n, L]
+    if softcap is not None:
+        s = torch.matmul(qq, k.permute(0, 2, 3, 1)) * scale  # [B, KVH, g*n, L]
+        s = torch.tanh(s / softcap) * softcap
+        s = s.masked_fill(~m, float("-inf"))
+        pr = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        o = torch.matmul(pr, v.transpose(1, 2))
+        return o.view(b, kvh, g, n, hd).permute(0, 3, 1, 2, 4).reshape(b, n, h, hd)
     o = F.scaled_dot_product_attention(qq, k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, scale=scale)
     return o.view(b, kvh, g, n, hd).permute(0, 3, 1, 2, 4).reshape(b, n, h, hd)
 
@@ -159,9 +177,10 @@ def paged_attention(
     md: AttentionMetadata,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of the batch's queries over the paged cache; ``window`` is the layer's sliding
-    window (None: full causal attention)."""
+    window (None: full causal attention), ``softcap`` its scores' soft-cap (None: none)."""
     if window is None and md.trimmed:
         raise RuntimeError(
             "a full-attention layer was given block tables trimmed to a sliding window: "
@@ -175,17 +194,18 @@ def paged_attention(
         r = md.decode_rows
         qd = q[:d] if q.is_contiguous() else q[:d].contiguous()
         attention_native.paged_attention_rows(
-            qd, cache[0], cache[1], r.tables, r.row, r.lo[window], r.hi, r.first, scale, out=out[:d]
-        )
+            qd, cache[0], cache[1], r.tables, r.row, r.lo[window], r.hi, r.first, scale, out=out[:d],
+            softcap=softcap,
+        )  # fmt: skip
     elif d:
         if md.decode_block_tables is None or md.decode_mask is None:
             raise RuntimeError("decodes need block tables and masks for the gather path")
         kk, vv = _gather(cache, md.decode_block_tables)  # [D, L, KVH, hd]
         m = md.decode_mask if window is None else md.decode_window_masks[window]
-        out[:d] = _grouped(q[:d].unsqueeze(1), kk, vv, m.view(d, 1, -1), scale).squeeze(1)
+        out[:d] = _grouped(q[:d].unsqueeze(1), kk, vv, m.view(d, 1, -1), scale, softcap).squeeze(1)
     for p in md.prefills:
         sl = slice(p.start, p.start + p.length)
-        if p.context == 0 and (window is None or p.length <= window):
+        if p.context == 0 and (window is None or p.length <= window) and softcap is None:
             # every key of the chunk is inside the window: plain causal attention
             qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
             ks = k[sl].transpose(0, 1).unsqueeze(0)
@@ -206,6 +226,6 @@ def paged_attention(
         if window is not None:
             mask &= kpos > qpos - window
         out[sl] = _grouped(
-            q[sl].unsqueeze(0), kk.unsqueeze(0), vv.unsqueeze(0), mask.unsqueeze(0), scale
+            q[sl].unsqueeze(0), kk.unsqueeze(0), vv.unsqueeze(0), mask.unsqueeze(0), scale, softcap
         ).squeeze(0)
     return out

@@ -14,6 +14,8 @@ Contract of :func:`paged_attention_rows` (fp32 CPU tensors, contiguous):
 * ``lo``/``hi`` ``[T]`` int64: the query attends to key positions ``lo <= p < hi`` (``hi > lo``:
   every query sees at least its own key), ``first`` ``[T]`` int64: the position of its table's first
   slot (a table trimmed to a sliding window starts past 0);
+* ``softcap`` (Gemma's ``attn_logit_softcapping``; None or 0: none): each scaled score ``s``
+  becomes ``softcap * tanh(s / softcap)`` before the softmax, as transformers' eager attention;
 * returns ``[T, H, hd]``. No mask is built: the range *is* the mask (causal, windowed).
 
 The C source is compiled once per (source, compiler flags, CPU) with the system C compiler
@@ -47,7 +49,8 @@ void paged_attention_rows_f32(
     const float* q, const float* kc, const float* vc,
     const int64_t* tables, int64_t tw, const int64_t* row,
     const int64_t* lo, const int64_t* hi, const int64_t* first,
-    int64_t T, int64_t H, int64_t KVH, int64_t head_dim, int64_t bs, float scale, float* out)
+    int64_t T, int64_t H, int64_t KVH, int64_t head_dim, int64_t bs, float scale, float softcap,
+    float* out)
 {
     enum { G = G_, D = D_ };  /* compiled per (query heads per KV head, head dim) */
     (void)H;
@@ -80,7 +83,10 @@ void paged_attention_rows_f32(
                     const float kd = k[d];
                     for (int64_t g = 0; g < G; g++) dot[g] += qs[g][d] * kd;
                 }
-                for (int64_t g = 0; g < G; g++) s[g][i] = dot[g];
+                if (softcap > 0.f)  /* Gemma: cap * tanh(score / cap) */
+                    for (int64_t g = 0; g < G; g++) s[g][i] = softcap * tanhf(dot[g] / softcap);
+                else
+                    for (int64_t g = 0; g < G; g++) s[g][i] = dot[g];
             }
             for (int64_t g = 0; g < G; g++) {
                 float mx = s[g][0];
@@ -122,7 +128,7 @@ def _build(group: int, head_dim: int) -> ctypes.CDLL:
     lib = build_library(f"paged_attention_g{group}_d{head_dim}", _SOURCE, [f"G_={group}", f"D_={head_dim}"])
     f = lib.paged_attention_rows_f32
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    f.argtypes = [p, p, p, p, i64, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, p]
+    f.argtypes = [p, p, p, p, i64, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_float, p]
     f.restype = None
     return lib
 
@@ -172,10 +178,14 @@ def paged_attention_rows(
     first: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of each query row over its key range in the paged cache (see the module
     docstring; the index tensors are trusted: :func:`check_rows` validates them). ``out``
-    (``[T, H, hd]``, contiguous fp32) is written and returned when given."""
+    (``[T, H, hd]``, contiguous fp32) is written and returned when given; ``softcap``: the
+    scores' tanh soft-cap (None: none; must be > 0 when given)."""
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
     t, h, d = q.shape
     nb, bs, kvh, d2 = k_cache.shape
     if d2 != d or h % kvh or v_cache.shape != k_cache.shape:
@@ -199,7 +209,7 @@ def paged_attention_rows(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         tables.data_ptr(), tables.shape[1], row.data_ptr(),
         lo.data_ptr(), hi.data_ptr(), first.data_ptr(),
-        t, h, kvh, d, bs, float(scale), out.data_ptr(),
+        t, h, kvh, d, bs, float(scale), float(softcap or 0.0), out.data_ptr(),
     )  # fmt: skip
     return out
 

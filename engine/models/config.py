@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +76,10 @@ SUPPORTED_MODEL_TYPES = (
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
+    "gemma2",
     "gemma3_text",
 )
+GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 # HF ACT2FN names implemented by engine.models.llama.activation (bit-identical to HF's modules)
@@ -109,12 +112,17 @@ class KeyRole(enum.Enum):
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
-    kind: str = "default"  # default | linear | llama3
+    kind: str = "default"  # default | linear | llama3 | longrope
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
     partial_rotary_factor: float = 1.0  # share of head_dim that is rotated (Phi-3); 1.0 elsewhere
+    # longrope (Phi-3): per-frequency divisors of sequences up to original_max_position_embeddings
+    # tokens (short) and past it (long), and the factor cos/sin are multiplied by
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
     def rotary_dim(self, head_dim: int) -> int:
         """How many leading dims of each head RoPE rotates (HF: ``int(head_dim * factor)``)."""
@@ -176,7 +184,7 @@ _USED_BY_ARCH: dict[str, frozenset[str]] = {
     "qwen2": _USED_COMMON | {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
     "qwen3": _USED_COMMON
     | {"attention_bias", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
-    "phi3": _USED_COMMON | {"sliding_window", "partial_rotary_factor"},
+    "phi3": _USED_COMMON | {"sliding_window", "partial_rotary_factor", "original_max_position_embeddings"},
     "mixtral": _USED_COMMON | {"sliding_window", "num_local_experts", "num_experts", "num_experts_per_tok"},
     "qwen2_moe": _USED_COMMON
     | {
@@ -193,6 +201,16 @@ _USED_BY_ARCH: dict[str, frozenset[str]] = {
         "decoder_sparse_step",
         "mlp_only_layers",
     },
+    "gemma2": _USED_COMMON
+    | {
+        "hidden_activation",
+        "attention_bias",
+        "query_pre_attn_scalar",
+        "sliding_window",
+        "layer_types",
+        "final_logit_softcapping",
+        "attn_logit_softcapping",
+    },
     "gemma3_text": _USED_COMMON
     | {
         "hidden_activation",
@@ -203,6 +221,7 @@ _USED_BY_ARCH: dict[str, frozenset[str]] = {
         "layer_types",
         "rope_local_base_freq",
         "final_logit_softcapping",
+        "attn_logit_softcapping",
     },
     "qwen3_moe": _USED_COMMON
     | {
@@ -225,9 +244,9 @@ _INERT_BY_ARCH: dict[str, frozenset[str]] = {
     "mistral": frozenset(),
     "qwen2": frozenset(),
     "qwen3": frozenset(),
-    # dropout (training only); original_max_position_embeddings is read only by longrope (refused)
-    "phi3": frozenset({"resid_pdrop", "embd_pdrop", "original_max_position_embeddings"}),
-    "gemma3_text": frozenset({"cache_implementation"}),  # transformers' choice of KV cache class
+    "phi3": frozenset({"resid_pdrop", "embd_pdrop"}),  # dropout (training only)
+    "gemma2": frozenset({"cache_implementation"}),  # transformers' choice of KV cache class
+    "gemma3_text": frozenset({"cache_implementation"}),
     # the router's load-balancing loss and its jitter noise apply only in training
     "mixtral": _MOE_TRAINING_KEYS,
     "qwen2_moe": _MOE_TRAINING_KEYS,
@@ -368,9 +387,12 @@ _DEFAULT_ONLY_BY_ARCH: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] =
     "qwen3_moe": {
         "mlp_bias": (_is_false, "HF Qwen3-MoE has no MLP bias (false only)"),
     },
+    "gemma2": {
+        "mlp_bias": (_is_false, "HF Gemma2 has no MLP bias (false only)"),
+        "use_bidirectional_attention": (_is_false, "only causal attention is supported (false only)"),
+    },
     "gemma3_text": {
         "mlp_bias": (_is_false, "HF Gemma3 has no MLP bias (false only)"),
-        "attn_logit_softcapping": (_is_empty, "attention logit soft-capping is not implemented (null only)"),
         "use_bidirectional_attention": (_is_false, "only causal attention is supported (false only)"),
     },
 }
@@ -397,12 +419,23 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         "moe_intermediate_size": 1408,
         "shared_expert_intermediate_size": 5632,
     },
+    "gemma2": {
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 8192,
+        "head_dim": 256,
+        "tie_word_embeddings": True,
+        "query_pre_attn_scalar": 256,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+    },
     "gemma3_text": {
         "num_key_value_heads": 4,
         "max_position_embeddings": 131072,
         "head_dim": 256,
         "tie_word_embeddings": True,
         "query_pre_attn_scalar": 256,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
     },
     "qwen3_moe": {
         "num_key_value_heads": 4,
@@ -421,7 +454,15 @@ _ROPE_KEYS: dict[str, tuple[str, ...]] = {
     "default": (),
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor"),
 }
+# optional RoPE parameters per rope type
+_ROPE_OPTIONAL: dict[str, tuple[str, ...]] = {
+    "longrope": ("factor", "attention_factor", "original_max_position_embeddings"),
+}
+# architectures whose HF model implements longrope (Phi3Config also renames the legacy su / yarn)
+_LONGROPE_ARCHS = ("phi3",)
+_LONGROPE_LEGACY = ("su", "yarn")
 
 
 def key_role(model_type: str, key: str) -> KeyRole | None:
@@ -478,6 +519,13 @@ def _rope(mt: str, d: Mapping[str, Any], label: str | None = None) -> RopeConfig
         raise UnsupportedModelConfigError(mt, src, rp, "per-layer-type RoPE parameters are not supported")
     kind = rp.pop("rope_type", None) or rp.pop("type", None) or "default"
     rp.pop("type", None)
+    legacy = mt in _LONGROPE_ARCHS and kind in _LONGROPE_LEGACY
+    if legacy:  # Phi3Config.convert_rope_params_to_dict renames them
+        kind = "longrope"
+    if kind == "longrope" and mt not in _LONGROPE_ARCHS:
+        raise UnsupportedModelConfigError(
+            mt, f"{src}.rope_type", kind, f"longrope is implemented for {', '.join(_LONGROPE_ARCHS)} only"
+        )
     if kind not in _ROPE_KEYS:
         raise UnsupportedModelConfigError(
             mt, f"{src}.rope_type", kind, f"supported RoPE types: {', '.join(_ROPE_KEYS)}"
@@ -490,17 +538,20 @@ def _rope(mt: str, d: Mapping[str, Any], label: str | None = None) -> RopeConfig
         if isinstance(prf, bool) or not isinstance(prf, int | float) or not 0.0 < prf <= 1.0:
             raise UnsupportedModelConfigError(mt, "partial_rotary_factor", prf, "expected a number in (0, 1]")
     need = _ROPE_KEYS[kind]
+    known = need + _ROPE_OPTIONAL.get(kind, ())
     for k in need:
         if k not in rp:
             raise UnsupportedModelConfigError(mt, f"{src}.{k}", None, f"RoPE type {kind!r} requires it")
     for k, v in rp.items():
-        if k not in need:
+        if k not in known:
             raise UnsupportedModelConfigError(
                 mt,
                 f"{src}.{k}",
                 v,
-                f"unknown parameter for RoPE type {kind!r} (known: {', '.join(need) or 'none'})",
+                f"unknown parameter for RoPE type {kind!r} (known: {', '.join(known) or 'none'})",
             )
+    if kind == "longrope":
+        return _longrope(mt, d, rp, src, theta, float(prf), legacy)
     return RopeConfig(
         theta=theta,
         kind=kind,
@@ -509,6 +560,77 @@ def _rope(mt: str, d: Mapping[str, Any], label: str | None = None) -> RopeConfig
         high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(rp.get("original_max_position_embeddings", 8192)),
         partial_rotary_factor=float(prf),
+    )
+
+
+def _number(mt: str, key: str, v: Any, minimum: float = 0.0) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v <= minimum:
+        raise UnsupportedModelConfigError(mt, key, v, f"expected a number > {minimum}")
+    return float(v)
+
+
+def _longrope(
+    mt: str, d: Mapping[str, Any], rp: Mapping[str, Any], src: str, theta: float, prf: float, legacy: bool
+) -> RopeConfig:
+    """Phi-3 LongRoPE, as transformers 5.23 computes it (``_compute_longrope_parameters``):
+
+    * ``original_max_position_embeddings`` (omax): for ``rope_type: longrope`` Phi3Config's
+      top-level field (default 4096) overrides the one in the RoPE parameters; for the legacy
+      ``su``/``yarn`` names only the RoPE parameters' own value is read (HF requires it there);
+    * ``factor``: given, else ``max_position_embeddings / omax``; ``attention_factor``: given,
+      else ``sqrt(1 + ln(factor) / ln(omax))`` when ``factor > 1``, else 1;
+    * inverse frequencies ``1 / (ext * theta ** (2i / dim))`` with ``ext = short_factor`` while the
+      sequence has at most omax tokens, ``long_factor`` past it (the switch:
+      :meth:`ModelConfig.check_max_positions`).
+    """
+    if legacy:
+        if "original_max_position_embeddings" not in rp:
+            raise UnsupportedModelConfigError(
+                mt,
+                f"{src}.original_max_position_embeddings",
+                None,
+                "the legacy su/yarn RoPE types read it from the RoPE parameters (transformers requires it)",
+            )
+        omax_raw = rp["original_max_position_embeddings"]
+    else:
+        omax_raw = d.get("original_max_position_embeddings", 4096)
+        if "original_max_position_embeddings" in rp and rp["original_max_position_embeddings"] != omax_raw:
+            raise UnsupportedModelConfigError(
+                mt,
+                f"{src}.original_max_position_embeddings",
+                rp["original_max_position_embeddings"],
+                f"transformers uses the top-level original_max_position_embeddings ({omax_raw}) instead; "
+                "they disagree",
+            )
+    omax = _pos_int(mt, "original_max_position_embeddings", omax_raw, minimum=2)
+    if rp.get("factor") is not None:
+        factor = _number(mt, f"{src}.factor", rp["factor"])
+    else:
+        max_pos = d.get("max_position_embeddings", _HF_DEFAULTS[mt]["max_position_embeddings"])
+        factor = _pos_int(mt, "max_position_embeddings", max_pos) / omax
+    if rp.get("attention_factor") is not None:
+        attention_factor = _number(mt, f"{src}.attention_factor", rp["attention_factor"])
+    else:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(omax))
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        v = rp[key]
+        if (
+            not isinstance(v, list)
+            or not v
+            or any(isinstance(x, bool) or not isinstance(x, int | float) for x in v)
+        ):
+            raise UnsupportedModelConfigError(mt, f"{src}.{key}", v, "expected a list of numbers")
+        factors[key] = tuple(float(x) for x in v)
+    return RopeConfig(
+        theta=theta,
+        kind="longrope",
+        factor=factor,
+        original_max_position_embeddings=omax,
+        partial_rotary_factor=prf,
+        short_factor=factors["short_factor"],
+        long_factor=factors["long_factor"],
+        attention_factor=attention_factor,
     )
 
 
@@ -545,14 +667,18 @@ def _gemma3_ropes(d: Mapping[str, Any]) -> tuple[RopeConfig, RopeConfig]:
     )
 
 
-def _gemma3_windows(d: Mapping[str, Any], n_layers: int) -> tuple[int | None, ...]:
-    """Gemma3: ``layer_types``, else every ``sliding_window_pattern``-th layer (default 6) is
-    full attention and the others are windowed by ``sliding_window`` (default 4096)."""
-    mt = "gemma3_text"
+def _gemma_windows(mt: str, d: Mapping[str, Any], n_layers: int) -> tuple[int | None, ...]:
+    """Gemma 2/3: ``layer_types``, else every ``sliding_window_pattern``-th layer (Gemma3: default
+    6; Gemma2: always 2, it has no such key) is full attention and the others are windowed by
+    ``sliding_window`` (default 4096)."""
     if d.get("layer_types") is not None:
         types = _layer_types(mt, d["layer_types"], n_layers)
     else:
-        pattern = _pos_int(mt, "sliding_window_pattern", d.get("sliding_window_pattern", 6))
+        pattern = (
+            2
+            if mt == "gemma2"
+            else _pos_int(mt, "sliding_window_pattern", d.get("sliding_window_pattern", 6))
+        )
         types = tuple(SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(n_layers))
     w = _window_value(mt, "sliding_window", d.get("sliding_window", 4096))
     if w is None and SLIDING_ATTENTION in types:
@@ -602,8 +728,8 @@ def _layer_windows(mt: str, d: Mapping[str, Any], n_layers: int) -> tuple[int | 
         ) * n_layers
     if mt == "qwen2_moe":
         return _qwen2_moe_windows(d, n_layers)
-    if mt == "gemma3_text":
-        return _gemma3_windows(d, n_layers)
+    if mt in GEMMA_MODEL_TYPES:
+        return _gemma_windows(mt, d, n_layers)
     if mt == "mistral":
         w = _window_value(mt, "sliding_window", d.get("sliding_window", 4096))
         if "layer_types" in d and d["layer_types"] is not None:
@@ -745,8 +871,10 @@ class ModelConfig:
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window in tokens, None = full
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3, Qwen3-MoE, Gemma3)
     rope_local: RopeConfig | None = None  # RoPE of the sliding layers when it differs (Gemma3)
-    attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5 (Gemma3: query_pre_attn_scalar)
-    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap) (Gemma3)
+    attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap) (Gemma)
+    # attention scores (scaled q.k) = cap * tanh(score / cap) before the mask and softmax (Gemma)
+    attn_logit_softcapping: float | None = None
     moe: MoEConfig | None = None  # mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE)
     tie_word_embeddings: bool = False
     torch_dtype: str = "float32"
@@ -766,6 +894,28 @@ class ModelConfig:
         if len(self.layer_windows) != self.num_hidden_layers:
             raise ValueError(
                 f"layer_windows has {len(self.layer_windows)} entries for {self.num_hidden_layers} layers"
+            )
+
+    def check_max_positions(self, max_positions: int) -> None:
+        """Refuse serving sequences of up to ``max_positions`` tokens where the output could not
+        equal transformers'. LongRoPE: transformers rotates the tokens of a forward pass with
+        ``long_factor`` once the sequence passes ``original_max_position_embeddings`` tokens,
+        keeping the keys it cached before with ``short_factor``; which keys are short or long
+        then depends on how the sequence was split into forward passes (one prefill, or chunks,
+        or prefix-cache hits computed for another request), which a paged KV cache cannot
+        reproduce. Within ``original_max_position_embeddings`` every token uses
+        ``short_factor``, exactly as transformers, so that is what is served."""
+        r = self.rope
+        if r.kind == "longrope" and max_positions > r.original_max_position_embeddings:
+            raise UnsupportedModelConfigError(
+                self.model_type,
+                "rope_parameters.long_factor",
+                f"max_model_len {max_positions}",
+                "longrope switches from short_factor to long_factor for sequences longer than "
+                f"original_max_position_embeddings={r.original_max_position_embeddings}, and the keys "
+                "already cached keep the factor they were computed with; the paged KV cache cannot "
+                "reproduce transformers' output across that switch. Serve with max_model_len <= "
+                f"{r.original_max_position_embeddings} (short_factor only)",
             )
 
     # ------------------------------------------------------------------ windows
@@ -810,7 +960,7 @@ class ModelConfig:
             qkv_bias, o_bias = attn_bias, attn_bias  # HF Llama: q, k, v and o_proj
         elif mt == "qwen2":
             qkv_bias, o_bias, mlp_bias = True, False, False  # HF Qwen2: q/k/v bias=True, o_proj False
-        elif mt in ("qwen3", "qwen3_moe", "gemma3_text"):  # HF: attention_bias on q, k, v and o_proj
+        elif mt in ("qwen3", "qwen3_moe", *GEMMA_MODEL_TYPES):  # HF: attention_bias on q, k, v and o_proj
             qkv_bias = o_bias = _bool(mt, "attention_bias", d.get("attention_bias", False))
             mlp_bias = False
         elif mt == "qwen2_moe":  # HF Qwen2-MoE: q/k/v bias from qkv_bias (default true), no o_proj bias
@@ -820,19 +970,22 @@ class ModelConfig:
         head_dim = int(d.get("head_dim") or hf.get("head_dim") or hidden // heads)
         extra: dict[str, Any] = {}
         act = str(d.get("hidden_act", "silu"))
-        if mt == "gemma3_text":
-            rope, extra["rope_local"] = _gemma3_ropes(d)
+        if mt in GEMMA_MODEL_TYPES:
+            if mt == "gemma3_text":
+                rope, extra["rope_local"] = _gemma3_ropes(d)
+            else:  # Gemma2: one RoPE for every layer
+                rope = _rope(mt, d)
             act = str(d.get("hidden_activation", "gelu_pytorch_tanh"))
             if act not in SUPPORTED_ACTIVATIONS:
                 raise UnsupportedModelConfigError(
                     mt, "hidden_activation", act, f"supported activations: {', '.join(SUPPORTED_ACTIVATIONS)}"
                 )
-            if d.get("hidden_act") not in (None, act):  # Gemma3 reads hidden_activation only
+            if d.get("hidden_act") not in (None, act):  # Gemma reads hidden_activation only
                 raise UnsupportedModelConfigError(
                     mt,
                     "hidden_act",
                     d["hidden_act"],
-                    f"Gemma3 uses hidden_activation ({act!r}); they disagree",
+                    f"Gemma uses hidden_activation ({act!r}); they disagree",
                 )
             scalar = d.get("query_pre_attn_scalar", hf["query_pre_attn_scalar"])
             if isinstance(scalar, bool) or not isinstance(scalar, int | float) or scalar <= 0:
@@ -840,12 +993,13 @@ class ModelConfig:
                     mt, "query_pre_attn_scalar", scalar, "expected a positive number"
                 )
             extra["attn_scale"] = float(scalar) ** -0.5
-            cap = d.get("final_logit_softcapping")
-            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int | float) or cap <= 0):
-                raise UnsupportedModelConfigError(
-                    mt, "final_logit_softcapping", cap, "expected a positive number"
-                )
-            extra["final_logit_softcapping"] = None if cap is None else float(cap)
+            for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+                cap = d.get(key, hf[key])  # absent: the HF default (Gemma2 30 / 50, Gemma3 none)
+                if cap is not None and (
+                    isinstance(cap, bool) or not isinstance(cap, int | float) or cap <= 0
+                ):
+                    raise UnsupportedModelConfigError(mt, key, cap, "expected a positive number or null")
+                extra[key] = None if cap is None else float(cap)
         else:
             rope = _rope(mt, d)
         rd = rope.rotary_dim(head_dim)
@@ -856,6 +1010,15 @@ class ModelConfig:
                 rope.partial_rotary_factor,
                 f"rotates {rd} of head_dim {head_dim} dims; an even number >= 2 is required",
             )
+        for key in ("short_factor", "long_factor"):
+            got = getattr(rope, key)
+            if rope.kind == "longrope" and len(got) != rd // 2:
+                raise UnsupportedModelConfigError(
+                    mt,
+                    f"rope_parameters.{key}",
+                    list(got),
+                    f"expected {rd // 2} numbers (one per rotated frequency: {rd} rotated dims / 2)",
+                )
         return cls(
             model_type=mt,
             vocab_size=int(d["vocab_size"]),

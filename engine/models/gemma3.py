@@ -11,9 +11,10 @@ Differences from the Llama skeleton, each as transformers 5.23's ``modeling_gemm
 * per-head q/k norms (Gemma style) before RoPE, softmax scale ``query_pre_attn_scalar ** -0.5``;
 * local/global layers: sliding layers use their window and their own RoPE (``rope_local``,
   theta ``rope_local_base_freq``), full layers the global RoPE (with its scaling);
-* ``final_logit_softcapping``: ``cap * tanh(logits / cap)``.
+* ``final_logit_softcapping``: ``cap * tanh(logits / cap)``; ``attn_logit_softcapping`` (null
+  in Gemma 3 configs, implemented for Gemma 2): the attention scores', in engine.attention.
 
-Attention logit soft-capping (Gemma 2) is not implemented and refused by the config parser.
+Gemma 2 (engine.models.gemma2) reuses these modules without the q/k norms and with one RoPE.
 Tensor parallelism: the norms act within a head (replicated), the projections shard as Llama's.
 """
 
@@ -79,12 +80,13 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.model.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_local = self.make_local_rotary(max_positions)
 
-    def make_local_rotary(self, max_positions: int | None) -> RotaryEmbedding:
-        """RoPE tables of the sliding layers (the global ones are ``self.rotary``)."""
+    def make_local_rotary(self, max_positions: int | None) -> RotaryEmbedding | None:
+        """RoPE tables of the sliding layers (the global ones are ``self.rotary``); None when they
+        share the global RoPE (``rope_local`` None: Gemma 2)."""
         cfg = self.config
-        return RotaryEmbedding(
-            cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_local or cfg.rope
-        )
+        if cfg.rope_local is None:
+            return None
+        return RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_local)
 
     def forward(
         self,
@@ -96,7 +98,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         x = self.model.embed_tokens(input_ids)
         x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         full = self.rotary(positions, x.dtype)
-        local = self.rotary_local(positions, x.dtype)
+        local = full if self.rotary_local is None else self.rotary_local(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             cos, sin = local if layer.sliding else full
             x = layer(x, cos, sin, kv_caches[i], md)

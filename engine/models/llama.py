@@ -80,6 +80,7 @@ class Attention(nn.Module):
         self.window: int | None = cfg.layer_windows[layer_idx]  # sliding window; None = full
         self.qkv: nn.Linear | None = None
         self.scale = self.hd**-0.5
+        self.softcap: float | None = cfg.attn_logit_softcapping  # Gemma's attention score cap
         self.all_reduce: Callable[[torch.Tensor], None] | None = None  # set on a TP shard
 
     def fuse(self) -> None:
@@ -103,7 +104,7 @@ class Attention(nn.Module):
         q = apply_rotary(q.view(t, self.h, self.hd), cos, sin)
         k = apply_rotary(k.view(t, self.kvh, self.hd), cos, sin)
         v = v.view(t, self.kvh, self.hd)
-        o = paged_attention(q, k, v, cache, md, self.scale, self.window)
+        o = paged_attention(q, k, v, cache, md, self.scale, self.window, self.softcap)
         out = self.o_proj(o.reshape(t, self.h * self.hd))
         if self.all_reduce is not None:
             self.all_reduce(out)
@@ -184,6 +185,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
         super().__init__()
         self.config = cfg
+        cfg.check_max_positions(max_positions or cfg.max_position_embeddings)
         self.model = Backbone(cfg, self.layer_cls)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope)

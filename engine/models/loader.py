@@ -1,7 +1,7 @@
 """Load an HF checkpoint folder (safetensors, single file or sharded) into our model.
 
 :func:`model_class` maps each supported ``model_type`` to its module (engine.models.llama,
-qwen3, phi3, moe, gemma3); a family's ``checkpoint_renames`` map its tensor names onto the modules'.
+qwen3, phi3, moe, gemma2, gemma3); a family's ``checkpoint_renames`` map its tensor names onto the modules'.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pdserve.errors import ModelNotFoundError
 
 def model_class(cfg: ModelConfig) -> type[LlamaForCausalLM]:
     """The model class of ``cfg.model_type`` (every type engine.models.config accepts)."""
+    from engine.models.gemma2 import Gemma2ForCausalLM
     from engine.models.gemma3 import Gemma3ForCausalLM
     from engine.models.moe import MixtralForCausalLM, MoEForCausalLM
     from engine.models.phi3 import Phi3ForCausalLM
@@ -35,6 +36,7 @@ def model_class(cfg: ModelConfig) -> type[LlamaForCausalLM]:
         "mixtral": MixtralForCausalLM,
         "qwen2_moe": MoEForCausalLM,
         "qwen3_moe": MoEForCausalLM,
+        "gemma2": Gemma2ForCausalLM,
         "gemma3_text": Gemma3ForCausalLM,
     }
     return classes[cfg.model_type]
@@ -117,7 +119,8 @@ def load_model(
         device
     )
     if hasattr(model, "make_local_rotary"):  # Gemma3's second RoPE table, likewise
-        model.rotary_local = model.make_local_rotary(max_positions).to(device)
+        local = model.make_local_rotary(max_positions)
+        model.rotary_local = None if local is None else local.to(device)
     if fuse:
         model.fuse_weights()
     model.eval()

@@ -37,7 +37,7 @@ class QKNormAttention(Attention):
         q = apply_rotary(self.q_norm(q.view(t, self.h, self.hd)), cos, sin)
         k = apply_rotary(self.k_norm(k.view(t, self.kvh, self.hd)), cos, sin)
         v = v.view(t, self.kvh, self.hd)
-        o = paged_attention(q, k, v, cache, md, self.scale, self.window)
+        o = paged_attention(q, k, v, cache, md, self.scale, self.window, self.softcap)
         out = self.o_proj(o.reshape(t, self.h * self.hd))
         if self.all_reduce is not None:
             self.all_reduce(out)

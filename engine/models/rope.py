@@ -1,4 +1,10 @@
-"""Rotary position embeddings (HF "rotate_half" convention), with linear and Llama-3 scaling.
+"""Rotary position embeddings (HF "rotate_half" convention), with linear, Llama-3 and LongRoPE
+scaling.
+
+LongRoPE (Phi-3, ``RopeConfig.kind == "longrope"``): the tables use ``short_factor`` (the
+frequencies transformers uses while a sequence has at most ``original_max_position_embeddings``
+tokens; the model refuses longer sequences, see ``ModelConfig.check_max_positions``) and are
+multiplied by ``attention_factor``, as transformers multiplies its cos/sin.
 
 Partial rotary (``RopeConfig.partial_rotary_factor`` < 1, Phi-3): the tables cover the first
 ``rotary_dim`` dims of a head; :func:`apply_rotary` rotates those and passes the rest through,
@@ -15,6 +21,11 @@ from engine.models.config import RopeConfig
 
 
 def inv_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
+    """Inverse frequencies of ``head_dim`` rotated dims (LongRoPE: with ``short_factor``)."""
+    if rope.kind == "longrope":  # transformers' _compute_longrope_parameters, short sequences
+        ext = torch.tensor(rope.short_factor, dtype=torch.float32)
+        shape = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        return 1.0 / (ext * rope.theta**shape)
     inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if rope.kind == "linear":
         inv = inv / rope.factor
@@ -42,8 +53,10 @@ class RotaryEmbedding(torch.nn.Module):
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        scale = rope.attention_factor  # 1.0 except LongRoPE
+        cos, sin = (emb.cos(), emb.sin()) if scale == 1.0 else (emb.cos() * scale, emb.sin() * scale)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [T, 1, head_dim] for broadcasting over heads."""

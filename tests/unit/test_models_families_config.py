@@ -384,8 +384,8 @@ def test_gemma3_rope_and_windows_follow_transformers() -> None:
     assert cfg.final_logit_softcapping == 30.0 and cfg.attn_scale == 144**-0.5
 
 
-def test_gemma2_and_gemma3_multimodal_are_not_supported() -> None:
-    for mt in ("gemma2", "gemma3", "gemma"):
+def test_gemma3_multimodal_and_gemma1_are_not_supported() -> None:
+    for mt in ("gemma3", "gemma"):
         with pytest.raises(InvalidRequestError, match=f"model_type '{mt}' is not supported"):
             ModelConfig.from_dict({**_small("gemma3_text"), "model_type": mt})
 
@@ -415,7 +415,12 @@ LONGROPE = {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] 
         ("qwen3_moe", "num_experts_per_tok", 0),
         ("qwen3_moe", "shared_expert_intermediate_size", 64),  # no shared expert in Qwen3-MoE
         ("qwen3_moe", "use_sliding_window", 1),
-        ("gemma3_text", "attn_logit_softcapping", 50.0),  # Gemma 2 style attention soft-capping
+        ("gemma3_text", "attn_logit_softcapping", 0),  # a cap must be positive (or null)
+        ("gemma2", "attn_logit_softcapping", -1.0),
+        ("gemma2", "sliding_window_pattern", 2),  # not a Gemma2Config field
+        ("gemma2", "use_bidirectional_attention", True),
+        ("gemma2", "hidden_act", "silu"),  # disagrees with hidden_activation
+        ("gemma2", "sliding_window", None),  # sliding layers need a window
         ("gemma3_text", "use_bidirectional_attention", True),
         ("gemma3_text", "hidden_act", "silu"),  # disagrees with hidden_activation
         ("gemma3_text", "hidden_activation", "relu2"),
@@ -431,13 +436,21 @@ def test_unsupported_fields_and_values_are_refused_by_name(arch, key, value) -> 
 
 
 @pytest.mark.parametrize("kind", ["longrope", "su", "yarn"])
-def test_phi3_longrope_is_refused_by_name(kind) -> None:
-    """Phi-3-mini-128k's su/longrope scaling (and the legacy names) is refused, not ignored."""
-    _refused(_small("phi3", rope_scaling={**LONGROPE, "type": kind}), "rope_scaling.rope_type", kind)
+def test_phi3_longrope_fields_are_checked_by_name(kind) -> None:
+    """Phi-3-mini-128k's longrope scaling (and the legacy su/yarn names, which read
+    original_max_position_embeddings from the RoPE parameters only) is parsed; a missing factor
+    list is refused by name (the switch to long_factor: tests/unit/test_models_gemma2_longrope.py)."""
+    legacy = kind != "longrope"
+    d = _small("phi3", rope_scaling={**LONGROPE, "type": kind}, original_max_position_embeddings=256)
+    if legacy:
+        _refused(d, "rope_scaling.original_max_position_embeddings", None)
+        d["rope_scaling"]["original_max_position_embeddings"] = 256
+    r = ModelConfig.from_dict(d).rope
+    assert (r.kind, r.original_max_position_embeddings, r.long_factor) == ("longrope", 256, (2.0,) * 8)
     _refused(
         _small("phi3", rope_parameters={"rope_type": kind, "rope_theta": 1e4, "short_factor": [1.0] * 8}),
-        "rope_parameters.rope_type",
-        kind,
+        "rope_parameters.long_factor",
+        None,
     )
 
 
