@@ -146,8 +146,16 @@ class ClusterConfig:
     # Live migration of decoding requests between decode-capable instances (Llumnix, issue #14):
     # the router's migration policies run every SimMigrationConfig.interval_s. None: off.
     migration: SimMigrationConfig | None = None
+    # Chunk-wise KV streaming from prefill to decode (issue #14 part 2): the handoff's KV moves
+    # chunk by chunk (this many prompt tokens each) while the prefill computes the next ones, so a
+    # handoff takes only what router.policy.kv_stream.handoff_after_prefill leaves after the
+    # prefill (the last chunk's transfer while the link keeps up). 0: off (the whole KV after
+    # the prefill).
+    kv_stream_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
+        if self.kv_stream_chunk_tokens < 0:
+            raise ValueError(f"kv_stream_chunk_tokens must be >= 0, got {self.kv_stream_chunk_tokens}")
         if not (self.swap_space_gib >= 0 and math.isfinite(self.swap_space_gib)):
             raise ValueError(f"swap_space_gib must be >= 0, got {self.swap_space_gib}")
         if not (self.swap_gb_s > 0 and math.isfinite(self.swap_gb_s)):

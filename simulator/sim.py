@@ -30,6 +30,7 @@ from engine.sampling_params import SamplingParams
 from pdserve.errors import InvalidRequestError
 from router.policy import ClusterView, InstanceRole, PlacementPolicy, Rejection, RequestInfo, make_policy
 from router.policy import migration as mig_policy
+from router.policy.kv_stream import handoff_after_prefill
 from router.policy.migration import MigrationDecision, MigrationReason
 from simulator.config import ClusterConfig, HostPool, SimConfig
 from simulator.events import EventLoop
@@ -452,10 +453,23 @@ class _Run:
             req.num_cached_tokens = 0
             req.output_token_ids.append(DUMMY_TOKEN)
             x.decode_instance = dec.instance_id
-            dt = dec.latency.kv_transfer_time(p) if src is not None else 0.0
+            dt = self._handoff_s(src, dec, p) if src is not None else 0.0
             x.transfer_s += dt
             dec.in_transfer += 1
             self.loop.after(dt, self._transfer_done, dec, src, req)
+
+    def _handoff_s(self, src: SimInstance, dec: SimInstance, p: int) -> float:
+        """The KV handoff of a ``p``-token prompt after its prefill: the whole KV, or with
+        ``kv_stream_chunk_tokens`` only what streaming leaves (router.policy.kv_stream)."""
+        chunk = self.cluster.kv_stream_chunk_tokens
+        if chunk <= 0:
+            return dec.latency.kv_transfer_time(p)
+        memo: dict[tuple[int, int], float] = self.__dict__.setdefault("_handoff_memo", {})
+        key = (id(src.latency), p)
+        t = memo.get(key)
+        if t is None:
+            t = memo[key] = handoff_after_prefill(src.latency, p, 0, chunk).streamed_s
+        return t
 
     def _transfer_done(self, dec: SimInstance, src: SimInstance | None, req: Request) -> None:
         if src is not None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from router.policy.kv_stream import handoff_after_prefill
 from router.policy.latency import prefill_time_each
 from router.policy.protocols import LatencyEstimator
 from router.policy.view import InstanceView, RoleColumns
@@ -59,6 +60,15 @@ class TtftEstimator:
         if num_blocks <= 0:
             return 0.0
         return self.latency.transfer_time(num_blocks * block_size * self.latency.kv_bytes_per_token)
+
+    def handoff_time(self, num_prompt_tokens: int, reused_tokens: int = 0, chunk_tokens: int = 0) -> float:
+        """The KV handoff left after the prefill: the whole KV's transfer, or with chunk-wise
+        streaming (``chunk_tokens`` > 0, :mod:`prefill_worker.kv_stream`) what the overlap with
+        the prefill leaves (:func:`router.policy.kv_stream.handoff_after_prefill`: the last
+        chunk's transfer while the link keeps up)."""
+        if chunk_tokens <= 0:
+            return self.latency.transfer_time(num_prompt_tokens * self.latency.kv_bytes_per_token)
+        return handoff_after_prefill(self.latency, num_prompt_tokens, reused_tokens, chunk_tokens).streamed_s
 
     def ttft(
         self, inst: InstanceView, num_prompt_tokens: int, reused_blocks: int, fetched_blocks: int = 0
