@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import prometheus_client
@@ -466,6 +467,8 @@ class AsyncDecodeServicer(DecodeServicer):
         self._admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="decode-admit")
         self._inboxes: dict[asyncio.AbstractEventLoop, _LoopInbox] = {}  # one per serving loop
         self.migration = DecodeMigration(self.state, self._admission, puller=self.puller)  # live migration
+        # direct token streams to clients (decode_worker.direct.DirectStreams; None: not served)
+        self.direct: Any = None
 
     def _inbox(self, loop: asyncio.AbstractEventLoop) -> _LoopInbox:
         inbox = self._inboxes.get(loop)
@@ -506,6 +509,13 @@ class AsyncDecodeServicer(DecodeServicer):
     async def _decode_async(
         self, req: worker_pb2.DecodeRequest, ctx: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        if req.HasField("direct"):
+            if self.direct is None:
+                raise InvalidRequestError(
+                    f"decode worker {self.state.config.worker_id} does not serve direct streams "
+                    "(start it with --direct-streams)"
+                )
+            self.direct.check(req)
         loop = asyncio.get_running_loop()
         out = _LoopQueue(self._inbox(loop))
         actx = _AdmissionContext(ctx)
@@ -550,6 +560,15 @@ class AsyncDecodeServicer(DecodeServicer):
                 async for m in group:
                     yield m
                 finished = True
+                return
+            if req.HasField("direct"):  # tokens to the client's connection, progress to the caller
+                tok = getattr(self.state.engine, "tokenizer", None)
+                serve = self.direct.serve(
+                    rid, req, out, pull_s, self.state.count_finished, tok is not None, tok and tok.token_bytes
+                )
+                async for msg in serve:
+                    finished = msg.HasField("finish")
+                    yield msg
                 return
             first = True
             sent_at = 0.0  # loop time the last message was taken by the reader
@@ -608,4 +627,6 @@ class AsyncDecodeServicer(DecodeServicer):
 
     def close(self) -> None:
         self.migration.close()
+        if self.direct is not None:
+            self.direct.close()
         self._admission.shutdown(wait=False, cancel_futures=True)

@@ -27,12 +27,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.sampling_params import SamplingParams
+from pdserve.client_direct import DirectMux, direct_messages
 from pdserve.errors import PdserveError, UnavailableError
 from pdserve.proto_convert import finish_from_proto, sampling_to_proto
 from pdserve.router_addresses import parse_router_addresses
 from pdserve.security import sdk_channel
 from pdserve.status import error_from_rpc_error, raise_from_rpc_error
-from pdserve.v1 import client_pb2, client_pb2_grpc, common_pb2
+from pdserve.v1 import client_pb2, client_pb2_grpc, common_pb2, direct_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -558,17 +559,27 @@ class AsyncClient:
         key: str | bytes | None = None,
         server_name: str | None = None,
         api_key: str | None = None,
+        direct: bool = False,
     ) -> None:
+        """``direct``: offer every request a direct stream (the default of ``generate(direct=)``):
+        a router with ``--direct-streams`` has its decode worker stream the tokens to this client
+        (one connection per worker, same TLS settings; :mod:`pdserve.client_direct`)."""
         self._routers, self._channels, self._md = _connect(
             target, aio=True, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name, api_key=api_key
         )
         self.addresses = self._routers.addresses
         self.address = self.addresses[0]
         self.timeout = timeout
+        self.direct = direct
         self._stubs = [client_pb2_grpc.GenerateStub(ch) for ch in self._channels]
         self._health = [health_pb2_grpc.HealthStub(ch) for ch in self._channels]
+        self._resume_stubs = [direct_pb2_grpc.DirectResumeStub(ch) for ch in self._channels]
+        self._direct_mux = DirectMux(
+            lambda a: sdk_channel(a, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name, aio=True)
+        )
 
     async def close(self) -> None:
+        await self._direct_mux.close()
         for ch in self._channels:
             await ch.close()
 
@@ -606,10 +617,13 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        direct: bool | None = None,
         **kw,
     ) -> AsyncIterator[Chunk]:
-        """As :meth:`Client.generate` (failover included); closing the iterator cancels the call."""
+        """As :meth:`Client.generate` (failover included); closing the iterator cancels the call.
+        ``direct`` (default: the client's): offer a direct stream from the decode worker."""
         req = build_request(prompt, params, **kw)
+        req.direct_stream = self.direct if direct is None else direct
         md = _merge_md(self._md, metadata)
         t = timeout if timeout is not None else self.timeout
         replay_ok = replayable(req)
@@ -619,8 +633,14 @@ class AsyncClient:
         for attempt, i in enumerate(order):
             resume.restart()
             call = self._stubs[i].Generate(req, timeout=t, metadata=md)
+            source = call
+            if req.direct_stream:
+                stub = self._resume_stubs[i]
+                source = direct_messages(
+                    call, self._direct_mux, lambda r, s=stub: s.ResumeDirect(r, timeout=t, metadata=md)
+                )
             try:
-                async for m in call:
+                async for m in source:
                     c = resume.trim(_chunk(m))
                     if c is not None:
                         yield c

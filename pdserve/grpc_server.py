@@ -220,7 +220,9 @@ def add_aio_servicer(
 
     Methods: a coroutine function (unary response; or server-streaming, writing with
     ``await context.write(msg)``) or an async generator function (server-streaming) runs on the
-    event loop and must never block it. A plain (sync) method is wrapped as
+    event loop and must never block it. A bidirectional method may be a coroutine function
+    taking the (checked) request iterator and writing with ``await context.write(msg)``. A plain
+    (sync) method is wrapped as
     :func:`pdserve.status.add_servicer` does and gRPC runs it on the server's thread pool
     (``start_aio_server(sync_threads=...)``), so it may block briefly (a registration that calls
     the worker back, tokenizing a long prompt) without stalling the loop.
@@ -231,22 +233,32 @@ def add_aio_servicer(
         if fn is None:
             continue
         is_async = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
-        if m.client_streaming and is_async:
-            raise TypeError(f"{m.full_name}: async client-streaming methods are not supported here")
+        if m.client_streaming and is_async and not (m.server_streaming and inspect.iscoroutinefunction(fn)):
+            raise TypeError(
+                f"{m.full_name}: async client-streaming methods are supported only as bidirectional "
+                "coroutines (reading the request iterator, writing with context.write)"
+            )
         if not m.server_streaming and inspect.isasyncgenfunction(fn):
             raise TypeError(f"{m.full_name}: a unary method cannot be an async generator")
         req_cls = message_factory.GetMessageClass(m.input_type)
         resp_cls = message_factory.GetMessageClass(m.output_type)
         factory = _FACTORIES[(m.client_streaming, m.server_streaming)]
         handlers[m.name] = factory(
-            _aio_wrap(fn) if is_async else _wrap(fn, m.client_streaming, m.server_streaming),
+            _aio_wrap(fn, m.client_streaming)
+            if is_async
+            else _wrap(fn, m.client_streaming, m.server_streaming),
             request_deserializer=_safe_deserializer(req_cls, m.full_name),
             response_serializer=_serializer(resp_cls),
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
-def _aio_wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+async def _checked_aiter(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for r in requests:
+        yield _check(r)
+
+
+def _aio_wrap(fn: Callable[..., Any], client_streaming: bool = False) -> Callable[..., Any]:
     async def fail(context: grpc.aio.ServicerContext, e: Exception) -> None:
         if isinstance(e, grpc.aio.AbortError) or _aborted(context):
             raise e
@@ -267,7 +279,7 @@ def _aio_wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return await fn(_check(request), context)
+                return await fn(_checked_aiter(request) if client_streaming else _check(request), context)
             except Exception as e:
                 await fail(context, e)
 

@@ -278,6 +278,12 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         "sends each token at once; 0: off)",
     )
     ap.add_argument(
+        "--direct-streams",
+        action="store_true",
+        help="decode: also serve DirectStream (proto/pdserve/v1/direct.proto): a router with "
+        "--direct-streams has clients that ask for it take their tokens from this worker directly",
+    )
+    ap.add_argument(
         "--swap-space",
         type=float,
         default=0.0,
@@ -526,6 +532,11 @@ def main(
         prefix_fetch=prefix_fetch,
     )
     services, _ = worker_services(svc, role, dist)
+    if role is Role.DECODE:
+        from decode_worker.direct import direct_streams_requested, enable_direct_streams
+
+        if direct_streams_requested(rest):
+            enable_direct_streams(svc, services)
     server, port = serve_worker(services, role, cfg.host, cfg.port, cfg.worker_id)
     state.address = f"{cfg.host}:{port}"
     state.attach_metrics(

@@ -53,7 +53,7 @@ from pdserve.errors import UnavailableError
 from pdserve.metrics import RouterMetrics, serve_metrics
 from pdserve.security import add_process_security_args, install_process_security
 from pdserve.tracing import configure_logging
-from pdserve.v1 import client_pb2
+from pdserve.v1 import client_pb2, direct_pb2
 from router.health import HEALTH_SERVICES, start_router_health
 from router.policy import GoodputConfig, PolicyKind
 from router.policy.migration import MigrationConfig
@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=RouterConfig.max_redispatches,
         help="re-dispatches of one request after its workers are lost (then UNAVAILABLE)",
+    )
+    ap.add_argument(
+        "--direct-streams",
+        action="store_true",
+        help="take the router out of the token path for clients that offer it "
+        "(GenerateRequest.direct_stream; the SDK's direct=True): their decode worker streams the "
+        "tokens to them (workers need --direct-streams too; proto/pdserve/v1/direct.proto)",
     )
     ap.add_argument(
         "--stall-timeout-s",
@@ -328,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         (client_pb2.DESCRIPTOR.services_by_name["Generate"], generate),
         (REGISTRY_SERVICE, registry_servicer),  # compatibility: registering here names the control port
     ]
+    if generate.direct is not None:  # ResumeDirect of direct streams whose worker was lost
+        services.append((direct_pb2.DESCRIPTOR.services_by_name["DirectResume"], generate.direct))
     # the data plane on an event loop: a stream costs memory, not a thread (router.service)
     server, port, hs = start_aio_server(
         services, cfg.host, cfg.port, name="router", not_serving=HEALTH_SERVICES
@@ -407,6 +416,7 @@ def _config(a: argparse.Namespace, goodput: GoodputConfig) -> RouterConfig:
         stall_timeout_s=a.stall_timeout_s,
         progress=_progress_config(a),
         migration=_migration_on(a.migration),
+        direct_streams=a.direct_streams,
     )
 
 

@@ -68,6 +68,7 @@ from router.adapters import AdapterCatalog, list_models_response
 from router.cluster_view import OutstandingTokens, ViewBuilder
 from router.deadline import LazyDeadline
 from router.lifecycle.cluster import RouterCluster
+from router.lifecycle.direct_legs import DirectBook, DirectConfig, DirectLegs
 from router.lifecycle.driver import LifecycleDriver
 from router.lifecycle.events import Placed
 from router.lifecycle.grpc_calls import Stubs, remaining
@@ -126,6 +127,11 @@ class RouterConfig:
     # for its worker's requests to finish, and GenerateServicer.migrate is refused.
     migration: bool = True
     migration_timeout_s: float = 30.0  # one migration's MigrateOut, staged copy to switch
+    # Direct token streams (router.lifecycle.direct_legs): a request whose client offers one
+    # (GenerateRequest.direct_stream) gets its tokens from its decode worker (which must serve
+    # DirectStream: --direct-streams), the router out of the token path. Off: every request relayed.
+    direct_streams: bool = False
+    direct: DirectConfig = DirectConfig()
 
     def __post_init__(self) -> None:
         if self.migration_timeout_s <= 0:
@@ -241,6 +247,8 @@ class GenerateServicer:
 
             index = make_index(config.index_url)
         self.index = index
+        # direct streams: the ticket signer and awaited ResumeDirect calls (serves DirectResume)
+        self.direct = DirectBook(config.direct) if config.direct_streams else None
 
     # ----------------------------------------------------------------- helpers
     def _check_model(self, model: str) -> None:
@@ -359,6 +367,8 @@ class GenerateServicer:
             try:
                 async with contextlib.aclosing(self._generate(req, ctx, lease_ttl_s)) as responses:
                     async for resp in responses:
+                        if resp is None:  # a direct stream's progress: nothing for the client
+                            continue
                         if resp.HasField("finish"):
                             finish = resp.finish
                         resp.request_id = shown_id
@@ -468,8 +478,12 @@ class GenerateServicer:
             prompt_tokens=len(ids),
         )
         cluster = RouterCluster(self, req, run, info, machine.budget, ctx)
-        legs = GrpcLegs(self, req, run, ctx)
-        migrator = self.migrator(legs) if self.migrator is not None else None
+        if self.direct is not None and req.direct_stream:  # tokens from the worker (not migrated)
+            legs: GrpcLegs = DirectLegs(self, req, run, ctx, self.direct)
+            migrator = None
+        else:
+            legs = GrpcLegs(self, req, run, ctx)
+            migrator = self.migrator(legs) if self.migrator is not None else None
         driver = LifecycleDriver(machine, legs, cluster, migrator)
         self._drivers[rid] = driver
         try:

@@ -1,0 +1,389 @@
+"""Direct token streams on a decode worker (issue #12; protocol in proto/pdserve/v1/direct.proto).
+
+A Decode call whose request carries ``direct`` (a :class:`DirectGrant` from the router) is served by
+:meth:`DirectStreams.serve`: after admission it sends the router one message with no tokens (the
+request is here: the router redirects the client now), then streams the request's deltas (token
+ids, the engine's text, logprobs) to the client's :meth:`DirectStreams.Attach` call, and sends the
+router only progress messages (the token ids since the last one, at most
+``DirectGrant.progress_interval_s`` apart) and the finish. Text and logprobs never go to the router.
+
+Attach: one bidirectional call per client connection multiplexes every request the client attached
+there; deltas of all of them go out in one message per wake-up (the engine's step hands all its
+outputs to the event loop at once) and at most one message per ``window_s``. Tickets: a presented
+ticket must equal the one the router granted for the request (constant time), bind this worker,
+the request and its tenant, be unexpired, and carry the cluster key's signature when this worker
+holds the key (a cluster token); otherwise the attach is refused for that request alone with
+PERMISSION_DENIED (the call and the request go on). Bounds: a request not attached by its
+ticket's expiry is aborted (the router's call fails DEADLINE_EXCEEDED); a connection whose client
+takes no message for ``stall_timeout_s`` is cancelled (RESOURCE_EXHAUSTED) and its requests
+aborted; a client that detaches a request, or whose connection ends, aborts it (its blocks are
+freed; the router's call fails CANCELLED). A request's deltas wait in its slot until its
+connection writes them (at most its ``max_tokens`` tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from decode_worker.messages import decode_message
+from decode_worker.service import _ready
+from pdserve.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    PdserveError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+)
+from pdserve.proto_convert import name_logprob_tokens
+from pdserve.status import status_for
+from pdserve.ticket import TicketSigner, check_claims, decode_unverified
+from pdserve.tracing import log_event
+from pdserve.v1 import common_pb2, direct_pb2, worker_pb2
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROGRESS_INTERVAL_S = 1.0
+
+
+@dataclass
+class _Slot:
+    """One direct request: what its client has not been sent yet, and where it goes."""
+
+    rid: str
+    ticket: str
+    tenant: str
+    expires_at: float  # wall clock: attach by then
+    abort: Callable[[BaseException], None]  # ends the request's Decode (event loop)
+    conn: _Conn | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    done: bool = False  # its last delta is queued (finish or error)
+    error: tuple[int, str] | None = None
+    sent_done: bool = False
+    expiry: asyncio.TimerHandle | None = None
+
+    def take(self) -> direct_pb2.DirectDelta:
+        d = direct_pb2.DirectDelta(
+            request_id=self.rid, token_ids=self.tokens, text="".join(self.text), logprobs=self.logprobs
+        )
+        self.tokens, self.text, self.logprobs = [], [], []
+        if self.done:
+            d.done = True
+            self.sent_done = True
+            if self.error is not None:
+                d.error_code, d.error = self.error
+        return d
+
+
+class _Conn:
+    """One Attach call: its requests with deltas to send, and its writer."""
+
+    def __init__(self, ctx: grpc.aio.ServicerContext) -> None:
+        self.ctx = ctx
+        self.dirty: dict[str, _Slot] = {}
+        self.refusals: list[direct_pb2.DirectDelta] = []
+        self.wake = asyncio.Event()
+        self.slots: dict[str, _Slot] = {}
+        self.closed = False
+
+    def mark(self, slot: _Slot) -> None:
+        self.dirty[slot.rid] = slot
+        self.wake.set()
+
+
+def _code_of(exc: BaseException) -> tuple[int, str]:
+    st = status_for(exc)
+    return st.code.value[0], st.details
+
+
+class DirectStreams:
+    """The direct streams of one decode worker (its event loop only). ``signer``: the cluster's
+    ticket key when this worker holds it (a cluster token), None otherwise (presented tickets are
+    then checked against the granted ones only). ``window_s``: at most one message per connection
+    per window (0: none); ``stall_timeout_s``: a connection whose client takes nothing that long is
+    cancelled."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        signer: TicketSigner | None,
+        *,
+        window_s: float = 0.0,
+        stall_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.worker_id = worker_id
+        self.signer = signer
+        self.window_s = window_s
+        self.stall_timeout_s = stall_timeout_s
+        self.clock = clock
+        self._slots: dict[str, _Slot] = {}
+
+    # ------------------------------------------------------------------ the router's side
+    def check(self, req: worker_pb2.DecodeRequest) -> None:
+        """Refuse a direct Decode this worker cannot serve (before admission)."""
+        if req.local_prefill or req.resume_token_ids or req.prompt_tail_pending:
+            raise InvalidRequestError(
+                "a direct stream serves a fresh handoff only: local_prefill, resume_token_ids and "
+                "prompt_tail_pending are not supported with DecodeRequest.direct"
+            )
+        if not req.direct.ticket:
+            raise InvalidRequestError("DecodeRequest.direct has no ticket")
+
+    def _register(
+        self, rid: str, req: worker_pb2.DecodeRequest, abort: Callable[[BaseException], None]
+    ) -> _Slot:
+        claims = decode_unverified(req.direct.ticket)
+        # the router's own grant must hold here (a mismatch is a router bug or a misroute)
+        check_claims(claims, request_id=rid, worker_id=self.worker_id, tenant=req.tenant, now=self.clock())
+        if rid in self._slots:
+            raise InvalidRequestError(f"request {rid!r} already streams directly from this worker")
+        slot = _Slot(rid, req.direct.ticket, req.tenant, claims.expires_at, abort)
+        loop = asyncio.get_running_loop()
+        slot.expiry = loop.call_later(max(0.0, claims.expires_at - self.clock()), self._expired, slot)
+        self._slots[rid] = slot
+        return slot
+
+    def _expired(self, slot: _Slot) -> None:
+        if slot.conn is not None:
+            return
+        if self._slots.get(slot.rid) is slot:
+            del self._slots[slot.rid]
+        if not slot.done:
+            slot.abort(
+                DeadlineExceededError(
+                    f"request {slot.rid}: the client did not attach to its direct stream before its ticket expired"
+                )
+            )
+
+    def _drop(self, slot: _Slot) -> None:
+        if self._slots.get(slot.rid) is slot:
+            del self._slots[slot.rid]
+        if slot.expiry is not None:
+            slot.expiry.cancel()
+        if slot.conn is not None:
+            slot.conn.slots.pop(slot.rid, None)
+
+    def _push(self, slot: _Slot, msg: worker_pb2.DecodeResponse | None, error: BaseException | None) -> None:
+        if msg is not None:
+            slot.tokens.extend(msg.token_ids)
+            if msg.has_text:
+                slot.text.append(msg.text)
+            slot.logprobs.extend(msg.logprobs)
+            if msg.HasField("finish"):
+                slot.done = True
+        if error is not None and not slot.done:
+            slot.done, slot.error = True, _code_of(error)
+        if slot.conn is not None:
+            slot.conn.mark(slot)
+
+    async def serve(
+        self,
+        rid: str,
+        req: worker_pb2.DecodeRequest,
+        out: Any,
+        pull_s: float,
+        count_finished: Callable[[], None],
+        with_text: bool,
+        token_bytes: Callable[[int], bytes] | None = None,
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        """The router's side of direct request ``rid`` (admitted; ``out``: its output queue, a
+        ``_LoopQueue``): one message with no tokens (admitted), progress messages, the finish
+        (with the last token ids). The deltas go to the client's connection. Raises the failure
+        that ended the request (engine error, not attached in time, client detached)."""
+        slot = self._register(rid, req, lambda e: out.put_nowait(e))
+        interval = req.direct.progress_interval_s or DEFAULT_PROGRESS_INTERVAL_S
+        loop = asyncio.get_running_loop()
+        ended = False
+        try:
+            yield worker_pb2.DecodeResponse(request_id=rid, kv_pull_s=pull_s)
+            progress: list[int] = []
+            last = loop.time()
+            while True:
+                batch = _ready([await out.get()], out.get_nowait, asyncio.QueueEmpty)
+                msg, failure = decode_message(rid, batch, count_finished, with_text=with_text)
+                if msg is not None and msg.logprobs and token_bytes is not None:
+                    name_logprob_tokens(msg.logprobs, token_bytes)  # as the router does for a relay
+                self._push(slot, msg, failure)
+                if msg is not None:
+                    progress.extend(msg.token_ids)
+                    if msg.HasField("finish"):
+                        ended = True
+                        yield worker_pb2.DecodeResponse(request_id=rid, token_ids=progress, finish=msg.finish)
+                        return
+                if failure is not None:
+                    ended = True
+                    raise failure
+                if progress and loop.time() - last >= interval:
+                    m = worker_pb2.DecodeResponse(request_id=rid, token_ids=progress)
+                    progress = []
+                    yield m
+                    last = loop.time()
+        finally:
+            if not ended:  # the router's call ended first (cancelled, its deadline): tell the client
+                self._push(slot, None, CancelledError(f"request {rid}: its router call ended"))
+            if slot.conn is None and slot.done and not self._waits_attach(slot):
+                self._drop(slot)
+
+    def _waits_attach(self, slot: _Slot) -> bool:
+        """A finished request whose client has not attached yet keeps its slot until the
+        ticket expires (its deltas wait there)."""
+        return slot.conn is None and self.clock() <= slot.expires_at and slot.error is None
+
+    # ------------------------------------------------------------------ the client's side
+    def _attach(self, conn: _Conn, a: direct_pb2.DirectAttach) -> None:
+        slot = self._slots.get(a.request_id)
+        try:
+            if slot is None:
+                raise PermissionDeniedError(
+                    f"direct-stream ticket refused: no request {a.request_id!r} streams directly from "
+                    f"decode worker {self.worker_id}"
+                )
+            if not hmac.compare_digest(a.ticket.encode(), slot.ticket.encode()):
+                raise PermissionDeniedError("direct-stream ticket refused: not the ticket of this request")
+            if self.signer is not None:
+                self.signer.verify(
+                    a.ticket,
+                    request_id=slot.rid,
+                    worker_id=self.worker_id,
+                    tenant=slot.tenant,
+                    now=self.clock(),
+                )
+            else:
+                check_claims(
+                    decode_unverified(a.ticket),
+                    request_id=slot.rid,
+                    worker_id=self.worker_id,
+                    tenant=slot.tenant,
+                    now=self.clock(),
+                )
+            if slot.conn is not None:
+                raise PermissionDeniedError(f"request {slot.rid} is already attached")
+        except PdserveError as e:
+            code, msg = _code_of(e)
+            conn.refusals.append(
+                direct_pb2.DirectDelta(request_id=a.request_id, done=True, error_code=code, error=msg)
+            )
+            conn.wake.set()
+            log_event(log, "direct attach refused", logging.WARNING, request=a.request_id, error=msg)
+            return
+        slot.conn = conn
+        conn.slots[slot.rid] = slot
+        if slot.expiry is not None:
+            slot.expiry.cancel()
+        conn.mark(slot)  # what is already waiting goes out now
+
+    def _detach(self, conn: _Conn, rid: str, why: str) -> None:
+        slot = conn.slots.pop(rid, None)
+        if slot is None:
+            return
+        slot.conn = None
+        self._drop(slot)
+        if not slot.done:
+            slot.done = True
+            slot.abort(CancelledError(f"request {rid}: {why}"))
+
+    async def _read(self, conn: _Conn, requests: AsyncIterator[direct_pb2.AttachRequest]) -> None:
+        async for r in requests:
+            op = r.WhichOneof("op")
+            if op == "attach":
+                self._attach(conn, r.attach)
+            elif op == "detach":
+                self._detach(conn, r.detach, "the client detached it")
+            else:
+                raise InvalidRequestError("AttachRequest sets neither attach nor detach")
+
+    async def Attach(
+        self, requests: AsyncIterator[direct_pb2.AttachRequest], ctx: grpc.aio.ServicerContext
+    ) -> None:
+        """One client connection (see the module doc). Ends when the client half-closes and none
+        of its requests is left, or fails (the client stalled, a malformed message)."""
+        conn = _Conn(ctx)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.ensure_future(self._read(conn, requests))
+        reader.add_done_callback(lambda _: conn.wake.set())
+        sent_at = 0.0
+        try:
+            while True:
+                await conn.wake.wait()
+                conn.wake.clear()
+                if reader.done() and reader.exception() is not None:
+                    raise reader.exception()  # type: ignore[misc]
+                if self.window_s > 0:
+                    wait = sent_at + self.window_s - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                deltas = conn.refusals
+                conn.refusals = []
+                dirty, conn.dirty = conn.dirty, {}
+                deltas.extend(s.take() for s in dirty.values())
+                if deltas:
+                    try:
+                        async with asyncio.timeout(self.stall_timeout_s):
+                            await ctx.write(direct_pb2.AttachResponse(deltas=deltas))
+                    except TimeoutError:
+                        raise ResourceExhaustedError(
+                            f"direct stream stalled: the client took no message for {self.stall_timeout_s:g}s"
+                        ) from None
+                    sent_at = loop.time()
+                for s in dirty.values():
+                    if s.sent_done:
+                        conn.slots.pop(s.rid, None)
+                        s.conn = None
+                        self._drop(s)
+                if reader.done() and not conn.slots and not conn.dirty and not conn.refusals:
+                    return
+        finally:
+            conn.closed = True
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+            for rid in list(conn.slots):
+                self._detach(conn, rid, "its client's direct connection ended")
+
+    def close(self) -> None:
+        for slot in list(self._slots.values()):
+            if slot.expiry is not None:
+                slot.expiry.cancel()
+        self._slots.clear()
+
+
+def direct_streams_requested(argv: list[str]) -> bool:
+    """Whether a worker's command line ``argv`` sets ``--direct-streams`` (the flag is declared on
+    the worker's parser, :func:`pdserve.worker_main.build_parser`; read here without touching the
+    worker's config)."""
+    import argparse
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--direct-streams", action="store_true")
+    return bool(p.parse_known_args(argv)[0].direct_streams)
+
+
+def enable_direct_streams(svc: Any, services: list[tuple[Any, Any]]) -> DirectStreams:
+    """Serve direct streams on decode servicer ``svc`` (an ``AsyncDecodeServicer``): its
+    :class:`DirectStreams` (window: the worker's ``stream_window_s``; tickets verified with the
+    cluster key when a cluster token is configured) is set on ``svc`` and its ``DirectStream``
+    service appended to ``services``."""
+    from pdserve.security import current
+    from pdserve.ticket import ticket_key
+
+    token = current().cluster_token
+    ds = DirectStreams(
+        svc.state.config.worker_id,
+        TicketSigner(ticket_key(token)) if token else None,
+        window_s=svc.stream_window_s,
+    )
+    svc.direct = ds
+    services.append((direct_pb2.DESCRIPTOR.services_by_name["DirectStream"], ds))
+    return ds

@@ -1,0 +1,252 @@
+"""The router out of the token path (issue #12; protocol in proto/pdserve/v1/direct.proto).
+
+:class:`DirectLegs` are the :class:`~router.lifecycle.grpc_legs.GrpcLegs` of a request whose client
+asked for a direct stream (``GenerateRequest.direct_stream``) on a router with ``--direct-streams``.
+Placement, Prefill (the first token, relayed as usual) and the handoff are unchanged; the decode leg
+of a fresh handoff asks its worker (``DecodeRequest.direct``, with a ticket minted here) to stream
+the tokens to the client, and then:
+
+* the worker's first message (no tokens: the request is admitted there) becomes the client's
+  :class:`DirectRedirect` (worker address, cluster request id, ticket);
+* the worker's progress messages (token ids, no text, at most ``progress_interval_s`` apart) and its
+  finish go through the lifecycle as any decode message does (the ledger, the progress deadline,
+  the output the router knows), but nothing is written to the client for them but the final
+  :class:`Finish` (usage and timing);
+* the worker lost (UNAVAILABLE, or its progress deadline): the client is told (``DirectRedirect.lost``)
+  and sends every token it has and its text length (``ResumeDirect``, :class:`DirectBook`); those
+  tokens join the output (checked against what the router knew: a mismatch fails the request) and
+  the request is re-dispatched exactly as a relayed one is (prompt + output so far, seeded
+  positions shifted), the rest relayed and rendered by the router, continuing the client's text.
+  A client that does not send ``ResumeDirect`` within ``resume_timeout_s`` is taken for gone.
+
+Not direct (relayed as before): a resumed leg, a local-prefill placement, a request with ``n`` or
+``best_of`` > 1. A direct request is not live-migrated (its migrator is None: a migration or a
+drain's move of it is refused; a drain waits for it to finish).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from pdserve.errors import InternalError, PermissionDeniedError
+from pdserve.security import current
+from pdserve.ticket import TicketClaims, TicketSigner, ticket_key
+from pdserve.v1 import client_pb2, direct_pb2, worker_pb2
+from router.lifecycle.events import KVRef
+from router.lifecycle.grpc_calls import Guarded, call_metadata, remaining
+from router.lifecycle.grpc_legs import GrpcLegs, Handoff, RequestRun
+from router.lifecycle.ports import Chunk, ClientGoneError, WorkerLostError
+from router.lifecycle.states import OutputMismatch
+from router.progress import ProgressWatch
+
+if TYPE_CHECKING:
+    from router.service import GenerateServicer
+
+
+@dataclass(frozen=True)
+class DirectConfig:
+    """``ticket_ttl_s``: how long a client has to attach to its worker after the redirect;
+    ``progress_interval_s``: at most this long between two progress messages of a direct
+    worker to the router (well under the progress deadline); ``resume_timeout_s``: how long the
+    router waits for a client's ResumeDirect after telling it its worker was lost."""
+
+    ticket_ttl_s: float = 30.0
+    progress_interval_s: float = 1.0
+    resume_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("ticket_ttl_s", "progress_interval_s", "resume_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+class DirectBook:
+    """A router's direct-stream state: the ticket signer and the ResumeDirect calls awaited
+    (by cluster request id). Serves ``DirectResume`` (:meth:`ResumeDirect`)."""
+
+    def __init__(self, config: DirectConfig = DirectConfig(), signer: TicketSigner | None = None) -> None:
+        self.config = config
+        self.signer = signer if signer is not None else TicketSigner(ticket_key(current().cluster_token))
+        self._waiting: dict[str, tuple[str, asyncio.Future[tuple[list[int], int]]]] = {}
+
+    def expect(self, rid: str, ticket: str) -> asyncio.Future[tuple[list[int], int]]:
+        fut: asyncio.Future[tuple[list[int], int]] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = (ticket, fut)
+        return fut
+
+    def forget(self, rid: str) -> None:
+        self._waiting.pop(rid, None)
+
+    async def ResumeDirect(
+        self, req: direct_pb2.ResumeDirectRequest, ctx: grpc.aio.ServicerContext
+    ) -> direct_pb2.ResumeDirectResponse:
+        """The client's tokens of a request whose direct worker was lost. PERMISSION_DENIED when
+        no such request waits for them here or the ticket is not its ticket."""
+        got = self._waiting.get(req.request_id)
+        if got is None or not hmac.compare_digest(got[0].encode(), req.ticket.encode()):
+            raise PermissionDeniedError(
+                f"ResumeDirect refused: request {req.request_id!r} does not wait for a resume with this ticket here"
+            )
+        ticket, fut = got
+        if not fut.done():
+            fut.set_result((list(req.token_ids), int(req.text_chars)))
+        return direct_pb2.ResumeDirectResponse()
+
+
+@dataclass(frozen=True)
+class _Note:
+    """A chunk the direct leg made (not a worker message): ``kind`` redirect | lost | resumed."""
+
+    kind: str
+    redirect: direct_pb2.DirectRedirect | None = None
+    text_chars: int = 0
+
+
+class DirectLegs(GrpcLegs):
+    """:class:`GrpcLegs` whose fresh handoff decode streams straight to the client (module doc)."""
+
+    def __init__(
+        self,
+        svc: GenerateServicer,
+        req: client_pb2.GenerateRequest,
+        run: RequestRun,
+        ctx: Any,
+        book: DirectBook,
+    ) -> None:
+        super().__init__(svc, req, run, ctx)
+        self.book = book
+        self._direct = False  # the current decode leg streams to the client
+
+    def _eligible(self, h: Handoff) -> bool:
+        s = self.req.sampling
+        fresh = len(h.prompt) == len(self.run.ids) and len(self.run.out_ids) == 1
+        return fresh and getattr(s, "n", 0) <= 1 and getattr(s, "best_of", 0) <= 1
+
+    async def decode(self, worker_id: str, kv: KVRef, first_index: int) -> AsyncIterator[Chunk]:
+        h: Handoff = kv.handle  # type: ignore[assignment]
+        if not self._eligible(h):
+            self._direct = False
+            async for c in super().decode(worker_id, kv, first_index):
+                yield c
+            return
+        svc, run, req, cfg = self.svc, self.run, self.req, self.book.config
+        dw = self._entry(worker_id)
+        ticket = self.book.signer.mint(
+            TicketClaims(run.rid, worker_id, req.tenant, time.time() + cfg.ticket_ttl_s)
+        )
+        call = svc.stubs.worker(dw.address).Decode(
+            worker_pb2.DecodeRequest(
+                **{**self._common(), "prompt_token_ids": h.prompt, "sampling": h.sampling},
+                slo=req.slo,
+                kv=h.kv,
+                first_token=h.first_token,
+                first_token_logprob=h.first_logprob,
+                direct=direct_pb2.DirectGrant(ticket=ticket, progress_interval_s=cfg.progress_interval_s),
+            ),
+            timeout=remaining(self.ctx),
+            metadata=call_metadata(),
+        )
+        redirect = direct_pb2.DirectRedirect(
+            address=dw.address, worker_id=worker_id, ticket=ticket, request_id=run.rid
+        )
+        redirected = False
+        try:
+            watch = ProgressWatch(svc.config.progress, run.predicted_tpot_s)
+            guarded = Guarded(call, dw, watch=watch, streamed=svc._streamed_at)
+            chunks = self.stream(guarded, dw, first_index, worker_text=False)
+            self._direct = True
+            try:
+                async with contextlib.aclosing(chunks):
+                    async for c in chunks:
+                        if not redirected and not c.message.HasField("finish"):
+                            if c.tokens:  # it streamed as for a relay: its text would be lost
+                                raise InternalError(
+                                    f"decode worker {worker_id} ignored DecodeRequest.direct (its first "
+                                    "message carried tokens): it does not serve direct streams"
+                                )
+                            redirected = True
+                            yield Chunk(c.first_index, (), _Note("redirect", redirect))
+                            continue
+                        yield c
+            except WorkerLostError as lost:
+                if not redirected:
+                    raise  # the client was never sent there: an ordinary re-dispatch
+                call.cancel()
+                # registered before the client is told, so that its answer cannot come first
+                fut = self.book.expect(run.rid, ticket)
+                try:
+                    note = direct_pb2.DirectRedirect()
+                    note.CopyFrom(redirect)
+                    note.lost = True
+                    yield Chunk(len(run.out_ids), (), _Note("lost", note))
+                    resumed = await self._resume(fut)
+                finally:
+                    self.book.forget(run.rid)
+                yield resumed
+                raise lost
+        finally:
+            call.cancel()  # the client went away (or the relay ended it): abort it downstream
+
+    async def _resume(self, fut: asyncio.Future[tuple[list[int], int]]) -> Chunk:
+        """The client's ResumeDirect (``fut``) as the chunk of the tokens the router did not know
+        (a :class:`_Note` "resumed"): :class:`ClientGoneError` when it does not come within
+        ``resume_timeout_s``, OutputMismatch when its tokens do not extend the output the router
+        knew."""
+        run, cfg = self.run, self.book.config
+        try:
+            async with asyncio.timeout(cfg.resume_timeout_s):
+                tokens, chars = await fut
+        except TimeoutError:
+            raise ClientGoneError(
+                f"request {run.rid}: its direct worker was lost and the client sent no ResumeDirect "
+                f"within {cfg.resume_timeout_s:g}s"
+            ) from None
+        k = len(run.out_ids)
+        if tokens[:k] != run.out_ids:
+            raise OutputMismatch(
+                f"request {run.rid}: the client's ResumeDirect tokens do not extend the {k} output "
+                "tokens the router had"
+            )
+        return Chunk(k, tuple(tokens[k:]), _Note("resumed", text_chars=chars))
+
+    # ------------------------------------------------------------------ responses
+    def render(self, chunk: Chunk, skip: int) -> tuple[client_pb2.GenerateResponse | None, bool]:
+        """Direct legs: the redirect and lost notes become their responses; the client's resumed
+        tokens and the worker's progress join the output and send nothing; the finish sends the
+        Finish alone. Other legs: :meth:`GrpcLegs.render`."""
+        m = chunk.message
+        run = self.run
+        if isinstance(m, _Note):
+            if m.kind in ("redirect", "lost"):
+                return client_pb2.GenerateResponse(request_id=run.rid, direct=m.redirect), False
+            tokens = list(chunk.tokens[skip:])
+            run.token_times.extend([time.monotonic() - run.t0] * len(tokens))
+            run.out_ids.extend(tokens)
+            run.sent_chars = m.text_chars  # the text the client has: the relay continues it
+            self._direct = False
+            return None, False
+        if not self._direct:
+            return super().render(chunk, skip)
+        d: worker_pb2.DecodeResponse = m  # type: ignore[assignment]
+        tokens = list(chunk.tokens[skip:])
+        run.token_times.extend([time.monotonic() - run.t0] * len(tokens))
+        run.out_ids.extend(tokens)
+        if not d.HasField("finish"):
+            return None, False
+        decode_s = max(0.0, time.monotonic() - self._t_dec - self._pull_s)
+        r = client_pb2.GenerateResponse(request_id=run.rid)
+        r.finish.CopyFrom(self.finish(d.finish.reason, d.finish.stop or None, decode_s))
+        return r, True
+
+    async def local_decode(self, worker_id: str, first_index: int) -> AsyncIterator[Chunk]:
+        self._direct = False
+        async for c in super().local_decode(worker_id, first_index):
+            yield c
