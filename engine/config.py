@@ -30,6 +30,16 @@ class EngineConfig:
     ``float32`` (as loaded), ``int8`` (weight-only, one scale per output row; fp32 CPU models, not
     MoE, not with tensor parallelism or LoRA), ``bfloat16`` (only where the CPU has native bf16).
     Refused at load, naming why, where it cannot run.
+
+    ``weight_memory_budget_bytes`` (FlexGen-style weight offloading, :mod:`engine.offload_policy`
+    and :mod:`engine.offload`): the device memory the weights may use. None (default): every
+    weight stays on the device. A budget below the weights' size keeps the non-layer weights, two
+    layer buffers and as many decoder layers as fit on the device; the other layers live in host
+    memory (up to ``weight_host_budget_bytes``; None: no limit) and beyond that in one scratch
+    file under ``weight_offload_dir`` (None: the system's temp folder), each copied in ahead of the
+    layer that needs it. Output is identical to the resident model. Refused with tensor
+    parallelism, a ``weight_dtype`` other than float32, and (at load) LoRA adapters; a budget
+    below the minimum is refused at load naming the minimum.
     """
 
     block_size: int = 16
@@ -49,6 +59,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     swap_space_bytes: int = 0
     weight_dtype: str = "float32"
+    weight_memory_budget_bytes: int | None = None
+    weight_host_budget_bytes: int | None = None
+    weight_offload_dir: str | None = None
     # SchedulingPolicy.MLFQ only (see engine.mlfq; validated by SchedulerConfig)
     mlfq_num_levels: int = 4
     mlfq_quantum_iters: int = 8
@@ -81,6 +94,29 @@ class EngineConfig:
                 "swap_space_bytes > 0 is not supported with tensor_parallel_size > 1 "
                 "(the followers' KV shards have no host pool): set swap_space_bytes=0"
             )
+        for name in ("weight_memory_budget_bytes", "weight_host_budget_bytes"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{name} must be an integer >= 0 or None, got {v!r}")
+        if self.weight_memory_budget_bytes is None and (
+            self.weight_host_budget_bytes is not None or self.weight_offload_dir is not None
+        ):
+            raise ValueError(
+                "weight_host_budget_bytes / weight_offload_dir need weight offloading: "
+                "set weight_memory_budget_bytes"
+            )
+        if self.weight_memory_budget_bytes is not None:
+            if self.tensor_parallel_size > 1:
+                raise ValueError(
+                    "weight offloading (weight_memory_budget_bytes) is not supported with "
+                    "tensor_parallel_size > 1: set one of them"
+                )
+            if self.weight_dtype != "float32":
+                raise ValueError(
+                    f"weight offloading (weight_memory_budget_bytes) is not supported with weight_dtype "
+                    f"{self.weight_dtype!r} (the int8 path keeps a float32 copy of each projection on the "
+                    "device): use weight_dtype='float32'"
+                )
         if not isinstance(self.scheduling_policy, SchedulingPolicy):
             raise ValueError(
                 f"scheduling_policy must be one of {[p.value for p in SchedulingPolicy]}, "

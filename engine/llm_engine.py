@@ -271,17 +271,20 @@ class LLMEngine:
                 f"LoRA adapters are not supported with weight_dtype {config.weight_dtype!r} (the adapter "
                 "layers wrap float projections): use weight_dtype='float32'"
             )
+        if lora is not None and config.weight_memory_budget_bytes is not None:
+            raise InvalidRequestError(
+                "LoRA adapters are not supported with weight offloading (weight_memory_budget_bytes)"
+            )
         model = load_model(path, dtype, device, max_positions=max_len, weight_dtype=config.weight_dtype)
         offload = None
         if config.weight_memory_budget_bytes is not None:
-            if lora is not None:
-                raise InvalidRequestError(
-                    "LoRA adapters are not supported with weight offloading (weight_memory_budget_bytes)"
-                )
             from engine.offload import offload_model
 
             offload = offload_model(
-                model, config.weight_memory_budget_bytes, config.weight_host_budget_bytes, config.weight_offload_dir
+                model,
+                config.weight_memory_budget_bytes,
+                config.weight_host_budget_bytes,
+                config.weight_offload_dir,
             )
         return cls(model, mcfg, tok, config, dtype, device, lora=lora, weight_offload=offload)
 

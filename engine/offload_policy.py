@@ -1,0 +1,300 @@
+"""Weight offloading (FlexGen), the pure policy: where each decoder layer's weights live, the
+predicted step time of a placement, and the batch size for offline throughput jobs. No I/O, no
+torch, no clock; :mod:`engine.offload` does the copies.
+
+Model of one forward step (what :class:`engine.offload.OffloadedWeights` does, so predictions
+and behaviour agree):
+
+* weights outside the decoder layers (embeddings, ``lm_head``, final norm) always stay on the
+  device; a decoder layer is on the DEVICE (resident), or on the HOST (a host-memory buffer) or
+  on DISK (one scratch file), copied into one of two device *slots* (a double buffer of the
+  largest offloaded layer's size) before it runs;
+* the offloaded layers, in model order ``o_0 .. o_{m-1}``, use slot ``k % 2``; the copy of
+  ``o_{k+1}`` starts when ``o_k`` starts computing (its slot was last used by ``o_{k-1}``, done
+  by then), on one background I/O thread, so it overlaps the compute of ``o_k`` and of the
+  resident layers before ``o_{k+1}``. When ``o_{k+1}`` would need the slot ``o_k`` is using
+  (``o_{m-1}`` -> ``o_0`` with ``m`` odd) its copy starts when ``o_k`` ends. ``o_0``'s copy for
+  the next step overlaps the step's tail (``other_s``: lm_head, sampling, scheduling). With
+  ``m <= 2`` every offloaded layer keeps its own slot and nothing is copied after the first step;
+* a layer waits for its copy: its start is ``max(previous layer's end, copy end)``.
+
+Placement (:func:`place_weights`, a documented greedy, not FlexGen's full linear-programming
+search): everything resident when the budget holds all weights; otherwise the device holds the
+non-layer weights, the two slots (sized by the largest layer, before knowing which are offloaded)
+and as many layers as fit, smallest first, spread evenly over the depth (Bresenham) so each
+offloaded layer's copy overlaps as much compute as possible; the offloaded layers go to the host
+up to ``host_budget_bytes`` (also spread evenly), the rest to disk. Host is never slower than
+disk and a resident layer never slower than an offloaded one, so with equal layers the greedy is
+optimal for this model.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+NUM_SLOTS = 2  # the device double buffer
+
+
+class OffloadPolicyError(ValueError):
+    """A placement that cannot be made (budget below the minimum, tiers full); says why."""
+
+
+class WeightTier(enum.Enum):
+    DEVICE = "device"
+    HOST = "host"
+    DISK = "disk"
+
+
+@dataclass(frozen=True)
+class OffloadCostModel:
+    """Inputs of the placement. ``layer_bytes[i]`` / ``compute_s[i]``: decoder layer ``i``'s
+    weight bytes and its compute time per step; ``fixed_bytes``: the weights outside the layers;
+    ``other_s``: the step's compute outside the layers; bandwidths in bytes/s (host -> device,
+    disk -> device); ``host_budget_bytes`` / ``disk_budget_bytes`` None = unbounded."""
+
+    layer_bytes: tuple[int, ...]
+    compute_s: tuple[float, ...]
+    fixed_bytes: int
+    device_budget_bytes: int
+    host_bw: float
+    disk_bw: float
+    other_s: float = 0.0
+    host_budget_bytes: int | None = None
+    disk_budget_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layer_bytes or len(self.layer_bytes) != len(self.compute_s):
+            raise ValueError("layer_bytes and compute_s must be non-empty and of equal length")
+        if min(self.layer_bytes) < 0 or self.fixed_bytes < 0 or self.device_budget_bytes < 0:
+            raise ValueError("byte counts must be >= 0")
+        if not (self.host_bw > 0 and self.disk_bw > 0):
+            raise ValueError(f"bandwidths must be > 0, got host {self.host_bw}, disk {self.disk_bw}")
+        if min(self.compute_s) < 0 or self.other_s < 0:
+            raise ValueError("compute times must be >= 0")
+        for name in ("host_budget_bytes", "disk_budget_bytes"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"{name} must be >= 0 or None")
+
+    @property
+    def total_bytes(self) -> int:
+        return self.fixed_bytes + sum(self.layer_bytes)
+
+
+@dataclass(frozen=True)
+class WeightPlacement:
+    """Each layer's tier, the device bytes the placement uses (non-layer weights, resident layers
+    and slots: never above the budget), host and disk bytes, and the predicted step time."""
+
+    tiers: tuple[WeightTier, ...]
+    slot_bytes: int  # one slot's size (0: nothing offloaded)
+    num_slots: int
+    device_bytes: int
+    host_bytes: int
+    disk_bytes: int
+    predicted_step_s: float
+
+    @property
+    def offloaded(self) -> tuple[int, ...]:
+        """The offloaded layers' indices, in model order."""
+        return tuple(i for i, t in enumerate(self.tiers) if t is not WeightTier.DEVICE)
+
+
+def min_device_budget(layer_bytes: Sequence[int], fixed_bytes: int) -> int:
+    """The smallest device budget :func:`place_weights` accepts: the non-layer weights plus two
+    slots of the largest layer."""
+    return fixed_bytes + NUM_SLOTS * max(layer_bytes)
+
+
+def spread(n: int, k: int) -> list[int]:
+    """``k`` of the indices ``0..n-1`` spread evenly (Bresenham): index ``i`` is chosen when
+    ``floor((i+1)k/n) > floor(ik/n)``."""
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot choose {k} of {n}")
+    return [i for i in range(n) if ((i + 1) * k) // n > (i * k) // n]
+
+
+def fetch_s(tier: WeightTier, nbytes: int, host_bw: float, disk_bw: float) -> float:
+    """Copy time of ``nbytes`` from ``tier`` to the device (0 for a resident layer)."""
+    if tier is WeightTier.DEVICE:
+        return 0.0
+    return nbytes / (host_bw if tier is WeightTier.HOST else disk_bw)
+
+
+def predict_step_s(
+    tiers: Sequence[WeightTier],
+    layer_bytes: Sequence[int],
+    compute_s: Sequence[float],
+    host_bw: float,
+    disk_bw: float,
+    other_s: float = 0.0,
+) -> float:
+    """Steady-state time of one step under the model in the module docstring (the second of two
+    simulated steps; the first starts cold, ``o_0``'s copy at time 0)."""
+    off = [i for i, t in enumerate(tiers) if t is not WeightTier.DEVICE]
+    m = len(off)
+    fetch = {i: fetch_s(tiers[i], layer_bytes[i], host_bw, disk_bw) for i in off}
+    pos = {li: k for k, li in enumerate(off)}
+    io_free = 0.0
+    ready: dict[int, float] = {}  # offloaded layer -> its copy's end
+    loaded: dict[int, int] = {}  # slot -> offloaded layer it holds (copy submitted)
+
+    def submit(li: int, at: float) -> None:
+        nonlocal io_free
+        slot = pos[li] % NUM_SLOTS
+        if loaded.get(slot) == li:  # already there (m <= 2)
+            ready[li] = min(ready.get(li, at), at)
+            return
+        start = max(io_free, at)
+        io_free = start + fetch[li]
+        ready[li] = io_free
+        loaded[slot] = li
+
+    t = 0.0
+    if m:
+        submit(off[0], 0.0)
+    step_start = 0.0
+    for _ in range(2):
+        step_start = t
+        for i in range(len(tiers)):
+            if i in pos:
+                k = pos[i]
+                t = max(t, ready[i])
+                nxt = off[(k + 1) % m]
+                same_slot = (k + 1) % m % NUM_SLOTS == k % NUM_SLOTS
+                if not same_slot:
+                    submit(nxt, t)
+                t += compute_s[i]
+                if same_slot:
+                    submit(nxt, t)
+            else:
+                t += compute_s[i]
+        t += other_s
+    return t - step_start
+
+
+def place_weights(cost: OffloadCostModel) -> WeightPlacement:
+    """The greedy placement of the module docstring. OffloadPolicyError when the device budget is
+    below :func:`min_device_budget` or the host and disk budgets cannot take the rest."""
+    lb = cost.layer_bytes
+    n = len(lb)
+
+    def result(tiers: list[WeightTier]) -> WeightPlacement:
+        off = [i for i in range(n) if tiers[i] is not WeightTier.DEVICE]
+        slot = max((lb[i] for i in off), default=0)
+        nslots = min(len(off), NUM_SLOTS)
+        dev = cost.fixed_bytes + sum(lb[i] for i in range(n) if tiers[i] is WeightTier.DEVICE)
+        return WeightPlacement(
+            tiers=tuple(tiers),
+            slot_bytes=slot,
+            num_slots=nslots,
+            device_bytes=dev + slot * nslots,
+            host_bytes=sum(lb[i] for i in off if tiers[i] is WeightTier.HOST),
+            disk_bytes=sum(lb[i] for i in off if tiers[i] is WeightTier.DISK),
+            predicted_step_s=predict_step_s(
+                tiers, lb, cost.compute_s, cost.host_bw, cost.disk_bw, cost.other_s
+            ),
+        )
+
+    if cost.device_budget_bytes >= cost.total_bytes:
+        return result([WeightTier.DEVICE] * n)
+    floor = min_device_budget(lb, cost.fixed_bytes)
+    if cost.device_budget_bytes < floor:
+        raise OffloadPolicyError(
+            f"weight memory budget {cost.device_budget_bytes} bytes is below the minimum {floor} bytes "
+            f"(weights outside the decoder layers {cost.fixed_bytes} + {NUM_SLOTS} layer buffers of "
+            f"{max(lb)}); the model's weights total {cost.total_bytes} bytes"
+        )
+    avail = cost.device_budget_bytes - floor
+    # how many layers fit (smallest first), then which: spread evenly over the depth
+    count = 0
+    used = 0
+    for b in sorted(lb):
+        if used + b > avail:
+            break
+        used += b
+        count += 1
+    resident = set(spread(n, count))
+    while sum(lb[i] for i in resident) > avail:  # unequal layers: drop the largest chosen
+        resident.remove(max(resident, key=lambda i: (lb[i], i)))
+    for i in sorted(range(n), key=lambda i: lb[i]):  # and fill what is left
+        if i not in resident and sum(lb[j] for j in resident) + lb[i] <= avail:
+            resident.add(i)
+    off = [i for i in range(n) if i not in resident]
+    tiers = [WeightTier.DEVICE] * n
+    host_cap = math.inf if cost.host_budget_bytes is None else cost.host_budget_bytes
+    on_host: set[int] = set()
+    if sum(lb[i] for i in off) <= host_cap:
+        on_host = set(off)
+    else:
+        k = 0
+        room = host_cap
+        for b in sorted(lb[i] for i in off):
+            if b > room:
+                break
+            room -= b
+            k += 1
+        on_host = {off[j] for j in spread(len(off), k)}
+        while sum(lb[i] for i in on_host) > host_cap:
+            on_host.remove(max(on_host, key=lambda i: (lb[i], i)))
+    for i in off:
+        tiers[i] = WeightTier.HOST if i in on_host else WeightTier.DISK
+    disk = sum(lb[i] for i in off if i not in on_host)
+    if cost.disk_budget_bytes is not None and disk > cost.disk_budget_bytes:
+        raise OffloadPolicyError(
+            f"the offloaded layers need {disk} bytes on disk beyond the host budget "
+            f"({cost.host_budget_bytes} bytes) but the disk budget is {cost.disk_budget_bytes} bytes"
+        )
+    return result(tiers)
+
+
+@dataclass(frozen=True)
+class BatchChoice:
+    """The batch size :func:`pick_offline_batch_size` chose, its predicted step time and
+    throughput (sequences per second, one token each), and the best throughput it was compared to."""
+
+    batch_size: int
+    step_s: float
+    seqs_per_s: float
+    max_seqs_per_s: float
+
+
+def pick_offline_batch_size(
+    tiers: Sequence[WeightTier],
+    layer_bytes: Sequence[int],
+    compute_fixed_s: Sequence[float],
+    compute_per_seq_s: Sequence[float],
+    host_bw: float,
+    disk_bw: float,
+    max_batch: int,
+    other_fixed_s: float = 0.0,
+    other_per_seq_s: float = 0.0,
+    efficiency: float = 0.9,
+) -> BatchChoice:
+    """Decode batch size for an offline (throughput) job over an offloaded model.
+
+    Each layer's compute grows with the batch (``compute_fixed_s[i] + b * compute_per_seq_s[i]``)
+    while its copy does not, so a larger batch hides more of the copies (FlexGen's point). Throughput
+    ``b / predict_step_s(b)`` grows with ``b`` up to ``max_batch`` (what the KV pool and
+    ``max_num_seqs`` allow, the caller's bound); this returns the *smallest* batch reaching
+    ``efficiency`` of the throughput at ``max_batch`` (past it, a larger batch only adds latency)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if not 0 < efficiency <= 1:
+        raise ValueError(f"efficiency must be in (0, 1], got {efficiency}")
+
+    def step(b: int) -> float:
+        c = [f + b * s for f, s in zip(compute_fixed_s, compute_per_seq_s, strict=True)]
+        return predict_step_s(tiers, layer_bytes, c, host_bw, disk_bw, other_fixed_s + b * other_per_seq_s)
+
+    best_s = step(max_batch)
+    best = max_batch / best_s if best_s > 0 else math.inf
+    for b in range(1, max_batch + 1):
+        s = step(b)
+        tput = b / s if s > 0 else math.inf
+        if tput >= efficiency * best:
+            return BatchChoice(b, s, tput, best)
+    return BatchChoice(max_batch, best_s, best, best)  # pragma: no cover - b = max_batch qualifies
