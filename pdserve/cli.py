@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve import drain_cli  # `pdserve drain WORKER`: live-migrate a worker's requests off it
 
     drain_cli.register(sub)
+    from pdserve import adapters_cli  # `pdserve adapters load NAME=PATH`: LoRA adapters at run time
+
+    adapters_cli.register(sub)
     try:
         from simulator import cli as sim_cli
     except ImportError:

@@ -21,6 +21,9 @@ Example (every key but ``model`` has a default)::
       cluster_token_file: /etc/pdserve/tls/cluster-token
     max_restarts: 3
     drain_timeout_s: 120
+    lora:                                      # LoRA adapters every worker serves (paths on every node)
+      adapters: {sql: /adapters/sql, chat: /adapters/chat}
+      max_loras: 8                             # adapter slots in engine memory (LRU)
 
 ``security`` (:class:`SecuritySection`, checked by :func:`check_security` when ``pdserve up``
 starts a cluster): ``tls: auto`` (default) is on when certificates are given or ``host`` is not
@@ -48,6 +51,7 @@ from router.policy.placement import PolicyKind
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
+    from engine.lora import LoRAConfig
 
 NODE_IP = "node"  # ``host`` value: bind each actor's servers to its Ray node's IP address
 
@@ -239,6 +243,65 @@ class SecuritySection:
 
 
 @dataclass(frozen=True)
+class LoRASection:
+    """LoRA adapters served by every prefill and decode worker (the cluster counterpart of the
+    workers' ``--lora NAME=PATH``, ``--max-loras``, ``--max-lora-rank``, ``--max-cpu-loras``).
+    ``adapters`` maps a name (what requests put in ``adapter`` / OpenAI ``model``) to a PEFT
+    adapter folder present at that path on every node; each worker validates and loads them when
+    it starts (a bad adapter fails the start naming it and the field). ``max_lora_rank`` and
+    ``max_cpu_loras`` 0: the engine's defaults (largest rank given; every adapter kept in host
+    memory). Not with tensor parallelism (refused)."""
+
+    adapters: tuple[tuple[str, str], ...] = ()
+    max_loras: int = 8
+    max_lora_rank: int = 0
+    max_cpu_loras: int = 0
+
+    def lora_config(self) -> LoRAConfig | None:
+        """The workers' :class:`engine.lora.LoRAConfig` (None: no adapters, base model only)."""
+        if not self.adapters:
+            return None
+        from engine.lora import AdapterSpec, LoRAConfig
+
+        return LoRAConfig(
+            tuple(AdapterSpec(n, p) for n, p in self.adapters),
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank or None,
+            max_cpu_loras=self.max_cpu_loras or None,
+        )
+
+
+def _lora_section(raw: Any) -> LoRASection:
+    """Parse ``lora:`` (``adapters`` is a mapping NAME: PATH; the other keys are integers)."""
+    if raw is None:
+        return LoRASection()
+    if not isinstance(raw, dict):
+        raise _err("lora", f"expected a mapping, got {type(raw).__name__}")
+    adapters = raw.get("adapters") or {}
+    if not isinstance(adapters, dict):
+        raise _err("lora.adapters", f"expected a mapping NAME: PATH, got {type(adapters).__name__}")
+    pairs = []
+    for name, path in adapters.items():
+        if not isinstance(name, str) or not isinstance(path, str) or not path:
+            raise _err(f"lora.adapters.{name}", f"expected NAME: PATH (strings), got {name!r}: {path!r}")
+        pairs.append((name, path))
+    rest = _section(LoRASection, {k: v for k, v in raw.items() if k != "adapters"}, "lora")
+    from dataclasses import replace
+
+    sec = replace(rest, adapters=tuple(pairs))
+    for k in ("max_lora_rank", "max_cpu_loras"):
+        if getattr(sec, k) < 0:
+            raise _err(f"lora.{k}", f"must be >= 0 (0: the engine's default), got {getattr(sec, k)}")
+    if not sec.adapters and raw.keys() - {"adapters"}:
+        raise _err("lora.adapters", "max_loras/max_lora_rank/max_cpu_loras given without any adapter")
+    try:
+        sec.lora_config()
+    except ValueError as e:
+        raise _err("lora", str(e)) from None
+    return sec
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     model: str
     prefill: PoolConfig = field(default_factory=PoolConfig)
@@ -248,6 +311,7 @@ class ClusterConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     security: SecuritySection = field(default_factory=SecuritySection)
+    lora: LoRASection = field(default_factory=LoRASection)
     host: str = NODE_IP  # "node" (the Ray node's IP) or a literal address such as 127.0.0.1
     # router actors, each with router's settings (router i on port + i when port is set); every
     # worker registers with all of them and clients fail over between them (README)
@@ -486,6 +550,12 @@ def validate(c: ClusterConfig) -> ClusterConfig:
         raise _err("drain_timeout_s", "must be > 0 (and drain_quiet_s >= 0)")
     if not c.namespace:
         raise _err("namespace", "must be non-empty")
+    if c.lora.adapters:
+        for role, p in (("prefill", c.prefill), ("decode", c.decode)):
+            if p.tp > 1:
+                raise _err(
+                    "lora.adapters", f"LoRA is not supported with tensor parallelism ({role}.tp: {p.tp})"
+                )
     return c
 
 
@@ -543,7 +613,10 @@ def from_dict(raw: Any) -> ClusterConfig:
         raise _err("model", "missing: set the path of the HF model folder on the cluster's nodes")
     kw: dict[str, Any] = {}
     for k, v in raw.items():
-        kw[k] = _section(_SECTIONS[k], v, k) if k in _SECTIONS else _coerce(known[k].type, v, k)
+        if k == "lora":
+            kw[k] = _lora_section(v)
+        else:
+            kw[k] = _section(_SECTIONS[k], v, k) if k in _SECTIONS else _coerce(known[k].type, v, k)
     return validate(ClusterConfig(**kw))
 
 

@@ -71,10 +71,15 @@ class ResourceExhaustedError(PdserveError):
         self.retry_after_s = retry_after_s
 
 
-class LayoutMismatchError(PdserveError):
-    """KV blocks were produced with a different layout (model, heads, dtype, block size)."""
+class FailedPreconditionError(PdserveError):
+    """The operation cannot run in the target's present state (e.g. a worker without LoRA slots
+    asked to load an adapter); the message says what to change."""
 
     code = ErrorCode.FAILED_PRECONDITION
+
+
+class LayoutMismatchError(FailedPreconditionError):
+    """KV blocks were produced with a different layout (model, heads, dtype, block size)."""
 
 
 class UnavailableError(PdserveError):

@@ -374,6 +374,19 @@ def _quarantined_family(counts: Mapping[str, int]) -> Metric:
 
 # ---------------------------------------------------------------------------- workers
 @dataclass(frozen=True)
+class AdapterSnapshot:
+    """One LoRA adapter's cumulative counters and residency on a worker at one instant."""
+
+    name: str
+    prefill_tokens: int
+    decode_tokens: int
+    slot_loads: int  # host -> engine slot copies
+    disk_loads: int  # disk -> host reads (registration included)
+    in_slot: bool  # held in an engine slot now
+    in_host: bool  # held in host memory now
+
+
+@dataclass(frozen=True)
 class WorkerSnapshot:
     """A worker engine's state and cumulative counters at one instant."""
 
@@ -399,6 +412,7 @@ class WorkerSnapshot:
     swapped_in_blocks: int = 0
     host_blocks_total: int = 0
     host_blocks_used: int = 0
+    adapters: tuple[AdapterSnapshot, ...] = ()  # LoRA adapters served (empty: base model only)
 
 
 class WorkerMetrics:
@@ -488,6 +502,20 @@ class WorkerMetrics:
              lab, lambda s: [((), s.prefix_hit_tokens)]),
             (CounterMetricFamily, "pdserve_worker_prefix_cache_evictions", "Cached blocks overwritten.", lab,
              lambda s: [((), s.prefix_evictions)]),
+            (CounterMetricFamily, "pdserve_worker_adapter_tokens",
+             "Tokens computed with each LoRA adapter, by phase: prefill (prompt), decode.", [*lab, "adapter", "phase"],
+             lambda s: [x for a in s.adapters
+                        for x in (((a.name, "prefill"), a.prefill_tokens), ((a.name, "decode"), a.decode_tokens))]),
+            (CounterMetricFamily, "pdserve_worker_adapter_loads",
+             "LoRA adapter loads, by tier loaded into: slot (host -> engine slot), host (disk -> host memory).",
+             [*lab, "adapter", "tier"],
+             lambda s: [x for a in s.adapters
+                        for x in (((a.name, "slot"), a.slot_loads), ((a.name, "host"), a.disk_loads))]),
+            (GaugeMetricFamily, "pdserve_worker_adapter_resident",
+             "1 when the LoRA adapter is held in the tier now: slot (engine memory), host (host memory).",
+             [*lab, "adapter", "tier"],
+             lambda s: [x for a in s.adapters
+                        for x in (((a.name, "slot"), int(a.in_slot)), ((a.name, "host"), int(a.in_host)))]),
         ]  # fmt: skip
         out: list[Metric] = []
         for kind, name, doc, labels, values in fams:

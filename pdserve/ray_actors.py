@@ -259,6 +259,7 @@ class RouterActor:
         from pdserve.grpc_server import start_aio_server
         from pdserve.metrics import RouterMetrics, serve_metrics
         from pdserve.v1 import client_pb2
+        from router.admin_service import ADMIN_SERVICE, AdminServicer
         from router.health import HEALTH_SERVICES, start_router_health
         from router.registry import Registry
         from router.registry_service import (
@@ -317,6 +318,7 @@ class RouterActor:
                 self._generate,
             ),
             (REGISTRY_SERVICE, registry_servicer),
+            (ADMIN_SERVICE, AdminServicer(self.registry, cfg.model_id)),  # operator RPCs (internal)
         ]
         # the data plane on an event loop: a stream costs memory, not a thread (router.service)
         self.server, port, hs = start_aio_server(
@@ -483,6 +485,7 @@ class WorkerActor:
             router_addresses=tuple(router_addresses),
             engine=pool.engine_config(),
             heartbeat_interval_s=config.router.heartbeat_interval_s,
+            lora=config.lora.lora_config(),
         )
         self.worker_id = worker_id
         self.role = role

@@ -20,8 +20,8 @@ The rules
   ``PDSERVE_TLS=off``). Asked to bind any other address (``0.0.0.0``, a node IP) without TLS it
   refuses to start with :class:`SecurityConfigError`, whose message says how to fix it. There is
   no override.
-* **Internal services** (:data:`INTERNAL_SERVICES`: the router's ``Registry``, ``Worker``,
-  ``KVPeer``, ``KVStore``) accept only cluster identities:
+* **Internal services** (:data:`INTERNAL_SERVICES`: the router's ``Registry`` and ``Admin``,
+  ``Worker``, ``WorkerAdmin``, ``KVPeer``, ``KVStore``) accept only cluster identities:
 
   - a peer whose client certificate the cluster CA signed: internal-only servers (workers, store
     nodes) require one at the TLS handshake when TLS and ``--mtls on`` (default) are set, so an
@@ -73,7 +73,14 @@ from pdserve.tracing import with_metadata
 CLUSTER_SERVER_NAME = "pdserve-internal"  # the SAN `pdserve certs` puts in every cluster certificate
 TOKEN_METADATA_KEY = "x-pdserve-cluster-token"
 INTERNAL_SERVICES = frozenset(
-    {"pdserve.v1.Registry", "pdserve.v1.Worker", "pdserve.v1.KVPeer", "pdserve.v1.KVStore"}
+    {
+        "pdserve.v1.Registry",
+        "pdserve.v1.Worker",
+        "pdserve.v1.KVPeer",
+        "pdserve.v1.KVStore",
+        "pdserve.v1.Admin",
+        "pdserve.v1.WorkerAdmin",
+    }
 )
 
 ENV_TLS = "PDSERVE_TLS"

@@ -6,6 +6,7 @@ import contextlib
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -18,11 +19,33 @@ from engine.lora import LoRAConfig
 from kv_store.convert import layout_to_proto
 from kv_store.layout import KVLayout
 from pdserve.auth.worker_token import worker_metadata, worker_token_from
-from pdserve.metrics import WorkerMetrics, WorkerSnapshot
+from pdserve.metrics import AdapterSnapshot, WorkerMetrics, WorkerSnapshot
 from pdserve.security import internal_channel
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
 
 log = logging.getLogger(__name__)
+
+
+def adapter_snapshots(e: LLMEngine) -> tuple[AdapterSnapshot, ...]:
+    """Per-adapter counters and residency of ``e``'s LoRA adapters (run on the engine thread)."""
+    if e.lora is None:
+        return ()
+    slot, host = set(e.lora.slot_resident()), set(e.lora.host_resident())
+    out = []
+    for name in e.lora.names():
+        c = e.lora.stats.of(name)
+        out.append(
+            AdapterSnapshot(
+                name,
+                c.prefill_tokens,
+                c.decode_tokens,
+                c.slot_loads,
+                c.disk_loads,
+                name in slot,
+                name in host,
+            )
+        )
+    return tuple(out)
 
 
 class Role(enum.Enum):
@@ -98,6 +121,9 @@ class WorkerState:
         self.finished_total = 0
         self._lock = threading.Lock()
         self.address = ""
+        # the worker's registrations with its routers (set by RouterLinks; None: not registered
+        # anywhere, e.g. in tests): an adapter loaded at run time re-registers through it
+        self.router_links: RouterLinks | None = None
         self.profile = None  # engine.profile.StartupProfile: its step-time model (None: not measured)
 
     @classmethod
@@ -165,6 +191,7 @@ class WorkerState:
                 swapped_in_blocks=s.swapped_in_blocks,
                 host_blocks_total=s.host_blocks_total,
                 host_blocks_used=s.host_blocks_used,
+                adapters=adapter_snapshots(e),
             )
 
         return self.loop.call(read, timeout_s=timeout_s)
@@ -230,6 +257,10 @@ class Heartbeater:
         self._control_stub = self._stub
         self._token: str | None = None  # the router's worker token (none from a non-verifying router)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # ends the wait between beats early (stop, register again)
+        self._again = threading.Event()  # register again on the next beat (the adapters changed)
+        self._registrations = 0  # successful Register calls so far (guarded by _cond)
+        self._cond = threading.Condition()
         self.registered = False  # whether the last Register/Heartbeat found us known to the router
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{router_address}", daemon=True)
 
@@ -298,9 +329,13 @@ class Heartbeater:
         interval = self.state.config.heartbeat_interval_s
         while not self._stop.is_set():
             try:
-                if not registered:
+                if not registered or self._again.is_set():
+                    self._again.clear()
                     self._register()
                     registered = True
+                    with self._cond:
+                        self._registrations += 1
+                        self._cond.notify_all()
                 else:
                     r = self._control_stub.Heartbeat(
                         router_pb2.HeartbeatRequest(
@@ -317,14 +352,32 @@ class Heartbeater:
                     self._close_control()  # register again where we were told to
                     self._rediscover()
             self.registered = registered
-            self._stop.wait(interval)
+            self._wake.wait(interval)
+            self._wake.clear()
+
+    def registrations(self) -> int:
+        """Successful Register calls so far."""
+        with self._cond:
+            return self._registrations
+
+    def register_again(self) -> None:
+        """Register again now (not at the next beat): what the worker serves changed."""
+        self._again.set()
+        self._wake.set()
+
+    def wait_registered_after(self, count: int, timeout_s: float) -> bool:
+        """Wait until more than ``count`` Register calls succeeded; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._registrations > count, timeout_s)
 
     def request_stop(self) -> None:
         """Stop heartbeating after the beat in progress (without waiting for it)."""
         self._stop.set()
+        self._wake.set()
 
     def stop(self, deregister: bool = True) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=5)
         if deregister:
             with contextlib.suppress(grpc.RpcError):
@@ -356,6 +409,20 @@ class RouterLinks:
             raise ValueError(f"{len(resolvers)} resolvers for {len(addresses)} router addresses")
         rs = list(resolvers) or [None] * len(addresses)
         self.heartbeaters = [Heartbeater(state, a, resolve=r) for a, r in zip(addresses, rs, strict=True)]
+        state.router_links = self
+
+    def register_again(self, timeout_s: float) -> dict[str, bool]:
+        """Register again with every router now (the worker's adapters changed) and wait up to
+        ``timeout_s`` for each; router address -> whether it has the new registration. A router
+        that is down gets it when it comes back (its heartbeater registers on reconnecting)."""
+        before = [hb.registrations() for hb in self.heartbeaters]
+        for hb in self.heartbeaters:
+            hb.register_again()
+        end = time.monotonic() + timeout_s
+        return {
+            hb.router_address: hb.wait_registered_after(n, max(0.0, end - time.monotonic()))
+            for hb, n in zip(self.heartbeaters, before, strict=True)
+        }
 
     def start(self) -> None:
         for hb in self.heartbeaters:

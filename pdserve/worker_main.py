@@ -329,7 +329,9 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         "--max-lora-rank",
         type=int,
         default=None,
-        help="rank each slot holds (default: the largest rank among --lora adapters)",
+        help="rank each slot holds (default: the largest rank among --lora adapters). Alone, "
+        "without --lora: a worker that starts with no adapter and takes them at run time "
+        "(`pdserve adapters load`)",
     )
     lg.add_argument(
         "--max-cpu-loras",
@@ -376,9 +378,9 @@ def parse(
     except ValueError as e:  # e.g. swap space with tensor parallelism
         ap.error(str(e))
     lora = None
-    if a.lora:
+    if a.lora or a.max_lora_rank is not None:
         if a.tp > 1:
-            ap.error("--lora is not supported with --tp > 1")
+            ap.error("--lora / --max-lora-rank are not supported with --tp > 1")
         try:
             lora = LoRAConfig(
                 tuple(AdapterSpec.parse(x) for x in a.lora),
@@ -388,8 +390,8 @@ def parse(
             )
         except ValueError as e:
             ap.error(str(e))
-    elif a.max_lora_rank is not None or a.max_cpu_loras is not None:
-        ap.error("--max-lora-rank / --max-cpu-loras need at least one --lora NAME=PATH")
+    elif a.max_cpu_loras is not None:
+        ap.error("--max-cpu-loras needs --lora NAME=PATH or --max-lora-rank R")
     return WorkerConfig(
         worker_id=a.worker_id,
         role=role,
@@ -459,9 +461,15 @@ def build_service(
 
 def worker_services(svc: Any, role: Role, dist: DistGroup | None) -> tuple[list[tuple[Any, Any]], Any]:
     """The gRPC services a worker serves, and its KVPeer servicer (None unless it has one):
-    ``Worker`` (``svc``, from :func:`build_service`), plus for a direct-handoff prefill worker
+    ``Worker`` (``svc``, from :func:`build_service`), ``WorkerAdmin`` (adapters loaded at run
+    time, :mod:`pdserve.worker_admin`), plus for a direct-handoff prefill worker
     ``KVPeer``, sharing ``svc``'s outbox and spilling to the store ``svc``'s publisher falls back to."""
-    services: list[tuple[Any, Any]] = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], svc)]
+    from pdserve.worker_admin import WORKER_ADMIN_SERVICE, WorkerAdminServicer
+
+    services: list[tuple[Any, Any]] = [
+        (worker_pb2.DESCRIPTOR.services_by_name["Worker"], svc),
+        (WORKER_ADMIN_SERVICE, WorkerAdminServicer(svc.state)),
+    ]
     if dist is None or role is not Role.PREFILL:
         return services, None
     from prefill_worker.dist_outbox import KVPeerServicer

@@ -54,6 +54,7 @@ from pdserve.metrics import RouterMetrics, serve_metrics
 from pdserve.security import add_process_security_args, install_process_security
 from pdserve.tracing import configure_logging
 from pdserve.v1 import client_pb2, direct_pb2
+from router.admin_service import ADMIN_SERVICE, AdminServicer
 from router.health import HEALTH_SERVICES, start_router_health
 from router.policy import GoodputConfig, PolicyKind
 from router.policy.migration import MigrationConfig
@@ -334,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     services = [
         (client_pb2.DESCRIPTOR.services_by_name["Generate"], generate),
         (REGISTRY_SERVICE, registry_servicer),  # compatibility: registering here names the control port
+        (ADMIN_SERVICE, AdminServicer(reg, cfg.model_id)),  # operator RPCs (internal: the cluster token)
     ]
     if generate.direct is not None:  # ResumeDirect of direct streams whose worker was lost
         services.append((direct_pb2.DESCRIPTOR.services_by_name["DirectResume"], generate.direct))

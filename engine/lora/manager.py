@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,11 +43,30 @@ def forward_order(scheduled: Sequence[ScheduledRequest]) -> list[ScheduledReques
 
 
 @dataclass
+class AdapterCounters:
+    """Cumulative counts of one adapter (per-adapter metrics)."""
+
+    prefill_tokens: int = 0  # prompt tokens computed with the adapter
+    decode_tokens: int = 0  # tokens decoded with the adapter
+    slot_loads: int = 0  # host -> engine slot copies
+    disk_loads: int = 0  # disk -> host reads (registration included)
+
+
+@dataclass
 class LoRAStats:
     slot_loads: int = 0  # host -> slot copies
     slot_evictions: int = 0
     disk_loads: int = 0  # disk -> host reads (registration included)
     host_evictions: int = 0
+    by_adapter: dict[str, AdapterCounters] = field(default_factory=dict)
+
+    def of(self, name: str) -> AdapterCounters:
+        """The counters of adapter ``name`` (created at zero; every registered adapter's are
+        created when it is registered, so the engine and loader threads never both create one)."""
+        c = self.by_adapter.get(name)
+        if c is None:
+            c = self.by_adapter[name] = AdapterCounters()
+        return c
 
 
 class LoRAManager:
@@ -87,6 +106,7 @@ class LoRAManager:
         for spec, a in zip(config.adapters, loaded, strict=True):
             self._paths[spec.name] = Path(spec.path)
             self._host[spec.name] = a
+            self.stats.of(spec.name).disk_loads += 1
         self._evict_host()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
 
@@ -99,13 +119,20 @@ class LoRAManager:
             )
 
     def register(self, spec: AdapterSpec) -> None:
-        """Add an adapter at run time (validated and read into host memory now)."""
+        """Add an adapter at run time (validated and read into host memory now). Safe to call
+        from a thread other than the engine's (a worker's admin RPC does, so running requests
+        do not wait for the read): the adapter becomes visible to :meth:`check` and
+        :meth:`acquire` only once it is complete. AdapterError for a bad adapter, a rank above
+        the slots' ``max_lora_rank``, or a name already registered."""
         if spec.name in self._paths:
             raise AdapterError(f"LoRA adapter {spec.name!r} is already registered")
         a = load_adapter(spec.name, spec.path, self.targets)
         self._check_rank(a)
-        self.stats.disk_loads += 1
         with self._lock:
+            if spec.name in self._paths:
+                raise AdapterError(f"LoRA adapter {spec.name!r} is already registered")
+            self.stats.disk_loads += 1
+            self.stats.of(spec.name).disk_loads += 1
             self._paths[spec.name] = Path(spec.path)
             self._host[spec.name] = a
         self._evict_host()
@@ -115,6 +142,10 @@ class LoRAManager:
 
     def has(self, name: str) -> bool:
         return name in self._paths
+
+    def path_of(self, name: str) -> Path | None:
+        """The folder adapter ``name`` was registered from (None: not registered)."""
+        return self._paths.get(name)
 
     def check(self, name: str) -> None:
         """Raise ModelNotFoundError unless ``name`` is a registered adapter."""
@@ -154,6 +185,7 @@ class LoRAManager:
             self._host.move_to_end(name)
             self._loading.pop(name, None)
             self.stats.disk_loads += 1
+            self.stats.of(name).disk_loads += 1
         self._evict_host()
 
     def _host_copy(self, name: str) -> HostAdapter | None:
@@ -207,6 +239,7 @@ class LoRAManager:
                 self.slots.undo_place(name)
                 raise
             self.stats.slot_loads += 1
+            self.stats.of(name).slot_loads += 1
             if got.evicted is not None:
                 self.stats.slot_evictions += 1
         return True
@@ -245,6 +278,10 @@ class LoRAManager:
                 if found is None or self.slots.pins(req.adapter_id) == 0:
                     raise RuntimeError(f"request {req.request_id}: adapter {req.adapter_id!r} is not pinned")
                 slot = found
+                c = self.stats.of(req.adapter_id)
+                prefill = max(0, min(s.start + s.num_new_tokens, len(req.prompt_token_ids)) - s.start)
+                c.prefill_tokens += prefill
+                c.decode_tokens += s.num_new_tokens - prefill
             slot_per_token.extend([slot] * s.num_new_tokens)
             ids.extend(req.token_slice(s.start, s.start + s.num_new_tokens))
         self.ctx.set(slot_per_token, ids, self.device)

@@ -1,7 +1,9 @@
 """LoRA adapters through a launched cluster (#16): workers started with --lora serve the adapter,
 the router checks and lists it, and a disaggregated request naming it (prefill worker -> store ->
 decode worker) produces exactly the engine's own output with that adapter; the base model and an
-unknown adapter behave as they must. One cluster (SmolLM2, 1 prefill + 1 decode) for the module."""
+unknown adapter behave as they must. An adapter loaded at run time (`pdserve adapters load`, the
+routers' Admin service; the cluster token required) is served the same way through either router.
+One cluster (SmolLM2, 1 prefill + 1 decode, 2 routers, TLS) for the module."""
 
 from __future__ import annotations
 
@@ -26,22 +28,36 @@ def adapter(smollm_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def chat_adapter(smollm_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "chat"
+    return make_adapter(smollm_path, out, r=4, alpha=8, targets=["k_proj", "o_proj", "up_proj"], seed=7)
+
+
+@pytest.fixture(scope="module")
 def cluster(smollm_path, adapter):
     cl = launch(
         ClusterSpec(
             model_path=str(smollm_path),
             worker_kv_blocks=512,
             store_capacity_blocks=1024,
-            worker_args=("--lora", f"sql={adapter}"),
+            # slots of rank 8: the started adapter, and room for adapters loaded at run time
+            worker_args=("--lora", f"sql={adapter}", "--max-lora-rank", "8"),
+            tls=True,
+            num_routers=2,
         )
     )
     yield cl
     cl.stop()
 
 
-def _engine_output(smollm_path, adapter, name: str, params: SamplingParams) -> list[int]:
+def _client(cluster, address: str | None = None) -> Client:
+    return Client(address or cluster.router_address, timeout=120, ca=str(cluster.pki.ca))
+
+
+def _engine_output(smollm_path, adapter, name: str, params: SamplingParams, chat=None) -> list[int]:
     """The engine whole, in this process, with the same adapter served (``name`` "" = base)."""
-    lora = LoRAConfig((AdapterSpec("sql", str(adapter)),))
+    specs = [AdapterSpec("sql", str(adapter))] + ([AdapterSpec("chat", str(chat))] if chat else [])
+    lora = LoRAConfig(tuple(specs))
     eng = LLMEngine.from_pretrained(smollm_path, EngineConfig(num_kv_blocks=256), lora=lora)
     rid = eng.add_request(None, eng.tokenizer.encode(PROMPT), params, adapter_id=name)
     toks: list[int] = []
@@ -54,13 +70,47 @@ def _engine_output(smollm_path, adapter, name: str, params: SamplingParams) -> l
 
 def test_adapter_is_listed_served_exactly_and_unknown_ones_refused(cluster, smollm_path, adapter) -> None:
     params = SamplingParams(max_tokens=16, temperature=0.0)
-    with Client(cluster.router_address, timeout=120) as c:
-        assert list(c.list_adapters().values()) == [["sql"]]
+    with _client(cluster) as c:
+        assert list(c.list_adapters().values())[0][:1] == ["sql"]
         with_adapter = c.complete(PROMPT, params, adapter="sql").token_ids
         base = c.complete(PROMPT, params).token_ids
-        with pytest.raises(ModelNotFoundError, match="'chat'"):
-            c.complete(PROMPT, params, adapter="chat")
+        with pytest.raises(ModelNotFoundError, match="'nope'"):
+            c.complete(PROMPT, params, adapter="nope")
     want_adapter = _engine_output(smollm_path, adapter, "sql", params)
     want_base = _engine_output(smollm_path, adapter, "", params)
     assert with_adapter == want_adapter and base == want_base
     assert with_adapter != base  # the adapter changes the output: it was really applied
+
+
+def test_adapter_loaded_at_run_time_is_served_by_every_router(cluster, smollm_path, adapter, chat_adapter):
+    """`pdserve adapters load` (the routers' Admin): refused without the cluster token; with it,
+    every worker loads the adapter and registers again with both routers, and a request naming
+    it through the other router equals the engine whole with that adapter."""
+    from dataclasses import replace
+
+    from pdserve.adapters_cli import load_adapter
+    from pdserve.errors import UnauthenticatedError
+
+    sec = cluster.security  # what the cluster's processes run with: TLS, client cert, token
+    with pytest.raises(UnauthenticatedError, match="cluster token"):
+        load_adapter(
+            cluster.router_address,
+            "chat",
+            str(chat_adapter),
+            60,
+            replace(sec, cluster_token="", cluster_token_file=""),
+        )
+    with _client(cluster) as c, pytest.raises(ModelNotFoundError, match="'chat'"):
+        c.complete(PROMPT, SamplingParams(max_tokens=4, temperature=0.0), adapter="chat")
+    workers = load_adapter(cluster.router_address, "chat", str(chat_adapter), 180, sec)
+    assert sorted(workers) == ["decode-0", "prefill-0"]
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    for address in cluster.router_addresses:  # the worker re-registered with both routers
+        with _client(cluster, address) as c:
+            assert sorted(next(iter(c.list_adapters().values()))) == ["chat", "sql"]
+    with _client(cluster, cluster.router_addresses[1]) as c:
+        got = c.complete(PROMPT, params, adapter="chat").token_ids
+    assert got == _engine_output(smollm_path, adapter, "chat", params, chat=chat_adapter)
+    assert workers == load_adapter(
+        cluster.router_address, "chat", str(chat_adapter), 180, sec
+    )  # retry: no-op

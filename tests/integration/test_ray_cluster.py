@@ -51,7 +51,17 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def config_file(smollm_path, tmp_path_factory) -> Path:
+def adapter(smollm_path, tmp_path_factory) -> Path:
+    """A LoRA adapter every worker serves (the config's ``lora`` section; a shared path on the
+    two simulated nodes, as a real cluster would mount it)."""
+    from tests.lora_adapters import make_adapter
+
+    out = tmp_path_factory.mktemp("lora") / "sql"
+    return make_adapter(smollm_path, out, r=8, alpha=16, targets=["q_proj", "v_proj"], seed=5)
+
+
+@pytest.fixture(scope="module")
+def config_file(smollm_path, adapter, tmp_path_factory) -> Path:
     cfg = {
         "model": str(smollm_path),
         "host": "127.0.0.1",
@@ -73,6 +83,7 @@ def config_file(smollm_path, tmp_path_factory) -> Path:
         "max_restarts": 2,
         "drain_quiet_s": 0.5,
         "startup_timeout_s": 300,
+        "lora": {"adapters": {"sql": str(adapter)}, "max_loras": 2},
     }
     p = tmp_path_factory.mktemp("ray") / "cluster.yaml"
     p.write_text(yaml.safe_dump(cfg))
@@ -193,6 +204,30 @@ def test_32_concurrent_requests_equal_whole_engine_and_cross_nodes(deployment, c
             assert grpc_out > 0 and shm_out == 0, (w["worker_id"], after)
         stores[pre["node_id"]] = after
     assert all(w["kv_shm_fallbacks"] == 0 for w in _status()["pools"]["decode"])
+
+
+def test_lora_adapter_from_the_config_is_listed_and_served_exactly(deployment, client, smollm_path, adapter):
+    """``lora.adapters`` reaches every worker: the router lists the adapter and a disaggregated
+    request naming it equals the engine whole with the same adapter (and differs from the base)."""
+    from engine.lora import AdapterSpec, LoRAConfig
+
+    assert list(client.list_adapters().values()) == [["sql"]]
+    prompt = PROMPTS[0]
+    got = client.complete(prompt, GREEDY, adapter="sql").token_ids
+    eng = LLMEngine.from_pretrained(
+        smollm_path, EngineConfig(num_kv_blocks=128), lora=LoRAConfig((AdapterSpec("sql", str(adapter)),))
+    )
+    try:
+        rid = eng.add_request(None, eng.tokenizer.encode(prompt), GREEDY, adapter_id="sql")
+        want: list[int] = []
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.request_id == rid:
+                    want = list(o.token_ids)
+    finally:
+        eng.close()
+    assert got == want
+    assert got != client.complete(prompt, GREEDY).token_ids  # the adapter was really applied
 
 
 def test_sigkilled_worker_restarts_and_registers_again(deployment, client, whole):

@@ -58,6 +58,17 @@ def test_pool_swap_space_and_scheduling_policy_reach_the_engine_config():
     assert c.prefill.engine_config().swap_space_bytes == 0
 
 
+def test_lora_section_reaches_every_worker_as_a_lora_config():
+    """``lora:`` is the cluster counterpart of the workers' --lora flags (#16)."""
+    c = from_dict({"model": "/m", "lora": {"adapters": {"sql": "/a/sql", "chat": "/a/chat"}, "max_loras": 2}})
+    lc = c.lora.lora_config()
+    assert [(a.name, a.path) for a in lc.adapters] == [("sql", "/a/sql"), ("chat", "/a/chat")]
+    assert lc.max_loras == 2 and lc.max_lora_rank is None and lc.max_cpu_loras is None
+    assert from_dict({"model": "/m"}).lora.lora_config() is None  # base model only
+    c = from_dict({"model": "/m", "lora": {"adapters": {"a": "/x"}, "max_lora_rank": 16, "max_cpu_loras": 4}})
+    assert c.lora.lora_config().max_lora_rank == 16 and c.lora.lora_config().max_cpu_loras == 4
+
+
 def test_cpu_only_zero_cpus_needs_no_placement_group():
     assert PoolConfig(num_cpus=0).bundle() == {}
 
@@ -93,6 +104,27 @@ def test_with_counts_replaces_only_given_pools():
         (
             {"model": "/m", "decode": {"scheduling_policy": "sjf"}},
             r"decode.scheduling_policy: must be one of",
+        ),
+        ({"model": "/m", "lora": ["sql"]}, r"lora: expected a mapping"),
+        ({"model": "/m", "lora": {"adapters": ["sql=/a"]}}, r"lora.adapters: expected a mapping NAME: PATH"),
+        ({"model": "/m", "lora": {"adapters": {"sql": 3}}}, r"lora.adapters.sql: expected NAME: PATH"),
+        (
+            {"model": "/m", "lora": {"adapters": {"sql": "/a"}, "max_lora": 2}},
+            r"lora: unknown key\(s\) \['max_lora'\]",
+        ),
+        (
+            {"model": "/m", "lora": {"adapters": {"sql": "/a"}, "max_loras": 0}},
+            r"lora: max_loras must be >= 1",
+        ),
+        (
+            {"model": "/m", "lora": {"adapters": {"sql": "/a"}, "max_cpu_loras": -1}},
+            r"lora.max_cpu_loras: must be >= 0",
+        ),
+        ({"model": "/m", "lora": {"adapters": {"bad name": "/a"}}}, r"lora: LoRA adapter name 'bad name'"),
+        ({"model": "/m", "lora": {"max_loras": 2}}, r"lora.adapters: max_loras.* without any adapter"),
+        (
+            {"model": "/m", "lora": {"adapters": {"sql": "/a"}}, "decode": {"tp": 2}},
+            r"lora.adapters: .*decode.tp: 2",
         ),
     ],
 )

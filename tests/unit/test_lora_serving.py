@@ -43,12 +43,15 @@ def test_worker_lora_flags(tiny):
     cfg = parse([*common, "--lora", f"sql={a1}", "--lora", f"chat={a1}", "--max-loras", "3"], Role.PREFILL)
     assert cfg.lora == LoRAConfig((AdapterSpec("sql", str(a1)), AdapterSpec("chat", str(a1))), max_loras=3)
     assert parse(common, Role.DECODE).lora is None
+    # slots and no adapter: adapters come at run time (WorkerAdmin.LoadAdapter)
+    assert parse([*common, "--max-lora-rank", "8"], Role.DECODE).lora == LoRAConfig((), max_lora_rank=8)
     for bad in (
         ["--lora", "nopath"],
         ["--lora", f"a={a1}", "--lora", f"a={a1}"],
         ["--lora", f"a={a1}", "--max-loras", "0"],
         ["--lora", f"a={a1}", "--tp", "2"],
-        ["--max-lora-rank", "8"],
+        ["--max-lora-rank", "8", "--tp", "2"],
+        ["--max-cpu-loras", "2"],
     ):
         with pytest.raises(SystemExit):
             parse([*common, *bad], Role.DECODE)
@@ -282,3 +285,62 @@ def test_adapter_gone_from_disk_aborts_only_its_request(tiny, tmp_path):
         fin.update({o.request_id: o for o in eng.step() if o.finished})
     assert fin["gone"].finish_reason.value == "abort" and fin["gone"].token_ids == []
     assert fin["ok"].finish_reason.value == "length" and len(fin["ok"].token_ids) == 3
+
+
+def test_per_adapter_metrics_count_tokens_loads_and_residency(tiny, tmp_path):
+    """pdserve_worker_adapter_{tokens,loads,resident}: each adapter's prefill and decode tokens,
+    its loads into the engine slot and host memory, and where it is held now (#16)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pdserve.metrics import WorkerMetrics
+    from pdserve.worker_base import adapter_snapshots
+
+    base, a1 = tiny
+    a2 = make_adapter(base, tmp_path / "a2", r=2, alpha=4, targets=["o_proj"], seed=6)
+    lora = LoRAConfig((AdapterSpec("a1", str(a1)), AdapterSpec("a2", str(a2))), max_loras=1)
+    eng = LLMEngine.from_pretrained(base, EngineConfig(num_kv_blocks=32), lora=lora)
+    try:
+        sp = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.0)
+        eng.add_request("r1", [1, 2, 3, 4, 5], sp, adapter_id="a1")
+        eng.add_request("r2", [6, 7], sp, adapter_id="a2")
+        eng.add_request("r3", [8, 9, 10], sp)  # base model: counted under no adapter
+        while eng.has_unfinished():
+            eng.step()
+        snaps = {a.name: a for a in adapter_snapshots(eng)}
+        # the first token comes from the prefill step: 2 more decode steps of 1 token each
+        assert (snaps["a1"].prefill_tokens, snaps["a1"].decode_tokens) == (5, 2)
+        assert (snaps["a2"].prefill_tokens, snaps["a2"].decode_tokens) == (2, 2)
+        # one slot: a1 then a2 were each written into it once; a2 holds it now
+        assert (snaps["a1"].slot_loads, snaps["a2"].slot_loads) == (1, 1)
+        assert (snaps["a1"].in_slot, snaps["a2"].in_slot) == (False, True)
+        assert snaps["a1"].in_host and snaps["a1"].disk_loads == 1  # read once, at registration
+
+        reg = CollectorRegistry()
+        from pdserve.metrics import WorkerSnapshot
+
+        snap = WorkerSnapshot(0, 0, 32, 0, 0, 64, 0, 0, 0, 0, 3, 0, 0, 0, adapters=tuple(snaps.values()))
+        WorkerMetrics(reg, "d0", "decode", snapshot=lambda: snap)
+        text = generate_latest(reg).decode()
+        assert (
+            'pdserve_worker_adapter_tokens_total{adapter="a1",phase="prefill",role="decode",worker_id="d0"} 5.0'
+            in text
+        )
+        assert (
+            'pdserve_worker_adapter_tokens_total{adapter="a2",phase="decode",role="decode",worker_id="d0"} 2.0'
+            in text
+        )
+        assert (
+            'pdserve_worker_adapter_loads_total{adapter="a2",role="decode",tier="slot",worker_id="d0"} 1.0'
+            in text
+        )
+        assert (
+            'pdserve_worker_adapter_resident{adapter="a1",role="decode",tier="slot",worker_id="d0"} 0.0'
+            in text
+        )
+        assert (
+            'pdserve_worker_adapter_resident{adapter="a2",role="decode",tier="slot",worker_id="d0"} 1.0'
+            in text
+        )
+    finally:
+        eng.close()
+    assert adapter_snapshots(LLMEngine.from_pretrained(base, EngineConfig(num_kv_blocks=8))) == ()
