@@ -21,12 +21,18 @@ Qwen2-MoE adds ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``.
 Checkpoint names (as transformers 5.23's ``save_pretrained`` and the Hub write them): Qwen
 ``mlp.gate``, ``mlp.experts.{e}.{gate,up,down}_proj``, ``mlp.shared_expert.*``,
 ``mlp.shared_expert_gate``; Mixtral ``block_sparse_moe.gate`` and ``experts.{e}.w1`` (gate),
-``w3`` (up), ``w2`` (down), renamed at load. Tensor parallelism is refused for these models
-(engine.models.tp_shard).
+``w3`` (up), ``w2`` (down), renamed at load.
+
+Tensor parallelism (engine.models.tp_shard, :meth:`SparseMoE.shard`): every rank holds every
+expert, with ``1/tp`` of each expert's intermediate columns (and of the shared expert's); the
+router is replicated, so each rank routes the same tokens to the same experts, and the block's
+output is a partial sum that its ``all_reduce`` hook adds up once (routing weights and the shared
+expert's sigmoid gate scale each rank's partial output linearly, so the sum is exact).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -58,6 +64,7 @@ class SparseMoE(nn.Module):
         self.w13t: nn.Parameter | None = None  # [E, H, 2*I] once fused
         self.w2t: nn.Parameter | None = None  # [E, I, H] once fused
         self.grouped = hasattr(F, "grouped_mm")  # one grouped matmul per projection
+        self.all_reduce: Callable[[torch.Tensor], None] | None = None  # set on a TP shard
 
     def fuse(self) -> None:
         """Stack and transpose the experts' weights (see the module docstring); fuse the shared
@@ -69,12 +76,41 @@ class SparseMoE(nn.Module):
             w2 = torch.stack([e.down_proj.weight for e in self.experts])
         self.w13t = nn.Parameter(w13.transpose(1, 2).contiguous(), requires_grad=False)
         self.w2t = nn.Parameter(w2.transpose(1, 2).contiguous(), requires_grad=False)
-        # grouped_mm wants 16-byte aligned row strides (hidden and intermediate sizes)
-        row_bytes = (w2.shape[1] * w2.element_size(), w2.shape[2] * w2.element_size())
-        self.grouped = self.grouped and all(b % 16 == 0 for b in row_bytes)
+        self.grouped = self.grouped and self._aligned()
         self.experts = None
         if self.shared_expert is not None:
             self.shared_expert.fuse()
+
+    def _aligned(self) -> bool:
+        """grouped_mm wants 16-byte aligned row strides (hidden and intermediate sizes)."""
+        assert self.w2t is not None
+        _, inter, hidden = self.w2t.shape
+        return all(n * self.w2t.element_size() % 16 == 0 for n in (inter, hidden))
+
+    def shard(self, rank: int, tp: int, all_reduce: Callable[[torch.Tensor], None]) -> None:
+        """Keep rank ``rank``'s ``1/tp`` of every expert's intermediate columns (gate and up
+        columns of ``w13t``, the matching rows of ``w2t``) and of the shared expert's; the router
+        and the shared expert's gate stay whole. Needs the fused weights and sizes that divide by
+        ``tp`` (engine.models.tp_shard.check_divisible)."""
+        if self.w13t is None or self.w2t is None:
+            raise ValueError("SparseMoE.shard expects fused experts (load_model(..., fuse=True))")
+        inter = self.moe.intermediate_size
+        if inter % tp:
+            raise ValueError(f"moe intermediate size {inter} does not divide by tensor_parallel_size {tp}")
+        i = inter // tp
+        cols = slice(rank * i, (rank + 1) * i)
+        with torch.no_grad():
+            gate, up = self.w13t[:, :, :inter], self.w13t[:, :, inter:]
+            w13t = torch.cat([gate[:, :, cols], up[:, :, cols]], dim=-1).contiguous()
+            w2t = self.w2t[:, cols, :].contiguous()
+        self.w13t = nn.Parameter(w13t, requires_grad=False)
+        self.w2t = nn.Parameter(w2t, requires_grad=False)
+        self.grouped = hasattr(F, "grouped_mm") and self._aligned()
+        if self.shared_expert is not None:
+            from engine.models.tp_shard import shard_mlp
+
+            shard_mlp(self.shared_expert, rank, tp, None)  # summed with the routed part, below
+        self.all_reduce = all_reduce
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights ``[T, top_k]`` and expert ids ``[T, top_k]`` (long) of each token."""
@@ -121,6 +157,8 @@ class SparseMoE(nn.Module):
         out = torch.zeros_like(x).index_add_(0, token, ys)
         if self.shared_expert is not None:
             out = out + self.shared(x)
+        if self.all_reduce is not None:
+            self.all_reduce(out)
         return out
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:

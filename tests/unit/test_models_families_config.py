@@ -467,13 +467,22 @@ def test_training_only_router_fields_are_inert() -> None:
     _refused(llama, "router_jitter_noise", 0.5)
 
 
-def test_tensor_parallel_is_refused_for_moe_models() -> None:
+def test_tensor_parallel_of_moe_models_needs_divisible_expert_sizes() -> None:
+    """MoE models shard every expert's intermediate columns (tests/unit/test_tensor_parallel_moe.py);
+    an expert or shared-expert size that does not divide is refused by name."""
     from engine.models.tp_shard import check_divisible
 
     for arch in ("mixtral", "qwen2_moe", "qwen3_moe"):
-        cfg = ModelConfig.from_dict(_small(arch))
-        check_divisible(cfg, 1)
-        with pytest.raises(ValueError, match=f"mixture-of-experts models \\(model_type '{arch}'\\)"):
-            check_divisible(cfg, 2)
+        check_divisible(ModelConfig.from_dict(_small(arch)), 2)
+    with pytest.raises(ValueError, match=r"\{'moe_intermediate_size': 33\}"):
+        check_divisible(ModelConfig.from_dict(_small("qwen3_moe", moe_intermediate_size=33)), 2)
+    with pytest.raises(ValueError, match=r"\{'shared_expert_intermediate_size': 81\}"):
+        check_divisible(ModelConfig.from_dict(_small("qwen2_moe", shared_expert_intermediate_size=81)), 2)
+    # Qwen3-MoE with every layer sparse: the unused dense intermediate_size need not divide
+    check_divisible(ModelConfig.from_dict(_small("qwen3_moe", intermediate_size=127)), 2)
+    with pytest.raises(ValueError, match=r"\{'intermediate_size': 127\}"):  # Qwen2-MoE layer 1 dense
+        check_divisible(
+            ModelConfig.from_dict(_small("qwen2_moe", intermediate_size=127, mlp_only_layers=[1])), 2
+        )
     check_divisible(ModelConfig.from_dict(_small("qwen3")), 2)
     check_divisible(ModelConfig.from_dict(_small("phi3")), 2)

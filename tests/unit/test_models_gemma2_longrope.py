@@ -9,7 +9,7 @@ randomised too), built once per module.
   in-place decode kernel and with the torch gather path (both soft-cap).
 * Soft-capped attention: the native kernel equals the torch path; every torch path (fresh
   prefill, continued prefill, decode) equals a direct eager computation.
-* Gemma 2 disaggregated == whole.
+* Gemma 2 disaggregated == whole; its tensor-parallel shards add up to the whole model.
 * LongRoPE: our cos/sin tables equal transformers' rotary embedding (short factors and attention
   factor); an engine whose max_model_len passes original_max_position_embeddings is refused.
 * The tiny configs exercise their features (without each, transformers answers otherwise).
@@ -144,6 +144,11 @@ def test_gemma2_golden_with_chunked_prefill_and_prefix_hits(models, hf, native) 
 
 def test_gemma2_disaggregated_equals_whole(models) -> None:
     fam.test_disaggregated_equals_whole(models, "gemma2")
+
+
+def test_gemma2_tensor_parallel_shards_add_up(models) -> None:
+    """Two shards' attention (capped scores, heads split) and MLP outputs sum to the whole's."""
+    fam.test_tensor_parallel_shards_add_up(models, "gemma2")
 
 
 def _eager(q, k, v, qpos, kpos, scale, cap, window):
