@@ -1,5 +1,5 @@
 """Model configuration parsed from an HF ``config.json``: the Llama family (llama, mistral, qwen2),
-Qwen3 (qwen3), Phi-3 (phi3), Gemma 3 (gemma3_text) and the mixtures of experts (mixtral,
+Qwen3 (qwen3), Phi-3 (phi3), Gemma 2 (gemma2), Gemma 3 (gemma3_text) and the mixtures of experts (mixtral,
 qwen2_moe, qwen3_moe).
 
 The rule: **every key of config.json is classified** for its architecture, and a key that could
@@ -21,7 +21,7 @@ into one :class:`KeyRole`:
 
 Any other key is unknown and refused: :class:`UnsupportedModelConfigError` names the key and its
 value. Supported values: ``hidden_act`` in :data:`SUPPORTED_ACTIVATIONS`; RoPE ``default``,
-``linear``, ``llama3``; Llama ``attention_bias`` (q/k/v **and** o_proj, as HF) and ``mlp_bias``
+``linear``, ``llama3`` (and ``longrope`` on Phi-3); Llama ``attention_bias`` (q/k/v **and** o_proj, as HF) and ``mlp_bias``
 (gate/up/down); Qwen2 has q/k/v bias always and no o_proj bias; sliding windows per layer.
 
 Sliding windows (HF semantics, ``transformers.masking_utils.sliding_window_overlay``): a query at
@@ -32,7 +32,7 @@ Mistral: every layer uses ``sliding_window`` (null = full attention). Qwen2: the
 max_window_layers`` (transformers 5.23 ``Qwen2Config.__post_init__``); Qwen3 follows the same
 rule. Mixtral, Phi-3 and Qwen3-MoE window every layer with ``sliding_window`` (Qwen3-MoE only
 when ``use_sliding_window`` is true); Qwen2-MoE windows the layers ``layer_types`` names, else
-the even-numbered layers ``i < max_window_layers`` (its own ``__post_init__``); Gemma 3 windows
+the even-numbered layers ``i < max_window_layers`` (its own ``__post_init__``); Gemma 2 and 3 window
 its local layers.
 
 Newer families (see ``_USED_BY_ARCH``; each is golden-tested like the Llama family):
@@ -41,14 +41,18 @@ Newer families (see ``_USED_BY_ARCH``; each is golden-tested like the Llama fami
   (not ``hidden/heads``), ``attention_bias`` gives q/k/v **and** o_proj a bias.
 * ``phi3``: fused ``qkv_proj`` / ``gate_up_proj`` checkpoint tensors (the model's own fused
   layout), partial rotary (``partial_rotary_factor``, in ``rope_parameters`` or at the top level,
-  as ``Phi3Config`` reads it); RoPE ``longrope`` (and the legacy ``su``/``yarn`` names) is
-  refused; resid/embd dropout are inert.
-* ``gemma3_text`` (Gemma 3 text-only ``Gemma3ForCausalLM``): ``hidden_activation`` (not
-  ``hidden_act``), ``query_pre_attn_scalar`` (the softmax scale), ``final_logit_softcapping``,
-  local/global layers (``layer_types``, else every ``sliding_window_pattern``-th layer global),
-  RoPE per layer type (nested ``rope_parameters``, or ``rope_theta`` / ``rope_local_base_freq`` /
-  ``rope_scaling`` on the global layers); ``attn_logit_softcapping`` (Gemma 2) and
-  ``use_bidirectional_attention`` are refused. The model is engine.models.gemma3.
+  as ``Phi3Config`` reads it); RoPE ``longrope`` (and the legacy ``su``/``yarn`` names,
+  :func:`_longrope`): ``short_factor`` and the attention factor, served only up to
+  ``original_max_position_embeddings`` tokens (:meth:`ModelConfig.check_max_positions` refuses a
+  longer ``max_model_len``: transformers' switch to ``long_factor`` cannot be exact over a paged
+  cache); resid/embd dropout are inert.
+* ``gemma2`` and ``gemma3_text`` (Gemma 3 text-only ``Gemma3ForCausalLM``): ``hidden_activation``
+  (not ``hidden_act``), ``query_pre_attn_scalar`` (the softmax scale), ``final_logit_softcapping``
+  and ``attn_logit_softcapping`` (absent: the family's HF default, Gemma 2 30 / 50, Gemma 3 none),
+  local/global layers (``layer_types``, else every ``sliding_window_pattern``-th layer global on
+  Gemma 3, every second on Gemma 2); Gemma 3: RoPE per layer type (nested ``rope_parameters``, or
+  ``rope_theta`` / ``rope_local_base_freq`` / ``rope_scaling`` on the global layers); Gemma 2: one
+  RoPE. ``use_bidirectional_attention`` is refused. The models are engine.models.gemma2/gemma3.
 * ``mixtral``, ``qwen2_moe``, ``qwen3_moe``: :class:`MoEConfig` (top-k of the softmax over the
   experts, renormalised when ``norm_topk_prob``, always on Mixtral; Qwen2-MoE's shared expert
   with its sigmoid gate and ``qkv_bias``; dense layers from ``mlp_only_layers`` /
