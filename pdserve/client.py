@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.sampling_params import SamplingParams
+from pdserve.choices import ChoicesResume, group_completions, num_choices, refuse_several
 from pdserve.client_direct import DirectMux, direct_messages
 from pdserve.errors import PdserveError, UnavailableError
 from pdserve.proto_convert import finish_from_proto, sampling_to_proto
@@ -78,13 +79,16 @@ class TokenLogprob:
 
 @dataclass
 class Chunk:
-    """``logprobs``: parallel to ``token_ids`` when logprobs were requested, else empty."""
+    """``logprobs``: parallel to ``token_ids`` when logprobs were requested, else empty.
+    ``choice_index``: the choice the chunk belongs to (``n > 1``; 0 otherwise); with ``n > 1``
+    each choice's last chunk has its ``finish``."""
 
     request_id: str
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: Finish | None = None
+    choice_index: int = 0
 
 
 class ServingStatus(enum.Enum):
@@ -146,7 +150,9 @@ def _chunk(m: client_pb2.GenerateResponse) -> Chunk:
             },
             kv_pull_s=t.kv_pull_s,
         )
-    return Chunk(m.request_id, list(m.token_ids), m.text, [_logprob(lp) for lp in m.logprobs], fin)
+    return Chunk(
+        m.request_id, list(m.token_ids), m.text, [_logprob(lp) for lp in m.logprobs], fin, m.choice_index
+    )
 
 
 def build_request(
@@ -360,6 +366,7 @@ class Stream:
         self._replay_ok = replay_ok
         self._call: Any = None
         self._cancelled = False
+        self.num_choices = 1  # SamplingParams.n of the request (set by the client)
         self.router = ""  # the address of the router serving (or that last served) the stream
         self._call = self._open(0)
 
@@ -369,7 +376,7 @@ class Stream:
         return self._start(idx)
 
     def __iter__(self) -> Iterator[Chunk]:
-        resume = Resume()
+        resume: Any = Resume() if self.num_choices == 1 else ChoicesResume(self.num_choices)
         tried: list[tuple[str, str]] = []
         attempt = 0
         while True:
@@ -486,12 +493,21 @@ class Client:
         req = build_request(prompt, params, **kw)
         md = _merge_md(self._md, metadata)
         t = timeout if timeout is not None else self.timeout
-        return Stream(
+        s = Stream(
             lambda i: self._stubs[i].Generate(req, timeout=t, metadata=md), self._routers, replayable(req)
         )
+        s.num_choices = num_choices(req.sampling.n)
+        return s
+
+    def complete_choices(self, prompt, params: SamplingParams | None = None, **kw) -> list[Completion]:
+        """Run a generation with ``n`` choices (``n=``, ``best_of=``) to the end; its choices
+        whole, by choice index (each with its own finish)."""
+        req_n = num_choices(build_request(prompt, params, **kw).sampling.n)
+        return group_completions(self.generate(prompt, params, **kw), req_n)
 
     def complete(self, prompt, params: SamplingParams | None = None, **kw) -> Completion:
-        """Run a generation to the end and return it whole."""
+        """Run a generation to the end and return it whole (``n > 1``: :meth:`complete_choices`)."""
+        refuse_several(num_choices(build_request(prompt, params, **kw).sampling.n), "complete")
         ids: list[int] = []
         text: list[str] = []
         fin = None
@@ -628,7 +644,8 @@ class AsyncClient:
         t = timeout if timeout is not None else self.timeout
         replay_ok = replayable(req)
         order = self._routers.order()
-        resume = Resume()
+        n = num_choices(req.sampling.n)
+        resume: Any = Resume() if n == 1 else ChoicesResume(n)
         tried: list[tuple[str, str]] = []
         for attempt, i in enumerate(order):
             resume.restart()
@@ -657,7 +674,13 @@ class AsyncClient:
             finally:
                 call.cancel()
 
+    async def complete_choices(self, prompt, params: SamplingParams | None = None, **kw) -> list[Completion]:
+        """As :meth:`Client.complete_choices`."""
+        n = num_choices(build_request(prompt, params, **kw).sampling.n)
+        return group_completions([c async for c in self.generate(prompt, params, **kw)], n)
+
     async def complete(self, prompt, params: SamplingParams | None = None, **kw) -> Completion:
+        refuse_several(num_choices(build_request(prompt, params, **kw).sampling.n), "complete")
         ids: list[int] = []
         text: list[str] = []
         fin = None

@@ -67,6 +67,7 @@ from pdserve.v1 import client_pb2, common_pb2
 from router.adapters import AdapterCatalog, list_models_response
 from router.cluster_view import OutstandingTokens, ViewBuilder
 from router.deadline import LazyDeadline
+from router.groups import GroupRelay, check_group_request, placement_args
 from router.lifecycle.cluster import RouterCluster
 from router.lifecycle.direct_legs import DirectBook, DirectConfig, DirectLegs
 from router.lifecycle.driver import LifecycleDriver
@@ -431,6 +432,7 @@ class GenerateServicer:
         params = sampling_from_proto(req.sampling)
         ids = self._tokens(req)
         self._validate(ids, params)
+        check_group_request(params, req, self.model_config.kv_window)  # n > 1 / best_of: router.groups
         rid = req.request_id or uuid.uuid4().hex
         t_route = time.perf_counter()
         run = RequestRun(rid, ids, params, t0, IncrementalDetokenizer(self.tokenizer, params.stop))
@@ -440,7 +442,7 @@ class GenerateServicer:
             # I/O: off the loop, before the placement lock
             stored = await asyncio.to_thread(self.placer.prefix_blocks, ids, req)
         with self._place_lock:
-            placement, pw, dw, info = self._place(rid, ids, params, req, stored)
+            placement, pw, dw, info = self._place(rid, ids, *placement_args(params, req), stored)
             # the prompt is queued on the worker that prefills it from now on, not from when its
             # Prefill call starts: the next placement must see it
             run.reserved = (dw if placement.local_prefill else pw).worker_id, len(ids)
@@ -467,6 +469,12 @@ class GenerateServicer:
             predicted_tpot_s=placement.estimated_tpot_s,
             predicted_output_tokens=placement.predicted_output_tokens or None,
         )
+        if params.num_candidates > 1:  # parallel sampling: the group's own relay (router.groups)
+            group = GroupRelay(self, req, ctx, run, info, placement, pw, dw)
+            async with contextlib.aclosing(group.responses()) as served:
+                async for resp in served:
+                    yield resp
+            return
         machine = RequestLifecycle(
             rid,
             prefill_id=None if local else pw.worker_id,

@@ -1,0 +1,363 @@
+"""A parallel-sampling request through the router (``SamplingParams.n > 1`` or ``best_of > 1``).
+
+The group travels as one request: its prefill worker prefills the prompt once, all but its last
+token (``PrefillResponse.prompt_tail_pending``), and ONE decode worker forks the choices over the
+handed-off blocks (or, for a one-token prompt or a ``local_prefill`` placement, runs the whole
+group); the decode stream's messages carry ``choice_index``, relayed to the client as they come,
+each choice detokenized on its own, each with its own finish (its usage counts its completion
+tokens). The stream ends after every choice finished.
+
+Placement counts the group as ``num_candidates`` sequences: the policy sees ``max_tokens`` and
+the predicted output length times the candidates (decode tokens), and the decode worker's KV in
+flight is the prompt plus one block's worth per candidate (:func:`placement_args`).
+
+Failover (exact): the router fixes the base seed before the first dispatch (a random one when
+the client sent none; the engine would pick one the same way), so a re-run of the group samples
+every choice exactly as before (choice ``i`` == the request alone with ``seed + i``). When a
+worker of the group is lost (UNAVAILABLE, the KV gone), the whole group is re-dispatched to
+replacement workers (``RouterConfig.max_redispatches`` bounds it, as for single requests) and
+each choice's replayed tokens are checked against those already delivered (a mismatch fails the
+request loudly) and not sent again; choices already finished are dropped from the re-run's
+stream. Cancellation cancels the worker calls, which aborts the request id on the workers and
+frees every choice's blocks; a handoff lease not yet taken by a decode worker is released here.
+
+Not covered for groups: live migration (a group is not registered for it) and the progress
+(stall) deadline of single requests' streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import IncrementalDetokenizer
+from pdserve.errors import InternalError, InvalidRequestError
+from pdserve.proto_convert import name_logprob_tokens
+from pdserve.status import raise_from_rpc_error
+from pdserve.tracing import log_event
+from pdserve.v1 import client_pb2, common_pb2, worker_pb2
+from router.failover import LostPhase, LostWorker, Redispatches
+from router.lifecycle.cluster import release_lease_now, unreserve
+from router.lifecycle.grpc_calls import Guarded, call_metadata, raise_store_failure, remaining
+from router.lifecycle.grpc_legs import RequestRun
+from router.lifecycle.ports import WorkerLostError
+from router.registry import WorkerEntry, WorkerKind
+
+if TYPE_CHECKING:
+    from router.policy import Placement, RequestInfo
+    from router.service import GenerateServicer
+
+log = logging.getLogger("router.service")  # the router's log records keep their logger name
+
+
+def check_group_request(
+    params: SamplingParams, req: client_pb2.GenerateRequest, kv_window: int | None
+) -> None:
+    """Refuse at the edge (InvalidRequestError -> INVALID_ARGUMENT, naming the field) what the
+    engine cannot run with ``n > 1`` / ``best_of > 1``: a LoRA ``adapter``, a sliding-window model
+    (``kv_window``). ``SamplingParams`` itself refuses ``n < 1``, ``best_of < n``, and greedy
+    (``temperature`` 0) choices."""
+    if params.num_candidates < 2:
+        return
+    name = f"n={params.n}, best_of={params.best_of}"
+    if req.adapter:
+        raise InvalidRequestError(
+            f"{name} is not supported with a LoRA adapter (adapter {req.adapter!r}) yet: send n=1"
+        )
+    if kv_window is not None:
+        raise InvalidRequestError(
+            f"{name} is not supported for this sliding-window model (window {kv_window}) yet: send n=1"
+        )
+
+
+def placement_args(
+    params: SamplingParams, req: client_pb2.GenerateRequest
+) -> tuple[SamplingParams, client_pb2.GenerateRequest]:
+    """``(params, req)`` as the placement policy should see a group: ``max_tokens`` and
+    ``predicted_output_tokens`` times the candidates (n x decode tokens and KV growth). A single
+    request is returned unchanged."""
+    k = params.num_candidates
+    if k < 2:
+        return params, req
+    shown = client_pb2.GenerateRequest()
+    shown.CopyFrom(req)
+    shown.predicted_output_tokens = req.predicted_output_tokens * k
+    return dataclasses.replace(params, max_tokens=params.max_tokens * k, n=1, best_of=None), shown
+
+
+@dataclass
+class _Choice:
+    """What the client has of one choice."""
+
+    detok: IncrementalDetokenizer
+    sent: list[int] = field(default_factory=list)  # tokens delivered
+    seen: int = 0  # tokens of the current attempt's stream so far
+    token_times: list[float] = field(default_factory=list)
+    done: bool = False
+
+
+class GroupRelay:
+    """One group request on servicer ``svc`` (``run``: its data, ``info``: its placement's
+    request, placed on ``pw`` (prefill) and ``dw`` (decode); ``local``: ``dw`` runs it whole)."""
+
+    def __init__(
+        self,
+        svc: GenerateServicer,
+        req: client_pb2.GenerateRequest,
+        ctx: Any,
+        run: RequestRun,
+        info: RequestInfo,
+        placement: Placement,
+        pw: WorkerEntry,
+        dw: WorkerEntry,
+    ) -> None:
+        self.svc, self.req, self.ctx, self.run, self.info = svc, req, ctx, run, info
+        self.local = placement.local_prefill or len(run.ids) < 2
+        self.pw, self.dw = pw, dw
+        self.sampling = common_pb2.SamplingParams()
+        self.sampling.CopyFrom(req.sampling)
+        if not self.sampling.HasField("seed"):  # fixed now: a re-dispatch replays every choice exactly
+            self.sampling.seed = random.getrandbits(62)
+        p = run.params
+        self.choices = [_Choice(IncrementalDetokenizer(svc.tokenizer, p.stop)) for _ in range(p.n)]
+        self.budget = Redispatches(run.rid, svc.config.max_redispatches)
+        self.pre_timing: common_pb2.Timing | None = None
+
+    # ------------------------------------------------------------------ run
+    async def responses(self) -> AsyncIterator[client_pb2.GenerateResponse]:
+        """The client responses of the group, re-dispatching lost workers within the budget."""
+        svc = self.svc
+        try:
+            while True:
+                try:
+                    async for r in self._attempt():
+                        yield r
+                    return
+                except WorkerLostError as e:
+                    await self._redispatch(e.lost)
+        finally:
+            unreserve(svc, self.run)
+            svc.policy.release(self.run.rid)
+
+    async def _redispatch(self, lost: LostWorker) -> None:
+        """Record the loss (UnavailableError past the budget), drop or quarantine the worker and
+        choose replacements for the next attempt."""
+        svc = self.svc
+        self.budget.record(lost)
+        if lost.stalled:
+            svc.prober.quarantine(lost)
+        elif lost.phase is not LostPhase.KV:
+            svc.registry.drop(lost.worker_id)
+        n_ctx = len(self.run.ids)
+        placer = svc.placer
+        if not self.local and lost.phase is LostPhase.PREFILL:
+            self.pw = await placer.replacement_or_wait(
+                WorkerKind.PREFILL, self.info, n_ctx, self.budget, self.ctx
+            )
+        elif lost.phase is not LostPhase.KV:
+            self.dw = await placer.replacement_or_wait(
+                WorkerKind.DECODE, self.info, n_ctx, self.budget, self.ctx
+            )
+            if self.local:
+                self.pw = self.dw
+        svc.metrics.redispatches.labels(lost.phase.value).inc()
+        log_event(
+            log,
+            "redispatch",
+            logging.WARNING,
+            cluster_request_id=self.run.rid,
+            lost_phase=lost.phase.value,
+            lost_worker=lost.worker_id,
+            error=lost.detail,
+            redispatch=self.budget.count,
+            produced_tokens=sum(len(c.sent) for c in self.choices),
+            choices=len(self.choices),
+            prefill=None if self.local else self.pw.worker_id,
+            decode=self.dw.worker_id,
+        )
+
+    def _common(self) -> dict:
+        run, req = self.run, self.req
+        return dict(
+            request_id=run.rid,
+            model=self.svc.config.model_id,
+            prompt_token_ids=run.ids,
+            sampling=self.sampling,
+            cache_salt=req.cache_salt,
+            tenant=req.tenant,
+            priority=req.priority,
+        )
+
+    async def _prefill(self) -> worker_pb2.PrefillResponse:
+        svc, pw = self.svc, self.pw
+        n = len(self.run.ids)
+        unreserve(svc, self.run)  # this call's own accounting takes over
+        svc.registry.add_inflight(pw.worker_id, 1)
+        svc.outstanding.add(pw.worker_id, n)
+        call = svc.stubs.worker(pw.address).Prefill(
+            worker_pb2.PrefillRequest(**self._common(), slo=self.req.slo, lease_ttl_s=self.run.lease_ttl_s),
+            timeout=remaining(self.ctx),
+            metadata=call_metadata(),
+        )
+        try:
+            pre: worker_pb2.PrefillResponse = await call
+        except grpc.RpcError as e:
+            raise_store_failure(e)
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise WorkerLostError(
+                    LostWorker(pw.worker_id, LostPhase.PREFILL, e.details() or "")
+                ) from None
+            raise_from_rpc_error(e)
+        finally:
+            call.cancel()
+            svc.outstanding.add(pw.worker_id, -n)
+            svc.registry.add_inflight(pw.worker_id, -1)
+        svc.registry.seen(pw.worker_id)
+        if not pre.prompt_tail_pending:
+            if pre.kv.lease_id:
+                await asyncio.to_thread(release_lease_now, svc, pre.kv)
+            raise InternalError(
+                f"prefill worker {pw.worker_id} does not support parallel sampling (it sampled a token "
+                "for a group): upgrade it"
+            )
+        if self.pre_timing is None:
+            self.pre_timing = pre.timing
+            self.run.cached_tokens = pre.num_cached_tokens
+        return pre
+
+    async def _attempt(self) -> AsyncIterator[client_pb2.GenerateResponse]:
+        """One dispatch of the whole group: prefill (unless local), decode, relay."""
+        svc, run = self.svc, self.run
+        for c in self.choices:
+            c.seen = 0
+        kv: common_pb2.KVHandle | None = None
+        if self.local:
+            unreserve(svc, run)
+            dreq = worker_pb2.DecodeRequest(**self._common(), slo=self.req.slo, local_prefill=True)
+        else:
+            pre = await self._prefill()
+            kv = pre.kv
+            dreq = worker_pb2.DecodeRequest(
+                **self._common(), slo=self.req.slo, kv=kv, prompt_tail_pending=True
+            )
+        dw = self.dw
+        kv_tokens = len(run.ids) + run.params.num_candidates  # n x KV growth (one token each to start)
+        svc.registry.add_inflight(dw.worker_id, 1)
+        svc.kv_tokens.add(dw.worker_id, kv_tokens)
+        t_dec = time.monotonic()
+        started = False
+        call = svc.stubs.worker(dw.address).Decode(
+            dreq, timeout=remaining(self.ctx), metadata=call_metadata()
+        )
+        try:
+            async for d in Guarded(call, dw, streamed=svc._streamed_at):
+                if not started:
+                    started = True
+                    run.kv_pull_s += d.kv_pull_s
+                    if self.local and self.pre_timing is None:
+                        run.cached_tokens = d.num_cached_tokens
+                svc._streamed_at[dw.worker_id] = time.monotonic()
+                r = self._relay(d, time.monotonic() - t_dec)
+                if r is not None:
+                    yield r
+                if all(c.done for c in self.choices):
+                    return
+            missing = [i for i, c in enumerate(self.choices) if not c.done]
+            if missing:
+                raise InternalError(
+                    f"decode worker {dw.worker_id} ended the stream before choices {missing} finished"
+                )
+        finally:
+            call.cancel()  # the client went away (or we are done): the worker aborts every choice
+            svc.registry.add_inflight(dw.worker_id, -1)
+            svc.kv_tokens.add(dw.worker_id, -kv_tokens)
+            if kv is not None and not started and kv.lease_id:
+                # the decode worker may not have taken the handoff: its lease is ours to release
+                await asyncio.to_thread(release_lease_now, svc, kv)
+
+    # ------------------------------------------------------------------ relay
+    def _relay(self, d: worker_pb2.DecodeResponse, decode_s: float) -> client_pb2.GenerateResponse | None:
+        """The client response for one decode message: its choice's tokens not delivered yet
+        (replayed ones must equal what was delivered), rendered by that choice's detokenizer."""
+        if d.choice_index >= len(self.choices):
+            raise InternalError(
+                f"decode message for choice {d.choice_index} of a request with n={len(self.choices)}"
+            )
+        c = self.choices[d.choice_index]
+        if c.done:
+            return None  # finished in an earlier attempt
+        toks = list(d.token_ids)
+        skip = 0
+        for k, t in enumerate(toks):
+            i = c.seen + k
+            if i < len(c.sent):
+                if c.sent[i] != t:
+                    raise InternalError(
+                        f"request {self.run.rid} choice {d.choice_index}: re-dispatched output token {i} is {t}, "
+                        f"the client already has {c.sent[i]}"
+                    )
+                skip += 1
+        c.seen += len(toks)
+        new = toks[skip:]
+        final = d.HasField("finish")
+        if not new and not final:
+            return None
+        now = time.monotonic() - self.run.t0
+        c.token_times.extend([now] * len(new))
+        visible = new
+        if final and visible and d.finish.stop == str(visible[-1]):
+            visible = visible[:-1]  # the stop token that ended it is not rendered
+        text, matched = c.detok.add(visible, final=final)
+        c.sent.extend(new)
+        r = client_pb2.GenerateResponse(
+            request_id=self.run.rid,
+            token_ids=new,
+            text=text,
+            choice_index=d.choice_index,
+            logprobs=d.logprobs[skip:],
+        )
+        if r.logprobs:
+            name_logprob_tokens(r.logprobs, self.svc.tokenizer.token_bytes)
+        if final or matched is not None:
+            if matched is not None and not final:
+                r.text += c.detok.add([], final=True)[0]
+            c.done = True
+            reason = d.finish.reason if final else common_pb2.FINISH_REASON_STOP
+            stop = matched if matched is not None else d.finish.stop
+            r.finish.CopyFrom(self._finish(c, reason, stop or "", decode_s))
+        return r
+
+    def _finish(self, c: _Choice, reason: int, stop: str, decode_s: float) -> common_pb2.Finish:
+        run = self.run
+        n_in, n_out = len(run.ids), len(c.sent)
+        pre = self.pre_timing
+        e2e = time.monotonic() - run.t0
+        return common_pb2.Finish(
+            reason=reason,
+            stop=stop,
+            usage=common_pb2.Usage(
+                prompt_tokens=n_in,
+                completion_tokens=n_out,
+                cached_prompt_tokens=run.cached_tokens,
+                total_tokens=n_in + n_out,
+            ),
+            timing=common_pb2.Timing(
+                ttft_s=c.token_times[0] if c.token_times else e2e,
+                e2e_s=e2e,
+                token_times_s=c.token_times,
+                queue_s=pre.queue_s if pre is not None else 0.0,
+                prefill_s=pre.prefill_s if pre is not None else 0.0,
+                transfer_s=(pre.transfer_s if pre is not None else 0.0) + run.kv_pull_s,
+                decode_s=max(0.0, decode_s - run.kv_pull_s),
+                kv_pull_s=run.kv_pull_s,
+            ),
+        )
