@@ -1,0 +1,146 @@
+"""Direct-stream tickets (pdserve.ticket) and the decode worker's attach checks
+(decode_worker.direct.DirectStreams), in process: every refusal is PERMISSION_DENIED naming why."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from decode_worker.direct import DirectStreams, _Conn
+from pdserve.errors import InvalidRequestError, PermissionDeniedError
+from pdserve.ticket import TicketClaims, TicketSigner, decode_unverified, ticket_key
+from pdserve.v1 import direct_pb2, worker_pb2
+
+NOW = 1_000_000.0
+CLAIMS = TicketClaims("req-1", "decode-0", "tenant-a", NOW + 30)
+
+
+def signer(token: str = "cluster-token") -> TicketSigner:
+    return TicketSigner(ticket_key(token))
+
+
+def test_mint_and_verify_round_trip() -> None:
+    t = signer().mint(CLAIMS)
+    got = signer().verify(t, request_id="req-1", worker_id="decode-0", tenant="tenant-a", now=NOW)
+    assert got == CLAIMS
+    assert decode_unverified(t) == CLAIMS
+
+
+@pytest.mark.parametrize(
+    ("kw", "why"),
+    [
+        ({"request_id": "req-2"}, "for request 'req-1'"),
+        ({"worker_id": "decode-1"}, "for decode worker 'decode-0'"),
+        ({"tenant": "tenant-b"}, "another tenant"),
+        ({"now": NOW + 31}, "expired"),
+    ],
+)
+def test_claims_that_do_not_hold_are_refused(kw, why) -> None:
+    args = {"request_id": "req-1", "worker_id": "decode-0", "tenant": "tenant-a", "now": NOW, **kw}
+    with pytest.raises(PermissionDeniedError, match=why):
+        signer().verify(signer().mint(CLAIMS), **args)
+
+
+def test_forged_and_foreign_key_tickets_are_refused() -> None:
+    t = signer().mint(CLAIMS)
+    payload, mac = t.split(".")
+    forged_claims = signer("another cluster").mint(TicketClaims("req-1", "decode-0", "tenant-b", NOW + 30))
+    args = {"request_id": "req-1", "worker_id": "decode-0", "tenant": "tenant-a", "now": NOW}
+    with pytest.raises(PermissionDeniedError, match="bad signature"):
+        signer().verify(payload + "." + mac[::-1], **args)
+    with pytest.raises(PermissionDeniedError, match="bad signature"):
+        signer("another cluster").verify(t, **args)  # another key
+    with pytest.raises(PermissionDeniedError, match="bad signature"):
+        signer().verify(forged_claims.split(".")[0] + "." + mac, **{**args, "tenant": "tenant-b"})
+    with pytest.raises(PermissionDeniedError, match="malformed"):
+        signer().verify("not-a-ticket", **args)
+
+
+def test_keys_agree_with_a_token_and_differ_without() -> None:
+    assert ticket_key("t") == ticket_key("t") != ticket_key("u")
+    assert ticket_key("") != ticket_key("")  # random per process: no token, no shared key
+    with pytest.raises(ValueError, match="32 bytes"):
+        TicketSigner(b"short")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = NOW
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _decode_req(ticket: str, tenant: str = "tenant-a", **kw) -> worker_pb2.DecodeRequest:
+    return worker_pb2.DecodeRequest(
+        request_id="req-1", tenant=tenant, direct=direct_pb2.DirectGrant(ticket=ticket), **kw
+    )
+
+
+def test_worker_attach_checks() -> None:
+    """A registered direct request: the wrong ticket, an expired one and an unknown request are
+    refused on the presenter's connection only; its own ticket attaches it."""
+
+    async def scenario():
+        clock = _Clock()
+        s = signer()
+        ds = DirectStreams("decode-0", s, clock=clock)
+        ticket = s.mint(CLAIMS)
+        aborted: list[BaseException] = []
+        ds._register("req-1", _decode_req(ticket), aborted.append)
+        other_tenant = s.mint(TicketClaims("req-1", "decode-0", "tenant-b", NOW + 30))
+        conn = _Conn(ctx=None)  # type: ignore[arg-type]
+        attach = direct_pb2.DirectAttach
+        ds._attach(conn, attach(request_id="req-1", ticket=other_tenant))
+        ds._attach(conn, attach(request_id="req-9", ticket=ticket))
+        clock.t = NOW + 31
+        ds._attach(conn, attach(request_id="req-1", ticket=ticket))
+        refused = [(d.request_id, d.error_code, d.error) for d in conn.refusals]
+        clock.t = NOW
+        conn.refusals.clear()
+        ds._attach(conn, attach(request_id="req-1", ticket=ticket))
+        return refused, conn, aborted
+
+    refused, conn, aborted = asyncio.run(scenario())
+    denied = grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert [(r, c) for r, c, _ in refused] == [("req-1", denied), ("req-9", denied), ("req-1", denied)]
+    assert "not the ticket of this request" in refused[0][2]
+    assert "no request 'req-9'" in refused[1][2]
+    assert "expired" in refused[2][2]
+    assert not conn.refusals and list(conn.slots) == ["req-1"] and not aborted
+
+
+def test_worker_refuses_direct_requests_it_cannot_serve() -> None:
+    ds = DirectStreams("decode-0", None)
+    for bad in (_decode_req("t", local_prefill=True), _decode_req("t", resume_token_ids=[1])):
+        with pytest.raises(InvalidRequestError, match="fresh handoff only"):
+            ds.check(bad)
+    with pytest.raises(InvalidRequestError, match="no ticket"):
+        ds.check(_decode_req(""))
+
+
+def test_worker_refuses_a_grant_for_another_worker() -> None:
+    async def scenario():
+        ds = DirectStreams("decode-1", None, clock=_Clock())
+        ds._register("req-1", _decode_req(signer().mint(CLAIMS)), lambda e: None)
+
+    with pytest.raises(PermissionDeniedError, match="decode worker 'decode-0', not 'decode-1'"):
+        asyncio.run(scenario())
+
+
+def test_unattached_request_is_aborted_at_expiry() -> None:
+    async def scenario():
+        clock = _Clock()
+        ds = DirectStreams("decode-0", None, clock=clock)
+        aborted: list[BaseException] = []
+        claims = TicketClaims("req-1", "decode-0", "tenant-a", NOW + 0.05)
+        ds._register("req-1", _decode_req(signer().mint(claims)), aborted.append)
+        clock.t = NOW + 1
+        await asyncio.sleep(0.2)
+        return aborted, ds
+
+    aborted, ds = asyncio.run(scenario())
+    assert len(aborted) == 1 and "did not attach" in str(aborted[0])
+    assert not ds._slots
