@@ -221,17 +221,20 @@ async def sdk_closed_loop(
     record_arrivals: bool = False,
     timeout_s: float = 600.0,
     offset: int = 0,
+    direct: bool = False,
 ) -> LoadResult:
     """``concurrency`` streams through the SDK's :class:`pdserve.client.AsyncClient` (one client,
     as an application holds one), each starting its next request when its last one finished,
-    until ``total_requests`` are done. Request ``i`` has prompt ``prompt_ids(offset + i)``."""
+    until ``total_requests`` are done. Request ``i`` has prompt ``prompt_ids(offset + i)``.
+    ``direct``: the client offers direct streams (decode workers stream to it; see
+    :mod:`pdserve.client_direct`)."""
     from pdserve.client import AsyncClient
 
     next_i = 0
     tokens = 0
     failures: dict[str, int] = {}
     arrivals: list[tuple[float, int, bool]] = []
-    async with AsyncClient(address, timeout=timeout_s) as client:
+    async with AsyncClient(address, timeout=timeout_s, direct=direct) as client:
 
         async def worker() -> None:
             nonlocal next_i, tokens

@@ -14,12 +14,19 @@ the sweep (default 100 and 1,000; ``--sweep 100,1000,10000``), N Generate stream
   model and engine config, in this process, all N submitted at once), and the difference (the
   overhead of the router, the network hops and the KV handoff).
 
-Usage: python bench/concurrency.py [--sweep 100,1000] [--max-tokens 4] [--prompt-len 8] [--out PATH]
+Each N runs once per ``--modes`` entry: ``relay`` (raw Generate stubs, the router relays every
+token) and ``direct`` (the SDK's :class:`pdserve.client.AsyncClient` with ``direct=True``: the
+decode workers stream the tokens to it, the router sends the first token, the redirect and the
+finish; router and decode workers run with ``--direct-streams``).
+
+Usage: python bench/concurrency.py [--sweep 100,1000] [--max-tokens 4] [--prompt-len 8]
+       [--modes relay,direct] [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import sys
@@ -66,6 +73,7 @@ class SweepResult:
     engine_ttft_p99_s: float | None = None
     first_failure: str = ""
     load: str = ""  # the machine's load average when the sweep point ended
+    mode: str = "relay"  # relay | direct (decode workers stream to the SDK client)
 
     @property
     def success_rate(self) -> float:
@@ -116,14 +124,59 @@ class WorkerWatch:
         self._thread.join(10)
 
 
-def sweep_one(cl, n: int, max_tokens: int, prompt_len: int, timeout_s: float) -> SweepResult:
+async def sdk_streams(
+    address: str, n: int, max_tokens: int, prompt_len: int, timeout_s: float, progress: Progress, direct: bool
+) -> list[StreamOutcome]:
+    """``n`` streams opened at once through one :class:`pdserve.client.AsyncClient` (``direct``:
+    offering direct streams); one outcome per stream (the SDK's typed errors by class name)."""
+    from pdserve.client import AsyncClient
+
+    async with AsyncClient(address, timeout=timeout_s, direct=direct) as client:
+
+        async def one(i: int) -> StreamOutcome:
+            t0 = time.monotonic()
+            out = StreamOutcome("OK")
+            finished = False
+            try:
+                async for c in client.generate(
+                    prompt_ids(i, prompt_len), max_tokens=max_tokens, temperature=0.0, ignore_eos=True
+                ):
+                    if c.token_ids and out.ttft_s is None:
+                        out.ttft_s = time.monotonic() - t0
+                    out.tokens += len(c.token_ids)
+                    finished = finished or c.finish is not None
+            except Exception as e:  # noqa: BLE001 - counted, the run goes on
+                return StreamOutcome(type(e).__name__, out.tokens, out.ttft_s, str(e))
+            finally:
+                progress.add()
+            return out if finished else StreamOutcome("NO_FINISH", out.tokens, out.ttft_s)
+
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def sweep_one(
+    cl, n: int, max_tokens: int, prompt_len: int, timeout_s: float, mode: str = "relay"
+) -> SweepResult:
     router_pid = cl.procs["router"].pid
     cpu0 = process_cpu_s(router_pid)
     t0 = time.monotonic()
     with WorkerWatch(cl.metrics["router"]) as watch:
-        outs = run_streams(
-            cl.router_address, n, max_tokens, prompt_len, timeout_s, Progress(f"{n} streams", n)
-        )
+        if mode == "direct":
+            outs = asyncio.run(
+                sdk_streams(
+                    cl.router_address,
+                    n,
+                    max_tokens,
+                    prompt_len,
+                    timeout_s,
+                    Progress(f"{n} streams (direct)", n),
+                    direct=True,
+                )
+            )
+        else:
+            outs = run_streams(
+                cl.router_address, n, max_tokens, prompt_len, timeout_s, Progress(f"{n} streams", n)
+            )
     wall = time.monotonic() - t0
     cpu = process_cpu_s(router_pid) - cpu0
     ok = [o for o in outs if o.code == "OK"]
@@ -141,6 +194,7 @@ def sweep_one(cl, n: int, max_tokens: int, prompt_len: int, timeout_s: float) ->
         ttft_p99_s=percentile(ttfts, 0.99),
         first_failure=f"{bad[0].code}: {bad[0].detail}" if bad else "",
         load=load_avg(),
+        mode=mode,
     )
 
 
@@ -153,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=4, help="tokens generated per stream")
     ap.add_argument("--prompt-len", type=int, default=8, help="prompt tokens per stream")
     ap.add_argument("--timeout-s", type=float, default=600.0, help="deadline of each stream")
+    ap.add_argument(
+        "--modes",
+        default="relay,direct",
+        help="token paths to measure at each N: relay (through the router), direct (decode workers "
+        "to the SDK client)",
+    )
     ap.add_argument("--no-engine", action="store_true", help="skip the engine-alone TTFT reference")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     return cli_help.apply(ap)
@@ -164,22 +224,36 @@ def main(argv: list[str] | None = None) -> int:
     from pdserve.launcher import ClusterSpec, launch
 
     sizes = [int(x) for x in a.sweep.split(",") if x]
+    modes = [m for m in a.modes.split(",") if m]
+    if any(m not in ("relay", "direct") for m in modes):
+        ap.error(f"--modes: relay and/or direct, got {a.modes!r}")
+    direct_args = ("--direct-streams",) if "direct" in modes else ()
     results: list[SweepResult] = []
     with tempfile.TemporaryDirectory() as tmp:
         model = tiny_model(Path(tmp))
         kv_blocks = 2048
-        spec = ClusterSpec(model_path=str(model), num_prefill=1, num_decode=2, worker_kv_blocks=kv_blocks)
+        spec = ClusterSpec(
+            model_path=str(model),
+            num_prefill=1,
+            num_decode=2,
+            worker_kv_blocks=kv_blocks,
+            worker_args=direct_args,
+            router_args=direct_args,
+        )
         with launch(spec) as cl:
             for n in sizes:
-                r = sweep_one(cl, n, a.max_tokens, a.prompt_len, a.timeout_s)
-                results.append(r)
+                for mode in modes:
+                    results.append(sweep_one(cl, n, a.max_tokens, a.prompt_len, a.timeout_s, mode))
         if not a.no_engine:
+            engine_p99: dict[int, float | None] = {}
             for r in results:
-                r.engine_ttft_p99_s = percentile(
-                    engine_ttfts(str(model), r.n, a.max_tokens, a.prompt_len, kv_blocks), 0.99
-                )
+                if r.n not in engine_p99:
+                    engine_p99[r.n] = percentile(
+                        engine_ttfts(str(model), r.n, a.max_tokens, a.prompt_len, kv_blocks), 0.99
+                    )
+                r.engine_ttft_p99_s = engine_p99[r.n]
     print(
-        f"{'streams':>8} {'success':>8} {'wall s':>7} {'tokens':>7} {'cpu s/token':>12} {'cpu s/req':>10} "
+        f"{'mode':>6} {'streams':>8} {'success':>8} {'wall s':>7} {'tokens':>7} {'cpu s/token':>12} {'cpu s/req':>10} "
         f"{'min workers':>14} {'ttft p50':>9} {'ttft p99':>9} {'engine p99':>10} {'overhead p99':>12}"
     )
     for r in results:
@@ -196,13 +270,13 @@ def main(argv: list[str] | None = None) -> int:
             return "-" if x is None else f"{x:.3f}"
 
         print(
-            f"{r.n:>8} {r.success_rate:>8.1%} {r.wall_s:>7.1f} {r.tokens:>7} {cpu_tok:>12.6f} {cpu_req:>10.5f} "
+            f"{r.mode:>6} {r.n:>8} {r.success_rate:>8.1%} {r.wall_s:>7.1f} {r.tokens:>7} {cpu_tok:>12.6f} {cpu_req:>10.5f} "
             f"{mw + ' (P/D)':>14} {f(r.ttft_p50_s):>9} {f(r.ttft_p99_s):>9} {f(r.engine_ttft_p99_s):>10} "
             f"{f(over):>12}"
         )
-        print(f"{'':>8} [{r.load}]")
+        print(f"{'':>15} [{r.load}]")
         if r.failures:
-            print(f"{'':>8} failures: {r.failures}; first: {r.first_failure[:200]}")
+            print(f"{'':>15} failures: {r.failures}; first: {r.first_failure[:200]}")
     if a.out:
         Path(a.out).write_text(
             json.dumps([{**asdict(r), "success_rate": r.success_rate} for r in results], indent=2)

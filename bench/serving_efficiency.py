@@ -7,7 +7,10 @@ For each concurrency C of ``--streams`` (default 64 and 256), in one run on one 
   one replaced at once, ``--requests-per-stream`` x C requests of ``--max-tokens`` tokens;
 * cluster: router + 1 prefill + 1 decode worker (+ the KV store) launched as processes on
   127.0.0.1 (:func:`pdserve.launcher.launch`), the same requests sent through the SDK's
-  :class:`pdserve.client.AsyncClient` from this process by C concurrent streams (closed loop).
+  :class:`pdserve.client.AsyncClient` from this process by C concurrent streams (closed loop),
+  once per ``--modes`` entry: ``relay`` (the router relays every token) and ``direct`` (the
+  client offers direct streams: the decode worker streams the tokens to it, the router out of
+  the token path; router and decode worker run with ``--direct-streams``).
 
 Printed: tokens/s of each, the ratio cluster / embedded (target >= 0.8: PASS/FAIL) and the CPU
 milliseconds per token of every process over the cluster run (router, prefill, decode, store and
@@ -19,7 +22,7 @@ A progress line (requests done) goes to stderr.
 
 Usage: python bench/serving_efficiency.py [--streams 64,256] [--requests-per-stream 4]
        [--max-tokens 32] [--prompt-len 8] [--stream-interval 1] [--stream-window-ms MS]
-       [--cpus 0,1] [--out PATH]
+       [--modes relay,direct] [--cpus 0,1] [--out PATH]
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class EfficiencyResult:
     cpu_ms_per_token: dict[str, float] = field(default_factory=dict)
     load_engine: str = ""
     load_cluster: str = ""
+    mode: str = "relay"  # relay | direct (the router out of the token path)
 
     @property
     def engine_tps(self) -> float:
@@ -116,10 +120,13 @@ def measure_engine(
     return r.tokens, r.wall_s, cpu / max(r.tokens, 1) * 1e3
 
 
-def measure_cluster(cl, c: int, n: int, max_tokens: int, prompt_len: int):
-    """(LoadResult, CPU ms per token by process) of the cluster run (warmed up first)."""
+def measure_cluster(cl, c: int, n: int, max_tokens: int, prompt_len: int, direct: bool = False):
+    """(LoadResult, CPU ms per token by process) of the cluster run (warmed up first);
+    ``direct``: the client takes its tokens from the decode worker."""
     asyncio.run(
-        sdk_closed_loop(cl.router_address, min(c, 16), min(c, 16), max_tokens, prompt_len, offset=10**6)
+        sdk_closed_loop(
+            cl.router_address, min(c, 16), min(c, 16), max_tokens, prompt_len, offset=10**6, direct=direct
+        )
     )
     pids = {name: p.pid for name, p in cl.procs.items()}
     pids["client"] = os.getpid()
@@ -131,8 +138,9 @@ def measure_cluster(cl, c: int, n: int, max_tokens: int, prompt_len: int):
             n,
             max_tokens,
             prompt_len,
-            progress=Progress(f"cluster, {c} streams", n),
+            progress=Progress(f"cluster ({'direct' if direct else 'relay'}), {c} streams", n),
             record_arrivals=True,
+            direct=direct,
         )
     )
     cpu = meter.stop()
@@ -169,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the decode worker's --stream-window-ms (adaptive coalescing; default: the worker's default)",
     )
+    ap.add_argument(
+        "--modes",
+        default="relay,direct",
+        help="cluster token paths to measure, in this order: relay (through the router), direct "
+        "(decode worker to client)",
+    )
     ap.add_argument("--cpus", default="", help="pin to these CPUs (e.g. 0,1); default: as allowed now")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     return cli_help.apply(ap)
@@ -183,7 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     from pdserve.worker_base import DEFAULT_STREAM_WINDOW_S
 
     window_ms = DEFAULT_STREAM_WINDOW_S * 1000.0 if a.stream_window_ms is None else a.stream_window_ms
-    worker_args = ("--stream-interval", str(a.stream_interval), "--stream-window-ms", f"{window_ms:g}")
+    modes = [m for m in a.modes.split(",") if m]
+    bad = [m for m in modes if m not in ("relay", "direct")]
+    if bad:
+        raise SystemExit(f"--modes: unknown mode(s) {bad}: relay, direct")
+    worker_args = (
+        "--stream-interval",
+        str(a.stream_interval),
+        "--stream-window-ms",
+        f"{window_ms:g}",
+        *(("--direct-streams",) if "direct" in modes else ()),
+    )
     sizes = [int(x) for x in a.streams.split(",") if x]
     kv_blocks = kv_blocks_for(sizes, a.prompt_len, a.max_tokens)
     results: list[EfficiencyResult] = []
@@ -195,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             num_decode=1,
             worker_kv_blocks=kv_blocks,
             worker_args=worker_args,
+            router_args=("--direct-streams",) if "direct" in modes else (),
         )
         with launch(spec) as cl:
             for c in sizes:
@@ -203,24 +228,28 @@ def main(argv: list[str] | None = None) -> int:
                 e_tok, e_wall, e_cpu = measure_engine(
                     model, c, n, a.max_tokens, a.prompt_len, a.engine_threads, kv_blocks
                 )
-                load_c = load_avg()
-                r, per_tok = measure_cluster(cl, c, n, a.max_tokens, a.prompt_len)
-                results.append(
-                    EfficiencyResult(
-                        c,
-                        n,
-                        e_tok,
-                        e_wall,
-                        e_cpu,
-                        r.tokens,
-                        r.wall_s,
-                        r.failures,
-                        len(r.arrivals),
-                        per_tok,
-                        load_e,
-                        load_c,
+                for mode in modes:
+                    load_c = load_avg()
+                    r, per_tok = measure_cluster(
+                        cl, c, n, a.max_tokens, a.prompt_len, direct=mode == "direct"
                     )
-                )
+                    results.append(
+                        EfficiencyResult(
+                            c,
+                            n,
+                            e_tok,
+                            e_wall,
+                            e_cpu,
+                            r.tokens,
+                            r.wall_s,
+                            r.failures,
+                            len(r.arrivals),
+                            per_tok,
+                            load_e,
+                            load_c,
+                            mode,
+                        )
+                    )
     print(
         f"tiny Llama, {a.max_tokens} tokens per request, prompt {a.prompt_len}, "
         f"{a.requests_per_stream} requests per stream, decode --stream-interval {a.stream_interval} "
@@ -234,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         rt = r.cpu_ms_per_token.get("router", float("nan"))
         rverdict = "PASS" if rt <= ROUTER_MS_PER_TOKEN_TARGET else "FAIL"
         ok = ok and verdict == "PASS" and rverdict == "PASS" and not r.cluster_failures
-        print(f"\n{r.streams} streams, {r.requests} requests:")
+        print(f"\n{r.streams} streams, {r.requests} requests, token path {r.mode}:")
         print(
             f"  embedded: {r.engine_tps:9.0f} tokens/s  ({r.engine_tokens} tokens, {r.engine_wall_s:.2f} s; "
             f"{r.engine_cpu_ms_per_token:.4f} ms CPU/token)  [{r.load_engine}]"
