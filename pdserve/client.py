@@ -673,6 +673,8 @@ class AsyncClient:
                 log.warning("router %s unavailable: request goes on at the next router", self.addresses[i])
             finally:
                 call.cancel()
+                if source is not call:  # the direct stream's connections let go of the request now
+                    await source.aclose()
 
     async def complete_choices(self, prompt, params: SamplingParams | None = None, **kw) -> list[Completion]:
         """As :meth:`Client.complete_choices`."""
