@@ -416,6 +416,7 @@ class _Exchange:
             adapter or model,  # the name the request used: an adapter's responses name the adapter
             call.include_usage,
             call.logprobs,
+            n=call.params.n,
         )
         stream = app.client.generate(
             call.sdk_prompt(),

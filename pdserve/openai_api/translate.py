@@ -241,20 +241,14 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def _refuse_unsupported(body: Mapping[str, Any], kind: ApiKind) -> None:
-    """Fields pdserve does not implement: refused (400) unless they carry their neutral value."""
-    n = _int(body, "n", lo=1)
-    if n is not None and n != 1:
-        raise FieldError(
-            f"'n' must be 1: pdserve returns one choice per request until parallel sampling is "
-            f"supported (got {n}); send {n} requests instead",
-            "n",
-        )
-    best_of = _int(body, "best_of", lo=1)
-    if best_of is not None and best_of != 1:
-        raise FieldError(
-            f"'best_of' must be 1: not supported by pdserve until parallel sampling is (got {best_of})",
-            "best_of",
-        )
+    """Fields pdserve does not implement: refused (400) unless they carry their neutral value.
+    (``best_of`` exists on /v1/completions only, as in OpenAI's API: refused on chat unless 1.)"""
+    if kind is ApiKind.CHAT:
+        best_of = _get(body, "best_of")
+        if best_of not in (_MISSING, None, 1):
+            raise FieldError(
+                f"'best_of' is a /v1/completions field (got {_show(best_of)}); use 'n' on chat", "best_of"
+            )
     for key in ("presence_penalty", "frequency_penalty"):
         v = _number(body, key)
         if v:
@@ -279,8 +273,11 @@ def _refuse_unsupported(body: Mapping[str, Any], kind: ApiKind) -> None:
             )
 
 
-def _sampling(body: Mapping[str, Any], max_tokens: int, logprobs: int | None) -> SamplingParams:
-    """A validated SamplingParams from the shared sampling fields (OpenAI + pdserve extensions)."""
+def _sampling(
+    body: Mapping[str, Any], max_tokens: int, logprobs: int | None, kind: ApiKind = ApiKind.COMPLETION
+) -> SamplingParams:
+    """A validated SamplingParams from the shared sampling fields (OpenAI + pdserve extensions),
+    with ``n`` (choices) and, on completions, ``best_of`` (parallel sampling)."""
     kw: dict[str, Any] = {"max_tokens": max_tokens, "stop": _stop(body), "logprobs": logprobs}
     for key in ("temperature", "top_p", "min_p", "repetition_penalty"):
         v = _number(body, key)
@@ -300,6 +297,13 @@ def _sampling(body: Mapping[str, Any], max_tokens: int, logprobs: int | None) ->
         ):
             raise FieldError("'stop_token_ids' must be a list of integers >= 0", "stop_token_ids")
         kw["stop_token_ids"] = tuple(ids)
+    n = _int(body, "n", lo=1, hi=SamplingParams.MAX_N)
+    if n is not None:
+        kw["n"] = n
+    if kind is ApiKind.COMPLETION:
+        best_of = _int(body, "best_of", lo=1, hi=SamplingParams.MAX_N)
+        if best_of is not None:
+            kw["best_of"] = best_of
     try:
         return SamplingParams(**kw)
     except InvalidRequestError as e:  # range checks of SamplingParams: name the field when we can
@@ -439,7 +443,10 @@ def parse_chat(body: Mapping[str, Any], defaults: Defaults = Defaults()) -> Gene
     if top is not None and not want:
         raise FieldError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     params = _sampling(
-        body, _max_tokens(body, defaults.chat_max_tokens, alias=True), (top or 0) if want else None
+        body,
+        _max_tokens(body, defaults.chat_max_tokens, alias=True),
+        (top or 0) if want else None,
+        ApiKind.CHAT,
     )
     return GenerateCall(ApiKind.CHAT, messages, params, logprobs=want, **common)
 
@@ -486,14 +493,18 @@ class ResponseMeta:
     model: str
     include_usage: bool = False
     logprobs: bool = False
+    n: int = 1  # choices (SamplingParams.n)
 
 
-def usage_dict(fin: Finish) -> dict[str, Any]:
-    """OpenAI ``usage`` (with ``prompt_tokens_details.cached_tokens``) from the SDK's Finish."""
+def usage_dict(fin: Finish, *more: Finish) -> dict[str, Any]:
+    """OpenAI ``usage`` (with ``prompt_tokens_details.cached_tokens``) from the SDK's Finish; with
+    several choices (``fin``, ``*more``: one finish each) the prompt counts once and the
+    completion tokens of every choice add up, as OpenAI counts them."""
+    completion = fin.completion_tokens + sum(f.completion_tokens for f in more)
     return {
         "prompt_tokens": fin.prompt_tokens,
-        "completion_tokens": fin.completion_tokens,
-        "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+        "completion_tokens": completion,
+        "total_tokens": fin.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": fin.cached_prompt_tokens},
     }
 
@@ -600,37 +611,50 @@ def _logprobs_obj(kind: ApiKind, lps: Sequence[_TokenLp]) -> dict[str, Any]:
 
 def build_response(meta: ResponseMeta, chunks: Iterable[Chunk]) -> dict[str, Any]:
     """The non-streamed response of a finished generation (``text_completion`` or
-    ``chat.completion``). Raises InternalError when no chunk carries a finish."""
-    text: list[str] = []
-    lps: list[_TokenLp] = []
-    fin: Finish | None = None
+    ``chat.completion``): ``meta.n`` choices by ``index`` (each chunk's ``choice_index``), usage
+    over all of them, the ``pdserve`` object of the choice that finished last. Raises
+    InternalError when a choice has no finish."""
+    n = meta.n
+    text: list[list[str]] = [[] for _ in range(n)]
+    lps: list[list[_TokenLp]] = [[] for _ in range(n)]
+    fins: list[Finish | None] = [None] * n
+    offset = [0] * n
+    offsets = [_Offsets() for _ in range(n)]
     rid = ""
-    offset = 0
-    offsets = _Offsets()
+    last: Finish | None = None
     for c in chunks:
+        i = c.choice_index
+        if not 0 <= i < n:
+            raise InternalError(f"a chunk of choice {i} in a response of n={n}")
         rid = c.request_id or rid
-        lps += offsets.of_chunk(c, offset)
-        text.append(c.text)
-        offset += len(c.text)
-        fin = c.finish or fin
-    if fin is None:
-        raise InternalError("the generation ended without a finish message")
-    body = "".join(text)
-    choice: dict[str, Any] = {"index": 0}
-    if meta.kind is ApiKind.COMPLETION:
-        choice["text"] = body
-    else:
-        choice["message"] = {"role": ChatRole.ASSISTANT.value, "content": body}
-    choice["logprobs"] = _logprobs_obj(meta.kind, lps) if meta.logprobs else None
-    choice["finish_reason"] = FinishReason.from_sdk(fin.reason).value
+        lps[i] += offsets[i].of_chunk(c, offset[i])
+        text[i].append(c.text)
+        offset[i] += len(c.text)
+        if c.finish is not None:
+            fins[i] = last = c.finish
+    missing = [i for i, f in enumerate(fins) if f is None]
+    if missing or last is None:
+        raise InternalError(f"the generation ended without a finish message (choices {missing})")
+    choices = []
+    for i in range(n):
+        body = "".join(text[i])
+        choice: dict[str, Any] = {"index": i}
+        if meta.kind is ApiKind.COMPLETION:
+            choice["text"] = body
+        else:
+            choice["message"] = {"role": ChatRole.ASSISTANT.value, "content": body}
+        choice["logprobs"] = _logprobs_obj(meta.kind, lps[i]) if meta.logprobs else None
+        choice["finish_reason"] = FinishReason.from_sdk(fins[i].reason).value  # type: ignore[union-attr]
+        choices.append(choice)
+    done = [f for f in fins if f is not None]
     return {
         "id": meta.id,
         "object": meta.kind.object_name,
         "created": meta.created,
         "model": meta.model,
-        "choices": [choice],
-        "usage": usage_dict(fin),
-        "pdserve": pdserve_dict(rid, fin),
+        "choices": choices,
+        "usage": usage_dict(*done),
+        "pdserve": pdserve_dict(rid, last),
     }
 
 
@@ -649,11 +673,12 @@ class StreamTranslator:
 
     def __init__(self, meta: ResponseMeta) -> None:
         self.meta = meta
-        self._offset = 0
-        self._offsets = _Offsets()
-        self._finish: Finish | None = None
+        n = meta.n  # choices: each has its own offsets, pending logprobs and finish
+        self._offset = [0] * n
+        self._offsets = [_Offsets() for _ in range(n)]
+        self._finishes: list[Finish | None] = [None] * n
         self._rid = ""
-        self._pending: list[_TokenLp] = []  # logprobs of tokens not yet sent
+        self._pending: list[list[_TokenLp]] = [[] for _ in range(n)]  # logprobs of tokens not yet sent
 
     def _obj(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         o: dict[str, Any] = {
@@ -668,9 +693,15 @@ class StreamTranslator:
         return o
 
     def _choice(
-        self, text: str | None, *, role: bool = False, logprobs: Any = None, finish: str | None = None
+        self,
+        text: str | None,
+        *,
+        role: bool = False,
+        logprobs: Any = None,
+        finish: str | None = None,
+        index: int = 0,
     ) -> dict[str, Any]:
-        c: dict[str, Any] = {"index": 0}
+        c: dict[str, Any] = {"index": index}
         if self.meta.kind is ApiKind.COMPLETION:
             c["text"] = text or ""
         else:
@@ -686,48 +717,55 @@ class StreamTranslator:
         return c
 
     def start(self) -> list[dict[str, Any]]:
-        """Chunks to send before any token (chat: the role chunk; completions: none)."""
+        """Chunks to send before any token (chat: the role chunk of each choice; completions:
+        none)."""
         if self.meta.kind is ApiKind.CHAT:
-            return [self._obj([self._choice(None, role=True)])]
+            return [self._obj([self._choice(None, role=True, index=i)]) for i in range(self.meta.n)]
         return []
 
     def chunk(self, c: Chunk) -> list[dict[str, Any]]:
-        """Chunks for one SDK chunk (zero, one or two)."""
+        """Chunks for one SDK chunk (zero, one or two), for its choice (``choice_index``)."""
         out: list[dict[str, Any]] = []
+        i = c.choice_index
+        if not 0 <= i < self.meta.n:
+            raise InternalError(f"a chunk of choice {i} in a stream of n={self.meta.n}")
         self._rid = c.request_id or self._rid
         if self.meta.logprobs:
-            self._pending += self._offsets.of_chunk(c, self._offset)
+            self._pending[i] += self._offsets[i].of_chunk(c, self._offset[i])
         if c.text:
-            out.append(self._obj([self._choice(c.text, logprobs=self._take_logprobs())]))
-            self._offset += len(c.text)
+            out.append(self._obj([self._choice(c.text, logprobs=self._take_logprobs(i), index=i)]))
+            self._offset[i] += len(c.text)
         if c.finish is not None:
-            self._finish = c.finish
+            self._finishes[i] = c.finish
             fr = FinishReason.from_sdk(c.finish.reason).value
-            last = self._obj([self._choice(None, logprobs=self._take_logprobs(), finish=fr)])
+            last = self._obj([self._choice(None, logprobs=self._take_logprobs(i), finish=fr, index=i)])
             last["pdserve"] = pdserve_dict(self._rid, c.finish)
             out.append(last)
         return out
 
-    def _take_logprobs(self) -> dict[str, Any] | None:
-        """The logprobs object of the pending tokens (None when there are none), emptying them."""
-        if not self._pending:
+    def _take_logprobs(self, i: int = 0) -> dict[str, Any] | None:
+        """The logprobs object of choice ``i``'s pending tokens (None when there are none),
+        emptying them."""
+        if not self._pending[i]:
             return None
-        lp = _logprobs_obj(self.meta.kind, self._pending)
-        self._pending = []
+        lp = _logprobs_obj(self.meta.kind, self._pending[i])
+        self._pending[i] = []
         return lp
 
     @property
     def finished(self) -> bool:
-        return self._finish is not None
+        """Every choice has its finish."""
+        return all(f is not None for f in self._finishes)
 
     def end(self) -> list[dict[str, Any]]:
-        """Chunks after the last SDK chunk (the usage chunk when asked for)."""
-        if self._finish is None:
-            raise InternalError("the generation stream ended without a finish message")
+        """Chunks after the last SDK chunk (the usage chunk when asked for: all choices)."""
+        missing = [i for i, f in enumerate(self._finishes) if f is None]
+        if missing:
+            raise InternalError(f"the generation stream ended without a finish message (choices {missing})")
         if not self.meta.include_usage:
             return []
         o = self._obj([])
-        o["usage"] = usage_dict(self._finish)
+        o["usage"] = usage_dict(*[f for f in self._finishes if f is not None])
         return [o]
 
 

@@ -251,7 +251,7 @@ def test_bad_requests_get_openai_errors(server):
     err = _assert_error(status, r, 400)
     assert err["type"] == "invalid_request_error" and err["param"] == "temperature"
 
-    status, _, r = _post(server, "/v1/completions", {"prompt": PROMPT, "n": 2})
+    status, _, r = _post(server, "/v1/completions", {"prompt": PROMPT, "n": 2, "temperature": 0})
     assert _assert_error(status, r, 400)["param"] == "n"
 
     status, _, r = _post(server, "/v1/chat/completions", {"messages": CHAT, "model": "gpt-4o"})
@@ -427,12 +427,12 @@ def test_official_client_refusals(oa, client):
     import openai
 
     model = client.list_models()[0]
-    with pytest.raises(openai.BadRequestError, match="parallel sampling"):
-        oa.completions.create(model=model, prompt=PROMPT, n=2)
-    with pytest.raises(openai.BadRequestError, match="parallel sampling"):
-        oa.chat.completions.create(model=model, messages=CHAT, n=3)
-    with pytest.raises(openai.BadRequestError, match="best_of"):
-        oa.completions.create(model=model, prompt=PROMPT, best_of=2)
+    with pytest.raises(openai.BadRequestError, match="temperature 0"):
+        oa.completions.create(model=model, prompt=PROMPT, n=2, temperature=0)
+    with pytest.raises(openai.BadRequestError, match="'n' must be in"):
+        oa.chat.completions.create(model=model, messages=CHAT, n=65)
+    with pytest.raises(openai.BadRequestError, match="best_of must be"):
+        oa.completions.create(model=model, prompt=PROMPT, n=3, best_of=2)
     with pytest.raises(openai.NotFoundError):
         oa.chat.completions.create(model="nope", messages=CHAT)
     # a LoRA adapter's name as the model: 404 naming it, never the base model's answer
