@@ -434,6 +434,21 @@ class KVCacheManager:
                 self.pool.register(blk, req.block_hashes[i])
         self._num_registered[req.request_id] = n_full
 
+    def trim(self, request_id: str, num_tokens: int) -> int:
+        """Release the request's trailing blocks past the first ``blocks_needed(num_tokens)``
+        (speculative decoding's roll-back: blocks allocated only for rejected drafts); returns
+        how many. Raises RuntimeError if a block registered in the prefix cache would go."""
+        table = self._tables.get(request_id)
+        keep = self.blocks_needed(num_tokens)
+        if not table or len(table) <= keep:
+            return 0
+        if self._num_registered.get(request_id, 0) > keep:
+            raise RuntimeError(f"request {request_id}: trimming to {num_tokens} tokens drops a cached block")
+        tail = table[keep:]
+        del table[keep:]
+        self.pool.release(b for b in reversed(tail) if b is not None)
+        return len(tail)
+
     def free(self, request_id: str) -> None:
         """Release every block of the request (tail first), on device and, if it is swapped out,
         on the host. Unknown ids are a no-op."""

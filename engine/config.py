@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.scheduler import SchedulingPolicy
+from engine.spec_decode.config import SpecMethod, SpeculativeConfig
 
 WEIGHT_DTYPES = ("float32", "int8", "bfloat16")  # engine.models.quant.WeightDType values
 
@@ -40,6 +41,13 @@ class EngineConfig:
     layer that needs it. Output is identical to the resident model. Refused with tensor
     parallelism, a ``weight_dtype`` other than float32, and (at load) LoRA adapters; a budget
     below the minimum is refused at load naming the minimum.
+
+    ``speculative`` (vLLM's ``speculative_config``; :mod:`engine.spec_decode`): None (default),
+    no speculation; a :class:`~engine.spec_decode.SpeculativeConfig` with ``SpecMethod.NGRAM``
+    drafts up to ``num_speculative_tokens`` tokens per decoding request by prompt lookup and
+    verifies them in the same forward pass; output (tokens, log-probs) is the non-speculative
+    output. Refused with tensor parallelism and ``SpecMethod.DRAFT_MODEL`` (not built yet); at
+    engine build, with LoRA adapters and with a model whose every layer has a sliding window.
     """
 
     block_size: int = 16
@@ -62,6 +70,7 @@ class EngineConfig:
     weight_memory_budget_bytes: int | None = None
     weight_host_budget_bytes: int | None = None
     weight_offload_dir: str | None = None
+    speculative: SpeculativeConfig | None = None
     # SchedulingPolicy.MLFQ only (see engine.mlfq; validated by SchedulerConfig)
     mlfq_num_levels: int = 4
     mlfq_quantum_iters: int = 8
@@ -116,6 +125,17 @@ class EngineConfig:
                     f"weight offloading (weight_memory_budget_bytes) is not supported with weight_dtype "
                     f"{self.weight_dtype!r} (the int8 path keeps a float32 copy of each projection on the "
                     "device): use weight_dtype='float32'"
+                )
+        if self.speculative is not None:
+            if not isinstance(self.speculative, SpeculativeConfig):
+                raise ValueError(f"speculative must be a SpeculativeConfig or None, got {self.speculative!r}")
+            if self.speculative.method is not SpecMethod.NGRAM:
+                raise ValueError(
+                    f"speculative method {self.speculative.method.value!r} is not supported yet: use 'ngram'"
+                )
+            if self.tensor_parallel_size > 1:
+                raise ValueError(
+                    "speculative decoding is not supported with tensor_parallel_size > 1: set one of them"
                 )
         if not isinstance(self.scheduling_policy, SchedulingPolicy):
             raise ValueError(

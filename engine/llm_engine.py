@@ -34,8 +34,10 @@ from engine.offload import OffloadedWeights
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from engine.parallel_sampling import SampleGroup, is_internal_id
 from engine.request import FinishReason, Request, RequestStatus
+from engine.sampler import SampleResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.spec_decode import NgramProposer, verify
 from engine.swap_policy import RateEstimator
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdserve.errors import (
@@ -89,6 +91,8 @@ class EngineStats:
     swapped_in_blocks: int = 0  # blocks copied host -> device (cumulative)
     host_blocks_total: int = 0
     host_blocks_used: int = 0
+    spec_draft_tokens: int = 0  # speculative decoding: drafted tokens verified (cumulative)
+    spec_accepted_tokens: int = 0  # of which the target model kept
 
 
 @dataclass
@@ -131,6 +135,17 @@ class LLMEngine:
         LoRA adapters (engine.lora; single-device runner only). ``weight_offload``: the model's
         offloaded layers (engine.offload), closed with the engine."""
         self.config = config
+        drafter = None
+        if config.speculative is not None:  # engine.spec_decode; EngineConfig refused the rest
+            if lora is not None:
+                raise InvalidRequestError("speculative decoding is not supported with LoRA adapters")
+            if model_config.kv_window is not None:
+                raise InvalidRequestError(
+                    "speculative decoding is not supported for a model whose every layer has a sliding "
+                    "window (its out-of-window KV blocks are freed, a roll-back could need them)"
+                )
+            proposer = NgramProposer(config.speculative)
+            drafter = lambda req, at_most: proposer.propose(req.all_token_ids(), at_most)  # noqa: E731
         self.weight_offload = weight_offload
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -180,6 +195,7 @@ class LLMEngine:
             clock=clock,
             block_nbytes=shape.block_nbytes,
             prefill_time=self._predict_prefill_s,
+            drafter=drafter,
         )
         self.runner = (
             runner_factory(self.kv)
@@ -212,6 +228,8 @@ class LLMEngine:
         self.prefill_tokens_computed = 0
         self.prefill_tokens_reused = 0
         self.decode_tokens = 0
+        self.spec_draft_tokens = 0
+        self.spec_accepted_tokens = 0
 
     # ------------------------------------------------------------------ swap rates
     def _predict_prefill_s(self, num_tokens: int) -> float:
@@ -708,7 +726,7 @@ class LLMEngine:
             results = self.runner.execute(sched)
         self._observe_step(sched, prefill_tokens, time.perf_counter() - t0)
         self.num_steps += 1
-        finished = self.scheduler.update_from_output(sched, {k: v.token for k, v in results.items()})
+        finished = self.scheduler.update_from_output(sched, self._verified(sched, results))
         finished_ids = {r.request_id for r in finished}
         now = self.clock()
         outputs: list[RequestOutput] = failed
@@ -724,12 +742,17 @@ class LLMEngine:
                     self._fork(g, tr)
                 continue
             res = results[rid]
-            tr.metrics.token_times.append(now)
+            # a speculative decode: the results of the tokens the scheduler kept (a stop cuts the run)
+            step_res = (
+                res[: len(req.output_token_ids) - tr.emitted_tokens] if isinstance(res, list) else [res]
+            )
             if tr.metrics.first_token_time is None:
                 tr.metrics.first_token_time = now
                 self.prefill_tokens_reused += max(req.num_cached_tokens, 0)
-            if res.logprob is not None:
-                tr.logprobs.append(TokenLogprob(res.token, res.logprob, res.top_logprobs or []))
+            for r in step_res:
+                tr.metrics.token_times.append(now)
+                if r.logprob is not None:
+                    tr.logprobs.append(TokenLogprob(r.token, r.logprob, r.top_logprobs or []))
             o = self._emit(tr, rid in finished_ids)
             if tr.group is None:
                 outputs.append(o)
@@ -737,12 +760,67 @@ class LLMEngine:
                 outputs.extend(self._group_output(tr, o))
         return outputs
 
+    def _verified(
+        self, sched: SchedulerOutput, results: dict[str, SampleResult | list[SampleResult]]
+    ) -> dict[str, int | tuple[int, ...]]:
+        """What each sampling request's step emits: its token, or for a speculative decode the
+        run :func:`engine.spec_decode.verify` keeps (the agreeing drafts plus the target's next
+        token; ``results`` is cut to that run)."""
+        out: dict[str, int | tuple[int, ...]] = {}
+        for s in sched.scheduled:
+            rid = s.request.request_id
+            res = results.get(rid)
+            if res is None:
+                continue
+            if not isinstance(res, list):
+                out[rid] = res.token
+                continue
+            v = verify(s.spec_token_ids, [r.token for r in res])
+            self.spec_draft_tokens += v.drafted
+            self.spec_accepted_tokens += v.accepted
+            results[rid] = res[: len(v.tokens)]
+            out[rid] = v.tokens
+        return out
+
+    def _detok_run(self, tr: _Tracked, new: list[int], finished: bool) -> tuple[str, str | None, list[int]]:
+        """Detokenize a step's several new tokens (speculative decoding) one at a time, as plain
+        decoding would have: a stop string completed by one of them drops the tokens after it
+        (with their log-probs and times) and finishes the request with that stop string."""
+        req = tr.req
+        assert tr.detok is not None
+        delta = ""
+        for j, t in enumerate(new):
+            last = j == len(new) - 1
+            visible = [] if (finished and last and req.stop_reason == t) else [t]
+            d, matched = tr.detok.add(visible, final=finished and last)
+            delta += d
+            if matched is None:
+                continue
+            cut = len(new) - 1 - j
+            if cut:
+                del req.output_token_ids[-cut:]
+                del tr.metrics.token_times[-cut:]
+                if req.sampling_params.logprobs is not None:
+                    del tr.logprobs[-cut:]
+                tr.emitted_tokens = len(req.output_token_ids)
+            if finished and not last:  # the scheduler ended it at a later token: the stop string was first
+                req.stop_reason, req.finish_reason = matched, FinishReason.STOP
+                req.status = RequestStatus.FINISHED_STOPPED
+            return delta, matched, new[: j + 1]
+        return delta, None, new
+
     def _emit(self, tr: _Tracked, finished: bool) -> RequestOutput:
         req = tr.req
         new = req.output_token_ids[tr.emitted_tokens :]
         tr.emitted_tokens = len(req.output_token_ids)
         delta = ""
-        if tr.detok is not None:
+        if tr.detok is not None and len(new) > 1 and self.config.speculative is not None:
+            delta, matched, new = self._detok_run(tr, new, finished)
+            if matched is not None and not finished:
+                self.scheduler.finish_request(req.request_id, FinishReason.STOP, matched)
+                finished = True
+                delta += tr.detok.add([], final=True)[0]
+        elif tr.detok is not None:
             # eos / stop token ids are not rendered as text
             visible = [t for t in new if not (finished and req.stop_reason == t)]
             delta, matched = tr.detok.add(visible, final=finished)
@@ -1097,4 +1175,6 @@ class LLMEngine:
             swapped_in_blocks=self.kv.swap_stats.blocks_in,
             host_blocks_total=self.kv.num_host_blocks,
             host_blocks_used=self.kv.num_host_blocks - self.kv.num_free_host_blocks,
+            spec_draft_tokens=self.spec_draft_tokens,
+            spec_accepted_tokens=self.spec_accepted_tokens,
         )

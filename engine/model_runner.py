@@ -90,6 +90,12 @@ class ModelRunner:
         Block tables start at the request's first block still in use: past the blocks the KV
         manager dropped out of the sliding window (``num_skippable_blocks``, the same rule it
         frees by), so a freed block is never gathered; a table that would reach one raises.
+
+        A speculative decode (``spec_token_ids``) feeds its pending token then its drafts. With
+        the in-place kernel each of its ``1 + k`` tokens is a decode row of its own over the
+        same block table, attending to the keys up to its own position (causal within the new
+        tokens: the K/V of all of them is written before attention reads); on the gather path
+        it is a chunk continuing the sequence (the causal mask offset by the context).
         """
         bs = self.block_size
         kv = self.kv
@@ -105,7 +111,9 @@ class ModelRunner:
             req = s.request
             table = kv.block_table(req.request_id)
             end = s.start + s.num_new_tokens
-            ids.extend(req.token_slice(s.start, end))
+            spec = s.spec_token_ids
+            ids.extend(req.token_slice(s.start, end - len(spec)))
+            ids.extend(spec)
             rng = range(s.start, end)
             pos.extend(rng)
             first = kv.num_skippable_blocks(s.start, req.prefill_only) if kv.sliding_window else 0
@@ -116,10 +124,12 @@ class ModelRunner:
                     f"request {req.request_id}: block {first} was freed but is still in the window"
                 )
             slots.extend(table[p // bs] * bs + p % bs for p in rng)
-            if s.num_new_tokens == 1 and s.start > 0:
-                dec_tables.append(table[first : end // bs + (1 if end % bs else 0)])
-                dec_lens.append(end)
-                dec_starts.append(first * bs)
+            if self._is_decode(s):
+                tab = table[first : end // bs + (1 if end % bs else 0)]
+                for p in rng:  # one row per query token (several for a speculative decode)
+                    dec_tables.append(tab)
+                    dec_lens.append(p + 1)
+                    dec_starts.append(first * bs)
             else:
                 bt = None
                 if s.start > 0:
@@ -160,31 +170,48 @@ class ModelRunner:
         return ids, pos, md
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, SampleResult]:
+    def execute(self, out: SchedulerOutput) -> dict[str, SampleResult | list[SampleResult]]:
         """Do the step's swap copies, run one forward pass; return the sampled result of every
-        request that samples."""
+        request that samples: for a speculative decode (``spec_token_ids``, k drafts) the list of
+        its ``k + 1`` results, position ``j`` sampled from the logits after the pending token
+        and drafts ``0..j-1`` with output index ``num_output_tokens + j`` (the token a plain
+        decode would sample there; :func:`engine.spec_decode.verify` keeps the agreeing run)."""
         self.swap(out)
         if out.is_empty:
             return {}
-        # decodes first (one token each, batched attention), then prefill chunks
-        items = sorted(out.scheduled, key=lambda s: 0 if (s.num_new_tokens == 1 and s.start > 0) else 1)
+        # decodes first (batched attention), then prefill chunks
+        items = sorted(out.scheduled, key=lambda s: 0 if self._is_decode(s) else 1)
         ids, pos, md = self._metadata(items)
         dev = self.device
         hidden = self.forward(ids, pos, md)
         rows: list[int] = []
         sreqs: list[SampleRequest] = []
-        names: list[str] = []
+        spans: list[tuple[str, int, bool]] = []  # request id, rows, speculative
         off = 0
         for s in items:
             off += s.num_new_tokens
-            if s.samples:
-                rows.append(off - 1)
-                sreqs.append(self._sample_request(s.request))
-                names.append(s.request.request_id)
+            if not s.samples:
+                continue
+            k = len(s.spec_token_ids)
+            rows.extend(range(off - 1 - k, off))
+            sreqs.extend(self._sample_request(s.request, s.spec_token_ids[:j]) for j in range(k + 1))
+            spans.append((s.request.request_id, k + 1, k > 0))
         if not rows:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
-        return dict(zip(names, sample(logits, sreqs), strict=True))
+        sampled = sample(logits, sreqs)
+        results: dict[str, SampleResult | list[SampleResult]] = {}
+        i = 0
+        for rid, n, spec in spans:
+            results[rid] = sampled[i : i + n] if spec else sampled[i]
+            i += n
+        return results
+
+    def _is_decode(self, s: ScheduledRequest) -> bool:
+        """Whether ``s`` runs as decode rows: one token continuing a sequence, or a speculative
+        decode when the in-place kernel serves decodes (else its tokens are a chunk, see
+        :meth:`_metadata`)."""
+        return s.start > 0 and (s.num_new_tokens == 1 or (bool(s.spec_token_ids) and self.native_decode))
 
     def swap(self, out: SchedulerOutput) -> None:
         """Copy the step's swapped-out blocks to the host and swapped-in blocks back (in that
@@ -208,10 +235,13 @@ class ModelRunner:
     def close(self) -> None:
         """Free what the runner holds beyond memory (nothing for a single-device runner)."""
 
-    def _sample_request(self, req: Request) -> SampleRequest:
+    def _sample_request(self, req: Request, drafts: tuple[int, ...] = ()) -> SampleRequest:
+        """How ``req``'s next token is sampled; ``drafts``: the drafted tokens before the scored
+        position (a speculative decode's position ``len(drafts)``: its output index and
+        repetition-penalty history are those of a plain decode after those tokens)."""
         p = req.sampling_params
-        hist = req.all_token_ids() if p.repetition_penalty != 1.0 else None
-        index = req.num_output_tokens + p.seed_position_offset  # the request's output position
+        hist = req.all_token_ids() + list(drafts) if p.repetition_penalty != 1.0 else None
+        index = req.num_output_tokens + len(drafts) + p.seed_position_offset  # the output position
         return SampleRequest(p, self.seeds.get(req.request_id, 0), index, hist)
 
     # ------------------------------------------------------------------ KV export / import

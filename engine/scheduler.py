@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -102,16 +102,27 @@ class SchedulerConfig:
 
 @dataclass(init=False, slots=True)
 class ScheduledRequest:
+    """``num_new_tokens`` tokens of ``request`` from position ``start``. A speculative decode
+    (``spec_token_ids`` non-empty, :mod:`engine.spec_decode`) computes its pending token followed
+    by those drafts (``num_new_tokens == 1 + len(spec_token_ids)``); the model runner scores every
+    one of its positions and the engine keeps the drafts the target model agrees with."""
+
     request: Request
     num_new_tokens: int
     start: int  # num_computed_tokens before this step
     samples: bool  # reaches the end of the request's tokens, so a token is sampled (derived)
+    spec_token_ids: tuple[int, ...]  # drafted tokens scheduled after the pending one
 
-    def __init__(self, request: Request, num_new_tokens: int, start: int) -> None:
+    def __init__(
+        self, request: Request, num_new_tokens: int, start: int, spec_token_ids: tuple[int, ...] = ()
+    ) -> None:
         self.request = request
         self.num_new_tokens = num_new_tokens
         self.start = start
-        self.samples = start + num_new_tokens == len(request.prompt_token_ids) + len(request.output_token_ids)
+        self.spec_token_ids = spec_token_ids
+        self.samples = start + num_new_tokens - len(spec_token_ids) == len(request.prompt_token_ids) + len(
+            request.output_token_ids
+        )
 
 
 @dataclass
@@ -158,11 +169,18 @@ class Scheduler:
         clock: Callable[[], float] | None = None,
         block_nbytes: int = 1,
         prefill_time: Callable[[int], float] | None = None,
+        drafter: Callable[[Request, int], Sequence[int]] | None = None,
     ) -> None:
         """``clock``: the time MLFQ's starvation bound is measured in (required for MLFQ);
         ``block_nbytes``: bytes of one KV block (swap cost); ``prefill_time(n)``: predicted
         prefill seconds of an ``n``-token prompt for MLFQ's skip-join (default: ``n`` over the
-        measured prefill rate of :meth:`set_swap_rates`; top level while no rate is known)."""
+        measured prefill rate of :meth:`set_swap_rates`; top level while no rate is known).
+
+        ``drafter(req, at_most)``: speculative decoding (:mod:`engine.spec_decode`): up to
+        ``at_most`` drafted tokens continuing a decoding request; a decode with drafts is
+        scheduled for ``1 + len(drafts)`` tokens (budget and KV blocks included) and
+        :meth:`update_from_output` takes the verified run (the kept drafts plus the target's
+        next token), rolling back what was rejected. None: no speculation."""
         if config.policy is SchedulingPolicy.MLFQ and clock is None:
             raise ValueError("SchedulingPolicy.MLFQ needs a clock (Scheduler(..., clock=...))")
         if block_nbytes < 1:
@@ -172,6 +190,7 @@ class Scheduler:
         self.clock = clock
         self.block_nbytes = block_nbytes
         self.prefill_time = prefill_time
+        self.drafter = drafter
         self.rates: SwapRates | None = None
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -432,6 +451,13 @@ class Scheduler:
             n = 1 if pend == 1 else self._chunk(pend, budget)
             if n == 0:
                 continue
+            drafts = self._drafts(req, budget) if pend == 1 and self.drafter is not None else ()
+            if drafts and kv.allocate_slots(req, 1 + len(drafts)):
+                # speculation never preempts anyone: without room for the drafts, plain decode
+                scheduled.append(ScheduledRequest(req, 1 + len(drafts), req.num_computed_tokens, drafts))
+                scheduled_ids.add(req.request_id)
+                budget -= 1 + len(drafts)
+                continue
             ok = kv.allocate_slots(req, n)
             while not ok:
                 victim = self._preempt_victim(scheduled_ids)
@@ -498,6 +524,21 @@ class Scheduler:
                 sr.request.last_served = now
         out.copy_blocks = kv.take_copies()
         return out
+
+    def _drafts(self, req: Request, budget: int) -> tuple[int, ...]:
+        """The drafts a decoding ``req`` is scheduled with: at most what its step may emit
+        beyond one token (``max_tokens``, the context, the remaining budget)."""
+        assert self.drafter is not None
+        if req.prefill_only:
+            return ()
+        room = min(
+            req.sampling_params.max_tokens - len(req.output_token_ids) - 1,
+            self.config.max_model_len - req.num_tokens - 1,
+            budget - 1,
+        )
+        if room <= 0:
+            return ()
+        return tuple(self.drafter(req, room)[:room])
 
     def _swap_in(self, req: Request, budget: int, out: SchedulerOutput) -> int:
         """Bring a swapped-out request back and schedule its next tokens; returns the budget it
@@ -578,12 +619,16 @@ class Scheduler:
 
     # ----------------------------------------------------------------- results
     # ----------------------------------------------------------------- results
-    def update_from_output(self, out: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
+    def update_from_output(
+        self, out: SchedulerOutput, sampled: Mapping[str, int | Sequence[int]]
+    ) -> list[Request]:
         """Advance computed counts, append sampled tokens, retire finished requests.
 
         ``sampled`` maps request id -> token for every scheduled request whose step reached the
-        end of its tokens. Returns the requests that finished (or, prefill-only, that prefilled)
-        in this step; stop strings are the caller's (see :meth:`finish_request`).
+        end of its tokens; for a speculative decode (``spec_token_ids``), the verified run
+        instead (:meth:`_update_speculative`). Returns the requests that finished (or,
+        prefill-only, that prefilled) in this step; stop strings are the caller's (see
+        :meth:`finish_request`).
         """
         done: list[Request] = []
         running_status = RequestStatus.RUNNING
@@ -595,6 +640,10 @@ class Scheduler:
             req = s.request
             if req.status is not running_status:
                 continue  # aborted while the step ran
+            if s.spec_token_ids:
+                if self._update_speculative(s, sampled[req.request_id]):
+                    done.append(req)
+                continue
             req.num_computed_tokens = s.start + s.num_new_tokens
             if cache_blocks is not None:
                 cache_blocks(req)
@@ -626,6 +675,44 @@ class Scheduler:
                 self._finish(req, reason)
                 done.append(req)
         return done
+
+    def _update_speculative(self, s: ScheduledRequest, run: int | Sequence[int]) -> bool:
+        """Apply a speculative decode's verified ``run``: the drafts the target kept (a prefix of
+        ``s.spec_token_ids``) then the target's own token. Tokens are appended one at a time
+        with the stop checks of a plain decode, so nothing past a stop is kept. Rolls back the
+        rest: ``num_computed_tokens`` counts only the pending token and the kept drafts (the
+        rejected drafts' KV slots are overwritten later), the blocks allocated only for rejected
+        positions are freed, and only blocks full of kept tokens reach the prefix cache.
+        Returns whether the request finished."""
+        req = s.request
+        drafts = s.spec_token_ids
+        if isinstance(run, int) or not 1 <= len(run) <= len(drafts) + 1:
+            raise ValueError(
+                f"request {req.request_id}: a speculative step emits 1..{len(drafts) + 1} tokens"
+            )
+        if tuple(run[:-1]) != drafts[: len(run) - 1]:
+            raise ValueError(f"request {req.request_id}: the verified run does not follow the drafts")
+        c = self.config
+        if c.policy is SchedulingPolicy.MLFQ:
+            req.mlfq_level, req.mlfq_iters = mlfq.demote(
+                req.mlfq_level, req.mlfq_iters, c.mlfq_quantum_iters, c.mlfq_num_levels
+            )
+        reason = None
+        appended = 0
+        for tok in run:
+            req.output_token_ids.append(tok)
+            appended += 1
+            reason = self.check_stop(req, tok)
+            if reason is not None:
+                break
+        req.num_computed_tokens = s.start + appended
+        self.kv.trim(req.request_id, req.num_computed_tokens)
+        if self.kv.enable_prefix_caching:
+            self.kv.cache_blocks(req)
+        if reason is not None:
+            self._finish(req, reason)
+            return True
+        return False
 
     def check_stop(self, req: Request, tok: int) -> FinishReason | None:
         sp = req.sampling_params
