@@ -17,6 +17,7 @@ randomised too), built once per module.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -136,8 +137,12 @@ def test_gemma2_golden_with_chunked_prefill_and_prefix_hits(models, hf, native) 
     """Prompts of 5, 37, 100 tokens (past the window of 24) in chunks of 16, then prefix hits.
     ``native``: decodes through the in-place C kernel (with the cap) or the torch gather path."""
     eng = _engine(models["gemma2"])
-    if native:
-        assert eng.runner.native_decode, attention_native.unavailable_reason()
+    if native and not eng.runner.native_decode:
+        # as tests/unit/test_attention_native.py: a skip only where no C compiler builds the
+        # kernel, a failure under CI (.ci/run sets PDSERVE_CI)
+        if os.environ.get("PDSERVE_CI"):
+            pytest.fail(f"native kernel unavailable: {attention_native.unavailable_reason()}")
+        pytest.skip(f"native kernel: {attention_native.unavailable_reason()}")
     eng.runner.native_decode = native
     _golden(eng, hf("gemma2"))
 
@@ -201,7 +206,10 @@ def test_softcap_every_torch_path_equals_eager(window) -> None:
     torch.testing.assert_close(got, want[24:], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not attention_native.available(2, 8), reason="no C compiler for the native kernel")
+@pytest.mark.skipif(
+    not attention_native.available(2, 8) and not os.environ.get("PDSERVE_CI"),
+    reason=f"native kernel: {attention_native.unavailable_reason()}",
+)
 @pytest.mark.parametrize("window", [None, 20])
 def test_softcap_native_kernel_equals_gather_path(window) -> None:
     """Decodes of 1 to 300 keys (several 128-key tiles), GQA group 2."""
