@@ -416,3 +416,49 @@ def test_gemma2_2b_config_json_parses() -> None:
     assert ModelConfig.from_dict(absent) == cfg
     off = ModelConfig.from_dict({**d, "attn_logit_softcapping": None, "final_logit_softcapping": None})
     assert (off.attn_logit_softcapping, off.final_logit_softcapping) == (None, None)
+
+
+def test_phi3_mini_128k_config_json_parses_and_is_served_up_to_4k() -> None:
+    """microsoft/Phi-3-mini-128k-instruct's config.json layout (auto_map removed; the 48 factors
+    replaced by synthetic ones): parsed, served with max_model_len <= 4096, refused past it."""
+    d = {
+        "architectures": ["Phi3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "embd_pdrop": 0.0,
+        "eos_token_id": 32000,
+        "hidden_act": "silu",
+        "hidden_size": 3072,
+        "initializer_range": 0.02,
+        "intermediate_size": 8192,
+        "max_position_embeddings": 131072,
+        "model_type": "phi3",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 32,
+        "original_max_position_embeddings": 4096,
+        "pad_token_id": 32000,
+        "resid_pdrop": 0.0,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "long_factor": [1.0 + i / 4 for i in range(48)],
+            "short_factor": [1.0 + i / 40 for i in range(48)],
+            "type": "longrope",
+        },
+        "rope_theta": 10000.0,
+        "sliding_window": 262144,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.40.2",
+        "use_cache": True,
+        "vocab_size": 32064,
+    }
+    import math
+
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.rope.kind == "longrope" and cfg.rope.factor == 32.0
+    assert cfg.rope.attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+    cfg.check_max_positions(4096)
+    with pytest.raises(UnsupportedModelConfigError, match="max_model_len <= 4096"):
+        cfg.check_max_positions(4097)
