@@ -67,6 +67,7 @@ from engine.block_hash import BlockHash, chain_hashes
 from engine.block_manager import NULL_BLOCK
 from engine.engine_loop import EngineLoop
 from engine.llm_engine import KVExport, LLMEngine
+from engine.model_runner import KVShape
 from engine.outputs import TokenLogprob
 from kv_store.checksum import block_checksum
 from kv_store.client import KVStoreClient
@@ -81,6 +82,7 @@ from pdserve.errors import (
     RequestNotFoundError,
     UnavailableError,
 )
+from pdserve.limits import MAX_MESSAGE_BYTES
 from pdserve.proto_convert import logprob_to_proto
 from pdserve.status import abort_with
 from pdserve.tracing import log_event
@@ -90,7 +92,11 @@ from prefill_worker.publisher import StorePublisher
 log = logging.getLogger(__name__)
 
 STREAM_METHOD = "/pdserve.v1.KVStream/StreamKV"
-INLINE_NODE = "kv-stream-inline"  # BlockLocation.node_id of a chunk whose bytes travel in the stream
+INLINE_NODE = "kv-stream-inline"
+MAX_CHUNK_BYTES = 4 << 20  # KV bytes per chunk at most (one gRPC message, under MAX_MESSAGE_BYTES)
+assert (
+    MAX_CHUNK_BYTES < MAX_MESSAGE_BYTES
+)  # BlockLocation.node_id of a chunk whose bytes travel in the stream
 
 
 class KVStreamTransport(enum.Enum):
@@ -210,16 +216,17 @@ class StoreChunkSink:
     def put(
         self, request_id: str, index: int, first_block: int, hashes: list[BlockHash], blocks: torch.Tensor
     ) -> StreamChunk:
-        bs = self.layout.block_size
-        shape = None  # KVExport.shape is informational for the publisher
+        lay = self.layout
         kv = KVExport(
             request_id=f"{request_id}#chunk{index}",
             model_id=self.model_id,
-            token_ids=[0] * (len(hashes) * bs),  # the publisher reads only the count
+            token_ids=[0] * (len(hashes) * lay.block_size),  # the publisher reads only their count
             first_token=0,
             block_hashes=list(hashes),
             blocks=blocks.detach().cpu().contiguous(),
-            shape=shape,  # type: ignore[arg-type]
+            shape=KVShape(
+                lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, getattr(torch, lay.dtype)
+            ),
         )
         h = self.publisher.publish(kv, self.layout, self.lease_ttl_s, self.tenant)
         return StreamChunk(index, first_block, tuple(hashes), tuple(h.block_checksums), handle=h)
@@ -558,6 +565,7 @@ def prefill_streamed(
     streaming: bool = True,
     is_active: Callable[[], bool] = lambda: True,
     poll_s: float = 0.002,
+    max_chunk_bytes: int = MAX_CHUNK_BYTES,
 ) -> StreamedPrefill:
     """Run the prefill-only request ``request_id`` (``adder`` adds it to the engine) and stream
     its KV into a new stream of ``registry`` (see the module docstring). ``streaming=False``:
@@ -568,6 +576,7 @@ def prefill_streamed(
     if not prompt:
         raise InvalidRequestError("prompt is empty: send at least one token")
     hashes = chain_hashes(prompt, layout.block_size, model_id, adapter_id, cache_salt, include_partial=True)
+    per = max(1, max_chunk_bytes // layout.block_nbytes)
     stream = registry.open(request_id, layout, len(prompt), sink.drop)
     sent = chunks = 0
     added = False
@@ -583,8 +592,13 @@ def prefill_streamed(
             if snap.finished:
                 t_done = time.monotonic()
             if snap.blocks is not None:
-                stream.add(sink.put(request_id, chunks, sent, hashes[sent : snap.end], snap.blocks))
-                chunks += 1
+                for a in range(0, snap.blocks.shape[0], per):  # transfer units of <= max_chunk_bytes
+                    part = snap.blocks[a : a + per]
+                    first = sent + a
+                    stream.add(
+                        sink.put(request_id, chunks, first, hashes[first : first + part.shape[0]], part)
+                    )
+                    chunks += 1
                 sent = snap.end
             if snap.finished:
                 break

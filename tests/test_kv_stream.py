@@ -476,3 +476,39 @@ def test_partial_stream_is_never_imported(eng):
     fut.result(WAIT_S)
     assert got.get(timeout=WAIT_S)
     _no_leaks(eng.p, eng.d)
+
+
+def test_a_step_larger_than_max_chunk_bytes_goes_in_several_chunks(eng):
+    """Transfer units: a step's blocks split into chunks of at most ``max_chunk_bytes`` (one
+    gRPC message each on the direct path); the output is unchanged."""
+    prompt = _prompt(90, seed=9)
+    ref = _reference(eng, "ref-split", prompt, GREEDY)
+    reg = KVStreamRegistry(wait_s=WAIT_S)
+    rid = "split-1"
+    two_blocks = 2 * eng.layout.block_nbytes
+    fut = eng.pool.submit(
+        prefill_streamed,
+        eng.p,
+        reg,
+        InlineChunkSink(),
+        eng.layout,
+        rid,
+        prompt,
+        _adder(rid, prompt, GREEDY),
+        model_id=eng.model_id,
+        max_chunk_bytes=two_blocks,
+    )
+    sizes: list[int] = []
+
+    def tap(ms):
+        for m in ms:
+            if m.WhichOneof("kind") == "blocks":
+                sizes.append(m.blocks.num_blocks)
+            yield m
+
+    msgs = stream_kv_messages(reg, rid)
+    _, out = _decode(eng, rid, prompt, GREEDY, tap(msgs), msgs.close)
+    res = fut.result(WAIT_S)
+    assert out == ref
+    assert max(sizes) <= 2 and sum(sizes) == -(-90 // BLOCK) == res.final.num_blocks
+    _no_leaks(eng.p, eng.d)
