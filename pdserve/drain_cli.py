@@ -1,4 +1,7 @@
-"""``pdserve drain WORKER``: empty one worker of a ``pdserve up`` (Ray) deployment.
+"""``pdserve drain WORKER``: empty one worker of a ``pdserve up`` (Ray) deployment, or, with
+``--router ADDR[,ADDR...]``, of any cluster (``pdserve serve``, hand-started routers) through every
+router's Admin service (internal: the cluster token, ``--cluster-token-file``, or the cluster's
+client certificate under mutual TLS; give every router of the cluster: each routes on its own).
 
 Every router stops routing new requests to ``WORKER``; a decode worker's running requests are
 moved to other decode workers by live migration while they keep streaming (the routers'
@@ -67,6 +70,66 @@ def drain(worker_id: str, namespace: str, timeout_s: float, poll_s: float = 0.2)
     }
 
 
+def drain_via_routers(
+    routers: list[str], worker_id: str, timeout_s: float, poll_s: float = 0.2, config: Any = None
+) -> dict[str, Any]:
+    """:func:`drain` through the routers' Admin service (``Drain``, then ``DrainStatus`` until no
+    router has a request in flight on the worker and every migration drain ended, or
+    ``timeout_s``); the same dict. ``config``: the caller's SecurityConfig (default: this
+    process's). Raises the PdserveError of a failed call."""
+    import grpc
+
+    from pdserve.security import internal_channel
+    from pdserve.status import error_from_rpc_error
+    from pdserve.v1 import admin_pb2, admin_pb2_grpc
+
+    t0 = time.monotonic()
+    channels = [internal_channel(r, config) for r in routers]
+    try:
+        stubs = [admin_pb2_grpc.AdminStub(ch) for ch in channels]
+        try:
+            found = [
+                s.Drain(
+                    admin_pb2.DrainRequest(worker_id=worker_id, timeout_s=timeout_s), timeout=_CALL_TIMEOUT_S
+                ).found
+                for s in stubs
+            ]
+            if not any(found):
+                return {
+                    "worker_id": worker_id,
+                    "found": False,
+                    "drained": False,
+                    "inflight": 0,
+                    "reports": [],
+                }
+            while True:
+                st = [
+                    s.DrainStatus(admin_pb2.DrainStatusRequest(worker_id=worker_id), timeout=_CALL_TIMEOUT_S)
+                    for s, f in zip(stubs, found, strict=True)
+                    if f
+                ]
+                inflight = sum(x.inflight for x in st)
+                if (inflight == 0 and not any(x.migrating for x in st)) or time.monotonic() - t0 >= timeout_s:
+                    break
+                time.sleep(poll_s)
+        except grpc.RpcError as e:
+            raise error_from_rpc_error(e) from None
+    finally:
+        for ch in channels:
+            ch.close()
+    reports = [
+        {"migrated": x.migrated, "aborted": x.aborted, **({"error": x.error} if x.error else {})} for x in st
+    ]
+    return {
+        "worker_id": worker_id,
+        "found": True,
+        "drained": inflight == 0,
+        "inflight": inflight,
+        "reports": reports,
+        "elapsed_s": round(time.monotonic() - t0, 3),
+    }
+
+
 def format_result(out: dict[str, Any]) -> str:
     if not out["found"]:
         return f"pdserve drain: no router knows worker {out['worker_id']!r}"
@@ -85,9 +148,16 @@ def _cmd_drain(a: argparse.Namespace) -> int:
     if not a.timeout_s > 0:
         print(f"pdserve drain: --timeout-s must be > 0, got {a.timeout_s}", file=sys.stderr)
         return 2
-    ns = _ns(a)
-    ray_cluster.connect(a.address, ns)
-    out = drain(a.worker, ns, a.timeout_s)
+    if a.router:
+        from pdserve.security import install_from_args
+
+        install_from_args(a._parser, a, None, ())
+        routers = [r.strip() for r in a.router.split(",") if r.strip()]
+        out = drain_via_routers(routers, a.worker, a.timeout_s)
+    else:
+        ns = _ns(a)
+        ray_cluster.connect(a.address, ns)
+        out = drain(a.worker, ns, a.timeout_s)
     print(json.dumps(out) if a.json else format_result(out))
     if not out["found"]:
         return 2
@@ -105,5 +175,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument(
         "--timeout-s", type=float, default=120.0, help="longest wait for the worker to empty (default: 120)"
     )
+    d.add_argument(
+        "--router",
+        default="",
+        help="HOST:PORT[,HOST:PORT...]: drain through these routers' Admin service (every router of "
+        "the cluster; a cluster started without Ray) instead of the Ray deployment",
+    )
     _common(d)
-    d.set_defaults(func=_cmd_drain)
+    from pdserve.security import add_security_args
+
+    add_security_args(d)
+    d.set_defaults(func=_cmd_drain, _parser=d)

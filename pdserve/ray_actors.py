@@ -260,6 +260,7 @@ class RouterActor:
         from pdserve.metrics import RouterMetrics, serve_metrics
         from pdserve.v1 import client_pb2
         from router.admin_service import ADMIN_SERVICE, AdminServicer
+        from router.drainer import WorkerDrains
         from router.health import HEALTH_SERVICES, start_router_health
         from router.registry import Registry
         from router.registry_service import (
@@ -312,13 +313,14 @@ class RouterActor:
         registry_servicer = RegistryServicer(self.registry, cfg, verifier=verifier)
         self.control, self._control_address, _ = start_control_server(registry_servicer, cfg.host, 0)
         self._generate = GenerateServicer(self.registry, cfg, RouterMetrics(REGISTRY), edge=edge)
+        drains = WorkerDrains(self._generate, self.registry, lambda: self.server.loop)
         services = [
             (
                 client_pb2.DESCRIPTOR.services_by_name["Generate"],
                 self._generate,
             ),
             (REGISTRY_SERVICE, registry_servicer),
-            (ADMIN_SERVICE, AdminServicer(self.registry, cfg.model_id)),  # operator RPCs (internal)
+            (ADMIN_SERVICE, AdminServicer(self.registry, cfg.model_id, drains=drains)),  # operators
         ]
         # the data plane on an event loop: a stream costs memory, not a thread (router.service)
         self.server, port, hs = start_aio_server(
@@ -329,8 +331,7 @@ class RouterActor:
         self._policy = cfg.policy.value
         self._index = bool(cfg.index_url)
         self.metrics_port = serve_metrics(0)
-        self._draining: set[str] = set()
-        self._drains: dict[str, Any] = {}  # decode worker id -> its migration drain (a Future)
+        self._drains = drains
         self._stopped = False
 
     def address(self) -> str:
@@ -349,7 +350,7 @@ class RouterActor:
 
     def workers(self) -> list[dict[str, Any]]:
         """Every worker the router knows (silent ones expire here), draining ones included."""
-        ids = [w.worker_id for w in self.registry.alive()] + sorted(self._draining)
+        ids = [w.worker_id for w in self.registry.alive()] + sorted(self._drains.draining)
         out, seen = [], set()
         for wid in ids:
             w = self.registry.get(wid)
@@ -373,62 +374,25 @@ class RouterActor:
     def drain(self, worker_id: str, timeout_s: float = 120.0) -> bool:
         """Stop routing new requests to ``worker_id``; its in-flight count keeps being tracked.
         A decode worker's running requests are moved off it by live migration when the router
-        has it on (:func:`router.drain.drain_decode_worker`, in the background: see
+        has it on (:class:`router.drainer.WorkerDrains`, in the background: see
         :meth:`drain_report`); the others finish there. False when the router does not know it."""
-        import asyncio
-
-        from router.drain import drain_decode_worker
-        from router.registry import WorkerKind
-
-        w = self.registry.get(worker_id)
-        if w is None:
-            return False
-        w.draining = True
-        self._draining.add(worker_id)
-        prev = self._drains.get(worker_id)
-        if (
-            w.kind is WorkerKind.DECODE
-            and self._generate.migrator is not None
-            and (prev is None or prev.done())
-        ):
-            self._drains[worker_id] = asyncio.run_coroutine_threadsafe(
-                drain_decode_worker(self._generate, worker_id, timeout_s=timeout_s), self.server.loop
-            )
-        return True
+        return self._drains.drain(worker_id, timeout_s)
 
     def drain_report(self, worker_id: str) -> dict[str, Any] | None:
-        """The migration drain of ``worker_id`` once it ended (:class:`router.drain.DrainReport`
-        as a dict; ``error`` when it failed), None while it runs or when there was none."""
-        f = self._drains.get(worker_id)
-        if f is None or not f.done():
-            return None
-        if f.cancelled():
-            return {"worker_id": worker_id, "error": "cancelled"}
-        e = f.exception()
-        if e is not None:
-            return {"worker_id": worker_id, "error": f"{type(e).__name__}: {e}"}
-        return f.result().to_dict()
+        """The migration drain of ``worker_id`` once it ended (``router.drain.DrainReport`` as a
+        dict; ``error`` when it failed), None while it runs or when there was none."""
+        return self._drains.report(worker_id)
 
     def resume(self, worker_id: str) -> bool:
-        """Undo :meth:`drain`: route to ``worker_id`` again (a migration drain in progress stops
-        starting migrations). False when the router does not know it."""
-        self._draining.discard(worker_id)
-        f = self._drains.pop(worker_id, None)
-        if f is not None:
-            f.cancel()
-        w = self.registry.get(worker_id)
-        if w is None:
-            return False
-        w.draining = False
-        return True
+        """Undo :meth:`drain`: route to ``worker_id`` again. False when the router does not know it."""
+        return self._drains.resume(worker_id)
 
     def inflight(self, worker_id: str) -> int:
         """Requests the router has in flight on ``worker_id`` (0 when unknown)."""
-        w = self.registry.get(worker_id)
-        return w.inflight if w is not None else 0
+        return self._drains.inflight(worker_id)
 
     def forget(self, worker_id: str) -> None:
-        self._draining.discard(worker_id)
+        self._drains.draining.discard(worker_id)
         self.registry.deregister(worker_id)
 
     def stop(self) -> None:

@@ -55,6 +55,7 @@ from pdserve.security import add_process_security_args, install_process_security
 from pdserve.tracing import configure_logging
 from pdserve.v1 import client_pb2, direct_pb2
 from router.admin_service import ADMIN_SERVICE, AdminServicer
+from router.drainer import WorkerDrains
 from router.health import HEALTH_SERVICES, start_router_health
 from router.policy import GoodputConfig, PolicyKind
 from router.policy.migration import MigrationConfig
@@ -332,10 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     registry_servicer = RegistryServicer(reg, cfg, verifier=verifier)
     control, control_address, _ = start_control_server(registry_servicer, cfg.host, a.control_port)
+    server_box: list = []  # the data-plane server, once started (drains run on its loop)
+    drains = WorkerDrains(generate, reg, lambda: server_box[0].loop)
+    admin = AdminServicer(reg, cfg.model_id, drains=drains)
     services = [
         (client_pb2.DESCRIPTOR.services_by_name["Generate"], generate),
         (REGISTRY_SERVICE, registry_servicer),  # compatibility: registering here names the control port
-        (ADMIN_SERVICE, AdminServicer(reg, cfg.model_id)),  # operator RPCs (internal: the cluster token)
+        (ADMIN_SERVICE, admin),  # operator RPCs (internal: the cluster token)
     ]
     if generate.direct is not None:  # ResumeDirect of direct streams whose worker was lost
         services.append((direct_pb2.DESCRIPTOR.services_by_name["DirectResume"], generate.direct))
@@ -343,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     server, port, hs = start_aio_server(
         services, cfg.host, cfg.port, name="router", not_serving=HEALTH_SERVICES
     )
+    server_box.append(server)
     health = start_router_health(reg, cfg, hs)  # NOT_SERVING until it can place a request
     rebalancer.start(server.loop)  # on the data plane's loop, beside the requests it moves
     metrics_port = serve_metrics(a.metrics_port)

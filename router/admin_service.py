@@ -1,5 +1,7 @@
 """The router's Admin service (``pdserve.v1.Admin``, internal: the cluster token or a CA-signed
-client certificate): LoRA adapters added to a running cluster (issue #16).
+client certificate): LoRA adapters added to a running cluster (issue #16), and drains of one
+worker (``Drain`` / ``DrainStatus`` / ``ResumeWorker`` over :class:`router.drainer.WorkerDrains`,
+issue #14: ``pdserve drain WORKER --router ADDR`` on clusters started without Ray).
 
 ``LoadAdapter`` asks every live prefill and decode worker of the router's model, at once, to
 load the adapter (their ``WorkerAdmin.LoadAdapter``, :mod:`pdserve.worker_admin`). Each worker
@@ -17,18 +19,24 @@ fan-out rules are tested with fakes.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from engine.lora import AdapterSpec
-from pdserve.errors import InvalidRequestError, PdserveError, UnavailableError
+from pdserve.errors import FailedPreconditionError, InvalidRequestError, PdserveError, UnavailableError
 from pdserve.v1 import admin_pb2
 from router.registry import Registry, WorkerKind
+
+if TYPE_CHECKING:
+    from router.drainer import WorkerDrains
 
 log = logging.getLogger(__name__)
 
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
 WORKER_CALL_TIMEOUT_S = 120.0  # a worker reads and checks the adapter, then re-registers
+DEFAULT_DRAIN_TIMEOUT_S = 120.0
 
 # (worker address, request, timeout) -> the worker's answer; raises a PdserveError on failure
 WorkerCall = Callable[[str, admin_pb2.LoadAdapterRequest, float], admin_pb2.LoadAdapterResponse]
@@ -54,7 +62,9 @@ def grpc_worker_call(address: str, req: admin_pb2.LoadAdapterRequest, timeout_s:
 
 class AdminServicer:
     """``Admin`` over the router's registry. ``model``: the router's model id (only its workers
-    are asked). Sync methods: on a grpc.aio server they run on its thread pool."""
+    are asked). ``drains``: the router's :class:`router.drainer.WorkerDrains` (None: Drain and
+    its companions answer FAILED_PRECONDITION). Sync methods: on a grpc.aio server they run on
+    its thread pool."""
 
     def __init__(
         self,
@@ -62,11 +72,45 @@ class AdminServicer:
         model: str,
         call: WorkerCall = grpc_worker_call,
         timeout_s: float = WORKER_CALL_TIMEOUT_S,
+        drains: WorkerDrains | None = None,
     ) -> None:
         self.registry = registry
         self.model = model
         self.call = call
         self.timeout_s = timeout_s
+        self.drains = drains
+
+    def _drains(self) -> WorkerDrains:
+        if self.drains is None:
+            raise FailedPreconditionError("this router has no drain support wired (an embedded test router)")
+        return self.drains
+
+    def Drain(self, req: admin_pb2.DrainRequest, ctx) -> admin_pb2.DrainResponse:
+        if not req.worker_id:
+            raise InvalidRequestError("worker_id is required")
+        if req.timeout_s < 0 or not math.isfinite(req.timeout_s):
+            raise InvalidRequestError(f"timeout_s must be >= 0 (0: 120 s), got {req.timeout_s}")
+        found = self._drains().drain(req.worker_id, req.timeout_s or DEFAULT_DRAIN_TIMEOUT_S)
+        if found:
+            log.info("draining worker %s", req.worker_id)
+        return admin_pb2.DrainResponse(found=found)
+
+    def DrainStatus(self, req: admin_pb2.DrainStatusRequest, ctx) -> admin_pb2.DrainStatusResponse:
+        d = self._drains()
+        if self.registry.get(req.worker_id) is None:
+            return admin_pb2.DrainStatusResponse(found=False)
+        rep = d.report(req.worker_id) or {}
+        return admin_pb2.DrainStatusResponse(
+            found=True,
+            inflight=d.inflight(req.worker_id),
+            migrating=d.migrating(req.worker_id),
+            migrated=int(rep.get("migrated", 0)),
+            aborted=int(rep.get("aborted", 0)),
+            error=str(rep.get("error", "")),
+        )
+
+    def ResumeWorker(self, req: admin_pb2.ResumeWorkerRequest, ctx) -> admin_pb2.ResumeWorkerResponse:
+        return admin_pb2.ResumeWorkerResponse(found=self._drains().resume(req.worker_id))
 
     def LoadAdapter(self, req: admin_pb2.LoadAdapterRequest, ctx) -> admin_pb2.LoadAdapterResponse:
         try:

@@ -20,3 +20,59 @@ class LoadAdapterResponse(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, workers: _Iterable[str] | None = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("worker_id", "timeout_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    timeout_s: float
+    def __init__(self, worker_id: str | None = ..., timeout_s: float | None = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: bool | None = ...) -> None: ...
+
+class DrainStatusRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: str | None = ...) -> None: ...
+
+class DrainStatusResponse(_message.Message):
+    __slots__ = ("found", "inflight", "migrating", "migrated", "aborted", "error")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MIGRATING_FIELD_NUMBER: _ClassVar[int]
+    MIGRATED_FIELD_NUMBER: _ClassVar[int]
+    ABORTED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    inflight: int
+    migrating: bool
+    migrated: int
+    aborted: int
+    error: str
+    def __init__(
+        self,
+        found: bool | None = ...,
+        inflight: int | None = ...,
+        migrating: bool | None = ...,
+        migrated: int | None = ...,
+        aborted: int | None = ...,
+        error: str | None = ...,
+    ) -> None: ...
+
+class ResumeWorkerRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: str | None = ...) -> None: ...
+
+class ResumeWorkerResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: bool | None = ...) -> None: ...

@@ -42,6 +42,21 @@ class AdminStub:
                 request_serializer=pdserve_dot_v1_dot_admin__pb2.LoadAdapterRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_admin__pb2.LoadAdapterResponse.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/pdserve.v1.Admin/Drain',
+                request_serializer=pdserve_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+                _registered_method=True)
+        self.DrainStatus = channel.unary_unary(
+                '/pdserve.v1.Admin/DrainStatus',
+                request_serializer=pdserve_dot_v1_dot_admin__pb2.DrainStatusRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_admin__pb2.DrainStatusResponse.FromString,
+                _registered_method=True)
+        self.ResumeWorker = channel.unary_unary(
+                '/pdserve.v1.Admin/ResumeWorker',
+                request_serializer=pdserve_dot_v1_dot_admin__pb2.ResumeWorkerRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_admin__pb2.ResumeWorkerResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -56,6 +71,29 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Stop routing new requests to a worker; a decode worker's running requests are moved off it by
+        live migration (when this router has migration on) while they keep streaming, the others
+        finish where they are. Every router of the cluster must be told (each routes on its own).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainStatus(self, request, context):
+        """A drain's progress: requests of this router still on the worker, the migration outcome.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeWorker(self, request, context):
+        """Undo Drain: route to the worker again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +101,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.LoadAdapter,
                     request_deserializer=pdserve_dot_v1_dot_admin__pb2.LoadAdapterRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_admin__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=pdserve_dot_v1_dot_admin__pb2.DrainRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_admin__pb2.DrainResponse.SerializeToString,
+            ),
+            'DrainStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainStatus,
+                    request_deserializer=pdserve_dot_v1_dot_admin__pb2.DrainStatusRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_admin__pb2.DrainStatusResponse.SerializeToString,
+            ),
+            'ResumeWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeWorker,
+                    request_deserializer=pdserve_dot_v1_dot_admin__pb2.ResumeWorkerRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_admin__pb2.ResumeWorkerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -95,6 +148,87 @@ class Admin:
             '/pdserve.v1.Admin/LoadAdapter',
             pdserve_dot_v1_dot_admin__pb2.LoadAdapterRequest.SerializeToString,
             pdserve_dot_v1_dot_admin__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Admin/Drain',
+            pdserve_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+            pdserve_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Admin/DrainStatus',
+            pdserve_dot_v1_dot_admin__pb2.DrainStatusRequest.SerializeToString,
+            pdserve_dot_v1_dot_admin__pb2.DrainStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Admin/ResumeWorker',
+            pdserve_dot_v1_dot_admin__pb2.ResumeWorkerRequest.SerializeToString,
+            pdserve_dot_v1_dot_admin__pb2.ResumeWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,

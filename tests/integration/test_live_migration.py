@@ -12,7 +12,8 @@ same as after a handoff) and two in-process decode workers. The tests:
 * 32 concurrent streams with random migrations between the two workers are all identical to
   their unmigrated runs, and afterwards neither worker holds a block (their Stats);
 * a drain empties a decode worker by migration while its streams continue, and they finish
-  identical to unmigrated runs.
+  identical to unmigrated runs; the same through the router's Admin service (`pdserve drain
+  WORKER --router ADDR`, clusters started without Ray), and ResumeWorker routes to it again.
 """
 
 from __future__ import annotations
@@ -85,7 +86,14 @@ class _Cluster:
         cfg = RouterConfig(model_path=str(path), model_id="llama", policy=PolicyKind.COLOCATED)
         self.svc = GenerateServicer(self.registry, cfg, RouterMetrics(self.metrics_registry))
         assert self.svc.migrator is not None  # migration is on by default
-        services = [(client_pb2.DESCRIPTOR.services_by_name["Generate"], self.svc)]
+        from router.admin_service import ADMIN_SERVICE, AdminServicer
+        from router.drainer import WorkerDrains
+
+        self.drains = WorkerDrains(self.svc, self.registry, lambda: self.server.loop)
+        services = [
+            (client_pb2.DESCRIPTOR.services_by_name["Generate"], self.svc),
+            (ADMIN_SERVICE, AdminServicer(self.registry, "llama", drains=self.drains)),
+        ]
         self.server, port, _ = start_aio_server(services, "127.0.0.1", 0, name="router")
         self.address = f"127.0.0.1:{port}"
 
@@ -266,6 +274,47 @@ def test_drain_empties_a_decode_worker_while_its_streams_continue(cluster, clien
         fut.result(CALL_S)
     assert victim not in seen
     cluster.registry.get(victim).draining = False
+
+
+def test_drain_through_the_admin_service_while_streams_continue(cluster, client) -> None:
+    """`pdserve drain WORKER --router ADDR` (drain_via_routers -> Admin.Drain / DrainStatus):
+    the worker is emptied by migration while its streams run, outputs identical; ResumeWorker
+    routes to it again; an unknown worker is reported as not found."""
+    from pdserve.drain_cli import drain_via_routers
+    from pdserve.security import SecurityConfig, TLSMode
+    from pdserve.v1 import admin_pb2, admin_pb2_grpc
+
+    plain = SecurityConfig(tls=TLSMode.OFF)  # loopback, no token: the Admin service is open here
+    n = 4
+    params = SamplingParams(max_tokens=160, temperature=0.0, ignore_eos=True)
+    prompts = [_prompt(300 + i) for i in range(n)]
+    with ThreadPoolExecutor(n) as ex:
+        refs = list(ex.map(lambda p: client.complete(p, params), prompts))
+    with ThreadPoolExecutor(n) as ex:
+        futs = [ex.submit(client.complete, p, params) for p in prompts]
+        deadline = time.monotonic() + CALL_S
+        while len(running := _decoding(cluster, 4)) < n:
+            assert time.monotonic() < deadline and not any(f.done() for f in futs), "streams did not start"
+            time.sleep(0.002)
+        counts = {w: list(running.values()).count(w) for w in cluster.workers}
+        victim = max(counts, key=lambda w: counts[w])
+        out = drain_via_routers([cluster.address], victim, 60.0, poll_s=0.01, config=plain)
+        still_running = sum(not f.done() for f in futs)
+        got = [f.result(CALL_S) for f in futs]
+    assert out["found"] and out["drained"] and out["inflight"] == 0, out
+    assert out["reports"][0]["migrated"] == counts[victim] and out["reports"][0]["aborted"] == 0, out
+    assert still_running >= 1  # the drain did not wait for them to finish
+    for r, g in zip(refs, got, strict=True):
+        assert g.token_ids == r.token_ids and g.text == r.text
+    assert cluster.registry.get(victim).draining
+    assert not drain_via_routers([cluster.address], "nope", 5.0, config=plain)["found"]
+    from pdserve.security import internal_channel
+
+    with internal_channel(cluster.address, plain) as ch:
+        stub = admin_pb2_grpc.AdminStub(ch)
+        assert stub.ResumeWorker(admin_pb2.ResumeWorkerRequest(worker_id=victim), timeout=10).found
+    assert not cluster.registry.get(victim).draining and victim not in cluster.drains.draining
+    cluster.wait_no_blocks()
 
 
 def test_the_rebalancer_moves_streams_off_a_loaded_worker(cluster, client) -> None:

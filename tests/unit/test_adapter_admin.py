@@ -180,3 +180,27 @@ def test_admin_services_are_internal_and_need_the_cluster_token():
             assert list(ok.workers) == ["p0"]
     finally:
         server.stop(0)
+
+
+def test_router_admin_drain_checks_its_input_and_needs_drain_support():
+    reg = _registry(("d0", WorkerKind.DECODE, "m"))
+    with pytest.raises(FailedPreconditionError, match="no drain support"):
+        AdminServicer(reg, "m").Drain(admin_pb2.DrainRequest(worker_id="d0"), None)
+
+    class Drains:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, float]] = []
+
+        def drain(self, wid, timeout_s):
+            self.calls.append((wid, timeout_s))
+            return wid == "d0"
+
+    d = Drains()
+    svc = AdminServicer(reg, "m", drains=d)
+    for bad in (admin_pb2.DrainRequest(), admin_pb2.DrainRequest(worker_id="d0", timeout_s=-1)):
+        with pytest.raises(InvalidRequestError):
+            svc.Drain(bad, None)
+    assert svc.Drain(admin_pb2.DrainRequest(worker_id="d0"), None).found
+    assert not svc.Drain(admin_pb2.DrainRequest(worker_id="zz", timeout_s=5), None).found
+    assert d.calls == [("d0", 120.0), ("zz", 5.0)]  # 0: the default timeout
+    assert not svc.DrainStatus(admin_pb2.DrainStatusRequest(worker_id="zz"), None).found
