@@ -160,3 +160,18 @@ def test_decode_worker_killed_mid_stream_group_is_redispatched_exactly(cluster, 
         assert fins[i].completion_tokens == params.max_tokens
     assert _redispatches(cluster) == before + 1
     _wait_baseline(cluster)
+
+
+def test_async_client_complete_choices(cluster, whole):
+    import asyncio
+
+    from pdserve.client import AsyncClient
+
+    params = replace(PARAMS, max_tokens=6, logprobs=None, n=2, seed=9)
+
+    async def go():
+        async with AsyncClient(cluster.router_address, timeout=120) as ac:
+            return await ac.complete_choices(PROMPT, params)
+
+    got = asyncio.run(go())
+    assert [g.token_ids for g in got] == [r.token_ids for r in whole.generate_choices(PROMPT, params)]
