@@ -30,7 +30,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.offload_policy import NUM_SLOTS, OffloadCostModel, WeightPlacement, WeightTier, place_weights
+from engine.offload_policy import (
+    NUM_SLOTS,
+    BatchChoice,
+    OffloadCostModel,
+    WeightPlacement,
+    WeightTier,
+    pick_offline_batch_size,
+    place_weights,
+)
 
 ALIGN = 64  # byte alignment of every tensor inside a layer's block (any dtype's view is valid)
 
@@ -102,7 +110,7 @@ def _drop_page_cache(fd: int) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def measure_rates(model: nn.Module, offload_dir: str | None, tokens: int = 16, reps: int = 3) -> Bandwidths:
+def measure_rates(model: nn.Module, offload_dir: str | None, tokens: int = 16, reps: int = 5) -> Bandwidths:
     """Measure host -> device and disk -> device bandwidth with one layer's bytes (the disk read
     after ``fsync`` and a page-cache drop, so a cold read where the OS allows) and each layer's
     compute for a ``tokens``-row batch (its matrix products: ``2 * params * tokens`` FLOPs at the
@@ -167,8 +175,15 @@ class OffloadedWeights:
     hooks, stops the I/O thread and closes the file (the layers' weights are gone from the model
     then: close only with the engine)."""
 
-    def __init__(self, model: nn.Module, placement: WeightPlacement, offload_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        placement: WeightPlacement,
+        offload_dir: str | None = None,
+        rates: Bandwidths | None = None,
+    ) -> None:
         layers = model.model.layers
+        self.rates = rates  # what the placement was made with (None: a placement given as is)
         if len(placement.tiers) != len(layers):
             raise ValueError(f"placement has {len(placement.tiers)} layers, the model {len(layers)}")
         self.placement = placement
@@ -385,4 +400,30 @@ def offload_model(
         disk_bw=rates.disk_bw,
         host_budget_bytes=host_budget_bytes,
     )
-    return OffloadedWeights(model, place_weights(cost), offload_dir)
+    return OffloadedWeights(model, place_weights(cost), offload_dir, rates)
+
+
+def offline_batch_size(weights: OffloadedWeights, max_batch: int, efficiency: float = 0.9) -> BatchChoice:
+    """Decode batch size for an offline throughput job on this placement
+    (:func:`engine.offload_policy.pick_offline_batch_size`): each layer's compute taken as
+    proportional to the batch (the measured ``compute_s`` of a ``rates.tokens``-row batch, per
+    row), copies at the measured bandwidths; ``max_batch`` is the caller's bound (``max_num_seqs``
+    and what the KV pool holds at the job's context length). ValueError without measured rates."""
+    r = weights.rates
+    if r is None:
+        raise ValueError(
+            "offline_batch_size needs measured rates (an OffloadedWeights built by offload_model)"
+        )
+    lb = [0] * len(weights.placement.tiers)
+    for li in weights.offloaded:
+        lb[li] = weights._where[li][2]
+    return pick_offline_batch_size(
+        weights.placement.tiers,
+        lb,
+        [0.0] * len(lb),
+        [c / r.tokens for c in r.compute_s],
+        r.host_bw,
+        r.disk_bw,
+        max_batch,
+        efficiency=efficiency,
+    )

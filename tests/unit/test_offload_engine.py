@@ -226,3 +226,18 @@ def test_cuda_offloaded_output_equals_resident(deep_llama, resident, tmp_path):
         assert eng.weight_offload.snapshot().copies > 0
     finally:
         eng.close()
+
+
+def test_offline_batch_size_from_the_measured_rates(deep_llama, resident):
+    from engine.offload import offline_batch_size
+
+    _, (lb, fixed) = resident
+    eng = LLMEngine.from_pretrained(
+        deep_llama, EngineConfig(**BASE, weight_memory_budget_bytes=fixed + 6 * lb)
+    )
+    try:
+        ch = offline_batch_size(eng.weight_offload, max_batch=32)
+        assert 1 <= ch.batch_size <= 32
+        assert ch.seqs_per_s >= 0.9 * ch.max_seqs_per_s
+    finally:
+        eng.close()
