@@ -26,6 +26,19 @@ from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
 log = logging.getLogger(__name__)
 
 
+def adapter_residency(e: LLMEngine) -> dict:
+    """The WorkerStats fields on ``e``'s LoRA adapters (empty without LoRA): which are in an engine
+    slot and in host memory now, and the measured load times (run on the engine thread)."""
+    if e.lora is None:
+        return {}
+    return {
+        "adapters_in_slot": sorted(e.lora.slot_resident()),
+        "adapters_in_host": sorted(e.lora.host_resident()),
+        "adapter_slot_load_s": e.lora.stats.slot_load_s,
+        "adapter_disk_load_s": e.lora.stats.disk_load_s,
+    }
+
+
 def adapter_snapshots(e: LLMEngine) -> tuple[AdapterSnapshot, ...]:
     """Per-adapter counters and residency of ``e``'s LoRA adapters (run on the engine thread)."""
     if e.lora is None:
@@ -143,9 +156,10 @@ class WorkerState:
             self.finished_total += 1
 
     def stats(self) -> worker_pb2.WorkerStats:
-        s = self.loop.call(lambda e: e.stats())
+        s, adapters = self.loop.call(lambda e: (e.stats(), adapter_residency(e)))
         hit = self.engine.kv.pool.stats.hit_rate
         return worker_pb2.WorkerStats(
+            **adapters,
             worker_id=self.config.worker_id,
             role=self.config.role.value,
             model=self.engine.model_id,

@@ -80,6 +80,10 @@ def _snapshot(w: WorkerEntry, queued_tokens: int, kv_tokens: int | None) -> Inst
         block_size=bs,
         token_budget=ld.token_budget or DEFAULT_TOKEN_BUDGET,
         latency=w.profile,
+        adapters_in_slot=ld.adapters_in_slot,
+        adapters_in_host=ld.adapters_in_host,
+        adapter_slot_load_s=ld.adapter_slot_load_s,
+        adapter_disk_load_s=ld.adapter_disk_load_s,
     )
 
 
@@ -130,6 +134,10 @@ class ViewBuilder:
                         q.get(wid, 0),
                         None if k is None else k.get(wid, 0),
                         w.profile,
+                        ld.adapters_in_slot,
+                        ld.adapters_in_host,
+                        ld.adapter_slot_load_s,
+                        ld.adapter_disk_load_s,
                     )
                     hit = old.get(wid)
                     if hit is not None and hit[0] == key:

@@ -50,6 +50,12 @@ class WorkerLoad:
     kv_blocks_used: int = 0
     block_size: int = 0
     token_budget: int = 0
+    # LoRA adapters (heartbeat's adapters_in_slot / _in_host and measured load times): what a
+    # request's adapter costs to load here before its prefill (router.policy: TTFT)
+    adapters_in_slot: frozenset[str] = frozenset()
+    adapters_in_host: frozenset[str] = frozenset()
+    adapter_slot_load_s: float = 0.0
+    adapter_disk_load_s: float = 0.0
 
     @property
     def kv_usage(self) -> float:

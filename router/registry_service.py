@@ -15,6 +15,7 @@ given the router's (data) address registers there once and then heartbeats on th
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 import grpc
@@ -69,6 +70,10 @@ def load_from_proto(s: worker_pb2.WorkerStats) -> WorkerLoad:
         s.kv_blocks_used,
         block_size=s.kv_layout.block_size,
         token_budget=s.token_budget,
+        adapters_in_slot=frozenset(s.adapters_in_slot),
+        adapters_in_host=frozenset(s.adapters_in_host),
+        adapter_slot_load_s=max(0.0, s.adapter_slot_load_s) if math.isfinite(s.adapter_slot_load_s) else 0.0,
+        adapter_disk_load_s=max(0.0, s.adapter_disk_load_s) if math.isfinite(s.adapter_disk_load_s) else 0.0,
     )
 
 

@@ -163,6 +163,10 @@ class SimInstance:
             n += 1
         return n
 
+    def adapter_load_s(self, adapter: str) -> float:
+        """The simulator does not model LoRA adapters (every request runs on the base model)."""
+        return 0.0
+
     def cached_prefix_blocks(self, hashes: Sequence[BlockHash]) -> int:
         hbm = self.hbm_prefix_blocks(hashes)
         if self.host_pool is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,6 +60,14 @@ class LoRAStats:
     disk_loads: int = 0  # disk -> host reads (registration included)
     host_evictions: int = 0
     by_adapter: dict[str, AdapterCounters] = field(default_factory=dict)
+    slot_load_s: float = 0.0  # running mean of a host -> slot copy (0: none measured yet)
+    disk_load_s: float = 0.0  # running mean of a disk -> host read (0: none measured yet)
+
+    def observe_slot_load(self, seconds: float) -> None:
+        self.slot_load_s = _mean(self.slot_load_s, seconds)
+
+    def observe_disk_load(self, seconds: float) -> None:
+        self.disk_load_s = _mean(self.disk_load_s, seconds)
 
     def of(self, name: str) -> AdapterCounters:
         """The counters of adapter ``name`` (created at zero; every registered adapter's are
@@ -67,6 +76,14 @@ class LoRAStats:
         if c is None:
             c = self.by_adapter[name] = AdapterCounters()
         return c
+
+
+LOAD_TIME_WEIGHT = 0.25  # weight of the newest measurement in the running means of load times
+
+
+def _mean(old: float, new: float) -> float:
+    """Exponentially weighted running mean (the first measurement taken as is)."""
+    return new if old <= 0.0 else (1 - LOAD_TIME_WEIGHT) * old + LOAD_TIME_WEIGHT * new
 
 
 class LoRAManager:
@@ -86,8 +103,11 @@ class LoRAManager:
         self._lock = threading.Lock()  # guards _host and _loading (the loader thread writes them)
         self._loading: dict[str, Future] = {}
         self._failed: dict[str, BaseException] = {}
+        t0 = time.perf_counter()
         loaded = [load_adapter(a.name, a.path, self.targets) for a in config.adapters]
         self.stats.disk_loads += len(loaded)
+        if loaded:
+            self.stats.observe_disk_load((time.perf_counter() - t0) / len(loaded))
         self.rank = config.max_lora_rank or max(a.config.max_rank for a in loaded)
         for a in loaded:
             self._check_rank(a)
@@ -126,9 +146,11 @@ class LoRAManager:
         the slots' ``max_lora_rank``, or a name already registered."""
         if spec.name in self._paths:
             raise AdapterError(f"LoRA adapter {spec.name!r} is already registered")
+        t0 = time.perf_counter()
         a = load_adapter(spec.name, spec.path, self.targets)
         self._check_rank(a)
         with self._lock:
+            self.stats.observe_disk_load(time.perf_counter() - t0)
             if spec.name in self._paths:
                 raise AdapterError(f"LoRA adapter {spec.name!r} is already registered")
             self.stats.disk_loads += 1
@@ -172,6 +194,7 @@ class LoRAManager:
                 self.stats.host_evictions += 1
 
     def _load_from_disk(self, name: str) -> None:
+        t0 = time.perf_counter()
         try:
             a = load_adapter(name, self._paths[name], self.targets)
             self._check_rank(a)
@@ -186,6 +209,7 @@ class LoRAManager:
             self._loading.pop(name, None)
             self.stats.disk_loads += 1
             self.stats.of(name).disk_loads += 1
+            self.stats.observe_disk_load(time.perf_counter() - t0)
         self._evict_host()
 
     def _host_copy(self, name: str) -> HostAdapter | None:
@@ -233,6 +257,7 @@ class LoRAManager:
         assert got is not None
         if got.load:
             assert a is not None
+            t0 = time.perf_counter()
             try:
                 self._write_slot(got.slot, a)
             except BaseException:
@@ -240,6 +265,7 @@ class LoRAManager:
                 raise
             self.stats.slot_loads += 1
             self.stats.of(name).slot_loads += 1
+            self.stats.observe_slot_load(time.perf_counter() - t0)
             if got.evicted is not None:
                 self.stats.slot_evictions += 1
         return True

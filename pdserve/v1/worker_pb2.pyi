@@ -475,6 +475,10 @@ class WorkerStats(_message.Message):
         "prefix_cache_hit_rate",
         "kv_layout",
         "store",
+        "adapters_in_slot",
+        "adapters_in_host",
+        "adapter_slot_load_s",
+        "adapter_disk_load_s",
     )
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -493,6 +497,10 @@ class WorkerStats(_message.Message):
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_IN_SLOT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_IN_HOST_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SLOT_LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_DISK_LOAD_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     model: str
@@ -510,6 +518,10 @@ class WorkerStats(_message.Message):
     prefix_cache_hit_rate: float
     kv_layout: _common_pb2.KVLayout
     store: _common_pb2.BlockLocation
+    adapters_in_slot: _containers.RepeatedScalarFieldContainer[str]
+    adapters_in_host: _containers.RepeatedScalarFieldContainer[str]
+    adapter_slot_load_s: float
+    adapter_disk_load_s: float
     def __init__(
         self,
         worker_id: str | None = ...,
@@ -529,6 +541,10 @@ class WorkerStats(_message.Message):
         prefix_cache_hit_rate: float | None = ...,
         kv_layout: _common_pb2.KVLayout | _Mapping | None = ...,
         store: _common_pb2.BlockLocation | _Mapping | None = ...,
+        adapters_in_slot: _Iterable[str] | None = ...,
+        adapters_in_host: _Iterable[str] | None = ...,
+        adapter_slot_load_s: float | None = ...,
+        adapter_disk_load_s: float | None = ...,
     ) -> None: ...
 
 class SpillKVRequest(_message.Message):

@@ -93,14 +93,23 @@ class TtftTable:
     between decisions.
     """
 
-    __slots__ = ("est", "p", "_prefill", "_fetch", "_known")
+    __slots__ = ("est", "p", "_prefill", "_fetch", "_known", "adapter")
 
-    def __init__(self, est: TtftEstimator, num_prompt_tokens: int) -> None:
+    def __init__(self, est: TtftEstimator, num_prompt_tokens: int, adapter: str = "") -> None:
         self.est = est
         self.p = num_prompt_tokens
         self._prefill: dict[int, float] = {}
         self._fetch: dict[tuple[int, int], float] = {}
         self._known: tuple[object, list[float]] | None = None
+        # the request's LoRA adapter ("" = base model): loading it on an instance delays the
+        # start of its prefill there like a queue does (:meth:`queues` adds
+        # ``InstanceView.adapter_load_s``); :meth:`pool_queues` (the columnar path) does not, so
+        # a policy prices adapter requests through :meth:`queues`
+        self.adapter = adapter
+
+    def adapter_s(self, inst: InstanceView) -> float:
+        """Seconds to load the request's adapter on ``inst`` before its prefill (0 for the base model)."""
+        return inst.adapter_load_s(self.adapter) if self.adapter else 0.0
 
     def know_queues(self, insts: Sequence[InstanceView], queues: list[float]) -> None:
         """``queues`` is :meth:`queues` ``(insts)`` (priced elsewhere, e.g. by
@@ -110,7 +119,15 @@ class TtftTable:
     def queues(self, insts: Sequence[InstanceView]) -> list[float]:
         """``[est.queue_time(i) for i in insts]``: full * step(budget) + (step(rem) if rem else
         0.0), 0.0 for an empty queue, every step time ``scale * memo[t]``
-        (:meth:`TtftEstimator.step_basis`; the memo's missing entries priced in one model call)."""
+        (:meth:`TtftEstimator.step_basis`; the memo's missing entries priced in one model call),
+        plus each instance's load of the request's adapter (:meth:`adapter_s`)."""
+        base = self.base_queues(insts)
+        if not self.adapter:
+            return base
+        return [q + self.adapter_s(i) for q, i in zip(base, insts, strict=True)]
+
+    def base_queues(self, insts: Sequence[InstanceView]) -> list[float]:
+        """:meth:`queues` without the adapter's load."""
         if not insts:
             return []
         known = self._known
@@ -137,9 +154,12 @@ class TtftTable:
 
     def pool_queues(self, cols: RoleColumns) -> tuple[np.ndarray, list[float]]:
         """:meth:`queues` of the pool ``cols`` was read from (array and list), bit for bit (the
-        same step times and expression per item). Kept on ``cols`` for this step basis (scale
+        same step times and expression per item), for a base-model request (ValueError for an
+        adapter's: its load times are per request, priced by :meth:`queues`). Kept on ``cols`` for this step basis (scale
         and model, :meth:`TtftEstimator.step_basis`): rows of a patched ``cols`` are re-priced
         one by one, a new basis prices the pool at once (arrays)."""
+        if self.adapter:
+            raise ValueError("pool_queues prices base-model requests only: use queues() for an adapter's")
         scale, memo, model = self.est.step_basis()
         got = cols.queue_cache
         if got is not None and got[0] == scale and got[1] is model and got[2] is memo:

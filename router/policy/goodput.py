@@ -141,9 +141,10 @@ class GoodputStats:
 class TtftTerms:
     """One option's predicted TTFT, term by term, as the decision priced it (seconds; the online
     TTFT correction ``ttft_factor`` is already inside every term):
-    ``predicted_s = (queue_s + fetch_s + prefill_s + cotenant_s) * speed * contention``.
+    ``predicted_s = (queue_s + adapter_s + fetch_s + prefill_s + cotenant_s) * speed * contention``.
 
-    ``queue_s``: prompt tokens queued ahead on the instance; ``fetch_s``: pulling
+    ``queue_s``: prompt tokens queued ahead on the instance; ``adapter_s``: loading the request's
+    LoRA adapter there (0: resident in a slot, or the base model); ``fetch_s``: pulling
     ``fetched_blocks`` of a remote prefix; ``prefill_s``: computing the ``prompt_tokens -
     reused_tokens`` tokens not reused; ``cotenant_s``: the decode step of the instance's own batch
     co-scheduled with a local prefill; ``speed``: the instance's own profile relative to the
@@ -161,14 +162,21 @@ class TtftTerms:
     speed: float
     contention: float
     ttft_factor: float
+    adapter_s: float = 0.0
 
     @property
     def predicted_s(self) -> float:
-        return (self.queue_s + self.fetch_s + self.prefill_s + self.cotenant_s) * self.speed * self.contention
+        return (
+            (self.queue_s + self.adapter_s + self.fetch_s + self.prefill_s + self.cotenant_s)
+            * self.speed
+            * self.contention
+        )
 
     def describe(self) -> str:
         """One line: every term in ms, what it is of, and the factors."""
         parts = [f"queue {self.queue_s * 1e3:.0f}"]
+        if self.adapter_s:
+            parts.append(f"adapter load {self.adapter_s * 1e3:.0f}")
         if self.fetched_blocks:
             parts.append(f"fetch {self.fetch_s * 1e3:.0f} ({self.fetched_blocks} blocks)")
         parts.append(
@@ -308,7 +316,7 @@ class GoodputAwarePolicy(PlacementPolicy):
         self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
     ) -> Placement:
         """Best TTFT among ``candidates`` (global cache-aware, KV store included as a source)."""
-        table = TtftTable(self.estimator, req.num_prompt_tokens)
+        table = TtftTable(self.estimator, req.num_prompt_tokens, req.adapter)
         with self._lock:
             scales = self._scales(candidates, view)
         f = scales[0] if scales is not None else None
@@ -383,10 +391,10 @@ class GoodputAwarePolicy(PlacementPolicy):
         out = req.predicted_output_tokens or self.lengths.predict(p, req.max_output_tokens)
         is_long = out >= cfg.long_output_tokens
         hits = view.prefix_hits(req.block_hashes)
-        table = TtftTable(self.estimator, p)
+        table = TtftTable(self.estimator, p, req.adapter)  # an adapter's load is priced per instance
         pre_scales = self._scales(prefill_pool, view) if prefill_pool else None
         dec_scales = self._scales(decode_pool, view)
-        if len(prefill_pool) >= NUMPY_MIN_POOL:  # every candidate's queue priced over its columns
+        if len(prefill_pool) >= NUMPY_MIN_POOL and not req.adapter:  # queues priced over columns
             pc = self._cols.columns(view, InstanceRole.PREFILL)
             table.know_queues(prefill_pool, table.pool_queues(pc)[1])
         remote_plan = (
@@ -407,7 +415,7 @@ class GoodputAwarePolicy(PlacementPolicy):
         dec_roles = (
             (InstanceRole.DECODE,) if decode_pool[0].role is InstanceRole.DECODE else (InstanceRole.MIXED,)
         )
-        big = len(decode_pool) >= NUMPY_MIN_POOL
+        big = len(decode_pool) >= NUMPY_MIN_POOL and not req.adapter  # (adapter loads: the list path)
         d = DecodeSide(
             cfg,
             self.corrected,
@@ -625,13 +633,14 @@ class GoodputAwarePolicy(PlacementPolicy):
             p,
             reused_blocks * bs,
             fetched_blocks,
-            table.queues([inst])[0],
+            table.base_queues([inst])[0],
             table.fetch(fetched_blocks, bs),
             table.prefill(reused_blocks * bs),
             cot,
             speed,
             contention,
             self.corrected.factor(Phase.TTFT),
+            table.adapter_s(inst),
         )
 
     def _fastest_terms(

@@ -322,7 +322,7 @@ class LocalCacheAwarePolicy(PlacementPolicy):
     def choose_prefill(
         self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
     ) -> Placement:
-        table = TtftTable(self._require_estimator(), req.num_prompt_tokens)
+        table = TtftTable(self._require_estimator(), req.num_prompt_tokens, req.adapter)
         return best_prefill_plan(req, candidates, view.prefix_hits(req.block_hashes), table, remote=False)
 
 
@@ -341,7 +341,7 @@ class GlobalCacheAwarePolicy(PlacementPolicy):
     def choose_prefill(
         self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
     ) -> Placement:
-        table = TtftTable(self._require_estimator(), req.num_prompt_tokens)
+        table = TtftTable(self._require_estimator(), req.num_prompt_tokens, req.adapter)
         return best_prefill_plan(req, candidates, view.prefix_hits(req.block_hashes), table, remote=True)
 
 

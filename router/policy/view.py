@@ -48,6 +48,23 @@ class InstanceView(Protocol):
 
     def cached_prefix_blocks(self, hashes: Sequence[BlockHash]) -> int: ...
 
+    def adapter_load_s(self, adapter: str) -> float:
+        """Seconds to load LoRA ``adapter`` before a request using it can run here (0: resident
+        in an engine slot, or unknown)."""
+        ...
+
+
+def adapter_load_time(
+    adapter: str, in_slot: frozenset[str], in_host: frozenset[str], slot_s: float, disk_s: float
+) -> float:
+    """Pure: what loading ``adapter`` costs on an instance: nothing when it is in an engine slot,
+    a host -> slot copy (``slot_s``) when in host memory, a disk read and the copy otherwise
+    (``disk_s + slot_s``; measured running means, 0 when not measured yet). The base model ("")
+    costs nothing."""
+    if not adapter or adapter in in_slot:
+        return 0.0
+    return slot_s if adapter in in_host else disk_s + slot_s
+
 
 @dataclass(frozen=True)
 class InstanceSnapshot:
@@ -67,6 +84,20 @@ class InstanceSnapshot:
     # (a ``LinearLatency``; None: not reported). Goodput placement scales its predictions for this
     # instance by it (``GoodputAwarePolicy``); other policies ignore it.
     latency: object | None = None
+    # LoRA adapters in an engine slot / in host memory now, and measured load times (heartbeats)
+    adapters_in_slot: frozenset[str] = field(default_factory=frozenset)
+    adapters_in_host: frozenset[str] = field(default_factory=frozenset)
+    adapter_slot_load_s: float = 0.0
+    adapter_disk_load_s: float = 0.0
+
+    def adapter_load_s(self, adapter: str) -> float:
+        return adapter_load_time(
+            adapter,
+            self.adapters_in_slot,
+            self.adapters_in_host,
+            self.adapter_slot_load_s,
+            self.adapter_disk_load_s,
+        )
 
     def cached_prefix_blocks(self, hashes: Sequence[BlockHash]) -> int:
         n = 0

@@ -72,6 +72,17 @@ def test_worker_loads_an_adapter_at_run_time_exactly(tiny):
         r = svc.LoadAdapter(admin_pb2.LoadAdapterRequest(name="sql", path=str(a1)), None)
         assert list(r.workers) == ["w0"] and st.engine.lora.names() == ["sql"]
         got = st.loop.call(lambda e: _run(e, "sql"), timeout_s=120)  # on the worker's engine thread
+        # heartbeats tell the router where the adapter is and what loading one costs (TTFT)
+        from router.registry_service import load_from_proto
+
+        stats = st.stats()
+        assert list(stats.adapters_in_slot) == ["sql"] and list(stats.adapters_in_host) == ["sql"]
+        assert stats.adapter_disk_load_s > 0 and stats.adapter_slot_load_s > 0
+        load = load_from_proto(stats)
+        assert (
+            load.adapters_in_slot == frozenset({"sql"})
+            and load.adapter_disk_load_s == stats.adapter_disk_load_s
+        )
         assert svc.LoadAdapter(admin_pb2.LoadAdapterRequest(name="sql", path=str(a1)), None).workers == ["w0"]
         with pytest.raises(AlreadyExistsError, match="'sql' is already served by worker w0"):
             svc.LoadAdapter(admin_pb2.LoadAdapterRequest(name="sql", path=str(a2)), None)

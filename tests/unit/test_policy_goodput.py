@@ -419,3 +419,52 @@ def test_admission_uses_the_upper_quantile_of_the_prediction_error() -> None:
         pol.on_finished(Observation(f"r{i}", 0.2 if i % 2 else 0.8, 0.011, 10, num_prompt_tokens=400))
     assert pol.corrected.spread(Phase.TTFT) > 2.0
     assert isinstance(pol.place(req("b", n=400, slo=slo), view), Rejection)
+
+
+# ---------------------------------------------------------------- LoRA adapter loads (#16)
+def test_adapter_load_time_is_part_of_the_predicted_ttft() -> None:
+    """A request's LoRA adapter must be loaded on the instance before its prefill: nothing when it
+    is in an engine slot, a host -> slot copy when in host memory, a disk read too otherwise.
+    Placement prefers the instance that holds it, prices the load into the TTFT (and the TTFT
+    SLO), and the base model never pays it."""
+    from dataclasses import replace
+
+    from router.policy.estimate import TtftTable
+    from router.policy.view import adapter_load_time
+
+    assert adapter_load_time("", frozenset(), frozenset(), 1.0, 2.0) == 0.0
+    assert adapter_load_time("a", frozenset({"a"}), frozenset({"a"}), 1.0, 2.0) == 0.0
+    assert adapter_load_time("a", frozenset(), frozenset({"a"}), 1.0, 2.0) == 1.0
+    assert adapter_load_time("a", frozenset(), frozenset(), 1.0, 2.0) == 3.0
+
+    def adapted(s: InstanceSnapshot, slot=(), host=()) -> InstanceSnapshot:
+        return replace(
+            s,
+            adapters_in_slot=frozenset(slot),
+            adapters_in_host=frozenset(host),
+            adapter_slot_load_s=0.010,
+            adapter_disk_load_s=0.200,
+        )
+
+    # p0 queues 100 ms but holds the adapter in a slot; p1 is idle but must read it from disk
+    view = ClusterView([adapted(snap("p0", P, q=100), slot=["sql"]), adapted(snap("p1", P)), snap("d0", D)])
+    r = replace(req(n=320), adapter="sql")
+    d = placed(policy(local_prefill=False).place(r, view))
+    assert d.instance_id == "p0" and d.estimated_ttft_s == pytest.approx(0.100 + 0.320)
+    # in host memory on p1: a 10 ms copy beats p0's 100 ms queue
+    view = ClusterView(
+        [adapted(snap("p0", P, q=100), slot=["sql"]), adapted(snap("p1", P), host=["sql"]), snap("d0", D)]
+    )
+    d = placed(policy(local_prefill=False).place(r, view))
+    assert d.instance_id == "p1" and d.estimated_ttft_s == pytest.approx(0.010 + 0.320)
+    # the base model ignores adapter residency: p1 (idle) wins
+    assert placed(policy(local_prefill=False).place(req(n=320), view)).instance_id == "p1"
+    # the load counts against the TTFT SLO: 200 + 10 ms of loading + 320 ms > 400 ms
+    only_disk = ClusterView([adapted(snap("p1", P)), snap("d0", D)])
+    slo = SLO(ttft_s=0.4, tpot_s=1.0)
+    rej = rejected(policy(local_prefill=False, slo_margin=0.0).place(replace(r, slo=slo), only_disk))
+    assert rej.reason is RejectReason.SLO_UNATTAINABLE and "adapter load 210" in rej.message, rej.message
+    assert isinstance(policy(local_prefill=False).place(replace(req(n=320), slo=slo), only_disk), Placement)
+    # the columnar queue path prices base-model requests only
+    with pytest.raises(ValueError, match="base-model requests only"):
+        TtftTable(policy().estimator, 10, "sql").pool_queues(None)  # type: ignore[arg-type]
