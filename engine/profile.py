@@ -137,10 +137,17 @@ def profile_key(engine, model_path: str | Path) -> ProfileKey:
     return ProfileKey(
         model_path=str(path),
         model_config_sha256=sha,
-        # the activation dtype, the weights' storage and the attention path: each changes step times
+        # the activation dtype, the weights' storage and placement and the attention path: each
+        # changes step times
         dtype=(
             f"{engine.runner.dtype if hasattr(engine.runner, 'dtype') else c.dtype}"
             f"|weights={c.weight_dtype}|attention={os.environ.get('PDSERVE_ATTENTION', 'auto')}"
+            # offloaded weights change step times: the budget and host tier are part of the key
+            + (
+                f"|weight_budget={c.weight_memory_budget_bytes}|weight_host={c.weight_host_budget_bytes}"
+                if c.weight_memory_budget_bytes is not None
+                else ""
+            )
         ),
         tensor_parallel_size=c.tensor_parallel_size,
         device=c.device,

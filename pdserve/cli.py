@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from engine.scheduler import SchedulingPolicy
 from pdserve import cli_help
 from pdserve.errors import PdserveError
 from pdserve.security import add_client_tls_args, client_tls_kwargs
@@ -153,7 +154,16 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     cl = launch(
         ClusterSpec(
             model_path=str(path),
-            worker_args=tuple(x for spec in loras for x in ("--lora", spec)),
+            worker_args=(
+                *(x for spec in loras for x in ("--lora", spec)),
+                *(("--swap-space", str(a.swap_space)) if a.swap_space else ()),
+                *(("--scheduling-policy", a.scheduling_policy) if a.scheduling_policy else ()),
+                *(
+                    ("--weight-budget-gib", str(a.weight_budget_gib))
+                    if a.weight_budget_gib is not None
+                    else ()
+                ),
+            ),
             num_prefill=a.prefill,
             num_decode=a.decode,
             router_port=int(port),
@@ -278,6 +288,29 @@ def build_parser() -> argparse.ArgumentParser:
         "a router that exits is restarted",
     )
     sv.add_argument("--kv-blocks", type=int, default=2048, help="KV pool size per worker, in blocks")
+    sv.add_argument(
+        "--swap-space",
+        type=float,
+        default=0.0,
+        metavar="GIB",
+        help="host-memory KV pool per worker in GiB: preempted requests are swapped out and back when "
+        "cheaper than recomputing (0: always recompute)",
+    )
+    sv.add_argument(
+        "--scheduling-policy",
+        choices=[p.value for p in SchedulingPolicy],
+        default=None,
+        help="engine queue order on every worker: priority (then arrival), fcfs, or mlfq (FastServe's "
+        "skip-join multi-level feedback queue) (default: the workers' default, priority)",
+    )
+    sv.add_argument(
+        "--weight-budget-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="device memory each worker's weights may use (weight offloading: layers beyond it are kept "
+        "in host memory and copied in ahead of use) (default: all weights resident)",
+    )
     sv.add_argument(
         "--lora",
         action="append",

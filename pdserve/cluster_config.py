@@ -91,6 +91,9 @@ class PoolConfig:
     # swapped out and back when cheaper than recomputing (0: always recompute; not with tp > 1)
     swap_space_gib: float = 0.0
     scheduling_policy: str = "priority"  # engine queue order: priority, fcfs or mlfq (FastServe)
+    # device memory the weights may use (FlexGen-style offloading: layers beyond it live in host
+    # memory and are copied in ahead of use); 0: all weights resident. Not with tp > 1
+    weight_budget_gib: float = 0.0
 
     @property
     def num_gpus(self) -> int:
@@ -111,6 +114,9 @@ class PoolConfig:
             tensor_parallel_size=self.tp,
             swap_space_bytes=int(self.swap_space_gib * (1 << 30)),
             scheduling_policy=SchedulingPolicy(self.scheduling_policy),
+            weight_memory_budget_bytes=int(self.weight_budget_gib * (1 << 30))
+            if self.weight_budget_gib
+            else None,
         )
 
     def bundle(self) -> dict[str, float]:
@@ -443,6 +449,16 @@ def _check_pool(p: PoolConfig, where: str) -> None:
         raise _err(
             f"{where}.swap_space_gib",
             f"swapping is not supported with tensor parallelism (tp: {p.tp}): set swap_space_gib: 0",
+        )
+    if not (p.weight_budget_gib >= 0 and math.isfinite(p.weight_budget_gib)):
+        raise _err(
+            f"{where}.weight_budget_gib",
+            f"must be >= 0 GiB (0: all weights resident), got {p.weight_budget_gib}",
+        )
+    if p.weight_budget_gib and p.tp > 1:
+        raise _err(
+            f"{where}.weight_budget_gib",
+            f"weight offloading is not supported with tensor parallelism (tp: {p.tp}): set weight_budget_gib: 0",
         )
     policies = [x.value for x in SchedulingPolicy]
     if p.scheduling_policy not in policies:

@@ -307,6 +307,29 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         "per output row; fp32 CPU models, not MoE, --tp 1, no --lora; accuracy: README), bfloat16 "
         "(only on CPUs with native bf16) (default: %(default)s)",
     )
+    ap.add_argument(
+        "--weight-budget-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="device memory the weights may use, in GiB (FlexGen-style offloading): decoder layers that "
+        "do not fit live in host memory or a scratch file and are copied in ahead of use, output "
+        "unchanged (not with --tp > 1, --weight-dtype int8 or --lora) (default: all weights resident)",
+    )
+    ap.add_argument(
+        "--weight-host-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="with --weight-budget-gib: host memory for offloaded layers; the rest go to disk "
+        "(default: no limit)",
+    )
+    ap.add_argument(
+        "--weight-offload-dir",
+        default=None,
+        metavar="DIR",
+        help="with --weight-budget-gib: folder of the disk tier's scratch file (default: the system temp folder)",
+    )
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
     lg = ap.add_argument_group("LoRA adapters (multi-LoRA serving, PEFT format)")
     lg.add_argument(
@@ -361,8 +384,20 @@ def parse(
     install_process_security(ap, a, a.host, ("pdserve.v1.Worker", "pdserve.v1.KVPeer"))
     if not (a.swap_space >= 0 and math.isfinite(a.swap_space)):
         ap.error(f"--swap-space must be >= 0 GiB, got {a.swap_space}")
+    for flag, v in (("--weight-budget-gib", a.weight_budget_gib), ("--weight-host-gib", a.weight_host_gib)):
+        if v is not None and not (v >= 0 and math.isfinite(v)):
+            ap.error(f"{flag} must be >= 0 GiB, got {v}")
+    if a.lora and a.weight_budget_gib is not None:
+        ap.error("--lora is not supported with --weight-budget-gib (weight offloading)")
     try:
         eng = EngineConfig(
+            weight_memory_budget_bytes=None
+            if a.weight_budget_gib is None
+            else int(a.weight_budget_gib * (1 << 30)),
+            weight_host_budget_bytes=None
+            if a.weight_host_gib is None
+            else int(a.weight_host_gib * (1 << 30)),
+            weight_offload_dir=a.weight_offload_dir,
             swap_space_bytes=int(a.swap_space * (1 << 30)),
             scheduling_policy=SchedulingPolicy(a.scheduling_policy),
             num_kv_blocks=a.kv_blocks,

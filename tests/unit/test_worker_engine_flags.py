@@ -1,4 +1,4 @@
-"""Worker flags that set the engine's swap space and scheduling policy (#15)."""
+"""Worker flags that set the engine's swap space, scheduling policy and weight offloading (#15)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,26 @@ def test_swap_space_and_policy_reach_the_engine_config() -> None:
     assert default.swap_space_bytes == 0 and default.scheduling_policy is SchedulingPolicy.PRIORITY
 
 
+def test_weight_offload_flags_reach_the_engine_config(tmp_path) -> None:
+    cfg = parse(
+        [
+            *BASE,
+            "--weight-budget-gib",
+            "0.25",
+            "--weight-host-gib",
+            "0.5",
+            "--weight-offload-dir",
+            str(tmp_path),
+        ],
+        Role.PREFILL,
+    ).engine
+    assert cfg.weight_memory_budget_bytes == 1 << 28
+    assert cfg.weight_host_budget_bytes == 1 << 29
+    assert cfg.weight_offload_dir == str(tmp_path)
+    default = parse(BASE, Role.PREFILL).engine
+    assert default.weight_memory_budget_bytes is None and default.weight_host_budget_bytes is None
+
+
 @pytest.mark.parametrize(
     ("extra", "why"),
     [
@@ -26,9 +46,73 @@ def test_swap_space_and_policy_reach_the_engine_config() -> None:
         (["--swap-space", "nan"], "--swap-space must be >= 0 GiB"),
         (["--swap-space", "1", "--tp", "2"], "not supported with tensor_parallel_size > 1"),
         (["--scheduling-policy", "lifo"], "invalid choice: 'lifo'"),
+        (["--weight-budget-gib", "-1"], "--weight-budget-gib must be >= 0 GiB"),
+        (["--weight-budget-gib", "inf"], "--weight-budget-gib must be >= 0 GiB"),
+        (["--weight-budget-gib", "1", "--weight-host-gib", "nan"], "--weight-host-gib must be >= 0 GiB"),
+        (["--weight-budget-gib", "1", "--tp", "2"], "not supported with tensor_parallel_size > 1"),
+        (["--weight-budget-gib", "1", "--weight-dtype", "int8"], "not supported with weight_dtype 'int8'"),
+        (["--weight-host-gib", "1"], "set weight_memory_budget_bytes"),
+        (["--weight-budget-gib", "1", "--lora", "a=/x"], "--lora is not supported with --weight-budget-gib"),
     ],
 )
 def test_bad_values_are_refused_naming_them(extra: list[str], why: str, capsys) -> None:
     with pytest.raises(SystemExit):
         parse([*BASE, *extra], Role.DECODE)
     assert why in capsys.readouterr().err
+
+
+def test_ray_pool_weight_budget_reaches_the_engine_config() -> None:
+    from pdserve.cluster_config import from_dict
+
+    c = from_dict({"model": "/m", "prefill": {"weight_budget_gib": 0.5}})
+    assert c.prefill.engine_config().weight_memory_budget_bytes == 1 << 29
+    assert c.decode.engine_config().weight_memory_budget_bytes is None  # 0: all resident
+
+
+@pytest.mark.parametrize(
+    ("pool", "why"),
+    [
+        ({"weight_budget_gib": -1}, r"prefill.weight_budget_gib: must be >= 0"),
+        ({"weight_budget_gib": 1, "tp": 2}, r"prefill.weight_budget_gib: weight offloading .*tensor"),
+    ],
+)
+def test_ray_pool_bad_weight_budget_is_refused(pool: dict, why: str) -> None:
+    from pdserve.cluster_config import from_dict
+    from pdserve.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match=why):
+        from_dict({"model": "/m", "prefill": pool})
+
+
+def test_serve_passes_swap_policy_and_weight_budget_to_the_workers(monkeypatch) -> None:
+    """`pdserve serve --swap-space/--scheduling-policy/--weight-budget-gib` become worker flags."""
+    import pdserve.cli as cli
+    import pdserve.launcher as launcher
+
+    seen = {}
+
+    def fake_launch(spec):
+        seen["args"] = spec.worker_args
+        raise SystemExit(0)  # stop before anything starts
+
+    monkeypatch.setattr(launcher, "launch", fake_launch)
+    monkeypatch.setattr("pdserve.model_setup.resolve_model_path", lambda m: "/m")
+    argv = [
+        "serve",
+        "--tls",
+        "off",
+        "--swap-space",
+        "0.5",
+        "--scheduling-policy",
+        "mlfq",
+        "--weight-budget-gib",
+        "0.25",
+    ]
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    args = list(seen["args"])
+    assert args == ["--swap-space", "0.5", "--scheduling-policy", "mlfq", "--weight-budget-gib", "0.25"]
+    # each is a flag the workers parse into their engine config
+    eng = parse([*BASE, *args], Role.DECODE).engine
+    assert eng.swap_space_bytes == 1 << 29 and eng.scheduling_policy is SchedulingPolicy.MLFQ
+    assert eng.weight_memory_budget_bytes == 1 << 28
