@@ -29,6 +29,12 @@ class MigrationTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MIGRATION_TRANSPORT_GRPC: _ClassVar[MigrationTransport]
     MIGRATION_TRANSPORT_STORE: _ClassVar[MigrationTransport]
 
+class KVStreamTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_STREAM_TRANSPORT_UNSPECIFIED: _ClassVar[KVStreamTransport]
+    KV_STREAM_TRANSPORT_GRPC: _ClassVar[KVStreamTransport]
+    KV_STREAM_TRANSPORT_STORE: _ClassVar[KVStreamTransport]
+
 class WorkerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     WORKER_ROLE_UNSPECIFIED: _ClassVar[WorkerRole]
@@ -53,6 +59,9 @@ MIGRATION_RESULT_ABORTED_REFUSED: MigrationResult
 MIGRATION_TRANSPORT_UNSPECIFIED: MigrationTransport
 MIGRATION_TRANSPORT_GRPC: MigrationTransport
 MIGRATION_TRANSPORT_STORE: MigrationTransport
+KV_STREAM_TRANSPORT_UNSPECIFIED: KVStreamTransport
+KV_STREAM_TRANSPORT_GRPC: KVStreamTransport
+KV_STREAM_TRANSPORT_STORE: KVStreamTransport
 WORKER_ROLE_UNSPECIFIED: WorkerRole
 WORKER_ROLE_PREFILL: WorkerRole
 WORKER_ROLE_DECODE: WorkerRole
@@ -252,6 +261,7 @@ class PrefillRequest(_message.Message):
         "priority",
         "slo",
         "lease_ttl_s",
+        "kv_stream",
     )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +273,7 @@ class PrefillRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     SLO_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    KV_STREAM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -273,6 +284,7 @@ class PrefillRequest(_message.Message):
     priority: int
     slo: _common_pb2.SLO
     lease_ttl_s: float
+    kv_stream: KVStreamTransport
     def __init__(
         self,
         request_id: str | None = ...,
@@ -285,6 +297,7 @@ class PrefillRequest(_message.Message):
         priority: int | None = ...,
         slo: _common_pb2.SLO | _Mapping | None = ...,
         lease_ttl_s: float | None = ...,
+        kv_stream: KVStreamTransport | str | None = ...,
     ) -> None: ...
 
 class PrefillResponse(_message.Message):
@@ -344,6 +357,7 @@ class DecodeRequest(_message.Message):
         "local_prefill",
         "prompt_tail_pending",
         "direct",
+        "kv_stream_address",
     )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -361,6 +375,7 @@ class DecodeRequest(_message.Message):
     LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TAIL_PENDING_FIELD_NUMBER: _ClassVar[int]
     DIRECT_FIELD_NUMBER: _ClassVar[int]
+    KV_STREAM_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -377,6 +392,7 @@ class DecodeRequest(_message.Message):
     local_prefill: bool
     prompt_tail_pending: bool
     direct: _direct_pb2.DirectGrant
+    kv_stream_address: str
     def __init__(
         self,
         request_id: str | None = ...,
@@ -395,6 +411,7 @@ class DecodeRequest(_message.Message):
         local_prefill: bool | None = ...,
         prompt_tail_pending: bool | None = ...,
         direct: _direct_pb2.DirectGrant | _Mapping | None = ...,
+        kv_stream_address: str | None = ...,
     ) -> None: ...
 
 class DecodeResponse(_message.Message):

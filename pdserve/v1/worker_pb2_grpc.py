@@ -382,6 +382,99 @@ class Worker:
             _registered_method=True)
 
 
+class KVStreamStub:
+    """Served by prefill workers: the KV stream of a Prefill with kv_stream set. One reader per
+    request (a decode worker); it may call before the Prefill starts (waits for it, bounded).
+    Messages: begin (layout), one blocks message per chunk (data inline for GRPC, kv naming the
+    store chunk for STORE; kv.block_hashes / block_checksums always), then final (num_computed_tokens
+    = prompt tokens, output_token_ids = [first token], detok_emitted = number of chunks). A failed
+    prefill ends the stream with its error; cancelling the call stops the prefill and releases
+    every chunk not handed over. start_index must be 0. NOT_FOUND: no such stream in time.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.StreamKV = channel.unary_stream(
+                '/pdserve.v1.KVStream/StreamKV',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.ResumeStreamRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.MigrationChunk.FromString,
+                _registered_method=True)
+
+
+class KVStreamServicer:
+    """Served by prefill workers: the KV stream of a Prefill with kv_stream set. One reader per
+    request (a decode worker); it may call before the Prefill starts (waits for it, bounded).
+    Messages: begin (layout), one blocks message per chunk (data inline for GRPC, kv naming the
+    store chunk for STORE; kv.block_hashes / block_checksums always), then final (num_computed_tokens
+    = prompt tokens, output_token_ids = [first token], detok_emitted = number of chunks). A failed
+    prefill ends the stream with its error; cancelling the call stops the prefill and releases
+    every chunk not handed over. start_index must be 0. NOT_FOUND: no such stream in time.
+    """
+
+    def StreamKV(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KVStreamServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'StreamKV': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamKV,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.ResumeStreamRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.MigrationChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pdserve.v1.KVStream', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pdserve.v1.KVStream', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KVStream:
+    """Served by prefill workers: the KV stream of a Prefill with kv_stream set. One reader per
+    request (a decode worker); it may call before the Prefill starts (waits for it, bounded).
+    Messages: begin (layout), one blocks message per chunk (data inline for GRPC, kv naming the
+    store chunk for STORE; kv.block_hashes / block_checksums always), then final (num_computed_tokens
+    = prompt tokens, output_token_ids = [first token], detok_emitted = number of chunks). A failed
+    prefill ends the stream with its error; cancelling the call stops the prefill and releases
+    every chunk not handed over. start_index must be 0. NOT_FOUND: no such stream in time.
+    """
+
+    @staticmethod
+    def StreamKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdserve.v1.KVStream/StreamKV',
+            pdserve_dot_v1_dot_worker__pb2.ResumeStreamRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.MigrationChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class KVPeerStub:
     """Direct KV handoff between workers of one torch.distributed process group (gloo on CPU, NCCL
     on GPU; kv_store/dist_transport.py). Served by prefill workers started with --dist-init, on
