@@ -29,9 +29,13 @@ request, or stay with it). Blocks the request shares with others on the source (
 hits) are only read: commit drops the request's reference, the other holders keep theirs.
 
 Threading: every method runs on the engine's thread, between steps (``EngineLoop.call``).
+LoRA requests move with their adapter: the destination must serve it (ModelNotFoundError
+otherwise, before anything is allocated) and pins a slot for it when the request is inserted
+(ResourceExhaustedError when every slot is in use: the migration aborts and the request resumes on
+the source); the source's pin is released with the request at commit.
 Not supported (refused with InvalidRequestError naming it): sliding-window engines (blocks leave
-the window while stages are copied), LoRA requests (the destination's adapter is not checked),
-requests that are not decoding (waiting, in prefill, preempted, swapped out, prefill-only).
+the window while stages are copied), requests that are not decoding (waiting, in prefill,
+preempted, swapped out, prefill-only).
 """
 
 from __future__ import annotations
@@ -135,11 +139,6 @@ def _check_migratable(engine: LLMEngine, request_id: str) -> Request:
     if engine.kv.sliding_window is not None:
         raise InvalidRequestError("live migration of a sliding-window model is not supported")
     req = tr.req
-    if req.adapter_id:
-        # the destination would have to serve the same adapter: not checked yet, so refused
-        raise InvalidRequestError(
-            f"live migration of a LoRA request (adapter {req.adapter_id!r}) is not supported"
-        )
     if req.prefill_only or req.status is not RequestStatus.RUNNING or not req.is_decoding:
         raise InvalidRequestError(
             f"request {request_id!r} is not decoding (status {req.status.value}, "
@@ -289,7 +288,8 @@ class MigrationImport:
 
     def __init__(self, engine: LLMEngine, header: MigrationHeader) -> None:
         """Check the header against this engine. Raises LayoutMismatchError (other model or KV
-        layout), InvalidRequestError (the id is in use here, or a sliding-window model),
+        layout), ModelNotFoundError (a LoRA adapter this engine does not serve),
+        InvalidRequestError (the id is in use here, or a sliding-window model),
         ResourceExhaustedError (the request's prompt plus max_tokens outgrows this whole pool).
         Allocates nothing."""
         if header.model_id != engine.model_id:
@@ -302,10 +302,7 @@ class MigrationImport:
             )
         if engine.kv.sliding_window is not None:
             raise InvalidRequestError("live migration of a sliding-window model is not supported")
-        if header.adapter_id:
-            raise InvalidRequestError(
-                f"live migration of a LoRA request (adapter {header.adapter_id!r}) is not supported"
-            )
+        engine.check_adapter(header.adapter_id)  # ModelNotFoundError: not served here
         rid = header.request_id
         if rid in engine._tracked or rid in engine._prefilled or engine.kv.has(rid):
             raise InvalidRequestError(f"request id {rid!r} is already in use on the destination")
@@ -405,6 +402,11 @@ class MigrationImport:
         req.block_hashes = list(self._prompt_hashes)  # the output's blocks are keyed as they fill
         req.num_computed_tokens = n
         req.num_cached_tokens = 0
+        if not e._lora_pin(req):  # the last step that can fail: nothing is inserted yet
+            raise ResourceExhaustedError(
+                f"no LoRA slot is free for adapter {h.adapter_id!r} on the destination now",
+                retry_after_s=1.0,
+            )
         tr = e._track(req)
         e.runner.seeds[req.request_id] = h.seed  # seeded or not: the same draws as on the source
         now = e.clock()

@@ -112,7 +112,8 @@ def decode_loads(svc: GenerateServicer, include: Iterable[str] = ()) -> list[Dec
         bs = w.load.block_size or DEFAULT_BLOCK_SIZE
         tokens = len(legs.run.ids) + len(legs.run.out_ids)  # type: ignore[attr-defined]
         prio = int(getattr(legs.req, "priority", 0))  # type: ignore[attr-defined]
-        running[wid].append(RunningRequest(rid, max(1, -(-tokens // bs)), prio))
+        adapter = str(getattr(legs.req, "adapter", ""))  # type: ignore[attr-defined]
+        running[wid].append(RunningRequest(rid, max(1, -(-tokens // bs)), prio, adapter))
     out = []
     for wid, w in sorted(workers.items()):
         total = w.load.kv_blocks_total
@@ -121,7 +122,7 @@ def decode_loads(svc: GenerateServicer, include: Iterable[str] = ()) -> list[Dec
         # the heartbeat's count lags: at least the blocks of the requests known to run there
         used = max(w.load.kv_blocks_used, sum(r.num_blocks for r in running[wid]))
         free = min(total, max(0, total - used))
-        out.append(DecodeLoad(wid, total, free, tuple(running[wid]), 0, w.draining))
+        out.append(DecodeLoad(wid, total, free, tuple(running[wid]), 0, w.draining, frozenset(w.adapters)))
     return out
 
 

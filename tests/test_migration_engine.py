@@ -17,7 +17,12 @@ from engine.migration import (
     migrate_in_process,
 )
 from engine.sampling_params import SamplingParams
-from pdserve.errors import InvalidRequestError, LayoutMismatchError, ResourceExhaustedError
+from pdserve.errors import (
+    InvalidRequestError,
+    LayoutMismatchError,
+    ModelNotFoundError,
+    ResourceExhaustedError,
+)
 
 BLOCKS = 128
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
@@ -289,9 +294,88 @@ def test_refusals_name_the_problem(src, dst, llama):
     dst.abort("waiting")
     from dataclasses import replace
 
-    with pytest.raises(InvalidRequestError, match="LoRA"):
+    with pytest.raises(ModelNotFoundError, match="'some-adapter' is not served"):
         MigrationImport(dst, replace(exp.header(), request_id="lora", adapter_id="some-adapter"))
     with pytest.raises(LayoutMismatchError, match="model"):
         MigrationImport(dst, replace(exp.header(), request_id="other", model_id="another-model"))
     src.abort("waiting")
     _no_leaks(src, dst)
+
+
+@pytest.fixture(scope="module")
+def lora_adapters(llama, tmp_path_factory):
+    from tests.lora_adapters import make_adapter
+
+    root = tmp_path_factory.mktemp("mig_lora")
+    a1 = make_adapter(llama, root / "a1", r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"], seed=21)
+    a2 = make_adapter(llama, root / "a2", r=2, alpha=4, targets=["o_proj"], seed=22)
+    return a1, a2
+
+
+def _lora_engine(path, adapters, max_loras: int = 2) -> LLMEngine:
+    from engine.lora import AdapterSpec, LoRAConfig
+
+    lora = LoRAConfig(tuple(AdapterSpec(n, str(p)) for n, p in adapters), max_loras=max_loras)
+    return LLMEngine.from_pretrained(
+        path, EngineConfig(num_kv_blocks=BLOCKS, block_size=4, max_num_batched_tokens=256), lora=lora
+    )
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_a_lora_request_migrates_with_its_adapter(llama, lora_adapters, params):
+    """The adapter travels with the request: the destination serves it and pins a slot; the
+    output equals the unmigrated run; the source's slot pin is released with the request."""
+    a1, a2 = lora_adapters
+    src = _lora_engine(llama, [("a1", a1), ("a2", a2)])
+    dst = _lora_engine(llama, [("a1", a1)])
+    try:
+        prompt = _prompt(29, seed=4)
+        src.add_request("ref", prompt, params, adapter_id="a1")
+        ref = _run(src, "ref")
+        base = _reference(src, prompt, params)
+        assert ref != base  # the adapter changes the output
+        src.add_request("l1", prompt, params, adapter_id="a1")
+        _steps(src, 5)
+        final = migrate_in_process(src, dst, "l1", max_stages=2)
+        assert final.output_token_ids == ref[: len(final.output_token_ids)]
+        assert dst.lora.slots.pins("a1") == 1 and src.lora.slots.pins("a1") == 0
+        assert _run(dst, "l1") == ref
+        assert dst.lora.slots.pins("a1") == 0
+        _no_leaks(src, dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_lora_migration_without_the_adapter_or_a_slot_aborts_cleanly(llama, lora_adapters):
+    """A destination that does not serve the adapter refuses before allocating; one whose only
+    slot is held by another adapter's running request aborts at the final stage (DEST_FULL),
+    frees every stage, and the request goes on decoding on the source."""
+    a1, a2 = lora_adapters
+    src = _lora_engine(llama, [("a1", a1), ("a2", a2)])
+    plain = _engine(llama)
+    busy = _lora_engine(llama, [("a1", a1), ("a2", a2)], max_loras=1)
+    try:
+        prompt = _prompt(26, seed=5)
+        src.add_request("ref", prompt, GREEDY, adapter_id="a1")
+        ref = _run(src, "ref")
+        src.add_request("l2", prompt, GREEDY, adapter_id="a1")
+        _steps(src, 4)
+        with pytest.raises(ModelNotFoundError, match="'a1' is not served"):
+            migrate_in_process(src, plain, "l2")
+        _no_leaks(plain)
+        busy.add_request(
+            "hold", _prompt(12, seed=6), SamplingParams(max_tokens=200, ignore_eos=True), adapter_id="a2"
+        )
+        _steps(busy, 2)  # a2 pins the only slot
+        free_before = busy.kv.num_free_blocks
+        with pytest.raises(MigrationAborted) as ei:
+            migrate_in_process(src, busy, "l2")
+        assert ei.value.reason is AbortReason.DEST_FULL and "LoRA slot" in str(ei.value)
+        assert busy.kv.num_free_blocks == free_before and "l2" not in busy._tracked
+        assert _run(src, "l2") == ref  # it went on decoding on the source
+        busy.abort("hold")
+        _no_leaks(src, busy)
+    finally:
+        for e in (src, plain, busy):
+            e.close()

@@ -133,3 +133,30 @@ def test_config_and_load_validation():
         MigrationConfig(max_decisions=0)
     with pytest.raises(ValueError):
         DecodeLoad("a", 10, 11)
+
+
+def test_a_lora_request_moves_only_to_an_instance_serving_its_adapter():
+    """Every policy keeps a LoRA request to destinations that serve its adapter (a base-model
+    request may go anywhere); balance picks another request rather than stopping."""
+    from dataclasses import replace
+
+    src = DecodeLoad(
+        "a",
+        100,
+        40,
+        (RunningRequest("lora", 10, 0, "sql"), RunningRequest("base", 20, 0), RunningRequest("x", 30, 0)),
+        adapters=frozenset({"sql"}),
+    )
+    no_sql = DecodeLoad("b", 100, 100)
+    with_sql = DecodeLoad("c", 100, 90, adapters=frozenset({"sql"}))
+    # balance: "lora" is the least important and smallest, but b cannot run it: "base" moves
+    moves = balance([src, no_sql], CFG)
+    assert moves and moves[0].request_id == "base" and moves[0].destination == "b"
+    assert all(m.request_id != "lora" for m in moves)
+    # drain: "lora" goes to c (serves sql); the others wherever is freest as the plan fills
+    plan = {m.request_id: m.destination for m in drain([src, no_sql, with_sql], "a", CFG)}
+    assert plan["lora"] == "c" and set(plan) == {"lora", "base", "x"}
+    # nowhere serves it: left out (it finishes in place)
+    plan = {m.request_id for m in drain([src, no_sql], "a", CFG)}
+    assert "lora" not in plan and "base" in plan
+    assert replace(with_sql, free_blocks=5).adapters == frozenset({"sql"})

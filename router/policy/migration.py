@@ -46,11 +46,13 @@ class MigrationReason(enum.Enum):
 
 @dataclass(frozen=True)
 class RunningRequest:
-    """A request decoding on an instance: its id, the KV blocks it holds, its priority."""
+    """A request decoding on an instance: its id, the KV blocks it holds, its priority, and the
+    LoRA adapter it runs with ("" = the base model; only an instance serving it can take it)."""
 
     request_id: str
     num_blocks: int
     priority: int = 0
+    adapter: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class DecodeLoad:
     running: tuple[RunningRequest, ...] = ()
     queued_blocks: int = 0
     draining: bool = False
+    adapters: frozenset[str] = frozenset()  # LoRA adapters the instance serves
 
     def __post_init__(self) -> None:
         if self.total_blocks < 1 or not 0 <= self.free_blocks <= self.total_blocks:
@@ -143,9 +146,14 @@ def _room(load: DecodeLoad, cfg: MigrationConfig) -> int:
     return load.free_blocks - priority_headroom(load, cfg) - load.queued_blocks
 
 
+def _serves(dest: DecodeLoad, req: RunningRequest) -> bool:
+    """Whether ``dest`` can run ``req``: the base model, or an adapter it serves."""
+    return not req.adapter or req.adapter in dest.adapters
+
+
 def _fits(req: RunningRequest, dest: DecodeLoad, cfg: MigrationConfig) -> bool:
     # +1: the request's next token may need a fresh block right after the move
-    return req.num_blocks + 1 <= _room(dest, cfg)
+    return _serves(dest, req) and req.num_blocks + 1 <= _room(dest, cfg)
 
 
 # ------------------------------------------------------------------ policies
@@ -166,7 +174,7 @@ def balance(loads: Sequence[DecodeLoad], cfg: MigrationConfig) -> list[Migration
         gap = freeness(dst, cfg) - freeness(src, cfg)
         if gap <= cfg.balance_threshold:
             break
-        req = pick_request(src.running, moved)
+        req = pick_request((r for r in src.running if _serves(dst, r)), moved)
         if req is None or not _fits(req, dst, cfg):
             break
         new_src, new_dst = _moved(src, dst, req)
@@ -191,6 +199,7 @@ def _moved(src: DecodeLoad, dst: DecodeLoad, req: RunningRequest) -> tuple[Decod
         tuple(r for r in src.running if r.request_id != req.request_id),
         src.queued_blocks,
         src.draining,
+        src.adapters,
     )
     d = DecodeLoad(
         dst.instance_id,
@@ -199,6 +208,7 @@ def _moved(src: DecodeLoad, dst: DecodeLoad, req: RunningRequest) -> tuple[Decod
         (*dst.running, req),
         dst.queued_blocks,
         dst.draining,
+        dst.adapters,
     )
     return s, d
 
