@@ -94,6 +94,7 @@ class PoolConfig:
     # device memory the weights may use (FlexGen-style offloading: layers beyond it live in host
     # memory and are copied in ahead of use); 0: all weights resident. Not with tp > 1
     weight_budget_gib: float = 0.0
+    max_model_len: int = 0  # longest prompt + output served (0: the model's max_position_embeddings)
 
     @property
     def num_gpus(self) -> int:
@@ -117,6 +118,7 @@ class PoolConfig:
             weight_memory_budget_bytes=int(self.weight_budget_gib * (1 << 30))
             if self.weight_budget_gib
             else None,
+            max_model_len=self.max_model_len or None,
         )
 
     def bundle(self) -> dict[str, float]:
@@ -459,6 +461,10 @@ def _check_pool(p: PoolConfig, where: str) -> None:
         raise _err(
             f"{where}.weight_budget_gib",
             f"weight offloading is not supported with tensor parallelism (tp: {p.tp}): set weight_budget_gib: 0",
+        )
+    if p.max_model_len < 0:
+        raise _err(
+            f"{where}.max_model_len", f"must be >= 0 (0: the model's own limit), got {p.max_model_len}"
         )
     policies = [x.value for x in SchedulingPolicy]
     if p.scheduling_policy not in policies:

@@ -300,6 +300,14 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         "multi-level feedback queue) (default: %(default)s)",
     )
     ap.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest sequence (prompt + output tokens) served; default: the model's "
+        "max_position_embeddings. Needed e.g. for Phi-3 LongRoPE checkpoints, which are served only "
+        "up to original_max_position_embeddings (README: Supported models)",
+    )
+    ap.add_argument(
         "--weight-dtype",
         choices=["float32", "int8", "bfloat16"],
         default="float32",
@@ -382,6 +390,8 @@ def parse(
         ap.error(str(e))
     # TLS / cluster token of this process's server and channels; refused here, before the model loads
     install_process_security(ap, a, a.host, ("pdserve.v1.Worker", "pdserve.v1.KVPeer"))
+    if a.max_model_len is not None and a.max_model_len < 1:
+        ap.error(f"--max-model-len must be >= 1, got {a.max_model_len}")
     if not (a.swap_space >= 0 and math.isfinite(a.swap_space)):
         ap.error(f"--swap-space must be >= 0 GiB, got {a.swap_space}")
     for flag, v in (("--weight-budget-gib", a.weight_budget_gib), ("--weight-host-gib", a.weight_host_gib)):
@@ -409,6 +419,7 @@ def parse(
             dtype=a.dtype,
             tensor_parallel_size=a.tp,
             weight_dtype=a.weight_dtype,
+            max_model_len=a.max_model_len,
         )
     except ValueError as e:  # e.g. swap space with tensor parallelism
         ap.error(str(e))

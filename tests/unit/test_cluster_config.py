@@ -56,6 +56,9 @@ def test_pool_swap_space_and_scheduling_policy_reach_the_engine_config():
     assert e.swap_space_bytes == 1 << 29 and e.scheduling_policy is SchedulingPolicy.MLFQ
     assert e.num_kv_blocks == c.decode.kv_blocks and e.long_prefill_token_threshold == c.decode.chunk
     assert c.prefill.engine_config().swap_space_bytes == 0
+    # max_model_len: 0 keeps the model's own limit
+    c = from_dict({"model": "/m", "decode": {"max_model_len": 4096}})
+    assert c.decode.engine_config().max_model_len == 4096 and c.prefill.engine_config().max_model_len is None
 
 
 def test_lora_section_reaches_every_worker_as_a_lora_config():
@@ -105,6 +108,7 @@ def test_with_counts_replaces_only_given_pools():
             {"model": "/m", "decode": {"scheduling_policy": "sjf"}},
             r"decode.scheduling_policy: must be one of",
         ),
+        ({"model": "/m", "decode": {"max_model_len": -1}}, r"decode.max_model_len: must be >= 0"),
         ({"model": "/m", "lora": ["sql"]}, r"lora: expected a mapping"),
         ({"model": "/m", "lora": {"adapters": ["sql=/a"]}}, r"lora.adapters: expected a mapping NAME: PATH"),
         ({"model": "/m", "lora": {"adapters": {"sql": 3}}}, r"lora.adapters.sql: expected NAME: PATH"),

@@ -45,6 +45,8 @@ def test_worker_lora_flags(tiny):
     assert parse(common, Role.DECODE).lora is None
     # slots and no adapter: adapters come at run time (WorkerAdmin.LoadAdapter)
     assert parse([*common, "--max-lora-rank", "8"], Role.DECODE).lora == LoRAConfig((), max_lora_rank=8)
+    assert parse([*common, "--max-model-len", "4096"], Role.DECODE).engine.max_model_len == 4096
+    assert parse(common, Role.DECODE).engine.max_model_len is None
     for bad in (
         ["--lora", "nopath"],
         ["--lora", f"a={a1}", "--lora", f"a={a1}"],
@@ -52,6 +54,7 @@ def test_worker_lora_flags(tiny):
         ["--lora", f"a={a1}", "--tp", "2"],
         ["--max-lora-rank", "8", "--tp", "2"],
         ["--max-cpu-loras", "2"],
+        ["--max-model-len", "0"],
     ):
         with pytest.raises(SystemExit):
             parse([*common, *bad], Role.DECODE)
