@@ -19,7 +19,7 @@ JCT = finish - arrival. Prints mean and p90 JCT per policy and the MLFQ/FCFS rat
 Target: lower mean JCT with MLFQ than FCFS at equal load (PASS/FAIL per load).
 
 Usage: python bench/mlfq_jct.py [--requests 1500] [--loads 0.9,1.1,1.3] [--max-num-seqs 16] [--levels N] [--swap-gib G]
-       [--kv-blocks N]   (a smaller pool than the A100's, so that memory binds and preemption swaps)
+       [--backoff N] [--kv-blocks N]   (a smaller pool than the A100's, so that memory binds and preemption swaps)
 """
 
 from __future__ import annotations
@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         "only when the queued request does not fit)",
     )
     p.add_argument(
+        "--backoff",
+        type=int,
+        default=None,
+        help="MLFQ: iterations a preempted request that runs again is safe from policy preemption, "
+        "doubling with each of its preemptions (default: engine's; 0: off)",
+    )
+    p.add_argument(
         "--kv-blocks",
         type=int,
         default=None,
@@ -105,6 +112,8 @@ def scheduler(args: argparse.Namespace, policy: SchedulingPolicy) -> SchedulerCo
         kw["mlfq_base_prefill_s"] = args.base_prefill_s
     if args.swap_watermark is not None:
         kw["mlfq_swap_watermark"] = args.swap_watermark
+    if args.backoff is not None:
+        kw["mlfq_preemption_backoff_iters"] = args.backoff
     return dataclasses.replace(base, **kw)
 
 
@@ -152,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"MLFQ: {cfg.mlfq_num_levels} levels, quantum {cfg.mlfq_quantum_iters} x 2^level iterations, skip-join "
         f"base {cfg.mlfq_base_prefill_s * 1e3:.0f} ms, starvation {cfg.mlfq_starvation_s:g} s, watermark "
-        f"{cfg.mlfq_swap_watermark:g}; "
+        f"{cfg.mlfq_swap_watermark:g}, preemption backoff {cfg.mlfq_preemption_backoff_iters} x 2^(k-1) "
+        f"iterations (max {cfg.mlfq_preemption_backoff_max_iters}); "
         f"swap pool {args.swap_gib:g} GiB; KV blocks {args.kv_blocks or 'derived'}; burst throughput (FCFS) {capacity:.2f} req/s"
     )
     print(

@@ -190,6 +190,8 @@ class LLMEngine:
                 mlfq_base_prefill_s=config.mlfq_base_prefill_s,
                 mlfq_starvation_s=config.mlfq_starvation_s,
                 mlfq_swap_watermark=config.mlfq_swap_watermark,
+                mlfq_preemption_backoff_iters=config.mlfq_preemption_backoff_iters,
+                mlfq_preemption_backoff_max_iters=config.mlfq_preemption_backoff_max_iters,
             ),
             self.kv,
             clock=clock,

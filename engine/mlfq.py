@@ -13,7 +13,11 @@ iterations (for demotion):
 * preemption keeps the victim's KV (:func:`preemptible`): a higher-level job takes a lower
   one's place only when the victim's KV is swapped out or stays in the prefix cache, never by
   discarding computed KV (that is recomputed at everyone's expense and, with memory binding,
-  thrashes).
+  thrashes);
+* swap backoff (:func:`preemption_backoff_iters`): a preempted request that runs again is not
+  preempted by the policy for a number of scheduler iterations that doubles with each of its
+  preemptions, so a long job is not swapped out and back at every higher-level arrival
+  (ping-pong: each round trip copies its KV twice and it makes no progress in between).
 
 :class:`engine.scheduler.Scheduler` applies these with ``SchedulingPolicy.MLFQ``.
 """
@@ -66,3 +70,16 @@ def preemptible(tokens_lost: int, block_size: int) -> bool:
     dropping a request because running ones need its blocks is not a policy choice and is not
     governed by this rule."""
     return tokens_lost < block_size
+
+
+def preemption_backoff_iters(num_preemptions: int, base_iters: int, max_iters: int) -> int:
+    """Scheduler iterations during which a request that has been preempted ``num_preemptions``
+    times and just came back may not be preempted again by the policy: ``base_iters * 2**(k-1)``
+    for ``k >= 1`` preemptions, at most ``max_iters``; 0 before any preemption or with
+    ``base_iters == 0`` (backoff off). Preemption because running requests need its blocks is
+    not a policy choice and ignores this."""
+    if base_iters < 0 or max_iters < 0:
+        raise ValueError("base_iters and max_iters must be >= 0")
+    if num_preemptions < 1 or base_iters == 0:
+        return 0
+    return min(base_iters << min(num_preemptions - 1, 62), max_iters)

@@ -25,8 +25,10 @@ one is only reused after its copy).
 (:mod:`engine.mlfq`): order by level, demotion after each level's quantum of iterations, a
 queued request of a higher level preempts a running one of a lower level when the batch is full
 or the pool would pass ``mlfq_swap_watermark``, only where the victim's KV survives (swapped out,
-or kept in the prefix cache: the policy never discards computed KV), and a request
-queued past ``mlfq_starvation_s`` returns to level 0. It needs the scheduler's ``clock``.
+or kept in the prefix cache: the policy never discards computed KV) and not while the victim
+backs off after an earlier preemption (``mlfq_preemption_backoff_iters``, doubling with each),
+and a request queued past ``mlfq_starvation_s`` returns to level 0. It needs the scheduler's
+``clock``.
 
 Chunks are bounded by ``long_prefill_token_threshold`` (Sarathi's chunk: 512 for strict SLOs,
 2048 relaxed) and the remaining budget. :meth:`update_from_output` applies the sampled tokens,
@@ -81,6 +83,11 @@ class SchedulerConfig:
     mlfq_base_prefill_s: float = 0.05  # level i admits predicted prefill <= this * 2**i (skip-join)
     mlfq_starvation_s: float = 10.0  # queued this long without service: back to level 0
     mlfq_swap_watermark: float = 0.9  # preempt lower levels before the pool passes this fraction
+    # a preempted request that runs again is safe from MLFQ preemption for this many iterations,
+    # doubling with each of its preemptions up to the max (engine.mlfq.preemption_backoff_iters;
+    # 0: off)
+    mlfq_preemption_backoff_iters: int = 8
+    mlfq_preemption_backoff_max_iters: int = 512
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -91,6 +98,11 @@ class SchedulerConfig:
             raise ValueError(f"mlfq_base_prefill_s must be > 0, got {self.mlfq_base_prefill_s}")
         if not self.mlfq_starvation_s > 0:
             raise ValueError(f"mlfq_starvation_s must be > 0, got {self.mlfq_starvation_s}")
+        if self.mlfq_preemption_backoff_iters < 0 or self.mlfq_preemption_backoff_max_iters < 0:
+            raise ValueError(
+                "mlfq_preemption_backoff_iters and mlfq_preemption_backoff_max_iters must be >= 0, got "
+                f"{self.mlfq_preemption_backoff_iters} and {self.mlfq_preemption_backoff_max_iters}"
+            )
         if not 0 < self.mlfq_swap_watermark <= 1:
             raise ValueError(f"mlfq_swap_watermark must be in (0, 1], got {self.mlfq_swap_watermark}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
@@ -202,6 +214,8 @@ class Scheduler:
         self.num_swap_outs = 0  # preemptions that swapped (requests)
         self.num_swap_ins = 0
         self.num_promotions = 0  # MLFQ anti-starvation promotions
+        self.iteration = 0  # schedule() calls so far (MLFQ preemption backoff counts in these)
+        self.num_backoff_holds = 0  # MLFQ preemptions not made because the victim was backing off
 
     def set_swap_rates(self, rates: SwapRates | None) -> None:
         """The measured copy bandwidth and prefill rate the swap-or-recompute choice uses."""
@@ -418,6 +432,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self.iteration += 1
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
         mlfq_on = self.config.policy is SchedulingPolicy.MLFQ
@@ -515,6 +530,8 @@ class Scheduler:
                 out.scheduled.append(ScheduledRequest(req, n, start))
                 budget -= n
             if admitted:
+                if mlfq_on:
+                    self._start_backoff(admitted)
                 ids = {r.request_id for r in admitted}
                 self.waiting = [r for r in self.waiting if r.request_id not in ids]
                 self.swapped = [r for r in self.swapped if r.request_id not in ids]
@@ -604,10 +621,25 @@ class Scheduler:
                 if not (full or tight):
                     break  # q fits: the admission phase takes it
                 worst_first = sorted(lower, key=_MLFQ_KEY, reverse=True)
-                victim = next((r for r in worst_first if self._policy_may_preempt(r, tight)), None)
+                ready = [r for r in worst_first if r.mlfq_protected_until <= self.iteration]
+                victim = next((r for r in ready if self._policy_may_preempt(r, tight)), None)
                 if victim is None:
-                    break  # preempting any of them would throw work away: q waits for blocks
+                    if len(ready) < len(worst_first):
+                        self.num_backoff_holds += 1
+                    # preempting any of them would throw work away, or they are backing off
+                    # after a preemption: q waits for blocks
+                    break
                 self._preempt(victim, out, for_memory=tight)
+
+    def _start_backoff(self, admitted: list[Request]) -> None:
+        """A preempted request running again is not preempted by the policy for
+        :func:`engine.mlfq.preemption_backoff_iters` iterations (doubling with its preemptions)."""
+        c = self.config
+        for r in admitted:
+            if r.num_preemptions:
+                r.mlfq_protected_until = self.iteration + mlfq.preemption_backoff_iters(
+                    r.num_preemptions, c.mlfq_preemption_backoff_iters, c.mlfq_preemption_backoff_max_iters
+                )
 
     def _policy_may_preempt(self, req: Request, for_memory: bool) -> bool:
         """Whether MLFQ may preempt running ``req`` for a higher-level request
