@@ -1,11 +1,13 @@
 """Direct token streams on a decode worker (issue #12; protocol in proto/pdserve/v1/direct.proto).
 
-A Decode call whose request carries ``direct`` (a :class:`DirectGrant` from the router) is served by
+A Decode call whose request carries ``direct`` (a :class:`DirectGrant` from the router; a fresh
+handoff or local_prefill) is served by
 :meth:`DirectStreams.serve`: after admission it sends the router one message with no tokens (the
 request is here: the router redirects the client now), then streams the request's deltas (token
 ids, the engine's text, logprobs) to the client's :meth:`DirectStreams.Attach` call, and sends the
 router only progress messages (the token ids since the last one, at most
-``DirectGrant.progress_interval_s`` apart) and the finish. Text and logprobs never go to the router.
+``DirectGrant.progress_interval_s`` apart) and the finish; with local_prefill, the first of them
+that carries tokens also carries ``num_cached_tokens``. Text and logprobs never go to the router.
 
 Attach: one bidirectional call per client connection multiplexes every request the client attached
 there; deltas of all of them go out in one message per wake-up (the engine's step hands all its
@@ -133,10 +135,10 @@ class DirectStreams:
     # ------------------------------------------------------------------ the router's side
     def check(self, req: worker_pb2.DecodeRequest) -> None:
         """Refuse a direct Decode this worker cannot serve (before admission)."""
-        if req.local_prefill or req.resume_token_ids or req.prompt_tail_pending:
+        if req.resume_token_ids or req.prompt_tail_pending:
             raise InvalidRequestError(
-                "a direct stream serves a fresh handoff only: local_prefill, resume_token_ids and "
-                "prompt_tail_pending are not supported with DecodeRequest.direct"
+                "a direct stream serves a fresh request only (a handoff or local_prefill): "
+                "resume_token_ids and prompt_tail_pending are not supported with DecodeRequest.direct"
             )
         if not req.direct.ticket:
             raise InvalidRequestError("DecodeRequest.direct has no ticket")
@@ -210,23 +212,37 @@ class DirectStreams:
             yield worker_pb2.DecodeResponse(request_id=rid, kv_pull_s=pull_s)
             progress: list[int] = []
             last = loop.time()
+            cached: int | None = None  # local_prefill: the prompt tokens the prefix cache gave
+            sent_cached = not req.local_prefill
             while True:
                 batch = _ready([await out.get()], out.get_nowait, asyncio.QueueEmpty)
                 msg, failure = decode_message(rid, batch, count_finished, with_text=with_text)
                 if msg is not None and msg.logprobs and token_bytes is not None:
                     name_logprob_tokens(msg.logprobs, token_bytes)  # as the router does for a relay
                 self._push(slot, msg, failure)
+                if msg is not None and cached is None and not sent_cached:
+                    first = next(
+                        i
+                        for i in batch
+                        if not isinstance(i, BaseException) and (i.new_token_ids or i.finished)
+                    )
+                    cached = max(0, first.num_cached_tokens)
                 if msg is not None:
                     progress.extend(msg.token_ids)
                     if msg.HasField("finish"):
                         ended = True
-                        yield worker_pb2.DecodeResponse(request_id=rid, token_ids=progress, finish=msg.finish)
+                        m = worker_pb2.DecodeResponse(request_id=rid, token_ids=progress, finish=msg.finish)
+                        if not sent_cached:
+                            m.num_cached_tokens = cached or 0
+                        yield m
                         return
                 if failure is not None:
                     ended = True
                     raise failure
                 if progress and loop.time() - last >= interval:
                     m = worker_pb2.DecodeResponse(request_id=rid, token_ids=progress)
+                    if not sent_cached:
+                        m.num_cached_tokens, sent_cached = cached or 0, True
                     progress = []
                     yield m
                     last = loop.time()

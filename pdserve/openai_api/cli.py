@@ -82,6 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help='print one JSON line {"address", "url"} on stdout once serving (for launchers)',
     )
+    p.add_argument(
+        "--direct-streams",
+        action="store_true",
+        help="offer the routers direct streams: a router with --direct-streams has the decode "
+        "workers stream tokens to this server (same TLS settings as the router channel), the "
+        "router out of the token path",
+    )
     add_client_tls_args(p, prefix="router-")  # --router-tls-ca etc.: TLS of the channel to the router
 
 
@@ -106,7 +113,9 @@ def run(a: argparse.Namespace) -> int:
     from pdserve.security import client_tls_kwargs
 
     try:
-        srv = OpenAIServer(cfg, client_options=client_tls_kwargs(a, "router-"))
+        srv = OpenAIServer(
+            cfg, client_options={**client_tls_kwargs(a, "router-"), "direct": a.direct_streams}
+        )
     except OSError as e:
         print(f"pdserve openai: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
         return 2

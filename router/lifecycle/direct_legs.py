@@ -19,8 +19,9 @@ the tokens to the client, and then:
   positions shifted), the rest relayed and rendered by the router, continuing the client's text.
   A client that does not send ``ResumeDirect`` within ``resume_timeout_s`` is taken for gone.
 
-Not direct (relayed as before): a resumed leg, a local-prefill placement, a request with ``n`` or
-``best_of`` > 1. A direct request is not live-migrated (its migrator is None: a migration or a
+A local-prefill placement (conditional disaggregation) streams directly too, every token (the
+first included) from the decode worker. Not direct (relayed as before): a resumed leg, a request
+with ``n`` or ``best_of`` > 1. A direct request is not live-migrated (its migrator is None: a migration or a
 drain's move of it is refused; a drain waits for it to finish).
 """
 
@@ -30,7 +31,7 @@ import asyncio
 import contextlib
 import hmac
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +102,15 @@ class DirectBook:
         return direct_pb2.ResumeDirectResponse()
 
 
+class DirectProgressWatch(ProgressWatch):
+    """The progress deadline of a direct leg: its worker sends a message per progress interval,
+    not per token, so every message counts as one token (else the bound, which grows with the
+    tokens per message, would grow with the interval and a hung worker be noticed later)."""
+
+    def received(self, n_tokens: int) -> None:
+        super().received(min(n_tokens, 1))
+
+
 @dataclass(frozen=True)
 class _Note:
     """A chunk the direct leg made (not a worker message): ``kind`` redirect | lost | resumed."""
@@ -125,48 +135,100 @@ class DirectLegs(GrpcLegs):
         self.book = book
         self._direct = False  # the current decode leg streams to the client
 
-    def _eligible(self, h: Handoff) -> bool:
+    def _single(self) -> bool:
         s = self.req.sampling
-        fresh = len(h.prompt) == len(self.run.ids) and len(self.run.out_ids) == 1
-        return fresh and getattr(s, "n", 0) <= 1 and getattr(s, "best_of", 0) <= 1
+        return getattr(s, "n", 0) <= 1 and getattr(s, "best_of", 0) <= 1
 
     async def decode(self, worker_id: str, kv: KVRef, first_index: int) -> AsyncIterator[Chunk]:
         h: Handoff = kv.handle  # type: ignore[assignment]
-        if not self._eligible(h):
+        fresh = len(h.prompt) == len(self.run.ids) and len(self.run.out_ids) == 1
+        if not (fresh and self._single()):
             self._direct = False
             async for c in super().decode(worker_id, kv, first_index):
                 yield c
             return
+        request = worker_pb2.DecodeRequest(
+            **{**self._common(), "prompt_token_ids": h.prompt, "sampling": h.sampling},
+            slo=self.req.slo,
+            kv=h.kv,
+            first_token=h.first_token,
+            first_token_logprob=h.first_logprob,
+        )
+        watch = DirectProgressWatch(self.svc.config.progress, self.run.predicted_tpot_s)
+        async for c in self._direct_stream(worker_id, first_index, request, watch):
+            yield c
+
+    async def local_decode(self, worker_id: str, first_index: int) -> AsyncIterator[Chunk]:
+        """Conditional disaggregation: as :meth:`GrpcLegs.local_decode`, the decode worker streaming
+        every token (the first included) to the client; a resumed request is relayed."""
+        svc, run = self.svc, self.run
+        if first_index != 0 or run.out_ids or not self._single():
+            self._direct = False
+            async for c in super().local_decode(worker_id, first_index):
+                yield c
+            return
+        dw = self._entry(worker_id)
+        common = self._leg_request(first_index)
+        n = len(common["prompt_token_ids"])
+        svc.outstanding.add(dw.worker_id, n)
+        queued = [True]
+
+        def first_token(d: worker_pb2.DecodeResponse) -> None:
+            if queued[0]:
+                queued[0] = False
+                svc.outstanding.add(dw.worker_id, -n)
+                run.cached_tokens = d.num_cached_tokens
+
+        try:
+            request = worker_pb2.DecodeRequest(**common, slo=self.req.slo, local_prefill=True)
+            watch = DirectProgressWatch(
+                svc.config.progress,
+                run.predicted_tpot_s,
+                first_message_tokens=svc.outstanding.get(dw.worker_id),
+            )
+            async for c in self._direct_stream(worker_id, first_index, request, watch, first_token):
+                yield c
+        finally:
+            if queued[0]:
+                queued[0] = False
+                svc.outstanding.add(dw.worker_id, -n)
+
+    async def _direct_stream(
+        self,
+        worker_id: str,
+        first_index: int,
+        request: worker_pb2.DecodeRequest,
+        watch: ProgressWatch,
+        on_tokens: Callable[[worker_pb2.DecodeResponse], None] | None = None,
+    ) -> AsyncIterator[Chunk]:
+        """``request`` to ``worker_id`` with a direct grant: the redirect note, its progress and
+        finish chunks, or, the worker lost after the redirect, the lost note and the client's
+        resumed tokens, then the loss raised (module doc). ``on_tokens``: called with the first
+        message that carries tokens or the finish."""
         svc, run, req, cfg = self.svc, self.run, self.req, self.book.config
         dw = self._entry(worker_id)
         ticket = self.book.signer.mint(
             TicketClaims(run.rid, worker_id, req.tenant, time.time() + cfg.ticket_ttl_s)
         )
+        request.direct.CopyFrom(
+            direct_pb2.DirectGrant(ticket=ticket, progress_interval_s=cfg.progress_interval_s)
+        )
         call = svc.stubs.worker(dw.address).Decode(
-            worker_pb2.DecodeRequest(
-                **{**self._common(), "prompt_token_ids": h.prompt, "sampling": h.sampling},
-                slo=req.slo,
-                kv=h.kv,
-                first_token=h.first_token,
-                first_token_logprob=h.first_logprob,
-                direct=direct_pb2.DirectGrant(ticket=ticket, progress_interval_s=cfg.progress_interval_s),
-            ),
-            timeout=remaining(self.ctx),
-            metadata=call_metadata(),
+            request, timeout=remaining(self.ctx), metadata=call_metadata()
         )
         redirect = direct_pb2.DirectRedirect(
             address=dw.address, worker_id=worker_id, ticket=ticket, request_id=run.rid
         )
         redirected = False
         try:
-            watch = ProgressWatch(svc.config.progress, run.predicted_tpot_s)
             guarded = Guarded(call, dw, watch=watch, streamed=svc._streamed_at)
             chunks = self.stream(guarded, dw, first_index, worker_text=False)
             self._direct = True
             try:
                 async with contextlib.aclosing(chunks):
                     async for c in chunks:
-                        if not redirected and not c.message.HasField("finish"):
+                        final = c.message.HasField("finish")
+                        if not redirected and not final:
                             if c.tokens:  # it streamed as for a relay: its text would be lost
                                 raise InternalError(
                                     f"decode worker {worker_id} ignored DecodeRequest.direct (its first "
@@ -175,6 +237,9 @@ class DirectLegs(GrpcLegs):
                             redirected = True
                             yield Chunk(c.first_index, (), _Note("redirect", redirect))
                             continue
+                        if on_tokens is not None and (c.tokens or final):
+                            on_tokens(c.message)
+                            on_tokens = None
                         yield c
             except WorkerLostError as lost:
                 if not redirected:
@@ -245,8 +310,3 @@ class DirectLegs(GrpcLegs):
         r = client_pb2.GenerateResponse(request_id=run.rid)
         r.finish.CopyFrom(self.finish(d.finish.reason, d.finish.stop or None, decode_s))
         return r, True
-
-    async def local_decode(self, worker_id: str, first_index: int) -> AsyncIterator[Chunk]:
-        self._direct = False
-        async for c in super().local_decode(worker_id, first_index):
-            yield c

@@ -4,7 +4,8 @@ token path (proto/pdserve/v1/direct.proto), over real processes on loopback with
 One cluster (store, router, 1 prefill + 2 decode workers, all with ``--direct-streams``) serves the
 module; the router's progress deadline is short so that a lost worker is noticed quickly.
 
-* direct == relay == the engine run whole, greedy and seeded (tokens, text, finish);
+* direct == relay == the engine run whole, greedy and seeded (tokens, text, finish); the same
+  through ``pdserve openai --direct-streams`` (whole and streamed completions);
 * tickets: a forged ticket, the ticket of another request, and a request's own ticket presented
   to the other decode worker are refused with PERMISSION_DENIED for that request alone (the
   attach call goes on, the real client still gets its stream);
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -58,6 +60,8 @@ def cluster(model):
             num_decode=2,
             worker_kv_blocks=1024,
             worker_args=("--direct-streams",),
+            openai_port=0,  # `pdserve openai --direct-streams` in front of the router
+            openai_args=("--direct-streams",),
             router_args=("--direct-streams", "--progress-timeout-s", "3", "--heartbeat-timeout-s", "5"),
         )
     )
@@ -104,6 +108,35 @@ def test_direct_equals_relay_equals_engine(cluster, whole, params) -> None:
         assert direct[2].reason == relay[2].reason == "length"
 
 
+def test_direct_after_a_prefill_handoff(cluster, whole) -> None:
+    """A prompt too long to prefill on the decode worker (the goodput policy's local-prefill
+    limit, 256 tokens) goes prefill -> handoff -> decode: its direct stream follows the
+    handoff, equal to the relay and the engine."""
+    prompt = [(7 * i) % 300 + 10 for i in range(300)]
+    ref = whole.generate([prompt], GREEDY)[0]
+
+    async def scenario():
+        async with AsyncClient(cluster.router_address, timeout=60) as c:
+            direct = [t async for t in _tagged(c, prompt, "handoff-direct", True)]
+            relay = [t async for t in _tagged(c, prompt, "handoff-relay", False)]
+            return direct, relay
+
+    direct, relay = _run(scenario())
+    assert (
+        [t for ch in direct for t in ch.token_ids]
+        == [t for ch in relay for t in ch.token_ids]
+        == ref.token_ids
+    )
+    assert "".join(ch.text for ch in direct) == "".join(ch.text for ch in relay) == ref.text
+    routed = [ln for ln in cluster.logs["router"] if "handoff-direct" in ln and '"routed"' in ln]
+    assert routed and json.loads(routed[0])["local_prefill"] is False, routed
+
+
+async def _tagged(c: AsyncClient, prompt, request_id: str, direct: bool):
+    async for ch in c.generate(prompt, GREEDY, direct=direct, request_id=request_id):
+        yield ch
+
+
 async def _redirect(stub, prompt, max_tokens=200):
     """A raw direct Generate: (call, first message, redirect message)."""
     req = client_pb2.GenerateRequest(
@@ -137,6 +170,28 @@ async def _attach_once(ch: grpc.aio.Channel, rid: str, ticket: str) -> direct_pb
         raise AssertionError("the attach call ended without a delta")
     finally:
         call.cancel()
+
+
+def test_openai_server_with_direct_streams(cluster, whole) -> None:
+    """`pdserve openai --direct-streams`: completions (whole and streamed) equal the engine's."""
+    ref = whole.generate([PROMPTS[0]], GREEDY)[0]
+    body = {"prompt": PROMPTS[0], "max_tokens": GREEDY.max_tokens, "temperature": 0, "ignore_eos": True}
+
+    def post(extra: dict) -> bytes:
+        req = urllib.request.Request(
+            cluster.openai_url + "/v1/completions",
+            data=json.dumps({**body, **extra}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.read()
+
+    whole_out = json.loads(post({}))
+    assert whole_out["choices"][0]["text"] == ref.text
+    assert whole_out["usage"]["completion_tokens"] == len(ref.token_ids)
+    events = [ln[len(b"data: ") :] for ln in post({"stream": True}).splitlines() if ln.startswith(b"data: ")]
+    text = "".join(json.loads(e)["choices"][0]["text"] for e in events if e != b"[DONE]")
+    assert text == ref.text
 
 
 def test_ticket_refusals(cluster) -> None:

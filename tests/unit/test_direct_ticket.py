@@ -114,9 +114,10 @@ def test_worker_attach_checks() -> None:
 
 def test_worker_refuses_direct_requests_it_cannot_serve() -> None:
     ds = DirectStreams("decode-0", None)
-    for bad in (_decode_req("t", local_prefill=True), _decode_req("t", resume_token_ids=[1])):
-        with pytest.raises(InvalidRequestError, match="fresh handoff only"):
+    for bad in (_decode_req("t", prompt_tail_pending=True), _decode_req("t", resume_token_ids=[1])):
+        with pytest.raises(InvalidRequestError, match="fresh request only"):
             ds.check(bad)
+    ds.check(_decode_req("t", local_prefill=True))  # conditional disaggregation streams directly too
     with pytest.raises(InvalidRequestError, match="no ticket"):
         ds.check(_decode_req(""))
 
