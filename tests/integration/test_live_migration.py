@@ -148,6 +148,17 @@ def _decoding(cluster: _Cluster, min_tokens: int) -> dict[str, str]:
     return out
 
 
+def _busiest_once_decoding(cluster: _Cluster, futs: list) -> tuple[dict[str, int], str]:
+    """Wait until every stream of ``futs`` decodes (4+ tokens); (streams per worker, the worker
+    with most of them)."""
+    deadline = time.monotonic() + CALL_S
+    while len(running := _decoding(cluster, 4)) < len(futs):
+        assert time.monotonic() < deadline and not any(f.done() for f in futs), "streams did not start"
+        time.sleep(0.002)
+    counts = {w: list(running.values()).count(w) for w in cluster.workers}
+    return counts, max(counts, key=lambda w: counts[w])
+
+
 def _migrate(cluster: _Cluster, rid: str, dest: str):
     """Start migrating ``rid`` to ``dest`` on the router's loop and wait for its outcome."""
 
@@ -239,12 +250,7 @@ def test_drain_empties_a_decode_worker_while_its_streams_continue(cluster, clien
     drained_before = cluster.metric("pdserve_router_migrations_total", reason="drain", result="migrated")
     with ThreadPoolExecutor(n) as ex:
         futs = [ex.submit(client.complete, p, params) for p in prompts]
-        deadline = time.monotonic() + CALL_S
-        while len(running := _decoding(cluster, 4)) < n:
-            assert time.monotonic() < deadline and not any(f.done() for f in futs), "streams did not start"
-            time.sleep(0.002)
-        counts = {w: list(running.values()).count(w) for w in cluster.workers}
-        victim = max(counts, key=lambda w: counts[w])
+        counts, victim = _busiest_once_decoding(cluster, futs)
         assert counts[victim] >= 1
         report = cluster.on_loop(drain_decode_worker(cluster.svc, victim, timeout_s=60, poll_s=0.01))
         # drained while the streams still run: nothing of this router decodes there any more
@@ -292,12 +298,7 @@ def test_drain_through_the_admin_service_while_streams_continue(cluster, client)
         refs = list(ex.map(lambda p: client.complete(p, params), prompts))
     with ThreadPoolExecutor(n) as ex:
         futs = [ex.submit(client.complete, p, params) for p in prompts]
-        deadline = time.monotonic() + CALL_S
-        while len(running := _decoding(cluster, 4)) < n:
-            assert time.monotonic() < deadline and not any(f.done() for f in futs), "streams did not start"
-            time.sleep(0.002)
-        counts = {w: list(running.values()).count(w) for w in cluster.workers}
-        victim = max(counts, key=lambda w: counts[w])
+        counts, victim = _busiest_once_decoding(cluster, futs)
         out = drain_via_routers([cluster.address], victim, 60.0, poll_s=0.01, config=plain)
         still_running = sum(not f.done() for f in futs)
         got = [f.result(CALL_S) for f in futs]
