@@ -36,6 +36,7 @@ from decode_worker.groups import admit_group_handoff, is_group, num_choices, str
 from decode_worker.messages import decode_message
 from decode_worker.migration import DecodeMigration
 from decode_worker.puller import KVPuller
+from decode_worker.stream_puller import admit_streamed_handoff
 from engine.engine_loop import OutputItem, OutputSink
 from engine.llm_engine import LLMEngine
 from kv_store.convert import handle_from_proto
@@ -235,6 +236,8 @@ class DecodeServicer:
     ) -> tuple[str, OutputSink, bool, float]:
         """Pull the KV named by the handle and import it; (request id, output queue, done at once,
         seconds the pull took). ``out``: the output queue to use (default: a new one)."""
+        if req.kv_stream_address:  # chunk-wise KV streaming (decode_worker.stream_puller)
+            return admit_streamed_handoff(self, req, ctx, out)
         if req.prompt_tail_pending:  # a parallel-sampling group (decode_worker.groups)
             rid, q, pull_s = admit_group_handoff(self, req, ctx, out)
             return rid, q, False, pull_s
@@ -278,8 +281,10 @@ class DecodeServicer:
         self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext, out: OutputSink | None = None
     ) -> tuple[str, OutputSink, bool]:
         """Conditional disaggregation: the engine runs the whole request (prompt included)."""
-        if req.HasField("kv") or req.first_token or req.HasField("first_token_logprob"):
-            raise InvalidRequestError("local_prefill runs the prompt here: send no kv and no first token")
+        if req.HasField("kv") or req.first_token or req.HasField("first_token_logprob") or req.kv_stream_address:
+            raise InvalidRequestError(
+                "local_prefill runs the prompt here: send no kv, kv_stream_address or first token"
+            )
         if req.resume_token_ids:
             raise InvalidRequestError("local_prefill cannot resume: send resume_token_ids with a KVHandle")
         if req.model and req.model != self.state.engine.model_id:

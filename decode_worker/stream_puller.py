@@ -27,6 +27,7 @@ exactly what the non-streamed handoff runs).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ import grpc
 import torch
 
 from decode_worker.puller import KVPuller
-from engine.block_hash import BlockHash
+from engine.block_hash import BlockHash, chain_hashes
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from kv_store.checksum import KVChecksumError, block_checksum
@@ -281,6 +282,78 @@ def open_stream(channel: grpc.Channel, request_id: str, timeout_s: float | None 
     return call(worker_pb2.ResumeStreamRequest(request_id=request_id), timeout=timeout_s)
 
 
+_CHANNELS: dict[str, grpc.Channel] = {}  # prefill workers' channels, one per address (process-wide)
+_CHANNELS_LOCK = threading.Lock()
+
+
+def stream_channel(address: str) -> grpc.Channel:
+    """The internal channel to the prefill worker at ``address`` (cached)."""
+    from pdserve.security import internal_channel
+
+    with _CHANNELS_LOCK:
+        ch = _CHANNELS.get(address)
+        if ch is None:
+            ch = _CHANNELS[address] = internal_channel(address)
+        return ch
+
+
+def check_stream_request(req: worker_pb2.DecodeRequest) -> None:
+    """A streamed handoff's Decode carries the prompt and no KV of its own (worker.proto)."""
+    if req.HasField("kv") or req.first_token or req.HasField("first_token_logprob"):
+        raise InvalidRequestError(
+            "kv_stream_address: the KV and the first token come by the stream; send no kv"
+        )
+    if req.resume_token_ids or req.local_prefill or req.prompt_tail_pending:
+        raise InvalidRequestError(
+            "kv_stream_address is for a fresh single-sequence handoff: no resume_token_ids, local_prefill "
+            "or prompt_tail_pending"
+        )
+    if not req.request_id or not req.prompt_token_ids:
+        raise InvalidRequestError("kv_stream_address: request_id and prompt_token_ids are required")
+
+
+def admit_streamed_handoff(
+    svc: Any, req: worker_pb2.DecodeRequest, ctx: Any, out: Any
+) -> tuple[str, Any, bool, float]:
+    """``DecodeServicer._admit_handoff`` of a Decode with ``kv_stream_address``: wait for free
+    blocks, read the stream as the prefill computes it, then import the whole verified KV as the
+    non-streamed handoff does. Returns (request id, output queue, done at once, seconds from the
+    stream's opening to the KV assembled)."""
+    check_stream_request(req)
+    from pdserve.proto_convert import sampling_from_proto
+
+    state = svc.state
+    rid, ids = req.request_id, list(req.prompt_token_ids)
+    params = sampling_from_proto(req.sampling)
+    svc._wait_for_blocks(len(ids), ctx, req.adapter)
+    layout = state.layout
+    asm = StreamAssembler(
+        rid,
+        layout,
+        chain_hashes(
+            ids, layout.block_size, state.engine.model_id, req.adapter, req.cache_salt, include_partial=True
+        ),
+        len(ids),
+    )
+    remaining = ctx.time_remaining()
+    timeout = remaining if remaining is not None and remaining < 1e7 else None
+    t0 = time.monotonic()
+    call = open_stream(stream_channel(req.kv_stream_address), rid, timeout)
+    kv = StreamPuller(svc.puller).read(call, asm, call.cancel)
+    pull_s = time.monotonic() - t0
+    add = import_adder(
+        rid, ids, kv, params, priority=req.priority, adapter_id=req.adapter, cache_salt=req.cache_salt
+    )
+    immediate = {"v": False}
+
+    def adder(e: LLMEngine) -> None:
+        add(e)
+        immediate["v"] = not e.has_request(rid)  # the first token already ended it
+
+    q = svc._add(rid, adder, out)
+    return rid, q, immediate["v"], pull_s
+
+
 def import_adder(
     request_id: str,
     prompt: list[int],
@@ -315,6 +388,8 @@ __all__ = [
     "PartialKVError",
     "StreamAssembler",
     "StreamPuller",
+    "admit_streamed_handoff",
+    "check_stream_request",
     "import_adder",
     "open_stream",
 ]

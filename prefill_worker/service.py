@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 import torch
@@ -30,8 +31,15 @@ from pdserve.tracing import log_event, request_scope
 from pdserve.v1 import common_pb2, worker_pb2
 from pdserve.worker_base import WorkerState
 from prefill_worker.groups import group_prefix
+from prefill_worker.kv_stream import (
+    ChunkSink,
+    InlineChunkSink,
+    KVStreamRegistry,
+    StoreChunkSink,
+    prefill_streamed,
+)
 from prefill_worker.prefix_policy import PrefixDecision, PrefixFetchPolicy
-from prefill_worker.publisher import KVPublisher
+from prefill_worker.publisher import KVPublisher, StorePublisher
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,7 @@ class PrefillServicer:
         self.transport = transport
         self.prefix_policy = prefix_policy or PrefixFetchPolicy()
         self.store_prefix_tokens_total = 0
+        self.streams = KVStreamRegistry()  # streamed prefills' KV (KVStream.StreamKV reads them)
         self.prefix_recomputed_tokens_total = 0
 
     def _pull_prefix_from_store(self, ids: list[int], adapter: str, salt: str) -> int:
@@ -161,6 +170,13 @@ class PrefillServicer:
                 prefill_only=True,
             )
 
+        if req.kv_stream:  # chunk-wise KV streaming (prefill_worker/kv_stream.py)
+            if group:
+                raise InvalidRequestError(
+                    "kv_stream: a parallel-sampling request (n > 1 or best_of > 1) is not streamed; "
+                    "send it without kv_stream"
+                )
+            return self._prefill_streamed(req, ctx, rid, ids, add, t_arrive)
         # engine throughput while this request is in it: the engine is busy throughout (ours or others')
         c0, t_added = self.state.engine.prefill_tokens_computed, time.monotonic()
         q = self.state.loop.add(rid, add)
@@ -210,6 +226,67 @@ class PrefillServicer:
         )
         if kv.first_logprob is not None and not group:
             resp.first_token_logprob.CopyFrom(logprob_to_proto(kv.first_logprob))
+        return resp
+
+    def _sink(self, req: worker_pb2.PrefillRequest) -> ChunkSink:
+        """Where a streamed prefill's chunks go (``req.kv_stream``)."""
+        if req.kv_stream == worker_pb2.KV_STREAM_TRANSPORT_GRPC:
+            return InlineChunkSink()
+        if req.kv_stream != worker_pb2.KV_STREAM_TRANSPORT_STORE:
+            raise InvalidRequestError(f"kv_stream {req.kv_stream} is not a KVStreamTransport")
+        pub = (
+            self.publisher
+            if isinstance(self.publisher, StorePublisher)
+            else getattr(self.publisher, "fallback", None)
+        )
+        if not isinstance(pub, StorePublisher) or self.store is None:
+            raise InvalidRequestError(
+                "KV_STREAM_TRANSPORT_STORE: this prefill worker has no KV store node; use KV_STREAM_TRANSPORT_GRPC"
+            )
+        ttl = req.lease_ttl_s or self.state.config.lease_ttl_s
+        return StoreChunkSink(pub, self.store, self.state.layout, self.state.engine.model_id, ttl, req.tenant)
+
+    def _prefill_streamed(
+        self,
+        req: worker_pb2.PrefillRequest,
+        ctx: grpc.ServicerContext,
+        rid: str,
+        ids: list[int],
+        add: Callable[[LLMEngine], None],
+        t_arrive: float,
+    ) -> worker_pb2.PrefillResponse:
+        """A Prefill with ``kv_stream``: its KV goes chunk by chunk into this worker's stream of
+        ``rid`` (read by a decode worker with ``KVStream.StreamKV``); the response carries the
+        first token and no handle. Timing: ``prefill_s`` until the prompt was done, ``transfer_s``
+        the publish of what was left after it."""
+        sink = self._sink(req)
+        self.streams.start_sweeper()
+        res = prefill_streamed(
+            self.state.loop,
+            self.streams,
+            sink,
+            self.state.layout,
+            rid,
+            ids,
+            add,
+            model_id=self.state.engine.model_id,
+            adapter_id=req.adapter,
+            cache_salt=req.cache_salt,
+            is_active=ctx.is_active,
+        )
+        self.state.count_finished()
+        f = res.final
+        resp = worker_pb2.PrefillResponse(
+            request_id=rid,
+            first_token=f.first_token,
+            num_cached_tokens=res.num_cached_tokens,
+            num_computed_tokens=len(ids) - res.num_cached_tokens,
+            timing=common_pb2.Timing(
+                prefill_s=res.t_prefill_done - t_arrive, transfer_s=res.t_published - res.t_prefill_done
+            ),
+        )
+        if f.first_logprob is not None:
+            resp.first_token_logprob.CopyFrom(logprob_to_proto(f.first_logprob))
         return resp
 
     def Decode(self, req, ctx):
