@@ -48,13 +48,13 @@ def missing_kinds(policy: PolicyKind, alive: Mapping[WorkerKind, int]) -> list[W
 
 class RouterHealth:
     """Keeps ``servicer``'s status of ``services`` equal to whether the router can place a request
-    for ``model_id`` under ``policy``. :meth:`update` is called by the registry on every change;
+    for ``model_id`` under ``policy`` (several ids: for any of them). :meth:`update` is called by the registry on every change;
     :meth:`start` adds the periodic sweep, :meth:`stop` ends it."""
 
     def __init__(
         self,
         registry: Registry,
-        model_id: str,
+        model_id: str | Sequence[str],
         policy: PolicyKind,
         servicer: health.HealthServicer,
         *,
@@ -65,6 +65,10 @@ class RouterHealth:
             raise ValueError(f"sweep_interval_s must be > 0, got {sweep_interval_s}")
         self.registry = registry
         self.model_id = model_id
+        # the served models: one, or several (a router serving several base models)
+        self._models: tuple[str, ...] = (model_id,) if isinstance(model_id, str) else tuple(model_id)
+        if not self._models:
+            raise ValueError("RouterHealth needs at least one model id")
         self.policy = policy
         self.servicer = servicer
         self.services = tuple(services)
@@ -93,11 +97,15 @@ class RouterHealth:
                 return self.serving
             self._updating = True
             try:
-                alive = {k: len(self.registry.alive(k, self.model_id)) for k in WorkerKind}
+                per_model = {m: {k: len(self.registry.alive(k, m)) for k in WorkerKind} for m in self._models}
             finally:
                 self._updating = False
+            # several base models (router.multi_model): serving while any of them can place
+            ready = [m for m, counts in per_model.items() if not missing_kinds(self.policy, counts)]
+            model = ready[0] if ready else self._models[0]
+            alive = per_model[model]
             missing = missing_kinds(self.policy, alive)
-            serving = not missing
+            serving = bool(ready)
             if serving != self._serving:
                 status = (
                     health_pb2.HealthCheckResponse.SERVING
@@ -113,7 +121,7 @@ class RouterHealth:
                     log.warning(
                         "health: NOT_SERVING (no %s worker registered for %r)",
                         " and no ".join(k.value for k in missing),
-                        self.model_id,
+                        model,
                     )
             return serving
 
@@ -147,9 +155,15 @@ class RouterHealth:
 
 
 def start_router_health(
-    registry: Registry, config: RouterConfig, servicer: health.HealthServicer
+    registry: Registry,
+    config: RouterConfig,
+    servicer: health.HealthServicer,
+    model_ids: Sequence[str] = (),
 ) -> RouterHealth:
     """The router's health on ``servicer`` (from ``start_server(..., not_serving=HEALTH_SERVICES)``),
-    set now and kept current; silent workers are noticed within a quarter heartbeat timeout."""
+    set now and kept current; silent workers are noticed within a quarter heartbeat timeout.
+    ``model_ids``: a router serving several base models names them all (SERVING while any of
+    them can place a request); default ``config.model_id``."""
     sweep = max(0.05, config.heartbeat_timeout_s / 4)
-    return RouterHealth(registry, config.model_id, config.policy, servicer, sweep_interval_s=sweep).start()
+    models = tuple(model_ids) or config.model_id
+    return RouterHealth(registry, models, config.policy, servicer, sweep_interval_s=sweep).start()

@@ -198,13 +198,17 @@ class GenerateServicer:
         index: KVIndex | None = None,
         edge: EdgeAuth | None = None,
         migrator: MigratorFactory | None = None,
+        track_gauges: bool = True,
     ) -> None:
         """``index``: the KV index for prefix lookups (default: opened from ``config.index_url``;
         none: ask a store node's Lookup). ``edge``: API keys, tenants, quotas, request ids and
         cache salts (:mod:`pdserve.auth`; default: dev mode, the tenant is the request's field).
         ``migrator``: makes the :class:`~router.lifecycle.migrator.Migrator` of a request from
         its legs (live migration between decode workers, :meth:`migrate`; None: the decode
-        workers' migration RPCs when ``config.migration`` is on, else not served)."""
+        workers' migration RPCs when ``config.migration`` is on, else not served).
+        ``track_gauges``: export the worker and quarantine gauges from this servicer (off for
+        the per-model servicers of a router serving several base models, whose
+        :class:`router.multi_model.ModelDispatcher` exports them over all its models)."""
         self._drivers: dict[str, LifecycleDriver] = {}  # running requests by cluster id
         self.edge = edge if edge is not None else EdgeAuth(None)
         self.registry = registry
@@ -220,10 +224,11 @@ class GenerateServicer:
         self.migrator = migrator
         self.prober = QuarantineProber(self)  # probes quarantined workers while there are any
         self.placer = Placer(self)
-        self.metrics.track_workers(
-            lambda: {k.value: len(self.registry.alive(k, config.model_id)) for k in WorkerKind}
-        )
-        self.metrics.track_quarantined(self.prober.counts)
+        if track_gauges:
+            self.metrics.track_workers(
+                lambda: {k.value: len(self.registry.alive(k, config.model_id)) for k in WorkerKind}
+            )
+            self.metrics.track_quarantined(self.prober.counts)
         path = Path(config.model_path)
         self.tokenizer = Tokenizer(path)
         self.model_config = ModelConfig.from_path(path)
