@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdserve/v1/admin.proto\x12\npdserve.v1\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"&\n\x13LoadAdapterResponse\x12\x0f\n\x07workers\x18\x01 \x03(\t\"4\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"\x1e\n\rDrainResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\'\n\x12\x44rainStatusRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"{\n\x13\x44rainStatusResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x10\n\x08inflight\x18\x02 \x01(\r\x12\x11\n\tmigrating\x18\x03 \x01(\x08\x12\x10\n\x08migrated\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x62orted\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"(\n\x13ResumeWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"%\n\x14ResumeWorkerResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xb8\x02\n\x05\x41\x64min\x12N\n\x0bLoadAdapter\x12\x1e.pdserve.v1.LoadAdapterRequest\x1a\x1f.pdserve.v1.LoadAdapterResponse\x12<\n\x05\x44rain\x12\x18.pdserve.v1.DrainRequest\x1a\x19.pdserve.v1.DrainResponse\x12N\n\x0b\x44rainStatus\x12\x1e.pdserve.v1.DrainStatusRequest\x1a\x1f.pdserve.v1.DrainStatusResponse\x12Q\n\x0cResumeWorker\x12\x1f.pdserve.v1.ResumeWorkerRequest\x1a .pdserve.v1.ResumeWorkerResponse2]\n\x0bWorkerAdmin\x12N\n\x0bLoadAdapter\x12\x1e.pdserve.v1.LoadAdapterRequest\x1a\x1f.pdserve.v1.LoadAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdserve/v1/admin.proto\x12\npdserve.v1\"?\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"&\n\x13LoadAdapterResponse\x12\x0f\n\x07workers\x18\x01 \x03(\t\"4\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"\x1e\n\rDrainResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\'\n\x12\x44rainStatusRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"{\n\x13\x44rainStatusResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x10\n\x08inflight\x18\x02 \x01(\r\x12\x11\n\tmigrating\x18\x03 \x01(\x08\x12\x10\n\x08migrated\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x62orted\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"(\n\x13ResumeWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"%\n\x14ResumeWorkerResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xb8\x02\n\x05\x41\x64min\x12N\n\x0bLoadAdapter\x12\x1e.pdserve.v1.LoadAdapterRequest\x1a\x1f.pdserve.v1.LoadAdapterResponse\x12<\n\x05\x44rain\x12\x18.pdserve.v1.DrainRequest\x1a\x19.pdserve.v1.DrainResponse\x12N\n\x0b\x44rainStatus\x12\x1e.pdserve.v1.DrainStatusRequest\x1a\x1f.pdserve.v1.DrainStatusResponse\x12Q\n\x0cResumeWorker\x12\x1f.pdserve.v1.ResumeWorkerRequest\x1a .pdserve.v1.ResumeWorkerResponse2]\n\x0bWorkerAdmin\x12N\n\x0bLoadAdapter\x12\x1e.pdserve.v1.LoadAdapterRequest\x1a\x1f.pdserve.v1.LoadAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,23 +32,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.admin_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOADADAPTERREQUEST']._serialized_start=38
-  _globals['_LOADADAPTERREQUEST']._serialized_end=86
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=88
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=126
-  _globals['_DRAINREQUEST']._serialized_start=128
-  _globals['_DRAINREQUEST']._serialized_end=180
-  _globals['_DRAINRESPONSE']._serialized_start=182
-  _globals['_DRAINRESPONSE']._serialized_end=212
-  _globals['_DRAINSTATUSREQUEST']._serialized_start=214
-  _globals['_DRAINSTATUSREQUEST']._serialized_end=253
-  _globals['_DRAINSTATUSRESPONSE']._serialized_start=255
-  _globals['_DRAINSTATUSRESPONSE']._serialized_end=378
-  _globals['_RESUMEWORKERREQUEST']._serialized_start=380
-  _globals['_RESUMEWORKERREQUEST']._serialized_end=420
-  _globals['_RESUMEWORKERRESPONSE']._serialized_start=422
-  _globals['_RESUMEWORKERRESPONSE']._serialized_end=459
-  _globals['_ADMIN']._serialized_start=462
-  _globals['_ADMIN']._serialized_end=774
-  _globals['_WORKERADMIN']._serialized_start=776
-  _globals['_WORKERADMIN']._serialized_end=869
+  _globals['_LOADADAPTERREQUEST']._serialized_end=101
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=103
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=141
+  _globals['_DRAINREQUEST']._serialized_start=143
+  _globals['_DRAINREQUEST']._serialized_end=195
+  _globals['_DRAINRESPONSE']._serialized_start=197
+  _globals['_DRAINRESPONSE']._serialized_end=227
+  _globals['_DRAINSTATUSREQUEST']._serialized_start=229
+  _globals['_DRAINSTATUSREQUEST']._serialized_end=268
+  _globals['_DRAINSTATUSRESPONSE']._serialized_start=270
+  _globals['_DRAINSTATUSRESPONSE']._serialized_end=393
+  _globals['_RESUMEWORKERREQUEST']._serialized_start=395
+  _globals['_RESUMEWORKERREQUEST']._serialized_end=435
+  _globals['_RESUMEWORKERRESPONSE']._serialized_start=437
+  _globals['_RESUMEWORKERRESPONSE']._serialized_end=474
+  _globals['_ADMIN']._serialized_start=477
+  _globals['_ADMIN']._serialized_end=789
+  _globals['_WORKERADMIN']._serialized_start=791
+  _globals['_WORKERADMIN']._serialized_end=884
 # @@protoc_insertion_point(module_scope)

@@ -8,12 +8,14 @@ from google.protobuf.internal import containers as _containers
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LoadAdapterRequest(_message.Message):
-    __slots__ = ("name", "path")
+    __slots__ = ("name", "path", "model")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
-    def __init__(self, name: str | None = ..., path: str | None = ...) -> None: ...
+    model: str
+    def __init__(self, name: str | None = ..., path: str | None = ..., model: str | None = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
     __slots__ = ("workers",)
