@@ -1,5 +1,10 @@
 """Router process: ``python -m router --model PATH [--port 0] [--policy KIND]``.
 
+Several base models: ``--model PATH --model PATH2 [--model-id A --model-id B]``: one placement
+policy and state per model, requests routed by their ``model`` field (:mod:`router.multi_model`:
+an empty model is refused INVALID_ARGUMENT naming the served models, an unknown one NOT_FOUND);
+workers of any served model may register, each checked against its model's KV geometry.
+
 ``--policy``: goodput (default: each worker's start-up step-time profile calibrates it from the
 first request; requests without an SLO are placed best effort, never refused), least_loaded, colocated, random, round_robin, cache_aware (=
 global_cache_aware), local_cache_aware. Goodput knobs: ``--latency-profile``, ``--slo-margin``,
@@ -33,6 +38,7 @@ host:port of its Prometheus /metrics); runs until SIGTERM. Logs are JSON lines o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -57,6 +63,7 @@ from pdserve.v1 import client_pb2, direct_pb2
 from router.admin_service import ADMIN_SERVICE, AdminServicer
 from router.drainer import WorkerDrains
 from router.health import HEALTH_SERVICES, start_router_health
+from router.multi_model import ModelDispatcher, ModelDrains
 from router.policy import GoodputConfig, PolicyKind
 from router.policy.migration import MigrationConfig
 from router.policy_factory import parse_policy, policy_choices
@@ -71,9 +78,19 @@ from router.service import GenerateServicer, RouterConfig
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m router`` command line."""
     ap = argparse.ArgumentParser(prog="python -m router")
-    ap.add_argument("--model", required=True, help="HF model folder (tokenizer + config)")
     ap.add_argument(
-        "--model-id", default=None, help="model name clients ask for (default: the folder's name)"
+        "--model",
+        required=True,
+        action="append",
+        help="HF model folder (tokenizer + config); repeat to serve several base models from this "
+        "router (each request then names its model; each model has its own placement state)",
+    )
+    ap.add_argument(
+        "--model-id",
+        default=None,
+        action="append",
+        help="model name clients ask for (default: the folder's name); with several --model, give "
+        "one per --model, in the same order, or none",
     )
     ap.add_argument("--host", default="127.0.0.1", help="listen address of the data and control planes")
     ap.add_argument("--port", type=int, default=0, help="data plane (Generate) port (0: any free)")
@@ -311,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             local_prefill_max_tokens=max(0, a.local_prefill_max_tokens),
             shared_cores=a.shared_cores,
         )
-        cfg = _config(a, goodput)
+        cfgs = _configs(a, goodput)  # one per served model (router.multi_model)
+        cfg = cfgs[0]
         rebalance = _rebalance_config(a)
         if rebalance.interval_s > 0 and not cfg.migration:
             raise ValueError(
@@ -322,22 +340,34 @@ def main(argv: list[str] | None = None) -> int:
         shared = _shared_tenant_state(ap, a)
         if shared is not None:  # quotas and request ids shared with the cluster's other routers
             edge.gate, edge.ids = shared.gate, shared.ids
-        generate = GenerateServicer(reg, cfg, RouterMetrics(REGISTRY), edge=edge)  # opens the --index
+        metrics = RouterMetrics(REGISTRY)
+        multi = len(cfgs) > 1
+        # one servicer per model: own tokenizer, placement policy and state (opens the --index)
+        servicers = {
+            c.model_id: GenerateServicer(reg, c, metrics, edge=edge, track_gauges=not multi) for c in cfgs
+        }
+        generate = servicers[cfg.model_id]  # the first model's (direct streams: single-model only)
+        front: GenerateServicer | ModelDispatcher = generate
+        if multi:  # Generate / Tokenize routed by the request's model; ListModels lists them all
+            front = ModelDispatcher(servicers)
+            front.track_gauges()
         if a.log_placement_terms:
-            _log_placement_terms(generate)
-        rebalancer = Rebalancer(generate, rebalance)
+            for svc in servicers.values():
+                _log_placement_terms(svc)
+        rebalancers = [Rebalancer(svc, rebalance) for svc in servicers.values()]
     except ValueError as e:  # a bad option value (InvalidRequestError included)
         ap.error(str(e))
     verifier = (
-        worker_verifier(reg, cfg, max_kv_blocks=a.max_worker_kv_blocks) if a.verify_workers == "on" else None
+        worker_verifier(reg, cfgs, max_kv_blocks=a.max_worker_kv_blocks) if a.verify_workers == "on" else None
     )
     registry_servicer = RegistryServicer(reg, cfg, verifier=verifier)
     control, control_address, _ = start_control_server(registry_servicer, cfg.host, a.control_port)
     server_box: list = []  # the data-plane server, once started (drains run on its loop)
-    drains = WorkerDrains(generate, reg, lambda: server_box[0].loop)
-    admin = AdminServicer(reg, cfg.model_id, drains=drains)
+    per_model = {m: WorkerDrains(svc, reg, lambda: server_box[0].loop) for m, svc in servicers.items()}
+    drains = per_model[cfg.model_id] if not multi else ModelDrains(reg, per_model)
+    admin = AdminServicer(reg, list(servicers), drains=drains)  # type: ignore[arg-type]
     services = [
-        (client_pb2.DESCRIPTOR.services_by_name["Generate"], generate),
+        (client_pb2.DESCRIPTOR.services_by_name["Generate"], front),
         (REGISTRY_SERVICE, registry_servicer),  # compatibility: registering here names the control port
         (ADMIN_SERVICE, admin),  # operator RPCs (internal: the cluster token)
     ]
@@ -348,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         services, cfg.host, cfg.port, name="router", not_serving=HEALTH_SERVICES
     )
     server_box.append(server)
-    health = start_router_health(reg, cfg, hs)  # NOT_SERVING until it can place a request
-    rebalancer.start(server.loop)  # on the data plane's loop, beside the requests it moves
+    # NOT_SERVING until it can place a request (of any of its models)
+    health = start_router_health(reg, cfg, hs, model_ids=list(servicers))
+    for rebalancer in rebalancers:  # on the data plane's loop, beside the requests it moves
+        rebalancer.start(server.loop)
     metrics_port = serve_metrics(a.metrics_port)
     print(
         json.dumps(
@@ -365,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    rebalancer.stop()
+    for rebalancer in rebalancers:
+        rebalancer.stop()
     health.stop()
     server.stop(2).wait()
     control.stop(1).wait()
@@ -406,11 +439,44 @@ def _log_placement_terms(generate: GenerateServicer) -> None:
     policy.on_decision = lambda t: log_event(log, "placement terms", **t.to_dict())
 
 
-def _config(a: argparse.Namespace, goodput: GoodputConfig) -> RouterConfig:
-    """RouterConfig from parsed options (``ValueError`` names a bad value)."""
+def _configs(a: argparse.Namespace, goodput: GoodputConfig) -> list[RouterConfig]:
+    """One RouterConfig per ``--model`` (same options, own model path and id); ``ValueError``
+    names a bad combination: ``--model-id`` counts that do not match, duplicate ids, and the
+    options that name one model's things (``--latency-profile``, ``--store``) or that a router
+    serving several models does not support (``--direct-streams``)."""
+    paths = list(a.model)
+    ids = list(a.model_id or [])
+    if ids and len(ids) != len(paths):
+        raise ValueError(f"give one --model-id per --model ({len(paths)}), or none; got {len(ids)}")
+    ids = ids or [Path(p).name for p in paths]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the served model ids must be distinct, got {ids}: name them with --model-id")
+    if len(paths) > 1:
+        for flag, value in (
+            ("--latency-profile", a.latency_profile),
+            ("--store", a.store),
+            ("--direct-streams", a.direct_streams),
+        ):
+            if value:
+                raise ValueError(
+                    f"{flag} is not supported on a router serving several models ({', '.join(ids)}): "
+                    "run one router per model for it"
+                )
+    base = _config(a, goodput, paths[0], ids[0])
+    return [
+        base,
+        *(
+            dataclasses.replace(base, model_path=p, model_id=m)
+            for p, m in zip(paths[1:], ids[1:], strict=True)
+        ),
+    ]
+
+
+def _config(a: argparse.Namespace, goodput: GoodputConfig, model_path: str, model_id: str) -> RouterConfig:
+    """RouterConfig of one model from parsed options (``ValueError`` names a bad value)."""
     return RouterConfig(
-        model_path=a.model,
-        model_id=a.model_id or Path(a.model).name,
+        model_path=model_path,
+        model_id=model_id,
         host=a.host,
         port=a.port,
         heartbeat_timeout_s=a.heartbeat_timeout_s,

@@ -3,7 +3,8 @@ client certificate): LoRA adapters added to a running cluster (issue #16), and d
 worker (``Drain`` / ``DrainStatus`` / ``ResumeWorker`` over :class:`router.drainer.WorkerDrains`,
 issue #14: ``pdserve drain WORKER --router ADDR`` on clusters started without Ray).
 
-``LoadAdapter`` asks every live prefill and decode worker of the router's model, at once, to
+``LoadAdapter`` asks every live prefill and decode worker of the router's model (of the request's
+``model`` on a router serving several base models), at once, to
 load the adapter (their ``WorkerAdmin.LoadAdapter``, :mod:`pdserve.worker_admin`). Each worker
 that loads it registers again with every router, naming it, before it answers, so when this
 call returns every router that could be reached routes requests for the adapter to those
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -62,20 +63,25 @@ def grpc_worker_call(address: str, req: admin_pb2.LoadAdapterRequest, timeout_s:
 
 class AdminServicer:
     """``Admin`` over the router's registry. ``model``: the router's model id (only its workers
-    are asked). ``drains``: the router's :class:`router.drainer.WorkerDrains` (None: Drain and
+    are asked), or the ids of a router serving several base models (``LoadAdapterRequest.model``
+    names one of them; missing: INVALID_ARGUMENT naming them, unknown: NOT_FOUND). ``drains``: the router's :class:`router.drainer.WorkerDrains` (None: Drain and
     its companions answer FAILED_PRECONDITION). Sync methods: on a grpc.aio server they run on
     its thread pool."""
 
     def __init__(
         self,
         registry: Registry,
-        model: str,
+        model: str | Sequence[str],
         call: WorkerCall = grpc_worker_call,
         timeout_s: float = WORKER_CALL_TIMEOUT_S,
         drains: WorkerDrains | None = None,
     ) -> None:
         self.registry = registry
-        self.model = model
+        # the served models: one, or several (a router serving several base models)
+        self.models: tuple[str, ...] = (model,) if isinstance(model, str) else tuple(model)
+        if not self.models:
+            raise ValueError("AdminServicer needs at least one model id")
+        self.model = self.models[0]
         self.call = call
         self.timeout_s = timeout_s
         self.drains = drains
@@ -117,13 +123,12 @@ class AdminServicer:
             AdapterSpec(req.name, req.path)
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None
-        workers = [
-            w for k in (WorkerKind.PREFILL, WorkerKind.DECODE) for w in self.registry.alive(k, self.model)
-        ]
+        from router.multi_model import choose_model
+
+        model = choose_model(req.model, self.models)  # several models: the request names one
+        workers = [w for k in (WorkerKind.PREFILL, WorkerKind.DECODE) for w in self.registry.alive(k, model)]
         if not workers:
-            raise UnavailableError(
-                f"no live worker of model {self.model!r} to load adapter {req.name!r} into"
-            )
+            raise UnavailableError(f"no live worker of model {model!r} to load adapter {req.name!r} into")
         loaded: list[str] = []
         failed: dict[str, PdserveError] = {}
         with ThreadPoolExecutor(max_workers=min(16, len(workers)), thread_name_prefix="admin") as pool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -155,12 +156,16 @@ class RegistryServicer:
 
 
 def worker_verifier(
-    registry: Registry, config: RouterConfig, timeout_s: float = 4.0, **bounds: int
+    registry: Registry,
+    config: RouterConfig | Sequence[RouterConfig],
+    timeout_s: float = 4.0,
+    **bounds: int,
 ) -> WorkerVerifier:
-    """The verifier a router uses: its model's id and KV geometry (from ``config.model_path``),
-    the workers' Stats fetched over an internal channel (TLS / cluster token as configured by
-    :mod:`pdserve.security`), liveness and peer layouts from ``registry``. ``bounds``:
-    ``max_kv_blocks`` / ``max_token_budget`` (optional capacity caps)."""
+    """The verifier a router uses: its model's id and KV geometry (from ``config.model_path``;
+    a router serving several base models passes each model's config: a worker is checked against
+    the model it registers for), the workers' Stats fetched over an internal channel (TLS /
+    cluster token as configured by :mod:`pdserve.security`), liveness and peer layouts from
+    ``registry``. ``bounds``: ``max_kv_blocks`` / ``max_token_budget`` (optional capacity caps)."""
     from pathlib import Path
 
     from engine.models.config import ModelConfig
@@ -168,10 +173,13 @@ def worker_verifier(
     from pdserve.v1 import worker_pb2_grpc
     from router.worker_verify import ExpectedModel
 
-    mc = ModelConfig.from_path(Path(config.model_path))
-    expected = ExpectedModel(
-        config.model_id, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, **bounds
-    )
+    configs = [config] if not isinstance(config, Sequence) else list(config)
+    expected = []
+    for c in configs:
+        mc = ModelConfig.from_path(Path(c.model_path))
+        expected.append(
+            ExpectedModel(c.model_id, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, **bounds)
+        )
 
     def fetch_stats(address: str) -> worker_pb2.WorkerStats:
         ch = internal_channel(address)

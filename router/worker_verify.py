@@ -12,7 +12,8 @@ Registration (:meth:`WorkerVerifier.verify_registration`), before the worker get
 2. what ``Stats`` reports must be what the registration advertised: worker id, role, model and
    KV layout, and the capacity (``kv_blocks_total``, ``token_budget``); otherwise
    PERMISSION_DENIED naming the field (a worker cannot claim more capacity than it runs with);
-3. the model id and KV geometry (layers, KV heads, head dim) must be the router's model's, and
+3. the model id must be one the router serves and the KV geometry (layers, KV heads, head dim)
+   that model's (a router may serve several base models: each worker is checked against its own), and
    dtype and block size those of the workers already registered for it (their blocks must be
    interchangeable): otherwise FAILED_PRECONDITION (:class:`LayoutMismatchError`);
 4. capacity must be plausible: at most ``max_kv_blocks`` / ``max_token_budget`` when configured;
@@ -34,7 +35,7 @@ from __future__ import annotations
 import hmac
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +116,20 @@ def check_against_stats(adv: WorkerFacts, rep: WorkerFacts) -> None:
                 f"registration refused: the registration says {name}={a!r} but the worker's own Stats "
                 f"at its address reports {name}={r!r}; register with what the worker runs"
             )
+
+
+def expected_for(adv: WorkerFacts, served: Sequence[ExpectedModel]) -> ExpectedModel:
+    """The served model a registration names (a router serving several base models checks each
+    worker against its own model's geometry); FAILED_PRECONDITION naming the served models when
+    it names none of them."""
+    for exp in served:
+        if adv.model == exp.model_id:
+            return exp
+    names = ", ".join(repr(e.model_id) for e in served)
+    raise LayoutMismatchError(
+        f"registration refused: worker {adv.worker_id!r} serves model {adv.model!r} "
+        f"(KV layout model {adv.layout.model_id!r}); this router serves {names}"
+    )
 
 
 def check_model(adv: WorkerFacts, exp: ExpectedModel, peers: Iterable[LayoutView]) -> None:
@@ -215,16 +230,26 @@ class WorkerVerifier:
     ``fetch_stats(address)``: the worker's Stats at ``address`` (a ``WorkerStats``-like object);
     it raises on failure. ``alive(worker_id)``: whether that id is registered and alive now (the
     peers whose layout a newcomer must share are the verified workers alive now).
+    ``expected``: the served model, or every model of a router serving several base models
+    (:mod:`router.multi_model`): a registration is checked against the geometry of the model it
+    names, and its dtype / block size against the live workers of that model only.
     """
 
     def __init__(
         self,
-        expected: ExpectedModel,
+        expected: ExpectedModel | Sequence[ExpectedModel],
         fetch_stats: Callable[[str], Any],
         alive: Callable[[str], bool],
         tokens: WorkerTokens | None = None,
     ) -> None:
-        self.expected = expected
+        served = (expected,) if isinstance(expected, ExpectedModel) else tuple(expected)
+        if not served:
+            raise ValueError("a worker verifier needs at least one served model")
+        ids = [e.model_id for e in served]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"served model ids must be distinct, got {ids}")
+        self.served = served  # every model the router serves (a worker must be one of them)
+        self.expected = served[0]
         self._fetch = fetch_stats
         self._alive = alive
         self.tokens = tokens if tokens is not None else WorkerTokens()
@@ -243,7 +268,8 @@ class WorkerVerifier:
                 f"worker id {adv.worker_id!r} is registered and alive at another address; choose another "
                 "id, or deregister that worker first"
             )
-        check_model(adv, self.expected, self.tokens.layouts(adv.model, adv.worker_id, self._alive))
+        exp = expected_for(adv, self.served)
+        check_model(adv, exp, self.tokens.layouts(adv.model, adv.worker_id, self._alive))
         try:
             stats = self._fetch(req.address)
         except Exception as e:  # noqa: BLE001 - any failure to verify refuses the registration
