@@ -96,12 +96,15 @@ def test_direct_equals_relay_equals_engine(cluster, whole, params) -> None:
 
     async def scenario():
         async with AsyncClient(cluster.router_address, timeout=60) as c:
-            return [
+            outs = [
                 (await _collect(c, p, params, direct=False), await _collect(c, p, params, direct=True))
                 for p in PROMPTS
             ]
+            return outs, set(c._direct_mux._conns)  # the decode workers it streamed from
 
-    for ref, (relay, direct) in zip(refs, _run(scenario()), strict=True):
+    outs, attached = _run(scenario())
+    assert attached and attached <= set(cluster.workers.values())
+    for ref, (relay, direct) in zip(refs, outs, strict=True):
         assert direct[0] == relay[0] == ref.token_ids
         assert direct[1] == relay[1] == ref.text
         assert direct[2].completion_tokens == relay[2].completion_tokens == len(ref.token_ids)
