@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -226,6 +227,89 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
+def parse_mix_model(text: str) -> tuple[str, float]:
+    """``MODEL:RATE`` -> (model, requests/s); ValueError naming the bad part."""
+    model, sep, rate = text.rpartition(":")
+    if not sep or not model:
+        raise ValueError(f"--model expects MODEL:RATE (e.g. llama-2-7b:2.0), got {text!r}")
+    try:
+        r = float(rate)
+    except ValueError:
+        raise ValueError(f"--model {text!r}: rate {rate!r} is not a number") from None
+    if not (r > 0 and math.isfinite(r)):
+        raise ValueError(f"--model {text!r}: rate must be > 0 requests/s")
+    return model, r
+
+
+def cmd_plan_mix(a: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from pdserve.errors import InvalidRequestError
+    from simulator.mix import ModelDemand, plan_mix
+
+    try:
+        parsed = [parse_mix_model(t) for t in a.model]
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from None
+    counts = Counter(m for m, _ in parsed)
+    demands = []
+    for i, (model, rate) in enumerate(parsed):
+        lat = LatencySpec(
+            model=model,
+            gpu=a.gpu,
+            source=LatencySource(a.latency),
+            transfer_bandwidth=a.transfer_gbps * 1e9 / 8,
+        )
+        if a.workload == "sharegpt":
+            src = RateSource(duration_s=a.duration, seed=a.seed + i)
+        else:
+            src = RateSource(
+                base=named_workload(a.workload, n=a.num_requests, seed=a.seed + i), duration_s=a.duration
+            )
+        name = model if counts[model] == 1 else f"{model}#{i}"
+        demands.append(ModelDemand(name, lat, rate, src, SLO(a.ttft, a.tpot)))
+    rep = plan_mix(
+        demands,
+        a.gpus,
+        target=a.target,
+        tp_options=tuple(int(x) for x in a.tp.split(",")),
+        policy=PolicyKind(a.policy),
+        block_size=a.block_size,
+        verify_top=a.verify,
+        progress=not a.quiet,
+    )
+    print(
+        f"{len(demands)} models on {a.gpus} x {a.gpu}, SLO TTFT {a.ttft}s TPOT {a.tpot}s at "
+        f"{100 * a.target:.0f}%, workload {a.workload}"
+    )
+    print(rep.table())
+    if a.out:
+        out = _out_dir(a)
+        assert out is not None
+        data = {
+            "gpus": a.gpus,
+            "headroom": rep.headroom,
+            "attainment": rep.verified.attainment if rep.verified is not None else None,
+            "models": [
+                {
+                    "name": c.demand.name,
+                    "rate": c.demand.rate,
+                    **_entry(c.entry),
+                    "headroom": c.headroom,
+                    "attainment": next(
+                        (r.attainment for r in rep.verified.runs if r.name == c.demand.name), None
+                    )
+                    if rep.verified is not None
+                    else None,
+                }
+                for c in rep.choices
+            ],
+        }
+        (out / "plan_mix.json").write_text(json.dumps(data, indent=1))
+        print(f"wrote {out / 'plan_mix.json'}")
+    return 0
+
+
 def _entry(e) -> dict:
     return {
         "config": e.candidate.label,
@@ -281,7 +365,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- wiring
 def register(subparsers) -> None:
-    """Add ``simulate``, ``plan`` and ``profile`` to a ``pdserve`` argparse sub-parser set."""
+    """Add ``simulate``, ``plan``, ``plan-mix`` and ``profile`` to a ``pdserve`` argparse sub-parser set."""
     s = subparsers.add_parser(
         "simulate", help="simulate a cluster on a workload (latency, SLO attainment, goodput)"
     )
@@ -363,6 +447,42 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="directory to write plan.json into")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_plan)
+
+    m = subparsers.add_parser(
+        "plan-mix",
+        help="split a GPU budget between several base models, each at its own request rate (#16)",
+    )
+    m.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="MODEL:RATE",
+        help="a model of the mix and the requests/s it must serve, e.g. llama-2-7b:2.0 (repeat per model)",
+    )
+    m.add_argument("--gpu", default="a100", choices=["a100", "h100"], help="GPU type of the latency models")
+    m.add_argument(
+        "--latency", default="auto", choices=[s.value for s in LatencySource], help="latency model source"
+    )
+    m.add_argument(
+        "--transfer-gbps", type=float, default=200.0, help="KV transfer bandwidth between instances, Gb/s"
+    )
+    m.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
+    _workload_args(m)
+    m.add_argument("--gpus", type=int, required=True, help="GPU budget shared by the models")
+    m.add_argument("--tp", default="1,2,4,8", help="TP degrees to consider")
+    m.add_argument(
+        "--policy",
+        default=PolicyKind.LEAST_LOADED.value,
+        choices=[x.value for x in PolicyKind],
+        help="router placement policy of the simulated clusters",
+    )
+    m.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per simulation")
+    m.add_argument(
+        "--verify", type=int, default=2, help="top estimates of each kind each model's plan simulates"
+    )
+    m.add_argument("--out", default=None, help="directory to write plan_mix.json into")
+    m.add_argument("--quiet", action="store_true", help="no progress output")
+    m.set_defaults(func=cmd_plan_mix)
 
     f = subparsers.add_parser(
         "profile", help="time the real engine on a grid of batches and write a latency profile"
