@@ -532,11 +532,13 @@ class Client:
                 tried.append((self.addresses[i], e.details() or str(e.code())))
         raise _all_unavailable(what, tried)
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, model: str = "") -> list[int]:
+        """``text``'s token ids under ``model``'s tokenizer (empty: the router's only model; a
+        router serving several base models needs the name)."""
         r = self._unary(
             "tokenize",
             lambda s: s.Tokenize(
-                client_pb2.TokenizeRequest(prompt=text), timeout=self.timeout, metadata=self._md
+                client_pb2.TokenizeRequest(prompt=text, model=model), timeout=self.timeout, metadata=self._md
             ),
         )
         return list(r.token_ids)
@@ -706,12 +708,12 @@ class AsyncClient:
                 tried.append((self.addresses[i], e.details() or str(e.code())))
         raise _all_unavailable(what, tried)
 
-    async def tokenize(self, text: str) -> list[int]:
+    async def tokenize(self, text: str, model: str = "") -> list[int]:
         """As :meth:`Client.tokenize`."""
         r = await self._unary(
             "tokenize",
             lambda s: s.Tokenize(
-                client_pb2.TokenizeRequest(prompt=text), timeout=self.timeout, metadata=self._md
+                client_pb2.TokenizeRequest(prompt=text, model=model), timeout=self.timeout, metadata=self._md
             ),
         )
         return list(r.token_ids)

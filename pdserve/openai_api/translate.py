@@ -462,11 +462,17 @@ def resolve_target(
 ) -> tuple[str, str]:
     """``(base model, adapter)`` a request runs on. ``requested`` may name a base model the router
     serves (adapter ``""``), or one of the LoRA adapters in ``adapters`` (base model id -> its
-    adapters): then its base model and that adapter. None: the first served model. Raises
-    UnknownModelError (404) for any other name: a request never falls back to the base model."""
+    adapters): then its base model and that adapter. None: the served model when there is one;
+    with several base models (one router serving them all) a FieldError (400) naming them: a
+    request is never routed to some default model. Raises UnknownModelError (404) for any other
+    name: a request never falls back to the base model."""
     if not served:
         raise InternalError("the router lists no models")
     if requested is None:
+        if len(served) > 1:
+            raise FieldError(
+                f"'model' is required: this server serves several models ({', '.join(served)})", "model"
+            )
         return served[0], ""
     if requested in served:
         return requested, ""

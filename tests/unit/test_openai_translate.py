@@ -251,7 +251,9 @@ def test_body_must_be_an_object():
 
 
 def test_resolve_model():
-    assert resolve_model(None, ["a", "b"]) == "a"
+    assert resolve_model(None, ["a"]) == "a"  # no model named: the only served one
+    with pytest.raises(FieldError, match=r"'model' is required: this server serves several models \(a, b\)"):
+        resolve_model(None, ["a", "b"])  # several base models: never a default one (#16 part 3)
     assert resolve_model("b", ["a", "b"]) == "b"
     with pytest.raises(UnknownModelError) as ei:
         resolve_model("gpt-4", ["a"])
