@@ -389,7 +389,7 @@ def parse(
     except PdserveError as e:
         ap.error(str(e))
     # TLS / cluster token of this process's server and channels; refused here, before the model loads
-    install_process_security(ap, a, a.host, ("pdserve.v1.Worker", "pdserve.v1.KVPeer"))
+    install_process_security(ap, a, a.host, ("pdserve.v1.Worker", "pdserve.v1.KVPeer", "pdserve.v1.KVStream"))
     if a.max_model_len is not None and a.max_model_len < 1:
         ap.error(f"--max-model-len must be >= 1, got {a.max_model_len}")
     if not (a.swap_space >= 0 and math.isfinite(a.swap_space)):
@@ -516,6 +516,10 @@ def worker_services(svc: Any, role: Role, dist: DistGroup | None) -> tuple[list[
         (worker_pb2.DESCRIPTOR.services_by_name["Worker"], svc),
         (WORKER_ADMIN_SERVICE, WorkerAdminServicer(svc.state)),
     ]
+    if role is Role.PREFILL:  # chunk-wise KV streaming (prefill_worker/kv_stream.py)
+        from prefill_worker.kv_stream import KVStreamServicer
+
+        services.append((worker_pb2.DESCRIPTOR.services_by_name["KVStream"], KVStreamServicer(svc.streams)))
     if dist is None or role is not Role.PREFILL:
         return services, None
     from prefill_worker.dist_outbox import KVPeerServicer

@@ -39,8 +39,7 @@ class _Pair:
     def __init__(self, path) -> None:
         from decode_worker.puller import StorePuller
         from decode_worker.service import AsyncDecodeServicer
-        from pdserve.worker_main import serve_worker
-        from prefill_worker.kv_stream import KVStreamServicer
+        from pdserve.worker_main import serve_worker, worker_services
         from prefill_worker.publisher import StorePublisher
         from prefill_worker.service import PrefillServicer
 
@@ -60,13 +59,8 @@ class _Pair:
             self.dst, puller, KVPullMetrics(CollectorRegistry(), "decode-s"), stream_window_s=0.0
         )
         desc = worker_pb2.DESCRIPTOR.services_by_name
-        self.pserver, pport = serve_worker(
-            [(desc["Worker"], self.psvc), (desc["KVStream"], KVStreamServicer(self.psvc.streams))],
-            Role.PREFILL,
-            "127.0.0.1",
-            0,
-            "prefill-s",
-        )
+        services, _ = worker_services(self.psvc, Role.PREFILL, None)  # Worker, WorkerAdmin, KVStream
+        self.pserver, pport = serve_worker(services, Role.PREFILL, "127.0.0.1", 0, "prefill-s")
         self.dserver, dport = serve_worker(
             [(desc["Worker"], self.dsvc)], Role.DECODE, "127.0.0.1", 0, "decode-s"
         )
