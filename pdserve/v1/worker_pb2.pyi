@@ -425,6 +425,7 @@ class DecodeResponse(_message.Message):
         "text",
         "has_text",
         "choice_index",
+        "token_offsets_s",
     )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -435,6 +436,7 @@ class DecodeResponse(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     HAS_TEXT_FIELD_NUMBER: _ClassVar[int]
     CHOICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_OFFSETS_S_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
@@ -444,6 +446,7 @@ class DecodeResponse(_message.Message):
     text: str
     has_text: bool
     choice_index: int
+    token_offsets_s: _containers.RepeatedScalarFieldContainer[float]
     def __init__(
         self,
         request_id: str | None = ...,
@@ -455,6 +458,7 @@ class DecodeResponse(_message.Message):
         text: str | None = ...,
         has_text: bool | None = ...,
         choice_index: int | None = ...,
+        token_offsets_s: _Iterable[float] | None = ...,
     ) -> None: ...
 
 class AbortRequest(_message.Message):
