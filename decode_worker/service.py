@@ -281,7 +281,12 @@ class DecodeServicer:
         self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext, out: OutputSink | None = None
     ) -> tuple[str, OutputSink, bool]:
         """Conditional disaggregation: the engine runs the whole request (prompt included)."""
-        if req.HasField("kv") or req.first_token or req.HasField("first_token_logprob") or req.kv_stream_address:
+        if (
+            req.HasField("kv")
+            or req.first_token
+            or req.HasField("first_token_logprob")
+            or req.kv_stream_address
+        ):
             raise InvalidRequestError(
                 "local_prefill runs the prompt here: send no kv, kv_stream_address or first token"
             )
