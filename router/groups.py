@@ -21,8 +21,12 @@ request loudly) and not sent again; choices already finished are dropped from th
 stream. Cancellation cancels the worker calls, which aborts the request id on the workers and
 frees every choice's blocks; a handoff lease not yet taken by a decode worker is released here.
 
-Not covered for groups: live migration (a group is not registered for it) and the progress
-(stall) deadline of single requests' streams.
+Progress deadlines as for single requests (:mod:`router.progress`): a Prefill that does not
+answer within its bound, or a Decode stream silent past its bound, is a stalled worker
+(quarantined, the group re-dispatched) -- except a ``best_of > n`` stream, which sends nothing
+until every candidate finished (no stream deadline then).
+
+Not covered for groups: live migration (a group is not registered for it).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from router.lifecycle.cluster import release_lease_now, unreserve
 from router.lifecycle.grpc_calls import Guarded, call_metadata, raise_store_failure, remaining
 from router.lifecycle.grpc_legs import RequestRun
 from router.lifecycle.ports import WorkerLostError
+from router.progress import ProgressWatch
 from router.registry import WorkerEntry, WorkerKind
 
 if TYPE_CHECKING:
@@ -208,8 +213,17 @@ class GroupRelay:
             timeout=remaining(self.ctx),
             metadata=call_metadata(),
         )
+        bound = svc.config.progress.prefill_deadline_s(
+            self.run.predicted_ttft_s, svc.outstanding.get(pw.worker_id)
+        )
+        t_call = time.monotonic()
         try:
-            pre: worker_pb2.PrefillResponse = await call
+            async with asyncio.timeout(bound):  # None: no progress deadline
+                pre: worker_pb2.PrefillResponse = await call
+        except TimeoutError:
+            waited = time.monotonic() - t_call
+            detail = f"no progress: no Prefill answer after {waited:.1f}s (bound {bound or 0:.1f}s)"
+            raise WorkerLostError(LostWorker(pw.worker_id, LostPhase.PREFILL, detail, stalled=True)) from None
         except grpc.RpcError as e:
             raise_store_failure(e)
             if e.code() == grpc.StatusCode.UNAVAILABLE:
@@ -258,8 +272,18 @@ class GroupRelay:
         call = svc.stubs.worker(dw.address).Decode(
             dreq, timeout=remaining(self.ctx), metadata=call_metadata()
         )
+        p = run.params
+        watch = (
+            None  # best_of > n: nothing comes until every candidate finished
+            if p.num_candidates > p.n
+            else ProgressWatch(
+                svc.config.progress,
+                run.predicted_tpot_s,
+                first_message_tokens=len(run.ids) if self.local else 0,
+            )
+        )
         try:
-            async for d in Guarded(call, dw, streamed=svc._streamed_at):
+            async for d in Guarded(call, dw, watch=watch, streamed=svc._streamed_at):
                 if not started:
                     started = True
                     run.kv_pull_s += d.kv_pull_s
