@@ -126,10 +126,18 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from pdserve.launcher import ClusterSpec, launch
     from pdserve.model_setup import resolve_model_path
 
-    path = resolve_model_path(a.model)
+    paths = [resolve_model_path(m) for m in (a.model or [None])]
+    path = paths[0]
     host, _, port = a.address.rpartition(":")
     if host not in ("127.0.0.1", "localhost"):
         print("pdserve serve binds 127.0.0.1 only; use `pdserve up` for a cluster", file=sys.stderr)
+        return 2
+    try:
+        prefill = _per_model_counts(a.prefill, len(paths), "--prefill")
+        decode = _per_model_counts(a.decode, len(paths), "--decode")
+        pools = _model_pools(paths, prefill, decode)
+    except ValueError as e:
+        print(f"pdserve serve: {e}", file=sys.stderr)
         return 2
     if a.routers < 1:
         print(f"pdserve serve: --routers must be >= 1, got {a.routers}", file=sys.stderr)
@@ -143,7 +151,11 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         )
         return 2
     print(
-        f"pdserve: starting store, router, {a.prefill} prefill and {a.decode} decode worker(s) ...",
+        "pdserve: starting "
+        + "; ".join(
+            f"{p.model_id}: store, {p.num_prefill} prefill and {p.num_decode} decode worker(s)" for p in pools
+        )
+        + f"; {a.routers} router(s) ...",
         file=sys.stderr,
     )
     try:
@@ -153,7 +165,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         return 2
     cl = launch(
         ClusterSpec(
-            model_path=str(path),
+            model_path=str(path) if len(pools) == 1 else "",
+            models=pools if len(pools) > 1 else (),
             worker_args=(
                 *(x for spec in loras for x in ("--lora", spec)),
                 *(("--swap-space", str(a.swap_space)) if a.swap_space else ()),
@@ -164,8 +177,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                     else ()
                 ),
             ),
-            num_prefill=a.prefill,
-            num_decode=a.decode,
+            num_prefill=prefill[0],
+            num_decode=decode[0],
             router_port=int(port),
             worker_kv_blocks=a.kv_blocks,
             router_args=(
@@ -183,12 +196,12 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(
-        f"pdserve: serving {path.name} on {','.join(cl.router_addresses)} (Ctrl-C to stop)", file=sys.stderr
-    )
+    served = ", ".join(p.model_id for p in pools)
+    print(f"pdserve: serving {served} on {','.join(cl.router_addresses)} (Ctrl-C to stop)", file=sys.stderr)
     for name, addr in sorted(cl.workers.items()):
         print(f"  {name:<12} {addr}", file=sys.stderr)
-    print(f"  {'store':<12} {cl.store_address}", file=sys.stderr)
+    for model, addr in cl.model_stores.items():
+        print(f"  {'store':<12} {addr}" + (f" ({model})" if len(pools) > 1 else ""), file=sys.stderr)
     if cl.openai_url:
         print(f"  {'openai':<12} {cl.openai_url}/v1", file=sys.stderr)
     if cl.pki is not None:
@@ -208,6 +221,29 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def _per_model_counts(value: str, models: int, flag: str) -> list[int]:
+    """``--prefill`` / ``--decode``: one count for every model, or one per ``--model`` in order
+    (``1,2``); ``ValueError`` names the flag."""
+    try:
+        counts = [int(x) for x in value.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} takes a count or one count per --model (e.g. 1,2), got {value!r}") from None
+    if len(counts) == 1:
+        counts *= models
+    if len(counts) != models:
+        raise ValueError(
+            f"{flag} gives {len(counts)} counts for {models} --model: give one, or one per --model"
+        )
+    return counts
+
+
+def _model_pools(paths, prefill: list[int], decode: list[int]) -> tuple:
+    """The :class:`pdserve.launcher.ModelPool` of each served model."""
+    from pdserve.launcher import ModelPool
+
+    return tuple(ModelPool(str(p), n_p, n_d) for p, n_p, n_d in zip(paths, prefill, decode, strict=True))
+
+
 def _cmd_generate(a: argparse.Namespace) -> int:
     if a.embedded:
         return _cmd_generate_embedded(a)
@@ -224,6 +260,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
             top_k=a.top_k,
             seed=a.seed,
             adapter=a.adapter,
+            model=a.model_id,
         ):
             sys.stdout.write(ch.text)
             sys.stdout.flush()
@@ -247,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embedded", action="store_true", help="run the engine in this process (no server)")
     g.add_argument("--address", default=DEFAULT_ADDRESS, help="router address (see `pdserve serve`)")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
+    g.add_argument(
+        "--model-id",
+        default="",
+        help="the served model to ask for (its id, e.g. a folder name; a router serving several base "
+        "models needs it) (default: the router's only model)",
+    )
     g.add_argument(
         "--adapter",
         default="",
@@ -275,11 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run router + prefill + decode + KV store on 127.0.0.1 (embedded default)"
     )
     sv.add_argument(
-        "--model", default=None, help="HF Llama-family folder (default: bundled SmolLM2-135M-Instruct)"
+        "--model",
+        default=None,
+        action="append",
+        help="HF Llama-family folder (default: bundled SmolLM2-135M-Instruct); repeat to serve several "
+        "base models (each with its own workers and store node; requests name the model by its folder name)",
     )
     sv.add_argument("--address", default=DEFAULT_ADDRESS, help="router listen address (127.0.0.1:PORT)")
-    sv.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    sv.add_argument("--decode", type=int, default=1, help="decode workers")
+    sv.add_argument(
+        "--prefill", default="1", help="prefill workers per model, or one count per --model (e.g. 1,2)"
+    )
+    sv.add_argument(
+        "--decode", default="1", help="decode workers per model, or one count per --model (e.g. 1,2)"
+    )
     sv.add_argument(
         "--routers",
         type=int,

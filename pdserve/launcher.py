@@ -27,6 +27,14 @@ had (so that workers and clients find it where they left it), at most ``router_r
 times per ``router_restart_window_s`` (then it stays down and :meth:`LocalCluster.dead` names it);
 ``LocalCluster.router_restarts`` records each restart. ``supervise_routers=False`` turns it off.
 
+``ClusterSpec.models``: several base models (issue #16 part 3) instead of ``model_path``: a
+:class:`ModelPool` each (its folder, whose name is the model id, and its own prefill / decode
+worker counts). Each model gets its own store node (store, store-1, ...: kvK for model K; their
+KV layouts differ) and its workers ``prefill-<model>-<i>`` / ``decode-<model>-<i>``, which
+register with every router; every router serves all the models (``python -m router --model A
+--model B``) and ``model_stores`` names each model's store. Not with ``num_stores`` > 1 or the
+``dist`` transport.
+
 ``ClusterSpec.openai_port``: also start ``pdserve openai`` in front of every router (``openai_url``
 names it), HTTPS with the cluster's certificate when ``tls``, else plain HTTP asked for explicitly
 (``--tls off``) on 127.0.0.1 (:func:`openai_args`). ``ClusterSpec.tenant_state``: the routers'
@@ -79,8 +87,34 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @dataclass(frozen=True)
-class ClusterSpec:
+class ModelPool:
+    """One base model of a cluster serving several (``ClusterSpec.models``): its HF folder (the
+    model id clients name is the folder's name, as the workers report it) and its own prefill and
+    decode workers, which put and pull their KV through the model's own store node (the models'
+    KV layouts differ)."""
+
     model_path: str
+    num_prefill: int = 1
+    num_decode: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            raise ValueError("ModelPool.model_path is required")
+        if self.num_prefill < 0 or self.num_decode < 1:
+            raise ValueError(
+                f"model {self.model_id!r}: num_prefill must be >= 0 and num_decode >= 1, got "
+                f"{self.num_prefill} and {self.num_decode}"
+            )
+
+    @property
+    def model_id(self) -> str:
+        """The id clients name (the folder's name: what its workers register with)."""
+        return Path(self.model_path).name
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    model_path: str = ""  # the one model served (or ``models``, for several)
     num_prefill: int = 1
     num_decode: int = 1
     store_capacity_blocks: int = 4096
@@ -108,8 +142,18 @@ class ClusterSpec:
     tenant_state: str = "auto"
     openai_port: int | None = None  # also start `pdserve openai` on this port (0: any free); None: not
     openai_args: tuple[str, ...] = ()  # extra `pdserve openai` flags (e.g. ("--api-keys", FILE))
+    # several base models (instead of model_path; num_prefill / num_decode are then per pool):
+    # each with its own workers and store node; every router serves them all (see module doc)
+    models: tuple[ModelPool, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))
+        if bool(self.model_path) == bool(self.models):
+            raise ValueError("give ClusterSpec either model_path (one model) or models (several), not both")
+        if self.models:
+            ids = [m.model_id for m in self.models]
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"the models' folder names are their ids and must be distinct, got {ids}")
         try:
             object.__setattr__(self, "kv_transport", KVTransport(self.kv_transport))
             object.__setattr__(self, "dist_backend", DistBackend(self.dist_backend))
@@ -129,6 +173,19 @@ class ClusterSpec:
             )
         if self.num_stores > 1 and self.index_url == "memory":
             raise ValueError("several store nodes need a shared index: set index_url to a redis:// URL")
+        if len(self.models) > 1:
+            if self.num_stores > 1:
+                raise ValueError(
+                    "several models run one store node each: num_stores > 1 (replicas) is not supported with them"
+                )
+            if self.kv_transport is not KVTransport.STORE:
+                raise ValueError(
+                    "several models move KV through their own store nodes: kv_transport must be 'store'"
+                )
+
+    def pools(self) -> tuple[ModelPool, ...]:
+        """The served models with their worker counts (one pool for ``model_path``)."""
+        return self.models or (ModelPool(self.model_path, self.num_prefill, self.num_decode),)
 
 
 @dataclass
@@ -142,6 +199,7 @@ class LocalCluster:
     store_address: str = ""  # kv0: the node the workers use
     store_node_id: str = ""
     store_addresses: dict[str, str] = field(default_factory=dict)  # node id -> address, every store
+    model_stores: dict[str, str] = field(default_factory=dict)  # model id -> its workers' store address
     workers: dict[str, str] = field(default_factory=dict)  # worker_id -> address
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, list[str]] = field(default_factory=dict)
@@ -496,10 +554,13 @@ def launch(spec: ClusterSpec) -> LocalCluster:
 
     cl = LocalCluster(spec)
     sec = _setup_security(cl)  # the security flags of every process ([] without tls)
-    mc = ModelConfig.from_path(spec.model_path)
-    model_id = Path(spec.model_path).name
+    pools = spec.pools()
+    multi = len(spec.models) > 1
     t = spec.startup_timeout_s
-    for i in range(spec.num_stores):
+    # store nodes: kv0..kvN-1 of the one model, or one per model (kvK for model K: layouts differ)
+    store_models = [pools[0]] * spec.num_stores if not multi else list(pools)
+    for i, pool in enumerate(store_models):
+        mc = ModelConfig.from_path(pool.model_path)
         store = _spawn(
             cl,
             "store" if i == 0 else f"store-{i}",
@@ -511,7 +572,7 @@ def launch(spec: ClusterSpec) -> LocalCluster:
                 "--capacity-blocks",
                 str(spec.store_capacity_blocks),
                 "--model-id",
-                model_id,
+                pool.model_id,
                 "--num-layers",
                 str(mc.num_hidden_layers),
                 "--num-kv-heads",
@@ -532,6 +593,7 @@ def launch(spec: ClusterSpec) -> LocalCluster:
             t,
         )
         cl.store_addresses[store["node_id"]] = store["address"]
+        cl.model_stores.setdefault(pool.model_id, store["address"])  # one model: kv0
     cl.store_node_id, cl.store_address = next(iter(cl.store_addresses.items()))
     # direct handoff: KV handles name prefill workers, not the store; tell the router where the
     # store is for its prefix lookups (it would otherwise learn it from the handles)
@@ -539,6 +601,7 @@ def launch(spec: ClusterSpec) -> LocalCluster:
     # a shared (redis) index: the router finds cached prefixes there itself, as the store nodes see
     # them; the "memory" index is private to the store process, so the router asks the store
     index_flag = router_index_args(spec.index_url)
+    model_flags = [f for pool in pools for f in ("--model", pool.model_path)]
     for i in range(spec.num_routers):
         router = _spawn(
             cl,
@@ -546,8 +609,7 @@ def launch(spec: ClusterSpec) -> LocalCluster:
             [
                 "-m",
                 "router",
-                "--model",
-                spec.model_path,
+                *model_flags,
                 "--port",
                 str(spec.router_port if i == 0 else 0),
                 *store_flag,
@@ -563,42 +625,44 @@ def launch(spec: ClusterSpec) -> LocalCluster:
         # client load cannot delay heartbeats); a router without one serves Registry on its address
         cl.control_addresses.append(router.get("control") or router["address"])
     cl.router_address, cl.control_address = cl.router_addresses[0], cl.control_addresses[0]
-    common = [
-        "--model",
-        spec.model_path,
-        "--store",
-        cl.store_address,
-        "--router",
-        ",".join(cl.control_addresses),
-        "--kv-blocks",
-        str(spec.worker_kv_blocks),
-        "--block-size",
-        str(spec.block_size),
-        *sec,
-        *spec.worker_args,
-    ]
-    world = spec.num_prefill + spec.num_decode
+    world = sum(p.num_prefill + p.num_decode for p in pools)
     dist_init = f"tcp://127.0.0.1:{free_port()}" if spec.kv_transport is KVTransport.DIST else ""
     rank = 0  # prefill ranks 0..P-1, decode ranks P..P+D-1
-    for role, n in (("prefill", spec.num_prefill), ("decode", spec.num_decode)):
-        for i in range(n):
-            wid = f"{role}-{i}"
-            dist: list[str] = []
-            if dist_init:
-                dist = [
-                    "--dist-init",
-                    dist_init,
-                    "--dist-rank",
-                    str(rank),
-                    "--dist-world",
-                    str(world),
-                    "--dist-backend",
-                    spec.dist_backend.value,
-                ]
-            # the workers join the group in the background: spawning them one by one is fine
-            info = _spawn(cl, wid, ["-m", f"{role}_worker", "--worker-id", wid, *common, *dist], t)
-            cl.workers[wid] = info["address"]
-            rank += 1
+    for pool in pools:
+        common = [
+            "--model",
+            pool.model_path,
+            "--store",
+            cl.model_stores[pool.model_id],
+            "--router",
+            ",".join(cl.control_addresses),  # every worker registers with every router
+            "--kv-blocks",
+            str(spec.worker_kv_blocks),
+            "--block-size",
+            str(spec.block_size),
+            *sec,
+            *spec.worker_args,
+        ]
+        for role, n in (("prefill", pool.num_prefill), ("decode", pool.num_decode)):
+            for i in range(n):
+                # several models: the model in the id (role first: it names the component)
+                wid = f"{role}-{pool.model_id}-{i}" if multi else f"{role}-{i}"
+                dist: list[str] = []
+                if dist_init:
+                    dist = [
+                        "--dist-init",
+                        dist_init,
+                        "--dist-rank",
+                        str(rank),
+                        "--dist-world",
+                        str(world),
+                        "--dist-backend",
+                        spec.dist_backend.value,
+                    ]
+                # the workers join the group in the background: spawning them one by one is fine
+                info = _spawn(cl, wid, ["-m", f"{role}_worker", "--worker-id", wid, *common, *dist], t)
+                cl.workers[wid] = info["address"]
+                rank += 1
     wait_registered(cl, t)
     if spec.openai_port is not None:
         argv = ["-m", "pdserve.openai_api", *openai_args(cl, spec.openai_port), "--ready-json"]
@@ -623,15 +687,20 @@ def _generate_serving(ch) -> bool:
 
 
 def wait_registered(cl: LocalCluster, timeout_s: float) -> None:
-    """Block until every router can place a request (one prefill and one decode registered)."""
+    """Block until every router can place a request of every model (one prefill and one decode
+    of each registered)."""
     deadline = time.monotonic() + timeout_s
+    several = len(cl.spec.models) > 1
     for address in cl.router_addresses or [cl.router_address]:
-        wait_router_ready(cl, address, max(0.0, deadline - time.monotonic()))
+        for pool in cl.spec.pools():
+            model = pool.model_id if several else ""
+            wait_router_ready(cl, address, max(0.0, deadline - time.monotonic()), model=model)
 
 
-def wait_router_ready(cl: LocalCluster, address: str, timeout_s: float) -> None:
-    """Block until the router at ``address`` can place a request (one prefill and one decode
-    registered with it); UnavailableError after ``timeout_s``."""
+def wait_router_ready(cl: LocalCluster, address: str, timeout_s: float, model: str = "") -> None:
+    """Block until the router at ``address`` can place a request (of ``model``: a router serving
+    several base models needs it named; one prefill and one decode registered with it);
+    UnavailableError after ``timeout_s``."""
     import grpc
 
     from pdserve.v1 import client_pb2, client_pb2_grpc, common_pb2
@@ -650,6 +719,7 @@ def wait_router_ready(cl: LocalCluster, address: str, timeout_s: float) -> None:
                 list(
                     stub.Generate(
                         client_pb2.GenerateRequest(
+                            model=model,
                             prompt_token_ids=client_pb2.TokenIds(ids=[1, 2]),
                             sampling=common_pb2.SamplingParams(
                                 max_tokens=2, temperature=0.0, ignore_eos=True
@@ -666,6 +736,7 @@ def wait_router_ready(cl: LocalCluster, address: str, timeout_s: float) -> None:
                 elif e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 time.sleep(0.2)
-        raise UnavailableError(f"workers did not register with the router at {address} in time")
+        of = f" for model {model!r}" if model else ""
+        raise UnavailableError(f"workers{of} did not register with the router at {address} in time")
     finally:
         ch.close()

@@ -204,3 +204,54 @@ def test_router_cli_builds_one_config_per_model_and_refuses_what_it_cannot_split
     ):
         with pytest.raises(ValueError, match=msg):
             _configs(ap.parse_args(argv), GoodputConfig())
+
+
+def test_cluster_spec_takes_model_pools_and_refuses_what_they_cannot_run() -> None:
+    from pdserve.launcher import ClusterSpec, ModelPool
+
+    spec = ClusterSpec(models=[ModelPool("/m/a", 1, 2), ModelPool("/m/b", 0, 1)])  # type: ignore[arg-type]
+    assert [(p.model_id, p.num_prefill, p.num_decode) for p in spec.pools()] == [("a", 1, 2), ("b", 0, 1)]
+    assert [p.model_id for p in ClusterSpec("/m/one", num_prefill=2).pools()] == ["one"]
+    for kw, msg in (
+        ({}, "either model_path"),
+        ({"model_path": "/m/a", "models": (ModelPool("/m/b"),)}, "not both"),
+        ({"models": (ModelPool("/x/a"), ModelPool("/y/a"))}, "distinct"),
+        ({"models": (ModelPool("/m/a"), ModelPool("/m/b")), "kv_transport": "dist"}, "kv_transport"),
+        (
+            {"models": (ModelPool("/m/a"), ModelPool("/m/b")), "num_stores": 2, "index_url": "redis://h:1/0"},
+            "num_stores",
+        ),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            ClusterSpec(**kw)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_decode >= 1"):
+        ModelPool("/m/a", 1, 0)
+
+
+def test_pdserve_serve_several_models_with_per_model_counts(monkeypatch) -> None:
+    import pdserve.launcher as launcher
+    from pdserve import cli
+
+    seen = {}
+
+    def fake_launch(spec):
+        seen["spec"] = spec
+        raise SystemExit(0)  # stop before anything starts
+
+    monkeypatch.setattr(launcher, "launch", fake_launch)
+    monkeypatch.setattr("pdserve.model_setup.resolve_model_path", lambda m: f"/models/{m or 'default'}")
+    argv = ["serve", "--tls", "off", "--model", "a", "--model", "b", "--prefill", "1", "--decode", "1,2"]
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    spec = seen.pop("spec")
+    assert spec.model_path == ""
+    assert [(p.model_path, p.num_prefill, p.num_decode) for p in spec.models] == [
+        ("/models/a", 1, 1),
+        ("/models/b", 1, 2),
+    ]
+    with pytest.raises(SystemExit):  # one model: the single-model spec as before
+        cli.main(["serve", "--tls", "off", "--decode", "2"])
+    spec = seen.pop("spec")
+    assert (spec.model_path, spec.models, spec.num_decode) == ("/models/default", (), 2)
+    assert cli.main(["serve", "--tls", "off", "--model", "a", "--model", "b", "--decode", "1,2,3"]) == 2
+    assert "spec" not in seen  # refused before launching
