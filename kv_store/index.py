@@ -82,6 +82,18 @@ class LookupResult:
                 out[n] = i + 1
         return out
 
+    def disk_blocks_in_prefix(self, node_id: str, num_blocks: int) -> int:
+        """Of the first ``num_blocks`` prefix blocks, how many ``node_id`` holds only on disk."""
+        if not self.tiers:
+            return 0
+        n = 0
+        for i in range(min(num_blocks, len(self.locations))):
+            try:
+                n += self.tier_of(i, node_id) is Tier.DISK
+            except KeyError:
+                break
+        return n
+
     def best_node(self, load: Callable[[str], float] | None = None) -> tuple[BlockLocation, int] | None:
         """See :func:`best_node_for_prefix`."""
         return best_node_for_prefix(self, load)
@@ -113,6 +125,27 @@ def prompt_prefix_hashes(
     ``LLMEngine.prefix_hashes``, so a router finds exactly what the prefill worker would pull."""
     n = max(0, (len(prompt_token_ids) - 1) // block_size)
     return chain_hashes(list(prompt_token_ids[: n * block_size]), block_size, model_id, adapter_id, salt)
+
+
+def locate_prefix_tiers(
+    index: KVIndex,
+    prompt_token_ids: Sequence[int],
+    block_size: int,
+    model_id: str,
+    adapter_id: str = "",
+    salt: str = "",
+) -> tuple[BlockLocation, int, int] | None:
+    """:func:`locate_prefix`, and how many of that prefix's blocks the node holds only in its disk
+    tier (a pull reads them from disk first): ``(location, blocks, disk blocks)`` or None."""
+    hashes = prompt_prefix_hashes(prompt_token_ids, block_size, model_id, adapter_id, salt)
+    if not hashes:
+        return None
+    result = index.lookup(hashes)
+    best = best_node_for_prefix(result)
+    if best is None:
+        return None
+    loc, n = best
+    return loc, n, result.disk_blocks_in_prefix(loc.node_id, n)
 
 
 def locate_prefix(

@@ -87,6 +87,7 @@ from router.policy_factory import build_policy, uses_prefix_lookup
 from router.progress import ProgressConfig
 from router.registry import Registry, WorkerEntry, WorkerKind
 from router.registry_service import RegistryServicer, load_from_proto
+from router.store_disk import DiskReadRates, grpc_node_rate
 
 __all__ = ["GenerateServicer", "RegistryServicer", "RouterConfig", "load_from_proto"]
 
@@ -237,6 +238,8 @@ class GenerateServicer:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
         self.stubs = Stubs()
+        # store nodes' disk-tier read cost, for prefixes partly on a node's SSD tier (issue #15)
+        self.disk_rates = DiskReadRates(grpc_node_rate(self.stubs.lookup))
         self.policy = build_policy(config.policy, profile_path=config.latency_profile, goodput=config.goodput)
         self.outstanding = OutstandingTokens()  # prompt tokens sent, first token not back yet
         self.kv_tokens = OutstandingTokens()  # KV tokens of requests in flight per decode worker

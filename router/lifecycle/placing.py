@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.block_hash import chain_hashes
 from engine.sampling_params import SamplingParams
-from kv_store.index import locate_prefix
+from kv_store.index import locate_prefix_tiers
 from pdserve.errors import ResourceExhaustedError, UnavailableError
 from pdserve.metrics import tpot_of
 from pdserve.tracing import log_event
@@ -39,6 +39,7 @@ from router.policy import (
 )
 from router.policy_factory import uses_prefix_lookup
 from router.registry import WorkerEntry, WorkerKind
+from router.store_disk import StorePrefix
 
 if TYPE_CHECKING:
     from router.lifecycle.grpc_legs import RequestRun
@@ -61,37 +62,52 @@ class Placer:
             )
         return w
 
-    def prefix_blocks(self, ids: list[int], req: client_pb2.GenerateRequest) -> int:
+    def prefix_blocks(self, ids: list[int], req: client_pb2.GenerateRequest) -> StorePrefix:
         """Leading prompt blocks the KV store holds (0 when unknown, not needed by the policy, or
         the lookup fails): from the shared index when the router has one (the longest prefix one
-        store node holds, what a prefill worker pulls), else from a store node's Lookup. Runs
-        outside the placement lock (a lookup may take up to ``LOOKUP_TIMEOUT_S``)."""
+        store node holds, what a prefill worker pulls), else from a store node's Lookup; with
+        how many of them that node holds only on its disk tier and what reading one there costs
+        (:mod:`router.store_disk`). Runs outside the placement lock (a lookup may take up to
+        ``LOOKUP_TIMEOUT_S``)."""
         svc = self.svc
         cfg = svc.config
+        none = StorePrefix(0)
         if not uses_prefix_lookup(cfg.policy) or len(ids) < 2:
-            return 0
+            return none
         bs = first_block_size(svc.registry, cfg.model_id)
         if bs is None:
-            return 0
+            return none
         if svc.index is not None:
             try:
-                found = locate_prefix(svc.index, ids, bs, cfg.model_id, req.adapter, req.cache_salt)
+                found = locate_prefix_tiers(svc.index, ids, bs, cfg.model_id, req.adapter, req.cache_salt)
             except Exception as e:  # noqa: BLE001 - the lookup only sharpens an estimate
                 log.debug("prefix lookup in the KV index failed: %s", e)
-                return 0
-            return found[1] if found is not None else 0
+                return none
+            if found is None:
+                return none
+            loc, n, disk = found
+            return self._with_disk(n, disk, loc.address)
         addr = svc._store_address
         if not addr:
-            return 0
+            return none
         hashes = chain_hashes(ids, bs, cfg.model_id, req.adapter, req.cache_salt)
         hashes = hashes[: (len(ids) - 1) // bs]
         if not hashes:
-            return 0
+            return none
         try:
-            return svc.stubs.lookup(addr).lookup(hashes).num_prefix_blocks
+            res = svc.stubs.lookup(addr).lookup(hashes)
         except Exception as e:  # noqa: BLE001 - the lookup only sharpens an estimate
             log.debug("prefix lookup at %s failed: %s", addr, e)
-            return 0
+            return none
+        n = res.num_prefix_blocks
+        node = res.locations[0][0].node_id if n and res.locations and res.locations[0] else ""
+        return self._with_disk(n, res.disk_blocks_in_prefix(node, n) if node else 0, addr)
+
+    def _with_disk(self, blocks: int, disk_blocks: int, address: str) -> StorePrefix:
+        """The prefix, priced with the node's disk reads when some of it is on disk there."""
+        if disk_blocks <= 0 or not address:
+            return StorePrefix(blocks)
+        return StorePrefix(blocks, disk_blocks, self.svc.disk_rates.block_read_s(address))
 
     def may_hold_prefix(self, ids: list[int]) -> bool:
         """Whether the KV store could hold a prefix of prompt ``ids``: it has a full block before
@@ -116,10 +132,11 @@ class Placer:
         ids: list[int],
         params: SamplingParams,
         req: client_pb2.GenerateRequest,
-        store_prefix_blocks: int | None = None,
+        store_prefix_blocks: StorePrefix | int | None = None,
     ) -> tuple[Placement, WorkerEntry, WorkerEntry, RequestInfo]:
         """Ask the policy for (prefill, decode) workers, or refuse before any compute is spent.
-        ``store_prefix_blocks``: the prompt's prefix in the KV store (None: looked up here).
+        ``store_prefix_blocks``: the prompt's prefix in the KV store (None: looked up here; an
+        int: blocks, none of them priced as disk reads).
 
         Raises UnavailableError when a needed kind of worker is missing, ResourceExhaustedError
         (with the policy's retry-after) when the policy rejects the request early.
@@ -134,6 +151,9 @@ class Placer:
                 raise UnavailableError(
                     f"no {kind.value} worker is registered for {cfg.model_id!r}; retry shortly"
                 )
+        stored = self.prefix_blocks(ids, req) if store_prefix_blocks is None else store_prefix_blocks
+        if isinstance(stored, int):
+            stored = StorePrefix(stored)
         inf = float("inf")
         slo = None
         if req.slo.ttft_s > 0 or req.slo.tpot_s > 0:
@@ -150,9 +170,9 @@ class Placer:
             tenant=req.tenant,
             predicted_output_tokens=req.predicted_output_tokens,
             adapter=req.adapter,
-            store_prefix_blocks=(
-                self.prefix_blocks(ids, req) if store_prefix_blocks is None else store_prefix_blocks
-            ),
+            store_prefix_blocks=stored.blocks,
+            store_prefix_disk_blocks=stored.disk_blocks,
+            store_disk_block_s=stored.disk_block_s,
         )
         d = svc.policy.place(info, view)
         if isinstance(d, Rejection):

@@ -16,6 +16,7 @@ import numpy as np
 from router.policy.kv_stream import handoff_after_prefill
 from router.policy.latency import prefill_time_each
 from router.policy.protocols import LatencyEstimator
+from router.policy.types import RequestInfo
 from router.policy.view import InstanceView, RoleColumns
 
 
@@ -93,9 +94,23 @@ class TtftTable:
     between decisions.
     """
 
-    __slots__ = ("est", "p", "_prefill", "_fetch", "_known", "adapter")
+    __slots__ = ("est", "p", "_prefill", "_fetch", "_known", "adapter", "disk_blocks", "disk_block_s")
 
-    def __init__(self, est: TtftEstimator, num_prompt_tokens: int, adapter: str = "") -> None:
+    @classmethod
+    def of(cls, est: TtftEstimator, req: RequestInfo) -> TtftTable:
+        """The table of request ``req``: its prompt, its adapter, its store prefix's disk part."""
+        return cls(
+            est, req.num_prompt_tokens, req.adapter, req.store_prefix_disk_blocks, req.store_disk_block_s
+        )
+
+    def __init__(
+        self,
+        est: TtftEstimator,
+        num_prompt_tokens: int,
+        adapter: str = "",
+        disk_blocks: int = 0,
+        disk_block_s: float = 0.0,
+    ) -> None:
         self.est = est
         self.p = num_prompt_tokens
         self._prefill: dict[int, float] = {}
@@ -106,6 +121,19 @@ class TtftTable:
         # ``InstanceView.adapter_load_s``); :meth:`pool_queues` (the columnar path) does not, so
         # a policy prices adapter requests through :meth:`queues`
         self.adapter = adapter
+        # the KV store's prefix blocks on its disk tier, and one block's read there (seconds):
+        # a fetch from the store reads them before sending (:meth:`store_fetch`)
+        self.disk_blocks = disk_blocks
+        self.disk_block_s = disk_block_s
+
+    def store_fetch(self, num_blocks: int, block_size: int) -> float:
+        """:meth:`fetch` of ``num_blocks`` from the KV store, plus reading the disk-tier blocks
+        among them first (at most the store prefix's ``disk_blocks``: an upper bound when
+        fewer than the whole prefix is fetched)."""
+        t = self.fetch(num_blocks, block_size)
+        if self.disk_blocks > 0 and self.disk_block_s > 0 and num_blocks > 0:
+            t += min(num_blocks, self.disk_blocks) * self.disk_block_s
+        return t
 
     def adapter_s(self, inst: InstanceView) -> float:
         """Seconds to load the request's adapter on ``inst`` before its prefill (0 for the base model)."""

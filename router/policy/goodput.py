@@ -95,7 +95,7 @@ from router.policy.latency import (
 )
 from router.policy.ledger import Inflight, Ledger
 from router.policy.length_predictor import LengthPredictor, LengthSample
-from router.policy.placement import PlacementPolicy, PolicyKind, best_prefill_plan
+from router.policy.placement import STORE_SOURCE, PlacementPolicy, PolicyKind, best_prefill_plan
 from router.policy.protocols import Clock, LatencyEstimator
 from router.policy.types import (
     SLO,
@@ -316,7 +316,7 @@ class GoodputAwarePolicy(PlacementPolicy):
         self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
     ) -> Placement:
         """Best TTFT among ``candidates`` (global cache-aware, KV store included as a source)."""
-        table = TtftTable(self.estimator, req.num_prompt_tokens, req.adapter)
+        table = TtftTable.of(self.estimator, req)
         with self._lock:
             scales = self._scales(candidates, view)
         f = scales[0] if scales is not None else None
@@ -391,7 +391,7 @@ class GoodputAwarePolicy(PlacementPolicy):
         out = req.predicted_output_tokens or self.lengths.predict(p, req.max_output_tokens)
         is_long = out >= cfg.long_output_tokens
         hits = view.prefix_hits(req.block_hashes)
-        table = TtftTable(self.estimator, p, req.adapter)  # an adapter's load is priced per instance
+        table = TtftTable.of(self.estimator, req)  # an adapter's load is priced per instance
         pre_scales = self._scales(prefill_pool, view) if prefill_pool else None
         dec_scales = self._scales(decode_pool, view)
         if len(prefill_pool) >= NUMPY_MIN_POOL and not req.adapter:  # queues priced over columns
@@ -596,7 +596,7 @@ class GoodputAwarePolicy(PlacementPolicy):
             else:
                 terms = self._terms(
                     table, view.get(plan.instance_id), p, False, plan.reused_blocks,
-                    plan.fetch_blocks, inst_ttft, contention,
+                    plan.fetch_blocks, inst_ttft, contention, plan.fetch_from == STORE_SOURCE,
                 )  # fmt: skip
             self._trace = DecisionTrace(
                 req.request_id, True, terms, q_ttft, lim_ttft, slo.ttft_s if slo else None, margin,
@@ -614,10 +614,12 @@ class GoodputAwarePolicy(PlacementPolicy):
         fetched_blocks: int,
         speed: float,
         contention: float,
+        from_store: bool = False,
     ) -> TtftTerms:
         """The TTFT terms of prefilling ``p`` prompt tokens on ``inst`` (``local``: a decode
         instance prefilling the prompt itself, its own batch's decode step co-scheduled), reusing
-        ``reused_blocks`` blocks of which ``fetched_blocks`` are pulled, as the decision priced them."""
+        ``reused_blocks`` blocks of which ``fetched_blocks`` are pulled (``from_store``: from the
+        KV store, its disk-tier reads included), as the decision priced them."""
         bs = inst.block_size
         cot = 0.0
         if local:
@@ -634,7 +636,7 @@ class GoodputAwarePolicy(PlacementPolicy):
             reused_blocks * bs,
             fetched_blocks,
             table.base_queues([inst])[0],
-            table.fetch(fetched_blocks, bs),
+            (table.store_fetch if from_store else table.fetch)(fetched_blocks, bs),
             table.prefill(reused_blocks * bs),
             cot,
             speed,
@@ -674,8 +676,9 @@ class GoodputAwarePolicy(PlacementPolicy):
                 ids = [i.instance_id for i in view.with_role(InstanceRole.PREFILL)]
                 speed = pre_scales[0][ids.index(inst.instance_id)]
             return self._terms(
-                table, inst, p, False, remote_plan.reused_blocks, remote_plan.fetch_blocks, speed, contention
-            )
+                table, inst, p, False, remote_plan.reused_blocks, remote_plan.fetch_blocks, speed, contention,
+                remote_plan.fetch_from == STORE_SOURCE,
+            )  # fmt: skip
         if k_best is None:
             return None
         speed = dec_scales[0][k_best] if dec_scales is not None else 1.0

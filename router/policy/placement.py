@@ -84,7 +84,8 @@ def best_prefill_plan(
             su = store if store < cap else cap
             src, r = best_remote(inst.instance_id, cap, su if su > 0 else 0, STORE_SOURCE)
             if r > local:
-                tf = qs + fetch(r - local, bs) + prefill(r * bs)  # table.ttft(qs, bs, r, r - local)
+                fr = (table.store_fetch if src == STORE_SOURCE else fetch)(r - local, bs)
+                tf = qs + fr + prefill(r * bs)  # table.ttft(qs, bs, r, r - local)
                 if tf < t:
                     t, plan = tf, (r, src, r)
         return t, plan
@@ -148,7 +149,8 @@ def _common_options(
     src, r = hits.best_remote(None, cap, su if su > 0 else 0, STORE_SOURCE)  # excluding anyone but top
     if r <= 0:
         return top, p0, 0.0, 0.0, None
-    return top, p0, table.fetch(r, bs), table.prefill(r * bs), (r, src, r)
+    f = table.store_fetch(r, bs) if src == STORE_SOURCE else table.fetch(r, bs)
+    return top, p0, f, table.prefill(r * bs), (r, src, r)
 
 
 class PolicyKind(enum.Enum):
@@ -322,7 +324,7 @@ class LocalCacheAwarePolicy(PlacementPolicy):
     def choose_prefill(
         self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
     ) -> Placement:
-        table = TtftTable(self._require_estimator(), req.num_prompt_tokens, req.adapter)
+        table = TtftTable.of(self._require_estimator(), req)
         return best_prefill_plan(req, candidates, view.prefix_hits(req.block_hashes), table, remote=False)
 
 
@@ -341,7 +343,7 @@ class GlobalCacheAwarePolicy(PlacementPolicy):
     def choose_prefill(
         self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
     ) -> Placement:
-        table = TtftTable(self._require_estimator(), req.num_prompt_tokens, req.adapter)
+        table = TtftTable.of(self._require_estimator(), req)
         return best_prefill_plan(req, candidates, view.prefix_hits(req.block_hashes), table, remote=True)
 
 

@@ -47,7 +47,9 @@ class RequestInfo:
     let the policy's length predictor guess) and ``store_prefix_blocks`` (leading prompt blocks
     the cluster's KV store holds: reachable by any prefill instance at the price of a transfer).
     ``adapter``: the LoRA adapter the request names ("" = the base model); the router narrows the
-    view to the workers serving it before the policy decides.
+    view to the workers serving it before the policy decides. ``store_prefix_disk_blocks`` /
+    ``store_disk_block_s``: the part of the store's prefix on its SSD tier and one block's read
+    time there (a fetch from the store pays those reads before the transfer).
     """
 
     request_id: str
@@ -61,6 +63,11 @@ class RequestInfo:
     predicted_output_tokens: int = 0
     store_prefix_blocks: int = 0
     adapter: str = ""
+    # of ``store_prefix_blocks``, how many the store node holds only in its disk tier (a fetch
+    # reads them from disk first, issue #15), and the seconds one block's read takes there (its
+    # measured bandwidth; 0: unknown, no disk read priced)
+    store_prefix_disk_blocks: int = 0
+    store_disk_block_s: float = 0.0
 
 
 @dataclass(frozen=True)
