@@ -26,10 +26,16 @@ if TYPE_CHECKING:
 
 
 def load_adapter(
-    router: str, name: str, path: str, timeout_s: float, config: SecurityConfig | None = None
+    router: str,
+    name: str,
+    path: str,
+    timeout_s: float,
+    config: SecurityConfig | None = None,
+    model: str = "",
 ) -> list[str]:
-    """Ask the router at ``router`` to load the adapter on every worker; the worker ids that
-    serve it now. ``config``: the caller's TLS / cluster token (default: this process's,
+    """Ask the router at ``router`` to load the adapter on every worker (of ``model``: a router
+    serving several base models needs it; empty: its only model); the worker ids that serve it
+    now. ``config``: the caller's TLS / cluster token (default: this process's,
     :func:`pdserve.security.current`). Raises the PdserveError of the call's status."""
     import grpc
 
@@ -40,7 +46,7 @@ def load_adapter(
     ch = internal_channel(router, config)
     try:
         r = admin_pb2_grpc.AdminStub(ch).LoadAdapter(
-            admin_pb2.LoadAdapterRequest(name=name, path=path), timeout=timeout_s
+            admin_pb2.LoadAdapterRequest(name=name, path=path, model=model), timeout=timeout_s
         )
     except grpc.RpcError as e:
         raise error_from_rpc_error(e) from None
@@ -60,7 +66,7 @@ def _cmd_load(a: argparse.Namespace) -> int:
     install_from_args(a._parser, a, None, ())
     p = Path(path)
     path = str(p if p.is_absolute() else p.resolve())  # workers run in other directories
-    workers = load_adapter(a.router, name, path, a.timeout_s)
+    workers = load_adapter(a.router, name, path, a.timeout_s, model=a.model_id)
     out = {"adapter": name, "path": path, "workers": workers}
     print(json.dumps(out) if a.json else f"pdserve: adapter {name!r} served by {', '.join(workers)}")
     return 0
@@ -96,6 +102,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ld.add_argument("spec", metavar="NAME=PATH", help="adapter name and its folder on the workers' nodes")
     ld.add_argument("--router", required=True, help="a router's HOST:PORT")
+    ld.add_argument(
+        "--model-id",
+        default="",
+        help="the base model whose workers load it (a router serving several models needs it) "
+        "(default: the router's only model)",
+    )
     ld.add_argument("--timeout-s", type=float, default=180.0, help="longest wait (default: %(default)s)")
     ld.add_argument("--json", action="store_true", help="print the result as JSON")
     add_security_args(ld)
