@@ -6,7 +6,8 @@ handoff or local_prefill) is served by
 request is here: the router redirects the client now), then streams the request's deltas (token
 ids, the engine's text, logprobs) to the client's :meth:`DirectStreams.Attach` call, and sends the
 router only progress messages (the token ids since the last one, at most
-``DirectGrant.progress_interval_s`` apart) and the finish; with local_prefill, the first of them
+``DirectGrant.progress_interval_s`` apart, with when each token was produced:
+``token_offsets_s``) and the finish; with local_prefill, the first of them
 that carries tokens also carries ``num_cached_tokens``. Text and logprobs never go to the router.
 
 Attach: one bidirectional call per client connection multiplexes every request the client attached
@@ -211,7 +212,8 @@ class DirectStreams:
         try:
             yield worker_pb2.DecodeResponse(request_id=rid, kv_pull_s=pull_s)
             progress: list[int] = []
-            last = loop.time()
+            offsets: list[float] = []  # of the progress tokens, after the admission message
+            t_admitted = last = loop.time()
             cached: int | None = None  # local_prefill: the prompt tokens the prefix cache gave
             sent_cached = not req.local_prefill
             while True:
@@ -229,9 +231,12 @@ class DirectStreams:
                     cached = max(0, first.num_cached_tokens)
                 if msg is not None:
                     progress.extend(msg.token_ids)
+                    offsets.extend([loop.time() - t_admitted] * len(msg.token_ids))
                     if msg.HasField("finish"):
                         ended = True
-                        m = worker_pb2.DecodeResponse(request_id=rid, token_ids=progress, finish=msg.finish)
+                        m = worker_pb2.DecodeResponse(
+                            request_id=rid, token_ids=progress, token_offsets_s=offsets, finish=msg.finish
+                        )
                         if not sent_cached:
                             m.num_cached_tokens = cached or 0
                         yield m
@@ -240,10 +245,10 @@ class DirectStreams:
                     ended = True
                     raise failure
                 if progress and loop.time() - last >= interval:
-                    m = worker_pb2.DecodeResponse(request_id=rid, token_ids=progress)
+                    m = worker_pb2.DecodeResponse(request_id=rid, token_ids=progress, token_offsets_s=offsets)
                     if not sent_cached:
                         m.num_cached_tokens, sent_cached = cached or 0, True
-                    progress = []
+                    progress, offsets = [], []
                     yield m
                     last = loop.time()
         finally:

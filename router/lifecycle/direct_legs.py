@@ -60,7 +60,7 @@ class DirectConfig:
     router waits for a client's ResumeDirect after telling it its worker was lost."""
 
     ticket_ttl_s: float = 30.0
-    progress_interval_s: float = 1.0
+    progress_interval_s: float = 2.0
     resume_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -134,6 +134,7 @@ class DirectLegs(GrpcLegs):
         super().__init__(svc, req, run, ctx)
         self.book = book
         self._direct = False  # the current decode leg streams to the client
+        self._t_admitted: float | None = None  # when its worker's admission message came (run.t0 based)
 
     def _single(self) -> bool:
         s = self.req.sampling
@@ -210,9 +211,7 @@ class DirectLegs(GrpcLegs):
         ticket = self.book.signer.mint(
             TicketClaims(run.rid, worker_id, req.tenant, time.time() + cfg.ticket_ttl_s)
         )
-        request.direct.CopyFrom(
-            direct_pb2.DirectGrant(ticket=ticket, progress_interval_s=cfg.progress_interval_s)
-        )
+        request.direct.CopyFrom(direct_pb2.DirectGrant(ticket=ticket, progress_interval_s=self._interval()))
         call = svc.stubs.worker(dw.address).Decode(
             request, timeout=remaining(self.ctx), metadata=call_metadata()
         )
@@ -235,6 +234,7 @@ class DirectLegs(GrpcLegs):
                                     "message carried tokens): it does not serve direct streams"
                                 )
                             redirected = True
+                            self._t_admitted = time.monotonic() - run.t0
                             yield Chunk(c.first_index, (), _Note("redirect", redirect))
                             continue
                         if on_tokens is not None and (c.tokens or final):
@@ -259,6 +259,13 @@ class DirectLegs(GrpcLegs):
                 raise lost
         finally:
             call.cancel()  # the client went away (or the relay ended it): abort it downstream
+
+    def _interval(self) -> float:
+        """The progress interval asked of the worker: the configured one, at most 2/5 of the
+        progress deadline's floor (so that progress always comes well within the deadline)."""
+        p = self.svc.config.progress
+        interval = self.book.config.progress_interval_s
+        return min(interval, p.floor_s / 2.5) if p.enabled else interval
 
     async def _resume(self, fut: asyncio.Future[tuple[list[int], int]]) -> Chunk:
         """The client's ResumeDirect (``fut``) as the chunk of the tokens the router did not know
@@ -302,7 +309,12 @@ class DirectLegs(GrpcLegs):
             return super().render(chunk, skip)
         d: worker_pb2.DecodeResponse = m  # type: ignore[assignment]
         tokens = list(chunk.tokens[skip:])
-        run.token_times.extend([time.monotonic() - run.t0] * len(tokens))
+        offsets = d.token_offsets_s[skip:]
+        if len(offsets) == len(tokens) and self._t_admitted is not None:
+            base = self._t_admitted  # the worker's clock, from its admission message
+            run.token_times.extend([base + o for o in offsets])
+        else:  # a worker that does not time its tokens: when the router learnt of them
+            run.token_times.extend([time.monotonic() - run.t0] * len(tokens))
         run.out_ids.extend(tokens)
         if not d.HasField("finish"):
             return None, False

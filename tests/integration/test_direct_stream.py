@@ -109,6 +109,11 @@ def test_direct_equals_relay_equals_engine(cluster, whole, params) -> None:
         assert direct[1] == relay[1] == ref.text
         assert direct[2].completion_tokens == relay[2].completion_tokens == len(ref.token_ids)
         assert direct[2].reason == relay[2].reason == "length"
+        # the router's timing of a direct stream is the worker's (token_offsets_s), one time per
+        # token, not the arrival of its few progress messages
+        times = direct[2].token_times_s
+        assert len(times) == len(ref.token_ids) and times == sorted(times)
+        assert len(set(times)) >= 3 and direct[2].ttft_s == times[0]
 
 
 def test_direct_after_a_prefill_handoff(cluster, whole) -> None:
