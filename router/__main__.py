@@ -63,6 +63,7 @@ from pdserve.v1 import client_pb2, direct_pb2
 from router.admin_service import ADMIN_SERVICE, AdminServicer
 from router.drainer import WorkerDrains
 from router.health import HEALTH_SERVICES, start_router_health
+from router.lifecycle.stream_mode import KVStreamMode
 from router.multi_model import ModelDispatcher, ModelDrains
 from router.policy import GoodputConfig, PolicyKind
 from router.policy.migration import MigrationConfig
@@ -155,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="take the router out of the token path for clients that offer it "
         "(GenerateRequest.direct_stream; the SDK's direct=True): their decode worker streams the "
         "tokens to them (workers need --direct-streams too; proto/pdserve/v1/direct.proto)",
+    )
+    ap.add_argument(
+        "--kv-stream",
+        choices=[m.value for m in KVStreamMode],
+        default=RouterConfig.kv_stream.value,
+        help="chunk-wise KV streaming: a request's Prefill streams its KV chunk by chunk (grpc: "
+        "inline in the prefill worker's StreamKV; store: through its store node) while its Decode, "
+        "sent at once, assembles it (off: the whole KV after the prefill)",
+    )
+    ap.add_argument(
+        "--kv-stream-chunk-tokens",
+        type=int,
+        default=RouterConfig.kv_stream_chunk_tokens,
+        help="the prefill workers' --chunk, for predictions of a streamed handoff",
     )
     ap.add_argument(
         "--stall-timeout-s",
@@ -490,6 +505,8 @@ def _config(a: argparse.Namespace, goodput: GoodputConfig, model_path: str, mode
         progress=_progress_config(a),
         migration=_migration_on(a.migration),
         direct_streams=a.direct_streams,
+        kv_stream=KVStreamMode.parse(a.kv_stream),
+        kv_stream_chunk_tokens=a.kv_stream_chunk_tokens,
     )
 
 

@@ -80,6 +80,7 @@ from router.lifecycle.migrator import Migrator
 from router.lifecycle.placing import Placer
 from router.lifecycle.quarantine_probe import QuarantineProber
 from router.lifecycle.resources import OnceReleases, Resource, ResourceKind
+from router.lifecycle.stream_mode import KVStreamMode, stream_eligible
 from router.migration_client import GrpcMigrator
 from router.policy import GoodputConfig, Placement, PolicyKind, RequestInfo
 from router.policy.migration import MigrationReason
@@ -134,10 +135,20 @@ class RouterConfig:
     # DirectStream: --direct-streams), the router out of the token path. Off: every request relayed.
     direct_streams: bool = False
     direct: DirectConfig = DirectConfig()
+    # Chunk-wise KV streaming (#14 part 2; router.lifecycle.stream_legs): an eligible request's
+    # Prefill streams its KV (over the prefill worker's StreamKV: inline gRPC, or its store node)
+    # while its Decode, sent at the same time, assembles it. Off: the whole KV after the prefill.
+    kv_stream: KVStreamMode = KVStreamMode.OFF
+    # The prefill workers' chunk (their --chunk): what TtftEstimator.handoff_time(chunk_tokens=)
+    # needs to predict a streamed handoff. The goodput policy does not price the handoff yet (its
+    # TTFT ends at the prefill's token), so nothing reads it there today.
+    kv_stream_chunk_tokens: int = 512
 
     def __post_init__(self) -> None:
         if self.migration_timeout_s <= 0:
             raise ValueError(f"migration_timeout_s must be > 0, got {self.migration_timeout_s}")
+        if self.kv_stream_chunk_tokens <= 0:
+            raise ValueError(f"kv_stream_chunk_tokens must be > 0, got {self.kv_stream_chunk_tokens}")
         if self.max_redispatches < 0:
             raise ValueError(f"max_redispatches must be >= 0, got {self.max_redispatches}")
         if self.stall_timeout_s <= 0:
@@ -492,6 +503,12 @@ class GenerateServicer:
             # errors name the id the client knows (bound by request_scope in _measured)
             client_id=current_request_id() or rid,
             prompt_tokens=len(ids),
+            kv_stream=stream_eligible(
+                self.config.kv_stream,
+                local_prefill=local,
+                num_candidates=params.num_candidates,
+                direct_stream=self.direct is not None and req.direct_stream,
+            ),
         )
         cluster = RouterCluster(self, req, run, info, machine.budget, ctx)
         if self.direct is not None and req.direct_stream:  # tokens from the worker (not migrated)

@@ -38,6 +38,19 @@ class RunPrefill:
 
 
 @dataclass(frozen=True)
+class RunStreamed:
+    """Chunk-wise KV streaming (:mod:`router.lifecycle.stream_legs`): prefill prompt +
+    ``num_output`` output tokens on ``prefill_id`` with its KV streamed, and start the Decode on
+    ``decode_id`` at once (it assembles the KV from the prefill worker's stream); report
+    :class:`~router.lifecycle.events.Prefilled` (no KV: it went by the stream), then relay the
+    decode worker's stream from output index ``num_output + 1``; or a loss of either worker."""
+
+    prefill_id: str
+    decode_id: str
+    num_output: int
+
+
+@dataclass(frozen=True)
 class RunDecode:
     """Hand ``kv`` to decode worker ``worker_id`` and stream it from output index ``first_index``."""
 
@@ -147,6 +160,7 @@ Action = (
     Acquire
     | Release
     | RunPrefill
+    | RunStreamed
     | RunDecode
     | RunLocalDecode
     | Deliver

@@ -24,8 +24,9 @@ from router.lifecycle.migrator import MigrationAbort, MigrationCommit, Migration
 from router.lifecycle.ports import Chunk, ClientGoneError, Cluster, Legs, WorkerLostError
 from router.lifecycle.resources import ResourceKind
 from router.lifecycle.states import LifecycleError, State
+from router.lifecycle.stream_legs import run_streamed
 
-_CALLS = (A.RunPrefill, A.RunDecode, A.RunLocalDecode, A.ReletLease, A.FindReplacement)
+_CALLS = (A.RunPrefill, A.RunStreamed, A.RunDecode, A.RunLocalDecode, A.ReletLease, A.FindReplacement)
 
 
 class _Gap:
@@ -61,6 +62,8 @@ class LifecycleDriver:
                 leg: AsyncIterator[object] | None = None
                 if isinstance(a, A.RunPrefill):
                     leg = self._prefill(a)
+                elif isinstance(a, A.RunStreamed):  # chunk-wise KV streaming
+                    leg = run_streamed(self, a)
                 elif isinstance(a, A.RunDecode):
                     leg = self._relay(a.worker_id, self.legs.decode(a.worker_id, a.kv, a.first_index))
                 elif isinstance(a, A.RunLocalDecode):

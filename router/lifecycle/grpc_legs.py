@@ -28,6 +28,7 @@ from pdserve.v1 import client_pb2, common_pb2, worker_pb2
 from router.failover import LostPhase, LostWorker, TokenStop, check_stop, resume_limits
 from router.lifecycle.events import KVRef
 from router.lifecycle.grpc_calls import Guarded, call_metadata, gone, raise_store_failure, remaining
+from router.lifecycle.grpc_stream_legs import TRANSPORTS, GrpcStreamedDecode
 from router.lifecycle.ports import Chunk, ClientGoneError, PrefillAnswer, WorkerLostError
 from router.lifecycle.states import LifecycleError
 from router.progress import ProgressWatch
@@ -138,9 +139,11 @@ class GrpcLegs:
         return self.run.workers[worker_id]
 
     # ------------------------------------------------------------------ prefill
-    async def prefill(self, worker_id: str, num_output: int) -> PrefillAnswer:
+    async def prefill(self, worker_id: str, num_output: int, kv_stream: int = 0) -> PrefillAnswer:
         """Prefill the request's known tokens on ``worker_id``; the token it samples (the next
-        output token), rendered, and the KV a decode worker continues from. Raises
+        output token), rendered, and the KV a decode worker continues from (``kv_stream``, a
+        ``KVStreamTransport``: the KV is streamed, :mod:`router.lifecycle.stream_legs`, and the
+        answer has none). Raises
         :class:`WorkerLostError` when the worker is unreachable or stalls,
         :class:`StoreUnavailableError` when it could not reach its KV store."""
         svc, run, req = self.svc, self.run, self.req
@@ -153,7 +156,9 @@ class GrpcLegs:
         svc.outstanding.add(pw.worker_id, len(prompt))
         try:
             call = svc.stubs.worker(pw.address).Prefill(
-                worker_pb2.PrefillRequest(**common, slo=req.slo, lease_ttl_s=run.lease_ttl_s),
+                worker_pb2.PrefillRequest(
+                    **common, slo=req.slo, lease_ttl_s=run.lease_ttl_s, kv_stream=kv_stream
+                ),
                 timeout=remaining(self.ctx),
                 metadata=call_metadata(),
             )
@@ -230,7 +235,16 @@ class GrpcLegs:
             )
             stop = str(first) if matched is None and hit is TokenStop.STOP else matched
             resp.finish.CopyFrom(self.finish(reason, stop, 0.0))
-        return PrefillAnswer(first, kv_ref(h), stop_now, resp)
+        return PrefillAnswer(first, None if kv_stream else kv_ref(h), stop_now, resp)
+
+    # ------------------------------------------------------------------ streamed handoff
+    def start_streamed_decode(self, worker_id: str, prefill_id: str, num_output: int) -> GrpcStreamedDecode:
+        """The Decode of a streamed handoff, started (:mod:`router.lifecycle.stream_legs`)."""
+        return GrpcStreamedDecode(self, worker_id, prefill_id, num_output)
+
+    async def streamed_prefill(self, worker_id: str, num_output: int) -> PrefillAnswer:
+        """:meth:`prefill` with the KV streamed over the router's ``--kv-stream`` transport."""
+        return await self.prefill(worker_id, num_output, TRANSPORTS[self.svc.config.kv_stream])
 
     # ------------------------------------------------------------------ decode
     async def decode(self, worker_id: str, kv: KVRef, first_index: int) -> AsyncIterator[Chunk]:

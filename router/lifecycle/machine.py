@@ -20,6 +20,13 @@ Contracts:
 * Re-dispatch (:mod:`router.failover`): a lost worker sends the request back to PLACED with the
   tokens so far (bounded by ``max_redispatches``, then FAILED naming the lost workers); a decode
   worker lost before it streamed a token hands the same KV on under a fresh lease (:class:`ReletLease`).
+* Chunk-wise KV streaming (``kv_stream``; :mod:`router.lifecycle.stream_legs`): a placement
+  that needs a prefill goes to STREAMING (:class:`RunStreamed`: Prefill and Decode at once, the
+  decode worker assembling the KV as the prefill streams it); the prefill's answer (no KV handle:
+  it went by the stream) moves it to HANDING_OFF, and the decode worker's messages on as usual.
+  A worker lost in STREAMING (the prefill worker, or the decode worker whose going away cancelled
+  the stream) sends the request back to PLACED to be prefilled again: a streamed handoff holds no
+  lease and cannot be re-let, and no KV lease is ever held for it.
 * Migration: DECODING → MIGRATING → DECODING on the destination (committed: its stream continues
   the output at the index the destination resumes at) or on the source (aborted); the source
   finishing, being lost, or the client leaving meanwhile aborts the migration.
@@ -62,6 +69,7 @@ class RequestLifecycle:
         max_redispatches: int,
         client_id: str | None = None,
         prompt_tokens: int = 0,
+        kv_stream: bool = False,
     ) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens  # (a re-dispatch's context: prompt + output so far)
@@ -70,6 +78,7 @@ class RequestLifecycle:
         self.outcome: Outcome | None = None
         self.error: BaseException | None = None
         self.local = prefill_id is None
+        self.kv_stream = kv_stream and not self.local  # prefills stream their KV (STREAMING)
         self.prefill_id = prefill_id
         self.decode_id = decode_id
         self.output: list[int] = []  # output tokens delivered to the client, in order
@@ -91,13 +100,21 @@ class RequestLifecycle:
             self._on(st, E.Placed, self._placed)
             self._on(st, E.Relet, self._relet)
         self._on(State.PREFILLING, E.Prefilled, self._prefilled)
+        self._on(State.STREAMING, E.Prefilled, self._stream_prefilled)
         for st in (State.HANDING_OFF, State.DECODING, State.MIGRATING):
             self._on(st, E.Streamed, self._streamed)
         for st in (State.DECODING, State.MIGRATING):
             self._on(st, E.Finished, self._finished)
-        for st in (State.PREFILLING, State.HANDING_OFF, State.DECODING, State.MIGRATING):
+        for st in (State.PREFILLING, State.STREAMING, State.HANDING_OFF, State.DECODING, State.MIGRATING):
             self._on(st, E.Lost, self._lost_worker)
-        for st in (State.PLACED, State.PREFILLING, State.HANDING_OFF, State.DECODING, State.MIGRATING):
+        for st in (
+            State.PLACED,
+            State.PREFILLING,
+            State.STREAMING,
+            State.HANDING_OFF,
+            State.DECODING,
+            State.MIGRATING,
+        ):
             self._on(st, E.Cancelled, self._cancelled)
             self._on(st, E.Failed, self._failed)
         self._on(State.DECODING, E.MigrationRequested, self._migration_requested)
@@ -230,10 +247,32 @@ class RequestLifecycle:
             self._move(State.HANDING_OFF, ev)
             self.leg_start = n
             out.append(A.RunDecode(ev.decode_id, self.kv, n))
+        elif self.kv_stream:  # Prefill and Decode at once, the KV streamed between them
+            assert self.prefill_id is not None
+            self._move(State.STREAMING, ev)
+            self.leg_start = n
+            out.append(A.RunStreamed(self.prefill_id, ev.decode_id, n))
         else:
             assert self.prefill_id is not None
             self._move(State.PREFILLING, ev)
             out.append(A.RunPrefill(self.prefill_id, n))
+        return out
+
+    def _stream_prefilled(self, ev: E.Prefilled) -> list[A.Action]:
+        """The streamed prefill answered: its token is delivered; the decode worker (already
+        running) holds the KV or is assembling its last chunks: HANDING_OFF. No KV lease: the
+        stream's chunks are the decode worker's to release."""
+        self._check_worker(ev.worker_id, self.prefill_id, "a prefill answer")
+        if ev.kv is not None:
+            raise InvalidTransition(
+                self.request_id, self.state, "a KV handle from a streamed prefill (its KV goes by the stream)"
+            )
+        out: list[A.Action] = [A.Deliver(len(self.output), (ev.token,))]
+        self.output.append(ev.token)
+        if ev.stop:  # the driver's streamed leg cancels the decode call as it ends
+            return self._terminal(State.FINISHED, Outcome.FINISHED, ev, out)
+        self._move(State.HANDING_OFF, ev)
+        self.leg_start = len(self.output)
         return out
 
     def _prefilled(self, ev: E.Prefilled) -> list[A.Action]:
@@ -288,10 +327,15 @@ class RequestLifecycle:
 
     def _lost_worker(self, ev: E.Lost) -> list[A.Action]:
         lost = ev.lost
-        expected = self.prefill_id if self.state is State.PREFILLING else self.decode_id
+        on_prefill = self.state is State.PREFILLING or (
+            self.state is State.STREAMING and lost.phase is LostPhase.PREFILL
+        )
+        expected = self.prefill_id if on_prefill else self.decode_id
         self._check_worker(lost.worker_id, expected, f"a loss ({lost.phase.value})")
         want_phase = {
             State.PREFILLING: (LostPhase.PREFILL,),
+            # streaming: the prefill worker lost, or the decode worker (its stream cancelled)
+            State.STREAMING: (LostPhase.PREFILL, LostPhase.DECODE, LostPhase.KV),
             State.HANDING_OFF: (LostPhase.DECODE, LostPhase.KV),
             State.DECODING: (LostPhase.DECODE, LostPhase.KV),
             State.MIGRATING: (LostPhase.DECODE,),

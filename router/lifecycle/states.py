@@ -13,6 +13,11 @@
 * ``PLACED``: the request has its workers (the first placement, or a re-dispatch's replacement
   being chosen) and the next leg has not started.
 * ``PREFILLING``: a prefill worker computes the prompt (resumed: prompt + output so far).
+* ``STREAMING``: chunk-wise KV streaming (:mod:`router.lifecycle.stream_legs`): the prefill
+  worker computes the prompt and streams its KV chunk by chunk while the decode worker, whose
+  Decode started at the same time, assembles it; it ends in ``HANDING_OFF`` when the prefill
+  answers (the decode worker then holds or finishes the whole verified KV), or back in
+  ``PLACED`` when either worker is lost (a streamed handoff cannot be re-leased: re-prefill).
 * ``HANDING_OFF``: a decode worker was handed the KV; it has not streamed a message yet (the
   router holds the KV lease until then).
 * ``DECODING``: a decode worker streams tokens (also a local-prefill leg, which computes the
@@ -30,6 +35,7 @@ import enum
 class State(enum.Enum):
     PLACED = "placed"
     PREFILLING = "prefilling"
+    STREAMING = "streaming"  # prefilling while the decode worker assembles the streamed KV
     HANDING_OFF = "handing_off"
     DECODING = "decoding"
     MIGRATING = "migrating"
@@ -45,8 +51,11 @@ TERMINAL = frozenset({State.FINISHED, State.FAILED})
 
 # Every edge of the lifecycle. An edge not listed is a bug in whoever asked for it.
 ALLOWED: dict[State, frozenset[State]] = {
-    State.PLACED: frozenset({State.PREFILLING, State.HANDING_OFF, State.DECODING, State.FAILED}),
+    State.PLACED: frozenset(
+        {State.PREFILLING, State.STREAMING, State.HANDING_OFF, State.DECODING, State.FAILED}
+    ),
     State.PREFILLING: frozenset({State.HANDING_OFF, State.FINISHED, State.PLACED, State.FAILED}),
+    State.STREAMING: frozenset({State.HANDING_OFF, State.FINISHED, State.PLACED, State.FAILED}),
     State.HANDING_OFF: frozenset({State.DECODING, State.PLACED, State.FAILED}),
     State.DECODING: frozenset({State.MIGRATING, State.FINISHED, State.PLACED, State.FAILED}),
     State.MIGRATING: frozenset({State.DECODING, State.FINISHED, State.PLACED, State.FAILED}),

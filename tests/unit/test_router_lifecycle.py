@@ -46,13 +46,16 @@ class Clock:
         return self.t
 
 
-def machine(local: bool = False, limit: int = 2, clock: Clock | None = None) -> RequestLifecycle:
+def machine(
+    local: bool = False, limit: int = 2, clock: Clock | None = None, stream: bool = False
+) -> RequestLifecycle:
     return RequestLifecycle(
         RID,
         prefill_id=None if local else "p0",
         decode_id="d0",
         clock=clock or Clock(),
         max_redispatches=limit,
+        kv_stream=stream,
     )
 
 
@@ -90,6 +93,7 @@ def to_migrating(m: RequestLifecycle) -> None:
 ROUTES = {
     State.PLACED: lambda m: None,
     State.PREFILLING: to_prefilling,
+    State.STREAMING: to_prefilling,  # (a machine with kv_stream)
     State.HANDING_OFF: to_handing_off,
     State.DECODING: to_decoding,
     State.MIGRATING: to_migrating,
@@ -166,6 +170,7 @@ def test_local_prefill_goes_straight_to_decoding() -> None:
 VALID = {
     State.PLACED: {E.Placed, E.Relet, E.Cancelled, E.Failed},
     State.PREFILLING: {E.Prefilled, E.Lost, E.Cancelled, E.Failed},
+    State.STREAMING: {E.Prefilled, E.Lost, E.Cancelled, E.Failed},
     State.HANDING_OFF: {E.Streamed, E.Lost, E.Cancelled, E.Failed},
     State.DECODING: {E.Streamed, E.Finished, E.Lost, E.Cancelled, E.Failed, E.MigrationRequested},
     State.MIGRATING: {
@@ -183,7 +188,7 @@ VALID = {
 
 
 def _in(state: State) -> RequestLifecycle:
-    m = machine()
+    m = machine(stream=state is State.STREAMING)
     if state is State.FINISHED:
         to_decoding(m)
         m.handle(E.Finished("d0"))

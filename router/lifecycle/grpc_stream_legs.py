@@ -1,0 +1,131 @@
+"""The gRPC Decode call of a streamed handoff (:mod:`router.lifecycle.stream_legs`) for
+:class:`~router.lifecycle.grpc_legs.GrpcLegs`: a ``DecodeRequest`` with ``kv_stream_address``
+(the prefill worker's address), started at once, its first message (or failure) read ahead so
+the leg learns early that the decode side failed; relayed through :class:`Guarded` (progress
+deadline, lost-worker mapping) like any decode leg once the prefill answered."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from pdserve.status import error_from_rpc_error
+from pdserve.v1 import worker_pb2
+from router.failover import LostPhase, LostWorker
+from router.lifecycle.grpc_calls import (
+    Guarded,
+    call_metadata,
+    gone,
+    raise_store_failure,
+    refused_model,
+    remaining,
+)
+from router.lifecycle.ports import Chunk, ClientGoneError, WorkerLostError
+from router.lifecycle.stream_mode import KVStreamMode
+from router.progress import ProgressWatch
+
+if TYPE_CHECKING:
+    from router.lifecycle.grpc_legs import GrpcLegs
+
+TRANSPORTS = {
+    KVStreamMode.GRPC: worker_pb2.KV_STREAM_TRANSPORT_GRPC,
+    KVStreamMode.STORE: worker_pb2.KV_STREAM_TRANSPORT_STORE,
+}
+
+
+class _Prefetched:
+    """A Decode call whose first message (or failure) was read ahead: iterating yields it first,
+    then the rest; ``cancel`` cancels the call (what :class:`Guarded` wraps)."""
+
+    def __init__(self, call: Any, it: AsyncIterator[Any], first: asyncio.Future) -> None:
+        self._call, self._it, self._first = call, it, first
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        m = await self._first  # raises the call's failure (a grpc.RpcError)
+        if m is None:
+            return
+        yield m
+        async for m in self._it:
+            yield m
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
+
+
+class GrpcStreamedDecode:
+    """The Decode of a streamed handoff on decode worker ``worker_id`` of ``legs``'s request:
+    prompt + ``num_output`` output tokens, ``kv_stream_address`` = the prefill worker
+    ``prefill_id``'s address; started at construction, its first message read ahead."""
+
+    def __init__(self, legs: GrpcLegs, worker_id: str, prefill_id: str, num_output: int) -> None:
+        svc, req = legs.svc, legs.req
+        self.legs = legs
+        self.dw = legs._entry(worker_id)
+        common = legs._leg_request(num_output)
+        self.fresh = num_output == 0  # the decode engine renders the whole output's text
+        self.call = svc.stubs.worker(self.dw.address).Decode(
+            worker_pb2.DecodeRequest(
+                **common, slo=req.slo, kv_stream_address=legs._entry(prefill_id).address
+            ),
+            timeout=remaining(legs.ctx),
+            metadata=call_metadata(),
+        )
+        self._it = aiter(self.call)
+        self._first: asyncio.Future = asyncio.ensure_future(anext(self._it, None))
+        self._used = False
+
+    @property
+    def settled(self) -> asyncio.Future:
+        return self._first
+
+    def failure(self) -> BaseException | None:
+        if not self._first.done():
+            return None
+        if self._first.cancelled():
+            return ClientGoneError("the streamed Decode was cancelled")
+        e = self._first.exception()
+        if e is None:
+            return None
+        if not isinstance(e, grpc.RpcError):
+            return e
+        wid = self.dw.worker_id
+        try:
+            raise_store_failure(e)  # the worker is fine: its store is not
+        except Exception as store:  # noqa: BLE001 - returned, not raised
+            return store
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            return WorkerLostError(LostWorker(wid, LostPhase.DECODE, e.details() or ""))
+        if e.code() == grpc.StatusCode.NOT_FOUND and not refused_model(e):
+            # the stream it was to read was gone (never opened in time, failed, expired)
+            return WorkerLostError(LostWorker(wid, LostPhase.KV, e.details() or ""))
+        if gone(self.legs.ctx):
+            return ClientGoneError(e.details() or "")
+        return error_from_rpc_error(e)
+
+    def chunks(self, first_index: int) -> AsyncIterator[Chunk]:
+        if self._used:
+            raise RuntimeError("a streamed Decode is relayed once")
+        self._used = True
+        svc, legs = self.legs.svc, self.legs
+        watch = ProgressWatch(svc.config.progress, legs.run.predicted_tpot_s)
+        guarded = Guarded(
+            _Prefetched(self.call, self._it, self._first), self.dw, watch=watch, streamed=svc._streamed_at
+        )
+        return self._stream(legs.stream(guarded, self.dw, first_index, worker_text=self.fresh))
+
+    async def _stream(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        try:
+            async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+                async for c in chunks:
+                    yield c
+        finally:
+            self.call.cancel()  # the client went away (or the relay ended it): abort it downstream
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        if not self._first.done():
+            self._first.cancel()

@@ -1,0 +1,35 @@
+"""Whether the router asks for chunk-wise KV streaming (issue #14 part 2), and for which
+requests (pure: no gRPC). The legs are :mod:`router.lifecycle.stream_legs`; the workers' side
+is :mod:`prefill_worker.kv_stream` / :mod:`decode_worker.stream_puller`."""
+
+from __future__ import annotations
+
+import enum
+
+
+class KVStreamMode(enum.Enum):
+    """``python -m router --kv-stream``: how a streamed handoff's chunks travel, or off."""
+
+    OFF = "off"  # the whole-KV handoff after the prefill (today's default)
+    GRPC = "grpc"  # chunk bytes inline in the prefill worker's StreamKV messages
+    STORE = "store"  # each chunk on the prefill worker's store node under its own lease
+
+    @classmethod
+    def parse(cls, value: str) -> KVStreamMode:
+        """The mode named ``value``; ValueError naming the valid ones otherwise."""
+        try:
+            return cls(value.strip().lower())
+        except ValueError:
+            valid = ", ".join(m.value for m in cls)
+            raise ValueError(f"--kv-stream {value!r}: expected one of {valid}") from None
+
+
+def stream_eligible(
+    mode: KVStreamMode, *, local_prefill: bool, num_candidates: int, direct_stream: bool
+) -> bool:
+    """Whether a request's prefill streams its KV: streaming is on, the request is prefilled on a
+    prefill worker (a local prefill has no handoff), it is a single sequence (the workers refuse
+    ``kv_stream`` for parallel sampling, n > 1 or best_of > 1), and its tokens are relayed by the
+    router (a direct stream's decode leg, :mod:`router.lifecycle.direct_legs`, hands off the
+    whole KV). LoRA adapters stream (both workers key the chunks with the adapter)."""
+    return mode is not KVStreamMode.OFF and not local_prefill and num_candidates <= 1 and not direct_stream
