@@ -160,6 +160,12 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     )
     try:
         loras = _lora_specs(a.lora)
+        if loras and len(pools) > 1:
+            raise ValueError(
+                "--lora serves an adapter on every worker, and an adapter fits one base model: with "
+                "several --model, load it into its model's workers once serving with `pdserve adapters "
+                "load NAME=PATH --router ADDR --model-id MODEL`"
+            )
     except ValueError as e:
         print(f"pdserve serve: {e}", file=sys.stderr)
         return 2

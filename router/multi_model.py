@@ -5,8 +5,8 @@ model: each has its own tokenizer and model config, its own placement policy and
 goodput policy's learnt latencies, the outstanding prompt tokens and KV tokens per worker, the
 placement lock), its own cluster views and prefix lookups, and sees only its model's workers
 (``Registry.alive(kind, model_id)``), so placing one model's requests never counts another
-model's load. They share the router's worker registry, edge (API keys, quotas, request ids) and
-metrics.
+model's load. They share the router's worker registry, edge (API keys, quotas, request ids),
+metrics and the prober of quarantined workers (the quarantine is the registry's).
 
 :class:`ModelDispatcher` is the ``pdserve.v1.Generate`` service in front of them: Generate and
 Tokenize go to the servicer of the request's ``model``; ListModels lists every model with its
@@ -72,6 +72,9 @@ class ModelDispatcher:
         self.servicers = dict(servicers)
         self.models = tuple(self.servicers)
         first = next(iter(self.servicers.values()))
+        # the quarantine is the shared registry's: one prober task probes it for every model
+        for svc in self.servicers.values():
+            svc.prober = first.prober
         self.registry: Registry = first.registry
         self.edge = first.edge
         self.metrics = first.metrics

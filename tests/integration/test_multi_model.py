@@ -220,6 +220,7 @@ def test_each_models_placement_sees_only_its_own_workers(cluster, client) -> Non
     assert ra.seen == {"a-dec-0", "a-dec-1"} and rb.seen == {"b-dec-0"}
     sa, sb = cluster.svcs["tiny-a"], cluster.svcs["tiny-b"]
     assert sa.outstanding is not sb.outstanding and sa.kv_tokens is not sb.kv_tokens
+    assert sa.prober is sb.prober  # the registry's quarantine: probed by one task
     # every worker of both models is counted once in the router's gauge
     assert cluster.prom.get_sample_value("pdserve_router_workers", {"role": "decode"}) == 3
 

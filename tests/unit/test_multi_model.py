@@ -254,4 +254,5 @@ def test_pdserve_serve_several_models_with_per_model_counts(monkeypatch) -> None
     spec = seen.pop("spec")
     assert (spec.model_path, spec.models, spec.num_decode) == ("/models/default", (), 2)
     assert cli.main(["serve", "--tls", "off", "--model", "a", "--model", "b", "--decode", "1,2,3"]) == 2
+    assert cli.main(["serve", "--tls", "off", "--model", "a", "--model", "b", "--lora", "x=/ad/x"]) == 2
     assert "spec" not in seen  # refused before launching
