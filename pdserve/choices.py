@@ -19,6 +19,16 @@ def num_choices(n: int) -> int:
     return n or 1
 
 
+def requested_n(params: object, kw: dict) -> int:
+    """``n`` of a ``generate``/``complete`` call: ``params.n`` when a SamplingParams is given,
+    else the ``n=`` keyword (1 when absent); the call's other keywords (timeout, metadata, ...)
+    are not looked at."""
+    if params is not None:
+        return int(getattr(params, "n", 1))
+    n = kw.get("n", 1)
+    return n if isinstance(n, int) and n > 0 else 1
+
+
 class ChoicesResume:
     """:class:`pdserve.client.Resume` for a stream of several choices: one per choice, each
     trimmed by what the caller has of that choice (choices interleave in any order, and a

@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.sampling_params import SamplingParams
-from pdserve.choices import ChoicesResume, group_completions, num_choices, refuse_several
+from pdserve.choices import ChoicesResume, group_completions, num_choices, refuse_several, requested_n
 from pdserve.client_direct import DirectMux, direct_messages
 from pdserve.errors import PdserveError, UnavailableError
 from pdserve.proto_convert import finish_from_proto, sampling_to_proto
@@ -502,12 +502,11 @@ class Client:
     def complete_choices(self, prompt, params: SamplingParams | None = None, **kw) -> list[Completion]:
         """Run a generation with ``n`` choices (``n=``, ``best_of=``) to the end; its choices
         whole, by choice index (each with its own finish)."""
-        req_n = num_choices(build_request(prompt, params, **kw).sampling.n)
-        return group_completions(self.generate(prompt, params, **kw), req_n)
+        return group_completions(self.generate(prompt, params, **kw), requested_n(params, kw))
 
     def complete(self, prompt, params: SamplingParams | None = None, **kw) -> Completion:
         """Run a generation to the end and return it whole (``n > 1``: :meth:`complete_choices`)."""
-        refuse_several(num_choices(build_request(prompt, params, **kw).sampling.n), "complete")
+        refuse_several(requested_n(params, kw), "complete")
         ids: list[int] = []
         text: list[str] = []
         fin = None
@@ -680,11 +679,11 @@ class AsyncClient:
 
     async def complete_choices(self, prompt, params: SamplingParams | None = None, **kw) -> list[Completion]:
         """As :meth:`Client.complete_choices`."""
-        n = num_choices(build_request(prompt, params, **kw).sampling.n)
+        n = requested_n(params, kw)
         return group_completions([c async for c in self.generate(prompt, params, **kw)], n)
 
     async def complete(self, prompt, params: SamplingParams | None = None, **kw) -> Completion:
-        refuse_several(num_choices(build_request(prompt, params, **kw).sampling.n), "complete")
+        refuse_several(requested_n(params, kw), "complete")
         ids: list[int] = []
         text: list[str] = []
         fin = None

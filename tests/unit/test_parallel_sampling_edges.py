@@ -156,3 +156,11 @@ def test_openai_responses_carry_every_choice_and_sum_usage():
     assert fins == [(0, "length"), (1, "length")]
     with pytest.raises(InternalError, match=r"choices \[1\]"):
         build_response(meta, chunks[:2])
+
+
+def test_sdk_reads_n_from_params_or_keywords_only():
+    from pdserve.choices import requested_n
+
+    assert requested_n(None, {"max_tokens": 5, "timeout": 1.0, "metadata": ()}) == 1
+    assert requested_n(None, {"n": 3, "timeout": 1.0}) == 3
+    assert requested_n(SamplingParams(n=2), {"timeout": 1.0}) == 2
