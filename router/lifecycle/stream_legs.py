@@ -104,7 +104,14 @@ async def run_streamed(drv: LifecycleDriver, a: A.RunStreamed) -> AsyncIterator[
     legs: StreamLegs = drv.legs  # type: ignore[assignment]
     dec = legs.start_streamed_decode(a.decode_id, a.prefill_id, a.num_output)
     pre = asyncio.ensure_future(legs.streamed_prefill(a.prefill_id, a.num_output))
-    relaying = False
+    live = True  # the Decode is still ours to cancel
+
+    def cancel_decode() -> None:
+        nonlocal live
+        if live:
+            live = False
+            dec.cancel()
+
     try:
         await asyncio.wait({pre, dec.settled}, return_when=asyncio.FIRST_COMPLETED)
         if not pre.done():
@@ -116,14 +123,14 @@ async def run_streamed(drv: LifecycleDriver, a: A.RunStreamed) -> AsyncIterator[
                 await asyncio.wait({pre})
         err = None if pre.cancelled() else pre.exception()
         if isinstance(err, WorkerLostError):  # the prefill worker is lost: re-prefill
-            dec.cancel()
+            cancel_decode()
             await drv._lost(err)
             return
         if err is not None or pre.cancelled():
             if not dec.settled.done() and isinstance(err, RequestCancelledError):
                 await asyncio.wait({dec.settled}, timeout=DECODE_GRACE_S)
             why = dec.failure() if dec.settled.done() else None
-            dec.cancel()
+            cancel_decode()
             if isinstance(why, WorkerLostError):  # the decode side went away: re-dispatch
                 await drv._lost(why)
                 return
@@ -136,12 +143,11 @@ async def run_streamed(drv: LifecycleDriver, a: A.RunStreamed) -> AsyncIterator[
             yield ans.response
         if drv.m.state is not State.HANDING_OFF:  # the prefill's token ended it
             return
-        relaying = True
+        live = False  # the relay owns it now (it cancels the call when it ends)
         async with contextlib.aclosing(drv._relay(a.decode_id, dec.chunks(a.num_output + 1))) as rs:
             async for r in rs:
                 yield r
     finally:
         if not pre.done():
             await _settle(pre)
-        if not relaying:
-            dec.cancel()
+        cancel_decode()
