@@ -41,7 +41,7 @@ from pdserve.errors import CancelledError as RequestCancelledError
 from router.lifecycle import actions as A
 from router.lifecycle import events as E
 from router.lifecycle.ports import Chunk, ClientGoneError, PrefillAnswer, WorkerLostError
-from router.lifecycle.states import State
+from router.lifecycle.states import LifecycleError, State
 
 if TYPE_CHECKING:
     from router.lifecycle.driver import LifecycleDriver
@@ -137,7 +137,15 @@ async def run_streamed(drv: LifecycleDriver, a: A.RunStreamed) -> AsyncIterator[
             if isinstance(why, ClientGoneError) or drv.cluster.client_gone():
                 await drv._end(E.Cancelled())
                 return
-            raise why if why is not None else err  # type: ignore[misc]
+            if why is not None:
+                raise why
+            raise (
+                err
+                if err is not None
+                else LifecycleError(
+                    f"request {drv.m.request_id}: its streamed Prefill was cancelled with no failure to report"
+                )
+            )
         ans = pre.result()
         for _ in await drv._apply(drv.m.handle(E.Prefilled(a.prefill_id, ans.token, None, ans.stop))):
             yield ans.response
