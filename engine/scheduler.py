@@ -6,7 +6,9 @@ decides which requests run in the next model step and how many tokens each compu
 1. Running requests that are decoding (exactly one pending token) go first, in priority order,
    one token each. When the KV pool cannot supply a slot, the least important running request
    is preempted (its blocks are freed; it will recompute), so a decode never stalls behind a
-   prompt.
+   prompt. With a ``drafter`` (speculative decoding) a decode also computes its drafts, when
+   budget and free blocks allow (drafts never preempt anyone); :meth:`Scheduler.update_from_output`
+   keeps the verified run and rolls back the rest.
 2. Running requests that are part-way through their prefill get the next chunk.
 3. Waiting requests are admitted in priority order (lowest ``priority`` value, then arrival),
    after their cached prefix is reused, while budget, ``max_num_seqs`` and blocks allow.
