@@ -1,13 +1,15 @@
 """Chunk-wise KV streaming through the router (issue #14 part 2; router.lifecycle.stream_legs):
 in-process routers with ``kv_stream`` = store and grpc in front of real workers on 127.0.0.1 (the
-tiny random Llama with SmolLM2's tokenizer, a KV store node, two prefill workers, one decode
-worker). The router sends each request's Prefill (``kv_stream``) and Decode
+tiny random Llama with SmolLM2's tokenizer, a KV store node, two prefill workers, two decode
+workers). The router sends each request's Prefill (``kv_stream``) and Decode
 (``kv_stream_address``) at once:
 
 * outputs (greedy and seeded) equal the engine run whole, and the prefill worker really streamed
   (its registry opened streams; the prompt spans several prefill chunks);
 * a client cancelled mid-prefill leaves nothing: no engine block on any worker, no store lease,
   no stream in either prefill worker's registry;
+* a decode worker killed mid-prefill (its server stopped while the prefill streams to it) is
+  re-dispatched: prefilled again, decoded on the other decode worker, output identical;
 * a prefill worker killed mid-prefill (its server stopped while its stream has published chunks)
   is re-dispatched: the request completes identically on the other prefill worker.
 """
@@ -31,6 +33,7 @@ from pdserve.metrics import RouterMetrics
 from pdserve.proto_convert import sampling_to_proto
 from pdserve.v1 import client_pb2, client_pb2_grpc, worker_pb2
 from pdserve.worker_base import Role, WorkerConfig, WorkerState, engine_layout
+from router.lifecycle.states import State
 from router.lifecycle.stream_mode import KVStreamMode
 from router.registry import Registry, WorkerKind, WorkerLoad
 from router.service import GenerateServicer, RouterConfig
@@ -79,7 +82,7 @@ class _Cluster:
         from prefill_worker.publisher import StorePublisher
         from prefill_worker.service import PrefillServicer
 
-        engines = {n: LLMEngine.from_pretrained(path, ECFG) for n in ("pre-a", "pre-b", "dec-a")}
+        engines = {n: LLMEngine.from_pretrained(path, ECFG) for n in ("pre-a", "pre-b", "dec-a", "dec-b")}
         self.store_srv = serve(
             StoreConfig(node_id="kvs0", layout=engine_layout(engines["dec-a"]), capacity_blocks=1024)
         )
@@ -101,26 +104,24 @@ class _Cluster:
             self.registry.register(
                 n, WorkerKind.PREFILL, st.address, "llama", WorkerLoad(0, 0, BLOCKS, 0, block_size=BLOCK_SIZE)
             )
-        st = WorkerState(WorkerConfig("dec-a", Role.DECODE, str(path), saddr, engine=ECFG), engines["dec-a"])
-        self.decode = AsyncDecodeServicer(
-            st,
-            StorePuller(self.transport, {saddr: self.store}),
-            KVPullMetrics(CollectorRegistry(), "dec-a"),
-            stream_window_s=0.0,
-        )
+        self.decode: dict[str, AsyncDecodeServicer] = {}
         desc = worker_pb2.DESCRIPTOR.services_by_name
-        self.servers["dec-a"], port = serve_worker(
-            [(desc["Worker"], self.decode)], Role.DECODE, "127.0.0.1", 0, "dec-a"
-        )
-        st.address = f"127.0.0.1:{port}"
-        self.states["dec-a"] = st
-        self.registry.register(
-            "dec-a",
-            WorkerKind.DECODE,
-            st.address,
-            "llama",
-            WorkerLoad(0, 0, BLOCKS, 0, block_size=BLOCK_SIZE),
-        )
+        for n in ("dec-a", "dec-b"):
+            st = WorkerState(WorkerConfig(n, Role.DECODE, str(path), saddr, engine=ECFG), engines[n])
+            self.decode[n] = AsyncDecodeServicer(
+                st,
+                StorePuller(self.transport, {saddr: self.store}),
+                KVPullMetrics(CollectorRegistry(), n),
+                stream_window_s=0.0,
+            )
+            self.servers[n], port = serve_worker(
+                [(desc["Worker"], self.decode[n])], Role.DECODE, "127.0.0.1", 0, n
+            )
+            st.address = f"127.0.0.1:{port}"
+            self.states[n] = st
+            self.registry.register(
+                n, WorkerKind.DECODE, st.address, "llama", WorkerLoad(0, 0, BLOCKS, 0, block_size=BLOCK_SIZE)
+            )
         self.routers: dict[KVStreamMode, tuple[GenerateServicer, object, str]] = {}
         self.metrics: dict[KVStreamMode, CollectorRegistry] = {}
         for mode in (KVStreamMode.STORE, KVStreamMode.GRPC):
@@ -145,9 +146,10 @@ class _Cluster:
         self.servers[name].stop(0).wait()
 
     def leaks(self) -> tuple[dict[str, int], int, list]:
-        used = {
+        used = {  # (a stopped worker's engine stands for a dead process: its memory went with it)
             n: st.loop.call(lambda e: e.kv.num_blocks - e.kv.num_free_blocks + len(e._tracked))
             for n, st in self.states.items()
+            if n not in self.stopped
         }
         streams = [m for n, p in self.prefill.items() for m in p.streams.live()]
         return used, self.store.stats().node.num_leases, streams
@@ -169,7 +171,8 @@ class _Cluster:
         for n, s in self.servers.items():
             if n not in self.stopped:
                 s.stop(0).wait()
-        self.decode.close()
+        for d in self.decode.values():
+            d.close()
         for p in self.prefill.values():
             p.streams.stop()
         for st in self.states.values():
@@ -253,33 +256,68 @@ def test_client_cancelled_mid_prefill_leaves_nothing(cluster) -> None:
     cluster.wait_clean()
 
 
+def _slowly_streaming(cluster, fut, mode: KVStreamMode) -> tuple[str, str]:
+    """Wait until a prefill worker's stream published a chunk; (prefill worker, decode worker)
+    of the one request running on ``mode``'s router."""
+    svc = cluster.routers[mode][0]
+    deadline = time.monotonic() + CALL_S
+    while True:
+        assert time.monotonic() < deadline and not fut.done(), "the prefill never streamed a chunk"
+        pw = next(
+            (n for n, p in cluster.prefill.items() if any(m.ready_chunks for m in p.streams.live())), None
+        )
+        running = list(svc.running().values())
+        if pw is not None and running:
+            assert running[0].state is State.STREAMING
+            return pw, running[0].m.decode_id
+        time.sleep(0.002)
+
+
+def _redispatches(cluster, mode: KVStreamMode, phase: str) -> float:
+    return (
+        cluster.metrics[mode].get_sample_value("pdserve_router_redispatches_total", {"phase": phase}) or 0.0
+    )
+
+
+def test_decode_worker_killed_mid_prefill_is_redispatched(cluster, whole) -> None:
+    """Stops a decode worker for good (the next test keeps one of each)."""
+    prompt = _prompt(300, 6)
+    ref = whole.generate([prompt], [GREEDY])[0]
+    mode = KVStreamMode.STORE
+    before = _redispatches(cluster, mode, "decode")
+    for s in cluster.slow.values():
+        s.delay_s = 0.05
+    try:
+        with Client(cluster.address(mode), timeout=CALL_S) as c, ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(c.complete, prompt, GREEDY)
+            _, victim = _slowly_streaming(cluster, fut, mode)
+            cluster.kill(victim)
+            got = fut.result(CALL_S)
+    finally:
+        for s in cluster.slow.values():
+            s.delay_s = 0.0
+    assert got.token_ids == ref.token_ids
+    assert _redispatches(cluster, mode, "decode") == before + 1
+    assert victim not in {e.worker_id for e in cluster.registry.alive()}
+    cluster.wait_clean()
+
+
 def test_prefill_worker_killed_mid_prefill_is_redispatched(cluster, whole) -> None:
     """Last in the module: it stops a prefill worker for good."""
     prompt = _prompt(300, 5)
     ref = whole.generate([prompt], [SEEDED])[0]
     for s in cluster.slow.values():
         s.delay_s = 0.05
-    metrics = cluster.metrics[KVStreamMode.GRPC]
-
-    def redispatches() -> float:
-        return metrics.get_sample_value("pdserve_router_redispatches_total", {"phase": "prefill"}) or 0.0
-
-    before = redispatches()
-    with Client(cluster.address(KVStreamMode.GRPC), timeout=CALL_S) as c, ThreadPoolExecutor(1) as ex:
+    mode = KVStreamMode.GRPC
+    before = _redispatches(cluster, mode, "prefill")
+    with Client(cluster.address(mode), timeout=CALL_S) as c, ThreadPoolExecutor(1) as ex:
         fut = ex.submit(c.complete, prompt, SEEDED)
-        deadline = time.monotonic() + CALL_S
-        victim = None
-        while victim is None:
-            assert time.monotonic() < deadline and not fut.done(), "the prefill never streamed a chunk"
-            victim = next(
-                (n for n, p in cluster.prefill.items() if any(m.ready_chunks for m in p.streams.live())), None
-            )
-            time.sleep(0.002)
+        victim, _ = _slowly_streaming(cluster, fut, mode)
         cluster.kill(victim)
         for s in cluster.slow.values():
             s.delay_s = 0.0
         got = fut.result(CALL_S)
     assert got.token_ids == ref.token_ids
-    assert redispatches() == before + 1
+    assert _redispatches(cluster, mode, "prefill") == before + 1
     assert victim not in {e.worker_id for e in cluster.registry.alive()}
     cluster.wait_clean()
