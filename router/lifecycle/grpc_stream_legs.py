@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -39,15 +40,20 @@ TRANSPORTS = {
 
 class _Prefetched:
     """A Decode call whose first message (or failure) was read ahead: iterating yields it first,
-    then the rest; ``cancel`` cancels the call (what :class:`Guarded` wraps)."""
+    then the rest; ``cancel`` cancels the call (what :class:`Guarded` wraps). ``overlap_s``: the
+    time the prefill ran alongside the stream's reading, taken off the first message's
+    ``kv_pull_s`` (which spans the whole streamed prefill) so that the request's transfer phase
+    counts only the wait left after the prefill, as a whole-KV pull does."""
 
-    def __init__(self, call: Any, it: AsyncIterator[Any], first: asyncio.Future) -> None:
-        self._call, self._it, self._first = call, it, first
+    def __init__(self, call: Any, it: AsyncIterator[Any], first: asyncio.Future, overlap_s: float) -> None:
+        self._call, self._it, self._first, self._overlap_s = call, it, first, overlap_s
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         m = await self._first  # raises the call's failure (a grpc.RpcError)
         if m is None:
             return
+        if m.kv_pull_s > 0:
+            m.kv_pull_s = max(1e-9, m.kv_pull_s - self._overlap_s)
         yield m
         async for m in self._it:
             yield m
@@ -77,6 +83,7 @@ class GrpcStreamedDecode:
         self._it = aiter(self.call)
         self._first: asyncio.Future = asyncio.ensure_future(anext(self._it, None))
         self._used = False
+        self._t_start = time.monotonic()
 
     @property
     def settled(self) -> asyncio.Future:
@@ -112,8 +119,12 @@ class GrpcStreamedDecode:
         self._used = True
         svc, legs = self.legs.svc, self.legs
         watch = ProgressWatch(svc.config.progress, legs.run.predicted_tpot_s)
+        overlap = time.monotonic() - self._t_start  # called once the prefill answered
         guarded = Guarded(
-            _Prefetched(self.call, self._it, self._first), self.dw, watch=watch, streamed=svc._streamed_at
+            _Prefetched(self.call, self._it, self._first, overlap),
+            self.dw,
+            watch=watch,
+            streamed=svc._streamed_at,
         )
         return self._stream(legs.stream(guarded, self.dw, first_index, worker_text=self.fresh))
 
