@@ -189,6 +189,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             worker_kv_blocks=a.kv_blocks,
             router_args=(
                 *(("--policy", a.policy) if a.policy else ()),
+                *(("--kv-stream", a.kv_stream) if a.kv_stream != "off" else ()),
                 *(("--api-keys", _key_store_arg(a.api_keys)) if a.api_keys else ()),
             ),
             index_url=a.index,
@@ -380,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy",
         default="",
         help="router placement: goodput (default) | least_loaded | random | round_robin | cache_aware | colocated",
+    )
+    sv.add_argument(
+        "--kv-stream",
+        choices=("off", "grpc", "store"),
+        default="off",
+        help="the routers' chunk-wise KV streaming from prefill to decode (python -m router --kv-stream)",
     )
     sv.add_argument("--index", default="memory", help="KV index: memory | redis://127.0.0.1:PORT/0")
     sv.add_argument(
