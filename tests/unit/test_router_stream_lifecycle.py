@@ -310,3 +310,61 @@ def test_driver_client_leaving_mid_stream_cancels_both_calls() -> None:
     assert m.state is State.FAILED and m.outcome is Outcome.CANCELLED
     assert legs.prefill_cancelled == ["p0"] and legs.cancelled == ["d0"]
     _balanced(m, cluster)
+
+
+class RefusingLegs(StreamFakeLegs):
+    """The prefill worker refuses the streamed prefill (``prefill_error``), or the decode worker
+    refuses its Decode at once (``decode_error``) while the prefill waits for a consumer."""
+
+    def __init__(self, prefill_error=None, decode_error=None) -> None:
+        super().__init__(slow={"p0"} if decode_error is not None else ())
+        self.prefill_error, self.decode_error = prefill_error, decode_error
+
+    def start_streamed_decode(self, worker_id: str, prefill_id: str, num_output: int) -> FakeStreamedDecode:
+        d = super().start_streamed_decode(worker_id, prefill_id, num_output)
+        if self.decode_error is not None:
+            d._fail = self.decode_error
+            d.settled.set_result(None)
+        return d
+
+    async def streamed_prefill(self, worker_id: str, num_output: int) -> PrefillAnswer:
+        if self.prefill_error is not None:
+            await asyncio.sleep(0)
+            raise self.prefill_error
+        return await super().streamed_prefill(worker_id, num_output)
+
+
+def _failing(legs: StreamFakeLegs, cluster: FakeCluster) -> tuple[RequestLifecycle, BaseException]:
+    m = streaming()
+
+    async def go() -> None:
+        async for _ in LifecycleDriver(m, legs, cluster).run(E.Placed("p0", "d0")):
+            pass
+
+    with pytest.raises(Exception) as e:
+        asyncio.run(asyncio.wait_for(go(), 30))
+    return m, e.value
+
+
+def test_driver_prefill_refusal_fails_the_request_and_cancels_the_decode() -> None:
+    from pdserve.errors import InvalidRequestError
+
+    legs, cluster = (
+        RefusingLegs(prefill_error=InvalidRequestError("KV_STREAM_TRANSPORT_STORE: no store")),
+        FakeCluster(),
+    )
+    m, err = _failing(legs, cluster)
+    assert isinstance(err, InvalidRequestError) and "KV_STREAM_TRANSPORT_STORE" in str(err)
+    assert m.outcome is Outcome.ERROR and legs.cancelled == ["d0"] and not cluster.dropped
+    _balanced(m, cluster)
+
+
+def test_driver_decode_refusal_cancels_the_prefill_after_its_grace(monkeypatch) -> None:
+    from pdserve.errors import ResourceExhaustedError
+
+    monkeypatch.setattr(stream_legs, "PREFILL_GRACE_S", 0.05)
+    legs, cluster = RefusingLegs(decode_error=ResourceExhaustedError("no free KV blocks")), FakeCluster()
+    m, err = _failing(legs, cluster)
+    assert isinstance(err, ResourceExhaustedError)
+    assert m.outcome is Outcome.ERROR and legs.prefill_cancelled == ["p0"] and not cluster.dropped
+    _balanced(m, cluster)
