@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backoff",
         type=int,
         default=None,
-        help="MLFQ: iterations a preempted request that runs again is safe from policy preemption, "
-        "doubling with each of its preemptions (default: engine's; 0: off)",
+        help="MLFQ: iterations a request swapped out and back in is safe from policy preemption, "
+        "doubling with each of its swaps (default: engine's; 0: off)",
     )
     p.add_argument(
         "--kv-blocks",
@@ -113,7 +113,7 @@ def scheduler(args: argparse.Namespace, policy: SchedulingPolicy) -> SchedulerCo
     if args.swap_watermark is not None:
         kw["mlfq_swap_watermark"] = args.swap_watermark
     if args.backoff is not None:
-        kw["mlfq_preemption_backoff_iters"] = args.backoff
+        kw["mlfq_swap_backoff_iters"] = args.backoff
     return dataclasses.replace(base, **kw)
 
 
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"MLFQ: {cfg.mlfq_num_levels} levels, quantum {cfg.mlfq_quantum_iters} x 2^level iterations, skip-join "
         f"base {cfg.mlfq_base_prefill_s * 1e3:.0f} ms, starvation {cfg.mlfq_starvation_s:g} s, watermark "
-        f"{cfg.mlfq_swap_watermark:g}, preemption backoff {cfg.mlfq_preemption_backoff_iters} x 2^(k-1) "
-        f"iterations (max {cfg.mlfq_preemption_backoff_max_iters}); "
+        f"{cfg.mlfq_swap_watermark:g}, swap backoff {cfg.mlfq_swap_backoff_iters} x 2^(k-1) "
+        f"iterations (max {cfg.mlfq_swap_backoff_max_iters}); "
         f"swap pool {args.swap_gib:g} GiB; KV blocks {args.kv_blocks or 'derived'}; burst throughput (FCFS) {capacity:.2f} req/s"
     )
     print(

@@ -14,10 +14,10 @@ iterations (for demotion):
   one's place only when the victim's KV is swapped out or stays in the prefix cache, never by
   discarding computed KV (that is recomputed at everyone's expense and, with memory binding,
   thrashes);
-* swap backoff (:func:`preemption_backoff_iters`): a preempted request that runs again is not
+* swap backoff (:func:`swap_backoff_iters`): a request swapped out and back in is not
   preempted by the policy for a number of scheduler iterations that doubles with each of its
-  preemptions, so a long job is not swapped out and back at every higher-level arrival
-  (ping-pong: each round trip copies its KV twice and it makes no progress in between).
+  swaps, so a long job is not swapped out and back at every higher-level arrival (ping-pong:
+  each round trip copies its KV twice and it makes no progress in between).
 
 :class:`engine.scheduler.Scheduler` applies these with ``SchedulingPolicy.MLFQ``.
 """
@@ -72,14 +72,13 @@ def preemptible(tokens_lost: int, block_size: int) -> bool:
     return tokens_lost < block_size
 
 
-def preemption_backoff_iters(num_preemptions: int, base_iters: int, max_iters: int) -> int:
-    """Scheduler iterations during which a request that has been preempted ``num_preemptions``
-    times and just came back may not be preempted again by the policy: ``base_iters * 2**(k-1)``
-    for ``k >= 1`` preemptions, at most ``max_iters``; 0 before any preemption or with
-    ``base_iters == 0`` (backoff off). Preemption because running requests need its blocks is
-    not a policy choice and ignores this."""
+def swap_backoff_iters(num_swaps: int, base_iters: int, max_iters: int) -> int:
+    """Scheduler iterations during which a request swapped out ``num_swaps`` times that just
+    came back may not be preempted again by the policy: ``base_iters * 2**(k-1)`` for ``k >= 1``
+    swaps, at most ``max_iters``; 0 before any swap or with ``base_iters == 0`` (backoff off).
+    Preemption because running requests need its blocks is not a policy choice and ignores this."""
     if base_iters < 0 or max_iters < 0:
         raise ValueError("base_iters and max_iters must be >= 0")
-    if num_preemptions < 1 or base_iters == 0:
+    if num_swaps < 1 or base_iters == 0:
         return 0
-    return min(base_iters << min(num_preemptions - 1, 62), max_iters)
+    return min(base_iters << min(num_swaps - 1, 62), max_iters)

@@ -68,8 +68,8 @@ class Request:
     mlfq_level: int = 0
     mlfq_iters: int = 0  # iterations run at mlfq_level
     last_served: float = 0.0  # scheduler clock when last scheduled (or added)
-    # MLFQ swap backoff (engine.mlfq.preemption_backoff_iters): the policy does not preempt the
-    # request before this scheduler iteration (set when a preempted request runs again)
+    # MLFQ swap backoff (engine.mlfq.swap_backoff_iters): the policy does not preempt the
+    # request before this scheduler iteration (set when a swapped-out request runs again)
     mlfq_protected_until: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

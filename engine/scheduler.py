@@ -28,7 +28,7 @@ one is only reused after its copy).
 queued request of a higher level preempts a running one of a lower level when the batch is full
 or the pool would pass ``mlfq_swap_watermark``, only where the victim's KV survives (swapped out,
 or kept in the prefix cache: the policy never discards computed KV) and not while the victim
-backs off after an earlier preemption (``mlfq_preemption_backoff_iters``, doubling with each),
+backs off after being swapped out and back (``mlfq_swap_backoff_iters``, doubling with each swap),
 and a request queued past ``mlfq_starvation_s`` returns to level 0. It needs the scheduler's
 ``clock``.
 
@@ -85,11 +85,10 @@ class SchedulerConfig:
     mlfq_base_prefill_s: float = 0.05  # level i admits predicted prefill <= this * 2**i (skip-join)
     mlfq_starvation_s: float = 10.0  # queued this long without service: back to level 0
     mlfq_swap_watermark: float = 0.9  # preempt lower levels before the pool passes this fraction
-    # a preempted request that runs again is safe from MLFQ preemption for this many iterations,
-    # doubling with each of its preemptions up to the max (engine.mlfq.preemption_backoff_iters;
-    # 0: off)
-    mlfq_preemption_backoff_iters: int = 8
-    mlfq_preemption_backoff_max_iters: int = 512
+    # a request swapped out and back in is safe from MLFQ preemption for this many iterations,
+    # doubling with each of its swaps up to the max (engine.mlfq.swap_backoff_iters; 0: off)
+    mlfq_swap_backoff_iters: int = 8
+    mlfq_swap_backoff_max_iters: int = 512
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -100,10 +99,10 @@ class SchedulerConfig:
             raise ValueError(f"mlfq_base_prefill_s must be > 0, got {self.mlfq_base_prefill_s}")
         if not self.mlfq_starvation_s > 0:
             raise ValueError(f"mlfq_starvation_s must be > 0, got {self.mlfq_starvation_s}")
-        if self.mlfq_preemption_backoff_iters < 0 or self.mlfq_preemption_backoff_max_iters < 0:
+        if self.mlfq_swap_backoff_iters < 0 or self.mlfq_swap_backoff_max_iters < 0:
             raise ValueError(
-                "mlfq_preemption_backoff_iters and mlfq_preemption_backoff_max_iters must be >= 0, got "
-                f"{self.mlfq_preemption_backoff_iters} and {self.mlfq_preemption_backoff_max_iters}"
+                "mlfq_swap_backoff_iters and mlfq_swap_backoff_max_iters must be >= 0, got "
+                f"{self.mlfq_swap_backoff_iters} and {self.mlfq_swap_backoff_max_iters}"
             )
         if not 0 < self.mlfq_swap_watermark <= 1:
             raise ValueError(f"mlfq_swap_watermark must be in (0, 1], got {self.mlfq_swap_watermark}")
@@ -216,7 +215,7 @@ class Scheduler:
         self.num_swap_outs = 0  # preemptions that swapped (requests)
         self.num_swap_ins = 0
         self.num_promotions = 0  # MLFQ anti-starvation promotions
-        self.iteration = 0  # schedule() calls so far (MLFQ preemption backoff counts in these)
+        self.iteration = 0  # schedule() calls so far (MLFQ swap backoff counts in these)
         self.num_backoff_holds = 0  # MLFQ preemptions not made because the victim was backing off
 
     def set_swap_rates(self, rates: SwapRates | None) -> None:
@@ -634,13 +633,13 @@ class Scheduler:
                 self._preempt(victim, out, for_memory=tight)
 
     def _start_backoff(self, admitted: list[Request]) -> None:
-        """A preempted request running again is not preempted by the policy for
-        :func:`engine.mlfq.preemption_backoff_iters` iterations (doubling with its preemptions)."""
+        """A request swapped out and back in is not preempted by the policy for
+        :func:`engine.mlfq.swap_backoff_iters` iterations (doubling with its swaps)."""
         c = self.config
         for r in admitted:
-            if r.num_preemptions:
-                r.mlfq_protected_until = self.iteration + mlfq.preemption_backoff_iters(
-                    r.num_preemptions, c.mlfq_preemption_backoff_iters, c.mlfq_preemption_backoff_max_iters
+            if r.num_swaps:
+                r.mlfq_protected_until = self.iteration + mlfq.swap_backoff_iters(
+                    r.num_swaps, c.mlfq_swap_backoff_iters, c.mlfq_swap_backoff_max_iters
                 )
 
     def _policy_may_preempt(self, req: Request, for_memory: bool) -> bool:

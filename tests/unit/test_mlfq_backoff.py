@@ -1,5 +1,5 @@
-"""MLFQ preemption backoff (issue #15): a preempted request that runs again is not preempted by the
-policy for a number of iterations doubling with its preemptions, so a long job is not swapped out
+"""MLFQ swap backoff (issue #15): a request swapped out and back in is not preempted by the policy
+for a number of iterations doubling with its swaps, so a long job is not swapped out
 and back at every higher-level arrival (swap ping-pong). Fake clock, no torch."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from engine.scheduler import SchedulerConfig
 from tests.unit.test_mlfq import FakeClock, _req, _sched, _step
 
 
-def test_backoff_doubles_with_preemptions_up_to_the_cap():
-    assert [mlfq.preemption_backoff_iters(k, 8, 100) for k in range(6)] == [0, 8, 16, 32, 64, 100]
-    assert mlfq.preemption_backoff_iters(3, 0, 100) == 0  # off
-    assert mlfq.preemption_backoff_iters(10_000, 8, 512) == 512  # no overflow
+def test_backoff_doubles_with_swaps_up_to_the_cap():
+    assert [mlfq.swap_backoff_iters(k, 8, 100) for k in range(6)] == [0, 8, 16, 32, 64, 100]
+    assert mlfq.swap_backoff_iters(3, 0, 100) == 0  # off
+    assert mlfq.swap_backoff_iters(10_000, 8, 512) == 512  # no overflow
     with pytest.raises(ValueError):
-        mlfq.preemption_backoff_iters(1, -1, 10)
-    with pytest.raises(ValueError, match="mlfq_preemption_backoff_iters"):
-        SchedulerConfig(mlfq_preemption_backoff_iters=-1)
+        mlfq.swap_backoff_iters(1, -1, 10)
+    with pytest.raises(ValueError, match="mlfq_swap_backoff_iters"):
+        SchedulerConfig(mlfq_swap_backoff_iters=-1)
 
 
 def _short_job_stream(backoff: int, steps: int = 120) -> tuple[object, list[tuple[str, int]], object]:
@@ -27,7 +27,7 @@ def _short_job_stream(backoff: int, steps: int = 120) -> tuple[object, list[tupl
     cache (a policy preemption swaps); returns the scheduler, the long job's swap events
     (direction, iteration) and the long job."""
     clock = FakeClock()
-    s = _sched(clock, host=64, max_num_seqs=1, caching=False, mlfq_preemption_backoff_iters=backoff)
+    s = _sched(clock, host=64, max_num_seqs=1, caching=False, mlfq_swap_backoff_iters=backoff)
     long = _req("long", 200, max_tokens=50, arrival=0.0)  # 0.2 s predicted -> level 2
     s.add_request(long)
     events: list[tuple[str, int]] = []
@@ -53,7 +53,7 @@ def test_without_backoff_the_long_job_ping_pongs():
 
 def test_backoff_keeps_a_resumed_job_running_for_growing_windows():
     s, events, long = _short_job_stream(backoff=4)
-    # every swap-in opens a window of 4 * 2**(k-1) iterations (k: preemptions so far) with no
+    # every swap-in opens a window of 4 * 2**(k-1) iterations (k: swaps so far) with no
     # policy swap-out of the long job
     k = 0
     last_in = None
@@ -61,7 +61,7 @@ def test_backoff_keeps_a_resumed_job_running_for_growing_windows():
         if d == "out":
             k += 1
             if last_in is not None:
-                assert it - last_in >= mlfq.preemption_backoff_iters(k - 1, 4, 512), events
+                assert it - last_in >= mlfq.swap_backoff_iters(k - 1, 4, 512), events
         else:
             last_in = it
     assert long.num_swaps == k >= 2
@@ -77,10 +77,10 @@ def test_memory_preemption_ignores_the_backoff():
     """Running requests that need blocks still take them from a backing-off request (that is
     not a policy choice): the pool is too small for both to grow."""
     clock = FakeClock()
-    s = _sched(clock, blocks=24, host=64, max_num_seqs=4, caching=False, mlfq_preemption_backoff_iters=1000)
+    s = _sched(clock, blocks=24, host=64, max_num_seqs=4, caching=False, mlfq_swap_backoff_iters=1000)
     a = _req("a", 40, max_tokens=30, arrival=0.0)
     b = _req("b", 40, max_tokens=30, arrival=0.0)
-    b.num_preemptions = 1  # as if preempted before: protected for 1000 iterations once admitted
+    b.num_preemptions = b.num_swaps = 1  # as if swapped before: protected 1000 iterations once admitted
     s.add_request(a)
     s.add_request(b)
     preempted: list[str] = []
@@ -89,5 +89,18 @@ def test_memory_preemption_ignores_the_backoff():
             break
         preempted += _step(s, clock).preempted
     assert not s.has_unfinished()
-    assert preempted  # 2 x (40 + 30) tokens need 36 blocks of 4 > 24: someone was preempted
+    # 2 x (40 + 30) tokens need 36 blocks of 4 > 24: b (the later of two equal requests) gives way
+    assert "b" in preempted and b.mlfq_protected_until > s.iteration
     assert a.num_output_tokens == 30 and b.num_output_tokens == 30
+
+
+def test_no_backoff_without_a_swap():
+    """A request dropped to the prefix cache (slot-only preemption, no swap) is not protected:
+    the backoff counts swaps."""
+    clock = FakeClock()
+    s = _sched(clock, host=0, max_num_seqs=1)
+    r = _req("r", 10, max_tokens=3)
+    r.num_preemptions = 2  # preempted before, never swapped
+    s.add_request(r)
+    _step(s, clock)
+    assert r.status is RequestStatus.RUNNING and r.mlfq_protected_until == 0
