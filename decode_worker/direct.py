@@ -380,17 +380,6 @@ class DirectStreams:
         self._slots.clear()
 
 
-def direct_streams_requested(argv: list[str]) -> bool:
-    """Whether a worker's command line ``argv`` sets ``--direct-streams`` (the flag is declared on
-    the worker's parser, :func:`pdserve.worker_main.build_parser`; read here without touching the
-    worker's config)."""
-    import argparse
-
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--direct-streams", action="store_true")
-    return bool(p.parse_known_args(argv)[0].direct_streams)
-
-
 def enable_direct_streams(svc: Any, services: list[tuple[Any, Any]]) -> DirectStreams:
     """Serve direct streams on decode servicer ``svc`` (an ``AsyncDecodeServicer``): its
     :class:`DirectStreams` (window: the worker's ``stream_window_s``; tickets verified with the

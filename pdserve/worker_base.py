@@ -94,6 +94,7 @@ class WorkerConfig:
     stream_window_s: float = DEFAULT_STREAM_WINDOW_S
     metrics_port: int = 0  # /metrics on 127.0.0.1 (0: any free port)
     lora: LoRAConfig | None = None  # LoRA adapters served (--lora NAME=PATH); None: base model only
+    direct_streams: bool = False  # decode: serve DirectStream to clients (--direct-streams)
 
 
 def engine_layout(engine: LLMEngine) -> KVLayout:

@@ -452,6 +452,7 @@ def parse(
         stream_window_s=a.stream_window_ms / 1000.0,
         metrics_port=a.metrics_port,
         lora=lora,
+        direct_streams=bool(getattr(a, "direct_streams", False)),
     )
 
 
@@ -590,11 +591,10 @@ def main(
         prefix_fetch=prefix_fetch,
     )
     services, _ = worker_services(svc, role, dist)
-    if role is Role.DECODE:
-        from decode_worker.direct import direct_streams_requested, enable_direct_streams
+    if role is Role.DECODE and cfg.direct_streams:
+        from decode_worker.direct import enable_direct_streams
 
-        if direct_streams_requested(rest):
-            enable_direct_streams(svc, services)
+        enable_direct_streams(svc, services)
     server, port = serve_worker(services, role, cfg.host, cfg.port, cfg.worker_id)
     state.address = f"{cfg.host}:{port}"
     state.attach_metrics(

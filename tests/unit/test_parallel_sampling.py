@@ -57,7 +57,10 @@ def _assert_same(choice, ref) -> None:
     assert len(choice.logprobs) == len(ref.logprobs) == len(ref.token_ids)
     for a, b in zip(choice.logprobs, ref.logprobs, strict=True):
         assert a.token_id == b.token_id
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-6)
+        # a choice preempted by recompute re-scores its tokens through the prefill attention
+        # path, the reference through the in-place decode kernel: same math, another float
+        # summation order (differences of 1.4e-6 seen); tokens must match exactly
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
 
 
