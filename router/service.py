@@ -379,6 +379,7 @@ class GenerateServicer:
         cls = slo_class(req.slo.ttft_s, req.slo.tpot_s)
         m = self.metrics
         finish: common_pb2.Finish | None = None
+        completion_tokens = 0  # every choice's (a parallel-sampling group ends with a finish per choice)
         with request_scope(shown_id):  # logs name the id the client sees (workers get req's)
             m.inflight.inc()
             writer = _ClientWriter(ctx, self.config.stall_timeout_s)
@@ -391,6 +392,7 @@ class GenerateServicer:
                             continue
                         if resp.HasField("finish"):
                             finish = resp.finish
+                            completion_tokens += finish.usage.completion_tokens
                         resp.request_id = shown_id
                         await writer.write(resp)
             except BaseException as e:
@@ -423,7 +425,7 @@ class GenerateServicer:
                 phases=phases,
                 prompt_tokens=finish.usage.prompt_tokens,
                 cached_prompt_tokens=finish.usage.cached_prompt_tokens,
-                completion_tokens=finish.usage.completion_tokens,
+                completion_tokens=completion_tokens,
             )
             met = m.observe_finished(cls, req.slo.ttft_s, req.slo.tpot_s, rec)
             log_event(

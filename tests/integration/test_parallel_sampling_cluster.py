@@ -59,9 +59,24 @@ def _alone(whole: LLMEngine, prompt, params: SamplingParams, i: int):
     return whole.generate([prompt], replace(params, n=1, best_of=None, seed=params.seed + i))[0]
 
 
+def _router_generation_tokens(cluster) -> float:
+    """The router's pdserve_router_generation_tokens_total, scraped from its /metrics."""
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://{cluster.metrics['router']}/metrics", timeout=30).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith("pdserve_router_generation_tokens_total")
+    )
+
+
 def test_disaggregated_choices_equal_whole_engine_and_each_alone(cluster, client, whole):
     _wait_baseline(cluster)
+    before = _router_generation_tokens(cluster)
     got = client.complete_choices(PROMPT, PARAMS)
+    # the router counts every choice's output tokens, not only the last choice's
+    assert _router_generation_tokens(cluster) - before == 3 * PARAMS.max_tokens
     ref = whole.generate_choices(PROMPT, PARAMS)
     assert len(got) == 3
     for i, (g, r) in enumerate(zip(got, ref, strict=True)):
