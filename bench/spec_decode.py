@@ -65,15 +65,22 @@ def run_once(
     return time.perf_counter() - t0, sum(len(t) for t in toks), toks
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's command line."""
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: SmolLM2-135M)")
-    ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4, help="draft tokens per step (num_speculative_tokens)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     ap.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per configuration (median)")
     ap.add_argument("--weight-dtypes", default="float32", help="comma-separated: float32, int8")
-    args = ap.parse_args()
+    return cli_help.apply(ap)
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.model is None:
         from pdserve.model_setup import ensure_default_model
 
