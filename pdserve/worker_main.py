@@ -34,6 +34,7 @@ from prometheus_client import REGISTRY
 from engine.config import EngineConfig
 from engine.lora import AdapterSpec, LoRAConfig
 from engine.scheduler import SchedulingPolicy
+from engine.spec_decode.config import SpeculativeConfig
 from kv_store.arena import host_id
 from kv_store.client import KVStoreClient
 from kv_store.dist_transport import DistConfig, destroy_process_group, device_for, init_process_group
@@ -300,6 +301,19 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         "multi-level feedback queue) (default: %(default)s)",
     )
     ap.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=0,
+        help="speculative decoding by prompt lookup: draft tokens checked per step (1-16; 0: off). "
+        "Output is identical to plain decoding; not with --tp > 1 or --lora (README: #17)",
+    )
+    ap.add_argument(
+        "--speculative-ngram",
+        type=int,
+        default=4,
+        help="with --speculative-tokens: the longest n-gram prompt lookup matches (tries n..1)",
+    )
+    ap.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -390,6 +404,10 @@ def parse(
         ap.error(str(e))
     # TLS / cluster token of this process's server and channels; refused here, before the model loads
     install_process_security(ap, a, a.host, ("pdserve.v1.Worker", "pdserve.v1.KVPeer", "pdserve.v1.KVStream"))
+    if a.speculative_tokens < 0:
+        ap.error(f"--speculative-tokens must be >= 0 (0: off), got {a.speculative_tokens}")
+    if a.speculative_tokens and a.lora:
+        ap.error("--speculative-tokens is not supported with --lora (speculative decoding refuses LoRA)")
     if a.max_model_len is not None and a.max_model_len < 1:
         ap.error(f"--max-model-len must be >= 1, got {a.max_model_len}")
     if not (a.swap_space >= 0 and math.isfinite(a.swap_space)):
@@ -420,6 +438,11 @@ def parse(
             tensor_parallel_size=a.tp,
             weight_dtype=a.weight_dtype,
             max_model_len=a.max_model_len,
+            speculative=SpeculativeConfig(
+                num_speculative_tokens=a.speculative_tokens, ngram_max=a.speculative_ngram
+            )
+            if a.speculative_tokens
+            else None,
         )
     except ValueError as e:  # e.g. swap space with tensor parallelism
         ap.error(str(e))

@@ -19,6 +19,18 @@ def test_swap_space_and_policy_reach_the_engine_config() -> None:
     assert default.swap_space_bytes == 0 and default.scheduling_policy is SchedulingPolicy.PRIORITY
 
 
+def test_speculative_flags_reach_the_engine_config() -> None:
+    """--speculative-tokens K (prompt lookup, #17): off by default."""
+    from engine.spec_decode.config import SpecMethod
+
+    spec = parse(
+        [*BASE, "--speculative-tokens", "3", "--speculative-ngram", "2"], Role.DECODE
+    ).engine.speculative
+    assert spec is not None and spec.method is SpecMethod.NGRAM
+    assert (spec.num_speculative_tokens, spec.ngram_min, spec.ngram_max) == (3, 1, 2)
+    assert parse(BASE, Role.DECODE).engine.speculative is None
+
+
 def test_weight_offload_flags_reach_the_engine_config(tmp_path) -> None:
     cfg = parse(
         [
@@ -53,6 +65,14 @@ def test_weight_offload_flags_reach_the_engine_config(tmp_path) -> None:
         (["--weight-budget-gib", "1", "--weight-dtype", "int8"], "not supported with weight_dtype 'int8'"),
         (["--weight-host-gib", "1"], "set weight_memory_budget_bytes"),
         (["--weight-budget-gib", "1", "--lora", "a=/x"], "--lora is not supported with --weight-budget-gib"),
+        (["--speculative-tokens", "-1"], "--speculative-tokens must be >= 0"),
+        (["--speculative-tokens", "17"], "num_speculative_tokens must be in [1, 16]"),
+        (["--speculative-tokens", "4", "--speculative-ngram", "0"], "ngram_min <= ngram_max"),
+        (["--speculative-tokens", "4", "--tp", "2"], "tensor"),
+        (
+            ["--speculative-tokens", "4", "--lora", "a=/x"],
+            "--speculative-tokens is not supported with --lora",
+        ),
     ],
 )
 def test_bad_values_are_refused_naming_them(extra: list[str], why: str, capsys) -> None:
