@@ -52,7 +52,7 @@ from pdserve.v1 import client_pb2, common_pb2, worker_pb2
 from router.failover import LostPhase, LostWorker, Redispatches
 from router.lifecycle.cluster import release_lease_now, unreserve
 from router.lifecycle.grpc_calls import Guarded, call_metadata, raise_store_failure, remaining
-from router.lifecycle.grpc_legs import RequestRun
+from router.lifecycle.grpc_legs import RequestRun, finish_message
 from router.lifecycle.ports import WorkerLostError
 from router.progress import ProgressWatch
 from router.registry import WorkerEntry, WorkerKind
@@ -362,26 +362,6 @@ class GroupRelay:
 
     def _finish(self, c: _Choice, reason: int, stop: str, decode_s: float) -> common_pb2.Finish:
         run = self.run
-        n_in, n_out = len(run.ids), len(c.sent)
-        pre = self.pre_timing
-        e2e = time.monotonic() - run.t0
-        return common_pb2.Finish(
-            reason=reason,
-            stop=stop,
-            usage=common_pb2.Usage(
-                prompt_tokens=n_in,
-                completion_tokens=n_out,
-                cached_prompt_tokens=run.cached_tokens,
-                total_tokens=n_in + n_out,
-            ),
-            timing=common_pb2.Timing(
-                ttft_s=c.token_times[0] if c.token_times else e2e,
-                e2e_s=e2e,
-                token_times_s=c.token_times,
-                queue_s=pre.queue_s if pre is not None else 0.0,
-                prefill_s=pre.prefill_s if pre is not None else 0.0,
-                transfer_s=(pre.transfer_s if pre is not None else 0.0) + run.kv_pull_s,
-                decode_s=max(0.0, decode_s - run.kv_pull_s),
-                kv_pull_s=run.kv_pull_s,
-            ),
+        return finish_message(
+            run, reason, stop, len(c.sent), c.token_times, self.pre_timing, max(0.0, decode_s - run.kv_pull_s)
         )

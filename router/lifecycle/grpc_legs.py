@@ -433,30 +433,54 @@ class GrpcLegs:
         relay (pull excluded)."""
         run = self.run
         fr = reason if isinstance(reason, int) and not isinstance(reason, bool) else finish_to_proto(reason)
-        n_in, n_out = len(run.ids), len(run.out_ids)
-        e2e = time.monotonic() - run.t0
-        pre = run.pre_timing
-        run.finish = common_pb2.Finish(
-            reason=fr,
-            stop="" if stop is None else str(stop),
-            usage=common_pb2.Usage(
-                prompt_tokens=n_in,
-                completion_tokens=n_out,
-                cached_prompt_tokens=run.cached_tokens,
-                total_tokens=n_in + n_out,
-            ),
-            timing=common_pb2.Timing(
-                ttft_s=run.token_times[0] if run.token_times else e2e,
-                e2e_s=e2e,
-                token_times_s=run.token_times,
-                queue_s=pre.queue_s if pre is not None else 0.0,
-                prefill_s=pre.prefill_s if pre is not None else 0.0,
-                transfer_s=(pre.transfer_s if pre is not None else 0.0) + run.kv_pull_s,
-                decode_s=decode_s,
-                kv_pull_s=run.kv_pull_s,
-            ),
+        run.finish = finish_message(
+            run,
+            fr,
+            "" if stop is None else str(stop),
+            len(run.out_ids),
+            run.token_times,
+            run.pre_timing,
+            decode_s,
         )
         return run.finish
+
+
+def finish_message(
+    run: RequestRun,
+    reason: int,
+    stop: str,
+    completion_tokens: int,
+    token_times: list[float],
+    pre: common_pb2.Timing | None,
+    decode_s: float,
+) -> common_pb2.Finish:
+    """The Finish of a request's output (one choice of a parallel-sampling group, or the whole
+    request): its usage (``completion_tokens`` of ``run``'s prompt) and timing (queue/prefill
+    from the prefill worker's ``pre``; transfer = the prefill worker's KV publish plus
+    ``run.kv_pull_s``, the decode side's pulls, also reported alone; ``decode_s`` as measured
+    by the caller, pull excluded)."""
+    n_in = len(run.ids)
+    e2e = time.monotonic() - run.t0
+    return common_pb2.Finish(
+        reason=reason,
+        stop=stop,
+        usage=common_pb2.Usage(
+            prompt_tokens=n_in,
+            completion_tokens=completion_tokens,
+            cached_prompt_tokens=run.cached_tokens,
+            total_tokens=n_in + completion_tokens,
+        ),
+        timing=common_pb2.Timing(
+            ttft_s=token_times[0] if token_times else e2e,
+            e2e_s=e2e,
+            token_times_s=token_times,
+            queue_s=pre.queue_s if pre is not None else 0.0,
+            prefill_s=pre.prefill_s if pre is not None else 0.0,
+            transfer_s=(pre.transfer_s if pre is not None else 0.0) + run.kv_pull_s,
+            decode_s=decode_s,
+            kv_pull_s=run.kv_pull_s,
+        ),
+    )
 
 
 def caught_up_detok(tokenizer, run: RequestRun) -> IncrementalDetokenizer:
