@@ -216,7 +216,7 @@ def test_components_in_separate_registries_do_not_collide():
 
 
 # ---------------------------------------------------------------------------- workers
-def _snap(**kw: int) -> M.WorkerSnapshot:
+def _snap(**kw: object) -> M.WorkerSnapshot:
     base = dict(
         running=3,
         waiting=2,
@@ -440,13 +440,17 @@ def test_store_node_stats_and_lookups():
 # ---------------------------------------------------------------------------- conventions
 ALLOWED_LABELS = {"slo_class", "outcome", "result", "phase", "role", "worker_id", "state", "source"}
 ALLOWED_LABELS |= {"node_id", "transport", "direction", "op", "le", "reason"}
+# per LoRA adapter (#16): bounded by the adapters a worker serves (its flags, the cluster config,
+# operators' admin loads), never by what a request names (an unserved adapter is refused first)
+ALLOWED_LABELS |= {"adapter", "tier"}
 
 
 def all_families() -> list[Metric]:
     reg = CollectorRegistry()
     rm = M.RouterMetrics(reg)
     rm.track_workers(lambda: {"prefill": 1, "decode": 1})
-    M.WorkerMetrics(reg, "w", "decode", snapshot=_snap)
+    adapter = M.AdapterSnapshot("sql", 10, 5, 1, 1, True, True)  # the per-adapter families have samples
+    M.WorkerMetrics(reg, "w", "decode", snapshot=lambda: _snap(adapters=(adapter,)))
     M.KVPullMetrics(reg, "w")
     node = NodeStats(1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0)
     M.StoreMetrics(reg, "kv", stats=lambda: node)
