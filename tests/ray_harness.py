@@ -47,6 +47,28 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subpr
     )
 
 
+START_ATTEMPTS = 3
+
+
+def _start_cluster(cluster_cls: Any, node: dict[str, Any]) -> Any:
+    """A head and a second raylet. Ray gives a starting raylet a fixed 30 s to register with the
+    GCS (``ray._private.node``), which a busy 2-core CI machine has missed once right after
+    another module's cluster shut down: such a start is torn down and tried again, up to
+    :data:`START_ATTEMPTS` times (any other error is raised at once)."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        c = None
+        try:
+            c = cluster_cls(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+            c.add_node(**node)
+            return c
+        except Exception as e:
+            if c is not None:
+                c.shutdown()
+            if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 @contextlib.contextmanager
 def two_node_cluster(namespace: str, cpus_per_node: int = 2) -> Iterator[tuple[Any, dict[str, str]]]:
     """Two raylets on 127.0.0.1 with token auth; this process joins as a driver in ``namespace``.
@@ -70,9 +92,8 @@ def two_node_cluster(namespace: str, cpus_per_node: int = 2) -> Iterator[tuple[A
         mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
         reset_auth_token_state()  # this process imported ray before token mode was set: re-read it
         node = dict(num_cpus=cpus_per_node, node_ip_address="127.0.0.1", object_store_memory=200 * MB)
-        c = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+        c = _start_cluster(Cluster, node)
         try:
-            c.add_node(**node)
             ray.init(address=c.address, namespace=namespace, log_to_driver=False)
             yield c, env
         finally:
