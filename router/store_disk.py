@@ -57,26 +57,29 @@ class DiskReadRates:
         self.ttl_s = ttl_s
         self.default_bytes_per_s = default_bytes_per_s
         self._clock = clock
-        self._rates: dict[str, tuple[float, NodeDiskRate]] = {}
+        # address -> (when fetched or tried, rate; None: its Stats could not be read)
+        self._rates: dict[str, tuple[float, NodeDiskRate | None]] = {}
         self._lock = threading.Lock()
 
     def block_read_s(self, address: str) -> float:
         """Seconds to read one block from the disk tier of the node at ``address`` (0 when its
-        Stats cannot be read and none are cached: the read is not priced rather than guessed)."""
+        Stats cannot be read and none are cached: the read is not priced rather than guessed).
+        A failed fetch keeps the last rate (if any) and is not retried before ``ttl_s``, so an
+        unreachable node costs one Stats call per ``ttl_s``, not one per request."""
         now = self._clock()
         with self._lock:
             got = self._rates.get(address)
         if got is None or now - got[0] >= self.ttl_s:
             try:
-                rate = self._fetch(address)
+                rate: NodeDiskRate | None = self._fetch(address)
             except Exception:  # noqa: BLE001 - pricing only sharpens an estimate
                 rate = got[1] if got is not None else None
-            if rate is None:
-                return 0.0
-            with self._lock:
-                self._rates[address] = (now, rate)
             got = (now, rate)
+            with self._lock:
+                self._rates[address] = got
         r = got[1]
+        if r is None:
+            return 0.0
         bw = r.read_bytes_per_s if r.read_bytes_per_s > 0 else self.default_bytes_per_s
         return r.block_nbytes / bw if r.block_nbytes > 0 else 0.0
 

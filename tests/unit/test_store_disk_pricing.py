@@ -64,6 +64,9 @@ def test_disk_read_rates_come_from_stats_with_a_ttl_and_a_default():
     # a node that has not measured a read yet: the assumed default bandwidth
     assert r.block_read_s("b") == pytest.approx(1_000_000 / DEFAULT_DISK_READ_BYTES_PER_S)
     assert r.block_read_s("down") == 0.0  # no Stats, nothing cached: not priced
+    assert r.block_read_s("down") == 0.0 and calls.count("down") == 1  # not retried before the TTL
+    now[0] = 22.0
+    assert r.block_read_s("down") == 0.0 and calls.count("down") == 2
     with pytest.raises(ValueError):
         DiskReadRates(fetch, default_bytes_per_s=0.0)
 
