@@ -80,7 +80,9 @@ def test_ray_router_takes_its_placement_settings_from_the_config() -> None:
     assert (g.slo_margin, g.tenant_max_inflight, g.local_prefill) == (0.2, 8, False)
     assert (cfg.max_redispatches, cfg.latency_profile) == (5, "/p.json")
     default = router_config(from_dict({"model": "/m", "host": "127.0.0.1"}))
-    assert default.policy is PolicyKind.GOODPUT and default.goodput.shared_cores is None  # #19: goodput by default
+    assert (
+        default.policy is PolicyKind.GOODPUT and default.goodput.shared_cores is None
+    )  # #19: goodput by default
     assert default.latency_profile is None and default.max_redispatches == 2
     assert default.goodput.local_prefill and default.goodput.tenant_max_inflight is None
     with pytest.raises(ValueError, match=r"router\.slo_margin: must be in \[0, 1\)"):
