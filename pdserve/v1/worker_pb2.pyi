@@ -426,6 +426,7 @@ class DecodeResponse(_message.Message):
         "has_text",
         "choice_index",
         "token_offsets_s",
+        "direct_address",
     )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -437,6 +438,7 @@ class DecodeResponse(_message.Message):
     HAS_TEXT_FIELD_NUMBER: _ClassVar[int]
     CHOICE_INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_OFFSETS_S_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
@@ -447,6 +449,7 @@ class DecodeResponse(_message.Message):
     has_text: bool
     choice_index: int
     token_offsets_s: _containers.RepeatedScalarFieldContainer[float]
+    direct_address: str
     def __init__(
         self,
         request_id: str | None = ...,
@@ -459,6 +462,7 @@ class DecodeResponse(_message.Message):
         has_text: bool | None = ...,
         choice_index: int | None = ...,
         token_offsets_s: _Iterable[float] | None = ...,
+        direct_address: str | None = ...,
     ) -> None: ...
 
 class AbortRequest(_message.Message):
