@@ -32,6 +32,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +132,9 @@ class DirectStreams:
         self.window_s = window_s
         self.stall_timeout_s = stall_timeout_s
         self.clock = clock
+        # host:port of DirectStream when it has a port of its own (serve_direct_port), told to
+        # the router in each admission message; "": served on the worker's own address
+        self.address = ""
         self._slots: dict[str, _Slot] = {}
 
     # ------------------------------------------------------------------ the router's side
@@ -210,7 +214,7 @@ class DirectStreams:
         loop = asyncio.get_running_loop()
         ended = False
         try:
-            yield worker_pb2.DecodeResponse(request_id=rid, kv_pull_s=pull_s)
+            yield worker_pb2.DecodeResponse(request_id=rid, kv_pull_s=pull_s, direct_address=self.address)
             progress: list[int] = []
             offsets: list[float] = []  # of the progress tokens, after the admission message
             t_admitted = last = loop.time()
@@ -380,11 +384,27 @@ class DirectStreams:
         self._slots.clear()
 
 
-def enable_direct_streams(svc: Any, services: list[tuple[Any, Any]]) -> DirectStreams:
+def needs_own_port(sec: Any = None) -> bool:
+    """Whether DirectStream must be served on a port of its own: the worker's port requires
+    CA-signed client certificates (TLS with mutual TLS, :meth:`SecurityConfig.require_client_certs`),
+    which clients do not hold. The worker's port then keeps requiring them (its internal
+    services are never opened to clients), and the DirectStream port (TLS, no client
+    certificate: each attach is authorised by its ticket alone) serves nothing else but health.
+    ``sec``: default :func:`pdserve.security.current`."""
+    from pdserve.security import current
+
+    return (sec if sec is not None else current()).require_client_certs(internal_only=True)
+
+
+def enable_direct_streams(
+    svc: Any, services: list[tuple[Any, Any]], *, own_port: bool = False
+) -> DirectStreams:
     """Serve direct streams on decode servicer ``svc`` (an ``AsyncDecodeServicer``): its
     :class:`DirectStreams` (window: the worker's ``stream_window_s``; tickets verified with the
-    cluster key when a cluster token is configured) is set on ``svc`` and its ``DirectStream``
-    service appended to ``services``."""
+    cluster key when a cluster token is configured, else against the granted ticket, which the
+    router sent over its authenticated channel) is set on ``svc``; without ``own_port`` its
+    ``DirectStream`` service is appended to ``services`` (the worker's port), with ``own_port``
+    the caller serves it with :func:`serve_direct_port` (see :func:`needs_own_port`)."""
     from pdserve.security import current
     from pdserve.ticket import ticket_key
 
@@ -395,5 +415,54 @@ def enable_direct_streams(svc: Any, services: list[tuple[Any, Any]]) -> DirectSt
         window_s=svc.stream_window_s,
     )
     svc.direct = ds
-    services.append((direct_pb2.DESCRIPTOR.services_by_name["DirectStream"], ds))
+    if not own_port:
+        services.append((direct_pb2.DESCRIPTOR.services_by_name["DirectStream"], ds))
     return ds
+
+
+class DirectPort:
+    """DirectStream on a port of its own (:func:`serve_direct_port`), on the decode worker's
+    event loop; ``address``: host:port; :meth:`stop` ends it (before the worker's server)."""
+
+    def __init__(self, aio: Any, server: grpc.aio.Server, address: str) -> None:
+        self._aio, self._server, self.address = aio, server, address
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        if self._aio.loop.is_running():
+            self._aio.run(self._server.stop(grace_s), timeout_s=grace_s + 10)
+
+
+def serve_direct_port(aio: Any, ds: DirectStreams, host: str, port: int = 0) -> DirectPort:
+    """Serve ``ds`` (DirectStream) and health on ``host:port`` (0: any free port) from the
+    worker's asyncio server ``aio`` (:class:`pdserve.grpc_server.AioServer`: the same event loop
+    as its Decode streams, which the slots of ``ds`` need), with the worker's TLS settings but no
+    client certificate required. Sets ``ds.address``."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from pdserve.grpc_server import _AioInterceptor, add_aio_servicer
+    from pdserve.keepalive import KEEPALIVE
+    from pdserve.limits import grpc_options
+    from pdserve.security import bind, server_security
+
+    desc = direct_pb2.DESCRIPTOR.services_by_name["DirectStream"]
+    sec = server_security([desc.full_name])  # no internal service: no client certificates
+    sec.config.check_bind(host)
+
+    async def build() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(
+            futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="direct-health"),
+            options=[*grpc_options(), *KEEPALIVE.server_options()],
+            interceptors=[_AioInterceptor(i) for i in sec.interceptors],
+        )
+        add_aio_servicer(server, desc, ds)
+        hs = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+        for n in ("", desc.full_name):
+            hs.set(n, health_pb2.HealthCheckResponse.SERVING)
+        bound = bind(server, host, port, sec)  # type: ignore[arg-type]
+        await server.start()
+        return server, bound
+
+    server, bound = aio.run(build(), timeout_s=30)
+    ds.address = f"{host}:{bound}"
+    return DirectPort(aio, server, ds.address)

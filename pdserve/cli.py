@@ -198,6 +198,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             num_routers=a.routers,
             openai_port=a.openai_port,
             openai_args=("--api-keys", _key_store_arg(a.api_keys)) if a.api_keys else (),
+            direct_streams=a.direct_streams,
         )
     )
     stop = threading.Event()
@@ -387,6 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("off", "grpc", "store"),
         default="off",
         help="the routers' chunk-wise KV streaming from prefill to decode (python -m router --kv-stream)",
+    )
+    sv.add_argument(
+        "--direct-streams",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode workers stream tokens straight to SDK and OpenAI-server clients, the routers out "
+        "of the token path (default: on; a cluster of several models relays); --no-direct-streams: "
+        "every token relayed by a router",
     )
     sv.add_argument("--index", default="memory", help="KV index: memory | redis://127.0.0.1:PORT/0")
     sv.add_argument(

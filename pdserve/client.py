@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.sampling_params import SamplingParams
 from pdserve.choices import ChoicesResume, group_completions, num_choices, refuse_several, requested_n
-from pdserve.client_direct import DirectMux, direct_messages
+from pdserve.client_direct import DirectMux, SyncDirectMux, direct_messages, direct_messages_sync
 from pdserve.errors import PdserveError, UnavailableError
 from pdserve.proto_convert import finish_from_proto, sampling_to_proto
 from pdserve.router_addresses import parse_router_addresses
@@ -348,6 +348,22 @@ def _all_unavailable(what: str, tried: list[tuple[str, str]]) -> UnavailableErro
 # ---------------------------------------------------------------- sync
 
 
+class _DirectCall:
+    """A sync Generate call sent with ``direct_stream``, as :class:`Stream` uses a call: iterating
+    it gives the merged messages (:func:`pdserve.client_direct.direct_messages_sync`), ``cancel``
+    cancels the router's call (the merge then ends with its CANCELLED error and lets go of the
+    worker's stream)."""
+
+    def __init__(self, call: Any, messages: Iterator[client_pb2.GenerateResponse]) -> None:
+        self._call, self._messages = call, messages
+
+    def __iter__(self) -> Iterator[client_pb2.GenerateResponse]:
+        return self._messages
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 class Stream:
     """Iterator over a generation; ``cancel()`` stops it server-side (blocks are freed).
 
@@ -424,7 +440,14 @@ class Client:
     ``tls``/``ca``/``cert``/``key``/``server_name``: TLS to the routers
     (:func:`pdserve.security.sdk_channel`: on when ``ca`` is given; plaintext only to a loopback
     address). ``api_key``: sent as ``authorization: Bearer <api_key>`` with every call (a router
-    with API keys requires it; ``pdserve keys add`` makes one)."""
+    with API keys requires it; ``pdserve keys add`` makes one).
+
+    ``direct`` (default on; the default of ``generate(direct=)``): offer every request a direct
+    stream. A router with direct streams (its default) has the request's decode worker stream the
+    tokens to this client (one connection per worker, same TLS settings as the router channels;
+    :mod:`pdserve.client_direct`), the router out of the token path; a router without them, or a
+    request it cannot stream directly (``n``/``best_of`` > 1), is relayed. The chunks, their
+    order, failover and errors are the same either way."""
 
     def __init__(
         self,
@@ -437,6 +460,7 @@ class Client:
         key: str | bytes | None = None,
         server_name: str | None = None,
         api_key: str | None = None,
+        direct: bool = True,
     ) -> None:
         self._routers, self._channels, self._md = _connect(
             target, aio=False, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name, api_key=api_key
@@ -444,10 +468,16 @@ class Client:
         self.addresses = self._routers.addresses
         self.address = self.addresses[0]
         self.timeout = timeout
+        self.direct = direct
         self._stubs = [client_pb2_grpc.GenerateStub(ch) for ch in self._channels]
         self._health = [health_pb2_grpc.HealthStub(ch) for ch in self._channels]
+        self._resume_stubs = [direct_pb2_grpc.DirectResumeStub(ch) for ch in self._channels]
+        self._direct_mux = SyncDirectMux(
+            lambda a: sdk_channel(a, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name, aio=False)
+        )
 
     def close(self) -> None:
+        self._direct_mux.close()
         for ch in self._channels:
             ch.close()
 
@@ -486,16 +516,30 @@ class Client:
         *,
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        direct: bool | None = None,
         **kw,
     ) -> Stream:
         """``metadata``: extra gRPC metadata of this call (e.g. a forwarded ``authorization``,
-        which then replaces the client's own ``api_key``)."""
+        which then replaces the client's own ``api_key``). ``direct`` (default: the client's):
+        offer a direct stream from the decode worker."""
         req = build_request(prompt, params, **kw)
+        req.direct_stream = self.direct if direct is None else direct
         md = _merge_md(self._md, metadata)
         t = timeout if timeout is not None else self.timeout
-        s = Stream(
-            lambda i: self._stubs[i].Generate(req, timeout=t, metadata=md), self._routers, replayable(req)
-        )
+
+        def start(i: int) -> Any:
+            call = self._stubs[i].Generate(req, timeout=t, metadata=md)
+            if not req.direct_stream:
+                return call
+            stub = self._resume_stubs[i]
+            return _DirectCall(
+                call,
+                direct_messages_sync(
+                    call, self._direct_mux, lambda r: stub.ResumeDirect(r, timeout=t, metadata=md)
+                ),
+            )
+
+        s = Stream(start, self._routers, replayable(req))
         s.num_choices = num_choices(req.sampling.n)
         return s
 
@@ -576,11 +620,10 @@ class AsyncClient:
         key: str | bytes | None = None,
         server_name: str | None = None,
         api_key: str | None = None,
-        direct: bool = False,
+        direct: bool = True,
     ) -> None:
-        """``direct``: offer every request a direct stream (the default of ``generate(direct=)``):
-        a router with ``--direct-streams`` has its decode worker stream the tokens to this client
-        (one connection per worker, same TLS settings; :mod:`pdserve.client_direct`)."""
+        """``direct``: as :class:`Client`'s (default on: direct streams where the router offers
+        them, relayed otherwise)."""
         self._routers, self._channels, self._md = _connect(
             target, aio=True, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name, api_key=api_key
         )

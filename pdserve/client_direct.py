@@ -1,22 +1,30 @@
-"""The asyncio SDK's side of direct token streams (issue #12; protocol in proto/pdserve/v1/direct.proto).
+"""The SDK's side of direct token streams (issue #12; protocol in proto/pdserve/v1/direct.proto).
 
-:class:`DirectMux` keeps one ``DirectStream.Attach`` call per decode worker address (on a channel
-with the client's TLS settings) and routes each delta to the request it belongs to.
-:func:`direct_messages` turns one Generate call sent with ``direct_stream`` into the message
-sequence a relayed call would have given: the router's first token, then the worker's deltas
-(converted to GenerateResponse), then the router's Finish, which is held until the worker's last
-delta (``done``) has come, and checked: the tokens received must be the Finish's
-``completion_tokens`` (else InternalError: never silently short output). When the router says
-the worker was lost (``DirectRedirect.lost``), the worker's deltas for the request are no longer
-taken, the tokens and text received so far go to the router (``ResumeDirect``), and the router
-relays the rest.
+One direct Generate call becomes the message sequence a relayed call would have given: the router's
+first token, then the worker's deltas (converted to GenerateResponse), then the router's Finish,
+which is held until the worker's last delta (``done``) has come, and checked: the tokens received
+must be the Finish's ``completion_tokens`` (else InternalError: never silently short output). When
+the router says the worker was lost (``DirectRedirect.lost``), the worker's deltas for the request
+are no longer taken, the tokens and text received so far go to the router (``ResumeDirect``), and
+the router relays the rest. A router that does not offer direct streams relays: its messages pass
+through unchanged.
+
+:class:`_Flow` is that merge as pure code (events in, messages out); two drivers run it:
+
+* asyncio (:class:`AsyncClient`): :class:`DirectMux` keeps one ``DirectStream.Attach`` call per
+  decode worker address and :func:`direct_messages` merges the router's call with its deltas;
+* sync (:class:`Client`): :class:`SyncDirectMux` (one Attach call and one reader thread per
+  worker address) and :func:`direct_messages_sync`, which reads the router's call in the caller's
+  thread until a redirect comes (a relayed call costs no thread) and then from one pump thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -127,6 +135,125 @@ async def _pump(call: Any, q: asyncio.Queue) -> None:
         q.put_nowait(("router_error", None, e))
 
 
+class _Flow:
+    """The merge of one direct Generate call (module doc), pure: :meth:`step` takes one event of
+    the driver's queue, ``(kind, source, payload)``: ``router`` (a GenerateResponse),
+    ``router_end``, ``router_error`` (the call's grpc.RpcError), ``direct`` (a DirectDelta of the
+    connection ``source``), ``direct_closed`` (connection ``source`` ended). Deltas are routed to
+    ``q`` (the driver's queue) by ``mux``'s connections."""
+
+    def __init__(self, mux: Any, q: Any) -> None:
+        self.mux, self.q = mux, q
+        self.redirect: direct_pb2.DirectRedirect | None = None
+        self.conn: Any = None
+        self.direct_done = False
+        self.conn_lost = False  # the current worker's connection ended before its last delta
+        self.direct_error: Exception | None = None
+        self.held_finish: client_pb2.GenerateResponse | None = None
+        self.shown_id = ""
+        self.tokens: list[int] = []
+        self.chars = 0
+        self.ended = False  # the sequence is complete (after the messages of the last step)
+
+    def _finished(self, m: client_pb2.GenerateResponse) -> client_pb2.GenerateResponse:
+        if self.direct_error is not None:
+            raise self.direct_error
+        n = m.finish.usage.completion_tokens
+        if n != len(self.tokens):
+            raise InternalError(
+                f"request {self.shown_id}: the router's finish counts {n} output tokens but "
+                f"{len(self.tokens)} arrived"
+            )
+        return m
+
+    def step(
+        self, kind: str, src: Any, x: Any
+    ) -> tuple[list[client_pb2.GenerateResponse], direct_pb2.ResumeDirectRequest | None]:
+        """The messages event ``(kind, src, x)`` releases, in order, and a ResumeDirectRequest the
+        driver must send the router first (or None). Raises what ends the call: the router's
+        grpc.RpcError, a refused attach's typed error, InternalError (a count mismatch),
+        UnavailableError (the worker's stream ended short)."""
+        if kind == "router":
+            m: client_pb2.GenerateResponse = x
+            self.shown_id = self.shown_id or m.request_id
+            if m.HasField("direct"):
+                if not m.direct.lost:
+                    self.redirect, self.direct_done, self.direct_error, self.conn_lost = (
+                        m.direct,
+                        False,
+                        None,
+                        False,
+                    )
+                    self.conn = self.mux.get(m.direct.address)
+                    self.conn.attach(m.direct.request_id, m.direct.ticket, self.q)
+                    return [], None
+                # the worker was lost: take nothing more from it, tell the router what we have
+                if self.conn is not None and self.redirect is not None:
+                    self.conn.detach(self.redirect.request_id, tell_worker=True)
+                self.redirect = self.conn = None
+                return [], direct_pb2.ResumeDirectRequest(
+                    request_id=m.direct.request_id,
+                    ticket=m.direct.ticket,
+                    token_ids=self.tokens,
+                    text_chars=self.chars,
+                )
+            if m.HasField("finish") and self.redirect is not None and not self.direct_done:
+                if self.conn_lost:
+                    raise _cut_short(self.shown_id, self.redirect)
+                self.held_finish = m  # the worker's last delta has not come yet
+                return [], None
+            self.tokens.extend(m.token_ids)
+            self.chars += len(m.text)
+            if m.HasField("finish"):
+                self.ended = True
+                return [self._finished(m) if self.redirect is not None else m], None
+            return [m], None
+        if kind == "direct":
+            if src is not self.conn or self.redirect is None:
+                return [], None  # a worker this request left
+            d: direct_pb2.DirectDelta = x
+            if d.error_code:
+                err = _delta_error(d)
+                if d.error_code == grpc.StatusCode.PERMISSION_DENIED.value[0]:
+                    raise err  # a refused attach: nothing comes from there
+                self.direct_done, self.direct_error = True, err  # the router's verdict decides
+                if self.held_finish is not None:
+                    raise err
+                return [], None
+            out: list[client_pb2.GenerateResponse] = []
+            if d.token_ids or d.text:
+                self.tokens.extend(d.token_ids)
+                self.chars += len(d.text)
+                out.append(
+                    client_pb2.GenerateResponse(
+                        request_id=self.shown_id, token_ids=d.token_ids, text=d.text, logprobs=d.logprobs
+                    )
+                )
+            if d.done:
+                self.direct_done = True
+                if self.held_finish is not None:
+                    out.append(self._finished(self.held_finish))
+                    self.ended = True
+            return out, None
+        if kind == "direct_closed":
+            if src is self.conn and self.redirect is not None and not self.direct_done:
+                if self.held_finish is not None:
+                    raise _cut_short(self.shown_id, self.redirect)
+                self.conn_lost = True  # the router says what happened (lost, or an error)
+            return [], None
+        if kind == "router_end":
+            if self.held_finish is None:
+                self.ended = True  # the stream ended without a result (as a relayed one may)
+            return [], None
+        raise x  # router_error
+
+    def close(self) -> None:
+        """Let go of the request's direct stream (the worker aborts it unless it was done)."""
+        if self.conn is not None and self.redirect is not None:
+            self.conn.detach(self.redirect.request_id, tell_worker=not self.direct_done)
+            self.conn = None
+
+
 async def direct_messages(
     call: Any,
     mux: DirectMux,
@@ -138,98 +265,155 @@ async def direct_messages(
     its typed error; InternalError when the Finish's token count is not what arrived."""
     q: asyncio.Queue = asyncio.Queue()
     pump = asyncio.ensure_future(_pump(call, q))
-    redirect: direct_pb2.DirectRedirect | None = None
-    conn: _Conn | None = None
-    direct_done = False
-    conn_lost = False  # the current worker's connection ended before its last delta
-    direct_error: Exception | None = None
-    held_finish: client_pb2.GenerateResponse | None = None
-    shown_id = ""
-    tokens: list[int] = []
-    chars = 0
-
-    def finished(m: client_pb2.GenerateResponse) -> client_pb2.GenerateResponse:
-        if direct_error is not None:
-            raise direct_error
-        n = m.finish.usage.completion_tokens
-        if n != len(tokens):
-            raise InternalError(
-                f"request {shown_id}: the router's finish counts {n} output tokens but {len(tokens)} arrived"
-            )
-        return m
-
+    flow = _Flow(mux, q)
     try:
-        while True:
+        while not flow.ended:
             kind, src, x = await q.get()
-            if kind == "router":
-                m: client_pb2.GenerateResponse = x
-                shown_id = shown_id or m.request_id
-                if m.HasField("direct"):
-                    if not m.direct.lost:
-                        redirect, direct_done, direct_error, conn_lost = m.direct, False, None, False
-                        conn = mux.get(redirect.address)
-                        conn.attach(redirect.request_id, redirect.ticket, q)
-                        continue
-                    # the worker was lost: take nothing more from it, tell the router what we have
-                    if conn is not None and redirect is not None:
-                        conn.detach(redirect.request_id, tell_worker=True)
-                    redirect = conn = None
-                    await resume(
-                        direct_pb2.ResumeDirectRequest(
-                            request_id=m.direct.request_id,
-                            ticket=m.direct.ticket,
-                            token_ids=tokens,
-                            text_chars=chars,
-                        )
-                    )
-                    continue
-                if m.HasField("finish") and redirect is not None and not direct_done:
-                    if conn_lost:
-                        raise _cut_short(shown_id, redirect)
-                    held_finish = m  # the worker's last delta has not come yet
-                    continue
-                tokens.extend(m.token_ids)
-                chars += len(m.text)
-                if m.HasField("finish"):
-                    yield finished(m) if redirect is not None else m
-                    return
+            out, r = flow.step(kind, src, x)
+            if r is not None:
+                await resume(r)
+            for m in out:
                 yield m
-            elif kind == "direct":
-                if src is not conn or redirect is None:
-                    continue  # a worker this request left
-                d: direct_pb2.DirectDelta = x
-                if d.error_code:
-                    err = _delta_error(d)
-                    if d.error_code == grpc.StatusCode.PERMISSION_DENIED.value[0]:
-                        raise err  # a refused attach: nothing comes from there
-                    direct_done, direct_error = True, err  # the router's verdict decides
-                    if held_finish is not None:
-                        raise err
-                    continue
-                if d.token_ids or d.text:
-                    tokens.extend(d.token_ids)
-                    chars += len(d.text)
-                    yield client_pb2.GenerateResponse(
-                        request_id=shown_id, token_ids=d.token_ids, text=d.text, logprobs=d.logprobs
-                    )
-                if d.done:
-                    direct_done = True
-                    if held_finish is not None:
-                        yield finished(held_finish)
-                        return
-            elif kind == "direct_closed":
-                if src is conn and redirect is not None and not direct_done:
-                    if held_finish is not None:
-                        raise _cut_short(shown_id, redirect)
-                    conn_lost = True  # the router says what happened (lost, or an error)
-            elif kind == "router_end":
-                if held_finish is None:
-                    return  # the stream ended without a result (as a relayed one may)
-            else:  # router_error
-                raise x
     finally:
         pump.cancel()
         with contextlib.suppress(BaseException):
             await pump
-        if conn is not None and redirect is not None:
-            conn.detach(redirect.request_id, tell_worker=not direct_done)
+        flow.close()
+
+
+# ---------------------------------------------------------------- sync
+
+
+class _SyncConn:
+    """:class:`_Conn` on a sync channel: one Attach call to the decode worker at ``address`` and
+    a reader thread routing its deltas to the queues of their requests."""
+
+    def __init__(self, address: str, channel: grpc.Channel) -> None:
+        self.address = address
+        self.channel = channel
+        self.routes: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._out: queue.Queue[direct_pb2.AttachRequest | None] = queue.Queue()
+        self.closed = False
+        self.call = direct_pb2_grpc.DirectStreamStub(channel).Attach(self._requests())
+        self._reader = threading.Thread(target=self._read, name=f"pdserve-direct-{address}", daemon=True)
+        self._reader.start()
+
+    def _requests(self) -> Iterator[direct_pb2.AttachRequest]:
+        while (m := self._out.get()) is not None:
+            yield m
+
+    def _read(self) -> None:
+        err: BaseException | None = None
+        try:
+            for resp in self.call:
+                with self._lock:
+                    for d in resp.deltas:
+                        q = self.routes.get(d.request_id)
+                        if q is not None:
+                            q.put_nowait(("direct", self, d))
+                            if d.done:
+                                self.routes.pop(d.request_id, None)
+        except grpc.RpcError as e:
+            err = e
+        finally:
+            with self._lock:
+                self.closed = True
+                routes, self.routes = self.routes, {}
+            self._out.put_nowait(None)  # ends the request iterator (gRPC's thread waits on it)
+            for q in routes.values():
+                q.put_nowait(("direct_closed", self, err))
+
+    def attach(self, rid: str, ticket: str, q: Any) -> None:
+        with self._lock:
+            closed = self.closed
+            if not closed:
+                self.routes[rid] = q
+                self._out.put_nowait(
+                    direct_pb2.AttachRequest(attach=direct_pb2.DirectAttach(request_id=rid, ticket=ticket))
+                )
+        if closed:
+            q.put_nowait(("direct_closed", self, UnavailableError(f"direct stream to {self.address} closed")))
+
+    def detach(self, rid: str, tell_worker: bool) -> None:
+        """As :meth:`_Conn.detach`."""
+        with self._lock:
+            if self.routes.pop(rid, None) is not None and tell_worker and not self.closed:
+                self._out.put_nowait(direct_pb2.AttachRequest(detach=rid))
+
+    def close(self) -> None:
+        self._out.put_nowait(None)
+        self.call.cancel()
+        self._reader.join(10)
+        self.channel.close()
+
+
+class SyncDirectMux:
+    """:class:`DirectMux` of a sync :class:`Client` (thread-safe): one :class:`_SyncConn` per
+    decode worker address, opened on first use (``channel``: the client's sync channel factory)
+    and reopened after it ended."""
+
+    def __init__(self, channel: Callable[[str], grpc.Channel]) -> None:
+        self._channel = channel
+        self._conns: dict[str, _SyncConn] = {}
+        self._lock = threading.Lock()
+
+    def get(self, address: str) -> _SyncConn:
+        with self._lock:
+            c = self._conns.get(address)
+            if c is None or c.closed:
+                c = self._conns[address] = _SyncConn(address, self._channel(address))
+            return c
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, {}
+        for c in conns.values():
+            c.close()
+
+
+def _pump_sync(it: Iterator[client_pb2.GenerateResponse], q: queue.Queue) -> None:
+    try:
+        for m in it:
+            q.put_nowait(("router", None, m))
+        q.put_nowait(("router_end", None, None))
+    except grpc.RpcError as e:
+        q.put_nowait(("router_error", None, e))
+
+
+def direct_messages_sync(
+    call: Any,
+    mux: SyncDirectMux,
+    resume: Callable[[direct_pb2.ResumeDirectRequest], Any],
+) -> Iterator[client_pb2.GenerateResponse]:
+    """:func:`direct_messages` for a sync Generate ``call`` (``resume`` blocks). The router's
+    messages are read in the caller's thread until its redirect (a relayed call, from a router
+    without direct streams, is only read here), then by one pump thread while the worker's
+    deltas come through ``mux``. Cancelling ``call`` ends it with the call's CANCELLED error."""
+    q: queue.Queue = queue.Queue()
+    flow = _Flow(mux, q)
+    it = iter(call)
+    try:
+        for m in it:  # until the redirect: nothing else can come
+            out, r = flow.step("router", None, m)
+            if r is not None:
+                resume(r)
+            yield from out
+            if flow.ended:
+                return
+            if flow.redirect is not None:
+                break
+        else:
+            flow.step("router_end", None, None)
+            return
+        threading.Thread(target=_pump_sync, args=(it, q), name="pdserve-direct-router", daemon=True).start()
+        while not flow.ended:
+            kind, src, x = q.get()
+            out, r = flow.step(kind, src, x)
+            if r is not None:
+                resume(r)
+            yield from out
+    finally:
+        if not flow.ended:
+            call.cancel()  # the pump thread, if any, ends with the call
+        flow.close()

@@ -145,6 +145,10 @@ class ClusterSpec:
     # several base models (instead of model_path; num_prefill / num_decode are then per pool):
     # each with its own workers and store node; every router serves them all (see module doc)
     models: tuple[ModelPool, ...] = ()
+    # direct token streams (decode workers stream to the SDK's clients, the router out of the
+    # token path; a router serving several models relays): False runs every process with
+    # --no-direct-streams (every token relayed by the router)
+    direct_streams: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
@@ -201,6 +205,9 @@ class LocalCluster:
     store_addresses: dict[str, str] = field(default_factory=dict)  # node id -> address, every store
     model_stores: dict[str, str] = field(default_factory=dict)  # model id -> its workers' store address
     workers: dict[str, str] = field(default_factory=dict)  # worker_id -> address
+    # decode worker_id -> its DirectStream port's address, for those serving it on a port of its
+    # own (mutual TLS; otherwise on the worker's address)
+    direct_addresses: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, list[str]] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)  # process name -> /metrics host:port
@@ -292,7 +299,10 @@ class LocalCluster:
             control = self.control_addresses[self.router_names.index(name)]
             if control != known[name]:
                 args = _pin(args, "--control-port", _port(control))
-        return _spawn(self, name, args, timeout_s or self.spec.startup_timeout_s, stop_on_failure)
+        info = _spawn(self, name, args, timeout_s or self.spec.startup_timeout_s, stop_on_failure)
+        if info.get("direct"):  # a new DirectStream port (the router learns it from the worker)
+            self.direct_addresses[name] = info["direct"]
+        return info
 
     def supervise(self, poll_s: float = 0.2) -> None:
         """Start the router supervisor (``launch`` does, unless ``spec.supervise_routers`` is off)."""
@@ -615,6 +625,7 @@ def launch(spec: ClusterSpec) -> LocalCluster:
                 *store_flag,
                 *index_flag,
                 *router_tenant_state_args(spec),
+                *([] if spec.direct_streams else ["--no-direct-streams"]),
                 *sec,
                 *spec.router_args,
             ],
@@ -640,6 +651,7 @@ def launch(spec: ClusterSpec) -> LocalCluster:
             str(spec.worker_kv_blocks),
             "--block-size",
             str(spec.block_size),
+            *([] if spec.direct_streams else ["--no-direct-streams"]),
             *sec,
             *spec.worker_args,
         ]
@@ -662,10 +674,14 @@ def launch(spec: ClusterSpec) -> LocalCluster:
                 # the workers join the group in the background: spawning them one by one is fine
                 info = _spawn(cl, wid, ["-m", f"{role}_worker", "--worker-id", wid, *common, *dist], t)
                 cl.workers[wid] = info["address"]
+                if info.get("direct"):
+                    cl.direct_addresses[wid] = info["direct"]
                 rank += 1
     wait_registered(cl, t)
     if spec.openai_port is not None:
         argv = ["-m", "pdserve.openai_api", *openai_args(cl, spec.openai_port), "--ready-json"]
+        if not spec.direct_streams:
+            argv.append("--no-direct-streams")
         cl.openai_url = _spawn(cl, "openai", [*argv, *spec.openai_args], t)["url"]
     if spec.supervise_routers:
         cl.supervise()

@@ -95,6 +95,7 @@ class WorkerConfig:
     metrics_port: int = 0  # /metrics on 127.0.0.1 (0: any free port)
     lora: LoRAConfig | None = None  # LoRA adapters served (--lora NAME=PATH); None: base model only
     direct_streams: bool = False  # decode: serve DirectStream to clients (--direct-streams)
+    direct_port: int = 0  # decode under mutual TLS: DirectStream's own port (--direct-port; 0: any)
 
 
 def engine_layout(engine: LLMEngine) -> KVLayout:

@@ -280,9 +280,19 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
     )
     ap.add_argument(
         "--direct-streams",
-        action="store_true",
-        help="decode: also serve DirectStream (proto/pdserve/v1/direct.proto): a router with "
-        "--direct-streams has clients that ask for it take their tokens from this worker directly",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode: also serve DirectStream (proto/pdserve/v1/direct.proto): clients of a router "
+        "with direct streams take their tokens from this worker directly (default: on; "
+        "--no-direct-streams: every token relayed by the router). Under mutual TLS it is served on "
+        "a port of its own (--direct-port), the worker's port still requiring client certificates",
+    )
+    ap.add_argument(
+        "--direct-port",
+        type=int,
+        default=0,
+        help="decode, under mutual TLS: the DirectStream port (0: any free port; the router learns it "
+        "from the worker) (default: %(default)s)",
     )
     ap.add_argument(
         "--swap-space",
@@ -448,8 +458,6 @@ def parse(
         ap.error(str(e))
     lora = None
     if a.lora or a.max_lora_rank is not None:
-        if a.tp > 1:
-            ap.error("--lora / --max-lora-rank are not supported with --tp > 1")
         try:
             lora = LoRAConfig(
                 tuple(AdapterSpec.parse(x) for x in a.lora),
@@ -476,6 +484,7 @@ def parse(
         metrics_port=a.metrics_port,
         lora=lora,
         direct_streams=bool(getattr(a, "direct_streams", False)),
+        direct_port=int(getattr(a, "direct_port", 0)),
     )
 
 
@@ -513,10 +522,14 @@ def build_service(
     from decode_worker.spill_puller import SpillPuller
 
     puller: Any = SpillPuller(StorePuller(transport, {store.address: store}))
+    peer_locks = None
     if dist is not None:
         from decode_worker.dist_puller import DistPuller
+        from prefill_worker.dist_outbox import PeerLocks
 
-        puller = DistPuller(dist, puller, timeout_s=dist.options.timeout_s)
+        # shared with its KVPeer service (live migration's DIST transport sends from here too)
+        peer_locks = PeerLocks(shared=True)
+        puller = DistPuller(dist, puller, timeout_s=dist.options.timeout_s, locks=peer_locks)
     # served on grpc.aio: see serve_worker
     c = state.config
     svc = AsyncDecodeServicer(
@@ -526,14 +539,27 @@ def build_service(
 
     # live migration's STORE transport: this worker puts a migrating request's KV stages on its store
     svc.migration.publisher = StorePublisher(store)
+    if dist is not None:
+        # live migration's DIST transport: stages wait in this worker's outbox for the
+        # destination's pull over the process group (KVPeer, see worker_services)
+        from prefill_worker.dist_outbox import DistOutbox, DistPublisher
+
+        outbox = DistOutbox(outbox_bytes)
+        outbox.start_sweeper()
+        svc.migration.dist_publisher = DistPublisher(
+            outbox, dist, lambda: state.address, fallback=svc.migration.publisher
+        )
+        svc.migration.peer_locks = peer_locks
     return svc
 
 
 def worker_services(svc: Any, role: Role, dist: DistGroup | None) -> tuple[list[tuple[Any, Any]], Any]:
     """The gRPC services a worker serves, and its KVPeer servicer (None unless it has one):
     ``Worker`` (``svc``, from :func:`build_service`), ``WorkerAdmin`` (adapters loaded at run
-    time, :mod:`pdserve.worker_admin`), plus for a direct-handoff prefill worker
-    ``KVPeer``, sharing ``svc``'s outbox and spilling to the store ``svc``'s publisher falls back to."""
+    time, :mod:`pdserve.worker_admin`), plus for a worker in a process group
+    ``KVPeer``: a prefill worker's shares ``svc``'s outbox and spills to the store ``svc``'s
+    publisher falls back to; a decode worker's serves its outgoing live migrations (DIST
+    transport) from its migration outbox, under the peer locks its DistPuller receives under."""
     from pdserve.worker_admin import WORKER_ADMIN_SERVICE, WorkerAdminServicer
 
     services: list[tuple[Any, Any]] = [
@@ -544,15 +570,18 @@ def worker_services(svc: Any, role: Role, dist: DistGroup | None) -> tuple[list[
         from prefill_worker.kv_stream import KVStreamServicer
 
         services.append((worker_pb2.DESCRIPTOR.services_by_name["KVStream"], KVStreamServicer(svc.streams)))
-    if dist is None or role is not Role.PREFILL:
+    if dist is None:
         return services, None
     from prefill_worker.dist_outbox import KVPeerServicer
 
+    # a prefill worker's handoffs, or a decode worker's outgoing live migrations (DIST transport)
+    pub = svc.publisher if role is Role.PREFILL else svc.migration.dist_publisher
     peer = KVPeerServicer(
-        svc.publisher.outbox,
+        pub.outbox,
         dist,
         ready_timeout_s=dist.options.timeout_s,
-        spill_to=svc.publisher.fallback,
+        spill_to=pub.fallback,
+        locks=None if role is Role.PREFILL else svc.migration.peer_locks,
     )
     services.append((worker_pb2.DESCRIPTOR.services_by_name["KVPeer"], peer))
     return services, peer
@@ -614,12 +643,19 @@ def main(
         prefix_fetch=prefix_fetch,
     )
     services, _ = worker_services(svc, role, dist)
+    direct_own_port = False
     if role is Role.DECODE and cfg.direct_streams:
-        from decode_worker.direct import enable_direct_streams
+        from decode_worker.direct import enable_direct_streams, needs_own_port
 
-        enable_direct_streams(svc, services)
+        direct_own_port = needs_own_port()
+        ds = enable_direct_streams(svc, services, own_port=direct_own_port)
     server, port = serve_worker(services, role, cfg.host, cfg.port, cfg.worker_id)
     state.address = f"{cfg.host}:{port}"
+    direct_port = None  # DirectStream's own port (mutual TLS), else served on the worker's port
+    if direct_own_port:
+        from decode_worker.direct import serve_direct_port
+
+        direct_port = serve_direct_port(server, ds, cfg.host, cfg.direct_port)
     state.attach_metrics(
         WorkerMetrics(REGISTRY, cfg.worker_id, role.name.lower(), snapshot=state.metrics_snapshot)
     )
@@ -634,6 +670,7 @@ def main(
                 "role": role.name.lower(),
                 "address": state.address,
                 "metrics": f"127.0.0.1:{metrics_port}",
+                **({"direct": direct_port.address} if direct_port is not None else {}),
             }
         ),
         flush=True,
@@ -651,6 +688,8 @@ def main(
     stop.wait()
     if hb:
         hb.stop()
+    if direct_port is not None:
+        direct_port.stop()
     server.stop(2).wait()
     if role is Role.DECODE:
         svc.close()  # its admission threads (AsyncDecodeServicer)

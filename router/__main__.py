@@ -64,6 +64,7 @@ from router.admin_service import ADMIN_SERVICE, AdminServicer
 from router.drainer import WorkerDrains
 from router.health import HEALTH_SERVICES, start_router_health
 from router.lifecycle.stream_mode import KVStreamMode
+from router.migration_client import MigrationTransport
 from router.multi_model import ModelDispatcher, ModelDrains
 from router.policy import GoodputConfig, PolicyKind
 from router.policy.migration import MigrationConfig
@@ -152,10 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--direct-streams",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="take the router out of the token path for clients that offer it "
-        "(GenerateRequest.direct_stream; the SDK's direct=True): their decode worker streams the "
-        "tokens to them (workers need --direct-streams too; proto/pdserve/v1/direct.proto)",
+        "(GenerateRequest.direct_stream, the SDK's default): their decode worker streams the "
+        "tokens to them (proto/pdserve/v1/direct.proto). Default: on for a router serving one "
+        "model, off (relayed) for several; --no-direct-streams relays every token",
     )
     ap.add_argument(
         "--kv-stream",
@@ -268,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="on",
         help="live migration of running requests between decode workers (drains, rebalancing): on "
         "(default) or off",
+    )
+    ap.add_argument(
+        "--migration-transport",
+        default="grpc",
+        help="how a live migration's KV moves between decode workers: grpc (default; in the "
+        "worker-to-worker stream, any hosts), store (through the source's KV store node, shared "
+        "memory on one host) or dist (over the workers' torch.distributed process group, gloo or "
+        "NCCL: every decode worker started with --dist-init)",
     )
     ap.add_argument(
         "--rebalance-interval-s",
@@ -470,7 +481,7 @@ def _configs(a: argparse.Namespace, goodput: GoodputConfig) -> list[RouterConfig
         for flag, value in (
             ("--latency-profile", a.latency_profile),
             ("--store", a.store),
-            ("--direct-streams", a.direct_streams),
+            ("--direct-streams", a.direct_streams is True),  # the default (None) relays them
         ):
             if value:
                 raise ValueError(
@@ -478,6 +489,8 @@ def _configs(a: argparse.Namespace, goodput: GoodputConfig) -> list[RouterConfig
                     "run one router per model for it"
                 )
     base = _config(a, goodput, paths[0], ids[0])
+    if len(paths) > 1:
+        base = dataclasses.replace(base, direct_streams=False)
     return [
         base,
         *(
@@ -504,7 +517,8 @@ def _config(a: argparse.Namespace, goodput: GoodputConfig, model_path: str, mode
         stall_timeout_s=a.stall_timeout_s,
         progress=_progress_config(a),
         migration=_migration_on(a.migration),
-        direct_streams=a.direct_streams,
+        migration_transport=MigrationTransport.parse(a.migration_transport),
+        direct_streams=a.direct_streams is not False,  # default on (one model; see _configs)
         kv_stream=KVStreamMode.parse(a.kv_stream),
         kv_stream_chunk_tokens=a.kv_stream_chunk_tokens,
     )

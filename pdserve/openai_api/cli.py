@@ -84,10 +84,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--direct-streams",
-        action="store_true",
-        help="offer the routers direct streams: a router with --direct-streams has the decode "
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="offer the routers direct streams: a router with direct streams has the decode "
         "workers stream tokens to this server (same TLS settings as the router channel), the "
-        "router out of the token path",
+        "router out of the token path; a router without them relays (default: on; "
+        "--no-direct-streams: never offered)",
     )
     add_client_tls_args(p, prefix="router-")  # --router-tls-ca etc.: TLS of the channel to the router
 

@@ -7,7 +7,9 @@ of a fresh handoff asks its worker (``DecodeRequest.direct``, with a ticket mint
 the tokens to the client, and then:
 
 * the worker's first message (no tokens: the request is admitted there) becomes the client's
-  :class:`DirectRedirect` (worker address, cluster request id, ticket);
+  :class:`DirectRedirect` (the worker's DirectStream address: its ``direct_address`` when it
+  serves DirectStream on a port of its own, under mutual TLS, else its address; cluster request
+  id, ticket);
 * the worker's progress messages (token ids, no text, at most ``progress_interval_s`` apart) and its
   finish go through the lifecycle as any decode message does (the ledger, the progress deadline,
   the output the router knows), but nothing is written to the client for them but the final
@@ -235,6 +237,8 @@ class DirectLegs(GrpcLegs):
                                 )
                             redirected = True
                             self._t_admitted = time.monotonic() - run.t0
+                            # DirectStream on a port of its own (mutual TLS): the worker names it
+                            redirect.address = c.message.direct_address or dw.address
                             yield Chunk(c.first_index, (), _Note("redirect", redirect))
                             continue
                         if on_tokens is not None and (c.tokens or final):
