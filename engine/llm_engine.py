@@ -132,7 +132,7 @@ class LLMEngine:
         """``runner_factory(kv)`` builds the model runner (default: a single-device
         :class:`~engine.model_runner.ModelRunner` of ``model``; a tensor-parallel engine passes
         one building rank 0's :class:`~engine.tp_runner.TPModelRunner`). ``lora``: serve these
-        LoRA adapters (engine.lora; single-device runner only). ``weight_offload``: the model's
+        LoRA adapters (engine.lora; the single-device or a tensor-parallel runner). ``weight_offload``: the model's
         offloaded layers (engine.offload), closed with the engine."""
         self.config = config
         drafter = None
@@ -208,11 +208,25 @@ class LLMEngine:
             self._measure_swap_bandwidth()
         self.lora: LoRAManager | None = None
         if lora is not None:
-            if runner_factory is not None:
-                raise InvalidRequestError(
-                    "LoRA adapters are not supported with tensor_parallel_size > 1 (or a custom model runner)"
+            from engine.tp_runner import TPModelRunner
+
+            tp_runner = self.runner if isinstance(self.runner, TPModelRunner) else None
+            if runner_factory is not None and tp_runner is None:
+                raise InvalidRequestError("LoRA adapters are not supported with a custom model runner")
+            try:
+                self.lora = LoRAManager(
+                    self.runner.model,
+                    model_config.model_type,
+                    lora,
+                    dtype,
+                    device,
+                    tp_size=1 if tp_runner is None else tp_runner.group.world_size,
                 )
-            self.lora = LoRAManager(self.runner.model, model_config.model_type, lora, dtype, device)
+                if tp_runner is not None:
+                    tp_runner.attach_lora(self.lora)  # the followers mirror its slots
+            except BaseException:
+                self.runner.close()  # a tensor-parallel runner's followers
+                raise
         self._lora_pins: dict[str, str] = {}  # request id -> adapter whose slot it pins
         self._lora_waiting: dict[str, Request] = {}  # admitted, waiting for an adapter slot
         self.eos_token_ids = tuple(model_config.eos_token_ids) or (
@@ -283,9 +297,7 @@ class LLMEngine:
 
             config = replace(config, model_id=path.name)
         if config.tensor_parallel_size > 1:
-            if lora is not None:
-                raise InvalidRequestError("LoRA adapters are not supported with tensor_parallel_size > 1")
-            return cls._tensor_parallel(path, mcfg, tok, config, dtype, device, max_len)
+            return cls._tensor_parallel(path, mcfg, tok, config, dtype, device, max_len, lora)
         if lora is not None and config.weight_dtype != "float32":
             raise InvalidRequestError(
                 f"LoRA adapters are not supported with weight_dtype {config.weight_dtype!r} (the adapter "
@@ -318,8 +330,10 @@ class LLMEngine:
         dtype: torch.dtype,
         device: torch.device,
         max_len: int,
+        lora: LoRAConfig | None = None,
     ) -> LLMEngine:
-        """Rank 0 of a tensor-parallel engine: open the group, spawn the followers, shard."""
+        """Rank 0 of a tensor-parallel engine: open the group, spawn the followers, shard
+        (``lora``: the followers mirror the adapters' slots, engine.tp_runner)."""
         from engine.models.tp_shard import check_divisible, shard_model
         from engine.tp_group import TPGroup
         from engine.tp_runner import FollowerSpec, TPModelRunner, cpu_threads_per_rank, start_followers
@@ -377,6 +391,7 @@ class LLMEngine:
             runner_factory=lambda kv: TPModelRunner(
                 model, kv, dtype, device, group, followers, restore_threads=threads
             ),
+            lora=lora,
         )
 
     def close(self) -> None:

@@ -11,6 +11,14 @@ before each collective step, sends the followers the command they must mirror ov
 * ``export``: block ids; every rank takes its KV heads of those blocks and they are all-gathered
   into whole blocks (``[n, L, 2, block_size, kvh, hd]``, heads in rank order) on rank 0.
 * ``import``: block ids and whole blocks, broadcast; every rank keeps its heads.
+* ``lora_init``: the model type, slot count and slot rank of the engine's LoRA adapters; every
+  follower wraps its shard's projections with the same slots (:class:`~engine.lora.shard.LoRAShard`).
+* ``lora_slot``: a slot and the whole weights of the adapter rank 0 just wrote there; every
+  follower writes its part (column-parallel targets: B's rows of its output columns; row-parallel
+  ones: A's columns of its input columns; engine.lora.targets).
+* ``step`` also carries each token's adapter slot (None: no adapter in the batch), so every rank
+  applies the same adapters to the same rows; row-parallel updates are partial sums added up by
+  the layer's all-reduce, like the base output.
 * ``noop``: nothing (sent when the engine has been idle for ``KEEPALIVE_S``, so that a
   follower's wait for the next command never reaches the group's op timeout).
 * ``stop``: the followers exit.
@@ -38,16 +46,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine.attention import AttentionMetadata
 from engine.block_manager import KVCacheManager
+from engine.lora.layers import LoRABatchContext
+from engine.lora.shard import AdapterWeights, LoRAShard
+from engine.lora.targets import target_map
 from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaForCausalLM
 from engine.tp_group import TPGroup
 from pdserve.errors import UnavailableError
+
+if TYPE_CHECKING:
+    from engine.lora.manager import LoRAManager
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +142,7 @@ class TPModelRunner(ModelRunner):
         self._on_broken = on_broken
         self.broken: str | None = None  # why the group is unusable, once it is
         self._closed = False
+        self._lora_ctx: LoRABatchContext | None = None  # set by attach_lora
         self._lock = threading.Lock()  # one command (and its collectives) at a time
         self._state_lock = threading.Lock()
         self._last = time.monotonic()
@@ -194,9 +209,27 @@ class TPModelRunner(ModelRunner):
                 self._break(f"tensor-parallel collective failed: {e}")
                 raise UnavailableError(f"{self.broken}; this worker must be restarted") from None
 
+    def attach_lora(self, manager: LoRAManager) -> None:
+        """Serve ``manager``'s adapters on every rank: the followers build the same slots, then
+        mirror each slot write and each step's slot list (module doc)."""
+
+        def run() -> None:
+            self._send(("lora_init", manager.model_type, manager.config.max_loras, manager.rank))
+            self.group.barrier()  # every follower wrapped its shard (or the group broke)
+
+        self._collective(run)
+        self._lora_ctx = manager.ctx
+        manager.on_slot_write = self._lora_slot
+
+    def _lora_slot(self, slot: int, weights: AdapterWeights) -> None:
+        self._collective(lambda: self._send(("lora_slot", slot, dict(weights))))
+
     def forward(self, ids: list[int], pos: list[int], md: AttentionMetadata) -> torch.Tensor:
+        ctx = self._lora_ctx
+        slots = ctx.slot_per_token if ctx is not None and ctx.active else None
+
         def run() -> torch.Tensor:
-            self._send(("step", ids, pos, md_to(md, CPU)))
+            self._send(("step", ids, pos, md_to(md, CPU), slots))
             return ModelRunner.forward(self, ids, pos, md)
 
         return self._collective(run)
@@ -298,13 +331,33 @@ def _mirror(
     device: torch.device,
 ) -> None:
     """Run rank 0's commands on this follower's shard until ``stop``."""
+    lora: LoRAShard | None = None
     with torch.inference_mode():
         while True:
             cmd = group.recv_obj()
             op = cmd[0]
             if op == "step":
-                _, ids, pos, md = cmd
-                runner.forward(ids, pos, md_to(md, device))
+                _, ids, pos, md, slots = cmd
+                if slots is not None:
+                    if lora is None:
+                        raise RuntimeError("tensor-parallel step names LoRA slots before lora_init")
+                    lora.begin(slots, ids)
+                try:
+                    runner.forward(ids, pos, md_to(md, device))
+                finally:
+                    if lora is not None:
+                        lora.end()
+            elif op == "lora_slot":
+                if lora is None:
+                    raise RuntimeError("tensor-parallel lora_slot before lora_init")
+                lora.write_slot(cmd[1], cmd[2])
+            elif op == "lora_init":
+                _, model_type, num_slots, slot_rank = cmd
+                model = runner.model
+                lora = LoRAShard(
+                    model, target_map(model, model_type), num_slots, slot_rank, dtype, device, rank, spec.world_size
+                )
+                group.barrier()
             elif op == "export":
                 group.all_gather(runner.export_blocks(cmd[1]))
             elif op == "import":

@@ -572,12 +572,6 @@ def validate(c: ClusterConfig) -> ClusterConfig:
         raise _err("drain_timeout_s", "must be > 0 (and drain_quiet_s >= 0)")
     if not c.namespace:
         raise _err("namespace", "must be non-empty")
-    if c.lora.adapters:
-        for role, p in (("prefill", c.prefill), ("decode", c.decode)):
-            if p.tp > 1:
-                raise _err(
-                    "lora.adapters", f"LoRA is not supported with tensor parallelism ({role}.tp: {p.tp})"
-                )
     return c
 
 

@@ -37,11 +37,13 @@ class LoRABatchContext:
         self.perm: torch.Tensor | None = None
         self.whole = False  # one segment covering every row of the batch
         self.expected_ids: list[int] = []
+        self.slot_per_token: list[int] = []  # as given to set() (a tensor-parallel rank 0 sends it)
 
     def set(self, slot_per_token: list[int], ids: list[int], device: torch.device) -> None:
         """Build the context from each token's slot (-1: base model)."""
         self.clear()
         self.expected_ids = ids
+        self.slot_per_token = slot_per_token
         runs: list[tuple[int, int, int]] = []  # maximal runs of one slot, in batch order
         for i, s in enumerate(slot_per_token):
             if s < 0:
@@ -70,6 +72,7 @@ class LoRABatchContext:
         self.perm = None
         self.whole = False
         self.expected_ids = []
+        self.slot_per_token = []
 
 
 class LoRALinear(nn.Module):

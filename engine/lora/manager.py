@@ -6,12 +6,11 @@ wrapped projection, LRU over unpinned slots: :mod:`engine.lora.slots`). An adapt
 host memory is read from disk on a background thread; requests that need it wait (they are not
 scheduled) while the batch keeps running; the host -> slot copy is a few small tensor copies.
 
-Module surgery: every projection a target of the model lives in (engine.lora.targets) is
-replaced by a :class:`~engine.lora.layers.LoRALinear` around the original ``nn.Linear``; the
-model code is unchanged. Before each forward the engine calls :meth:`LoRAManager.begin_step`
-with the step's scheduled requests; a pre-forward hook on the model checks that the forward it
-sees is that batch (same token ids in the same order) and raises otherwise, so a change of the
-runner's batch order can never apply an adapter to the wrong tokens silently.
+Module surgery and slot writes are :class:`~engine.lora.shard.LoRAShard`'s (the model code is
+unchanged). Before each forward the engine calls :meth:`LoRAManager.begin_step` with the step's
+scheduled requests; the shard's pre-forward hook checks that the forward it sees is that batch.
+Under tensor parallelism this manager lives on rank 0 only; the runner mirrors its slot writes
+(:attr:`LoRAManager.on_slot_write`) and each step's slot list to the followers' shards.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import contextlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +28,10 @@ import torch
 from torch import nn
 
 from engine.lora.config import AdapterSpec, LoRAConfig
-from engine.lora.layers import LoRABatchContext, LoRALinear
 from engine.lora.peft_format import AdapterError, HostAdapter, load_adapter
+from engine.lora.shard import AdapterWeights, LoRAShard
 from engine.lora.slots import SlotTable
-from engine.lora.targets import TargetMap, target_map
+from engine.lora.targets import TargetMap, target_map, whole_map
 from engine.scheduler import ScheduledRequest
 from pdserve.errors import ModelNotFoundError
 
@@ -88,23 +87,37 @@ def _mean(old: float, new: float) -> float:
 
 class LoRAManager:
     def __init__(
-        self, model: nn.Module, model_type: str, config: LoRAConfig, dtype: torch.dtype, device: torch.device
+        self,
+        model: nn.Module,
+        model_type: str,
+        config: LoRAConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp_size: int = 1,
     ) -> None:
         """Validate and load ``config.adapters`` into host memory, then wrap the model's
         projections with ``config.max_loras`` slots. Raises AdapterError / ModelNotFoundError
-        (naming the adapter and the field) for any adapter that cannot be served."""
+        (naming the adapter and the field) for any adapter that cannot be served.
+
+        ``tp_size`` > 1: ``model`` is rank 0's shard of a tensor-parallel engine; adapters are
+        checked against the whole model's shapes and this shard keeps rank 0's part of each
+        (the runner mirrors every slot write to the followers through :attr:`on_slot_write`)."""
         self.config = config
         self.dtype = dtype
         self.device = device
-        self.targets: TargetMap = target_map(model, model_type)
+        self.targets: TargetMap = target_map(model, model_type)  # this shard's (local) targets
+        self.whole_targets: TargetMap = whole_map(self.targets, tp_size)  # what adapters are checked against
+        self.model_type = model_type
         self.stats = LoRAStats()
         self._paths: dict[str, Path] = {}
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()
         self._lock = threading.Lock()  # guards _host and _loading (the loader thread writes them)
         self._loading: dict[str, Future] = {}
         self._failed: dict[str, BaseException] = {}
+        # called with (slot, the adapter's whole weights) after each slot write (engine thread)
+        self.on_slot_write: Callable[[int, AdapterWeights], None] | None = None
         t0 = time.perf_counter()
-        loaded = [load_adapter(a.name, a.path, self.targets) for a in config.adapters]
+        loaded = [load_adapter(a.name, a.path, self.whole_targets) for a in config.adapters]
         self.stats.disk_loads += len(loaded)
         if loaded:
             self.stats.observe_disk_load((time.perf_counter() - t0) / len(loaded))
@@ -112,17 +125,9 @@ class LoRAManager:
         for a in loaded:
             self._check_rank(a)
         self.slots = SlotTable(config.max_loras)
-        self.ctx = LoRABatchContext()
-        self.modules: dict[str, LoRALinear] = {}
-        for path, group in self.targets.modules.items():
-            parent_path, leaf = path.rsplit(".", 1)
-            parent = model.get_submodule(parent_path)
-            wrapped = LoRALinear(
-                getattr(parent, leaf), self.ctx, config.max_loras, len(group), self.rank, dtype, device
-            )
-            setattr(parent, leaf, wrapped)
-            self.modules[path] = wrapped
-        model.register_forward_pre_hook(self._check_forward)
+        self.shard = LoRAShard(model, self.targets, config.max_loras, self.rank, dtype, device, 0, tp_size)
+        self.ctx = self.shard.ctx
+        self.modules = self.shard.modules
         for spec, a in zip(config.adapters, loaded, strict=True):
             self._paths[spec.name] = Path(spec.path)
             self._host[spec.name] = a
@@ -147,7 +152,7 @@ class LoRAManager:
         if spec.name in self._paths:
             raise AdapterError(f"LoRA adapter {spec.name!r} is already registered")
         t0 = time.perf_counter()
-        a = load_adapter(spec.name, spec.path, self.targets)
+        a = load_adapter(spec.name, spec.path, self.whole_targets)
         self._check_rank(a)
         with self._lock:
             self.stats.observe_disk_load(time.perf_counter() - t0)
@@ -196,7 +201,7 @@ class LoRAManager:
     def _load_from_disk(self, name: str) -> None:
         t0 = time.perf_counter()
         try:
-            a = load_adapter(name, self._paths[name], self.targets)
+            a = load_adapter(name, self._paths[name], self.whole_targets)
             self._check_rank(a)
         except BaseException as e:  # noqa: BLE001 - reported to the waiting requests
             with self._lock:
@@ -273,22 +278,10 @@ class LoRAManager:
     def release(self, name: str) -> None:
         self.slots.release(name)
 
-    @torch.inference_mode()
     def _write_slot(self, slot: int, a: HostAdapter) -> None:
-        r_cap = self.rank
-        for path, group in self.targets.modules.items():
-            m = self.modules[path]
-            m.lora_a[slot].zero_()
-            m.lora_b[slot].zero_()
-            for j, t in enumerate(group):
-                w = a.weights.get(t.hf_name)
-                if w is None:
-                    continue
-                wa, wb = w
-                r = wa.shape[0]
-                lo = j * r_cap
-                m.lora_a[slot, lo : lo + r].copy_(wa)
-                m.lora_b[slot, lo : lo + r, t.out_offset : t.out_offset + t.out_features].copy_(wb.t())
+        self.shard.write_slot(slot, a.weights)
+        if self.on_slot_write is not None:
+            self.on_slot_write(slot, a.weights)
 
     # ------------------------------------------------------------------ per step
     def begin_step(self, scheduled: Sequence[ScheduledRequest]) -> None:
@@ -310,23 +303,10 @@ class LoRAManager:
                 c.decode_tokens += s.num_new_tokens - prefill
             slot_per_token.extend([slot] * s.num_new_tokens)
             ids.extend(req.token_slice(s.start, s.start + s.num_new_tokens))
-        self.ctx.set(slot_per_token, ids, self.device)
+        self.shard.begin(slot_per_token, ids)
 
     def end_step(self) -> None:
-        self.ctx.clear()
-
-    def _check_forward(self, _module: nn.Module, args: tuple) -> None:
-        if not self.ctx.active:
-            return
-        ids = args[0]
-        exp = self.ctx.expected_ids
-        if ids.shape[0] != len(exp) or not torch.equal(
-            ids, torch.tensor(exp, dtype=ids.dtype, device=ids.device)
-        ):
-            raise RuntimeError(
-                "LoRA batch context does not match the forward's tokens: the model runner's batch order "
-                "changed (engine.lora.manager.forward_order must follow it)"
-            )
+        self.shard.end()
 
 
 def _wait(fut: Future, timeout_s: float) -> None:

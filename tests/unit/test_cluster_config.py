@@ -126,10 +126,6 @@ def test_with_counts_replaces_only_given_pools():
         ),
         ({"model": "/m", "lora": {"adapters": {"bad name": "/a"}}}, r"lora: LoRA adapter name 'bad name'"),
         ({"model": "/m", "lora": {"max_loras": 2}}, r"lora.adapters: max_loras.* without any adapter"),
-        (
-            {"model": "/m", "lora": {"adapters": {"sql": "/a"}}, "decode": {"tp": 2}},
-            r"lora.adapters: .*decode.tp: 2",
-        ),
     ],
 )
 def test_bad_configs_name_the_key(raw, match):

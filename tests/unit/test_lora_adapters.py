@@ -196,18 +196,6 @@ def test_engine_start_and_runtime_registration(env, tmp_path):
         plain.add_request(None, [1, 2, 3], sp, adapter_id="good")
 
 
-def test_lora_with_tensor_parallel_refused(env):
-    _, base, good, _ = env
-    with pytest.raises(
-        InvalidRequestError, match="LoRA adapters are not supported with tensor_parallel_size > 1"
-    ):
-        LLMEngine.from_pretrained(
-            base,
-            EngineConfig(num_kv_blocks=64, tensor_parallel_size=2),
-            lora=LoRAConfig((AdapterSpec("g", str(good)),)),
-        )
-
-
 def test_unsupported_model_type_refused(env):
     from engine.lora.targets import target_map as tmap
 

@@ -47,12 +47,12 @@ def test_worker_lora_flags(tiny):
     assert parse([*common, "--max-lora-rank", "8"], Role.DECODE).lora == LoRAConfig((), max_lora_rank=8)
     assert parse([*common, "--max-model-len", "4096"], Role.DECODE).engine.max_model_len == 4096
     assert parse(common, Role.DECODE).engine.max_model_len is None
+    tp = parse([*common, "--lora", f"a={a1}", "--tp", "2"], Role.DECODE)  # LoRA with tensor parallelism
+    assert tp.lora == LoRAConfig((AdapterSpec("a", str(a1)),)) and tp.engine.tensor_parallel_size == 2
     for bad in (
         ["--lora", "nopath"],
         ["--lora", f"a={a1}", "--lora", f"a={a1}"],
         ["--lora", f"a={a1}", "--max-loras", "0"],
-        ["--lora", f"a={a1}", "--tp", "2"],
-        ["--max-lora-rank", "8", "--tp", "2"],
         ["--max-cpu-loras", "2"],
         ["--max-model-len", "0"],
     ):
