@@ -1,0 +1,305 @@
+"""Direct token streams under faults (issue #12), over real processes on loopback with a tiny model.
+
+One cluster serves the module, with direct streams on by default (no flag): store, 2 routers,
+2 prefill and 2 decode workers, the routers with short progress deadlines (the chaos test's
+cluster, tests/integration/test_chaos.py, whose load, fault schedule and checks are reused). The
+SDK's clients offer direct streams by default too. The tests:
+
+* the sync ``Client`` in direct mode: greedy and seeded outputs identical to the relay and to the
+  engine run whole, its chunks streamed from the decode workers' DirectStream (its connections);
+  the same errors as the relay for a refused request; cancelling mid-stream frees the blocks;
+* a decode worker SIGSTOPped mid-stream: every stream on it continues at the other worker within
+  the progress deadline (bounded gap between two tokens), finished while the worker is still
+  frozen, output identical (greedy and seeded); after SIGCONT it returns to service;
+* a decode worker SIGKILLed mid-stream: every stream finishes identical; it is restarted;
+* last: a bounded chaos run in direct mode (the relay-mode test's load and invariants, shorter:
+  ``PDSERVE_DIRECT_CHAOS_S``, default 20 s): every request succeeds or fails with a documented
+  status, finished outputs equal the engine's, nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from bench.cluster_load import torch_threads
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from kv_store.client import KVStoreClient
+from pdserve.client import Client
+from pdserve.errors import PdserveError
+from pdserve.keepalive import KEEPALIVE
+from pdserve.launcher import ClusterSpec, LocalCluster, launch
+from tests.integration.test_chaos import (
+    CLIENT_TIMEOUT_S,
+    LEASE_TTL_S,
+    MIN_SUCCESS,
+    NUM_DECODE,
+    NUM_PREFILL,
+    NUM_ROUTERS,
+    SEED,
+    Chaos,
+    Load,
+    _all_registered,
+    _check_outcomes,
+    _final_batch,
+    _wait_baseline,
+    chaos_schedule,
+    model,  # noqa: F401 - the module's tiny model (a fixture)
+    references,  # noqa: F401 - the fixture (engine outputs of the chaos prompts)
+)
+from tests.polling import wait_for
+from tests.workers import worker_stats
+
+PROGRESS_TIMEOUT_S = 3.0  # the routers' --progress-timeout-s
+MARGIN_S = 12.0  # scheduling noise on a shared 2-core host, the ResumeDirect round trip
+DIRECT_CHAOS_S = float(os.environ.get("PDSERVE_DIRECT_CHAOS_S", "20"))
+GREEDY = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=96, temperature=0.9, top_p=0.9, seed=77, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(model):  # noqa: F811 - the fixture
+    cl = launch(
+        ClusterSpec(
+            model_path=str(model),
+            num_prefill=NUM_PREFILL,
+            num_decode=NUM_DECODE,
+            num_routers=NUM_ROUTERS,
+            worker_kv_blocks=512,
+            store_capacity_blocks=2048,
+            store_args=("--default-lease-ttl-s", str(LEASE_TTL_S), "--max-lease-ttl-s", str(LEASE_TTL_S)),
+            router_args=(
+                "--progress-timeout-s",
+                str(PROGRESS_TIMEOUT_S),
+                "--first-message-timeout-s",
+                "10",
+                "--prefill-timeout-s",
+                "5",
+                "--quarantine-probe-interval-s",
+                "0.2",
+            ),
+        )
+    )
+    assert cl.spec.direct_streams  # the default
+    yield cl
+    for p in cl.procs.values():  # a frozen process must run again to take its SIGTERM
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+    cl.stop()
+
+
+@pytest.fixture(scope="module")
+def whole(model):  # noqa: F811 - the fixture
+    with torch_threads(1):
+        eng = LLMEngine.from_pretrained(str(model), EngineConfig(num_kv_blocks=256))
+        yield eng
+        eng.close()
+
+
+def _decode_workers(cl: LocalCluster) -> dict[str, str]:
+    return {w: a for w, a in cl.workers.items() if w.startswith("decode")}
+
+
+def _blocks_free(cl: LocalCluster) -> bool:
+    return all(worker_stats(a).kv_blocks_used == 0 for a in _decode_workers(cl).values())
+
+
+def _collect(c: Client, prompt, params: SamplingParams, **kw) -> tuple[list[int], str, object]:
+    toks: list[int] = []
+    text = ""
+    fin = None
+    for ch in c.generate(prompt, params, **kw):
+        toks += ch.token_ids
+        text += ch.text
+        fin = ch.finish or fin
+    return toks, text, fin
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_sync_client_direct_equals_relay_equals_engine(cluster, whole, params) -> None:
+    prompts = [[3, 4, 5, 6, 7, 8], [11, 12, 13, 14, 15, 16, 17]]
+    refs = whole.generate(prompts, params)
+    with Client(cluster.router_addresses, timeout=60) as c:
+        assert c.direct  # the default
+        outs = [(_collect(c, p, params), _collect(c, p, params, direct=False)) for p in prompts]
+        attached = set(c._direct_mux._conns)
+    assert attached and attached <= set(_decode_workers(cluster).values())
+    for ref, (direct, relay) in zip(refs, outs, strict=True):
+        assert direct[0] == relay[0] == ref.token_ids
+        assert direct[1] == relay[1] == ref.text
+        assert direct[2].completion_tokens == relay[2].completion_tokens == len(ref.token_ids)
+        assert direct[2].reason == relay[2].reason == "length"
+
+
+def test_sync_client_direct_errors_and_cancel(cluster) -> None:
+    with Client(cluster.router_addresses, timeout=60) as c:
+        errors = []
+        for direct in (True, False):  # the same typed error either way
+            with pytest.raises(PdserveError) as e:
+                _collect(c, [5, 6, 7], GREEDY, direct=direct, adapter="no-such-adapter")
+            errors.append(e.value)
+        assert type(errors[0]) is type(errors[1]), errors
+        assert all("no-such-adapter" in str(e) for e in errors), errors
+        s = c.generate([40, 41, 42, 43], SamplingParams(max_tokens=400, ignore_eos=True))
+        n = 0
+        for ch in s:
+            n += len(ch.token_ids)
+            if n >= 20:
+                s.cancel()
+        assert n >= 20
+    wait_for(lambda: _blocks_free(cluster), 30, "the cancelled direct stream's blocks are freed")
+
+
+def _streams(c: Client, prompts, params, started: threading.Event, k: int):
+    """Run one stream per prompt on threads: (results, arrival times per stream, threads)."""
+    results: list[tuple[list[int], str] | BaseException | None] = [None] * len(prompts)
+    arrivals: list[list[float]] = [[] for _ in prompts]
+    got = [threading.Event() for _ in prompts]
+
+    def one(i: int) -> None:
+        toks: list[int] = []
+        text = ""
+        try:
+            for ch in c.generate(prompts[i], params[i]):
+                toks += ch.token_ids
+                text += ch.text
+                if ch.token_ids:
+                    arrivals[i].append(time.monotonic())
+                if len(toks) >= k:
+                    got[i].set()
+            results[i] = (toks, text)
+        except BaseException as e:  # noqa: BLE001 - checked by the test
+            results[i] = e
+        finally:
+            got[i].set()
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+
+    def wait_started() -> None:
+        for g in got:
+            assert g.wait(60), "a stream did not start"
+        started.set()
+
+    return results, arrivals, threads, wait_started
+
+
+def _fault_prompts(base: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    prompts = [[base + i, base + 1, base + 2, base + 3, base + 4] for i in range(6)]
+    params = [
+        dataclasses.replace(GREEDY if i % 2 == 0 else SEEDED, max_tokens=160) for i in range(len(prompts))
+    ]
+    return prompts, params
+
+
+def test_decode_worker_sigstopped_mid_direct_stream(cluster, whole) -> None:
+    """Its streams continue elsewhere within the progress deadline, while it is still frozen."""
+    prompts, params = _fault_prompts(60)
+    refs = [whole.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    with Client(cluster.router_addresses, timeout=120) as c:
+        started = threading.Event()
+        results, arrivals, threads, wait_started = _streams(c, prompts, params, started, 12)
+        wait_started()
+        used = [w for w, a in sorted(_decode_workers(cluster).items()) if a in c._direct_mux._conns]
+        assert used, "no stream was direct"
+        victim = used[0]
+        pid = cluster.procs[victim].pid
+        os.kill(pid, signal.SIGSTOP)
+        t_stop = time.monotonic()
+        try:
+            for t in threads:
+                t.join(PROGRESS_TIMEOUT_S + 2 * MARGIN_S + 60)
+            assert not any(t.is_alive() for t in threads), "a stream hung on the frozen worker"
+            t_done = time.monotonic()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    for ref, res in zip(refs, results, strict=True):
+        assert isinstance(res, tuple), res
+        assert res[0] == ref.token_ids
+        assert res[1] == ref.text
+    # every stream went on while the worker was frozen: the longest silence after the stop is
+    # bounded by the progress deadline (the router's floor for a direct leg) plus a margin
+    gaps = []
+    for ts in arrivals:
+        after = [t_stop, *(x for x in ts if x > t_stop)]
+        if len(after) > 1:
+            gaps.append(max(b - a for a, b in zip(after, after[1:], strict=False)))
+    assert gaps and max(gaps) < PROGRESS_TIMEOUT_S + MARGIN_S, gaps
+    assert t_done > t_stop
+    wait_for(lambda: _all_registered(cluster), 60, "the continued worker back in service", 0.25)
+    wait_for(lambda: _blocks_free(cluster), 30, "every block freed after the freeze")
+
+
+def test_decode_worker_sigkilled_mid_direct_stream(cluster, whole) -> None:
+    prompts, params = _fault_prompts(90)
+    refs = [whole.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    with Client(cluster.router_addresses, timeout=120) as c:
+        started = threading.Event()
+        results, _, threads, wait_started = _streams(c, prompts, params, started, 12)
+        wait_started()
+        used = [w for w, a in sorted(_decode_workers(cluster).items()) if a in c._direct_mux._conns]
+        assert used, "no stream was direct"
+        victim = used[-1]
+        cluster.kill(victim)
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "a stream hung on the killed worker"
+    for ref, res in zip(refs, results, strict=True):
+        assert isinstance(res, tuple), res
+        assert res[0] == ref.token_ids
+        assert res[1] == ref.text
+    cluster.restart(victim)
+    wait_for(lambda: _all_registered(cluster), 60, "the restarted worker registered", 0.25)
+    wait_for(lambda: _blocks_free(cluster), 30, "every block freed after the kill")
+
+
+def test_direct_chaos_under_load(cluster, references, caplog) -> None:  # noqa: F811 - the fixture
+    """The relay-mode chaos test's load, faults and invariants (test_chaos.py), direct streams on,
+    for ``DIRECT_CHAOS_S`` seconds."""
+    caplog.set_level(logging.ERROR, logger="pdserve.client")  # one warning per failover
+    cl = cluster
+    components = ["store", *cl.router_names, *sorted(cl.workers)]
+    schedule = chaos_schedule(SEED, DIRECT_CHAOS_S, components)
+    print(f"\ndirect chaos: seed {SEED}, {DIRECT_CHAOS_S:.0f}s, {len(schedule)} faults over {components}")
+    t_start = time.monotonic()
+    chaos = Chaos(cl, t_start)
+    with Client(cl.router_addresses, timeout=CLIENT_TIMEOUT_S) as client:
+        with Load(client, SEED, t_start) as load:
+            try:
+                chaos.run(schedule, DIRECT_CHAOS_S)
+            finally:
+                chaos.recover(120)
+        attached = set(client._direct_mux._conns)
+        outcomes = list(load.outcomes)
+        counts = Counter(o.status for o in outcomes)
+        print(f"schedule as executed:\n{chaos.summary()}\nrequests: {len(outcomes)}: {dict(counts)}")
+        assert not chaos.errors, chaos.errors
+        assert load.stuck == 0, f"{load.stuck} client thread(s) stuck in a request"
+        assert attached, "no request streamed directly"
+        _check_outcomes(outcomes, references, chaos.events)
+        assert counts["OK"] / len(outcomes) >= MIN_SUCCESS, dict(counts)
+        assert cl.dead() == [], cl.dead()
+        wait_for(lambda: _all_registered(cl), 90, "every worker registered, none quarantined", 0.25)
+        store = KVStoreClient(cl.store_address)
+        try:
+            _wait_baseline(cl, store, LEASE_TTL_S + 20, "after the direct chaos")
+            expired = store.stats().node.expired_leases
+            time.sleep(KEEPALIVE.max_reconnect_backoff_ms / 1000 + 0.5)
+            final = _final_batch(client, t_start)
+            fcounts = Counter(o.status for o in final)
+            assert fcounts["OK"] == len(final), [(o.status, str(o.error)) for o in final if o.error]
+            _check_outcomes(final, references, [])
+            _wait_baseline(cl, store, LEASE_TTL_S / 2, "after the final batch")
+            assert store.stats().node.expired_leases == expired, "a lease of the final batch expired"
+        finally:
+            store.close()
