@@ -48,6 +48,7 @@ from pdserve.errors import (
 )
 from pdserve.tracing import log_event
 from pdserve.v1 import worker_pb2
+from prefill_worker.dist_outbox import PeerLocks
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,9 @@ class DistPuller:
     ``stub_for(address)`` returns the KVPeer stub of a prefill worker (default: a cached gRPC
     channel per address); ``receiver`` defaults to a
     :class:`~kv_store.dist_transport.DistBlockReceiver` on the group's device. ``timeout_s``
-    bounds the wait for the group and the PushKV call. Counters: ``direct_pulls``,
+    bounds the wait for the group and the PushKV call. ``locks``: the per-source-rank locks a pull
+    holds (shared with this worker's KVPeer service when it also sends, see
+    :class:`~prefill_worker.dist_outbox.PeerLocks`). Counters: ``direct_pulls``,
     ``direct_failures``, ``stale_discarded``.
     """
 
@@ -96,6 +99,7 @@ class DistPuller:
         receiver: BlockReceiver | None = None,
         timeout_s: float = 120.0,
         max_stale: int = 4,
+        locks: PeerLocks | None = None,
     ) -> None:
         self.group = group
         self.fallback = fallback
@@ -105,7 +109,7 @@ class DistPuller:
         self.timeout_s = timeout_s
         self.max_stale = max_stale
         self._guard = threading.Lock()
-        self._locks: dict[int, threading.Lock] = {}
+        self.locks = locks if locks is not None else PeerLocks()
         self.direct_pulls = 0
         self.direct_failures = 0
         self.stale_discarded = 0
@@ -114,10 +118,6 @@ class DistPuller:
     def transport(self) -> Any:
         """The fallback puller's block transport (the decode service reads its counters)."""
         return getattr(self.fallback, "transport", None)
-
-    def _lock_for(self, src: int) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(src, threading.Lock())
 
     def _count(self, name: str) -> None:
         with self._guard:
@@ -156,7 +156,7 @@ class DistPuller:
         n = len(handle.block_hashes)
         out = torch.empty((n, *layout.block_shape), dtype=getattr(torch, layout.dtype), device=device)
         where = f"prefill worker {handle.dist_address} (rank {src})"
-        with self._lock_for(src):
+        with self.locks.lock_for(src):
             call = self._stub_for(handle.dist_address).PushKV(
                 worker_pb2.PushKVRequest(request_id=handle.request_id, dst_rank=me), timeout=self.timeout_s
             )

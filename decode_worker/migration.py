@@ -1,4 +1,4 @@
-"""Live migration between decode workers over direct gRPC (Llumnix; the engine side is
+"""Live migration between decode workers (Llumnix; the engine side is
 :mod:`engine.migration`, the RPC contracts are in ``proto/pdserve/v1/worker.proto``).
 
 Push model: the router calls ``MigrateOut`` on the source; the source opens ``MigrateIn`` on the
@@ -28,223 +28,87 @@ with an error or a broken stream), the source resumes the request if it still ru
 destination inserted the request, the source keeps its copy (the result says PEER_DIED) and the
 destination's copy is aborted when nobody opens its stream (``attach_timeout_s``).
 
-Transports (``MigrateOutRequest.transport``): GRPC (default), the KV bytes in the MigrateIn
-messages, direct between the two workers (any hosts); STORE, each stage put on the source's KV
-store node under a lease with keys salted per migration (write-once keys never clash with
-another request's), the MigrateIn message carrying the handle, and the destination pulling it
-with its KV puller (shared memory on the store node's host, gRPC otherwise) and releasing the
-lease (a lease of a stage the destination never took is released by the source on abort, else
-expires with its TTL). A source needs a store publisher for STORE (``DecodeMigration.publisher``,
-set by the worker that has a store); torch.distributed is not used for migration.
+Transports (``MigrateOutRequest.transport``; :mod:`decode_worker.migration_transport`): GRPC
+(default), the KV bytes in the MigrateIn messages, direct between the two workers (any hosts);
+STORE, each stage put on the source's KV store node under a lease, the MigrateIn message carrying
+the handle, the destination pulling it with its KV puller (shared memory on the node's host, gRPC
+otherwise) and releasing the lease; DIST, each stage kept in the source's direct-transfer outbox,
+the destination pulling it over the workers' torch.distributed process group (gloo on CPU, NCCL
+on GPU) through the source's ``KVPeer`` service. What the destination never took is released by
+the source on abort (a lease, an outbox entry), else expires with its TTL. A source needs a store
+publisher for STORE (``DecodeMigration.publisher``) and a process group for DIST
+(``DecodeMigration.dist_publisher``), set by the worker that has them; else the transport is
+refused naming it.
+
+Module layout: this module holds the RPC entry points and the destination side;
+:mod:`decode_worker.migration_out` the source side (one ``MigrateOut``);
+:mod:`decode_worker.migration_transport` how stages travel; :mod:`decode_worker.migration_wire`
+the message conversions and results.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
-import queue
 import threading
-import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import grpc
-import torch
 
 from decode_worker.messages import decode_message
-from decode_worker.puller import KVPuller
-from engine.block_hash import BlockHash, chain_hashes
-from engine.engine_loop import OutputItem
-from engine.llm_engine import KVExport, LLMEngine
-from engine.migration import (
-    AbortReason,
-    FinalState,
-    KVStage,
-    MigrationAborted,
-    MigrationExport,
-    MigrationHeader,
-    MigrationImport,
+from decode_worker.migration_out import _OutRun
+from decode_worker.migration_wire import (
+    CHUNK_BYTES,
+    MigrationResult,
+    RequestMigratedError,
+    StreamTakenError,
+    final_from_proto,
+    header_from_proto,
+    header_to_proto,
+    result_for_rpc_error,
+    stage_chunks,
+    stage_from_proto,
 )
+from decode_worker.puller import KVPuller
+from engine.engine_loop import OutputItem
+from engine.migration import FinalState, KVStage, MigrationExport, MigrationImport
 from engine.model_runner import KVShape
 from engine.outputs import TokenLogprob
-from kv_store.convert import handle_from_proto, handle_to_proto
-from kv_store.handle import KVHandle
-from kv_store.tensors import tensor_bytes
-from pdserve.errors import ErrorCode, InvalidRequestError, PdserveError, RequestNotFoundError
-from pdserve.limits import MAX_BLOCKS_PER_CALL, MAX_MESSAGE_BYTES
-from pdserve.proto_convert import (
-    logprob_from_proto,
-    logprob_to_proto,
-    sampling_from_proto,
-    sampling_to_proto,
-)
+from kv_store.convert import handle_from_proto
+from pdserve.errors import InvalidRequestError, RequestNotFoundError
+from pdserve.proto_convert import logprob_to_proto
 from pdserve.security import internal_channel
 from pdserve.tracing import log_event
-from pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.worker_base import WorkerState
+from prefill_worker.dist_outbox import DistPublisher, PeerLocks
 from prefill_worker.publisher import KVPublisher
+
+__all__ = [  # the names callers import from here (the wire format lives in migration_wire)
+    "CHUNK_BYTES",
+    "DecodeMigration",
+    "MigrationResult",
+    "RequestMigratedError",
+    "StreamTakenError",
+    "final_from_proto",
+    "header_from_proto",
+    "header_to_proto",
+    "result_for_rpc_error",
+    "stage_chunks",
+    "stage_from_proto",
+]
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 4 << 20  # KV bytes per MigrationBlocks message (under the 8 MiB message limit)
-assert CHUNK_BYTES < MAX_MESSAGE_BYTES
-
-
-class RequestMigratedError(PdserveError):
-    """Ends the source's Decode stream of a request that now runs on another worker."""
-
-    code = ErrorCode.ABORTED
-
-
-class StreamTakenError(PdserveError):
-    """A second ResumeStream for the same migrated request."""
-
-    code = ErrorCode.FAILED_PRECONDITION
-
-
-class MigrationResult(enum.Enum):
-    """``MigrateOutResponse.result`` (worker.proto ``MigrationResult``)."""
-
-    MIGRATED = worker_pb2.MIGRATION_RESULT_MIGRATED
-    ABORTED_DEST_FULL = worker_pb2.MIGRATION_RESULT_ABORTED_DEST_FULL
-    ABORTED_SOURCE_FINISHED = worker_pb2.MIGRATION_RESULT_ABORTED_SOURCE_FINISHED
-    ABORTED_CANCELLED = worker_pb2.MIGRATION_RESULT_ABORTED_CANCELLED
-    ABORTED_PEER_DIED = worker_pb2.MIGRATION_RESULT_ABORTED_PEER_DIED
-    ABORTED_SOURCE_PREEMPTED = worker_pb2.MIGRATION_RESULT_ABORTED_SOURCE_PREEMPTED
-    ABORTED_REFUSED = worker_pb2.MIGRATION_RESULT_ABORTED_REFUSED
-
-
-_BY_REASON = {
-    AbortReason.SOURCE_FINISHED: MigrationResult.ABORTED_SOURCE_FINISHED,
-    AbortReason.CANCELLED: MigrationResult.ABORTED_CANCELLED,
-    AbortReason.SOURCE_PREEMPTED: MigrationResult.ABORTED_SOURCE_PREEMPTED,
-    AbortReason.DEST_FULL: MigrationResult.ABORTED_DEST_FULL,
-    AbortReason.PEER_DIED: MigrationResult.ABORTED_PEER_DIED,
-}
-
-
-def result_for_rpc_error(code: grpc.StatusCode | None) -> MigrationResult:
-    """The result of a migration whose ``MigrateIn`` call failed with ``code``."""
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return MigrationResult.ABORTED_DEST_FULL
-    if code in (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.NOT_FOUND,
-    ):
-        return MigrationResult.ABORTED_REFUSED
-    return MigrationResult.ABORTED_PEER_DIED
-
-
-# ------------------------------------------------------------------ wire conversion
-
-
-def _layout_proto(shape: KVShape, model_id: str) -> common_pb2.KVLayout:
-    return common_pb2.KVLayout(
-        model_id=model_id,
-        num_layers=shape.num_layers,
-        num_kv_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
-        dtype=str(shape.dtype).removeprefix("torch."),
-        block_size=shape.block_size,
-    )
-
-
-def _shape_from_proto(m: common_pb2.KVLayout) -> KVShape:
-    dt = getattr(torch, m.dtype, None)
-    if not isinstance(dt, torch.dtype):
-        raise InvalidRequestError(f"KV dtype {m.dtype!r} is not a torch dtype in this build")
-    return KVShape(m.num_layers, m.num_kv_heads, m.head_dim, m.block_size, dt)
-
-
-def header_to_proto(h: MigrationHeader, source: str = "") -> worker_pb2.MigrationBegin:
-    return worker_pb2.MigrationBegin(
-        request_id=h.request_id,
-        layout=_layout_proto(h.shape, h.model_id),
-        prompt_token_ids=list(h.prompt_token_ids),
-        sampling=sampling_to_proto(h.params),
-        seed=h.seed,
-        priority=h.priority,
-        adapter=h.adapter_id,
-        cache_salt=h.cache_salt,
-        source_worker=source,
-    )
-
-
-def header_from_proto(m: worker_pb2.MigrationBegin) -> MigrationHeader:
-    if not m.request_id:
-        raise InvalidRequestError("MigrationBegin needs a request_id")
-    return MigrationHeader(
-        request_id=m.request_id,
-        model_id=m.layout.model_id,
-        shape=_shape_from_proto(m.layout),
-        prompt_token_ids=tuple(m.prompt_token_ids),
-        params=sampling_from_proto(m.sampling),
-        seed=m.seed,
-        priority=m.priority,
-        adapter_id=m.adapter,
-        cache_salt=m.cache_salt,
-    )
-
-
-def stage_chunks(
-    stage: KVStage, end_of_stage: bool, chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[worker_pb2.MigrationBlocks]:
-    """The stage's blocks as MigrationBlocks messages of at most ``chunk_bytes`` of KV each (at
-    least one block each; one empty message for an empty stage); the last one carries
-    ``end_of_stage``."""
-    n = stage.num_blocks
-    per = max(1, chunk_bytes // max(1, stage.blocks[0].numel() * stage.blocks.element_size())) if n else 1
-    starts = list(range(0, n, per)) or [0]
-    for i, s in enumerate(starts):
-        part = stage.blocks[s : s + per]
-        yield worker_pb2.MigrationBlocks(
-            first_block=stage.first_block + s,
-            num_blocks=int(part.shape[0]),
-            data=bytes(tensor_bytes(part)) if part.shape[0] else b"",
-            end_of_stage=end_of_stage and i == len(starts) - 1,
-        )
-
-
-def stage_from_proto(m: worker_pb2.MigrationBlocks, shape: KVShape) -> KVStage:
-    block = (shape.num_layers, 2, shape.block_size, shape.num_kv_heads, shape.head_dim)
-    if len(m.data) != m.num_blocks * shape.block_nbytes:
-        raise InvalidRequestError(
-            f"MigrationBlocks holds {len(m.data)} bytes for {m.num_blocks} blocks of {shape.block_nbytes}"
-        )
-    if m.num_blocks == 0:
-        return KVStage(m.first_block, torch.empty((0, *block), dtype=shape.dtype))
-    t = torch.frombuffer(bytearray(m.data), dtype=shape.dtype).view(m.num_blocks, *block)
-    return KVStage(m.first_block, t)
-
-
-def final_to_proto(f: FinalState) -> worker_pb2.MigrationFinal:
-    return worker_pb2.MigrationFinal(
-        num_computed_tokens=f.num_computed_tokens,
-        output_token_ids=f.output_token_ids,
-        detok_text=f.detok_text,
-        detok_emitted=f.detok_emitted,
-        logprobs=[logprob_to_proto(lp) for lp in f.logprobs],
-    )
-
-
-def final_from_proto(m: worker_pb2.MigrationFinal, first_block: int, shape: KVShape) -> FinalState:
-    """The final state; its KV came in the stages before it (an empty last stage at ``first_block``)."""
-    block = (shape.num_layers, 2, shape.block_size, shape.num_kv_heads, shape.head_dim)
-    return FinalState(
-        stage=KVStage(first_block, torch.empty((0, *block), dtype=shape.dtype)),
-        num_computed_tokens=m.num_computed_tokens,
-        output_token_ids=list(m.output_token_ids),
-        detok_text=m.detok_text,
-        detok_emitted=m.detok_emitted,
-        logprobs=[logprob_from_proto(lp) for lp in m.logprobs],
-    )
+_TRANSPORTS = (
+    worker_pb2.MIGRATION_TRANSPORT_UNSPECIFIED,
+    worker_pb2.MIGRATION_TRANSPORT_GRPC,
+    worker_pb2.MIGRATION_TRANSPORT_STORE,
+    worker_pb2.MIGRATION_TRANSPORT_DIST,
+)
 
 
 # ------------------------------------------------------------------ destination: buffered stream
@@ -305,6 +169,10 @@ class DecodeMigration:
         self.attach_timeout_s = attach_timeout_s
         self.puller = puller
         self.publisher = publisher
+        # MIGRATION_TRANSPORT_DIST: a DistPublisher over this worker's outbox, its KVPeer service
+        # serving the destination's pulls (set by a worker in a process group; None: refused)
+        self.dist_publisher: DistPublisher | None = None
+        self.peer_locks: PeerLocks | None = None  # shared by its KVPeer service and DistPuller
         self._lock = threading.Lock()
         self._migrated: dict[str, _Migrated] = {}
         self._channels: dict[str, grpc.Channel] = {}
@@ -317,6 +185,20 @@ class DecodeMigration:
                 ch = self._channels[address] = internal_channel(address)
         return worker_pb2_grpc.WorkerStub(ch)
 
+    def _check_transport(self, transport: int) -> None:
+        """Refuse a transport this source cannot use, naming it (InvalidRequestError)."""
+        if transport == worker_pb2.MIGRATION_TRANSPORT_STORE and self.publisher is None:
+            raise InvalidRequestError(
+                "MIGRATION_TRANSPORT_STORE: this decode worker has no KV store publisher; use MIGRATION_TRANSPORT_GRPC"
+            )
+        if transport == worker_pb2.MIGRATION_TRANSPORT_DIST and self.dist_publisher is None:
+            raise InvalidRequestError(
+                "MIGRATION_TRANSPORT_DIST: this decode worker is not in a torch.distributed process group "
+                "(start it with --dist-init); use MIGRATION_TRANSPORT_GRPC or MIGRATION_TRANSPORT_STORE"
+            )
+        if transport not in _TRANSPORTS:
+            raise InvalidRequestError(f"MigrateOut: unknown migration transport {transport}")
+
     def migrate_out(
         self, req: worker_pb2.MigrateOutRequest, ctx: grpc.ServicerContext
     ) -> worker_pb2.MigrateOutResponse:
@@ -328,10 +210,7 @@ class DecodeMigration:
             raise InvalidRequestError(
                 f"dest_address {req.dest_address} is this worker: migrate to another one"
             )
-        if req.transport == worker_pb2.MIGRATION_TRANSPORT_STORE and self.publisher is None:
-            raise InvalidRequestError(
-                "MIGRATION_TRANSPORT_STORE: this decode worker has no KV store publisher; use MIGRATION_TRANSPORT_GRPC"
-            )
+        self._check_transport(req.transport)
         loop = self.state.loop
         try:
             exp: MigrationExport = loop.call(lambda e: MigrationExport(e, rid))
@@ -514,199 +393,5 @@ class DecodeMigration:
             t.cancel()
         for ch in chans:
             ch.close()
-
-
-class _OutRun:
-    """One MigrateOut: drives the stages over a MigrateIn stream to the destination."""
-
-    def __init__(
-        self,
-        mig: DecodeMigration,
-        exp: MigrationExport,
-        req: worker_pb2.MigrateOutRequest,
-        ctx: grpc.ServicerContext,
-    ) -> None:
-        self.mig = mig
-        self.loop = mig.state.loop
-        self.exp = exp
-        self.req = req
-        self.ctx = ctx
-        self.max_stages = req.max_stages or 4
-        self.timeout_s = req.timeout_s or 30.0
-        self.resp = worker_pb2.MigrateOutResponse()
-        self.store = req.transport == worker_pb2.MIGRATION_TRANSPORT_STORE
-        self._salt = f"migration/{exp.request_id}/{uuid.uuid4().hex}"  # keys unique to this migration
-        self._parent: BlockHash | None = None
-        self._leases: list[KVHandle] = []  # published stages the destination has not acked
-        self._header: MigrationHeader | None = None
-        self._gone = threading.Event()  # the MigrateOut call ended (cancelled) before we answered
-        ctx.add_callback(self._gone.set)
-        self._q: queue.SimpleQueue[worker_pb2.MigrationChunk | None] = queue.SimpleQueue()
-
-    def _chunks(self) -> Iterator[worker_pb2.MigrationChunk]:
-        while (c := self._q.get()) is not None:
-            yield c
-
-    def _send_stage(self, stage: KVStage, end_of_stage: bool) -> None:
-        if self.store and stage.num_blocks:
-            # one store Put per chunk: a call names at most MAX_BLOCKS_PER_CALL blocks
-            assert self._header is not None
-            bs = self._header.shape.block_size
-            n = stage.num_blocks
-            for s in range(0, n, MAX_BLOCKS_PER_CALL):
-                e = min(n, s + MAX_BLOCKS_PER_CALL)
-                part = KVStage(stage.first_block + s, stage.blocks[s:e], stage.token_ids[s * bs : e * bs])
-                self._publish_stage(part, end_of_stage and e == n)
-            return
-        for b in stage_chunks(stage, end_of_stage):
-            self.resp.bytes_copied += len(b.data)
-            self._q.put(worker_pb2.MigrationChunk(blocks=b))
-        self.resp.blocks_copied += stage.num_blocks
-
-    def _publish_stage(self, stage: KVStage, end_of_stage: bool) -> None:
-        """STORE transport: put the stage on this worker's store node, send its handle."""
-        h = self._header
-        pub = self.mig.publisher
-        assert h is not None and pub is not None
-        keys = chain_hashes(
-            stage.token_ids,
-            h.shape.block_size,
-            h.model_id,
-            h.adapter_id,
-            self._salt,
-            include_partial=True,
-            parent=self._parent,
-        )
-        if len(keys) != stage.num_blocks:
-            raise RuntimeError(
-                f"{len(keys)} keys for {stage.num_blocks} blocks of {len(stage.token_ids)} tokens"
-            )
-        self._parent = keys[-1]
-        kv = KVExport(self.exp.request_id, h.model_id, stage.token_ids, 0, keys, stage.blocks, h.shape)
-        handle = pub.publish(kv, self.mig.state.layout, lease_ttl_s=self.timeout_s)
-        self._leases.append(handle)
-        self.resp.bytes_copied += stage.blocks.numel() * stage.blocks.element_size()
-        self.resp.blocks_copied += stage.num_blocks
-        self._q.put(
-            worker_pb2.MigrationChunk(
-                blocks=worker_pb2.MigrationBlocks(
-                    first_block=stage.first_block,
-                    num_blocks=stage.num_blocks,
-                    kv=handle_to_proto(handle),
-                    end_of_stage=end_of_stage,
-                )
-            )
-        )
-
-    def _acked(self) -> None:
-        self._leases.clear()  # the destination pulled and released them
-
-    def _release_leases(self) -> None:
-        client = getattr(self.mig.publisher, "client", None)
-        for handle in self._leases:
-            if client is not None and handle.lease_id:
-                with contextlib.suppress(Exception):
-                    client.release(handle.lease_id)
-        self._leases.clear()
-
-    def _check_caller(self) -> None:
-        remaining = self.ctx.time_remaining()
-        if self._gone.is_set() or (remaining is not None and remaining <= 0):
-            raise MigrationAborted(AbortReason.CANCELLED, "the MigrateOut call was cancelled")
-
-    def _abort(self, result: MigrationResult, why: str) -> worker_pb2.MigrateOutResponse:
-        self._release_leases()
-        with contextlib.suppress(Exception):
-            self.loop.call(lambda e: self.exp.resume())
-        self.resp.result = result.value
-        self.resp.message = why
-        return self.resp
-
-    def run(self) -> worker_pb2.MigrateOutResponse:
-        t0 = time.monotonic()
-        exp = self.exp
-        rid = exp.request_id
-        stub = self.mig._stub(self.req.dest_address)
-        header = self.loop.call(lambda e: exp.header())
-        self._header = header
-        self._q.put(worker_pb2.MigrationChunk(begin=header_to_proto(header, self.mig.state.config.worker_id)))
-        call = stub.MigrateIn(self._chunks(), timeout=self.timeout_s)
-        try:
-            stage = self.loop.call(lambda e: exp.next_stage())
-            self._send_stage(stage, True)
-            next(call)
-            self._acked()
-            stages = 1
-            while stages < self.max_stages:
-                self._check_caller()
-                if self.loop.call(lambda e: exp.pending_blocks()) <= self.req.stop_blocks:
-                    break
-                self._send_stage(self.loop.call(lambda e: exp.next_stage()), True)
-                next(call)
-                self._acked()
-                stages += 1
-            self._check_caller()
-            self.resp.num_stages = stages
-            final = self.loop.call(lambda e: exp.stop_and_copy())
-            t_pause = exp.paused_at if exp.paused_at is not None else time.monotonic()
-            self._send_stage(final.stage, False)
-            self._q.put(worker_pb2.MigrationChunk(final=final_to_proto(final)))
-            ack = next(call)
-            t_running = time.monotonic()
-            self._acked()
-            if not ack.running:
-                raise MigrationAborted(
-                    AbortReason.PEER_DIED, "the destination did not confirm the request runs"
-                )
-        except MigrationAborted as e:
-            self._q.put(None)
-            call.cancel()
-            return self._abort(_BY_REASON[e.reason], str(e))
-        except grpc.RpcError as e:
-            self._q.put(None)
-            call.cancel()
-            return self._abort(
-                result_for_rpc_error(e.code()), f"MigrateIn at {self.req.dest_address}: {e.details()}"
-            )
-        except StopIteration:
-            self._q.put(None)
-            return self._abort(
-                MigrationResult.ABORTED_PEER_DIED, "the destination ended the migration stream"
-            )
-        except BaseException:
-            self._q.put(None)
-            call.cancel()
-            self._release_leases()
-            with contextlib.suppress(Exception):
-                self.loop.call(lambda e: exp.resume())
-            raise
-        self._q.put(None)
-        with contextlib.suppress(StopIteration, grpc.RpcError):
-            next(call)  # the destination closes the stream after the final ack
-
-        def commit(e: LLMEngine) -> bool:
-            gone = exp.req.status.finished  # aborted (cancelled) while paused
-            exp.commit()
-            return not gone
-
-        still_here = self.loop.call(commit)
-        self.resp.downtime_s = t_running - t_pause
-        k = len(final.output_token_ids)
-        if not still_here:
-            # the caller cancelled it during the stop-and-copy: the destination's copy goes too
-            with contextlib.suppress(grpc.RpcError):
-                stub.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=5.0)
-            self.resp.result = MigrationResult.ABORTED_CANCELLED.value
-            self.resp.message = f"request {rid!r} was cancelled during the stop-and-copy"
-        else:
-            self.loop._finish_queue(  # noqa: SLF001 - ends the source's Decode stream of the request
-                rid,
-                RequestMigratedError(
-                    f"request {rid!r} migrated to {self.req.dest_address} at output token {k}: "
-                    "open its stream there with ResumeStream"
-                ),
-            )
-            self.resp.result = MigrationResult.MIGRATED.value
-            self.resp.resume_token_index = k
-        self.resp.total_s = time.monotonic() - t0
-        return self.resp
+        if self.dist_publisher is not None:
+            self.dist_publisher.outbox.close()

@@ -79,6 +79,23 @@ class PeerGroup(Protocol):
         ...
 
 
+class PeerLocks:
+    """One lock per peer rank of the process group, held for a whole transfer with that rank.
+
+    ``shared``: the same locks serialize this process's sends to a rank and its receives from it
+    (a worker that does both, see :class:`KVPeerServicer`); the sending side then only tries to
+    take a lock for a while, so that two ranks pulling from each other never deadlock."""
+
+    def __init__(self, shared: bool = False) -> None:
+        self.shared = shared
+        self._guard = threading.Lock()
+        self._locks: dict[int, threading.Lock] = {}
+
+    def lock_for(self, rank: int) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(rank, threading.Lock())
+
+
 class BlockSender(Protocol):
     def send(self, dst: int, request_id: str, blocks: torch.Tensor) -> TransferHeader: ...
 
@@ -331,6 +348,8 @@ class KVPeerServicer:
         sender: BlockSender | None = None,
         ready_timeout_s: float = 60.0,
         spill_to: KVPublisher | None = None,
+        locks: PeerLocks | None = None,
+        busy_wait_s: float = 2.0,
     ) -> None:
         self.outbox = outbox
         self.group = group
@@ -338,15 +357,11 @@ class KVPeerServicer:
         self.ready_timeout_s = ready_timeout_s
         self.spill_to = spill_to
         self.spills = 0
-        self._locks: dict[int, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self.locks = locks if locks is not None else PeerLocks()
+        self.busy_wait_s = busy_wait_s
         self._count_lock = threading.Lock()
         self.pushes = 0
         self.push_failures = 0
-
-    def _lock_for(self, dst: int) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(dst, threading.Lock())
 
     def _sender_for(self, device: torch.device) -> BlockSender:
         if self._sender is None:
@@ -370,24 +385,34 @@ class KVPeerServicer:
             )
         device = self.group.wait_ready(self.ready_timeout_s)
         sender = self._sender_for(device)
-        blocks = self.outbox.take(rid)
-        if blocks is None:
-            raise RequestNotFoundError(
-                f"request {rid!r} has no KV in the outbox of rank {me}: it expired (TTL), was evicted "
-                "to make room, or was already pushed"
+        lock = self.locks.lock_for(dst)
+        if not lock.acquire(timeout=self.busy_wait_s if self.locks.shared else -1):
+            raise UnavailableError(
+                f"PushKV: rank {me} is receiving a transfer from rank {dst} now (the two ranks must not "
+                "transfer both ways at once); try again"
             )
-        nbytes = blocks.numel() * blocks.element_size()
-        base = {"request_id": rid, "src_rank": me, "num_blocks": blocks.shape[0], "nbytes": nbytes}
-        # after this message the receiver posts its receive: the bytes must follow, whatever happens
-        yield worker_pb2.PushKVResponse(phase=worker_pb2.PUSH_KV_PHASE_ACCEPTED, **base)
-        t0 = time.monotonic()
         try:
-            with self._lock_for(dst):
+            blocks = self.outbox.take(rid)
+            if blocks is None:
+                raise RequestNotFoundError(
+                    f"request {rid!r} has no KV in the outbox of rank {me}: it expired (TTL), was evicted "
+                    "to make room, or was already pushed"
+                )
+            nbytes = blocks.numel() * blocks.element_size()
+            base = {"request_id": rid, "src_rank": me, "num_blocks": blocks.shape[0], "nbytes": nbytes}
+            # after this message the receiver posts its receive: the bytes must follow, whatever happens
+            yield worker_pb2.PushKVResponse(phase=worker_pb2.PUSH_KV_PHASE_ACCEPTED, **base)
+            t0 = time.monotonic()
+            try:
                 sender.send(dst, rid, blocks)
-        except Exception as e:
-            self._count("push_failures")
-            log_event(log, "direct push failed", logging.WARNING, request_id=rid, dst_rank=dst, error=str(e))
-            raise
+            except Exception as e:
+                self._count("push_failures")
+                log_event(
+                    log, "direct push failed", logging.WARNING, request_id=rid, dst_rank=dst, error=str(e)
+                )
+                raise
+        finally:
+            lock.release()
         self._count("pushes")
         log_event(
             log,

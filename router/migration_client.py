@@ -68,6 +68,19 @@ class MigrationTransport(enum.Enum):
 
     GRPC = worker_pb2.MIGRATION_TRANSPORT_GRPC  # in the worker-to-worker stream
     STORE = worker_pb2.MIGRATION_TRANSPORT_STORE  # through the source's KV store node (shm on one host)
+    # over the workers' torch.distributed process group (gloo | NCCL; workers with --dist-init)
+    DIST = worker_pb2.MIGRATION_TRANSPORT_DIST
+
+    @classmethod
+    def parse(cls, value: str) -> MigrationTransport:
+        """``grpc`` | ``store`` | ``dist`` (the router's ``--migration-transport``); anything else
+        is refused naming the choices."""
+        try:
+            return cls[value.strip().upper()]
+        except KeyError:
+            raise ValueError(
+                f"migration transport must be one of {', '.join(m.name.lower() for m in cls)}, got {value!r}"
+            ) from None
 
 
 @dataclass(frozen=True)

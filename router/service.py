@@ -81,7 +81,7 @@ from router.lifecycle.placing import Placer
 from router.lifecycle.quarantine_probe import QuarantineProber
 from router.lifecycle.resources import OnceReleases, Resource, ResourceKind
 from router.lifecycle.stream_mode import KVStreamMode, stream_eligible
-from router.migration_client import GrpcMigrator
+from router.migration_client import GrpcMigrator, MigrationTransport
 from router.policy import GoodputConfig, Placement, PolicyKind, RequestInfo
 from router.policy.migration import MigrationReason
 from router.policy_factory import build_policy, uses_prefix_lookup
@@ -130,6 +130,9 @@ class RouterConfig:
     # for its worker's requests to finish, and GenerateServicer.migrate is refused.
     migration: bool = True
     migration_timeout_s: float = 30.0  # one migration's MigrateOut, staged copy to switch
+    # how a migration's KV travels between the decode workers (GRPC: in the worker-to-worker
+    # stream; STORE: through the source's store node; DIST: over the workers' process group)
+    migration_transport: MigrationTransport = MigrationTransport.GRPC
     # Direct token streams (router.lifecycle.direct_legs): a request whose client offers one
     # (GenerateRequest.direct_stream) gets its tokens from its decode worker (which must serve
     # DirectStream: --direct-streams), the router out of the token path. Off: every request relayed.
@@ -228,7 +231,9 @@ class GenerateServicer:
         self.metrics = metrics if metrics is not None else RouterMetrics(CollectorRegistry())
         self.migrations = MigrationBook(self.metrics)  # migrations in flight; their metrics
         if migrator is None and config.migration:
-            rpcs = GrpcMigrator(timeout_s=config.migration_timeout_s)  # channels opened on the loop
+            rpcs = GrpcMigrator(  # channels opened on the loop
+                timeout_s=config.migration_timeout_s, transport=config.migration_transport
+            )
 
             def migrator(legs: GrpcLegs) -> Migrator:
                 return GrpcLegsMigrator(legs, rpcs, self.migrations)

@@ -28,6 +28,7 @@ class MigrationTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MIGRATION_TRANSPORT_UNSPECIFIED: _ClassVar[MigrationTransport]
     MIGRATION_TRANSPORT_GRPC: _ClassVar[MigrationTransport]
     MIGRATION_TRANSPORT_STORE: _ClassVar[MigrationTransport]
+    MIGRATION_TRANSPORT_DIST: _ClassVar[MigrationTransport]
 
 class KVStreamTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -59,6 +60,7 @@ MIGRATION_RESULT_ABORTED_REFUSED: MigrationResult
 MIGRATION_TRANSPORT_UNSPECIFIED: MigrationTransport
 MIGRATION_TRANSPORT_GRPC: MigrationTransport
 MIGRATION_TRANSPORT_STORE: MigrationTransport
+MIGRATION_TRANSPORT_DIST: MigrationTransport
 KV_STREAM_TRANSPORT_UNSPECIFIED: KVStreamTransport
 KV_STREAM_TRANSPORT_GRPC: KVStreamTransport
 KV_STREAM_TRANSPORT_STORE: KVStreamTransport
