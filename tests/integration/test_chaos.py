@@ -170,6 +170,7 @@ def cluster(model):
             num_routers=NUM_ROUTERS,
             worker_kv_blocks=512,
             store_capacity_blocks=2048,
+            direct_streams=False,  # relay mode (direct: tests/integration/test_direct_faults.py)
             store_args=("--default-lease-ttl-s", str(LEASE_TTL_S), "--max-lease-ttl-s", str(LEASE_TTL_S)),
             router_args=(
                 "--progress-timeout-s",

@@ -55,6 +55,7 @@ def cluster(smollm_path):
             num_decode=2,
             worker_kv_blocks=256,
             store_capacity_blocks=1024,
+            direct_streams=False,  # relay mode (direct: tests/integration/test_direct_faults.py)
             router_args=(
                 "--policy",
                 "least_loaded",  # the placements the tests count on (fewest queued, most free blocks)
