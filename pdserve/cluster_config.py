@@ -258,7 +258,7 @@ class LoRASection:
     adapter folder present at that path on every node; each worker validates and loads them when
     it starts (a bad adapter fails the start naming it and the field). ``max_lora_rank`` and
     ``max_cpu_loras`` 0: the engine's defaults (largest rank given; every adapter kept in host
-    memory). Not with tensor parallelism (refused)."""
+    memory). With tensor parallelism each rank keeps its part of every adapter (engine.lora)."""
 
     adapters: tuple[tuple[str, str], ...] = ()
     max_loras: int = 8
@@ -310,8 +310,28 @@ def _lora_section(raw: Any) -> LoRASection:
 
 
 @dataclass(frozen=True)
-class ClusterConfig:
+class ModelPoolConfig:
+    """One base model of a cluster serving several (``models:``): its HF folder (its id is the
+    folder's name), its own prefill and decode pools and its LoRA adapters."""
+
     model: str
+    prefill: PoolConfig = field(default_factory=PoolConfig)
+    decode: PoolConfig = field(default_factory=PoolConfig)
+    lora: LoRASection = field(default_factory=LoRASection)
+
+    @property
+    def model_id(self) -> str:
+        return Path(self.model).name
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A cluster of one base model (``model``, ``prefill``, ``decode``, ``lora``) or of several
+    (``models``: each with its pools and adapters; ``model`` then empty). :meth:`views` gives one
+    single-model config per served model (what each worker and store actor of that model is
+    built from; the router serves them all)."""
+
+    model: str = ""
     prefill: PoolConfig = field(default_factory=PoolConfig)
     decode: PoolConfig = field(default_factory=PoolConfig)
     store: StorePoolConfig = field(default_factory=StorePoolConfig)
@@ -329,9 +349,43 @@ class ClusterConfig:
     drain_timeout_s: float = 120.0  # scale-down: longest wait for a worker's requests to finish
     drain_quiet_s: float = 1.0  # scale-down: how long a worker must stay idle before removal
     startup_timeout_s: float = 300.0
+    models: tuple[ModelPoolConfig, ...] = ()  # several base models (instead of model/prefill/decode/lora)
+    # set on the per-model views of a several-model cluster (views()): the model's id, which
+    # names its actors (a store node per model per Ray node: the models' KV layouts differ)
+    model_tag: str = ""
 
     def pool(self, role: PoolRole) -> PoolConfig:
         return self.prefill if role is PoolRole.PREFILL else self.decode
+
+    @property
+    def several(self) -> bool:
+        """Whether this config serves several base models (``models``)."""
+        return bool(self.models)
+
+    def views(self) -> list[ClusterConfig]:
+        """One single-model config per served model, in order (``[self]`` for one model); a
+        view of a several-model cluster has ``model_tag`` = the model's id."""
+        if not self.models:
+            return [self]
+        from dataclasses import replace
+
+        return [
+            replace(
+                self,
+                model=m.model,
+                prefill=m.prefill,
+                decode=m.decode,
+                lora=m.lora,
+                models=(),
+                model_tag=m.model_id,
+            )
+            for m in self.models
+        ]
+
+    @property
+    def model_ids(self) -> list[str]:
+        """The served models' ids (their folders' names), in order."""
+        return [Path(v.model).name for v in self.views()]
 
     def with_counts(self, prefill: int | None = None, decode: int | None = None) -> ClusterConfig:
         """A copy with new pool sizes (None: unchanged)."""
@@ -351,15 +405,18 @@ def capacity_shortfall(c: ClusterConfig, total: dict[str, float], num_nodes: int
     now still make a placement wait (``startup_timeout_s``)."""
     need: dict[str, float] = {}
     why: dict[str, list[str]] = {}
-    for role in PoolRole:
-        p = c.pool(role)
-        for k, v in p.bundle().items():
-            if p.count:
-                need[k] = need.get(k, 0.0) + v * p.count
-                per = f"{v:g} {k}" + (f" (tp {p.tp})" if k == "GPU" else "")
-                why.setdefault(k, []).append(f"{role.value}: {p.count} x {per}")
+    views = c.views()
+    for view in views:
+        for role in PoolRole:
+            p = view.pool(role)
+            name = f"{view.model_tag}.{role.value}" if view.model_tag else role.value
+            for k, v in p.bundle().items():
+                if p.count:
+                    need[k] = need.get(k, 0.0) + v * p.count
+                    per = f"{v:g} {k}" + (f" (tp {p.tp})" if k == "GPU" else "")
+                    why.setdefault(k, []).append(f"{name}: {p.count} x {per}")
     for what, n in (
-        ("store nodes", c.store.num_cpus * num_nodes),
+        ("store nodes", c.store.num_cpus * num_nodes * len(views)),
         ("routers", c.router.num_cpus * c.routers),
     ):
         if n:
@@ -519,12 +576,36 @@ def check_security(c: ClusterConfig) -> ClusterConfig:
 
 def validate(c: ClusterConfig) -> ClusterConfig:
     """Raise :class:`InvalidRequestError` naming the first bad key; return ``c`` when valid."""
+    if c.model_tag:
+        raise _err("model_tag", "is set on the per-model views only (ClusterConfig.views)")
+    if not c.models:
+        return _validate_one(c, "")
+    if c.model or c.prefill != PoolConfig() or c.decode != PoolConfig() or c.lora != LoRASection():
+        raise _err("models", "give each model's pools and adapters in its entry, not at the top level")
+    if len(c.models) < 2:
+        raise _err("models", "list two or more models (one model: the top-level model/prefill/decode keys)")
+    ids = c.model_ids
+    if len(set(ids)) != len(ids):
+        raise _err("models", f"the models' folder names are their ids and must be distinct, got {ids}")
+    if c.kv_transfer.kind is not KVTransport.STORE:
+        raise _err(
+            "kv_transfer.kind",
+            "several models move KV through their own store nodes: direct handoff (dist) is not supported with "
+            "them; set kind: store",
+        )
+    for i, view in enumerate(c.views()):
+        _validate_one(view, f"models[{i}].")
+    return c
+
+
+def _validate_one(c: ClusterConfig, at: str) -> ClusterConfig:
+    """:func:`validate` of one model's config (``at``: the prefix of its pools' keys)."""
     if not c.model:
-        raise _err("model", "set the path of the HF model folder on the cluster's nodes")
-    _check_pool(c.prefill, "prefill")
-    _check_pool(c.decode, "decode")
+        raise _err(f"{at}model", "set the path of the HF model folder on the cluster's nodes")
+    _check_pool(c.prefill, f"{at}prefill")
+    _check_pool(c.decode, f"{at}decode")
     if c.prefill.block_size != c.decode.block_size:
-        raise _err("decode.block_size", "prefill and decode must use the same KV block size")
+        raise _err(f"{at}decode.block_size", "prefill and decode must use the same KV block size")
     if c.store.capacity_blocks < 1:
         raise _err("store.capacity_blocks", f"must be >= 1, got {c.store.capacity_blocks}")
     for where, port in (("store.port", c.store.port), ("router.port", c.router.port)):
@@ -621,19 +702,61 @@ def from_dict(raw: Any) -> ClusterConfig:
     """Parse the YAML mapping of a cluster config (see module docstring)."""
     if not isinstance(raw, dict):
         raise _err("top level", f"expected a mapping, got {type(raw).__name__}")
-    known = {f.name: f for f in fields(ClusterConfig)}
+    known = {f.name: f for f in fields(ClusterConfig) if f.name != "model_tag"}
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise _err("top level", f"unknown key(s) {unknown}; known: {sorted(known)}")
-    if "model" not in raw:
+    if "models" in raw:
+        top = sorted({"model", "prefill", "decode", "lora"} & set(raw))
+        if top:
+            raise _err(
+                "models", f"give each model's {', '.join(top)} in its entry of models, not at the top level"
+            )
+    elif "model" not in raw:
         raise _err("model", "missing: set the path of the HF model folder on the cluster's nodes")
     kw: dict[str, Any] = {}
     for k, v in raw.items():
         if k == "lora":
             kw[k] = _lora_section(v)
+        elif k == "models":
+            kw[k] = _models_section(v)
         else:
             kw[k] = _section(_SECTIONS[k], v, k) if k in _SECTIONS else _coerce(known[k].type, v, k)
     return validate(ClusterConfig(**kw))
+
+
+def _models_section(raw: Any) -> tuple[ModelPoolConfig, ...]:
+    """Parse ``models:``: a list of mappings ``{model: PATH, prefill: {...}, decode: {...}, lora: {...}}``."""
+    if not isinstance(raw, list):
+        raise _err("models", f"expected a list of models, got {type(raw).__name__}")
+    out = []
+    for i, entry in enumerate(raw):
+        at = f"models[{i}]"
+        if not isinstance(entry, dict):
+            raise _err(
+                at, f"expected a mapping with model, prefill, decode, lora; got {type(entry).__name__}"
+            )
+        unknown = sorted(set(entry) - {"model", "prefill", "decode", "lora"})
+        if unknown:
+            raise _err(at, f"unknown key(s) {unknown}; known: ['decode', 'lora', 'model', 'prefill']")
+        model = entry.get("model")
+        if not isinstance(model, str) or not model:
+            raise _err(f"{at}.model", "set the path of the HF model folder on the cluster's nodes")
+        try:
+            lora = _lora_section(entry.get("lora"))
+        except InvalidRequestError as e:
+            raise InvalidRequestError(
+                e.message.replace("cluster config: lora", f"cluster config: {at}.lora")
+            ) from None
+        out.append(
+            ModelPoolConfig(
+                model,
+                _section(PoolConfig, entry.get("prefill"), f"{at}.prefill"),
+                _section(PoolConfig, entry.get("decode"), f"{at}.decode"),
+                lora,
+            )
+        )
+    return tuple(out)
 
 
 def load(path: str | Path) -> ClusterConfig:

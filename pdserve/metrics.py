@@ -183,32 +183,41 @@ class RouterMetrics:
     ``missed`` when it completed late or the server failed it (rejected, timeout, error).
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, models: Sequence[str] = ()) -> None:
+        """``models``: the base models the router serves. With two or more, the request-level
+        families (requests, SLO results, TTFT/TPOT/ITL/E2E and phase histograms, prompt, prefix-hit
+        and generation tokens) carry a ``model`` label (bounded: one value per served model; an
+        observation for another model raises ValueError). With one (or none), no ``model`` label:
+        the series are those of a single-model router."""
         self.registry = registry
         r = registry
+        self.models: tuple[str, ...] = tuple(models) if len(models) > 1 else ()
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"RouterMetrics: repeated model ids {list(models)}")
+        m = ["model"] if self.models else []
         self.requests = Counter(
             "pdserve_router_requests",
-            "Generate requests finished, by SLO class and outcome.",
-            ["slo_class", "outcome"],
+            "Generate requests finished, by SLO class and outcome (and model, on a router serving several).",
+            ["slo_class", "outcome", *m],
             registry=r,
         )
         self.slo = Counter(
             "pdserve_router_slo_requests",
             "Requests counted for SLO attainment, by class and result (met|missed).",
-            ["slo_class", "result"],
+            ["slo_class", "result", *m],
             registry=r,
         )
         self.ttft = Histogram(
             "pdserve_router_ttft_seconds",
             "Time to first token seen by the router (arrival -> first token).",
-            ["slo_class"],
+            ["slo_class", *m],
             buckets=TTFT_BUCKETS,
             registry=r,
         )
         self.tpot = Histogram(
             "pdserve_router_tpot_seconds",
             "Time per output token after the first (mean inter-token gap of one request).",
-            ["slo_class"],
+            ["slo_class", *m],
             buckets=TPOT_BUCKETS,
             registry=r,
         )
@@ -216,14 +225,14 @@ class RouterMetrics:
             "pdserve_router_inter_token_seconds",
             "Gap between consecutive output tokens as the router relays them (TBT; tokens that arrive "
             "in one message have gap 0). Its tail shows stalls that the per-request mean TPOT hides.",
-            ["slo_class"],
+            ["slo_class", *m],
             buckets=TPOT_BUCKETS,
             registry=r,
         )
         self.e2e = Histogram(
             "pdserve_router_e2e_seconds",
             "End-to-end request latency (arrival -> last token).",
-            ["slo_class"],
+            ["slo_class", *m],
             buckets=E2E_BUCKETS,
             registry=r,
         )
@@ -231,20 +240,21 @@ class RouterMetrics:
             "pdserve_request_phase_seconds",
             "Per-request phase time: queue (before prefill), prefill, transfer (KV handoff: the prefill "
             "worker's publish plus the decode worker's pull), decode (after the pull).",
-            ["phase", "slo_class"],
+            ["phase", "slo_class", *m],
             buckets=PHASE_BUCKETS,
             registry=r,
         )
         self.prompt_tokens = Counter(
-            "pdserve_router_prompt_tokens", "Prompt tokens of completed requests.", registry=r
+            "pdserve_router_prompt_tokens", "Prompt tokens of completed requests.", m, registry=r
         )
         self.prefix_hit_tokens = Counter(
             "pdserve_router_prefix_hit_tokens",
             "Prompt tokens served from a prefix cache (not recomputed).",
+            m,
             registry=r,
         )
         self.generation_tokens = Counter(
-            "pdserve_router_generation_tokens", "Output tokens of completed requests.", registry=r
+            "pdserve_router_generation_tokens", "Output tokens of completed requests.", m, registry=r
         )
         self.routing = Histogram(
             "pdserve_router_routing_seconds",
@@ -286,17 +296,32 @@ class RouterMetrics:
         for reason in MIGRATION_REASONS:
             for res in MIGRATION_RESULTS:
                 self.migrations.labels(reason, res)
-        for c in SLO_CLASSES:
-            for o in OUTCOMES:
-                self.requests.labels(c, o)
-            for res in ("met", "missed"):
-                self.slo.labels(c, res)
-            self.ttft.labels(c)
-            self.tpot.labels(c)
-            self.itl.labels(c)
-            self.e2e.labels(c)
-            for p in PHASES:
-                self.phase.labels(p, c)
+        for mv in [(x,) for x in self.models] or [()]:
+            for c in SLO_CLASSES:
+                for o in OUTCOMES:
+                    self.requests.labels(c, o, *mv)
+                for res in ("met", "missed"):
+                    self.slo.labels(c, res, *mv)
+                self.ttft.labels(c, *mv)
+                self.tpot.labels(c, *mv)
+                self.itl.labels(c, *mv)
+                self.e2e.labels(c, *mv)
+                for p in PHASES:
+                    self.phase.labels(p, c, *mv)
+            if mv:
+                self.prompt_tokens.labels(*mv)
+                self.prefix_hit_tokens.labels(*mv)
+                self.generation_tokens.labels(*mv)
+
+    def _model(self, model: str) -> tuple[str, ...]:
+        """The ``model`` label values of an observation for ``model`` (none on a single-model
+        router; ``""``: a request that reached no model; ValueError for a model this router does
+        not serve: the label stays bounded to the served models and ``""``)."""
+        if not self.models:
+            return ()
+        if model and model not in self.models:
+            raise ValueError(f"model {model!r} is not one of this router's models {list(self.models)}")
+        return (model,)
 
     def track_workers(self, count: Callable[[], Mapping[str, int]]) -> None:
         """Export ``pdserve_router_workers{role}``: live registered workers, read at scrape time
@@ -312,32 +337,41 @@ class RouterMetrics:
         )
 
     def observe_finished(
-        self, cls: str, target_ttft_s: float, target_tpot_s: float, rec: FinishedRequest
+        self, cls: str, target_ttft_s: float, target_tpot_s: float, rec: FinishedRequest, model: str = ""
     ) -> bool:
-        """Record a completed request (outcome ok); returns whether it met its SLO."""
+        """Record a completed request (outcome ok) of ``model`` (labelled only on a router serving
+        several models); returns whether it met its SLO."""
+        mv = self._model(model)
         tpot = tpot_of(rec.token_times_s)
         met = slo_met(target_ttft_s, target_tpot_s, rec.ttft_s, tpot)
-        self.requests.labels(cls, "ok").inc()
-        self.slo.labels(cls, "met" if met else "missed").inc()
-        self.ttft.labels(cls).observe(rec.ttft_s)
+        self.requests.labels(cls, "ok", *mv).inc()
+        self.slo.labels(cls, "met" if met else "missed", *mv).inc()
+        self.ttft.labels(cls, *mv).observe(rec.ttft_s)
         if tpot is not None:
-            self.tpot.labels(cls).observe(tpot)
-        itl = self.itl.labels(cls)
+            self.tpot.labels(cls, *mv).observe(tpot)
+        itl = self.itl.labels(cls, *mv)
         for prev, cur in itertools.pairwise(rec.token_times_s):
             itl.observe(max(0.0, cur - prev))
-        self.e2e.labels(cls).observe(rec.e2e_s)
+        self.e2e.labels(cls, *mv).observe(rec.e2e_s)
         for p in PHASES:
-            self.phase.labels(p, cls).observe(max(0.0, rec.phases.get(p, 0.0)))
-        self.prompt_tokens.inc(rec.prompt_tokens)
-        self.prefix_hit_tokens.inc(rec.cached_prompt_tokens)
-        self.generation_tokens.inc(rec.completion_tokens)
+            self.phase.labels(p, cls, *mv).observe(max(0.0, rec.phases.get(p, 0.0)))
+        for counter, n in (
+            (self.prompt_tokens, rec.prompt_tokens),
+            (self.prefix_hit_tokens, rec.cached_prompt_tokens),
+            (self.generation_tokens, rec.completion_tokens),
+        ):
+            (counter.labels(*mv) if mv else counter).inc(n)
         return met
 
-    def observe_failed(self, cls: str, outcome: str) -> None:
-        """Record a request that ended without completing (``outcome`` from :func:`outcome_for`)."""
-        self.requests.labels(cls, outcome).inc()
+    def observe_failed(self, cls: str, outcome: str, model: str = "") -> None:
+        """Record a request that ended without completing (``outcome`` from :func:`outcome_for`)
+        of ``model``. On a router serving several models, a request refused before it reached a
+        model (it named none, or one not served) counts with ``model=""`` (which PromQL reads as
+        no label)."""
+        mv = self._model(model)
+        self.requests.labels(cls, outcome, *mv).inc()
         if outcome in SLO_MISS_OUTCOMES:
-            self.slo.labels(cls, "missed").inc()
+            self.slo.labels(cls, "missed", *mv).inc()
 
     def observe_migration(self, reason: str, result: str, blocks_copied: int = 0) -> None:
         """Record one ended migration: ``reason`` in :data:`MIGRATION_REASONS`, ``result`` in

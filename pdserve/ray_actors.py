@@ -83,8 +83,10 @@ def _reconstructed() -> bool:
     return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
-def store_actor_name(node_id: str) -> str:
-    return f"{STORE_PREFIX}{node_id}"
+def store_actor_name(node_id: str, model_tag: str = "") -> str:
+    """The Ray name of the store node on ``node_id`` (``model_tag``: of that model, in a cluster
+    serving several models: each model has its own store node per Ray node)."""
+    return f"{STORE_PREFIX}{model_tag}-{node_id}" if model_tag else f"{STORE_PREFIX}{node_id}"
 
 
 def _node_id() -> str:
@@ -140,6 +142,8 @@ class StoreActor:
 
         self.node_id = _node_id()
         self.host_id = apply_host_id(config)
+        self.model = Path(config.model).name
+        self.several = bool(config.model_tag)  # one store node per model on this Ray node
         apply_security(config)
         mc = ModelConfig.from_path(config.model)
         layout = KVLayout(
@@ -182,6 +186,8 @@ class StoreActor:
             "store_node": loc.node_id,
             "address": loc.address,
             "host_id": loc.host_id,
+            "model": self.model,  # the model whose KV layout it holds
+            "several": self.several,
             "metrics": f"127.0.0.1:{self.metrics_port}",
             "pid": os.getpid(),
         }
@@ -249,6 +255,12 @@ def router_config(config: ClusterConfig, index: int = 0) -> RouterConfig:
     )
 
 
+def router_configs(config: ClusterConfig, index: int = 0) -> list[RouterConfig]:
+    """One :func:`router_config` per served model (``config.views()``), in order: a router serving
+    several models runs a policy per model (router.multi_model)."""
+    return [router_config(v, index) for v in config.views()]
+
+
 class RouterActor:
     """The router's Generate and Registry services in this actor's process."""
 
@@ -262,6 +274,7 @@ class RouterActor:
         from router.admin_service import ADMIN_SERVICE, AdminServicer
         from router.drainer import WorkerDrains
         from router.health import HEALTH_SERVICES, start_router_health
+        from router.multi_model import ModelDispatcher, ModelDrains
         from router.registry import Registry
         from router.registry_service import (
             REGISTRY_SERVICE,
@@ -272,7 +285,8 @@ class RouterActor:
         from router.service import GenerateServicer
 
         apply_security(config)
-        cfg = router_config(config, index)
+        cfgs = router_configs(config, index)  # one per served model
+        cfg = cfgs[0]
         self.registry = Registry(cfg.heartbeat_timeout_s)
         # the control plane (Registry) on its own server and threads; workers register at the
         # data address (what ROUTER_NAME resolves to) and are told this one for their heartbeats
@@ -304,7 +318,7 @@ class RouterActor:
         verifier = (
             worker_verifier(
                 self.registry,
-                cfg,
+                cfgs,  # a worker is checked against the model it registers for
                 **({"max_kv_blocks": r.max_worker_kv_blocks} if r.max_worker_kv_blocks else {}),
             )
             if r.verify_workers
@@ -312,21 +326,35 @@ class RouterActor:
         )
         registry_servicer = RegistryServicer(self.registry, cfg, verifier=verifier)
         self.control, self._control_address, _ = start_control_server(registry_servicer, cfg.host, 0)
-        self._generate = GenerateServicer(self.registry, cfg, RouterMetrics(REGISTRY), edge=edge)
-        drains = WorkerDrains(self._generate, self.registry, lambda: self.server.loop)
+        metrics = RouterMetrics(REGISTRY, [c.model_id for c in cfgs])  # a model label when several
+        multi = len(cfgs) > 1
+        # one servicer per model: own tokenizer, placement policy and state (router.multi_model)
+        servicers = {
+            c.model_id: GenerateServicer(self.registry, c, metrics, edge=edge, track_gauges=not multi)
+            for c in cfgs
+        }
+        self._generate = servicers[cfg.model_id]
+        front: Any = self._generate
+        per_model = {
+            m: WorkerDrains(svc, self.registry, lambda: self.server.loop) for m, svc in servicers.items()
+        }
+        self._drain_sets = [d.draining for d in per_model.values()]
+        drains: Any = per_model[cfg.model_id]
+        if multi:  # Generate / Tokenize routed by the request's model; ListModels lists them all
+            front = ModelDispatcher(servicers)
+            front.track_gauges()
+            drains = ModelDrains(self.registry, per_model)
         services = [
-            (
-                client_pb2.DESCRIPTOR.services_by_name["Generate"],
-                self._generate,
-            ),
+            (client_pb2.DESCRIPTOR.services_by_name["Generate"], front),
             (REGISTRY_SERVICE, registry_servicer),
-            (ADMIN_SERVICE, AdminServicer(self.registry, cfg.model_id, drains=drains)),  # operators
+            (ADMIN_SERVICE, AdminServicer(self.registry, list(servicers), drains=drains)),  # operators
         ]
         # the data plane on an event loop: a stream costs memory, not a thread (router.service)
         self.server, port, hs = start_aio_server(
             services, cfg.host, cfg.port, name="router", not_serving=HEALTH_SERVICES
         )
-        self._health = start_router_health(self.registry, cfg, hs)  # NOT_SERVING until it can place
+        # NOT_SERVING until it can place a request (of any of its models)
+        self._health = start_router_health(self.registry, cfg, hs, model_ids=list(servicers))
         self._address = f"{cfg.host}:{port}"
         self._policy = cfg.policy.value
         self._index = bool(cfg.index_url)
@@ -350,7 +378,7 @@ class RouterActor:
 
     def workers(self) -> list[dict[str, Any]]:
         """Every worker the router knows (silent ones expire here), draining ones included."""
-        ids = [w.worker_id for w in self.registry.alive()] + sorted(self._drains.draining)
+        ids = [w.worker_id for w in self.registry.alive()] + sorted(set().union(*self._drain_sets))
         out, seen = [], set()
         for wid in ids:
             w = self.registry.get(wid)
@@ -361,6 +389,7 @@ class RouterActor:
                 {
                     "worker_id": w.worker_id,
                     "role": w.kind.value,
+                    "model": w.model,
                     "address": w.address,
                     "num_running": w.load.num_running,
                     "num_waiting": w.load.num_waiting,
@@ -392,7 +421,8 @@ class RouterActor:
         return self._drains.inflight(worker_id)
 
     def forget(self, worker_id: str) -> None:
-        self._drains.draining.discard(worker_id)
+        for draining in self._drain_sets:
+            draining.discard(worker_id)
         self.registry.deregister(worker_id)
 
     def stop(self) -> None:
@@ -436,7 +466,7 @@ class WorkerActor:
         self.dist = (
             self._join_group(config, seat, host) if seat is not None and not _reconstructed() else None
         )
-        store = ray.get_actor(store_actor_name(self.node_id), namespace=config.namespace)
+        store = ray.get_actor(store_actor_name(self.node_id, config.model_tag), namespace=config.namespace)
         self.store_address = ray.get(store.address.remote(), timeout=60)
         pool = config.pool(role)
         wrole = Role.PREFILL if role is PoolRole.PREFILL else Role.DECODE
@@ -464,7 +494,7 @@ class WorkerActor:
         # a dead tensor-parallel rank breaks the engine for good: end the actor, Ray restarts it
         self.state.on_engine_broken(lambda why: os._exit(1))
         namespace = config.namespace
-        store_name = store_actor_name(self.node_id)
+        store_name = store_actor_name(self.node_id, config.model_tag)
 
         def store_now() -> str:  # a restarted store actor listens on a new port
             return ray.get(ray.get_actor(store_name, namespace=namespace).address.remote(), timeout=10)

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+from pdserve.errors import InvalidRequestError
 from pdserve.ray_cluster import DEFAULT_NAMESPACE
 
 
@@ -38,6 +39,11 @@ def _cmd_up(a: argparse.Namespace) -> int:
     if a.namespace:
         cfg = replace(cfg, namespace=a.namespace)
     if a.prefill is not None or a.decode is not None:
+        if cfg.several:
+            raise InvalidRequestError(
+                f"--prefill / --decode set one model's pools; this config serves several "
+                f"({', '.join(cfg.model_ids)}): set the counts in its models entries"
+            )
         cfg = cluster_config.validate(cfg.with_counts(a.prefill, a.decode))
     ray_cluster.connect(a.address, cfg.namespace)
     t0 = time.monotonic()
@@ -96,8 +102,9 @@ def format_status(st: dict[str, Any]) -> str:
         if not s.get("alive"):
             lines.append(f"  node {s['node_id'][:8]} DEAD")
             continue
+        model = f" model {s['model']}" if s.get("several") else ""
         lines.append(
-            f"  node {s['node_id'][:8]} {s['address']:<22} kv {s['num_blocks']}/{s['capacity_blocks']} "
+            f"  node {s['node_id'][:8]}{model} {s['address']:<22} kv {s['num_blocks']}/{s['capacity_blocks']} "
             f"({100 * s['kv_usage']:.0f}%) leases {s['num_leases']} out grpc {s['blocks_out_grpc']} "
             f"shm {s['blocks_out_shm']}"
         )

@@ -2,7 +2,9 @@
 
 ``up`` creates one detached actor, ``pdserve-controller`` in the config's namespace (default
 ``pdserve``), and the controller creates and owns everything else: one :class:`StoreActor` per
-alive Ray node (node affinity), the :class:`RouterActor`, and the prefill and decode pools
+alive Ray node (node affinity; per model and node when the config serves several models: their
+KV layouts differ), the :class:`RouterActor` (serving every model, a policy per model), and the
+prefill and decode pools (of each model)
 (:class:`WorkerActor`, one placement group of one bundle per worker: ``{"CPU": num_cpus, "GPU":
 tp}``). Actors are restarted on failure (``max_restarts``) and workers register again with the
 router. Because the controller owns them, ``down`` (which stops them, removes their placement
@@ -31,6 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pdserve.cluster_config import ClusterConfig, PoolRole, capacity_shortfall, check_security
@@ -82,6 +85,7 @@ class _Worker:
     handle: Any
     pg: Any  # placement group or None
     info: dict[str, Any]
+    view: ClusterConfig  # its model's config (ClusterConfig.views)
 
 
 class Controller:
@@ -95,7 +99,7 @@ class Controller:
         self.routers: list[Any] = []  # router actor handles (``routers`` of the config), in order
         self.router_infos: list[dict[str, Any]] = []
         self.workers: dict[str, _Worker] = {}
-        self._next = {PoolRole.PREFILL: 0, PoolRole.DECODE: 0}
+        self._next: dict[tuple[str, PoolRole], int] = {}  # (model tag, role) -> next worker number
         self._lock = threading.RLock()  # membership changes (up / scale / down) one at a time
         self._down = False
 
@@ -130,22 +134,24 @@ class Controller:
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         new = {}
         for node in nodes:
-            if node in self.stores:
-                continue
-            new[node] = (
-                ray.remote(StoreActor)
-                .options(
-                    **self._opts(
-                        name=store_actor_name(node),
-                        num_cpus=self.config.store.num_cpus,
-                        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            for view in self.config.views():  # several models: a store node per model (layouts differ)
+                key = _store_key(node, view.model_tag)
+                if key in self.stores:
+                    continue
+                new[key] = (
+                    ray.remote(StoreActor)
+                    .options(
+                        **self._opts(
+                            name=store_actor_name(node, view.model_tag),
+                            num_cpus=self.config.store.num_cpus,
+                            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                        )
                     )
+                    .remote(view)
                 )
-                .remote(self.config)
-            )
-        for node, h in new.items():
-            self.store_info[node] = _get(h.info.remote(), self.config.startup_timeout_s, f"store on {node}")
-            self.stores[node] = h
+        for key, h in new.items():
+            self.store_info[key] = _get(h.info.remote(), self.config.startup_timeout_s, f"store {key}")
+            self.stores[key] = h
 
     def _start_routers(self) -> None:
         """Start the ``routers`` router actors (in parallel); Ray restarts each (``max_restarts``)."""
@@ -164,14 +170,20 @@ class Controller:
         ]
         self.routers = handles
 
-    def _create_worker(self, role: PoolRole, seat: DistSeat | None = None) -> _Worker:
+    def _create_worker(
+        self, role: PoolRole, seat: DistSeat | None = None, view: ClusterConfig | None = None
+    ) -> _Worker:
+        """Start one worker of ``view``'s model (None: the one model): ``<role>-<n>``, or
+        ``<role>-<model id>-<n>`` in a cluster serving several models."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        pool = self.config.pool(role)
-        wid = f"{role.value}-{self._next[role]}"
-        self._next[role] += 1
+        view = view or self.config
+        pool = view.pool(role)
+        n = self._next.get((view.model_tag, role), 0)
+        self._next[(view.model_tag, role)] = n + 1
+        wid = f"{role.value}-{view.model_tag}-{n}" if view.model_tag else f"{role.value}-{n}"
         bundle = pool.bundle()
         opts = self._opts(name=f"{WORKER_PREFIX}{wid}", num_cpus=pool.num_cpus, num_gpus=pool.num_gpus)
         pg = None
@@ -181,9 +193,9 @@ class Controller:
         h = (
             ray.remote(WorkerActor)
             .options(**opts)
-            .remote(self.config, role, wid, tuple(i["address"] for i in self.router_infos), seat)
+            .remote(view, role, wid, tuple(i["address"] for i in self.router_infos), seat)
         )
-        w = _Worker(wid, role, h, pg, {})
+        w = _Worker(wid, role, h, pg, {}, view)
         self.workers[wid] = w
         return w
 
@@ -196,16 +208,22 @@ class Controller:
                 ray.get(w.pg.ready(), timeout=self.config.startup_timeout_s)
             except ray.exceptions.GetTimeoutError:
                 raise UnavailableError(
-                    f"placement group of {w.worker_id} ({self.config.pool(w.role).bundle()}) was not "
+                    f"placement group of {w.worker_id} ({w.view.pool(w.role).bundle()}) was not "
                     f"placed within {self.config.startup_timeout_s}s: the cluster lacks the resources"
                 ) from None
         w.info = _get(w.handle.info.remote(), self.config.startup_timeout_s, w.worker_id)
 
-    def _start_workers(self, roles: list[PoolRole], group: bool = False) -> list[str]:
-        """Create workers for ``roles`` (in parallel), wait until each serves and the router lists
-        it. ``group``: they form the direct-handoff process group (rank = position in ``roles``;
-        the first is started first, to learn the group's address)."""
+    def _start_workers(
+        self, roles: list[PoolRole], group: bool = False, views: list[ClusterConfig] | None = None
+    ) -> list[str]:
+        """Create workers for ``roles`` (in parallel; ``views``: the model of each, default the one
+        model), wait until each serves and the router lists it. ``group``: they form the
+        direct-handoff process group (rank = position in ``roles``; the first is started first,
+        to learn the group's address; one model only)."""
         made: list[_Worker] = []
+        if views is not None:
+            made += [self._create_worker(r, None, v) for r, v in zip(roles, views, strict=True)]
+            roles = []
         if group and len(roles) >= 2:
             world = len(roles)
             first = self._create_worker(roles[0], DistSeat(0, world))
@@ -213,7 +231,7 @@ class Controller:
             self._wait_started(first)
             init = _get(first.handle.dist_init_method.remote(), _CALL_TIMEOUT_S, first.worker_id)
             made += [self._create_worker(r, DistSeat(i, world, init)) for i, r in enumerate(roles[1:], 1)]
-        else:
+        elif roles:
             made += [self._create_worker(r) for r in roles]
         for w in made:
             if not w.info:
@@ -317,6 +335,11 @@ class Controller:
             self._check_capacity(self.config)
             self._ensure_stores()
             self._start_routers()
+            if self.config.several:  # every model's pools (the config refuses direct handoff here)
+                views = [v for v in self.config.views() for r in PoolRole for _ in range(v.pool(r).count)]
+                roles = [r for v in self.config.views() for r in PoolRole for _ in range(v.pool(r).count)]
+                self._start_workers(roles, views=views)
+                return self.addresses()
             roles = [PoolRole.PREFILL] * self.config.prefill.count + [
                 PoolRole.DECODE
             ] * self.config.decode.count
@@ -336,6 +359,11 @@ class Controller:
         for name, n in (("prefill", prefill), ("decode", decode)):
             if n is not None and n < 0:
                 raise InvalidRequestError(f"--{name} must be >= 0, got {n}")
+        if self.config.several:
+            raise InvalidRequestError(
+                f"pdserve scale is not supported on a cluster serving several models ({', '.join(self.config.model_ids)}) "
+                "yet: change the counts in the config's models entries and run pdserve down / up"
+            )
         with self._lock:
             if not self.routers:
                 raise UnavailableError("the cluster is not up")
@@ -367,7 +395,11 @@ class Controller:
 
         workers = []
         for w in sorted(list(self.workers.values()), key=lambda w: w.worker_id):
-            row: dict[str, Any] = {"worker_id": w.worker_id, "role": w.role.value}
+            row: dict[str, Any] = {
+                "worker_id": w.worker_id,
+                "role": w.role.value,
+                "model": Path(w.view.model).name,
+            }
             try:
                 row |= ray.get(w.handle.stats.remote(), timeout=_CALL_TIMEOUT_S)
                 row["alive"] = True
@@ -428,6 +460,12 @@ class Controller:
             n_stores = len(self.stores)
             self.routers, self.router_infos, self.stores, self.store_info = [], [], {}, {}
             return {"workers": n_workers, "stores": n_stores, "routers": n_routers}
+
+
+def _store_key(node: str, model_tag: str) -> str:
+    """Key of a store actor in ``Controller.stores``: the Ray node id (``<model id>/<node id>``
+    in a cluster serving several models)."""
+    return f"{model_tag}/{node}" if model_tag else node
 
 
 def _get(ref: Any, timeout_s: float, what: str) -> Any:

@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         shared = _shared_tenant_state(ap, a)
         if shared is not None:  # quotas and request ids shared with the cluster's other routers
             edge.gate, edge.ids = shared.gate, shared.ids
-        metrics = RouterMetrics(REGISTRY)
+        metrics = RouterMetrics(REGISTRY, [c.model_id for c in cfgs])  # a model label when several
         multi = len(cfgs) > 1
         # one servicer per model: own tokenizer, placement policy and state (opens the --index)
         servicers = {

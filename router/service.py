@@ -359,7 +359,7 @@ class GenerateServicer:
             admitted = await self.edge.admit_generate_async(req, ctx.invocation_metadata())
         except Exception as e:  # refused at the edge (key, limits, quota, id): counted like the rest
             cls, outcome = slo_class(req.slo.ttft_s, req.slo.tpot_s), outcome_for(e)
-            self.metrics.observe_failed(cls, outcome)
+            self.metrics.observe_failed(cls, outcome, self.config.model_id)
             with request_scope(req.request_id):
                 log_event(log, "request failed", slo_class=cls, outcome=outcome, error=type(e).__name__)
             raise
@@ -406,14 +406,14 @@ class GenerateServicer:
                     outcome = "timeout" if r is not None and r <= 0 else "cancelled"
                 else:
                     outcome = outcome_for(e)
-                m.observe_failed(cls, outcome)
+                m.observe_failed(cls, outcome, self.config.model_id)
                 log_event(log, "request failed", slo_class=cls, outcome=outcome, error=type(e).__name__)
                 raise
             finally:
                 held.release(deadline)
                 m.inflight.dec()
             if finish is None:  # the stream ended without a result: the client went away
-                m.observe_failed(cls, "cancelled")
+                m.observe_failed(cls, "cancelled", self.config.model_id)
                 log_event(log, "request failed", slo_class=cls, outcome="cancelled", error="")
                 return
             t = finish.timing
@@ -432,7 +432,7 @@ class GenerateServicer:
                 cached_prompt_tokens=finish.usage.cached_prompt_tokens,
                 completion_tokens=completion_tokens,
             )
-            met = m.observe_finished(cls, req.slo.ttft_s, req.slo.tpot_s, rec)
+            met = m.observe_finished(cls, req.slo.ttft_s, req.slo.tpot_s, rec, self.config.model_id)
             log_event(
                 log,
                 "request done",

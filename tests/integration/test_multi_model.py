@@ -136,7 +136,7 @@ class _Cluster:
                 load = WorkerLoad(0, 0, BLOCKS, 0, block_size=BLOCK_SIZE)
                 self.registry.register(w, WorkerKind.DECODE, self.workers[w].address, m, load)
         self.prom = CollectorRegistry()
-        metrics = RouterMetrics(self.prom)
+        metrics = RouterMetrics(self.prom, list(MODELS))  # a model label: it serves several
         self.svcs = {
             m: GenerateServicer(
                 self.registry,
@@ -290,3 +290,51 @@ def test_openai_lists_both_models_and_routes_by_the_model_field(cluster, client)
         assert status == 400 and "several models" in r["error"]["message"], r
     finally:
         srv.close()
+
+
+def test_router_metrics_carry_the_model_label(cluster, client) -> None:
+    """Request-level metrics are labelled with the model each request ran on (only the served
+    models; a request that reached no model counts under ``model=""``)."""
+    prom = cluster.prom
+
+    def val(name: str, **labels: str) -> float:
+        return prom.get_sample_value(name, labels) or 0.0
+
+    sent = {"tiny-a": 2, "tiny-b": 1}
+    before = {
+        m: (
+            val("pdserve_router_requests_total", slo_class="default", outcome="ok", model=m),
+            val("pdserve_router_generation_tokens_total", model=m),
+            val("pdserve_router_ttft_seconds_count", slo_class="default", model=m),
+            val("pdserve_router_prompt_tokens_total", model=m),
+        )
+        for m in MODELS
+    }
+    unrouted = val("pdserve_router_requests_total", slo_class="default", outcome="invalid", model="")
+    for m, n in sent.items():
+        for i in range(n):
+            client.complete(_prompt(i), GREEDY, model=m)
+    with pytest.raises(InvalidRequestError):
+        client.complete(_prompt(0), GREEDY)
+    for m, n in sent.items():
+        req, gen, ttft, prompt = before[m]
+        assert val("pdserve_router_requests_total", slo_class="default", outcome="ok", model=m) == req + n
+        assert val("pdserve_router_generation_tokens_total", model=m) == gen + n * GREEDY.max_tokens
+        assert val("pdserve_router_ttft_seconds_count", slo_class="default", model=m) == ttft + n
+        assert val("pdserve_router_prompt_tokens_total", model=m) == prompt + sum(
+            len(_prompt(i)) for i in range(n)
+        )
+    assert (
+        val("pdserve_router_requests_total", slo_class="default", outcome="invalid", model="") == unrouted + 1
+    )
+    # bounded: only the served models (and "") ever appear as the label's values
+    models = {
+        s.labels["model"]
+        for fam in prom.collect()
+        if fam.name.startswith("pdserve_router_")
+        for s in fam.samples
+        if "model" in s.labels
+    }
+    assert models == {"tiny-a", "tiny-b", ""}
+    with pytest.raises(ValueError, match="not one of this router's models"):
+        cluster.svcs["tiny-a"].metrics.observe_failed("default", "error", "tiny-c")

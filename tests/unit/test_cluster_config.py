@@ -180,3 +180,57 @@ def test_capacity_shortfall_names_what_the_ray_cluster_lacks() -> None:
     )
     assert capacity_shortfall(from_dict({"model": "/m"}), {"CPU": 2.0}, 1) is None
     assert capacity_shortfall(from_dict({"model": "/m", "decode": {"count": 0}}), {"CPU": 1.0}, 1) is None
+
+
+def test_several_models_each_with_pools_and_adapters() -> None:
+    """``models``: each model's pools and adapters; views() gives one single-model config per
+    model (what its workers and store nodes are built from), tagged with the model's id."""
+    from pdserve.cluster_config import capacity_shortfall
+
+    c = from_dict(
+        {
+            "models": [
+                {"model": "/m/A", "decode": {"count": 2, "tp": 2}, "lora": {"adapters": {"sql": "/a"}}},
+                {"model": "/m/B", "prefill": {"count": 0, "kv_blocks": 64}},
+            ],
+            "router": {"policy": "least_loaded"},
+        }
+    )
+    assert c.several and c.model == "" and c.model_ids == ["A", "B"]
+    a, b = c.views()
+    assert (a.model, a.model_tag, a.decode.count, a.decode.tp, a.prefill.count) == ("/m/A", "A", 2, 2, 1)
+    assert a.lora.lora_config() is not None and b.lora.lora_config() is None
+    assert (b.model, b.model_tag, b.prefill.count, b.prefill.kv_blocks) == ("/m/B", "B", 0, 64)
+    assert a.router == b.router == c.router and not a.several
+    assert from_dict({"model": "/m/A"}).views()[0].model_tag == ""
+    # capacity: every model's pools and a store node per model per Ray node
+    msg = capacity_shortfall(c, {"CPU": 3.0}, num_nodes=1)
+    assert msg is not None and "A.decode: 2 x 1 CPU" in msg and "B.decode: 1 x 1 CPU" in msg
+    assert capacity_shortfall(c, {"CPU": 4.0}, num_nodes=1) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (
+            {"models": [{"model": "/m/A"}, {"model": "/m/B"}], "model": "/m/A"},
+            r"models: .*model in its entry",
+        ),
+        ({"models": [{"model": "/m/A"}, {"model": "/m/B"}], "decode": {"count": 1}}, r"models: .*decode"),
+        ({"models": [{"model": "/m/A"}]}, r"models: list two or more models"),
+        ({"models": [{"model": "/m/A"}, {"model": "/n/A"}]}, r"models: .*distinct, got \['A', 'A'\]"),
+        ({"models": {"model": "/m/A"}}, r"models: expected a list"),
+        ({"models": [{"model": "/m/A"}, {"path": "/m/B"}]}, r"models\[1\]: unknown key\(s\) \['path'\]"),
+        ({"models": [{"model": "/m/A"}, {"prefill": {}}]}, r"models\[1\].model: set the path"),
+        ({"models": [{"model": "/m/A"}, {"model": "/m/B", "decode": {"tp": 0}}]}, r"models\[1\].decode.tp"),
+        ({"models": [{"model": "/m/A", "lora": {"max_loras": 2}}, {"model": "/m/B"}]}, r"models\[0\].lora"),
+        (
+            {"models": [{"model": "/m/A"}, {"model": "/m/B"}], "kv_transfer": {"kind": "dist"}},
+            r"kv_transfer.kind: several models",
+        ),
+        ({"model": "/m/A", "model_tag": "A"}, r"top level: unknown key\(s\) \['model_tag'\]"),
+    ],
+)
+def test_bad_several_model_configs_name_the_key(raw, match) -> None:
+    with pytest.raises(InvalidRequestError, match=match):
+        from_dict(raw)
