@@ -25,6 +25,17 @@ Example (every key but ``model`` has a default)::
       adapters: {sql: /adapters/sql, chat: /adapters/chat}
       max_loras: 8                             # adapter slots in engine memory (LRU)
 
+Several base models: ``models`` instead of ``model``/``prefill``/``decode``/``lora``, one entry per
+model with its pools and adapters (:class:`ModelPoolConfig`; its id is the folder's name)::
+
+    models:
+      - {model: /models/A, prefill: {count: 1}, decode: {count: 2}, lora: {adapters: {sql: /adapters/sql}}}
+      - {model: /models/B, prefill: {count: 1}, decode: {count: 1}}
+
+:meth:`ClusterConfig.views` gives each model's single-model config (what its workers and store
+nodes are built from); the routers serve every model. Direct KV handoff (``kv_transfer.kind:
+dist``) is refused with several models (each model's KV moves through its own store nodes).
+
 ``security`` (:class:`SecuritySection`, checked by :func:`check_security` when ``pdserve up``
 starts a cluster): ``tls: auto`` (default) is on when certificates are given or ``host`` is not
 a loopback address; on loopback without certificates it is refused (plaintext only when asked
