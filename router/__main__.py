@@ -353,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
             local_prefill=a.local_prefill_max_tokens > 0,
             local_prefill_max_tokens=max(0, a.local_prefill_max_tokens),
             shared_cores=a.shared_cores,
+            # the handoff priced into a remote prefill's TTFT: only the last chunk's with --kv-stream
+            handoff_chunk_tokens=(
+                0 if KVStreamMode.parse(a.kv_stream) is KVStreamMode.OFF else a.kv_stream_chunk_tokens
+            ),
         )
         cfgs = _configs(a, goodput)  # one per served model (router.multi_model)
         cfg = cfgs[0]

@@ -143,8 +143,8 @@ class RouterConfig:
     # while its Decode, sent at the same time, assembles it. Off: the whole KV after the prefill.
     kv_stream: KVStreamMode = KVStreamMode.OFF
     # The prefill workers' chunk (their --chunk): what TtftEstimator.handoff_time(chunk_tokens=)
-    # needs to predict a streamed handoff. The goodput policy does not price the handoff yet (its
-    # TTFT ends at the prefill's token), so nothing reads it there today.
+    # needs to predict a streamed handoff (python -m router passes it to the goodput policy as
+    # GoodputConfig.handoff_chunk_tokens when --kv-stream is on).
     kv_stream_chunk_tokens: int = 512
 
     def __post_init__(self) -> None:

@@ -14,7 +14,10 @@
    (``req.store_prefix_blocks``) is fetched only when that beats recomputing it.
    **Conditional disaggregation**: a decode instance may prefill the prompt itself
    (``local_prefill``) when at most ``local_prefill_max_tokens`` tokens are uncached there; its
-   TTFT = its queue + one co-scheduled decode step + prefill(uncached), no KV handoff. A local
+   TTFT = its queue + one co-scheduled decode step + prefill(uncached), no KV handoff (a
+   remote prefill's TTFT adds the handoff: the whole KV's transfer, or with chunk-wise KV
+   streaming only what the overlap with the prefill leaves; ``GoodputConfig.price_handoff``,
+   ``handoff_chunk_tokens``). A local
    prefill holds up every decode step there for its duration, so it is allowed only while the
    requests decoding there absorb that stall within their TPOT limits (the ledger's stall room,
    :mod:`router.policy.ledger`), unless a best-effort request has no other way.
@@ -141,14 +144,17 @@ class GoodputStats:
 class TtftTerms:
     """One option's predicted TTFT, term by term, as the decision priced it (seconds; the online
     TTFT correction ``ttft_factor`` is already inside every term):
-    ``predicted_s = (queue_s + adapter_s + fetch_s + prefill_s + cotenant_s) * speed * contention``.
+    ``predicted_s = ((queue_s + adapter_s + fetch_s + prefill_s + cotenant_s) * speed + handoff_s)
+    * contention``.
 
     ``queue_s``: prompt tokens queued ahead on the instance; ``adapter_s``: loading the request's
     LoRA adapter there (0: resident in a slot, or the base model); ``fetch_s``: pulling
     ``fetched_blocks`` of a remote prefix; ``prefill_s``: computing the ``prompt_tokens -
     reused_tokens`` tokens not reused; ``cotenant_s``: the decode step of the instance's own batch
     co-scheduled with a local prefill; ``speed``: the instance's own profile relative to the
-    policy's model; ``contention``: the shared-cores slow-down (1 without ``shared_cores``)."""
+    policy's model; ``contention``: the shared-cores slow-down (1 without ``shared_cores``);
+    ``handoff_s``: the prefill -> decode KV handoff left after a remote prefill
+    (``GoodputConfig.price_handoff``; 0 for a local prefill)."""
 
     instance_id: str
     local_prefill: bool
@@ -163,14 +169,14 @@ class TtftTerms:
     contention: float
     ttft_factor: float
     adapter_s: float = 0.0
+    handoff_s: float = 0.0
 
     @property
     def predicted_s(self) -> float:
         return (
-            (self.queue_s + self.adapter_s + self.fetch_s + self.prefill_s + self.cotenant_s)
-            * self.speed
-            * self.contention
-        )
+            (self.queue_s + self.adapter_s + self.fetch_s + self.prefill_s + self.cotenant_s) * self.speed
+            + self.handoff_s
+        ) * self.contention
 
     def describe(self) -> str:
         """One line: every term in ms, what it is of, and the factors."""
@@ -185,9 +191,10 @@ class TtftTerms:
         )
         if self.cotenant_s:
             parts.append(f"co-scheduled decode {self.cotenant_s * 1e3:.0f}")
+        handoff = f" + KV handoff {self.handoff_s * 1e3:.0f} ms" if self.handoff_s else ""
         where = f"{'local prefill on' if self.local_prefill else 'prefill on'} {self.instance_id}"
         return (
-            f"{where}: {' + '.join(parts)} ms, x speed {self.speed:.2f} x contention "
+            f"{where}: ({' + '.join(parts)} ms) x speed {self.speed:.2f}{handoff}, x contention "
             f"{self.contention:.2f} (online TTFT factor {self.ttft_factor:.2f} included)"
         )
 
@@ -438,8 +445,10 @@ class GoodputAwarePolicy(PlacementPolicy):
         contention = cfg.contention(view)
         tpots = d.tpots
         remote_ttft: float | None = None
-        if remote_plan is not None:
-            remote_ttft = remote_plan.estimated_ttft_s or 0.0
+        if remote_plan is not None:  # the KV handoff after the prefill is part of its TTFT
+            remote_ttft = (remote_plan.estimated_ttft_s or 0.0) + self._handoff_s(
+                table, req, remote_plan, view
+            )
         if contention != 1.0:  # every step slower while the shared cores are oversubscribed
             if remote_ttft is not None:
                 remote_ttft = remote_ttft * contention
@@ -597,12 +606,22 @@ class GoodputAwarePolicy(PlacementPolicy):
                 terms = self._terms(
                     table, view.get(plan.instance_id), p, False, plan.reused_blocks,
                     plan.fetch_blocks, inst_ttft, contention, plan.fetch_from == STORE_SOURCE,
+                    self._handoff_s(table, req, plan, view),
                 )  # fmt: skip
             self._trace = DecisionTrace(
                 req.request_id, True, terms, q_ttft, lim_ttft, slo.ttft_s if slo else None, margin,
                 tpot, q_tpot, lim_tpot, out,
             )  # fmt: skip
         return plan
+
+    def _handoff_s(self, table: TtftTable, req: RequestInfo, plan: Placement, view: ClusterView) -> float:
+        """The KV handoff after a remote prefill (``GoodputConfig.price_handoff``): the whole
+        KV's transfer, or with chunk-wise streaming what the overlap leaves."""
+        cfg = self.config
+        if not cfg.price_handoff:
+            return 0.0
+        reused = plan.reused_blocks * view.get(plan.instance_id).block_size
+        return table.est.handoff_time(req.num_prompt_tokens, reused, cfg.handoff_chunk_tokens)
 
     def _terms(
         self,
@@ -615,6 +634,7 @@ class GoodputAwarePolicy(PlacementPolicy):
         speed: float,
         contention: float,
         from_store: bool = False,
+        handoff_s: float = 0.0,
     ) -> TtftTerms:
         """The TTFT terms of prefilling ``p`` prompt tokens on ``inst`` (``local``: a decode
         instance prefilling the prompt itself, its own batch's decode step co-scheduled), reusing
@@ -643,6 +663,7 @@ class GoodputAwarePolicy(PlacementPolicy):
             contention,
             self.corrected.factor(Phase.TTFT),
             table.adapter_s(inst),
+            handoff_s,
         )
 
     def _fastest_terms(
@@ -677,7 +698,7 @@ class GoodputAwarePolicy(PlacementPolicy):
                 speed = pre_scales[0][ids.index(inst.instance_id)]
             return self._terms(
                 table, inst, p, False, remote_plan.reused_blocks, remote_plan.fetch_blocks, speed, contention,
-                remote_plan.fetch_from == STORE_SOURCE,
+                remote_plan.fetch_from == STORE_SOURCE, self._handoff_s(table, req, remote_plan, view),
             )  # fmt: skip
         if k_best is None:
             return None

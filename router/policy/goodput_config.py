@@ -52,6 +52,13 @@ class GoodputConfig:
     # it made the TPOT factor and spread refuse requests predicted at 134-168 ms against a 180 ms
     # SLO while admitted ones measured p50 80 ms (#19).
     tpot_learn_min_tokens: int = 8
+    # The prefill -> decode KV handoff is part of a disaggregated request's TTFT: a remote
+    # prefill's prediction adds TtftEstimator.handoff_time (a local prefill has none). 0: the
+    # whole KV moves after the prefill; > 0: chunk-wise KV streaming (the router's --kv-stream)
+    # with this prefill chunk, only what the overlap leaves (the last chunk's transfer while the
+    # link keeps up). ``price_handoff`` False: no handoff term (the policy before #14).
+    price_handoff: bool = True
+    handoff_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not (0 <= self.slo_margin < 1 and self.priority_margin_step >= 0 and 0 <= self.max_margin < 1):
@@ -66,6 +73,8 @@ class GoodputConfig:
             self.correction_half_life_s > 0
         ):
             raise ValueError("need correction_stale_s >= 0 (None: never fade) and correction_half_life_s > 0")
+        if self.handoff_chunk_tokens < 0:
+            raise ValueError(f"handoff_chunk_tokens must be >= 0, got {self.handoff_chunk_tokens}")
         if self.tpot_learn_min_tokens < 2:
             raise ValueError(f"tpot_learn_min_tokens must be >= 2, got {self.tpot_learn_min_tokens}")
         if not 0 <= self.ttft_learn_min_share < 1:

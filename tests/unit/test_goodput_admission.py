@@ -132,7 +132,8 @@ def test_the_trace_counts_the_queue_ahead_and_is_off_by_default() -> None:
     terms = traces[-1].ttft
     assert terms is not None and not terms.local_prefill
     assert terms.queue_s == pytest.approx(PROFILE.prefill_time([400]))  # one step of 400 queued tokens
-    assert terms.queue_s + terms.prefill_s == pytest.approx(d.estimated_ttft_s)
+    assert terms.handoff_s > 0  # a remote prefill: the whole KV's handoff after it
+    assert terms.queue_s + terms.prefill_s + terms.handoff_s == pytest.approx(d.estimated_ttft_s)
     flat = traces[-1].to_dict()
     assert flat["ttft_queue_s"] == terms.queue_s and flat["predicted_ttft_s"] == terms.predicted_s
     quiet = GoodputAwarePolicy(clock=ManualClock())

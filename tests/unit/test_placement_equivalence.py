@@ -148,6 +148,7 @@ def random_config(rng: random.Random) -> GoodputConfig:
         default_slo=rng.choice([None, SLO(2.0, 0.2)]),
         ledger_grace_s=rng.choice([0.5, 30.0]),
         shared_cores=rng.choice([None, None, 2]),
+        price_handoff=False,  # the reference (before #14) has no handoff term
     )
 
 

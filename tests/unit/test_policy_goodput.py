@@ -90,6 +90,9 @@ def req(
 
 
 def policy(clock: ManualClock | None = None, bw: float = 1e9, **cfg) -> GoodputAwarePolicy:
+    # these tests price queue, fetch and prefill exactly: the KV handoff term (on by default) is
+    # left out unless a test asks for it (test_handoff_* below)
+    cfg.setdefault("price_handoff", False)
     return GoodputAwarePolicy(clock=clock or ManualClock(), latency=lat(bw), config=GoodputConfig(**cfg))
 
 
@@ -468,3 +471,51 @@ def test_adapter_load_time_is_part_of_the_predicted_ttft() -> None:
     # the columnar queue path prices base-model requests only
     with pytest.raises(ValueError, match="base-model requests only"):
         TtftTable(policy().estimator, 10, "sql").pool_queues(None)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the KV handoff in TTFT
+def test_handoff_whole_kv_is_added_to_a_remote_prefill_ttft() -> None:
+    view = ClusterView([snap("p0", P), snap("d0", D)])
+    # 640 tokens x 1000 bytes at 1 MB/s: a 0.64 s handoff after the 0.64 s prefill
+    d = placed(policy(local_prefill=False, bw=1e6, price_handoff=True).place(req(n=640), view))
+    assert d.estimated_ttft_s == pytest.approx(0.640 + 0.640)
+    off = placed(policy(local_prefill=False, bw=1e6).place(req(n=640), view))
+    assert off.estimated_ttft_s == pytest.approx(0.640)
+    # the trace states it as its own term, and predicted_s is the placement's estimate
+    traces: list = []
+    pol = GoodputAwarePolicy(
+        clock=ManualClock(),
+        latency=lat(1e6),
+        config=GoodputConfig(local_prefill=False),
+        on_decision=traces.append,
+    )
+    d = placed(pol.place(req(n=640), view))
+    t = traces[-1].ttft
+    assert t.handoff_s == pytest.approx(0.640) and t.predicted_s == pytest.approx(d.estimated_ttft_s)
+    assert "KV handoff 640 ms" in t.describe()
+
+
+def test_handoff_streamed_leaves_only_the_last_chunk() -> None:
+    from router.policy.kv_stream import handoff_after_prefill
+
+    view = ClusterView([snap("p0", P), snap("d0", D)])
+    whole = placed(policy(local_prefill=False, bw=1e7, price_handoff=True).place(req(n=2048), view))
+    streamed = placed(
+        policy(local_prefill=False, bw=1e7, price_handoff=True, handoff_chunk_tokens=256).place(
+            req(n=2048), view
+        )
+    )
+    left = handoff_after_prefill(lat(1e7), 2048, 0, 256).streamed_s
+    assert whole.estimated_ttft_s == pytest.approx(2.048 + 2048 * 1000 / 1e7)
+    assert streamed.estimated_ttft_s == pytest.approx(2.048 + left)
+    assert left < 2048 * 1000 / 1e7  # the overlap hides all but the last chunk's transfer
+
+
+def test_handoff_makes_a_local_prefill_win_over_a_slow_link() -> None:
+    # 200 uncached tokens: remote = prefill 0.2 s + handoff 2 s at 100 kB/s; local = its queue
+    # (none) + a co-scheduled decode step + 0.2 s, no handoff
+    view = ClusterView([snap("p0", P), snap("d0", D, running=1)])
+    assert not placed(policy(bw=1e5).place(req(n=200), view)).local_prefill  # unpriced: remote
+    assert placed(policy(bw=1e5, price_handoff=True).place(req(n=200), view)).local_prefill
+    with pytest.raises(ValueError, match="handoff_chunk_tokens"):
+        GoodputConfig(handoff_chunk_tokens=-1)

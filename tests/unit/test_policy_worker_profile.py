@@ -82,7 +82,9 @@ def test_first_reported_profile_is_the_model_from_the_first_request() -> None:
     )
     d = pol.place(_req(0, tokens=300), view)  # over local_prefill_max_tokens: prefilled on p0
     assert isinstance(d, Placement) and d.instance_id == "p0"
-    assert d.estimated_ttft_s == pytest.approx(prof.prefill_time([300]))  # not the seed's defaults
+    # not the seed's defaults (the whole KV's handoff after the remote prefill included)
+    handoff = prof.transfer_time(300 * prof.kv_bytes_per_token)
+    assert d.estimated_ttft_s == pytest.approx(prof.prefill_time([300]) + handoff)
     assert d.estimated_tpot_s == pytest.approx(prof.decode_time(1, 300 + 8))
 
 

@@ -83,7 +83,9 @@ def _policy() -> GoodputAwarePolicy:
         transfer_latency_s=0.0,
         transfer_bandwidth=1e9,
     )
-    return GoodputAwarePolicy(clock=ManualClock(), latency=lat, config=GoodputConfig(local_prefill=False))
+    return GoodputAwarePolicy(
+        clock=ManualClock(), latency=lat, config=GoodputConfig(local_prefill=False, price_handoff=False)
+    )  # exact fetch terms
 
 
 def test_a_store_fetch_pays_the_disk_reads_and_is_skipped_when_recompute_is_faster():
