@@ -56,6 +56,7 @@ from pdserve.errors import (
 from pdserve.tracing import log_event
 from pdserve.v1 import worker_pb2
 from prefill_worker.publisher import KVPublisher
+from prefill_worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,7 @@ class DistOutbox:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest put first
         self._bytes = 0
         self._puts = self._taken = self._expired = self._evicted = self._replaced = 0
-        self._stop = threading.Event()
-        self._sweeper: threading.Thread | None = None
+        self._sweeper = Sweeper(self.sweep, "dist-outbox-sweeper")
 
     def _drop(self, rid: str) -> None:
         e = self._entries.pop(rid)
@@ -239,21 +239,11 @@ class DistOutbox:
 
     def start_sweeper(self, interval_s: float = 1.0) -> None:
         """Sweep every ``interval_s`` seconds on a daemon thread until :meth:`close`."""
-        if self._sweeper is not None:
-            return
-
-        def run() -> None:
-            while not self._stop.wait(interval_s):
-                self.sweep()
-
-        self._sweeper = threading.Thread(target=run, daemon=True, name="dist-outbox-sweeper")
-        self._sweeper.start()
+        self._sweeper.start(interval_s)
 
     def close(self) -> None:
         """Stop the sweeper and drop every entry."""
-        self._stop.set()
-        if self._sweeper is not None:
-            self._sweeper.join(timeout=5)
+        self._sweeper.stop()
         with self._lock:
             self._entries.clear()
             self._bytes = 0

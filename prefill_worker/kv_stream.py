@@ -88,6 +88,7 @@ from pdserve.status import abort_with
 from pdserve.tracing import log_event
 from pdserve.v1 import worker_pb2
 from prefill_worker.publisher import StorePublisher
+from prefill_worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -398,8 +399,7 @@ class KVStreamRegistry:
         self._streams: dict[str, KVStream] = {}
         self.opened = 0
         self.expired = 0
-        self._stop = threading.Event()
-        self._sweeper: threading.Thread | None = None
+        self._sweeper = Sweeper(self.sweep, "kv-stream-sweeper")
 
     def open(
         self, request_id: str, layout: KVLayout, num_tokens: int, drop: Callable[[StreamChunk], None]
@@ -463,21 +463,25 @@ class KVStreamRegistry:
 
     def start_sweeper(self, interval_s: float = 1.0) -> None:
         """:meth:`sweep` every ``interval_s`` seconds on a daemon thread until :meth:`stop`."""
-        if self._sweeper is not None:
-            return
+        self._sweeper.start(interval_s)
 
-        def run() -> None:
-            while not self._stop.wait(interval_s):
-                self.sweep()
-
-        self._sweeper = threading.Thread(target=run, daemon=True, name="kv-stream-sweeper")
-        self._sweeper.start()
+    def cancel(self, request_id: str, why: str) -> bool:
+        """Cancel the stream of ``request_id`` now if it is still live (its chunks not handed to
+        a consumer dropped, leases released; a consumer gets the cancellation); True if there was
+        one. The worker's ``Abort`` of the request calls it: the router aborts a streamed prefill
+        whose client left before the decode worker subscribed, so that its KV does not wait
+        ``ttl_s`` for a consumer that will never come."""
+        with self._cond:
+            s = self._streams.get(request_id)
+        if s is None or s.ended:
+            return False
+        s.cancel(why)
+        self.close(s)
+        return True
 
     def stop(self) -> None:
         """Stop the sweeper and cancel every live stream (their undelivered chunks dropped)."""
-        self._stop.set()
-        if self._sweeper is not None:
-            self._sweeper.join(timeout=5)
+        self._sweeper.stop()
         with self._cond:
             streams, self._streams = list(self._streams.values()), {}
         for s in streams:

@@ -293,7 +293,9 @@ class PrefillServicer:
         raise InvalidRequestError("this is a prefill worker: send Decode to a decode worker")
 
     def Abort(self, req: worker_pb2.AbortRequest, ctx) -> worker_pb2.AbortResponse:
-        return worker_pb2.AbortResponse(found=self.state.abort(req.request_id))
+        # a streamed prefill's KV waiting for a decode worker that will not come goes too
+        streamed = self.streams.cancel(req.request_id, f"request {req.request_id!r} was aborted")
+        return worker_pb2.AbortResponse(found=self.state.abort(req.request_id) or streamed)
 
     def Stats(self, req, ctx) -> worker_pb2.WorkerStats:
         return self.state.stats()

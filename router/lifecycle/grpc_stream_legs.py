@@ -32,6 +32,8 @@ from router.progress import ProgressWatch
 if TYPE_CHECKING:
     from router.lifecycle.grpc_legs import GrpcLegs
 
+ABORT_TIMEOUT_S = 5.0  # the prefill worker's Abort of a stream nobody will consume
+
 TRANSPORTS = {
     KVStreamMode.GRPC: worker_pb2.KV_STREAM_TRANSPORT_GRPC,
     KVStreamMode.STORE: worker_pb2.KV_STREAM_TRANSPORT_STORE,
@@ -84,6 +86,8 @@ class GrpcStreamedDecode:
         self._first: asyncio.Future = asyncio.ensure_future(anext(self._it, None))
         self._used = False
         self._t_start = time.monotonic()
+        self._prefill_address = legs._entry(prefill_id).address
+        self._dropping: asyncio.Task | None = None
 
     @property
     def settled(self) -> asyncio.Future:
@@ -135,8 +139,38 @@ class GrpcStreamedDecode:
                     yield c
         finally:
             self.call.cancel()  # the client went away (or the relay ended it): abort it downstream
+            self._drop_stream()
 
     def cancel(self) -> None:
         self.call.cancel()
+        self._drop_stream()
         if not self._first.done():
             self._first.cancel()
+
+    def _drop_stream(self) -> None:
+        """The client left before the decode worker sent a token (so before it had the whole
+        streamed KV): abort the request on the prefill worker, whose finished stream would otherwise wait its
+        TTL (60 s) for a consumer that never subscribes (the client left between the prefill's
+        answer and the decode worker's subscription). Fire and forget: the stream expires anyway."""
+        first = self._first
+        if (
+            self._dropping is not None
+            or not gone(self.legs.ctx)  # a re-dispatch may prefill the same id there again
+            or (
+                first.done()
+                and not first.cancelled()
+                and first.exception() is None
+                and first.result() is not None
+            )
+        ):
+            return
+        stub = self.legs.svc.stubs.worker(self._prefill_address)
+        rid = self.legs.req.request_id
+
+        async def abort() -> None:
+            with contextlib.suppress(Exception):  # the prefill worker is gone: nothing is left there
+                await stub.Abort(
+                    worker_pb2.AbortRequest(request_id=rid), timeout=ABORT_TIMEOUT_S, metadata=call_metadata()
+                )
+
+        self._dropping = asyncio.ensure_future(abort())

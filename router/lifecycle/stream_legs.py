@@ -24,7 +24,11 @@ the stream is opened), waits for the prefill's answer, and classifies failures:
   the streamed KV cannot be re-let, so the prompt is prefilled again);
 * the prefill fails because its stream was cancelled (``CancelledError``: the decode side went
   away) while the client is still there: the decode side's failure is what is reported;
-* the client leaves: both calls are cancelled (the workers abort, nothing stays behind).
+* the prefill fails on its own (any other error): that error is reported; the decode side's
+  failure is its consequence (the stream it read ended early), never a lost decode worker;
+* the client leaves: both calls are cancelled (the workers abort, nothing stays behind); a Decode
+  ended before its first token also aborts the request on the prefill worker, so a finished
+  stream the decode worker never subscribed to is dropped at once, not after its TTL.
 
 The gRPC side (the Decode call of :class:`~router.lifecycle.grpc_legs.GrpcLegs`) is
 :mod:`router.lifecycle.grpc_stream_legs`; this module imports no gRPC.
@@ -131,6 +135,14 @@ async def run_streamed(drv: LifecycleDriver, a: A.RunStreamed) -> AsyncIterator[
                 await asyncio.wait({dec.settled}, timeout=DECODE_GRACE_S)
             why = dec.failure() if dec.settled.done() else None
             cancel_decode()
+            if err is not None and not isinstance(err, RequestCancelledError):
+                # the prefill failed on its own (refused, out of blocks, ...): the decode side's
+                # failure (its stream ended before the final: UNAVAILABLE) is its consequence, not
+                # a lost decode worker
+                if isinstance(why, ClientGoneError) or drv.cluster.client_gone():
+                    await drv._end(E.Cancelled())
+                    return
+                raise err
             if isinstance(why, WorkerLostError):  # the decode side went away: re-dispatch
                 await drv._lost(why)
                 return

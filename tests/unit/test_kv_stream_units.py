@@ -132,6 +132,45 @@ def test_consumer_leaving_cancels_the_stream():
         s.consume(1)
 
 
+def test_an_aborted_request_drops_its_finished_stream_at_once():
+    """The router aborts a streamed prefill whose client left between the prefill's end and the
+    decode worker's subscription: the finished stream is cancelled now (its chunks dropped,
+    their leases released), not after the registry's TTL; the sweeper helper also runs it."""
+    kv, h = _kv(10), _hashes()
+    drops: list = []
+    reg, s = _stream(drops)
+    s.add(_chunk(kv, h, 0, 0, 4))
+    s.add(_chunk(kv, h, 1, 4, 10))
+    s.finish(StreamFinal(N_TOKENS, 10, 2, first_token=9))
+    assert reg.sweep() == 0 and reg.live()  # within its TTL, nobody subscribed: kept
+    assert reg.cancel("r", "request 'r' was aborted") is True
+    assert s.status is StreamStatus.CANCELLED and [c.index for c in drops] == [0, 1]
+    assert reg.live() == [] and reg.cancel("r", "again") is False and reg.cancel("nope", "x") is False
+
+
+def test_the_sweeper_helper_sweeps_until_stopped():
+    from prefill_worker.sweeper import Sweeper
+
+    ticks: list[int] = []
+    done = threading.Event()
+
+    def sweep() -> None:
+        ticks.append(1)
+        if len(ticks) >= 3:
+            done.set()
+
+    sw = Sweeper(sweep, "test-sweeper")
+    sw.start(0.01)
+    sw.start(0.01)  # a second start is a no-op
+    assert done.wait(10)
+    sw.stop()
+    n = len(ticks)
+    time.sleep(0.05)
+    assert len(ticks) == n  # stopped
+    with pytest.raises(ValueError, match="interval"):
+        Sweeper(sweep, "x").start(0)
+
+
 def test_take_waits_for_a_stream_opened_later_and_refuses_unknown_ones():
     reg = KVStreamRegistry(wait_s=5.0)
     got: list = []

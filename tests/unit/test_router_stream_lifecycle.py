@@ -368,3 +368,23 @@ def test_driver_decode_refusal_cancels_the_prefill_after_its_grace(monkeypatch) 
     assert isinstance(err, ResourceExhaustedError)
     assert m.outcome is Outcome.ERROR and legs.prefill_cancelled == ["p0"] and not cluster.dropped
     _balanced(m, cluster)
+
+
+def test_driver_prefill_failing_on_its_own_never_drops_the_decode_worker(monkeypatch) -> None:
+    """The prefill fails by itself (out of blocks); the decode worker's Decode fails too, with
+    UNAVAILABLE (the stream it read ended before its final), mapped to a lost decode worker. The
+    prefill's error is the cause: the request fails with it, and the healthy decode worker is
+    not dropped (it was, before: the decode side's failure was preferred to any prefill error)."""
+    from pdserve.errors import ResourceExhaustedError
+
+    monkeypatch.setattr(stream_legs, "PREFILL_GRACE_S", 0.5)
+    lost = WorkerLostError(LostWorker("d0", LostPhase.DECODE, "the KV stream of 'r1' ended before its final"))
+    legs = RefusingLegs(
+        prefill_error=ResourceExhaustedError("prefill worker out of KV blocks"), decode_error=lost
+    )
+    cluster = FakeCluster([("p0", "d1")])  # a re-dispatch would find a replacement: none must happen
+    m, err = _failing(legs, cluster)
+    assert isinstance(err, ResourceExhaustedError) and "prefill worker" in str(err)
+    assert m.outcome is Outcome.ERROR and not cluster.dropped and not cluster.redispatches
+    assert legs.cancelled == ["d0"]
+    _balanced(m, cluster)
