@@ -95,34 +95,6 @@ class RequestLifecycle:
         self._leg_worker: str | None = None  # the decode worker whose slot the current leg holds
         self.ledger.acquire(Resource(ResourceKind.RESERVATION, request_id))
         self.ledger.acquire(Resource(ResourceKind.POLICY_SLOT, request_id))
-        self._handlers: dict[tuple[State, type], Callable] = {}
-        for st in (State.PLACED,):
-            self._on(st, E.Placed, self._placed)
-            self._on(st, E.Relet, self._relet)
-        self._on(State.PREFILLING, E.Prefilled, self._prefilled)
-        self._on(State.STREAMING, E.Prefilled, self._stream_prefilled)
-        for st in (State.HANDING_OFF, State.DECODING, State.MIGRATING):
-            self._on(st, E.Streamed, self._streamed)
-        for st in (State.DECODING, State.MIGRATING):
-            self._on(st, E.Finished, self._finished)
-        for st in (State.PREFILLING, State.STREAMING, State.HANDING_OFF, State.DECODING, State.MIGRATING):
-            self._on(st, E.Lost, self._lost_worker)
-        for st in (
-            State.PLACED,
-            State.PREFILLING,
-            State.STREAMING,
-            State.HANDING_OFF,
-            State.DECODING,
-            State.MIGRATING,
-        ):
-            self._on(st, E.Cancelled, self._cancelled)
-            self._on(st, E.Failed, self._failed)
-        self._on(State.DECODING, E.MigrationRequested, self._migration_requested)
-        self._on(State.MIGRATING, E.MigrationCommitted, self._migration_committed)
-        self._on(State.MIGRATING, E.MigrationAborted, self._migration_aborted)
-
-    def _on(self, state: State, event: type, fn: Callable) -> None:
-        self._handlers[(state, event)] = fn
 
     # ------------------------------------------------------------------ api
     @property
@@ -131,15 +103,15 @@ class RequestLifecycle:
 
     def valid(self, event_type: type) -> bool:
         """Whether an event of ``event_type`` is valid in the current state."""
-        return (self.state, event_type) in self._handlers
+        return (self.state, event_type) in _HANDLERS
 
     def handle(self, event: E.Event) -> list[A.Action]:
         """Apply ``event``; the actions to execute, in order. Raises InvalidTransition (nothing
         changed) when ``event`` is not valid now, OutputMismatch for inconsistent tokens."""
-        fn = self._handlers.get((self.state, type(event)))
-        if fn is None:
+        name = _HANDLERS.get((self.state, type(event)))
+        if name is None:
             raise InvalidTransition(self.request_id, self.state, f"event {type(event).__name__}")
-        return fn(event)
+        return getattr(self, name)(event)
 
     def time_in(self, state: State) -> float:
         """Total time spent in ``state`` so far (by the injected clock)."""
@@ -467,3 +439,42 @@ class RequestLifecycle:
         self.migration_to = None
         self._move(State.DECODING, ev)
         return []
+
+
+def _handler_table() -> dict[tuple[State, type], str]:
+    """(state, event type) -> the name of the :class:`RequestLifecycle` method that handles it
+    (built once for the class, not per request: #12, the router's cost per request)."""
+    table: dict[tuple[State, type], str] = {}
+
+    def on(state: State, event: type, name: str) -> None:
+        table[(state, event)] = name
+
+    on(State.PLACED, E.Placed, "_placed")
+    on(State.PLACED, E.Relet, "_relet")
+    on(State.PREFILLING, E.Prefilled, "_prefilled")
+    on(State.STREAMING, E.Prefilled, "_stream_prefilled")
+    for st in (State.HANDING_OFF, State.DECODING, State.MIGRATING):
+        on(st, E.Streamed, "_streamed")
+    for st in (State.DECODING, State.MIGRATING):
+        on(st, E.Finished, "_finished")
+    for st in (State.PREFILLING, State.STREAMING, State.HANDING_OFF, State.DECODING, State.MIGRATING):
+        on(st, E.Lost, "_lost_worker")
+    for st in (
+        State.PLACED,
+        State.PREFILLING,
+        State.STREAMING,
+        State.HANDING_OFF,
+        State.DECODING,
+        State.MIGRATING,
+    ):
+        on(st, E.Cancelled, "_cancelled")
+        on(st, E.Failed, "_failed")
+    on(State.DECODING, E.MigrationRequested, "_migration_requested")
+    on(State.MIGRATING, E.MigrationCommitted, "_migration_committed")
+    on(State.MIGRATING, E.MigrationAborted, "_migration_aborted")
+    return table
+
+
+_HANDLERS = _handler_table()
+if _missing := sorted({n for n in _HANDLERS.values() if not callable(getattr(RequestLifecycle, n, None))}):
+    raise ImportError(f"RequestLifecycle has no handler method(s) {_missing}")
