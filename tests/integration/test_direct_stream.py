@@ -146,7 +146,9 @@ async def _tagged(c: AsyncClient, prompt, request_id: str, direct: bool):
 
 
 async def _redirect(stub, prompt, max_tokens=200):
-    """A raw direct Generate: (call, first message, redirect message)."""
+    """A raw direct Generate: (call, its iterator, the output tokens the router sent before its
+    redirect (the prefill's first token after a handoff; none for a local prefill, whose every
+    token comes from the decode worker), the redirect)."""
     req = client_pb2.GenerateRequest(
         prompt_token_ids=client_pb2.TokenIds(ids=prompt),
         sampling=sampling_to_proto(SamplingParams(max_tokens=max_tokens, ignore_eos=True)),
@@ -154,10 +156,12 @@ async def _redirect(stub, prompt, max_tokens=200):
     )
     call = stub.Generate(req, timeout=60)
     it = aiter(call)
-    first = await anext(it)
-    red = await anext(it)
-    assert red.HasField("direct") and not red.direct.lost, red
-    return call, it, first, red.direct
+    before = 0
+    while not (red := await anext(it)).HasField("direct"):
+        assert not red.HasField("finish"), red
+        before += len(red.token_ids)
+    assert not red.direct.lost, red
+    return call, it, before, red.direct
 
 
 async def _attach_once(ch: grpc.aio.Channel, rid: str, ticket: str) -> direct_pb2.DirectDelta:
@@ -208,8 +212,8 @@ def test_ticket_refusals(cluster) -> None:
         stub = client_pb2_grpc.GenerateStub(router)
         chans = {wid: grpc.aio.insecure_channel(a) for wid, a in cluster.workers.items()}
         try:
-            call_a, it_a, _, red_a = await _redirect(stub, [3, 4, 5, 6, 7])
-            call_b, it_b, _, red_b = await _redirect(stub, [8, 9, 10, 11])
+            call_a, it_a, before_a, red_a = await _redirect(stub, [3, 4, 5, 6, 7])
+            call_b, it_b, before_b, red_b = await _redirect(stub, [8, 9, 10, 11])
             own = chans[red_a.worker_id]
             other_wid = next(w for w in cluster.workers if w.startswith("decode") and w != red_a.worker_id)
             payload, mac = red_a.ticket.split(".")
@@ -249,18 +253,18 @@ def test_ticket_refusals(cluster) -> None:
                 async for m in it:
                     if m.HasField("finish"):
                         finishes.append(m.finish.usage.completion_tokens)
-            return refusals, got, finishes, (red_a, red_b)
+            return refusals, got, finishes, (red_a, red_b), (before_a, before_b)
         finally:
             await router.close()
             for ch in chans.values():
                 await ch.close()
 
-    refusals, got, finishes, reds = _run(scenario())
+    refusals, got, finishes, reds, before = _run(scenario())
     for what, d in refusals.items():
         assert d.done and d.error_code == grpc.StatusCode.PERMISSION_DENIED.value[0], (what, d)
         assert "refused" in d.error, (what, d.error)
-    # 199 tokens streamed directly + the first token from the router, for each request
-    assert [got[r.request_id] + 1 for r in reds] == finishes == [200, 200]
+    # the tokens streamed directly + those the router sent before its redirect, for each request
+    assert [got[r.request_id] + b for r, b in zip(reds, before, strict=True)] == finishes == [200, 200]
 
 
 def test_many_concurrent_direct_streams(cluster) -> None:
