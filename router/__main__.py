@@ -295,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the most loaded decode worker that triggers a migration",
     )
     ap.add_argument(
+        "--rebalance-defrag-wait-s",
+        type=float,
+        default=RebalanceConfig.defrag_wait_s,
+        help="rebalancing: a request handed to a decode worker that has not started decoding for this "
+        "long, and that no decode worker's free KV blocks can hold, gets room made on its worker by "
+        "migrating smaller requests off it (de-fragmentation; -1: off)",
+    )
+    ap.add_argument(
         "--rebalance-max-concurrent",
         type=int,
         default=RebalanceConfig.max_concurrent,
@@ -329,6 +337,7 @@ def _rebalance_config(a: argparse.Namespace) -> RebalanceConfig:
     return RebalanceConfig(
         interval_s=a.rebalance_interval_s,
         max_concurrent=a.rebalance_max_concurrent,
+        defrag_wait_s=None if a.rebalance_defrag_wait_s < 0 else a.rebalance_defrag_wait_s,
         policy=MigrationConfig(
             balance_threshold=a.rebalance_gap,
             high_priority=a.high_priority,

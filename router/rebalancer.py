@@ -3,8 +3,11 @@
 Every ``RebalanceConfig.interval_s`` the :class:`Rebalancer` reads the decode workers' loads
 (:func:`decode_loads`: each worker's KV blocks from its heartbeats, the requests this router
 decodes there with the blocks their tokens fill and their priority), asks the pure policies of
-:mod:`router.policy.migration` for moves (:func:`plan`: priority headroom first, then load
-balancing past the freeness gap ``balance_threshold``) and starts them with
+:mod:`router.policy.migration` for moves (:func:`plan`: priority headroom first, then
+de-fragmentation for a request handed to a worker that has waited ``defrag_wait_s`` without a
+token and that no worker's free blocks can hold (:func:`waiting_requests`,
+:func:`defrag_targets`: room is made on the worker it waits at), then load balancing past the
+freeness gap ``balance_threshold``) and starts them with
 ``GenerateServicer.migrate``. At most ``max_concurrent`` migrations run at once (drains'
 included), and a request already being moved is never picked again until its migration ended.
 
@@ -18,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -32,6 +36,7 @@ from router.policy.migration import (
     MigrationDecision,
     RunningRequest,
     balance,
+    defragment,
     protect_priority,
 )
 from router.registry import WorkerKind
@@ -53,22 +58,64 @@ class RebalanceConfig:
     interval_s: float = 0.0
     max_concurrent: int = 2
     policy: MigrationConfig = field(default_factory=MigrationConfig)
+    # De-fragmentation: a request handed to a decode worker that has not started decoding for
+    # this long, whose KV no decode worker's free blocks can hold, gets room made on its worker
+    # (router.policy.migration.defragment). None: no de-fragmentation.
+    defrag_wait_s: float | None = 2.0
 
     def __post_init__(self) -> None:
         if not self.interval_s >= 0 or math.isinf(self.interval_s):
             raise ValueError(f"rebalance interval_s must be a finite number >= 0, got {self.interval_s}")
+        if self.defrag_wait_s is not None and not (
+            self.defrag_wait_s >= 0 and math.isfinite(self.defrag_wait_s)
+        ):
+            raise ValueError(
+                f"rebalance defrag_wait_s must be a finite number >= 0, got {self.defrag_wait_s}"
+            )
         if self.max_concurrent < 1:
             raise ValueError(f"rebalance max_concurrent must be >= 1, got {self.max_concurrent}")
 
 
 # ---------------------------------------------------------------------------- pure decision
+@dataclass(frozen=True)
+class WaitingRequest:
+    """A request handed to decode worker ``instance_id`` that has not started decoding there
+    since ``since`` (the router's clock): its KV of ``need_blocks`` blocks may be queued for
+    room (the router cannot see a worker's queue, only how long its request waits)."""
+
+    request_id: str
+    instance_id: str
+    need_blocks: int
+    since: float
+
+
+def defrag_targets(
+    loads: Sequence[DecodeLoad], waiting: Iterable[WaitingRequest], now: float, wait_s: float
+) -> list[WaitingRequest]:
+    """The waiting requests de-fragmentation is for: waited at least ``wait_s``, on a worker of
+    ``loads`` that is not draining, and no single non-draining worker's free blocks hold them
+    (a request one worker can hold is balancing's or admission's business). Longest waiting
+    first. Pure."""
+    live = {x.instance_id: x for x in loads if not x.draining}
+    most_free = max((x.free_blocks for x in live.values()), default=0)
+    out = [
+        w for w in waiting if w.instance_id in live and now - w.since >= wait_s and w.need_blocks > most_free
+    ]
+    return sorted(out, key=lambda w: (w.since, w.request_id))
+
+
 def plan(
-    loads: Sequence[DecodeLoad], cfg: MigrationConfig, busy: Iterable[str], slots: int
+    loads: Sequence[DecodeLoad],
+    cfg: MigrationConfig,
+    busy: Iterable[str],
+    slots: int,
+    defrag: Sequence[WaitingRequest] = (),
 ) -> list[MigrationDecision]:
-    """The moves to start now: :func:`~router.policy.migration.protect_priority`, then
-    :func:`~router.policy.migration.balance` on the loads after those moves' sources; requests
-    in ``busy`` (being migrated) are not candidates; at most ``slots`` decisions and at most one
-    per request. Pure."""
+    """The moves to start now: :func:`~router.policy.migration.protect_priority`, then for each
+    request of ``defrag`` (:func:`defrag_targets`) :func:`~router.policy.migration.defragment`
+    on the worker it waits at, then :func:`~router.policy.migration.balance` on the loads after
+    those moves' sources; requests in ``busy`` (being migrated) are not candidates; at most
+    ``slots`` decisions and at most one per request. Pure."""
     if slots <= 0:
         return []
     taken = set(busy)
@@ -78,6 +125,14 @@ def plan(
         if d.request_id not in taken and len(out) < slots:
             out.append(d)
             taken.add(d.request_id)
+    for w in defrag:
+        if len(out) >= slots:
+            break
+        live = [replace(x, running=tuple(r for r in x.running if r.request_id not in taken)) for x in live]
+        for d in defragment(live, w.need_blocks, cfg, target=w.instance_id):
+            if d.request_id not in taken and len(out) < slots:
+                out.append(d)
+                taken.add(d.request_id)
     if len(out) < slots:
         live = [replace(x, running=tuple(r for r in x.running if r.request_id not in taken)) for x in live]
         for d in balance(live, cfg):
@@ -126,6 +181,32 @@ def decode_loads(svc: GenerateServicer, include: Iterable[str] = ()) -> list[Dec
     return out
 
 
+def waiting_requests(svc: GenerateServicer) -> list[WaitingRequest]:
+    """The requests ``svc`` handed to a decode worker that has not sent a token yet (state
+    HANDING_OFF), with the blocks their prompt + output so far need there and when they entered
+    that state (their lifecycle's clock: the router's monotonic clock)."""
+    reg = svc.registry
+    out = []
+    for rid, driver in svc.running().items():
+        m = driver.m
+        if (
+            driver.state is not State.HANDING_OFF
+            or not m.history
+            or m.history[-1].dst is not State.HANDING_OFF
+        ):
+            continue
+        w = reg.get(m.decode_id) if m.decode_id else None
+        if w is None:
+            continue
+        bs = w.load.block_size or DEFAULT_BLOCK_SIZE
+        run = getattr(driver.legs, "run", None)
+        if run is None:
+            continue
+        tokens = len(run.ids) + len(run.out_ids) + 1  # the next token's slot too
+        out.append(WaitingRequest(rid, m.decode_id, -(-tokens // bs), m.history[-1].at))
+    return out
+
+
 def start_moves(
     svc: GenerateServicer, decisions: Iterable[MigrationDecision]
 ) -> list[tuple[MigrationDecision, asyncio.Future]]:
@@ -156,18 +237,26 @@ class Rebalancer:
     """The rebalancing loop of ``svc`` (see the module doc). :meth:`tick` is one pass;
     :meth:`start` runs the loop on the servicer's event loop until :meth:`stop`."""
 
-    def __init__(self, svc: GenerateServicer, cfg: RebalanceConfig) -> None:
+    def __init__(
+        self, svc: GenerateServicer, cfg: RebalanceConfig, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """``clock``: the clock the requests' lifecycles run on (the router's monotonic one)."""
         if cfg.interval_s > 0 and svc.migrator is None:
             raise ValueError("rebalancing moves requests by live migration: turn migration on")
         self.svc = svc
         self.cfg = cfg
+        self.clock = clock
         self._future: Future | None = None
 
     def tick(self) -> list[MigrationDecision]:
         """One pass (on the servicer's loop): the moves it started."""
         busy = self.svc.migrations.in_flight()
         slots = self.cfg.max_concurrent - len(busy)
-        decisions = plan(decode_loads(self.svc), self.cfg.policy, busy, slots)
+        loads = decode_loads(self.svc)
+        defrag: list[WaitingRequest] = []
+        if self.cfg.defrag_wait_s is not None and slots > 0:
+            defrag = defrag_targets(loads, waiting_requests(self.svc), self.clock(), self.cfg.defrag_wait_s)
+        decisions = plan(loads, self.cfg.policy, busy, slots, defrag)
         return [d for d, _ in start_moves(self.svc, decisions)]
 
     async def run(self) -> None:

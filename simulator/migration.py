@@ -20,10 +20,14 @@ record; :class:`simulator.sim._Run` executes the moves with this cost model:
   request finished, was preempted (recompute or swap) or cannot be paused on the source, or the
   destination has no room for a stage.
 
+De-fragmentation (``MigrationReason.DEFRAGMENT`` in ``reasons``; :func:`defrag_decisions`): the
+head of an instance's queue (a decode handoff waiting for room, or a waiting request) that no
+instance's free blocks can hold gets room made on that instance
+(:func:`router.policy.migration.defragment` with ``target``), as the router's rebalancer does
+for a request that waits at its decode worker (:mod:`router.rebalancer`).
+
 Not modelled: link contention between concurrent migrations (each gets the full bandwidth;
-``max_concurrent`` bounds how many run per instance), de-fragmentation for one queued request
-(:func:`router.policy.migration.defragment`: the queued demand in the virtual usage already makes
-load balancing move requests off an instance whose queue cannot start, as in Llumnix), drains.
+``max_concurrent`` bounds how many run per instance), drains.
 """
 
 from __future__ import annotations
@@ -33,7 +37,14 @@ import math
 from dataclasses import dataclass, field
 
 from engine.request import RequestStatus
-from router.policy.migration import DecodeLoad, MigrationConfig, MigrationReason, RunningRequest
+from router.policy.migration import (
+    DecodeLoad,
+    MigrationConfig,
+    MigrationDecision,
+    MigrationReason,
+    RunningRequest,
+    defragment,
+)
 
 
 class MigrationResult(enum.Enum):
@@ -41,6 +52,9 @@ class MigrationResult(enum.Enum):
     FINISHED = "finished"  # the request finished on the source before the switch
     PREEMPTED = "preempted"  # the source preempted it mid-copy
     NO_ROOM = "no_room"  # the destination could not allocate a stage's blocks
+
+
+SIM_REASONS = (MigrationReason.LOAD_BALANCE, MigrationReason.PRIORITY, MigrationReason.DEFRAGMENT)
 
 
 @dataclass(frozen=True)
@@ -53,7 +67,9 @@ class SimMigrationConfig:
     a near-constant ~20-30 ms downtime). ``stop_blocks``: stop-and-copy once at most this many
     blocks remain to copy. ``max_stages``: stages before the stop-and-copy at most.
     ``max_concurrent``: migrations an instance takes part in at once (as source or
-    destination). ``reasons``: which policies run (load balancing, priority headroom).
+    destination). ``reasons``: which policies run (load balancing, priority headroom,
+    de-fragmentation; the default leaves de-fragmentation off, as the router's rebalancer
+    before #14).
     """
 
     policy: MigrationConfig = field(default_factory=MigrationConfig)
@@ -74,11 +90,11 @@ class SimMigrationConfig:
             raise ValueError(f"migration stop_copy_s must be >= 0, got {self.stop_copy_s}")
         if self.stop_blocks < 0 or self.max_stages < 1 or self.max_concurrent < 1:
             raise ValueError("stop_blocks must be >= 0, max_stages and max_concurrent >= 1")
-        unsupported = set(self.reasons) - {MigrationReason.LOAD_BALANCE, MigrationReason.PRIORITY}
+        unsupported = set(self.reasons) - set(SIM_REASONS)
         if unsupported:
             names = ", ".join(sorted(r.value for r in unsupported))
             raise ValueError(
-                f"the simulator's periodic migration runs load_balance and priority only, not: {names}"
+                f"the simulator's periodic migration runs load_balance, priority and defragment only, not: {names}"
             )
 
 
@@ -121,3 +137,33 @@ def decode_load(inst, migrating: set[str], draining: bool = False) -> DecodeLoad
         queued_blocks=queued,
         draining=draining,
     )
+
+
+def queue_head_blocks(inst) -> int | None:
+    """Blocks the head of a simulated instance's queue needs (a decode handoff waiting for room
+    first, else the first waiting request); None when nothing waits."""
+    kv = inst.kv
+    if inst.pending:
+        x, _ = inst.pending[0]
+        return kv.blocks_needed(x.input_len + 1)
+    head = next(iter(inst.sched.waiting), None)
+    return None if head is None else kv.blocks_needed(head.num_tokens + 1)
+
+
+def defrag_decisions(instances, loads, cfg: MigrationConfig) -> list[MigrationDecision]:
+    """De-fragmentation over simulated instances (``loads[i]`` is ``instances[i]``'s
+    :func:`decode_load`): for each instance whose queue head no instance's free blocks can hold,
+    the moves that free room for it there. Pure over the snapshots."""
+    live = [x for x in loads if not x.draining]
+    most_free = max((x.free_blocks for x in live), default=0)
+    out: list[MigrationDecision] = []
+    taken: set[str] = set()
+    for inst, load in zip(instances, loads, strict=True):
+        need = queue_head_blocks(inst)
+        if need is None or need <= most_free or load.draining:
+            continue
+        for d in defragment(loads, need, cfg, target=load.instance_id):
+            if d.request_id not in taken:
+                out.append(d)
+                taken.add(d.request_id)
+    return out

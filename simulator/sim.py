@@ -37,7 +37,7 @@ from simulator.events import EventLoop
 from simulator.instance import DUMMY_TOKEN, SimInstance, StepReport
 from simulator.latency import LatencyModel
 from simulator.metrics import RequestRecord, SimResult
-from simulator.migration import MigrationRecord, MigrationResult, decode_load
+from simulator.migration import MigrationRecord, MigrationResult, decode_load, defrag_decisions
 from simulator.prefix_store import PrefixStore
 from simulator.tiered_store import TieredPrefixStore
 from simulator.workload import Workload, WorkloadRequest
@@ -506,6 +506,8 @@ class _Run:
             decisions: list[MigrationDecision] = []
             if MigrationReason.PRIORITY in m.reasons:
                 decisions += mig_policy.protect_priority(loads, cfg)
+            if MigrationReason.DEFRAGMENT in m.reasons and not decisions:
+                decisions += defrag_decisions(free, loads, cfg)
             if MigrationReason.LOAD_BALANCE in m.reasons and not decisions:
                 decisions += mig_policy.balance(loads, cfg)
             for d in decisions:

@@ -214,20 +214,24 @@ def _moved(src: DecodeLoad, dst: DecodeLoad, req: RunningRequest) -> tuple[Decod
 
 
 def defragment(
-    loads: Sequence[DecodeLoad], need_blocks: int, cfg: MigrationConfig
+    loads: Sequence[DecodeLoad], need_blocks: int, cfg: MigrationConfig, target: str | None = None
 ) -> list[MigrationDecision]:
     """Free room for a request of ``need_blocks`` blocks that no instance can hold now: on the
-    instance that needs the fewest moves, move its smallest (least important first) requests
-    to other instances with room until ``need_blocks`` are free there. Empty when one instance
-    fits it already, or when no plan frees enough (nothing is half done)."""
+    instance that needs the fewest moves (``target``: on that instance only, e.g. where the
+    request already waits), move its smallest (least important first) requests to other
+    instances with room until ``need_blocks`` are free there. Empty when one instance fits it
+    already, or when no plan frees enough (nothing is half done)."""
     live = [x for x in loads if not x.draining]
     if any(x.free_blocks >= need_blocks for x in live):
         return []
     best: list[MigrationDecision] | None = None
-    for target in sorted(live, key=lambda x: (-x.free_blocks, x.instance_id)):
-        if target.total_blocks < need_blocks:
+    for target_load in sorted(live, key=lambda x: (-x.free_blocks, x.instance_id)):
+        if target is not None and target_load.instance_id != target:
             continue
-        plan = _clear(target, [x for x in live if x.instance_id != target.instance_id], need_blocks, cfg)
+        if target_load.total_blocks < need_blocks:
+            continue
+        target_load_id = target_load.instance_id
+        plan = _clear(target_load, [x for x in live if x.instance_id != target_load_id], need_blocks, cfg)
         if plan is not None and (best is None or len(plan) < len(best)):
             best = plan
     return best or []
