@@ -20,7 +20,7 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import KVExport, LLMEngine
 from kv_store.client import KVStoreClient
 from kv_store.convert import handle_to_proto
 from kv_store.tensors import block_tensor
@@ -191,14 +191,19 @@ class PrefillServicer:
         if not ctx.is_active():
             raise CancelledError("client went away during prefill")
         t_prefilled = time.monotonic()
-        kv = self.state.loop.call(lambda e: e.export_kv(rid))
-        try:
-            handle = self.publisher.publish(  # the lease is charged to the request's tenant
-                kv, self.state.layout, req.lease_ttl_s or self.state.config.lease_ttl_s, req.tenant
-            )
-        finally:
-            self.state.loop.call(lambda e: e.release(rid))
-            done["v"] = True
+
+        def take(e: LLMEngine) -> KVExport:
+            # the export is a copy of the blocks: they are freed in the same engine command (one
+            # wait for the engine loop per request, not two: #12, a worker's cost per request)
+            kv = e.export_kv(rid)
+            e.release(rid)
+            return kv
+
+        kv = self.state.loop.call(take)
+        done["v"] = True
+        handle = self.publisher.publish(  # the lease is charged to the request's tenant
+            kv, self.state.layout, req.lease_ttl_s or self.state.config.lease_ttl_s, req.tenant
+        )
         if not ctx.is_active():
             # the caller went away while the blocks were published: no one will ever learn this
             # handle, so its lease is released now instead of pinning the blocks until its TTL
