@@ -2,7 +2,8 @@
 
 One direct Generate call becomes the message sequence a relayed call would have given: the router's
 first token, then the worker's deltas (converted to GenerateResponse), then the router's Finish,
-which is held until the worker's last delta (``done``) has come, and checked: the tokens received
+which is held until the worker's last delta (``done``) has come and goes out in one message with
+that delta's tokens (as a relay's last message carries the last tokens and the finish), and checked: the tokens received
 must be the Finish's ``completion_tokens`` (else InternalError: never silently short output). When
 the router says the worker was lost (``DirectRedirect.lost``), the worker's deltas for the request
 are no longer taken, the tokens and text received so far go to the router (``ResumeDirect``), and
@@ -150,6 +151,9 @@ class _Flow:
         self.conn_lost = False  # the current worker's connection ended before its last delta
         self.direct_error: Exception | None = None
         self.held_finish: client_pb2.GenerateResponse | None = None
+        # the worker's last delta's message, held for the Finish: they go out as one message, as a
+        # relay's last message carries both (a caller may look at the tokens of the finish's chunk)
+        self.held_last: client_pb2.GenerateResponse | None = None
         self.shown_id = ""
         self.tokens: list[int] = []
         self.chars = 0
@@ -164,7 +168,19 @@ class _Flow:
                 f"request {self.shown_id}: the router's finish counts {n} output tokens but "
                 f"{len(self.tokens)} arrived"
             )
+        if self.held_last is not None:  # the worker's last tokens with the router's finish
+            last, self.held_last = self.held_last, None
+            merged = client_pb2.GenerateResponse()
+            merged.CopyFrom(m)
+            merged.token_ids[:0] = last.token_ids
+            merged.text = last.text + m.text
+            merged.logprobs.extend(last.logprobs)
+            return merged
         return m
+
+    def _flush_last(self) -> list[client_pb2.GenerateResponse]:
+        last, self.held_last = self.held_last, None
+        return [last] if last is not None else []
 
     def step(
         self, kind: str, src: Any, x: Any
@@ -191,7 +207,7 @@ class _Flow:
                 if self.conn is not None and self.redirect is not None:
                     self.conn.detach(self.redirect.request_id, tell_worker=True)
                 self.redirect = self.conn = None
-                return [], direct_pb2.ResumeDirectRequest(
+                return self._flush_last(), direct_pb2.ResumeDirectRequest(
                     request_id=m.direct.request_id,
                     ticket=m.direct.ticket,
                     token_ids=self.tokens,
@@ -224,11 +240,13 @@ class _Flow:
             if d.token_ids or d.text:
                 self.tokens.extend(d.token_ids)
                 self.chars += len(d.text)
-                out.append(
-                    client_pb2.GenerateResponse(
-                        request_id=self.shown_id, token_ids=d.token_ids, text=d.text, logprobs=d.logprobs
-                    )
+                m = client_pb2.GenerateResponse(
+                    request_id=self.shown_id, token_ids=d.token_ids, text=d.text, logprobs=d.logprobs
                 )
+                if d.done:
+                    self.held_last = m  # goes out with the router's finish
+                else:
+                    out.append(m)
             if d.done:
                 self.direct_done = True
                 if self.held_finish is not None:
@@ -244,6 +262,7 @@ class _Flow:
         if kind == "router_end":
             if self.held_finish is None:
                 self.ended = True  # the stream ended without a result (as a relayed one may)
+                return self._flush_last(), None
             return [], None
         raise x  # router_error
 

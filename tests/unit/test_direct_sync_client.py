@@ -101,7 +101,8 @@ def test_finish_waits_for_the_workers_last_delta() -> None:
     call = _Call([first, redirect, _finish(4)])  # the router's finish comes before the deltas
     conn = _Conn([_delta([2, 3], "bc"), _delta([4], "d", done=True)], delay_s=0.01)
     out = _run(call, conn)
-    assert [list(m.token_ids) for m in out] == [[1], [2, 3], [4], []]
+    # the worker's last tokens go out with the router's finish, as a relay's last message
+    assert [list(m.token_ids) for m in out] == [[1], [2, 3], [4]]
     assert "".join(m.text for m in out) == "abcd"
     assert out[-1].HasField("finish") and all(m.request_id == "mine" for m in out)
     assert conn.attached == [(RID, "tk")] and conn.detached == [(RID, False)]
@@ -172,3 +173,15 @@ def test_cancelling_a_redirected_call_ends_it_with_the_calls_error() -> None:
         next(it)
     assert e.value.code() is grpc.StatusCode.CANCELLED
     assert conn.detached == [(RID, True)]  # the worker aborts the request
+
+
+def test_the_workers_last_tokens_go_out_with_a_later_finish() -> None:
+    """The worker's last delta before the router's finish: one message carries both (as the
+    relay's last message does), so a caller sees the stop token in the finish's chunk."""
+    first = client_pb2.GenerateResponse(request_id="mine", token_ids=[1], text="a")
+    redirect = client_pb2.GenerateResponse(request_id="mine", direct=REDIRECT)
+    call = _Call([first, redirect, 0.3, _finish(3)])
+    conn = _Conn([_delta([2], "b"), _delta([3], "", done=True)], delay_s=0.01)
+    out = _run(call, conn)
+    assert [list(m.token_ids) for m in out] == [[1], [2], [3]]
+    assert out[-1].HasField("finish") and out[-1].finish.usage.completion_tokens == 3
