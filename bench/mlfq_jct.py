@@ -131,7 +131,10 @@ def run(args: argparse.Namespace, w: Workload, policy: SchedulingPolicy) -> tupl
     if len(jct) != len(w):
         raise SystemExit(f"{policy.value}: {len(w) - len(jct)} of {len(w)} requests did not finish")
     (st,) = res.instance_stats.values()
-    pre = f"{int(st['preemptions'])}/{int(st['swap_outs'])}/{st['swap_s']:.0f}s"
+    pre = (
+        f"{int(st['preemptions'])}/{int(st['swap_outs'])}/{st['swap_s']:.0f}s of {st['busy_s']:.0f}s busy/"
+        f"{int(st['prefill_tokens'])}"
+    )
     return jct, res.sim_time_s, pre
 
 
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"MLFQ: {cfg.mlfq_num_levels} levels, quantum {cfg.mlfq_quantum_iters} x 2^level iterations, skip-join "
-        f"base {cfg.mlfq_base_prefill_s * 1e3:.0f} ms, starvation {cfg.mlfq_starvation_s:g} s, watermark "
+        f"base {cfg.mlfq_base_prefill_s * 1e3:.0f} ms, starvation {cfg.mlfq_starvation_s:g} s (+{cfg.mlfq_promote_levels} "
+        f"level), watermark "
         f"{cfg.mlfq_swap_watermark:g}, swap backoff {cfg.mlfq_swap_backoff_iters} x 2^(k-1) "
         f"iterations (max {cfg.mlfq_swap_backoff_max_iters}); "
         f"swap pool {args.swap_gib:g} GiB; KV blocks {args.kv_blocks or 'derived'}; burst throughput (FCFS) {capacity:.2f} req/s"
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{load:5.2f} {rate:6.2f} | {fm:8.2f}s {p90(f):7.2f}s | {mm:8.2f}s {p90(m):7.2f}s | "
             f"{mm / fm:6.2f} {p90(m) / p90(f):6.2f} | {'PASS' if good else 'FAIL'}   "
-            f"preemptions/swap-outs/swap time: FCFS {fp}, MLFQ {mp}"
+            f"preemptions/swap-outs/swap time of busy time/prefill tokens: FCFS {fp}, MLFQ {mp}"
         )
     print(
         f"target: MLFQ mean JCT < FCFS at equal load: {'PASS' if ok else 'FAIL'} ({time.perf_counter() - t0:.0f} s)"

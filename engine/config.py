@@ -76,8 +76,8 @@ class EngineConfig:
     mlfq_quantum_iters: int = 8
     mlfq_base_prefill_s: float = 0.05
     mlfq_starvation_s: float = 10.0
-    mlfq_swap_watermark: float = 0.9
-    mlfq_swap_backoff_iters: int = 8
+    mlfq_swap_watermark: float = 1.0
+    mlfq_swap_backoff_iters: int = 256
     mlfq_swap_backoff_max_iters: int = 512
 
     def __post_init__(self) -> None:

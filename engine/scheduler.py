@@ -29,8 +29,8 @@ queued request of a higher level preempts a running one of a lower level when th
 or the pool would pass ``mlfq_swap_watermark``, only where the victim's KV survives (swapped out,
 or kept in the prefix cache: the policy never discards computed KV) and not while the victim
 backs off after being swapped out and back (``mlfq_swap_backoff_iters``, doubling with each swap),
-and a request queued past ``mlfq_starvation_s`` returns to level 0. It needs the scheduler's
-``clock``.
+and a request queued past ``mlfq_starvation_s`` rises ``mlfq_promote_levels`` levels (aging; its
+wait restarts). It needs the scheduler's ``clock``.
 
 Chunks are bounded by ``long_prefill_token_threshold`` (Sarathi's chunk: 512 for strict SLOs,
 2048 relaxed) and the remaining budget. :meth:`update_from_output` applies the sampled tokens,
@@ -83,11 +83,16 @@ class SchedulerConfig:
     mlfq_num_levels: int = 4
     mlfq_quantum_iters: int = 8  # level i: mlfq_quantum_iters * 2**i iterations, then demotion
     mlfq_base_prefill_s: float = 0.05  # level i admits predicted prefill <= this * 2**i (skip-join)
-    mlfq_starvation_s: float = 10.0  # queued this long without service: back to level 0
-    mlfq_swap_watermark: float = 0.9  # preempt lower levels before the pool passes this fraction
+    mlfq_starvation_s: float = 10.0  # queued this long without service: promoted (aging)
+    # levels a starving request rises per starvation period (engine.mlfq.promote; >= the level
+    # count: straight back to level 0)
+    mlfq_promote_levels: int = 1
+    # preempt lower levels before the pool passes this fraction (1.0: only when the queued
+    # request does not fit; a lower mark swaps out KV that nobody takes: bench/mlfq_jct.py)
+    mlfq_swap_watermark: float = 1.0
     # a request swapped out and back in is safe from MLFQ preemption for this many iterations,
     # doubling with each of its swaps up to the max (engine.mlfq.swap_backoff_iters; 0: off)
-    mlfq_swap_backoff_iters: int = 8
+    mlfq_swap_backoff_iters: int = 256
     mlfq_swap_backoff_max_iters: int = 512
 
     def __post_init__(self) -> None:
@@ -95,6 +100,8 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if self.mlfq_num_levels < 1 or self.mlfq_quantum_iters < 1:
             raise ValueError("mlfq_num_levels and mlfq_quantum_iters must be >= 1")
+        if self.mlfq_promote_levels < 1:
+            raise ValueError(f"mlfq_promote_levels must be >= 1, got {self.mlfq_promote_levels}")
         if not (self.mlfq_base_prefill_s > 0 and math.isfinite(self.mlfq_base_prefill_s)):
             raise ValueError(f"mlfq_base_prefill_s must be > 0, got {self.mlfq_base_prefill_s}")
         if not self.mlfq_starvation_s > 0:
@@ -386,6 +393,11 @@ class Scheduler:
         kv = self.kv
         if for_memory or not kv.enable_prefix_caching or kv.sliding_window is not None:
             return n
+        if kv.num_free_blocks < kv.num_swap_out_blocks(req.request_id):
+            # the pool could not hold the victim's freed blocks a second time: the allocations
+            # before its re-admission would evict them from the prefix cache (memory binds), so the drop
+            # loses them as surely as a preemption for memory does
+            return n
         bs = kv.block_size
         return n - min(n // bs, (req.num_tokens - 1) // bs) * bs
 
@@ -581,12 +593,15 @@ class Scheduler:
 
     # ----------------------------------------------------------------- MLFQ
     def _promote_starving(self, now: float) -> None:
-        """Anti-starvation: a queued request not served for ``mlfq_starvation_s`` -> level 0."""
+        """Anti-starvation (aging): a queued request not served for ``mlfq_starvation_s`` rises
+        ``mlfq_promote_levels`` levels (:func:`engine.mlfq.promote`) and its wait restarts."""
         bound = self.config.mlfq_starvation_s
+        up = self.config.mlfq_promote_levels
         for r in (*self.waiting, *self.swapped):
             if r.mlfq_level > 0 and mlfq.is_starving(now, r.last_served, bound):
-                r.mlfq_level = 0
+                r.mlfq_level = mlfq.promote(r.mlfq_level, up)
                 r.mlfq_iters = 0
+                r.last_served = now
                 self.num_promotions += 1
 
     def _queued_need(self, req: Request) -> int:
@@ -628,8 +643,10 @@ class Scheduler:
                     if len(ready) < len(worst_first):
                         self.num_backoff_holds += 1
                     # preempting any of them would throw work away, or they are backing off
-                    # after a preemption: q waits for blocks
-                    break
+                    # after a preemption: q waits for blocks, and so does every later queued
+                    # request (the admission phase is head-of-line; a later one has no more
+                    # victims than q)
+                    return
                 self._preempt(victim, out, for_memory=tight)
 
     def _start_backoff(self, admitted: list[Request]) -> None:

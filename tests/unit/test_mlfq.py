@@ -158,7 +158,8 @@ def test_demotion_lets_a_fresh_job_preempt_an_old_one_same_level_does_not():
 
 def test_anti_starvation_promotes_a_waiting_job_on_the_fake_clock():
     clock = FakeClock()
-    s = _sched(clock, host=0, max_num_seqs=1, mlfq_starvation_s=5.0)
+    # straight back to level 0 after one period (mlfq_promote_levels >= the levels)
+    s = _sched(clock, host=0, max_num_seqs=1, mlfq_starvation_s=5.0, mlfq_promote_levels=4)
     victim = _req("victim", 200, max_tokens=2, arrival=0.0)  # level 2
     s.add_request(victim)
     first_short = _req("s0", 10, max_tokens=3, arrival=0.0)

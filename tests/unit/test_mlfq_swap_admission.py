@@ -52,7 +52,7 @@ def test_swapped_higher_level_comes_back_before_lower_level_waiting():
 
 def test_anti_starvation_brings_a_swapped_request_back():
     clock = FakeClock()
-    s = _sched(clock, max_num_seqs=1, mlfq_starvation_s=5.0, caching=False)
+    s = _sched(clock, max_num_seqs=1, mlfq_starvation_s=5.0, caching=False, mlfq_promote_levels=4)
     victim = _req("victim", 200, max_tokens=40, arrival=0.0)  # level 2
     s.add_request(victim)
     _step(s, clock)
