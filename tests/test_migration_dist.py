@@ -307,3 +307,16 @@ def test_a_push_the_other_way_is_refused_while_receiving_from_that_rank():
     with locks.lock_for(1), pytest.raises(UnavailableError, match="receiving a transfer from rank 1"):
         next(peer.PushKV(worker_pb2.PushKVRequest(request_id="k", dst_rank=1), None))
     assert "k" in outbox  # not taken: the peer may pull it again
+
+
+def test_router_migration_transport_flag():
+    import router.__main__ as router_main
+
+    assert (
+        MigrationTransport.parse("dist") is DIST
+        and MigrationTransport.parse(" GRPC ") is MigrationTransport.GRPC
+    )
+    with pytest.raises(ValueError, match="grpc, store, dist"):
+        MigrationTransport.parse("nccl")
+    a = router_main.build_parser().parse_args(["--model", "m", "--migration-transport", "dist"])
+    assert MigrationTransport.parse(a.migration_transport) is DIST
