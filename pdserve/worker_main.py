@@ -41,6 +41,7 @@ from kv_store.dist_transport import DistConfig, destroy_process_group, device_fo
 from kv_store.transport import AutoTransport
 from pdserve import cli_help
 from pdserve.errors import PdserveError, UnavailableError
+from pdserve.gc_tuning import settle_heap
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend
 from pdserve.metrics import WorkerMetrics, serve_metrics
 from pdserve.router_addresses import parse_router_addresses
@@ -663,6 +664,7 @@ def main(
     hb = RouterLinks(state, cfg.router_addresses) if cfg.router_addresses else None
     if hb:
         hb.start()
+    settle_heap()  # start-up is over: full collections walk only what is made from now on (#12)
     print(
         json.dumps(
             {

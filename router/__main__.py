@@ -56,6 +56,7 @@ from pdserve.auth.shared_state import (
     tenant_state_from_args,
 )
 from pdserve.errors import UnavailableError
+from pdserve.gc_tuning import settle_heap
 from pdserve.metrics import RouterMetrics, serve_metrics
 from pdserve.security import add_process_security_args, install_process_security
 from pdserve.tracing import configure_logging
@@ -422,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     for rebalancer in rebalancers:  # on the data plane's loop, beside the requests it moves
         rebalancer.start(server.loop)
     metrics_port = serve_metrics(a.metrics_port)
+    settle_heap()  # start-up is over: full collections walk only what is made from now on (#12)
     print(
         json.dumps(
             {
