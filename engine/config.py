@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.scheduler import SchedulingPolicy
-from engine.spec_decode.config import SpecMethod, SpeculativeConfig
+from engine.spec_decode.config import SpeculativeConfig
 
 WEIGHT_DTYPES = ("float32", "int8", "bfloat16")  # engine.models.quant.WeightDType values
 
@@ -46,8 +46,11 @@ class EngineConfig:
     no speculation; a :class:`~engine.spec_decode.SpeculativeConfig` with ``SpecMethod.NGRAM``
     drafts up to ``num_speculative_tokens`` tokens per decoding request by prompt lookup and
     verifies them in the same forward pass; output (tokens, log-probs) is the non-speculative
-    output. Refused with tensor parallelism and ``SpecMethod.DRAFT_MODEL`` (not built yet); at
-    engine build, with LoRA adapters and with a model whose every layer has a sliding window.
+    output. ``SpecMethod.DRAFT_MODEL`` drafts with a small model of the same vocabulary
+    (:mod:`engine.spec_decode.draft_model`; greedy and, with the default coupled acceptance,
+    seeded output is the non-speculative output; ``DraftAcceptance.REJECTION`` keeps the
+    target's distribution instead). Refused with tensor parallelism; at engine build, with LoRA
+    adapters and with a model whose every layer has a sliding window.
     """
 
     block_size: int = 16
@@ -131,10 +134,6 @@ class EngineConfig:
         if self.speculative is not None:
             if not isinstance(self.speculative, SpeculativeConfig):
                 raise ValueError(f"speculative must be a SpeculativeConfig or None, got {self.speculative!r}")
-            if self.speculative.method is not SpecMethod.NGRAM:
-                raise ValueError(
-                    f"speculative method {self.speculative.method.value!r} is not supported yet: use 'ngram'"
-                )
             if self.tensor_parallel_size > 1:
                 raise ValueError(
                     "speculative decoding is not supported with tensor_parallel_size > 1: set one of them"

@@ -37,7 +37,8 @@ from engine.request import FinishReason, Request, RequestStatus
 from engine.sampler import SampleResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from engine.spec_decode import NgramProposer, verify
+from engine.spec_decode import DraftAcceptance, NgramProposer, SpecMethod, verify
+from engine.spec_decode.draft_model import DraftModelProposer
 from engine.swap_policy import RateEstimator
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdserve.errors import (
@@ -128,12 +129,15 @@ class LLMEngine:
         runner_factory: Callable[[KVCacheManager], ModelRunner] | None = None,
         lora: LoRAConfig | None = None,
         weight_offload: OffloadedWeights | None = None,
+        draft_model: torch.nn.Module | None = None,
     ) -> None:
         """``runner_factory(kv)`` builds the model runner (default: a single-device
         :class:`~engine.model_runner.ModelRunner` of ``model``; a tensor-parallel engine passes
         one building rank 0's :class:`~engine.tp_runner.TPModelRunner`). ``lora``: serve these
         LoRA adapters (engine.lora; the single-device or a tensor-parallel runner). ``weight_offload``: the model's
-        offloaded layers (engine.offload), closed with the engine."""
+        offloaded layers (engine.offload), closed with the engine. ``draft_model``: the loaded
+        draft model of ``SpecMethod.DRAFT_MODEL`` speculation (default: loaded from
+        ``config.speculative.draft_model``; it must have the target's vocabulary)."""
         self.config = config
         drafter = None
         if config.speculative is not None:  # engine.spec_decode; EngineConfig refused the rest
@@ -144,8 +148,9 @@ class LLMEngine:
                     "speculative decoding is not supported for a model whose every layer has a sliding "
                     "window (its out-of-window KV blocks are freed, a roll-back could need them)"
                 )
-            proposer = NgramProposer(config.speculative)
-            drafter = lambda req, at_most: proposer.propose(req.all_token_ids(), at_most)  # noqa: E731
+            if config.speculative.method is SpecMethod.NGRAM:
+                proposer = NgramProposer(config.speculative)
+                drafter = lambda req, at_most: proposer.propose(req.all_token_ids(), at_most)  # noqa: E731
         self.weight_offload = weight_offload
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -206,6 +211,12 @@ class LLMEngine:
         )
         if nhost:
             self._measure_swap_bandwidth()
+        self.draft: DraftModelProposer | None = None
+        if config.speculative is not None and config.speculative.method is SpecMethod.DRAFT_MODEL:
+            self.draft = self._draft_proposer(model_config, draft_model, nblocks, dtype, device)
+            self.scheduler.drafter = self.draft.propose
+            if config.speculative.acceptance is DraftAcceptance.REJECTION:
+                self.runner.draft_probs = self.draft.draft_probs
         self.lora: LoRAManager | None = None
         if lora is not None:
             from engine.tp_runner import TPModelRunner
@@ -246,6 +257,64 @@ class LLMEngine:
         self.decode_tokens = 0
         self.spec_draft_tokens = 0
         self.spec_accepted_tokens = 0
+
+    def _draft_proposer(
+        self,
+        model_config: ModelConfig,
+        draft_model: torch.nn.Module | None,
+        nblocks: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> DraftModelProposer:
+        """The draft-model proposer: the draft loaded from its folder (unless given), checked to
+        share the target's vocabulary (and tokenizer file, when both folders have one) and to
+        reach the engine's context length; its KV pool holds as many blocks as the target's plus
+        one draft block per sequence."""
+        spec = self.config.speculative
+        assert spec is not None and spec.draft_model is not None
+        path = Path(spec.draft_model)
+        if draft_model is None:
+            try:
+                dcfg = ModelConfig.from_path(path)
+            except (OSError, ValueError) as e:
+                raise InvalidRequestError(f"speculative draft_model {str(path)!r}: {e}") from e
+            if dcfg.vocab_size != model_config.vocab_size:
+                raise InvalidRequestError(
+                    f"speculative draft_model {str(path)!r} has vocab_size {dcfg.vocab_size}, the target "
+                    f"{model_config.vocab_size}: a draft model must share the target's tokenizer"
+                )
+            if dcfg.max_position_embeddings < self.max_model_len:
+                raise InvalidRequestError(
+                    f"speculative draft_model {str(path)!r} reaches {dcfg.max_position_embeddings} positions, "
+                    f"the engine serves {self.max_model_len}: set max_model_len <= {dcfg.max_position_embeddings}"
+                )
+            if self.tokenizer is not None and (path / "tokenizer.json").is_file():
+                probe = "def f(x):\n    return x  # speculative draft tokenizer check: Grüße, 数字 123"
+                theirs = Tokenizer(path)
+                if theirs.vocab_size != self.tokenizer.vocab_size or theirs.encode(
+                    probe
+                ) != self.tokenizer.encode(probe):
+                    raise InvalidRequestError(
+                        f"speculative draft_model {str(path)!r} has another tokenizer than the target"
+                    )
+            draft_model = load_model(
+                path, dtype, device, max_positions=self.max_model_len, weight_dtype=self.config.weight_dtype
+            )
+        elif draft_model.config.vocab_size != model_config.vocab_size:
+            raise InvalidRequestError(
+                f"the draft model has vocab_size {draft_model.config.vocab_size}, the target "
+                f"{model_config.vocab_size}: a draft model must share the target's tokenizer"
+            )
+        return DraftModelProposer(
+            draft_model,
+            spec,
+            dtype,
+            device,
+            nblocks + self.config.max_num_seqs,
+            self.config.block_size,
+            lambda rid: self.runner.seeds.get(rid, 0),
+            self.max_model_len,
+        )
 
     # ------------------------------------------------------------------ swap rates
     def _predict_prefill_s(self, num_tokens: int) -> float:
@@ -702,6 +771,8 @@ class LLMEngine:
     def _forget(self, request_id: str) -> None:
         self._tracked.pop(request_id, None)
         self.runner.seeds.pop(request_id, None)
+        if self.draft is not None:
+            self.draft.release(request_id)
         self._lora_unpin(request_id)
 
     def has_request(self, request_id: str) -> bool:
@@ -713,6 +784,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ loop
     def step(self) -> list[RequestOutput]:
         failed = self._admit_lora_waiting() if self._lora_waiting else []
+        if self.draft is not None:  # draft every running decode in one batch (the drafter reuses them)
+            self.draft.prepare(r for r in self.scheduler.running if r.status is RequestStatus.RUNNING)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             self.runner.swap(sched)  # a step that only swapped out still copies
@@ -744,6 +817,10 @@ class LLMEngine:
         self._observe_step(sched, prefill_tokens, time.perf_counter() - t0)
         self.num_steps += 1
         finished = self.scheduler.update_from_output(sched, self._verified(sched, results))
+        if self.draft is not None:  # free the draft KV of finished, preempted and swapped requests
+            self.draft.retain(
+                {r.request_id for r in self.scheduler.running if r.status is RequestStatus.RUNNING}
+            )
         finished_ids = {r.request_id for r in finished}
         now = self.clock()
         outputs: list[RequestOutput] = failed

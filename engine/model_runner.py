@@ -12,6 +12,7 @@ the step's swap copies (``SchedulerOutput.swap_out`` then ``swap_in``) before th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,9 @@ class ModelRunner:
         )
         self.host_cache = HostKVCache(num_host_blocks, self.kv_cache) if num_host_blocks else None
         self.seeds: dict[str, int] = {}
+        # rejection sampling of draft-model drafts (engine.spec_decode.rejection): the draft
+        # distributions of a request's drafts, or None (then the coupled rule: match)
+        self.draft_probs: Callable[[str, tuple[int, ...]], torch.Tensor | None] | None = None
         self.windows = sorted(cfg.windows)  # the layers' distinct sliding windows
         # decodes read the cache in place (engine.attention_native) when the kernel supports it
         self.native_decode = (
@@ -187,6 +191,7 @@ class ModelRunner:
         rows: list[int] = []
         sreqs: list[SampleRequest] = []
         spans: list[tuple[str, int, bool]] = []  # request id, rows, speculative
+        spec_of: dict[str, tuple[int, ...]] = {}
         off = 0
         for s in items:
             off += s.num_new_tokens
@@ -196,6 +201,7 @@ class ModelRunner:
             rows.extend(range(off - 1 - k, off))
             sreqs.extend(self._sample_request(s.request, s.spec_token_ids[:j]) for j in range(k + 1))
             spans.append((s.request.request_id, k + 1, k > 0))
+            spec_of[s.request.request_id] = s.spec_token_ids
         if not rows:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
@@ -204,8 +210,43 @@ class ModelRunner:
         i = 0
         for rid, n, spec in spans:
             results[rid] = sampled[i : i + n] if spec else sampled[i]
+            if spec and self.draft_probs is not None and not sreqs[i].params.greedy:
+                q = self.draft_probs(rid, spec_of[rid])
+                if q is not None:
+                    results[rid] = self._rejection(
+                        logits[i : i + n], sreqs[i : i + n], q, spec_of[rid], sampled[i + n - 1]
+                    )
             i += n
         return results
+
+    def _rejection(
+        self,
+        logits: torch.Tensor,
+        sreqs: list[SampleRequest],
+        q: torch.Tensor,
+        drafts: tuple[int, ...],
+        bonus: SampleResult,
+    ) -> list[SampleResult]:
+        """A speculative decode's ``k + 1`` results under rejection sampling
+        (:func:`engine.spec_decode.rejection.rejection_sample`): the kept drafts, then the
+        replacement or bonus token, then copies of it (never read: the run ends at the first
+        token that differs from its draft, and a replacement always differs, the residual
+        having no mass at the rejected draft). Log-probs are of the raw target distribution."""
+        from engine.spec_decode.rejection import processed_probs, rejection_sample
+
+        p = torch.stack([processed_probs(logits[j], sreqs[j]) for j in range(len(sreqs))])
+        toks, _ = rejection_sample(p, q, drafts, bonus.token, sreqs[0].seed, sreqs[0].output_index)
+        toks = toks + [toks[-1]] * (len(sreqs) - len(toks))
+        out = [SampleResult(t) for t in toks]
+        if sreqs[0].params.logprobs is not None:
+            lp = torch.log_softmax(logits, dim=-1)
+            k = sreqs[0].params.logprobs
+            for j, r in enumerate(out):
+                r.logprob = float(lp[j, r.token])
+                if k > 0:
+                    v, ix = torch.topk(lp[j], k)
+                    r.top_logprobs = list(zip(ix.tolist(), v.tolist(), strict=True))
+        return out
 
     def _is_decode(self, s: ScheduledRequest) -> bool:
         """Whether ``s`` runs as decode rows: one token continuing a sequence, or a speculative

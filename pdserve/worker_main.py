@@ -34,7 +34,7 @@ from prometheus_client import REGISTRY
 from engine.config import EngineConfig
 from engine.lora import AdapterSpec, LoRAConfig
 from engine.scheduler import SchedulingPolicy
-from engine.spec_decode.config import SpeculativeConfig
+from engine.spec_decode.config import DraftAcceptance, SpecMethod, SpeculativeConfig
 from kv_store.arena import host_id
 from kv_store.client import KVStoreClient
 from kv_store.dist_transport import DistConfig, destroy_process_group, device_for, init_process_group
@@ -325,6 +325,21 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         help="with --speculative-tokens: the longest n-gram prompt lookup matches (tries n..1)",
     )
     ap.add_argument(
+        "--speculative-draft-model",
+        default=None,
+        metavar="PATH",
+        help="with --speculative-tokens: draft with this model folder (same vocabulary and tokenizer "
+        "as --model) instead of prompt lookup",
+    )
+    ap.add_argument(
+        "--speculative-acceptance",
+        choices=[a.value for a in DraftAcceptance],
+        default=DraftAcceptance.COUPLED.value,
+        help="with --speculative-draft-model, how sampled requests keep drafts: coupled (output "
+        "identical to plain decoding) or rejection (speculative sampling: the target's distribution, "
+        "more drafts kept) (default: %(default)s)",
+    )
+    ap.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -419,6 +434,10 @@ def parse(
         ap.error(f"--speculative-tokens must be >= 0 (0: off), got {a.speculative_tokens}")
     if a.speculative_tokens and a.lora:
         ap.error("--speculative-tokens is not supported with --lora (speculative decoding refuses LoRA)")
+    if a.speculative_draft_model and not a.speculative_tokens:
+        ap.error("--speculative-draft-model needs --speculative-tokens K (the drafts per step)")
+    if a.speculative_acceptance != DraftAcceptance.COUPLED.value and not a.speculative_draft_model:
+        ap.error("--speculative-acceptance rejection needs --speculative-draft-model")
     if a.max_model_len is not None and a.max_model_len < 1:
         ap.error(f"--max-model-len must be >= 1, got {a.max_model_len}")
     if not (a.swap_space >= 0 and math.isfinite(a.swap_space)):
@@ -450,7 +469,11 @@ def parse(
             weight_dtype=a.weight_dtype,
             max_model_len=a.max_model_len,
             speculative=SpeculativeConfig(
-                num_speculative_tokens=a.speculative_tokens, ngram_max=a.speculative_ngram
+                method=SpecMethod.DRAFT_MODEL if a.speculative_draft_model else SpecMethod.NGRAM,
+                num_speculative_tokens=a.speculative_tokens,
+                ngram_max=a.speculative_ngram,
+                draft_model=a.speculative_draft_model,
+                acceptance=DraftAcceptance(a.speculative_acceptance),
             )
             if a.speculative_tokens
             else None,

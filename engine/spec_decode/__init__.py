@@ -11,10 +11,17 @@ first position where the sampled token differs, plus that sampled token. A draft
 logits are the non-speculative step's logits at that index (the context is the same tokens), so
 the output is the non-speculative output token for token, for greedy and seeded sampling alike
 (and distribution-exact for any draft, since every kept token is a draw from the target).
+
+Draft model (:mod:`engine.spec_decode.draft_model`): a small model of the same vocabulary drafts
+with its own KV cache, sampling each draft with the target's per-index rule and noise (so the
+rule above applies unchanged: output identical to non-speculative decoding), or, with
+``DraftAcceptance.REJECTION``, verified by speculative rejection sampling
+(:mod:`engine.spec_decode.rejection`: the target's distribution, higher acceptance, not the
+non-speculative tokens). Those two modules use torch; the modules above do not.
 """
 
-from engine.spec_decode.config import SpecMethod, SpeculativeConfig
+from engine.spec_decode.config import DraftAcceptance, SpecMethod, SpeculativeConfig
 from engine.spec_decode.ngram import NgramProposer
 from engine.spec_decode.verify import Verdict, verify
 
-__all__ = ["NgramProposer", "SpecMethod", "SpeculativeConfig", "Verdict", "verify"]
+__all__ = ["DraftAcceptance", "NgramProposer", "SpecMethod", "SpeculativeConfig", "Verdict", "verify"]

@@ -31,6 +31,22 @@ def test_speculative_flags_reach_the_engine_config() -> None:
     assert parse(BASE, Role.DECODE).engine.speculative is None
 
 
+def test_speculative_draft_model_flags_reach_the_engine_config() -> None:
+    """--speculative-draft-model PATH (draft-model speculation, #17), coupled by default."""
+    from engine.spec_decode.config import DraftAcceptance, SpecMethod
+
+    argv = [*BASE, "--speculative-tokens", "5", "--speculative-draft-model", "/d"]
+    spec = parse(argv, Role.DECODE).engine.speculative
+    assert spec is not None and spec.method is SpecMethod.DRAFT_MODEL
+    assert (spec.num_speculative_tokens, spec.draft_model, spec.acceptance) == (
+        5,
+        "/d",
+        DraftAcceptance.COUPLED,
+    )
+    spec = parse([*argv, "--speculative-acceptance", "rejection"], Role.DECODE).engine.speculative
+    assert spec is not None and spec.acceptance is DraftAcceptance.REJECTION
+
+
 def test_weight_offload_flags_reach_the_engine_config(tmp_path) -> None:
     cfg = parse(
         [
@@ -69,6 +85,13 @@ def test_weight_offload_flags_reach_the_engine_config(tmp_path) -> None:
         (["--speculative-tokens", "17"], "num_speculative_tokens must be in [1, 16]"),
         (["--speculative-tokens", "4", "--speculative-ngram", "0"], "ngram_min <= ngram_max"),
         (["--speculative-tokens", "4", "--tp", "2"], "tensor"),
+        (["--speculative-draft-model", "/d"], "--speculative-draft-model needs --speculative-tokens"),
+        (["--speculative-acceptance", "rejection"], "--speculative-acceptance rejection needs"),
+        (["--speculative-tokens", "2", "--speculative-draft-model", "/d", "--tp", "2"], "tensor"),
+        (
+            ["--speculative-tokens", "2", "--speculative-draft-model", "/d", "--lora", "a=/x"],
+            "--speculative-tokens is not supported with --lora",
+        ),
         (
             ["--speculative-tokens", "4", "--lora", "a=/x"],
             "--speculative-tokens is not supported with --lora",
