@@ -19,7 +19,7 @@ Timed as this process's CPU time (``time.process_time``) with ``--threads 1`` by
 shared machine wall time mostly measures the other tenants (``--clock wall`` to use it anyway).
 
 Usage: python bench/lora_step.py [--model PATH] [--batch 32] [--context 64] [--steps 30]
-       [--rank 16] [--per-adapter 4] [--gen 32] [--threads 1] [--clock cpu|wall]
+       [--rank 16] [--per-adapter 4] [--gen 32] [--repeats 3] [--threads 1] [--clock cpu|wall]
 """
 
 from __future__ import annotations
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rank", type=int, default=16, help="rank of every adapter")
     ap.add_argument("--per-adapter", type=int, default=4, help="throughput: requests per adapter")
     ap.add_argument("--gen", type=int, default=32, help="throughput: output tokens per request")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="throughput: interleaved runs of each configuration"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="process CPU time or wall time")
     ap.add_argument(
@@ -225,26 +228,43 @@ def throughput(
     n = a.per_adapter
     tp = prompts(N_ADAPTERS * n, a.context, mcfg.vocab_size, 1)
     reqs = [(tp[i], names[i // n]) for i in range(N_ADAPTERS * n)]
+    base_reqs = [(p, "") for p, _ in reqs]
 
-    def measure(lc: LoRAConfig | None, rs: list[tuple[list[int], str]]) -> tuple[float, float]:
+    def run(lc: LoRAConfig | None, rs: list[tuple[list[int], str]], grouped: bool) -> float:
+        """One timed run on a fresh engine (no prefix cache from another run), after a warm-up."""
         eng = LLMEngine.from_pretrained(model, ecfg, lora=lc)
-        run_all(eng, rs[:n], 4)  # warm-up
-        t0 = clock()
-        run_all(eng, rs, a.gen)
-        together = clock() - t0
-        eng = LLMEngine.from_pretrained(model, ecfg, lora=lc)  # fresh: no prefix cache from the run above
         run_all(eng, rs[:n], 4)
         t0 = clock()
-        for k in range(N_ADAPTERS):  # each group (adapter) to completion before the next starts
-            run_all(eng, rs[k * n : (k + 1) * n], a.gen)
-        return together, clock() - t0
+        if grouped:  # each group (adapter) to completion before the next starts
+            for k in range(N_ADAPTERS):
+                run_all(eng, rs[k * n : (k + 1) * n], a.gen)
+        else:
+            run_all(eng, rs, a.gen)
+        took = clock() - t0
+        eng.close()
+        return took
 
-    together, one_at_a_time = measure(lora, reqs)
-    base_together, base_groups = measure(None, [(p, "") for p, _ in reqs])
+    # the four runs interleaved, in a rotating order, ``--repeats`` times: load changes on a shared
+    # host then hit them alike; medians
+    runs = {
+        "together": (lora, reqs, False),
+        "one at a time": (lora, reqs, True),
+        "base together": (None, base_reqs, False),
+        "base groups": (None, base_reqs, True),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    keys = list(runs)
+    for r in range(a.repeats):
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            times[k].append(run(*runs[k]))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    together, one_at_a_time = med["together"], med["one at a time"]
+    base_together, base_groups = med["base together"], med["base groups"]
     toks = N_ADAPTERS * n * a.gen
     ratio = one_at_a_time / together
     print(
-        f"\nthroughput, {N_ADAPTERS} adapters x {n} requests, prompt {a.context}, {a.gen} output tokens each:"
+        f"\nthroughput, {N_ADAPTERS} adapters x {n} requests, prompt {a.context}, {a.gen} output tokens each "
+        f"(median of {a.repeats} interleaved runs):"
     )
     print(f"  together (one engine, mixed batches)  {together:7.2f} s  {toks / together:8.1f} tok/s")
     print(
@@ -257,6 +277,11 @@ def throughput(
         f"  ceiling on this host, base model without LoRA, same groups: together {base_together:.2f} s, "
         f"groups of {n} {base_groups:.2f} s = {base_groups / base_together:.2f}x"
     )
+    per = ", ".join(f"{g / t:.2f}" for g, t in zip(times["one at a time"], times["together"], strict=True))
+    base_per = ", ".join(
+        f"{g / t:.2f}" for g, t in zip(times["base groups"], times["base together"], strict=True)
+    )
+    print(f"  per repeat: LoRA {per}; base {base_per}")
     print(
         f"  LoRA cost: together {together / base_together:.3f}x the base model's time, "
         f"one at a time {one_at_a_time / base_groups:.3f}x"
