@@ -18,8 +18,16 @@ steady stream sustains, so 1.0 is not yet overload: queues build from about 1.1)
 JCT = finish - arrival. Prints mean and p90 JCT per policy and the MLFQ/FCFS ratios.
 Target: lower mean JCT with MLFQ than FCFS at equal load (PASS/FAIL per load).
 
+``--live``: the same comparison on the real engine (:class:`engine.llm_engine.LLMEngine`, CPU), a
+random-weight Llama-like model (4 layers, hidden 256, as bench/swap_resume.py), a small KV pool with
+a host swap pool, ``--live-requests`` requests of the same heavy-tailed shape scaled down (prompts
+median 32, outputs median 8, sigma 1.6, at most 128), Poisson arrivals in wall time at ``--loads``
+fractions of the engine's measured burst throughput; each policy runs ``--live-repeats`` times,
+alternating, and JCT (finish - arrival, wall clock) is averaged over the repeats.
+
 Usage: python bench/mlfq_jct.py [--requests 1500] [--loads 0.9,1.1,1.3] [--max-num-seqs 16] [--levels N] [--swap-gib G]
        [--backoff N] [--kv-blocks N]   (a smaller pool than the A100's, so that memory binds and preemption swaps)
+       python bench/mlfq_jct.py --live [--live-requests 60] [--loads 0.9,1.1,1.3]
 """
 
 from __future__ import annotations
@@ -86,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV blocks (16 tokens) of the instance (default: derived from the A100's memory)",
     )
     p.add_argument("--seed", type=int, default=0, help="workload seed")
+    p.add_argument("--live", action="store_true", help="run the real engine (CPU, tiny model) instead")
+    p.add_argument("--live-requests", type=int, default=60, help="--live: requests per run (default 60)")
+    p.add_argument(
+        "--live-repeats", type=int, default=2, help="--live: runs per policy, alternating (default 2)"
+    )
+    p.add_argument(
+        "--live-kv-blocks", type=int, default=40, help="--live: device KV blocks of 16 tokens (default 40)"
+    )
+    p.add_argument("--live-max-num-seqs", type=int, default=8, help="--live: batch size limit (default 8)")
     return cli_help.apply(p)
 
 
@@ -142,11 +159,147 @@ def p90(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=10)[-1]
 
 
+# ----------------------------------------------------------------------------- live engine
+LIVE_VOCAB = 1024
+
+
+def live_workload(args: argparse.Namespace, rate: float) -> Workload:
+    ins = LengthDistribution(LengthKind.LOGNORMAL, 32, 1.0, lo=4, hi=128)
+    outs = LengthDistribution(LengthKind.LOGNORMAL, 8, args.out_sigma, lo=1, hi=128)
+    return synthetic(args.live_requests, rate, ins, outs, seed=args.seed, name="heavy-tailed-live")
+
+
+def live_engine(path: Path, args: argparse.Namespace, policy: SchedulingPolicy):
+    from bench.swap_resume import _block_nbytes
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    return LLMEngine.from_pretrained(
+        path,
+        EngineConfig(
+            block_size=16,
+            num_kv_blocks=args.live_kv_blocks,
+            max_num_seqs=args.live_max_num_seqs,
+            max_num_batched_tokens=512,
+            long_prefill_token_threshold=256,
+            max_model_len=320,
+            scheduling_policy=policy,
+            swap_space_bytes=4 * args.live_kv_blocks * _block_nbytes(path, 16),
+            # the tiny model's steps are ~100x shorter than the 7B's: starvation in proportion
+            mlfq_starvation_s=2.0,
+            mlfq_base_prefill_s=0.002,
+        ),
+    )
+
+
+def live_run(eng, w: Workload, tag: str) -> tuple[list[float], dict[str, int]]:
+    """Replays ``w`` against ``eng`` in wall time (a request is added once the clock passes its
+    arrival); returns the JCTs (finish - arrival, seconds) and the engine's preemption counts."""
+    import torch
+
+    from engine.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, LIVE_VOCAB, (r.input_len,), generator=g).tolist() for r in w.requests]
+    sched = eng.scheduler
+    before = (sched.num_preemptions, sched.num_swap_outs, sched.num_promotions)
+    pending = list(range(len(w.requests)))
+    arrival: dict[str, float] = {}
+    jct: list[float] = []
+    t0 = time.perf_counter()
+    while pending or eng.has_unfinished():
+        now = time.perf_counter() - t0
+        while pending and w.requests[pending[0]].arrival_s <= now:
+            i = pending.pop(0)
+            r = w.requests[i]
+            rid = f"{tag}-{i}"
+            arrival[rid] = t0 + r.arrival_s
+            params = SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
+            eng.add_request(rid, prompts[i], params)
+        if not eng.has_unfinished():
+            time.sleep(max(0.0, min(0.01, w.requests[pending[0]].arrival_s - now)))
+            continue
+        for o in eng.step():
+            if o.finished:
+                jct.append(time.perf_counter() - arrival[o.request_id])
+    if len(jct) != len(w.requests):
+        raise SystemExit(f"live {tag}: {len(jct)} of {len(w.requests)} requests finished")
+    counts = {
+        "preemptions": sched.num_preemptions - before[0],
+        "swap_outs": sched.num_swap_outs - before[1],
+        "promotions": sched.num_promotions - before[2],
+    }
+    return jct, counts
+
+
+def live_main(args: argparse.Namespace, loads: list[float]) -> int:
+    import tempfile
+
+    import torch
+
+    from bench.swap_resume import make_model
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_model(Path(tmp), 1024)
+        engines = {p: live_engine(path, args, p) for p in (SchedulingPolicy.FCFS, SchedulingPolicy.MLFQ)}
+        # warm-up, then capacity: every request at t=0 under FCFS
+        w0 = live_workload(args, 1.0)
+        live_run(engines[SchedulingPolicy.FCFS], Workload("warm", w0.requests[:8]), "warm")
+        live_run(engines[SchedulingPolicy.MLFQ], Workload("warm", w0.requests[:8]), "warm")
+        burst = Workload("burst", tuple(WorkloadRequest(0.0, r.input_len, r.output_len) for r in w0.requests))
+        tb = time.perf_counter()
+        live_run(engines[SchedulingPolicy.FCFS], burst, "burst")
+        capacity = len(burst) / (time.perf_counter() - tb)
+        outs = sorted(r.output_len for r in w0.requests)
+        print(
+            f"live: tiny random Llama (4 layers, hidden 256, CPU), {args.live_requests} requests, batch "
+            f"{args.live_max_num_seqs}, {args.live_kv_blocks} KV blocks + host swap pool; outputs mean "
+            f"{statistics.mean(outs):.0f} / median {statistics.median(outs):.0f} / max {outs[-1]} tokens; "
+            f"burst throughput (FCFS) {capacity:.2f} req/s; {args.live_repeats} runs per policy, alternating"
+        )
+        print(
+            f"{'load':>5} {'rate':>6} | {'FCFS mean':>9} {'p90':>8} | {'MLFQ mean':>9} {'p90':>8} | {'mean x':>6} {'p90 x':>6} | verdict"
+        )
+        ok = True
+        for load in loads:
+            w = live_workload(args, load * capacity)
+            res: dict[SchedulingPolicy, list[float]] = {SchedulingPolicy.FCFS: [], SchedulingPolicy.MLFQ: []}
+            cnt: dict[SchedulingPolicy, dict[str, int]] = {}
+            for k in range(args.live_repeats):
+                for p in (SchedulingPolicy.FCFS, SchedulingPolicy.MLFQ):
+                    j, c = live_run(engines[p], w, f"{p.value}-{load}-{k}")
+                    res[p].extend(j)
+                    cnt[p] = {n: cnt.get(p, {}).get(n, 0) + v for n, v in c.items()}
+            f, m = res[SchedulingPolicy.FCFS], res[SchedulingPolicy.MLFQ]
+            fm, mm = statistics.mean(f), statistics.mean(m)
+            good = mm < fm
+            ok &= good
+            print(
+                f"{load:5.2f} {rate_fmt(load * capacity)} | {fm:8.2f}s {p90(f):7.2f}s | {mm:8.2f}s {p90(m):7.2f}s | "
+                f"{mm / fm:6.2f} {p90(m) / p90(f):6.2f} | {'PASS' if good else 'FAIL'}   "
+                f"FCFS {cnt[SchedulingPolicy.FCFS]}, MLFQ {cnt[SchedulingPolicy.MLFQ]}"
+            )
+    print(
+        f"target (live): MLFQ mean JCT < FCFS at equal load: {'PASS' if ok else 'FAIL'} ({time.perf_counter() - t0:.0f} s)"
+    )
+    return 0
+
+
+def rate_fmt(rate: float) -> str:
+    return f"{rate:6.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     loads = [float(x) for x in args.loads.split(",")]
     if args.requests < 10 or not all(0 < x < 1.5 for x in loads):
         raise SystemExit("--requests >= 10 and --loads in (0, 1.5)")
+    if args.live:
+        if args.live_requests < 10 or args.live_repeats < 1:
+            raise SystemExit("--live-requests >= 10 and --live-repeats >= 1")
+        return live_main(args, loads)
     t0 = time.perf_counter()
     # capacity: every request at t=0 under FCFS
     w0 = workload(args, 1.0)
