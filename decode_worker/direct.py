@@ -22,6 +22,13 @@ takes no message for ``stall_timeout_s`` is cancelled (RESOURCE_EXHAUSTED) and i
 aborted; a client that detaches a request, or whose connection ends, aborts it (its blocks are
 freed; the router's call fails CANCELLED). A request's deltas wait in its slot until its
 connection writes them (at most its ``max_tokens`` tokens).
+
+Where it is served (:func:`needs_own_port`): on the worker's port, except under mutual TLS, where
+the worker's port requires cluster client certificates that clients do not hold: then on a port of
+its own (:func:`serve_direct_port`: TLS, no client certificate, DirectStream and health only),
+which each admission message names to the router (``DecodeResponse.direct_address``), so the
+worker's internal services stay closed to clients and no cluster token is needed (the granted
+ticket, received over the router's authenticated channel, is what a client must present).
 """
 
 from __future__ import annotations
