@@ -362,6 +362,12 @@ class OffloadedWeights:
 
         return hook
 
+    def tier_bytes(self) -> dict[str, int]:
+        """Weight bytes by tier (``WeightTier`` values: device, host, disk) of the placement;
+        device counts the non-layer weights, the resident layers and the copy slots."""
+        p = self.placement
+        return {"device": p.device_bytes, "host": p.host_bytes, "disk": p.disk_bytes}
+
     def snapshot(self) -> OffloadStats:
         with self._lock:
             return OffloadStats(

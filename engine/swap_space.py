@@ -14,7 +14,8 @@ only copies the ``(source, destination)`` pairs it is given.
 :meth:`HostKVCache.swap` does all swap-outs, then all swap-ins, in that order (the scheduler's
 contract: a device block released by a swap-out may be the destination of a swap-in of the same
 step). :meth:`HostKVCache.take_timings` returns ``(bytes, seconds)`` of completed copies for the
-swap rate estimate.
+swap rate estimate; ``copied_bytes`` / ``copy_seconds`` add up every timing it has returned (the
+engine's start-up bandwidth probe included), for metrics.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class HostKVCache:
         self._keep: list[torch.Tensor] = []  # staging tensors alive until the copies end (CUDA)
         self._cuda_timings: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
         self._timings: list[tuple[int, float]] = []
+        self.copied_bytes = 0  # cumulative, over the timings take_timings returned
+        self.copy_seconds = 0.0
 
     @property
     def num_blocks(self) -> int:
@@ -141,4 +144,7 @@ class HostKVCache:
         if not pending and self._done is not None and self._done.query():
             self._done = None
             self._keep.clear()
+        for n, secs in out:
+            self.copied_bytes += n
+            self.copy_seconds += secs
         return out

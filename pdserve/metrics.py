@@ -480,6 +480,14 @@ class WorkerSnapshot:
     swapped_in_blocks: int = 0
     host_blocks_total: int = 0
     host_blocks_used: int = 0
+    swapped_out_bytes: int = 0  # bytes copied device -> host by swap-outs (cumulative)
+    swapped_in_bytes: int = 0
+    swap_copy_seconds: float = 0.0  # time the swap copies took (cumulative)
+    mlfq_promotions: int = 0  # MLFQ anti-starvation promotions (cumulative; 0 under other policies)
+    # weight offloading (EngineConfig.weight_memory_budget_bytes; empty / 0 without it)
+    weight_bytes: tuple[tuple[str, int], ...] = ()  # (tier, bytes): device, host, disk
+    weight_prefetch_bytes: int = 0  # offloaded layer bytes copied in (cumulative)
+    weight_prefetch_stall_seconds: float = 0.0  # time forward passes waited for a layer's copy
     adapters: tuple[AdapterSnapshot, ...] = ()  # LoRA adapters served (empty: base model only)
 
 
@@ -564,6 +572,20 @@ class WorkerMetrics:
             (GaugeMetricFamily, "pdserve_worker_host_kv_blocks", "Host swap pool blocks by state: used, free.",
              [*lab, "state"],
              lambda s: [(("used",), s.host_blocks_used), (("free",), s.host_blocks_total - s.host_blocks_used)]),
+            (CounterMetricFamily, "pdserve_worker_swapped_bytes", "KV bytes copied by swapping, by direction.",
+             [*lab, "direction"], lambda s: [(("out",), s.swapped_out_bytes), (("in",), s.swapped_in_bytes)]),
+            (CounterMetricFamily, "pdserve_worker_swap_seconds", "Time the KV swap copies took.", lab,
+             lambda s: [((), s.swap_copy_seconds)]),
+            (CounterMetricFamily, "pdserve_worker_mlfq_promotions",
+             "MLFQ anti-starvation promotions of queued requests.", lab, lambda s: [((), s.mlfq_promotions)]),
+            (GaugeMetricFamily, "pdserve_worker_weight_bytes",
+             "Model weight bytes by tier under weight offloading: device, host, disk (absent without it).",
+             [*lab, "tier"], lambda s: [((t,), b) for t, b in s.weight_bytes]),
+            (CounterMetricFamily, "pdserve_worker_weight_prefetch_bytes",
+             "Offloaded weight bytes copied in ahead of their layer.", lab, lambda s: [((), s.weight_prefetch_bytes)]),
+            (CounterMetricFamily, "pdserve_worker_weight_prefetch_stall_seconds",
+             "Time forward passes waited for an offloaded layer's copy (prefetch stalls).", lab,
+             lambda s: [((), s.weight_prefetch_stall_seconds)]),
             (CounterMetricFamily, "pdserve_worker_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
              lab, lambda s: [((), s.prefix_query_tokens)]),
             (CounterMetricFamily, "pdserve_worker_prefix_cache_hits", "Prompt tokens found in the prefix cache.",

@@ -185,6 +185,10 @@ class WorkerState:
 
         def read(e: LLMEngine) -> WorkerSnapshot:
             s, p = e.stats(), e.kv.pool.stats
+            hc = getattr(e.runner, "host_cache", None)
+            block_nbytes = hc.block_nbytes if hc is not None else 0
+            wo = e.weight_offload
+            ws = wo.snapshot() if wo is not None else None
             return WorkerSnapshot(
                 running=s.num_running,
                 waiting=s.num_waiting,
@@ -207,6 +211,13 @@ class WorkerState:
                 swapped_in_blocks=s.swapped_in_blocks,
                 host_blocks_total=s.host_blocks_total,
                 host_blocks_used=s.host_blocks_used,
+                swapped_out_bytes=s.swapped_out_blocks * block_nbytes,
+                swapped_in_bytes=s.swapped_in_blocks * block_nbytes,
+                swap_copy_seconds=hc.copy_seconds if hc is not None else 0.0,
+                mlfq_promotions=e.scheduler.num_promotions,
+                weight_bytes=tuple(wo.tier_bytes().items()) if wo is not None else (),
+                weight_prefetch_bytes=ws.bytes_copied if ws is not None else 0,
+                weight_prefetch_stall_seconds=ws.stall_s if ws is not None else 0.0,
                 adapters=adapter_snapshots(e),
             )
 
