@@ -446,8 +446,9 @@ class Client:
     stream. A router with direct streams (its default) has the request's decode worker stream the
     tokens to this client (one connection per worker, same TLS settings as the router channels;
     :mod:`pdserve.client_direct`), the router out of the token path; a router without them, or a
-    request it cannot stream directly (``n``/``best_of`` > 1), is relayed. The chunks, their
-    order, failover and errors are the same either way."""
+    request it cannot stream directly (``n``/``best_of`` > 1), is relayed. The tokens, text,
+    logprobs, finish, failover and errors are the same either way (where chunks split may differ;
+    the last chunk carries the last tokens and the finish in both)."""
 
     def __init__(
         self,
