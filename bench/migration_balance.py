@@ -158,6 +158,7 @@ def _live_run(args: argparse.Namespace, rebalance: bool) -> dict:
             store_capacity_blocks=2048,
             direct_streams=False,
             router_args=router_args,
+            startup_timeout_s=900.0,  # a loaded host loads the model slowly
         )
     )
 
