@@ -171,10 +171,6 @@ def bench_dtype(args: argparse.Namespace, wd: str) -> None:
     spec.close()
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ---------------------------------------------------------------------------- Azure code trace
 def layer_skip_draft(model: Path, layers: int, out: Path) -> Path:
     """Write ``model``'s first ``layers`` decoder layers, embeddings, final norm and head (a
@@ -248,8 +244,12 @@ def bench_trace(args: argparse.Namespace) -> None:
     draft_name = (
         str(args.draft_model) if args.draft_model else f"layer-skip draft ({args.draft_layers} layers)"
     )
-    base = dict(num_kv_blocks=1024, block_size=16, max_num_batched_tokens=2048, max_model_len=4096)
     k = args.k
+    batch_max = max(int(b) for b in args.batches.split(","))
+    blocks = (
+        batch_max * (-(-(args.max_context + args.max_tokens + k + 1) // 16) + 1) + 16
+    )  # what a batch needs
+    base = dict(num_kv_blocks=blocks, block_size=16, max_num_batched_tokens=2048, max_model_len=4096)
     engines = {
         "plain": LLMEngine.from_pretrained(model, EngineConfig(**base)),
         "prompt lookup": LLMEngine.from_pretrained(
@@ -318,3 +318,7 @@ def bench_trace(args: argparse.Namespace) -> None:
     for e in engines.values():
         e.close()
     tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
