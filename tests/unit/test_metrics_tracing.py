@@ -160,7 +160,7 @@ def _servicer(gen) -> tuple[GenerateServicer, CollectorRegistry]:
     reg = CollectorRegistry()
     svc = GenerateServicer.__new__(GenerateServicer)  # only the Generate wrapper is exercised
     svc.metrics = RouterMetrics(reg)
-    svc.config = SimpleNamespace(stall_timeout_s=30.0)  # type: ignore[assignment]
+    svc.config = SimpleNamespace(stall_timeout_s=30.0, model_id="m")  # type: ignore[assignment]
     svc.edge = EdgeAuth(None)  # dev mode: no API keys
     svc._generate = gen  # type: ignore[method-assign]
     return svc, reg

@@ -49,7 +49,7 @@ def test_a_client_that_stops_reading_is_cancelled_after_the_stall_timeout() -> N
 
     svc = GenerateServicer.__new__(GenerateServicer)  # only the Generate wrapper is exercised
     svc.metrics = RouterMetrics(reg)
-    svc.config = SimpleNamespace(stall_timeout_s=0.2)  # type: ignore[assignment]
+    svc.config = SimpleNamespace(stall_timeout_s=0.2, model_id="m")  # type: ignore[assignment]
     svc.edge = EdgeAuth(None)  # dev mode: no API keys
     svc._generate = endless  # type: ignore[method-assign]
     ctx = _StuckClient(room=3)
