@@ -23,7 +23,15 @@ from tests.prompts import PROMPTS
 
 @pytest.fixture(scope="module")
 def cluster(smollm_path):
-    cl = launch(ClusterSpec(model_path=str(smollm_path), worker_kv_blocks=1024, store_capacity_blocks=2048))
+    # the disaggregated path for every prompt: no local prefill on the decode worker (the goodput
+    # policy prefers one for a short prompt on an idle cluster, as it prices the KV handoff)
+    spec = ClusterSpec(
+        model_path=str(smollm_path),
+        worker_kv_blocks=1024,
+        store_capacity_blocks=2048,
+        router_args=("--local-prefill-max-tokens", "0"),
+    )
+    cl = launch(spec)
     yield cl
     cl.stop()
 

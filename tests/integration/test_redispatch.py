@@ -43,7 +43,10 @@ def cluster(smollm_path):
             worker_kv_blocks=SMALL_KV_BLOCKS,
             store_capacity_blocks=1024,
             # a killed worker stays registered: the router learns of its death from a failed call
-            router_args=("--heartbeat-timeout-s", "120"),
+            # every prompt prefilled on prefill-0 (the tests count its requests): no local prefill
+            # on a decode worker, which the goodput policy prefers for a short prompt on an idle
+            # cluster since it prices the KV handoff
+            router_args=("--heartbeat-timeout-s", "120", "--local-prefill-max-tokens", "0"),
         )
     )
     yield cl
