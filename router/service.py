@@ -518,12 +518,11 @@ class GenerateServicer:
             ),
         )
         cluster = RouterCluster(self, req, run, info, machine.budget, ctx)
-        if self.direct is not None and req.direct_stream:  # tokens from the worker (not migrated)
+        if self.direct is not None and req.direct_stream:  # tokens from the worker (DirectLegs.moved)
             legs: GrpcLegs = DirectLegs(self, req, run, ctx, self.direct)
-            migrator = None
         else:
             legs = GrpcLegs(self, req, run, ctx)
-            migrator = self.migrator(legs) if self.migrator is not None else None
+        migrator = self.migrator(legs) if self.migrator is not None else None
         driver = LifecycleDriver(machine, legs, cluster, migrator)
         self._drivers[rid] = driver
         try:

@@ -21,10 +21,18 @@ the tokens to the client, and then:
   positions shifted), the rest relayed and rendered by the router, continuing the client's text.
   A client that does not send ``ResumeDirect`` within ``resume_timeout_s`` is taken for gone.
 
+* the request live-migrated (:mod:`router.lifecycle.grpc_migrator`, a drain or a rebalance): the
+  source stops it at the switch, and its DirectStream ends the client's stream after the last
+  token it made (an ABORTED delta: the client waits for the router's word); the destination's
+  stream (:meth:`DirectLegs.moved`) starts with the same ``lost`` redirect, the client's
+  ``ResumeDirect`` (its tokens join the output, checked as above), then the destination's tokens,
+  relayed and rendered by the router from the index the client has (tokens the destination
+  replays are dropped by index after the lifecycle checked they are the same): no gap, no
+  duplicate.
+
 A local-prefill placement (conditional disaggregation) streams directly too, every token (the
-first included) from the decode worker. Not direct (relayed as before): a resumed leg, a request
-with ``n`` or ``best_of`` > 1. A direct request is not live-migrated (its migrator is None: a migration or a
-drain's move of it is refused; a drain waits for it to finish).
+first included) from the decode worker. Not direct (relayed as before): a resumed leg (after a
+loss or a migration), a request with ``n`` or ``best_of`` > 1.
 """
 
 from __future__ import annotations
@@ -136,6 +144,7 @@ class DirectLegs(GrpcLegs):
         super().__init__(svc, req, run, ctx)
         self.book = book
         self._direct = False  # the current decode leg streams to the client
+        self._redirect: direct_pb2.DirectRedirect | None = None  # sent to the client for that leg
         self._t_admitted: float | None = None  # when its worker's admission message came (run.t0 based)
 
     def _single(self) -> bool:
@@ -239,6 +248,7 @@ class DirectLegs(GrpcLegs):
                             self._t_admitted = time.monotonic() - run.t0
                             # DirectStream on a port of its own (mutual TLS): the worker names it
                             redirect.address = c.message.direct_address or dw.address
+                            self._redirect = redirect
                             yield Chunk(c.first_index, (), _Note("redirect", redirect))
                             continue
                         if on_tokens is not None and (c.tokens or final):
@@ -263,6 +273,32 @@ class DirectLegs(GrpcLegs):
                 raise lost
         finally:
             call.cancel()  # the client went away (or the relay ended it): abort it downstream
+
+    async def moved(self, then: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        """The stream of a live migration's destination (``then``: its chunks, relayed) for this
+        request: when the leg it left streamed to the client (redirected), first the ``lost``
+        redirect of the source and the client's ``ResumeDirect`` as the "resumed" chunk (as after
+        a lost worker: :class:`ClientGoneError` when it does not come within
+        ``resume_timeout_s``, OutputMismatch when its tokens do not extend the output the router
+        knew); the rest relayed. A leg never redirected (the client was never sent to the source)
+        or not direct: ``then`` alone, relayed. Closing it closes ``then``."""
+        run = self.run
+        redirect, direct = self._redirect, self._direct
+        self._direct, self._redirect = False, None  # whatever comes next is relayed
+        async with contextlib.aclosing(then):  # type: ignore[type-var]
+            if direct and redirect is not None:
+                fut = self.book.expect(run.rid, redirect.ticket)
+                try:
+                    note = direct_pb2.DirectRedirect()
+                    note.CopyFrom(redirect)
+                    note.lost = True
+                    yield Chunk(len(run.out_ids), (), _Note("lost", note))
+                    resumed = await self._resume(fut)
+                finally:
+                    self.book.forget(run.rid)
+                yield resumed  # rendered: its tokens join the output
+            async for c in then:
+                yield c
 
     def _interval(self) -> float:
         """The progress interval asked of the worker: the configured one, at most 2/5 of the

@@ -21,6 +21,11 @@ switch, not a failure (``GrpcLegs.migrating_from``). Every migration's end is re
 :class:`MigrationListener` (the servicer's book: metrics by reason and result, blocks copied),
 and so is the downtime the router sees: the last token relayed from the source to the first new
 token from the destination.
+
+A direct request (:class:`~router.lifecycle.direct_legs.DirectLegs`, tokens streamed by the worker
+to the client) migrates the same way; its destination's stream goes through
+:meth:`DirectLegs.moved`: the client is told to resume (``DirectRedirect.lost``), its
+``ResumeDirect`` tokens join the output, and the destination's tokens are relayed from there.
 """
 
 from __future__ import annotations
@@ -145,7 +150,11 @@ class GrpcLegsMigrator:
         self._unclaimed[ticket] = call
         legs.run.workers[dst.worker_id] = dst
         self._report(ticket, label, report.blocks_copied)
-        return MigrationCommit(start, _Resumed(self._stream(ticket, call, dst, start), call))
+        stream = self._stream(ticket, call, dst, start)
+        moved = getattr(legs, "moved", None)  # a direct leg: the client resumes first (DirectLegs)
+        if moved is not None:
+            stream = moved(stream)
+        return MigrationCommit(start, _Resumed(stream, call))
 
     async def abort(self, ticket: MigrationTicket) -> None:
         """Cancel a resume call the lifecycle never took (the request ended meanwhile: the
