@@ -21,6 +21,7 @@ Example (every key but ``model`` has a default)::
       cluster_token_file: /etc/pdserve/tls/cluster-token
     max_restarts: 3
     drain_timeout_s: 120
+    direct_streams: true                       # decode workers stream tokens straight to clients (false: relayed)
     lora:                                      # LoRA adapters every worker serves (paths on every node)
       adapters: {sql: /adapters/sql, chat: /adapters/chat}
       max_loras: 8                             # adapter slots in engine memory (LRU)
@@ -35,6 +36,12 @@ model with its pools and adapters (:class:`ModelPoolConfig`; its id is the folde
 :meth:`ClusterConfig.views` gives each model's single-model config (what its workers and store
 nodes are built from); the routers serve every model. Direct KV handoff (``kv_transfer.kind:
 dist``) is refused with several models (each model's KV moves through its own store nodes).
+
+``direct_streams`` (default true, as ``pdserve serve``): the routers send each client that offers
+one a redirect to its decode worker's DirectStream and the worker streams the tokens to the
+client (README "Direct token streams"); false relays every token through the router (routers and
+decode workers both started without them). A cluster of several models relays (as a router
+serving several models does): ``direct_streams: true`` given with ``models`` is refused.
 
 ``security`` (:class:`SecuritySection`, checked by :func:`check_security` when ``pdserve up``
 starts a cluster): ``tls: auto`` (default) is on when certificates are given or ``host`` is not
@@ -360,6 +367,9 @@ class ClusterConfig:
     drain_timeout_s: float = 120.0  # scale-down: longest wait for a worker's requests to finish
     drain_quiet_s: float = 1.0  # scale-down: how long a worker must stay idle before removal
     startup_timeout_s: float = 300.0
+    # decode workers stream tokens straight to clients (routers keep the lifecycle); false: relayed.
+    # Several models relay (see direct_on)
+    direct_streams: bool = True
     models: tuple[ModelPoolConfig, ...] = ()  # several base models (instead of model/prefill/decode/lora)
     # set on the per-model views of a several-model cluster (views()): the model's id, which
     # names its actors (a store node per model per Ray node: the models' KV layouts differ)
@@ -372,6 +382,12 @@ class ClusterConfig:
     def several(self) -> bool:
         """Whether this config serves several base models (``models``)."""
         return bool(self.models)
+
+    @property
+    def direct_on(self) -> bool:
+        """Whether the routers and decode workers serve direct token streams: ``direct_streams``
+        for one model; never for several (nor their per-model views: their routers relay)."""
+        return self.direct_streams and not self.models and not self.model_tag
 
     def views(self) -> list[ClusterConfig]:
         """One single-model config per served model, in order (``[self]`` for one model); a
@@ -722,6 +738,12 @@ def from_dict(raw: Any) -> ClusterConfig:
         if top:
             raise _err(
                 "models", f"give each model's {', '.join(top)} in its entry of models, not at the top level"
+            )
+        if raw.get("direct_streams") is True:
+            raise _err(
+                "direct_streams",
+                "a cluster of several models relays every token (its routers serve several models); "
+                "remove direct_streams: true, or run one cluster per model for direct streams",
             )
     elif "model" not in raw:
         raise _err("model", "missing: set the path of the HF model folder on the cluster's nodes")

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from pdserve.cluster_config import NODE_IP, ClusterConfig, IndexKind, PoolRole, router_tenant_state_url
 
 if TYPE_CHECKING:
+    from pdserve.worker_base import WorkerConfig
     from router.service import RouterConfig
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,7 @@ def router_config(config: ClusterConfig, index: int = 0) -> RouterConfig:
         latency_profile=r.latency_profile or None,
         index_url=config.index.url if config.index.kind is IndexKind.REDIS else None,
         max_redispatches=r.max_redispatches,
+        direct_streams=config.direct_on,  # direct token streams (README); several models relay
     )
 
 
@@ -259,6 +261,36 @@ def router_configs(config: ClusterConfig, index: int = 0) -> list[RouterConfig]:
     """One :func:`router_config` per served model (``config.views()``), in order: a router serving
     several models runs a policy per model (router.multi_model)."""
     return [router_config(v, index) for v in config.views()]
+
+
+def worker_config(
+    config: ClusterConfig,
+    role: PoolRole,
+    worker_id: str,
+    store_address: str,
+    host: str,
+    router_addresses: tuple[str, ...] | list[str],
+) -> WorkerConfig:
+    """Pure: the :class:`~pdserve.worker_base.WorkerConfig` of a worker of pool ``role``: its
+    pool's engine, the cluster's LoRA adapters and heartbeat interval, and for a decode worker
+    ``direct_streams`` = :attr:`ClusterConfig.direct_on` (the routers' setting: a router with
+    direct streams needs its decode workers to serve them). DirectStream's own port (mutual TLS)
+    is always a free one (``direct_port`` 0)."""
+    from pdserve.worker_base import Role, WorkerConfig
+
+    wrole = Role.PREFILL if role is PoolRole.PREFILL else Role.DECODE
+    return WorkerConfig(
+        worker_id=worker_id,
+        role=wrole,
+        model_path=config.model,
+        store_address=store_address,
+        host=host,
+        router_addresses=tuple(router_addresses),
+        engine=config.pool(role).engine_config(),
+        heartbeat_interval_s=config.router.heartbeat_interval_s,
+        lora=config.lora.lora_config(),
+        direct_streams=wrole is Role.DECODE and config.direct_on,
+    )
 
 
 class RouterActor:
@@ -270,7 +302,7 @@ class RouterActor:
         from pdserve.auth.cli_args import edge_from_config
         from pdserve.grpc_server import start_aio_server
         from pdserve.metrics import RouterMetrics, serve_metrics
-        from pdserve.v1 import client_pb2
+        from pdserve.v1 import client_pb2, direct_pb2
         from router.admin_service import ADMIN_SERVICE, AdminServicer
         from router.drainer import WorkerDrains
         from router.health import HEALTH_SERVICES, start_router_health
@@ -349,6 +381,8 @@ class RouterActor:
             (REGISTRY_SERVICE, registry_servicer),
             (ADMIN_SERVICE, AdminServicer(self.registry, list(servicers), drains=drains)),  # operators
         ]
+        if self._generate.direct is not None:  # ResumeDirect of direct streams whose worker was lost
+            services.append((direct_pb2.DESCRIPTOR.services_by_name["DirectResume"], self._generate.direct))
         # the data plane on an event loop: a stream costs memory, not a thread (router.service)
         self.server, port, hs = start_aio_server(
             services, cfg.host, cfg.port, name="router", not_serving=HEALTH_SERVICES
@@ -455,7 +489,7 @@ class WorkerActor:
         from pdserve.metrics import WorkerMetrics, serve_metrics
         from pdserve.security import internal_channel
         from pdserve.tracing import traced_channel
-        from pdserve.worker_base import Role, RouterLinks, WorkerConfig, WorkerState
+        from pdserve.worker_base import RouterLinks, WorkerState
         from pdserve.worker_main import build_service, serve_worker, worker_services
 
         self.node_id = _node_id()
@@ -468,19 +502,8 @@ class WorkerActor:
         )
         store = ray.get_actor(store_actor_name(self.node_id, config.model_tag), namespace=config.namespace)
         self.store_address = ray.get(store.address.remote(), timeout=60)
-        pool = config.pool(role)
-        wrole = Role.PREFILL if role is PoolRole.PREFILL else Role.DECODE
-        cfg = WorkerConfig(
-            worker_id=worker_id,
-            role=wrole,
-            model_path=config.model,
-            store_address=self.store_address,
-            host=host,
-            router_addresses=tuple(router_addresses),
-            engine=pool.engine_config(),
-            heartbeat_interval_s=config.router.heartbeat_interval_s,
-            lora=config.lora.lora_config(),
-        )
+        cfg = worker_config(config, role, worker_id, self.store_address, host, router_addresses)
+        wrole = cfg.role
         self.worker_id = worker_id
         self.role = role
         try:
@@ -509,8 +532,21 @@ class WorkerActor:
             self.state, self._store, self._transport, self.dist, config.kv_transfer.outbox_bytes
         )
         services, self._peer = worker_services(svc, wrole, self.dist)
+        # direct token streams (config.direct_streams): DirectStream on the worker's port, or under
+        # mutual TLS on a port of its own (no client certificate; named to the routers per request)
+        ds, direct_own_port = None, False
+        if cfg.direct_streams:
+            from decode_worker.direct import enable_direct_streams, needs_own_port
+
+            direct_own_port = needs_own_port()
+            ds = enable_direct_streams(svc, services, own_port=direct_own_port)
         self.server, port = serve_worker(services, wrole, host, 0, worker_id)  # decode: grpc.aio
         self.state.address = f"{host}:{port}"
+        self._direct_port = None
+        if direct_own_port:
+            from decode_worker.direct import serve_direct_port
+
+            self._direct_port = serve_direct_port(self.server, ds, host, 0)
         self.state.attach_metrics(
             WorkerMetrics(REGISTRY, worker_id, role.value, snapshot=self.state.metrics_snapshot)
         )
@@ -591,6 +627,9 @@ class WorkerActor:
             "host_id": self.host_id,
             "pid": os.getpid(),
             "metrics": f"127.0.0.1:{self.metrics_port}",
+            "direct_streams": self.state.config.direct_streams,
+            # DirectStream's own port under mutual TLS ("": served on ``address``, or not at all)
+            "direct": self._direct_port.address if self._direct_port is not None else "",
             "dist_rank": self.dist.rank if self.dist is not None else -1,
             "tp": self.state.engine.config.tensor_parallel_size,
             # pids of the tensor-parallel follower processes (ranks 1..tp-1)
@@ -622,6 +661,8 @@ class WorkerActor:
                 return
             self._stopped = True
         self._hb.stop(deregister=True)
+        if self._direct_port is not None:
+            self._direct_port.stop()
         self.server.stop(2).wait()
         self.state.close()
         with contextlib.suppress(Exception):

@@ -206,6 +206,37 @@ def test_32_concurrent_requests_equal_whole_engine_and_cross_nodes(deployment, c
     assert all(w["kv_shm_fallbacks"] == 0 for w in _status()["pools"]["decode"])
 
 
+def test_direct_streams_from_each_decode_worker_equal_relayed_and_whole_engine(deployment, client, whole):
+    """``direct_streams`` (the config's default): each router redirects a request offering a
+    direct stream to its decode worker (DirectStream served on the worker's port: no mutual TLS
+    here), and the client's tokens equal the relayed request's and the whole engine's."""
+    import grpc
+
+    from pdserve.proto_convert import sampling_to_proto
+    from pdserve.v1 import client_pb2, client_pb2_grpc
+
+    sampling = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    ref = whole.generate(PROMPTS[:2], sampling)
+    decode = {w["worker_id"]: w for w in _status()["pools"]["decode"]}
+    for wid, w in decode.items():
+        with _only_decode(wid):
+            for router in deployment["routers"]:  # every router serves direct streams
+                with grpc.insecure_channel(router) as ch:
+                    req = client_pb2.GenerateRequest(
+                        prompt=PROMPTS[0], sampling=sampling_to_proto(sampling), direct_stream=True
+                    )
+                    call = client_pb2_grpc.GenerateStub(ch).Generate(req, timeout=120)
+                    red = next(m for m in call if m.HasField("direct") or m.HasField("finish"))
+                    call.cancel()
+                assert red.HasField("direct"), red
+                assert red.direct.worker_id == wid and red.direct.address == w["address"]
+                assert red.direct.ticket and not red.direct.lost
+            direct = client.complete(PROMPTS[1], sampling, direct=True)
+            relayed = client.complete(PROMPTS[1], sampling, direct=False)
+        assert direct.token_ids == relayed.token_ids == ref[1].token_ids, wid
+        assert direct.text == relayed.text == ref[1].text
+
+
 def test_lora_adapter_from_the_config_is_listed_and_served_exactly(deployment, client, smollm_path, adapter):
     """``lora.adapters`` reaches every worker: the router lists the adapter and a disaggregated
     request naming it equals the engine whole with the same adapter (and differs from the base)."""

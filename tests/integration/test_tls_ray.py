@@ -112,3 +112,38 @@ def test_plaintext_and_certificate_less_clients_are_refused(deployment, pki):
     ):
         worker_pb2_grpc.WorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=30)
     assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_direct_streams_under_mutual_tls_use_the_workers_own_direct_port(
+    deployment, pki, api_key, smollm_path
+):
+    """``direct_streams`` (the default) under mutual TLS: the decode worker serves DirectStream on
+    a port of its own (TLS, no client certificate), the router's redirect names it, and a client
+    holding only the CA gets the same tokens direct as relayed (== the whole engine)."""
+    from pdserve import ray_cluster
+    from pdserve.proto_convert import sampling_to_proto
+
+    (dec,) = ray_cluster.status(NS)["pools"]["decode"]
+    assert dec["direct_streams"] is True and dec["direct"] and dec["direct"] != dec["address"], dec
+    sampling = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    creds = client_credentials(ca=str(pki.ca))
+    with grpc.secure_channel(deployment["router"], creds) as ch:
+        req = client_pb2.GenerateRequest(
+            prompt=PROMPTS[0], sampling=sampling_to_proto(sampling), direct_stream=True
+        )
+        call = client_pb2_grpc.GenerateStub(ch).Generate(
+            req, timeout=120, metadata=(("authorization", f"Bearer {api_key}"),)
+        )
+        red = next(m for m in call if m.HasField("direct") or m.HasField("finish"))
+        call.cancel()
+    assert red.HasField("direct") and red.direct.address == dec["direct"], red
+    whole = LLMEngine.from_pretrained(smollm_path, EngineConfig(num_kv_blocks=256))
+    try:
+        (ref,) = whole.generate([PROMPTS[1]], sampling)
+    finally:
+        whole.close()
+    with Client(deployment["router"], timeout=300, ca=str(pki.ca), api_key=api_key) as c:
+        direct = c.complete(PROMPTS[1], sampling, direct=True)
+        relayed = c.complete(PROMPTS[1], sampling, direct=False)
+    assert direct.token_ids == relayed.token_ids == ref.token_ids
+    assert direct.text == relayed.text == ref.text
