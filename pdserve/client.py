@@ -398,6 +398,8 @@ class Stream:
         while True:
             try:
                 for m in self._call:
+                    if self._cancelled:  # nothing after cancel(), even what had already arrived
+                        return
                     c = resume.trim(_chunk(m))
                     if c is not None:
                         yield c
@@ -420,6 +422,8 @@ class Stream:
                 self._call.cancel()
 
     def cancel(self) -> None:
+        """Stop the generation server-side; the iterator then ends, giving no further chunk
+        (direct streams included, whose chunks may already have arrived)."""
         self._cancelled = True
         self._call.cancel()
 
