@@ -50,7 +50,8 @@ import grpc
 from pdserve.errors import InternalError, PermissionDeniedError
 from pdserve.security import current
 from pdserve.ticket import TicketClaims, TicketSigner, ticket_key
-from pdserve.v1 import client_pb2, direct_pb2, worker_pb2
+from pdserve.v1 import client_pb2, common_pb2, direct_pb2, worker_pb2
+from router.failover import TokenStop, check_stop
 from router.lifecycle.events import KVRef
 from router.lifecycle.grpc_calls import Guarded, call_metadata, remaining
 from router.lifecycle.grpc_legs import GrpcLegs, Handoff, RequestRun
@@ -329,6 +330,32 @@ class DirectLegs(GrpcLegs):
             )
         return Chunk(k, tuple(tokens[k:]), _Note("resumed", text_chars=chars))
 
+    def _complete_on_resume(self) -> client_pb2.GenerateResponse | None:
+        """The Finish of a request whose client's resumed tokens already end it (its last token a
+        stop token / EOS, or ``max_tokens`` reached: the worker sent the client its last delta
+        but the router not its finish), else None (the request goes on). Stop strings are the
+        worker's: not detected here."""
+        run = self.run
+        if not run.out_ids:
+            return None
+        p = run.params
+        hit = check_stop(
+            run.out_ids[-1],
+            len(run.out_ids),
+            max_tokens=p.max_tokens,
+            min_tokens=p.min_tokens,
+            stop_token_ids=p.stop_token_ids,
+            eos_token_ids=self.svc.eos,
+            ignore_eos=p.ignore_eos,
+        )
+        if hit is None:
+            return None
+        reason = common_pb2.FINISH_REASON_LENGTH if hit is TokenStop.LENGTH else common_pb2.FINISH_REASON_STOP
+        decode_s = max(0.0, time.monotonic() - self._t_dec - self._pull_s)
+        r = client_pb2.GenerateResponse(request_id=run.rid)
+        r.finish.CopyFrom(self.finish(reason, None, decode_s))
+        return r
+
     # ------------------------------------------------------------------ responses
     def render(self, chunk: Chunk, skip: int) -> tuple[client_pb2.GenerateResponse | None, bool]:
         """Direct legs: the redirect and lost notes become their responses; the client's resumed
@@ -344,7 +371,8 @@ class DirectLegs(GrpcLegs):
             run.out_ids.extend(tokens)
             run.sent_chars = m.text_chars  # the text the client has: the relay continues it
             self._direct = False
-            return None, False
+            done = self._complete_on_resume()
+            return done, done is not None
         if not self._direct:
             return super().render(chunk, skip)
         d: worker_pb2.DecodeResponse = m  # type: ignore[assignment]

@@ -161,19 +161,25 @@ class LifecycleDriver:
         comes first: a chunk, or the migration's result (a commit switches streams)."""
         assert self._it is not None
         if self._migration is None and self._pending is None:
-            return await anext(self._it, None)
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(anext(self._it, None))
-        waiting = {self._pending} if self._migration is None else {self._pending, self._migration}
-        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if self._pending in done:
-            p, self._pending = self._pending, None
-            chunk = p.result()
+            chunk = await anext(self._it, None)
             if chunk is not None or self._migration is None:
                 return chunk
-            # the source ended its stream mid-migration (it stopped for the switch): the
-            # migration's result says where the request goes on
+            # a migration started while this waited, and the source then ended its stream for
+            # the switch (a direct stream's worker sends little: nothing else may come first)
             await asyncio.wait({self._migration})
+        else:
+            if self._pending is None:
+                self._pending = asyncio.ensure_future(anext(self._it, None))
+            waiting = {self._pending} if self._migration is None else {self._pending, self._migration}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if self._pending in done:
+                p, self._pending = self._pending, None
+                chunk = p.result()
+                if chunk is not None or self._migration is None:
+                    return chunk
+                # the source ended its stream mid-migration (it stopped for the switch): the
+                # migration's result says where the request goes on
+                await asyncio.wait({self._migration})
         assert self._migration is not None and self._ticket is not None
         result, self._migration = self._migration.result(), None
         if isinstance(result, MigrationAbort):
