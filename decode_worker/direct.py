@@ -21,7 +21,10 @@ ticket's expiry is aborted (the router's call fails DEADLINE_EXCEEDED); a connec
 takes no message for ``stall_timeout_s`` is cancelled (RESOURCE_EXHAUSTED) and its requests
 aborted; a client that detaches a request, or whose connection ends, aborts it (its blocks are
 freed; the router's call fails CANCELLED). A request's deltas wait in its slot until its
-connection writes them (at most its ``max_tokens`` tokens).
+connection writes them (at most its ``max_tokens`` tokens). A request live-migrated away
+(``MigrateOut``) ends at the switch like an aborted one: after its last token the client gets an
+ABORTED delta and the router's call ends ABORTED, and the router has the client resume on the
+destination (router.lifecycle.direct_legs ``DirectLegs.moved``).
 
 Where it is served (:func:`needs_own_port`): on the worker's port, except under mutual TLS, where
 the worker's port requires cluster client certificates that clients do not hold: then on a port of

@@ -7,8 +7,11 @@ that delta's tokens (as a relay's last message carries the last tokens and the f
 must be the Finish's ``completion_tokens`` (else InternalError: never silently short output). When
 the router says the worker was lost (``DirectRedirect.lost``), the worker's deltas for the request
 are no longer taken, the tokens and text received so far go to the router (``ResumeDirect``), and
-the router relays the rest. A router that does not offer direct streams relays: its messages pass
-through unchanged.
+the router relays the rest. A live migration of the request (a drain, a rebalance) looks the same
+to the client: the source ends the request's deltas after its last token (an ABORTED delta, which
+waits for the router's word), the router sends the ``lost`` redirect, and the destination's tokens
+come relayed from the index the client reports (router.lifecycle.direct_legs ``DirectLegs.moved``).
+A router that does not offer direct streams relays: its messages pass through unchanged.
 
 :class:`_Flow` is that merge as pure code (events in, messages out); two drivers run it:
 
