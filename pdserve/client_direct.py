@@ -224,8 +224,10 @@ class _Flow:
             self.tokens.extend(m.token_ids)
             self.chars += len(m.text)
             if m.HasField("finish"):
+                if self.redirect is None:  # relayed: the call's end ends the sequence (a group
+                    return [m], None  # relays one finish per choice)
                 self.ended = True
-                return [self._finished(m) if self.redirect is not None else m], None
+                return [self._finished(m)], None
             return [m], None
         if kind == "direct":
             if src is not self.conn or self.redirect is None:

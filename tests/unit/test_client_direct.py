@@ -136,3 +136,18 @@ def test_a_refused_attach_raises_its_error() -> None:
     )
     with pytest.raises(PermissionDeniedError, match="ticket refused"):
         asyncio.run(_run(call, _Conn([denied], delay_s=0.0)))
+
+
+def test_a_relayed_group_passes_every_choice_through() -> None:
+    """A router relays an ``n`` > 1 request (no redirect): each choice's finish is passed on and
+    only the call's end ends the sequence (the first finish had ended it: choices 1..n-1 lost)."""
+    msgs = []
+    for i in range(3):
+        msgs.append(client_pb2.GenerateResponse(request_id="mine", token_ids=[i], text="x", choice_index=i))
+    for i in range(3):
+        fin = _finish(1)
+        fin.choice_index = i
+        msgs.append(fin)
+    out = asyncio.run(_run(_Call(msgs), _Conn([], delay_s=0.0)))
+    assert out == msgs
+    assert [m.choice_index for m in out if m.HasField("finish")] == [0, 1, 2]

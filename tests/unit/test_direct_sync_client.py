@@ -185,3 +185,19 @@ def test_the_workers_last_tokens_go_out_with_a_later_finish() -> None:
     out = _run(call, conn)
     assert [list(m.token_ids) for m in out] == [[1], [2], [3]]
     assert out[-1].HasField("finish") and out[-1].finish.usage.completion_tokens == 3
+
+
+def test_a_relayed_group_passes_every_choice_through() -> None:
+    """An ``n`` > 1 request is relayed (no redirect): every choice's finish is passed on; only the
+    call's end ends the sequence."""
+    msgs = [
+        client_pb2.GenerateResponse(request_id="mine", token_ids=[i], text="x", choice_index=i)
+        for i in range(3)
+    ]
+    for i in range(3):
+        fin = _finish(1)
+        fin.choice_index = i
+        msgs.append(fin)
+    conn = _Conn([], delay_s=0.0)
+    assert _run(_Call(list(msgs)), conn) == msgs
+    assert conn.attached == []
