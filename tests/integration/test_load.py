@@ -37,7 +37,17 @@ UNREAD_BOUND_S = 20.0  # another client's short request, while UNREAD streams ar
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     model = tiny_model(tmp_path_factory.mktemp("tiny-load"))
-    cl = launch(ClusterSpec(model_path=str(model), num_prefill=1, num_decode=2, worker_kv_blocks=2048))
+    # every prompt through prefill -> store -> decode (the store test counts on it): no local
+    # prefill on a decode worker, which the goodput policy picks for a short prompt on an idle
+    # cluster since it prices the KV handoff (and which needs no store)
+    spec = ClusterSpec(
+        model_path=str(model),
+        num_prefill=1,
+        num_decode=2,
+        worker_kv_blocks=2048,
+        router_args=("--local-prefill-max-tokens", "0"),
+    )
+    cl = launch(spec)
     yield cl
     cl.stop()
 
