@@ -255,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens itself (0: always disaggregate)",
     )
     ap.add_argument(
+        "--price-handoff",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="goodput policy: add the prefill -> decode KV handoff to a remote prefill's predicted "
+        "TTFT (then a short prompt on an idle cluster is prefilled on the decode worker itself; "
+        "default off)",
+    )
+    ap.add_argument(
         "--shared-cores",
         type=int,
         default=None,
@@ -363,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             local_prefill=a.local_prefill_max_tokens > 0,
             local_prefill_max_tokens=max(0, a.local_prefill_max_tokens),
             shared_cores=a.shared_cores,
+            price_handoff=a.price_handoff,
             # the handoff priced into a remote prefill's TTFT: only the last chunk's with --kv-stream
             handoff_chunk_tokens=(
                 0 if KVStreamMode.parse(a.kv_stream) is KVStreamMode.OFF else a.kv_stream_chunk_tokens
