@@ -5,7 +5,6 @@ no I/O; used by both sides, :mod:`decode_worker.migration` and :mod:`decode_work
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator
 
 import grpc
@@ -16,6 +15,7 @@ from engine.model_runner import KVShape
 from kv_store.tensors import tensor_bytes
 from pdserve.errors import ErrorCode, InvalidRequestError, PdserveError
 from pdserve.limits import MAX_MESSAGE_BYTES
+from pdserve.migration_result import MigrationResult
 from pdserve.proto_convert import (
     logprob_from_proto,
     logprob_to_proto,
@@ -38,18 +38,6 @@ class StreamTakenError(PdserveError):
     """A second ResumeStream for the same migrated request."""
 
     code = ErrorCode.FAILED_PRECONDITION
-
-
-class MigrationResult(enum.Enum):
-    """``MigrateOutResponse.result`` (worker.proto ``MigrationResult``)."""
-
-    MIGRATED = worker_pb2.MIGRATION_RESULT_MIGRATED
-    ABORTED_DEST_FULL = worker_pb2.MIGRATION_RESULT_ABORTED_DEST_FULL
-    ABORTED_SOURCE_FINISHED = worker_pb2.MIGRATION_RESULT_ABORTED_SOURCE_FINISHED
-    ABORTED_CANCELLED = worker_pb2.MIGRATION_RESULT_ABORTED_CANCELLED
-    ABORTED_PEER_DIED = worker_pb2.MIGRATION_RESULT_ABORTED_PEER_DIED
-    ABORTED_SOURCE_PREEMPTED = worker_pb2.MIGRATION_RESULT_ABORTED_SOURCE_PREEMPTED
-    ABORTED_REFUSED = worker_pb2.MIGRATION_RESULT_ABORTED_REFUSED
 
 
 _BY_REASON = {

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import grpc
 
 from pdserve.limits import grpc_options
+from pdserve.migration_result import MigrationResult
 from pdserve.security import TOKEN_METADATA_KEY, current
 from pdserve.status import raise_from_rpc_error
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
@@ -46,21 +47,6 @@ def _aio_channel(address: str) -> grpc.aio.Channel:
 def _metadata() -> tuple[tuple[str, str], ...] | None:
     token = current().cluster_token
     return ((TOKEN_METADATA_KEY, token),) if token else None
-
-
-class MigrationResult(enum.Enum):
-    MIGRATED = worker_pb2.MIGRATION_RESULT_MIGRATED
-    ABORTED_DEST_FULL = worker_pb2.MIGRATION_RESULT_ABORTED_DEST_FULL
-    ABORTED_SOURCE_FINISHED = worker_pb2.MIGRATION_RESULT_ABORTED_SOURCE_FINISHED
-    ABORTED_CANCELLED = worker_pb2.MIGRATION_RESULT_ABORTED_CANCELLED
-    ABORTED_PEER_DIED = worker_pb2.MIGRATION_RESULT_ABORTED_PEER_DIED
-    # beyond the five the lifecycle needs: still aborts (the request stays on the source)
-    ABORTED_SOURCE_PREEMPTED = worker_pb2.MIGRATION_RESULT_ABORTED_SOURCE_PREEMPTED
-    ABORTED_REFUSED = worker_pb2.MIGRATION_RESULT_ABORTED_REFUSED
-
-    @property
-    def migrated(self) -> bool:
-        return self is MigrationResult.MIGRATED
 
 
 class MigrationTransport(enum.Enum):
