@@ -10,6 +10,8 @@ Example (every key but ``model`` has a default)::
     decode:  {count: 2, num_cpus: 1, device: cuda, tp: 1}   # cuda: num_gpus = tp per worker
     store:   {capacity_blocks: 4096, num_cpus: 0}
     router:  {port: 50051, heartbeat_timeout_s: 3.0, policy: goodput, api_keys: /etc/pdserve/api-keys.yaml}
+                                               # router.migration_transport: grpc | store | dist (live
+                                               # migration's KV; dist needs kv_transfer.kind: dist)
     routers: 2                                 # router actors (ports port, port+1, ...); workers register with all
     index:   {kind: memory}                    # or {kind: redis, url: redis://host:6379/0}
     kv_transfer: {kind: store}                 # or {kind: dist, backend: gloo|nccl} (direct)
@@ -87,6 +89,15 @@ class IndexKind(enum.Enum):
 class Device(enum.Enum):
     CPU = "cpu"
     CUDA = "cuda"
+
+
+class MigrationTransportKind(enum.Enum):
+    """``router.migration_transport``: how a live migration's KV stages travel between decode
+    workers (the routers' ``--migration-transport``; ``router.migration_client.MigrationTransport``)."""
+
+    GRPC = "grpc"  # inside the worker-to-worker MigrateIn stream
+    STORE = "store"  # through the source's KV store node (shared memory on one host)
+    DIST = "dist"  # over the workers' torch.distributed group (needs kv_transfer.kind: dist)
 
 
 @dataclass(frozen=True)
@@ -193,6 +204,9 @@ class RouterPoolConfig:
     salt_secret_file: str = ""  # a secret mixed into every cache salt ("": none)
     verify_workers: bool = True  # registrations checked against the worker's own Stats
     max_worker_kv_blocks: int = 0  # refuse a worker reporting more KV blocks (0: no bound)
+    # live migration's KV transport (``python -m router --migration-transport``); dist moves the
+    # stages over the workers' process group, so it needs kv_transfer.kind: dist
+    migration_transport: MigrationTransportKind = MigrationTransportKind.GRPC
 
 
 @dataclass(frozen=True)
@@ -487,6 +501,7 @@ _ENUMS = {
     "DistBackend": DistBackend,
     "PolicyKind": PolicyKind,
     "TLSMode": TLSMode,
+    "MigrationTransportKind": MigrationTransportKind,
 }
 
 
@@ -674,6 +689,12 @@ def _validate_one(c: ClusterConfig, at: str) -> ClusterConfig:
                     "kv_transfer.backend",
                     f"nccl moves CUDA tensors: set {role}.device: cuda (or backend: gloo)",
                 )
+    if r.migration_transport is MigrationTransportKind.DIST and t.kind is not KVTransport.DIST:
+        raise _err(
+            "router.migration_transport",
+            "dist moves live migrations over the workers' torch.distributed process group, which only "
+            "kv_transfer.kind: dist forms: set kv_transfer: {kind: dist}, or migration_transport: grpc or store",
+        )
     if c.max_restarts < -1:
         raise _err("max_restarts", "must be >= 0 (or -1: unlimited)")
     if c.drain_timeout_s <= 0 or c.drain_quiet_s < 0:

@@ -231,6 +231,7 @@ def router_config(config: ClusterConfig, index: int = 0) -> RouterConfig:
     router then finds cached prefixes in the shared index itself); None for the memory index,
     which is private to each store node. ``index``: which of the ``routers`` (router ``i`` listens
     on ``router.port + i`` when a port is set)."""
+    from router.migration_client import MigrationTransport
     from router.policy import GoodputConfig
     from router.service import RouterConfig
 
@@ -254,6 +255,7 @@ def router_config(config: ClusterConfig, index: int = 0) -> RouterConfig:
         index_url=config.index.url if config.index.kind is IndexKind.REDIS else None,
         max_redispatches=r.max_redispatches,
         direct_streams=config.direct_on,  # direct token streams (README); several models relay
+        migration_transport=MigrationTransport.parse(r.migration_transport.value),
     )
 
 
