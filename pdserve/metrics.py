@@ -219,9 +219,11 @@ class RouterMetrics:
     def __init__(self, registry: CollectorRegistry, models: Sequence[str] = ()) -> None:
         """``models``: the base models the router serves. With two or more, the request-level
         families (requests, SLO results, TTFT/TPOT/ITL/E2E and phase histograms, prompt, prefix-hit
-        and generation tokens) carry a ``model`` label (bounded: one value per served model; an
-        observation for another model raises ValueError). With one (or none), no ``model`` label:
-        the series are those of a single-model router."""
+        and generation tokens), the in-flight gauge, the re-dispatch and migration families
+        (migrations, downtime, blocks copied) and the workers gauge carry a ``model`` label
+        (bounded: one value per served model; an observation for another model raises
+        ValueError). With one (or none), no ``model`` label: the series are those of a
+        single-model router."""
         self.registry = registry
         r = registry
         self.models: tuple[str, ...] = tuple(models) if len(models) > 1 else ()
@@ -296,40 +298,45 @@ class RouterMetrics:
             registry=r,
         )
         self.inflight = Gauge(
-            "pdserve_router_inflight_requests", "Generate requests in progress.", registry=r
+            "pdserve_router_inflight_requests",
+            "Generate requests in progress (by model, on a router serving several).",
+            m,
+            registry=r,
         )
         self.redispatches = Counter(
             "pdserve_router_redispatches",
             "Requests re-dispatched to another worker after theirs was lost (UNAVAILABLE), by the "
-            "phase the lost worker served (prefill|decode).",
-            ["phase"],
+            "phase the lost worker served (prefill|decode|kv).",
+            ["phase", *m],
             registry=r,
         )
-        for p in REDISPATCH_PHASES:
-            self.redispatches.labels(p)
         self.migrations = Counter(
             "pdserve_router_migrations",
             "Live migrations of running requests between decode workers, by why the router started "
             "them (load_balance|drain|defragment|priority|manual) and how they ended.",
-            ["reason", "result"],
+            ["reason", "result", *m],
             registry=r,
         )
         self.migration_downtime = Histogram(
             "pdserve_router_migration_downtime_seconds",
             "A migrated request's pause as the router sees it: its last token from the source "
             "decode worker to its first new token from the destination.",
+            m,
             buckets=MIGRATION_DOWNTIME_BUCKETS,
             registry=r,
         )
         self.migration_blocks = Counter(
             "pdserve_router_migration_blocks_copied",
             "KV blocks copied between decode workers by migrations that moved their request.",
+            m,
             registry=r,
         )
-        for reason in MIGRATION_REASONS:
-            for res in MIGRATION_RESULTS:
-                self.migrations.labels(reason, res)
         for mv in [(x,) for x in self.models] or [()]:
+            for p in REDISPATCH_PHASES:
+                self.redispatches.labels(p, *mv)
+            for reason in MIGRATION_REASONS:
+                for res in MIGRATION_RESULTS:
+                    self.migrations.labels(reason, res, *mv)
             for c in SLO_CLASSES:
                 for o in OUTCOMES:
                     self.requests.labels(c, o, *mv)
@@ -345,6 +352,9 @@ class RouterMetrics:
                 self.prompt_tokens.labels(*mv)
                 self.prefix_hit_tokens.labels(*mv)
                 self.generation_tokens.labels(*mv)
+                self.inflight.labels(*mv)
+                self.migration_downtime.labels(*mv)
+                self.migration_blocks.labels(*mv)
 
     def _model(self, model: str) -> tuple[str, ...]:
         """The ``model`` label values of an observation for ``model`` (none on a single-model
@@ -356,10 +366,51 @@ class RouterMetrics:
             raise ValueError(f"model {model!r} is not one of this router's models {list(self.models)}")
         return (model,)
 
+    def _child(self, metric: Gauge | Counter | Histogram, model: str) -> Gauge | Counter | Histogram:
+        """``metric``'s series of ``model`` (the metric itself on a single-model router)."""
+        mv = self._model(model)
+        return metric.labels(*mv) if mv else metric
+
+    def inflight_of(self, model: str = "") -> Gauge:
+        """The in-flight gauge of ``model``'s requests (the one gauge on a single-model router);
+        ``inc()`` when a request starts, ``dec()`` when it ends."""
+        return self._child(self.inflight, model)  # type: ignore[return-value]
+
+    def observe_redispatch(self, phase: str, model: str = "") -> None:
+        """Record one re-dispatch of a request of ``model`` whose ``phase`` worker was lost
+        (``phase`` in :data:`REDISPATCH_PHASES`, else ValueError: the labels stay bounded)."""
+        if phase not in REDISPATCH_PHASES:
+            raise ValueError(f"unknown re-dispatch phase {phase!r}; one of {REDISPATCH_PHASES}")
+        self.redispatches.labels(phase, *self._model(model)).inc()
+
+    def observe_migration_downtime(self, seconds: float, model: str = "") -> None:
+        """Record a migrated request's pause (``model``: the request's model)."""
+        self._child(self.migration_downtime, model).observe(seconds)  # type: ignore[union-attr]
+
     def track_workers(self, count: Callable[[], Mapping[str, int]]) -> None:
         """Export ``pdserve_router_workers{role}``: live registered workers, read at scrape time
-        from ``count()`` (role -> number)."""
+        from ``count()`` (role -> number). Single-model routers only (ValueError on one serving
+        several models: :meth:`track_model_workers` labels them by model)."""
+        if self.models:
+            raise ValueError(
+                "a router serving several models exports its workers by model: track_model_workers"
+            )
         self.registry.register(_FnCollector(lambda: [_workers_family(count())], [_workers_family({})]))
+
+    def track_model_workers(self, count: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
+        """Export ``pdserve_router_workers{role,model}`` on a router serving several models:
+        live registered workers, read at scrape time from ``count()`` (model -> role -> number).
+        Only the served models are exported (the label stays bounded), each with every role
+        ``count()`` gives it (a served model it omits: no series until it does). ValueError on a
+        single-model router (:meth:`track_workers`: no model label)."""
+        if not self.models:
+            raise ValueError("a single-model router exports its workers without a model label: track_workers")
+
+        def collect() -> list[Metric]:
+            counts = count()
+            return [_model_workers_family({m: counts[m] for m in self.models if m in counts})]
+
+        self.registry.register(_FnCollector(collect, [_model_workers_family({})]))
 
     def track_quarantined(self, count: Callable[[], Mapping[str, int]]) -> None:
         """Export ``pdserve_router_quarantined_workers{role}``: workers taken out of service
@@ -407,17 +458,19 @@ class RouterMetrics:
         if outcome in SLO_MISS_OUTCOMES:
             self.slo.labels(cls, "missed", *mv).inc()
 
-    def observe_migration(self, reason: str, result: str, blocks_copied: int = 0) -> None:
-        """Record one ended migration: ``reason`` in :data:`MIGRATION_REASONS`, ``result`` in
-        :data:`MIGRATION_RESULTS` (anything else raises ValueError: the labels stay bounded);
-        ``blocks_copied`` counts only when the request moved (``result == "migrated"``)."""
+    def observe_migration(self, reason: str, result: str, blocks_copied: int = 0, model: str = "") -> None:
+        """Record one ended migration of a request of ``model``: ``reason`` in
+        :data:`MIGRATION_REASONS`, ``result`` in :data:`MIGRATION_RESULTS` (anything else raises
+        ValueError: the labels stay bounded); ``blocks_copied`` counts only when the request
+        moved (``result == "migrated"``)."""
         if reason not in MIGRATION_REASONS:
             raise ValueError(f"unknown migration reason {reason!r}; one of {MIGRATION_REASONS}")
         if result not in MIGRATION_RESULTS:
             raise ValueError(f"unknown migration result {result!r}; one of {MIGRATION_RESULTS}")
-        self.migrations.labels(reason, result).inc()
+        mv = self._model(model)
+        self.migrations.labels(reason, result, *mv).inc()
         if result == "migrated" and blocks_copied > 0:
-            self.migration_blocks.inc(blocks_copied)
+            self._child(self.migration_blocks, model).inc(blocks_copied)  # type: ignore[union-attr]
 
 
 def _workers_family(counts: Mapping[str, int]) -> Metric:
@@ -426,6 +479,18 @@ def _workers_family(counts: Mapping[str, int]) -> Metric:
     )
     for role, n in sorted(counts.items()):
         g.add_metric([role], n)
+    return g
+
+
+def _model_workers_family(counts: Mapping[str, Mapping[str, int]]) -> Metric:
+    g = GaugeMetricFamily(
+        "pdserve_router_workers",
+        "Workers registered with the router and alive, by role and model.",
+        labels=["role", "model"],
+    )
+    for model, roles in sorted(counts.items()):
+        for role, n in sorted(roles.items()):
+            g.add_metric([role, model], n)
     return g
 
 

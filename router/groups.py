@@ -174,7 +174,7 @@ class GroupRelay:
             )
             if self.local:
                 self.pw = self.dw
-        svc.metrics.redispatches.labels(lost.phase.value).inc()
+        svc.metrics.observe_redispatch(lost.phase.value, svc.config.model_id)
         log_event(
             log,
             "redispatch",

@@ -84,14 +84,16 @@ class ModelDispatcher:
         return self.servicers[choose_model(model, self.models)]
 
     def track_gauges(self) -> None:
-        """Export ``pdserve_router_workers{role}`` and ``pdserve_router_quarantined_workers{role}``
-        over every served model (the per-model servicers are built with ``track_gauges=False``)."""
+        """Export ``pdserve_router_workers{role,model}`` (each model's live workers) and
+        ``pdserve_router_quarantined_workers{role}`` (over every served model: a quarantined
+        worker may no longer be registered, its model unknown); the per-model servicers are
+        built with ``track_gauges=False``."""
         reg = self.registry
 
-        def workers() -> dict[str, int]:
-            return {k.value: sum(len(reg.alive(k, m)) for m in self.models) for k in WorkerKind}
+        def workers() -> dict[str, dict[str, int]]:
+            return {m: {k.value: len(reg.alive(k, m)) for k in WorkerKind} for m in self.models}
 
-        self.metrics.track_workers(workers)
+        self.metrics.track_model_workers(workers)
         # the quarantine is the registry's (shared): any servicer's prober counts it all
         self.metrics.track_quarantined(next(iter(self.servicers.values())).prober.counts)
 

@@ -229,7 +229,7 @@ class GenerateServicer:
         self.registry = registry
         self.config = config
         self.metrics = metrics if metrics is not None else RouterMetrics(CollectorRegistry())
-        self.migrations = MigrationBook(self.metrics)  # migrations in flight; their metrics
+        self.migrations = MigrationBook(self.metrics, config.model_id)  # migrations in flight; their metrics
         if migrator is None and config.migration:
             rpcs = GrpcMigrator(  # channels opened on the loop
                 timeout_s=config.migration_timeout_s, transport=config.migration_transport
@@ -386,7 +386,7 @@ class GenerateServicer:
         finish: common_pb2.Finish | None = None
         completion_tokens = 0  # every choice's (a parallel-sampling group ends with a finish per choice)
         with request_scope(shown_id):  # logs name the id the client sees (workers get req's)
-            m.inflight.inc()
+            m.inflight_of(self.config.model_id).inc()
             writer = _ClientWriter(ctx, self.config.stall_timeout_s)
             deadline = Resource(ResourceKind.STREAM_DEADLINE, shown_id)
             held.hold(deadline, writer.close)
@@ -411,7 +411,7 @@ class GenerateServicer:
                 raise
             finally:
                 held.release(deadline)
-                m.inflight.dec()
+                m.inflight_of(self.config.model_id).dec()
             if finish is None:  # the stream ended without a result: the client went away
                 m.observe_failed(cls, "cancelled", self.config.model_id)
                 log_event(log, "request failed", slo_class=cls, outcome="cancelled", error="")

@@ -106,7 +106,7 @@ class RouterCluster:
 
     def redispatched(self, r: Redispatched) -> None:
         lost = r.lost
-        self.svc.metrics.redispatches.labels(lost.phase.value).inc()
+        self.svc.metrics.observe_redispatch(lost.phase.value, self.svc.config.model_id)
         log_event(
             log,
             "redispatch",

@@ -23,9 +23,11 @@ and so is the downtime the router sees: the last token relayed from the source t
 token from the destination.
 
 A direct request (:class:`~router.lifecycle.direct_legs.DirectLegs`, tokens streamed by the worker
-to the client) migrates the same way; its destination's stream goes through
-:meth:`DirectLegs.moved`: the client is told to resume (``DirectRedirect.lost``), its
-``ResumeDirect`` tokens join the output, and the destination's tokens are relayed from there.
+to the client) migrates the same way; its destination's stream is opened by
+:meth:`DirectLegs.moved` (through the opener it is given): the client is told to resume
+(``DirectRedirect.lost``), its ``ResumeDirect`` tokens join the output, and the destination's
+``ResumeStream`` is opened with a direct grant from the client's index: the client gets a new
+redirect and streams from the destination (relayed when the destination cannot).
 """
 
 from __future__ import annotations
@@ -98,7 +100,11 @@ class MigrationRpcs(Protocol):
     async def migrate(self, request_id: str, source_address: str, dest_address: str) -> MigrationReport: ...
 
     def resume(
-        self, request_id: str, dest_address: str, start_index: int
+        self,
+        request_id: str,
+        dest_address: str,
+        start_index: int,
+        direct: worker_pb2.ResumeStreamRequest | None = None,
     ) -> AsyncIterator[worker_pb2.DecodeResponse]: ...
 
 
@@ -146,15 +152,25 @@ class GrpcLegsMigrator:
             return self._abort(ticket, label, report.message or label)
         # never past what the client has: the lifecycle drops replayed tokens by index
         start = min(report.resume_token_index, len(legs.run.out_ids))
-        call = self.rpcs.resume(ticket.request_id, dst.address, start)
-        self._unclaimed[ticket] = call
         legs.run.workers[dst.worker_id] = dst
         self._report(ticket, label, report.blocks_copied)
-        stream = self._stream(ticket, call, dst, start)
+
+        def open_dest(
+            start_index: int,
+            direct: worker_pb2.ResumeStreamRequest | None = None,
+            watch: ProgressWatch | None = None,
+        ) -> _Resumed:
+            if direct is None:
+                call = self.rpcs.resume(ticket.request_id, dst.address, start_index)
+            else:
+                call = self.rpcs.resume(ticket.request_id, dst.address, start_index, direct)
+            self._unclaimed[ticket] = call
+            return _Resumed(self._stream(ticket, call, dst, start_index, watch), call)
+
         moved = getattr(legs, "moved", None)  # a direct leg: the client resumes first (DirectLegs)
         if moved is not None:
-            stream = moved(stream)
-        return MigrationCommit(start, _Resumed(stream, call))
+            return MigrationCommit(start, moved(dst.worker_id, report.resume_token_index, start, open_dest))
+        return MigrationCommit(start, open_dest(start))
 
     async def abort(self, ticket: MigrationTicket) -> None:
         """Cancel a resume call the lifecycle never took (the request ended meanwhile: the
@@ -178,13 +194,17 @@ class GrpcLegsMigrator:
                 MigrationOutcome(ticket.request_id, ticket.source, ticket.destination, label, blocks, message)
             )
 
-    async def _stream(self, ticket: MigrationTicket, call, dst, start: int) -> AsyncIterator[Chunk]:
+    async def _stream(
+        self, ticket: MigrationTicket, call, dst, start: int, watch: ProgressWatch | None = None
+    ) -> AsyncIterator[Chunk]:
         """The destination's chunks (the lifecycle's new leg); the first chunk that brings a
-        token the client lacks measures the downtime. Closing it cancels the call."""
+        token the client lacks measures the downtime. Closing it cancels the call. ``watch``:
+        its progress deadline (default: a relayed stream's)."""
         self._unclaimed.pop(ticket, None)
         legs, run, svc = self.legs, self.legs.run, self.legs.svc
         legs.migrating_from.discard(ticket.source)  # its stream is closed: the switch is done
-        watch = ProgressWatch(svc.config.progress, run.predicted_tpot_s)
+        if watch is None:
+            watch = ProgressWatch(svc.config.progress, run.predicted_tpot_s)
         guarded = Guarded(call, dst, watch=watch, streamed=svc._streamed_at)
         measured = False
         chunks = legs.stream(guarded, dst, start, worker_text=False)
@@ -215,6 +235,10 @@ class _Resumed:
     async def __anext__(self) -> Chunk:
         return await anext(self._gen)
 
+    def cancel(self) -> None:
+        """Cancel the call (the destination aborts the request); the stream ends."""
+        self._call.cancel()
+
     async def aclose(self) -> None:
         self._call.cancel()
         await self._gen.aclose()  # type: ignore[attr-defined]
@@ -231,10 +255,12 @@ class MigrationBook:
     :class:`MigrationListener`): at most one per request at a time; each ends once, counted in
     ``metrics`` (``pdserve_router_migrations_total{reason,result}``, blocks copied, downtime) and
     resolving the future :meth:`start` returned with its :class:`MigrationOutcome`. Use from the
-    servicer's event loop."""
+    servicer's event loop. ``model``: the servicer's model (the metrics' ``model`` label on a
+    router serving several)."""
 
-    def __init__(self, metrics: RouterMetrics | None = None) -> None:
+    def __init__(self, metrics: RouterMetrics | None = None, model: str = "") -> None:
         self.metrics = metrics
+        self.model = model
         self._inflight: dict[str, _InFlight] = {}
 
     def start(self, request_id: str, reason: str) -> asyncio.Future:
@@ -270,13 +296,13 @@ class MigrationBook:
         e = self._inflight.pop(outcome.request_id, None)
         reason = e.reason if e is not None else "manual"
         if self.metrics is not None:
-            self.metrics.observe_migration(reason, outcome.result, outcome.blocks_copied)
+            self.metrics.observe_migration(reason, outcome.result, outcome.blocks_copied, self.model)
         if e is not None and not e.future.done():
             e.future.set_result(outcome)
 
     def downtime(self, request_id: str, seconds: float) -> None:
         if self.metrics is not None:
-            self.metrics.migration_downtime.observe(seconds)
+            self.metrics.observe_migration_downtime(seconds, self.model)
 
 
 class MigrationInFlightError(PdserveError):
