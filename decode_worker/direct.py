@@ -159,14 +159,17 @@ class DirectStreams:
             raise InvalidRequestError("DecodeRequest.direct has no ticket")
 
     def _register(
-        self, rid: str, req: worker_pb2.DecodeRequest, abort: Callable[[BaseException], None]
+        self, rid: str, ticket: str, tenant: str | None, abort: Callable[[BaseException], None]
     ) -> _Slot:
-        claims = decode_unverified(req.direct.ticket)
+        """The slot of direct request ``rid`` granted ``ticket`` for ``tenant`` (None: the
+        ticket's own, for a migrated request whose tenant the call does not name)."""
+        claims = decode_unverified(ticket)
+        tenant = claims.tenant if tenant is None else tenant
         # the router's own grant must hold here (a mismatch is a router bug or a misroute)
-        check_claims(claims, request_id=rid, worker_id=self.worker_id, tenant=req.tenant, now=self.clock())
+        check_claims(claims, request_id=rid, worker_id=self.worker_id, tenant=tenant, now=self.clock())
         if rid in self._slots:
             raise InvalidRequestError(f"request {rid!r} already streams directly from this worker")
-        slot = _Slot(rid, req.direct.ticket, req.tenant, claims.expires_at, abort)
+        slot = _Slot(rid, ticket, tenant, claims.expires_at, abort)
         loop = asyncio.get_running_loop()
         slot.expiry = loop.call_later(max(0.0, claims.expires_at - self.clock()), self._expired, slot)
         self._slots[rid] = slot
@@ -219,7 +222,7 @@ class DirectStreams:
         ``_LoopQueue``): one message with no tokens (admitted), progress messages, the finish
         (with the last token ids). The deltas go to the client's connection. Raises the failure
         that ended the request (engine error, not attached in time, client detached)."""
-        slot = self._register(rid, req, lambda e: out.put_nowait(e))
+        slot = self._register(rid, req.direct.ticket, req.tenant, lambda e: out.put_nowait(e))
         interval = req.direct.progress_interval_s or DEFAULT_PROGRESS_INTERVAL_S
         loop = asyncio.get_running_loop()
         ended = False
@@ -267,6 +270,118 @@ class DirectStreams:
                     last = loop.time()
         finally:
             if not ended:  # the router's call ended first (cancelled, its deadline): tell the client
+                self._push(slot, None, CancelledError(f"request {rid}: its router call ended"))
+            if slot.conn is None and slot.done and not self._waits_attach(slot):
+                self._drop(slot)
+
+    async def serve_resumed(
+        self,
+        req: worker_pb2.ResumeStreamRequest,
+        messages: AsyncIterator[worker_pb2.DecodeResponse],
+        tokenizer: Any,
+        count_finished: Callable[[], None] = lambda: None,
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        """The router's side of a migrated request streamed to its client (``ResumeStream`` with
+        ``direct``): ``messages`` is the request's ResumeStream from output index 0 (the tokens it
+        had when it migrated, then the new ones); the tokens from ``req.start_index`` (what the
+        client has) go to the client's connection with their text, rendered here as the router
+        renders a relayed leg (an :class:`IncrementalDetokenizer` over every output token, the
+        request's stop strings ``req.direct_stop``, continuing the client's
+        ``req.direct_text_chars`` characters: no gap, no duplicate). The router gets what a direct
+        Decode sends it: one message with no tokens, progress from ``start_index`` and the finish
+        (a stop string matched here ends the request: STOP naming it). Raises the failure that
+        ended the request (the stream's, not attached in time, client detached)."""
+        from engine.tokenizer import IncrementalDetokenizer
+
+        rid = req.request_id
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for m in messages:
+                    q.put_nowait(m)
+                q.put_nowait(None)
+            except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+                q.put_nowait(e)
+
+        slot = self._register(rid, req.direct.ticket, None, q.put_nowait)
+        task = asyncio.ensure_future(pump())
+        interval = req.direct.progress_interval_s or DEFAULT_PROGRESS_INTERVAL_S
+        loop = asyncio.get_running_loop()
+        detok = IncrementalDetokenizer(tokenizer, tuple(req.direct_stop))
+        client_has = req.start_index
+        index = 0  # output index of the next token of ``messages``
+        caught_up = False  # ``detok`` holds the client's tokens and text
+        ended = False
+        try:
+            yield worker_pb2.DecodeResponse(request_id=rid, direct_address=self.address)
+            progress: list[int] = []
+            offsets: list[float] = []
+            t_admitted = last = loop.time()
+            while True:
+                item = await q.get()
+                if item is None:
+                    ended = True  # the stream ended without a finish: the router says why
+                    self._push(slot, None, CancelledError(f"request {rid}: its resumed stream ended"))
+                    return
+                if isinstance(item, BaseException):
+                    ended = True
+                    self._push(slot, None, item)
+                    raise item
+                toks = list(item.token_ids)
+                cut = min(len(toks), max(0, client_has - index))
+                index += len(toks)
+                if cut:
+                    detok.add(toks[:cut])
+                new = toks[cut:]
+                final = item.HasField("finish")
+                if not (new or final):
+                    continue
+                if not caught_up:
+                    if index - len(new) != client_has:
+                        raise InvalidRequestError(
+                            f"request {rid}: the client has {client_has} output tokens but the "
+                            f"migrated request only {index - len(new)}"
+                        )
+                    detok.emitted, caught_up = req.direct_text_chars, True
+                visible = new
+                if final and visible and item.finish.stop == str(visible[-1]):
+                    visible = visible[:-1]  # the stop token that ended it is not rendered
+                text, matched = detok.add(visible, final=final)
+                msg = worker_pb2.DecodeResponse(request_id=rid, token_ids=new, text=text, has_text=True)
+                lps = list(item.logprobs)
+                if len(lps) == len(toks):
+                    msg.logprobs.extend(lps[cut:])
+                    if msg.logprobs:
+                        name_logprob_tokens(msg.logprobs, tokenizer.token_bytes)
+                if final:
+                    msg.finish.CopyFrom(item.finish)
+                elif matched is not None:  # a stop string the engine did not end on: ended here
+                    msg.text += detok.add([], final=True)[0]
+                    msg.finish.reason, msg.finish.stop = common_pb2.FINISH_REASON_STOP, matched
+                    count_finished()
+                self._push(slot, msg, None)
+                progress.extend(new)
+                offsets.extend([loop.time() - t_admitted] * len(new))
+                if msg.HasField("finish"):
+                    ended = True
+                    yield worker_pb2.DecodeResponse(
+                        request_id=rid, token_ids=progress, token_offsets_s=offsets, finish=msg.finish
+                    )
+                    return
+                if progress and loop.time() - last >= interval:
+                    yield worker_pb2.DecodeResponse(
+                        request_id=rid, token_ids=progress, token_offsets_s=offsets
+                    )
+                    progress, offsets = [], []
+                    last = loop.time()
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            with contextlib.suppress(BaseException):
+                await messages.aclose()  # type: ignore[attr-defined]  # not finished: aborted there
+            if not ended:  # the router's call ended first: tell the client
                 self._push(slot, None, CancelledError(f"request {rid}: its router call ended"))
             if slot.conn is None and slot.done and not self._waits_attach(slot):
                 self._drop(slot)

@@ -18,6 +18,7 @@ the request carries it too, and every pull is timed and its failures counted in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import enum
 import logging
@@ -632,8 +633,34 @@ class AsyncDecodeServicer(DecodeServicer):
         return self.migration.migrate_in(chunks, ctx)
 
     async def ResumeStream(self, req, ctx):
-        async for msg in self.migration.resume_stream(req, ctx):
-            yield msg
+        """``Worker.ResumeStream``; with ``direct`` (a migrated direct stream) the tokens go to the
+        client's DirectStream connection (:meth:`decode_worker.direct.DirectStreams.serve_resumed`),
+        refused (INVALID_ARGUMENT, the request left waiting for a relayed ResumeStream) when this
+        worker does not serve direct streams or has no tokenizer to render their text."""
+        if not req.HasField("direct"):
+            async for msg in self.migration.resume_stream(req, ctx):
+                yield msg
+            return
+        tok = getattr(self.state.engine, "tokenizer", None)
+        if self.direct is None or tok is None:
+            why = (
+                "does not serve direct streams (start it with --direct-streams)"
+                if self.direct is None
+                else "has no tokenizer"
+            )
+            raise InvalidRequestError(
+                f"decode worker {self.state.config.worker_id} {why}: ResumeStream.direct refused; "
+                "open the stream without it"
+            )
+        if not req.direct.ticket:
+            raise InvalidRequestError("ResumeStreamRequest.direct has no ticket")
+        inner = worker_pb2.ResumeStreamRequest(request_id=req.request_id, start_index=0)
+        served = self.direct.serve_resumed(
+            req, self.migration.resume_stream(inner, ctx), tok, self.state.count_finished
+        )
+        async with contextlib.aclosing(served):
+            async for msg in served:
+                yield msg
 
     def close(self) -> None:
         self.migration.close()

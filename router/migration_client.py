@@ -149,18 +149,23 @@ async def migrate(
 
 
 def open_resumed_stream(
-    dest: worker_pb2_grpc.WorkerStub, request_id: str, start_index: int, timeout_s: float | None = None
+    dest: worker_pb2_grpc.WorkerStub,
+    request_id: str,
+    start_index: int,
+    timeout_s: float | None = None,
+    direct: worker_pb2.ResumeStreamRequest | None = None,
 ) -> AsyncIterator[worker_pb2.DecodeResponse]:
     """The destination's token stream of a migrated request from output token index
     ``start_index`` (the tokens the router already relayed; <= ``resume_token_index``). The
-    returned call is an async iterator of ``DecodeResponse``; cancelling it aborts the request."""
+    returned call is an async iterator of ``DecodeResponse``; cancelling it aborts the request.
+    ``direct``: a ResumeStreamRequest carrying the direct-stream fields (``direct``,
+    ``direct_text_chars``, ``direct_stop``): the tokens go to the client (worker.proto)."""
     if start_index < 0:
         raise ValueError(f"start_index must be >= 0, got {start_index}")
-    return dest.ResumeStream(
-        worker_pb2.ResumeStreamRequest(request_id=request_id, start_index=start_index),
-        timeout=timeout_s,
-        metadata=_metadata(),
-    )
+    req = worker_pb2.ResumeStreamRequest(request_id=request_id, start_index=start_index)
+    if direct is not None:
+        req.MergeFrom(direct)
+    return dest.ResumeStream(req, timeout=timeout_s, metadata=_metadata())
 
 
 class GrpcMigrator:
@@ -198,9 +203,13 @@ class GrpcMigrator:
         )
 
     def resume(
-        self, request_id: str, dest_address: str, start_index: int
+        self,
+        request_id: str,
+        dest_address: str,
+        start_index: int,
+        direct: worker_pb2.ResumeStreamRequest | None = None,
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
-        return open_resumed_stream(self.stub(dest_address), request_id, start_index)
+        return open_resumed_stream(self.stub(dest_address), request_id, start_index, direct=direct)
 
     async def close(self) -> None:
         chans, self._channels = list(self._channels.values()), {}

@@ -35,6 +35,7 @@ class KVStreamTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KV_STREAM_TRANSPORT_UNSPECIFIED: _ClassVar[KVStreamTransport]
     KV_STREAM_TRANSPORT_GRPC: _ClassVar[KVStreamTransport]
     KV_STREAM_TRANSPORT_STORE: _ClassVar[KVStreamTransport]
+    KV_STREAM_TRANSPORT_DIST: _ClassVar[KVStreamTransport]
 
 class WorkerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -64,6 +65,7 @@ MIGRATION_TRANSPORT_DIST: MigrationTransport
 KV_STREAM_TRANSPORT_UNSPECIFIED: KVStreamTransport
 KV_STREAM_TRANSPORT_GRPC: KVStreamTransport
 KV_STREAM_TRANSPORT_STORE: KVStreamTransport
+KV_STREAM_TRANSPORT_DIST: KVStreamTransport
 WORKER_ROLE_UNSPECIFIED: WorkerRole
 WORKER_ROLE_PREFILL: WorkerRole
 WORKER_ROLE_DECODE: WorkerRole
@@ -244,12 +246,25 @@ class MigrationAck(_message.Message):
     def __init__(self, blocks_held: int | None = ..., running: bool | None = ...) -> None: ...
 
 class ResumeStreamRequest(_message.Message):
-    __slots__ = ("request_id", "start_index")
+    __slots__ = ("request_id", "start_index", "direct", "direct_text_chars", "direct_stop")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_STOP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     start_index: int
-    def __init__(self, request_id: str | None = ..., start_index: int | None = ...) -> None: ...
+    direct: _direct_pb2.DirectGrant
+    direct_text_chars: int
+    direct_stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(
+        self,
+        request_id: str | None = ...,
+        start_index: int | None = ...,
+        direct: _direct_pb2.DirectGrant | _Mapping | None = ...,
+        direct_text_chars: int | None = ...,
+        direct_stop: _Iterable[str] | None = ...,
+    ) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = (

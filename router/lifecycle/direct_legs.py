@@ -24,15 +24,24 @@ the tokens to the client, and then:
 * the request live-migrated (:mod:`router.lifecycle.grpc_migrator`, a drain or a rebalance): the
   source stops it at the switch, and its DirectStream ends the client's stream after the last
   token it made (an ABORTED delta: the client waits for the router's word); the destination's
-  stream (:meth:`DirectLegs.moved`) starts with the same ``lost`` redirect, the client's
-  ``ResumeDirect`` (its tokens join the output, checked as above), then the destination's tokens,
-  relayed and rendered by the router from the index the client has (tokens the destination
-  replays are dropped by index after the lifecycle checked they are the same): no gap, no
-  duplicate.
+  stream (:meth:`DirectLegs.moved`) starts with the same ``lost`` redirect and the client's
+  ``ResumeDirect`` (its tokens join the output, checked as above); then the router opens the
+  destination's ``ResumeStream`` with a direct grant (a new ticket for the destination, the
+  client's token index, text length and the request's stop strings): the destination renders
+  the text from there as the router would and streams it to the client, which gets a new
+  redirect and attaches there (no gap, no duplicate), the router getting progress and the
+  finish as for any direct leg. A destination that refuses the grant (no direct streams there:
+  INVALID_ARGUMENT before it takes the request) or ignores it (its first message carries
+  tokens) is relayed from the client's index instead, rendered by the router.
+
+A client's ResumeDirect tokens that already end the request (the worker sent the client its
+last delta but was lost before the router's finish) finish it with the router's one finish
+decision (:func:`router.lifecycle.grpc_legs.output_end`: stop strings, stop tokens / EOS, the
+length limit), not a re-dispatch.
 
 A local-prefill placement (conditional disaggregation) streams directly too, every token (the
-first included) from the decode worker. Not direct (relayed as before): a resumed leg (after a
-loss or a migration), a request with ``n`` or ``best_of`` > 1.
+first included) from the decode worker. Not direct (relayed as before): a leg resumed after a
+lost worker, a request with ``n`` or ``best_of`` > 1.
 """
 
 from __future__ import annotations
@@ -43,21 +52,21 @@ import hmac
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
-from pdserve.errors import InternalError, PermissionDeniedError
+from pdserve.errors import InternalError, InvalidRequestError, PermissionDeniedError
 from pdserve.security import current
 from pdserve.ticket import TicketClaims, TicketSigner, ticket_key
-from pdserve.v1 import client_pb2, common_pb2, direct_pb2, worker_pb2
-from router.failover import TokenStop, check_stop
+from pdserve.v1 import client_pb2, direct_pb2, worker_pb2
 from router.lifecycle.events import KVRef
 from router.lifecycle.grpc_calls import Guarded, call_metadata, remaining
-from router.lifecycle.grpc_legs import GrpcLegs, Handoff, RequestRun
+from router.lifecycle.grpc_legs import GrpcLegs, Handoff, RequestRun, output_end
 from router.lifecycle.ports import Chunk, ClientGoneError, WorkerLostError
 from router.lifecycle.states import OutputMismatch
 from router.progress import ProgressWatch
+from router.registry import WorkerEntry
 
 if TYPE_CHECKING:
     from router.service import GenerateServicer
@@ -111,6 +120,33 @@ class DirectBook:
         if not fut.done():
             fut.set_result((list(req.token_ids), int(req.text_chars)))
         return direct_pb2.ResumeDirectResponse()
+
+
+class OpenDestination(Protocol):
+    """Opens a migration destination's ResumeStream from output index ``start_index`` as chunks
+    (``cancel()`` cancels the call; closing the stream too); ``direct``: the ResumeStreamRequest
+    direct fields; ``watch``: its progress deadline (None: a relayed stream's)."""
+
+    def __call__(
+        self,
+        start_index: int,
+        direct: worker_pb2.ResumeStreamRequest | None,
+        watch: ProgressWatch | None,
+    ) -> Any: ...
+
+
+_RELEASES: set[asyncio.Task] = set()  # destinations being let go (referenced until done)
+
+
+async def _release(chunks: Any) -> None:
+    """A destination's stream the request no longer needs (it ended before opening it): opened
+    so that the destination knows its caller, then cancelled (the destination aborts the
+    request and frees its blocks at once, not at its attach timeout)."""
+    with contextlib.suppress(BaseException):
+        async with asyncio.timeout(5.0):
+            await anext(chunks, None)
+    with contextlib.suppress(BaseException):
+        await chunks.aclose()
 
 
 class DirectProgressWatch(ProgressWatch):
@@ -206,6 +242,13 @@ class DirectLegs(GrpcLegs):
                 queued[0] = False
                 svc.outstanding.add(dw.worker_id, -n)
 
+    def _mint(self, worker_id: str) -> str:
+        """A ticket for this request on ``worker_id``, expiring ``ticket_ttl_s`` from now."""
+        run, req, cfg = self.run, self.req, self.book.config
+        return self.book.signer.mint(
+            TicketClaims(run.rid, worker_id, req.tenant, time.time() + cfg.ticket_ttl_s)
+        )
+
     async def _direct_stream(
         self,
         worker_id: str,
@@ -214,92 +257,161 @@ class DirectLegs(GrpcLegs):
         watch: ProgressWatch,
         on_tokens: Callable[[worker_pb2.DecodeResponse], None] | None = None,
     ) -> AsyncIterator[Chunk]:
-        """``request`` to ``worker_id`` with a direct grant: the redirect note, its progress and
-        finish chunks, or, the worker lost after the redirect, the lost note and the client's
-        resumed tokens, then the loss raised (module doc). ``on_tokens``: called with the first
-        message that carries tokens or the finish."""
-        svc, run, req, cfg = self.svc, self.run, self.req, self.book.config
+        """``request`` to ``worker_id`` with a direct grant: :meth:`_direct_chunks` of its call."""
+        svc = self.svc
         dw = self._entry(worker_id)
-        ticket = self.book.signer.mint(
-            TicketClaims(run.rid, worker_id, req.tenant, time.time() + cfg.ticket_ttl_s)
-        )
+        ticket = self._mint(worker_id)
         request.direct.CopyFrom(direct_pb2.DirectGrant(ticket=ticket, progress_interval_s=self._interval()))
         call = svc.stubs.worker(dw.address).Decode(
             request, timeout=remaining(self.ctx), metadata=call_metadata()
         )
-        redirect = direct_pb2.DirectRedirect(
-            address=dw.address, worker_id=worker_id, ticket=ticket, request_id=run.rid
-        )
-        redirected = False
         try:
             guarded = Guarded(call, dw, watch=watch, streamed=svc._streamed_at)
             chunks = self.stream(guarded, dw, first_index, worker_text=False)
-            self._direct = True
-            try:
-                async with contextlib.aclosing(chunks):
-                    async for c in chunks:
-                        final = c.message.HasField("finish")
-                        if not redirected and not final:
-                            if c.tokens:  # it streamed as for a relay: its text would be lost
-                                raise InternalError(
-                                    f"decode worker {worker_id} ignored DecodeRequest.direct (its first "
-                                    "message carried tokens): it does not serve direct streams"
-                                )
-                            redirected = True
-                            self._t_admitted = time.monotonic() - run.t0
-                            # DirectStream on a port of its own (mutual TLS): the worker names it
-                            redirect.address = c.message.direct_address or dw.address
-                            self._redirect = redirect
-                            yield Chunk(c.first_index, (), _Note("redirect", redirect))
-                            continue
-                        if on_tokens is not None and (c.tokens or final):
-                            on_tokens(c.message)
-                            on_tokens = None
-                        yield c
-            except WorkerLostError as lost:
-                if not redirected:
-                    raise  # the client was never sent there: an ordinary re-dispatch
-                call.cancel()
-                # registered before the client is told, so that its answer cannot come first
-                fut = self.book.expect(run.rid, ticket)
-                try:
-                    note = direct_pb2.DirectRedirect()
-                    note.CopyFrom(redirect)
-                    note.lost = True
-                    yield Chunk(len(run.out_ids), (), _Note("lost", note))
-                    resumed = await self._resume(fut)
-                finally:
-                    self.book.forget(run.rid)
-                yield resumed
-                raise lost
+            async for c in self._direct_chunks(dw, ticket, chunks, call.cancel, on_tokens):
+                yield c
         finally:
             call.cancel()  # the client went away (or the relay ended it): abort it downstream
 
-    async def moved(self, then: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-        """The stream of a live migration's destination (``then``: its chunks, relayed) for this
-        request: when the leg it left streamed to the client (redirected), first the ``lost``
-        redirect of the source and the client's ``ResumeDirect`` as the "resumed" chunk (as after
-        a lost worker: :class:`ClientGoneError` when it does not come within
-        ``resume_timeout_s``, OutputMismatch when its tokens do not extend the output the router
-        knew); the rest relayed. A leg never redirected (the client was never sent to the source)
-        or not direct: ``then`` alone, relayed. Closing it closes ``then``."""
+    async def _direct_chunks(
+        self,
+        dw: WorkerEntry,
+        ticket: str,
+        chunks: AsyncIterator[Chunk],
+        cancel: Callable[[], Any],
+        on_tokens: Callable[[worker_pb2.DecodeResponse], None] | None = None,
+        relay_undirected: bool = False,
+    ) -> AsyncIterator[Chunk]:
+        """The chunks of a direct call of worker ``dw`` granted ``ticket`` (``cancel`` cancels
+        it): the redirect note, its progress and finish chunks, or, the worker lost after the
+        redirect, the lost note and the client's resumed tokens, then the loss raised (module
+        doc). ``on_tokens``: called with the first message that carries tokens or the finish.
+        A first message that carries tokens (a worker that ignored the grant) is InternalError,
+        or with ``relay_undirected`` the stream is relayed from there."""
         run = self.run
+        redirect = direct_pb2.DirectRedirect(
+            address=dw.address, worker_id=dw.worker_id, ticket=ticket, request_id=run.rid
+        )
+        redirected = False
+        self._direct = True
+        try:
+            async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+                async for c in chunks:
+                    final = c.message.HasField("finish")
+                    if not redirected and not final:
+                        if c.tokens:  # it streamed as for a relay: its text would be lost
+                            if relay_undirected:
+                                self._direct = False
+                                yield c
+                                async for c in chunks:
+                                    yield c
+                                return
+                            raise InternalError(
+                                f"decode worker {dw.worker_id} ignored DecodeRequest.direct (its first "
+                                "message carried tokens): it does not serve direct streams"
+                            )
+                        redirected = True
+                        self._t_admitted = time.monotonic() - run.t0
+                        # DirectStream on a port of its own (mutual TLS): the worker names it
+                        redirect.address = c.message.direct_address or dw.address
+                        self._redirect = redirect
+                        yield Chunk(c.first_index, (), _Note("redirect", redirect))
+                        continue
+                    if on_tokens is not None and (c.tokens or final):
+                        on_tokens(c.message)
+                        on_tokens = None
+                    yield c
+        except WorkerLostError as lost:
+            if not redirected:
+                raise  # the client was never sent there: an ordinary re-dispatch
+            cancel()
+            # registered before the client is told, so that its answer cannot come first
+            fut = self.book.expect(run.rid, ticket)
+            try:
+                note = direct_pb2.DirectRedirect()
+                note.CopyFrom(redirect)
+                note.lost = True
+                yield Chunk(len(run.out_ids), (), _Note("lost", note))
+                resumed = await self._resume(fut)
+            finally:
+                self.book.forget(run.rid)
+            yield resumed
+            raise lost
+
+    def moved(
+        self, dest_id: str, resume_index: int, start: int, open_dest: OpenDestination
+    ) -> AsyncIterator[Chunk]:
+        """The stream of a live migration's destination ``dest_id`` for this request
+        (``open_dest(start_index, direct, watch)`` opens its ResumeStream as chunks; the request
+        migrated with ``resume_index`` output tokens; ``start``: where a relayed stream starts).
+        When the leg it left streamed to the client (redirected): first the ``lost`` redirect of
+        the source and the client's ``ResumeDirect`` as the "resumed" chunk (as after a lost
+        worker: :class:`ClientGoneError` when it does not come within ``resume_timeout_s``,
+        OutputMismatch when its tokens do not extend the output the router knew); then the
+        destination's stream opened with a direct grant from the client's index: a new redirect
+        (the client streams from the destination: no gap, no duplicate), progress and the
+        finish; relayed instead when the destination refuses the grant or ignores it. A leg
+        never redirected, or not direct: the destination's stream from ``start``, opened now,
+        relayed. Closing it closes the destination's stream."""
         redirect, direct = self._redirect, self._direct
-        self._direct, self._redirect = False, None  # whatever comes next is relayed
-        async with contextlib.aclosing(then):  # type: ignore[type-var]
-            if direct and redirect is not None:
-                fut = self.book.expect(run.rid, redirect.ticket)
+        self._direct, self._redirect = False, None  # nothing is direct until a new redirect
+        if not (direct and redirect is not None):
+            return open_dest(start, None, None)
+        return self._moved_direct(redirect, dest_id, resume_index, start, open_dest)
+
+    async def _moved_direct(
+        self,
+        redirect: direct_pb2.DirectRedirect,
+        dest_id: str,
+        resume_index: int,
+        start: int,
+        open_dest: OpenDestination,
+    ) -> AsyncIterator[Chunk]:
+        run = self.run
+        opened = False
+        try:
+            fut = self.book.expect(run.rid, redirect.ticket)
+            try:
+                note = direct_pb2.DirectRedirect()
+                note.CopyFrom(redirect)
+                note.lost = True
+                yield Chunk(len(run.out_ids), (), _Note("lost", note))
+                resumed = await self._resume(fut)
+            finally:
+                self.book.forget(run.rid)
+            yield resumed  # rendered: its tokens join the output
+            k = len(run.out_ids)  # what the client has
+            if k <= resume_index:
+                ticket = self._mint(dest_id)
+                ask = worker_pb2.ResumeStreamRequest(
+                    direct=direct_pb2.DirectGrant(ticket=ticket, progress_interval_s=self._interval()),
+                    direct_text_chars=run.sent_chars,
+                    direct_stop=list(run.params.stop),
+                )
+                watch = DirectProgressWatch(self.svc.config.progress, run.predicted_tpot_s)
+                chunks = open_dest(k, ask, watch)
+                opened = True
                 try:
-                    note = direct_pb2.DirectRedirect()
-                    note.CopyFrom(redirect)
-                    note.lost = True
-                    yield Chunk(len(run.out_ids), (), _Note("lost", note))
-                    resumed = await self._resume(fut)
-                finally:
-                    self.book.forget(run.rid)
-                yield resumed  # rendered: its tokens join the output
-            async for c in then:
-                yield c
+                    async for c in self._direct_chunks(
+                        self._entry(dest_id), ticket, chunks, chunks.cancel, relay_undirected=True
+                    ):
+                        yield c
+                    return
+                except InvalidRequestError:
+                    if self._redirect is not None:
+                        raise  # after the redirect: the request's own failure
+                self._direct = False  # the destination refused the grant: relayed from k
+                start = k
+            chunks = open_dest(start, None, None)
+            opened = True
+            async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+                async for c in chunks:
+                    yield c
+        finally:
+            if not opened:  # ended before the destination's stream opened: let it go now
+                task = asyncio.ensure_future(_release(open_dest(start, None, None)))
+                _RELEASES.add(task)
+                task.add_done_callback(_RELEASES.discard)
 
     def _interval(self) -> float:
         """The progress interval asked of the worker: the configured one, at most 2/5 of the
@@ -331,29 +443,23 @@ class DirectLegs(GrpcLegs):
         return Chunk(k, tuple(tokens[k:]), _Note("resumed", text_chars=chars))
 
     def _complete_on_resume(self) -> client_pb2.GenerateResponse | None:
-        """The Finish of a request whose client's resumed tokens already end it (its last token a
-        stop token / EOS, or ``max_tokens`` reached: the worker sent the client its last delta
-        but the router not its finish), else None (the request goes on). Stop strings are the
-        worker's: not detected here."""
+        """The Finish of a request whose client's resumed tokens already end it (the worker sent
+        the client its last delta but the router not its finish), else None (the request goes
+        on). The finish decision is the router's own (:func:`output_end`, as for a prefill's
+        token): a stop string in the output's text (the request's detokenizer caught up with
+        the client's tokens), a stop token / EOS, or ``max_tokens`` reached."""
         run = self.run
         if not run.out_ids:
             return None
-        p = run.params
-        hit = check_stop(
-            run.out_ids[-1],
-            len(run.out_ids),
-            max_tokens=p.max_tokens,
-            min_tokens=p.min_tokens,
-            stop_token_ids=p.stop_token_ids,
-            eos_token_ids=self.svc.eos,
-            ignore_eos=p.ignore_eos,
-        )
-        if hit is None:
+        run.stop_matched = None
+        if run.params.stop:
+            self.detok()  # caught up with the client's tokens: sets run.stop_matched
+        end = output_end(run.out_ids, run.params, self.svc.eos, run.stop_matched)
+        if end is None:
             return None
-        reason = common_pb2.FINISH_REASON_LENGTH if hit is TokenStop.LENGTH else common_pb2.FINISH_REASON_STOP
         decode_s = max(0.0, time.monotonic() - self._t_dec - self._pull_s)
         r = client_pb2.GenerateResponse(request_id=run.rid)
-        r.finish.CopyFrom(self.finish(reason, None, decode_s))
+        r.finish.CopyFrom(self.finish(end.reason, end.stop, decode_s))
         return r
 
     # ------------------------------------------------------------------ responses

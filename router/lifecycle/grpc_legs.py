@@ -62,7 +62,50 @@ class RequestRun:
     predicted_ttft_s: float | None = None  # the placement's estimates (None: the policy has none)
     predicted_tpot_s: float | None = None
     finish: common_pb2.Finish | None = None  # the closing Finish, once built
+    # a stop string the detokenizer matched when it was last caught up with the output
+    # (:func:`caught_up_detok`: output whose text a worker rendered, e.g. a direct client's)
+    stop_matched: str | None = None
     workers: dict[str, WorkerEntry] = field(default_factory=dict)  # placed workers by id
+
+
+@dataclass(frozen=True)
+class OutputEnd:
+    """How an output ends (:func:`output_end`): ``reason`` (a common_pb2 FinishReason), ``stop``
+    (the matched stop string, or the stop token's id as text; None for the length limit),
+    ``stop_token``: ended by a stop token / EOS (its text is not rendered)."""
+
+    reason: int
+    stop: str | None
+    stop_token: bool = False
+
+
+def output_end(
+    out_ids: list[int], params: SamplingParams, eos: set[int] | frozenset[int], matched: str | None
+) -> OutputEnd | None:
+    """Whether output ``out_ids`` ends with its last token, the router's one finish decision for
+    output it did not get a worker's finish for (a prefill's first token; a direct client's
+    resumed tokens): a stop string the request's detokenizer ``matched`` (STOP naming it), else
+    its last token by :func:`router.failover.check_stop` (a stop token / EOS: STOP naming it;
+    ``max_tokens``: LENGTH); None: the request goes on."""
+    if matched is not None:
+        return OutputEnd(common_pb2.FINISH_REASON_STOP, matched)
+    if not out_ids:
+        return None
+    last = out_ids[-1]
+    hit = check_stop(
+        last,
+        len(out_ids),
+        max_tokens=params.max_tokens,
+        min_tokens=params.min_tokens,
+        stop_token_ids=params.stop_token_ids,
+        eos_token_ids=eos,
+        ignore_eos=params.ignore_eos,
+    )
+    if hit is TokenStop.STOP:
+        return OutputEnd(common_pb2.FINISH_REASON_STOP, str(last), stop_token=True)
+    if hit is TokenStop.LENGTH:
+        return OutputEnd(common_pb2.FINISH_REASON_LENGTH, None)
+    return None
 
 
 @dataclass(frozen=True)
@@ -200,18 +243,10 @@ class GrpcLegs:
         delta, matched = detok.add([first])
         run.out_ids.append(first)
         run.detok_fed = len(run.out_ids)
-        hit = check_stop(
-            first,
-            len(run.out_ids),
-            max_tokens=params.max_tokens,
-            min_tokens=params.min_tokens,
-            stop_token_ids=params.stop_token_ids,
-            eos_token_ids=svc.eos,
-            ignore_eos=params.ignore_eos,
-        )
-        stop_now = matched is not None or hit is not None
-        if stop_now:
-            if matched is None and hit is TokenStop.STOP:
+        end = output_end(run.out_ids, params, svc.eos, matched)
+        stop_now = end is not None
+        if end is not None:
+            if end.stop_token:
                 delta = ""  # a stop token is not rendered
             else:
                 delta += detok.add([], final=True)[0]
@@ -227,14 +262,8 @@ class GrpcLegs:
             first_token=first,
             first_logprob=pre.first_token_logprob if pre.HasField("first_token_logprob") else None,
         )
-        if stop_now:
-            reason = (
-                common_pb2.FINISH_REASON_LENGTH
-                if matched is None and hit is TokenStop.LENGTH
-                else common_pb2.FINISH_REASON_STOP
-            )
-            stop = str(first) if matched is None and hit is TokenStop.STOP else matched
-            resp.finish.CopyFrom(self.finish(reason, stop, 0.0))
+        if end is not None:
+            resp.finish.CopyFrom(self.finish(end.reason, end.stop, 0.0))
         return PrefillAnswer(first, None if kv_stream else kv_ref(h), stop_now, resp)
 
     # ------------------------------------------------------------------ streamed handoff
@@ -487,7 +516,7 @@ def caught_up_detok(tokenizer, run: RequestRun) -> IncrementalDetokenizer:
     """``run``'s detokenizer, caught up with its output (see :meth:`GrpcLegs.detok`)."""
     if run.detok_fed != len(run.out_ids):
         d = IncrementalDetokenizer(tokenizer, run.params.stop)
-        d.add(list(run.out_ids))
+        _, run.stop_matched = d.add(list(run.out_ids))
         d.emitted = run.sent_chars
         run.detok, run.detok_fed = d, len(run.out_ids)
     return run.detok

@@ -9,7 +9,12 @@ two in-process decode workers. The tests:
 
 * a direct stream migrated mid-way (after its client was redirected to the source and took
   tokens from it) has greedy and seeded output (tokens and text) identical to an unmigrated run,
-  the migration is counted, and no block stays held;
+  the client streams the rest straight from the destination (it attached there with a new
+  ticket), the migration is counted, and no block stays held;
+* a destination that cannot serve direct streams refuses the grant and the rest is relayed:
+  output identical;
+* stop strings: a migrated direct stream ends on a stop string matched on the destination, text
+  identical;
 * a drain empties a decode worker of its direct streams by migration while they continue, and
   they finish identical to unmigrated runs.
 """
@@ -81,6 +86,16 @@ class _Cluster:
         from pdserve.grpc_server import start_aio_server
 
         self.workers = {n: _Worker(path, n) for n in ("dec-a", "dec-b")}
+        self.attached: list[tuple[str, str]] = []  # (worker, request id) per client attach
+        for n, w in self.workers.items():
+            ds = w.svc.direct
+            attach = ds._attach
+
+            def spy_attach(conn, a, _attach=attach, _n=n):
+                self.attached.append((_n, a.request_id))
+                return _attach(conn, a)
+
+            ds._attach = spy_attach
         self.registry = Registry(heartbeat_timeout_s=1e9)  # no heartbeats here: never expire
         for n, w in self.workers.items():
             self.registry.register(
@@ -208,6 +223,8 @@ def test_a_direct_stream_migrated_mid_way_equals_the_unmigrated_run(cluster, cli
     # the client took tokens from the source, then resumed through the router (ResumeDirect)
     (resumed,) = [r for r in cluster.resumes if r[0] == rid]
     assert max(known, 1) <= resumed[1] < params.max_tokens, resumed
+    # then streamed straight from the destination: attached there, the router not relaying
+    assert [w for w, r in cluster.attached if r == rid] == [src, _other(src)]
     assert (
         cluster.metric("pdserve_router_migrations_total", reason="manual", result="migrated")
         == moved_before + 1
@@ -249,4 +266,84 @@ def test_drain_empties_a_decode_worker_of_direct_streams_while_they_continue(clu
     moved = {r for r, w in running.items() if w == victim}
     assert moved <= {r for r, _ in cluster.resumes}  # each moved stream resumed through the router
     cluster.registry.get(victim).draining = False
+    cluster.wait_no_blocks()
+
+
+def _migrate_mid_way(cluster: _Cluster, client: Client, prompt: list[int], params: SamplingParams):
+    """Run ``prompt`` and migrate it once the router knows 4 of its tokens: (result, request
+    id, source, outcome)."""
+    with ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(client.complete, prompt, params)
+        deadline = time.monotonic() + CALL_S
+        while not (running := _direct_decoding(cluster, 4)):
+            assert not fut.done() and time.monotonic() < deadline, "the request never decoded directly"
+            time.sleep(0.001)
+        ((rid, src),) = running.items()
+
+        async def go():
+            return await cluster.svc.migrate(rid, _other(src))
+
+        outcome = cluster.on_loop(go())
+        return fut.result(CALL_S), rid, src, outcome
+
+
+def test_a_destination_without_direct_streams_relays_the_rest(cluster, client) -> None:
+    prompt = _prompt(3)
+    ref = client.complete(prompt, GREEDY)
+    dests = {n: w.svc for n, w in cluster.workers.items()}
+    saved = {n: s.direct for n, s in dests.items()}
+    # the destination's Decode / ResumeStream see no direct streams (its Attach still serves the
+    # source's client): it refuses the grant, and the router relays from the client's index
+    with ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(client.complete, prompt, GREEDY)
+        deadline = time.monotonic() + CALL_S
+        while not (running := _direct_decoding(cluster, 4)):
+            assert not fut.done() and time.monotonic() < deadline, "the request never decoded directly"
+            time.sleep(0.001)
+        ((rid, src),) = running.items()
+        dests[_other(src)].direct = None
+        try:
+
+            async def go():
+                return await cluster.svc.migrate(rid, _other(src))
+
+            outcome = cluster.on_loop(go())
+            got = fut.result(CALL_S)
+        finally:
+            for n, s in dests.items():
+                s.direct = saved[n]
+    assert outcome.migrated, outcome
+    assert got.token_ids == ref.token_ids and got.text == ref.text
+    assert [w for w, r in cluster.attached if r == rid] == [src]  # never attached to the destination
+    cluster.wait_no_blocks()
+
+
+def test_a_migrated_direct_stream_ends_on_a_stop_string_matched_on_the_destination(cluster, client) -> None:
+    """The stop string is taken from the unmigrated run's text, after the migration point: the
+    destination renders the text (continuing the client's) and ends the request on it."""
+    prompt = _prompt(4)
+    full = client.complete(prompt, GREEDY)
+    text = full.text
+    at = len(text) // 2  # well after the migration point (the router knows 4 tokens then)
+    stop = next(
+        (
+            text[i : i + n]
+            for i in range(at, len(text))
+            for n in range(1, 13)
+            if i + n <= len(text)
+            and text[i : i + n].strip()
+            and "\ufffd" not in text[i : i + n]
+            and text.find(text[i : i + n]) == i
+        ),
+        None,
+    )
+    assert stop is not None, f"no stop string found in the reference text {text!r}"
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True, stop=(stop,))
+    ref = client.complete(prompt, params)
+    assert ref.finish.reason == "stop" and ref.finish.stop == stop and ref.text == text[: text.find(stop)]
+    got, rid, src, outcome = _migrate_mid_way(cluster, client, prompt, params)
+    assert outcome.migrated, outcome
+    assert got.text == ref.text and got.token_ids == ref.token_ids
+    assert got.finish.reason == ref.finish.reason and got.finish.stop == stop
+    assert [w for w, r in cluster.attached if r == rid] == [src, _other(src)]
     cluster.wait_no_blocks()

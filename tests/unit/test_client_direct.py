@@ -151,3 +151,53 @@ def test_a_relayed_group_passes_every_choice_through() -> None:
     out = asyncio.run(_run(_Call(msgs), _Conn([], delay_s=0.0)))
     assert out == msgs
     assert [m.choice_index for m in out if m.HasField("finish")] == [0, 1, 2]
+
+
+class _Muxes:
+    """Connections by worker address (a request that moves between workers)."""
+
+    def __init__(self, conns: dict[str, _Conn]) -> None:
+        self.conns = conns
+
+    def get(self, address: str) -> _Conn:
+        return self.conns[address]
+
+
+def test_a_migrated_request_resumes_then_streams_from_its_destination() -> None:
+    """A live migration (router.lifecycle.direct_legs ``DirectLegs.moved``): the source ends the
+    request's deltas (ABORTED), the router says ``lost``, the client resumes with what it has,
+    then the router redirects it to the destination (a new ticket), whose deltas continue: no
+    gap, no duplicate, one count check at the finish."""
+    lost = direct_pb2.DirectRedirect()
+    lost.CopyFrom(REDIRECT)
+    lost.lost = True
+    dest = direct_pb2.DirectRedirect(address="w:2", worker_id="decode-1", ticket="tk2", request_id=RID)
+    call = _Call(
+        [
+            client_pb2.GenerateResponse(request_id="mine", token_ids=[1], text="a"),
+            client_pb2.GenerateResponse(request_id="mine", direct=REDIRECT),
+            0.2,
+            client_pb2.GenerateResponse(request_id="mine", direct=lost),
+            0.1,
+            client_pb2.GenerateResponse(request_id="mine", direct=dest),
+            _finish(5),  # before the destination's last delta: held for it
+        ]
+    )
+    aborted = _delta([], "", done=True, error_code=grpc.StatusCode.ABORTED.value[0], error="migrated")
+    src = _Conn([_delta([2], "b"), _delta([3], "c"), aborted], delay_s=0.01)
+    dst = _Conn([_delta([4], "d"), _delta([5], "e", done=True)], delay_s=0.05)
+    resumes: list[direct_pb2.ResumeDirectRequest] = []
+
+    async def resume(r):
+        resumes.append(r)
+
+    async def run():
+        return [m async for m in direct_messages(call, _Muxes({"w:1": src, "w:2": dst}), resume)]
+
+    out = asyncio.run(run())
+    assert [t for m in out for t in m.token_ids] == [1, 2, 3, 4, 5]
+    assert "".join(m.text for m in out) == "abcde" and out[-1].HasField("finish")
+    (r,) = resumes
+    assert (r.ticket, list(r.token_ids), r.text_chars) == ("tk", [1, 2, 3], 3)
+    assert src.attached == [(RID, "tk")] and dst.attached == [(RID, "tk2")]
+    assert dst.detached == [(RID, False)]  # done: the destination is not told to abort

@@ -89,7 +89,7 @@ def test_worker_attach_checks() -> None:
         ds = DirectStreams("decode-0", s, clock=clock)
         ticket = s.mint(CLAIMS)
         aborted: list[BaseException] = []
-        ds._register("req-1", _decode_req(ticket), aborted.append)
+        ds._register("req-1", ticket, "tenant-a", aborted.append)
         other_tenant = s.mint(TicketClaims("req-1", "decode-0", "tenant-b", NOW + 30))
         conn = _Conn(ctx=None)  # type: ignore[arg-type]
         attach = direct_pb2.DirectAttach
@@ -125,7 +125,7 @@ def test_worker_refuses_direct_requests_it_cannot_serve() -> None:
 def test_worker_refuses_a_grant_for_another_worker() -> None:
     async def scenario():
         ds = DirectStreams("decode-1", None, clock=_Clock())
-        ds._register("req-1", _decode_req(signer().mint(CLAIMS)), lambda e: None)
+        ds._register("req-1", signer().mint(CLAIMS), "tenant-a", lambda e: None)
 
     with pytest.raises(PermissionDeniedError, match="decode worker 'decode-0', not 'decode-1'"):
         asyncio.run(scenario())
@@ -137,7 +137,7 @@ def test_unattached_request_is_aborted_at_expiry() -> None:
         ds = DirectStreams("decode-0", None, clock=clock)
         aborted: list[BaseException] = []
         claims = TicketClaims("req-1", "decode-0", "tenant-a", NOW + 0.05)
-        ds._register("req-1", _decode_req(signer().mint(claims)), aborted.append)
+        ds._register("req-1", signer().mint(claims), "tenant-a", aborted.append)
         clock.t = NOW + 1
         await asyncio.sleep(0.2)
         return aborted, ds
