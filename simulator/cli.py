@@ -1,4 +1,4 @@
-"""``pdserve simulate | plan | profile``: argparse wiring only (the work is in the modules).
+"""``pdserve simulate | plan | plan-mix | simulate-mix | profile``: argparse wiring only (the work is in the modules).
 
 ``register(subparsers)`` adds the three subcommands; each sets ``func`` to a handler taking the
 parsed namespace and returning an exit status (the ``pdserve`` convention).
@@ -241,6 +241,108 @@ def parse_mix_model(text: str) -> tuple[str, float]:
     return model, r
 
 
+_POOL_ROLES = {"P": InstanceRole.PREFILL, "D": InstanceRole.DECODE, "M": InstanceRole.MIXED}
+
+
+def parse_pools(text: str) -> tuple[InstanceGroup, ...]:
+    """``1P2D`` (disaggregated: prefill and decode instances), ``2M`` (colocated) or ``1P1D1M``
+    (Splitwise), each instance on one GPU -> the instance groups; ValueError naming the bad part."""
+    import re
+
+    parts = re.findall(r"(\d+)([PDM])", text)
+    if not parts or "".join(n + r for n, r in parts) != text:
+        raise ValueError(f"pools {text!r}: expected counts and roles such as 1P2D, 2M or 1P1D1M")
+    roles = [r for _, r in parts]
+    if len(set(roles)) != len(roles):
+        raise ValueError(f"pools {text!r}: a role appears twice")
+    groups = tuple(InstanceGroup(_POOL_ROLES[r], int(n)) for n, r in parts)
+    if sum(g.count for g in groups) < 1:
+        raise ValueError(f"pools {text!r}: at least one instance")
+    if ("P" in roles) != ("D" in roles):
+        raise ValueError(f"pools {text!r}: prefill instances need decode instances and the reverse")
+    return groups
+
+
+def parse_mix_pools(text: str, with_rate: bool) -> tuple[str, tuple[InstanceGroup, ...], float | None]:
+    """``MODEL:POOLS:RATE`` (``with_rate``) or ``MODEL:POOLS`` (the rates come from a trace) ->
+    (model, instance groups, requests/s or None); ValueError naming the bad part."""
+    parts = text.split(":")
+    want = 3 if with_rate else 2
+    form = (
+        "MODEL:POOLS:RATE (e.g. llama-2-7b:1P1D:2.0)"
+        if with_rate
+        else "MODEL:POOLS with --trace (e.g. llama-2-7b:1P1D)"
+    )
+    if len(parts) != want or not parts[0]:
+        raise ValueError(f"--model expects {form}, got {text!r}")
+    rate = None
+    if with_rate:
+        _, rate = parse_mix_model(f"{parts[0]}:{parts[2]}")
+    return parts[0], parse_pools(parts[1]), rate
+
+
+def cmd_simulate_mix(a: argparse.Namespace) -> int:
+    from pdserve.errors import InvalidRequestError
+    from simulator.mix import ModelDemand, load_mixed_jsonl, mixed_workload, simulate_mixed
+    from simulator.planner import Candidate
+
+    try:
+        parsed = [parse_mix_pools(t, with_rate=not a.trace) for t in a.model]
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from None
+    names = [m for m, _, _ in parsed]
+    if len(set(names)) != len(names):
+        raise InvalidRequestError(f"--model: each model once, got {names}")
+    slo = SLO(a.ttft, a.tpot)
+    pools = {}
+    demands = []
+    for i, (model, groups, rate) in enumerate(parsed):
+        lat = LatencySpec(
+            model=model,
+            gpu=a.gpu,
+            source=LatencySource(a.latency),
+            transfer_bandwidth=a.transfer_gbps * 1e9 / 8,
+        )
+        pools[model] = (ClusterConfig(lat, groups, block_size=a.block_size, policy=PolicyKind(a.policy)), slo)
+        if rate is not None:
+            # rate x duration requests each (no minimum): every model's arrivals span the window
+            # goodput is counted over
+            src = RateSource(duration_s=a.duration, min_requests=1, seed=a.seed + i)
+            demands.append(ModelDemand(model, lat, rate, src, slo))
+    workload = load_mixed_jsonl(a.trace, a.num_requests) if a.trace else mixed_workload(demands)
+    res = simulate_mixed(workload, pools, a.target)
+    print(
+        f"{len(pools)} models on their own pools ({a.gpu}), {len(workload)} requests over "
+        f"{workload.duration_s:.1f} s, SLO TTFT {a.ttft}s TPOT {a.tpot}s"
+    )
+    print(res.table())
+    if a.out:
+        out = _out_dir(a)
+        assert out is not None
+        data = {
+            "requests": res.num_requests,
+            "window_s": workload.duration_s,
+            "attainment": res.attainment,
+            "goodput": res.goodput,
+            "models": [
+                {
+                    "name": r.name,
+                    "pools": Candidate(r.cluster.groups).label,
+                    "gpus": r.cluster.num_gpus,
+                    "requests": r.num_requests,
+                    "attainment": r.attainment,
+                    "goodput": r.goodput,
+                    "ttft_p90": r.percentile("ttft", 90),
+                    "tpot_p90": r.percentile("tpot", 90),
+                }
+                for r in res.runs
+            ],
+        }
+        (out / "simulate_mix.json").write_text(json.dumps(data, indent=1))
+        print(f"wrote {out / 'simulate_mix.json'}")
+    return 0
+
+
 def cmd_plan_mix(a: argparse.Namespace) -> int:
     from collections import Counter
 
@@ -365,7 +467,8 @@ def cmd_profile(a: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- wiring
 def register(subparsers) -> None:
-    """Add ``simulate``, ``plan``, ``plan-mix`` and ``profile`` to a ``pdserve`` argparse sub-parser set."""
+    """Add ``simulate``, ``plan``, ``plan-mix``, ``simulate-mix`` and ``profile`` to a ``pdserve``
+    argparse sub-parser set."""
     s = subparsers.add_parser(
         "simulate", help="simulate a cluster on a workload (latency, SLO attainment, goodput)"
     )
@@ -483,6 +586,47 @@ def register(subparsers) -> None:
     m.add_argument("--out", default=None, help="directory to write plan_mix.json into")
     m.add_argument("--quiet", action="store_true", help="no progress output")
     m.set_defaults(func=cmd_plan_mix)
+
+    x = subparsers.add_parser(
+        "simulate-mix",
+        help="simulate several base models, each on its own pools, fed from one mixed arrival timeline (#16)",
+    )
+    x.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="MODEL:POOLS[:RATE]",
+        help="a model, its pools (1P2D: 1 prefill + 2 decode instances; 2M: 2 colocated; one GPU each) and, "
+        "without --trace, its requests/s, e.g. llama-2-7b:1P1D:2.0 (repeat per model)",
+    )
+    x.add_argument(
+        "--trace",
+        default=None,
+        help="Mooncake-format JSONL whose lines name their model (field model); default: each model's "
+        "ShareGPT-like Poisson arrivals at its rate, merged",
+    )
+    x.add_argument("--gpu", default="a100", choices=["a100", "h100"], help="GPU type of the latency models")
+    x.add_argument(
+        "--latency", default="auto", choices=[s.value for s in LatencySource], help="latency model source"
+    )
+    x.add_argument(
+        "--transfer-gbps", type=float, default=200.0, help="KV transfer bandwidth between instances, Gb/s"
+    )
+    x.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
+    x.add_argument("--num-requests", type=int, default=None, help="--trace: its first N requests")
+    x.add_argument("--seed", type=int, default=0, help="seed of the synthetic arrivals")
+    x.add_argument("--ttft", type=float, default=0.25, help="TTFT SLO, seconds (every model)")
+    x.add_argument("--tpot", type=float, default=0.1, help="TPOT SLO, seconds (every model)")
+    x.add_argument("--target", type=float, default=0.9, help="SLO attainment target")
+    x.add_argument(
+        "--policy",
+        default=PolicyKind.LEAST_LOADED.value,
+        choices=[v.value for v in PolicyKind],
+        help="router placement policy within each model's pools",
+    )
+    x.add_argument("--duration", type=float, default=60.0, help="seconds of synthetic arrivals")
+    x.add_argument("--out", default=None, help="directory to write simulate_mix.json into")
+    x.set_defaults(func=cmd_simulate_mix)
 
     f = subparsers.add_parser(
         "profile", help="time the real engine on a grid of batches and write a latency profile"
