@@ -26,12 +26,14 @@ runner then passes block tables that start at the first block still needed
 A full-attention layer refuses trimmed tables (it would silently lose context). Every query
 sees at least its own key, so no softmax row is fully masked.
 
-Decode backends. When the metadata carries the decodes' key ranges (``decode_rows``, built by the
-model runner) and the native kernel supports the tensors (fp32 on CPU,
-:mod:`engine.attention_native`), decodes read K/V in place through their block tables: no copy of
-the context, no mask. Otherwise (CUDA, fp16/bf16, no C compiler, ``PDSERVE_ATTENTION=torch``)
-they gather their blocks and attend with a length mask (``decode_mask``). Both compute the same
-attention (tests/unit/test_attention_native.py compares them). Prefill chunks that continue a
+Decode backends (:mod:`engine.attention_backends`, chosen explicitly by the model runner). When
+the metadata carries the decodes' key ranges (``decode_rows``), decodes read K/V in place through
+their block tables with ``decode_backend``: the native C kernel (fp32 CPU,
+:mod:`engine.attention_native`), the torch tile kernel (any device, :mod:`engine.attention_paged`)
+or FlashInfer / flash-attn (CUDA, :mod:`engine.attention_cuda`, through the step's
+``decode_plan``): no copy of the whole context, no mask. Otherwise (the ``gather`` backend) they
+gather their blocks and attend with a length mask (``decode_mask``). All compute the same
+attention (tests/unit/test_attention_native.py, test_attention_paged.py compare them). Prefill chunks that continue a
 sequence always use the gather path: they are compute-bound, and the gather is amortised over
 the chunk's queries.
 """
@@ -43,7 +45,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from engine import attention_native
+from engine import attention_native, attention_paged
+from engine.attention_backends import AttentionBackend
 
 
 @dataclass
@@ -67,6 +70,8 @@ class DecodeRows:
     hi: torch.Tensor  # [D] int64
     first: torch.Tensor  # [D] int64
     lo: dict[int | None, torch.Tensor]  # window (None: full) -> [D] int64
+    # window -> the first table column any decode needs (host ints; a missing window: 0)
+    col_lo: dict[int | None, int] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> DecodeRows:
         return DecodeRows(
@@ -75,6 +80,7 @@ class DecodeRows:
             self.hi.to(device),
             self.first.to(device),
             {w: x.to(device) for w, x in self.lo.items()},
+            dict(self.col_lo),
         )
 
 
@@ -107,6 +113,7 @@ def decode_rows(
         t(lens),
         t(starts),
         {w: t(lo) for w, lo in los.items()},
+        {w: min((a - f) // block_size for a, f in zip(lo, starts, strict=True)) for w, lo in los.items()},
     )
 
 
@@ -121,8 +128,12 @@ class AttentionMetadata:
     # window -> decode mask of the layers with that sliding window (same shape as decode_mask)
     decode_window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     trimmed: bool = False  # some table starts past position 0 (out-of-window blocks were freed)
-    # the decodes' key ranges for the in-place kernel (None: decodes use the gather path)
+    # the decodes' key ranges for the in-place kernels (None: decodes use the gather path)
     decode_rows: DecodeRows | None = None
+    # which kernel reads decode_rows (engine.attention_backends; never AUTO or GATHER here)
+    decode_backend: AttentionBackend = AttentionBackend.NATIVE
+    # FlashInfer / flash-attn: the step's engine.attention_cuda.DecodePlan (None otherwise)
+    decode_plan: object | None = None
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -169,6 +180,44 @@ def _grouped(
     return o.view(b, kvh, g, n, hd).permute(0, 3, 1, 2, 4).reshape(b, n, h, hd)
 
 
+def _decode_rows(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    md: AttentionMetadata,
+    window: int | None,
+    scale: float,
+    softcap: float | None,
+    out: torch.Tensor,
+) -> None:
+    """The decodes' attention through ``md.decode_rows`` with ``md.decode_backend``; raises for a
+    backend that cannot serve these tensors (never falls back to another)."""
+    r = md.decode_rows
+    assert r is not None
+    b = md.decode_backend
+    if b is AttentionBackend.NATIVE:
+        if not attention_native.supports(q, cache):
+            raise RuntimeError(
+                f"the native decode kernel cannot serve {q.dtype} tensors on {q.device} "
+                f"({attention_native.unavailable_reason() or 'it needs float32 CPU tensors'})"
+            )
+        qd = q if q.is_contiguous() else q.contiguous()
+        attention_native.paged_attention_rows(
+            qd, cache[0], cache[1], r.tables, r.row, r.lo[window], r.hi, r.first, scale, out=out,
+            softcap=softcap,
+        )  # fmt: skip
+    elif b is AttentionBackend.TORCH_PAGED:
+        attention_paged.paged_decode(
+            q, cache[0], cache[1], r.tables, r.row, r.lo[window], r.hi, r.first, scale, softcap, out,
+            col_lo=r.col_lo.get(window, 0),
+        )  # fmt: skip
+    elif b in (AttentionBackend.FLASHINFER, AttentionBackend.FLASH_ATTN):
+        if md.decode_plan is None:
+            raise RuntimeError(f"the {b.value} decode backend needs the step's decode_plan")
+        md.decode_plan.run(q, cache, window, scale, softcap, out)  # type: ignore[attr-defined]
+    else:
+        raise RuntimeError(f"decode_rows cannot be read by the {b.value!r} backend")
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, H, hd]
     k: torch.Tensor,  # [T, KVH, hd]
@@ -190,13 +239,8 @@ def paged_attention(
     gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
     d = md.num_decodes
-    if d and md.decode_rows is not None and attention_native.supports(q, cache):
-        r = md.decode_rows
-        qd = q[:d] if q.is_contiguous() else q[:d].contiguous()
-        attention_native.paged_attention_rows(
-            qd, cache[0], cache[1], r.tables, r.row, r.lo[window], r.hi, r.first, scale, out=out[:d],
-            softcap=softcap,
-        )  # fmt: skip
+    if d and md.decode_rows is not None:
+        _decode_rows(q[:d], cache, md, window, scale, softcap, out[:d])
     elif d:
         if md.decode_block_tables is None or md.decode_mask is None:
             raise RuntimeError("decodes need block tables and masks for the gather path")

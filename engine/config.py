@@ -51,6 +51,17 @@ class EngineConfig:
     seeded output is the non-speculative output; ``DraftAcceptance.REJECTION`` keeps the
     target's distribution instead). Refused with tensor parallelism; at engine build, with LoRA
     adapters and with a model whose every layer has a sliding window.
+
+    ``attention_backend`` (:mod:`engine.attention_backends`): the decode attention kernel,
+    ``auto`` | ``native`` | ``gather`` | ``torch_paged`` | ``flashinfer`` | ``flash_attn``; None
+    (default): the ``PDSERVE_ATTENTION`` environment variable, else ``auto`` (native C kernel on
+    fp32 CPU, else gather). A backend named explicitly that cannot run is refused when the engine
+    is built, naming it; never replaced. Not with tensor parallelism (use the variable there).
+
+    ``cuda_graph`` (:mod:`engine.attention_graphs`): replay decode-only steps of up to
+    ``cuda_graph_max_batch_size`` rows from CUDA graphs captured per batch-size bucket. Needs
+    ``device='cuda'`` and ``attention_backend='torch_paged'``; refused with tensor parallelism,
+    weight offloading and (at engine build) LoRA adapters.
     """
 
     block_size: int = 16
@@ -82,6 +93,9 @@ class EngineConfig:
     mlfq_swap_watermark: float = 1.0
     mlfq_swap_backoff_iters: int = 256
     mlfq_swap_backoff_max_iters: int = 512
+    attention_backend: str | None = None
+    cuda_graph: bool = False
+    cuda_graph_max_batch_size: int = 64
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -138,8 +152,45 @@ class EngineConfig:
                 raise ValueError(
                     "speculative decoding is not supported with tensor_parallel_size > 1: set one of them"
                 )
+        self._check_attention()
         if not isinstance(self.scheduling_policy, SchedulingPolicy):
             raise ValueError(
                 f"scheduling_policy must be one of {[p.value for p in SchedulingPolicy]}, "
                 f"got {self.scheduling_policy!r}"
             )
+
+    def _check_attention(self) -> None:
+        """Validate ``attention_backend`` / ``cuda_graph`` (see the class docstring)."""
+        from engine.attention_backends import AttentionBackend
+
+        backend = None if self.attention_backend is None else AttentionBackend.parse(self.attention_backend)
+        if backend is not None and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "attention_backend is not supported with tensor_parallel_size > 1: "
+                "leave it None (PDSERVE_ATTENTION applies to every rank)"
+            )
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be a bool, got {self.cuda_graph!r}")
+        if isinstance(self.cuda_graph_max_batch_size, bool) or not (
+            isinstance(self.cuda_graph_max_batch_size, int) and self.cuda_graph_max_batch_size >= 1
+        ):
+            raise ValueError(
+                f"cuda_graph_max_batch_size must be an integer >= 1, got {self.cuda_graph_max_batch_size!r}"
+            )
+        if not self.cuda_graph:
+            return
+        if not self.device.startswith("cuda"):
+            raise ValueError(
+                f"cuda_graph=True needs device='cuda' (got device={self.device!r}): set cuda_graph=False"
+            )
+        if backend is not AttentionBackend.TORCH_PAGED:
+            raise ValueError(
+                "cuda_graph=True needs attention_backend='torch_paged' (the backend captured in the graphs), "
+                f"got {self.attention_backend!r}"
+            )
+        for name, bad in (
+            ("tensor_parallel_size > 1", self.tensor_parallel_size > 1),
+            ("weight offloading (weight_memory_budget_bytes)", self.weight_memory_budget_bytes is not None),
+        ):
+            if bad:
+                raise ValueError(f"cuda_graph=True is not supported with {name}: set cuda_graph=False")

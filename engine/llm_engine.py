@@ -207,7 +207,17 @@ class LLMEngine:
         self.runner = (
             runner_factory(self.kv)
             if runner_factory
-            else ModelRunner(model, self.kv, dtype, device, num_host_blocks=nhost)
+            else ModelRunner(
+                model,
+                self.kv,
+                dtype,
+                device,
+                num_host_blocks=nhost,
+                attention_backend=config.attention_backend,
+                cuda_graph=config.cuda_graph,
+                cuda_graph_max_batch=min(config.cuda_graph_max_batch_size, config.max_num_seqs),
+                max_model_len=self.max_model_len,
+            )
         )
         if nhost:
             self._measure_swap_bandwidth()
@@ -218,6 +228,10 @@ class LLMEngine:
             if config.speculative.acceptance is DraftAcceptance.REJECTION:
                 self.runner.draft_probs = self.draft.draft_probs
         self.lora: LoRAManager | None = None
+        if lora is not None and config.cuda_graph:
+            raise InvalidRequestError(
+                "cuda_graph=True is not supported with LoRA adapters: set cuda_graph=False"
+            )
         if lora is not None:
             from engine.tp_runner import TPModelRunner
 

@@ -8,6 +8,12 @@ each layer in order, K then V ``[block_size, kvh, hd]`` (``export_blocks`` retur
 With a host block pool (``num_host_blocks`` > 0) the runner also owns its tensors
 (:class:`engine.swap_space.HostKVCache`) and, at the start of :meth:`ModelRunner.execute`, does
 the step's swap copies (``SchedulerOutput.swap_out`` then ``swap_in``) before the forward pass.
+
+Decode attention runs on one backend chosen explicitly when the runner is built
+(:mod:`engine.attention_backends`: ``attention_backend``, else ``PDSERVE_ATTENTION``, else
+``auto``; a named backend that cannot run here is refused). With ``cuda_graph`` a step of decode
+rows only is replayed from a CUDA graph per batch-size bucket (:mod:`engine.attention_graphs`;
+needs CUDA and the ``torch_paged`` backend); other steps run eagerly.
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import attention_native
 from engine.attention import AttentionMetadata, PrefillSlice, decode_rows
+from engine.attention_backends import AttentionBackend, probe, requested_backend, resolve_backend
+from engine.attention_graphs import DecodeBatch, DecodeGraphs, GraphMode
 from engine.block_manager import NULL_BLOCK, KVCacheManager
 from engine.models.llama import LlamaForCausalLM
 from engine.request import Request
 from engine.sampler import SampleRequest, SampleResult, sample
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from engine.swap_space import HostKVCache
+from pdserve.errors import FailedPreconditionError
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,14 @@ class ModelRunner:
         device: torch.device,
         local_kv_heads: int | None = None,
         num_host_blocks: int = 0,
+        attention_backend: str | AttentionBackend | None = None,
+        cuda_graph: bool = False,
+        cuda_graph_max_batch: int = 64,
+        max_model_len: int | None = None,
     ) -> None:
+        """``attention_backend``: the decode attention backend (None: ``PDSERVE_ATTENTION``, else
+        ``auto``); ``cuda_graph``: replay decode steps of up to ``cuda_graph_max_batch`` rows from
+        CUDA graphs, tables up to ``max_model_len`` tokens (None: the model's maximum)."""
         cfg = model.config
         self.model = model
         self.kv = kv
@@ -80,11 +95,71 @@ class ModelRunner:
         # distributions of a request's drafts, or None (then the coupled rule: match)
         self.draft_probs: Callable[[str, tuple[int, ...]], torch.Tensor | None] | None = None
         self.windows = sorted(cfg.windows)  # the layers' distinct sliding windows
-        # decodes read the cache in place (engine.attention_native) when the kernel supports it
-        self.native_decode = (
-            device.type == "cpu"
-            and dtype == torch.float32
-            and attention_native.available(cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim)
+        self._group = cfg.num_attention_heads // cfg.num_key_value_heads
+        self.decode_backend = self._resolve_backend(requested_backend(attention_backend))
+        self._workspace: torch.Tensor | None = None  # FlashInfer's, allocated on first use
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graph:
+            if device.type != "cuda":
+                raise FailedPreconditionError(
+                    f"cuda_graph needs a CUDA device (this runner's is {device.type}): set cuda_graph=False"
+                )
+            max_len = max_model_len or cfg.max_position_embeddings
+            self.enable_decode_graphs(GraphMode.CUDA, cuda_graph_max_batch, -(-max_len // kv.block_size))
+
+    # ------------------------------------------------------------------ attention backend
+    def _resolve_backend(self, requested: AttentionBackend) -> AttentionBackend:
+        dtype_name = str(self.dtype).removeprefix("torch.")
+        facts = probe(self.device.type, dtype_name, self.block_size, self._group, self.shape.head_dim)
+        return resolve_backend(requested, facts)
+
+    @property
+    def native_decode(self) -> bool:
+        """Whether decodes use the native in-place kernel (engine.attention_native)."""
+        return self.decode_backend is AttentionBackend.NATIVE
+
+    @native_decode.setter
+    def native_decode(self, on: bool) -> None:
+        """Switch between the native kernel (refused where it cannot run) and the gather path."""
+        self.decode_backend = self._resolve_backend(
+            AttentionBackend.NATIVE if on else AttentionBackend.GATHER
+        )
+
+    def set_decode_backend(self, backend: str | AttentionBackend) -> None:
+        """Use ``backend`` for decodes from the next step on (refused, naming it, where it cannot
+        run; with decode graphs only ``torch_paged``)."""
+        b = self._resolve_backend(AttentionBackend.parse(backend))
+        if self.graphs is not None and b is not AttentionBackend.TORCH_PAGED:
+            raise FailedPreconditionError("decode graphs need the 'torch_paged' attention backend")
+        self.decode_backend = b
+
+    def enable_decode_graphs(self, mode: GraphMode, max_batch: int, max_width: int) -> None:
+        """Serve decode-only steps through padded static buffers per batch bucket
+        (:class:`engine.attention_graphs.DecodeGraphs`; ``GraphMode.CUDA`` captures and replays,
+        ``GraphMode.EAGER`` runs the same buffers eagerly). Appends the padding's scratch block
+        to the KV cache: call it before the cache is shared or written."""
+        if self.graphs is not None:
+            raise RuntimeError("decode graphs are already enabled")
+        if self.decode_backend is not AttentionBackend.TORCH_PAGED:
+            raise FailedPreconditionError(
+                f"decode graphs need attention_backend='torch_paged' (this runner's is "
+                f"{self.decode_backend.value!r}): its loop bounds are static per bucket"
+            )
+        if self.local_kv_heads != self.shape.num_kv_heads:
+            raise FailedPreconditionError("decode graphs are not supported with tensor parallelism")
+        scratch = self.kv_cache.shape[2]
+        pad = torch.zeros_like(self.kv_cache[:, :, :1])
+        self.kv_cache = torch.cat([self.kv_cache, pad], dim=2)
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.kv_cache,
+            self.block_size,
+            self.windows,
+            max_batch,
+            max_width,
+            scratch,
+            trimmed=self.kv.sliding_window is not None,
+            mode=mode,
         )
 
     # ------------------------------------------------------------------ step
@@ -101,6 +176,15 @@ class ModelRunner:
         tokens: the K/V of all of them is written before attention reads); on the gather path
         it is a chunk continuing the sequence (the causal mask offset by the context).
         """
+        ids, pos, slots, dec, prefills, trimmed = self._lists(items)
+        return ids, pos, self._build_metadata(slots, dec, prefills, trimmed)
+
+    def _lists(
+        self, items: list[ScheduledRequest]
+    ) -> tuple[list[int], list[int], list[int], DecodeBatch, list[PrefillSlice], bool]:
+        """The batch's token ids, positions, slots, decode rows (as a :class:`DecodeBatch`:
+        each row's token, position, slot, table, length and table start), prefill slices and
+        whether a table was trimmed (see :meth:`_metadata`)."""
         bs = self.block_size
         kv = self.kv
         ids: list[int] = []
@@ -109,6 +193,7 @@ class ModelRunner:
         dec_tables: list[list[int]] = []
         dec_lens: list[int] = []
         dec_starts: list[int] = []
+        dec_idx: list[int] = []  # each decode row's index in ids
         prefills: list[PrefillSlice] = []
         trimmed = False
         for s in items:
@@ -130,7 +215,8 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in rng)
             if self._is_decode(s):
                 tab = table[first : end // bs + (1 if end % bs else 0)]
-                for p in rng:  # one row per query token (several for a speculative decode)
+                for i, p in enumerate(rng):  # one row per query token (several when speculative)
+                    dec_idx.append(len(ids) - s.num_new_tokens + i)
                     dec_tables.append(tab)
                     dec_lens.append(p + 1)
                     dec_starts.append(first * bs)
@@ -142,11 +228,24 @@ class ModelRunner:
                 prefills.append(
                     PrefillSlice(len(ids) - s.num_new_tokens, s.num_new_tokens, s.start, bt, first * bs)
                 )
+        dec = DecodeBatch(
+            [ids[i] for i in dec_idx], [pos[i] for i in dec_idx], [slots[i] for i in dec_idx],
+            dec_tables, dec_lens, dec_starts,
+        )  # fmt: skip
+        return ids, pos, slots, dec, prefills, trimmed
+
+    def _build_metadata(
+        self, slots: list[int], dec: DecodeBatch, prefills: list[PrefillSlice], trimmed: bool
+    ) -> AttentionMetadata:
+        bs = self.block_size
         dev = self.device
-        dtab = dmask = rows = None
+        dec_tables, dec_lens, dec_starts = dec.tables, dec.lens, dec.starts
+        dtab = dmask = rows = plan = None
         wmasks: dict[int, torch.Tensor] = {}
-        if dec_tables and self.native_decode:
-            rows = decode_rows(dec_tables, dec_lens, dec_starts, self.windows, bs, kv.num_blocks, dev)
+        if dec_tables and self.decode_backend.reads_rows:
+            rows = decode_rows(dec_tables, dec_lens, dec_starts, self.windows, bs, self.kv.num_blocks, dev)
+            if self.decode_backend in (AttentionBackend.FLASHINFER, AttentionBackend.FLASH_ATTN):
+                plan = self._decode_plan(rows)
         elif dec_tables:
             width = max(len(t) for t in dec_tables)
             dtab = torch.tensor(
@@ -170,8 +269,23 @@ class ModelRunner:
             decode_window_masks=wmasks,
             trimmed=trimmed,
             decode_rows=rows,
+            decode_backend=self.decode_backend if rows is not None else AttentionBackend.NATIVE,
+            decode_plan=plan,
         )
-        return ids, pos, md
+        return md
+
+    def _decode_plan(self, rows):
+        """The step's FlashInfer / flash-attn plan (engine.attention_cuda)."""
+        from engine.attention_cuda import DecodePlan, new_workspace
+
+        if self.decode_backend is AttentionBackend.FLASHINFER and self._workspace is None:
+            self._workspace = new_workspace(self.device)
+        cfg = self.model.config
+        return DecodePlan(
+            self.decode_backend, rows.tables, rows.hi, rows.first, self.block_size,
+            cfg.num_attention_heads * self.local_kv_heads // cfg.num_key_value_heads,
+            self.local_kv_heads, cfg.head_dim, self.dtype, self._workspace,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, SampleResult | list[SampleResult]]:
@@ -185,9 +299,13 @@ class ModelRunner:
             return {}
         # decodes first (batched attention), then prefill chunks
         items = sorted(out.scheduled, key=lambda s: 0 if self._is_decode(s) else 1)
-        ids, pos, md = self._metadata(items)
+        ids, pos, slots, dec, prefills, trimmed = self._lists(items)
         dev = self.device
-        hidden = self.forward(ids, pos, md)
+        hidden = None
+        if self.graphs is not None and not prefills and self.decode_backend is AttentionBackend.TORCH_PAGED:
+            hidden = self.graphs.forward(dec)  # None: more rows than the largest bucket
+        if hidden is None:
+            hidden = self.forward(ids, pos, self._build_metadata(slots, dec, prefills, trimmed))
         rows: list[int] = []
         sreqs: list[SampleRequest] = []
         spans: list[tuple[str, int, bool]] = []  # request id, rows, speculative
@@ -252,7 +370,9 @@ class ModelRunner:
         """Whether ``s`` runs as decode rows: one token continuing a sequence, or a speculative
         decode when the in-place kernel serves decodes (else its tokens are a chunk, see
         :meth:`_metadata`)."""
-        return s.start > 0 and (s.num_new_tokens == 1 or (bool(s.spec_token_ids) and self.native_decode))
+        return s.start > 0 and (
+            s.num_new_tokens == 1 or (bool(s.spec_token_ids) and self.decode_backend.reads_rows)
+        )
 
     def swap(self, out: SchedulerOutput) -> None:
         """Copy the step's swapped-out blocks to the host and swapped-in blocks back (in that
