@@ -221,8 +221,13 @@ def test_each_models_placement_sees_only_its_own_workers(cluster, client) -> Non
     sa, sb = cluster.svcs["tiny-a"], cluster.svcs["tiny-b"]
     assert sa.outstanding is not sb.outstanding and sa.kv_tokens is not sb.kv_tokens
     assert sa.prober is sb.prober  # the registry's quarantine: probed by one task
-    # every worker of both models is counted once in the router's gauge
-    assert cluster.prom.get_sample_value("pdserve_router_workers", {"role": "decode"}) == 3
+    # every worker of both models is counted once in the router's gauge, under its model
+    g = cluster.prom.get_sample_value
+    assert g("pdserve_router_workers", {"role": "decode", "model": "tiny-a"}) == 2
+    assert g("pdserve_router_workers", {"role": "decode", "model": "tiny-b"}) == 1
+    # the in-flight gauge is per model too, and back to 0 once the requests ended
+    assert g("pdserve_router_inflight_requests", {"model": "tiny-a"}) == 0
+    assert g("pdserve_router_inflight_requests", {"model": "tiny-b"}) == 0
 
 
 def test_each_models_context_and_tokenizer_answer_for_it(cluster, client) -> None:
