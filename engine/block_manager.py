@@ -34,6 +34,16 @@ copied to the host once and every swapped-out holder refers to that one host slo
 counts), so a block is never duplicated on the host. A swapped-in block whose hash is still in
 the device prefix cache is re-used from there instead of copied.
 
+Disk tier (``num_disk_blocks`` > 0, cold KV on disk): :meth:`KVCacheManager.spill` moves a
+swapped-out request's host blocks that no other swapped-out request shares (host ref count 1) to
+disk slots and frees their host slots (``(host, disk)`` pairs to write, before anything reuses
+those host slots: before the step's swap-outs); :meth:`KVCacheManager.promote` brings them back to
+fresh host slots (``(disk, host)`` pairs to read, after the step's swap-ins, which may read host
+slots it reuses). A request with blocks on disk is promoted before :meth:`KVCacheManager.swap_in`
+(which refuses it). Within one step every spill is planned before any promotion (a disk slot a
+promotion frees is not rewritten before it is read; :meth:`KVCacheManager.spill` raises
+otherwise until :meth:`KVCacheManager.begin_step`).
+
 Fork and copy-on-write (parallel sampling, :mod:`engine.parallel_sampling`): :meth:`KVCacheManager.fork`
 gives a new request the same block table as an existing one, taking one more reference on each
 block. Before a request writes a token into a block another holder references (ref count > 1:
@@ -72,7 +82,16 @@ class HostBlock:
     block_hash: BlockHash | None = None
 
 
-SwappedEntry = Block | HostBlock | None  # device block kept (shared), host copy, window hole
+@dataclass(frozen=True)
+class DiskBlock:
+    """A swapped-out request's block spilled to disk slot ``disk_id`` (the disk tier)."""
+
+    disk_id: int
+    block_hash: BlockHash | None = None
+
+
+# device block kept (shared), host copy, disk copy, window hole
+SwappedEntry = Block | HostBlock | DiskBlock | None
 
 
 @dataclass
@@ -82,6 +101,8 @@ class SwapStats:
     blocks_in_reused: int = 0  # host blocks not copied back: found in the device prefix cache
     blocks_kept: int = 0  # shared blocks left on device at swap-out
     host_refs_shared: int = 0  # kept references moved onto an already copied host slot
+    blocks_spilled: int = 0  # host blocks written to the disk tier
+    blocks_promoted: int = 0  # disk blocks read back to the host
 
 
 @dataclass
@@ -192,9 +213,14 @@ class KVCacheManager:
         enable_prefix_caching: bool = True,
         sliding_window: int | None = None,
         num_host_blocks: int = 0,
+        num_disk_blocks: int = 0,
     ) -> None:
         if num_host_blocks < 0:
             raise ValueError(f"num_host_blocks must be >= 0, got {num_host_blocks}")
+        if num_disk_blocks < 0:
+            raise ValueError(f"num_disk_blocks must be >= 0, got {num_disk_blocks}")
+        if num_disk_blocks and not num_host_blocks:
+            raise ValueError("a disk tier (num_disk_blocks > 0) needs a host pool (num_host_blocks > 0)")
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         if sliding_window is not None and sliding_window < 1:
@@ -208,6 +234,9 @@ class KVCacheManager:
         self._num_registered: dict[str, int] = {}
         self._num_skipped: dict[str, int] = {}  # leading blocks dropped out of the window
         self.host: HostBlockPool | None = HostBlockPool(num_host_blocks) if num_host_blocks else None
+        # disk tier slots (same accounting as host slots; never shared: only ref-1 host blocks spill)
+        self.disk: HostBlockPool | None = HostBlockPool(num_disk_blocks) if num_disk_blocks else None
+        self._promoted_this_step = False
         self._swapped: dict[str, list[SwappedEntry]] = {}
         self._kept: dict[int, set[str]] = {}  # device block -> swapped-out requests keeping it
         self.swap_stats = SwapStats()
@@ -465,6 +494,8 @@ class KVCacheManager:
             self.pool.release(kept)
             if self.host is not None:
                 self.host.free(e.host_id for e in swapped if isinstance(e, HostBlock))
+            if self.disk is not None:
+                self.disk.free(e.disk_id for e in swapped if isinstance(e, DiskBlock))
 
     def _unkeep(self, b: Block, request_id: str) -> None:
         holders = self._kept.get(b.block_id)
@@ -495,8 +526,96 @@ class KVCacheManager:
         return sum(1 for b in self._tables.get(request_id, ()) if b is not None and self._moves(b))
 
     def num_swap_in_blocks(self, request_id: str) -> int:
-        """Host blocks of a swapped-out request (at most this many are copied back)."""
-        return sum(1 for e in self._swapped.get(request_id, ()) if isinstance(e, HostBlock))
+        """Host (and disk) blocks of a swapped-out request (at most this many are copied back)."""
+        return sum(1 for e in self._swapped.get(request_id, ()) if isinstance(e, (HostBlock, DiskBlock)))
+
+    # ---------------------------------------------------------------- disk tier
+    @property
+    def num_disk_blocks(self) -> int:
+        return self.disk.num_blocks if self.disk is not None else 0
+
+    @property
+    def num_free_disk_blocks(self) -> int:
+        return self.disk.num_free_blocks if self.disk is not None else 0
+
+    def begin_step(self) -> None:
+        """A new scheduling step starts: spills may be planned again (see :meth:`spill`)."""
+        self._promoted_this_step = False
+
+    def num_spill_blocks(self, request_id: str) -> int:
+        """Host blocks of a swapped-out request that :meth:`spill` would move to disk (those no
+        other swapped-out request shares)."""
+        if self.host is None:
+            return 0
+        host = self.host
+        return sum(
+            1
+            for e in self._swapped.get(request_id, ())
+            if isinstance(e, HostBlock) and host.ref_cnt(e.host_id) == 1
+        )
+
+    def num_disk_blocks_of(self, request_id: str) -> int:
+        """Blocks of a swapped-out request that are on disk (promoted before its swap-in)."""
+        return sum(1 for e in self._swapped.get(request_id, ()) if isinstance(e, DiskBlock))
+
+    def disk_ids_of(self, request_id: str) -> list[int]:
+        """Disk slots a swapped-out request holds (empty when none or not swapped out)."""
+        return [e.disk_id for e in self._swapped.get(request_id, ()) if isinstance(e, DiskBlock)]
+
+    def host_ids_of(self, request_id: str) -> list[int]:
+        """Host slots a swapped-out request references (empty when none or not swapped out)."""
+        return [e.host_id for e in self._swapped.get(request_id, ()) if isinstance(e, HostBlock)]
+
+    def spill(self, request_id: str) -> list[tuple[int, int]]:
+        """Move a swapped-out request's unshared host blocks to disk slots and free their host
+        slots; returns ``(host_block, disk_block)`` pairs the caller writes before anything
+        reuses those host slots. Raises RuntimeError when there is no disk tier, the request is
+        not swapped out, the disk is short, or a promotion was planned in this step (nothing
+        changed then)."""
+        if self.disk is None or self.host is None:
+            raise RuntimeError("spill without a disk tier (num_disk_blocks=0)")
+        if self._promoted_this_step:
+            raise RuntimeError("spill planned after a promotion in the same step (begin_step first)")
+        entries = self._swapped.get(request_id)
+        if entries is None:
+            raise RuntimeError(f"request {request_id} is not swapped out")
+        idx = [
+            i for i, e in enumerate(entries) if isinstance(e, HostBlock) and self.host.ref_cnt(e.host_id) == 1
+        ]
+        disk_ids = self.disk.allocate(len(idx))  # raises when short, before anything changes
+        pairs: list[tuple[int, int]] = []
+        for i, d in zip(idx, disk_ids, strict=True):
+            e = entries[i]
+            assert isinstance(e, HostBlock)
+            entries[i] = DiskBlock(d, e.block_hash)
+            pairs.append((e.host_id, d))
+        self.host.free(h for h, _ in pairs)
+        self.swap_stats.blocks_spilled += len(pairs)
+        return pairs
+
+    def promote(self, request_id: str) -> list[tuple[int, int]]:
+        """Bring a swapped-out request's disk blocks back to fresh host slots and free their
+        disk slots; returns ``(disk_block, host_block)`` pairs the caller reads after the step's
+        swap-ins. Raises RuntimeError when the request is not swapped out or the host pool is
+        short (nothing changed then)."""
+        if self.disk is None or self.host is None:
+            raise RuntimeError("promote without a disk tier (num_disk_blocks=0)")
+        entries = self._swapped.get(request_id)
+        if entries is None:
+            raise RuntimeError(f"request {request_id} is not swapped out")
+        idx = [i for i, e in enumerate(entries) if isinstance(e, DiskBlock)]
+        host_ids = self.host.allocate(len(idx))  # raises when short, before anything changes
+        pairs: list[tuple[int, int]] = []
+        for i, h in zip(idx, host_ids, strict=True):
+            e = entries[i]
+            assert isinstance(e, DiskBlock)
+            entries[i] = HostBlock(h, e.block_hash)
+            pairs.append((e.disk_id, h))
+        self.disk.free(d for d, _ in pairs)
+        self.swap_stats.blocks_promoted += len(pairs)
+        if pairs:
+            self._promoted_this_step = True
+        return pairs
 
     def swap_out(self, req: Request) -> list[tuple[int, int]]:
         """Move the request's blocks no running request shares to host slots (one slot per
@@ -554,7 +673,7 @@ class KVCacheManager:
             raise RuntimeError(f"request {req.request_id} is not swapped out")
         need = 0
         for e in entries:
-            if isinstance(e, HostBlock):
+            if isinstance(e, (HostBlock, DiskBlock)):
                 hit = self._reusable(e)
                 need += 1 if hit is None or hit.ref_cnt == 0 else 0
         grow = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(entries)
@@ -565,7 +684,7 @@ class KVCacheManager:
                 need += 1  # its next write copies a block it shares (copy-on-write)
         return need + max(0, grow)
 
-    def _reusable(self, e: HostBlock) -> Block | None:
+    def _reusable(self, e: HostBlock | DiskBlock) -> Block | None:
         if e.block_hash is None or not self.enable_prefix_caching:
             return None
         return self.pool.lookup(e.block_hash)
@@ -582,6 +701,8 @@ class KVCacheManager:
         entries = self._swapped.get(rid)
         if entries is None or self.host is None:
             raise RuntimeError(f"request {rid} is not swapped out")
+        if any(isinstance(e, DiskBlock) for e in entries):
+            raise RuntimeError(f"request {rid} has blocks on disk: promote it before its swap-in")
         need = self.swap_in_blocks_needed(req, 0)
         if need > self.pool.num_free_blocks:
             raise RuntimeError(f"swap-in of {rid} needs {need} blocks, {self.pool.num_free_blocks} free")

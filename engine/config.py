@@ -27,6 +27,15 @@ class EngineConfig:
     block (checked when the engine is built, which knows a block's size); not supported with
     ``tensor_parallel_size`` > 1.
 
+    ``swap_disk_bytes`` (cold KV on disk, :mod:`engine.kv_disk`): a local-disk tier behind the
+    host pool, in preallocated segment files under ``swap_disk_dir`` (None: the system's temp
+    folder). When the host pool is full, the swapped-out KV of the coldest requests spills there
+    instead of the new victim recomputing, when the cost model (measured disk bandwidth) says so;
+    it is read back to the host before the request runs (checksummed: a corrupt or unreadable
+    block, a failed write, make that request recompute; a write error turns spilling off). 0
+    (default): no disk tier. Needs ``swap_space_bytes`` > 0; at least one block (checked at
+    build); a directory that cannot hold it is refused at build.
+
     ``weight_dtype``: how the projections and lm_head are stored (:mod:`engine.models.quant`):
     ``float32`` (as loaded), ``int8`` (weight-only, one scale per output row; fp32 CPU models, not
     MoE, not with tensor parallelism or LoRA), ``bfloat16`` (only where the CPU has native bf16).
@@ -80,6 +89,8 @@ class EngineConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     swap_space_bytes: int = 0
+    swap_disk_bytes: int = 0
+    swap_disk_dir: str | None = None
     weight_dtype: str = "float32"
     weight_memory_budget_bytes: int | None = None
     weight_host_budget_bytes: int | None = None
@@ -110,6 +121,16 @@ class EngineConfig:
             raise ValueError(
                 f"swap_space_bytes must be >= 0 (0: recompute only), got {self.swap_space_bytes}"
             )
+        if isinstance(self.swap_disk_bytes, bool) or not isinstance(self.swap_disk_bytes, int):
+            raise ValueError(f"swap_disk_bytes must be an integer, got {self.swap_disk_bytes!r}")
+        if self.swap_disk_bytes < 0:
+            raise ValueError(f"swap_disk_bytes must be >= 0 (0: no disk tier), got {self.swap_disk_bytes}")
+        if self.swap_disk_bytes and not self.swap_space_bytes:
+            raise ValueError(
+                "swap_disk_bytes > 0 needs a host swap pool (the disk tier sits behind it): set swap_space_bytes"
+            )
+        if self.swap_disk_dir is not None and not self.swap_disk_bytes:
+            raise ValueError("swap_disk_dir needs a disk tier: set swap_disk_bytes > 0")
         if self.weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {self.weight_dtype!r}")
         if self.weight_dtype != "float32" and self.tensor_parallel_size > 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ import torch
 from engine.block_hash import BlockHash, chain_hashes
 from engine.block_manager import NULL_BLOCK, KVCacheManager
 from engine.config import EngineConfig
+from engine.kv_disk import DiskKVTier
 from engine.lora import LoRAConfig, LoRAManager
 from engine.model_runner import KVShape, ModelRunner
 from engine.models.config import ModelConfig
@@ -92,6 +94,19 @@ class EngineStats:
     swapped_in_blocks: int = 0  # blocks copied host -> device (cumulative)
     host_blocks_total: int = 0
     host_blocks_used: int = 0
+    # disk tier behind the host pool (EngineConfig.swap_disk_bytes; all 0 without it)
+    disk_blocks_total: int = 0
+    disk_blocks_used: int = 0
+    disk_spills: int = 0  # swapped-out requests whose host blocks spilled to disk (cumulative)
+    disk_promotions: int = 0  # requests whose disk blocks were read back to the host
+    disk_spilled_blocks: int = 0
+    disk_promoted_blocks: int = 0
+    disk_full: int = 0  # preemptions that recomputed because the disk tier was full
+    disk_fallbacks: int = 0  # swapped-out requests recomputed after a disk write/read fault
+    disk_write_errors: int = 0  # blocks whose disk write failed
+    disk_corrupt_blocks: int = 0  # blocks read back with a checksum mismatch / short read / error
+    disk_seconds: float = 0.0  # time spent in disk writes and reads
+    disk_enabled: bool = False  # spilling is on (a write error turns it off)
     spec_draft_tokens: int = 0  # speculative decoding: drafted tokens verified (cumulative)
     spec_accepted_tokens: int = 0  # of which the target model kept
 
@@ -172,6 +187,12 @@ class LLMEngine:
             )
         if nhost and runner_factory is not None:
             raise ValueError("swap_space_bytes > 0 needs the default single-device model runner")
+        ndisk = config.swap_disk_bytes // shape.block_nbytes
+        if config.swap_disk_bytes and ndisk < 1:
+            raise ValueError(
+                f"swap_disk_bytes={config.swap_disk_bytes} holds no KV block of {shape.block_nbytes} bytes: "
+                "set 0 (no disk tier) or at least one block's size"
+            )
         # blocks out of the sliding window are freed only when every layer is windowed
         self.kv = KVCacheManager(
             nblocks,
@@ -180,6 +201,7 @@ class LLMEngine:
             config.enable_prefix_caching,
             sliding_window=model_config.kv_window,
             num_host_blocks=nhost,
+            num_disk_blocks=ndisk,
         )
         self.rates = RateEstimator()
         self.scheduler = Scheduler(
@@ -219,8 +241,15 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
             )
         )
+        self.disk_tier: DiskKVTier | None = None
+        if ndisk:
+            self.disk_tier = DiskKVTier(
+                config.swap_disk_dir or tempfile.gettempdir(), ndisk, shape.block_nbytes
+            )
         if nhost:
             self._measure_swap_bandwidth()
+        if self.disk_tier is not None:
+            self._measure_disk_bandwidth()
         self.draft: DraftModelProposer | None = None
         if config.speculative is not None and config.speculative.method is SpecMethod.DRAFT_MODEL:
             self.draft = self._draft_proposer(model_config, draft_model, nblocks, dtype, device)
@@ -349,6 +378,53 @@ class LLMEngine:
             self.rates.observe_copy(nbytes, secs)
         self.scheduler.set_swap_rates(self.rates.rates)
 
+    def _measure_disk_bandwidth(self, max_blocks: int = 8) -> None:
+        """Seed the disk bandwidth: write a few (still unused) host blocks to disk and read them back."""
+        hc, dt = self.runner.host_cache, self.disk_tier
+        assert hc is not None and dt is not None
+        n = min(max_blocks, hc.num_blocks, dt.num_blocks)
+        dt.write(hc.cache, [(i, i) for i in range(n)])
+        dt.read(hc.cache, [(i, i) for i in range(n)])
+        for nbytes, secs in dt.take_timings():
+            self.rates.observe_disk(nbytes, secs)
+        self.scheduler.set_swap_rates(self.rates.rates)
+
+    def _disk_write(self, sched: SchedulerOutput) -> None:
+        """Spill the step's ``disk_out`` host blocks to disk (before its swap-outs reuse their
+        host slots). A failed write turns spilling off and sends the request that owned the
+        block back to recompute (its KV is gone)."""
+        hc, dt = self.runner.host_cache, self.disk_tier
+        assert hc is not None and dt is not None
+        hc.synchronize()  # earlier swap-outs may still be copying into these host slots (CUDA)
+        bad = dt.write(hc.cache, sched.disk_out)
+        if not bad:
+            return
+        log.warning(
+            "KV disk tier: %d block write(s) failed under %s; spilling is off, the requests recompute",
+            len(bad),
+            dt.directory,
+        )
+        self.scheduler.disk_enabled = False
+        for rid in sched.spilled:
+            if bad.intersection(self.kv.disk_ids_of(rid)):
+                self.scheduler.drop_swapped(rid)
+
+    def _disk_read(self, sched: SchedulerOutput) -> None:
+        """Promote the step's ``disk_in`` blocks to the host (after its swap-ins read their host
+        slots); a block that fails its checksum sends its request back to recompute."""
+        hc, dt = self.runner.host_cache, self.disk_tier
+        assert hc is not None and dt is not None
+        hc.synchronize()  # this step's swap-ins may still be reading these host slots (CUDA)
+        bad = dt.read(hc.cache, sched.disk_in)
+        if not bad:
+            return
+        log.warning(
+            "KV disk tier: %d block(s) failed their checksum or read; the requests recompute", len(bad)
+        )
+        for rid in sched.promoted:
+            if bad.intersection(self.kv.host_ids_of(rid)):
+                self.scheduler.drop_swapped(rid)
+
     def _observe_step(self, sched: SchedulerOutput, prefill_tokens: int, seconds: float) -> None:
         """Feed the rate estimator: copy timings, and the step's prefill rate (its time minus
         synchronous copy time; a mixed step's decodes make it a conservative estimate)."""
@@ -359,6 +435,10 @@ class LLMEngine:
                 self.rates.observe_copy(nbytes, secs)
                 if not hc.cuda:
                     copy_s += secs
+        if self.disk_tier is not None:
+            for nbytes, secs in self.disk_tier.take_timings():
+                self.rates.observe_disk(nbytes, secs)
+                copy_s += secs
         if prefill_tokens > 0:
             self.rates.observe_prefill(prefill_tokens, seconds - copy_s)
         self.scheduler.set_swap_rates(self.rates.rates)
@@ -480,6 +560,8 @@ class LLMEngine:
     def close(self) -> None:
         """Release what the engine holds beyond memory (a tensor-parallel engine's followers)."""
         self.runner.close()
+        if self.disk_tier is not None:
+            self.disk_tier.close()
         if self.lora is not None:
             self.lora.close()
         if self.weight_offload is not None:
@@ -801,8 +883,12 @@ class LLMEngine:
         if self.draft is not None:  # draft every running decode in one batch (the drafter reuses them)
             self.draft.prepare(r for r in self.scheduler.running if r.status is RequestStatus.RUNNING)
         sched = self.scheduler.schedule()
+        if sched.disk_out:
+            self._disk_write(sched)  # before the swap-outs reuse the spilled host slots
         if sched.is_empty:
             self.runner.swap(sched)  # a step that only swapped out still copies
+            if sched.disk_in:
+                self._disk_read(sched)
             if self._lora_waiting and self.lora is not None:
                 self.lora.wait_for_loads(0.01)  # only adapter reads are pending: do not spin
             return failed
@@ -828,6 +914,8 @@ class LLMEngine:
                 self.lora.end_step()
         else:
             results = self.runner.execute(sched)
+        if sched.disk_in:
+            self._disk_read(sched)  # after the swap-ins read the host slots it refills
         self._observe_step(sched, prefill_tokens, time.perf_counter() - t0)
         self.num_steps += 1
         finished = self.scheduler.update_from_output(sched, self._verified(sched, results))
@@ -1263,6 +1351,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> EngineStats:
+        dts = self.disk_tier.stats if self.disk_tier is not None else None
         return EngineStats(
             num_waiting=self.scheduler.num_waiting + len(self._lora_waiting),
             num_running=self.scheduler.num_running,
@@ -1283,6 +1372,18 @@ class LLMEngine:
             swapped_in_blocks=self.kv.swap_stats.blocks_in,
             host_blocks_total=self.kv.num_host_blocks,
             host_blocks_used=self.kv.num_host_blocks - self.kv.num_free_host_blocks,
+            disk_blocks_total=self.kv.num_disk_blocks,
+            disk_blocks_used=self.kv.num_disk_blocks - self.kv.num_free_disk_blocks,
+            disk_spills=self.scheduler.num_spills,
+            disk_promotions=self.scheduler.num_disk_promotions,
+            disk_spilled_blocks=self.kv.swap_stats.blocks_spilled,
+            disk_promoted_blocks=self.kv.swap_stats.blocks_promoted,
+            disk_full=self.scheduler.num_disk_full,
+            disk_fallbacks=self.scheduler.num_disk_fallbacks,
+            disk_write_errors=dts.write_errors if dts is not None else 0,
+            disk_corrupt_blocks=dts.corrupt_blocks if dts is not None else 0,
+            disk_seconds=dts.seconds if dts is not None else 0.0,
+            disk_enabled=self.disk_tier is not None and self.scheduler.disk_enabled,
             spec_draft_tokens=self.spec_draft_tokens,
             spec_accepted_tokens=self.spec_accepted_tokens,
         )

@@ -23,6 +23,20 @@ the block copies the model runner does before the forward pass: every swap-out f
 swap-in (the scheduler plans all swap-outs of a step before its swap-ins, so a block released by
 one is only reused after its copy).
 
+Disk tier (``KVCacheManager(num_disk_blocks=...)``, cold KV on disk): when a preemption would
+swap but the host pool is short, the host blocks of the coldest swapped-out requests (last in
+queue order, not swapped out in this step) spill to disk to make room, when the cost model says
+the swap plus the spill's disk write and read still beats recomputing
+(:func:`engine.swap_policy.plan_spill`, ``choose_preemption_mode(spill_blocks=...)``); a disk
+too full to take them means recompute (``num_disk_full``). A swapped-out request whose blocks are
+on disk is promoted back to the host (``SchedulerOutput.disk_in``) before it can be swapped in:
+at the end of each step the swapped queue's head is promoted (spilling colder host-resident
+requests when the host pool is short, so the head never waits forever), and the next swapped
+requests in queue order are promoted ahead of their turn while host slots and the step's budget
+allow (prefetch). ``SchedulerOutput.disk_out`` (host -> disk) is executed before the step's
+swap-outs, ``disk_in`` (disk -> host) after its swap-ins. The engine reports a failed disk write
+or a corrupt read with :meth:`Scheduler.drop_swapped`: the request falls back to recompute.
+
 ``SchedulingPolicy.MLFQ`` is FastServe's skip-join multi-level feedback queue
 (:mod:`engine.mlfq`): order by level, demotion after each level's quantum of iterations, a
 queued request of a higher level preempts a running one of a lower level when the batch is full
@@ -49,7 +63,14 @@ from operator import attrgetter
 from engine import mlfq
 from engine.block_manager import KVCacheManager
 from engine.request import FinishReason, Request, RequestStatus
-from engine.swap_policy import PreemptionMode, SwapRates, choose_preemption_mode, swap_budget_tokens
+from engine.swap_policy import (
+    PreemptionMode,
+    SwapRates,
+    choose_preemption_mode,
+    disk_budget_tokens,
+    plan_spill,
+    swap_budget_tokens,
+)
 from pdserve.errors import InvalidRequestError, RequestNotFoundError
 
 _SORT_KEY = attrgetter("priority", "arrival_time", "seq_no")
@@ -152,7 +173,11 @@ class SchedulerOutput:
     ``swap_in``: ``(host, device)`` block pairs to copy before the forward pass, swap-outs first;
     ``swap_budget_tokens``: token budget the copies displaced; ``copy_blocks``: copy-on-write
     ``(source, destination)`` device block pairs (a forked choice's first write into a shared
-    partial block), copied after the swap-outs and before the swap-ins and the forward pass."""
+    partial block), copied after the swap-outs and before the swap-ins and the forward pass.
+
+    Disk tier: ``disk_out``: ``(host, disk)`` block pairs to write to disk before the swap-outs
+    (``spilled``: their request ids); ``disk_in``: ``(disk, host)`` pairs to read back after the
+    swap-ins (``promoted``: their request ids, in the order their pairs appear)."""
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
@@ -162,6 +187,10 @@ class SchedulerOutput:
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     swap_budget_tokens: int = 0
     copy_blocks: list[tuple[int, int]] = field(default_factory=list)
+    disk_out: list[tuple[int, int]] = field(default_factory=list)
+    disk_in: list[tuple[int, int]] = field(default_factory=list)
+    spilled: list[str] = field(default_factory=list)
+    promoted: list[str] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -224,6 +253,15 @@ class Scheduler:
         self.num_promotions = 0  # MLFQ anti-starvation promotions
         self.iteration = 0  # schedule() calls so far (MLFQ swap backoff counts in these)
         self.num_backoff_holds = 0  # MLFQ preemptions not made because the victim was backing off
+        # disk tier (kv.disk): requests spilled / promoted, swaps refused for a full disk, requests
+        # dropped to recompute after a disk fault (drop_swapped); disk_enabled: the engine turns
+        # spilling off after a write error
+        self.num_spills = 0
+        self.num_disk_promotions = 0
+        self.num_disk_full = 0
+        self.num_disk_fallbacks = 0
+        self.disk_enabled = True
+        self._step_swapped_out: set[str] = set()  # swapped out in this step: not spillable yet
 
     def set_swap_rates(self, rates: SwapRates | None) -> None:
         """The measured copy bandwidth and prefill rate the swap-or-recompute choice uses."""
@@ -402,19 +440,57 @@ class Scheduler:
         return n - min(n // bs, (req.num_tokens - 1) // bs) * bs
 
     def _preemption_mode(self, req: Request, for_memory: bool) -> PreemptionMode:
-        """How :meth:`_preempt` would take ``req`` out: SWAP when a host pool can take its KV and
-        copying is cheaper than recomputing (``choose_preemption_mode``, the recompute counted by
+        """How :meth:`_preempt` would take ``req`` out: SWAP when a host pool can take its KV (if
+        need be after spilling colder swapped-out KV to the disk tier) and that is cheaper than
+        recomputing (``choose_preemption_mode``, the recompute counted by
         :meth:`_recompute_tokens`), else RECOMPUTE."""
+        return self._preemption_plan(req, for_memory)[0]
+
+    def _spill_candidates(self, exclude: Request | None) -> list[tuple[str, int]]:
+        """``(request id, spillable host blocks)`` of the swapped-out requests, coldest (last in
+        queue order) first, without ``exclude`` and those swapped out in this step (their host
+        copies are written only when the step runs)."""
+        kv = self.kv
+        out = []
+        for r in reversed(self._order(self.swapped)):
+            if r is exclude or r.request_id in self._step_swapped_out:
+                continue
+            n = kv.num_spill_blocks(r.request_id)
+            if n:
+                out.append((r.request_id, n))
+        return out
+
+    def _preemption_plan(self, req: Request, for_memory: bool) -> tuple[PreemptionMode, list[str], bool]:
+        """``(mode, requests to spill first, disk full)``: how :meth:`_preempt` would take ``req``
+        out; the last item says a swap was not possible only because the disk tier is full."""
         kv = self.kv
         if kv.host is None or not kv.has(req.request_id):
-            return PreemptionMode.RECOMPUTE
-        return choose_preemption_mode(
-            blocks_to_copy=kv.num_swap_out_blocks(req.request_id),
+            return PreemptionMode.RECOMPUTE, [], False
+        n = kv.num_swap_out_blocks(req.request_id)
+        free = kv.num_free_host_blocks
+        spill: list[str] = []
+        spill_blocks: int | None = 0
+        disk_full = False
+        if n > free:
+            spill_blocks = None
+            if kv.disk is not None and self.disk_enabled and self.rates is not None:
+                cands = self._spill_candidates(req)
+                plan = plan_spill(n - free, cands, kv.num_free_disk_blocks)
+                if plan is not None:
+                    spill, spill_blocks = plan
+                elif free + sum(c for _, c in cands) >= n:
+                    disk_full = True  # the candidates would make room: the disk cannot take them
+        d = choose_preemption_mode(
+            blocks_to_copy=n,
             block_nbytes=self.block_nbytes,
             tokens_to_recompute=self._recompute_tokens(req, for_memory),
-            host_free_blocks=kv.num_free_host_blocks,
+            host_free_blocks=free,
             rates=self.rates,
-        ).mode
+            spill_blocks=spill_blocks,
+        )
+        if d.mode is not PreemptionMode.SWAP:
+            return d.mode, [], disk_full
+        return d.mode, spill, False
 
     def _preempt(self, req: Request, out: SchedulerOutput, *, for_memory: bool = True) -> None:
         """Take ``req`` out of the batch: swap its KV out when a host pool can take it and that
@@ -424,8 +500,14 @@ class Scheduler:
         if not _remove_identical(self.running, req):
             raise ValueError("list.remove(x): x not in list")
         kv = self.kv
-        if self._preemption_mode(req, for_memory) is PreemptionMode.SWAP:
+        mode, spill, disk_full = self._preemption_plan(req, for_memory)
+        if disk_full:
+            self.num_disk_full += 1
+        if mode is PreemptionMode.SWAP:
+            for rid in spill:
+                self._spill(rid, out)
             out.swap_out.extend(kv.swap_out(req))
+            self._step_swapped_out.add(req.request_id)
             req.status = RequestStatus.SWAPPED
             req.num_preemptions += 1
             req.num_swaps += 1
@@ -443,8 +525,73 @@ class Scheduler:
         self.waiting.append(req)
         out.preempted.append(req.request_id)
 
+    def _spill(self, request_id: str, out: SchedulerOutput) -> None:
+        out.disk_out.extend(self.kv.spill(request_id))
+        out.spilled.append(request_id)
+        self.num_spills += 1
+
+    def _promote_ahead(self, budget: int, out: SchedulerOutput) -> None:
+        """Bring swapped-out KV back from disk to the host before it is needed: the swapped
+        queue's head always (spilling colder host-resident requests when the host pool is short,
+        so it cannot wait forever), then the next disk-resident requests in queue order while
+        host slots and the step's remaining ``budget`` (disk time in tokens) allow."""
+        kv = self.kv
+        if kv.disk is None or not self.swapped:
+            return
+        order = self._order(self.swapped)
+        skip = set(out.spilled)
+        first = True
+        for r in order:
+            rid = r.request_id
+            if rid in skip:
+                break  # just spilled as the coldest: nothing after it is hotter
+            n = kv.num_disk_blocks_of(rid)
+            if n == 0:
+                first = False
+                continue
+            cost = disk_budget_tokens(n, self.block_nbytes, self.rates)
+            if first:
+                short = n - kv.num_free_host_blocks
+                if short > 0 and self.disk_enabled:
+                    colder = [c for c in self._spill_candidates(r) if c[0] != rid]
+                    later = {x.request_id for x in order[order.index(r) + 1 :]}
+                    plan = plan_spill(short, [c for c in colder if c[0] in later], kv.num_free_disk_blocks)
+                    if plan is not None:
+                        for s in plan[0]:
+                            self._spill(s, out)
+                            skip.add(s)
+                        budget -= disk_budget_tokens(plan[1], self.block_nbytes, self.rates)
+            elif cost > budget:
+                break
+            if n > kv.num_free_host_blocks:
+                break
+            out.disk_in.extend(kv.promote(rid))
+            out.promoted.append(rid)
+            self.num_disk_promotions += 1
+            out.swap_budget_tokens += cost
+            budget -= cost
+            first = False
+
+    def drop_swapped(self, request_id: str) -> bool:
+        """A swapped-out request whose KV the disk tier lost (a failed write, a checksum mismatch
+        or a short read) falls back to recompute: its blocks on every tier are freed, it is queued
+        to compute its prompt and output again (``num_disk_fallbacks``). Returns False (nothing
+        changed) when the request is unknown or not swapped out (finished or aborted meanwhile)."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.SWAPPED:
+            return False
+        _remove_identical(self.swapped, req)
+        self.kv.free(request_id)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.append(req)
+        self.num_disk_fallbacks += 1
+        return True
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._step_swapped_out = set()
+        self.kv.begin_step()
         self.iteration += 1
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
@@ -503,6 +650,7 @@ class Scheduler:
 
         # the step's swap-outs are copied before its forward pass: charge them to the budget
         cost = swap_budget_tokens(len(out.swap_out), self.block_nbytes, self.rates)
+        cost += disk_budget_tokens(len(out.disk_out), self.block_nbytes, self.rates)
         out.swap_budget_tokens += cost
         budget -= cost
 
@@ -549,6 +697,8 @@ class Scheduler:
                 self.waiting = [r for r in self.waiting if r.request_id not in ids]
                 self.swapped = [r for r in self.swapped if r.request_id not in ids]
                 self.running.extend(admitted)
+        # 4: disk tier: promote the swapped queue's head (and prefetch the next ones) to the host
+        self._promote_ahead(budget, out)
         if mlfq_on:
             for sr in scheduled:
                 sr.request.last_served = now
@@ -574,6 +724,8 @@ class Scheduler:
         """Bring a swapped-out request back and schedule its next tokens; returns the budget it
         took (its tokens plus its copies' share), 0 when it cannot run now (nothing changed)."""
         kv = self.kv
+        if kv.disk is not None and kv.num_disk_blocks_of(req.request_id):
+            return 0  # on disk: promoted to the host at the end of a step first (_promote_ahead)
         cost = swap_budget_tokens(kv.num_swap_in_blocks(req.request_id), self.block_nbytes, self.rates)
         if out.scheduled and cost >= budget:
             return 0  # the copies alone fill the step; a step with nothing else takes them anyway

@@ -9,8 +9,16 @@ has its device blocks copied to the host block pool and back before it runs agai
 * recompute: ``tokens_to_recompute / recompute_tokens_per_s``,
 
 and falls back to recompute when the host pool cannot take the blocks. :class:`RateEstimator`
-keeps the two rates: an exponentially weighted mean of measured copies and prefill steps
+keeps the rates: an exponentially weighted mean of measured copies and prefill steps
 (the engine measures the copy bandwidth once at start and both rates online).
+
+Disk tier (cold KV on disk, ``EngineConfig.swap_disk_bytes``): when the host pool is short, the
+host blocks of the coldest swapped-out requests (last in queue order) may spill to a local-disk
+segment file to make room (:func:`plan_spill`); the swap then also costs those blocks' write now
+and read later at the measured disk bandwidth (``SwapRates.disk_bytes_per_s``):
+``2 * copy_bytes / swap_bytes_per_s + 2 * spill_bytes / disk_bytes_per_s`` against the recompute.
+Without a measured disk bandwidth nothing spills. :func:`disk_budget_tokens` is the disk traffic's
+share of a step's token budget, as :func:`swap_budget_tokens` is the copies'.
 
 :func:`swap_budget_tokens` converts a step's swap traffic into the token budget it displaces
 (the time the copies take, expressed in prefill tokens at the measured rate): the scheduler
@@ -32,12 +40,17 @@ class PreemptionMode(enum.Enum):
 @dataclass(frozen=True)
 class SwapRates:
     """Measured rates. ``swap_bytes_per_s``: device<->host copy bandwidth (one direction);
-    ``recompute_tokens_per_s``: prefill throughput. Both must be > 0."""
+    ``recompute_tokens_per_s``: prefill throughput; ``disk_bytes_per_s``: host<->disk tier
+    bandwidth (one direction; None: no disk tier or not measured yet). All must be > 0."""
 
     swap_bytes_per_s: float
     recompute_tokens_per_s: float
+    disk_bytes_per_s: float | None = None
 
     def __post_init__(self) -> None:
+        d = self.disk_bytes_per_s
+        if d is not None and not (d > 0 and math.isfinite(d)):
+            raise ValueError(f"disk_bytes_per_s must be a positive number or None, got {d}")
         if not (self.swap_bytes_per_s > 0 and math.isfinite(self.swap_bytes_per_s)):
             raise ValueError(f"swap_bytes_per_s must be a positive number, got {self.swap_bytes_per_s}")
         if not (self.recompute_tokens_per_s > 0 and math.isfinite(self.recompute_tokens_per_s)):
@@ -51,6 +64,12 @@ class SwapRates:
     def recompute_seconds(self, num_tokens: int) -> float:
         return num_tokens / self.recompute_tokens_per_s
 
+    def disk_seconds(self, num_bytes: int) -> float:
+        """One-way disk transfer time of ``num_bytes`` (inf when no disk bandwidth is known)."""
+        if num_bytes <= 0:
+            return 0.0
+        return num_bytes / self.disk_bytes_per_s if self.disk_bytes_per_s else math.inf
+
 
 @dataclass(frozen=True)
 class SwapDecision:
@@ -59,6 +78,7 @@ class SwapDecision:
     mode: PreemptionMode
     swap_s: float
     recompute_s: float
+    spill_blocks: int = 0  # host blocks of colder swapped-out requests spilled to disk for room
 
 
 def choose_preemption_mode(
@@ -68,27 +88,60 @@ def choose_preemption_mode(
     tokens_to_recompute: int,
     host_free_blocks: int,
     rates: SwapRates | None,
+    spill_blocks: int | None = 0,
 ) -> SwapDecision:
     """Swap or recompute one preempted request.
 
     ``blocks_to_copy``: the request's device blocks that would move to the host (blocks shared
     with other requests stay on device and are not counted); ``tokens_to_recompute``: the tokens
-    whose KV a recompute would compute again. Recompute when the host pool lacks room
-    (``blocks_to_copy > host_free_blocks``) or no rates are known yet; swap when copying out and
-    back in is strictly faster than recomputing. A request with nothing to copy (every block
-    shared) swaps: keeping its references costs nothing.
+    whose KV a recompute would compute again. ``spill_blocks``: when the host pool is short, the
+    host blocks of colder swapped-out requests that would spill to the disk tier to make room
+    (:func:`plan_spill`; None: the disk tier cannot make room). Recompute when the host pool lacks
+    room and no spill makes it, or no rates are known yet; swap when copying out and back in (plus
+    the spill's disk write and later read) is strictly faster than recomputing. A request with
+    nothing to copy (every block shared) swaps: keeping its references costs nothing.
     """
     if blocks_to_copy < 0 or tokens_to_recompute < 0 or host_free_blocks < 0 or block_nbytes < 1:
         raise ValueError("block counts, token counts must be >= 0 and block_nbytes >= 1")
+    if spill_blocks is not None and spill_blocks < 0:
+        raise ValueError(f"spill_blocks must be >= 0 or None, got {spill_blocks}")
     if rates is None:
         return SwapDecision(PreemptionMode.RECOMPUTE, math.inf, math.nan)
     recompute_s = rates.recompute_seconds(tokens_to_recompute)
     swap_s = 2 * rates.swap_seconds(blocks_to_copy * block_nbytes)
     if blocks_to_copy > host_free_blocks:
-        return SwapDecision(PreemptionMode.RECOMPUTE, swap_s, recompute_s)
+        if spill_blocks is None or host_free_blocks + spill_blocks < blocks_to_copy:
+            return SwapDecision(PreemptionMode.RECOMPUTE, swap_s, recompute_s)
+        swap_s += 2 * rates.disk_seconds(spill_blocks * block_nbytes)
+        mode = PreemptionMode.SWAP if swap_s < recompute_s else PreemptionMode.RECOMPUTE
+        return SwapDecision(mode, swap_s, recompute_s, spill_blocks if mode is PreemptionMode.SWAP else 0)
     if blocks_to_copy == 0 or swap_s < recompute_s:
         return SwapDecision(PreemptionMode.SWAP, swap_s, recompute_s)
     return SwapDecision(PreemptionMode.RECOMPUTE, swap_s, recompute_s)
+
+
+def plan_spill(
+    need: int, candidates: list[tuple[str, int]], disk_free_blocks: int
+) -> tuple[list[str], int] | None:
+    """Which swapped-out requests spill their host blocks to disk to free ``need`` host slots.
+
+    ``candidates``: ``(request id, spillable host blocks)``, coldest first (the caller orders
+    them: last in queue order first). Takes whole requests, coldest first, until ``need`` blocks
+    are freed, skipping one whose blocks would not fit the disk's ``disk_free_blocks`` any more.
+    Returns ``(request ids, blocks spilled)``, ``([], 0)`` for ``need <= 0``, or None when the
+    candidates or the disk cannot free ``need`` blocks (then nothing spills)."""
+    if need <= 0:
+        return [], 0
+    chosen: list[str] = []
+    got = 0
+    for rid, n in candidates:
+        if n <= 0 or n > disk_free_blocks - got:
+            continue
+        chosen.append(rid)
+        got += n
+        if got >= need:
+            return chosen, got
+    return None
 
 
 def swap_budget_tokens(num_blocks: int, block_nbytes: int, rates: SwapRates | None) -> int:
@@ -99,6 +152,18 @@ def swap_budget_tokens(num_blocks: int, block_nbytes: int, rates: SwapRates | No
     if rates is None:
         return 1
     t = rates.swap_seconds(num_blocks * block_nbytes) * rates.recompute_tokens_per_s
+    return max(1, math.ceil(t))
+
+
+def disk_budget_tokens(num_blocks: int, block_nbytes: int, rates: SwapRates | None) -> int:
+    """Token budget displaced by moving ``num_blocks`` blocks between host and disk one way (the
+    disk time in prefill tokens at the measured rate, rounded up; 0 for no blocks; at least 1
+    otherwise, and 1 while no disk bandwidth is known)."""
+    if num_blocks <= 0:
+        return 0
+    if rates is None or rates.disk_bytes_per_s is None:
+        return 1
+    t = rates.disk_seconds(num_blocks * block_nbytes) * rates.recompute_tokens_per_s
     return max(1, math.ceil(t))
 
 
@@ -116,6 +181,7 @@ class RateEstimator:
         self.alpha = alpha
         self._bw: float | None = None
         self._tps: float | None = None
+        self._disk: float | None = None
 
     @staticmethod
     def _mix(old: float | None, new: float, alpha: float) -> float:
@@ -125,6 +191,11 @@ class RateEstimator:
         """A device<->host copy of ``num_bytes`` took ``seconds`` (ignored when either is 0)."""
         if num_bytes > 0 and seconds > 0:
             self._bw = self._mix(self._bw, num_bytes / seconds, self.alpha)
+
+    def observe_disk(self, num_bytes: int, seconds: float) -> None:
+        """A host<->disk transfer of ``num_bytes`` took ``seconds`` (ignored when either is 0)."""
+        if num_bytes > 0 and seconds > 0:
+            self._disk = self._mix(self._disk, num_bytes / seconds, self.alpha)
 
     def observe_prefill(self, num_tokens: int, seconds: float) -> None:
         """A step computing ``num_tokens`` prompt tokens took ``seconds`` (ignored when either is 0)."""
@@ -140,15 +211,20 @@ class RateEstimator:
         return self._bw
 
     @property
+    def disk_bytes_per_s(self) -> float | None:
+        return self._disk
+
+    @property
     def rates(self) -> SwapRates | None:
         if self._bw is None or self._tps is None:
             return None
-        return SwapRates(self._bw, self._tps)
+        return SwapRates(self._bw, self._tps, self._disk)
 
     def with_rates(self, rates: SwapRates) -> RateEstimator:
         """A copy seeded with fixed rates (tests, benchmarks)."""
         out = RateEstimator(self.alpha)
         out._bw, out._tps = rates.swap_bytes_per_s, rates.recompute_tokens_per_s
+        out._disk = rates.disk_bytes_per_s
         return out
 
 
@@ -158,5 +234,7 @@ __all__ = [
     "SwapDecision",
     "SwapRates",
     "choose_preemption_mode",
+    "disk_budget_tokens",
+    "plan_spill",
     "swap_budget_tokens",
 ]
