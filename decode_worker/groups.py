@@ -4,7 +4,10 @@
 Handoff (``DecodeRequest.prompt_tail_pending``): the KV covers every prompt token but the last;
 the engine adopts it once (``LLMEngine.import_kv_group``) and forks the choices over those
 blocks (shared by reference count, copy-on-write of the partial block). A ``local_prefill``
-group runs whole here (``LLMEngine.add_request``, which prefills ``prompt[:-1]`` once).
+group runs whole here (``LLMEngine.add_request``, which prefills ``prompt[:-1]`` once). A group
+whose KV is streamed (``kv_stream_address``) is admitted by
+:func:`decode_worker.stream_puller.admit_streamed_handoff`, with the same checks and the same
+``import_kv_group``.
 
 Stream: each message holds one choice's tokens and carries its ``choice_index``; a choice's
 last message has its finish; the stream ends after ``n`` finishes. Cancelling the stream aborts
@@ -59,6 +62,25 @@ def check_group_handoff(req: worker_pb2.DecodeRequest, params: SamplingParams) -
             raise InvalidRequestError(f"n={params.n} is not supported with a LoRA adapter yet: send n=1")
 
 
+def wait_for_group_blocks(svc: Any, ctx: Any, num_tokens: int, choices: int) -> None:
+    """Wait (the admission timeout, as a single request, bounded by the call's deadline) until
+    the engine can adopt a group of ``choices`` over ``num_tokens`` handed-off prompt tokens;
+    ResourceExhaustedError after. ``svc``: the decode servicer."""
+    limit = svc.state.config.admission_timeout_s
+    remaining = ctx.time_remaining()
+    if remaining is not None and remaining < 1e7:
+        limit = min(limit, remaining)
+    deadline = time.monotonic() + limit
+    while not svc.state.loop.call(lambda e: e.can_admit_group(num_tokens, choices)):
+        if time.monotonic() >= deadline or not ctx.is_active():
+            raise ResourceExhaustedError(
+                f"decode worker {svc.state.config.worker_id} has no free KV blocks for {num_tokens} "
+                f"prompt tokens and {choices} choices",
+                retry_after_s=1.0,
+            )
+        time.sleep(0.01)
+
+
 def admit_group_handoff(
     svc: Any, req: worker_pb2.DecodeRequest, ctx: Any, out: Any
 ) -> tuple[str, Any, float]:
@@ -78,20 +100,7 @@ def admit_group_handoff(
             f"prompt has {len(ids)} tokens; a group's KV handle must hold all but the last, it holds "
             f"{handle.num_tokens}"
         )
-    n = params.num_candidates
-    limit = svc.state.config.admission_timeout_s
-    remaining = ctx.time_remaining()
-    if remaining is not None and remaining < 1e7:
-        limit = min(limit, remaining)
-    deadline = time.monotonic() + limit
-    while not svc.state.loop.call(lambda e: e.can_admit_group(len(ids) - 1, n)):
-        if time.monotonic() >= deadline or not ctx.is_active():
-            raise ResourceExhaustedError(
-                f"decode worker {svc.state.config.worker_id} has no free KV blocks for {len(ids) - 1} "
-                f"prompt tokens and {n} choices",
-                retry_after_s=1.0,
-            )
-        time.sleep(0.01)
+    wait_for_group_blocks(svc, ctx, len(ids) - 1, params.num_candidates)
     blocks, pull_s = svc._pull(handle)
 
     def add(e: LLMEngine) -> None:

@@ -21,7 +21,14 @@ imported into the engine: nothing is left on either side.
 
 :func:`open_stream` opens ``/pdserve.v1.KVStream/StreamKV`` on a prefill worker's channel;
 :func:`import_adder` is the engine call that adopts the assembled KV (``LLMEngine.import_kv``,
-exactly what the non-streamed handoff runs).
+exactly what the non-streamed handoff runs). A DIST-transport chunk (a direct handle: the prefill
+worker's outbox) is pulled by the worker's :class:`~decode_worker.dist_puller.DistPuller` over
+the process group, like a store chunk on the pool; its checksums travel in the handle.
+
+Parallel sampling (``n > 1`` / ``best_of > 1``, ``prompt_tail_pending``): the stream carries the
+KV of every prompt token but the last; it is assembled and verified the same way and adopted by
+``LLMEngine.import_kv_group`` (:mod:`decode_worker.groups`: the choices forked over it), the
+stream's first token (the prefill's discarded one) unused.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import Any
 import grpc
 import torch
 
+from decode_worker.groups import check_group_handoff, num_choices, wait_for_group_blocks
 from decode_worker.puller import KVPuller
 from engine.block_hash import BlockHash, chain_hashes
 from engine.llm_engine import LLMEngine
@@ -297,19 +305,26 @@ def stream_channel(address: str) -> grpc.Channel:
         return ch
 
 
-def check_stream_request(req: worker_pb2.DecodeRequest) -> None:
-    """A streamed handoff's Decode carries the prompt and no KV of its own (worker.proto)."""
+def check_stream_request(req: worker_pb2.DecodeRequest, params: SamplingParams | None = None) -> None:
+    """A streamed handoff's Decode carries the prompt and no KV of its own (worker.proto); a
+    group's (``params.num_candidates > 1``) says ``prompt_tail_pending``
+    (:func:`decode_worker.groups.check_group_handoff`)."""
     if req.HasField("kv") or req.first_token or req.HasField("first_token_logprob"):
         raise InvalidRequestError(
             "kv_stream_address: the KV and the first token come by the stream; send no kv"
         )
-    if req.resume_token_ids or req.local_prefill or req.prompt_tail_pending:
+    if req.resume_token_ids or req.local_prefill:
         raise InvalidRequestError(
-            "kv_stream_address is for a fresh single-sequence handoff: no resume_token_ids, local_prefill "
-            "or prompt_tail_pending"
+            "kv_stream_address is for a fresh handoff: no resume_token_ids or local_prefill"
         )
     if not req.request_id or not req.prompt_token_ids:
         raise InvalidRequestError("kv_stream_address: request_id and prompt_token_ids are required")
+    if params is not None:
+        check_group_handoff(req, params)  # prompt_tail_pending if and only if a group
+    elif req.prompt_tail_pending:
+        raise InvalidRequestError(
+            "prompt_tail_pending is for a parallel-sampling request (n > 1 or best_of > 1)"
+        )
 
 
 def admit_streamed_handoff(
@@ -319,21 +334,35 @@ def admit_streamed_handoff(
     blocks, read the stream as the prefill computes it, then import the whole verified KV as the
     non-streamed handoff does. Returns (request id, output queue, done at once, seconds from the
     stream's opening to the KV assembled)."""
-    check_stream_request(req)
     from pdserve.proto_convert import sampling_from_proto
 
+    params = sampling_from_proto(req.sampling)
+    check_stream_request(req, params)
     state = svc.state
     rid, ids = req.request_id, list(req.prompt_token_ids)
-    params = sampling_from_proto(req.sampling)
-    svc._wait_for_blocks(len(ids), ctx, req.adapter)
+    group = params.num_candidates > 1
+    kv_ids = ids[:-1] if group else ids  # a group's stream holds all but the last prompt token
+    if not kv_ids:
+        raise InvalidRequestError(
+            f"n={params.n} with a 1-token prompt has no prompt KV to stream: send it with local_prefill"
+        )
+    if group:
+        wait_for_group_blocks(svc, ctx, len(kv_ids), params.num_candidates)
+    else:
+        svc._wait_for_blocks(len(ids), ctx, req.adapter)
     layout = state.layout
     asm = StreamAssembler(
         rid,
         layout,
         chain_hashes(
-            ids, layout.block_size, state.engine.model_id, req.adapter, req.cache_salt, include_partial=True
+            kv_ids,
+            layout.block_size,
+            state.engine.model_id,
+            req.adapter,
+            req.cache_salt,
+            include_partial=True,
         ),
-        len(ids),
+        len(kv_ids),
     )
     remaining = ctx.time_remaining()
     timeout = remaining if remaining is not None and remaining < 1e7 else None
@@ -341,6 +370,12 @@ def admit_streamed_handoff(
     call = open_stream(stream_channel(req.kv_stream_address), rid, timeout)
     kv = StreamPuller(svc.puller).read(call, asm, call.cancel)
     pull_s = time.monotonic() - t0
+    if group:
+
+        def add_group(e: LLMEngine) -> None:
+            e.import_kv_group(rid, ids, kv.blocks, params, priority=req.priority, cache_salt=req.cache_salt)
+
+        return rid, svc._add(rid, add_group, out, num_choices(req)), False, pull_s
     add = import_adder(
         rid, ids, kv, params, priority=req.priority, adapter_id=req.adapter, cache_salt=req.cache_salt
     )

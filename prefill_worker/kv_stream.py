@@ -30,9 +30,15 @@ Pieces (the decode side is :mod:`decode_worker.stream_puller`):
   before the prefill opens the stream (bounded wait); a finished stream nobody consumed within
   ``ttl_s`` is dropped (leases released).
 * Sinks (where a chunk's blocks go): :class:`InlineChunkSink` (kept in memory, sent in the
-  stream's messages: the direct gRPC path) and :class:`StoreChunkSink` (put on the worker's
+  stream's messages: the direct gRPC path), :class:`StoreChunkSink` (put on the worker's
   store node under a lease of its own by the existing :class:`~prefill_worker.publisher.StorePublisher`;
-  a same-host decode worker reads it over shared memory).
+  a same-host decode worker reads it over shared memory) and :class:`DistChunkSink` (kept in the
+  worker's direct-transfer outbox, :mod:`prefill_worker.dist_outbox`: the decode worker pulls it
+  over the workers' torch.distributed process group, gloo or NCCL, as the direct whole-KV
+  handoff does). An outbox entry is this process's memory, so a DIST stream's chunks are also
+  taken back when the stream fails or is cancelled before its final was handed over, the ones
+  already handed to the consumer included (a consumer that gave up never pulls them; a pull
+  racing with it gets NOT_FOUND, and that consumer's assembly has failed anyway).
 * :func:`prefill_streamed`: the producer, run on a worker thread next to the engine loop: adds
   the prefill-only request, after each engine step copies the newly final blocks (on the engine
   thread, between two steps, as :mod:`engine.migration` does) and publishes them while the
@@ -56,9 +62,10 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Protocol
 
 import grpc
 import torch
@@ -87,6 +94,7 @@ from pdserve.proto_convert import logprob_to_proto
 from pdserve.status import abort_with
 from pdserve.tracing import log_event
 from pdserve.v1 import worker_pb2
+from prefill_worker.dist_outbox import DistPublisher
 from prefill_worker.publisher import StorePublisher
 from prefill_worker.sweeper import Sweeper
 
@@ -105,6 +113,7 @@ class KVStreamTransport(enum.Enum):
 
     GRPC = "grpc"  # the bytes in the stream's messages (direct, worker to worker)
     STORE = "store"  # each chunk put on the prefill worker's store node under its own lease
+    DIST = "dist"  # each chunk in the prefill worker's outbox, pulled over the process group
 
 
 class StreamStatus(enum.Enum):
@@ -167,7 +176,11 @@ class StreamManifest:
 
 
 class ChunkSink(Protocol):
-    """Where a chunk's blocks go."""
+    """Where a chunk's blocks go. ``reclaims_delivered``: the stream drops (:meth:`drop`) every
+    chunk when it fails or is cancelled before its final was handed over, not only the
+    undelivered ones (chunks that live in this process, see the module docstring)."""
+
+    reclaims_delivered: ClassVar[bool]
 
     def put(
         self, request_id: str, index: int, first_block: int, hashes: list[BlockHash], blocks: torch.Tensor
@@ -180,6 +193,8 @@ class ChunkSink(Protocol):
 
 class InlineChunkSink:
     """Chunks kept in memory and sent in the stream's messages (the direct gRPC path)."""
+
+    reclaims_delivered: ClassVar[bool] = False
 
     def put(
         self, request_id: str, index: int, first_block: int, hashes: list[BlockHash], blocks: torch.Tensor
@@ -196,6 +211,8 @@ class StoreChunkSink:
     """Chunks put on the worker's store node, each under a lease of its own, by ``publisher``
     (per-block checksums, write-once conflicts and tenant quotas as for any handoff);
     ``client`` releases the lease of a chunk that is dropped undelivered."""
+
+    reclaims_delivered: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -243,16 +260,95 @@ class StoreChunkSink:
             log.warning("could not release the lease of stream chunk %s: %s", h.request_id, e)
 
 
+class DistChunkSink:
+    """Chunks kept in the worker's direct-transfer outbox by ``publisher`` (a
+    :class:`~prefill_worker.dist_outbox.DistPublisher`), each under a key of its own (short: the
+    transfer header carries at most 184 bytes of id), for the decode worker's pull over the
+    process group (``KVPeer.PushKV``; a decode worker outside the group has it spilled to the
+    store with ``KVPeer.SpillKV``). The chunk's handle is the publisher's direct handle with the
+    per-block XXH3 checksums computed here, so the consumer verifies the bytes it received as for
+    any other chunk. When the publisher fell back to the store (the group failed to form, a
+    chunk larger than the outbox), the chunk is a store chunk and ``client`` releases its lease
+    when it is dropped. Dropping a direct chunk takes it out of the outbox (a no-op once pushed)."""
+
+    reclaims_delivered: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        publisher: DistPublisher,
+        layout: KVLayout,
+        model_id: str,
+        lease_ttl_s: float,
+        tenant: str = "",
+        client: KVStoreClient | None = None,
+    ) -> None:
+        self.publisher = publisher
+        self.layout = layout
+        self.model_id = model_id
+        self.lease_ttl_s = lease_ttl_s
+        self.tenant = tenant
+        self.client = client
+        self._key = f"kvstream-{uuid.uuid4().hex}"  # this stream's outbox keys: unique, short
+        self.reclaimed = 0  # outbox entries of dropped chunks taken back
+        self.released = 0  # store leases of dropped (fallen back) chunks released
+
+    def put(
+        self, request_id: str, index: int, first_block: int, hashes: list[BlockHash], blocks: torch.Tensor
+    ) -> StreamChunk:
+        lay = self.layout
+        blocks = blocks.detach().cpu().contiguous()
+        sums = tuple(block_checksum(tensor_bytes(blocks[i])) for i in range(blocks.shape[0]))
+        kv = KVExport(
+            request_id=f"{self._key}-{index}",
+            model_id=self.model_id,
+            token_ids=[0] * (len(hashes) * lay.block_size),  # the publisher reads only their count
+            first_token=0,
+            block_hashes=list(hashes),
+            blocks=blocks,
+            shape=KVShape(
+                lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, getattr(torch, lay.dtype)
+            ),
+        )
+        h = self.publisher.publish(kv, lay, self.lease_ttl_s, self.tenant)
+        if h.is_direct:  # the outbox keeps bytes only: the checksums travel in the handle
+            h = replace(h, block_checksums=sums)
+        return StreamChunk(index, first_block, tuple(hashes), tuple(h.block_checksums), handle=h)
+
+    def drop(self, chunk: StreamChunk) -> None:
+        h = chunk.handle
+        if h is None:
+            return
+        if h.is_direct:
+            if self.publisher.outbox.take(h.request_id) is not None:
+                self.reclaimed += 1
+            return
+        if not h.lease_id or self.client is None:
+            return
+        try:
+            self.client.release(h.lease_id)
+            self.released += 1
+        except Exception as e:  # noqa: BLE001 - the lease expires with its TTL anyway
+            log.warning("could not release the lease of stream chunk %s: %s", h.request_id, e)
+
+
 class KVStream:
     """One request's KV stream (see the module docstring for the ownership contract)."""
 
     def __init__(
-        self, request_id: str, layout: KVLayout, num_tokens: int, drop: Callable[[StreamChunk], None]
+        self,
+        request_id: str,
+        layout: KVLayout,
+        num_tokens: int,
+        drop: Callable[[StreamChunk], None],
+        reclaim_delivered: bool = False,
     ) -> None:
+        """``reclaim_delivered``: when the stream fails or is cancelled before its final was
+        handed over, ``drop`` every chunk, the delivered ones too (see ``ChunkSink``)."""
         self.request_id = request_id
         self.layout = layout
         self.num_tokens = num_tokens
         self._drop = drop
+        self._reclaim_delivered = reclaim_delivered
         self._cond = threading.Condition()
         self._chunks: list[StreamChunk] = []
         self._delivered = 0  # chunks handed to the consumer (they are its own from then on)
@@ -306,7 +402,9 @@ class KVStream:
             if self._status in (StreamStatus.FAILED, StreamStatus.CANCELLED) or self._final_taken:
                 return  # already ended, or everything was handed over
             self._status, self._error = status, error
-            undelivered, self._chunks = self._chunks[self._delivered :], self._chunks[: self._delivered]
+            keep = 0 if self._reclaim_delivered else self._delivered
+            undelivered, self._chunks = self._chunks[keep:], self._chunks[:keep]
+            self._delivered = min(self._delivered, keep)
             self._cond.notify_all()
         for c in undelivered:
             self._drop(c)
@@ -402,15 +500,21 @@ class KVStreamRegistry:
         self._sweeper = Sweeper(self.sweep, "kv-stream-sweeper")
 
     def open(
-        self, request_id: str, layout: KVLayout, num_tokens: int, drop: Callable[[StreamChunk], None]
+        self,
+        request_id: str,
+        layout: KVLayout,
+        num_tokens: int,
+        drop: Callable[[StreamChunk], None],
+        reclaim_delivered: bool = False,
     ) -> KVStream:
-        """A new stream; InvalidRequestError when one with this id is still live."""
+        """A new stream (``reclaim_delivered``: see :class:`KVStream`); InvalidRequestError when
+        one with this id is still live."""
         self.sweep()
         with self._cond:
             old = self._streams.get(request_id)
             if old is not None and not old.ended:
                 raise InvalidRequestError(f"a KV stream for request {request_id!r} is already open")
-            s = self._streams[request_id] = KVStream(request_id, layout, num_tokens, drop)
+            s = self._streams[request_id] = KVStream(request_id, layout, num_tokens, drop, reclaim_delivered)
             self.opened += 1
             self._cond.notify_all()
         return s
@@ -581,7 +685,7 @@ def prefill_streamed(
         raise InvalidRequestError("prompt is empty: send at least one token")
     hashes = chain_hashes(prompt, layout.block_size, model_id, adapter_id, cache_salt, include_partial=True)
     per = max(1, max_chunk_bytes // layout.block_nbytes)
-    stream = registry.open(request_id, layout, len(prompt), sink.drop)
+    stream = registry.open(request_id, layout, len(prompt), sink.drop, sink.reclaims_delivered)
     sent = chunks = 0
     added = False
     try:

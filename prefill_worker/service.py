@@ -8,7 +8,9 @@ lease, free them locally (full blocks stay in the local prefix cache) and return
 Parallel sampling (sampling ``n > 1`` or ``best_of > 1``): the prompt is prefilled once, all but
 its last token (:func:`prefill_worker.groups.group_prefix`), nothing is sampled, and the response
 says ``prompt_tail_pending``: the decode worker forks the choices over these blocks and each
-computes the last prompt token itself (``LLMEngine.import_kv_group``).
+computes the last prompt token itself (``LLMEngine.import_kv_group``). With ``kv_stream`` the
+group's blocks (all but the last prompt token) are streamed as a single request's are, and the
+response says ``prompt_tail_pending`` with no handle.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from pdserve.proto_convert import logprob_to_proto, sampling_from_proto
 from pdserve.tracing import log_event, request_scope
 from pdserve.v1 import common_pb2, worker_pb2
 from pdserve.worker_base import WorkerState
+from prefill_worker.dist_outbox import DistPublisher
 from prefill_worker.groups import group_prefix
 from prefill_worker.kv_stream import (
     ChunkSink,
+    DistChunkSink,
     InlineChunkSink,
     KVStreamRegistry,
     StoreChunkSink,
@@ -171,12 +175,8 @@ class PrefillServicer:
             )
 
         if req.kv_stream:  # chunk-wise KV streaming (prefill_worker/kv_stream.py)
-            if group:
-                raise InvalidRequestError(
-                    "kv_stream: a parallel-sampling request (n > 1 or best_of > 1) is not streamed; "
-                    "send it without kv_stream"
-                )
-            return self._prefill_streamed(req, ctx, rid, ids, add, t_arrive)
+            # a group streams the blocks of every prompt token but the last (group_prefix)
+            return self._prefill_streamed(req, ctx, rid, run_ids, add, t_arrive, group)
         # engine throughput while this request is in it: the engine is busy throughout (ours or others')
         c0, t_added = self.state.engine.prefill_tokens_computed, time.monotonic()
         q = self.state.loop.add(rid, add)
@@ -237,6 +237,21 @@ class PrefillServicer:
         """Where a streamed prefill's chunks go (``req.kv_stream``)."""
         if req.kv_stream == worker_pb2.KV_STREAM_TRANSPORT_GRPC:
             return InlineChunkSink()
+        ttl = req.lease_ttl_s or self.state.config.lease_ttl_s
+        if req.kv_stream == worker_pb2.KV_STREAM_TRANSPORT_DIST:
+            if not isinstance(self.publisher, DistPublisher):
+                raise InvalidRequestError(
+                    "KV_STREAM_TRANSPORT_DIST: this prefill worker is not in a torch.distributed process group "
+                    "(start it with --dist-init); use KV_STREAM_TRANSPORT_GRPC or KV_STREAM_TRANSPORT_STORE"
+                )
+            return DistChunkSink(
+                self.publisher,
+                self.state.layout,
+                self.state.engine.model_id,
+                ttl,
+                req.tenant,
+                client=self.store,
+            )
         if req.kv_stream != worker_pb2.KV_STREAM_TRANSPORT_STORE:
             raise InvalidRequestError(f"kv_stream {req.kv_stream} is not a KVStreamTransport")
         pub = (
@@ -248,7 +263,6 @@ class PrefillServicer:
             raise InvalidRequestError(
                 "KV_STREAM_TRANSPORT_STORE: this prefill worker has no KV store node; use KV_STREAM_TRANSPORT_GRPC"
             )
-        ttl = req.lease_ttl_s or self.state.config.lease_ttl_s
         return StoreChunkSink(pub, self.store, self.state.layout, self.state.engine.model_id, ttl, req.tenant)
 
     def _prefill_streamed(
@@ -259,11 +273,14 @@ class PrefillServicer:
         ids: list[int],
         add: Callable[[LLMEngine], None],
         t_arrive: float,
+        group: bool = False,
     ) -> worker_pb2.PrefillResponse:
         """A Prefill with ``kv_stream``: its KV goes chunk by chunk into this worker's stream of
         ``rid`` (read by a decode worker with ``KVStream.StreamKV``); the response carries the
-        first token and no handle. Timing: ``prefill_s`` until the prompt was done, ``transfer_s``
-        the publish of what was left after it."""
+        first token and no handle. ``group``: a parallel-sampling request, ``ids`` all but its
+        last prompt token; the response says ``prompt_tail_pending`` and carries no token (the
+        stream's final still names the discarded one). Timing: ``prefill_s`` until the prompt
+        was done, ``transfer_s`` the publish of what was left after it."""
         sink = self._sink(req)
         self.streams.start_sweeper()
         res = prefill_streamed(
@@ -283,14 +300,15 @@ class PrefillServicer:
         f = res.final
         resp = worker_pb2.PrefillResponse(
             request_id=rid,
-            first_token=f.first_token,
+            first_token=0 if group else f.first_token,  # a group's token is discarded
             num_cached_tokens=res.num_cached_tokens,
             num_computed_tokens=len(ids) - res.num_cached_tokens,
+            prompt_tail_pending=group,
             timing=common_pb2.Timing(
                 prefill_s=res.t_prefill_done - t_arrive, transfer_s=res.t_published - res.t_prefill_done
             ),
         )
-        if f.first_logprob is not None:
+        if f.first_logprob is not None and not group:
             resp.first_token_logprob.CopyFrom(logprob_to_proto(f.first_logprob))
         return resp
 
