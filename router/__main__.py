@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[m.value for m in KVStreamMode],
         default=RouterConfig.kv_stream.value,
         help="chunk-wise KV streaming: a request's Prefill streams its KV chunk by chunk (grpc: "
-        "inline in the prefill worker's StreamKV; store: through its store node) while its Decode, "
-        "sent at once, assembles it (off: the whole KV after the prefill)",
+        "inline in the prefill worker's StreamKV; store: through its store node; dist: from its "
+        "outbox over the workers' torch.distributed group, workers started with --dist-init) while "
+        "its Decode, sent at once, assembles it (off: the whole KV after the prefill)",
     )
     ap.add_argument(
         "--kv-stream-chunk-tokens",

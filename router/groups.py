@@ -26,12 +26,26 @@ answer within its bound, or a Decode stream silent past its bound, is a stalled 
 (quarantined, the group re-dispatched) -- except a ``best_of > n`` stream, which sends nothing
 until every candidate finished (no stream deadline then).
 
+Chunk-wise KV streaming (the router's ``--kv-stream``, :mod:`router.lifecycle.stream_mode`
+``group_streams``): a group prefilled on a prefill worker streams the blocks of every prompt token
+but the last, as a single request does. The Decode (``kv_stream_address`` + ``prompt_tail_pending``)
+is sent first and the Prefill (``kv_stream``) next; the decode worker assembles and verifies the
+KV while the prompt is computed and forks the choices once it is complete. Failures are
+classified as for a streamed single request (:mod:`router.lifecycle.stream_legs`): a lost
+prefill worker re-dispatches the prefill (the Decode is cancelled: its assembly fails and frees
+what it pulled); a Decode that fails first gives the prefill a short grace for its own outcome,
+then the Prefill is cancelled (the worker aborts it and drops its chunks) and the decode's
+failure is what counts; a Prefill failing because its stream was cancelled reports the decode
+side's failure; a client that leaves cancels both, and a Decode ended before its first message
+also aborts the request on the prefill worker (a finished stream nobody reads is dropped at once).
+
 Not covered for groups: live migration (a group is not registered for it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -44,16 +58,20 @@ import grpc
 
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer
-from pdserve.errors import InternalError, InvalidRequestError
+from pdserve.errors import CancelledError as RequestCancelledError
+from pdserve.errors import InternalError, InvalidRequestError, PdserveError
 from pdserve.proto_convert import name_logprob_tokens
 from pdserve.status import raise_from_rpc_error
 from pdserve.tracing import log_event
 from pdserve.v1 import client_pb2, common_pb2, worker_pb2
 from router.failover import LostPhase, LostWorker, Redispatches
 from router.lifecycle.cluster import release_lease_now, unreserve
-from router.lifecycle.grpc_calls import Guarded, call_metadata, raise_store_failure, remaining
+from router.lifecycle.grpc_calls import Guarded, call_metadata, gone, raise_store_failure, remaining
 from router.lifecycle.grpc_legs import RequestRun, finish_message
+from router.lifecycle.grpc_stream_legs import ABORT_TIMEOUT_S, TRANSPORTS, _Prefetched
 from router.lifecycle.ports import WorkerLostError
+from router.lifecycle.stream_legs import DECODE_GRACE_S, PREFILL_GRACE_S
+from router.lifecycle.stream_mode import group_streams
 from router.progress import ProgressWatch
 from router.registry import WorkerEntry, WorkerKind
 
@@ -62,6 +80,18 @@ if TYPE_CHECKING:
     from router.service import GenerateServicer
 
 log = logging.getLogger("router.service")  # the router's log records keep their logger name
+
+
+def _retrieve(f: asyncio.Future) -> None:
+    """Mark a read-ahead task's failure as seen (it is raised where it matters, or moot)."""
+    if not f.cancelled():
+        f.exception()
+
+
+def _failed(first: asyncio.Future) -> bool:
+    """A Decode's read-ahead first message ended without a message (failed, cancelled, or the
+    stream ended empty)."""
+    return first.done() and (first.cancelled() or first.exception() is not None or first.result() is None)
 
 
 def check_group_request(
@@ -136,6 +166,7 @@ class GroupRelay:
         self.choices = [_Choice(IncrementalDetokenizer(svc.tokenizer, p.stop)) for _ in range(p.n)]
         self.budget = Redispatches(run.rid, svc.config.max_redispatches)
         self.pre_timing: common_pb2.Timing | None = None
+        self._dropping: asyncio.Future | None = None  # a streamed prefill's Abort, fire and forget
 
     # ------------------------------------------------------------------ run
     async def responses(self) -> AsyncIterator[client_pb2.GenerateResponse]:
@@ -202,14 +233,17 @@ class GroupRelay:
             priority=req.priority,
         )
 
-    async def _prefill(self) -> worker_pb2.PrefillResponse:
+    async def _prefill(self, kv_stream: int = 0) -> worker_pb2.PrefillResponse:
+        """The group's Prefill (``kv_stream``: its KV streamed over that transport, no handle)."""
         svc, pw = self.svc, self.pw
         n = len(self.run.ids)
         unreserve(svc, self.run)  # this call's own accounting takes over
         svc.registry.add_inflight(pw.worker_id, 1)
         svc.outstanding.add(pw.worker_id, n)
         call = svc.stubs.worker(pw.address).Prefill(
-            worker_pb2.PrefillRequest(**self._common(), slo=self.req.slo, lease_ttl_s=self.run.lease_ttl_s),
+            worker_pb2.PrefillRequest(
+                **self._common(), slo=self.req.slo, lease_ttl_s=self.run.lease_ttl_s, kv_stream=kv_stream
+            ),
             timeout=remaining(self.ctx),
             metadata=call_metadata(),
         )
@@ -254,9 +288,18 @@ class GroupRelay:
         for c in self.choices:
             c.seen = 0
         kv: common_pb2.KVHandle | None = None
+        mode = svc.config.kv_stream
+        streamed = group_streams(mode, local_prefill=self.local)
         if self.local:
             unreserve(svc, run)
             dreq = worker_pb2.DecodeRequest(**self._common(), slo=self.req.slo, local_prefill=True)
+        elif streamed:  # the Decode first: it reads the prefill worker's stream as it is made
+            dreq = worker_pb2.DecodeRequest(
+                **self._common(),
+                slo=self.req.slo,
+                kv_stream_address=self.pw.address,
+                prompt_tail_pending=True,
+            )
         else:
             pre = await self._prefill()
             kv = pre.kv
@@ -272,6 +315,7 @@ class GroupRelay:
         call = svc.stubs.worker(dw.address).Decode(
             dreq, timeout=remaining(self.ctx), metadata=call_metadata()
         )
+        source: Any = call
         p = run.params
         watch = (
             None  # best_of > n: nothing comes until every candidate finished
@@ -283,7 +327,9 @@ class GroupRelay:
             )
         )
         try:
-            async for d in Guarded(call, dw, watch=watch, streamed=svc._streamed_at):
+            if streamed:
+                source = await self._streamed_prefill(call, TRANSPORTS[mode])
+            async for d in Guarded(source, dw, watch=watch, streamed=svc._streamed_at):
                 if not started:
                     started = True
                     run.kv_pull_s += d.kv_pull_s
@@ -307,6 +353,60 @@ class GroupRelay:
             if kv is not None and not started and kv.lease_id:
                 # the decode worker may not have taken the handoff: its lease is ours to release
                 await asyncio.to_thread(release_lease_now, svc, kv)
+            if streamed and not started and gone(self.ctx):
+                self._drop_stream()
+
+    async def _streamed_prefill(self, call: Any, transport: int) -> _Prefetched:
+        """The Prefill of a streamed group, its Decode ``call`` already started (see the module
+        docstring): returns the Decode to relay (its first message read ahead); raises the
+        prefill's failure, a lost prefill worker's :class:`WorkerLostError`, or, when the decode
+        side failed first or cancelled the prefill's stream, nothing: relaying the returned
+        Decode raises its failure (a lost decode worker as :class:`WorkerLostError`)."""
+        it = aiter(call)
+        first: asyncio.Future = asyncio.ensure_future(anext(it, None))
+        first.add_done_callback(_retrieve)
+        t0 = time.monotonic()
+        pre = asyncio.ensure_future(self._prefill(transport))
+        pre.add_done_callback(_retrieve)
+        try:
+            await asyncio.wait({pre, first}, return_when=asyncio.FIRST_COMPLETED)
+            if not pre.done() and _failed(first):
+                await asyncio.wait({pre}, timeout=PREFILL_GRACE_S)  # a dead prefill worker fails both
+                if not pre.done():  # its stream has no reader: cancelled, the worker aborts it
+                    pre.cancel()
+                    await asyncio.wait({pre})
+                    return _Prefetched(call, it, first, time.monotonic() - t0)
+            try:
+                await pre
+            except WorkerLostError:
+                raise
+            except PdserveError as e:
+                if isinstance(e, RequestCancelledError) and not first.done():
+                    await asyncio.wait({first}, timeout=DECODE_GRACE_S)
+                if not (isinstance(e, RequestCancelledError) and _failed(first)):
+                    raise
+                # the decode side went away and so cancelled the prefill's stream: its failure counts
+            return _Prefetched(call, it, first, time.monotonic() - t0)
+        finally:
+            if not pre.done():
+                pre.cancel()
+
+    def _drop_stream(self) -> None:
+        """The client left before the decode worker sent a message: abort the request on the
+        prefill worker, whose finished stream would otherwise wait its TTL for a reader that
+        never comes. Fire and forget: the stream expires anyway."""
+        if self._dropping is not None:
+            return
+        stub = self.svc.stubs.worker(self.pw.address)
+        rid = self.run.rid
+
+        async def abort() -> None:
+            with contextlib.suppress(Exception):  # the prefill worker is gone: nothing is left there
+                await stub.Abort(
+                    worker_pb2.AbortRequest(request_id=rid), timeout=ABORT_TIMEOUT_S, metadata=call_metadata()
+                )
+
+        self._dropping = asyncio.ensure_future(abort())
 
     # ------------------------------------------------------------------ relay
     def _relay(self, d: worker_pb2.DecodeResponse, decode_s: float) -> client_pb2.GenerateResponse | None:

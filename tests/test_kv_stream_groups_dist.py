@@ -276,3 +276,19 @@ def test_bad_streamed_group_decodes_are_refused(pair, params, tail, field):
         )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in e.value.details()
     pair.wait_clean()
+
+
+def test_router_kv_stream_modes():
+    """``python -m router --kv-stream dist`` maps to KV_STREAM_TRANSPORT_DIST; a group streams
+    whenever streaming is on and it is prefilled on a prefill worker."""
+    import router.__main__ as router_main
+    from router.lifecycle.grpc_stream_legs import TRANSPORTS
+    from router.lifecycle.stream_mode import KVStreamMode, group_streams
+
+    assert KVStreamMode.parse(" DIST ") is KVStreamMode.DIST and TRANSPORTS[KVStreamMode.DIST] == DIST
+    assert set(TRANSPORTS) == set(KVStreamMode) - {KVStreamMode.OFF}
+    a = router_main.build_parser().parse_args(["--model", "m", "--kv-stream", "dist"])
+    assert KVStreamMode.parse(a.kv_stream) is KVStreamMode.DIST
+    assert group_streams(KVStreamMode.DIST, local_prefill=False)
+    assert not group_streams(KVStreamMode.OFF, local_prefill=False)
+    assert not group_streams(KVStreamMode.STORE, local_prefill=True)

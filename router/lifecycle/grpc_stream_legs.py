@@ -37,6 +37,7 @@ ABORT_TIMEOUT_S = 5.0  # the prefill worker's Abort of a stream nobody will cons
 TRANSPORTS = {
     KVStreamMode.GRPC: worker_pb2.KV_STREAM_TRANSPORT_GRPC,
     KVStreamMode.STORE: worker_pb2.KV_STREAM_TRANSPORT_STORE,
+    KVStreamMode.DIST: worker_pb2.KV_STREAM_TRANSPORT_DIST,
 }
 
 

@@ -13,6 +13,9 @@ class KVStreamMode(enum.Enum):
     OFF = "off"  # the whole-KV handoff after the prefill (today's default)
     GRPC = "grpc"  # chunk bytes inline in the prefill worker's StreamKV messages
     STORE = "store"  # each chunk on the prefill worker's store node under its own lease
+    # each chunk in the prefill worker's direct-transfer outbox, pulled over the workers'
+    # torch.distributed group (workers started with --dist-init; others refuse it, naming it)
+    DIST = "dist"
 
     @classmethod
     def parse(cls, value: str) -> KVStreamMode:
@@ -27,9 +30,16 @@ class KVStreamMode(enum.Enum):
 def stream_eligible(
     mode: KVStreamMode, *, local_prefill: bool, num_candidates: int, direct_stream: bool
 ) -> bool:
-    """Whether a request's prefill streams its KV: streaming is on, the request is prefilled on a
-    prefill worker (a local prefill has no handoff), it is a single sequence (the workers refuse
-    ``kv_stream`` for parallel sampling, n > 1 or best_of > 1), and its tokens are relayed by the
-    router (a direct stream's decode leg, :mod:`router.lifecycle.direct_legs`, hands off the
-    whole KV). LoRA adapters stream (both workers key the chunks with the adapter)."""
+    """Whether a single request's prefill streams its KV (the lifecycle's ``STREAMING``):
+    streaming is on, the request is prefilled on a prefill worker (a local prefill has no
+    handoff), it is a single sequence (a parallel-sampling group, n > 1 or best_of > 1, is
+    streamed by its own relay, :mod:`router.groups`, see :func:`group_streams`), and its tokens
+    are relayed by the router (a direct stream's decode leg, :mod:`router.lifecycle.direct_legs`,
+    hands off the whole KV). LoRA adapters stream (both workers key the chunks with the adapter)."""
     return mode is not KVStreamMode.OFF and not local_prefill and num_candidates <= 1 and not direct_stream
+
+
+def group_streams(mode: KVStreamMode, *, local_prefill: bool) -> bool:
+    """Whether a parallel-sampling group's prefill streams its KV (every prompt token but the
+    last) to its decode worker: streaming is on and the group is prefilled on a prefill worker."""
+    return mode is not KVStreamMode.OFF and not local_prefill
