@@ -130,9 +130,13 @@ class ModelCost:
 WEIGHT_DTYPE = "float32"  # set from --weight-dtype
 
 
-def _engine(path: Path, batch: int, context: int, extra_tokens: int) -> LLMEngine:
+def _engine(
+    path: Path, batch: int, context: int, extra_tokens: int, device: str = "cpu", dtype: str = "auto"
+) -> LLMEngine:
     blocks = batch * (-(-(context + extra_tokens) // 16) + 1) + 8
     cfg = EngineConfig(
+        device=device,
+        dtype=dtype,
         num_kv_blocks=blocks,
         max_num_seqs=max(batch, 1),
         max_num_batched_tokens=max(2048, context),
@@ -292,13 +296,39 @@ def run_peer(exe: Path, gguf: Path, batch: int, context: int, steps: int) -> flo
     return float(r.stdout.strip().splitlines()[-1]) / 1e3
 
 
-def attention_ab(path: Path, batch: int, context: int, steps: int, reps: int) -> tuple[float, float]:
-    """Median decode step (seconds) with the in-place kernel and with the gather path, on the same
-    engine and KV, alternating ``steps``-step runs ``reps`` times (a load change hits both)."""
-    extra = 2 * steps * reps + 8
-    eng = _engine(path, batch, context, extra)
-    if not eng.runner.native_decode:
-        raise RuntimeError("the native decode kernel is unavailable here: nothing to compare")
+GRAPH = "+graph"  # an --ab-backends suffix: torch_paged decode replayed from CUDA graphs
+
+
+def attention_ab(
+    path: Path,
+    batch: int,
+    context: int,
+    steps: int,
+    reps: int,
+    backends: tuple[str, ...] = ("native", "gather"),
+    device: str = "cpu",
+    dtype: str = "auto",
+) -> dict[str, float]:
+    """Median decode step (seconds) per decode attention backend (engine.attention_backends names;
+    ``torch_paged+graph``: CUDA graphs), on the same engine and KV, alternating ``steps``-step runs
+    ``reps`` times (a load change hits every backend). A backend that cannot run here is refused."""
+    from engine.attention_graphs import GraphMode
+
+    extra = len(backends) * steps * reps + 8
+    eng = _engine(path, batch, context, extra, device, dtype)
+    runner = eng.runner
+    graphs = None
+    if any(b.endswith(GRAPH) for b in backends):
+        runner.set_decode_backend("torch_paged")
+        runner.enable_decode_graphs(GraphMode.CUDA, batch, -(-(context + extra) // 16) + 1)
+        graphs, runner.graphs = runner.graphs, None
+
+    def use(b: str) -> None:
+        runner.graphs = graphs if b.endswith(GRAPH) else None
+        runner.set_decode_backend(b.removesuffix(GRAPH))
+
+    for b in backends:  # refuse an unavailable backend before any timing
+        use(b)
     s = eng.kv_shape
     g = torch.Generator().manual_seed(batch * 7919 + context)
     blocks = torch.randn(
@@ -309,19 +339,19 @@ def attention_ab(path: Path, batch: int, context: int, steps: int, reps: int) ->
         eng.import_kv(
             f"r{i}", torch.randint(10, 40000, (context,), generator=g).tolist(), 100 + i, blocks, sp
         )
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for native in (True, False):
-        eng.runner.native_decode = native
+    times: dict[str, list[float]] = {b: [] for b in backends}
+    for b in backends:  # warm-up (and graph capture) outside the timings
+        use(b)
         eng.step()
     for _ in range(reps):
-        for native in (True, False):
-            eng.runner.native_decode = native
+        for b in backends:
+            use(b)
             for _ in range(steps):
                 t = time.perf_counter()
                 eng.step()
-                times[native].append(time.perf_counter() - t)
+                times[b].append(time.perf_counter() - t)
     eng.close()
-    return statistics.median(times[True]), statistics.median(times[False])
+    return {b: statistics.median(ts) for b, ts in times.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,7 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--ab-attention",
         action="store_true",
-        help="only compare decode attention backends (in-place kernel vs gather path), interleaved on one engine",
+        help="only compare decode attention backends (--ab-backends), interleaved on one engine",
+    )
+    ap.add_argument(
+        "--ab-backends",
+        default="native,gather",
+        help="comma-separated backends for --ab-attention (auto|native|gather|torch_paged|flashinfer|"
+        "flash_attn, torch_paged+graph: CUDA graphs); the first is the baseline (default: %(default)s)",
+    )
+    ap.add_argument("--device", default="cpu", help="--ab-attention only: cpu or cuda (default: %(default)s)")
+    ap.add_argument(
+        "--dtype", default="auto", help="--ab-attention only: the engine's dtype (default: %(default)s)"
     )
     ap.add_argument("--quick", action="store_true", help="small run for a smoke test")
     return cli_help.apply(ap)
@@ -384,14 +424,18 @@ def main() -> int:
         f"{'native in-place' if native else 'torch gather (' + str(attention_native.unavailable_reason()) + ')'}"
     )
     if a.ab_attention:
+        names = tuple(x.strip() for x in a.ab_backends.split(",") if x.strip())
         print(
-            "decode step, in-place kernel vs gather path (the engine before #17), interleaved on one engine"
+            f"decode step ms per attention backend on {a.device} (dtype {a.dtype}), interleaved on one "
+            f"engine; x = {names[0]}'s step / the backend's (> 1: faster than {names[0]})"
         )
-        print(f"{'ctx':>5} {'batch':>5} {'in-place ms':>12} {'gather ms':>10} {'speedup':>8}")
+        print(f"{'ctx':>5} {'batch':>5} " + " ".join(f"{n:>18} {'x':>5}" for n in names))
         for ctx in contexts:
             for b in batches:
-                tn, tg = attention_ab(path, b, ctx, a.steps, a.reps)
-                print(f"{ctx:>5} {b:>5} {tn * 1e3:>12.2f} {tg * 1e3:>10.2f} {tg / tn:>8.2f}", flush=True)
+                ts = attention_ab(path, b, ctx, a.steps, a.reps, names, a.device, a.dtype)
+                base = ts[names[0]]
+                cells = " ".join(f"{ts[n] * 1e3:>18.2f} {base / ts[n]:>5.2f}" for n in names)
+                print(f"{ctx:>5} {b:>5} {cells}", flush=True)
         return 0
     probe = _engine(path, 1, 16, 0)
     cfg = probe.runner.model.config
