@@ -40,7 +40,36 @@ from pdserve.v1 import client_pb2, direct_pb2, direct_pb2_grpc
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
-class _Conn:
+class _Routing:
+    """What both drivers' connections share: the queues of the requests attached there (by
+    request id), each delta put on its request's queue as ``("direct", conn, delta)`` (a request
+    whose last delta came is forgotten), and the connection's end told to every request still
+    attached as ``("direct_closed", conn, error)``. The sync connection calls these under its
+    lock (its reader thread and the callers' threads share ``routes``)."""
+
+    routes: dict[str, Any]
+    closed: bool
+
+    def _route(self, resp: direct_pb2.AttachResponse) -> None:
+        for d in resp.deltas:
+            q = self.routes.get(d.request_id)
+            if q is not None:
+                q.put_nowait(("direct", self, d))
+                if d.done:
+                    self.routes.pop(d.request_id, None)
+
+    def _close_routes(self) -> list[Any]:
+        """Mark the connection closed; the queues of the requests still attached."""
+        self.closed = True
+        routes, self.routes = self.routes, {}
+        return list(routes.values())
+
+    def _tell_closed(self, queues: list[Any], err: BaseException | None) -> None:
+        for q in queues:
+            q.put_nowait(("direct_closed", self, err))
+
+
+class _Conn(_Routing):
     """One Attach call to the decode worker at ``address``; deltas go to the queue of their
     request as ``("direct", conn, delta)``; the call's end as ``("direct_closed", conn, error)``."""
 
@@ -61,21 +90,13 @@ class _Conn:
         err: BaseException | None = None
         try:
             async for resp in self.call:
-                for d in resp.deltas:
-                    q = self.routes.get(d.request_id)
-                    if q is not None:
-                        q.put_nowait(("direct", self, d))
-                        if d.done:
-                            self.routes.pop(d.request_id, None)
+                self._route(resp)
         except grpc.RpcError as e:
             err = e
         except asyncio.CancelledError:
             err = UnavailableError(f"direct stream to {self.address} closed")
         finally:
-            self.closed = True
-            routes, self.routes = self.routes, {}
-            for q in routes.values():
-                q.put_nowait(("direct_closed", self, err))
+            self._tell_closed(self._close_routes(), err)
 
     def attach(self, rid: str, ticket: str, q: asyncio.Queue) -> None:
         self.routes[rid] = q
@@ -308,7 +329,7 @@ async def direct_messages(
 # ---------------------------------------------------------------- sync
 
 
-class _SyncConn:
+class _SyncConn(_Routing):
     """:class:`_Conn` on a sync channel: one Attach call to the decode worker at ``address`` and
     a reader thread routing its deltas to the queues of their requests."""
 
@@ -332,21 +353,14 @@ class _SyncConn:
         try:
             for resp in self.call:
                 with self._lock:
-                    for d in resp.deltas:
-                        q = self.routes.get(d.request_id)
-                        if q is not None:
-                            q.put_nowait(("direct", self, d))
-                            if d.done:
-                                self.routes.pop(d.request_id, None)
+                    self._route(resp)
         except grpc.RpcError as e:
             err = e
         finally:
             with self._lock:
-                self.closed = True
-                routes, self.routes = self.routes, {}
+                queues = self._close_routes()
             self._out.put_nowait(None)  # ends the request iterator (gRPC's thread waits on it)
-            for q in routes.values():
-                q.put_nowait(("direct_closed", self, err))
+            self._tell_closed(queues, err)
 
     def attach(self, rid: str, ticket: str, q: Any) -> None:
         with self._lock:
