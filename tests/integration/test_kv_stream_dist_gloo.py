@@ -1,0 +1,87 @@
+"""Chunk-wise KV streaming over a real gloo process group (``python -m router --kv-stream dist``,
+KV_STREAM_TRANSPORT_DIST), end to end over real processes on loopback: each prefill chunk waits
+in the prefill worker's outbox and goes to the decode worker over gloo (``KVPeer.PushKV`` + a
+receive) while the prompt is still being computed.
+
+One cluster (store, router, 1 prefill + 1 decode worker in one gloo group; a tiny Llama with
+SmolLM2's tokenizer; 32-token prefill chunks; relayed token streams) serves the module. A single
+request and a parallel-sampling group (n = 3) equal the engine run whole, the prefill worker pushed
+the streams' chunks over gloo, and the store saw no block put.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from kv_store.client import KVStoreClient
+from pdserve.client import Client
+from pdserve.launcher import ClusterSpec, launch
+from tests.integration.test_kv_stream_router import _prompt
+from tests.integration.test_migration_gloo import _logged
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+N3 = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=23, ignore_eos=True, n=3)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, smollm_path):
+    from tests.tiny_models import make_tiny_models
+
+    return make_tiny_models(tmp_path_factory.mktemp("kvsd"), tokenizer_from=smollm_path)["llama"]
+
+
+@pytest.fixture(scope="module")
+def cluster(model_path):
+    cl = launch(
+        ClusterSpec(
+            model_path=str(model_path),
+            num_prefill=1,
+            num_decode=1,
+            worker_kv_blocks=256,
+            store_capacity_blocks=256,
+            kv_transport="dist",
+            direct_streams=False,  # a direct stream's handoff is not streamed (README)
+            worker_args=("--chunk", "32"),
+            router_args=("--policy", "least_loaded", "--kv-stream", "dist", "--progress-timeout-s", "0"),
+        )
+    )
+    yield cl
+    cl.stop()
+
+
+@pytest.fixture(scope="module")
+def whole(model_path):
+    e = LLMEngine.from_pretrained(model_path, EngineConfig(num_kv_blocks=256))
+    yield e
+    e.close()
+
+
+def _stream_pushes(cluster) -> list[dict]:
+    """The prefill worker's pushes of stream chunks (outbox keys ``kvstream-...``)."""
+    return [
+        r for r in _logged(cluster, "prefill-0", "direct push") if r["request_id"].startswith("kvstream-")
+    ]
+
+
+def test_streamed_over_gloo_equals_the_engine_and_skips_the_store(cluster, whole):
+    prompt, group_prompt = _prompt(200, 21), _prompt(150, 22)
+    ref = whole.generate([prompt], [GREEDY])[0].token_ids
+    group_ref = {o.choice_index: o.token_ids for o in whole.generate_choices(group_prompt, N3)}
+    with Client(cluster.router_address, timeout=300) as c:
+        got = c.complete(prompt, GREEDY, direct=False).token_ids
+        pushed = len(_stream_pushes(cluster))
+        choices = c.complete_choices(group_prompt, N3, direct=False)
+    assert got == ref
+    assert {i: ch.token_ids for i, ch in enumerate(choices)} == group_ref
+    # 200 tokens in 32-token chunks: several chunks per request, each pushed over gloo to rank 1
+    assert pushed >= 4 and len(_stream_pushes(cluster)) - pushed >= 3
+    assert all(int(r["dst_rank"]) == 1 for r in _stream_pushes(cluster))
+    store = KVStoreClient(cluster.store_address)
+    try:
+        node = store.stats().node
+    finally:
+        store.close()
+    assert node.puts == 0 and node.num_leases == 0, node  # nothing through the store
