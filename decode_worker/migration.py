@@ -38,7 +38,11 @@ on GPU) through the source's ``KVPeer`` service. What the destination never took
 the source on abort (a lease, an outbox entry), else expires with its TTL. A source needs a store
 publisher for STORE (``DecodeMigration.publisher``) and a process group for DIST
 (``DecodeMigration.dist_publisher``), set by the worker that has them; else the transport is
-refused naming it.
+refused naming it. Every transport moves stages in the whole model's KV layout (a
+tensor-parallel source gathers its ranks' heads as it copies a stage, a tensor-parallel
+destination splits them as it writes it), so workers of any TP sizes migrate to each other over
+any transport, DIST included (2 -> 1, 1 -> 2, 2 -> 2 over real gloo:
+tests/integration/test_migration_gloo_tp.py).
 
 Module layout: this module holds the RPC entry points and the destination side;
 :mod:`decode_worker.migration_out` the source side (one ``MigrateOut``);
