@@ -37,7 +37,9 @@ model with its pools and adapters (:class:`ModelPoolConfig`; its id is the folde
 
 :meth:`ClusterConfig.views` gives each model's single-model config (what its workers and store
 nodes are built from); the routers serve every model. Direct KV handoff (``kv_transfer.kind:
-dist``) is refused with several models (each model's KV moves through its own store nodes).
+dist``) with several models: each model's workers form their own process group (a router pairs
+only workers of one model, so no handoff crosses groups); with a fixed ``kv_transfer.port``,
+model ``i``'s group uses ``port + i``.
 
 ``direct_streams`` (default true, as ``pdserve serve``): the routers send each client that offers
 one a redirect to its decode worker's DirectStream and the worker streams the tokens to the
@@ -405,11 +407,14 @@ class ClusterConfig:
 
     def views(self) -> list[ClusterConfig]:
         """One single-model config per served model, in order (``[self]`` for one model); a
-        view of a several-model cluster has ``model_tag`` = the model's id."""
+        view of a several-model cluster has ``model_tag`` = the model's id, and with a fixed
+        ``kv_transfer.port`` model ``i``'s view has ``port + i`` (each model's direct-handoff
+        process group has its own TCP store)."""
         if not self.models:
             return [self]
         from dataclasses import replace
 
+        t = self.kv_transfer
         return [
             replace(
                 self,
@@ -417,10 +422,11 @@ class ClusterConfig:
                 prefill=m.prefill,
                 decode=m.decode,
                 lora=m.lora,
+                kv_transfer=replace(t, port=t.port + i) if t.port and t.kind is KVTransport.DIST else t,
                 models=(),
                 model_tag=m.model_id,
             )
-            for m in self.models
+            for i, m in enumerate(self.models)
         ]
 
     @property
@@ -629,11 +635,11 @@ def validate(c: ClusterConfig) -> ClusterConfig:
     ids = c.model_ids
     if len(set(ids)) != len(ids):
         raise _err("models", f"the models' folder names are their ids and must be distinct, got {ids}")
-    if c.kv_transfer.kind is not KVTransport.STORE:
+    t = c.kv_transfer
+    if t.kind is KVTransport.DIST and t.port and t.port + len(c.models) - 1 > 65535:
         raise _err(
-            "kv_transfer.kind",
-            "several models move KV through their own store nodes: direct handoff (dist) is not supported with "
-            "them; set kind: store",
+            "kv_transfer.port",
+            f"each of the {len(c.models)} models' process groups takes a port from {t.port}: past 65535",
         )
     for i, view in enumerate(c.views()):
         _validate_one(view, f"models[{i}].")
@@ -687,7 +693,7 @@ def _validate_one(c: ClusterConfig, at: str) -> ClusterConfig:
             if p.device is not Device.CUDA:
                 raise _err(
                     "kv_transfer.backend",
-                    f"nccl moves CUDA tensors: set {role}.device: cuda (or backend: gloo)",
+                    f"nccl moves CUDA tensors: set {at}{role}.device: cuda (or backend: gloo)",
                 )
     if r.migration_transport is MigrationTransportKind.DIST and t.kind is not KVTransport.DIST:
         raise _err(

@@ -160,11 +160,11 @@ def _cmd_scale(a: argparse.Namespace) -> int:
         return 2
     ns = _ns(a)
     ray_cluster.connect(a.address, ns)
-    out = ray_cluster.scale(a.prefill, a.decode, ns)
+    out = ray_cluster.scale(a.prefill, a.decode, ns, model=a.model)
     print(
         json.dumps(out)
         if a.json
-        else f"pdserve: {out['counts']} (added {out['added']}, removed "
+        else f"pdserve: {out['model']} {out['counts']} (added {out['added']}, removed "
         f"{[r['worker_id'] for r in out['removed']]})"
     )
     return 0
@@ -190,6 +190,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_cmd_status)
 
     sc = sub.add_parser("scale", help="resize the prefill / decode pools (drains before removal)")
+    sc.add_argument(
+        "--model",
+        default=None,
+        help="the model whose pools to resize (required on a cluster serving several; its id: the folder's name)",
+    )
     sc.add_argument("--prefill", type=int, default=None, help="new prefill pool size (default: unchanged)")
     sc.add_argument("--decode", type=int, default=None, help="new decode pool size (default: unchanged)")
     _common(sc)

@@ -13,13 +13,17 @@ groups and kills the controller) ends exactly what ``up`` started and nothing el
 Direct KV handoff (``kv_transfer: {kind: dist}``): the workers ``up`` starts form one
 torch.distributed process group (prefill-i rank i, decode-j rank ``P + j``); the first one is
 started first and picks the group's TCP store address on its node, the others are then started
-with it. Workers added later by ``scale`` (and restarted ones) are not in the group: they use the
+with it. With several models, each model's workers form their own group (ranks as above within
+the model; a router pairs only one model's workers, so a handoff never crosses groups). Workers added later by ``scale`` (and restarted ones) are not in the group: they use the
 store path (a decode worker has direct handles spilled to the prefill worker's store).
 
 ``scale`` resizes each pool independently: new workers are added (and must register), surplus
 workers are drained before removal: the router stops routing to them, then the controller waits
 until the router has nothing in flight on them and their engine is idle for ``drain_quiet_s``
-(bounded by ``drain_timeout_s``), then stops and kills them. The newest workers go first.
+(bounded by ``drain_timeout_s``), then stops and kills them. The newest workers go first. On a
+cluster serving several models it resizes the pools of the one model it names
+(:func:`scale_target`: a model is required there, and an unknown one is refused naming the
+served models); the other models' workers are never touched.
 
 The driver functions expect ``ray.init(address=..., namespace=config.namespace)`` to have run
 (:func:`connect` does it); with Ray token auth on, the driver must hold the cluster's token
@@ -58,6 +62,42 @@ _CALL_TIMEOUT_S = 30.0
 
 def _index(worker_id: str) -> int:
     return int(worker_id.rsplit("-", 1)[1])
+
+
+def scale_target(config: ClusterConfig, model: str | None) -> ClusterConfig:
+    """Pure: the single-model config whose pools ``scale`` resizes. One model: ``config`` itself
+    (``model``, when given, must be its id). Several: the view of ``model``
+    (:meth:`ClusterConfig.views`); none given, or one not served, raises InvalidRequestError
+    naming the served models."""
+    ids = config.model_ids
+    served = ", ".join(repr(m) for m in ids)
+    if model is None or model == "":
+        if config.several:
+            raise InvalidRequestError(
+                f"this cluster serves several models ({served}): name the one to scale with --model"
+            )
+        return config
+    for view in config.views():
+        if Path(view.model).name == model:
+            return view
+    raise InvalidRequestError(f"unknown model {model!r}: this cluster serves {served}")
+
+
+def with_model_counts(
+    config: ClusterConfig, view: ClusterConfig, prefill: int | None, decode: int | None
+) -> ClusterConfig:
+    """Pure: ``config`` with the pools of ``view``'s model resized (None: unchanged); the whole
+    cluster, for the capacity check of a scale."""
+    if not config.several:
+        return config.with_counts(prefill, decode)
+    from dataclasses import replace
+
+    resized = view.with_counts(prefill, decode)
+    models = tuple(
+        replace(m, prefill=resized.prefill, decode=resized.decode) if m.model_id == view.model_tag else m
+        for m in config.models
+    )
+    return replace(config, models=models)
 
 
 def plan_scale(
@@ -214,25 +254,31 @@ class Controller:
         w.info = _get(w.handle.info.remote(), self.config.startup_timeout_s, w.worker_id)
 
     def _start_workers(
-        self, roles: list[PoolRole], group: bool = False, views: list[ClusterConfig] | None = None
+        self,
+        roles: list[PoolRole],
+        group: bool = False,
+        views: list[ClusterConfig] | None = None,
+        view: ClusterConfig | None = None,
     ) -> list[str]:
         """Create workers for ``roles`` (in parallel; ``views``: the model of each, default the one
-        model), wait until each serves and the router lists it. ``group``: they form the
+        model), wait until each serves and the router lists it. ``group``: they form a
         direct-handoff process group (rank = position in ``roles``; the first is started first,
-        to learn the group's address; one model only)."""
+        to learn the group's address), all of one model: ``view``'s (None: the one model)."""
         made: list[_Worker] = []
         if views is not None:
             made += [self._create_worker(r, None, v) for r, v in zip(roles, views, strict=True)]
             roles = []
         if group and len(roles) >= 2:
             world = len(roles)
-            first = self._create_worker(roles[0], DistSeat(0, world))
+            first = self._create_worker(roles[0], DistSeat(0, world), view)
             made.append(first)
             self._wait_started(first)
             init = _get(first.handle.dist_init_method.remote(), _CALL_TIMEOUT_S, first.worker_id)
-            made += [self._create_worker(r, DistSeat(i, world, init)) for i, r in enumerate(roles[1:], 1)]
+            made += [
+                self._create_worker(r, DistSeat(i, world, init), view) for i, r in enumerate(roles[1:], 1)
+            ]
         elif roles:
-            made += [self._create_worker(r) for r in roles]
+            made += [self._create_worker(r, None, view) for r in roles]
         for w in made:
             if not w.info:
                 self._wait_started(w)
@@ -252,12 +298,17 @@ class Controller:
                     raise UnavailableError(f"workers {sorted(ids - listed)} did not register with {name}")
                 time.sleep(0.1)
 
-    def _live(self, role: PoolRole) -> list[_Worker]:
-        """Workers of ``role`` whose actor is alive (dead ones are forgotten), oldest first."""
+    def _live(self, role: PoolRole, model_tag: str | None = None) -> list[_Worker]:
+        """Workers of ``role`` (of the model ``model_tag`` names, None: of every model) whose
+        actor is alive (dead ones are forgotten), oldest first."""
         import ray
 
         out = []
-        for w in [w for w in self.workers.values() if w.role is role]:
+        for w in [
+            w
+            for w in self.workers.values()
+            if w.role is role and (model_tag is None or w.view.model_tag == model_tag)
+        ]:
             try:
                 ray.get(w.handle.info.remote(), timeout=_CALL_TIMEOUT_S)
             except ray.exceptions.ActorDiedError:  # for good (restarts spent, or killed)
@@ -335,7 +386,18 @@ class Controller:
             self._check_capacity(self.config)
             self._ensure_stores()
             self._start_routers()
-            if self.config.several:  # every model's pools (the config refuses direct handoff here)
+            dist = self.config.kv_transfer.kind is KVTransport.DIST
+            if self.config.several and dist:
+                # each model's workers form their own process group (a router pairs only workers
+                # of one model: no handoff crosses groups); one model's group after the other
+                for v in self.config.views():
+                    self._start_workers(
+                        [PoolRole.PREFILL] * v.prefill.count + [PoolRole.DECODE] * v.decode.count,
+                        group=True,
+                        view=v,
+                    )
+                return self.addresses()
+            if self.config.several:  # every model's pools, in parallel
                 views = [v for v in self.config.views() for r in PoolRole for _ in range(v.pool(r).count)]
                 roles = [r for v in self.config.views() for r in PoolRole for _ in range(v.pool(r).count)]
                 self._start_workers(roles, views=views)
@@ -343,7 +405,7 @@ class Controller:
             roles = [PoolRole.PREFILL] * self.config.prefill.count + [
                 PoolRole.DECODE
             ] * self.config.decode.count
-            self._start_workers(roles, group=self.config.kv_transfer.kind is KVTransport.DIST)
+            self._start_workers(roles, group=dist)
             return self.addresses()
 
     def addresses(self) -> dict[str, Any]:
@@ -354,23 +416,26 @@ class Controller:
             "workers": {wid: w.info.get("address", "") for wid, w in sorted(self.workers.items())},
         }
 
-    def scale(self, prefill: int | None = None, decode: int | None = None) -> dict[str, Any]:
-        """Resize the pools (None: unchanged). Adds first, then drains and removes the surplus."""
+    def scale(
+        self, prefill: int | None = None, decode: int | None = None, model: str | None = None
+    ) -> dict[str, Any]:
+        """Resize the pools (None: unchanged) of the one model, or of ``model`` on a cluster
+        serving several (:func:`scale_target`'s refusals). Adds first, then drains and removes
+        the surplus. Returns the workers added and removed, the counts after, and the model."""
         for name, n in (("prefill", prefill), ("decode", decode)):
             if n is not None and n < 0:
                 raise InvalidRequestError(f"--{name} must be >= 0, got {n}")
-        if self.config.several:
-            raise InvalidRequestError(
-                f"pdserve scale is not supported on a cluster serving several models ({', '.join(self.config.model_ids)}) "
-                "yet: change the counts in the config's models entries and run pdserve down / up"
-            )
+        view = scale_target(self.config, model)
+        tag = view.model_tag if self.config.several else None
         with self._lock:
             if not self.routers:
                 raise UnavailableError("the cluster is not up")
             self._ensure_stores()  # nodes may have joined since
-            live = {r: self._live(r) for r in PoolRole}
+            live = {r: self._live(r, tag) for r in PoolRole}
             self._check_capacity(
-                self.config.with_counts(
+                with_model_counts(
+                    self.config,
+                    view,
                     len(live[PoolRole.PREFILL]) if prefill is None else prefill,
                     len(live[PoolRole.DECODE]) if decode is None else decode,
                 )
@@ -380,13 +445,15 @@ class Controller:
                 {PoolRole.PREFILL: prefill, PoolRole.DECODE: decode},
             )
             remove = [self.workers[wid] for wid in remove_ids]
-            added = self._start_workers(add) if add else []
+            added = []
+            if add:
+                added = self._start_workers(add, views=[view] * len(add)) if tag else self._start_workers(add)
             removed = []
             if remove:
                 with ThreadPoolExecutor(max_workers=len(remove)) as ex:
                     removed = list(ex.map(self._drain_and_remove, remove))
-            counts = {r.value: len(self._live(r)) for r in PoolRole}
-            return {"added": added, "removed": removed, "counts": counts}
+            counts = {r.value: len(self._live(r, tag)) for r in PoolRole}
+            return {"added": added, "removed": removed, "counts": counts, "model": Path(view.model).name}
 
     def status(self) -> dict[str, Any]:
         """Pools (per worker: node, address, alive, load, KV use), store nodes (KV use, transfer
@@ -595,8 +662,14 @@ def status(namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:
     return _unwrap(_require(namespace).status.remote(), 120)
 
 
-def scale(prefill: int | None = None, decode: int | None = None, namespace: str = DEFAULT_NAMESPACE) -> dict:
-    return _unwrap(_require(namespace).scale.remote(prefill, decode))
+def scale(
+    prefill: int | None = None,
+    decode: int | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+    model: str | None = None,
+) -> dict:
+    """Resize the pools (of ``model``, on a cluster serving several): :meth:`Controller.scale`."""
+    return _unwrap(_require(namespace).scale.remote(prefill, decode, model))
 
 
 def _stop(h: Any) -> dict[str, int]:

@@ -3,7 +3,8 @@ list gives each model its pools. On a real 2-raylet Ray cluster on 127.0.0.1 (to
 node per model per Ray node (the models' KV layouts differ), each model's prefill and decode
 workers, routers serving both (a policy per model). Requests named by model run disaggregated on
 that model's workers and equal each engine run whole; ListModels lists both; a request naming no
-model is refused; ``pdserve scale`` is refused naming the models. One cluster for the module."""
+model is refused; ``pdserve scale`` without a model, or naming one not served, is refused naming
+the models; ``pdserve scale --model`` resizes that model's pools only. One cluster for the module."""
 
 from __future__ import annotations
 
@@ -84,8 +85,12 @@ def test_pools_and_stores_per_model(deployment) -> None:
     )  # a store node per model per Ray node
     models = {w["worker_id"]: w["model"] for w in st["routed"]}
     assert models == {w: w.split("-", 1)[1].rsplit("-", 1)[0] for w in deployment["workers"]}
-    with pytest.raises(InvalidRequestError, match="several models.*tiny-a, tiny-b"):
+    with pytest.raises(InvalidRequestError, match="several models \\('tiny-a', 'tiny-b'\\).*--model"):
         ray_cluster.scale(decode=2, namespace=NS)
+    with pytest.raises(
+        InvalidRequestError, match="unknown model 'tiny-c': this cluster serves 'tiny-a', 'tiny-b'"
+    ):
+        ray_cluster.scale(decode=2, namespace=NS, model="tiny-c")
 
 
 def test_requests_routed_by_model_equal_each_engine_whole(deployment, paths) -> None:
@@ -101,3 +106,34 @@ def test_requests_routed_by_model_equal_each_engine_whole(deployment, paths) -> 
                     assert got.token_ids == ref.token_ids, (m, params.temperature)
         with pytest.raises(InvalidRequestError, match="several models"):
             c.complete(prompts[0], PARAMS[0])
+
+
+def test_scale_resizes_one_models_pool_only(deployment, paths, tmp_path) -> None:
+    """``pdserve scale --model tiny-b --decode 2`` adds decode-tiny-b-1 (registered for tiny-b,
+    routed), tiny-a's pools untouched; tiny-b's requests on either decode worker still equal
+    its engine whole; scaling back drains and removes the newest."""
+    from pdserve import ray_cluster
+
+    out = ray_cluster.scale(decode=2, namespace=NS, model="tiny-b")
+    assert out["added"] == ["decode-tiny-b-1"] and out["removed"] == []
+    assert out["counts"] == {"prefill": 1, "decode": 2} and out["model"] == "tiny-b"
+    st = ray_cluster.status(NS)
+    routed = {w["worker_id"]: w["model"] for w in st["routed"]}
+    assert routed == {
+        "prefill-tiny-a-0": "tiny-a",
+        "decode-tiny-a-0": "tiny-a",
+        "prefill-tiny-b-0": "tiny-b",
+        "decode-tiny-b-0": "tiny-b",
+        "decode-tiny-b-1": "tiny-b",
+    }
+    prompt = [(7 * j) % 300 + 4 for j in range(40)]
+    eng = LLMEngine.from_pretrained(paths["tiny-b"], EngineConfig(num_kv_blocks=128, block_size=16))
+    ref = eng.generate([prompt], PARAMS[0])[0]
+    with Client(deployment["routers"], timeout=CALL_S) as c:
+        for _ in range(4):  # on whichever of tiny-b's decode workers placement picks
+            assert c.complete(prompt, PARAMS[0], model="tiny-b").token_ids == ref.token_ids
+    back = ray_cluster.scale(decode=1, namespace=NS, model="tiny-b")
+    assert back["added"] == [] and [r["worker_id"] for r in back["removed"]] == ["decode-tiny-b-1"]
+    assert back["counts"] == {"prefill": 1, "decode": 1}
+    left = sorted(w["worker_id"] for w in ray_cluster.status(NS)["routed"])
+    assert left == ["decode-tiny-a-0", "decode-tiny-b-0", "prefill-tiny-a-0", "prefill-tiny-b-0"]

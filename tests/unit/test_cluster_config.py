@@ -17,6 +17,7 @@ from pdserve.cluster_config import (
     load,
 )
 from pdserve.errors import InvalidRequestError
+from pdserve.kv_transfer import KVTransport
 
 
 def test_minimal_config_gets_defaults():
@@ -209,6 +210,30 @@ def test_several_models_each_with_pools_and_adapters() -> None:
     assert capacity_shortfall(c, {"CPU": 4.0}, num_nodes=1) is None
 
 
+def test_several_models_with_the_direct_handoff_get_a_process_group_each() -> None:
+    """``kv_transfer: dist`` with several models: each model's view keeps the dist handoff (its
+    workers form their own group, see pdserve.ray_cluster), a fixed port becomes port + i."""
+    two = [{"model": "/m/A"}, {"model": "/m/B"}]
+    c = from_dict({"models": two, "kv_transfer": {"kind": "dist", "backend": "gloo", "port": 29500}})
+    a, b = c.views()
+    assert a.kv_transfer.kind is b.kv_transfer.kind is KVTransport.DIST
+    assert (a.kv_transfer.port, b.kv_transfer.port) == (29500, 29501)
+    free = from_dict({"models": two, "kv_transfer": {"kind": "dist"}})
+    assert [v.kv_transfer.port for v in free.views()] == [0, 0]  # each group's rank 0 picks a free one
+    store = from_dict({"models": two, "kv_transfer": {"kind": "store", "port": 7000}})
+    assert [v.kv_transfer.port for v in store.views()] == [7000, 7000]  # no group: left as given
+    cuda = {"device": "cuda"}
+    with pytest.raises(
+        InvalidRequestError, match=r"kv_transfer.backend: .* set models\[1\]\.prefill\.device: cuda"
+    ):
+        from_dict(
+            {
+                "models": [{"model": "/m/A", "prefill": cuda, "decode": cuda}, {"model": "/m/B"}],
+                "kv_transfer": {"kind": "dist", "backend": "nccl"},
+            }
+        )
+
+
 @pytest.mark.parametrize(
     ("raw", "match"),
     [
@@ -225,8 +250,11 @@ def test_several_models_each_with_pools_and_adapters() -> None:
         ({"models": [{"model": "/m/A"}, {"model": "/m/B", "decode": {"tp": 0}}]}, r"models\[1\].decode.tp"),
         ({"models": [{"model": "/m/A", "lora": {"max_loras": 2}}, {"model": "/m/B"}]}, r"models\[0\].lora"),
         (
-            {"models": [{"model": "/m/A"}, {"model": "/m/B"}], "kv_transfer": {"kind": "dist"}},
-            r"kv_transfer.kind: several models",
+            {
+                "models": [{"model": "/m/A"}, {"model": "/m/B"}],
+                "kv_transfer": {"kind": "dist", "port": 65535},
+            },
+            r"kv_transfer.port: each of the 2 models' process groups takes a port from 65535: past 65535",
         ),
         ({"model": "/m/A", "model_tag": "A"}, r"top level: unknown key\(s\) \['model_tag'\]"),
     ],
