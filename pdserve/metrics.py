@@ -9,6 +9,8 @@ Conventions: ``pdserve_`` prefix, base units (seconds, bytes, tokens, blocks), c
 * ``transport``  grpc | shm;  ``direction`` in | out;  ``op`` put | get | lease
 * ``reason``     :data:`PULL_FAILURE_REASONS` (see :func:`pull_failure_reason`)
 * ``worker_id``/``role`` (one pair per worker process), ``node_id`` (one per store process)
+* ``model``      the served base models, on a router serving several (:class:`RouterMetrics`;
+  ``""`` for a request that reached none); absent on a single-model router
 
 Each component object (:class:`RouterMetrics`, :class:`WorkerMetrics`, :class:`KVPullMetrics`,
 :class:`StoreMetrics`) registers its metrics in the ``CollectorRegistry`` it is given. A process passes
