@@ -50,6 +50,8 @@ class DiskTierStats:
     bytes_written: int = 0
     bytes_read: int = 0
     seconds: float = 0.0  # time spent in writes and reads
+    write_seconds: float = 0.0
+    read_seconds: float = 0.0
 
 
 def _remove(paths: list[Path]) -> None:
@@ -190,6 +192,7 @@ class DiskKVTier:
             moved += self.block_nbytes
         dt = time.perf_counter() - t
         self._account(moved, dt)
+        self.stats.write_seconds += dt
         self.stats.blocks_written += len(pairs) - len(bad)
         self.stats.bytes_written += moved
         self.stats.write_errors += len(bad)
@@ -220,6 +223,7 @@ class DiskKVTier:
                 bad.add(h)
         dt = time.perf_counter() - t
         self._account(moved, dt)
+        self.stats.read_seconds += dt
         self.stats.blocks_read += len(pairs) - len(bad)
         self.stats.bytes_read += moved
         self.stats.corrupt_blocks += len(bad)
