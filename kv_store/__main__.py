@@ -38,6 +38,7 @@ from kv_store.service import StoreServer, run_store_node
 from kv_store.store import StoreConfig
 from pdserve import cli_help
 from pdserve.errors import InvalidRequestError
+from pdserve.gc_tuning import settle_heap
 from pdserve.metrics import StoreMetrics, serve_metrics
 from pdserve.security import add_process_security_args, install_process_security
 from pdserve.tracing import configure_logging
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         info = {"node_id": loc.node_id, "address": loc.address, "port": srv.port}
         info |= {"shm_name": loc.shm_name, "host_id": loc.host_id, "metrics": f"127.0.0.1:{metrics_port}"}
         print(json.dumps(info), flush=True)
+        settle_heap()  # start-up is over: full collections walk only what is made from now on (#12)
 
     try:
         run_store_node(config, index, on_ready=ready, metrics=metrics)
