@@ -305,6 +305,22 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         "not with --tp > 1) (default: %(default)s)",
     )
     ap.add_argument(
+        "--swap-disk",
+        type=float,
+        default=0.0,
+        metavar="GIB",
+        help="local-disk KV tier in GiB behind the host pool (needs --swap-space): when the host pool "
+        "is full, the swapped-out KV of the coldest requests spills to preallocated, checksummed "
+        "segment files instead of a victim recomputing, and comes back before it runs (0: off) "
+        "(default: %(default)s)",
+    )
+    ap.add_argument(
+        "--swap-disk-dir",
+        default=None,
+        metavar="DIR",
+        help="folder of the --swap-disk segment files (default: the system's temp folder)",
+    )
+    ap.add_argument(
         "--scheduling-policy",
         choices=[p.value for p in SchedulingPolicy],
         default=SchedulingPolicy.PRIORITY.value,
@@ -442,6 +458,12 @@ def parse(
         ap.error(f"--max-model-len must be >= 1, got {a.max_model_len}")
     if not (a.swap_space >= 0 and math.isfinite(a.swap_space)):
         ap.error(f"--swap-space must be >= 0 GiB, got {a.swap_space}")
+    if not (a.swap_disk >= 0 and math.isfinite(a.swap_disk)):
+        ap.error(f"--swap-disk must be >= 0 GiB, got {a.swap_disk}")
+    if a.swap_disk and not a.swap_space:
+        ap.error("--swap-disk needs --swap-space (the disk tier sits behind the host pool)")
+    if a.swap_disk_dir is not None and not a.swap_disk:
+        ap.error("--swap-disk-dir needs --swap-disk GIB")
     for flag, v in (("--weight-budget-gib", a.weight_budget_gib), ("--weight-host-gib", a.weight_host_gib)):
         if v is not None and not (v >= 0 and math.isfinite(v)):
             ap.error(f"{flag} must be >= 0 GiB, got {v}")
@@ -457,6 +479,8 @@ def parse(
             else int(a.weight_host_gib * (1 << 30)),
             weight_offload_dir=a.weight_offload_dir,
             swap_space_bytes=int(a.swap_space * (1 << 30)),
+            swap_disk_bytes=int(a.swap_disk * (1 << 30)),
+            swap_disk_dir=a.swap_disk_dir,
             scheduling_policy=SchedulingPolicy(a.scheduling_policy),
             num_kv_blocks=a.kv_blocks,
             block_size=a.block_size,
