@@ -143,6 +143,10 @@ class ClusterConfig:
     # blocks * block bytes / bandwidth to the step's time.
     swap_space_gib: float = 0.0
     swap_gb_s: float = 25.0  # one direction (assumed: PCIe 4.0 x16)
+    # The engine's disk tier behind the swap pool (EngineConfig.swap_disk_bytes): disk per
+    # instance for the coldest swapped-out KV when the swap pool is full (0: off; needs
+    # swap_space_gib), at the cache's disk_gb_s.
+    swap_disk_gib: float = 0.0
     # Live migration of decoding requests between decode-capable instances (Llumnix, issue #14):
     # the router's migration policies run every SimMigrationConfig.interval_s. None: off.
     migration: SimMigrationConfig | None = None
@@ -158,6 +162,10 @@ class ClusterConfig:
             raise ValueError(f"kv_stream_chunk_tokens must be >= 0, got {self.kv_stream_chunk_tokens}")
         if not (self.swap_space_gib >= 0 and math.isfinite(self.swap_space_gib)):
             raise ValueError(f"swap_space_gib must be >= 0, got {self.swap_space_gib}")
+        if not (self.swap_disk_gib >= 0 and math.isfinite(self.swap_disk_gib)):
+            raise ValueError(f"swap_disk_gib must be >= 0, got {self.swap_disk_gib}")
+        if self.swap_disk_gib and not self.swap_space_gib:
+            raise ValueError("swap_disk_gib needs swap_space_gib (the disk tier sits behind the swap pool)")
         if not (self.swap_gb_s > 0 and math.isfinite(self.swap_gb_s)):
             raise ValueError(f"swap_gb_s must be > 0, got {self.swap_gb_s}")
 

@@ -65,6 +65,8 @@ class InstanceStats:
     import_failures: int = 0
     disk_blocks: int = 0  # KV blocks of host-pool hits read from its disk tier
     swap_s: float = 0.0  # step time spent copying swapped KV blocks
+    swap_disk_s: float = 0.0  # step time spent moving swapped KV between host and the disk tier
+    swap_disk_blocks: int = 0  # swapped KV blocks spilled to / promoted from the disk tier
     migrations_out: int = 0  # live migrations that moved a request off this instance
     migrations_in: int = 0
     migrated_blocks: int = 0  # KV blocks copied out of this instance by migrations (re-sent ones too)
@@ -88,10 +90,17 @@ class SimInstance:
         disk_bytes_per_s: float = 3e9,
         swap_space_bytes: int = 0,
         swap_bytes_per_s: float = 25e9,
+        swap_disk_bytes: int = 0,
     ) -> None:
         """``host_pool``: the instance's host KV pool; a :class:`TieredPrefixStore` adds a disk
         tier behind it, whose hits delay the request's start by their bytes / ``disk_bytes_per_s``
-        (host-pool DRAM hits are free, as before)."""
+        (host-pool DRAM hits are free, as before).
+
+        ``swap_disk_bytes``: the engine's disk tier for swapped-out KV behind the swap pool
+        (``EngineConfig.swap_disk_bytes``): the engine's scheduler spills and promotes as in the
+        engine (promotion ahead of the turn included), and each step's spills and promotions add
+        blocks * block bytes / ``disk_bytes_per_s`` to its time (synchronous, as on the engine's
+        CPU path)."""
         self.disk_bytes_per_s = disk_bytes_per_s
         self.instance_id = instance_id
         self.role = role
@@ -103,6 +112,7 @@ class SimInstance:
             model_id="sim",
             enable_prefix_caching=enable_prefix_caching,
             num_host_blocks=swap_space_bytes // block_nbytes,
+            num_disk_blocks=swap_disk_bytes // block_nbytes if swap_space_bytes >= block_nbytes else 0,
         )
         self.block_nbytes = block_nbytes
         self.swap_bytes_per_s = swap_bytes_per_s
@@ -119,7 +129,13 @@ class SimInstance:
             # swap or recompute, chosen by the scheduler from these rates (the engine measures
             # them; here: the copy bandwidth given and the model's prefill rate at the token budget)
             budget = scheduler.max_num_batched_tokens
-            self.sched.set_swap_rates(SwapRates(swap_bytes_per_s, budget / latency.prefill_time([budget])))
+            self.sched.set_swap_rates(
+                SwapRates(
+                    swap_bytes_per_s,
+                    budget / latency.prefill_time([budget]),
+                    disk_bytes_per_s if self.kv.disk is not None else None,
+                )
+            )
         self.latency = latency
         self.loop = loop
         self.on_step = on_step
@@ -341,6 +357,17 @@ class SimInstance:
             self._retry_imports()
         out = sched.schedule()
         if not out.scheduled:
+            moved = len(out.disk_out) + len(out.disk_in)
+            if moved:
+                # only disk traffic this step (e.g. the swapped queue's head promoted while
+                # nothing runs): it takes its time, then the next step is planned
+                dt = moved * self.block_nbytes / self.disk_bytes_per_s
+                self.stats.swap_disk_s += dt
+                self.stats.swap_disk_blocks += moved
+                self.stats.busy_s += dt
+                self.busy = True
+                self.loop.at(self.loop.now() + dt, self._start_step)
+                return
             self.busy = False
             return
         if out.preempted:
@@ -382,6 +409,12 @@ class SimInstance:
             swap_s = (len(out.swap_out) + len(out.swap_in)) * self.block_nbytes / self.swap_bytes_per_s
             dt += swap_s
             st.swap_s += swap_s
+        if out.disk_out or out.disk_in:  # spills before the copies, promotions after them
+            moved = len(out.disk_out) + len(out.disk_in)
+            disk_s = moved * self.block_nbytes / self.disk_bytes_per_s
+            dt += disk_s
+            st.swap_disk_s += disk_s
+            st.swap_disk_blocks += moved
         st.steps += 1
         st.busy_s += dt
         st.prefill_tokens += q

@@ -207,6 +207,7 @@ class _Run:
                         disk_bytes_per_s=c.cache.disk_gb_s * 1e9,
                         swap_space_bytes=int(c.swap_space_gib * 2**30),
                         swap_bytes_per_s=c.swap_gb_s * 1e9,
+                        swap_disk_bytes=int(c.swap_disk_gib * 2**30),
                     )
                 )
         if not out:
@@ -250,6 +251,8 @@ class _Run:
                 "preemptions": i.sched.num_preemptions,
                 "swap_outs": i.sched.num_swap_outs,
                 "swap_s": i.stats.swap_s,
+                "swap_disk_s": i.stats.swap_disk_s,
+                "swap_disk_blocks": i.stats.swap_disk_blocks,
                 "imported_blocks": i.stats.imported_blocks,
                 "disk_blocks": i.stats.disk_blocks,
                 "kv_blocks": i.total_blocks,
