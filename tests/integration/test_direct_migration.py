@@ -347,3 +347,46 @@ def test_a_migrated_direct_stream_ends_on_a_stop_string_matched_on_the_destinati
     assert got.finish.reason == ref.finish.reason and got.finish.stop == stop
     assert [w for w, r in cluster.attached if r == rid] == [src, _other(src)]
     cluster.wait_no_blocks()
+
+
+def test_a_direct_stream_migrated_twice_streams_from_each_destination(cluster, client) -> None:
+    """Moved to the other worker, then back while it streams from there (its resumed stream
+    ended at the switch like a Decode's): the client attaches to each in turn, output identical."""
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    prompt = _prompt(5)
+    ref = client.complete(prompt, params)
+
+    def direct_on(rid: str, worker: str, min_tokens: int) -> bool:
+        d = cluster.svc.running().get(rid)
+        legs = d.legs if d is not None else None
+        return (
+            d is not None
+            and d.state is State.DECODING
+            and legs._direct
+            and legs._redirect is not None
+            and legs._redirect.worker_id == worker
+            and len(legs.run.out_ids) >= min_tokens
+        )
+
+    async def move(rid: str, to: str):
+        return await cluster.svc.migrate(rid, to)
+
+    with ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(client.complete, prompt, params)
+        deadline = time.monotonic() + CALL_S
+        while not (running := _direct_decoding(cluster, 4)):
+            assert not fut.done() and time.monotonic() < deadline, "the request never decoded directly"
+            time.sleep(0.001)
+        ((rid, src),) = running.items()
+        first = cluster.on_loop(move(rid, _other(src)))
+        known = len(cluster.svc.running()[rid].legs.run.out_ids)
+        while not direct_on(rid, _other(src), known + 4):
+            assert not fut.done() and time.monotonic() < deadline, "never streamed from the destination"
+            time.sleep(0.001)
+        second = cluster.on_loop(move(rid, src))
+        got = fut.result(CALL_S)
+    assert first.migrated and second.migrated, (first, second)
+    assert got.token_ids == ref.token_ids and got.text == ref.text
+    assert [w for w, r in cluster.attached if r == rid] == [src, _other(src), src]
+    assert len([r for r in cluster.resumes if r[0] == rid]) == 2
+    cluster.wait_no_blocks()
