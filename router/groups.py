@@ -329,6 +329,7 @@ class GroupRelay:
         try:
             if streamed:
                 source = await self._streamed_prefill(call, TRANSPORTS[mode])
+                t_dec = time.monotonic()  # the decode phase starts once the prefill answered
             async for d in Guarded(source, dw, watch=watch, streamed=svc._streamed_at):
                 if not started:
                     started = True
