@@ -551,6 +551,17 @@ class WorkerSnapshot:
     swapped_in_bytes: int = 0
     swap_copy_seconds: float = 0.0  # time the swap copies took (cumulative)
     mlfq_promotions: int = 0  # MLFQ anti-starvation promotions (cumulative; 0 under other policies)
+    # the disk tier behind the swap pool (EngineConfig.swap_disk_bytes; all 0 without it)
+    swap_disk_blocks_total: int = 0
+    swap_disk_blocks_used: int = 0
+    swap_disk_spilled_blocks: int = 0  # host -> disk (cumulative)
+    swap_disk_promoted_blocks: int = 0  # disk -> host
+    swap_disk_full: int = 0  # preemptions that recomputed because the disk tier was full
+    swap_disk_fallbacks: int = 0  # swapped-out requests recomputed after a disk write/read fault
+    swap_disk_write_errors: int = 0  # blocks whose disk write failed
+    swap_disk_corrupt_blocks: int = 0  # blocks read back corrupt, short or with an I/O error
+    swap_disk_seconds: float = 0.0  # time spent in disk writes and reads
+    swap_disk_enabled: bool = False  # spilling on (a write error turns it off)
     # weight offloading (EngineConfig.weight_memory_budget_bytes; empty / 0 without it)
     weight_bytes: tuple[tuple[str, int], ...] = ()  # (tier, bytes): device, host, disk
     weight_prefetch_bytes: int = 0  # offloaded layer bytes copied in (cumulative)
@@ -643,6 +654,27 @@ class WorkerMetrics:
              [*lab, "direction"], lambda s: [(("out",), s.swapped_out_bytes), (("in",), s.swapped_in_bytes)]),
             (CounterMetricFamily, "pdserve_worker_swap_seconds", "Time the KV swap copies took.", lab,
              lambda s: [((), s.swap_copy_seconds)]),
+            (GaugeMetricFamily, "pdserve_worker_swap_disk_blocks",
+             "Disk tier blocks behind the swap pool by state: used, free (0 without the tier).", [*lab, "state"],
+             lambda s: [(("used",), s.swap_disk_blocks_used),
+                        (("free",), s.swap_disk_blocks_total - s.swap_disk_blocks_used)]),
+            (CounterMetricFamily, "pdserve_worker_swap_disk_transfer_blocks",
+             "Swapped-out KV blocks moved by the disk tier, by direction: out (spilled), in (promoted).",
+             [*lab, "direction"],
+             lambda s: [(("out",), s.swap_disk_spilled_blocks), (("in",), s.swap_disk_promoted_blocks)]),
+            (CounterMetricFamily, "pdserve_worker_swap_disk_recomputes",
+             "Requests recomputed because of the disk tier, by reason: full (it could not take a victim's "
+             "room), fault (a failed write or a corrupt read lost their KV).", [*lab, "reason"],
+             lambda s: [(("full",), s.swap_disk_full), (("fault",), s.swap_disk_fallbacks)]),
+            (CounterMetricFamily, "pdserve_worker_swap_disk_errors",
+             "Disk tier block errors, by kind: write (failed write), corrupt (checksum mismatch, short read).",
+             [*lab, "kind"],
+             lambda s: [(("write",), s.swap_disk_write_errors), (("corrupt",), s.swap_disk_corrupt_blocks)]),
+            (CounterMetricFamily, "pdserve_worker_swap_disk_seconds", "Time the disk tier's writes and reads took.",
+             lab, lambda s: [((), s.swap_disk_seconds)]),
+            (GaugeMetricFamily, "pdserve_worker_swap_disk_enabled",
+             "1 while the disk tier takes spills; 0 without one or after a write error turned it off.", lab,
+             lambda s: [((), 1 if s.swap_disk_enabled else 0)]),
             (CounterMetricFamily, "pdserve_worker_mlfq_promotions",
              "MLFQ anti-starvation promotions of queued requests.", lab, lambda s: [((), s.mlfq_promotions)]),
             (GaugeMetricFamily, "pdserve_worker_weight_bytes",

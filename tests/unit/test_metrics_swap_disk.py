@@ -1,0 +1,46 @@
+"""Worker metrics of the engine's disk tier behind the swap pool (issue #15), from a snapshot and
+from a real engine's stats (tiny model, CPU)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from pdserve import metrics as M
+from tests.unit.test_metrics import _snap, value
+
+W = {"worker_id": "mixed-0", "role": "mixed"}
+
+
+def test_swap_disk_families():
+    reg = CollectorRegistry()
+    snap = _snap(
+        swap_disk_blocks_total=100,
+        swap_disk_blocks_used=30,
+        swap_disk_spilled_blocks=50,
+        swap_disk_promoted_blocks=20,
+        swap_disk_full=2,
+        swap_disk_fallbacks=1,
+        swap_disk_write_errors=3,
+        swap_disk_corrupt_blocks=4,
+        swap_disk_seconds=0.75,
+        swap_disk_enabled=True,
+    )
+    M.WorkerMetrics(reg, "mixed-0", "mixed", snapshot=lambda: snap)
+    assert value(reg, "pdserve_worker_swap_disk_blocks", state="used", **W) == 30
+    assert value(reg, "pdserve_worker_swap_disk_blocks", state="free", **W) == 70
+    assert value(reg, "pdserve_worker_swap_disk_transfer_blocks_total", direction="out", **W) == 50
+    assert value(reg, "pdserve_worker_swap_disk_transfer_blocks_total", direction="in", **W) == 20
+    assert value(reg, "pdserve_worker_swap_disk_recomputes_total", reason="full", **W) == 2
+    assert value(reg, "pdserve_worker_swap_disk_recomputes_total", reason="fault", **W) == 1
+    assert value(reg, "pdserve_worker_swap_disk_errors_total", kind="write", **W) == 3
+    assert value(reg, "pdserve_worker_swap_disk_errors_total", kind="corrupt", **W) == 4
+    assert value(reg, "pdserve_worker_swap_disk_seconds_total", **W) == 0.75
+    assert value(reg, "pdserve_worker_swap_disk_enabled", **W) == 1
+
+
+def test_without_a_disk_tier_the_series_are_zero():
+    reg = CollectorRegistry()
+    M.WorkerMetrics(reg, "mixed-0", "mixed", snapshot=_snap)
+    assert value(reg, "pdserve_worker_swap_disk_blocks", state="free", **W) == 0
+    assert value(reg, "pdserve_worker_swap_disk_enabled", **W) == 0
+    assert value(reg, "pdserve_worker_swap_disk_errors_total", kind="corrupt", **W) == 0
