@@ -29,7 +29,8 @@ queue order, not swapped out in this step) spill to disk to make room, when the 
 the swap plus the spill's disk write and read still beats recomputing
 (:func:`engine.swap_policy.plan_spill`, ``choose_preemption_mode(spill_blocks=...)``); a disk
 too full to take them means recompute (``num_disk_full``). A swapped-out request whose blocks are
-on disk is promoted back to the host (``SchedulerOutput.disk_in``) before it can be swapped in:
+on disk is promoted back to the host (``SchedulerOutput.disk_in``) before it can be swapped in
+(until then the queue skips it: swapping in the requests behind it frees host slots for it):
 at the end of each step the swapped queue's head is promoted (spilling colder host-resident
 requests when the host pool is short, so the head never waits forever), and the next swapped
 requests in queue order are promoted ahead of their turn while host slots and the step's budget
@@ -560,7 +561,9 @@ class Scheduler:
                         for s in plan[0]:
                             self._spill(s, out)
                             skip.add(s)
-                        budget -= disk_budget_tokens(plan[1], self.block_nbytes, self.rates)
+                        spill_cost = disk_budget_tokens(plan[1], self.block_nbytes, self.rates)
+                        out.swap_budget_tokens += spill_cost
+                        budget -= spill_cost
             elif cost > budget:
                 break
             if n > kv.num_free_host_blocks:
@@ -669,6 +672,10 @@ class Scheduler:
                 if req.request_id in just_preempted:
                     continue
                 if req.status is RequestStatus.SWAPPED:
+                    if kv.disk is not None and kv.num_disk_blocks_of(req.request_id):
+                        # on disk: promoted to the host at the end of a step first (_promote_ahead);
+                        # the requests behind it go on (swapping them in frees host slots for it)
+                        continue
                     n = self._swap_in(req, budget, out)
                     if n == 0:
                         break  # head-of-line: keep the order, wait for blocks

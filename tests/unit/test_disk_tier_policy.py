@@ -305,6 +305,7 @@ def _swap_out_three(s: Scheduler, c_len: int = 8) -> list[Request]:
     assert [r.status for r in reqs] == [RequestStatus.SWAPPED] * 3
     assert s.kv.num_disk_blocks_of("c") > 0 and s.kv.num_disk_blocks_of("a") == 0
     s.kv.begin_step()
+    s._step_swapped_out = set()  # a new step: their host copies are written
     return reqs
 
 
@@ -340,11 +341,29 @@ def test_a_disk_resident_head_is_promoted_by_spilling_colder_requests():
     s.kv.promote("c")  # now the head (a) is on disk, b and c fill the host
     s.kv.begin_step()
     assert s.kv.num_free_host_blocks == 0
-    out = _step(s)
-    # a cannot swap in yet; the coldest host-resident request spills to make room for it
-    assert out.swapped_in == [] and out.spilled == ["c"] and out.promoted == ["a"]
+    # the end-of-step promotion, alone (nothing swapped in before it freed host slots): the
+    # coldest host-resident request spills to make room for the head
+    out = SchedulerOutput()
+    s._promote_ahead(32, out)
+    assert out.spilled == ["c"] and out.promoted == ["a"]
+    assert sorted(h for h, _ in out.disk_out) == sorted(h for _, h in out.disk_in)  # c's slots, reused
+    s.update_from_output(out, {})
     out = _step(s)
     assert out.swapped_in[0] == "a"
+
+
+def test_the_queue_goes_on_past_a_disk_resident_head():
+    s = _sched(blocks=16, host=4, disk=64)
+    _swap_out_three(s)
+    s.kv.spill("a")
+    s.kv.promote("c")
+    s.kv.begin_step()
+    # a waits for its promotion; b and c (on the host) swap in, which frees the host slots that
+    # a's promotion takes in the same step: no spill needed
+    out = _step(s)
+    assert out.swapped_in == ["b", "c"] and out.promoted == ["a"] and not out.spilled
+    out = _step(s)
+    assert out.swapped_in == ["a"]
 
 
 def test_mlfq_prefetches_by_level_on_a_fake_clock():
