@@ -514,7 +514,6 @@ class GenerateServicer:
                 self.config.kv_stream,
                 local_prefill=local,
                 num_candidates=params.num_candidates,
-                direct_stream=self.direct is not None and req.direct_stream,
             ),
         )
         cluster = RouterCluster(self, req, run, info, machine.budget, ctx)

@@ -39,6 +39,11 @@ last delta but was lost before the router's finish) finish it with the router's 
 decision (:func:`router.lifecycle.grpc_legs.output_end`: stop strings, stop tokens / EOS, the
 length limit), not a re-dispatch.
 
+A streamed handoff (``--kv-stream``: :mod:`router.lifecycle.stream_legs`) streams directly too
+(:meth:`DirectLegs.start_streamed_decode`): its Decode, sent with the Prefill, carries the direct
+grant; the decode worker assembles the streamed KV, then its admission message becomes the
+redirect (after the prefill's first token, relayed as usual) and the leg goes on as above.
+
 A local-prefill placement (conditional disaggregation) streams directly too, every token (the
 first included) from the decode worker. Not direct (relayed as before): a leg resumed after a
 lost worker, a request with ``n`` or ``best_of`` > 1.
@@ -63,6 +68,7 @@ from pdserve.v1 import client_pb2, direct_pb2, worker_pb2
 from router.lifecycle.events import KVRef
 from router.lifecycle.grpc_calls import Guarded, call_metadata, remaining
 from router.lifecycle.grpc_legs import GrpcLegs, Handoff, RequestRun, output_end
+from router.lifecycle.grpc_stream_legs import DirectGrantLeg, GrpcStreamedDecode
 from router.lifecycle.ports import Chunk, ClientGoneError, WorkerLostError
 from router.lifecycle.states import OutputMismatch
 from router.progress import ProgressWatch
@@ -242,11 +248,35 @@ class DirectLegs(GrpcLegs):
                 queued[0] = False
                 svc.outstanding.add(dw.worker_id, -n)
 
-    def _mint(self, worker_id: str) -> str:
-        """A ticket for this request on ``worker_id``, expiring ``ticket_ttl_s`` from now."""
+    def start_streamed_decode(self, worker_id: str, prefill_id: str, num_output: int) -> GrpcStreamedDecode:
+        """:meth:`GrpcLegs.start_streamed_decode` (chunk-wise KV streaming) with a direct grant
+        for a fresh single request (no output yet): the decode worker assembles the streamed KV
+        and then streams the tokens to the client, its messages handled as :meth:`decode`'s. Its
+        ticket is minted now, before the prefill: it lasts ``ticket_ttl_s`` plus the prefill's
+        progress deadline (else the call's deadline, else ``prefill_floor_s``). A resumed leg
+        is relayed."""
+        if num_output != 0 or not self._single():
+            self._direct = False
+            return super().start_streamed_decode(worker_id, prefill_id, num_output)
+        p = self.svc.config.progress
+        allowance = p.prefill_deadline_s(self.run.predicted_ttft_s, self.svc.outstanding.get(prefill_id))
+        if allowance is None:
+            allowance = remaining(self.ctx) or p.prefill_floor_s
+        ticket = self._mint(worker_id, allowance)
+        grant = direct_pb2.DirectGrant(ticket=ticket, progress_interval_s=self._interval())
+        leg = DirectGrantLeg(
+            grant,
+            lambda: DirectProgressWatch(p, self.run.predicted_tpot_s),
+            lambda dw, chunks, cancel: self._direct_chunks(dw, ticket, chunks, cancel),
+        )
+        return GrpcStreamedDecode(self, worker_id, prefill_id, num_output, leg)
+
+    def _mint(self, worker_id: str, extra_s: float = 0.0) -> str:
+        """A ticket for this request on ``worker_id``, expiring ``ticket_ttl_s`` (+ ``extra_s``)
+        from now."""
         run, req, cfg = self.run, self.req, self.book.config
         return self.book.signer.mint(
-            TicketClaims(run.rid, worker_id, req.tenant, time.time() + cfg.ticket_ttl_s)
+            TicketClaims(run.rid, worker_id, req.tenant, time.time() + cfg.ticket_ttl_s + extra_s)
         )
 
     async def _direct_stream(

@@ -2,20 +2,28 @@
 :class:`~router.lifecycle.grpc_legs.GrpcLegs`: a ``DecodeRequest`` with ``kv_stream_address``
 (the prefill worker's address), started at once, its first message (or failure) read ahead so
 the leg learns early that the decode side failed; relayed through :class:`Guarded` (progress
-deadline, lost-worker mapping) like any decode leg once the prefill answered."""
+deadline, lost-worker mapping) like any decode leg once the prefill answered.
+
+A direct token stream's streamed Decode (:class:`DirectGrantLeg`, made by
+:meth:`router.lifecycle.direct_legs.DirectLegs.start_streamed_decode`) carries the direct grant
+too (``DecodeRequest.direct``): the decode worker assembles the streamed KV, then sends its
+admission message (no tokens) and streams the tokens to the client; its messages go through the
+direct leg's own handling (the redirect, progress and finish, the client's resume after a lost
+worker) under a direct progress deadline."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from pdserve.status import error_from_rpc_error
-from pdserve.v1 import worker_pb2
+from pdserve.v1 import direct_pb2, worker_pb2
 from router.failover import LostPhase, LostWorker
 from router.lifecycle.grpc_calls import (
     Guarded,
@@ -31,6 +39,7 @@ from router.progress import ProgressWatch
 
 if TYPE_CHECKING:
     from router.lifecycle.grpc_legs import GrpcLegs
+    from router.registry import WorkerEntry
 
 ABORT_TIMEOUT_S = 5.0  # the prefill worker's Abort of a stream nobody will consume
 
@@ -39,6 +48,21 @@ TRANSPORTS = {
     KVStreamMode.STORE: worker_pb2.KV_STREAM_TRANSPORT_STORE,
     KVStreamMode.DIST: worker_pb2.KV_STREAM_TRANSPORT_DIST,
 }
+
+
+@dataclass(frozen=True)
+class DirectGrantLeg:
+    """What makes a streamed Decode a direct token stream: ``grant``, the ``DecodeRequest.direct``
+    it carries (the ticket minted for its decode worker, the progress interval); ``watch()``,
+    its progress deadline (a direct worker sends a message per progress interval, not per
+    token); ``wrap(worker, chunks, cancel)``, the chunks the lifecycle relays, made from the
+    call's (the redirect note, progress and the finish; the worker lost after the redirect: the
+    lost note and the client's resumed tokens, then the loss raised; ``cancel`` cancels the
+    call)."""
+
+    grant: direct_pb2.DirectGrant
+    watch: Callable[[], ProgressWatch]
+    wrap: Callable[[WorkerEntry, AsyncIterator[Chunk], Callable[[], Any]], AsyncIterator[Chunk]]
 
 
 class _Prefetched:
@@ -68,20 +92,30 @@ class _Prefetched:
 class GrpcStreamedDecode:
     """The Decode of a streamed handoff on decode worker ``worker_id`` of ``legs``'s request:
     prompt + ``num_output`` output tokens, ``kv_stream_address`` = the prefill worker
-    ``prefill_id``'s address; started at construction, its first message read ahead."""
+    ``prefill_id``'s address; started at construction, its first message read ahead.
+    ``direct``: a direct token stream's grant and handling (None: relayed)."""
 
-    def __init__(self, legs: GrpcLegs, worker_id: str, prefill_id: str, num_output: int) -> None:
+    def __init__(
+        self,
+        legs: GrpcLegs,
+        worker_id: str,
+        prefill_id: str,
+        num_output: int,
+        direct: DirectGrantLeg | None = None,
+    ) -> None:
         svc, req = legs.svc, legs.req
         self.legs = legs
         self.dw = legs._entry(worker_id)
         common = legs._leg_request(num_output)
         self.fresh = num_output == 0  # the decode engine renders the whole output's text
+        self.direct = direct
+        request = worker_pb2.DecodeRequest(
+            **common, slo=req.slo, kv_stream_address=legs._entry(prefill_id).address
+        )
+        if direct is not None:
+            request.direct.CopyFrom(direct.grant)
         self.call = svc.stubs.worker(self.dw.address).Decode(
-            worker_pb2.DecodeRequest(
-                **common, slo=req.slo, kv_stream_address=legs._entry(prefill_id).address
-            ),
-            timeout=remaining(legs.ctx),
-            metadata=call_metadata(),
+            request, timeout=remaining(legs.ctx), metadata=call_metadata()
         )
         self._it = aiter(self.call)
         self._first: asyncio.Future = asyncio.ensure_future(anext(self._it, None))
@@ -122,8 +156,11 @@ class GrpcStreamedDecode:
         if self._used:
             raise RuntimeError("a streamed Decode is relayed once")
         self._used = True
-        svc, legs = self.legs.svc, self.legs
-        watch = ProgressWatch(svc.config.progress, legs.run.predicted_tpot_s)
+        svc, legs, direct = self.legs.svc, self.legs, self.direct
+        if direct is not None:
+            watch = direct.watch()
+        else:
+            watch = ProgressWatch(svc.config.progress, legs.run.predicted_tpot_s)
         overlap = time.monotonic() - self._t_start  # called once the prefill answered
         guarded = Guarded(
             _Prefetched(self.call, self._it, self._first, overlap),
@@ -131,7 +168,11 @@ class GrpcStreamedDecode:
             watch=watch,
             streamed=svc._streamed_at,
         )
-        return self._stream(legs.stream(guarded, self.dw, first_index, worker_text=self.fresh))
+        if direct is None:
+            return self._stream(legs.stream(guarded, self.dw, first_index, worker_text=self.fresh))
+        # a direct worker's messages carry no text: the client has it from the worker
+        chunks = legs.stream(guarded, self.dw, first_index, worker_text=False)
+        return self._stream(direct.wrap(self.dw, chunks, self.call.cancel))
 
     async def _stream(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
         try:

@@ -27,16 +27,16 @@ class KVStreamMode(enum.Enum):
             raise ValueError(f"--kv-stream {value!r}: expected one of {valid}") from None
 
 
-def stream_eligible(
-    mode: KVStreamMode, *, local_prefill: bool, num_candidates: int, direct_stream: bool
-) -> bool:
+def stream_eligible(mode: KVStreamMode, *, local_prefill: bool, num_candidates: int) -> bool:
     """Whether a single request's prefill streams its KV (the lifecycle's ``STREAMING``):
     streaming is on, the request is prefilled on a prefill worker (a local prefill has no
-    handoff), it is a single sequence (a parallel-sampling group, n > 1 or best_of > 1, is
-    streamed by its own relay, :mod:`router.groups`, see :func:`group_streams`), and its tokens
-    are relayed by the router (a direct stream's decode leg, :mod:`router.lifecycle.direct_legs`,
-    hands off the whole KV). LoRA adapters stream (both workers key the chunks with the adapter)."""
-    return mode is not KVStreamMode.OFF and not local_prefill and num_candidates <= 1 and not direct_stream
+    handoff) and it is a single sequence (a parallel-sampling group, n > 1 or best_of > 1, is
+    streamed by its own relay, :mod:`router.groups`, see :func:`group_streams`). Relayed and
+    direct token streams alike: a direct stream's streamed Decode carries its direct grant
+    (:meth:`router.lifecycle.direct_legs.DirectLegs.start_streamed_decode`), the decode worker
+    assembling the streamed KV and then streaming the tokens to the client. LoRA adapters stream
+    (both workers key the chunks with the adapter)."""
+    return mode is not KVStreamMode.OFF and not local_prefill and num_candidates <= 1
 
 
 def group_streams(mode: KVStreamMode, *, local_prefill: bool) -> bool:

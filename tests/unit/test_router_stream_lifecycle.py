@@ -167,12 +167,11 @@ def test_mode_and_eligibility() -> None:
     )
     with pytest.raises(ValueError, match="expected one of off, grpc, store"):
         KVStreamMode.parse("layers")
-    ok = dict(local_prefill=False, num_candidates=1, direct_stream=False)
+    ok = dict(local_prefill=False, num_candidates=1)  # relayed and direct token streams alike
     assert stream_eligible(KVStreamMode.STORE, **ok)
     assert not stream_eligible(KVStreamMode.OFF, **ok)
     assert not stream_eligible(KVStreamMode.GRPC, **{**ok, "local_prefill": True})
     assert not stream_eligible(KVStreamMode.GRPC, **{**ok, "num_candidates": 2})
-    assert not stream_eligible(KVStreamMode.GRPC, **{**ok, "direct_stream": True})
 
 
 # ---------------------------------------------------------------------------- the driver's leg
