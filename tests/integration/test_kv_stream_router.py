@@ -31,7 +31,7 @@ from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.metrics import RouterMetrics
 from pdserve.proto_convert import sampling_to_proto
-from pdserve.v1 import client_pb2, client_pb2_grpc, worker_pb2
+from pdserve.v1 import client_pb2, client_pb2_grpc, direct_pb2, worker_pb2
 from pdserve.worker_base import Role, WorkerConfig, WorkerState, engine_layout
 from router.lifecycle.states import State
 from router.lifecycle.stream_mode import KVStreamMode
@@ -68,7 +68,11 @@ class _Slow:
 
 
 class _Cluster:
-    def __init__(self, path) -> None:
+    """``direct_streams``: the decode workers serve DirectStream and the routers grant direct
+    token streams (tests/integration/test_kv_stream_direct.py); off: every token relayed."""
+
+    def __init__(self, path, direct_streams: bool = False) -> None:
+        from decode_worker.direct import enable_direct_streams
         from decode_worker.puller import StorePuller
         from decode_worker.service import AsyncDecodeServicer
         from kv_store.arena import host_id
@@ -114,9 +118,10 @@ class _Cluster:
                 KVPullMetrics(CollectorRegistry(), n),
                 stream_window_s=0.0,
             )
-            self.servers[n], port = serve_worker(
-                [(desc["Worker"], self.decode[n])], Role.DECODE, "127.0.0.1", 0, n
-            )
+            dservices = [(desc["Worker"], self.decode[n])]
+            if direct_streams:
+                enable_direct_streams(self.decode[n], dservices)
+            self.servers[n], port = serve_worker(dservices, Role.DECODE, "127.0.0.1", 0, n)
             st.address = f"127.0.0.1:{port}"
             self.states[n] = st
             self.registry.register(
@@ -125,12 +130,19 @@ class _Cluster:
         self.routers: dict[KVStreamMode, tuple[GenerateServicer, object, str]] = {}
         self.metrics: dict[KVStreamMode, CollectorRegistry] = {}
         for mode in (KVStreamMode.STORE, KVStreamMode.GRPC):
-            cfg = RouterConfig(model_path=str(path), model_id="llama", kv_stream=mode, max_redispatches=2)
+            cfg = RouterConfig(
+                model_path=str(path),
+                model_id="llama",
+                kv_stream=mode,
+                max_redispatches=2,
+                direct_streams=direct_streams,
+            )
             self.metrics[mode] = CollectorRegistry()
             svc = GenerateServicer(self.registry, cfg, RouterMetrics(self.metrics[mode]))
-            server, rport, _ = start_aio_server(
-                [(client_pb2.DESCRIPTOR.services_by_name["Generate"], svc)], "127.0.0.1", 0, name="router"
-            )
+            rservices = [(client_pb2.DESCRIPTOR.services_by_name["Generate"], svc)]
+            if direct_streams:
+                rservices.append((direct_pb2.DESCRIPTOR.services_by_name["DirectResume"], svc.direct))
+            server, rport, _ = start_aio_server(rservices, "127.0.0.1", 0, name="router")
             self.routers[mode] = (svc, server, f"127.0.0.1:{rport}")
         self.stopped: set[str] = set()
 
