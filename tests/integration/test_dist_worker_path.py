@@ -9,7 +9,6 @@ goes over gloo only.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import time
 
 import grpc
@@ -18,29 +17,17 @@ import pytest
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kv_store.client import KVStoreClient
 from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, KVTransport, launch
 from pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tests.integration.clusters import gloo_spec, logged, store_node_stats
 from tests.prompts import PROMPTS
 from tests.workers import worker_stats
 
 
 @pytest.fixture(scope="module")
 def cluster(smollm_path):
-    cl = launch(
-        ClusterSpec(
-            model_path=str(smollm_path),
-            num_prefill=1,
-            num_decode=2,
-            worker_kv_blocks=512,
-            store_capacity_blocks=512,
-            kv_transport="dist",
-            # every request through prefill -> push -> decode (the default goodput policy may
-            # prefill a short prompt on a decode worker instead: no push to count)
-            router_args=("--policy", "least_loaded"),
-        )
-    )
+    cl = launch(gloo_spec(smollm_path))  # every request: prefill -> push over gloo -> decode
     yield cl
     cl.stop()
 
@@ -56,26 +43,9 @@ def whole(smollm_path):
     return LLMEngine.from_pretrained(smollm_path, EngineConfig(num_kv_blocks=512))
 
 
-def _store_stats(cluster):
-    store = KVStoreClient(cluster.store_address)
-    try:
-        return store.stats().node
-    finally:
-        store.close()
-
-
 def _push_ranks(cluster) -> list[int]:
     """Destination rank of every "direct push" the prefill worker logged (JSON log lines)."""
-    out = []
-    for line in list(cluster.logs["prefill-0"]):
-        if line.startswith("{"):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("msg") == "direct push":
-                out.append(int(rec["dst_rank"]))
-    return out
+    return [int(rec["dst_rank"]) for rec in logged(cluster, "prefill-0", "direct push")]
 
 
 def test_spec_validates_transport():
@@ -100,7 +70,7 @@ def test_greedy_over_gloo_equals_whole_engine_and_skips_the_store(cluster, clien
     # a few more one at a time (the pair of ranks reused in sequence)
     for p, r in zip(prompts[:3], ref[:3], strict=True):
         assert client.complete(p, params).token_ids == r.token_ids
-    node = _store_stats(cluster)
+    node = store_node_stats(cluster)
     assert node.puts == 0 and node.num_blocks == 0 and node.num_leases == 0, node
     after = {
         w: worker_stats(a).decode_tokens_total for w, a in cluster.workers.items() if w.startswith("decode")

@@ -24,98 +24,42 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.metrics import RouterMetrics
-from pdserve.v1 import client_pb2, worker_pb2
-from pdserve.worker_base import Role, WorkerConfig, WorkerState
+from pdserve.v1 import client_pb2
 from router.drain import drain_decode_worker
 from router.lifecycle.states import State
 from router.policy import PolicyKind
-from router.registry import Registry, WorkerKind, WorkerLoad
+from router.registry import WorkerLoad
 from router.service import GenerateServicer, RouterConfig
-from tests.workers import worker_stats
+from tests.integration.clusters import IN_PROC_BLOCK_SIZE, IN_PROC_BLOCKS, IN_PROC_MODEL_ID, InProcCluster
 
-BLOCKS = 256
-BLOCK_SIZE = 16
+BLOCKS, BLOCK_SIZE = IN_PROC_BLOCKS, IN_PROC_BLOCK_SIZE  # the workers' KV
 GREEDY = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=96, temperature=0.8, top_p=0.95, seed=11, ignore_eos=True)
 CALL_S = 120.0
 
 
-class _Worker:
-    """An in-process decode worker (its engine, gRPC server and migration service)."""
+class _Cluster(InProcCluster):
+    """The in-process router (colocated placement, migration on, Admin service with drains)."""
 
-    def __init__(self, path, name: str) -> None:
-        from decode_worker.service import AsyncDecodeServicer
-        from pdserve.metrics import KVPullMetrics
-        from pdserve.worker_main import serve_worker
-
-        eng = LLMEngine.from_pretrained(path, EngineConfig(num_kv_blocks=BLOCKS, block_size=BLOCK_SIZE))
-        cfg = WorkerConfig(worker_id=name, role=Role.DECODE, model_path=str(path), store_address="")
-        self.name = name
-        self.state = WorkerState(cfg, eng)
-        self.svc = AsyncDecodeServicer(
-            self.state, None, KVPullMetrics(CollectorRegistry(), name), stream_window_s=0.0
-        )
-        services = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], self.svc)]
-        self.server, port = serve_worker(services, Role.DECODE, "127.0.0.1", 0, name)
-        self.address = self.state.address = f"127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.stop(0).wait()
-        self.svc.close()
-        self.state.close()
-
-
-class _Cluster:
     def __init__(self, path) -> None:
-        from pdserve.grpc_server import start_aio_server
-
-        self.workers = {n: _Worker(path, n) for n in ("dec-a", "dec-b")}
-        self.registry = Registry(heartbeat_timeout_s=1e9)  # no heartbeats here: never expire
-        for n, w in self.workers.items():
-            self.registry.register(
-                n, WorkerKind.DECODE, w.address, "llama", WorkerLoad(0, 0, BLOCKS, 0, block_size=BLOCK_SIZE)
-            )
-        self.metrics_registry = CollectorRegistry()
-        cfg = RouterConfig(model_path=str(path), model_id="llama", policy=PolicyKind.COLOCATED)
+        super().__init__(path)
+        cfg = RouterConfig(model_path=str(path), model_id=IN_PROC_MODEL_ID, policy=PolicyKind.COLOCATED)
         self.svc = GenerateServicer(self.registry, cfg, RouterMetrics(self.metrics_registry))
         assert self.svc.migrator is not None  # migration is on by default
         from router.admin_service import ADMIN_SERVICE, AdminServicer
         from router.drainer import WorkerDrains
 
         self.drains = WorkerDrains(self.svc, self.registry, lambda: self.server.loop)
-        services = [
-            (client_pb2.DESCRIPTOR.services_by_name["Generate"], self.svc),
-            (ADMIN_SERVICE, AdminServicer(self.registry, "llama", drains=self.drains)),
-        ]
-        self.server, port, _ = start_aio_server(services, "127.0.0.1", 0, name="router")
-        self.address = f"127.0.0.1:{port}"
-
-    def on_loop(self, coro, timeout_s: float = CALL_S):
-        return asyncio.run_coroutine_threadsafe(coro, self.server.loop).result(timeout_s)
-
-    def metric(self, name: str, **labels) -> float:
-        return self.metrics_registry.get_sample_value(name, labels) or 0.0
-
-    def used_blocks(self) -> dict[str, int]:
-        return {n: worker_stats(w.address).kv_blocks_used for n, w in self.workers.items()}
-
-    def wait_no_blocks(self, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while any(self.used_blocks().values()):
-            assert time.monotonic() < deadline, f"blocks leaked: {self.used_blocks()}"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.stop(0)
-        for w in self.workers.values():
-            w.stop()
+        self.serve(
+            [
+                (client_pb2.DESCRIPTOR.services_by_name["Generate"], self.svc),
+                (ADMIN_SERVICE, AdminServicer(self.registry, IN_PROC_MODEL_ID, drains=self.drains)),
+            ]
+        )
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
-from pdserve.errors import InvalidRequestError
 from pdserve.launcher import ClusterSpec, ModelPool, launch
-from tests.integration.test_multi_model import MODELS, make_model
+from tests.integration.clusters import check_routed_by_model, tiny_model_paths
 
 CALL_S = 120.0
 PARAMS = (
@@ -29,8 +26,7 @@ PARAMS = (
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory, smollm_path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("multi-launch")
-    return {m: make_model(root, m, over, smollm_path) for m, (over, _) in MODELS.items()}
+    return tiny_model_paths(tmp_path_factory.mktemp("multi-launch"), smollm_path)
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +53,4 @@ def test_each_models_requests_run_on_its_workers_equal_to_its_engine(cluster, pa
     assert len(set(cluster.model_stores.values())) == 2  # a store node per model
     prompts = [[(5 * i + 7 * j) % 300 + 4 for j in range(40 + 9 * i)] for i in range(2)]
     with Client(cluster.router_address, timeout=CALL_S) as c:
-        assert sorted(c.list_models()) == ["tiny-a", "tiny-b"]
-        for m, p in paths.items():
-            eng = LLMEngine.from_pretrained(p, EngineConfig(num_kv_blocks=128, block_size=16))
-            for params in PARAMS:
-                refs = eng.generate(prompts, params)
-                for prompt, ref in zip(prompts, refs, strict=True):
-                    got = c.complete(prompt, params, model=m)
-                    assert got.token_ids == ref.token_ids, (m, params.temperature)
-                    assert got.text == ref.text
-        with pytest.raises(InvalidRequestError, match="several models"):
-            c.complete(prompts[0], PARAMS[0])
+        check_routed_by_model(c, paths, prompts, PARAMS)

@@ -1,0 +1,266 @@
+"""Cluster set-ups that several integration modules share (one definition each, so that the
+modules that test the same cluster differently cannot drift apart):
+
+* :class:`InProcDecodeWorker` / :class:`InProcCluster`: in-process decode workers registered with
+  an in-process router servicer (the live-migration modules; colocated placement, no store);
+* :func:`chaos_spec` / :func:`launched`: the chaos cluster (store, 2 routers, 2 prefill and 2
+  decode workers, short progress deadlines) of test_chaos.py and test_direct_faults.py, stopped
+  with every frozen process continued first;
+* :func:`gloo_spec`, :func:`logged`, :func:`store_node_stats`: the gloo process-group cluster of
+  the direct-handoff and gloo-migration modules (1 prefill + 2 decode, always disaggregated);
+* :func:`tiny_model_paths`, :func:`check_routed_by_model`: two tiny base models served side by
+  side (launched and on Ray), each model's requests equal to its engine run whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from pdserve.client import Client
+from pdserve.launcher import ClusterSpec, KVTransport, LocalCluster, launch
+from pdserve.v1 import worker_pb2
+from pdserve.worker_base import Role, WorkerConfig, WorkerState
+from router.registry import Registry, WorkerKind, WorkerLoad
+from tests.workers import worker_stats
+
+# ------------------------------------------------------------------ in-process decode workers
+IN_PROC_BLOCKS = 256
+IN_PROC_BLOCK_SIZE = 16
+IN_PROC_MODEL_ID = "llama"
+
+
+class InProcDecodeWorker:
+    """An in-process decode worker: its engine (``blocks`` KV blocks of ``block_size`` tokens),
+    gRPC server and migration service; ``direct``: it also serves DirectStream on its port."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        name: str,
+        *,
+        direct: bool = False,
+        blocks: int = IN_PROC_BLOCKS,
+        block_size: int = IN_PROC_BLOCK_SIZE,
+    ) -> None:
+        from decode_worker.service import AsyncDecodeServicer
+        from pdserve.metrics import KVPullMetrics
+        from pdserve.worker_main import serve_worker
+
+        eng = LLMEngine.from_pretrained(path, EngineConfig(num_kv_blocks=blocks, block_size=block_size))
+        cfg = WorkerConfig(
+            worker_id=name, role=Role.DECODE, model_path=str(path), store_address="", direct_streams=direct
+        )
+        self.name = name
+        self.state = WorkerState(cfg, eng)
+        self.svc = AsyncDecodeServicer(
+            self.state, None, KVPullMetrics(CollectorRegistry(), name), stream_window_s=0.0
+        )
+        services = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], self.svc)]
+        if direct:
+            from decode_worker.direct import enable_direct_streams
+
+            enable_direct_streams(self.svc, services)
+        self.server, port = serve_worker(services, Role.DECODE, "127.0.0.1", 0, name)
+        self.address = self.state.address = f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.stop(0).wait()
+        self.svc.close()
+        self.state.close()
+
+
+class InProcCluster:
+    """Decode workers ``names`` (:class:`InProcDecodeWorker`) registered, never expiring, with a
+    fresh :class:`Registry` under model ``IN_PROC_MODEL_ID``. A subclass builds its router
+    servicer on ``registry`` (metrics into ``metrics_registry``) and calls :meth:`serve`."""
+
+    def __init__(self, path: str | Path, names: Sequence[str] = ("dec-a", "dec-b"), *, direct: bool = False):
+        self.workers = {n: InProcDecodeWorker(path, n, direct=direct) for n in names}
+        self.registry = Registry(heartbeat_timeout_s=1e9)  # no heartbeats here: never expire
+        for n, w in self.workers.items():
+            self.registry.register(
+                n,
+                WorkerKind.DECODE,
+                w.address,
+                IN_PROC_MODEL_ID,
+                WorkerLoad(0, 0, IN_PROC_BLOCKS, 0, block_size=IN_PROC_BLOCK_SIZE),
+            )
+        self.metrics_registry = CollectorRegistry()
+
+    def serve(self, services: list) -> None:
+        """Start the router's aio server with ``services`` on a free loopback port (``address``)."""
+        from pdserve.grpc_server import start_aio_server
+
+        self.server, port, _ = start_aio_server(services, "127.0.0.1", 0, name="router")
+        self.address = f"127.0.0.1:{port}"
+
+    def on_loop(self, coro, timeout_s: float = 120.0):
+        """Run ``coro`` on the router's event loop; its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.server.loop).result(timeout_s)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics_registry.get_sample_value(name, labels) or 0.0
+
+    def used_blocks(self) -> dict[str, int]:
+        return {n: worker_stats(w.address).kv_blocks_used for n, w in self.workers.items()}
+
+    def wait_no_blocks(self, timeout_s: float = 20.0) -> None:
+        """Wait until no worker holds a block referenced by a request (AssertionError: leaked)."""
+        deadline = time.monotonic() + timeout_s
+        while any(self.used_blocks().values()):
+            assert time.monotonic() < deadline, f"blocks leaked: {self.used_blocks()}"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.stop(0)
+        for w in self.workers.values():
+            w.stop()
+
+
+# ------------------------------------------------------------------ the chaos cluster
+CHAOS_LEASE_TTL_S = 10.0  # the store's lease cap: a killed holder's lease expires within the test
+CHAOS_PREFILL, CHAOS_DECODE, CHAOS_ROUTERS = 2, 2, 2
+
+
+def chaos_spec(
+    model: str | Path, *, progress_timeout_s: float, direct_streams: bool | None = None
+) -> ClusterSpec:
+    """The chaos modules' cluster: store (leases capped at ``CHAOS_LEASE_TTL_S``), 2 routers, 2
+    prefill and 2 decode workers; routers with a ``progress_timeout_s`` progress deadline, short
+    first-message and prefill bounds and a fast quarantine probe (hung workers noticed in seconds).
+    ``direct_streams`` None: ClusterSpec's default."""
+    more = {} if direct_streams is None else {"direct_streams": direct_streams}
+    return ClusterSpec(
+        model_path=str(model),
+        num_prefill=CHAOS_PREFILL,
+        num_decode=CHAOS_DECODE,
+        num_routers=CHAOS_ROUTERS,
+        worker_kv_blocks=512,
+        store_capacity_blocks=2048,
+        store_args=(
+            "--default-lease-ttl-s",
+            str(CHAOS_LEASE_TTL_S),
+            "--max-lease-ttl-s",
+            str(CHAOS_LEASE_TTL_S),
+        ),
+        router_args=(
+            "--progress-timeout-s",
+            str(progress_timeout_s),
+            "--first-message-timeout-s",
+            "10",
+            "--prefill-timeout-s",
+            "5",
+            "--quarantine-probe-interval-s",
+            "0.2",
+        ),
+        **more,
+    )
+
+
+@contextlib.contextmanager
+def launched(spec: ClusterSpec) -> Iterator[LocalCluster]:
+    """The cluster of ``spec`` while the block runs; then stopped, every process a test froze
+    (SIGSTOP) continued first so that it can take its SIGTERM."""
+    cl = launch(spec)
+    try:
+        yield cl
+    finally:
+        for p in cl.procs.values():
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+        cl.stop()
+
+
+# ------------------------------------------------------------------ the gloo cluster
+def gloo_spec(model: str | Path, *router_args: str, direct_streams: bool | None = None) -> ClusterSpec:
+    """Store, router, 1 prefill + 2 decode workers in one gloo process group (KV handoff over
+    it), every request disaggregated (``--policy least_loaded``: the default goodput policy may
+    prefill a short prompt on a decode worker instead: no push to count); ``router_args`` added.
+    ``direct_streams`` None: ClusterSpec's default."""
+    more = {} if direct_streams is None else {"direct_streams": direct_streams}
+    return ClusterSpec(
+        model_path=str(model),
+        num_prefill=1,
+        num_decode=2,
+        worker_kv_blocks=512,
+        store_capacity_blocks=512,
+        kv_transport=KVTransport.DIST,
+        router_args=("--policy", "least_loaded", *router_args),
+        **more,
+    )
+
+
+def logged(cluster: LocalCluster, process: str, msg: str) -> list[dict[str, Any]]:
+    """The JSON log records of ``process`` whose ``msg`` is ``msg`` (other lines skipped)."""
+    out = []
+    for line in list(cluster.logs[process]):
+        if line.startswith("{"):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("msg") == msg:
+                out.append(rec)
+    return out
+
+
+def store_node_stats(cluster: LocalCluster):
+    """The store node's stats (``kv_store`` NodeStats) now."""
+    from kv_store.client import KVStoreClient
+
+    store = KVStoreClient(cluster.store_address)
+    try:
+        return store.stats().node
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------ two base models
+def tiny_model_paths(root: Path, tokenizer_from: Path) -> dict[str, Path]:
+    """test_multi_model's tiny base models (model id -> HF folder under ``root``)."""
+    from tests.integration.test_multi_model import MODELS, make_model
+
+    return {m: make_model(root, m, over, tokenizer_from) for m, (over, _) in MODELS.items()}
+
+
+def check_routed_by_model(
+    client: Client,
+    paths: Mapping[str, Path],
+    prompts: Sequence[Sequence[int]],
+    params: Iterable[SamplingParams],
+    *,
+    texts: bool = True,
+) -> None:
+    """Every model's requests (named by ``model``) equal its engine run whole, for each of
+    ``params`` (tokens, and text when ``texts``); ListModels lists exactly the models; a request
+    naming no model is refused (InvalidRequestError naming "several models")."""
+    import pytest
+
+    from pdserve.errors import InvalidRequestError
+
+    params = list(params)
+    assert sorted(client.list_models()) == sorted(paths)
+    for m, p in paths.items():
+        eng = LLMEngine.from_pretrained(p, EngineConfig(num_kv_blocks=128, block_size=16))
+        for sp in params:
+            refs = eng.generate([list(x) for x in prompts], sp)
+            for prompt, ref in zip(prompts, refs, strict=True):
+                got = client.complete(list(prompt), sp, model=m)
+                assert got.token_ids == ref.token_ids, (m, sp.temperature)
+                if texts:
+                    assert got.text == ref.text
+    with pytest.raises(InvalidRequestError, match="several models"):
+        client.complete(list(prompts[0]), params[0])
