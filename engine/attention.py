@@ -130,7 +130,7 @@ class AttentionMetadata:
     trimmed: bool = False  # some table starts past position 0 (out-of-window blocks were freed)
     # the decodes' key ranges for the in-place kernels (None: decodes use the gather path)
     decode_rows: DecodeRows | None = None
-    # which kernel reads decode_rows (engine.attention_backends; never AUTO or GATHER here)
+    # the runner's decode backend (engine.attention_backends); dispatched on only with decode_rows
     decode_backend: AttentionBackend = AttentionBackend.NATIVE
     # FlashInfer / flash-attn: the step's engine.attention_cuda.DecodePlan (None otherwise)
     decode_plan: object | None = None

@@ -119,7 +119,7 @@ class _Entry:
     """One (batch bucket, width bucket)'s static buffers, metadata and (CUDA) graph."""
 
     def __init__(
-        self, bucket: int, width: int, windows: list[int], block_size: int, trimmed: bool, dev
+        self, bucket: int, width: int, windows: list[int], block_size: int, trimmed: bool, dev: torch.device
     ) -> None:
         def z(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.long, device=dev)

@@ -269,7 +269,7 @@ class ModelRunner:
             decode_window_masks=wmasks,
             trimmed=trimmed,
             decode_rows=rows,
-            decode_backend=self.decode_backend if rows is not None else AttentionBackend.NATIVE,
+            decode_backend=self.decode_backend,
             decode_plan=plan,
         )
         return md

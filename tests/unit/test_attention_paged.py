@@ -300,4 +300,4 @@ def test_smollm2_torch_paged_equals_default(smollm_path):
     default = LLMEngine.from_pretrained(
         smollm_path, EngineConfig(num_kv_blocks=256, attention_backend="gather")
     )
-    _compare(paged, default, PROMPTS[:6], max_tokens=16)
+    _compare(paged, default, PROMPTS[:4], max_tokens=12)
