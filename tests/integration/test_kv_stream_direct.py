@@ -13,6 +13,8 @@ plus a third router with ``kv_stream`` off (the whole-KV direct handoff):
   its tokens by the decode worker's DirectStream (served direct, the client attached);
 * a client cancelled mid-prefill leaves nothing: no engine block, no store lease, no stream in a
   prefill worker's registry, no direct slot on a decode worker;
+* a streamed direct request live-migrated mid-way to the other decode worker (the client resumes
+  and streams from the destination) has output identical to the engine's;
 * a decode worker killed after the redirect (the client streams from it): the client resumes at
   the router, the rest relayed, output identical;
 * last (it stops a prefill worker): a prefill worker killed mid-stream is re-dispatched, the
@@ -21,6 +23,7 @@ plus a third router with ``kv_stream`` off (the whole-KV direct handoff):
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,11 +32,13 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.grpc_server import start_aio_server
 from pdserve.metrics import RouterMetrics
 from pdserve.proto_convert import sampling_to_proto
 from pdserve.v1 import client_pb2, client_pb2_grpc, direct_pb2
+from router.lifecycle.direct_legs import DirectLegs
 from router.lifecycle.states import State
 from router.lifecycle.stream_mode import KVStreamMode
 from router.service import GenerateServicer, RouterConfig
@@ -61,8 +66,10 @@ class _DirectCluster(_Cluster):
     def __init__(self, path) -> None:
         super().__init__(path, direct_streams=True)
         self.served: dict[str, list[str]] = {n: [] for n in self.decode}
+        self.served_resumed: dict[str, list[str]] = {n: [] for n in self.decode}  # migrated in, direct
         for n, d in self.decode.items():
-            d.direct.serve = self._counting(n, d.direct.serve)
+            d.direct.serve = self._counting(self.served[n], d.direct.serve)
+            d.direct.serve_resumed = self._counting(self.served_resumed[n], d.direct.serve_resumed)
         self.slow_decode = {n: _Slow(self.states[n].engine) for n in self.decode}
         cfg = RouterConfig(model_path=str(path), model_id="llama", max_redispatches=2, direct_streams=True)
         svc = GenerateServicer(self.registry, cfg, RouterMetrics(CollectorRegistry()))
@@ -78,10 +85,11 @@ class _DirectCluster(_Cluster):
         )
         self.routers[KVStreamMode.OFF] = (svc, server, f"127.0.0.1:{port}")
 
-    def _counting(self, name: str, serve):
-        def counted(rid, *a, **kw):
-            self.served[name].append(rid)
-            return serve(rid, *a, **kw)
+    @staticmethod
+    def _counting(log: list[str], serve):
+        def counted(rid_or_req, *a, **kw):
+            log.append(getattr(rid_or_req, "request_id", rid_or_req))
+            return serve(rid_or_req, *a, **kw)
 
         return counted
 
@@ -175,6 +183,49 @@ def test_client_cancelled_mid_prefill_leaves_nothing(cluster) -> None:
         for s in cluster.slow.values():
             s.delay_s = 0.0
     cluster.wait_clean()
+
+
+def test_streamed_direct_request_migrated_mid_way_is_identical(cluster, whole) -> None:  # noqa: F811
+    prompt = _prompt(120, 17)
+    params = SamplingParams(max_tokens=40, temperature=0.8, top_p=0.95, seed=3, ignore_eos=True)
+    ref = whole.generate([prompt], [params])[0]
+    mode = KVStreamMode.STORE
+    svc = cluster.routers[mode][0]
+    opened, served = cluster.streams_opened(), cluster.num_served()
+    for s in cluster.slow_decode.values():
+        s.delay_s = 0.02
+    try:
+        with Client(cluster.address(mode), timeout=CALL_S) as c, ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(_collect, c, prompt, params)
+            deadline = time.monotonic() + CALL_S
+            while True:  # decoding, its client redirected to the decode worker
+                assert not fut.done() and time.monotonic() < deadline, "never decoded directly"
+                running = list(svc.running().values())
+                if running and running[0].state is State.DECODING:
+                    legs = running[0].legs
+                    assert isinstance(legs, DirectLegs)
+                    if legs._direct and legs._redirect is not None:
+                        break
+                time.sleep(0.002)
+            src = running[0].m.decode_id
+            dst = next(n for n in cluster.decode if n != src)
+            outcome = asyncio.run_coroutine_threadsafe(
+                _migrate(svc, running[0].m.request_id, dst), cluster.routers[mode][1].loop
+            ).result(CALL_S)
+            toks, text, reason = fut.result(CALL_S)
+    finally:
+        for s in cluster.slow_decode.values():
+            s.delay_s = 0.0
+    assert outcome.migrated, outcome
+    assert toks == ref.token_ids and text == ref.text and reason == "length"
+    assert cluster.streams_opened() == opened + 1 and cluster.num_served() == served + 1
+    # the client streamed the rest straight from the destination (a direct ResumeStream there)
+    assert cluster.served_resumed[dst] == [running[0].m.request_id]
+    cluster.wait_clean()
+
+
+async def _migrate(svc, rid: str, dst: str):
+    return await svc.migrate(rid, dst)
 
 
 def test_decode_worker_killed_after_the_redirect_resumes_identically(cluster, whole) -> None:  # noqa: F811
