@@ -43,7 +43,7 @@ def cluster(model_path):
             worker_kv_blocks=256,
             store_capacity_blocks=256,
             kv_transport="dist",
-            direct_streams=False,  # a direct stream's handoff is not streamed (README)
+            direct_streams=False,  # relayed token streams (direct ones: test_kv_stream_direct_dist.py)
             worker_args=("--chunk", "32"),
             router_args=("--policy", "least_loaded", "--kv-stream", "dist", "--progress-timeout-s", "0"),
         )
