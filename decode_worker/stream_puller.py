@@ -25,6 +25,13 @@ exactly what the non-streamed handoff runs). A DIST-transport chunk (a direct ha
 worker's outbox) is pulled by the worker's :class:`~decode_worker.dist_puller.DistPuller` over
 the process group, like a store chunk on the pool; its checksums travel in the handle.
 
+A direct token stream (``DecodeRequest.direct`` beside ``kv_stream_address``: the router's
+``DirectLegs.start_streamed_decode``) is admitted the same way: the grant is checked before the
+stream is read (:meth:`decode_worker.direct.DirectStreams.check`), the KV assembled and imported
+here, and only then does :meth:`~decode_worker.direct.DirectStreams.serve` send the router its
+admission message (the redirect) and stream the tokens to the client's connection: the client
+never attaches to a request whose KV is partial.
+
 Parallel sampling (``n > 1`` / ``best_of > 1``, ``prompt_tail_pending``): the stream carries the
 KV of every prompt token but the last; it is assembled and verified the same way and adopted by
 ``LLMEngine.import_kv_group`` (:mod:`decode_worker.groups`: the choices forked over it), the
