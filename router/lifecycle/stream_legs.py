@@ -30,6 +30,12 @@ the stream is opened), waits for the prefill's answer, and classifies failures:
   ended before its first token also aborts the request on the prefill worker, so a finished
   stream the decode worker never subscribed to is dropped at once, not after its TTL.
 
+Relayed and direct token streams alike: a direct stream's legs
+(:class:`~router.lifecycle.direct_legs.DirectLegs`) start a Decode that carries the direct grant,
+whose first message (the decode worker holds the whole KV: it is admitted) becomes the client's
+redirect, relayed here after the prefill's token as any first decode message is; the failures
+above are classified the same way (the client is redirected only once the Decode is relayed).
+
 The gRPC side (the Decode call of :class:`~router.lifecycle.grpc_legs.GrpcLegs`) is
 :mod:`router.lifecycle.grpc_stream_legs`; this module imports no gRPC.
 """
