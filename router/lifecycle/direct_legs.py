@@ -68,6 +68,7 @@ from pdserve.v1 import client_pb2, direct_pb2, worker_pb2
 from router.lifecycle.events import KVRef
 from router.lifecycle.grpc_calls import Guarded, call_metadata, remaining
 from router.lifecycle.grpc_legs import GrpcLegs, Handoff, RequestRun, output_end
+from router.lifecycle.grpc_migrator import release_destination
 from router.lifecycle.grpc_stream_legs import DirectGrantLeg, GrpcStreamedDecode
 from router.lifecycle.ports import Chunk, ClientGoneError, WorkerLostError
 from router.lifecycle.states import OutputMismatch
@@ -139,20 +140,6 @@ class OpenDestination(Protocol):
         direct: worker_pb2.ResumeStreamRequest | None,
         watch: ProgressWatch | None,
     ) -> Any: ...
-
-
-_RELEASES: set[asyncio.Task] = set()  # destinations being let go (referenced until done)
-
-
-async def _release(chunks: Any) -> None:
-    """A destination's stream the request no longer needs (it ended before opening it): opened
-    so that the destination knows its caller, then cancelled (the destination aborts the
-    request and frees its blocks at once, not at its attach timeout)."""
-    with contextlib.suppress(BaseException):
-        async with asyncio.timeout(5.0):
-            await anext(chunks, None)
-    with contextlib.suppress(BaseException):
-        await chunks.aclose()
 
 
 class DirectProgressWatch(ProgressWatch):
@@ -439,9 +426,7 @@ class DirectLegs(GrpcLegs):
                     yield c
         finally:
             if not opened:  # ended before the destination's stream opened: let it go now
-                task = asyncio.ensure_future(_release(open_dest(start, None, None)))
-                _RELEASES.add(task)
-                task.add_done_callback(_RELEASES.discard)
+                release_destination(lambda: open_dest(start, None, None))
 
     def _interval(self) -> float:
         """The progress interval asked of the worker: the configured one, at most 2/5 of the

@@ -169,7 +169,10 @@ class GrpcLegsMigrator:
 
         moved = getattr(legs, "moved", None)  # a direct leg: the client resumes first (DirectLegs)
         if moved is not None:
-            return MigrationCommit(start, moved(dst.worker_id, report.resume_token_index, start, open_dest))
+            stream = moved(dst.worker_id, report.resume_token_index, start, open_dest)
+            if ticket not in self._unclaimed:  # opened later (after the client's ResumeDirect)
+                self._unclaimed[ticket] = _Unopened(lambda: open_dest(start))
+            return MigrationCommit(start, stream)
         return MigrationCommit(start, open_dest(start))
 
     async def abort(self, ticket: MigrationTicket) -> None:
@@ -219,6 +222,39 @@ class GrpcLegsMigrator:
                     yield c
         finally:
             call.cancel()
+
+
+_RELEASES: set[asyncio.Task] = set()  # destinations being let go (referenced until done)
+
+
+async def _release(chunks) -> None:
+    """Open and at once close a destination's stream (``chunks``, a :class:`_Resumed`)."""
+    with contextlib.suppress(BaseException):
+        async with asyncio.timeout(5.0):
+            await anext(chunks, None)
+    with contextlib.suppress(BaseException):
+        await chunks.aclose()
+
+
+def release_destination(open_stream: Callable[[], AsyncIterator[Chunk]]) -> None:
+    """Let a migration's destination go when the request no longer needs it and its stream was
+    never opened (a direct leg opens it only after the client's ResumeDirect): its stream is
+    opened, relayed, and closed at once, in the background, so that the destination aborts the
+    request and frees its blocks now rather than at its attach timeout."""
+    task = asyncio.ensure_future(_release(open_stream()))
+    _RELEASES.add(task)
+    task.add_done_callback(_RELEASES.discard)
+
+
+class _Unopened:
+    """The unclaimed resume call of a commit whose stream opens its call later: cancelling it
+    (the lifecycle never took the stream) lets the destination go (:func:`release_destination`)."""
+
+    def __init__(self, open_stream: Callable[[], AsyncIterator[Chunk]]) -> None:
+        self._open = open_stream
+
+    def cancel(self) -> None:
+        release_destination(self._open)
 
 
 class _Resumed:

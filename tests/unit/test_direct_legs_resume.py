@@ -256,3 +256,70 @@ def test_moved_of_a_leg_never_redirected_opens_the_destination_at_once_relayed()
     opener = _Opener(dest)
     assert legs.moved("w-dst", 4, 1, opener) is dest
     assert opener.opened == [(1, None)] and not legs._direct
+
+
+class _Rpcs:
+    """MigrateOut answers MIGRATED at index 4; resume calls are recorded fakes."""
+
+    def __init__(self) -> None:
+        self.resumed: list[tuple[int, object]] = []
+        self.calls: list[_Call] = []
+
+    async def migrate(self, request_id, source_address, dest_address):
+        from router.migration_client import MigrationReport, MigrationResult
+
+        return MigrationReport(MigrationResult.MIGRATED, resume_token_index=4, blocks_copied=2)
+
+    def resume(self, request_id, dest_address, start_index, direct=None):
+        self.resumed.append((start_index, direct))
+        call = _Call()
+        self.calls.append(call)
+        return call
+
+
+class _Call:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.cancelled:
+            raise StopAsyncIteration
+        return worker_pb2.DecodeResponse(token_ids=[13])
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_direct_commit_the_lifecycle_never_took_lets_its_destination_go():
+    """The request ended between MigrateOut's answer and the switch: the destination's stream,
+    which a direct leg opens only after the client's ResumeDirect, is opened and closed at once
+    (the destination aborts the request now, not at its attach timeout)."""
+    asyncio.run(_never_taken())
+
+
+async def _never_taken():
+    from router.lifecycle.grpc_migrator import GrpcLegsMigrator
+    from router.lifecycle.migrator import MigrationCommit, MigrationTicket
+    from router.registry import Registry
+
+    legs = _redirected(SamplingParams(max_tokens=50), [10, 11])
+    reg = Registry(heartbeat_timeout_s=1e9)
+    for w in ("w-src", "w-dst"):
+        reg.register(w, WorkerKind.DECODE, f"{w}:1", "m", WorkerLoad(0, 0, 64, 0))
+    legs.svc.registry = reg
+    legs.svc._streamed_at = {}
+    legs.svc.config.progress = ProgressConfig()
+    rpcs = _Rpcs()
+    mig = GrpcLegsMigrator(legs, rpcs)  # type: ignore[arg-type]
+    ticket = MigrationTicket("r1", "w-src", "w-dst", 2)
+    commit = await mig.migrate(ticket)
+    assert isinstance(commit, MigrationCommit) and rpcs.resumed == []  # not opened yet
+    await mig.abort(ticket)
+    for _ in range(50):
+        if rpcs.calls and rpcs.calls[0].cancelled:
+            break
+        await asyncio.sleep(0.01)
+    assert [(s, d is None) for s, d in rpcs.resumed] == [(2, True)] and rpcs.calls[0].cancelled
