@@ -86,7 +86,15 @@ from pdserve.errors import (
     UnavailableError,
 )
 from pdserve.keepalive import KEEPALIVE
-from pdserve.launcher import ClusterSpec, LocalCluster, launch
+from pdserve.launcher import LocalCluster
+from tests.integration.clusters import (
+    CHAOS_DECODE,
+    CHAOS_LEASE_TTL_S,
+    CHAOS_PREFILL,
+    CHAOS_ROUTERS,
+    chaos_spec,
+    launched,
+)
 from tests.polling import wait_for
 from tests.workers import worker_stats
 
@@ -101,8 +109,8 @@ RECOVERED_S = 60.0  # bound on a recovered component's (re-)registration with ev
 CLIENT_TIMEOUT_S = 60.0  # the SDK's deadline per router attempt
 MIN_SUCCESS = 0.5  # of the requests sent during the chaos
 GRACE_S = 15.0  # after a fault's recovery, a failure may still be its doing (reconnect backoff)
-LEASE_TTL_S = 10.0  # the store's lease cap: a killed holder's lease expires within the test
-NUM_PREFILL, NUM_DECODE, NUM_ROUTERS = 2, 2, 2
+LEASE_TTL_S = CHAOS_LEASE_TTL_S  # the store's lease cap: a killed holder's lease expires within the test
+NUM_PREFILL, NUM_DECODE, NUM_ROUTERS = CHAOS_PREFILL, CHAOS_DECODE, CHAOS_ROUTERS
 ALL_WORKERS = {"prefill": NUM_PREFILL, "decode": NUM_DECODE}
 NUM_PROMPTS = 6
 SEEDS: tuple[int | None, ...] = (None, 7, 31)  # None: greedy
@@ -162,33 +170,9 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(model):
-    cl = launch(
-        ClusterSpec(
-            model_path=str(model),
-            num_prefill=NUM_PREFILL,
-            num_decode=NUM_DECODE,
-            num_routers=NUM_ROUTERS,
-            worker_kv_blocks=512,
-            store_capacity_blocks=2048,
-            direct_streams=False,  # relay mode (direct: tests/integration/test_direct_faults.py)
-            store_args=("--default-lease-ttl-s", str(LEASE_TTL_S), "--max-lease-ttl-s", str(LEASE_TTL_S)),
-            router_args=(
-                "--progress-timeout-s",
-                "3",
-                "--first-message-timeout-s",
-                "10",
-                "--prefill-timeout-s",
-                "5",
-                "--quarantine-probe-interval-s",
-                "0.2",
-            ),
-        )
-    )
-    yield cl
-    for p in cl.procs.values():  # a frozen process must run again to take its SIGTERM
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGCONT)
-    cl.stop()
+    # relay mode (direct: tests/integration/test_direct_faults.py)
+    with launched(chaos_spec(model, direct_streams=False, progress_timeout_s=3)) as cl:
+        yield cl
 
 
 @pytest.fixture(scope="module")

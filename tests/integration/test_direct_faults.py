@@ -37,14 +37,12 @@ from kv_store.client import KVStoreClient
 from pdserve.client import Client
 from pdserve.errors import PdserveError
 from pdserve.keepalive import KEEPALIVE
-from pdserve.launcher import ClusterSpec, LocalCluster, launch
+from pdserve.launcher import LocalCluster
+from tests.integration.clusters import chaos_spec, launched
 from tests.integration.test_chaos import (
     CLIENT_TIMEOUT_S,
     LEASE_TTL_S,
     MIN_SUCCESS,
-    NUM_DECODE,
-    NUM_PREFILL,
-    NUM_ROUTERS,
     Chaos,
     Load,
     _all_registered,
@@ -71,33 +69,9 @@ SEEDED = SamplingParams(max_tokens=96, temperature=0.9, top_p=0.9, seed=77, igno
 
 @pytest.fixture(scope="module")
 def cluster(model):  # noqa: F811 - the fixture
-    cl = launch(
-        ClusterSpec(
-            model_path=str(model),
-            num_prefill=NUM_PREFILL,
-            num_decode=NUM_DECODE,
-            num_routers=NUM_ROUTERS,
-            worker_kv_blocks=512,
-            store_capacity_blocks=2048,
-            store_args=("--default-lease-ttl-s", str(LEASE_TTL_S), "--max-lease-ttl-s", str(LEASE_TTL_S)),
-            router_args=(
-                "--progress-timeout-s",
-                str(PROGRESS_TIMEOUT_S),
-                "--first-message-timeout-s",
-                "10",
-                "--prefill-timeout-s",
-                "5",
-                "--quarantine-probe-interval-s",
-                "0.2",
-            ),
-        )
-    )
-    assert cl.spec.direct_streams  # the default
-    yield cl
-    for p in cl.procs.values():  # a frozen process must run again to take its SIGTERM
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGCONT)
-    cl.stop()
+    with launched(chaos_spec(model, progress_timeout_s=PROGRESS_TIMEOUT_S)) as cl:
+        assert cl.spec.direct_streams  # the default
+        yield cl
 
 
 @pytest.fixture(scope="module")
