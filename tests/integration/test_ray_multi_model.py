@@ -20,7 +20,8 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.errors import InvalidRequestError
-from tests.integration.test_multi_model import MODELS, make_model
+from tests.integration.clusters import check_routed_by_model, tiny_model_paths
+from tests.integration.test_multi_model import MODELS
 from tests.ray_harness import run_cli, two_node_cluster
 
 pytestmark = pytest.mark.slow
@@ -35,8 +36,7 @@ PARAMS = (
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory, smollm_path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ray-multi")
-    return {m: make_model(root, m, over, smollm_path) for m, (over, _) in MODELS.items()}
+    return tiny_model_paths(tmp_path_factory.mktemp("ray-multi"), smollm_path)
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +96,7 @@ def test_pools_and_stores_per_model(deployment) -> None:
 def test_requests_routed_by_model_equal_each_engine_whole(deployment, paths) -> None:
     prompts = [[(3 * i + 11 * j) % 300 + 4 for j in range(30 + 17 * i)] for i in range(2)]
     with Client(deployment["routers"], timeout=CALL_S) as c:
-        assert sorted(c.list_models()) == ["tiny-a", "tiny-b"]
-        for m, p in paths.items():
-            eng = LLMEngine.from_pretrained(p, EngineConfig(num_kv_blocks=128, block_size=16))
-            for params in PARAMS:
-                refs = eng.generate(prompts, params)
-                for prompt, ref in zip(prompts, refs, strict=True):
-                    got = c.complete(prompt, params, model=m)
-                    assert got.token_ids == ref.token_ids, (m, params.temperature)
-        with pytest.raises(InvalidRequestError, match="several models"):
-            c.complete(prompts[0], PARAMS[0])
+        check_routed_by_model(c, paths, prompts, PARAMS, texts=False)
 
 
 def test_scale_resizes_one_models_pool_only(deployment, paths, tmp_path) -> None:
