@@ -36,6 +36,10 @@ class EngineConfig:
     (default): no disk tier. Needs ``swap_space_bytes`` > 0; at least one block (checked at
     build); a directory that cannot hold it is refused at build.
 
+    ``swap_prefetch`` (with a host pool): swapped-out requests next in queue order are swapped
+    back in one step ahead of their turn when seats and free blocks allow (on CUDA the copy runs
+    on the side stream while the host plans the next step); see :mod:`engine.scheduler`.
+
     ``weight_dtype``: how the projections and lm_head are stored (:mod:`engine.models.quant`):
     ``float32`` (as loaded), ``int8`` (weight-only, one scale per output row; fp32 CPU models, not
     MoE, not with tensor parallelism or LoRA), ``bfloat16`` (only where the CPU has native bf16).
@@ -91,6 +95,7 @@ class EngineConfig:
     swap_space_bytes: int = 0
     swap_disk_bytes: int = 0
     swap_disk_dir: str | None = None
+    swap_prefetch: bool = True
     weight_dtype: str = "float32"
     weight_memory_budget_bytes: int | None = None
     weight_host_budget_bytes: int | None = None

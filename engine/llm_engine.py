@@ -107,6 +107,8 @@ class EngineStats:
     disk_corrupt_blocks: int = 0  # blocks read back with a checksum mismatch / short read / error
     disk_seconds: float = 0.0  # time spent in disk writes and reads
     disk_enabled: bool = False  # spilling is on (a write error turns it off)
+    swap_prefetches: int = 0  # requests swapped in ahead of their turn (in num_swap_ins)
+    swap_prefetch_evictions: int = 0  # prefetched requests that gave their device blocks back
     spec_draft_tokens: int = 0  # speculative decoding: drafted tokens verified (cumulative)
     spec_accepted_tokens: int = 0  # of which the target model kept
 
@@ -219,6 +221,7 @@ class LLMEngine:
                 mlfq_swap_watermark=config.mlfq_swap_watermark,
                 mlfq_swap_backoff_iters=config.mlfq_swap_backoff_iters,
                 mlfq_swap_backoff_max_iters=config.mlfq_swap_backoff_max_iters,
+                swap_prefetch=config.swap_prefetch,
             ),
             self.kv,
             clock=clock,
@@ -887,6 +890,8 @@ class LLMEngine:
             self._disk_write(sched)  # before the swap-outs reuse the spilled host slots
         if sched.is_empty:
             self.runner.swap(sched)  # a step that only swapped out still copies
+            if sched.prefetch_in:
+                self.runner.swap(SchedulerOutput(swap_in=sched.prefetch_in))
             if sched.disk_in:
                 self._disk_read(sched)
             if self._lora_waiting and self.lora is not None:
@@ -914,6 +919,11 @@ class LLMEngine:
                 self.lora.end_step()
         else:
             results = self.runner.execute(sched)
+        if sched.prefetch_in:
+            # swap-in prefetch, after the forward pass (its destinations were free blocks): on
+            # CUDA queued on the side stream while the host plans the next step, whose forward
+            # waits for it
+            self.runner.swap(SchedulerOutput(swap_in=sched.prefetch_in))
         if sched.disk_in:
             self._disk_read(sched)  # after the swap-ins read the host slots it refills
         self._observe_step(sched, prefill_tokens, time.perf_counter() - t0)
@@ -1384,6 +1394,8 @@ class LLMEngine:
             disk_corrupt_blocks=dts.corrupt_blocks if dts is not None else 0,
             disk_seconds=dts.seconds if dts is not None else 0.0,
             disk_enabled=self.disk_tier is not None and self.scheduler.disk_enabled,
+            swap_prefetches=self.scheduler.num_prefetches,
+            swap_prefetch_evictions=self.scheduler.num_prefetch_evictions,
             spec_draft_tokens=self.spec_draft_tokens,
             spec_accepted_tokens=self.spec_accepted_tokens,
         )

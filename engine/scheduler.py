@@ -38,6 +38,16 @@ allow (prefetch). ``SchedulerOutput.disk_out`` (host -> disk) is executed before
 swap-outs, ``disk_in`` (disk -> host) after its swap-ins. The engine reports a failed disk write
 or a corrupt read with :meth:`Scheduler.drop_swapped`: the request falls back to recompute.
 
+Swap-in prefetch (``SchedulerConfig.swap_prefetch``): after admission, the next swapped-out
+requests in queue order that did not get a seat this step are swapped in ahead of their turn
+when the batch has a seat for them next step (a running request samples its last token now)
+and the pool keeps one free block per running request (``SchedulerOutput.prefetch_in``: copied after the step's forward pass, on CUDA on
+the side stream while the host plans the next step; the next forward waits for them). A
+prefetched request holds its device blocks but does not run (:attr:`Scheduler.prefetched`); it
+is admitted first at the next step without a copy. When running requests need blocks, prefetched
+ones give theirs back first (swapped out again, or recomputed when the host cannot take them),
+before any running request is preempted.
+
 ``SchedulingPolicy.MLFQ`` is FastServe's skip-join multi-level feedback queue
 (:mod:`engine.mlfq`): order by level, demotion after each level's quantum of iterations, a
 queued request of a higher level preempts a running one of a lower level when the batch is full
@@ -116,6 +126,10 @@ class SchedulerConfig:
     # doubling with each of its swaps up to the max (engine.mlfq.swap_backoff_iters; 0: off)
     mlfq_swap_backoff_iters: int = 256
     mlfq_swap_backoff_max_iters: int = 512
+    # swap-in prefetch: bring the next swapped-out requests in queue order back to the device one
+    # step before they run, while seats, free blocks (beyond one per running request) and the
+    # step's budget allow (SchedulerOutput.prefetch_in; see Scheduler._prefetch)
+    swap_prefetch: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -178,7 +192,11 @@ class SchedulerOutput:
 
     Disk tier: ``disk_out``: ``(host, disk)`` block pairs to write to disk before the swap-outs
     (``spilled``: their request ids); ``disk_in``: ``(disk, host)`` pairs to read back after the
-    swap-ins (``promoted``: their request ids, in the order their pairs appear)."""
+    swap-ins (``promoted``: their request ids, in the order their pairs appear).
+
+    Swap-in prefetch: ``prefetch_in``: ``(host, device)`` pairs of requests swapped in ahead of
+    their turn (``prefetched``: their ids), copied after the step's forward pass and before its
+    ``disk_in`` reads (which may reuse those host slots); the next step's forward waits for them."""
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
@@ -192,6 +210,8 @@ class SchedulerOutput:
     disk_in: list[tuple[int, int]] = field(default_factory=list)
     spilled: list[str] = field(default_factory=list)
     promoted: list[str] = field(default_factory=list)
+    prefetch_in: list[tuple[int, int]] = field(default_factory=list)
+    prefetched: list[str] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -245,6 +265,11 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.swapped: list[Request] = []
+        # swap-in prefetch: swapped-out requests whose KV is back on device ahead of their turn
+        # (status SWAPPED, not running; admitted first, without a copy)
+        self.prefetched: list[Request] = []
+        self.num_prefetches = 0  # requests swapped in ahead of their turn (counted in num_swap_ins)
+        self.num_prefetch_evictions = 0  # prefetched requests that gave their blocks back
         self.requests: dict[str, Request] = {}
         # live migration (engine.migration): running requests taken out of the batch, KV held
         self.paused: dict[str, Request] = {}
@@ -383,8 +408,8 @@ class Scheduler:
     # ----------------------------------------------------------------- queries
     @property
     def num_waiting(self) -> int:
-        """Queued requests, swapped-out ones included."""
-        return len(self.waiting) + len(self.swapped)
+        """Queued requests, swapped-out (and prefetched) ones included."""
+        return len(self.waiting) + len(self.swapped) + len(self.prefetched)
 
     @property
     def num_swapped(self) -> int:
@@ -395,7 +420,7 @@ class Scheduler:
         return len(self.running)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped)
+        return bool(self.waiting or self.running or self.swapped or self.prefetched)
 
     # ----------------------------------------------------------------- schedule
     def _order(self, reqs: list[Request]) -> list[Request]:
@@ -575,6 +600,82 @@ class Scheduler:
             budget -= cost
             first = False
 
+    def _admit_prefetched(self, req: Request, budget: int, out: SchedulerOutput) -> int:
+        """Run a prefetched request (its KV already on device): schedule its next tokens; returns
+        the budget they take, 0 when it cannot run now (nothing changed)."""
+        pend = req.num_pending_tokens
+        n = 1 if pend == 1 else self._chunk(pend, budget)
+        if n == 0 or not self.kv.allocate_slots(req, n):
+            return 0
+        req.status = RequestStatus.RUNNING
+        out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
+        return n
+
+    def _prefetch(self, budget: int, just_preempted: set[str], out: SchedulerOutput) -> int:
+        """Swap-in prefetch: swap the next host-resident swapped-out requests in queue order back
+        to the device ahead of their turn, while the next step has a seat for each
+        (``max_num_seqs``, counting the seats of running requests whose step samples their last
+        token by ``max_tokens``), the pool keeps a free block per running request beyond their
+        blocks, and the copies fit the step's remaining ``budget``. Returns the budget left."""
+        kv = self.kv
+        finishing = sum(
+            1
+            for sr in out.scheduled
+            if sr.samples
+            and (
+                sr.request.prefill_only
+                or len(sr.request.output_token_ids) + 1 >= sr.request.sampling_params.max_tokens
+            )
+        )
+        seats = self.config.max_num_seqs - len(self.running) - len(self.prefetched) + finishing
+        if self.config.policy is SchedulingPolicy.MLFQ:  # one queue: a waiting request may come first
+            queue = self._order(self.swapped + self.waiting)
+        else:
+            queue = self._order(self.swapped)
+        for req in queue:
+            rid = req.request_id
+            if seats <= 0 or req.status is not RequestStatus.SWAPPED:
+                break  # no seat next step, or a waiting request takes the next one
+            if rid in just_preempted or rid in self._step_swapped_out or kv.num_disk_blocks_of(rid):
+                continue  # its host copy is not written yet / it is on disk
+            blocks = kv.num_swap_in_blocks(rid)
+            cost = swap_budget_tokens(blocks, self.block_nbytes, self.rates)
+            if cost > budget or kv.swap_in_blocks_needed(req, 0) + len(self.running) + 1 > kv.num_free_blocks:
+                break  # queue order: a later request does not go ahead of this one
+            out.prefetch_in.extend(kv.swap_in(req))
+            out.prefetched.append(rid)
+            out.swap_budget_tokens += cost
+            budget -= cost
+            _remove_identical(self.swapped, req)
+            self.prefetched.append(req)
+            self.num_swap_ins += 1
+            self.num_prefetches += 1
+            seats -= 1
+        return budget
+
+    def _evict_prefetched(self, out: SchedulerOutput) -> None:
+        """Give the device blocks of the coldest prefetched request back: swapped out again when
+        the host (after spills, by cost) can take it, else dropped to recompute."""
+        req = self._order(self.prefetched)[-1]
+        _remove_identical(self.prefetched, req)
+        self.num_prefetch_evictions += 1
+        mode, spill, _ = self._preemption_plan(req, for_memory=True)
+        if mode is PreemptionMode.SWAP:
+            for rid in spill:
+                self._spill(rid, out)
+            out.swap_out.extend(self.kv.swap_out(req))
+            self._step_swapped_out.add(req.request_id)
+            self.num_swap_outs += 1
+            self.swapped.append(req)
+            return
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(req)
+        out.preempted.append(req.request_id)
+
     def drop_swapped(self, request_id: str) -> bool:
         """A swapped-out request whose KV the disk tier lost (a failed write, a checksum mismatch
         or a short read) falls back to recompute: its blocks on every tier are freed, it is queued
@@ -583,7 +684,8 @@ class Scheduler:
         req = self.requests.get(request_id)
         if req is None or req.status is not RequestStatus.SWAPPED:
             return False
-        _remove_identical(self.swapped, req)
+        if not _remove_identical(self.swapped, req):
+            _remove_identical(self.prefetched, req)
         self.kv.free(request_id)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
@@ -610,6 +712,7 @@ class Scheduler:
         running_status = RequestStatus.RUNNING
         scheduled = out.scheduled
         policy_preempted = len(out.preempted)
+        evicted = self.num_prefetch_evictions
 
         # 1+2: running requests, decodes before partial prefills.
         # (request, pending tokens); a request's own pending count cannot change before its turn
@@ -637,6 +740,9 @@ class Scheduler:
                 budget -= 1 + len(drafts)
                 continue
             ok = kv.allocate_slots(req, n)
+            while not ok and self.prefetched:
+                self._evict_prefetched(out)  # blocks held ahead of a turn go back first
+                ok = kv.allocate_slots(req, n)
             while not ok:
                 victim = self._preempt_victim(scheduled_ids)
                 if victim is None:
@@ -661,15 +767,22 @@ class Scheduler:
         # by level). Not after a preemption for memory in this step (it would thrash).
         if len(out.preempted) == policy_preempted:
             if mlfq_on:
-                queue = self._order(self.swapped + self.waiting)
+                queue = self._order(self.prefetched + self.swapped + self.waiting)
             else:
-                queue = self._order(self.swapped) + self._order(self.waiting)
+                queue = self._order(self.prefetched) + self._order(self.swapped) + self._order(self.waiting)
             admitted: list[Request] = []
             just_preempted = set(out.preempted)  # not back in the step that took them out
             for req in queue:
                 if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
                     break
                 if req.request_id in just_preempted:
+                    continue
+                if req.status is RequestStatus.SWAPPED and not kv.is_swapped(req.request_id):
+                    n = self._admit_prefetched(req, budget, out)
+                    if n == 0:
+                        break  # head-of-line: keep the order, wait for blocks
+                    budget -= n
+                    admitted.append(req)
                     continue
                 if req.status is RequestStatus.SWAPPED:
                     if kv.disk is not None and kv.num_disk_blocks_of(req.request_id):
@@ -703,7 +816,10 @@ class Scheduler:
                 ids = {r.request_id for r in admitted}
                 self.waiting = [r for r in self.waiting if r.request_id not in ids]
                 self.swapped = [r for r in self.swapped if r.request_id not in ids]
+                self.prefetched = [r for r in self.prefetched if r.request_id not in ids]
                 self.running.extend(admitted)
+            if self.config.swap_prefetch and kv.host is not None and self.num_prefetch_evictions == evicted:
+                budget = self._prefetch(budget, just_preempted, out)  # not in a step that evicted one
         # 4: disk tier: promote the swapped queue's head (and prefetch the next ones) to the host
         self._promote_ahead(budget, out)
         if mlfq_on:
@@ -756,7 +872,7 @@ class Scheduler:
         ``mlfq_promote_levels`` levels (:func:`engine.mlfq.promote`) and its wait restarts."""
         bound = self.config.mlfq_starvation_s
         up = self.config.mlfq_promote_levels
-        for r in (*self.waiting, *self.swapped):
+        for r in (*self.waiting, *self.swapped, *self.prefetched):
             if r.mlfq_level > 0 and mlfq.is_starving(now, r.last_served, bound):
                 r.mlfq_level = mlfq.promote(r.mlfq_level, up)
                 r.mlfq_iters = 0
@@ -766,6 +882,12 @@ class Scheduler:
     def _queued_need(self, req: Request) -> int:
         """Device blocks a queued request needs to run its next step (upper bound for a waiting
         one: no prefix-cache hit assumed)."""
+        if req.status is RequestStatus.SWAPPED and not self.kv.is_swapped(req.request_id):
+            # prefetched: its KV is on device already, only its next tokens need blocks
+            pend = req.num_pending_tokens
+            n = 1 if pend == 1 else self._chunk(pend, self.config.max_num_batched_tokens) or 1
+            held = self.kv.num_held_blocks(req.request_id)
+            return max(0, self.kv.blocks_needed(req.num_computed_tokens + n) - held)
         if req.status is RequestStatus.SWAPPED:
             pend = req.num_pending_tokens
             return self.kv.swap_in_blocks_needed(
@@ -782,11 +904,11 @@ class Scheduler:
         only the batch slot is wanted, left in the prefix cache (usually cheaper than two
         copies; see :meth:`_preempt`). None such: the queued request waits for blocks (a drop
         would discard computed KV; with memory binding that thrashes)."""
-        if not self.running or not (self.waiting or self.swapped):
+        if not self.running or not (self.waiting or self.swapped or self.prefetched):
             return
         kv = self.kv
         reserve = (1 - self.config.mlfq_swap_watermark) * kv.num_blocks
-        for q in self._order(self.swapped + self.waiting):
+        for q in self._order(self.prefetched + self.swapped + self.waiting):
             while True:
                 lower = [r for r in self.running if r.mlfq_level > q.mlfq_level]
                 if not lower:
@@ -941,6 +1063,7 @@ class Scheduler:
             not _remove_identical(self.running, req)
             and not _remove_identical(self.waiting, req)
             and not _remove_identical(self.swapped, req)
+            and not _remove_identical(self.prefetched, req)
         ):
             self.paused.pop(req.request_id, None)
         self.kv.free(req.request_id)

@@ -405,8 +405,9 @@ class SimInstance:
         self.queued_tokens -= q
         dt = self.latency.step_time(pre_tok, pre_ctx, n_dec, dec_ctx)
         st = self.stats
-        if out.swap_out or out.swap_in:  # the copies run before the forward pass
-            swap_s = (len(out.swap_out) + len(out.swap_in)) * self.block_nbytes / self.swap_bytes_per_s
+        if out.swap_out or out.swap_in or out.prefetch_in:  # copies (prefetches after the forward pass)
+            n = len(out.swap_out) + len(out.swap_in) + len(out.prefetch_in)
+            swap_s = n * self.block_nbytes / self.swap_bytes_per_s
             dt += swap_s
             st.swap_s += swap_s
         if out.disk_out or out.disk_in:  # spills before the copies, promotions after them

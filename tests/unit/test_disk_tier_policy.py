@@ -6,6 +6,7 @@ reads exactly its own tokens' KV."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -196,6 +197,8 @@ class FakePlane:
                 cur = (cur + [None] * bs)[:bs]
                 cur[pos % bs] = toks[pos]
                 self.dev[b] = tuple(cur)
+        for h, d in out.prefetch_in:  # swap-in prefetch: after the forward pass
+            self.dev[d] = self.host[h]
         for d, h in out.disk_in:
             self.host[h] = self.disk[d]
 
@@ -285,9 +288,12 @@ def test_spilling_off_and_drop_swapped_fall_back_to_recompute():
     assert s.kv.num_free_disk_blocks == 64 and s.kv.num_free_host_blocks == 4
 
 
-def _swap_out_three(s: Scheduler, c_len: int = 8) -> list[Request]:
+def _swap_out_three(
+    s: Scheduler, c_len: int = 8, plane: FakePlane | None = None, seats: int = 0
+) -> list[Request]:
     """Run a, b, c (queue order) one step, then swap them out c first, spilling c to disk right
-    after its swap-out: a and b end on the host, c on disk."""
+    after its swap-out: a and b end on the host, c on disk. ``plane``: apply the copies to it;
+    ``seats``: then lower ``max_num_seqs`` to this (0: keep it)."""
     lens = {"a": 8, "b": 8, "c": c_len}
     reqs = [
         _req(n, lens[n], max_tokens=8, priority=i, arrival=i, base=100 * (i + 1)) for i, n in enumerate("abc")
@@ -295,17 +301,26 @@ def _swap_out_three(s: Scheduler, c_len: int = 8) -> list[Request]:
     for r in reqs:
         s.add_request(r)
     out = s.schedule()
+    if plane is not None:
+        plane.run(out)
     s.update_from_output(out, {x.request.request_id: 7 for x in out.scheduled if x.samples})
     assert all(r.status is RequestStatus.RUNNING for r in reqs)
-    out = SchedulerOutput()
-    s._preempt(reqs[2], out)
-    s.kv.spill("c")
-    s._preempt(reqs[1], out)
-    s._preempt(reqs[0], out)
+    for r in reversed(reqs):
+        out = SchedulerOutput()
+        s._preempt(r, out)
+        if r.request_id == "c":
+            out.disk_out = s.kv.spill("c")
+        if plane is not None:
+            for d, h in out.swap_out:
+                plane.host[h] = plane.dev[d]
+            for h, d in out.disk_out:
+                plane.disk[d] = plane.host[h]
     assert [r.status for r in reqs] == [RequestStatus.SWAPPED] * 3
     assert s.kv.num_disk_blocks_of("c") > 0 and s.kv.num_disk_blocks_of("a") == 0
     s.kv.begin_step()
     s._step_swapped_out = set()  # a new step: their host copies are written
+    if seats:
+        s.config = dataclasses.replace(s.config, max_num_seqs=seats)
     return reqs
 
 
@@ -382,3 +397,44 @@ def test_mlfq_prefetches_by_level_on_a_fake_clock():
     now[0] = 1.0
     out = _step(s)
     assert out.swapped_in == ["a"] and out.promoted == ["c"]  # by level, not arrival
+
+
+def test_swap_in_prefetch_brings_the_next_request_back_before_its_turn():
+    # one seat: a runs; the step in which a samples its last token swaps b in ahead of its turn
+    s = _sched(blocks=16, host=8, disk=64)
+    plane = FakePlane(s)
+    a, b, c = _swap_out_three(s, plane=plane, seats=1)
+    outs = _drive(s, plane)
+    pre = [i for i, o in enumerate(outs) if "b" in o.prefetched]
+    assert len(pre) == 1
+    i = pre[0]
+    assert "a" in [x.request.request_id for x in outs[i].scheduled] and a.status.finished
+    nxt = outs[i + 1]
+    # b runs at once, without a copy in its step (its KV came back with the previous one)
+    assert [x.request.request_id for x in nxt.scheduled] == ["b"] and not nxt.swap_in and not nxt.swapped_in
+    assert s.num_prefetches >= 2 and s.num_swap_ins == s.num_swap_outs  # c was prefetched too
+    assert plane.checked_blocks > 0
+    assert s.kv.num_free_blocks == 16 and s.kv.num_free_host_blocks == 8 and s.kv.num_free_disk_blocks == 64
+
+
+def test_prefetched_blocks_go_back_before_a_running_request_is_preempted():
+    s = _sched(blocks=16, host=8, disk=64)
+    a, b, c = _swap_out_three(s, seats=2)
+    out = _step(s)  # a and b swap in, the two seats are taken
+    assert out.swapped_in == ["a", "b"]
+    # force c back to the device ahead of its turn, then make the pool run short
+    s.kv.begin_step()
+    s.kv.promote("c")
+    s.swapped.remove(c)
+    s.kv.swap_in(c)
+    s.prefetched.append(c)
+    s.kv.extend_blocks("hog", s.kv.num_free_blocks)  # a full pool: the next block a needs is c's
+    preempted_before = s.num_preemptions
+    for _ in range(50):
+        out = _step(s)
+        if s.num_prefetch_evictions:
+            break
+    else:
+        raise AssertionError("the prefetched request never gave its blocks back")
+    assert c.status is RequestStatus.SWAPPED and c in s.swapped and c not in s.prefetched
+    assert out.swap_out and s.num_preemptions == preempted_before  # nobody running was preempted

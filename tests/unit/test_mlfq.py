@@ -128,8 +128,11 @@ def test_skip_join_short_prompt_overtakes_long_one_and_long_is_swapped_not_recom
     while short.status is RequestStatus.RUNNING:
         out = _step(s)
         assert [x.request.request_id for x in out.scheduled] == ["short"]
+    # the step in which short sampled its last token swapped long back in ahead of its turn
+    # (swap-in prefetch, SchedulerConfig.swap_prefetch): it runs at once, with no copy of its own
+    assert out.prefetched == ["long"]
     out = _step(s)
-    assert out.swapped_in == ["long"]
+    assert not out.swapped_in and not out.swap_in
     (sr,) = out.scheduled
     assert sr.start == 200 and sr.num_new_tokens == 1  # resumed after its prompt: not recomputed
     while s.has_unfinished():

@@ -37,12 +37,13 @@ def test_swapped_higher_level_comes_back_before_lower_level_waiting():
     s.add_request(low)
     assert (mid.mlfq_level, top.mlfq_level, low.mlfq_level) == (1, 0, 2)
     while top.status is RequestStatus.RUNNING:
-        _step(s, clock)
+        out = _step(s, clock)
+    # the slot frees and the blocks allow: the swapped level-1 request is copied back in (ahead
+    # of its turn, in the step top finished: swap-in prefetch), the level-2 waiting one (which
+    # arrived later but does not matter: lower level) waits
+    assert out.prefetched == ["mid"] and low.status is RequestStatus.WAITING
     out = _step(s, clock)
-    # the slot is free and the blocks allow: the swapped level-1 request is copied back in,
-    # the level-2 waiting one (which arrived later but does not matter: lower level) waits
-    assert out.swapped_in == ["mid"]
-    assert [x.request.request_id for x in out.scheduled] == ["mid"]
+    assert [x.request.request_id for x in out.scheduled] == ["mid"] and not out.swap_in
     assert low.status is RequestStatus.WAITING
     while s.has_unfinished():
         _step(s, clock)
@@ -65,7 +66,7 @@ def test_anti_starvation_brings_a_swapped_request_back():
         out = _step(s, clock)
         if "victim" in out.swapped_out and swapped_at is None:
             swapped_at = t
-        if swapped_at is not None and "victim" in out.swapped_in:
+        if swapped_at is not None and ("victim" in out.swapped_in or "victim" in out.prefetched):
             served.append(t)
     assert swapped_at is not None
     # promoted to level 0 after 5 s unserved, then swapped back in (within a short job's run)
