@@ -24,7 +24,10 @@ freed; the router's call fails CANCELLED). A request's deltas wait in its slot u
 connection writes them (at most its ``max_tokens`` tokens). A request live-migrated away
 (``MigrateOut``) ends at the switch like an aborted one: after its last token the client gets an
 ABORTED delta and the router's call ends ABORTED, and the router has the client resume on the
-destination (router.lifecycle.direct_legs ``DirectLegs.moved``).
+destination (router.lifecycle.direct_legs ``DirectLegs.moved``). A request migrated here whose
+``ResumeStream`` carries ``direct`` (the client's index, text length and the stop strings) is
+streamed to its client from this worker (:meth:`DirectStreams.serve_resumed`): its text rendered
+here from the client's index, the router getting the admission message, progress and the finish.
 
 Where it is served (:func:`needs_own_port`): on the worker's port, except under mutual TLS, where
 the worker's port requires cluster client certificates that clients do not hold: then on a port of
