@@ -562,6 +562,8 @@ class WorkerSnapshot:
     swap_disk_corrupt_blocks: int = 0  # blocks read back corrupt, short or with an I/O error
     swap_disk_seconds: float = 0.0  # time spent in disk writes and reads
     swap_disk_enabled: bool = False  # spilling on (a write error turns it off)
+    swap_prefetches: int = 0  # swap-ins ahead of the request's turn (cumulative; in swap_ins)
+    swap_prefetch_evictions: int = 0  # prefetched requests that gave their device blocks back
     # weight offloading (EngineConfig.weight_memory_budget_bytes; empty / 0 without it)
     weight_bytes: tuple[tuple[str, int], ...] = ()  # (tier, bytes): device, host, disk
     weight_prefetch_bytes: int = 0  # offloaded layer bytes copied in (cumulative)
@@ -675,6 +677,10 @@ class WorkerMetrics:
             (GaugeMetricFamily, "pdserve_worker_swap_disk_enabled",
              "1 while the disk tier takes spills; 0 without one or after a write error turned it off.", lab,
              lambda s: [((), 1 if s.swap_disk_enabled else 0)]),
+            (CounterMetricFamily, "pdserve_worker_swap_prefetches",
+             "Swapped-out requests brought back to the device ahead of their turn, by outcome: prefetched, "
+             "evicted (gave the blocks back before running).", [*lab, "outcome"],
+             lambda s: [(("prefetched",), s.swap_prefetches), (("evicted",), s.swap_prefetch_evictions)]),
             (CounterMetricFamily, "pdserve_worker_mlfq_promotions",
              "MLFQ anti-starvation promotions of queued requests.", lab, lambda s: [((), s.mlfq_promotions)]),
             (GaugeMetricFamily, "pdserve_worker_weight_bytes",

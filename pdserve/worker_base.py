@@ -225,6 +225,8 @@ class WorkerState:
                 swap_disk_corrupt_blocks=s.disk_corrupt_blocks,
                 swap_disk_seconds=s.disk_seconds,
                 swap_disk_enabled=s.disk_enabled,
+                swap_prefetches=s.swap_prefetches,
+                swap_prefetch_evictions=s.swap_prefetch_evictions,
                 weight_bytes=tuple(wo.tier_bytes().items()) if wo is not None else (),
                 weight_prefetch_bytes=ws.bytes_copied if ws is not None else 0,
                 weight_prefetch_stall_seconds=ws.stall_s if ws is not None else 0.0,

@@ -24,6 +24,8 @@ def test_swap_disk_families():
         swap_disk_corrupt_blocks=4,
         swap_disk_seconds=0.75,
         swap_disk_enabled=True,
+        swap_prefetches=7,
+        swap_prefetch_evictions=1,
     )
     M.WorkerMetrics(reg, "mixed-0", "mixed", snapshot=lambda: snap)
     assert value(reg, "pdserve_worker_swap_disk_blocks", state="used", **W) == 30
@@ -36,6 +38,8 @@ def test_swap_disk_families():
     assert value(reg, "pdserve_worker_swap_disk_errors_total", kind="corrupt", **W) == 4
     assert value(reg, "pdserve_worker_swap_disk_seconds_total", **W) == 0.75
     assert value(reg, "pdserve_worker_swap_disk_enabled", **W) == 1
+    assert value(reg, "pdserve_worker_swap_prefetches_total", outcome="prefetched", **W) == 7
+    assert value(reg, "pdserve_worker_swap_prefetches_total", outcome="evicted", **W) == 1
 
 
 def test_without_a_disk_tier_the_series_are_zero():
