@@ -18,7 +18,8 @@ other (B) is preempted. B resumes after A finishes. Two engines, identical but f
   to the host at the end of a step ahead of its turn (checksummed read), then swaps it in.
 
 Resume time = the engine steps from B's first step after the preemption until B's next token
-(both include that token's decode). For the disk engine it also counts the promotion's disk read
+(both include that token's decode). Swap-in prefetch is off (``swap_prefetch=False``): with it,
+B's copy back would run in A's last step, ahead of B's turn, and B's resume would not show it. For the disk engine it also counts the promotion's disk read
 time (done during an earlier step of A, so hidden from B's latency on an otherwise busy engine,
 but paid by the engine: counted, to compare the full cost). Prefix caching is off, so the recompute cannot reuse B's
 freed blocks. Each engine runs ``--repeats`` times, interleaved; medians are compared.
@@ -106,6 +107,8 @@ def _engine(path: Path, args: argparse.Namespace, swap: bool, disk_dir: str | No
             swap_space_bytes=(per_req + 8) * _block_nbytes(path, bs) if swap else 0,
             swap_disk_bytes=(per_req + 8) * _block_nbytes(path, bs) if disk_dir else 0,
             swap_disk_dir=disk_dir,
+            # the resume must pay its own copy: a swap-in prefetch would do it in A's last step
+            swap_prefetch=False,
         ),
     )
     return eng
