@@ -522,23 +522,58 @@ def _final_batch(client: Client, t_start: float) -> list[Outcome]:
     return out
 
 
+def run_under_load(chaos: Chaos, client: Client, seed: int, duration_s: float, label: str) -> Load:
+    """``duration_s`` seconds of ``seed``'s fault schedule over every component of ``chaos``'s
+    cluster while ``Load`` (seeded with ``seed``) runs through ``client``; every component is
+    recovered afterwards (bounded). Prints the schedule's outline first. The finished load."""
+    cl = chaos.cl
+    components = ["store", *cl.router_names, *sorted(cl.workers)]
+    schedule = chaos_schedule(seed, duration_s, components)
+    print(f"\n{label}: seed {seed}, {duration_s:.0f}s, {len(schedule)} faults over {components}")
+    with Load(client, seed, chaos.t_start) as load:
+        try:
+            chaos.run(schedule, duration_s)
+        finally:
+            chaos.recover(120)
+    return load
+
+
+def check_recovered(cl: LocalCluster, client: Client, refs, t_start: float, what: str) -> None:
+    """After a chaos run (``what``): no process dead, every worker registered with every router
+    and none quarantined, blocks and leases back to baseline; then a fault-free final batch all
+    succeeds, identical to the engine (``refs``), and releases every lease (none expires)."""
+    assert cl.dead() == [], cl.dead()
+    took = wait_for(lambda: _all_registered(cl), 90, "every worker registered, none quarantined", 0.25)
+    print(f"every worker registered with every router {took:.1f}s after the {what}")
+    store = KVStoreClient(cl.store_address)
+    try:
+        took = _wait_baseline(cl, store, LEASE_TTL_S + 20, f"after the {what}")
+        print(f"blocks and leases back to baseline {took:.1f}s after that")
+        expired = store.stats().node.expired_leases
+        # a final batch, fault-free: all succeed, identical to the engine, nothing left behind.
+        # It starts once every channel has had its reconnect attempt: a channel whose peer
+        # (the store, just restarted) went away retries at most max_reconnect_backoff_ms
+        # apart and fails calls fast until then (the README's "within about a second").
+        time.sleep(KEEPALIVE.max_reconnect_backoff_ms / 1000 + 0.5)
+        final = _final_batch(client, t_start)
+        fcounts = Counter(o.status for o in final)
+        print(f"final batch: {dict(fcounts)}")
+        assert fcounts["OK"] == len(final), [(o.status, str(o.error)) for o in final if o.error]
+        _check_outcomes(final, refs, [])
+        _wait_baseline(cl, store, LEASE_TTL_S / 2, "after the final batch")
+        assert store.stats().node.expired_leases == expired, "a lease of the final batch expired"
+    finally:
+        store.close()
+
+
 def test_chaos_under_load(cluster, references, caplog, tmp_path) -> None:
     caplog.set_level(logging.ERROR, logger="pdserve.client")  # one warning per failover
     cl = cluster
-    components = ["store", *cl.router_names, *sorted(cl.workers)]
-    schedule = chaos_schedule(SEED, CHAOS_S, components)
-    print(
-        f"\nchaos: seed {SEED} (PDSERVE_CHAOS_SEED), {CHAOS_S:.0f}s, {len(schedule)} faults over {components}"
-    )
     t_start = time.monotonic()
     chaos = Chaos(cl, t_start)
     try:
         with Client(cl.router_addresses, timeout=CLIENT_TIMEOUT_S) as client:
-            with Load(client, SEED, t_start) as load:
-                try:
-                    chaos.run(schedule, CHAOS_S)
-                finally:
-                    chaos.recover(120)
+            load = run_under_load(chaos, client, SEED, CHAOS_S, "chaos (PDSERVE_CHAOS_SEED)")
             t_load_end = time.monotonic() - t_start
             outcomes = list(load.outcomes)
             counts = Counter(o.status for o in outcomes)
@@ -554,31 +589,7 @@ def test_chaos_under_load(cluster, references, caplog, tmp_path) -> None:
             _check_outcomes(outcomes, references, chaos.events)
             assert rate >= MIN_SUCCESS, f"only {ok} of {len(outcomes)} succeeded ({dict(counts)})"
 
-            # every component back: registered with every router, none quarantined
-            assert cl.dead() == [], cl.dead()
-            took = wait_for(
-                lambda: _all_registered(cl), 90, "every worker registered, none quarantined", 0.25
-            )
-            print(f"every worker registered with every router {took:.1f}s after the chaos")
-            store = KVStoreClient(cl.store_address)
-            try:
-                took = _wait_baseline(cl, store, LEASE_TTL_S + 20, "after the chaos")
-                print(f"blocks and leases back to baseline {took:.1f}s after that")
-                expired = store.stats().node.expired_leases
-                # a final batch, fault-free: all succeed, identical to the engine, nothing left behind.
-                # It starts once every channel has had its reconnect attempt: a channel whose peer
-                # (the store, just restarted) went away retries at most max_reconnect_backoff_ms
-                # apart and fails calls fast until then (the README's "within about a second").
-                time.sleep(KEEPALIVE.max_reconnect_backoff_ms / 1000 + 0.5)
-                final = _final_batch(client, t_start)
-                fcounts = Counter(o.status for o in final)
-                print(f"final batch: {dict(fcounts)}")
-                assert fcounts["OK"] == len(final), [(o.status, str(o.error)) for o in final if o.error]
-                _check_outcomes(final, references, [])
-                _wait_baseline(cl, store, LEASE_TTL_S / 2, "after the final batch")
-                assert store.stats().node.expired_leases == expired, "a lease of the final batch expired"
-            finally:
-                store.close()
+            check_recovered(cl, client, references, t_start, "chaos")
         assert _all_registered(cl)
     except BaseException:
         logs = tmp_path / "logs"

@@ -33,25 +33,20 @@ from bench.cluster_load import torch_threads
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kv_store.client import KVStoreClient
 from pdserve.client import Client
 from pdserve.errors import PdserveError
-from pdserve.keepalive import KEEPALIVE
 from pdserve.launcher import LocalCluster
 from tests.integration.clusters import chaos_spec, launched
 from tests.integration.test_chaos import (
     CLIENT_TIMEOUT_S,
-    LEASE_TTL_S,
     MIN_SUCCESS,
     Chaos,
-    Load,
     _all_registered,
     _check_outcomes,
-    _final_batch,
-    _wait_baseline,
-    chaos_schedule,
+    check_recovered,
     model,  # noqa: F401 - the module's tiny model (a fixture)
     references,  # noqa: F401 - the fixture (engine outputs of the chaos prompts)
+    run_under_load,
 )
 from tests.polling import wait_for
 from tests.workers import worker_stats
@@ -245,17 +240,10 @@ def test_direct_chaos_under_load(cluster, references, caplog) -> None:  # noqa: 
     for ``DIRECT_CHAOS_S`` seconds."""
     caplog.set_level(logging.ERROR, logger="pdserve.client")  # one warning per failover
     cl = cluster
-    components = ["store", *cl.router_names, *sorted(cl.workers)]
-    schedule = chaos_schedule(SEED, DIRECT_CHAOS_S, components)
-    print(f"\ndirect chaos: seed {SEED}, {DIRECT_CHAOS_S:.0f}s, {len(schedule)} faults over {components}")
     t_start = time.monotonic()
     chaos = Chaos(cl, t_start)
     with Client(cl.router_addresses, timeout=CLIENT_TIMEOUT_S) as client:
-        with Load(client, SEED, t_start) as load:
-            try:
-                chaos.run(schedule, DIRECT_CHAOS_S)
-            finally:
-                chaos.recover(120)
+        load = run_under_load(chaos, client, SEED, DIRECT_CHAOS_S, "direct chaos")
         attached = set(client._direct_mux._conns)
         outcomes = list(load.outcomes)
         counts = Counter(o.status for o in outcomes)
@@ -265,18 +253,4 @@ def test_direct_chaos_under_load(cluster, references, caplog) -> None:  # noqa: 
         assert attached, "no request streamed directly"
         _check_outcomes(outcomes, references, chaos.events)
         assert counts["OK"] / len(outcomes) >= MIN_SUCCESS, dict(counts)
-        assert cl.dead() == [], cl.dead()
-        wait_for(lambda: _all_registered(cl), 90, "every worker registered, none quarantined", 0.25)
-        store = KVStoreClient(cl.store_address)
-        try:
-            _wait_baseline(cl, store, LEASE_TTL_S + 20, "after the direct chaos")
-            expired = store.stats().node.expired_leases
-            time.sleep(KEEPALIVE.max_reconnect_backoff_ms / 1000 + 0.5)
-            final = _final_batch(client, t_start)
-            fcounts = Counter(o.status for o in final)
-            assert fcounts["OK"] == len(final), [(o.status, str(o.error)) for o in final if o.error]
-            _check_outcomes(final, references, [])
-            _wait_baseline(cl, store, LEASE_TTL_S / 2, "after the final batch")
-            assert store.stats().node.expired_leases == expired, "a lease of the final batch expired"
-        finally:
-            store.close()
+        check_recovered(cl, client, references, t_start, "direct chaos")
