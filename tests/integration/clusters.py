@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -107,6 +108,20 @@ class InProcCluster:
         self.server, port, _ = start_aio_server(services, "127.0.0.1", 0, name="router")
         self.address = f"127.0.0.1:{port}"
 
+    def other(self, worker: str) -> str:
+        """The other worker of a two-worker cluster."""
+        (out,) = set(self.workers) - {worker}
+        return out
+
+    def migrate(self, rid: str, dest: str, timeout_s: float = 120.0):
+        """Migrate ``rid`` to ``dest`` through the router servicer ``svc`` (set by the subclass)
+        on its loop; the migration's outcome."""
+
+        async def go():
+            return await self.svc.migrate(rid, dest)
+
+        return self.on_loop(go(), timeout_s)
+
     def on_loop(self, coro, timeout_s: float = 120.0):
         """Run ``coro`` on the router's event loop; its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.server.loop).result(timeout_s)
@@ -128,6 +143,12 @@ class InProcCluster:
         self.server.stop(0)
         for w in self.workers.values():
             w.stop()
+
+
+def random_prompt(seed: int, i: int) -> list[int]:
+    """Prompt ``i`` of a family named by ``seed``: 20 to 59 token ids in [5, 300), reproducible."""
+    rng = random.Random(seed + i)
+    return [rng.randrange(5, 300) for _ in range(20 + (i * 7) % 40)]
 
 
 # ------------------------------------------------------------------ the chaos cluster

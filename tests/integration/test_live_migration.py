@@ -34,7 +34,13 @@ from router.lifecycle.states import State
 from router.policy import PolicyKind
 from router.registry import WorkerLoad
 from router.service import GenerateServicer, RouterConfig
-from tests.integration.clusters import IN_PROC_BLOCK_SIZE, IN_PROC_BLOCKS, IN_PROC_MODEL_ID, InProcCluster
+from tests.integration.clusters import (
+    IN_PROC_BLOCK_SIZE,
+    IN_PROC_BLOCKS,
+    IN_PROC_MODEL_ID,
+    InProcCluster,
+    random_prompt,
+)
 
 BLOCKS, BLOCK_SIZE = IN_PROC_BLOCKS, IN_PROC_BLOCK_SIZE  # the workers' KV
 GREEDY = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
@@ -79,8 +85,7 @@ def client(cluster):
 
 
 def _prompt(i: int) -> list[int]:
-    rng = random.Random(1000 + i)
-    return [rng.randrange(5, 300) for _ in range(20 + (i * 7) % 40)]
+    return random_prompt(1000, i)
 
 
 def _decoding(cluster: _Cluster, min_tokens: int) -> dict[str, str]:
@@ -103,19 +108,6 @@ def _busiest_once_decoding(cluster: _Cluster, futs: list) -> tuple[dict[str, int
     return counts, max(counts, key=lambda w: counts[w])
 
 
-def _migrate(cluster: _Cluster, rid: str, dest: str):
-    """Start migrating ``rid`` to ``dest`` on the router's loop and wait for its outcome."""
-
-    async def go():
-        return await cluster.svc.migrate(rid, dest)
-
-    return cluster.on_loop(go())
-
-
-def _other(worker: str) -> str:
-    return "dec-b" if worker == "dec-a" else "dec-a"
-
-
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_a_stream_migrated_mid_way_equals_the_unmigrated_run(cluster, client, params) -> None:
     prompt = _prompt(1)
@@ -130,7 +122,7 @@ def test_a_stream_migrated_mid_way_equals_the_unmigrated_run(cluster, client, pa
             assert not fut.done() and time.monotonic() < deadline, "the request never decoded"
             time.sleep(0.001)
         ((rid, src),) = running.items()
-        outcome = _migrate(cluster, rid, _other(src))
+        outcome = cluster.migrate(rid, cluster.other(src))
         got = fut.result(CALL_S)
     assert outcome.migrated, outcome
     assert got.token_ids == ref.token_ids and got.text == ref.text
@@ -166,7 +158,7 @@ def test_32_concurrent_streams_with_random_migrations(cluster, client) -> None:
                     futs_ = []
                     for r in picks:
                         try:
-                            futs_.append(cluster.svc.migrate(r, _other(cands[r])))
+                            futs_.append(cluster.svc.migrate(r, cluster.other(cands[r])))
                         except Exception as e:  # noqa: BLE001 - it finished or moved meanwhile
                             futs_.append(asyncio.get_running_loop().create_future())
                             futs_[-1].set_result(e)
