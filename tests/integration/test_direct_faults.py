@@ -174,6 +174,21 @@ def _fault_prompts(base: int) -> tuple[list[list[int]], list[SamplingParams]]:
     return prompts, params
 
 
+def _direct_workers(cluster: LocalCluster, c: Client) -> list[str]:
+    """The decode workers ``c`` streams from directly now, by name (at least one)."""
+    used = [w for w, a in sorted(_decode_workers(cluster).items()) if a in c._direct_mux._conns]
+    assert used, "no stream was direct"
+    return used
+
+
+def _check_streams(refs, results) -> None:
+    """Every stream (``_streams``) finished with the engine's tokens and text."""
+    for ref, res in zip(refs, results, strict=True):
+        assert isinstance(res, tuple), res
+        assert res[0] == ref.token_ids
+        assert res[1] == ref.text
+
+
 def test_decode_worker_sigstopped_mid_direct_stream(cluster, whole) -> None:
     """Its streams continue elsewhere within the progress deadline, while it is still frozen."""
     prompts, params = _fault_prompts(60)
@@ -182,8 +197,7 @@ def test_decode_worker_sigstopped_mid_direct_stream(cluster, whole) -> None:
         started = threading.Event()
         results, arrivals, threads, wait_started = _streams(c, prompts, params, started, 12)
         wait_started()
-        used = [w for w, a in sorted(_decode_workers(cluster).items()) if a in c._direct_mux._conns]
-        assert used, "no stream was direct"
+        used = _direct_workers(cluster, c)
         victim = used[0]
         pid = cluster.procs[victim].pid
         os.kill(pid, signal.SIGSTOP)
@@ -195,10 +209,7 @@ def test_decode_worker_sigstopped_mid_direct_stream(cluster, whole) -> None:
             t_done = time.monotonic()
         finally:
             os.kill(pid, signal.SIGCONT)
-    for ref, res in zip(refs, results, strict=True):
-        assert isinstance(res, tuple), res
-        assert res[0] == ref.token_ids
-        assert res[1] == ref.text
+    _check_streams(refs, results)
     # every stream went on while the worker was frozen: the longest silence after the stop is
     # bounded by the progress deadline (the router's floor for a direct leg) plus a margin
     gaps = []
@@ -219,17 +230,13 @@ def test_decode_worker_sigkilled_mid_direct_stream(cluster, whole) -> None:
         started = threading.Event()
         results, _, threads, wait_started = _streams(c, prompts, params, started, 12)
         wait_started()
-        used = [w for w, a in sorted(_decode_workers(cluster).items()) if a in c._direct_mux._conns]
-        assert used, "no stream was direct"
+        used = _direct_workers(cluster, c)
         victim = used[-1]
         cluster.kill(victim)
         for t in threads:
             t.join(120)
         assert not any(t.is_alive() for t in threads), "a stream hung on the killed worker"
-    for ref, res in zip(refs, results, strict=True):
-        assert isinstance(res, tuple), res
-        assert res[0] == ref.token_ids
-        assert res[1] == ref.text
+    _check_streams(refs, results)
     cluster.restart(victim)
     wait_for(lambda: _all_registered(cluster), 60, "the restarted worker registered", 0.25)
     wait_for(lambda: _blocks_free(cluster), 30, "every block freed after the kill")
