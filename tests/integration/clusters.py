@@ -44,8 +44,9 @@ IN_PROC_MODEL_ID = "llama"
 
 
 class InProcDecodeWorker:
-    """An in-process decode worker: its engine (``blocks`` KV blocks of ``block_size`` tokens),
-    gRPC server and migration service; ``direct``: it also serves DirectStream on its port."""
+    """An in-process decode worker: its engine (``blocks`` KV blocks of ``block_size`` tokens, or
+    ``engine_config`` as given, e.g. with ``tensor_parallel_size``), gRPC server and migration
+    service; ``direct``: it also serves DirectStream on its port."""
 
     def __init__(
         self,
@@ -55,12 +56,14 @@ class InProcDecodeWorker:
         direct: bool = False,
         blocks: int = IN_PROC_BLOCKS,
         block_size: int = IN_PROC_BLOCK_SIZE,
+        engine_config: EngineConfig | None = None,
     ) -> None:
         from decode_worker.service import AsyncDecodeServicer
         from pdserve.metrics import KVPullMetrics
         from pdserve.worker_main import serve_worker
 
-        eng = LLMEngine.from_pretrained(path, EngineConfig(num_kv_blocks=blocks, block_size=block_size))
+        ecfg = engine_config or EngineConfig(num_kv_blocks=blocks, block_size=block_size)
+        eng = LLMEngine.from_pretrained(path, ecfg)
         cfg = WorkerConfig(
             worker_id=name, role=Role.DECODE, model_path=str(path), store_address="", direct_streams=direct
         )
@@ -76,6 +79,18 @@ class InProcDecodeWorker:
             enable_direct_streams(self.svc, services)
         self.server, port = serve_worker(services, Role.DECODE, "127.0.0.1", 0, name)
         self.address = self.state.address = f"127.0.0.1:{port}"
+
+    def free_blocks(self) -> int:
+        """The engine's free KV blocks now (on its loop)."""
+        return self.state.loop.call(lambda e: e.kv.num_free_blocks)
+
+    def idle(self) -> bool:
+        """No request left, the scheduler not paused and every KV block free."""
+        return self.state.loop.call(
+            lambda e: (
+                not e.has_unfinished() and not e.scheduler.paused and e.kv.num_free_blocks == e.kv.num_blocks
+            )
+        )
 
     def stop(self) -> None:
         self.server.stop(0).wait()
