@@ -34,8 +34,8 @@ def test_swap_disk_families():
     assert value(reg, "pdserve_worker_swap_disk_transfer_blocks_total", direction="in", **W) == 20
     assert value(reg, "pdserve_worker_swap_disk_recomputes_total", reason="full", **W) == 2
     assert value(reg, "pdserve_worker_swap_disk_recomputes_total", reason="fault", **W) == 1
-    assert value(reg, "pdserve_worker_swap_disk_errors_total", kind="write", **W) == 3
-    assert value(reg, "pdserve_worker_swap_disk_errors_total", kind="corrupt", **W) == 4
+    assert value(reg, "pdserve_worker_swap_disk_errors_total", reason="write", **W) == 3
+    assert value(reg, "pdserve_worker_swap_disk_errors_total", reason="corrupt", **W) == 4
     assert value(reg, "pdserve_worker_swap_disk_seconds_total", **W) == 0.75
     assert value(reg, "pdserve_worker_swap_disk_enabled", **W) == 1
     assert value(reg, "pdserve_worker_swap_prefetches_total", outcome="prefetched", **W) == 7
@@ -47,4 +47,4 @@ def test_without_a_disk_tier_the_series_are_zero():
     M.WorkerMetrics(reg, "mixed-0", "mixed", snapshot=_snap)
     assert value(reg, "pdserve_worker_swap_disk_blocks", state="free", **W) == 0
     assert value(reg, "pdserve_worker_swap_disk_enabled", **W) == 0
-    assert value(reg, "pdserve_worker_swap_disk_errors_total", kind="corrupt", **W) == 0
+    assert value(reg, "pdserve_worker_swap_disk_errors_total", reason="corrupt", **W) == 0
