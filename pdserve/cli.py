@@ -176,6 +176,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             worker_args=(
                 *(x for spec in loras for x in ("--lora", spec)),
                 *(("--swap-space", str(a.swap_space)) if a.swap_space else ()),
+                *(("--swap-disk", str(a.swap_disk)) if a.swap_disk else ()),
+                *(("--swap-disk-dir", a.swap_disk_dir) if a.swap_disk_dir else ()),
                 *(("--scheduling-policy", a.scheduling_policy) if a.scheduling_policy else ()),
                 *(
                     ("--weight-budget-gib", str(a.weight_budget_gib))
@@ -354,6 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GIB",
         help="host-memory KV pool per worker in GiB: preempted requests are swapped out and back when "
         "cheaper than recomputing (0: always recompute)",
+    )
+    sv.add_argument(
+        "--swap-disk",
+        type=float,
+        default=0.0,
+        metavar="GIB",
+        help="local-disk KV tier per worker in GiB behind the host pool (needs --swap-space): the "
+        "swapped-out KV of the coldest requests spills to checksummed segment files when the host "
+        "pool is full (0: off)",
+    )
+    sv.add_argument(
+        "--swap-disk-dir",
+        default=None,
+        metavar="DIR",
+        help="folder of the --swap-disk segment files (default: the system's temp folder)",
     )
     sv.add_argument(
         "--scheduling-policy",

@@ -121,6 +121,10 @@ class PoolConfig:
     # host-memory KV pool behind the engine's (vLLM's --swap-space): preempted requests are
     # swapped out and back when cheaper than recomputing (0: always recompute; not with tp > 1)
     swap_space_gib: float = 0.0
+    # local-disk KV tier behind the host pool (cold KV, #15): GiB of preallocated, checksummed
+    # segment files under swap_disk_dir ("": the system's temp folder); 0: off. Needs swap_space_gib
+    swap_disk_gib: float = 0.0
+    swap_disk_dir: str = ""
     scheduling_policy: str = "priority"  # engine queue order: priority, fcfs or mlfq (FastServe)
     # device memory the weights may use (FlexGen-style offloading: layers beyond it live in host
     # memory and are copied in ahead of use); 0: all weights resident. Not with tp > 1
@@ -145,6 +149,8 @@ class PoolConfig:
             dtype=self.dtype,
             tensor_parallel_size=self.tp,
             swap_space_bytes=int(self.swap_space_gib * (1 << 30)),
+            swap_disk_bytes=int(self.swap_disk_gib * (1 << 30)),
+            swap_disk_dir=self.swap_disk_dir or None,
             scheduling_policy=SchedulingPolicy(self.scheduling_policy),
             weight_memory_budget_bytes=int(self.weight_budget_gib * (1 << 30))
             if self.weight_budget_gib
@@ -557,6 +563,14 @@ def _check_pool(p: PoolConfig, where: str) -> None:
             f"{where}.swap_space_gib",
             f"swapping is not supported with tensor parallelism (tp: {p.tp}): set swap_space_gib: 0",
         )
+    if not (p.swap_disk_gib >= 0 and math.isfinite(p.swap_disk_gib)):
+        raise _err(f"{where}.swap_disk_gib", f"must be >= 0 GiB (0: no disk tier), got {p.swap_disk_gib}")
+    if p.swap_disk_gib and not p.swap_space_gib:
+        raise _err(
+            f"{where}.swap_disk_gib", "needs swap_space_gib > 0 (the disk tier sits behind the host pool)"
+        )
+    if p.swap_disk_dir and not p.swap_disk_gib:
+        raise _err(f"{where}.swap_disk_dir", "needs swap_disk_gib > 0")
     if not (p.weight_budget_gib >= 0 and math.isfinite(p.weight_budget_gib)):
         raise _err(
             f"{where}.weight_budget_gib",

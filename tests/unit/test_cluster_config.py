@@ -57,6 +57,13 @@ def test_pool_swap_space_and_scheduling_policy_reach_the_engine_config():
     assert e.swap_space_bytes == 1 << 29 and e.scheduling_policy is SchedulingPolicy.MLFQ
     assert e.num_kv_blocks == c.decode.kv_blocks and e.long_prefill_token_threshold == c.decode.chunk
     assert c.prefill.engine_config().swap_space_bytes == 0
+    # the engine's disk tier behind the host pool (cold KV, #15)
+    c = from_dict(
+        {"model": "/m", "decode": {"swap_space_gib": 0.5, "swap_disk_gib": 2, "swap_disk_dir": "/d"}}
+    )
+    e = c.decode.engine_config()
+    assert e.swap_disk_bytes == 2 << 30 and e.swap_disk_dir == "/d"
+    assert c.prefill.engine_config().swap_disk_bytes == 0 and c.prefill.engine_config().swap_disk_dir is None
     # max_model_len: 0 keeps the model's own limit
     c = from_dict({"model": "/m", "decode": {"max_model_len": 4096}})
     assert c.decode.engine_config().max_model_len == 4096 and c.prefill.engine_config().max_model_len is None
@@ -105,6 +112,12 @@ def test_with_counts_replaces_only_given_pools():
         (["model"], r"top level: expected a mapping"),
         ({"model": "/m", "decode": {"swap_space_gib": -1}}, r"decode.swap_space_gib: must be >= 0"),
         ({"model": "/m", "decode": {"swap_space_gib": 1, "tp": 2}}, r"decode.swap_space_gib: .*tensor"),
+        ({"model": "/m", "decode": {"swap_disk_gib": 1}}, r"decode.swap_disk_gib: needs swap_space_gib"),
+        (
+            {"model": "/m", "decode": {"swap_space_gib": 1, "swap_disk_gib": -1}},
+            r"decode.swap_disk_gib: must be",
+        ),
+        ({"model": "/m", "decode": {"swap_disk_dir": "/d"}}, r"decode.swap_disk_dir: needs swap_disk_gib"),
         (
             {"model": "/m", "decode": {"scheduling_policy": "sjf"}},
             r"decode.scheduling_policy: must be one of",

@@ -150,12 +150,28 @@ def test_serve_passes_swap_policy_and_weight_budget_to_the_workers(monkeypatch) 
         "mlfq",
         "--weight-budget-gib",
         "0.25",
+        "--swap-disk",
+        "1",
+        "--swap-disk-dir",
+        "/tmp",
     ]
     with pytest.raises(SystemExit):
         cli.main(argv)
     args = list(seen["args"])
-    assert args == ["--swap-space", "0.5", "--scheduling-policy", "mlfq", "--weight-budget-gib", "0.25"]
+    assert args == [
+        "--swap-space",
+        "0.5",
+        "--swap-disk",
+        "1.0",
+        "--swap-disk-dir",
+        "/tmp",
+        "--scheduling-policy",
+        "mlfq",
+        "--weight-budget-gib",
+        "0.25",
+    ]
     # each is a flag the workers parse into their engine config
     eng = parse([*BASE, *args], Role.DECODE).engine
     assert eng.swap_space_bytes == 1 << 29 and eng.scheduling_policy is SchedulingPolicy.MLFQ
     assert eng.weight_memory_budget_bytes == 1 << 28
+    assert eng.swap_disk_bytes == 1 << 30 and eng.swap_disk_dir == "/tmp"
