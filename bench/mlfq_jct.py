@@ -21,9 +21,12 @@ Target: lower mean JCT with MLFQ than FCFS at equal load (PASS/FAIL per load).
 ``--live``: the same comparison on the real engine (:class:`engine.llm_engine.LLMEngine`, CPU), a
 random-weight Llama-like model (4 layers, hidden 256, as bench/swap_resume.py), a small KV pool with
 a host swap pool, ``--live-requests`` requests of the same heavy-tailed shape scaled down (prompts
-median 32, outputs median 8, sigma 1.6, at most 128), Poisson arrivals in wall time at ``--loads``
-fractions of the engine's measured burst throughput; each policy runs ``--live-repeats`` times,
-alternating, and JCT (finish - arrival, wall clock) is averaged over the repeats.
+median 32, outputs median 8, sigma 1.6, at most 128), Poisson arrivals at ``--loads`` fractions of
+the engine's measured burst throughput; each policy runs ``--live-repeats`` times, alternating, and
+JCT (finish - arrival) is averaged over the repeats. ``--live-clock cpu`` (the default) runs
+arrivals, JCTs, the burst throughput and MLFQ's starvation bound on this process's CPU time with one
+torch thread (idle gaps skipped to the next arrival), so other jobs on a shared host do not stretch
+them; ``--live-clock wall`` uses wall time.
 
 Usage: python bench/mlfq_jct.py [--requests 1500] [--loads 0.9,1.1,1.3] [--max-num-seqs 16] [--levels N] [--swap-gib G]
        [--backoff N] [--kv-blocks N]   (a smaller pool than the A100's, so that memory binds and preemption swaps)
@@ -103,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--live-kv-blocks", type=int, default=40, help="--live: device KV blocks of 16 tokens (default 40)"
     )
     p.add_argument("--live-max-num-seqs", type=int, default=8, help="--live: batch size limit (default 8)")
+    p.add_argument(
+        "--live-clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="--live: the clock of arrivals, JCTs and MLFQ's starvation bound: cpu (this process's CPU "
+        "time, one torch thread: other jobs on a shared host do not move it) or wall (default: %(default)s)",
+    )
     return cli_help.apply(p)
 
 
@@ -169,12 +179,18 @@ def live_workload(args: argparse.Namespace, rate: float) -> Workload:
     return synthetic(args.live_requests, rate, ins, outs, seed=args.seed, name="heavy-tailed-live")
 
 
+def live_clock(args: argparse.Namespace):
+    """The live runs' clock: the process's CPU time (arrivals and JCTs in seconds of this engine's
+    own work, so a loaded host does not stretch them) or wall time."""
+    return time.process_time if args.live_clock == "cpu" else time.perf_counter
+
+
 def live_engine(path: Path, args: argparse.Namespace, policy: SchedulingPolicy):
     from bench.swap_resume import _block_nbytes
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
 
-    return LLMEngine.from_pretrained(
+    eng = LLMEngine.from_pretrained(
         path,
         EngineConfig(
             block_size=16,
@@ -190,11 +206,16 @@ def live_engine(path: Path, args: argparse.Namespace, policy: SchedulingPolicy):
             mlfq_base_prefill_s=0.002,
         ),
     )
+    # MLFQ's starvation bound and the requests' arrival times on the bench's clock
+    eng.clock = eng.scheduler.clock = live_clock(args)
+    return eng
 
 
 def live_run(eng, w: Workload, tag: str) -> tuple[list[float], dict[str, int]]:
-    """Replays ``w`` against ``eng`` in wall time (a request is added once the clock passes its
-    arrival); returns the JCTs (finish - arrival, seconds) and the engine's preemption counts."""
+    """Replays ``w`` against ``eng`` on the engine's clock (a request is added once the clock passes
+    its arrival; while idle on the CPU clock, the clock is advanced to the next arrival, as no work
+    is done meanwhile); returns the JCTs (finish - arrival, seconds) and the engine's preemption
+    counts."""
     import torch
 
     from engine.sampling_params import SamplingParams
@@ -206,22 +227,28 @@ def live_run(eng, w: Workload, tag: str) -> tuple[list[float], dict[str, int]]:
     pending = list(range(len(w.requests)))
     arrival: dict[str, float] = {}
     jct: list[float] = []
-    t0 = time.perf_counter()
+    clock = eng.clock
+    cpu = clock is time.process_time
+    skipped = 0.0  # CPU clock: idle time skipped (the clock does not run while nothing is to do)
+    t0 = clock()
     while pending or eng.has_unfinished():
-        now = time.perf_counter() - t0
+        now = clock() - t0 + skipped
         while pending and w.requests[pending[0]].arrival_s <= now:
             i = pending.pop(0)
             r = w.requests[i]
             rid = f"{tag}-{i}"
-            arrival[rid] = t0 + r.arrival_s
+            arrival[rid] = t0 + r.arrival_s - skipped
             params = SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
             eng.add_request(rid, prompts[i], params)
         if not eng.has_unfinished():
-            time.sleep(max(0.0, min(0.01, w.requests[pending[0]].arrival_s - now)))
+            if cpu:
+                skipped += max(0.0, w.requests[pending[0]].arrival_s - now)
+            else:
+                time.sleep(max(0.0, min(0.01, w.requests[pending[0]].arrival_s - now)))
             continue
         for o in eng.step():
             if o.finished:
-                jct.append(time.perf_counter() - arrival[o.request_id])
+                jct.append(clock() - arrival[o.request_id])
     if len(jct) != len(w.requests):
         raise SystemExit(f"live {tag}: {len(jct)} of {len(w.requests)} requests finished")
     counts = {
@@ -239,7 +266,7 @@ def live_main(args: argparse.Namespace, loads: list[float]) -> int:
 
     from bench.swap_resume import make_model
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(1 if args.live_clock == "cpu" else max(1, min(2, torch.get_num_threads())))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         path = make_model(Path(tmp), 1024)
@@ -249,15 +276,17 @@ def live_main(args: argparse.Namespace, loads: list[float]) -> int:
         live_run(engines[SchedulingPolicy.FCFS], Workload("warm", w0.requests[:8]), "warm")
         live_run(engines[SchedulingPolicy.MLFQ], Workload("warm", w0.requests[:8]), "warm")
         burst = Workload("burst", tuple(WorkloadRequest(0.0, r.input_len, r.output_len) for r in w0.requests))
-        tb = time.perf_counter()
+        clock = live_clock(args)
+        tb = clock()
         live_run(engines[SchedulingPolicy.FCFS], burst, "burst")
-        capacity = len(burst) / (time.perf_counter() - tb)
+        capacity = len(burst) / (clock() - tb)
         outs = sorted(r.output_len for r in w0.requests)
         print(
             f"live: tiny random Llama (4 layers, hidden 256, CPU), {args.live_requests} requests, batch "
             f"{args.live_max_num_seqs}, {args.live_kv_blocks} KV blocks + host swap pool; outputs mean "
             f"{statistics.mean(outs):.0f} / median {statistics.median(outs):.0f} / max {outs[-1]} tokens; "
-            f"burst throughput (FCFS) {capacity:.2f} req/s; {args.live_repeats} runs per policy, alternating"
+            f"burst throughput (FCFS) {capacity:.2f} req/s; {args.live_repeats} runs per policy, alternating; "
+            f"clock: {'process CPU time, 1 torch thread' if args.live_clock == 'cpu' else 'wall'}"
         )
         print(
             f"{'load':>5} {'rate':>6} | {'FCFS mean':>9} {'p90':>8} | {'MLFQ mean':>9} {'p90':>8} | {'mean x':>6} {'p90 x':>6} | verdict"
