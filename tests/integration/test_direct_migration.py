@@ -21,71 +21,33 @@ two in-process decode workers. The tests:
 
 from __future__ import annotations
 
-import asyncio
-import random
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.metrics import RouterMetrics
-from pdserve.v1 import client_pb2, direct_pb2, worker_pb2
-from pdserve.worker_base import Role, WorkerConfig, WorkerState
+from pdserve.v1 import client_pb2, direct_pb2
 from router.drain import drain_decode_worker
 from router.lifecycle.direct_legs import DirectConfig, DirectLegs
 from router.lifecycle.states import State
 from router.policy import PolicyKind
-from router.registry import Registry, WorkerKind, WorkerLoad
 from router.service import GenerateServicer, RouterConfig
-from tests.workers import worker_stats
+from tests.integration.clusters import IN_PROC_MODEL_ID, InProcCluster, random_prompt
 
-BLOCKS = 256
-BLOCK_SIZE = 16
 GREEDY = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=200, temperature=0.8, top_p=0.95, seed=11, ignore_eos=True)
 CALL_S = 120.0
 
 
-class _Worker:
-    """An in-process decode worker serving DirectStream on its own port (its engine, gRPC
-    server and migration service)."""
+class _Cluster(InProcCluster):
+    """The in-process router with direct streams (colocated placement, migration on) over two
+    decode workers serving DirectStream; spies record each client attach and each ResumeDirect."""
 
-    def __init__(self, path, name: str) -> None:
-        from decode_worker.direct import enable_direct_streams
-        from decode_worker.service import AsyncDecodeServicer
-        from pdserve.metrics import KVPullMetrics
-        from pdserve.worker_main import serve_worker
-
-        eng = LLMEngine.from_pretrained(path, EngineConfig(num_kv_blocks=BLOCKS, block_size=BLOCK_SIZE))
-        cfg = WorkerConfig(
-            worker_id=name, role=Role.DECODE, model_path=str(path), store_address="", direct_streams=True
-        )
-        self.name = name
-        self.state = WorkerState(cfg, eng)
-        self.svc = AsyncDecodeServicer(
-            self.state, None, KVPullMetrics(CollectorRegistry(), name), stream_window_s=0.0
-        )
-        services = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], self.svc)]
-        enable_direct_streams(self.svc, services)
-        self.server, port = serve_worker(services, Role.DECODE, "127.0.0.1", 0, name)
-        self.address = self.state.address = f"127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.stop(0).wait()
-        self.svc.close()
-        self.state.close()
-
-
-class _Cluster:
     def __init__(self, path) -> None:
-        from pdserve.grpc_server import start_aio_server
-
-        self.workers = {n: _Worker(path, n) for n in ("dec-a", "dec-b")}
+        super().__init__(path, direct=True)
         self.attached: list[tuple[str, str]] = []  # (worker, request id) per client attach
         for n, w in self.workers.items():
             ds = w.svc.direct
@@ -96,15 +58,9 @@ class _Cluster:
                 return _attach(conn, a)
 
             ds._attach = spy_attach
-        self.registry = Registry(heartbeat_timeout_s=1e9)  # no heartbeats here: never expire
-        for n, w in self.workers.items():
-            self.registry.register(
-                n, WorkerKind.DECODE, w.address, "llama", WorkerLoad(0, 0, BLOCKS, 0, block_size=BLOCK_SIZE)
-            )
-        self.metrics_registry = CollectorRegistry()
         cfg = RouterConfig(
             model_path=str(path),
-            model_id="llama",
+            model_id=IN_PROC_MODEL_ID,
             policy=PolicyKind.COLOCATED,
             direct_streams=True,
             # progress often: the router learns of the tokens (and the test of the decoding) soon
@@ -121,32 +77,12 @@ class _Cluster:
             return await resume(req, ctx)
 
         book.ResumeDirect = spy  # type: ignore[method-assign]
-        services = [
-            (client_pb2.DESCRIPTOR.services_by_name["Generate"], self.svc),
-            (direct_pb2.DESCRIPTOR.services_by_name["DirectResume"], self.svc.direct),
-        ]
-        self.server, port, _ = start_aio_server(services, "127.0.0.1", 0, name="router")
-        self.address = f"127.0.0.1:{port}"
-
-    def on_loop(self, coro, timeout_s: float = CALL_S):
-        return asyncio.run_coroutine_threadsafe(coro, self.server.loop).result(timeout_s)
-
-    def metric(self, name: str, **labels) -> float:
-        return self.metrics_registry.get_sample_value(name, labels) or 0.0
-
-    def used_blocks(self) -> dict[str, int]:
-        return {n: worker_stats(w.address).kv_blocks_used for n, w in self.workers.items()}
-
-    def wait_no_blocks(self, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while any(self.used_blocks().values()):
-            assert time.monotonic() < deadline, f"blocks leaked: {self.used_blocks()}"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.stop(0)
-        for w in self.workers.values():
-            w.stop()
+        self.serve(
+            [
+                (client_pb2.DESCRIPTOR.services_by_name["Generate"], self.svc),
+                (direct_pb2.DESCRIPTOR.services_by_name["DirectResume"], self.svc.direct),
+            ]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +102,7 @@ def client(cluster):
 
 
 def _prompt(i: int) -> list[int]:
-    rng = random.Random(2000 + i)
-    return [rng.randrange(5, 300) for _ in range(20 + (i * 7) % 40)]
+    return random_prompt(2000, i)
 
 
 def _direct_decoding(cluster: _Cluster, min_tokens: int) -> dict[str, str]:
@@ -187,8 +122,26 @@ def _direct_decoding(cluster: _Cluster, min_tokens: int) -> dict[str, str]:
     return out
 
 
-def _other(worker: str) -> str:
-    return "dec-b" if worker == "dec-a" else "dec-a"
+def _started_directly(cluster: _Cluster, fut: Future, min_tokens: int, deadline: float) -> tuple[str, str]:
+    """Wait (until ``deadline``, monotonic) for the one request running, that of ``fut``, to decode
+    directly with ``min_tokens`` output tokens known to the router: (request id, decode worker)."""
+    while not (running := _direct_decoding(cluster, min_tokens)):
+        assert not fut.done() and time.monotonic() < deadline, "the request never decoded directly"
+        time.sleep(0.001)
+    ((rid, src),) = running.items()
+    return rid, src
+
+
+def _migrate_mid_way(
+    cluster: _Cluster, client: Client, prompt: list[int], params: SamplingParams, known: int = 4
+):
+    """Run ``prompt`` and migrate it to the other worker once the router knows ``known`` of its
+    tokens: (result, request id, source, outcome)."""
+    with ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(client.complete, prompt, params)
+        rid, src = _started_directly(cluster, fut, known, time.monotonic() + CALL_S)
+        outcome = cluster.migrate(rid, cluster.other(src))
+        return fut.result(CALL_S), rid, src, outcome
 
 
 @pytest.mark.parametrize(
@@ -203,19 +156,7 @@ def test_a_direct_stream_migrated_mid_way_equals_the_unmigrated_run(cluster, cli
     ref = client.complete(prompt, params)
     assert len(ref.token_ids) == params.max_tokens
     moved_before = cluster.metric("pdserve_router_migrations_total", reason="manual", result="migrated")
-    with ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(client.complete, prompt, params)
-        deadline = time.monotonic() + CALL_S
-        while not (running := _direct_decoding(cluster, known)):
-            assert not fut.done() and time.monotonic() < deadline, "the request never decoded directly"
-            time.sleep(0.001)
-        ((rid, src),) = running.items()
-
-        async def go():
-            return await cluster.svc.migrate(rid, _other(src))
-
-        outcome = cluster.on_loop(go())
-        got = fut.result(CALL_S)
+    got, rid, src, outcome = _migrate_mid_way(cluster, client, prompt, params, known)
     assert outcome.migrated, outcome
     assert got.token_ids == ref.token_ids and got.text == ref.text
     assert got.finish.reason == ref.finish.reason
@@ -224,7 +165,7 @@ def test_a_direct_stream_migrated_mid_way_equals_the_unmigrated_run(cluster, cli
     (resumed,) = [r for r in cluster.resumes if r[0] == rid]
     assert max(known, 1) <= resumed[1] < params.max_tokens, resumed
     # then streamed straight from the destination: attached there, the router not relaying
-    assert [w for w, r in cluster.attached if r == rid] == [src, _other(src)]
+    assert [w for w, r in cluster.attached if r == rid] == [src, cluster.other(src)]
     assert (
         cluster.metric("pdserve_router_migrations_total", reason="manual", result="migrated")
         == moved_before + 1
@@ -269,24 +210,6 @@ def test_drain_empties_a_decode_worker_of_direct_streams_while_they_continue(clu
     cluster.wait_no_blocks()
 
 
-def _migrate_mid_way(cluster: _Cluster, client: Client, prompt: list[int], params: SamplingParams):
-    """Run ``prompt`` and migrate it once the router knows 4 of its tokens: (result, request
-    id, source, outcome)."""
-    with ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(client.complete, prompt, params)
-        deadline = time.monotonic() + CALL_S
-        while not (running := _direct_decoding(cluster, 4)):
-            assert not fut.done() and time.monotonic() < deadline, "the request never decoded directly"
-            time.sleep(0.001)
-        ((rid, src),) = running.items()
-
-        async def go():
-            return await cluster.svc.migrate(rid, _other(src))
-
-        outcome = cluster.on_loop(go())
-        return fut.result(CALL_S), rid, src, outcome
-
-
 def test_a_destination_without_direct_streams_relays_the_rest(cluster, client) -> None:
     prompt = _prompt(3)
     ref = client.complete(prompt, GREEDY)
@@ -296,18 +219,10 @@ def test_a_destination_without_direct_streams_relays_the_rest(cluster, client) -
     # source's client): it refuses the grant, and the router relays from the client's index
     with ThreadPoolExecutor(1) as ex:
         fut = ex.submit(client.complete, prompt, GREEDY)
-        deadline = time.monotonic() + CALL_S
-        while not (running := _direct_decoding(cluster, 4)):
-            assert not fut.done() and time.monotonic() < deadline, "the request never decoded directly"
-            time.sleep(0.001)
-        ((rid, src),) = running.items()
-        dests[_other(src)].direct = None
+        rid, src = _started_directly(cluster, fut, 4, time.monotonic() + CALL_S)
+        dests[cluster.other(src)].direct = None
         try:
-
-            async def go():
-                return await cluster.svc.migrate(rid, _other(src))
-
-            outcome = cluster.on_loop(go())
+            outcome = cluster.migrate(rid, cluster.other(src))
             got = fut.result(CALL_S)
         finally:
             for n, s in dests.items():
@@ -345,7 +260,7 @@ def test_a_migrated_direct_stream_ends_on_a_stop_string_matched_on_the_destinati
     assert outcome.migrated, outcome
     assert got.text == ref.text and got.token_ids == ref.token_ids
     assert got.finish.reason == ref.finish.reason and got.finish.stop == stop
-    assert [w for w, r in cluster.attached if r == rid] == [src, _other(src)]
+    assert [w for w, r in cluster.attached if r == rid] == [src, cluster.other(src)]
     cluster.wait_no_blocks()
 
 
@@ -368,25 +283,19 @@ def test_a_direct_stream_migrated_twice_streams_from_each_destination(cluster, c
             and len(legs.run.out_ids) >= min_tokens
         )
 
-    async def move(rid: str, to: str):
-        return await cluster.svc.migrate(rid, to)
-
     with ThreadPoolExecutor(1) as ex:
         fut = ex.submit(client.complete, prompt, params)
         deadline = time.monotonic() + CALL_S
-        while not (running := _direct_decoding(cluster, 4)):
-            assert not fut.done() and time.monotonic() < deadline, "the request never decoded directly"
-            time.sleep(0.001)
-        ((rid, src),) = running.items()
-        first = cluster.on_loop(move(rid, _other(src)))
+        rid, src = _started_directly(cluster, fut, 4, deadline)
+        first = cluster.migrate(rid, cluster.other(src))
         known = len(cluster.svc.running()[rid].legs.run.out_ids)
-        while not direct_on(rid, _other(src), known + 4):
+        while not direct_on(rid, cluster.other(src), known + 4):
             assert not fut.done() and time.monotonic() < deadline, "never streamed from the destination"
             time.sleep(0.001)
-        second = cluster.on_loop(move(rid, src))
+        second = cluster.migrate(rid, src)
         got = fut.result(CALL_S)
     assert first.migrated and second.migrated, (first, second)
     assert got.token_ids == ref.token_ids and got.text == ref.text
-    assert [w for w, r in cluster.attached if r == rid] == [src, _other(src), src]
+    assert [w for w, r in cluster.attached if r == rid] == [src, cluster.other(src), src]
     assert len([r for r in cluster.resumes if r[0] == rid]) == 2
     cluster.wait_no_blocks()
