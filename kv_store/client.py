@@ -4,7 +4,10 @@ Every failure surfaces as a :mod:`pdserve.errors` exception (via
 :func:`pdserve.status.raise_from_rpc_error`): LayoutMismatchError, RequestNotFoundError (block not
 stored), ResourceExhaustedError (node full, with ``retry_after_s``), UnavailableError (node down),
 InvalidRequestError, DeadlineExceededError. Block payloads stream in chunks of at most
-``MAX_CHUNK_BYTES``.
+``MAX_CHUNK_BYTES``; a Put whose blocks fit one message (:data:`PUT_BLOCKS_MAX_BYTES`) goes as one
+unary ``PutBlocks`` call instead (the same checks and effects; a sync gRPC client-streaming call
+starts a thread per call to feed its request iterator, a unary one does not: #12, a prefill
+worker's CPU per handoff).
 
 Cluster identity (:mod:`kv_store.auth`): every call carries the cluster token in metadata
 ``x-pdserve-cluster-token`` when one is configured (``cluster_token=``, default: the
@@ -31,9 +34,9 @@ from kv_store.handle import check_hashes
 from kv_store.index import LookupResult
 from kv_store.layout import KVLayout
 from kv_store.store import DeleteCounts, LeaseGrant, PutResult, StoreStats
-from kv_store.wire import decode_get_chunk, encode_chunk
+from kv_store.wire import PUT_BLOCK_OVERHEAD, decode_get_chunk, encode_chunk, encode_put_blocks
 from pdserve.errors import InternalError, InvalidRequestError, StoreUnavailableError, UnavailableError
-from pdserve.limits import MAX_CHUNK_BYTES
+from pdserve.limits import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
 from pdserve.security import internal_channel
 from pdserve.status import raise_from_rpc_error
 from pdserve.v1 import kv_store_pb2, kv_store_pb2_grpc
@@ -41,6 +44,15 @@ from pdserve.v1 import kv_store_pb2, kv_store_pb2_grpc
 log = logging.getLogger(__name__)
 
 BlockData = Any  # bytes | bytearray | memoryview | numpy.ndarray | torch.Tensor (CPU)
+
+# Largest PutBlocks message a client sends (estimated from the blocks' sizes before encoding):
+# the transport limit less a margin for the layout and metadata. Larger Puts stream (Put).
+PUT_BLOCKS_MAX_BYTES = MAX_MESSAGE_BYTES - (64 << 10)
+
+
+def put_blocks_fits(num_blocks: int, block_nbytes: int, max_bytes: int = PUT_BLOCKS_MAX_BYTES) -> bool:
+    """Whether ``num_blocks`` blocks of ``block_nbytes`` go as one PutBlocks message (pure)."""
+    return num_blocks > 0 and num_blocks * (block_nbytes + PUT_BLOCK_OVERHEAD) <= max_bytes
 
 
 def as_block_bytes(block: BlockData) -> memoryview:
@@ -90,6 +102,14 @@ class KVStoreClient:
             request_serializer=lambda m: m,
             response_deserializer=kv_store_pb2.PutResponse.FromString,
         )
+        self._put_unary = self._channel.unary_unary(
+            "/pdserve.v1.KVStore/PutBlocks",
+            request_serializer=lambda m: m,
+            response_deserializer=kv_store_pb2.PutResponse.FromString,
+        )
+        # False once the node answered PutBlocks with UNIMPLEMENTED (a node of an older
+        # version): every Put streams from then on
+        self.unary_put = True
         self._get = self._channel.unary_stream(
             "/pdserve.v1.KVStore/Get",
             request_serializer=kv_store_pb2.GetRequest.SerializeToString,
@@ -149,6 +169,20 @@ class KVStoreClient:
 
         md = self._metadata(owner)
         sums = check_checksum_list(checksums, len(hashes), "put_blocks checksums")
+        if self.unary_put and put_blocks_fits(len(hashes), nbytes):
+            header = kv_store_pb2.PutBlocksRequest(
+                layout=convert.layout_to_proto(layout), lease_ttl_s=lease_ttl_s
+            )
+            msg = encode_put_blocks(header, hashes, sums or [block_checksum(v) for v in views], views)
+            try:
+                return convert.put_result_from_proto(
+                    self._put_unary(msg, timeout=self.timeout_s, metadata=md)
+                )
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    self._raise(e)
+                log.warning("KV store %s has no PutBlocks (an older node): Puts stream", self.address)
+                self.unary_put = False
 
         def chunks() -> Iterator[bytes]:
             layout_msg = convert.layout_to_proto(layout)

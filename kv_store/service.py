@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -97,9 +97,22 @@ class KVStoreServicer:
     ) -> kv_store_pb2.PutResponse:
         """:meth:`_put`, counted as a gRPC transfer in, logged with the caller's request id."""
         owner = self._owner(context, self._member(context, "Put"))
+        return self._measured_put(context, lambda: self._put(requests, context, owner), owner)
+
+    def PutBlocks(
+        self, request: kv_store_pb2.PutBlocksRequest, context: grpc.ServicerContext
+    ) -> kv_store_pb2.PutResponse:
+        """:meth:`_put_blocks` (Put's unary form), counted and logged as a Put."""
+        owner = self._owner(context, self._member(context, "PutBlocks"))
+        return self._measured_put(context, lambda: self._put_blocks(request, owner), owner)
+
+    def _measured_put(
+        self, context: grpc.ServicerContext, put: Callable[[], kv_store_pb2.PutResponse], owner: str
+    ) -> kv_store_pb2.PutResponse:
+        """Run ``put`` counted as a gRPC transfer in, logged with the caller's request id."""
         with request_scope(request_id_from_context(context)):
             with self.metrics.transfer("grpc", "put", "in") as tally:
-                resp = self._put(requests, context, owner)
+                resp = put()
                 tally.add(resp.num_blocks, resp.num_blocks * self.store.layout.block_nbytes)
             log_event(log, "kv put", blocks=resp.num_blocks, stored=resp.num_stored, lease_id=resp.lease_id)
             if resp.conflicts:
@@ -223,9 +236,80 @@ class KVStoreServicer:
             if lease_id:
                 store.release(lease_id)
             raise
+        return self._put_response(
+            lease_id, lease_ttl, lease_clamped, put_hashes, put_slots, n_new, conflicts, conflict_sums
+        )
+
+    def _put_blocks(self, request: kv_store_pb2.PutBlocksRequest, owner: str) -> kv_store_pb2.PutResponse:
+        """PutBlocks: every block whole in one message. The whole request is checked (layout,
+        hashes, sizes, checksums present) before anything is stored; then each block is stored
+        and verified against its checksum as :meth:`_put` does (a mismatch refuses the call and
+        releases its lease; blocks committed before it stay, as with Put)."""
+        store = self.store
+        store.check_layout(convert.required_layout(request, "PutBlocks"), what="Put blocks")
+        nbytes = store.layout.block_nbytes
+        blocks = request.blocks
+        hashes = check_hash_list([b.block_hash for b in blocks], "PutBlocks.blocks.block_hash")
+        for i, b in enumerate(blocks):
+            if len(b.data) != nbytes:
+                raise InvalidRequestError(
+                    f"PutBlocks: block {i} has {len(b.data)} bytes, a block of this layout is {nbytes} bytes"
+                )
+            if not b.checksum:
+                raise InvalidRequestError(
+                    f"PutBlocks: block {i} has no checksum (PutBlock.checksum, the XXH3-64 of its bytes, "
+                    "kv_store/checksum.py); every block must carry its writer's checksum"
+                )
+        lease_id = ""
+        lease_ttl, lease_clamped = 0.0, False
+        if request.lease_ttl_s:
+            grant = store.lease([], request.lease_ttl_s, owner)
+            lease_id, lease_ttl, lease_clamped = grant.lease_id, grant.ttl_s, grant.ttl_clamped
+        conflicts: list[int] = []
+        conflict_sums: list[int] = []
+        put_slots: list[int] = []
+        n_new = 0
+        ticket: PutTicket | None = None
+        try:
+            for i, (h, b) in enumerate(zip(hashes, blocks, strict=True)):
+                ticket = store.begin_put(h, b.checksum)
+                if ticket.conflict:
+                    conflicts.append(i)
+                    conflict_sums.append(ticket.stored_checksum)
+                put_slots.append(ticket.slot)
+                if ticket.is_new:
+                    store.write(ticket, 0, b.data)
+                store.commit(ticket, lease_id)
+                n_new += ticket.is_new
+                ticket = None
+        except BaseException:
+            if ticket is not None:
+                store.abort(ticket)
+            if lease_id:
+                store.release(lease_id)
+            raise
+        return self._put_response(
+            lease_id, lease_ttl, lease_clamped, list(hashes), put_slots, n_new, conflicts, conflict_sums
+        )
+
+    def _put_response(
+        self,
+        lease_id: str,
+        lease_ttl: float,
+        lease_clamped: bool,
+        put_hashes: list[bytes],
+        put_slots: list[int],
+        n_new: int,
+        conflicts: list[int],
+        conflict_sums: list[int],
+    ) -> kv_store_pb2.PutResponse:
+        """The PutResponse of a Put / PutBlocks call that stored ``put_hashes`` (``n_new`` of them
+        newly) in the slots their tickets named."""
+        store = self.store
         # leased blocks: tell the caller their arena slots (zero-rpc same-host reads while the
         # lease holds); empty if any block is not (yet) stored in the slot its ticket named
         slots = store.leased_slots(lease_id, put_hashes, put_slots) if lease_id else ()
+        n_blocks = len(put_hashes)
         result = PutResult(
             num_blocks=n_blocks,
             num_stored=n_new,

@@ -1,4 +1,4 @@
-"""Hand-rolled protobuf encoding of the bulk KV messages (GetChunk, PutChunk), zero-copy.
+"""Hand-rolled protobuf encoding of the bulk KV messages (GetChunk, PutChunk, PutBlocksRequest), zero-copy.
 
 The generic protobuf runtime copies a chunk's payload several times (into the message, into the
 serialized bytes, out again on parse). For the two messages that carry block bytes this module
@@ -6,6 +6,8 @@ produces and reads the *same wire format* with one copy on each side:
 
 * :func:`encode_chunk` serialises the small header fields with protobuf and appends the payload
   field (``data``) by hand: ``header + tag + varint(len) + payload`` in one ``bytes.join``.
+* :func:`encode_put_blocks` writes a whole PutBlocksRequest (header fields by protobuf, each
+  nested PutBlock by hand) with one copy of the blocks' bytes.
 * :func:`decode_get_chunk` walks the wire format and returns the payload as a ``memoryview`` of
   the received message (no copy); unknown fields are skipped as protobuf would.
 
@@ -15,6 +17,7 @@ in any order. ``tests/unit/test_kv_wire.py`` checks equivalence with the protobu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from pdserve.v1 import kv_store_pb2
@@ -27,6 +30,17 @@ _GET_DATA = _GET_FIELDS["data"].number
 _GET_CHECKSUM = _GET_FIELDS["checksum"].number  # fixed64
 _PUT_DATA = kv_store_pb2.PutChunk.DESCRIPTOR.fields_by_name["data"].number
 _LEN = 2  # wire type of length-delimited fields
+_FIXED64 = 1  # wire type of fixed64 fields
+_PB_FIELDS = kv_store_pb2.PutBlock.DESCRIPTOR.fields_by_name
+_PB_HASH_TAG = bytes([_PB_FIELDS["block_hash"].number << 3 | _LEN])
+_PB_CHECKSUM_TAG = bytes([_PB_FIELDS["checksum"].number << 3 | _FIXED64])
+_PB_DATA_TAG = bytes([_PB_FIELDS["data"].number << 3 | _LEN])
+_PBR_BLOCKS_TAG = bytes(
+    [kv_store_pb2.PutBlocksRequest.DESCRIPTOR.fields_by_name["blocks"].number << 3 | _LEN]
+)
+# bytes a PutBlocksRequest spends on one block besides its data (tags, lengths, a 16-byte hash
+# and the checksum; hashes are 16 bytes, this bounds any hash up to 64): a caller's size estimate
+PUT_BLOCK_OVERHEAD = 96
 
 
 def _varint(n: int) -> bytes:
@@ -61,6 +75,23 @@ def encode_chunk(header: Any, payload: Any) -> bytes:
     if not n:
         return header.SerializeToString()
     return b"".join((header.SerializeToString(), _varint(field << 3 | _LEN), _varint(n), payload))
+
+
+def encode_put_blocks(
+    header: Any, hashes: Sequence[bytes], checksums: Sequence[int], payloads: Sequence[Any]
+) -> bytes:
+    """Serialise ``header`` (a PutBlocksRequest with layout / lease_ttl_s, no blocks) plus one
+    PutBlock per ``(hashes[i], checksums[i], payloads[i])``: the bytes protobuf would produce, with
+    one copy of each payload (into the returned message)."""
+    parts: list[Any] = [header.SerializeToString()]
+    for h, c, p in zip(hashes, checksums, payloads, strict=True):
+        n = memoryview(p).nbytes
+        head = b"".join((_PB_HASH_TAG, _varint(len(h)), h, _PB_CHECKSUM_TAG, c.to_bytes(8, "little")))
+        tail = b"".join((_PB_DATA_TAG, _varint(n))) if n else b""
+        parts += (_PBR_BLOCKS_TAG, _varint(len(head) + len(tail) + n), head, tail)
+        if n:
+            parts.append(p)
+    return b"".join(parts)
 
 
 class GetChunkView(NamedTuple):

@@ -79,8 +79,15 @@ class PrefillServicer:
         """Fetch prefix blocks that the store has and the local cache lacks; returns tokens added."""
         if self.store is None or self.transport is None:
             return 0
-        hashes = self.state.loop.call(lambda e: e.prefix_hashes(ids, adapter, salt))
-        local = self.state.loop.call(lambda e: e.num_local_prefix_blocks(hashes))
+        if len(ids) - 1 < self.state.layout.block_size:
+            return 0  # no full block before the last token: nothing a prefix cache could serve
+
+        def probe(e: LLMEngine) -> tuple[list, int]:
+            # one wait for the engine loop, not two (#12: a worker's cost per request)
+            hashes = e.prefix_hashes(ids, adapter, salt)
+            return hashes, e.num_local_prefix_blocks(hashes)
+
+        hashes, local = self.state.loop.call(probe)
         if local == len(hashes):
             return 0
         t0 = time.monotonic()

@@ -45,6 +45,33 @@ class PutChunk(_message.Message):
         checksum: int | None = ...,
     ) -> None: ...
 
+class PutBlocksRequest(_message.Message):
+    __slots__ = ("layout", "lease_ttl_s", "blocks")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    layout: _common_pb2.KVLayout
+    lease_ttl_s: float
+    blocks: _containers.RepeatedCompositeFieldContainer[PutBlock]
+    def __init__(
+        self,
+        layout: _common_pb2.KVLayout | _Mapping | None = ...,
+        lease_ttl_s: float | None = ...,
+        blocks: _Iterable[PutBlock | _Mapping] | None = ...,
+    ) -> None: ...
+
+class PutBlock(_message.Message):
+    __slots__ = ("block_hash", "checksum", "data")
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    block_hash: bytes
+    checksum: int
+    data: bytes
+    def __init__(
+        self, block_hash: bytes | None = ..., checksum: int | None = ..., data: bytes | None = ...
+    ) -> None: ...
+
 class PutResponse(_message.Message):
     __slots__ = (
         "num_blocks",

@@ -39,6 +39,11 @@ class KVStoreStub:
                 request_serializer=pdserve_dot_v1_dot_kv__store__pb2.PutChunk.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_kv__store__pb2.PutResponse.FromString,
                 _registered_method=True)
+        self.PutBlocks = channel.unary_unary(
+                '/pdserve.v1.KVStore/PutBlocks',
+                request_serializer=pdserve_dot_v1_dot_kv__store__pb2.PutBlocksRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_kv__store__pb2.PutResponse.FromString,
+                _registered_method=True)
         self.Get = channel.unary_stream(
                 '/pdserve.v1.KVStore/Get',
                 request_serializer=pdserve_dot_v1_dot_kv__store__pb2.GetRequest.SerializeToString,
@@ -85,6 +90,16 @@ class KVStoreServicer:
         chunks without block_hash until total_bytes have arrived. The first chunk of the call also
         carries the layout (and optionally lease_ttl_s). Putting a block that is already stored is a
         no-op (idempotent); its payload is still read and size-checked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutBlocks(self, request, context):
+        """Stores blocks sent whole in one message: the same checks and effects as Put (layout, size,
+        checksum of every block verified before it becomes visible, write-once, lease). For KV that
+        fits one message (MAX_MESSAGE_BYTES, pdserve/limits.py; the client keeps a margin): a
+        handoff of a short prompt costs one unary call, not a stream. Larger KV goes through Put.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,6 +160,11 @@ def add_KVStoreServicer_to_server(servicer, server):
             'Put': grpc.stream_unary_rpc_method_handler(
                     servicer.Put,
                     request_deserializer=pdserve_dot_v1_dot_kv__store__pb2.PutChunk.FromString,
+                    response_serializer=pdserve_dot_v1_dot_kv__store__pb2.PutResponse.SerializeToString,
+            ),
+            'PutBlocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutBlocks,
+                    request_deserializer=pdserve_dot_v1_dot_kv__store__pb2.PutBlocksRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_kv__store__pb2.PutResponse.SerializeToString,
             ),
             'Get': grpc.unary_stream_rpc_method_handler(
@@ -209,6 +229,33 @@ class KVStore:
             target,
             '/pdserve.v1.KVStore/Put',
             pdserve_dot_v1_dot_kv__store__pb2.PutChunk.SerializeToString,
+            pdserve_dot_v1_dot_kv__store__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.KVStore/PutBlocks',
+            pdserve_dot_v1_dot_kv__store__pb2.PutBlocksRequest.SerializeToString,
             pdserve_dot_v1_dot_kv__store__pb2.PutResponse.FromString,
             options,
             channel_credentials,
