@@ -1,8 +1,9 @@
 """Cluster set-ups that several integration modules share (one definition each, so that the
 modules that test the same cluster differently cannot drift apart):
 
-* :class:`InProcDecodeWorker` / :class:`InProcCluster`: in-process decode workers registered with
-  an in-process router servicer (the live-migration modules; colocated placement, no store);
+* :class:`InProcCluster`: in-process decode workers (:class:`tests.workers.InProcDecodeWorker`,
+  re-exported here with its ``IN_PROC_BLOCKS`` / ``IN_PROC_BLOCK_SIZE``) registered with an
+  in-process router servicer (the live-migration modules; colocated placement, no store);
 * :func:`chaos_spec` / :func:`launched`: the chaos cluster (store, 2 routers, 2 prefill and 2
   decode workers, short progress deadlines) of test_chaos.py and test_direct_faults.py, stopped
   with every frozen process continued first;
@@ -32,70 +33,11 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, KVTransport, LocalCluster, launch
-from pdserve.v1 import worker_pb2
-from pdserve.worker_base import Role, WorkerConfig, WorkerState
 from router.registry import Registry, WorkerKind, WorkerLoad
-from tests.workers import worker_stats
+from tests.workers import IN_PROC_BLOCK_SIZE, IN_PROC_BLOCKS, InProcDecodeWorker, worker_stats
 
 # ------------------------------------------------------------------ in-process decode workers
-IN_PROC_BLOCKS = 256
-IN_PROC_BLOCK_SIZE = 16
 IN_PROC_MODEL_ID = "llama"
-
-
-class InProcDecodeWorker:
-    """An in-process decode worker: its engine (``blocks`` KV blocks of ``block_size`` tokens, or
-    ``engine_config`` as given, e.g. with ``tensor_parallel_size``), gRPC server and migration
-    service; ``direct``: it also serves DirectStream on its port."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        name: str,
-        *,
-        direct: bool = False,
-        blocks: int = IN_PROC_BLOCKS,
-        block_size: int = IN_PROC_BLOCK_SIZE,
-        engine_config: EngineConfig | None = None,
-    ) -> None:
-        from decode_worker.service import AsyncDecodeServicer
-        from pdserve.metrics import KVPullMetrics
-        from pdserve.worker_main import serve_worker
-
-        ecfg = engine_config or EngineConfig(num_kv_blocks=blocks, block_size=block_size)
-        eng = LLMEngine.from_pretrained(path, ecfg)
-        cfg = WorkerConfig(
-            worker_id=name, role=Role.DECODE, model_path=str(path), store_address="", direct_streams=direct
-        )
-        self.name = name
-        self.state = WorkerState(cfg, eng)
-        self.svc = AsyncDecodeServicer(
-            self.state, None, KVPullMetrics(CollectorRegistry(), name), stream_window_s=0.0
-        )
-        services = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], self.svc)]
-        if direct:
-            from decode_worker.direct import enable_direct_streams
-
-            enable_direct_streams(self.svc, services)
-        self.server, port = serve_worker(services, Role.DECODE, "127.0.0.1", 0, name)
-        self.address = self.state.address = f"127.0.0.1:{port}"
-
-    def free_blocks(self) -> int:
-        """The engine's free KV blocks now (on its loop)."""
-        return self.state.loop.call(lambda e: e.kv.num_free_blocks)
-
-    def idle(self) -> bool:
-        """No request left, the scheduler not paused and every KV block free."""
-        return self.state.loop.call(
-            lambda e: (
-                not e.has_unfinished() and not e.scheduler.paused and e.kv.num_free_blocks == e.kv.num_blocks
-            )
-        )
-
-    def stop(self) -> None:
-        self.server.stop(0).wait()
-        self.svc.close()
-        self.state.close()
 
 
 class InProcCluster:
