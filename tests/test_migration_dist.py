@@ -38,8 +38,8 @@ from tests.test_migration_worker import (
     _migrated_run,
     _reference,
     _wait_idle,
-    _Worker,
 )
+from tests.workers import InProcDecodeWorker
 
 DIST = MigrationTransport.DIST
 
@@ -111,12 +111,12 @@ class _NoStore:
         return None
 
 
-class _DistWorker(_Worker):
+class _DistWorker(InProcDecodeWorker):
     """A decode worker in the (piped) process group: an outbox and KVPeer for its outgoing
     migrations, a DistPuller for incoming ones, under shared peer locks."""
 
     def __init__(self, path, name: str, blocks: int, rank: int, pipes: _Pipes) -> None:
-        super().__init__(path, name, blocks)
+        super().__init__(path, name, blocks=blocks)
         group = _Group(rank)
         locks = PeerLocks(shared=True)
         self.outbox = DistOutbox(64 << 20)

@@ -10,14 +10,12 @@ import time
 import grpc
 import pytest
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve.errors import InvalidRequestError
 from pdserve.proto_convert import sampling_to_proto
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
-from pdserve.worker_base import Role, WorkerConfig, WorkerState
 from router.migration_client import MigrationResult, MigrationTransport, migrate, open_resumed_stream
+from tests.workers import InProcDecodeWorker
 
 GREEDY = SamplingParams(max_tokens=160, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=160, temperature=0.8, seed=11, ignore_eos=True)
@@ -26,51 +24,17 @@ PROMPT = [int(x) for x in range(5, 45)]
 CALL_S = 60.0  # every call's deadline: a hang fails the test instead of blocking the run
 
 
-class _Worker:
-    def __init__(self, path, name: str, blocks: int) -> None:
-        from prometheus_client import CollectorRegistry
-
-        from decode_worker.service import AsyncDecodeServicer
-        from pdserve.metrics import KVPullMetrics
-        from pdserve.worker_main import serve_worker
-
-        eng = LLMEngine.from_pretrained(path, EngineConfig(num_kv_blocks=blocks, block_size=16))
-        cfg = WorkerConfig(worker_id=name, role=Role.DECODE, model_path=str(path), store_address="")
-        self.state = WorkerState(cfg, eng)
-        self.svc = AsyncDecodeServicer(
-            self.state, None, KVPullMetrics(CollectorRegistry(), name), stream_window_s=0.0
-        )
-        services = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], self.svc)]
-        self.server, port = serve_worker(services, Role.DECODE, "127.0.0.1", 0, name)
-        self.address = self.state.address = f"127.0.0.1:{port}"
-
-    def free_blocks(self) -> int:
-        return self.state.loop.call(lambda e: e.kv.num_free_blocks)
-
-    def idle(self) -> bool:
-        return self.state.loop.call(
-            lambda e: (
-                not e.has_unfinished() and not e.scheduler.paused and e.kv.num_free_blocks == e.kv.num_blocks
-            )
-        )
-
-    def stop(self) -> None:
-        self.server.stop(0).wait()
-        self.svc.close()
-        self.state.close()
-
-
 @pytest.fixture(scope="module")
 def workers(tiny_models):
     path = tiny_models["llama"]
-    a, b = _Worker(path, "dec-a", 64), _Worker(path, "dec-b", 64)
-    small = _Worker(path, "dec-small", 3)
+    a, b = InProcDecodeWorker(path, "dec-a", blocks=64), InProcDecodeWorker(path, "dec-b", blocks=64)
+    small = InProcDecodeWorker(path, "dec-small", blocks=3)
     yield a, b, small
     for w in (a, b, small):
         w.stop()
 
 
-def _wait_idle(*ws: _Worker, timeout_s: float = 10.0) -> None:
+def _wait_idle(*ws: InProcDecodeWorker, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not all(w.idle() for w in ws):
         assert time.monotonic() < deadline, "a worker still holds KV blocks"
@@ -83,7 +47,7 @@ def _decode_req(rid: str, params: SamplingParams) -> worker_pb2.DecodeRequest:
     )
 
 
-async def _reference(w: _Worker, rid: str, params: SamplingParams) -> list[int]:
+async def _reference(w: InProcDecodeWorker, rid: str, params: SamplingParams) -> list[int]:
     async with grpc.aio.insecure_channel(w.address) as ch:
         toks: list[int] = []
         async for m in worker_pb2_grpc.WorkerStub(ch).Decode(_decode_req(rid, params), timeout=CALL_S):
@@ -92,8 +56,8 @@ async def _reference(w: _Worker, rid: str, params: SamplingParams) -> list[int]:
 
 
 async def _migrated_run(
-    src: _Worker,
-    dst: _Worker,
+    src: InProcDecodeWorker,
+    dst: InProcDecodeWorker,
     rid: str,
     params: SamplingParams,
     after: int,
