@@ -14,6 +14,7 @@ from engine.llm_engine import LLMEngine
 from engine.migration import MigrationExport, MigrationImport
 from engine.sampling_params import SamplingParams
 from tests.test_migration_engine import _no_leaks, _prompt, _run, _steps
+from tests.workers import InProcDecodeWorker
 
 GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=32, temperature=0.9, top_p=0.95, seed=5, ignore_eos=True)
@@ -81,47 +82,17 @@ def test_tp_destination_aborting_mid_copy_leaks_nothing(engines):
 
 
 # ---------------------------------------------------------------------------- decode workers
-class _TPWorker:
+def _tp_worker(path, name: str, tp: int) -> InProcDecodeWorker:
     """An in-process decode worker whose engine runs ``tp`` ranks (see tests/test_migration_worker)."""
-
-    def __init__(self, path, name: str, tp: int) -> None:
-        from prometheus_client import CollectorRegistry
-
-        from decode_worker.service import AsyncDecodeServicer
-        from pdserve.metrics import KVPullMetrics
-        from pdserve.v1 import worker_pb2
-        from pdserve.worker_base import Role, WorkerConfig, WorkerState
-        from pdserve.worker_main import serve_worker
-
-        eng = LLMEngine.from_pretrained(
-            path, EngineConfig(num_kv_blocks=64, block_size=16, tensor_parallel_size=tp)
-        )
-        cfg = WorkerConfig(worker_id=name, role=Role.DECODE, model_path=str(path), store_address="")
-        self.state = WorkerState(cfg, eng)
-        self.svc = AsyncDecodeServicer(
-            self.state, None, KVPullMetrics(CollectorRegistry(), name), stream_window_s=0.0
-        )
-        services = [(worker_pb2.DESCRIPTOR.services_by_name["Worker"], self.svc)]
-        self.server, port = serve_worker(services, Role.DECODE, "127.0.0.1", 0, name)
-        self.address = self.state.address = f"127.0.0.1:{port}"
-
-    def idle(self) -> bool:
-        return self.state.loop.call(
-            lambda e: (
-                not e.has_unfinished() and not e.scheduler.paused and e.kv.num_free_blocks == e.kv.num_blocks
-            )
-        )
-
-    def stop(self) -> None:
-        self.server.stop(0).wait()
-        self.svc.close()
-        self.state.close()
+    return InProcDecodeWorker(
+        path, name, engine_config=EngineConfig(num_kv_blocks=64, block_size=16, tensor_parallel_size=tp)
+    )
 
 
 @pytest.fixture(scope="module")
 def tp_workers(tiny_models, engines):
     path = tiny_models["llama"]
-    two, one = _TPWorker(path, "tp2-w", 2), _TPWorker(path, "tp1-w", 1)
+    two, one = _tp_worker(path, "tp2-w", 2), _tp_worker(path, "tp1-w", 1)
     yield two, one
     for w in (two, one):
         w.stop()
@@ -140,7 +111,7 @@ def test_decode_workers_of_different_tp_migrate_over_grpc(tp_workers, direction)
     src, dst = (two, one) if direction == "2to1" else (one, two)
     params = W_GREEDY if direction == "2to1" else W_SEEDED
     ref = asyncio.run(_reference(one, f"tpref-{direction}", params))  # an unmigrated TP=1 run
-    out, result, k = asyncio.run(_migrated_run(src, dst, f"tpmig-{direction}", params, after=8))  # type: ignore[arg-type]
+    out, result, k = asyncio.run(_migrated_run(src, dst, f"tpmig-{direction}", params, after=8))
     assert result is MigrationResult.MIGRATED and k >= 8
     assert out == ref
-    _wait_idle(src, dst)  # type: ignore[arg-type]
+    _wait_idle(src, dst)
