@@ -126,6 +126,13 @@ def hardware_name(device: str) -> str:
     return f"cpu:{cpu}:{cores} cores:{torch.get_num_threads()} threads"
 
 
+def _attention_of(engine) -> str:
+    """The decode attention backend ``engine``'s runner resolved (from ``EngineConfig.attention_backend``
+    or ``PDSERVE_ATTENTION``); the variable's value for a runner that does not say (a TP group)."""
+    b = getattr(engine.runner, "decode_backend", None)
+    return str(b.value) if b is not None else os.environ.get("PDSERVE_ATTENTION", "auto")
+
+
 def profile_key(engine, model_path: str | Path) -> ProfileKey:
     """The key of ``engine`` (an :class:`~engine.llm_engine.LLMEngine`) loaded from ``model_path``."""
     import torch
@@ -141,7 +148,7 @@ def profile_key(engine, model_path: str | Path) -> ProfileKey:
         # changes step times
         dtype=(
             f"{engine.runner.dtype if hasattr(engine.runner, 'dtype') else c.dtype}"
-            f"|weights={c.weight_dtype}|attention={os.environ.get('PDSERVE_ATTENTION', 'auto')}"
+            f"|weights={c.weight_dtype}|attention={_attention_of(engine)}"
             # offloaded weights change step times: the budget and host tier are part of the key
             + (
                 f"|weight_budget={c.weight_memory_budget_bytes}|weight_host={c.weight_host_budget_bytes}"

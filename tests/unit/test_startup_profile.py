@@ -95,6 +95,22 @@ def test_changed_engine_version_remeasures(engine, tiny_models, tmp_path, monkey
     assert other.digest() != b.key.digest()
 
 
+def test_the_attention_backend_the_engine_resolved_is_part_of_the_key(engine, tiny_models) -> None:
+    """A backend named in EngineConfig (not only PDSERVE_ATTENTION) changes step times: another key."""
+    gather = LLMEngine.from_pretrained(
+        tiny_models["llama"], EngineConfig(num_kv_blocks=128, attention_backend="gather")
+    )
+    try:
+        a = profile.profile_key(engine, tiny_models["llama"])
+        g = profile.profile_key(gather, tiny_models["llama"])
+        assert f"attention={gather.runner.decode_backend.value}" in g.dtype
+        assert (a.digest() != g.digest()) == (
+            engine.runner.decode_backend is not gather.runner.decode_backend
+        )
+    finally:
+        gather.close()
+
+
 def test_a_corrupt_or_foreign_cache_file_is_measured_over(engine, tiny_models, tmp_path, monkeypatch) -> None:
     key = profile.profile_key(engine, tiny_models["llama"])
     (tmp_path / f"{key.digest()}.json").write_text("{not json")
