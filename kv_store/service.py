@@ -103,7 +103,8 @@ class KVStoreServicer:
         self, request: kv_store_pb2.PutBlocksRequest, context: grpc.ServicerContext
     ) -> kv_store_pb2.PutResponse:
         """:meth:`_put_blocks` (Put's unary form), counted and logged as a Put."""
-        owner = self._owner(context, self._member(context, "PutBlocks"))
+        # refused as a Put: it is the Put of KV that fits one message (the caller chose no rpc)
+        owner = self._owner(context, self._member(context, "Put"))
         return self._measured_put(context, lambda: self._put_blocks(request, owner), owner)
 
     def _measured_put(
