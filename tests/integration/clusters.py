@@ -8,7 +8,8 @@ modules that test the same cluster differently cannot drift apart):
   decode workers, short progress deadlines) of test_chaos.py and test_direct_faults.py, stopped
   with every frozen process continued first;
 * :func:`gloo_spec`, :func:`logged`, :func:`store_node_stats`: the gloo process-group cluster of
-  the direct-handoff and gloo-migration modules (1 prefill + 2 decode, always disaggregated);
+  the direct-handoff, gloo-migration and gloo KV-stream modules (1 prefill + 2 decode by
+  default, always disaggregated);
 * :func:`tiny_model_paths`, :func:`check_routed_by_model`: two tiny base models served side by
   side (launched and on Ray), each model's requests equal to its engine run whole.
 """
@@ -163,19 +164,28 @@ def launched(spec: ClusterSpec) -> Iterator[LocalCluster]:
 
 
 # ------------------------------------------------------------------ the gloo cluster
-def gloo_spec(model: str | Path, *router_args: str, direct_streams: bool | None = None) -> ClusterSpec:
-    """Store, router, 1 prefill + 2 decode workers in one gloo process group (KV handoff over
-    it), every request disaggregated (``--policy least_loaded``: the default goodput policy may
-    prefill a short prompt on a decode worker instead: no push to count); ``router_args`` added.
-    ``direct_streams`` None: ClusterSpec's default."""
+def gloo_spec(
+    model: str | Path,
+    *router_args: str,
+    direct_streams: bool | None = None,
+    num_decode: int = 2,
+    kv_blocks: int = 512,
+    worker_args: Sequence[str] = (),
+) -> ClusterSpec:
+    """Store, router, 1 prefill + ``num_decode`` decode workers in one gloo process group (KV
+    handoff over it), every request disaggregated (``--policy least_loaded``: the default goodput
+    policy may prefill a short prompt on a decode worker instead: no push to count);
+    ``router_args`` added. ``kv_blocks``: each worker's KV pool and the store's capacity;
+    ``worker_args``: extra worker flags. ``direct_streams`` None: ClusterSpec's default."""
     more = {} if direct_streams is None else {"direct_streams": direct_streams}
     return ClusterSpec(
         model_path=str(model),
         num_prefill=1,
-        num_decode=2,
-        worker_kv_blocks=512,
-        store_capacity_blocks=512,
+        num_decode=num_decode,
+        worker_kv_blocks=kv_blocks,
+        store_capacity_blocks=kv_blocks,
         kv_transport=KVTransport.DIST,
+        worker_args=tuple(worker_args),
         router_args=("--policy", "least_loaded", *router_args),
         **more,
     )

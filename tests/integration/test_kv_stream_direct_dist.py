@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 
 from engine.sampling_params import SamplingParams
-from kv_store.client import KVStoreClient
 from pdserve.client import Client
-from pdserve.launcher import ClusterSpec, launch
+from pdserve.launcher import launch
+from tests.integration.clusters import store_node_stats
 from tests.integration.test_kv_stream_dist_gloo import (
     _stream_pushes,
+    kv_stream_spec,
     model_path,  # noqa: F401 - the module's tiny model (a fixture)
     whole,  # noqa: F401 - the engine run whole (a fixture)
 )
@@ -25,19 +26,7 @@ SEEDED = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.95, seed=5, igno
 
 @pytest.fixture(scope="module")
 def cluster(model_path):  # noqa: F811 - the fixture
-    cl = launch(
-        ClusterSpec(
-            model_path=str(model_path),
-            num_prefill=1,
-            num_decode=1,
-            worker_kv_blocks=256,
-            store_capacity_blocks=256,
-            kv_transport="dist",
-            direct_streams=True,
-            worker_args=("--chunk", "32"),
-            router_args=("--policy", "least_loaded", "--kv-stream", "dist", "--progress-timeout-s", "0"),
-        )
-    )
+    cl = launch(kv_stream_spec(model_path, direct_streams=True))
     yield cl
     cl.stop()
 
@@ -58,9 +47,5 @@ def test_direct_stream_streamed_over_gloo_equals_the_engine(cluster, whole) -> N
     # 200 tokens in 32-token chunks, each pushed over gloo to the decode rank
     assert len(_stream_pushes(cluster)) >= 4
     assert all(int(r["dst_rank"]) == 1 for r in _stream_pushes(cluster))
-    store = KVStoreClient(cluster.store_address)
-    try:
-        node = store.stats().node
-    finally:
-        store.close()
+    node = store_node_stats(cluster)
     assert node.puts == 0 and node.num_leases == 0, node  # nothing through the store

@@ -16,11 +16,10 @@ import pytest
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kv_store.client import KVStoreClient
 from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, launch
+from tests.integration.clusters import gloo_spec, logged, store_node_stats
 from tests.integration.test_kv_stream_router import _prompt
-from tests.integration.test_migration_gloo import _logged
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 N3 = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=23, ignore_eos=True, n=3)
@@ -33,21 +32,26 @@ def model_path(tmp_path_factory, smollm_path):
     return make_tiny_models(tmp_path_factory.mktemp("kvsd"), tokenizer_from=smollm_path)["llama"]
 
 
+def kv_stream_spec(model_path, *, direct_streams: bool) -> ClusterSpec:
+    """The modules' cluster: 1 prefill + 1 decode worker (256 KV blocks) in one gloo group,
+    32-token prefill chunks streamed over it (``--kv-stream dist``), no progress deadline."""
+    return gloo_spec(
+        model_path,
+        "--kv-stream",
+        "dist",
+        "--progress-timeout-s",
+        "0",
+        direct_streams=direct_streams,
+        num_decode=1,
+        kv_blocks=256,
+        worker_args=("--chunk", "32"),
+    )
+
+
 @pytest.fixture(scope="module")
 def cluster(model_path):
-    cl = launch(
-        ClusterSpec(
-            model_path=str(model_path),
-            num_prefill=1,
-            num_decode=1,
-            worker_kv_blocks=256,
-            store_capacity_blocks=256,
-            kv_transport="dist",
-            direct_streams=False,  # relayed token streams (direct ones: test_kv_stream_direct_dist.py)
-            worker_args=("--chunk", "32"),
-            router_args=("--policy", "least_loaded", "--kv-stream", "dist", "--progress-timeout-s", "0"),
-        )
-    )
+    # relayed token streams (direct ones: test_kv_stream_direct_dist.py)
+    cl = launch(kv_stream_spec(model_path, direct_streams=False))
     yield cl
     cl.stop()
 
@@ -61,9 +65,7 @@ def whole(model_path):
 
 def _stream_pushes(cluster) -> list[dict]:
     """The prefill worker's pushes of stream chunks (outbox keys ``kvstream-...``)."""
-    return [
-        r for r in _logged(cluster, "prefill-0", "direct push") if r["request_id"].startswith("kvstream-")
-    ]
+    return [r for r in logged(cluster, "prefill-0", "direct push") if r["request_id"].startswith("kvstream-")]
 
 
 def test_streamed_over_gloo_equals_the_engine_and_skips_the_store(cluster, whole):
@@ -79,9 +81,5 @@ def test_streamed_over_gloo_equals_the_engine_and_skips_the_store(cluster, whole
     # 200 tokens in 32-token chunks: several chunks per request, each pushed over gloo to rank 1
     assert pushed >= 4 and len(_stream_pushes(cluster)) - pushed >= 3
     assert all(int(r["dst_rank"]) == 1 for r in _stream_pushes(cluster))
-    store = KVStoreClient(cluster.store_address)
-    try:
-        node = store.stats().node
-    finally:
-        store.close()
+    node = store_node_stats(cluster)
     assert node.puts == 0 and node.num_leases == 0, node  # nothing through the store
