@@ -27,7 +27,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from pdserve.launcher import ClusterSpec, LocalCluster, _spawn, free_port
 from router.migration_client import MigrationResult, MigrationTransport
-from tests.integration.test_migration_gloo import _logged
+from tests.integration.clusters import logged
 from tests.test_migration_worker import GREEDY, LONG, PROMPT, SEEDED, _migrated_run
 from tests.workers import worker_stats
 
@@ -117,7 +117,7 @@ def _idle(procs, timeout_s: float = 30.0) -> None:
 
 
 def _pushes(cl, name: str, dst_rank: int) -> int:
-    return sum(1 for r in _logged(cl, name, "direct push") if int(r["dst_rank"]) == dst_rank)
+    return sum(1 for r in logged(cl, name, "direct push") if int(r["dst_rank"]) == dst_rank)
 
 
 @pytest.mark.parametrize("params", ["greedy", "seeded"])
@@ -133,7 +133,7 @@ def test_dist_migration_between_tp_sizes_equals_the_unmigrated_run(group, refere
     assert out == reference[params]
     # the stages went over gloo from the source's outbox to the destination's rank
     assert _pushes(cl, src.name, dst.rank) > before
-    migrated = [r for r in _logged(cl, src.name, "migrate out") if r.get("request_id") == rid]
+    migrated = [r for r in logged(cl, src.name, "migrate out") if r.get("request_id") == rid]
     assert migrated and migrated[-1]["result"] == "MIGRATED", migrated
     _idle(procs)
 
