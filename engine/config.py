@@ -8,6 +8,7 @@ from engine.scheduler import SchedulingPolicy
 from engine.spec_decode.config import SpeculativeConfig
 
 WEIGHT_DTYPES = ("float32", "int8", "bfloat16")  # engine.models.quant.WeightDType values
+LINEAR_BACKENDS = ("auto", "torch", "native")  # engine.models.linear_native.LinearBackend values
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class EngineConfig:
     ``float32`` (as loaded), ``int8`` (weight-only, one scale per output row; fp32 CPU models, not
     MoE, not with tensor parallelism or LoRA), ``bfloat16`` (only where the CPU has native bf16).
     Refused at load, naming why, where it cannot run.
+
+    ``linear`` (:mod:`engine.models.linear_native`): ``torch`` (``F.linear``), ``native`` (a C
+    kernel for fp32 CPU projections of up to 16 rows; refused on CUDA, non-fp32, MoE, with tensor
+    parallelism, weight offloading, a ``weight_dtype`` other than float32 or LoRA), ``auto``
+    (native where it applies, else torch); None (default): env ``PDSERVE_LINEAR``, else torch.
 
     ``weight_memory_budget_bytes`` (FlexGen-style weight offloading, :mod:`engine.offload_policy`
     and :mod:`engine.offload`): the device memory the weights may use. None (default): every
@@ -97,6 +103,7 @@ class EngineConfig:
     swap_disk_dir: str | None = None
     swap_prefetch: bool = True
     weight_dtype: str = "float32"
+    linear: str | None = None
     weight_memory_budget_bytes: int | None = None
     weight_host_budget_bytes: int | None = None
     weight_offload_dir: str | None = None
@@ -138,6 +145,16 @@ class EngineConfig:
             raise ValueError("swap_disk_dir needs a disk tier: set swap_disk_bytes > 0")
         if self.weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {self.weight_dtype!r}")
+        if self.linear is not None and self.linear not in LINEAR_BACKENDS:
+            raise ValueError(f"linear must be one of {list(LINEAR_BACKENDS)} or None, got {self.linear!r}")
+        if self.linear == "native" and (
+            self.tensor_parallel_size > 1
+            or self.weight_dtype != "float32"
+            or self.weight_memory_budget_bytes is not None
+        ):
+            raise ValueError(
+                "linear 'native' needs tensor_parallel_size 1, weight_dtype float32 and no weight offloading"
+            )
         if self.weight_dtype != "float32" and self.tensor_parallel_size > 1:
             raise ValueError(
                 f"weight_dtype {self.weight_dtype!r} is not supported with tensor_parallel_size > 1: "

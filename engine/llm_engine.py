@@ -31,6 +31,7 @@ from engine.kv_disk import DiskKVTier
 from engine.lora import LoRAConfig, LoRAManager
 from engine.model_runner import KVShape, ModelRunner
 from engine.models.config import ModelConfig
+from engine.models.linear_native import engine_linear
 from engine.models.loader import load_model, resolve_dtype
 from engine.offload import OffloadedWeights
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
@@ -473,7 +474,10 @@ class LLMEngine:
             raise InvalidRequestError(
                 "LoRA adapters are not supported with weight offloading (weight_memory_budget_bytes)"
             )
-        model = load_model(path, dtype, device, max_positions=max_len, weight_dtype=config.weight_dtype)
+        linear = engine_linear(config.linear, lora is not None, config.weight_memory_budget_bytes is not None)
+        model = load_model(
+            path, dtype, device, max_positions=max_len, weight_dtype=config.weight_dtype, linear=linear
+        )
         offload = None
         if config.weight_memory_budget_bytes is not None:
             from engine.offload import offload_model

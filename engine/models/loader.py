@@ -13,6 +13,12 @@ import torch
 from safetensors import safe_open
 
 from engine.models.config import ModelConfig
+from engine.models.linear_native import (
+    LinearBackend,
+    UnsupportedLinearError,
+    apply_native_linear,
+    resolve_linear,
+)
 from engine.models.llama import LlamaForCausalLM
 from engine.models.quant import WeightDType, check_weight_dtype, quantize_model
 from engine.models.rope import RotaryEmbedding
@@ -78,14 +84,20 @@ def load_model(
     max_positions: int | None = None,
     fuse: bool = True,
     weight_dtype: str | WeightDType = WeightDType.FLOAT32,
+    linear: str | LinearBackend = LinearBackend.TORCH,
 ) -> LlamaForCausalLM:
     """Load the checkpoint at ``path`` in ``dtype`` on ``device``; q/k/v and gate/up fused unless
     ``fuse`` is False; projections quantised per ``weight_dtype`` (:mod:`engine.models.quant`,
-    which refuses what it does not implement before any weight is read)."""
+    which refuses what it does not implement before any weight is read); float32 projections on
+    the ``linear`` backend (:mod:`engine.models.linear_native`; ``native`` refused, naming why,
+    before any weight is read where it does not apply)."""
     wd = WeightDType.parse(weight_dtype)
     path = Path(path)
     cfg = ModelConfig.from_path(path)
     check_weight_dtype(wd, cfg, dtype, device, fuse)
+    lb = resolve_linear(linear, cfg, dtype, device)
+    if lb is LinearBackend.NATIVE and wd is not WeightDType.FLOAT32:
+        raise UnsupportedLinearError(f"linear 'native' needs weight_dtype float32, got {wd.value}")
     cls = model_class(cfg)
     with torch.device("meta"):
         model = cls(cfg, max_positions)
@@ -125,4 +137,5 @@ def load_model(
         model.fuse_weights()
     model.eval()
     model.requires_grad_(False)
-    return quantize_model(model, wd)
+    model = quantize_model(model, wd)
+    return apply_native_linear(model) if lb is LinearBackend.NATIVE else model

@@ -1,0 +1,187 @@
+"""fp32 skinny linear (engine.models.linear_native) vs torch's F.linear on a model's real shapes.
+
+For each projection shape of the model (fused qkv, o_proj, fused gate_up, down_proj: one weight per
+decoder layer, so a pass streams them from memory as a decode step does; lm_head: its one weight)
+and each batch (rows), one pass over the weights is timed with F.linear and with the native kernel,
+interleaved (torch, native, torch, native, ...) so a shared host's load hits both alike; medians of
+``--reps`` passes. The bound is the weight bytes over the read bandwidth measured in the same run
+(before and after the cell; streaming ``sum`` over 256 MiB). Printed per cell: torch and native
+ms, each / bound, and native's speedup (torch / native; > 1: native faster).
+
+``--engine-ab 256x1,2048x8``: instead, the whole decode step of an engine (SmolLM2, imported
+random KV at that context x batch) with its projections switched between ``nn.Linear`` and
+``NativeLinear`` (the same weights) every ``--steps`` steps, ``--reps`` times; medians per path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.models.config import ModelConfig  # noqa: E402
+from engine.models.linear_native import (  # noqa: E402
+    NativeLinear,
+    kernel,
+    kernel_unavailable_reason,
+    skinny_linear,
+)
+
+DEFAULT_MODEL = Path.home() / ".cache/pdserve/models/SmolLM2-135M-Instruct"
+
+
+def read_bandwidth(reps: int = 5) -> float:
+    """Bytes/s of a streaming read (``sum`` over 256 MiB), median of ``reps``."""
+    x = torch.ones(64 * 1024 * 1024)
+    x.sum()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(ts)
+
+
+def shapes(cfg: ModelConfig) -> list[tuple[str, int, int, int]]:
+    """(name, out_features, in_features, weights per pass) of the model's fused projections."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d
+    n = cfg.num_hidden_layers
+    return [
+        ("qkv", qkv, h, n),
+        ("o_proj", h, cfg.num_attention_heads * d, n),
+        ("gate_up", 2 * cfg.intermediate_size, h, n),
+        ("down", h, cfg.intermediate_size, n),
+        ("lm_head", cfg.vocab_size, h, 1),
+    ]
+
+
+def engine_ab(path: Path, context: int, batch: int, steps: int, reps: int) -> tuple[float, float]:
+    """Median decode step (seconds) with torch's and the native linear, alternated on one engine."""
+    from bench import engine_bound
+    from engine.sampling_params import SamplingParams
+
+    os.environ["PDSERVE_LINEAR"] = "native"
+    extra = 2 * steps * reps + 8
+    eng = engine_bound._engine(path, batch, context, extra)
+    mods = [m for m in eng.runner.model.modules() if type(m) is NativeLinear]
+    assert mods, "the engine did not load the native linear"
+    s = eng.kv_shape
+    g = torch.Generator().manual_seed(batch * 7919 + context)
+    blocks = torch.randn(
+        -(-context // s.block_size), s.num_layers, 2, s.block_size, s.num_kv_heads, s.head_dim, generator=g
+    )
+    sp = SamplingParams(max_tokens=extra + 4, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        eng.import_kv(
+            f"r{i}", torch.randint(10, 40000, (context,), generator=g).tolist(), 100 + i, blocks, sp
+        )
+    times: dict[str, list[float]] = {"torch": [], "native": []}
+    for _ in range(2):
+        eng.step()
+    for _ in range(reps):
+        for name, cls in (("torch", torch.nn.Linear), ("native", NativeLinear)):
+            for m in mods:
+                m.__class__ = cls
+            for _ in range(steps):
+                t = time.perf_counter()
+                eng.step()
+                times[name].append(time.perf_counter() - t)
+    eng.close()
+    return statistics.median(times["torch"]), statistics.median(times["native"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder (its config.json)")
+    ap.add_argument("--batches", default="1,4,8,16", help="comma-separated row counts")
+    ap.add_argument("--reps", type=int, default=7, help="timed passes per cell and path")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--check", action="store_true", help="also print max |native - torch| per cell")
+    ap.add_argument("--engine-ab", default=None, help="CTXxBATCH,...: whole decode step A/B (see above)")
+    ap.add_argument("--steps", type=int, default=8, help="--engine-ab: steps per path per repetition")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if kernel() is None:
+        print(f"native kernel unavailable: {kernel_unavailable_reason()}")
+        return 1
+    if args.engine_ab:
+        print(
+            f"engine A/B, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, reps {args.reps}"
+        )
+        for cell in args.engine_ab.split(","):
+            ctx, b = (int(v) for v in cell.split("x"))
+            bw0 = read_bandwidth()
+            mt, mn = engine_ab(args.model, ctx, b, args.steps, args.reps)
+            bw = (bw0 + read_bandwidth()) / 2
+            print(
+                f"  ctx {ctx:>5} batch {b:>2}: read {bw / 1e9:.1f} GB/s, step torch {mt * 1e3:.2f} ms, "
+                f"native {mn * 1e3:.2f} ms, speedup {mt / mn:.2f}x (load {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
+        return 0
+    cfg = ModelConfig.from_path(args.model)
+    batches = [int(b) for b in args.batches.split(",")]
+    print(
+        f"model {args.model.name}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f} "
+        f"{os.getloadavg()[1]:.2f}, reps {args.reps}"
+    )
+    print(
+        f"{'shape':>8} {'N':>6} {'K':>5} {'rows':>4} {'GB/s':>5} {'bound ms':>8} {'torch ms':>8} "
+        f"{'native ms':>9} {'torch/bd':>8} {'nat/bd':>6} {'speedup':>7}"
+        + ("  max|diff|" if args.check else "")
+    )
+    totals: dict[int, list[float]] = {b: [0.0, 0.0, 0.0] for b in batches}
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for name, n, k, count in shapes(cfg):
+            ws = [torch.randn(n, k) * 0.05 for _ in range(count)]
+            for b in batches:
+                x = torch.randn(b, k)
+                F.linear(x, ws[0])
+                skinny_linear(x, ws[0])
+                bw0 = read_bandwidth()
+                tt, tn = [], []
+                for _ in range(args.reps):
+                    t = time.perf_counter()
+                    for w in ws:
+                        F.linear(x, w)
+                    tt.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    for w in ws:
+                        skinny_linear(x, w)
+                    tn.append(time.perf_counter() - t)
+                bw = (bw0 + read_bandwidth()) / 2
+                bound = count * n * k * 4 / bw
+                mt, mn = statistics.median(tt), statistics.median(tn)
+                for i, v in enumerate((bound, mt, mn)):
+                    totals[b][i] += v
+                line = (
+                    f"{name:>8} {n:>6} {k:>5} {b:>4} {bw / 1e9:>5.1f} {bound * 1e3:>8.2f} {mt * 1e3:>8.2f} "
+                    f"{mn * 1e3:>9.2f} {mt / bound:>8.2f} {mn / bound:>6.2f} {mt / mn:>7.2f}"
+                )
+                if args.check:
+                    diff = (skinny_linear(x, ws[0]) - F.linear(x, ws[0])).abs().max().item()
+                    line += f"  {diff:.1e}"
+                print(line, flush=True)
+    print("whole model (sum of the shapes' medians):")
+    for b, (bound, mt, mn) in totals.items():
+        print(
+            f"  rows {b:>2}: bound {bound * 1e3:.2f} ms, torch {mt * 1e3:.2f} ms ({mt / bound:.2f}x), "
+            f"native {mn * 1e3:.2f} ms ({mn / bound:.2f}x), speedup {mt / mn:.2f}x"
+        )
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
