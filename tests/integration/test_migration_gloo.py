@@ -11,7 +11,6 @@ relayed token streams) serves the module. The store must see no block put: every
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import time
 
 import pytest
@@ -19,10 +18,10 @@ import pytest
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kv_store.client import KVStoreClient
 from pdserve.client import Client
 from pdserve.drain_cli import drain_via_routers
-from pdserve.launcher import ClusterSpec, launch
+from pdserve.launcher import launch
+from tests.integration.clusters import gloo_spec, logged, store_node_stats
 from tests.prompts import PROMPTS
 
 PARAMS = [
@@ -33,42 +32,15 @@ PARAMS = [
 
 @pytest.fixture(scope="module")
 def cluster(smollm_path):
+    # no progress deadline: on a loaded 2-core host a decode step can take seconds, and a
+    # stalled-worker verdict would re-dispatch instead of testing the migration
     cl = launch(
-        ClusterSpec(
-            model_path=str(smollm_path),
-            num_prefill=1,
-            num_decode=2,
-            worker_kv_blocks=512,
-            store_capacity_blocks=512,
-            kv_transport="dist",
-            direct_streams=False,
-            # no progress deadline: on a loaded 2-core host a decode step can take seconds, and a
-            # stalled-worker verdict would re-dispatch instead of testing the migration
-            router_args=(
-                "--policy",
-                "least_loaded",
-                "--migration-transport",
-                "dist",
-                "--progress-timeout-s",
-                "0",
-            ),
+        gloo_spec(
+            smollm_path, "--migration-transport", "dist", "--progress-timeout-s", "0", direct_streams=False
         )
     )
     yield cl
     cl.stop()
-
-
-def _logged(cluster, worker: str, msg: str) -> list[dict]:
-    out = []
-    for line in list(cluster.logs[worker]):
-        if line.startswith("{"):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("msg") == msg:
-                out.append(rec)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +76,10 @@ def test_drain_migrates_over_gloo_and_streams_equal_the_whole_engine(reference, 
     for i, (g, r) in enumerate(zip(got, ref, strict=True)):
         assert g == r.token_ids, (i, PARAMS[i])
     assert report.get("drained", True), report
-    migrated = [r for r in _logged(cluster, "decode-0", "migrate out") if r.get("result") == "MIGRATED"]
+    migrated = [r for r in logged(cluster, "decode-0", "migrate out") if r.get("result") == "MIGRATED"]
     assert migrated, "decode-0 migrated nothing out"
     # the stages went over gloo: decode-0's KVPeer pushed them to decode-1's rank
-    pushes = _logged(cluster, "decode-0", "direct push")
+    pushes = logged(cluster, "decode-0", "direct push")
     assert pushes and all(int(p["dst_rank"]) == 2 for p in pushes), pushes
-    store = KVStoreClient(cluster.store_address)
-    try:
-        node = store.stats().node
-    finally:
-        store.close()
+    node = store_node_stats(cluster)
     assert node.puts == 0 and node.num_leases == 0, node  # nothing through the store
