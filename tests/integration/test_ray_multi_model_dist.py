@@ -18,7 +18,7 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.cluster_config import from_dict
-from tests.integration.test_multi_model import MODELS, make_model
+from tests.integration.clusters import tiny_model_paths
 from tests.ray_harness import two_node_cluster
 
 pytestmark = pytest.mark.slow
@@ -30,8 +30,7 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory, smollm_path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ray-multi-dist")
-    return {m: make_model(root, m, over, smollm_path) for m, (over, _) in MODELS.items()}
+    return tiny_model_paths(tmp_path_factory.mktemp("ray-multi-dist"), smollm_path)
 
 
 @pytest.fixture(scope="module")
