@@ -35,6 +35,7 @@ from tests.test_migration_worker import (
     LONG,
     SEEDED,
     _decode_req,
+    _migrate_after_first_tokens,
     _migrated_run,
     _reference,
     _wait_idle,
@@ -278,20 +279,9 @@ def test_dist_transport_is_refused_without_a_process_group(workers):
     a, b, _ = workers
     pub = a.svc.migration.dist_publisher
     a.svc.migration.dist_publisher = None
-
-    async def refused():
-        async with grpc.aio.insecure_channel(a.address) as ch:
-            stub = worker_pb2_grpc.WorkerStub(ch)
-            call = stub.Decode(_decode_req("dno-group", GREEDY), timeout=CALL_S)
-            await call.__aiter__().__anext__()
-            try:
-                return await migrate(stub, "dno-group", b.address, transport=DIST)
-            finally:
-                call.cancel()
-
     try:
         with pytest.raises(InvalidRequestError, match="not in a torch.distributed process group"):
-            asyncio.run(refused())
+            asyncio.run(_migrate_after_first_tokens(a, b, "dno-group", GREEDY, DIST))
     finally:
         a.svc.migration.dist_publisher = pub
     _wait_idle(a, b)

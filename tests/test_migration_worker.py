@@ -14,7 +14,13 @@ from engine.sampling_params import SamplingParams
 from pdserve.errors import InvalidRequestError
 from pdserve.proto_convert import sampling_to_proto
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
-from router.migration_client import MigrationResult, MigrationTransport, migrate, open_resumed_stream
+from router.migration_client import (
+    MigrationReport,
+    MigrationResult,
+    MigrationTransport,
+    migrate,
+    open_resumed_stream,
+)
 from tests.workers import InProcDecodeWorker
 
 GREEDY = SamplingParams(max_tokens=160, temperature=0.0, ignore_eos=True)
@@ -53,6 +59,26 @@ async def _reference(w: InProcDecodeWorker, rid: str, params: SamplingParams) ->
         async for m in worker_pb2_grpc.WorkerStub(ch).Decode(_decode_req(rid, params), timeout=CALL_S):
             toks.extend(m.token_ids)
         return toks
+
+
+async def _migrate_after_first_tokens(
+    src: InProcDecodeWorker,
+    dst: InProcDecodeWorker,
+    rid: str,
+    params: SamplingParams,
+    transport: MigrationTransport = MigrationTransport.GRPC,
+) -> MigrationReport:
+    """Stream ``rid`` from ``src``; once its first tokens came, migrate it to ``dst`` over
+    ``transport`` and drop the source's stream (nobody follows it on ``dst``): the migration's
+    report (or its error, raised)."""
+    async with grpc.aio.insecure_channel(src.address) as ch:
+        stub = worker_pb2_grpc.WorkerStub(ch)
+        call = stub.Decode(_decode_req(rid, params), timeout=CALL_S)
+        await call.__aiter__().__anext__()
+        try:
+            return await migrate(stub, rid, dst.address, transport=transport)
+        finally:
+            call.cancel()
 
 
 async def _migrated_run(
@@ -168,18 +194,9 @@ def test_unknown_request_and_unopened_stream(workers):
     # a migrated request whose stream nobody opens is aborted after the attach timeout
     b.svc.migration.attach_timeout_s = 0.3
     try:
-
-        async def orphan():
-            async with grpc.aio.insecure_channel(a.address) as ch:
-                stub = worker_pb2_grpc.WorkerStub(ch)
-                call = stub.Decode(_decode_req("orphan", LONG), timeout=CALL_S)
-                it = call.__aiter__()
-                await it.__anext__()
-                report = await migrate(stub, "orphan", b.address)
-                call.cancel()
-                return report
-
-        assert asyncio.run(orphan()).result is MigrationResult.MIGRATED
+        assert (
+            asyncio.run(_migrate_after_first_tokens(a, b, "orphan", LONG)).result is MigrationResult.MIGRATED
+        )
         _wait_idle(a, b)  # aborted after the timeout (or finished meanwhile): no block held
         deadline = time.monotonic() + 5.0
         while b.svc.migration.pending():  # forgotten once the attach timeout passed
@@ -222,19 +239,8 @@ def test_store_transport_moves_the_kv_through_the_store_node(workers):
         assert b.svc.migration.puller.leased_reads >= 1  # read from the arena by shared memory, no rpc
         # without a publisher the source refuses STORE, naming it
         a.svc.migration.publisher = None
-
-        async def refused():
-            async with grpc.aio.insecure_channel(a.address) as ch:
-                stub = worker_pb2_grpc.WorkerStub(ch)
-                call = stub.Decode(_decode_req("no-store", GREEDY), timeout=CALL_S)
-                await call.__aiter__().__anext__()
-                try:
-                    return await migrate(stub, "no-store", b.address, transport=MigrationTransport.STORE)
-                finally:
-                    call.cancel()
-
         with pytest.raises(InvalidRequestError, match="no KV store publisher"):
-            asyncio.run(refused())
+            asyncio.run(_migrate_after_first_tokens(a, b, "no-store", GREEDY, MigrationTransport.STORE))
         _wait_idle(a, b)
     finally:
         a.svc.migration.publisher = None
