@@ -25,7 +25,7 @@ import signal
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from prometheus_client import CollectorRegistry
 
@@ -58,6 +58,19 @@ class InProcCluster:
                 WorkerLoad(0, 0, IN_PROC_BLOCKS, 0, block_size=IN_PROC_BLOCK_SIZE),
             )
         self.metrics_registry = CollectorRegistry()
+
+    @classmethod
+    @contextlib.contextmanager
+    def on_tiny_llama(cls, root: Path, tokenizer_from: Path) -> Iterator[Self]:
+        """A cluster of this class on the tiny random Llama (made under ``root``, with
+        ``tokenizer_from``'s tokenizer) while the block runs; stopped after it."""
+        from tests.tiny_models import make_tiny_models
+
+        cl = cls(make_tiny_models(root, tokenizer_from=tokenizer_from)["llama"])
+        try:
+            yield cl
+        finally:
+            cl.stop()
 
     def serve(self, services: list) -> None:
         """Start the router's aio server with ``services`` on a free loopback port (``address``)."""

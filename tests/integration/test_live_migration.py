@@ -70,12 +70,8 @@ class _Cluster(InProcCluster):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, smollm_path):
-    from tests.tiny_models import make_tiny_models
-
-    path = make_tiny_models(tmp_path_factory.mktemp("mig"), tokenizer_from=smollm_path)["llama"]
-    cl = _Cluster(path)
-    yield cl
-    cl.stop()
+    with _Cluster.on_tiny_llama(tmp_path_factory.mktemp("mig"), smollm_path) as cl:
+        yield cl
 
 
 @pytest.fixture(scope="module")
