@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
     p.add_argument("--max-tokens", type=int, default=24, help="tokens each request generates (default 24)")
     p.add_argument(
-        "--disk", action=argparse.BooleanOptionalAction, default=True, help="also resume from the disk tier (default: %(default)s)"
+        "--disk",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also resume from the disk tier (default: %(default)s)",
     )
     p.add_argument("--disk-dir", default=None, help="disk tier folder (default: the run's temp folder)")
     return p

@@ -355,7 +355,14 @@ def _mirror(
                 _, model_type, num_slots, slot_rank = cmd
                 model = runner.model
                 lora = LoRAShard(
-                    model, target_map(model, model_type), num_slots, slot_rank, dtype, device, rank, spec.world_size
+                    model,
+                    target_map(model, model_type),
+                    num_slots,
+                    slot_rank,
+                    dtype,
+                    device,
+                    rank,
+                    spec.world_size,
                 )
                 group.barrier()
             elif op == "export":
