@@ -62,13 +62,19 @@ def run(client, layout: KVLayout, n: int, blocks: int, threads: int, unary: bool
     return time.monotonic() - t0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(prog="python bench/kv_put_cpu.py", description=__doc__.split("\n")[0])
     ap.add_argument("--puts", type=int, default=2000, help="Puts per round and way")
     ap.add_argument("--blocks", type=int, default=1, help="blocks per Put")
     ap.add_argument("--threads", type=int, default=4, help="client threads putting at once")
     ap.add_argument("--rounds", type=int, default=3, help="rounds, each with both ways")
-    a = ap.parse_args(argv)
+    return cli_help.apply(ap)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     from kv_store.client import KVStoreClient, put_blocks_fits
 
     layout = TINY

@@ -99,7 +99,9 @@ def engine_ab(path: Path, context: int, batch: int, steps: int, reps: int) -> tu
     return statistics.median(times["torch"]), statistics.median(times["native"])
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from pdserve import cli_help
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder (its config.json)")
     ap.add_argument("--batches", default="1,4,8,16", help="comma-separated row counts")
@@ -108,7 +110,11 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="also print max |native - torch| per cell")
     ap.add_argument("--engine-ab", default=None, help="CTXxBATCH,...: whole decode step A/B (see above)")
     ap.add_argument("--steps", type=int, default=8, help="--engine-ab: steps per path per repetition")
-    args = ap.parse_args()
+    return cli_help.apply(ap)
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if kernel() is None:
