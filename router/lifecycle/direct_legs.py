@@ -342,18 +342,28 @@ class DirectLegs(GrpcLegs):
             if not redirected:
                 raise  # the client was never sent there: an ordinary re-dispatch
             cancel()
-            # registered before the client is told, so that its answer cannot come first
-            fut = self.book.expect(run.rid, ticket)
-            try:
-                note = direct_pb2.DirectRedirect()
-                note.CopyFrom(redirect)
-                note.lost = True
-                yield Chunk(len(run.out_ids), (), _Note("lost", note))
-                resumed = await self._resume(fut)
-            finally:
-                self.book.forget(run.rid)
-            yield resumed
+            async for c in self._lost_then_resumed(redirect, ticket):
+                yield c
             raise lost
+
+    async def _lost_then_resumed(
+        self, redirect: direct_pb2.DirectRedirect, ticket: str
+    ) -> AsyncIterator[Chunk]:
+        """Tells the client its direct stream is lost (``redirect`` marked ``lost``) and yields that
+        note, then the client's ``ResumeDirect`` as the "resumed" chunk (:meth:`_resume`). The
+        answer is expected (under ``ticket``) before the client is told, so it cannot come first;
+        the expectation is dropped however this ends."""
+        run = self.run
+        fut = self.book.expect(run.rid, ticket)
+        try:
+            note = direct_pb2.DirectRedirect()
+            note.CopyFrom(redirect)
+            note.lost = True
+            yield Chunk(len(run.out_ids), (), _Note("lost", note))
+            resumed = await self._resume(fut)
+        finally:
+            self.book.forget(run.rid)
+        yield resumed
 
     def moved(
         self, dest_id: str, resume_index: int, start: int, open_dest: OpenDestination
@@ -387,16 +397,8 @@ class DirectLegs(GrpcLegs):
         run = self.run
         opened = False
         try:
-            fut = self.book.expect(run.rid, redirect.ticket)
-            try:
-                note = direct_pb2.DirectRedirect()
-                note.CopyFrom(redirect)
-                note.lost = True
-                yield Chunk(len(run.out_ids), (), _Note("lost", note))
-                resumed = await self._resume(fut)
-            finally:
-                self.book.forget(run.rid)
-            yield resumed  # rendered: its tokens join the output
+            async for c in self._lost_then_resumed(redirect, redirect.ticket):
+                yield c  # the lost redirect, then the client's ResumeDirect (its tokens join the output)
             k = len(run.out_ids)  # what the client has
             if k <= resume_index:
                 ticket = self._mint(dest_id)
