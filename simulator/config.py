@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from engine.scheduler import SchedulerConfig
 from router.policy import SLO, InstanceRole, PolicyKind
+from simulator.adapters import AdapterConfig
 from simulator.hardware import gpu_spec
 from simulator.latency import LatencySpec, make_latency_model
 from simulator.migration import SimMigrationConfig
@@ -156,8 +157,18 @@ class ClusterConfig:
     # prefill (the last chunk's transfer while the link keeps up). 0: off (the whole KV after
     # the prefill).
     kv_stream_chunk_tokens: int = 0
+    # LoRA adapters (issue #16, simulator.adapters): every instance serves the catalogue, with
+    # engine slots (LRU, pinned while used), a host tier, load times and LoRA's step cost.
+    # Requests name adapters through WorkloadRequest.adapter. None: the base model only (a
+    # workload naming an adapter is refused).
+    adapters: AdapterConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.adapters is not None and self.migration is not None:
+            raise ValueError(
+                "adapters with live migration: moving LoRA requests between instances is not modelled "
+                "in the simulator (set migration=None or adapters=None)"
+            )
         if self.kv_stream_chunk_tokens < 0:
             raise ValueError(f"kv_stream_chunk_tokens must be >= 0, got {self.kv_stream_chunk_tokens}")
         if not (self.swap_space_gib >= 0 and math.isfinite(self.swap_space_gib)):

@@ -21,6 +21,7 @@ from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.swap_policy import SwapRates
 from pdserve.errors import InvalidRequestError, RequestNotFoundError
 from router.policy import InstanceRole
+from simulator.adapters import AdapterResidency, Pin
 from simulator.events import EventLoop
 from simulator.latency import LatencyModel
 from simulator.prefix_store import PrefixStore
@@ -91,6 +92,7 @@ class SimInstance:
         swap_space_bytes: int = 0,
         swap_bytes_per_s: float = 25e9,
         swap_disk_bytes: int = 0,
+        adapters: AdapterResidency | None = None,
     ) -> None:
         """``host_pool``: the instance's host KV pool; a :class:`TieredPrefixStore` adds a disk
         tier behind it, whose hits delay the request's start by their bytes / ``disk_bytes_per_s``
@@ -100,7 +102,12 @@ class SimInstance:
         (``EngineConfig.swap_disk_bytes``): the engine's scheduler spills and promotes as in the
         engine (promotion ahead of the turn included), and each step's spills and promotions add
         blocks * block bytes / ``disk_bytes_per_s`` to its time (synchronous, as on the engine's
-        CPU path)."""
+        CPU path).
+
+        ``adapters``: the instance's LoRA adapter tiers (``simulator.adapters``): a request naming
+        an adapter pins a slot before it enters the scheduler, waiting outside it (arrival order)
+        for a free slot or the adapter's disk read; slot copies lengthen the next step and LoRA
+        batches cost ``AdapterConfig.step_factor`` times the latency model's step."""
         self.disk_bytes_per_s = disk_bytes_per_s
         self.instance_id = instance_id
         self.role = role
@@ -153,11 +160,19 @@ class SimInstance:
         self._retry: list[tuple[Request, int]] = []
         self._sampled = _DummyTokens()
         self._pause_q: list[tuple[str, Callable[[bool], Any]]] = []  # live migration's stop-and-copy
+        # LoRA adapters: requests waiting for a slot or a disk read (with when they began to
+        # wait), slot copies charged to the next step, reads whose end is scheduled, and the
+        # cluster's hook called when a read ends (decode handoffs waiting for it)
+        self.adapters = adapters
+        self._lora_waiting: dict[str, tuple[Request, float]] = {}
+        self._copy_s = 0.0
+        self._reads: set[str] = set()
+        self.on_adapter_read: Callable[[SimInstance], Any] | None = None
 
     # ------------------------------------------------------------------ InstanceView
     @property
     def queued_requests(self) -> int:
-        return len(self.sched.waiting) + len(self.pending)
+        return len(self.sched.waiting) + len(self.pending) + len(self._lora_waiting)
 
     @property
     def running_requests(self) -> int:
@@ -180,8 +195,46 @@ class SimInstance:
         return n
 
     def adapter_load_s(self, adapter: str) -> float:
-        """The simulator does not model LoRA adapters (every request runs on the base model)."""
-        return 0.0
+        """Seconds to load LoRA ``adapter`` here before a request using it can run (0: in a slot,
+        the base model, or no adapters configured): what the router's heartbeats price
+        (``AdapterResidency.load_s``)."""
+        if not adapter or self.adapters is None:
+            return 0.0
+        return self.adapters.load_s(adapter, self.loop.now())
+
+    def try_pin_adapter(self, adapter: str) -> bool:
+        """Pin ``adapter`` in a slot for one request (True; its copy, if any, is charged to the
+        next step). False: every slot is pinned, or its disk read is under way (started now if
+        needed; when it ends the instance kicks itself and calls :attr:`on_adapter_read`)."""
+        assert self.adapters is not None
+        pin, x = self.adapters.acquire(adapter, self.loop.now())
+        if pin is Pin.PINNED:
+            self._copy_s += x
+            return True
+        if pin is Pin.READING and adapter not in self._reads:
+            self._reads.add(adapter)
+            self.loop.at(x, self._read_done, adapter)
+        return False
+
+    def _read_done(self, adapter: str) -> None:
+        assert self.adapters is not None
+        self._reads.discard(adapter)
+        self.adapters.read_done(adapter)
+        self.kick()
+        if self.on_adapter_read is not None:
+            self.on_adapter_read(self)
+
+    def _admit_lora_waiting(self) -> None:
+        """Hand waiting adapter requests to the scheduler, in arrival order, while slots allow
+        (``LLMEngine._admit_lora_waiting``)."""
+        assert self.adapters is not None
+        now = self.loop.now()
+        for rid, (req, since) in list(self._lora_waiting.items()):
+            if not self.try_pin_adapter(req.adapter_id):
+                continue
+            del self._lora_waiting[rid]
+            self.adapters.stats.wait_s += now - since
+            self.sched.add_request(req)  # validated when it arrived
 
     def cached_prefix_blocks(self, hashes: Sequence[BlockHash]) -> int:
         hbm = self.hbm_prefix_blocks(hashes)
@@ -250,9 +303,23 @@ class SimInstance:
         ``queued_tokens``, added when its disk read began)."""
         if want > 0 and not self._import_prefix(req.block_hashes[:want]):
             self._retry.append((req, want))  # no room now: retry before each step while it waits
+        adapter = req.adapter_id
+        if adapter and self.adapters is None:
+            raise InvalidRequestError(
+                f"LoRA adapter {adapter!r} is not served: this instance has no adapters"
+            )
+        pinned = not adapter or self.try_pin_adapter(adapter)
         try:
             self.sched.add_request(req)
+            if not pinned:
+                # as the engine: validated by the scheduler, then waits outside it for its adapter
+                self.sched.abort_request(req.request_id)
+                req.status, req.finish_reason = RequestStatus.WAITING, None
+                self._lora_waiting[req.request_id] = (req, self.loop.now())
         except InvalidRequestError as e:
+            if adapter and pinned:
+                assert self.adapters is not None
+                self.adapters.release(adapter)
             if counted:
                 self.queued_tokens -= req.num_prompt_tokens
             if on_invalid is None:
@@ -353,6 +420,8 @@ class SimInstance:
 
     def _start_step(self) -> None:
         sched = self.sched
+        if self._lora_waiting:
+            self._admit_lora_waiting()
         if self._retry:
             self._retry_imports()
         out = sched.schedule()
@@ -405,6 +474,9 @@ class SimInstance:
         self.queued_tokens -= q
         dt = self.latency.step_time(pre_tok, pre_ctx, n_dec, dec_ctx)
         st = self.stats
+        if self.adapters is not None:
+            dt = dt * self._lora_factor(out) + self._copy_s
+            self._copy_s = 0.0
         if out.swap_out or out.swap_in or out.prefetch_in:  # copies (prefetches after the forward pass)
             n = len(out.swap_out) + len(out.swap_in) + len(out.prefetch_in)
             swap_s = n * self.block_nbytes / self.swap_bytes_per_s
@@ -424,10 +496,28 @@ class SimInstance:
         now = self.loop.now()
         self.loop.at(now + dt, self._end_step, out, now, started, firsts)
 
+    def _lora_factor(self, out: SchedulerOutput) -> float:
+        """``AdapterConfig.step_factor`` of the step's batch."""
+        assert self.adapters is not None
+        names: set[str] = set()
+        lora = tokens = 0
+        for s in out.scheduled:
+            n = s.num_new_tokens
+            tokens += n
+            a = s.request.adapter_id
+            if a:
+                names.add(a)
+                lora += n
+        return self.adapters.cfg.step_factor(len(names), lora, tokens)
+
     def _end_step(
         self, out: SchedulerOutput, start: float, started: list[Request], firsts: list[Request]
     ) -> None:
         done = self.sched.update_from_output(out, self._sampled)
+        if self.adapters is not None:
+            for r in done:  # finished, or prefilled here: the slot is no longer needed
+                if r.adapter_id:
+                    self.adapters.release(r.adapter_id)
         for r in firsts:
             self._started.discard(r.request_id)
         for r in done:

@@ -35,6 +35,7 @@ class RequestRecord:
     rejected: str = ""
     max_tbt: float = NAN  # largest gap between consecutive tokens (SimConfig.track_tbt)
     last_token: float = NAN
+    adapter: str = ""  # the LoRA adapter the request named ("": the base model)
 
     @property
     def ttft(self) -> float:

@@ -32,6 +32,7 @@ from router.policy import ClusterView, InstanceRole, PlacementPolicy, Rejection,
 from router.policy import migration as mig_policy
 from router.policy.kv_stream import handoff_after_prefill
 from router.policy.migration import MigrationDecision, MigrationReason
+from simulator.adapters import AdapterResidency, adapter_index
 from simulator.config import ClusterConfig, HostPool, SimConfig
 from simulator.events import EventLoop
 from simulator.instance import DUMMY_TOKEN, SimInstance, StepReport
@@ -132,6 +133,7 @@ class _Run:
         self.cfg = cfg
         self.slo = cfg.slo
         self.workload = workload.requests
+        self._adapter_salt = self._check_adapters(cluster, self.workload)
         self.loop = EventLoop()
         self.instances = self._build()
         self.by_id = {i.instance_id: i for i in self.instances}
@@ -162,6 +164,22 @@ class _Run:
         self._last_work_s = 0.0  # the last event that was not a migration-policy tick
 
     # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _check_adapters(cluster: ClusterConfig, reqs: Sequence[WorkloadRequest]) -> dict[str, bytes]:
+        """Refuse a workload naming an adapter the cluster does not serve (ValueError naming it);
+        return each named adapter's block-key salt (``b"L"`` + its index: 13-byte trace keys,
+        distinct from the base model's 8-byte ones, so prefix reuse never crosses adapters)."""
+        names = {r.adapter for r in reqs if r.adapter}
+        if not names:
+            return {}
+        cfg = cluster.adapters
+        if cfg is None:
+            raise ValueError(
+                f"the workload names LoRA adapter(s) {', '.join(sorted(names)[:5])} but the cluster serves none "
+                "(set ClusterConfig.adapters / --adapters)"
+            )
+        return {n: b"L" + adapter_index(n, cfg.num_adapters).to_bytes(4, "little") for n in sorted(names)}
+
     def _build(self) -> list[SimInstance]:
         c = self.cluster
         out: list[SimInstance] = []
@@ -208,8 +226,10 @@ class _Run:
                         swap_space_bytes=int(c.swap_space_gib * 2**30),
                         swap_bytes_per_s=c.swap_gb_s * 1e9,
                         swap_disk_bytes=int(c.swap_disk_gib * 2**30),
+                        adapters=AdapterResidency(c.adapters, c.latency.model) if c.adapters else None,
                     )
                 )
+                out[-1].on_adapter_read = self._adapter_read
         if not out:
             raise ValueError("the cluster has no instances")
         return out
@@ -260,8 +280,24 @@ class _Run:
                 "migrations_out": i.stats.migrations_out,
                 "migrations_in": i.stats.migrations_in,
                 "migrated_blocks": i.stats.migrated_blocks,
+                **self._adapter_stats(i),
             }
             for i in self.instances
+        }
+
+    @staticmethod
+    def _adapter_stats(i: SimInstance) -> dict[str, float]:
+        """LoRA adapter counters of an instance (none without ``ClusterConfig.adapters``)."""
+        if i.adapters is None:
+            return {}
+        a = i.adapters.stats
+        return {
+            "adapter_slot_loads": a.slot_loads,
+            "adapter_slot_evictions": a.slot_evictions,
+            "adapter_disk_loads": a.disk_loads,
+            "adapter_host_evictions": a.host_evictions,
+            "adapter_copy_s": a.copy_s,
+            "adapter_wait_s": a.wait_s,
         }
 
     # ------------------------------------------------------------------ helpers
@@ -282,7 +318,11 @@ class _Run:
     def _keys(self, w: WorkloadRequest) -> list[BlockHash]:
         if w.hash_ids is None or not self.use_trace_keys:
             return []
-        return trace_block_keys(w.hash_ids, w.input_len, self.block_size, w.hash_block)
+        keys = trace_block_keys(w.hash_ids, w.input_len, self.block_size, w.hash_block)
+        if w.adapter:  # the adapter is part of the block key (engine.block_hash)
+            salt = self._adapter_salt[w.adapter]
+            keys = [k + salt for k in keys]
+        return keys
 
     def _request_keys(
         self, inst: SimInstance, index: int, prefix: list[BlockHash], num_tokens: int
@@ -312,7 +352,7 @@ class _Run:
             self._bar.refresh()
         now = self.loop.now()
         rid = str(i)
-        rec = RequestRecord(rid, now, w.input_len, w.output_len)
+        rec = RequestRecord(rid, now, w.input_len, w.output_len, adapter=w.adapter)
         self.records.append(rec)
         self.rec[rid] = rec
         if not self.has_prefill:  # decode-phase study: KV already in place
@@ -320,7 +360,7 @@ class _Run:
             self._to_decode(rec, None)
             return
         hashes = self._keys(w)
-        info = RequestInfo(rid, w.input_len, hashes, w.output_len, self.slo, now)
+        info = RequestInfo(rid, w.input_len, hashes, w.output_len, self.slo, now, adapter=w.adapter)
         d = self.policy.place(info, self.view)
         if isinstance(d, Rejection):
             rec.rejected = d.reason.value
@@ -336,6 +376,7 @@ class _Run:
             cache_salt=rid,
             prefill_only=inst.role is InstanceRole.PREFILL,
             block_hashes=self._request_keys(inst, i, hashes, w.input_len + w.output_len),
+            adapter_id=w.adapter,
         )
         delay = self.cluster.dispatch_overhead_s
         if d.fetch_from is not None and d.fetch_blocks > 0:
@@ -418,7 +459,9 @@ class _Run:
         self._to_decode(x, src)
 
     def _to_decode(self, x: RequestRecord, src: SimInstance | None) -> None:
-        info = RequestInfo(x.request_id, x.input_len, (), x.output_len, self.slo, x.arrival)
+        info = RequestInfo(
+            x.request_id, x.input_len, (), x.output_len, self.slo, x.arrival, adapter=x.adapter
+        )
         need = -(-(x.input_len + 1) // self.block_size)
         did = self.policy.choose_decode(info, self.view, need)
         dec = self.by_id[did] if did is not None else None
@@ -441,6 +484,12 @@ class _Run:
             busy = len(dec.sched.running) + dec.in_transfer
             if busy and (busy >= max_seqs or kv.num_free_blocks - kv.blocks_needed(p + 1) < keep):
                 break
+            # the decode side pins the adapter too (a slot copy, or a disk read to wait for);
+            # blocks are checked first so that a pin is never taken for a handoff that waits
+            if x.adapter and (
+                kv.num_free_blocks < kv.blocks_needed(p + 1) or not dec.try_pin_adapter(x.adapter)
+            ):
+                break
             req = Request(
                 x.request_id,
                 range(p),
@@ -448,8 +497,10 @@ class _Run:
                 arrival_time=x.arrival,
                 cache_salt=x.request_id,
                 block_hashes=self._request_keys(dec, int(x.request_id), [], p + x.output_len),
+                adapter_id=x.adapter,
             )
             if not dec.adopt(req, p):
+                assert not x.adapter, "blocks were checked before the adapter's pin"
                 break
             dec.pending.popleft()
             req.num_computed_tokens = p
@@ -473,6 +524,11 @@ class _Run:
         if t is None:
             t = memo[key] = handoff_after_prefill(src.latency, p, 0, chunk).streamed_s
         return t
+
+    def _adapter_read(self, inst: SimInstance) -> None:
+        """An adapter's disk read ended on ``inst``: handoffs waiting there may go on."""
+        if inst.pending:
+            self._pump(inst)
 
     def _transfer_done(self, dec: SimInstance, src: SimInstance | None, req: Request) -> None:
         if src is not None:

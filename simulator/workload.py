@@ -27,7 +27,8 @@ MOONCAKE_BLOCK = 512
 
 @dataclass(frozen=True, slots=True)
 class WorkloadRequest:
-    """One request: arrival (s from the start), prompt and output lengths, optional prefix ids.
+    """One request: arrival (s from the start), prompt and output lengths, optional prefix ids,
+    the LoRA adapter it names.
 
     ``hash_ids[i]`` names prompt tokens ``[i*hash_block, (i+1)*hash_block)``; equal ids at equal
     positions mean equal prefixes (Mooncake's remapped prefix hashes).
@@ -38,6 +39,7 @@ class WorkloadRequest:
     output_len: int
     hash_ids: tuple[int, ...] | None = None
     hash_block: int = MOONCAKE_BLOCK
+    adapter: str = ""  # the LoRA adapter it names ("": the base model; simulator.adapters)
 
 
 @dataclass(frozen=True)
