@@ -16,7 +16,10 @@ Printed: tokens/s of each, the ratio cluster / embedded (target >= 0.8: PASS/FAI
 milliseconds per token of every process over the cluster run (router, prefill, decode, store and
 the client, this process; ``/proc/<pid>/stat``), with the router's target (<= 0.02 ms/token:
 PASS/FAIL), the tokens per message the clients received (the decode workers' coalescing:
-``--stream-interval`` / ``--stream-window-ms``), and the machine's load average beside each figure. Both runs use the cores this
+``--stream-interval`` / ``--stream-window-ms``), the CPU milliseconds per request of every process,
+and the machine's load average beside each figure. After each direct run (``--floor on``), the gRPC
+floor of the same run (:mod:`bench.grpc_floor`: the bare grpc.aio calls and messages of one direct
+request between the same processes, no work) beside each process's CPU per request. Both runs use the cores this
 process may use (``--cpus`` pins this process and so every process it starts to a set).
 A progress line (requests done) goes to stderr.
 
@@ -80,6 +83,15 @@ class EfficiencyResult:
     load_engine: str = ""
     load_cluster: str = ""
     mode: str = "relay"  # relay | direct (the router out of the token path)
+    # bench/grpc_floor.py in the same run (direct mode): CPU ms per request of each process for
+    # the bare grpc.aio message pattern of one direct request (empty: not measured)
+    floor_ms_per_request: dict[str, float] = field(default_factory=dict)
+    load_floor: str = ""
+
+    def cpu_ms_per_request(self) -> dict[str, float]:
+        """CPU ms per request of each process (per token x tokens per request)."""
+        per_req = self.cluster_tokens / max(self.requests, 1)
+        return {k: v * per_req for k, v in self.cpu_ms_per_token.items()}
 
     @property
     def engine_tps(self) -> float:
@@ -149,6 +161,31 @@ def measure_cluster(cl, c: int, n: int, max_tokens: int, prompt_len: int, direct
     return r, per_tok
 
 
+# cluster process name -> bench/grpc_floor.py process name
+FLOOR_NAMES = {
+    "router": "router",
+    "prefill-0": "prefill",
+    "decode-0": "decode",
+    "store": "store",
+    "client": "client",
+}
+
+
+def measure_floor_for(c: int, n: int, r, max_tokens: int) -> tuple[dict[str, float], str]:
+    """bench/grpc_floor.py at ``c`` streams, ``n`` requests, with as many direct-stream messages
+    per request as the clients received from the worker in run ``r`` (messages per request less
+    the router's first token), each carrying the run's tokens per message; (CPU ms per request by
+    process, load average)."""
+    from bench.grpc_floor import measure_floor
+
+    per_request = len(r.arrivals) / max(n, 1)
+    deltas = max(1, round(per_request - 1))
+    tpd = max(1, round((max_tokens - 1) / deltas))
+    load = load_avg()
+    f = measure_floor(c, n, deltas, tpd)
+    return dict(f.cpu_ms_per_request), load
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pdserve import cli_help
 
@@ -182,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="relay,direct",
         help="cluster token paths to measure, in this order: relay (through the router), direct "
         "(decode worker to client)",
+    )
+    ap.add_argument(
+        "--floor",
+        default="on",
+        choices=("on", "off"),
+        help="after each direct run, measure the gRPC floor (bench/grpc_floor.py: the bare grpc.aio "
+        "calls and messages of a direct request, no work) in the same run",
     )
     ap.add_argument("--cpus", default="", help="pin to these CPUs (e.g. 0,1); default: as allowed now")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -233,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                     r, per_tok = measure_cluster(
                         cl, c, n, a.max_tokens, a.prompt_len, direct=mode == "direct"
                     )
+                    floor, load_f = {}, ""
+                    if mode == "direct" and a.floor == "on":
+                        floor, load_f = measure_floor_for(c, n, r, a.max_tokens)
                     results.append(
                         EfficiencyResult(
                             c,
@@ -248,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                             load_e,
                             load_c,
                             mode,
+                            floor,
+                            load_f,
                         )
                     )
     print(
@@ -283,6 +332,17 @@ def main(argv: list[str] | None = None) -> int:
         per = "  ".join(f"{k} {v:.4f}" for k, v in r.cpu_ms_per_token.items())
         print(f"  CPU ms per token: {per}")
         print(f"  router CPU per token {rt:.4f} ms (target <= {ROUTER_MS_PER_TOKEN_TARGET}: {rverdict})")
+        per_req = r.cpu_ms_per_request()
+        print("  CPU ms per request: " + "  ".join(f"{k} {v:.3f}" for k, v in per_req.items()))
+        if r.floor_ms_per_request:
+            f = r.floor_ms_per_request
+            print(f"  gRPC floor (bench/grpc_floor.py, same calls and messages, no work)  [{r.load_floor}]:")
+            for k, v in per_req.items():
+                fk = "all" if k == "all" else FLOOR_NAMES.get(k)
+                if fk in f:
+                    print(
+                        f"    {k:10s} {v:7.3f} ms/request, floor {f[fk]:6.3f}, {v / max(f[fk], 1e-9):5.2f}x the floor"
+                    )
     if a.out:
         Path(a.out).write_text(
             json.dumps(
@@ -293,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                         "cluster_tps": r.cluster_tps,
                         "ratio": r.ratio,
                         "cpu_ratio": r.cpu_ratio,
+                        "cpu_ms_per_request": r.cpu_ms_per_request(),
                     }
                     for r in results
                 ],
