@@ -365,10 +365,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ swap rates
     def _predict_prefill_s(self, num_tokens: int) -> float:
-        """Predicted prefill time of a prompt (MLFQ skip-join): tokens over the measured prefill
-        rate; 0 (top level) until a prefill step was measured."""
-        tps = self.rates.prefill_tokens_per_s
-        return num_tokens / tps if tps else 0.0
+        """Predicted prefill time of a prompt (MLFQ skip-join): the rate estimator's affine fit of
+        measured prefill steps (``RateEstimator.predict_prefill_seconds``); 0 (top level) until a
+        prefill step was measured."""
+        return self.rates.predict_prefill_seconds(num_tokens)
 
     def _measure_swap_bandwidth(self, max_blocks: int = 8) -> None:
         """Seed the copy bandwidth: copy a few (still unused) blocks out to the host and back."""

@@ -106,6 +106,41 @@ def test_rate_estimator_ewma():
         RateEstimator(alpha=0)
 
 
+def test_prefill_prediction_is_affine_not_throughput():
+    """A step's fixed cost is not charged per token (issue #15: n / throughput predicted 45 ms for
+    a 128-token prompt on the tiny CPU model whose step took 4.6 ms, and skip-join put every
+    prompt at the bottom level)."""
+    est = RateEstimator()
+    assert est.predict_prefill_seconds(100) == 0.0  # nothing measured: top level
+    est.observe_prefill(100, 0.02)
+    # one size seen: no slope to fit, the throughput predicts
+    assert est.predict_prefill_seconds(50) == pytest.approx(0.01)
+    for _ in range(30):  # 3 ms fixed + 10 us per token
+        for n in (1, 16, 64, 256):
+            est.observe_prefill(n, 0.003 + 1e-5 * n)
+    assert est.predict_prefill_seconds(128) == pytest.approx(0.003 + 1e-5 * 128, rel=0.05)
+    assert est.predict_prefill_seconds(1) == pytest.approx(0.003, rel=0.05)
+    assert est.predict_prefill_seconds(0) == 0.0
+    # a fit whose intercept comes out negative goes through the origin (never negative times)
+    neg = RateEstimator()
+    for n, t in ((10, 0.001), (20, 0.004), (40, 0.010)):
+        neg.observe_prefill(n, t)
+    assert neg.predict_prefill_seconds(1) > 0
+    assert neg.predict_prefill_seconds(40) == pytest.approx(
+        (10 * 0.001 + 20 * 0.004 + 40 * 0.010) / (100 + 400 + 1600) * 40, rel=0.1
+    )
+    with pytest.raises(ValueError):
+        RateEstimator(fit_alpha=0)
+
+
+def test_prefill_prediction_survives_with_rates():
+    est = RateEstimator()
+    for n in (1, 64, 256):
+        est.observe_prefill(n, 0.002 + 1e-5 * n)
+    seeded = est.with_rates(SwapRates(1e9, 1e4))
+    assert seeded.predict_prefill_seconds(128) == pytest.approx(est.predict_prefill_seconds(128))
+
+
 # ----------------------------------------------------------------- host pool
 def test_host_pool_allocate_free():
     hp = HostBlockPool(3)
