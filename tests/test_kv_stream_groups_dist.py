@@ -35,7 +35,7 @@ from engine.sampling_params import SamplingParams
 from pdserve.proto_convert import sampling_to_proto
 from pdserve.v1 import worker_pb2
 from prefill_worker.dist_outbox import DistOutbox, DistPublisher, KVPeerServicer, PeerLocks
-from tests.integration.test_kv_stream_router import _Slow
+from tests.integration.kv_stream_cluster import Slow
 from tests.integration.test_kv_stream_workers import (
     BLOCKS,
     CALL_S,
@@ -78,7 +78,7 @@ class _DistPair(_Pair):
             _Group(1, 2), self.dsvc.puller, receiver=_Receiver(pipes, 1), timeout_s=CALL_S, locks=PeerLocks()
         )
         self.dsvc.puller = self.puller
-        self.slow = _Slow(self.pst.engine)
+        self.slow = Slow(self.pst.engine)
 
     def wait_clean(self, timeout_s: float = 20.0) -> None:
         super().wait_clean(timeout_s)

@@ -9,7 +9,8 @@ modules that test the same cluster differently cannot drift apart):
   with every frozen process continued first;
 * :func:`gloo_spec`, :func:`logged`, :func:`store_node_stats`: the gloo process-group cluster of
   the direct-handoff, gloo-migration and gloo KV-stream modules (1 prefill + 2 decode by
-  default, always disaggregated);
+  default, always disaggregated); :func:`json_records` (under ``logged``): a launched process's
+  JSON log records matching given fields (also test_tracing.py's records of one request id);
 * :func:`tiny_model_paths`, :func:`check_routed_by_model`: two tiny base models served side by
   side (launched and on Ray), each model's requests equal to its engine run whole.
 """
@@ -204,8 +205,9 @@ def gloo_spec(
     )
 
 
-def logged(cluster: LocalCluster, process: str, msg: str) -> list[dict[str, Any]]:
-    """The JSON log records of ``process`` whose ``msg`` is ``msg`` (other lines skipped)."""
+def json_records(cluster: LocalCluster, process: str, **fields: Any) -> list[dict[str, Any]]:
+    """The JSON log records of ``process`` whose every key in ``fields`` has that value (lines
+    that are not JSON objects skipped), in log order."""
     out = []
     for line in list(cluster.logs[process]):
         if line.startswith("{"):
@@ -213,9 +215,14 @@ def logged(cluster: LocalCluster, process: str, msg: str) -> list[dict[str, Any]
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if rec.get("msg") == msg:
+            if all(rec.get(k) == v for k, v in fields.items()):
                 out.append(rec)
     return out
+
+
+def logged(cluster: LocalCluster, process: str, msg: str) -> list[dict[str, Any]]:
+    """The JSON log records of ``process`` whose ``msg`` is ``msg`` (other lines skipped)."""
+    return json_records(cluster, process, msg=msg)
 
 
 def store_node_stats(cluster: LocalCluster):

@@ -3,7 +3,7 @@ streamed Decode carries the direct grant, the decode worker assembles the stream
 streams the tokens to the client itself (router.lifecycle.direct_legs
 ``DirectLegs.start_streamed_decode``, router.lifecycle.grpc_stream_legs ``DirectGrantLeg``).
 
-The in-process cluster of tests/integration/test_kv_stream_router.py (a KV store node, two
+The in-process cluster of tests/integration/kv_stream_cluster.py (a KV store node, two
 prefill and two decode workers with the real servicers, the tiny Llama, 32-token prefill chunks),
 here with DirectStream on the decode workers and direct streams on its routers (store, grpc),
 plus a third router with ``kv_stream`` off (the whole-KV direct handoff):
@@ -24,34 +24,30 @@ plus a third router with ``kv_stream`` off (the whole-KV direct handoff):
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
-from pdserve.grpc_server import start_aio_server
-from pdserve.metrics import RouterMetrics
-from pdserve.proto_convert import sampling_to_proto
-from pdserve.v1 import client_pb2, client_pb2_grpc, direct_pb2
 from router.lifecycle.direct_legs import DirectLegs
 from router.lifecycle.states import State
 from router.lifecycle.stream_mode import KVStreamMode
-from router.service import GenerateServicer, RouterConfig
-from tests.integration.test_kv_stream_router import (
+from router.service import RouterConfig
+from tests.integration.kv_stream_cluster import (
     CALL_S,
     GREEDY,
     SEEDED,
-    _Cluster,
-    _prompt,
-    _redispatches,
-    _Slow,
-    _slowly_streaming,
+    Cluster,
+    Slow,
+    check_cancel_mid_prefill,
     model_path,  # noqa: F401 - the module's tiny model (a fixture)
+    redispatches,
+    seeded_prompt,
+    slowed,
+    slowly_streaming,
     whole,  # noqa: F401 - the engine run whole (a fixture)
 )
 from tests.polling import wait_for
@@ -59,7 +55,7 @@ from tests.polling import wait_for
 MODES = [KVStreamMode.STORE, KVStreamMode.GRPC]
 
 
-class _DirectCluster(_Cluster):
+class _DirectCluster(Cluster):
     """The kv-stream cluster with direct streams, a whole-KV direct router beside the streamed
     ones, and a count of the requests each decode worker served direct (``served``)."""
 
@@ -70,20 +66,9 @@ class _DirectCluster(_Cluster):
         for n, d in self.decode.items():
             d.direct.serve = self._counting(self.served[n], d.direct.serve)
             d.direct.serve_resumed = self._counting(self.served_resumed[n], d.direct.serve_resumed)
-        self.slow_decode = {n: _Slow(self.states[n].engine) for n in self.decode}
+        self.slow_decode = {n: Slow(self.states[n].engine) for n in self.decode}
         cfg = RouterConfig(model_path=str(path), model_id="llama", max_redispatches=2, direct_streams=True)
-        svc = GenerateServicer(self.registry, cfg, RouterMetrics(CollectorRegistry()))
-        assert svc.direct is not None
-        server, port, _ = start_aio_server(
-            [
-                (client_pb2.DESCRIPTOR.services_by_name["Generate"], svc),
-                (direct_pb2.DESCRIPTOR.services_by_name["DirectResume"], svc.direct),
-            ],
-            "127.0.0.1",
-            0,
-            name="router",
-        )
-        self.routers[KVStreamMode.OFF] = (svc, server, f"127.0.0.1:{port}")
+        self.add_router(KVStreamMode.OFF, cfg, CollectorRegistry())
 
     @staticmethod
     def _counting(log: list[str], serve):
@@ -125,7 +110,7 @@ def _collect(c: Client, prompt, params) -> tuple[list[int], str, str]:
 
 @pytest.mark.parametrize("mode", MODES, ids=["store", "grpc"])
 def test_direct_streamed_equals_engine_and_whole_kv_handoff(cluster, whole, mode) -> None:  # noqa: F811
-    prompts = [_prompt(200, 11), _prompt(130, 12), _prompt(77, 13)]
+    prompts = [seeded_prompt(200, 11), seeded_prompt(130, 12), seeded_prompt(77, 13)]
     params = [GREEDY, SEEDED, GREEDY]
     refs = whole.generate(prompts, params)
 
@@ -150,72 +135,38 @@ def test_direct_streamed_equals_engine_and_whole_kv_handoff(cluster, whole, mode
 
 
 def test_client_cancelled_mid_prefill_leaves_nothing(cluster) -> None:
-    for s in cluster.slow.values():
-        s.delay_s = 0.05
-    try:
-        with grpc.insecure_channel(cluster.address(KVStreamMode.STORE)) as ch:
-            call = client_pb2_grpc.GenerateStub(ch).Generate(
-                client_pb2.GenerateRequest(
-                    prompt_token_ids=client_pb2.TokenIds(ids=_prompt(300, 14)),
-                    sampling=sampling_to_proto(GREEDY),
-                    direct_stream=True,
-                ),
-                timeout=CALL_S,
-            )
-            codes: list[grpc.StatusCode] = []
-
-            def read() -> None:
-                try:
-                    next(call, None)
-                except grpc.RpcError as e:
-                    codes.append(e.code())
-
-            first = threading.Thread(target=read, daemon=True)
-            first.start()
-            deadline = time.monotonic() + CALL_S
-            while not any(m.ready_chunks for p in cluster.prefill.values() for m in p.streams.live()):
-                assert time.monotonic() < deadline, "no stream published a chunk"
-                time.sleep(0.005)
-            call.cancel()
-            first.join(CALL_S)
-            assert codes == [grpc.StatusCode.CANCELLED]
-    finally:
-        for s in cluster.slow.values():
-            s.delay_s = 0.0
-    cluster.wait_clean()
+    check_cancel_mid_prefill(cluster, seeded_prompt(300, 14), GREEDY, direct_stream=True)
 
 
 def test_streamed_direct_request_migrated_mid_way_is_identical(cluster, whole) -> None:  # noqa: F811
-    prompt = _prompt(120, 17)
+    prompt = seeded_prompt(120, 17)
     params = SamplingParams(max_tokens=40, temperature=0.8, top_p=0.95, seed=3, ignore_eos=True)
     ref = whole.generate([prompt], [params])[0]
     mode = KVStreamMode.STORE
     svc = cluster.routers[mode][0]
     opened, served = cluster.streams_opened(), cluster.num_served()
-    for s in cluster.slow_decode.values():
-        s.delay_s = 0.02
-    try:
-        with Client(cluster.address(mode), timeout=CALL_S) as c, ThreadPoolExecutor(1) as ex:
-            fut = ex.submit(_collect, c, prompt, params)
-            deadline = time.monotonic() + CALL_S
-            while True:  # decoding, its client redirected to the decode worker
-                assert not fut.done() and time.monotonic() < deadline, "never decoded directly"
-                running = list(svc.running().values())
-                if running and running[0].state is State.DECODING:
-                    legs = running[0].legs
-                    assert isinstance(legs, DirectLegs)
-                    if legs._direct and legs._redirect is not None:
-                        break
-                time.sleep(0.002)
-            src = running[0].m.decode_id
-            dst = next(n for n in cluster.decode if n != src)
-            outcome = asyncio.run_coroutine_threadsafe(
-                _migrate(svc, running[0].m.request_id, dst), cluster.routers[mode][1].loop
-            ).result(CALL_S)
-            toks, text, reason = fut.result(CALL_S)
-    finally:
-        for s in cluster.slow_decode.values():
-            s.delay_s = 0.0
+    with (
+        slowed(cluster.slow_decode.values(), 0.02),
+        Client(cluster.address(mode), timeout=CALL_S) as c,
+        ThreadPoolExecutor(1) as ex,
+    ):
+        fut = ex.submit(_collect, c, prompt, params)
+        deadline = time.monotonic() + CALL_S
+        while True:  # decoding, its client redirected to the decode worker
+            assert not fut.done() and time.monotonic() < deadline, "never decoded directly"
+            running = list(svc.running().values())
+            if running and running[0].state is State.DECODING:
+                legs = running[0].legs
+                assert isinstance(legs, DirectLegs)
+                if legs._direct and legs._redirect is not None:
+                    break
+            time.sleep(0.002)
+        src = running[0].m.decode_id
+        dst = next(n for n in cluster.decode if n != src)
+        outcome = asyncio.run_coroutine_threadsafe(
+            _migrate(svc, running[0].m.request_id, dst), cluster.routers[mode][1].loop
+        ).result(CALL_S)
+        toks, text, reason = fut.result(CALL_S)
     assert outcome.migrated, outcome
     assert toks == ref.token_ids and text == ref.text and reason == "length"
     assert cluster.streams_opened() == opened + 1 and cluster.num_served() == served + 1
@@ -230,12 +181,12 @@ async def _migrate(svc, rid: str, dst: str):
 
 def test_decode_worker_killed_after_the_redirect_resumes_identically(cluster, whole) -> None:  # noqa: F811
     """Stops a decode worker for good (the next test keeps one of each)."""
-    prompt = _prompt(150, 15)
+    prompt = seeded_prompt(150, 15)
     params = SEEDED
     ref = whole.generate([prompt], [params])[0]
     mode = KVStreamMode.GRPC
     svc = cluster.routers[mode][0]
-    before = _redispatches(cluster, mode, "decode")
+    before = redispatches(cluster, mode, "decode")
     opened = cluster.streams_opened()
     for s in cluster.slow_decode.values():
         s.delay_s = 0.05
@@ -260,29 +211,26 @@ def test_decode_worker_killed_after_the_redirect_resumes_identically(cluster, wh
             s.delay_s = 0.0
     assert victim is not None
     assert toks == ref.token_ids and text == ref.text
-    assert _redispatches(cluster, mode, "decode") == before + 1
+    assert redispatches(cluster, mode, "decode") == before + 1
     assert cluster.streams_opened() == opened + 2  # streamed first, streamed again after the loss
     cluster.wait_clean()
 
 
 def test_prefill_worker_killed_mid_stream_is_redispatched(cluster, whole) -> None:  # noqa: F811
     """Last in the module: it stops a prefill worker for good."""
-    prompt = _prompt(300, 16)
+    prompt = seeded_prompt(300, 16)
     ref = whole.generate([prompt], [SEEDED])[0]
     mode = KVStreamMode.GRPC
-    before = _redispatches(cluster, mode, "prefill")
+    before = redispatches(cluster, mode, "prefill")
     served = cluster.num_served()
-    for s in cluster.slow.values():
-        s.delay_s = 0.05
     with Client(cluster.address(mode), timeout=CALL_S) as c, ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(_collect, c, prompt, SEEDED)
-        victim, _ = _slowly_streaming(cluster, fut, mode)
-        cluster.kill(victim)
-        for s in cluster.slow.values():
-            s.delay_s = 0.0
+        with slowed(cluster.slow.values()):
+            fut = ex.submit(_collect, c, prompt, SEEDED)
+            victim, _ = slowly_streaming(cluster, fut, mode)
+            cluster.kill(victim)
         toks, text, _ = fut.result(CALL_S)
     assert toks == ref.token_ids and text == ref.text
-    assert _redispatches(cluster, mode, "prefill") == before + 1
+    assert redispatches(cluster, mode, "prefill") == before + 1
     assert cluster.num_served() == served + 1  # the re-dispatched request still went direct
     assert victim not in {e.worker_id for e in cluster.registry.alive()}
     cluster.wait_clean()

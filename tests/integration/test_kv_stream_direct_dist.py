@@ -13,13 +13,13 @@ from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.launcher import launch
 from tests.integration.clusters import store_node_stats
+from tests.integration.kv_stream_cluster import seeded_prompt
 from tests.integration.test_kv_stream_dist_gloo import (
     _stream_pushes,
     kv_stream_spec,
     model_path,  # noqa: F401 - the module's tiny model (a fixture)
     whole,  # noqa: F401 - the engine run whole (a fixture)
 )
-from tests.integration.test_kv_stream_router import _prompt
 
 SEEDED = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.95, seed=5, ignore_eos=True)
 
@@ -32,7 +32,7 @@ def cluster(model_path):  # noqa: F811 - the fixture
 
 
 def test_direct_stream_streamed_over_gloo_equals_the_engine(cluster, whole) -> None:  # noqa: F811
-    prompt = _prompt(200, 31)
+    prompt = seeded_prompt(200, 31)
     ref = whole.generate([prompt], [SEEDED])[0]
     with Client(cluster.router_address, timeout=300) as c:
         toks: list[int] = []

@@ -19,7 +19,7 @@ from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, launch
 from tests.integration.clusters import gloo_spec, logged, store_node_stats
-from tests.integration.test_kv_stream_router import _prompt
+from tests.integration.kv_stream_cluster import seeded_prompt
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 N3 = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=23, ignore_eos=True, n=3)
@@ -69,7 +69,7 @@ def _stream_pushes(cluster) -> list[dict]:
 
 
 def test_streamed_over_gloo_equals_the_engine_and_skips_the_store(cluster, whole):
-    prompt, group_prompt = _prompt(200, 21), _prompt(150, 22)
+    prompt, group_prompt = seeded_prompt(200, 21), seeded_prompt(150, 22)
     ref = whole.generate([prompt], [GREEDY])[0].token_ids
     group_ref = {o.choice_index: o.token_ids for o in whole.generate_choices(group_prompt, N3)}
     with Client(cluster.router_address, timeout=300) as c:

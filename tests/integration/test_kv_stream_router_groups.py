@@ -1,6 +1,6 @@
 """Chunk-wise KV streaming of parallel-sampling groups (n > 1 / best_of) through the router
 (router.groups: ``--kv-stream`` store / grpc): the in-process cluster of
-tests/integration/test_kv_stream_router.py (a tiny Llama with SmolLM2's tokenizer, a store
+tests/integration/kv_stream_cluster.py (a tiny Llama with SmolLM2's tokenizer, a store
 node, two prefill and two decode workers with the real servicers, a router per mode).
 
 * Every choice equals the engine run whole, and the group went by a stream (the prefill worker
@@ -12,24 +12,22 @@ node, two prefill and two decode workers with the real servicers, a router per m
 
 from __future__ import annotations
 
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
 
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
-from pdserve.proto_convert import sampling_to_proto
-from pdserve.v1 import client_pb2, client_pb2_grpc
 from router.lifecycle.stream_mode import KVStreamMode
-from tests.integration.test_kv_stream_router import (  # noqa: F401 - the module's fixtures
+from tests.integration.kv_stream_cluster import (  # noqa: F401 - the module's fixtures
     CALL_S,
-    _prompt,
-    _redispatches,
+    check_cancel_mid_prefill,
     cluster,
     model_path,
+    redispatches,
+    seeded_prompt,
+    slowed,
+    wait_streaming_prefill,
     whole,
 )
 
@@ -52,7 +50,7 @@ def _client_choices(address: str, prompt: list[int], params: SamplingParams) -> 
     ids=["store-n3", "grpc-n3", "store-best_of"],
 )
 def test_streamed_groups_equal_the_engine_run_whole(cluster, whole, mode, params) -> None:  # noqa: F811
-    prompt = _prompt(200, 11)
+    prompt = seeded_prompt(200, 11)
     ref = _engine_choices(whole, prompt, params)
     opened = cluster.streams_opened()
     assert _client_choices(cluster.address(mode), prompt, params) == ref
@@ -61,64 +59,22 @@ def test_streamed_groups_equal_the_engine_run_whole(cluster, whole, mode, params
 
 
 def test_client_cancelled_mid_group_prefill_leaves_nothing(cluster) -> None:  # noqa: F811
-    for s in cluster.slow.values():
-        s.delay_s = 0.05
-    try:
-        with grpc.insecure_channel(cluster.address(KVStreamMode.STORE)) as ch:
-            call = client_pb2_grpc.GenerateStub(ch).Generate(
-                client_pb2.GenerateRequest(
-                    prompt_token_ids=client_pb2.TokenIds(ids=_prompt(300, 12)),
-                    sampling=sampling_to_proto(N3),
-                ),
-                timeout=CALL_S,
-            )
-            codes: list[grpc.StatusCode] = []
-
-            def read() -> None:
-                try:
-                    next(call, None)
-                except grpc.RpcError as e:
-                    codes.append(e.code())
-
-            first = threading.Thread(target=read, daemon=True)
-            first.start()
-            deadline = time.monotonic() + CALL_S
-            while not any(m.ready_chunks for p in cluster.prefill.values() for m in p.streams.live()):
-                assert time.monotonic() < deadline, "no stream published a chunk"
-                time.sleep(0.005)
-            call.cancel()
-            first.join(CALL_S)
-            assert codes == [grpc.StatusCode.CANCELLED]
-    finally:
-        for s in cluster.slow.values():
-            s.delay_s = 0.0
-    cluster.wait_clean()
+    check_cancel_mid_prefill(cluster, seeded_prompt(300, 12), N3)
 
 
 def test_prefill_worker_killed_mid_group_stream_is_redispatched(cluster, whole) -> None:  # noqa: F811
     """Last in the module: it stops a prefill worker for good."""
-    prompt = _prompt(300, 13)
+    prompt = seeded_prompt(300, 13)
     ref = _engine_choices(whole, prompt, N3)
     mode = KVStreamMode.GRPC
-    before = _redispatches(cluster, mode, "prefill")
-    for s in cluster.slow.values():
-        s.delay_s = 0.05
+    before = redispatches(cluster, mode, "prefill")
     with ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(_client_choices, cluster.address(mode), prompt, N3)
-        deadline = time.monotonic() + CALL_S
-        while True:
-            assert time.monotonic() < deadline and not fut.done(), "the prefill never streamed a chunk"
-            victim = next(
-                (n for n, p in cluster.prefill.items() if any(m.ready_chunks for m in p.streams.live())), None
-            )
-            if victim is not None:
-                break
-            time.sleep(0.002)
-        cluster.kill(victim)
-        for s in cluster.slow.values():
-            s.delay_s = 0.0
+        with slowed(cluster.slow.values()):
+            fut = ex.submit(_client_choices, cluster.address(mode), prompt, N3)
+            victim = wait_streaming_prefill(cluster, fut)
+            cluster.kill(victim)
         got = fut.result(CALL_S)
     assert got == ref
-    assert _redispatches(cluster, mode, "prefill") == before + 1
+    assert redispatches(cluster, mode, "prefill") == before + 1
     assert victim not in {e.worker_id for e in cluster.registry.alive()}
     cluster.wait_clean()

@@ -13,20 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kv_store.arena import host_id
-from kv_store.client import KVStoreClient
-from kv_store.service import serve
-from kv_store.store import StoreConfig
-from kv_store.transport import AutoTransport
-from pdserve.metrics import KVPullMetrics
 from pdserve.proto_convert import sampling_to_proto
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
-from pdserve.worker_base import Role, WorkerConfig, WorkerState, engine_layout
+from pdserve.worker_base import engine_layout
+from tests.integration.kv_stream_cluster import StoreNode, blocks_in_use, serve_decode, serve_prefill
 
 BLOCKS = 160
 CALL_S = 60.0
@@ -36,36 +30,21 @@ GRPC, STORE = worker_pb2.KV_STREAM_TRANSPORT_GRPC, worker_pb2.KV_STREAM_TRANSPOR
 
 
 class _Pair:
-    def __init__(self, path) -> None:
-        from decode_worker.puller import StorePuller
-        from decode_worker.service import AsyncDecodeServicer
-        from pdserve.worker_main import serve_worker, worker_services
-        from prefill_worker.publisher import StorePublisher
-        from prefill_worker.service import PrefillServicer
+    """A prefill worker and a decode worker (the real servicers on 127.0.0.1, 4-token blocks,
+    24-token prefill chunks) with one in-process store node, and stubs of both."""
 
+    def __init__(self, path) -> None:
         ecfg = EngineConfig(
             num_kv_blocks=BLOCKS, block_size=4, long_prefill_token_threshold=24, enable_prefix_caching=False
         )
         pe, de = LLMEngine.from_pretrained(path, ecfg), LLMEngine.from_pretrained(path, ecfg)
-        self.store_srv = serve(StoreConfig(node_id="kvs0", layout=engine_layout(pe), capacity_blocks=512))
-        self.store = KVStoreClient(self.store_srv.address)
-        self.transport = AutoTransport(host_id())
-        addr = self.store_srv.address
-        self.pst = WorkerState(WorkerConfig("prefill-s", Role.PREFILL, str(path), addr, engine=ecfg), pe)
-        self.dst = WorkerState(WorkerConfig("decode-s", Role.DECODE, str(path), addr, engine=ecfg), de)
-        self.psvc = PrefillServicer(self.pst, StorePublisher(self.store), self.store, self.transport, None)
-        puller = StorePuller(self.transport, {addr: self.store})
-        self.dsvc = AsyncDecodeServicer(
-            self.dst, puller, KVPullMetrics(CollectorRegistry(), "decode-s"), stream_window_s=0.0
-        )
-        desc = worker_pb2.DESCRIPTOR.services_by_name
-        services, _ = worker_services(self.psvc, Role.PREFILL, None)  # Worker, WorkerAdmin, KVStream
-        self.pserver, pport = serve_worker(services, Role.PREFILL, "127.0.0.1", 0, "prefill-s")
-        self.dserver, dport = serve_worker(
-            [(desc["Worker"], self.dsvc)], Role.DECODE, "127.0.0.1", 0, "decode-s"
-        )
-        self.paddr, self.daddr = f"127.0.0.1:{pport}", f"127.0.0.1:{dport}"
-        self.pst.address, self.dst.address = self.paddr, self.daddr
+        self.node = StoreNode(engine_layout(pe), capacity_blocks=512)
+        self.store, self.transport = self.node.client, self.node.transport
+        pw = serve_prefill("prefill-s", path, pe, ecfg, self.node)
+        dw = serve_decode("decode-s", path, de, ecfg, self.node)
+        self.pst, self.psvc, self.pserver = pw.state, pw.servicer, pw.server
+        self.dst, self.dsvc, self.dserver = dw.state, dw.servicer, dw.server
+        self.paddr, self.daddr = self.pst.address, self.dst.address
         self.pch, self.dch = grpc.insecure_channel(self.paddr), grpc.insecure_channel(self.daddr)
         self.p = worker_pb2_grpc.WorkerStub(self.pch)
         self.d = worker_pb2_grpc.WorkerStub(self.dch)
@@ -81,17 +60,12 @@ class _Pair:
         self.psvc.streams.stop()
         self.pst.close()
         self.dst.close()
-        self.transport.close()
-        self.store.close()
-        self.store_srv.stop(0)
+        self.node.close()
 
     def wait_clean(self, timeout_s: float = 20.0) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
-            used = [
-                st.loop.call(lambda e: e.kv.num_blocks - e.kv.num_free_blocks + len(e._tracked))
-                for st in (self.pst, self.dst)
-            ]
+            used = [blocks_in_use(st) for st in (self.pst, self.dst)]
             leases = self.store.stats().node.num_leases
             streams = self.psvc.streams.live()
             if not any(used) and leases == 0 and not streams:

@@ -9,7 +9,6 @@ Each process logs JSON lines on stderr, which the launcher merges into stdout an
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.request
 import uuid
@@ -21,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pdserve.client import Client
 from pdserve.errors import ModelNotFoundError
 from pdserve.launcher import ClusterSpec, LocalCluster, launch
+from tests.integration.clusters import json_records
 
 pytestmark = pytest.mark.slow
 
@@ -45,16 +45,7 @@ def client(cluster) -> Iterator[Client]:
 
 def records(cluster: LocalCluster, process: str, request_id: str) -> list[dict]:
     """The JSON log records of ``process`` stamped with ``request_id`` (other lines skipped)."""
-    out = []
-    for line in list(cluster.logs[process]):
-        if line.startswith("{"):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("request_id") == request_id:
-                out.append(rec)
-    return out
+    return json_records(cluster, process, request_id=request_id)
 
 
 def wait_logged(
