@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from router.policy import SLO, InstanceRole, PolicyKind
+from simulator.adapters import AdapterConfig, AdapterPopularity, with_adapters
 from simulator.config import (
     CacheConfig,
     ClusterConfig,
@@ -59,6 +60,43 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=float, default=0.9, help="SLO attainment target for goodput")
 
 
+def _adapter_args(p: argparse.ArgumentParser) -> None:
+    """LoRA adapters (simulator.adapters): the catalogue, the workload's mix, the tiers."""
+    p.add_argument(
+        "--adapters",
+        type=int,
+        default=0,
+        help="LoRA adapters every instance serves (lora-0 .. lora-N-1); requests name them (0: base model only)",
+    )
+    p.add_argument(
+        "--adapter-popularity",
+        default=AdapterPopularity.ZIPF.value,
+        choices=[x.value for x in AdapterPopularity],
+        help="how requests pick adapters",
+    )
+    p.add_argument("--adapter-zipf-s", type=float, default=1.0, help="Zipf exponent of adapter popularity")
+    p.add_argument(
+        "--adapter-base-share", type=float, default=0.0, help="share of requests on the base model"
+    )
+    p.add_argument(
+        "--adapter-rank", default="16", help="adapter ranks, comma-separated (adapter i: rank i mod n)"
+    )
+    p.add_argument(
+        "--max-loras", type=int, default=8, help="adapter slots in engine memory per instance (LRU)"
+    )
+    p.add_argument(
+        "--max-cpu-loras", type=int, default=0, help="adapters in host memory per instance (0: all)"
+    )
+    p.add_argument("--adapter-h2d-gbs", type=float, default=25.0, help="host -> device adapter copy, GB/s")
+    p.add_argument("--adapter-disk-gbs", type=float, default=3.0, help="disk -> host adapter read, GB/s")
+    p.add_argument(
+        "--adapter-bytes-per-rank",
+        type=int,
+        default=None,
+        help="bytes of one adapter rank over all targets (default: from the model's shape)",
+    )
+
+
 def _latency_spec(a: argparse.Namespace) -> LatencySpec:
     src = LatencySource(a.latency)
     if a.profile_file and src is LatencySource.AUTO:
@@ -96,6 +134,7 @@ def _cluster(a: argparse.Namespace, lat: LatencySpec) -> ClusterConfig:
     )
     kw["kv_blocks"] = a.kv_blocks
     kw["dispatch_overhead_s"] = getattr(a, "dispatch_overhead_ms", 0.0) / 1e3
+    kw["adapters"] = _adapter_config(a)
     probe = ClusterConfig(lat, (), **kw)
     n = probe.model_len
     mixed_sched = (
@@ -117,6 +156,45 @@ def _cluster(a: argparse.Namespace, lat: LatencySpec) -> ClusterConfig:
     return ClusterConfig(lat, groups, **kw)
 
 
+def _adapter_config(a: argparse.Namespace) -> AdapterConfig | None:
+    """``--adapters N`` and its options -> the cluster's adapters (None when N is 0); ValueError
+    naming the flag."""
+    n = getattr(a, "adapters", 0)
+    if not n:
+        return None
+    if n < 0:
+        raise ValueError(f"--adapters must be >= 0, got {n}")
+    try:
+        ranks = tuple(int(x) for x in a.adapter_rank.split(","))
+    except ValueError:
+        raise ValueError(f"--adapter-rank expects comma-separated integers, got {a.adapter_rank!r}") from None
+    if a.max_cpu_loras < 0:
+        raise ValueError(f"--max-cpu-loras must be >= 0 (0: all in host memory), got {a.max_cpu_loras}")
+    return AdapterConfig(
+        num_adapters=n,
+        ranks=ranks,
+        max_loras=a.max_loras,
+        max_cpu_loras=a.max_cpu_loras or None,
+        host_to_device_gb_s=a.adapter_h2d_gbs,
+        disk_gb_s=a.adapter_disk_gbs,
+        bytes_per_rank=a.adapter_bytes_per_rank,
+    )
+
+
+def _adapter_totals(res) -> str:
+    """One line of the instances' adapter counters (a run with ``--adapters``)."""
+    st = res.instance_stats.values()
+
+    def tot(k: str) -> float:
+        return sum(s.get(k, 0) for s in st)
+
+    return (
+        f"adapters: slot loads {tot('adapter_slot_loads'):.0f}, disk reads {tot('adapter_disk_loads'):.0f}, "
+        f"slot evictions {tot('adapter_slot_evictions'):.0f}, copies {tot('adapter_copy_s'):.3f} s, "
+        f"request wait {tot('adapter_wait_s'):.2f} s"
+    )
+
+
 def cmd_simulate(a: argparse.Namespace) -> int:
     from simulator.goodput import cluster_goodput
     from simulator.metrics import format_summary
@@ -124,9 +202,24 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     from simulator.sim import Simulation
 
     lat = _latency_spec(a)
-    cluster = _cluster(a, lat)
+    try:
+        cluster = _cluster(a, lat)
+        if cluster.adapters is not None and a.goodput:
+            raise ValueError("--goodput with --adapters: the goodput search's workloads name no adapters")
+    except ValueError as e:
+        print(f"pdserve simulate: error: {e}", file=sys.stderr)
+        return 2
     slo = SLO(a.ttft, a.tpot)
     base = named_workload(a.workload, n=a.num_requests, rate=a.rate, seed=a.seed)
+    if cluster.adapters is not None:
+        base = with_adapters(
+            base,
+            cluster.adapters.num_adapters,
+            AdapterPopularity(a.adapter_popularity),
+            zipf_s=a.adapter_zipf_s,
+            base_share=a.adapter_base_share,
+            seed=a.seed,
+        )
     out = _out_dir(a)
     sim = Simulation(cluster, SimConfig(slo=slo, attainment_target=a.target, progress=not a.quiet))
     print(
@@ -154,6 +247,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         res = sim.run(base)
         s = res.summary(slo)
         print(format_summary(s))
+        if cluster.adapters is not None:
+            print(_adapter_totals(res))
         if out:
             res.write_csv(out / "requests.csv")
             (out / "summary.json").write_text(
@@ -517,6 +612,7 @@ def register(subparsers) -> None:
         default=0.0,
         help="fixed per-request serving overhead (router/RPC), added between arrival and submission",
     )
+    _adapter_args(s)
     s.add_argument("--rate", type=float, default=None, help="rescale the workload to this mean rate (req/s)")
     s.add_argument("--rates", default=None, help="comma-separated rates: attainment sweep and plots")
     s.add_argument("--goodput", action="store_true", help="also binary-search goodput")

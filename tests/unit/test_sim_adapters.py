@@ -279,3 +279,31 @@ def test_with_adapters_draws_by_popularity() -> None:
     same = with_adapters(synthetic_wl(2000), 8, AdapterPopularity.ZIPF, zipf_s=1.2, base_share=0.25, seed=0)
     assert [r.adapter for r in same.requests] == names  # seeded
     assert [r.input_len for r in wl.requests] == [r.input_len for r in synthetic_wl(2000).requests]
+
+
+# ----------------------------------------------------------------------------- pdserve simulate
+def test_pdserve_simulate_with_adapters(tmp_path, capsys) -> None:
+    import csv
+    import json
+
+    from pdserve.cli import main
+
+    out = tmp_path / "run"
+    argv = ["simulate", "--model", "llama-2-7b", "--num-requests", "60", "--rate", "4", "--quiet"]
+    extra = ["--instances", "2", "--adapters", "6", "--max-loras", "2", "--max-cpu-loras", "3"]
+    assert main([*argv, *extra, "--adapter-base-share", "0.2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "adapters: slot loads" in text
+    with (out / "requests.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = {r["adapter"] for r in rows}
+    assert "" in names and names - {""} <= {f"lora-{i}" for i in range(6)} and len(names) > 3
+    inst = json.loads((out / "summary.json").read_text())["instances"]
+    assert sum(s["adapter_slot_loads"] for s in inst.values()) > 0
+    # refused settings: a clear error, exit status 2
+    assert main([*argv, "--adapters", "4", "--max-loras", "0"]) == 2
+    assert "max_loras must be >= 1" in capsys.readouterr().err
+    assert main([*argv, "--adapters", "4", "--goodput"]) == 2
+    assert "--goodput with --adapters" in capsys.readouterr().err
+    assert main([*argv, "--adapters", "4", "--adapter-rank", "16,x"]) == 2
+    assert "--adapter-rank" in capsys.readouterr().err
