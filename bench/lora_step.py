@@ -20,15 +20,19 @@ model (default: SmolLM2-135M) are written to a temporary folder and served by on
 
 Timed as this process's CPU time (``time.process_time``) with ``--threads 1`` by default: on a
 shared machine wall time mostly measures the other tenants (``--clock wall`` to use it anyway).
+``--linear`` sets every engine's projection backend (``torch``, ``native``: the fp32 small-batch
+C kernel, ``auto``), the engine without LoRA included, so that the base-model ceiling moves with it.
 
 Usage: python bench/lora_step.py [--model PATH] [--batch 32] [--context 64] [--steps 30]
        [--rank 16] [--per-adapter 1,2,4] [--gen 32] [--repeats 3] [--threads 1] [--clock cpu|wall]
+       [--linear torch|native|auto]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -146,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--part", choices=("all", "step", "throughput"), default="all", help="which measurement(s) to run"
     )
+    ap.add_argument(
+        "--linear",
+        choices=("torch", "native", "auto"),
+        default=None,
+        help="EngineConfig.linear of every engine (engine.models.linear_native; default: env "
+        "PDSERVE_LINEAR, else the engine's default)",
+    )
     return cli_help.apply(ap)
 
 
@@ -169,10 +180,11 @@ def main() -> None:
     lora = LoRAConfig(specs, max_loras=N_ADAPTERS)
     most = max(a.batch, N_ADAPTERS * max(a.per_adapter))  # throughput: all requests of one run at once
     need = (a.context + a.steps + a.gen + 32) * most // 16 + 64
-    ecfg = EngineConfig(num_kv_blocks=need, max_num_seqs=most, max_num_batched_tokens=4096)
+    ecfg = EngineConfig(num_kv_blocks=need, max_num_seqs=most, max_num_batched_tokens=4096, linear=a.linear)
+    linear = a.linear or f"default (PDSERVE_LINEAR={os.environ.get('PDSERVE_LINEAR', 'unset')})"
     print(
         f"model {model.name}, {N_ADAPTERS} adapters of rank {a.rank} on {', '.join(TARGETS)}; "
-        f"threads {a.threads}, clock {a.clock}"
+        f"threads {a.threads}, clock {a.clock}, linear {linear}; load {os.getloadavg()[0]:.1f}"
     )
 
     if a.part in ("all", "step"):
