@@ -137,22 +137,57 @@ class DecodeServicer:
             self.pull_metrics.count_shm_fallbacks(new)
             self.puller.release(handle)
 
-    def _wait_for_blocks(self, num_tokens: int, ctx: grpc.ServicerContext, adapter: str = "") -> None:
-        """Wait (up to the admission timeout) until the engine has blocks for ``num_tokens`` and,
-        with ``adapter``, a LoRA slot for it; ResourceExhaustedError after."""
+    def _admission_deadline(self, ctx: grpc.ServicerContext) -> float:
+        """Monotonic time admission gives up: the admission timeout, or the call's deadline when sooner."""
         limit = self.state.config.admission_timeout_s
         remaining = ctx.time_remaining()
         if remaining is not None and remaining < 1e7:
             limit = min(limit, remaining)
-        deadline = time.monotonic() + limit
+        return time.monotonic() + limit
+
+    def _no_room(self, num_tokens: int, adapter: str) -> ResourceExhaustedError:
+        lora = f" or LoRA slot for adapter {adapter!r}" if adapter else ""
+        return ResourceExhaustedError(
+            f"decode worker {self.state.config.worker_id} has no free KV blocks{lora} for {num_tokens} tokens",
+            retry_after_s=1.0,
+        )
+
+    def _wait_for_blocks(
+        self, num_tokens: int, ctx: grpc.ServicerContext, adapter: str = "", deadline: float | None = None
+    ) -> None:
+        """Wait (up to the admission timeout, or ``deadline``: monotonic) until the engine has
+        blocks for ``num_tokens`` and, with ``adapter``, a LoRA slot for it; ResourceExhaustedError after."""
+        if deadline is None:
+            deadline = self._admission_deadline(ctx)
         while not self.state.loop.call(lambda e: e.can_admit(num_tokens, adapter)):
             if time.monotonic() >= deadline or not ctx.is_active():
-                lora = f" or LoRA slot for adapter {adapter!r}" if adapter else ""
-                raise ResourceExhaustedError(
-                    f"decode worker {self.state.config.worker_id} has no free KV blocks{lora} for {num_tokens} tokens",
-                    retry_after_s=1.0,
-                )
+                raise self._no_room(num_tokens, adapter)
             time.sleep(0.01)
+
+    def _add_when_room(
+        self,
+        rid: str,
+        adder,
+        out: OutputSink | None,
+        num_tokens: int,
+        ctx: grpc.ServicerContext,
+        adapter: str = "",
+    ) -> OutputSink:
+        """:meth:`_add` of an ``adder`` that refuses with ResourceExhaustedError when the engine
+        lacks blocks (or the LoRA slot) for ``num_tokens`` and takes none then
+        (``LLMEngine.import_kv``): one engine round trip when there is room (#12: a decode
+        worker's cost per request; before, a ``can_admit`` check came first, a second round trip).
+        When there is not, it waits as :meth:`_wait_for_blocks` does and tries again, up to the
+        same admission deadline, then fails with the same error."""
+        deadline = self._admission_deadline(ctx)
+        while True:
+            try:
+                return self._add(rid, adder, out)
+            except ResourceExhaustedError:
+                if time.monotonic() >= deadline or not ctx.is_active():
+                    raise self._no_room(num_tokens, adapter) from None
+            self._wait_for_blocks(num_tokens, ctx, adapter, deadline)
+            time.sleep(0.01)  # the check passed but the import did not: do not spin on it
 
     def Decode(
         self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext
@@ -253,7 +288,8 @@ class DecodeServicer:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens but the KV handle holds {handle.num_tokens}"
             )
-        self._wait_for_blocks(len(ids), ctx, req.adapter)
+        # the pull comes first and the import checks for room itself (one engine round trip);
+        # without room the pulled blocks wait here (the lease is released after the pull)
         blocks, pull_s = self._pull(handle)
         first_lp = (
             logprob_from_proto(req.first_token_logprob) if req.HasField("first_token_logprob") else None
@@ -275,7 +311,7 @@ class DecodeServicer:
             )
             immediate["v"] = not e.has_request(rid)  # the first token already ended it
 
-        q = self._add(rid, add, out)
+        q = self._add_when_room(rid, add, out, len(ids), ctx, req.adapter)
         return rid, q, immediate["v"], pull_s
 
     def _admit_local(

@@ -16,6 +16,7 @@ response says ``prompt_tail_pending`` with no handle.
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from collections.abc import Callable
 
@@ -27,7 +28,7 @@ from kv_store.client import KVStoreClient
 from kv_store.convert import handle_to_proto
 from kv_store.tensors import block_tensor
 from kv_store.transport import BlockTransport
-from pdserve.errors import CancelledError, InvalidRequestError
+from pdserve.errors import CancelledError, InternalError, InvalidRequestError
 from pdserve.proto_convert import logprob_to_proto, sampling_from_proto
 from pdserve.tracing import log_event, request_scope
 from pdserve.v1 import common_pb2, worker_pb2
@@ -46,6 +47,33 @@ from prefill_worker.prefix_policy import PrefixDecision, PrefixFetchPolicy
 from prefill_worker.publisher import KVPublisher, StorePublisher
 
 log = logging.getLogger(__name__)
+
+
+class _ExportOnFinish:
+    """The output queue of one prefill (``EngineLoop.add``'s ``out``): when the request's finished
+    output comes (on the engine thread, between steps) its KV is exported (a copy) and its blocks
+    released right there, so :meth:`get` returns ``(output, KVExport)`` and the request costs one
+    wait for the engine loop, not two (#12: a worker's cost per request). A failure (an engine
+    error, an abort) comes as ``(exception, None)``; an export that fails comes as its exception."""
+
+    def __init__(self, engine: LLMEngine, rid: str) -> None:
+        self._engine, self._rid = engine, rid
+        self._q: queue.SimpleQueue[tuple[object, KVExport | None]] = queue.SimpleQueue()
+
+    def put(self, item: object) -> None:  # engine thread
+        if isinstance(item, BaseException) or not getattr(item, "finished", False):
+            self._q.put((item, None))
+            return
+        try:
+            kv = self._engine.export_kv(self._rid)
+            self._engine.release(self._rid)
+        except Exception as e:  # noqa: BLE001 - handed to the Prefill call, which raises it
+            self._q.put((e, None))
+            return
+        self._q.put((item, kv))
+
+    def get(self) -> tuple[object, KVExport | None]:
+        return self._q.get()
 
 
 class PrefillServicer:
@@ -186,27 +214,20 @@ class PrefillServicer:
             return self._prefill_streamed(req, ctx, rid, run_ids, add, t_arrive, group)
         # engine throughput while this request is in it: the engine is busy throughout (ours or others')
         c0, t_added = self.state.engine.prefill_tokens_computed, time.monotonic()
-        q = self.state.loop.add(rid, add)
+        q = self.state.loop.add(rid, add, _ExportOnFinish(self.state.engine, rid))
         done = {"v": False}
         ctx.add_callback(lambda: None if done["v"] else self.state.loop.abort(rid))
-        item = q.get()
+        item, kv = q.get()
         if isinstance(item, BaseException):
             raise item
+        if kv is None:  # an output that did not finish the prefill: none is expected
+            raise InternalError(f"prefill of {rid!r}: the engine's first output did not finish it")
         self.prefix_policy.observe_prefill(
             self.state.engine.prefill_tokens_computed - c0, time.monotonic() - t_added
         )
         if not ctx.is_active():
             raise CancelledError("client went away during prefill")
         t_prefilled = time.monotonic()
-
-        def take(e: LLMEngine) -> KVExport:
-            # the export is a copy of the blocks: they are freed in the same engine command (one
-            # wait for the engine loop per request, not two: #12, a worker's cost per request)
-            kv = e.export_kv(rid)
-            e.release(rid)
-            return kv
-
-        kv = self.state.loop.call(take)
         done["v"] = True
         handle = self.publisher.publish(  # the lease is charged to the request's tenant
             kv, self.state.layout, req.lease_ttl_s or self.state.config.lease_ttl_s, req.tenant

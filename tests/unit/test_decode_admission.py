@@ -1,0 +1,152 @@
+"""Admission costs one engine round trip when there is room (#12): the decode worker's import
+checks for room itself (``LLMEngine.import_kv`` refuses with ResourceExhaustedError, taking
+nothing), and only when it refuses does the worker wait (``can_admit``) and try again, until the
+same admission deadline and with the same error as before. The prefill worker's output queue
+exports the KV and releases the blocks when the finished output comes (one wait, not two)."""
+
+from __future__ import annotations
+
+import queue
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from pdserve.errors import ResourceExhaustedError
+
+
+class _Loop:
+    """EngineLoop's surface, counting round trips; ``room`` says whether the engine has room."""
+
+    def __init__(self, room: list[bool]) -> None:
+        self.room = room  # consumed one per can_admit / import (last value repeats)
+        self.calls = 0
+        self.adds = 0
+        self.engine = SimpleNamespace(can_admit=self._can_admit)
+
+    def _next(self) -> bool:
+        return self.room.pop(0) if len(self.room) > 1 else self.room[0]
+
+    def _can_admit(self, n: int, adapter: str = "") -> bool:
+        return self._next()
+
+    def call(self, fn, timeout_s=None):
+        self.calls += 1
+        return fn(self.engine)
+
+    def add(self, rid, adder, out=None):
+        self.calls += 1
+        self.adds += 1
+        adder(self.engine)
+        return out
+
+
+class _Ctx:
+    def time_remaining(self):
+        return None
+
+    def is_active(self) -> bool:
+        return True
+
+
+def _servicer(loop: _Loop, timeout_s: float = 1.0):
+    from prometheus_client import CollectorRegistry
+
+    from decode_worker.service import DecodeServicer
+    from pdserve.metrics import KVPullMetrics
+    from pdserve.worker_base import Role
+
+    state = SimpleNamespace(
+        config=SimpleNamespace(worker_id="decode-7", role=Role.DECODE, admission_timeout_s=timeout_s),
+        loop=loop,
+    )
+    return DecodeServicer(state, None, KVPullMetrics(CollectorRegistry(), "decode-7"))  # type: ignore[arg-type]
+
+
+def _importer(loop: _Loop, imported: list[str]):
+    def add(e) -> None:
+        if not loop._next():
+            raise ResourceExhaustedError("decode engine has 0 free KV blocks, needs 1", retry_after_s=0.05)
+        imported.append("r")
+
+    return add
+
+
+def test_room_costs_one_round_trip() -> None:
+    loop = _Loop([True])
+    imported: list[str] = []
+    out = object()
+    got = _servicer(loop)._add_when_room("r", _importer(loop, imported), out, 8, _Ctx())
+    assert got is out and imported == ["r"]
+    assert loop.calls == 1  # the import alone: no can_admit round trip before it
+
+
+def test_no_room_waits_then_imports() -> None:
+    # the import refuses, can_admit says no twice then yes, the second import succeeds
+    loop = _Loop([False, False, False, True, True])
+    imported: list[str] = []
+    _servicer(loop)._add_when_room("r", _importer(loop, imported), None, 8, _Ctx())
+    assert imported == ["r"] and loop.adds == 2
+
+
+def test_no_room_until_the_deadline_fails_as_before() -> None:
+    loop = _Loop([False])
+    t0 = time.monotonic()
+    with pytest.raises(
+        ResourceExhaustedError, match="decode worker decode-7 has no free KV blocks for 8 tokens"
+    ):
+        _servicer(loop, timeout_s=0.2)._add_when_room("r", _importer(loop, []), None, 8, _Ctx())
+    assert 0.15 < time.monotonic() - t0 < 5.0
+
+
+def test_import_refused_while_can_admit_says_yes_is_bounded() -> None:
+    # can_admit and the import disagree (e.g. a LoRA slot): retried with a pause, up to the deadline
+    loop = _Loop([False])
+    svc = _servicer(loop, timeout_s=0.2)
+    svc.state.loop.engine.can_admit = lambda n, a="": True
+
+    def refuse(e) -> None:
+        raise ResourceExhaustedError("no LoRA slot is free for adapter 'a'", retry_after_s=0.05)
+
+    with pytest.raises(ResourceExhaustedError, match="LoRA slot for adapter 'a'"):
+        svc._add_when_room("r", refuse, None, 8, _Ctx(), "a")
+    assert loop.adds < 100  # paused between tries, not spinning
+
+
+class _PrefillEngine:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.released: list[str] = []
+
+    def export_kv(self, rid: str) -> str:
+        if self.fail:
+            raise KeyError(rid)
+        return f"kv-{rid}"
+
+    def release(self, rid: str) -> None:
+        self.released.append(rid)
+
+
+def test_prefill_output_queue_exports_and_releases_on_finish() -> None:
+    from prefill_worker.service import _ExportOnFinish
+
+    eng = _PrefillEngine()
+    q = _ExportOnFinish(eng, "p1")  # type: ignore[arg-type]
+    done = SimpleNamespace(finished=True)
+    q.put(done)
+    assert q.get() == (done, "kv-p1") and eng.released == ["p1"]
+
+    err = RuntimeError("aborted")
+    q.put(err)
+    assert q.get() == (err, None)
+
+    failing = _ExportOnFinish(_PrefillEngine(fail=True), "p2")  # type: ignore[arg-type]
+    failing.put(done)
+    item, kv = failing.get()
+    assert isinstance(item, KeyError) and kv is None
+
+    partial = SimpleNamespace(finished=False)
+    q.put(partial)
+    assert q.get() == (partial, None)
+    with pytest.raises(queue.Empty):
+        q._q.get_nowait()
