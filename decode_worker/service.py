@@ -1,8 +1,9 @@
 """Decode worker: the engine in decode role behind the Worker gRPC service.
 
-Decode(request, KVHandle, first token): wait for free blocks (backpressure, bounded by the call's
-deadline and ``admission_timeout_s``), pull the blocks, release the producer's lease, join the
-continuous batch and stream tokens. Abort, client disconnect and deadline all abort the request
+Decode(request, KVHandle, first token): pull the blocks, release the producer's lease, import
+them (the import checks for free blocks itself: one engine round trip when there is room; without
+room the pulled blocks wait for free ones: backpressure, bounded by the call's deadline and
+``admission_timeout_s``), join the continuous batch and stream tokens. Abort, client disconnect and deadline all abort the request
 in the engine, which frees every block.
 
 Decode(request, ``local_prefill``) (conditional disaggregation, colocated serving): no handle;
