@@ -13,6 +13,7 @@ from pdserve import loadgen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench import router_policy_live as bench  # noqa: E402
+from bench.cluster_load import tiny_model  # noqa: E402
 
 
 def _rep(goodput: float, admitted: float, rejected: int = 0) -> loadgen.Report:
@@ -70,10 +71,13 @@ def test_capacity_estimate_on_hand_numbers():
 
 @pytest.mark.slow
 def test_quick_run_two_policies(tmp_path, smollm_path):
+    # the tiny random Llama with SmolLM2's tokenizer: the run's plumbing end to end (clusters,
+    # phases, report, chart); the policies' figures on the real model are the bench's own job
+    model = tiny_model(tmp_path / "model")
     out = tmp_path / "live.json"
     rc = bench.main(
         [
-            "--quick", "--model", str(smollm_path), "--policies", "least_loaded,goodput",
+            "--quick", "--model", str(model), "--policies", "least_loaded,goodput",
             "--prefill", "1", "--decode", "1", "--kv-blocks", "128", "--store-blocks", "256",
             "--rate", "2", "--window-s", "3", "--warmup", "1", "--max-input", "64", "--max-output", "4",
             "--latency-profile", "none", "--out", str(out), "--png", str(tmp_path / "live.png"),
