@@ -8,6 +8,8 @@ interleaved (torch, native, torch, native, ...) so a shared host's load hits bot
 (before and after the cell; streaming ``sum`` over 256 MiB). Printed per cell: torch and native
 ms, each / bound, and native's speedup (torch / native; > 1: native faster).
 
+``--busy N`` runs N busy-loop processes alongside (an oversubscribed host, reproducibly).
+
 ``--engine-ab 256x1,2048x8``: instead, the whole decode step of an engine (SmolLM2, imported
 random KV at that context x batch) with its projections switched between ``nn.Linear`` and
 ``NativeLinear`` (the same weights) every ``--steps`` steps, ``--reps`` times; medians per path.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,9 +30,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.models import linear_native  # noqa: E402
 from engine.models.config import ModelConfig  # noqa: E402
 from engine.models.linear_native import (  # noqa: E402
+    HELPER_SPIN_US,
     NativeLinear,
+    configure_pool,
     kernel,
     kernel_unavailable_reason,
     skinny_linear,
@@ -110,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--check", action="store_true", help="also print max |native - torch| per cell")
     ap.add_argument("--engine-ab", default=None, help="CTXxBATCH,...: whole decode step A/B (see above)")
     ap.add_argument("--steps", type=int, default=8, help="--engine-ab: steps per path per repetition")
+    ap.add_argument(
+        "--busy", type=int, default=0, help="start this many busy-loop processes for the run (load the CPU)"
+    )
+    ap.add_argument("--spin-us", type=float, default=None, help="native pool: helper spin before sleeping")
+    ap.add_argument("--split-min-kb", type=int, default=None, help="native: weights below this use 1 thread")
     return cli_help.apply(ap)
 
 
@@ -120,6 +131,26 @@ def main() -> int:
     if kernel() is None:
         print(f"native kernel unavailable: {kernel_unavailable_reason()}")
         return 1
+    if args.threads or args.spin_us is not None:
+        configure_pool(torch.get_num_threads(), HELPER_SPIN_US if args.spin_us is None else args.spin_us)
+    if args.split_min_kb is not None:
+        linear_native.SPLIT_MIN_BYTES = args.split_min_kb * 1024
+    busy = [
+        subprocess.Popen([sys.executable, "-c", "while 1: pass"], stdin=subprocess.DEVNULL)
+        for _ in range(args.busy)
+    ]
+    try:
+        if busy:
+            time.sleep(1.0)
+            print(f"{len(busy)} busy-loop process(es) running alongside")
+        return _run(args)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.engine_ab:
         print(
             f"engine A/B, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, reps {args.reps}"

@@ -3,8 +3,13 @@
 At decode the batch has a few rows and a projection is a matrix-vector product: its cost is
 reading the weight once. :func:`skinny_linear` streams each fp32 weight row once (AVX2/FMA, or
 whatever ``-march=native`` vectorises the portable loop to), in tiles of 4 weight rows x up to 3
-activation rows held in registers, split over OpenMP threads (torch's pool, see
-:mod:`engine.native_build`) by output rows. Larger batches call ``F.linear`` (BLAS GEMM).
+activation rows held in registers, split by output rows over a
+small thread pool of its own (torch's thread count): the caller and helpers claim chunks of
+weight rows from one atomic counter, helpers sleep on a futex when idle, and the caller waits
+only for chunks a helper has claimed, so a helper the OS has not scheduled costs nothing. An
+OpenMP region (the first version) waits at its barrier for every thread: on an oversubscribed
+host the spinning worker loses its wake-up priority and each call could wait a time slice
+(measured 0.04-0.16x torch at 1 row under load; bench/linear_skinny.py ``--busy``). Larger batches call ``F.linear`` (BLAS GEMM).
 
 :class:`LinearBackend` names the choice (``EngineConfig(linear=...)``, env ``PDSERVE_LINEAR``):
 
@@ -17,10 +22,10 @@ activation rows held in registers, split over OpenMP threads (torch's pool, see
   mixture-of-experts, the kernel builds), else ``torch``.
 
 An engine takes ``EngineConfig.linear``, or when that is None env ``PDSERVE_LINEAR``, else
-``torch`` (:func:`engine_linear`); ``load_model`` defaults to ``torch``.
+``auto`` (:func:`engine_linear`); ``load_model`` defaults to ``torch``.
 
-``native`` asked for explicitly on a model it does not apply to (CUDA, non-fp32, MoE) is refused
-with :class:`UnsupportedLinearError` naming why. The caller (engine.llm_engine) keeps ``torch``
+``native`` asked for explicitly on a model it does not apply to (CUDA, non-fp32, int8 weights,
+MoE) is refused with :class:`UnsupportedLinearError` naming why; ``auto`` takes ``torch`` there. The caller (engine.llm_engine) keeps ``torch``
 for tensor parallelism, LoRA and weight offloading. fp32 sums in another order than BLAS: results
 differ from ``F.linear`` by rounding only (tests/unit/test_linear_native.py).
 """
@@ -42,6 +47,10 @@ log = logging.getLogger(__name__)
 
 # rows up to which the kernel beats F.linear on SmolLM2's shapes (bench/linear_skinny.py)
 NATIVE_MAX_ROWS = 16
+# weights smaller than this are read by the calling thread alone (splitting costs a wake-up)
+SPLIT_MIN_BYTES = 256 * 1024
+# how long an idle helper thread spins for the next call before it sleeps on a futex
+HELPER_SPIN_US = 50.0
 
 
 class UnsupportedLinearError(ValueError):
@@ -66,7 +75,16 @@ class LinearBackend(enum.Enum):
 
 
 _SOURCE = r"""
+#define _GNU_SOURCE
+#include <limits.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
@@ -102,6 +120,7 @@ static inline __attribute__((always_inline)) void tile(
             out[i * N + n0 + j] = s + (bias ? bias[n0 + j] : 0.f);
         }
 }
+#define CPU_RELAX() _mm_pause()
 #else
 static inline __attribute__((always_inline)) void tile(
     const float* restrict x, int64_t K, const float* restrict w, const int MB, const int NB,
@@ -114,6 +133,7 @@ static inline __attribute__((always_inline)) void tile(
             out[i * N + n0 + j] = s + (bias ? bias[n0 + j] : 0.f);
         }
 }
+#define CPU_RELAX() __asm__ __volatile__("" ::: "memory")
 #endif
 
 #define ROWS(NB)                                                                             \
@@ -127,25 +147,183 @@ static inline __attribute__((always_inline)) void tile(
         }                                                                                    \
     }
 
-/* out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); x [M, K], w [N, K], out [M, N], all f32 */
-void f32_linear(const float* x, int64_t M, int64_t K, const float* w, const float* bias, int64_t N,
-                float* out)
+/* output columns [r0, r1) (weight rows) of out = x @ w.T (+ bias); r0 a multiple of 4 or r1 == N.
+   Each output element is computed the same way whatever the range, so any split is bitwise equal. */
+static void rows_range(const float* x, int64_t M, int64_t K, const float* w, const float* bias, int64_t N,
+                       float* out, int64_t r0, int64_t r1)
 {
-    const int64_t nblk = (N + 3) / 4;
-    #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < nblk; b++) {
-        const int64_t n0 = b * 4;
+    int64_t n0 = r0;
+    for (; n0 + 4 <= r1; n0 += 4) {
         const float* wn = w + n0 * K;
-        if (N - n0 >= 4) {
-            ROWS(4)
-        } else {
-            for (int64_t r = n0; r < N; r++) {
-                const int64_t n0 = r;
-                const float* wn = w + r * K;
-                ROWS(1)
-            }
+        ROWS(4)
+    }
+    for (; n0 < r1; n0++) {
+        const float* wn = w + n0 * K;
+        ROWS(1)
+    }
+}
+
+/* ---- a small thread pool that never waits for a helper that is not running ----
+   The caller publishes a job (generation gen, n chunks of weight rows) in one atomic word
+   (gen << 32 | next << 16 | n); the caller and every awake helper claim chunks from it with a CAS
+   and count finished chunks in g_done; the caller then waits only for chunks a helper claimed and
+   is still computing. A helper that is descheduled or asleep simply claims nothing: on an
+   oversubscribed host the call costs at most the single-thread time (plus, rarely, a helper
+   preempted inside one small chunk), instead of a scheduler time slice per call as with a
+   spinning OpenMP barrier. Helpers spin for g_spin_ns after their last job, then sleep on a futex
+   (a sleeping thread keeps its wake-up priority under CFS/EEVDF; a spinning one loses it). */
+#define MAX_HELPERS 15
+#define MAX_CHUNKS 65535
+
+typedef struct {
+    const float* x;
+    const float* w;
+    const float* bias;
+    float* out;
+    int64_t M, K, N, rows;
+} job_t;
+
+static job_t g_job;
+static _Atomic uint64_t g_state;
+static _Atomic int64_t g_done;
+static _Atomic uint32_t g_gen; /* futex word: the latest job's generation */
+static _Atomic int g_sleepers;
+static int g_want = 1;    /* threads asked for (caller included) */
+static int g_started = 0; /* helpers running in this process */
+static long g_spin_ns = 50000;
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t g_start_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int claim(uint32_t gen, int64_t* idx)
+{
+    uint64_t s = atomic_load_explicit(&g_state, memory_order_acquire);
+    for (;;) {
+        if ((uint32_t)(s >> 32) != gen) return 0;
+        const uint64_t next = (s >> 16) & 0xffff, n = s & 0xffff;
+        if (next >= n) return 0;
+        if (atomic_compare_exchange_weak_explicit(&g_state, &s, s + (1u << 16), memory_order_acq_rel,
+                                                  memory_order_acquire)) {
+            *idx = (int64_t)next;
+            return 1;
         }
     }
+}
+
+static int run_chunks(uint32_t gen)
+{
+    int64_t i;
+    int did = 0;
+    while (claim(gen, &i)) {
+        const job_t* j = &g_job; /* read only after a successful claim: job gen is still live */
+        const int64_t r0 = i * j->rows, r1 = r0 + j->rows < j->N ? r0 + j->rows : j->N;
+        rows_range(j->x, j->M, j->K, j->w, j->bias, j->N, j->out, r0, r1);
+        atomic_fetch_add_explicit(&g_done, 1, memory_order_release);
+        did++;
+    }
+    return did;
+}
+
+static long elapsed_ns(const struct timespec* t0)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (t.tv_sec - t0->tv_sec) * 1000000000L + (t.tv_nsec - t0->tv_nsec);
+}
+
+static void* helper_main(void* arg)
+{
+    (void)arg;
+    uint32_t seen = atomic_load(&g_gen);
+    for (;;) {
+        struct timespec t0;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        uint32_t g;
+        unsigned spins = 0;
+        while ((g = atomic_load_explicit(&g_gen, memory_order_acquire)) == seen) {
+            if ((++spins & 255) == 0 && elapsed_ns(&t0) > g_spin_ns) break;
+            CPU_RELAX();
+        }
+        if (g == seen) {
+            atomic_fetch_add(&g_sleepers, 1);
+            syscall(SYS_futex, &g_gen, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+            atomic_fetch_sub(&g_sleepers, 1);
+            continue;
+        }
+        seen = g;
+        run_chunks(g);
+    }
+    return NULL;
+}
+
+static void after_fork_child(void)
+{
+    /* threads do not survive fork: start new helpers lazily in the child */
+    g_started = 0;
+    atomic_store(&g_sleepers, 0);
+    pthread_mutex_init(&g_lock, NULL);
+    pthread_mutex_init(&g_start_lock, NULL);
+}
+
+/* threads (caller included, 1..MAX_HELPERS + 1) and helpers' spin before sleeping (ns) */
+void f32_pool_config(int threads, long spin_ns)
+{
+    g_want = threads < 1 ? 1 : threads > MAX_HELPERS + 1 ? MAX_HELPERS + 1 : threads;
+    g_spin_ns = spin_ns < 0 ? 0 : spin_ns;
+}
+
+static int helpers(void)
+{
+    if (g_started >= g_want - 1) return g_want - 1;
+    pthread_mutex_lock(&g_start_lock);
+    static int atfork = 0;
+    if (!atfork) {
+        pthread_atfork(NULL, NULL, after_fork_child);
+        atfork = 1;
+    }
+    while (g_started < g_want - 1) {
+        pthread_t t;
+        pthread_attr_t a;
+        pthread_attr_init(&a);
+        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&a, 256 * 1024);
+        const int rc = pthread_create(&t, &a, helper_main, NULL);
+        pthread_attr_destroy(&a);
+        if (rc != 0) break;
+        g_started++;
+    }
+    pthread_mutex_unlock(&g_start_lock);
+    return g_started;
+}
+
+/* out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); x [M, K], w [N, K], out [M, N], all f32.
+   min_split_bytes: weights smaller than this run on the calling thread only. */
+void f32_linear(const float* x, int64_t M, int64_t K, const float* w, const float* bias, int64_t N,
+                float* out, int64_t min_split_bytes)
+{
+    /* chunks of about 32 KiB of weight, a multiple of 4 rows, at most MAX_CHUNKS of them */
+    int64_t rows = ((32768 / (K * 4 > 0 ? K * 4 : 1)) + 3) / 4 * 4;
+    if (rows < 4) rows = 4;
+    const int64_t min_rows = ((N + MAX_CHUNKS - 1) / MAX_CHUNKS + 3) / 4 * 4;
+    if (rows < min_rows) rows = min_rows;
+    const int64_t nch = (N + rows - 1) / rows;
+    if (g_want < 2 || nch < 2 || N * K * 4 < min_split_bytes || helpers() < 1 ||
+        pthread_mutex_trylock(&g_lock) != 0) {
+        rows_range(x, M, K, w, bias, N, out, 0, N);
+        return;
+    }
+    g_job = (job_t){x, w, bias, out, M, K, N, rows};
+    atomic_store_explicit(&g_done, 0, memory_order_relaxed);
+    const uint32_t gen = atomic_load(&g_gen) + 1;
+    atomic_store_explicit(&g_state, ((uint64_t)gen << 32) | (uint64_t)nch, memory_order_release);
+    atomic_store(&g_gen, gen);
+    if (atomic_load(&g_sleepers) > 0) syscall(SYS_futex, &g_gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    run_chunks(gen);
+    unsigned spins = 0;
+    while (atomic_load_explicit(&g_done, memory_order_acquire) < nch) {
+        if ((++spins & 1023) == 0) sched_yield(); /* a helper preempted inside a chunk */
+        CPU_RELAX();
+    }
+    pthread_mutex_unlock(&g_lock);
 }
 """
 
@@ -165,10 +343,23 @@ def kernel() -> ctypes.CDLL | None:
         log.info("fp32 linear kernel unavailable (%s): F.linear for every batch", e)
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.f32_linear.argtypes = [p, i64, i64, p, p, i64, p]
+    lib.f32_linear.argtypes = [p, i64, i64, p, p, i64, p, i64]
     lib.f32_linear.restype = None
+    lib.f32_pool_config.argtypes = [ctypes.c_int, ctypes.c_long]
+    lib.f32_pool_config.restype = None
+    lib.f32_pool_config(torch.get_num_threads(), int(HELPER_SPIN_US * 1000))
     _lib = lib
     return lib
+
+
+def configure_pool(threads: int, spin_us: float = HELPER_SPIN_US) -> None:
+    """Use ``threads`` threads per call (the caller and ``threads - 1`` helpers, started on the
+    next call that splits) whose helpers spin ``spin_us`` after a job before sleeping. The
+    default, set when the kernel loads: torch's thread count and :data:`HELPER_SPIN_US`."""
+    lib = kernel()
+    if lib is None:
+        raise RuntimeError(f"fp32 linear kernel unavailable: {_lib_reason}")
+    lib.f32_pool_config(int(threads), int(spin_us * 1000))
 
 
 def kernel_unavailable_reason() -> str | None:
@@ -196,7 +387,14 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = torch.empty(m, n, dtype=torch.float32)
     if m:
         lib.f32_linear(
-            x2.data_ptr(), m, k, w.data_ptr(), None if b is None else b.data_ptr(), n, out.data_ptr()
+            x2.data_ptr(),
+            m,
+            k,
+            w.data_ptr(),
+            None if b is None else b.data_ptr(),
+            n,
+            out.data_ptr(),
+            SPLIT_MIN_BYTES,
         )
     return out.view(*x.shape[:-1], n)
 
@@ -221,11 +419,16 @@ class NativeLinear(nn.Linear):
         return F.linear(x, w, self.bias)
 
 
+DEFAULT_BACKEND = LinearBackend.AUTO
+
+
 def engine_linear(linear: str | None, lora: bool = False, offload: bool = False) -> LinearBackend:
     """The backend an engine asks :func:`engine.models.loader.load_model` for: ``linear``
-    (``EngineConfig.linear``), or if None env ``PDSERVE_LINEAR``, else ``torch``. With LoRA
-    adapters or weight offloading: ``torch`` (``native`` asked for: UnsupportedLinearError)."""
-    lb = LinearBackend.parse(linear if linear is not None else os.environ.get("PDSERVE_LINEAR", "torch"))
+    (``EngineConfig.linear``), or if None env ``PDSERVE_LINEAR``, else :data:`DEFAULT_BACKEND`
+    (``auto``). With LoRA adapters or weight offloading: ``torch`` (``native`` asked for:
+    UnsupportedLinearError)."""
+    env = os.environ.get("PDSERVE_LINEAR", DEFAULT_BACKEND.value)
+    lb = LinearBackend.parse(linear if linear is not None else env)
     if lora or offload:
         if linear is not None and lb is LinearBackend.NATIVE:
             what = "LoRA adapters" if lora else "weight offloading"
@@ -235,17 +438,24 @@ def engine_linear(linear: str | None, lora: bool = False, offload: bool = False)
 
 
 def resolve_linear(
-    linear: str | LinearBackend, cfg: object, dtype: torch.dtype, device: torch.device
+    linear: str | LinearBackend,
+    cfg: object,
+    dtype: torch.dtype,
+    device: torch.device,
+    weight_dtype: str = "float32",
 ) -> LinearBackend:
-    """``TORCH`` or ``NATIVE`` for a model of config ``cfg`` in ``dtype`` on ``device``.
-    ``AUTO``: ``NATIVE`` where it applies and the kernel builds, else ``TORCH``. ``NATIVE`` where
-    it does not apply: UnsupportedLinearError naming why."""
+    """``TORCH`` or ``NATIVE`` for a model of config ``cfg`` in ``dtype`` on ``device`` whose
+    projections are stored as ``weight_dtype`` (:mod:`engine.models.quant`). ``AUTO``: ``NATIVE``
+    where it applies (float32 weights on CPU, not MoE) and the kernel builds, else ``TORCH``.
+    ``NATIVE`` where it does not apply: UnsupportedLinearError naming why."""
     lb = LinearBackend.parse(linear)
     if lb is LinearBackend.TORCH:
         return lb
     why = None
     if device.type != "cpu" or dtype != torch.float32:
         why = f"it needs a float32 model on CPU, got {dtype} on {device.type}"
+    elif weight_dtype != "float32":
+        why = f"it needs weight_dtype float32, got {weight_dtype} (that path has its own kernel)"
     elif getattr(cfg, "moe", None) is not None:
         why = f"mixture-of-experts models ({getattr(cfg, 'model_type', '?')}) keep torch's linear"
     if why is None and kernel() is None:

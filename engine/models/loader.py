@@ -15,7 +15,6 @@ from safetensors import safe_open
 from engine.models.config import ModelConfig
 from engine.models.linear_native import (
     LinearBackend,
-    UnsupportedLinearError,
     apply_native_linear,
     resolve_linear,
 )
@@ -95,9 +94,7 @@ def load_model(
     path = Path(path)
     cfg = ModelConfig.from_path(path)
     check_weight_dtype(wd, cfg, dtype, device, fuse)
-    lb = resolve_linear(linear, cfg, dtype, device)
-    if lb is LinearBackend.NATIVE and wd is not WeightDType.FLOAT32:
-        raise UnsupportedLinearError(f"linear 'native' needs weight_dtype float32, got {wd.value}")
+    lb = resolve_linear(linear, cfg, dtype, device, wd.value)
     cls = model_class(cfg)
     with torch.device("meta"):
         model = cls(cfg, max_positions)

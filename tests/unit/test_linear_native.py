@@ -6,6 +6,8 @@ tokens as the torch engine and transformers, log-probs within 1e-3 (tiny models,
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,6 +86,53 @@ def test_native_linear_takes_the_kernel_only_for_small_fp32_batches(monkeypatch)
     assert len(calls) == 1 and xg.grad is not None
 
 
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (49152, 64), (130, 200)])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_pool_split_is_bitwise_the_single_thread_result(monkeypatch, n, k, rows):
+    """Every output element is computed the same way whichever thread takes its chunk."""
+    g = torch.Generator().manual_seed(n + k + rows)
+    x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    monkeypatch.setattr(ln, "SPLIT_MIN_BYTES", 0)
+    try:
+        ln.configure_pool(1)
+        one = skinny_linear(x, w, b)
+        ln.configure_pool(4, spin_us=0.0)  # more helpers than cores, sleeping between calls
+        for _ in range(3):
+            assert torch.equal(skinny_linear(x, w, b), one)
+        ln.configure_pool(2)
+        assert torch.equal(skinny_linear(x, w, b), one)
+    finally:
+        ln.configure_pool(torch.get_num_threads())
+    torch.testing.assert_close(one, F.linear(x, w, b), atol=1e-5 * k**0.5, rtol=1e-5)
+
+
+def test_pool_concurrent_callers_and_forked_child(monkeypatch):
+    """Two Python threads calling at once (one takes the pool, the other runs alone) and a forked
+    child (the helpers do not survive fork; the child starts its own) both get the right result."""
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(ln, "SPLIT_MIN_BYTES", 0)
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randn(700, 300, generator=g) for _ in range(4)]
+    x = torch.randn(2, 300, generator=g)
+    want = [F.linear(x, w) for w in ws]
+    skinny_linear(x, ws[0])  # helpers started in this process before the fork
+
+    def run(i: int) -> bool:
+        return all(
+            torch.allclose(skinny_linear(x, ws[(i + j) % 4]), want[(i + j) % 4], atol=1e-4)
+            for j in range(200)
+        )
+
+    with ThreadPoolExecutor(2) as ex:
+        assert all(ex.map(run, range(4)))
+    child = multiprocessing.get_context("fork").Process(target=lambda: os._exit(0 if run(0) else 3))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+
+
 def test_backend_refusals_and_resolution():
     with pytest.raises(UnsupportedLinearError, match="one of auto, torch, native; got 'blas'"):
         LinearBackend.parse("blas")
@@ -99,11 +148,15 @@ def test_backend_refusals_and_resolution():
     assert resolve_linear("auto", PLAIN, torch.float32, torch.device("cuda")) is LinearBackend.TORCH
     assert resolve_linear("auto", PLAIN, torch.float32, CPU) is LinearBackend.NATIVE
     assert resolve_linear("torch", PLAIN, torch.float32, CPU) is LinearBackend.TORCH
+    assert resolve_linear("auto", PLAIN, torch.float32, CPU, "int8") is LinearBackend.TORCH
+    with pytest.raises(UnsupportedLinearError, match="weight_dtype float32, got int8"):
+        resolve_linear("native", PLAIN, torch.float32, CPU, "int8")
 
 
 def test_engine_linear_env_lora_offload(monkeypatch):
     monkeypatch.delenv("PDSERVE_LINEAR", raising=False)
-    assert engine_linear(None) is LinearBackend.TORCH
+    assert engine_linear(None) is LinearBackend.AUTO  # the default since the pool (no OpenMP stall)
+    assert engine_linear(None, offload=True) is LinearBackend.TORCH
     monkeypatch.setenv("PDSERVE_LINEAR", "native")
     assert engine_linear(None) is LinearBackend.NATIVE
     assert engine_linear("torch") is LinearBackend.TORCH  # the config wins over the env
@@ -155,7 +208,9 @@ def tiny_engines(tiny_models):
             tiny_models[arch], EngineConfig(**{**cfg.__dict__, "linear": "native"})
         )
         assert type(native.runner.model.lm_head) is NativeLinear
-        torch_eng = LLMEngine.from_pretrained(tiny_models[arch], cfg)
+        torch_eng = LLMEngine.from_pretrained(
+            tiny_models[arch], EngineConfig(**{**cfg.__dict__, "linear": "torch"})
+        )
         assert not any(type(m) is NativeLinear for m in torch_eng.runner.model.modules())
         out[arch] = (native, torch_eng)
     return out
