@@ -267,6 +267,9 @@ def _start(role: str, *args: str) -> tuple[subprocess.Popen, str]:
     line = p.stdout.readline() if p.stdout else ""
     if not line.strip().isdigit():
         p.kill()
+        p.wait(timeout=10)
+        if p.stdout is not None:
+            p.stdout.close()
         raise RuntimeError(f"grpc floor: the {role} process did not start")
     return p, f"127.0.0.1:{int(line)}"
 
@@ -296,6 +299,8 @@ def measure_floor(
         for p in procs.values():
             p.kill()
             p.wait(timeout=10)
+            if p.stdout is not None:
+                p.stdout.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
