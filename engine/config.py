@@ -48,8 +48,9 @@ class EngineConfig:
 
     ``linear`` (:mod:`engine.models.linear_native`): ``torch`` (``F.linear``), ``native`` (a C
     kernel for fp32 CPU projections of up to 16 rows; refused on CUDA, non-fp32, MoE, with tensor
-    parallelism, weight offloading, a ``weight_dtype`` other than float32 or LoRA), ``auto``
-    (native where it applies, else torch); None (default): env ``PDSERVE_LINEAR``, else auto.
+    parallelism, weight offloading or a ``weight_dtype`` other than float32; with LoRA the base
+    projections take it), ``auto`` (native where it applies, else torch); None (default): env
+    ``PDSERVE_LINEAR``, else auto.
 
     ``weight_memory_budget_bytes`` (FlexGen-style weight offloading, :mod:`engine.offload_policy`
     and :mod:`engine.offload`): the device memory the weights may use. None (default): every

@@ -474,7 +474,7 @@ class LLMEngine:
             raise InvalidRequestError(
                 "LoRA adapters are not supported with weight offloading (weight_memory_budget_bytes)"
             )
-        linear = engine_linear(config.linear, lora is not None, config.weight_memory_budget_bytes is not None)
+        linear = engine_linear(config.linear, config.weight_memory_budget_bytes is not None)
         model = load_model(
             path, dtype, device, max_positions=max_len, weight_dtype=config.weight_dtype, linear=linear
         )
@@ -914,7 +914,7 @@ class LLMEngine:
             else:
                 prefill_tokens += s.num_new_tokens
         self.prefill_tokens_computed += prefill_tokens
-        t0 = time.perf_counter()
+        t0 = self.clock()  # the rates are measured on the engine's clock (bench/mlfq_jct.py: CPU time)
         if self.lora is not None:
             self.lora.begin_step(sched.scheduled)
             try:
@@ -930,7 +930,7 @@ class LLMEngine:
             self.runner.swap(SchedulerOutput(swap_in=sched.prefetch_in))
         if sched.disk_in:
             self._disk_read(sched)  # after the swap-ins read the host slots it refills
-        self._observe_step(sched, prefill_tokens, time.perf_counter() - t0)
+        self._observe_step(sched, prefill_tokens, self.clock() - t0)
         self.num_steps += 1
         finished = self.scheduler.update_from_output(sched, self._verified(sched, results))
         if self.draft is not None:  # free the draft KV of finished, preempted and swapped requests

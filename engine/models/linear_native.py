@@ -26,7 +26,8 @@ An engine takes ``EngineConfig.linear``, or when that is None env ``PDSERVE_LINE
 
 ``native`` asked for explicitly on a model it does not apply to (CUDA, non-fp32, int8 weights,
 MoE) is refused with :class:`UnsupportedLinearError` naming why; ``auto`` takes ``torch`` there. The caller (engine.llm_engine) keeps ``torch``
-for tensor parallelism, LoRA and weight offloading. fp32 sums in another order than BLAS: results
+for tensor parallelism and weight offloading; with LoRA the adapters' ``LoRALinear`` wraps the
+``NativeLinear`` base (the low-rank update stays in torch). fp32 sums in another order than BLAS: results
 differ from ``F.linear`` by rounding only (tests/unit/test_linear_native.py).
 """
 
@@ -422,17 +423,19 @@ class NativeLinear(nn.Linear):
 DEFAULT_BACKEND = LinearBackend.AUTO
 
 
-def engine_linear(linear: str | None, lora: bool = False, offload: bool = False) -> LinearBackend:
+def engine_linear(linear: str | None, offload: bool = False) -> LinearBackend:
     """The backend an engine asks :func:`engine.models.loader.load_model` for: ``linear``
     (``EngineConfig.linear``), or if None env ``PDSERVE_LINEAR``, else :data:`DEFAULT_BACKEND`
-    (``auto``). With LoRA adapters or weight offloading: ``torch`` (``native`` asked for:
-    UnsupportedLinearError)."""
+    (``auto``). With weight offloading: ``torch`` (``native`` asked for: UnsupportedLinearError).
+    LoRA adapters take any backend: :class:`engine.lora.layers.LoRALinear` wraps the (native)
+    base projection and adds the low-rank update in torch."""
     env = os.environ.get("PDSERVE_LINEAR", DEFAULT_BACKEND.value)
     lb = LinearBackend.parse(linear if linear is not None else env)
-    if lora or offload:
+    if offload:
         if linear is not None and lb is LinearBackend.NATIVE:
-            what = "LoRA adapters" if lora else "weight offloading"
-            raise UnsupportedLinearError(f"linear 'native' is refused with {what}; use linear='torch'")
+            raise UnsupportedLinearError(
+                "linear 'native' is refused with weight offloading; use linear='torch'"
+            )
         return LinearBackend.TORCH
     return lb
 

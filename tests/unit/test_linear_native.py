@@ -153,16 +153,13 @@ def test_backend_refusals_and_resolution():
         resolve_linear("native", PLAIN, torch.float32, CPU, "int8")
 
 
-def test_engine_linear_env_lora_offload(monkeypatch):
+def test_engine_linear_env_offload(monkeypatch):
     monkeypatch.delenv("PDSERVE_LINEAR", raising=False)
     assert engine_linear(None) is LinearBackend.AUTO  # the default since the pool (no OpenMP stall)
     assert engine_linear(None, offload=True) is LinearBackend.TORCH
     monkeypatch.setenv("PDSERVE_LINEAR", "native")
     assert engine_linear(None) is LinearBackend.NATIVE
     assert engine_linear("torch") is LinearBackend.TORCH  # the config wins over the env
-    assert engine_linear(None, lora=True) is LinearBackend.TORCH
-    with pytest.raises(UnsupportedLinearError, match="LoRA adapters"):
-        engine_linear("native", lora=True)
     with pytest.raises(UnsupportedLinearError, match="weight offloading"):
         engine_linear("native", offload=True)
     monkeypatch.setenv("PDSERVE_LINEAR", "fast")

@@ -105,6 +105,31 @@ def test_tiny_adapters_match_peft(tiny, tiny_engine):
         )
 
 
+def test_lora_on_both_linear_backends_matches_peft(tiny, tiny_engine):
+    """The default engine (linear 'auto') runs each adapted projection's base on the native fp32
+    kernel (LoRALinear wraps NativeLinear; the low-rank update stays in torch); linear 'torch'
+    keeps nn.Linear. Both give peft's greedy tokens."""
+    from engine.lora.layers import LoRALinear
+    from engine.models import linear_native as ln
+
+    _, base, paths, prompts = tiny
+    wrapped = [m for m in tiny_engine.runner.model.modules() if isinstance(m, LoRALinear)]
+    assert wrapped
+    if ln.kernel() is not None:
+        assert all(type(m.base) is ln.NativeLinear for m in wrapped)
+    eng = LLMEngine.from_pretrained(
+        base, EngineConfig(num_kv_blocks=256, linear="torch"), lora=_lora({"all": paths["all"]})
+    )
+    assert all(
+        type(m.base) is torch.nn.Linear for m in eng.runner.model.modules() if isinstance(m, LoRALinear)
+    )
+    ref = peft_reference(base, paths["all"])
+    for p, out in zip(prompts, _run(eng, [(p, "all") for p in prompts], PARAMS), strict=True):
+        want = hf_greedy(ref, p, N_GEN)
+        assert out.token_ids == want
+        assert torch.allclose(_lp(out), hf_logprobs(ref, p, want), atol=LOGPROB_TOL)
+
+
 def test_tiny_adapters_match_merged_weights(tiny, tiny_engine):
     root, base, paths, prompts = tiny
     for name in ("qv", "all"):
