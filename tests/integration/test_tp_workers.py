@@ -33,6 +33,7 @@ def test_tp3_workers_serve_the_whole_engines_output_and_leave_nothing_behind(smo
         )
     )
     followers: list[psutil.Process] = []
+    ref_pool = cf.ThreadPoolExecutor(1)
     try:
         for wid in ("prefill-0", "decode-0"):
             kids = psutil.Process(cl.procs[wid].pid).children()
@@ -42,8 +43,10 @@ def test_tp3_workers_serve_the_whole_engines_output_and_leave_nothing_behind(smo
         prompts = PROMPTS[:8]
         with Client(cl.router_address, timeout=300) as c, cf.ThreadPoolExecutor(8) as ex:
             got = list(ex.map(lambda p: c.complete(p, GREEDY), prompts))
-        # a rank of the prefill worker dies: the worker exits non-zero (to be restarted whole)
+        # a rank of the prefill worker dies: the worker exits non-zero (to be restarted whole);
+        # meanwhile (mostly waiting) the whole engine computes the reference outputs
         followers[0].kill()
+        refs = ref_pool.submit(_whole_engine_tokens, smollm_path, prompts)
         deadline = time.monotonic() + 30
         while cl.procs["prefill-0"].poll() is None:
             assert time.monotonic() < deadline, "the prefill worker kept running without its rank 1"
@@ -51,10 +54,19 @@ def test_tp3_workers_serve_the_whole_engines_output_and_leave_nothing_behind(smo
         assert cl.procs["prefill-0"].returncode == 1
     finally:
         cl.stop()
-    whole = LLMEngine.from_pretrained(smollm_path, EngineConfig(num_kv_blocks=256))
-    for p, r, g in zip(prompts, whole.generate(prompts, GREEDY), got, strict=True):
-        assert g.token_ids == r.token_ids, p
+        ref_pool.shutdown(wait=True)
+    for p, r, g in zip(prompts, refs.result(), got, strict=True):
+        assert g.token_ids == r, p
     deadline = time.monotonic() + 20
     while any(f.is_running() and f.status() != psutil.STATUS_ZOMBIE for f in followers):
         assert time.monotonic() < deadline, "tensor-parallel followers outlived their workers"
         time.sleep(0.2)
+
+
+def _whole_engine_tokens(model, prompts) -> list:
+    """The whole (single-process) engine's greedy token ids of ``prompts``."""
+    whole = LLMEngine.from_pretrained(model, EngineConfig(num_kv_blocks=256))
+    try:
+        return [o.token_ids for o in whole.generate(prompts, GREEDY)]
+    finally:
+        whole.close()
