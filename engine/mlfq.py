@@ -94,3 +94,21 @@ def swap_backoff_iters(num_swaps: int, base_iters: int, max_iters: int) -> int:
     if num_swaps < 1 or base_iters == 0:
         return 0
     return min(base_iters << min(num_swaps - 1, 62), max_iters)
+
+
+def waited_enough(waited_s: float, iteration_s: float | None, wait_iters: int) -> bool:
+    """Whether a queued request that has waited ``waited_s`` (since its arrival or its last
+    step) may preempt a lower-level one: after ``wait_iters`` iterations of ``iteration_s``
+    (the measured iteration time; unknown: at once; ``wait_iters == 0``: at once).
+
+    Ski rental: a preemption costs the victim a swap out and back and its seat until the
+    preemptor is done, while a batch of ``B`` seats with short jobs frees one every few
+    iterations. Waiting a few iterations first lets the seat turnover admit the queued job
+    where it is quick (low load: live, batch 4, MLFQ preempted 80 times where FCFS never did and
+    its mean JCT was 1.17x FCFS's) and costs a short job only those iterations where the queue
+    is long (under sustained load a queued job waits hundreds of iterations under FCFS)."""
+    if wait_iters < 0:
+        raise ValueError(f"wait_iters must be >= 0, got {wait_iters}")
+    if wait_iters == 0 or iteration_s is None:
+        return True
+    return waited_s >= wait_iters * iteration_s

@@ -126,6 +126,10 @@ class SchedulerConfig:
     # doubling with each of its swaps up to the max (engine.mlfq.swap_backoff_iters; 0: off)
     mlfq_swap_backoff_iters: int = 256
     mlfq_swap_backoff_max_iters: int = 512
+    # a queued request preempts a lower level only after waiting this many iterations (measured
+    # iteration time; engine.mlfq.waited_enough): a seat or blocks that free up sooner come
+    # without a preemption (0: preempt at once, as FastServe)
+    mlfq_preempt_wait_iters: int = 8
     # swap-in prefetch: bring the next swapped-out requests in queue order back to the device one
     # step before they run, while seats, free blocks (beyond one per running request) and the
     # step's budget allow (SchedulerOutput.prefetch_in; see Scheduler._prefetch)
@@ -147,6 +151,8 @@ class SchedulerConfig:
                 "mlfq_swap_backoff_iters and mlfq_swap_backoff_max_iters must be >= 0, got "
                 f"{self.mlfq_swap_backoff_iters} and {self.mlfq_swap_backoff_max_iters}"
             )
+        if self.mlfq_preempt_wait_iters < 0:
+            raise ValueError(f"mlfq_preempt_wait_iters must be >= 0, got {self.mlfq_preempt_wait_iters}")
         if not 0 < self.mlfq_swap_watermark <= 1:
             raise ValueError(f"mlfq_swap_watermark must be in (0, 1], got {self.mlfq_swap_watermark}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
@@ -288,6 +294,13 @@ class Scheduler:
         self.num_disk_fallbacks = 0
         self.disk_enabled = True
         self._step_swapped_out: set[str] = set()  # swapped out in this step: not spillable yet
+        # MLFQ: the iteration time on the scheduler's clock (mean interval between schedule()
+        # calls with something running) and the previous call's time, for the preemption wait
+        self.iteration_s: float | None = None
+        self._prev_now: float | None = None
+        self.num_wait_holds = (
+            0  # MLFQ preemptions not made (yet) because the queued one had not waited enough
+        )
 
     def set_swap_rates(self, rates: SwapRates | None) -> None:
         """The measured copy bandwidth and prefill rate the swap-or-recompute choice uses."""
@@ -705,8 +718,9 @@ class Scheduler:
         if mlfq_on:
             assert self.clock is not None
             now = self.clock()
+            self._time_iteration(now)
             self._promote_starving(now)
-            self._mlfq_preempt(out)
+            self._mlfq_preempt(out, now)
         self.running = self._order(self.running)
         kv = self.kv
         running_status = RequestStatus.RUNNING
@@ -896,7 +910,17 @@ class Scheduler:
         n = self._chunk(req.num_tokens, self.config.max_num_batched_tokens) or req.num_tokens
         return self.kv.blocks_needed(n)
 
-    def _mlfq_preempt(self, out: SchedulerOutput) -> None:
+    def _time_iteration(self, now: float) -> None:
+        """Update :attr:`iteration_s`, the mean interval between schedule() calls while requests
+        run (an idle engine's gaps are not iterations)."""
+        prev, self._prev_now = self._prev_now, (now if self.running else None)
+        if prev is None or not self.running:
+            return
+        dt = now - prev
+        if dt > 0:
+            self.iteration_s = dt if self.iteration_s is None else 0.9 * self.iteration_s + 0.1 * dt
+
+    def _mlfq_preempt(self, out: SchedulerOutput, now: float) -> None:
         """Preemptive MLFQ with proactive swap-out: while the best queued request is at a higher
         level than the worst running one and the batch is full or admitting it would take the
         pool past ``mlfq_swap_watermark``, preempt the lowest-level running request whose KV the
@@ -917,6 +941,11 @@ class Scheduler:
                 tight = kv.num_free_blocks - self._queued_need(q) < reserve
                 if not (full or tight):
                     break  # q fits: the admission phase takes it
+                if not mlfq.waited_enough(
+                    now - q.last_served, self.iteration_s, self.config.mlfq_preempt_wait_iters
+                ):
+                    self.num_wait_holds += 1
+                    return  # a seat or blocks may free up first; later queued ones wait behind q
                 worst_first = sorted(lower, key=_MLFQ_KEY, reverse=True)
                 ready = [r for r in worst_first if r.mlfq_protected_until <= self.iteration]
                 victim = next((r for r in ready if self._policy_may_preempt(r, tight)), None)

@@ -3,6 +3,8 @@ requests produce exactly the tokens of an unpreempted run, and no block leaks on
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -112,6 +114,8 @@ def test_mlfq_with_swap_identical(llama, reference):
         mlfq_base_prefill_s=1e-4,
         max_num_seqs=4,
     )
+    # preempt at once (no wait of measured iterations: this test wants swaps on any host load)
+    eng.scheduler.config = dataclasses.replace(eng.scheduler.config, mlfq_preempt_wait_iters=0)
     outs = eng.generate(_prompts(), GREEDY)
     assert eng.stats().num_swap_outs > 0
     # prompts sharing a prefix were all swapped out: their shared blocks went to the host once

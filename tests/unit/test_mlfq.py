@@ -82,6 +82,9 @@ def _sched(clock, blocks=64, host=0, caching=True, rates: SwapRates | None = Non
             "policy": SchedulingPolicy.MLFQ,
             "mlfq_base_prefill_s": 0.05,
             "mlfq_quantum_iters": 2,
+            # these tests check the rules of an immediate preemption; the wait before one:
+            # tests/unit/test_mlfq_wait.py
+            "mlfq_preempt_wait_iters": 0,
             **kw,
         }
     )
