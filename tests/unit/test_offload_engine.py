@@ -18,7 +18,9 @@ from engine.sampling_params import SamplingParams
 from tests.tiny_models import COMMON
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
-BASE = dict(num_kv_blocks=96, block_size=16, max_num_batched_tokens=64)  # chunked prefill too
+# chunked prefill too; linear 'torch': an offloaded model keeps torch's linear (engine_linear), so the
+# resident reference it must equal exactly takes it too (the default 'auto' would round differently)
+BASE = dict(num_kv_blocks=96, block_size=16, max_num_batched_tokens=64, linear="torch")
 NUM_LAYERS = 16  # offloading k layers costs two layer slots: 25% must be more than 2
 
 
@@ -178,7 +180,7 @@ def test_lora_with_offloading_is_refused(deep_llama):
 def test_smollm2_half_offloaded_equals_resident(smollm_path, tmp_path):
     prompts = [[1, 504, 3458, 282, 4649, 314], list(range(100, 160))]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
-    cfg = dict(num_kv_blocks=32, block_size=16, max_num_batched_tokens=128)
+    cfg = dict(num_kv_blocks=32, block_size=16, max_num_batched_tokens=128, linear="torch")  # see BASE
     ref = LLMEngine.from_pretrained(smollm_path, EngineConfig(**cfg))
     model = ref.runner.model
     total = fixed_nbytes(model) + sum(layer_nbytes(x) for x in model.model.layers)
