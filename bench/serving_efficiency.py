@@ -25,7 +25,7 @@ A progress line (requests done) goes to stderr.
 
 Usage: python bench/serving_efficiency.py [--streams 64,256] [--requests-per-stream 4]
        [--max-tokens 32] [--prompt-len 8] [--stream-interval 1] [--stream-window-ms MS]
-       [--modes relay,direct] [--cpus 0,1] [--out PATH]
+       [--modes relay,direct] [--floor on|off] [--cpus 0,1] [--out PATH]
 """
 
 from __future__ import annotations
