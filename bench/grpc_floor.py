@@ -144,25 +144,30 @@ class _Decode(worker_pb2_grpc.WorkerServicer, direct_pb2_grpc.DirectStreamServic
 
 
 class _Router(client_pb2_grpc.GenerateServicer):
-    def __init__(self, prefill: str, decode: str, decode_address: str) -> None:
+    def __init__(self, prefill: str, decode: str, decode_address: str, merged: bool = False) -> None:
         self.prefill = worker_pb2_grpc.WorkerStub(grpc.aio.insecure_channel(prefill))
         self.decode = worker_pb2_grpc.WorkerStub(grpc.aio.insecure_channel(decode))
         self.decode_address = decode_address
+        self.merged = merged  # the first token goes with the redirect (two responses, not three)
 
     async def Generate(self, req, ctx):  # noqa: N802
         rid = req.request_id
         p = await self.prefill.Prefill(worker_pb2.PrefillRequest(request_id=rid))
-        yield client_pb2.GenerateResponse(request_id=rid, token_ids=[p.first_token], text="a")
+        first = client_pb2.GenerateResponse(request_id=rid, token_ids=[p.first_token], text="a")
+        if not self.merged:
+            yield first
         call = self.decode.Decode(
             worker_pb2.DecodeRequest(request_id=rid, kv=p.kv, direct=direct_pb2.DirectGrant(ticket=rid))
         )
         n = 0
         async for m in call:
             if not m.token_ids and not m.HasField("finish"):  # admitted: redirect the client
-                yield client_pb2.GenerateResponse(
-                    request_id=rid,
-                    direct=direct_pb2.DirectRedirect(address=self.decode_address, request_id=rid, ticket=rid),
-                )
+                redirect = direct_pb2.DirectRedirect(address=self.decode_address, request_id=rid, ticket=rid)
+                if self.merged:
+                    first.direct.CopyFrom(redirect)
+                    yield first
+                else:
+                    yield client_pb2.GenerateResponse(request_id=rid, direct=redirect)
             n += len(m.token_ids)
             if m.HasField("finish"):
                 f = common_pb2.Finish()
@@ -182,7 +187,9 @@ async def _serve(a: argparse.Namespace) -> None:
         worker_pb2_grpc.add_WorkerServicer_to_server(d, server)
         direct_pb2_grpc.add_DirectStreamServicer_to_server(d, server)
     else:
-        client_pb2_grpc.add_GenerateServicer_to_server(_Router(a.prefill, a.decode, a.decode), server)
+        client_pb2_grpc.add_GenerateServicer_to_server(
+            _Router(a.prefill, a.decode, a.decode, a.merged_first == "on"), server
+        )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(port, flush=True)
@@ -275,10 +282,17 @@ def _start(role: str, *args: str) -> tuple[subprocess.Popen, str]:
 
 
 def measure_floor(
-    streams: int, requests: int, deltas: int, tokens_per_delta: int = 4, kv_bytes: int = 8192
+    streams: int,
+    requests: int,
+    deltas: int,
+    tokens_per_delta: int = 4,
+    kv_bytes: int = 8192,
+    merged_first: bool = False,
 ) -> FloorResult:
     """Start the four server processes, warm up, drive ``requests`` requests over ``streams``
-    streams, stop them; CPU ms per request of each process (``client``: this one)."""
+    streams, stop them; CPU ms per request of each process (``client``: this one).
+    ``merged_first``: the router sends the first token with the redirect (a variant the cluster
+    does not implement: what one client write less would save)."""
     procs: dict[str, subprocess.Popen] = {}
     try:
         procs["store"], store = _start("store")
@@ -286,7 +300,15 @@ def measure_floor(
         procs["decode"], decode = _start(
             "decode", "--store", store, "--deltas", str(deltas), "--tokens-per-delta", str(tokens_per_delta)
         )
-        procs["router"], router = _start("router", "--prefill", prefill, "--decode", decode)
+        procs["router"], router = _start(
+            "router",
+            "--prefill",
+            prefill,
+            "--decode",
+            decode,
+            "--merged-first",
+            "on" if merged_first else "off",
+        )
         asyncio.run(_drive(router, min(streams, 16), min(streams, 16), 10**6))  # warm-up
         pids = {k: p.pid for k, p in procs.items()}
         pids["client"] = os.getpid()
@@ -312,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--deltas", type=int, default=8, help="direct-stream messages per request")
     ap.add_argument("--tokens-per-delta", type=int, default=4, help="token ids in each delta")
     ap.add_argument("--kv-bytes", type=int, default=8192, help="PutBlocks payload bytes per request")
+    ap.add_argument(
+        "--merged-first",
+        choices=("on", "off"),
+        default="off",
+        help="the router sends the first token with the redirect: two Generate responses, not three "
+        "(a variant pdserve does not implement: what it would save)",
+    )
     ap.add_argument("--role", choices=ROLES, default=None, help="internal: run one server process")
     ap.add_argument("--store", default="", help="internal: the store's address (--role)")
     ap.add_argument("--prefill", default="", help="internal: the prefill server's address (--role)")
@@ -324,10 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.role is not None:
         asyncio.run(_serve(a))
         return 0
-    r = measure_floor(a.streams, a.requests, a.deltas, a.tokens_per_delta, a.kv_bytes)
+    r = measure_floor(
+        a.streams, a.requests, a.deltas, a.tokens_per_delta, a.kv_bytes, merged_first=a.merged_first == "on"
+    )
     per = "  ".join(f"{k} {v:.3f}" for k, v in r.cpu_ms_per_request.items())
     print(
-        f"gRPC floor, {r.streams} streams, {r.requests} requests, {r.deltas} direct messages per request "
+        f"gRPC floor{' (first token with the redirect)' if a.merged_first == 'on' else ''}, "
+        f"{r.streams} streams, {r.requests} requests, {r.deltas} direct messages per request "
         f"({r.wall_s:.2f} s, load {' / '.join(f'{x:.1f}' for x in os.getloadavg())}):"
     )
     print(f"  CPU ms per request: {per}")
