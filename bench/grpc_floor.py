@@ -96,10 +96,12 @@ class _Decode(worker_pb2_grpc.WorkerServicer, direct_pb2_grpc.DirectStreamServic
     """Decode: release the lease, admit (one message), wait for the client's attach, write the
     request's deltas on its Attach call, then the finish to the router."""
 
-    def __init__(self, store: str, deltas: int, tokens_per_delta: int) -> None:
+    def __init__(self, store: str, deltas: int, tokens_per_delta: int, prefill: str = "") -> None:
         self.store = kv_store_pb2_grpc.KVStoreStub(grpc.aio.insecure_channel(store))
         self.deltas, self.tpd = deltas, tokens_per_delta
         self.attached: dict[str, asyncio.Future] = {}
+        # --one-call: the decode worker calls Prefill itself and sends the router the first token
+        self.prefill = worker_pb2_grpc.WorkerStub(grpc.aio.insecure_channel(prefill)) if prefill else None
 
     def _slot(self, rid: str) -> asyncio.Future:
         f = self.attached.get(rid)
@@ -109,6 +111,9 @@ class _Decode(worker_pb2_grpc.WorkerServicer, direct_pb2_grpc.DirectStreamServic
 
     async def Decode(self, req, ctx):  # noqa: N802
         rid = req.request_id
+        if self.prefill is not None:
+            p = await self.prefill.Prefill(worker_pb2.PrefillRequest(request_id=rid))
+            yield worker_pb2.DecodeResponse(request_id=rid, token_ids=[p.first_token], text="a")
         await self.store.Release(kv_store_pb2.ReleaseRequest(lease_id="lease"))
         yield worker_pb2.DecodeResponse(request_id=rid)
         out: asyncio.Queue = await self._slot(rid)  # the client's Attach call's queue
@@ -144,23 +149,36 @@ class _Decode(worker_pb2_grpc.WorkerServicer, direct_pb2_grpc.DirectStreamServic
 
 
 class _Router(client_pb2_grpc.GenerateServicer):
-    def __init__(self, prefill: str, decode: str, decode_address: str, merged: bool = False) -> None:
+    def __init__(
+        self, prefill: str, decode: str, decode_address: str, merged: bool = False, one_call: bool = False
+    ) -> None:
         self.prefill = worker_pb2_grpc.WorkerStub(grpc.aio.insecure_channel(prefill))
         self.decode = worker_pb2_grpc.WorkerStub(grpc.aio.insecure_channel(decode))
         self.decode_address = decode_address
         self.merged = merged  # the first token goes with the redirect (two responses, not three)
+        self.one_call = one_call  # no Prefill call: the decode worker prefills (its first message)
 
     async def Generate(self, req, ctx):  # noqa: N802
         rid = req.request_id
-        p = await self.prefill.Prefill(worker_pb2.PrefillRequest(request_id=rid))
-        first = client_pb2.GenerateResponse(request_id=rid, token_ids=[p.first_token], text="a")
-        if not self.merged:
-            yield first
-        call = self.decode.Decode(
-            worker_pb2.DecodeRequest(request_id=rid, kv=p.kv, direct=direct_pb2.DirectGrant(ticket=rid))
-        )
+        grant = direct_pb2.DirectGrant(ticket=rid)
+        if self.one_call:
+            first = client_pb2.GenerateResponse(request_id=rid)
+            call = self.decode.Decode(worker_pb2.DecodeRequest(request_id=rid, direct=grant))
+        else:
+            p = await self.prefill.Prefill(worker_pb2.PrefillRequest(request_id=rid))
+            first = client_pb2.GenerateResponse(request_id=rid, token_ids=[p.first_token], text="a")
+            if not self.merged:
+                yield first
+            call = self.decode.Decode(worker_pb2.DecodeRequest(request_id=rid, kv=p.kv, direct=grant))
         n = 0
         async for m in call:
+            if self.one_call and n == 0 and m.token_ids and not m.HasField("finish"):  # the first token
+                n += len(m.token_ids)
+                first.token_ids.extend(m.token_ids)
+                first.text = m.text
+                if not self.merged:
+                    yield first
+                continue
             if not m.token_ids and not m.HasField("finish"):  # admitted: redirect the client
                 redirect = direct_pb2.DirectRedirect(address=self.decode_address, request_id=rid, ticket=rid)
                 if self.merged:
@@ -183,12 +201,12 @@ async def _serve(a: argparse.Namespace) -> None:
     elif a.role == "prefill":
         worker_pb2_grpc.add_WorkerServicer_to_server(_Prefill(a.store, a.kv_bytes), server)
     elif a.role == "decode":
-        d = _Decode(a.store, a.deltas, a.tokens_per_delta)
+        d = _Decode(a.store, a.deltas, a.tokens_per_delta, a.prefill if a.one_call == "on" else "")
         worker_pb2_grpc.add_WorkerServicer_to_server(d, server)
         direct_pb2_grpc.add_DirectStreamServicer_to_server(d, server)
     else:
         client_pb2_grpc.add_GenerateServicer_to_server(
-            _Router(a.prefill, a.decode, a.decode, a.merged_first == "on"), server
+            _Router(a.prefill, a.decode, a.decode, a.merged_first == "on", a.one_call == "on"), server
         )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -288,17 +306,27 @@ def measure_floor(
     tokens_per_delta: int = 4,
     kv_bytes: int = 8192,
     merged_first: bool = False,
+    one_call: bool = False,
 ) -> FloorResult:
     """Start the four server processes, warm up, drive ``requests`` requests over ``streams``
     streams, stop them; CPU ms per request of each process (``client``: this one).
     ``merged_first``: the router sends the first token with the redirect (a variant the cluster
-    does not implement: what one client write less would save)."""
+    does not implement: what one client write less would save); ``one_call``: the router makes one
+    call (Decode), the decode worker calls Prefill and sends the router the first token (a variant
+    the cluster does not implement: what one router call less would save)."""
     procs: dict[str, subprocess.Popen] = {}
     try:
         procs["store"], store = _start("store")
         procs["prefill"], prefill = _start("prefill", "--store", store, "--kv-bytes", str(kv_bytes))
         procs["decode"], decode = _start(
-            "decode", "--store", store, "--deltas", str(deltas), "--tokens-per-delta", str(tokens_per_delta)
+            "decode",
+            "--store",
+            store,
+            "--deltas",
+            str(deltas),
+            "--tokens-per-delta",
+            str(tokens_per_delta),
+            *(("--one-call", "on", "--prefill", prefill) if one_call else ()),
         )
         procs["router"], router = _start(
             "router",
@@ -308,6 +336,8 @@ def measure_floor(
             decode,
             "--merged-first",
             "on" if merged_first else "off",
+            "--one-call",
+            "on" if one_call else "off",
         )
         asyncio.run(_drive(router, min(streams, 16), min(streams, 16), 10**6))  # warm-up
         pids = {k: p.pid for k, p in procs.items()}
@@ -341,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the router sends the first token with the redirect: two Generate responses, not three "
         "(a variant pdserve does not implement: what it would save)",
     )
+    ap.add_argument(
+        "--one-call",
+        choices=("on", "off"),
+        default="off",
+        help="the router makes one call per request (Decode; the decode worker calls Prefill and sends "
+        "the router the first token) instead of Prefill then Decode (a variant pdserve does not implement)",
+    )
     ap.add_argument("--role", choices=ROLES, default=None, help="internal: run one server process")
     ap.add_argument("--store", default="", help="internal: the store's address (--role)")
     ap.add_argument("--prefill", default="", help="internal: the prefill server's address (--role)")
@@ -354,11 +391,18 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve(a))
         return 0
     r = measure_floor(
-        a.streams, a.requests, a.deltas, a.tokens_per_delta, a.kv_bytes, merged_first=a.merged_first == "on"
+        a.streams,
+        a.requests,
+        a.deltas,
+        a.tokens_per_delta,
+        a.kv_bytes,
+        merged_first=a.merged_first == "on",
+        one_call=a.one_call == "on",
     )
     per = "  ".join(f"{k} {v:.3f}" for k, v in r.cpu_ms_per_request.items())
     print(
-        f"gRPC floor{' (first token with the redirect)' if a.merged_first == 'on' else ''}, "
+        f"gRPC floor{' (first token with the redirect)' if a.merged_first == 'on' else ''}"
+        f"{' (one router call: Decode, which calls Prefill)' if a.one_call == 'on' else ''}, "
         f"{r.streams} streams, {r.requests} requests, {r.deltas} direct messages per request "
         f"({r.wall_s:.2f} s, load {' / '.join(f'{x:.1f}' for x in os.getloadavg())}):"
     )
