@@ -22,7 +22,13 @@ Each process is this script with ``--role``; :func:`measure_floor` starts them, 
 CPU milliseconds per request of each process (``/proc``). ``bench/serving_efficiency.py`` runs it
 in the same run as the cluster, so each process's figure can be set against its floor.
 
+Two variants pdserve does not implement, to see what a change of pattern would save:
+``--merged-first on`` (the first token sent with the redirect: two Generate responses) and
+``--one-call on`` (the router calls only Decode; the decode worker calls Prefill and sends the
+router the first token).
+
 Usage: python bench/grpc_floor.py [--streams 64] [--requests 512] [--deltas 8] [--kv-bytes 8192]
+       [--merged-first on|off] [--one-call on|off]
 """
 
 from __future__ import annotations
