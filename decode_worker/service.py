@@ -3,8 +3,8 @@
 Decode(request, KVHandle, first token): pull the blocks, release the producer's lease, import
 them (the import checks for free blocks itself: one engine round trip when there is room; without
 room the pulled blocks wait for free ones: backpressure, bounded by the call's deadline and
-``admission_timeout_s``), join the continuous batch and stream tokens. Abort, client disconnect and deadline all abort the request
-in the engine, which frees every block.
+``admission_timeout_s``), join the continuous batch and stream tokens. Abort, client disconnect
+and deadline all abort the request in the engine, which frees every block.
 
 Decode(request, ``local_prefill``) (conditional disaggregation, colocated serving): no handle;
 the engine runs the whole request here and every token is streamed, the first one included

@@ -54,7 +54,9 @@ class _ExportOnFinish:
     output comes (on the engine thread, between steps) its KV is exported (a copy) and its blocks
     released right there, so :meth:`get` returns ``(output, KVExport)`` and the request costs one
     wait for the engine loop, not two (#12: a worker's cost per request). A failure (an engine
-    error, an abort) comes as ``(exception, None)``; an export that fails comes as its exception."""
+    error, an abort) comes as ``(exception, None)``; an export that fails comes as its exception.
+    The export's copy is now inside the prefill's wait, so ``Timing.prefill_s`` includes it (before,
+    ``transfer_s`` did)."""
 
     def __init__(self, engine: LLMEngine, rid: str) -> None:
         self._engine, self._rid = engine, rid
