@@ -117,6 +117,8 @@ class EngineConfig:
     mlfq_swap_watermark: float = 1.0
     mlfq_swap_backoff_iters: int = 256
     mlfq_swap_backoff_max_iters: int = 512
+    # a queued MLFQ request preempts a lower level only after waiting this many iterations (>= 0)
+    mlfq_preempt_wait_iters: int = 8
     attention_backend: str | None = None
     cuda_graph: bool = False
     cuda_graph_max_batch_size: int = 64
@@ -136,6 +138,14 @@ class EngineConfig:
             )
         if isinstance(self.swap_disk_bytes, bool) or not isinstance(self.swap_disk_bytes, int):
             raise ValueError(f"swap_disk_bytes must be an integer, got {self.swap_disk_bytes!r}")
+        if (
+            isinstance(self.mlfq_preempt_wait_iters, bool)
+            or not isinstance(self.mlfq_preempt_wait_iters, int)
+            or self.mlfq_preempt_wait_iters < 0
+        ):
+            raise ValueError(
+                f"mlfq_preempt_wait_iters must be an integer >= 0, got {self.mlfq_preempt_wait_iters!r}"
+            )
         if self.swap_disk_bytes < 0:
             raise ValueError(f"swap_disk_bytes must be >= 0 (0: no disk tier), got {self.swap_disk_bytes}")
         if self.swap_disk_bytes and not self.swap_space_bytes:

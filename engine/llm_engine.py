@@ -222,6 +222,7 @@ class LLMEngine:
                 mlfq_swap_watermark=config.mlfq_swap_watermark,
                 mlfq_swap_backoff_iters=config.mlfq_swap_backoff_iters,
                 mlfq_swap_backoff_max_iters=config.mlfq_swap_backoff_max_iters,
+                mlfq_preempt_wait_iters=config.mlfq_preempt_wait_iters,
                 swap_prefetch=config.swap_prefetch,
             ),
             self.kv,

@@ -142,6 +142,16 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     if a.routers < 1:
         print(f"pdserve serve: --routers must be >= 1, got {a.routers}", file=sys.stderr)
         return 2
+    if a.mlfq_preempt_wait_iters is not None:
+        if a.mlfq_preempt_wait_iters < 0:
+            print(
+                f"pdserve serve: --mlfq-preempt-wait-iters must be >= 0, got {a.mlfq_preempt_wait_iters}",
+                file=sys.stderr,
+            )
+            return 2
+        if a.scheduling_policy != SchedulingPolicy.MLFQ.value:
+            print("pdserve serve: --mlfq-preempt-wait-iters needs --scheduling-policy mlfq", file=sys.stderr)
+            return 2
     if a.tls not in ("on", "off"):
         print(
             "pdserve serve: choose the transport: --tls on (TLS, mutual TLS and a cluster token; "
@@ -179,6 +189,11 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                 *(("--swap-disk", str(a.swap_disk)) if a.swap_disk else ()),
                 *(("--swap-disk-dir", a.swap_disk_dir) if a.swap_disk_dir else ()),
                 *(("--scheduling-policy", a.scheduling_policy) if a.scheduling_policy else ()),
+                *(
+                    ("--mlfq-preempt-wait-iters", str(a.mlfq_preempt_wait_iters))
+                    if a.mlfq_preempt_wait_iters is not None
+                    else ()
+                ),
                 *(
                     ("--weight-budget-gib", str(a.weight_budget_gib))
                     if a.weight_budget_gib is not None
@@ -378,6 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="engine queue order on every worker: priority (then arrival), fcfs, or mlfq (FastServe's "
         "skip-join multi-level feedback queue) (default: the workers' default, priority)",
+    )
+    sv.add_argument(
+        "--mlfq-preempt-wait-iters",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --scheduling-policy mlfq: a queued request preempts a running request of a lower "
+        "level only after waiting N engine iterations (0: at once) (default: the workers' default, 8)",
     )
     sv.add_argument(
         "--weight-budget-gib",

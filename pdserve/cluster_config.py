@@ -126,6 +126,8 @@ class PoolConfig:
     swap_disk_gib: float = 0.0
     swap_disk_dir: str = ""
     scheduling_policy: str = "priority"  # engine queue order: priority, fcfs or mlfq (FastServe)
+    # mlfq only: a queued request preempts a lower level after waiting this many iterations (>= 0)
+    mlfq_preempt_wait_iters: int = 8
     # device memory the weights may use (FlexGen-style offloading: layers beyond it live in host
     # memory and are copied in ahead of use); 0: all weights resident. Not with tp > 1
     weight_budget_gib: float = 0.0
@@ -152,6 +154,7 @@ class PoolConfig:
             swap_disk_bytes=int(self.swap_disk_gib * (1 << 30)),
             swap_disk_dir=self.swap_disk_dir or None,
             scheduling_policy=SchedulingPolicy(self.scheduling_policy),
+            mlfq_preempt_wait_iters=self.mlfq_preempt_wait_iters,
             weight_memory_budget_bytes=int(self.weight_budget_gib * (1 << 30))
             if self.weight_budget_gib
             else None,
@@ -588,6 +591,8 @@ def _check_pool(p: PoolConfig, where: str) -> None:
     policies = [x.value for x in SchedulingPolicy]
     if p.scheduling_policy not in policies:
         raise _err(f"{where}.scheduling_policy", f"must be one of {policies}, got {p.scheduling_policy!r}")
+    if p.mlfq_preempt_wait_iters < 0:
+        raise _err(f"{where}.mlfq_preempt_wait_iters", f"must be >= 0, got {p.mlfq_preempt_wait_iters}")
 
 
 def check_security(c: ClusterConfig) -> ClusterConfig:

@@ -328,6 +328,14 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         "multi-level feedback queue) (default: %(default)s)",
     )
     ap.add_argument(
+        "--mlfq-preempt-wait-iters",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --scheduling-policy mlfq: a queued request preempts a running request of a lower "
+        "level only after waiting N engine iterations (0: at once) (default: the engine's, 8)",
+    )
+    ap.add_argument(
         "--speculative-tokens",
         type=int,
         default=0,
@@ -464,6 +472,11 @@ def parse(
         ap.error("--swap-disk needs --swap-space (the disk tier sits behind the host pool)")
     if a.swap_disk_dir is not None and not a.swap_disk:
         ap.error("--swap-disk-dir needs --swap-disk GIB")
+    if a.mlfq_preempt_wait_iters is not None:
+        if a.mlfq_preempt_wait_iters < 0:
+            ap.error(f"--mlfq-preempt-wait-iters must be >= 0, got {a.mlfq_preempt_wait_iters}")
+        if a.scheduling_policy != SchedulingPolicy.MLFQ.value:
+            ap.error("--mlfq-preempt-wait-iters needs --scheduling-policy mlfq")
     for flag, v in (("--weight-budget-gib", a.weight_budget_gib), ("--weight-host-gib", a.weight_host_gib)):
         if v is not None and not (v >= 0 and math.isfinite(v)):
             ap.error(f"{flag} must be >= 0 GiB, got {v}")
@@ -482,6 +495,11 @@ def parse(
             swap_disk_bytes=int(a.swap_disk * (1 << 30)),
             swap_disk_dir=a.swap_disk_dir,
             scheduling_policy=SchedulingPolicy(a.scheduling_policy),
+            **(
+                {}
+                if a.mlfq_preempt_wait_iters is None
+                else {"mlfq_preempt_wait_iters": a.mlfq_preempt_wait_iters}
+            ),
             num_kv_blocks=a.kv_blocks,
             block_size=a.block_size,
             max_num_seqs=a.max_num_seqs,
