@@ -134,13 +134,18 @@ def part1(args: argparse.Namespace, root: Path) -> float:
     layout = SMOLLM2
     nb = layout.block_nbytes
     n = max(args.dram_blocks + 2 * args.batch, int(args.gib * (1 << 30) // nb))
+    capacity = int(2 * n * nb + (64 << 20))
     cfg = StoreConfig(
         "bench",
         layout,
         args.dram_blocks,
         use_shm=False,
         disk_tier=DiskTierConfig(
-            str(root), int(2 * n * nb + (64 << 20)), segment_bytes=256 << 20, max_pending_blocks=256
+            # 256 MiB segments, smaller for a small --gib (the tier refuses a segment over half its budget)
+            str(root),
+            capacity,
+            segment_bytes=min(256 << 20, capacity // 2),
+            max_pending_blocks=256,
         ),
     )
     store = BlockStore(cfg, InMemoryIndex())
