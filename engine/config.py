@@ -47,7 +47,7 @@ class EngineConfig:
     Refused at load, naming why, where it cannot run.
 
     ``linear`` (:mod:`engine.models.linear_native`): ``torch`` (``F.linear``), ``native`` (a C
-    kernel for fp32 CPU projections of up to 16 rows; refused on CUDA, non-fp32, MoE, with tensor
+    kernel for fp32 CPU projections of up to 8 rows; refused on CUDA, non-fp32, MoE, with tensor
     parallelism, weight offloading or a ``weight_dtype`` other than float32; with LoRA the base
     projections take it), ``auto`` (native where it applies, else torch); None (default): env
     ``PDSERVE_LINEAR``, else auto.

@@ -46,8 +46,11 @@ from engine.native_build import NativeBuildError, build_library
 
 log = logging.getLogger(__name__)
 
-# rows up to which the kernel beats F.linear on SmolLM2's shapes (bench/linear_skinny.py)
-NATIVE_MAX_ROWS = 16
+# rows up to which the kernel beats F.linear on SmolLM2's shapes (bench/linear_skinny.py on a quiet
+# host, 2026-12-06 00:45 UTC, load 0.2-0.5: whole-model speedup 2.08x / 1.45x / 1.01x / 0.89x /
+# 0.79x at 1 / 4 / 8 / 12 / 16 rows; on an oversubscribed host native won at every row count, but a
+# serving host is not meant to be oversubscribed)
+NATIVE_MAX_ROWS = 8
 # weights smaller than this are read by the calling thread alone (splitting costs a wake-up)
 SPLIT_MIN_BYTES = 256 * 1024
 # how long an idle helper thread spins for the next call before it sleeps on a futex
