@@ -12,6 +12,7 @@ from engine.config import EngineConfig
 from engine.scheduler import SchedulingPolicy
 from pdserve.worker_base import Role
 from pdserve.worker_main import parse
+from tests.serve_args import serve_worker_args
 
 BASE = ["--worker-id", "d0", "--model", "/m", "--store", "127.0.0.1:1", "--tls", "off"]
 
@@ -59,27 +60,10 @@ def test_worker_flag_refused(argv, why, capsys) -> None:
     assert why in capsys.readouterr().err
 
 
-def _serve(monkeypatch, argv):
-    import pdserve.cli as cli
-    import pdserve.launcher as launcher
-
-    seen = {}
-
-    def fake_launch(spec):
-        seen["args"] = spec.worker_args
-        raise SystemExit(0)  # stop before anything starts
-
-    monkeypatch.setattr(launcher, "launch", fake_launch)
-    monkeypatch.setattr("pdserve.model_setup.resolve_model_path", lambda m: "/m")
-    try:
-        rc = cli.main(["serve", "--tls", "off", *argv])
-    except SystemExit:
-        rc = None
-    return rc, seen.get("args")
-
-
 def test_serve_forwards_the_flag_to_the_workers(monkeypatch) -> None:
-    rc, args = _serve(monkeypatch, ["--scheduling-policy", "mlfq", "--mlfq-preempt-wait-iters", "0"])
+    rc, args = serve_worker_args(
+        monkeypatch, ["--scheduling-policy", "mlfq", "--mlfq-preempt-wait-iters", "0"]
+    )
     assert args == ("--scheduling-policy", "mlfq", "--mlfq-preempt-wait-iters", "0")
     assert parse([*BASE, *args], Role.DECODE).engine.mlfq_preempt_wait_iters == 0
 
@@ -95,7 +79,7 @@ def test_serve_forwards_the_flag_to_the_workers(monkeypatch) -> None:
     ],
 )
 def test_serve_refuses_a_bad_flag_before_launching(monkeypatch, capsys, argv, why) -> None:
-    rc, args = _serve(monkeypatch, argv)
+    rc, args = serve_worker_args(monkeypatch, argv)
     assert rc == 2 and args is None
     assert why in capsys.readouterr().err
 

@@ -7,6 +7,7 @@ import pytest
 from engine.scheduler import SchedulingPolicy
 from pdserve.worker_base import Role
 from pdserve.worker_main import parse
+from tests.serve_args import serve_worker_args
 
 BASE = ["--worker-id", "d0", "--model", "/m", "--store", "127.0.0.1:1", "--tls", "off"]
 
@@ -129,35 +130,23 @@ def test_ray_pool_bad_weight_budget_is_refused(pool: dict, why: str) -> None:
 
 def test_serve_passes_swap_policy_and_weight_budget_to_the_workers(monkeypatch) -> None:
     """`pdserve serve --swap-space/--scheduling-policy/--weight-budget-gib` become worker flags."""
-    import pdserve.cli as cli
-    import pdserve.launcher as launcher
-
-    seen = {}
-
-    def fake_launch(spec):
-        seen["args"] = spec.worker_args
-        raise SystemExit(0)  # stop before anything starts
-
-    monkeypatch.setattr(launcher, "launch", fake_launch)
-    monkeypatch.setattr("pdserve.model_setup.resolve_model_path", lambda m: "/m")
-    argv = [
-        "serve",
-        "--tls",
-        "off",
-        "--swap-space",
-        "0.5",
-        "--scheduling-policy",
-        "mlfq",
-        "--weight-budget-gib",
-        "0.25",
-        "--swap-disk",
-        "1",
-        "--swap-disk-dir",
-        "/tmp",
-    ]
-    with pytest.raises(SystemExit):
-        cli.main(argv)
-    args = list(seen["args"])
+    rc, args = serve_worker_args(
+        monkeypatch,
+        [
+            "--swap-space",
+            "0.5",
+            "--scheduling-policy",
+            "mlfq",
+            "--weight-budget-gib",
+            "0.25",
+            "--swap-disk",
+            "1",
+            "--swap-disk-dir",
+            "/tmp",
+        ],
+    )
+    assert rc is None  # the launch was reached
+    args = list(args)
     assert args == [
         "--swap-space",
         "0.5",
