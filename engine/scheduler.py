@@ -298,9 +298,8 @@ class Scheduler:
         # calls with something running) and the previous call's time, for the preemption wait
         self.iteration_s: float | None = None
         self._prev_now: float | None = None
-        self.num_wait_holds = (
-            0  # MLFQ preemptions not made (yet) because the queued one had not waited enough
-        )
+        # MLFQ preemptions not made (yet) because the queued one had not waited enough
+        self.num_wait_holds = 0
 
     def set_swap_rates(self, rates: SwapRates | None) -> None:
         """The measured copy bandwidth and prefill rate the swap-or-recompute choice uses."""
