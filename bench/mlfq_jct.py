@@ -228,22 +228,20 @@ def live_engine(path: Path, args: argparse.Namespace, policy: SchedulingPolicy):
     return eng
 
 
-def live_run(eng, w: Workload, tag: str) -> tuple[list[float], dict[str, int]]:
-    """Replays ``w`` against ``eng`` on the engine's clock (a request is added once the clock passes
-    its arrival; while idle on the CPU clock, the clock is advanced to the next arrival, as no work
-    is done meanwhile); returns the JCTs (finish - arrival, seconds) and the engine's preemption
-    counts."""
+def replay(eng, w: Workload, tag: str, on_arrival, step) -> None:
+    """Replays ``w`` against ``eng`` on the engine's clock: a request (id ``{tag}-{i}``, a random
+    prompt of its length, seed 1, greedy, ``max_tokens`` its output length) is added once the clock
+    passes its arrival, after ``on_arrival(rid, request, arrival)`` (``arrival``: on the engine's
+    clock); while idle on the CPU clock the clock is advanced to the next arrival (no work is done
+    meanwhile), on the wall clock it sleeps. ``step()`` runs one engine step (it calls
+    ``eng.step()`` and handles its outputs) while anything is unfinished."""
     import torch
 
     from engine.sampling_params import SamplingParams
 
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, LIVE_VOCAB, (r.input_len,), generator=g).tolist() for r in w.requests]
-    sched = eng.scheduler
-    before = (sched.num_preemptions, sched.num_swap_outs, sched.num_promotions)
     pending = list(range(len(w.requests)))
-    arrival: dict[str, float] = {}
-    jct: list[float] = []
     clock = eng.clock
     cpu = clock is time.process_time
     skipped = 0.0  # CPU clock: idle time skipped (the clock does not run while nothing is to do)
@@ -254,7 +252,7 @@ def live_run(eng, w: Workload, tag: str) -> tuple[list[float], dict[str, int]]:
             i = pending.pop(0)
             r = w.requests[i]
             rid = f"{tag}-{i}"
-            arrival[rid] = t0 + r.arrival_s - skipped
+            on_arrival(rid, r, t0 + r.arrival_s - skipped)
             params = SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
             eng.add_request(rid, prompts[i], params)
         if not eng.has_unfinished():
@@ -263,9 +261,27 @@ def live_run(eng, w: Workload, tag: str) -> tuple[list[float], dict[str, int]]:
             else:
                 time.sleep(max(0.0, min(0.01, w.requests[pending[0]].arrival_s - now)))
             continue
+        step()
+
+
+def live_run(eng, w: Workload, tag: str) -> tuple[list[float], dict[str, int]]:
+    """Replays ``w`` against ``eng`` (:func:`replay`); returns the JCTs (finish - arrival,
+    seconds, on the engine's clock) and the engine's preemption counts."""
+    sched = eng.scheduler
+    before = (sched.num_preemptions, sched.num_swap_outs, sched.num_promotions)
+    arrival: dict[str, float] = {}
+    jct: list[float] = []
+    clock = eng.clock
+
+    def on_arrival(rid: str, _r, at: float) -> None:
+        arrival[rid] = at
+
+    def step() -> None:
         for o in eng.step():
             if o.finished:
                 jct.append(clock() - arrival[o.request_id])
+
+    replay(eng, w, tag, on_arrival, step)
     if len(jct) != len(w.requests):
         raise SystemExit(f"live {tag}: {len(jct)} of {len(w.requests)} requests finished")
     counts = {

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,15 +36,12 @@ def build_parser():
 
 
 def traced_run(eng, w: Workload, tag: str) -> dict:
-    """Replays ``w`` as :func:`mlfq_jct.live_run` does, recording the timeline."""
-    import torch
-
-    from engine.sampling_params import SamplingParams
-
+    """Replays ``w`` as :func:`mlfq_jct.live_run` does (:func:`mlfq_jct.replay`), recording the
+    timeline."""
     sched = eng.scheduler
     captured: list = []
     orig = sched.schedule
-
+    clock = eng.clock
     sched_s = [0.0]
 
     def schedule():
@@ -55,78 +51,60 @@ def traced_run(eng, w: Workload, tag: str) -> dict:
         captured.append(out)
         return out
 
-    clock = eng.clock
-    sched.schedule = schedule
-    g = torch.Generator().manual_seed(1)
-    prompts = [
-        torch.randint(0, mlfq_jct.LIVE_VOCAB, (r.input_len,), generator=g).tolist() for r in w.requests
-    ]
-    pending = list(range(len(w.requests)))
     per: dict[str, dict] = {}
     steps: list[tuple[float, bool, int, int]] = []  # (seconds, swapped, batch, prefill tokens)
     blocks = [0, 0]
-    cpu = clock is time.process_time
-    skipped = 0.0
-    t0 = clock()
-    try:
-        while pending or eng.has_unfinished():
-            now = clock() - t0 + skipped
-            while pending and w.requests[pending[0]].arrival_s <= now:
-                i = pending.pop(0)
-                r = w.requests[i]
-                rid = f"{tag}-{i}"
-                per[rid] = {
-                    "arr": t0 + r.arrival_s - skipped,
-                    "out": r.output_len,
-                    "in": r.input_len,
-                    "run": 0.0,
-                    "stall": 0.0,
-                    "queued": 0.0,
-                    "swapped": 0.0,
-                    "lvl": defaultdict(float),
-                    "first": None,
-                }
-                eng.add_request(
-                    rid, prompts[i], SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
-                )
-            if not eng.has_unfinished():
-                if cpu:
-                    skipped += max(0.0, w.requests[pending[0]].arrival_s - now)
-                else:
-                    time.sleep(max(0.0, min(0.01, w.requests[pending[0]].arrival_s - now)))
+
+    def on_arrival(rid: str, r, at: float) -> None:
+        per[rid] = {
+            "arr": at,
+            "out": r.output_len,
+            "in": r.input_len,
+            "run": 0.0,
+            "stall": 0.0,
+            "queued": 0.0,
+            "swapped": 0.0,
+            "lvl": defaultdict(float),
+            "first": None,
+        }
+
+    def step() -> None:
+        live = list(sched.requests.values())
+        levels = {r.request_id: r.mlfq_level for r in live}
+        ts = clock()
+        outs = eng.step()
+        te = clock()
+        dt = te - ts
+        out = captured[-1]
+        ids = {s.request.request_id for s in out.scheduled}
+        blocks[0] += len(out.swap_out)
+        blocks[1] += len(out.swap_in) + len(getattr(out, "prefetch_in", ()) or ())
+        swapped = bool(out.swap_out or out.swap_in or getattr(out, "prefetch_in", None))
+        steps.append((dt, swapped, len(ids), out.num_prefill_tokens))
+        for r in live:
+            d = per.get(r.request_id)
+            if d is None:
                 continue
-            live = list(sched.requests.values())
-            levels = {r.request_id: r.mlfq_level for r in live}
-            ts = clock()
-            outs = eng.step()
-            te = clock()
-            dt = te - ts
-            out = captured[-1]
-            ids = {s.request.request_id for s in out.scheduled}
-            blocks[0] += len(out.swap_out)
-            blocks[1] += len(out.swap_in) + len(getattr(out, "prefetch_in", ()) or ())
-            swapped = bool(out.swap_out or out.swap_in or getattr(out, "prefetch_in", None))
-            steps.append((dt, swapped, len(ids), out.num_prefill_tokens))
-            for r in live:
-                d = per.get(r.request_id)
-                if d is None:
-                    continue
-                if r.request_id in ids:
-                    d["run"] += dt
-                    if d["first"] is None:
-                        d["first"] = ts - d["arr"]
-                elif r.status is RequestStatus.RUNNING:
-                    d["stall"] += dt
-                elif r.status is RequestStatus.SWAPPED:
-                    d["swapped"] += dt
-                else:
-                    d["queued"] += dt
-                d["lvl"][levels[r.request_id]] += dt
-                d["pre"] = r.num_preemptions
-                d["swaps"] = r.num_swaps
-            for o in outs:
-                if o.finished:
-                    per[o.request_id]["jct"] = te - per[o.request_id]["arr"]
+            if r.request_id in ids:
+                d["run"] += dt
+                if d["first"] is None:
+                    d["first"] = ts - d["arr"]
+            elif r.status is RequestStatus.RUNNING:
+                d["stall"] += dt
+            elif r.status is RequestStatus.SWAPPED:
+                d["swapped"] += dt
+            else:
+                d["queued"] += dt
+            d["lvl"][levels[r.request_id]] += dt
+            d["pre"] = r.num_preemptions
+            d["swaps"] = r.num_swaps
+        for o in outs:
+            if o.finished:
+                per[o.request_id]["jct"] = te - per[o.request_id]["arr"]
+
+    sched.schedule = schedule
+    try:
+        mlfq_jct.replay(eng, w, tag, on_arrival, step)
     finally:
         sched.schedule = orig
     return {"per": per, "steps": steps, "blocks": blocks, "sched_s": sched_s[0]}
