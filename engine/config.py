@@ -62,6 +62,24 @@ class EngineConfig:
     parallelism, a ``weight_dtype`` other than float32, and (at load) LoRA adapters; a budget
     below the minimum is refused at load naming the minimum.
 
+    ``offline_batch`` (an offline throughput job over offloaded weights, FlexGen's large batch):
+    ``max_num_seqs`` becomes the batch size the offload cost model picks
+    (:func:`engine.offload.offline_batch_size`: the smallest batch reaching 90% of the predicted
+    throughput at the bound), with the given ``max_num_seqs`` and the KV pool's block count as
+    the bound; the choice and its predicted step time are logged and kept as
+    ``LLMEngine.offline_batch``. Needs weight offloading (``weight_memory_budget_bytes``);
+    refused with ``scheduling_policy`` MLFQ (an interactive policy) and with ``speculative``.
+
+    ``kv_memory_budget_bytes`` (FlexGen's KV offloading, :mod:`engine.kv_offload` and
+    :func:`engine.offload_policy.place_kv`): the device memory the KV pool may use. None
+    (default): the whole pool is on the device. A budget below the pool keeps the KV of as many
+    decoder layers as fit (less two layer staging buffers) on the device and the KV of the other
+    layers, of every running request, in a host-memory pool; before such a layer runs, the
+    blocks the running requests hold are copied into a staging buffer (the next one while the
+    current layer computes) and the step's new K/V rows are written back after it. Output is
+    identical to the resident pool. The minimum is two layers' KV (refused below it, naming it).
+    Refused with tensor parallelism and ``cuda_graph``.
+
     ``speculative`` (vLLM's ``speculative_config``; :mod:`engine.spec_decode`): None (default),
     no speculation; a :class:`~engine.spec_decode.SpeculativeConfig` with ``SpecMethod.NGRAM``
     drafts up to ``num_speculative_tokens`` tokens per decoding request by prompt lookup and
@@ -108,6 +126,8 @@ class EngineConfig:
     weight_memory_budget_bytes: int | None = None
     weight_host_budget_bytes: int | None = None
     weight_offload_dir: str | None = None
+    offline_batch: bool = False
+    kv_memory_budget_bytes: int | None = None
     speculative: SpeculativeConfig | None = None
     # SchedulingPolicy.MLFQ only (see engine.mlfq; validated by SchedulerConfig)
     mlfq_num_levels: int = 4
@@ -199,6 +219,7 @@ class EngineConfig:
                     f"{self.weight_dtype!r} (the int8 path keeps a float32 copy of each projection on the "
                     "device): use weight_dtype='float32'"
                 )
+        self._check_offload_extras()
         if self.speculative is not None:
             if not isinstance(self.speculative, SpeculativeConfig):
                 raise ValueError(f"speculative must be a SpeculativeConfig or None, got {self.speculative!r}")
@@ -211,6 +232,39 @@ class EngineConfig:
             raise ValueError(
                 f"scheduling_policy must be one of {[p.value for p in SchedulingPolicy]}, "
                 f"got {self.scheduling_policy!r}"
+            )
+
+    def _check_offload_extras(self) -> None:
+        """Validate ``offline_batch`` / ``kv_memory_budget_bytes`` (see the class docstring)."""
+        if not isinstance(self.offline_batch, bool):
+            raise ValueError(f"offline_batch must be a bool, got {self.offline_batch!r}")
+        if self.offline_batch:
+            if self.weight_memory_budget_bytes is None:
+                raise ValueError(
+                    "offline_batch=True sizes the batch for offloaded weights: set weight_memory_budget_bytes"
+                )
+            if self.scheduling_policy is SchedulingPolicy.MLFQ:
+                raise ValueError(
+                    "offline_batch=True is an offline throughput job, scheduling_policy 'mlfq' an "
+                    "interactive one: use scheduling_policy 'fcfs' or 'priority'"
+                )
+            if self.speculative is not None:
+                raise ValueError(
+                    "offline_batch=True is not supported with speculative decoding: set one of them"
+                )
+        v = self.kv_memory_budget_bytes
+        if v is None:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"kv_memory_budget_bytes must be an integer >= 0 or None, got {v!r}")
+        if self.tensor_parallel_size > 1:
+            raise ValueError(
+                "KV offloading (kv_memory_budget_bytes) is not supported with tensor_parallel_size > 1: "
+                "set one of them"
+            )
+        if self.cuda_graph:
+            raise ValueError(
+                "KV offloading (kv_memory_budget_bytes) is not supported with cuda_graph=True: set one of them"
             )
 
     def _check_attention(self) -> None:

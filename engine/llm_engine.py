@@ -34,6 +34,7 @@ from engine.models.config import ModelConfig
 from engine.models.linear_native import engine_linear
 from engine.models.loader import load_model, resolve_dtype
 from engine.offload import OffloadedWeights
+from engine.offload_policy import BatchChoice
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from engine.parallel_sampling import SampleGroup, is_internal_id
 from engine.request import FinishReason, Request, RequestStatus
@@ -170,6 +171,7 @@ class LLMEngine:
                 proposer = NgramProposer(config.speculative)
                 drafter = lambda req, at_most: proposer.propose(req.all_token_ids(), at_most)  # noqa: E731
         self.weight_offload = weight_offload
+        self.offline_batch: BatchChoice | None = None  # EngineConfig.offline_batch's choice
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.model_id = config.model_id or "model"
@@ -489,7 +491,17 @@ class LLMEngine:
                 config.weight_host_budget_bytes,
                 config.weight_offload_dir,
             )
-        return cls(model, mcfg, tok, config, dtype, device, lora=lora, weight_offload=offload)
+        choice = None
+        if offload is not None and config.offline_batch:  # EngineConfig.offline_batch
+            from engine.offload import apply_offline_batch
+
+            kvs = KVShape(
+                mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim, config.block_size, dtype
+            )
+            config, choice = apply_offline_batch(config, offload, num_kv_blocks(config, kvs))
+        eng = cls(model, mcfg, tok, config, dtype, device, lora=lora, weight_offload=offload)
+        eng.offline_batch = choice
+        return eng
 
     @classmethod
     def _tensor_parallel(

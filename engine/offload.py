@@ -20,12 +20,14 @@ run on a side stream; the compute stream waits on an event per copy.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -39,6 +41,11 @@ from engine.offload_policy import (
     pick_offline_batch_size,
     place_weights,
 )
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+
+log = logging.getLogger(__name__)
 
 ALIGN = 64  # byte alignment of every tensor inside a layer's block (any dtype's view is valid)
 
@@ -433,3 +440,28 @@ def offline_batch_size(weights: OffloadedWeights, max_batch: int, efficiency: fl
         max_batch,
         efficiency=efficiency,
     )
+
+
+def apply_offline_batch(
+    config: EngineConfig, weights: OffloadedWeights, num_kv_blocks: int
+) -> tuple[EngineConfig, BatchChoice]:
+    """``config`` with ``max_num_seqs`` set to :func:`offline_batch_size`'s choice for this
+    placement (``EngineConfig.offline_batch``), and the choice. The bound is the given
+    ``max_num_seqs`` and ``num_kv_blocks`` (a running sequence holds at least one block). The
+    choice and its predicted step time are logged."""
+    if not config.offline_batch:
+        raise ValueError("apply_offline_batch needs EngineConfig.offline_batch=True")
+    bound = max(1, min(config.max_num_seqs, num_kv_blocks))
+    choice = offline_batch_size(weights, max_batch=bound)
+    log.info(
+        "offline batch over offloaded weights (%d of %d layers off the device): max_num_seqs %d "
+        "(bound %d), predicted decode step %.2f ms, %.1f seq/s (%.1f seq/s at the bound)",
+        len(weights.offloaded),
+        len(weights.placement.tiers),
+        choice.batch_size,
+        bound,
+        choice.step_s * 1e3,
+        choice.seqs_per_s,
+        choice.max_seqs_per_s,
+    )
+    return replace(config, max_num_seqs=choice.batch_size), choice
