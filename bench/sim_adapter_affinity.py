@@ -1,7 +1,9 @@
 """Adapter affinity in the simulator (issue #16): TTFT and adapter loads of placement policies
-that price an instance's adapter load (the router's cache-aware and goodput policies: nothing
-for an adapter in a slot, the host -> device copy for one in host memory, the disk read + copy
-otherwise) against policies that do not (round robin, least loaded), on the same requests.
+that price when an instance has the adapter ready (the router's cache-aware and goodput policies,
+``router.policy.adapter_cost``: nothing for an adapter in a slot, the host -> device copy for
+one in host memory, the disk read behind the reads queued + copy otherwise, and the wait for a
+slot when every slot is pinned; the cache-aware policies take the least loaded of equally fast
+candidates) against policies that do not (round robin, least loaded), on the same requests.
 
 Cluster: ``--instances`` colocated Llama-2-7B instances on A100 (Vidur profiles from
 ../shared/data/vidur), each serving ``--adapters`` rank-``--rank`` adapters on all 7 projections

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from engine.lora.slots import SlotTable
+from router.policy.adapter_cost import AdapterTiers, adapter_ready_s
 from simulator.models import MODELS, ModelSpec
 from simulator.workload import Workload
 
@@ -168,6 +169,11 @@ def resolve_bytes_per_rank(cfg: AdapterConfig, model: str) -> int:
     return bytes_per_rank(spec, cfg.targets)
 
 
+FULL_WINDOW = 32
+"""Full periods the running mean of :attr:`AdapterResidency.slot_free_s` weighs (an exponential
+mean over about this many once it has seen them: slot turnover changes with the load)."""
+
+
 class Pin(enum.Enum):
     """What :meth:`AdapterResidency.acquire` did."""
 
@@ -201,6 +207,11 @@ class AdapterResidency:
         self.reading: dict[str, float] = {}  # adapter -> when its disk read ends
         self._disk_free_at = 0.0  # one loader thread (the engine's): reads run one after another
         self.stats = AdapterStats()
+        # the mean time a full slot table (every slot pinned) stays full, as a worker measures it
+        # (what its load report gives the router: ``AdapterTiers.slot_free_s``)
+        self._full_since: float | None = None
+        self.slot_free_s = 0.0
+        self._full_samples = 0
 
     def nbytes(self, name: str) -> int:
         return self.cfg.rank_of(name) * self._per_rank
@@ -217,8 +228,8 @@ class AdapterResidency:
         return self.slots.slot_of(name) is not None
 
     def load_s(self, name: str, now: float) -> float:
-        """What the router's view prices (``router.policy.view.adapter_load_time``): 0 in a slot,
-        the copy from host memory, else the rest of a read under way (or a whole read) + the copy."""
+        """The load alone: 0 in a slot, the copy from host memory, else the rest of a read under
+        way (or a whole read) + the copy (no queued reads, no slot wait: :meth:`ready_s`)."""
         if not name or self.in_slot(name):
             return 0.0
         if name in self.host:
@@ -226,6 +237,36 @@ class AdapterResidency:
         end = self.reading.get(name)
         read = self.disk_s(name) if end is None else max(0.0, end - now)
         return read + self.slot_s(name)
+
+    def pinned_slots(self) -> int:
+        """Slots pinned by running requests now."""
+        return sum(1 for n in self.slots.resident() if self.slots.pins(n) > 0)
+
+    def tiers(self, name: str, now: float, slot_waiters: int = 0) -> AdapterTiers:
+        """What this instance's worker reports about its adapter tiers (its heartbeat), with the
+        load times of ``name`` (the simulator knows each adapter's size; a worker reports means).
+        ``slot_waiters``: requests waiting here for a slot or a read."""
+        return AdapterTiers(
+            in_slot=frozenset(self.slots.resident()),
+            in_host=frozenset(self.host),
+            slot_load_s=self.slot_s(name),
+            disk_load_s=self.disk_s(name),
+            slots=self.slots.num_slots,
+            slots_pinned=self.pinned_slots(),
+            slot_waiters=slot_waiters,
+            slot_free_s=self.slot_free_s,
+            reads_queued=len(self.reading),
+        )
+
+    def ready_s(self, name: str, now: float, slot_waiters: int = 0) -> float:
+        """What the router's policy prices for ``name`` here
+        (``router.policy.adapter_cost.adapter_ready_s`` of :meth:`tiers`): the load, the reads
+        queued ahead of its read, and the wait for a slot when every slot is pinned."""
+        if not name or self.in_slot(name):
+            return 0.0
+        end = self.reading.get(name)
+        left = None if end is None else max(0.0, end - now)
+        return adapter_ready_s(name, self.tiers(name, now, slot_waiters), left)
 
     def acquire(self, name: str, now: float) -> tuple[Pin, float]:
         """Pin ``name`` for one request, as ``LoRAManager.acquire``: ``(PINNED, copy seconds)``
@@ -245,6 +286,8 @@ class AdapterResidency:
             self.host.move_to_end(name)
         got = slots.acquire(name)
         assert got is not None
+        if self._full_since is None and self.pinned_slots() >= slots.num_slots:
+            self._full_since = now
         if not got.load:
             return Pin.PINNED, 0.0
         self.stats.slot_loads += 1
@@ -265,8 +308,16 @@ class AdapterResidency:
             self.host.popitem(last=False)
             self.stats.host_evictions += 1
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, now: float | None = None) -> None:
+        """Unpin one request's slot of ``name``; at ``now`` (None: not timed) the end of a full
+        period when that frees the slot of a full table (:attr:`slot_free_s`, a running mean)."""
         self.slots.release(name)
+        since = self._full_since
+        if since is not None and self.slots.pins(name) == 0:
+            self._full_since = None
+            if now is not None:
+                self._full_samples += 1
+                self.slot_free_s += (now - since - self.slot_free_s) / min(self._full_samples, FULL_WINDOW)
 
 
 # ----------------------------------------------------------------------------- workloads

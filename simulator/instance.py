@@ -195,12 +195,13 @@ class SimInstance:
         return n
 
     def adapter_load_s(self, adapter: str) -> float:
-        """Seconds to load LoRA ``adapter`` here before a request using it can run (0: in a slot,
-        the base model, or no adapters configured): what the router's heartbeats price
-        (``AdapterResidency.load_s``)."""
+        """Seconds before a request for LoRA ``adapter`` can run here (0: in a slot, the base
+        model, or no adapters configured): its load, reads queued ahead and the wait for a slot
+        when all are pinned, priced by the router's own code from what a worker's heartbeat
+        reports (``AdapterResidency.ready_s``)."""
         if not adapter or self.adapters is None:
             return 0.0
-        return self.adapters.load_s(adapter, self.loop.now())
+        return self.adapters.ready_s(adapter, self.loop.now(), len(self._lora_waiting))
 
     def try_pin_adapter(self, adapter: str) -> bool:
         """Pin ``adapter`` in a slot for one request (True; its copy, if any, is charged to the
@@ -517,7 +518,7 @@ class SimInstance:
         if self.adapters is not None:
             for r in done:  # finished, or prefilled here: the slot is no longer needed
                 if r.adapter_id:
-                    self.adapters.release(r.adapter_id)
+                    self.adapters.release(r.adapter_id, self.loop.now())
         for r in firsts:
             self._started.discard(r.request_id)
         for r in done:

@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
+from router.policy.adapter_cost import affinity_order
 from router.policy.estimate import TtftEstimator, TtftTable
 from router.policy.protocols import Clock, LatencyEstimator, MonotonicClock
 from router.policy.types import InstanceRole, Observation, Placement, Rejection, RejectReason, RequestInfo
@@ -325,6 +326,8 @@ class LocalCacheAwarePolicy(PlacementPolicy):
         self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
     ) -> Placement:
         table = TtftTable.of(self._require_estimator(), req)
+        if req.adapter:  # equally fast holders of the adapter: the least loaded first
+            candidates = affinity_order(candidates, req.adapter)
         return best_prefill_plan(req, candidates, view.prefix_hits(req.block_hashes), table, remote=False)
 
 
@@ -344,6 +347,8 @@ class GlobalCacheAwarePolicy(PlacementPolicy):
         self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
     ) -> Placement:
         table = TtftTable.of(self._require_estimator(), req)
+        if req.adapter:  # equally fast holders of the adapter: the least loaded first
+            candidates = affinity_order(candidates, req.adapter)
         return best_prefill_plan(req, candidates, view.prefix_hits(req.block_hashes), table, remote=True)
 
 

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from engine.block_hash import BlockHash
+from router.policy.adapter_cost import AdapterTiers, adapter_ready_s
 from router.policy.types import InstanceRole
 
 
@@ -49,21 +50,21 @@ class InstanceView(Protocol):
     def cached_prefix_blocks(self, hashes: Sequence[BlockHash]) -> int: ...
 
     def adapter_load_s(self, adapter: str) -> float:
-        """Seconds to load LoRA ``adapter`` before a request using it can run here (0: resident
-        in an engine slot, or unknown)."""
+        """Seconds before a request using LoRA ``adapter`` can run here (0: resident in an engine
+        slot, or unknown): its load, the disk reads queued ahead of it and the wait for a slot
+        when every slot is pinned (``router.policy.adapter_cost.adapter_ready_s``)."""
         ...
 
 
 def adapter_load_time(
     adapter: str, in_slot: frozenset[str], in_host: frozenset[str], slot_s: float, disk_s: float
 ) -> float:
-    """Pure: what loading ``adapter`` costs on an instance: nothing when it is in an engine slot,
-    a host -> slot copy (``slot_s``) when in host memory, a disk read and the copy otherwise
-    (``disk_s + slot_s``; measured running means, 0 when not measured yet). The base model ("")
-    costs nothing."""
-    if not adapter or adapter in in_slot:
-        return 0.0
-    return slot_s if adapter in in_host else disk_s + slot_s
+    """Pure: what loading ``adapter`` costs on an instance whose adapter tiers are idle: nothing
+    when it is in an engine slot, a host -> slot copy (``slot_s``) when in host memory, a disk
+    read and the copy otherwise (``disk_s + slot_s``; measured running means, 0 when not
+    measured yet). The base model ("") costs nothing. :func:`adapter_ready_s` with no reads
+    queued and free slots."""
+    return adapter_ready_s(adapter, AdapterTiers(in_slot, in_host, slot_s, disk_s))
 
 
 @dataclass(frozen=True)
@@ -89,15 +90,31 @@ class InstanceSnapshot:
     adapters_in_host: frozenset[str] = field(default_factory=frozenset)
     adapter_slot_load_s: float = 0.0
     adapter_disk_load_s: float = 0.0
+    # how busy the adapter tiers are (``router.policy.adapter_cost.AdapterTiers``; 0: not reported)
+    adapter_slots: int = 0
+    adapter_slots_pinned: int = 0
+    adapter_slot_waiters: int = 0
+    adapter_slot_free_s: float = 0.0
+    adapter_reads_queued: int = 0
 
-    def adapter_load_s(self, adapter: str) -> float:
-        return adapter_load_time(
-            adapter,
+    def adapter_tiers(self) -> AdapterTiers:
+        """This instance's reported adapter state as the pure pricing takes it."""
+        return AdapterTiers(
             self.adapters_in_slot,
             self.adapters_in_host,
             self.adapter_slot_load_s,
             self.adapter_disk_load_s,
+            self.adapter_slots,
+            self.adapter_slots_pinned,
+            self.adapter_slot_waiters,
+            self.adapter_slot_free_s,
+            self.adapter_reads_queued,
         )
+
+    def adapter_load_s(self, adapter: str) -> float:
+        if not adapter or adapter in self.adapters_in_slot:
+            return 0.0
+        return adapter_ready_s(adapter, self.adapter_tiers())
 
     def cached_prefix_blocks(self, hashes: Sequence[BlockHash]) -> int:
         n = 0
