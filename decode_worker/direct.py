@@ -51,8 +51,7 @@ from typing import Any
 
 import grpc
 
-from decode_worker.messages import decode_message
-from decode_worker.service import _ready
+from engine.engine_loop import OutputItem
 from pdserve.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -61,7 +60,7 @@ from pdserve.errors import (
     PermissionDeniedError,
     ResourceExhaustedError,
 )
-from pdserve.proto_convert import name_logprob_tokens
+from pdserve.proto_convert import finish_to_proto, logprob_to_proto, name_logprob_tokens
 from pdserve.status import status_for
 from pdserve.ticket import TicketSigner, check_claims, decode_unverified
 from pdserve.tracing import log_event
@@ -122,6 +121,90 @@ class _Conn:
 def _code_of(exc: BaseException) -> tuple[int, str]:
     st = status_for(exc)
     return st.code.value[0], st.details
+
+
+class _Feed:
+    """The engine outputs of one direct request, taken as the decode worker's inbox hands them
+    to the event loop (``_LoopQueue.divert``; called once per output, never blocks): tokens, text
+    and logprobs go into the request's slot (its connection is marked: one write per wake-up for
+    all of its requests), token ids and their times into the router's next progress message, and
+    :meth:`DirectStreams.serve` is woken only when it has something to send or raise: the finish,
+    a failure, or tokens once ``interval`` has passed since the last progress message (checked as
+    tokens come, as a message-per-token loop would). Outputs after the finish or a failure, or
+    once ``closed``, are dropped."""
+
+    def __init__(
+        self,
+        streams: DirectStreams,
+        slot: _Slot,
+        loop: asyncio.AbstractEventLoop,
+        count_finished: Callable[[], None],
+        with_text: bool,
+        token_bytes: Callable[[int], bytes] | None,
+        interval: float,
+    ) -> None:
+        self.streams, self.slot, self.loop = streams, slot, loop
+        self.count_finished, self.with_text, self.token_bytes = count_finished, with_text, token_bytes
+        self.t_admitted = loop.time()
+        self.due = self.t_admitted + interval  # progress goes when tokens are here by then
+        self.progress: list[int] = []
+        self.offsets: list[float] = []  # of the progress tokens, seconds after admission
+        self.cached: int | None = None  # num_cached_tokens of the first output with tokens
+        self.sent_cached = True  # local_prefill: False until a message carried num_cached_tokens
+        self.finish: common_pb2.Finish | None = None
+        self.failure: BaseException | None = None
+        self.closed = False
+        self._wake: asyncio.Future[None] | None = None
+
+    def progress_due(self) -> bool:
+        return bool(self.progress) and self.loop.time() >= self.due
+
+    def wait(self) -> asyncio.Future[None]:
+        self._wake = self.loop.create_future()
+        return self._wake
+
+    def _signal(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def __call__(self, item: OutputItem) -> None:
+        if self.closed or self.finish is not None or self.failure is not None:
+            return
+        slot = self.slot
+        if isinstance(item, BaseException):
+            self.failure = item
+            self.streams._push(slot, None, item)
+            self._signal()
+            return
+        toks = item.new_token_ids
+        if not toks and not item.finished:
+            return
+        if self.cached is None:
+            self.cached = max(0, item.num_cached_tokens)
+        if toks:
+            slot.tokens.extend(toks)
+            self.progress.extend(toks)
+            now = self.loop.time()
+            self.offsets.extend([now - self.t_admitted] * len(toks))
+        if self.with_text:
+            slot.text.append(item.text_delta)
+        if item.logprobs:
+            lps = [logprob_to_proto(lp) for lp in item.logprobs]
+            if self.token_bytes is not None:
+                name_logprob_tokens(lps, self.token_bytes)  # as the router does for a relay
+            slot.logprobs.extend(lps)
+        if item.finished:
+            self.count_finished()
+            f = common_pb2.Finish(reason=finish_to_proto(item.finish_reason))
+            if item.stop_reason is not None:
+                f.stop = str(item.stop_reason)
+            self.finish = f
+            slot.done = True
+            self._signal()
+        elif toks and now >= self.due:
+            self._signal()
+        if slot.conn is not None:
+            slot.conn.mark(slot)
 
 
 class DirectStreams:
@@ -223,55 +306,51 @@ class DirectStreams:
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         """The router's side of direct request ``rid`` (admitted; ``out``: its output queue, a
         ``_LoopQueue``): one message with no tokens (admitted), progress messages, the finish
-        (with the last token ids). The deltas go to the client's connection. Raises the failure
-        that ended the request (engine error, not attached in time, client detached)."""
+        (with the last token ids). The deltas go to the client's connection: after the admission
+        message ``out`` is diverted to a :class:`_Feed`, which puts each engine output in the
+        request's slot as the inbox hands it over (no task wakes per token); this generator wakes
+        only to send the router progress, the finish, or to raise the failure that ended the
+        request (engine error, not attached in time, client detached)."""
         slot = self._register(rid, req.direct.ticket, req.tenant, lambda e: out.put_nowait(e))
         interval = req.direct.progress_interval_s or DEFAULT_PROGRESS_INTERVAL_S
         loop = asyncio.get_running_loop()
+        feed = _Feed(self, slot, loop, count_finished, with_text, token_bytes, interval)
+        feed.sent_cached = not req.local_prefill
         ended = False
         try:
             yield worker_pb2.DecodeResponse(request_id=rid, kv_pull_s=pull_s, direct_address=self.address)
-            progress: list[int] = []
-            offsets: list[float] = []  # of the progress tokens, after the admission message
-            t_admitted = last = loop.time()
-            cached: int | None = None  # local_prefill: the prompt tokens the prefix cache gave
-            sent_cached = not req.local_prefill
+            feed.t_admitted = loop.time()
+            feed.due = feed.t_admitted + interval
+            out.divert(feed)
             while True:
-                batch = _ready([await out.get()], out.get_nowait, asyncio.QueueEmpty)
-                msg, failure = decode_message(rid, batch, count_finished, with_text=with_text)
-                if msg is not None and msg.logprobs and token_bytes is not None:
-                    name_logprob_tokens(msg.logprobs, token_bytes)  # as the router does for a relay
-                self._push(slot, msg, failure)
-                if msg is not None and cached is None and not sent_cached:
-                    first = next(
-                        i
-                        for i in batch
-                        if not isinstance(i, BaseException) and (i.new_token_ids or i.finished)
-                    )
-                    cached = max(0, first.num_cached_tokens)
-                if msg is not None:
-                    progress.extend(msg.token_ids)
-                    offsets.extend([loop.time() - t_admitted] * len(msg.token_ids))
-                    if msg.HasField("finish"):
-                        ended = True
-                        m = worker_pb2.DecodeResponse(
-                            request_id=rid, token_ids=progress, token_offsets_s=offsets, finish=msg.finish
-                        )
-                        if not sent_cached:
-                            m.num_cached_tokens = cached or 0
-                        yield m
-                        return
-                if failure is not None:
+                if feed.finish is None and feed.failure is None and not feed.progress_due():
+                    await feed.wait()
+                if feed.finish is not None:
                     ended = True
-                    raise failure
-                if progress and loop.time() - last >= interval:
-                    m = worker_pb2.DecodeResponse(request_id=rid, token_ids=progress, token_offsets_s=offsets)
-                    if not sent_cached:
-                        m.num_cached_tokens, sent_cached = cached or 0, True
-                    progress, offsets = [], []
+                    m = worker_pb2.DecodeResponse(
+                        request_id=rid,
+                        token_ids=feed.progress,
+                        token_offsets_s=feed.offsets,
+                        finish=feed.finish,
+                    )
+                    if not feed.sent_cached:
+                        m.num_cached_tokens = feed.cached or 0
                     yield m
-                    last = loop.time()
+                    return
+                if feed.failure is not None:
+                    ended = True
+                    raise feed.failure
+                if feed.progress_due():
+                    m = worker_pb2.DecodeResponse(
+                        request_id=rid, token_ids=feed.progress, token_offsets_s=feed.offsets
+                    )
+                    if not feed.sent_cached:
+                        m.num_cached_tokens, feed.sent_cached = feed.cached or 0, True
+                    feed.progress, feed.offsets = [], []
+                    yield m
+                    feed.due = loop.time() + interval
         finally:
+            feed.closed = True  # later outputs (the request is being aborted) are dropped
             if not ended:  # the router's call ended first (cancelled, its deadline): tell the client
                 self._push(slot, None, CancelledError(f"request {rid}: its router call ended"))
             if slot.conn is None and slot.done and not self._waits_attach(slot):

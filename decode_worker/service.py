@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -387,21 +387,40 @@ class _LoopInbox:
     """Outputs handed from the engine thread to one event loop for many streams: the first
     output of a burst schedules one drain on the loop (``call_soon_threadsafe``, a wake-up of the
     loop), the rest of the burst (the other streams of the same engine step) join it, so a step
-    that produced a token for each of N streams costs one wake-up, not N. ``put`` never blocks
-    the engine (a short lock, never held while the loop runs a stream)."""
+    that produced a token for each of N streams costs one wake-up, not N. Registered with the
+    engine loop (``EngineLoop.batchers``), it is held while a step hands out its outputs and
+    schedules the drain when released: the loop is not woken part-way through a step (the
+    wake-up's syscall lets the loop thread take the GIL from the engine thread). ``put`` never
+    blocks the engine (a short lock, never held while the loop runs a stream)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue[OutputItem], OutputItem]] = []
         self._scheduled = False
+        self._held = False
 
-    def put(self, q: asyncio.Queue[OutputItem], item: OutputItem) -> None:  # engine thread
+    def hold(self) -> None:  # engine thread, before a step's outputs
         with self._lock:
-            self._items.append((q, item))
-            if self._scheduled:
+            self._held = True
+
+    def release(self) -> None:  # engine thread, after a step's outputs
+        with self._lock:
+            self._held = False
+            if self._scheduled or not self._items:
                 return
             self._scheduled = True
+        self._schedule()
+
+    def put(self, q: asyncio.Queue[OutputItem], item: OutputItem) -> None:  # any thread
+        with self._lock:
+            self._items.append((q, item))
+            if self._scheduled or self._held:
+                return
+            self._scheduled = True
+        self._schedule()
+
+    def _schedule(self) -> None:
         try:
             self._loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the loop closed (shutting down): nobody reads
@@ -425,11 +444,22 @@ class _LoopQueue:
         self._inbox = inbox
         self._q: asyncio.Queue[OutputItem] = asyncio.Queue()
         self._end: asyncio.Future[None] | None = None  # a waiter for an item that ends the request
+        self._sink: Callable[[OutputItem], None] | None = None  # divert: items go here instead
 
     def put(self, item: OutputItem) -> None:  # engine thread
         self._inbox.put(self, item)
 
+    def divert(self, sink: Callable[[OutputItem], None]) -> None:
+        """From now on hand every item to ``sink`` (event loop, in the inbox's drain: no task
+        wakes per item) instead of queueing it; the items already queued go to it first, in order."""
+        while not self._q.empty():
+            sink(self._q.get_nowait())
+        self._sink = sink
+
     def put_nowait(self, item: OutputItem) -> None:  # event loop (the inbox's drain)
+        if self._sink is not None:
+            self._sink(item)
+            return
         self._q.put_nowait(item)
         if self._end is not None and not self._end.done() and _ends(item):
             self._end.set_result(None)
@@ -522,6 +552,9 @@ class AsyncDecodeServicer(DecodeServicer):
         inbox = self._inboxes.get(loop)
         if inbox is None:
             inbox = self._inboxes[loop] = _LoopInbox(loop)
+            batchers = getattr(self.state.loop, "batchers", None)  # None: a stand-in engine loop
+            if batchers is not None:
+                batchers.append(inbox)  # one drain per engine step
         return inbox
 
     async def Decode(  # type: ignore[override]

@@ -38,6 +38,16 @@ class OutputSink(Protocol):
     def put(self, item: OutputItem) -> None: ...
 
 
+class OutputBatch(Protocol):
+    """Told around each step's hand-out of outputs, on the engine thread: ``hold`` before the
+    step's first ``put``, ``release`` after its last (always), so sinks that hand outputs to
+    another thread can deliver one step's outputs with one wake-up."""
+
+    def hold(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
 class EngineLoop:
     def __init__(self, engine: LLMEngine, name: str = "engine-loop") -> None:
         self.engine = engine
@@ -48,6 +58,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.on_step: Callable[[float, int], None] | None = None  # (seconds, tokens) hook for metrics
+        self.batchers: list[OutputBatch] = []  # held around each step's hand-out of outputs
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -164,14 +175,21 @@ class EngineLoop:
                 continue
             if self.on_step is not None:
                 self.on_step(time.perf_counter() - t, sum(len(o.new_token_ids) for o in outs))
-            for o in outs:
-                if o.finished and self._last_choice(o.request_id):
-                    self._finish_queue(o.request_id, o)
-                else:
-                    with self._lock:
-                        q = self._queues.get(o.request_id)
-                    if q is not None:
-                        q.put(o)
+            batchers = list(self.batchers)
+            for b in batchers:
+                b.hold()
+            try:
+                for o in outs:
+                    if o.finished and self._last_choice(o.request_id):
+                        self._finish_queue(o.request_id, o)
+                    else:
+                        with self._lock:
+                            q = self._queues.get(o.request_id)
+                        if q is not None:
+                            q.put(o)
+            finally:
+                for b in batchers:
+                    b.release()
         # shutting down: fail whatever is left
         with self._lock:
             ids = list(self._queues)
