@@ -8,7 +8,7 @@ import sys
 import time
 
 from engine.scheduler import SchedulingPolicy
-from pdserve import cli_help
+from pdserve import cli_help, mlfq_knobs
 from pdserve.errors import PdserveError
 from pdserve.security import add_client_tls_args, client_tls_kwargs
 
@@ -142,16 +142,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     if a.routers < 1:
         print(f"pdserve serve: --routers must be >= 1, got {a.routers}", file=sys.stderr)
         return 2
-    if a.mlfq_preempt_wait_iters is not None:
-        if a.mlfq_preempt_wait_iters < 0:
-            print(
-                f"pdserve serve: --mlfq-preempt-wait-iters must be >= 0, got {a.mlfq_preempt_wait_iters}",
-                file=sys.stderr,
-            )
-            return 2
-        if a.scheduling_policy != SchedulingPolicy.MLFQ.value:
-            print("pdserve serve: --mlfq-preempt-wait-iters needs --scheduling-policy mlfq", file=sys.stderr)
-            return 2
+    bad_mlfq = mlfq_knobs.flag_errors(a, a.scheduling_policy)
+    if bad_mlfq:
+        print(f"pdserve serve: {bad_mlfq[0]}", file=sys.stderr)
+        return 2
     if a.tls not in ("on", "off"):
         print(
             "pdserve serve: choose the transport: --tls on (TLS, mutual TLS and a cluster token; "
@@ -189,11 +183,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                 *(("--swap-disk", str(a.swap_disk)) if a.swap_disk else ()),
                 *(("--swap-disk-dir", a.swap_disk_dir) if a.swap_disk_dir else ()),
                 *(("--scheduling-policy", a.scheduling_policy) if a.scheduling_policy else ()),
-                *(
-                    ("--mlfq-preempt-wait-iters", str(a.mlfq_preempt_wait_iters))
-                    if a.mlfq_preempt_wait_iters is not None
-                    else ()
-                ),
+                *mlfq_knobs.as_flags(a),
                 *(
                     ("--weight-budget-gib", str(a.weight_budget_gib))
                     if a.weight_budget_gib is not None
@@ -394,14 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="engine queue order on every worker: priority (then arrival), fcfs, or mlfq (FastServe's "
         "skip-join multi-level feedback queue) (default: the workers' default, priority)",
     )
-    sv.add_argument(
-        "--mlfq-preempt-wait-iters",
-        type=int,
-        default=None,
-        metavar="N",
-        help="with --scheduling-policy mlfq: a queued request preempts a running request of a lower "
-        "level only after waiting N engine iterations (0: at once) (default: the workers' default, 8)",
-    )
+    mlfq_knobs.add_flags(sv, "the workers' default")  # forwarded to every worker
     sv.add_argument(
         "--weight-budget-gib",
         type=float,

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.scheduler import SchedulingPolicy
+from pdserve import mlfq_knobs
 from pdserve.errors import InvalidRequestError
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend, KVTransport
 from pdserve.security import CLUSTER_SERVER_NAME, SecurityConfig, TLSMode, is_loopback
@@ -126,7 +127,16 @@ class PoolConfig:
     swap_disk_gib: float = 0.0
     swap_disk_dir: str = ""
     scheduling_policy: str = "priority"  # engine queue order: priority, fcfs or mlfq (FastServe)
-    # mlfq only: a queued request preempts a lower level after waiting this many iterations (>= 0)
+    # mlfq only (pdserve.mlfq_knobs: the EngineConfig fields of the same names and defaults; a value
+    # other than the default needs scheduling_policy: mlfq)
+    mlfq_num_levels: int = 4
+    mlfq_quantum_iters: int = 8
+    mlfq_base_prefill_s: float = 0.05
+    mlfq_starvation_s: float = 10.0
+    mlfq_swap_watermark: float = 1.0
+    mlfq_swap_backoff_iters: int = 256
+    mlfq_swap_backoff_max_iters: int = 512
+    # a queued request preempts a lower level after waiting this many iterations (>= 0)
     mlfq_preempt_wait_iters: int = 8
     # device memory the weights may use (FlexGen-style offloading: layers beyond it live in host
     # memory and are copied in ahead of use); 0: all weights resident. Not with tp > 1
@@ -154,7 +164,7 @@ class PoolConfig:
             swap_disk_bytes=int(self.swap_disk_gib * (1 << 30)),
             swap_disk_dir=self.swap_disk_dir or None,
             scheduling_policy=SchedulingPolicy(self.scheduling_policy),
-            mlfq_preempt_wait_iters=self.mlfq_preempt_wait_iters,
+            **{k.field: getattr(self, k.field) for k in mlfq_knobs.KNOBS},
             weight_memory_budget_bytes=int(self.weight_budget_gib * (1 << 30))
             if self.weight_budget_gib
             else None,
@@ -591,8 +601,16 @@ def _check_pool(p: PoolConfig, where: str) -> None:
     policies = [x.value for x in SchedulingPolicy]
     if p.scheduling_policy not in policies:
         raise _err(f"{where}.scheduling_policy", f"must be one of {policies}, got {p.scheduling_policy!r}")
-    if p.mlfq_preempt_wait_iters < 0:
-        raise _err(f"{where}.mlfq_preempt_wait_iters", f"must be >= 0, got {p.mlfq_preempt_wait_iters}")
+    for k in mlfq_knobs.KNOBS:
+        v = getattr(p, k.field)
+        why = k.problem(v)
+        if why is not None:
+            raise _err(f"{where}.{k.field}", why)
+        if v != k.default and p.scheduling_policy != SchedulingPolicy.MLFQ.value:
+            raise _err(
+                f"{where}.{k.field}",
+                f"is read by the MLFQ scheduler only: set scheduling_policy: mlfq (it is {p.scheduling_policy!r})",
+            )
 
 
 def check_security(c: ClusterConfig) -> ClusterConfig:

@@ -39,7 +39,7 @@ from kv_store.arena import host_id
 from kv_store.client import KVStoreClient
 from kv_store.dist_transport import DistConfig, destroy_process_group, device_for, init_process_group
 from kv_store.transport import AutoTransport
-from pdserve import cli_help
+from pdserve import cli_help, mlfq_knobs
 from pdserve.errors import PdserveError, UnavailableError
 from pdserve.gc_tuning import settle_heap
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend
@@ -327,14 +327,7 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         help="engine queue order: priority (then arrival), fcfs, or mlfq (FastServe's skip-join "
         "multi-level feedback queue) (default: %(default)s)",
     )
-    ap.add_argument(
-        "--mlfq-preempt-wait-iters",
-        type=int,
-        default=None,
-        metavar="N",
-        help="with --scheduling-policy mlfq: a queued request preempts a running request of a lower "
-        "level only after waiting N engine iterations (0: at once) (default: the engine's, 8)",
-    )
+    mlfq_knobs.add_flags(ap, "the engine's")  # --mlfq-num-levels ... --mlfq-preempt-wait-iters
     ap.add_argument(
         "--speculative-tokens",
         type=int,
@@ -472,11 +465,8 @@ def parse(
         ap.error("--swap-disk needs --swap-space (the disk tier sits behind the host pool)")
     if a.swap_disk_dir is not None and not a.swap_disk:
         ap.error("--swap-disk-dir needs --swap-disk GIB")
-    if a.mlfq_preempt_wait_iters is not None:
-        if a.mlfq_preempt_wait_iters < 0:
-            ap.error(f"--mlfq-preempt-wait-iters must be >= 0, got {a.mlfq_preempt_wait_iters}")
-        if a.scheduling_policy != SchedulingPolicy.MLFQ.value:
-            ap.error("--mlfq-preempt-wait-iters needs --scheduling-policy mlfq")
+    for why in mlfq_knobs.flag_errors(a, a.scheduling_policy):
+        ap.error(why)
     for flag, v in (("--weight-budget-gib", a.weight_budget_gib), ("--weight-host-gib", a.weight_host_gib)):
         if v is not None and not (v >= 0 and math.isfinite(v)):
             ap.error(f"{flag} must be >= 0 GiB, got {v}")
@@ -495,11 +485,7 @@ def parse(
             swap_disk_bytes=int(a.swap_disk * (1 << 30)),
             swap_disk_dir=a.swap_disk_dir,
             scheduling_policy=SchedulingPolicy(a.scheduling_policy),
-            **(
-                {}
-                if a.mlfq_preempt_wait_iters is None
-                else {"mlfq_preempt_wait_iters": a.mlfq_preempt_wait_iters}
-            ),
+            **mlfq_knobs.given(a),
             num_kv_blocks=a.kv_blocks,
             block_size=a.block_size,
             max_num_seqs=a.max_num_seqs,
