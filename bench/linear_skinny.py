@@ -6,7 +6,9 @@ and each batch (rows), one pass over the weights is timed with F.linear and with
 interleaved (torch, native, torch, native, ...) so a shared host's load hits both alike; medians of
 ``--reps`` passes. The bound is the weight bytes over the read bandwidth measured in the same run
 (before and after the cell; streaming ``sum`` over 256 MiB). Printed per cell: torch and native
-ms, each / bound, and native's speedup (torch / native; > 1: native faster).
+ms, each / bound, and native's speedup (torch / native; > 1: native faster). Then the whole model
+(sum of the shapes) per row count, and the crossover: per shape and for the whole model, the largest
+row count up to which native wins at every measured row count (what ``NATIVE_MAX_ROWS`` is set from).
 
 ``--busy N`` runs N busy-loop processes alongside (an oversubscribed host, reproducibly).
 
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder (its config.json)")
-    ap.add_argument("--batches", default="1,4,8,16", help="comma-separated row counts")
+    ap.add_argument("--batches", default="1,4,8,12,16,24,32", help="comma-separated row counts")
     ap.add_argument("--reps", type=int, default=7, help="timed passes per cell and path")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--check", action="store_true", help="also print max |native - torch| per cell")
@@ -178,6 +180,7 @@ def _run(args: argparse.Namespace) -> int:
         + ("  max|diff|" if args.check else "")
     )
     totals: dict[int, list[float]] = {b: [0.0, 0.0, 0.0] for b in batches}
+    speedups: dict[str, dict[int, float]] = {}
     torch.manual_seed(0)
     with torch.inference_mode():
         for name, n, k, count in shapes(cfg):
@@ -200,6 +203,7 @@ def _run(args: argparse.Namespace) -> int:
                 bw = (bw0 + read_bandwidth()) / 2
                 bound = count * n * k * 4 / bw
                 mt, mn = statistics.median(tt), statistics.median(tn)
+                speedups.setdefault(name, {})[b] = mt / mn
                 for i, v in enumerate((bound, mt, mn)):
                     totals[b][i] += v
                 line = (
@@ -216,8 +220,23 @@ def _run(args: argparse.Namespace) -> int:
             f"  rows {b:>2}: bound {bound * 1e3:.2f} ms, torch {mt * 1e3:.2f} ms ({mt / bound:.2f}x), "
             f"native {mn * 1e3:.2f} ms ({mn / bound:.2f}x), speedup {mt / mn:.2f}x"
         )
-    print(f"load after: {os.getloadavg()[0]:.2f}")
+    speedups["whole model"] = {b: mt / mn for b, (_, mt, mn) in totals.items()}
+    print("crossover (native wins at every measured row count up to):")
+    for name, per_rows in speedups.items():
+        print(f"  {name:>11}: {crossover(per_rows)} rows")
+    print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
     return 0
+
+
+def crossover(speedup_by_rows: dict[int, float]) -> int:
+    """The largest row count r such that native was faster (speedup > 1) at every measured row
+    count <= r; 0 when it lost at the smallest."""
+    best = 0
+    for rows in sorted(speedup_by_rows):
+        if speedup_by_rows[rows] <= 1.0:
+            break
+        best = rows
+    return best
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """A native fp32 "skinny" linear for small CPU batches (issue #17): ``y = x @ w.T (+ b)``.
 
 At decode the batch has a few rows and a projection is a matrix-vector product: its cost is
-reading the weight once. :func:`skinny_linear` streams each fp32 weight row once (AVX2/FMA, or
-whatever ``-march=native`` vectorises the portable loop to), in tiles of 4 weight rows x up to 3
-activation rows held in registers, split by output rows over a
+reading the weight once. :func:`skinny_linear` reads each group of 4 fp32 weight rows from memory
+once and, while it sits in L1, runs every activation row of the batch against it in register tiles
+of 4 weight rows x up to 6 activation rows (AVX-512: 24 accumulators of 16 lanes; AVX2: 4 x 3 of 8
+lanes; else whatever ``-march=native`` vectorises the portable loop to), so 32 rows cost the weight
+traffic of one and the arithmetic runs from cache. Each output element is one vector accumulator
+over K reduced in a fixed order, so its value depends neither on the thread count nor on the other
+rows of the batch. The work is split by output rows over a
 small thread pool of its own (torch's thread count): the caller and helpers claim chunks of
 weight rows from one atomic counter, helpers sleep on a futex when idle, and the caller waits
 only for chunks a helper has claimed, so a helper the OS has not scheduled costs nothing. An
@@ -89,8 +93,55 @@ _SOURCE = r"""
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+/* AVX-512: tiles of up to MB_MAX activation rows x 4 weight rows, 16 lanes; 24 accumulators + 4
+   weight vectors + 1 activation vector fit the 32 zmm registers. */
+#ifndef MB_MAX
+#define MB_MAX 6
+#endif
+
+/* out[m, n0 + j] for m < MB (x rows from x), j < NB (w rows from w); MB <= MB_MAX, NB <= 4 constant.
+   Every output element is one 16-lane accumulator over k (the K tail a masked load of zeros beyond
+   K), reduced the same way: its value does not depend on MB, NB or which thread computed it. */
+static inline __attribute__((always_inline)) void tile(
+    const float* restrict x, int64_t K, const float* restrict w, const int MB, const int NB,
+    const float* restrict bias, int64_t n0, float* restrict out, int64_t N)
+{
+    __m512 acc[MB_MAX][4];
+    for (int i = 0; i < MB; i++)
+        for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 wv[4];
+        for (int j = 0; j < NB; j++) wv[j] = _mm512_loadu_ps(w + j * K + k);
+        for (int i = 0; i < MB; i++) {
+            __m512 xv = _mm512_loadu_ps(x + i * K + k);
+            /* keep xv in a register: folded into each FMA as a memory operand it would be loaded
+               NB times (28 loads per 24 FMAs, load-bound) instead of once (10 per 24) */
+            __asm__("" : "+v"(xv));
+            for (int j = 0; j < NB; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    if (k < K) {
+        const __mmask16 mk = (__mmask16)((1u << (K - k)) - 1u);
+        __m512 wv[4];
+        for (int j = 0; j < NB; j++) wv[j] = _mm512_maskz_loadu_ps(mk, w + j * K + k);
+        for (int i = 0; i < MB; i++) {
+            const __m512 xv = _mm512_maskz_loadu_ps(mk, x + i * K + k);
+            for (int j = 0; j < NB; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MB; i++)
+        for (int j = 0; j < NB; j++)
+            out[i * N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[n0 + j] : 0.f);
+}
+#define CPU_RELAX() _mm_pause()
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* AVX2: 16 ymm registers hold 3 x 4 accumulators + 4 weight vectors */
+#undef MB_MAX
+#define MB_MAX 3
 
 static inline float hsum8(__m256 v)
 {
@@ -126,6 +177,8 @@ static inline __attribute__((always_inline)) void tile(
 }
 #define CPU_RELAX() _mm_pause()
 #else
+#undef MB_MAX
+#define MB_MAX 3
 static inline __attribute__((always_inline)) void tile(
     const float* restrict x, int64_t K, const float* restrict w, const int MB, const int NB,
     const float* restrict bias, int64_t n0, float* restrict out, int64_t N)
@@ -140,16 +193,23 @@ static inline __attribute__((always_inline)) void tile(
 #define CPU_RELAX() __asm__ __volatile__("" ::: "memory")
 #endif
 
+#if MB_MAX > 6 || MB_MAX < 1
+#error "MB_MAX must be 1..6"
+#endif
+
+/* every activation row against the NB weight rows at wn (read from memory once, then from cache):
+   tiles of MB_MAX rows, then one tile of the remainder */
 #define ROWS(NB)                                                                             \
-    for (int64_t m0 = 0; m0 < M; m0 += 3) {                                                  \
+    for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {                                             \
         const float* xm = x + m0 * K;                                                        \
         float* om = out + m0 * N;                                                            \
-        switch (M - m0 >= 3 ? 3 : M - m0) {                                                  \
-        case 3: tile(xm, K, wn, 3, NB, bias, n0, om, N); break;                               \
-        case 2: tile(xm, K, wn, 2, NB, bias, n0, om, N); break;                               \
+        switch (M - m0 >= MB_MAX ? MB_MAX : M - m0) {                                        \
+        CASES(NB)                                                                            \
         default: tile(xm, K, wn, 1, NB, bias, n0, om, N); break;                              \
         }                                                                                    \
     }
+#define CASE(MB, NB) case MB: tile(xm, K, wn, (MB <= MB_MAX ? MB : 1), NB, bias, n0, om, N); break;
+#define CASES(NB) CASE(6, NB) CASE(5, NB) CASE(4, NB) CASE(3, NB) CASE(2, NB)
 
 /* output columns [r0, r1) (weight rows) of out = x @ w.T (+ bias); r0 a multiple of 4 or r1 == N.
    Each output element is computed the same way whatever the range, so any split is bitwise equal. */

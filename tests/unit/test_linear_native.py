@@ -1,6 +1,7 @@
 """The native fp32 skinny linear (engine.models.linear_native): the kernel computes F.linear up to
-fp32 rounding on every tile shape (rows 1..3 per tile, a remainder of weight rows, K not a multiple
-of the vector width, bias); NativeLinear takes the kernel only for small fp32 CPU batches; the
+fp32 rounding on every tile shape (1..6 activation rows per tile with AVX-512, 1..3 with AVX2, row
+counts up to 33, a remainder of weight rows, K not a multiple of the vector width, bias); a row's
+result does not depend on the other rows of the batch nor on the thread count; NativeLinear takes the kernel only for small fp32 CPU batches; the
 backend is refused, naming why, where it does not apply; an engine on it generates the same greedy
 tokens as the torch engine and transformers, log-probs within 1e-3 (tiny models, SmolLM2)."""
 
@@ -36,8 +37,8 @@ PLAIN = type("Cfg", (), {"moe": None, "model_type": "llama"})()
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 33])
-@pytest.mark.parametrize(("n", "k"), [(1, 8), (7, 13), (70, 96), (130, 200)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 16, 24, 32, 33])
+@pytest.mark.parametrize(("n", "k"), [(1, 8), (7, 13), (70, 96), (130, 200), (9, 17), (6, 31), (5, 1)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_kernel_equals_f_linear(rows, n, k, bias):
     g = torch.Generator().manual_seed(rows * 1000 + n + k)
@@ -47,6 +48,17 @@ def test_kernel_equals_f_linear(rows, n, k, bias):
     out = skinny_linear(x, w, b)
     assert out.shape == (rows, n)
     torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-5 * k**0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (577, 1536), (13, 47)])
+def test_kernel_rows_do_not_depend_on_the_batch(n, k):
+    """A row's output is bitwise the same whatever other rows share its call (whichever tile of
+    up to 6 activation rows it falls in, or alone): batch composition never changes a result."""
+    g = torch.Generator().manual_seed(n * 31 + k)
+    x, w, b = torch.randn(32, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    full = skinny_linear(x, w, b)
+    for lo, hi in ((0, 1), (5, 6), (3, 11), (7, 19), (13, 32), (0, 32)):
+        assert torch.equal(skinny_linear(x[lo:hi], w, b), full[lo:hi]), (lo, hi)
 
 
 def test_kernel_keeps_leading_dims_and_nan():
@@ -86,8 +98,8 @@ def test_native_linear_takes_the_kernel_only_for_small_fp32_batches(monkeypatch)
     assert len(calls) == 1 and xg.grad is not None
 
 
-@pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (49152, 64), (130, 200)])
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (49152, 64), (130, 200), (1027, 301)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 29, 32])
 def test_pool_split_is_bitwise_the_single_thread_result(monkeypatch, n, k, rows):
     """Every output element is computed the same way whichever thread takes its chunk."""
     g = torch.Generator().manual_seed(n + k + rows)
