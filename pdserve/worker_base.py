@@ -28,14 +28,23 @@ log = logging.getLogger(__name__)
 
 def adapter_residency(e: LLMEngine) -> dict:
     """The WorkerStats fields on ``e``'s LoRA adapters (empty without LoRA): which are in an engine
-    slot and in host memory now, and the measured load times (run on the engine thread)."""
-    if e.lora is None:
+    slot and in host memory now, the measured load times, and how busy the tiers are (slots
+    pinned, requests waiting for an adapter, the mean full-table period, reads queued) (run on
+    the engine thread)."""
+    lora = e.lora
+    if lora is None:
         return {}
     return {
-        "adapters_in_slot": sorted(e.lora.slot_resident()),
-        "adapters_in_host": sorted(e.lora.host_resident()),
-        "adapter_slot_load_s": e.lora.stats.slot_load_s,
-        "adapter_disk_load_s": e.lora.stats.disk_load_s,
+        "adapters_in_slot": sorted(lora.slot_resident()),
+        "adapters_in_host": sorted(lora.host_resident()),
+        "adapter_slot_load_s": lora.stats.slot_load_s,
+        "adapter_disk_load_s": lora.stats.disk_load_s,
+        "adapter_slots": lora.slots.num_slots,
+        "adapter_slots_pinned": lora.slots.num_pinned(),
+        # admitted requests waiting outside the scheduler for their adapter (LLMEngine)
+        "adapter_slot_waiters": len(getattr(e, "_lora_waiting", ())),
+        "adapter_slot_free_s": lora.full.mean_s,
+        "adapter_reads_queued": lora.reads_queued(),
     }
 
 
@@ -189,6 +198,8 @@ class WorkerState:
             block_nbytes = hc.block_nbytes if hc is not None else 0
             wo = e.weight_offload
             ws = wo.snapshot() if wo is not None else None
+            ko = e.kv_offload
+            ks = ko.snapshot() if ko is not None else None
             return WorkerSnapshot(
                 running=s.num_running,
                 waiting=s.num_waiting,
@@ -230,6 +241,14 @@ class WorkerState:
                 weight_bytes=tuple(wo.tier_bytes().items()) if wo is not None else (),
                 weight_prefetch_bytes=ws.bytes_copied if ws is not None else 0,
                 weight_prefetch_stall_seconds=ws.stall_s if ws is not None else 0.0,
+                kv_offload_bytes=(
+                    (("device", ko.placement.device_bytes), ("host", ko.placement.host_bytes))
+                    if ko is not None
+                    else ()
+                ),
+                kv_offload_read_bytes=ks.read_bytes if ks is not None else 0,
+                kv_offload_write_bytes=ks.write_bytes if ks is not None else 0,
+                kv_offload_stall_seconds=ks.stall_s if ks is not None else 0.0,
                 adapters=adapter_snapshots(e),
             )
 

@@ -84,6 +84,11 @@ def _snapshot(w: WorkerEntry, queued_tokens: int, kv_tokens: int | None) -> Inst
         adapters_in_host=ld.adapters_in_host,
         adapter_slot_load_s=ld.adapter_slot_load_s,
         adapter_disk_load_s=ld.adapter_disk_load_s,
+        adapter_slots=ld.adapter_slots,
+        adapter_slots_pinned=ld.adapter_slots_pinned,
+        adapter_slot_waiters=ld.adapter_slot_waiters,
+        adapter_slot_free_s=ld.adapter_slot_free_s,
+        adapter_reads_queued=ld.adapter_reads_queued,
     )
 
 
@@ -138,6 +143,11 @@ class ViewBuilder:
                         ld.adapters_in_host,
                         ld.adapter_slot_load_s,
                         ld.adapter_disk_load_s,
+                        ld.adapter_slots,
+                        ld.adapter_slots_pinned,
+                        ld.adapter_slot_waiters,
+                        ld.adapter_slot_free_s,
+                        ld.adapter_reads_queued,
                     )
                     hit = old.get(wid)
                     if hit is not None and hit[0] == key:

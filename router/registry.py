@@ -56,6 +56,12 @@ class WorkerLoad:
     adapters_in_host: frozenset[str] = frozenset()
     adapter_slot_load_s: float = 0.0
     adapter_disk_load_s: float = 0.0
+    # how busy its adapter tiers are (router.policy.adapter_cost.AdapterTiers; 0: not reported)
+    adapter_slots: int = 0
+    adapter_slots_pinned: int = 0
+    adapter_slot_waiters: int = 0
+    adapter_slot_free_s: float = 0.0
+    adapter_reads_queued: int = 0
 
     @property
     def kv_usage(self) -> float:

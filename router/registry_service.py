@@ -75,6 +75,11 @@ def load_from_proto(s: worker_pb2.WorkerStats) -> WorkerLoad:
         adapters_in_host=frozenset(s.adapters_in_host),
         adapter_slot_load_s=max(0.0, s.adapter_slot_load_s) if math.isfinite(s.adapter_slot_load_s) else 0.0,
         adapter_disk_load_s=max(0.0, s.adapter_disk_load_s) if math.isfinite(s.adapter_disk_load_s) else 0.0,
+        adapter_slots=s.adapter_slots,
+        adapter_slots_pinned=s.adapter_slots_pinned,
+        adapter_slot_waiters=s.adapter_slot_waiters,
+        adapter_slot_free_s=max(0.0, s.adapter_slot_free_s) if math.isfinite(s.adapter_slot_free_s) else 0.0,
+        adapter_reads_queued=s.adapter_reads_queued,
     )
 
 

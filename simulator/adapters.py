@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from engine.lora.slots import SlotTable
+from engine.lora.slots import FullPeriods, SlotTable
 from router.policy.adapter_cost import AdapterTiers, adapter_ready_s
 from simulator.models import MODELS, ModelSpec
 from simulator.workload import Workload
@@ -169,11 +169,6 @@ def resolve_bytes_per_rank(cfg: AdapterConfig, model: str) -> int:
     return bytes_per_rank(spec, cfg.targets)
 
 
-FULL_WINDOW = 32
-"""Full periods the running mean of :attr:`AdapterResidency.slot_free_s` weighs (an exponential
-mean over about this many once it has seen them: slot turnover changes with the load)."""
-
-
 class Pin(enum.Enum):
     """What :meth:`AdapterResidency.acquire` did."""
 
@@ -207,11 +202,9 @@ class AdapterResidency:
         self.reading: dict[str, float] = {}  # adapter -> when its disk read ends
         self._disk_free_at = 0.0  # one loader thread (the engine's): reads run one after another
         self.stats = AdapterStats()
-        # the mean time a full slot table (every slot pinned) stays full, as a worker measures it
-        # (what its load report gives the router: ``AdapterTiers.slot_free_s``)
-        self._full_since: float | None = None
-        self.slot_free_s = 0.0
-        self._full_samples = 0
+        # the mean time a full slot table (every slot pinned) stays full, measured as a worker's
+        # engine does (``LoRAManager``; its load report gives the router ``AdapterTiers.slot_free_s``)
+        self.full = FullPeriods()
 
     def nbytes(self, name: str) -> int:
         return self.cfg.rank_of(name) * self._per_rank
@@ -238,9 +231,14 @@ class AdapterResidency:
         read = self.disk_s(name) if end is None else max(0.0, end - now)
         return read + self.slot_s(name)
 
+    @property
+    def slot_free_s(self) -> float:
+        """Measured mean time a full slot table stays full (0: none seen yet)."""
+        return self.full.mean_s
+
     def pinned_slots(self) -> int:
         """Slots pinned by running requests now."""
-        return sum(1 for n in self.slots.resident() if self.slots.pins(n) > 0)
+        return self.slots.num_pinned()
 
     def tiers(self, name: str, now: float, slot_waiters: int = 0) -> AdapterTiers:
         """What this instance's worker reports about its adapter tiers (its heartbeat), with the
@@ -286,8 +284,7 @@ class AdapterResidency:
             self.host.move_to_end(name)
         got = slots.acquire(name)
         assert got is not None
-        if self._full_since is None and self.pinned_slots() >= slots.num_slots:
-            self._full_since = now
+        self.full.acquired(slots, now)
         if not got.load:
             return Pin.PINNED, 0.0
         self.stats.slot_loads += 1
@@ -310,14 +307,9 @@ class AdapterResidency:
 
     def release(self, name: str, now: float | None = None) -> None:
         """Unpin one request's slot of ``name``; at ``now`` (None: not timed) the end of a full
-        period when that frees the slot of a full table (:attr:`slot_free_s`, a running mean)."""
+        period when that frees a slot of a full table (:attr:`slot_free_s`)."""
         self.slots.release(name)
-        since = self._full_since
-        if since is not None and self.slots.pins(name) == 0:
-            self._full_since = None
-            if now is not None:
-                self._full_samples += 1
-                self.slot_free_s += (now - since - self.slot_free_s) / min(self._full_samples, FULL_WINDOW)
+        self.full.released(self.slots, now)
 
 
 # ----------------------------------------------------------------------------- workloads

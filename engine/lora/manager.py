@@ -30,7 +30,7 @@ from torch import nn
 from engine.lora.config import AdapterSpec, LoRAConfig
 from engine.lora.peft_format import AdapterError, HostAdapter, load_adapter
 from engine.lora.shard import AdapterWeights, LoRAShard
-from engine.lora.slots import SlotTable
+from engine.lora.slots import FullPeriods, SlotTable
 from engine.lora.targets import TargetMap, target_map, whole_map
 from engine.scheduler import ScheduledRequest
 from pdserve.errors import ModelNotFoundError
@@ -125,6 +125,9 @@ class LoRAManager:
         for a in loaded:
             self._check_rank(a)
         self.slots = SlotTable(config.max_loras)
+        # how long a full slot table stays full (monotonic clock): the router prices the wait for
+        # a slot with it (the heartbeat's adapter_slot_free_s; router.policy.adapter_cost)
+        self.full = FullPeriods()
         self.shard = LoRAShard(model, self.targets, config.max_loras, self.rank, dtype, device, 0, tp_size)
         self.ctx = self.shard.ctx
         self.modules = self.shard.modules
@@ -273,10 +276,17 @@ class LoRAManager:
             self.stats.observe_slot_load(time.perf_counter() - t0)
             if got.evicted is not None:
                 self.stats.slot_evictions += 1
+        self.full.acquired(self.slots, time.monotonic())  # (after the write: undo_place unpins)
         return True
 
     def release(self, name: str) -> None:
         self.slots.release(name)
+        self.full.released(self.slots, time.monotonic())
+
+    def reads_queued(self) -> int:
+        """Disk reads under way or queued on the loader thread (one at a time)."""
+        with self._lock:
+            return len(self._loading)
 
     def _write_slot(self, slot: int, a: HostAdapter) -> None:
         self.shard.write_slot(slot, a.weights)

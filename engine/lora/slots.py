@@ -43,6 +43,10 @@ class SlotTable:
         s = self._slot_of.get(name)
         return 0 if s is None else self._pins[s]
 
+    def num_pinned(self) -> int:
+        """Slots pinned by running requests now."""
+        return sum(1 for n in self._pins if n > 0)
+
     def can_acquire(self, name: str) -> bool:
         return name in self._slot_of or None in self._name_at or bool(self._lru)
 
@@ -84,3 +88,38 @@ class SlotTable:
     def _pin(self, s: int) -> None:
         self._pins[s] += 1
         self._lru.pop(s, None)
+
+
+FULL_WINDOW = 32
+"""Full periods :class:`FullPeriods`' running mean weighs (an exponential mean over about this
+many once it has seen them: slot turnover changes with the load)."""
+
+
+class FullPeriods:
+    """How long a full slot table (every slot pinned) stays full, measured on a caller's clock:
+    call :meth:`acquired` after each pin and :meth:`released` after each unpin. :attr:`mean_s` is
+    the running mean of the periods from "every slot pinned" to the release that frees a slot:
+    the expected wait for a slot of a request whose adapter is not in one (the router prices it,
+    ``router.policy.adapter_cost``; 0 until one period was seen)."""
+
+    def __init__(self, window: int = FULL_WINDOW) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = window
+        self.mean_s = 0.0
+        self.samples = 0
+        self._since: float | None = None
+
+    def acquired(self, table: SlotTable, now: float) -> None:
+        if self._since is None and table.num_pinned() >= table.num_slots:
+            self._since = now
+
+    def released(self, table: SlotTable, now: float | None) -> None:
+        """After an unpin; ``now`` None: end a full period without measuring it."""
+        since = self._since
+        if since is None or table.num_pinned() >= table.num_slots:
+            return
+        self._since = None
+        if now is not None:
+            self.samples += 1
+            self.mean_s += (max(0.0, now - since) - self.mean_s) / min(self.samples, self.window)

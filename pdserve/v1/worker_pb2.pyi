@@ -521,6 +521,11 @@ class WorkerStats(_message.Message):
         "adapters_in_host",
         "adapter_slot_load_s",
         "adapter_disk_load_s",
+        "adapter_slots",
+        "adapter_slots_pinned",
+        "adapter_slot_waiters",
+        "adapter_slot_free_s",
+        "adapter_reads_queued",
     )
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -543,6 +548,11 @@ class WorkerStats(_message.Message):
     ADAPTERS_IN_HOST_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_SLOT_LOAD_S_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_DISK_LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SLOTS_PINNED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SLOT_WAITERS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SLOT_FREE_S_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_READS_QUEUED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     model: str
@@ -564,6 +574,11 @@ class WorkerStats(_message.Message):
     adapters_in_host: _containers.RepeatedScalarFieldContainer[str]
     adapter_slot_load_s: float
     adapter_disk_load_s: float
+    adapter_slots: int
+    adapter_slots_pinned: int
+    adapter_slot_waiters: int
+    adapter_slot_free_s: float
+    adapter_reads_queued: int
     def __init__(
         self,
         worker_id: str | None = ...,
@@ -587,6 +602,11 @@ class WorkerStats(_message.Message):
         adapters_in_host: _Iterable[str] | None = ...,
         adapter_slot_load_s: float | None = ...,
         adapter_disk_load_s: float | None = ...,
+        adapter_slots: int | None = ...,
+        adapter_slots_pinned: int | None = ...,
+        adapter_slot_waiters: int | None = ...,
+        adapter_slot_free_s: float | None = ...,
+        adapter_reads_queued: int | None = ...,
     ) -> None: ...
 
 class SpillKVRequest(_message.Message):
