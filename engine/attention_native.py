@@ -50,13 +50,16 @@ void paged_attention_rows_f32(
     const int64_t* tables, int64_t tw, const int64_t* row,
     const int64_t* lo, const int64_t* hi, const int64_t* first,
     int64_t T, int64_t H, int64_t KVH, int64_t head_dim, int64_t bs, float scale, float softcap,
-    float* out)
+    float* out, int64_t par_min)
 {
     enum { G = G_, D = D_ };  /* compiled per (query heads per KV head, head dim) */
     (void)H;
     (void)head_dim;
     const int64_t tok_stride = KVH * D;  /* floats between consecutive slots */
-    #pragma omp parallel for schedule(dynamic, 1)
+    int64_t work = 0;  /* keys x KV heads: below par_min one thread (a parallel region's wake-up
+                          and barrier cost more than the work, and much more on a loaded host) */
+    for (int64_t t = 0; t < T; t++) work += (hi[t] - lo[t]) * KVH;
+    #pragma omp parallel for schedule(dynamic, 1) if(work >= par_min)
     for (int64_t w = 0; w < T * KVH; w++) {
         const int64_t t = w / KVH, kh = w % KVH;
         const int64_t* tab = tables + row[t] * tw;
@@ -118,6 +121,11 @@ void paged_attention_rows_f32(
 }
 """
 
+# keys x KV heads of a call below which it runs on the calling thread alone (issue #17: at batch 1 x
+# context 256 an OpenMP region over 3 KV heads cost more than the attention, and on a loaded host a
+# barrier waiting for a descheduled thread cost milliseconds per layer)
+PAR_MIN_WORK = 8192
+
 _libs: dict[tuple[int, int], ctypes.CDLL] = {}
 _reason: str | None = None
 
@@ -125,10 +133,33 @@ _reason: str | None = None
 def _build(group: int, head_dim: int) -> ctypes.CDLL:
     """Compile (or find in the cache) and load the kernel for ``group`` query heads per KV head
     and ``head_dim``."""
-    lib = build_library(f"paged_attention_g{group}_d{head_dim}", _SOURCE, [f"G_={group}", f"D_={head_dim}"])
+    lib = build_library(
+        f"paged_attention_g{group}_d{head_dim}",
+        _SOURCE,
+        [f"G_={group}", f"D_={head_dim}"],
+    )
     f = lib.paged_attention_rows_f32
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    f.argtypes = [p, p, p, p, i64, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_float, p]
+    f.argtypes = [
+        p,
+        p,
+        p,
+        p,
+        i64,
+        p,
+        p,
+        p,
+        p,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        ctypes.c_float,
+        ctypes.c_float,
+        p,
+        i64,
+    ]
     f.restype = None
     return lib
 
@@ -147,6 +178,14 @@ def _kernel(group: int, head_dim: int) -> ctypes.CDLL | None:
         _reason = str(e)
         log.info("native paged attention unavailable (%s): using the torch path", e)
     return lib
+
+
+def rows_function(group: int, head_dim: int):  # noqa: ANN201 (a ctypes function pointer)
+    """The raw C function behind :func:`paged_attention_rows` for this shape (arguments as in its
+    call there, then ``PAR_MIN_WORK``; every pointer trusted), or None when the kernel is unavailable: for a caller that
+    validated its tensors once per step (engine.models.llama's fused forward)."""
+    lib = _kernel(group, head_dim)
+    return None if lib is None else lib.paged_attention_rows_f32
 
 
 def available(group: int = 1, head_dim: int = 64) -> bool:
@@ -209,7 +248,7 @@ def paged_attention_rows(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         tables.data_ptr(), tables.shape[1], row.data_ptr(),
         lo.data_ptr(), hi.data_ptr(), first.data_ptr(),
-        t, h, kvh, d, bs, float(scale), float(softcap or 0.0), out.data_ptr(),
+        t, h, kvh, d, bs, float(scale), float(softcap or 0.0), out.data_ptr(), PAR_MIN_WORK,
     )  # fmt: skip
     return out
 

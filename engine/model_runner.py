@@ -18,6 +18,7 @@ needs CUDA and the ``torch_paged`` backend); other steps run eagerly.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,12 +28,15 @@ from engine.attention import AttentionMetadata, PrefillSlice, decode_rows
 from engine.attention_backends import AttentionBackend, probe, requested_backend, resolve_backend
 from engine.attention_graphs import DecodeBatch, DecodeGraphs, GraphMode
 from engine.block_manager import NULL_BLOCK, KVCacheManager
+from engine.models.linear_native import NativeLinear
 from engine.models.llama import LlamaForCausalLM
 from engine.request import Request
 from engine.sampler import SampleRequest, SampleResult, sample
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from engine.swap_space import HostKVCache
 from pdserve.errors import FailedPreconditionError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class ModelRunner:
         self.windows = sorted(cfg.windows)  # the layers' distinct sliding windows
         self._group = cfg.num_attention_heads // cfg.num_key_value_heads
         self.decode_backend = self._resolve_backend(requested_backend(attention_backend))
+        self.fused_reason = self._select_fused()  # None: the model's fused native forward is on
         self._workspace: torch.Tensor | None = None  # FlashInfer's, allocated on first use
         self.graphs: DecodeGraphs | None = None
         if cuda_graph:
@@ -106,6 +111,26 @@ class ModelRunner:
                 )
             max_len = max_model_len or cfg.max_position_embeddings
             self.enable_decode_graphs(GraphMode.CUDA, cuda_graph_max_batch, -(-max_len // kv.block_size))
+
+    # ------------------------------------------------------------------ fused small ops
+    def _select_fused(self) -> str | None:
+        """Turn on the model's fused native forward (:mod:`engine.models.fused_native`) under the
+        native linear's selection: when the model's projections took the native linear (float32
+        on the CPU, ``EngineConfig.linear`` auto/native) and the model can take it. Returns why
+        it stays off (None: on); the reason is logged, as the linear's ``auto`` is."""
+        model = self.model
+        if not any(isinstance(m, NativeLinear) for m in model.modules()):
+            return "the projections do not use the native linear"
+        why = (
+            model.fused_unsupported_reason()
+            if isinstance(model, LlamaForCausalLM)
+            else "not a Llama-family model"
+        )
+        if why is None:
+            model.enable_fused()
+        else:
+            log.info("fused native small ops off: %s", why)
+        return why
 
     # ------------------------------------------------------------------ attention backend
     def _resolve_backend(self, requested: AttentionBackend) -> AttentionBackend:
