@@ -28,6 +28,7 @@ from engine.block_hash import BlockHash, chain_hashes
 from engine.block_manager import NULL_BLOCK, KVCacheManager
 from engine.config import EngineConfig
 from engine.kv_disk import DiskKVTier
+from engine.kv_offload import OffloadedKV, offload_kv
 from engine.lora import LoRAConfig, LoRAManager
 from engine.model_runner import KVShape, ModelRunner
 from engine.models.config import ModelConfig
@@ -248,6 +249,11 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
             )
         )
+        self.kv_offload: OffloadedKV | None = None  # EngineConfig.kv_memory_budget_bytes
+        if config.kv_memory_budget_bytes is not None:
+            if runner_factory is not None:
+                raise ValueError("kv_memory_budget_bytes needs the default single-device model runner")
+            self.kv_offload = offload_kv(self.runner, self.kv, config.kv_memory_budget_bytes)
         self.disk_tier: DiskKVTier | None = None
         if ndisk:
             self.disk_tier = DiskKVTier(
@@ -586,6 +592,8 @@ class LLMEngine:
             self.lora.close()
         if self.weight_offload is not None:
             self.weight_offload.close()
+        if self.kv_offload is not None:
+            self.kv_offload.close()
 
     @property
     def kv_shape(self) -> KVShape:

@@ -1,6 +1,7 @@
-"""Weight offloading (FlexGen), the pure policy: where each decoder layer's weights live, the
-predicted step time of a placement, and the batch size for offline throughput jobs. No I/O, no
-torch, no clock; :mod:`engine.offload` does the copies.
+"""Weight and KV offloading (FlexGen), the pure policy: where each decoder layer's weights live,
+which layers' KV lives in the host pool (:func:`place_kv`, section at the end), the predicted
+step time of a placement, and the batch size for offline throughput jobs. No I/O, no torch, no
+clock; :mod:`engine.offload` and :mod:`engine.kv_offload` do the copies.
 
 Model of one forward step (what :class:`engine.offload.OffloadedWeights` does, so predictions
 and behaviour agree):
@@ -124,6 +125,17 @@ def fetch_s(tier: WeightTier, nbytes: int, host_bw: float, disk_bw: float) -> fl
     return nbytes / (host_bw if tier is WeightTier.HOST else disk_bw)
 
 
+@dataclass(frozen=True)
+class KVStepCost:
+    """The KV side of a step for :func:`predict_step_s`: the layers whose KV is in the host pool
+    (model order), the time to read one such layer's held blocks into its staging buffer and to
+    write the step's new rows back (bytes over the measured host bandwidth)."""
+
+    layers: tuple[int, ...] = ()
+    read_s: float = 0.0
+    write_s: float = 0.0
+
+
 def predict_step_s(
     tiers: Sequence[WeightTier],
     layer_bytes: Sequence[int],
@@ -131,14 +143,25 @@ def predict_step_s(
     host_bw: float,
     disk_bw: float,
     other_s: float = 0.0,
+    kv: KVStepCost | None = None,
 ) -> float:
     """Steady-state time of one step under the model in the module docstring (the second of two
-    simulated steps; the first starts cold, ``o_0``'s copy at time 0)."""
+    simulated steps; the first starts cold, ``o_0``'s copy at time 0). With ``kv`` the offloaded
+    KV's copies (:func:`place_kv`'s model) share the one I/O channel with the weight copies."""
     off = [i for i, t in enumerate(tiers) if t is not WeightTier.DEVICE]
     m = len(off)
     fetch = {i: fetch_s(tiers[i], layer_bytes[i], host_bw, disk_bw) for i in off}
     pos = {li: k for k, li in enumerate(off)}
+    kvl = list(kv.layers) if kv is not None else []
+    kvpos = {li: k for k, li in enumerate(kvl)}
+    kv_ready: dict[int, float] = {}
     io_free = 0.0
+
+    def io(duration: float, at: float) -> float:
+        nonlocal io_free
+        io_free = max(io_free, at) + duration
+        return io_free
+
     ready: dict[int, float] = {}  # offloaded layer -> its copy's end
     loaded: dict[int, int] = {}  # slot -> offloaded layer it holds (copy submitted)
 
@@ -159,7 +182,12 @@ def predict_step_s(
     step_start = 0.0
     for _ in range(2):
         step_start = t
+        if kvl:  # the first KV layer's read starts with the step (the held blocks are known then)
+            assert kv is not None
+            kv_ready[kvl[0]] = io(kv.read_s, t)
         for i in range(len(tiers)):
+            same_slot = False
+            nxt = -1
             if i in pos:
                 k = pos[i]
                 t = max(t, ready[i])
@@ -167,11 +195,18 @@ def predict_step_s(
                 same_slot = (k + 1) % m % NUM_SLOTS == k % NUM_SLOTS
                 if not same_slot:
                     submit(nxt, t)
-                t += compute_s[i]
-                if same_slot:
-                    submit(nxt, t)
-            else:
-                t += compute_s[i]
+            if i in kvpos:
+                assert kv is not None
+                t = max(t, kv_ready[i])
+                j = kvpos[i] + 1
+                if j < len(kvl):
+                    kv_ready[kvl[j]] = io(kv.read_s, t)
+            t += compute_s[i]
+            if same_slot:
+                submit(nxt, t)
+            if i in kvpos:
+                assert kv is not None
+                io(kv.write_s, t)
         t += other_s
     return t - step_start
 
@@ -298,3 +333,101 @@ def pick_offline_batch_size(
         if tput >= efficiency * best:
             return BatchChoice(b, s, tput, best)
     return BatchChoice(max_batch, best_s, best, best)  # pragma: no cover - b = max_batch qualifies
+
+
+# ---------------------------------------------------------------------------- KV offloading
+#
+# FlexGen also offloads the KV cache. Here the unit is a decoder layer's whole KV pool (every
+# block of that layer): the KV of the layers :func:`place_kv` picks lives in a host pool, the
+# device holds the other layers' KV and two staging buffers of one layer's pool. Before an
+# offloaded layer runs, the blocks the running requests hold are copied from the host into its
+# staging buffer (the next offloaded layer's while it computes: layer-ahead prefetch, on the
+# same kind of background copy as the weights), and after it runs the step's new K/V rows are
+# written back (:mod:`engine.kv_offload`). Per step an offloaded layer moves
+# ``held blocks * block bytes per layer`` in and ``new tokens * token bytes per layer`` out.
+
+
+@dataclass(frozen=True)
+class KVPlacement:
+    """Which layers' KV is in the host pool (model order), the pool's shape (``num_blocks``
+    blocks of ``block_bytes`` per layer), the staging buffers, and the device / host bytes the
+    KV uses (device never above the budget it was placed for)."""
+
+    num_layers: int
+    num_blocks: int
+    block_bytes: int  # one block of one layer (K and V)
+    offloaded: tuple[int, ...]
+    num_slots: int
+
+    @property
+    def layer_bytes(self) -> int:
+        """One layer's KV pool (the size of a staging buffer)."""
+        return self.num_blocks * self.block_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        return (self.num_layers - len(self.offloaded) + self.num_slots) * self.layer_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return len(self.offloaded) * self.layer_bytes
+
+    @property
+    def fraction(self) -> float:
+        """The share of the KV pool's bytes in the host pool."""
+        return len(self.offloaded) / self.num_layers
+
+
+def min_kv_device_budget(num_layers: int, layer_bytes: int) -> int:
+    """The smallest KV device budget :func:`place_kv` accepts: two staging buffers (or the
+    whole pool, when the model has fewer than two layers)."""
+    return min(NUM_SLOTS, num_layers) * layer_bytes
+
+
+def kv_placement(num_layers: int, num_blocks: int, block_bytes: int, offloaded: Sequence[int]) -> KVPlacement:
+    """The placement with exactly ``offloaded`` layers' KV in the host pool (tests, benches)."""
+    off = tuple(sorted(set(offloaded)))
+    if off and not (off[0] >= 0 and off[-1] < num_layers):
+        raise ValueError(f"offloaded KV layers {off} out of range for {num_layers} layers")
+    if num_layers < 1 or num_blocks < 1 or block_bytes < 1:
+        raise ValueError(f"need >= 1 layer, block and byte, got {num_layers}, {num_blocks}, {block_bytes}")
+    return KVPlacement(num_layers, num_blocks, block_bytes, off, min(len(off), NUM_SLOTS))
+
+
+def place_kv(num_layers: int, num_blocks: int, block_bytes: int, device_budget_bytes: int) -> KVPlacement:
+    """The KV placement for ``device_budget_bytes``: everything on the device when the pool fits;
+    else the fewest offloaded layers whose device bytes (resident layers + two staging buffers)
+    fit, spread evenly over the depth (:func:`spread`: layer 0, whose copy cannot overlap a
+    previous layer, is the last chosen). A resident layer never moves a byte, so fewer offloaded
+    layers is never slower under :func:`predict_step_s`. OffloadPolicyError below
+    :func:`min_kv_device_budget`."""
+    lb = num_blocks * block_bytes
+    if device_budget_bytes >= num_layers * lb:
+        return kv_placement(num_layers, num_blocks, block_bytes, ())
+    floor = min_kv_device_budget(num_layers, lb)
+    if device_budget_bytes < floor:
+        raise OffloadPolicyError(
+            f"KV memory budget {device_budget_bytes} bytes is below the minimum {floor} bytes "
+            f"({NUM_SLOTS} staging buffers of one layer's KV pool, {lb} bytes); the whole pool "
+            f"needs {num_layers * lb} bytes"
+        )
+    k = num_layers - (device_budget_bytes // lb - NUM_SLOTS)
+    return kv_placement(num_layers, num_blocks, block_bytes, spread(num_layers, k))
+
+
+def kv_step_cost(
+    placement: KVPlacement, held_blocks: int, new_tokens: int, block_size: int, host_bw: float
+) -> KVStepCost:
+    """The KV copies of a step whose requests hold ``held_blocks`` blocks and write
+    ``new_tokens`` tokens (``block_size`` tokens a block), at ``host_bw`` bytes/s: per offloaded
+    layer, read ``held_blocks * block_bytes``, write ``new_tokens * block_bytes / block_size``."""
+    if host_bw <= 0:
+        raise ValueError(f"host_bw must be > 0, got {host_bw}")
+    b = placement.block_bytes
+    return KVStepCost(placement.offloaded, held_blocks * b / host_bw, new_tokens * b / block_size / host_bw)
+
+
+def kv_step_bytes(placement: KVPlacement, held_blocks: int, new_tokens: int, block_size: int) -> int:
+    """Bytes the KV offload moves in one such step (all offloaded layers, both directions)."""
+    per_layer = held_blocks * placement.block_bytes + new_tokens * placement.block_bytes // block_size
+    return len(placement.offloaded) * per_layer

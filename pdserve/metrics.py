@@ -568,6 +568,11 @@ class WorkerSnapshot:
     weight_bytes: tuple[tuple[str, int], ...] = ()  # (tier, bytes): device, host, disk
     weight_prefetch_bytes: int = 0  # offloaded layer bytes copied in (cumulative)
     weight_prefetch_stall_seconds: float = 0.0  # time forward passes waited for a layer's copy
+    # KV offloading (EngineConfig.kv_memory_budget_bytes, engine.kv_offload; empty / 0 without it)
+    kv_offload_bytes: tuple[tuple[str, int], ...] = ()  # (tier, bytes): device, host
+    kv_offload_read_bytes: int = 0  # offloaded layers' held blocks copied to the device (cumulative)
+    kv_offload_write_bytes: int = 0  # new K/V rows written back to the host pool (cumulative)
+    kv_offload_stall_seconds: float = 0.0  # time forward passes waited for a layer's KV copy
     adapters: tuple[AdapterSnapshot, ...] = ()  # LoRA adapters served (empty: base model only)
 
 
@@ -691,6 +696,16 @@ class WorkerMetrics:
             (CounterMetricFamily, "pdserve_worker_weight_prefetch_stall_seconds",
              "Time forward passes waited for an offloaded layer's copy (prefetch stalls).", lab,
              lambda s: [((), s.weight_prefetch_stall_seconds)]),
+            (GaugeMetricFamily, "pdserve_worker_kv_offload_bytes",
+             "KV pool bytes by tier under KV offloading: device (resident layers and staging buffers), host "
+             "(absent without it).", [*lab, "tier"], lambda s: [((t,), b) for t, b in s.kv_offload_bytes]),
+            (CounterMetricFamily, "pdserve_worker_kv_offload_copied_bytes",
+             "Offloaded KV bytes copied, by direction: in (held blocks to the device staging buffer), out "
+             "(new rows written back to the host pool).", [*lab, "direction"],
+             lambda s: [(("in",), s.kv_offload_read_bytes), (("out",), s.kv_offload_write_bytes)]),
+            (CounterMetricFamily, "pdserve_worker_kv_offload_stall_seconds",
+             "Time forward passes waited for an offloaded layer's KV copy.", lab,
+             lambda s: [((), s.kv_offload_stall_seconds)]),
             (CounterMetricFamily, "pdserve_worker_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
              lab, lambda s: [((), s.prefix_query_tokens)]),
             (CounterMetricFamily, "pdserve_worker_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
