@@ -80,6 +80,15 @@ class EngineConfig:
     identical to the resident pool. The minimum is two layers' KV (refused below it, naming it).
     Refused with tensor parallelism and ``cuda_graph``.
 
+    ``device_memory_budget_bytes`` (weights and KV together): the device memory the weights and the
+    KV pool may use between them; the split is the offload cost model's
+    (:func:`engine.offload_policy.split_device_budget`: every count of offloaded KV layers with the
+    weights placed in the rest, the smallest predicted decode step wins, the KV priced for a step
+    holding the whole pool and decoding ``max_num_seqs`` tokens, rates measured at load). The
+    engine then runs as with the two budgets it chose (``LLMEngine.memory_split``). Refused
+    together with ``weight_memory_budget_bytes`` or ``kv_memory_budget_bytes`` (set one or the
+    other), and where either offloading is refused.
+
     ``speculative`` (vLLM's ``speculative_config``; :mod:`engine.spec_decode`): None (default),
     no speculation; a :class:`~engine.spec_decode.SpeculativeConfig` with ``SpecMethod.NGRAM``
     drafts up to ``num_speculative_tokens`` tokens per decoding request by prompt lookup and
@@ -128,6 +137,7 @@ class EngineConfig:
     weight_offload_dir: str | None = None
     offline_batch: bool = False
     kv_memory_budget_bytes: int | None = None
+    device_memory_budget_bytes: int | None = None
     speculative: SpeculativeConfig | None = None
     # SchedulingPolicy.MLFQ only (see engine.mlfq; validated by SchedulerConfig)
     mlfq_num_levels: int = 4
@@ -182,6 +192,7 @@ class EngineConfig:
             self.tensor_parallel_size > 1
             or self.weight_dtype != "float32"
             or self.weight_memory_budget_bytes is not None
+            or self.device_memory_budget_bytes is not None
         ):
             raise ValueError(
                 "linear 'native' needs tensor_parallel_size 1, weight_dtype float32 and no weight offloading"
@@ -200,8 +211,10 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"{name} must be an integer >= 0 or None, got {v!r}")
-        if self.weight_memory_budget_bytes is None and (
-            self.weight_host_budget_bytes is not None or self.weight_offload_dir is not None
+        if (
+            self.weight_memory_budget_bytes is None
+            and self.device_memory_budget_bytes is None
+            and (self.weight_host_budget_bytes is not None or self.weight_offload_dir is not None)
         ):
             raise ValueError(
                 "weight_host_budget_bytes / weight_offload_dir need weight offloading: "
@@ -239,7 +252,7 @@ class EngineConfig:
         if not isinstance(self.offline_batch, bool):
             raise ValueError(f"offline_batch must be a bool, got {self.offline_batch!r}")
         if self.offline_batch:
-            if self.weight_memory_budget_bytes is None:
+            if self.weight_memory_budget_bytes is None and self.device_memory_budget_bytes is None:
                 raise ValueError(
                     "offline_batch=True sizes the batch for offloaded weights: set weight_memory_budget_bytes"
                 )
@@ -252,6 +265,27 @@ class EngineConfig:
                 raise ValueError(
                     "offline_batch=True is not supported with speculative decoding: set one of them"
                 )
+        d = self.device_memory_budget_bytes
+        if d is not None:
+            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+                raise ValueError(f"device_memory_budget_bytes must be an integer >= 0 or None, got {d!r}")
+            both = [
+                n
+                for n in ("weight_memory_budget_bytes", "kv_memory_budget_bytes")
+                if getattr(self, n) is not None
+            ]
+            if both:
+                raise ValueError(
+                    f"device_memory_budget_bytes (weights and KV, split by the cost model) contradicts "
+                    f"{' and '.join(both)}: set one or the other"
+                )
+            for name, bad in (
+                ("tensor_parallel_size > 1", self.tensor_parallel_size > 1),
+                (f"weight_dtype {self.weight_dtype!r}", self.weight_dtype != "float32"),
+                ("cuda_graph=True", self.cuda_graph),
+            ):
+                if bad:
+                    raise ValueError(f"device_memory_budget_bytes is not supported with {name}")
         v = self.kv_memory_budget_bytes
         if v is None:
             return

@@ -35,7 +35,7 @@ from engine.models.config import ModelConfig
 from engine.models.linear_native import engine_linear
 from engine.models.loader import load_model, resolve_dtype
 from engine.offload import OffloadedWeights
-from engine.offload_policy import BatchChoice
+from engine.offload_policy import BatchChoice, MemorySplit
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from engine.parallel_sampling import SampleGroup, is_internal_id
 from engine.request import FinishReason, Request, RequestStatus
@@ -173,6 +173,7 @@ class LLMEngine:
                 drafter = lambda req, at_most: proposer.propose(req.all_token_ids(), at_most)  # noqa: E731
         self.weight_offload = weight_offload
         self.offline_batch: BatchChoice | None = None  # EngineConfig.offline_batch's choice
+        self.memory_split: MemorySplit | None = None  # EngineConfig.device_memory_budget_bytes's split
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.model_id = config.model_id or "model"
@@ -483,11 +484,22 @@ class LLMEngine:
             raise InvalidRequestError(
                 "LoRA adapters are not supported with weight offloading (weight_memory_budget_bytes)"
             )
-        linear = engine_linear(config.linear, config.weight_memory_budget_bytes is not None)
+        linear = engine_linear(
+            config.linear,
+            config.weight_memory_budget_bytes is not None or config.device_memory_budget_bytes is not None,
+        )
         model = load_model(
             path, dtype, device, max_positions=max_len, weight_dtype=config.weight_dtype, linear=linear
         )
-        offload = None
+        offload = split = rates = None
+        if config.device_memory_budget_bytes is not None:  # weights + KV, split by the cost model
+            from engine.offload import apply_device_budget
+
+            kvs = KVShape(
+                mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim, config.block_size, dtype
+            )
+            nkv = num_kv_blocks(config, kvs)
+            config, split, rates = apply_device_budget(config, model, nkv, kvs.block_nbytes // kvs.num_layers)
         if config.weight_memory_budget_bytes is not None:
             from engine.offload import offload_model
 
@@ -496,6 +508,7 @@ class LLMEngine:
                 config.weight_memory_budget_bytes,
                 config.weight_host_budget_bytes,
                 config.weight_offload_dir,
+                rates=rates,
             )
         choice = None
         if offload is not None and config.offline_batch:  # EngineConfig.offline_batch
@@ -507,6 +520,7 @@ class LLMEngine:
             config, choice = apply_offline_batch(config, offload, num_kv_blocks(config, kvs))
         eng = cls(model, mcfg, tok, config, dtype, device, lora=lora, weight_offload=offload)
         eng.offline_batch = choice
+        eng.memory_split = split
         return eng
 
     @classmethod

@@ -35,11 +35,13 @@ from torch import nn
 from engine.offload_policy import (
     NUM_SLOTS,
     BatchChoice,
+    MemorySplit,
     OffloadCostModel,
     WeightPlacement,
     WeightTier,
     pick_offline_batch_size,
     place_weights,
+    split_device_budget,
 )
 
 if TYPE_CHECKING:
@@ -465,3 +467,49 @@ def apply_offline_batch(
         choice.max_seqs_per_s,
     )
     return replace(config, max_num_seqs=choice.batch_size), choice
+
+
+def apply_device_budget(
+    config: EngineConfig, model: nn.Module, kv_num_blocks: int, kv_block_bytes: int
+) -> tuple[EngineConfig, MemorySplit, Bandwidths]:
+    """``config`` with ``device_memory_budget_bytes`` split into ``weight_memory_budget_bytes`` and
+    ``kv_memory_budget_bytes`` by :func:`engine.offload_policy.split_device_budget` (rates measured
+    now; the KV priced for a step holding the whole pool, ``kv_num_blocks`` blocks of
+    ``kv_block_bytes`` per layer, and decoding ``max_num_seqs`` tokens), the split and the rates.
+    The split is logged. OffloadPolicyError for a budget below the minimum."""
+    budget = config.device_memory_budget_bytes
+    if budget is None:
+        raise ValueError("apply_device_budget needs EngineConfig.device_memory_budget_bytes")
+    layers = model.model.layers
+    rates = measure_rates(model, config.weight_offload_dir)
+    cost = OffloadCostModel(
+        layer_bytes=tuple(layer_nbytes(layer) for layer in layers),
+        compute_s=tuple(c * config.max_num_seqs / rates.tokens for c in rates.compute_s),
+        fixed_bytes=fixed_nbytes(model),
+        device_budget_bytes=budget,
+        host_bw=rates.host_bw,
+        disk_bw=rates.disk_bw,
+        host_budget_bytes=config.weight_host_budget_bytes,
+    )
+    split = split_device_budget(
+        cost, kv_num_blocks, kv_block_bytes, kv_num_blocks, config.max_num_seqs, config.block_size
+    )
+    log.info(
+        "device memory budget %d bytes: weights %d bytes (%d of %d layers offloaded), KV %d bytes "
+        "(%d of %d layers' KV in the host pool); predicted decode step %.2f ms",
+        budget,
+        split.weight_budget_bytes,
+        len(split.weights.offloaded),
+        len(layers),
+        split.kv_budget_bytes,
+        len(split.kv.offloaded),
+        len(layers),
+        split.predicted_step_s * 1e3,
+    )
+    out = replace(
+        config,
+        device_memory_budget_bytes=None,
+        weight_memory_budget_bytes=split.weight_budget_bytes,
+        kv_memory_budget_bytes=split.kv_budget_bytes,
+    )
+    return out, split, rates

@@ -34,7 +34,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 NUM_SLOTS = 2  # the device double buffer
 
@@ -431,3 +431,58 @@ def kv_step_bytes(placement: KVPlacement, held_blocks: int, new_tokens: int, blo
     """Bytes the KV offload moves in one such step (all offloaded layers, both directions)."""
     per_layer = held_blocks * placement.block_bytes + new_tokens * placement.block_bytes // block_size
     return len(placement.offloaded) * per_layer
+
+
+@dataclass(frozen=True)
+class MemorySplit:
+    """:func:`split_device_budget`'s choice: the weight placement, the KV placement, the device
+    budget each got, and the predicted step time of the pair."""
+
+    weights: WeightPlacement
+    kv: KVPlacement
+    weight_budget_bytes: int
+    kv_budget_bytes: int
+    predicted_step_s: float
+
+
+def split_device_budget(
+    cost: OffloadCostModel,
+    kv_num_blocks: int,
+    kv_block_bytes: int,
+    held_blocks: int,
+    new_tokens: int,
+    block_size: int,
+) -> MemorySplit:
+    """Split ``cost.device_budget_bytes`` (weights + KV) between the weights and the KV pool: for
+    each count ``k`` of layers whose KV is offloaded (0, then 3..L: one or two cost the two
+    staging buffers and save nothing), the KV takes ``(L - k + min(k, 2))`` layer pools, the
+    weights :func:`place_weights` of the rest; the pair with the smallest :func:`predict_step_s`
+    (KV priced by :func:`kv_step_cost` for ``held_blocks`` / ``new_tokens`` a step at
+    ``cost.host_bw``) wins, ties to the fewer offloaded KV layers. OffloadPolicyError when no
+    ``k`` leaves the weights their minimum."""
+    n = len(cost.layer_bytes)
+    best: MemorySplit | None = None
+    for k in [0, *range(3, n + 1)]:
+        kvp = kv_placement(n, kv_num_blocks, kv_block_bytes, spread(n, k))
+        wb = cost.device_budget_bytes - kvp.device_bytes
+        if wb < 0:
+            continue
+        try:
+            wp = place_weights(replace(cost, device_budget_bytes=wb))
+        except OffloadPolicyError:
+            continue
+        kvc = kv_step_cost(kvp, held_blocks, new_tokens, block_size, cost.host_bw) if k else None
+        pred = predict_step_s(
+            wp.tiers, cost.layer_bytes, cost.compute_s, cost.host_bw, cost.disk_bw, cost.other_s, kv=kvc
+        )
+        if best is None or pred < best.predicted_step_s:
+            best = MemorySplit(wp, kvp, wb, kvp.device_bytes, pred)
+    if best is None:
+        need = min_device_budget(cost.layer_bytes, cost.fixed_bytes) + min_kv_device_budget(
+            n, kv_num_blocks * kv_block_bytes
+        )
+        raise OffloadPolicyError(
+            f"device memory budget {cost.device_budget_bytes} bytes is below the minimum {need} bytes for "
+            f"weights and KV (the weights' minimum plus {NUM_SLOTS} KV staging buffers)"
+        )
+    return best

@@ -206,3 +206,37 @@ def test_budget_below_minimum_is_refused_naming_it(deep_llama):
 def test_unsupported_kv_offload_settings_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig(**kw)
+
+
+def test_device_budget_split_between_weights_and_kv(deep_llama, resident):
+    """EngineConfig.device_memory_budget_bytes: the cost model splits one budget between the
+    weights and the KV pool (whatever split the measured rates give, the output is the resident
+    engine's and the two parts fit the budget)."""
+    from engine.offload import fixed_nbytes, layer_nbytes
+
+    want = resident[0]
+    probe = LLMEngine.from_pretrained(deep_llama, EngineConfig(**BASE))
+    m = probe.runner.model
+    weights = fixed_nbytes(m) + sum(layer_nbytes(x) for x in m.model.layers)
+    probe.close()
+    budget = weights + NUM_LAYERS * LAYER_KV - 6 * LAYER_KV  # six layers' KV (or the weights' worth) short
+    eng = LLMEngine.from_pretrained(deep_llama, EngineConfig(**BASE, device_memory_budget_bytes=budget))
+    try:
+        s = eng.memory_split
+        assert s is not None
+        assert s.weight_budget_bytes + s.kv_budget_bytes <= budget
+        assert eng.config.weight_memory_budget_bytes == s.weight_budget_bytes
+        assert eng.config.kv_memory_budget_bytes == s.kv_budget_bytes
+        assert eng.kv_offload is not None and eng.kv_offload.placement.offloaded == s.kv.offloaded
+        assert eng.weight_offload is not None and eng.weight_offload.placement.tiers == s.weights.tiers
+        assert s.weights.offloaded or s.kv.offloaded  # something had to leave the device
+        assert eng.weight_offload.placement.device_bytes + eng.kv_offload.nbytes <= budget
+        assert _run(eng, _prompts()) == want
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("other", ["weight_memory_budget_bytes", "kv_memory_budget_bytes"])
+def test_device_budget_with_a_part_budget_is_refused_naming_it(other):
+    with pytest.raises(ValueError, match=f"contradicts {other}"):
+        EngineConfig(device_memory_budget_bytes=10**9, **{other: 10**8})

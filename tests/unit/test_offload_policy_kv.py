@@ -8,6 +8,7 @@ import pytest
 
 from engine.offload_policy import (
     KVStepCost,
+    OffloadCostModel,
     OffloadPolicyError,
     WeightTier,
     kv_placement,
@@ -15,7 +16,9 @@ from engine.offload_policy import (
     kv_step_cost,
     min_kv_device_budget,
     place_kv,
+    place_weights,
     predict_step_s,
+    split_device_budget,
 )
 
 D = WeightTier.DEVICE
@@ -85,3 +88,45 @@ def test_kv_and_weight_copies_share_the_channel():
     w_only = predict_step_s(three, [10] * 6, [0.0] * 6, 10.0, 1.0)
     both = predict_step_s(three, [10] * 6, [0.0] * 6, 10.0, 1.0, kv=KVStepCost((2, 4), 1.0, 0.0))
     assert w_only > 0 and both == pytest.approx(w_only + 2.0)
+
+
+def _cost(budget: int) -> OffloadCostModel:
+    # 8 layers of 100 weight bytes (a copy 0.5 s at 200 B/s) computing 0.1 s each: copies show
+    return OffloadCostModel(
+        layer_bytes=(100,) * 8,
+        compute_s=(0.1,) * 8,
+        fixed_bytes=50,
+        device_budget_bytes=budget,
+        host_bw=200.0,
+        disk_bw=100.0,
+    )
+
+
+def test_split_offloads_kv_when_its_copies_are_cheaper():
+    """KV of 10 blocks x 10 bytes a layer: a step holding 1 block reads 10 bytes a layer (cheap),
+    so the split keeps every weight on the device and offloads five layers' KV."""
+    s = split_device_budget(
+        _cost(1350), kv_num_blocks=10, kv_block_bytes=10, held_blocks=1, new_tokens=4, block_size=16
+    )
+    assert s.weights.offloaded == () and len(s.kv.offloaded) == 5
+    assert s.weight_budget_bytes + s.kv_budget_bytes <= 1350
+    assert s.weights.device_bytes <= s.weight_budget_bytes and s.kv.device_bytes == s.kv_budget_bytes
+
+
+def test_split_offloads_weights_when_the_kv_reads_cost_more():
+    s = split_device_budget(
+        _cost(1350), kv_num_blocks=10, kv_block_bytes=10, held_blocks=10, new_tokens=4, block_size=16
+    )
+    assert s.kv.offloaded == () and len(s.weights.offloaded) == 5
+    only_weights = place_weights(_cost(1350 - 800))
+    assert s.predicted_step_s == only_weights.predicted_step_s
+
+
+def test_split_everything_resident_when_it_fits():
+    s = split_device_budget(_cost(850 + 800), 10, 10, 10, 4, 16)
+    assert s.weights.offloaded == () and s.kv.offloaded == ()
+
+
+def test_split_below_the_minimum_is_refused_naming_it():
+    with pytest.raises(OffloadPolicyError, match="minimum 450 bytes"):
+        split_device_budget(_cost(400), 10, 10, 1, 4, 16)
