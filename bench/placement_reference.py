@@ -55,6 +55,19 @@ def best_remote_prefix(req: RequestInfo, inst: InstanceView, view: ClusterView) 
     return src, remote
 
 
+def least_then_loaded(plans: list[Placement], candidates: list[InstanceView]) -> Placement:
+    """The plan of least predicted TTFT; among equals (issue #16's tie-break of the cache-aware
+    policies, base-model requests: these reference policies price no adapter) the least loaded
+    candidate (fewest queued prompt tokens, fewest requests, most free blocks), then the first."""
+
+    def key(k: int) -> tuple:
+        c = candidates[k]
+        load = (c.queued_tokens, c.running_requests + c.queued_requests, -c.free_blocks)
+        return (plans[k].estimated_ttft_s, *load, k)
+
+    return plans[min(range(len(plans)), key=key)]
+
+
 class RefLocalCacheAwarePolicy(LocalCacheAwarePolicy):
     """Pre-#12 :class:`LocalCacheAwarePolicy` (a cached-prefix walk per candidate)."""
 
@@ -62,16 +75,14 @@ class RefLocalCacheAwarePolicy(LocalCacheAwarePolicy):
         self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
     ) -> Placement:
         est = self._require_estimator()
-        best: Placement | None = None
+        plans: list[Placement] = []
         for inst in candidates:
             hit = usable_prefix_blocks(
                 inst.cached_prefix_blocks(req.block_hashes), req.num_prompt_tokens, inst.block_size
             )
             t = est.ttft(inst, req.num_prompt_tokens, hit)
-            if best is None or t < best.estimated_ttft_s:  # type: ignore[operator]
-                best = Placement(inst.instance_id, reused_blocks=hit, estimated_ttft_s=t)
-        assert best is not None
-        return best
+            plans.append(Placement(inst.instance_id, reused_blocks=hit, estimated_ttft_s=t))
+        return least_then_loaded(plans, candidates)
 
 
 class RefGlobalCacheAwarePolicy(GlobalCacheAwarePolicy):
@@ -82,7 +93,7 @@ class RefGlobalCacheAwarePolicy(GlobalCacheAwarePolicy):
     ) -> Placement:
         est = self._require_estimator()
         p = req.num_prompt_tokens
-        best: Placement | None = None
+        plans: list[Placement] = []
         for inst in candidates:
             local = usable_prefix_blocks(inst.cached_prefix_blocks(req.block_hashes), p, inst.block_size)
             src, remote = best_remote_prefix(req, inst, view)
@@ -98,10 +109,8 @@ class RefGlobalCacheAwarePolicy(GlobalCacheAwarePolicy):
                         reused_blocks=remote,
                         estimated_ttft_s=tf,
                     )
-            if best is None or plan.estimated_ttft_s < best.estimated_ttft_s:  # type: ignore[operator]
-                best = plan
-        assert best is not None
-        return best
+            plans.append(plan)
+        return least_then_loaded(plans, candidates)
 
 
 @dataclass

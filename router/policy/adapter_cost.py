@@ -18,8 +18,9 @@ placement adds to a candidate's predicted TTFT (``InstanceView.adapter_load_s``)
 
 Unknown fields are 0 (an older worker's report): the cost is then the load alone, as before.
 
-:func:`affinity_order` is the candidate order the cache-aware policies decide in for an adapter's
-request (equally fast candidates: the least loaded first).
+:func:`affinity_order` is the adapter-affinity candidate order (ready time, then load); the
+cache-aware policies break a tie of predicted TTFT by the same key
+(``router.policy.placement.tie_break``), for the base model's requests too.
 """
 
 from __future__ import annotations
@@ -96,8 +97,9 @@ def affinity_order(candidates: Sequence[InstanceView], adapter: str) -> list[Ins
     adapter is ready there (:meth:`InstanceView.adapter_load_s`: holders of a slot first), then
     least loaded (fewest queued prompt tokens, fewest requests, most free blocks); stable.
 
-    A policy that takes the first of equally fast candidates (``best_prefill_plan``) then breaks
-    a tie between holders of the adapter by load: without it every request of a hot adapter,
+    A policy that takes the first of equally fast candidates then breaks a tie between holders
+    of the adapter by load (``best_prefill_plan(least_loaded_ties=True)`` applies the same key
+    to the tied candidates only): without it every request of a hot adapter,
     whose slot several instances hold at no cost, went to the first of them in view order, whose
     decode batch grew while the others idled (mean TTFT above least-loaded's in
     ``bench/sim_adapter_affinity.py``). The base model (``adapter`` empty) keeps the given order.

@@ -8,6 +8,7 @@ pick the candidate. Split out of :mod:`router.policy.goodput`, which decides wit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -28,14 +29,24 @@ def first_least(
     longs: list[int] | None,
     tpots: list[float],
     freeness: Sequence[int],
+    starts: Sequence[float] | None = None,
 ) -> int:
     """The first ``k`` of ``cand`` (non-empty) with the least key (-fits, longs, tpot, -freeness)
     (``longs`` aligned with ``cand``; None: all 0): what ``min(cand, key=...)`` returns, found
-    one key component at a time (a pass each) instead of a tuple per candidate."""
+    one key component at a time (a pass each) instead of a tuple per candidate.
+
+    ``starts`` (aligned with the pool like ``tpots``; None: not a key): seconds before the
+    request can start on each instance, a key between ``longs`` and ``tpot``: (-fits, longs,
+    start, tpot, -freeness). The goodput policy passes it for a LoRA adapter's request
+    (:func:`adapter_starts`), whose candidates differ by tens of ms in when the adapter is
+    ready and by fractions of a ms in TPOT."""
     lk = dict(zip(cand, longs, strict=True)) if longs is not None else None
     tp = [tpots[k] for k in cand]
-    total = sum(tp)
+    total = sum(tp) + (sum([starts[k] for k in cand]) if starts is not None else 0.0)
     if total != total:  # a NaN (or inf - inf): compare the tuples exactly as min() would
+        if starts is not None:
+            skeys = [(-int(fits[k]), lk[k] if lk else 0, starts[k], tpots[k], -freeness[k]) for k in cand]
+            return cand[min(range(len(cand)), key=skeys.__getitem__)]
         keys = [(-int(fits[k]), lk[k] if lk else 0, tpots[k], -freeness[k]) for k in cand]
         return cand[min(range(len(cand)), key=keys.__getitem__)]
     s = cand
@@ -45,6 +56,9 @@ def first_least(
     if lk is not None:
         m = min([lk[k] for k in s])
         s = [k for k in s if lk[k] == m]
+    if starts is not None:
+        m = min([starts[k] for k in s])
+        s = [k for k in s if starts[k] == m]
     if s is cand:
         m = min(tp)
         s = [k for k, t in zip(cand, tp, strict=True) if t == m]
@@ -55,6 +69,29 @@ def first_least(
         return s[0]
     m = max([freeness[k] for k in s])
     return next(k for k in s if freeness[k] == m)
+
+
+def adapter_starts(
+    pool: Sequence[InstanceView],
+    adapter: str,
+    local_ttft: Sequence[float | None],
+    remote_ttft: float | None,
+) -> list[float]:
+    """Per decode instance of ``pool``, the earliest a request of LoRA ``adapter`` can run there
+    (seconds; the :func:`first_least` ``starts`` key): its own prefill's predicted TTFT
+    (``local_ttft``, which prices the adapter's readiness there, ``InstanceView.adapter_load_s``),
+    or the remote prefill's (``remote_ttft``) followed by loading the adapter on the decode
+    instance (the decode side pins it when the KV arrives), whichever is sooner; inf when the
+    instance has neither option."""
+    out: list[float] = []
+    for inst, lt in zip(pool, local_ttft, strict=True):
+        t = math.inf if lt is None else lt
+        if remote_ttft is not None:
+            r = remote_ttft + inst.adapter_load_s(adapter)
+            if r < t:
+                t = r
+        out.append(t)
+    return out
 
 
 UNDECIDED = -2

@@ -34,6 +34,16 @@
 6. **Choice**: the decode instance first (length-aware, TetriInfer: a request predicted long goes
    where the fewest long requests are in flight; then lowest predicted TPOT; then most free
    blocks), then on it the mode (local or the best prefill instance) with the lower TTFT.
+   A LoRA adapter's request (issue #16) compares, between the long-request count and TPOT, how
+   soon it can start on each decode instance (:func:`~router.policy.decode_side.adapter_starts`:
+   its local prefill's TTFT, which prices when the adapter is ready there, or the remote
+   prefill then the adapter's load on the decode instance): instances differ there by a slot
+   copy, a disk read or a wait for a pinned slot (tens of ms), against fractions of a ms of
+   predicted TPOT, so by TPOT alone the affinity was lost (every request loaded its adapter
+   wherever the batch was a request smaller). The start, not the adapter's readiness alone:
+   readiness first piled a hot adapter's requests on its holders (no SLO bound in the way;
+   ``bench/sim_adapter_affinity.py --zipf-s 2``: TPOT 2x), the start's queue and co-scheduled
+   decode step spread them.
 7. **Early rejection**: no feasible pair -> :class:`Rejection` (``SLO_UNATTAINABLE``) with a
    reason and ``retry_after_s`` (the predicted TTFT excess, or the time until the earliest
    predicted decode finish), before any compute is spent.
@@ -85,7 +95,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from router.policy.decode_side import NUMPY_MIN_POOL, UNDECIDED, DecodeSide, first_least, first_least_arr
+from router.policy.decode_side import (
+    NUMPY_MIN_POOL,
+    UNDECIDED,
+    DecodeSide,
+    adapter_starts,
+    first_least,
+    first_least_arr,
+)
 from router.policy.estimate import TtftEstimator, TtftTable
 from router.policy.goodput_config import GoodputConfig
 from router.policy.latency import (
@@ -531,6 +548,8 @@ class GoodputAwarePolicy(PlacementPolicy):
                 [longs.get(decode_pool[k].instance_id, 0) for k in cand] if longs else None,
                 tpots,
                 d.freeness,
+                # an adapter's request: where it can start soonest (its adapter ready) before TPOT
+                adapter_starts(decode_pool, req.adapter, local_ttft, remote_ttft) if req.adapter else None,
             )
         best_d = decode_pool[best].instance_id
         tpot = tpots[best]

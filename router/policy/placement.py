@@ -23,7 +23,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
-from router.policy.adapter_cost import affinity_order
 from router.policy.estimate import TtftEstimator, TtftTable
 from router.policy.protocols import Clock, LatencyEstimator, MonotonicClock
 from router.policy.types import InstanceRole, Observation, Placement, Rejection, RejectReason, RequestInfo
@@ -42,6 +41,7 @@ def best_prefill_plan(
     remote: bool,
     from_view: bool = False,
     scales: Sequence[float] | None = None,
+    least_loaded_ties: bool = False,
 ) -> Placement:
     """The candidate with the lowest predicted TTFT (the first in order among equals) and its plan.
 
@@ -54,6 +54,10 @@ def best_prefill_plan(
     looked up by id without checking). ``candidates`` must be non-empty. ``scales`` (aligned with
     ``candidates``; None: all 1): each candidate's TTFT is multiplied by its own factor (its speed
     relative to the latency model, e.g. from its start-up profile) before the choice.
+    ``least_loaded_ties``: among candidates of equal predicted TTFT, the one whose adapter is
+    ready soonest (``req.adapter``; the base model: all equal), then the least loaded (fewest
+    queued prompt tokens, fewest requests, most free blocks: :class:`LeastLoadedPolicy`'s key),
+    instead of the first in order (:func:`tie_break`).
     """
     if not candidates:
         raise ValueError("best_prefill_plan needs at least one candidate")
@@ -112,6 +116,8 @@ def best_prefill_plan(
         if scales is not None:
             ts = [t * f for t, f in zip(ts, scales, strict=True)]
         best = min(range(n), key=ts.__getitem__)
+        if least_loaded_ties:
+            best = tie_break(ts, best, candidates, req.adapter)
         plan = plans.get(best)
         if plan is None:
             q = queues[best]
@@ -119,12 +125,19 @@ def best_prefill_plan(
         best_t = ts[best]
     else:
         best, best_t, plan = -1, 0.0, (0, None, 0)
+        all_ts: list[float] = []
+        all_plans: list[tuple[int, str | None, int]] = []
         for k in range(n):
             t, pl = price(k, sizes[k])
             if scales is not None:
                 t *= scales[k]
+            all_ts.append(t)
+            all_plans.append(pl)
             if best < 0 or t < best_t:
                 best, best_t, plan = k, t, pl
+        if least_loaded_ties:
+            best = tie_break(all_ts, best, candidates, req.adapter)
+            plan = all_plans[best]
     reused, src, fetched = plan
     return Placement(
         candidates[best].instance_id,
@@ -133,6 +146,28 @@ def best_prefill_plan(
         reused_blocks=reused,
         estimated_ttft_s=best_t,
     )
+
+
+def tie_break(ts: Sequence[float], best: int, candidates: Sequence[InstanceView], adapter: str) -> int:
+    """Among the candidates whose predicted TTFT equals ``ts[best]`` (the least), the one whose
+    ``adapter`` is ready soonest (``InstanceView.adapter_load_s``; "": the base model, all 0),
+    then the least loaded (:func:`_load_key`), then the first in order; ``best`` when it is the
+    only one. O(candidates) for the scan of ``ts``, the keys only of the tied ones.
+
+    Why: with idle queues every candidate caching none of a prompt predicts the same TTFT, and
+    the first in view order took them all until its queue grew (cache-aware placement of
+    base-model requests at 1.25-1.37x least-loaded's mean TTFT in
+    ``bench/sim_adapter_affinity.py``); a tie is no preference, so the load decides it."""
+    m = ts[best]
+    ties = [k for k, t in enumerate(ts) if t == m]
+    if len(ties) <= 1:
+        return best
+
+    def key(k: int) -> tuple[float, int, int, int]:
+        c = candidates[k]
+        return (c.adapter_load_s(adapter) if adapter else 0.0, *_load_key(c))
+
+    return min(ties, key=key)
 
 
 def _common_options(
@@ -317,7 +352,9 @@ class LeastLoadedPolicy(PlacementPolicy):
 
 
 class LocalCacheAwarePolicy(PlacementPolicy):
-    """Minimise predicted TTFT = queue + prefill(tokens not cached *on that instance*)."""
+    """Minimise predicted TTFT = queue + adapter ready + prefill(tokens not cached *on that
+    instance*); among equal predictions the adapter ready soonest, then the least loaded
+    (:func:`tie_break`)."""
 
     kind = PolicyKind.LOCAL_CACHE_AWARE
     needs_latency = True
@@ -326,9 +363,10 @@ class LocalCacheAwarePolicy(PlacementPolicy):
         self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
     ) -> Placement:
         table = TtftTable.of(self._require_estimator(), req)
-        if req.adapter:  # equally fast holders of the adapter: the least loaded first
-            candidates = affinity_order(candidates, req.adapter)
-        return best_prefill_plan(req, candidates, view.prefix_hits(req.block_hashes), table, remote=False)
+        # equally fast candidates: the adapter ready soonest, then the least loaded
+        return best_prefill_plan(
+            req, candidates, view.prefix_hits(req.block_hashes), table, remote=False, least_loaded_ties=True
+        )
 
 
 class GlobalCacheAwarePolicy(PlacementPolicy):
@@ -337,7 +375,8 @@ class GlobalCacheAwarePolicy(PlacementPolicy):
     The longest cached prefix anywhere in the cluster (another instance's cache, or the KV store:
     ``req.store_prefix_blocks``) may be pulled to the candidate; it is pulled only when that is
     predicted faster than recomputing the extra blocks locally. Cost per decision: one cached-prefix
-    walk per instance plus O(1) per candidate (:func:`best_prefill_plan`).
+    walk per instance plus O(1) per candidate (:func:`best_prefill_plan`). Among equal
+    predictions: the adapter ready soonest, then the least loaded (:func:`tie_break`).
     """
 
     kind = PolicyKind.GLOBAL_CACHE_AWARE
@@ -347,9 +386,10 @@ class GlobalCacheAwarePolicy(PlacementPolicy):
         self, req: RequestInfo, candidates: list[InstanceView], view: ClusterView
     ) -> Placement:
         table = TtftTable.of(self._require_estimator(), req)
-        if req.adapter:  # equally fast holders of the adapter: the least loaded first
-            candidates = affinity_order(candidates, req.adapter)
-        return best_prefill_plan(req, candidates, view.prefix_hits(req.block_hashes), table, remote=True)
+        # equally fast candidates: the adapter ready soonest, then the least loaded
+        return best_prefill_plan(
+            req, candidates, view.prefix_hits(req.block_hashes), table, remote=True, least_loaded_ties=True
+        )
 
 
 _POLICIES: dict[PolicyKind, type[PlacementPolicy]] = {

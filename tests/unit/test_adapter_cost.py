@@ -143,7 +143,7 @@ def test_queued_reads_make_a_disk_miss_dearer() -> None:
 def test_equally_fast_holders_go_to_the_least_loaded() -> None:
     """Three instances hold the adapter in a slot and queue nothing: the cache-aware policy takes
     the least loaded of them (fewest running requests), not the first in view order; a base-model
-    request keeps the view order (unchanged behaviour)."""
+    request, equally fast everywhere, goes to the least loaded of all (m3)."""
     pol = LocalCacheAwarePolicy(latency=lat(), clock=ManualClock())
     view = ClusterView(
         [
@@ -154,7 +154,7 @@ def test_equally_fast_holders_go_to_the_least_loaded() -> None:
         ]
     )
     assert pol.place(req("a"), view).instance_id == "m1"
-    assert pol.place(req(""), view).instance_id == "m0"
+    assert pol.place(req(""), view).instance_id == "m3"
     order = affinity_order(view.instances, "a")
     assert [i.instance_id for i in order] == ["m1", "m2", "m0", "m3"]
     assert affinity_order(view.instances, "") == list(view.instances)
