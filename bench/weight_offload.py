@@ -19,7 +19,20 @@ cold read rate, so a run above its bound says the page cache served it. The engi
 once and run interleaved for ``--repeats`` rounds (a load change on a shared host hits all of
 them); each engine's best round is reported.
 
+KV offloading (``kv_memory_budget_bytes``, :mod:`engine.kv_offload`): engines with the KV of 50%
+and 100% of the layers in the host pool (budgets of ``(layers - k + 2)`` layers' pools: two staging
+buffers) and one with 50% of the weights and 50% of the KV off the device, in the same rounds.
+Their table: tokens/s and the ratio to resident, KV bytes moved per step (held blocks in, new rows
+out, counted by the engine), the predicted step time of the cost model for those bytes
+(:func:`engine.offload_policy.predict_step_s` with the measured compute and host bandwidth), and
+the I/O bound ``tokens per step / (KV bytes per step / host_bw)``; "of bound" is offloaded /
+``min(resident, I/O bound)``. ``--no-kv`` skips them, ``--no-weights`` the weight engines. Every
+engine takes ``--linear`` (default ``torch``: an offloaded model takes torch's linear and KV
+offloading turns the fused native forward off, so the resident reference must take the same path
+for the ratio to measure the offloading, not the kernels).
+
 Usage: python bench/weight_offload.py [--batch 8] [--prompt 32] [--max-tokens 16] [--repeats 2] [--model PATH]
+       [--no-kv] [--no-weights]
 """
 
 from __future__ import annotations
@@ -38,8 +51,9 @@ sys.path.insert(0, str(ROOT))
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.offload import fixed_nbytes, layer_nbytes, measure_rates, offline_batch_size  # noqa: E402
-from engine.offload_policy import NUM_SLOTS, WeightTier  # noqa: E402
+from engine.offload_policy import NUM_SLOTS, KVStepCost, WeightTier, predict_step_s  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+from pdserve.cli_help import apply  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=16, help="greedy tokens per prompt (default 16)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds over the engines (default 2)")
     p.add_argument("--model", default=None, help="model folder (default: the converted SmolLM2-135M)")
-    return p
+    p.add_argument(
+        "--linear",
+        default="torch",
+        choices=["torch", "auto"],
+        help="EngineConfig.linear of every engine (default torch: offloaded weights take torch's linear and KV "
+        "offloading turns the fused native forward off, so the resident reference takes the same path)",
+    )
+    p.add_argument("--no-kv", action="store_true", help="skip the KV offloading engines")
+    p.add_argument("--no-weights", action="store_true", help="skip the weight offloading engines")
+    return apply(p)
 
 
 def run(
@@ -73,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, 20000, (a.prompt,), generator=g).tolist() for _ in range(a.batch)]
     params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
-    base = dict(num_kv_blocks=a.batch * (-(-(a.prompt + a.max_tokens) // 16) + 1), max_num_seqs=a.batch)
+    base = dict(
+        num_kv_blocks=a.batch * (-(-(a.prompt + a.max_tokens) // 16) + 1),
+        max_num_seqs=a.batch,
+        linear=a.linear,
+    )
     tmp = tempfile.mkdtemp(prefix="pdserve-offload-bench-")
 
     ref = LLMEngine.from_pretrained(path, EngineConfig(**base))
@@ -95,12 +122,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{a.repeats} interleaved rounds (best of each)"
     )
     engines: dict[str, LLMEngine] = {"resident": ref}
-    for name, frac, host in [
-        ("100%", 1.0, None),
-        ("50%", 0.5, None),
-        ("25%", 0.25, None),
-        ("50%, disk only", 0.5, 0),
-    ]:
+    weight_cases = (
+        []
+        if a.no_weights
+        else [
+            ("100%", 1.0, None),
+            ("50%", 0.5, None),
+            ("25%", 0.25, None),
+            ("50%, disk only", 0.5, 0),
+        ]
+    )
+    for name, frac, host in weight_cases:
         budget = int(total * frac)
         if budget < floor:
             print(
@@ -117,18 +149,39 @@ def main(argv: list[str] | None = None) -> int:
                 weight_offload_dir=tmp,
             ),
         )
+    nl = len(lbytes)
+    kv_layer = ref.kv.num_blocks * ref.runner.kv_cache[0, :, 0].numel() * ref.runner.kv_cache.element_size()
+    kv_engines: dict[str, LLMEngine] = {}
+    if not a.no_kv:
+        for name, k, wfrac in [
+            ("KV 50%", nl // 2, None),
+            ("KV 100%", nl, None),
+            ("KV 50% + weights 50%", nl // 2, 0.5),
+        ]:
+            extra = {}
+            if wfrac is not None:
+                extra = dict(
+                    weight_memory_budget_bytes=max(floor, int(total * wfrac)), weight_offload_dir=tmp
+                )
+            cfg = EngineConfig(**base, kv_memory_budget_bytes=(nl - k + NUM_SLOTS) * kv_layer, **extra)
+            kv_engines[name] = engines[name] = LLMEngine.from_pretrained(path, cfg)
     warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     for eng in engines.values():
         run(eng, prompts[:1], warm)
     best: dict[str, tuple[float, int, int, float]] = {}  # name -> (seconds, steps, bytes copied, stall s)
+    kv_best: dict[
+        str, tuple[int, int, int]
+    ] = {}  # name -> KV (read bytes, write bytes, reads) of the best round
     ok = True
     want: list[list[int]] | None = None
     for _ in range(a.repeats):
         for name, eng in engines.items():
             w = eng.weight_offload
             s0 = w.snapshot() if w else None
+            k0 = eng.kv_offload.snapshot() if eng.kv_offload else None
             got, secs, steps = run(eng, prompts, params)
             s1 = w.snapshot() if w else None
+            k1 = eng.kv_offload.snapshot() if eng.kv_offload else None
             if want is None:
                 want = got
             ok &= got == want
@@ -136,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             stall = s1.stall_s - s0.stall_s if s1 and s0 else 0.0
             if name not in best or secs < best[name][0]:
                 best[name] = (secs, steps, copied, stall)
+                if k0 and k1:
+                    kv_best[name] = (
+                        k1.read_bytes - k0.read_bytes,
+                        k1.write_bytes - k0.write_bytes,
+                        k1.stall_s - k0.stall_s,
+                    )
     ntok = a.batch * a.max_tokens
     ref_tps = ntok / best["resident"][0]
     print(f"resident: {ref_tps:.1f} tok/s ({best['resident'][1]} steps, {best['resident'][0]:.2f} s)")
@@ -160,6 +219,42 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:>22} {tiers:>12} {tps:8.1f} {tps / ref_tps:10.3f} {copied / max(steps, 1) / 2**20:9.1f} "
             f"{io_bound:15.1f} {tps / bound:8.3f} {stall:8.2f} {pick:13d}"
+        )
+    if kv_engines:
+        ref_s = best["resident"][0] / max(best["resident"][1], 1)
+        print(
+            f"KV offloading: {nl} layers, KV pool {ref.kv.num_blocks} blocks ({kv_layer / 2**20:.2f} MiB a layer); "
+            f"resident step {ref_s * 1e3:.1f} ms"
+        )
+        print(
+            f"{'engine':>22} {'KV off':>7} {'tok/s':>8} {'x resident':>10} {'KV MiB/step':>11} "
+            f"{'pred ms/step':>12} {'ms/step':>8} {'I/O bound tok/s':>15} {'of bound':>8} {'stall s':>8}"
+        )
+    for name, eng in kv_engines.items():
+        ko = eng.kv_offload
+        assert ko is not None
+        secs, steps, _, _ = best[name]
+        rd, wr, stall = kv_best.get(name, (0, 0, 0.0))
+        tps = ntok / secs
+        per_step = (rd + wr) / max(steps, 1)
+        io_s = per_step / rates.host_bw
+        io_bound = (ntok / max(steps, 1)) / io_s if io_s else float("inf")
+        bound = min(ref_tps, io_bound)
+        nk = len(ko.placement.offloaded)
+        kv = KVStepCost(
+            ko.placement.offloaded,
+            rd / max(steps * nk, 1) / rates.host_bw,
+            wr / max(steps * nk, 1) / rates.host_bw,
+        )
+        wo = eng.weight_offload
+        tiers = wo.placement.tiers if wo else (WeightTier.DEVICE,) * nl
+        # the measured resident step spread over the layers as the compute (the model's compute
+        # per layer is measured for a 16-row batch; a decode step's is what the resident run took)
+        comp = [ref_s / nl] * nl
+        pred = predict_step_s(tiers, lbytes, comp, rates.host_bw, rates.disk_bw, 0.0, kv=kv)
+        print(
+            f"{name:>22} {100 * ko.placement.fraction:6.0f}% {tps:8.1f} {tps / ref_tps:10.3f} {per_step / 2**20:11.2f} "
+            f"{pred * 1e3:12.1f} {secs / max(steps, 1) * 1e3:8.1f} {io_bound:15.1f} {tps / bound:8.3f} {stall:8.2f}"
         )
     for eng in engines.values():
         eng.close()
