@@ -261,6 +261,23 @@ def test_affinity_placement_loads_adapters_less_than_round_robin() -> None:
     assert aff[0] < ll[0] and aff[2] <= ll[2], (aff, ll)
 
 
+def test_goodput_placement_gains_adapter_affinity() -> None:
+    """The goodput policy on the same cluster: it picked the decode instance by predicted TPOT, so
+    the adapter's load (in its TTFT) never steered a request and it loaded as often as
+    least-loaded; an adapter's request now compares where it can start soonest before TPOT
+    (``router.policy.decode_side.adapter_starts``): fewer loads, mean TTFT <= least-loaded's."""
+    wl = with_adapters(synthetic_wl(300, rate=10.0, seed=1), 16, AdapterPopularity.ZIPF, zipf_s=1.0, seed=1)
+    ad = cfg(num_adapters=16, max_loras=2, max_cpu_loras=2)
+    out = {}
+    for pol in (PolicyKind.LEAST_LOADED, PolicyKind.GOODPUT):
+        res = run(colocated(SPEC, 4, policy=pol, adapters=ad, **KW), wl.requests)
+        assert res.complete
+        ttft = sum(r.ttft for r in res.records) / len(res.records)
+        out[pol] = (total(res, "adapter_slot_loads"), ttft)
+    ll, gp = out[PolicyKind.LEAST_LOADED], out[PolicyKind.GOODPUT]
+    assert gp[0] < 0.8 * ll[0] and gp[1] <= ll[1], (gp, ll)
+
+
 # ----------------------------------------------------------------------------- refused
 @pytest.mark.parametrize(
     ("kw", "match"),
