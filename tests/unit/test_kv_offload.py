@@ -240,3 +240,55 @@ def test_device_budget_split_between_weights_and_kv(deep_llama, resident):
 def test_device_budget_with_a_part_budget_is_refused_naming_it(other):
     with pytest.raises(ValueError, match=f"contradicts {other}"):
         EngineConfig(device_memory_budget_bytes=10**9, **{other: 10**8})
+
+
+@pytest.mark.parametrize(
+    ("family", "backend"),
+    [("qwen2_swa", None), ("mistral_swa", None), ("llama3_rope", None), ("llama", "gather")],
+)
+def test_other_tiny_families_with_kv_offloaded(tiny_models, family, backend):
+    """Sliding windows (mixed, and every layer windowed: out-of-window blocks freed), tied
+    embeddings, and the gather decode path: a 2-layer model with layer 1's KV in the host pool
+    (a placement given to the I/O side: a budget cannot make the policy offload it)."""
+    from engine.kv_offload import install
+    from engine.offload_policy import kv_placement
+
+    cfg = EngineConfig(**{**BASE, "num_kv_blocks": 48}, attention_backend=backend)
+    prompts = [p[:60] for p in _prompts()]
+    ref = LLMEngine.from_pretrained(tiny_models[family], cfg)
+    want = _run(ref, prompts)
+    ref.close()
+    eng = LLMEngine.from_pretrained(tiny_models[family], cfg)
+    cache = eng.runner.kv_cache
+    bb = cache[0, :, 0].numel() * cache.element_size()
+    eng.kv_offload = install(eng.runner, eng.kv, kv_placement(2, 48, bb, (1,)))
+    try:
+        assert _run(eng, prompts) == want
+        assert eng.kv_offload.snapshot().read_bytes > 0
+    finally:
+        eng.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("swap", [False, True], ids=["plain", "swap"])
+def test_cuda_kv_offloaded_output_equals_resident(deep_llama, swap):
+    """The CUDA path: pinned host pool, copies on a side stream, the compute stream waiting on
+    events (never run here: no GPU was lent to this task)."""
+    block = LAYER_KV // BLOCKS * NUM_LAYERS
+    base = dict(BASE, device="cuda", dtype="float32", swap_space_bytes=64 * block if swap else 0)
+    if swap:
+        base["num_kv_blocks"] = 14
+    ref = LLMEngine.from_pretrained(deep_llama, EngineConfig(**base))
+    want = _run(ref, _prompts())
+    ref.close()
+    budget = _budget(8) * base["num_kv_blocks"] // BLOCKS
+    eng = LLMEngine.from_pretrained(deep_llama, EngineConfig(**base, kv_memory_budget_bytes=budget))
+    try:
+        assert eng.kv_offload is not None and eng.kv_offload.cuda
+        got = _run(eng, _prompts())
+        assert [t for t, _ in got] == [t for t, _ in want]
+        if not swap:
+            assert got == want
+        assert eng.kv_offload.snapshot().read_bytes > 0
+    finally:
+        eng.close()
