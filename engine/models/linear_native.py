@@ -13,7 +13,8 @@ weight rows from one atomic counter, helpers sleep on a futex when idle, and the
 only for chunks a helper has claimed, so a helper the OS has not scheduled costs nothing. An
 OpenMP region (the first version) waits at its barrier for every thread: on an oversubscribed
 host the spinning worker loses its wake-up priority and each call could wait a time slice
-(measured 0.04-0.16x torch at 1 row under load; bench/linear_skinny.py ``--busy``). Larger batches call ``F.linear`` (BLAS GEMM).
+(measured 0.04-0.16x torch at 1 row under load; bench/linear_skinny.py ``--busy``). Batches of
+more than :data:`NATIVE_MAX_ROWS` rows call ``F.linear`` (BLAS GEMM).
 
 :class:`LinearBackend` names the choice (``EngineConfig(linear=...)``, env ``PDSERVE_LINEAR``):
 
@@ -50,11 +51,16 @@ from engine.native_build import NativeBuildError, build_library
 
 log = logging.getLogger(__name__)
 
-# rows up to which the kernel beats F.linear on SmolLM2's shapes (bench/linear_skinny.py on a quiet
-# host, 2026-12-06 00:45 UTC, load 0.2-0.5: whole-model speedup 2.08x / 1.45x / 1.01x / 0.89x /
-# 0.79x at 1 / 4 / 8 / 12 / 16 rows; on an oversubscribed host native won at every row count, but a
-# serving host is not meant to be oversubscribed)
-NATIVE_MAX_ROWS = 8
+# rows up to which the kernel takes a projection (more: F.linear). Measured 2026-12-06 02:4x UTC on
+# SmolLM2-135M's shapes, a loaded host (load 3-13): single-thread CPU time (thread_time, which
+# descheduled time does not count) of the whole model's projections, native / torch (1 thread):
+# 2.30x / 1.77x / 1.95x / 1.63x / 1.72x / 1.86x / 1.89x faster at 1 / 4 / 8 / 12 / 16 / 24 / 32 rows
+# (108 GFLOP/s at 32 rows against torch's 58), and still 1.8-1.9x at 48 / 64 / 128 rows;
+# bench/linear_skinny.py (2 threads, wall clock) had native ahead on the whole model at every row
+# count 1..32 in two runs. 32 is the largest decode batch measured end to end (bench/engine_bound.py);
+# prefill chunks above it keep BLAS. (The previous 3-row AVX2 tile lost to F.linear past 8 rows on a
+# quiet host: 0.89x / 0.79x at 12 / 16 rows.)
+NATIVE_MAX_ROWS = 32
 # weights smaller than this are read by the calling thread alone (splitting costs a wake-up)
 SPLIT_MIN_BYTES = 256 * 1024
 # how long an idle helper thread spins for the next call before it sleeps on a futex

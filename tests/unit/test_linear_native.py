@@ -245,6 +245,29 @@ def test_tiny_engine_native_equals_torch_and_hf(tiny_models, tiny_engines, arch)
         torch.testing.assert_close(lx, _hf_logprobs(hf, ids, x.token_ids), atol=LOGPROB_TOL, rtol=0)
 
 
+def test_tiny_engine_native_large_decode_batch_equals_torch(tiny_models, tiny_engines, monkeypatch):
+    """ln.NATIVE_MAX_ROWS prompts (and one fewer) decoding together: a decode step is one kernel
+    call per projection with that many rows (several tiles of activation rows plus a remainder)."""
+    native, torch_eng = tiny_engines["llama_gelu_bias"]
+    rows_seen: set[int] = set()
+    real = ln.skinny_linear
+    monkeypatch.setattr(
+        ln, "skinny_linear", lambda x, *a: rows_seen.add(x.numel() // x.shape[-1]) or real(x, *a)
+    )
+    g = torch.Generator().manual_seed(1)
+    for count in (ln.NATIVE_MAX_ROWS - 1, ln.NATIVE_MAX_ROWS):
+        prompts = [torch.randint(0, 320, (3 + 2 * i,), generator=g).tolist() for i in range(count)]
+        sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+        a = native.generate(prompts, sp, use_tqdm=False)
+        b = torch_eng.generate(prompts, sp, use_tqdm=False)
+        for x, y in zip(a, b, strict=True):
+            assert x.token_ids == y.token_ids
+            lx = torch.tensor([lp.logprob for lp in x.logprobs])
+            ly = torch.tensor([lp.logprob for lp in y.logprobs])
+            torch.testing.assert_close(lx, ly, atol=LOGPROB_TOL, rtol=0)
+        assert count in rows_seen
+
+
 @pytest.mark.slow
 def test_smollm2_native_equals_torch_and_hf(smollm_path):
     """The 8 golden prompts x 32 greedy tokens, decoded together (8 rows)."""
