@@ -1,4 +1,5 @@
-"""Tokenizer (HF ``tokenizers``) with the model's chat template (jinja2), and incremental detokenizing."""
+"""Tokenizer (HF ``tokenizers``) with the model's chat template (jinja2). Incremental detokenizing
+lives in ``engine.detokenizer`` (re-exported here)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import enum
 import json
 import re
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,10 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from engine.detokenizer import IncrementalDetokenizer
 from pdserve.errors import InvalidRequestError, ModelNotFoundError
+
+__all__ = ["IncrementalDetokenizer", "PieceEncoding", "Tokenizer", "piece_encoding"]
 
 
 def _token_str(v: Any) -> str | None:
@@ -101,9 +104,15 @@ class Tokenizer:
         self.vocab_size = self._tok.get_vocab_size()
         decoder = json.loads(tj.read_text()).get("decoder")
         self._pieces, self._space = piece_encoding(decoder)
-        self._added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
+        added = self._tok.get_added_tokens_decoder()
+        self._added = {i: t.content for i, t in added.items()}
+        self._special: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
         self._bytes_cache: dict[int, bytes] = {}
         self._cache_lock = threading.Lock()
+        self._byte_pieces: frozenset[int] = frozenset()
+        if self._pieces is PieceEncoding.METASPACE:
+            found = (self._tok.token_to_id(f"<0x{b:02X}>") for b in range(256))
+            self._byte_pieces = frozenset(i for i in found if i is not None)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -118,6 +127,15 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def is_byte_piece(self, token_id: int) -> bool:
+        """True for a SentencePiece byte-fallback piece ``<0xNN>``: its text depends on the byte
+        pieces around it (a run of them decodes as a whole), so it is never detokenized alone."""
+        return token_id in self._byte_pieces
+
+    def is_special(self, token_id: int) -> bool:
+        """True for a special added token (the ones ``decode(skip_special_tokens=True)`` drops)."""
+        return token_id in self._special
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes token ``token_id`` stands for on its own, exactly.
@@ -185,41 +203,3 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
-
-
-@dataclass
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas, honouring stop strings.
-
-    Text that could be the start of a stop string is held back until it can't be; a matched
-    stop string is cut (it and anything after it never reach the user).
-    """
-
-    tokenizer: Tokenizer
-    stop: tuple[str, ...] = ()
-    text: str = ""  # full decoded output (up to a stop string)
-    emitted: int = 0  # chars of ``text`` already returned
-    ids: list[int] = field(default_factory=list)
-
-    def add(self, token_ids: list[int], final: bool = False) -> tuple[str, str | None]:
-        """Append tokens; return (text delta, matched stop string or None)."""
-        self.ids.extend(token_ids)
-        full = self.tokenizer.decode(self.ids)
-        if full.endswith("\ufffd") and not final:
-            full = full[:-1]  # an incomplete UTF-8 sequence: wait for the next token
-        matched: str | None = None
-        if self.stop:
-            start = max(0, len(self.text) - max(len(s) for s in self.stop))
-            best = -1
-            for s in self.stop:
-                i = full.find(s, start)
-                if i != -1 and (best == -1 or i < best):
-                    best, matched = i, s
-            if matched is not None:
-                full = full[:best]
-        self.text = full
-        hold = 0 if (final or matched) else max((len(s) - 1 for s in self.stop), default=0)
-        upto = max(self.emitted, len(full) - hold)
-        delta = full[self.emitted : upto]
-        self.emitted = upto
-        return delta, matched

@@ -1,0 +1,150 @@
+"""Incremental detokenizing: a growing list of token ids -> text deltas, linear in the output length.
+
+Each new token costs one decode of a short window of recent ids (the vLLM / HF TGI scheme), never
+of the whole output:
+
+* ``prefix_offset`` .. ``read_offset``: ids already turned into text, kept only as left context;
+  ``read_offset`` .. end: ids whose text is not yet confirmed.
+* A token's text is confirmed when ``decode(ids[prefix_offset:])`` minus ``decode(ids[prefix_offset:
+  read_offset])`` is final: the window's text does not end in U+FFFD (an incomplete UTF-8 sequence
+  the next token may complete) and its last token is not a byte-fallback piece ``<0xNN>`` (a
+  SentencePiece run of byte pieces decodes as a whole, and a later byte can still turn it into
+  U+FFFDs). Unconfirmed text waits; ``final=True`` flushes it as it stands.
+* The state after any list of ids does not depend on how the ids were split into ``add`` calls
+  (tokens are taken one at a time inside ``add``), so a resumed request's state (preemption, swap,
+  migration, re-dispatch, a KV import on a decode worker) is rebuilt exactly by adding its ids again.
+
+Contract: the concatenated deltas of a request (up to its final ``add``) and ``text`` equal
+``tokenizer.decode(ids, skip_special_tokens)`` of all its ids at once, cut before the first stop
+string. Text that could be the start of a stop string is held back until it can't be; a matched
+stop string is cut (it and anything after it never reach the user).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pdserve.errors import InvalidRequestError
+
+_REPLACEMENT = "\ufffd"
+
+
+class DetokTokenizer(Protocol):
+    """What the detokenizer needs of a tokenizer (``engine.tokenizer.Tokenizer`` has it)."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    def is_byte_piece(self, token_id: int) -> bool: ...
+
+    def is_special(self, token_id: int) -> bool: ...
+
+
+class IncrementalDetokenizer:
+    """Per-request detokenizer state; see the module docstring for the contract.
+
+    ``text``: the output text confirmed so far (cut before a matched stop string); ``emitted``:
+    chars of ``text`` already returned as deltas (a resumed stream sets it to what its client has).
+    ``text`` / ``emitted`` / ``ids`` given together rebuild a request's state: the ids are decoded
+    again (one window per token) and ``text`` must be a prefix of their text, else
+    InvalidRequestError (a different tokenizer wrote it).
+    """
+
+    def __init__(
+        self,
+        tokenizer: DetokTokenizer,
+        stop: tuple[str, ...] = (),
+        text: str = "",
+        emitted: int = 0,
+        ids: list[int] | None = None,
+        skip_special_tokens: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self._prefix_len: int | None = 0  # len(decode(ids[prefix_offset:read_offset])), None: unknown
+        self._scan_from = 0  # stop strings are searched in ``text`` from here on
+        self._max_stop = max((len(s) for s in self.stop), default=0)
+        self._matched: str | None = None
+        self._open_run = False  # the last text-giving token was a byte-fallback piece
+        if ids:
+            for t in ids:
+                self._push(int(t))
+            if not self.text.startswith(text):
+                raise InvalidRequestError(
+                    f"the resumed request's text ({len(text)} chars) is not a prefix of its "
+                    f"{len(ids)} output tokens' text: another tokenizer wrote it"
+                )
+            self._scan_from = max(0, len(text) - self._max_stop + 1)
+        elif text:
+            raise InvalidRequestError("a detokenizer's text cannot be restored without its token ids")
+        self.emitted = emitted
+
+    # -- decoding --------------------------------------------------------------------------
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _push(self, token_id: int) -> None:
+        """Append one id; confirm the window's new text when it is final."""
+        self.ids.append(token_id)
+        if self.tokenizer.is_byte_piece(token_id):
+            self._open_run = True
+        elif not (self.skip_special_tokens and self.tokenizer.is_special(token_id)):
+            self._open_run = False  # (a skipped special token does not end a byte run)
+        if not self._open_run:
+            self._confirm(final=False)  # a byte-fallback run decodes as a whole: wait for its end
+
+    def _confirm(self, final: bool) -> None:
+        n = len(self.ids)
+        if self.read_offset == n:
+            return
+        window = self._decode(self.ids[self.prefix_offset :])
+        if not final and window.endswith(_REPLACEMENT):
+            return
+        if self._prefix_len is None:
+            self._prefix_len = len(self._decode(self.ids[self.prefix_offset : self.read_offset]))
+        new = window[self._prefix_len :]
+        self.text += new
+        if new or self.prefix_offset == self.read_offset:
+            # the confirmed ids become the next window's left context; ids that gave no text
+            # (skipped special tokens) never become the whole context, so a decoder that strips
+            # its first character (SentencePiece's leading space) never strips a new one
+            self.prefix_offset, self._prefix_len = self.read_offset, None
+        else:
+            self._prefix_len = len(window)
+        self.read_offset = n
+
+    # -- public ----------------------------------------------------------------------------
+    def add(self, token_ids: list[int], final: bool = False) -> tuple[str, str | None]:
+        """Append tokens; return (text delta, matched stop string or None). ``final``: the request
+        ends here, so unconfirmed text (a trailing incomplete character) is flushed as it stands.
+        After a stop string matched, tokens are ignored and only held-back text is returned."""
+        if self._matched is None:
+            before = len(self.text)
+            for t in token_ids:
+                self._push(int(t))
+            if final:
+                self._confirm(final=True)
+            if self.stop and len(self.text) > before:
+                self._find_stop()
+        hold = 0 if (final or self._matched is not None) else max(self._max_stop - 1, 0)
+        upto = max(self.emitted, len(self.text) - hold)
+        delta = self.text[self.emitted : upto]
+        self.emitted = upto
+        return delta, self._matched
+
+    def _find_stop(self) -> None:
+        best, matched = -1, None
+        for s in self.stop:
+            i = self.text.find(s, self._scan_from)
+            if i != -1 and (best == -1 or i < best):
+                best, matched = i, s
+        if matched is not None:
+            self.text = self.text[:best]
+            self._matched = matched
+        else:
+            self._scan_from = max(0, len(self.text) - self._max_stop + 1)
