@@ -123,6 +123,14 @@ class DistPuller:
         with self._guard:
             setattr(self, name, getattr(self, name) + 1)
 
+    def on_loop(self, handle: KVHandle) -> Any:
+        """The store puller that would pull ``handle`` when an event loop may run it itself
+        (:meth:`decode_worker.puller.StorePuller.on_loop`); None otherwise (a direct handle)."""
+        if handle.is_direct:
+            return None
+        inner = getattr(self.fallback, "on_loop", None)
+        return inner(handle) if inner is not None else None
+
     def pull(self, handle: KVHandle) -> torch.Tensor:
         """``[n_blocks, num_layers, 2, block_size, kvh, hd]`` in handle order (on the group's
         device for a direct handle: CPU with gloo, CUDA with NCCL)."""

@@ -13,16 +13,21 @@ keeps the shm -> gRPC fallback of :class:`kv_store.transport.AutoTransport`.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Protocol
 
 import torch
 
+from kv_store.aio_client import AsyncKVStoreClient
 from kv_store.client import KVStoreClient
 from kv_store.handle import BlockLocation, KVHandle
 from kv_store.tensors import tensor_bytes
 from kv_store.transport import BlockTransport, FetchedBlocks
 from pdserve.errors import UnavailableError
+
+# a pull at most this large may run on the caller's event loop (a memcpy from the arena)
+ON_LOOP_PULL_MAX_BYTES = 1 << 20
 
 
 class KVPuller(Protocol):
@@ -48,6 +53,8 @@ class StorePuller:
         self.fetches = 0
         # blocks read by read_leased, per (request id, lease id), reported with the release
         self._shm_read: dict[tuple[str, str], int] = {}
+        # grpc.aio clients for release_async, per (event loop, node address)
+        self._aio: dict[tuple[asyncio.AbstractEventLoop, str], AsyncKVStoreClient] = {}
 
     def _count(self, name: str) -> None:
         with self._count_lock:
@@ -117,3 +124,37 @@ class StorePuller:
                 client.release(handle.lease_id, shm_read_blocks=shm_read)
             else:
                 client.release(handle.lease_id)
+
+    def on_loop(self, handle: KVHandle) -> StorePuller | None:
+        """This puller when :meth:`pull` of ``handle`` costs no rpc and little copying, so an event
+        loop may run it itself (then :meth:`release_async`): every block group read from the
+        handle's leased slots by shared memory, at most :data:`ON_LOOP_PULL_MAX_BYTES`, and no
+        leased read refused so far (a refused read falls back to a blocking fetch). None: pull it
+        on a thread."""
+        if self.leased_refusals or not handle.block_hashes:
+            return None
+        if len(handle.block_hashes) * handle.layout.block_nbytes > ON_LOOP_PULL_MAX_BYTES:
+            return None
+        for idxs in handle.blocks_by_node().values():
+            if not self._can_read_leased(handle, handle.locations[idxs[0]]):
+                return None
+        return self
+
+    def _aio_client(self, address: str) -> AsyncKVStoreClient:
+        key = (asyncio.get_running_loop(), address)
+        c = self._aio.get(key)
+        if c is None:
+            sync = self._clients.get(address)
+            md = sync.call_metadata if sync is not None else ()
+            timeout = sync.timeout_s if sync is not None else 60.0
+            c = self._aio[key] = AsyncKVStoreClient(address, md, timeout)
+        return c
+
+    async def release_async(self, handle: KVHandle) -> None:
+        """:meth:`release` on the running event loop (``grpc.aio``: no thread)."""
+        with self._count_lock:
+            shm_read = self._shm_read.pop((handle.request_id, handle.lease_id), 0)
+        if handle.lease_id and handle.locations:
+            await self._aio_client(handle.locations[0].address).release(
+                handle.lease_id, shm_read_blocks=shm_read
+            )

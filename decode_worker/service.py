@@ -35,6 +35,7 @@ import prometheus_client
 import torch
 
 from decode_worker.groups import admit_group_handoff, is_group, num_choices, stream_group
+from decode_worker.loop_admission import admit_on_loop
 from decode_worker.messages import decode_message
 from decode_worker.migration import DecodeMigration
 from decode_worker.puller import KVPuller
@@ -599,16 +600,21 @@ class AsyncDecodeServicer(DecodeServicer):
             self.direct.check(req)
         loop = asyncio.get_running_loop()
         out = _LoopQueue(self._inbox(loop))
-        actx = _AdmissionContext(ctx)
-        admitted = loop.run_in_executor(
-            self._admission, contextvars.copy_context().run, self._admit, req, actx, out
-        )
-        try:
-            rid, immediate, pull_s = await asyncio.shield(admitted)
-        except asyncio.CancelledError:
-            actx.gone.set()  # a wait for blocks gives up; a request already added is aborted
-            admitted.add_done_callback(lambda f: self._abort_admitted(loop, f))
-            raise
+        # a handoff whose KV is read with no rpc is admitted here (no thread hop); others on threads
+        on_loop = await admit_on_loop(self, req, ctx, out)
+        if on_loop is not None:
+            rid, immediate, pull_s = on_loop
+        else:
+            actx = _AdmissionContext(ctx)
+            admitted = loop.run_in_executor(
+                self._admission, contextvars.copy_context().run, self._admit, req, actx, out
+            )
+            try:
+                rid, immediate, pull_s = await asyncio.shield(admitted)
+            except asyncio.CancelledError:
+                actx.gone.set()  # a wait for blocks gives up; a request already added is aborted
+                admitted.add_done_callback(lambda f: self._abort_admitted(loop, f))
+                raise
         finished = False
         try:
             if immediate:
@@ -688,6 +694,10 @@ class AsyncDecodeServicer(DecodeServicer):
             batch.append(await out.get())
             batch = _ready(batch, out.get_nowait, asyncio.QueueEmpty)
         return batch
+
+    def _abort_later(self, rid: str) -> None:
+        """Abort ``rid`` from the event loop without waiting (the engine call runs on a thread)."""
+        asyncio.get_running_loop().run_in_executor(self._admission, self.state.loop.abort, rid)
 
     def _abort_admitted(self, loop: asyncio.AbstractEventLoop, f: asyncio.Future) -> None:
         """A request whose caller left during admission: abort it if admission added it."""

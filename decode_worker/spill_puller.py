@@ -65,6 +65,14 @@ class SpillPuller:
         """The fallback puller's block transport (the decode service reads its counters)."""
         return getattr(self.fallback, "transport", None)
 
+    def on_loop(self, handle: KVHandle) -> Any:
+        """The store puller that would pull ``handle`` when an event loop may run it itself
+        (:meth:`decode_worker.puller.StorePuller.on_loop`); None otherwise (a direct handle)."""
+        if handle.is_direct:
+            return None
+        inner = getattr(self.fallback, "on_loop", None)
+        return inner(handle) if inner is not None else None
+
     def pull(self, handle: KVHandle) -> torch.Tensor:
         if not handle.is_direct:
             return self.fallback.pull(handle)

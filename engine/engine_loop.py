@@ -66,10 +66,31 @@ class EngineLoop:
     def call(self, fn: Callable[[LLMEngine], T], timeout_s: float | None = None) -> T:
         """Run ``fn(engine)`` on the engine thread; re-raise its exception here. With ``timeout_s``,
         raise TimeoutError if it has not run by then (it may still run later)."""
+        return self.submit(fn).result(timeout_s)
+
+    def submit(self, fn: Callable[[LLMEngine], T]) -> Future:
+        """Run ``fn(engine)`` on the engine thread without waiting: its Future (result or
+        exception); an event loop awaits it with ``asyncio.wrap_future`` (one wake-up)."""
         fut: Future = Future()
         self._cmds.put((lambda: fn(self.engine), fut))
         self._wake.set()
-        return fut.result(timeout_s)
+        return fut
+
+    def add_submit(self, request_id: str, adder: Callable[[LLMEngine], Any], out: OutputSink) -> Future:
+        """:meth:`add` (one choice, queue ``out``) without waiting: the Future of ``adder``'s run;
+        the queue is unregistered when it fails."""
+        with self._lock:
+            self._queues[request_id] = out
+
+        def done(f: Future) -> None:
+            if f.cancelled() or f.exception() is not None:
+                with self._lock:
+                    if self._queues.get(request_id) is out:
+                        del self._queues[request_id]
+
+        fut = self.submit(adder)
+        fut.add_done_callback(done)
+        return fut
 
     def add(
         self,

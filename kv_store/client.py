@@ -116,6 +116,12 @@ class KVStoreClient:
             response_deserializer=decode_get_chunk,
         )
 
+    @property
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata sent with each small call (cluster token, lease owner), for a
+        :class:`kv_store.aio_client.AsyncKVStoreClient` that stands beside this client."""
+        return self._md
+
     def close(self) -> None:
         if self._own_channel:
             self._channel.close()
