@@ -8,7 +8,7 @@ import sys
 import time
 
 from engine.scheduler import SchedulingPolicy
-from pdserve import cli_help, mlfq_knobs
+from pdserve import cli_help, mlfq_knobs, offload_knobs
 from pdserve.errors import PdserveError
 from pdserve.security import add_client_tls_args, client_tls_kwargs
 
@@ -51,6 +51,7 @@ def _cmd_generate_embedded(a: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
+    from pdserve import offline_job
     from pdserve.model_setup import resolve_model_path
 
     path = resolve_model_path(a.model)
@@ -58,18 +59,55 @@ def _cmd_generate_embedded(a: argparse.Namespace) -> int:
     if a.adapter and lora is None:
         print("pdserve generate --embedded --adapter NAME needs --lora NAME=PATH", file=sys.stderr)
         return 2
-    eng = LLMEngine.from_pretrained(
-        path,
-        EngineConfig(device=a.device, dtype=a.dtype, num_kv_blocks=a.kv_blocks, tensor_parallel_size=a.tp),
-        lora=lora,
-    )
+    bad = offload_knobs.flag_errors(a, None, a.tp)
+    if not bad and lora is not None and (a.weight_budget_gib is not None or a.device_budget_gib is not None):
+        bad = ["--lora is not supported with weight offloading (--weight-budget-gib / --device-budget-gib)"]
+    if bad:
+        print(f"pdserve generate: {bad[0]}", file=sys.stderr)
+        return 2
+    try:
+        prompts = offline_job.read_prompts(a.prompts_file) if a.prompts_file else [a.prompt]
+        cfg = EngineConfig(
+            device=a.device,
+            dtype=a.dtype,
+            num_kv_blocks=a.kv_blocks,
+            tensor_parallel_size=a.tp,
+            weight_memory_budget_bytes=None
+            if a.weight_budget_gib is None
+            else int(a.weight_budget_gib * offload_knobs.GIB),
+            **offload_knobs.engine_kwargs(offload_knobs.flag_values(a)),
+        )
+        eng = LLMEngine.from_pretrained(path, cfg, lora=lora)
+    except (OSError, ValueError) as e:  # a bad prompts file; a budget the engine refuses (naming it)
+        print(f"pdserve generate: {e}", file=sys.stderr)
+        return 2
+    chosen = offline_job.batch_line(eng)
+    if chosen:
+        print(chosen, file=sys.stderr)
     params = SamplingParams(
         max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed
     )
-    if a.no_chat or eng.tokenizer is None or not eng.tokenizer.chat_template:
-        ids = eng.tokenize(a.prompt)
-    else:
-        ids = eng.tokenizer.encode_chat([{"role": "user", "content": a.prompt}])
+
+    def encode(text: str) -> list[int]:
+        if a.no_chat or eng.tokenizer is None or not eng.tokenizer.chat_template:
+            return eng.tokenize(text)
+        return eng.tokenizer.encode_chat([{"role": "user", "content": text}])
+
+    if a.prompts_file:
+        t0 = time.monotonic()
+        n = offline_job.run(
+            eng,
+            [encode(p) for p in prompts],
+            prompts,
+            params,
+            sys.stdout,
+            None if a.no_progress else sys.stderr,
+        )
+        total = time.monotonic() - t0
+        print(f"[{path.name}: {len(prompts)} prompts, {n} tokens, {n / total:.1f} tok/s]", file=sys.stderr)
+        eng.close()
+        return 0
+    ids = encode(a.prompt)
     t0 = time.monotonic()
     eng.add_request("cli", ids, params, adapter_id=a.adapter)
     first = None
@@ -142,9 +180,9 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     if a.routers < 1:
         print(f"pdserve serve: --routers must be >= 1, got {a.routers}", file=sys.stderr)
         return 2
-    bad_mlfq = mlfq_knobs.flag_errors(a, a.scheduling_policy)
-    if bad_mlfq:
-        print(f"pdserve serve: {bad_mlfq[0]}", file=sys.stderr)
+    bad = mlfq_knobs.flag_errors(a, a.scheduling_policy) + offload_knobs.flag_errors(a, a.scheduling_policy)
+    if bad:
+        print(f"pdserve serve: {bad[0]}", file=sys.stderr)
         return 2
     if a.tls not in ("on", "off"):
         print(
@@ -189,6 +227,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                     if a.weight_budget_gib is not None
                     else ()
                 ),
+                *offload_knobs.as_flags(a),
             ),
             num_prefill=prefill[0],
             num_decode=decode[0],
@@ -260,6 +299,24 @@ def _model_pools(paths, prefill: list[int], decode: list[int]) -> tuple:
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
+    if (a.prompt is None) == (a.prompts_file is None):
+        print("pdserve generate: give a PROMPT or --prompts-file FILE (one of them)", file=sys.stderr)
+        return 2
+    if not a.embedded:
+        local = (["--prompts-file"] if a.prompts_file is not None else []) + offload_knobs.given_flags(a)
+        if local:
+            print(
+                f"pdserve generate: {local[0]} sets up the engine in this process: it needs --embedded "
+                "(a cluster's workers take it from `pdserve serve` / worker flags)",
+                file=sys.stderr,
+            )
+            return 2
+    if a.no_progress and a.prompts_file is None:
+        print("pdserve generate: --no-progress needs --prompts-file FILE", file=sys.stderr)
+        return 2
+    if a.prompts_file is not None and a.adapter:
+        print("pdserve generate: --adapter is not supported with --prompts-file", file=sys.stderr)
+        return 2
     if a.embedded:
         return _cmd_generate_embedded(a)
     from pdserve.client import Client
@@ -295,8 +352,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text for a prompt")
-    g.add_argument("prompt", help="the prompt (sent through the chat template unless --no-chat)")
+    g.add_argument(
+        "prompt", nargs="?", default=None, help="the prompt (sent through the chat template unless --no-chat)"
+    )
     g.add_argument("--embedded", action="store_true", help="run the engine in this process (no server)")
+    og = g.add_argument_group("offline jobs and offloading (with --embedded)")
+    og.add_argument(
+        "--prompts-file",
+        default=None,
+        metavar="FILE",
+        help="with --embedded, instead of PROMPT: run every line of FILE (blank lines skipped) as one "
+        "offline job, a progress bar on stderr and one JSON line per prompt on stdout, in order",
+    )
+    og.add_argument("--no-progress", action="store_true", help="with --prompts-file: no progress bar")
+    og.add_argument(
+        "--weight-budget-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="with --embedded: device memory the weights may use (weight offloading: layers beyond it "
+        "are kept in host memory and copied in ahead of use) (default: all weights resident)",
+    )
+    offload_knobs.add_flags(og, "with --embedded: ")
     g.add_argument("--address", default=DEFAULT_ADDRESS, help="router address (see `pdserve serve`)")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
     g.add_argument(
@@ -393,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="device memory each worker's weights may use (weight offloading: layers beyond it are kept "
         "in host memory and copied in ahead of use) (default: all weights resident)",
     )
+    offload_knobs.add_flags(sv, "every worker: ")  # forwarded to every worker
     sv.add_argument(
         "--lora",
         action="append",

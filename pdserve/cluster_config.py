@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.scheduler import SchedulingPolicy
-from pdserve import mlfq_knobs
+from pdserve import mlfq_knobs, offload_knobs
 from pdserve.errors import InvalidRequestError
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend, KVTransport
 from pdserve.security import CLUSTER_SERVER_NAME, SecurityConfig, TLSMode, is_loopback
@@ -141,6 +141,14 @@ class PoolConfig:
     # device memory the weights may use (FlexGen-style offloading: layers beyond it live in host
     # memory and are copied in ahead of use); 0: all weights resident. Not with tp > 1
     weight_budget_gib: float = 0.0
+    # FlexGen offloading beyond the weights (pdserve.offload_knobs; 0 / false: off): device memory
+    # the KV pool may use (the other layers' KV in host memory, copied in a layer ahead), device
+    # memory weights and KV share (split by the cost model; not with weight_budget_gib or
+    # kv_budget_gib), and an offline throughput job's batch size from the cost model (needs
+    # weight_budget_gib or device_budget_gib). Sizes in GiB; the budgets not with tp > 1
+    kv_budget_gib: float = 0.0
+    device_budget_gib: float = 0.0
+    offline_batch: bool = False
     max_model_len: int = 0  # longest prompt + output served (0: the model's max_position_embeddings)
 
     @property
@@ -168,8 +176,18 @@ class PoolConfig:
             weight_memory_budget_bytes=int(self.weight_budget_gib * (1 << 30))
             if self.weight_budget_gib
             else None,
+            **offload_knobs.engine_kwargs(self._offload_values()),
             max_model_len=self.max_model_len or None,
         )
+
+    def _offload_values(self) -> dict[str, object]:
+        """The offload settings as :func:`pdserve.offload_knobs.problems` takes them (0: not set)."""
+        return {
+            offload_knobs.WEIGHT: self.weight_budget_gib or None,
+            offload_knobs.KV: self.kv_budget_gib or None,
+            offload_knobs.DEVICE: self.device_budget_gib or None,
+            offload_knobs.OFFLINE: self.offline_batch,
+        }
 
     def bundle(self) -> dict[str, float]:
         """Resources of one worker's placement-group bundle (empty: needs no placement group)."""
@@ -594,6 +612,14 @@ def _check_pool(p: PoolConfig, where: str) -> None:
             f"{where}.weight_budget_gib",
             f"weight offloading is not supported with tensor parallelism (tp: {p.tp}): set weight_budget_gib: 0",
         )
+    for key in (offload_knobs.KV, offload_knobs.DEVICE):  # 0: off, as weight_budget_gib
+        v = getattr(p, key)
+        if not (v >= 0 and math.isfinite(v)):
+            raise _err(f"{where}.{key}", f"must be >= 0 GiB (0: off), got {v}")
+    for key, why in offload_knobs.problems(
+        p._offload_values(), lambda k: f"{where}.{k}", p.scheduling_policy, p.tp
+    ):
+        raise _err(f"{where}.{key}", why)
     if p.max_model_len < 0:
         raise _err(
             f"{where}.max_model_len", f"must be >= 0 (0: the model's own limit), got {p.max_model_len}"

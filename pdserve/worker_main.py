@@ -39,7 +39,7 @@ from kv_store.arena import host_id
 from kv_store.client import KVStoreClient
 from kv_store.dist_transport import DistConfig, destroy_process_group, device_for, init_process_group
 from kv_store.transport import AutoTransport
-from pdserve import cli_help, mlfq_knobs
+from pdserve import cli_help, mlfq_knobs, offload_knobs
 from pdserve.errors import PdserveError, UnavailableError
 from pdserve.gc_tuning import settle_heap
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend
@@ -386,15 +386,16 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         type=float,
         default=None,
         metavar="GIB",
-        help="with --weight-budget-gib: host memory for offloaded layers; the rest go to disk "
+        help="with --weight-budget-gib or --device-budget-gib: host memory for offloaded layers; the rest go to disk "
         "(default: no limit)",
     )
     ap.add_argument(
         "--weight-offload-dir",
         default=None,
         metavar="DIR",
-        help="with --weight-budget-gib: folder of the disk tier's scratch file (default: the system temp folder)",
+        help="with --weight-budget-gib or --device-budget-gib: folder of the disk tier's scratch file (default: the system temp folder)",
     )
+    offload_knobs.add_flags(ap)  # --kv-budget-gib, --device-budget-gib, --offline-batch
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
     lg = ap.add_argument_group("LoRA adapters (multi-LoRA serving, PEFT format)")
     lg.add_argument(
@@ -472,6 +473,12 @@ def parse(
             ap.error(f"{flag} must be >= 0 GiB, got {v}")
     if a.lora and a.weight_budget_gib is not None:
         ap.error("--lora is not supported with --weight-budget-gib (weight offloading)")
+    for why in offload_knobs.flag_errors(a, a.scheduling_policy, a.tp):
+        ap.error(why)
+    if a.lora and a.device_budget_gib is not None:
+        ap.error("--lora is not supported with --device-budget-gib (weight offloading)")
+    if a.offline_batch and a.speculative_tokens:
+        ap.error("--offline-batch is not supported with --speculative-tokens: set one of them")
     try:
         eng = EngineConfig(
             weight_memory_budget_bytes=None
@@ -481,6 +488,7 @@ def parse(
             if a.weight_host_gib is None
             else int(a.weight_host_gib * (1 << 30)),
             weight_offload_dir=a.weight_offload_dir,
+            **offload_knobs.engine_kwargs(offload_knobs.flag_values(a)),
             swap_space_bytes=int(a.swap_space * (1 << 30)),
             swap_disk_bytes=int(a.swap_disk * (1 << 30)),
             swap_disk_dir=a.swap_disk_dir,
