@@ -47,6 +47,10 @@ class IncrementalDetokenizer:
     ``text`` / ``emitted`` / ``ids`` given together rebuild a request's state: the ids are decoded
     again (one window per token) and ``text`` must be a prefix of their text, else
     InvalidRequestError (a different tokenizer wrote it).
+
+    Work per token is bounded by the window, the new text and the longest stop string: the text is
+    kept as chunks (joined only when ``text`` is read), the not-yet-returned text and the tail that
+    stop strings are searched in are kept apart.
     """
 
     def __init__(
@@ -62,13 +66,16 @@ class IncrementalDetokenizer:
         self.stop = tuple(stop)
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0
         self.prefix_offset = 0
         self.read_offset = 0
         self._prefix_len: int | None = 0  # len(decode(ids[prefix_offset:read_offset])), None: unknown
-        self._scan_from = 0  # stop strings are searched in ``text`` from here on
+        self._chunks: list[str] = []  # "".join(_chunks) == text
+        self._len = 0  # len(text)
+        self._emitted = 0
+        self._pending = ""  # text[emitted:]
         self._max_stop = max((len(s) for s in self.stop), default=0)
+        self._tail = ""  # text[_scan_from:]: where the next stop string can start
+        self._scan_from = 0
         self._matched: str | None = None
         self._open_run = False  # the last text-giving token was a byte-fallback piece
         if ids:
@@ -79,10 +86,30 @@ class IncrementalDetokenizer:
                     f"the resumed request's text ({len(text)} chars) is not a prefix of its "
                     f"{len(ids)} output tokens' text: another tokenizer wrote it"
                 )
+            # the source searched its text for stop strings; what the ids give beyond it, not yet
             self._scan_from = max(0, len(text) - self._max_stop + 1)
+            self._tail = self.text[self._scan_from :]
         elif text:
             raise InvalidRequestError("a detokenizer's text cannot be restored without its token ids")
         self.emitted = emitted
+
+    @property
+    def text(self) -> str:
+        """The confirmed output text (one join of the chunks since the last read)."""
+        if len(self._chunks) > 1:
+            self._chunks[:] = ["".join(self._chunks)]
+        return self._chunks[0] if self._chunks else ""
+
+    @property
+    def emitted(self) -> int:
+        """Chars of ``text`` already returned; setting it (a resumed stream's client already has
+        that many) makes the next deltas start there."""
+        return self._emitted
+
+    @emitted.setter
+    def emitted(self, n: int) -> None:
+        self._emitted = n
+        self._pending = self.text[n:]
 
     # -- decoding --------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
@@ -108,7 +135,7 @@ class IncrementalDetokenizer:
         if self._prefix_len is None:
             self._prefix_len = len(self._decode(self.ids[self.prefix_offset : self.read_offset]))
         new = window[self._prefix_len :]
-        self.text += new
+        self._append(new)
         if new or self.prefix_offset == self.read_offset:
             # the confirmed ids become the next window's left context; ids that gave no text
             # (skipped special tokens) never become the whole context, so a decoder that strips
@@ -118,33 +145,49 @@ class IncrementalDetokenizer:
             self._prefix_len = len(window)
         self.read_offset = n
 
+    def _append(self, new: str) -> None:
+        if not new:
+            return
+        if self._emitted <= self._len:
+            self._pending += new
+        else:  # a resumed client already has part of it
+            self._pending += new[self._emitted - self._len :]
+        self._chunks.append(new)
+        self._len += len(new)
+        if self.stop:
+            self._tail += new
+
     # -- public ----------------------------------------------------------------------------
     def add(self, token_ids: list[int], final: bool = False) -> tuple[str, str | None]:
         """Append tokens; return (text delta, matched stop string or None). ``final``: the request
         ends here, so unconfirmed text (a trailing incomplete character) is flushed as it stands.
         After a stop string matched, tokens are ignored and only held-back text is returned."""
         if self._matched is None:
-            before = len(self.text)
+            before = self._len
             for t in token_ids:
                 self._push(int(t))
             if final:
                 self._confirm(final=True)
-            if self.stop and len(self.text) > before:
+            if self.stop and self._len > before:
                 self._find_stop()
         hold = 0 if (final or self._matched is not None) else max(self._max_stop - 1, 0)
-        upto = max(self.emitted, len(self.text) - hold)
-        delta = self.text[self.emitted : upto]
-        self.emitted = upto
+        k = max(0, self._len - hold - self._emitted)
+        delta, self._pending = self._pending[:k], self._pending[k:]
+        self._emitted += k
         return delta, self._matched
 
     def _find_stop(self) -> None:
         best, matched = -1, None
         for s in self.stop:
-            i = self.text.find(s, self._scan_from)
+            i = self._tail.find(s)
             if i != -1 and (best == -1 or i < best):
                 best, matched = i, s
         if matched is not None:
-            self.text = self.text[:best]
-            self._matched = matched
+            cut = self._scan_from + best
+            self._chunks[:] = [self.text[:cut]]
+            self._pending = self._pending[: max(0, cut - self._emitted)]
+            self._len, self._tail, self._matched = cut, "", matched
         else:
-            self._scan_from = max(0, len(self.text) - self._max_stop + 1)
+            keep = min(len(self._tail), self._max_stop - 1)
+            self._scan_from = self._len - keep
+            self._tail = self._tail[len(self._tail) - keep :]

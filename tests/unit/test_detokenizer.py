@@ -222,3 +222,56 @@ def test_per_token_work_is_a_short_window(smol):
     text = "".join(d.add([t])[0] for t in ids) + d.add([], final=True)[0]
     assert text == smol.decode(ids)
     assert len(c.sizes) <= 2 * len(ids) + 1 and max(c.sizes) <= 8
+
+
+def _stream_engine(eng, prompts, params) -> dict[str, tuple[str, object]]:
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, params)
+    deltas: dict[str, list[str]] = {}
+    final: dict[str, object] = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            deltas.setdefault(o.request_id, []).append(o.text_delta)
+            if o.finished:
+                final[o.request_id] = o
+    return {rid: ("".join(d), final[rid]) for rid, d in deltas.items()}
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [{"num_kv_blocks": 512}, {"num_kv_blocks": 24}, {"num_kv_blocks": 24, "swap_space_bytes": 64 << 20}],
+    ids=["plain", "preempt_recompute", "preempt_swap"],
+)
+def test_engine_streams_golden_prompts_exactly(smollm_path, cfg):
+    """The golden prompts (and a multi-byte one) through the engine, 64 greedy tokens: each
+    request's streamed deltas == its final text == decode of its output ids at once, also when
+    a small KV pool preempts (recompute or swap) and resumes requests."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+    from tests.unit.test_golden_hf import PROMPTS
+
+    eng = LLMEngine.from_pretrained(smollm_path, EngineConfig(**cfg))
+    prompts = [*PROMPTS, "Translate to Japanese and add emoji: good morning, friend ->"]
+    got = _stream_engine(eng, prompts, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+    assert len(got) == len(prompts)
+    for streamed, out in got.values():
+        assert streamed == out.text == eng.tokenizer.decode(out.token_ids)
+    if cfg["num_kv_blocks"] < 512:
+        assert eng.stats().num_preemptions > 0
+    if "swap_space_bytes" in cfg:
+        assert eng.stats().num_swap_outs > 0
+
+
+def test_resumed_client_ahead_of_confirmed_text(smol):
+    """direct.py's resume: the client already has more chars than the rebuilt state confirmed
+    (its source flushed them); the deltas continue exactly where the client is."""
+    ids = smol.encode("Hello wörld 🙂 and more 日本語", add_special_tokens=False)
+    full = smol.decode(ids)
+    for k in range(len(ids) + 1):
+        for have in range(len(smol.decode(ids[:k])) + 1):
+            d = IncrementalDetokenizer(smol, ("\x00",))
+            d.add(ids[:k])
+            d.emitted = have
+            rest = "".join(d.add([t])[0] for t in ids[k:]) + d.add([], final=True)[0]
+            assert full[:have] + rest == full
