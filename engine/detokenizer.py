@@ -29,14 +29,18 @@ from pdserve.errors import InvalidRequestError
 _REPLACEMENT = "\ufffd"
 
 
+def _never(_token_id: int) -> bool:
+    return False
+
+
 class DetokTokenizer(Protocol):
-    """What the detokenizer needs of a tokenizer (``engine.tokenizer.Tokenizer`` has it)."""
+    """What the detokenizer needs of a tokenizer (``engine.tokenizer.Tokenizer`` has it all).
+
+    ``decode(ids)`` skips special tokens; it is passed ``skip_special_tokens=False`` only when the
+    detokenizer is asked to keep them. ``is_byte_piece`` / ``is_special`` may be absent (a
+    tokenizer without byte-fallback pieces / special tokens, e.g. a test double)."""
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
-
-    def is_byte_piece(self, token_id: int) -> bool: ...
-
-    def is_special(self, token_id: int) -> bool: ...
 
 
 class IncrementalDetokenizer:
@@ -65,6 +69,8 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
         self.skip_special_tokens = skip_special_tokens
+        self._is_byte_piece = getattr(tokenizer, "is_byte_piece", _never)
+        self._is_special = getattr(tokenizer, "is_special", _never)
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -113,14 +119,16 @@ class IncrementalDetokenizer:
 
     # -- decoding --------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        if self.skip_special_tokens:
+            return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _push(self, token_id: int) -> None:
         """Append one id; confirm the window's new text when it is final."""
         self.ids.append(token_id)
-        if self.tokenizer.is_byte_piece(token_id):
+        if self._is_byte_piece(token_id):
             self._open_run = True
-        elif not (self.skip_special_tokens and self.tokenizer.is_special(token_id)):
+        elif not (self.skip_special_tokens and self._is_special(token_id)):
             self._open_run = False  # (a skipped special token does not end a byte run)
         if not self._open_run:
             self._confirm(final=False)  # a byte-fallback run decodes as a whole: wait for its end
