@@ -16,7 +16,7 @@ import grpc
 
 from pdserve.errors import StoreUnavailableError
 from pdserve.limits import grpc_options
-from pdserve.security import current
+from pdserve.security import TOKEN_METADATA_KEY, current
 from pdserve.status import raise_from_rpc_error
 from pdserve.tracing import METADATA_KEY, current_request_id
 from pdserve.v1 import kv_store_pb2, kv_store_pb2_grpc
@@ -35,7 +35,9 @@ def aio_store_channel(address: str) -> grpc.aio.Channel:
 
 class AsyncKVStoreClient:
     """``grpc.aio`` client of one store node at ``address``. ``metadata``: sent with every call
-    (:attr:`kv_store.client.KVStoreClient.call_metadata` of the sync client it stands beside);
+    (:attr:`kv_store.client.KVStoreClient.call_metadata` of the sync client it stands beside), with
+    the security configuration's cluster token added when it names none (as
+    :func:`pdserve.security.internal_channel` adds it);
     ``timeout_s``: each call's deadline (None: none)."""
 
     def __init__(
@@ -43,7 +45,11 @@ class AsyncKVStoreClient:
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._md = tuple(metadata)
+        md = tuple(metadata)
+        token = current().cluster_token  # the sync channel's interceptor sends it on every call
+        if token and not any(k == TOKEN_METADATA_KEY for k, _ in md):
+            md = ((TOKEN_METADATA_KEY, token), *md)
+        self._md = md
         self._channel = aio_store_channel(address)
         self._stub = kv_store_pb2_grpc.KVStoreStub(self._channel)
 

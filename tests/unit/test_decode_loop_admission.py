@@ -57,6 +57,7 @@ class _Loop:
         self.outs: dict[str, object] = {}
         self.aborted: list[str] = []
         self.threads: set[str] = set()
+        self.running = threading.Event()  # an add_submit's adder has started
 
     def call(self, fn, timeout_s=None):
         return fn(self.engine)
@@ -73,6 +74,7 @@ class _Loop:
         def run() -> None:
             if not fut.set_running_or_notify_cancel():
                 return
+            self.running.set()
             time.sleep(self.delay_s)  # the engine thread is running the import meanwhile
             try:
                 r = adder(self.engine)
@@ -262,12 +264,15 @@ def test_a_release_that_fails_fails_the_request_naming_the_store() -> None:
 
 
 def test_a_caller_that_leaves_during_the_import_aborts_it() -> None:
-    svc, loop, engine = _servicer(_Puller(), [True], delay_s=0.2)
+    svc, loop, engine = _servicer(_Puller(), [True], delay_s=0.3)
 
     async def main() -> None:
         gen = svc.Decode(_req(), _Ctx())
         task = asyncio.ensure_future(gen.__anext__())
-        await asyncio.sleep(0.05)  # the import is running on the engine thread
+        deadline = time.monotonic() + 10
+        while not loop.running.is_set():  # the import is running on the engine thread
+            assert time.monotonic() < deadline, "the import did not start"
+            await asyncio.sleep(0.001)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
