@@ -257,7 +257,7 @@ def test_tiny_engine_native_large_decode_batch_equals_torch(tiny_models, tiny_en
     g = torch.Generator().manual_seed(1)
     for count in (ln.NATIVE_MAX_ROWS - 1, ln.NATIVE_MAX_ROWS):
         prompts = [torch.randint(0, 320, (3 + 2 * i,), generator=g).tolist() for i in range(count)]
-        sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+        sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0)
         a = native.generate(prompts, sp, use_tqdm=False)
         b = torch_eng.generate(prompts, sp, use_tqdm=False)
         for x, y in zip(a, b, strict=True):
