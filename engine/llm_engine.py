@@ -919,6 +919,11 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._lora_waiting)
 
+    @property
+    def num_lora_waiting(self) -> int:
+        """Admitted requests waiting outside the scheduler for their adapter to take a slot."""
+        return len(self._lora_waiting)
+
     # ------------------------------------------------------------------ loop
     def step(self) -> list[RequestOutput]:
         failed = self._admit_lora_waiting() if self._lora_waiting else []

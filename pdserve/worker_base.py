@@ -41,8 +41,7 @@ def adapter_residency(e: LLMEngine) -> dict:
         "adapter_disk_load_s": lora.stats.disk_load_s,
         "adapter_slots": lora.slots.num_slots,
         "adapter_slots_pinned": lora.slots.num_pinned(),
-        # admitted requests waiting outside the scheduler for their adapter (LLMEngine)
-        "adapter_slot_waiters": len(getattr(e, "_lora_waiting", ())),
+        "adapter_slot_waiters": e.num_lora_waiting,
         "adapter_slot_free_s": lora.full.mean_s,
         "adapter_reads_queued": lora.reads_queued(),
     }
