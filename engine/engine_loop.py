@@ -10,12 +10,18 @@ its final ``RequestOutput`` (``finished=True``) or an ``Exception`` (engine fail
 A parallel-sampling request (``add(..., num_choices=n)``, ``SamplingParams.n > 1``) gets one
 finished output per choice (each with its ``choice_index``); the queue is closed after the
 ``n``-th, which is then the terminal item (an exception still ends it at once).
+
+Test pacing: env ``PDSERVE_TEST_MIN_STEP_S`` (seconds, default 0: off) makes each step that has work
+last at least that long (commands still run while it waits). Tests on tiny models use it where a
+request must still be running when something else happens (a live migration's last stage); a
+serving process never sets it. A value that is not a number >= 0 is refused at start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -27,6 +33,23 @@ from engine.outputs import RequestOutput
 from pdserve.errors import CancelledError
 
 log = logging.getLogger(__name__)
+MIN_STEP_ENV = "PDSERVE_TEST_MIN_STEP_S"
+
+
+def min_step_s() -> float:
+    """``PDSERVE_TEST_MIN_STEP_S`` as seconds (0 when unset); ValueError naming it otherwise."""
+    raw = os.environ.get(MIN_STEP_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ValueError(f"{MIN_STEP_ENV} must be a number of seconds >= 0, got {raw!r}") from None
+    if not (v >= 0.0 and v != float("inf")):
+        raise ValueError(f"{MIN_STEP_ENV} must be a number of seconds >= 0, got {raw!r}")
+    return v
+
+
 T = TypeVar("T")
 
 OutputItem = RequestOutput | BaseException
@@ -59,6 +82,7 @@ class EngineLoop:
         self._lock = threading.Lock()
         self.on_step: Callable[[float, int], None] | None = None  # (seconds, tokens) hook for metrics
         self.batchers: list[OutputBatch] = []  # held around each step's hand-out of outputs
+        self.min_step_s = min_step_s()  # test pacing (module docstring); 0: off
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -211,6 +235,13 @@ class EngineLoop:
             finally:
                 for b in batchers:
                     b.release()
+            if self.min_step_s:
+                left = self.min_step_s - (time.perf_counter() - t)
+                while left > 0 and not self._stop.is_set():
+                    self._drain_cmds()
+                    self._wake.wait(timeout=left)
+                    self._wake.clear()
+                    left = self.min_step_s - (time.perf_counter() - t)
         # shutting down: fail whatever is left
         with self._lock:
             ids = list(self._queues)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import pytest
 
 from engine.config import EngineConfig
+from engine.engine_loop import MIN_STEP_ENV
 from engine.llm_engine import LLMEngine
 from pdserve.launcher import ClusterSpec, LocalCluster, _spawn, free_port
 from router.migration_client import MigrationResult, MigrationTransport
@@ -36,6 +37,9 @@ DIST = MigrationTransport.DIST
 # long one migrated late (over 16 blocks)
 RANKS = ((2, 64), (1, 64), (2, 16))
 START_S = 300.0  # a loaded 2-core host starts processes slowly
+# each worker step lasts at least this long: a tiny model on the native kernels decodes 160 tokens
+# faster than a migration's stages cross the group, and the source would finish first
+MIN_STEP_S = "0.005"
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ def group(tiny_models):
     cl = LocalCluster(ClusterSpec(model_path=path))
     init = f"tcp://127.0.0.1:{free_port()}"
     procs = []
+    mp = pytest.MonkeyPatch()
+    mp.setenv(MIN_STEP_ENV, MIN_STEP_S)  # inherited by each spawned worker, read by its EngineLoop
     try:
         for rank, (tp, blocks) in enumerate(RANKS):
             name = f"decode-{rank}"
@@ -85,8 +91,10 @@ def group(tiny_models):
                 START_S,
             )
             procs.append(_Proc(name, info["address"], rank))
+        mp.undo()
         yield cl, procs
     finally:
+        mp.undo()
         cl.stop()
 
 
