@@ -347,8 +347,11 @@ class DirectStreams:
                     if not feed.sent_cached:
                         m.num_cached_tokens, feed.sent_cached = feed.cached or 0, True
                     feed.progress, feed.offsets = [], []
-                    yield m
+                    # before the yield: tokens the feed takes while this generator is suspended
+                    # are then seen by progress_due() when it resumes (set after, they waited for
+                    # a later token's wake-up, or forever at a pause)
                     feed.due = loop.time() + interval
+                    yield m
         finally:
             feed.closed = True  # later outputs (the request is being aborted) are dropped
             if not ended:  # the router's call ended first (cancelled, its deadline): tell the client
