@@ -11,12 +11,12 @@ import pytest
 
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
-from pdserve.launcher import launch
 from tests.integration.clusters import store_node_stats
 from tests.integration.kv_stream_cluster import seeded_prompt
 from tests.integration.test_kv_stream_dist_gloo import (
     _stream_pushes,
     kv_stream_spec,
+    launch_paced,
     model_path,  # noqa: F401 - the module's tiny model (a fixture)
     whole,  # noqa: F401 - the engine run whole (a fixture)
 )
@@ -26,7 +26,7 @@ SEEDED = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.95, seed=5, igno
 
 @pytest.fixture(scope="module")
 def cluster(model_path):  # noqa: F811 - the fixture
-    cl = launch(kv_stream_spec(model_path, direct_streams=True))
+    cl = launch_paced(kv_stream_spec(model_path, direct_streams=True))
     yield cl
     cl.stop()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 
 from engine.config import EngineConfig
+from engine.engine_loop import MIN_STEP_ENV
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
@@ -30,6 +31,19 @@ def model_path(tmp_path_factory, smollm_path):
     from tests.tiny_models import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("kvsd"), tokenizer_from=smollm_path)["llama"]
+
+
+# each worker step lasts at least this long (engine.engine_loop test pacing): on the native kernels
+# a tiny model computes several 32-token chunks before the producer copies the first, and chunks
+# copied together go in one push, so "one push per chunk" would depend on the host's speed
+MIN_STEP_S = "0.02"
+
+
+def launch_paced(spec: ClusterSpec):
+    """:func:`launch` with every spawned worker paced to :data:`MIN_STEP_S` per step."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(MIN_STEP_ENV, MIN_STEP_S)  # inherited by the spawned processes
+        return launch(spec)
 
 
 def kv_stream_spec(model_path, *, direct_streams: bool) -> ClusterSpec:
@@ -51,7 +65,7 @@ def kv_stream_spec(model_path, *, direct_streams: bool) -> ClusterSpec:
 @pytest.fixture(scope="module")
 def cluster(model_path):
     # relayed token streams (direct ones: test_kv_stream_direct_dist.py)
-    cl = launch(kv_stream_spec(model_path, direct_streams=False))
+    cl = launch_paced(kv_stream_spec(model_path, direct_streams=False))
     yield cl
     cl.stop()
 
