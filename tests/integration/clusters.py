@@ -11,6 +11,8 @@ modules that test the same cluster differently cannot drift apart):
   the direct-handoff, gloo-migration and gloo KV-stream modules (1 prefill + 2 decode by
   default, always disaggregated); :func:`json_records` (under ``logged``): a launched process's
   JSON log records matching given fields (also test_tracing.py's records of one request id);
+* :func:`paced_workers`: processes spawned inside it run every engine step for at least a given
+  time (a tiny model otherwise finishes a request before a test can act on it mid-way);
 * :func:`tiny_model_paths`, :func:`check_routed_by_model`: two tiny base models served side by
   side (launched and on Ray), each model's requests equal to its engine run whole.
 """
@@ -31,6 +33,7 @@ from typing import Any, Self
 from prometheus_client import CollectorRegistry
 
 from engine.config import EngineConfig
+from engine.engine_loop import MIN_STEP_ENV
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
@@ -115,6 +118,24 @@ class InProcCluster:
         self.server.stop(0)
         for w in self.workers.values():
             w.stop()
+
+
+@contextlib.contextmanager
+def paced_workers(min_step_s: float) -> Iterator[None]:
+    """Inside: spawned processes inherit ``PDSERVE_TEST_MIN_STEP_S=min_step_s`` (the test pacing of
+    :mod:`engine.engine_loop`: each engine step with work lasts at least that long). On the native
+    kernels a tiny model decodes a short request in a few milliseconds; a test that must act while
+    requests run (kill a router, migrate, count streamed chunks) paces the workers instead of
+    racing them."""
+    old = os.environ.get(MIN_STEP_ENV)
+    os.environ[MIN_STEP_ENV] = str(min_step_s)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(MIN_STEP_ENV, None)
+        else:
+            os.environ[MIN_STEP_ENV] = old
 
 
 def random_prompt(seed: int, i: int) -> list[int]:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import pytest
 
 from engine.config import EngineConfig
-from engine.engine_loop import MIN_STEP_ENV
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, launch
-from tests.integration.clusters import gloo_spec, logged, store_node_stats
+from tests.integration.clusters import gloo_spec, logged, paced_workers, store_node_stats
 from tests.integration.kv_stream_cluster import seeded_prompt
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -36,13 +35,12 @@ def model_path(tmp_path_factory, smollm_path):
 # each worker step lasts at least this long (engine.engine_loop test pacing): on the native kernels
 # a tiny model computes several 32-token chunks before the producer copies the first, and chunks
 # copied together go in one push, so "one push per chunk" would depend on the host's speed
-MIN_STEP_S = "0.02"
+MIN_STEP_S = 0.02
 
 
 def launch_paced(spec: ClusterSpec):
     """:func:`launch` with every spawned worker paced to :data:`MIN_STEP_S` per step."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(MIN_STEP_ENV, MIN_STEP_S)  # inherited by the spawned processes
+    with paced_workers(MIN_STEP_S):
         return launch(spec)
 
 

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 import pytest
 
 from engine.config import EngineConfig
-from engine.engine_loop import MIN_STEP_ENV
 from engine.llm_engine import LLMEngine
 from pdserve.launcher import ClusterSpec, LocalCluster, _spawn, free_port
 from router.migration_client import MigrationResult, MigrationTransport
-from tests.integration.clusters import logged
+from tests.integration.clusters import logged, paced_workers
 from tests.test_migration_worker import GREEDY, LONG, PROMPT, SEEDED, _migrated_run
 from tests.workers import worker_stats
 
@@ -39,7 +38,7 @@ RANKS = ((2, 64), (1, 64), (2, 16))
 START_S = 300.0  # a loaded 2-core host starts processes slowly
 # each worker step lasts at least this long: a tiny model on the native kernels decodes 160 tokens
 # faster than a migration's stages cross the group, and the source would finish first
-MIN_STEP_S = "0.005"
+MIN_STEP_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -57,44 +56,41 @@ def group(tiny_models):
     cl = LocalCluster(ClusterSpec(model_path=path))
     init = f"tcp://127.0.0.1:{free_port()}"
     procs = []
-    mp = pytest.MonkeyPatch()
-    mp.setenv(MIN_STEP_ENV, MIN_STEP_S)  # inherited by each spawned worker, read by its EngineLoop
     try:
-        for rank, (tp, blocks) in enumerate(RANKS):
-            name = f"decode-{rank}"
-            info = _spawn(
-                cl,
-                name,
-                [
-                    "-m",
-                    "decode_worker",
-                    "--worker-id",
+        with paced_workers(MIN_STEP_S):
+            for rank, (tp, blocks) in enumerate(RANKS):
+                name = f"decode-{rank}"
+                info = _spawn(
+                    cl,
                     name,
-                    "--model",
-                    path,
-                    "--store",
-                    "127.0.0.1:1",  # never used: every migration goes over the group
-                    "--kv-blocks",
-                    str(blocks),
-                    "--block-size",
-                    "16",
-                    "--tp",
-                    str(tp),
-                    "--no-direct-streams",
-                    "--dist-init",
-                    init,
-                    "--dist-rank",
-                    str(rank),
-                    "--dist-world",
-                    str(len(RANKS)),
-                ],
-                START_S,
-            )
-            procs.append(_Proc(name, info["address"], rank))
-        mp.undo()
+                    [
+                        "-m",
+                        "decode_worker",
+                        "--worker-id",
+                        name,
+                        "--model",
+                        path,
+                        "--store",
+                        "127.0.0.1:1",  # never used: every migration goes over the group
+                        "--kv-blocks",
+                        str(blocks),
+                        "--block-size",
+                        "16",
+                        "--tp",
+                        str(tp),
+                        "--no-direct-streams",
+                        "--dist-init",
+                        init,
+                        "--dist-rank",
+                        str(rank),
+                        "--dist-world",
+                        str(len(RANKS)),
+                    ],
+                    START_S,
+                )
+                procs.append(_Proc(name, info["address"], rank))
         yield cl, procs
     finally:
-        mp.undo()
         cl.stop()
 
 

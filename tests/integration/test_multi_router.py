@@ -22,12 +22,14 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, LocalCluster, launch
+from tests.integration.clusters import paced_workers
 from tests.polling import wait_for
 
 STREAMS = 30
 MAX_TOKENS = 48
 PROMPT_LEN = 12
 ALL_WORKERS = {"prefill": 1, "decode": 2}
+MIN_STEP_S = 0.01  # each worker step lasts at least this long (tests.integration.clusters.paced_workers)
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 
 
@@ -38,7 +40,10 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(model):
-    cl = launch(ClusterSpec(model_path=str(model), num_prefill=1, num_decode=2, num_routers=2))
+    # paced workers: on the native kernels the tiny model finished all 30 streams before the kill
+    # could land mid-way (CI), so no stream would test the resume
+    with paced_workers(MIN_STEP_S):
+        cl = launch(ClusterSpec(model_path=str(model), num_prefill=1, num_decode=2, num_routers=2))
     yield cl
     cl.stop()
 
