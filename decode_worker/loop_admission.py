@@ -25,10 +25,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from decode_worker.groups import is_group
-from engine.llm_engine import LLMEngine
-from kv_store.convert import handle_from_proto
-from pdserve.errors import InvalidRequestError, ResourceExhaustedError
-from pdserve.proto_convert import logprob_from_proto, sampling_from_proto
+from decode_worker.handoff import check_handoff, importer
+from pdserve.errors import ResourceExhaustedError
 from pdserve.v1 import worker_pb2
 
 if TYPE_CHECKING:
@@ -57,34 +55,13 @@ async def admit_on_loop(
     if not _eligible(svc, req):
         return None
     svc.state.engine.check_adapter(req.adapter)  # first, as DecodeServicer._admit does
-    handle = handle_from_proto(req.kv)
-    store = svc.puller.on_loop(handle)  # type: ignore[attr-defined]
+    h = check_handoff(req, svc.state.layout)  # the thread path's checks, in the same order
+    store = svc.puller.on_loop(h.handle)  # type: ignore[attr-defined]
     if store is None:
         return None
-    # the checks of DecodeServicer._admit_handoff, in the same order
-    svc.state.layout.check_compatible(handle.layout, what="KV handle")
-    rid = req.request_id or handle.request_id
-    params = sampling_from_proto(req.sampling)
-    ids = list(req.prompt_token_ids)
-    if len(ids) != handle.num_tokens:
-        raise InvalidRequestError(f"prompt has {len(ids)} tokens but the KV handle holds {handle.num_tokens}")
     deadline = svc._admission_deadline(ctx)
-    blocks, pull_s = await _pull(svc, store, handle)
-    first_lp = logprob_from_proto(req.first_token_logprob) if req.HasField("first_token_logprob") else None
-
-    def add(e: LLMEngine) -> bool:
-        e.import_kv(
-            rid,
-            ids,
-            req.first_token,
-            blocks,
-            params,
-            priority=req.priority,
-            first_logprob=first_lp,
-            adapter_id=req.adapter,
-            cache_salt=req.cache_salt,
-        )
-        return not e.has_request(rid)  # the first token already ended it
+    blocks, pull_s = await _pull(svc, store, h.handle)
+    add, rid, ids = importer(h, req, blocks), h.rid, h.ids
 
     while True:
         try:

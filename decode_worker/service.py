@@ -35,6 +35,7 @@ import prometheus_client
 import torch
 
 from decode_worker.groups import admit_group_handoff, is_group, num_choices, stream_group
+from decode_worker.handoff import check_handoff, importer
 from decode_worker.loop_admission import admit_on_loop
 from decode_worker.messages import decode_message
 from decode_worker.migration import DecodeMigration
@@ -42,12 +43,11 @@ from decode_worker.puller import KVPuller
 from decode_worker.stream_puller import admit_streamed_handoff
 from engine.engine_loop import OutputItem, OutputSink
 from engine.llm_engine import LLMEngine
-from kv_store.convert import handle_from_proto
 from kv_store.handle import KVHandle
 from kv_store.transport import choose_transport
 from pdserve.errors import InvalidRequestError, ResourceExhaustedError
 from pdserve.metrics import KVPullMetrics
-from pdserve.proto_convert import logprob_from_proto, sampling_from_proto
+from pdserve.proto_convert import sampling_from_proto
 from pdserve.tracing import log_event, request_scope
 from pdserve.v1 import common_pb2, worker_pb2
 from pdserve.worker_base import WorkerState
@@ -281,40 +281,18 @@ class DecodeServicer:
             return rid, q, False, pull_s
         if not req.HasField("kv"):
             raise InvalidRequestError("Decode needs the KVHandle returned by Prefill (or local_prefill)")
-        handle = handle_from_proto(req.kv)
-        self.state.layout.check_compatible(handle.layout, what="KV handle")
-        rid = req.request_id or handle.request_id
-        params = sampling_from_proto(req.sampling)
-        ids = list(req.prompt_token_ids)
-        if len(ids) != handle.num_tokens:
-            raise InvalidRequestError(
-                f"prompt has {len(ids)} tokens but the KV handle holds {handle.num_tokens}"
-            )
+        h = check_handoff(req, self.state.layout)
         # the pull comes first and the import checks for room itself (one engine round trip);
         # without room the pulled blocks wait here (the lease is released after the pull)
-        blocks, pull_s = self._pull(handle)
-        first_lp = (
-            logprob_from_proto(req.first_token_logprob) if req.HasField("first_token_logprob") else None
-        )
-
+        blocks, pull_s = self._pull(h.handle)
+        run = importer(h, req, blocks)
         immediate = {"v": False}
 
         def add(e: LLMEngine) -> None:
-            e.import_kv(
-                rid,
-                ids,
-                req.first_token,
-                blocks,
-                params,
-                priority=req.priority,
-                first_logprob=first_lp,
-                adapter_id=req.adapter,
-                cache_salt=req.cache_salt,
-            )
-            immediate["v"] = not e.has_request(rid)  # the first token already ended it
+            immediate["v"] = run(e)
 
-        q = self._add_when_room(rid, add, out, len(ids), ctx, req.adapter)
-        return rid, q, immediate["v"], pull_s
+        q = self._add_when_room(h.rid, add, out, len(h.ids), ctx, req.adapter)
+        return h.rid, q, immediate["v"], pull_s
 
     def _admit_local(
         self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext, out: OutputSink | None = None
