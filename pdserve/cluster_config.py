@@ -127,20 +127,26 @@ class PoolConfig:
     swap_disk_gib: float = 0.0
     swap_disk_dir: str = ""
     scheduling_policy: str = "priority"  # engine queue order: priority, fcfs or mlfq (FastServe)
-    # mlfq only (pdserve.mlfq_knobs: the EngineConfig fields of the same names and defaults; a value
-    # other than the default needs scheduling_policy: mlfq)
-    mlfq_num_levels: int = 4
-    mlfq_quantum_iters: int = 8
-    mlfq_base_prefill_s: float = 0.05
-    mlfq_starvation_s: float = 10.0
-    mlfq_swap_watermark: float = 1.0
-    mlfq_swap_backoff_iters: int = 256
-    mlfq_swap_backoff_max_iters: int = 512
+    # mlfq only (pdserve.mlfq_knobs: the EngineConfig fields of the same names; defaults are
+    # EngineConfig's, read through mlfq_knobs: one source; a value other than the default needs
+    # scheduling_policy: mlfq)
+    mlfq_num_levels: int = mlfq_knobs.default("mlfq_num_levels")
+    mlfq_quantum_iters: int = mlfq_knobs.default("mlfq_quantum_iters")
+    mlfq_base_prefill_s: float = mlfq_knobs.default("mlfq_base_prefill_s")
+    mlfq_starvation_s: float = mlfq_knobs.default("mlfq_starvation_s")
+    mlfq_swap_watermark: float = mlfq_knobs.default("mlfq_swap_watermark")
+    mlfq_swap_backoff_iters: int = mlfq_knobs.default("mlfq_swap_backoff_iters")
+    mlfq_swap_backoff_max_iters: int = mlfq_knobs.default("mlfq_swap_backoff_max_iters")
     # a queued request preempts a lower level after waiting this many iterations (>= 0)
-    mlfq_preempt_wait_iters: int = 8
+    mlfq_preempt_wait_iters: int = mlfq_knobs.default("mlfq_preempt_wait_iters")
     # device memory the weights may use (FlexGen-style offloading: layers beyond it live in host
     # memory and are copied in ahead of use); 0: all weights resident. Not with tp > 1
     weight_budget_gib: float = 0.0
+    # with weight_budget_gib or device_budget_gib: host memory for offloaded layers in GiB, the rest
+    # in a scratch file under weight_offload_dir ("": the system's temp folder); .inf: no limit,
+    # 0: every offloaded layer on disk
+    weight_host_gib: float = math.inf
+    weight_offload_dir: str = ""
     # FlexGen offloading beyond the weights (pdserve.offload_knobs; 0 / false: off): device memory
     # the KV pool may use (the other layers' KV in host memory, copied in a layer ahead), device
     # memory weights and KV share (split by the cost model; not with weight_budget_gib or
@@ -184,6 +190,8 @@ class PoolConfig:
         """The offload settings as :func:`pdserve.offload_knobs.problems` takes them (0: not set)."""
         return {
             offload_knobs.WEIGHT: self.weight_budget_gib or None,
+            offload_knobs.WEIGHT_HOST: None if self.weight_host_gib == math.inf else self.weight_host_gib,
+            offload_knobs.WEIGHT_DIR: self.weight_offload_dir or None,
             offload_knobs.KV: self.kv_budget_gib or None,
             offload_knobs.DEVICE: self.device_budget_gib or None,
             offload_knobs.OFFLINE: self.offline_batch,

@@ -71,6 +71,13 @@ class MlfqKnob:
 
 _ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig) if f.name.startswith("mlfq_")}
 
+
+def default(field: str) -> int | float:
+    """EngineConfig's default of ``mlfq_*`` field ``field`` (the one source every front end's
+    default reads: ``PoolConfig``'s fields, the flags' help); KeyError for an unknown field."""
+    return _ENGINE_DEFAULTS[field]
+
+
 KNOBS: tuple[MlfqKnob, ...] = (
     MlfqKnob("mlfq_num_levels", int, 1, help="queue levels"),
     MlfqKnob(

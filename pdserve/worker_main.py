@@ -381,21 +381,7 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         "do not fit live in host memory or a scratch file and are copied in ahead of use, output "
         "unchanged (not with --tp > 1, --weight-dtype int8 or --lora) (default: all weights resident)",
     )
-    ap.add_argument(
-        "--weight-host-gib",
-        type=float,
-        default=None,
-        metavar="GIB",
-        help="with --weight-budget-gib or --device-budget-gib: host memory for offloaded layers; the rest go to disk "
-        "(default: no limit)",
-    )
-    ap.add_argument(
-        "--weight-offload-dir",
-        default=None,
-        metavar="DIR",
-        help="with --weight-budget-gib or --device-budget-gib: folder of the disk tier's scratch file (default: the system temp folder)",
-    )
-    offload_knobs.add_flags(ap)  # --kv-budget-gib, --device-budget-gib, --offline-batch
+    offload_knobs.add_flags(ap)  # --weight-host-gib, --weight-offload-dir, --kv-budget-gib, ...
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
     lg = ap.add_argument_group("LoRA adapters (multi-LoRA serving, PEFT format)")
     lg.add_argument(
@@ -468,9 +454,10 @@ def parse(
         ap.error("--swap-disk-dir needs --swap-disk GIB")
     for why in mlfq_knobs.flag_errors(a, a.scheduling_policy):
         ap.error(why)
-    for flag, v in (("--weight-budget-gib", a.weight_budget_gib), ("--weight-host-gib", a.weight_host_gib)):
-        if v is not None and not (v >= 0 and math.isfinite(v)):
-            ap.error(f"{flag} must be >= 0 GiB, got {v}")
+    if a.weight_budget_gib is not None and not (
+        a.weight_budget_gib >= 0 and math.isfinite(a.weight_budget_gib)
+    ):
+        ap.error(f"--weight-budget-gib must be >= 0 GiB, got {a.weight_budget_gib}")
     if a.lora and a.weight_budget_gib is not None:
         ap.error("--lora is not supported with --weight-budget-gib (weight offloading)")
     for why in offload_knobs.flag_errors(a, a.scheduling_policy, a.tp):
@@ -484,10 +471,6 @@ def parse(
             weight_memory_budget_bytes=None
             if a.weight_budget_gib is None
             else int(a.weight_budget_gib * (1 << 30)),
-            weight_host_budget_bytes=None
-            if a.weight_host_gib is None
-            else int(a.weight_host_gib * (1 << 30)),
-            weight_offload_dir=a.weight_offload_dir,
             **offload_knobs.engine_kwargs(offload_knobs.flag_values(a)),
             swap_space_bytes=int(a.swap_space * (1 << 30)),
             swap_disk_bytes=int(a.swap_disk * (1 << 30)),

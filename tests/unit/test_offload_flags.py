@@ -28,7 +28,13 @@ def test_every_engine_offload_field_has_a_front_end() -> None:
     engine = {f.name for f in fields(EngineConfig)}
     for k in offload_knobs.KNOBS:
         assert k.field in engine, k
-    new = {"offline_batch", "kv_memory_budget_bytes", "device_memory_budget_bytes"}
+    new = {
+        "offline_batch",
+        "kv_memory_budget_bytes",
+        "device_memory_budget_bytes",
+        "weight_host_budget_bytes",
+        "weight_offload_dir",
+    }
     assert {k.field for k in offload_knobs.KNOBS} == new
     from pdserve.cluster_config import PoolConfig
 
@@ -58,6 +64,14 @@ def test_every_engine_offload_field_has_a_front_end() -> None:
             ["--weight-budget-gib", "1", "--kv-budget-gib", "0.25"],
             dict(weight_memory_budget_bytes=GIB, kv_memory_budget_bytes=GIB // 4),
         ),
+        (
+            ["--device-budget-gib", "1", "--weight-host-gib", "0", "--weight-offload-dir", "/scratch"],
+            dict(weight_host_budget_bytes=0, weight_offload_dir="/scratch"),
+        ),
+        (
+            ["--weight-budget-gib", "1", "--weight-host-gib", "inf"],
+            dict(weight_host_budget_bytes=None, weight_offload_dir=None),
+        ),
     ],
 )
 def test_worker_flags_reach_the_engine_config(argv, want) -> None:
@@ -85,6 +99,13 @@ REFUSED = [
         ["--weight-budget-gib", "1", "--offline-batch", "--scheduling-policy", "mlfq"],
         "--offline-batch is an offline throughput job",
     ),
+    (["--weight-budget-gib", "1", "--weight-host-gib", "-1"], "--weight-host-gib must be >= 0 GiB"),
+    (
+        ["--weight-host-gib", "2"],
+        "--weight-host-gib places offloaded weights: it needs weight offloading (--weight-budget-gib "
+        "or --device-budget-gib)",
+    ),
+    (["--kv-budget-gib", "1", "--weight-offload-dir", "/s"], "--weight-offload-dir places offloaded"),
 ]
 
 
@@ -130,6 +151,20 @@ def test_serve_forwards_the_flags_to_the_workers(monkeypatch) -> None:
     assert parse([*BASE, *args], Role.DECODE).engine.device_memory_budget_bytes == 3 * GIB
     rc, args = serve_worker_args(monkeypatch, [])
     assert args == ()
+    rc, args = serve_worker_args(
+        monkeypatch,
+        ["--weight-budget-gib", "1", "--weight-host-gib", "0.5", "--weight-offload-dir", "/scratch"],
+    )
+    assert args == (
+        "--weight-budget-gib",
+        "1.0",
+        "--weight-host-gib",
+        "0.5",
+        "--weight-offload-dir",
+        "/scratch",
+    )
+    eng = parse([*BASE, *args], Role.DECODE).engine
+    assert (eng.weight_host_budget_bytes, eng.weight_offload_dir) == (GIB // 2, "/scratch")
 
 
 @pytest.mark.parametrize("argv, why", REFUSED)
@@ -166,6 +201,25 @@ def test_pool_keys_reach_the_engine_config() -> None:
         None,
         False,
     )
+    assert (plain.weight_host_budget_bytes, plain.weight_offload_dir) == (None, None)
+
+
+def test_weight_tier_pool_keys_reach_the_engine_config() -> None:
+    from pdserve.cluster_config import from_dict
+
+    c = from_dict(
+        {
+            "model": "/m",
+            "decode": {"weight_budget_gib": 1, "weight_host_gib": 0, "weight_offload_dir": "/scratch"},
+            "prefill": {"device_budget_gib": 2, "weight_host_gib": 0.5},
+        }
+    )
+    d = c.decode.engine_config()
+    assert (d.weight_host_budget_bytes, d.weight_offload_dir) == (0, "/scratch")  # 0: all on disk
+    p = c.prefill.engine_config()
+    assert (p.weight_host_budget_bytes, p.weight_offload_dir) == (GIB // 2, None)
+    inf = from_dict({"model": "/m", "decode": {"weight_budget_gib": 1, "weight_host_gib": float("inf")}})
+    assert inf.decode.engine_config().weight_host_budget_bytes is None  # .inf: no limit
 
 
 @pytest.mark.parametrize(
@@ -191,6 +245,14 @@ def test_pool_keys_reach_the_engine_config() -> None:
         ),
         ({"kv_budget_gib": 1, "tp": 2}, r"decode\.kv_budget_gib: offloading is not supported with tensor"),
         ({"offline_batch": "yes"}, r"decode\.offline_batch"),
+        ({"weight_budget_gib": 1, "weight_host_gib": -1}, r"decode\.weight_host_gib: must be >= 0 GiB"),
+        (
+            {"weight_host_gib": 1},
+            r"decode\.weight_host_gib: places offloaded weights: it needs weight offloading "
+            r"\(decode\.weight_budget_gib or decode\.device_budget_gib\)",
+        ),
+        ({"weight_offload_dir": "/s"}, r"decode\.weight_offload_dir: places offloaded weights"),
+        ({"weight_budget_gib": 1, "weight_offload_dir": 3}, r"decode\.weight_offload_dir: expected a string"),
     ],
 )
 def test_pool_keys_refused_naming_the_key(pool, why) -> None:

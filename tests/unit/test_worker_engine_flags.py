@@ -80,7 +80,10 @@ def test_weight_offload_flags_reach_the_engine_config(tmp_path) -> None:
         (["--weight-budget-gib", "1", "--weight-host-gib", "nan"], "--weight-host-gib must be >= 0 GiB"),
         (["--weight-budget-gib", "1", "--tp", "2"], "not supported with tensor_parallel_size > 1"),
         (["--weight-budget-gib", "1", "--weight-dtype", "int8"], "not supported with weight_dtype 'int8'"),
-        (["--weight-host-gib", "1"], "set weight_memory_budget_bytes"),
+        (
+            ["--weight-host-gib", "1"],
+            "--weight-host-gib places offloaded weights: it needs weight offloading",
+        ),
         (["--weight-budget-gib", "1", "--lora", "a=/x"], "--lora is not supported with --weight-budget-gib"),
         (["--speculative-tokens", "-1"], "--speculative-tokens must be >= 0"),
         (["--speculative-tokens", "17"], "num_speculative_tokens must be in [1, 16]"),
