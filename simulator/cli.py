@@ -26,6 +26,7 @@ from simulator.config import (
     vllm_scheduler,
 )
 from simulator.latency import DistServeEngine, LatencySource, LatencySpec
+from simulator.offload import SimOffloadConfig
 from simulator.workload import WORKLOAD_NAMES, RateSource, named_workload
 
 
@@ -97,6 +98,77 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+_OFFLOAD_FLAGS = {  # flag dest -> SimOffloadConfig field
+    "weight_budget_gib": "weight_budget_gib",
+    "weight_host_gib": "weight_host_gib",
+    "kv_budget_gib": "kv_budget_gib",
+    "kv_host_gib": "kv_host_gib",
+    "device_budget_gib": "device_budget_gib",
+}
+
+
+def _offload_args(p: argparse.ArgumentParser) -> None:
+    """Weight and KV offloading (simulator.offload): the engine's budgets, per instance."""
+    p.add_argument(
+        "--weight-budget-gib",
+        type=float,
+        default=None,
+        help="device memory for the weights per instance; the rest of the layers go to host (then disk)",
+    )
+    p.add_argument(
+        "--weight-host-gib",
+        type=float,
+        default=None,
+        help="host memory for offloaded weight layers (default: unlimited); the rest on disk",
+    )
+    p.add_argument(
+        "--kv-budget-gib",
+        type=float,
+        default=None,
+        help="device memory for the KV pool (default: what the weights leave)",
+    )
+    p.add_argument(
+        "--kv-host-gib",
+        type=float,
+        default=None,
+        help="host memory for offloaded layers' KV: the pool grows to use it (FlexGen KV offloading)",
+    )
+    p.add_argument(
+        "--device-budget-gib",
+        type=float,
+        default=None,
+        help="weights + KV device memory, split by the cost model (needs --kv-blocks)",
+    )
+    p.add_argument("--offload-host-gbs", type=float, default=25.0, help="host -> device copy, GB/s")
+    p.add_argument("--offload-disk-gbs", type=float, default=3.0, help="disk -> device read, GB/s")
+
+
+def _offload_config(a: argparse.Namespace) -> SimOffloadConfig | None:
+    """The offloading flags -> ``SimOffloadConfig`` (None when no budget is set; bandwidth flags
+    alone are refused); ValueError naming the flag."""
+    kw = {f: getattr(a, d, None) for d, f in _OFFLOAD_FLAGS.items()}
+    host = getattr(a, "offload_host_gbs", 25.0)
+    disk = getattr(a, "offload_disk_gbs", 3.0)
+    if all(v is None for v in kw.values()):
+        if host != 25.0 or disk != 3.0:
+            raise ValueError(
+                "--offload-host-gbs / --offload-disk-gbs need an offloading budget (--weight-budget-gib, ...)"
+            )
+        return None
+    try:
+        return SimOffloadConfig(**kw, host_gb_s=host, disk_gb_s=disk)
+    except ValueError as e:
+        raise ValueError(_flag_names(str(e))) from None
+
+
+def _flag_names(msg: str) -> str:
+    """``msg`` with SimOffloadConfig's field names as ``pdserve simulate``'s flags."""
+    for d, f in _OFFLOAD_FLAGS.items():
+        msg = msg.replace(f, "--" + d.replace("_", "-"))
+    msg = msg.replace("ClusterConfig.kv_blocks", "--kv-blocks")
+    return msg.replace("host_gb_s", "--offload-host-gbs").replace("disk_gb_s", "--offload-disk-gbs")
+
+
 def _latency_spec(a: argparse.Namespace) -> LatencySpec:
     src = LatencySource(a.latency)
     if a.profile_file and src is LatencySource.AUTO:
@@ -135,6 +207,7 @@ def _cluster(a: argparse.Namespace, lat: LatencySpec) -> ClusterConfig:
     kw["kv_blocks"] = a.kv_blocks
     kw["dispatch_overhead_s"] = getattr(a, "dispatch_overhead_ms", 0.0) / 1e3
     kw["adapters"] = _adapter_config(a)
+    kw["offload"] = _offload_config(a)
     probe = ClusterConfig(lat, (), **kw)
     n = probe.model_len
     mixed_sched = (
@@ -206,8 +279,9 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         cluster = _cluster(a, lat)
         if cluster.adapters is not None and a.goodput:
             raise ValueError("--goodput with --adapters: the goodput search's workloads name no adapters")
+        plans = [cluster.offload_plan(g) for g in cluster.groups if g.count]
     except ValueError as e:
-        print(f"pdserve simulate: error: {e}", file=sys.stderr)
+        print(f"pdserve simulate: error: {_flag_names(str(e))}", file=sys.stderr)
         return 2
     slo = SLO(a.ttft, a.tpot)
     base = named_workload(a.workload, n=a.num_requests, rate=a.rate, seed=a.seed)
@@ -225,6 +299,9 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     print(
         f"cluster: {cluster.mode.value}, {cluster.num_gpus} GPUs, {lat.model} on {lat.gpu} ({lat.resolved_source().value})"
     )
+    for g, plan in zip([g for g in cluster.groups if g.count], plans, strict=True):
+        if plan is not None:
+            print(f"{g.role.value}: {plan.describe()}")
     if a.rates:
         rates = [float(x) for x in a.rates.split(",")]
         curve = []
@@ -613,6 +690,7 @@ def register(subparsers) -> None:
         help="fixed per-request serving overhead (router/RPC), added between arrival and submission",
     )
     _adapter_args(s)
+    _offload_args(s)
     s.add_argument("--rate", type=float, default=None, help="rescale the workload to this mean rate (req/s)")
     s.add_argument("--rates", default=None, help="comma-separated rates: attainment sweep and plots")
     s.add_argument("--goodput", action="store_true", help="also binary-search goodput")

@@ -22,6 +22,7 @@ from simulator.hardware import gpu_spec
 from simulator.latency import LatencySpec, make_latency_model
 from simulator.migration import SimMigrationConfig
 from simulator.models import MODELS, model_spec
+from simulator.offload import OffloadPlan, SimOffloadConfig, plan_offload
 
 
 class Mode(enum.Enum):
@@ -162,6 +163,10 @@ class ClusterConfig:
     # Requests name adapters through WorkloadRequest.adapter. None: the base model only (a
     # workload naming an adapter is refused).
     adapters: AdapterConfig | None = None
+    # Weight and KV offloading (issue #15 part 4, simulator.offload): each instance's weights
+    # and KV placed on device / host / disk by the engine's cost model (engine.offload_policy),
+    # the freed device memory going to KV blocks, each step priced by its predict_step_s. None: off.
+    offload: SimOffloadConfig | None = None
 
     def __post_init__(self) -> None:
         if self.adapters is not None and self.migration is not None:
@@ -179,6 +184,39 @@ class ClusterConfig:
             raise ValueError("swap_disk_gib needs swap_space_gib (the disk tier sits behind the swap pool)")
         if not (self.swap_gb_s > 0 and math.isfinite(self.swap_gb_s)):
             raise ValueError(f"swap_gb_s must be > 0, got {self.swap_gb_s}")
+        if self.offload is not None:
+            self._check_offload(self.offload)
+
+    def _check_offload(self, o: SimOffloadConfig) -> None:
+        """Refuse what the engine refuses with offloading (ValueError naming it)."""
+        if self.latency.model.lower() not in MODELS:
+            raise ValueError(
+                f"offload needs the model's shape; {self.latency.model!r} is not one of {', '.join(sorted(MODELS))}"
+            )
+        tp = sorted({g.tp for g in self.groups if g.tp > 1})
+        if tp:
+            raise ValueError(f"offload is not supported with tensor parallelism (tp {tp}), as in the engine")
+        weights = o.weight_budget_gib is not None or o.device_budget_gib is not None
+        if weights and self.adapters is not None:
+            raise ValueError(
+                "adapters with weight offloading: the engine refuses LoRA with offloaded weights"
+            )
+        for g in self.groups:  # budgets that do not fit the GPU are refused here, not mid-run
+            if g.count:
+                self.offload_plan(g)
+
+    def offload_plan(self, group: InstanceGroup) -> OffloadPlan | None:
+        """The offloading placement of one instance of ``group`` (None: no ``offload``)."""
+        if self.offload is None:
+            return None
+        m = model_spec(self.latency.model)
+        g = gpu_spec(self.latency.gpu)
+        usable = group.tp * (g.memory_bytes * self.gpu_memory_utilization - self.activation_reserve_bytes)
+        seqs = self.scheduler_for(group).max_num_seqs
+        decode = (
+            self.latency_model(group.tp).decode_time(seqs, seqs) if self.offload.device_budget_gib else 0.0
+        )
+        return plan_offload(self.offload, m, usable, self.block_size, self.kv_blocks, seqs, decode)
 
     @property
     def mode(self) -> Mode:
@@ -212,7 +250,11 @@ class ClusterConfig:
         return vllm_scheduler(n)
 
     def kv_blocks_for(self, group: InstanceGroup) -> int:
-        """KV blocks of one instance of ``group`` (see the module docstring)."""
+        """KV blocks of one instance of ``group`` (see the module docstring; with ``offload``,
+        the pool :meth:`offload_plan` places)."""
+        plan = self.offload_plan(group)
+        if plan is not None:
+            return plan.num_blocks
         if self.kv_blocks is not None:
             return self.kv_blocks
         m = model_spec(self.latency.model)

@@ -24,6 +24,7 @@ from router.policy import InstanceRole
 from simulator.adapters import AdapterResidency, Pin
 from simulator.events import EventLoop
 from simulator.latency import LatencyModel
+from simulator.offload import OffloadPlan
 from simulator.prefix_store import PrefixStore
 from simulator.tiered_store import TieredPrefixStore
 
@@ -71,6 +72,7 @@ class InstanceStats:
     migrations_out: int = 0  # live migrations that moved a request off this instance
     migrations_in: int = 0
     migrated_blocks: int = 0  # KV blocks copied out of this instance by migrations (re-sent ones too)
+    offload_s: float = 0.0  # step time added by weight / KV offloading (the copies not hidden by compute)
 
 
 class SimInstance:
@@ -93,6 +95,7 @@ class SimInstance:
         swap_bytes_per_s: float = 25e9,
         swap_disk_bytes: int = 0,
         adapters: AdapterResidency | None = None,
+        offload: OffloadPlan | None = None,
     ) -> None:
         """``host_pool``: the instance's host KV pool; a :class:`TieredPrefixStore` adds a disk
         tier behind it, whose hits delay the request's start by their bytes / ``disk_bytes_per_s``
@@ -107,7 +110,16 @@ class SimInstance:
         ``adapters``: the instance's LoRA adapter tiers (``simulator.adapters``): a request naming
         an adapter pins a slot before it enters the scheduler, waiting outside it (arrival order)
         for a free slot or the adapter's disk read; slot copies lengthen the next step and LoRA
-        batches cost ``AdapterConfig.step_factor`` times the latency model's step."""
+        batches cost ``AdapterConfig.step_factor`` times the latency model's step.
+
+        ``offload``: the instance's weight / KV placement (``simulator.offload``): each step takes
+        ``offload.step_s`` of the latency model's step, the blocks the KV manager holds and the
+        step's tokens (the engine's ``predict_step_s``); ``num_blocks`` is then the plan's pool."""
+        if offload is not None and offload.num_blocks != num_blocks:
+            raise ValueError(
+                f"num_blocks {num_blocks} is not the offload plan's pool ({offload.num_blocks} blocks)"
+            )
+        self.offload = offload if offload is not None and offload.offloads else None
         self.disk_bytes_per_s = disk_bytes_per_s
         self.instance_id = instance_id
         self.role = role
@@ -475,6 +487,10 @@ class SimInstance:
         self.queued_tokens -= q
         dt = self.latency.step_time(pre_tok, pre_ctx, n_dec, dec_ctx)
         st = self.stats
+        if self.offload is not None:  # the engine's cost model: copies the compute does not hide
+            base = dt
+            dt = self.offload.step_s(base, self.kv.num_used_blocks, sum(pre_tok) + n_dec)
+            st.offload_s += dt - base
         if self.adapters is not None:
             dt = dt * self._lora_factor(out) + self._copy_s
             self._copy_s = 0.0

@@ -23,6 +23,7 @@ class ModelSpec:
     dtype_bytes: int = 2
     vidur_id: str | None = None  # directory under vidur/data/profiling/compute/<gpu>/
     distserve_id: str | None = None  # key in DistServe's profile json
+    tied_embeddings: bool = False  # the LM head shares the input embedding's weights (OPT)
 
     @property
     def head_dim(self) -> int:
@@ -36,6 +37,12 @@ class ModelSpec:
     @property
     def weight_bytes(self) -> float:
         return self.num_params * self.dtype_bytes
+
+    @property
+    def non_layer_params(self) -> float:
+        """Weights outside the decoder layers: the input embedding and the LM head (one matrix
+        when tied); norms and positional tables are left in the layers' share."""
+        return self.vocab_size * self.hidden * (1 if self.tied_embeddings else 2)
 
     def valid_tp(self, tp: int) -> bool:
         return (
@@ -69,8 +76,32 @@ MODELS: dict[str, ModelSpec] = {
             16384,
             vidur_id="codellama/CodeLlama-34b-Instruct-hf",
         ),
-        ModelSpec("opt-13b", 40, 5120, 40, 40, 20480, 50272, 12.9e9, 2048, distserve_id="facebook/opt-13b"),
-        ModelSpec("opt-66b", 64, 9216, 72, 72, 36864, 50272, 65.7e9, 2048, distserve_id="facebook/opt-66b"),
+        ModelSpec(
+            "opt-13b",
+            40,
+            5120,
+            40,
+            40,
+            20480,
+            50272,
+            12.9e9,
+            2048,
+            distserve_id="facebook/opt-13b",
+            tied_embeddings=True,
+        ),
+        ModelSpec(
+            "opt-66b",
+            64,
+            9216,
+            72,
+            72,
+            36864,
+            50272,
+            65.7e9,
+            2048,
+            distserve_id="facebook/opt-66b",
+            tied_embeddings=True,
+        ),
     )
 }
 

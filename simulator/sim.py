@@ -193,6 +193,7 @@ class _Run:
                     f"{c.latency.model} does not fit on {g.tp} x {c.latency.gpu} (no room for KV)"
                 )
             lat = self.latency_factory(g.tp)
+            plan = c.offload_plan(g) if g.count else None
             for _ in range(g.count):
                 k = counters.get(g.role, 0)
                 counters[g.role] = k + 1
@@ -227,6 +228,7 @@ class _Run:
                         swap_bytes_per_s=c.swap_gb_s * 1e9,
                         swap_disk_bytes=int(c.swap_disk_gib * 2**30),
                         adapters=AdapterResidency(c.adapters, c.latency.model) if c.adapters else None,
+                        offload=plan,
                     )
                 )
                 out[-1].on_adapter_read = self._adapter_read
@@ -281,8 +283,20 @@ class _Run:
                 "migrations_in": i.stats.migrations_in,
                 "migrated_blocks": i.stats.migrated_blocks,
                 **self._adapter_stats(i),
+                **self._offload_stats(i),
             }
             for i in self.instances
+        }
+
+    @staticmethod
+    def _offload_stats(i: SimInstance) -> dict[str, float]:
+        """Offloading counters of an instance (none without an offloading placement)."""
+        if i.offload is None:
+            return {}
+        return {
+            "offload_s": i.stats.offload_s,
+            "weight_layers_offloaded": len(i.offload.weights.offloaded),
+            "kv_layers_offloaded": len(i.offload.kv.offloaded),
         }
 
     @staticmethod
