@@ -1,0 +1,285 @@
+"""Weight and KV offloading in the simulator (issue #15 part 4, simulator/offload.py): placements
+from the engine's cost model, the KV pool growing with what offloading frees, each step priced by
+engine.offload_policy.predict_step_s, refusals of inconsistent budgets, and the CLI flags. All on
+the simulated clock (deterministic)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pytest
+
+from engine.offload_policy import (
+    OffloadPolicyError,
+    WeightTier,
+    kv_step_cost,
+    predict_step_s,
+)
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import SchedulerConfig
+from pdserve.cli import main
+from router.policy import SLO, InstanceRole
+from simulator.adapters import AdapterConfig
+from simulator.config import ClusterConfig, InstanceGroup, SimConfig, colocated
+from simulator.events import EventLoop
+from simulator.instance import SimInstance
+from simulator.latency import LatencyModel, LatencySpec
+from simulator.models import ModelSpec, model_spec
+from simulator.offload import GIB, SimOffloadConfig, other_share, plan_offload
+from simulator.sim import Simulation
+from simulator.workload import Workload, WorkloadRequest
+
+# 4 layers of 100,000 parameters (200,000 bytes), embedding + LM head 12,800 parameters (25,600
+# bytes); K and V of one token over all layers: 2 * 4 * 4 * 16 * 2 = 1024 bytes
+TINY = ModelSpec("tiny", 4, 64, 4, 4, 128, 100, 412_800.0, 2048)
+SPEC = LatencySpec("llama-2-7b", "a100")
+
+
+def _gib(nbytes: int) -> float:
+    return (nbytes + 0.5) / GIB  # rounds back to nbytes under int(gib * GIB)
+
+
+class StepLatency(LatencyModel):
+    """10 ms per step + 1 ms per prefill token + 0.1 ms per decode (a fake, monotone model)."""
+
+    def __init__(self) -> None:
+        super().__init__(kv_bytes_per_token=TINY.kv_bytes_per_token)
+
+    def step_time(
+        self,
+        prefill_tokens: Sequence[int],
+        prefill_contexts: Sequence[int],
+        num_decodes: int,
+        decode_context: int,
+    ) -> float:
+        return 0.01 + 1e-3 * sum(prefill_tokens) + 1e-4 * num_decodes
+
+
+def _tiny_plan(cfg: SimOffloadConfig, usable: int = 2_000_000):
+    return plan_offload(cfg, TINY, usable, 16, None, 8, 0.0)
+
+
+# ----------------------------------------------------------------------------- placement
+def test_tiny_plan_places_weights_and_kv_as_the_engine_policy_does() -> None:
+    plan = _tiny_plan(
+        SimOffloadConfig(
+            weight_budget_gib=_gib(650_000),
+            weight_host_gib=_gib(200_000),
+            kv_budget_gib=_gib(100_000),
+            kv_host_gib=_gib(1_000_000),
+        )
+    )
+    # 650,000 - (25,600 + 2 slots of 200,000) leaves one resident layer; one on host, two on disk
+    tiers = plan.weights.tiers
+    assert tiers.count(WeightTier.DEVICE) == 1
+    assert tiers.count(WeightTier.HOST) == 1 and tiers.count(WeightTier.DISK) == 2
+    # one block of one layer: 16 * 1024 / 4 = 4096 bytes. 4 layers' KV off (two staging buffers of
+    # 12 blocks = 98,304 <= 100,000) beats 3 off (8 blocks) and none (6 blocks)
+    assert plan.kv.block_bytes == 4096
+    assert plan.num_blocks == 12 and plan.kv.offloaded == (0, 1, 2, 3)
+    assert plan.kv.device_bytes <= 100_000 and plan.kv.host_bytes <= 1_000_000
+
+
+def test_simulated_step_time_is_the_engine_cost_models_prediction() -> None:
+    """A simulated instance with offloaded weights and KV: each step lasts what
+    engine.offload_policy.predict_step_s predicts for the same placement, compute and KV copies."""
+    cfg = SimOffloadConfig(
+        weight_budget_gib=_gib(650_000),
+        weight_host_gib=_gib(200_000),
+        kv_budget_gib=_gib(100_000),
+        kv_host_gib=_gib(1_000_000),
+        host_gb_s=0.005,
+        disk_gb_s=0.001,
+    )
+    plan = _tiny_plan(cfg)
+    loop = EventLoop()
+    steps: list[tuple[float, float]] = []
+    sched = SchedulerConfig(
+        max_num_batched_tokens=512, max_num_seqs=8, long_prefill_token_threshold=0, max_model_len=192
+    )
+    inst = SimInstance(
+        "mixed0",
+        InstanceRole.MIXED,
+        sched,
+        plan.num_blocks,
+        16,
+        StepLatency(),
+        loop,
+        lambda rep: steps.append((rep.start, rep.end)),
+        offload=plan,
+    )
+    inst.submit(Request("r", range(40), SamplingParams(max_tokens=3, ignore_eos=True), arrival_time=0.0))
+    loop.run()
+    assert len(steps) == 3
+    share = TINY.vocab_size * TINY.hidden / TINY.num_params
+    layer_bytes = [200_000] * 4
+    # (prefill 40 tokens: 3 blocks held), then two decodes (41 and 42 tokens: 3 blocks)
+    for (start, end), (base, held, new) in zip(
+        steps, [(0.01 + 0.040, 3, 40), (0.01 + 1e-4, 3, 1), (0.01 + 1e-4, 3, 1)], strict=True
+    ):
+        kv = kv_step_cost(plan.kv, held, new, 16, 0.005e9)
+        want = predict_step_s(
+            plan.weights.tiers,
+            layer_bytes,
+            [base * (1 - share) / 4] * 4,
+            0.005e9,
+            0.001e9,
+            base * share,
+            kv=kv,
+        )
+        assert want > base * 2  # the copies dominate at these bandwidths
+        assert end - start == pytest.approx(want, rel=1e-12)
+    assert inst.stats.offload_s == pytest.approx(sum(e - s for s, e in steps) - (0.05 + 0.0202), rel=1e-9)
+    assert inst.kv.num_free_blocks == plan.num_blocks
+
+
+def test_nothing_offloaded_keeps_the_latency_models_step() -> None:
+    plan = _tiny_plan(SimOffloadConfig(weight_budget_gib=_gib(900_000)))
+    assert not plan.offloads and plan.step_s(0.123, 5, 7) == 0.123
+
+
+# ----------------------------------------------------------------------------- capacity
+def _blocks(**kw) -> int:
+    c = colocated(SPEC, 1, offload=SimOffloadConfig(**kw))
+    return c.kv_blocks_for(c.groups[0])
+
+
+def test_offloading_weights_grows_the_kv_pool_by_the_freed_memory() -> None:
+    base = colocated(SPEC, 1)
+    resident = base.kv_blocks_for(base.groups[0])
+    m = model_spec("llama-2-7b")
+    assert _blocks(weight_budget_gib=m.weight_bytes / GIB + 1) == resident  # budget holds everything
+    half = colocated(SPEC, 1, offload=SimOffloadConfig(weight_budget_gib=6.0))
+    plan = half.offload_plan(half.groups[0])
+    assert plan is not None and len(plan.weights.offloaded) > 0
+    freed = m.weight_bytes - plan.weights.device_bytes
+    block = 16 * m.kv_bytes_per_token
+    assert plan.num_blocks - resident == pytest.approx(freed / block, abs=1)
+    assert _blocks(weight_budget_gib=3.0) > plan.num_blocks
+
+
+def test_kv_host_memory_grows_the_pool_monotonically() -> None:
+    base = colocated(SPEC, 1)
+    resident = base.kv_blocks_for(base.groups[0])
+    got = [_blocks(kv_host_gib=h) for h in (0.0, 20.0, 60.0, 200.0)]
+    assert got[0] == resident
+    assert got == sorted(got) and got[-1] > 2 * resident
+    c = colocated(SPEC, 1, offload=SimOffloadConfig(kv_host_gib=60.0))
+    plan = c.offload_plan(c.groups[0])
+    assert plan is not None and plan.kv.host_bytes <= 60 * GIB and len(plan.kv.offloaded) >= 3
+
+
+def test_device_budget_is_split_by_the_engine_policy() -> None:
+    c = colocated(SPEC, 1, offload=SimOffloadConfig(device_budget_gib=20.0), kv_blocks=3000)
+    plan = c.offload_plan(c.groups[0])
+    assert plan is not None and plan.num_blocks == 3000
+    assert plan.device_bytes <= 20 * GIB and plan.offloads
+
+
+# ----------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"weight_budget_gib": -1.0}, "weight_budget_gib"),
+        ({"kv_host_gib": math.inf}, "kv_host_gib"),
+        ({"weight_budget_gib": 5.0, "host_gb_s": 0.0}, "host_gb_s"),
+        ({"device_budget_gib": 20.0, "weight_budget_gib": 5.0}, "contradicts weight_budget_gib"),
+        ({"device_budget_gib": 20.0, "kv_host_gib": 5.0}, "kv_host_gib with device_budget_gib"),
+        ({"weight_host_gib": 5.0}, "weight_host_gib needs weight offloading"),
+        ({}, "sets no budget"),
+    ],
+)
+def test_offload_config_refuses(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SimOffloadConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "kw", "match"),
+    [
+        (SimOffloadConfig(weight_budget_gib=100.0), {}, "exceeds the 70.00 GiB"),
+        (SimOffloadConfig(weight_budget_gib=0.5), {}, "below the minimum"),
+        (SimOffloadConfig(weight_budget_gib=6.0, kv_budget_gib=65.0), {}, "kv_budget_gib 65.0 exceeds"),
+        (SimOffloadConfig(kv_budget_gib=1e-4, kv_host_gib=10.0), {}, "no room for one KV block"),
+        (SimOffloadConfig(kv_budget_gib=0.1), {"kv_blocks": 1000}, "KV memory budget .* below the minimum"),
+        (SimOffloadConfig(device_budget_gib=20.0), {}, "needs ClusterConfig.kv_blocks"),
+        (SimOffloadConfig(kv_host_gib=10.0), {"kv_blocks": 100}, "set one or the other"),
+    ],
+)
+def test_cluster_config_refuses_budgets_that_do_not_fit(cfg: SimOffloadConfig, kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        colocated(SPEC, 1, offload=cfg, **kw)
+
+
+def test_cluster_config_refuses_what_the_engine_refuses() -> None:
+    off = SimOffloadConfig(weight_budget_gib=6.0)
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        colocated(SPEC, 1, tp=2, offload=off)
+    with pytest.raises(ValueError, match="LoRA with offloaded weights"):
+        colocated(SPEC, 1, offload=off, adapters=AdapterConfig(num_adapters=4))
+    with pytest.raises(ValueError, match="model's shape"):
+        ClusterConfig(LatencySpec("my-profiled-model"), (InstanceGroup(InstanceRole.MIXED, 1),), offload=off)
+    assert issubclass(OffloadPolicyError, ValueError)
+
+
+# ----------------------------------------------------------------------------- whole runs
+def _workload(n: int = 40, rate: float = 4.0, output: int = 64) -> Workload:
+    return Workload("offload", tuple(WorkloadRequest(i / rate, 200 + 10 * (i % 7), output) for i in range(n)))
+
+
+def _run(offload: SimOffloadConfig | None, wl: Workload | None = None):
+    c = colocated(SPEC, 1, offload=offload)
+    return Simulation(c, SimConfig(slo=SLO(5.0, 1.0))).run(wl or _workload())
+
+
+def test_offloaded_instance_decodes_slower_and_runs_are_deterministic() -> None:
+    resident = _run(None)
+    off = SimOffloadConfig(weight_budget_gib=6.0)
+    a, b = _run(off), _run(off)
+    assert [(r.first_token, r.finish) for r in a.records] == [(r.first_token, r.finish) for r in b.records]
+    assert a.num_finished == resident.num_finished == 40
+    st = a.instance_stats["mixed0"]
+    assert st["offload_s"] > 0 and st["weight_layers_offloaded"] > 0 and st["kv_layers_offloaded"] == 0
+    assert "offload_s" not in resident.instance_stats["mixed0"]
+    tpot = a.summary()["tpot_mean"]
+    assert tpot > 3 * resident.summary()["tpot_mean"]
+
+
+def test_kv_offload_trades_step_time_for_capacity_under_memory_pressure() -> None:
+    """A KV budget of 300 blocks' worth: without host memory the pool is 300 blocks and the batch
+    preempts; with 16 GiB of host KV the pool is several times larger and nothing is preempted,
+    each step paying the KV copies."""
+    block = 16 * model_spec("llama-2-7b").kv_bytes_per_token
+    budget = 300 * block / GIB
+    burst = _workload(rate=400.0, output=256)  # 40 requests at once: ~30 blocks each at the end
+    small = _run(SimOffloadConfig(kv_budget_gib=budget), burst)
+    big = _run(SimOffloadConfig(kv_budget_gib=budget, kv_host_gib=16.0), burst)
+    s, b = small.instance_stats["mixed0"], big.instance_stats["mixed0"]
+    assert s["kv_blocks"] == 300 and b["kv_blocks"] > 3 * 300
+    assert s["preemptions"] > 0 and b["preemptions"] == 0
+    assert b["kv_layers_offloaded"] >= 3 and b["offload_s"] > 0
+    assert small.num_finished == big.num_finished == 40
+
+
+def test_other_share_is_the_lm_heads_share() -> None:
+    m = model_spec("llama-2-7b")
+    assert other_share(m) == pytest.approx(32000 * 4096 / 6.74e9)
+    assert model_spec("opt-13b").non_layer_params == 50272 * 5120  # tied embeddings
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_simulate_cli_offload_flags(capsys) -> None:
+    base = ["simulate", "--model", "llama-2-7b", "--num-requests", "20", "--rate", "4", "--quiet"]
+    assert main([*base, "--weight-budget-gib", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "mixed: offload: weights 20/32 layers off the device" in out
+    assert main([*base, "--weight-budget-gib", "100"]) == 2
+    assert "--weight-budget-gib 100.0 exceeds" in capsys.readouterr().err
+    assert main([*base, "--weight-host-gib", "2"]) == 2
+    assert "--weight-host-gib needs weight offloading" in capsys.readouterr().err
+    assert main([*base, "--device-budget-gib", "20"]) == 2
+    assert "--device-budget-gib needs --kv-blocks" in capsys.readouterr().err
+    assert main([*base, "--offload-disk-gbs", "1"]) == 2
+    assert "need an offloading budget" in capsys.readouterr().err
