@@ -30,6 +30,7 @@ from engine.attention_graphs import DecodeBatch, DecodeGraphs, GraphMode
 from engine.block_manager import NULL_BLOCK, KVCacheManager
 from engine.models.linear_native import NativeLinear
 from engine.models.llama import LlamaForCausalLM
+from engine.models.quant import uses_native_int8
 from engine.request import Request
 from engine.sampler import SampleRequest, SampleResult, sample
 from engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -116,10 +117,11 @@ class ModelRunner:
     def _select_fused(self) -> str | None:
         """Turn on the model's fused native forward (:mod:`engine.models.fused_native`) under the
         native linear's selection: when the model's projections took the native linear (float32
-        on the CPU, ``EngineConfig.linear`` auto/native) and the model can take it. Returns why
+        on the CPU, ``EngineConfig.linear`` auto/native) or the native int8 linear
+        (``weight_dtype`` int8) and the model can take it. Returns why
         it stays off (None: on); the reason is logged, as the linear's ``auto`` is."""
         model = self.model
-        if not any(isinstance(m, NativeLinear) for m in model.modules()):
+        if not any(isinstance(m, NativeLinear) for m in model.modules()) and not uses_native_int8(model):
             return "the projections do not use the native linear"
         why = (
             model.fused_unsupported_reason()

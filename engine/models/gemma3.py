@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from engine.attention import AttentionMetadata
+from engine.models import fused_native
 from engine.models.config import ModelConfig
 from engine.models.llama import MLP, DecoderLayer, LlamaForCausalLM
 from engine.models.qwen3 import QKNormAttention
@@ -95,6 +96,8 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         kv_caches: torch.Tensor,
         md: AttentionMetadata,
     ) -> torch.Tensor:
+        if self.fused and input_ids.shape[0] <= fused_native.FUSED_MAX_ROWS:
+            return self._fused_forward(input_ids, positions, kv_caches, md)  # same values (#17)
         x = self.model.embed_tokens(input_ids)
         x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         full = self.rotary(positions, x.dtype)

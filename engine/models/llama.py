@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from engine.attention_backends import AttentionBackend
 from engine.models import fused_native
 from engine.models.config import ModelConfig
 from engine.models.rope import RotaryEmbedding, apply_rotary
+
+if TYPE_CHECKING:
+    from engine.models.fused_plan import FusedPlan
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -204,60 +208,41 @@ class LlamaForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ fused small ops (#17)
     fused: bool = False  # forward takes the fused native path for small batches (enable_fused)
+    _fused_plan: FusedPlan | None = None  # the structure enable_fused recognised
 
     def fused_unsupported_reason(self) -> str | None:
         """Why this model cannot take the fused native forward (:mod:`engine.models.fused_native`),
-        or None when it can: it needs the plain Llama layer structure (this class's forward, every
-        layer a :class:`DecoderLayer` of :class:`Attention` with fused ``qkv`` and :class:`MLP`
-        with fused ``gate_up`` and SiLU, RMSNorm norms, no tensor-parallel shard), full-width RoPE
-        tables, float32 parameters on the CPU, and the kernels built."""
-        if type(self).forward is not LlamaForCausalLM.forward:
-            return f"{type(self).__name__} has its own forward"
-        cfg = self.config
-        if self.rotary.cos.shape[1] != cfg.head_dim:
-            return "partial rotary embeddings"
-        for name, t in [*self.named_parameters(), ("rotary.cos", self.rotary.cos)]:
-            if t.dtype != torch.float32 or t.device.type != "cpu":
-                return f"{name} is {t.dtype} on {t.device.type} (it needs float32 on the CPU)"
-        if type(self.model.norm) is not RMSNorm:
-            return f"final norm {type(self.model.norm).__name__}"
-        for i, layer in enumerate(self.model.layers):
-            a, m = layer.self_attn, layer.mlp
-            if type(layer) is not DecoderLayer or type(a) is not Attention or type(m) is not MLP:
-                return f"layer {i} is {type(layer).__name__}({type(a).__name__}, {type(m).__name__})"
-            if a.qkv is None or m.gate_up is None:
-                return f"layer {i}'s projections are not fused (load_model(fuse=True))"
-            if m.act is not F.silu:
-                return f"layer {i}'s activation is not SiLU"
-            if a.all_reduce is not None or m.all_reduce is not None:
-                return "tensor-parallel shard"
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if any(type(n) is not RMSNorm for n in norms):
-                return f"layer {i}'s norms are not RMSNorm"
-        if not fused_native.available():
-            return f"the kernels cannot be built ({fused_native.unavailable_reason()})"
-        return None
+        or None when it can. See :func:`fused_plan` for the structures it covers."""
+        from engine.models.fused_plan import fused_plan
+
+        return fused_plan(self)[1]
 
     def enable_fused(self, on: bool = True) -> None:
         """Take the fused native forward for batches of up to ``fused_native.FUSED_MAX_ROWS``
         rows (``on``), or torch's ops always; refused (ValueError naming why) where
         :meth:`fused_unsupported_reason` says it cannot run."""
         if on:
-            why = self.fused_unsupported_reason()
-            if why is not None:
+            from engine.models.fused_plan import fused_plan
+
+            plan, why = fused_plan(self)
+            if plan is None:
                 raise ValueError(f"the fused native forward cannot run: {why}")
+            self._fused_plan = plan
         self.fused = on
 
     def _fused_forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor, md: AttentionMetadata
     ) -> torch.Tensor:
         """:meth:`forward` with the small ops fused (same values up to rounding): per layer the
-        qkv projection, RoPE + q copy + KV write (one call), attention (the native kernel called
-        directly when every row is a decode on the native backend, else :func:`paged_attention`),
-        o_proj, residual add + RMSNorm (one call), gate_up, SiLU * up (one call), down_proj,
-        residual add + the next RMSNorm (one call). Index data is checked once here."""
+        qkv projection, [q/k norms +] RoPE + q copy + KV write (one call), attention (the native
+        kernel called directly when every row is a decode on the native backend, else
+        :func:`paged_attention`), o_proj, [post-attention norm +] residual add + RMSNorm (one
+        call), gate_up, act(gate) * up (one call), down_proj, [post-feedforward norm +] residual
+        add + the next RMSNorm (one call); the bracketed parts where the plan has them (Qwen3's
+        and Gemma 3's q/k norms, Gemma's four norms). Index data is checked once here."""
         lib = fused_native.kernel()
-        assert lib is not None  # enable_fused checked it
+        plan = self._fused_plan
+        assert lib is not None and plan is not None  # enable_fused checked them
         cfg = self.config
         t = input_ids.shape[0]
         h_, kvh, hd = cfg.num_attention_heads, kv_caches.shape[4], cfg.head_dim
@@ -268,9 +253,9 @@ class LlamaForCausalLM(nn.Module):
         nb, bs = kv_caches.shape[2], kv_caches.shape[3]
         if kv_caches.dtype != torch.float32 or not kv_caches.is_contiguous():
             raise ValueError("fused forward: the KV cache must be a contiguous float32 tensor")
-        cos, sin = self.rotary.cos, self.rotary.sin
+        tables = [(r.cos, r.sin) for r in plan.rotaries]
         positions = positions.contiguous()
-        fused_native.check_index("positions", positions, t, cos.shape[0])
+        fused_native.check_index("positions", positions, t, min(c.shape[0] for c, _ in tables))
         slots = md.slot_mapping.contiguous()
         fused_native.check_index("slot_mapping", slots, t, nb * bs)
         r = md.decode_rows
@@ -293,54 +278,88 @@ class LlamaForCausalLM(nn.Module):
             if r.row.shape != (t,) or r.tables.dim() != 2:
                 raise ValueError(f"decode_rows: row {tuple(r.row.shape)} != ({t},)")
         layers = self.model.layers
-        hidden = cfg.hidden_size
-        res = self.model.embed_tokens(input_ids).contiguous()
+        hidden, inter = cfg.hidden_size, cfg.intermediate_size
+        pone = int(plan.plus_one)
+        res = self.model.embed_tokens(input_ids)
+        if plan.embed_scale:  # Gemma: as its forward, the scale cast to the model dtype
+            res = res * torch.tensor(hidden**0.5, dtype=res.dtype)
+        res = res.contiguous()
         x = torch.empty_like(res)
         q = torch.empty(t, h_, hd)
         o = torch.empty(t, h_, hd)
-        act = torch.empty(t, cfg.intermediate_size)
+        act = torch.empty(t, inter)
         p_res, p_x, p_q, p_o, p_act = res.data_ptr(), x.data_ptr(), q.data_ptr(), o.data_ptr(), act.data_ptr()
-        p_pos, p_cos, p_sin, p_slots = positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr()
+        p_pos, p_slots = positions.data_ptr(), slots.data_ptr()
+        p_tables = [(c.data_ptr(), s.data_ptr(), c.shape[1]) for c, s in tables]
         cache0 = kv_caches.data_ptr()
         layer_bytes, half_bytes = kv_caches.stride(0) * 4, kv_caches.stride(1) * 4
+        qkv_width = (h_ + 2 * kvh) * hd
         norm0 = layers[0].input_layernorm
-        lib.add_rmsnorm_f32(None, p_res, norm0.weight.data_ptr(), t, hidden, norm0.eps, p_x)
+        lib.add_rmsnorm_f32(None, None, 0.0, p_res, norm0.weight.data_ptr(), t, hidden, norm0.eps, pone, p_x)
         if direct is not None:
             assert r is not None
             args = (r.tables.data_ptr(), r.tables.shape[1], r.row.data_ptr())
             tail = (r.hi.data_ptr(), r.first.data_ptr(), t, h_, kvh, hd, bs)
         n = len(layers)
         for i, layer in enumerate(layers):
-            a, mlp = layer.self_attn, layer.mlp
+            a, mlp, lp = layer.self_attn, layer.mlp, plan.layers[i]
             if a.window is None and md.trimmed:
                 raise RuntimeError(
                     "a full-attention layer was given block tables trimmed to a sliding window: "
                     "blocks are freed only when every layer is windowed"
                 )
             qkv = a.qkv(x).contiguous()
+            if qkv.shape != (t, qkv_width):
+                raise ValueError(
+                    f"fused forward: layer {i}'s qkv gave {tuple(qkv.shape)}, not ({t}, {qkv_width})"
+                )
+            p_cos, p_sin, rd = p_tables[lp.table]
+            if lp.qk_norm:
+                qn, kn = a.q_norm, a.k_norm
+                norm = (qn.weight.data_ptr(), kn.weight.data_ptr(), qn.eps, pone)
+            else:
+                norm = (None, None, 0.0, 0)
             kp = cache0 + i * layer_bytes
             if direct is not None:
                 lib.rope_qkv_f32(
-                    qkv.data_ptr(), t, h_, kvh, hd, p_pos, p_cos, p_sin, p_q, kp, kp + half_bytes, p_slots
-                )
+                    qkv.data_ptr(), t, h_, kvh, hd, rd, p_pos, p_cos, p_sin, *norm,
+                    p_q, kp, kp + half_bytes, p_slots,
+                )  # fmt: skip
                 direct(
                     p_q, kp, kp + half_bytes, *args, r.lo[a.window].data_ptr(), *tail,
                     a.scale, a.softcap or 0.0, p_o, attention_native.PAR_MIN_WORK,
                 )  # fmt: skip
                 ao = o
             else:
-                lib.rope_qkv_f32(qkv.data_ptr(), t, h_, kvh, hd, p_pos, p_cos, p_sin, p_q, None, None, None)
+                lib.rope_qkv_f32(
+                    qkv.data_ptr(), t, h_, kvh, hd, rd, p_pos, p_cos, p_sin, *norm, p_q, None, None, None
+                )
                 k = qkv[:, h_ * hd : (h_ + kvh) * hd].view(t, kvh, hd)
                 v = qkv[:, (h_ + kvh) * hd :].view(t, kvh, hd)
                 ao = paged_attention(q, k, v, kv_caches[i], md, a.scale, a.window, a.softcap)
             out = a.o_proj(ao.view(t, h_ * hd)).contiguous()
-            ln = layer.post_attention_layernorm
-            lib.add_rmsnorm_f32(out.data_ptr(), p_res, ln.weight.data_ptr(), t, hidden, ln.eps, p_x)
+            if lp.sandwich:  # res += post_attention_norm(out); x = pre_feedforward_norm(res)
+                pn, ln = layer.post_attention_layernorm, layer.pre_feedforward_layernorm
+                pre = (pn.weight.data_ptr(), pn.eps)
+            else:  # res += out; x = post_attention_norm(res)
+                ln, pre = layer.post_attention_layernorm, (None, 0.0)
+            lib.add_rmsnorm_f32(
+                out.data_ptr(), *pre, p_res, ln.weight.data_ptr(), t, hidden, ln.eps, pone, p_x
+            )
             gu = mlp.gate_up(x).contiguous()
-            lib.silu_mul_f32(gu.data_ptr(), t, cfg.intermediate_size, p_act)
+            if gu.shape != (t, 2 * inter):
+                raise ValueError(
+                    f"fused forward: layer {i}'s gate_up gave {tuple(gu.shape)}, not ({t}, {2 * inter})"
+                )
+            lib.act_mul_f32(gu.data_ptr(), t, inter, lp.act, p_act)
             m = mlp.down_proj(act).contiguous()
             ln = layers[i + 1].input_layernorm if i + 1 < n else self.model.norm
-            lib.add_rmsnorm_f32(m.data_ptr(), p_res, ln.weight.data_ptr(), t, hidden, ln.eps, p_x)
+            if lp.sandwich:  # res += post_feedforward_norm(m)
+                pn = layer.post_feedforward_layernorm
+                pre = (pn.weight.data_ptr(), pn.eps)
+            else:
+                pre = (None, 0.0)
+            lib.add_rmsnorm_f32(m.data_ptr(), *pre, p_res, ln.weight.data_ptr(), t, hidden, ln.eps, pone, p_x)
         return x
 
     def forward(

@@ -169,6 +169,13 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
+def uses_native_int8(model: nn.Module) -> bool:
+    """Whether ``model``'s projections are :class:`Int8Linear` and the native int8 kernel is built:
+    the int8 counterpart of the native linear, under which the fused small ops run as well
+    (:mod:`engine.models.fused_native`, selected by ``engine.model_runner``)."""
+    return any(isinstance(m, Int8Linear) for m in model.modules()) and _kernel() is not None
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""
     try:

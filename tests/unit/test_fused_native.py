@@ -126,7 +126,7 @@ def test_attention_serial_split_is_bitwise_the_parallel_result(monkeypatch, par_
     assert torch.equal(got, ref)
 
 
-ARCHS = ["llama", "llama3_rope", "qwen2_swa", "mistral_swa"]
+ARCHS = ["llama", "llama3_rope", "qwen2_swa", "mistral_swa", "llama_gelu_bias"]
 
 
 @pytest.fixture(scope="module")
@@ -194,9 +194,10 @@ def test_selection_follows_the_native_linear(tiny_models):
     gelu = LLMEngine.from_pretrained(
         tiny_models["llama_gelu_bias"], EngineConfig(num_kv_blocks=64, linear="native")
     )
-    assert "activation is not SiLU" in gelu.runner.fused_reason
-    assert not gelu.runner.model.fused
-    with pytest.raises(ValueError, match="activation is not SiLU"):
+    assert gelu.runner.fused_reason is None and gelu.runner.model.fused  # GELU-tanh has a kernel
+    gelu.runner.model.model.layers[1].mlp.act = F.relu
+    assert "layer 1's activation relu has no fused kernel" in gelu.runner.model.fused_unsupported_reason()
+    with pytest.raises(ValueError, match="activation relu has no fused kernel"):
         gelu.runner.model.enable_fused()
     model = torch_lin.runner.model
     assert model.fused_unsupported_reason() is None  # it could run; the selection keeps it off
