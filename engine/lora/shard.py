@@ -52,7 +52,10 @@ class LoRAShard:
         for path, group in targets.modules.items():
             parent_path, leaf = path.rsplit(".", 1)
             parent = model.get_submodule(parent_path)
-            wrapped = LoRALinear(getattr(parent, leaf), self.ctx, num_slots, len(group), rank, dtype, device)
+            cols = [(t.out_offset, t.out_features) for t in group]  # the block of B each target writes
+            wrapped = LoRALinear(
+                getattr(parent, leaf), self.ctx, num_slots, len(group), rank, dtype, device, cols
+            )
             setattr(parent, leaf, wrapped)
             self.modules[path] = wrapped
         model.register_forward_pre_hook(self._check_forward)
