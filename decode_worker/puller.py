@@ -150,6 +150,23 @@ class StorePuller:
             c = self._aio[key] = AsyncKVStoreClient(address, md, timeout)
         return c
 
+    async def aclose(self) -> None:
+        """Close the ``grpc.aio`` channels :meth:`release_async` opened on the running event loop."""
+        loop = asyncio.get_running_loop()
+        for key in [k for k in self._aio if k[0] is loop]:
+            await self._aio.pop(key).close()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Close every ``grpc.aio`` channel :meth:`release_async` opened (one per event loop and
+        store node; call from no event loop): on its loop when that still runs, else on a loop of
+        its own here (its loop has stopped: nothing else uses the channel). Idempotent."""
+        while self._aio:
+            (loop, _addr), client = self._aio.popitem()
+            if loop.is_running():
+                asyncio.run_coroutine_threadsafe(client.close(), loop).result(timeout_s)
+            else:
+                asyncio.run(client.close())
+
     async def release_async(self, handle: KVHandle) -> None:
         """:meth:`release` on the running event loop (``grpc.aio``: no thread)."""
         with self._count_lock:

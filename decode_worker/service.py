@@ -721,7 +721,12 @@ class AsyncDecodeServicer(DecodeServicer):
                 yield msg
 
     def close(self) -> None:
+        """Stop serving: migration, direct streams, the admission threads, and the puller's
+        ``grpc.aio`` store channels (:meth:`decode_worker.puller.StorePuller.close`)."""
         self.migration.close()
         if self.direct is not None:
             self.direct.close()
         self._admission.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.puller, "close", None)  # None: a puller that opens no channel
+        if close is not None:
+            close()

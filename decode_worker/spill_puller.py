@@ -104,6 +104,9 @@ class SpillPuller:
         return stored
 
     def close(self) -> None:
-        """Close the gRPC channels this puller opened."""
+        """Close the gRPC channels this puller (and its fallback) opened."""
         if self._stubs is not None:
             self._stubs.close()
+        close = getattr(self.fallback, "close", None)
+        if close is not None:
+            close()
