@@ -18,6 +18,12 @@ model (default: SmolLM2-135M) are written to a temporary folder and served by on
    ``--per-adapter`` (default 1,2,4: each n with its own four runs interleaved) and ends with a
    table of one row per n: the ratio, PASS/FAIL against the target, and the host's ceiling.
 
+``--lora-kernel`` picks how the LoRA engines apply the adapters: ``native`` (the C SGMV kernel,
+:mod:`engine.lora.sgmv_native`: the engine's default on the CPU in fp32), ``torch`` (torch's
+matmuls per adapter segment: the path before it, and the one off the CPU) or ``both`` (default):
+every LoRA configuration of both parts runs with each, interleaved in the same run, so the
+kernel's gain is measured under the same load.
+
 Timed as this process's CPU time (``time.process_time``) with ``--threads 1`` by default: on a
 shared machine wall time mostly measures the other tenants (``--clock wall`` to use it anyway).
 ``--linear`` sets every engine's projection backend (``torch``, ``native``: the fp32 small-batch
@@ -25,7 +31,7 @@ C kernel, ``auto``), the engine without LoRA included, so that the base-model ce
 
 Usage: python bench/lora_step.py [--model PATH] [--batch 32] [--context 64] [--steps 30]
        [--rank 16] [--per-adapter 1,2,4] [--gen 32] [--repeats 3] [--threads 1] [--clock cpu|wall]
-       [--linear torch|native|auto]
+       [--linear torch|native|auto] [--lora-kernel native|torch|both]
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.lora import AdapterSpec, LoRAConfig  # noqa: E402
 from engine.models.config import ModelConfig  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+
+TORCH = ", torch LoRA"  # label suffix of a configuration on the torch LoRA path
 
 STEP_TARGET = 1.2
 THROUGHPUT_TARGET = 3.0
@@ -102,6 +110,21 @@ def prefill_batch(eng: LLMEngine, ps: list[list[int]], adapters: list[str], max_
         eng.add_request(None, p, sp, adapter_id=a)
     while eng.stats().num_waiting or any(not r.is_decoding for r in eng.scheduler.running):
         eng.step()
+
+
+def make_engine(model: Path, ecfg: EngineConfig, lora: LoRAConfig | None, torch_lora: bool) -> LLMEngine:
+    """An engine; ``torch_lora``: its LoRA modules use torch's matmuls, not the native kernel."""
+    eng = LLMEngine.from_pretrained(model, ecfg, lora=lora)
+    if torch_lora:
+        assert eng.lora is not None
+        for m in eng.lora.modules.values():
+            m.native = False
+    return eng
+
+
+def kernels(choice: str) -> list[bool]:
+    """``--lora-kernel`` as the torch_lora flags of the LoRA configurations to run."""
+    return {"native": [False], "torch": [True], "both": [False, True]}[choice]
 
 
 def run_all(eng: LLMEngine, reqs: list[tuple[list[int], str]], gen: int) -> None:
@@ -157,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="EngineConfig.linear of every engine (engine.models.linear_native; default: env "
         "PDSERVE_LINEAR, else the engine's default)",
     )
+    ap.add_argument(
+        "--lora-kernel",
+        choices=("native", "torch", "both"),
+        default="both",
+        help="how the LoRA engines apply adapters: the native SGMV kernel, torch matmuls per segment, "
+        "or each LoRA configuration with both, interleaved",
+    )
     return cli_help.apply(ap)
 
 
@@ -184,7 +214,8 @@ def main() -> None:
     linear = a.linear or f"default (PDSERVE_LINEAR={os.environ.get('PDSERVE_LINEAR', 'unset')})"
     print(
         f"model {model.name}, {N_ADAPTERS} adapters of rank {a.rank} on {', '.join(TARGETS)}; "
-        f"threads {a.threads}, clock {a.clock}, linear {linear}; load {os.getloadavg()[0]:.1f}"
+        f"threads {a.threads}, clock {a.clock}, linear {linear}, LoRA kernel {a.lora_kernel}; "
+        f"load {os.getloadavg()[0]:.1f}"
     )
 
     if a.part in ("all", "step"):
@@ -204,15 +235,16 @@ def decode_step(
 ) -> None:
     """Part 1: decode step of one batch spread over 8 adapters vs 1 adapter vs the base model."""
     ps = prompts(a.batch, a.context, mcfg.vocab_size, 0)
-    configs = {
-        "8 adapters": (lora, [names[i % N_ADAPTERS] for i in range(a.batch)]),
-        "1 adapter": (lora, [names[0]] * a.batch),
-        "base on LoRA engine": (lora, [""] * a.batch),
-        "engine without LoRA": (None, [""] * a.batch),
-    }
+    configs: dict[str, tuple[LoRAConfig | None, list[str], bool]] = {}
+    for tl in kernels(a.lora_kernel):
+        sfx = TORCH if tl else ""
+        configs["8 adapters" + sfx] = (lora, [names[i % N_ADAPTERS] for i in range(a.batch)], tl)
+        configs["1 adapter" + sfx] = (lora, [names[0]] * a.batch, tl)
+    configs["base on LoRA engine"] = (lora, [""] * a.batch, False)
+    configs["engine without LoRA"] = (None, [""] * a.batch, False)
     engines = {}
-    for label, (lc, adapters) in configs.items():
-        eng = LLMEngine.from_pretrained(model, ecfg, lora=lc)
+    for label, (lc, adapters, tl) in configs.items():
+        eng = make_engine(model, ecfg, lc, tl)
         prefill_batch(eng, ps, adapters, a.steps + 8)
         engines[label] = eng
     times: dict[str, list[float]] = {k: [] for k in engines}
@@ -230,17 +262,23 @@ def decode_step(
         f"\ndecode step, batch {a.batch}, context ~{a.context + 3}..{a.context + 3 + a.steps}, {a.steps} steps (median ms):"
     )
     for k, v in med.items():
-        print(f"  {k:22s} {v:8.2f}")
-    r8 = med["8 adapters"] / med["1 adapter"]
-    print(
-        f"  8 adapters / 1 adapter        = {r8:.3f}x  (target <= {STEP_TARGET}) "
-        f"{'MET' if r8 <= STEP_TARGET else 'NOT MET'}"
-    )
-    print(f"  1 adapter / base on LoRA engine = {med['1 adapter'] / med['base on LoRA engine']:.3f}x")
-    print(f"  1 adapter / engine without LoRA = {med['1 adapter'] / med['engine without LoRA']:.3f}x")
-    print(
-        f"  base on LoRA engine / engine without LoRA = {med['base on LoRA engine'] / med['engine without LoRA']:.3f}x"
-    )
+        print(f"  {k:34s} {v:8.2f}")
+    base = med["engine without LoRA"]
+    for tl in kernels(a.lora_kernel):
+        sfx = TORCH if tl else ""
+        m8, m1 = med["8 adapters" + sfx], med["1 adapter" + sfx]
+        r8 = m8 / m1
+        print(
+            f"  {'torch LoRA' if tl else 'native LoRA'}: 8 adapters / 1 adapter = {r8:.3f}x "
+            f"(target <= {STEP_TARGET}) {'MET' if r8 <= STEP_TARGET else 'NOT MET'}; "
+            f"8 adapters / engine without LoRA = {m8 / base:.3f}x; 1 adapter / engine without LoRA = {m1 / base:.3f}x"
+        )
+    if a.lora_kernel == "both":
+        print(
+            f"  native / torch LoRA: 8 adapters {med['8 adapters'] / med['8 adapters' + TORCH]:.3f}x, "
+            f"1 adapter {med['1 adapter'] / med['1 adapter' + TORCH]:.3f}x"
+        )
+    print(f"  base on LoRA engine / engine without LoRA = {med['base on LoRA engine'] / base:.3f}x")
     for eng in engines.values():
         eng.close()
     del engines
@@ -248,17 +286,28 @@ def decode_step(
 
 @dataclass(frozen=True)
 class ThroughputRow:
-    """Part 2's medians (seconds) for one number of requests per adapter."""
+    """Part 2's medians (seconds) for one number of requests per adapter. ``together`` and
+    ``one_at_a_time`` are on the first LoRA path of ``--lora-kernel`` (``kernel``); ``torch_*``
+    on the torch path when ``both`` ran."""
 
     per_adapter: int
+    kernel: str  # "native" or "torch": the LoRA path of together / one_at_a_time
     together: float  # LoRA, 8 adapters in one engine, mixed batches
     one_at_a_time: float  # LoRA, each adapter's requests to completion before the next's
     base_together: float  # the same requests on the base model without LoRA, together
     base_groups: float  # ... and in the same groups, one after another
+    torch_together: float | None = None
+    torch_one_at_a_time: float | None = None
 
     @property
     def ratio(self) -> float:
         return self.one_at_a_time / self.together
+
+    @property
+    def torch_ratio(self) -> float | None:
+        if self.torch_together is None or self.torch_one_at_a_time is None:
+            return None
+        return self.torch_one_at_a_time / self.torch_together
 
     @property
     def ceiling(self) -> float:
@@ -282,13 +331,18 @@ def throughput(
     rows = [throughput_one(a, n, model, mcfg, names, lora, ecfg, clock) for n in a.per_adapter]
     print(
         f"\nthroughput table: {N_ADAPTERS} adapters x n requests, together vs one adapter at a time "
-        f"(target >= {THROUGHPUT_TARGET}x); ceiling: the same on the base model without LoRA"
+        f"(target >= {THROUGHPUT_TARGET}x), {rows[0].kernel} LoRA; ceiling: the same on the base model "
+        f"without LoRA; load {os.getloadavg()[0]:.1f}"
     )
-    print(f"  {'n':>3} {'together s':>11} {'one-at-a-time s':>16} {'ratio':>7} {'result':>6} {'ceiling':>8}")
+    print(
+        f"  {'n':>3} {'together s':>11} {'one-at-a-time s':>16} {'ratio':>7} {'result':>6} {'ceiling':>8}"
+        f" {'torch LoRA ratio':>17}"
+    )
     for r in rows:
+        tr = r.torch_ratio
         print(
             f"  {r.per_adapter:>3} {r.together:>11.2f} {r.one_at_a_time:>16.2f} {r.ratio:>6.2f}x "
-            f"{'PASS' if r.passed else 'FAIL':>6} {r.ceiling:>7.2f}x"
+            f"{'PASS' if r.passed else 'FAIL':>6} {r.ceiling:>7.2f}x {'-' if tr is None else f'{tr:.2f}x':>17}"
         )
     return rows
 
@@ -304,16 +358,16 @@ def throughput_one(
     clock: Callable[[], float],
 ) -> ThroughputRow:
     """Part 2 with ``n`` requests per adapter: 8 adapters served together vs one adapter at a
-    time; and, as the ceiling any adapter implementation can reach on this host, the same
-    requests on the base model without LoRA served together vs in the same groups (what batching
-    8x more requests per step gains)."""
+    time (on each LoRA path of ``--lora-kernel``); and, as the ceiling any adapter
+    implementation can reach on this host, the same requests on the base model without LoRA
+    served together vs in the same groups (what batching 8x more requests per step gains)."""
     tp = prompts(N_ADAPTERS * n, a.context, mcfg.vocab_size, 1)
     reqs = [(tp[i], names[i // n]) for i in range(N_ADAPTERS * n)]
     base_reqs = [(p, "") for p, _ in reqs]
 
-    def run(lc: LoRAConfig | None, rs: list[tuple[list[int], str]], grouped: bool) -> float:
+    def run(lc: LoRAConfig | None, rs: list[tuple[list[int], str]], grouped: bool, torch_lora: bool) -> float:
         """One timed run on a fresh engine (no prefix cache from another run), after a warm-up."""
-        eng = LLMEngine.from_pretrained(model, ecfg, lora=lc)
+        eng = make_engine(model, ecfg, lc, torch_lora)
         run_all(eng, rs[:n], 4)
         t0 = clock()
         if grouped:  # each group (adapter) to completion before the next starts
@@ -325,48 +379,66 @@ def throughput_one(
         eng.close()
         return took
 
-    # the four runs interleaved, in a rotating order, ``--repeats`` times: load changes on a shared
+    # the runs interleaved, in a rotating order, ``--repeats`` times: load changes on a shared
     # host then hit them alike; medians
-    runs = {
-        "together": (lora, reqs, False),
-        "one at a time": (lora, reqs, True),
-        "base together": (None, base_reqs, False),
-        "base groups": (None, base_reqs, True),
-    }
+    runs: dict[str, tuple[LoRAConfig | None, list[tuple[list[int], str]], bool, bool]] = {}
+    for tl in kernels(a.lora_kernel):
+        sfx = TORCH if tl else ""
+        runs["together" + sfx] = (lora, reqs, False, tl)
+        runs["one at a time" + sfx] = (lora, reqs, True, tl)
+    runs["base together"] = (None, base_reqs, False, False)
+    runs["base groups"] = (None, base_reqs, True, False)
     times: dict[str, list[float]] = {k: [] for k in runs}
     keys = list(runs)
     for r in range(a.repeats):
         for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
             times[k].append(run(*runs[k]))
     med = {k: statistics.median(v) for k, v in times.items()}
-    row = ThroughputRow(n, med["together"], med["one at a time"], med["base together"], med["base groups"])
-    together, one_at_a_time = row.together, row.one_at_a_time
+    first = "" if a.lora_kernel != "torch" else TORCH
+    both = a.lora_kernel == "both"
+    row = ThroughputRow(
+        n,
+        "torch" if first else "native",
+        med["together" + first],
+        med["one at a time" + first],
+        med["base together"],
+        med["base groups"],
+        med["together" + TORCH] if both else None,
+        med["one at a time" + TORCH] if both else None,
+    )
     toks = N_ADAPTERS * n * a.gen
     print(
         f"\nthroughput, {N_ADAPTERS} adapters x {n} requests, prompt {a.context}, {a.gen} output tokens each "
-        f"(median of {a.repeats} interleaved runs):"
+        f"(median of {a.repeats} interleaved runs; load {os.getloadavg()[0]:.1f}):"
     )
-    print(f"  together (one engine, mixed batches)  {together:7.2f} s  {toks / together:8.1f} tok/s")
-    print(
-        f"  one adapter at a time                 {one_at_a_time:7.2f} s  {toks / one_at_a_time:8.1f} tok/s"
-    )
-    print(
-        f"  together / one at a time = {row.ratio:.2f}x  (target >= {THROUGHPUT_TARGET}) "
-        f"{'PASS' if row.passed else 'FAIL'}"
-    )
+    for tl in kernels(a.lora_kernel):
+        sfx = TORCH if tl else ""
+        together, one = med["together" + sfx], med["one at a time" + sfx]
+        kind = "torch" if tl else "native"
+        ratio = one / together
+        print(
+            f"  {kind} LoRA: together (one engine, mixed batches) {together:7.2f} s {toks / together:8.1f} tok/s"
+        )
+        print(f"  {kind} LoRA: one adapter at a time               {one:7.2f} s {toks / one:8.1f} tok/s")
+        print(
+            f"  {kind} LoRA: together / one at a time = {ratio:.2f}x  (target >= {THROUGHPUT_TARGET}) "
+            f"{'PASS' if ratio >= THROUGHPUT_TARGET else 'FAIL'}"
+        )
+        per = ", ".join(
+            f"{g / t:.2f}" for g, t in zip(times["one at a time" + sfx], times["together" + sfx], strict=True)
+        )
+        print(
+            f"  {kind} LoRA: per repeat {per}; cost: together {together / row.base_together:.3f}x the base "
+            f"model's time, one at a time {one / row.base_groups:.3f}x"
+        )
     print(
         f"  ceiling on this host, base model without LoRA, same groups: together {row.base_together:.2f} s, "
         f"groups of {n} {row.base_groups:.2f} s = {row.ceiling:.2f}x"
     )
-    per = ", ".join(f"{g / t:.2f}" for g, t in zip(times["one at a time"], times["together"], strict=True))
     base_per = ", ".join(
         f"{g / t:.2f}" for g, t in zip(times["base groups"], times["base together"], strict=True)
     )
-    print(f"  per repeat: LoRA {per}; base {base_per}")
-    print(
-        f"  LoRA cost: together {together / row.base_together:.3f}x the base model's time, "
-        f"one at a time {one_at_a_time / row.base_groups:.3f}x"
-    )
+    print(f"  per repeat: base {base_per}")
     return row
 
 
