@@ -11,9 +11,7 @@ import pytest
 from router.policy import (
     ClusterView,
     GlobalCacheAwarePolicy,
-    InstanceRole,
     InstanceSnapshot,
-    LinearLatency,
     LocalCacheAwarePolicy,
     ManualClock,
     Placement,
@@ -21,10 +19,8 @@ from router.policy import (
 )
 from router.policy.adapter_cost import AdapterTiers, adapter_ready_s, affinity_order, slot_wait_s
 from router.policy.view import adapter_load_time
-
-M = InstanceRole.MIXED
-MS = 1e-3
-SLOT, DISK = 10 * MS, 200 * MS  # measured host -> slot copy, disk -> host read
+from tests import policy_fakes as fakes
+from tests.policy_fakes import DISK, SLOT, lat  # measured host -> slot copy, disk -> host read
 
 
 def tiers(**kw) -> AdapterTiers:
@@ -79,35 +75,9 @@ def test_bad_report_values_are_refused_naming_the_field(field: str, value: float
 
 
 # ----------------------------------------------------------------------------- placement
-def lat() -> LinearLatency:
-    return LinearLatency(
-        kv_bytes_per_token=1000,
-        prefill_base_s=0.0,
-        prefill_per_token_s=MS,
-        prefill_per_token_ctx_s=0.0,
-        decode_base_s=10 * MS,
-        decode_per_seq_s=MS,
-        decode_per_ctx_token_s=0.0,
-        transfer_latency_s=0.0,
-        transfer_bandwidth=1e9,
-    )
-
-
-def snap(i: str, q: int = 0, running: int = 0, slot=(), host=(), **kw) -> InstanceSnapshot:
-    return InstanceSnapshot(
-        i,
-        M,
-        queued_tokens=q,
-        running_requests=running,
-        free_blocks=1000,
-        total_blocks=1000,
-        adapters_in_slot=frozenset(slot),
-        adapters_in_host=frozenset(host),
-        adapter_slot_load_s=SLOT,
-        adapter_disk_load_s=DISK,
-        adapter_slots=2,
-        **kw,
-    )
+def snap(i: str, **kw) -> InstanceSnapshot:
+    """A mixed instance with 2 adapter slots (tests.policy_fakes.snap)."""
+    return fakes.snap(i, adapter_slots=2, **kw)
 
 
 def req(adapter: str, n: int = 100) -> RequestInfo:

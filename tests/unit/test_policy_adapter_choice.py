@@ -25,52 +25,19 @@ from router.policy import (
     GoodputConfig,
     InstanceRole,
     InstanceSnapshot,
-    LinearLatency,
     LocalCacheAwarePolicy,
     ManualClock,
-    Placement,
     RequestInfo,
 )
 from router.policy.decode_side import adapter_starts, first_least
 from router.policy.placement import tie_break
-
-P, D, M = InstanceRole.PREFILL, InstanceRole.DECODE, InstanceRole.MIXED
-MS = 1e-3
-KEYS = [bytes([i]) * 8 for i in range(64)]
-SLOT, DISK = 10 * MS, 200 * MS
+from tests import policy_fakes as fakes
+from tests.policy_fakes import DISK, KEYS, MS, SLOT, D, M, P, lat, placed
 
 
-def lat() -> LinearLatency:
-    return LinearLatency(
-        kv_bytes_per_token=1000,
-        prefill_base_s=0.0,
-        prefill_per_token_s=MS,
-        prefill_per_token_ctx_s=0.0,
-        decode_base_s=10 * MS,
-        decode_per_seq_s=MS,
-        decode_per_ctx_token_s=0.0,
-        transfer_latency_s=0.0,
-        transfer_bandwidth=1e9,
-    )
-
-
-def snap(
-    i: str, role: InstanceRole = M, q: int = 0, running: int = 0, free: int = 1000, slot=(), host=(), cached=0
-) -> InstanceSnapshot:
-    return InstanceSnapshot(
-        i,
-        role,
-        queued_tokens=q,
-        running_requests=running,
-        free_blocks=free,
-        total_blocks=1000,
-        cached=frozenset(KEYS[:cached]),
-        adapters_in_slot=frozenset(slot),
-        adapters_in_host=frozenset(host),
-        adapter_slot_load_s=SLOT,
-        adapter_disk_load_s=DISK,
-        adapter_slots=4,
-    )
+def snap(i: str, role: InstanceRole = M, **kw) -> InstanceSnapshot:
+    """An instance with 4 adapter slots (tests.policy_fakes.snap)."""
+    return fakes.snap(i, role, adapter_slots=4, **kw)
 
 
 def req(adapter: str = "", n: int = 100, out: int = 10, rid: str = "r") -> RequestInfo:
@@ -80,11 +47,6 @@ def req(adapter: str = "", n: int = 100, out: int = 10, rid: str = "r") -> Reque
 def goodput(**cfg) -> GoodputAwarePolicy:
     cfg.setdefault("price_handoff", False)
     return GoodputAwarePolicy(clock=ManualClock(), latency=lat(), config=GoodputConfig(**cfg))
-
-
-def placed(d) -> Placement:
-    assert isinstance(d, Placement), d
-    return d
 
 
 # ----------------------------------------------------------------------------- 1. goodput

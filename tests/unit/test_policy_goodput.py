@@ -1,7 +1,8 @@
 """Goodput-aware placement on hand-built cluster states with a fake clock (pure, no simulator).
 
-The latency model is exact arithmetic: prefill 1 ms per new token, decode step 10 ms + 1 ms per
-request in the batch, transfer 1000 bytes/token at ``bw`` bytes/s; token budget 2048.
+The latency model is exact arithmetic (tests.policy_fakes): prefill 1 ms per new token, decode
+step 10 ms + 1 ms per request in the batch, transfer 1000 bytes/token at ``bw`` bytes/s; token
+budget 2048 (InstanceSnapshot's default).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from router.policy import (
     ColocatedPolicy,
     GoodputAwarePolicy,
     GoodputConfig,
-    InstanceRole,
     InstanceSnapshot,
     LinearLatency,
     ManualClock,
@@ -30,40 +30,7 @@ from router.policy import (
     RequestInfo,
     make_policy,
 )
-
-P, D, M = InstanceRole.PREFILL, InstanceRole.DECODE, InstanceRole.MIXED
-KEYS = [bytes([i]) * 8 for i in range(64)]
-MS = 1e-3
-
-
-def lat(bw: float = 1e9) -> LinearLatency:
-    return LinearLatency(
-        kv_bytes_per_token=1000,
-        prefill_base_s=0.0,
-        prefill_per_token_s=MS,
-        prefill_per_token_ctx_s=0.0,
-        decode_base_s=10 * MS,
-        decode_per_seq_s=MS,
-        decode_per_ctx_token_s=0.0,
-        transfer_latency_s=0.0,
-        transfer_bandwidth=bw,
-    )
-
-
-def snap(
-    i: str, role: InstanceRole, q: int = 0, cached: int = 0, free: int = 1000, running: int = 0
-) -> InstanceSnapshot:
-    return InstanceSnapshot(
-        i,
-        role,
-        queued_tokens=q,
-        running_requests=running,
-        free_blocks=free,
-        total_blocks=1000,
-        block_size=16,
-        token_budget=2048,
-        cached=frozenset(KEYS[:cached]),
-    )
+from tests.policy_fakes import KEYS, MS, D, M, P, lat, placed, rejected, snap
 
 
 def req(
@@ -94,16 +61,6 @@ def policy(clock: ManualClock | None = None, bw: float = 1e9, **cfg) -> GoodputA
     # left out unless a test asks for it (test_handoff_* below)
     cfg.setdefault("price_handoff", False)
     return GoodputAwarePolicy(clock=clock or ManualClock(), latency=lat(bw), config=GoodputConfig(**cfg))
-
-
-def placed(d: Placement | Rejection) -> Placement:
-    assert isinstance(d, Placement), d
-    return d
-
-
-def rejected(d: Placement | Rejection) -> Rejection:
-    assert isinstance(d, Rejection), d
-    return d
 
 
 # ---------------------------------------------------------------- prefill choice (Conductor)
