@@ -25,6 +25,7 @@ from simulator.config import (
     sarathi_scheduler,
     vllm_scheduler,
 )
+from simulator.kv_store import SimKVStoreConfig
 from simulator.latency import DistServeEngine, LatencySource, LatencySpec
 from simulator.offload import SimOffloadConfig
 from simulator.workload import WORKLOAD_NAMES, RateSource, named_workload
@@ -143,6 +144,41 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-disk-gbs", type=float, default=3.0, help="disk -> device read, GB/s")
 
 
+def _store_args(p: argparse.ArgumentParser) -> None:
+    """The cluster's KV store with an SSD tier (simulator.kv_store)."""
+    p.add_argument(
+        "--kv-store-blocks",
+        type=int,
+        default=0,
+        help="KV store DRAM capacity in KV blocks: prefills publish prompts, the router fetches from it (0: no store)",
+    )
+    p.add_argument(
+        "--kv-store-disk-blocks",
+        type=int,
+        default=0,
+        help="the store's SSD tier in KV blocks (0: none, -1: unlimited)",
+    )
+    p.add_argument("--kv-store-disk-gbs", type=float, default=3.0, help="the SSD tier's read bandwidth, GB/s")
+
+
+def _store_config(a: argparse.Namespace) -> SimKVStoreConfig | None:
+    """``--kv-store-*`` -> ``SimKVStoreConfig`` (None without ``--kv-store-blocks``); ValueError naming the flag."""
+    n = getattr(a, "kv_store_blocks", 0)
+    disk = getattr(a, "kv_store_disk_blocks", 0)
+    gbs = getattr(a, "kv_store_disk_gbs", 3.0)
+    if not n:
+        if disk or gbs != 3.0:
+            raise ValueError("--kv-store-disk-blocks / --kv-store-disk-gbs need --kv-store-blocks")
+        return None
+    if n < 0:
+        raise ValueError(f"--kv-store-blocks must be >= 0, got {n}")
+    if disk < -1:
+        raise ValueError(f"--kv-store-disk-blocks must be >= 0 or -1 (unlimited), got {disk}")
+    if not (math.isfinite(gbs) and gbs > 0):
+        raise ValueError(f"--kv-store-disk-gbs must be > 0, got {gbs}")
+    return SimKVStoreConfig(n, None if disk == -1 else disk, gbs)
+
+
 def _offload_config(a: argparse.Namespace) -> SimOffloadConfig | None:
     """The offloading flags -> ``SimOffloadConfig`` (None when no budget is set; bandwidth flags
     alone are refused); ValueError naming the flag."""
@@ -208,6 +244,7 @@ def _cluster(a: argparse.Namespace, lat: LatencySpec) -> ClusterConfig:
     kw["dispatch_overhead_s"] = getattr(a, "dispatch_overhead_ms", 0.0) / 1e3
     kw["adapters"] = _adapter_config(a)
     kw["offload"] = _offload_config(a)
+    kw["kv_store"] = _store_config(a)
     probe = ClusterConfig(lat, (), **kw)
     n = probe.model_len
     mixed_sched = (
@@ -326,6 +363,12 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         print(format_summary(s))
         if cluster.adapters is not None:
             print(_adapter_totals(res))
+        if res.store is not None:
+            st = res.store
+            print(
+                f"kv store: {st.fetches} fetches, {st.fetched_blocks} blocks ({st.disk_blocks_read} read from "
+                f"its disk tier), {st.fetch_s:.2f} s of fetch time"
+            )
         if out:
             res.write_csv(out / "requests.csv")
             (out / "summary.json").write_text(
@@ -691,6 +734,7 @@ def register(subparsers) -> None:
     )
     _adapter_args(s)
     _offload_args(s)
+    _store_args(s)
     s.add_argument("--rate", type=float, default=None, help="rescale the workload to this mean rate (req/s)")
     s.add_argument("--rates", default=None, help="comma-separated rates: attainment sweep and plots")
     s.add_argument("--goodput", action="store_true", help="also binary-search goodput")

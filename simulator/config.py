@@ -19,6 +19,7 @@ from engine.scheduler import SchedulerConfig
 from router.policy import SLO, InstanceRole, PolicyKind
 from simulator.adapters import AdapterConfig
 from simulator.hardware import gpu_spec
+from simulator.kv_store import SimKVStoreConfig
 from simulator.latency import LatencySpec, make_latency_model
 from simulator.migration import SimMigrationConfig
 from simulator.models import MODELS, model_spec
@@ -167,6 +168,10 @@ class ClusterConfig:
     # and KV placed on device / host / disk by the engine's cost model (engine.offload_policy),
     # the freed device memory going to KV blocks, each step priced by its predict_step_s. None: off.
     offload: SimOffloadConfig | None = None
+    # The cluster's KV store with its SSD tier (issue #15 part 3, simulator.kv_store): prefills
+    # publish their prompts' blocks; the router sees each prompt's stored prefix and its disk
+    # part and prices a fetch with its own TtftTable.store_fetch. None: no store.
+    kv_store: SimKVStoreConfig | None = None
 
     def __post_init__(self) -> None:
         if self.adapters is not None and self.migration is not None:
@@ -184,6 +189,11 @@ class ClusterConfig:
             raise ValueError("swap_disk_gib needs swap_space_gib (the disk tier sits behind the swap pool)")
         if not (self.swap_gb_s > 0 and math.isfinite(self.swap_gb_s)):
             raise ValueError(f"swap_gb_s must be > 0, got {self.swap_gb_s}")
+        if self.kv_store is not None and not self.cache.enable_prefix_caching:
+            raise ValueError(
+                "kv_store without prefix caching: blocks fetched from the store land in the instances' prefix "
+                "caches (set cache.enable_prefix_caching)"
+            )
         if self.offload is not None:
             self._check_offload(self.offload)
 

@@ -75,6 +75,7 @@ class SimResult:
     num_gpus: int = 0
     num_events: int = 0  # discrete events the loop ran
     migrations: list[Any] = field(default_factory=list)  # simulator.migration.MigrationRecord, in start order
+    store: Any = None  # simulator.kv_store.SimKVStoreStats with ClusterConfig.kv_store, else None
 
     def __len__(self) -> int:
         return len(self.records)

@@ -23,12 +23,21 @@ import math
 import struct
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from engine.block_hash import BlockHash
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from pdserve.errors import InvalidRequestError
-from router.policy import ClusterView, InstanceRole, PlacementPolicy, Rejection, RequestInfo, make_policy
+from router.policy import (
+    STORE_SOURCE,
+    ClusterView,
+    InstanceRole,
+    PlacementPolicy,
+    Rejection,
+    RequestInfo,
+    make_policy,
+)
 from router.policy import migration as mig_policy
 from router.policy.kv_stream import handoff_after_prefill
 from router.policy.migration import MigrationDecision, MigrationReason
@@ -36,6 +45,7 @@ from simulator.adapters import AdapterResidency, adapter_index
 from simulator.config import ClusterConfig, HostPool, SimConfig
 from simulator.events import EventLoop
 from simulator.instance import DUMMY_TOKEN, SimInstance, StepReport
+from simulator.kv_store import SimKVStore
 from simulator.latency import LatencyModel
 from simulator.metrics import RequestRecord, SimResult
 from simulator.migration import MigrationRecord, MigrationResult, decode_load, defrag_decisions
@@ -116,6 +126,7 @@ class Simulation:
             num_gpus=self.cluster.num_gpus,
             num_events=run.loop.num_events,
             migrations=run.migrations,
+            store=run.store.stats if run.store is not None else None,
         )
 
 
@@ -144,6 +155,12 @@ class _Run:
         lat = (pool or self.instances)[0].latency
         self.policy = policy_factory(self.loop, lat, cluster)
         self.block_size = cluster.block_size
+        # the cluster's KV store (ClusterConfig.kv_store): DRAM + SSD tier, priced by the router
+        self.store = (
+            SimKVStore(cluster.kv_store, cluster.block_size * lat.kv_bytes_per_token)
+            if cluster.kv_store is not None
+            else None
+        )
         self.use_trace_keys = (
             cluster.cache.enable_prefix_caching or cluster.cache.host_pool is not HostPool.NONE
         )
@@ -375,6 +392,16 @@ class _Run:
             return
         hashes = self._keys(w)
         info = RequestInfo(rid, w.input_len, hashes, w.output_len, self.slo, now, adapter=w.adapter)
+        store = self.store
+        if store is not None and hashes:
+            hit = store.prefix(hashes)
+            if hit.blocks:
+                info = replace(
+                    info,
+                    store_prefix_blocks=hit.blocks,
+                    store_prefix_disk_blocks=hit.disk,
+                    store_disk_block_s=store.disk_block_s,
+                )
         d = self.policy.place(info, self.view)
         if isinstance(d, Rejection):
             rec.rejected = d.reason.value
@@ -397,7 +424,10 @@ class _Run:
             local = inst.cached_prefix_blocks(hashes)
             extra = d.fetch_blocks - local
             if extra > 0:
-                dt = inst.latency.transfer_time(extra * self.block_size * inst.latency.kv_bytes_per_token)
+                if d.fetch_from == STORE_SOURCE and self.store is not None:  # disk reads first
+                    dt = self.store.fetch_s(inst.latency, hashes, local, d.fetch_blocks, self.block_size)
+                else:
+                    dt = inst.latency.transfer_time(extra * self.block_size * inst.latency.kv_bytes_per_token)
                 rec.fetched_blocks = extra
                 rec.transfer_s += dt
                 self.loop.after(dt + delay, self._submit, inst, req, rec, d.fetch_blocks)
@@ -438,6 +468,8 @@ class _Run:
                 x.cached_tokens = max(r.num_cached_tokens, 0)
                 if host is not None:
                     host.add(r.block_hashes[: r.num_prompt_tokens // self.block_size])
+                if self.store is not None and inst.role is not InstanceRole.DECODE:
+                    self.store.publish(r.block_hashes[: r.num_prompt_tokens // self.block_size])
                 if t - x.arrival > ttft_slo:
                     self._violation(x.request_id)
         for r in rep.done:
