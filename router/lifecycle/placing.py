@@ -18,11 +18,11 @@ from engine.sampling_params import SamplingParams
 from kv_store.index import locate_prefix_tiers
 from pdserve.errors import ResourceExhaustedError, UnavailableError
 from pdserve.metrics import tpot_of
-from pdserve.tracing import log_event
 from pdserve.v1 import client_pb2, common_pb2
 from router.adapters import AdapterCatalog, prefer_adapter
 from router.cluster_view import first_block_size
 from router.failover import Redispatches
+from router.feedback_log import FeedbackLog
 from router.health import needed_kinds
 from router.lifecycle.grpc_calls import gone
 from router.policy import (
@@ -31,7 +31,6 @@ from router.policy import (
     GoodputAwarePolicy,
     InstanceRole,
     Observation,
-    Phase,
     Placement,
     Rejection,
     RejectReason,
@@ -53,6 +52,7 @@ _ROLES = {WorkerKind.DECODE: InstanceRole.DECODE, WorkerKind.PREFILL: InstanceRo
 class Placer:
     def __init__(self, svc: GenerateServicer) -> None:
         self.svc = svc
+        self.feedback_log = FeedbackLog()
 
     def worker(self, worker_id: str | None, kind: WorkerKind) -> WorkerEntry:
         w = self.svc.registry.get(worker_id) if worker_id else None
@@ -253,15 +253,4 @@ class Placer:
             )
         )
         if isinstance(policy, GoodputAwarePolicy):
-            c, acc = policy.corrected, policy.lengths.online
-            log_event(
-                log,
-                "policy feedback",
-                ttft_factor=round(c.factor(Phase.TTFT), 4),
-                tpot_factor=round(c.factor(Phase.TPOT), 4),
-                ttft_samples=c.samples(Phase.TTFT),
-                tpot_samples=c.samples(Phase.TPOT),
-                length_samples=policy.lengths.num_samples,
-                length_mae=round(acc.mae, 2) if acc.n else None,
-                length_within_2x=round(acc.within_2x, 3) if acc.n else None,
-            )
+            self.feedback_log.offer(policy)  # at most one line per second (router.feedback_log)
