@@ -5,8 +5,9 @@ part of the weights and/or KV off the device, priced by the engine's own cost mo
 Each row is one instance configuration (``simulator.offload.SimOffloadConfig``): where the
 placement put the weights (layers on host / disk) and the KV (layers in the host pool), the KV
 pool it leaves (blocks: weight offloading frees device memory for KV, ``kv_host_gib`` grows the
-pool), the predicted decode step of a ``--batch``-request batch at ``--prompt`` context (the plan's
-``step_s``: the cost model with the latency model's compute) and the I/O bound of that step (the
+pool), ``max_num_seqs`` (``--batch``, or with ``offline_batch`` the cost model's choice under it,
+``EngineConfig.offline_batch``), the predicted decode step of a batch that size at ``--prompt``
+context (the plan's ``step_s``: the cost model with the latency model's compute) and the I/O bound of that step (the
 bytes it copies over the bandwidths, overlap ignored), then the simulated offline job:
 ``--requests`` requests arriving at once (``--prompt`` tokens in, ``--output`` out, vLLM-style
 scheduler, ``max_num_seqs`` ``--batch``): output tokens/s over the job's simulated time and the
@@ -17,7 +18,7 @@ the copies added (``instance_stats`` ``offload_s``). Llama-2-70B does not fit on
 Deterministic (no wall-clock figure); bandwidths ``--host-gbs`` (PCIe 4.0 x16) and ``--disk-gbs``
 (one NVMe SSD) are assumptions, not measurements.
 
-Usage: python bench/sim_offload.py [--requests 256] [--batch 64] [--prompt 512] [--output 128]
+Usage: python bench/sim_offload.py [--requests 512] [--batch 256] [--prompt 512] [--output 128]
 """
 
 from __future__ import annotations
@@ -49,8 +50,13 @@ class Row:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--requests", type=int, default=256, help="requests of the offline job (default 256)")
-    p.add_argument("--batch", type=int, default=64, help="max_num_seqs of the instance (default 64)")
+    p.add_argument("--requests", type=int, default=512, help="requests of the offline job (default 512)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=256,
+        help="max_num_seqs of the instance (default 256; the offline batch's bound)",
+    )
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens per request (default 512)")
     p.add_argument("--output", type=int, default=128, help="output tokens per request (default 128)")
     p.add_argument("--host-gbs", type=float, default=25.0, help="host -> device bandwidth, GB/s (default 25)")
@@ -73,6 +79,9 @@ def rows(host: float, disk: float) -> list[Row]:
             "llama-2-7b",
             o(weight_budget_gib=0.25 * w7, weight_host_gib=1.0),
         ),
+        Row(
+            "weights 50% off, offline batch", "llama-2-7b", o(weight_budget_gib=0.5 * w7, offline_batch=True)
+        ),
         Row("KV host pool 64 GiB", "llama-2-7b", o(kv_host_gib=64.0)),
         Row("resident", "llama-2-70b", None),
         Row("weights: 40 GiB on device", "llama-2-70b", o(weight_budget_gib=40.0)),
@@ -80,6 +89,11 @@ def rows(host: float, disk: float) -> list[Row]:
             "weights: 40 GiB device, 32 GiB host (rest disk)",
             "llama-2-70b",
             o(weight_budget_gib=40.0, weight_host_gib=32.0),
+        ),
+        Row(
+            "weights: 40 GiB on device, offline batch",
+            "llama-2-70b",
+            o(weight_budget_gib=40.0, offline_batch=True),
         ),
     ]
 
@@ -104,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "| model | config | weights off (host/disk layers) | KV layers off | pool blocks | "
-        f"pred. decode step @{a.batch} | I/O bound | tok/s | vs resident | TPOT mean | preempt. | copies/busy |"
+        "max_num_seqs | pred. decode step (compute) | I/O bound | tok/s | vs resident | TPOT mean | preempt. | "
+        "copies/busy |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     resident: dict[str, float] = {}
     for r in rows(a.host_gbs, a.disk_gbs):
         spec = LatencySpec(r.model, "a100")
@@ -117,15 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             if not c.fits(g):
                 raise ValueError(f"{r.model} does not fit on one A100 (no room for KV)")
         except ValueError as e:
-            print(f"| {r.model} | {r.name} | refused: {e} |||||||||| ")
+            print(f"| {r.model} | {r.name} | refused: {e} ||||||||||| ")
             continue
         plan = c.offload_plan(g)
         lat = c.latency_model(1)
-        base = lat.decode_time(a.batch, a.batch * a.prompt)
-        held = a.batch * -(-a.prompt // c.block_size)
+        seqs = c.scheduler_for(g).max_num_seqs  # the offline batch's choice where set
+        base = lat.decode_time(seqs, seqs * a.prompt)
+        held = seqs * -(-a.prompt // c.block_size)
         if plan is not None:
-            step = plan.step_s(base, held, a.batch)
-            bound = io_bound_s(plan, held, a.batch)
+            step = plan.step_s(base, held, seqs)
+            bound = io_bound_s(plan, held, seqs)
             tiers = plan.weights
             hl = sum(1 for t in tiers.tiers if t.value == "host")
             dl = sum(1 for t in tiers.tiers if t.value == "disk")
@@ -141,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         tpot = res.summary()["tpot_mean"]
         copies = st.get("offload_s", 0.0) / st["busy_s"] if st["busy_s"] else 0.0
         print(
-            f"| {r.model} | {r.name} | {w_off} | {kv_off} | {c.kv_blocks_for(g)} | {step * 1e3:.1f} ms "
+            f"| {r.model} | {r.name} | {w_off} | {kv_off} | {c.kv_blocks_for(g)} | {seqs} | {step * 1e3:.1f} ms "
             f"(compute {base * 1e3:.1f}) | {bound * 1e3:.1f} ms | {tps:.0f} | {ratio} | {tpot * 1e3:.1f} ms | "
             f"{st['preemptions']} | {copies:.2f} |"
         )

@@ -140,6 +140,11 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="weights + KV device memory, split by the cost model (needs --kv-blocks)",
     )
+    p.add_argument(
+        "--offline-batch",
+        action="store_true",
+        help="max_num_seqs = the cost model's offline batch for the offloaded weights (needs --weight-budget-gib)",
+    )
     p.add_argument("--offload-host-gbs", type=float, default=25.0, help="host -> device copy, GB/s")
     p.add_argument("--offload-disk-gbs", type=float, default=3.0, help="disk -> device read, GB/s")
 
@@ -185,14 +190,17 @@ def _offload_config(a: argparse.Namespace) -> SimOffloadConfig | None:
     kw = {f: getattr(a, d, None) for d, f in _OFFLOAD_FLAGS.items()}
     host = getattr(a, "offload_host_gbs", 25.0)
     disk = getattr(a, "offload_disk_gbs", 3.0)
+    offline = bool(getattr(a, "offline_batch", False))
     if all(v is None for v in kw.values()):
+        if offline:
+            raise ValueError("--offline-batch needs --weight-budget-gib (or --device-budget-gib)")
         if host != 25.0 or disk != 3.0:
             raise ValueError(
                 "--offload-host-gbs / --offload-disk-gbs need an offloading budget (--weight-budget-gib, ...)"
             )
         return None
     try:
-        return SimOffloadConfig(**kw, host_gb_s=host, disk_gb_s=disk)
+        return SimOffloadConfig(**kw, host_gb_s=host, disk_gb_s=disk, offline_batch=offline)
     except ValueError as e:
         raise ValueError(_flag_names(str(e))) from None
 
@@ -201,7 +209,7 @@ def _flag_names(msg: str) -> str:
     """``msg`` with SimOffloadConfig's field names as ``pdserve simulate``'s flags."""
     for d, f in _OFFLOAD_FLAGS.items():
         msg = msg.replace(f, "--" + d.replace("_", "-"))
-    msg = msg.replace("ClusterConfig.kv_blocks", "--kv-blocks")
+    msg = msg.replace("ClusterConfig.kv_blocks", "--kv-blocks").replace("offline_batch", "--offline-batch")
     return msg.replace("host_gb_s", "--offload-host-gbs").replace("disk_gb_s", "--offload-disk-gbs")
 
 
@@ -339,6 +347,12 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     for g, plan in zip([g for g in cluster.groups if g.count], plans, strict=True):
         if plan is not None:
             print(f"{g.role.value}: {plan.describe()}")
+            choice = cluster.offline_batch_for(g)
+            if choice is not None:
+                print(
+                    f"{g.role.value}: offline batch {choice.batch_size} sequences (predicted step "
+                    f"{choice.step_s * 1e3:.1f} ms, {choice.seqs_per_s:.0f} seq/s)"
+                )
     if a.rates:
         rates = [float(x) for x in a.rates.split(",")]
         curve = []

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from engine.scheduler import SchedulerConfig
+from engine.offload_policy import BatchChoice
+from engine.scheduler import SchedulerConfig, SchedulingPolicy
 from router.policy import SLO, InstanceRole, PolicyKind
 from simulator.adapters import AdapterConfig
 from simulator.hardware import gpu_spec
@@ -206,6 +207,17 @@ class ClusterConfig:
         tp = sorted({g.tp for g in self.groups if g.tp > 1})
         if tp:
             raise ValueError(f"offload is not supported with tensor parallelism (tp {tp}), as in the engine")
+        if o.offline_batch:
+            mlfq = [
+                g.role.value
+                for g in self.groups
+                if g.count and self._scheduler(g).policy is SchedulingPolicy.MLFQ
+            ]
+            if mlfq:
+                raise ValueError(
+                    f"offline_batch with the MLFQ scheduling policy ({', '.join(mlfq)} instances): an offline job "
+                    "is not interactive, as in the engine"
+                )
         weights = o.weight_budget_gib is not None or o.device_budget_gib is not None
         if weights and self.adapters is not None:
             raise ValueError(
@@ -222,7 +234,7 @@ class ClusterConfig:
         m = model_spec(self.latency.model)
         g = gpu_spec(self.latency.gpu)
         usable = group.tp * (g.memory_bytes * self.gpu_memory_utilization - self.activation_reserve_bytes)
-        seqs = self.scheduler_for(group).max_num_seqs
+        seqs = self._scheduler(group).max_num_seqs
         decode = (
             self.latency_model(group.tp).decode_time(seqs, seqs) if self.offload.device_budget_gib else 0.0
         )
@@ -250,6 +262,29 @@ class ClusterConfig:
         return 8192
 
     def scheduler_for(self, group: InstanceGroup) -> SchedulerConfig:
+        """The scheduler of ``group``'s instances: its own or the role's default, with
+        ``offload.offline_batch`` its ``max_num_seqs`` the cost model's offline batch
+        (:meth:`offline_batch_for`)."""
+        s = self._scheduler(group)
+        if self.offload is not None and self.offload.offline_batch:
+            choice = self.offline_batch_for(group)
+            if choice is not None:
+                return replace(s, max_num_seqs=choice.batch_size)
+        return s
+
+    def offline_batch_for(self, group: InstanceGroup) -> BatchChoice | None:
+        """``EngineConfig.offline_batch``'s choice for ``group`` (None without it): bounded by the
+        scheduler's ``max_num_seqs`` and the pool's blocks, as ``engine.offload.apply_offline_batch``;
+        each sequence's compute from the latency model's decode step at that bound."""
+        if self.offload is None or not self.offload.offline_batch:
+            return None
+        plan = self.offload_plan(group)
+        assert plan is not None
+        bound = max(1, min(self._scheduler(group).max_num_seqs, plan.num_blocks))
+        per_seq = self.latency_model(group.tp).decode_time(bound, bound) / bound
+        return plan.offline_batch(bound, per_seq)
+
+    def _scheduler(self, group: InstanceGroup) -> SchedulerConfig:
         if group.scheduler is not None:
             return group.scheduler
         n = self.model_len

@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass
 
 from engine.offload_policy import (
+    BatchChoice,
     KVPlacement,
     OffloadCostModel,
     OffloadPolicyError,
@@ -42,6 +43,7 @@ from engine.offload_policy import (
     WeightTier,
     kv_placement,
     kv_step_cost,
+    pick_offline_batch_size,
     place_kv,
     place_weights,
     predict_step_s,
@@ -62,7 +64,9 @@ class SimOffloadConfig:
 
     Refused (ValueError naming the field): negative or non-finite sizes, bandwidths <= 0,
     ``device_budget_gib`` with ``weight_budget_gib`` or ``kv_budget_gib`` (as the engine),
-    ``weight_host_gib`` without a weight or device budget, and a config setting no budget."""
+    ``weight_host_gib`` or ``offline_batch`` without a weight or device budget, and a config
+    setting no budget. ``offline_batch``: ``EngineConfig.offline_batch``, the instance's
+    ``max_num_seqs`` becomes :meth:`OffloadPlan.offline_batch`'s choice."""
 
     weight_budget_gib: float | None = None
     weight_host_gib: float | None = None
@@ -71,6 +75,7 @@ class SimOffloadConfig:
     device_budget_gib: float | None = None
     host_gb_s: float = 25.0
     disk_gb_s: float = 3.0
+    offline_batch: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -99,6 +104,10 @@ class SimOffloadConfig:
                     "kv_host_gib with device_budget_gib: the split places the pool ClusterConfig.kv_blocks "
                     "gives; set one or the other"
                 )
+        if self.offline_batch and self.weight_budget_gib is None and self.device_budget_gib is None:
+            raise ValueError(
+                "offline_batch sizes the batch for offloaded weights: set weight_budget_gib (or device_budget_gib)"
+            )
         if (
             self.weight_host_gib is not None
             and self.weight_budget_gib is None
@@ -182,6 +191,20 @@ class OffloadPlan:
         )
         return predict_step_s(
             self.weights.tiers, self.layer_bytes, comp, self.host_bw, self.disk_bw, other, kv=kv
+        )
+
+    def offline_batch(self, max_batch: int, per_seq_step_s: float) -> BatchChoice:
+        """``EngineConfig.offline_batch``'s choice for this placement, as ``engine.offload``'s
+        ``offline_batch_size`` makes it: :func:`pick_offline_batch_size` with each layer's compute
+        proportional to the batch (``per_seq_step_s``: one sequence's share of a decode step, split
+        over the layers like :meth:`compute`, no fixed part, nothing outside the layers, as the
+        engine prices it), the offloaded layers' bytes, up to ``max_batch``."""
+        n = len(self.layer_bytes)
+        off = set(self.weights.offloaded)
+        lb = [b if i in off else 0 for i, b in enumerate(self.layer_bytes)]
+        per = per_seq_step_s * (1 - self.other_share) / n
+        return pick_offline_batch_size(
+            self.weights.tiers, lb, [0.0] * n, [per] * n, self.host_bw, self.disk_bw, max_batch
         )
 
     def describe(self) -> str:

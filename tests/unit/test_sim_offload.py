@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -14,15 +15,16 @@ from engine.offload_policy import (
     OffloadPolicyError,
     WeightTier,
     kv_step_cost,
+    pick_offline_batch_size,
     predict_step_s,
 )
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerConfig
+from engine.scheduler import SchedulerConfig, SchedulingPolicy
 from pdserve.cli import main
 from router.policy import SLO, InstanceRole
 from simulator.adapters import AdapterConfig
-from simulator.config import ClusterConfig, InstanceGroup, SimConfig, colocated
+from simulator.config import ClusterConfig, InstanceGroup, SimConfig, colocated, vllm_scheduler
 from simulator.events import EventLoop
 from simulator.instance import SimInstance
 from simulator.latency import LatencyModel, LatencySpec
@@ -283,3 +285,47 @@ def test_simulate_cli_offload_flags(capsys) -> None:
     assert "--device-budget-gib needs --kv-blocks" in capsys.readouterr().err
     assert main([*base, "--offload-disk-gbs", "1"]) == 2
     assert "need an offloading budget" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- offline batch
+def test_offline_batch_is_the_engine_policys_choice() -> None:
+    """EngineConfig.offline_batch in the simulator: max_num_seqs becomes
+    pick_offline_batch_size's choice for the placement, bounded by max_num_seqs and the pool."""
+    sched = vllm_scheduler(1024, 512)
+    c = colocated(
+        SPEC, 1, scheduler=sched, offload=SimOffloadConfig(weight_budget_gib=6.0, offline_batch=True)
+    )
+    g = c.groups[0]
+    plan = c.offload_plan(g)
+    assert plan is not None
+    lat = c.latency_model(1)
+    per = lat.decode_time(512, 512) / 512 * (1 - other_share(model_spec("llama-2-7b"))) / 32
+    off = set(plan.weights.offloaded)
+    lb = [b if i in off else 0 for i, b in enumerate(plan.layer_bytes)]
+    want = pick_offline_batch_size(plan.weights.tiers, lb, [0.0] * 32, [per] * 32, 25e9, 3e9, 512)
+    assert c.offline_batch_for(g) == want
+    assert c.scheduler_for(g).max_num_seqs == want.batch_size < 512
+    # the instance runs with it
+    res = Simulation(c, SimConfig(slo=SLO(1e9, 1e9))).run(_workload(n=600, rate=1e6, output=8))
+    assert res.num_finished == 600
+    # without offline_batch the scheduler is the one given
+    plain = colocated(SPEC, 1, scheduler=sched, offload=SimOffloadConfig(weight_budget_gib=6.0))
+    assert plain.scheduler_for(plain.groups[0]).max_num_seqs == 512 and plain.offline_batch_for(g) is None
+
+
+def test_offline_batch_refusals() -> None:
+    with pytest.raises(ValueError, match="offline_batch sizes the batch for offloaded weights"):
+        SimOffloadConfig(kv_host_gib=10.0, offline_batch=True)
+    mlfq = replace(vllm_scheduler(1024), policy=SchedulingPolicy.MLFQ)
+    with pytest.raises(ValueError, match="offline_batch with the MLFQ"):
+        colocated(
+            SPEC, 1, scheduler=mlfq, offload=SimOffloadConfig(weight_budget_gib=6.0, offline_batch=True)
+        )
+
+
+def test_simulate_cli_offline_batch(capsys) -> None:
+    base = ["simulate", "--model", "llama-2-7b", "--num-requests", "20", "--quiet"]
+    assert main([*base, "--weight-budget-gib", "6", "--offline-batch"]) == 0
+    assert "mixed: offline batch 231 sequences" in capsys.readouterr().out
+    assert main([*base, "--offline-batch"]) == 2
+    assert "--offline-batch needs --weight-budget-gib" in capsys.readouterr().err
