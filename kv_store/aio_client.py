@@ -6,20 +6,31 @@ Same contracts as :class:`kv_store.client.KVStoreClient`'s methods of the same n
 metadata (cluster token, lease owner; the bound request id), the same deadline, and a node that
 is down or unreachable raised as :class:`pdserve.errors.StoreUnavailableError` naming it. A
 client is bound to the event loop it was first used on (a ``grpc.aio`` channel is).
+
+Releases issued together are sent together (#12: one rpc per handoff was the store's and the
+decode worker's per-request cost): :meth:`AsyncKVStoreClient.release` queues its lease, and the
+releases queued in the same turn of the event loop go in one ``ReleaseBatch`` call (one alone
+as a plain ``Release``), each caller awaiting its own answer, so no release waits for another
+one's round trip. Every queued release is sent, also when its caller is cancelled meanwhile
+(nothing leaks). A node that does not serve ``ReleaseBatch`` (UNIMPLEMENTED: an older store) gets
+one Release per lease from then on.
 """
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+import asyncio
+from typing import NoReturn
 
 import grpc
 
-from pdserve.errors import StoreUnavailableError
+from pdserve.errors import InternalError, StoreUnavailableError
 from pdserve.limits import grpc_options
 from pdserve.security import TOKEN_METADATA_KEY, current
 from pdserve.status import raise_from_rpc_error
 from pdserve.tracing import METADATA_KEY, current_request_id
 from pdserve.v1 import kv_store_pb2, kv_store_pb2_grpc
+
+MAX_BATCH = 256  # releases per ReleaseBatch call (more queued together: several calls)
 
 
 def aio_store_channel(address: str) -> grpc.aio.Channel:
@@ -52,9 +63,14 @@ class AsyncKVStoreClient:
         self._md = md
         self._channel = aio_store_channel(address)
         self._stub = kv_store_pb2_grpc.KVStoreStub(self._channel)
+        # releases queued this turn of the loop, with their callers' futures (module doc)
+        self._queued: list[tuple[kv_store_pb2.ReleaseBatchItem, asyncio.Future[bool]]] = []
+        self._batches = True  # False once the node answered ReleaseBatch UNIMPLEMENTED
+        self._sending: set[asyncio.Task[None]] = set()
+        self.release_calls = 0  # Release and ReleaseBatch calls made (tests, benches)
 
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
-        rid = current_request_id()
+    def _metadata(self, rid: str | None = None) -> tuple[tuple[str, str], ...]:
+        rid = current_request_id() if rid is None else rid
         return (*self._md, (METADATA_KEY, rid)) if rid else self._md
 
     def _raise(self, e: grpc.RpcError) -> NoReturn:
@@ -64,17 +80,94 @@ class AsyncKVStoreClient:
             ) from e
         raise_from_rpc_error(e)
 
-    async def _call(self, method: Any, request: Any) -> Any:
-        try:
-            return await method(request, timeout=self.timeout_s, metadata=self._metadata())
-        except grpc.RpcError as e:
-            self._raise(e)
-
     async def release(self, lease_id: str, *, shm_read_blocks: int = 0) -> bool:
         """As :meth:`kv_store.client.KVStoreClient.release`: unpin a lease; False if unknown or
-        expired (idempotent); ``shm_read_blocks`` read from the arena with no rpc."""
+        expired (idempotent); ``shm_read_blocks`` read from the arena with no rpc. Sent with the
+        other releases of this turn of the loop (module doc); sent even when the caller is
+        cancelled meanwhile."""
         req = kv_store_pb2.ReleaseRequest(lease_id=lease_id, shm_read_blocks=shm_read_blocks)
-        return (await self._call(self._stub.Release, req)).released
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._queued.append(
+            (kv_store_pb2.ReleaseBatchItem(release=req, request_id=current_request_id()), fut)
+        )
+        if len(self._queued) == 1:
+            loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        """Send what this turn of the loop queued (a task per call; the callers' futures answered)."""
+        queued, self._queued = self._queued, []
+        for i in range(0, len(queued), MAX_BATCH):
+            t = asyncio.get_running_loop().create_task(self._send(queued[i : i + MAX_BATCH]))
+            self._sending.add(t)
+            t.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[kv_store_pb2.ReleaseBatchItem, asyncio.Future[bool]]]) -> None:
+        try:
+            if len(batch) > 1 and self._batches:
+                try:
+                    self.release_calls += 1
+                    resp = await self._stub.ReleaseBatch(
+                        kv_store_pb2.ReleaseBatchRequest(items=[item for item, _ in batch]),
+                        timeout=self.timeout_s,
+                        metadata=self._md,
+                    )
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        for _, fut in batch:
+                            self._fail(fut, e)
+                        return
+                    self._batches = False  # an older node: one Release per lease from now on
+                else:
+                    if len(resp.released) != len(batch):
+                        raise InternalError(
+                            f"KV store {self.address} answered {len(resp.released)} of {len(batch)} "
+                            "releases in one ReleaseBatch"
+                        )
+                    for (_, fut), released in zip(batch, resp.released, strict=True):
+                        if not fut.done():
+                            fut.set_result(released)
+                    return
+            await asyncio.gather(*(self._send_one(item, fut) for item, fut in batch))
+        except BaseException as e:  # the loop is closing, or a broken answer: no caller waits forever
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(
+                        e
+                        if isinstance(e, Exception)
+                        else StoreUnavailableError(
+                            f"KV store {self.address}: the release was interrupted ({type(e).__name__})"
+                        )
+                    )
+            if not isinstance(e, Exception):
+                raise
+
+    async def _send_one(self, item: kv_store_pb2.ReleaseBatchItem, fut: asyncio.Future[bool]) -> None:
+        self.release_calls += 1
+        try:
+            resp = await self._stub.Release(
+                item.release, timeout=self.timeout_s, metadata=self._metadata(item.request_id)
+            )
+        except grpc.RpcError as e:
+            self._fail(fut, e)
+        else:
+            if not fut.done():
+                fut.set_result(resp.released)
+
+    def _fail(self, fut: asyncio.Future[bool], e: grpc.RpcError) -> None:
+        """``fut`` fails as the call's error would have raised (one exception object per caller)."""
+        if fut.done():
+            return
+        try:
+            self._raise(e)
+        except Exception as x:  # noqa: BLE001 - handed to the caller
+            fut.set_exception(x)
 
     async def close(self) -> None:
+        """Send what is queued, wait for the releases in flight, then close the channel."""
+        if self._queued:
+            self._flush()
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
         await self._channel.close()

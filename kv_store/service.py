@@ -391,6 +391,26 @@ class KVStoreServicer:
         self, request: kv_store_pb2.ReleaseRequest, context: grpc.ServicerContext
     ) -> kv_store_pb2.ReleaseResponse:
         self._member(context, "Release")
+        released = self._release(request, request_id_from_context(context))
+        return kv_store_pb2.ReleaseResponse(released=released)
+
+    def ReleaseBatch(
+        self, request: kv_store_pb2.ReleaseBatchRequest, context: grpc.ServicerContext
+    ) -> kv_store_pb2.ReleaseBatchResponse:
+        """Each item as its own Release (in order, each logged under its request id), in one
+        call (#12: a client's releases issued together). An item without a release is refused
+        (INVALID_ARGUMENT) before any is released."""
+        self._member(context, "ReleaseBatch")
+        for i, item in enumerate(request.items):
+            if not item.HasField("release"):
+                raise InvalidRequestError(f"ReleaseBatch: item {i} has no release")
+        fallback = request_id_from_context(context)
+        return kv_store_pb2.ReleaseBatchResponse(
+            released=[self._release(item.release, item.request_id or fallback) for item in request.items]
+        )
+
+    def _release(self, request: kv_store_pb2.ReleaseRequest, request_id: str) -> bool:
+        """Release one lease (ReleaseRequest's contract), counted and logged under ``request_id``."""
         released, held = self.store.release_counted(request.lease_id, request.shm_read_blocks)
         shm_read = min(request.shm_read_blocks, held)
         if shm_read:
@@ -399,11 +419,11 @@ class KVStoreServicer:
             m, nb = self.metrics, self.store.layout.block_nbytes
             m.blocks.labels(m.node_id, "shm", "out").inc(shm_read)
             m.bytes.labels(m.node_id, "shm", "out").inc(shm_read * nb)
-        with request_scope(request_id_from_context(context)):
+        with request_scope(request_id):
             log_event(
                 log, "kv release", lease_id=request.lease_id, released=released, shm_read_blocks=shm_read
             )
-        return kv_store_pb2.ReleaseResponse(released=released)
+        return released
 
     def Stats(
         self, request: kv_store_pb2.KVStoreStatsRequest, context: grpc.ServicerContext

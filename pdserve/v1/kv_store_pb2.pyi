@@ -297,6 +297,28 @@ class ReleaseResponse(_message.Message):
     released: bool
     def __init__(self, released: bool | None = ...) -> None: ...
 
+class ReleaseBatchItem(_message.Message):
+    __slots__ = ("release", "request_id")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    release: ReleaseRequest
+    request_id: str
+    def __init__(
+        self, release: ReleaseRequest | _Mapping | None = ..., request_id: str | None = ...
+    ) -> None: ...
+
+class ReleaseBatchRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ReleaseBatchItem]
+    def __init__(self, items: _Iterable[ReleaseBatchItem | _Mapping] | None = ...) -> None: ...
+
+class ReleaseBatchResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, released: _Iterable[bool] | None = ...) -> None: ...
+
 class KVStoreStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

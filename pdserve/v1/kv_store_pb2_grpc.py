@@ -74,6 +74,11 @@ class KVStoreStub:
                 request_serializer=pdserve_dot_v1_dot_kv__store__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_kv__store__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.ReleaseBatch = channel.unary_unary(
+                '/pdserve.v1.KVStore/ReleaseBatch',
+                request_serializer=pdserve_dot_v1_dot_kv__store__pb2.ReleaseBatchRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_kv__store__pb2.ReleaseBatchResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/pdserve.v1.KVStore/Stats',
                 request_serializer=pdserve_dot_v1_dot_kv__store__pb2.KVStoreStatsRequest.SerializeToString,
@@ -148,6 +153,14 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseBatch(self, request, context):
+        """Several Releases in one call (a client's releases issued together: one rpc, not one per
+        handoff): each item exactly as its own Release would be, in order; one answer per item.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -196,6 +209,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=pdserve_dot_v1_dot_kv__store__pb2.ReleaseRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_kv__store__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'ReleaseBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseBatch,
+                    request_deserializer=pdserve_dot_v1_dot_kv__store__pb2.ReleaseBatchRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_kv__store__pb2.ReleaseBatchResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -419,6 +437,33 @@ class KVStore:
             '/pdserve.v1.KVStore/Release',
             pdserve_dot_v1_dot_kv__store__pb2.ReleaseRequest.SerializeToString,
             pdserve_dot_v1_dot_kv__store__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.KVStore/ReleaseBatch',
+            pdserve_dot_v1_dot_kv__store__pb2.ReleaseBatchRequest.SerializeToString,
+            pdserve_dot_v1_dot_kv__store__pb2.ReleaseBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
