@@ -370,14 +370,29 @@ class _LoopInbox:
     engine loop (``EngineLoop.batchers``), it is held while a step hands out its outputs and
     schedules the drain when released: the loop is not woken part-way through a step (the
     wake-up's syscall lets the loop thread take the GIL from the engine thread). ``put`` never
-    blocks the engine (a short lock, never held while the loop runs a stream)."""
+    blocks the engine (a short lock, never held while the loop runs a stream).
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    ``window_s`` > 0 (the worker's ``stream_window_s``; #12): while outputs flow, the loop drains
+    the inbox itself once per window (a timer), and an engine step wakes the loop only for an
+    ``urgent`` output (one that ends its request, or a stream's first: the finish and TTFT are
+    never held) or when no timer is running (the first output after a quiet spell). So the loop,
+    and with it the GIL hand-over between the engine thread and the loop thread, wakes about
+    once per window instead of once per engine step; a token waits at most one window here,
+    which the streams' own coalescing (one message per window) waits anyway. 0: every step wakes
+    the loop (as before)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, window_s: float = 0.0) -> None:
         self._loop = loop
+        self.window_s = window_s
         self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Queue[OutputItem], OutputItem]] = []
-        self._scheduled = False
+        self._items: list[tuple[_LoopQueue, OutputItem]] = []
+        self._scheduled = False  # a drain is scheduled (call_soon_threadsafe)
         self._held = False
+        self._urgent = False  # an urgent output waits among _items
+        self._ticking = False  # a timer drains the inbox every window (window_s > 0)
+
+    def _wake_now(self) -> bool:  # under the lock
+        return bool(self._items) and not self._scheduled and (self._urgent or not self._ticking)
 
     def hold(self) -> None:  # engine thread, before a step's outputs
         with self._lock:
@@ -386,15 +401,16 @@ class _LoopInbox:
     def release(self) -> None:  # engine thread, after a step's outputs
         with self._lock:
             self._held = False
-            if self._scheduled or not self._items:
+            if not self._wake_now():
                 return
             self._scheduled = True
         self._schedule()
 
-    def put(self, q: asyncio.Queue[OutputItem], item: OutputItem) -> None:  # any thread
+    def put(self, q: _LoopQueue, item: OutputItem, urgent: bool = True) -> None:  # any thread
         with self._lock:
             self._items.append((q, item))
-            if self._scheduled or self._held:
+            self._urgent = self._urgent or urgent
+            if self._held or not self._wake_now():
                 return
             self._scheduled = True
         self._schedule()
@@ -406,10 +422,29 @@ class _LoopInbox:
             with self._lock:
                 self._scheduled = False
 
-    def _drain(self) -> None:  # event loop
+    def _take(self) -> list[tuple[_LoopQueue, OutputItem]]:  # under the lock
+        items, self._items = self._items, []
+        self._urgent = False
+        return items
+
+    def _drain(self) -> None:  # event loop (scheduled by the engine thread)
         with self._lock:
-            items, self._items = self._items, []
+            items = self._take()
             self._scheduled = False
+            arm = bool(items) and self.window_s > 0 and not self._ticking
+            self._ticking = self._ticking or arm
+        if arm:
+            self._loop.call_later(self.window_s, self._tick)
+        for q, item in items:
+            q.put_nowait(item)
+
+    def _tick(self) -> None:  # event loop (timer), every window while outputs come
+        with self._lock:
+            items = self._take()
+            if not items:
+                self._ticking = False  # quiet: the next output wakes the loop itself
+                return
+        self._loop.call_later(self.window_s, self._tick)
         for q, item in items:
             q.put_nowait(item)
 
@@ -419,14 +454,21 @@ class _LoopQueue:
     item to the event loop through the loop's :class:`_LoopInbox`, never blocking the engine.
     Holds at most the request's outputs (bounded by its ``max_tokens``)."""
 
-    def __init__(self, inbox: _LoopInbox) -> None:
+    def __init__(self, inbox: _LoopInbox, first_urgent: bool = True) -> None:
         self._inbox = inbox
+        # the inbox wakes the loop at once for an output that ends the request, and for the
+        # first one unless told it is not latency-critical (a direct stream's handoff: the
+        # router sent the first token, and the client's deltas go out once per window)
+        self._first_urgent = first_urgent
+        self._put_any = False  # engine thread only
         self._q: asyncio.Queue[OutputItem] = asyncio.Queue()
         self._end: asyncio.Future[None] | None = None  # a waiter for an item that ends the request
         self._sink: Callable[[OutputItem], None] | None = None  # divert: items go here instead
 
     def put(self, item: OutputItem) -> None:  # engine thread
-        self._inbox.put(self, item)
+        urgent = _ends(item) or (self._first_urgent and not self._put_any)
+        self._put_any = True
+        self._inbox.put(self, item, urgent)
 
     def divert(self, sink: Callable[[OutputItem], None]) -> None:
         """From now on hand every item to ``sink`` (event loop, in the inbox's drain: no task
@@ -530,7 +572,7 @@ class AsyncDecodeServicer(DecodeServicer):
     def _inbox(self, loop: asyncio.AbstractEventLoop) -> _LoopInbox:
         inbox = self._inboxes.get(loop)
         if inbox is None:
-            inbox = self._inboxes[loop] = _LoopInbox(loop)
+            inbox = self._inboxes[loop] = _LoopInbox(loop, self.stream_window_s)
             batchers = getattr(self.state.loop, "batchers", None)  # None: a stand-in engine loop
             if batchers is not None:
                 batchers.append(inbox)  # one drain per engine step
@@ -577,7 +619,9 @@ class AsyncDecodeServicer(DecodeServicer):
                 )
             self.direct.check(req)
         loop = asyncio.get_running_loop()
-        out = _LoopQueue(self._inbox(loop))
+        # a direct handoff's first engine output is its second token (the router sent the
+        # first) and goes to the client within a window anyway: not worth a wake-up of its own
+        out = _LoopQueue(self._inbox(loop), req.local_prefill or not req.HasField("direct"))
         # a handoff whose KV is read with no rpc is admitted here (no thread hop); others on threads
         on_loop = await admit_on_loop(self, req, ctx, out)
         if on_loop is not None:
