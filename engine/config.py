@@ -73,12 +73,17 @@ class EngineConfig:
     ``kv_memory_budget_bytes`` (FlexGen's KV offloading, :mod:`engine.kv_offload` and
     :func:`engine.offload_policy.place_kv`): the device memory the KV pool may use. None
     (default): the whole pool is on the device. A budget below the pool keeps the KV of as many
-    decoder layers as fit (less two layer staging buffers) on the device and the KV of the other
-    layers, of every running request, in a host-memory pool; before such a layer runs, the
-    blocks the running requests hold are copied into a staging buffer (the next one while the
-    current layer computes) and the step's new K/V rows are written back after it. Output is
-    identical to the resident pool. The minimum is two layers' KV (refused below it, naming it).
-    Refused with tensor parallelism and ``cuda_graph``.
+    decoder layers as fit (less two staging buffers) on the device and the KV of the other
+    layers, of every running request, off it: in a host-memory pool, up to
+    ``kv_host_budget_bytes`` (None: no limit), and beyond that in a disk-backed pool (a
+    memory-mapped scratch file under ``kv_offload_dir``; None: the system's temp folder). Before
+    such a layer runs, the blocks the step's requests use are copied into a staging buffer (the
+    next one while the current layer computes) and the step's new K/V rows are written back
+    after it. A staging buffer holds the most blocks a step can use (``max_num_seqs`` sequences
+    of ``max_model_len`` tokens; at most the pool). Output is identical to the resident pool.
+    The minimum is two staging buffers (refused below it, naming it). Refused with tensor
+    parallelism and ``cuda_graph``; ``kv_host_budget_bytes`` / ``kv_offload_dir`` need
+    ``kv_memory_budget_bytes`` or ``device_memory_budget_bytes``.
 
     ``device_memory_budget_bytes`` (weights and KV together): the device memory the weights and the
     KV pool may use between them; the split is the offload cost model's
@@ -137,6 +142,8 @@ class EngineConfig:
     weight_offload_dir: str | None = None
     offline_batch: bool = False
     kv_memory_budget_bytes: int | None = None
+    kv_host_budget_bytes: int | None = None
+    kv_offload_dir: str | None = None
     device_memory_budget_bytes: int | None = None
     speculative: SpeculativeConfig | None = None
     # SchedulingPolicy.MLFQ only (see engine.mlfq; validated by SchedulerConfig)
@@ -286,6 +293,16 @@ class EngineConfig:
             ):
                 if bad:
                     raise ValueError(f"device_memory_budget_bytes is not supported with {name}")
+        h = self.kv_host_budget_bytes
+        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 0):
+            raise ValueError(f"kv_host_budget_bytes must be an integer >= 0 or None, got {h!r}")
+        if (h is not None or self.kv_offload_dir is not None) and (
+            self.kv_memory_budget_bytes is None and self.device_memory_budget_bytes is None
+        ):
+            raise ValueError(
+                "kv_host_budget_bytes / kv_offload_dir need KV offloading: set kv_memory_budget_bytes "
+                "or device_memory_budget_bytes"
+            )
         v = self.kv_memory_budget_bytes
         if v is None:
             return

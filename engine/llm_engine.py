@@ -254,7 +254,9 @@ class LLMEngine:
         if config.kv_memory_budget_bytes is not None:
             if runner_factory is not None:
                 raise ValueError("kv_memory_budget_bytes needs the default single-device model runner")
-            self.kv_offload = offload_kv(self.runner, self.kv, config.kv_memory_budget_bytes)
+            self.kv_offload = offload_kv(
+                self.runner, self.kv, config.kv_memory_budget_bytes, config, self.max_model_len
+            )
         self.disk_tier: DiskKVTier | None = None
         if ndisk:
             self.disk_tier = DiskKVTier(

@@ -474,8 +474,10 @@ def apply_device_budget(
 ) -> tuple[EngineConfig, MemorySplit, Bandwidths]:
     """``config`` with ``device_memory_budget_bytes`` split into ``weight_memory_budget_bytes`` and
     ``kv_memory_budget_bytes`` by :func:`engine.offload_policy.split_device_budget` (rates measured
-    now; the KV priced for a step holding the whole pool, ``kv_num_blocks`` blocks of
-    ``kv_block_bytes`` per layer, and decoding ``max_num_seqs`` tokens), the split and the rates.
+    now; ``kv_num_blocks`` blocks of ``kv_block_bytes`` per layer, staging buffers of
+    :func:`engine.kv_offload.staging_bound` blocks, the layers beyond ``kv_host_budget_bytes`` on
+    disk; the KV priced for a step using every staged block and decoding ``max_num_seqs``
+    tokens), the split and the rates.
     The split is logged. OffloadPolicyError for a budget below the minimum."""
     budget = config.device_memory_budget_bytes
     if budget is None:
@@ -491,8 +493,25 @@ def apply_device_budget(
         disk_bw=rates.disk_bw,
         host_budget_bytes=config.weight_host_budget_bytes,
     )
+    from engine.kv_offload import staging_bound
+
+    mcfg = getattr(model, "config", None)
+    pos = getattr(mcfg, "max_position_embeddings", None)
+    max_len = min(config.max_model_len or pos, pos) if pos else config.max_model_len
+    staging = None
+    if max_len:  # the engine's bound (LLMEngine's max_model_len): offload_kv places the same
+        look = config.speculative.num_speculative_tokens if config.speculative is not None else 0
+        staging = staging_bound(kv_num_blocks, config.block_size, config.max_num_seqs, max_len, look)
+    held = kv_num_blocks if staging is None else staging  # a step uses at most the staging's blocks
     split = split_device_budget(
-        cost, kv_num_blocks, kv_block_bytes, kv_num_blocks, config.max_num_seqs, config.block_size
+        cost,
+        kv_num_blocks,
+        kv_block_bytes,
+        held,
+        config.max_num_seqs,
+        config.block_size,
+        staging_blocks=staging,
+        kv_host_budget_bytes=config.kv_host_budget_bytes,
     )
     log.info(
         "device memory budget %d bytes: weights %d bytes (%d of %d layers offloaded), KV %d bytes "

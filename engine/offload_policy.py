@@ -127,13 +127,24 @@ def fetch_s(tier: WeightTier, nbytes: int, host_bw: float, disk_bw: float) -> fl
 
 @dataclass(frozen=True)
 class KVStepCost:
-    """The KV side of a step for :func:`predict_step_s`: the layers whose KV is in the host pool
+    """The KV side of a step for :func:`predict_step_s`: the layers whose KV is off the device
     (model order), the time to read one such layer's held blocks into its staging buffer and to
-    write the step's new rows back (bytes over the measured host bandwidth)."""
+    write the step's new rows back (bytes over the measured host bandwidth); for the layers in
+    ``disk_layers`` (a subset of ``layers``: KV in the disk-backed pool) the same at the disk
+    bandwidth, ``disk_read_s`` / ``disk_write_s``."""
 
     layers: tuple[int, ...] = ()
     read_s: float = 0.0
     write_s: float = 0.0
+    disk_layers: tuple[int, ...] = ()
+    disk_read_s: float = 0.0
+    disk_write_s: float = 0.0
+
+    def read_of(self, layer: int) -> float:
+        return self.disk_read_s if layer in self.disk_layers else self.read_s
+
+    def write_of(self, layer: int) -> float:
+        return self.disk_write_s if layer in self.disk_layers else self.write_s
 
 
 def predict_step_s(
@@ -184,7 +195,7 @@ def predict_step_s(
         step_start = t
         if kvl:  # the first KV layer's read starts with the step (the held blocks are known then)
             assert kv is not None
-            kv_ready[kvl[0]] = io(kv.read_s, t)
+            kv_ready[kvl[0]] = io(kv.read_of(kvl[0]), t)
         for i in range(len(tiers)):
             same_slot = False
             nxt = -1
@@ -200,13 +211,13 @@ def predict_step_s(
                 t = max(t, kv_ready[i])
                 j = kvpos[i] + 1
                 if j < len(kvl):
-                    kv_ready[kvl[j]] = io(kv.read_s, t)
+                    kv_ready[kvl[j]] = io(kv.read_of(kvl[j]), t)
             t += compute_s[i]
             if same_slot:
                 submit(nxt, t)
             if i in kvpos:
                 assert kv is not None
-                io(kv.write_s, t)
+                io(kv.write_of(i), t)
         t += other_s
     return t - step_start
 
@@ -338,93 +349,177 @@ def pick_offline_batch_size(
 # ---------------------------------------------------------------------------- KV offloading
 #
 # FlexGen also offloads the KV cache. Here the unit is a decoder layer's whole KV pool (every
-# block of that layer): the KV of the layers :func:`place_kv` picks lives in a host pool, the
-# device holds the other layers' KV and two staging buffers of one layer's pool. Before an
-# offloaded layer runs, the blocks the running requests hold are copied from the host into its
-# staging buffer (the next offloaded layer's while it computes: layer-ahead prefetch, on the
-# same kind of background copy as the weights), and after it runs the step's new K/V rows are
-# written back (:mod:`engine.kv_offload`). Per step an offloaded layer moves
-# ``held blocks * block bytes per layer`` in and ``new tokens * token bytes per layer`` out.
+# block of that layer): the KV of the layers :func:`place_kv` picks lives off the device, in a
+# host pool and, for the layers beyond the host budget, in a disk-backed pool (a memory-mapped
+# file); the device holds the other layers' KV and two staging buffers. A staging buffer holds
+# ``staging_blocks`` blocks: the most blocks the running batch can hold (the engine's bound:
+# ``max_num_seqs`` sequences of at most ``max_model_len`` tokens), not the whole pool, so
+# offloading ``k`` layers saves ``k`` layer pools less two staging buffers. Before an offloaded
+# layer runs, the blocks the running requests hold are copied from its pool into its staging
+# buffer, packed (the attention's block tables are renumbered for that layer), the next
+# offloaded layer's while it computes (layer-ahead prefetch, on the same kind of background copy
+# as the weights), and after it runs the step's new K/V rows are written back
+# (:mod:`engine.kv_offload`). Per step an offloaded layer moves ``held blocks * block bytes per
+# layer`` in and ``new tokens * token bytes per layer`` out, at the host or the disk bandwidth.
 
 
 @dataclass(frozen=True)
 class KVPlacement:
-    """Which layers' KV is in the host pool (model order), the pool's shape (``num_blocks``
-    blocks of ``block_bytes`` per layer), the staging buffers, and the device / host bytes the
-    KV uses (device never above the budget it was placed for)."""
+    """Which layers' KV is off the device (model order; ``disk``: those of them in the
+    disk-backed pool, the rest in the host pool), the pool's shape (``num_blocks`` blocks of
+    ``block_bytes`` per layer), the staging buffers (``num_slots`` of ``staging_blocks`` blocks;
+    None: the whole pool's), and the device / host / disk bytes the KV uses (device never above
+    the budget it was placed for)."""
 
     num_layers: int
     num_blocks: int
     block_bytes: int  # one block of one layer (K and V)
     offloaded: tuple[int, ...]
     num_slots: int
+    staging_blocks: int | None = None
+    disk: tuple[int, ...] = ()
 
     @property
     def layer_bytes(self) -> int:
-        """One layer's KV pool (the size of a staging buffer)."""
+        """One layer's KV pool."""
         return self.num_blocks * self.block_bytes
 
     @property
+    def staging(self) -> int:
+        """Blocks one staging buffer holds."""
+        return self.num_blocks if self.staging_blocks is None else self.staging_blocks
+
+    @property
+    def staging_bytes(self) -> int:
+        """One staging buffer."""
+        return self.staging * self.block_bytes
+
+    @property
     def device_bytes(self) -> int:
-        return (self.num_layers - len(self.offloaded) + self.num_slots) * self.layer_bytes
+        return (
+            self.num_layers - len(self.offloaded)
+        ) * self.layer_bytes + self.num_slots * self.staging_bytes
 
     @property
     def host_bytes(self) -> int:
-        return len(self.offloaded) * self.layer_bytes
+        return (len(self.offloaded) - len(self.disk)) * self.layer_bytes
+
+    @property
+    def disk_bytes(self) -> int:
+        return len(self.disk) * self.layer_bytes
 
     @property
     def fraction(self) -> float:
-        """The share of the KV pool's bytes in the host pool."""
+        """The share of the KV pool's bytes off the device."""
         return len(self.offloaded) / self.num_layers
 
 
-def min_kv_device_budget(num_layers: int, layer_bytes: int) -> int:
-    """The smallest KV device budget :func:`place_kv` accepts: two staging buffers (or the
-    whole pool, when the model has fewer than two layers)."""
-    return min(NUM_SLOTS, num_layers) * layer_bytes
+def kv_device_bytes(num_layers: int, layer_bytes: int, staging_bytes: int, k: int) -> int:
+    """Device bytes of the KV with ``k`` layers offloaded: the resident layers' pools and
+    ``min(k, 2)`` staging buffers of ``staging_bytes``."""
+    return (num_layers - k) * layer_bytes + min(k, NUM_SLOTS) * staging_bytes
 
 
-def kv_placement(num_layers: int, num_blocks: int, block_bytes: int, offloaded: Sequence[int]) -> KVPlacement:
-    """The placement with exactly ``offloaded`` layers' KV in the host pool (tests, benches)."""
+def min_kv_device_budget(num_layers: int, layer_bytes: int, staging_bytes: int | None = None) -> int:
+    """The smallest KV device budget :func:`place_kv` accepts: two staging buffers
+    (``staging_bytes``; None: a whole layer's pool), or the whole pool when that is less."""
+    sb = layer_bytes if staging_bytes is None else staging_bytes
+    return min(min(NUM_SLOTS, num_layers) * sb, num_layers * layer_bytes)
+
+
+def disk_layers(offloaded: Sequence[int], num_host: int) -> tuple[int, ...]:
+    """Which of ``offloaded`` (model order) go to the disk-backed pool when the host pool holds
+    ``num_host`` layers: ``len(offloaded) - num_host`` of them spread over the depth, the first
+    offloaded layer (whose read cannot overlap a previous layer's compute) last."""
+    off = list(offloaded)
+    d = max(0, len(off) - max(0, num_host))
+    if d == 0:
+        return ()
+    if d == len(off):
+        return tuple(off)
+    rest = off[1:]
+    return tuple(rest[i] for i in spread(len(rest), d))
+
+
+def kv_placement(
+    num_layers: int,
+    num_blocks: int,
+    block_bytes: int,
+    offloaded: Sequence[int],
+    staging_blocks: int | None = None,
+    disk: Sequence[int] = (),
+) -> KVPlacement:
+    """The placement with exactly ``offloaded`` layers' KV off the device, ``disk`` of them in the
+    disk-backed pool, staging buffers of ``staging_blocks`` blocks (tests, benches)."""
     off = tuple(sorted(set(offloaded)))
     if off and not (off[0] >= 0 and off[-1] < num_layers):
         raise ValueError(f"offloaded KV layers {off} out of range for {num_layers} layers")
     if num_layers < 1 or num_blocks < 1 or block_bytes < 1:
         raise ValueError(f"need >= 1 layer, block and byte, got {num_layers}, {num_blocks}, {block_bytes}")
-    return KVPlacement(num_layers, num_blocks, block_bytes, off, min(len(off), NUM_SLOTS))
+    dk = tuple(sorted(set(disk)))
+    if not set(dk) <= set(off):
+        raise ValueError(f"disk KV layers {dk} are not all offloaded ({off})")
+    if staging_blocks is not None and not 1 <= staging_blocks <= num_blocks:
+        raise ValueError(f"staging_blocks must be in [1, {num_blocks}], got {staging_blocks}")
+    sb = None if staging_blocks == num_blocks else staging_blocks
+    return KVPlacement(num_layers, num_blocks, block_bytes, off, min(len(off), NUM_SLOTS), sb, dk)
 
 
-def place_kv(num_layers: int, num_blocks: int, block_bytes: int, device_budget_bytes: int) -> KVPlacement:
+def place_kv(
+    num_layers: int,
+    num_blocks: int,
+    block_bytes: int,
+    device_budget_bytes: int,
+    staging_blocks: int | None = None,
+    host_budget_bytes: int | None = None,
+) -> KVPlacement:
     """The KV placement for ``device_budget_bytes``: everything on the device when the pool fits;
-    else the fewest offloaded layers whose device bytes (resident layers + two staging buffers)
-    fit, spread evenly over the depth (:func:`spread`: layer 0, whose copy cannot overlap a
-    previous layer, is the last chosen). A resident layer never moves a byte, so fewer offloaded
-    layers is never slower under :func:`predict_step_s`. OffloadPolicyError below
-    :func:`min_kv_device_budget`."""
+    else the fewest offloaded layers whose device bytes (resident layers + two staging buffers of
+    ``staging_blocks`` blocks, None: a layer's pool) fit, spread evenly over the depth
+    (:func:`spread`: layer 0, whose copy cannot overlap a previous layer, is the last chosen). A
+    resident layer never moves a byte, so fewer offloaded layers is never slower under
+    :func:`predict_step_s`. Of the offloaded layers, as many as ``host_budget_bytes`` holds
+    (None: no limit) stay in the host pool, the others go to the disk-backed pool
+    (:func:`disk_layers`). OffloadPolicyError below :func:`min_kv_device_budget`."""
     lb = num_blocks * block_bytes
     if device_budget_bytes >= num_layers * lb:
-        return kv_placement(num_layers, num_blocks, block_bytes, ())
-    floor = min_kv_device_budget(num_layers, lb)
+        return kv_placement(num_layers, num_blocks, block_bytes, (), staging_blocks)
+    stb = lb if staging_blocks is None else staging_blocks * block_bytes
+    floor = min_kv_device_budget(num_layers, lb, stb)
     if device_budget_bytes < floor:
         raise OffloadPolicyError(
             f"KV memory budget {device_budget_bytes} bytes is below the minimum {floor} bytes "
-            f"({NUM_SLOTS} staging buffers of one layer's KV pool, {lb} bytes); the whole pool "
-            f"needs {num_layers * lb} bytes"
+            f"({NUM_SLOTS} staging buffers of {stb} bytes each, {stb // block_bytes} blocks); the "
+            f"whole pool needs {num_layers * lb} bytes"
         )
-    k = num_layers - (device_budget_bytes // lb - NUM_SLOTS)
-    return kv_placement(num_layers, num_blocks, block_bytes, spread(num_layers, k))
+    k = next(
+        k for k in range(1, num_layers + 1) if kv_device_bytes(num_layers, lb, stb, k) <= device_budget_bytes
+    )
+    off = spread(num_layers, k)
+    nh = k if host_budget_bytes is None else host_budget_bytes // lb
+    return kv_placement(num_layers, num_blocks, block_bytes, off, staging_blocks, disk_layers(off, nh))
 
 
 def kv_step_cost(
-    placement: KVPlacement, held_blocks: int, new_tokens: int, block_size: int, host_bw: float
+    placement: KVPlacement,
+    held_blocks: int,
+    new_tokens: int,
+    block_size: int,
+    host_bw: float,
+    disk_bw: float | None = None,
 ) -> KVStepCost:
     """The KV copies of a step whose requests hold ``held_blocks`` blocks and write
-    ``new_tokens`` tokens (``block_size`` tokens a block), at ``host_bw`` bytes/s: per offloaded
-    layer, read ``held_blocks * block_bytes``, write ``new_tokens * block_bytes / block_size``."""
+    ``new_tokens`` tokens (``block_size`` tokens a block), at ``host_bw`` bytes/s (the disk-backed
+    layers at ``disk_bw``, needed when the placement has any): per offloaded layer, read
+    ``held_blocks * block_bytes``, write ``new_tokens * block_bytes / block_size``."""
     if host_bw <= 0:
         raise ValueError(f"host_bw must be > 0, got {host_bw}")
+    if placement.disk and (disk_bw is None or disk_bw <= 0):
+        raise ValueError(f"disk-backed KV layers {placement.disk} need disk_bw > 0, got {disk_bw}")
     b = placement.block_bytes
-    return KVStepCost(placement.offloaded, held_blocks * b / host_bw, new_tokens * b / block_size / host_bw)
+    rd, wr = held_blocks * b, new_tokens * b / block_size
+    dbw = disk_bw if disk_bw else host_bw
+    return KVStepCost(placement.offloaded, rd / host_bw, wr / host_bw, placement.disk, rd / dbw, wr / dbw)
 
 
 def kv_step_bytes(placement: KVPlacement, held_blocks: int, new_tokens: int, block_size: int) -> int:
@@ -452,18 +547,24 @@ def split_device_budget(
     held_blocks: int,
     new_tokens: int,
     block_size: int,
+    staging_blocks: int | None = None,
+    kv_host_budget_bytes: int | None = None,
 ) -> MemorySplit:
     """Split ``cost.device_budget_bytes`` (weights + KV) between the weights and the KV pool: for
-    each count ``k`` of layers whose KV is offloaded (0, then 3..L: one or two cost the two
-    staging buffers and save nothing), the KV takes ``(L - k + min(k, 2))`` layer pools, the
-    weights :func:`place_weights` of the rest; the pair with the smallest :func:`predict_step_s`
-    (KV priced by :func:`kv_step_cost` for ``held_blocks`` / ``new_tokens`` a step at
-    ``cost.host_bw``) wins, ties to the fewer offloaded KV layers. OffloadPolicyError when no
-    ``k`` leaves the weights their minimum."""
+    each count ``k`` of layers whose KV is offloaded (0..L), the KV takes
+    :func:`kv_device_bytes` (staging buffers of ``staging_blocks`` blocks; None: a layer's pool),
+    the weights :func:`place_weights` of the rest; the pair with the smallest
+    :func:`predict_step_s` (KV priced by :func:`kv_step_cost` for ``held_blocks`` / ``new_tokens``
+    a step, the host-pool layers at ``cost.host_bw``, those beyond ``kv_host_budget_bytes`` on
+    disk at ``cost.disk_bw``) wins, ties to the fewer offloaded KV layers. OffloadPolicyError when
+    no ``k`` leaves the weights their minimum."""
     n = len(cost.layer_bytes)
+    lb = kv_num_blocks * kv_block_bytes
     best: MemorySplit | None = None
-    for k in [0, *range(3, n + 1)]:
-        kvp = kv_placement(n, kv_num_blocks, kv_block_bytes, spread(n, k))
+    for k in range(n + 1):
+        off = spread(n, k)
+        nh = k if kv_host_budget_bytes is None else kv_host_budget_bytes // lb
+        kvp = kv_placement(n, kv_num_blocks, kv_block_bytes, off, staging_blocks, disk_layers(off, nh))
         wb = cost.device_budget_bytes - kvp.device_bytes
         if wb < 0:
             continue
@@ -471,16 +572,17 @@ def split_device_budget(
             wp = place_weights(replace(cost, device_budget_bytes=wb))
         except OffloadPolicyError:
             continue
-        kvc = kv_step_cost(kvp, held_blocks, new_tokens, block_size, cost.host_bw) if k else None
+        kvc = (
+            kv_step_cost(kvp, held_blocks, new_tokens, block_size, cost.host_bw, cost.disk_bw) if k else None
+        )
         pred = predict_step_s(
             wp.tiers, cost.layer_bytes, cost.compute_s, cost.host_bw, cost.disk_bw, cost.other_s, kv=kvc
         )
         if best is None or pred < best.predicted_step_s:
             best = MemorySplit(wp, kvp, wb, kvp.device_bytes, pred)
     if best is None:
-        need = min_device_budget(cost.layer_bytes, cost.fixed_bytes) + min_kv_device_budget(
-            n, kv_num_blocks * kv_block_bytes
-        )
+        stb = None if staging_blocks is None else staging_blocks * kv_block_bytes
+        need = min_device_budget(cost.layer_bytes, cost.fixed_bytes) + min_kv_device_budget(n, lb, stb)
         raise OffloadPolicyError(
             f"device memory budget {cost.device_budget_bytes} bytes is below the minimum {need} bytes for "
             f"weights and KV (the weights' minimum plus {NUM_SLOTS} KV staging buffers)"

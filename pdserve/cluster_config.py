@@ -153,6 +153,10 @@ class PoolConfig:
     # kv_budget_gib), and an offline throughput job's batch size from the cost model (needs
     # weight_budget_gib or device_budget_gib). Sizes in GiB; the budgets not with tp > 1
     kv_budget_gib: float = 0.0
+    # with kv_budget_gib or device_budget_gib: host memory for offloaded layers' KV (.inf: no limit;
+    # 0: all on disk), the rest in a memory-mapped file under kv_offload_dir ("": system temp)
+    kv_host_gib: float = math.inf
+    kv_offload_dir: str = ""
     device_budget_gib: float = 0.0
     offline_batch: bool = False
     max_model_len: int = 0  # longest prompt + output served (0: the model's max_position_embeddings)
@@ -192,6 +196,8 @@ class PoolConfig:
             offload_knobs.WEIGHT: self.weight_budget_gib or None,
             offload_knobs.WEIGHT_HOST: None if self.weight_host_gib == math.inf else self.weight_host_gib,
             offload_knobs.WEIGHT_DIR: self.weight_offload_dir or None,
+            offload_knobs.KV_HOST: None if self.kv_host_gib == math.inf else self.kv_host_gib,
+            offload_knobs.KV_DIR: self.kv_offload_dir or None,
             offload_knobs.KV: self.kv_budget_gib or None,
             offload_knobs.DEVICE: self.device_budget_gib or None,
             offload_knobs.OFFLINE: self.offline_batch,

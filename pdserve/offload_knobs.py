@@ -1,11 +1,11 @@
 """FlexGen offloading settings (issue #15 part 4) for every front end, checked in one place.
 
 The weight budget (``--weight-budget-gib`` / pool key ``weight_budget_gib``) predates this module;
-:data:`KNOBS` adds the weight tiers behind it (host memory, scratch folder), the KV budget, the
-joint device budget and the offline batch. Each :class:`OffloadKnob` is an ``EngineConfig`` field
+:data:`KNOBS` adds the weight tiers behind it (host memory, scratch folder), the KV budget and its
+tiers, the joint device budget and the offline batch. Each :class:`OffloadKnob` is an ``EngineConfig`` field
 and its front-end name (``kv_budget_gib``: the Ray pool key; ``--kv-budget-gib``: the worker /
 ``pdserve serve`` / ``pdserve generate`` flag). Sizes are GiB as a float, as the weight budget's
-are; the host tier's size may be ``inf`` (no limit, its default). :func:`problems` is the one set of checks
+are; a host tier's size may be ``inf`` (no limit, its default). :func:`problems` is the one set of checks
 (pure: a mapping of names to values in, ``(name, why)`` out), worded with the caller's names so
 that an error names the flag or pool key the operator wrote; the engine's own validation
 (:class:`engine.config.EngineConfig`) stays the last word.
@@ -26,7 +26,10 @@ DEVICE = "device_budget_gib"
 OFFLINE = "offline_batch"
 WEIGHT_HOST = "weight_host_gib"
 WEIGHT_DIR = "weight_offload_dir"
-_SIZES = (WEIGHT, WEIGHT_HOST, KV, DEVICE)
+KV_HOST = "kv_host_gib"
+KV_DIR = "kv_offload_dir"
+_SIZES = (WEIGHT, WEIGHT_HOST, KV, DEVICE, KV_HOST)
+_UNLIMITED = (WEIGHT_HOST, KV_HOST)  # sizes whose inf means no limit
 
 
 class KnobKind(enum.Enum):
@@ -93,6 +96,21 @@ KNOBS: tuple[OffloadKnob, ...] = (
         "two layers' KV; not with --tp > 1) (default: the whole pool on the device)",
     ),
     OffloadKnob(
+        KV_HOST,
+        "kv_host_budget_bytes",
+        KnobKind.GIB,
+        "with --kv-budget-gib or --device-budget-gib: host memory for offloaded layers' KV, in GiB; "
+        "the other offloaded layers' KV goes to a memory-mapped scratch file on disk (0: all on "
+        "disk; inf: no limit) (default: no limit)",
+    ),
+    OffloadKnob(
+        KV_DIR,
+        "kv_offload_dir",
+        KnobKind.PATH,
+        "with --kv-budget-gib or --device-budget-gib: folder of the KV disk pool's scratch file "
+        "(default: the system temp folder)",
+    ),
+    OffloadKnob(
         DEVICE,
         "device_memory_budget_bytes",
         KnobKind.GIB,
@@ -129,12 +147,12 @@ def problems(
             isinstance(v, int | float)
             and not isinstance(v, bool)
             and v >= 0
-            and (math.isfinite(v) or (k == WEIGHT_HOST and math.isinf(v)))
+            and (math.isfinite(v) or (k in _UNLIMITED and math.isinf(v)))
         ):
             out.append((k, f"must be >= 0 GiB, got {v}"))
     if out:
         return out
-    given = {k for k in (*_SIZES, WEIGHT_DIR) if values.get(k) is not None}
+    given = {k for k in (*_SIZES, WEIGHT_DIR, KV_DIR) if values.get(k) is not None}
     if values.get(OFFLINE):
         given.add(OFFLINE)
     for k in (WEIGHT_HOST, WEIGHT_DIR):
@@ -146,6 +164,9 @@ def problems(
                     f"{name(DEVICE)})",
                 )
             )
+    for k in (KV_HOST, KV_DIR):
+        if k in given and not given & {KV, DEVICE}:
+            out.append((k, f"places offloaded KV: it needs KV offloading ({name(KV)} or {name(DEVICE)})"))
     if DEVICE in given:
         for other in (WEIGHT, KV):
             if other in given:

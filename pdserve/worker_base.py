@@ -241,7 +241,11 @@ class WorkerState:
                 weight_prefetch_bytes=ws.bytes_copied if ws is not None else 0,
                 weight_prefetch_stall_seconds=ws.stall_s if ws is not None else 0.0,
                 kv_offload_bytes=(
-                    (("device", ko.placement.device_bytes), ("host", ko.placement.host_bytes))
+                    (
+                        ("device", ko.placement.device_bytes),
+                        ("host", ko.placement.host_bytes),
+                        *((("disk", ko.placement.disk_bytes),) if ko.placement.disk else ()),
+                    )
                     if ko is not None
                     else ()
                 ),

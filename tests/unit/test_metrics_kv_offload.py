@@ -52,6 +52,7 @@ def test_worker_snapshot_reads_the_engines_kv_offload(tiny_models):
             [[5, 6, 7, 8, 9] * 4], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
         )
         assert len(outs[0].token_ids) == 6
+        eng.kv_offload.synchronize()  # the last write-backs run on the I/O thread: done before reading
         fake = SimpleNamespace(
             engine=eng, finished_total=1, loop=SimpleNamespace(call=lambda fn, timeout_s: fn(eng))
         )

@@ -34,6 +34,8 @@ def test_every_engine_offload_field_has_a_front_end() -> None:
         "device_memory_budget_bytes",
         "weight_host_budget_bytes",
         "weight_offload_dir",
+        "kv_host_budget_bytes",
+        "kv_offload_dir",
     }
     assert {k.field for k in offload_knobs.KNOBS} == new
     from pdserve.cluster_config import PoolConfig
@@ -72,6 +74,11 @@ def test_every_engine_offload_field_has_a_front_end() -> None:
             ["--weight-budget-gib", "1", "--weight-host-gib", "inf"],
             dict(weight_host_budget_bytes=None, weight_offload_dir=None),
         ),
+        (
+            ["--kv-budget-gib", "1", "--kv-host-gib", "0.25", "--kv-offload-dir", "/kv"],
+            dict(kv_host_budget_bytes=GIB // 4, kv_offload_dir="/kv"),
+        ),
+        (["--device-budget-gib", "1", "--kv-host-gib", "0"], dict(kv_host_budget_bytes=0)),
     ],
 )
 def test_worker_flags_reach_the_engine_config(argv, want) -> None:
@@ -106,6 +113,12 @@ REFUSED = [
         "or --device-budget-gib)",
     ),
     (["--kv-budget-gib", "1", "--weight-offload-dir", "/s"], "--weight-offload-dir places offloaded"),
+    (["--kv-budget-gib", "1", "--kv-host-gib", "nan"], "--kv-host-gib must be >= 0 GiB"),
+    (
+        ["--weight-budget-gib", "1", "--kv-host-gib", "1"],
+        "--kv-host-gib places offloaded KV: it needs KV offloading (--kv-budget-gib or --device-budget-gib)",
+    ),
+    (["--kv-offload-dir", "/s"], "--kv-offload-dir places offloaded KV"),
 ]
 
 
@@ -165,6 +178,12 @@ def test_serve_forwards_the_flags_to_the_workers(monkeypatch) -> None:
     )
     eng = parse([*BASE, *args], Role.DECODE).engine
     assert (eng.weight_host_budget_bytes, eng.weight_offload_dir) == (GIB // 2, "/scratch")
+    rc, args = serve_worker_args(
+        monkeypatch, ["--kv-budget-gib", "1", "--kv-host-gib", "inf", "--kv-offload-dir", "/kv"]
+    )
+    assert args == ("--kv-budget-gib", "1.0", "--kv-host-gib", "inf", "--kv-offload-dir", "/kv")
+    eng = parse([*BASE, *args], Role.DECODE).engine
+    assert (eng.kv_host_budget_bytes, eng.kv_offload_dir, eng.kv_memory_budget_bytes) == (None, "/kv", GIB)
 
 
 @pytest.mark.parametrize("argv, why", REFUSED)
@@ -220,6 +239,10 @@ def test_weight_tier_pool_keys_reach_the_engine_config() -> None:
     assert (p.weight_host_budget_bytes, p.weight_offload_dir) == (GIB // 2, None)
     inf = from_dict({"model": "/m", "decode": {"weight_budget_gib": 1, "weight_host_gib": float("inf")}})
     assert inf.decode.engine_config().weight_host_budget_bytes is None  # .inf: no limit
+    kv = from_dict(
+        {"model": "/m", "decode": {"kv_budget_gib": 1, "kv_host_gib": 0.5, "kv_offload_dir": "/kv"}}
+    ).decode.engine_config()
+    assert (kv.kv_host_budget_bytes, kv.kv_offload_dir) == (GIB // 2, "/kv")
 
 
 @pytest.mark.parametrize(
@@ -253,6 +276,9 @@ def test_weight_tier_pool_keys_reach_the_engine_config() -> None:
         ),
         ({"weight_offload_dir": "/s"}, r"decode\.weight_offload_dir: places offloaded weights"),
         ({"weight_budget_gib": 1, "weight_offload_dir": 3}, r"decode\.weight_offload_dir: expected a string"),
+        ({"kv_budget_gib": 1, "kv_host_gib": -2}, r"decode\.kv_host_gib: must be >= 0 GiB"),
+        ({"kv_host_gib": 1}, r"decode\.kv_host_gib: places offloaded KV: it needs KV offloading"),
+        ({"device_budget_gib": 0, "kv_offload_dir": "/kv"}, r"decode\.kv_offload_dir: places offloaded KV"),
     ],
 )
 def test_pool_keys_refused_naming_the_key(pool, why) -> None:
