@@ -143,3 +143,22 @@ def test_simulate_cli_store_flags(capsys) -> None:
     assert "need --kv-store-blocks" in capsys.readouterr().err
     assert main([*base, "--kv-store-blocks", "10", "--kv-store-disk-blocks", "-2"]) == 2
     assert "--kv-store-disk-blocks must be" in capsys.readouterr().err
+
+
+def test_goodput_policy_fetches_from_the_store_in_a_disaggregated_cluster() -> None:
+    """The goodput policy prices the store (its disk part included) for prefill instances; its
+    colocated path prices local prefixes only, so the store is exercised disaggregated here."""
+
+    def run(store: SimKVStoreConfig | None):
+        c = ClusterConfig(
+            LatencySpec("llama-3-8b", "a100"),
+            (InstanceGroup(InstanceRole.PREFILL, 3, 1), InstanceGroup(InstanceRole.DECODE, 1, 1)),
+            kv_blocks=3000,
+            policy=PolicyKind.GOODPUT,
+            kv_store=store,
+        )
+        return Simulation(c, SimConfig(slo=SLO(5.0, 1.0))).run(named_workload("mooncake", n=300, rate=1.0))
+
+    with_store, without = run(SimKVStoreConfig(5000, None, 3.0)), run(None)
+    assert with_store.store.disk_blocks_read > 0
+    assert with_store.hit_ratio() > without.hit_ratio()
