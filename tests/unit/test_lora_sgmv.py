@@ -81,7 +81,7 @@ def test_a_row_is_bitwise_the_same_alone_or_in_any_batch() -> None:
     cols = [(0, 80), (80, 48)]
     a, b = slot_weights(72, cols, g)
     tg = sn.targets_table(2, R, cols)
-    slots = [2, 0, 2, 1, 4, 2, 3, 0]
+    slots = [2, 0, 2, 1, 4, 2, 3, 0, 2, 2, 0]  # segments of 5 (4 + 1), 3, 1 tokens: every block size
     x = torch.randn(len(slots), 72, generator=g)
     out = torch.randn(len(slots), 128, generator=g)
     rows, segs = index(slots)
