@@ -20,8 +20,10 @@ once and run interleaved for ``--repeats`` rounds (a load change on a shared hos
 them); each engine's best round is reported.
 
 KV offloading (``kv_memory_budget_bytes``, :mod:`engine.kv_offload`): engines with the KV of 50%
-and 100% of the layers in the host pool (budgets of ``(layers - k + 2)`` layers' pools: two staging
-buffers) and one with 50% of the weights and 50% of the KV off the device, in the same rounds.
+and 100% of the layers in the host pool (budgets of ``layers - k`` layers' pools and two staging
+buffers of :func:`engine.kv_offload.staging_bound` blocks), one with the 50% in the disk-backed pool
+(``kv_host_budget_bytes=0``; priced at the measured disk rate) and one with 50% of the weights and
+50% of the KV off the device, in the same rounds.
 Their table: tokens/s and the ratio to resident, KV bytes moved per step (held blocks in, new rows
 out, counted by the engine), the predicted step time of the cost model for those bytes
 (:func:`engine.offload_policy.predict_step_s` with the measured compute and host bandwidth), and
@@ -49,9 +51,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.config import EngineConfig  # noqa: E402
+from engine.kv_offload import staging_bound  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.offload import fixed_nbytes, layer_nbytes, measure_rates, offline_batch_size  # noqa: E402
-from engine.offload_policy import NUM_SLOTS, KVStepCost, WeightTier, predict_step_s  # noqa: E402
+from engine.offload_policy import NUM_SLOTS, KVStepCost, WeightTier, kv_device_bytes, predict_step_s  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from pdserve.cli_help import apply  # noqa: E402
 
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(
         num_kv_blocks=a.batch * (-(-(a.prompt + a.max_tokens) // 16) + 1),
         max_num_seqs=a.batch,
+        max_model_len=a.prompt + a.max_tokens,  # the KV staging buffers' bound (staging_bound)
         linear=a.linear,
     )
     tmp = tempfile.mkdtemp(prefix="pdserve-offload-bench-")
@@ -151,19 +155,26 @@ def main(argv: list[str] | None = None) -> int:
         )
     nl = len(lbytes)
     kv_layer = ref.kv.num_blocks * ref.runner.kv_cache[0, :, 0].numel() * ref.runner.kv_cache.element_size()
+    kv_block = kv_layer // ref.kv.num_blocks
+    staging = staging_bound(ref.kv.num_blocks, 16, a.batch, a.prompt + a.max_tokens)
     kv_engines: dict[str, LLMEngine] = {}
     if not a.no_kv:
         for name, k, wfrac in [
             ("KV 50%", nl // 2, None),
             ("KV 100%", nl, None),
             ("KV 50% + weights 50%", nl // 2, 0.5),
+            ("KV 50%, disk", nl // 2, "disk"),
         ]:
-            extra = {}
-            if wfrac is not None:
+            extra: dict = {}
+            if wfrac == "disk":  # every offloaded layer's KV in the disk-backed pool
+                extra = dict(kv_host_budget_bytes=0, kv_offload_dir=tmp)
+            elif wfrac is not None:
                 extra = dict(
                     weight_memory_budget_bytes=max(floor, int(total * wfrac)), weight_offload_dir=tmp
                 )
-            cfg = EngineConfig(**base, kv_memory_budget_bytes=(nl - k + NUM_SLOTS) * kv_layer, **extra)
+            # budget for k offloaded layers with the engine's staging buffers (staging_bound blocks)
+            budget = kv_device_bytes(nl, kv_layer, staging * kv_block, k)
+            cfg = EngineConfig(**base, kv_memory_budget_bytes=budget, **extra)
             kv_engines[name] = engines[name] = LLMEngine.from_pretrained(path, cfg)
     warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     for eng in engines.values():
@@ -223,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     if kv_engines:
         ref_s = best["resident"][0] / max(best["resident"][1], 1)
         print(
-            f"KV offloading: {nl} layers, KV pool {ref.kv.num_blocks} blocks ({kv_layer / 2**20:.2f} MiB a layer); "
-            f"resident step {ref_s * 1e3:.1f} ms"
+            f"KV offloading: {nl} layers, KV pool {ref.kv.num_blocks} blocks ({kv_layer / 2**20:.2f} MiB a layer), "
+            f"staging buffers of {staging} blocks; resident step {ref_s * 1e3:.1f} ms"
         )
         print(
             f"{'engine':>22} {'KV off':>7} {'tok/s':>8} {'x resident':>10} {'KV MiB/step':>11} "
@@ -237,14 +248,19 @@ def main(argv: list[str] | None = None) -> int:
         rd, wr, stall = kv_best.get(name, (0, 0, 0.0))
         tps = ntok / secs
         per_step = (rd + wr) / max(steps, 1)
-        io_s = per_step / rates.host_bw
+        nk = len(ko.placement.offloaded)
+        nd = len(ko.placement.disk)  # layers whose KV is in the disk pool: priced at the disk rate
+        io_s = per_step * ((nk - nd) / rates.host_bw + nd / rates.disk_bw) / max(nk, 1)
         io_bound = (ntok / max(steps, 1)) / io_s if io_s else float("inf")
         bound = min(ref_tps, io_bound)
-        nk = len(ko.placement.offloaded)
+        layer_rd, layer_wr = rd / max(steps * nk, 1), wr / max(steps * nk, 1)
         kv = KVStepCost(
             ko.placement.offloaded,
-            rd / max(steps * nk, 1) / rates.host_bw,
-            wr / max(steps * nk, 1) / rates.host_bw,
+            layer_rd / rates.host_bw,
+            layer_wr / rates.host_bw,
+            ko.placement.disk,
+            layer_rd / rates.disk_bw,
+            layer_wr / rates.disk_bw,
         )
         wo = eng.weight_offload
         tiers = wo.placement.tiers if wo else (WeightTier.DEVICE,) * nl

@@ -89,7 +89,7 @@ class EngineConfig:
     KV pool may use between them; the split is the offload cost model's
     (:func:`engine.offload_policy.split_device_budget`: every count of offloaded KV layers with the
     weights placed in the rest, the smallest predicted decode step wins, the KV priced for a step
-    holding the whole pool and decoding ``max_num_seqs`` tokens, rates measured at load). The
+    filling the KV staging buffers and decoding ``max_num_seqs`` tokens, rates measured at load). The
     engine then runs as with the two budgets it chose (``LLMEngine.memory_split``). Refused
     together with ``weight_memory_budget_bytes`` or ``kv_memory_budget_bytes`` (set one or the
     other), and where either offloading is refused.
