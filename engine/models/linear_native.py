@@ -245,13 +245,27 @@ static void rows_range(const float* x, int64_t M, int64_t K, const float* w, con
 #define MAX_HELPERS 15
 #define MAX_CHUNKS 65535
 
+/* one job: chunk i of n runs fn(ctx, i); chunks may run on any thread, in any order */
+typedef void (*chunk_fn)(void* ctx, int64_t i);
+typedef struct {
+    chunk_fn fn;
+    void* ctx;
+} job_t;
+
 typedef struct {
     const float* x;
     const float* w;
     const float* bias;
     float* out;
     int64_t M, K, N, rows;
-} job_t;
+} linear_job_t;
+
+static void linear_chunk(void* ctx, int64_t i)
+{
+    const linear_job_t* j = (const linear_job_t*)ctx;
+    const int64_t r0 = i * j->rows, r1 = r0 + j->rows < j->N ? r0 + j->rows : j->N;
+    rows_range(j->x, j->M, j->K, j->w, j->bias, j->N, j->out, r0, r1);
+}
 
 static job_t g_job;
 static _Atomic uint64_t g_state;
@@ -284,9 +298,8 @@ static int run_chunks(uint32_t gen)
     int64_t i;
     int did = 0;
     while (claim(gen, &i)) {
-        const job_t* j = &g_job; /* read only after a successful claim: job gen is still live */
-        const int64_t r0 = i * j->rows, r1 = r0 + j->rows < j->N ? r0 + j->rows : j->N;
-        rows_range(j->x, j->M, j->K, j->w, j->bias, j->N, j->out, r0, r1);
+        /* g_job read only after a successful claim: job gen is live until its chunks are done */
+        g_job.fn(g_job.ctx, i);
         atomic_fetch_add_explicit(&g_done, 1, memory_order_release);
         did++;
     }
@@ -365,6 +378,31 @@ static int helpers(void)
     return g_started;
 }
 
+/* run fn(ctx, i) for every i < n on the calling thread and any awake helpers; returns when all
+   are done. n <= MAX_CHUNKS. Runs them all on the calling thread when the pool has no helpers or
+   another caller holds it. Exported for the other native kernels (engine.attention_native), so
+   the process keeps one pool. */
+void f32_pool_run(chunk_fn fn, void* ctx, int64_t n)
+{
+    if (n < 2 || n > MAX_CHUNKS || g_want < 2 || helpers() < 1 || pthread_mutex_trylock(&g_lock) != 0) {
+        for (int64_t i = 0; i < n; i++) fn(ctx, i);
+        return;
+    }
+    g_job = (job_t){fn, ctx};
+    atomic_store_explicit(&g_done, 0, memory_order_relaxed);
+    const uint32_t gen = atomic_load(&g_gen) + 1;
+    atomic_store_explicit(&g_state, ((uint64_t)gen << 32) | (uint64_t)n, memory_order_release);
+    atomic_store(&g_gen, gen);
+    if (atomic_load(&g_sleepers) > 0) syscall(SYS_futex, &g_gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    run_chunks(gen);
+    unsigned spins = 0;
+    while (atomic_load_explicit(&g_done, memory_order_acquire) < n) {
+        if ((++spins & 1023) == 0) sched_yield(); /* a helper preempted inside a chunk */
+        CPU_RELAX();
+    }
+    pthread_mutex_unlock(&g_lock);
+}
+
 /* out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); x [M, K], w [N, K], out [M, N], all f32.
    min_split_bytes: weights smaller than this run on the calling thread only. */
 void f32_linear(const float* x, int64_t M, int64_t K, const float* w, const float* bias, int64_t N,
@@ -376,24 +414,12 @@ void f32_linear(const float* x, int64_t M, int64_t K, const float* w, const floa
     const int64_t min_rows = ((N + MAX_CHUNKS - 1) / MAX_CHUNKS + 3) / 4 * 4;
     if (rows < min_rows) rows = min_rows;
     const int64_t nch = (N + rows - 1) / rows;
-    if (g_want < 2 || nch < 2 || N * K * 4 < min_split_bytes || helpers() < 1 ||
-        pthread_mutex_trylock(&g_lock) != 0) {
+    if (nch < 2 || N * K * 4 < min_split_bytes) {
         rows_range(x, M, K, w, bias, N, out, 0, N);
         return;
     }
-    g_job = (job_t){x, w, bias, out, M, K, N, rows};
-    atomic_store_explicit(&g_done, 0, memory_order_relaxed);
-    const uint32_t gen = atomic_load(&g_gen) + 1;
-    atomic_store_explicit(&g_state, ((uint64_t)gen << 32) | (uint64_t)nch, memory_order_release);
-    atomic_store(&g_gen, gen);
-    if (atomic_load(&g_sleepers) > 0) syscall(SYS_futex, &g_gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
-    run_chunks(gen);
-    unsigned spins = 0;
-    while (atomic_load_explicit(&g_done, memory_order_acquire) < nch) {
-        if ((++spins & 1023) == 0) sched_yield(); /* a helper preempted inside a chunk */
-        CPU_RELAX();
-    }
-    pthread_mutex_unlock(&g_lock);
+    linear_job_t j = {x, w, bias, out, M, K, N, rows};
+    f32_pool_run(linear_chunk, &j, nch);
 }
 """
 
@@ -430,6 +456,15 @@ def configure_pool(threads: int, spin_us: float = HELPER_SPIN_US) -> None:
     if lib is None:
         raise RuntimeError(f"fp32 linear kernel unavailable: {_lib_reason}")
     lib.f32_pool_config(int(threads), int(spin_us * 1000))
+
+
+def pool_run_address() -> int | None:
+    """The address of the kernel library's ``f32_pool_run(fn, ctx, n)`` (C: run ``fn(ctx, i)`` for
+    ``i < n``, ``n <= 65535``, on the calling thread and the pool's awake helpers; returns when all
+    are done), for the other native kernels to share this one pool; None when the library is
+    unavailable."""
+    lib = kernel()
+    return None if lib is None else ctypes.cast(lib.f32_pool_run, ctypes.c_void_p).value
 
 
 def kernel_unavailable_reason() -> str | None:

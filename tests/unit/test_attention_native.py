@@ -132,6 +132,65 @@ def test_kernel_refuses_bad_tensors():
         attention_native.paged_attention_rows(q, kc, kc, tab, i, i, i + 1, i, 1.0, out=torch.empty(2, 4, 4))
 
 
+def _rows(t: int, ctx: int, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    bs, kvh, hd, h = 16, 3, 64, 9
+    per = -(-ctx // bs)
+    nb = t * per + 2
+    kc, vc = torch.randn(nb, bs, kvh, hd, generator=g), torch.randn(nb, bs, kvh, hd, generator=g)
+    tables = torch.randperm(nb, generator=g)[: t * per].view(t, per).contiguous()
+    lo = torch.randint(0, ctx // 2, (t,), generator=g)
+    hi = torch.randint(ctx // 2 + 1, ctx + 1, (t,), generator=g)
+    q = torch.randn(t, h, hd, generator=g)
+    return q, kc, vc, tables, torch.arange(t), lo, hi, torch.zeros(t, dtype=torch.long)
+
+
+@pytest.mark.parametrize(("t", "ctx"), [(1, 300), (8, 256), (5, 700)])
+def test_pool_split_is_bitwise_the_single_thread_result(monkeypatch, t, ctx):
+    """The (query, KV head) items run on the shared claim pool (engine.models.linear_native): any
+    thread count, helpers asleep or spinning, and PAR_MIN_WORK give the same bits."""
+    from engine.models import linear_native as ln
+
+    args = _rows(t, ctx)
+    monkeypatch.setattr(attention_native, "PAR_MIN_WORK", 10**12)
+    ref = attention_native.paged_attention_rows(*args, 0.125)
+    monkeypatch.setattr(attention_native, "PAR_MIN_WORK", 0)
+    try:
+        for threads, spin in ((1, 50.0), (2, 50.0), (4, 0.0), (3, 50.0)):
+            ln.configure_pool(threads, spin_us=spin)
+            for _ in range(3):
+                assert torch.equal(attention_native.paged_attention_rows(*args, 0.125), ref)
+    finally:
+        ln.configure_pool(torch.get_num_threads())
+
+
+def test_softmax_exp_matches_float64():
+    """The kernel's own exp (a polynomial the compiler vectorises) against a float64 reference over
+    scores spread wide enough that most weights underflow: rounding-level agreement."""
+    q, kc, vc, tables, row, lo, hi, first = _rows(4, 500, seed=5)
+    scale = 2.0  # scores in the tens: weights from 1 down to far below float's range
+    out = attention_native.paged_attention_rows(q, kc, vc, tables, row, lo, hi, first, scale)
+    bs = kc.shape[1]
+    for i in range(4):
+        pos = torch.arange(int(lo[i]), int(hi[i]))
+        slot = tables[i, pos // bs] * bs + pos % bs
+        k = kc.view(-1, 3, 64)[slot].double()
+        v = vc.view(-1, 3, 64)[slot].double()
+        qq = q[i].double().view(3, 3, 64)
+        s = torch.einsum("kgd,pkd->kgp", qq, k) * scale
+        ref = torch.einsum("kgp,pkd->kgd", torch.softmax(s, -1), v).reshape(9, 64)
+        torch.testing.assert_close(out[i].double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_nan_in_range_stays_visible():
+    """A NaN key inside a query's range makes its output NaN (never silently dropped)."""
+    q, kc, vc, tables, row, lo, hi, first = _rows(2, 64)
+    slot = int(tables[1, int(lo[1]) // 16]) * 16 + int(lo[1]) % 16
+    kc.view(-1, 3, 64)[slot, 0, 5] = float("nan")
+    out = attention_native.paged_attention_rows(q, kc, vc, tables, row, lo, hi, first, 0.125)
+    assert torch.isnan(out[1, :3]).all() and torch.isfinite(out[1, 3:]).all() and torch.isfinite(out[0]).all()
+
+
 @pytest.fixture(scope="module")
 def engines(tiny_models):
     cfg = EngineConfig(num_kv_blocks=128, block_size=4)
