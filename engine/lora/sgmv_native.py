@@ -9,9 +9,11 @@ its tokens), the shrink ``u = A[s] x[t]`` goes to a small scratch row and the ex
 diagonal: target ``j``'s rank rows ``j*R..j*R+R`` write only its output columns), so the zero
 blocks cost nothing.
 
-A segment's tokens go four at a time, so its ``A`` and ``B`` are read once per four tokens; each
-token's arithmetic is the same sequence of operations in any block, so a token's update is
-bitwise the same alone or in any mixed batch. One thread: the update is
+Every row is computed by the same code whatever the batch around it, so a token's update is
+bitwise the same alone or in any mixed batch. Rows are not blocked across tokens: a blocked
+variant (four tokens per pass over an adapter's A and B) was 1.2-1.5x slower with 30 layers of
+8 adapters' weights streaming from memory as in a real step (the first token of a segment
+brings A and B into L2, the rest hit L2), though faster when the weights fit in cache. One thread: the update is
 a few percent of the step's FLOPs (rank 16 on SmolLM2: about 5%).
 
 Refused (ValueError naming the argument) where the data is not what the kernel reads: non-fp32,
@@ -36,98 +38,17 @@ _SOURCE = r"""
 #include <string.h>
 
 typedef float v16 __attribute__((vector_size(64)));
-#define INLINE static inline __attribute__((always_inline))
-INLINE v16 ld(const float* p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-INLINE void st(float* p, v16 v) { memcpy(p, &v, sizeof v); }
-INLINE float hsum(v16 v)
+static inline v16 ld(const float* p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float* p, v16 v) { memcpy(p, &v, sizeof v); }
+static inline float hsum(v16 v)
 {
     float s = 0.f;
     for (int l = 0; l < 16; l++) s += v[l];
     return s;
 }
 
-/* u[t][w] = A[w] . x[t] for NT tokens and w < W (A rows of n floats): four A rows at a time,
-   each loaded once for all NT tokens. Every (t, w) is the same sequence of operations whatever
-   NT is, so a token's result does not depend on the tokens beside it. */
-INLINE void shrink(const int NT, const float* a, const float* const* x, int64_t n, int64_t W, float* u)
-{
-    const int64_t nv = n - n % 16;
-    int64_t w = 0;
-    for (; w + 4 <= W; w += 4) {
-        const float* ar[4] = {a + w * n, a + (w + 1) * n, a + (w + 2) * n, a + (w + 3) * n};
-        v16 s[4][NT];
-        for (int r = 0; r < 4; r++)
-            for (int t = 0; t < NT; t++) s[r][t] = (v16){0};
-        for (int64_t k = 0; k < nv; k += 16) {
-            v16 xv[NT];
-            for (int t = 0; t < NT; t++) xv[t] = ld(x[t] + k);
-            for (int r = 0; r < 4; r++) {
-                const v16 av = ld(ar[r] + k);
-                for (int t = 0; t < NT; t++) s[r][t] += av * xv[t];
-            }
-        }
-        for (int r = 0; r < 4; r++)
-            for (int t = 0; t < NT; t++) {
-                float acc = hsum(s[r][t]);
-                for (int64_t k = nv; k < n; k++) acc += ar[r][k] * x[t][k];
-                u[t * W + w + r] = acc;
-            }
-    }
-    for (; w < W; w++) {
-        const float* a0 = a + w * n;
-        for (int t = 0; t < NT; t++) {
-            v16 s0 = {0};
-            for (int64_t k = 0; k < nv; k += 16) s0 += ld(a0 + k) * ld(x[t] + k);
-            float acc = hsum(s0);
-            for (int64_t k = nv; k < n; k++) acc += a0[k] * x[t][k];
-            u[t * W + w] = acc;
-        }
-    }
-}
-
-/* o[t][c] += sum_w u[t][w] * b[w * ldb + c] for NT tokens, c < n, w < wn (u rows of ldu): each
-   B row loaded once for all NT tokens; o stays in registers over every w. */
-INLINE void expand(const int NT, const float* u, int64_t ldu, const float* b, int64_t ldb, int64_t wn, int64_t n,
-                   float* const* o)
-{
-    int64_t c = 0;
-    for (; c + 64 <= n; c += 64) {
-        v16 o0[NT], o1[NT], o2[NT], o3[NT];
-        for (int t = 0; t < NT; t++) {
-            o0[t] = ld(o[t] + c); o1[t] = ld(o[t] + c + 16); o2[t] = ld(o[t] + c + 32); o3[t] = ld(o[t] + c + 48);
-        }
-        for (int64_t w = 0; w < wn; w++) {
-            const float* bw = b + w * ldb + c;
-            const v16 b0 = ld(bw), b1 = ld(bw + 16), b2 = ld(bw + 32), b3 = ld(bw + 48);
-            for (int t = 0; t < NT; t++) {
-                const float uw = u[t * ldu + w];
-                o0[t] += uw * b0; o1[t] += uw * b1; o2[t] += uw * b2; o3[t] += uw * b3;
-            }
-        }
-        for (int t = 0; t < NT; t++) {
-            st(o[t] + c, o0[t]); st(o[t] + c + 16, o1[t]); st(o[t] + c + 32, o2[t]); st(o[t] + c + 48, o3[t]);
-        }
-    }
-    for (; c + 16 <= n; c += 16) {
-        v16 o0[NT];
-        for (int t = 0; t < NT; t++) o0[t] = ld(o[t] + c);
-        for (int64_t w = 0; w < wn; w++) {
-            const v16 b0 = ld(b + w * ldb + c);
-            for (int t = 0; t < NT; t++) o0[t] += u[t * ldu + w] * b0;
-        }
-        for (int t = 0; t < NT; t++) st(o[t] + c, o0[t]);
-    }
-    for (; c < n; c++)
-        for (int t = 0; t < NT; t++) {
-            float acc = o[t][c];
-            for (int64_t w = 0; w < wn; w++) acc += u[t * ldu + w] * b[w * ldb + c];
-            o[t][c] = acc;
-        }
-}
-
-/* one token: the same operations per (t, w) as shrink/expand above, kept apart because the
-   NT = 1 instance of those compiles to slower code */
-static void shrink1(const float* a, const float* x, int64_t n, int64_t W, float* u)
+/* u[w] = A[w] . x for w < W (A rows of n floats), four rows at a time: x is read once per four */
+static void shrink(const float* a, const float* x, int64_t n, int64_t W, float* u)
 {
     const int64_t nv = n - n % 16;
     int64_t w = 0;
@@ -139,10 +60,7 @@ static void shrink1(const float* a, const float* x, int64_t n, int64_t W, float*
             s0 += ld(a0 + k) * xv; s1 += ld(a1 + k) * xv; s2 += ld(a2 + k) * xv; s3 += ld(a3 + k) * xv;
         }
         float r0 = hsum(s0), r1 = hsum(s1), r2 = hsum(s2), r3 = hsum(s3);
-        for (int64_t k = nv; k < n; k++) r0 += a0[k] * x[k];
-        for (int64_t k = nv; k < n; k++) r1 += a1[k] * x[k];
-        for (int64_t k = nv; k < n; k++) r2 += a2[k] * x[k];
-        for (int64_t k = nv; k < n; k++) r3 += a3[k] * x[k];
+        for (int64_t k = nv; k < n; k++) { r0 += a0[k] * x[k]; r1 += a1[k] * x[k]; r2 += a2[k] * x[k]; r3 += a3[k] * x[k]; }
         u[w] = r0; u[w + 1] = r1; u[w + 2] = r2; u[w + 3] = r3;
     }
     for (; w < W; w++) {
@@ -155,7 +73,8 @@ static void shrink1(const float* a, const float* x, int64_t n, int64_t W, float*
     }
 }
 
-static void expand1(const float* u, const float* b, int64_t ldb, int64_t wn, int64_t n, float* o)
+/* o[c] += sum_w u[w] * b[w * ldb + c] for c < n, w < wn: o stays in registers over every w */
+static void expand(const float* u, const float* b, int64_t ldb, int64_t wn, int64_t n, float* o)
 {
     int64_t c = 0;
     for (; c + 64 <= n; c += 64) {
@@ -179,51 +98,28 @@ static void expand1(const float* u, const float* b, int64_t ldb, int64_t wn, int
     }
 }
 
-INLINE void block(const int NT, const float* as, const float* bs, const float* const* xs, float* const* os,
-                  int64_t in, int64_t W, int64_t outf, const int64_t* tg, int64_t ntg, float* u)
-{
-    shrink(NT, as, xs, in, W, u);
-    for (int64_t j = 0; j < ntg; j++) {
-        const int64_t w0 = tg[4 * j], c0 = tg[4 * j + 2];
-        float* oc[4];
-        for (int t = 0; t < NT; t++) oc[t] = os[t] + c0;
-        expand(NT, u + w0, W, bs + w0 * outf + c0, outf, tg[4 * j + 1], tg[4 * j + 3], oc);
-    }
-}
-
 /* x: rows of `in` floats, row t at x + t*ldx; out: row t at out + t*ldo (added to).
    a: [S, W, in]; b: [S, W, outf]. rows: the adapter tokens' batch rows in segment order;
    seg: [nseg, 3] (slot, lo, hi): rows[lo:hi] use slot. tg: [ntg, 4] (w_lo, w_n, col_lo, col_n):
-   rank rows w_lo..w_lo+w_n of B write only columns col_lo..col_lo+col_n. A segment's tokens go
-   four at a time (its A and B read once per four); each token's arithmetic is the same in any
-   block, so the result is bitwise batch-invariant. */
+   rank rows w_lo..w_lo+w_n of B write only columns col_lo..col_lo+col_n. Each row is computed
+   by the same code whatever the batch (bitwise batch-invariant). */
 void lora_sgmv_f32(const float* x, int64_t ldx, float* out, int64_t ldo,
                    const float* a, const float* b, int64_t in, int64_t W, int64_t outf,
                    const int64_t* rows, const int64_t* seg, int64_t nseg,
                    const int64_t* tg, int64_t ntg)
 {
-    float u[4 * (W > 0 ? W : 1)];
+    float u[W > 0 ? W : 1];
     for (int64_t g = 0; g < nseg; g++) {
         const float* as = a + seg[3 * g] * W * in;
         const float* bs = b + seg[3 * g] * W * outf;
-        for (int64_t i = seg[3 * g + 1]; i < seg[3 * g + 2];) {
-            const int64_t left = seg[3 * g + 2] - i;
-            const int nt = left >= 4 ? 4 : (int)left;
-            const float* xs[4];
-            float* os[4];
-            for (int t = 0; t < nt; t++) { xs[t] = x + rows[i + t] * ldx; os[t] = out + rows[i + t] * ldo; }
-            switch (nt) {
-            case 4: block(4, as, bs, xs, os, in, W, outf, tg, ntg, u); break;
-            case 3: block(3, as, bs, xs, os, in, W, outf, tg, ntg, u); break;
-            case 2: block(2, as, bs, xs, os, in, W, outf, tg, ntg, u); break;
-            default:
-                shrink1(as, xs[0], in, W, u);
-                for (int64_t j = 0; j < ntg; j++) {
-                    const int64_t w0 = tg[4 * j], c0 = tg[4 * j + 2];
-                    expand1(u + w0, bs + w0 * outf + c0, outf, tg[4 * j + 1], tg[4 * j + 3], os[0] + c0);
-                }
+        for (int64_t i = seg[3 * g + 1]; i < seg[3 * g + 2]; i++) {
+            const int64_t t = rows[i];
+            shrink(as, x + t * ldx, in, W, u);
+            float* ot = out + t * ldo;
+            for (int64_t j = 0; j < ntg; j++) {
+                const int64_t w0 = tg[4 * j], c0 = tg[4 * j + 2];
+                expand(u + w0, bs + w0 * outf + c0, outf, tg[4 * j + 1], tg[4 * j + 3], ot + c0);
             }
-            i += nt;
         }
     }
 }
