@@ -16,7 +16,7 @@ from engine.offload import Bandwidths, fixed_nbytes, layer_nbytes, offline_batch
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulingPolicy
 from engine.spec_decode import SpeculativeConfig
-from tests.tiny_models import COMMON
+from tests import offload_models
 
 NUM_LAYERS = 8
 BASE = dict(num_kv_blocks=128, block_size=16, max_num_batched_tokens=256, linear="torch")
@@ -25,18 +25,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def deep_llama(tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(77)
-    cfg = LlamaConfig(**{**COMMON, "num_hidden_layers": NUM_LAYERS}, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
-    d = tmp_path_factory.mktemp("deep") / "llama8"
-    model.save_pretrained(d, safe_serialization=True)
-    return d
+    return offload_models.deep_llama(tmp_path_factory, NUM_LAYERS, 77)
 
 
 def _prompts(n: int = 12) -> list[list[int]]:

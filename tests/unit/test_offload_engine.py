@@ -15,7 +15,7 @@ from engine.llm_engine import LLMEngine
 from engine.offload import OffloadedWeights, fixed_nbytes, layer_nbytes
 from engine.offload_policy import OffloadPolicyError, WeightPlacement, WeightTier
 from engine.sampling_params import SamplingParams
-from tests.tiny_models import COMMON
+from tests import offload_models
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
 # chunked prefill too; linear 'torch': an offloaded model keeps torch's linear (engine_linear), so the
@@ -32,22 +32,11 @@ def _prompts() -> list[list[int]]:
 @pytest.fixture(scope="module")
 def deep_llama(tmp_path_factory) -> Path:
     """A tiny random Llama with 16 layers (enough to cycle the two device slots)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(1234)
-    cfg = LlamaConfig(**{**COMMON, "num_hidden_layers": NUM_LAYERS}, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
-    d = tmp_path_factory.mktemp("deep") / "llama16"
-    model.save_pretrained(d, safe_serialization=True)
-    return d
+    return offload_models.deep_llama(tmp_path_factory, NUM_LAYERS, 1234)
 
 
 def _run(eng: LLMEngine, prompts) -> list[tuple[list[int], list[float]]]:
-    return [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in eng.generate(prompts, GREEDY)]
+    return offload_models.run(eng, prompts, GREEDY)
 
 
 @pytest.fixture(scope="module")
