@@ -7,23 +7,29 @@ work: at batch 1 on SmolLM2-135M (30 layers) that overhead, not arithmetic, was 
 outside the projections. Three C functions replace them (compiled once per source, flags and CPU
 by :func:`engine.native_build.build_library`, single-threaded: the rows are few):
 
-* ``add_rmsnorm``: ``res += x`` (when ``x`` is given) then ``out = w * (res * rsqrt(mean(res**2) +
-  eps))``, the residual add and the next RMSNorm in one pass (HF's ``LlamaRMSNorm`` in fp32);
-* ``rope_qkv``: on a fused ``qkv`` projection output ``[T, (H + 2 KVH) * hd]``, rotates the q and k
-  heads in place (HF's rotate-half convention, full rotary dim, tables ``cos``/``sin``
-  ``[max_positions, hd]`` indexed by each row's position), copies q out contiguous ``[T, H, hd]``
-  and writes k and v into the layer's paged cache at the rows' slots;
-* ``silu_mul``: ``out = silu(gate) * up`` over a fused ``gate_up`` output ``[T, 2 I]``.
+* ``add_rmsnorm``: ``res += x`` (when ``x`` is given; ``res += norm(x)`` with a second weight for
+  Gemma's post-attention/post-feedforward norms) then ``out = norm(res)``, the residual add and the
+  next RMSNorm in one pass (HF's ``LlamaRMSNorm``, or with ``plus_one`` Gemma's ``(1 + w)`` one, in
+  fp32);
+* ``rope_qkv``: on a fused ``qkv`` projection output ``[T, (H + 2 KVH) * hd]``, normalises each q
+  and k head when given q/k norm weights (Qwen3, Gemma 3: before RoPE), rotates the first ``R``
+  dims of the q and k heads in place (HF's rotate-half convention; ``R < hd``: partial rotary,
+  Phi-3; tables ``cos``/``sin`` ``[max_positions, R]`` indexed by each row's position), copies q
+  out contiguous ``[T, H, hd]`` and writes k and v into the layer's paged cache at the rows' slots;
+* ``act_mul``: ``out = act(gate) * up`` over a fused ``gate_up`` output ``[T, 2 I]``, ``act``
+  SiLU or GELU-tanh (:class:`Act`).
 
 Contract: float32, contiguous, CPU; positions in ``[0, max_positions)`` and slots in the cache;
 the index data is trusted here, :func:`check_step` validates it once per step. Results differ from
 the torch ops by rounding only (fp32 sums in another order, fused multiply-adds):
 tests/unit/test_fused_native.py compares them.
 
-Selection (:func:`engine.models.llama.LlamaForCausalLM.enable_fused`): the same as the native
-linear's (``EngineConfig.linear``: a float32 model on CPU whose projections took the native linear),
-and the kernel builds; otherwise the torch ops run. The model uses the fused forward for batches of
-at most :data:`FUSED_MAX_ROWS` rows (prefill chunks keep torch's vectorised ops).
+Selection (:func:`engine.models.llama.LlamaForCausalLM.enable_fused`; which structures are
+covered: :mod:`engine.models.fused_plan`): the same as the native linear's (``EngineConfig.linear``:
+a float32 model on CPU whose projections took the native linear, or the native int8 linear under
+``weight_dtype`` int8), and the kernel builds; otherwise the torch ops run. The model uses the
+fused forward for batches of at most :data:`FUSED_MAX_ROWS` rows (larger prefill chunks keep
+torch's vectorised ops).
 """
 
 from __future__ import annotations
