@@ -374,12 +374,12 @@ class _LoopInbox:
 
     ``window_s`` > 0 (the worker's ``stream_window_s``; #12): while outputs flow, the loop drains
     the inbox itself once per window (a timer), and an engine step wakes the loop only for an
-    ``urgent`` output (one that ends its request, or a stream's first: the finish and TTFT are
-    never held) or when no timer is running (the first output after a quiet spell). So the loop,
-    and with it the GIL hand-over between the engine thread and the loop thread, wakes about
-    once per window instead of once per engine step; a token waits at most one window here,
-    which the streams' own coalescing (one message per window) waits anyway. 0: every step wakes
-    the loop (as before)."""
+    ``urgent`` output (a failure; a relayed stream's first output and its finish, which its
+    window never holds; see :class:`_LoopQueue`) or when no timer is running (the first output
+    after a quiet spell). So the loop, and with it the GIL hand-over between the engine thread
+    and the loop thread, wakes about once per window instead of once per engine step; a token
+    waits at most one window here, which the streams' own coalescing (one message per window)
+    waits anyway. 0: every step wakes the loop (as before)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, window_s: float = 0.0) -> None:
         self._loop = loop
@@ -454,19 +454,26 @@ class _LoopQueue:
     item to the event loop through the loop's :class:`_LoopInbox`, never blocking the engine.
     Holds at most the request's outputs (bounded by its ``max_tokens``)."""
 
-    def __init__(self, inbox: _LoopInbox, first_urgent: bool = True) -> None:
+    def __init__(self, inbox: _LoopInbox, first_urgent: bool = True, finish_urgent: bool = True) -> None:
         self._inbox = inbox
-        # the inbox wakes the loop at once for an output that ends the request, and for the
-        # first one unless told it is not latency-critical (a direct stream's handoff: the
-        # router sent the first token, and the client's deltas go out once per window)
+        # the inbox wakes the loop at once for a failure, and for the first output and the
+        # finish unless told they are not latency-critical (a direct stream: its client's
+        # deltas, the last one too, go out at most once per window; a handoff's first engine
+        # output is its second token, the router sent the first)
         self._first_urgent = first_urgent
+        self._finish_urgent = finish_urgent
         self._put_any = False  # engine thread only
         self._q: asyncio.Queue[OutputItem] = asyncio.Queue()
         self._end: asyncio.Future[None] | None = None  # a waiter for an item that ends the request
         self._sink: Callable[[OutputItem], None] | None = None  # divert: items go here instead
 
     def put(self, item: OutputItem) -> None:  # engine thread
-        urgent = _ends(item) or (self._first_urgent and not self._put_any)
+        if isinstance(item, BaseException):
+            urgent = True
+        elif item.finished:
+            urgent = self._finish_urgent
+        else:
+            urgent = self._first_urgent and not self._put_any
         self._put_any = True
         self._inbox.put(self, item, urgent)
 
@@ -619,9 +626,11 @@ class AsyncDecodeServicer(DecodeServicer):
                 )
             self.direct.check(req)
         loop = asyncio.get_running_loop()
-        # a direct handoff's first engine output is its second token (the router sent the
-        # first) and goes to the client within a window anyway: not worth a wake-up of its own
-        out = _LoopQueue(self._inbox(loop), req.local_prefill or not req.HasField("direct"))
+        # a direct stream's deltas go to its client at most once per window (its finish too),
+        # and a handoff's first engine output is its second token (the router sent the first):
+        # not worth a wake-up of their own (local_prefill's first output is its first token)
+        direct = req.HasField("direct")
+        out = _LoopQueue(self._inbox(loop), req.local_prefill or not direct, not direct)
         # a handoff whose KV is read with no rpc is admitted here (no thread hop); others on threads
         on_loop = await admit_on_loop(self, req, ctx, out)
         if on_loop is not None:

@@ -164,3 +164,24 @@ def test_on_a_real_loop_outputs_arrive_in_order_about_once_per_window() -> None:
     late = max(at - sent[t] for t, at in got)
     assert late < window + 0.25, f"a token waited {late:.3f} s"  # a window, plus a loaded host's slack
     assert wakeups <= steps // 5, f"{wakeups} wake-ups for {steps} steps"
+
+
+def test_a_direct_streams_finish_waits_for_the_timer_but_a_relayed_ones_does_not() -> None:
+    from decode_worker.service import _LoopInbox, _LoopQueue
+
+    loop = _Loop()
+    inbox = _LoopInbox(loop, 0.05)  # type: ignore[arg-type]
+    direct = _LoopQueue(inbox, first_urgent=False, finish_urgent=False)
+    relayed = _LoopQueue(inbox)
+    _step(inbox, [(direct, _out("d", 0))])
+    loop.run_wakeup()  # no timer ran: woken; the drain starts it
+    _step(inbox, [(direct, _out("d", 1, finished=True))])
+    assert loop.wakeups == []  # the direct finish goes with the next tick
+    loop.run_timer()
+    assert _drained(direct) == [0, 1]
+    _step(inbox, [(relayed, _out("r", 5))])  # its first: urgent
+    loop.run_wakeup()
+    _step(inbox, [(relayed, _out("r", 6, finished=True))])
+    assert len(loop.wakeups) == 1  # a relayed finish: at once
+    loop.run_wakeup()
+    assert _drained(relayed) == [5, 6]
