@@ -23,6 +23,7 @@ import json
 import os
 import re
 import signal
+import time
 import urllib.request
 from pathlib import Path
 
@@ -136,8 +137,13 @@ def test_direct_after_a_prefill_handoff(cluster, whole) -> None:
         == ref.token_ids
     )
     assert "".join(ch.text for ch in direct) == "".join(ch.text for ch in relay) == ref.text
-    routed = [ln for ln in cluster.logs["router"] if "handoff-direct" in ln and '"routed"' in ln]
-    assert routed and json.loads(routed[0])["local_prefill"] is False, routed
+    deadline = time.monotonic() + 10  # the router's log lines leave in 0.1 s batches (router.log_buffer)
+    while not (
+        routed := [ln for ln in cluster.logs["router"] if "handoff-direct" in ln and '"routed"' in ln]
+    ):
+        assert time.monotonic() < deadline, "the router logged no 'routed' line for handoff-direct"
+        time.sleep(0.05)
+    assert json.loads(routed[0])["local_prefill"] is False, routed
 
 
 async def _tagged(c: AsyncClient, prompt, request_id: str, direct: bool):
