@@ -11,6 +11,11 @@ the model's fused forward is switched on and off every ``--steps`` steps, ``--re
 (interleaved, so a shared host's load hits both alike). Printed per cell: median step ms of the
 torch small ops and of the fused ones, and their ratio (torch / fused; > 1: fused faster), with
 the load average before and after. The fused path's ``fused_reason`` is printed where it is off.
+
+``--cpu-time``: one thread everywhere (torch, the native linear's pool, OpenMP) and each step timed
+by the thread's CPU time (``time.thread_time``), which time spent descheduled does not count: on a
+shared, loaded host this compares the two paths' work where wall-clock medians mostly measure the
+other tenants.
 """
 
 from __future__ import annotations
@@ -69,7 +74,9 @@ def checkpoint(root: Path, arch: str, layers: int, vocab: int) -> Path:
     return path
 
 
-def cell(path: Path, weight_dtype: str, context: int, batch: int, steps: int, reps: int) -> tuple:
+def cell(
+    path: Path, weight_dtype: str, context: int, batch: int, steps: int, reps: int, clock=time.perf_counter
+) -> tuple:
     """``(torch_ms, fused_ms, reason)``: median decode step with each path on one engine (fused
     None where it cannot run; reason says why)."""
     from engine.config import EngineConfig
@@ -105,9 +112,9 @@ def cell(path: Path, weight_dtype: str, context: int, batch: int, steps: int, re
         for on in modes:
             model.enable_fused(on)
             for _ in range(steps):
-                t = time.perf_counter()
+                t = clock()
                 eng.step()
-                times[on].append(time.perf_counter() - t)
+                times[on].append(clock() - t)
     eng.close()
     fused = statistics.median(times[True]) * 1e3 if times[True] else None
     return statistics.median(times[False]) * 1e3, fused, reason
@@ -127,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--dir", type=Path, default=Path("/tmp/pdserve_fused_models"), help="where checkpoints are written"
     )
+    ap.add_argument(
+        "--cpu-time", action="store_true", help="1 thread, steps timed by thread CPU time (above)"
+    )
     return cli_help.apply(ap)
 
 
@@ -134,6 +144,15 @@ def main() -> int:
     args = build_parser().parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     cells = [tuple(int(v) for v in c.split("x")) for c in args.cells.split(",")]
+    clock = time.perf_counter
+    if args.cpu_time:
+        from engine.models import linear_native
+
+        torch.set_num_threads(1)
+        if linear_native.kernel() is not None:
+            linear_native.configure_pool(1)
+        clock = time.thread_time
+        print("clock: thread CPU time, 1 thread")
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(
         f"{'arch':8} {'weights':8} {'ctx':>5} {'batch':>5} {'torch ms':>9} {'fused ms':>9} {'torch/fused':>11}"
@@ -142,7 +161,7 @@ def main() -> int:
         path = checkpoint(args.dir, arch, args.layers, args.vocab)
         for wd in args.weight_dtypes.split(","):
             for ctx, batch in cells:
-                plain, fused, why = cell(path, wd, ctx, batch, args.steps, args.reps)
+                plain, fused, why = cell(path, wd, ctx, batch, args.steps, args.reps, clock)
                 if fused is None:
                     print(f"{arch:8} {wd:8} {ctx:5d} {batch:5d} {plain:9.2f} {'off':>9} ({why})")
                 else:
