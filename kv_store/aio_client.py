@@ -165,9 +165,13 @@ class AsyncKVStoreClient:
             fut.set_exception(x)
 
     async def close(self) -> None:
-        """Send what is queued, wait for the releases in flight, then close the channel."""
-        if self._queued:
+        """Send what is queued, wait for the releases in flight, then close the channel. On
+        another loop than the client's (its own has stopped: nothing there waits any more), the
+        channel is closed and what was queued or in flight there is left (its leases expire)."""
+        loop = asyncio.get_running_loop()
+        if self._queued and self._queued[0][1].get_loop() is loop:
             self._flush()
-        if self._sending:
-            await asyncio.gather(*self._sending, return_exceptions=True)
+        mine = [t for t in self._sending if t.get_loop() is loop]
+        if mine:
+            await asyncio.gather(*mine, return_exceptions=True)
         await self._channel.close()

@@ -219,3 +219,28 @@ def test_release_batch_refuses_an_item_without_a_release_before_releasing_any() 
             assert list(resp.released) == [True, False]
     finally:
         stop()
+
+
+def test_close_on_another_loop_after_its_own_stopped() -> None:
+    """A client whose loop stopped with a release queued is closed from a new loop without error
+    (as StorePuller.close does): nothing on the stopped loop waits any more."""
+    store, stop, address, layout = _node()
+    try:
+        (lease,) = _leases(address, layout, 1)
+        loop = asyncio.new_event_loop()
+        c: list[AsyncKVStoreClient] = []
+        t: list[asyncio.Future] = []
+
+        async def queue_one() -> None:
+            c.append(AsyncKVStoreClient(address, timeout_s=10))
+            t.append(asyncio.ensure_future(c[0].release(lease)))
+            await asyncio.sleep(0)  # queued; the loop stops before its send is awaited
+
+        loop.run_until_complete(queue_one())
+        asyncio.run(asyncio.wait_for(c[0].close(), 30))  # no error: the channel closes
+        # the old loop, run again, finishes its send on the closed channel: the caller gets an error
+        (got,) = loop.run_until_complete(asyncio.gather(t[0], return_exceptions=True))
+        assert isinstance(got, Exception)
+        loop.close()
+    finally:
+        stop()
