@@ -14,13 +14,10 @@ rule). Anything else (other dtypes, devices, dimensions, no C compiler) takes ``
 from __future__ import annotations
 
 import ctypes
-import logging
 
 import torch
 
-from engine.native_build import NativeBuildError, build_library
-
-log = logging.getLogger(__name__)
+from engine.native_build import NativeLibrary
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -49,31 +46,24 @@ void argmax_rows_f32(const float* x, int64_t rows, int64_t n, int64_t stride, in
 }
 """
 
-_lib: ctypes.CDLL | None = None
-_reason: str | None = None
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.argmax_rows_f32.argtypes = [p, i64, i64, i64, p]
+    lib.argmax_rows_f32.restype = None
+
+
+_LIB = NativeLibrary("argmax_rows", _SOURCE, _declare, "torch.argmax")
 
 
 def kernel() -> ctypes.CDLL | None:
     """The built library, or None (then :func:`unavailable_reason` says why)."""
-    global _lib, _reason
-    if _lib is not None or _reason is not None:
-        return _lib
-    try:
-        lib = build_library("argmax_rows", _SOURCE)
-    except (OSError, NativeBuildError) as e:
-        _reason = str(e)
-        log.info("native argmax unavailable (%s): torch.argmax", e)
-        return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.argmax_rows_f32.argtypes = [p, i64, i64, i64, p]
-    lib.argmax_rows_f32.restype = None
-    _lib = lib
-    return lib
+    return _LIB.get()
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`kernel` returned None (None when nothing failed)."""
-    return _reason
+    return _LIB.reason
 
 
 def argmax_rows(x: torch.Tensor) -> list[int]:
@@ -85,11 +75,11 @@ def argmax_rows(x: torch.Tensor) -> list[int]:
         or x.device.type != "cpu"
         or x.shape[1] == 0
         or x.stride(1) != 1
-        or kernel() is None
+        or (lib := kernel()) is None
     ):
         return x.argmax(dim=-1).tolist()
     rows = x.shape[0]
     out = torch.empty(rows, dtype=torch.int64)
     if rows:
-        _lib.argmax_rows_f32(x.data_ptr(), rows, x.shape[1], x.stride(0), out.data_ptr())  # type: ignore[union-attr]
+        lib.argmax_rows_f32(x.data_ptr(), rows, x.shape[1], x.stride(0), out.data_ptr())
     return out.tolist()

@@ -1,6 +1,7 @@
 """Compile small C kernels once per (source, flags, CPU) with the system C compiler and load them.
 
-Used by :mod:`engine.attention_native` and :mod:`engine.models.quant`. A library is built into
+Used by the kernel modules (attention, linear, int8, fused small ops, argmax, LoRA), most through
+:class:`NativeLibrary`. A library is built into
 ``$PDSERVE_KERNEL_CACHE`` (default ``~/.cache/pdserve/kernels``) under a name that hashes the
 source, the compiler, the flags and this CPU's model and feature flags (``-march=native``), so a
 cache shared between machines never loads code built for another CPU. The build writes to a
@@ -14,12 +15,16 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # no -ffast-math: it would assume no infinities/NaNs (a NaN in the data must stay visible)
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=fast"]
@@ -80,3 +85,53 @@ def build_library(name: str, source: str, defines: list[str] | None = None) -> c
                 raise NativeBuildError(f"{cc} failed: {r.stderr.strip()[-400:]}")
             os.replace(tmp_so, out)
     return ctypes.CDLL(str(out))
+
+
+class NativeLibrary:
+    """One kernel library, built (or found in the cache) and loaded on the first :meth:`get`.
+
+    ``declare(lib)`` sets the ctypes signatures (and any one-time set-up) of a freshly loaded
+    library. When the library cannot be built or loaded, :meth:`get` returns None from then on,
+    :attr:`reason` says why, and one INFO line names ``fallback`` (what the caller does instead);
+    a failure is not retried. ``disabled()``, when given, is asked first: a non-None answer is the
+    reason the library is not used (an operator's switch), and nothing is built.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        declare: Callable[[ctypes.CDLL], None],
+        fallback: str,
+        disabled: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.name = name
+        self._source = source
+        self._declare = declare
+        self._fallback = fallback
+        self._disabled = disabled
+        self._lib: ctypes.CDLL | None = None
+        self.reason: str | None = None
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the library is loaded (never builds it; cheap enough for a forward's check)."""
+        return self._lib is not None
+
+    def get(self) -> ctypes.CDLL | None:
+        """The loaded library, or None (then :attr:`reason` says why)."""
+        if self._lib is not None or self.reason is not None:
+            return self._lib
+        off = self._disabled() if self._disabled is not None else None
+        if off is not None:
+            self.reason = off
+            return None
+        try:
+            lib = build_library(self.name, self._source)
+        except (OSError, NativeBuildError) as e:
+            self.reason = str(e)
+            log.info("native %s unavailable (%s): %s", self.name, e, self._fallback)
+            return None
+        self._declare(lib)
+        self._lib = lib
+        return lib

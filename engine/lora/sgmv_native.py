@@ -25,13 +25,10 @@ then use torch: :class:`engine.lora.layers.LoRALinear` does).
 from __future__ import annotations
 
 import ctypes
-import logging
 
 import torch
 
-from engine.native_build import NativeBuildError, build_library
-
-log = logging.getLogger(__name__)
+from engine.native_build import NativeLibrary
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -125,26 +122,19 @@ void lora_sgmv_f32(const float* x, int64_t ldx, float* out, int64_t ldo,
 }
 """
 
-_lib: ctypes.CDLL | None = None
-_reason: str | None = None
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.lora_sgmv_f32.argtypes = [p, i64, p, i64, p, p, i64, i64, i64, p, p, i64, p, i64]
+    lib.lora_sgmv_f32.restype = None
+
+
+_LIB = NativeLibrary("lora_sgmv", _SOURCE, _declare, "torch's matmuls per segment")
 
 
 def kernel() -> ctypes.CDLL | None:
     """The built library, or None (then :func:`unavailable_reason` says why)."""
-    global _lib, _reason
-    if _lib is not None or _reason is not None:
-        return _lib
-    try:
-        lib = build_library("lora_sgmv", _SOURCE)
-    except (OSError, NativeBuildError) as e:
-        _reason = str(e)
-        log.info("native LoRA kernel unavailable (%s): torch's matmuls per segment", e)
-        return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.lora_sgmv_f32.argtypes = [p, i64, p, i64, p, p, i64, i64, i64, p, p, i64, p, i64]
-    lib.lora_sgmv_f32.restype = None
-    _lib = lib
-    return lib
+    return _LIB.get()
 
 
 def available() -> bool:
@@ -153,7 +143,7 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     """Why :func:`kernel` returned None (None while it is available or not yet tried)."""
-    return _reason
+    return _LIB.reason
 
 
 def targets_table(num_targets: int, rank: int, cols: list[tuple[int, int]]) -> torch.Tensor:
@@ -186,7 +176,7 @@ def sgmv_add(
     here: a bad slot, row or target block raises, never reads out of bounds."""
     lib = kernel()
     if lib is None:
-        raise RuntimeError(f"native LoRA kernel unavailable: {_reason}")
+        raise RuntimeError(f"native LoRA kernel unavailable: {_LIB.reason}")
     for name, t in (("out", out), ("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
         _check(name, t, torch.float32)
     for name, t in (("rows", rows), ("segments", segments), ("targets", targets)):

@@ -36,13 +36,10 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import logging
 
 import torch
 
-from engine.native_build import NativeBuildError, build_library
-
-log = logging.getLogger(__name__)
+from engine.native_build import NativeLibrary
 
 # rows up to which the model's forward takes the fused path (decode batches; the SiLU loop is scalar
 # expf, slower than torch's vectorised one for prefill-sized batches)
@@ -150,21 +147,8 @@ void act_mul_f32(const float* gu, int64_t T, int64_t I, int act, float* out)
 }
 """
 
-_lib: ctypes.CDLL | None = None
-_reason: str | None = None
 
-
-def kernel() -> ctypes.CDLL | None:
-    """The built library, or None (then :func:`unavailable_reason` says why)."""
-    global _lib, _reason
-    if _lib is not None or _reason is not None:
-        return _lib
-    try:
-        lib = build_library("fused_small_ops", _SOURCE)
-    except (OSError, NativeBuildError) as e:
-        _reason = str(e)
-        log.info("fused native kernels unavailable (%s): torch's small ops", e)
-        return None
+def _declare(lib: ctypes.CDLL) -> None:
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     i32 = ctypes.c_int
     lib.add_rmsnorm_f32.argtypes = [p, p, f32, p, p, i64, i64, f32, i32, p]
@@ -173,8 +157,14 @@ def kernel() -> ctypes.CDLL | None:
     lib.rope_qkv_f32.restype = None
     lib.act_mul_f32.argtypes = [p, i64, i64, i32, p]
     lib.act_mul_f32.restype = None
-    _lib = lib
-    return lib
+
+
+_LIB = NativeLibrary("fused_small_ops", _SOURCE, _declare, "torch's small ops")
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The built library, or None (then :func:`unavailable_reason` says why)."""
+    return _LIB.get()
 
 
 def available() -> bool:
@@ -184,13 +174,13 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     """Why :func:`available` returned False (None when nothing failed)."""
-    return _reason
+    return _LIB.reason
 
 
 def _lib_or_raise() -> ctypes.CDLL:
     lib = kernel()
     if lib is None:
-        raise RuntimeError(f"fused native kernels unavailable: {_reason}")
+        raise RuntimeError(f"fused native kernels unavailable: {_LIB.reason}")
     return lib
 
 

@@ -40,16 +40,13 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import logging
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.native_build import NativeBuildError, build_library
-
-log = logging.getLogger(__name__)
+from engine.native_build import NativeLibrary
 
 # rows up to which the kernel takes a projection (more: F.linear). Measured 2026-12-06 02:4x UTC on
 # SmolLM2-135M's shapes, a loaded host (load 3-13): single-thread CPU time (thread_time, which
@@ -423,29 +420,22 @@ void f32_linear(const float* x, int64_t M, int64_t K, const float* w, const floa
 }
 """
 
-_lib: ctypes.CDLL | None = None
-_lib_reason: str | None = None
 
-
-def kernel() -> ctypes.CDLL | None:
-    """The built kernel library, or None (then :func:`kernel_unavailable_reason` says why)."""
-    global _lib, _lib_reason
-    if _lib is not None or _lib_reason is not None:
-        return _lib
-    try:
-        lib = build_library("f32_linear", _SOURCE)
-    except (OSError, NativeBuildError) as e:
-        _lib_reason = str(e)
-        log.info("fp32 linear kernel unavailable (%s): F.linear for every batch", e)
-        return None
+def _declare(lib: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.f32_linear.argtypes = [p, i64, i64, p, p, i64, p, i64]
     lib.f32_linear.restype = None
     lib.f32_pool_config.argtypes = [ctypes.c_int, ctypes.c_long]
     lib.f32_pool_config.restype = None
     lib.f32_pool_config(torch.get_num_threads(), int(HELPER_SPIN_US * 1000))
-    _lib = lib
-    return lib
+
+
+_LIB = NativeLibrary("f32_linear", _SOURCE, _declare, "F.linear for every batch")
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The built kernel library, or None (then :func:`kernel_unavailable_reason` says why)."""
+    return _LIB.get()
 
 
 def configure_pool(threads: int, spin_us: float = HELPER_SPIN_US) -> None:
@@ -454,7 +444,7 @@ def configure_pool(threads: int, spin_us: float = HELPER_SPIN_US) -> None:
     default, set when the kernel loads: torch's thread count and :data:`HELPER_SPIN_US`."""
     lib = kernel()
     if lib is None:
-        raise RuntimeError(f"fp32 linear kernel unavailable: {_lib_reason}")
+        raise RuntimeError(f"fp32 linear kernel unavailable: {_LIB.reason}")
     lib.f32_pool_config(int(threads), int(spin_us * 1000))
 
 
@@ -469,7 +459,7 @@ def pool_run_address() -> int | None:
 
 def kernel_unavailable_reason() -> str | None:
     """Why :func:`kernel` returned None (None while it is available or not yet tried)."""
-    return _lib_reason
+    return _LIB.reason
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -478,7 +468,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     when the kernel cannot be built)."""
     lib = kernel()
     if lib is None:
-        raise RuntimeError(f"fp32 linear kernel unavailable: {_lib_reason}")
+        raise RuntimeError(f"fp32 linear kernel unavailable: {_LIB.reason}")
     tensors = [x, weight] + ([] if bias is None else [bias])
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
         raise ValueError("skinny_linear takes float32 CPU tensors")
@@ -518,7 +508,7 @@ class NativeLinear(nn.Linear):
             and w.device.type == "cpu"
             and x.numel() <= NATIVE_MAX_ROWS * self.in_features
             and not torch.is_grad_enabled()
-            and _lib is not None
+            and _LIB.loaded
         ):
             return skinny_linear(x, w, self.bias)
         return F.linear(x, w, self.bias)
@@ -566,7 +556,7 @@ def resolve_linear(
     elif getattr(cfg, "moe", None) is not None:
         why = f"mixture-of-experts models ({getattr(cfg, 'model_type', '?')}) keep torch's linear"
     if why is None and kernel() is None:
-        why = f"the kernel cannot be built ({_lib_reason})"
+        why = f"the kernel cannot be built ({_LIB.reason})"
     if why is None:
         return LinearBackend.NATIVE
     if lb is LinearBackend.NATIVE:

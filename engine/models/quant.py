@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import logging
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.native_build import NativeBuildError, build_library
-
-log = logging.getLogger(__name__)
+from engine.native_build import NativeLibrary
 
 SKINNY_MAX_ROWS = 16  # rows up to which the int8 kernel beats dequantise + GEMM on this class of CPU
 
@@ -88,28 +85,22 @@ void int8_linear_f32(const float* x, int64_t M, int64_t K, const int8_t* w, cons
 }
 """
 
-_lib: ctypes.CDLL | None = None
-_lib_reason: str | None = None
 
-
-def _kernel() -> ctypes.CDLL | None:
-    global _lib, _lib_reason
-    if _lib is not None or _lib_reason is not None:
-        return _lib
-    if os.environ.get("PDSERVE_INT8_KERNEL", "") == "off":
-        _lib_reason = "PDSERVE_INT8_KERNEL=off"
-        return None
-    try:
-        lib = build_library("int8_linear", _SOURCE)
-    except (OSError, NativeBuildError) as e:
-        _lib_reason = str(e)
-        log.info("int8 kernel unavailable (%s): dequantising every batch", e)
-        return None
+def _declare(lib: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.int8_linear_f32.argtypes = [p, i64, i64, p, p, p, i64, p]
     lib.int8_linear_f32.restype = None
-    _lib = lib
-    return lib
+
+
+def _switched_off() -> str | None:
+    return "PDSERVE_INT8_KERNEL=off" if os.environ.get("PDSERVE_INT8_KERNEL", "") == "off" else None
+
+
+_LIB = NativeLibrary("int8_linear", _SOURCE, _declare, "dequantising every batch", disabled=_switched_off)
+
+
+def _kernel() -> ctypes.CDLL | None:
+    return _LIB.get()
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
