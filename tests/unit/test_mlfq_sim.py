@@ -4,32 +4,13 @@ skip-join): short jobs overtake a long one."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerConfig, SchedulingPolicy
 from router.policy import InstanceRole
 from simulator.events import EventLoop
 from simulator.instance import SimInstance
-from simulator.latency.base import LatencyModel
-
-
-class LinearLatency(LatencyModel):
-    """10 ms per step plus 1 ms per prefill token (a fake, monotone model)."""
-
-    def __init__(self) -> None:
-        super().__init__(kv_bytes_per_token=1024)
-
-    def step_time(
-        self,
-        prefill_tokens: Sequence[int],
-        prefill_contexts: Sequence[int],
-        num_decodes: int,
-        decode_context: int,
-    ) -> float:
-        return 0.01 + 1e-3 * sum(prefill_tokens) + 1e-4 * num_decodes
-
+from tests.sim_fakes import LinearLatency
 
 CFG = SchedulerConfig(
     max_num_batched_tokens=512,
@@ -47,7 +28,7 @@ def _instance(loop: EventLoop, done: dict[str, float]) -> SimInstance:
         for r in rep.done:
             done[r.request_id] = rep.end
 
-    return SimInstance("mixed0", InstanceRole.MIXED, CFG, 256, 16, LinearLatency(), loop, on_step)
+    return SimInstance("mixed0", InstanceRole.MIXED, CFG, 256, 16, LinearLatency(1024), loop, on_step)
 
 
 def test_mlfq_runs_in_the_simulator_step_loop_with_its_clock():

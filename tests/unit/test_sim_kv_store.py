@@ -5,8 +5,6 @@ simulated clock (deterministic)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 
 from pdserve.cli import main
@@ -14,23 +12,15 @@ from router.policy import SLO, InstanceRole, PolicyKind
 from router.policy.estimate import TtftEstimator, TtftTable
 from simulator.config import CacheConfig, ClusterConfig, InstanceGroup, SimConfig, vllm_scheduler
 from simulator.kv_store import SimKVStore, SimKVStoreConfig
-from simulator.latency import LatencyModel, LatencySpec
+from simulator.latency import LatencySpec
 from simulator.sim import Simulation
 from simulator.workload import named_workload
+from tests.sim_fakes import LinearLatency
 
 
-class Lat(LatencyModel):
-    def __init__(self) -> None:
-        super().__init__(kv_bytes_per_token=1000, transfer_bandwidth=1e9, transfer_latency_s=1e-3)
-
-    def step_time(
-        self,
-        prefill_tokens: Sequence[int],
-        prefill_contexts: Sequence[int],
-        num_decodes: int,
-        decode_context: int,
-    ) -> float:
-        return 0.01 + 1e-3 * sum(prefill_tokens)
+def Lat() -> LinearLatency:
+    """10 ms per step + 1 ms per prefill token; decodes free."""
+    return LinearLatency(1000, per_decode=0.0, transfer_bandwidth=1e9, transfer_latency_s=1e-3)
 
 
 def _keys(n: int, tag: int = 0) -> list[bytes]:

@@ -6,7 +6,6 @@ the simulated clock (deterministic)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
@@ -27,11 +26,12 @@ from simulator.adapters import AdapterConfig
 from simulator.config import ClusterConfig, InstanceGroup, SimConfig, colocated, vllm_scheduler
 from simulator.events import EventLoop
 from simulator.instance import SimInstance
-from simulator.latency import LatencyModel, LatencySpec
+from simulator.latency import LatencySpec
 from simulator.models import ModelSpec, model_spec
 from simulator.offload import GIB, SimOffloadConfig, other_share, plan_offload
 from simulator.sim import Simulation
 from simulator.workload import Workload, WorkloadRequest
+from tests.sim_fakes import LinearLatency
 
 # 4 layers of 100,000 parameters (200,000 bytes), embedding + LM head 12,800 parameters (25,600
 # bytes); K and V of one token over all layers: 2 * 4 * 4 * 16 * 2 = 1024 bytes
@@ -43,20 +43,9 @@ def _gib(nbytes: int) -> float:
     return (nbytes + 0.5) / GIB  # rounds back to nbytes under int(gib * GIB)
 
 
-class StepLatency(LatencyModel):
+def StepLatency() -> LinearLatency:
     """10 ms per step + 1 ms per prefill token + 0.1 ms per decode (a fake, monotone model)."""
-
-    def __init__(self) -> None:
-        super().__init__(kv_bytes_per_token=TINY.kv_bytes_per_token)
-
-    def step_time(
-        self,
-        prefill_tokens: Sequence[int],
-        prefill_contexts: Sequence[int],
-        num_decodes: int,
-        decode_context: int,
-    ) -> float:
-        return 0.01 + 1e-3 * sum(prefill_tokens) + 1e-4 * num_decodes
+    return LinearLatency(TINY.kv_bytes_per_token)
 
 
 def _tiny_plan(cfg: SimOffloadConfig, usable: int = 2_000_000):
