@@ -13,7 +13,8 @@ from simulator.config import ClusterConfig
 from simulator.events import EventLoop
 from simulator.instance import SimInstance
 from simulator.latency import LatencySpec
-from tests.unit.test_mlfq_sim import CFG, LinearLatency
+from tests.sim_fakes import LinearLatency
+from tests.unit.test_mlfq_sim import CFG
 
 
 def _run(swap_space_bytes: int) -> tuple[SimInstance, dict[str, float]]:
@@ -30,7 +31,7 @@ def _run(swap_space_bytes: int) -> tuple[SimInstance, dict[str, float]]:
         CFG,
         256,
         16,
-        LinearLatency(),
+        LinearLatency(1024),
         loop,
         on_step,
         swap_space_bytes=swap_space_bytes,

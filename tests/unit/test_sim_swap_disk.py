@@ -15,7 +15,7 @@ from simulator.config import ClusterConfig
 from simulator.events import EventLoop
 from simulator.instance import SimInstance
 from simulator.latency import LatencySpec
-from tests.unit.test_mlfq_sim import LinearLatency
+from tests.sim_fakes import LinearLatency
 
 CFG = SchedulerConfig(max_num_batched_tokens=256, long_prefill_token_threshold=64, max_model_len=1024)
 BLOCK = 16 * 1024  # block_size 16 x LinearLatency's 1 KiB per token
@@ -34,7 +34,7 @@ def _run(swap_blocks: int, disk_blocks: int) -> SimInstance:
         CFG,
         24,
         16,
-        LinearLatency(),
+        LinearLatency(1024),
         loop,
         on_step,
         swap_space_bytes=swap_blocks * BLOCK,
