@@ -253,7 +253,10 @@ class DirectStreams:
         tenant = claims.tenant if tenant is None else tenant
         # the router's own grant must hold here (a mismatch is a router bug or a misroute)
         check_claims(claims, request_id=rid, worker_id=self.worker_id, tenant=tenant, now=self.clock())
-        if rid in self._slots:
+        old = self._slots.get(rid)
+        if old is not None and old.done and old.conn is None:
+            self._drop(old)  # it ended here unattached (migrated away) and now comes back
+        elif old is not None:
             raise InvalidRequestError(f"request {rid!r} already streams directly from this worker")
         slot = _Slot(rid, ticket, tenant, claims.expires_at, abort)
         loop = asyncio.get_running_loop()
@@ -472,9 +475,12 @@ class DirectStreams:
                 self._drop(slot)
 
     def _waits_attach(self, slot: _Slot) -> bool:
-        """A finished request whose client has not attached yet keeps its slot until the
-        ticket expires (its deltas wait there)."""
-        return slot.conn is None and self.clock() <= slot.expires_at and slot.error is None
+        """A request that ended (finished, failed or migrated away) before its client attached
+        keeps its slot until the ticket expires: its deltas, or the verdict that ended it (an
+        ABORTED "migrated" delta, which the client holds until the router's word), wait there.
+        Dropped at once, a late attach would be refused PERMISSION_DENIED ("no request") and the
+        client would fail a request the router is resuming elsewhere (a drain's migration)."""
+        return slot.conn is None and self.clock() <= slot.expires_at
 
     # ------------------------------------------------------------------ the client's side
     def _attach(self, conn: _Conn, a: direct_pb2.DirectAttach) -> None:

@@ -145,3 +145,39 @@ def test_unattached_request_is_aborted_at_expiry() -> None:
     aborted, ds = asyncio.run(scenario())
     assert len(aborted) == 1 and "did not attach" in str(aborted[0])
     assert not ds._slots
+
+
+def test_a_request_that_ended_before_its_client_attached_gives_its_verdict_not_a_refusal() -> None:
+    """A drain migrates a direct request away before its client (slow to read) attached: the
+    late attach gets the ABORTED "migrated" delta, which the client holds until the router's word,
+    not PERMISSION_DENIED "no request" (which failed the call: CI run 23, test_ray_cluster). The
+    request may come back to this worker (a later rebalance) while that slot waits."""
+    from decode_worker.direct import _Slot
+    from decode_worker.migration_wire import RequestMigratedError
+
+    async def scenario():
+        clock = _Clock()
+        ds = DirectStreams("decode-0", None, clock=clock)
+        ticket = signer().mint(CLAIMS)
+        slot: _Slot = ds._register("req-1", ticket, "tenant-a", lambda e: None)
+        slot.tokens.extend([5, 6])
+        ds._push(slot, None, RequestMigratedError("request req-1 migrated to decode-1"))
+        assert ds._waits_attach(slot)  # what serve()'s end checks before dropping it
+        conn = _Conn(ctx=None)  # type: ignore[arg-type]
+        ds._attach(conn, direct_pb2.DirectAttach(request_id="req-1", ticket=ticket))
+        delta = conn.dirty["req-1"].take()
+        ds._detach(conn, "req-1", "test")
+        again = ds._register("req-1", ticket, "tenant-a", lambda e: None)
+        ds._push(again, None, RequestMigratedError("migrated again"))
+        back = ds._register("req-1", ticket, "tenant-a", lambda e: None)  # replaces the ended slot
+        live = ds._slots["req-1"]
+        with pytest.raises(InvalidRequestError, match="already streams directly"):
+            ds._register("req-1", ticket, "tenant-a", lambda e: None)  # a live one is not replaced
+        clock.t = NOW + 31
+        return conn, delta, back, live, ds._waits_attach(back)
+
+    conn, delta, back, live, waits_after_expiry = asyncio.run(scenario())
+    assert not conn.refusals
+    assert delta.done and delta.error_code == grpc.StatusCode.ABORTED.value[0]
+    assert "migrated to decode-1" in delta.error and list(delta.token_ids) == [5, 6]
+    assert live is back and not waits_after_expiry
