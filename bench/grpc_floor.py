@@ -22,13 +22,15 @@ Each process is this script with ``--role``; :func:`measure_floor` starts them, 
 CPU milliseconds per request of each process (``/proc``). ``bench/serving_efficiency.py`` runs it
 in the same run as the cluster, so each process's figure can be set against its floor.
 
-Two variants pdserve does not implement, to see what a change of pattern would save:
-``--merged-first on`` (the first token sent with the redirect: two Generate responses) and
+Variants pdserve does not implement, to see what a change of pattern would save:
+``--merged-first on`` (the first token sent with the redirect: two Generate responses),
 ``--one-call on`` (the router calls only Decode; the decode worker calls Prefill and sends the
-router the first token).
+router the first token) and ``--early-redirect on`` (the redirect sent with the first token,
+before the decode worker admits the request, so that the worker sends no admission message:
+two Generate responses and one Decode response, no later first token).
 
 Usage: python bench/grpc_floor.py [--streams 64] [--requests 512] [--deltas 8] [--kv-bytes 8192]
-       [--merged-first on|off] [--one-call on|off]
+       [--merged-first on|off] [--one-call on|off] [--early-redirect on|off]
 """
 
 from __future__ import annotations
@@ -102,8 +104,11 @@ class _Decode(worker_pb2_grpc.WorkerServicer, direct_pb2_grpc.DirectStreamServic
     """Decode: release the lease, admit (one message), wait for the client's attach, write the
     request's deltas on its Attach call, then the finish to the router."""
 
-    def __init__(self, store: str, deltas: int, tokens_per_delta: int, prefill: str = "") -> None:
+    def __init__(
+        self, store: str, deltas: int, tokens_per_delta: int, prefill: str = "", admit: bool = True
+    ) -> None:
         self.store = kv_store_pb2_grpc.KVStoreStub(grpc.aio.insecure_channel(store))
+        self.admit = admit  # send the admission message (off: --early-redirect)
         self.deltas, self.tpd = deltas, tokens_per_delta
         self.attached: dict[str, asyncio.Future] = {}
         # --one-call: the decode worker calls Prefill itself and sends the router the first token
@@ -121,7 +126,8 @@ class _Decode(worker_pb2_grpc.WorkerServicer, direct_pb2_grpc.DirectStreamServic
             p = await self.prefill.Prefill(worker_pb2.PrefillRequest(request_id=rid))
             yield worker_pb2.DecodeResponse(request_id=rid, token_ids=[p.first_token], text="a")
         await self.store.Release(kv_store_pb2.ReleaseRequest(lease_id="lease"))
-        yield worker_pb2.DecodeResponse(request_id=rid)
+        if self.admit:
+            yield worker_pb2.DecodeResponse(request_id=rid)
         out: asyncio.Queue = await self._slot(rid)  # the client's Attach call's queue
         del self.attached[rid]
         toks = list(range(self.tpd))
@@ -156,13 +162,20 @@ class _Decode(worker_pb2_grpc.WorkerServicer, direct_pb2_grpc.DirectStreamServic
 
 class _Router(client_pb2_grpc.GenerateServicer):
     def __init__(
-        self, prefill: str, decode: str, decode_address: str, merged: bool = False, one_call: bool = False
+        self,
+        prefill: str,
+        decode: str,
+        decode_address: str,
+        merged: bool = False,
+        one_call: bool = False,
+        early: bool = False,
     ) -> None:
         self.prefill = worker_pb2_grpc.WorkerStub(grpc.aio.insecure_channel(prefill))
         self.decode = worker_pb2_grpc.WorkerStub(grpc.aio.insecure_channel(decode))
         self.decode_address = decode_address
         self.merged = merged  # the first token goes with the redirect (two responses, not three)
         self.one_call = one_call  # no Prefill call: the decode worker prefills (its first message)
+        self.early = early  # the redirect goes with the first token; the worker sends no admission
 
     async def Generate(self, req, ctx):  # noqa: N802
         rid = req.request_id
@@ -173,7 +186,12 @@ class _Router(client_pb2_grpc.GenerateServicer):
         else:
             p = await self.prefill.Prefill(worker_pb2.PrefillRequest(request_id=rid))
             first = client_pb2.GenerateResponse(request_id=rid, token_ids=[p.first_token], text="a")
-            if not self.merged:
+            if self.early:
+                first.direct.CopyFrom(
+                    direct_pb2.DirectRedirect(address=self.decode_address, request_id=rid, ticket=rid)
+                )
+                yield first
+            elif not self.merged:
                 yield first
             call = self.decode.Decode(worker_pb2.DecodeRequest(request_id=rid, kv=p.kv, direct=grant))
         n = 0
@@ -185,7 +203,7 @@ class _Router(client_pb2_grpc.GenerateServicer):
                 if not self.merged:
                     yield first
                 continue
-            if not m.token_ids and not m.HasField("finish"):  # admitted: redirect the client
+            if not self.early and not m.token_ids and not m.HasField("finish"):  # admitted: redirect
                 redirect = direct_pb2.DirectRedirect(address=self.decode_address, request_id=rid, ticket=rid)
                 if self.merged:
                     first.direct.CopyFrom(redirect)
@@ -207,12 +225,26 @@ async def _serve(a: argparse.Namespace) -> None:
     elif a.role == "prefill":
         worker_pb2_grpc.add_WorkerServicer_to_server(_Prefill(a.store, a.kv_bytes), server)
     elif a.role == "decode":
-        d = _Decode(a.store, a.deltas, a.tokens_per_delta, a.prefill if a.one_call == "on" else "")
+        d = _Decode(
+            a.store,
+            a.deltas,
+            a.tokens_per_delta,
+            a.prefill if a.one_call == "on" else "",
+            admit=a.early_redirect != "on",
+        )
         worker_pb2_grpc.add_WorkerServicer_to_server(d, server)
         direct_pb2_grpc.add_DirectStreamServicer_to_server(d, server)
     else:
         client_pb2_grpc.add_GenerateServicer_to_server(
-            _Router(a.prefill, a.decode, a.decode, a.merged_first == "on", a.one_call == "on"), server
+            _Router(
+                a.prefill,
+                a.decode,
+                a.decode,
+                a.merged_first == "on",
+                a.one_call == "on",
+                a.early_redirect == "on",
+            ),
+            server,
         )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -313,13 +345,17 @@ def measure_floor(
     kv_bytes: int = 8192,
     merged_first: bool = False,
     one_call: bool = False,
+    early_redirect: bool = False,
 ) -> FloorResult:
     """Start the four server processes, warm up, drive ``requests`` requests over ``streams``
     streams, stop them; CPU ms per request of each process (``client``: this one).
     ``merged_first``: the router sends the first token with the redirect (a variant the cluster
     does not implement: what one client write less would save); ``one_call``: the router makes one
     call (Decode), the decode worker calls Prefill and sends the router the first token (a variant
-    the cluster does not implement: what one router call less would save)."""
+    the cluster does not implement: what one router call less would save); ``early_redirect``: the
+    redirect goes with the first token and the decode worker sends no admission message (a variant
+    the cluster does not implement: one Generate response and one Decode response less, no later
+    first token)."""
     procs: dict[str, subprocess.Popen] = {}
     try:
         procs["store"], store = _start("store")
@@ -333,6 +369,8 @@ def measure_floor(
             "--tokens-per-delta",
             str(tokens_per_delta),
             *(("--one-call", "on", "--prefill", prefill) if one_call else ()),
+            "--early-redirect",
+            "on" if early_redirect else "off",
         )
         procs["router"], router = _start(
             "router",
@@ -344,6 +382,8 @@ def measure_floor(
             "on" if merged_first else "off",
             "--one-call",
             "on" if one_call else "off",
+            "--early-redirect",
+            "on" if early_redirect else "off",
         )
         asyncio.run(_drive(router, min(streams, 16), min(streams, 16), 10**6))  # warm-up
         pids = {k: p.pid for k, p in procs.items()}
@@ -384,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the router makes one call per request (Decode; the decode worker calls Prefill and sends "
         "the router the first token) instead of Prefill then Decode (a variant pdserve does not implement)",
     )
+    ap.add_argument(
+        "--early-redirect",
+        choices=("on", "off"),
+        default="off",
+        help="the router sends the redirect with the first token, before the decode worker admits the "
+        "request, and the worker sends no admission message (a variant pdserve does not implement)",
+    )
     ap.add_argument("--role", choices=ROLES, default=None, help="internal: run one server process")
     ap.add_argument("--store", default="", help="internal: the store's address (--role)")
     ap.add_argument("--prefill", default="", help="internal: the prefill server's address (--role)")
@@ -404,11 +451,13 @@ def main(argv: list[str] | None = None) -> int:
         a.kv_bytes,
         merged_first=a.merged_first == "on",
         one_call=a.one_call == "on",
+        early_redirect=a.early_redirect == "on",
     )
     per = "  ".join(f"{k} {v:.3f}" for k, v in r.cpu_ms_per_request.items())
     print(
         f"gRPC floor{' (first token with the redirect)' if a.merged_first == 'on' else ''}"
-        f"{' (one router call: Decode, which calls Prefill)' if a.one_call == 'on' else ''}, "
+        f"{' (one router call: Decode, which calls Prefill)' if a.one_call == 'on' else ''}"
+        f"{' (redirect with the first token, no admission message)' if a.early_redirect == 'on' else ''}, "
         f"{r.streams} streams, {r.requests} requests, {r.deltas} direct messages per request "
         f"({r.wall_s:.2f} s, load {' / '.join(f'{x:.1f}' for x in os.getloadavg())}):"
     )
