@@ -17,7 +17,7 @@ of the layer, always current (a staging buffer is a per-step copy).
 
 * Device: the resident layers' KV ``[R, 2, N, ...]`` and ``min(K, 2)`` staging buffers
   ``[2, S, ...]``: ``S`` = ``placement.staging`` blocks, the most blocks a step's requests can
-  use (:func:`staging_bound`), not the pool's ``N``. A step's blocks (those its attention
+  use (:func:`engine.offload_policy.staging_bound`, re-exported here), not the pool's ``N``. A step's blocks (those its attention
   metadata names: block tables and new slots) are packed into the first ``h <= S`` blocks of the
   buffer, and the offloaded layers get the metadata with block ids renumbered to that packing
   (the forward pre-hook replaces the layer's cache and metadata arguments). A step using more
@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from engine.block_manager import KVCacheManager
-from engine.offload_policy import NUM_SLOTS, KVPlacement, place_kv
+from engine.offload_policy import NUM_SLOTS, KVPlacement, place_kv, staging_bound
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,6 @@ class KVOffloadStats:
 
 
 STAGING_CHUNK = 16  # blocks a staging buffer grows by when a step overflows it
-
-
-def staging_bound(
-    num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int, lookahead: int = 0
-) -> int:
-    """The most blocks one step's requests can use: ``max_num_seqs`` sequences of at most
-    ``max_model_len + lookahead`` tokens each (``lookahead``: speculative tokens), plus one for
-    a block table's padding entry; at most the pool's ``num_blocks``."""
-    per_seq = math.ceil((max_model_len + lookahead) / block_size)
-    return max(1, min(num_blocks, max_num_seqs * per_seq + 1))
 
 
 def _disk_pool(folder: str | None, n: int, layer: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -419,7 +409,7 @@ def offload_kv(
     """Place the runner's KV pool for ``device_budget_bytes`` (:func:`place_kv`) and replace
     ``runner.kv_cache`` with an :class:`OffloadedKV` (the runner's tensor is freed). With the
     engine's ``config`` (an ``EngineConfig``) and ``max_model_len``, the staging buffers hold
-    :func:`staging_bound` blocks and the layers beyond ``config.kv_host_budget_bytes`` go to a
+    :func:`engine.offload_policy.staging_bound` blocks and the layers beyond ``config.kv_host_budget_bytes`` go to a
     disk-backed pool under ``config.kv_offload_dir``; without, whole-pool buffers and the host
     pool only. OffloadPolicyError for a budget below the minimum."""
     cache = runner.kv_cache

@@ -363,6 +363,17 @@ def pick_offline_batch_size(
 # layer`` in and ``new tokens * token bytes per layer`` out, at the host or the disk bandwidth.
 
 
+def staging_bound(
+    num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int, lookahead: int = 0
+) -> int:
+    """The blocks one staging buffer holds (the engine's bound, :mod:`engine.kv_offload`): the
+    most blocks one step's requests can use, ``max_num_seqs`` sequences of at most
+    ``max_model_len + lookahead`` tokens each (``lookahead``: speculative tokens), plus one for
+    a block table's padding entry; at most the pool's ``num_blocks``."""
+    per_seq = math.ceil((max_model_len + lookahead) / block_size)
+    return max(1, min(num_blocks, max_num_seqs * per_seq + 1))
+
+
 @dataclass(frozen=True)
 class KVPlacement:
     """Which layers' KV is off the device (model order; ``disk``: those of them in the

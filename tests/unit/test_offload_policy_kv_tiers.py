@@ -19,6 +19,7 @@ from engine.offload_policy import (
     place_kv,
     predict_step_s,
     split_device_budget,
+    staging_bound,
 )
 
 D = WeightTier.DEVICE
@@ -129,3 +130,14 @@ def test_split_prices_packed_staging_and_the_disk_tier():
     disk = split_device_budget(cost, 100, 10, 20, 4, 16, staging_blocks=20, kv_host_budget_bytes=0)
     assert disk.kv.disk == disk.kv.offloaded
     assert disk.predicted_step_s >= packed.predicted_step_s
+
+
+def test_staging_bound_is_pure_policy_and_the_engine_uses_the_same_function():
+    """staging_bound lives in the policy (no torch); engine.kv_offload re-exports it."""
+    import engine.kv_offload as kv_offload
+
+    assert kv_offload.staging_bound is staging_bound
+    assert staging_bound(64, 16, 2, 256) == 2 * 16 + 1
+    assert staging_bound(64, 16, 8, 256) == 64  # never over the pool
+    assert staging_bound(1000, 16, 2, 100, lookahead=4) == 2 * 7 + 1
+    assert staging_bound(5, 16, 0, 0) == 1  # at least one block
