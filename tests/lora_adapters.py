@@ -9,21 +9,14 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny_models import COMMON
+from tests.tiny_models import COMMON, random_model
 
 
 def make_tiny_llama(root: Path) -> Path:
     """A 2-layer random Llama saved as an HF folder (``tests.tiny_models.COMMON`` sizes)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
-    torch.manual_seed(1234)
-    model = AutoModelForCausalLM.from_config(
-        LlamaConfig(**COMMON, tie_word_embeddings=False), dtype=torch.float32
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
+    model = random_model(LlamaConfig(**COMMON, tie_word_embeddings=False), 1234)
     d = root / "tiny_llama"
     model.save_pretrained(d, safe_serialization=True)
     return d

@@ -7,26 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from tests.tiny_models import COMMON
+from tests.tiny_models import COMMON, random_model
 
 
 def deep_llama(tmp_path_factory: pytest.TempPathFactory, num_layers: int, seed: int) -> Path:
     """A tiny random Llama (``tests.tiny_models.COMMON`` sizes, untied embeddings) with
     ``num_layers`` decoder layers and weights ~ N(0, 0.08) drawn from ``seed``, saved as
     safetensors in a fresh temp folder; its path."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
     cfg = LlamaConfig(**{**COMMON, "num_hidden_layers": num_layers}, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
+    model = random_model(cfg, seed)
     d = tmp_path_factory.mktemp("deep") / f"llama{num_layers}"
     model.save_pretrained(d, safe_serialization=True)
     return d

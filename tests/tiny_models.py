@@ -64,19 +64,47 @@ SLIDING_WINDOW = 24
 RANDOM_BIAS = {"mistral_swa", "qwen2_swa", "llama_gelu_bias"}
 
 
-def make_tiny_models(root: Path, tokenizer_from: Path | None = None) -> dict[str, Path]:
+def randomize_(model: torch.nn.Module, *, biases: bool = False, norms: bool = False) -> torch.nn.Module:
+    """Redraw ``model``'s parameters in place from torch's current RNG, in ``named_parameters``
+    order: every matrix ~ N(0, 0.08) (larger than HF's init: peaky logits, fewer near-ties in
+    greedy tests); with ``biases``, every ``*.bias`` ~ N(0, 0.1) (HF's zeros would hide them); with
+    ``norms``, every other vector (norm weights, q/k norms) ~ N(1, 0.2) (not all ones). Parameters
+    not drawn consume no random numbers. Returns ``model``."""
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+            elif biases and pname.endswith(".bias"):
+                p.normal_(0, 0.1)
+            elif norms and not pname.endswith(".bias"):
+                p.normal_(1.0, 0.2)
+    return model
+
+
+def random_model(cfg, seed: int, *, biases: bool = False, norms: bool = False) -> torch.nn.Module:
+    """An fp32 transformers model of config ``cfg`` with :func:`randomize_` weights drawn from
+    ``seed``."""
     from transformers import AutoModelForCausalLM
 
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return randomize_(model, biases=biases, norms=norms)
+
+
+def save_random_models(root: Path, configs: dict, *, seed: int = 1234) -> dict[str, Path]:
+    """Each of ``configs`` (name -> transformers config) as :func:`random_model` (seed ``seed``,
+    biases and norms drawn too) saved as safetensors in ``root/name``; name -> folder."""
+    out = {}
+    for name, cfg in configs.items():
+        random_model(cfg, seed, biases=True, norms=True).save_pretrained(root / name, safe_serialization=True)
+        out[name] = root / name
+    return out
+
+
+def make_tiny_models(root: Path, tokenizer_from: Path | None = None) -> dict[str, Path]:
     out = {}
     for name, cfg in _configs().items():
-        torch.manual_seed(1234)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        with torch.no_grad():  # larger weights -> peaky logits -> fewer near-ties in greedy tests
-            for pname, p in model.named_parameters():
-                if p.dim() > 1:
-                    p.normal_(0, 0.08)
-                elif name in RANDOM_BIAS and pname.endswith(".bias"):
-                    p.normal_(0, 0.1)
+        model = random_model(cfg, 1234, biases=name in RANDOM_BIAS)
         d = root / name
         model.save_pretrained(d, safe_serialization=True)
         if tokenizer_from is not None:

@@ -66,16 +66,12 @@ MODELS: dict[str, tuple[dict[str, int], tuple[str, ...]]] = {
 
 def make_model(root: Path, name: str, overrides: dict[str, int], tokenizer_from: Path) -> Path:
     """A tiny random-weight Llama saved as an HF folder named ``name`` with SmolLM2's tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
+
+    from tests.tiny_models import random_model
 
     cfg = LlamaConfig(vocab_size=320, rms_norm_eps=1e-5, tie_word_embeddings=False, **overrides)
-    torch.manual_seed(sum(map(ord, name)))
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():  # peaky logits: fewer near-ties in greedy comparisons
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
+    model = random_model(cfg, sum(map(ord, name)))
     d = root / name
     model.save_pretrained(d, safe_serialization=True)
     for f in ("tokenizer.json", "tokenizer_config.json"):

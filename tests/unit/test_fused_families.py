@@ -31,6 +31,7 @@ from engine.models import fused_native as fn
 from engine.models.gemma3 import GemmaRMSNorm
 from engine.models.llama import RMSNorm, _gelu_new, _gelu_tanh
 from engine.models.rope import apply_rotary
+from tests.tiny_models import save_random_models
 from tests.unit import test_models_families as fam
 from tests.unit import test_models_gemma2_longrope as g2
 
@@ -123,31 +124,11 @@ def test_gelu_tanh_mul_equals_torch(ref):
 # ---------------------------------------------------------------- engines
 
 
-def _build(root: Path, configs: dict) -> dict[str, Path]:
-    from transformers import AutoModelForCausalLM
-
-    out = {}
-    for name, cfg in configs.items():
-        torch.manual_seed(1234)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if p.dim() > 1:
-                    p.normal_(0, 0.08)
-                elif pname.endswith(".bias"):
-                    p.normal_(0, 0.1)
-                else:
-                    p.normal_(1.0, 0.2)
-        model.save_pretrained(root / name, safe_serialization=True)
-        out[name] = root / name
-    return out
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     configs = {k: v for k, v in fam._configs().items() if k in [*ARCHS, "mixtral"]}
     configs |= {k: v for k, v in g2._configs().items() if k in ARCHS}
-    return _build(tmp_path_factory.mktemp("fused_families"), configs)
+    return save_random_models(tmp_path_factory.mktemp("fused_families"), configs)
 
 
 def _engine(path: Path, fused: bool, **kw) -> LLMEngine:

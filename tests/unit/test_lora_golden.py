@@ -226,9 +226,9 @@ def test_prefill_then_decode_roles_with_adapter(tiny, tiny_engine):
 def test_other_families_match_peft(family, tmp_path):
     """Phi-3 (fused qkv_proj / gate_up_proj targets, PEFT's names for them), Qwen3 (q/k norms
     after the projections) and Gemma 3 text: engine with the adapter == peft."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, Phi3Config, Qwen3Config
+    from transformers import Gemma3TextConfig, Phi3Config, Qwen3Config
 
-    from tests.tiny_models import COMMON
+    from tests.tiny_models import COMMON, random_model
 
     if family == "phi3":
         cfg = Phi3Config(**COMMON, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -249,12 +249,7 @@ def test_other_families_match_peft(family, tmp_path):
             bos_token_id=2,
         )
         targets = ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"]
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
+    model = random_model(cfg, 1)
     base = tmp_path / family
     model.save_pretrained(base)
     adapter = make_adapter(base, tmp_path / "adapter", r=4, alpha=8, targets=targets, seed=3)

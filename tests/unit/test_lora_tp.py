@@ -197,17 +197,12 @@ def test_tp2_bad_adapter_at_start_is_refused_and_followers_stop(tiny) -> None:
 
 def test_tp2_phi3_fused_targets_equal_peft(tmp_path) -> None:
     """Phi-3's fused qkv_proj / gate_up_proj targets: each block cut per rank."""
-    from transformers import AutoModelForCausalLM, Phi3Config
+    from transformers import Phi3Config
 
-    from tests.tiny_models import COMMON
+    from tests.tiny_models import COMMON, random_model
 
     cfg = Phi3Config(**COMMON, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
+    model = random_model(cfg, 1)
     base = tmp_path / "phi3"
     model.save_pretrained(base)
     adapter = make_adapter(

@@ -23,6 +23,7 @@ import torch
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from tests.tiny_models import save_random_models
 
 TOL = 1e-3
 VOCAB = 320
@@ -105,25 +106,8 @@ def _configs() -> dict:
 
 
 def make_models(root: Path, names: list[str] | None = None) -> dict[str, Path]:
-    from transformers import AutoModelForCausalLM
-
-    out = {}
-    for name, cfg in _configs().items():
-        if names and name not in names:
-            continue
-        torch.manual_seed(1234)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        with torch.no_grad():  # larger weights -> peaky logits -> fewer near-ties in greedy tests
-            for pname, p in model.named_parameters():
-                if p.dim() > 1:
-                    p.normal_(0, 0.08)
-                elif pname.endswith(".bias"):
-                    p.normal_(0, 0.1)
-                else:  # norms (incl. q/k norms): not all ones
-                    p.normal_(1.0, 0.2)
-        model.save_pretrained(root / name, safe_serialization=True)
-        out[name] = root / name
-    return out
+    configs = _configs()
+    return save_random_models(root, {k: v for k, v in configs.items() if not names or k in names})
 
 
 ARCHS = ["qwen3", "phi3", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe"]

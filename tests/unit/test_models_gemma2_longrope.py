@@ -28,6 +28,7 @@ from engine.attention import AttentionMetadata, PrefillSlice, decode_rows, paged
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.models.config import ModelConfig, UnsupportedModelConfigError
+from tests.tiny_models import save_random_models
 from tests.unit import test_models_families as fam
 
 WINDOW = 24
@@ -73,24 +74,7 @@ def _configs() -> dict:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("gemma2_longrope")
-    out = {}
-    for name, cfg in _configs().items():
-        torch.manual_seed(1234)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if p.dim() > 1:
-                    p.normal_(0, 0.08)
-                elif pname.endswith(".bias"):
-                    p.normal_(0, 0.1)
-                else:
-                    p.normal_(1.0, 0.2)
-        model.save_pretrained(root / name, safe_serialization=True)
-        out[name] = root / name
-    return out
+    return save_random_models(tmp_path_factory.mktemp("gemma2_longrope"), _configs())
 
 
 @pytest.fixture(scope="module")

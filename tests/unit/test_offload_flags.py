@@ -340,20 +340,14 @@ LAYER_KV = 2 * BLOCKS * 16 * 2 * 16 * 4  # (K, V) x blocks x block size x KV hea
 
 @pytest.fixture(scope="module")
 def deep_model(tmp_path_factory, smollm_path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
-    from tests.tiny_models import COMMON
+    from tests.tiny_models import COMMON, random_model
 
-    torch.manual_seed(5)
     cfg = LlamaConfig(
         **{**COMMON, "num_hidden_layers": NUM_LAYERS, "vocab_size": 49152}, tie_word_embeddings=False
     )
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
+    model = random_model(cfg, 5)
     d = tmp_path_factory.mktemp("offload-cli") / "llama8"
     model.save_pretrained(d, safe_serialization=True)
     for f in ("tokenizer.json", "tokenizer_config.json"):
