@@ -41,7 +41,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,13 +68,32 @@ ROLES = ("store", "prefill", "decode", "router")
 
 @dataclass(frozen=True)
 class FloorResult:
-    """CPU ms per request of each process (``client``: the driving process) and the wall time."""
+    """CPU ms per request of each process (``client``: the driving process), the wall time, and
+    the context switches per request of each process (voluntary, involuntary; all its threads)."""
 
     requests: int
     streams: int
     deltas: int
     wall_s: float
     cpu_ms_per_request: dict[str, float]
+    switches_per_request: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def context_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of every thread of process ``pid`` so far
+    (``/proc/<pid>/task/*/status``; a thread that ended meanwhile is not counted)."""
+    vol = invol = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        vol += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        invol += int(line.split()[1])
+        except OSError:  # the thread ended
+            continue
+    return vol, invol
 
 
 # ------------------------------------------------------------------------------ the servers
@@ -389,10 +408,15 @@ def measure_floor(
         pids = {k: p.pid for k, p in procs.items()}
         pids["client"] = os.getpid()
         t0 = {k: process_cpu_s(p) for k, p in pids.items()}
+        s0 = {k: context_switches(p) for k, p in pids.items()}
         wall = asyncio.run(_drive(router, streams, requests, 0))
         cpu = {k: (process_cpu_s(p) - t0[k]) / requests * 1e3 for k, p in pids.items()}
         cpu["all"] = sum(cpu.values())
-        return FloorResult(requests, streams, deltas, wall, cpu)
+        switches = {}
+        for k, p in pids.items():
+            s1 = context_switches(p)
+            switches[k] = ((s1[0] - s0[k][0]) / requests, (s1[1] - s0[k][1]) / requests)
+        return FloorResult(requests, streams, deltas, wall, cpu, switches)
     finally:
         for p in procs.values():
             p.kill()
@@ -462,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({r.wall_s:.2f} s, load {' / '.join(f'{x:.1f}' for x in os.getloadavg())}):"
     )
     print(f"  CPU ms per request: {per}")
+    sw = "  ".join(f"{k} {v:.1f}/{i:.1f}" for k, (v, i) in r.switches_per_request.items())
+    print(f"  context switches per request (voluntary/involuntary): {sw}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """bench/grpc_floor.py's ``--early-redirect`` variant (the redirect sent with the first token, no
 admission message from the decode worker) still completes every request: each gets its redirect,
-its direct deltas and its finish (a request that lost one would hang the closed loop)."""
+its direct deltas and its finish (a request that lost one would hang the closed loop); and every
+process's context switches per request are reported."""
 
 from __future__ import annotations
 
@@ -20,3 +21,6 @@ def test_early_redirect_variant_completes_every_request() -> None:
     assert r.requests == 24
     assert all(v >= 0 for v in r.cpu_ms_per_request.values())
     assert 0 < r.wall_s < 60
+    # context switches per request of each process (voluntary, involuntary)
+    assert set(r.switches_per_request) == {"store", "prefill", "decode", "router", "client"}
+    assert all(v >= 0 and i >= 0 for v, i in r.switches_per_request.values())
