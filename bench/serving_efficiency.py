@@ -14,7 +14,9 @@ For each concurrency C of ``--streams`` (default 64 and 256), in one run on one 
 
 Printed: tokens/s of each, the ratio cluster / embedded (target >= 0.8: PASS/FAIL) and the CPU
 milliseconds per token of every process over the cluster run (router, prefill, decode, store and
-the client, this process; ``/proc/<pid>/stat``), with the router's target (<= 0.02 ms/token:
+the client, this process; ``/proc/<pid>/stat``), the embedded engine's thread and the decode
+worker's two busiest threads (its engine loop, its event loop) split into CPU, waiting for a CPU
+and blocked (:mod:`bench.thread_meter`; blocked is mostly waiting for the GIL), with the router's target (<= 0.02 ms/token:
 PASS/FAIL), the tokens per message the clients received (the decode workers' coalescing:
 ``--stream-interval`` / ``--stream-window-ms``), the CPU milliseconds per request of every process,
 and the machine's load average beside each figure. After each direct run (``--floor on``), the gRPC
@@ -36,6 +38,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,6 +55,7 @@ from bench.cluster_load import (  # noqa: E402
     tiny_model,
     torch_threads,
 )
+from bench.thread_meter import ThreadSplit, sample_threads, thread_split  # noqa: E402
 
 RATIO_TARGET = 0.8
 ROUTER_MS_PER_TOKEN_TARGET = 0.02
@@ -87,6 +91,10 @@ class EfficiencyResult:
     # the bare grpc.aio message pattern of one direct request (empty: not measured)
     floor_ms_per_request: dict[str, float] = field(default_factory=dict)
     load_floor: str = ""
+    # the embedded engine's thread and the decode worker's two busiest threads (its engine loop,
+    # then its event loop), each split into CPU / waiting for a CPU / blocked (bench.thread_meter)
+    engine_thread: ThreadSplit | None = None
+    decode_threads: list[ThreadSplit] = field(default_factory=list)
 
     def cpu_ms_per_request(self) -> dict[str, float]:
         """CPU ms per request of each process (per token x tokens per request)."""
@@ -116,20 +124,22 @@ class EfficiencyResult:
 
 def measure_engine(
     model: str, c: int, n: int, max_tokens: int, prompt_len: int, threads: int, kv_blocks: int
-) -> tuple[int, float, float]:
-    """(tokens, wall s, CPU ms per token) of the embedded run (warmed up first), on ``threads``
-    torch threads, with ``kv_blocks`` KV blocks (as each worker)."""
+) -> tuple[int, float, float, ThreadSplit | None]:
+    """(tokens, wall s, CPU ms per token, the stepping thread's split) of the embedded run
+    (warmed up first), on ``threads`` torch threads, with ``kv_blocks`` KV blocks (as each worker)."""
     with torch_threads(threads):
         eng = make_engine(model, kv_blocks)
         try:
             engine_closed_loop(eng, min(c, 16), min(c, 16), max_tokens, prompt_len, offset=10**6)  # warm-up
-            me = os.getpid()
+            me, tid = os.getpid(), threading.get_native_id()
             cpu0 = process_cpu_s(me)
+            t0 = sample_threads(me)
             r = engine_closed_loop(eng, c, n, max_tokens, prompt_len, Progress(f"embedded, {c} streams", n))
             cpu = process_cpu_s(me) - cpu0
+            split = next((t for t in thread_split(t0, sample_threads(me), r.wall_s) if t.tid == tid), None)
         finally:
             eng.close()
-    return r.tokens, r.wall_s, cpu / max(r.tokens, 1) * 1e3
+    return r.tokens, r.wall_s, cpu / max(r.tokens, 1) * 1e3, split
 
 
 def measure_cluster(cl, c: int, n: int, max_tokens: int, prompt_len: int, direct: bool = False):
@@ -142,7 +152,9 @@ def measure_cluster(cl, c: int, n: int, max_tokens: int, prompt_len: int, direct
     )
     pids = {name: p.pid for name, p in cl.procs.items()}
     pids["client"] = os.getpid()
+    decode = pids["decode-0"]
     meter = CpuMeter(pids).start()
+    threads0 = sample_threads(decode)
     r = asyncio.run(
         sdk_closed_loop(
             cl.router_address,
@@ -156,9 +168,16 @@ def measure_cluster(cl, c: int, n: int, max_tokens: int, prompt_len: int, direct
         )
     )
     cpu = meter.stop()
+    threads = thread_split(threads0, sample_threads(decode), r.wall_s)[:2]
     per_tok = {k: v / max(r.tokens, 1) * 1e3 for k, v in cpu.items()}
     per_tok["all"] = sum(cpu.values()) / max(r.tokens, 1) * 1e3
-    return r, per_tok
+    return r, per_tok, threads
+
+
+def split_line(t: ThreadSplit, tokens: int) -> str:
+    """A thread's CPU, waiting-for-a-CPU and blocked milliseconds per token."""
+    k = 1e3 / max(tokens, 1)
+    return f"CPU {t.cpu_s * k:.4f}  waiting for a CPU {t.run_delay_s * k:.4f}  blocked {t.blocked_s * k:.4f}"
 
 
 # cluster process name -> bench/grpc_floor.py process name
@@ -269,12 +288,12 @@ def main(argv: list[str] | None = None) -> int:
             for c in sizes:
                 n = c * a.requests_per_stream
                 load_e = load_avg()
-                e_tok, e_wall, e_cpu = measure_engine(
+                e_tok, e_wall, e_cpu, e_thread = measure_engine(
                     model, c, n, a.max_tokens, a.prompt_len, a.engine_threads, kv_blocks
                 )
                 for mode in modes:
                     load_c = load_avg()
-                    r, per_tok = measure_cluster(
+                    r, per_tok, d_threads = measure_cluster(
                         cl, c, n, a.max_tokens, a.prompt_len, direct=mode == "direct"
                     )
                     floor, load_f = {}, ""
@@ -297,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                             mode,
                             floor,
                             load_f,
+                            e_thread,
+                            d_threads,
                         )
                     )
     print(
@@ -331,6 +352,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  cluster failures: {r.cluster_failures}")
         per = "  ".join(f"{k} {v:.4f}" for k, v in r.cpu_ms_per_token.items())
         print(f"  CPU ms per token: {per}")
+        if r.engine_thread is not None and r.decode_threads:
+            eng_t, dec = r.engine_thread, r.decode_threads
+            print("  threads, ms per token (bench/thread_meter.py; blocked: mostly waiting for the GIL):")
+            print(f"    embedded engine         {split_line(eng_t, r.engine_tokens)}")
+            print(f"    decode, busiest (engine) {split_line(dec[0], r.cluster_tokens)}")
+            if len(dec) > 1:
+                print(f"    decode, next (its loop)  {split_line(dec[1], r.cluster_tokens)}")
+            ratio = (dec[0].cpu_s / max(r.cluster_tokens, 1)) / max(
+                eng_t.cpu_s / max(r.engine_tokens, 1), 1e-12
+            )
+            print(f"    decode engine thread CPU / embedded engine CPU per token: {ratio:.2f}x")
         print(f"  router CPU per token {rt:.4f} ms (target <= {ROUTER_MS_PER_TOKEN_TARGET}: {rverdict})")
         per_req = r.cpu_ms_per_request()
         print("  CPU ms per request: " + "  ".join(f"{k} {v:.3f}" for k, v in per_req.items()))
