@@ -238,7 +238,9 @@ class ClusterConfig:
         decode = (
             self.latency_model(group.tp).decode_time(seqs, seqs) if self.offload.device_budget_gib else 0.0
         )
-        return plan_offload(self.offload, m, usable, self.block_size, self.kv_blocks, seqs, decode)
+        return plan_offload(
+            self.offload, m, usable, self.block_size, self.kv_blocks, seqs, decode, self.model_len
+        )
 
     @property
     def mode(self) -> Mode:

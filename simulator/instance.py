@@ -24,7 +24,7 @@ from router.policy import InstanceRole
 from simulator.adapters import AdapterResidency, Pin
 from simulator.events import EventLoop
 from simulator.latency import LatencyModel
-from simulator.offload import OffloadPlan
+from simulator.offload import OffloadPlan, step_blocks
 from simulator.prefix_store import PrefixStore
 from simulator.tiered_store import TieredPrefixStore
 
@@ -113,8 +113,9 @@ class SimInstance:
         batches cost ``AdapterConfig.step_factor`` times the latency model's step.
 
         ``offload``: the instance's weight / KV placement (``simulator.offload``): each step takes
-        ``offload.step_s`` of the latency model's step, the blocks the KV manager holds and the
-        step's tokens (the engine's ``predict_step_s``); ``num_blocks`` is then the plan's pool."""
+        ``offload.step_s`` of the latency model's step, the blocks the step's requests use
+        (``simulator.offload.step_blocks``, what the engine stages) and the step's tokens (the
+        engine's ``predict_step_s``); ``num_blocks`` is then the plan's pool."""
         if offload is not None and offload.num_blocks != num_blocks:
             raise ValueError(
                 f"num_blocks {num_blocks} is not the offload plan's pool ({offload.num_blocks} blocks)"
@@ -489,7 +490,7 @@ class SimInstance:
         st = self.stats
         if self.offload is not None:  # the engine's cost model: copies the compute does not hide
             base = dt
-            dt = self.offload.step_s(base, self.kv.num_used_blocks, sum(pre_tok) + n_dec)
+            dt = self.offload.step_s(base, step_blocks(self.kv, out.scheduled), sum(pre_tok) + n_dec)
             st.offload_s += dt - base
         if self.adapters is not None:
             dt = dt * self._lora_factor(out) + self._copy_s

@@ -11,11 +11,15 @@ from dataclasses import replace
 import pytest
 
 from engine.offload_policy import (
+    OffloadCostModel,
     OffloadPolicyError,
     WeightTier,
     kv_step_cost,
     pick_offline_batch_size,
+    place_kv,
     predict_step_s,
+    split_device_budget,
+    staging_bound,
 )
 from engine.request import Request
 from engine.sampling_params import SamplingParams
@@ -126,6 +130,125 @@ def test_simulated_step_time_is_the_engine_cost_models_prediction() -> None:
     assert inst.kv.num_free_blocks == plan.num_blocks
 
 
+def test_step_time_with_disk_kv_layers_and_bounded_staging_is_the_engine_prediction() -> None:
+    """Disk-backed KV layers (host budget of one layer's pool) and staging buffers bounded by
+    max_num_seqs x max_model_len (13 of 100 blocks): each simulated step lasts predict_step_s with
+    kv_step_cost of the blocks the step's requests use (what the engine stages: here block 0 too,
+    a decode table's padding, although its owner finished), disk layers at the disk bandwidth."""
+    cfg = SimOffloadConfig(
+        weight_budget_gib=_gib(650_000),
+        weight_host_gib=_gib(200_000),
+        kv_budget_gib=_gib(2 * 13 * 4096),  # two staging buffers of 13 blocks
+        kv_host_gib=_gib(100 * 4096),  # one layer's pool of 100 blocks
+        kv_disk_gib=_gib(3 * 100 * 4096),  # the other three
+        host_gb_s=0.005,
+        disk_gb_s=0.001,
+    )
+    plan = plan_offload(cfg, TINY, 2_000_000, 16, None, 3, 0.0, 64)
+    assert plan.kv.staging == staging_bound(100, 16, 3, 64) == 13 and plan.num_blocks == 100
+    assert plan.kv.offloaded == (0, 1, 2, 3) and plan.kv.disk == (1, 2, 3)  # layer 0 kept on the host
+    assert plan.kv.host_bytes == 100 * 4096 and plan.kv.disk_bytes == 300 * 4096
+    assert plan.kv == place_kv(4, 100, 4096, 2 * 13 * 4096, 13, 100 * 4096)
+    # whole-pool staging (max_model_len 2048: 3 x 128 + 1 blocks > the pool) fits only 13 blocks
+    assert plan_offload(cfg, TINY, 2_000_000, 16, None, 3, 0.0, 2048).num_blocks == 13
+    loop = EventLoop()
+    steps: list[tuple[float, float]] = []
+    sched = SchedulerConfig(
+        max_num_batched_tokens=512, max_num_seqs=3, long_prefill_token_threshold=0, max_model_len=64
+    )
+    inst = SimInstance(
+        "mixed0",
+        InstanceRole.MIXED,
+        sched,
+        plan.num_blocks,
+        16,
+        StepLatency(),
+        loop,
+        lambda rep: steps.append((rep.start, rep.end)),
+        offload=plan,
+    )
+    sp = SamplingParams(max_tokens=3, ignore_eos=True)
+    inst.submit(
+        Request("x", range(200, 210), SamplingParams(max_tokens=1, ignore_eos=True), arrival_time=0.0)
+    )
+    inst.submit(Request("a", range(40), sp, arrival_time=0.0))
+    inst.submit(Request("b", range(100, 120), sp, arrival_time=0.0))
+    loop.run()
+    assert len(steps) == 4
+    share = TINY.vocab_size * TINY.hidden / TINY.num_params
+    # step 1: x alone (submitted first: 10 tokens, block 0), which finishes; step 2: prefills of
+    # a (40 tokens: 3 blocks) and b (20: 2 blocks); steps 3-4: decodes of a (3 blocks) and b (2):
+    # the shorter table is padded with block 0, so the engine stages 6 blocks, the KV manager
+    # holding 5
+    for (start, end), (base, held, new) in zip(
+        steps,
+        [(0.01 + 0.010, 1, 10), (0.01 + 0.060, 5, 60), (0.01 + 2e-4, 6, 2), (0.01 + 2e-4, 6, 2)],
+        strict=True,
+    ):
+        kv = kv_step_cost(plan.kv, held, new, 16, 0.005e9, 0.001e9)
+        assert kv.disk_layers == (1, 2, 3) and kv.disk_read_s == pytest.approx(5 * kv.read_s)
+
+        def want(c=kv, b=base):
+            return predict_step_s(
+                plan.weights.tiers,
+                [200_000] * 4,
+                [b * (1 - share) / 4] * 4,
+                0.005e9,
+                0.001e9,
+                b * share,
+                kv=c,
+            )
+
+        assert end - start == pytest.approx(want(), rel=1e-12)
+        # the old pricing (every block held, all at the host bandwidth) gives another time
+        old = kv_step_cost(plan.kv, min(held, 5), new, 16, 0.005e9, 0.005e9)
+        assert abs(want(old) - (end - start)) > 1e-3
+    assert inst.kv.num_free_blocks == plan.num_blocks
+
+
+def test_device_budget_split_gets_the_staging_bound_and_the_host_budget() -> None:
+    """device_budget_gib: the split is engine.offload_policy.split_device_budget with the inputs
+    engine.offload.apply_device_budget gives it (staging buffers of staging_bound blocks, a step
+    using every staged block, the host budget; the KV beyond it on disk)."""
+    sched = vllm_scheduler(640, 64)
+    cfg = SimOffloadConfig(device_budget_gib=20.0, kv_host_gib=2.0)
+    c = colocated(SPEC, 1, scheduler=sched, max_model_len=640, offload=cfg, kv_blocks=3000)
+    plan = c.offload_plan(c.groups[0])
+    assert plan is not None
+    m = model_spec("llama-2-7b")
+    fixed = int(m.non_layer_params * m.dtype_bytes)
+    lb = int(m.weight_bytes - fixed) // 32
+    decode = c.latency_model(1).decode_time(64, 64)
+    share = other_share(m)
+    cost = OffloadCostModel(
+        (lb,) * 32,
+        tuple(decode * (1 - share) / 32 for _ in range(32)),
+        fixed,
+        20 * GIB,
+        25e9,
+        3e9,
+        decode * share,
+    )
+    stb = staging_bound(3000, 16, 64, 640)
+    assert stb == 64 * 40 + 1 < 3000
+    bpl = 16 * m.kv_bytes_per_token // 32
+    split = split_device_budget(
+        cost, 3000, bpl, stb, 64, 16, staging_blocks=stb, kv_host_budget_bytes=2 * GIB
+    )
+    assert plan.kv == split.kv and plan.weights == split.weights
+    assert plan.kv.staging == stb and plan.kv.disk and plan.kv.host_bytes <= 2 * GIB
+
+
+def test_kv_disk_tier_grows_the_pool_beyond_the_host_budget() -> None:
+    host = colocated(SPEC, 1, offload=SimOffloadConfig(kv_host_gib=16.0))
+    both = colocated(SPEC, 1, offload=SimOffloadConfig(kv_host_gib=16.0, kv_disk_gib=48.0))
+    ph, pb = host.offload_plan(host.groups[0]), both.offload_plan(both.groups[0])
+    assert ph is not None and pb is not None
+    assert not ph.kv.disk and pb.kv.disk and pb.num_blocks > ph.num_blocks
+    assert pb.kv.host_bytes <= 16 * GIB and pb.kv.disk_bytes <= 48 * GIB
+    assert set(pb.kv.disk) < set(pb.kv.offloaded) and pb.kv.offloaded[0] not in pb.kv.disk
+
+
 def test_nothing_offloaded_keeps_the_latency_models_step() -> None:
     plan = _tiny_plan(SimOffloadConfig(weight_budget_gib=_gib(900_000)))
     assert not plan.offloads and plan.step_s(0.123, 5, 7) == 0.123
@@ -177,7 +300,12 @@ def test_device_budget_is_split_by_the_engine_policy() -> None:
         ({"kv_host_gib": math.inf}, "kv_host_gib"),
         ({"weight_budget_gib": 5.0, "host_gb_s": 0.0}, "host_gb_s"),
         ({"device_budget_gib": 20.0, "weight_budget_gib": 5.0}, "contradicts weight_budget_gib"),
-        ({"device_budget_gib": 20.0, "kv_host_gib": 5.0}, "kv_host_gib with device_budget_gib"),
+        (
+            {"device_budget_gib": 20.0, "kv_host_gib": 5.0, "kv_disk_gib": 5.0},
+            "kv_disk_gib with device_budget_gib",
+        ),
+        ({"kv_budget_gib": 1.0, "kv_disk_gib": 5.0}, "kv_disk_gib needs kv_host_gib"),
+        ({"kv_host_gib": 1.0, "kv_disk_gib": -1.0}, "kv_disk_gib must be"),
         ({"weight_host_gib": 5.0}, "weight_host_gib needs weight offloading"),
         ({}, "sets no budget"),
     ],
@@ -196,7 +324,12 @@ def test_offload_config_refuses(kw: dict, match: str) -> None:
         (SimOffloadConfig(kv_budget_gib=1e-4, kv_host_gib=10.0), {}, "no room for one KV block"),
         (SimOffloadConfig(kv_budget_gib=0.1), {"kv_blocks": 1000}, "KV memory budget .* below the minimum"),
         (SimOffloadConfig(device_budget_gib=20.0), {}, "needs ClusterConfig.kv_blocks"),
-        (SimOffloadConfig(kv_host_gib=10.0), {"kv_blocks": 100}, "set one or the other"),
+        (SimOffloadConfig(kv_host_gib=10.0), {"kv_blocks": 100}, "needs kv_budget_gib"),
+        (
+            SimOffloadConfig(kv_budget_gib=1.0, kv_host_gib=1.0, kv_disk_gib=10.0),
+            {"kv_blocks": 100},
+            "kv_disk_gib sizes the KV pool, ClusterConfig.kv_blocks sets it",
+        ),
     ],
 )
 def test_cluster_config_refuses_budgets_that_do_not_fit(cfg: SimOffloadConfig, kw: dict, match: str) -> None:
