@@ -104,6 +104,7 @@ _OFFLOAD_FLAGS = {  # flag dest -> SimOffloadConfig field
     "weight_host_gib": "weight_host_gib",
     "kv_budget_gib": "kv_budget_gib",
     "kv_host_gib": "kv_host_gib",
+    "kv_disk_gib": "kv_disk_gib",
     "device_budget_gib": "device_budget_gib",
 }
 
@@ -133,6 +134,12 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="host memory for offloaded layers' KV: the pool grows to use it (FlexGen KV offloading)",
+    )
+    p.add_argument(
+        "--kv-disk-gib",
+        type=float,
+        default=None,
+        help="disk for offloaded layers' KV beyond --kv-host-gib: the pool grows to use it too",
     )
     p.add_argument(
         "--device-budget-gib",

@@ -407,6 +407,10 @@ def test_simulate_cli_offload_flags(capsys) -> None:
     assert "--device-budget-gib needs --kv-blocks" in capsys.readouterr().err
     assert main([*base, "--offload-disk-gbs", "1"]) == 2
     assert "need an offloading budget" in capsys.readouterr().err
+    assert main([*base, "--kv-host-gib", "4", "--kv-disk-gib", "12"]) == 0
+    assert "KV 6/32 layers off the device (host 2.05 GiB, disk 5 layers 10.26 GiB)" in capsys.readouterr().out
+    assert main([*base, "--kv-disk-gib", "12"]) == 2
+    assert "--kv-disk-gib needs --kv-host-gib" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- offline batch
