@@ -15,7 +15,13 @@ row count up to which native wins at every measured row count (what ``NATIVE_MAX
 ``--cpu-time``: one thread on both sides (torch and the native pool) timed by the thread's CPU time
 (``time.thread_time``), which time spent descheduled does not count: on a shared, loaded host this
 compares the two implementations' work where wall-clock medians mostly measure the other tenants
-(memory-bandwidth contention still counts). The bound columns stay wall-clock figures.
+(memory-bandwidth contention still counts). The bound columns stay wall-clock figures. With
+``--engine-ab`` it times each step by the calling thread's CPU time (one thread does all the work).
+
+``--ref-rev REV``: also time the kernel as it was at git revision REV (its ``linear_native.py``
+C source, built beside this tree's), interleaved with the other two: a before/after in one run. Per
+cell it prints ``ref ms`` and ``new/ref`` (> 1: this tree's kernel faster); with ``--engine-ab``
+the step is timed on the three paths.
 
 ``--engine-ab 256x1,2048x8``: instead, the whole decode step of an engine (SmolLM2, imported
 random KV at that context x batch) with its projections switched between ``nn.Linear`` and
@@ -25,11 +31,14 @@ random KV at that context x batch) with its projections switched between ``nn.Li
 from __future__ import annotations
 
 import argparse
+import ctypes
+import importlib.util
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,6 +58,38 @@ from engine.models.linear_native import (  # noqa: E402
 )
 
 DEFAULT_MODEL = Path.home() / ".cache/pdserve/models/SmolLM2-135M-Instruct"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ref_kernel(rev: str) -> ctypes.CDLL:
+    """The fp32 linear kernel library as it was at git revision ``rev`` (built from that
+    revision's ``engine/models/linear_native.py`` source, declared by this tree's ``_declare``)."""
+    from engine.native_build import build_library
+
+    text = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:engine/models/linear_native.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    spec = importlib.util.spec_from_loader("linear_native_ref", loader=None)
+    assert spec is not None
+    mod = importlib.util.module_from_spec(spec)
+    exec(compile(text, f"{rev}:linear_native.py", "exec"), mod.__dict__)
+    lib = build_library("f32_linear_ref", mod._SOURCE)
+    linear_native._declare(lib)
+    return lib
+
+
+class _Kernel:
+    """Switches ``skinny_linear`` (and so ``NativeLinear``) between kernel libraries."""
+
+    def __init__(self, ref: ctypes.CDLL | None) -> None:
+        self.new = kernel()
+        self.ref = ref
+
+    def use(self, lib: ctypes.CDLL | None) -> None:
+        linear_native._LIB._lib = lib
 
 
 def read_bandwidth(reps: int = 5) -> float:
@@ -77,8 +118,17 @@ def shapes(cfg: ModelConfig) -> list[tuple[str, int, int, int]]:
     ]
 
 
-def engine_ab(path: Path, context: int, batch: int, steps: int, reps: int) -> tuple[float, float]:
-    """Median decode step (seconds) with torch's and the native linear, alternated on one engine."""
+def engine_ab(
+    path: Path,
+    context: int,
+    batch: int,
+    steps: int,
+    reps: int,
+    kern: _Kernel | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median decode step (seconds) per path: torch's and the native linear (and, with
+    ``kern.ref``, the reference revision's kernel as ``ref``), alternated on one engine."""
     from bench import engine_bound
     from engine.sampling_params import SamplingParams
 
@@ -97,19 +147,28 @@ def engine_ab(path: Path, context: int, batch: int, steps: int, reps: int) -> tu
         eng.import_kv(
             f"r{i}", torch.randint(10, 40000, (context,), generator=g).tolist(), 100 + i, blocks, sp
         )
-    times: dict[str, list[float]] = {"torch": [], "native": []}
+    paths: list[tuple[str, type, ctypes.CDLL | None]] = [("torch", torch.nn.Linear, None)]
+    if kern is not None and kern.ref is not None:
+        paths.append(("ref", NativeLinear, kern.ref))
+    paths.append(("native", NativeLinear, None if kern is None else kern.new))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in paths}
     for _ in range(2):
         eng.step()
     for _ in range(reps):
-        for name, cls in (("torch", torch.nn.Linear), ("native", NativeLinear)):
+        for name, cls, lib in paths:
             for m in mods:
                 m.__class__ = cls
+            if kern is not None and lib is not None:
+                kern.use(lib)
+            eng.step()  # one untimed step after a switch
             for _ in range(steps):
-                t = time.perf_counter()
+                t = clock()
                 eng.step()
-                times[name].append(time.perf_counter() - t)
+                times[name].append(clock() - t)
+    if kern is not None:
+        kern.use(kern.new)
     eng.close()
-    return statistics.median(times["torch"]), statistics.median(times["native"])
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-time", action="store_true", help="1 thread each side, timed by thread CPU time (see above)"
     )
     ap.add_argument("--spin-us", type=float, default=None, help="native pool: helper spin before sleeping")
+    ap.add_argument("--ref-rev", default=None, help="also time the kernel of this git revision (see above)")
     ap.add_argument("--split-min-kb", type=int, default=None, help="native: weights below this use 1 thread")
     return cli_help.apply(ap)
 
@@ -163,6 +223,9 @@ def main() -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    kern = _Kernel(ref_kernel(args.ref_rev) if args.ref_rev else None)
+    if kern.ref is not None and (args.threads or args.spin_us is not None):
+        kern.ref.f32_pool_config(torch.get_num_threads(), int(1000 * (args.spin_us or HELPER_SPIN_US)))
     if args.engine_ab:
         print(
             f"engine A/B, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, reps {args.reps}"
@@ -170,11 +233,14 @@ def _run(args: argparse.Namespace) -> int:
         for cell in args.engine_ab.split(","):
             ctx, b = (int(v) for v in cell.split("x"))
             bw0 = read_bandwidth()
-            mt, mn = engine_ab(args.model, ctx, b, args.steps, args.reps)
+            clock = time.thread_time if args.cpu_time else time.perf_counter
+            med = engine_ab(args.model, ctx, b, args.steps, args.reps, kern, clock)
+            mt, mn = med["torch"], med["native"]
             bw = (bw0 + read_bandwidth()) / 2
+            ref = f"ref {med['ref'] * 1e3:.2f} ms (new/ref {med['ref'] / mn:.2f}x), " if "ref" in med else ""
             print(
                 f"  ctx {ctx:>5} batch {b:>2}: read {bw / 1e9:.1f} GB/s, step torch {mt * 1e3:.2f} ms, "
-                f"native {mn * 1e3:.2f} ms, speedup {mt / mn:.2f}x (load {os.getloadavg()[0]:.2f})",
+                f"{ref}native {mn * 1e3:.2f} ms, speedup {mt / mn:.2f}x (load {os.getloadavg()[0]:.2f})",
                 flush=True,
             )
         return 0
@@ -189,9 +255,10 @@ def _run(args: argparse.Namespace) -> int:
     print(
         f"{'shape':>8} {'N':>6} {'K':>5} {'rows':>4} {'GB/s':>5} {'bound ms':>8} {'torch ms':>8} "
         f"{'native ms':>9} {'torch/bd':>8} {'nat/bd':>6} {'speedup':>7}"
+        + (f" {'ref ms':>7} {'new/ref':>7}" if kern.ref is not None else "")
         + ("  max|diff|" if args.check else "")
     )
-    totals: dict[int, list[float]] = {b: [0.0, 0.0, 0.0] for b in batches}
+    totals: dict[int, list[float]] = {b: [0.0, 0.0, 0.0, 0.0] for b in batches}
     speedups: dict[str, dict[int, float]] = {}
     torch.manual_seed(0)
     with torch.inference_mode():
@@ -202,7 +269,7 @@ def _run(args: argparse.Namespace) -> int:
                 F.linear(x, ws[0])
                 skinny_linear(x, ws[0])
                 bw0 = read_bandwidth()
-                tt, tn = [], []
+                tt, tn, tr = [], [], []
                 for _ in range(args.reps):
                     t = clock()
                     for w in ws:
@@ -212,27 +279,38 @@ def _run(args: argparse.Namespace) -> int:
                     for w in ws:
                         skinny_linear(x, w)
                     tn.append(clock() - t)
+                    if kern.ref is not None:
+                        kern.use(kern.ref)
+                        t = clock()
+                        for w in ws:
+                            skinny_linear(x, w)
+                        tr.append(clock() - t)
+                        kern.use(kern.new)
                 bw = (bw0 + read_bandwidth()) / 2
                 bound = count * n * k * 4 / bw
                 mt, mn = statistics.median(tt), statistics.median(tn)
+                mr = statistics.median(tr) if tr else float("nan")
                 speedups.setdefault(name, {})[b] = mt / mn
-                for i, v in enumerate((bound, mt, mn)):
+                for i, v in enumerate((bound, mt, mn, mr)):
                     totals[b][i] += v
                 line = (
                     f"{name:>8} {n:>6} {k:>5} {b:>4} {bw / 1e9:>5.1f} {bound * 1e3:>8.2f} {mt * 1e3:>8.2f} "
                     f"{mn * 1e3:>9.2f} {mt / bound:>8.2f} {mn / bound:>6.2f} {mt / mn:>7.2f}"
                 )
+                if tr:
+                    line += f" {mr * 1e3:>7.2f} {mr / mn:>7.2f}"
                 if args.check:
                     diff = (skinny_linear(x, ws[0]) - F.linear(x, ws[0])).abs().max().item()
                     line += f"  {diff:.1e}"
                 print(line, flush=True)
     print("whole model (sum of the shapes' medians):")
-    for b, (bound, mt, mn) in totals.items():
+    for b, (bound, mt, mn, mr) in totals.items():
+        ref = f", ref {mr * 1e3:.2f} ms (new/ref {mr / mn:.2f}x)" if kern.ref is not None else ""
         print(
             f"  rows {b:>2}: bound {bound * 1e3:.2f} ms, torch {mt * 1e3:.2f} ms ({mt / bound:.2f}x), "
-            f"native {mn * 1e3:.2f} ms ({mn / bound:.2f}x), speedup {mt / mn:.2f}x"
+            f"native {mn * 1e3:.2f} ms ({mn / bound:.2f}x), speedup {mt / mn:.2f}x{ref}"
         )
-    speedups["whole model"] = {b: mt / mn for b, (_, mt, mn) in totals.items()}
+    speedups["whole model"] = {b: mt / mn for b, (_, mt, mn, _) in totals.items()}
     print("crossover (native wins at every measured row count up to):")
     for name, per_rows in speedups.items():
         print(f"  {name:>11}: {crossover(per_rows)} rows")

@@ -5,9 +5,15 @@ reading the weight once. :func:`skinny_linear` reads each group of 4 fp32 weight
 once and, while it sits in L1, runs every activation row of the batch against it in register tiles
 of 4 weight rows x up to 6 activation rows (AVX-512: 24 accumulators of 16 lanes; AVX2: 4 x 3 of 8
 lanes; else whatever ``-march=native`` vectorises the portable loop to), so 32 rows cost the weight
-traffic of one and the arithmetic runs from cache. Each output element is one vector accumulator
-over K reduced in a fixed order, so its value depends neither on the thread count nor on the other
-rows of the batch. The work is split by output rows over a
+traffic of one and the arithmetic runs from cache. With AVX-512 the first tile of a group also
+prefetches the next group's weight rows (one line per row per k step), so the memory read of the
+next group overlaps the arithmetic on this one instead of stalling the tile that touches it first;
+the 4 weight vectors stay in registers across the tile's activation rows; the 4 sums of a row are
+reduced together (one shuffle tree, then one 4-float store). Up to 16 rows the tiles are 6 rows and
+a remainder, above that as equal as can be (measured fastest that way; bench/linear_skinny.py).
+Each output element is one vector accumulator over K reduced in a fixed order, so its value depends
+neither on the thread count nor on the other rows of the batch. The work is split by output rows
+over a
 small thread pool of its own (torch's thread count): the caller and helpers claim chunks of
 weight rows from one atomic counter, helpers sleep on a futex when idle, and the caller waits
 only for chunks a helper has claimed, so a helper the OS has not scheduled costs nothing. An
@@ -103,21 +109,57 @@ _SOURCE = r"""
 #ifndef MB_MAX
 #define MB_MAX 6
 #endif
+/* the first tile of a group of 4 weight rows prefetches the group PF_DIST groups ahead (0: none) */
+#ifndef PF_DIST
+#define PF_DIST 1
+#endif
+/* one row streams the weights alone: the hardware prefetcher does it (software prefetch measured 5% slower) */
+#ifndef PF_MIN_ROWS
+#define PF_MIN_ROWS 2
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T0
+#endif
+#define HAVE_PF 1
+/* keep the weight vectors in registers (else gcc folds them into the FMAs as loads per row) */
+#ifndef WREG
+#define WREG 1
+#endif
+
+/* the lane sums of a0..a3 in lanes 0..3, each by the tree of _mm512_reduce_add_ps (lane l + l+8,
+   then + 4, + 2, + 1): an element's value does not depend on which accumulators share the call */
+static inline __attribute__((always_inline)) __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3)
+{
+    const __m512 t01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+    const __m512 t23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+    const __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, 0x88), _mm512_shuffle_f32x4(t01, t23, 0xDD));
+    const __m512 p = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E));
+    const __m512 q = _mm512_add_ps(p, _mm512_permute_ps(p, 0xB1));
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), q));
+}
 
 /* out[m, n0 + j] for m < MB (x rows from x), j < NB (w rows from w); MB <= MB_MAX, NB <= 4 constant.
    Every output element is one 16-lane accumulator over k (the K tail a masked load of zeros beyond
-   K), reduced the same way: its value does not depend on MB, NB or which thread computed it. */
+   K), reduced the same way: its value does not depend on MB, NB or which thread computed it.
+   pf (or NULL): NB rows of K weights to prefetch meanwhile, one cache line per row per k step. */
 static inline __attribute__((always_inline)) void tile(
     const float* restrict x, int64_t K, const float* restrict w, const int MB, const int NB,
-    const float* restrict bias, int64_t n0, float* restrict out, int64_t N)
+    const float* restrict bias, int64_t n0, float* restrict out, int64_t N, const float* pf)
 {
     __m512 acc[MB_MAX][4];
     for (int i = 0; i < MB; i++)
-        for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();
+        for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
+        if (pf)
+            for (int j = 0; j < NB; j++) _mm_prefetch((const char*)(pf + j * K + k), PF_HINT);
         __m512 wv[4];
-        for (int j = 0; j < NB; j++) wv[j] = _mm512_loadu_ps(w + j * K + k);
+        for (int j = 0; j < NB; j++) {
+            wv[j] = _mm512_loadu_ps(w + j * K + k);
+#if WREG
+            if (MB > 1) __asm__("" : "+v"(wv[j]));
+#endif
+        }
         for (int i = 0; i < MB; i++) {
             __m512 xv = _mm512_loadu_ps(x + i * K + k);
             /* keep xv in a register: folded into each FMA as a memory operand it would be loaded
@@ -135,9 +177,15 @@ static inline __attribute__((always_inline)) void tile(
             for (int j = 0; j < NB; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
         }
     }
-    for (int i = 0; i < MB; i++)
-        for (int j = 0; j < NB; j++)
-            out[i * N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[n0 + j] : 0.f);
+    const __mmask8 mn = (__mmask8)((1u << NB) - 1u);
+    const __m128 b = bias ? _mm_maskz_loadu_ps(mn, bias + n0) : _mm_setzero_ps();
+    for (int i = 0; i < MB; i++) {
+        const __m128 r = _mm_add_ps(reduce4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]), b);
+        if (NB == 4)
+            _mm_storeu_ps(out + i * N + n0, r);
+        else
+            _mm_mask_storeu_ps(out + i * N + n0, mn, r);
+    }
 }
 #define CPU_RELAX() _mm_pause()
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -157,8 +205,9 @@ static inline float hsum8(__m256 v)
 /* out[m, n0 + j] for m < MB (x rows from x), j < NB (w rows from w); MB <= 3, NB <= 4 constant */
 static inline __attribute__((always_inline)) void tile(
     const float* restrict x, int64_t K, const float* restrict w, const int MB, const int NB,
-    const float* restrict bias, int64_t n0, float* restrict out, int64_t N)
+    const float* restrict bias, int64_t n0, float* restrict out, int64_t N, const float* pf)
 {
+    (void)pf;
     __m256 acc[3][4];
     for (int i = 0; i < MB; i++)
         for (int j = 0; j < NB; j++) acc[i][j] = _mm256_setzero_ps();
@@ -184,8 +233,9 @@ static inline __attribute__((always_inline)) void tile(
 #define MB_MAX 3
 static inline __attribute__((always_inline)) void tile(
     const float* restrict x, int64_t K, const float* restrict w, const int MB, const int NB,
-    const float* restrict bias, int64_t n0, float* restrict out, int64_t N)
+    const float* restrict bias, int64_t n0, float* restrict out, int64_t N, const float* pf)
 {
+    (void)pf;
     for (int i = 0; i < MB; i++)
         for (int j = 0; j < NB; j++) {
             float s = 0.f;
@@ -200,18 +250,26 @@ static inline __attribute__((always_inline)) void tile(
 #error "MB_MAX must be 1..6"
 #endif
 
+#ifndef BAL_ABOVE
+#define BAL_ABOVE 16
+#endif
+
 /* every activation row against the NB weight rows at wn (read from memory once, then from cache):
-   tiles of MB_MAX rows, then one tile of the remainder */
+   above BAL_ABOVE rows ceil(M / MB_MAX) tiles of as equal a size as can be, else tiles of MB_MAX
+   rows and one of the remainder; the first one prefetches pf (or NULL) */
 #define ROWS(NB)                                                                             \
-    for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {                                             \
+    for (int64_t m0 = 0, t = 0; m0 < M; t++) {                                               \
         const float* xm = x + m0 * K;                                                        \
         float* om = out + m0 * N;                                                            \
-        switch (M - m0 >= MB_MAX ? MB_MAX : M - m0) {                                        \
+        const float* tp = t == 0 ? pf : NULL;                                                \
+        const int64_t mb = M > BAL_ABOVE ? M / nt + (t < M % nt) : (M - m0 >= MB_MAX ? MB_MAX : M - m0); \
+        switch (mb) {                                                                        \
         CASES(NB)                                                                            \
-        default: tile(xm, K, wn, 1, NB, bias, n0, om, N); break;                              \
+        default: tile(xm, K, wn, 1, NB, bias, n0, om, N, tp); break;                         \
         }                                                                                    \
+        m0 += mb;                                                                            \
     }
-#define CASE(MB, NB) case MB: tile(xm, K, wn, (MB <= MB_MAX ? MB : 1), NB, bias, n0, om, N); break;
+#define CASE(MB, NB) case MB: tile(xm, K, wn, (MB <= MB_MAX ? MB : 1), NB, bias, n0, om, N, tp); break;
 #define CASES(NB) CASE(6, NB) CASE(5, NB) CASE(4, NB) CASE(3, NB) CASE(2, NB)
 
 /* output columns [r0, r1) (weight rows) of out = x @ w.T (+ bias); r0 a multiple of 4 or r1 == N.
@@ -219,13 +277,23 @@ static inline __attribute__((always_inline)) void tile(
 static void rows_range(const float* x, int64_t M, int64_t K, const float* w, const float* bias, int64_t N,
                        float* out, int64_t r0, int64_t r1)
 {
+    const int64_t nt = (M + MB_MAX - 1) / MB_MAX;
+    (void)nt;
+    const float* wend = w + N * K;
     int64_t n0 = r0;
     for (; n0 + 4 <= r1; n0 += 4) {
         const float* wn = w + n0 * K;
+#if defined(HAVE_PF) && PF_DIST > 0
+        const float* pf = M >= PF_MIN_ROWS && wn + 4 * PF_DIST * K + 4 * K <= wend ? wn + 4 * PF_DIST * K : NULL;
+#else
+        const float* pf = NULL;
+        (void)wend;
+#endif
         ROWS(4)
     }
     for (; n0 < r1; n0++) {
         const float* wn = w + n0 * K;
+        const float* pf = NULL;
         ROWS(1)
     }
 }
