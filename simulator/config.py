@@ -234,12 +234,13 @@ class ClusterConfig:
         m = model_spec(self.latency.model)
         g = gpu_spec(self.latency.gpu)
         usable = group.tp * (g.memory_bytes * self.gpu_memory_utilization - self.activation_reserve_bytes)
-        seqs = self._scheduler(group).max_num_seqs
+        sched = self._scheduler(group)  # its max_num_seqs and max_model_len bound the KV staging buffers
+        seqs = sched.max_num_seqs
         decode = (
             self.latency_model(group.tp).decode_time(seqs, seqs) if self.offload.device_budget_gib else 0.0
         )
         return plan_offload(
-            self.offload, m, usable, self.block_size, self.kv_blocks, seqs, decode, self.model_len
+            self.offload, m, usable, self.block_size, self.kv_blocks, seqs, decode, sched.max_model_len
         )
 
     @property

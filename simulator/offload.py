@@ -316,8 +316,8 @@ def plan_offload(
     weights and KV (see the module docstring). ``kv_blocks``: the pool's size when given
     (ClusterConfig.kv_blocks). ``decode_step_s``: the latency model's decode step of
     ``max_num_seqs`` requests (the compute :func:`split_device_budget` prices; unused otherwise).
-    ``max_num_seqs`` and ``max_model_len`` (None: the model's) bound the KV staging buffers
-    (:func:`staging_bound`, as the engine's ``max_num_seqs`` and ``max_model_len``).
+    ``max_num_seqs`` and ``max_model_len`` (the scheduler's; None: the model's; capped by the
+    model's, as ``LLMEngine.max_model_len``) bound the KV staging buffers (:func:`staging_bound`).
     ValueError (OffloadPolicyError for the cost model's refusals) naming what does not fit."""
     n = model.num_layers
     fixed = int(model.non_layer_params * model.dtype_bytes)
@@ -327,7 +327,8 @@ def plan_offload(
     bpl = block_size * model.kv_bytes_per_token // n  # one block of one layer (K and V)
     share = other_share(model)
     comp = tuple(decode_step_s * (1 - share) / n for _ in range(n))
-    max_len = model.max_model_len if max_model_len is None else max_model_len
+    # the engine's max_model_len: the configured one capped by the model's positions
+    max_len = model.max_model_len if max_model_len is None else min(max_model_len, model.max_model_len)
     host = _bytes(cfg.kv_host_gib)
 
     def staging(nb: int) -> int:

@@ -151,6 +151,8 @@ def test_step_time_with_disk_kv_layers_and_bounded_staging_is_the_engine_predict
     assert plan.kv == place_kv(4, 100, 4096, 2 * 13 * 4096, 13, 100 * 4096)
     # whole-pool staging (max_model_len 2048: 3 x 128 + 1 blocks > the pool) fits only 13 blocks
     assert plan_offload(cfg, TINY, 2_000_000, 16, None, 3, 0.0, 2048).num_blocks == 13
+    # a max_model_len over the model's is capped by it, as LLMEngine.max_model_len
+    assert plan_offload(cfg, TINY, 2_000_000, 16, None, 3, 0.0, 10**6).num_blocks == 13
     loop = EventLoop()
     steps: list[tuple[float, float]] = []
     sched = SchedulerConfig(
@@ -247,6 +249,10 @@ def test_kv_disk_tier_grows_the_pool_beyond_the_host_budget() -> None:
     assert not ph.kv.disk and pb.kv.disk and pb.num_blocks > ph.num_blocks
     assert pb.kv.host_bytes <= 16 * GIB and pb.kv.disk_bytes <= 48 * GIB
     assert set(pb.kv.disk) < set(pb.kv.offloaded) and pb.kv.offloaded[0] not in pb.kv.disk
+    # the staging buffers are bounded by the instance scheduler's max_num_seqs x max_model_len
+    c = colocated(SPEC, 1, scheduler=vllm_scheduler(640, 64), offload=SimOffloadConfig(kv_host_gib=64.0))
+    p = c.offload_plan(c.groups[0])
+    assert p is not None and p.kv.staging == 64 * 40 + 1 < p.num_blocks
 
 
 def test_nothing_offloaded_keeps_the_latency_models_step() -> None:
