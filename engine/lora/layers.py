@@ -188,7 +188,12 @@ class LoRALinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        return self.add_update(x, self.base(x))
+
+    def add_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (``self.base(x)``, however computed: :func:`engine.models.gemm.project` computes
+        it itself for large batches) plus the low-rank update of each row's adapter slot; may
+        update ``out`` in place."""
         ctx = self.ctx
         if not ctx.active:
             return out

@@ -26,6 +26,7 @@ from torch import nn
 from engine.attention import AttentionMetadata
 from engine.models import fused_native
 from engine.models.config import ModelConfig
+from engine.models.gemm import project
 from engine.models.llama import MLP, DecoderLayer, LlamaForCausalLM
 from engine.models.qwen3 import QKNormAttention
 from engine.models.rope import RotaryEmbedding
@@ -108,7 +109,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
+        logits = project(self.lm_head, hidden)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -30,6 +30,7 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.attention_backends import AttentionBackend
 from engine.models import fused_native
 from engine.models.config import ModelConfig
+from engine.models.gemm import project
 from engine.models.rope import RotaryEmbedding, apply_rotary
 
 if TYPE_CHECKING:
@@ -105,14 +106,16 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache, md: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         if self.qkv is not None:
-            q, k, v = self.qkv(x).split([self.h * self.hd, self.kvh * self.hd, self.kvh * self.hd], dim=-1)
+            q, k, v = project(self.qkv, x).split(
+                [self.h * self.hd, self.kvh * self.hd, self.kvh * self.hd], dim=-1
+            )
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x)
         q = apply_rotary(q.view(t, self.h, self.hd), cos, sin)
         k = apply_rotary(k.view(t, self.kvh, self.hd), cos, sin)
         v = v.view(t, self.kvh, self.hd)
         o = paged_attention(q, k, v, cache, md, self.scale, self.window, self.softcap)
-        out = self.o_proj(o.reshape(t, self.h * self.hd))
+        out = project(self.o_proj, o.reshape(t, self.h * self.hd))
         if self.all_reduce is not None:
             self.all_reduce(out)
         return out
@@ -142,10 +145,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            g, u = self.gate_up(x).chunk(2, dim=-1)
+            g, u = project(self.gate_up, x).chunk(2, dim=-1)
         else:
-            g, u = self.gate_proj(x), self.up_proj(x)
-        out = self.down_proj(self.act(g) * u)
+            g, u = project(self.gate_proj, x), project(self.up_proj, x)
+        out = project(self.down_proj, self.act(g) * u)
         if self.all_reduce is not None:
             self.all_reduce(out)
         return out
@@ -308,7 +311,7 @@ class LlamaForCausalLM(nn.Module):
                     "a full-attention layer was given block tables trimmed to a sliding window: "
                     "blocks are freed only when every layer is windowed"
                 )
-            qkv = a.qkv(x).contiguous()
+            qkv = project(a.qkv, x).contiguous()
             if qkv.shape != (t, qkv_width):
                 raise ValueError(
                     f"fused forward: layer {i}'s qkv gave {tuple(qkv.shape)}, not ({t}, {qkv_width})"
@@ -337,7 +340,7 @@ class LlamaForCausalLM(nn.Module):
                 k = qkv[:, h_ * hd : (h_ + kvh) * hd].view(t, kvh, hd)
                 v = qkv[:, (h_ + kvh) * hd :].view(t, kvh, hd)
                 ao = paged_attention(q, k, v, kv_caches[i], md, a.scale, a.window, a.softcap)
-            out = a.o_proj(ao.view(t, h_ * hd)).contiguous()
+            out = project(a.o_proj, ao.view(t, h_ * hd)).contiguous()
             if lp.sandwich:  # res += post_attention_norm(out); x = pre_feedforward_norm(res)
                 pn, ln = layer.post_attention_layernorm, layer.pre_feedforward_layernorm
                 pre = (pn.weight.data_ptr(), pn.eps)
@@ -346,13 +349,13 @@ class LlamaForCausalLM(nn.Module):
             lib.add_rmsnorm_f32(
                 out.data_ptr(), *pre, p_res, ln.weight.data_ptr(), t, hidden, ln.eps, pone, p_x
             )
-            gu = mlp.gate_up(x).contiguous()
+            gu = project(mlp.gate_up, x).contiguous()
             if gu.shape != (t, 2 * inter):
                 raise ValueError(
                     f"fused forward: layer {i}'s gate_up gave {tuple(gu.shape)}, not ({t}, {2 * inter})"
                 )
             lib.act_mul_f32(gu.data_ptr(), t, inter, lp.act, p_act)
-            m = mlp.down_proj(act).contiguous()
+            m = project(mlp.down_proj, act).contiguous()
             ln = layers[i + 1].input_layernorm if i + 1 < n else self.model.norm
             if lp.sandwich:  # res += post_feedforward_norm(m)
                 pn = layer.post_feedforward_layernorm
@@ -378,4 +381,4 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return project(self.lm_head, hidden).float()

@@ -16,6 +16,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.models.config import ModelConfig
+from engine.models.gemm import project
 from engine.models.llama import Attention, DecoderLayer, LlamaForCausalLM, RMSNorm
 from engine.models.rope import apply_rotary
 
@@ -31,14 +32,16 @@ class QKNormAttention(Attention):
     def forward(self, x, cos, sin, cache, md: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         if self.qkv is not None:
-            q, k, v = self.qkv(x).split([self.h * self.hd, self.kvh * self.hd, self.kvh * self.hd], dim=-1)
+            q, k, v = project(self.qkv, x).split(
+                [self.h * self.hd, self.kvh * self.hd, self.kvh * self.hd], dim=-1
+            )
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x)
         q = apply_rotary(self.q_norm(q.view(t, self.h, self.hd)), cos, sin)
         k = apply_rotary(self.k_norm(k.view(t, self.kvh, self.hd)), cos, sin)
         v = v.view(t, self.kvh, self.hd)
         o = paged_attention(q, k, v, cache, md, self.scale, self.window, self.softcap)
-        out = self.o_proj(o.reshape(t, self.h * self.hd))
+        out = project(self.o_proj, o.reshape(t, self.h * self.hd))
         if self.all_reduce is not None:
             self.all_reduce(out)
         return out
