@@ -186,8 +186,9 @@ class DirectLegs(GrpcLegs):
         fresh = len(h.prompt) == len(self.run.ids) and len(self.run.out_ids) == 1
         if not (fresh and self._single()):
             self._direct = False
-            async for c in super().decode(worker_id, kv, first_index):
-                yield c
+            async with contextlib.aclosing(super().decode(worker_id, kv, first_index)) as relayed:
+                async for c in relayed:
+                    yield c
             return
         request = worker_pb2.DecodeRequest(
             **{**self._common(), "prompt_token_ids": h.prompt, "sampling": h.sampling},
@@ -197,8 +198,9 @@ class DirectLegs(GrpcLegs):
             first_token_logprob=h.first_logprob,
         )
         watch = DirectProgressWatch(self.svc.config.progress, self.run.predicted_tpot_s)
-        async for c in self._direct_stream(worker_id, first_index, request, watch):
-            yield c
+        async with contextlib.aclosing(self._direct_stream(worker_id, first_index, request, watch)) as direct:
+            async for c in direct:
+                yield c
 
     async def local_decode(self, worker_id: str, first_index: int) -> AsyncIterator[Chunk]:
         """Conditional disaggregation: as :meth:`GrpcLegs.local_decode`, the decode worker streaming
@@ -206,8 +208,9 @@ class DirectLegs(GrpcLegs):
         svc, run = self.svc, self.run
         if first_index != 0 or run.out_ids or not self._single():
             self._direct = False
-            async for c in super().local_decode(worker_id, first_index):
-                yield c
+            async with contextlib.aclosing(super().local_decode(worker_id, first_index)) as relayed:
+                async for c in relayed:
+                    yield c
             return
         dw = self._entry(worker_id)
         common = self._leg_request(first_index)
@@ -228,8 +231,10 @@ class DirectLegs(GrpcLegs):
                 run.predicted_tpot_s,
                 first_message_tokens=svc.outstanding.get(dw.worker_id),
             )
-            async for c in self._direct_stream(worker_id, first_index, request, watch, first_token):
-                yield c
+            direct = self._direct_stream(worker_id, first_index, request, watch, first_token)
+            async with contextlib.aclosing(direct):
+                async for c in direct:
+                    yield c
         finally:
             if queued[0]:
                 queued[0] = False
@@ -285,8 +290,10 @@ class DirectLegs(GrpcLegs):
         try:
             guarded = Guarded(call, dw, watch=watch, streamed=svc._streamed_at)
             chunks = self.stream(guarded, dw, first_index, worker_text=False)
-            async for c in self._direct_chunks(dw, ticket, chunks, call.cancel, on_tokens):
-                yield c
+            direct = self._direct_chunks(dw, ticket, chunks, call.cancel, on_tokens)
+            async with contextlib.aclosing(direct):
+                async for c in direct:
+                    yield c
         finally:
             call.cancel()  # the client went away (or the relay ended it): abort it downstream
 
@@ -342,8 +349,9 @@ class DirectLegs(GrpcLegs):
             if not redirected:
                 raise  # the client was never sent there: an ordinary re-dispatch
             cancel()
-            async for c in self._lost_then_resumed(redirect, ticket):
-                yield c
+            async with contextlib.aclosing(self._lost_then_resumed(redirect, ticket)) as resumed:
+                async for c in resumed:
+                    yield c
             raise lost
 
     async def _lost_then_resumed(
@@ -397,8 +405,9 @@ class DirectLegs(GrpcLegs):
         run = self.run
         opened = False
         try:
-            async for c in self._lost_then_resumed(redirect, redirect.ticket):
-                yield c  # the lost redirect, then the client's ResumeDirect (its tokens join the output)
+            async with contextlib.aclosing(self._lost_then_resumed(redirect, redirect.ticket)) as resumed:
+                async for c in resumed:
+                    yield c  # the lost redirect, then the client's ResumeDirect (its tokens join the output)
             k = len(run.out_ids)  # what the client has
             if k <= resume_index:
                 ticket = self._mint(dest_id)
@@ -411,10 +420,12 @@ class DirectLegs(GrpcLegs):
                 chunks = open_dest(k, ask, watch)
                 opened = True
                 try:
-                    async for c in self._direct_chunks(
+                    direct = self._direct_chunks(
                         self._entry(dest_id), ticket, chunks, chunks.cancel, relay_undirected=True
-                    ):
-                        yield c
+                    )
+                    async with contextlib.aclosing(direct):
+                        async for c in direct:
+                            yield c
                     return
                 except InvalidRequestError:
                     if self._redirect is not None:

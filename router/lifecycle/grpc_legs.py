@@ -27,7 +27,14 @@ from pdserve.status import raise_from_rpc_error
 from pdserve.v1 import client_pb2, common_pb2, worker_pb2
 from router.failover import LostPhase, LostWorker, TokenStop, check_stop, resume_limits
 from router.lifecycle.events import KVRef
-from router.lifecycle.grpc_calls import Guarded, call_metadata, gone, raise_store_failure, remaining
+from router.lifecycle.grpc_calls import (
+    Guarded,
+    call_metadata,
+    close_iterator,
+    gone,
+    raise_store_failure,
+    remaining,
+)
 from router.lifecycle.grpc_stream_legs import TRANSPORTS, GrpcStreamedDecode
 from router.lifecycle.ports import Chunk, ClientGoneError, PrefillAnswer, WorkerLostError
 from router.lifecycle.states import LifecycleError
@@ -368,8 +375,9 @@ class GrpcLegs:
         seen = self.svc.registry.seen
         streamed_at = self.svc._streamed_at
         index = first_index
+        messages = aiter(call)
         try:
-            async for d in call:
+            async for d in messages:
                 seen(dw.worker_id)
                 streamed_at[dw.worker_id] = time.monotonic()
                 if d.kv_pull_s > 0:
@@ -391,6 +399,8 @@ class GrpcLegs:
             if not gone(self.ctx):
                 raise_from_rpc_error(e)
             raise ClientGoneError(e.details() or "") from None
+        finally:
+            await close_iterator(messages)  # read up to the finish: closed here, not by the loop's hook
 
     # ------------------------------------------------------------------ responses
     def render(self, chunk: Chunk, skip: int) -> tuple[client_pb2.GenerateResponse, bool]:
