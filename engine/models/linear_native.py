@@ -308,6 +308,10 @@ static void rows_range(const float* x, int64_t M, int64_t K, const float* w, con
    spinning OpenMP barrier. Helpers spin for g_spin_ns after their last job, then sleep on a futex
    (a sleeping thread keeps its wake-up priority under CFS/EEVDF; a spinning one loses it). */
 #define MAX_HELPERS 15
+/* bytes of weight per claimed chunk (64 KiB measured no different) */
+#ifndef CHUNK_BYTES
+#define CHUNK_BYTES 32768
+#endif
 #define MAX_CHUNKS 65535
 
 /* one job: chunk i of n runs fn(ctx, i); chunks may run on any thread, in any order */
@@ -474,7 +478,7 @@ void f32_linear(const float* x, int64_t M, int64_t K, const float* w, const floa
                 float* out, int64_t min_split_bytes)
 {
     /* chunks of about 32 KiB of weight, a multiple of 4 rows, at most MAX_CHUNKS of them */
-    int64_t rows = ((32768 / (K * 4 > 0 ? K * 4 : 1)) + 3) / 4 * 4;
+    int64_t rows = ((CHUNK_BYTES / (K * 4 > 0 ? K * 4 : 1)) + 3) / 4 * 4;
     if (rows < 4) rows = 4;
     const int64_t min_rows = ((N + MAX_CHUNKS - 1) / MAX_CHUNKS + 3) / 4 * 4;
     if (rows < min_rows) rows = min_rows;
