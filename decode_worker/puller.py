@@ -167,8 +167,19 @@ class StorePuller:
             else:
                 asyncio.run(client.close())
 
+    def flush_releases(self) -> None:
+        """Send the releases :meth:`release_async` queued on the running event loop now, instead
+        of at the end of their batching window (:class:`AsyncKVStoreClient`: a caller waits on one)."""
+        loop = asyncio.get_running_loop()
+        for (lp, _addr), client in list(self._aio.items()):
+            if lp is loop:
+                client.flush()
+
     async def release_async(self, handle: KVHandle) -> None:
-        """:meth:`release` on the running event loop (``grpc.aio``: no thread)."""
+        """:meth:`release` on the running event loop (``grpc.aio``: no thread). Batched with other
+        releases to the same node over a short window (:mod:`kv_store.aio_client`): a caller on
+        the request's critical path runs it concurrently (a task) or calls
+        :meth:`flush_releases` when it must wait on it."""
         with self._count_lock:
             shm_read = self._shm_read.pop((handle.request_id, handle.lease_id), 0)
         if handle.lease_id and handle.locations:

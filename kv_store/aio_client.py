@@ -7,11 +7,15 @@ metadata (cluster token, lease owner; the bound request id), the same deadline, 
 is down or unreachable raised as :class:`pdserve.errors.StoreUnavailableError` naming it. A
 client is bound to the event loop it was first used on (a ``grpc.aio`` channel is).
 
-Releases issued together are sent together (#12: one rpc per handoff was the store's and the
-decode worker's per-request cost): :meth:`AsyncKVStoreClient.release` queues its lease, and the
-releases queued in the same turn of the event loop go in one ``ReleaseBatch`` call (one alone
-as a plain ``Release``), each caller awaiting its own answer, so no release waits for another
-one's round trip. Every queued release is sent, also when its caller is cancelled meanwhile
+Releases issued close together are sent together (#12: one rpc per handoff was the store's and
+the decode worker's per-request cost): :meth:`AsyncKVStoreClient.release` queues its lease, and
+the releases queued within ``window_s`` of the first one (or until ``max_batch`` are queued,
+whichever comes first) go in one ``ReleaseBatch`` call (one alone as a plain ``Release``), each
+caller awaiting its own answer. A window of 0 sends what one turn of the event loop queued.
+:meth:`AsyncKVStoreClient.flush` sends what is queued now (a caller that needs its answer at
+once). So a release waits at most the window before it is sent; callers that do not wait on it
+(the decode worker admits the request meanwhile, :mod:`decode_worker.loop_admission`) pay
+nothing for it. Every queued release is sent, also when its caller is cancelled meanwhile
 (nothing leaks). A node that does not serve ``ReleaseBatch`` (UNIMPLEMENTED: an older store) gets
 one Release per lease from then on.
 """
@@ -30,7 +34,11 @@ from pdserve.status import raise_from_rpc_error
 from pdserve.tracing import METADATA_KEY, current_request_id
 from pdserve.v1 import kv_store_pb2, kv_store_pb2_grpc
 
-MAX_BATCH = 256  # releases per ReleaseBatch call (more queued together: several calls)
+MAX_BATCH = 256  # releases per ReleaseBatch call at most (more queued together: several calls)
+# releases queued within this long of the first are sent together (bench/serving_efficiency.py
+# --modes direct --max-tokens 32, see kv_store/README or the commit: one handoff every few ms)
+RELEASE_WINDOW_S = 0.004
+RELEASE_MAX_BATCH = 32  # ... or as soon as this many are queued
 
 
 def aio_store_channel(address: str) -> grpc.aio.Channel:
@@ -49,13 +57,26 @@ class AsyncKVStoreClient:
     (:attr:`kv_store.client.KVStoreClient.call_metadata` of the sync client it stands beside), with
     the security configuration's cluster token added when it names none (as
     :func:`pdserve.security.internal_channel` adds it);
-    ``timeout_s``: each call's deadline (None: none)."""
+    ``timeout_s``: each call's deadline (None: none); ``window_s`` (>= 0) and ``max_batch``
+    (1..:data:`MAX_BATCH`): how long a release waits for others to go with it, and how many
+    go at most in one call (module doc)."""
 
     def __init__(
-        self, address: str, metadata: tuple[tuple[str, str], ...] = (), timeout_s: float | None = 60.0
+        self,
+        address: str,
+        metadata: tuple[tuple[str, str], ...] = (),
+        timeout_s: float | None = 60.0,
+        window_s: float = RELEASE_WINDOW_S,
+        max_batch: int = RELEASE_MAX_BATCH,
     ) -> None:
+        if not window_s >= 0:
+            raise ValueError(f"window_s must be >= 0 seconds, got {window_s}")
+        if not 1 <= max_batch <= MAX_BATCH:
+            raise ValueError(f"max_batch must be in 1..{MAX_BATCH} releases, got {max_batch}")
         self.address = address
         self.timeout_s = timeout_s
+        self.window_s = window_s
+        self.max_batch = max_batch
         md = tuple(metadata)
         token = current().cluster_token  # the sync channel's interceptor sends it on every call
         if token and not any(k == TOKEN_METADATA_KEY for k, _ in md):
@@ -63,8 +84,9 @@ class AsyncKVStoreClient:
         self._md = md
         self._channel = aio_store_channel(address)
         self._stub = kv_store_pb2_grpc.KVStoreStub(self._channel)
-        # releases queued this turn of the loop, with their callers' futures (module doc)
+        # releases queued in this window, with their callers' futures (module doc)
         self._queued: list[tuple[kv_store_pb2.ReleaseBatchItem, asyncio.Future[bool]]] = []
+        self._timer: asyncio.TimerHandle | asyncio.Handle | None = None  # sends the window's releases
         self._batches = True  # False once the node answered ReleaseBatch UNIMPLEMENTED
         self._sending: set[asyncio.Task[None]] = set()
         self.release_calls = 0  # Release and ReleaseBatch calls made (tests, benches)
@@ -83,23 +105,32 @@ class AsyncKVStoreClient:
     async def release(self, lease_id: str, *, shm_read_blocks: int = 0) -> bool:
         """As :meth:`kv_store.client.KVStoreClient.release`: unpin a lease; False if unknown or
         expired (idempotent); ``shm_read_blocks`` read from the arena with no rpc. Sent with the
-        other releases of this turn of the loop (module doc); sent even when the caller is
-        cancelled meanwhile."""
+        other releases of its window (module doc); sent even when the caller is cancelled
+        meanwhile."""
         req = kv_store_pb2.ReleaseRequest(lease_id=lease_id, shm_read_blocks=shm_read_blocks)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bool] = loop.create_future()
         self._queued.append(
             (kv_store_pb2.ReleaseBatchItem(release=req, request_id=current_request_id()), fut)
         )
-        if len(self._queued) == 1:
-            loop.call_soon(self._flush)
+        if len(self._queued) >= self.max_batch:
+            self.flush()
+        elif self._timer is None:
+            if self.window_s > 0:
+                self._timer = loop.call_later(self.window_s, self.flush)
+            else:
+                self._timer = loop.call_soon(self.flush)
         return await fut
 
-    def _flush(self) -> None:
-        """Send what this turn of the loop queued (a task per call; the callers' futures answered)."""
+    def flush(self) -> None:
+        """Send the queued releases now (on the client's event loop; a task per call, the callers'
+        futures answered when it answers). Nothing queued: nothing happens."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         queued, self._queued = self._queued, []
-        for i in range(0, len(queued), MAX_BATCH):
-            t = asyncio.get_running_loop().create_task(self._send(queued[i : i + MAX_BATCH]))
+        for i in range(0, len(queued), self.max_batch):
+            t = asyncio.get_running_loop().create_task(self._send(queued[i : i + self.max_batch]))
             self._sending.add(t)
             t.add_done_callback(self._sending.discard)
 
@@ -170,7 +201,7 @@ class AsyncKVStoreClient:
         channel is closed and what was queued or in flight there is left (its leases expire)."""
         loop = asyncio.get_running_loop()
         if self._queued and self._queued[0][1].get_loop() is loop:
-            self._flush()
+            self.flush()
         mine = [t for t in self._sending if t.get_loop() is loop]
         if mine:
             await asyncio.gather(*mine, return_exceptions=True)

@@ -250,6 +250,8 @@ def test_no_room_until_the_deadline_fails_as_the_thread_path() -> None:
 
 
 def test_a_release_that_fails_fails_the_request_naming_the_store() -> None:
+    """The release runs beside the import (off the critical path): the import ran, the stream
+    fails with the store's error, and the request is aborted (its blocks freed)."""
     puller = _Puller(release_error=StoreUnavailableError("KV store 127.0.0.1:1 is unavailable: down"))
     svc, loop, engine = _servicer(puller, [True])
 
@@ -259,7 +261,11 @@ def test_a_release_that_fails_fails_the_request_naming_the_store() -> None:
 
     with pytest.raises(StoreUnavailableError, match="KV store 127.0.0.1:1"):
         asyncio.run(asyncio.wait_for(main(), 20))
-    assert engine.imported == []
+    deadline = time.monotonic() + 10
+    while not loop.aborted:  # the abort runs on an admission thread
+        assert time.monotonic() < deadline, "the imported request was not aborted"
+        time.sleep(0.01)
+    assert engine.imported == ["r1"] and loop.aborted == ["r1"]
     svc.close()
 
 
