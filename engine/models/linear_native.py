@@ -121,6 +121,9 @@ _SOURCE = r"""
 #define PF_HINT _MM_HINT_T0
 #endif
 #define HAVE_PF 1
+#ifndef ROW8
+#define ROW8 1
+#endif
 /* keep the weight vectors in registers (else gcc folds them into the FMAs as loads per row) */
 #ifndef WREG
 #define WREG 1
@@ -185,6 +188,33 @@ static inline __attribute__((always_inline)) void tile(
             _mm_storeu_ps(out + i * N + n0, r);
         else
             _mm_mask_storeu_ps(out + i * N + n0, mn, r);
+    }
+}
+/* one activation row against 8 weight rows (8 independent streams from memory): each output
+   element exactly as tile() computes it (same accumulation and reduction order) */
+#define HAVE_ROW8 1
+#ifndef ROW_NR
+#define ROW_NR 8
+#endif
+static void row8(const float* restrict x, int64_t K, const float* restrict w, const float* restrict bias,
+                 int64_t n0, float* restrict out)
+{
+    __m512 acc[ROW_NR];
+    for (int j = 0; j < ROW_NR; j++) acc[j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + k);
+        for (int j = 0; j < ROW_NR; j++) acc[j] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + j * K + k), acc[j]);
+    }
+    if (k < K) {
+        const __mmask16 mk = (__mmask16)((1u << (K - k)) - 1u);
+        const __m512 xv = _mm512_maskz_loadu_ps(mk, x + k);
+        for (int j = 0; j < ROW_NR; j++) acc[j] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(mk, w + j * K + k), acc[j]);
+    }
+    for (int j = 0; j < ROW_NR; j += 4) {
+        __m128 r = reduce4(acc[j], acc[j + 1], acc[j + 2], acc[j + 3]);
+        if (bias) r = _mm_add_ps(r, _mm_loadu_ps(bias + n0 + j));
+        _mm_storeu_ps(out + n0 + j, r);
     }
 }
 #define CPU_RELAX() _mm_pause()
@@ -281,6 +311,10 @@ static void rows_range(const float* x, int64_t M, int64_t K, const float* w, con
     (void)nt;
     const float* wend = w + N * K;
     int64_t n0 = r0;
+#if defined(HAVE_ROW8) && ROW8
+    if (M == 1)
+        for (; n0 + ROW_NR <= r1; n0 += ROW_NR) row8(x, K, w + n0 * K, bias, n0, out);
+#endif
     for (; n0 + 4 <= r1; n0 += 4) {
         const float* wn = w + n0 * K;
 #if defined(HAVE_PF) && PF_DIST > 0
