@@ -9,7 +9,8 @@ traffic of one and the arithmetic runs from cache. With AVX-512 the first tile o
 prefetches the next group's weight rows (one line per row per k step), so the memory read of the
 next group overlaps the arithmetic on this one instead of stalling the tile that touches it first;
 the 4 weight vectors stay in registers across the tile's activation rows; the 4 sums of a row are
-reduced together (one shuffle tree, then one 4-float store). Up to 16 rows the tiles are 6 rows and
+reduced together (one shuffle tree, then one 4-float store); a single row runs against 8 weight
+rows per pass (8 streams from memory). Up to 16 rows the tiles are 6 rows and
 a remainder, above that as equal as can be (measured fastest that way; bench/linear_skinny.py).
 Each output element is one vector accumulator over K reduced in a fixed order, so its value depends
 neither on the thread count nor on the other rows of the batch. The work is split by output rows
@@ -190,32 +191,46 @@ static inline __attribute__((always_inline)) void tile(
             _mm_mask_storeu_ps(out + i * N + n0, mn, r);
     }
 }
-/* one activation row against 8 weight rows (8 independent streams from memory): each output
-   element exactly as tile() computes it (same accumulation and reduction order) */
+/* MR (1 or 2) activation rows against ROW_NR weight rows (ROW_NR streams from memory, no software
+   prefetch): each output element exactly as tile() computes it (same accumulation and reduction
+   order), so a row gets the same bits whichever kernel its batch size picks. Taken for one row
+   (measured 1.1x faster than 4-row groups there; 16 rows no better); at two rows it measured the
+   same as the prefetching tile (0.96-0.98x), so two rows and more keep the tile. */
 #define HAVE_ROW8 1
 #ifndef ROW_NR
 #define ROW_NR 8
 #endif
-static void row8(const float* restrict x, int64_t K, const float* restrict w, const float* restrict bias,
-                 int64_t n0, float* restrict out)
+static inline __attribute__((always_inline)) void row8(
+    const float* restrict x, int64_t K, const float* restrict w, const int MR, const float* restrict bias,
+    int64_t n0, float* restrict out, int64_t N)
 {
-    __m512 acc[ROW_NR];
-    for (int j = 0; j < ROW_NR; j++) acc[j] = _mm512_setzero_ps();
+    __m512 acc[2][ROW_NR];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < ROW_NR; j++) acc[i][j] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-        const __m512 xv = _mm512_loadu_ps(x + k);
-        for (int j = 0; j < ROW_NR; j++) acc[j] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + j * K + k), acc[j]);
+        __m512 xv[2];
+        for (int i = 0; i < MR; i++) xv[i] = _mm512_loadu_ps(x + i * K + k);
+        for (int j = 0; j < ROW_NR; j++) {
+            const __m512 wv = _mm512_loadu_ps(w + j * K + k);
+            for (int i = 0; i < MR; i++) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
+        }
     }
     if (k < K) {
         const __mmask16 mk = (__mmask16)((1u << (K - k)) - 1u);
-        const __m512 xv = _mm512_maskz_loadu_ps(mk, x + k);
-        for (int j = 0; j < ROW_NR; j++) acc[j] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(mk, w + j * K + k), acc[j]);
+        __m512 xv[2];
+        for (int i = 0; i < MR; i++) xv[i] = _mm512_maskz_loadu_ps(mk, x + i * K + k);
+        for (int j = 0; j < ROW_NR; j++) {
+            const __m512 wv = _mm512_maskz_loadu_ps(mk, w + j * K + k);
+            for (int i = 0; i < MR; i++) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
+        }
     }
-    for (int j = 0; j < ROW_NR; j += 4) {
-        __m128 r = reduce4(acc[j], acc[j + 1], acc[j + 2], acc[j + 3]);
-        if (bias) r = _mm_add_ps(r, _mm_loadu_ps(bias + n0 + j));
-        _mm_storeu_ps(out + n0 + j, r);
-    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < ROW_NR; j += 4) {
+            __m128 r = reduce4(acc[i][j], acc[i][j + 1], acc[i][j + 2], acc[i][j + 3]);
+            if (bias) r = _mm_add_ps(r, _mm_loadu_ps(bias + n0 + j));
+            _mm_storeu_ps(out + i * N + n0 + j, r);
+        }
 }
 #define CPU_RELAX() _mm_pause()
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -313,7 +328,7 @@ static void rows_range(const float* x, int64_t M, int64_t K, const float* w, con
     int64_t n0 = r0;
 #if defined(HAVE_ROW8) && ROW8
     if (M == 1)
-        for (; n0 + ROW_NR <= r1; n0 += ROW_NR) row8(x, K, w + n0 * K, bias, n0, out);
+        for (; n0 + ROW_NR <= r1; n0 += ROW_NR) row8(x, K, w + n0 * K, 1, bias, n0, out, N);
 #endif
     for (; n0 + 4 <= r1; n0 += 4) {
         const float* wn = w + n0 * K;
