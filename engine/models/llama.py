@@ -8,7 +8,9 @@ and each layer's sliding window (``ModelConfig.layer_windows``; the mask is in
 Weights keep HF names so safetensors load directly; q/k/v and gate/up are fused at load time
 (``fuse_weights``) to cut per-step kernel launches. ``forward`` takes a flattened batch of
 tokens (see :mod:`engine.attention`) and returns final hidden states ``[T, hidden]``;
-``compute_logits`` projects only the rows that will be sampled.
+``compute_logits`` projects only the rows that will be sampled. Every projection is called
+through :func:`engine.models.gemm.project`: batches above the small-batch kernel's rows (prefill
+chunks) take the fp32 GEMM chosen there (oneDNN on the CPU), smaller ones the module itself.
 
 Tensor parallelism (:mod:`engine.models.tp_shard`): a shard holds ``1/tp`` of the attention heads
 and of the MLP's intermediate columns; ``o_proj`` and ``down_proj`` then produce partial sums,
