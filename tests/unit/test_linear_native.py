@@ -53,11 +53,12 @@ def test_kernel_equals_f_linear(rows, n, k, bias):
 @pytest.mark.parametrize(("n", "k"), [(960, 576), (577, 1536), (13, 47)])
 def test_kernel_rows_do_not_depend_on_the_batch(n, k):
     """A row's output is bitwise the same whatever other rows share its call (whichever tile of
-    up to 6 activation rows it falls in, or alone): batch composition never changes a result."""
+    up to 6 activation rows it falls in, balanced tiles above 16 rows, or alone, where it takes the
+    8-weight-row pass): batch composition never changes a result."""
     g = torch.Generator().manual_seed(n * 31 + k)
     x, w, b = torch.randn(32, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
     full = skinny_linear(x, w, b)
-    for lo, hi in ((0, 1), (5, 6), (3, 11), (7, 19), (13, 32), (0, 32)):
+    for lo, hi in ((0, 1), (5, 6), (31, 32), (0, 2), (3, 11), (10, 18), (7, 19), (13, 32), (0, 32)):
         assert torch.equal(skinny_linear(x[lo:hi], w, b), full[lo:hi]), (lo, hi)
 
 
