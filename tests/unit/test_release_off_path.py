@@ -281,3 +281,34 @@ def test_a_bad_window_or_batch_is_refused_naming_it(kw) -> None:
     name = next(iter(kw))
     with pytest.raises(ValueError, match=name):
         AsyncKVStoreClient("127.0.0.1:1", **kw)
+
+
+def test_store_puller_flush_releases_sends_the_queued_release_now() -> None:
+    """StorePuller.flush_releases sends what release_async queued on this loop (a 60 s window
+    here) at once; the lease is released."""
+    from decode_worker.puller import StorePuller
+    from kv_store.aio_client import AsyncKVStoreClient
+    from kv_store.handle import BlockLocation, KVHandle
+
+    store, stop, address, layout, leases_of = _client_node()
+    try:
+        (lease,) = leases_of(address, layout, 1)
+        puller = StorePuller(transport=None)  # type: ignore[arg-type]
+        loc = BlockLocation("n1", address, "", "h")
+        handle = KVHandle("r1", (b"k" * 16,), (loc,), layout, 2, lease_id=lease)
+
+        async def main() -> bool:
+            key = (asyncio.get_running_loop(), address)
+            puller._aio[key] = AsyncKVStoreClient(address, timeout_s=10, window_s=60.0)
+            t = asyncio.ensure_future(puller.release_async(handle))
+            await asyncio.sleep(0.05)
+            waiting = not t.done()
+            puller.flush_releases()
+            await asyncio.wait_for(t, 10)
+            await puller.aclose()
+            return waiting
+
+        assert asyncio.run(asyncio.wait_for(main(), 30))
+        assert store.stats().node.num_leases == 0
+    finally:
+        stop()
