@@ -16,8 +16,8 @@ Printed: tokens/s of each, the ratio cluster / embedded (target >= 0.8: PASS/FAI
 milliseconds per token of every process over the cluster run (router, prefill, decode, store and
 the client, this process; ``/proc/<pid>/stat``), the embedded engine's thread and the decode
 worker's two busiest threads (its engine loop, its event loop) split into CPU, waiting for a CPU
-and blocked (:mod:`bench.thread_meter`; blocked is mostly waiting for the GIL), with the router's target (<= 0.02 ms/token:
-PASS/FAIL), the tokens per message the clients received (the decode workers' coalescing:
+and blocked (:mod:`bench.thread_meter`; blocked: waiting for the GIL, or for work), with the
+router's target (<= 0.02 ms/token: PASS/FAIL), the tokens per message the clients received (the decode workers' coalescing:
 ``--stream-interval`` / ``--stream-window-ms``), the CPU milliseconds per request of every process,
 and the machine's load average beside each figure. After each direct run (``--floor on``), the gRPC
 floor of the same run (:mod:`bench.grpc_floor`: the bare grpc.aio calls and messages of one direct
@@ -354,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  CPU ms per token: {per}")
         if r.engine_thread is not None and r.decode_threads:
             eng_t, dec = r.engine_thread, r.decode_threads
-            print("  threads, ms per token (bench/thread_meter.py; blocked: mostly waiting for the GIL):")
+            print(
+                "  threads, ms per token (bench/thread_meter.py; blocked: waiting for the GIL, or for work):"
+            )
             print(f"    embedded engine         {split_line(eng_t, r.engine_tokens)}")
             print(f"    decode, busiest (engine) {split_line(dec[0], r.cluster_tokens)}")
             if len(dec) > 1:
