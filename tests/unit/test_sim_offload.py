@@ -56,6 +56,22 @@ def _tiny_plan(cfg: SimOffloadConfig, usable: int = 2_000_000):
     return plan_offload(cfg, TINY, usable, 16, None, 8, 0.0)
 
 
+def _instance(plan, sched: SchedulerConfig, loop: EventLoop, steps: list[tuple[float, float]]) -> SimInstance:
+    """A mixed instance of ``plan``'s pool (block size 16) that appends each step's (start, end)
+    to ``steps``."""
+    return SimInstance(
+        "mixed0",
+        InstanceRole.MIXED,
+        sched,
+        plan.num_blocks,
+        16,
+        StepLatency(),
+        loop,
+        lambda rep: steps.append((rep.start, rep.end)),
+        offload=plan,
+    )
+
+
 # ----------------------------------------------------------------------------- placement
 def test_tiny_plan_places_weights_and_kv_as_the_engine_policy_does() -> None:
     plan = _tiny_plan(
@@ -94,17 +110,7 @@ def test_simulated_step_time_is_the_engine_cost_models_prediction() -> None:
     sched = SchedulerConfig(
         max_num_batched_tokens=512, max_num_seqs=8, long_prefill_token_threshold=0, max_model_len=192
     )
-    inst = SimInstance(
-        "mixed0",
-        InstanceRole.MIXED,
-        sched,
-        plan.num_blocks,
-        16,
-        StepLatency(),
-        loop,
-        lambda rep: steps.append((rep.start, rep.end)),
-        offload=plan,
-    )
+    inst = _instance(plan, sched, loop, steps)
     inst.submit(Request("r", range(40), SamplingParams(max_tokens=3, ignore_eos=True), arrival_time=0.0))
     loop.run()
     assert len(steps) == 3
@@ -158,17 +164,7 @@ def test_step_time_with_disk_kv_layers_and_bounded_staging_is_the_engine_predict
     sched = SchedulerConfig(
         max_num_batched_tokens=512, max_num_seqs=3, long_prefill_token_threshold=0, max_model_len=64
     )
-    inst = SimInstance(
-        "mixed0",
-        InstanceRole.MIXED,
-        sched,
-        plan.num_blocks,
-        16,
-        StepLatency(),
-        loop,
-        lambda rep: steps.append((rep.start, rep.end)),
-        offload=plan,
-    )
+    inst = _instance(plan, sched, loop, steps)
     sp = SamplingParams(max_tokens=3, ignore_eos=True)
     inst.submit(
         Request("x", range(200, 210), SamplingParams(max_tokens=1, ignore_eos=True), arrival_time=0.0)
