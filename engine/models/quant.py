@@ -11,13 +11,22 @@
   a reused fp32 buffer and call the BLAS GEMM (prefill is compute-bound). The embedding table is
   not quantised (a lookup reads a few rows). Accuracy on SmolLM2 is stated in the README and
   asserted by tests/unit/test_quant.py;
-* ``bfloat16``: refused on a CPU without native bf16 arithmetic (``avx512_bf16`` / ``amx_bf16``
-  in /proc/cpuinfo; torch then emulates it and is slower than fp32), and on every CPU for now
-  (:func:`quantize_model` names the reason).
+* ``bfloat16``: the same projections become :class:`BF16Linear`: weight and bias stored as
+  ``torch.bfloat16`` (round-to-nearest-even from fp32; half the bytes). Forward is
+  ``F.linear(x.to(bf16), w, b).to(x.dtype)``: the fp32 activations are rounded to bf16 at each
+  projection's input, the GEMM (oneDNN's bf16 kernel on a CPU with ``avx512_bf16``/``amx_bf16``)
+  accumulates in fp32, and its output is rounded to bf16 before being widened back to fp32; the
+  rest of the model (norms, RoPE, attention, residual stream, KV cache, logits softmax) stays
+  fp32. The embedding table is not converted (with tied embeddings the ``lm_head`` gets its own
+  bf16 copy). Refused on a CPU without native bf16 arithmetic (``avx512_bf16`` / ``amx_bf16`` in
+  /proc/cpuinfo; torch then emulates it and is slower than fp32). Neither the native fp32 linear
+  nor the fused native forward takes a :class:`BF16Linear` (both need fp32 or int8 projections;
+  the runner logs why the fused path is off). Accuracy on SmolLM2 is stated in the README and
+  asserted by tests/unit/test_quant_bf16.py.
 
 Refused with :class:`UnsupportedWeightDTypeError` (naming the value and why): unknown names,
-``int8`` on a mixture-of-experts model (its experts are stacked tensors, not projections), on a
-non-fp32 model, or on CUDA. The native kernel is built like the attention kernel
+``int8``/``bfloat16`` on a mixture-of-experts model (its experts are stacked tensors, not
+projections), on a non-fp32 model, or on CUDA. The native kernel is built like the attention kernel
 (:mod:`engine.native_build`); without a C compiler every batch takes the dequantising path.
 """
 
@@ -160,6 +169,31 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
+class BF16Linear(nn.Module):
+    """``nn.Linear``'s interface over bf16 weights (``weight`` ``[out, in]`` and ``bias`` stored as
+    ``torch.bfloat16``). ``forward`` takes float32 activations and returns float32:
+    ``F.linear(x.to(bf16), weight, bias).to(x.dtype)`` (input rounded to bf16, fp32 accumulation,
+    output rounded to bf16, see the module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).contiguous())
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> BF16Linear:
+        return cls(lin.weight, lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            raise TypeError(f"BF16Linear takes float32 activations, got {x.dtype}")
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bfloat16 weights"
+
+
 def uses_native_int8(model: nn.Module) -> bool:
     """Whether ``model``'s projections are :class:`Int8Linear` and the native int8 kernel is built:
     the int8 counterpart of the native linear, under which the fused small ops run as well
@@ -185,23 +219,24 @@ def check_weight_dtype(
     wd = WeightDType.parse(weight_dtype)
     if wd is WeightDType.FLOAT32:
         return wd
-    if wd is WeightDType.BFLOAT16:
-        why = (
-            "this CPU has no native bf16 arithmetic (no avx512_bf16/amx_bf16 in /proc/cpuinfo)"
-            if not cpu_has_native_bf16()
-            else "bf16 weights with fp32 activations are not implemented yet"
+    if wd is WeightDType.BFLOAT16 and not cpu_has_native_bf16():
+        raise UnsupportedWeightDTypeError(
+            "weight_dtype bfloat16 is refused: this CPU has no native bf16 arithmetic "
+            "(no avx512_bf16/amx_bf16 in /proc/cpuinfo); use float32 or int8"
         )
-        raise UnsupportedWeightDTypeError(f"weight_dtype bfloat16 is refused: {why}; use float32 or int8")
+    name = wd.value
     if getattr(cfg, "moe", None) is not None:
         raise UnsupportedWeightDTypeError(
-            f"weight_dtype int8 is not supported for mixture-of-experts models ({getattr(cfg, 'model_type', '?')})"
+            f"weight_dtype {name} is not supported for mixture-of-experts models ({getattr(cfg, 'model_type', '?')})"
         )
     if device.type != "cpu" or dtype != torch.float32:
         raise UnsupportedWeightDTypeError(
-            f"weight_dtype int8 needs a float32 model on CPU, got {dtype} on {device.type}"
+            f"weight_dtype {name} needs a float32 model on CPU, got {dtype} on {device.type}"
         )
     if not fused:
-        raise UnsupportedWeightDTypeError("weight_dtype int8 needs the fused model (load_model(fuse=True))")
+        raise UnsupportedWeightDTypeError(
+            f"weight_dtype {name} needs the fused model (load_model(fuse=True))"
+        )
     return wd
 
 
@@ -212,11 +247,12 @@ def quantize_model(model: nn.Module, weight_dtype: str | WeightDType) -> nn.Modu
     wd = check_weight_dtype(weight_dtype, model.config, p.dtype, p.device)
     if wd is WeightDType.FLOAT32:
         return model
+    cls = Int8Linear if wd is WeightDType.INT8 else BF16Linear
     with torch.no_grad():
         for layer in model.model.layers:
             for parent in (layer.self_attn, layer.mlp):
                 for name, child in list(parent.named_children()):
                     if type(child) is nn.Linear:
-                        setattr(parent, name, Int8Linear.from_linear(child))
-        model.lm_head = Int8Linear.from_linear(model.lm_head)
+                        setattr(parent, name, cls.from_linear(child))
+        model.lm_head = cls.from_linear(model.lm_head)
     return model
