@@ -14,8 +14,9 @@
 * ``bfloat16``: the same projections become :class:`BF16Linear`: weight and bias stored as
   ``torch.bfloat16`` (round-to-nearest-even from fp32; half the bytes). Forward is
   ``F.linear(x.to(bf16), w, b).to(x.dtype)``: the fp32 activations are rounded to bf16 at each
-  projection's input, the GEMM (oneDNN's bf16 kernel on a CPU with ``avx512_bf16``/``amx_bf16``)
-  accumulates in fp32, and its output is rounded to bf16 before being widened back to fp32; the
+  projection's input, the GEMM (oneDNN's bf16 kernel on a CPU with ``avx512_bf16``/``amx_bf16``,
+  on a weight pre-packed for it where that runs: bitwise the same as ``F.linear``) accumulates in
+  fp32, and its output is rounded to bf16 before being widened back to fp32; the
   rest of the model (norms, RoPE, attention, residual stream, KV cache, logits softmax) stays
   fp32. The embedding table is not converted (with tied embeddings the ``lm_head`` gets its own
   bf16 copy). Refused on a CPU without native bf16 arithmetic (``avx512_bf16`` / ``amx_bf16`` in
@@ -169,17 +170,64 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
+def _bf16_pack_unavailable() -> str | None:
+    """Why oneDNN's pre-packed bf16 linear (``torch.ops.mkldnn._reorder_linear_weight`` +
+    ``_linear_pointwise``) cannot serve here (None: it can); probed once, on a small case that
+    must equal ``F.linear`` in bf16 exactly."""
+    global _PACK_REASON
+    if _PACK_REASON is None:
+        why = ""
+        ops = torch.ops.mkldnn
+        if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+            why = "torch's oneDNN (mkldnn) is unavailable or disabled"
+        elif not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
+            why = "torch.ops.mkldnn lacks _reorder_linear_weight/_linear_pointwise"
+        else:
+            g = torch.Generator().manual_seed(0)
+            w, b, x = (torch.randn(*s, generator=g).bfloat16() for s in ((40, 24), (40,), (3, 24)))
+            try:
+                with torch.inference_mode():
+                    y = ops._linear_pointwise(x, ops._reorder_linear_weight(w, 1), b, "none", [], "")
+                if not torch.equal(y, F.linear(x, w, b)):
+                    why = "the packed bf16 linear differs from F.linear on a probe"
+            except RuntimeError as e:
+                why = f"the packed bf16 linear fails here ({e})"
+        _PACK_REASON = why
+    return _PACK_REASON or None
+
+
+_PACK_REASON: str | None = None
+
+
 class BF16Linear(nn.Module):
-    """``nn.Linear``'s interface over bf16 weights (``weight`` ``[out, in]`` and ``bias`` stored as
-    ``torch.bfloat16``). ``forward`` takes float32 activations and returns float32:
-    ``F.linear(x.to(bf16), weight, bias).to(x.dtype)`` (input rounded to bf16, fp32 accumulation,
-    output rounded to bf16, see the module docstring)."""
+    """``nn.Linear``'s interface over bf16 weights. ``forward`` takes float32 activations and
+    returns float32: ``F.linear(x.to(bf16), weight, bias).to(x.dtype)`` (input rounded to bf16,
+    fp32 accumulation, output rounded to bf16, see the module docstring).
+
+    Where oneDNN's pre-packed linear runs (:func:`_bf16_pack_unavailable`), the weight is kept
+    only in oneDNN's packed layout (an opaque bf16 tensor, same bytes) and the product is
+    ``torch.ops.mkldnn._linear_pointwise``: bitwise equal to ``F.linear`` in bf16 (the probe and
+    tests/unit/test_quant_bf16.py check it), and faster at decode sizes on this host, where
+    torch's bf16 ``F.linear`` of one row took a slow path for some shapes (3072x576: ~4 ms vs
+    ~0.1 ms fp32, measured 2026-12-06 on a loaded host). Elsewhere the plain bf16 tensor and
+    ``F.linear``. ``weight`` is the plain ``[out, in]`` bf16 tensor either way (unpacked on
+    access when packed)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
+        w = weight.detach().to(torch.bfloat16).contiguous()
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).contiguous())
+        self._packed: torch.Tensor | None = None
+        if w.device.type == "cpu" and _bf16_pack_unavailable() is None:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            self.register_buffer("_weight", None)
+        else:
+            self.register_buffer("_weight", w)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._packed.to_dense() if self._packed is not None else self._weight
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> BF16Linear:
@@ -188,10 +236,17 @@ class BF16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
             raise TypeError(f"BF16Linear takes float32 activations, got {x.dtype}")
-        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+        xb = x.to(torch.bfloat16)
+        if self._packed is None:
+            return F.linear(xb, self._weight, self.bias).to(x.dtype)
+        out = torch.ops.mkldnn._linear_pointwise(
+            xb.reshape(-1, self.in_features), self._packed, self.bias, "none", [], ""
+        )
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bfloat16 weights"
+        packed = ", oneDNN-packed" if self._packed is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bfloat16 weights{packed}"
 
 
 def uses_native_int8(model: nn.Module) -> bool:

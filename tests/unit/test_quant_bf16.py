@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.config import EngineConfig
@@ -83,19 +84,24 @@ def test_bf16_refusals_on_this_cpu(tiny_models):
 
 
 @needs_bf16
-def test_bf16_linear_is_the_bf16_rounded_linear():
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_bf16_linear_is_the_bf16_rounded_linear(rows, monkeypatch):
     lin = nn.Linear(96, 70)
     b = BF16Linear.from_linear(lin)
     assert b.weight.dtype == torch.bfloat16 and b.bias.dtype == torch.bfloat16
-    assert b.weight.untyped_storage().nbytes() == lin.weight.untyped_storage().nbytes() // 2
-    x = torch.randn(2, 5, 96)
+    assert b.weight.shape == (70, 96) and b.weight.element_size() * b.weight.numel() == 70 * 96 * 2
+    monkeypatch.setattr(quant, "_PACK_REASON", "forced off by the test")  # the plain F.linear path
+    plain = BF16Linear.from_linear(lin)
+    assert plain._packed is None and torch.equal(plain.weight, b.weight)
+    x = torch.randn(2, rows, 96)
     with torch.inference_mode():
         out = b(x)
-        ref = (x.bfloat16().float() @ b.weight.float().T + b.bias.float()).bfloat16().float()
+        ref = F.linear(x.bfloat16(), b.weight, b.bias).float()
         exact = lin(x)
-    assert out.dtype == torch.float32 and out.shape == (2, 5, 70)
-    torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)  # one bf16 ulp of the output
-    assert (out - exact).abs().max() < 0.05  # weights and inputs rounded to 8 significant bits
+        assert torch.equal(out, ref)  # the packed oneDNN path is bf16 F.linear bit for bit
+        assert torch.equal(plain(x), ref)
+    assert out.dtype == torch.float32 and out.shape == (2, rows, 70)
+    assert (out - exact).abs().max() < 0.05  # weights, inputs and outputs rounded to 8 significant bits
     with pytest.raises(TypeError, match="float32 activations"):
         b(x.double())
 
