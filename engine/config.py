@@ -43,7 +43,8 @@ class EngineConfig:
 
     ``weight_dtype``: how the projections and lm_head are stored (:mod:`engine.models.quant`):
     ``float32`` (as loaded), ``int8`` (weight-only, one scale per output row; fp32 CPU models, not
-    MoE, not with tensor parallelism or LoRA), ``bfloat16`` (only where the CPU has native bf16).
+    MoE, not with tensor parallelism or LoRA), ``bfloat16`` (bf16 weights, activations rounded to bf16 at
+    each projection; only where the CPU has native bf16, with int8's restrictions).
     Refused at load, naming why, where it cannot run.
 
     ``linear`` (:mod:`engine.models.linear_native`): ``torch`` (``F.linear``), ``native`` (a C
