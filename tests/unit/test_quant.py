@@ -88,12 +88,13 @@ def _engine(path, weight_dtype: str) -> LLMEngine:
     )
 
 
-def int8_accuracy(path) -> tuple[int, float, int, int]:
-    """(prompts whose 32 greedy tokens equal fp32's, max |logprob delta| over tokens generated from
-    the same context, tokens compared, tokens generated) on the golden prompts."""
+def weight_dtype_accuracy(path, weight_dtype: str) -> tuple[int, float, int, int]:
+    """``weight_dtype`` against float32 weights: (prompts whose 32 greedy tokens equal fp32's, max
+    |logprob delta| over tokens generated from the same context, tokens compared, tokens generated)
+    on the golden prompts (tests/unit/test_quant_bf16.py measures bf16 with it too)."""
     sp = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=1)
     ref = _engine(path, "float32").generate(PROMPTS, sp, use_tqdm=False)
-    got = _engine(path, "int8").generate(PROMPTS, sp, use_tqdm=False)
+    got = _engine(path, weight_dtype).generate(PROMPTS, sp, use_tqdm=False)
     same, delta, compared = 0, 0.0, 0
     for a, b in zip(ref, got, strict=True):
         same += a.token_ids == b.token_ids
@@ -107,7 +108,7 @@ def int8_accuracy(path) -> tuple[int, float, int, int]:
 
 @pytest.mark.slow
 def test_int8_smollm2_accuracy(smollm_path):
-    same, delta, compared, total = int8_accuracy(smollm_path)
+    same, delta, compared, total = weight_dtype_accuracy(smollm_path, "int8")
     print(
         f"int8 vs fp32: {same}/{len(PROMPTS)} prompts identical, {compared}/{total} tokens compared, max delta {delta:.4f}"
     )

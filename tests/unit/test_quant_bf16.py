@@ -18,12 +18,11 @@ from torch import nn
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.models import quant
-from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 from engine.models.quant import BF16Linear, Int8Linear, UnsupportedWeightDTypeError
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
 from tests.unit.test_golden_hf import PROMPTS, _hf_logprobs
+from tests.unit.test_quant import weight_dtype_accuracy
 
 NATIVE = quant.cpu_has_native_bf16()
 needs_bf16 = pytest.mark.skipif(
@@ -140,28 +139,10 @@ def test_tiny_bf16_engine_vs_fp32_and_transformers(tiny_models):
     assert worst <= TINY_MAX_LOGPROB_DELTA
 
 
-def _engine(path, weight_dtype: str) -> LLMEngine:
-    model = load_model(path, torch.float32, torch.device("cpu"), weight_dtype=weight_dtype)
-    cfg = EngineConfig(num_kv_blocks=512, model_id="m")
-    return LLMEngine(
-        model, ModelConfig.from_path(path), Tokenizer(path), cfg, torch.float32, torch.device("cpu")
-    )
-
-
 @pytest.mark.slow
 @needs_bf16
 def test_bf16_smollm2_accuracy(smollm_path):
-    sp = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=1)
-    ref = _engine(smollm_path, "float32").generate(PROMPTS, sp, use_tqdm=False)
-    got = _engine(smollm_path, "bfloat16").generate(PROMPTS, sp, use_tqdm=False)
-    same, delta, compared = 0, 0.0, 0
-    for a, b in zip(ref, got, strict=True):
-        same += a.token_ids == b.token_ids
-        for ta, tb, la, lb in zip(a.token_ids, b.token_ids, a.logprobs, b.logprobs, strict=True):
-            if ta != tb:  # the contexts differ from here on
-                break
-            delta = max(delta, abs(la.logprob - lb.logprob))
-            compared += 1
+    same, delta, compared, _ = weight_dtype_accuracy(smollm_path, "bfloat16")
     print(
         f"bf16 vs fp32: {same}/{len(PROMPTS)} prompts identical, {compared}/256 tokens compared, max delta {delta:.4f}"
     )
