@@ -46,6 +46,7 @@ BLOCKS, BLOCK_SIZE = IN_PROC_BLOCKS, IN_PROC_BLOCK_SIZE  # the workers' KV
 GREEDY = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=96, temperature=0.8, top_p=0.95, seed=11, ignore_eos=True)
 CALL_S = 120.0
+ATTEMPTS = 3  # a migration the stream outran is retried (see the first test)
 
 
 class _Cluster(InProcCluster):
@@ -106,30 +107,41 @@ def _busiest_once_decoding(cluster: _Cluster, futs: list) -> tuple[dict[str, int
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_a_stream_migrated_mid_way_equals_the_unmigrated_run(cluster, client, params) -> None:
+    """A stream can finish on its source while MigrateOut is in flight (a loaded host: the
+    source decodes the rest before it handles the call); the migration is then rightly
+    ``abandoned`` and the output still equals the reference. Such an attempt is repeated (at
+    most ``ATTEMPTS``); one of them must migrate."""
     prompt = _prompt(1)
     ref = client.complete(prompt, params)
     assert len(ref.token_ids) == params.max_tokens
-    moved_before = cluster.metric("pdserve_router_migrations_total", reason="manual", result="migrated")
-    downtime_before = cluster.metric("pdserve_router_migration_downtime_seconds_count")
-    with ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(client.complete, prompt, params)
-        deadline = time.monotonic() + CALL_S
-        while not (running := _decoding(cluster, 8)):
-            assert not fut.done() and time.monotonic() < deadline, "the request never decoded"
-            time.sleep(0.001)
-        ((rid, src),) = running.items()
-        outcome = cluster.migrate(rid, cluster.other(src))
-        got = fut.result(CALL_S)
-    assert outcome.migrated, outcome
-    assert got.token_ids == ref.token_ids and got.text == ref.text
-    assert got.finish.reason == ref.finish.reason
-    assert (
-        cluster.metric("pdserve_router_migrations_total", reason="manual", result="migrated")
-        == moved_before + 1
-    )
-    assert cluster.metric("pdserve_router_migration_downtime_seconds_count") == downtime_before + 1
-    assert cluster.metric("pdserve_router_migration_blocks_copied_total") > 0
-    cluster.wait_no_blocks()
+    outcomes = []
+    for _ in range(ATTEMPTS):
+        moved_before = cluster.metric("pdserve_router_migrations_total", reason="manual", result="migrated")
+        downtime_before = cluster.metric("pdserve_router_migration_downtime_seconds_count")
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(client.complete, prompt, params)
+            deadline = time.monotonic() + CALL_S
+            while not (running := _decoding(cluster, 8)):
+                assert not fut.done() and time.monotonic() < deadline, "the request never decoded"
+                time.sleep(0.001)
+            ((rid, src),) = running.items()
+            outcome = cluster.migrate(rid, cluster.other(src))
+            got = fut.result(CALL_S)
+        outcomes.append(outcome)
+        assert got.token_ids == ref.token_ids and got.text == ref.text
+        assert got.finish.reason == ref.finish.reason
+        cluster.wait_no_blocks()
+        if not outcome.migrated:
+            assert outcome.result == "abandoned", outcome  # the request ended first: try again
+            continue
+        assert (
+            cluster.metric("pdserve_router_migrations_total", reason="manual", result="migrated")
+            == moved_before + 1
+        )
+        assert cluster.metric("pdserve_router_migration_downtime_seconds_count") == downtime_before + 1
+        assert cluster.metric("pdserve_router_migration_blocks_copied_total") > 0
+        break
+    assert outcomes[-1].migrated, outcomes
 
 
 def test_32_concurrent_streams_with_random_migrations(cluster, client) -> None:
