@@ -13,6 +13,8 @@ modules that test the same cluster differently cannot drift apart):
   JSON log records matching given fields (also test_tracing.py's records of one request id);
 * :func:`paced_workers`: processes spawned inside it run every engine step for at least a given
   time (a tiny model otherwise finishes a request before a test can act on it mid-way);
+  :func:`paced_loops` (and :meth:`InProcCluster.paced`): the same for in-process engine loops,
+  only while a block runs (the race window of a test, e.g. until a migration has answered);
 * :func:`tiny_model_paths`, :func:`check_routed_by_model`: two tiny base models served side by
   side (launched and on Ray), each model's requests equal to its engine run whole.
 """
@@ -101,6 +103,11 @@ class InProcCluster:
         """Run ``coro`` on the router's event loop; its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.server.loop).result(timeout_s)
 
+    def paced(self, min_step_s: float) -> paced_loops:
+        """Every worker's engine steps last at least ``min_step_s`` while the block runs
+        (:func:`paced_loops`)."""
+        return paced_loops([w.state.loop for w in self.workers.values()], min_step_s)
+
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics_registry.get_sample_value(name, labels) or 0.0
 
@@ -136,6 +143,36 @@ def paced_workers(min_step_s: float) -> Iterator[None]:
             os.environ.pop(MIN_STEP_ENV, None)
         else:
             os.environ[MIN_STEP_ENV] = old
+
+
+class paced_loops:  # noqa: N801 - a context manager, named like one
+    """Inside (``with``): each in-process :class:`engine.engine_loop.EngineLoop` of ``loops`` runs
+    every step with work for at least ``min_step_s`` (its test pacing, read each step; commands
+    still run while it waits); after the block, or :meth:`end` (idempotent) within it: their
+    pacing as before. A test that must act on a request while it runs (migrate, drain) paces only
+    that window, so the rest of the request, and the reference runs, decode at full speed."""
+
+    def __init__(self, loops: Iterable[Any], min_step_s: float) -> None:
+        if not min_step_s > 0:
+            raise ValueError(f"min_step_s must be > 0, got {min_step_s!r}")
+        self.loops, self.min_step_s = list(loops), min_step_s
+        self._old: list[float] | None = None
+
+    def __enter__(self) -> Self:
+        self._old = [lp.min_step_s for lp in self.loops]
+        for lp in self.loops:
+            lp.min_step_s = self.min_step_s
+        return self
+
+    def end(self) -> None:
+        """Restore the loops' pacing now (a no-op once done)."""
+        if self._old is not None:
+            for lp, was in zip(self.loops, self._old, strict=True):
+                lp.min_step_s = was
+            self._old = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
 
 
 def random_prompt(seed: int, i: int) -> list[int]:

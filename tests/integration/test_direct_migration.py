@@ -40,6 +40,10 @@ from tests.integration.clusters import IN_PROC_MODEL_ID, InProcCluster, random_p
 GREEDY = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=200, temperature=0.8, top_p=0.95, seed=11, ignore_eos=True)
 CALL_S = 120.0
+# each engine step lasts at least this long while a test acts on a running stream (migrate,
+# drain): unpaced, the tiny model decodes a step in ~1.5 ms and could finish before the
+# migration's MigrateOut on a loaded host. Only that window is paced (InProcCluster.paced).
+PACE_S = 0.01
 
 
 class _Cluster(InProcCluster):
@@ -134,9 +138,10 @@ def _migrate_mid_way(
     """Run ``prompt`` and migrate it to the other worker once the router knows ``known`` of its
     tokens: (result, request id, source, outcome)."""
     with ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(client.complete, prompt, params)
-        rid, src = _started_directly(cluster, fut, known, time.monotonic() + CALL_S)
-        outcome = cluster.migrate(rid, cluster.other(src))
+        with cluster.paced(PACE_S):  # still decoding when MigrateOut arrives
+            fut = ex.submit(client.complete, prompt, params)
+            rid, src = _started_directly(cluster, fut, known, time.monotonic() + CALL_S)
+            outcome = cluster.migrate(rid, cluster.other(src))
         return fut.result(CALL_S), rid, src, outcome
 
 
@@ -179,16 +184,19 @@ def test_drain_empties_a_decode_worker_of_direct_streams_while_they_continue(clu
     cluster.wait_no_blocks()
     drained_before = cluster.metric("pdserve_router_migrations_total", reason="drain", result="migrated")
     with ThreadPoolExecutor(n) as ex:
-        futs = [ex.submit(client.complete, p, params) for p in prompts]
-        deadline = time.monotonic() + CALL_S
-        while len(running := _direct_decoding(cluster, 4)) < n:
-            assert time.monotonic() < deadline and not any(f.done() for f in futs), "streams did not start"
-            time.sleep(0.002)
-        counts = {w: list(running.values()).count(w) for w in cluster.workers}
-        victim = max(counts, key=lambda w: counts[w])
-        report = cluster.on_loop(drain_decode_worker(cluster.svc, victim, timeout_s=60, poll_s=0.01))
-        still_running = sum(not f.done() for f in futs)
-        on_victim = [r for r, d in cluster.svc.running().items() if d.m.decode_id == victim]
+        with cluster.paced(PACE_S):  # each stream counted on the victim is still there to migrate
+            futs = [ex.submit(client.complete, p, params) for p in prompts]
+            deadline = time.monotonic() + CALL_S
+            while len(running := _direct_decoding(cluster, 4)) < n:
+                assert time.monotonic() < deadline and not any(f.done() for f in futs), (
+                    "streams did not start"
+                )
+                time.sleep(0.002)
+            counts = {w: list(running.values()).count(w) for w in cluster.workers}
+            victim = max(counts, key=lambda w: counts[w])
+            report = cluster.on_loop(drain_decode_worker(cluster.svc, victim, timeout_s=60, poll_s=0.01))
+            still_running = sum(not f.done() for f in futs)
+            on_victim = [r for r, d in cluster.svc.running().items() if d.m.decode_id == victim]
         got = [f.result(CALL_S) for f in futs]
     assert report.drained and report.remaining == 0 and on_victim == [], report
     assert report.migrated == counts[victim] >= 1 and report.aborted == 0, report
@@ -214,11 +222,12 @@ def test_a_destination_without_direct_streams_relays_the_rest(cluster, client) -
     # the destination's Decode / ResumeStream see no direct streams (its Attach still serves the
     # source's client): it refuses the grant, and the router relays from the client's index
     with ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(client.complete, prompt, GREEDY)
-        rid, src = _started_directly(cluster, fut, 4, time.monotonic() + CALL_S)
-        dests[cluster.other(src)].direct = None
         try:
-            outcome = cluster.migrate(rid, cluster.other(src))
+            with cluster.paced(PACE_S):  # still decoding when MigrateOut arrives
+                fut = ex.submit(client.complete, prompt, GREEDY)
+                rid, src = _started_directly(cluster, fut, 4, time.monotonic() + CALL_S)
+                dests[cluster.other(src)].direct = None
+                outcome = cluster.migrate(rid, cluster.other(src))
             got = fut.result(CALL_S)
         finally:
             for n, s in dests.items():
@@ -280,15 +289,16 @@ def test_a_direct_stream_migrated_twice_streams_from_each_destination(cluster, c
         )
 
     with ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(client.complete, prompt, params)
-        deadline = time.monotonic() + CALL_S
-        rid, src = _started_directly(cluster, fut, 4, deadline)
-        first = cluster.migrate(rid, cluster.other(src))
-        known = len(cluster.svc.running()[rid].legs.run.out_ids)
-        while not direct_on(rid, cluster.other(src), known + 4):
-            assert not fut.done() and time.monotonic() < deadline, "never streamed from the destination"
-            time.sleep(0.001)
-        second = cluster.migrate(rid, src)
+        with cluster.paced(PACE_S):  # still decoding when each MigrateOut arrives
+            fut = ex.submit(client.complete, prompt, params)
+            deadline = time.monotonic() + CALL_S
+            rid, src = _started_directly(cluster, fut, 4, deadline)
+            first = cluster.migrate(rid, cluster.other(src))
+            known = len(cluster.svc.running()[rid].legs.run.out_ids)
+            while not direct_on(rid, cluster.other(src), known + 4):
+                assert not fut.done() and time.monotonic() < deadline, "never streamed from the destination"
+                time.sleep(0.001)
+            second = cluster.migrate(rid, src)
         got = fut.result(CALL_S)
     assert first.migrated and second.migrated, (first, second)
     assert got.token_ids == ref.token_ids and got.text == ref.text

@@ -47,6 +47,10 @@ GREEDY = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=96, temperature=0.8, top_p=0.95, seed=11, ignore_eos=True)
 CALL_S = 120.0
 ATTEMPTS = 3  # a migration the stream outran is retried (see the first test)
+# each engine step lasts at least this long while a test acts on running streams (migrate, drain,
+# rebalance): the tiny model decodes a step in ~1.5 ms, so 88 tokens left gave a loaded host's
+# MigrateOut ~0.15 s; paced, >= 0.9 s. Only that window is paced (InProcCluster.paced).
+PACE_S = 0.01
 
 
 class _Cluster(InProcCluster):
@@ -119,13 +123,14 @@ def test_a_stream_migrated_mid_way_equals_the_unmigrated_run(cluster, client, pa
         moved_before = cluster.metric("pdserve_router_migrations_total", reason="manual", result="migrated")
         downtime_before = cluster.metric("pdserve_router_migration_downtime_seconds_count")
         with ThreadPoolExecutor(1) as ex:
-            fut = ex.submit(client.complete, prompt, params)
-            deadline = time.monotonic() + CALL_S
-            while not (running := _decoding(cluster, 8)):
-                assert not fut.done() and time.monotonic() < deadline, "the request never decoded"
-                time.sleep(0.001)
-            ((rid, src),) = running.items()
-            outcome = cluster.migrate(rid, cluster.other(src))
+            with cluster.paced(PACE_S):  # still decoding when MigrateOut arrives
+                fut = ex.submit(client.complete, prompt, params)
+                deadline = time.monotonic() + CALL_S
+                while not (running := _decoding(cluster, 8)):
+                    assert not fut.done() and time.monotonic() < deadline, "the request never decoded"
+                    time.sleep(0.001)
+                ((rid, src),) = running.items()
+                outcome = cluster.migrate(rid, cluster.other(src))
             got = fut.result(CALL_S)
         outcomes.append(outcome)
         assert got.token_ids == ref.token_ids and got.text == ref.text
@@ -153,7 +158,8 @@ def test_32_concurrent_streams_with_random_migrations(cluster, client) -> None:
     cluster.wait_no_blocks()
     rng = random.Random(7)
     outcomes = []
-    with ThreadPoolExecutor(n) as ex:
+    pacing = cluster.paced(PACE_S)  # until 4 have migrated: the streams outlast their migrations
+    with ThreadPoolExecutor(n) as ex, pacing:
         futs = [ex.submit(client.complete, prompts[i], params[i]) for i in range(n)]
         deadline = time.monotonic() + CALL_S
         tried: set[str] = set()
@@ -174,6 +180,8 @@ def test_32_concurrent_streams_with_random_migrations(cluster, client) -> None:
 
                 outcomes += cluster.on_loop(start())
                 tried.update(picks)
+                if sum(getattr(o, "migrated", False) for o in outcomes) >= 4:
+                    pacing.end()  # the rest at full speed
             time.sleep(rng.uniform(0.0, 0.02))
         got = [f.result(CALL_S) for f in futs]
     for i, (r, g) in enumerate(zip(refs, got, strict=True)):
@@ -193,13 +201,14 @@ def test_drain_empties_a_decode_worker_while_its_streams_continue(cluster, clien
         refs = list(ex.map(lambda p: client.complete(p, params), prompts))
     drained_before = cluster.metric("pdserve_router_migrations_total", reason="drain", result="migrated")
     with ThreadPoolExecutor(n) as ex:
-        futs = [ex.submit(client.complete, p, params) for p in prompts]
-        counts, victim = _busiest_once_decoding(cluster, futs)
-        assert counts[victim] >= 1
-        report = cluster.on_loop(drain_decode_worker(cluster.svc, victim, timeout_s=60, poll_s=0.01))
-        # drained while the streams still run: nothing of this router decodes there any more
-        still_running = sum(not f.done() for f in futs)
-        on_victim = [r for r, d in cluster.svc.running().items() if d.m.decode_id == victim]
+        with cluster.paced(PACE_S):  # each stream counted on the victim is still there to migrate
+            futs = [ex.submit(client.complete, p, params) for p in prompts]
+            counts, victim = _busiest_once_decoding(cluster, futs)
+            assert counts[victim] >= 1
+            report = cluster.on_loop(drain_decode_worker(cluster.svc, victim, timeout_s=60, poll_s=0.01))
+            # drained while the streams still run: nothing of this router decodes there any more
+            still_running = sum(not f.done() for f in futs)
+            on_victim = [r for r, d in cluster.svc.running().items() if d.m.decode_id == victim]
         got = [f.result(CALL_S) for f in futs]
     assert report.drained and report.remaining == 0 and on_victim == [], report
     assert report.migrated == counts[victim] and report.aborted == 0, report
@@ -241,10 +250,11 @@ def test_drain_through_the_admin_service_while_streams_continue(cluster, client)
     with ThreadPoolExecutor(n) as ex:
         refs = list(ex.map(lambda p: client.complete(p, params), prompts))
     with ThreadPoolExecutor(n) as ex:
-        futs = [ex.submit(client.complete, p, params) for p in prompts]
-        counts, victim = _busiest_once_decoding(cluster, futs)
-        out = drain_via_routers([cluster.address], victim, 60.0, poll_s=0.01, config=plain)
-        still_running = sum(not f.done() for f in futs)
+        with cluster.paced(PACE_S):  # each stream counted on the victim is still there to migrate
+            futs = [ex.submit(client.complete, p, params) for p in prompts]
+            counts, victim = _busiest_once_decoding(cluster, futs)
+            out = drain_via_routers([cluster.address], victim, 60.0, poll_s=0.01, config=plain)
+            still_running = sum(not f.done() for f in futs)
         got = [f.result(CALL_S) for f in futs]
     assert out["found"] and out["drained"] and out["inflight"] == 0, out
     assert out["reports"][0]["migrated"] == counts[victim] and out["reports"][0]["aborted"] == 0, out
@@ -282,19 +292,26 @@ def test_the_rebalancer_moves_streams_off_a_loaded_worker(cluster, client) -> No
         cluster.svc,
         RebalanceConfig(interval_s=0.01, max_concurrent=2, policy=MigrationConfig(balance_threshold=8.0)),
     )
+    moved = lambda: cluster.metric(  # noqa: E731
+        "pdserve_router_migrations_total", reason="load_balance", result="migrated"
+    )
     try:
         with ThreadPoolExecutor(n) as ex:
-            futs = [ex.submit(client.complete, p, params) for p in prompts]
-            deadline = time.monotonic() + CALL_S
-            while len(_decoding(cluster, 2)) < n:
-                assert time.monotonic() < deadline and not any(f.done() for f in futs), (
-                    "streams did not start"
-                )
-                time.sleep(0.002)
-            assert set(_decoding(cluster, 0).values()) == {"dec-a"}
-            b.draining = False
-            a.load = WorkerLoad(n, 0, BLOCKS, 200, block_size=BLOCK_SIZE)  # as its heartbeat would say
-            rb.start(cluster.server.loop)
+            with cluster.paced(PACE_S):  # the streams outlast the rebalancer's first move
+                futs = [ex.submit(client.complete, p, params) for p in prompts]
+                deadline = time.monotonic() + CALL_S
+                while len(_decoding(cluster, 2)) < n:
+                    assert time.monotonic() < deadline and not any(f.done() for f in futs), (
+                        "streams did not start"
+                    )
+                    time.sleep(0.002)
+                assert set(_decoding(cluster, 0).values()) == {"dec-a"}
+                b.draining = False
+                a.load = WorkerLoad(n, 0, BLOCKS, 200, block_size=BLOCK_SIZE)  # as its heartbeat would say
+                rb.start(cluster.server.loop)
+                while moved() < before + 1 and not all(f.done() for f in futs):
+                    assert time.monotonic() < deadline, "the rebalancer moved nothing"
+                    time.sleep(0.002)
             got = [f.result(CALL_S) for f in futs]
     finally:
         rb.stop()
@@ -302,9 +319,6 @@ def test_the_rebalancer_moves_streams_off_a_loaded_worker(cluster, client) -> No
         b.draining = False
     for r, g in zip(refs, got, strict=True):
         assert g.token_ids == r.token_ids and g.text == r.text
-    assert (
-        cluster.metric("pdserve_router_migrations_total", reason="load_balance", result="migrated")
-        >= before + 1
-    )
+    assert moved() >= before + 1
     cluster.wait_no_blocks()
     assert cluster.svc.migrations.in_flight() == frozenset()

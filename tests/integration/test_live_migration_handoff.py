@@ -32,6 +32,7 @@ from pdserve.worker_base import Role, WorkerConfig, WorkerState, engine_layout
 from router.lifecycle.states import State
 from router.registry import Registry, WorkerKind, WorkerLoad
 from router.service import GenerateServicer, RouterConfig
+from tests.integration.clusters import paced_loops
 from tests.workers import worker_stats
 
 BLOCKS = 128
@@ -39,6 +40,10 @@ BLOCK_SIZE = 16
 CALL_S = 120.0
 GREEDY = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=96, temperature=0.8, top_p=0.95, seed=5, ignore_eos=True)
+# each engine step lasts at least this long until the migration has answered: unpaced, the tiny
+# model decodes a step in ~1.5 ms and could finish the 88 tokens left before MigrateOut arrives
+# on a loaded host (tests.integration.clusters.paced_loops)
+PACE_S = 0.01
 
 
 class _Cluster:
@@ -127,26 +132,27 @@ def test_a_handed_off_stream_migrated_mid_way_equals_the_unmigrated_run(cluster,
         ref = client.complete(prompt, params)
         cluster.wait_clean()
         with ThreadPoolExecutor(1) as ex:
-            fut = ex.submit(client.complete, prompt, params)
-            deadline = time.monotonic() + CALL_S
-            while True:
-                running = {
-                    r: (d.m.decode_id, d.m.prefill_id)
-                    for r, d in cluster.svc.running().items()
-                    if d.state is State.DECODING and len(d.legs.run.out_ids) >= 8
-                }
-                if running:
-                    break
-                assert not fut.done() and time.monotonic() < deadline, "the request never decoded"
-                time.sleep(0.001)
-            ((rid, (src, prefilled_by)),) = running.items()
-            assert prefilled_by == "prefill-0"  # the disaggregated path: handed off, not local
-            dest = "dec-b" if src == "dec-a" else "dec-a"
+            with paced_loops([st.loop for st in cluster.states], PACE_S):  # decoding at MigrateOut
+                fut = ex.submit(client.complete, prompt, params)
+                deadline = time.monotonic() + CALL_S
+                while True:
+                    running = {
+                        r: (d.m.decode_id, d.m.prefill_id)
+                        for r, d in cluster.svc.running().items()
+                        if d.state is State.DECODING and len(d.legs.run.out_ids) >= 8
+                    }
+                    if running:
+                        break
+                    assert not fut.done() and time.monotonic() < deadline, "the request never decoded"
+                    time.sleep(0.001)
+                ((rid, (src, prefilled_by)),) = running.items()
+                assert prefilled_by == "prefill-0"  # the disaggregated path: handed off, not local
+                dest = "dec-b" if src == "dec-a" else "dec-a"
 
-            async def go():
-                return await cluster.svc.migrate(rid, dest)
+                async def go():
+                    return await cluster.svc.migrate(rid, dest)
 
-            outcome = asyncio.run_coroutine_threadsafe(go(), cluster.server.loop).result(CALL_S)
+                outcome = asyncio.run_coroutine_threadsafe(go(), cluster.server.loop).result(CALL_S)
             got = fut.result(CALL_S)
     assert outcome.migrated, outcome
     assert got.token_ids == ref.token_ids and got.text == ref.text
