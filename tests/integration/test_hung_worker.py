@@ -38,17 +38,33 @@ from engine.sampling_params import SamplingParams
 from kv_store.client import KVStoreClient
 from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, LocalCluster, _spawn, launch
+from tests.integration.clusters import paced_workers
 from tests.workers import worker_stats
 
 STREAM_TIMEOUT_S = 2.0  # --progress-timeout-s
 PREFILL_TIMEOUT_S = 3.0  # --prefill-timeout-s
 MARGIN_S = 10.0  # scheduling noise on a shared CPU; a missing deadline would wait >= 20 s (keepalive)
 K = 4  # tokens every stream has received before the stop
+# each worker step lasts at least this long (tests.integration.clusters.paced_workers): a stream
+# must still run on the worker the test stops after it saw K tokens (polled every 0.1 s, then a
+# Stats call); SmolLM2 decodes ~20-30 ms a step on the loaded CI host, ~10 ms on a quiet one, so
+# 28 tokens left could end first. Paced: >= 1.1 s (34 of test_parallel_sampling_hung's: 1.4 s).
+MIN_STEP_S = 0.04
 
 
 @pytest.fixture(scope="module")
 def cluster(smollm_path):
-    cl = launch(
+    with paced_workers(MIN_STEP_S):
+        cl = _launch(smollm_path)
+    yield cl
+    for p in cl.procs.values():  # a stopped process must run again to take its SIGTERM
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+    cl.stop()
+
+
+def _launch(smollm_path) -> LocalCluster:
+    return launch(
         ClusterSpec(
             model_path=str(smollm_path),
             num_prefill=1,
@@ -72,11 +88,6 @@ def cluster(smollm_path):
             ),
         )
     )
-    yield cl
-    for p in cl.procs.values():  # a stopped process must run again to take its SIGTERM
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGCONT)
-    cl.stop()
 
 
 class _Whole:
