@@ -28,11 +28,18 @@ from engine.sampling_params import SamplingParams
 from kv_store.client import KVStoreClient
 from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, LocalCluster, _spawn, launch
+from tests.integration.clusters import paced_workers
 from tests.workers import worker_stats
 
 SMALL_KV_BLOCKS = 128  # decode-0 (and the prefill worker)
 BIG_KV_BLOCKS = 256  # the decode workers that get killed: preferred by placement (more free blocks)
 K = 6  # tokens the client receives before the kill
+# each step of a victim worker lasts at least this long (tests.integration.clusters.paced_workers;
+# decode-0 and the prefill worker run unpaced): the request must still run there when the client
+# has K tokens and the test kills it (SmolLM2 decodes ~10 ms a step on a quiet host; a client
+# lagging its stream could see the end first). Paced: >= 1.7 s left at K (test_parallel_sampling_
+# cluster's group, 3 of 48 tokens each: >= 1.3 s).
+VICTIM_MIN_STEP_S = 0.03
 
 
 @pytest.fixture(scope="module")
@@ -76,29 +83,31 @@ def _redispatches(cluster: LocalCluster) -> float:
 
 
 def _add_big_decode_worker(cluster: LocalCluster, name: str) -> str:
-    """Start decode worker ``name`` with BIG_KV_BLOCKS and wait until the router counts it."""
+    """Start decode worker ``name`` with BIG_KV_BLOCKS, paced to ``VICTIM_MIN_STEP_S`` a step, and
+    wait until the router counts it."""
     before = _router_metric(cluster, "pdserve_router_workers", 'role="decode"')
-    info = _spawn(
-        cluster,
-        name,
-        [
-            "-m",
-            "decode_worker",
-            "--worker-id",
+    with paced_workers(VICTIM_MIN_STEP_S):
+        info = _spawn(
+            cluster,
             name,
-            "--model",
-            cluster.spec.model_path,
-            "--store",
-            cluster.store_address,
-            "--router",
-            cluster.router_address,
-            "--kv-blocks",
-            str(BIG_KV_BLOCKS),
-            "--block-size",
-            str(cluster.spec.block_size),
-        ],
-        cluster.spec.startup_timeout_s,
-    )
+            [
+                "-m",
+                "decode_worker",
+                "--worker-id",
+                name,
+                "--model",
+                cluster.spec.model_path,
+                "--store",
+                cluster.store_address,
+                "--router",
+                cluster.router_address,
+                "--kv-blocks",
+                str(BIG_KV_BLOCKS),
+                "--block-size",
+                str(cluster.spec.block_size),
+            ],
+            cluster.spec.startup_timeout_s,
+        )
     cluster.workers[name] = info["address"]
     deadline = time.monotonic() + 60
     while _router_metric(cluster, "pdserve_router_workers", 'role="decode"') < before + 1:
