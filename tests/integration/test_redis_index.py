@@ -171,11 +171,15 @@ def test_register_for_unknown_node_flags_a_resync(server: Server, connect) -> No
 def test_leases_expire_with_ttl_and_release(server: Server, connect) -> None:
     prefill, router = connect(server), connect(server)
     hs = chain(3)
-    short = prefill.lease("a", hs[:2], ttl_s=0.3)
+    # 1 s (not 0.3 s): both leases must still hold at the first check, which a host stalled for
+    # 0.3 s between the two calls (a loaded CI) failed; then wait for the expiry itself
+    t0 = time.monotonic()
+    short = prefill.lease("a", hs[:2], ttl_s=1.0)
     long = prefill.lease("a", hs[1:], ttl_s=30)
     assert router.leased("a", hs) == [True, True, True]
     assert router.leased("b", hs) == [False, False, False]  # pins are per node
-    time.sleep(0.4)
+    wait_for(lambda: not router.leased("a", hs)[0])
+    assert time.monotonic() - t0 >= 0.9  # not (much) before its TTL
     assert router.leased("a", hs) == [False, True, True]  # hs[1] still held by the long lease
     assert router.release(long) is True
     assert router.release(long) is False  # idempotent
