@@ -167,9 +167,13 @@ def _streams(c: Client, prompts, params, started: threading.Event, k: int):
 
 
 def _fault_prompts(base: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Six prompts and their params: 400 tokens (not 160), so the streams still run on the victim
+    when the last of them has 12 tokens at the client and the test stops or kills it (the tiny
+    model decodes a step in a few ms: 148 tokens left could end first on a loaded host, the
+    client lagging its streams, and the fault would hit nothing)."""
     prompts = [[base + i, base + 1, base + 2, base + 3, base + 4] for i in range(6)]
     params = [
-        dataclasses.replace(GREEDY if i % 2 == 0 else SEEDED, max_tokens=160) for i in range(len(prompts))
+        dataclasses.replace(GREEDY if i % 2 == 0 else SEEDED, max_tokens=400) for i in range(len(prompts))
     ]
     return prompts, params
 
@@ -192,7 +196,7 @@ def _check_streams(refs, results) -> None:
 def test_decode_worker_sigstopped_mid_direct_stream(cluster, whole) -> None:
     """Its streams continue elsewhere within the progress deadline, while it is still frozen."""
     prompts, params = _fault_prompts(60)
-    refs = [whole.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    refs = whole.generate(prompts, params)  # one batch
     with Client(cluster.router_addresses, timeout=120) as c:
         started = threading.Event()
         results, arrivals, threads, wait_started = _streams(c, prompts, params, started, 12)
@@ -225,7 +229,7 @@ def test_decode_worker_sigstopped_mid_direct_stream(cluster, whole) -> None:
 
 def test_decode_worker_sigkilled_mid_direct_stream(cluster, whole) -> None:
     prompts, params = _fault_prompts(90)
-    refs = [whole.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    refs = whole.generate(prompts, params)  # one batch
     with Client(cluster.router_addresses, timeout=120) as c:
         started = threading.Event()
         results, _, threads, wait_started = _streams(c, prompts, params, started, 12)

@@ -323,8 +323,12 @@ def test_decode_worker_killed_mid_direct_stream(cluster, whole) -> None:
     """Last: it kills a decode worker. The streams on it resume at the router, output unchanged."""
     prompts = [[60 + i, 61, 62, 63, 64] for i in range(6)]
     params = [GREEDY if i % 2 == 0 else SEEDED for i in range(len(prompts))]
-    params = [dataclasses.replace(p, max_tokens=160) for p in params]
-    refs = [whole.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    # 400 tokens (not 160): the streams on decode-0 must still run when the last of the six has 20
+    # tokens at the client and the test kills it; the tiny model decodes a step in a few ms, so
+    # 140 tokens left could end first on a loaded host (the client lagging its streams). The
+    # references run as one batch (as long as the six single runs of 160 tokens took).
+    params = [dataclasses.replace(p, max_tokens=400) for p in params]
+    refs = whole.generate(prompts, params)
     killed: list[str] = []
 
     async def one(c, i, started: asyncio.Event):
