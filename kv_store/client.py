@@ -48,6 +48,7 @@ BlockData = Any  # bytes | bytearray | memoryview | numpy.ndarray | torch.Tensor
 # Largest PutBlocks message a client sends (estimated from the blocks' sizes before encoding):
 # the transport limit less a margin for the layout and metadata. Larger Puts stream (Put).
 PUT_BLOCKS_MAX_BYTES = MAX_MESSAGE_BYTES - (64 << 10)
+_MAX_PUT_HEADERS = 64  # serialised PutBlocks headers a client keeps (one per layout and lease ttl)
 
 
 def put_blocks_fits(num_blocks: int, block_nbytes: int, max_bytes: int = PUT_BLOCKS_MAX_BYTES) -> bool:
@@ -107,6 +108,7 @@ class KVStoreClient:
             request_serializer=lambda m: m,
             response_deserializer=kv_store_pb2.PutResponse.FromString,
         )
+        self._put_headers: dict[tuple[KVLayout, float], bytes] = {}  # see _put_header
         # False once the node answered PutBlocks with UNIMPLEMENTED (a node of an older
         # version): every Put streams from then on
         self.unary_put = True
@@ -176,9 +178,7 @@ class KVStoreClient:
         md = self._metadata(owner)
         sums = check_checksum_list(checksums, len(hashes), "put_blocks checksums")
         if self.unary_put and put_blocks_fits(len(hashes), nbytes):
-            header = kv_store_pb2.PutBlocksRequest(
-                layout=convert.layout_to_proto(layout), lease_ttl_s=lease_ttl_s
-            )
+            header = self._put_header(layout, lease_ttl_s)
             msg = encode_put_blocks(header, hashes, sums or [block_checksum(v) for v in views], views)
             try:
                 return convert.put_result_from_proto(
@@ -213,6 +213,20 @@ class KVStoreClient:
         except grpc.RpcError as e:
             self._raise(e)
         return convert.put_result_from_proto(resp)
+
+    def _put_header(self, layout: KVLayout, lease_ttl_s: float) -> bytes:
+        """The serialised PutBlocksRequest header (layout, lease ttl) of a put, made once per
+        (layout, ttl) this client puts with (#12: not rebuilt per handoff)."""
+        key = (layout, lease_ttl_s)
+        header = self._put_headers.get(key)
+        if header is None:
+            header = kv_store_pb2.PutBlocksRequest(
+                layout=convert.layout_to_proto(layout), lease_ttl_s=lease_ttl_s
+            ).SerializeToString()
+            if len(self._put_headers) >= _MAX_PUT_HEADERS:  # many ttls: keep the cache bounded
+                self._put_headers.clear()
+            self._put_headers[key] = header
+        return header
 
     def _metadata(self, owner: str | None = None) -> tuple[tuple[str, str], ...]:
         if owner is None or owner == self.lease_owner:

@@ -41,7 +41,6 @@ from kv_store.auth import (
     metadata_value,
 )
 from kv_store.index import KVIndex
-from kv_store.layout import KVLayout
 from kv_store.node import PutTicket
 from kv_store.store import BlockStore, PutResult, StoreConfig, check_hash_list
 from kv_store.wire import encode_chunk
@@ -52,7 +51,7 @@ from pdserve.metrics import StoreMetrics
 from pdserve.security import SecurityConfig, bind, server_security
 from pdserve.status import add_servicer
 from pdserve.tracing import log_event, request_id_from_context, request_scope
-from pdserve.v1 import kv_store_pb2
+from pdserve.v1 import common_pb2, kv_store_pb2
 
 log = logging.getLogger(__name__)
 SERVICE = kv_store_pb2.DESCRIPTOR.services_by_name["KVStore"]
@@ -72,6 +71,13 @@ class KVStoreServicer:
         )
         self.metrics.set_stats_source(lambda: store.stats().node)
         self.authorizer: Authorizer = authorizer if authorizer is not None else TokenAuthorizer()
+        # the last layout message a call carried that passed the layout check: an equal message
+        # passes without being rebuilt and compared again (#12: the store's cost per handoff)
+        self._layout_ok: common_pb2.KVLayout | None = None
+        m = self.metrics
+        # counters of Release's shm reads, looked up once (#12: not per release)
+        self._shm_out_blocks = m.blocks.labels(m.node_id, "shm", "out")
+        self._shm_out_bytes = m.bytes.labels(m.node_id, "shm", "out")
 
     def _member(self, context: grpc.ServicerContext, what: str) -> str:
         """The caller's identity if it is a cluster member; else UnauthenticatedError (counted)."""
@@ -171,8 +177,7 @@ class KVStoreServicer:
             for chunk in requests:
                 if first:
                     first = False
-                    layout = convert.required_layout(chunk, "Put (first chunk)")
-                    store.check_layout(layout, what="Put blocks")
+                    self._check_layout_msg(chunk, "Put (first chunk)", "Put blocks")
                     if chunk.lease_ttl_s:
                         grant = store.lease([], chunk.lease_ttl_s, owner)
                         lease_id, lease_ttl, lease_clamped = grant.lease_id, grant.ttl_s, grant.ttl_clamped
@@ -247,7 +252,7 @@ class KVStoreServicer:
         and verified against its checksum as :meth:`_put` does (a mismatch refuses the call and
         releases its lease; blocks committed before it stay, as with Put)."""
         store = self.store
-        store.check_layout(convert.required_layout(request, "PutBlocks"), what="Put blocks")
+        self._check_layout_msg(request, "PutBlocks", "Put blocks")
         nbytes = store.layout.block_nbytes
         blocks = request.blocks
         hashes = check_hash_list([b.block_hash for b in blocks], "PutBlocks.blocks.block_hash")
@@ -309,14 +314,16 @@ class KVStoreServicer:
         store = self.store
         # leased blocks: tell the caller their arena slots (zero-rpc same-host reads while the
         # lease holds); empty if any block is not (yet) stored in the slot its ticket named
-        slots = store.leased_slots(lease_id, put_hashes, put_slots) if lease_id else ()
+        slots, expires = (
+            store.leased_slots_and_expiry(lease_id, put_hashes, put_slots) if lease_id else ((), 0.0)
+        )
         n_blocks = len(put_hashes)
         result = PutResult(
             num_blocks=n_blocks,
             num_stored=n_new,
             num_existing=n_blocks - n_new,
             lease_id=lease_id,
-            lease_expires_at_unix_s=store.lease_expires_at_unix(lease_id) if lease_id else 0.0,
+            lease_expires_at_unix_s=expires,
             location=store.location,
             slots=slots,
             slot_nbytes=store.arena.slot_nbytes if slots else 0,
@@ -416,13 +423,17 @@ class KVStoreServicer:
         if shm_read:
             # blocks the consumer read from the arena with no rpc (the handoff's leased slots):
             # shm transfers out the node saw no Lease for; counted, no latency (none was measured)
-            m, nb = self.metrics, self.store.layout.block_nbytes
-            m.blocks.labels(m.node_id, "shm", "out").inc(shm_read)
-            m.bytes.labels(m.node_id, "shm", "out").inc(shm_read * nb)
-        with request_scope(request_id):
-            log_event(
-                log, "kv release", lease_id=request.lease_id, released=released, shm_read_blocks=shm_read
-            )
+            self._shm_out_blocks.inc(shm_read)
+            self._shm_out_bytes.inc(shm_read * self.store.layout.block_nbytes)
+        # logged under request_id ("" : none, as no scope is bound on a server thread)
+        log_event(
+            log,
+            "kv release",
+            request_id=request_id,
+            lease_id=request.lease_id,
+            released=released,
+            shm_read_blocks=shm_read,
+        )
         return released
 
     def Stats(
@@ -431,12 +442,27 @@ class KVStoreServicer:
         self._member(context, "Stats")
         return convert.stats_to_proto(self.store.stats())
 
-    def _check_layout(self, request: object, what: str, *, required: bool) -> KVLayout | None:
+    def _check_layout(self, request: object, what: str, *, required: bool) -> None:
+        """The request's ``layout`` must be the node's (InvalidRequestError when ``required`` and
+        missing; LayoutMismatchError naming each differing field)."""
         if not required and not request.HasField("layout"):  # type: ignore[attr-defined]
-            return None
-        layout = convert.required_layout(request, what)
-        self.store.check_layout(layout, what=f"{what} blocks")
-        return layout
+            return
+        self._check_layout_msg(request, what, f"{what} blocks")
+
+    def _check_layout_msg(self, request: object, what: str, blocks_what: str) -> None:
+        """:func:`convert.required_layout` of ``request`` checked against the node's layout
+        (``blocks_what`` names the blocks in a mismatch). A layout message equal to the last one
+        that passed passes at once: the same fields give the same layout and the same verdict."""
+        if not request.HasField("layout"):  # type: ignore[attr-defined]
+            convert.required_layout(request, what)  # raises, naming what lacks it
+        msg = request.layout  # type: ignore[attr-defined]
+        ok = self._layout_ok
+        if ok is not None and msg == ok:
+            return
+        self.store.check_layout(convert.required_layout(request, what), what=blocks_what)
+        accepted = common_pb2.KVLayout()
+        accepted.CopyFrom(msg)
+        self._layout_ok = accepted
 
 
 @dataclass

@@ -609,22 +609,31 @@ class BlockStore:
         given, parallel to ``hashes``) still in the slot its put ticket named; else ``()``. The
         slots stay valid while the lease holds: a leased slot is never reused. Tells a Put's caller
         where its leased blocks are (zero-rpc same-host reads)."""
-        if not self.arena.name or not hashes:
-            return ()
-        if expected is not None and len(expected) != len(hashes):
+        return self.leased_slots_and_expiry(lease_id, hashes, expected)[0]
+
+    def leased_slots_and_expiry(
+        self, lease_id: str, hashes: Sequence[BlockHash], expected: Sequence[int] | None = None
+    ) -> tuple[tuple[int, ...], float]:
+        """(:meth:`leased_slots`, :meth:`lease_expires_at_unix`) of one lease, read together
+        under one acquisition of the lock (a Put's answer names both)."""
+        want_slots = bool(self.arena.name) and bool(hashes)
+        if want_slots and expected is not None and len(expected) != len(hashes):
             raise ValueError(f"leased_slots: {len(expected)} expected slots for {len(hashes)} hashes")
         with self._lock:
             lease = self.node.get_lease(lease_id)
             if lease is None:
-                return ()
-            held = set(lease.hashes)
-            slots = []
-            for i, h in enumerate(hashes):
-                s = self.node.slot_of(h)
-                if s is None or h not in held or (expected is not None and s != expected[i]):
-                    return ()
-                slots.append(s)
-        return tuple(slots)
+                return (), 0.0
+            expires = lease.expires_at
+            slots: list[int] = []
+            if want_slots:
+                held = set(lease.hashes)
+                for i, h in enumerate(hashes):
+                    s = self.node.slot_of(h)
+                    if s is None or h not in held or (expected is not None and s != expected[i]):
+                        slots = []
+                        break
+                    slots.append(s)
+        return tuple(slots), self._unix(expires)
 
     def lease_expires_at_unix(self, lease_id: str) -> float:
         with self._lock:

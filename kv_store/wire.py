@@ -80,10 +80,10 @@ def encode_chunk(header: Any, payload: Any) -> bytes:
 def encode_put_blocks(
     header: Any, hashes: Sequence[bytes], checksums: Sequence[int], payloads: Sequence[Any]
 ) -> bytes:
-    """Serialise ``header`` (a PutBlocksRequest with layout / lease_ttl_s, no blocks) plus one
-    PutBlock per ``(hashes[i], checksums[i], payloads[i])``: the bytes protobuf would produce, with
-    one copy of each payload (into the returned message)."""
-    parts: list[Any] = [header.SerializeToString()]
+    """Serialise ``header`` (a PutBlocksRequest with layout / lease_ttl_s, no blocks; or its
+    serialisation, ``bytes``) plus one PutBlock per ``(hashes[i], checksums[i], payloads[i])``: the
+    bytes protobuf would produce, with one copy of each payload (into the returned message)."""
+    parts: list[Any] = [header if isinstance(header, bytes) else header.SerializeToString()]
     for h, c, p in zip(hashes, checksums, payloads, strict=True):
         n = memoryview(p).nbytes
         head = b"".join((_PB_HASH_TAG, _varint(len(h)), h, _PB_CHECKSUM_TAG, c.to_bytes(8, "little")))
