@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,18 @@ class Prom:
                 raise AssertionError(f"{promql} = {v} after {timeout_s}s")
             time.sleep(0.5)
 
+    def wait_rules_evaluated_after(self, t: float, timeout_s: float = 30.0) -> None:
+        """Poll until every rule group's last evaluation started at or after ``t`` (Unix time)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            groups = self.get("/api/v1/rules")["data"]["groups"]
+            last = [datetime.fromisoformat(g["lastEvaluation"]).timestamp() for g in groups]
+            if last and min(last) >= t:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"rule groups last evaluated {last}, want >= {t} after {timeout_s}s")
+            time.sleep(0.2)
+
     def log_tail(self, n: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
@@ -362,7 +375,10 @@ def traffic(cluster, prom) -> Traffic:
     # the traffic is over once Prometheus has scraped the router's final counts
     total = before["ok"] + before["rejected"] + before["invalid"] + n + invalid
     prom.wait_for("sum(pdserve_router_requests_total)", lambda v: v == [total])
-    time.sleep(3 * SCRAPE_S)  # and the workers' and the store's
+    # and the workers' and the store's: every target scraped 2 intervals after that (was a fixed
+    # 3 s sleep, which a Prometheus or a process stalled on a loaded host could outlast)
+    settled = time.time() + 2 * SCRAPE_S
+    prom.wait_for("min(timestamp(up))", lambda v: len(v) == 1 and v[0] >= settled)
     return Traffic(ok, rejected, invalid, before)
 
 
@@ -403,7 +419,9 @@ def test_only_the_slo_burn_alerts_of_classes_that_miss_go_active(prom, traffic):
         for cls in SLOS
     }
     assert missed["default"] == 0 and missed["batch"] == 0, missed
-    time.sleep(2 * SCRAPE_S)  # a rule evaluation after the last scrape
+    # a rule evaluation after the last scrape (was a fixed 2 s sleep, which a Prometheus stalled
+    # on a loaded host could outlast)
+    prom.wait_rules_evaluated_after(time.time() + SCRAPE_S)
     alerts = prom.get("/api/v1/alerts")["data"]["alerts"]
     # early rejections of infeasible SLOs (a goodput-aware router) are not a failure of the cluster
     # but they do trip the rejection alert; with none, it stays silent
