@@ -336,7 +336,10 @@ def test_scale_up_then_down_drains_streaming_requests(deployment, client, whole)
     assert sorted(out["added"]) == ["decode-2", "prefill-1"]  # decode-1 (dead) was pruned
     assert {w["worker_id"] for w in _router_workers()} == {"prefill-0", "prefill-1", "decode-0", "decode-2"}
 
-    long = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    # 96 tokens (not 48): the streams must still run on decode-2 when scale-down's drain starts
+    # (busy_at_drain > 0), after a status poll and the controller's Ray round trips, which take
+    # seconds on a loaded host while SmolLM2 decodes 48 tokens in ~1-1.5 s there
+    long = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
     prompts = PROMPTS[16:20]
     ref = whole.generate(prompts, long)
     with _only_decode("decode-2"):  # the streams run on the worker that scale-down removes
