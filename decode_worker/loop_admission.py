@@ -142,7 +142,8 @@ async def admit_on_loop(
         return None
     deadline = svc._admission_deadline(ctx)
     blocks, pull_s, release = _pull(svc, store, h.handle)
-    add, rid, ids = importer(h, req, blocks), h.rid, h.ids
+    rid, ids = h.rid, h.ids
+    add = svc._text_here(rid, importer(h, req, blocks), out)  # its text rendered on this loop
     node = h.handle.locations[0].address if h.handle.locations else "(no node)"
     expedite = getattr(store, "flush_releases", None)
     gate = _ReleaseGate(out, asyncio.get_running_loop(), expedite, node)

@@ -78,6 +78,7 @@ from decode_worker.migration_wire import (
 )
 from decode_worker.puller import KVPuller
 from engine.engine_loop import OutputItem
+from engine.llm_engine import LLMEngine
 from engine.migration import FinalState, KVStage, MigrationExport, MigrationImport
 from engine.model_runner import KVShape
 from engine.outputs import TokenLogprob
@@ -146,6 +147,17 @@ class _Migrated:
             if self.waker is not None:
                 self.waker[1].clear()
         return items
+
+
+def _adopt(e: LLMEngine, imp: MigrationImport, final: FinalState) -> None:
+    """Insert the migrated request (engine thread). Its ResumeStream carries token ids, no engine
+    text (the router, or :meth:`decode_worker.direct.DirectStreams.serve_resumed`, renders the
+    text from the client's index), so the engine renders none for a request without stop strings
+    (``LLMEngine.take_detokenizer``; #12: the engine thread is the worker's critical path)."""
+    imp.finish(final)
+    take = getattr(e, "take_detokenizer", None)  # None: a stand-in engine
+    if take is not None:
+        take(imp.request_id)
 
 
 class DecodeMigration:
@@ -308,7 +320,7 @@ class DecodeMigration:
         with self._lock:
             self._migrated[rid] = m
         try:
-            self.state.loop.add(rid, lambda e: imp.finish(final), out=m)
+            self.state.loop.add(rid, lambda e: _adopt(e, imp, final), out=m)
         except BaseException:
             with self._lock:
                 self._migrated.pop(rid, None)

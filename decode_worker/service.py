@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import prometheus_client
@@ -41,6 +41,7 @@ from decode_worker.messages import decode_message
 from decode_worker.migration import DecodeMigration
 from decode_worker.puller import KVPuller
 from decode_worker.stream_puller import admit_streamed_handoff
+from engine.detokenizer import OutputText
 from engine.engine_loop import OutputItem, OutputSink
 from engine.llm_engine import LLMEngine
 from kv_store.handle import KVHandle
@@ -53,6 +54,20 @@ from pdserve.v1 import common_pb2, worker_pb2
 from pdserve.worker_base import WorkerState
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+DETOK_ENV = "PDSERVE_DECODE_DETOK"  # where a decode stream's text is rendered: loop (default) | engine
+
+
+def detok_on_loop() -> bool:
+    """``PDSERVE_DECODE_DETOK``: ``loop`` (default: the event loop renders the text of requests
+    without stop strings, :meth:`_LoopQueue.take_text`) or ``engine`` (the engine thread renders
+    every request's text, as before #12's change); any other value is refused naming it."""
+    import os
+
+    v = os.environ.get(DETOK_ENV, "").strip().lower() or "loop"
+    if v not in ("loop", "engine"):
+        raise ValueError(f"{DETOK_ENV} must be 'loop' or 'engine', got {v!r}")
+    return v == "loop"
 
 
 class Outcome(enum.Enum):
@@ -104,6 +119,8 @@ class DecodeServicer:
             c = state.config
             pull_metrics = KVPullMetrics(prometheus_client.REGISTRY, c.worker_id, c.role.name.lower())
         self.pull_metrics = pull_metrics
+        # render the text of requests without stop strings on the event loop (AsyncDecodeServicer)
+        self.text_on_loop = False
         self._fallbacks_lock = threading.Lock()
         self._fallbacks_seen = self._transport_fallbacks()
 
@@ -330,7 +347,19 @@ class DecodeServicer:
         the request's ``n`` (parallel sampling)."""
         if choices > 1:
             return self.state.loop.add(rid, adder, out, num_choices=choices)
-        return self.state.loop.add(rid, adder) if out is None else self.state.loop.add(rid, adder, out)
+        if out is None:
+            return self.state.loop.add(rid, adder)
+        return self.state.loop.add(rid, self._text_here(rid, adder, out), out)
+
+    def _text_here(self, rid: str, adder: Callable[[LLMEngine], T], out: Any) -> Callable[[LLMEngine], T]:
+        """``adder`` for an ``n == 1`` request whose outputs go to ``out``: when ``out`` is an
+        event loop's queue (:class:`_LoopQueue`) and :attr:`text_on_loop` is set, the request's
+        text is rendered there from its token ids, not on the engine thread
+        (:meth:`_LoopQueue.take_text`); otherwise ``adder`` itself."""
+        if not (self.text_on_loop and isinstance(out, _LoopQueue)):
+            return adder
+        spec = getattr(getattr(self.state.engine, "config", None), "speculative", None) is not None
+        return out.take_text(rid, adder, spec)
 
     def Prefill(self, req, ctx):
         raise InvalidRequestError("this is a decode worker: send Prefill to a prefill worker")
@@ -466,6 +495,29 @@ class _LoopQueue:
         self._q: asyncio.Queue[OutputItem] = asyncio.Queue()
         self._end: asyncio.Future[None] | None = None  # a waiter for an item that ends the request
         self._sink: Callable[[OutputItem], None] | None = None  # divert: items go here instead
+        # the request's text, rendered here (event loop) from the token ids when the engine
+        # handed its detokenizer over (:meth:`take_text`); None: the engine renders it
+        self._text: OutputText | None = None
+
+    def take_text(
+        self, rid: str, adder: Callable[[LLMEngine], T], speculative: bool
+    ) -> Callable[[LLMEngine], T]:
+        """``adder`` (it adds request ``rid`` to the engine, on the engine thread) followed by
+        taking the request's detokenizer from the engine (``LLMEngine.take_detokenizer``: not for
+        stop strings or parallel sampling), so that its text is rendered in :meth:`put_nowait`,
+        on the event loop, instead of on the engine thread (#12: the engine thread is the decode
+        worker's critical path). Set before the engine's first output of the request: every
+        output is rendered here, in order. ``speculative``: the engine decodes speculatively."""
+
+        def run(e: LLMEngine) -> T:
+            r = adder(e)
+            take = getattr(e, "take_detokenizer", None)  # None: a stand-in engine
+            d = take(rid) if take is not None else None
+            if d is not None:
+                self._text = OutputText(d, speculative)
+            return r
+
+        return run
 
     def put(self, item: OutputItem) -> None:  # engine thread
         if isinstance(item, BaseException):
@@ -485,6 +537,8 @@ class _LoopQueue:
         self._sink = sink
 
     def put_nowait(self, item: OutputItem) -> None:  # event loop (the inbox's drain)
+        if self._text is not None and not isinstance(item, BaseException):
+            self._text.render(item)
         if self._sink is not None:
             self._sink(item)
             return
@@ -553,7 +607,12 @@ class AsyncDecodeServicer(DecodeServicer):
     when the engine steps faster than the window (small model, fast device, light batch), tokens
     go several to a message; when a step takes longer than the window, every token goes at once
     as with no window. It adds at most the window to a token's delivery; 0 (default): none.
-    The first message (TTFT) and the finish are never held."""
+    The first message (TTFT) and the finish are never held.
+
+    Text (#12): a request without stop strings (``n == 1``) has its text rendered on this event
+    loop from its token ids (:meth:`_LoopQueue.take_text`: the engine hands its detokenizer over
+    at admission), not on the engine thread, the worker's critical path; byte-identical to the
+    engine's. ``PDSERVE_DECODE_DETOK=engine`` keeps every request's text on the engine thread."""
 
     def __init__(
         self,
@@ -568,6 +627,7 @@ class AsyncDecodeServicer(DecodeServicer):
         if not stream_window_s >= 0:
             raise ValueError(f"stream_window_s must be >= 0 seconds, got {stream_window_s}")
         super().__init__(*args, **kwargs)
+        self.text_on_loop = detok_on_loop()  # PDSERVE_DECODE_DETOK (#12)
         self.stream_interval = stream_interval
         self.stream_window_s = stream_window_s
         self._admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="decode-admit")

@@ -199,3 +199,37 @@ class IncrementalDetokenizer:
             keep = min(len(self._tail), self._max_stop - 1)
             self._scan_from = self._len - keep
             self._tail = self._tail[len(self._tail) - keep :]
+
+
+class OutputText:
+    """A request's text rendered from its outputs' token ids by the caller, off the engine thread
+    (``LLMEngine.take_detokenizer``; #12: the decode worker's event loop renders it, as vLLM v1's
+    front end does): :meth:`render` sets ``text_delta`` and ``text`` of each output, which must
+    be given in order, to exactly what ``LLMEngine._emit`` would have set (the same detokenizer
+    state fed the same ids: a finished output's eos / stop token id is not rendered, the last
+    output flushes). Only for requests without stop strings (the engine keeps those);
+    ``speculative``: the engine decodes speculatively (a step's several tokens, of which only
+    the last can be the stop token, as ``LLMEngine._detok_run`` renders them)."""
+
+    __slots__ = ("detok", "speculative")
+
+    def __init__(self, detok: IncrementalDetokenizer, speculative: bool = False) -> None:
+        if detok.stop:
+            raise InvalidRequestError("OutputText renders requests without stop strings only")
+        self.detok = detok
+        self.speculative = speculative
+
+    def render(self, out) -> None:  # noqa: ANN001 - an engine.outputs.RequestOutput
+        """Set ``out.text_delta`` / ``out.text`` (the output's ``new_token_ids``, ``finished``
+        and ``stop_reason`` are read)."""
+        new, finished = out.new_token_ids, out.finished
+        if not finished:
+            visible = new
+        elif self.speculative and len(new) > 1:
+            visible = new[:-1] if out.stop_reason == new[-1] else new
+        else:
+            stop = out.stop_reason
+            visible = [t for t in new if t != stop]
+        d = self.detok
+        out.text_delta = d.add(visible, final=finished)[0]
+        out.text = d.text

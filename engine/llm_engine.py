@@ -915,6 +915,23 @@ class LLMEngine:
             self.draft.release(request_id)
         self._lora_unpin(request_id)
 
+    def take_detokenizer(self, request_id: str) -> IncrementalDetokenizer | None:
+        """Hand request ``request_id``'s detokenizer to the caller, who renders its text from now
+        on, off the engine thread (vLLM v1's split: the engine emits token ids, the front end
+        detokenizes; #12). Its later outputs carry ``text_delta == text == ""``; the caller feeds
+        each of them, in order, to :class:`engine.detokenizer.OutputText` over the returned
+        detokenizer, which gives the text :meth:`_emit` would have. None, and nothing changes,
+        when the engine must keep it: a request with stop strings (its output is cut at them
+        here), a parallel-sampling choice or parent, a request not tracked (unknown, finished),
+        or no tokenizer."""
+        tr = self._tracked.get(request_id)
+        if tr is None or tr.detok is None or tr.detok.stop or tr.group is not None:
+            return None
+        if request_id in self._group_parents:
+            return None
+        detok, tr.detok = tr.detok, None
+        return detok
+
     def has_request(self, request_id: str) -> bool:
         return request_id in self._groups or (request_id in self._tracked and not is_internal_id(request_id))
 
