@@ -151,9 +151,9 @@ def _cut_short(shown_id: str, redirect: direct_pb2.DirectRedirect) -> Unavailabl
     )
 
 
-async def _pump(call: Any, q: asyncio.Queue) -> None:
+async def _pump(it: AsyncIterator[client_pb2.GenerateResponse], q: asyncio.Queue) -> None:
     try:
-        async for m in call:
+        async for m in it:
             q.put_nowait(("router", None, m))
         q.put_nowait(("router_end", None, None))
     except grpc.RpcError as e:
@@ -307,22 +307,44 @@ async def direct_messages(
     """The messages of Generate ``call`` (sent with ``direct_stream``) as a relayed call gives them
     (module doc). ``resume``: sends a ResumeDirectRequest to the router serving ``call`` (an
     awaitable). Raises the router's grpc.RpcError as the call would; a refused attach (ticket) as
-    its typed error; InternalError when the Finish's token count is not what arrived."""
+    its typed error; InternalError when the Finish's token count is not what arrived.
+
+    As the sync driver, it reads the router's messages itself until the redirect (nothing else
+    can come before it: a relayed call is read only here) and only then hands the call to a pump
+    task, whose messages and the worker's deltas meet on one queue: two messages of every direct
+    request, and every message of a relayed one, cost no task switch and no queue hop (#12)."""
     q: asyncio.Queue = asyncio.Queue()
-    pump = asyncio.ensure_future(_pump(call, q))
     flow = _Flow(mux, q)
+    it = aiter(call)
+    pump: asyncio.Future | None = None
     try:
         while not flow.ended:
-            kind, src, x = await q.get()
-            out, r = flow.step(kind, src, x)
+            if flow.redirect is None and pump is None:  # before the redirect: read here
+                try:
+                    ev: tuple[str, Any, Any] = ("router", None, await anext(it))
+                except StopAsyncIteration:
+                    ev = ("router_end", None, None)
+                except grpc.RpcError as e:
+                    ev = ("router_error", None, e)
+            else:
+                if pump is None:
+                    pump = asyncio.ensure_future(_pump(it, q))
+                ev = await q.get()
+            out, r = flow.step(*ev)
             if r is not None:
                 await resume(r)
             for m in out:
                 yield m
     finally:
-        pump.cancel()
-        with contextlib.suppress(BaseException):
-            await pump
+        if pump is not None:
+            pump.cancel()  # its read cancelled cancels the call
+            with contextlib.suppress(BaseException):
+                await pump
+        else:  # the call's message iterator, read here: closed in this task, not by the loop's hook
+            close = getattr(it, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(BaseException):
+                    await close()
         flow.close()
 
 

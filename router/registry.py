@@ -36,6 +36,7 @@ from router.quarantine import QuarantineBook, QuarantineConfig, QuarantineReason
 
 
 class WorkerKind(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons: identity hash, not Enum's hash(name) in Python (#12)
     PREFILL = "prefill"
     DECODE = "decode"
 

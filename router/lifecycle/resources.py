@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 
 class ResourceKind(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons: identity hash, not Enum's hash(name) in Python (#12)
     # the placement-time reservation: prompt tokens queued on the first worker and the request in
     # flight on its decode worker, until the first leg's own accounting takes over
     RESERVATION = "reservation"

@@ -33,6 +33,7 @@ import enum
 
 
 class State(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons: identity hash, not Enum's hash(name) in Python (#12)
     PLACED = "placed"
     PREFILLING = "prefilling"
     STREAMING = "streaming"  # prefilling while the decode worker assembles the streamed KV

@@ -137,6 +137,7 @@ class LinearLatency:
 class Phase(enum.Enum):
     """Which side of a request a correction applies to."""
 
+    __hash__ = object.__hash__  # members are singletons: identity hash, not Enum's hash(name) in Python (#12)
     TTFT = "ttft"  # queueing + prefill + prefix fetch
     TPOT = "tpot"  # decode steps
 
