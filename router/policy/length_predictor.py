@@ -143,7 +143,7 @@ class LengthPredictor:
         y = math.log1p(sample.output_tokens)
         with self._lock:
             self._online.add(pred, sample.output_tokens)
-            self._a += np.outer(x, x)
+            self._a += x[:, None] * x  # np.outer's products, without its Python wrapper (#12)
             self._b += x * y
             self._n += 1
             self._w = None
