@@ -42,6 +42,7 @@ from router.multi_model import ModelDispatcher
 from router.policy import PolicyKind
 from router.registry import Registry, WorkerKind, WorkerLoad
 from router.service import GenerateServicer, RouterConfig
+from tests.polling import wait_for
 
 BLOCKS = 128
 BLOCK_SIZE = 16
@@ -221,9 +222,11 @@ def test_each_models_placement_sees_only_its_own_workers(cluster, client) -> Non
     g = cluster.prom.get_sample_value
     assert g("pdserve_router_workers", {"role": "decode", "model": "tiny-a"}) == 2
     assert g("pdserve_router_workers", {"role": "decode", "model": "tiny-b"}) == 1
-    # the in-flight gauge is per model too, and back to 0 once the requests ended
-    assert g("pdserve_router_inflight_requests", {"model": "tiny-a"}) == 0
-    assert g("pdserve_router_inflight_requests", {"model": "tiny-b"}) == 0
+    # the in-flight gauge is per model too, and back to 0 once the requests ended: the router
+    # lowers it after writing the finish the client returned on (its handler's finally, on the
+    # router's loop), so it is waited for, not read at once
+    for m in MODELS:
+        wait_for(lambda m=m: g("pdserve_router_inflight_requests", {"model": m}) == 0, 10, f"{m} in flight 0")
 
 
 def test_each_models_context_and_tokenizer_answer_for_it(cluster, client) -> None:
@@ -317,6 +320,16 @@ def test_router_metrics_carry_the_model_label(cluster, client) -> None:
             client.complete(_prompt(i), GREEDY, model=m)
     with pytest.raises(InvalidRequestError):
         client.complete(_prompt(0), GREEDY)
+
+    def counted(m: str) -> bool:  # its last counter, raised after the finish the client returned on
+        return val("pdserve_router_prompt_tokens_total", model=m) >= before[m][3] + sum(
+            len(_prompt(i)) for i in range(sent[m])
+        )
+
+    # the router records a request after writing its finish (the handler's end, on the router's
+    # loop): waited for, not read at once
+    for m in sent:
+        wait_for(lambda m=m: counted(m), 10, f"{m}'s requests recorded")
     for m, n in sent.items():
         req, gen, ttft, prompt = before[m]
         assert val("pdserve_router_requests_total", slo_class="default", outcome="ok", model=m) == req + n

@@ -24,6 +24,7 @@ from pdserve.errors import InvalidRequestError
 from pdserve.launcher import ClusterSpec, launch
 from pdserve.v1 import client_pb2, client_pb2_grpc, common_pb2
 from tests.integration.test_redispatch import _add_big_decode_worker, _redispatches, _wait_baseline
+from tests.polling import wait_for
 from tests.workers import worker_stats
 
 PARAMS = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=40, ignore_eos=True, n=3, logprobs=1)
@@ -75,7 +76,10 @@ def test_disaggregated_choices_equal_whole_engine_and_each_alone(cluster, client
     _wait_baseline(cluster)
     before = _router_generation_tokens(cluster)
     got = client.complete_choices(PROMPT, PARAMS)
-    # the router counts every choice's output tokens, not only the last choice's
+    # the router counts every choice's output tokens, not only the last choice's; it records a
+    # request after writing its last finish (the client may return first): waited for
+    want = before + 3 * PARAMS.max_tokens
+    wait_for(lambda: _router_generation_tokens(cluster) >= want, 10, "the group's tokens counted")
     assert _router_generation_tokens(cluster) - before == 3 * PARAMS.max_tokens
     ref = whole.generate_choices(PROMPT, PARAMS)
     assert len(got) == 3
