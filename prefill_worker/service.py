@@ -19,6 +19,7 @@ import logging
 import queue
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import grpc
 import torch
@@ -73,6 +74,14 @@ class _ExportOnFinish:
             self._q.put((e, None))
             return
         self._q.put((item, kv))
+
+    def add_failed(self, fut: Future) -> None:
+        """Done-callback of the request's add (``EngineLoop.add_submit``): an add that failed
+        (or never ran) comes to :meth:`get` as its exception, as an engine error would."""
+        if fut.cancelled():
+            self._q.put((CancelledError(f"prefill of {self._rid!r} was not added: cancelled"), None))
+        elif (e := fut.exception()) is not None:
+            self._q.put((e, None))
 
     def get(self) -> tuple[object, KVExport | None]:
         return self._q.get()
@@ -216,7 +225,10 @@ class PrefillServicer:
             return self._prefill_streamed(req, ctx, rid, run_ids, add, t_arrive, group)
         # engine throughput while this request is in it: the engine is busy throughout (ours or others')
         c0, t_added = self.state.engine.prefill_tokens_computed, time.monotonic()
-        q = self.state.loop.add(rid, add, _ExportOnFinish(self.state.engine, rid))
+        q = _ExportOnFinish(self.state.engine, rid)
+        # the add is not waited for (#12: one wait for the engine loop per prefill, not two); an
+        # add that fails (an invalid request) comes through the queue as its exception
+        self.state.loop.add_submit(rid, add, q).add_done_callback(q.add_failed)
         done = {"v": False}
         ctx.add_callback(lambda: None if done["v"] else self.state.loop.abort(rid))
         item, kv = q.get()
