@@ -115,8 +115,6 @@ def test_generous_slo_succeeds_and_feeds_online_correction(goodput, whole):
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     ref = whole.generate(PROMPTS, params)
     time.sleep(FEEDBACK_LOG_INTERVAL_S + 0.3)  # a line held for earlier requests is out by now
-    seen = _router_events(goodput, "policy feedback")
-    before = seen[-1] if seen else {"tpot_samples": 0, "ttft_samples": 0}
     with Client(goodput.router_address, timeout=120) as c:
         got = [c.complete(p, params, ttft_s=60.0, tpot_s=10.0) for p in PROMPTS]
     for p, r, g in zip(PROMPTS, ref, got, strict=True):
@@ -124,6 +122,13 @@ def test_generous_slo_succeeds_and_feeds_online_correction(goodput, whole):
     # the "policy feedback" line comes at most once a second (router.feedback_log): the state
     # after the last request is logged naming it, at once or when the second ends
     last = _event(goodput, "policy feedback", got[-1].request_id, timeout=FEEDBACK_LOG_INTERVAL_S + 5)
+    # the state before them: the last line logged before the first naming one of them (in log
+    # order, not read before they ran: the router's log reaches the test through a pipe, which a
+    # loaded host can delay past the sleep)
+    seen = _router_events(goodput, "policy feedback")
+    ours = {g.request_id for g in got}
+    first_ours = next(i for i, e in enumerate(seen) if e.get("request_id") in ours)
+    before = seen[first_ours - 1] if first_ours else {"tpot_samples": 0, "ttft_samples": 0}
     # 12 tokens each (>= tpot_learn_min_tokens): every request teaches the TPOT correction; their
     # TTFT predictions are far under a quarter of the 60 s SLO, so they do not teach the TTFT
     # factor (ttft_learn_min_share: such errors are per-request overhead, not prefill speed)
