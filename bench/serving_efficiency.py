@@ -155,6 +155,7 @@ def measure_cluster(cl, c: int, n: int, max_tokens: int, prompt_len: int, direct
     decode = pids["decode-0"]
     meter = CpuMeter(pids).start()
     threads0 = sample_threads(decode)
+    mine0 = sample_threads(os.getpid())
     r = asyncio.run(
         sdk_closed_loop(
             cl.router_address,
@@ -169,6 +170,13 @@ def measure_cluster(cl, c: int, n: int, max_tokens: int, prompt_len: int, direct
     )
     cpu = meter.stop()
     threads = thread_split(threads0, sample_threads(decode), r.wall_s)[:2]
+    # the launcher's log pumps (pdserve/launcher.py, threads "log-<process>") run in this process:
+    # the cluster's cost (as in `pdserve serve`), not the client's
+    pumps = {t.native_id for t in threading.enumerate() if t.name.startswith("log-")}
+    mine = thread_split(mine0, sample_threads(os.getpid()), r.wall_s)
+    logs = sum(t.cpu_s for t in mine if t.tid in pumps)
+    cpu["client"] -= logs
+    cpu[LAUNCHER_LOGS] = logs
     per_tok = {k: v / max(r.tokens, 1) * 1e3 for k, v in cpu.items()}
     per_tok["all"] = sum(cpu.values()) / max(r.tokens, 1) * 1e3
     return r, per_tok, threads
@@ -179,6 +187,8 @@ def split_line(t: ThreadSplit, tokens: int) -> str:
     k = 1e3 / max(tokens, 1)
     return f"CPU {t.cpu_s * k:.4f}  waiting for a CPU {t.run_delay_s * k:.4f}  blocked {t.blocked_s * k:.4f}"
 
+
+LAUNCHER_LOGS = "launcher logs"  # the launcher's log-pump threads in the bench's own process
 
 # cluster process name -> bench/grpc_floor.py process name
 FLOOR_NAMES = {
