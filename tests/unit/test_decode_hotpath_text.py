@@ -186,3 +186,60 @@ def test_speculative_last_token_rule():
     o = out([2], False, None)
     OutputText(IncrementalDetokenizer(Tok())).render(o)
     assert o.text_delta == "c"
+
+
+class _ToyTok:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i) for i in ids)
+
+
+def test_loop_queue_renders_after_the_engine_hands_its_detokenizer_over():
+    """decode_worker.service._LoopQueue.take_text: the adder runs, the detokenizer is taken, and
+    every output put on the queue (the inbox's drain) is rendered before any consumer sees it;
+    a failure passes untouched; an engine that keeps the detokenizer (None) leaves text as is."""
+    from decode_worker.service import _LoopQueue
+
+    class Inbox:
+        def put(self, q, item, urgent=True):
+            q.put_nowait(item)
+
+    class Eng:
+        def __init__(self, detok):
+            self.detok, self.added = detok, []
+
+        def take_detokenizer(self, rid):
+            return self.detok
+
+    async def main():
+        q = _LoopQueue(Inbox())
+        eng = Eng(IncrementalDetokenizer(_ToyTok()))
+        assert q.take_text("r", lambda e: e.added.append("r") or 7, False)(eng) == 7 and eng.added == ["r"]
+        o1 = RequestOutput("r", [1, 2], [1, 2], "", "", False, None, 0, 0)
+        o2 = RequestOutput("r", [3], [1, 2, 3], "", "", True, None, 0, 0, stop_reason=3)
+        err = RuntimeError("engine failed")
+        for item in (o1, o2, err):
+            q.put(item)
+        got = [q.get_nowait() for _ in range(3)]
+        assert got == [o1, o2, err]
+        assert (o1.text_delta, o1.text, o2.text_delta, o2.text) == ("bc", "bc", "", "bc")
+        kept = _LoopQueue(Inbox())
+        kept.take_text("k", lambda e: None, False)(Eng(None))
+        o3 = RequestOutput("k", [1], [1], "engine's", "engine's", False, None, 0, 0)
+        kept.put(o3)
+        assert kept.get_nowait().text_delta == "engine's"
+
+    import asyncio
+
+    asyncio.run(main())
+
+
+def test_detok_env_is_checked(monkeypatch):
+    from decode_worker.service import DETOK_ENV, detok_on_loop
+
+    monkeypatch.delenv(DETOK_ENV, raising=False)
+    assert detok_on_loop() is True
+    monkeypatch.setenv(DETOK_ENV, "engine")
+    assert detok_on_loop() is False
+    monkeypatch.setenv(DETOK_ENV, "router")
+    with pytest.raises(ValueError, match="PDSERVE_DECODE_DETOK"):
+        detok_on_loop()
