@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.cluster_load import load_avg, process_cpu_s, tiny_model  # noqa: E402
+from pdserve.launcher import child_env  # noqa: E402
 
 # names each process's threads get from Python's thread names (see _NAME_THREADS), by prefix
 THREAD_KINDS = (
@@ -79,16 +80,12 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
 
 def spawn(args: list[str], site_dir: str, lines: list[str]) -> tuple[subprocess.Popen, dict]:
     """Start ``python *args`` as the launcher does; (process, its ready line)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), site_dir, env.get("PYTHONPATH", "")])
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("OMP_NUM_THREADS", "1")
     p = subprocess.Popen(
         [sys.executable, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env=child_env(site_dir),
         cwd=ROOT,
     )
     ready: dict = {}

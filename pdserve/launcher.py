@@ -428,13 +428,20 @@ def _error_line(lines: list[str]) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+def child_env(*paths: str) -> dict[str, str]:
+    """The environment a launched process gets: this one's, the repository (and ``paths``) first on
+    PYTHONPATH, one OpenMP thread and no tokenizer threads unless already set."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths, env.get("PYTHONPATH", "")])
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
 def _spawn(
     cluster: LocalCluster, name: str, args: list[str], timeout_s: float, stop_on_failure: bool = True
 ) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = child_env()
     p = subprocess.Popen(
         [sys.executable, *args],
         stdout=subprocess.PIPE,
