@@ -46,7 +46,7 @@ from engine.engine_loop import OutputItem, OutputSink
 from engine.llm_engine import LLMEngine
 from kv_store.handle import KVHandle
 from kv_store.transport import choose_transport
-from pdserve.errors import InvalidRequestError, ResourceExhaustedError
+from pdserve.errors import InternalError, InvalidRequestError, ResourceExhaustedError
 from pdserve.metrics import KVPullMetrics
 from pdserve.proto_convert import sampling_from_proto
 from pdserve.tracing import log_event, request_scope
@@ -538,7 +538,12 @@ class _LoopQueue:
 
     def put_nowait(self, item: OutputItem) -> None:  # event loop (the inbox's drain)
         if self._text is not None and not isinstance(item, BaseException):
-            self._text.render(item)
+            try:
+                self._text.render(item)
+            except Exception as e:  # noqa: BLE001 - fails this request only, never the drain's others
+                log.exception("rendering the text of request %s failed", item.request_id)
+                err = InternalError(f"rendering the text of request {item.request_id} failed: {e}")
+                item = err.with_traceback(e.__traceback__)
         if self._sink is not None:
             self._sink(item)
             return

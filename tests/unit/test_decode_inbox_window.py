@@ -185,3 +185,25 @@ def test_a_direct_streams_finish_waits_for_the_timer_but_a_relayed_ones_does_not
     assert len(loop.wakeups) == 1  # a relayed finish: at once
     loop.run_wakeup()
     assert _drained(relayed) == [5, 6]
+
+
+def test_a_text_rendering_failure_fails_its_own_stream_only() -> None:
+    """A request whose text the event loop renders (``_LoopQueue.take_text``) and whose rendering
+    raises gets an InternalError naming it as its item; the other streams of the same drain still
+    get theirs, in order."""
+    from decode_worker.service import _LoopInbox, _LoopQueue
+    from pdserve.errors import InternalError
+
+    class _Broken:
+        def render(self, out) -> None:
+            raise RuntimeError("bad token id")
+
+    loop = _Loop()
+    inbox = _LoopInbox(loop, 0.0)  # type: ignore[arg-type]
+    broken, fine = _LoopQueue(inbox), _LoopQueue(inbox)
+    broken._text = _Broken()  # type: ignore[assignment]
+    _step(inbox, [(broken, _out("b", 1)), (fine, _out("f", 2)), (fine, _out("f", 3, finished=True))])
+    loop.run_wakeup()
+    err = broken.get_nowait()
+    assert isinstance(err, InternalError) and "request b" in str(err) and "bad token id" in str(err)
+    assert _drained(fine) == [2, 3]
