@@ -240,6 +240,36 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(seq)
 
 
+# every body field each endpoint reads (mapped, or refused unless neutral: _refuse_unsupported);
+# any other field is refused by name (_refuse_unknown), never dropped
+_SHARED_FIELDS = frozenset(
+    {
+        "model", "stream", "stream_options", "user", "priority", "ttft_slo_s", "tpot_slo_s",
+        "max_tokens", "temperature", "top_p", "min_p", "repetition_penalty", "seed", "top_k",
+        "min_tokens", "ignore_eos", "stop", "stop_token_ids", "n", "best_of", "logprobs",
+        "presence_penalty", "frequency_penalty", "logit_bias",
+    }
+)  # fmt: skip
+_FIELDS = {
+    ApiKind.COMPLETION: _SHARED_FIELDS | {"prompt", "echo", "suffix"},
+    ApiKind.CHAT: _SHARED_FIELDS
+    | {"messages", "max_completion_tokens", "top_logprobs", "tools", "functions", "response_format"},
+}
+_STREAM_OPTIONS = frozenset({"include_usage"})
+
+
+def _refuse_unknown(body: Mapping[str, Any], known: frozenset[str], where: str = "") -> None:
+    """FieldError naming the first field of ``body`` not in ``known`` (a JSON null counts as
+    absent, as everywhere here): an unmapped field would otherwise be silently ignored."""
+    unknown = sorted(k for k, v in body.items() if k not in known and v is not None)
+    if unknown:
+        name = f"{where}{unknown[0]}"
+        raise FieldError(
+            f"'{name}' is not supported by pdserve on this endpoint (supported: {', '.join(sorted(known))})",
+            name,
+        )
+
+
 def _refuse_unsupported(body: Mapping[str, Any], kind: ApiKind) -> None:
     """Fields pdserve does not implement: refused (400) unless they carry their neutral value.
     (``best_of`` exists on /v1/completions only, as in OpenAI's API: refused on chat unless 1.)"""
@@ -315,6 +345,7 @@ def _common(body: Mapping[str, Any], kind: ApiKind) -> dict[str, Any]:
     """Fields shared by both endpoints, except prompt/messages and sampling."""
     if not isinstance(body, Mapping):
         raise FieldError("the request body must be a JSON object")
+    _refuse_unknown(body, _FIELDS[kind])
     _refuse_unsupported(body, kind)
     model = _str(body, "model")
     stream = bool(_bool(body, "stream"))
@@ -325,6 +356,7 @@ def _common(body: Mapping[str, Any], kind: ApiKind) -> dict[str, Any]:
             raise FieldError("'stream_options' is only allowed when 'stream' is true", "stream_options")
         if not isinstance(so, dict):
             raise FieldError("'stream_options' must be an object", "stream_options")
+        _refuse_unknown(so, _STREAM_OPTIONS, "stream_options.")
         include_usage = bool(_bool(so, "include_usage"))
     return {
         "model": model or None,

@@ -537,3 +537,38 @@ def test_cli_subcommand_parses():
     a = build_parser().parse_args(argv)
     assert a.func is openai_cli.run and (a.router, a.host, a.port) == ("10.0.0.1:50051", "127.0.0.1", 0)
     assert openai_cli.add_arguments  # python -m pdserve.openai_api uses the same arguments
+
+
+@pytest.mark.parametrize(
+    ("parse", "body", "param"),
+    [
+        # OpenAI fields of the other endpoint: accepted before, then dropped (silently wrong output)
+        (parse_completion, {"prompt": "x", "max_completion_tokens": 4}, "max_completion_tokens"),
+        (parse_completion, {"prompt": "x", "logprobs": 1, "top_logprobs": 3}, "top_logprobs"),
+        (parse_chat, {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
+        # fields pdserve does not implement, and typos
+        (
+            parse_chat,
+            {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+            "tool_choice",
+        ),
+        (parse_completion, {"prompt": "x", "skip_special_tokens": False}, "skip_special_tokens"),
+        (parse_completion, {"prompt": "x", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
+        (parse_completion, {"prompt": "x", "max_token": 4}, "max_token"),
+        (
+            parse_completion,
+            {"prompt": "x", "stream": True, "stream_options": {"continuous_usage_stats": True}},
+            "stream_options.continuous_usage_stats",
+        ),
+    ],
+)
+def test_unknown_fields_are_refused_by_name(parse, body, param):
+    """A body field the translation does not map is refused (400) naming it, never dropped."""
+    with pytest.raises(FieldError) as ei:
+        parse(body)
+    assert ei.value.param == param and param.rsplit(".", 1)[-1] in ei.value.message
+
+
+def test_unknown_field_with_null_value_counts_as_absent():
+    """As every field here: an explicit JSON null is absent (clients that send every field)."""
+    assert parse_completion({"prompt": "x", "suffix": None, "tool_choice": None}).params.max_tokens == 16
