@@ -492,11 +492,35 @@ def _log_placement_terms(generate: GenerateServicer) -> None:
     policy.on_decision = lambda t: log_event(log, "placement terms", **t.to_dict())
 
 
+def _goodput_only_flags(a: argparse.Namespace) -> None:
+    """``ValueError`` naming the first goodput-policy flag given a value other than its default
+    while ``--policy`` is another one: only the goodput policy reads them (GoodputConfig), so any
+    other policy would run without them (e.g. no per-tenant quota for --tenant-max-inflight)."""
+    if parse_policy(a.policy) is PolicyKind.GOODPUT:
+        return
+    g = GoodputConfig()
+    for flag, value, default in (
+        ("--slo-margin", a.slo_margin, g.slo_margin),
+        ("--priority-margin-step", a.priority_margin_step, g.priority_margin_step),
+        ("--tenant-max-inflight", a.tenant_max_inflight, None),
+        ("--local-prefill-max-tokens", a.local_prefill_max_tokens, g.local_prefill_max_tokens),
+        ("--price-handoff", a.price_handoff, False),
+        ("--shared-cores", a.shared_cores, None),
+    ):
+        if value != default:
+            raise ValueError(
+                f"{flag} is read by the goodput placement policy only, and --policy is {a.policy}: "
+                f"drop {flag}, or use --policy goodput"
+            )
+
+
 def _configs(a: argparse.Namespace, goodput: GoodputConfig) -> list[RouterConfig]:
     """One RouterConfig per ``--model`` (same options, own model path and id); ``ValueError``
-    names a bad combination: ``--model-id`` counts that do not match, duplicate ids, and the
+    names a bad combination: ``--model-id`` counts that do not match, duplicate ids, the
     options that name one model's things (``--latency-profile``, ``--store``) or that a router
-    serving several models does not support (``--direct-streams``)."""
+    serving several models does not support (``--direct-streams``), and goodput-policy flags
+    under another ``--policy`` (:func:`_goodput_only_flags`)."""
+    _goodput_only_flags(a)
     paths = list(a.model)
     ids = list(a.model_id or [])
     if ids and len(ids) != len(paths):

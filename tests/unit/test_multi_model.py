@@ -256,3 +256,30 @@ def test_pdserve_serve_several_models_with_per_model_counts(monkeypatch) -> None
     assert cli.main(["serve", "--tls", "off", "--model", "a", "--model", "b", "--decode", "1,2,3"]) == 2
     assert cli.main(["serve", "--tls", "off", "--model", "a", "--model", "b", "--lora", "x=/ad/x"]) == 2
     assert "spec" not in seen  # refused before launching
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--tenant-max-inflight", "2"],
+        ["--slo-margin", "0.3"],
+        ["--priority-margin-step", "0.2"],
+        ["--local-prefill-max-tokens", "0"],
+        ["--price-handoff"],
+        ["--shared-cores", "2"],
+    ],
+)
+def test_router_cli_refuses_goodput_flags_under_another_policy(flags) -> None:
+    """Only the goodput policy reads these (GoodputConfig): under another --policy they were
+    accepted and dropped (a --tenant-max-inflight quota never enforced); now refused by name."""
+    from router.__main__ import _configs, build_parser
+    from router.policy import GoodputConfig
+
+    ap = build_parser()
+    for policy in ("least_loaded", "round_robin", "cache_aware", "colocated"):
+        with pytest.raises(ValueError, match=f"{flags[0]} is read by the goodput placement policy only"):
+            _configs(ap.parse_args(["--model", "/m/one", "--policy", policy, *flags]), GoodputConfig())
+    (cfg,) = _configs(ap.parse_args(["--model", "/m/one", "--policy", "goodput", *flags]), GoodputConfig())
+    assert cfg.policy is PolicyKind.GOODPUT
+    (cfg,) = _configs(ap.parse_args(["--model", "/m/one", "--policy", "least_loaded"]), GoodputConfig())
+    assert cfg.policy is PolicyKind.LEAST_LOADED  # the defaults are not "given"
