@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,18 +192,29 @@ def run_streams(
 
 
 # ------------------------------------------------------------------------------- closed loop (SDK)
+@dataclass(frozen=True)
+class RequestTiming:
+    """One request of a closed-loop run as its client saw it (monotonic seconds): when it was
+    sent, when each message arrived with how many tokens, and when its call ended."""
+
+    start: float
+    messages: tuple[tuple[float, int], ...]
+    end: float
+
+
 @dataclass
 class LoadResult:
     """A closed-loop run: ``requests`` finished, ``tokens`` received, ``wall_s`` from the first
     request to the last token, failures by error name (empty when all succeeded) and, when
     asked for, ``(monotonic time, tokens, first message of its request)`` of every message
-    received."""
+    received and each successful request's :class:`RequestTiming`."""
 
     requests: int
     tokens: int
     wall_s: float
     failures: dict[str, int]
     arrivals: list[tuple[float, int, bool]]
+    timings: list[RequestTiming] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -234,6 +245,7 @@ async def sdk_closed_loop(
     tokens = 0
     failures: dict[str, int] = {}
     arrivals: list[tuple[float, int, bool]] = []
+    timings: list[RequestTiming] = []
     async with AsyncClient(address, timeout=timeout_s, direct=direct) as client:
 
         async def worker() -> None:
@@ -242,6 +254,8 @@ async def sdk_closed_loop(
                 i = next_i
                 next_i += 1
                 first = True
+                start = time.monotonic()
+                seen: list[tuple[float, int]] = []
                 try:
                     async for c in client.generate(
                         prompt_ids(offset + i, prompt_len),
@@ -251,8 +265,12 @@ async def sdk_closed_loop(
                     ):
                         tokens += len(c.token_ids)
                         if record_arrivals:
-                            arrivals.append((time.monotonic(), len(c.token_ids), first))
+                            now = time.monotonic()
+                            arrivals.append((now, len(c.token_ids), first))
+                            seen.append((now, len(c.token_ids)))
                         first = False
+                    if record_arrivals:
+                        timings.append(RequestTiming(start, tuple(seen), time.monotonic()))
                 except Exception as e:  # noqa: BLE001 - counted, the run goes on
                     failures[type(e).__name__] = failures.get(type(e).__name__, 0) + 1
                 if progress is not None:
@@ -261,7 +279,7 @@ async def sdk_closed_loop(
         t0 = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.monotonic() - t0
-    return LoadResult(total_requests, tokens, wall, failures, arrivals)
+    return LoadResult(total_requests, tokens, wall, failures, arrivals, timings)
 
 
 # ------------------------------------------------------------------------------- engine alone

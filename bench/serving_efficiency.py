@@ -19,14 +19,19 @@ worker's two busiest threads (its engine loop, its event loop) split into CPU, w
 and blocked (:mod:`bench.thread_meter`; blocked: waiting for the GIL, or for work), with the
 router's target (<= 0.02 ms/token: PASS/FAIL), the tokens per message the clients received (the decode workers' coalescing:
 ``--stream-interval`` / ``--stream-window-ms``), the CPU milliseconds per request of every process,
-and the machine's load average beside each figure. After each direct run (``--floor on``), the gRPC
+and the machine's load average beside each figure. Each concurrency runs ``--repeats`` times (an
+embedded run, then the cluster's per mode; on a shared 2-core host the ratio of two runs swings by
+0.1 or more): the verdicts are on the median ratio and the median router CPU per token, and the
+detailed figures are the median repeat's, with where the cluster's requests spent their time as
+the client saw it (:mod:`bench.request_phases`: time to the first token, to the second message,
+the pace after it, the share of a request's life outside streaming). After each direct run (``--floor on``), the gRPC
 floor of the same run (:mod:`bench.grpc_floor`: the bare grpc.aio calls and messages of one direct
 request between the same processes, no work) beside each process's CPU per request. Both runs use the cores this
 process may use (``--cpus`` pins this process and so every process it starts to a set).
 A progress line (requests done) goes to stderr.
 
 Usage: python bench/serving_efficiency.py [--streams 64,256] [--requests-per-stream 4]
-       [--max-tokens 32] [--prompt-len 8] [--stream-interval 1] [--stream-window-ms MS]
+       [--max-tokens 32] [--repeats 3] [--prompt-len 8] [--stream-interval 1] [--stream-window-ms MS]
        [--modes relay,direct] [--floor on|off] [--cpus 0,1] [--out PATH]
 """
 
@@ -36,6 +41,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -55,6 +61,7 @@ from bench.cluster_load import (  # noqa: E402
     tiny_model,
     torch_threads,
 )
+from bench.request_phases import Phases, phases_lines, request_phases  # noqa: E402
 from bench.thread_meter import ThreadSplit, sample_threads, thread_split  # noqa: E402
 
 RATIO_TARGET = 0.8
@@ -95,6 +102,8 @@ class EfficiencyResult:
     # then its event loop), each split into CPU / waiting for a CPU / blocked (bench.thread_meter)
     engine_thread: ThreadSplit | None = None
     decode_threads: list[ThreadSplit] = field(default_factory=list)
+    repeat: int = 0  # which of --repeats (each an embedded run and a cluster run per mode)
+    phases: Phases | None = None  # where the cluster's requests spent their time (client side)
 
     def cpu_ms_per_request(self) -> dict[str, float]:
         """CPU ms per request of each process (per token x tokens per request)."""
@@ -215,6 +224,28 @@ def measure_floor_for(c: int, n: int, r, max_tokens: int) -> tuple[dict[str, flo
     return dict(f.cpu_ms_per_request), load
 
 
+def _positive(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def grouped(results: list[EfficiencyResult]) -> list[list[EfficiencyResult]]:
+    """The results by (streams, mode), in the order each first appears; each group's repeats in
+    run order."""
+    groups: dict[tuple[int, str], list[EfficiencyResult]] = {}
+    for r in results:
+        groups.setdefault((r.streams, r.mode), []).append(r)
+    return list(groups.values())
+
+
+def median_result(group: list[EfficiencyResult]) -> EfficiencyResult:
+    """The repeat whose ratio is the median (the lower middle one of an even count)."""
+    ranked = sorted(group, key=lambda r: r.ratio)
+    return ranked[(len(ranked) - 1) // 2]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pdserve import cli_help
 
@@ -224,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--streams", default="64,256", help="comma-separated concurrencies")
     ap.add_argument("--requests-per-stream", type=int, default=4, help="requests per stream (closed loop)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
+    ap.add_argument(
+        "--repeats",
+        type=_positive,
+        default=3,
+        help="repeats per concurrency, each an embedded run then the cluster's (the ratio between two "
+        "runs on a shared 2-core host swings by 0.1 or more): the verdict is on the median",
+    )
     ap.add_argument("--prompt-len", type=int, default=8, help="prompt tokens per request")
     ap.add_argument(
         "--engine-threads",
@@ -295,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             router_args=("--direct-streams",) if "direct" in modes else (),
         )
         with launch(spec) as cl:
-            for c in sizes:
+            for c, rep in ((c, rep) for c in sizes for rep in range(a.repeats)):
                 n = c * a.requests_per_stream
                 load_e = load_avg()
                 e_tok, e_wall, e_cpu, e_thread = measure_engine(
@@ -307,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                         cl, c, n, a.max_tokens, a.prompt_len, direct=mode == "direct"
                     )
                     floor, load_f = {}, ""
-                    if mode == "direct" and a.floor == "on":
+                    if mode == "direct" and a.floor == "on" and rep == 0:
                         floor, load_f = measure_floor_for(c, n, r, a.max_tokens)
                     results.append(
                         EfficiencyResult(
@@ -328,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                             load_f,
                             e_thread,
                             d_threads,
+                            rep,
+                            request_phases(r.timings),
                         )
                     )
     print(
@@ -338,12 +378,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{a.engine_threads} torch thread(s) (each worker: 1)"
     )
     ok = True
-    for r in results:
+    for group in grouped(results):
+        r = median_result(group)
+        ratios = sorted(x.ratio for x in group)
         verdict = "PASS" if r.ratio >= RATIO_TARGET else "FAIL"
-        rt = r.cpu_ms_per_token.get("router", float("nan"))
+        rt = statistics.median(x.cpu_ms_per_token.get("router", float("nan")) for x in group)
         rverdict = "PASS" if rt <= ROUTER_MS_PER_TOKEN_TARGET else "FAIL"
-        ok = ok and verdict == "PASS" and rverdict == "PASS" and not r.cluster_failures
+        failures = [x.cluster_failures for x in group if x.cluster_failures]
+        ok = ok and verdict == "PASS" and rverdict == "PASS" and not failures
         print(f"\n{r.streams} streams, {r.requests} requests, token path {r.mode}:")
+        if len(group) > 1:
+            print(
+                f"  {len(group)} repeats (each an embedded run, then the cluster): ratios "
+                + ", ".join(f"{x.ratio:.3f}" for x in group)
+                + f"; median {r.ratio:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}."
+                f" The figures below are those of the median repeat ({r.repeat + 1})"
+            )
         print(
             f"  embedded: {r.engine_tps:9.0f} tokens/s  ({r.engine_tokens} tokens, {r.engine_wall_s:.2f} s; "
             f"{r.engine_cpu_ms_per_token:.4f} ms CPU/token)  [{r.load_engine}]"
@@ -353,13 +403,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.cluster_tokens / max(r.cluster_messages, 1):.2f} tokens per message)"
             f"  [{r.load_cluster}]"
         )
-        print(f"  ratio cluster/embedded: {r.ratio:.3f}  (target >= {RATIO_TARGET}: {verdict})")
+        print(
+            f"  ratio cluster/embedded: {r.ratio:.3f}"
+            f"{' (median of the repeats)' if len(group) > 1 else ''}  (target >= {RATIO_TARGET}: {verdict})"
+        )
         print(
             f"  CPU-normalised ratio (engine CPU/token / cluster CPU/token, all processes): "
             f"{r.cpu_ratio:.3f}  (load-independent)"
         )
-        if r.cluster_failures:
-            print(f"  cluster failures: {r.cluster_failures}")
+        for x in group:
+            if x.cluster_failures:
+                print(f"  cluster failures (repeat {x.repeat + 1}): {x.cluster_failures}")
         per = "  ".join(f"{k} {v:.4f}" for k, v in r.cpu_ms_per_token.items())
         print(f"  CPU ms per token: {per}")
         if r.engine_thread is not None and r.decode_threads:
@@ -375,12 +429,23 @@ def main(argv: list[str] | None = None) -> int:
                 eng_t.cpu_s / max(r.engine_tokens, 1), 1e-12
             )
             print(f"    decode engine thread CPU / embedded engine CPU per token: {ratio:.2f}x")
-        print(f"  router CPU per token {rt:.4f} ms (target <= {ROUTER_MS_PER_TOKEN_TARGET}: {rverdict})")
+        print(
+            f"  router CPU per token {rt:.4f} ms{' (median of the repeats)' if len(group) > 1 else ''}"
+            f" (target <= {ROUTER_MS_PER_TOKEN_TARGET}: {rverdict})"
+        )
+        if r.phases is not None:
+            print("  the cluster's requests as the client saw them (bench/request_phases.py):")
+            for line in phases_lines(r.phases):
+                print(f"    {line}")
         per_req = r.cpu_ms_per_request()
         print("  CPU ms per request: " + "  ".join(f"{k} {v:.3f}" for k, v in per_req.items()))
-        if r.floor_ms_per_request:
-            f = r.floor_ms_per_request
-            print(f"  gRPC floor (bench/grpc_floor.py, same calls and messages, no work)  [{r.load_floor}]:")
+        fr = next((x for x in group if x.floor_ms_per_request), None)  # measured after repeat 1
+        if fr is not None:
+            f = fr.floor_ms_per_request
+            print(
+                f"  gRPC floor (bench/grpc_floor.py, same calls and messages, no work; after repeat "
+                f"{fr.repeat + 1})  [{fr.load_floor}]:"
+            )
             for k, v in per_req.items():
                 fk = "all" if k == "all" else FLOOR_NAMES.get(k)
                 if fk in f:
