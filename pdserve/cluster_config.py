@@ -758,6 +758,13 @@ def _validate_one(c: ClusterConfig, at: str) -> ClusterConfig:
         )
     if c.index.kind is IndexKind.REDIS and not c.index.url.startswith(("redis://", "rediss://", "unix://")):
         raise _err("index.url", "a redis index needs url: redis://HOST:PORT/DB")
+    if c.index.kind is IndexKind.MEMORY and c.index.url:
+        raise _err(
+            "index.url",
+            "is read with kind: redis only (kind is memory: each store node's private index); "
+            "set index: {kind: redis, url: ...}, or drop url",
+        )
+    _check_goodput_only(r)
     t = c.kv_transfer
     if not 0 <= t.port <= 65535:
         raise _err("kv_transfer.port", f"must be in [0, 65535], got {t.port}")
@@ -796,6 +803,21 @@ _SECTIONS = {
     "kv_transfer": KVTransferConfig,
     "security": SecuritySection,
 }
+
+
+def _check_goodput_only(r: RouterPoolConfig) -> None:
+    """The ``router`` keys only the goodput placement policy reads (its GoodputConfig), refused
+    with a value other than their default under another ``router.policy`` (it would ignore them)."""
+    if r.policy is PolicyKind.GOODPUT:
+        return
+    d = RouterPoolConfig()
+    for k in ("slo_margin", "tenant_max_inflight", "local_prefill_max_tokens", "shared_cores"):
+        if getattr(r, k) != getattr(d, k):
+            raise _err(
+                f"router.{k}",
+                f"is read by the goodput placement policy only (policy is {r.policy.value}): set "
+                f"router.policy: goodput, or drop {k}",
+            )
 
 
 def _check_tenant_state(c: ClusterConfig) -> None:
