@@ -15,7 +15,10 @@ from pdserve.security import add_client_tls_args, client_tls_kwargs
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default=None, help="HF Llama-family folder (default: bundled SmolLM2-135M-Instruct)"
+        "--model",
+        default=None,
+        help="--embedded: HF Llama-family folder (default: bundled SmolLM2-135M-Instruct); a router's "
+        "served model is --model-id",
     )
     p.add_argument("--device", default="cpu", help="--embedded: torch device (cpu, cuda, cuda:N)")
     p.add_argument(
@@ -298,16 +301,55 @@ def _model_pools(paths, prefill: list[int], decode: list[int]) -> tuple:
     return tuple(ModelPool(str(p), n_p, n_d) for p, n_p, n_d in zip(paths, prefill, decode, strict=True))
 
 
+def _engine_flags_given(a: argparse.Namespace) -> list[str]:
+    """The engine flags of ``pdserve generate`` (``_engine_args``, ``--lora``) given a value other
+    than their default: only ``--embedded`` reads them."""
+    given = [
+        ("--model", a.model is not None),
+        ("--device", a.device != "cpu"),
+        ("--dtype", a.dtype != "auto"),
+        ("--kv-blocks", a.kv_blocks is not None),
+        ("--tp", a.tp != 1),
+        ("--lora", bool(a.lora)),
+    ]
+    return [flag for flag, on in given if on]
+
+
+def _client_flags_given(a: argparse.Namespace) -> list[str]:
+    """The request flags of ``pdserve generate`` given a value other than their default: only a
+    request to a router reads them (not ``--embedded``)."""
+    given = [
+        ("--model-id", bool(a.model_id)),
+        ("--address", a.address != DEFAULT_ADDRESS),
+        ("--timeout", a.timeout is not None),
+    ]
+    return [flag for flag, on in given if on]
+
+
 def _cmd_generate(a: argparse.Namespace) -> int:
     if (a.prompt is None) == (a.prompts_file is None):
         print("pdserve generate: give a PROMPT or --prompts-file FILE (one of them)", file=sys.stderr)
         return 2
     if not a.embedded:
-        local = (["--prompts-file"] if a.prompts_file is not None else []) + offload_knobs.given_flags(a)
+        local = (
+            (["--prompts-file"] if a.prompts_file is not None else [])
+            + _engine_flags_given(a)
+            + offload_knobs.given_flags(a)
+        )
         if local:
             print(
                 f"pdserve generate: {local[0]} sets up the engine in this process: it needs --embedded "
-                "(a cluster's workers take it from `pdserve serve` / worker flags)",
+                "(a cluster's workers take it from `pdserve serve` / worker flags; the served model "
+                "to ask a router for is --model-id)",
+                file=sys.stderr,
+            )
+            return 2
+    else:
+        remote = _client_flags_given(a)
+        if remote:
+            print(
+                f"pdserve generate: {remote[0]} is for a request to a router; --embedded runs the engine "
+                "in this process (its model: --model): drop one of them",
                 file=sys.stderr,
             )
             return 2
