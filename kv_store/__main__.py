@@ -165,6 +165,16 @@ def parse_config(argv: list[str] | None = None) -> StoreConfig:
         disk = disk_tier_config(a.disk_tier, a.disk_tier_gib, a.disk_tier_segment_mib)
     except ValueError as e:
         ap.error(str(e))
+    if a.index == "memory":  # a private index: no other node to copy to, nothing to lose state
+        if a.replication_factor > 1:
+            ap.error(
+                f"--replication-factor {a.replication_factor} finds the other store nodes through a "
+                "shared index: it needs --index redis://... (the memory index knows this node only)"
+            )
+        if a.index_sync_interval_s != ap.get_default("index_sync_interval_s"):
+            ap.error(
+                "--index-sync-interval-s probes a Redis index for lost state: it needs --index redis://..."
+            )
     layout = KVLayout(a.model_id, a.num_layers, a.num_kv_heads, a.head_dim, a.dtype, a.block_size)
     return StoreConfig(
         node_id=a.node_id,

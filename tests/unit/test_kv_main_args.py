@@ -51,3 +51,23 @@ def test_bad_values_are_refused(flag: str, value: str, match: str) -> None:
     argv = [*BASE, "--high-water", "0.9", flag, value]
     with pytest.raises(ValueError, match=match):
         parse_config(argv)
+
+
+@pytest.mark.parametrize(
+    ("flags", "why"),
+    [
+        (
+            ["--replication-factor", "2"],
+            "--replication-factor 2 finds the other store nodes through a shared index",
+        ),
+        (["--index-sync-interval-s", "0.2"], "--index-sync-interval-s probes a Redis index"),
+    ],
+)
+def test_shared_index_flags_need_a_redis_index(flags: list[str], why: str, capsys) -> None:
+    """With the memory index (private to this node) replication found no other node and the
+    re-registration probe never ran: both were accepted and dropped; now refused by name."""
+    for index in ([], ["--index", "memory"]):
+        with pytest.raises(SystemExit):
+            parse_config([*BASE, *index, *flags])
+        assert why in capsys.readouterr().err
+    parse_config([*BASE, "--index", "redis://127.0.0.1:6390/0", *flags])  # no connection made
