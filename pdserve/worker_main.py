@@ -206,6 +206,10 @@ def parse_dist_args(argv: list[str]) -> tuple[DistOptions | None, list[str]]:
     ap = dist_parser()
     a, rest = ap.parse_known_args(argv)
     if a.dist_init is None:
+        for dest in ("dist_rank", "dist_world", "dist_backend", "dist_timeout_s", "dist_outbox_bytes"):
+            if getattr(a, dest) != ap.get_default(dest):  # read with a process group only
+                flag = "--" + dest.replace("_", "-")
+                ap.error(f"{flag} needs --dist-init tcp://HOST:PORT (without it KV moves through the store)")
         return None, rest
     if a.dist_rank is None or a.dist_world is None:
         ap.error("--dist-init needs --dist-rank and --dist-world")
@@ -442,6 +446,13 @@ def parse(
         ap.error("--speculative-draft-model needs --speculative-tokens K (the drafts per step)")
     if a.speculative_acceptance != DraftAcceptance.COUPLED.value and not a.speculative_draft_model:
         ap.error("--speculative-acceptance rejection needs --speculative-draft-model")
+    if a.speculative_ngram != ap.get_default("speculative_ngram") and (
+        not a.speculative_tokens or a.speculative_draft_model
+    ):
+        ap.error(
+            "--speculative-ngram sizes prompt-lookup drafting: it needs --speculative-tokens K and no "
+            "--speculative-draft-model"
+        )
     if a.max_model_len is not None and a.max_model_len < 1:
         ap.error(f"--max-model-len must be >= 1, got {a.max_model_len}")
     if not (a.swap_space >= 0 and math.isfinite(a.swap_space)):
@@ -512,6 +523,8 @@ def parse(
             ap.error(str(e))
     elif a.max_cpu_loras is not None:
         ap.error("--max-cpu-loras needs --lora NAME=PATH or --max-lora-rank R")
+    elif a.max_loras != ap.get_default("max_loras"):
+        ap.error("--max-loras needs --lora NAME=PATH or --max-lora-rank R")
     return WorkerConfig(
         worker_id=a.worker_id,
         role=role,
