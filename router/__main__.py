@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         cfgs = _configs(a, goodput)  # one per served model (router.multi_model)
         cfg = cfgs[0]
+        _needs_another_flag(ap, a)
         rebalance = _rebalance_config(a)
         if rebalance.interval_s > 0 and not cfg.migration:
             raise ValueError(
@@ -490,6 +491,35 @@ def _log_placement_terms(generate: GenerateServicer) -> None:
         raise ValueError("--log-placement-terms needs --policy goodput")
     log = logging.getLogger("router.placement")
     policy.on_decision = lambda t: log_event(log, "placement terms", **t.to_dict())
+
+
+def _needs_another_flag(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """``ValueError`` naming the first flag given a value other than its default while the flag
+    that turns its feature on is off (the feature would run without it, or not at all): the
+    rebalancing knobs without ``--rebalance-interval-s``, ``--migration-transport`` with
+    ``--migration off``, ``--kv-stream-chunk-tokens`` with ``--kv-stream off``."""
+    needs = [
+        *(
+            (flag, "--rebalance-interval-s > 0 (rebalancing is off)", a.rebalance_interval_s <= 0)
+            for flag in (
+                "--rebalance-gap",
+                "--rebalance-defrag-wait-s",
+                "--rebalance-max-concurrent",
+                "--priority-headroom-blocks",
+                "--high-priority",
+            )
+        ),
+        ("--migration-transport", "--migration on", a.migration == "off"),
+        (
+            "--kv-stream-chunk-tokens",
+            "--kv-stream grpc, store or dist",
+            a.kv_stream == KVStreamMode.OFF.value,
+        ),
+    ]
+    for flag, other, off in needs:
+        dest = flag[2:].replace("-", "_")
+        if off and getattr(a, dest) != ap.get_default(dest):
+            raise ValueError(f"{flag} is read only with {other}: drop {flag}, or turn it on")
 
 
 def _goodput_only_flags(a: argparse.Namespace) -> None:

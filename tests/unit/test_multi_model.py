@@ -283,3 +283,41 @@ def test_router_cli_refuses_goodput_flags_under_another_policy(flags) -> None:
     assert cfg.policy is PolicyKind.GOODPUT
     (cfg,) = _configs(ap.parse_args(["--model", "/m/one", "--policy", "least_loaded"]), GoodputConfig())
     assert cfg.policy is PolicyKind.LEAST_LOADED  # the defaults are not "given"
+
+
+@pytest.mark.parametrize(
+    ("flags", "why"),
+    [
+        (["--rebalance-gap", "2"], "--rebalance-gap is read only with --rebalance-interval-s > 0"),
+        (
+            ["--rebalance-defrag-wait-s", "-1"],
+            "--rebalance-defrag-wait-s is read only with --rebalance-interval-s",
+        ),
+        (
+            ["--rebalance-max-concurrent", "4"],
+            "--rebalance-max-concurrent is read only with --rebalance-interval",
+        ),
+        (
+            ["--priority-headroom-blocks", "8"],
+            "--priority-headroom-blocks is read only with --rebalance-interval",
+        ),
+        (["--high-priority", "-2"], "--high-priority is read only with --rebalance-interval-s"),
+        (
+            ["--migration", "off", "--migration-transport", "store"],
+            "--migration-transport is read only with --migration on",
+        ),
+        (["--kv-stream-chunk-tokens", "128"], "--kv-stream-chunk-tokens is read only with --kv-stream"),
+    ],
+)
+def test_router_cli_refuses_a_flag_whose_feature_is_off(flags, why) -> None:
+    """These were accepted and dropped when the feature they tune was off (rebalancing, live
+    migration, chunk-wise KV streaming); refused by name now, kept when it is on."""
+    from router.__main__ import _needs_another_flag, build_parser
+
+    ap = build_parser()
+    with pytest.raises(ValueError, match=why):
+        _needs_another_flag(ap, ap.parse_args(["--model", "/m/one", *flags]))
+    _needs_another_flag(ap, ap.parse_args(["--model", "/m/one"]))  # the defaults are not "given"
+    on = ["--rebalance-interval-s", "1", "--kv-stream", "grpc"]
+    if "--migration" not in flags:
+        _needs_another_flag(ap, ap.parse_args(["--model", "/m/one", *on, *flags]))
