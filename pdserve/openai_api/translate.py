@@ -458,8 +458,20 @@ def _messages(body: Mapping[str, Any]) -> tuple[ChatMessage, ...]:
                 f"messages[{i}].role must be one of {roles}, got {_show(m.get('role'))}",
                 f"messages[{i}].role",
             ) from None
+        extra = sorted(k for k, v in m.items() if k not in _MESSAGE_KEYS and v not in (None, "", []))
+        if extra:
+            raise FieldError(
+                f"messages[{i}].{extra[0]} is not supported by pdserve (a message has 'role' and "
+                "'content'; its chat template would not render the field)",
+                f"messages[{i}].{extra[0]}",
+            )
         out.append(ChatMessage(role, _content(m.get("content"), i)))
     return tuple(out)
+
+
+# what a chat message may carry; another key with a value (not null, "" or []: e.g. a previous
+# assistant message sent back with "refusal": null) is refused by name, never dropped
+_MESSAGE_KEYS = frozenset({"role", "content"})
 
 
 def parse_chat(body: Mapping[str, Any], defaults: Defaults = Defaults()) -> GenerateCall:

@@ -572,3 +572,21 @@ def test_unknown_fields_are_refused_by_name(parse, body, param):
 def test_unknown_field_with_null_value_counts_as_absent():
     """As every field here: an explicit JSON null is absent (clients that send every field)."""
     assert parse_completion({"prompt": "x", "suffix": None, "tool_choice": None}).params.max_tokens == 16
+
+
+def test_message_keys_other_than_role_and_content_are_refused_by_name():
+    """A chat message's `name` (or any key but role and content) is not rendered by the chat
+    template: refused naming it, not dropped; null, "" and [] count as absent (a previous
+    assistant message sent back with its null fields)."""
+    with pytest.raises(FieldError) as ei:
+        parse_chat(
+            {"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y", "name": "bob"}]}
+        )
+    assert ei.value.param == "messages[1].name" and "name" in ei.value.message
+    with pytest.raises(FieldError) as ei:
+        parse_chat({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]})
+    assert ei.value.param == "messages[0].tool_calls"
+    call = parse_chat(
+        {"messages": [{"role": "assistant", "content": "x", "refusal": None, "tool_calls": [], "name": ""}]}
+    )
+    assert [m.content for m in call.prompt] == ["x"]
