@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-stream-chunk-tokens",
         type=int,
         default=RouterConfig.kv_stream_chunk_tokens,
-        help="the prefill workers' --chunk, for predictions of a streamed handoff",
+        help="the prefill workers' --chunk, for predictions of a streamed handoff (read only by "
+        "--policy goodput with --price-handoff and --kv-stream on)",
     )
     ap.add_argument(
         "--stall-timeout-s",
@@ -497,7 +498,8 @@ def _needs_another_flag(ap: argparse.ArgumentParser, a: argparse.Namespace) -> N
     """``ValueError`` naming the first flag given a value other than its default while the flag
     that turns its feature on is off (the feature would run without it, or not at all): the
     rebalancing knobs without ``--rebalance-interval-s``, ``--migration-transport`` with
-    ``--migration off``, ``--kv-stream-chunk-tokens`` with ``--kv-stream off``."""
+    ``--migration off``, ``--kv-stream-chunk-tokens`` with ``--kv-stream off`` or without
+    ``--price-handoff``."""
     needs = [
         *(
             (flag, "--rebalance-interval-s > 0 (rebalancing is off)", a.rebalance_interval_s <= 0)
@@ -515,6 +517,8 @@ def _needs_another_flag(ap: argparse.ArgumentParser, a: argparse.Namespace) -> N
             "--kv-stream grpc, store or dist",
             a.kv_stream == KVStreamMode.OFF.value,
         ),
+        # the chunk only prices the handoff (GoodputAwarePolicy._handoff_s returns 0 without it)
+        ("--kv-stream-chunk-tokens", "--price-handoff", not a.price_handoff),
     ]
     for flag, other, off in needs:
         dest = flag[2:].replace("-", "_")
@@ -536,6 +540,8 @@ def _goodput_only_flags(a: argparse.Namespace) -> None:
         ("--local-prefill-max-tokens", a.local_prefill_max_tokens, g.local_prefill_max_tokens),
         ("--price-handoff", a.price_handoff, False),
         ("--shared-cores", a.shared_cores, None),
+        # it prices a streamed handoff (GoodputConfig.handoff_chunk_tokens): goodput's alone
+        ("--kv-stream-chunk-tokens", a.kv_stream_chunk_tokens, RouterConfig.kv_stream_chunk_tokens),
     ):
         if value != default:
             raise ValueError(

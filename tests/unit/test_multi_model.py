@@ -318,6 +318,32 @@ def test_router_cli_refuses_a_flag_whose_feature_is_off(flags, why) -> None:
     with pytest.raises(ValueError, match=why):
         _needs_another_flag(ap, ap.parse_args(["--model", "/m/one", *flags]))
     _needs_another_flag(ap, ap.parse_args(["--model", "/m/one"]))  # the defaults are not "given"
-    on = ["--rebalance-interval-s", "1", "--kv-stream", "grpc"]
+    on = ["--rebalance-interval-s", "1", "--kv-stream", "grpc", "--price-handoff"]
     if "--migration" not in flags:
         _needs_another_flag(ap, ap.parse_args(["--model", "/m/one", *on, *flags]))
+
+
+def test_router_cli_refuses_kv_stream_chunk_tokens_where_no_handoff_is_priced() -> None:
+    """--kv-stream-chunk-tokens feeds GoodputConfig.handoff_chunk_tokens only, which the goodput
+    policy reads only with --price-handoff: under another --policy, or without --price-handoff,
+    it was accepted with --kv-stream on and dropped; refused by name now."""
+    from router.__main__ import _configs, _needs_another_flag, build_parser
+    from router.policy import GoodputConfig
+
+    ap = build_parser()
+    chunk = ["--kv-stream", "grpc", "--kv-stream-chunk-tokens", "128"]
+    for policy in ("least_loaded", "round_robin", "cache_aware", "colocated"):
+        a = ap.parse_args(["--model", "/m/one", "--policy", policy, *chunk])
+        with pytest.raises(
+            ValueError, match="--kv-stream-chunk-tokens is read by the goodput placement policy"
+        ):
+            _configs(a, GoodputConfig())
+        _configs(
+            ap.parse_args(["--model", "/m/one", "--policy", policy, "--kv-stream", "grpc"]), GoodputConfig()
+        )
+    with pytest.raises(ValueError, match="--kv-stream-chunk-tokens is read only with --price-handoff"):
+        _needs_another_flag(ap, ap.parse_args(["--model", "/m/one", *chunk]))
+    a = ap.parse_args(["--model", "/m/one", "--price-handoff", *chunk])
+    _needs_another_flag(ap, a)
+    (cfg,) = _configs(a, GoodputConfig())
+    assert cfg.kv_stream_chunk_tokens == 128
