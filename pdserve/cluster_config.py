@@ -678,6 +678,12 @@ def check_security(c: ClusterConfig) -> ClusterConfig:
             )
         if s.ca or s.cert or s.key:
             raise _err("security.tls", "off, but ca/cert/key given: drop them or set tls: on")
+        d = SecuritySection()
+        for k in ("mtls", "server_name"):  # SecurityConfig reads them with TLS on only
+            if getattr(s, k) != getattr(d, k):
+                raise _err(
+                    f"security.{k}", "is read with TLS on only, and tls is off: drop it or set tls: on"
+                )
         return c
     missing = [k for k in ("ca", "cert", "key", "cluster_token_file") if not getattr(s, k)]
     if missing:

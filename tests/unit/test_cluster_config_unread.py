@@ -37,3 +37,19 @@ def test_goodput_keys_under_another_policy_are_refused(key: str, value: object) 
         from_dict({"model": "/m", "router": {"policy": "least_loaded"}}).router.policy
         is PolicyKind.LEAST_LOADED
     )
+
+
+@pytest.mark.parametrize(("key", "value"), [("mtls", False), ("server_name", "pdserve.internal.example")])
+def test_tls_only_security_keys_with_tls_off_are_refused(key: str, value: object) -> None:
+    """``security.mtls`` / ``security.server_name`` shape the TLS handshake only
+    (SecurityConfig reads them with TLS on): with ``tls: off`` they were accepted and dropped."""
+    from pdserve.cluster_config import check_security
+
+    local = {"model": "/m", "host": "127.0.0.1"}
+    with pytest.raises(InvalidRequestError, match=rf"security\.{key}: is read with TLS on only"):
+        check_security(from_dict({**local, "security": {"tls": "off", key: value}}))
+    off = check_security(from_dict({**local, "security": {"tls": "off"}})).security
+    assert not off.security_config("127.0.0.1").tls_on
+    files = {"ca": "/t/ca.pem", "cert": "/t/s.pem", "key": "/t/s.key", "cluster_token_file": "/t/tok"}
+    c = check_security(from_dict({**local, "security": {"tls": "on", **files, key: value}}))
+    assert getattr(c.security, key) == value
