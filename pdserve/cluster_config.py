@@ -770,6 +770,15 @@ def _validate_one(c: ClusterConfig, at: str) -> ClusterConfig:
             "is read with kind: redis only (kind is memory: each store node's private index); "
             "set index: {kind: redis, url: ...}, or drop url",
         )
+    # open_key_store reads the prefix for a redis:// key store only (a file, or none: dev mode)
+    if r.api_keys_redis_prefix != RouterPoolConfig.api_keys_redis_prefix and not r.api_keys.startswith(
+        ("redis://", "rediss://", "unix://")
+    ):
+        raise _err(
+            "router.api_keys_redis_prefix",
+            f"is read with a redis:// key store only (router.api_keys is {r.api_keys or 'unset'!r}): "
+            "drop it, or set router.api_keys: redis://HOST:PORT/DB",
+        )
     _check_goodput_only(r)
     t = c.kv_transfer
     if not 0 <= t.port <= 65535:

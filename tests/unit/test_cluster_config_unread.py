@@ -53,3 +53,16 @@ def test_tls_only_security_keys_with_tls_off_are_refused(key: str, value: object
     files = {"ca": "/t/ca.pem", "cert": "/t/s.pem", "key": "/t/s.key", "cluster_token_file": "/t/tok"}
     c = check_security(from_dict({**local, "security": {"tls": "on", **files, key: value}}))
     assert getattr(c.security, key) == value
+
+
+def test_api_keys_redis_prefix_without_a_redis_key_store_is_refused() -> None:
+    """``router.api_keys_redis_prefix`` names keys in a redis:// key store only
+    (pdserve.auth.keys.open_key_store): with a key file, or no key store, it was dropped."""
+    for keys in ({"api_keys": "/etc/pdserve/api-keys.yaml"}, {}):
+        with pytest.raises(InvalidRequestError, match=r"router\.api_keys_redis_prefix: is read with a redis"):
+            from_dict({"model": "/m", "router": {**keys, "api_keys_redis_prefix": "team-a:"}})
+    c = from_dict(
+        {"model": "/m", "router": {"api_keys": "redis://r:6379/1", "api_keys_redis_prefix": "team-a:"}}
+    )
+    assert c.router.api_keys_redis_prefix == "team-a:"
+    assert from_dict({"model": "/m", "router": {"api_keys": "/etc/k.yaml"}}).router.api_keys == "/etc/k.yaml"
