@@ -149,6 +149,15 @@ def _cmd_drain(a: argparse.Namespace) -> int:
         print(f"pdserve drain: --timeout-s must be > 0, got {a.timeout_s}", file=sys.stderr)
         return 2
     if a.router:
+        # the Ray deployment's flags: the Admin path dials the routers named, never Ray
+        for flag, given in (("--address", a.address != "auto"), ("--namespace", a.namespace is not None)):
+            if given:
+                print(
+                    f"pdserve drain: {flag} names the Ray deployment, and --router drains through the "
+                    f"routers' Admin service instead: drop {flag}, or drop --router",
+                    file=sys.stderr,
+                )
+                return 2
         from pdserve.security import install_from_args
 
         install_from_args(a._parser, a, None, ())
@@ -179,7 +188,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--router",
         default="",
         help="HOST:PORT[,HOST:PORT...]: drain through these routers' Admin service (every router of "
-        "the cluster; a cluster started without Ray) instead of the Ray deployment",
+        "the cluster; a cluster started without Ray) instead of the Ray deployment (then --address "
+        "and --namespace are refused)",
     )
     _common(d)
     from pdserve.security import add_security_args
