@@ -6,7 +6,8 @@ request happens to run (the real SmolLM2-135M cluster with API keys, loopback):
   prefilled on prefill-0 (and its blocks published to the store);
 * ``local-only``: ``--policy colocated``: every prompt is prefilled on decode-0 itself (the same
   local-prefill path of the decode worker the goodput policy takes for a short prompt; a router
-  needs a prefill worker registered to serve at all, so prefill-0 runs, idle).
+  needs a prefill worker registered to serve at all, so prefill-0 runs, idle). ``--price-handoff``
+  is the goodput policy's and is refused under colocated, so this case runs without it.
 
 Every request's placement is checked (:class:`tests.integration.tenant_cache.Placement`: the
 worker whose prefill counter grew is the pinned one), so the tenant whose prefix is shown cached
@@ -57,7 +58,7 @@ class Pinning:
 
 
 PINNINGS = {
-    "remote-only": Pinning(1, ("--local-prefill-max-tokens", "0"), "prefill-0"),
+    "remote-only": Pinning(1, ("--price-handoff", "--local-prefill-max-tokens", "0"), "prefill-0"),
     "local-only": Pinning(1, ("--policy", "colocated"), "decode-0"),
 }
 
@@ -121,7 +122,6 @@ def pinned(request, smollm_path: Path, tmp_path_factory) -> Iterator[Pinned]:
             router_args=(
                 "--api-keys",
                 str(path),
-                "--price-handoff",
                 "--progress-timeout-s",
                 "0",
                 *pin.router_args,
