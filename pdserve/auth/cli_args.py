@@ -16,6 +16,8 @@ from pdserve.auth.keys import open_key_store
 from pdserve.errors import InvalidRequestError, UnavailableError
 
 ENV_API_KEYS = "PDSERVE_API_KEYS"
+DEFAULT_REDIS_PREFIX = "pdserve:auth:"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what open_key_store opens as Redis
 ENV_SALT_SECRET_FILE = "PDSERVE_SALT_SECRET_FILE"
 
 
@@ -28,7 +30,9 @@ def add_auth_args(p: argparse.ArgumentParser) -> None:
         "none: dev mode (no keys; tenant = the request's tenant/user field; loopback only)",
     )
     p.add_argument(
-        "--api-keys-redis-prefix", default="pdserve:auth:", help="key prefix of a redis:// key store"
+        "--api-keys-redis-prefix",
+        default=DEFAULT_REDIS_PREFIX,
+        help="key prefix of a redis:// key store (refused with a key file or without --api-keys)",
     )
     p.add_argument(
         "--salt-secret-file",
@@ -39,7 +43,13 @@ def add_auth_args(p: argparse.ArgumentParser) -> None:
 
 def edge_from_args(a: argparse.Namespace, host: str, what: str) -> EdgeAuth:
     """The :class:`EdgeAuth` the flags describe for a front end listening on ``host``
-    (:func:`edge_from_config`)."""
+    (:func:`edge_from_config`). InvalidRequestError for ``--api-keys-redis-prefix`` given without a
+    Redis key store (only a Redis store reads it)."""
+    if a.api_keys_redis_prefix != DEFAULT_REDIS_PREFIX and not (a.api_keys or "").startswith(REDIS_SCHEMES):
+        raise InvalidRequestError(
+            f"--api-keys-redis-prefix is read with a redis:// key store only (--api-keys is "
+            f"{a.api_keys or 'unset'!r}): drop it, or give --api-keys redis://HOST:PORT/DB"
+        )
     return edge_from_config(a.api_keys, a.api_keys_redis_prefix, a.salt_secret_file, host, what)
 
 

@@ -96,3 +96,29 @@ def test_edge_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         edge_from_args(ap.parse_args(["--api-keys", str(tmp_path / "none.yaml")]), "127.0.0.1", "r")
     with pytest.raises(InvalidRequestError, match="salt-secret-file"):
         edge_from_args(ap.parse_args(["--salt-secret-file", str(tmp_path / "nope")]), "127.0.0.1", "r")
+
+
+def test_redis_prefix_without_a_redis_key_store_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--api-keys-redis-prefix is read by a redis:// key store only: with a key file, or without
+    --api-keys (dev mode), it is refused naming the flag instead of dropped."""
+    from pdserve.auth.cli_args import add_auth_args, edge_from_args
+
+    monkeypatch.delenv("PDSERVE_API_KEYS", raising=False)
+    ap = argparse.ArgumentParser()
+    add_auth_args(ap)
+    keys = tmp_path / "k.yaml"
+    run("keys", "--store", str(keys), "add", "--tenant", "acme")
+    for argv in (
+        ["--api-keys-redis-prefix", "mine:"],
+        ["--api-keys", str(keys), "--api-keys-redis-prefix", "mine:"],
+    ):
+        with pytest.raises(
+            InvalidRequestError, match="--api-keys-redis-prefix is read with a redis:// key store only"
+        ):
+            edge_from_args(ap.parse_args(argv), "127.0.0.1", "router")
+    # the default prefix, given explicitly, is what every store gets anyway
+    assert not edge_from_args(
+        ap.parse_args(["--api-keys", str(keys), "--api-keys-redis-prefix", "pdserve:auth:"]), "127.0.0.1", "r"
+    ).dev_mode
