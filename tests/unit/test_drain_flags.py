@@ -33,3 +33,20 @@ def test_router_alone_and_ray_flags_alone_still_run(monkeypatch) -> None:
     monkeypatch.setattr(drain_cli, "drain", lambda w, ns, t: out)
     a = cli.build_parser().parse_args(["drain", "decode-3", "--address", "ray://h:1", "--namespace", "ns"])
     assert drain_cli._cmd_drain(a) == 0 and seen[-1] == ("ray://h:1", "ns")
+
+
+@pytest.mark.parametrize("flags", [["--tls", "on"], ["--cluster-token-file", "/tmp/tok"], ["--mtls", "off"]])
+def test_security_flags_without_router_are_refused(flags, capsys, monkeypatch) -> None:
+    """Without --router the drain goes through Ray, which never reads the security flags (they
+    configure the Admin channels to --router's routers): refused naming the flag, before Ray."""
+    from pdserve import ray_cluster
+
+    called: list[object] = []
+    monkeypatch.setattr(ray_cluster, "connect", lambda *a: called.append(a))
+    a = cli.build_parser().parse_args(["drain", "decode-3", *flags])
+    assert drain_cli._cmd_drain(a) == 2
+    assert (
+        f"pdserve drain: {flags[0]} configures the channels to the routers of --router"
+        in capsys.readouterr().err
+    )
+    assert not called
