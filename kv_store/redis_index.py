@@ -57,7 +57,7 @@ from engine.block_hash import BlockHash
 from kv_store.handle import BlockLocation, check_hashes
 from kv_store.index import InMemoryIndex, KVIndex, LookupResult, Tier
 from pdserve.errors import InvalidRequestError, UnavailableError
-from pdserve.redis_access import connect
+from pdserve.redis_access import connect, is_redis_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -473,6 +473,6 @@ def make_index(spec: str, *, prefix: str | None = None) -> KVIndex:
     ``rediss://``, ``unix://``) -> :class:`RedisIndex`."""
     if spec == "memory":
         return InMemoryIndex()
-    if spec.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_url(spec):
         return RedisIndex.from_url(spec, prefix=prefix)
     raise InvalidRequestError(f"KV index spec {spec!r}: use 'memory' or a redis://host:port/db URL")

@@ -67,8 +67,10 @@ from typing import TYPE_CHECKING, Any
 
 from engine.scheduler import SchedulingPolicy
 from pdserve import mlfq_knobs, offload_knobs
+from pdserve.auth.keys import DEFAULT_REDIS_PREFIX
 from pdserve.errors import InvalidRequestError
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend, KVTransport
+from pdserve.redis_access import is_redis_url
 from pdserve.security import CLUSTER_SERVER_NAME, SecurityConfig, TLSMode, is_loopback
 from router.policy.placement import PolicyKind
 
@@ -253,7 +255,7 @@ class RouterPoolConfig:
     # edge auth (``python -m router --api-keys``): a key file on the router's node or a redis:// URL;
     # "" = dev mode, allowed only when ``host`` is loopback (check_security refuses it otherwise)
     api_keys: str = ""
-    api_keys_redis_prefix: str = "pdserve:auth:"
+    api_keys_redis_prefix: str = DEFAULT_REDIS_PREFIX
     salt_secret_file: str = ""  # a secret mixed into every cache salt ("": none)
     verify_workers: bool = True  # registrations checked against the worker's own Stats
     max_worker_kv_blocks: int = 0  # refuse a worker reporting more KV blocks (0: no bound)
@@ -762,7 +764,7 @@ def _validate_one(c: ClusterConfig, at: str) -> ClusterConfig:
         raise _err(
             "router.shared_cores", f"must be >= 0 (0: workers have their own devices), got {r.shared_cores}"
         )
-    if c.index.kind is IndexKind.REDIS and not c.index.url.startswith(("redis://", "rediss://", "unix://")):
+    if c.index.kind is IndexKind.REDIS and not is_redis_url(c.index.url):
         raise _err("index.url", "a redis index needs url: redis://HOST:PORT/DB")
     if c.index.kind is IndexKind.MEMORY and c.index.url:
         raise _err(
@@ -771,9 +773,7 @@ def _validate_one(c: ClusterConfig, at: str) -> ClusterConfig:
             "set index: {kind: redis, url: ...}, or drop url",
         )
     # open_key_store reads the prefix for a redis:// key store only (a file, or none: dev mode)
-    if r.api_keys_redis_prefix != RouterPoolConfig.api_keys_redis_prefix and not r.api_keys.startswith(
-        ("redis://", "rediss://", "unix://")
-    ):
+    if r.api_keys_redis_prefix != RouterPoolConfig.api_keys_redis_prefix and not is_redis_url(r.api_keys):
         raise _err(
             "router.api_keys_redis_prefix",
             f"is read with a redis:// key store only (router.api_keys is {r.api_keys or 'unset'!r}): "

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from pdserve.auth.keys import KeyStore, issue_key, open_key_store, revoke_key
+from pdserve.auth.keys import DEFAULT_REDIS_PREFIX, KeyStore, issue_key, open_key_store, revoke_key
 from pdserve.auth.tenants import TenantPolicy, check_name
 from pdserve.errors import InvalidRequestError
 
@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument(
         "--store", default=None, help=f"key file (YAML/JSON) or redis:// URL (default ${ENV_STORE})"
     )
-    k.add_argument("--redis-prefix", default="pdserve:auth:", help="key prefix in Redis")
+    k.add_argument("--redis-prefix", default=DEFAULT_REDIS_PREFIX, help="key prefix in Redis")
     ks = k.add_subparsers(dest="keys_command", required=True)
     add = ks.add_parser("add", help="create a key for a tenant (prints it once)")
     add.add_argument("--tenant", required=True, help="the tenant the key authenticates as")

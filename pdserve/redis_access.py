@@ -41,6 +41,13 @@ ENV_CA = "PDSERVE_REDIS_CA"
 ENV_CERT = "PDSERVE_REDIS_CERT"
 ENV_KEY = "PDSERVE_REDIS_KEY"
 SCHEMES = ("redis", "rediss", "unix")
+_PREFIXES = tuple(f"{s}://" for s in SCHEMES)
+
+
+def is_redis_url(spec: str) -> bool:
+    """Whether ``spec`` names a Redis server (``redis://``, ``rediss://`` or ``unix://``) rather than
+    a file or a keyword: what every pdserve option that takes either reads as Redis."""
+    return spec.startswith(_PREFIXES)
 
 
 class RedisAccessError(InvalidRequestError):

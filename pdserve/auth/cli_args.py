@@ -12,12 +12,11 @@ import argparse
 import os
 
 from pdserve.auth.edge import EdgeAuth, EdgeConfig, check_listen_address
-from pdserve.auth.keys import open_key_store
+from pdserve.auth.keys import DEFAULT_REDIS_PREFIX, open_key_store
 from pdserve.errors import InvalidRequestError, UnavailableError
+from pdserve.redis_access import is_redis_url
 
 ENV_API_KEYS = "PDSERVE_API_KEYS"
-DEFAULT_REDIS_PREFIX = "pdserve:auth:"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what open_key_store opens as Redis
 ENV_SALT_SECRET_FILE = "PDSERVE_SALT_SECRET_FILE"
 
 
@@ -45,7 +44,7 @@ def edge_from_args(a: argparse.Namespace, host: str, what: str) -> EdgeAuth:
     """The :class:`EdgeAuth` the flags describe for a front end listening on ``host``
     (:func:`edge_from_config`). InvalidRequestError for ``--api-keys-redis-prefix`` given without a
     Redis key store (only a Redis store reads it)."""
-    if a.api_keys_redis_prefix != DEFAULT_REDIS_PREFIX and not (a.api_keys or "").startswith(REDIS_SCHEMES):
+    if a.api_keys_redis_prefix != DEFAULT_REDIS_PREFIX and not is_redis_url(a.api_keys or ""):
         raise InvalidRequestError(
             f"--api-keys-redis-prefix is read with a redis:// key store only (--api-keys is "
             f"{a.api_keys or 'unset'!r}): drop it, or give --api-keys redis://HOST:PORT/DB"

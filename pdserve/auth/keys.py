@@ -51,11 +51,13 @@ from pdserve.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from pdserve.redis_access import is_redis_url
 
 KEY_PREFIX = "pdsk_"
 _KEY_RE = re.compile(r"^pdsk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 _ID_RE = re.compile(r"^pdsk_[0-9a-f]{12}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+DEFAULT_REDIS_PREFIX = "pdserve:auth:"  # where a Redis key store keeps its keys by default
 MAX_KEY_CHARS = 256  # anything longer is refused before hashing
 FILE_VERSION = 1
 _DUMMY_HASH = hashlib.sha256(b"pdserve: no such key").hexdigest()
@@ -419,7 +421,7 @@ class RedisKeyStore:
     def __init__(
         self,
         client: Any,
-        prefix: str = "pdserve:auth:",
+        prefix: str = DEFAULT_REDIS_PREFIX,
         url: str = "redis",
         default_policy: TenantPolicy = TenantPolicy(),
     ) -> None:
@@ -429,7 +431,7 @@ class RedisKeyStore:
         self._default = default_policy
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "pdserve:auth:", **kw: Any) -> RedisKeyStore:
+    def from_url(cls, url: str, prefix: str = DEFAULT_REDIS_PREFIX, **kw: Any) -> RedisKeyStore:
         from pdserve.redis_access import connect, shown
 
         # password and TLS (rediss://) as pdserve.redis_access says; plaintext off loopback refused
@@ -502,8 +504,8 @@ class RedisKeyStore:
         return f"{self._url} (prefix {self.prefix!r})"
 
 
-def open_key_store(spec: str, *, create: bool = False, redis_prefix: str = "pdserve:auth:") -> KeyStore:
+def open_key_store(spec: str, *, create: bool = False, redis_prefix: str = DEFAULT_REDIS_PREFIX) -> KeyStore:
     """A store from a flag value: ``redis://...`` / ``rediss://...`` (Redis) or a file path."""
-    if spec.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_url(spec):
         return RedisKeyStore.from_url(spec, prefix=redis_prefix)
     return FileKeyStore(spec, create=create)

@@ -65,6 +65,7 @@ from pdserve.auth.idempotency import IdempotencyTable, Ticket, id_in_use, new_cl
 from pdserve.auth.quota import Admission, TenantGate, inflight_refusal, rate_refusal
 from pdserve.auth.tenants import Principal
 from pdserve.errors import InvalidRequestError, UnavailableError
+from pdserve.redis_access import is_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -473,9 +474,6 @@ class TenantStateKind(enum.Enum):
     LOCAL = "local"  # this router's memory
 
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-
-
 @dataclass(frozen=True)
 class TenantStateChoice:
     """Pure: where the tenant state lives. ``url``: a Redis URL (shared), or "" (this router's
@@ -493,7 +491,7 @@ def choose_tenant_state(spec: str, index_url: str | None, cluster_routers: int) 
     if cluster_routers < 1:
         raise InvalidRequestError(f"--cluster-routers must be >= 1, got {cluster_routers}")
     s = spec.strip()
-    if s.startswith(REDIS_SCHEMES):
+    if is_redis_url(s):
         return TenantStateChoice(s)
     try:
         kind = TenantStateKind(s.lower())
@@ -503,7 +501,7 @@ def choose_tenant_state(spec: str, index_url: str | None, cluster_routers: int) 
         ) from None
     if cluster_routers == 1:
         return TenantStateChoice("")  # one router: its memory is the whole cluster's state
-    if kind is TenantStateKind.AUTO and index_url and index_url.startswith(REDIS_SCHEMES):
+    if kind is TenantStateKind.AUTO and index_url and is_redis_url(index_url):
         return TenantStateChoice(index_url)
     multiplied = (
         f"with {cluster_routers} routers each keeping its own tenant state, a tenant gets {cluster_routers} x "
