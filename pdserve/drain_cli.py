@@ -142,18 +142,6 @@ def format_result(out: dict[str, Any]) -> str:
     )
 
 
-def _explicit_security_flags(a: argparse.Namespace) -> list[str]:
-    """The security flags (:func:`pdserve.security.add_security_args`) given on the command line
-    with a value other than their default (the default may come from the environment)."""
-    p: argparse.ArgumentParser = a._parser
-    group = next(g for g in p._action_groups if (g.title or "").startswith("security"))
-    return [
-        act.option_strings[0]
-        for act in group._group_actions
-        if getattr(a, act.dest) != p.get_default(act.dest)
-    ]
-
-
 def _cmd_drain(a: argparse.Namespace) -> int:
     from pdserve import ray_cluster
 
@@ -178,7 +166,9 @@ def _cmd_drain(a: argparse.Namespace) -> int:
     else:
         # the security flags configure the Admin channels of --router; the Ray path talks to the
         # deployment's actors through Ray (its own auth) and never reads them
-        for flag in _explicit_security_flags(a):
+        from pdserve.security import given_security_flags
+
+        for flag in given_security_flags(a._parser, a):
             print(
                 f"pdserve drain: {flag} configures the channels to the routers of --router, and without "
                 "--router the drain goes through the Ray deployment, which never reads it: drop "

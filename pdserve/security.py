@@ -395,10 +395,24 @@ def _add_tls_file_args(
         )
 
 
+_SECURITY_GROUP = "security (TLS, mutual TLS, cluster token; see pdserve/security.py)"
+
+
+def given_security_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[str]:
+    """The flags :func:`add_security_args` added to ``p`` that ``a`` gives a value other than
+    their default (a default may come from the environment: only the command line counts)."""
+    group = next(g for g in p._action_groups if g.title == _SECURITY_GROUP)
+    return [
+        act.option_strings[0]
+        for act in group._group_actions
+        if getattr(a, act.dest) != p.get_default(act.dest)
+    ]
+
+
 def add_security_args(p: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
     """The security flags every pdserve process takes (defaults from the environment)."""
     e = os.environ if env is None else env
-    g = p.add_argument_group("security (TLS, mutual TLS, cluster token; see pdserve/security.py)")
+    g = p.add_argument_group(_SECURITY_GROUP)
     g.add_argument(
         "--tls",
         default=e.get(ENV_TLS, TLSMode.AUTO.value),

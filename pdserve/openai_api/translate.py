@@ -258,10 +258,13 @@ _FIELDS = {
 _STREAM_OPTIONS = frozenset({"include_usage"})
 
 
-def _refuse_unknown(body: Mapping[str, Any], known: frozenset[str], where: str = "") -> None:
-    """FieldError naming the first field of ``body`` not in ``known`` (a JSON null counts as
-    absent, as everywhere here): an unmapped field would otherwise be silently ignored."""
-    unknown = sorted(k for k, v in body.items() if k not in known and v is not None)
+def _refuse_unknown(
+    body: Mapping[str, Any], known: frozenset[str], where: str = "", absent: tuple[Any, ...] = (None,)
+) -> None:
+    """FieldError naming the first field of ``body`` not in ``known`` whose value is not one of
+    ``absent`` (a JSON null, as everywhere here): an unmapped field would otherwise be silently
+    ignored. ``where``: the prefix of the name (``stream_options.``, ``messages[i].``)."""
+    unknown = sorted(k for k, v in body.items() if k not in known and v not in absent)
     if unknown:
         name = f"{where}{unknown[0]}"
         raise FieldError(
@@ -458,19 +461,14 @@ def _messages(body: Mapping[str, Any]) -> tuple[ChatMessage, ...]:
                 f"messages[{i}].role must be one of {roles}, got {_show(m.get('role'))}",
                 f"messages[{i}].role",
             ) from None
-        extra = sorted(k for k, v in m.items() if k not in _MESSAGE_KEYS and v not in (None, "", []))
-        if extra:
-            raise FieldError(
-                f"messages[{i}].{extra[0]} is not supported by pdserve (a message has 'role' and "
-                "'content'; its chat template would not render the field)",
-                f"messages[{i}].{extra[0]}",
-            )
+        _refuse_unknown(m, _MESSAGE_KEYS, f"messages[{i}].", absent=(None, "", []))
         out.append(ChatMessage(role, _content(m.get("content"), i)))
     return tuple(out)
 
 
-# what a chat message may carry; another key with a value (not null, "" or []: e.g. a previous
-# assistant message sent back with "refusal": null) is refused by name, never dropped
+# what a chat message may carry (its chat template renders nothing else); another key with a value
+# (not null, "" or []: e.g. a previous assistant message sent back with "refusal": null) is refused
+# by name, never dropped
 _MESSAGE_KEYS = frozenset({"role", "content"})
 
 
