@@ -3,7 +3,10 @@ the router checks and lists it, and a disaggregated request naming it (prefill w
 decode worker) produces exactly the engine's own output with that adapter; the base model and an
 unknown adapter behave as they must. An adapter loaded at run time (`pdserve adapters load`, the
 routers' Admin service; the cluster token required) is served the same way through either router.
-One cluster (SmolLM2, 1 prefill + 1 decode, 2 routers, TLS) for the module."""
+The OpenAI HTTP server in front lists the adapter in ``/v1/models`` (with its ``parent``) and the
+official ``openai`` client naming it as ``model`` gets the adapter's output.
+One cluster (SmolLM2, 1 prefill + 1 decode, 2 routers, TLS; the goodput policy without local
+prefill, so every request runs disaggregated) for the module."""
 
 from __future__ import annotations
 
@@ -44,6 +47,10 @@ def cluster(smollm_path, adapter):
             worker_args=("--lora", f"sql={adapter}", "--max-lora-rank", "8"),
             tls=True,
             num_routers=2,
+            # goodput placement without local prefill: every request is prefilled on the prefill
+            # worker and decoded on the decode worker (a short prompt would otherwise run whole on
+            # the decode worker, and the handoff with an adapter would go untested here)
+            router_args=("--local-prefill-max-tokens", "0"),
         )
     )
     yield cl
@@ -68,11 +75,25 @@ def _engine_output(smollm_path, adapter, name: str, params: SamplingParams, chat
     return toks
 
 
+def _prefill_worker_stats(cluster):
+    """The prefill worker's Stats (an internal call: TLS client certificate and cluster token)."""
+    from pdserve.security import internal_channel
+    from pdserve.v1 import worker_pb2, worker_pb2_grpc
+
+    with internal_channel(cluster.workers["prefill-0"], cluster.security) as ch:
+        return worker_pb2_grpc.WorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=30)
+
+
 def test_adapter_is_listed_served_exactly_and_unknown_ones_refused(cluster, smollm_path, adapter) -> None:
     params = SamplingParams(max_tokens=16, temperature=0.0)
     with _client(cluster) as c:
         assert list(c.list_adapters().values())[0][:1] == ["sql"]
+        before = _prefill_worker_stats(cluster)
         with_adapter = c.complete(PROMPT, params, adapter="sql").token_ids
+        after = _prefill_worker_stats(cluster)
+        # disaggregated: the prefill worker computed the prompt with the adapter in one of its slots
+        assert after.prefill_tokens_computed_total > before.prefill_tokens_computed_total
+        assert "sql" in after.adapters_in_slot and "sql" not in before.adapters_in_slot
         base = c.complete(PROMPT, params).token_ids
         with pytest.raises(ModelNotFoundError, match="'nope'"):
             c.complete(PROMPT, params, adapter="nope")
@@ -114,3 +135,46 @@ def test_adapter_loaded_at_run_time_is_served_by_every_router(cluster, smollm_pa
     assert workers == load_adapter(
         cluster.router_address, "chat", str(chat_adapter), 180, sec
     )  # retry: no-op
+
+
+def test_openai_client_naming_the_adapter_gets_its_output(cluster, adapter) -> None:
+    """The OpenAI HTTP server in front of the cluster: ``/v1/models`` lists the adapter with its
+    base model as ``parent``; the official client with ``model`` = the adapter's name gets the
+    adapter's output (== the SDK's with ``adapter=``, != the base model's); an unknown name is
+    404 ``model_not_found`` with OpenAI's error shape."""
+    import json
+    import urllib.request
+
+    import openai
+
+    from pdserve.openai_api.server import OpenAIServer, ServerConfig
+
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    with _client(cluster) as c:
+        (base,) = c.list_models()
+        want = c.complete(PROMPT, params, adapter="sql")
+        want_base = c.complete(PROMPT, params)
+    assert want.text != want_base.text
+    srv = OpenAIServer(
+        ServerConfig(router=cluster.router_address, port=0, tls="off", request_timeout_s=120),
+        client_options={"ca": str(cluster.pki.ca)},
+    ).start()
+    oa = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    try:
+        with urllib.request.urlopen(srv.url + "/v1/models", timeout=60) as r:
+            listed = {m["id"]: m.get("parent") for m in json.loads(r.read())["data"]}
+        assert listed.get(base, "absent") is None and listed.get("sql") == base, listed
+        with urllib.request.urlopen(srv.url + "/v1/models/sql", timeout=60) as r:
+            assert json.loads(r.read())["parent"] == base
+        got = oa.completions.create(model="sql", prompt=PROMPT, max_tokens=16, temperature=0)
+        assert got.model == "sql" and got.choices[0].text == want.text
+        got_base = oa.completions.create(model=base, prompt=PROMPT, max_tokens=16, temperature=0)
+        assert got_base.choices[0].text == want_base.text
+        with pytest.raises(openai.NotFoundError, match="nope") as ei:
+            oa.completions.create(model="nope", prompt=PROMPT, max_tokens=4)
+        body = ei.value.body
+        assert set(body) == {"message", "type", "param", "code"}, body
+        assert body["code"] == "model_not_found" and body["param"] == "model"
+    finally:
+        oa.close()
+        srv.close()
