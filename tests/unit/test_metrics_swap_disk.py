@@ -48,3 +48,35 @@ def test_without_a_disk_tier_the_series_are_zero():
     assert value(reg, "pdserve_worker_swap_disk_blocks", state="free", **W) == 0
     assert value(reg, "pdserve_worker_swap_disk_enabled", **W) == 0
     assert value(reg, "pdserve_worker_swap_disk_errors_total", reason="corrupt", **W) == 0
+
+
+def test_worker_metrics_of_a_real_engine_spilling_to_its_disk_tier(tiny_models, tmp_path):
+    """A real engine under memory pressure spills swapped-out KV to its disk tier and promotes it
+    back: the worker's snapshot and the Prometheus families report what its stats counted."""
+    from types import SimpleNamespace
+
+    from pdserve.worker_base import WorkerState
+    from tests.unit.test_engine_disk_tier import GREEDY, _engine, _prompts
+
+    eng = _engine(tiny_models["llama"], tmp_path)
+    try:
+        eng.generate(_prompts(), GREEDY)
+        st = eng.stats()
+        assert st.disk_spilled_blocks > 0 and st.disk_promoted_blocks > 0  # the tier was used
+        fake = SimpleNamespace(
+            engine=eng, finished_total=16, loop=SimpleNamespace(call=lambda fn, timeout_s: fn(eng))
+        )
+        snap = WorkerState.metrics_snapshot(fake)  # type: ignore[arg-type]
+        reg = CollectorRegistry()
+        M.WorkerMetrics(reg, "mixed-0", "mixed", snapshot=lambda: snap)
+        assert value(reg, "pdserve_worker_swap_disk_blocks", state="free", **W) == st.disk_blocks_total == 256
+        assert value(reg, "pdserve_worker_swap_disk_blocks", state="used", **W) == 0  # all came back
+        out = value(reg, "pdserve_worker_swap_disk_transfer_blocks_total", direction="out", **W)
+        assert out == st.disk_spilled_blocks
+        back = value(reg, "pdserve_worker_swap_disk_transfer_blocks_total", direction="in", **W)
+        assert back == st.disk_promoted_blocks
+        assert value(reg, "pdserve_worker_swap_disk_seconds_total", **W) == st.disk_seconds > 0
+        assert value(reg, "pdserve_worker_swap_disk_enabled", **W) == 1
+        assert value(reg, "pdserve_worker_swap_disk_errors_total", reason="corrupt", **W) == 0
+    finally:
+        eng.close()
