@@ -613,3 +613,43 @@ def test_concurrent_reads_of_overlapping_disk_blocks_all_get_their_bytes(tmp_pat
         assert store.stats().disk.checksum_failures == 0  # type: ignore[union-attr]
     finally:
         store.close()
+
+
+class CountingFiles(OsFileLayer):
+    """The OS file layer, counting appends and fsyncs."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.fsyncs = 0
+
+    def write(self, fd: int, parts) -> None:
+        self.writes += 1
+        super().write(fd, parts)
+
+    def fsync(self, fd: int) -> None:
+        self.fsyncs += 1
+        super().fsync(fd)
+
+
+def test_no_fsync_per_block_only_per_sealed_segment(tmp_path: Path) -> None:
+    """Demotion appends without an fsync per block (or per write): a segment is fsynced once,
+    when it is sealed (full, or at close)."""
+    files = CountingFiles()
+    store = make_store(tmp_path, capacity_blocks=1, files=files, segment=16 * REC)
+    try:
+        hs, data = blocks(25)
+        for h, d in zip(hs, data, strict=True):
+            store.put_block(h, d)
+            assert store.disk is not None and store.disk.flush()  # one append per block
+        assert files.writes >= 24  # 24 demoted blocks, written one at a time (+ segment headers)
+        # 24 blocks in 16-record segments: the first segment was sealed full, the second is open
+        assert len(segments(tmp_path)) == 2 and files.fsyncs == 1
+    finally:
+        store.close()
+    assert files.fsyncs == 2  # the second segment, sealed at close
+    again = make_store(tmp_path, capacity_blocks=1)
+    try:
+        assert again.stats().disk.recovered_blocks == 24  # type: ignore[union-attr]
+        assert again.get_block(hs[23]) == data[23]
+    finally:
+        again.close()
