@@ -154,8 +154,28 @@ def test_mixed_batch_equals_each_alone(tiny):
     )
     names = ["", *paths]
     reqs = [(prompts[i % len(prompts)], names[i % len(names)]) for i in range(10)]
+    # what each forward held: the adapters ("" = base) of its prefill chunks and of its decodes
+    steps: list[tuple[set[str], set[str]]] = []
+    begin = eng.lora.begin_step
+
+    def recording(scheduled):
+        pre = {
+            s.request.adapter_id
+            for s in scheduled
+            if s.start + s.num_new_tokens <= len(s.request.prompt_token_ids)
+        }
+        dec = {s.request.adapter_id for s in scheduled} - pre
+        steps.append((pre, dec))
+        return begin(scheduled)
+
+    eng.lora.begin_step = recording
     together = _run(eng, reqs, PARAMS)
+    eng.lora.begin_step = begin
     mixed_steps = eng.num_steps
+    # one forward served every adapter and the base model together, and some forward mixed one
+    # adapter's prefill chunk with other adapters' decodes (chunked prefill)
+    assert any(len(pre | dec) == len(names) for pre, dec in steps), steps
+    assert any(pre and dec and len(pre | dec) >= 3 for pre, dec in steps), steps
     for req, out in zip(reqs, together, strict=True):
         alone = _run(eng, [req], PARAMS)[0]
         assert out.token_ids == alone.token_ids, req[1]
