@@ -653,3 +653,46 @@ def test_no_fsync_per_block_only_per_sealed_segment(tmp_path: Path) -> None:
         assert again.get_block(hs[23]) == data[23]
     finally:
         again.close()
+
+
+class GatedReads(OsFileLayer):
+    """The OS file layer whose block reads wait until ``gate`` is set (at most 5 s)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.gate = threading.Event()
+        self.reads = 0
+
+    def read_into(self, path: str, offset: int, dest: memoryview) -> int:
+        self.reads += 1
+        self.gate.wait(5.0)
+        return super().read_into(path, offset, dest)
+
+
+def test_lookup_returns_before_its_promotion_reads_the_disk(tmp_path: Path) -> None:
+    """A Lookup that finds disk blocks starts their promotion and returns without waiting for it:
+    the disk reads are still blocked when it has returned, and the blocks arrive in DRAM once they
+    finish."""
+    index = InMemoryIndex()
+    files = GatedReads()
+    store = make_store(tmp_path, index=index, files=files)
+    try:
+        hs, data = blocks(6)
+        for h, d in zip(hs, data, strict=True):
+            store.put_block(h, d)
+        assert store.disk is not None and store.disk.flush()
+        t0 = time.monotonic()
+        r = store.lookup(hs[:2])
+        took = time.monotonic() - t0
+        assert r.num_prefix_blocks == 2 and r.disk_blocks_by_node() == {"n0": 2}
+        assert took < 2.0  # did not wait for the (gated, up to 5 s) reads
+        wait_for(lambda: files.reads >= 1)  # the promotion has started reading in the background
+        assert store.node.slot_of(hs[0]) is None and store.node.slot_of(hs[1]) is None
+        files.gate.set()
+        wait_for(lambda: store.node.slot_of(hs[0]) is not None and store.node.slot_of(hs[1]) is not None)
+        assert tiers_of(index, hs[:2]) == [Tier.DRAM, Tier.DRAM]
+        assert store.get_block(hs[0]) == data[0]
+    finally:
+        files.gate.set()
+        store.close()
