@@ -262,7 +262,8 @@ class EngineConfig:
         if self.offline_batch:
             if self.weight_memory_budget_bytes is None and self.device_memory_budget_bytes is None:
                 raise ValueError(
-                    "offline_batch=True sizes the batch for offloaded weights: set weight_memory_budget_bytes"
+                    "offline_batch=True sizes the batch for offloaded weights: set weight_memory_budget_bytes "
+                    "or device_memory_budget_bytes"
                 )
             if self.scheduling_policy is SchedulingPolicy.MLFQ:
                 raise ValueError(

@@ -96,7 +96,7 @@ def test_offline_batch_bounded_by_the_kv_pool(deep_llama, monkeypatch):
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        (dict(offline_batch=True), "set weight_memory_budget_bytes"),
+        (dict(offline_batch=True), "set weight_memory_budget_bytes or device_memory_budget_bytes"),
         (
             dict(offline_batch=True, weight_memory_budget_bytes=1, scheduling_policy=SchedulingPolicy.MLFQ),
             "scheduling_policy 'mlfq'",
