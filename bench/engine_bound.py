@@ -18,22 +18,27 @@ and llama.cpp on the same model and precision as a peer, all measured in this ru
    over every step, and the spread is the range of the repetitions' medians.
 2. Prefill: one prompt of 256 and 1024 tokens through ``LLMEngine.step()`` (one chunk) vs
    FLOPs / matmul FLOP/s. Target <= 1.5x.
-3. Peer (``--llama-cpp DIR``: llama.cpp's source folder, from the llama-cpp-python 0.3.36 sdist,
-   with ``libllama`` built in ``build/bin``; ``--gguf``: the same model converted to an fp32 GGUF):
-   a minimal C decode loop over libllama (:data:`PEER_SOURCE`, compiled here) at the same batches and
-   contexts (f32 KV, the same thread count), and pdserve's tokens/s beside it. Target: pdserve above
-   llama.cpp at batch >= 8, within 1.3x of its step latency at batch 1. Without a build the section
-   says so.
+3. Peer: llama.cpp on the same model and precision. ``--llama-cpp DIR`` is llama.cpp's source
+   folder with ``libllama`` built in ``build/bin``, ``--gguf`` the same model as an fp32 GGUF; by
+   default both are the cached ones that ``bench/llama_cpp_peer.py`` makes (llama.cpp built once from
+   the llama-cpp-python 0.3.36 sdist, and pdserve's own de-quantised SmolLM2 weights written as F32),
+   and when they are missing this bench builds them first (minutes on 2 cores; needs cmake and a
+   C/C++ compiler, and PyPI the first time). ``--no-peer`` skips the section and the build; explicit
+   ``--llama-cpp`` / ``--gguf`` paths are used as given, never built. A minimal C decode loop over
+   libllama (:data:`PEER_SOURCE`, compiled here) runs at the same batches and contexts (f32 KV, the
+   same thread count), and pdserve's tokens/s is printed beside it. Target: pdserve above llama.cpp
+   at batch >= 8, within 1.3x of its step latency at batch 1. A failed build is reported (naming
+   what failed) and the bench exits 1.
 
 Usage: python bench/engine_bound.py [--model PATH] [--batches 1,8,32] [--contexts 256,2048]
-       [--steps 12] [--reps 3] [--llama-cpp LLAMA_CPP_SRC --gguf FILE] [--weight-dtype int8] [--quick]
+       [--steps 12] [--reps 3] [--llama-cpp LLAMA_CPP_SRC --gguf FILE | --no-peer] [--weight-dtype int8]
+       [--quick]   (or ./dev bench engine_bound [ARGS])
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import statistics
 import subprocess
 import sys
@@ -46,6 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import llama_cpp_peer  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -379,19 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--llama-cpp",
         type=Path,
-        default=Path(
-            os.environ.get(
-                "PDSERVE_LLAMA_CPP",
-                Path.home() / ".cache/pdserve/llama_cpp/llama_cpp_python-0.3.36/vendor/llama.cpp",
-            )
-        ),
-        help="llama.cpp source folder with a CMake build in build/ (libllama built; default: %(default)s)",
+        default=llama_cpp_peer.default_src(),
+        help="llama.cpp source folder with a CMake build in build/ (libllama built; default, built by "
+        "bench/llama_cpp_peer.py when missing: %(default)s)",
     )
     ap.add_argument(
         "--gguf",
         type=Path,
-        default=Path.home() / ".cache/pdserve/llama_cpp/smollm2-135m-f32.gguf",
-        help="the same model as an fp32 GGUF for llama.cpp (default: %(default)s)",
+        default=llama_cpp_peer.default_gguf(),
+        help="the same model as an fp32 GGUF for llama.cpp (default, written when missing: %(default)s)",
+    )
+    ap.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="skip the llama.cpp peer (section 3) and the build of its cache",
     )
     ap.add_argument(
         "--weight-dtype",
@@ -449,6 +456,19 @@ def main() -> int:
                 cells = " ".join(f"{ts[n] * 1e3:>18.2f} {base / ts[n]:>5.2f}" for n in names)
                 print(f"{ctx:>5} {b:>5} {cells}", flush=True)
         return 0
+    peer_error = None
+    if not a.no_peer:
+        # the default cache is built here, before any timing (a build loads the cores)
+        defaults = (a.llama_cpp == llama_cpp_peer.default_src(), a.gguf == llama_cpp_peer.default_gguf())
+        have = (llama_cpp_peer.library_missing(a.llama_cpp) is None, a.gguf.is_file())
+        if all(defaults) and not all(have):
+            try:
+                llama_cpp_peer.ensure_peer(a.llama_cpp, a.gguf)
+            except llama_cpp_peer.PeerBuildError as e:
+                peer_error = str(e)
+                print(
+                    f"engine_bound: the llama.cpp peer could not be built: {e}", file=sys.stderr, flush=True
+                )
     probe = _engine(path, 1, 16, 0)
     cfg = probe.runner.model.config
     probe.close()
@@ -511,11 +531,21 @@ def main() -> int:
     print(
         "\n3) peer: llama.cpp (its libllama driven by a minimal decode loop; same model as fp32 GGUF, f32 KV)"
     )
-    lib_dir = a.llama_cpp / "build" / "bin"
-    if not (lib_dir / "libllama.so").is_file() or not a.gguf.is_file():
-        missing = lib_dir / "libllama.so" if not (lib_dir / "libllama.so").is_file() else a.gguf
-        print(f"   not run: {missing} does not exist (build it: see README)")
+    if a.no_peer:
+        print("   not run: --no-peer")
         return 0 if ok else 1
+    if peer_error is not None:
+        print(f"   not run: building the peer failed: {peer_error}")
+        return 1
+    lib_dir = llama_cpp_peer.lib_dir(a.llama_cpp)
+    missing = llama_cpp_peer.library_missing(a.llama_cpp, require_stamp=False)
+    if missing is None and not a.gguf.is_file():
+        missing = f"{a.gguf} does not exist"
+    if missing is not None:
+        print(
+            f"   not run: {missing} (explicit paths are not built; the defaults are: bench/llama_cpp_peer.py)"
+        )
+        return 1
     exe = build_peer(a.llama_cpp, lib_dir)
     print(f"{'ctx':>5} {'batch':>5} {'pdserve tok/s':>14} {'llama.cpp tok/s':>16} {'ratio':>6}  verdict")
     for ctx in contexts:
