@@ -34,25 +34,32 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64)));
+/* VW floats per vector: the widest the CPU has natively (a wider generic vector on an AVX2-only
+   CPU is lowered into shuffles and spills: 4-5x slower than torch on Zen 1) */
+#if defined(__AVX512F__)
+#define VW 16
+#else
+#define VW 8
+#endif
+typedef float v16 __attribute__((vector_size(VW * 4)));
 static inline v16 ld(const float* p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float* p, v16 v) { memcpy(p, &v, sizeof v); }
 static inline float hsum(v16 v)
 {
     float s = 0.f;
-    for (int l = 0; l < 16; l++) s += v[l];
+    for (int l = 0; l < VW; l++) s += v[l];
     return s;
 }
 
 /* u[w] = A[w] . x for w < W (A rows of n floats), four rows at a time: x is read once per four */
 static void shrink(const float* a, const float* x, int64_t n, int64_t W, float* u)
 {
-    const int64_t nv = n - n % 16;
+    const int64_t nv = n - n % VW;
     int64_t w = 0;
     for (; w + 4 <= W; w += 4) {
         const float *a0 = a + w * n, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
         v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-        for (int64_t k = 0; k < nv; k += 16) {
+        for (int64_t k = 0; k < nv; k += VW) {
             const v16 xv = ld(x + k);
             s0 += ld(a0 + k) * xv; s1 += ld(a1 + k) * xv; s2 += ld(a2 + k) * xv; s3 += ld(a3 + k) * xv;
         }
@@ -63,7 +70,7 @@ static void shrink(const float* a, const float* x, int64_t n, int64_t W, float* 
     for (; w < W; w++) {
         const float* a0 = a + w * n;
         v16 s0 = {0};
-        for (int64_t k = 0; k < nv; k += 16) s0 += ld(a0 + k) * ld(x + k);
+        for (int64_t k = 0; k < nv; k += VW) s0 += ld(a0 + k) * ld(x + k);
         float r0 = hsum(s0);
         for (int64_t k = nv; k < n; k++) r0 += a0[k] * x[k];
         u[w] = r0;
@@ -74,16 +81,16 @@ static void shrink(const float* a, const float* x, int64_t n, int64_t W, float* 
 static void expand(const float* u, const float* b, int64_t ldb, int64_t wn, int64_t n, float* o)
 {
     int64_t c = 0;
-    for (; c + 64 <= n; c += 64) {
-        v16 o0 = ld(o + c), o1 = ld(o + c + 16), o2 = ld(o + c + 32), o3 = ld(o + c + 48);
+    for (; c + 4 * VW <= n; c += 4 * VW) {
+        v16 o0 = ld(o + c), o1 = ld(o + c + VW), o2 = ld(o + c + 2 * VW), o3 = ld(o + c + 3 * VW);
         for (int64_t w = 0; w < wn; w++) {
             const float* bw = b + w * ldb + c;
             const float uw = u[w];
-            o0 += uw * ld(bw); o1 += uw * ld(bw + 16); o2 += uw * ld(bw + 32); o3 += uw * ld(bw + 48);
+            o0 += uw * ld(bw); o1 += uw * ld(bw + VW); o2 += uw * ld(bw + 2 * VW); o3 += uw * ld(bw + 3 * VW);
         }
-        st(o + c, o0); st(o + c + 16, o1); st(o + c + 32, o2); st(o + c + 48, o3);
+        st(o + c, o0); st(o + c + VW, o1); st(o + c + 2 * VW, o2); st(o + c + 3 * VW, o3);
     }
-    for (; c + 16 <= n; c += 16) {
+    for (; c + VW <= n; c += VW) {
         v16 o0 = ld(o + c);
         for (int64_t w = 0; w < wn; w++) o0 += u[w] * ld(b + w * ldb + c);
         st(o + c, o0);
