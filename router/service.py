@@ -68,6 +68,7 @@ from router.adapters import AdapterCatalog, list_models_response
 from router.cluster_view import OutstandingTokens, ViewBuilder
 from router.deadline import LazyDeadline
 from router.groups import GroupRelay, check_group_request, placement_args
+from router.health import needed_kinds
 from router.lifecycle.cluster import RouterCluster
 from router.lifecycle.direct_legs import DirectBook, DirectConfig, DirectLegs
 from router.lifecycle.driver import LifecycleDriver
@@ -283,10 +284,14 @@ class GenerateServicer:
             raise ModelNotFoundError(f"unknown model {model!r}; this cluster serves {self.config.model_id!r}")
 
     def _check_adapter(self, adapter: str) -> None:
-        """A request naming a LoRA adapter that no live prefill and decode worker serves (their
-        ``--lora``) is refused (NOT_FOUND) rather than silently answered by the base model."""
+        """A request naming a LoRA adapter that no live worker of each kind the placement policy
+        needs (:func:`router.health.needed_kinds`: prefill and decode; decode only under
+        ``colocated``) serves (their ``--lora``) is refused (NOT_FOUND) rather than silently
+        answered by the base model."""
         if adapter:
-            AdapterCatalog.from_registry(self.registry, model=self.config.model_id).check(adapter)
+            AdapterCatalog.from_registry(self.registry, model=self.config.model_id).check(
+                adapter, needed_kinds(self.config.policy)
+            )
 
     def _tokens(self, req) -> list[int]:
         which = req.WhichOneof("input")

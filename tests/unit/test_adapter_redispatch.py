@@ -17,7 +17,6 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pdserve.errors import ModelNotFoundError
 from pdserve.metrics import RouterMetrics
 from pdserve.v1 import client_pb2, common_pb2, worker_pb2
 from router.policy import PolicyKind
@@ -176,14 +175,6 @@ def test_prefill_lost_goes_to_another_prefill_worker_serving_the_adapter(model_p
     assert all(a == ADAPTER for _, a in _legs(w)), _legs(w)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ModelNotFoundError,
-    reason="router/service.py GenerateServicer._check_adapter asks AdapterCatalog.check for a live "
-    "prefill worker serving the adapter under every policy; a colocated cluster of decode workers "
-    "only refuses every adapter request NOT_FOUND ('not served by any live prefill worker'). Fix: "
-    "check(adapter, router.health.needed_kinds(self.config.policy)) (not this helper's path)",
-)
 def test_colocated_decode_lost_resumes_with_the_adapter(model_path) -> None:
     """Colocated placement on decode workers only (no prefill worker: valid for this policy,
     router.health.needed_kinds): d0 dies after 4 tokens; the resumed whole request goes to d2,
