@@ -506,8 +506,10 @@ def resolve_target(
     serves (adapter ``""``), or one of the LoRA adapters in ``adapters`` (base model id -> its
     adapters): then its base model and that adapter. None: the served model when there is one;
     with several base models (one router serving them all) a FieldError (400) naming them: a
-    request is never routed to some default model. Raises UnknownModelError (404) for any other
-    name: a request never falls back to the base model."""
+    request is never routed to some default model. A name that matches more than one (an adapter
+    served under two base models, or an adapter named like another base model) is a FieldError
+    naming them: it is never routed to the first one. Raises UnknownModelError (404) for any
+    other name: a request never falls back to the base model."""
     if not served:
         raise InternalError("the router lists no models")
     if requested is None:
@@ -516,11 +518,17 @@ def resolve_target(
                 f"'model' is required: this server serves several models ({', '.join(served)})", "model"
             )
         return served[0], ""
-    if requested in served:
-        return requested, ""
-    for base in served:
-        if requested in adapters.get(base, ()):
-            return base, requested
+    matches = [(requested, "")] if requested in served else []
+    matches += [(base, requested) for base in served if requested in adapters.get(base, ())]
+    if len(matches) > 1:
+        owners = ", ".join(base for base, _ in matches)
+        raise FieldError(
+            f"'model' {requested!r} is ambiguous: it names a base model or LoRA adapter of each of "
+            f"{owners}; give each model's adapters distinct names",
+            "model",
+        )
+    if matches:
+        return matches[0]
     names = [*served, *(a for base in served for a in adapters.get(base, ()))]
     raise UnknownModelError(
         f"The model '{requested}' does not exist; this server serves: {', '.join(names)} "

@@ -16,7 +16,7 @@ from engine.llm_engine import LLMEngine
 from engine.lora import AdapterSpec, LoRAConfig
 from engine.sampling_params import SamplingParams
 from pdserve.errors import ModelNotFoundError
-from pdserve.openai_api.errors import UnknownModelError
+from pdserve.openai_api.errors import FieldError, UnknownModelError
 from pdserve.openai_api.translate import models_response, parse_completion, resolve_target
 from pdserve.proto_convert import sampling_to_proto
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
@@ -198,6 +198,19 @@ def test_openai_model_field_names_an_adapter():
         ("sql", "smol"),
         ("chat", "smol"),
     ]
+
+
+def test_openai_model_field_naming_an_adapter_of_two_base_models_is_refused():
+    """An adapter name served under two base models (or an adapter named like another base
+    model) is a 400 naming both, never routed to the first model listed."""
+    served, adapters = ["a", "b"], {"a": ["sql", "chat"], "b": ["sql", "a"]}
+    with pytest.raises(FieldError, match="'sql' is ambiguous.*of each of a, b") as e:
+        resolve_target("sql", served, adapters)
+    assert e.value.param == "model"
+    with pytest.raises(FieldError, match="'a' is ambiguous.*of each of a, b"):
+        resolve_target("a", served, adapters)
+    assert resolve_target("chat", served, adapters) == ("a", "chat")
+    assert resolve_target("b", served, adapters) == ("b", "")
     call = parse_completion({"model": "sql", "prompt": "hi"})
     kw = call.sdk_kwargs("smol", "r1", "sql")
     assert kw["model"] == "smol" and kw["adapter"] == "sql"
