@@ -305,6 +305,27 @@ class RouterMetrics:
             m,
             registry=r,
         )
+        # per LoRA adapter (requests that name one; the label is bounded by the adapters the
+        # cluster's workers serve: a request naming an unserved adapter is not counted here)
+        self.adapter_requests = Counter(
+            "pdserve_router_adapter_requests",
+            "Generate requests naming a LoRA adapter, finished, by adapter and outcome.",
+            ["adapter", "outcome", *m],
+            registry=r,
+        )
+        self.adapter_ttft = Histogram(
+            "pdserve_router_adapter_ttft_seconds",
+            "Time to first token of completed requests naming a LoRA adapter, by adapter.",
+            ["adapter", *m],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.adapter_generation_tokens = Counter(
+            "pdserve_router_adapter_generation_tokens",
+            "Output tokens of completed requests naming a LoRA adapter, by adapter.",
+            ["adapter", *m],
+            registry=r,
+        )
         self.redispatches = Counter(
             "pdserve_router_redispatches",
             "Requests re-dispatched to another worker after theirs was lost (UNAVAILABLE), by the "
@@ -459,6 +480,20 @@ class RouterMetrics:
         self.requests.labels(cls, outcome, *mv).inc()
         if outcome in SLO_MISS_OUTCOMES:
             self.slo.labels(cls, "missed", *mv).inc()
+
+    def observe_adapter(
+        self, adapter: str, outcome: str, model: str = "", rec: FinishedRequest | None = None
+    ) -> None:
+        """Record a finished request that named LoRA ``adapter`` (one the cluster serves: the
+        caller keeps the label bounded) with ``outcome`` ("ok" with ``rec``, else the failure's
+        outcome); nothing for ``adapter`` "" (the base model)."""
+        if not adapter:
+            return
+        mv = self._model(model)
+        self.adapter_requests.labels(adapter, outcome, *mv).inc()
+        if rec is not None:
+            self.adapter_ttft.labels(adapter, *mv).observe(rec.ttft_s)
+            self.adapter_generation_tokens.labels(adapter, *mv).inc(rec.completion_tokens)
 
     def observe_migration(self, reason: str, result: str, blocks_copied: int = 0, model: str = "") -> None:
         """Record one ended migration of a request of ``model``: ``reason`` in

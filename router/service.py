@@ -293,6 +293,14 @@ class GenerateServicer:
                 adapter, needed_kinds(self.config.policy)
             )
 
+    def _served_adapter(self, adapter: str) -> str:
+        """``adapter`` when some live worker of this router's model serves it, else "" (a failed
+        request naming an unknown adapter is not given a metric label of the client's choosing)."""
+        if not adapter:
+            return ""
+        names = AdapterCatalog.from_registry(self.registry, model=self.config.model_id).names()
+        return adapter if adapter in names else ""
+
     def _tokens(self, req) -> list[int]:
         which = req.WhichOneof("input")
         if which == "prompt":
@@ -412,6 +420,7 @@ class GenerateServicer:
                 else:
                     outcome = outcome_for(e)
                 m.observe_failed(cls, outcome, self.config.model_id)
+                m.observe_adapter(self._served_adapter(req.adapter), outcome, self.config.model_id)
                 log_event(log, "request failed", slo_class=cls, outcome=outcome, error=type(e).__name__)
                 raise
             finally:
@@ -419,6 +428,7 @@ class GenerateServicer:
                 m.inflight_of(self.config.model_id).dec()
             if finish is None:  # the stream ended without a result: the client went away
                 m.observe_failed(cls, "cancelled", self.config.model_id)
+                m.observe_adapter(self._served_adapter(req.adapter), "cancelled", self.config.model_id)
                 log_event(log, "request failed", slo_class=cls, outcome="cancelled", error="")
                 return
             t = finish.timing
@@ -438,6 +448,7 @@ class GenerateServicer:
                 completion_tokens=completion_tokens,
             )
             met = m.observe_finished(cls, req.slo.ttft_s, req.slo.tpot_s, rec, self.config.model_id)
+            m.observe_adapter(req.adapter, "ok", self.config.model_id, rec)  # served: it completed
             log_event(
                 log,
                 "request done",

@@ -187,3 +187,39 @@ def test_colocated_decode_lost_resumes_with_the_adapter(model_path) -> None:
     assert not w["d1"].calls
     resumed = w["d2"].calls[0]
     assert resumed.local_prefill and resumed.adapter == ADAPTER
+
+
+def test_router_metrics_per_adapter(model_path) -> None:
+    """The router counts requests, first-token time and output tokens per served adapter; a
+    request naming an adapter no worker serves fails NOT_FOUND and gets no series of its own (the
+    label stays bounded by what the workers serve); base-model requests are not in the family."""
+    import asyncio
+
+    from pdserve.errors import ModelNotFoundError
+
+    svc, _, _, reg = _cluster(model_path, {"p0": (None, True)}, {"d0": (None, True)})
+    assert _run(svc, _request(max_tokens=7)) == reference(PROMPT, 7, ADAPTER)
+    base = _request(max_tokens=5)
+    base.adapter = ""
+    base.request_id = "req-base"
+    _run(svc, base)
+    unknown = _request()
+    unknown.adapter = "no-such-adapter"
+    unknown.request_id = "req-unknown"
+    with pytest.raises(ModelNotFoundError):
+        asyncio.run(svc.Generate(unknown, FakeContext()))
+
+    def value(name: str, **labels: str) -> float | None:
+        return reg.get_sample_value(name, labels)
+
+    assert value("pdserve_router_adapter_requests_total", adapter=ADAPTER, outcome="ok") == 1
+    assert value("pdserve_router_adapter_generation_tokens_total", adapter=ADAPTER) == 7
+    assert value("pdserve_router_adapter_ttft_seconds_count", adapter=ADAPTER) == 1
+    adapters = {
+        s.labels["adapter"]
+        for mf in reg.collect()
+        if mf.name.startswith("pdserve_router_adapter_")
+        for s in mf.samples
+    }
+    assert adapters == {ADAPTER}  # neither "" (the base model) nor the unknown name
+    assert value("pdserve_router_requests_total", slo_class="default", outcome="invalid") == 1

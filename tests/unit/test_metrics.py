@@ -449,6 +449,7 @@ def all_families() -> list[Metric]:
     reg = CollectorRegistry()
     rm = M.RouterMetrics(reg)
     rm.track_workers(lambda: {"prefill": 1, "decode": 1})
+    rm.observe_adapter("sql", "ok", rec=_finished(times=(0.2,), out=1))  # the router's per-adapter families
     adapter = M.AdapterSnapshot("sql", 10, 5, 1, 1, True, True)  # the per-adapter families have samples
     M.WorkerMetrics(reg, "w", "decode", snapshot=lambda: _snap(adapters=(adapter,)))
     M.KVPullMetrics(reg, "w")
