@@ -27,12 +27,17 @@ Endpoints
                            ``max_completion_tokens`` (default ``Defaults.chat_max_tokens`` = 512);
                            ``logprobs`` (bool) + ``top_logprobs``.
 
-Shared body fields: ``model`` (optional: default = the router's first model; any other name,
-e.g. a LoRA adapter's, -> 404 ``model_not_found``: adapters are not served yet), ``temperature``
-(0 = greedy), ``top_p``, ``n`` (only 1), ``stop`` (string or list), ``seed``, ``stream``, ``stream_options.include_usage``, ``user`` (-> the request's tenant).
-Completions ``logprobs`` is an integer (0..20). Refused with 400 unless neutral: ``n``/``best_of``
-> 1 (until parallel sampling is supported), ``echo``, ``suffix``, ``logit_bias``, non-zero
-``presence_penalty``/``frequency_penalty``, ``tools``/``functions``, non-text ``response_format``. Unknown fields are ignored.
+Shared body fields: ``model`` (a base model the router serves or one of its LoRA adapters, run
+on that adapter's base model; optional when the router serves one base model, required with
+several; any other name -> 404 ``model_not_found``, never the base model's output; a name that
+matches more than one -> 400), ``temperature`` (0 = greedy), ``top_p``, ``n`` (choices; parallel
+sampling), ``stop`` (string or list), ``seed``, ``stream``, ``stream_options.include_usage``,
+``user`` (-> the request's tenant). Completions ``logprobs`` is an integer (0..20) and
+``best_of`` (>= ``n``) is accepted there only. Refused with 400 unless neutral: ``echo``,
+``suffix``, ``logit_bias``, non-zero ``presence_penalty``/``frequency_penalty``,
+``tools``/``functions``, non-text ``response_format``. A body field the endpoint does not read
+(a typo such as ``max_token``) is 400 naming it, never ignored (:func:`.translate.parse_completion`,
+:func:`.translate.parse_chat`).
 
 pdserve extensions (request body): ``ttft_slo_s`` and ``tpot_slo_s`` (seconds; the request's SLO,
 which a goodput-aware router may refuse early with 429 + Retry-After), ``priority`` (int, lower
