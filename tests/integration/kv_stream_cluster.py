@@ -32,11 +32,12 @@ from prometheus_client import CollectorRegistry
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.lora import LoRAConfig
 from engine.sampling_params import SamplingParams
 from pdserve.metrics import RouterMetrics
 from pdserve.proto_convert import sampling_to_proto
 from pdserve.v1 import client_pb2, client_pb2_grpc, direct_pb2, worker_pb2
-from pdserve.worker_base import Role, WorkerConfig, WorkerState, engine_layout
+from pdserve.worker_base import Role, WorkerConfig, WorkerState, engine_layout, served_adapters
 from router.lifecycle.states import State
 from router.lifecycle.stream_mode import KVStreamMode
 from router.registry import Registry, WorkerKind, WorkerLoad
@@ -177,10 +178,13 @@ class Cluster:
     :data:`ECFG`, registered never expiring under model ``llama``) and a router per
     ``kv_stream`` mode (store, grpc; metrics per mode in ``metrics``). ``direct_streams``: the
     decode workers serve DirectStream and the routers grant direct token streams
-    (test_kv_stream_direct.py); off: every token relayed."""
+    (test_kv_stream_direct.py); off: every token relayed. ``lora``: every worker's engine serves
+    these LoRA adapters and registers them (test_kv_stream_lora.py); None: the base model only."""
 
-    def __init__(self, path, direct_streams: bool = False) -> None:
-        engines = {n: LLMEngine.from_pretrained(path, ECFG) for n in ("pre-a", "pre-b", "dec-a", "dec-b")}
+    def __init__(self, path, direct_streams: bool = False, lora: LoRAConfig | None = None) -> None:
+        engines = {
+            n: LLMEngine.from_pretrained(path, ECFG, lora=lora) for n in ("pre-a", "pre-b", "dec-a", "dec-b")
+        }
         self.node = StoreNode(engine_layout(engines["dec-a"]), capacity_blocks=1024)
         self.store = self.node.client
         self.registry = Registry(heartbeat_timeout_s=1e9)  # no heartbeats here: never expire
@@ -231,6 +235,7 @@ class Cluster:
             self.states[name].address,
             "llama",
             WorkerLoad(0, 0, BLOCKS, 0, block_size=BLOCK_SIZE),
+            adapters=tuple(served_adapters(self.states[name].engine)),
         )
 
     def address(self, mode: KVStreamMode) -> str:
