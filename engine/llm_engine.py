@@ -1023,6 +1023,10 @@ class LLMEngine:
                 if r.logprob is not None:
                     tr.logprobs.append(TokenLogprob(r.token, r.logprob, r.top_logprobs or []))
             o = self._emit(tr, rid in finished_ids)
+            if isinstance(res, list) and len(o.new_token_ids) > 1:
+                # a speculative decode step: the drafts it kept are decode tokens too (the step
+                # itself was counted once when scheduled; a stop inside the run is already cut)
+                self.decode_tokens += len(o.new_token_ids) - 1
             if tr.group is None:
                 outputs.append(o)
             else:

@@ -598,6 +598,9 @@ class WorkerSnapshot:
     swap_disk_seconds: float = 0.0  # time spent in disk writes and reads
     swap_disk_enabled: bool = False  # spilling on (a write error turns it off)
     swap_prefetches: int = 0  # swap-ins ahead of the request's turn (cumulative; in swap_ins)
+    # speculative decoding (cumulative; 0 without it)
+    spec_draft_tokens: int = 0  # drafted tokens the target verified
+    spec_accepted_tokens: int = 0  # of which it kept (also counted in decode_tokens)
     swap_prefetch_evictions: int = 0  # prefetched requests that gave their device blocks back
     # weight offloading (EngineConfig.weight_memory_budget_bytes; empty / 0 without it)
     weight_bytes: tuple[tuple[str, int], ...] = ()  # (tier, bytes): device, host, disk
@@ -677,8 +680,15 @@ class WorkerMetrics:
             (CounterMetricFamily, "pdserve_worker_prefill_tokens",
              "Prompt tokens prefilled, by source: computed, or reused from the prefix cache.", [*lab, "source"],
              lambda s: [(("computed",), s.prefill_tokens_computed), (("reused",), s.prefill_tokens_reused)]),
-            (CounterMetricFamily, "pdserve_worker_decode_tokens", "Tokens produced by decode steps.", lab,
+            (CounterMetricFamily, "pdserve_worker_decode_tokens",
+             "Tokens produced by decode steps (with speculative decoding: every kept token).", lab,
              lambda s: [((), s.decode_tokens)]),
+            (CounterMetricFamily, "pdserve_worker_spec_draft_tokens",
+             "Speculative decoding: drafted tokens the target model verified.", lab,
+             lambda s: [((), s.spec_draft_tokens)]),
+            (CounterMetricFamily, "pdserve_worker_spec_accepted_tokens",
+             "Speculative decoding: drafted tokens the target model kept (acceptance = this / drafted).",
+             lab, lambda s: [((), s.spec_accepted_tokens)]),
             (CounterMetricFamily, "pdserve_worker_preemptions", "Requests preempted (blocks reclaimed).", lab,
              lambda s: [((), s.preemptions)]),
             (CounterMetricFamily, "pdserve_worker_requests_finished", "Requests this worker finished.", lab,

@@ -517,6 +517,8 @@ class WorkerStats(_message.Message):
         "prefix_cache_hit_rate",
         "kv_layout",
         "store",
+        "spec_draft_tokens_total",
+        "spec_accepted_tokens_total",
         "adapters_in_slot",
         "adapters_in_host",
         "adapter_slot_load_s",
@@ -544,6 +546,8 @@ class WorkerStats(_message.Message):
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DRAFT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SPEC_ACCEPTED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_IN_SLOT_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_IN_HOST_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_SLOT_LOAD_S_FIELD_NUMBER: _ClassVar[int]
@@ -570,6 +574,8 @@ class WorkerStats(_message.Message):
     prefix_cache_hit_rate: float
     kv_layout: _common_pb2.KVLayout
     store: _common_pb2.BlockLocation
+    spec_draft_tokens_total: int
+    spec_accepted_tokens_total: int
     adapters_in_slot: _containers.RepeatedScalarFieldContainer[str]
     adapters_in_host: _containers.RepeatedScalarFieldContainer[str]
     adapter_slot_load_s: float
@@ -598,6 +604,8 @@ class WorkerStats(_message.Message):
         prefix_cache_hit_rate: float | None = ...,
         kv_layout: _common_pb2.KVLayout | _Mapping | None = ...,
         store: _common_pb2.BlockLocation | _Mapping | None = ...,
+        spec_draft_tokens_total: int | None = ...,
+        spec_accepted_tokens_total: int | None = ...,
         adapters_in_slot: _Iterable[str] | None = ...,
         adapters_in_host: _Iterable[str] | None = ...,
         adapter_slot_load_s: float | None = ...,
