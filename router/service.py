@@ -298,8 +298,8 @@ class GenerateServicer:
         request naming an unknown adapter is not given a metric label of the client's choosing)."""
         if not adapter:
             return ""
-        names = AdapterCatalog.from_registry(self.registry, model=self.config.model_id).names()
-        return adapter if adapter in names else ""
+        served = any(adapter in w.adapters for w in self.registry.alive(model=self.config.model_id))
+        return adapter if served else ""
 
     def _tokens(self, req) -> list[int]:
         which = req.WhichOneof("input")
@@ -373,6 +373,7 @@ class GenerateServicer:
         except Exception as e:  # refused at the edge (key, limits, quota, id): counted like the rest
             cls, outcome = slo_class(req.slo.ttft_s, req.slo.tpot_s), outcome_for(e)
             self.metrics.observe_failed(cls, outcome, self.config.model_id)
+            self.metrics.observe_adapter(self._served_adapter(req.adapter), outcome, self.config.model_id)
             with request_scope(req.request_id):
                 log_event(log, "request failed", slo_class=cls, outcome=outcome, error=type(e).__name__)
             raise

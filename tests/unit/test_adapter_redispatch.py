@@ -195,7 +195,7 @@ def test_router_metrics_per_adapter(model_path) -> None:
     label stays bounded by what the workers serve); base-model requests are not in the family."""
     import asyncio
 
-    from pdserve.errors import ModelNotFoundError
+    from pdserve.errors import InvalidRequestError, ModelNotFoundError
 
     svc, _, _, reg = _cluster(model_path, {"p0": (None, True)}, {"d0": (None, True)})
     assert _run(svc, _request(max_tokens=7)) == reference(PROMPT, 7, ADAPTER)
@@ -208,6 +208,11 @@ def test_router_metrics_per_adapter(model_path) -> None:
     unknown.request_id = "req-unknown"
     with pytest.raises(ModelNotFoundError):
         asyncio.run(svc.Generate(unknown, FakeContext()))
+    refused = _request()  # refused at the edge (a tenant name over its length limit): counted too
+    refused.tenant = "t" * 1000
+    refused.request_id = "req-edge"
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(svc.Generate(refused, FakeContext()))
 
     def value(name: str, **labels: str) -> float | None:
         return reg.get_sample_value(name, labels)
@@ -222,4 +227,5 @@ def test_router_metrics_per_adapter(model_path) -> None:
         for s in mf.samples
     }
     assert adapters == {ADAPTER}  # neither "" (the base model) nor the unknown name
-    assert value("pdserve_router_requests_total", slo_class="default", outcome="invalid") == 1
+    assert value("pdserve_router_adapter_requests_total", adapter=ADAPTER, outcome="invalid") == 1
+    assert value("pdserve_router_requests_total", slo_class="default", outcome="invalid") == 2
