@@ -598,10 +598,10 @@ class WorkerSnapshot:
     swap_disk_seconds: float = 0.0  # time spent in disk writes and reads
     swap_disk_enabled: bool = False  # spilling on (a write error turns it off)
     swap_prefetches: int = 0  # swap-ins ahead of the request's turn (cumulative; in swap_ins)
+    swap_prefetch_evictions: int = 0  # prefetched requests that gave their device blocks back
     # speculative decoding (cumulative; 0 without it)
     spec_draft_tokens: int = 0  # drafted tokens the target verified
     spec_accepted_tokens: int = 0  # of which it kept (also counted in decode_tokens)
-    swap_prefetch_evictions: int = 0  # prefetched requests that gave their device blocks back
     # weight offloading (EngineConfig.weight_memory_budget_bytes; empty / 0 without it)
     weight_bytes: tuple[tuple[str, int], ...] = ()  # (tier, bytes): device, host, disk
     weight_prefetch_bytes: int = 0  # offloaded layer bytes copied in (cumulative)
