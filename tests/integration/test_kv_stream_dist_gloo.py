@@ -6,7 +6,9 @@ receive) while the prompt is still being computed.
 One cluster (store, router, 1 prefill + 1 decode worker in one gloo group; a tiny Llama with
 SmolLM2's tokenizer; 32-token prefill chunks; relayed token streams) serves the module. A single
 request and a parallel-sampling group (n = 3) equal the engine run whole, the prefill worker pushed
-the streams' chunks over gloo, and the store saw no block put.
+the streams' chunks over gloo, and the store saw no block put. Both workers also serve a random
+PEFT LoRA adapter ("sql", ``--lora``): a request naming it is streamed over gloo the same way and
+equals the engine run whole with that adapter, which differs from the base model's output (#16).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.lora import AdapterSpec, LoRAConfig
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.launcher import ClusterSpec, launch
 from tests.integration.clusters import gloo_spec, logged, paced_workers, store_node_stats
 from tests.integration.kv_stream_cluster import seeded_prompt
+from tests.lora_adapters import make_adapter
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 N3 = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=23, ignore_eos=True, n=3)
@@ -44,9 +48,10 @@ def launch_paced(spec: ClusterSpec):
         return launch(spec)
 
 
-def kv_stream_spec(model_path, *, direct_streams: bool) -> ClusterSpec:
+def kv_stream_spec(model_path, *, direct_streams: bool, lora: tuple[str, ...] = ()) -> ClusterSpec:
     """The modules' cluster: 1 prefill + 1 decode worker (256 KV blocks) in one gloo group,
-    32-token prefill chunks streamed over it (``--kv-stream dist``), no progress deadline."""
+    32-token prefill chunks streamed over it (``--kv-stream dist``), no progress deadline;
+    ``lora``: the workers' extra flags that serve adapters (``--lora NAME=PATH`` ...)."""
     return gloo_spec(
         model_path,
         "--kv-stream",
@@ -56,14 +61,22 @@ def kv_stream_spec(model_path, *, direct_streams: bool) -> ClusterSpec:
         direct_streams=direct_streams,
         num_decode=1,
         kv_blocks=256,
-        worker_args=("--chunk", "32"),
+        worker_args=("--chunk", "32", *lora),
     )
 
 
 @pytest.fixture(scope="module")
-def cluster(model_path):
+def adapter(model_path, tmp_path_factory):
+    """A random PEFT adapter of the tiny model (rank 8)."""
+    out = tmp_path_factory.mktemp("kvsd-lora") / "sql"
+    return make_adapter(model_path, out, r=8, alpha=16, targets=["q_proj", "v_proj", "down_proj"], seed=3)
+
+
+@pytest.fixture(scope="module")
+def cluster(model_path, adapter):
     # relayed token streams (direct ones: test_kv_stream_direct_dist.py)
-    cl = launch_paced(kv_stream_spec(model_path, direct_streams=False))
+    lora = ("--lora", f"sql={adapter}", "--max-lora-rank", "8")
+    cl = launch_paced(kv_stream_spec(model_path, direct_streams=False, lora=lora))
     yield cl
     cl.stop()
 
@@ -95,3 +108,30 @@ def test_streamed_over_gloo_equals_the_engine_and_skips_the_store(cluster, whole
     assert all(int(r["dst_rank"]) == 1 for r in _stream_pushes(cluster))
     node = store_node_stats(cluster)
     assert node.puts == 0 and node.num_leases == 0, node  # nothing through the store
+
+
+def test_adapter_request_streamed_over_gloo_equals_the_engine_with_the_adapter(
+    cluster, whole, model_path, adapter
+):
+    prompt = seeded_prompt(200, 23)
+    eng = LLMEngine.from_pretrained(
+        model_path, EngineConfig(num_kv_blocks=64), lora=LoRAConfig((AdapterSpec("sql", str(adapter)),))
+    )
+    try:
+        rid = eng.add_request(None, prompt, GREEDY, adapter_id="sql")
+        ref: list[int] = []
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.request_id == rid:
+                    ref.extend(o.new_token_ids)
+    finally:
+        eng.close()
+    assert ref != whole.generate([prompt], [GREEDY])[0].token_ids  # the adapter changes the output
+    before = len(_stream_pushes(cluster))
+    puts0 = store_node_stats(cluster).puts
+    with Client(cluster.router_address, timeout=300) as c:
+        got = c.complete(prompt, GREEDY, direct=False, adapter="sql").token_ids
+    assert got == ref
+    assert len(_stream_pushes(cluster)) - before >= 4  # its chunks went over gloo
+    node = store_node_stats(cluster)
+    assert node.puts == puts0 and node.num_leases == 0, node
