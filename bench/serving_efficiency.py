@@ -224,6 +224,20 @@ def measure_floor_for(c: int, n: int, r, max_tokens: int) -> tuple[dict[str, flo
     return dict(f.cpu_ms_per_request), load
 
 
+def floor_bound(engine_ms_per_request: float, floor_ms_per_request: float, cores: int) -> float:
+    """The highest cluster / embedded tokens/s ratio the gRPC floor leaves: the embedded engine
+    serves 1 / E requests per second on its one thread; the cluster spends at least E + F CPU ms
+    per request (the engine's work E, split between its prefill and decode workers, plus the bare
+    calls' F) on ``cores`` cores, and its decode engine thread cannot beat the embedded one, so
+    its ratio is at most ``min(1, cores * E / (E + F))``."""
+    if engine_ms_per_request <= 0 or floor_ms_per_request < 0 or cores < 1:
+        raise ValueError(
+            f"floor_bound needs E > 0, F >= 0, cores >= 1; got {engine_ms_per_request}, "
+            f"{floor_ms_per_request}, {cores}"
+        )
+    return min(1.0, cores * engine_ms_per_request / (engine_ms_per_request + floor_ms_per_request))
+
+
 def _positive(v: str) -> int:
     n = int(v)
     if n < 1:
@@ -452,6 +466,16 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"    {k:10s} {v:7.3f} ms/request, floor {f[fk]:6.3f}, {v / max(f[fk], 1e-9):5.2f}x the floor"
                     )
+            e_req = r.engine_cpu_ms_per_token * r.engine_tokens / max(r.requests, 1)
+            if "all" in f and e_req > 0:
+                with_client = floor_bound(e_req, f["all"], len(cores))
+                without = floor_bound(e_req, f["all"] - f.get("client", 0.0), len(cores))
+                print(
+                    f"  the highest ratio the floor leaves on {len(cores)} cores (min(1, cores*E/(E+F)); "
+                    f"E {e_req:.3f} ms the embedded engine's CPU per request, F the floor's): "
+                    f"{with_client:.3f} with the client's calls, {without:.3f} without"
+                    f"{'  (the target is above it)' if max(with_client, without) < RATIO_TARGET else ''}"
+                )
     if a.out:
         Path(a.out).write_text(
             json.dumps(
