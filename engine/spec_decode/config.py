@@ -27,8 +27,12 @@ class DraftAcceptance(enum.Enum):
     probability ``min(1, p(x) / q(x))``, else draw from ``norm(max(0, p - q))``. Every emitted
     token is distributed as the target's (the tests check it statistically); a draft is kept with
     probability ``1 - TV`` (the most any scheme can). Its uniforms and residual draws come from
-    the request's seed and output index, so a seeded run is reproducible for the same draft
-    model and ``num_speculative_tokens``, but it is not the non-speculative run's output.
+    the request's seed and output index, so a seeded run repeats for the same draft model and
+    ``num_speculative_tokens`` as long as its steps verify the same drafts; it is not the
+    non-speculative run's output. Under memory pressure it need not repeat: a step drafts fewer
+    tokens (or none) when free KV blocks, the draft pool or the token budget run short, and a
+    preempted request's recompute samples its next token without drafts, so which positions are
+    drafted, and the token drawn there (equally distributed), depends on the load.
 
     Greedy requests keep the drafts equal to the target's argmax under both (identical output)."""
 

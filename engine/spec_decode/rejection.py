@@ -10,7 +10,11 @@ bonus token) follows. Every emitted token is then distributed as the target's.
 
 Randomness: ``u_j`` and the residual draw at output index ``i`` come from generators seeded with
 :func:`engine.sampler.mix_seed` of the request's seed (xor a constant per use) and ``i``, so a
-run is a function of the seed, the models and ``k`` (reproducible), independent of the batch.
+run is a function of the seed, the models and the drafts each step verified: reproducible and
+independent of the batch while every step gets the drafts ``k`` allows. A step drafting fewer
+(free KV blocks, the draft pool or the token budget short) or a preempted request's recompute
+(its next token sampled without drafts) draws other, equally distributed, tokens: under memory
+pressure a seeded run need not repeat (:class:`~engine.spec_decode.config.DraftAcceptance`).
 """
 
 from __future__ import annotations
