@@ -80,6 +80,7 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._closed = False  # the loop thread has ended: a command would never run (under _lock)
         self.on_step: Callable[[float, int], None] | None = None  # (seconds, tokens) hook for metrics
         self.batchers: list[OutputBatch] = []  # held around each step's hand-out of outputs
         self.min_step_s = min_step_s()  # test pacing (module docstring); 0: off
@@ -94,9 +95,16 @@ class EngineLoop:
 
     def submit(self, fn: Callable[[LLMEngine], T]) -> Future:
         """Run ``fn(engine)`` on the engine thread without waiting: its Future (result or
-        exception); an event loop awaits it with ``asyncio.wrap_future`` (one wake-up)."""
+        exception); an event loop awaits it with ``asyncio.wrap_future`` (one wake-up). Once the
+        loop has stopped the Future fails at once with CancelledError (nothing would run it)."""
         fut: Future = Future()
-        self._cmds.put((lambda: fn(self.engine), fut))
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._cmds.put((lambda: fn(self.engine), fut))
+        if closed:
+            fut.set_exception(CancelledError("engine is shutting down"))
+            return fut
         self._wake.set()
         return fut
 
@@ -154,7 +162,12 @@ class EngineLoop:
             except KeyError:
                 return False
 
-        found = self.call(_abort)
+        try:
+            found = self.call(_abort)
+        except CancelledError:
+            if not self._closed:
+                raise
+            found = False  # the loop stopped: it failed every request's queue as it ended
         self._finish_queue(request_id, CancelledError(f"request {request_id} was aborted"))
         return found
 
@@ -198,6 +211,22 @@ class EngineLoop:
                 fut.set_exception(e)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # commands no one will run: fail them (a caller blocked in call() would wait forever,
+            # e.g. a worker's handler aborting its request after the worker stopped the loop)
+            with self._lock:
+                self._closed = True
+            while True:
+                try:
+                    _, fut = self._cmds.get_nowait()
+                except queue.Empty:
+                    break
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(CancelledError("engine is shutting down"))
+
+    def _serve(self) -> None:
         import time
 
         while not self._stop.is_set():
