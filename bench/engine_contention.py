@@ -223,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--streams", type=int, default=64, help="requests in flight")
-    p.add_argument("--requests-per-stream", type=int, default=2)
+    p.add_argument("--requests-per-stream", type=int, default=2, help="requests per stream (closed loop)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per request")
-    p.add_argument("--prompt-len", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens per request")
     p.add_argument(
         "--tokens-per-message", type=int, default=7, help="as the worker's 50 ms stream window gives"
     )

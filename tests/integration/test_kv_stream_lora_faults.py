@@ -29,10 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.lora import AdapterSpec, LoRAConfig
-from engine.sampling_params import SamplingParams
 from pdserve.client import Client, build_request
 from pdserve.v1 import client_pb2_grpc
 from pdserve.worker_base import adapter_snapshots
@@ -52,24 +49,16 @@ from tests.integration.kv_stream_cluster import (  # noqa: F401 - the module's f
     slowed,
     whole,
 )
-from tests.lora_adapters import make_adapter
+from tests.integration.test_kv_stream_lora import (  # noqa: F401 - its adapters and reference engine
+    _run_whole,
+    lora,
+    whole_lora,  # noqa: F811
+)
 
 N_PROMPT = 224  # 7 prefill chunks of 32 tokens
 SLOW_S = 0.2  # a slowed prefill step: 7 chunks take over a second, time enough to act mid-stream
 ADAPTERS = ("sql", "chat")
 PREFILL, DECODE = ("pre-a", "pre-b"), ("dec-a", "dec-b")
-
-
-@pytest.fixture(scope="module")
-def lora(model_path, tmp_path_factory) -> LoRAConfig:  # noqa: F811
-    root = tmp_path_factory.mktemp("kvs-lora-faults")
-    sql = make_adapter(
-        model_path, root / "sql", r=8, alpha=16, targets=["q_proj", "v_proj", "down_proj"], seed=3
-    )
-    chat = make_adapter(
-        model_path, root / "chat", r=4, alpha=8, targets=["k_proj", "o_proj", "up_proj"], seed=7
-    )
-    return LoRAConfig((AdapterSpec("sql", str(sql)), AdapterSpec("chat", str(chat))))
 
 
 def _free_blocks(cluster: Cluster) -> dict[str, int]:
@@ -87,24 +76,6 @@ def cluster(model_path, lora):  # noqa: F811
     cl.idle_free = _free_blocks(cl)  # type: ignore[attr-defined] - before any request
     yield cl
     cl.stop()
-
-
-@pytest.fixture(scope="module")
-def whole_lora(model_path, lora) -> LLMEngine:  # noqa: F811
-    """The engine run whole with both adapters (the reference)."""
-    return LLMEngine.from_pretrained(
-        model_path, EngineConfig(num_kv_blocks=BLOCKS, block_size=BLOCK_SIZE), lora=lora
-    )
-
-
-def _run_whole(engine: LLMEngine, prompt: list[int], params: SamplingParams, adapter: str) -> list[int]:
-    rid = engine.add_request(None, prompt, params, adapter_id=adapter)
-    toks: list[int] = []
-    while engine.has_unfinished():
-        for o in engine.step():
-            if o.request_id == rid:
-                toks = list(o.token_ids)
-    return toks
 
 
 def _adapter_refs(e: LLMEngine) -> tuple[dict[str, str], list[str], dict[str, int]]:
@@ -204,7 +175,7 @@ def _adapter_outcomes(cluster: Cluster, mode: KVStreamMode, adapter: str, outcom
 def test_adapter_request_cancelled_mid_stream_leaves_nothing(
     cluster,
     whole,  # noqa: F811
-    whole_lora,
+    whole_lora,  # noqa: F811
     mode,
     adapter,
     seed,
@@ -261,7 +232,7 @@ def test_adapter_request_cancelled_mid_stream_leaves_nothing(
 def test_adapter_request_whose_decode_worker_dies_mid_stream_is_redispatched(
     cluster,
     whole,  # noqa: F811
-    whole_lora,
+    whole_lora,  # noqa: F811
 ) -> None:
     """Last in the module: it stops a decode worker for good."""
     mode, adapter = KVStreamMode.GRPC, "chat"
