@@ -51,40 +51,47 @@ CHILD_TIMEOUT_S = 120.0  # the consumer process's start, and its catching up aft
 
 
 # ------------------------------------------------------------------------------- the consumer
+class _Output:
+    """What :meth:`engine.detokenizer.OutputText.render` reads of a ``RequestOutput`` and sets."""
+
+    __slots__ = ("new_token_ids", "finished", "stop_reason", "text_delta", "text")
+
+    def __init__(self, new_token_ids: list[int], finished: bool, stop_reason: int | None) -> None:
+        self.new_token_ids, self.finished, self.stop_reason = new_token_ids, finished, stop_reason
+
+
 class Consumer:
     """The event loop's per-token work for every request: text rendered from the token ids (an
-    ``IncrementalDetokenizer`` per request, as ``engine.detokenizer.OutputText`` feeds it) and a
+    ``engine.detokenizer.OutputText`` per request, as the worker's loop renders) and a
     serialized ``GenerateResponse`` per ``per_message`` tokens and at the request's end."""
 
     def __init__(self, tokenizer, per_message: int) -> None:
-        self.tokenizer = tokenizer
+        from engine.detokenizer import IncrementalDetokenizer, OutputText
+        from pdserve.v1 import client_pb2
+
+        self._new_text = lambda: OutputText(IncrementalDetokenizer(tokenizer))
+        self._response = client_pb2.GenerateResponse
         self.per_message = per_message
-        self.detoks: dict[int, object] = {}
+        self.renderers: dict[int, OutputText] = {}
         self.pending: dict[int, tuple[list[int], list[str]]] = {}
-        self.messages = 0
-        self.bytes = 0
         self.texts: dict[int, str] = {}  # each finished request's whole text (checked against the engine's)
 
     def feed(self, step: list[tuple[int, list[int], bool, int | None]]) -> None:
-        from engine.detokenizer import IncrementalDetokenizer
-        from pdserve.v1 import client_pb2
-
         for rid, new, finished, stop in step:
-            d = self.detoks.get(rid)
-            if d is None:
-                d = self.detoks[rid] = IncrementalDetokenizer(self.tokenizer)
-            visible = [t for t in new if t != stop] if finished else new
-            delta = d.add(visible, final=finished)[0]
+            r = self.renderers.get(rid)
+            if r is None:
+                r = self.renderers[rid] = self._new_text()
+            out = _Output(new, finished, stop)
+            r.render(out)  # as the worker's event loop renders a RequestOutput
             ids, texts = self.pending.setdefault(rid, ([], []))
             ids.extend(new)
-            texts.append(delta)
+            texts.append(out.text_delta)
             if finished or len(ids) >= self.per_message:
-                msg = client_pb2.GenerateResponse(request_id=str(rid), token_ids=ids, text="".join(texts))
-                self.bytes += len(msg.SerializeToString())
-                self.messages += 1
+                msg = self._response(request_id=str(rid), token_ids=ids, text="".join(texts))
+                msg.SerializeToString()  # the bytes a stream would write
                 del self.pending[rid]
             if finished:
-                self.texts[rid] = self.detoks.pop(rid).text
+                self.texts[rid] = self.renderers.pop(rid).detok.text
 
 
 def _consumer_thread(q: queue.SimpleQueue, c: Consumer, cpu: list[float]) -> None:
