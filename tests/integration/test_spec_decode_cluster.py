@@ -149,6 +149,16 @@ def _whole(
     return out, eng.stats().spec_accepted_tokens - before
 
 
+def assert_same_outputs(tok, want: list[RequestOutput], got: list, params: list[SamplingParams]) -> None:
+    """The client's completions ``got`` of PROMPTS (``Client.complete``) equal the engine's
+    outputs ``want``: tokens, the streamed text joined == the engine's final text == its tokens
+    decoded by ``tok``, and a length finish after each request's ``max_tokens``."""
+    for p, w, g, sp in zip(PROMPTS, want, got, params, strict=True):
+        assert g.token_ids == w.token_ids, (p, sp)
+        assert g.text == w.text == tok.decode(w.token_ids), (p, sp)
+        assert g.finish.reason == "length" and g.finish.completion_tokens == sp.max_tokens
+
+
 def _check(
     cl: LocalCluster,
     plain: LLMEngine,
@@ -181,11 +191,7 @@ def _check(
     dec2, pre2 = _stats(cl, "decode-0"), _stats(cl, "prefill-0")
     assert pre2.prefill_tokens_computed_total - pre.prefill_tokens_computed_total >= len(PROMPTS)
     assert dec2.prefill_tokens_computed_total == dec.prefill_tokens_computed_total
-    tok = plain.tokenizer
-    for p, r, g, sp in zip(PROMPTS, ref, got, params, strict=True):
-        assert g.token_ids == r.token_ids, (p, sp)
-        assert g.text == r.text == tok.decode(r.token_ids), (p, sp)
-        assert g.finish.reason == "length" and g.finish.completion_tokens == sp.max_tokens
+    assert_same_outputs(plain.tokenizer, ref, got, params)
     assert dec2.decode_tokens_total - dec.decode_tokens_total == decoded
     accepted = dec2.spec_accepted_tokens_total - dec.spec_accepted_tokens_total
     assert accepted == spec_accepted, (

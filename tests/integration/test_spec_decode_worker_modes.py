@@ -158,11 +158,7 @@ def test_rejection_acceptance_seeded_equals_the_engine_with_the_same_config(clus
     with Client(cluster.router_address, timeout=120, direct=True) as c:
         got = [c.complete(p, sp) for p, sp in zip(sdc.PROMPTS, params, strict=True)]
     after = sdc._stats(cluster, DECODE)
-    tok = plain.tokenizer
-    for p, w, g, sp in zip(sdc.PROMPTS, want, got, params, strict=True):
-        assert g.token_ids == w.token_ids, (p, sp)
-        assert g.text == w.text == tok.decode(w.token_ids), (p, sp)
-        assert g.finish.reason == "length" and g.finish.completion_tokens == sp.max_tokens
+    sdc.assert_same_outputs(plain.tokenizer, want, got, params)
     accepted = after.spec_accepted_tokens_total - before.spec_accepted_tokens_total
     drafted = after.spec_draft_tokens_total - before.spec_draft_tokens_total
     assert (accepted, drafted) == (want_accepted, want_drafted)
@@ -196,11 +192,7 @@ def test_preempted_and_resumed_while_speculating_equals_the_whole_engine(cluster
         ):
             got = list(ex.map(lambda a: c.complete(*a), zip(sdc.PROMPTS, params, strict=True)))
         after = sdc._stats(cluster, DECODE)
-        tok = plain.tokenizer
-        for p, r, g, sp in zip(sdc.PROMPTS, ref, got, params, strict=True):
-            assert g.token_ids == r.token_ids, (p, sp)
-            assert g.text == r.text == tok.decode(r.token_ids), (p, sp)
-            assert g.finish.reason == "length" and g.finish.completion_tokens == sp.max_tokens
+        sdc.assert_same_outputs(plain.tokenizer, ref, got, params)
         preempted = after.num_preempted - before.num_preempted
         recomputed = after.prefill_tokens_computed_total - before.prefill_tokens_computed_total
         assert preempted > 0, f"no preemption on a pool of {SMALL_POOL} blocks"
