@@ -53,14 +53,11 @@ reach the children through their environment.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -70,6 +67,7 @@ from typing import TYPE_CHECKING
 from engine.models.config import ModelConfig
 from pdserve.errors import UnavailableError
 from pdserve.kv_transfer import DistBackend, KVTransport
+from pdserve.proc_start import Starting, await_ready, spawn_chains, start
 from pdserve.security import SecurityConfig, TLSMode
 
 if TYPE_CHECKING:
@@ -392,42 +390,6 @@ class RestartBudget:
 _COMPONENT = {"store": "kv_store", "router": "router", "prefill": "prefill", "decode": "decode"}
 
 
-def _ready_info(line: str) -> dict | None:
-    """The ready line's JSON object (it has "address"); None for anything else, JSON logs included."""
-    if not line.startswith("{"):
-        return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) and "address" in obj and "msg" not in obj else None
-
-
-def _wait_ready(p: subprocess.Popen, got: threading.Event, timeout_s: float) -> int | None:
-    """Wait for the ready line (``got``) for at most ``timeout_s``; returns the child's exit status
-    as soon as it has exited without one, None otherwise (ready, or still running at the timeout)."""
-    deadline = time.monotonic() + timeout_s
-    while not got.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
-        if p.poll() is not None:
-            return p.returncode
-        if time.monotonic() >= deadline:
-            return None
-    return None
-
-
-def _error_line(lines: list[str]) -> str:
-    """The child's own account of its failure: the last ``<prog>: error: ...`` line it printed
-    (argparse and the workers' start-up failures), else the last exception line of a traceback,
-    else its last line."""
-    for line in reversed(lines):
-        if ": error: " in line and not line.startswith("{"):
-            return line
-    for line in reversed(lines):
-        if line and not line[0].isspace() and ("Error" in line or "Exception" in line) and ": " in line:
-            return line
-    return lines[-1] if lines else "(no output)"
-
-
 def child_env(*paths: str) -> dict[str, str]:
     """The environment a launched process gets: this one's, the repository (and ``paths``) first on
     PYTHONPATH, one OpenMP thread and no tokenizer threads unless already set."""
@@ -438,60 +400,21 @@ def child_env(*paths: str) -> dict[str, str]:
     return env
 
 
+def _start(
+    cluster: LocalCluster, name: str, args: list[str], timeout_s: float, wake: threading.Event | None = None
+) -> Starting:
+    """Start ``python args`` as ``cluster``'s process ``name`` (:func:`pdserve.proc_start.start`)
+    with :func:`child_env`, in the repository."""
+    return start(cluster, name, args, timeout_s, child_env(), ROOT, wake)
+
+
 def _spawn(
     cluster: LocalCluster, name: str, args: list[str], timeout_s: float, stop_on_failure: bool = True
 ) -> dict:
-    env = child_env()
-    p = subprocess.Popen(
-        [sys.executable, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-    cluster.procs[name] = p
-    cluster.argv[name] = list(args)
-    lines: list[str] = []
-    cluster.logs[name] = lines
-    ready: dict = {}
-    got = threading.Event()
-
-    def pump() -> None:
-        assert p.stdout is not None
-        for line in p.stdout:
-            lines.append(line.rstrip())
-            info = None if got.is_set() else _ready_info(line)
-            if info is not None:
-                ready.update(info)
-                got.set()
-        p.stdout.close()
-        got.set()
-
-    pumper = threading.Thread(target=pump, daemon=True, name=f"log-{name}")
-    pumper.start()
-    exit_code = _wait_ready(p, got, timeout_s)
-    if exit_code is not None or not ready:
-        if exit_code is not None:
-            pumper.join(2.0)  # the rest of what it wrote (a grandchild may hold the pipe open)
-        elif got.is_set():  # its output ended without a ready line: it is exiting
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                exit_code = p.wait(5.0)
-        if stop_on_failure:
-            cluster.stop()
-        elif p.poll() is None:
-            p.kill()
-            p.wait()
-        tail = "\n".join(lines[-20:])
-        if exit_code is not None:
-            raise UnavailableError(
-                f"{name} exited with status {exit_code} before it was ready: {_error_line(lines)}\n"
-                f"its last output:\n{tail}"
-            )
-        raise UnavailableError(f"{name} did not start within {timeout_s}s:\n{tail}")
-    if "metrics" in ready:
-        cluster.metrics[name] = ready["metrics"]
-    return ready
+    """Start process ``name`` and wait for its ready line (:mod:`pdserve.proc_start`: a failure
+    raises UnavailableError naming it, after stopping the cluster unless ``stop_on_failure`` is
+    off, when only the process is killed)."""
+    return await_ready(cluster, _start(cluster, name, args, timeout_s), stop_on_failure)
 
 
 def router_index_args(index_url: str) -> list[str]:
@@ -576,68 +499,80 @@ def launch(spec: ClusterSpec) -> LocalCluster:
     t = spec.startup_timeout_s
     # store nodes: kv0..kvN-1 of the one model, or one per model (kvK for model K: layouts differ)
     store_models = [pools[0]] * spec.num_stores if not multi else list(pools)
+    stores: list[tuple[str, list[str]]] = []
     for i, pool in enumerate(store_models):
         mc = ModelConfig.from_path(pool.model_path)
-        store = _spawn(
-            cl,
-            "store" if i == 0 else f"store-{i}",
-            [
-                "-m",
-                "kv_store",
-                "--node-id",
-                f"kv{i}",
-                "--capacity-blocks",
-                str(spec.store_capacity_blocks),
-                "--model-id",
-                pool.model_id,
-                "--num-layers",
-                str(mc.num_hidden_layers),
-                "--num-kv-heads",
-                str(mc.num_key_value_heads),
-                "--head-dim",
-                str(mc.head_dim),
-                "--dtype",
-                "float32",
-                "--block-size",
-                str(spec.block_size),
-                "--index",
-                spec.index_url,
-                "--replication-factor",
-                str(spec.replication_factor),
-                *sec,
-                *spec.store_args,
-            ],
-            t,
+        stores.append(
+            (
+                "store" if i == 0 else f"store-{i}",
+                [
+                    "-m",
+                    "kv_store",
+                    "--node-id",
+                    f"kv{i}",
+                    "--capacity-blocks",
+                    str(spec.store_capacity_blocks),
+                    "--model-id",
+                    pool.model_id,
+                    "--num-layers",
+                    str(mc.num_hidden_layers),
+                    "--num-kv-heads",
+                    str(mc.num_key_value_heads),
+                    "--head-dim",
+                    str(mc.head_dim),
+                    "--dtype",
+                    "float32",
+                    "--block-size",
+                    str(spec.block_size),
+                    "--index",
+                    spec.index_url,
+                    "--replication-factor",
+                    str(spec.replication_factor),
+                    *sec,
+                    *spec.store_args,
+                ],
+            )
         )
+    model_flags = [f for pool in pools for f in ("--model", pool.model_path)]
+
+    def routers(store_flag: list[str]) -> list[tuple[str, list[str]]]:
+        return [
+            (
+                router_name(i),
+                [
+                    "-m",
+                    "router",
+                    *model_flags,
+                    "--port",
+                    str(spec.router_port if i == 0 else 0),
+                    *store_flag,
+                    *router_index_args(spec.index_url),
+                    *router_tenant_state_args(spec),
+                    *([] if spec.direct_streams else ["--no-direct-streams"]),
+                    *sec,
+                    *spec.router_args,
+                ],
+            )
+            for i in range(spec.num_routers)
+        ]
+
+    # the stores and the routers start side by side, except that with the direct (dist) handoff
+    # KV handles name prefill workers, not the store: the router is told where the store is, for
+    # its prefix lookups (it would otherwise learn it from the handles). A shared (redis) index:
+    # the router finds cached prefixes there itself, as the store nodes see them; the "memory"
+    # index is private to the store process, so the router asks the store.
+    if spec.kv_transport is KVTransport.DIST:
+        ready = spawn_chains(cl, [stores], t, _start)
+        ready |= spawn_chains(cl, [routers(["--store", ready["store"]["address"]])], t, _start)
+    else:
+        ready = spawn_chains(cl, [stores, routers([])], t, _start)
+    for (name, _), pool in zip(stores, store_models, strict=True):
+        store = ready[name]
         cl.store_addresses[store["node_id"]] = store["address"]
         cl.model_stores.setdefault(pool.model_id, store["address"])  # one model: kv0
     cl.store_node_id, cl.store_address = next(iter(cl.store_addresses.items()))
-    # direct handoff: KV handles name prefill workers, not the store; tell the router where the
-    # store is for its prefix lookups (it would otherwise learn it from the handles)
-    store_flag = ["--store", cl.store_address] if spec.kv_transport is KVTransport.DIST else []
-    # a shared (redis) index: the router finds cached prefixes there itself, as the store nodes see
-    # them; the "memory" index is private to the store process, so the router asks the store
-    index_flag = router_index_args(spec.index_url)
-    model_flags = [f for pool in pools for f in ("--model", pool.model_path)]
-    for i in range(spec.num_routers):
-        router = _spawn(
-            cl,
-            router_name(i),
-            [
-                "-m",
-                "router",
-                *model_flags,
-                "--port",
-                str(spec.router_port if i == 0 else 0),
-                *store_flag,
-                *index_flag,
-                *router_tenant_state_args(spec),
-                *([] if spec.direct_streams else ["--no-direct-streams"]),
-                *sec,
-                *spec.router_args,
-            ],
-            t,
-        )
+    for name, _ in routers([]):
+        router = ready[name]
         cl.router_addresses.append(router["address"])
         # workers register and heartbeat on the router's control port (its own server and threads:
         # client load cannot delay heartbeats); a router without one serves Registry on its address
@@ -646,6 +581,11 @@ def launch(spec: ClusterSpec) -> LocalCluster:
     world = sum(p.num_prefill + p.num_decode for p in pools)
     dist_init = f"tcp://127.0.0.1:{free_port()}" if spec.kv_transport is KVTransport.DIST else ""
     rank = 0  # prefill ranks 0..P-1, decode ranks P..P+D-1
+    # one chain per kind (prefill, decode): the two kinds load their models at the same time, the
+    # workers of one kind start, and so register with the routers, in order (the routers break
+    # placement ties by registration order); the workers join the dist group in the background
+    chains: dict[str, list[tuple[str, list[str]]]] = {"prefill": [], "decode": []}
+    named: list[str] = []  # a pool's prefill workers, then its decode workers, pool by pool
     for pool in pools:
         common = [
             "--model",
@@ -678,12 +618,15 @@ def launch(spec: ClusterSpec) -> LocalCluster:
                         "--dist-backend",
                         spec.dist_backend.value,
                     ]
-                # the workers join the group in the background: spawning them one by one is fine
-                info = _spawn(cl, wid, ["-m", f"{role}_worker", "--worker-id", wid, *common, *dist], t)
-                cl.workers[wid] = info["address"]
-                if info.get("direct"):
-                    cl.direct_addresses[wid] = info["direct"]
+                chains[role].append((wid, ["-m", f"{role}_worker", "--worker-id", wid, *common, *dist]))
+                named.append(wid)
                 rank += 1
+    ready = spawn_chains(cl, list(chains.values()), t, _start)
+    for wid in named:  # cl.workers in that order, as when they started one by one
+        info = ready[wid]
+        cl.workers[wid] = info["address"]
+        if info.get("direct"):
+            cl.direct_addresses[wid] = info["direct"]
     wait_registered(cl, t)
     if spec.openai_port is not None:
         argv = ["-m", "pdserve.openai_api", *openai_args(cl, spec.openai_port), "--ready-json"]

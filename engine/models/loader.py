@@ -19,6 +19,7 @@ from engine.models.linear_native import (
     resolve_linear,
 )
 from engine.models.llama import LlamaForCausalLM
+from engine.models.no_init import skip_param_init
 from engine.models.quant import WeightDType, check_weight_dtype, quantize_model
 from engine.models.rope import RotaryEmbedding
 from pdserve.errors import ModelNotFoundError
@@ -96,9 +97,13 @@ def load_model(
     check_weight_dtype(wd, cfg, dtype, device, fuse)
     lb = resolve_linear(linear, cfg, dtype, device, wd.value)
     cls = model_class(cfg)
-    with torch.device("meta"):
-        model = cls(cfg, max_positions)
-    model = model.to_empty(device=device)
+    if device.type == "cpu":  # parameters allocated, not initialised: every one is loaded below
+        with skip_param_init():
+            model = cls(cfg, max_positions)
+    else:  # no host copy of an accelerator's model (the meta device imports torch._dynamo: ~1 s)
+        with torch.device("meta"):
+            model = cls(cfg, max_positions)
+        model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     seen: set[str] = set()
     for f in _weight_files(path):
@@ -123,7 +128,7 @@ def load_model(
     if missing:
         raise ValueError(f"checkpoint is missing weights: {missing[:5]}{'...' if len(missing) > 5 else ''}")
     model = model.to(dtype)
-    # rotary tables are buffers computed at init (on meta above): rebuild them, in float32
+    # rotary tables are buffers computed at init (on meta above, off the CPU): rebuild them, in float32
     model.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope).to(
         device
     )
