@@ -339,7 +339,8 @@ def admit_streamed_handoff(
 ) -> tuple[str, Any, bool, float]:
     """``DecodeServicer._admit_handoff`` of a Decode with ``kv_stream_address``: wait for free
     blocks, read the stream as the prefill computes it, then import the whole verified KV as the
-    non-streamed handoff does. Returns (request id, output queue, done at once, seconds from the
+    non-streamed handoff does (waiting for room again when another request took the blocks or
+    the adapter's slot during the read). Returns (request id, output queue, done at once, seconds from the
     stream's opening to the KV assembled)."""
     from pdserve.proto_convert import sampling_from_proto
 
@@ -392,7 +393,10 @@ def admit_streamed_handoff(
         add(e)
         immediate["v"] = not e.has_request(rid)  # the first token already ended it
 
-    q = svc._add(rid, adder, out)
+    # room was there before the pull, but another request may have taken the blocks or the
+    # adapter's LoRA slot since: the assembled KV waits for room as the non-streamed handoff's
+    # pulled blocks do (up to the admission timeout), not fail the request RESOURCE_EXHAUSTED
+    q = svc._add_when_room(rid, adder, out, len(ids), ctx, req.adapter)
     return rid, q, immediate["v"], pull_s
 
 

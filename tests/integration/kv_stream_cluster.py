@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -179,11 +180,24 @@ class Cluster:
     ``kv_stream`` mode (store, grpc; metrics per mode in ``metrics``). ``direct_streams``: the
     decode workers serve DirectStream and the routers grant direct token streams
     (test_kv_stream_direct.py); off: every token relayed. ``lora``: every worker's engine serves
-    these LoRA adapters and registers them (test_kv_stream_lora.py); None: the base model only."""
+    these LoRA adapters and registers them (test_kv_stream_lora.py); None: the base model only.
+    ``decode_max_loras``: the decode engines' adapter slots (``lora.max_loras``: None, as the
+    prefill engines'), small to make a decode worker evict or wait for a slot
+    (test_kv_stream_lora_faults.py)."""
 
-    def __init__(self, path, direct_streams: bool = False, lora: LoRAConfig | None = None) -> None:
+    def __init__(
+        self,
+        path,
+        direct_streams: bool = False,
+        lora: LoRAConfig | None = None,
+        decode_max_loras: int | None = None,
+    ) -> None:
+        dlora = lora
+        if lora is not None and decode_max_loras is not None:
+            dlora = dataclasses.replace(lora, max_loras=decode_max_loras)
         engines = {
-            n: LLMEngine.from_pretrained(path, ECFG, lora=lora) for n in ("pre-a", "pre-b", "dec-a", "dec-b")
+            n: LLMEngine.from_pretrained(path, ECFG, lora=dlora if n.startswith("dec") else lora)
+            for n in ("pre-a", "pre-b", "dec-a", "dec-b")
         }
         self.node = StoreNode(engine_layout(engines["dec-a"]), capacity_blocks=1024)
         self.store = self.node.client

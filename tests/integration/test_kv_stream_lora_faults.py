@@ -2,9 +2,13 @@
 in-process routers with ``kv_stream`` = store and grpc in front of two prefill and two decode
 workers that all serve two random PEFT adapters ("sql", "chat") on the tiny random Llama
 (kv_stream_cluster's :class:`Cluster` with ``lora``; 32-token prefill chunks, a 224-token prompt
-streams in 7 chunks). The prefill engines are slowed so that the test acts mid-stream: it waits
-until a prefill worker's stream of the request has published a chunk, has its consumer (the
-decode worker reads it) and is still open, with the adapter pinned in that prefill engine's slot.
+streams in 7 chunks), each decode engine with ONE adapter slot (so a second adapter there evicts
+the first, or waits while a running request pins it). The prefill engines are slowed so that
+the test acts mid-stream: it waits until a prefill worker's stream of the request has published a
+chunk, has its consumer (the decode worker reads it) and is still open, with the adapter pinned
+in that prefill engine's slot. A decode worker's slot is "held" by a local-prefill Decode with
+the other adapter sent to it directly (its steps slowed so that it outlasts the hold), cancelled
+at the end.
 
 * a client that cancels an adapter request then (store and grpc): the call ends CANCELLED, the
   stream ended (failed by the prefill's abort, or cancelled) without its final, and nothing is
@@ -13,25 +17,38 @@ decode worker reads it) and is still open, with the adapter pinned in that prefi
   engine's LoRA slots (nor a request waiting for one), nothing running or outstanding on the
   router, and the router counted the adapter request cancelled. The next request with the same
   adapter equals the engine run whole with it;
+* cancelled before the decode side took any chunk (store): every decode worker's slot is held,
+  so the request's decode worker waits for a slot before it subscribes while the prefill
+  publishes chunks to the store under leases; at the cancel the prefill worker's stream drops
+  them and releases their leases itself (at once, none to its ttl), no block stays pinned;
+* the decode worker's only slot is taken by another adapter's request while it pulls a stream:
+  the assembled KV waits for the slot (it failed RESOURCE_EXHAUSTED before), then evicts the
+  other adapter; output == the engine whole, no re-dispatch;
 * last (it stops a decode worker for good): the decode worker reading an adapter request's
-  stream is killed mid-stream (grpc); the router re-dispatches it to the other decode worker,
-  which serves the adapter, the prompt is prefilled again with the adapter (a second stream),
-  and the output (seeded) equals the engine run whole with the adapter; nothing is left on the
-  live workers or the router.
+  stream is killed mid-stream (grpc) while the other decode worker's only slot is held by the
+  other adapter; the router re-dispatches the request there, which waits for a slot before it
+  subscribes (no refusal, no second re-dispatch), then evicts the other adapter; the prompt is
+  prefilled again with the adapter (a second stream), and the output (seeded) equals the engine
+  run whole with the adapter; nothing is left on the live workers or the router.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
 from pdserve.client import Client, build_request
-from pdserve.v1 import client_pb2_grpc
+from pdserve.proto_convert import sampling_to_proto
+from pdserve.v1 import client_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pdserve.worker_base import adapter_snapshots
 from prefill_worker.kv_stream import StreamStatus
 from router.lifecycle.states import State
@@ -43,6 +60,7 @@ from tests.integration.kv_stream_cluster import (  # noqa: F401 - the module's f
     GREEDY,
     SEEDED,
     Cluster,
+    Slow,
     model_path,
     redispatches,
     seeded_prompt,
@@ -72,10 +90,71 @@ def _free_blocks(cluster: Cluster) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def cluster(model_path, lora):  # noqa: F811
-    cl = Cluster(model_path, lora=lora)
+    # one adapter slot per decode engine: a second adapter there evicts the first, or waits
+    # while a running request pins it
+    cl = Cluster(model_path, lora=lora, decode_max_loras=1)
     cl.idle_free = _free_blocks(cl)  # type: ignore[attr-defined] - before any request
+    cl.decode_slow = {n: Slow(cl.states[n].engine) for n in DECODE}  # type: ignore[attr-defined]
     yield cl
     cl.stop()
+
+
+HOLD_STEP_S = 0.03  # a slot holder's decode step: its 480 tokens would take 14 s; it is cancelled first
+_holders = itertools.count()
+
+
+@contextlib.contextmanager
+def _slot_held(cluster: Cluster, name: str, adapter: str) -> Iterator[str]:
+    """A request with ``adapter`` decoding on decode worker ``name`` while the block runs: a
+    local-prefill Decode sent to that worker directly (its steps slowed so that it outlasts the
+    block), pinning ``adapter``'s slot there (waited for); cancelled at the end (it must still
+    have been running). Yields its request id."""
+    rid = f"hold-{name}-{next(_holders)}"
+    params = SamplingParams(max_tokens=480, temperature=0.0, ignore_eos=True)  # 488 of 512 positions
+    req = worker_pb2.DecodeRequest(
+        request_id=rid,
+        prompt_token_ids=seeded_prompt(8, 99),
+        sampling=sampling_to_proto(params),
+        adapter=adapter,
+        local_prefill=True,
+    )
+    slow = cluster.decode_slow[name]  # type: ignore[attr-defined]
+    slow.delay_s = HOLD_STEP_S
+    codes: list[grpc.StatusCode] = []
+    with grpc.insecure_channel(cluster.states[name].address) as ch:
+        call = worker_pb2_grpc.WorkerStub(ch).Decode(req, timeout=CALL_S)
+
+        def read() -> None:
+            try:
+                for _ in call:
+                    pass
+            except grpc.RpcError as e:
+                codes.append(e.code())
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            deadline = time.monotonic() + CALL_S
+            while cluster.states[name].loop.call(lambda e: e._lora_pins.get(rid)) != adapter:
+                assert time.monotonic() < deadline and reader.is_alive(), f"{rid} never pinned {adapter!r}"
+                time.sleep(0.005)
+            yield rid
+        finally:
+            slow.delay_s = 0.0
+            call.cancel()
+            reader.join(CALL_S)
+    assert codes == [grpc.StatusCode.CANCELLED], f"slot holder {rid} ended early: {codes}"
+
+
+def _slot_state(cluster: Cluster, name: str) -> tuple[dict[str, str], list[str], list[str], int]:
+    """Decode worker ``name``'s engine: the requests pinning a slot (id -> adapter), the
+    requests waiting for one, the adapters resident in its slots, and its slot evictions so far."""
+
+    def read(e: LLMEngine) -> tuple[dict[str, str], list[str], list[str], int]:
+        assert e.lora is not None
+        return dict(e._lora_pins), list(e._lora_waiting), e.lora.slot_resident(), e.lora.stats.slot_evictions
+
+    return cluster.states[name].loop.call(read)
 
 
 def _adapter_refs(e: LLMEngine) -> tuple[dict[str, str], list[str], dict[str, int]]:
@@ -229,34 +308,188 @@ def test_adapter_request_cancelled_mid_stream_leaves_nothing(
     assert cluster.store.stats().node.expired_leases == store_before.expired_leases
 
 
-def test_adapter_request_whose_decode_worker_dies_mid_stream_is_redispatched(
+def test_store_stream_cancelled_before_its_chunks_were_taken_releases_their_leases(cluster) -> None:
+    """The prefill side's release of chunks published but never taken: every decode worker's one
+    slot is pinned by a request with the other adapter, so the adapter request's decode worker
+    waits for a slot before it subscribes to the stream, while the (slowed) prefill publishes
+    chunks to the store under leases. Cancelled then: the prefill worker's stream drops its
+    undelivered chunks and releases their leases itself (before any ttl), and the store is left
+    with no lease and no pinned block."""
+    mode, adapter, other = KVStreamMode.STORE, "chat", "sql"
+    prompt = seeded_prompt(N_PROMPT, 24)
+    _wait_nothing_left(cluster, mode)
+    store_before = cluster.store.stats().node
+    opened = cluster.streams_opened()
+    cancelled = _adapter_outcomes(cluster, mode, adapter, "cancelled")
+    request = build_request(prompt, GREEDY, adapter=adapter)
+    codes: list[grpc.StatusCode] = []
+    with contextlib.ExitStack() as held:
+        for n in DECODE:
+            held.enter_context(_slot_held(cluster, n, other))
+        with slowed(cluster.slow.values(), SLOW_S), grpc.insecure_channel(cluster.address(mode)) as ch:
+            call = client_pb2_grpc.GenerateStub(ch).Generate(request, timeout=CALL_S)
+
+            def read() -> None:
+                try:
+                    for _ in call:
+                        pass
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            deadline = time.monotonic() + CALL_S
+            while True:  # two chunks published, none taken: no consumer yet
+                assert time.monotonic() < deadline and reader.is_alive(), "the stream never published"
+                live = [(p, m) for p in cluster.prefill.values() for m in p.streams.live()]
+                if live and live[0][1].ready_chunks >= 2:
+                    break
+                time.sleep(0.002)
+            assert len(live) == 1, live
+            p, m = live[0]
+            stream = p.streams.get(m.request_id)
+            assert stream is not None and stream.status is StreamStatus.OPEN
+            assert not stream.has_consumer and stream._delivered == 0  # type: ignore[attr-defined]
+            sink = stream._drop.__self__  # type: ignore[attr-defined] - the stream's StoreChunkSink
+            assert sink.released == 0
+            leases = cluster.store.stats().node.num_leases
+            assert leases >= m.ready_chunks >= 2  # each published chunk is in the store under a lease
+            # the request's decode worker is still waiting for a slot: nothing of it admitted
+            for n in DECODE:
+                pins, waiting, _, _ = _slot_state(cluster, n)
+                assert set(pins.values()) == {other} and not waiting, (n, pins, waiting)
+            call.cancel()
+            reader.join(CALL_S)
+        assert not reader.is_alive() and codes == [grpc.StatusCode.CANCELLED]
+        # the prefill worker dropped the chunks nobody took and released their leases itself:
+        # at once, not at their ttl, while the slot holders still run
+        deadline = time.monotonic() + 5.0
+        while cluster.store.stats().node.num_leases:
+            assert time.monotonic() < deadline, f"leases left: {cluster.store.stats().node.num_leases}"
+            time.sleep(0.01)
+        assert stream.status in (StreamStatus.FAILED, StreamStatus.CANCELLED), stream.status
+        assert not stream.has_consumer and stream._final is None  # type: ignore[attr-defined]
+        assert sink.released >= m.ready_chunks, (sink.released, m.ready_chunks)
+    assert cluster.streams_opened() == opened + 1  # the one stream, never re-dispatched
+    _wait_nothing_left(cluster, mode)
+    node = cluster.store.stats().node
+    assert node.num_leases == 0 and node.num_pinned == 0 and node.num_pending == 0
+    assert node.expired_leases == store_before.expired_leases  # released, none left to its ttl
+    assert node.puts > store_before.puts  # the chunks did go to the store
+    assert _adapter_outcomes(cluster, mode, adapter, "cancelled") == cancelled + 1
+
+
+def test_streamed_adapter_handoff_whose_slot_is_taken_during_the_pull_waits_for_it(
+    cluster,
+    whole_lora,  # noqa: F811
+) -> None:
+    """The decode worker admits a streamed adapter request (blocks and a slot for it are there)
+    and pulls its stream; meanwhile a request with the other adapter takes that worker's only
+    slot. Once the KV is assembled the import finds no slot: the worker waits for one (as the
+    non-streamed handoff does), not fail the request with RESOURCE_EXHAUSTED after the whole
+    pull; when the holder ends it evicts the other adapter and the output equals the engine run
+    whole with the adapter, on the same decode worker (no re-dispatch), nothing left behind."""
+    mode, adapter, other = KVStreamMode.STORE, "chat", "sql"
+    prompt = seeded_prompt(N_PROMPT, 25)
+    ref = _run_whole(whole_lora, prompt, GREEDY, adapter)
+    _wait_nothing_left(cluster, mode)
+    svc = cluster.routers[mode][0]
+    before = redispatches(cluster, mode, "decode")
+    opened, expired = cluster.streams_opened(), cluster.store.stats().node.expired_leases
+    with Client(cluster.address(mode), timeout=CALL_S) as c, ThreadPoolExecutor(1) as ex:
+        with slowed(cluster.slow.values(), SLOW_S):
+            fut = ex.submit(c.complete, prompt, GREEDY, adapter=adapter)
+            _, stream = _wait_mid_stream(cluster, adapter, lambda: not fut.done(), mode)
+            dec = svc.running().popitem()[1].m.decode_id
+            with _slot_held(cluster, dec, other) as holder:
+                _, _, _, evictions = _slot_state(cluster, dec)
+                deadline = time.monotonic() + CALL_S
+                while not stream.ended:  # the decode worker took the final: the KV is assembled
+                    assert time.monotonic() < deadline and not fut.done(), "the stream never ended"
+                    time.sleep(0.005)
+                assert stream.status is StreamStatus.FINISHED
+                time.sleep(0.3)  # its import finds no slot meanwhile
+                assert not fut.done(), f"not waited for a slot: {fut.exception()!r}"
+                pins, waiting, resident, _ = _slot_state(cluster, dec)
+                assert pins == {holder: other} and not waiting and resident == [other], (pins, resident)
+        got = fut.result(CALL_S)
+    assert got.token_ids == ref, "adapter request that waited for a slot: output != the engine whole"
+    assert got.finish.reason == "length" and got.finish.completion_tokens == 16
+    assert redispatches(cluster, mode, "decode") == before and cluster.streams_opened() == opened + 1
+    _, _, resident, evicted = _slot_state(cluster, dec)
+    assert resident == [adapter] and evicted == evictions + 1, (resident, evicted, evictions)
+    _wait_nothing_left(cluster, mode)
+    assert cluster.store.stats().node.expired_leases == expired
+
+
+def test_adapter_request_redispatched_to_a_decode_worker_whose_slot_is_taken(
     cluster,
     whole,  # noqa: F811
     whole_lora,  # noqa: F811
 ) -> None:
-    """Last in the module: it stops a decode worker for good."""
-    mode, adapter = KVStreamMode.GRPC, "chat"
+    """Last in the module: it stops a decode worker for good. The decode worker reading an
+    adapter request's stream is killed mid-stream (grpc) while the other decode worker's only
+    slot is pinned by a running request with the other adapter. The router re-dispatches the
+    request there; that worker waits for a slot (no refusal, no re-dispatch again, the adapter
+    request not admitted, not run on the base model) until the holder ends, then evicts the
+    other adapter from the slot and decodes with this one: the output (seeded) equals the engine
+    run whole with the adapter, and nothing is left on the live workers or the router."""
+    mode, adapter, other = KVStreamMode.GRPC, "chat", "sql"
     prompt = seeded_prompt(N_PROMPT, 23)
     ref = _run_whole(whole_lora, prompt, SEEDED, adapter)
     assert ref != whole.generate([prompt], [SEEDED])[0].token_ids  # the adapter changes the output
+    assert ref != _run_whole(whole_lora, prompt, SEEDED, other)  # and differs from the other's
     _wait_nothing_left(cluster, mode)
+    svc = cluster.routers[mode][0]
     before = redispatches(cluster, mode, "decode")
     prefilled, decoded = _prefill_tokens(cluster, adapter), _decode_tokens(cluster, adapter)
     opened, expired = cluster.streams_opened(), cluster.store.stats().node.expired_leases
     with Client(cluster.address(mode), timeout=CALL_S) as c, ThreadPoolExecutor(1) as ex:
         with slowed(cluster.slow.values(), SLOW_S):
             fut = ex.submit(c.complete, prompt, SEEDED, adapter=adapter)
-            _wait_mid_stream(cluster, adapter, lambda: not fut.done(), mode)
-            victim = cluster.routers[mode][0].running().popitem()[1].m.decode_id
+            _, first = _wait_mid_stream(cluster, adapter, lambda: not fut.done(), mode)
+            victim = svc.running().popitem()[1].m.decode_id
             assert victim in DECODE
-            cluster.kill(victim)
+            (survivor,) = [n for n in DECODE if n != victim]
+            with _slot_held(cluster, survivor, other) as holder:
+                _, _, resident, evictions = _slot_state(cluster, survivor)
+                assert resident == [other]  # the survivor's only slot: the other adapter, pinned
+                cluster.kill(victim)
+                deadline = time.monotonic() + CALL_S
+                while not (
+                    cluster.streams_opened() == opened + 2
+                    and [d.m.decode_id for d in svc.running().values()] == [survivor]
+                ):
+                    assert time.monotonic() < deadline and not fut.done(), "never re-dispatched"
+                    time.sleep(0.005)
+                # the prompt is prefilled again, every chunk and the final published, while the
+                # survivor waits for a slot before it subscribes to the stream
+                while True:
+                    assert time.monotonic() < deadline and not fut.done(), "no second stream finished"
+                    second = [
+                        st
+                        for p in cluster.prefill.values()
+                        for m in p.streams.live()
+                        if (st := p.streams.get(m.request_id)) is not None and st is not first
+                    ]
+                    if second and second[0].status is StreamStatus.FINISHED:
+                        break
+                    time.sleep(0.005)
+                time.sleep(0.2)
+                assert not second[0].has_consumer and not fut.done()
+                assert redispatches(cluster, mode, "decode") == before + 1
+                pins, waiting, resident, _ = _slot_state(cluster, survivor)
+                assert pins == {holder: other} and not waiting and resident == [other], (pins, resident)
+                assert _decode_tokens(cluster, adapter)[survivor] == decoded[survivor]
         got = fut.result(CALL_S)
-    (survivor,) = [n for n in DECODE if n != victim]
 
     assert got.token_ids == ref, "re-dispatched adapter request: output != the engine whole"
     assert got.finish.reason == "length" and got.finish.completion_tokens == 16
-    assert redispatches(cluster, mode, "decode") == before + 1
+    assert redispatches(cluster, mode, "decode") == before + 1  # waited, never refused
     assert victim not in {e.worker_id for e in cluster.registry.alive()}
+    # the survivor evicted the other adapter (idle once its holder ended) for this one
+    _, _, resident, evicted = _slot_state(cluster, survivor)
+    assert resident == [adapter] and evicted == evictions + 1, (resident, evicted, evictions)
     # a second stream carried the prompt again, with the adapter. (The first is not judged: the
     # in-process kill stops the victim's server, which fails the router's Decode call, but its
     # handler thread may read the stream on to the end, as a dead process would not.)
