@@ -27,15 +27,28 @@ speculation does not change).
   seeded, is the non-speculative engine's run whole; no block stays referenced afterwards.
   Under rejection acceptance a seeded output depends on how many drafts each step had room for
   and on recomputes (:class:`engine.spec_decode.config.DraftAcceptance`), so it is compared
-  only without memory pressure (no preemption, asserted), not here."""
+  only without memory pressure (no preemption, asserted), not here.
+* The same pool and pacing drafting by prompt lookup (``--speculative-tokens K
+  --speculative-ngram N``): preempted and recomputed requests, drafts proposed and kept, every
+  output the non-speculative engine's.
+* The same pool with a host swap pool (``--swap-space``) and the draft model: preempted requests
+  swapped out and back in (``pdserve_worker_swaps_total``), drafts kept, every output the
+  non-speculative engine's, neither pool holding a block afterwards. A decode worker knows no
+  prefill rate until its first recompute, so its first preemptions recompute (the swap-or-
+  recompute choice has no rates before); the swaps come after.
+* Rejection acceptance with the four seeded requests running batched (no memory pressure): each
+  output is the engine's with the same config, which is the same batched as one at a time
+  (asserted): its randomness is per request, seed and output index."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import threading
 import urllib.request
 from dataclasses import replace
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -44,6 +57,7 @@ from engine.spec_decode.config import DraftAcceptance
 from pdserve.client import Client
 from pdserve.errors import UnavailableError
 from pdserve.launcher import ClusterSpec, LocalCluster, launch, wait_router_ready
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from tests.integration import test_spec_decode_cluster as sdc
 from tests.integration.clusters import paced_workers
 
@@ -112,11 +126,16 @@ def _draft_spec(models, acceptance: DraftAcceptance) -> SpeculativeConfig:
     )
 
 
-def _metric(cl: LocalCluster, worker: str, name: str) -> float:
-    """A counter of ``worker``'s /metrics (its sample ``name``, summed over labels)."""
+def _metric(cl: LocalCluster, worker: str, name: str, **labels: str) -> float:
+    """A sample of ``worker``'s /metrics: ``name`` with ``labels``, summed over its other labels."""
     with urllib.request.urlopen(f"http://{cl.metrics[worker]}/metrics", timeout=10) as r:
         text = r.read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def test_rejection_acceptance_with_prompt_lookup_is_refused_at_start(cluster, plain) -> None:
@@ -209,3 +228,146 @@ def test_preempted_and_resumed_while_speculating_equals_the_whole_engine(cluster
     assert _metric(cluster, DECODE, "pdserve_worker_prefix_cache_hits_total") > 0
     assert end.kv_blocks_used == 0 and end.num_running == 0 and end.num_waiting == 0
     assert end.num_preempted == total_preempted
+
+
+# --------------------------------------------------------------- the review's three combinations
+NGRAM_FLAGS = ("--speculative-tokens", str(K), "--speculative-ngram", str(sdc.NGRAM))
+# the decode worker's host swap pool: 0.0005 GiB = 65 blocks of 8 KiB (the tiny Llama's: 2 layers
+# x K, V x 16 tokens x 2 KV heads x 16 dims x fp32), room for every request of a run swapped out
+SWAP_GIB = "0.0005"
+
+
+def _together(cl: LocalCluster, params: list, want: list, tok) -> tuple:
+    """PROMPTS with ``params`` sent together through the router (streamed directly by the decode
+    worker), each output ``want``'s (:func:`sdc.assert_same_outputs`); the decode worker's
+    WorkerStats before and after, and the most requests it ran at once meanwhile (polled)."""
+    before = sdc._stats(cl, DECODE)
+    most = 0
+    stop = threading.Event()
+
+    def poll() -> None:
+        nonlocal most
+        with grpc.insecure_channel(cl.workers[DECODE]) as ch:
+            stub = worker_pb2_grpc.WorkerStub(ch)
+            while not stop.wait(0.005):
+                most = max(most, stub.Stats(worker_pb2.StatsRequest(), timeout=30).num_running)
+
+    with (
+        Client(cl.router_address, timeout=120, direct=True) as c,
+        cf.ThreadPoolExecutor(len(sdc.PROMPTS) + 1) as ex,
+    ):
+        watcher = ex.submit(poll)
+        try:
+            got = list(ex.map(lambda a: c.complete(*a), zip(sdc.PROMPTS, params, strict=True)))
+        finally:
+            stop.set()
+        watcher.result()
+    after = sdc._stats(cl, DECODE)
+    sdc.assert_same_outputs(tok, want, got, params)
+    return before, after, most
+
+
+def _preempting_params() -> list[list]:
+    """Greedy, then seeded: the four requests of 48 tokens that a pool of SMALL_POOL blocks
+    cannot hold together."""
+    return [
+        [replace(sdc.GREEDY, max_tokens=PREEMPT_MAX_TOKENS)] * len(sdc.PROMPTS),
+        [replace(sp, max_tokens=PREEMPT_MAX_TOKENS) for sp in sdc.SEEDED],
+    ]
+
+
+def test_preempted_while_drafting_by_prompt_lookup_equals_the_whole_engine(cluster, plain) -> None:
+    """A decode worker of 10 KV blocks drafting by prompt lookup (--speculative-tokens K
+    --speculative-ngram N, coupled acceptance, the only one prompt lookup takes), steps paced so
+    that the four requests overlap: it preempts and recomputes requests while it drafts for them,
+    keeps drafts, and every output (greedy, then seeded) is the non-speculative engine's run
+    whole; afterwards no block is referenced."""
+    _restart_decode(cluster, *NGRAM_FLAGS, kv_blocks=SMALL_POOL, min_step_s=0.02)
+    assert sdc._stats(cluster, DECODE).kv_blocks_total == SMALL_POOL
+    for params in _preempting_params():
+        ref, _ = sdc._whole(plain, params)
+        before, after, _ = _together(cluster, params, ref, plain.tokenizer)
+        preempted = after.num_preempted - before.num_preempted
+        assert preempted > 0, f"no preemption on a pool of {SMALL_POOL} blocks"
+        recomputed = after.prefill_tokens_computed_total - before.prefill_tokens_computed_total
+        assert recomputed > 0, "preempted requests were not recomputed on the decode worker"
+        drafted = after.spec_draft_tokens_total - before.spec_draft_tokens_total
+        accepted = after.spec_accepted_tokens_total - before.spec_accepted_tokens_total
+        assert 0 < accepted <= drafted, (accepted, drafted)
+    end = sdc._stats(cluster, DECODE)
+    assert end.kv_blocks_used == 0 and end.num_running == 0 and end.num_waiting == 0
+
+
+def test_swapped_out_and_in_while_speculating_equals_the_whole_engine(cluster, models, plain) -> None:
+    """A decode worker of 10 KV blocks with a host swap pool (--swap-space) drafting with the
+    draft model (coupled acceptance), steps paced so that the four requests overlap: preempted
+    requests are swapped out to the host and back (``pdserve_worker_swaps_total`` out and in),
+    drafts are kept, and every output (greedy, then seeded) is the non-speculative engine's run
+    whole; afterwards neither the device pool nor the host pool holds a block.
+
+    The swap-or-recompute choice needs the measured prefill rate, which a decode worker (its
+    prompts computed by the prefill worker) first gets from a recompute: its first preemptions
+    recompute whatever the host pool (the greedy run's, here), the later ones swap; swaps are
+    asserted over the two runs."""
+    _restart_decode(
+        cluster,
+        *_draft_flags(models, DraftAcceptance.COUPLED),
+        "--swap-space",
+        SWAP_GIB,
+        kv_blocks=SMALL_POOL,
+        min_step_s=0.02,
+    )
+    assert _metric(cluster, DECODE, "pdserve_worker_host_kv_blocks", state="free") >= len(sdc.PROMPTS) * 6
+    start = sdc._stats(cluster, DECODE)
+    swaps = [_metric(cluster, DECODE, "pdserve_worker_swaps_total", direction=d) for d in ("out", "in")]
+    for params in _preempting_params():
+        ref, _ = sdc._whole(plain, params)
+        before, after, _ = _together(cluster, params, ref, plain.tokenizer)
+        assert after.num_preempted > before.num_preempted, f"no preemption on a pool of {SMALL_POOL} blocks"
+        drafted = after.spec_draft_tokens_total - before.spec_draft_tokens_total
+        accepted = after.spec_accepted_tokens_total - before.spec_accepted_tokens_total
+        assert 0 < accepted <= drafted, (accepted, drafted)
+    outs, ins = (
+        _metric(cluster, DECODE, "pdserve_worker_swaps_total", direction=d) - was
+        for d, was in zip(("out", "in"), swaps, strict=True)
+    )
+    assert outs > 0, f"no swap-out in {after.num_preempted - start.num_preempted} preemptions"
+    assert ins == outs  # every swapped-out request came back
+    assert _metric(cluster, DECODE, "pdserve_worker_swapped_blocks_total", direction="in") > 0
+    assert after.kv_blocks_used == 0 and after.num_running == 0 and after.num_waiting == 0
+    assert _metric(cluster, DECODE, "pdserve_worker_host_kv_blocks", state="used") == 0
+    assert _metric(cluster, DECODE, "pdserve_worker_swapped_requests") == 0
+
+
+def test_rejection_acceptance_seeded_batched_equals_the_engine_with_the_same_config(
+    cluster, models, plain
+) -> None:
+    """The decode worker with --speculative-acceptance rejection and the draft model, its 256
+    blocks holding every request (no preemption, asserted), steps paced so that the four seeded
+    requests run batched (at least two at once, polled): each decodes what an engine here with the
+    same SpeculativeConfig decodes run whole, keeping and drafting exactly its drafts. That engine
+    gives the same outputs with the four in one batch as one at a time (asserted): rejection
+    sampling draws its uniforms and residuals from each request's seed and output index, so the
+    batch a step ran in does not change it (while every step gets the drafts k allows), and the
+    worker's batches, which depend on arrival times, need not be the engine's."""
+    _restart_decode(cluster, *_draft_flags(models, DraftAcceptance.REJECTION), min_step_s=0.02)
+    rej = sdc._engine(models["target"], _draft_spec(models, DraftAcceptance.REJECTION))
+    params = list(sdc.SEEDED)
+    drafted_before = rej.stats().spec_draft_tokens
+    want, want_accepted = sdc._whole(rej, params, together=True)
+    want_drafted = rej.stats().spec_draft_tokens - drafted_before
+    alone, alone_accepted = sdc._whole(rej, params, together=False)
+    assert [o.token_ids for o in alone] == [o.token_ids for o in want]
+    assert alone_accepted == want_accepted
+    ref, _ = sdc._whole(plain, params)
+    assert any(w.token_ids != r.token_ids for w, r in zip(want, ref, strict=True)), (
+        "rejection acceptance gave the non-speculative output for every seeded request"
+    )
+    assert 0 < want_accepted < want_drafted
+
+    before, after, most = _together(cluster, params, want, plain.tokenizer)
+    assert most >= 2, f"the decode worker ran the requests one at a time (at most {most} at once)"
+    accepted = after.spec_accepted_tokens_total - before.spec_accepted_tokens_total
+    drafted = after.spec_draft_tokens_total - before.spec_draft_tokens_total
+    assert (accepted, drafted) == (want_accepted, want_drafted)
+    assert after.num_preempted == before.num_preempted
