@@ -62,23 +62,63 @@ def check_group_handoff(req: worker_pb2.DecodeRequest, params: SamplingParams) -
             raise InvalidRequestError(f"n={params.n} is not supported with a LoRA adapter yet: send n=1")
 
 
-def wait_for_group_blocks(svc: Any, ctx: Any, num_tokens: int, choices: int) -> None:
-    """Wait (the admission timeout, as a single request, bounded by the call's deadline) until
-    the engine can adopt a group of ``choices`` over ``num_tokens`` handed-off prompt tokens;
-    ResourceExhaustedError after. ``svc``: the decode servicer."""
+def _group_deadline(svc: Any, ctx: Any) -> float:
+    """The monotonic deadline of a group's admission: the admission timeout, as a single
+    request's, bounded by the call's deadline."""
     limit = svc.state.config.admission_timeout_s
     remaining = ctx.time_remaining()
     if remaining is not None and remaining < 1e7:
         limit = min(limit, remaining)
-    deadline = time.monotonic() + limit
+    return time.monotonic() + limit
+
+
+def _no_group_room(svc: Any, num_tokens: int, choices: int) -> ResourceExhaustedError:
+    return ResourceExhaustedError(
+        f"decode worker {svc.state.config.worker_id} has no free KV blocks for {num_tokens} "
+        f"prompt tokens and {choices} choices",
+        retry_after_s=1.0,
+    )
+
+
+def wait_for_group_blocks(
+    svc: Any, ctx: Any, num_tokens: int, choices: int, deadline: float | None = None
+) -> None:
+    """Wait (until ``deadline``, default :func:`_group_deadline`) until the engine can adopt a
+    group of ``choices`` over ``num_tokens`` handed-off prompt tokens; ResourceExhaustedError
+    after. ``svc``: the decode servicer."""
+    if deadline is None:
+        deadline = _group_deadline(svc, ctx)
     while not svc.state.loop.call(lambda e: e.can_admit_group(num_tokens, choices)):
         if time.monotonic() >= deadline or not ctx.is_active():
-            raise ResourceExhaustedError(
-                f"decode worker {svc.state.config.worker_id} has no free KV blocks for {num_tokens} "
-                f"prompt tokens and {choices} choices",
-                retry_after_s=1.0,
-            )
+            raise _no_group_room(svc, num_tokens, choices)
         time.sleep(0.01)
+
+
+def add_group_when_room(
+    svc: Any,
+    rid: str,
+    add: Callable[[LLMEngine], Any],
+    out: Any,
+    ctx: Any,
+    num_tokens: int,
+    choices: int,
+    n: int,
+) -> Any:
+    """``svc._add`` of a group's import ``add`` (``LLMEngine.import_kv_group``, which refuses with
+    ResourceExhaustedError and takes nothing when the blocks are not there): room was there
+    before the pull, but another request may have taken the blocks since, so a refused import
+    waits for room (:func:`wait_for_group_blocks`) and tries again, up to the group's admission
+    deadline, then fails with the same error as the wait. ``n``: the request's choices
+    (parallel sampling's finished outputs); ``choices``: the candidates the engine forks."""
+    deadline = _group_deadline(svc, ctx)
+    while True:
+        try:
+            return svc._add(rid, add, out, n)
+        except ResourceExhaustedError:
+            if time.monotonic() >= deadline or not ctx.is_active():
+                raise _no_group_room(svc, num_tokens, choices) from None
+        wait_for_group_blocks(svc, ctx, num_tokens, choices, deadline)
+        time.sleep(0.01)  # the check passed but the import did not: do not spin on it
 
 
 def admit_group_handoff(
@@ -106,7 +146,12 @@ def admit_group_handoff(
     def add(e: LLMEngine) -> None:
         e.import_kv_group(rid, ids, blocks, params, priority=req.priority, cache_salt=req.cache_salt)
 
-    return rid, svc._add(rid, add, out, num_choices(req)), pull_s
+    n = len(ids) - 1
+    return (
+        rid,
+        add_group_when_room(svc, rid, add, out, ctx, n, params.num_candidates, num_choices(req)),
+        pull_s,
+    )
 
 
 def group_messages(

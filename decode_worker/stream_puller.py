@@ -50,7 +50,7 @@ from typing import Any
 import grpc
 import torch
 
-from decode_worker.groups import check_group_handoff, num_choices, wait_for_group_blocks
+from decode_worker.groups import add_group_when_room, check_group_handoff, num_choices, wait_for_group_blocks
 from decode_worker.puller import KVPuller
 from engine.block_hash import BlockHash, chain_hashes
 from engine.llm_engine import LLMEngine
@@ -383,7 +383,11 @@ def admit_streamed_handoff(
         def add_group(e: LLMEngine) -> None:
             e.import_kv_group(rid, ids, kv.blocks, params, priority=req.priority, cache_salt=req.cache_salt)
 
-        return rid, svc._add(rid, add_group, out, num_choices(req)), False, pull_s
+        # room was there before the read; another request may have taken the blocks since
+        q = add_group_when_room(
+            svc, rid, add_group, out, ctx, len(kv_ids), params.num_candidates, num_choices(req)
+        )
+        return rid, q, False, pull_s
     add = import_adder(
         rid, ids, kv, params, priority=req.priority, adapter_id=req.adapter, cache_salt=req.cache_salt
     )

@@ -150,3 +150,55 @@ def test_prefill_output_queue_exports_and_releases_on_finish() -> None:
     assert q.get() == (partial, None)
     with pytest.raises(queue.Empty):
         q._q.get_nowait()
+
+
+class _GroupSvc:
+    """The servicer surface add_group_when_room uses: ``_add`` refuses while ``room`` says no
+    (consumed one per import or can_admit_group; the last value repeats)."""
+
+    def __init__(self, room: list[bool], timeout_s: float = 1.0) -> None:
+        self.loop = _Loop(room)
+        self.loop.engine.can_admit_group = lambda n, choices: self.loop._next()
+        self.state = SimpleNamespace(
+            config=SimpleNamespace(worker_id="decode-7", admission_timeout_s=timeout_s), loop=self.loop
+        )
+        self.added: list[tuple[str, int]] = []
+
+    def _add(self, rid, adder, out, choices=1):
+        self.loop.adds += 1
+        adder(self.loop.engine)
+        self.added.append((rid, choices))
+        return out
+
+
+def _group_import(svc: _GroupSvc):
+    def add(e) -> None:
+        if not svc.loop._next():
+            raise ResourceExhaustedError("decode engine cannot adopt the group now", retry_after_s=0.05)
+
+    return add
+
+
+def test_group_import_refused_after_the_pull_waits_for_room_then_imports() -> None:
+    # another request took the blocks between the wait and the pull: the import refuses, the
+    # group waits (can_admit_group no, then yes) and the second import succeeds
+    from decode_worker.groups import add_group_when_room
+
+    svc = _GroupSvc([False, False, True, True])
+    out = object()
+    got = add_group_when_room(svc, "g", _group_import(svc), out, _Ctx(), 15, 3, 2)
+    assert got is out and svc.added == [("g", 2)] and svc.loop.adds == 2
+
+
+def test_group_import_without_room_until_the_deadline_fails_naming_the_group() -> None:
+    from decode_worker.groups import add_group_when_room
+
+    svc = _GroupSvc([False], timeout_s=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(
+        ResourceExhaustedError,
+        match="decode worker decode-7 has no free KV blocks for 15 prompt tokens and 3 choices",
+    ):
+        add_group_when_room(svc, "g", _group_import(svc), None, _Ctx(), 15, 3, 2)
+    assert 0.15 < time.monotonic() - t0 < 5.0
+    assert svc.added == []
