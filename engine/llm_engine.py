@@ -441,9 +441,13 @@ class LLMEngine:
             if bad.intersection(self.kv.host_ids_of(rid)):
                 self.scheduler.drop_swapped(rid)
 
-    def _observe_step(self, sched: SchedulerOutput, prefill_tokens: int, seconds: float) -> None:
+    def _observe_step(
+        self, sched: SchedulerOutput, prefill_tokens: int, decode_tokens: int, seconds: float
+    ) -> None:
         """Feed the rate estimator: copy timings, and the step's prefill rate (its time minus
-        synchronous copy time; a mixed step's decodes make it a conservative estimate)."""
+        synchronous copy time; a mixed step's decodes make it a conservative estimate), or a
+        decode-only step's token rate (the recompute rate's stand-in before any prefill:
+        ``RateEstimator.observe_decode``)."""
         hc = self.runner.host_cache
         copy_s = 0.0
         if hc is not None:
@@ -457,6 +461,8 @@ class LLMEngine:
                 copy_s += secs
         if prefill_tokens > 0:
             self.rates.observe_prefill(prefill_tokens, seconds - copy_s)
+        elif decode_tokens > 0:
+            self.rates.observe_decode(decode_tokens, seconds - copy_s)
         self.scheduler.set_swap_rates(self.rates.rates)
 
     # ------------------------------------------------------------------ construction
@@ -963,15 +969,16 @@ class LLMEngine:
         if sched.copy_blocks:
             self._copy_on_write(sched)
         now = self.clock()
-        prefill_tokens = 0
+        prefill_tokens = step_decodes = 0
         for s in sched.scheduled:
             tr = self._tracked[s.request.request_id]
             if tr.metrics.first_scheduled_time is None:
                 tr.metrics.first_scheduled_time = now
             if s.request.is_decoding:
-                self.decode_tokens += 1
+                step_decodes += 1
             else:
                 prefill_tokens += s.num_new_tokens
+        self.decode_tokens += step_decodes
         self.prefill_tokens_computed += prefill_tokens
         t0 = self.clock()  # the rates are measured on the engine's clock (bench/mlfq_jct.py: CPU time)
         if self.lora is not None:
@@ -989,7 +996,7 @@ class LLMEngine:
             self.runner.swap(SchedulerOutput(swap_in=sched.prefetch_in))
         if sched.disk_in:
             self._disk_read(sched)  # after the swap-ins read the host slots it refills
-        self._observe_step(sched, prefill_tokens, self.clock() - t0)
+        self._observe_step(sched, prefill_tokens, step_decodes, self.clock() - t0)
         self.num_steps += 1
         finished = self.scheduler.update_from_output(sched, self._verified(sched, results))
         if self.draft is not None:  # free the draft KV of finished, preempted and swapped requests

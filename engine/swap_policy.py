@@ -171,9 +171,15 @@ class RateEstimator:
     """Exponentially weighted means of the measured swap bandwidth and prefill throughput, and
     an affine model of a prefill step's time (:meth:`predict_prefill_seconds`).
 
-    ``alpha`` is the weight of a new sample. :attr:`rates` is None until both rates have at least
-    one sample (the engine seeds the bandwidth at start, the prefill rate after its first prefill
-    step; a request is preempted only after it was prefilled, so the rates exist by then).
+    ``alpha`` is the weight of a new sample. :attr:`rates` is None until the bandwidth and a
+    compute rate have a sample each (the engine seeds the bandwidth at start). The recompute rate
+    is the measured prefill throughput; until a prefill step was measured, the throughput of
+    decode-only steps (:meth:`observe_decode`) stands in. A disaggregated decode worker adopts
+    its requests' KV from the prefill side and never prefills until it recomputes, so without
+    the stand-in its first preemptions would always recompute, whatever its host pool. The
+    stand-in overstates a prefill's cost per token (a decode step computes one token per request
+    per pass over the weights, a prefill many), which leans the first choices towards the swap
+    the operator configured a host pool for; the first measured prefill replaces it.
 
     The throughput (tokens over step seconds) is no model of one prompt's prefill time: a step
     has a fixed cost (launches, the batch's decodes, Python) that a small model or a short
@@ -196,6 +202,7 @@ class RateEstimator:
         self.fit_alpha = fit_alpha
         self._bw: float | None = None
         self._tps: float | None = None
+        self._decode_tps: float | None = None  # decode-only steps: the stand-in recompute rate
         self._disk: float | None = None
         # exponentially decayed sums of 1, tokens, seconds, tokens^2, tokens*seconds (every
         # sample weighs the same until the decay tells: the first, often slow, step does not
@@ -224,6 +231,12 @@ class RateEstimator:
             keep = 1 - self.fit_alpha
             w, sx, sy, sxx, sxy = self._fit or (0.0, 0.0, 0.0, 0.0, 0.0)
             self._fit = (keep * w + 1, keep * sx + x, keep * sy + y, keep * sxx + x * x, keep * sxy + x * y)
+
+    def observe_decode(self, num_tokens: int, seconds: float) -> None:
+        """A decode-only step computing ``num_tokens`` tokens took ``seconds`` (ignored when either
+        is 0): the recompute rate's stand-in until a prefill step is measured (class doc)."""
+        if num_tokens > 0 and seconds > 0:
+            self._decode_tps = self._mix(self._decode_tps, num_tokens / seconds, self.alpha)
 
     def predict_prefill_seconds(self, num_tokens: int) -> float:
         """Predicted time of a step prefilling a ``num_tokens`` prompt: ``a + b * num_tokens``
@@ -257,9 +270,12 @@ class RateEstimator:
 
     @property
     def rates(self) -> SwapRates | None:
-        if self._bw is None or self._tps is None:
+        """The swap-or-recompute rates: the prefill throughput, else the decode stand-in (class
+        doc); None while the bandwidth or both compute rates are unknown."""
+        tps = self._tps if self._tps is not None else self._decode_tps
+        if self._bw is None or tps is None:
             return None
-        return SwapRates(self._bw, self._tps, self._disk)
+        return SwapRates(self._bw, tps, self._disk)
 
     def with_rates(self, rates: SwapRates) -> RateEstimator:
         """A copy seeded with fixed rates (tests, benchmarks)."""

@@ -305,10 +305,10 @@ def test_swapped_out_and_in_while_speculating_equals_the_whole_engine(cluster, m
     drafts are kept, and every output (greedy, then seeded) is the non-speculative engine's run
     whole; afterwards neither the device pool nor the host pool holds a block.
 
-    The swap-or-recompute choice needs the measured prefill rate, which a decode worker (its
-    prompts computed by the prefill worker) first gets from a recompute: its first preemptions
-    recompute whatever the host pool (the greedy run's, here), the later ones swap; swaps are
-    asserted over the two runs."""
+    Each run swaps, the first included: the worker has prefilled nothing when it first preempts
+    (its prompts are computed by the prefill worker), and its decode steps' rate stands in for the
+    prefill rate the swap-or-recompute choice needs (``RateEstimator.observe_decode``; before, its
+    first preemptions always recomputed)."""
     _restart_decode(
         cluster,
         *_draft_flags(models, DraftAcceptance.COUPLED),
@@ -322,8 +322,11 @@ def test_swapped_out_and_in_while_speculating_equals_the_whole_engine(cluster, m
     swaps = [_metric(cluster, DECODE, "pdserve_worker_swaps_total", direction=d) for d in ("out", "in")]
     for params in _preempting_params():
         ref, _ = sdc._whole(plain, params)
+        run_outs = _metric(cluster, DECODE, "pdserve_worker_swaps_total", direction="out")
         before, after, _ = _together(cluster, params, ref, plain.tokenizer)
         assert after.num_preempted > before.num_preempted, f"no preemption on a pool of {SMALL_POOL} blocks"
+        run_outs = _metric(cluster, DECODE, "pdserve_worker_swaps_total", direction="out") - run_outs
+        assert run_outs > 0, f"no swap-out in {after.num_preempted - before.num_preempted} preemptions"
         drafted = after.spec_draft_tokens_total - before.spec_draft_tokens_total
         accepted = after.spec_accepted_tokens_total - before.spec_accepted_tokens_total
         assert 0 < accepted <= drafted, (accepted, drafted)

@@ -12,6 +12,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulingPolicy
+from pdserve.errors import ResourceExhaustedError
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 BLOCK_NBYTES = 2 * 2 * 16 * 2 * 16 * 4  # layers * (K, V) * block_size * kv_heads * head_dim * fp32
@@ -69,6 +70,42 @@ def test_swap_resume_identical_under_memory_pressure(llama, reference):
     assert st.swapped_out_blocks > 0 and st.swapped_in_blocks > 0
     assert [o.token_ids for o in outs] == reference
     _assert_no_leaks(eng, 24)
+
+
+def test_adopted_requests_swap_on_their_first_preemption(llama):
+    """A decode worker's engine: every request arrives with its KV (import_kv), so the engine has
+    never prefilled when it first preempts; the decode steps' rate stands in for the recompute
+    rate and the preempted requests swap (they recomputed before: no rate, no swap), exactly."""
+    long = dataclasses.replace(GREEDY, max_tokens=80)
+    pre = _engine(llama, enable_prefix_caching=False)
+    # prompts of 17, 40, 8 and 50 tokens: 10 blocks adopted, 30 by the end of 80 tokens each
+    dec = _engine(llama, num_kv_blocks=12, swap_space_bytes=64 * BLOCK_NBYTES, enable_prefix_caching=False)
+    prompts = [_prompts()[i] for i in (1, 2, 7, 9)]
+    reference = [pre.generate([p], long)[0].token_ids for p in prompts]  # each alone, never preempted
+    for i, p in enumerate(prompts):
+        pre.add_request(f"r{i}", p, long, prefill_only=True)
+    while pre.has_unfinished():
+        pre.step()
+    exports = [pre.export_kv(f"r{i}") for i in range(len(prompts))]
+    out: dict[str, list[int]] = {}
+    while exports or dec.has_unfinished():
+        if exports:  # adopted when there is room, as the decode worker's admission does
+            e = exports[0]
+            try:
+                dec.import_kv(e.request_id, e.token_ids, e.first_token, e.blocks, long)
+                exports.pop(0)
+                continue
+            except ResourceExhaustedError:
+                assert dec.has_unfinished()
+        for o in dec.step():
+            if o.finished:
+                out[o.request_id] = o.token_ids
+    assert dec.rates.prefill_tokens_per_s is None  # nothing prefilled here
+    st = dec.stats()
+    assert st.num_preemptions > 0 and st.num_swap_outs == st.num_preemptions, st
+    assert dec.prefill_tokens_computed == 0  # nothing recomputed
+    assert [out[f"r{i}"] for i in range(len(prompts))] == reference
+    _assert_no_leaks(dec, 12)
 
 
 def test_small_host_pool_mixes_swap_and_recompute_exactly(llama, reference):

@@ -106,6 +106,25 @@ def test_rate_estimator_ewma():
         RateEstimator(alpha=0)
 
 
+def test_decode_rate_stands_in_until_a_prefill_is_measured():
+    """A decode worker adopts its requests' KV and never prefills until it recomputes: without a
+    stand-in its swap-or-recompute choice had no rates and always recomputed."""
+    est = RateEstimator(alpha=0.5)
+    est.observe_copy(1000, 1.0)
+    est.observe_decode(0, 1.0)  # ignored
+    assert est.rates is None
+    est.observe_decode(50, 1.0)
+    assert est.rates == SwapRates(1000.0, 50.0)
+    est.observe_decode(150, 1.0)
+    assert est.rates == SwapRates(1000.0, 100.0)
+    # the stand-in is no prefill measurement: MLFQ's prediction and the prefill rate stay unknown
+    assert est.prefill_tokens_per_s is None and est.predict_prefill_seconds(64) == 0.0
+    est.observe_prefill(400, 1.0)  # the first measured prefill replaces it
+    assert est.rates == SwapRates(1000.0, 400.0)
+    est.observe_decode(10, 1.0)  # decodes no longer move the recompute rate
+    assert est.rates == SwapRates(1000.0, 400.0)
+
+
 def test_prefill_prediction_is_affine_not_throughput():
     """A step's fixed cost is not charged per token (issue #15: n / throughput predicted 45 ms for
     a 128-token prompt on the tiny CPU model whose step took 4.6 ms, and skip-join put every
