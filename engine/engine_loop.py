@@ -34,6 +34,7 @@ from pdserve.errors import CancelledError
 
 log = logging.getLogger(__name__)
 MIN_STEP_ENV = "PDSERVE_TEST_MIN_STEP_S"
+SHUTTING_DOWN = "engine is shutting down"  # the CancelledError of work the stopped loop will not run
 
 
 def min_step_s() -> float:
@@ -103,7 +104,7 @@ class EngineLoop:
             if not closed:
                 self._cmds.put((lambda: fn(self.engine), fut))
         if closed:
-            fut.set_exception(CancelledError("engine is shutting down"))
+            fut.set_exception(CancelledError(SHUTTING_DOWN))
             return fut
         self._wake.set()
         return fut
@@ -224,7 +225,7 @@ class EngineLoop:
                 except queue.Empty:
                     break
                 if fut.set_running_or_notify_cancel():
-                    fut.set_exception(CancelledError("engine is shutting down"))
+                    fut.set_exception(CancelledError(SHUTTING_DOWN))
 
     def _serve(self) -> None:
         import time
@@ -275,4 +276,4 @@ class EngineLoop:
         with self._lock:
             ids = list(self._queues)
         for rid in ids:
-            self._finish_queue(rid, CancelledError("engine is shutting down"))
+            self._finish_queue(rid, CancelledError(SHUTTING_DOWN))

@@ -147,6 +147,10 @@ class ClusterSpec:
     # token path; a router serving several models relays): False runs every process with
     # --no-direct-streams (every token relayed by the router)
     direct_streams: bool = True
+    # start the stores beside the routers and the prefill beside the decode workers (each kind's
+    # workers still one after another, in order); False: every process after the one before
+    # (the start-up before 2026-12-07; bench/launch_startup.py compares the two)
+    parallel_start: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
@@ -565,7 +569,7 @@ def launch(spec: ClusterSpec) -> LocalCluster:
         ready = spawn_chains(cl, [stores], t, _start)
         ready |= spawn_chains(cl, [routers(["--store", ready["store"]["address"]])], t, _start)
     else:
-        ready = spawn_chains(cl, [stores, routers([])], t, _start)
+        ready = spawn_chains(cl, _side_by_side(spec, [stores, routers([])]), t, _start)
     for (name, _), pool in zip(stores, store_models, strict=True):
         store = ready[name]
         cl.store_addresses[store["node_id"]] = store["address"]
@@ -621,7 +625,7 @@ def launch(spec: ClusterSpec) -> LocalCluster:
                 chains[role].append((wid, ["-m", f"{role}_worker", "--worker-id", wid, *common, *dist]))
                 named.append(wid)
                 rank += 1
-    ready = spawn_chains(cl, list(chains.values()), t, _start)
+    ready = spawn_chains(cl, _side_by_side(spec, list(chains.values())), t, _start)
     for wid in named:  # cl.workers in that order, as when they started one by one
         info = ready[wid]
         cl.workers[wid] = info["address"]
@@ -636,6 +640,14 @@ def launch(spec: ClusterSpec) -> LocalCluster:
     if spec.supervise_routers:
         cl.supervise()
     return cl
+
+
+def _side_by_side(
+    spec: ClusterSpec, chains: list[list[tuple[str, list[str]]]]
+) -> list[list[tuple[str, list[str]]]]:
+    """``chains`` as they are (started side by side), or joined into one (one process after the
+    other) without ``spec.parallel_start``."""
+    return chains if spec.parallel_start else [[p for c in chains for p in c]]
 
 
 def _generate_serving(ch) -> bool:

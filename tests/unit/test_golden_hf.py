@@ -27,19 +27,50 @@ PROMPTS = [
 ]
 
 
+# HF's greedy run and its log-probabilities, kept per (model folder, prompt) for the session: the
+# golden tests of several modules (native linear, fused, gemm) ask for the same references, with
+# different lengths. A shorter run is a prefix of a longer one (greedy, no stop), and a token's
+# log-probability depends only on the tokens before it, so one run serves every length up to it.
+_HF_RUNS: dict[tuple[str, tuple[int, ...]], tuple[list[int], torch.Tensor]] = {}
+
+
+def _hf_key(model, ids: list[int]) -> tuple[str, tuple[int, ...]]:
+    return (str(model.config._name_or_path), tuple(ids))
+
+
+def _hf_run(model, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """HF's greedy ``n`` tokens after ``ids`` and their log-probabilities (cached, module note)."""
+    key = _hf_key(model, ids)
+    got = _HF_RUNS.get(key)
+    if got is None or len(got[0]) < n:
+        x = torch.tensor([ids])
+        out = model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, eos_token_id=None
+        )
+        gen = out[0][len(ids) :].tolist()
+        got = (gen, _hf_forward_logprobs(model, ids, gen))
+        _HF_RUNS[key] = got
+    return got[0][:n], got[1][:n]
+
+
 def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    x = torch.tensor([ids])
-    out = model.generate(
-        x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, eos_token_id=None
-    )
-    return out[0][len(ids) :].tolist()
+    return _hf_run(model, ids, n)[0]
 
 
-def _hf_logprobs(model, ids: list[int], gen: list[int]) -> torch.Tensor:
+def _hf_forward_logprobs(model, ids: list[int], gen: list[int]) -> torch.Tensor:
     with torch.no_grad():
         lg = model(torch.tensor([ids + gen])).logits[0].float()
     lp = torch.log_softmax(lg, -1)
     return torch.stack([lp[len(ids) - 1 + j, t] for j, t in enumerate(gen)])
+
+
+def _hf_logprobs(model, ids: list[int], gen: list[int]) -> torch.Tensor:
+    """HF's log-probabilities of ``gen`` after ``ids``: from the cached greedy run when ``gen`` is
+    a prefix of it, else computed."""
+    got = _HF_RUNS.get(_hf_key(model, ids))
+    if got is not None and 0 < len(gen) <= len(got[0]) and got[0][: len(gen)] == list(gen):
+        return got[1][: len(gen)]
+    return _hf_forward_logprobs(model, ids, gen)
 
 
 @pytest.mark.slow
