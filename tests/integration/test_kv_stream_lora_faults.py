@@ -246,6 +246,22 @@ def _adapter_outcomes(cluster: Cluster, mode: KVStreamMode, adapter: str, outcom
     )
 
 
+def _read_in_background(call, codes: list[grpc.StatusCode]) -> threading.Thread:
+    """A started daemon thread reading ``call`` to its end; the status code of an RpcError that
+    ends it goes to ``codes``."""
+
+    def read() -> None:
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError as e:
+            codes.append(e.code())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader
+
+
 @pytest.mark.parametrize(
     ("mode", "adapter", "seed"),
     [(KVStreamMode.STORE, "sql", 21), (KVStreamMode.GRPC, "chat", 22)],
@@ -271,16 +287,7 @@ def test_adapter_request_cancelled_mid_stream_leaves_nothing(
     codes: list[grpc.StatusCode] = []
     with slowed(cluster.slow.values(), SLOW_S), grpc.insecure_channel(cluster.address(mode)) as ch:
         call = client_pb2_grpc.GenerateStub(ch).Generate(request, timeout=CALL_S)
-
-        def read() -> None:
-            try:
-                for _ in call:
-                    pass
-            except grpc.RpcError as e:
-                codes.append(e.code())
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
+        reader = _read_in_background(call, codes)
         _, stream = _wait_mid_stream(cluster, adapter, reader.is_alive, mode)
         call.cancel()
         reader.join(CALL_S)
@@ -328,16 +335,7 @@ def test_store_stream_cancelled_before_its_chunks_were_taken_releases_their_leas
             held.enter_context(_slot_held(cluster, n, other))
         with slowed(cluster.slow.values(), SLOW_S), grpc.insecure_channel(cluster.address(mode)) as ch:
             call = client_pb2_grpc.GenerateStub(ch).Generate(request, timeout=CALL_S)
-
-            def read() -> None:
-                try:
-                    for _ in call:
-                        pass
-                except grpc.RpcError as e:
-                    codes.append(e.code())
-
-            reader = threading.Thread(target=read, daemon=True)
-            reader.start()
+            reader = _read_in_background(call, codes)
             deadline = time.monotonic() + CALL_S
             while True:  # two chunks published, none taken: no consumer yet
                 assert time.monotonic() < deadline and reader.is_alive(), "the stream never published"
