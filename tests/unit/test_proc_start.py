@@ -148,3 +148,12 @@ def test_the_launcher_spawn_still_names_a_failed_process(tmp_path) -> None:
     ):
         _spawn(cl, "solo", args, 30.0)  # type: ignore[arg-type]
     assert cl.stopped == 1
+
+
+def test_parallel_start_off_runs_one_chain(tmp_path) -> None:
+    from pdserve.launcher import ClusterSpec, _side_by_side
+
+    chains = [[("a0", ["x"]), ("a1", ["y"])], [("b0", ["z"])]]
+    assert _side_by_side(ClusterSpec(model_path=str(tmp_path)), chains) == chains
+    one = _side_by_side(ClusterSpec(model_path=str(tmp_path), parallel_start=False), chains)
+    assert one == [[("a0", ["x"]), ("a1", ["y"]), ("b0", ["z"])]]
