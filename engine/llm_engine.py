@@ -975,10 +975,10 @@ class LLMEngine:
             if tr.metrics.first_scheduled_time is None:
                 tr.metrics.first_scheduled_time = now
             if s.request.is_decoding:
-                step_decodes += 1
+                self.decode_tokens += 1
+                step_decodes += s.num_new_tokens  # with speculation: 1 + its drafts, all computed
             else:
                 prefill_tokens += s.num_new_tokens
-        self.decode_tokens += step_decodes
         self.prefill_tokens_computed += prefill_tokens
         t0 = self.clock()  # the rates are measured on the engine's clock (bench/mlfq_jct.py: CPU time)
         if self.lora is not None:

@@ -41,11 +41,16 @@ class PreemptionMode(enum.Enum):
 class SwapRates:
     """Measured rates. ``swap_bytes_per_s``: device<->host copy bandwidth (one direction);
     ``recompute_tokens_per_s``: prefill throughput; ``disk_bytes_per_s``: host<->disk tier
-    bandwidth (one direction; None: no disk tier or not measured yet). All must be > 0."""
+    bandwidth (one direction; None: no disk tier or not measured yet). All must be > 0.
+    ``recompute_estimated``: the recompute rate is the decode steps' stand-in, no measured
+    prefill (:class:`RateEstimator`); it then decides only between the host pool and a recompute,
+    never a spill to disk (on an accelerator the stand-in can understate a prefill's rate 10-100x,
+    and a spill's disk traffic is priced against it)."""
 
     swap_bytes_per_s: float
     recompute_tokens_per_s: float
     disk_bytes_per_s: float | None = None
+    recompute_estimated: bool = False
 
     def __post_init__(self) -> None:
         d = self.disk_bytes_per_s
@@ -97,7 +102,8 @@ def choose_preemption_mode(
     whose KV a recompute would compute again. ``spill_blocks``: when the host pool is short, the
     host blocks of colder swapped-out requests that would spill to the disk tier to make room
     (:func:`plan_spill`; None: the disk tier cannot make room). Recompute when the host pool lacks
-    room and no spill makes it, or no rates are known yet; swap when copying out and back in (plus
+    room and no spill makes it (or the recompute rate is only the stand-in:
+    ``SwapRates.recompute_estimated``), or no rates are known yet; swap when copying out and back in (plus
     the spill's disk write and later read) is strictly faster than recomputing. A request with
     nothing to copy (every block shared) swaps: keeping its references costs nothing.
     """
@@ -110,7 +116,11 @@ def choose_preemption_mode(
     recompute_s = rates.recompute_seconds(tokens_to_recompute)
     swap_s = 2 * rates.swap_seconds(blocks_to_copy * block_nbytes)
     if blocks_to_copy > host_free_blocks:
-        if spill_blocks is None or host_free_blocks + spill_blocks < blocks_to_copy:
+        if (
+            spill_blocks is None
+            or host_free_blocks + spill_blocks < blocks_to_copy
+            or rates.recompute_estimated
+        ):
             return SwapDecision(PreemptionMode.RECOMPUTE, swap_s, recompute_s)
         swap_s += 2 * rates.disk_seconds(spill_blocks * block_nbytes)
         mode = PreemptionMode.SWAP if swap_s < recompute_s else PreemptionMode.RECOMPUTE
@@ -179,7 +189,8 @@ class RateEstimator:
     the stand-in its first preemptions would always recompute, whatever its host pool. The
     stand-in overstates a prefill's cost per token (a decode step computes one token per request
     per pass over the weights, a prefill many), which leans the first choices towards the swap
-    the operator configured a host pool for; the first measured prefill replaces it.
+    the operator configured a host pool for; the first measured prefill replaces it. Rates from
+    the stand-in are marked (``SwapRates.recompute_estimated``): they never price a spill to disk.
 
     The throughput (tokens over step seconds) is no model of one prompt's prefill time: a step
     has a fixed cost (launches, the batch's decodes, Python) that a small model or a short
@@ -275,7 +286,7 @@ class RateEstimator:
         tps = self._tps if self._tps is not None else self._decode_tps
         if self._bw is None or tps is None:
             return None
-        return SwapRates(self._bw, tps, self._disk)
+        return SwapRates(self._bw, tps, self._disk, recompute_estimated=self._tps is None)
 
     def with_rates(self, rates: SwapRates) -> RateEstimator:
         """A copy seeded with fixed rates (tests, benchmarks)."""

@@ -497,6 +497,16 @@ def launch(spec: ClusterSpec) -> LocalCluster:
     from pdserve.v1 import router_pb2  # noqa: F401 - fail early if protos are missing
 
     cl = LocalCluster(spec)
+    try:
+        return _launch(cl, spec)
+    except BaseException:
+        # whatever failed (a process that did not start stopped the cluster already; a worker
+        # that never registered, a failed Popen, an interrupt did not), nothing is left running
+        cl.stop()
+        raise
+
+
+def _launch(cl: LocalCluster, spec: ClusterSpec) -> LocalCluster:
     sec = _setup_security(cl)  # the security flags of every process ([] without tls)
     pools = spec.pools()
     multi = len(spec.models) > 1
@@ -646,7 +656,8 @@ def _side_by_side(
     spec: ClusterSpec, chains: list[list[tuple[str, list[str]]]]
 ) -> list[list[tuple[str, list[str]]]]:
     """``chains`` as they are (started side by side), or joined into one (one process after the
-    other) without ``spec.parallel_start``."""
+    other) without ``spec.parallel_start`` (with several models: every model's prefill workers,
+    then every model's decode workers; before 2026-12-07 the launcher went model by model)."""
     return chains if spec.parallel_start else [[p for c in chains for p in c]]
 
 

@@ -129,15 +129,18 @@ def start(
 
 def _state(s: Starting) -> int | bool | None:
     """True: ready; an int: exited (its status) with no ready line; False: its output ended without
-    a ready line while it still runs (it is exiting); None: still starting."""
+    a ready line while it still runs (it is exiting); None: still starting.
+
+    ``got`` is read before ``ready``: the pump fills ``ready`` and then sets ``got``, so a ``got``
+    seen set means ``ready`` is final by the time it is read (read the other way round, a ready
+    line arriving between the two reads looked like output that ended without one)."""
+    ended = s.got.is_set()
     if s.ready:
         return True
     code = s.proc.poll()
     if code is not None:
         return code
-    if s.got.is_set():
-        return False
-    return None
+    return False if ended else None
 
 
 def _fail(cluster: Cluster, s: Starting, state: int | bool | None, stop_on_failure: bool) -> UnavailableError:

@@ -33,9 +33,8 @@ speculation does not change).
   output the non-speculative engine's.
 * The same pool with a host swap pool (``--swap-space``) and the draft model: preempted requests
   swapped out and back in (``pdserve_worker_swaps_total``), drafts kept, every output the
-  non-speculative engine's, neither pool holding a block afterwards. A decode worker knows no
-  prefill rate until its first recompute, so its first preemptions recompute (the swap-or-
-  recompute choice has no rates before); the swaps come after.
+  non-speculative engine's, neither pool holding a block afterwards; each run swaps, the first
+  included (until it measures a prefill, the worker prices a recompute at its decode steps' rate).
 * Rejection acceptance with the four seeded requests running batched (no memory pressure): each
   output is the engine's with the same config, which is the same batched as one at a time
   (asserted): its randomness is per request, seed and output index."""

@@ -31,11 +31,12 @@ PROMPTS = [
 # golden tests of several modules (native linear, fused, gemm) ask for the same references, with
 # different lengths. A shorter run is a prefix of a longer one (greedy, no stop), and a token's
 # log-probability depends only on the tokens before it, so one run serves every length up to it.
-_HF_RUNS: dict[tuple[str, tuple[int, ...]], tuple[list[int], torch.Tensor]] = {}
+_HF_RUNS: dict[tuple[str, str, str, tuple[int, ...]], tuple[list[int], torch.Tensor]] = {}
 
 
-def _hf_key(model, ids: list[int]) -> tuple[str, tuple[int, ...]]:
-    return (str(model.config._name_or_path), tuple(ids))
+def _hf_key(model, ids: list[int]) -> tuple[str, str, str, tuple[int, ...]]:
+    """The folder, dtype and whole config (a folder loaded with overrides is another model)."""
+    return (str(model.config._name_or_path), str(model.dtype), model.config.to_json_string(), tuple(ids))
 
 
 def _hf_run(model, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:

@@ -114,3 +114,22 @@ def test_a_cpu_load_does_not_import_dynamo(llama_dir) -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+
+
+def test_the_cpu_loader_builds_the_model_under_the_skip(llama_dir, monkeypatch) -> None:
+    import contextlib
+
+    import engine.models.loader as loader
+
+    entered: list[int] = []
+    real = loader.skip_param_init
+
+    @contextlib.contextmanager
+    def counted():
+        entered.append(1)
+        with real():
+            yield
+
+    monkeypatch.setattr(loader, "skip_param_init", counted)
+    load_model(llama_dir, torch.float32, torch.device("cpu"))
+    assert entered == [1]

@@ -114,15 +114,27 @@ def test_decode_rate_stands_in_until_a_prefill_is_measured():
     est.observe_decode(0, 1.0)  # ignored
     assert est.rates is None
     est.observe_decode(50, 1.0)
-    assert est.rates == SwapRates(1000.0, 50.0)
+    assert est.rates == SwapRates(1000.0, 50.0, recompute_estimated=True)
     est.observe_decode(150, 1.0)
-    assert est.rates == SwapRates(1000.0, 100.0)
+    assert est.rates == SwapRates(1000.0, 100.0, recompute_estimated=True)
     # the stand-in is no prefill measurement: MLFQ's prediction and the prefill rate stay unknown
     assert est.prefill_tokens_per_s is None and est.predict_prefill_seconds(64) == 0.0
     est.observe_prefill(400, 1.0)  # the first measured prefill replaces it
     assert est.rates == SwapRates(1000.0, 400.0)
     est.observe_decode(10, 1.0)  # decodes no longer move the recompute rate
     assert est.rates == SwapRates(1000.0, 400.0)
+
+
+def test_a_stand_in_recompute_rate_swaps_to_the_host_but_never_spills() -> None:
+    measured = SwapRates(1e9, 100.0, disk_bytes_per_s=1e9)
+    estimated = SwapRates(1e9, 100.0, disk_bytes_per_s=1e9, recompute_estimated=True)
+    room = dict(blocks_to_copy=4, block_nbytes=1000, tokens_to_recompute=500, host_free_blocks=8)
+    for rates in (measured, estimated):  # room on the host: the cheaper one, either way
+        assert choose_preemption_mode(**room, rates=rates).mode is PreemptionMode.SWAP
+    short = dict(room, host_free_blocks=1, spill_blocks=3)  # room only by spilling to disk
+    assert choose_preemption_mode(**short, rates=measured).mode is PreemptionMode.SWAP
+    d = choose_preemption_mode(**short, rates=estimated)
+    assert d.mode is PreemptionMode.RECOMPUTE and d.spill_blocks == 0
 
 
 def test_prefill_prediction_is_affine_not_throughput():
