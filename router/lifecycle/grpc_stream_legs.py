@@ -189,15 +189,30 @@ class GrpcStreamedDecode:
         if not self._first.done():
             self._first.cancel()
 
+    def _refused(self) -> bool:
+        """The Decode failed before its first message with RESOURCE_EXHAUSTED: the decode worker
+        found no room (KV blocks, the adapter's LoRA slot) within its admission timeout. The
+        router hands that refusal to the client as it is (no re-dispatch), so the prefill
+        worker's stream of the request will never be consumed."""
+        first = self._first
+        if not first.done() or first.cancelled():
+            return False
+        e = first.exception()
+        return isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
     def _drop_stream(self) -> None:
-        """The client left before the decode worker sent a token (so before it had the whole
-        streamed KV): abort the request on the prefill worker, whose finished stream would otherwise wait its
-        TTL (60 s) for a consumer that never subscribes (the client left between the prefill's
-        answer and the decode worker's subscription). Fire and forget: the stream expires anyway."""
+        """The client left, or the decode worker refused the request, before the decode worker
+        sent a token (so before it had the whole streamed KV): abort the request on the prefill
+        worker, whose finished stream would otherwise wait its TTL (60 s) for a consumer that
+        never subscribes (the client left, or the decode worker gave up waiting for room,
+        between the prefill's answer and the decode worker's subscription), its store chunks
+        leased meanwhile. Fire and forget: the stream expires anyway."""
         first = self._first
         if (
             self._dropping is not None
-            or not gone(self.legs.ctx)  # a re-dispatch may prefill the same id there again
+            # a re-dispatch may prefill the same id there again: only a client gone, or a
+            # decode worker's refusal (the request fails with it, never re-dispatched), drops it
+            or not (gone(self.legs.ctx) or self._refused())
             or (
                 first.done()
                 and not first.cancelled()

@@ -24,6 +24,14 @@ at the end.
 * the decode worker's only slot is taken by another adapter's request while it pulls a stream:
   the assembled KV waits for the slot (it failed RESOURCE_EXHAUSTED before), then evicts the
   other adapter; output == the engine whole, no re-dispatch;
+* every decode worker's only slot stays pinned by the other adapter longer than the admission
+  timeout (shortened to 1 s): the chosen decode worker refuses RESOURCE_EXHAUSTED naming itself
+  and the adapter's LoRA slot, the router hands that to the client (no re-dispatch), and the
+  prefill's finished stream nobody consumed is dropped at once (its store leases with it: they
+  waited the stream's 60 s ttl before);
+* a streamed parallel-sampling group (n=2, no adapter: groups take none) whose first
+  ``import_kv_group`` after the pull is refused (its blocks taken meanwhile) waits for room and
+  imports again: choices == the engine whole;
 * last (it stops a decode worker for good): the decode worker reading an adapter request's
   stream is killed mid-stream (grpc) while the other decode worker's only slot is held by the
   other adapter; the router re-dispatches the request there, which waits for a slot before it
@@ -35,6 +43,7 @@ at the end.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import threading
 import time
@@ -47,6 +56,7 @@ import pytest
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client, build_request
+from pdserve.errors import ResourceExhaustedError
 from pdserve.proto_convert import sampling_to_proto
 from pdserve.v1 import client_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pdserve.worker_base import adapter_snapshots
@@ -418,6 +428,119 @@ def test_streamed_adapter_handoff_whose_slot_is_taken_during_the_pull_waits_for_
     assert resident == [adapter] and evicted == evictions + 1, (resident, evicted, evictions)
     _wait_nothing_left(cluster, mode)
     assert cluster.store.stats().node.expired_leases == expired
+
+
+@contextlib.contextmanager
+def _admission_timeout(cluster: Cluster, timeout_s: float) -> Iterator[None]:
+    """Every live decode worker's ``admission_timeout_s`` set to ``timeout_s`` while the block
+    runs (its ``WorkerConfig`` is frozen: replaced, then restored)."""
+    saved = {n: cluster.states[n].config for n in DECODE if n not in cluster.stopped}
+    for n, c in saved.items():
+        cluster.states[n].config = dataclasses.replace(c, admission_timeout_s=timeout_s)
+    try:
+        yield
+    finally:
+        for n, c in saved.items():
+            cluster.states[n].config = c
+
+
+ADMISSION_S = 1.0  # the decode workers' admission timeout in the refusal test (30 s by default)
+
+
+def test_streamed_adapter_handoff_with_no_slot_within_the_admission_timeout_is_refused(cluster) -> None:
+    """Every decode worker's only adapter slot stays pinned by a request with the other adapter
+    for longer than the admission timeout (shortened to 1 s here): the decode worker the router
+    chose waits that long for a slot, then refuses the streamed adapter request
+    RESOURCE_EXHAUSTED naming itself and the adapter's LoRA slot (``_no_room``). The router
+    hands that refusal to the client as it is (the decode side refused, it is not lost: no
+    re-dispatch to the other decode worker, no second stream; counted ``rejected``), within a
+    bound of the timeout; the request was never admitted (the holders keep their slots, nobody
+    waits for one) and nothing is left behind: no store lease (none left to its ttl), no stream,
+    no engine block, no pin, nothing on the router."""
+    mode, adapter, other = KVStreamMode.STORE, "chat", "sql"
+    prompt = seeded_prompt(N_PROMPT, 26)
+    _wait_nothing_left(cluster, mode)
+    before = redispatches(cluster, mode, "decode")
+    rejected = _adapter_outcomes(cluster, mode, adapter, "rejected")
+    opened, expired = cluster.streams_opened(), cluster.store.stats().node.expired_leases
+    request = build_request(prompt, GREEDY, adapter=adapter)
+    with contextlib.ExitStack() as held:
+        holders = {n: held.enter_context(_slot_held(cluster, n, other)) for n in DECODE}
+        with _admission_timeout(cluster, ADMISSION_S), grpc.insecure_channel(cluster.address(mode)) as ch:
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in client_pb2_grpc.GenerateStub(ch).Generate(request, timeout=CALL_S):
+                    pass
+            took = time.monotonic() - t0
+        # the refusal came after the decode worker waited its admission timeout, and not much later
+        assert ADMISSION_S <= took < ADMISSION_S + 5.0, took
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (err.value.code(), err.value.details())
+        details = err.value.details() or ""
+        refusers = [n for n in DECODE if f"decode worker {n} has no free KV blocks" in details]
+        assert len(refusers) == 1 and f"LoRA slot for adapter {adapter!r}" in details, details
+        # never admitted: each holder still has its worker's one slot, nobody waits for one
+        for n in DECODE:
+            pins, waiting, resident, _ = _slot_state(cluster, n)
+            assert pins == {holders[n]: other} and not waiting and resident == [other], (n, pins, waiting)
+        # the refusal went to the client: no re-dispatch to the other decode worker, one stream
+        assert redispatches(cluster, mode, "decode") == before
+        assert cluster.streams_opened() == opened + 1
+        assert _adapter_outcomes(cluster, mode, adapter, "rejected") == rejected + 1
+        # the prefill's stream, which no decode worker consumed, and its store leases are gone
+        # while the holders still run: within seconds, not at the stream's 60 s ttl
+        deadline = time.monotonic() + 5.0
+        while True:
+            _, leases, streams = cluster.leaks()
+            if not leases and not streams:
+                break
+            assert time.monotonic() < deadline, f"left behind: {leases} store leases, streams {streams}"
+            time.sleep(0.02)
+    _wait_nothing_left(cluster, mode, timeout_s=5.0)
+    assert cluster.store.stats().node.expired_leases == expired  # released, none left to its ttl
+    assert all(cluster.states[n].config.admission_timeout_s == 30.0 for n in DECODE)  # restored
+
+
+GROUP = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=17, ignore_eos=True, n=2)
+
+
+def test_streamed_group_whose_blocks_were_taken_during_the_pull_waits_for_room(
+    cluster,
+    whole,  # noqa: F811
+    monkeypatch,
+) -> None:
+    """A parallel-sampling group (n=2, no adapter: a group cannot carry one) through the streamed
+    handoff: the decode worker had room before the pull, but its first ``import_kv_group`` after
+    the pull is refused ResourceExhaustedError (as if another request took the blocks meanwhile).
+    The worker waits for room and imports again (``add_group_when_room``), not fail the group:
+    both choices equal the engine run whole, the import was tried twice (once refused), one
+    stream, no re-dispatch, nothing left behind."""
+    mode = KVStreamMode.STORE
+    prompt = seeded_prompt(N_PROMPT, 27)
+    ref = {o.choice_index: o.token_ids for o in whole.generate_choices(prompt, GROUP)}
+    assert len(ref) == 2 and ref[0] != ref[1]
+    _wait_nothing_left(cluster, mode)
+    before = redispatches(cluster, mode, "decode")
+    opened = cluster.streams_opened()
+    tries: list[tuple[str, str]] = []  # (decode worker, request id) of each import_kv_group
+
+    def refusing_once(name: str, real):
+        def import_kv_group(rid, *a, **kw):
+            tries.append((name, rid))
+            if len(tries) == 1:  # nothing taken: the engine's own refusal takes nothing either
+                raise ResourceExhaustedError(f"test: {name}'s blocks taken during the stream read")
+            return real(rid, *a, **kw)
+
+        return import_kv_group
+
+    for n in DECODE:
+        e = cluster.states[n].engine
+        monkeypatch.setattr(e, "import_kv_group", refusing_once(n, e.import_kv_group))
+    with Client(cluster.address(mode), timeout=CALL_S) as c:
+        got = {i: ch.token_ids for i, ch in enumerate(c.complete_choices(prompt, GROUP, direct=False))}
+    assert got == ref, "a group whose import was refused once: choices != the engine whole"
+    assert len(tries) == 2 and tries[0] == tries[1], tries  # refused, then imported, same worker
+    assert redispatches(cluster, mode, "decode") == before and cluster.streams_opened() == opened + 1
+    _wait_nothing_left(cluster, mode)
 
 
 def test_adapter_request_redispatched_to_a_decode_worker_whose_slot_is_taken(

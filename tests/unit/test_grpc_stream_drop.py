@@ -8,16 +8,25 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import grpc
+
 from pdserve.v1 import client_pb2, worker_pb2
 from router.lifecycle.grpc_stream_legs import GrpcStreamedDecode
 
 
 class _Call:
-    """A Decode call that never sends (the decode worker has not subscribed yet)."""
+    """A Decode call that never sends (the decode worker has not subscribed yet), or fails with
+    ``fails`` (a status code) before its first message."""
 
-    def __init__(self) -> None:
+    def __init__(self, fails: grpc.StatusCode | None = None) -> None:
         self.cancelled = False
         self._never: asyncio.Future = asyncio.get_running_loop().create_future()
+        if fails is not None:
+            self._never.set_exception(
+                grpc.aio.AioRpcError(
+                    fails, grpc.aio.Metadata(), grpc.aio.Metadata(), "decode worker d0 said no"
+                )
+            )
 
     def __aiter__(self):
         return self
@@ -34,12 +43,12 @@ class _Call:
 
 
 class _Stub:
-    def __init__(self, address: str, log: list) -> None:
-        self.address, self.log = address, log
+    def __init__(self, address: str, log: list, fails: grpc.StatusCode | None = None) -> None:
+        self.address, self.log, self.fails = address, log, fails
 
     def Decode(self, req, timeout=None, metadata=None):  # noqa: N802 - gRPC's name
         self.log.append(("Decode", self.address, req.kv_stream_address))
-        self.call = _Call()
+        self.call = _Call(self.fails)
         return self.call
 
     async def Abort(self, req, timeout=None, metadata=None):  # noqa: N802 - gRPC's name
@@ -58,11 +67,11 @@ class _Ctx:
         return None
 
 
-def _legs(log: list, ctx: _Ctx):
+def _legs(log: list, ctx: _Ctx, fails: grpc.StatusCode | None = None):
     stubs: dict[str, _Stub] = {}
 
     def worker(address: str) -> _Stub:
-        return stubs.setdefault(address, _Stub(address, log))
+        return stubs.setdefault(address, _Stub(address, log, fails))
 
     entries = {
         "p0": SimpleNamespace(worker_id="p0", address="p0:1"),
@@ -103,3 +112,31 @@ def test_client_leaving_before_the_first_decode_message_aborts_the_prefill_strea
 def test_a_cancel_while_the_client_stays_leaves_the_prefill_alone() -> None:
     # (a re-dispatch may prefill the same request id on that prefill worker again)
     assert _run(client_left=False) == [("Decode", "d0:1", "p0:1")]
+
+
+def _run_failed(code: grpc.StatusCode) -> list:
+    """The Decode fails with ``code`` before its first message, the client still there; the
+    relay ends (its ``cancel``)."""
+    log: list = []
+
+    async def go() -> None:
+        legs, _ = _legs(log, _Ctx(), fails=code)
+        dec = GrpcStreamedDecode(legs, "d0", "p0", 0)  # type: ignore[arg-type]
+        await asyncio.wait({dec.settled})
+        dec.cancel()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(asyncio.wait_for(go(), 10))
+    return log
+
+
+def test_a_decode_worker_refusing_for_room_aborts_the_prefill_stream() -> None:
+    # RESOURCE_EXHAUSTED (no blocks or LoRA slot within its admission timeout): the request
+    # fails with it, never re-dispatched, so the stream will never be consumed
+    log = _run_failed(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert log == [("Decode", "d0:1", "p0:1"), ("Abort", "p0:1", "r1")]
+
+
+def test_a_lost_decode_worker_leaves_the_prefill_alone() -> None:
+    # UNAVAILABLE: the request is re-dispatched, maybe to the same prefill worker with the same id
+    assert _run_failed(grpc.StatusCode.UNAVAILABLE) == [("Decode", "d0:1", "p0:1")]
