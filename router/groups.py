@@ -37,7 +37,8 @@ what it pulled); a Decode that fails first gives the prefill a short grace for i
 then the Prefill is cancelled (the worker aborts it and drops its chunks) and the decode's
 failure is what counts; a Prefill failing because its stream was cancelled reports the decode
 side's failure; a client that leaves cancels both, and a Decode ended before its first message
-also aborts the request on the prefill worker (a finished stream nobody reads is dropped at once).
+also aborts the request on the prefill worker (a finished stream nobody reads is dropped at once),
+as does a Decode refused RESOURCE_EXHAUSTED (no room within the decode worker's admission timeout).
 
 Not covered for groups: live migration (a group is not registered for it).
 """
@@ -326,6 +327,7 @@ class GroupRelay:
                 first_message_tokens=len(run.ids) if self.local else 0,
             )
         )
+        refused = False  # the decode worker refused the group RESOURCE_EXHAUSTED (never re-dispatched)
         try:
             if streamed:
                 source = await self._streamed_prefill(call, TRANSPORTS[mode])
@@ -347,6 +349,9 @@ class GroupRelay:
                 raise InternalError(
                     f"decode worker {dw.worker_id} ended the stream before choices {missing} finished"
                 )
+        except grpc.RpcError as e:
+            refused = e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            raise
         finally:
             call.cancel()  # the client went away (or we are done): the worker aborts every choice
             svc.registry.add_inflight(dw.worker_id, -1)
@@ -354,7 +359,9 @@ class GroupRelay:
             if kv is not None and not started and kv.lease_id:
                 # the decode worker may not have taken the handoff: its lease is ours to release
                 await asyncio.to_thread(release_lease_now, svc, kv)
-            if streamed and not started and gone(self.ctx):
+            if streamed and not started and (gone(self.ctx) or refused):
+                # nobody will read the prefill worker's (finished) stream: a client gone, or a
+                # decode worker that found no room within its admission timeout
                 self._drop_stream()
 
     async def _streamed_prefill(self, call: Any, transport: int) -> _Prefetched:
@@ -393,7 +400,8 @@ class GroupRelay:
                 pre.cancel()
 
     def _drop_stream(self) -> None:
-        """The client left before the decode worker sent a message: abort the request on the
+        """The client left, or the decode worker refused the group (RESOURCE_EXHAUSTED: no room
+        within its admission timeout), before the decode worker sent a message: abort the request on the
         prefill worker, whose finished stream would otherwise wait its TTL for a reader that
         never comes. Fire and forget: the stream expires anyway."""
         if self._dropping is not None:

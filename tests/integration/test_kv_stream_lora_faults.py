@@ -31,7 +31,8 @@ at the end.
   waited the stream's 60 s ttl before);
 * a streamed parallel-sampling group (n=2, no adapter: groups take none) whose first
   ``import_kv_group`` after the pull is refused (its blocks taken meanwhile) waits for room and
-  imports again: choices == the engine whole;
+  imports again: choices == the engine whole; one for which no decode worker has room past the
+  admission timeout is refused RESOURCE_EXHAUSTED, its unconsumed stream dropped at once too;
 * last (it stops a decode worker for good): the decode worker reading an adapter request's
   stream is killed mid-stream (grpc) while the other decode worker's only slot is held by the
   other adapter; the router re-dispatches the request there, which waits for a slot before it
@@ -541,6 +542,43 @@ def test_streamed_group_whose_blocks_were_taken_during_the_pull_waits_for_room(
     assert len(tries) == 2 and tries[0] == tries[1], tries  # refused, then imported, same worker
     assert redispatches(cluster, mode, "decode") == before and cluster.streams_opened() == opened + 1
     _wait_nothing_left(cluster, mode)
+
+
+def test_streamed_group_with_no_room_within_the_admission_timeout_is_refused(cluster, monkeypatch) -> None:
+    """A streamed parallel-sampling group (n=2) for which no decode worker has room (its
+    ``can_admit_group`` says no) for longer than the admission timeout (1 s here): the chosen
+    decode worker refuses RESOURCE_EXHAUSTED naming itself and the group's blocks, the router
+    hands that to the client (no re-dispatch, one stream) within a bound, and the prefill's
+    finished stream nobody consumed is dropped at once with its store leases (not at its 60 s
+    ttl); nothing is left behind."""
+    mode = KVStreamMode.STORE
+    prompt = seeded_prompt(N_PROMPT, 28)
+    _wait_nothing_left(cluster, mode)
+    before = redispatches(cluster, mode, "decode")
+    opened, expired = cluster.streams_opened(), cluster.store.stats().node.expired_leases
+    for n in DECODE:
+        monkeypatch.setattr(cluster.states[n].engine, "can_admit_group", lambda num_tokens, choices: False)
+    with _admission_timeout(cluster, ADMISSION_S), Client(cluster.address(mode), timeout=CALL_S) as c:
+        t0 = time.monotonic()
+        with pytest.raises(ResourceExhaustedError) as err:
+            c.complete_choices(prompt, GROUP, direct=False)
+        took = time.monotonic() - t0
+    assert ADMISSION_S <= took < ADMISSION_S + 5.0, took
+    msg = str(err.value)
+    refusers = [n for n in DECODE if f"decode worker {n} has no free KV blocks" in msg]
+    assert len(refusers) == 1 and f"{N_PROMPT - 1} prompt tokens and 2 choices" in msg, msg
+    assert redispatches(cluster, mode, "decode") == before and cluster.streams_opened() == opened + 1
+    # the unconsumed stream and its leases are gone within seconds, not at its 60 s ttl
+    deadline = time.monotonic() + 5.0
+    while True:
+        _, leases, streams = cluster.leaks()
+        if not leases and not streams:
+            break
+        assert time.monotonic() < deadline, f"left behind: {leases} store leases, streams {streams}"
+        time.sleep(0.02)
+    monkeypatch.undo()
+    _wait_nothing_left(cluster, mode, timeout_s=5.0)
+    assert cluster.store.stats().node.expired_leases == expired  # released, none left to its ttl
 
 
 def test_adapter_request_redispatched_to_a_decode_worker_whose_slot_is_taken(
