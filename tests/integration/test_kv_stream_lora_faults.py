@@ -134,16 +134,7 @@ def _slot_held(cluster: Cluster, name: str, adapter: str) -> Iterator[str]:
     codes: list[grpc.StatusCode] = []
     with grpc.insecure_channel(cluster.states[name].address) as ch:
         call = worker_pb2_grpc.WorkerStub(ch).Decode(req, timeout=CALL_S)
-
-        def read() -> None:
-            try:
-                for _ in call:
-                    pass
-            except grpc.RpcError as e:
-                codes.append(e.code())
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
+        reader = _read_in_background(call, codes)
         try:
             deadline = time.monotonic() + CALL_S
             while cluster.states[name].loop.call(lambda e: e._lora_pins.get(rid)) != adapter:
