@@ -248,6 +248,18 @@ def _adapter_outcomes(cluster: Cluster, mode: KVStreamMode, adapter: str, outcom
     )
 
 
+def _wait_stream_and_leases_gone(cluster: Cluster, timeout_s: float = 5.0) -> None:
+    """Wait until no KV stream and no store lease is left (``cluster.leaks``); AssertionError
+    naming what is left after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _, leases, streams = cluster.leaks()
+        if not leases and not streams:
+            return
+        assert time.monotonic() < deadline, f"left behind: {leases} store leases, streams {streams}"
+        time.sleep(0.02)
+
+
 def _read_in_background(call, codes: list[grpc.StatusCode]) -> threading.Thread:
     """A started daemon thread reading ``call`` to its end; the status code of an RpcError that
     ends it goes to ``codes``."""
@@ -480,13 +492,7 @@ def test_streamed_adapter_handoff_with_no_slot_within_the_admission_timeout_is_r
         assert _adapter_outcomes(cluster, mode, adapter, "rejected") == rejected + 1
         # the prefill's stream, which no decode worker consumed, and its store leases are gone
         # while the holders still run: within seconds, not at the stream's 60 s ttl
-        deadline = time.monotonic() + 5.0
-        while True:
-            _, leases, streams = cluster.leaks()
-            if not leases and not streams:
-                break
-            assert time.monotonic() < deadline, f"left behind: {leases} store leases, streams {streams}"
-            time.sleep(0.02)
+        _wait_stream_and_leases_gone(cluster)
     _wait_nothing_left(cluster, mode, timeout_s=5.0)
     assert cluster.store.stats().node.expired_leases == expired  # released, none left to its ttl
     assert all(cluster.states[n].config.admission_timeout_s == 30.0 for n in DECODE)  # restored
@@ -560,13 +566,7 @@ def test_streamed_group_with_no_room_within_the_admission_timeout_is_refused(clu
     assert len(refusers) == 1 and f"{N_PROMPT - 1} prompt tokens and 2 choices" in msg, msg
     assert redispatches(cluster, mode, "decode") == before and cluster.streams_opened() == opened + 1
     # the unconsumed stream and its leases are gone within seconds, not at its 60 s ttl
-    deadline = time.monotonic() + 5.0
-    while True:
-        _, leases, streams = cluster.leaks()
-        if not leases and not streams:
-            break
-        assert time.monotonic() < deadline, f"left behind: {leases} store leases, streams {streams}"
-        time.sleep(0.02)
+    _wait_stream_and_leases_gone(cluster)
     monkeypatch.undo()
     _wait_nothing_left(cluster, mode, timeout_s=5.0)
     assert cluster.store.stats().node.expired_leases == expired  # released, none left to its ttl
