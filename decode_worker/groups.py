@@ -17,7 +17,6 @@ the request id, which frees every choice's blocks.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -62,16 +61,6 @@ def check_group_handoff(req: worker_pb2.DecodeRequest, params: SamplingParams) -
             raise InvalidRequestError(f"n={params.n} is not supported with a LoRA adapter yet: send n=1")
 
 
-def _group_deadline(svc: Any, ctx: Any) -> float:
-    """The monotonic deadline of a group's admission: the admission timeout, as a single
-    request's, bounded by the call's deadline."""
-    limit = svc.state.config.admission_timeout_s
-    remaining = ctx.time_remaining()
-    if remaining is not None and remaining < 1e7:
-        limit = min(limit, remaining)
-    return time.monotonic() + limit
-
-
 def _no_group_room(svc: Any, num_tokens: int, choices: int) -> ResourceExhaustedError:
     return ResourceExhaustedError(
         f"decode worker {svc.state.config.worker_id} has no free KV blocks for {num_tokens} "
@@ -83,15 +72,15 @@ def _no_group_room(svc: Any, num_tokens: int, choices: int) -> ResourceExhausted
 def wait_for_group_blocks(
     svc: Any, ctx: Any, num_tokens: int, choices: int, deadline: float | None = None
 ) -> None:
-    """Wait (until ``deadline``, default :func:`_group_deadline`) until the engine can adopt a
-    group of ``choices`` over ``num_tokens`` handed-off prompt tokens; ResourceExhaustedError
-    after. ``svc``: the decode servicer."""
-    if deadline is None:
-        deadline = _group_deadline(svc, ctx)
-    while not svc.state.loop.call(lambda e: e.can_admit_group(num_tokens, choices)):
-        if time.monotonic() >= deadline or not ctx.is_active():
-            raise _no_group_room(svc, num_tokens, choices)
-        time.sleep(0.01)
+    """Wait (until ``deadline``, default the admission deadline of a single request) until the
+    engine can adopt a group of ``choices`` over ``num_tokens`` handed-off prompt tokens;
+    ResourceExhaustedError after. ``svc``: the decode servicer."""
+    svc._wait_until(
+        lambda e: e.can_admit_group(num_tokens, choices),
+        lambda: _no_group_room(svc, num_tokens, choices),
+        ctx,
+        svc._admission_deadline(ctx) if deadline is None else deadline,
+    )
 
 
 def add_group_when_room(
@@ -107,18 +96,16 @@ def add_group_when_room(
     """``svc._add`` of a group's import ``add`` (``LLMEngine.import_kv_group``, which refuses with
     ResourceExhaustedError and takes nothing when the blocks are not there): room was there
     before the pull, but another request may have taken the blocks since, so a refused import
-    waits for room (:func:`wait_for_group_blocks`) and tries again, up to the group's admission
-    deadline, then fails with the same error as the wait. ``n``: the request's choices
-    (parallel sampling's finished outputs); ``choices``: the candidates the engine forks."""
-    deadline = _group_deadline(svc, ctx)
-    while True:
-        try:
-            return svc._add(rid, add, out, n)
-        except ResourceExhaustedError:
-            if time.monotonic() >= deadline or not ctx.is_active():
-                raise _no_group_room(svc, num_tokens, choices) from None
-        wait_for_group_blocks(svc, ctx, num_tokens, choices, deadline)
-        time.sleep(0.01)  # the check passed but the import did not: do not spin on it
+    waits for room (:func:`wait_for_group_blocks`) and tries again, up to the admission
+    deadline, then fails with the same error as the wait (``svc._retry_add``). ``n``: the
+    request's choices (parallel sampling's finished outputs); ``choices``: the candidates the
+    engine forks."""
+    return svc._retry_add(
+        lambda: svc._add(rid, add, out, n),
+        lambda deadline: wait_for_group_blocks(svc, ctx, num_tokens, choices, deadline),
+        lambda: _no_group_room(svc, num_tokens, choices),
+        ctx,
+    )
 
 
 def admit_group_handoff(

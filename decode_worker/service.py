@@ -171,17 +171,51 @@ class DecodeServicer:
             retry_after_s=1.0,
         )
 
+    def _wait_until(
+        self,
+        room: Callable[[LLMEngine], bool],
+        no_room: Callable[[], ResourceExhaustedError],
+        ctx: grpc.ServicerContext,
+        deadline: float,
+    ) -> None:
+        """Poll ``room`` on the engine thread until it says yes; ``no_room()`` is raised once the
+        monotonic ``deadline`` has passed or the call has ended."""
+        while not self.state.loop.call(room):
+            if time.monotonic() >= deadline or not ctx.is_active():
+                raise no_room()
+            time.sleep(0.01)
+
     def _wait_for_blocks(
         self, num_tokens: int, ctx: grpc.ServicerContext, adapter: str = "", deadline: float | None = None
     ) -> None:
         """Wait (up to the admission timeout, or ``deadline``: monotonic) until the engine has
         blocks for ``num_tokens`` and, with ``adapter``, a LoRA slot for it; ResourceExhaustedError after."""
-        if deadline is None:
-            deadline = self._admission_deadline(ctx)
-        while not self.state.loop.call(lambda e: e.can_admit(num_tokens, adapter)):
-            if time.monotonic() >= deadline or not ctx.is_active():
-                raise self._no_room(num_tokens, adapter)
-            time.sleep(0.01)
+        self._wait_until(
+            lambda e: e.can_admit(num_tokens, adapter),
+            lambda: self._no_room(num_tokens, adapter),
+            ctx,
+            self._admission_deadline(ctx) if deadline is None else deadline,
+        )
+
+    def _retry_add(
+        self,
+        add_once: Callable[[], OutputSink],
+        wait: Callable[[float], None],
+        no_room: Callable[[], ResourceExhaustedError],
+        ctx: grpc.ServicerContext,
+    ) -> OutputSink:
+        """``add_once()`` (an import that refuses with ResourceExhaustedError, taking nothing, when
+        the engine lacks room); after a refusal ``wait(deadline)`` for room and try again, up to
+        the admission deadline, then raise ``no_room()``."""
+        deadline = self._admission_deadline(ctx)
+        while True:
+            try:
+                return add_once()
+            except ResourceExhaustedError:
+                if time.monotonic() >= deadline or not ctx.is_active():
+                    raise no_room() from None
+            wait(deadline)
+            time.sleep(0.01)  # the check passed but the import did not: do not spin on it
 
     def _add_when_room(
         self,
@@ -197,16 +231,13 @@ class DecodeServicer:
         (``LLMEngine.import_kv``): one engine round trip when there is room (#12: a decode
         worker's cost per request; before, a ``can_admit`` check came first, a second round trip).
         When there is not, it waits as :meth:`_wait_for_blocks` does and tries again, up to the
-        same admission deadline, then fails with the same error."""
-        deadline = self._admission_deadline(ctx)
-        while True:
-            try:
-                return self._add(rid, adder, out)
-            except ResourceExhaustedError:
-                if time.monotonic() >= deadline or not ctx.is_active():
-                    raise self._no_room(num_tokens, adapter) from None
-            self._wait_for_blocks(num_tokens, ctx, adapter, deadline)
-            time.sleep(0.01)  # the check passed but the import did not: do not spin on it
+        same admission deadline, then fails with the same error (:meth:`_retry_add`)."""
+        return self._retry_add(
+            lambda: self._add(rid, adder, out),
+            lambda deadline: self._wait_for_blocks(num_tokens, ctx, adapter, deadline),
+            lambda: self._no_room(num_tokens, adapter),
+            ctx,
+        )
 
     def Decode(
         self, req: worker_pb2.DecodeRequest, ctx: grpc.ServicerContext

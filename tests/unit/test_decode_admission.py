@@ -164,6 +164,14 @@ class _GroupSvc:
         )
         self.added: list[tuple[str, int]] = []
 
+    # the servicer's own admission deadline, wait and retry (what the group functions call)
+    from decode_worker.service import DecodeServicer
+
+    _admission_deadline = DecodeServicer._admission_deadline
+    _wait_until = DecodeServicer._wait_until
+    _retry_add = DecodeServicer._retry_add
+    del DecodeServicer
+
     def _add(self, rid, adder, out, choices=1):
         self.loop.adds += 1
         adder(self.loop.engine)
