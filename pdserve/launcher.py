@@ -585,8 +585,8 @@ def _launch(cl: LocalCluster, spec: ClusterSpec) -> LocalCluster:
         cl.store_addresses[store["node_id"]] = store["address"]
         cl.model_stores.setdefault(pool.model_id, store["address"])  # one model: kv0
     cl.store_node_id, cl.store_address = next(iter(cl.store_addresses.items()))
-    for name, _ in routers([]):
-        router = ready[name]
+    for i in range(spec.num_routers):
+        router = ready[router_name(i)]
         cl.router_addresses.append(router["address"])
         # workers register and heartbeat on the router's control port (its own server and threads:
         # client load cannot delay heartbeats); a router without one serves Registry on its address

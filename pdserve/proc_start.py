@@ -1,8 +1,9 @@
 """Start a local cluster's processes: each prints one JSON ready line (its address) once it serves.
 
-:func:`spawn` starts one process and waits for its ready line. :func:`spawn_chains` starts several
-*chains* at once: the processes of one chain start one after another (the next when the one before
-has printed its ready line), the chains side by side. :func:`pdserve.launcher.launch` starts the
+:func:`start` starts one process and :func:`await_ready` waits for its ready line (the launcher's
+``_spawn`` is the two). :func:`spawn_chains` starts several *chains* at once: the processes of one
+chain start one after another (the next when the one before has printed its ready line), the
+chains side by side. :func:`pdserve.launcher.launch` starts the
 prefill workers and the decode workers as two chains, so the two kinds import torch and load their
 model at the same time, while the workers of one kind still start, and so register with the
 router, in the order they are named (the router breaks placement ties by registration order).
