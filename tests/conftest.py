@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# gRPC's fork support (on by default in grpcio) runs a post-fork handler in every forked child that
+# aborts in about one fork in ten while an aio channel is live; Ray forks its gcs_server and raylets
+# from the test process with a preexec_fn, and lost them so (tests/unit/test_grpc_fork_safety.py).
+# Set before anything imports grpc.
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
 # The tests' processes (in-process servers and channels, and the subprocesses they start) serve
 # plaintext on 127.0.0.1, chosen explicitly: pdserve never falls back to plaintext by itself
 # (pdserve/security.py). Tests of TLS pass their certificates as flags or explicit configs.

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,14 +49,45 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subpr
 
 
 START_ATTEMPTS = 3
+# what Ray raises when a starting process misses its fixed start-up window: a raylet's 30 s to
+# register with the GCS (``ray._private.node``), or the GCS's 30 s to publish its port file
+START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
+
+
+def _describe(p: psutil.Process) -> str:
+    """``pid name status wchan``: enough to tell a process stuck before its exec from one that ran."""
+    try:
+        wchan = Path(f"/proc/{p.pid}/wchan").read_text()
+    except OSError:
+        wchan = "?"
+    try:
+        return f"{p.pid} {p.name()} {p.status()} wchan={wchan}"
+    except psutil.Error as e:
+        return f"{p.pid} ({type(e).__name__})"
+
+
+def _kill_new_children(me: psutil.Process, before: set[int]) -> list[str]:
+    """SIGKILL every descendant of ``me`` not in ``before``: the processes a failed start left
+    behind (a Node that raised in its constructor is never shut down). Returns their descriptions."""
+    left = [p for p in me.children(recursive=True) if p.pid not in before]
+    seen = [_describe(p) for p in left]
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(left, timeout=10)
+    return seen
 
 
 def _start_cluster(cluster_cls: Any, node: dict[str, Any]) -> Any:
     """A head and a second raylet. Ray gives a starting raylet a fixed 30 s to register with the
-    GCS (``ray._private.node``), which a busy 2-core CI machine has missed once right after
-    another module's cluster shut down: such a start is torn down and tried again, up to
-    :data:`START_ATTEMPTS` times (any other error is raised at once)."""
+    GCS, and the GCS 30 s to write its port file; a busy 2-core CI machine has missed each of these
+    windows now and then (right after another module's cluster shut down, and twice with the GCS
+    having written no log at all). Such a start is torn down, every process it left is killed, a
+    line on the real stderr names them, and the start is tried again, up to :data:`START_ATTEMPTS`
+    times. Any other error is raised at once."""
+    me = psutil.Process()
     for attempt in range(1, START_ATTEMPTS + 1):
+        before = {p.pid for p in me.children(recursive=True)}
         c = None
         try:
             c = cluster_cls(initialize_head=True, head_node_args={**node, "include_dashboard": False})
@@ -64,8 +96,17 @@ def _start_cluster(cluster_cls: Any, node: dict[str, Any]) -> Any:
         except Exception as e:
             if c is not None:
                 c.shutdown()
-            if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS:
+            left = _kill_new_children(me, before)
+            if not any(t in str(e) for t in START_TIMEOUTS) or attempt == START_ATTEMPTS:
                 raise
+            # printed past pytest's capture (a warning would fail the run: filterwarnings = error),
+            # so the CI log records each retry and what the failed start left
+            print(
+                f"\nray_harness: Ray start attempt {attempt}/{START_ATTEMPTS} timed out ({e}); "
+                f"killed what it left: {left or 'nothing'}; trying again",
+                file=sys.__stderr__,
+                flush=True,
+            )
     raise AssertionError("unreachable")  # pragma: no cover
 
 
