@@ -38,7 +38,9 @@ then the Prefill is cancelled (the worker aborts it and drops its chunks) and th
 failure is what counts; a Prefill failing because its stream was cancelled reports the decode
 side's failure; a client that leaves cancels both, and a Decode ended before its first message
 also aborts the request on the prefill worker (a finished stream nobody reads is dropped at once),
-as does a Decode refused RESOURCE_EXHAUSTED (no room within the decode worker's admission timeout).
+as does any failure that ends the group before the decode worker's first message (a Decode
+refused RESOURCE_EXHAUSTED for want of room, or INVALID_ARGUMENT; a failed store): only a lost
+worker is re-dispatched, and only then may the prefill worker see the same id again.
 
 Not covered for groups: live migration (a group is not registered for it).
 """
@@ -327,7 +329,7 @@ class GroupRelay:
                 first_message_tokens=len(run.ids) if self.local else 0,
             )
         )
-        refused = False  # the decode worker refused the group RESOURCE_EXHAUSTED (never re-dispatched)
+        ended = False  # a failure that ends the group (anything but a lost worker: never re-dispatched)
         try:
             if streamed:
                 source = await self._streamed_prefill(call, TRANSPORTS[mode])
@@ -349,8 +351,10 @@ class GroupRelay:
                 raise InternalError(
                     f"decode worker {dw.worker_id} ended the stream before choices {missing} finished"
                 )
-        except grpc.RpcError as e:
-            refused = e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        except WorkerLostError:
+            raise  # re-dispatched, maybe to the same prefill worker under the same id
+        except Exception:
+            ended = True  # a refusal (RESOURCE_EXHAUSTED, INVALID_ARGUMENT, a store, ...): the client's
             raise
         finally:
             call.cancel()  # the client went away (or we are done): the worker aborts every choice
@@ -359,9 +363,10 @@ class GroupRelay:
             if kv is not None and not started and kv.lease_id:
                 # the decode worker may not have taken the handoff: its lease is ours to release
                 await asyncio.to_thread(release_lease_now, svc, kv)
-            if streamed and not started and (gone(self.ctx) or refused):
+            if streamed and not started and (gone(self.ctx) or ended):
                 # nobody will read the prefill worker's (finished) stream: a client gone, or a
-                # decode worker that found no room within its admission timeout
+                # failure that ends the group (a decode worker without room within its admission
+                # timeout, a request it refuses, a store that failed, the prefill's own failure)
                 self._drop_stream()
 
     async def _streamed_prefill(self, call: Any, transport: int) -> _Prefetched:
@@ -400,8 +405,8 @@ class GroupRelay:
                 pre.cancel()
 
     def _drop_stream(self) -> None:
-        """The client left, or the decode worker refused the group (RESOURCE_EXHAUSTED: no room
-        within its admission timeout), before the decode worker sent a message: abort the request on the
+        """The client left, or the group failed for good (anything but a lost worker, which is
+        re-dispatched), before the decode worker sent a message: abort the request on the
         prefill worker, whose finished stream would otherwise wait its TTL for a reader that
         never comes. Fire and forget: the stream expires anyway."""
         if self._dropping is not None:

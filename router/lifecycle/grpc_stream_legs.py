@@ -189,20 +189,23 @@ class GrpcStreamedDecode:
         if not self._first.done():
             self._first.cancel()
 
-    def _refused(self) -> bool:
-        """The Decode failed before its first message with RESOURCE_EXHAUSTED: the decode worker
-        found no room (KV blocks, the adapter's LoRA slot) within its admission timeout. The
-        router hands that refusal to the client as it is (no re-dispatch), so the prefill
-        worker's stream of the request will never be consumed."""
+    def _ended(self) -> bool:
+        """The Decode failed before its first message with a failure that ends the request: any
+        but a lost decode worker or KV (:class:`WorkerLostError`, re-dispatched, maybe to the same
+        prefill worker under the same id) and a cancelled call (the router's own cancel: the
+        client left, or a re-dispatch). The refusals (RESOURCE_EXHAUSTED: no KV blocks or LoRA
+        slot within the decode worker's admission timeout; INVALID_ARGUMENT; a failed store ...)
+        go to the client as they are, so the prefill worker's stream of the request will never be
+        consumed."""
         first = self._first
         if not first.done() or first.cancelled():
             return False
-        e = first.exception()
-        return isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        f = self.failure()
+        return f is not None and not isinstance(f, (WorkerLostError, ClientGoneError))
 
     def _drop_stream(self) -> None:
-        """The client left, or the decode worker refused the request, before the decode worker
-        sent a token (so before it had the whole streamed KV): abort the request on the prefill
+        """The client left, or the Decode failed in a way that ends the request (:meth:`_ended`),
+        before the decode worker sent a token (so before it had the whole streamed KV): abort the request on the prefill
         worker, whose finished stream would otherwise wait its TTL (60 s) for a consumer that
         never subscribes (the client left, or the decode worker gave up waiting for room,
         between the prefill's answer and the decode worker's subscription), its store chunks
@@ -211,8 +214,8 @@ class GrpcStreamedDecode:
         if (
             self._dropping is not None
             # a re-dispatch may prefill the same id there again: only a client gone, or a
-            # decode worker's refusal (the request fails with it, never re-dispatched), drops it
-            or not (gone(self.legs.ctx) or self._refused())
+            # Decode failure that ends the request (never re-dispatched), drops it
+            or not (gone(self.legs.ctx) or self._ended())
             or (
                 first.done()
                 and not first.cancelled()

@@ -1,7 +1,9 @@
 """The gRPC streamed Decode (router/lifecycle/grpc_stream_legs.py) of a request whose client left
 between the prefill's answer and the decode worker's first message aborts the request on the
 prefill worker, so that its finished KV stream (which the decode worker may never subscribe to)
-is dropped at once instead of waiting the stream registry's TTL. Fakes for the stubs; no server."""
+is dropped at once instead of waiting the stream registry's TTL; so does a Decode that fails before
+its first message with any status that ends the request (a lost worker or KV is re-dispatched and
+leaves the prefill alone). Fakes for the stubs; no server."""
 
 from __future__ import annotations
 
@@ -140,3 +142,20 @@ def test_a_decode_worker_refusing_for_room_aborts_the_prefill_stream() -> None:
 def test_a_lost_decode_worker_leaves_the_prefill_alone() -> None:
     # UNAVAILABLE: the request is re-dispatched, maybe to the same prefill worker with the same id
     assert _run_failed(grpc.StatusCode.UNAVAILABLE) == [("Decode", "d0:1", "p0:1")]
+
+
+def test_a_decode_worker_rejecting_the_request_aborts_the_prefill_stream() -> None:
+    # INVALID_ARGUMENT (any status that is not a loss): the client gets it, nothing re-dispatches,
+    # so the stream would wait its 60 s TTL with its store chunks leased
+    log = _run_failed(grpc.StatusCode.INVALID_ARGUMENT)
+    assert log == [("Decode", "d0:1", "p0:1"), ("Abort", "p0:1", "r1")]
+
+
+def test_a_decode_worker_failing_internally_aborts_the_prefill_stream() -> None:
+    log = _run_failed(grpc.StatusCode.INTERNAL)
+    assert log == [("Decode", "d0:1", "p0:1"), ("Abort", "p0:1", "r1")]
+
+
+def test_a_lost_kv_stream_leaves_the_prefill_alone() -> None:
+    # NOT_FOUND (the stream it was to read was gone): a lost KV, re-dispatched like a lost worker
+    assert _run_failed(grpc.StatusCode.NOT_FOUND) == [("Decode", "d0:1", "p0:1")]
