@@ -6,8 +6,8 @@ fork in ten while a gRPC aio channel is live in another thread. A gcs_server or 
 before its exec, writes no log, and Ray reports only "Timed out waiting for file
 .../gcs_server_port_..." 30 s later: the CI flake of 2026-12-07. tests/conftest.py turns the fork
 support off for every test process (pdserve never uses gRPC in a forked child: each child it starts
-execs, and Python starts those with vfork, which runs no fork handlers). These tests pin both the
-mechanism and the setting."""
+execs, and Python starts those with vfork, which runs no fork handlers). These tests pin the
+mechanism, the setting, and that pdserve's own way of starting processes is not exposed."""
 
 from __future__ import annotations
 
@@ -44,8 +44,10 @@ def pre():
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 forks, died = int(sys.argv[1]), 0
+# without a preexec_fn (how pdserve starts every child) Python spawns with vfork: no fork handlers
+extra = {"preexec_fn": pre} if sys.argv[2] == "preexec" else {}
 for i in range(forks):
-    p = subprocess.Popen(["true"], preexec_fn=pre, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(["true"], stderr=subprocess.DEVNULL, **extra)
     if p.wait(timeout=30) < 0:
         died = 1
         break
@@ -53,10 +55,14 @@ print(json.dumps({"forks": i + 1, "died": died}), flush=True)
 """
 
 
-def _stress(forks: int, fork_support: str) -> dict:
+def _stress(forks: int, fork_support: str, preexec: bool = True) -> dict:
     env = {**os.environ, "GRPC_ENABLE_FORK_SUPPORT": fork_support}
     r = subprocess.run(
-        [sys.executable, "-c", _STRESS, str(forks)], env=env, capture_output=True, text=True, timeout=240
+        [sys.executable, "-c", _STRESS, str(forks), "preexec" if preexec else "plain"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     # the interpreter may abort at exit with the daemon aio thread still running: only the line counts
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
@@ -77,3 +83,9 @@ def test_with_fork_support_on_a_forked_child_dies_before_its_exec():
     few dozen; 1500 bounds the run at ~30 s on the 2-core CI machine)."""
     got = _stress(1500, "true")
     assert got["died"] == 1, got
+
+
+def test_without_a_preexec_fn_no_child_dies_even_with_fork_support_on():
+    """pdserve's launcher and Redis start their children with plain Popen: vfork, no fork
+    handlers, safe whatever the setting."""
+    assert _stress(400, "true", preexec=False) == {"forks": 400, "died": 0}
