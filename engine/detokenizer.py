@@ -10,6 +10,10 @@ of the whole output:
   the next token may complete) and its last token is not a byte-fallback piece ``<0xNN>`` (a
   SentencePiece run of byte pieces decodes as a whole, and a later byte can still turn it into
   U+FFFDs). Unconfirmed text waits; ``final=True`` flushes it as it stands.
+* A tokenizer with a ``decode_stream`` (a lone ByteLevel decoder: ``engine.tokenizer.Tokenizer``)
+  is detokenized by it instead: tokenizers' Rust ``DecodeStream``, the same window scheme in one
+  call per id. Its text up to a complete character never changes as ids follow, so ``final=True``
+  flushes what it still holds as ``decode(ids)`` past the text confirmed so far.
 * The state after any list of ids does not depend on how the ids were split into ``add`` calls
   (tokens are taken one at a time inside ``add``), so a resumed request's state (preemption, swap,
   migration, re-dispatch, a KV import on a decode worker) is rebuilt exactly by adding its ids again.
@@ -22,9 +26,10 @@ stop string is cut (it and anything after it never reach the user).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
-from pdserve.errors import InvalidRequestError
+from pdserve.errors import InternalError, InvalidRequestError
 
 _REPLACEMENT = "\ufffd"
 
@@ -38,9 +43,16 @@ class DetokTokenizer(Protocol):
 
     ``decode(ids)`` skips special tokens; it is passed ``skip_special_tokens=False`` only when the
     detokenizer is asked to keep them. ``is_byte_piece`` / ``is_special`` may be absent (a
-    tokenizer without byte-fallback pieces / special tokens, e.g. a test double)."""
+    tokenizer without byte-fallback pieces / special tokens, e.g. a test double), and so may
+    ``decode_stream(skip_special_tokens)`` (``engine.tokenizer.Tokenizer.decode_stream``: a
+    per-id step function whose text is prefix-stable, or None; absent or None: the window)."""
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+def _stream_of(tokenizer: DetokTokenizer, skip_special_tokens: bool) -> Callable[[int], str | None] | None:
+    make = getattr(tokenizer, "decode_stream", None)
+    return make(skip_special_tokens) if make is not None else None
 
 
 class IncrementalDetokenizer:
@@ -84,6 +96,9 @@ class IncrementalDetokenizer:
         self._scan_from = 0
         self._matched: str | None = None
         self._open_run = False  # the last text-giving token was a byte-fallback piece
+        # the Rust stream (None: the window scheme below); ids it holds without text yet
+        self._step = _stream_of(tokenizer, skip_special_tokens)
+        self._held = 0
         if ids:
             for t in ids:
                 self._push(int(t))
@@ -126,6 +141,14 @@ class IncrementalDetokenizer:
     def _push(self, token_id: int) -> None:
         """Append one id; confirm the window's new text when it is final."""
         self.ids.append(token_id)
+        if self._step is not None:
+            new = self._step(token_id)
+            if new is None:
+                self._held += 1
+            else:
+                self._held = 0
+                self._append(new)
+            return
         if self._is_byte_piece(token_id):
             self._open_run = True
         elif not (self.skip_special_tokens and self._is_special(token_id)):
@@ -133,7 +156,25 @@ class IncrementalDetokenizer:
         if not self._open_run:
             self._confirm(final=False)  # a byte-fallback run decodes as a whole: wait for its end
 
+    def _flush_stream(self) -> None:
+        """The end of a streamed request: the text of the ids the stream still holds (a trailing
+        incomplete character, as U+FFFD), from one decode of all ids."""
+        if not self._held:
+            return
+        self._held = 0
+        full = self._decode(self.ids)
+        text = self.text
+        if not full.startswith(text):  # cannot happen for a lone ByteLevel decoder
+            raise InternalError(
+                f"incremental text ({len(text)} chars) is not a prefix of the {len(self.ids)} ids' text"
+            )
+        self._append(full[len(text) :])
+
     def _confirm(self, final: bool) -> None:
+        if self._step is not None:
+            if final:
+                self._flush_stream()
+            return
         n = len(self.ids)
         if self.read_offset == n:
             return

@@ -1,6 +1,7 @@
 """Incremental detokenizing (engine.detokenizer): the streamed deltas and the final text equal the
 tokenizer's decode of all the ids at once, for random id sequences of the real SmolLM2 tokenizer
-(byte-level BPE) and of a small SentencePiece-style tokenizer with byte-fallback pieces, however the
+(byte-level BPE: tokenizers' Rust DecodeStream, and the Python window scheme) and of a small
+SentencePiece-style tokenizer with byte-fallback pieces (the window scheme), however the
 ids are split into ``add`` calls, with stop strings, and after the state is rebuilt from the ids
 (resume); and the per-token work is a short window, not the whole output."""
 
@@ -24,6 +25,18 @@ SAMPLE = "Héllo wörld — naïve café ✓ 日本語 🙂👍🏽 👨‍👩�
 @pytest.fixture(scope="module")
 def smol(smollm_path) -> Tokenizer:
     return Tokenizer(smollm_path)
+
+
+class _WindowOnly(Tokenizer):
+    """SmolLM2's tokenizer without its Rust decode stream: the window scheme on byte-level BPE."""
+
+    def decode_stream(self, skip_special_tokens: bool = True):
+        return None
+
+
+@pytest.fixture(scope="module")
+def smol_window(smollm_path) -> Tokenizer:
+    return _WindowOnly(smollm_path)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +129,7 @@ _SETTINGS = settings(
 )
 
 
-@pytest.mark.parametrize("name", ["smol", "sp"])
+@pytest.mark.parametrize("name", ["smol", "smol_window", "sp"])
 def test_property_streamed_text_equals_full_decode(name, request):
     tok = request.getfixturevalue(name)
 
@@ -128,7 +141,7 @@ def test_property_streamed_text_equals_full_decode(name, request):
     check()
 
 
-@pytest.mark.parametrize("name", ["smol", "sp"])
+@pytest.mark.parametrize("name", ["smol", "smol_window", "sp"])
 def test_property_resume_rebuilds_state_exactly(name, request):
     tok = request.getfixturevalue(name)
 
@@ -140,7 +153,7 @@ def test_property_resume_rebuilds_state_exactly(name, request):
     check()
 
 
-@pytest.mark.parametrize("name", ["smol", "sp"])
+@pytest.mark.parametrize("name", ["smol", "smol_window", "sp"])
 def test_property_stop_strings_spanning_tokens(name, request):
     tok = request.getfixturevalue(name)
 
@@ -275,3 +288,21 @@ def test_resumed_client_ahead_of_confirmed_text(smol):
             d.emitted = have
             rest = "".join(d.add([t])[0] for t in ids[k:]) + d.add([], final=True)[0]
             assert full[:have] + rest == full
+
+
+def test_the_rust_stream_serves_a_lone_byte_level_decoder_only(smol, sp):
+    d = IncrementalDetokenizer(smol)
+    assert d._step is not None and smol.decode_stream() is not None
+    assert IncrementalDetokenizer(sp)._step is None and sp.decode_stream() is None
+
+
+def test_a_trailing_incomplete_character_is_flushed_at_the_end(smol, smol_window):
+    """An output cut inside a character: the stream holds the partial bytes, the final add
+    flushes them as U+FFFD, exactly as the window scheme and a decode of all ids."""
+    ids = smol.encode("ok 𝔘𝔫𝔦", add_special_tokens=False)
+    cut = next(k for k in range(len(ids), 0, -1) if smol.decode(ids[:k]).endswith("\ufffd"))
+    for tok in (smol, smol_window):
+        d = IncrementalDetokenizer(tok)
+        streamed = "".join(d.add([t])[0] for t in ids[:cut])
+        assert "\ufffd" not in streamed
+        assert streamed + d.add([], final=True)[0] == smol.decode(ids[:cut]) == d.text
