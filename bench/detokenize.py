@@ -1,14 +1,23 @@
-"""Per-token cost of incremental detokenizing: the old detokenizer (decodes the request's whole
-output for every new token, quadratic in the output length) vs engine.detokenizer (a short window
-of recent ids per token), in the same run.
+"""Per-token cost of incremental detokenizing, four ways in the same run.
+
+* ``old``: the detokenizer engine.detokenizer replaced (decodes the request's whole output for every
+  new token, quadratic in the output length);
+* ``window``: engine.detokenizer's Python window scheme (one or two decodes of a few recent ids per
+  token), pdserve's path for every decoder but a lone ByteLevel;
+* ``new``: engine.detokenizer as it runs for this tokenizer: on a lone ByteLevel decoder (SmolLM2)
+  tokenizers' Rust ``DecodeStream`` plus the deltas, stop-string and resume bookkeeping
+  (``Tokenizer.decode_stream``); otherwise the window (and the two columns are the same path);
+* ``bound``: ``DecodeStream.step`` alone, one call per id (what vLLM v1's fast incremental
+  detokenizer calls per token): the floor under any incremental detokenizer (only with a stream).
 
 Each run streams one request's output ids (SmolLM2's tokenizer; the ids of a mixed English / code
 / multi-byte / emoji text, so characters split across tokens) one token at a time, then the final
-add; the two detokenizers alternate run by run (A/B interleaved, ``--repeats`` each) and the
-median CPU microseconds per token (this thread's CPU time: on the shared host a run's wall clock
-is mostly its waits for a CPU) and the old/new ratio of the medians (and of the best runs) are
-printed per output length, with the load average before and after. Every run's streamed text is
-checked against decoding all the ids at once.
+add; the detokenizers alternate run by run (the order rotates each repeat, ``--repeats`` each) and
+the median CPU microseconds per token (this thread's CPU time: on the shared host a run's wall
+clock is mostly its waits for a CPU) and the ratios old/new, window/new and new/bound of the
+medians are printed per output length, with the load average before and after. Every run's
+streamed text is checked against decoding all the ids at once (the bound's, which flushes nothing
+at the end, as a prefix of it).
 """
 
 from __future__ import annotations
@@ -80,6 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     return apply(p)
 
 
+class _WindowOnly(Tokenizer):
+    """The tokenizer without its Rust decode stream: engine.detokenizer's Python window."""
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> None:
+        return None
+
+
+class _Bound:
+    """``DecodeStream.step`` alone per id (no final flush, no stop strings): the floor."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        step = tok.decode_stream()
+        assert step is not None, "the bound needs a tokenizer with a decode stream"
+        self._step = step
+
+    def add(self, token_ids: list[int], final: bool = False) -> tuple[str, None]:
+        return "".join(c for c in map(self._step, token_ids) if c is not None), None
+
+
 def _run(make, ids: list[int]) -> tuple[float, str]:
     d = make()
     t0 = time.thread_time()
@@ -97,30 +125,41 @@ def main(argv: list[str] | None = None) -> int:
 
         path = ensure_default_model(progress=False)
     tok = Tokenizer(path)
+    window_tok = _WindowOnly(path)
     stop = (a.stop,) if a.stop else ()
     lengths = [int(x) for x in a.lengths.split(",")]
     base = tok.encode(TEXT, add_special_tokens=False)
+    modes = {
+        "old": lambda: QuadraticDetokenizer(tok, stop),
+        "window": lambda: IncrementalDetokenizer(window_tok, stop),
+        "new": lambda: IncrementalDetokenizer(tok, stop),
+    }
+    if tok.decode_stream() is not None:
+        modes["bound"] = lambda: _Bound(tok)
+    else:
+        print(f"the tokenizer of {path} has no decode stream: new is the window, no bound")
     load0 = os.getloadavg()
     print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
-    print(
-        f"{'tokens':>7} {'old us/tok':>11} {'new us/tok':>11} {'old/new':>8} {'best old/new':>13}  text identical"
-    )
+    cols = "".join(f"{m + ' us/tok':>15}" for m in modes)
+    print(f"{'tokens':>7}{cols} {'old/new':>8} {'window/new':>11} {'new/bound':>10}  text identical")
     ok = True
     for n in lengths:
         ids = (base * (n // len(base) + 1))[:n]
         want = tok.decode(ids)
-        old_t, new_t, same = [], [], True
+        us: dict[str, list[float]] = {m: [] for m in modes}
+        same = True
+        names = list(modes)
         for r in range(a.repeats):
-            order = (("old", QuadraticDetokenizer), ("new", IncrementalDetokenizer))
-            for name, cls in order if r % 2 == 0 else order[::-1]:
-                dt, text = _run(lambda cls=cls: cls(tok, stop), ids)
-                (old_t if name == "old" else new_t).append(dt / n * 1e6)
-                same &= text == want
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                dt, text = _run(modes[name], ids)
+                us[name].append(dt / n * 1e6)
+                same &= want.startswith(text) if name == "bound" else text == want
         ok &= same
-        mo, mn = statistics.median(old_t), statistics.median(new_t)
-        best = min(old_t) / min(new_t)
+        med = {m: statistics.median(v) for m, v in us.items()}
+        bound = f"{med['new'] / med['bound']:>10.2f}" if "bound" in med else f"{'-':>10}"
         print(
-            f"{n:>7} {mo:>11.1f} {mn:>11.1f} {mo / mn:>8.2f} {best:>13.2f} {min(new_t):>9.1f}  {'PASS' if same else 'FAIL'}"
+            f"{n:>7}{''.join(f'{med[m]:>15.2f}' for m in modes)} {med['old'] / med['new']:>8.2f}"
+            f" {med['window'] / med['new']:>11.2f} {bound}  {'PASS' if same else 'FAIL'}"
         )
     load1 = os.getloadavg()
     print(f"load average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} ({os.cpu_count()} CPUs)")
