@@ -96,9 +96,9 @@ class IncrementalDetokenizer:
         self._scan_from = 0
         self._matched: str | None = None
         self._open_run = False  # the last text-giving token was a byte-fallback piece
-        # the Rust stream (None: the window scheme below); ids it holds without text yet
+        # the Rust stream (None: the window scheme below); whether it holds ids without text yet
         self._step = _stream_of(tokenizer, skip_special_tokens)
-        self._held = 0
+        self._held = False
         if ids:
             for t in ids:
                 self._push(int(t))
@@ -143,10 +143,8 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         if self._step is not None:
             new = self._step(token_id)
-            if new is None:
-                self._held += 1
-            else:
-                self._held = 0
+            self._held = new is None
+            if new is not None:
                 self._append(new)
             return
         if self._is_byte_piece(token_id):
@@ -161,7 +159,7 @@ class IncrementalDetokenizer:
         incomplete character, as U+FFFD), from one decode of all ids."""
         if not self._held:
             return
-        self._held = 0
+        self._held = False
         full = self._decode(self.ids)
         text = self.text
         if not full.startswith(text):  # cannot happen for a lone ByteLevel decoder

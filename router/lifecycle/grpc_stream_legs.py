@@ -197,16 +197,13 @@ class GrpcStreamedDecode:
         slot within the decode worker's admission timeout; INVALID_ARGUMENT; a failed store ...)
         go to the client as they are, so the prefill worker's stream of the request will never be
         consumed."""
-        first = self._first
-        if not first.done() or first.cancelled():
-            return False
-        f = self.failure()
+        f = self.failure()  # None while pending or after a message; a cancel is ClientGoneError
         return f is not None and not isinstance(f, (WorkerLostError, ClientGoneError))
 
     def _drop_stream(self) -> None:
         """The client left, or the Decode failed in a way that ends the request (:meth:`_ended`),
-        before the decode worker sent a token (so before it had the whole streamed KV): abort the request on the prefill
-        worker, whose finished stream would otherwise wait its TTL (60 s) for a consumer that
+        before the decode worker sent a token (so before it had the whole streamed KV): abort the
+        request on the prefill worker, whose finished stream would otherwise wait its TTL (60 s) for a consumer that
         never subscribes (the client left, or the decode worker gave up waiting for room,
         between the prefill's answer and the decode worker's subscription), its store chunks
         leased meanwhile. Fire and forget: the stream expires anyway."""
