@@ -195,11 +195,14 @@ def run_streams(
 @dataclass(frozen=True)
 class RequestTiming:
     """One request of a closed-loop run as its client saw it (monotonic seconds): when it was
-    sent, when each message arrived with how many tokens, and when its call ended."""
+    sent, when each message arrived with how many tokens, and when its call ended;
+    ``router_ttft``: the TTFT its finish reports (the router's, from when the router took the
+    request to its first token), None when it had no finish."""
 
     start: float
     messages: tuple[tuple[float, int], ...]
     end: float
+    router_ttft: float | None = None
 
 
 @dataclass
@@ -256,6 +259,7 @@ async def sdk_closed_loop(
                 first = True
                 start = time.monotonic()
                 seen: list[tuple[float, int]] = []
+                router_ttft: float | None = None
                 try:
                     async for c in client.generate(
                         prompt_ids(offset + i, prompt_len),
@@ -269,8 +273,10 @@ async def sdk_closed_loop(
                             arrivals.append((now, len(c.token_ids), first))
                             seen.append((now, len(c.token_ids)))
                         first = False
+                        if c.finish is not None:
+                            router_ttft = c.finish.ttft_s
                     if record_arrivals:
-                        timings.append(RequestTiming(start, tuple(seen), time.monotonic()))
+                        timings.append(RequestTiming(start, tuple(seen), time.monotonic(), router_ttft))
                 except Exception as e:  # noqa: BLE001 - counted, the run goes on
                     failures[type(e).__name__] = failures.get(type(e).__name__, 0) + 1
                 if progress is not None:

@@ -11,7 +11,16 @@ From the per-request :class:`bench.cluster_load.RequestTiming` of a closed-loop 
 * ``after_last``: last message -> the call's end (the finish);
 * ``outside_share``: (``to_first`` + ``first_to_second`` + ``after_last``) / the whole request:
   the share of a closed-loop stream's time its request is not streaming tokens. With C streams,
-  about C x this share are outside the decode batch at any moment.
+  about C x this share are outside the decode batch at any moment;
+* ``before_router``: ``to_first`` less the TTFT the request's finish reports (the router's, from
+  when it took the request): the time from the client's send to the router taking it, plus the
+  first token's way back (requests whose finish carried no TTFT are not counted; None when none
+  did);
+* ``burst``: the size of the burst each request was sent in (a send at most
+  :data:`BURST_GAP_S` after the one before it joins that one's burst). A closed loop of requests
+  of one length sends in bursts: those that started together end in the same decode step, and
+  their streams send the next ones at once. A router takes a burst one request at a time, so a
+  large ``before_router`` beside a large ``burst`` is that wait, not the token path.
 
 Each figure is a median and a 90th percentile over the requests. Pure: no I/O.
 """
@@ -23,11 +32,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+BURST_GAP_S = 0.05  # a send at most this long after the previous one is in the same burst
+
 
 class _Timing(Protocol):
     start: float
     messages: tuple[tuple[float, int], ...]
     end: float
+    router_ttft: float | None
 
 
 @dataclass(frozen=True)
@@ -58,19 +70,42 @@ class Phases:
     after_last: Spread
     total: Spread
     outside_share: Spread
+    before_router: Spread | None = None
+    burst: Spread | None = None
+
+
+def burst_sizes(starts: Sequence[float], gap_s: float = BURST_GAP_S) -> list[int]:
+    """For each send time of ``starts`` (any order), the size of its burst: sends sorted by
+    time, each at most ``gap_s`` after the one before it joins that one's burst."""
+    order = sorted(range(len(starts)), key=lambda i: starts[i])
+    sizes = [0] * len(starts)
+    run: list[int] = []
+    for i in order:
+        if run and starts[i] - starts[run[-1]] > gap_s:
+            for j in run:
+                sizes[j] = len(run)
+            run = []
+        run.append(i)
+    for j in run:
+        sizes[j] = len(run)
+    return sizes
 
 
 def request_phases(timings: Sequence[_Timing]) -> Phases | None:
     """The phases of ``timings``. Requests with fewer than two messages, or that took no time,
     are left out; ``per_token`` counts only requests with a token after their second message
     (0.0 when none has). None when no request is left."""
-    first, second, per_tok, after, total, outside = [], [], [], [], [], []
-    for t in timings:
+    first, second, per_tok, after, total, outside, before, burst = [], [], [], [], [], [], [], []
+    sizes = burst_sizes([t.start for t in timings])
+    for t, size in zip(timings, sizes, strict=True):
         m = t.messages
         whole = t.end - t.start
         if len(m) < 2 or whole <= 0:
             continue
+        burst.append(float(size))
         first.append(m[0][0] - t.start)
+        if t.router_ttft is not None:
+            before.append(first[-1] - t.router_ttft)
         second.append(m[1][0] - m[0][0])
         later = sum(n for _, n in m[2:])
         if later > 0:
@@ -88,6 +123,8 @@ def request_phases(timings: Sequence[_Timing]) -> Phases | None:
         Spread.of(after),
         Spread.of(total),
         Spread.of(outside),
+        Spread.of(before) if before else None,
+        Spread.of(burst),
     )
 
 
@@ -97,7 +134,7 @@ def phases_lines(p: Phases) -> list[str]:
     def ms(s: Spread) -> str:
         return f"median {s.median * 1e3:8.1f} ms  p90 {s.p90 * 1e3:8.1f} ms"
 
-    return [
+    lines = [
         f"sent -> first token      {ms(p.to_first)}",
         f"first -> second message  {ms(p.first_to_second)}",
         f"per token after that     median {p.per_token.median * 1e6:8.1f} us  p90 {p.per_token.p90 * 1e6:8.1f} us",
@@ -106,3 +143,11 @@ def phases_lines(p: Phases) -> list[str]:
         f"share outside streaming  median {p.outside_share.median:.3f}  p90 {p.outside_share.p90:.3f}"
         f"  ({p.requests} requests)",
     ]
+    if p.before_router is not None:
+        lines.append(f"before the router's TTFT {ms(p.before_router)}  (send -> router, first token back)")
+    if p.burst is not None:
+        lines.append(
+            f"sent in a burst of       median {p.burst.median:8.1f}     p90 {p.burst.p90:8.1f}"
+            f"     (sends <= {BURST_GAP_S * 1e3:g} ms apart)"
+        )
+    return lines

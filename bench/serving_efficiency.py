@@ -24,7 +24,8 @@ embedded run, then the cluster's per mode; on a shared 2-core host the ratio of 
 0.1 or more): the verdicts are on the median ratio and the median router CPU per token, and the
 detailed figures are the median repeat's, with where the cluster's requests spent their time as
 the client saw it (:mod:`bench.request_phases`: time to the first token, to the second message,
-the pace after it, the share of a request's life outside streaming). After each direct run (``--floor on``), the gRPC
+the pace after it, the share of a request's life outside streaming, the part of the first token's
+wait before the router's own TTFT, and the size of the burst each request was sent in). After each direct run (``--floor on``), the gRPC
 floor of the same run (:mod:`bench.grpc_floor`: the bare grpc.aio calls and messages of one direct
 request between the same processes, no work) beside each process's CPU per request. Both runs use the cores this
 process may use (``--cpus`` pins this process and so every process it starts to a set).

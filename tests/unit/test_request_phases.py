@@ -48,3 +48,31 @@ def test_lines_name_every_phase() -> None:
     text = "\n".join(phases_lines(p))
     for name in ("first token", "second message", "per token", "-> end", "whole request", "outside"):
         assert name in text
+
+
+def test_burst_sizes_chain_sends_at_most_the_gap_apart() -> None:
+    from bench.request_phases import burst_sizes
+
+    starts = [0.0, 0.04, 0.08, 1.0, 1.04, 2.0]  # 0.08 is 0.04 after 0.04: the chain goes on
+    assert burst_sizes(starts, gap_s=0.05) == [3, 3, 3, 2, 2, 1]
+    shuffled = [2.0, 0.08, 1.04, 0.0, 1.0, 0.04]
+    assert burst_sizes(shuffled, gap_s=0.05) == [1, 3, 2, 3, 2, 3]
+    assert burst_sizes([0.0, 0.06], gap_s=0.05) == [1, 1]
+    assert burst_sizes([]) == []
+
+
+def test_before_router_is_the_first_token_less_the_routers_ttft() -> None:
+    # two requests sent together: 0.25 s to the first token, of which the router's TTFT is 0.05;
+    # a third, alone, whose finish carried no TTFT: not counted in before_router
+    a = RequestTiming(0.0, ((0.25, 1), (0.3, 2)), 0.4, router_ttft=0.05)
+    b = RequestTiming(0.01, ((0.21, 1), (0.3, 2)), 0.4, router_ttft=0.1)
+    c = RequestTiming(5.0, ((5.1, 1), (5.2, 2)), 5.3)
+    p = request_phases([a, b, c])
+    assert p is not None and p.before_router is not None and p.burst is not None
+    assert sorted([p.before_router.median, p.before_router.p90]) == pytest.approx([0.15, 0.2])
+    assert p.burst == Spread(2.0, 2.0)  # sizes 2, 2, 1: median and nearest-rank p90 are 2
+    text = "\n".join(phases_lines(p))
+    assert "router's TTFT" in text and "burst" in text
+    p = request_phases([c])
+    assert p is not None and p.before_router is None and p.burst == Spread(1.0, 1.0)
+    assert "router's TTFT" not in "\n".join(phases_lines(p))
