@@ -54,6 +54,7 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kv_store.index import KVIndex
 from pdserve.auth import EdgeAuth
+from pdserve.choices import num_choices
 from pdserve.errors import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -394,11 +395,17 @@ class GenerateServicer:
         held: OnceReleases,
     ) -> None:
         """Write the responses of ``req`` (:class:`_ClientWriter`: flow control) and measure it.
-        The writer's stall deadline is held in ``held`` and released when the stream ends."""
+        The writer's stall deadline is held in ``held`` and released when the stream ends.
+
+        A request whose every choice's finish was written to the client counts as served (outcome
+        ok) even when the call is then cancelled or times out before its status: the SDK's direct
+        streams end their call as soon as they hold the finish and the worker's last delta, while
+        the router may still be closing the request's legs."""
         cls = slo_class(req.slo.ttft_s, req.slo.tpot_s)
         m = self.metrics
         finish: common_pb2.Finish | None = None
         completion_tokens = 0  # every choice's (a parallel-sampling group ends with a finish per choice)
+        finishes_sent = 0
         with request_scope(shown_id):  # logs name the id the client sees (workers get req's)
             m.inflight_of(self.config.model_id).inc()
             writer = _ClientWriter(ctx, self.config.stall_timeout_s)
@@ -409,12 +416,18 @@ class GenerateServicer:
                     async for resp in responses:
                         if resp is None:  # a direct stream's progress: nothing for the client
                             continue
-                        if resp.HasField("finish"):
+                        has_finish = resp.HasField("finish")
+                        if has_finish:
                             finish = resp.finish
                             completion_tokens += finish.usage.completion_tokens
                         resp.request_id = shown_id
                         await writer.write(resp)
+                        finishes_sent += has_finish
             except BaseException as e:
+                served = finish is not None and finishes_sent >= num_choices(req.sampling.n)
+                if isinstance(e, asyncio.CancelledError) and served:
+                    self._observe_done(req, cls, finish, completion_tokens)  # type: ignore[arg-type]
+                    raise
                 if isinstance(e, asyncio.CancelledError):  # the client went away, or its deadline
                     r = remaining(ctx)
                     outcome = "timeout" if r is not None and r <= 0 else "cancelled"
@@ -432,38 +445,46 @@ class GenerateServicer:
                 m.observe_adapter(self._served_adapter(req.adapter), "cancelled", self.config.model_id)
                 log_event(log, "request failed", slo_class=cls, outcome="cancelled", error="")
                 return
-            t = finish.timing
-            phases = {
-                "queue": t.queue_s,
-                "prefill": t.prefill_s,
-                "transfer": t.transfer_s,
-                "decode": t.decode_s,
-            }
-            rec = FinishedRequest(
-                ttft_s=t.ttft_s,
-                e2e_s=t.e2e_s,
-                token_times_s=list(t.token_times_s),
-                phases=phases,
-                prompt_tokens=finish.usage.prompt_tokens,
-                cached_prompt_tokens=finish.usage.cached_prompt_tokens,
-                completion_tokens=completion_tokens,
-            )
-            met = m.observe_finished(cls, req.slo.ttft_s, req.slo.tpot_s, rec, self.config.model_id)
-            m.observe_adapter(req.adapter, "ok", self.config.model_id, rec)  # served: it completed
-            log_event(
-                log,
-                "request done",
-                slo_class=cls,
-                outcome="ok",
-                slo_met=met,
-                prompt_tokens=rec.prompt_tokens,
-                cached_tokens=rec.cached_prompt_tokens,
-                completion_tokens=rec.completion_tokens,
-                ttft_s=round(rec.ttft_s, 6),
-                e2e_s=round(rec.e2e_s, 6),
-                **{f"{k}_s": round(v, 6) for k, v in phases.items()},
-                kv_pull_s=round(t.kv_pull_s, 6),  # the decode-side part of transfer_s
-            )
+            self._observe_done(req, cls, finish, completion_tokens)
+
+    def _observe_done(
+        self, req: client_pb2.GenerateRequest, cls: str, finish: common_pb2.Finish, completion_tokens: int
+    ) -> None:
+        """Record served request ``req`` (its last ``finish``; ``completion_tokens`` of every
+        choice): latencies, phases, SLO result, and one "request done" log line."""
+        m = self.metrics
+        t = finish.timing
+        phases = {
+            "queue": t.queue_s,
+            "prefill": t.prefill_s,
+            "transfer": t.transfer_s,
+            "decode": t.decode_s,
+        }
+        rec = FinishedRequest(
+            ttft_s=t.ttft_s,
+            e2e_s=t.e2e_s,
+            token_times_s=list(t.token_times_s),
+            phases=phases,
+            prompt_tokens=finish.usage.prompt_tokens,
+            cached_prompt_tokens=finish.usage.cached_prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+        met = m.observe_finished(cls, req.slo.ttft_s, req.slo.tpot_s, rec, self.config.model_id)
+        m.observe_adapter(req.adapter, "ok", self.config.model_id, rec)  # served: it completed
+        log_event(
+            log,
+            "request done",
+            slo_class=cls,
+            outcome="ok",
+            slo_met=met,
+            prompt_tokens=rec.prompt_tokens,
+            cached_tokens=rec.cached_prompt_tokens,
+            completion_tokens=rec.completion_tokens,
+            ttft_s=round(rec.ttft_s, 6),
+            e2e_s=round(rec.e2e_s, 6),
+            **{f"{k}_s": round(v, 6) for k, v in phases.items()},
+            kv_pull_s=round(t.kv_pull_s, 6),  # the decode-side part of transfer_s
+        )
 
     async def _generate(
         self, req: client_pb2.GenerateRequest, ctx: grpc.aio.ServicerContext, lease_ttl_s: float = 0.0
