@@ -6,33 +6,26 @@ legs. In process: the Generate wrapper (router.service) over a fake request pipe
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pdserve.auth import EdgeAuth
-from pdserve.metrics import RouterMetrics
 from pdserve.v1 import client_pb2, common_pb2
 from router.service import GenerateServicer
+from tests.unit.test_metrics_tracing import _GenCtx, _servicer
 
 
-class _Client:
-    """A client that reads everything; ``finishes`` is set when a finish message was written."""
+class _Client(_GenCtx):
+    """A client that reads everything; ``first`` / ``finishes``: set once a message / a finish
+    was written to it."""
 
     def __init__(self) -> None:
-        self.written: list[client_pb2.GenerateResponse] = []
+        super().__init__()
         self.finishes = asyncio.Event()
         self.first = asyncio.Event()
 
-    def time_remaining(self) -> None:
-        return None
-
-    def invocation_metadata(self) -> tuple:
-        return ()
-
     async def write(self, msg: client_pb2.GenerateResponse) -> None:
-        self.written.append(msg)
+        await super().write(msg)
         self.first.set()
         if msg.HasField("finish"):
             self.finishes.set()
@@ -45,15 +38,6 @@ def _finish(tokens: int) -> client_pb2.GenerateResponse:
         timing=common_pb2.Timing(ttft_s=0.01, e2e_s=0.05, token_times_s=[0.01, 0.03]),
     )
     return client_pb2.GenerateResponse(token_ids=[6], finish=f)
-
-
-def _servicer(reg: CollectorRegistry, pipeline) -> GenerateServicer:
-    svc = GenerateServicer.__new__(GenerateServicer)  # only the Generate wrapper is exercised
-    svc.metrics = RouterMetrics(reg)
-    svc.config = SimpleNamespace(stall_timeout_s=5.0, model_id="m")  # type: ignore[assignment]
-    svc.edge = EdgeAuth(None)  # dev mode: no API keys
-    svc._generate = pipeline  # type: ignore[method-assign]
-    return svc
 
 
 def _outcomes(reg: CollectorRegistry) -> dict[str, float]:
@@ -81,16 +65,16 @@ def _request(n: int = 0) -> client_pb2.GenerateRequest:
 
 
 def test_cancelled_after_the_finish_was_written_counts_as_served() -> None:
-    reg = CollectorRegistry()
-
     async def finished_then_closing(req, ctx, lease_ttl_s=0.0):
         yield client_pb2.GenerateResponse(token_ids=[5])
         yield _finish(2)
         await asyncio.Event().wait()  # closing the legs when the client's cancel arrives
 
+    svc, reg = _servicer(finished_then_closing)
+
     async def main() -> None:
         ctx = _Client()
-        await _cancel_after(_servicer(reg, finished_then_closing), _request(), ctx, ctx.finishes)
+        await _cancel_after(svc, _request(), ctx, ctx.finishes)
 
     asyncio.run(main())
     assert _outcomes(reg) == {"ok": 1.0}
@@ -99,30 +83,30 @@ def test_cancelled_after_the_finish_was_written_counts_as_served() -> None:
 
 
 def test_cancelled_before_the_finish_counts_as_cancelled() -> None:
-    reg = CollectorRegistry()
-
     async def streaming(req, ctx, lease_ttl_s=0.0):
         yield client_pb2.GenerateResponse(token_ids=[5])
         await asyncio.Event().wait()  # the next token never comes before the cancel
 
+    svc, reg = _servicer(streaming)
+
     async def main() -> None:
         ctx = _Client()
-        await _cancel_after(_servicer(reg, streaming), _request(), ctx, ctx.first)
+        await _cancel_after(svc, _request(), ctx, ctx.first)
 
     asyncio.run(main())
     assert _outcomes(reg) == {"cancelled": 1.0}
 
 
 def test_a_group_with_a_choice_not_finished_counts_as_cancelled() -> None:
-    reg = CollectorRegistry()
-
     async def one_of_two_choices(req, ctx, lease_ttl_s=0.0):
         yield _finish(2)  # choice 0 ended; choice 1 still runs when the client lets go
         await asyncio.Event().wait()
 
+    svc, reg = _servicer(one_of_two_choices)
+
     async def main() -> None:
         ctx = _Client()
-        await _cancel_after(_servicer(reg, one_of_two_choices), _request(n=2), ctx, ctx.finishes)
+        await _cancel_after(svc, _request(n=2), ctx, ctx.finishes)
 
     asyncio.run(main())
     assert _outcomes(reg) == {"cancelled": 1.0}
