@@ -70,8 +70,8 @@ class Phases:
     after_last: Spread
     total: Spread
     outside_share: Spread
-    before_router: Spread | None = None
-    burst: Spread | None = None
+    burst: Spread
+    before_router: Spread | None
 
 
 def burst_sizes(starts: Sequence[float], gap_s: float = BURST_GAP_S) -> list[int]:
@@ -123,8 +123,8 @@ def request_phases(timings: Sequence[_Timing]) -> Phases | None:
         Spread.of(after),
         Spread.of(total),
         Spread.of(outside),
-        Spread.of(before) if before else None,
         Spread.of(burst),
+        Spread.of(before) if before else None,
     )
 
 
@@ -145,9 +145,8 @@ def phases_lines(p: Phases) -> list[str]:
     ]
     if p.before_router is not None:
         lines.append(f"before the router's TTFT {ms(p.before_router)}  (send -> router, first token back)")
-    if p.burst is not None:
-        lines.append(
-            f"sent in a burst of       median {p.burst.median:8.1f}     p90 {p.burst.p90:8.1f}"
-            f"     (sends <= {BURST_GAP_S * 1e3:g} ms apart)"
-        )
+    lines.append(
+        f"sent in a burst of       median {p.burst.median:8.1f}     p90 {p.burst.p90:8.1f}"
+        f"     (sends <= {BURST_GAP_S * 1e3:g} ms apart)"
+    )
     return lines

@@ -424,9 +424,9 @@ class GenerateServicer:
                         await writer.write(resp)
                         finishes_sent += has_finish
             except BaseException as e:
-                served = finish is not None and finishes_sent >= num_choices(req.sampling.n)
-                if isinstance(e, asyncio.CancelledError) and served:
-                    self._observe_done(req, cls, finish, completion_tokens)  # type: ignore[arg-type]
+                served = finishes_sent >= num_choices(req.sampling.n)  # every choice's finish
+                if isinstance(e, asyncio.CancelledError) and served and finish is not None:
+                    self._observe_done(req, cls, finish, completion_tokens)
                     raise
                 if isinstance(e, asyncio.CancelledError):  # the client went away, or its deadline
                     r = remaining(ctx)

@@ -11,7 +11,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pdserve.v1 import client_pb2, common_pb2
-from router.service import GenerateServicer
 from tests.unit.test_metrics_tracing import _GenCtx, _servicer
 
 
@@ -49,13 +48,23 @@ def _outcomes(reg: CollectorRegistry) -> dict[str, float]:
     return out
 
 
-async def _cancel_after(svc: GenerateServicer, req, ctx: _Client, ready: asyncio.Event) -> None:
-    task = asyncio.ensure_future(svc.Generate(req, ctx))  # type: ignore[arg-type]
-    await asyncio.wait_for(ready.wait(), 5)
-    await asyncio.sleep(0.01)  # the pipeline is now closing its legs (or waiting for the next token)
-    task.cancel()  # the client lets go of the call
-    with pytest.raises(asyncio.CancelledError):
-        await task
+def _cancel_after(pipeline, req: client_pb2.GenerateRequest, after: str) -> CollectorRegistry:
+    """Run Generate over ``pipeline``, cancel the call once the client was written its first
+    message (``after="first"``) or a finish (``"finishes"``), as a client letting go; the
+    router's metrics registry."""
+    svc, reg = _servicer(pipeline)
+
+    async def main() -> None:
+        ctx = _Client()
+        task = asyncio.ensure_future(svc.Generate(req, ctx))  # type: ignore[arg-type]
+        await asyncio.wait_for(getattr(ctx, after).wait(), 5)
+        await asyncio.sleep(0.01)  # the pipeline is now closing its legs (or waiting for a token)
+        task.cancel()  # the client lets go of the call
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    return reg
 
 
 def _request(n: int = 0) -> client_pb2.GenerateRequest:
@@ -70,13 +79,7 @@ def test_cancelled_after_the_finish_was_written_counts_as_served() -> None:
         yield _finish(2)
         await asyncio.Event().wait()  # closing the legs when the client's cancel arrives
 
-    svc, reg = _servicer(finished_then_closing)
-
-    async def main() -> None:
-        ctx = _Client()
-        await _cancel_after(svc, _request(), ctx, ctx.finishes)
-
-    asyncio.run(main())
+    reg = _cancel_after(finished_then_closing, _request(), "finishes")
     assert _outcomes(reg) == {"ok": 1.0}
     assert reg.get_sample_value("pdserve_router_generation_tokens_total", {}) == 2
     assert reg.get_sample_value("pdserve_router_inflight_requests", {}) == 0
@@ -87,13 +90,7 @@ def test_cancelled_before_the_finish_counts_as_cancelled() -> None:
         yield client_pb2.GenerateResponse(token_ids=[5])
         await asyncio.Event().wait()  # the next token never comes before the cancel
 
-    svc, reg = _servicer(streaming)
-
-    async def main() -> None:
-        ctx = _Client()
-        await _cancel_after(svc, _request(), ctx, ctx.first)
-
-    asyncio.run(main())
+    reg = _cancel_after(streaming, _request(), "first")
     assert _outcomes(reg) == {"cancelled": 1.0}
 
 
@@ -102,11 +99,5 @@ def test_a_group_with_a_choice_not_finished_counts_as_cancelled() -> None:
         yield _finish(2)  # choice 0 ended; choice 1 still runs when the client lets go
         await asyncio.Event().wait()
 
-    svc, reg = _servicer(one_of_two_choices)
-
-    async def main() -> None:
-        ctx = _Client()
-        await _cancel_after(svc, _request(n=2), ctx, ctx.finishes)
-
-    asyncio.run(main())
+    reg = _cancel_after(one_of_two_choices, _request(n=2), "finishes")
     assert _outcomes(reg) == {"cancelled": 1.0}
