@@ -18,7 +18,7 @@ from engine.block_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from engine.swap_policy import SwapRates
+from engine.swap_policy import RateEstimator
 from pdserve.errors import InvalidRequestError, RequestNotFoundError
 from router.policy import InstanceRole
 from simulator.adapters import AdapterResidency, Pin
@@ -145,17 +145,18 @@ class SimInstance:
             prefill_time=lambda n: latency.prefill_time([n]),
             block_nbytes=block_nbytes,
         )
+        # swap or recompute, chosen by the scheduler from the engine's own estimator: seeded with
+        # the copy (and disk) bandwidth as the engine seeds it at start, then fed every simulated
+        # step's compute time as the engine feeds it (:meth:`_observe_step`): the recompute rate is
+        # the measured prefill throughput, and before any prefill (a disaggregated decode instance
+        # adopts its prompts' KV) the decode-only steps' token rate stands in, as on a real worker
+        self.rates: RateEstimator | None = None
         if swap_space_bytes >= block_nbytes:
-            # swap or recompute, chosen by the scheduler from these rates (the engine measures
-            # them; here: the copy bandwidth given and the model's prefill rate at the token budget)
-            budget = scheduler.max_num_batched_tokens
-            self.sched.set_swap_rates(
-                SwapRates(
-                    swap_bytes_per_s,
-                    budget / latency.prefill_time([budget]),
-                    disk_bytes_per_s if self.kv.disk is not None else None,
-                )
-            )
+            self.rates = RateEstimator()
+            self.rates.observe_copy(block_nbytes, block_nbytes / swap_bytes_per_s)
+            if self.kv.disk is not None:
+                self.rates.observe_disk(block_nbytes, block_nbytes / disk_bytes_per_s)
+            self.sched.set_swap_rates(self.rates.rates)  # None until a step is measured, as in the engine
         self.latency = latency
         self.loop = loop
         self.on_step = on_step
@@ -495,6 +496,7 @@ class SimInstance:
         if self.adapters is not None:
             dt = dt * self._lora_factor(out) + self._copy_s
             self._copy_s = 0.0
+        compute_s = dt  # the step's time less its swap and disk copies, as the engine measures it
         if out.swap_out or out.swap_in or out.prefetch_in:  # copies (prefetches after the forward pass)
             n = len(out.swap_out) + len(out.swap_in) + len(out.prefetch_in)
             swap_s = n * self.block_nbytes / self.swap_bytes_per_s
@@ -506,6 +508,8 @@ class SimInstance:
             dt += disk_s
             st.swap_disk_s += disk_s
             st.swap_disk_blocks += moved
+        if self.rates is not None:
+            self._observe_step(sum(pre_tok), n_dec, compute_s)
         st.steps += 1
         st.busy_s += dt
         st.prefill_tokens += q
@@ -513,6 +517,16 @@ class SimInstance:
         self.busy = True
         now = self.loop.now()
         self.loop.at(now + dt, self._end_step, out, now, started, firsts)
+
+    def _observe_step(self, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:
+        """The engine's ``LLMEngine._observe_step`` on the simulated step: its prefill throughput,
+        or a decode-only step's token rate (the recompute rate's stand-in before any prefill)."""
+        assert self.rates is not None
+        if prefill_tokens > 0:
+            self.rates.observe_prefill(prefill_tokens, seconds)
+        elif decode_tokens > 0:
+            self.rates.observe_decode(decode_tokens, seconds)
+        self.sched.set_swap_rates(self.rates.rates)
 
     def _lora_factor(self, out: SchedulerOutput) -> float:
         """``AdapterConfig.step_factor`` of the step's batch."""

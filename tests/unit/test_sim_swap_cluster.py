@@ -42,13 +42,38 @@ def test_preempted_requests_swap_instead_of_recomputing() -> None:
     assert swap["swap_s"] > 0
     assert swap["prefill_tokens"] < plain["prefill_tokens"]  # resumed, not recomputed
     assert _run(reqs, swap_space_gib=2.0, swap_gb_s=25.0) == swap  # deterministic
-    # the copies' time follows the configured bandwidth (same swaps at 15 GB/s: 25/15 the time)
-    slower = _run(reqs, swap_space_gib=2.0, swap_gb_s=15.0)
+    # the copies' time follows the configured bandwidth (same swaps at 20 GB/s: 25/20 the time)
+    slower = _run(reqs, swap_space_gib=2.0, swap_gb_s=20.0)
     assert slower["swap_outs"] == swap["swap_outs"]
-    assert slower["swap_s"] == pytest.approx(swap["swap_s"] * 25 / 15, rel=1e-9)
-    # chosen per request by cost: at 10 GB/s copying out and back costs more than recomputing
+    assert slower["swap_s"] == pytest.approx(swap["swap_s"] * 25 / 20, rel=1e-9)
+    # chosen per request by cost, from the rates the instance measured so far (the engine's
+    # estimator): at 15 GB/s some preemptions swap and some recompute; at 10 GB/s copying out
+    # and back costs more than recomputing every time
+    mid = _run(reqs, swap_space_gib=2.0, swap_gb_s=15.0)
+    assert 0 < mid["swap_outs"] < mid["preemptions"]
     slow = _run(reqs, swap_space_gib=2.0, swap_gb_s=10.0)
     assert slow["swap_outs"] == 0 and slow["prefill_tokens"] == plain["prefill_tokens"]
+
+
+def test_a_disaggregated_decode_instance_prices_recompute_as_a_decode_worker_does() -> None:
+    """A decode instance adopts its prompts' KV and never prefills until it recomputes: as on a
+    real decode worker (``RateEstimator.observe_decode``), its decode-only steps' token rate stands
+    in for the prefill rate it has not measured, which leans its first preemptions towards the
+    swap its host pool was configured for. At 10 GB/s a mixed instance recomputes every preempted
+    request (above); the decode instance swaps every one (before the simulator priced recompute
+    at the latency model's prefill rate from the start, and it recomputed them all)."""
+    groups = (
+        InstanceGroup(InstanceRole.PREFILL, 1, 1, vllm_scheduler(2048, 16)),
+        InstanceGroup(InstanceRole.DECODE, 1, 1, vllm_scheduler(2048, 16)),
+    )
+    c = ClusterConfig(
+        LatencySpec("llama-2-7b", "a100"), groups, kv_blocks=120, swap_space_gib=2.0, swap_gb_s=10.0
+    )
+    r = Simulation(c).run(from_lengths([(512, 256)] * 12, rate=100.0))
+    assert r.complete
+    st = r.instance_stats["decode0"]
+    assert st["preemptions"] > 0 and st["swap_outs"] == st["preemptions"]
+    assert st["prefill_tokens"] == 0  # resumed from the host pool, nothing recomputed
 
 
 def test_a_short_host_pool_spills_colder_swapped_kv_to_the_disk_tier() -> None:
