@@ -45,7 +45,6 @@ _INIT_FUNCTIONS = (
 )
 
 _state = threading.local()  # .depth: how many skip_param_init the thread is in
-_installed = False
 _install_lock = threading.Lock()
 
 
@@ -61,17 +60,16 @@ def _skippable(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _install() -> None:
-    """Wrap the ``torch.nn.init`` functions once per process (they behave as before outside
-    :func:`skip_param_init`)."""
-    global _installed
+    """Wrap each ``torch.nn.init`` function that is not wrapped (they behave as before outside
+    :func:`skip_param_init`). Checked on every entry, not once per process: another library may
+    swap the functions out and back meanwhile (transformers' ``no_init_weights`` sets no-ops and
+    restores, on exit, the functions it found on entry: entered before our first wrap, it restores
+    torch's own and drops our wrappers); a dropped wrapper is put back at the next entry."""
     with _install_lock:
-        if _installed:
-            return
         for name in _INIT_FUNCTIONS:
             fn = getattr(torch.nn.init, name, None)
             if fn is not None and not getattr(fn, "__pdserve_skippable__", False):
                 setattr(torch.nn.init, name, _skippable(fn))
-        _installed = True
 
 
 @contextlib.contextmanager

@@ -2,8 +2,9 @@
 
 Checked: the skip holds on the entering thread only (a module built on another thread meanwhile
 is initialised as usual), it nests and ends, a model loaded this way equals the checkpoint
-tensor for tensor, a checkpoint lacking a weight is still refused, and a CPU load no longer
-imports torch._dynamo (the start-up time it cost).
+tensor for tensor, a checkpoint lacking a weight is still refused, a CPU load no longer
+imports torch._dynamo (the start-up time it cost), and the skip survives transformers'
+``no_init_weights`` putting torch's own init functions back.
 """
 
 from __future__ import annotations
@@ -114,6 +115,50 @@ def test_a_cpu_load_does_not_import_dynamo(llama_dir) -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+
+
+_SWAPPED_OUT = """
+import threading, torch
+from transformers.initialization import no_init_weights
+from engine.models.no_init import skip_param_init
+
+entered, release = threading.Event(), threading.Event()
+
+def other():
+    with no_init_weights():  # saves torch's own functions, sets no-ops
+        entered.set()
+        release.wait(30)
+
+th = threading.Thread(target=other)
+th.start()
+assert entered.wait(30)
+with skip_param_init():  # our first wrap, while transformers' no-ops are in place
+    pass
+release.set()
+th.join(30)  # transformers restores the functions it found: torch's own, our wrappers gone
+t = torch.full((4, 4), 7.0)
+with skip_param_init():
+    torch.nn.init.zeros_(t)
+print("skipped" if torch.equal(t, torch.full((4, 4), 7.0)) else "initialised")
+torch.nn.init.zeros_(t)
+print("outside", "zeros" if torch.equal(t, torch.zeros(4, 4)) else "unchanged")
+"""
+
+
+def test_the_skip_survives_transformers_restoring_the_init_functions() -> None:
+    """transformers' ``no_init_weights`` on another thread, entered before our first wrap, puts
+    torch's own ``torch.nn.init`` functions back when it exits: the next ``skip_param_init``
+    wraps them again (before, the skip silently stopped for the rest of the process). A fresh
+    process: the first wrap must happen inside transformers' block."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SWAPPED_OUT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.split() == ["skipped", "outside", "zeros"], out.stdout + out.stderr
 
 
 def test_the_cpu_loader_builds_the_model_under_the_skip(llama_dir, monkeypatch) -> None:
