@@ -81,7 +81,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DirectConfig:
-    """``ticket_ttl_s``: how long a client has to attach to its worker after the redirect;
+    """``ticket_ttl_s``: how long a client has to attach to its worker after the redirect (a
+    ticket lasts this beyond the time the router allows the worker's admission, and with a
+    streamed handoff the prefill's, :meth:`DirectLegs._admission_allowance`);
     ``progress_interval_s``: at most this long between two progress messages of a direct
     worker to the router (well under the progress deadline); ``resume_timeout_s``: how long the
     router waits for a client's ResumeDirect after telling it its worker was lost."""
@@ -245,8 +247,8 @@ class DirectLegs(GrpcLegs):
         for a fresh single request (no output yet): the decode worker assembles the streamed KV
         and then streams the tokens to the client, its messages handled as :meth:`decode`'s. Its
         ticket is minted now, before the prefill: it lasts ``ticket_ttl_s`` plus the prefill's
-        progress deadline (else the call's deadline, else ``prefill_floor_s``). A resumed leg
-        is relayed."""
+        progress deadline (else the call's deadline, else ``prefill_floor_s``) plus the decode
+        worker's admission allowance (:meth:`_admission_allowance`). A resumed leg is relayed."""
         if num_output != 0 or not self._single():
             self._direct = False
             return super().start_streamed_decode(worker_id, prefill_id, num_output)
@@ -254,7 +256,8 @@ class DirectLegs(GrpcLegs):
         allowance = p.prefill_deadline_s(self.run.predicted_ttft_s, self.svc.outstanding.get(prefill_id))
         if allowance is None:
             allowance = remaining(self.ctx) or p.prefill_floor_s
-        ticket = self._mint(worker_id, allowance)
+        # and then the decode worker's admission of the assembled KV (it may wait for blocks)
+        ticket = self._mint(worker_id, allowance + self._admission_allowance())
         grant = direct_pb2.DirectGrant(ticket=ticket, progress_interval_s=self._interval())
         leg = DirectGrantLeg(
             grant,
@@ -262,6 +265,22 @@ class DirectLegs(GrpcLegs):
             lambda dw, chunks, cancel: self._direct_chunks(dw, ticket, chunks, cancel),
         )
         return GrpcStreamedDecode(self, worker_id, prefill_id, num_output, leg)
+
+    def _admission_allowance(self, queued_tokens: int = 0) -> float:
+        """Seconds a decode worker may take to admit a request before its first message: its
+        progress deadline (:meth:`ProgressConfig.first_message_deadline_s`; ``queued_tokens``:
+        prompt tokens it prefills itself, a local prefill), else the call's remaining deadline,
+        else ``ProgressConfig.first_message_s``. A ticket lasts this on top of ``ticket_ttl_s``:
+        the worker checks it when it admits the request and again at the client's attach, and an
+        admission waiting for free blocks (backpressure, up to the worker's admission timeout)
+        must not expire it. Before, the ticket lasted ``ticket_ttl_s`` from the Decode call: in a
+        1,000-request burst on SmolLM2, 227 requests failed PERMISSION_DENIED ("ticket refused:
+        expired") after such waits."""
+        p = self.svc.config.progress
+        bound = p.first_message_deadline_s(queued_tokens)
+        if bound is None:
+            bound = remaining(self.ctx) or p.first_message_s
+        return bound
 
     def _mint(self, worker_id: str, extra_s: float = 0.0) -> str:
         """A ticket for this request on ``worker_id``, expiring ``ticket_ttl_s`` (+ ``extra_s``)
@@ -282,7 +301,7 @@ class DirectLegs(GrpcLegs):
         """``request`` to ``worker_id`` with a direct grant: :meth:`_direct_chunks` of its call."""
         svc = self.svc
         dw = self._entry(worker_id)
-        ticket = self._mint(worker_id)
+        ticket = self._mint(worker_id, self._admission_allowance(watch.first_message_tokens))
         request.direct.CopyFrom(direct_pb2.DirectGrant(ticket=ticket, progress_interval_s=self._interval()))
         call = svc.stubs.worker(dw.address).Decode(
             request, timeout=remaining(self.ctx), metadata=call_metadata()

@@ -16,7 +16,10 @@ two in-process decode workers. The tests:
 * stop strings: a migrated direct stream ends on a stop string matched on the destination, text
   identical;
 * a drain empties a decode worker of its direct streams by migration while they continue, and
-  they finish identical to unmigrated runs.
+  they finish identical to unmigrated runs;
+* (not a migration, the same cluster) a ticket outlives a decode worker's admission: a request
+  whose admission waits longer than the ticket's TTL (for free blocks, under load) is still
+  served, its client attached with the ticket the router granted before the wait.
 """
 
 from __future__ import annotations
@@ -304,4 +307,32 @@ def test_a_direct_stream_migrated_twice_streams_from_each_destination(cluster, c
     assert got.token_ids == ref.token_ids and got.text == ref.text
     assert [w for w, r in cluster.attached if r == rid] == [src, cluster.other(src), src]
     assert len([r for r in cluster.resumes if r[0] == rid]) == 2
+    cluster.wait_no_blocks()
+
+
+def test_a_ticket_outlives_a_slow_admission(cluster, client, monkeypatch) -> None:
+    """The router mints a request's ticket when it opens the Decode call; the decode worker checks
+    it when the request is admitted (the slot registered) and again at the client's attach. Seen
+    in a 1,000-request burst on SmolLM2 (``pdserve serve``, direct streams): 227 requests failed
+    PERMISSION_DENIED "ticket refused: expired", their admission having waited for free blocks
+    past the 30 s TTL. The ticket now lasts the TTL plus the first-message deadline the router
+    gives the admission (``ProgressConfig.first_message_deadline_s``). Here the TTL is 0.5 s and
+    every admission waits 1.5 s first."""
+    book = cluster.svc.direct
+    monkeypatch.setattr(book, "config", DirectConfig(ticket_ttl_s=0.5, progress_interval_s=0.02))
+    for w in cluster.workers.values():
+
+        def slow(*args, _wait=w.svc._wait_for_blocks, **kwargs):
+            time.sleep(1.5)  # as an admission waiting for free blocks under load
+            return _wait(*args, **kwargs)
+
+        monkeypatch.setattr(w.svc, "_wait_for_blocks", slow)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompt = _prompt(300)
+    attached_before = len(cluster.attached)
+    got = client.complete(prompt, params)
+    monkeypatch.undo()
+    ref = client.complete(prompt, params)
+    assert got.token_ids == ref.token_ids and got.text == ref.text
+    assert len(cluster.attached) > attached_before  # streamed directly, not relayed
     cluster.wait_no_blocks()
