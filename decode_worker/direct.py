@@ -78,8 +78,9 @@ class _Slot:
     rid: str
     ticket: str
     tenant: str
-    expires_at: float  # wall clock: attach by then
+    expires_at: float  # wall clock: attach by then (the ticket's expiry, shifted: DirectStreams._register)
     abort: Callable[[BaseException], None]  # ends the request's Decode (event loop)
+    ticket_expires_at: float = 0.0  # wall clock: the expiry the ticket itself carries
     conn: _Conn | None = None
     tokens: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
@@ -245,22 +246,41 @@ class DirectStreams:
             raise InvalidRequestError("DecodeRequest.direct has no ticket")
 
     def _register(
-        self, rid: str, ticket: str, tenant: str | None, abort: Callable[[BaseException], None]
+        self,
+        rid: str,
+        ticket: str,
+        tenant: str | None,
+        abort: Callable[[BaseException], None],
+        arrived: float | None = None,
     ) -> _Slot:
         """The slot of direct request ``rid`` granted ``ticket`` for ``tenant`` (None: the
-        ticket's own, for a migrated request whose tenant the call does not name)."""
+        ticket's own, for a migrated request whose tenant the call does not name). ``arrived``
+        (wall clock): when the Decode call carrying the grant reached this worker (None: now).
+
+        The client can only attach after the redirect, which follows this registration, so the
+        time this worker itself took to admit the request (waiting for free blocks, or for an
+        admission thread, under a burst) is added to the attach window: the client must attach
+        by the ticket's expiry or by now plus the validity the ticket had when the call came,
+        whichever is later. Without it, a burst of 1,000 requests through the OpenAI server
+        (whose admissions here waited up to ~100 s) failed 208 of them PERMISSION_DENIED
+        "ticket refused: expired" at this check. The ticket must have been valid when the call
+        came (an expired grant is a router bug or a replay) and must name this request, this
+        worker and the tenant."""
         claims = decode_unverified(ticket)
         tenant = claims.tenant if tenant is None else tenant
+        now = self.clock()
+        arrived = now if arrived is None else min(arrived, now)
         # the router's own grant must hold here (a mismatch is a router bug or a misroute)
-        check_claims(claims, request_id=rid, worker_id=self.worker_id, tenant=tenant, now=self.clock())
+        check_claims(claims, request_id=rid, worker_id=self.worker_id, tenant=tenant, now=arrived)
+        attach_by = max(claims.expires_at, now + (claims.expires_at - arrived))
         old = self._slots.get(rid)
         if old is not None and old.done and old.conn is None:
             self._drop(old)  # it ended here unattached (migrated away) and now comes back
         elif old is not None:
             raise InvalidRequestError(f"request {rid!r} already streams directly from this worker")
-        slot = _Slot(rid, ticket, tenant, claims.expires_at, abort)
+        slot = _Slot(rid, ticket, tenant, attach_by, abort, ticket_expires_at=claims.expires_at)
         loop = asyncio.get_running_loop()
-        slot.expiry = loop.call_later(max(0.0, claims.expires_at - self.clock()), self._expired, slot)
+        slot.expiry = loop.call_later(max(0.0, attach_by - now), self._expired, slot)
         self._slots[rid] = slot
         return slot
 
@@ -306,6 +326,7 @@ class DirectStreams:
         count_finished: Callable[[], None],
         with_text: bool,
         token_bytes: Callable[[int], bytes] | None = None,
+        arrived: float | None = None,
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         """The router's side of direct request ``rid`` (admitted; ``out``: its output queue, a
         ``_LoopQueue``): one message with no tokens (admitted), progress messages, the finish
@@ -313,8 +334,9 @@ class DirectStreams:
         message ``out`` is diverted to a :class:`_Feed`, which puts each engine output in the
         request's slot as the inbox hands it over (no task wakes per token); this generator wakes
         only to send the router progress, the finish, or to raise the failure that ended the
-        request (engine error, not attached in time, client detached)."""
-        slot = self._register(rid, req.direct.ticket, req.tenant, lambda e: out.put_nowait(e))
+        request (engine error, not attached in time, client detached). ``arrived``: when the
+        call came (wall clock; :meth:`_register`)."""
+        slot = self._register(rid, req.direct.ticket, req.tenant, lambda e: out.put_nowait(e), arrived)
         interval = req.direct.progress_interval_s or DEFAULT_PROGRESS_INTERVAL_S
         loop = asyncio.get_running_loop()
         feed = _Feed(self, slot, loop, count_finished, with_text, token_bytes, interval)
@@ -493,13 +515,16 @@ class DirectStreams:
                 )
             if not hmac.compare_digest(a.ticket.encode(), slot.ticket.encode()):
                 raise PermissionDeniedError("direct-stream ticket refused: not the ticket of this request")
+            now = self.clock()
+            if now > slot.expires_at:  # the attach window (the ticket's expiry, shifted: _register)
+                raise PermissionDeniedError(
+                    f"direct-stream ticket refused: expired {now - slot.expires_at:.1f}s ago"
+                )
+            # within the window: the rest of the ticket's claims (and its signature) must hold
+            at = min(now, slot.ticket_expires_at)
             if self.signer is not None:
                 self.signer.verify(
-                    a.ticket,
-                    request_id=slot.rid,
-                    worker_id=self.worker_id,
-                    tenant=slot.tenant,
-                    now=self.clock(),
+                    a.ticket, request_id=slot.rid, worker_id=self.worker_id, tenant=slot.tenant, now=at
                 )
             else:
                 check_claims(
@@ -507,7 +532,7 @@ class DirectStreams:
                     request_id=slot.rid,
                     worker_id=self.worker_id,
                     tenant=slot.tenant,
-                    now=self.clock(),
+                    now=at,
                 )
             if slot.conn is not None:
                 raise PermissionDeniedError(f"request {slot.rid} is already attached")

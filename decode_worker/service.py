@@ -157,12 +157,20 @@ class DecodeServicer:
             self.puller.release(handle)
 
     def _admission_deadline(self, ctx: grpc.ServicerContext) -> float:
-        """Monotonic time admission gives up: the admission timeout, or the call's deadline when sooner."""
+        """Monotonic time admission gives up: the admission timeout, or the call's deadline when
+        sooner. The timeout counts from the call's arrival when ``ctx`` knows it (an
+        :class:`_AdmissionContext`: the time the call waited for an admission thread counts), so
+        a worker answers within its admission timeout, under the router's first-message deadline
+        (``ProgressConfig.first_message_s``). Before, a burst of 1,000 requests queued here for
+        up to ~100 s: the router took the healthy worker for a hung one and failed requests
+        UNAVAILABLE."""
         limit = self.state.config.admission_timeout_s
+        now = time.monotonic()
+        start = min(getattr(ctx, "arrived", now), now)
         remaining = ctx.time_remaining()
         if remaining is not None and remaining < 1e7:
-            limit = min(limit, remaining)
-        return time.monotonic() + limit
+            return min(start + limit, now + remaining)
+        return start + limit
 
     def _no_room(self, num_tokens: int, adapter: str) -> ResourceExhaustedError:
         lora = f" or LoRA slot for adapter {adapter!r}" if adapter else ""
@@ -604,12 +612,14 @@ class _LoopQueue:
 
 class _AdmissionContext:
     """What the blocking admission (:meth:`DecodeServicer._admit_handoff` / ``_admit_local``, on a
-    worker thread) reads of the call: its deadline, fixed at the start, and whether the caller
-    is still there (``gone`` is set by the call's task when it is cancelled)."""
+    worker thread) reads of the call: its deadline, fixed at the start, when it arrived
+    (``arrived``, monotonic: :meth:`DecodeServicer._admission_deadline` counts from it), and
+    whether the caller is still there (``gone`` is set by the call's task when it is cancelled)."""
 
     def __init__(self, ctx: grpc.aio.ServicerContext) -> None:
+        self.arrived = time.monotonic()  # the admission timeout counts from here
         r = ctx.time_remaining()
-        self._deadline = None if r is None or r > 1e7 else time.monotonic() + r
+        self._deadline = None if r is None or r > 1e7 else self.arrived + r
         self.gone = threading.Event()
 
     def time_remaining(self) -> float | None:
@@ -714,6 +724,7 @@ class AsyncDecodeServicer(DecodeServicer):
     async def _decode_async(
         self, req: worker_pb2.DecodeRequest, ctx: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        arrived: float | None = None  # wall clock: when the call came (a direct ticket's window)
         if req.HasField("direct"):
             if self.direct is None:
                 raise InvalidRequestError(
@@ -721,6 +732,7 @@ class AsyncDecodeServicer(DecodeServicer):
                     "(start it with --direct-streams)"
                 )
             self.direct.check(req)
+            arrived = self.direct.clock()
         loop = asyncio.get_running_loop()
         # a direct stream's deltas go to its client at most once per window (its finish too),
         # and a handoff's first engine output is its second token (the router sent the first):
@@ -778,7 +790,14 @@ class AsyncDecodeServicer(DecodeServicer):
             if req.HasField("direct"):  # tokens to the client's connection, progress to the caller
                 tok = getattr(self.state.engine, "tokenizer", None)
                 serve = self.direct.serve(
-                    rid, req, out, pull_s, self.state.count_finished, tok is not None, tok and tok.token_bytes
+                    rid,
+                    req,
+                    out,
+                    pull_s,
+                    self.state.count_finished,
+                    tok is not None,
+                    tok and tok.token_bytes,
+                    arrived=arrived,
                 )
                 async for msg in serve:
                     finished = msg.HasField("finish")

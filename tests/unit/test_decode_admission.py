@@ -99,6 +99,37 @@ def test_no_room_until_the_deadline_fails_as_before() -> None:
     assert 0.15 < time.monotonic() - t0 < 5.0
 
 
+def test_the_admission_timeout_counts_from_the_calls_arrival() -> None:
+    """A Decode call that waited for an admission thread (a burst: 16 threads, 1,000 calls) has
+    only what is left of its admission timeout once a thread takes it: without room it fails
+    RESOURCE_EXHAUSTED at the timeout counted from its arrival, under the router's first-message
+    deadline, instead of waiting a whole timeout more (before: up to ~100 s, and the router took
+    the healthy worker for a hung one). With room it is admitted however long it queued."""
+    from decode_worker.service import _AdmissionContext
+
+    class _AioCtx:
+        def time_remaining(self):
+            return None
+
+    actx = _AdmissionContext(_AioCtx())  # type: ignore[arg-type]
+    actx.arrived -= 0.5  # it arrived 0.5 s ago and queued since
+    loop = _Loop([False])
+    svc = _servicer(loop, timeout_s=0.6)
+    assert svc._admission_deadline(actx) == pytest.approx(actx.arrived + 0.6)
+    t0 = time.monotonic()
+    with pytest.raises(ResourceExhaustedError, match="no free KV blocks for 8 tokens"):
+        svc._add_when_room("r", _importer(loop, []), None, 8, actx)
+    assert time.monotonic() - t0 < 0.4  # the 0.1 s left, not another 0.6 s
+    imported: list[str] = []
+    late = _AdmissionContext(_AioCtx())  # type: ignore[arg-type]
+    late.arrived -= 10.0  # long past its timeout, but there is room: admitted
+    room = _Loop([True])
+    _servicer(room, timeout_s=0.6)._add_when_room("r", _importer(room, imported), None, 8, late)
+    assert imported == ["r"]
+    # a plain gRPC context (the thread-pool server's) counts from now, as before
+    assert svc._admission_deadline(_Ctx()) == pytest.approx(time.monotonic() + 0.6, abs=0.05)
+
+
 def test_import_refused_while_can_admit_says_yes_is_bounded() -> None:
     # can_admit and the import disagree (e.g. a LoRA slot): retried with a pause, up to the deadline
     loop = _Loop([False])

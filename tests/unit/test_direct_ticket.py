@@ -147,6 +147,49 @@ def test_unattached_request_is_aborted_at_expiry() -> None:
     assert not ds._slots
 
 
+def test_the_attach_window_counts_from_the_workers_own_admission() -> None:
+    """A Decode call that reached the worker with 30 s left on its ticket and was admitted 100 s
+    later (waiting for free blocks, or for an admission thread, under a burst): the slot is
+    registered (the ticket was valid when the call came) and its client has the same 30 s from
+    then to attach, not a ticket that expired 70 s ago. The signed ticket's other claims still
+    hold at the attach; past the shifted window the attach is refused, and a grant that had
+    already expired when the call came is refused at registration. Before: 208 of a 1,000-request
+    burst through the OpenAI server failed PERMISSION_DENIED "expired" at registration."""
+
+    async def scenario():
+        clock = _Clock()
+        s = signer()
+        ds = DirectStreams("decode-0", s, clock=clock)
+        ticket = s.mint(CLAIMS)  # expires at NOW + 30
+        clock.t = NOW + 100  # admitted 100 s after the call came at NOW
+        slot = ds._register("req-1", ticket, "tenant-a", lambda e: None, arrived=NOW)
+        assert slot.expires_at == NOW + 130 and slot.ticket_expires_at == NOW + 30
+        conn = _Conn(ctx=None)  # type: ignore[arg-type]
+        clock.t = NOW + 125
+        other_tenant = s.mint(TicketClaims("req-1", "decode-0", "tenant-b", NOW + 30))
+        ds._attach(conn, direct_pb2.DirectAttach(request_id="req-1", ticket=other_tenant))
+        ds._attach(conn, direct_pb2.DirectAttach(request_id="req-1", ticket=ticket))
+        refused = [d.error for d in conn.refusals]
+        attached = list(conn.slots)
+        ds2 = DirectStreams("decode-0", s, clock=clock)
+        clock.t = NOW + 120
+        ds2._register("req-1", ticket, "tenant-a", lambda e: None, arrived=NOW + 20)
+        late = _Conn(ctx=None)  # type: ignore[arg-type]
+        clock.t = NOW + 131
+        ds2._attach(late, direct_pb2.DirectAttach(request_id="req-1", ticket=ticket))
+        with pytest.raises(PermissionDeniedError, match="expired"):
+            DirectStreams("decode-0", s, clock=clock)._register(
+                "req-1", ticket, "tenant-a", lambda e: None, arrived=NOW + 31
+            )
+        return refused, attached, [d.error for d in late.refusals]
+
+    refused, attached, late = asyncio.run(scenario())
+    assert len(refused) == 1 and "not the ticket of this request" in refused[0]
+    assert attached == ["req-1"]
+    # its call came at NOW + 20 (10 s left), registered at NOW + 120: the window ends at NOW + 130
+    assert len(late) == 1 and "expired 1.0s ago" in late[0]
+
+
 def test_a_request_that_ended_before_its_client_attached_gives_its_verdict_not_a_refusal() -> None:
     """A drain migrates a direct request away before its client (slow to read) attached: the
     late attach gets the ABORTED "migrated" delta, which the client holds until the router's word,
