@@ -80,7 +80,7 @@ class _Slot:
     tenant: str
     expires_at: float  # wall clock: attach by then (the ticket's expiry, shifted: DirectStreams._register)
     abort: Callable[[BaseException], None]  # ends the request's Decode (event loop)
-    ticket_expires_at: float = 0.0  # wall clock: the expiry the ticket itself carries
+    ticket_expires_at: float  # wall clock: the expiry the ticket itself carries
     conn: _Conn | None = None
     tokens: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
@@ -278,7 +278,7 @@ class DirectStreams:
             self._drop(old)  # it ended here unattached (migrated away) and now comes back
         elif old is not None:
             raise InvalidRequestError(f"request {rid!r} already streams directly from this worker")
-        slot = _Slot(rid, ticket, tenant, attach_by, abort, ticket_expires_at=claims.expires_at)
+        slot = _Slot(rid, ticket, tenant, attach_by, abort, claims.expires_at)
         loop = asyncio.get_running_loop()
         slot.expiry = loop.call_later(max(0.0, attach_by - now), self._expired, slot)
         self._slots[rid] = slot

@@ -459,10 +459,7 @@ class LLMEngine:
             for nbytes, secs in self.disk_tier.take_timings():
                 self.rates.observe_disk(nbytes, secs)
                 copy_s += secs
-        if prefill_tokens > 0:
-            self.rates.observe_prefill(prefill_tokens, seconds - copy_s)
-        elif decode_tokens > 0:
-            self.rates.observe_decode(decode_tokens, seconds - copy_s)
+        self.rates.observe_step(prefill_tokens, decode_tokens, seconds - copy_s)
         self.scheduler.set_swap_rates(self.rates.rates)
 
     # ------------------------------------------------------------------ construction

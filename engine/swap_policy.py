@@ -249,6 +249,15 @@ class RateEstimator:
         if num_tokens > 0 and seconds > 0:
             self._decode_tps = self._mix(self._decode_tps, num_tokens / seconds, self.alpha)
 
+    def observe_step(self, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:
+        """A step's compute (its time less synchronous copies): its prefill throughput when it
+        prefilled, else a decode-only step's token rate (:meth:`observe_decode`). The engine
+        (``LLMEngine._observe_step``) and the simulator (``SimInstance``) both feed it here."""
+        if prefill_tokens > 0:
+            self.observe_prefill(prefill_tokens, seconds)
+        elif decode_tokens > 0:
+            self.observe_decode(decode_tokens, seconds)
+
     def predict_prefill_seconds(self, num_tokens: int) -> float:
         """Predicted time of a step prefilling a ``num_tokens`` prompt: ``a + b * num_tokens``
         fitted over the measured prefill steps (``a, b >= 0``; through the origin when the free

@@ -147,7 +147,7 @@ class SimInstance:
         )
         # swap or recompute, chosen by the scheduler from the engine's own estimator: seeded with
         # the copy (and disk) bandwidth as the engine seeds it at start, then fed every simulated
-        # step's compute time as the engine feeds it (:meth:`_observe_step`): the recompute rate is
+        # step's compute time as the engine feeds it (``RateEstimator.observe_step``): the recompute rate is
         # the measured prefill throughput, and before any prefill (a disaggregated decode instance
         # adopts its prompts' KV) the decode-only steps' token rate stands in, as on a real worker
         self.rates: RateEstimator | None = None
@@ -508,8 +508,9 @@ class SimInstance:
             dt += disk_s
             st.swap_disk_s += disk_s
             st.swap_disk_blocks += moved
-        if self.rates is not None:
-            self._observe_step(sum(pre_tok), n_dec, compute_s)
+        if self.rates is not None:  # as LLMEngine._observe_step feeds the engine's estimator
+            self.rates.observe_step(sum(pre_tok), n_dec, compute_s)
+            self.sched.set_swap_rates(self.rates.rates)
         st.steps += 1
         st.busy_s += dt
         st.prefill_tokens += q
@@ -517,16 +518,6 @@ class SimInstance:
         self.busy = True
         now = self.loop.now()
         self.loop.at(now + dt, self._end_step, out, now, started, firsts)
-
-    def _observe_step(self, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:
-        """The engine's ``LLMEngine._observe_step`` on the simulated step: its prefill throughput,
-        or a decode-only step's token rate (the recompute rate's stand-in before any prefill)."""
-        assert self.rates is not None
-        if prefill_tokens > 0:
-            self.rates.observe_prefill(prefill_tokens, seconds)
-        elif decode_tokens > 0:
-            self.rates.observe_decode(decode_tokens, seconds)
-        self.sched.set_swap_rates(self.rates.rates)
 
     def _lora_factor(self, out: SchedulerOutput) -> float:
         """``AdapterConfig.step_factor`` of the step's batch."""
