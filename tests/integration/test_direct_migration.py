@@ -32,6 +32,7 @@ import pytest
 from engine.sampling_params import SamplingParams
 from pdserve.client import Client
 from pdserve.metrics import RouterMetrics
+from pdserve.ticket import TicketClaims
 from pdserve.v1 import client_pb2, direct_pb2
 from router.drain import drain_decode_worker
 from router.lifecycle.direct_legs import DirectConfig, DirectLegs
@@ -320,6 +321,13 @@ def test_a_ticket_outlives_a_slow_admission(cluster, client, monkeypatch) -> Non
     every admission waits 1.5 s first."""
     book = cluster.svc.direct
     monkeypatch.setattr(book, "config", DirectConfig(ticket_ttl_s=0.5, progress_interval_s=0.02))
+    minted: list[tuple[float, TicketClaims]] = []
+
+    def mint(claims: TicketClaims, _mint=book.signer.mint) -> str:
+        minted.append((time.time(), claims))
+        return _mint(claims)
+
+    monkeypatch.setattr(book.signer, "mint", mint)
     for w in cluster.workers.values():
 
         def slow(*args, _wait=w.svc._wait_for_blocks, **kwargs):
@@ -335,4 +343,14 @@ def test_a_ticket_outlives_a_slow_admission(cluster, client, monkeypatch) -> Non
     ref = client.complete(prompt, params)
     assert got.token_ids == ref.token_ids and got.text == ref.text
     assert len(cluster.attached) > attached_before  # streamed directly, not relayed
+    # the router's part on its own (the worker's attach window, counted from its admission,
+    # would also serve this request): the ticket lasts the TTL beyond the admission's allowance
+    allowance = cluster.svc.config.progress.first_message_deadline_s()
+    assert allowance is not None and allowance > 1.5
+    lasts = [c.expires_at - t for t, c in minted]
+    # (a local prefill adds the per-token allowance of its queued prompt tokens)
+    assert lasts and all(0.5 + allowance - 0.2 <= d <= 0.5 + allowance + 0.005 * 300 + 1 for d in lasts), (
+        allowance,
+        lasts,
+    )
     cluster.wait_no_blocks()
