@@ -30,6 +30,7 @@ import enum
 import itertools
 import json
 import math
+import operator
 import threading
 import time
 import weakref
@@ -164,16 +165,37 @@ def observe_all(hist: Histogram, amounts: Sequence[float]) -> None:
         for a in amounts:
             hist.observe(a)
         return
-    counts: dict[int, int] = {}
-    for a in amounts:
-        if a != a:  # NaN: observe counts it in no bucket (its sum takes it)
-            continue
-        i = bisect.bisect_left(bounds, a)  # the first bound >= a, as observe's "a <= bound"
-        if i < len(bounds):
-            counts[i] = counts.get(i, 0) + 1
-    total.inc(math.fsum(amounts))
-    for i, n in counts.items():
-        buckets[i].inc(n)
+    if any(map(math.isnan, amounts)):  # NaN: observe counts it in no bucket (its sum takes it)
+        counts: dict[int, int] = {}
+        for a in amounts:
+            if a == a:
+                i = bisect.bisect_left(bounds, a)  # the first bound >= a, as observe's "a <= bound"
+                counts[i] = counts.get(i, 0) + 1
+        total.inc(math.fsum(amounts))
+        for i, n in counts.items():
+            buckets[i].inc(n)
+        return
+    # sorted once, then one bisection per bound (a few, not one per amount): bucket i takes the
+    # amounts in (bound[i-1], bound[i]], as observe's "a <= bound"
+    ordered = sorted(amounts)
+    total.inc(math.fsum(ordered))
+    below = 0
+    for i, bound in enumerate(bounds):
+        upto = bisect.bisect_right(ordered, bound)
+        if upto > below:
+            buckets[i].inc(upto - below)
+            below = upto
+        if below == len(ordered):
+            break
+
+
+def gaps_of(times: Sequence[float]) -> list[float]:
+    """The gaps between consecutive ``times`` (a request's inter-token latencies), each at least
+    0.0 (a clock that stepped back gives 0.0, not a negative latency)."""
+    gaps = list(map(operator.sub, itertools.islice(times, 1, None), times))
+    if gaps and min(gaps) < 0.0:
+        gaps = [max(0.0, g) for g in gaps]
+    return gaps
 
 
 def outcome_for(exc: BaseException | None) -> str:
@@ -458,7 +480,7 @@ class RouterMetrics:
             self.tpot.labels(cls, *mv).observe(tpot)
         observe_all(
             self.itl.labels(cls, *mv),
-            [max(0.0, cur - prev) for prev, cur in itertools.pairwise(rec.token_times_s)],
+            gaps_of(rec.token_times_s),
         )
         self.e2e.labels(cls, *mv).observe(rec.e2e_s)
         for p in PHASES:

@@ -8,7 +8,7 @@ import math
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from pdserve.metrics import observe_all
+from pdserve.metrics import gaps_of, observe_all
 
 
 def _samples(reg: CollectorRegistry, name: str) -> dict[tuple, float]:
@@ -63,3 +63,31 @@ def test_observe_all_on_a_labelled_parent_raises_as_observe_does():
         h.observe(1.0)
     with pytest.raises(ValueError):
         observe_all(h, [1.0])
+
+
+def test_observe_all_many_amounts_equal_one_observe_each():
+    """A request's worth of inter-token latencies (many, repeated, some on a bound exactly)."""
+    import random
+
+    rng = random.Random(7)
+    buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+    amounts = [rng.choice(buckets) if rng.random() < 0.2 else rng.expovariate(40.0) for _ in range(1000)]
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("w_seconds", "w", buckets=buckets, registry=one)
+    h2 = Histogram("w_seconds", "w", buckets=buckets, registry=many)
+    for a in amounts:
+        h1.observe(a)
+    observe_all(h2, amounts)
+    got, want = _samples(many, "w_seconds"), _samples(one, "w_seconds")
+    for k, v in want.items():
+        if k[0].endswith("_sum"):
+            assert got[k] == pytest.approx(v, rel=1e-12)
+        else:
+            assert got[k] == v, k
+
+
+def test_gaps_of_a_requests_token_times():
+    assert gaps_of([]) == []
+    assert gaps_of([1.0]) == []
+    assert gaps_of((1.0, 1.5, 1.75)) == [0.5, 0.25]
+    assert gaps_of([1.0, 0.5, 2.0]) == [0.0, 1.5]  # a clock that stepped back: no negative latency
