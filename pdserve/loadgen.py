@@ -202,6 +202,14 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else math.nan
 
 
+def _mean(xs: list[float]) -> float:
+    """Mean of the defined values of ``xs`` (NaN: a latency the request does not have, such as
+    the TPOT of a one-token output); NaN when none is defined, without numpy's empty-slice
+    warning."""
+    xs = [x for x in xs if not math.isnan(x)]
+    return math.fsum(xs) / len(xs) if xs else math.nan
+
+
 @dataclass
 class Report:
     n: int
@@ -233,7 +241,7 @@ def summarize(results: Sequence[LoadResult], slo: SLO, rate: float) -> Report:
             "p50": _pct(xs, 50),
             "p90": _pct(xs, 90),
             "p99": _pct(xs, 99),
-            "mean": _pct(xs, 50) * 0 + (float(np.nanmean(xs)) if xs else math.nan),
+            "mean": _mean(xs),
         }
     ptoks = sum(r.prompt_tokens for r in ok)
     rejected = [r for r in results if r.outcome == "rejected"]

@@ -48,6 +48,23 @@ def test_summary_counts_and_goodput_sweep() -> None:
     assert loadgen.goodput_from_sweep([mk(1, 0.5)], 0.9) == 0.0
 
 
+def test_summary_of_one_token_outputs_has_no_tpot_and_no_warning() -> None:
+    """Every output one token long (the Azure code trace at a large --length-scale): TPOT is
+    undefined, its mean NaN, and no numpy "Mean of empty slice" warning reaches the user."""
+    import warnings
+
+    slo = loadgen.SLO(ttft_s=0.5, tpot_s=0.1)
+    res = [_res("ok", 0.1, math.nan), _res("ok", 0.3, math.nan)]
+    for r in res:
+        r.output_tokens = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rep = loadgen.summarize(res, slo, rate=1.0)
+    assert math.isnan(rep.latency["tpot_s"]["mean"]) and math.isnan(rep.latency["tpot_s"]["p50"])
+    assert rep.latency["ttft_s"]["mean"] == pytest.approx(0.2)
+    assert rep.attainment == 1.0  # a one-token output has no TPOT to miss
+
+
 def test_summary_explains_rejections() -> None:
     slo = loadgen.SLO(ttft_s=0.5, tpot_s=0.1)
     res = [_res("ok", 0.1, 0.05, 0.0)]
