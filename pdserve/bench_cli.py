@@ -128,6 +128,31 @@ def spread_ties(w, seed: int = 0):
     return Workload(w.name, tuple(out))
 
 
+def _no_router(address: str, timeout_s: float = 10.0) -> str:
+    """Why a sweep against ``address`` cannot run ('' when a router answers there): before
+    replaying anything, so that a wrong address or a stopped cluster is one clear error, not a
+    report of requests that all failed. A router that answers NOT_SERVING (no worker registered
+    yet) is reported on stderr and the sweep goes on."""
+    from pdserve.client import Client, ServingStatus
+    from pdserve.errors import PdserveError
+
+    try:
+        with Client(address, timeout=timeout_s) as c:
+            status = c.health()
+    except PdserveError as e:
+        return (
+            f"no router answers at {address} ({e}); start a cluster with `pdserve serve` and give its "
+            "router's --address, or launch one for the run with --embedded"
+        )
+    if status is not ServingStatus.SERVING:
+        print(
+            f"pdserve bench: the router at {address} is {status.name} (no worker to place a request "
+            "on yet?); replaying anyway",
+            file=sys.stderr,
+        )
+    return ""
+
+
 def run(a: argparse.Namespace) -> int:
     from engine.models.config import ModelConfig
     from pdserve.model_setup import resolve_model_path
@@ -156,6 +181,11 @@ def run(a: argparse.Namespace) -> int:
         router_args = ("--policy", a.policy) if a.policy else ()
         cluster = launch(ClusterSpec(model_path=str(path), router_args=router_args))
         address = cluster.router_address
+    else:
+        missing = _no_router(address)
+        if missing:
+            print(f"pdserve bench: {missing}", file=sys.stderr)
+            return 2
     reports, all_results = [], []
     warm = None
     try:

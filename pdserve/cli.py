@@ -9,7 +9,7 @@ import time
 
 from engine.scheduler import SchedulingPolicy
 from pdserve import cli_help, mlfq_knobs, offload_knobs
-from pdserve.errors import PdserveError
+from pdserve.errors import PdserveError, UnavailableError
 from pdserve.security import add_client_tls_args, client_tls_kwargs
 
 
@@ -602,6 +602,22 @@ def build_parser() -> argparse.ArgumentParser:
     return cli_help.apply(ap)
 
 
+def nobody_there_hint(a: argparse.Namespace, e: PdserveError) -> str:
+    """What to do when no router listens where a command sent its request (a new user's first
+    `pdserve generate`): start a cluster, or point --address at one; `generate` can also run the
+    engine in this process. Empty for any other error."""
+    if not isinstance(e, UnavailableError) or "failed to connect" not in str(e).lower():
+        return ""
+    where = getattr(a, "address", "") or "that address"
+    hint = f"is a cluster running at {where}? start one with `pdserve serve`, or give its router's --address"
+    cmd = getattr(a, "command", "")
+    if cmd == "generate":
+        hint += "; or run the engine in this process: `pdserve generate --embedded PROMPT`"
+    elif cmd == "bench":
+        hint += "; or launch a cluster for the run: `pdserve bench --embedded`"
+    return hint
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -609,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(a.func(a) or 0)
     except PdserveError as e:
         print(f"pdserve: error: {e}", file=sys.stderr)
+        hint = nobody_there_hint(a, e)
+        if hint:
+            print(f"pdserve: {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -17,6 +17,7 @@ import asyncio
 import enum
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -197,6 +198,9 @@ def replay(
 
 
 # ----------------------------------------------------------------------------------- report
+ERROR_CHARS = 300  # of a failed request's error kept in the report (the rest is detail)
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = [x for x in xs if not math.isnan(x)]
     return float(np.percentile(xs, q)) if xs else math.nan
@@ -224,6 +228,7 @@ class Report:
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     reject_reasons: dict[str, int] = field(default_factory=dict)  # RejectKind value -> count
     retry_after_s: dict[str, float] = field(default_factory=dict)  # p50/max of rejections' hints
+    error_messages: dict[str, int] = field(default_factory=dict)  # a failed request's error -> count
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -264,6 +269,7 @@ def summarize(results: Sequence[LoadResult], slo: SLO, rate: float) -> Report:
         latency=lat,
         reject_reasons=reasons,
         retry_after_s={"p50": _pct(hints, 50), "max": _pct(hints, 100)} if rejected else {},
+        error_messages=dict(Counter(r.error[:ERROR_CHARS] for r in results if r.outcome == "error")),
     )
 
 
@@ -290,8 +296,21 @@ def format_report(rep: Report) -> str:
         f"e2e p50/p99 {L['e2e_s']['p50']:.2f}/{L['e2e_s']['p99']:.2f} s\n"
         f"  SLO attainment {rep.attainment:.1%} of all requests (a rejected one counts as a miss), "
         f"{rep.attainment_admitted:.1%} of the {rep.n - rep.rejected} admitted  "
-        f"goodput {rep.goodput_rps:.2f} req/s  prefix hit {rep.prefix_hit_rate:.1%}" + format_rejections(rep)
+        f"goodput {rep.goodput_rps:.2f} req/s  prefix hit {rep.prefix_hit_rate:.1%}"
+        + format_rejections(rep)
+        + format_errors(rep)
     )
+
+
+def format_errors(rep: Report, most: int = 3) -> str:
+    """The failed requests' errors, the ``most`` commonest with their counts ('' when none
+    failed): a sweep whose requests all failed says why, not only how many."""
+    if not rep.errors:
+        return ""
+    common = sorted(rep.error_messages.items(), key=lambda kv: -kv[1])[:most]
+    lines = "".join(f"\n    {n} x {msg}" for msg, n in common)
+    more = len(rep.error_messages) - len(common)
+    return f"\n  failed {rep.errors}/{rep.n}:" + lines + (f"\n    ({more} other errors)" if more > 0 else "")
 
 
 def format_rejections(rep: Report) -> str:
@@ -350,7 +369,8 @@ def plot(
         ax.set_xlabel(key)
         ax.set_ylabel("CDF")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # no request finished: no curve to name
+            ax.legend(fontsize=7)
     fig.tight_layout()
     p = f"{out_png_prefix}_cdf.png"
     fig.savefig(p, dpi=120)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import time
 
 import pytest
 
@@ -116,3 +118,46 @@ def test_bench_embedded_writes_report(tmp_path, smollm_path) -> None:
     assert report["warmup"]["n"] == 2 and report["warmup"]["errors"] == 0  # reported apart
     for name in ("bench_attainment.png", "bench_cdf.png", "requests_rate1.csv", "requests_rate4.csv"):
         assert (out / name).stat().st_size > 0
+
+
+def test_a_failed_sweep_says_why() -> None:
+    """Requests that failed (not rejected) are counted and their commonest errors printed."""
+    slo = loadgen.SLO(ttft_s=0.5, tpot_s=0.1)
+    res = [_res("ok", 0.1, 0.05)]
+    for msg in ["UnavailableError: store kv0 down"] * 3 + ["InternalError: boom", "x" * 1000]:
+        r = _res("error", math.nan, math.nan)
+        r.error = msg
+        res.append(r)
+    rep = loadgen.summarize(res, slo, rate=1.0)
+    assert rep.errors == 5 and rep.error_messages["UnavailableError: store kv0 down"] == 3
+    assert max(len(m) for m in rep.error_messages) == loadgen.ERROR_CHARS
+    text = loadgen.format_report(rep)
+    assert "failed 5/6:" in text and "3 x UnavailableError: store kv0 down" in text
+    assert "1 x InternalError: boom" in text
+    assert "other errors" not in text  # three kinds, all shown
+    assert "failed" not in loadgen.format_report(loadgen.summarize(res[:1], slo, rate=1.0))
+
+
+def test_bench_against_no_router_fails_at_once_naming_the_address(tmp_path, capsys) -> None:
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    rc = main(["bench", "--address", f"127.0.0.1:{port}", "-n", "2", "--warmup", "0", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and time.monotonic() - t0 < 30
+    assert f"no router answers at 127.0.0.1:{port}" in err and "pdserve serve" in err, err
+    assert not (tmp_path / "report.json").exists()  # nothing replayed, no empty report
+
+
+def test_generate_against_no_router_says_how_to_start_one(capsys) -> None:
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["generate", "hi", "--address", f"127.0.0.1:{port}", "--timeout", "10"]) == 2
+    err = capsys.readouterr().err
+    assert f"router 127.0.0.1:{port} unavailable" in err
+    assert f"is a cluster running at 127.0.0.1:{port}? start one with `pdserve serve`" in err, err
+    assert "pdserve generate --embedded PROMPT" in err
