@@ -7,12 +7,16 @@ parsed namespace and returning an exit status (the ``pdserve`` convention).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from pdserve.errors import PdserveError
 from router.policy import SLO, InstanceRole, PolicyKind
 from simulator.adapters import AdapterConfig, AdapterPopularity, with_adapters
 from simulator.config import (
@@ -29,6 +33,8 @@ from simulator.kv_store import SimKVStoreConfig
 from simulator.latency import DistServeEngine, LatencySource, LatencySpec
 from simulator.offload import SimOffloadConfig
 from simulator.workload import WORKLOAD_NAMES, RateSource, named_workload
+
+log = logging.getLogger(__name__)
 
 
 def _latency_args(p: argparse.ArgumentParser) -> None:
@@ -221,16 +227,40 @@ def _flag_names(msg: str) -> str:
 
 
 def _latency_spec(a: argparse.Namespace) -> LatencySpec:
+    """The latency source of ``a``; ValueError for a model no latency table knows (with the
+    default source), before anything runs."""
     src = LatencySource(a.latency)
     if a.profile_file and src is LatencySource.AUTO:
         src = LatencySource.PROFILE
-    return LatencySpec(
+    spec = LatencySpec(
         model=a.model,
         gpu=a.gpu,
         source=src,
         profile_path=a.profile_file,
         transfer_bandwidth=a.transfer_gbps * 1e9 / 8,
     )
+    spec.resolved_source()  # an unknown model: "unknown model 'x'; known: ..."
+    return spec
+
+
+def _input_errors(name: str, cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``cmd`` with what bad input raises (ValueError: an unknown model or workload, an SLO or
+    TP degree that cannot be; FileNotFoundError: a trace or profile that is not there) printed as
+    one ``pdserve NAME: error: ...`` line, exit status 2, instead of a traceback. The traceback
+    goes to the debug log."""
+
+    @functools.wraps(cmd)
+    def run(a: argparse.Namespace) -> int:
+        try:
+            return cmd(a)
+        except PdserveError:
+            raise  # pdserve's own errors: `pdserve`'s handler prints them
+        except (ValueError, FileNotFoundError) as e:
+            log.debug("pdserve %s failed", name, exc_info=True)
+            print(f"pdserve {name}: error: {_flag_names(str(e))}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def _out_dir(a: argparse.Namespace) -> Path | None:
@@ -265,6 +295,7 @@ def _cluster(a: argparse.Namespace, lat: LatencySpec) -> ClusterConfig:
     mixed_sched = (
         sarathi_scheduler(n, a.chunk) if a.scheduler == SchedulerPreset.SARATHI.value else vllm_scheduler(n)
     )
+    _check_pools(a)
     if a.mode == "colocated":
         groups = (InstanceGroup(InstanceRole.MIXED, a.instances, a.tp, mixed_sched),)
     elif a.mode == "disaggregated":
@@ -279,6 +310,28 @@ def _cluster(a: argparse.Namespace, lat: LatencySpec) -> ClusterConfig:
             InstanceGroup(InstanceRole.MIXED, a.mixed, a.tp, mixed_sched),
         )
     return ClusterConfig(lat, groups, **kw)
+
+
+def _check_pools(a: argparse.Namespace) -> None:
+    """ValueError naming the flags when the cluster's pools cannot serve a request from prompt to
+    last token: no instance to prefill (the simulator would count prefill as free: TTFT 0) or
+    none to decode. (The planner's phase-alone clusters are built elsewhere, on purpose.)"""
+    if a.mode == "colocated":
+        if a.instances < 1:
+            raise ValueError(f"--instances must be >= 1, got {a.instances}")
+        return
+    mixed = a.mixed if a.mode == "splitwise" else 0
+    also = " (or --mixed)" if a.mode == "splitwise" else ""
+    if a.prefill < 0 or a.decode < 0 or mixed < 0:
+        raise ValueError(f"instance counts must be >= 0: --prefill {a.prefill} --decode {a.decode}")
+    if a.prefill + mixed < 1:
+        raise ValueError(
+            f"--mode {a.mode} with --prefill {a.prefill}: no instance prefills a prompt{also}; give --prefill >= 1"
+        )
+    if a.decode + mixed < 1:
+        raise ValueError(
+            f"--mode {a.mode} with --decode {a.decode}: no instance decodes{also}; give --decode >= 1"
+        )
 
 
 def _adapter_config(a: argparse.Namespace) -> AdapterConfig | None:
@@ -598,6 +651,7 @@ def cmd_plan_mix(a: argparse.Namespace) -> int:
             source=LatencySource(a.latency),
             transfer_bandwidth=a.transfer_gbps * 1e9 / 8,
         )
+        lat.resolved_source()  # an unknown model: named, not "fits no TP degree"
         if a.workload == "sharegpt":
             src = RateSource(duration_s=a.duration, seed=a.seed + i)
         else:
@@ -762,7 +816,7 @@ def register(subparsers) -> None:
     s.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per goodput simulation")
     s.add_argument("--out", default=None, help="directory for requests.csv, summary.json and PNGs")
     s.add_argument("--quiet", action="store_true", help="no progress output")
-    s.set_defaults(func=cmd_simulate)
+    s.set_defaults(func=_input_errors("simulate", cmd_simulate))
 
     p = subparsers.add_parser(
         "plan", help="search instance counts and TP per phase for the best goodput per GPU"
@@ -788,7 +842,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", default=None, help="directory to write plan.json into")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=_input_errors("plan", cmd_plan))
 
     m = subparsers.add_parser(
         "plan-mix",
@@ -824,7 +878,7 @@ def register(subparsers) -> None:
     )
     m.add_argument("--out", default=None, help="directory to write plan_mix.json into")
     m.add_argument("--quiet", action="store_true", help="no progress output")
-    m.set_defaults(func=cmd_plan_mix)
+    m.set_defaults(func=_input_errors("plan-mix", cmd_plan_mix))
 
     x = subparsers.add_parser(
         "simulate-mix",
@@ -865,7 +919,7 @@ def register(subparsers) -> None:
     )
     x.add_argument("--duration", type=float, default=60.0, help="seconds of synthetic arrivals")
     x.add_argument("--out", default=None, help="directory to write simulate_mix.json into")
-    x.set_defaults(func=cmd_simulate_mix)
+    x.set_defaults(func=_input_errors("simulate-mix", cmd_simulate_mix))
 
     f = subparsers.add_parser(
         "profile", help="time the real engine on a grid of batches and write a latency profile"
@@ -887,7 +941,7 @@ def register(subparsers) -> None:
         help="time steps by process CPU time instead of wall time (CPUs shared with other work)",
     )
     f.add_argument("--quiet", action="store_true", help="no progress output")
-    f.set_defaults(func=cmd_profile)
+    f.set_defaults(func=_input_errors("profile", cmd_profile))
 
 
 def build_parser() -> argparse.ArgumentParser:

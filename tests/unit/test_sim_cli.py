@@ -85,3 +85,43 @@ def test_profile_writes_a_file_the_simulator_loads(tmp_path, smollm_path, capsys
     assert main([*argv, "--quiet", "--out", str(out)]) == 0
     assert "(profile)" in capsys.readouterr().out
     assert len(_rows(out / "requests.csv")) == 10
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["simulate", "--model", "llama-7b"], "unknown model 'llama-7b'; known: "),
+        (["simulate", "--model", "llama-2-7b", "--workload", "bogus"], "unknown workload 'bogus'"),
+        (["simulate", "--model", "llama-2-7b", "--ttft", "-1"], "SLO bounds must be > 0"),
+        (["simulate", "--model", "llama-2-7b", "--tp", "3"], "TP3 does not divide llama-2-7b's heads"),
+        (["simulate", "--model", "llama-2-7b", "--workload", "/nonexistent/trace.jsonl"], "No such file"),
+        # the simulator would count prefill as free (TTFT 0) or never decode: refused, naming the flag
+        (
+            ["simulate", "--model", "llama-2-7b", "--mode", "disaggregated", "--prefill", "0"],
+            "--mode disaggregated with --prefill 0: no instance prefills a prompt",
+        ),
+        (
+            ["simulate", "--model", "llama-2-7b", "--mode", "disaggregated", "--decode", "0"],
+            "--mode disaggregated with --decode 0: no instance decodes",
+        ),
+        (
+            ["simulate", "--model", "llama-2-7b", "--mode", "splitwise", "--prefill", "0", "--mixed", "0"],
+            "no instance prefills a prompt (or --mixed)",
+        ),
+        (["simulate", "--model", "llama-2-7b", "--instances", "0"], "--instances must be >= 1"),
+        (["plan", "--model", "nope", "--gpus", "4"], "unknown model 'nope'"),
+        (["plan-mix", "--model", "nope:1.0", "--gpus", "4"], "unknown model 'nope'"),
+        (["simulate-mix", "--model", "nope:1P1D:2.0"], "unknown model 'nope'"),
+    ],
+)
+def test_bad_input_is_one_error_line_not_a_traceback(argv, says, capsys) -> None:
+    assert main([*argv, "--quiet"] if argv[0] != "simulate-mix" else argv) == 2
+    err = capsys.readouterr().err
+    assert f"pdserve {argv[0]}: error: " in err and says in err, err
+    assert "Traceback" not in err
+
+
+def test_splitwise_mixed_pool_alone_serves(capsys) -> None:
+    argv = ["simulate", "--model", "llama-2-7b", "--mode", "splitwise", "--prefill", "0", "--decode", "0"]
+    assert main([*argv, "--mixed", "1", "--num-requests", "10", "--quiet"]) == 0
+    assert "finished: 10" in capsys.readouterr().out
