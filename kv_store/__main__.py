@@ -37,6 +37,7 @@ from kv_store.segment import ForeignSegmentError
 from kv_store.service import StoreServer, run_store_node
 from kv_store.store import StoreConfig
 from pdserve import cli_help
+from pdserve.arg_types import port_number
 from pdserve.errors import InvalidRequestError
 from pdserve.gc_tuning import settle_heap
 from pdserve.metrics import StoreMetrics, serve_metrics
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="float32", help="KV dtype (KV layout)")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block (KV layout)")
     ap.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
-    ap.add_argument("--port", type=int, default=0, help="gRPC listen port (0: any free port)")
+    ap.add_argument("--port", type=port_number, default=0, help="gRPC listen port (0: any free port)")
     ap.add_argument("--no-shm", action="store_true", help="private memory: no same-host zero-copy reads")
     ap.add_argument(
         "--no-prefault", action="store_true", help="do not touch every page of the arena at start-up"
@@ -89,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the --max-leased-blocks-per-owner value)",
     )
     ap.add_argument("--max-workers", type=int, default=8, help="gRPC server threads")
-    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
+    ap.add_argument(
+        "--metrics-port", type=port_number, default=0, help="Prometheus /metrics port (0: any free)"
+    )
     ap.add_argument("--index", default="memory", help="'memory' or redis://host:port/db[?prefix=p]")
     ap.add_argument("--high-water", type=float, default=1.0, help="evict above this fraction of capacity")
     ap.add_argument("--low-water", type=float, default=1.0, help="... down to this fraction")
@@ -199,7 +202,7 @@ def parse_config(argv: list[str] | None = None) -> StoreConfig:
 
 def _extra_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--metrics-port", type=int, default=0)
+    ap.add_argument("--metrics-port", type=port_number, default=0)
     ap.add_argument("--index", default="memory")
     return ap.parse_known_args(argv)[0]
 

@@ -9,6 +9,7 @@ import time
 
 from engine.scheduler import SchedulingPolicy
 from pdserve import cli_help, mlfq_knobs, offload_knobs
+from pdserve.arg_types import port_number
 from pdserve.errors import PdserveError, UnavailableError
 from pdserve.security import add_client_tls_args, client_tls_kwargs
 
@@ -565,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument(
         "--openai-port",
-        type=int,
+        type=port_number,
         default=None,
         help="also serve the OpenAI HTTP API on this port (0: any free): HTTPS with the cluster's "
         "certificate under --tls on, plain HTTP on 127.0.0.1 under --tls off (default: %(default)s: no)",

@@ -40,6 +40,7 @@ from kv_store.client import KVStoreClient
 from kv_store.dist_transport import DistConfig, destroy_process_group, device_for, init_process_group
 from kv_store.transport import AutoTransport
 from pdserve import cli_help, mlfq_knobs, offload_knobs
+from pdserve.arg_types import port_number
 from pdserve.errors import PdserveError, UnavailableError
 from pdserve.gc_tuning import settle_heap
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend
@@ -246,7 +247,7 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         "not registered)",
     )
     ap.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
-    ap.add_argument("--port", type=int, default=0, help="gRPC listen port (0: any free port)")
+    ap.add_argument("--port", type=port_number, default=0, help="gRPC listen port (0: any free port)")
     ap.add_argument("--kv-blocks", type=int, default=2048, help="KV pool size in blocks")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     ap.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one engine step, at most")
@@ -386,7 +387,9 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
         "unchanged (not with --tp > 1, --weight-dtype int8 or --lora) (default: all weights resident)",
     )
     offload_knobs.add_flags(ap)  # --weight-host-gib, --weight-offload-dir, --kv-budget-gib, ...
-    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
+    ap.add_argument(
+        "--metrics-port", type=port_number, default=0, help="Prometheus /metrics port (0: any free)"
+    )
     lg = ap.add_argument_group("LoRA adapters (multi-LoRA serving, PEFT format)")
     lg.add_argument(
         "--lora",

@@ -48,6 +48,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 
 from pdserve import cli_help
+from pdserve.arg_types import port_number
 from pdserve.auth.cli_args import add_auth_args, edge_from_args
 from pdserve.auth.shared_state import (
     SharedEdgeState,
@@ -97,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         "one per --model, in the same order, or none",
     )
     ap.add_argument("--host", default="127.0.0.1", help="listen address of the data and control planes")
-    ap.add_argument("--port", type=int, default=0, help="data plane (Generate) port (0: any free)")
+    ap.add_argument("--port", type=port_number, default=0, help="data plane (Generate) port (0: any free)")
     ap.add_argument(
         "--control-port",
-        type=int,
+        type=port_number,
         default=0,
         help="control plane (worker Registry: register, heartbeats) port, served by its own threads "
         "(0: any free)",
@@ -111,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="a worker silent this long is taken out of routing",
     )
-    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free)")
+    ap.add_argument(
+        "--metrics-port", type=port_number, default=0, help="Prometheus /metrics port (0: any free)"
+    )
     add_auth_args(ap)
     add_tenant_state_args(ap)  # per-tenant quotas and request ids shared by several routers
     ap.add_argument(

@@ -21,6 +21,8 @@ import signal
 import sys
 import threading
 
+from pdserve.arg_types import port_number
+
 DEFAULT_ROUTER = "127.0.0.1:50051"
 
 
@@ -32,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the client fails over between",
     )
     p.add_argument("--host", default="127.0.0.1", help="HTTP listen address")
-    p.add_argument("--port", type=int, default=8000, help="HTTP listen port (0: any free port)")
+    p.add_argument("--port", type=port_number, default=8000, help="HTTP listen port (0: any free port)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
     p.add_argument(
         "--max-header-bytes",

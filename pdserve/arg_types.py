@@ -1,0 +1,19 @@
+"""argparse types shared by pdserve's command lines: a bad value is refused at parse time with
+argparse's own one-line error (naming the flag), before any process starts."""
+
+from __future__ import annotations
+
+import argparse
+
+MAX_PORT = 65535
+
+
+def port_number(text: str) -> int:
+    """A TCP port: 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number (0-{MAX_PORT}), got {text!r}") from None
+    if not 0 <= port <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"a port is 0-{MAX_PORT} (0: any free port), got {port}")
+    return port

@@ -1,0 +1,47 @@
+"""Port flags are checked when the command line is parsed: `pdserve serve --openai-port 99999`
+started the whole cluster and then died in socket.bind with an OverflowError traceback."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pdserve.arg_types import port_number
+from pdserve.cli import main
+
+
+@pytest.mark.parametrize("text, port", [("0", 0), ("8000", 8000), ("65535", 65535)])
+def test_port_number_accepts_ports(text, port) -> None:
+    assert port_number(text) == port
+
+
+@pytest.mark.parametrize("text", ["-1", "65536", "99999", "http", "80.5", ""])
+def test_port_number_refuses_what_is_not_a_port(text) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="port"):
+        port_number(text)
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["serve", "--openai-port", "99999"], "--openai-port"),
+        (["openai", "--port", "70000"], "--port"),
+    ],
+)
+def test_a_bad_port_stops_the_command_before_it_starts_anything(argv, flag, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: a port is 0-65535" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("module", ["router.__main__", "kv_store.__main__"])
+def test_process_port_flags_are_checked_too(module, capsys) -> None:
+    import importlib
+
+    ap = importlib.import_module(module).build_parser()
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--port", "65536"])
+    assert "argument --port: a port is 0-65535 (0: any free port), got 65536" in capsys.readouterr().err
