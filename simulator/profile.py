@@ -85,18 +85,29 @@ def save(profile: Profile, path: str | Path) -> None:
 
 
 def load(path: str | Path) -> Profile:
-    d = json.loads(Path(path).read_text())
-    if d.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} file (format={d.get('format')!r})")
-    return Profile(
-        model=d["model"],
-        device=d["device"],
-        points=tuple(ProfilePoint.from_json(p) for p in d["points"]),
-        kv_bytes_per_token=int(d.get("kv_bytes_per_token", 0)),
-        tp=int(d.get("tp", 1)),
-        block_size=int(d.get("block_size", 16)),
-        token_budget=int(d.get("token_budget", 2048)),
-    )
+    """The profile written by ``pdserve profile`` at ``path``; ValueError naming the file when it
+    is not one (not JSON, another format, a field missing or of the wrong type)."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a {FORMAT} file (not JSON: {e})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        got = d.get("format") if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"{path}: not a {FORMAT} file (format={got!r})")
+    try:
+        return Profile(
+            model=d["model"],
+            device=d["device"],
+            points=tuple(ProfilePoint.from_json(p) for p in d["points"]),
+            kv_bytes_per_token=int(d.get("kv_bytes_per_token", 0)),
+            tp=int(d.get("tp", 1)),
+            block_size=int(d.get("block_size", 16)),
+            token_budget=int(d.get("token_budget", 2048)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"{path}: a {FORMAT} file with a missing or malformed field ({type(e).__name__}: {e})"
+        ) from None
 
 
 # ---------------------------------------------------------------------------- fit

@@ -110,3 +110,21 @@ def test_measure_profile_with_a_fake_engine() -> None:
     assert f.prefill == pytest.approx(TRUE_PREFILL, rel=1e-3)
     # decode context is reported at the middle of the timed steps: the fit recovers the truth closely
     assert fit_error(f, p.points).max < 0.02
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ("not json at all", "not JSON"),
+        ("[1, 2]", "format='list'"),
+        ('{"format": "other/2"}', "format='other/2'"),
+        ('{"format": "pdserve-profile/1"}', "missing or malformed field (KeyError: 'model')"),
+        ('{"format": "pdserve-profile/1", "model": "m", "device": "cpu", "points": 3}', "malformed field"),
+    ],
+)
+def test_load_names_the_file_that_is_not_a_profile(tmp_path, content, says) -> None:
+    p = tmp_path / "p.json"
+    p.write_text(content)
+    with pytest.raises(ValueError) as e:
+        prof.load(p)
+    assert str(e.value).startswith(f"{p}: ") and says in str(e.value), str(e.value)
