@@ -168,6 +168,7 @@ def run(a: argparse.Namespace) -> int:
     if a.warmup < 0:
         print("pdserve bench: --warmup must be >= 0", file=sys.stderr)
         return 2
+    named_workload(a.workload, n=1, seed=a.seed)  # a bad workload is refused before a cluster starts
     path = resolve_model_path(a.model)
     vocab = ModelConfig.from_path(path).vocab_size
     slo = loadgen.SLO(a.ttft, a.tpot)

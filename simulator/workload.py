@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pdserve.errors import InvalidRequestError
 from simulator.data import data_path
 
 MOONCAKE_BLOCK = 512
@@ -105,22 +106,33 @@ def load_mooncake(path: str | Path | None = None, limit: int | None = None) -> W
     p = Path(path) if path else data_path("mooncake", "conversation_trace.jsonl")
     reqs = []
     with p.open() as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if limit is not None and len(reqs) >= limit:
                 break
             if not line.strip():
                 continue
-            d = json.loads(line)
-            reqs.append(
-                WorkloadRequest(
-                    d["timestamp"] / 1000.0,
-                    int(d["input_length"]),
-                    max(1, int(d["output_length"])),
-                    tuple(d["hash_ids"]),
+            try:
+                d = json.loads(line)
+                reqs.append(
+                    WorkloadRequest(
+                        d["timestamp"] / 1000.0,
+                        int(d["input_length"]),
+                        max(1, int(d["output_length"])),
+                        tuple(d["hash_ids"]),
+                    )
                 )
-            )
-    reqs.sort(key=lambda r: r.arrival_s)
-    return Workload(p.stem, tuple(reqs))
+            except (ValueError, KeyError, TypeError) as e:
+                raise InvalidRequestError(
+                    f"trace {p}, line {lineno}: not a Mooncake-format request ({type(e).__name__}: {e}); "
+                    'each line is {"timestamp": ms, "input_length": n, "output_length": n, "hash_ids": [...]}'
+                ) from None
+    return _nonempty(p, Workload(p.stem, tuple(sorted(reqs, key=lambda r: r.arrival_s))))
+
+
+def _nonempty(p: Path, w: Workload) -> Workload:
+    if not w.requests:
+        raise InvalidRequestError(f"trace {p} holds no requests")
+    return w
 
 
 def _parse_ts(s: str) -> float:
@@ -134,13 +146,23 @@ def load_azure(path: str | Path | None = None, limit: int | None = None) -> Work
     p = Path(path) if path else data_path("azure_llm_2023", "AzureLLMInferenceTrace_code.csv")
     rows = []
     with p.open(newline="") as f:
-        for row in csv.DictReader(f):
+        for lineno, row in enumerate(csv.DictReader(f), 2):
             if limit is not None and len(rows) >= limit:
                 break
-            rows.append((_parse_ts(row["TIMESTAMP"]), int(row["ContextTokens"]), int(row["GeneratedTokens"])))
+            try:
+                rows.append(
+                    (_parse_ts(row["TIMESTAMP"]), int(row["ContextTokens"]), int(row["GeneratedTokens"]))
+                )
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise InvalidRequestError(
+                    f"trace {p}, line {lineno}: not an Azure-format request ({type(e).__name__}: {e}); "
+                    "the CSV needs the columns TIMESTAMP (YYYY-MM-DD HH:MM:SS[.frac]), ContextTokens, "
+                    "GeneratedTokens"
+                ) from None
     rows.sort()
     t0 = rows[0][0] if rows else 0.0
-    return Workload(p.stem, tuple(WorkloadRequest(t - t0, max(1, i), max(1, o)) for t, i, o in rows))
+    w = Workload(p.stem, tuple(WorkloadRequest(t - t0, max(1, i), max(1, o)) for t, i, o in rows))
+    return _nonempty(p, w)
 
 
 # ---------------------------------------------------------------------------- synthetic
@@ -267,7 +289,7 @@ def named_workload(spec: str, n: int | None = None, rate: float | None = None, s
     elif spec.endswith(".csv"):
         w = load_azure(spec, limit=n)
     else:
-        raise ValueError(
+        raise InvalidRequestError(
             f"unknown workload {spec!r}: use one of {', '.join(WORKLOAD_NAMES)} or a .jsonl/.csv path"
         )
     return w.with_rate(rate) if rate and spec != "sharegpt" else w

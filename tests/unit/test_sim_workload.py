@@ -106,3 +106,32 @@ def test_trace_block_keys_expand_and_share_prefixes() -> None:
     assert trace_block_keys([7], 10, 16) == []
     with pytest.raises(ValueError):
         trace_block_keys([1], 600, 48)
+
+
+@pytest.mark.parametrize(
+    "name, content, says",
+    [
+        ("t.jsonl", '{"x": 1}\n', "line 1: not a Mooncake-format request (KeyError: 'timestamp')"),
+        (
+            "t.jsonl",
+            '{"timestamp": 0, "input_length": 5, "output_length": 2, "hash_ids": []}\nnot json\n',
+            "line 2: not a Mooncake-format request (JSONDecodeError",
+        ),
+        ("t.jsonl", "\n\n", "holds no requests"),
+        ("t.csv", "a,b\n1,2\n", "line 2: not an Azure-format request (KeyError: 'TIMESTAMP')"),
+        (
+            "t.csv",
+            "TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,5,2\n",
+            "line 2: not an Azure-format request (ValueError",
+        ),
+        ("t.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n", "holds no requests"),
+    ],
+)
+def test_a_malformed_trace_is_refused_naming_its_line(tmp_path, name, content, says) -> None:
+    from pdserve.errors import InvalidRequestError
+
+    p = tmp_path / name
+    p.write_text(content)
+    with pytest.raises(InvalidRequestError) as e:
+        named_workload(str(p))
+    assert str(e.value).startswith(f"trace {p}") and says in str(e.value), str(e.value)
