@@ -27,6 +27,7 @@ import torch
 from engine.block_hash import BlockHash, chain_hashes
 from engine.block_manager import NULL_BLOCK, KVCacheManager
 from engine.config import EngineConfig
+from engine.device import checked_device
 from engine.kv_disk import DiskKVTier
 from engine.kv_offload import OffloadedKV, offload_kv
 from engine.lora import LoRAConfig, LoRAManager
@@ -469,7 +470,7 @@ class LLMEngine:
     ) -> LLMEngine:
         config = config or EngineConfig()
         path = Path(path)
-        device = torch.device(config.device)
+        device = checked_device(config.device)
         mcfg = ModelConfig.from_path(path)
         dtype = resolve_dtype(config.dtype, mcfg, device)
         max_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
