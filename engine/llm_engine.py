@@ -1304,6 +1304,9 @@ class LLMEngine:
             raise LayoutMismatchError(
                 f"KV tensor of shape {tuple(blocks.shape)} does not fit {n} tokens in this layout"
             )
+        # a request that could not finish here even alone (its prompt plus max_tokens outgrows the
+        # pool) is refused now, not after decoding until it runs out and preempts itself
+        self.scheduler.check_fits(req)
         if not self.can_admit(n):
             raise ResourceExhaustedError(
                 f"decode engine has {self.kv.num_free_blocks} free KV blocks, needs {self._import_need(n)}",

@@ -313,6 +313,18 @@ class Scheduler:
             raise InvalidRequestError(
                 f"prompt has {req.num_tokens} tokens, the model's context is {self.config.max_model_len}"
             )
+        self.check_fits(req)
+        req.status = RequestStatus.WAITING
+        self._join(req)
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def check_fits(self, req: Request) -> None:
+        """InvalidRequestError when ``req`` could not run to its end even alone in the KV pool:
+        its prompt does not fit, or its prompt plus ``max_tokens`` would outgrow the pool (it
+        would run out, preempt itself and never finish). Every way a request enters this engine
+        checks it: :meth:`add_request`, and a decode engine's adoption of a prefilled request
+        (``LLMEngine.import_kv``)."""
         if self.kv.blocks_needed(req.num_tokens + 1) > self.kv.num_blocks:
             raise InvalidRequestError(
                 f"prompt of {req.num_tokens} tokens needs more KV blocks than this engine has "
@@ -326,10 +338,6 @@ class Scheduler:
                 f"{peak} KV blocks, more than this engine has ({self.kv.num_blocks} x {self.kv.block_size} "
                 "tokens): lower max_tokens"
             )
-        req.status = RequestStatus.WAITING
-        self._join(req)
-        self.requests[req.request_id] = req
-        self.waiting.append(req)
 
     def _peak_blocks(self, req: Request) -> int:
         """The most KV blocks ``req`` can hold at once: its prompt plus ``max_tokens`` (at most the
