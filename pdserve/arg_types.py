@@ -4,6 +4,7 @@ argparse's own one-line error (naming the flag), before any process starts."""
 from __future__ import annotations
 
 import argparse
+import math
 
 MAX_PORT = 65535
 
@@ -17,3 +18,15 @@ def port_number(text: str) -> int:
     if not 0 <= port <= MAX_PORT:
         raise argparse.ArgumentTypeError(f"a port is 0-{MAX_PORT} (0: any free port), got {port}")
     return port
+
+
+def positive_seconds(text: str) -> float:
+    """A duration in seconds: a finite number > 0 (a deadline of 0 or less would expire before
+    the request is sent)."""
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number > 0), got {text!r}") from None
+    if not (s > 0 and math.isfinite(s)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return s

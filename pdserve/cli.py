@@ -9,7 +9,7 @@ import time
 
 from engine.scheduler import SchedulingPolicy
 from pdserve import cli_help, mlfq_knobs, offload_knobs
-from pdserve.arg_types import port_number
+from pdserve.arg_types import port_number, positive_seconds
 from pdserve.errors import PdserveError, UnavailableError
 from pdserve.security import add_client_tls_args, client_tls_kwargs
 
@@ -418,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     offload_knobs.add_flags(og, "with --embedded: ")
     g.add_argument("--address", default=DEFAULT_ADDRESS, help="router address (see `pdserve serve`)")
-    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
+    g.add_argument(
+        "--timeout", type=positive_seconds, default=None, help="deadline in seconds (default: none)"
+    )
     g.add_argument(
         "--model-id",
         default="",

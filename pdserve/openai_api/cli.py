@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 
-from pdserve.arg_types import port_number
+from pdserve.arg_types import port_number, positive_seconds
 
 DEFAULT_ROUTER = "127.0.0.1:50051"
 
@@ -43,7 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="request line + headers larger than this get 400 and the connection is closed",
     )
     p.add_argument(
-        "--timeout", type=float, default=600.0, help="deadline per generation in seconds (504 after it)"
+        "--timeout",
+        type=positive_seconds,
+        default=600.0,
+        help="deadline per generation in seconds (504 after it)",
     )
     p.add_argument(
         "--chat-max-tokens",

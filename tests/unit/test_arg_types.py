@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from pdserve.arg_types import port_number
+from pdserve.arg_types import port_number, positive_seconds
 from pdserve.cli import main
 
 
@@ -45,3 +45,18 @@ def test_process_port_flags_are_checked_too(module, capsys) -> None:
     with pytest.raises(SystemExit):
         ap.parse_args(["--port", "65536"])
     assert "argument --port: a port is 0-65535 (0: any free port), got 65536" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "nan", "inf", "soon"])
+def test_positive_seconds_refuses_what_is_not_a_deadline(text) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        positive_seconds(text)
+
+
+def test_generate_timeout_is_checked_when_parsed(capsys) -> None:
+    """`pdserve generate PROMPT --timeout -1` answered 'Deadline Exceeded' from the router."""
+    assert positive_seconds("2.5") == 2.5
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "hi", "--timeout", "-1"])
+    assert e.value.code == 2
+    assert "argument --timeout: must be a finite number of seconds > 0, got -1" in capsys.readouterr().err
