@@ -161,6 +161,14 @@ def _key_store_arg(store: str) -> str:
     return store if "://" in store else str(Path(store).resolve())
 
 
+class _Terminated(BaseException):
+    """SIGTERM while ``pdserve serve`` starts its cluster (a BaseException, as KeyboardInterrupt)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _cmd_serve(a: argparse.Namespace) -> int:
     import signal
     import threading
@@ -183,6 +191,17 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         return 2
     if a.routers < 1:
         print(f"pdserve serve: --routers must be >= 1, got {a.routers}", file=sys.stderr)
+        return 2
+    no_prefill = [p.model_id for p in pools if p.num_prefill == 0]
+    if no_prefill and (a.policy or "goodput") != "colocated":
+        # every request would fail UNAVAILABLE "no prefill worker is registered": only the
+        # colocated policy places requests on decode workers alone
+        print(
+            f"pdserve serve: --prefill 0 leaves {', '.join(no_prefill)} without a prefill worker, and the "
+            f"{a.policy or 'goodput'} policy needs one: give --prefill >= 1, or --policy colocated "
+            "(decode workers prefill their own requests)",
+            file=sys.stderr,
+        )
         return 2
     bad = mlfq_knobs.flag_errors(a, a.scheduling_policy) + offload_knobs.flag_errors(a, a.scheduling_policy)
     if bad:
@@ -215,42 +234,50 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"pdserve serve: {e}", file=sys.stderr)
         return 2
-    cl = launch(
-        ClusterSpec(
-            model_path=str(path) if len(pools) == 1 else "",
-            models=pools if len(pools) > 1 else (),
-            worker_args=(
-                *(x for spec in loras for x in ("--lora", spec)),
-                *(("--swap-space", str(a.swap_space)) if a.swap_space else ()),
-                *(("--swap-disk", str(a.swap_disk)) if a.swap_disk else ()),
-                *(("--swap-disk-dir", a.swap_disk_dir) if a.swap_disk_dir else ()),
-                *(("--scheduling-policy", a.scheduling_policy) if a.scheduling_policy else ()),
-                *mlfq_knobs.as_flags(a),
-                *(
-                    ("--weight-budget-gib", str(a.weight_budget_gib))
-                    if a.weight_budget_gib is not None
-                    else ()
+    # SIGTERM while the cluster starts (it takes a while) stops what already started: without
+    # this the default action ended this process and left the store, router and workers running,
+    # orphaned (launch stops every process it started when interrupted)
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        cl = launch(
+            ClusterSpec(
+                model_path=str(path) if len(pools) == 1 else "",
+                models=pools if len(pools) > 1 else (),
+                worker_args=(
+                    *(x for spec in loras for x in ("--lora", spec)),
+                    *(("--swap-space", str(a.swap_space)) if a.swap_space else ()),
+                    *(("--swap-disk", str(a.swap_disk)) if a.swap_disk else ()),
+                    *(("--swap-disk-dir", a.swap_disk_dir) if a.swap_disk_dir else ()),
+                    *(("--scheduling-policy", a.scheduling_policy) if a.scheduling_policy else ()),
+                    *mlfq_knobs.as_flags(a),
+                    *(
+                        ("--weight-budget-gib", str(a.weight_budget_gib))
+                        if a.weight_budget_gib is not None
+                        else ()
+                    ),
+                    *offload_knobs.as_flags(a),
                 ),
-                *offload_knobs.as_flags(a),
-            ),
-            num_prefill=prefill[0],
-            num_decode=decode[0],
-            router_port=int(port),
-            worker_kv_blocks=a.kv_blocks,
-            router_args=(
-                *(("--policy", a.policy) if a.policy else ()),
-                *(("--kv-stream", a.kv_stream) if a.kv_stream != "off" else ()),
-                *(("--api-keys", _key_store_arg(a.api_keys)) if a.api_keys else ()),
-            ),
-            index_url=a.index,
-            tls=a.tls == "on",
-            pki_dir=a.pki_dir,
-            num_routers=a.routers,
-            openai_port=a.openai_port,
-            openai_args=("--api-keys", _key_store_arg(a.api_keys)) if a.api_keys else (),
-            direct_streams=a.direct_streams,
+                num_prefill=prefill[0],
+                num_decode=decode[0],
+                router_port=int(port),
+                worker_kv_blocks=a.kv_blocks,
+                router_args=(
+                    *(("--policy", a.policy) if a.policy else ()),
+                    *(("--kv-stream", a.kv_stream) if a.kv_stream != "off" else ()),
+                    *(("--api-keys", _key_store_arg(a.api_keys)) if a.api_keys else ()),
+                ),
+                index_url=a.index,
+                tls=a.tls == "on",
+                pki_dir=a.pki_dir,
+                num_routers=a.routers,
+                openai_port=a.openai_port,
+                openai_args=("--api-keys", _key_store_arg(a.api_keys)) if a.api_keys else (),
+                direct_streams=a.direct_streams,
+            )
         )
-    )
+    except _Terminated:
+        print("pdserve: stopped (SIGTERM) while starting; nothing is left running", file=sys.stderr)
+        return 143
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
