@@ -79,8 +79,12 @@ class Keepalive:
         ]
 
     def server_options(self) -> list[tuple[str, int]]:
-        """Options of a server: it pings its clients, and accepts their pings."""
+        """Options of a server: it pings its clients, and accepts their pings; and it owns its
+        port (no SO_REUSEPORT, grpc's default on Linux: a second pdserve serve or router started on
+        a port in use would bind it too, and the kernel would split new connections between two
+        clusters; now the second one fails to bind, naming the address)."""
         return [
+            ("grpc.so_reuseport", 0),
             ("grpc.keepalive_time_ms", self.time_ms),
             ("grpc.keepalive_timeout_ms", self.timeout_ms),
             ("grpc.keepalive_permit_without_calls", int(self.permit_without_calls)),
