@@ -16,21 +16,6 @@ from pdserve.worker_base import Role
 from pdserve.worker_main import parse
 
 
-@pytest.fixture
-def captured(monkeypatch):
-    import pdserve.launcher as launcher
-
-    seen: dict = {}
-
-    def fake_launch(spec):
-        seen["spec"] = spec
-        raise SystemExit(0)  # stop before anything starts
-
-    monkeypatch.setattr(launcher, "launch", fake_launch)
-    monkeypatch.setattr("pdserve.model_setup.resolve_model_path", lambda m: f"/models/{m or 'default'}")
-    return seen
-
-
 def _lora_pairs(worker_args: tuple[str, ...]) -> list[str]:
     return [worker_args[i + 1] for i, a in enumerate(worker_args) if a == "--lora"]
 

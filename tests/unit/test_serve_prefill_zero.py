@@ -2,28 +2,13 @@
 request (decode workers prefill their own). Before, serve started the store, a decode worker and
 the router under the default goodput policy, never printed its serving line, and every request
 failed UNAVAILABLE "no prefill worker is registered". The launcher is replaced by a fake that
-records the ClusterSpec and stops."""
+records the ClusterSpec and stops (tests/unit/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from pdserve.cli import main
-
-
-@pytest.fixture
-def captured(monkeypatch):
-    import pdserve.launcher as launcher
-
-    seen: dict = {}
-
-    def fake_launch(spec):
-        seen["spec"] = spec
-        raise SystemExit(0)  # stop before anything starts
-
-    monkeypatch.setattr(launcher, "launch", fake_launch)
-    monkeypatch.setattr("pdserve.model_setup.resolve_model_path", lambda m: f"/models/{m or 'default'}")
-    return seen
 
 
 @pytest.mark.parametrize("policy", [[], ["--policy", "goodput"], ["--policy", "least_loaded"]])
