@@ -165,20 +165,12 @@ def observe_all(hist: Histogram, amounts: Sequence[float]) -> None:
         for a in amounts:
             hist.observe(a)
         return
-    if any(map(math.isnan, amounts)):  # NaN: observe counts it in no bucket (its sum takes it)
-        counts: dict[int, int] = {}
-        for a in amounts:
-            if a == a:
-                i = bisect.bisect_left(bounds, a)  # the first bound >= a, as observe's "a <= bound"
-                counts[i] = counts.get(i, 0) + 1
-        total.inc(math.fsum(amounts))
-        for i, n in counts.items():
-            buckets[i].inc(n)
-        return
+    # NaN: observe counts it in no bucket (its sum takes it); dropped before the sort, which NaN breaks
+    defined = [a for a in amounts if a == a] if any(map(math.isnan, amounts)) else amounts
     # sorted once, then one bisection per bound (a few, not one per amount): bucket i takes the
     # amounts in (bound[i-1], bound[i]], as observe's "a <= bound"
-    ordered = sorted(amounts)
-    total.inc(math.fsum(ordered))
+    ordered = sorted(defined)
+    total.inc(math.fsum(amounts))
     below = 0
     for i, bound in enumerate(bounds):
         upto = bisect.bisect_right(ordered, bound)
