@@ -237,7 +237,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     # SIGTERM while the cluster starts (it takes a while) stops what already started: without
     # this the default action ended this process and left the store, router and workers running,
     # orphaned (launch stops every process it started when interrupted)
-    signal.signal(signal.SIGTERM, _terminated)
+    before = signal.signal(signal.SIGTERM, _terminated)
     try:
         cl = launch(
             ClusterSpec(
@@ -278,6 +278,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     except _Terminated:
         print("pdserve: stopped (SIGTERM) while starting; nothing is left running", file=sys.stderr)
         return 143
+    finally:  # the caller's handler back however the launch ended (the serving one is set below)
+        signal.signal(signal.SIGTERM, before)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

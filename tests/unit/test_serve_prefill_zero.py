@@ -22,7 +22,12 @@ def test_prefill_zero_without_the_colocated_policy_is_refused_before_anything_st
 
 
 def test_prefill_zero_with_the_colocated_policy_starts(captured) -> None:
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit):
         main(["serve", "--tls", "off", "--prefill", "0", "--policy", "colocated"])
+    # the start-up SIGTERM handler is put back when the launch ends otherwise than by SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
     spec = captured["spec"]
     assert spec.num_prefill == 0 and spec.router_args[:2] == ("--policy", "colocated")
