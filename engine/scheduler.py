@@ -73,6 +73,7 @@ from operator import attrgetter
 
 from engine import mlfq
 from engine.block_manager import KVCacheManager
+from engine.kv_fit import PoolShape
 from engine.request import FinishReason, Request, RequestStatus
 from engine.swap_policy import (
     PreemptionMode,
@@ -325,7 +326,8 @@ class Scheduler:
         would run out, preempt itself and never finish). Every way a request enters this engine
         checks it: :meth:`add_request`, and a decode engine's adoption of a prefilled request
         (``LLMEngine.import_kv``)."""
-        if self.kv.blocks_needed(req.num_tokens + 1) > self.kv.num_blocks:
+        shape = self.pool_shape()
+        if not shape.prompt_fits(req.num_tokens):
             raise InvalidRequestError(
                 f"prompt of {req.num_tokens} tokens needs more KV blocks than this engine has "
                 f"({self.kv.num_blocks} x {self.kv.block_size} tokens)"
@@ -339,20 +341,21 @@ class Scheduler:
                 "tokens): lower max_tokens"
             )
 
+    def pool_shape(self) -> PoolShape:
+        """What bounds one request in this engine's KV pool (:mod:`engine.kv_fit`; the workers
+        report it so the router refuses first what no pool could hold)."""
+        return PoolShape(
+            self.kv.num_blocks, self.kv.block_size, self.config.max_model_len, self.kv.sliding_window
+        )
+
     def _peak_blocks(self, req: Request) -> int:
-        """The most KV blocks ``req`` can hold at once: its prompt plus ``max_tokens`` (at most the
-        context; a prefill-only request stops after one token), and with a sliding window over every
-        layer no more than the window's blocks plus the two partial ones at its edges."""
-        if req.prefill_only:
-            return self.kv.blocks_needed(req.num_tokens + 1)
-        tokens = min(req.num_prompt_tokens + req.sampling_params.max_tokens, self.config.max_model_len)
-        need = self.kv.blocks_needed(tokens)
-        window = self.kv.sliding_window
-        if window is not None:
-            need = min(
-                need, max(self.kv.blocks_needed(window) + 2, self.kv.blocks_needed(req.num_tokens + 1))
-            )
-        return need
+        """The most KV blocks ``req`` can hold at once (:meth:`engine.kv_fit.PoolShape.peak_blocks`)."""
+        return self.pool_shape().peak_blocks(
+            req.num_prompt_tokens,
+            req.sampling_params.max_tokens,
+            prefill_only=req.prefill_only,
+            num_tokens=req.num_tokens,
+        )
 
     def _join(self, req: Request) -> None:
         """Skip-join: the request's first MLFQ level, from its prompt's predicted prefill time."""

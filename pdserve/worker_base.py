@@ -166,10 +166,14 @@ class WorkerState:
             self.finished_total += 1
 
     def stats(self) -> worker_pb2.WorkerStats:
-        s, adapters = self.loop.call(lambda e: (e.stats(), adapter_residency(e)))
+        s, adapters, shape = self.loop.call(
+            lambda e: (e.stats(), adapter_residency(e), e.scheduler.pool_shape())
+        )
         hit = self.engine.kv.pool.stats.hit_rate
         return worker_pb2.WorkerStats(
             **adapters,
+            max_model_len=shape.max_model_len,
+            sliding_window=shape.sliding_window or 0,
             worker_id=self.config.worker_id,
             role=self.config.role.value,
             model=self.engine.model_id,

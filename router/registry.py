@@ -63,6 +63,10 @@ class WorkerLoad:
     adapter_slot_waiters: int = 0
     adapter_slot_free_s: float = 0.0
     adapter_reads_queued: int = 0
+    # what bounds one request in its KV pool (engine.kv_fit.PoolShape; router.pool_fit): its
+    # context and sliding window (0: not reported / full attention)
+    max_model_len: int = 0
+    sliding_window: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -245,6 +249,12 @@ class Registry:
         if expired:
             self._changed()
         return out
+
+    def registered(self, kind: WorkerKind, model: str) -> list[WorkerEntry]:
+        """Every registered worker of ``kind`` serving ``model``: quarantined and draining ones too
+        (they come back), none expired (what :meth:`alive` last dropped)."""
+        with self._lock:
+            return [w for w in self._workers.values() if w.kind is kind and w.model == model]
 
     def get(self, worker_id: str) -> WorkerEntry | None:
         with self._lock:

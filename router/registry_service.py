@@ -80,6 +80,8 @@ def load_from_proto(s: worker_pb2.WorkerStats) -> WorkerLoad:
         adapter_slot_waiters=s.adapter_slot_waiters,
         adapter_slot_free_s=max(0.0, s.adapter_slot_free_s) if math.isfinite(s.adapter_slot_free_s) else 0.0,
         adapter_reads_queued=s.adapter_reads_queued,
+        max_model_len=s.max_model_len,
+        sliding_window=s.sliding_window,
     )
 
 

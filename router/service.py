@@ -87,6 +87,7 @@ from router.migration_client import GrpcMigrator, MigrationTransport
 from router.policy import GoodputConfig, Placement, PolicyKind, RequestInfo
 from router.policy.migration import MigrationReason
 from router.policy_factory import build_policy, uses_prefix_lookup
+from router.pool_fit import PoolFit
 from router.progress import ProgressConfig
 from router.registry import Registry, WorkerEntry, WorkerKind
 from router.registry_service import RegistryServicer, load_from_proto
@@ -243,6 +244,7 @@ class GenerateServicer:
         self.migrator = migrator
         self.prober = QuarantineProber(self)  # probes quarantined workers while there are any
         self.placer = Placer(self)
+        self.pool_fit = PoolFit(registry, config.model_id)  # no decode pool could hold it: refused first
         if track_gauges:
             self.metrics.track_workers(
                 lambda: {k.value: len(self.registry.alive(k, config.model_id)) for k in WorkerKind}
@@ -321,8 +323,10 @@ class GenerateServicer:
         raise InvalidRequestError("set one of prompt, prompt_token_ids or chat")
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
-        """Refuses (INVALID_ARGUMENT) an empty prompt, and a prompt whose tokens plus
-        ``max_tokens`` do not fit the model's context (as OpenAI and vLLM do: no silent cut)."""
+        """Refuses (INVALID_ARGUMENT) an empty prompt, a prompt whose tokens plus ``max_tokens``
+        do not fit the model's context (as OpenAI and vLLM do: no silent cut), and one that no
+        registered decode worker's KV pool could hold to its end (:mod:`router.pool_fit`: before
+        it is prefilled, not at the decode worker's adoption)."""
         if not ids:
             raise InvalidRequestError("prompt is empty: send at least one token")
         if len(ids) + params.max_tokens > self.max_model_len:
@@ -330,6 +334,7 @@ class GenerateServicer:
                 f"prompt has {len(ids)} tokens + max_tokens {params.max_tokens} > context "
                 f"{self.max_model_len}: shorten the prompt or lower max_tokens"
             )
+        self.pool_fit.check(len(ids), params.max_tokens)
 
     def _place(
         self,

@@ -528,6 +528,8 @@ class WorkerStats(_message.Message):
         "adapter_slot_waiters",
         "adapter_slot_free_s",
         "adapter_reads_queued",
+        "max_model_len",
+        "sliding_window",
     )
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -557,6 +559,8 @@ class WorkerStats(_message.Message):
     ADAPTER_SLOT_WAITERS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_SLOT_FREE_S_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_READS_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    SLIDING_WINDOW_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     model: str
@@ -585,6 +589,8 @@ class WorkerStats(_message.Message):
     adapter_slot_waiters: int
     adapter_slot_free_s: float
     adapter_reads_queued: int
+    max_model_len: int
+    sliding_window: int
     def __init__(
         self,
         worker_id: str | None = ...,
@@ -615,6 +621,8 @@ class WorkerStats(_message.Message):
         adapter_slot_waiters: int | None = ...,
         adapter_slot_free_s: float | None = ...,
         adapter_reads_queued: int | None = ...,
+        max_model_len: int | None = ...,
+        sliding_window: int | None = ...,
     ) -> None: ...
 
 class SpillKVRequest(_message.Message):

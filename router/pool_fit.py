@@ -1,0 +1,84 @@
+"""Refuse at the router a request that no decode worker's KV pool could hold (pure policy over the
+registry; #12, "exact or refused").
+
+A decode worker refuses to adopt a request whose prompt plus ``max_tokens`` would outgrow its KV
+pool even alone (:meth:`engine.scheduler.Scheduler.check_fits`). Found only there, the request has
+already been prefilled, and a streamed one has had its first token before the error. The router
+refuses it first, with the same arithmetic (:class:`engine.kv_fit.PoolShape`) over the pool shapes
+its decode workers report (``WorkerStats``: ``kv_blocks_total``, ``kv_layout.block_size``,
+``max_model_len``, ``sliding_window``): a request is refused (INVALID_ARGUMENT, naming its blocks
+and the largest pool) only when every registered decode worker of the model reports a pool it does
+not fit. A worker that reports no shape (``max_model_len`` 0: an older worker) might hold anything,
+so with one in the cluster nothing is refused here (the worker still checks).
+
+The distinct shapes are summarised when the set of workers changes (a registry listener), so a
+request costs one check per distinct shape (one, in a uniform cluster), not one per worker.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from engine.kv_fit import PoolShape
+from pdserve.errors import InvalidRequestError
+from router.registry import Registry, WorkerEntry, WorkerKind
+
+
+def shape_of(w: WorkerEntry) -> PoolShape | None:
+    """The pool shape ``w`` reported, or None when it reported none."""
+    ld = w.load
+    if not (ld.max_model_len and ld.kv_blocks_total and ld.block_size):
+        return None
+    return PoolShape(ld.kv_blocks_total, ld.block_size, ld.max_model_len, ld.sliding_window or None)
+
+
+def check_fits(shapes: tuple[PoolShape, ...] | None, prompt_tokens: int, max_tokens: int) -> None:
+    """InvalidRequestError when ``shapes`` is a non-empty tuple and the request fits none of them.
+    ``shapes`` None: some worker's shape is unknown (nothing refused); empty: no decode worker
+    (the placement says so, not this check)."""
+    if not shapes or any(s.fits(prompt_tokens, max_tokens) for s in shapes):
+        return
+    big = max(shapes, key=lambda s: s.num_blocks * s.block_size)
+    if not any(s.prompt_fits(prompt_tokens) for s in shapes):
+        raise InvalidRequestError(
+            f"prompt of {prompt_tokens} tokens needs more KV blocks than any decode worker has "
+            f"(largest: {big.num_blocks} x {big.block_size} tokens)"
+        )
+    need = min(s.peak_blocks(prompt_tokens, max_tokens) for s in shapes)
+    raise InvalidRequestError(
+        f"prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} needs {need} KV blocks, more than "
+        f"any decode worker has (largest: {big.num_blocks} x {big.block_size} tokens): lower max_tokens"
+    )
+
+
+class PoolFit:
+    """:func:`check_fits` against the decode workers of ``model`` in ``registry``, their shapes
+    summarised once per change of the set of workers (listener) instead of per request."""
+
+    def __init__(self, registry: Registry, model: str) -> None:
+        self._registry = registry
+        self._model = model
+        self._lock = threading.Lock()
+        self._shapes: tuple[PoolShape, ...] | None = None
+        self._stale = True
+        registry.add_listener(self._invalidate)
+
+    def _invalidate(self) -> None:
+        with self._lock:
+            self._stale = True
+
+    def shapes(self) -> tuple[PoolShape, ...] | None:
+        """The distinct pool shapes of the registered decode workers (None: one is unknown)."""
+        with self._lock:
+            if not self._stale:
+                return self._shapes
+            self._stale = False  # a change while summarising marks it stale again
+        found = [shape_of(w) for w in self._registry.registered(WorkerKind.DECODE, self._model)]
+        shapes = None if any(s is None for s in found) else tuple(dict.fromkeys(found))
+        with self._lock:
+            self._shapes = shapes
+        return shapes
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raises InvalidRequestError when no decode worker could hold the request (see module)."""
+        check_fits(self.shapes(), prompt_tokens, max_tokens)

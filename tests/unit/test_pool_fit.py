@@ -1,0 +1,121 @@
+"""The router refuses a request that no decode worker's KV pool could hold, before it is prefilled
+(router/pool_fit.py), with the engine's own arithmetic (engine/kv_fit.py). Before, such a request
+was prefilled, adopted nowhere, and a streamed one got its first token before the error."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.kv_fit import PoolShape
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from pdserve.errors import InvalidRequestError
+from pdserve.worker_base import Role, WorkerConfig, WorkerState
+from router.pool_fit import PoolFit, check_fits
+from router.quarantine import QuarantineReason
+from router.registry import Registry, WorkerKind, WorkerLoad
+from router.registry_service import load_from_proto
+from tests.unit.test_router_redispatch import PROMPT, FakeContext, _cluster, _request, reference
+
+
+def _load(blocks: int, max_model_len: int = 512, window: int = 0) -> WorkerLoad:
+    return WorkerLoad(0, 0, blocks, 0, block_size=16, max_model_len=max_model_len, sliding_window=window)
+
+
+def test_pool_shape_by_hand() -> None:
+    full = PoolShape(4, 16, 512)  # 64 tokens
+    assert full.fits(40, 24) and not full.fits(40, 25)  # 64 tokens: 4 blocks; 65: 5
+    assert full.peak_blocks(40, 30) == 5
+    assert PoolShape(4, 16, 60).fits(40, 1000)  # the context (60 tokens) ends it first
+    windowed = PoolShape(4, 16, 512, sliding_window=16)  # 1 window block + 2 edges = 3 held at most
+    assert windowed.fits(40, 400) and windowed.peak_blocks(40, 400) == 3
+    assert not windowed.fits(70, 1)  # the prompt itself (71 tokens: 5 blocks) does not fit
+    assert PoolShape(4, 16, 512).peak_blocks(100, 50, prefill_only=True) == 7
+
+
+@pytest.mark.parametrize("blocks", [3, 4, 6])
+def test_the_engine_refuses_exactly_what_the_shape_refuses(tiny_models, blocks) -> None:
+    eng = LLMEngine.from_pretrained(
+        tiny_models["llama"], EngineConfig(num_kv_blocks=blocks, block_size=16, enable_prefix_caching=False)
+    )
+    shape = eng.scheduler.pool_shape()
+    assert shape == PoolShape(blocks, 16, eng.max_model_len)
+    for prompt in (10, 31, 32, 47, 64, 95):
+        for max_tokens in (1, 16, 17, 40, 100):
+            rid = f"{prompt}-{max_tokens}"
+            try:
+                eng.add_request(rid, [5] * prompt, SamplingParams(max_tokens=max_tokens))
+                accepted = True
+                eng.abort(rid)
+            except InvalidRequestError:
+                accepted = False
+            assert accepted == shape.fits(prompt, max_tokens), (prompt, max_tokens)
+
+
+def test_check_fits_names_the_blocks_and_the_largest_pool() -> None:
+    shapes = (PoolShape(4, 16, 512), PoolShape(3, 16, 512))
+    check_fits(shapes, 40, 24)  # fits the larger one
+    with pytest.raises(InvalidRequestError, match=r"plus max_tokens 30 needs 5 KV blocks.*largest: 4 x 16"):
+        check_fits(shapes, 40, 30)
+    with pytest.raises(
+        InvalidRequestError, match=r"prompt of 70 tokens needs more KV blocks than any decode"
+    ):
+        check_fits(shapes, 70, 1)
+    check_fits(None, 10_000, 10_000)  # a worker's shape unknown: nothing refused here
+    check_fits((), 10_000, 10_000)  # no decode worker: placement says so
+
+
+def test_pool_fit_follows_the_registered_decode_workers() -> None:
+    reg = Registry(heartbeat_timeout_s=1e9)
+    fit = PoolFit(reg, "m")
+    fit.check(10_000, 10_000)  # no decode worker yet: not this check's refusal
+    reg.register("p0", WorkerKind.PREFILL, "p0", "m", _load(1000))  # prefill pools do not count
+    reg.register("d0", WorkerKind.DECODE, "d0", "m", _load(4))
+    reg.register("x0", WorkerKind.DECODE, "x0", "other-model", _load(1000))  # another model's
+    with pytest.raises(InvalidRequestError, match="needs 5 KV blocks"):
+        fit.check(40, 30)
+    fit.check(40, 24)
+    reg.quarantine("d0", QuarantineReason.STALLED_DECODE)
+    with pytest.raises(InvalidRequestError):  # quarantined, it still bounds what could ever run
+        fit.check(40, 30)
+    reg.register("d1", WorkerKind.DECODE, "d1", "m", _load(8))  # a larger pool joins: summary redone
+    fit.check(40, 30)
+    reg.deregister("d1")
+    with pytest.raises(InvalidRequestError):
+        fit.check(40, 30)
+    reg.register("d2", WorkerKind.DECODE, "d2", "m", WorkerLoad(0, 0, 4, 0, block_size=16))  # no shape
+    fit.check(40, 30)  # it might hold it: left to the worker
+
+
+def test_a_worker_reports_its_shape_in_its_stats(tiny_models) -> None:
+    ecfg = EngineConfig(num_kv_blocks=4, block_size=16, enable_prefix_caching=False)
+    eng = LLMEngine.from_pretrained(tiny_models["llama"], ecfg)
+    st = WorkerState(
+        WorkerConfig("d0", Role.DECODE, str(tiny_models["llama"]), "127.0.0.1:1", engine=ecfg), eng
+    )
+    try:
+        s = st.stats()
+        assert (s.kv_blocks_total, s.kv_layout.block_size) == (4, 16)
+        assert (s.max_model_len, s.sliding_window) == (eng.max_model_len, 0)
+        reg = Registry(heartbeat_timeout_s=1e9)
+        reg.register("d0", WorkerKind.DECODE, "d0", "m", load_from_proto(s))
+        with pytest.raises(InvalidRequestError, match="needs 5 KV blocks"):
+            PoolFit(reg, "m").check(40, 30)
+    finally:
+        st.loop.stop()
+
+
+def test_the_router_refuses_before_any_prefill(smollm_path) -> None:
+    svc, workers, store, _ = _cluster(str(smollm_path), {"p0": None}, {"d0": None})
+    svc.registry.register("d0", WorkerKind.DECODE, "d0", "m", _load(1))  # 16 tokens
+    ctx = FakeContext()
+    with pytest.raises(InvalidRequestError, match=r"prompt of 6 tokens plus max_tokens 12 needs 2 KV blocks"):
+        asyncio.run(svc.Generate(_request(max_tokens=12), ctx))
+    assert workers["p0"].calls == [] and workers["d0"].calls == [] and ctx.written == []
+    assert store.leases == set()
+    ok = FakeContext()
+    asyncio.run(svc.Generate(_request(max_tokens=9), ok))  # 6 + 9 = 15 tokens: one block
+    assert [t for r in ok.written for t in r.token_ids] == reference(PROMPT, 9)
