@@ -133,6 +133,20 @@ def _attention_of(engine) -> str:
     return str(b.value) if b is not None else os.environ.get("PDSERVE_ATTENTION", "auto")
 
 
+def _small_pool_grids(engine) -> str:
+    """A key suffix naming the grids when the KV pool shortened them (a profile measured on
+    shorter prompts is not reused by a worker whose pool measures the full grid); "" otherwise."""
+    kv = getattr(engine, "kv", None)
+    if kv is None:
+        return ""
+    full = (prefill_grid(engine.max_model_len), decode_grid(1 << 30, kv.block_size, engine.max_model_len))
+    have = (
+        prefill_grid(engine.max_model_len, kv.num_blocks * kv.block_size),
+        decode_grid(kv.num_blocks, kv.block_size, engine.max_model_len),
+    )
+    return "" if have == full else f"|grids={have}"
+
+
 def profile_key(engine, model_path: str | Path) -> ProfileKey:
     """The key of ``engine`` (an :class:`~engine.llm_engine.LLMEngine`) loaded from ``model_path``."""
     import torch
@@ -155,6 +169,7 @@ def profile_key(engine, model_path: str | Path) -> ProfileKey:
                 if c.weight_memory_budget_bytes is not None
                 else ""
             )
+            + _small_pool_grids(engine)
         ),
         tensor_parallel_size=c.tensor_parallel_size,
         device=c.device,
@@ -183,16 +198,46 @@ def _run_until_first_token(engine, ids: list[str]) -> None:
                 pending.discard(out.request_id)
 
 
-def prefill_grid(max_model_len: int) -> tuple[int, ...]:
-    """:data:`PREFILL_TOKENS` capped at ``max_model_len - 16`` (at least 1), duplicates dropped,
-    in order."""
-    cap = max(1, max_model_len - 16)
+def prefill_grid(max_model_len: int, pool_tokens: int | None = None) -> tuple[int, ...]:
+    """:data:`PREFILL_TOKENS` capped at ``max_model_len - 16`` and at ``pool_tokens - 16`` (the
+    tokens the engine's KV pool holds; None: no bound) (at least 1), duplicates dropped, in order."""
+    cap = max(1, min(max_model_len, pool_tokens if pool_tokens is not None else max_model_len) - 16)
     out: list[int] = []
     for n in PREFILL_TOKENS:
         n = min(n, cap)
         if n not in out:
             out.append(n)
     return tuple(out)
+
+
+def decode_grid(num_blocks: int, block_size: int, max_model_len: int) -> tuple[tuple[int, int], ...]:
+    """:data:`DECODE_GRID` with each point's prompt shortened so that its whole batch, decoding
+    ``DECODE_STEPS + 4`` tokens, fits the KV pool (``num_blocks`` x ``block_size``) and the
+    context; a point whose batch cannot fit at all is dropped (duplicates too)."""
+    out: list[tuple[int, int]] = []
+    grow = DECODE_STEPS + 4
+    for batch, plen in DECODE_GRID:
+        per_seq_tokens = (num_blocks // batch) * block_size
+        n = min(plen, per_seq_tokens - grow, max_model_len - grow)
+        if n >= 1 and (batch, n) not in out:
+            out.append((batch, n))
+    return tuple(out)
+
+
+def grids_for(engine) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """The prefill and decode grids :func:`measure` runs on ``engine``: the defaults, shortened
+    where its KV pool is too small for them (``ValueError``, naming the pool, when it is too
+    small to measure two points of each: the fit needs them)."""
+    kv = engine.kv
+    prefill = prefill_grid(engine.max_model_len, kv.num_blocks * kv.block_size)
+    decode = decode_grid(kv.num_blocks, kv.block_size, engine.max_model_len)
+    if len(prefill) < 2 or len({b for b, _ in decode}) < 2:
+        raise ValueError(
+            f"the KV pool ({kv.num_blocks} blocks of {kv.block_size} tokens) is too small to measure the "
+            "start-up step-time profile (prefills of two lengths, decode batches of 1 and 4): give the "
+            "worker more KV blocks (--kv-blocks), or start it with PDSERVE_STARTUP_PROFILE=off"
+        )
+    return prefill, decode
 
 
 def measure(engine, budget_s: float | None = None) -> tuple[list[PrefillSample], list[DecodeSample]]:
@@ -227,7 +272,7 @@ def measure(engine, budget_s: float | None = None) -> tuple[list[PrefillSample],
     # warm-up: the first forward pass pays for allocations and kernel selection
     _prefill_once(engine, prompt(16), one, salt, timer)
     fastest: dict[int, float] = {}
-    grid = prefill_grid(engine.max_model_len)
+    grid, dgrid = grids_for(engine)  # what the KV pool holds
     for r in range(REPEATS):
         for k, n in enumerate(grid):
             if (r or k >= 2) and over():
@@ -237,7 +282,7 @@ def measure(engine, budget_s: float | None = None) -> tuple[list[PrefillSample],
     prefill = [PrefillSample(n, t) for n, t in fastest.items()]
     decode: list[DecodeSample] = []
     long = SamplingParams(max_tokens=DECODE_STEPS + 4, temperature=0.0, ignore_eos=True)
-    for k, (batch, plen) in enumerate(DECODE_GRID):
+    for k, (batch, plen) in enumerate(dgrid):
         if k >= 2 and over():
             break
         ids = [

@@ -192,3 +192,33 @@ def test_a_cpu_step_is_timed_by_the_cpu_it_used_not_its_wait_for_a_core(monkeypa
     clock["wall"] += 1.0  # more CPU than wall per thread (other threads of the process): wall
     clock["cpu"] += 5.0
     assert cpu.elapsed(t) == pytest.approx(1.0)
+
+
+def test_the_grids_fit_a_small_kv_pool() -> None:
+    """A pool of 16 blocks x 16 tokens (``pdserve serve --kv-blocks 16``) holds no 496-token prompt
+    and no batch of four 104-token sequences: the points shrink to what it holds."""
+    assert profile.prefill_grid(512, 256) == (16, 240, 128, 64)
+    assert profile.decode_grid(1 << 30, 16, 512) == profile.DECODE_GRID
+    # batch 4 may use 4 blocks (64 tokens) per sequence: 56-token prompts plus 8 decoded tokens
+    assert profile.decode_grid(16, 16, 512) == ((1, 16), (4, 16), (1, 192), (4, 56))
+    assert profile.decode_grid(3, 16, 512) == ((1, 16), (1, 40))  # no batch of 4 fits
+
+
+def test_a_worker_with_a_small_kv_pool_measures_its_profile(tiny_models, tmp_path) -> None:
+    """Found on a fresh machine: `pdserve serve --kv-blocks 16` failed to start ("cannot load
+    model: prompt of 496 tokens needs more KV blocks than this engine has (16 x 16 tokens)"): the
+    start-up profile's grid ignored the pool. Now it measures within it, and its cache key says so."""
+    small = LLMEngine.from_pretrained(tiny_models["llama"], EngineConfig(num_kv_blocks=16, block_size=16))
+    pre, dec = profile.measure(small, budget_s=0.0)
+    assert [s.tokens for s in pre] == [16, 240]
+    assert [s.batch for s in dec] == [1, 4]
+    assert fit_step_model(pre, dec).prefill_per_token_s >= 0 and not small.has_unfinished()
+    big = LLMEngine.from_pretrained(tiny_models["llama"], EngineConfig(num_kv_blocks=128, block_size=16))
+    k_small, k_big = (
+        profile.profile_key(small, tiny_models["llama"]),
+        profile.profile_key(big, tiny_models["llama"]),
+    )
+    assert k_small != k_big and "|grids=" in k_small.dtype and "|grids=" not in k_big.dtype
+    tiny = LLMEngine.from_pretrained(tiny_models["llama"], EngineConfig(num_kv_blocks=3, block_size=16))
+    with pytest.raises(ValueError, match=r"KV pool \(3 blocks of 16 tokens\) is too small .*--kv-blocks"):
+        profile.measure(tiny)
