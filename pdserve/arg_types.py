@@ -30,3 +30,25 @@ def positive_seconds(text: str) -> float:
     if not (s > 0 and math.isfinite(s)):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
     return s
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def fraction(text: str) -> float:
+    """A share: a number in (0, 1] (an attainment target of 0.9 means 90%)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (0.9 = 90%), got {text}")
+    return x

@@ -29,6 +29,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from pdserve import loadgen
+from pdserve.arg_types import fraction, positive_int, positive_seconds
 
 
 def register(subparsers) -> None:
@@ -38,14 +39,14 @@ def register(subparsers) -> None:
     b.add_argument("--model", default=None, help="model folder (embedded; default: bundled SmolLM2)")
     b.add_argument("--policy", default="", help="router placement policy (embedded), e.g. goodput")
     b.add_argument("--workload", default="mooncake", help="mooncake | azure-code | sharegpt | PATH")
-    b.add_argument("-n", "--num-requests", type=int, default=32, help="requests replayed per rate")
+    b.add_argument("-n", "--num-requests", type=positive_int, default=32, help="requests replayed per rate")
     b.add_argument("--rates", default="0.5", help="comma-separated request rates (req/s) to sweep")
-    b.add_argument("--length-scale", type=int, default=16, help="divide trace lengths by this")
-    b.add_argument("--max-input", type=int, default=512, help="clip prompts to this many tokens")
-    b.add_argument("--max-output", type=int, default=32, help="clip outputs to this many tokens")
-    b.add_argument("--ttft", type=float, default=2.0, help="TTFT SLO (s)")
-    b.add_argument("--tpot", type=float, default=0.2, help="TPOT SLO (s)")
-    b.add_argument("--target", type=float, default=0.9, help="attainment target for goodput")
+    b.add_argument("--length-scale", type=positive_int, default=16, help="divide trace lengths by this")
+    b.add_argument("--max-input", type=positive_int, default=512, help="clip prompts to this many tokens")
+    b.add_argument("--max-output", type=positive_int, default=32, help="clip outputs to this many tokens")
+    b.add_argument("--ttft", type=positive_seconds, default=2.0, help="TTFT SLO (s)")
+    b.add_argument("--tpot", type=positive_seconds, default=0.2, help="TPOT SLO (s)")
+    b.add_argument("--target", type=fraction, default=0.9, help="attainment target for goodput")
     b.add_argument("--seed", type=int, default=0, help="seed of the workload and its token contents")
     b.add_argument("--out", default="pdserve-bench", help="output folder")
     b.add_argument(
@@ -60,12 +61,16 @@ def register(subparsers) -> None:
 
 
 def _rates(s: str) -> list[float]:
+    """``--rates``: comma-separated finite rates > 0 (an empty entry, as in "1,,2", is refused,
+    not skipped)."""
+    import math
+
     try:
-        rates = [float(x) for x in s.split(",") if x.strip()]
+        rates = [float(x) for x in s.split(",")]
     except ValueError:
         raise SystemExit(f"--rates: expected comma-separated numbers, got {s!r}") from None
-    if not rates or any(r <= 0 for r in rates):
-        raise SystemExit(f"--rates: need positive rates, got {s!r}")
+    if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
+        raise SystemExit(f"--rates: need finite positive rates, got {s!r}")
     return rates
 
 
@@ -162,9 +167,6 @@ def run(a: argparse.Namespace) -> int:
         print("pdserve bench: give exactly one of --address or --embedded", file=sys.stderr)
         return 2
     rates = _rates(a.rates)
-    if a.num_requests < 1 or a.length_scale < 1:
-        print("pdserve bench: --num-requests and --length-scale must be >= 1", file=sys.stderr)
-        return 2
     if a.warmup < 0:
         print("pdserve bench: --warmup must be >= 0", file=sys.stderr)
         return 2

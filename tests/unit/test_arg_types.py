@@ -60,3 +60,35 @@ def test_generate_timeout_is_checked_when_parsed(capsys) -> None:
         main(["generate", "hi", "--timeout", "-1"])
     assert e.value.code == 2
     assert "argument --timeout: must be a finite number of seconds > 0, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, flag, says",
+    [
+        # each ran before: --max-input 0 clipped every prompt to 1 token, --target 1.5 reported
+        # "goodput (attainment >= 150%): 0.00", --ttft -1 made every request a miss
+        (["--max-input", "0"], "--max-input", "must be >= 1"),
+        (["--max-output", "-2"], "--max-output", "must be >= 1"),
+        (["-n", "0"], "-n/--num-requests", "must be >= 1"),
+        (["--length-scale", "x"], "--length-scale", "expected a whole number"),
+        (["--target", "1.5"], "--target", "must be in (0, 1]"),
+        (["--target", "0"], "--target", "must be in (0, 1]"),
+        (["--ttft", "-1"], "--ttft", "seconds > 0"),
+        (["--tpot", "0"], "--tpot", "seconds > 0"),
+    ],
+)
+def test_bench_numbers_are_checked_when_parsed(argv, flag, says, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--embedded", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}:" in err and says in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("rates", ["1,,2", "inf", "nan", "0", "-1", "fast", ""])
+def test_bench_rates_refuse_empty_entries_and_non_finite_rates(rates) -> None:
+    from pdserve.bench_cli import _rates
+
+    with pytest.raises(SystemExit, match="--rates"):
+        _rates(rates)
+    assert _rates("0.5, 2") == [0.5, 2.0]
