@@ -9,7 +9,7 @@ import time
 
 from engine.scheduler import SchedulingPolicy
 from pdserve import cli_help, mlfq_knobs, offload_knobs
-from pdserve.arg_types import port_number, positive_seconds
+from pdserve.arg_types import port_number, positive_int, positive_seconds
 from pdserve.errors import PdserveError, UnavailableError
 from pdserve.security import add_client_tls_args, client_tls_kwargs
 
@@ -30,7 +30,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--kv-blocks",
-        type=int,
+        type=positive_int,
         default=None,
         help="--embedded: KV pool size in blocks (default: as many as the KV memory budget holds)",
     )
@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="routers (the first on --address, the others on free ports); workers register with all, "
         "a router that exits is restarted",
     )
-    sv.add_argument("--kv-blocks", type=int, default=2048, help="KV pool size per worker, in blocks")
+    sv.add_argument("--kv-blocks", type=positive_int, default=2048, help="KV pool size per worker, in blocks")
     sv.add_argument(
         "--swap-space",
         type=float,

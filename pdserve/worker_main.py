@@ -40,7 +40,7 @@ from kv_store.client import KVStoreClient
 from kv_store.dist_transport import DistConfig, destroy_process_group, device_for, init_process_group
 from kv_store.transport import AutoTransport
 from pdserve import cli_help, mlfq_knobs, offload_knobs
-from pdserve.arg_types import port_number
+from pdserve.arg_types import port_number, positive_int
 from pdserve.errors import PdserveError, UnavailableError
 from pdserve.gc_tuning import settle_heap
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend
@@ -248,7 +248,7 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
     )
     ap.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
     ap.add_argument("--port", type=port_number, default=0, help="gRPC listen port (0: any free port)")
-    ap.add_argument("--kv-blocks", type=int, default=2048, help="KV pool size in blocks")
+    ap.add_argument("--kv-blocks", type=positive_int, default=2048, help="KV pool size in blocks")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     ap.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one engine step, at most")
     ap.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens in one engine step, at most")

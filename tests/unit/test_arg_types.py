@@ -92,3 +92,23 @@ def test_bench_rates_refuse_empty_entries_and_non_finite_rates(rates) -> None:
     with pytest.raises(SystemExit, match="--rates"):
         _rates(rates)
     assert _rates("0.5, 2") == [0.5, 2.0]
+
+
+@pytest.mark.parametrize(
+    "argv", [["serve", "--kv-blocks", "0"], ["generate", "hi", "--embedded", "--kv-blocks", "-1"]]
+)
+def test_kv_blocks_are_checked_when_parsed(argv, capsys) -> None:
+    """`pdserve serve --kv-blocks 0` started the store and the router, then a worker died."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "argument --kv-blocks: must be >= 1" in capsys.readouterr().err
+
+
+def test_worker_kv_blocks_are_checked_when_parsed(capsys) -> None:
+    from pdserve.worker_base import Role
+    from pdserve.worker_main import parse
+
+    with pytest.raises(SystemExit):
+        parse(["--model", "m", "--kv-blocks", "0"], Role.DECODE)
+    assert "argument --kv-blocks: must be >= 1" in capsys.readouterr().err
