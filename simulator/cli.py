@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pdserve.arg_types import positive_int
 from pdserve.errors import PdserveError
 from router.policy import SLO, InstanceRole, PolicyKind
 from simulator.adapters import AdapterConfig, AdapterPopularity, with_adapters
@@ -719,7 +720,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
     from pdserve.model_setup import resolve_model_path
     from simulator.profile import ProfileGrid, fit, holdout_error, measure_profile, save
 
-    if a.threads:
+    if a.threads is not None:
         import torch
 
         torch.set_num_threads(a.threads)
@@ -737,14 +738,25 @@ def cmd_profile(a: argparse.Namespace) -> int:
         if a.quick
         else ProfileGrid()
     )
-    prof = measure_profile(
-        lambda: LLMEngine.from_pretrained(path, cfg),
-        grid,
-        progress=not a.quiet,
-        model=Path(path).name,
-        device=a.device,
-        timer=time.process_time if a.cpu_time else time.perf_counter,
-    )
+    from pdserve.errors import InvalidRequestError
+
+    try:
+        prof = measure_profile(
+            lambda: LLMEngine.from_pretrained(path, cfg),
+            grid,
+            progress=not a.quiet,
+            model=Path(path).name,
+            device=a.device,
+            timer=time.process_time if a.cpu_time else time.perf_counter,
+        )
+    except InvalidRequestError as e:
+        if a.kv_blocks is None:
+            raise
+        # a grid point the pool cannot hold: say which flag, not only the engine's refusal
+        raise InvalidRequestError(
+            f"the profile's grid does not fit --kv-blocks {a.kv_blocks}: {e}; give more blocks, or leave "
+            "--kv-blocks out (the memory budget's)"
+        ) from None
     save(prof, a.out)
     f = fit(prof)
     err = holdout_error(prof)
@@ -931,10 +943,13 @@ def register(subparsers) -> None:
         "--dtype", default="auto", help="engine dtype (auto: float32 on CPU, the checkpoint's on CUDA)"
     )
     f.add_argument(
-        "--kv-blocks", type=int, default=None, help="KV pool in blocks (default: the memory budget's)"
+        "--kv-blocks",
+        type=positive_int,
+        default=None,
+        help="KV pool in blocks (default: the memory budget's)",
     )
     f.add_argument("--quick", action="store_true", help="a small grid (a minute on a CPU)")
-    f.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    f.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     f.add_argument(
         "--cpu-time",
         action="store_true",

@@ -126,3 +126,21 @@ def test_splitwise_mixed_pool_alone_serves(capsys) -> None:
     argv = ["simulate", "--model", "llama-2-7b", "--mode", "splitwise", "--prefill", "0", "--decode", "0"]
     assert main([*argv, "--mixed", "1", "--num-requests", "10", "--quiet"]) == 0
     assert "finished: 10" in capsys.readouterr().out
+
+
+def test_profile_names_the_flag_its_grid_outgrows(tmp_path, smollm_path, capsys) -> None:
+    """`pdserve profile --kv-blocks 4 --quick` said only 'prompt of 64 tokens needs more KV blocks
+    than this engine has'; `--threads 0` was taken as "torch's default"."""
+    from tests.tiny_models import make_tiny_models
+
+    model = make_tiny_models(tmp_path / "m", tokenizer_from=smollm_path)["llama"]
+    argv = ["profile", "--model", str(model), "--quick", "--quiet", "--out", str(tmp_path / "p.json")]
+    assert main([*argv, "--kv-blocks", "4"]) != 0
+    err = capsys.readouterr().err
+    assert (
+        "the profile's grid does not fit --kv-blocks 4: prompt of 64 tokens" in err and "Traceback" not in err
+    )
+    for flag in ("--threads", "--kv-blocks"):
+        with pytest.raises(SystemExit):
+            main([*argv, flag, "0"])
+        assert f"argument {flag}: must be >= 1" in capsys.readouterr().err
