@@ -52,3 +52,14 @@ def fraction(text: str) -> float:
     if not 0 < x <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1] (0.9 = 90%), got {text}")
     return x
+
+
+def positive_number(text: str) -> float:
+    """A finite number > 0 (a rate, a bandwidth)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (x > 0 and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return x

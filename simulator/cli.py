@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pdserve.arg_types import positive_int
+from pdserve.arg_types import fraction, positive_int, positive_number, positive_seconds
 from pdserve.errors import PdserveError
 from router.policy import SLO, InstanceRole, PolicyKind
 from simulator.adapters import AdapterConfig, AdapterPopularity, with_adapters
@@ -50,11 +50,17 @@ def _latency_args(p: argparse.ArgumentParser) -> None:
         "--profile-file", default=None, help="profile JSON from `pdserve profile` (latency=profile)"
     )
     p.add_argument(
-        "--transfer-gbps", type=float, default=200.0, help="KV transfer bandwidth between instances, Gb/s"
+        "--transfer-gbps",
+        type=positive_number,
+        default=200.0,
+        help="KV transfer bandwidth between instances, Gb/s",
     )
-    p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
+    p.add_argument("--block-size", type=positive_int, default=16, help="KV block size in tokens")
     p.add_argument(
-        "--max-model-len", type=int, default=None, help="longest sequence in tokens (default: the model's)"
+        "--max-model-len",
+        type=positive_int,
+        default=None,
+        help="longest sequence in tokens (default: the model's)",
     )
 
 
@@ -62,11 +68,13 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workload", default="sharegpt", help=f"{', '.join(WORKLOAD_NAMES)} or a .jsonl/.csv trace path"
     )
-    p.add_argument("--num-requests", type=int, default=None, help="request count (synthetic) or trace prefix")
+    p.add_argument(
+        "--num-requests", type=positive_int, default=None, help="request count (synthetic) or trace prefix"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic workloads and arrivals")
-    p.add_argument("--ttft", type=float, default=0.25, help="TTFT SLO, seconds")
-    p.add_argument("--tpot", type=float, default=0.1, help="TPOT SLO, seconds")
-    p.add_argument("--target", type=float, default=0.9, help="SLO attainment target for goodput")
+    p.add_argument("--ttft", type=positive_seconds, default=0.25, help="TTFT SLO, seconds")
+    p.add_argument("--tpot", type=positive_seconds, default=0.1, help="TPOT SLO, seconds")
+    p.add_argument("--target", type=fraction, default=0.9, help="SLO attainment target for goodput")
 
 
 def _adapter_args(p: argparse.ArgumentParser) -> None:
@@ -96,8 +104,12 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-cpu-loras", type=int, default=0, help="adapters in host memory per instance (0: all)"
     )
-    p.add_argument("--adapter-h2d-gbs", type=float, default=25.0, help="host -> device adapter copy, GB/s")
-    p.add_argument("--adapter-disk-gbs", type=float, default=3.0, help="disk -> host adapter read, GB/s")
+    p.add_argument(
+        "--adapter-h2d-gbs", type=positive_number, default=25.0, help="host -> device adapter copy, GB/s"
+    )
+    p.add_argument(
+        "--adapter-disk-gbs", type=positive_number, default=3.0, help="disk -> host adapter read, GB/s"
+    )
     p.add_argument(
         "--adapter-bytes-per-rank",
         type=int,
@@ -159,8 +171,8 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="max_num_seqs = the cost model's offline batch for the offloaded weights (needs --weight-budget-gib)",
     )
-    p.add_argument("--offload-host-gbs", type=float, default=25.0, help="host -> device copy, GB/s")
-    p.add_argument("--offload-disk-gbs", type=float, default=3.0, help="disk -> device read, GB/s")
+    p.add_argument("--offload-host-gbs", type=positive_number, default=25.0, help="host -> device copy, GB/s")
+    p.add_argument("--offload-disk-gbs", type=positive_number, default=3.0, help="disk -> device read, GB/s")
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -177,7 +189,9 @@ def _store_args(p: argparse.ArgumentParser) -> None:
         default=0,
         help="the store's SSD tier in KV blocks (0: none, -1: unlimited)",
     )
-    p.add_argument("--kv-store-disk-gbs", type=float, default=3.0, help="the SSD tier's read bandwidth, GB/s")
+    p.add_argument(
+        "--kv-store-disk-gbs", type=positive_number, default=3.0, help="the SSD tier's read bandwidth, GB/s"
+    )
 
 
 def _store_config(a: argparse.Namespace) -> SimKVStoreConfig | None:
@@ -786,16 +800,20 @@ def register(subparsers) -> None:
     s.add_argument("--prefill", type=int, default=1, help="prefill instances (disaggregated, splitwise)")
     s.add_argument("--decode", type=int, default=1, help="decode instances (disaggregated, splitwise)")
     s.add_argument("--mixed", type=int, default=1, help="splitwise mixed-pool instances")
-    s.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of every instance")
-    s.add_argument("--tp-prefill", type=int, default=None, help="TP of prefill instances (default: --tp)")
-    s.add_argument("--tp-decode", type=int, default=None, help="TP of decode instances (default: --tp)")
+    s.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree of every instance")
+    s.add_argument(
+        "--tp-prefill", type=positive_int, default=None, help="TP of prefill instances (default: --tp)"
+    )
+    s.add_argument(
+        "--tp-decode", type=positive_int, default=None, help="TP of decode instances (default: --tp)"
+    )
     s.add_argument(
         "--scheduler",
         default="vllm",
         choices=[p.value for p in SchedulerPreset],
         help="colocated/mixed scheduling",
     )
-    s.add_argument("--chunk", type=int, default=512, help="Sarathi chunk (token budget)")
+    s.add_argument("--chunk", type=positive_int, default=512, help="Sarathi chunk (token budget)")
     s.add_argument(
         "--policy",
         default=PolicyKind.LEAST_LOADED.value,
@@ -812,7 +830,7 @@ def register(subparsers) -> None:
         default=0,
         help="host KV pool capacity per instance (--host-pool limited)",
     )
-    s.add_argument("--kv-blocks", type=int, default=None, help="override KV blocks per instance")
+    s.add_argument("--kv-blocks", type=positive_int, default=None, help="override KV blocks per instance")
     s.add_argument(
         "--dispatch-overhead-ms",
         type=float,
@@ -822,10 +840,14 @@ def register(subparsers) -> None:
     _adapter_args(s)
     _offload_args(s)
     _store_args(s)
-    s.add_argument("--rate", type=float, default=None, help="rescale the workload to this mean rate (req/s)")
+    s.add_argument(
+        "--rate", type=positive_number, default=None, help="rescale the workload to this mean rate (req/s)"
+    )
     s.add_argument("--rates", default=None, help="comma-separated rates: attainment sweep and plots")
     s.add_argument("--goodput", action="store_true", help="also binary-search goodput")
-    s.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per goodput simulation")
+    s.add_argument(
+        "--duration", type=positive_seconds, default=60.0, help="seconds of arrivals per goodput simulation"
+    )
     s.add_argument("--out", default=None, help="directory for requests.csv, summary.json and PNGs")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=_input_errors("simulate", cmd_simulate))
@@ -835,7 +857,7 @@ def register(subparsers) -> None:
     )
     _latency_args(p)
     _workload_args(p)
-    p.add_argument("--gpus", type=int, required=True, help="GPU budget")
+    p.add_argument("--gpus", type=positive_int, required=True, help="GPU budget")
     p.add_argument("--tp", default="1,2,4,8", help="TP degrees to consider")
     p.add_argument(
         "--policy",
@@ -843,9 +865,11 @@ def register(subparsers) -> None:
         choices=[x.value for x in PolicyKind],
         help="router placement policy of the simulated clusters",
     )
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per simulation")
+    p.add_argument(
+        "--duration", type=positive_seconds, default=60.0, help="seconds of arrivals per simulation"
+    )
     p.add_argument("--verify", type=int, default=2, help="top estimates of each kind to simulate whole")
-    p.add_argument("--top", type=int, default=5, help="plans of each kind listed in the report")
+    p.add_argument("--top", type=positive_int, default=5, help="plans of each kind listed in the report")
     p.add_argument(
         "--baseline-engine",
         default="same",
@@ -872,11 +896,14 @@ def register(subparsers) -> None:
         "--latency", default="auto", choices=[s.value for s in LatencySource], help="latency model source"
     )
     m.add_argument(
-        "--transfer-gbps", type=float, default=200.0, help="KV transfer bandwidth between instances, Gb/s"
+        "--transfer-gbps",
+        type=positive_number,
+        default=200.0,
+        help="KV transfer bandwidth between instances, Gb/s",
     )
-    m.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
+    m.add_argument("--block-size", type=positive_int, default=16, help="KV block size in tokens")
     _workload_args(m)
-    m.add_argument("--gpus", type=int, required=True, help="GPU budget shared by the models")
+    m.add_argument("--gpus", type=positive_int, required=True, help="GPU budget shared by the models")
     m.add_argument("--tp", default="1,2,4,8", help="TP degrees to consider")
     m.add_argument(
         "--policy",
@@ -884,7 +911,9 @@ def register(subparsers) -> None:
         choices=[x.value for x in PolicyKind],
         help="router placement policy of the simulated clusters",
     )
-    m.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per simulation")
+    m.add_argument(
+        "--duration", type=positive_seconds, default=60.0, help="seconds of arrivals per simulation"
+    )
     m.add_argument(
         "--verify", type=int, default=2, help="top estimates of each kind each model's plan simulates"
     )
@@ -915,21 +944,24 @@ def register(subparsers) -> None:
         "--latency", default="auto", choices=[s.value for s in LatencySource], help="latency model source"
     )
     x.add_argument(
-        "--transfer-gbps", type=float, default=200.0, help="KV transfer bandwidth between instances, Gb/s"
+        "--transfer-gbps",
+        type=positive_number,
+        default=200.0,
+        help="KV transfer bandwidth between instances, Gb/s",
     )
-    x.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
-    x.add_argument("--num-requests", type=int, default=None, help="--trace: its first N requests")
+    x.add_argument("--block-size", type=positive_int, default=16, help="KV block size in tokens")
+    x.add_argument("--num-requests", type=positive_int, default=None, help="--trace: its first N requests")
     x.add_argument("--seed", type=int, default=0, help="seed of the synthetic arrivals")
-    x.add_argument("--ttft", type=float, default=0.25, help="TTFT SLO, seconds (every model)")
-    x.add_argument("--tpot", type=float, default=0.1, help="TPOT SLO, seconds (every model)")
-    x.add_argument("--target", type=float, default=0.9, help="SLO attainment target")
+    x.add_argument("--ttft", type=positive_seconds, default=0.25, help="TTFT SLO, seconds (every model)")
+    x.add_argument("--tpot", type=positive_seconds, default=0.1, help="TPOT SLO, seconds (every model)")
+    x.add_argument("--target", type=fraction, default=0.9, help="SLO attainment target")
     x.add_argument(
         "--policy",
         default=PolicyKind.LEAST_LOADED.value,
         choices=[v.value for v in PolicyKind],
         help="router placement policy within each model's pools",
     )
-    x.add_argument("--duration", type=float, default=60.0, help="seconds of synthetic arrivals")
+    x.add_argument("--duration", type=positive_seconds, default=60.0, help="seconds of synthetic arrivals")
     x.add_argument("--out", default=None, help="directory to write simulate_mix.json into")
     x.set_defaults(func=_input_errors("simulate-mix", cmd_simulate_mix))
 
