@@ -63,3 +63,14 @@ def positive_number(text: str) -> float:
     if not (x > 0 and math.isfinite(x)):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return x
+
+
+def non_negative_gib(text: str) -> float:
+    """A size in GiB: a finite number >= 0 (0: off)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in GiB (a number >= 0), got {text!r}") from None
+    if not (x >= 0 and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of GiB >= 0 (0: off), got {text}")
+    return x

@@ -9,7 +9,7 @@ import time
 
 from engine.scheduler import SchedulingPolicy
 from pdserve import cli_help, mlfq_knobs, offload_knobs
-from pdserve.arg_types import port_number, positive_int, positive_seconds
+from pdserve.arg_types import non_negative_gib, port_number, positive_int, positive_seconds
 from pdserve.errors import PdserveError, UnavailableError
 from pdserve.security import add_client_tls_args, client_tls_kwargs
 
@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--kv-blocks", type=positive_int, default=2048, help="KV pool size per worker, in blocks")
     sv.add_argument(
         "--swap-space",
-        type=float,
+        type=non_negative_gib,
         default=0.0,
         metavar="GIB",
         help="host-memory KV pool per worker in GiB: preempted requests are swapped out and back when "
@@ -515,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument(
         "--swap-disk",
-        type=float,
+        type=non_negative_gib,
         default=0.0,
         metavar="GIB",
         help="local-disk KV tier per worker in GiB behind the host pool (needs --swap-space): the "

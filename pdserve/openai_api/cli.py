@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 
-from pdserve.arg_types import port_number, positive_seconds
+from pdserve.arg_types import port_number, positive_int, positive_seconds
 
 DEFAULT_ROUTER = "127.0.0.1:50051"
 
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--chat-max-tokens",
-        type=int,
+        type=positive_int,
         default=512,
         help="max_tokens of a chat completion that does not set it",
     )

@@ -112,3 +112,19 @@ def test_worker_kv_blocks_are_checked_when_parsed(capsys) -> None:
     with pytest.raises(SystemExit):
         parse(["--model", "m", "--kv-blocks", "0"], Role.DECODE)
     assert "argument --kv-blocks: must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        # started the store and router, then a worker died with "--swap-space must be >= 0 GiB"
+        (["serve", "--swap-space", "-1"], "argument --swap-space: must be a finite number of GiB >= 0"),
+        (["serve", "--swap-disk", "nan"], "argument --swap-disk: must be a finite number of GiB >= 0"),
+        # served, and refused every chat completion without max_tokens (max_tokens 0)
+        (["openai", "--chat-max-tokens", "0"], "argument --chat-max-tokens: must be >= 1"),
+    ],
+)
+def test_serve_and_openai_sizes_are_checked_when_parsed(argv, says, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
