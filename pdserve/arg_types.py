@@ -5,72 +5,80 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T", int, float)
 
 MAX_PORT = 65535
 
 
-def port_number(text: str) -> int:
-    """A TCP port: 0 (any free port) to 65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number (0-{MAX_PORT}), got {text!r}") from None
-    if not 0 <= port <= MAX_PORT:
-        raise argparse.ArgumentTypeError(f"a port is 0-{MAX_PORT} (0: any free port), got {port}")
-    return port
+def _checked(
+    convert: Callable[[str], T], ok: Callable[[T], bool], expected: str, bad: str, name: str, doc: str
+) -> Callable[[str], T]:
+    """An argparse type: ``convert`` the text (its ValueError: "expected EXPECTED, got 'TEXT'"),
+    then refuse a value ``ok`` rejects ("BAD, got TEXT")."""
+
+    def parse(text: str) -> T:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{bad}, got {text}")
+        return value
+
+    parse.__name__ = parse.__qualname__ = name
+    parse.__doc__ = doc
+    return parse
 
 
-def positive_seconds(text: str) -> float:
-    """A duration in seconds: a finite number > 0 (a deadline of 0 or less would expire before
-    the request is sent)."""
-    try:
-        s = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds (a number > 0), got {text!r}") from None
-    if not (s > 0 and math.isfinite(s)):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
-    return s
+port_number = _checked(
+    int,
+    lambda p: 0 <= p <= MAX_PORT,
+    f"a port number (0-{MAX_PORT})",
+    f"a port is 0-{MAX_PORT} (0: any free port)",
+    "port_number",
+    "A TCP port: 0 (any free port) to 65535.",
+)
 
+positive_seconds = _checked(
+    float,
+    lambda s: s > 0 and math.isfinite(s),
+    "seconds (a number > 0)",
+    "must be a finite number of seconds > 0",
+    "positive_seconds",
+    "A duration in seconds: a finite number > 0 (a deadline of 0 or less would expire before the "
+    "request is sent).",
+)
 
-def positive_int(text: str) -> int:
-    """A whole number >= 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+positive_int = _checked(
+    int, lambda n: n >= 1, "a whole number >= 1", "must be >= 1", "positive_int", "A whole number >= 1."
+)
 
+fraction = _checked(
+    float,
+    lambda x: 0 < x <= 1,
+    "a number in (0, 1]",
+    "must be in (0, 1] (0.9 = 90%)",
+    "fraction",
+    "A share: a number in (0, 1] (an attainment target of 0.9 means 90%).",
+)
 
-def fraction(text: str) -> float:
-    """A share: a number in (0, 1] (an attainment target of 0.9 means 90%)."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (0.9 = 90%), got {text}")
-    return x
+positive_number = _checked(
+    float,
+    lambda x: x > 0 and math.isfinite(x),
+    "a number > 0",
+    "must be a finite number > 0",
+    "positive_number",
+    "A finite number > 0 (a rate, a bandwidth).",
+)
 
-
-def positive_number(text: str) -> float:
-    """A finite number > 0 (a rate, a bandwidth)."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (x > 0 and math.isfinite(x)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return x
-
-
-def non_negative_gib(text: str) -> float:
-    """A size in GiB: a finite number >= 0 (0: off)."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size in GiB (a number >= 0), got {text!r}") from None
-    if not (x >= 0 and math.isfinite(x)):
-        raise argparse.ArgumentTypeError(f"must be a finite number of GiB >= 0 (0: off), got {text}")
-    return x
+non_negative_gib = _checked(
+    float,
+    lambda x: x >= 0 and math.isfinite(x),
+    "a size in GiB (a number >= 0)",
+    "must be a finite number of GiB >= 0 (0: off)",
+    "non_negative_gib",
+    "A size in GiB: a finite number >= 0 (0: off).",
+)
