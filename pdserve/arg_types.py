@@ -82,3 +82,7 @@ non_negative_gib = _checked(
     "non_negative_gib",
     "A size in GiB: a finite number >= 0 (0: off).",
 )
+
+non_negative_int = _checked(
+    int, lambda n: n >= 0, "a whole number >= 0", "must be >= 0", "non_negative_int", "A whole number >= 0."
+)

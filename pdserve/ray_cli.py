@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+from pdserve.arg_types import non_negative_int
 from pdserve.errors import InvalidRequestError
 from pdserve.ray_cluster import DEFAULT_NAMESPACE
 
@@ -174,8 +175,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``up``, ``down``, ``status`` and ``scale`` to the ``pdserve`` command line."""
     u = sub.add_parser("up", help="start pdserve on a Ray cluster (router, pools, one KV store per node)")
     u.add_argument("--config", required=True, help="cluster YAML (see deploy/ray/pdserve.yaml)")
-    u.add_argument("--prefill", type=int, default=None, help="override the config's prefill pool size")
-    u.add_argument("--decode", type=int, default=None, help="override the config's decode pool size")
+    u.add_argument(
+        "--prefill", type=non_negative_int, default=None, help="override the config's prefill pool size"
+    )
+    u.add_argument(
+        "--decode", type=non_negative_int, default=None, help="override the config's decode pool size"
+    )
     u.add_argument("--file-sd", default="", help="write a Prometheus file_sd JSON of every /metrics here")
     _common(u)
     u.set_defaults(func=_cmd_up)
@@ -195,7 +200,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="the model whose pools to resize (required on a cluster serving several; its id: the folder's name)",
     )
-    sc.add_argument("--prefill", type=int, default=None, help="new prefill pool size (default: unchanged)")
-    sc.add_argument("--decode", type=int, default=None, help="new decode pool size (default: unchanged)")
+    sc.add_argument(
+        "--prefill", type=non_negative_int, default=None, help="new prefill pool size (default: unchanged)"
+    )
+    sc.add_argument(
+        "--decode", type=non_negative_int, default=None, help="new decode pool size (default: unchanged)"
+    )
     _common(sc)
     sc.set_defaults(func=_cmd_scale)

@@ -128,3 +128,12 @@ def test_serve_and_openai_sizes_are_checked_when_parsed(argv, says, capsys) -> N
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["up", "scale"])
+def test_ray_pool_sizes_are_checked_when_parsed(cmd, capsys) -> None:
+    """`pdserve scale --prefill -1` went to Ray first (and with a cluster, to the config's check)."""
+    extra = ["--config", "c.yaml"] if cmd == "up" else []
+    with pytest.raises(SystemExit) as e:
+        main([cmd, *extra, "--prefill", "-1"])
+    assert e.value.code == 2 and "argument --prefill: must be >= 0" in capsys.readouterr().err
