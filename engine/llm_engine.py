@@ -1413,8 +1413,7 @@ class LLMEngine:
         base = params.seed if params.seed is not None else self._rng.getrandbits(62)
         g = SampleGroup(req.request_id, params, base)
         probe = replace(req, request_id=g.child_id(0), sampling_params=g.child_params(0), block_hashes=[])
-        self.scheduler.add_request(probe)  # each choice alone must fit, as add_request checks
-        self.scheduler.abort_request(probe.request_id)
+        self.scheduler.check_admissible(probe)  # each choice alone must fit, as add_request checks
         parent = replace(
             req,
             request_id=g.parent_id,

@@ -308,6 +308,16 @@ class Scheduler:
 
     # ----------------------------------------------------------------- intake
     def add_request(self, req: Request) -> None:
+        self.check_admissible(req)
+        req.status = RequestStatus.WAITING
+        self._join(req)
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def check_admissible(self, req: Request) -> None:
+        """InvalidRequestError when :meth:`add_request` would refuse ``req``: its id is in use,
+        its prompt exceeds the context, or it could not run to its end in the KV pool
+        (:meth:`check_fits`). Nothing is added."""
         if req.request_id in self.requests:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
         if req.num_tokens > self.config.max_model_len:
@@ -315,10 +325,6 @@ class Scheduler:
                 f"prompt has {req.num_tokens} tokens, the model's context is {self.config.max_model_len}"
             )
         self.check_fits(req)
-        req.status = RequestStatus.WAITING
-        self._join(req)
-        self.requests[req.request_id] = req
-        self.waiting.append(req)
 
     def check_fits(self, req: Request) -> None:
         """InvalidRequestError when ``req`` could not run to its end even alone in the KV pool:

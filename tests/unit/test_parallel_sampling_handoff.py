@@ -112,6 +112,11 @@ def test_import_group_refusals_change_nothing(engines, tiny_models):
     with pytest.raises(ResourceExhaustedError, match="needs 5"):
         small.import_kv_group("x", prompt, blocks, PARAMS)
     assert small.kv.num_free_blocks == 3 and not small._groups
+    # room for the group's start (5 blocks), not for one choice's whole run (20 + 100 tokens: 8)
+    six = _engine(tiny_models["llama"], blocks=6)
+    with pytest.raises(InvalidRequestError, match="plus max_tokens 100 needs 8 KV blocks"):
+        six.import_kv_group("x", prompt, blocks, replace(PARAMS, max_tokens=100))
+    assert six.kv.num_free_blocks == 6 and not six._groups and not six.scheduler.requests
     assert dec.kv.num_free_blocks == free and not dec._groups and not dec._tracked
 
 
