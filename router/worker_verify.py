@@ -79,19 +79,35 @@ class WorkerFacts:
     kv_blocks_total: int
     token_budget: int
     layout: LayoutView
+    # the pool's request bound (router.pool_fit refuses what no decode pool holds: a worker may
+    # not claim a smaller one than it runs with, nor change it in a heartbeat)
+    max_model_len: int = 0
+    sliding_window: int = 0
 
     @classmethod
     def from_register(cls, req: Any) -> WorkerFacts:
-        s = req.stats
-        return cls(
-            req.worker_id, req.role, req.model, s.kv_blocks_total, s.token_budget, LayoutView.of(s.kv_layout)
-        )
+        return cls.of(req.worker_id, req.role, req.model, req.stats)
 
     @classmethod
     def from_stats(cls, s: Any) -> WorkerFacts:
+        return cls.of(s.worker_id, s.role, s.model, s)
+
+    @classmethod
+    def of(cls, worker_id: str, role: int, model: str, s: Any) -> WorkerFacts:
         return cls(
-            s.worker_id, s.role, s.model, s.kv_blocks_total, s.token_budget, LayoutView.of(s.kv_layout)
+            worker_id,
+            role,
+            model,
+            s.kv_blocks_total,
+            s.token_budget,
+            LayoutView.of(s.kv_layout),
+            s.max_model_len,
+            s.sliding_window,
         )
+
+    def capacity(self) -> tuple:
+        """What a heartbeat may not change: the capacity, the layout and the pool's request bound."""
+        return (self.kv_blocks_total, self.token_budget, self.layout, self.max_model_len, self.sliding_window)
 
 
 @dataclass(frozen=True)
@@ -109,7 +125,16 @@ class ExpectedModel:
 
 def check_against_stats(adv: WorkerFacts, rep: WorkerFacts) -> None:
     """Step 2: every advertised fact equals the one the worker's Stats reports."""
-    for name in ("worker_id", "role", "model", "kv_blocks_total", "token_budget", "layout"):
+    for name in (
+        "worker_id",
+        "role",
+        "model",
+        "kv_blocks_total",
+        "token_budget",
+        "layout",
+        "max_model_len",
+        "sliding_window",
+    ):
         a, r = getattr(adv, name), getattr(rep, name)
         if a != r:
             raise PermissionDeniedError(
@@ -295,11 +320,11 @@ class WorkerVerifier:
         facts = self.tokens.facts(req.worker_id)
         if facts is None:
             return
-        s = req.stats
-        now = (s.kv_blocks_total, s.token_budget, LayoutView.of(s.kv_layout))
-        was = (facts.kv_blocks_total, facts.token_budget, facts.layout)
+        now = WorkerFacts.of(req.worker_id, facts.role, facts.model, req.stats).capacity()
+        was = facts.capacity()
         if now != was:
             raise PermissionDeniedError(
                 f"heartbeat refused: worker {req.worker_id!r} reports capacity/layout {now[:2]} {now[2]} "
-                f"but registered with {was[:2]} {was[2]}; register again to change them"
+                f"(max_model_len, sliding_window {now[3:]}) but registered with {was[:2]} {was[2]} "
+                f"({was[3:]}); register again to change them"
             )

@@ -90,6 +90,9 @@ def test_rogue_registry_only_process_is_refused() -> None:
         ({"kv_blocks_total": 9000}, "kv_blocks_total"),
         ({"token_budget": 1 << 20}, "token_budget"),
         ({"role": worker_pb2.WORKER_ROLE_PREFILL}, "role"),
+        # the pool's request bound (router.pool_fit refuses by it): a worker may not understate it
+        ({"max_model_len": 64}, "max_model_len"),
+        ({"sliding_window": 16}, "sliding_window"),
     ],
 )
 def test_advertised_capacity_must_match_stats(advertised: dict, field: str) -> None:
@@ -153,6 +156,11 @@ def test_deregister_and_heartbeat_only_by_the_worker() -> None:
     with pytest.raises(PermissionDeniedError, match="register again"):
         w.v.check_heartbeat(
             router_pb2.HeartbeatRequest(worker_id="d1", stats=stats(kv_blocks_total=9000)),
+            worker_metadata(tok),
+        )
+    with pytest.raises(PermissionDeniedError, match="register again"):  # nor change its request bound
+        w.v.check_heartbeat(
+            router_pb2.HeartbeatRequest(worker_id="d1", stats=stats(max_model_len=64)),
             worker_metadata(tok),
         )
 
