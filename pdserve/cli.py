@@ -138,12 +138,15 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 def _lora_specs(values: list[str]) -> list[str]:
     """``--lora NAME=PATH`` values with PATH made absolute (workers run in other directories);
-    raises ValueError naming a malformed one."""
+    raises ValueError naming a malformed one, or one whose PATH is not a folder."""
     from pathlib import Path
 
     from engine.lora import AdapterSpec
 
     specs = [AdapterSpec.parse(v) for v in values]
+    for s in specs:  # checked here, not by each worker after the store and router have started
+        if not Path(s.path).is_dir():
+            raise ValueError(f"--lora {s.name}={s.path}: no adapter folder at {s.path!r}")
     return [f"{s.name}={Path(s.path).resolve()}" for s in specs]
 
 

@@ -24,6 +24,8 @@ def test_serve_lora_reaches_every_worker_with_absolute_paths(captured, tmp_path,
     from pdserve import cli
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapters" / "sql").mkdir(parents=True)
+    (tmp_path / "chat").mkdir()
     argv = ["serve", "--tls", "off", "--lora", "sql=adapters/sql", "--lora", f"chat={tmp_path / 'chat'}"]
     with pytest.raises(SystemExit):
         cli.main(argv)
@@ -59,3 +61,13 @@ def test_serve_refuses_a_malformed_lora_before_launching(captured, capsys, bad) 
     assert "spec" not in captured
     err = capsys.readouterr().err
     assert "pdserve serve:" in err and ("NAME=PATH" in err or "not valid" in err), err
+
+
+def test_serve_refuses_a_lora_folder_that_is_not_there_before_launching(captured, capsys, tmp_path) -> None:
+    """`pdserve serve --lora foo=/nonexistent` started the store and router; the decode worker then
+    died ("LoRA adapter 'foo': folder '/nonexistent' does not exist")."""
+    from pdserve import cli
+
+    assert cli.main(["serve", "--tls", "off", "--lora", f"foo={tmp_path / 'nope'}"]) == 2
+    assert "spec" not in captured
+    assert f"--lora foo={tmp_path / 'nope'}: no adapter folder at" in capsys.readouterr().err
