@@ -74,9 +74,17 @@ def wait_for_group_blocks(
 ) -> None:
     """Wait (until ``deadline``, default the admission deadline of a single request) until the
     engine can adopt a group of ``choices`` over ``num_tokens`` handed-off prompt tokens;
-    ResourceExhaustedError after. ``svc``: the decode servicer."""
+    ResourceExhaustedError after; InvalidRequestError at once when the whole pool could never hold
+    the group's start (``LLMEngine.check_group_fits``). ``svc``: the decode servicer."""
+
+    def room(e: LLMEngine) -> bool:
+        if e.can_admit_group(num_tokens, choices):
+            return True
+        e.check_group_fits(num_tokens, choices)  # no room now: is there ever?
+        return False
+
     svc._wait_until(
-        lambda e: e.can_admit_group(num_tokens, choices),
+        room,
         lambda: _no_group_room(svc, num_tokens, choices),
         ctx,
         svc._admission_deadline(ctx) if deadline is None else deadline,

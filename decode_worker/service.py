@@ -197,9 +197,18 @@ class DecodeServicer:
         self, num_tokens: int, ctx: grpc.ServicerContext, adapter: str = "", deadline: float | None = None
     ) -> None:
         """Wait (up to the admission timeout, or ``deadline``: monotonic) until the engine has
-        blocks for ``num_tokens`` and, with ``adapter``, a LoRA slot for it; ResourceExhaustedError after."""
+        blocks for ``num_tokens`` and, with ``adapter``, a LoRA slot for it; ResourceExhaustedError after,
+        InvalidRequestError at once when no amount of waiting could free them
+        (``LLMEngine.check_could_admit``)."""
+
+        def room(e: LLMEngine) -> bool:
+            if e.can_admit(num_tokens, adapter):
+                return True
+            e.check_could_admit(num_tokens)  # no room now: is there ever?
+            return False
+
         self._wait_until(
-            lambda e: e.can_admit(num_tokens, adapter),
+            room,
             lambda: self._no_room(num_tokens, adapter),
             ctx,
             self._admission_deadline(ctx) if deadline is None else deadline,

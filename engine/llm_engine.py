@@ -1250,6 +1250,28 @@ class LLMEngine:
             return True
         return self.lora is not None and self.lora.has(adapter_id) and self.lora.ready(adapter_id)
 
+    def check_could_admit(self, num_tokens: int) -> None:
+        """InvalidRequestError when :meth:`can_admit` could never say yes for ``num_tokens``, even
+        with every block free (waiting for room would only time out as if the worker were busy)."""
+        need = self._import_need(num_tokens)
+        if need > self.kv.num_blocks:
+            raise InvalidRequestError(
+                f"prompt of {num_tokens} tokens needs {need} KV blocks, more than this engine has "
+                f"({self.kv.num_blocks} x {self.kv.block_size} tokens)"
+            )
+
+    def check_group_fits(self, num_prefix_tokens: int, num_candidates: int) -> None:
+        """InvalidRequestError when a group of ``num_candidates`` choices over ``num_prefix_tokens``
+        handed-off tokens could never be adopted at once (:meth:`group_import_need` beyond the whole
+        pool): :meth:`can_admit_group` would never say yes."""
+        need = self.group_import_need(num_prefix_tokens, num_candidates)
+        if need > self.kv.num_blocks:
+            raise InvalidRequestError(
+                f"{num_candidates} choices over a {num_prefix_tokens}-token shared prompt need {need} KV "
+                f"blocks at once, more than this engine has ({self.kv.num_blocks} x {self.kv.block_size} "
+                "tokens): lower n / best_of"
+            )
+
     def _import_need(self, num_tokens: int) -> int:
         return self.kv.blocks_needed(num_tokens + 1) - self.kv.num_skippable_blocks(num_tokens)
 
@@ -1370,7 +1392,8 @@ class LLMEngine:
         ``i`` equals the request run alone with ``n=1`` and seed ``seed + i`` (the engine picks
         a random base seed when ``params.seed`` is None). Outputs carry ``request_id`` and
         ``choice_index``; :meth:`abort` frees every choice. Raises InvalidRequestError for
-        ``n == 1``, a prompt under two tokens, LoRA or a sliding window (as add_request),
+        ``n == 1``, a prompt under two tokens, LoRA or a sliding window (as add_request), or a
+        group that could never be adopted at once (:meth:`check_group_fits`),
         ResourceExhaustedError when :meth:`can_admit_group` is False, LayoutMismatchError for KV
         of another model/layout or of the wrong size."""
         if params.num_candidates < 2:
@@ -1404,6 +1427,7 @@ class LLMEngine:
             raise LayoutMismatchError(
                 f"KV tensor of shape {tuple(blocks.shape)} does not fit {n} tokens in this layout"
             )
+        self.check_group_fits(n, params.num_candidates)  # never admissible: refused, not retried
         if not self.can_admit_group(n, params.num_candidates):
             raise ResourceExhaustedError(
                 f"decode engine has {self.kv.num_free_blocks} free KV blocks, needs "

@@ -22,7 +22,11 @@ class _Loop:
         self.room = room  # consumed one per can_admit / import (last value repeats)
         self.calls = 0
         self.adds = 0
-        self.engine = SimpleNamespace(can_admit=self._can_admit)
+        self.engine = SimpleNamespace(
+            can_admit=self._can_admit,
+            check_could_admit=lambda n: None,  # the pool could hold it (waiting may find room)
+            check_group_fits=lambda n, choices: None,
+        )
 
     def _next(self) -> bool:
         return self.room.pop(0) if len(self.room) > 1 else self.room[0]
@@ -241,3 +245,33 @@ def test_group_import_without_room_until_the_deadline_fails_naming_the_group() -
         add_group_when_room(svc, "g", _group_import(svc), None, _Ctx(), 15, 3, 2)
     assert 0.15 < time.monotonic() - t0 < 5.0
     assert svc.added == []
+
+
+def test_what_no_pool_could_hold_is_refused_at_once_not_after_the_admission_timeout(tiny_models) -> None:
+    """A handoff the whole KV pool could never hold (a prompt beyond it; a group of n choices whose
+    shared prompt plus one block per choice is beyond it) waited the admission timeout (30 s by
+    default) and failed RESOURCE_EXHAUSTED "no free KV blocks" with a retry hint, as if the worker
+    were busy. It is refused at once (INVALID_ARGUMENT), naming the pool."""
+    from decode_worker.groups import wait_for_group_blocks
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from pdserve.errors import InvalidRequestError
+
+    eng = LLMEngine.from_pretrained(
+        tiny_models["llama"], EngineConfig(num_kv_blocks=4, block_size=16, enable_prefix_caching=False)
+    )
+    loop = _Loop([False])
+    loop.engine = eng
+    svc = _servicer(loop, timeout_s=30.0)
+    t0 = time.monotonic()
+    with pytest.raises(
+        InvalidRequestError, match=r"prompt of 100 tokens needs 7 KV blocks.*\(4 x 16 tokens\)"
+    ):
+        svc._wait_for_blocks(100, _Ctx())
+    with pytest.raises(
+        InvalidRequestError, match=r"4 choices over a 39-token shared prompt need 7 KV blocks"
+    ):
+        wait_for_group_blocks(svc, _Ctx(), 39, 4)
+    assert time.monotonic() - t0 < 5.0
+    svc._wait_for_blocks(40, _Ctx())  # what fits now returns at once
+    wait_for_group_blocks(svc, _Ctx(), 31, 2)

@@ -108,10 +108,16 @@ def test_import_group_refusals_change_nothing(engines, tiny_models):
         dec.import_kv_group("x", prompt[:1], blocks[:0], PARAMS)
     with pytest.raises(LayoutMismatchError, match="does not fit"):
         dec.import_kv_group("x", prompt + [5] * 20, blocks, PARAMS)
-    small = _engine(tiny_models["llama"], blocks=3)  # 2 prefix blocks + 3 choices > 3
-    with pytest.raises(ResourceExhaustedError, match="needs 5"):
+    small = _engine(tiny_models["llama"], blocks=3)  # 2 prefix blocks + 3 choices > 3: never
+    with pytest.raises(InvalidRequestError, match="3 choices over a 19-token shared prompt need 5 KV blocks"):
         small.import_kv_group("x", prompt, blocks, PARAMS)
     assert small.kv.num_free_blocks == 3 and not small._groups
+    busy = _engine(tiny_models["llama"], blocks=6)  # 5 fit the pool, not while 2 are taken: retry later
+    busy.add_request("hog", list(range(5, 30)), SamplingParams(max_tokens=2, ignore_eos=True))
+    busy.step()
+    with pytest.raises(ResourceExhaustedError, match="needs 5"):
+        busy.import_kv_group("x", prompt, blocks, PARAMS)
+    assert not busy._groups
     # room for the group's start (5 blocks), not for one choice's whole run (20 + 100 tokens: 8)
     six = _engine(tiny_models["llama"], blocks=6)
     with pytest.raises(InvalidRequestError, match="plus max_tokens 100 needs 8 KV blocks"):
