@@ -12,7 +12,10 @@ not fit. A worker that reports no shape (``max_model_len`` 0: an older worker) m
 so with one in the cluster nothing is refused here (the worker still checks).
 
 The distinct shapes are summarised when the set of workers changes (a registry listener), so a
-request costs one check per distinct shape (one, in a uniform cluster), not one per worker.
+request costs one check per distinct shape (one, in a uniform cluster), not one per worker. In a
+cluster whose decode pools differ, the placement is narrowed to the decode workers that could hold
+the request (:meth:`PoolFit.holders`), so it is not sent to a small pool that would refuse it
+while a larger one could serve it.
 """
 
 from __future__ import annotations
@@ -78,6 +81,20 @@ class PoolFit:
         with self._lock:
             self._shapes = shapes
         return shapes
+
+    def holders(self, prompt_tokens: int, max_tokens: int) -> set[str] | None:
+        """The decode workers whose pools could hold the request, when the registered pools differ
+        (a mixed cluster); None when every pool is alike (or one is unknown): nothing to narrow,
+        :meth:`check` has already decided for all of them. O(decode workers) only when they
+        differ."""
+        shapes = self.shapes()
+        if shapes is None or len(shapes) < 2:
+            return None
+        return {
+            w.worker_id
+            for w in self._registry.registered(WorkerKind.DECODE, self._model)
+            if (s := shape_of(w)) is None or s.fits(prompt_tokens, max_tokens)
+        }
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raises InvalidRequestError when no decode worker could hold the request (see module)."""

@@ -146,6 +146,11 @@ class Placer:
         view = self.serving(
             svc._views.build(svc.registry, cfg.model_id, svc.outstanding, svc.kv_tokens), req.adapter
         )
+        holders = svc.pool_fit.holders(len(ids), params.max_tokens)  # None: every pool alike
+        if holders is not None:  # decode pools differ: only those that could hold it
+            view = ClusterView(
+                i for i in view.instances if i.role is not InstanceRole.DECODE or i.instance_id in holders
+            )
         for kind in needed_kinds(cfg.policy):  # the condition the router's health reports
             if not view.with_role(_ROLES[kind]):
                 raise UnavailableError(

@@ -119,3 +119,30 @@ def test_the_router_refuses_before_any_prefill(smollm_path) -> None:
     ok = FakeContext()
     asyncio.run(svc.Generate(_request(max_tokens=9), ok))  # 6 + 9 = 15 tokens: one block
     assert [t for r in ok.written for t in r.token_ids] == reference(PROMPT, 9)
+
+
+def test_pool_fit_holders_only_when_pools_differ() -> None:
+    reg = Registry(heartbeat_timeout_s=1e9)
+    fit = PoolFit(reg, "m")
+    reg.register("d0", WorkerKind.DECODE, "d0", "m", _load(4))
+    reg.register("d1", WorkerKind.DECODE, "d1", "m", _load(4))
+    assert fit.holders(40, 30) is None  # alike: check() decides for all
+    reg.register("d2", WorkerKind.DECODE, "d2", "m", _load(64))
+    assert fit.holders(40, 30) == {"d2"} and fit.holders(40, 20) == {"d0", "d1", "d2"}
+
+
+def test_a_mixed_cluster_places_each_request_on_a_pool_that_holds_it(smollm_path) -> None:
+    """Decode pools of 1 and 64 blocks: a request of 6 + 12 tokens (2 blocks) goes to the large one
+    every time, although least-loaded placement prefers the small one (as many free blocks now,
+    fewer requests running),
+    which would refuse it."""
+    svc, workers, store, _ = _cluster(str(smollm_path), {"p0": None}, {"a-small": None, "z-big": None})
+    svc.registry.register("a-small", WorkerKind.DECODE, "a-small", "m", _load(1))
+    busy = WorkerLoad(0, 40, 64, 63, block_size=16, max_model_len=512)  # 40 running, 1 block free
+    svc.registry.register("z-big", WorkerKind.DECODE, "z-big", "m", busy)
+    for _ in range(3):
+        ctx = FakeContext()
+        asyncio.run(svc.Generate(_request(max_tokens=12), ctx))
+        assert [t for r in ctx.written for t in r.token_ids] == reference(PROMPT, 12)
+    assert workers["a-small"].calls == [] and len(workers["z-big"].calls) == 3
+    assert store.leases == set()
