@@ -126,6 +126,16 @@ class Placer:
         holders = catalog.serving(adapter, WorkerKind.PREFILL) | catalog.serving(adapter, WorkerKind.DECODE)
         return ClusterView(prefer_adapter(view.instances, adapter, holders, lambda i: i.instance_id))
 
+    def _holding(self, view: ClusterView, prompt_tokens: int, max_tokens: int) -> ClusterView:
+        """``view`` without the decode workers whose KV pools could not hold the request, when the
+        decode pools differ (:meth:`router.pool_fit.PoolFit.holders`); unchanged otherwise."""
+        holders = self.svc.pool_fit.holders(prompt_tokens, max_tokens)
+        if holders is None:
+            return view
+        return ClusterView(
+            i for i in view.instances if i.role is not InstanceRole.DECODE or i.instance_id in holders
+        )
+
     def place(
         self,
         rid: str,
@@ -146,11 +156,7 @@ class Placer:
         view = self.serving(
             svc._views.build(svc.registry, cfg.model_id, svc.outstanding, svc.kv_tokens), req.adapter
         )
-        holders = svc.pool_fit.holders(len(ids), params.max_tokens)  # None: every pool alike
-        if holders is not None:  # decode pools differ: only those that could hold it
-            view = ClusterView(
-                i for i in view.instances if i.role is not InstanceRole.DECODE or i.instance_id in holders
-            )
+        view = self._holding(view, len(ids), params.max_tokens)
         for kind in needed_kinds(cfg.policy):  # the condition the router's health reports
             if not view.with_role(_ROLES[kind]):
                 raise UnavailableError(
@@ -207,6 +213,8 @@ class Placer:
         view = ClusterView(i for i in full.instances if i.instance_id not in budget.excluded)
         if info.adapter:
             view = self.serving(view, info.adapter)
+        # the whole request's total (the resumed context plus what is left of max_tokens is the same)
+        view = self._holding(view, info.num_prompt_tokens, info.max_output_tokens)
         info = dataclasses.replace(info, num_prompt_tokens=n_ctx)
         wid: str | None = None
         if kind is WorkerKind.PREFILL:

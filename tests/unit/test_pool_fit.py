@@ -146,3 +146,20 @@ def test_a_mixed_cluster_places_each_request_on_a_pool_that_holds_it(smollm_path
         assert [t for r in ctx.written for t in r.token_ids] == reference(PROMPT, 12)
     assert workers["a-small"].calls == [] and len(workers["z-big"].calls) == 3
     assert store.leases == set()
+
+
+def test_a_redispatch_in_a_mixed_cluster_goes_to_a_pool_that_holds_it(smollm_path) -> None:
+    """The decode worker streaming a 2-block request dies; its replacement is the busy large pool,
+    not the small one least-loaded placement prefers (which would refuse the resumed request)."""
+    svc, workers, store, _ = _cluster(
+        str(smollm_path), {"p0": None}, {"big-dies": 3, "a-small": None, "z-big": None}
+    )
+    svc.registry.register("big-dies", WorkerKind.DECODE, "big-dies", "m", _load(64))
+    svc.registry.register("a-small", WorkerKind.DECODE, "a-small", "m", _load(1))
+    busy = WorkerLoad(0, 40, 64, 63, block_size=16, max_model_len=512)
+    svc.registry.register("z-big", WorkerKind.DECODE, "z-big", "m", busy)
+    ctx = FakeContext()
+    asyncio.run(svc.Generate(_request(max_tokens=12), ctx))
+    assert [t for r in ctx.written for t in r.token_ids] == reference(PROMPT, 12)
+    assert len(workers["big-dies"].calls) == 1 and workers["a-small"].calls == []
+    assert len(workers["z-big"].calls) == 1
