@@ -15,7 +15,8 @@ The distinct shapes are summarised when the set of workers changes (a registry l
 request costs one check per distinct shape (one, in a uniform cluster), not one per worker. In a
 cluster whose decode pools differ, the placement is narrowed to the decode workers that could hold
 the request (:meth:`PoolFit.holders`), so it is not sent to a small pool that would refuse it
-while a larger one could serve it.
+while a larger one could serve it; so are prefill workers whose pools differ (the prompt alone),
+as long as one that holds the prompt remains (else the chosen one refuses it itself, at once).
 """
 
 from __future__ import annotations
@@ -55,12 +56,14 @@ def check_fits(shapes: tuple[PoolShape, ...] | None, prompt_tokens: int, max_tok
 
 
 class PoolFit:
-    """:func:`check_fits` against the decode workers of ``model`` in ``registry``, their shapes
+    """:func:`check_fits` against the ``kind`` workers (decode: the whole request; prefill: the
+    prompt, which is all a prefill worker holds) of ``model`` in ``registry``, their shapes
     summarised once per change of the set of workers (listener) instead of per request."""
 
-    def __init__(self, registry: Registry, model: str) -> None:
+    def __init__(self, registry: Registry, model: str, kind: WorkerKind = WorkerKind.DECODE) -> None:
         self._registry = registry
         self._model = model
+        self._kind = kind
         self._lock = threading.Lock()
         self._shapes: tuple[PoolShape, ...] | None = None
         self._stale = True
@@ -76,26 +79,33 @@ class PoolFit:
             if not self._stale:
                 return self._shapes
             self._stale = False  # a change while summarising marks it stale again
-        found = [shape_of(w) for w in self._registry.registered(WorkerKind.DECODE, self._model)]
+        found = [shape_of(w) for w in self._registry.registered(self._kind, self._model)]
         shapes = None if any(s is None for s in found) else tuple(dict.fromkeys(found))
         with self._lock:
             self._shapes = shapes
         return shapes
 
+    def _fits(self, s: PoolShape, prompt_tokens: int, max_tokens: int) -> bool:
+        if self._kind is WorkerKind.PREFILL:
+            return s.prompt_fits(prompt_tokens)
+        return s.fits(prompt_tokens, max_tokens)
+
     def holders(self, prompt_tokens: int, max_tokens: int) -> set[str] | None:
-        """The decode workers whose pools could hold the request, when the registered pools differ
-        (a mixed cluster); None when every pool is alike (or one is unknown): nothing to narrow,
-        :meth:`check` has already decided for all of them. O(decode workers) only when they
-        differ."""
+        """The ``kind`` workers whose pools could hold the request, when the registered pools
+        differ (a mixed cluster); None when every pool is alike (or one is unknown): nothing to
+        narrow. O(workers of the kind) only when they differ."""
         shapes = self.shapes()
         if shapes is None or len(shapes) < 2:
             return None
         return {
             w.worker_id
-            for w in self._registry.registered(WorkerKind.DECODE, self._model)
-            if (s := shape_of(w)) is None or s.fits(prompt_tokens, max_tokens)
+            for w in self._registry.registered(self._kind, self._model)
+            if (s := shape_of(w)) is None or self._fits(s, prompt_tokens, max_tokens)
         }
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
-        """Raises InvalidRequestError when no decode worker could hold the request (see module)."""
+        """Raises InvalidRequestError when no decode worker could hold the request (see module).
+        Decode pools only: a prefill worker refuses a prompt beyond its pool itself before any
+        compute, and a short prompt may be prefilled on a decode worker instead."""
+        assert self._kind is WorkerKind.DECODE, "check() judges decode pools"
         check_fits(self.shapes(), prompt_tokens, max_tokens)

@@ -245,6 +245,7 @@ class GenerateServicer:
         self.prober = QuarantineProber(self)  # probes quarantined workers while there are any
         self.placer = Placer(self)
         self.pool_fit = PoolFit(registry, config.model_id)  # no decode pool could hold it: refused first
+        self.prefill_fit = PoolFit(registry, config.model_id, WorkerKind.PREFILL)  # mixed prefill pools
         if track_gauges:
             self.metrics.track_workers(
                 lambda: {k.value: len(self.registry.alive(k, config.model_id)) for k in WorkerKind}

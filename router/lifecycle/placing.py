@@ -126,15 +126,27 @@ class Placer:
         holders = catalog.serving(adapter, WorkerKind.PREFILL) | catalog.serving(adapter, WorkerKind.DECODE)
         return ClusterView(prefer_adapter(view.instances, adapter, holders, lambda i: i.instance_id))
 
-    def _holding(self, view: ClusterView, prompt_tokens: int, max_tokens: int) -> ClusterView:
-        """``view`` without the decode workers whose KV pools could not hold the request, when the
-        decode pools differ (:meth:`router.pool_fit.PoolFit.holders`); unchanged otherwise."""
-        holders = self.svc.pool_fit.holders(prompt_tokens, max_tokens)
-        if holders is None:
-            return view
-        return ClusterView(
-            i for i in view.instances if i.role is not InstanceRole.DECODE or i.instance_id in holders
-        )
+    def _holding(
+        self, view: ClusterView, prompt_tokens: int, max_tokens: int, prefill_tokens: int | None = None
+    ) -> ClusterView:
+        """``view`` without the decode workers whose KV pools could not hold the request, and the
+        prefill workers whose pools could not hold its prompt, when the pools of that kind differ
+        (:meth:`router.pool_fit.PoolFit.holders`; prefill workers are narrowed only while one that
+        holds the prompt remains); unchanged otherwise. ``prefill_tokens``: what a prefill worker
+        would compute (a re-dispatch's resumed context; default ``prompt_tokens``)."""
+        prefill_tokens = prompt_tokens if prefill_tokens is None else prefill_tokens
+        for role, fit, n in (
+            (InstanceRole.DECODE, self.svc.pool_fit, prompt_tokens),
+            (InstanceRole.PREFILL, self.svc.prefill_fit, prefill_tokens),
+        ):
+            holders = fit.holders(n, max_tokens)
+            if holders is None:
+                continue
+            kept = [i for i in view.instances if i.role is not role or i.instance_id in holders]
+            if role is InstanceRole.PREFILL and not any(i.role is role for i in kept):
+                continue  # none holds the prompt: the chosen one refuses it (at once, no compute)
+            view = ClusterView(kept)
+        return view
 
     def place(
         self,
@@ -214,7 +226,7 @@ class Placer:
         if info.adapter:
             view = self.serving(view, info.adapter)
         # the whole request's total (the resumed context plus what is left of max_tokens is the same)
-        view = self._holding(view, info.num_prompt_tokens, info.max_output_tokens)
+        view = self._holding(view, info.num_prompt_tokens, info.max_output_tokens, prefill_tokens=n_ctx)
         info = dataclasses.replace(info, num_prompt_tokens=n_ctx)
         wid: str | None = None
         if kind is WorkerKind.PREFILL:

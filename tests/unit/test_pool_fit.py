@@ -14,6 +14,7 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve.errors import InvalidRequestError
 from pdserve.worker_base import Role, WorkerConfig, WorkerState
+from router.policy import InstanceRole
 from router.pool_fit import PoolFit, check_fits
 from router.quarantine import QuarantineReason
 from router.registry import Registry, WorkerKind, WorkerLoad
@@ -163,3 +164,32 @@ def test_a_redispatch_in_a_mixed_cluster_goes_to_a_pool_that_holds_it(smollm_pat
     assert [t for r in ctx.written for t in r.token_ids] == reference(PROMPT, 12)
     assert len(workers["big-dies"].calls) == 1 and workers["a-small"].calls == []
     assert len(workers["z-big"].calls) == 1
+
+
+def test_a_mixed_prefill_cluster_prefills_on_a_pool_that_holds_the_prompt(smollm_path) -> None:
+    """Prefill pools of 1 block (16 tokens) and 64: a 40-token prompt is prefilled on the large one,
+    although least-loaded placement prefers the small one; with no prefill pool large enough the
+    placement is not narrowed to nothing (the chosen worker refuses the prompt itself)."""
+    svc, workers, store, _ = _cluster(str(smollm_path), {"a-small": None, "z-big": None}, {"d0": None})
+    svc.registry.register("a-small", WorkerKind.PREFILL, "a-small", "m", _load(1))
+    svc.registry.register(
+        "z-big", WorkerKind.PREFILL, "z-big", "m", WorkerLoad(3, 40, 64, 63, block_size=16, max_model_len=512)
+    )
+    svc.registry.register("d0", WorkerKind.DECODE, "d0", "m", _load(64))
+    assert svc.prefill_fit.holders(40, 5) == {"z-big"} and svc.prefill_fit.holders(10, 5) == {
+        "a-small",
+        "z-big",
+    }
+    long_prompt = [7] * 40
+    req = _request(max_tokens=5)
+    req.prompt_token_ids.ids[:] = long_prompt
+    ctx = FakeContext()
+    asyncio.run(svc.Generate(req, ctx))
+    assert [t for r in ctx.written for t in r.token_ids] == reference(long_prompt, 5)
+    assert workers["a-small"].calls == [] and len(workers["z-big"].calls) == 1
+    assert store.leases == set()
+    view = svc._views.build(svc.registry, "m", svc.outstanding, svc.kv_tokens)
+    ids = lambda v, role: sorted(i.instance_id for i in v.instances if i.role is role)  # noqa: E731
+    assert ids(svc.placer._holding(view, 40, 5), InstanceRole.PREFILL) == ["z-big"]
+    # a prompt no prefill pool holds: not narrowed to nothing (the chosen worker refuses it itself)
+    assert ids(svc.placer._holding(view, 2000, 5), InstanceRole.PREFILL) == ["a-small", "z-big"]
