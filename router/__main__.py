@@ -48,7 +48,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 
 from pdserve import cli_help
-from pdserve.arg_types import port_number
+from pdserve.arg_types import port_number, positive_seconds
 from pdserve.auth.cli_args import add_auth_args, edge_from_args
 from pdserve.auth.shared_state import (
     SharedEdgeState,
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--heartbeat-timeout-s",
-        type=float,
+        type=positive_seconds,
         default=3.0,
         help="a worker silent this long is taken out of routing",
     )

@@ -98,6 +98,8 @@ class Registry:
         pause_threshold_s: float | None = None,
         busy_timeout_s: float | None = None,
     ) -> None:
+        if not heartbeat_timeout_s > 0:  # 0 or less: every worker expires as it registers
+            raise ValueError(f"heartbeat_timeout_s must be > 0 seconds, got {heartbeat_timeout_s}")
         self.heartbeat_timeout_s = heartbeat_timeout_s
         # the silence allowed to a worker with calls in flight (see the module docstring)
         self.busy_timeout_s = (

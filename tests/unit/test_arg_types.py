@@ -137,3 +137,22 @@ def test_ray_pool_sizes_are_checked_when_parsed(cmd, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main([cmd, *extra, "--prefill", "-1"])
     assert e.value.code == 2 and "argument --prefill: must be >= 0" in capsys.readouterr().err
+
+
+def test_router_heartbeat_timeout_is_checked(capsys) -> None:
+    """`python -m router --heartbeat-timeout-s -1` started a router that drops every worker as it
+    registers (silent for longer than -1 s)."""
+    import importlib
+
+    from router.registry import Registry
+
+    ap = importlib.import_module("router.__main__").build_parser()
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            ap.parse_args(["--model", "m", "--heartbeat-timeout-s", bad])
+        assert (
+            "argument --heartbeat-timeout-s: must be a finite number of seconds > 0"
+            in capsys.readouterr().err
+        )
+    with pytest.raises(ValueError, match="heartbeat_timeout_s must be > 0"):
+        Registry(heartbeat_timeout_s=0)
