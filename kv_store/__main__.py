@@ -37,7 +37,7 @@ from kv_store.segment import ForeignSegmentError
 from kv_store.service import StoreServer, run_store_node
 from kv_store.store import StoreConfig
 from pdserve import cli_help
-from pdserve.arg_types import port_number
+from pdserve.arg_types import fraction, port_number, positive_int, positive_seconds
 from pdserve.errors import InvalidRequestError
 from pdserve.gc_tuning import settle_heap
 from pdserve.metrics import StoreMetrics, serve_metrics
@@ -49,13 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``python -m kv_store`` command line."""
     ap = argparse.ArgumentParser(prog="python -m kv_store", description="pdserve KV store node")
     ap.add_argument("--node-id", required=True, help="this node's id (unique in the cluster)")
-    ap.add_argument("--capacity-blocks", type=int, required=True, help="KV blocks the node holds at most")
+    ap.add_argument(
+        "--capacity-blocks", type=positive_int, required=True, help="KV blocks the node holds at most"
+    )
     ap.add_argument("--model-id", required=True, help="model whose KV blocks the node stores")
-    ap.add_argument("--num-layers", type=int, required=True, help="the model's layer count (KV layout)")
-    ap.add_argument("--num-kv-heads", type=int, required=True, help="the model's KV heads (KV layout)")
-    ap.add_argument("--head-dim", type=int, required=True, help="the model's head dimension (KV layout)")
+    ap.add_argument(
+        "--num-layers", type=positive_int, required=True, help="the model's layer count (KV layout)"
+    )
+    ap.add_argument(
+        "--num-kv-heads", type=positive_int, required=True, help="the model's KV heads (KV layout)"
+    )
+    ap.add_argument(
+        "--head-dim", type=positive_int, required=True, help="the model's head dimension (KV layout)"
+    )
     ap.add_argument("--dtype", default="float32", help="KV dtype (KV layout)")
-    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block (KV layout)")
+    ap.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block (KV layout)")
     ap.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
     ap.add_argument("--port", type=port_number, default=0, help="gRPC listen port (0: any free port)")
     ap.add_argument("--no-shm", action="store_true", help="private memory: no same-host zero-copy reads")
@@ -64,41 +72,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--default-lease-ttl-s",
-        type=float,
+        type=positive_seconds,
         default=30.0,
         help="lease time of pinned blocks whose reader asked for none",
     )
     ap.add_argument(
         "--max-lease-ttl-s",
-        type=float,
+        type=positive_seconds,
         default=60.0,
         help="longest a lease may pin blocks; longer asks are clamped to it (and say so)",
     )
     ap.add_argument(
         "--max-leased-blocks-per-owner",
-        type=int,
+        type=positive_int,
         default=None,
         help="leased blocks one owner other than a tenant (a client identity) may hold at once "
         "(default: half the capacity)",
     )
     ap.add_argument(
         "--max-leased-blocks-per-tenant",
-        type=int,
+        type=positive_int,
         default=None,
         help="leased blocks one tenant's requests may hold at once (handoff leases, charged to the "
         "tenant of the router's API key); more is RESOURCE_EXHAUSTED for that tenant only "
         "(default: the --max-leased-blocks-per-owner value)",
     )
-    ap.add_argument("--max-workers", type=int, default=8, help="gRPC server threads")
+    ap.add_argument("--max-workers", type=positive_int, default=8, help="gRPC server threads")
     ap.add_argument(
         "--metrics-port", type=port_number, default=0, help="Prometheus /metrics port (0: any free)"
     )
     ap.add_argument("--index", default="memory", help="'memory' or redis://host:port/db[?prefix=p]")
-    ap.add_argument("--high-water", type=float, default=1.0, help="evict above this fraction of capacity")
-    ap.add_argument("--low-water", type=float, default=1.0, help="... down to this fraction")
-    ap.add_argument("--index-sync-interval-s", type=float, default=1.0, help="re-registration probe period")
+    ap.add_argument("--high-water", type=fraction, default=1.0, help="evict above this fraction of capacity")
+    ap.add_argument("--low-water", type=fraction, default=1.0, help="... down to this fraction")
     ap.add_argument(
-        "--replication-factor", type=int, default=1, help="copies per block across store nodes (best effort)"
+        "--index-sync-interval-s", type=positive_seconds, default=1.0, help="re-registration probe period"
+    )
+    ap.add_argument(
+        "--replication-factor",
+        type=positive_int,
+        default=1,
+        help="copies per block across store nodes (best effort)",
     )
     ap.add_argument(
         "--disk-tier",
@@ -178,6 +191,13 @@ def parse_config(argv: list[str] | None = None) -> StoreConfig:
             ap.error(
                 "--index-sync-interval-s probes a Redis index for lost state: it needs --index redis://..."
             )
+    try:
+        return _store_config(a, disk)
+    except (ValueError, InvalidRequestError) as e:  # a dtype, a lease TTL cap below the default ...
+        ap.error(str(e))
+
+
+def _store_config(a: argparse.Namespace, disk: DiskTierConfig | None) -> StoreConfig:
     layout = KVLayout(a.model_id, a.num_layers, a.num_kv_heads, a.head_dim, a.dtype, a.block_size)
     return StoreConfig(
         node_id=a.node_id,

@@ -156,3 +156,29 @@ def test_router_heartbeat_timeout_is_checked(capsys) -> None:
         )
     with pytest.raises(ValueError, match="heartbeat_timeout_s must be > 0"):
         Registry(heartbeat_timeout_s=0)
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        # each was a ValueError traceback, or (lease TTLs of 0 or less) a node that started
+        (["--capacity-blocks", "0"], "argument --capacity-blocks: must be >= 1"),
+        (
+            ["--default-lease-ttl-s", "0"],
+            "argument --default-lease-ttl-s: must be a finite number of seconds > 0",
+        ),
+        (["--high-water", "2"], "argument --high-water: must be in (0, 1]"),
+        (["--replication-factor", "0"], "argument --replication-factor: must be >= 1"),
+        (["--dtype", "float7"], "error: KV layout: unsupported dtype 'float7'"),
+    ],
+)
+def test_kv_store_flags_are_one_error_line(extra, says, capsys) -> None:
+    from kv_store.__main__ import parse_config
+
+    base = ["--node-id", "kv0", "--model-id", "m", "--num-layers", "2", "--num-kv-heads", "2"]
+    base += ["--head-dim", "4", "--capacity-blocks", "64"]
+    with pytest.raises(SystemExit) as e:
+        parse_config([*base, *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err

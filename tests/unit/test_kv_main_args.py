@@ -45,12 +45,18 @@ def test_cluster_options() -> None:
 
 @pytest.mark.parametrize(
     ("flag", "value", "match"),
-    [("--replication-factor", "0", "replication_factor"), ("--low-water", "0.95", "low_water")],
+    [
+        ("--replication-factor", "0", "argument --replication-factor: must be >= 1"),
+        ("--low-water", "0.95", "need 0 < low_water <= high_water <= 1"),
+    ],
 )
-def test_bad_values_are_refused(flag: str, value: str, match: str) -> None:
+def test_bad_values_are_refused(flag: str, value: str, match: str, capsys) -> None:
+    """Refused as one usage error line (they were ValueError tracebacks)."""
     argv = [*BASE, "--high-water", "0.9", flag, value]
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(SystemExit):
         parse_config(argv)
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize(
