@@ -86,3 +86,12 @@ non_negative_gib = _checked(
 non_negative_int = _checked(
     int, lambda n: n >= 0, "a whole number >= 0", "must be >= 0", "non_negative_int", "A whole number >= 0."
 )
+
+non_negative_seconds = _checked(
+    float,
+    lambda s: s >= 0 and math.isfinite(s),
+    "seconds (a number >= 0)",
+    "must be a finite number of seconds >= 0",
+    "non_negative_seconds",
+    "A wait in seconds: a finite number >= 0 (0: do not wait).",
+)

@@ -40,7 +40,7 @@ from kv_store.client import KVStoreClient
 from kv_store.dist_transport import DistConfig, destroy_process_group, device_for, init_process_group
 from kv_store.transport import AutoTransport
 from pdserve import cli_help, mlfq_knobs, offload_knobs
-from pdserve.arg_types import port_number, positive_int
+from pdserve.arg_types import non_negative_int, non_negative_seconds, port_number, positive_int
 from pdserve.errors import PdserveError, UnavailableError
 from pdserve.gc_tuning import settle_heap
 from pdserve.kv_transfer import DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUTBOX_BYTES, DistBackend
@@ -252,7 +252,12 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     ap.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one engine step, at most")
     ap.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens in one engine step, at most")
-    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk (Sarathi) in tokens")
+    ap.add_argument(
+        "--chunk",
+        type=non_negative_int,
+        default=512,
+        help="prefill chunk (Sarathi) in tokens (0: only the step's token budget bounds a chunk)",
+    )
     ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:N)")
     ap.add_argument(
         "--tp",
@@ -265,9 +270,9 @@ def build_parser(role: Role, parents: Sequence[argparse.ArgumentParser] = ()) ->
     )
     ap.add_argument(
         "--admission-timeout-s",
-        type=float,
+        type=non_negative_seconds,
         default=30.0,
-        help="decode: how long a handed-off request may wait for free KV blocks",
+        help="decode: how long a handed-off request may wait for free KV blocks (0: not at all)",
     )
     ap.add_argument(
         "--stream-interval",

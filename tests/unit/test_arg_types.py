@@ -182,3 +182,40 @@ def test_kv_store_flags_are_one_error_line(extra, says, capsys) -> None:
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--chunk", "-1"], "argument --chunk: must be >= 0"),
+        (
+            ["--admission-timeout-s", "-1"],
+            "argument --admission-timeout-s: must be a finite number of seconds >= 0",
+        ),
+        (
+            ["--admission-timeout-s", "nan"],
+            "argument --admission-timeout-s: must be a finite number of seconds >= 0",
+        ),
+    ],
+)
+def test_worker_numbers_are_checked_when_parsed(extra, says, capsys) -> None:
+    from pdserve.worker_base import Role
+    from pdserve.worker_main import parse
+
+    with pytest.raises(SystemExit):
+        parse(["--model", "m", *extra], Role.DECODE)
+    assert says in capsys.readouterr().err
+    ok = [
+        "--worker-id",
+        "w",
+        "--model",
+        "m",
+        "--store",
+        "127.0.0.1:1",
+        "--chunk",
+        "0",
+        "--admission-timeout-s",
+        "0",
+    ]
+    cfg = parse(ok, Role.DECODE)  # 0 is meaningful for both: the budget bounds chunks; never wait
+    assert cfg.engine.long_prefill_token_threshold == 0 and cfg.admission_timeout_s == 0
