@@ -168,6 +168,11 @@ class EngineConfig:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(
+                "long_prefill_token_threshold (the prefill chunk) must be >= 0 (0: only the step's token "
+                f"budget bounds a chunk), got {self.long_prefill_token_threshold}"
+            )
         if isinstance(self.swap_space_bytes, bool) or not isinstance(self.swap_space_bytes, int):
             raise ValueError(f"swap_space_bytes must be an integer, got {self.swap_space_bytes!r}")
         if self.swap_space_bytes < 0:

@@ -219,3 +219,11 @@ def test_worker_numbers_are_checked_when_parsed(extra, says, capsys) -> None:
     ]
     cfg = parse(ok, Role.DECODE)  # 0 is meaningful for both: the budget bounds chunks; never wait
     assert cfg.engine.long_prefill_token_threshold == 0 and cfg.admission_timeout_s == 0
+
+
+def test_engine_config_refuses_a_negative_prefill_chunk() -> None:
+    from engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="long_prefill_token_threshold .* must be >= 0"):
+        EngineConfig(long_prefill_token_threshold=-1)
+    assert EngineConfig(long_prefill_token_threshold=0).long_prefill_token_threshold == 0
