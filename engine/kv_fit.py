@@ -48,12 +48,6 @@ class PoolShape:
         """Whether ``num_tokens`` tokens (and the slot of the next one) fit the pool at all."""
         return blocks_for(num_tokens + 1, self.block_size) <= self.num_blocks
 
-    def group_start_blocks(self, prompt_tokens: int, candidates: int) -> int:
-        """Blocks a decode engine takes at once to adopt a parallel-sampling group handed off over
-        every prompt token but the last (``LLMEngine.group_import_need``): the shared blocks plus
-        one per choice."""
-        return blocks_for(prompt_tokens - 1, self.block_size) + candidates
-
     def fits(self, prompt_tokens: int, max_tokens: int) -> bool:
         """Whether a fresh request runs to its end alone in this pool (the scheduler's test)."""
         return (

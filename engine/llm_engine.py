@@ -1365,7 +1365,7 @@ class LLMEngine:
         """Blocks :meth:`import_kv_group` takes at once for a prefix of ``num_prefix_tokens``
         and ``num_candidates`` choices: the prefix's blocks, shared, plus one per choice (its copy
         of the shared partial block, or the block its last prompt token opens)."""
-        return self.scheduler.pool_shape().group_start_blocks(num_prefix_tokens + 1, num_candidates)
+        return self.kv.blocks_needed(num_prefix_tokens) + num_candidates
 
     def can_admit_group(self, num_prefix_tokens: int, num_candidates: int) -> bool:
         """Whether :meth:`group_import_need` blocks are free now."""

@@ -140,10 +140,7 @@ def _small_pool_grids(engine) -> str:
     if kv is None:
         return ""
     full = (prefill_grid(engine.max_model_len), decode_grid(1 << 30, kv.block_size, engine.max_model_len))
-    have = (
-        prefill_grid(engine.max_model_len, kv.num_blocks * kv.block_size),
-        decode_grid(kv.num_blocks, kv.block_size, engine.max_model_len),
-    )
+    have = _pool_grids(engine)
     return "" if have == full else f"|grids={have}"
 
 
@@ -224,13 +221,21 @@ def decode_grid(num_blocks: int, block_size: int, max_model_len: int) -> tuple[t
     return tuple(out)
 
 
+def _pool_grids(engine) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """The prefill and decode grids shortened to what ``engine``'s KV pool holds (unchecked)."""
+    kv = engine.kv
+    return (
+        prefill_grid(engine.max_model_len, kv.num_blocks * kv.block_size),
+        decode_grid(kv.num_blocks, kv.block_size, engine.max_model_len),
+    )
+
+
 def grids_for(engine) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
     """The prefill and decode grids :func:`measure` runs on ``engine``: the defaults, shortened
     where its KV pool is too small for them (``ValueError``, naming the pool, when it is too
     small to measure two points of each: the fit needs them)."""
     kv = engine.kv
-    prefill = prefill_grid(engine.max_model_len, kv.num_blocks * kv.block_size)
-    decode = decode_grid(kv.num_blocks, kv.block_size, engine.max_model_len)
+    prefill, decode = _pool_grids(engine)
     if len(prefill) < 2 or len({b for b, _ in decode}) < 2:
         raise ValueError(
             f"the KV pool ({kv.num_blocks} blocks of {kv.block_size} tokens) is too small to measure the "

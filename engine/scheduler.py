@@ -338,7 +338,7 @@ class Scheduler:
                 f"prompt of {req.num_tokens} tokens needs more KV blocks than this engine has "
                 f"({self.kv.num_blocks} x {self.kv.block_size} tokens)"
             )
-        peak = self._peak_blocks(req)
+        peak = self._peak_blocks(req, shape)
         if peak > self.kv.num_blocks:
             # alone in the pool it would still run out and preempt itself forever: refuse it now
             raise InvalidRequestError(
@@ -354,9 +354,10 @@ class Scheduler:
             self.kv.num_blocks, self.kv.block_size, self.config.max_model_len, self.kv.sliding_window
         )
 
-    def _peak_blocks(self, req: Request) -> int:
-        """The most KV blocks ``req`` can hold at once (:meth:`engine.kv_fit.PoolShape.peak_blocks`)."""
-        return self.pool_shape().peak_blocks(
+    def _peak_blocks(self, req: Request, shape: PoolShape | None = None) -> int:
+        """The most KV blocks ``req`` can hold at once (:meth:`engine.kv_fit.PoolShape.peak_blocks`;
+        ``shape``: this engine's, when the caller has it)."""
+        return (shape or self.pool_shape()).peak_blocks(
             req.num_prompt_tokens,
             req.sampling_params.max_tokens,
             prefill_only=req.prefill_only,
