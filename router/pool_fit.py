@@ -74,7 +74,7 @@ class PoolFit:
             self._stale = True
 
     def shapes(self) -> tuple[PoolShape, ...] | None:
-        """The distinct pool shapes of the registered decode workers (None: one is unknown)."""
+        """The distinct pool shapes of the registered ``kind`` workers (None: one is unknown)."""
         with self._lock:
             if not self._stale:
                 return self._shapes

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pdserve.arg_types import fraction, positive_int, positive_number, positive_seconds
-from pdserve.errors import PdserveError
+from pdserve.errors import InvalidRequestError, PdserveError
 from router.policy import SLO, InstanceRole, PolicyKind
 from simulator.adapters import AdapterConfig, AdapterPopularity, with_adapters
 from simulator.config import (
@@ -586,7 +586,6 @@ def parse_mix_pools(text: str, with_rate: bool) -> tuple[str, tuple[InstanceGrou
 
 
 def cmd_simulate_mix(a: argparse.Namespace) -> int:
-    from pdserve.errors import InvalidRequestError
     from simulator.mix import ModelDemand, load_mixed_jsonl, mixed_workload, simulate_mixed
     from simulator.planner import Candidate
 
@@ -752,8 +751,6 @@ def cmd_profile(a: argparse.Namespace) -> int:
         if a.quick
         else ProfileGrid()
     )
-    from pdserve.errors import InvalidRequestError
-
     try:
         prof = measure_profile(
             lambda: LLMEngine.from_pretrained(path, cfg),
