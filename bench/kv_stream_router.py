@@ -76,8 +76,8 @@ class Cluster:
         from pdserve.v1 import client_pb2, worker_pb2
         from pdserve.worker_base import Role, WorkerConfig, WorkerState, engine_layout
         from pdserve.worker_main import serve_worker, worker_services
+        from prefill_worker.aio_service import AsyncPrefillServicer
         from prefill_worker.publisher import StorePublisher
-        from prefill_worker.service import PrefillServicer
         from router.registry import Registry, WorkerKind, WorkerLoad
         from router.service import GenerateServicer, RouterConfig
 
@@ -97,7 +97,9 @@ class Cluster:
         self.store = KVStoreClient(saddr)
         self.transport = AutoTransport(host_id())
         self.pst = WorkerState(WorkerConfig("prefill-0", Role.PREFILL, str(path), saddr, engine=ecfg), pe)
-        self.psvc = PrefillServicer(self.pst, StorePublisher(self.store), self.store, self.transport, None)
+        self.psvc = AsyncPrefillServicer(
+            self.pst, StorePublisher(self.store), self.store, self.transport, None
+        )
         services, _ = worker_services(self.psvc, Role.PREFILL, None)
         self.pserver, pport = serve_worker(services, Role.PREFILL, "127.0.0.1", 0, "prefill-0")
         self.pst.address = f"127.0.0.1:{pport}"

@@ -72,6 +72,19 @@ class OutputBatch(Protocol):
     def release(self) -> None: ...
 
 
+def _aborter(request_id: str) -> Callable[[LLMEngine], bool]:
+    """The engine-thread abort of ``request_id``: whether it was known (idempotent)."""
+
+    def _abort(eng: LLMEngine) -> bool:
+        try:
+            eng.abort(request_id)
+            return True
+        except KeyError:
+            return False
+
+    return _abort
+
+
 class EngineLoop:
     def __init__(self, engine: LLMEngine, name: str = "engine-loop") -> None:
         self.engine = engine
@@ -155,22 +168,26 @@ class EngineLoop:
 
     def abort(self, request_id: str) -> bool:
         """Abort a request if it is still known; its queue gets a CancelledError. Idempotent."""
-
-        def _abort(eng: LLMEngine) -> bool:
-            try:
-                eng.abort(request_id)
-                return True
-            except KeyError:
-                return False
-
         try:
-            found = self.call(_abort)
+            found = self.call(_aborter(request_id))
         except CancelledError:
             if not self._closed:
                 raise
             found = False  # the loop stopped: it failed every request's queue as it ended
         self._finish_queue(request_id, CancelledError(f"request {request_id} was aborted"))
         return found
+
+    def abort_soon(self, request_id: str) -> Future:
+        """:meth:`abort` without waiting (for a caller on an event loop): its Future (whether the
+        request was known); the queue gets its CancelledError once the abort ran (or the loop
+        stopped)."""
+
+        def done(_f: Future) -> None:
+            self._finish_queue(request_id, CancelledError(f"request {request_id} was aborted"))
+
+        fut = self.submit(_aborter(request_id))
+        fut.add_done_callback(done)
+        return fut
 
     def stop(self) -> None:
         self._stop.set()

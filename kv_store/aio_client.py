@@ -18,16 +18,29 @@ once). So a release waits at most the window before it is sent; callers that do 
 nothing for it. Every queued release is sent, also when its caller is cancelled meanwhile
 (nothing leaks). A node that does not serve ``ReleaseBatch`` (UNIMPLEMENTED: an older store) gets
 one Release per lease from then on.
+
+:meth:`AsyncKVStoreClient.put_blocks` is the sync client's one-message put (``PutBlocks``, blocks
+that fit one message: :func:`kv_store.client.put_blocks_fits`) on the event loop: a prefill
+worker publishes its handoff from its event loop (#12, :mod:`prefill_worker.aio_service`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import NoReturn
 
 import grpc
 
-from pdserve.errors import InternalError, StoreUnavailableError
+from kv_store import convert
+from kv_store.auth import LEASE_OWNER_METADATA_KEY, check_owner
+from kv_store.checksum import block_checksum, check_checksum_list
+from kv_store.client import MAX_PUT_HEADERS, as_block_bytes, put_blocks_fits
+from kv_store.handle import check_hashes
+from kv_store.layout import KVLayout
+from kv_store.store import PutResult
+from kv_store.wire import encode_put_blocks
+from pdserve.errors import InternalError, InvalidRequestError, StoreUnavailableError
 from pdserve.limits import grpc_options
 from pdserve.security import TOKEN_METADATA_KEY, current
 from pdserve.status import raise_from_rpc_error
@@ -93,6 +106,12 @@ class AsyncKVStoreClient:
         self._batches = True  # False once the node answered ReleaseBatch UNIMPLEMENTED
         self._sending: set[asyncio.Task[None]] = set()
         self.release_calls = 0  # Release and ReleaseBatch calls made (tests, benches)
+        self._put_unary = self._channel.unary_unary(
+            "/pdserve.v1.KVStore/PutBlocks",
+            request_serializer=lambda m: m,
+            response_deserializer=kv_store_pb2.PutResponse.FromString,
+        )
+        self._put_headers: dict[tuple[KVLayout, float], bytes] = {}  # per (layout, ttl): _put_header
 
     def _metadata(self, rid: str | None = None) -> tuple[tuple[str, str], ...]:
         rid = current_request_id() if rid is None else rid
@@ -104,6 +123,67 @@ class AsyncKVStoreClient:
                 f"KV store {self.address} is unavailable: {e.details() or 'no details'}"
             ) from e
         raise_from_rpc_error(e)
+
+    async def put_blocks(
+        self,
+        layout: KVLayout,
+        hashes: Sequence[bytes],
+        blocks: Sequence[object],
+        checksums: Sequence[int] = (),
+        *,
+        lease_ttl_s: float = 0.0,
+        owner: str | None = None,
+    ) -> PutResult | None:
+        """:meth:`kv_store.client.KVStoreClient.put_blocks` in one ``PutBlocks`` message: the same
+        result and lease, the same checks of the hashes, sizes and checksums. ``checksums``: each
+        block's (computed here when empty); ``owner``: whom the lease is charged to (None: this
+        client's metadata's owner). Blocks that do not fit one message
+        (:func:`kv_store.client.put_blocks_fits`) are refused with InvalidRequestError (the caller
+        streams them with the sync client). None when the node has no ``PutBlocks`` (an older
+        node answers UNIMPLEMENTED): the caller streams instead."""
+        hashes = check_hashes(hashes)
+        if len(blocks) != len(hashes):
+            raise InvalidRequestError(f"put_blocks: {len(blocks)} blocks for {len(hashes)} hashes")
+        nbytes = layout.block_nbytes
+        if not put_blocks_fits(len(hashes), nbytes):
+            raise InvalidRequestError(
+                f"put_blocks: {len(hashes)} blocks of {nbytes} bytes do not fit one PutBlocks message"
+            )
+        views = [as_block_bytes(b) for b in blocks]  # type: ignore[arg-type]
+        for i, v in enumerate(views):
+            if v.nbytes != nbytes:
+                raise InvalidRequestError(
+                    f"put_blocks: block {i} has {v.nbytes} bytes, the layout needs {nbytes}"
+                )
+        sums = check_checksum_list(checksums, len(hashes), "put_blocks checksums")
+        msg = encode_put_blocks(
+            self._put_header(layout, lease_ttl_s), hashes, sums or [block_checksum(v) for v in views], views
+        )
+        md = self._metadata()
+        if owner is not None:  # as the sync client: this owner's key in place of the client's
+            md = tuple(kv for kv in md if kv[0] != LEASE_OWNER_METADATA_KEY)
+            if owner:
+                md = (*md, (LEASE_OWNER_METADATA_KEY, check_owner(owner)))
+        try:
+            resp = await self._put_unary(msg, timeout=self.timeout_s, metadata=md)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return None
+            self._raise(e)
+        return convert.put_result_from_proto(resp)
+
+    def _put_header(self, layout: KVLayout, lease_ttl_s: float) -> bytes:
+        """The serialised PutBlocksRequest header of a put, made once per (layout, ttl)."""
+        key = (layout, lease_ttl_s)
+        header = self._put_headers.get(key)
+        if header is None:
+            header = kv_store_pb2.PutBlocksRequest(
+                layout=convert.layout_to_proto(layout), lease_ttl_s=lease_ttl_s
+            ).SerializeToString()
+            if len(self._put_headers) >= MAX_PUT_HEADERS:  # many ttls: keep the cache bounded
+                self._put_headers.clear()
+            self._put_headers[key] = header
+        return header
 
     async def release(self, lease_id: str, *, shm_read_blocks: int = 0) -> bool:
         """As :meth:`kv_store.client.KVStoreClient.release`: unpin a lease; False if unknown or

@@ -48,7 +48,7 @@ BlockData = Any  # bytes | bytearray | memoryview | numpy.ndarray | torch.Tensor
 # Largest PutBlocks message a client sends (estimated from the blocks' sizes before encoding):
 # the transport limit less a margin for the layout and metadata. Larger Puts stream (Put).
 PUT_BLOCKS_MAX_BYTES = MAX_MESSAGE_BYTES - (64 << 10)
-_MAX_PUT_HEADERS = 64  # serialised PutBlocks headers a client keeps (one per layout and lease ttl)
+MAX_PUT_HEADERS = 64  # serialised PutBlocks headers a client keeps (one per layout and lease ttl)
 
 
 def put_blocks_fits(num_blocks: int, block_nbytes: int, max_bytes: int = PUT_BLOCKS_MAX_BYTES) -> bool:
@@ -223,7 +223,7 @@ class KVStoreClient:
             header = kv_store_pb2.PutBlocksRequest(
                 layout=convert.layout_to_proto(layout), lease_ttl_s=lease_ttl_s
             ).SerializeToString()
-            if len(self._put_headers) >= _MAX_PUT_HEADERS:  # many ttls: keep the cache bounded
+            if len(self._put_headers) >= MAX_PUT_HEADERS:  # many ttls: keep the cache bounded
                 self._put_headers.clear()
             self._put_headers[key] = header
         return header

@@ -542,7 +542,7 @@ class WorkerActor:
 
             direct_own_port = needs_own_port()
             ds = enable_direct_streams(svc, services, own_port=direct_own_port)
-        self.server, port = serve_worker(services, wrole, host, 0, worker_id)  # decode: grpc.aio
+        self.server, port = serve_worker(services, wrole, host, 0, worker_id)  # grpc.aio
         self.state.address = f"{host}:{port}"
         self._direct_port = None
         if direct_own_port:
@@ -666,6 +666,8 @@ class WorkerActor:
         if self._direct_port is not None:
             self._direct_port.stop()
         self.server.stop(2).wait()
+        with contextlib.suppress(Exception):
+            self._svc.close()  # its admission (decode) or blocking (prefill) threads
         self.state.close()
         with contextlib.suppress(Exception):
             self._transport.close()

@@ -568,8 +568,8 @@ def build_service(
     ``prefix_fetch``: the prefill servicer's :class:`prefill_worker.prefix_policy.PrefixFetchConfig`
     (None: its defaults)."""
     if state.config.role is Role.PREFILL:
+        from prefill_worker.aio_service import AsyncPrefillServicer
         from prefill_worker.publisher import StorePublisher
-        from prefill_worker.service import PrefillServicer
 
         publisher: Any = StorePublisher(store)
         if dist is not None:
@@ -580,7 +580,8 @@ def build_service(
             publisher = DistPublisher(outbox, dist, lambda: state.address, fallback=publisher)
         from prefill_worker.prefix_policy import PrefixFetchPolicy
 
-        return PrefillServicer(state, publisher, store, transport, PrefixFetchPolicy(prefix_fetch))
+        # served on grpc.aio: see serve_worker
+        return AsyncPrefillServicer(state, publisher, store, transport, PrefixFetchPolicy(prefix_fetch))
     from decode_worker.puller import StorePuller
     from decode_worker.service import AsyncDecodeServicer
     from decode_worker.spill_puller import SpillPuller
@@ -631,9 +632,10 @@ def worker_services(svc: Any, role: Role, dist: DistGroup | None) -> tuple[list[
         (WORKER_ADMIN_SERVICE, WorkerAdminServicer(svc.state)),
     ]
     if role is Role.PREFILL:  # chunk-wise KV streaming (prefill_worker/kv_stream.py)
-        from prefill_worker.kv_stream import KVStreamServicer
+        from prefill_worker.kv_stream_service import KVStreamServicer
 
-        services.append((worker_pb2.DESCRIPTOR.services_by_name["KVStream"], KVStreamServicer(svc.streams)))
+        kvs = getattr(svc, "stream_service", None) or KVStreamServicer(svc.streams)  # closed with svc
+        services.append((worker_pb2.DESCRIPTOR.services_by_name["KVStream"], kvs))
     if dist is None:
         return services, None
     from prefill_worker.dist_outbox import KVPeerServicer
@@ -655,16 +657,18 @@ def serve_worker(
     services: list[tuple[Any, Any]], role: Role, host: str, port: int, name: str
 ) -> tuple[Any, int]:
     """Serve a worker's ``services`` (from :func:`worker_services`); returns (server, bound port).
-    A decode worker serves on ``grpc.aio`` (:func:`pdserve.grpc_server.start_aio_server`): its
-    Decode streams wait on tokens as tasks of one event loop, not as threads of a pool, so its
-    concurrency is the engine's, not a thread cap. A prefill worker's calls compute (a thread
-    each, as many as its pool). Either server stops with ``server.stop(grace).wait()``."""
-    from pdserve.grpc_server import start_aio_server, start_server
+    Both roles serve on ``grpc.aio`` (:func:`pdserve.grpc_server.start_aio_server`): a decode
+    worker's Decode streams and a prefill worker's Prefill calls
+    (:mod:`prefill_worker.aio_service`) wait on the engine as tasks of one event loop, not as
+    threads of a pool, so a worker's concurrency is its engine's, not a thread cap. The sync
+    methods (Stats, Abort, a prefill worker's KVStream reads and KVPeer pulls) run on the
+    server's threads: a prefill worker has as many as its blocking pool (its KVStream reads wait
+    on chunks). The server stops with ``server.stop(grace).wait()``."""
+    from pdserve.grpc_server import start_aio_server
+    from prefill_worker.aio_service import BLOCKING_THREADS
 
-    if role is Role.DECODE:
-        server, bound, _ = start_aio_server(services, host, port, name=name)
-    else:
-        server, bound, _ = start_server(services, host, port, name=name)
+    threads = BLOCKING_THREADS if role is Role.PREFILL else 4
+    server, bound, _ = start_aio_server(services, host, port, name=name, sync_threads=threads)
     return server, bound
 
 
@@ -756,8 +760,7 @@ def main(
     if direct_port is not None:
         direct_port.stop()
     server.stop(2).wait()
-    if role is Role.DECODE:
-        svc.close()  # its admission threads (AsyncDecodeServicer)
+    svc.close()  # its admission (decode) or blocking (prefill) threads
     state.close()
     transport.close()
     store.close()

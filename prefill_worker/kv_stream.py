@@ -827,18 +827,3 @@ def stream_kv_handler(registry: KVStreamRegistry, item_timeout_s: float = 120.0)
         response_serializer=worker_pb2.MigrationChunk.SerializeToString,
     )
     return grpc.method_handlers_generic_handler(STREAM_METHOD.split("/")[1], {"StreamKV": handler})
-
-
-class KVStreamServicer:
-    """The ``KVStream`` gRPC service of a prefill worker (worker.proto) over its registry."""
-
-    def __init__(self, registry: KVStreamRegistry, item_timeout_s: float = 120.0) -> None:
-        self.registry = registry
-        self.item_timeout_s = item_timeout_s
-
-    def StreamKV(
-        self, req: worker_pb2.ResumeStreamRequest, ctx: grpc.ServicerContext
-    ) -> Iterator[worker_pb2.MigrationChunk]:
-        if req.start_index != 0:
-            raise InvalidRequestError("StreamKV: a KV stream is read from its start (start_index 0)")
-        yield from stream_kv_messages(self.registry, req.request_id, self.item_timeout_s)

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import math
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from engine.llm_engine import KVExport
 from kv_store.auth import tenant_owner
 from kv_store.checksum import block_checksum
-from kv_store.client import KVStoreClient
+from kv_store.client import KVStoreClient, put_blocks_fits
 from kv_store.handle import KVHandle
 from kv_store.layout import KVLayout
 from kv_store.store import PutResult
 from kv_store.tensors import block_tensor, tensor_bytes
 from pdserve.errors import InvalidRequestError, RequestNotFoundError
 from pdserve.tracing import log_event
+
+if TYPE_CHECKING:
+    from kv_store.aio_client import AsyncKVStoreClient
 
 log = logging.getLogger(__name__)
 
@@ -99,30 +104,76 @@ class StorePublisher:
                 self.conflicts_adopted += 1
         return out
 
-    def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float, tenant: str = "") -> KVHandle:
+    def _prepare(
+        self, kv: KVExport, lease_ttl_s: float, tenant: str
+    ) -> tuple[float, str, list[memoryview], list[int]]:
+        """(lease ttl, lease owner, each block's bytes, each block's checksum) of a publish."""
         ttl = capped_lease_ttl(lease_ttl_s, self.max_lease_ttl_s)
         owner = tenant_owner(tenant)
         blocks = [tensor_bytes(kv.blocks[i]) for i in range(kv.blocks.shape[0])]
-        sums = [block_checksum(b) for b in blocks]
+        return ttl, owner, blocks, [block_checksum(b) for b in blocks]
+
+    def publish(self, kv: KVExport, layout: KVLayout, lease_ttl_s: float, tenant: str = "") -> KVHandle:
+        ttl, owner, blocks, sums = self._prepare(kv, lease_ttl_s, tenant)
         res = self._put(layout, kv, blocks, sums, ttl, owner)
         if res.conflicts:
-            clash = [kv.block_hashes[i] for i in res.conflicts]
-            if res.lease_id:
-                self.client.release(res.lease_id)
-            deleted = self.client.delete(clash)
-            self.conflicts_replaced += deleted.num_deleted
-            res = self._put(layout, kv, blocks, sums, ttl, owner)
-            self.conflicts_kept += len(res.conflicts)
-            log_event(
-                log,
-                "kv publish conflict",
-                logging.WARNING,
-                request_id=kv.request_id,
-                blocks=len(clash),
-                replaced=deleted.num_deleted,
-                still_conflicting=len(res.conflicts),
+            res, sums = self._resolve_conflicts(layout, kv, res, blocks, sums, ttl, owner)
+        return self._handle(kv, layout, res, sums)
+
+    async def publish_async(
+        self, kv: KVExport, layout: KVLayout, lease_ttl_s: float, tenant: str, aclient: AsyncKVStoreClient
+    ) -> KVHandle | None:
+        """:meth:`publish` from an event loop: the put is one ``PutBlocks`` call on ``aclient``
+        (a ``grpc.aio`` client of this publisher's node), no thread hop. None when that does not
+        apply (blocks beyond one message, a node without ``PutBlocks``): the caller publishes
+        with :meth:`publish` (on a thread). Conflicting keys (rare: see the class docstring) are
+        resolved on a thread as :meth:`publish` resolves them."""
+        ttl, owner, blocks, sums = self._prepare(kv, lease_ttl_s, tenant)
+        if not self.client.unary_put or not put_blocks_fits(len(blocks), layout.block_nbytes):
+            return None
+        res = await aclient.put_blocks(layout, kv.block_hashes, blocks, sums, lease_ttl_s=ttl, owner=owner)
+        if res is None:
+            return None
+        if res.conflicts:
+            ctx = contextvars.copy_context()  # the request id goes with the store calls
+            res, sums = await asyncio.get_running_loop().run_in_executor(
+                None, ctx.run, self._resolve_conflicts, layout, kv, res, blocks, sums, ttl, owner
             )
-            sums = self._adopt_equivalent(layout, kv, res, sums)
+        return self._handle(kv, layout, res, sums)
+
+    def _resolve_conflicts(
+        self,
+        layout: KVLayout,
+        kv: KVExport,
+        res: PutResult,
+        blocks: list,
+        sums: list[int],
+        ttl: float,
+        owner: str,
+    ) -> tuple[PutResult, list[int]]:
+        """After a put whose ``res.conflicts`` is not empty: its lease released, the clashing
+        keys deleted and the blocks put again (class docstring); the new result and checksums."""
+        clash = [kv.block_hashes[i] for i in res.conflicts]
+        if res.lease_id:
+            self.client.release(res.lease_id)
+        deleted = self.client.delete(clash)
+        self.conflicts_replaced += deleted.num_deleted
+        res = self._put(layout, kv, blocks, sums, ttl, owner)
+        self.conflicts_kept += len(res.conflicts)
+        log_event(
+            log,
+            "kv publish conflict",
+            logging.WARNING,
+            request_id=kv.request_id,
+            blocks=len(clash),
+            replaced=deleted.num_deleted,
+            still_conflicting=len(res.conflicts),
+        )
+        return res, self._adopt_equivalent(layout, kv, res, sums)
+
+    @staticmethod
+    def _handle(kv: KVExport, layout: KVLayout, res: PutResult, sums: list[int]) -> KVHandle:
+        """The KVHandle of a put's result."""
         assert res.location is not None
         # slots index the arena the handle's location names; anything else: leave them out
         same_arena = bool(res.shm_name) and res.shm_name == res.location.shm_name

@@ -20,6 +20,7 @@ import queue
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 import grpc
 import torch
@@ -27,6 +28,7 @@ import torch
 from engine.llm_engine import KVExport, LLMEngine
 from kv_store.client import KVStoreClient
 from kv_store.convert import handle_to_proto
+from kv_store.handle import KVHandle
 from kv_store.tensors import block_tensor
 from kv_store.transport import BlockTransport
 from pdserve.errors import CancelledError, InternalError, InvalidRequestError
@@ -87,6 +89,55 @@ class _ExportOnFinish:
         return self._q.get()
 
 
+def log_done(req: worker_pb2.PrefillRequest, resp: worker_pb2.PrefillResponse) -> None:
+    """The "prefill done" log line of a Prefill call."""
+    t = resp.timing
+    log_event(
+        log,
+        "prefill done",
+        request_id=resp.request_id,
+        prompt_tokens=len(req.prompt_token_ids),
+        cached_tokens=resp.num_cached_tokens,
+        blocks=len(resp.kv.block_hashes),
+        queue_s=round(t.queue_s, 6),
+        prefill_s=round(t.prefill_s, 6),
+        transfer_s=round(t.transfer_s, 6),
+    )
+
+
+def prefill_response(
+    rid: str,
+    item: Any,
+    kv: KVExport,
+    handle: KVHandle,
+    num_run_tokens: int,
+    group: bool,
+    t_arrive: float,
+    t_prefilled: float,
+) -> worker_pb2.PrefillResponse:
+    """The response of a (not streamed) prefill: ``item`` its finished engine output, ``kv`` its
+    export, ``handle`` where it was published, ``num_run_tokens`` the tokens it prefilled;
+    timing: queued, prefilled (``t_arrive`` .. ``t_prefilled``), published (until now)."""
+    m = item.metrics
+    queue_s = (m.first_scheduled_time - m.arrival_time) if m and m.first_scheduled_time else 0.0
+    resp = worker_pb2.PrefillResponse(
+        request_id=rid,
+        first_token=0 if group else kv.first_token,  # a group's token is discarded
+        kv=handle_to_proto(handle),
+        num_cached_tokens=item.num_cached_tokens,
+        num_computed_tokens=num_run_tokens - item.num_cached_tokens,
+        prompt_tail_pending=group,
+        timing=common_pb2.Timing(
+            queue_s=queue_s,
+            prefill_s=(t_prefilled - t_arrive) - queue_s,
+            transfer_s=time.monotonic() - t_prefilled,
+        ),
+    )
+    if kv.first_logprob is not None and not group:
+        resp.first_token_logprob.CopyFrom(logprob_to_proto(kv.first_logprob))
+    return resp
+
+
 class PrefillServicer:
     """The Worker service in prefill role.
 
@@ -116,17 +167,32 @@ class PrefillServicer:
 
     def _pull_prefix_from_store(self, ids: list[int], adapter: str, salt: str) -> int:
         """Fetch prefix blocks that the store has and the local cache lacks; returns tokens added."""
+        if not self._wants_store_prefix(ids):
+            return 0  # no store, or no full block before the last token: nothing to serve
+
+        hashes, local = self.state.loop.call(self._prefix_probe(ids, adapter, salt))
+        return self._pull_missing_prefix(hashes, local)
+
+    def _wants_store_prefix(self, ids: list[int]) -> bool:
+        """Whether a prompt could have a prefix worth looking up in the store (a store, and a
+        full block before its last token)."""
         if self.store is None or self.transport is None:
-            return 0
-        if len(ids) - 1 < self.state.layout.block_size:
-            return 0  # no full block before the last token: nothing a prefix cache could serve
+            return False
+        return len(ids) - 1 >= self.state.layout.block_size
+
+    @staticmethod
+    def _prefix_probe(ids: list[int], adapter: str, salt: str) -> Callable[[LLMEngine], tuple[list, int]]:
+        """The engine-thread probe of a prefix pull: (the prompt's block hashes, how many of them
+        the local prefix cache holds), one wait for the engine loop (#12)."""
 
         def probe(e: LLMEngine) -> tuple[list, int]:
-            # one wait for the engine loop, not two (#12: a worker's cost per request)
             hashes = e.prefix_hashes(ids, adapter, salt)
             return hashes, e.num_local_prefix_blocks(hashes)
 
-        hashes, local = self.state.loop.call(probe)
+        return probe
+
+    def _pull_missing_prefix(self, hashes: list, local: int) -> int:
+        """The rest of :meth:`_pull_prefix_from_store` after its probe (blocking store calls)."""
         if local == len(hashes):
             return 0
         t0 = time.monotonic()
@@ -175,51 +241,20 @@ class PrefillServicer:
             except Exception as e:
                 log_event(log, "prefill failed", error=type(e).__name__)
                 raise
-            t = resp.timing
-            log_event(
-                log,
-                "prefill done",
-                request_id=resp.request_id,
-                prompt_tokens=len(req.prompt_token_ids),
-                cached_tokens=resp.num_cached_tokens,
-                blocks=len(resp.kv.block_hashes),
-                queue_s=round(t.queue_s, 6),
-                prefill_s=round(t.prefill_s, 6),
-                transfer_s=round(t.transfer_s, 6),
-            )
+            log_done(req, resp)
             return resp
 
     def _prefill(
         self, req: worker_pb2.PrefillRequest, ctx: grpc.ServicerContext
     ) -> worker_pb2.PrefillResponse:
         t_arrive = time.monotonic()
-        rid = req.request_id or f"pf-{time.time_ns()}"
-        if req.model and req.model != self.state.engine.model_id:
-            raise InvalidRequestError(f"this worker serves {self.state.engine.model_id!r}, not {req.model!r}")
-        # an adapter this worker does not serve: NOT_FOUND (the router refuses these first)
-        self.state.engine.check_adapter(req.adapter)
-        params = sampling_from_proto(req.sampling)
-        ids = list(req.prompt_token_ids)
-        group = params.num_candidates > 1
-        run_ids, params = group_prefix(ids, params, req.adapter) if group else (ids, params)
+        rid, ids, run_ids, group, add = self._accept(req)
         try:
             store_tokens = self._pull_prefix_from_store(ids, req.adapter, req.cache_salt) if ids else 0
         except Exception as e:  # the store is an optimisation: recompute on any failure
             log.warning("prefix pull from store failed (%s); recomputing", e)
             store_tokens = 0
         self.store_prefix_tokens_total += store_tokens
-
-        def add(e: LLMEngine) -> None:
-            e.add_request(
-                rid,
-                run_ids,
-                params,
-                priority=req.priority,
-                adapter_id=req.adapter,
-                cache_salt=req.cache_salt,
-                prefill_only=True,
-            )
-
         if req.kv_stream:  # chunk-wise KV streaming (prefill_worker/kv_stream.py)
             # a group streams the blocks of every prompt token but the last (group_prefix)
             return self._prefill_streamed(req, ctx, rid, run_ids, add, t_arrive, group)
@@ -256,24 +291,36 @@ class PrefillServicer:
                     log.warning("could not release the lease of cancelled %s: %s", rid, e)
             raise CancelledError("client went away while the KV was published")
         self.state.count_finished()
-        m = item.metrics
-        queue_s = (m.first_scheduled_time - m.arrival_time) if m and m.first_scheduled_time else 0.0
-        resp = worker_pb2.PrefillResponse(
-            request_id=rid,
-            first_token=0 if group else kv.first_token,  # a group's token is discarded
-            kv=handle_to_proto(handle),
-            num_cached_tokens=item.num_cached_tokens,
-            num_computed_tokens=len(run_ids) - item.num_cached_tokens,
-            prompt_tail_pending=group,
-            timing=common_pb2.Timing(
-                queue_s=queue_s,
-                prefill_s=(t_prefilled - t_arrive) - queue_s,
-                transfer_s=time.monotonic() - t_prefilled,
-            ),
-        )
-        if kv.first_logprob is not None and not group:
-            resp.first_token_logprob.CopyFrom(logprob_to_proto(kv.first_logprob))
-        return resp
+        return prefill_response(rid, item, kv, handle, len(run_ids), group, t_arrive, t_prefilled)
+
+    def _accept(
+        self, req: worker_pb2.PrefillRequest
+    ) -> tuple[str, list[int], list[int], bool, Callable[[LLMEngine], None]]:
+        """The checks of a Prefill before any work (model, adapter, sampling); returns (request
+        id, prompt, the tokens to prefill, whether it is a parallel-sampling group, the engine
+        add of the prefill-only request)."""
+        rid = req.request_id or f"pf-{time.time_ns()}"
+        if req.model and req.model != self.state.engine.model_id:
+            raise InvalidRequestError(f"this worker serves {self.state.engine.model_id!r}, not {req.model!r}")
+        # an adapter this worker does not serve: NOT_FOUND (the router refuses these first)
+        self.state.engine.check_adapter(req.adapter)
+        params = sampling_from_proto(req.sampling)
+        ids = list(req.prompt_token_ids)
+        group = params.num_candidates > 1
+        run_ids, params = group_prefix(ids, params, req.adapter) if group else (ids, params)
+
+        def add(e: LLMEngine) -> None:
+            e.add_request(
+                rid,
+                run_ids,
+                params,
+                priority=req.priority,
+                adapter_id=req.adapter,
+                cache_salt=req.cache_salt,
+                prefill_only=True,
+            )
+
+        return rid, ids, run_ids, group, add
 
     def _sink(self, req: worker_pb2.PrefillRequest) -> ChunkSink:
         """Where a streamed prefill's chunks go (``req.kv_stream``)."""

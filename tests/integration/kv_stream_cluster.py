@@ -130,11 +130,11 @@ def serve_prefill(
     """A prefill worker ``name`` on ``engine`` publishing to ``node`` (services Worker,
     WorkerAdmin and KVStream) on a free loopback port."""
     from pdserve.worker_main import serve_worker, worker_services
+    from prefill_worker.aio_service import AsyncPrefillServicer
     from prefill_worker.publisher import StorePublisher
-    from prefill_worker.service import PrefillServicer
 
     st = WorkerState(WorkerConfig(name, Role.PREFILL, str(path), node.address, engine=ecfg), engine)
-    svc = PrefillServicer(st, StorePublisher(node.client), node.client, node.transport, None)
+    svc = AsyncPrefillServicer(st, StorePublisher(node.client), node.client, node.transport, None)
     services, _ = worker_services(svc, Role.PREFILL, None)
     server, port = serve_worker(services, Role.PREFILL, "127.0.0.1", 0, name)
     st.address = f"127.0.0.1:{port}"

@@ -53,8 +53,8 @@ class _Cluster:
         from decode_worker.spill_puller import SpillPuller
         from pdserve.grpc_server import start_aio_server
         from pdserve.worker_main import serve_worker
+        from prefill_worker.aio_service import AsyncPrefillServicer
         from prefill_worker.publisher import StorePublisher
-        from prefill_worker.service import PrefillServicer
 
         ecfg = EngineConfig(num_kv_blocks=BLOCKS, block_size=BLOCK_SIZE)
         engines = {n: LLMEngine.from_pretrained(path, ecfg) for n in ("prefill-0", "dec-a", "dec-b")}
@@ -71,7 +71,7 @@ class _Cluster:
             st = WorkerState(WorkerConfig(name, role, str(path), self.store_srv.address, engine=ecfg), eng)
             self.states.append(st)
             if role is Role.PREFILL:
-                svc = PrefillServicer(st, StorePublisher(self.store), self.store, self.transport, None)
+                svc = AsyncPrefillServicer(st, StorePublisher(self.store), self.store, self.transport, None)
             else:
                 puller = SpillPuller(StorePuller(self.transport, {self.store_srv.address: self.store}))
                 svc = AsyncDecodeServicer(

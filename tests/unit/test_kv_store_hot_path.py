@@ -199,6 +199,6 @@ def test_the_client_keeps_one_header_per_layout_and_ttl(node: StoreServer, monke
         with pytest.raises(LayoutMismatchError):  # another layout: its own header, refused by the node
             c.put_blocks(OTHER, keys(1, "hdr-other"), [os.urandom(OTHER.block_nbytes)])
         assert (OTHER, 0.0) in c._put_headers
-        monkeypatch.setattr(client_mod, "_MAX_PUT_HEADERS", 2)
+        monkeypatch.setattr(client_mod, "MAX_PUT_HEADERS", 2)
         c.put_blocks(LAYOUT, keys(1, "hdr-bound"), [os.urandom(LAYOUT.block_nbytes)], lease_ttl_s=9.0)
         assert len(c._put_headers) <= 2 and (LAYOUT, 9.0) in c._put_headers

@@ -69,8 +69,8 @@ def prefill_worker(tiny):
     from kv_store.store import StoreConfig
     from kv_store.transport import AutoTransport
     from pdserve.worker_main import serve_worker, worker_services
+    from prefill_worker.aio_service import AsyncPrefillServicer
     from prefill_worker.publisher import StorePublisher
-    from prefill_worker.service import PrefillServicer
 
     base, a1 = tiny
     ecfg = EngineConfig(num_kv_blocks=64)
@@ -80,7 +80,7 @@ def prefill_worker(tiny):
     store = KVStoreClient(srv.address)
     transport = AutoTransport(host_id())
     st = WorkerState(WorkerConfig("p0", Role.PREFILL, str(base), srv.address, engine=ecfg, lora=lora), eng)
-    svc = PrefillServicer(st, StorePublisher(store), store, transport)
+    svc = AsyncPrefillServicer(st, StorePublisher(store), store, transport)
     services, _ = worker_services(svc, Role.PREFILL, None)
     server, port = serve_worker(services, Role.PREFILL, "127.0.0.1", 0, "p0")
     yield f"127.0.0.1:{port}", st, store
