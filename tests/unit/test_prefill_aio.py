@@ -34,6 +34,7 @@ from pdserve.worker_base import Role, WorkerConfig, WorkerState, engine_layout
 from pdserve.worker_main import serve_worker, worker_services
 from prefill_worker.aio_service import BLOCKING_THREADS, AsyncPrefillServicer
 from prefill_worker.kv_stream import StreamStatus
+from prefill_worker.prefix_policy import FetchMode, PrefixFetchConfig, PrefixFetchPolicy
 from prefill_worker.publisher import StorePublisher
 from prefill_worker.service import PrefillServicer
 from tests.lora_adapters import make_tiny_llama
@@ -252,3 +253,34 @@ def test_a_kv_stream_never_opened_is_not_found(worker, monkeypatch) -> None:
         list(stub.StreamKV(worker_pb2.ResumeStreamRequest(request_id="never-opened"), timeout=30))
     assert ei.value.code() == grpc.StatusCode.NOT_FOUND
     assert "never-opened" in ei.value.details()
+
+
+def test_a_prefix_in_the_store_is_pulled_from_the_event_loop(worker) -> None:
+    """A second worker (its own engine, the same store) serving a prompt the first one published:
+    the local probe awaited on its engine thread, the pull on a thread, the result the same."""
+    cfg = worker.state.config
+    ecfg = EngineConfig(num_kv_blocks=BLOCKS)
+    eng = LLMEngine.from_pretrained(cfg.model_path, ecfg)
+    st = WorkerState(WorkerConfig("p1", Role.PREFILL, cfg.model_path, cfg.store_address, engine=ecfg), eng)
+    transport = AutoTransport(host_id())
+    policy = PrefixFetchPolicy(PrefixFetchConfig(mode=FetchMode.ALWAYS))
+    svc = AsyncPrefillServicer(st, StorePublisher(worker.store), worker.store, transport, policy)
+    services, _ = worker_services(svc, Role.PREFILL, None)
+    server, port = serve_worker(services, Role.PREFILL, "127.0.0.1", 0, "p1")
+    ids = list(range(50, 90))  # two full blocks and a partial one
+    try:
+        a = worker.stub.Prefill(request("prefix-a", ids), timeout=60)
+        assert worker.store.release(a.kv.lease_id)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            b = worker_pb2_grpc.WorkerStub(ch).Prefill(request("prefix-b", ids), timeout=60)
+        assert worker.store.release(b.kv.lease_id)
+        assert svc.store_prefix_tokens_total == 32  # the two full blocks came from the store
+        assert b.num_cached_tokens == 32 and b.num_computed_tokens == len(ids) - 32
+        assert b.first_token == a.first_token
+        # the pulled blocks are A's bytes (the partial one, computed by each, may differ in rounding)
+        assert list(b.kv.block_checksums)[:2] == list(a.kv.block_checksums)[:2]
+    finally:
+        server.stop(0).wait()
+        svc.close()
+        st.close()
+        transport.close()
