@@ -35,7 +35,7 @@ import grpc
 from kv_store import convert
 from kv_store.auth import LEASE_OWNER_METADATA_KEY, check_owner
 from kv_store.checksum import block_checksum, check_checksum_list
-from kv_store.client import MAX_PUT_HEADERS, as_block_bytes, put_blocks_fits
+from kv_store.client import as_block_bytes, put_blocks_fits, put_header
 from kv_store.handle import check_hashes
 from kv_store.layout import KVLayout
 from kv_store.store import PutResult
@@ -111,7 +111,7 @@ class AsyncKVStoreClient:
             request_serializer=lambda m: m,
             response_deserializer=kv_store_pb2.PutResponse.FromString,
         )
-        self._put_headers: dict[tuple[KVLayout, float], bytes] = {}  # per (layout, ttl): _put_header
+        self._put_headers: dict[tuple[KVLayout, float], bytes] = {}  # per (layout, ttl): put_header
 
     def _metadata(self, rid: str | None = None) -> tuple[tuple[str, str], ...]:
         rid = current_request_id() if rid is None else rid
@@ -157,7 +157,10 @@ class AsyncKVStoreClient:
                 )
         sums = check_checksum_list(checksums, len(hashes), "put_blocks checksums")
         msg = encode_put_blocks(
-            self._put_header(layout, lease_ttl_s), hashes, sums or [block_checksum(v) for v in views], views
+            put_header(self._put_headers, layout, lease_ttl_s),
+            hashes,
+            sums or [block_checksum(v) for v in views],
+            views,
         )
         md = self._metadata()
         if owner is not None:  # as the sync client: this owner's key in place of the client's
@@ -171,19 +174,6 @@ class AsyncKVStoreClient:
                 return None
             self._raise(e)
         return convert.put_result_from_proto(resp)
-
-    def _put_header(self, layout: KVLayout, lease_ttl_s: float) -> bytes:
-        """The serialised PutBlocksRequest header of a put, made once per (layout, ttl)."""
-        key = (layout, lease_ttl_s)
-        header = self._put_headers.get(key)
-        if header is None:
-            header = kv_store_pb2.PutBlocksRequest(
-                layout=convert.layout_to_proto(layout), lease_ttl_s=lease_ttl_s
-            ).SerializeToString()
-            if len(self._put_headers) >= MAX_PUT_HEADERS:  # many ttls: keep the cache bounded
-                self._put_headers.clear()
-            self._put_headers[key] = header
-        return header
 
     async def release(self, lease_id: str, *, shm_read_blocks: int = 0) -> bool:
         """As :meth:`kv_store.client.KVStoreClient.release`: unpin a lease; False if unknown or

@@ -68,6 +68,22 @@ def as_block_bytes(block: BlockData) -> memoryview:
     return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
 
 
+def put_header(cache: dict[tuple[KVLayout, float], bytes], layout: KVLayout, lease_ttl_s: float) -> bytes:
+    """The serialised PutBlocksRequest header (layout, lease ttl) of a put, made once per (layout,
+    ttl) a client puts with and kept in its ``cache`` (#12: not rebuilt per handoff; at most
+    :data:`MAX_PUT_HEADERS`)."""
+    key = (layout, lease_ttl_s)
+    header = cache.get(key)
+    if header is None:
+        header = kv_store_pb2.PutBlocksRequest(
+            layout=convert.layout_to_proto(layout), lease_ttl_s=lease_ttl_s
+        ).SerializeToString()
+        if len(cache) >= MAX_PUT_HEADERS:  # many ttls: keep the cache bounded
+            cache.clear()
+        cache[key] = header
+    return header
+
+
 class KVStoreClient:
     """Client of one store node at ``address`` ("host:port"). Thread-safe; reuse it.
 
@@ -215,18 +231,7 @@ class KVStoreClient:
         return convert.put_result_from_proto(resp)
 
     def _put_header(self, layout: KVLayout, lease_ttl_s: float) -> bytes:
-        """The serialised PutBlocksRequest header (layout, lease ttl) of a put, made once per
-        (layout, ttl) this client puts with (#12: not rebuilt per handoff)."""
-        key = (layout, lease_ttl_s)
-        header = self._put_headers.get(key)
-        if header is None:
-            header = kv_store_pb2.PutBlocksRequest(
-                layout=convert.layout_to_proto(layout), lease_ttl_s=lease_ttl_s
-            ).SerializeToString()
-            if len(self._put_headers) >= MAX_PUT_HEADERS:  # many ttls: keep the cache bounded
-                self._put_headers.clear()
-            self._put_headers[key] = header
-        return header
+        return put_header(self._put_headers, layout, lease_ttl_s)
 
     def _metadata(self, owner: str | None = None) -> tuple[tuple[str, str], ...]:
         if owner is None or owner == self.lease_owner:
