@@ -34,7 +34,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -53,6 +54,7 @@ from pdserve.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from pdserve.thread_iter import iterate_on_threads
 from pdserve.tracing import log_event
 from pdserve.v1 import worker_pb2
 from prefill_worker.publisher import KVPublisher
@@ -328,7 +330,8 @@ class KVPeerServicer:
     device, made once the group is ready. ``ready_timeout_s`` bounds the wait for the group.
     ``spill_to`` (the store publisher) serves ``SpillKV``. Counters: ``pushes`` (completed),
     ``push_failures`` (failed after the entry was taken: the entry is gone, the decode side gets
-    the error), ``spills`` (entries handed to the store by SpillKV).
+    the error), ``spills`` (entries handed to the store by SpillKV). ``push_threads``: PushKV
+    calls making progress at once (each step of one runs on a thread of :attr:`executor`).
     """
 
     def __init__(
@@ -340,6 +343,7 @@ class KVPeerServicer:
         spill_to: KVPublisher | None = None,
         locks: PeerLocks | None = None,
         busy_wait_s: float = 2.0,
+        push_threads: int = 16,
     ) -> None:
         self.outbox = outbox
         self.group = group
@@ -352,6 +356,8 @@ class KVPeerServicer:
         self._count_lock = threading.Lock()
         self.pushes = 0
         self.push_failures = 0
+        # PushKV's steps (the group's wait, the peer lock, the send) run here (PushKV)
+        self.executor = ThreadPoolExecutor(max_workers=push_threads, thread_name_prefix="kv-peer")
 
     def _sender_for(self, device: torch.device) -> BlockSender:
         if self._sender is None:
@@ -362,9 +368,18 @@ class KVPeerServicer:
         with self._count_lock:
             setattr(self, name, getattr(self, name) + 1)
 
-    def PushKV(
-        self, req: worker_pb2.PushKVRequest, ctx: grpc.ServicerContext
-    ) -> Iterator[worker_pb2.PushKVResponse]:
+    async def PushKV(
+        self, req: worker_pb2.PushKVRequest, ctx: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.PushKVResponse]:
+        """:meth:`push_kv` served on a worker's ``grpc.aio`` server: each step on a thread of
+        :attr:`executor` (:func:`pdserve.thread_iter.iterate_on_threads`; a sync streaming handler
+        there would leave its thread blocked for good if the server stopped mid-stream)."""
+        async for m in iterate_on_threads(self.push_kv(req), self.executor):
+            yield m
+
+    def push_kv(self, req: worker_pb2.PushKVRequest) -> Iterator[worker_pb2.PushKVResponse]:
+        """The messages of ``PushKV(req)``: accepted (the receiver posts its receive), then done
+        once the blocks were sent over the process group."""
         rid, dst, me = req.request_id, req.dst_rank, self.group.rank
         if not rid:
             raise InvalidRequestError("PushKV: request_id is required")

@@ -8,17 +8,17 @@ on a sync ``grpc.server``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from kv_store.convert import layout_to_proto
 from pdserve.errors import InvalidRequestError
+from pdserve.thread_iter import iterate_on_threads
 from pdserve.v1 import worker_pb2
 from prefill_worker.kv_stream import (
     KVStreamRegistry,
-    StreamChunk,
     StreamFinal,
     chunk_to_proto,
     final_to_proto,
@@ -48,29 +48,29 @@ class KVStreamServicer:
         loop = asyncio.get_running_loop()
         s = await loop.run_in_executor(self.executor, self.registry.take, req.request_id)
         items = s.consume(self.item_timeout_s)
-        pending: asyncio.Future[StreamChunk | StreamFinal | None] | None = None
-        try:
-            yield worker_pb2.MigrationChunk(
-                begin=worker_pb2.MigrationBegin(request_id=req.request_id, layout=layout_to_proto(s.layout))
-            )
-            while True:
-                pending = loop.run_in_executor(self.executor, next, items, None)
-                item = await asyncio.shield(pending)  # cancelled: the wait goes on (finally)
-                pending = None
-                if item is None:
-                    return
-                if isinstance(item, StreamFinal):
-                    yield final_to_proto(item)
-                    return
-                yield chunk_to_proto(item, s.layout)
-        finally:
-            # a stream left before its final is cancelled (a no-op once the final was handed over)
-            s.cancel(f"the consumer of {req.request_id!r}'s KV stream went away")
-            if pending is None or pending.done():
+
+        def messages() -> Iterator[worker_pb2.MigrationChunk]:
+            try:
+                yield worker_pb2.MigrationChunk(
+                    begin=worker_pb2.MigrationBegin(
+                        request_id=req.request_id, layout=layout_to_proto(s.layout)
+                    )
+                )
+                for item in items:
+                    if isinstance(item, StreamFinal):
+                        yield final_to_proto(item)
+                        return
+                    yield chunk_to_proto(item, s.layout)
+            finally:
                 items.close()
                 self.registry.close(s)
-            else:  # a wait still on its thread: the cancellation wakes it; closed once it returns
-                pending.add_done_callback(lambda _f: (items.close(), self.registry.close(s)))
+
+        def abandon() -> None:  # a stream left before its final is cancelled (and forgotten)
+            s.cancel(f"the consumer of {req.request_id!r}'s KV stream went away")
+            self.registry.close(s)
+
+        async for m in iterate_on_threads(messages(), self.executor, abandon):
+            yield m
 
     def close(self) -> None:
         """Stop the waiting threads (after the server stopped)."""

@@ -295,7 +295,7 @@ def test_a_push_the_other_way_is_refused_while_receiving_from_that_rank():
     outbox.put("k", torch.zeros(1, 1, 2, 1, 1, 1), ttl_s=30)
     peer = KVPeerServicer(outbox, _Group(0), sender=_Sender(_Pipes(), 0), locks=locks, busy_wait_s=0.05)
     with locks.lock_for(1), pytest.raises(UnavailableError, match="receiving a transfer from rank 1"):
-        next(peer.PushKV(worker_pb2.PushKVRequest(request_id="k", dst_rank=1), None))
+        next(peer.push_kv(worker_pb2.PushKVRequest(request_id="k", dst_rank=1)))
     assert "k" in outbox  # not taken: the peer may pull it again
 
 

@@ -145,7 +145,7 @@ class FakeStub:
 
     def PushKV(self, request: worker_pb2.PushKVRequest, timeout: float | None = None) -> FakeCall:
         self.calls.append(request)
-        return FakeCall(self.servicer.PushKV(request, None))  # type: ignore[arg-type]
+        return FakeCall(self.servicer.push_kv(request))
 
 
 class FakeFallback:
@@ -372,13 +372,13 @@ def test_push_rejects_bad_ranks_and_unready_group() -> None:
     peer = KVPeerServicer(ob, FakeGroup(0, world_size=2), sender=Pipe())  # type: ignore[arg-type]
     for dst in (0, 2, -1):
         with pytest.raises(InvalidRequestError, match="dst_rank"):
-            list(peer.PushKV(worker_pb2.PushKVRequest(request_id="r", dst_rank=dst), None))  # type: ignore[arg-type]
+            list(peer.push_kv(worker_pb2.PushKVRequest(request_id="r", dst_rank=dst)))
     with pytest.raises(RequestNotFoundError, match="expired"):
-        list(peer.PushKV(worker_pb2.PushKVRequest(request_id="r", dst_rank=1), None))  # type: ignore[arg-type]
+        list(peer.push_kv(worker_pb2.PushKVRequest(request_id="r", dst_rank=1)))
     failed = KVPeerServicer(ob, FakeGroup(0, 2, failed=True), sender=Pipe())  # type: ignore[arg-type]
     ob.put("r", export(1).blocks, 30)
     with pytest.raises(UnavailableError, match="failed to form"):
-        list(failed.PushKV(worker_pb2.PushKVRequest(request_id="r", dst_rank=1), None))  # type: ignore[arg-type]
+        list(failed.push_kv(worker_pb2.PushKVRequest(request_id="r", dst_rank=1)))
     assert "r" in ob  # not taken: nothing was promised to the receiver
     # the puller refuses a handle naming its own rank or a rank outside the group
     puller = DistPuller(FakeGroup(1, 2), FakeFallback(), stub_for=lambda a: None, receiver=Pipe())  # type: ignore[arg-type]
