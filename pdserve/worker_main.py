@@ -660,10 +660,11 @@ def serve_worker(
     Both roles serve on ``grpc.aio`` (:func:`pdserve.grpc_server.start_aio_server`): a decode
     worker's Decode streams and a prefill worker's Prefill calls
     (:mod:`prefill_worker.aio_service`) wait on the engine as tasks of one event loop, not as
-    threads of a pool, so a worker's concurrency is its engine's, not a thread cap. The sync
-    methods (Stats, Abort, a prefill worker's KVStream reads and KVPeer pulls) run on the
-    server's threads: a prefill worker has as many as its blocking pool (its KVStream reads wait
-    on chunks). The server stops with ``server.stop(grace).wait()``."""
+    threads of a pool, so a worker's concurrency is its engine's, not a thread cap; so are a
+    prefill worker's KVStream reads and KVPeer pushes (their blocking steps on their servicers'
+    own threads). The sync methods (Stats, Abort, WorkerAdmin, KVPeer.SpillKV) run on the
+    server's threads: a prefill worker keeps as many as its blocking pool. The server stops with
+    ``server.stop(grace).wait()``."""
     from pdserve.grpc_server import start_aio_server
     from prefill_worker.aio_service import BLOCKING_THREADS
 

@@ -36,7 +36,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
@@ -45,12 +45,12 @@ from engine.llm_engine import KVExport, LLMEngine
 from kv_store.aio_client import AsyncKVStoreClient
 from kv_store.client import KVStoreClient
 from kv_store.handle import KVHandle
-from pdserve.errors import CancelledError, InternalError
+from pdserve.errors import InternalError
 from pdserve.tracing import log_event, request_scope
 from pdserve.v1 import worker_pb2
 from prefill_worker.kv_stream_service import KVStreamServicer
 from prefill_worker.publisher import StorePublisher
-from prefill_worker.service import PrefillServicer, log_done, prefill_response
+from prefill_worker.service import PrefillServicer, _ExportOnFinish, log_done, prefill_response
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,15 @@ T = TypeVar("T")
 BLOCKING_THREADS = 32  # prefix pulls, streamed prefills and thread publishes at once (as the sync pool)
 
 
-class _AwaitExport:
-    """The output sink of one prefill (``EngineLoop.add_submit``'s ``out``) for a task on
-    ``loop``: the first output, on the engine thread, is exported and its blocks released (as
-    :class:`prefill_worker.service._ExportOnFinish` does) and ``fut`` gets ``(output, KVExport)``;
-    a failure ``(exception, None)``; an output that did not finish the prefill ``(output, None)``."""
+class _AwaitExport(_ExportOnFinish):
+    """:class:`prefill_worker.service._ExportOnFinish` for a task on ``loop``: the first output is
+    exported and its blocks released on the engine thread as there, and ``fut`` gets
+    ``(output, KVExport)``, a failure ``(exception, None)``, an output that did not finish the
+    prefill ``(output, None)``."""
 
     def __init__(self, engine: LLMEngine, rid: str, loop: asyncio.AbstractEventLoop) -> None:
-        self._engine, self._rid, self._loop = engine, rid, loop
+        super().__init__(engine, rid)
+        self._loop = loop
         self.fut: asyncio.Future[tuple[object, KVExport | None]] = loop.create_future()
 
     def _settle(self, value: tuple[object, KVExport | None]) -> None:  # event loop
@@ -76,26 +77,6 @@ class _AwaitExport:
     def _hand(self, value: tuple[object, KVExport | None]) -> None:  # engine thread
         with contextlib.suppress(RuntimeError):  # the loop has closed: no one waits any more
             self._loop.call_soon_threadsafe(self._settle, value)
-
-    def put(self, item: object) -> None:  # engine thread
-        if isinstance(item, BaseException) or not getattr(item, "finished", False):
-            self._hand((item, None))
-            return
-        try:
-            kv = self._engine.export_kv(self._rid)
-            self._engine.release(self._rid)
-        except Exception as e:  # noqa: BLE001 - handed to the Prefill call, which raises it
-            self._hand((e, None))
-            return
-        self._hand((item, kv))
-
-    def add_failed(self, fut: Future) -> None:
-        """Done-callback of the request's add: an add that failed (or never ran) comes as its
-        exception, as an engine error would."""
-        if fut.cancelled():
-            self._hand((CancelledError(f"prefill of {self._rid!r} was not added: cancelled"), None))
-        elif (e := fut.exception()) is not None:
-            self._hand((e, None))
 
 
 class _ThreadCallContext:
@@ -174,7 +155,7 @@ class AsyncPrefillServicer(PrefillServicer):
         try:
             item, kv = await sink.fut
         except asyncio.CancelledError:
-            self._abort_soon(rid)
+            self.state.loop.abort_soon(rid)  # not waited for
             raise
         if isinstance(item, BaseException):
             raise item
@@ -188,7 +169,7 @@ class AsyncPrefillServicer(PrefillServicer):
         except asyncio.CancelledError:
             # the caller went away while the blocks were published: no one will ever learn this
             # handle, so its lease is released once the put is done, not left pinned to its TTL
-            publish.add_done_callback(lambda t: self._release_orphan(t, rid))
+            publish.add_done_callback(lambda t: self._release_when_published(t, rid))
             raise
         self.state.count_finished()
         return prefill_response(rid, item, kv, handle, len(run_ids), group, t_arrive, t_prefilled)
@@ -234,27 +215,11 @@ class AsyncPrefillServicer(PrefillServicer):
             self._astore = AsyncKVStoreClient(client.address, client.call_metadata, client.timeout_s)
         return self._astore
 
-    def _abort_soon(self, rid: str) -> None:
-        """Abort ``rid`` in the engine without waiting (an unknown one is fine)."""
-        self.state.loop.abort_soon(rid)
-
-    def _release_orphan(self, publish: asyncio.Future[KVHandle], rid: str) -> None:
+    def _release_when_published(self, publish: asyncio.Future[KVHandle], rid: str) -> None:
         """Done-callback of the publish of a prefill whose caller went away: its lease released
-        (failures logged: the lease expires anyway)."""
-        if publish.cancelled() or publish.exception() is not None:
-            return
-        lease = publish.result().lease_id
-        if not lease or self.store is None:
-            return
-        store = self.store
-
-        def release() -> None:
-            try:
-                store.release(lease)
-            except Exception as e:  # noqa: BLE001 - the lease expires anyway
-                log.warning("could not release the lease of cancelled %s: %s", rid, e)
-
-        self.blocking.submit(release)
+        on a thread (:meth:`PrefillServicer._release_orphan`)."""
+        if not publish.cancelled() and publish.exception() is None:
+            self.blocking.submit(self._release_orphan, publish.result(), rid)
 
     def close(self) -> None:
         """After the server stopped: cancel the live KV streams (a thread waiting on one wakes)

@@ -65,25 +65,29 @@ class _ExportOnFinish:
         self._engine, self._rid = engine, rid
         self._q: queue.SimpleQueue[tuple[object, KVExport | None]] = queue.SimpleQueue()
 
+    def _hand(self, value: tuple[object, KVExport | None]) -> None:  # engine thread
+        """Deliver ``value`` to the waiting call (here: :meth:`get`)."""
+        self._q.put(value)
+
     def put(self, item: object) -> None:  # engine thread
         if isinstance(item, BaseException) or not getattr(item, "finished", False):
-            self._q.put((item, None))
+            self._hand((item, None))
             return
         try:
             kv = self._engine.export_kv(self._rid)
             self._engine.release(self._rid)
         except Exception as e:  # noqa: BLE001 - handed to the Prefill call, which raises it
-            self._q.put((e, None))
+            self._hand((e, None))
             return
-        self._q.put((item, kv))
+        self._hand((item, kv))
 
     def add_failed(self, fut: Future) -> None:
         """Done-callback of the request's add (``EngineLoop.add_submit``): an add that failed
-        (or never ran) comes to :meth:`get` as its exception, as an engine error would."""
+        (or never ran) comes to the waiting call as its exception, as an engine error would."""
         if fut.cancelled():
-            self._q.put((CancelledError(f"prefill of {self._rid!r} was not added: cancelled"), None))
+            self._hand((CancelledError(f"prefill of {self._rid!r} was not added: cancelled"), None))
         elif (e := fut.exception()) is not None:
-            self._q.put((e, None))
+            self._hand((e, None))
 
     def get(self) -> tuple[object, KVExport | None]:
         return self._q.get()
@@ -284,14 +288,20 @@ class PrefillServicer:
         if not ctx.is_active():
             # the caller went away while the blocks were published: no one will ever learn this
             # handle, so its lease is released now instead of pinning the blocks until its TTL
-            if handle.lease_id and self.store is not None:
-                try:
-                    self.store.release(handle.lease_id)
-                except Exception as e:  # noqa: BLE001 - the lease expires anyway
-                    log.warning("could not release the lease of cancelled %s: %s", rid, e)
+            self._release_orphan(handle, rid)
             raise CancelledError("client went away while the KV was published")
         self.state.count_finished()
         return prefill_response(rid, item, kv, handle, len(run_ids), group, t_arrive, t_prefilled)
+
+    def _release_orphan(self, handle: KVHandle, rid: str) -> None:
+        """Release the lease of ``handle``, published for a caller that went away (blocking;
+        a failure is logged: the lease expires anyway)."""
+        if not handle.lease_id or self.store is None:
+            return
+        try:
+            self.store.release(handle.lease_id)
+        except Exception as e:  # noqa: BLE001 - the lease expires anyway
+            log.warning("could not release the lease of cancelled %s: %s", rid, e)
 
     def _accept(
         self, req: worker_pb2.PrefillRequest
