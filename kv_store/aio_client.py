@@ -34,9 +34,8 @@ import grpc
 
 from kv_store import convert
 from kv_store.auth import LEASE_OWNER_METADATA_KEY, check_owner
-from kv_store.checksum import block_checksum, check_checksum_list
-from kv_store.client import as_block_bytes, put_blocks_fits, put_header
-from kv_store.handle import check_hashes
+from kv_store.checksum import block_checksum
+from kv_store.client import checked_put, put_blocks_fits, put_header
 from kv_store.layout import KVLayout
 from kv_store.store import PutResult
 from kv_store.wire import encode_put_blocks
@@ -141,21 +140,12 @@ class AsyncKVStoreClient:
         (:func:`kv_store.client.put_blocks_fits`) are refused with InvalidRequestError (the caller
         streams them with the sync client). None when the node has no ``PutBlocks`` (an older
         node answers UNIMPLEMENTED): the caller streams instead."""
-        hashes = check_hashes(hashes)
-        if len(blocks) != len(hashes):
-            raise InvalidRequestError(f"put_blocks: {len(blocks)} blocks for {len(hashes)} hashes")
+        hashes, views, sums = checked_put(layout, hashes, blocks, checksums)  # type: ignore[arg-type]
         nbytes = layout.block_nbytes
         if not put_blocks_fits(len(hashes), nbytes):
             raise InvalidRequestError(
                 f"put_blocks: {len(hashes)} blocks of {nbytes} bytes do not fit one PutBlocks message"
             )
-        views = [as_block_bytes(b) for b in blocks]  # type: ignore[arg-type]
-        for i, v in enumerate(views):
-            if v.nbytes != nbytes:
-                raise InvalidRequestError(
-                    f"put_blocks: block {i} has {v.nbytes} bytes, the layout needs {nbytes}"
-                )
-        sums = check_checksum_list(checksums, len(hashes), "put_blocks checksums")
         msg = encode_put_blocks(
             put_header(self._put_headers, layout, lease_ttl_s),
             hashes,

@@ -68,6 +68,25 @@ def as_block_bytes(block: BlockData) -> memoryview:
     return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
 
 
+def checked_put(
+    layout: KVLayout, hashes: Sequence[BlockHash], blocks: Sequence[BlockData], checksums: Sequence[int]
+) -> tuple[tuple[BlockHash, ...], list[memoryview], list[int]]:
+    """A put's (hashes, each block's bytes, the given checksums or []), checked: InvalidRequestError
+    naming a bad hash, a block count that is not the hashes', a block whose size is not the
+    layout's, or a bad checksum list."""
+    hashes = check_hashes(hashes)
+    if len(blocks) != len(hashes):
+        raise InvalidRequestError(f"put_blocks: {len(blocks)} blocks for {len(hashes)} hashes")
+    nbytes = layout.block_nbytes
+    views = [as_block_bytes(b) for b in blocks]
+    for i, v in enumerate(views):
+        if v.nbytes != nbytes:
+            raise InvalidRequestError(
+                f"put_blocks: block {i} has {v.nbytes} bytes, the layout needs {nbytes}"
+            )
+    return hashes, views, check_checksum_list(checksums, len(hashes), "put_blocks checksums")
+
+
 def put_header(cache: dict[tuple[KVLayout, float], bytes], layout: KVLayout, lease_ttl_s: float) -> bytes:
     """The serialised PutBlocksRequest header (layout, lease ttl) of a put, made once per (layout,
     ttl) a client puts with and kept in its ``cache`` (#12: not rebuilt per handoff; at most
@@ -180,19 +199,9 @@ class KVStoreClient:
         (write-once: kept). ``owner``: whom the lease is charged to (default: ``lease_owner``).
         ``checksums``: the blocks' checksums when the caller computed them already (the node
         verifies them against the bytes); default: computed here."""
-        hashes = check_hashes(hashes)
-        if len(blocks) != len(hashes):
-            raise InvalidRequestError(f"put_blocks: {len(blocks)} blocks for {len(hashes)} hashes")
+        hashes, views, sums = checked_put(layout, hashes, blocks, checksums)
         nbytes = layout.block_nbytes
-        views = [as_block_bytes(b) for b in blocks]
-        for i, v in enumerate(views):
-            if v.nbytes != nbytes:
-                raise InvalidRequestError(
-                    f"put_blocks: block {i} has {v.nbytes} bytes, the layout needs {nbytes}"
-                )
-
         md = self._metadata(owner)
-        sums = check_checksum_list(checksums, len(hashes), "put_blocks checksums")
         if self.unary_put and put_blocks_fits(len(hashes), nbytes):
             header = self._put_header(layout, lease_ttl_s)
             msg = encode_put_blocks(header, hashes, sums or [block_checksum(v) for v in views], views)
