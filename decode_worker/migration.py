@@ -56,7 +56,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -160,6 +160,56 @@ def _adopt(e: LLMEngine, imp: MigrationImport, final: FinalState) -> None:
         take(imp.request_id)
 
 
+class _MigrateInSession:
+    """One ``MigrateIn`` stream on the destination: its chunks in order (:meth:`handle`,
+    blocking: engine calls and a STORE stage's pull), and :meth:`abort`, which frees what the
+    stream allocated unless the request was started. Not thread-safe: one chunk at a time."""
+
+    def __init__(self, mig: DecodeMigration) -> None:
+        self.mig = mig
+        self.imp: MigrationImport | None = None
+        self.started = False  # ``final`` handled: the request runs here
+
+    def handle(self, c: worker_pb2.MigrationChunk) -> worker_pb2.MigrationAck | None:
+        """Apply chunk ``c``; the ack to send back (end of a stage, or the request started),
+        else None. Raises on a chunk out of order or refused."""
+        mig, loop = self.mig, self.mig.state.loop
+        kind = c.WhichOneof("kind")
+        if kind == "begin":
+            if self.imp is not None:
+                raise InvalidRequestError("MigrateIn: a second begin")
+            header = header_from_proto(c.begin)
+            with mig._lock:
+                if header.request_id in mig._migrated:
+                    raise InvalidRequestError(
+                        f"request id {header.request_id!r} is already in use on the destination"
+                    )
+            self.imp = loop.call(lambda e, h=header: MigrationImport(e, h))
+            return None
+        imp = self.imp
+        if imp is None:
+            raise InvalidRequestError(f"MigrateIn: {kind} before begin")
+        if kind == "blocks":
+            if c.blocks.HasField("kv"):
+                stage = mig._pull_stage(c.blocks, imp.header.shape)
+            else:
+                stage = stage_from_proto(c.blocks, imp.header.shape)
+            loop.call(lambda e, s=stage, i=imp: i.add_stage(s))
+            return worker_pb2.MigrationAck(blocks_held=imp.blocks_held) if c.blocks.end_of_stage else None
+        if kind == "final":
+            final = final_from_proto(c.final, imp.blocks_held, imp.header.shape)
+            mig._start(imp, final)
+            self.started = True
+            return worker_pb2.MigrationAck(blocks_held=imp.blocks_held, running=True)
+        raise InvalidRequestError("MigrateIn: empty chunk")
+
+    def abort(self) -> None:
+        """Free what the stream allocated, unless the request started (idempotent)."""
+        imp, self.imp = self.imp, None
+        if imp is not None and not self.started:
+            self.mig.state.loop.call(lambda e: imp.abort())
+
+
 class DecodeMigration:
     """The migration RPCs of one decode worker (registered by the decode servicer).
 
@@ -250,48 +300,41 @@ class DecodeMigration:
         return resp
 
     # ------------------------------------------------------------- destination
-    def migrate_in(
-        self, chunks: Iterator[worker_pb2.MigrationChunk], ctx: grpc.ServicerContext
-    ) -> Iterator[worker_pb2.MigrationAck]:
-        """``Worker.MigrateIn`` (blocking generator; runs on the server's thread pool)."""
-        loop = self.state.loop
-        imp: MigrationImport | None = None
-        done = False
+    async def migrate_in_async(
+        self, chunks: AsyncIterator[worker_pb2.MigrationChunk], ctx: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.MigrationAck]:
+        """``Worker.MigrateIn`` on a ``grpc.aio`` server (#12): the chunks are read on the event
+        loop and each is handled (engine calls, a STORE stage's pull) on an ``admission`` thread,
+        so no thread waits on the loop (a sync streaming handler's thread blocks for good when
+        the server stops mid-stream). A stream that fails or ends before ``final`` frees what it
+        allocated before the call ends; a cancelled one frees it once the chunk being handled
+        returns."""
+        s = _MigrateInSession(self)
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future | None = None
         try:
-            for c in chunks:
-                kind = c.WhichOneof("kind")
-                if kind == "begin":
-                    if imp is not None:
-                        raise InvalidRequestError("MigrateIn: a second begin")
-                    header = header_from_proto(c.begin)
-                    with self._lock:
-                        if header.request_id in self._migrated:
-                            raise InvalidRequestError(
-                                f"request id {header.request_id!r} is already in use on the destination"
-                            )
-                    imp = loop.call(lambda e, h=header: MigrationImport(e, h))
-                    continue
-                if imp is None:
-                    raise InvalidRequestError(f"MigrateIn: {kind} before begin")
-                if kind == "blocks":
-                    if c.blocks.HasField("kv"):
-                        stage = self._pull_stage(c.blocks, imp.header.shape)
-                    else:
-                        stage = stage_from_proto(c.blocks, imp.header.shape)
-                    loop.call(lambda e, s=stage, i=imp: i.add_stage(s))
-                    if c.blocks.end_of_stage:
-                        yield worker_pb2.MigrationAck(blocks_held=imp.blocks_held)
-                elif kind == "final":
-                    final = final_from_proto(c.final, imp.blocks_held, imp.header.shape)
-                    self._start(imp, final)
-                    done = True
-                    yield worker_pb2.MigrationAck(blocks_held=imp.blocks_held, running=True)
+            async for c in chunks:
+                pending = loop.run_in_executor(self.admission, s.handle, c)
+                ack = await asyncio.shield(pending)  # cancelled: the chunk's handling goes on
+                pending = None
+                if ack is not None:
+                    yield ack
+                if s.started:
                     return
-                else:
-                    raise InvalidRequestError("MigrateIn: empty chunk")
-        finally:
-            if not done and imp is not None:
-                loop.call(lambda e: imp.abort())
+            await loop.run_in_executor(self.admission, s.abort)  # the source closed early
+        except asyncio.CancelledError:
+            if pending is None or pending.done():
+                self._abort_later(s)
+            else:
+                pending.add_done_callback(lambda _f: self._abort_later(s))
+            raise
+        except BaseException:
+            await loop.run_in_executor(self.admission, s.abort)
+            raise
+
+    def _abort_later(self, s: _MigrateInSession) -> None:
+        with contextlib.suppress(RuntimeError):  # the executor shut down: the worker is stopping
+            self.admission.submit(s.abort)
 
     def _pull_stage(self, m: worker_pb2.MigrationBlocks, shape: KVShape) -> KVStage:
         """A STORE-transport chunk: pull the blocks its handle names, then release the lease."""

@@ -864,8 +864,12 @@ class AsyncDecodeServicer(DecodeServicer):
     def MigrateOut(self, req, ctx):
         return self.migration.migrate_out(req, ctx)
 
-    def MigrateIn(self, chunks, ctx):
-        return self.migration.migrate_in(chunks, ctx)
+    async def MigrateIn(self, chunks, ctx):
+        """``Worker.MigrateIn``: chunks read on the loop, each handled on an admission thread."""
+        acks = self.migration.migrate_in_async(chunks, ctx)
+        async with contextlib.aclosing(acks):
+            async for ack in acks:
+                await ctx.write(ack)
 
     async def ResumeStream(self, req, ctx):
         """``Worker.ResumeStream``; with ``direct`` (a migrated direct stream) the tokens go to the
