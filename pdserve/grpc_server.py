@@ -221,8 +221,9 @@ def add_aio_servicer(
     Methods: a coroutine function (unary response; or server-streaming, writing with
     ``await context.write(msg)``) or an async generator function (server-streaming) runs on the
     event loop and must never block it. A bidirectional method may be a coroutine function
-    taking the (checked) request iterator and writing with ``await context.write(msg)``. A plain
-    (sync) method is wrapped as
+    taking the (checked) request iterator and writing with ``await context.write(msg)``. A
+    streaming method must be async (TypeError otherwise: a sync one's thread blocks for good when
+    the server stops mid-stream). A plain (sync) unary method is wrapped as
     :func:`pdserve.status.add_servicer` does and gRPC runs it on the server's thread pool
     (``start_aio_server(sync_threads=...)``), so it may block briefly (a registration that calls
     the worker back, tokenizing a long prompt) without stalling the loop.
@@ -237,6 +238,15 @@ def add_aio_servicer(
             raise TypeError(
                 f"{m.full_name}: async client-streaming methods are supported only as bidirectional "
                 "coroutines (reading the request iterator, writing with context.write)"
+            )
+        if (m.client_streaming or m.server_streaming) and not is_async:
+            # gRPC would run it on the server's threads, each message handed to or taken from
+            # the loop by a thread that waits on it: stopped mid-stream, the server leaves that
+            # thread blocked for good (and with it the process's exit)
+            raise TypeError(
+                f"{m.full_name}: a streaming method on a grpc.aio server must be async (an async "
+                "generator, or a coroutine writing with context.write); run blocking steps on "
+                "threads (pdserve.thread_iter.iterate_on_threads)"
             )
         if not m.server_streaming and inspect.isasyncgenfunction(fn):
             raise TypeError(f"{m.full_name}: a unary method cannot be an async generator")

@@ -35,7 +35,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -121,6 +121,11 @@ class AsyncPrefillServicer(PrefillServicer):
         """``fn(*args)`` on a thread of :attr:`blocking`, with this task's context (request id)."""
         ctx = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(self.blocking, ctx.run, fn, *args)
+
+    async def Decode(self, req, ctx) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        """Refused: a streaming method on the aio server must be async (it never yields)."""
+        super().Decode(req, ctx)
+        yield  # pragma: no cover - unreachable: the line above raises
 
     async def Prefill(
         self, req: worker_pb2.PrefillRequest, ctx: grpc.aio.ServicerContext
