@@ -15,6 +15,14 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def group_import_blocks(prefix_tokens: int, candidates: int, block_size: int) -> int:
+    """KV blocks a parallel-sampling group handed off after ``prefix_tokens`` prompt tokens takes
+    at once when ``candidates`` choices are forked over them (``LLMEngine.import_kv_group``): the
+    prefix's blocks, shared, plus one per choice (its copy of the shared partial block, or the
+    block its last prompt token opens)."""
+    return blocks_for(prefix_tokens, block_size) + candidates
+
+
 @dataclass(frozen=True)
 class PoolShape:
     """What bounds one request in a KV pool: ``num_blocks`` blocks of ``block_size`` tokens, a
@@ -47,6 +55,13 @@ class PoolShape:
     def prompt_fits(self, num_tokens: int) -> bool:
         """Whether ``num_tokens`` tokens (and the slot of the next one) fit the pool at all."""
         return blocks_for(num_tokens + 1, self.block_size) <= self.num_blocks
+
+    def adopts_group(self, prompt_tokens: int, candidates: int) -> bool:
+        """Whether the pool could ever adopt a group of ``candidates`` choices over a prompt of
+        ``prompt_tokens`` tokens handed off by a prefill worker (every prompt token but the last:
+        :func:`group_import_blocks`) at once. A pool that cannot may still run the group whole
+        (its own prefill; choices preempted in turn when short of blocks)."""
+        return group_import_blocks(prompt_tokens - 1, candidates, self.block_size) <= self.num_blocks
 
     def fits(self, prompt_tokens: int, max_tokens: int) -> bool:
         """Whether a fresh request runs to its end alone in this pool (the scheduler's test)."""

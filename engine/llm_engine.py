@@ -29,6 +29,7 @@ from engine.block_manager import NULL_BLOCK, KVCacheManager
 from engine.config import EngineConfig
 from engine.device import checked_device
 from engine.kv_disk import DiskKVTier
+from engine.kv_fit import group_import_blocks
 from engine.kv_offload import OffloadedKV, offload_kv
 from engine.lora import LoRAConfig, LoRAManager
 from engine.model_runner import KVShape, ModelRunner
@@ -1365,7 +1366,7 @@ class LLMEngine:
         """Blocks :meth:`import_kv_group` takes at once for a prefix of ``num_prefix_tokens``
         and ``num_candidates`` choices: the prefix's blocks, shared, plus one per choice (its copy
         of the shared partial block, or the block its last prompt token opens)."""
-        return self.kv.blocks_needed(num_prefix_tokens) + num_candidates
+        return group_import_blocks(num_prefix_tokens, num_candidates, self.kv.block_size)
 
     def can_admit_group(self, num_prefix_tokens: int, num_candidates: int) -> bool:
         """Whether :meth:`group_import_need` blocks are free now."""

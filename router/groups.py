@@ -9,7 +9,11 @@ tokens). The stream ends after every choice finished.
 
 Placement counts the group as ``num_candidates`` sequences: the policy sees ``max_tokens`` and
 the predicted output length times the candidates (decode tokens), and the decode worker's KV in
-flight is the prompt plus one block's worth per candidate (:func:`placement_args`).
+flight is the prompt plus one block's worth per candidate (:func:`placement_args`). A group placed
+for a handoff on a decode worker whose pool could never adopt it at once (the prefix's blocks plus
+one per candidate beyond the pool: :func:`router.pool_fit.adopts_group`) runs there whole instead
+(a local prefill, choices short of a block waiting their turn), at placement and at a re-dispatch:
+the worker would refuse the handoff (INVALID_ARGUMENT) after the prefill was spent.
 
 Failover (exact): the router fixes the base seed before the first dispatch (a random one when
 the client sent none; the engine would pick one the same way), so a re-run of the group samples
@@ -75,6 +79,7 @@ from router.lifecycle.grpc_stream_legs import ABORT_TIMEOUT_S, TRANSPORTS, _Pref
 from router.lifecycle.ports import WorkerLostError
 from router.lifecycle.stream_legs import DECODE_GRACE_S, PREFILL_GRACE_S
 from router.lifecycle.stream_mode import group_streams
+from router.pool_fit import adopts_group
 from router.progress import ProgressWatch
 from router.registry import WorkerEntry, WorkerKind
 
@@ -206,6 +211,8 @@ class GroupRelay:
             self.dw = await placer.replacement_or_wait(
                 WorkerKind.DECODE, self.info, n_ctx, self.budget, self.ctx
             )
+            if not self.local and not adopts_group(self.dw, n_ctx, self.run.params.num_candidates):
+                self.local = True  # the replacement could never adopt the handoff: it runs the group whole
             if self.local:
                 self.pw = self.dw
         svc.metrics.observe_redispatch(lost.phase.value, svc.config.model_id)

@@ -36,6 +36,17 @@ def shape_of(w: WorkerEntry) -> PoolShape | None:
     return PoolShape(ld.kv_blocks_total, ld.block_size, ld.max_model_len, ld.sliding_window or None)
 
 
+def adopts_group(w: WorkerEntry, prompt_tokens: int, candidates: int) -> bool:
+    """Whether decode worker ``w``'s pool could adopt a parallel-sampling group of ``candidates``
+    choices over a ``prompt_tokens``-token prompt handed off by a prefill worker
+    (:meth:`engine.kv_fit.PoolShape.adopts_group`); True when ``w`` reported no shape (it checks
+    itself). One that cannot refuses the handoff (INVALID_ARGUMENT) after the prefill was spent,
+    while it may still run the group whole: the router places such a group there with a local
+    prefill (:meth:`router.lifecycle.placing.Placer.place`)."""
+    s = shape_of(w)
+    return s is None or s.adopts_group(prompt_tokens, candidates)
+
+
 def check_fits(shapes: tuple[PoolShape, ...] | None, prompt_tokens: int, max_tokens: int) -> None:
     """InvalidRequestError when ``shapes`` is a non-empty tuple and the request fits none of them.
     ``shapes`` None: some worker's shape is unknown (nothing refused); empty: no decode worker

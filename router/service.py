@@ -344,9 +344,10 @@ class GenerateServicer:
         params: SamplingParams,
         req: client_pb2.GenerateRequest,
         store_prefix_blocks: int | None = None,
+        candidates: int = 1,
     ) -> tuple[Placement, WorkerEntry, WorkerEntry, RequestInfo]:
         """:meth:`router.lifecycle.placing.Placer.place`."""
-        return self.placer.place(rid, ids, params, req, store_prefix_blocks)
+        return self.placer.place(rid, ids, params, req, store_prefix_blocks, candidates)
 
     # ----------------------------------------------------------------- rpcs
     def Tokenize(self, req: client_pb2.TokenizeRequest, ctx) -> client_pb2.TokenizeResponse:
@@ -512,7 +513,9 @@ class GenerateServicer:
             # I/O: off the loop, before the placement lock
             stored = await asyncio.to_thread(self.placer.prefix_blocks, ids, req)
         with self._place_lock:
-            placement, pw, dw, info = self._place(rid, ids, *placement_args(params, req), stored)
+            placement, pw, dw, info = self._place(
+                rid, ids, *placement_args(params, req), stored, candidates=params.num_candidates
+            )
             # the prompt is queued on the worker that prefills it from now on, not from when its
             # Prefill call starts: the next placement must see it
             run.reserved = (dw if placement.local_prefill else pw).worker_id, len(ids)

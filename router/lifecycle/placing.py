@@ -37,6 +37,7 @@ from router.policy import (
     RequestInfo,
 )
 from router.policy_factory import uses_prefix_lookup
+from router.pool_fit import adopts_group
 from router.registry import WorkerEntry, WorkerKind
 from router.store_disk import StorePrefix
 
@@ -155,10 +156,16 @@ class Placer:
         params: SamplingParams,
         req: client_pb2.GenerateRequest,
         store_prefix_blocks: StorePrefix | int | None = None,
+        candidates: int = 1,
     ) -> tuple[Placement, WorkerEntry, WorkerEntry, RequestInfo]:
         """Ask the policy for (prefill, decode) workers, or refuse before any compute is spent.
         ``store_prefix_blocks``: the prompt's prefix in the KV store (None: looked up here; an
-        int: blocks, none of them priced as disk reads).
+        int: blocks, none of them priced as disk reads). ``candidates`` > 1: a parallel-sampling
+        group (``params`` already as :func:`router.groups.placement_args` shows it to the
+        policy); placed for a handoff on a decode worker whose pool could never adopt the group
+        at once (:func:`router.pool_fit.adopts_group`), it runs there whole instead (a local
+        prefill, the policy's estimates for the handoff kept): that worker would refuse the
+        handoff after the prefill, and can run the group itself.
 
         Raises UnavailableError when a needed kind of worker is missing, ResourceExhaustedError
         (with the policy's retry-after) when the policy rejects the request early.
@@ -208,6 +215,10 @@ class Placer:
                 bs = view.instances[0].block_size
                 dec_id = svc.policy.choose_decode(info, view, -(-(len(ids) + 1) // bs))
             dw = self.worker(dec_id, WorkerKind.DECODE)
+            if candidates > 1 and not d.local_prefill and not adopts_group(dw, len(ids), candidates):
+                d = dataclasses.replace(
+                    d, instance_id=dw.worker_id, decode_instance_id=dw.worker_id, local_prefill=True
+                )
             pw = dw if d.local_prefill else self.worker(d.instance_id, WorkerKind.PREFILL)
         except BaseException:
             svc.policy.release(rid)  # placed, but the worker vanished meanwhile

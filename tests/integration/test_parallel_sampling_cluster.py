@@ -4,7 +4,8 @@ decode worker forking the choices.
 
 One cluster (store, router, 1 prefill, decode-0; a long heartbeat timeout so that a killed
 worker stays registered) serves the module. Checked: every choice equals the engine run whole
-with n=3 and the request run alone with seed+i; best_of; a 1-token prompt (local path);
+with n=3 and the request run alone with seed+i; best_of; a 1-token prompt (local path); a
+group decode-0's pool could not adopt from a handoff (run there whole);
 validation at the edge; cancellation, and a decode worker killed mid-stream (the whole group is
 re-dispatched exactly), each leaving no block or lease behind.
 """
@@ -116,6 +117,20 @@ def test_one_token_prompt_group_runs_on_the_decode_worker(cluster, client, whole
     params = replace(PARAMS, max_tokens=8, logprobs=None)
     got = client.complete_choices(ids, params)
     assert [g.token_ids for g in got] == [r.token_ids for r in whole.generate_choices(ids, params)]
+    _wait_baseline(cluster)
+
+
+def test_group_the_decode_pool_could_not_adopt_runs_whole_there(cluster, client, whole):
+    """64 choices over a 1,040-token prompt: handed off, they would take 65 prefix blocks + 64 at
+    once, more than decode-0's 128, and it would refuse the handoff after the prefill. The router
+    sees that from the pool shape decode-0 reports and runs the group there whole (a local
+    prefill; choices short of a block wait their turn): every choice equals the engine's."""
+    ids = (whole.tokenize(PROMPT) * 200)[:1040]
+    params = replace(PARAMS, n=64, max_tokens=2, logprobs=None, seed=21)
+    got = client.complete_choices(ids, params)
+    ref = whole.generate_choices(ids, params)
+    assert len(got) == 64
+    assert [g.token_ids for g in got] == [r.token_ids for r in ref]
     _wait_baseline(cluster)
 
 

@@ -193,3 +193,61 @@ def test_a_mixed_prefill_cluster_prefills_on_a_pool_that_holds_the_prompt(smollm
     assert ids(svc.placer._holding(view, 40, 5), InstanceRole.PREFILL) == ["z-big"]
     # a prompt no prefill pool holds: not narrowed to nothing (the chosen worker refuses it itself)
     assert ids(svc.placer._holding(view, 2000, 5), InstanceRole.PREFILL) == ["a-small", "z-big"]
+
+
+# ---------------------------------------------------------------- parallel-sampling groups
+@pytest.mark.parametrize("blocks", [4, 6])
+def test_adopts_group_is_the_engines_check(tiny_models, blocks) -> None:
+    """``PoolShape.adopts_group`` (the router's) says yes exactly when the engine's
+    ``check_group_fits`` for the handed-off prefix (every prompt token but the last) does."""
+    eng = LLMEngine.from_pretrained(tiny_models["llama"], EngineConfig(num_kv_blocks=blocks, block_size=16))
+    shape = eng.scheduler.pool_shape()
+    for prompt in (2, 16, 17, 33, 48, 49, 80):
+        for k in (2, 3, 4, 6):
+            try:
+                eng.check_group_fits(prompt - 1, k)
+                engine_says = True
+            except InvalidRequestError:
+                engine_says = False
+            assert shape.adopts_group(prompt, k) == engine_says, (prompt, k)
+    assert PoolShape(4, 16, 512).adopts_group(33, 2)  # 2 prefix blocks + 2 choices
+    assert not PoolShape(4, 16, 512).adopts_group(34, 2)  # 33 prefix tokens: 3 blocks + 2
+
+
+def _group_request(n: int, prompt_len: int) -> tuple[SamplingParams, object]:
+    from pdserve.proto_convert import sampling_from_proto
+
+    req = _request(max_tokens=2, n=n)
+    req.sampling.temperature = 0.8
+    req.sampling.seed = 5
+    req.prompt_token_ids.ids[:] = [7] * prompt_len
+    return sampling_from_proto(req.sampling), req
+
+
+def test_a_group_no_decode_pool_could_adopt_runs_whole_on_the_decode_worker(smollm_path) -> None:
+    """A decode pool of 4 blocks adopts a handed-off 3-choice group over a 33-token prompt
+    (2 prefix blocks + 3 > 4: no), though it runs the request alone (34 + 2 tokens: 3 blocks):
+    the router places the group there with a local prefill instead of prefilling it for a handoff
+    the worker would refuse. A group it could adopt keeps the disaggregated placement; so does a
+    worker that reports no pool shape (it checks itself)."""
+    from router.groups import placement_args
+
+    svc, _, _, _ = _cluster(str(smollm_path), {"p0": None}, {"d0": None})
+    svc.registry.register("d0", WorkerKind.DECODE, "d0", "m", _load(4))
+    ids = [7] * 33
+    params, req = _group_request(3, 33)
+    placement, pw, dw, _ = svc.placer.place("g1", ids, *placement_args(params, req), 0, candidates=3)
+    assert placement.local_prefill and pw is dw and dw.worker_id == "d0"
+    assert placement.instance_id == placement.decode_instance_id == "d0"
+    svc.policy.release("g1")
+    params2, req2 = _group_request(2, 33)  # 2 + 2 = 4 blocks: adopted
+    placement, pw, dw, _ = svc.placer.place("g2", ids, *placement_args(params2, req2), 0, candidates=2)
+    assert not placement.local_prefill and pw.worker_id == "p0" and dw.worker_id == "d0"
+    svc.policy.release("g2")
+    placement, _, _, _ = svc.placer.place("s1", ids, *placement_args(params, req), 0)  # not a group
+    assert not placement.local_prefill
+    svc.policy.release("s1")
+    svc.registry.register("d0", WorkerKind.DECODE, "d0", "m", WorkerLoad(0, 0, 4, 0, block_size=16))
+    placement, _, _, _ = svc.placer.place("g3", ids, *placement_args(params, req), 0, candidates=3)
+    assert not placement.local_prefill  # no shape reported: the worker decides
+    svc.policy.release("g3")
