@@ -5,6 +5,8 @@ coroutine, a unary method written as an async generator. The shapes it accepts r
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -60,11 +62,16 @@ class _Fine:
     ids=["sync-server-streaming", "sync-bidi", "async-gen-bidi", "async-gen-unary"],
 )
 def test_unsafe_shapes_are_refused_naming_the_method(servicer, words):
-    server = grpc.aio.server()
+    async def add() -> None:  # a grpc.aio server is made on a running loop
+        add_aio_servicer(grpc.aio.server(), WORKER, servicer)
+
     with pytest.raises(TypeError) as ei:
-        add_aio_servicer(server, WORKER, servicer)
+        asyncio.run(add())
     assert words in str(ei.value)
 
 
 def test_safe_shapes_register():
-    add_aio_servicer(grpc.aio.server(), WORKER, _Fine())
+    async def add() -> None:
+        add_aio_servicer(grpc.aio.server(), WORKER, _Fine())
+
+    asyncio.run(add())
