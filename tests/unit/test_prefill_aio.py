@@ -167,6 +167,14 @@ def test_a_request_the_engine_refuses_fails_with_its_status(worker) -> None:
     assert worker.store.release(ok.kv.lease_id)
 
 
+def test_decode_sent_to_a_prefill_worker_is_refused_naming_it(worker) -> None:
+    """Its refusing Decode is an async generator on the aio server (no sync streaming method)."""
+    with pytest.raises(grpc.RpcError) as ei:
+        list(worker.stub.Decode(worker_pb2.DecodeRequest(request_id="d"), timeout=30))
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "this is a prefill worker: send Decode to a decode worker" in ei.value.details()
+
+
 def test_a_caller_gone_before_the_export_aborts_the_prefill(worker) -> None:
     free = worker.state.engine.scheduler.kv.num_free_blocks
     gate = hold_engine(worker)
