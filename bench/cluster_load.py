@@ -8,6 +8,7 @@ Nothing here decides a verdict: each benchmark compares figures measured in its 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -408,3 +409,40 @@ def ms(x: float) -> str:
 
 def join(xs: Iterable[object], sep: str = ",") -> str:
     return sep.join(str(x) for x in xs)
+
+
+def parse_modes(text: str, allowed: tuple[str, ...]) -> list[str]:
+    """The comma-separated ``--modes`` value as a list; SystemExit naming any mode not in ``allowed``."""
+    modes = [m for m in text.split(",") if m]
+    bad = [m for m in modes if m not in allowed]
+    if bad:
+        raise SystemExit(f"--modes: unknown mode(s) {bad}; one of {allowed}")
+    return modes
+
+
+def require_positive(args: object, names: Iterable[str]) -> None:
+    """SystemExit naming the first of the integer options ``names`` (attribute names of ``args``)
+    below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def add_closed_loop_args(p: argparse.ArgumentParser, *, requests_per_stream: int, prompt_len: int) -> None:
+    """The options of an embedded closed loop (``--streams``, ``--requests-per-stream``,
+    ``--max-tokens``, ``--prompt-len``) on ``p``, with these defaults for the last-but-one and last."""
+    p.add_argument("--streams", type=int, default=64, help="requests in flight")
+    p.add_argument(
+        "--requests-per-stream",
+        type=int,
+        default=requests_per_stream,
+        help="requests per stream (closed loop)",
+    )
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per request")
+    p.add_argument("--prompt-len", type=int, default=prompt_len, help="prompt tokens per request")
+
+
+def closed_loop_blocks(streams: int, prompt_len: int, max_tokens: int, block_size: int = 16) -> int:
+    """KV blocks for ``streams`` requests of ``prompt_len + max_tokens`` tokens in flight at once
+    (one spare block each, and 16 more)."""
+    return streams * (-(-(prompt_len + max_tokens) // block_size) + 1) + 16

@@ -43,7 +43,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cluster_load import Progress, make_engine, prompt_ids, tiny_model, torch_threads  # noqa: E402
+from bench.cluster_load import (  # noqa: E402
+    Progress,
+    add_closed_loop_args,
+    closed_loop_blocks,
+    make_engine,
+    parse_modes,
+    prompt_ids,
+    require_positive,
+    tiny_model,
+    torch_threads,
+)
 
 MODES = ("alone", "thread", "process")
 END = b""  # the pipe's end-of-run marker
@@ -229,10 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--streams", type=int, default=64, help="requests in flight")
-    p.add_argument("--requests-per-stream", type=int, default=2, help="requests per stream (closed loop)")
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per request")
-    p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens per request")
+    add_closed_loop_args(p, requests_per_stream=2, prompt_len=8)
     p.add_argument(
         "--tokens-per-message", type=int, default=7, help="as the worker's 50 ms stream window gives"
     )
@@ -245,22 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    modes = [m for m in a.modes.split(",") if m]
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise SystemExit(f"--modes: unknown mode(s) {bad}; one of {MODES}")
-    for name in (
-        "streams",
-        "requests_per_stream",
-        "max_tokens",
-        "prompt_len",
-        "tokens_per_message",
-        "repeats",
-    ):
-        if getattr(a, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    modes = parse_modes(a.modes, MODES)
+    require_positive(
+        a, ("streams", "requests_per_stream", "max_tokens", "prompt_len", "tokens_per_message", "repeats")
+    )
     total = a.streams * a.requests_per_stream
-    blocks = a.streams * (-(-(a.prompt_len + a.max_tokens) // 16) + 1) + 16
+    blocks = closed_loop_blocks(a.streams, a.prompt_len, a.max_tokens)
     runs: dict[str, list[Run]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp, torch_threads(1):
         model = str(tiny_model(Path(tmp)))

@@ -35,7 +35,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cluster_load import Progress, engine_closed_loop, make_engine, tiny_model, torch_threads  # noqa: E402
+from bench.cluster_load import (  # noqa: E402
+    Progress,
+    add_closed_loop_args,
+    closed_loop_blocks,
+    engine_closed_loop,
+    make_engine,
+    parse_modes,
+    require_positive,
+    tiny_model,
+    torch_threads,
+)
 
 MODES = ("idle", "compute", "memory")
 NEIGHBOUR_START_S = 0.5  # the neighbour's start-up (imports, its array) before a measured run
@@ -108,10 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n", 1)[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--streams", type=int, default=64, help="requests in flight")
-    p.add_argument("--requests-per-stream", type=int, default=4, help="requests per stream (closed loop)")
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per request")
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
+    add_closed_loop_args(p, requests_per_stream=4, prompt_len=32)
     p.add_argument("--repeats", type=int, default=3, help="alternated runs of every mode (medians printed)")
     p.add_argument(
         "--memory-mib", type=int, default=32, help="the memory neighbour's array (larger than the L2 caches)"
@@ -122,13 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    modes = [m for m in a.modes.split(",") if m]
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise SystemExit(f"--modes: unknown mode(s) {bad}; one of {MODES}")
-    for name in ("streams", "requests_per_stream", "max_tokens", "prompt_len", "repeats", "memory_mib"):
-        if getattr(a, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    modes = parse_modes(a.modes, MODES)
+    require_positive(
+        a, ("streams", "requests_per_stream", "max_tokens", "prompt_len", "repeats", "memory_mib")
+    )
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         raise SystemExit(
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     engine_core, other_core = cores[0], cores[1]
     total = a.streams * a.requests_per_stream
-    blocks = a.streams * (-(-(a.prompt_len + a.max_tokens) // 16) + 1) + 16
+    blocks = closed_loop_blocks(a.streams, a.prompt_len, a.max_tokens)
     runs: dict[str, list[Run]] = {m: [] for m in modes}
     os.sched_setaffinity(0, {engine_core})
     try:
