@@ -1,5 +1,9 @@
 """Router concurrency: N concurrent Generate streams against the embedded cluster (tiny model).
 
+``--model default`` runs the same sweep on the real SmolLM2-135M-Instruct (a 1,000-stream burst
+with a real model's compute and tokenizer); the tiny model is the default so that the router's and
+the data plane's cost dominates.
+
 One embedded cluster (store, router, 1 prefill + 2 decode worker processes on 127.0.0.1, a tiny
 random-weight Llama from :mod:`tests.tiny_models` with SmolLM2's tokenizer) receives, for each N of
 the sweep (default 100 and 1,000; ``--sweep 100,1000,10000``), N Generate streams opened at once
@@ -20,7 +24,7 @@ decode workers stream the tokens to it, the router sends the first token, the re
 finish; router and decode workers run with ``--direct-streams``).
 
 Usage: python bench/concurrency.py [--sweep 100,1000] [--max-tokens 4] [--prompt-len 8]
-       [--modes relay,direct] [--out PATH]
+       [--modes relay,direct] [--model tiny|default|PATH] [--kv-blocks 2048] [--out PATH]
 """
 
 from __future__ import annotations
@@ -213,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="token paths to measure at each N: relay (through the router), direct (decode workers "
         "to the SDK client)",
     )
+    ap.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny: a random-weight 2-layer Llama (system overhead dominates); default: the real "
+        "SmolLM2-135M-Instruct (converted on first use); or an HF Llama-family folder",
+    )
+    ap.add_argument("--kv-blocks", type=int, default=2048, help="KV blocks of each worker")
     ap.add_argument("--no-engine", action="store_true", help="skip the engine-alone TTFT reference")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     return cli_help.apply(ap)
@@ -229,9 +240,20 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--modes: relay and/or direct, got {a.modes!r}")
     direct_args = ("--direct-streams",) if "direct" in modes else ()
     results: list[SweepResult] = []
+    if a.kv_blocks < 1:
+        ap.error(f"--kv-blocks must be >= 1, got {a.kv_blocks}")
     with tempfile.TemporaryDirectory() as tmp:
-        model = tiny_model(Path(tmp))
-        kv_blocks = 2048
+        if a.model == "tiny":
+            model = tiny_model(Path(tmp))
+        else:
+            from pdserve.errors import ModelNotFoundError
+            from pdserve.model_setup import resolve_model_path
+
+            try:
+                model = resolve_model_path(a.model)
+            except ModelNotFoundError as e:
+                ap.error(f"--model: {e}")
+        kv_blocks = a.kv_blocks
         spec = ClusterSpec(
             model_path=str(model),
             num_prefill=1,
